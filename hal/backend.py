@@ -1,0 +1,281 @@
+"""The backend interface: every op the engine calls, with its contract.
+
+A backend owns the KV layout and the kernels; the engine only calls these methods. Shapes use
+Hugging Face names. All ops take and return torch tensors on the backend's device. The CPU backend
+(`backends/cpu`) is the reference each method's docstring describes; others must match it within
+the dtype tolerance (bit for bit for the deterministic ops: KV write, quantize).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from hal.capabilities import Capabilities
+from hal.registry import Selection
+
+# Op families, in report order. Each backend registers at least one candidate per family.
+OP_FAMILIES: tuple[str, ...] = (
+    "kv_write",
+    "attention",
+    "gemm",
+    "fp8_gemm",
+    "int8_gemm",
+    "int4_gemm",
+    "quantize",
+    "rms_norm",
+    "rotary",
+    "activation",
+    "graph",
+)
+
+
+@dataclass
+class BackendInfo:
+    """What a backend resolved at construction: its per-family selections."""
+
+    name: str
+    device: str
+    selections: dict[str, Selection] = field(default_factory=dict)
+    settings: dict[str, str] = field(default_factory=dict)  # e.g. {"tf32": "off"}
+
+    def lines(self) -> list[str]:
+        return [s.summary() for s in self.selections.values()]
+
+
+class GraphRunner(ABC):
+    """A captured step for one batch size on static buffers. `replay()` reruns it."""
+
+    @abstractmethod
+    def replay(self) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Run the captured work on the current contents of the static inputs; return outputs."""
+
+
+class Backend(ABC):
+    """The ops every backend provides. See DESIGN.md "The op contracts"."""
+
+    name: str = "abstract"
+
+    def __init__(
+        self,
+        caps: Capabilities,
+        device: str | torch.device,
+        selections: dict[str, Selection] | None = None,
+    ) -> None:
+        self.caps = caps
+        self.device = torch.device(device)
+        self.info = BackendInfo(self.name, str(self.device), dict(selections or {}))
+
+    def chosen(self, family: str) -> str:
+        """The implementation selected for `family` (tests assert dispatch through this)."""
+        sel = self.info.selections.get(family)
+        return sel.chosen if sel is not None else "reference"
+
+    # -- KV cache ------------------------------------------------------------------------------
+    @abstractmethod
+    def write_kv(
+        self,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_scale: float | None = None,
+    ) -> None:
+        """Scatter new tokens into the paged cache, in place.
+
+        key, value: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size,
+        num_kv_heads, head_dim]; slot_mapping: int64 [num_tokens], slot = block * block_size +
+        offset, -1 skips the token (padding). With an FP8 cache, stored = fp8(x / kv_scale).
+        """
+
+    @abstractmethod
+    def copy_blocks(self, caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
+        """For each cache tensor, copy block src[i] to block dst[i] (copy-on-write), in place."""
+
+    # -- attention -----------------------------------------------------------------------------
+    @abstractmethod
+    def attention(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        scale: float,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
+        kv_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Paged, varlen, causal attention for prefill, chunked prefill and decode alike.
+
+        query: [num_tokens, num_heads, head_dim], packed per sequence; query_start_loc: int32
+        [num_seqs + 1]; seq_lens: int32 [num_seqs], the total KV length of each sequence including
+        its new tokens (already written to the cache); block_tables: int32 [num_seqs,
+        max_blocks]. Query token j of sequence s (query_len q_s) sits at position
+        p = seq_lens[s] - q_s + j and sees KV positions k with k <= p and, with a sliding window
+        w, p - k < w. Head h reads KV head h // (num_heads // num_kv_heads). Scores are
+        scale * q.k, then soft_cap * tanh(score / soft_cap) when soft_cap is set.
+        Returns [num_tokens, num_heads, head_dim] in query's dtype.
+        """
+
+    # -- linear --------------------------------------------------------------------------------
+    @abstractmethod
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """y = x @ weight.T + bias. x: [..., K]; weight: [N, K]. TF32 per the backend's policy."""
+
+    @abstractmethod
+    def fp8_linear(
+        self,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        w_q: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor:
+        """y = (x_q * x_scale) @ (w_q * w_scale).T + bias with fp32 accumulation.
+
+        x_q: fp8 [M, K]; x_scale: fp32 [1] (per tensor) or [M, 1] (per token); w_q: fp8 [N, K];
+        w_scale: fp32 [1] or [N, 1] (per output channel).
+        """
+
+    @abstractmethod
+    def int8_linear(
+        self,
+        x_q: torch.Tensor,
+        x_scale: torch.Tensor,
+        w_q: torch.Tensor,
+        w_scale: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        out_dtype: torch.dtype = torch.bfloat16,
+    ) -> torch.Tensor:
+        """W8A8: y = (x_q @ w_q.T in int32) * x_scale * w_scale.T + bias.
+
+        x_q: int8 [M, K]; x_scale: fp32 [1] or [M, 1]; w_q: int8 [N, K]; w_scale: [1] or [N, 1].
+        """
+
+    @abstractmethod
+    def int4_linear(
+        self,
+        x: torch.Tensor,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group_size: int,
+        g_idx: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """4-bit weight-only GEMM in the HAL's canonical layout (see `dequantize_int4`).
+
+        x: [M, K] float; returns [M, N] in x's dtype.
+        """
+
+    # -- quantize / dequantize -----------------------------------------------------------------
+    @abstractmethod
+    def quantize_fp8(
+        self,
+        x: torch.Tensor,
+        fp8_dtype: torch.dtype,
+        scale: torch.Tensor | None = None,
+        per_token: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [M, K] -> (q fp8 [M, K], scale fp32 [1] or [M, 1]).
+
+        Static when `scale` is given; else dynamic with scale = max(absmax, eps) / fp8_max per
+        tensor or per row. q = fp8(clamp(x / scale, -fp8_max, fp8_max)), rounding to nearest even.
+        """
+
+    @abstractmethod
+    def dequantize_fp8(
+        self, q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """x = q * scale (scale broadcast: [1], [M, 1] or [N, 1])."""
+
+    @abstractmethod
+    def quantize_int8(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None, per_token: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetric int8: scale = max(absmax, eps) / 127, q = clamp(round_half_even(x / scale),
+        -128, 127). Returns (q int8, scale fp32 [1] or [M, 1])."""
+
+    @abstractmethod
+    def quantize_int4(
+        self, weight: torch.Tensor, group_size: int, symmetric: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Group-wise 4-bit quantization of weight [N, K] (K % group_size == 0, K % 8 == 0).
+
+        Asymmetric: per group, scale = (max - min) / 15, zero = clamp(round(-min / scale), 0, 15);
+        symmetric: scale = absmax / 7.5 (floored at eps), zero = 8. q = clamp(round(w / scale) +
+        zero, 0, 15). Returns the canonical layout (qweight, scales, zeros): qweight int32
+        [K / 8, N], nibble i of word r holding row k = 8r + i at bits 4i (the GPTQ order);
+        scales [K / G, N] in weight's dtype; zeros uint8 [K / G, N] (unpacked, no offset).
+        """
+
+    @abstractmethod
+    def dequantize_int4(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group_size: int,
+        g_idx: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Canonical layout -> weight [N, K]: W[n, k] = (q[k, n] - zeros[g, n]) * scales[g, n]
+        with g = g_idx[k] if given else k // group_size. Returns scales' dtype."""
+
+    # -- fused small ops -----------------------------------------------------------------------
+    @abstractmethod
+    def rms_norm(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """y = x / sqrt(mean(x^2) + eps) * weight, computed in fp32, returned in x's dtype.
+
+        With residual: h = x + residual (rounded to x's dtype), returns (rms_norm(h), h).
+        """
+
+    @abstractmethod
+    def rotary(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        is_neox: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary position embedding on the first rotary_dim of each head.
+
+        positions: int64 [num_tokens]; query: [num_tokens, num_heads, head_dim]; key:
+        [num_tokens, num_kv_heads, head_dim]; cos_sin_cache: fp32 [max_position, rotary_dim],
+        cos in the first half, sin in the second. NeoX style rotates (x[:d/2], x[d/2:]) pairs,
+        GPT-J style rotates interleaved (x[0::2], x[1::2]) pairs. Returns new (query, key).
+        """
+
+    @abstractmethod
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [..., 2d] -> silu(x[..., :d]) * x[..., d:], computed in fp32, in x's dtype."""
+
+    # -- graphs ----------------------------------------------------------------------------------
+    @abstractmethod
+    def capture_graph(
+        self, fn: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]], pool: object | None = None
+    ) -> GraphRunner:
+        """Capture `fn` (which reads static input buffers it closes over) for replay.
+
+        Backends without graphs return a runner that calls `fn` eagerly.
+        """
+
+    # -- description -----------------------------------------------------------------------------
+    def describe(self) -> list[str]:
+        """One line per op family: the implementation chosen and why others were passed over."""
+        return self.info.lines()
