@@ -62,5 +62,5 @@ def load_backend(
     backend: Backend = cls(caps, device or caps.torch_device_type, ops)
     backend.info.selections = {"backend": sel, **ops}
     for line in backend.describe():
-        logger.info("%s", line)
+        logger.debug("%s", line)
     return backend

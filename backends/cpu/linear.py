@@ -1,0 +1,132 @@
+"""Reference GEMMs: dense, FP8 scaled, INT8 W8A8 and 4-bit weight-only, accumulated in fp32.
+
+On a CUDA device torch's global TF32 switch would apply to the fp32 matmuls; the reference is
+meant to run with it off (the CPU has no TF32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backends.cpu.quant import compute_dtype, dequantize_int4, is_fp8
+
+
+def _check_bias(bias: torch.Tensor | None, n: int) -> None:
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias: shape {tuple(bias.shape)}, expected [N={n}]")
+
+
+def _check_gemm(x: torch.Tensor, w: torch.Tensor, x_name: str, w_name: str) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"{w_name}: expected [N, K], got shape {tuple(w.shape)}")
+    if x.dim() < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"{x_name}: last dim {x.shape[-1] if x.dim() else None} differs from "
+            f"{w_name}'s K={w.shape[1]}"
+        )
+
+
+def _check_scale(name: str, scale: torch.Tensor, rows: int, what: str) -> None:
+    if tuple(scale.shape) not in ((1,), (rows, 1)):
+        raise ValueError(
+            f"{name}: shape {tuple(scale.shape)} is neither [1] (per tensor) nor [{rows}, 1] "
+            f"(per {what})"
+        )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ weight.T + bias. x: [..., K]; weight: [N, K]; returns [..., N] in x's dtype."""
+    _check_gemm(x, weight, "x", "weight")
+    _check_bias(bias, weight.shape[0])
+    cd = compute_dtype(x.dtype)
+    y = x.to(cd) @ weight.to(cd).t()
+    if bias is not None:
+        y = y + bias.to(cd)
+    return y.to(x.dtype)
+
+
+def _scaled_output(
+    acc: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    # acc: [M, N] fp32; x_scale: [1] or [M, 1]; w_scale: [1] or [N, 1] -> broadcast as [1, N]
+    y = acc * x_scale.to(acc.dtype) * w_scale.to(acc.dtype).reshape(1, -1)
+    if bias is not None:
+        y = y + bias.to(acc.dtype)
+    return y.to(out_dtype)
+
+
+def _check_quantized(x_q, x_scale, w_q, w_scale, bias, ok, kind: str) -> None:
+    for name, t in (("x_q", x_q), ("w_q", w_q)):
+        if not ok(t.dtype):
+            raise ValueError(f"{name}: dtype {t.dtype} is not {kind}")
+    if x_q.dim() != 2:
+        raise ValueError(f"x_q: expected [M, K], got shape {tuple(x_q.shape)}")
+    _check_gemm(x_q, w_q, "x_q", "w_q")
+    _check_scale("x_scale", x_scale, x_q.shape[0], "token")
+    _check_scale("w_scale", w_scale, w_q.shape[0], "output channel")
+    _check_bias(bias, w_q.shape[0])
+
+
+def fp8_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """y = (x_q * x_scale) @ (w_q * w_scale).T + bias, as (x_q @ w_q.T in fp32) * scales.
+
+    x_q: fp8 [M, K]; x_scale: [1] or [M, 1]; w_q: fp8 [N, K] (any FP8 format, may differ from
+    x_q's); w_scale: [1] or [N, 1]. Returns [M, N] in out_dtype.
+    """
+    _check_quantized(x_q, x_scale, w_q, w_scale, bias, is_fp8, "an FP8 format")
+    acc = x_q.to(torch.float32) @ w_q.to(torch.float32).t()  # [M, N]
+    return _scaled_output(acc, x_scale, w_scale, bias, out_dtype)
+
+
+def int8_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """W8A8: y = (x_q @ w_q.T, exact integer) * x_scale * w_scale.T + bias in out_dtype.
+
+    The integer product is accumulated exactly (in float64, exact for K < 2^38, which works on
+    every device) and equals an int32 accumulator while |acc| < 2^31.
+    """
+    _check_quantized(x_q, x_scale, w_q, w_scale, bias, lambda d: d == torch.int8, "torch.int8")
+    acc = x_q.to(torch.float64) @ w_q.to(torch.float64).t()  # [M, N], exact integers
+    return _scaled_output(acc.to(torch.float32), x_scale, w_scale, bias, out_dtype)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = x @ dequantize_int4(...).T + bias; the weight is dequantized in fp32 (not rounded to
+    scales' dtype first). x: [M, K]; returns [M, N] in x's dtype."""
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [M, K], got shape {tuple(x.shape)}")
+    k = qweight.shape[0] * 8 if qweight.dim() == 2 else -1
+    if x.shape[1] != k:
+        raise ValueError(f"x: K={x.shape[1]} differs from qweight's K = 8 * rows = {k}")
+    cd = compute_dtype(x.dtype)
+    w = dequantize_int4(qweight, scales, zeros, group_size, g_idx, out_dtype=cd)  # [N, K]
+    _check_bias(bias, w.shape[0])
+    y = x.to(cd) @ w.t()
+    if bias is not None:
+        y = y + bias.to(cd)
+    return y.to(x.dtype)

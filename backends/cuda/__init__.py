@@ -1,0 +1,86 @@
+"""The NVIDIA backend on PyTorch's CUDA ops (cuBLAS, SDPA, _scaled_mm, _int_mm, CUDA graphs).
+
+Importing this package only declares candidates (cheap: no kernels, no flash_attn import); the
+implementation in `backends.cuda.backend` loads when the registry chooses it.
+"""
+
+from __future__ import annotations
+
+from backends.cuda import candidates as rules
+from hal.registry import REGISTRY, Candidate, Check
+
+SCOPE = "cuda"
+
+BACKEND_CANDIDATE = Candidate(
+    family="backend",
+    name="cuda",
+    priority=100,
+    check=rules.backend_reasons,
+    description="NVIDIA GPUs through PyTorch's CUDA ops (cuBLAS, SDPA, _scaled_mm, CUDA graphs)",
+    target="backends.cuda.backend:CudaBackend",
+)
+
+
+def _op(
+    family: str, name: str, priority: int, check: Check, target: str, description: str
+) -> Candidate:
+    return Candidate(family, name, priority, check, description, scope=SCOPE, target=target)
+
+
+_CU = "backends.cuda."
+
+
+# Higher priority is tried first; every family ends in a candidate that runs everywhere.
+OP_CANDIDATES: tuple[Candidate, ...] = (
+    _op("kv_write", "torch", 10, rules.torch_ops_reasons, _CU + "kv_cache:write_kv",
+        "index_copy_ scatter of new tokens into the paged cache (no host sync)"),
+    _op("attention", "flash_attn", 100, rules.flash_attn_reasons,
+        _CU + "attention:flash_attn_attention",
+        "FlashAttention-2 flash_attn_varlen_func, paged via block_table when block_size % 256 "
+        "== 0, else on the KV packed per sequence; fp16/bf16"),
+    _op("attention", "sdpa", 10, rules.sdpa_reasons, _CU + "attention:sdpa_attention",
+        "torch scaled_dot_product_attention on the paged KV gathered per sequence "
+        "(always available; slowest)"),
+    _op("gemm", "cublas", 10, rules.cublas_reasons, _CU + "linear:linear",
+        "torch.nn.functional.linear (cuBLAS); fp32 uses TF32 when the device and policy allow"),
+    _op("fp8_gemm", "scaled_mm", 100, rules.scaled_mm_reasons, _CU + "linear:fp8_linear_scaled_mm",
+        "torch._scaled_mm on FP8 tensor cores; per-tensor, or row-wise scales on sm_90"),
+    _op("fp8_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
+        _CU + "linear:fp8_linear_dequant",
+        "FP8 operands upcast to fp32, then a cuBLAS GEMM and the scales (no FP8 tensor cores)"),
+    _op("int8_gemm", "int_mm", 100, rules.int_mm_reasons, _CU + "linear:int8_linear_int_mm",
+        "torch._int_mm int8 x int8 -> int32 (M padded past 16, K and N to multiples of 8), "
+        "then the scales"),
+    _op("int8_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
+        _CU + "linear:int8_linear_dequant",
+        "int8 operands multiplied in fp32 by cuBLAS, then the scales"),
+    _op("int4_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
+        _CU + "linear:int4_linear_dequant",
+        "4-bit weights dequantized with the reference math, then a cuBLAS GEMM "
+        "(a fused Triton kernel is coming)"),
+    _op("quantize", "torch", 10, rules.torch_ops_reasons, _CU + "quant:quantize_fp8",
+        "torch ops with the reference math (bit for bit)"),
+    _op("rms_norm", "torch", 10, rules.torch_ops_reasons, "backends.cpu.norm:rms_norm",
+        "the reference function on CUDA tensors (torch ops in fp32)"),
+    _op("rotary", "torch", 10, rules.torch_ops_reasons, _CU + "rotary:rotary",
+        "torch ops in fp32 (the reference math, no host-side range check)"),
+    _op("activation", "torch", 10, rules.torch_ops_reasons,
+        "backends.cpu.activation:silu_and_mul",
+        "the reference function on CUDA tensors (torch ops in fp32)"),
+    _op("graph", "cuda_graph", 100, rules.cuda_graph_reasons, _CU + "graphs:capture_graph",
+        "torch.cuda.CUDAGraph capture after warm-up on a side stream; optional shared pool"),
+    _op("graph", "eager", 10, rules.eager_graph_reasons, "backends.cpu.graphs:capture_graph",
+        "no capture: replay runs the step eagerly"),
+)  # fmt: skip
+
+
+def _register() -> None:
+    # Idempotent, so a reload (importlib.reload in tests) does not trip the duplicate check.
+    if all(c.name != "cuda" for c in REGISTRY.candidates("backend")):
+        REGISTRY.register(BACKEND_CANDIDATE)
+    for cand in OP_CANDIDATES:
+        if all(c.name != cand.name for c in REGISTRY.candidates(cand.family, SCOPE)):
+            REGISTRY.register(cand)
+
+
+_register()

@@ -1,0 +1,216 @@
+"""The CUDA backend: each op dispatches to the implementation selected for its family.
+
+Code in this file may assume CUDA. Selections come from the registry (`backends.cuda` declares
+the candidates and their rules); `ran` records which implementation served each family's last
+call, so tests can assert the dispatch as well as the numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+import torch
+
+from backends.cpu import activation, norm
+from backends.cpu import graphs as eager_graphs
+from backends.cpu import quant as ref_quant
+from backends.cuda import SCOPE, attention, graphs, kv_cache, linear, quant, rotary
+from backends.cuda import candidates as rules
+from hal.backend import Backend, GraphRunner
+from hal.capabilities import Capabilities
+from hal.registry import REGISTRY, Selection, SelectionError, env_choice
+
+logger = logging.getLogger(__name__)
+
+# TF32 for fp32 GEMMs: on by default where the device has it; HAL_ALLOW_TF32=0 turns it off.
+TF32_ENV = "HAL_ALLOW_TF32"
+
+_ATTENTION = {"flash_attn": attention.flash_attn_attention, "sdpa": attention.sdpa_attention}
+_FP8_GEMM = {"dequant_gemm": linear.fp8_linear_dequant}
+_INT8_GEMM = {"int_mm": linear.int8_linear_int_mm, "dequant_gemm": linear.int8_linear_dequant}
+
+
+def _env_flag(name: str) -> bool | None:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return None
+    if value in ("1", "true", "on", "yes"):
+        return True
+    if value in ("0", "false", "off", "no"):
+        return False
+    raise ValueError(f"{name}: {value!r} is not one of 1/0, true/false, on/off, yes/no")
+
+
+class CudaBackend(Backend):
+    """NVIDIA GPUs through PyTorch's CUDA ops. allow_tf32=None reads HAL_ALLOW_TF32 (default on)."""
+
+    name = "cuda"
+
+    def __init__(
+        self,
+        caps: Capabilities,
+        device: str | torch.device = "cuda",
+        selections: dict[str, Selection] | None = None,
+        allow_tf32: bool | None = None,
+    ) -> None:
+        super().__init__(caps, device, selections)
+        if self.device.type != "cuda":
+            raise ValueError(f"device: {self.device} is not a CUDA device (use 'cuda' or 'cuda:N')")
+        # Families the caller did not select (direct construction) are selected here, same rules.
+        for family in REGISTRY.families(SCOPE):
+            if family not in self.info.selections:
+                self.info.selections[family] = REGISTRY.select(
+                    family, caps, scope=SCOPE, choice=env_choice(family)
+                )
+        self.allow_tf32 = self._tf32_policy(allow_tf32)
+        self.ran: dict[str, str] = {}
+        self._fallbacks_logged: set[str] = set()
+        self.info.settings["graphs"] = self.chosen("graph")
+        if self.chosen("fp8_gemm") == "scaled_mm":
+            rowwise = caps.cc_at_least(*rules.FP8_ROWWISE_MIN_CC)
+            self.info.settings["fp8_rowwise"] = "on" if rowwise else "off (needs sm_90)"
+
+    def _tf32_policy(self, allow_tf32: bool | None) -> bool:
+        wanted = _env_flag(TF32_ENV) if allow_tf32 is None else allow_tf32
+        origin = TF32_ENV if allow_tf32 is None and wanted is not None else "config"
+        if not self.caps.supports("tf32"):
+            setting = f"off ({self.caps.device_name} has no TF32)"
+            on = False
+        elif wanted is False:
+            setting = f"off (disabled by {origin})"
+            on = False
+        else:
+            setting = "on (fp32 GEMMs may round inputs to TF32)"
+            on = True
+        self.info.settings["tf32"] = setting
+        logger.info("cuda: tf32 %s", setting)
+        return on
+
+    def _mark(self, family: str, impl: str) -> None:
+        self.ran[family] = impl
+
+    # -- KV cache ------------------------------------------------------------------------------
+    def write_kv(self, key, value, key_cache, value_cache, slot_mapping, kv_scale=None) -> None:
+        self._mark("kv_write", self.chosen("kv_write"))
+        kv_cache.write_kv(key, value, key_cache, value_cache, slot_mapping, kv_scale)
+
+    def copy_blocks(self, caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
+        kv_cache.copy_blocks(caches, src, dst)
+
+    # -- attention -----------------------------------------------------------------------------
+    def _attention_impl(self, query: torch.Tensor, key_cache: torch.Tensor, kv_scale) -> str:
+        impl = self.chosen("attention")
+        if impl != "flash_attn":
+            return impl
+        why = attention.flash_attn_input_reasons(query, key_cache, kv_scale)
+        if not why:
+            return impl
+        sel = self.info.selections["attention"]
+        if sel.choice is not None and sel.choice.mode == "require" and sel.choice.name == impl:
+            raise SelectionError(
+                f"attention 'flash_attn' required by {sel.choice.origin} cannot take these "
+                f"inputs: {'; '.join(why)}"
+            )
+        key = "; ".join(why)
+        if key not in self._fallbacks_logged:
+            self._fallbacks_logged.add(key)
+            logger.warning("attention: flash_attn cannot take these inputs (%s); using sdpa", key)
+        return "sdpa"
+
+    def attention(
+        self,
+        query,
+        key_cache,
+        value_cache,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale,
+        sliding_window=None,
+        soft_cap=None,
+        kv_scale=None,
+    ) -> torch.Tensor:
+        impl = self._attention_impl(query, key_cache, kv_scale)
+        self._mark("attention", impl)
+        return _ATTENTION[impl](
+            query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+            sliding_window, soft_cap, kv_scale,
+        )  # fmt: skip
+
+    # -- linear --------------------------------------------------------------------------------
+    def linear(self, x, weight, bias=None) -> torch.Tensor:
+        self._mark("gemm", self.chosen("gemm"))
+        return linear.linear(x, weight, bias, self.allow_tf32)
+
+    def fp8_linear(
+        self, x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16
+    ) -> torch.Tensor:
+        impl = self.chosen("fp8_gemm")
+        self._mark("fp8_gemm", impl)
+        if impl == "scaled_mm":
+            rowwise = self.caps.cc_at_least(*rules.FP8_ROWWISE_MIN_CC)
+            return linear.fp8_linear_scaled_mm(
+                x_q, x_scale, w_q, w_scale, bias, out_dtype, rowwise=rowwise
+            )
+        return _FP8_GEMM[impl](x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+    def int8_linear(
+        self, x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16
+    ) -> torch.Tensor:
+        impl = self.chosen("int8_gemm")
+        self._mark("int8_gemm", impl)
+        return _INT8_GEMM[impl](x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+    def int4_linear(
+        self, x, qweight, scales, zeros, group_size, g_idx=None, bias=None
+    ) -> torch.Tensor:
+        self._mark("int4_gemm", self.chosen("int4_gemm"))
+        return linear.int4_linear_dequant(
+            x, qweight, scales, zeros, group_size, g_idx, bias, self.allow_tf32
+        )
+
+    # -- quantize / dequantize (the reference math, bit for bit) ---------------------------------
+    def quantize_fp8(self, x, fp8_dtype, scale=None, per_token=False):
+        self._mark("quantize", self.chosen("quantize"))
+        return quant.quantize_fp8(x, fp8_dtype, scale, per_token)
+
+    def dequantize_fp8(self, q, scale, out_dtype=torch.float32) -> torch.Tensor:
+        self._mark("quantize", self.chosen("quantize"))
+        return ref_quant.dequantize_fp8(q, scale, out_dtype)
+
+    def quantize_int8(self, x, scale=None, per_token=True):
+        self._mark("quantize", self.chosen("quantize"))
+        return quant.quantize_int8(x, scale, per_token)
+
+    def quantize_int4(self, weight, group_size, symmetric=False):
+        self._mark("quantize", self.chosen("quantize"))
+        return quant.quantize_int4(weight, group_size, symmetric)
+
+    def dequantize_int4(self, qweight, scales, zeros, group_size, g_idx=None) -> torch.Tensor:
+        self._mark("quantize", self.chosen("quantize"))
+        return linear.dequantize_int4(qweight, scales, zeros, group_size, g_idx)
+
+    # -- fused small ops -----------------------------------------------------------------------
+    def rms_norm(self, x, weight, eps, residual=None):
+        self._mark("rms_norm", self.chosen("rms_norm"))
+        return norm.rms_norm(x, weight, eps, residual)
+
+    def rotary(self, positions, query, key, cos_sin_cache, is_neox=True):
+        self._mark("rotary", self.chosen("rotary"))
+        return rotary.rotary(positions, query, key, cos_sin_cache, is_neox)
+
+    def silu_and_mul(self, x) -> torch.Tensor:
+        self._mark("activation", self.chosen("activation"))
+        return activation.silu_and_mul(x)
+
+    # -- graphs --------------------------------------------------------------------------------
+    def capture_graph(
+        self, fn: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]], pool: object | None = None
+    ) -> GraphRunner:
+        impl = self.chosen("graph")
+        self._mark("graph", impl)
+        if impl == "cuda_graph":
+            return graphs.capture_graph(fn, pool)
+        return eager_graphs.capture_graph(fn, pool)

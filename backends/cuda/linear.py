@@ -1,0 +1,274 @@
+"""GEMMs on CUDA through torch: cuBLAS dense (TF32 policy), FP8 `_scaled_mm`, INT8 `_int_mm`,
+and dequantize-then-GEMM fallbacks for FP8, INT8 and 4-bit weights.
+
+Code in this file may assume CUDA. The reference is `backends.cpu.linear`; scales are applied in
+the reference's order, so the INT8 path matches it bit for bit wherever int32 does not overflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from backends.cpu.quant import is_fp8, unpack_int4
+
+# torch._scaled_mm: K and N multiples of 16 (Blas.cpp: "Expected trailing dimension of mat1 to be
+# divisible by 16", "mat2 shape ... must be divisible by 16"); M is free.
+SCALED_MM_ALIGN = 16
+# torch._int_mm: M > 16 ("self.size(0) needs to be greater than 16"), K and N multiples of 8.
+INT_MM_MIN_M = 17
+INT_MM_ALIGN = 8
+
+
+@contextlib.contextmanager
+def fp32_matmul_precision(allow_tf32: bool) -> Iterator[None]:
+    """Scope torch's fp32 matmul precision: "high" lets cuBLAS use TF32, "highest" forbids it."""
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if allow_tf32 else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+
+
+def _check_bias(bias: torch.Tensor | None, n: int) -> None:
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias: shape {tuple(bias.shape)}, expected [N={n}]")
+
+
+def _check_scale(name: str, scale: torch.Tensor, rows: int, what: str) -> None:
+    if tuple(scale.shape) not in ((1,), (rows, 1)):
+        raise ValueError(
+            f"{name}: shape {tuple(scale.shape)} is neither [1] (per tensor) nor [{rows}, 1] "
+            f"(per {what})"
+        )
+
+
+def _check_quantized(x_q, x_scale, w_q, w_scale, bias, ok, kind: str) -> None:
+    for name, t in (("x_q", x_q), ("w_q", w_q)):
+        if not ok(t.dtype):
+            raise ValueError(f"{name}: dtype {t.dtype} is not {kind}")
+    if x_q.dim() != 2 or w_q.dim() != 2 or x_q.shape[1] != w_q.shape[1]:
+        raise ValueError(
+            f"x_q/w_q: expected [M, K] and [N, K], got {tuple(x_q.shape)} and {tuple(w_q.shape)}"
+        )
+    _check_scale("x_scale", x_scale, x_q.shape[0], "token")
+    _check_scale("w_scale", w_scale, w_q.shape[0], "output channel")
+    _check_bias(bias, w_q.shape[0])
+
+
+def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    # Zero-pad a 2-D tensor up to [rows, cols]; a no-op when it already has that shape.
+    if tuple(x.shape) == (rows, cols):
+        return x
+    out = torch.zeros(rows, cols, dtype=x.dtype, device=x.device)
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _scaled_output(
+    acc: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    # acc: [M, N] fp32; x_scale: [1] or [M, 1]; w_scale: [1] or [N, 1] as [1, N] (reference order)
+    y = acc * x_scale.to(acc.dtype) * w_scale.to(acc.dtype).reshape(1, -1)
+    if bias is not None:
+        y = y + bias.to(acc.dtype)
+    return y.to(out_dtype)
+
+
+# -- dense ----------------------------------------------------------------------------------------
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """y = x @ weight.T + bias on cuBLAS. x: [..., K]; weight: [N, K]. fp32 may use TF32."""
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x/weight: expected [..., K] and [N, K], got {tuple(x.shape)} and "
+            f"{tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight: dtype {weight.dtype} differs from x's {x.dtype}")
+    _check_bias(bias, weight.shape[0])
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    if x.dtype != torch.float32:
+        return F.linear(x, weight, bias)
+    with fp32_matmul_precision(allow_tf32):
+        return F.linear(x, weight, bias)
+
+
+# -- FP8 ------------------------------------------------------------------------------------------
+def fp8_linear_scaled_mm(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    rowwise: bool = False,
+) -> torch.Tensor:
+    """y = (x_q * x_scale) @ (w_q * w_scale).T + bias on FP8 tensor cores (torch._scaled_mm).
+
+    Per-tensor scales go into the kernel. Per-token / per-channel scales use the row-wise kernel
+    when `rowwise` (Hopper) and the output is bf16 with no bias (its requirements: scales fp32
+    [M, 1] and [1, N], bf16 out); otherwise the kernel writes fp32 and the scales and bias follow
+    in fp32, in the reference's order. K and N are zero-padded to multiples of 16.
+    """
+    _check_quantized(x_q, x_scale, w_q, w_scale, bias, is_fp8, "an FP8 format")
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    kp, np_ = _round_up(k, SCALED_MM_ALIGN), _round_up(n, SCALED_MM_ALIGN)
+    a = _pad_to(x_q, m, kp)
+    b = _pad_to(w_q, np_, kp).t()  # [Kp, Np], column-major as _scaled_mm wants
+    x_s = x_scale.to(torch.float32)
+    w_s = w_scale.to(torch.float32)
+    per_tensor = x_s.numel() == 1 and w_s.numel() == 1
+    if per_tensor and bias is None:
+        y = torch._scaled_mm(a, b, scale_a=x_s, scale_b=w_s, out_dtype=out_dtype)
+        return y[:, :n]
+    if not per_tensor and rowwise and bias is None and out_dtype == torch.bfloat16:
+        scale_a = x_s.expand(m, 1).contiguous()  # [M, 1]
+        scale_b = _pad_to(w_s.expand(n, 1), np_, 1).reshape(1, np_).contiguous()  # [1, Np]
+        y = torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=torch.bfloat16)
+        return y[:, :n]
+    one = torch.ones(1, dtype=torch.float32, device=x_q.device)
+    if per_tensor:
+        acc = torch._scaled_mm(a, b, scale_a=x_s, scale_b=w_s, out_dtype=torch.float32)
+        return _scaled_output(acc[:, :n], one, one, bias, out_dtype)
+    acc = torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float32)
+    return _scaled_output(acc[:, :n], x_s, w_s, bias, out_dtype)
+
+
+def fp8_linear_dequant(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """The FP8 GEMM without FP8 tensor cores: operands upcast to fp32, one cuBLAS GEMM, scales.
+
+    TF32 stays off: fp8 values are exact in fp32, so the only rounding is the fp32 accumulation.
+    """
+    _check_quantized(x_q, x_scale, w_q, w_scale, bias, is_fp8, "an FP8 format")
+    with fp32_matmul_precision(False):
+        acc = x_q.to(torch.float32) @ w_q.to(torch.float32).t()  # [M, N]
+    return _scaled_output(acc, x_scale, w_scale, bias, out_dtype)
+
+
+# -- INT8 -----------------------------------------------------------------------------------------
+def int8_linear_int_mm(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """W8A8 on int8 tensor cores: torch._int_mm (int32 accumulator), then the scales in fp32.
+
+    M is zero-padded to 17 when <= 16 and K, N to multiples of 8; the weight goes in as the
+    transposed view of [N, K] (column-major), the layout cuBLASLt's IMMA kernel is fast with.
+    """
+    _check_quantized(
+        x_q, x_scale, w_q, w_scale, bias, lambda d: d == torch.int8, "torch.int8"
+    )  # fmt: skip
+    m, k = x_q.shape
+    n = w_q.shape[0]
+    mp = max(m, INT_MM_MIN_M)
+    kp, np_ = _round_up(k, INT_MM_ALIGN), _round_up(n, INT_MM_ALIGN)
+    acc = torch._int_mm(_pad_to(x_q, mp, kp), _pad_to(w_q, np_, kp).t())  # int32 [Mp, Np]
+    return _scaled_output(acc[:m, :n].to(torch.float32), x_scale, w_scale, bias, out_dtype)
+
+
+def int8_linear_dequant(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """W8A8 without int8 tensor cores: the integer product in fp32 on cuBLAS (TF32 off), then the
+    scales. Exact while every partial sum stays below 2^24 (K * 127 * 128 < 2^24, K < 1032);
+    beyond that, fp32 accumulation rounding applies."""
+    _check_quantized(
+        x_q, x_scale, w_q, w_scale, bias, lambda d: d == torch.int8, "torch.int8"
+    )  # fmt: skip
+    with fp32_matmul_precision(False):
+        acc = x_q.to(torch.float32) @ w_q.to(torch.float32).t()  # [M, N]
+    return _scaled_output(acc, x_scale, w_scale, bias, out_dtype)
+
+
+# -- INT4 -----------------------------------------------------------------------------------------
+def dequantize_int4(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Canonical 4-bit layout -> weight [N, K], the reference math without host-side value checks
+    (so it can run inside a captured graph): W[n, k] = (q[k, n] - zeros[g, n]) * scales[g, n]."""
+    q = unpack_int4(qweight)  # uint8 [K, N]
+    k, n = q.shape
+    if scales.dim() != 2 or scales.shape[1] != n or tuple(zeros.shape) != tuple(scales.shape):
+        raise ValueError(
+            f"scales/zeros: shapes {tuple(scales.shape)} and {tuple(zeros.shape)}, "
+            f"expected the same [K / group_size, {n}]"
+        )
+    num_groups = scales.shape[0]
+    if g_idx is None:
+        if group_size <= 0 or k % group_size or k // group_size != num_groups:
+            raise ValueError(
+                f"group_size: {group_size} with K={k} does not give the {num_groups} groups "
+                "that scales/zeros have"
+            )
+        g = torch.arange(k, device=q.device) // group_size
+    else:
+        if tuple(g_idx.shape) != (k,):
+            raise ValueError(f"g_idx: shape {tuple(g_idx.shape)}, expected [{k}]")
+        g = g_idx.to(device=q.device, dtype=torch.int64)
+    out_dtype = out_dtype or scales.dtype
+    cd = torch.float64 if torch.float64 in (scales.dtype, out_dtype) else torch.float32
+    w = (q.to(cd) - zeros.to(cd)[g]) * scales.to(cd)[g]  # [K, N]
+    return w.t().to(out_dtype)
+
+
+def int4_linear_dequant(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    allow_tf32: bool = False,
+) -> torch.Tensor:
+    """y = x @ W.T + bias with W dequantized (fp32 math, one rounding) to x's dtype, then cuBLAS.
+
+    x: [M, K]; returns [M, N] in x's dtype. A fused Triton dequant-GEMM kernel is coming.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [M, K], got shape {tuple(x.shape)}")
+    k = qweight.shape[0] * 8 if qweight.dim() == 2 else -1
+    if x.shape[1] != k:
+        raise ValueError(f"x: K={x.shape[1]} differs from qweight's K = 8 * rows = {k}")
+    w = dequantize_int4(qweight, scales, zeros, group_size, g_idx, out_dtype=x.dtype)  # [N, K]
+    return linear(x, w, bias, allow_tf32)

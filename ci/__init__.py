@@ -1,0 +1,1 @@
+"""CI entry points: `python -m ci.conformance` runs the cross-backend conformance matrix."""

@@ -1,0 +1,1 @@
+"""Model building blocks, tensor-parallel ready; every op goes through the HAL backend."""

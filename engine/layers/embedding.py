@@ -1,0 +1,78 @@
+"""Vocab-parallel token embedding and LM head: each rank holds a contiguous slice of the vocab.
+
+The embedding zeroes rows of ids outside its slice and all-reduces; the LM head computes its slice
+of the logits and gathers them on the driver only. The vocab is padded to a multiple of tp_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.parallel import ParallelContext, TensorSource, load_tensor
+from hal.backend import Backend
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token ids [num_tokens] -> embeddings [num_tokens, hidden_size]."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        backend: Backend,
+        parallel: ParallelContext,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        self.backend = backend
+        self.parallel = parallel
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        per_rank = -(-vocab_size // parallel.tp_size)  # ceil: pad the vocab to tp_size
+        self.vocab_size_padded = per_rank * parallel.tp_size
+        self.vocab_start = parallel.tp_rank * per_rank
+        self.vocab_stop = min(self.vocab_start + per_rank, vocab_size)  # real rows held here
+        self.weight = nn.Parameter(
+            torch.zeros(per_rank, hidden_size, device=backend.device, dtype=dtype),
+            requires_grad=False,
+        )
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.parallel.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        in_range = (input_ids >= self.vocab_start) & (input_ids < self.vocab_stop)
+        local_ids = torch.where(in_range, input_ids - self.vocab_start, 0)
+        out = F.embedding(local_ids, self.weight) * in_range.unsqueeze(-1).to(self.weight.dtype)
+        return self.parallel.all_reduce(out)
+
+    def load(self, source: TensorSource, name: str) -> None:
+        rows = self.vocab_stop - self.vocab_start
+        full = (self.vocab_size, self.hidden_size)
+        if rows > 0:
+            load_tensor(
+                self.weight[:rows], source, name, full, 0, self.vocab_start, self.vocab_stop
+            )
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """hidden [rows, hidden_size] -> fp32 logits [rows, vocab_size] on the driver (None elsewhere).
+
+    With tied embeddings, `tie(embedding)` shares the embedding's (identically sharded) weight.
+    """
+
+    def tie(self, embedding: VocabParallelEmbedding) -> None:
+        if embedding.weight.shape != self.weight.shape:
+            raise ValueError(
+                f"embedding: weight shape {tuple(embedding.weight.shape)} differs from the LM "
+                f"head's {tuple(self.weight.shape)}"
+            )
+        self.weight = embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = self.backend.linear(hidden, self.weight)  # [rows, vocab_size_padded / tp_size]
+        logits = self.parallel.gather(logits, dim=-1)
+        if logits is None:
+            return None
+        return logits[..., : self.vocab_size].float()

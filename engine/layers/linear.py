@@ -1,0 +1,204 @@
+"""Tensor-parallel linear layers: column-parallel (QKV, gate/up) and row-parallel (o_proj, down).
+
+Weights follow Hugging Face's [out_features, in_features]. A column-parallel layer holds a slice of
+the output rows and needs no communication; a row-parallel layer holds a slice of the input columns
+and sums the ranks' partial products with one all-reduce. At tp_size 1 both are one backend.linear.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.parallel import ParallelContext, TensorSource, load_tensor
+from hal.backend import Backend
+
+
+def _param(shape: tuple[int, ...], backend: Backend, dtype: torch.dtype) -> nn.Parameter:
+    return nn.Parameter(torch.empty(shape, device=backend.device, dtype=dtype), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x @ W[rows of this rank].T (+ bias); output features split across ranks."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        backend: Backend,
+        parallel: ParallelContext,
+        dtype: torch.dtype,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backend = backend
+        self.parallel = parallel
+        self.input_size = input_size
+        self.output_size = output_size
+        self.row_start, self.row_stop = parallel.shard(output_size, "output_size")
+        self.output_size_per_rank = self.row_stop - self.row_start
+        self.weight = _param((self.output_size_per_rank, input_size), backend, dtype)
+        self.bias = _param((self.output_size_per_rank,), backend, dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, input_size] -> [num_tokens, output_size / tp_size]
+        return self.backend.linear(x, self.weight, self.bias)
+
+    def load(self, source: TensorSource, prefix: str) -> None:
+        full = (self.output_size, self.input_size)
+        load_tensor(self.weight, source, f"{prefix}.weight", full, 0, self.row_start, self.row_stop)
+        if self.bias is not None:
+            name = f"{prefix}.bias"
+            load_tensor(self.bias, source, name, full[:1], 0, self.row_start, self.row_stop)
+
+
+class MergedColumnParallelLinear(nn.Module):
+    """Several column-parallel projections of one input fused into one GEMM (gate_up_proj).
+
+    Each rank holds its slice of every part, concatenated: [gate_local; up_local], so the
+    activation (silu_and_mul) pairs the right halves without communication.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        backend: Backend,
+        parallel: ParallelContext,
+        dtype: torch.dtype,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backend = backend
+        self.parallel = parallel
+        self.input_size = input_size
+        self.output_sizes = list(output_sizes)
+        self.ranges = [parallel.shard(n, "output_size") for n in self.output_sizes]
+        local = sum(stop - start for start, stop in self.ranges)
+        self.weight = _param((local, input_size), backend, dtype)
+        self.bias = _param((local,), backend, dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, input_size] -> [num_tokens, sum(output_sizes) / tp_size]
+        return self.backend.linear(x, self.weight, self.bias)
+
+    def load(self, source: TensorSource, prefixes: list[str]) -> None:
+        if len(prefixes) != len(self.output_sizes):
+            raise ValueError(f"prefixes: got {len(prefixes)}, expected {len(self.output_sizes)}")
+        offset = 0
+        for prefix, size, (start, stop) in zip(prefixes, self.output_sizes, self.ranges):
+            rows = slice(offset, offset + stop - start)
+            full = (size, self.input_size)
+            load_tensor(self.weight[rows], source, f"{prefix}.weight", full, 0, start, stop)
+            if self.bias is not None:
+                load_tensor(self.bias[rows], source, f"{prefix}.bias", full[:1], 0, start, stop)
+            offset += stop - start
+
+
+class QKVParallelLinear(nn.Module):
+    """q, k and v projections in one GEMM, split by heads.
+
+    Query heads split evenly across ranks; KV heads split evenly too, or, when tp_size exceeds
+    their number, each rank holds the one KV head its query heads read (replicated).
+    Output per rank: [q (num_heads/tp * head_dim); k (kv_local * head_dim); v (same)].
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_dim: int,
+        num_heads: int,
+        num_kv_heads: int,
+        backend: Backend,
+        parallel: ParallelContext,
+        dtype: torch.dtype,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.backend = backend
+        self.parallel = parallel
+        self.hidden_size = hidden_size
+        self.head_dim = head_dim
+        self.total_num_heads = num_heads
+        self.total_num_kv_heads = num_kv_heads
+        q_start, q_stop = parallel.shard(num_heads, "num_heads")
+        kv_start, kv_stop = parallel.kv_head_range(num_kv_heads)
+        self.num_heads = q_stop - q_start
+        self.num_kv_heads = kv_stop - kv_start
+        self.q_rows = (q_start * head_dim, q_stop * head_dim)
+        self.kv_rows = (kv_start * head_dim, kv_stop * head_dim)
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        local = self.q_size + 2 * self.kv_size
+        self.weight = _param((local, hidden_size), backend, dtype)
+        self.bias = _param((local,), backend, dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, hidden] -> [num_tokens, q_size + 2 * kv_size]
+        return self.backend.linear(x, self.weight, self.bias)
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[num_tokens, q_size + 2 kv_size] -> q [T, heads, D], k and v [T, kv_heads, D]."""
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        n = qkv.shape[0]
+        return (
+            q.view(n, self.num_heads, self.head_dim),
+            k.view(n, self.num_kv_heads, self.head_dim),
+            v.view(n, self.num_kv_heads, self.head_dim),
+        )
+
+    def load(self, source: TensorSource, q_prefix: str, k_prefix: str, v_prefix: str) -> None:
+        parts = (
+            (q_prefix, self.total_num_heads, self.q_rows, 0),
+            (k_prefix, self.total_num_kv_heads, self.kv_rows, self.q_size),
+            (v_prefix, self.total_num_kv_heads, self.kv_rows, self.q_size + self.kv_size),
+        )
+        for prefix, heads, (start, stop), offset in parts:
+            rows = slice(offset, offset + stop - start)
+            full = (heads * self.head_dim, self.hidden_size)
+            load_tensor(self.weight[rows], source, f"{prefix}.weight", full, 0, start, stop)
+            if self.bias is not None:
+                load_tensor(self.bias[rows], source, f"{prefix}.bias", full[:1], 0, start, stop)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_local @ W[:, columns of this rank].T) + bias; input features split."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        backend: Backend,
+        parallel: ParallelContext,
+        dtype: torch.dtype,
+        bias: bool = False,
+        reduce_results: bool = True,
+    ) -> None:
+        super().__init__()
+        if bias and not reduce_results and parallel.tp_size > 1:
+            raise ValueError("bias: a row-parallel bias needs reduce_results=True (added once)")
+        self.backend = backend
+        self.parallel = parallel
+        self.input_size = input_size
+        self.output_size = output_size
+        self.reduce_results = reduce_results
+        self.col_start, self.col_stop = parallel.shard(input_size, "input_size")
+        self.input_size_per_rank = self.col_stop - self.col_start
+        self.weight = _param((output_size, self.input_size_per_rank), backend, dtype)
+        self.bias = _param((output_size,), backend, dtype) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, input_size / tp_size] -> [num_tokens, output_size]
+        if self.parallel.tp_size == 1:
+            return self.backend.linear(x, self.weight, self.bias)
+        y = self.backend.linear(x, self.weight)  # partial sum over this rank's columns
+        if self.reduce_results:
+            y = self.parallel.all_reduce(y)
+        # The bias is added once, after the sum (every rank holds it whole).
+        return y if self.bias is None else y + self.bias
+
+    def load(self, source: TensorSource, prefix: str) -> None:
+        full = (self.output_size, self.input_size)
+        load_tensor(self.weight, source, f"{prefix}.weight", full, 1, self.col_start, self.col_stop)
+        if self.bias is not None:
+            load_tensor(self.bias, source, f"{prefix}.bias", full[:1])

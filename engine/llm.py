@@ -1,0 +1,160 @@
+"""The offline API: `LLM(model=...).generate(prompts, sampling_params)`, vLLM's shape."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from tqdm import tqdm
+
+from engine.config import CacheConfig, SchedulerConfig
+from engine.engine_config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import apply_chat_template
+
+logger = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+
+class LLM:
+    """An engine for offline batches. Keyword arguments mirror vLLM's `LLM`.
+
+    model: a Hugging Face folder, a .gguf file, or None for the embedded SmolLM2 GGUF.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        dtype: str = "auto",
+        device: str = "auto",
+        *,
+        max_model_len: int | None = None,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
+        preemption_mode: str = "recompute",
+        swap_space: float = 4.0,
+        num_gpu_blocks: int | None = None,
+        kv_cache_memory_bytes: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        backend: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        cache = CacheConfig(
+            block_size=block_size,
+            enable_prefix_caching=enable_prefix_caching,
+            swap_space_gib=swap_space,
+            kv_cache_memory_bytes=kv_cache_memory_bytes,
+            num_gpu_blocks=num_gpu_blocks,
+        )
+        sched = SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            enable_chunked_prefill=enable_chunked_prefill,
+            preemption_mode=preemption_mode,
+        )
+        self.config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            device=device,
+            backend=backend,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            seed=seed,
+            cache=cache,
+            scheduler=sched,
+        )
+        self.engine = LLMEngine(self.config)
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        prompt_token_ids: Sequence[list[int]] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in prompt order. All prompts are validated first."""
+        if prompts is None and prompt_token_ids is None:
+            raise ValueError("give prompts or prompt_token_ids")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        items: list[tuple[str | None, list[int] | None]]
+        if prompt_token_ids is not None:
+            items = [(None, list(ids)) for ids in prompt_token_ids]
+        else:
+            items = [(p, None) for p in prompts]  # type: ignore[union-attr]
+        params_list = self._params_list(sampling_params, len(items))
+        return self._run(items, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: Messages | Sequence[Messages],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template, then generate."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]  # type: ignore[list-item]
+        items = []
+        for conv in messages:
+            ids = apply_chat_template(self.engine.tokenizer, list(conv))  # type: ignore[arg-type]
+            items.append((self.engine.tokenizer.decode(ids), ids))
+        return self._run(items, self._params_list(sampling_params, len(items)), use_tqdm)
+
+    @staticmethod
+    def _params_list(
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
+    ) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        params = list(sampling_params)
+        if len(params) != n:
+            raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+        return params
+
+    def _run(
+        self,
+        items: list[tuple[str | None, list[int] | None]],
+        params_list: list[SamplingParams],
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        engine = self.engine
+        # Validate everything before queuing anything, so a bad prompt queues nothing.
+        resolved = []
+        for prompt, ids in items:
+            if ids is None:
+                if not isinstance(prompt, str) or not prompt:
+                    raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
+                ids = engine.tokenize(prompt)
+            resolved.append((prompt, ids))
+        for i, (_, ids) in enumerate(resolved):
+            if len(ids) >= engine.max_model_len:
+                raise ValueError(
+                    f"prompt {i} has {len(ids)} tokens; max_model_len={engine.max_model_len} "
+                    f"allows at most {engine.max_model_len - 1}"
+                )
+        order: dict[str, int] = {}
+        for i, ((prompt, ids), params) in enumerate(zip(resolved, params_list)):
+            rid = engine.add_request(prompt, params, prompt_token_ids=ids)
+            order[rid] = i
+        results: list[RequestOutput | None] = [None] * len(items)
+        bar = tqdm(total=len(items), desc="generating", disable=not use_tqdm or len(items) < 2)
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished and out.request_id in order:
+                    results[order[out.request_id]] = out
+                    bar.update(1)
+        bar.close()
+        return [r for r in results if r is not None]

@@ -1,0 +1,346 @@
+"""The synchronous engine: requests in, one scheduled model step per `step()`, outputs out.
+
+It wires the pieces together and knows no hardware: capabilities come from `platforms`, ops from
+the HAL backend, memory from the plan, scheduling from `Scheduler`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import hal
+import platforms
+from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from engine.loader import load_model
+from engine.memory import MemoryPlan, plan_cpu, plan_gpu
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.runner import ModelRunner
+from engine.sampler import Sampler, SamplingRow
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import Request, Sequence, SequenceStatus
+from engine.stop import check_token_stop
+from engine.detokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _SeqState:
+    """Per-sequence output bookkeeping the scheduler does not keep."""
+
+    detok: IncrementalDetokenizer
+    logprobs: list[dict[int, float]] | None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    pending_logprob: tuple[float | None, dict[int, float] | None] | None = None
+
+    def clone(self) -> _SeqState:
+        detok = copy.copy(self.detok)
+        detok.token_ids = list(self.detok.token_ids)
+        logprobs = None if self.logprobs is None else list(self.logprobs)
+        return _SeqState(detok, logprobs, self.cumulative_logprob)
+
+
+@dataclass
+class _RequestState:
+    request: Request
+    prompt: str | None
+    metrics: RequestMetrics
+    seqs: dict[int, _SeqState] = field(default_factory=dict)  # by sequence index
+
+
+class LLMEngine:
+    """Owns the backend, model, KV cache, scheduler and sampler. Not thread-safe."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        caps = platforms.detect()
+        backend_choice = config.backend
+        if config.device == "cpu":
+            backend_choice = "cpu"
+        self.backend = hal.load_backend(caps, configured=backend_choice)
+        self.model, self.model_config, self.tokenizer = load_model(
+            config.model, self.backend, config.dtype, max_model_len=config.max_model_len
+        )
+        self.dtype = self.model.dtype
+        max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        if max_model_len > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
+                f"{self.model_config.max_position_embeddings}"
+            )
+        self.max_model_len = max_model_len
+        cache = copy.copy(config.cache)
+        sched = copy.copy(config.scheduler)
+        sched.max_model_len = max_model_len
+        self.runner = ModelRunner(self.model, self.backend, cache.block_size, self.dtype)
+        self.memory_plan = self._plan_memory(cache)
+        cache.num_gpu_blocks = self.memory_plan.num_blocks
+        if sched.preemption_mode == "swap":
+            cache.num_cpu_blocks = cache.resolve_num_cpu_blocks(self.runner.block_bytes())
+            self.memory_plan.num_cpu_blocks = cache.num_cpu_blocks
+        self.runner.allocate(cache.num_gpu_blocks, cache.num_cpu_blocks or 0)
+        self.cache_config = cache
+        self.scheduler_config = sched
+        self.scheduler = Scheduler(sched, cache)
+        self.eos_token_ids = tuple(self.model_config.eos_token_ids)
+        self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=config.seed)
+        self.requests: dict[str, _RequestState] = {}
+        self._ids = itertools.count()
+        self.num_steps = 0
+        for line in self.startup_report():
+            logger.info("%s", line)
+
+    # -- setup --------------------------------------------------------------------------------
+    def _plan_memory(self, cache) -> MemoryPlan:
+        block_bytes = self.runner.block_bytes()
+        if cache.num_gpu_blocks is not None:  # an explicit pool size wins over any budget
+            return plan_cpu(
+                self.model, block_bytes, cache.block_size, cache.num_gpu_blocks * block_bytes
+            )
+        if self.backend.device.type == "cpu":
+            budget = cache.kv_cache_memory_bytes or DEFAULT_CPU_KV_BYTES
+            return plan_cpu(self.model, block_bytes, cache.block_size, budget)
+        peak = self._profile_activation_peak(cache.block_size)
+        return plan_gpu(
+            self.model,
+            self.backend.device,
+            block_bytes,
+            cache.block_size,
+            self.config.gpu_memory_utilization,
+            peak,
+        )
+
+    def _profile_activation_peak(self, block_size: int) -> int:
+        """Run one forward of max_num_batched_tokens tokens and measure the activation peak."""
+        device = self.backend.device
+        num_tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
+        num_blocks = math.ceil(num_tokens / block_size) + 1
+        self.runner.allocate(num_blocks)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        from engine.scheduler import ScheduledSeq
+
+        dummy = Sequence(-1, Request("profile", [0] * num_tokens, SamplingParams()), [0] * num_tokens)
+        blocks = list(range(1, num_blocks))
+        slots = [blocks[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
+        step = SchedulerOutput(
+            scheduled=[ScheduledSeq(dummy, num_tokens, 0, [0] * num_tokens, blocks, slots, 1)]
+        )
+        self.runner.execute(step)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        self.runner.kv_caches = []
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    def startup_report(self) -> list[str]:
+        """The resolved choices: backend per op, dtype, block size, memory plan."""
+        lines = [f"backend {self.backend.name} on {self.backend.device}"]
+        lines += self.backend.describe()
+        lines.append(
+            f"model {self.model_config.architecture}, dtype {str(self.dtype).removeprefix('torch.')}"
+            f", max_model_len {self.max_model_len}, block_size {self.cache_config.block_size}, "
+            f"prefix caching {'on' if self.cache_config.enable_prefix_caching else 'off'}, "
+            f"chunked prefill {'on' if self.scheduler_config.enable_chunked_prefill else 'off'}, "
+            f"preemption {self.scheduler_config.preemption_mode}"
+        )
+        lines += self.memory_plan.table().splitlines()
+        return lines
+
+    # -- requests -----------------------------------------------------------------------------
+    def tokenize(self, prompt: str) -> list[int]:
+        return list(self.tokenizer.encode(prompt))
+
+    def add_request(
+        self,
+        prompt: str | None,
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; bad input raises ValueError and leaves the engine untouched."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+            if not prompt:
+                raise ValueError("prompt is empty: give at least one character or token id")
+            prompt_token_ids = self.tokenize(prompt)
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: it encodes to zero tokens")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(prompt_token_ids)} tokens; max_model_len={self.max_model_len} "
+                f"allows at most {self.max_model_len - 1} (one token must be generated)"
+            )
+        request_id = request_id if request_id is not None else str(next(self._ids))
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        now = time.time()
+        request = Request(request_id, list(prompt_token_ids), params, arrival_time=now)
+        self.scheduler.add_request(request)
+        state = _RequestState(request, prompt, RequestMetrics(arrival_time=now))
+        state.seqs[0] = self._new_seq_state(params, prompt_token_ids)
+        self.requests[request_id] = state
+        return request_id
+
+    def _new_seq_state(self, params: SamplingParams, prompt_ids: list[int]) -> _SeqState:
+        detok = IncrementalDetokenizer(self.tokenizer, params, prompt_ids)
+        return _SeqState(detok, [] if params.logprobs is not None else None)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Abort a request and free its blocks; its output is reported finished with "abort"."""
+        found = self.scheduler.abort_request(request_id)
+        state = self.requests.get(request_id)
+        if state is not None:
+            for s in state.seqs.values():
+                s.finish_reason = s.finish_reason or "abort"
+        return found
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- one step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample, stop-check. Returns outputs of requests that got new
+        tokens or finished this step (finished ones are removed from the engine)."""
+        out = self.scheduler.schedule()
+        now = time.time()
+        logits = self.runner.execute(out)
+        self.num_steps += 1
+        sampled: dict[int, list[int]] = {}
+        if logits is not None:
+            rows: list[SamplingRow] = []
+            owners: list[tuple[Sequence, int]] = []
+            for ss in out.scheduled:
+                if not ss.samples:
+                    continue
+                seq = ss.seq
+                params = seq.request.sampling_params
+                for k in range(ss.num_samples):
+                    index = seq.index if ss.num_samples == 1 else k
+                    rows.append(
+                        SamplingRow(
+                            params,
+                            seq.request.prompt_token_ids,
+                            seq.output_token_ids,
+                            sample_index=index,
+                        )
+                    )
+                    owners.append((seq, index))
+            # logits rows are one per sampling sequence; repeat rows for a fork's n samples.
+            counts = torch.tensor([ss.num_samples for ss in out.scheduled if ss.samples])
+            if int(counts.sum()) != logits.shape[0]:
+                logits = logits.repeat_interleave(counts.to(logits.device), dim=0)
+            result = self.sampler.sample(logits, rows)
+            for j, (seq, index) in enumerate(owners):
+                sampled.setdefault(seq.seq_id, []).append(result.token_ids[j])
+                state = self.requests[seq.request.request_id]
+                if index not in state.seqs:  # a fork's child: starts as a copy of the parent
+                    state.seqs[index] = state.seqs[seq.index].clone()
+                state.seqs[index].pending_logprob = (result.logprobs[j], result.top_logprobs[j])
+        for ss in out.scheduled:
+            m = self.requests[ss.seq.request.request_id].metrics
+            m.first_scheduled_time = m.first_scheduled_time or now
+        new_seqs = self.scheduler.update_from_output(out, sampled, is_stopped=self._check_stop)
+        touched = {s.request.request_id for s in new_seqs}
+        return self._collect_outputs(touched)
+
+    def _check_stop(self, seq: Sequence) -> bool:
+        """Called by the scheduler once per new token: detokenize, record logprobs, stop-check."""
+        state = self.requests[seq.request.request_id]
+        params: SamplingParams = seq.request.sampling_params
+        st = state.seqs[seq.index]
+        token = seq.token_ids[-1]
+        if st.pending_logprob is not None:
+            lp, top = st.pending_logprob
+            st.pending_logprob = None
+            if lp is not None:
+                st.cumulative_logprob += lp
+            if st.logprobs is not None and lp is not None:
+                entry = dict(top or {})
+                entry[token] = lp
+                st.logprobs.append(entry)
+        if state.metrics.first_token_time is None:
+            state.metrics.first_token_time = time.time()
+        cap = self.max_model_len - len(seq.request.prompt_token_ids)
+        decision = check_token_stop(params, seq.output_token_ids, self.eos_token_ids, cap)
+        token_stop = decision is not None and decision.finish_reason == "stop"
+        st.detok.add_tokens([token], finished=decision is not None, stop_terminated=token_stop)
+        if st.detok.stopped:
+            st.finish_reason, st.stop_reason = "stop", st.detok.stop_reason
+            return True
+        if decision is not None:
+            st.finish_reason, st.stop_reason = decision.finish_reason, decision.stop_reason
+            return token_stop
+        return False
+
+    def _collect_outputs(self, touched: set[str]) -> list[RequestOutput]:
+        outputs = []
+        for rid in list(self.requests):
+            state = self.requests[rid]
+            done = state.request.is_finished
+            if rid not in touched and not done:
+                continue
+            outputs.append(self._make_output(state))
+            if done:
+                state.metrics.finished_time = time.time()
+                del self.requests[rid]
+        return outputs
+
+    def _make_output(self, state: _RequestState) -> RequestOutput:
+        request = state.request
+        completions = []
+        for seq in sorted(request.seqs, key=lambda s: s.index):
+            st = state.seqs.get(seq.index)
+            if st is None:
+                continue
+            reason = st.finish_reason
+            if seq.is_finished and reason is None:
+                reason = {
+                    SequenceStatus.FINISHED_LENGTH: "length",
+                    SequenceStatus.FINISHED_ABORTED: "abort",
+                }.get(seq.status, "stop")
+            elif seq.status == SequenceStatus.FINISHED_ABORTED:
+                reason = "abort"
+            token_ids = list(seq.output_token_ids)
+            completions.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=st.detok.output_text,
+                    token_ids=token_ids,
+                    cumulative_logprob=st.cumulative_logprob if st.logprobs is not None else None,
+                    logprobs=st.logprobs,
+                    finish_reason=reason if seq.is_finished else None,
+                    stop_reason=st.stop_reason if seq.is_finished else None,
+                )
+            )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=list(request.prompt_token_ids),
+            outputs=completions,
+            finished=request.is_finished,
+            metrics=state.metrics,
+        )
+
+    # -- stats --------------------------------------------------------------------------------
+    def kv_stats(self):
+        """KV usage now: used/allocated blocks, waste (allocated slots holding no token)."""
+        return self.scheduler.kv_stats()

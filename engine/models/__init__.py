@@ -1,0 +1,1 @@
+"""Model implementations (one Llama-family model covers every supported architecture)."""

@@ -1,0 +1,213 @@
+"""The Llama family in one implementation: Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM.
+
+Per-model differences come from `ModelConfig` (QKV bias, q/k norm, sliding window, tied
+embeddings, rope scaling). Every op runs through the HAL backend; layers are tensor-parallel.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.batch import ForwardBatch
+from engine.layers.attention import Attention
+from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.norm import RMSNorm
+from engine.layers.rotary import RotaryEmbedding
+from engine.model_config import ModelConfig
+from engine.parallel import SINGLE, ParallelContext, TensorSource
+from hal.backend import Backend
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # K, V: [num_blocks, block_size, kv_heads, head_dim]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        rotary: RotaryEmbedding,
+        backend: Backend,
+        parallel: ParallelContext,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        d = config.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            d,
+            config.num_heads,
+            config.num_kv_heads,
+            backend,
+            parallel,
+            dtype,
+            bias=config.attention_bias,
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_heads * d, config.hidden_size, backend, parallel, dtype, config.o_proj_bias
+        )
+        self.q_norm = RMSNorm(d, config.rms_norm_eps, backend, dtype) if config.qk_norm else None
+        self.k_norm = RMSNorm(d, config.rms_norm_eps, backend, dtype) if config.qk_norm else None
+        self.rotary = rotary
+        self.attn = Attention(
+            self.qkv_proj.num_heads,
+            self.qkv_proj.num_kv_heads,
+            d,
+            d**-0.5,
+            backend,
+            sliding_window=config.sliding_window_for(layer),
+        )
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        batch: ForwardBatch,
+        kv_cache: KVCache,
+    ) -> torch.Tensor:
+        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))  # [T, heads, D], [T, kv_heads, D] x2
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # Qwen3: per-head RMSNorm before rotary
+        q, k = self.rotary(positions, q, k)
+        return self.o_proj(self.attn(q, k, v, batch, kv_cache))  # [T, hidden]
+
+    def load(self, source: TensorSource, prefix: str) -> None:
+        self.qkv_proj.load(source, f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj")
+        self.o_proj.load(source, f"{prefix}.o_proj")
+        if self.q_norm is not None:
+            self.q_norm.load(source, f"{prefix}.q_norm.weight")
+            self.k_norm.load(source, f"{prefix}.k_norm.weight")
+
+
+class LlamaMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one column-parallel GEMM."""
+
+    def __init__(
+        self, config: ModelConfig, backend: Backend, parallel: ParallelContext, dtype: torch.dtype
+    ) -> None:
+        super().__init__()
+        self.backend = backend
+        size = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [size, size], backend, parallel, dtype, config.mlp_bias
+        )
+        self.down_proj = RowParallelLinear(
+            size, config.hidden_size, backend, parallel, dtype, config.mlp_bias
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [T, hidden] -> [T, 2 * intermediate / tp] -> [T, intermediate / tp] -> [T, hidden]
+        return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
+
+    def load(self, source: TensorSource, prefix: str) -> None:
+        self.gate_up_proj.load(source, [f"{prefix}.gate_proj", f"{prefix}.up_proj"])
+        self.down_proj.load(source, f"{prefix}.down_proj")
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        rotary: RotaryEmbedding,
+        backend: Backend,
+        parallel: ParallelContext,
+        dtype: torch.dtype,
+    ) -> None:
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, backend, dtype)
+        self.self_attn = LlamaAttention(config, layer, rotary, backend, parallel, dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, backend, dtype)
+        self.mlp = LlamaMLP(config, backend, parallel, dtype)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        batch: ForwardBatch,
+        kv_cache: KVCache,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual add of the previous sublayer is fused into the next norm.
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, batch, kv_cache)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+    def load(self, source: TensorSource, prefix: str) -> None:
+        self.input_layernorm.load(source, f"{prefix}.input_layernorm.weight")
+        self.self_attn.load(source, f"{prefix}.self_attn")
+        self.post_attention_layernorm.load(source, f"{prefix}.post_attention_layernorm.weight")
+        self.mlp.load(source, f"{prefix}.mlp")
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(batch, kv_caches) -> final hidden states; compute_logits(rows) -> fp32 logits."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        backend: Backend,
+        dtype: torch.dtype = torch.float32,
+        parallel: ParallelContext = SINGLE,
+        max_model_len: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        self.dtype = dtype
+        self.parallel = parallel
+        self.max_model_len = max_model_len or config.max_position_embeddings
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len: {self.max_model_len} must be >= 1")
+        h = config.hidden_size
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, h, backend, parallel, dtype)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, self.max_model_len, config.rope_theta, backend, config.rope_scaling
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, self.rotary, backend, parallel, dtype)
+            for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(h, config.rms_norm_eps, backend, dtype)
+        self.lm_head = ParallelLMHead(config.vocab_size, h, backend, parallel, dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.tie(self.embed_tokens)
+        # This rank's KV heads: the per-layer cache is [num_blocks, block_size, these, head_dim].
+        self.num_kv_heads = self.layers[0].self_attn.qkv_proj.num_kv_heads
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
+        return (num_blocks, block_size, self.num_kv_heads, self.config.head_dim)
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
+        """Run every layer over the packed tokens; returns final-norm hidden [num_tokens, hidden]."""
+        if len(kv_caches) != self.config.num_layers:
+            raise ValueError(
+                f"kv_caches: got {len(kv_caches)} layers, the model has {self.config.num_layers}"
+            )
+        hidden = self.embed_tokens(batch.input_ids)  # [T, hidden]
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden, residual = layer(batch.positions, hidden, residual, batch, kv_cache)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden [rows, hidden] -> fp32 logits [rows, vocab_size]; None on non-driver ranks."""
+        return self.lm_head(hidden)
+
+    def load_weights(self, source: TensorSource) -> None:
+        """Fill every parameter from `source` (Hugging Face names), this rank's shards only."""
+        self.embed_tokens.load(source, "model.embed_tokens.weight")
+        for i, layer in enumerate(self.layers):
+            layer.load(source, f"model.layers.{i}")
+        self.norm.load(source, "model.norm.weight")
+        if not self.config.tie_word_embeddings:
+            self.lm_head.load(source, "lm_head.weight")

@@ -1,0 +1,124 @@
+"""The model runner: owns the KV cache tensors, packs a scheduled step into a ForwardBatch, runs
+the model through the backend, and moves blocks (swap, copy-on-write) when the scheduler says so."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from engine.batch import ForwardBatch
+from engine.scheduler import ScheduledSeq, SchedulerOutput
+from hal.backend import Backend
+
+logger = logging.getLogger(__name__)
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class ModelRunner:
+    """Runs one step of `model` on `backend` over the paged KV cache it allocates."""
+
+    def __init__(self, model, backend: Backend, block_size: int, kv_dtype: torch.dtype) -> None:
+        self.model = model
+        self.backend = backend
+        self.device = backend.device
+        self.block_size = block_size
+        self.kv_dtype = kv_dtype
+        self.kv_caches: list[KVCache] = []
+        self.cpu_caches: list[KVCache] = []  # the swap space, when preemption_mode == "swap"
+
+    # -- memory ------------------------------------------------------------------------------
+    def block_bytes(self) -> int:
+        """Bytes of one block across every layer, K and V."""
+        shape = self.model.kv_cache_shape(1, self.block_size)
+        elems = shape[1] * shape[2] * shape[3]
+        itemsize = torch.empty((), dtype=self.kv_dtype).element_size()
+        return 2 * len(self.model.layers) * elems * itemsize
+
+    def allocate(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
+        """Allocate the per-layer caches: [num_blocks, block_size, num_kv_heads, head_dim]."""
+        shape = self.model.kv_cache_shape(num_blocks, self.block_size)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+            )
+            for _ in self.model.layers
+        ]
+        if num_cpu_blocks:
+            cpu_shape = self.model.kv_cache_shape(num_cpu_blocks, self.block_size)
+            pin = self.device.type == "cuda"
+            self.cpu_caches = [
+                (
+                    torch.zeros(cpu_shape, dtype=self.kv_dtype, pin_memory=pin),
+                    torch.zeros(cpu_shape, dtype=self.kv_dtype, pin_memory=pin),
+                )
+                for _ in self.model.layers
+            ]
+
+    # -- block moves ----------------------------------------------------------------------------
+    def apply_block_moves(self, out: SchedulerOutput) -> None:
+        """Swap out, swap in, then copy-on-write copies, in the scheduler's documented order."""
+        if out.blocks_to_swap_out:
+            src = torch.tensor([g for g, _ in out.blocks_to_swap_out], device=self.device)
+            dst = torch.tensor([c for _, c in out.blocks_to_swap_out])
+            for (k, v), (ck, cv) in zip(self.kv_caches, self.cpu_caches):
+                ck[dst] = k[src].to("cpu")
+                cv[dst] = v[src].to("cpu")
+        if out.blocks_to_swap_in:
+            src = torch.tensor([c for c, _ in out.blocks_to_swap_in])
+            dst = torch.tensor([g for _, g in out.blocks_to_swap_in], device=self.device)
+            for (k, v), (ck, cv) in zip(self.kv_caches, self.cpu_caches):
+                k[dst] = ck[src].to(self.device)
+                v[dst] = cv[src].to(self.device)
+        if out.blocks_to_copy:
+            src = torch.tensor([s for s, _ in out.blocks_to_copy], device=self.device)
+            dst = torch.tensor([d for _, d in out.blocks_to_copy], device=self.device)
+            caches = [t for kv in self.kv_caches for t in kv]
+            self.backend.copy_blocks(caches, src, dst)
+
+    # -- one step -------------------------------------------------------------------------------
+    def build_batch(self, scheduled: list[ScheduledSeq]) -> ForwardBatch:
+        """Pack the scheduled sequences, in order, into the attention op's layout."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        max_blocks = max(len(s.block_table) for s in scheduled)
+        tables = torch.zeros((len(scheduled), max_blocks), dtype=torch.int32)
+        for i, s in enumerate(scheduled):
+            input_ids += s.token_ids
+            positions += s.positions
+            slots += s.slot_mapping
+            qsl.append(qsl[-1] + s.num_new_tokens)
+            seq_lens.append(s.seq_len)
+            tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+            if s.samples:
+                logits_indices.append(qsl[-1] - 1)
+        batch = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64),
+            positions=torch.tensor(positions, dtype=torch.int64),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            block_tables=tables,
+            logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
+            max_query_len=max(s.num_new_tokens for s in scheduled),
+            max_seq_len=max(seq_lens),
+        )
+        return batch if self.device.type == "cpu" else batch.to(self.device)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Run the step; returns fp32 logits [num_sampling_seqs, vocab] in schedule order."""
+        self.apply_block_moves(out)
+        if not out.scheduled:
+            return None
+        batch = self.build_batch(out.scheduled)
+        hidden = self.model(batch, self.kv_caches)  # [num_tokens, hidden]
+        if batch.logits_indices.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden[batch.logits_indices])

@@ -1,0 +1,330 @@
+"""Turns a step's logits into tokens: penalties, temperature, min-p/top-k/top-p, seeded sampling.
+
+Order (vLLM's): min_tokens mask -> penalties -> greedy argmax, or temperature -> min-p -> top-k ->
+top-p -> sample. Returned logprobs are of the raw model distribution (log_softmax of the logits as
+given, before any processing), vLLM's default "raw_logprobs" mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The generator seed for one (request seed, decode step): well mixed, in [0, 2**64)."""
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+
+
+@dataclass
+class SamplingRow:
+    """One sequence's row of the logits: its parameters and token history.
+
+    Histories may be lists or int tensors (an engine that keeps token tensors saves the copy).
+    step: which decode step this row samples (default len(output_token_ids)). sample_index: this
+    sequence's index among its request's n samples; its seed is params.seed + sample_index (vLLM
+    V1's rule; pass 0 when params is already `params.child(i)`). A seeded row draws its noise from
+    a generator seeded by (seed, step), so its tokens depend only on its own seed and history,
+    never on the batch around it, and survive preemption-by-recompute unchanged.
+    """
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int] | torch.Tensor
+    output_token_ids: Sequence[int] | torch.Tensor
+    step: int | None = None
+    sample_index: int = 0
+
+    @property
+    def step_index(self) -> int:
+        return len(self.output_token_ids) if self.step is None else self.step
+
+    @property
+    def seed(self) -> int | None:
+        return None if self.params.seed is None else self.params.seed + self.sample_index
+
+
+@dataclass
+class SamplerOutput:
+    """Per row: the sampled token, its raw logprob, the top-k alternatives (None: not asked)."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[dict[int, float] | None]
+
+
+def apply_min_tokens(
+    logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Iterable[int]
+) -> None:
+    """In place: rows with fewer than min_tokens outputs cannot pick EOS or a stop token id.
+
+    EOS stays allowed when ignore_eos is set (it does not stop the sequence then), as in vLLM.
+    """
+    # logits: [num_rows, vocab]
+    eos = tuple(eos_token_ids)
+    for i, row in enumerate(rows):
+        p = row.params
+        if len(row.output_token_ids) >= p.min_tokens:
+            continue
+        banned = set(p.stop_token_id_set)
+        if not p.ignore_eos:
+            banned.update(eos)
+        if banned:
+            logits[i, sorted(banned)] = float("-inf")
+
+
+def _flat_token_ids(
+    seqs: Sequence[Sequence[int] | torch.Tensor], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """Flat indices row * vocab_size + token of every token in seqs; int64 [total_tokens].
+
+    Goes through numpy: converting Python ints one list at a time is the cost here.
+    """
+    parts = [
+        s.detach().cpu().numpy().astype(np.int64, copy=False).reshape(-1)
+        if isinstance(s, torch.Tensor)
+        else np.fromiter(s, dtype=np.int64, count=len(s))
+        for s in seqs
+    ]
+    lengths = np.array([len(p) for p in parts], dtype=np.int64)
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        bad = ids[(ids < 0) | (ids >= vocab_size)][0]
+        raise ValueError(
+            f"token ids in a sequence's history must be in [0, {vocab_size}), got {int(bad)}"
+        )
+    rows = np.repeat(np.arange(len(parts), dtype=np.int64), lengths)
+    return torch.from_numpy(rows * vocab_size + ids).to(device)
+
+
+def token_counts(
+    seqs: Sequence[Sequence[int] | torch.Tensor], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """counts[i, t] = how often token t occurs in seqs[i]; float32 [len(seqs), vocab_size].
+
+    float32 counts are exact below 2**24 and feed the penalty arithmetic directly.
+    """
+    flat = _flat_token_ids(seqs, vocab_size, device)
+    counts = torch.zeros(len(seqs) * vocab_size, dtype=torch.float32, device=device)
+    counts.index_add_(0, flat, torch.ones(flat.shape[0], dtype=torch.float32, device=device))
+    return counts.view(len(seqs), vocab_size)
+
+
+def token_mask(
+    seqs: Sequence[Sequence[int] | torch.Tensor], vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """mask[i, t] = token t occurs in seqs[i]; bool [len(seqs), vocab_size]."""
+    flat = _flat_token_ids(seqs, vocab_size, device)
+    mask = torch.zeros(len(seqs) * vocab_size, dtype=torch.bool, device=device)
+    mask[flat] = True
+    return mask.view(len(seqs), vocab_size)
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_token_ids: Sequence[Sequence[int] | torch.Tensor],
+    output_token_ids: Sequence[Sequence[int] | torch.Tensor],
+    repetition_penalty: torch.Tensor,
+    presence_penalty: torch.Tensor,
+    frequency_penalty: torch.Tensor,
+) -> torch.Tensor:
+    """vLLM/HF penalties; returns new logits.
+
+    Repetition (HF's RepetitionPenaltyLogitsProcessor, over prompt + output tokens): a seen token's
+    logit is divided by the penalty if positive, multiplied if not. Then, over output tokens only
+    (OpenAI semantics): logit -= frequency * count + presence * (count > 0).
+    """
+    # logits: [num_rows, vocab]; penalties: float32 [num_rows]
+    vocab_size = logits.shape[-1]
+    device = logits.device
+    output_counts = token_counts(output_token_ids, vocab_size, device)
+    seen = token_mask(prompt_token_ids, vocab_size, device) | (output_counts > 0)
+    rep = repetition_penalty.to(device)[:, None]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen, penalized, logits)
+    logits = logits - frequency_penalty.to(device)[:, None] * output_counts
+    logits = logits - presence_penalty.to(device)[:, None] * (output_counts > 0)
+    return logits
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Masks tokens whose probability is below min_p * (the row's top probability)."""
+    # logits: [num_rows, vocab]; min_p: [num_rows]
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
+) -> torch.Tensor:
+    """Top-k then top-p (nucleus) masking, vLLM's formulation.
+
+    Top-k keeps tokens whose logit is >= the k-th largest (ties at the k-th value all survive);
+    k = vocab means off. Top-p keeps the smallest set of most likely tokens whose probability (after
+    top-k, renormalized) reaches p: a token is dropped when the tokens strictly more likely than
+    it already hold >= p. The most likely token always survives.
+    """
+    # logits: [num_rows, vocab]; top_k: int64 [num_rows]; top_p: float32 [num_rows]
+    vocab_size = logits.shape[-1]
+    logits_sort, logits_idx = logits.sort(dim=-1, descending=False)
+    if top_k is not None:
+        kth = logits_sort.gather(1, (vocab_size - top_k.clamp(1, vocab_size))[:, None])
+        logits_sort = logits_sort.masked_fill(logits_sort < kth, float("-inf"))
+    if top_p is not None:
+        probs_sort = logits_sort.softmax(dim=-1)
+        probs_cum = probs_sort.cumsum(dim=-1)
+        drop = probs_cum <= 1 - top_p[:, None]
+        drop[:, -1] = False
+        logits_sort = logits_sort.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, logits_idx, logits_sort)
+
+
+def gather_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]
+) -> tuple[list[float], list[dict[int, float]]]:
+    """Raw log_softmax of each row at token_ids[i], and its num_top[i] most likely tokens.
+
+    Also serves prompt logprobs: pass the logits of prompt positions and the next prompt tokens.
+    """
+    # logits: [num_rows, vocab]; token_ids: int64 [num_rows]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(1, token_ids.to(logprobs.device)[:, None]).squeeze(1).tolist()
+    k_max = min(max(num_top, default=0), logprobs.shape[-1])
+    tops: list[dict[int, float]] = [{} for _ in num_top]
+    if k_max > 0:
+        values, indices = logprobs.topk(k_max, dim=-1)
+        values_l, indices_l = values.tolist(), indices.tolist()
+        for i, k in enumerate(num_top):
+            tops[i] = dict(zip(indices_l[i][:k], values_l[i][:k], strict=True))
+    return chosen, tops
+
+
+class Sampler:
+    """Samples one token per logits row.
+
+    eos_token_ids: masked while a row is under min_tokens. seed: seeds the shared generator that
+    rows without their own seed draw from (one batched draw per step).
+    """
+
+    def __init__(self, eos_token_ids: Iterable[int] = (), seed: int = 0):
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.seed = seed
+        self._shared: dict[torch.device, torch.Generator] = {}
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._shared:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed & _MASK64)
+            self._shared[device] = g
+        return self._shared[device]
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
+        """logits: [num_rows, vocab] (any float dtype, processed in float32), one row per entry."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(
+                f"logits must be [num_rows={len(rows)}, vocab], got {tuple(logits.shape)}"
+            )
+        num_rows = len(rows)
+        device = logits.device
+        raw = logits
+        x = logits.to(torch.float32, copy=True)
+
+        apply_min_tokens(x, rows, self.eos_token_ids)
+        pen = [i for i, r in enumerate(rows) if r.params.needs_penalties]
+        if pen:
+            x[pen] = apply_penalties(
+                x[pen],
+                [rows[i].prompt_token_ids for i in pen],
+                [rows[i].output_token_ids for i in pen],
+                self._param(rows, pen, "repetition_penalty", device),
+                self._param(rows, pen, "presence_penalty", device),
+                self._param(rows, pen, "frequency_penalty", device),
+            )
+
+        token_ids = torch.empty(num_rows, dtype=torch.int64, device=device)
+        greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
+        rand = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+        if greedy:
+            # torch.argmax returns the first maximal index: ties go to the lowest token id.
+            token_ids[greedy] = x[greedy].argmax(dim=-1)
+        if rand:
+            token_ids[rand] = self._sample_random(x[rand], [rows[i] for i in rand])
+
+        token_list = token_ids.tolist()
+        chosen: list[float | None] = [None] * num_rows
+        tops: list[dict[int, float] | None] = [None] * num_rows
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        if want:
+            lp, top = gather_logprobs(
+                raw[want], token_ids[want], [rows[i].params.logprobs for i in want]
+            )
+            for j, i in enumerate(want):
+                chosen[i], tops[i] = lp[j], top[j]
+        return SamplerOutput(token_ids=token_list, logprobs=chosen, top_logprobs=tops)
+
+    @staticmethod
+    def _param(rows: Sequence[SamplingRow], idx: list[int], name: str, device) -> torch.Tensor:
+        return torch.tensor(
+            [float(getattr(rows[i].params, name)) for i in idx], dtype=torch.float32
+        ).to(device)
+
+    def _sample_random(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """Temperature, min-p, top-k, top-p, then argmax(probs / q) with q ~ Exp(1) per token."""
+        # x: [num_rand, vocab] float32, penalties applied
+        num_rows, vocab_size = x.shape
+        device = x.device
+        idx = list(range(num_rows))
+        x = x / self._param(rows, idx, "temperature", device)[:, None]
+
+        # Truncation runs only on the rows that ask for it, so a row's result never depends on
+        # which other rows share its batch.
+        mp = [i for i, r in enumerate(rows) if r.params.min_p > 0]
+        if mp:
+            x[mp] = apply_min_p(x[mp], self._param(rows, mp, "min_p", device))
+        kp = [i for i, r in enumerate(rows) if r.params.top_k != -1 or r.params.top_p < 1.0]
+        if kp:
+            ks = [rows[i].params.top_k for i in kp]
+            ps = [rows[i].params.top_p for i in kp]
+            top_k = None
+            if any(k != -1 for k in ks):
+                top_k = torch.tensor(
+                    [vocab_size if k == -1 else min(k, vocab_size) for k in ks], dtype=torch.int64
+                ).to(device)
+            top_p = None
+            if any(p < 1.0 for p in ps):
+                top_p = torch.tensor(ps, dtype=torch.float32).to(device)
+            x[kp] = apply_top_k_top_p(x[kp], top_k, top_p)
+
+        probs = torch.softmax(x, dim=-1)
+        # Gumbel-max in exponential form: argmax(p / q), q ~ Exp(1), picks token t with
+        # probability p_t. Seeded rows draw q from their own (seed, step) generator.
+        q = torch.empty_like(probs)
+        shared = [i for i, r in enumerate(rows) if r.seed is None]
+        if shared:
+            noise = torch.empty(len(shared), vocab_size, device=device)
+            q[shared] = noise.exponential_(generator=self._shared_generator(device))
+        for i, row in enumerate(rows):
+            if row.seed is not None:
+                g = torch.Generator(device=device)
+                g.manual_seed(step_seed(row.seed, row.step_index))
+                q[i].exponential_(generator=g)
+        # q can be exactly 0; 0 / 0 would be NaN, which argmax treats as the maximum.
+        q.clamp_min_(torch.finfo(q.dtype).tiny)
+        return (probs / q).argmax(dim=-1)

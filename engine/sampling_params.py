@@ -1,0 +1,146 @@
+"""Per-request sampling parameters: vLLM's field names and defaults, validated on construction."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+# Temperatures below this are treated as greedy (as vLLM does): dividing logits by a tiny
+# temperature overflows float32, and the limit of softmax(logits / t) as t -> 0 is the argmax.
+SAMPLING_EPS = 1e-5
+# vLLM's range for the OpenAI-style presence/frequency penalties.
+MAX_ABS_PENALTY = 2.0
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(
+        value
+    )
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop; every field is checked in `__post_init__`.
+
+    top_k: -1 or None means off (all tokens), otherwise >= 1. max_tokens: None means "until the
+    model's context is full" (the engine applies max_model_len). logprobs: the number of top
+    alternatives to return per step (0 = only the chosen token's logprob); logprobs are of the raw
+    model distribution, before penalties, temperature and truncation (vLLM's default
+    "raw_logprobs"). prompt_logprobs: the same for prompt positions (computed by the engine with
+    `engine.sampler.gather_logprobs`). For n > 1 the engine runs `child(i)` for i in range(n).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Normalized forms filled in by __post_init__ (not constructor arguments).
+    stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
+    stop_token_id_set: frozenset[int] = field(init=False, repr=False, default=frozenset())
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.n) or self.n < 1:
+            raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise ValueError(
+                f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.top_k is None:
+            self.top_k = -1
+        if not _is_int(self.top_k) or (self.top_k < 1 and self.top_k != -1):
+            raise ValueError(
+                f"top_k must be -1 or None (off) or an integer >= 1, got {self.top_k!r}"
+            )
+        if not _is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise ValueError(
+                f"repetition_penalty must be a finite number > 0 (1 = off), "
+                f"got {self.repetition_penalty!r}"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_real(value) or abs(value) > MAX_ABS_PENALTY:
+                raise ValueError(
+                    f"{name} must be in [-{MAX_ABS_PENALTY}, {MAX_ABS_PENALTY}], got {value!r}"
+                )
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
+        if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be an integer >= 1 or None, got {self.max_tokens!r}")
+        if not _is_int(self.min_tokens) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}"
+            )
+        self.stop_strings = self._normalize_stop(self.stop)
+        self.stop_token_id_set = self._normalize_stop_token_ids(self.stop_token_ids)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be an integer >= 0 or None, got {value!r}")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    @staticmethod
+    def _normalize_stop(stop: list[str] | str | None) -> list[str]:
+        if stop is None:
+            return []
+        strings = [stop] if isinstance(stop, str) else list(stop)
+        for s in strings:
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop must hold non-empty strings, got {s!r} in {stop!r}")
+        return strings
+
+    @staticmethod
+    def _normalize_stop_token_ids(ids: list[int] | None) -> frozenset[int]:
+        if ids is None:
+            return frozenset()
+        for token_id in ids:
+            if not _is_int(token_id) or token_id < 0:
+                raise ValueError(
+                    f"stop_token_ids must hold integers >= 0, got {token_id!r} in {ids!r}"
+                )
+        return frozenset(ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        """Argmax decoding: temperature 0 (or below SAMPLING_EPS)."""
+        return self.temperature < SAMPLING_EPS
+
+    @property
+    def needs_penalties(self) -> bool:
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+    def child(self, index: int) -> SamplingParams:
+        """Parameters of the index-th of n parallel samples: n = 1 and seed + index (as vLLM V1)."""
+        if not _is_int(index) or not 0 <= index < self.n:
+            raise ValueError(f"child index must be in [0, n={self.n}), got {index!r}")
+        seed = None if self.seed is None else self.seed + index
+        return replace(self, n=1, seed=seed)

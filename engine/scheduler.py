@@ -1,0 +1,411 @@
+"""The scheduler: continuous batching under a token budget, FCFS, chunked prefill, preemption.
+
+One rule, no hardware knowledge: each sequence's num_computed_tokens catches up to its num_tokens.
+A prompt, a chunk of it, a prefix-cache hit, a recompute after preemption and a decode are all
+"compute the tokens between the two"; a step samples for a sequence when they meet.
+
+How the engine drives it, one step at a time (add_request / abort_request only between steps):
+
+    out = scheduler.schedule()
+    # The runner, in this order: 1. copy out.blocks_to_swap_out (GPU block -> CPU block),
+    # 2. out.blocks_to_swap_in (CPU -> GPU), 3. out.blocks_to_copy (GPU -> GPU, copy-on-write),
+    # 4. one forward over out.scheduled: each ScheduledSeq gives token_ids, positions,
+    #    slot_mapping, block_table and seq_len; 5. for each one with samples=True, sample
+    #    num_samples tokens from its last row (num_samples is n on the step a request forks).
+    new_seqs = scheduler.update_from_output(out, {seq_id: [token, ...]}, is_stopped=check)
+    # Stream the new tokens of new_seqs; a request is done once request.is_finished.
+
+Per step: decodes first, then running prefill chunks, then swapped sequences (swap in), then
+waiting ones (admission), each in FCFS order. When blocks run out, a sequence displaces the
+latest-arrived running sequence not yet scheduled this step (recompute: free its blocks and start
+over from token 0, keeping its output; swap: move its blocks to the CPU pool), or, if there is none
+later than itself, is preempted itself. A step that preempted admits and swaps in nothing.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+from collections.abc import Callable, Mapping
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from engine.config import CacheConfig, SchedulerConfig
+from engine.kv_cache_manager import KVCacheManager, KVCacheStats
+from engine.sequence import Request, Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
+
+
+def _priority(seq: Sequence) -> tuple[int, int]:
+    return seq.priority
+
+
+@dataclass
+class ScheduledSeq:
+    """One sequence's share of a step: compute tokens [start_pos, start_pos + num_new_tokens)."""
+
+    seq: Sequence
+    num_new_tokens: int
+    start_pos: int
+    token_ids: list[int]  # [num_new_tokens]
+    block_table: list[int]  # [num_blocks] block ids covering seq_len slots
+    slot_mapping: list[int]  # [num_new_tokens]: block_table[p // block_size] * block_size + p % bs
+    num_samples: int  # 0: a prefill chunk that does not reach the end; 1; n on the fork step
+
+    @property
+    def seq_id(self) -> int:
+        return self.seq.seq_id
+
+    @property
+    def samples(self) -> bool:
+        return self.num_samples > 0
+
+    @property
+    def seq_len(self) -> int:
+        """Total KV length after this step (the attention op's seq_lens entry)."""
+        return self.start_pos + self.num_new_tokens
+
+    @property
+    def positions(self) -> list[int]:
+        return list(range(self.start_pos, self.seq_len))
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes, and the block moves the runner makes before the forward pass."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, cpu)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) on the GPU
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Owns the waiting, running and swapped queues and the KV-cache manager."""
+
+    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+        if cache_config.num_gpu_blocks is None:
+            raise ValueError(
+                "cache_config.num_gpu_blocks is None: size the KV cache (the engine's memory "
+                "plan) before building the Scheduler"
+            )
+        self.config = scheduler_config
+        self.block_size = cache_config.block_size
+        num_cpu_blocks = 0
+        if scheduler_config.preemption_mode == "swap":
+            num_cpu_blocks = cache_config.num_cpu_blocks or 0
+            if num_cpu_blocks < 2:
+                raise ValueError(
+                    f"preemption_mode='swap' needs cache_config.num_cpu_blocks >= 2, got "
+                    f"{cache_config.num_cpu_blocks!r}"
+                )
+        self.kv = KVCacheManager(
+            self.block_size,
+            cache_config.num_gpu_blocks,
+            num_cpu_blocks,
+            cache_config.enable_prefix_caching,
+        )
+        capacity = self.kv.gpu_pool.num_usable_blocks * self.block_size
+        if scheduler_config.max_model_len is None:
+            self.max_model_len = capacity
+            if not scheduler_config.enable_chunked_prefill:
+                self.max_model_len = min(capacity, scheduler_config.max_num_batched_tokens)
+        else:
+            self.max_model_len = scheduler_config.max_model_len
+            if self.max_model_len > capacity:
+                raise ValueError(
+                    f"num_gpu_blocks={cache_config.num_gpu_blocks} (block_size={self.block_size}) "
+                    f"holds {capacity} tokens, less than max_model_len={self.max_model_len}: "
+                    f"give the KV cache more memory or lower max_model_len"
+                )
+        self.waiting: list[Sequence] = []  # sorted by priority; PREEMPTED ones included
+        self.running: list[Sequence] = []  # sorted by priority
+        self.swapped: list[Sequence] = []  # sorted by priority
+        self.requests: dict[str, Request] = {}  # unfinished requests
+        self._seq_ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.num_preemptions = 0
+
+    # -- requests ------------------------------------------------------------------------------
+    def add_request(self, request: Request) -> Sequence:
+        """Queue a request (FCFS); returns its first sequence."""
+        rid = request.request_id
+        if rid in self.requests or request.seqs:
+            raise ValueError(f"request {rid!r} was already added")
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len >= self.max_model_len:
+            raise ValueError(
+                f"request {rid!r}: prompt has {prompt_len} tokens; max_model_len="
+                f"{self.max_model_len} allows at most {self.max_model_len - 1} so that one token "
+                f"can be generated"
+            )
+        if request.n > self.config.max_num_seqs:
+            raise ValueError(
+                f"request {rid!r}: n={request.n} exceeds max_num_seqs={self.config.max_num_seqs}"
+            )
+        request.arrival_index = next(self._arrivals)
+        seq = Sequence(next(self._seq_ids), request, list(request.prompt_token_ids))
+        request.seqs.append(seq)
+        self.requests[rid] = request
+        self.waiting.append(seq)  # the latest arrival sorts last
+        return seq
+
+    def abort_request(self, request_id: str) -> bool:
+        """Finish every sequence of the request as aborted and free its blocks; False if unknown
+        (or already finished)."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        for seq in list(request.seqs):
+            if not seq.is_finished:
+                self.finish_sequence(seq, SequenceStatus.FINISHED_ABORTED)
+        return True
+
+    def finish_sequence(self, seq: Sequence, status: SequenceStatus) -> None:
+        """Mark seq finished with status (stopped, length, aborted) and free its blocks."""
+        if not status.is_finished:
+            raise ValueError(f"status must be a FINISHED_* status, got {status.name}")
+        if seq.is_finished:
+            raise ValueError(f"{seq} is already finished")
+        queue = {
+            SequenceStatus.RUNNING: self.running,
+            SequenceStatus.SWAPPED: self.swapped,
+            SequenceStatus.WAITING: self.waiting,
+            SequenceStatus.PREEMPTED: self.waiting,
+        }[seq.status]
+        queue.remove(seq)
+        self.kv.free(seq)
+        seq.status = status
+        if seq.request.is_finished:
+            del self.requests[seq.request.request_id]
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def kv_stats(self) -> KVCacheStats:
+        return self.kv.stats()
+
+    # -- one step ------------------------------------------------------------------------------
+    def _num_seqs_needed(self, seq: Sequence) -> int:
+        """Running slots seq takes: n for a request that will fork after its prompt."""
+        request = seq.request
+        return 1 if request.is_forked else request.n
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        chunked = self.config.enable_chunked_prefill
+        scheduled_ids: set[int] = set()
+
+        # 1. Running sequences: decodes first, then prefill chunks, each in FCFS order.
+        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        for seq in decodes + prefills:
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
+                continue
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not chunked and num_new < seq.num_uncomputed_tokens:
+                continue
+            copies = self._allocate_or_preempt(seq, num_new, scheduled_ids, out)
+            if copies is None:
+                continue
+            out.blocks_to_copy.extend(copies)
+            self._emit(seq, num_new, out, scheduled_ids)
+            budget -= num_new
+
+        # 2. Swapped sequences, only in a step that preempted nothing (so no CPU block is both
+        #    written by a swap-out and read by a swap-in).
+        while self.swapped and budget > 0 and not out.preempted:
+            seq = self.swapped[0]
+            if self._running_slots() + self._num_seqs_needed(seq) > self.config.max_num_seqs:
+                break
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            if not chunked and num_new < seq.num_uncomputed_tokens:
+                break
+            if not self.kv.can_swap_in(seq, num_new):
+                break
+            self.swapped.pop(0)
+            out.blocks_to_swap_in.extend(self.kv.swap_in(seq))
+            copies = self.kv.allocate_slots(seq, num_new)
+            if copies is None or copies:
+                raise RuntimeError(f"{seq}: allocation after swap-in failed; can_swap_in is wrong")
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=_priority)
+            self._emit(seq, num_new, out, scheduled_ids)
+            budget -= num_new
+
+        # 3. Waiting sequences (new, or preempted for recompute): strict FCFS, no skipping ahead;
+        #    none while earlier sequences wait swapped out.
+        while self.waiting and budget > 0 and not out.preempted and not self.swapped:
+            seq = self.waiting[0]
+            if self._running_slots() + self._num_seqs_needed(seq) > self.config.max_num_seqs:
+                break
+            hits, num_cached = self.kv.get_computed_blocks(seq)
+            num_new = seq.num_tokens - num_cached  # >= 1: a hit never covers the last token
+            if num_new > budget:
+                if not chunked:
+                    break
+                num_new = budget
+            copies = self.kv.allocate_slots(seq, num_new, hits)
+            if copies is None:
+                break
+            self.waiting.pop(0)
+            seq.num_computed_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            bisect.insort(self.running, seq, key=_priority)
+            self._emit(seq, num_new, out, scheduled_ids)
+            budget -= num_new
+
+        self.kv.release_pending()
+        return out
+
+    def _running_slots(self) -> int:
+        return sum(self._num_seqs_needed(s) for s in self.running)
+
+    def _allocate_or_preempt(
+        self, seq: Sequence, num_new: int, scheduled_ids: set[int], out: SchedulerOutput
+    ) -> list[tuple[int, int]] | None:
+        """Blocks for seq's new tokens, preempting later arrivals until they fit; None if seq
+        itself had to be preempted."""
+        while True:
+            copies = self.kv.allocate_slots(seq, num_new)
+            if copies is not None:
+                return copies
+            victims = [
+                s
+                for s in self.running
+                if s.seq_id not in scheduled_ids and s.priority > seq.priority
+            ]
+            victim = max(victims, key=_priority) if victims else seq
+            self._preempt(victim, out)
+            if victim is seq:
+                return None
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.running.remove(seq)
+        mapping = self.kv.swap_out(seq) if self.config.preemption_mode == "swap" else None
+        if mapping is not None:
+            seq.status = SequenceStatus.SWAPPED
+            bisect.insort(self.swapped, seq, key=_priority)
+            out.blocks_to_swap_out.extend(mapping)
+        else:
+            if self.config.preemption_mode == "swap":
+                logger.warning("CPU swap pool full: preempting %s by recompute instead", seq)
+            self.kv.free(seq)
+            seq.num_computed_tokens = 0
+            seq.status = SequenceStatus.PREEMPTED
+            bisect.insort(self.waiting, seq, key=_priority)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+        logger.debug("preempted %s (%s)", seq, seq.status.name)
+
+    def _emit(
+        self, seq: Sequence, num_new: int, out: SchedulerOutput, scheduled_ids: set[int]
+    ) -> None:
+        bs = self.block_size
+        start = seq.num_computed_tokens
+        table = self.kv.get_block_table(seq)
+        samples = start + num_new == seq.num_tokens
+        num_samples = 0
+        if samples:
+            num_samples = 1 if seq.request.is_forked else seq.request.n
+        out.scheduled.append(
+            ScheduledSeq(
+                seq=seq,
+                num_new_tokens=num_new,
+                start_pos=start,
+                token_ids=seq.token_ids[start : start + num_new],
+                block_table=table,
+                slot_mapping=[table[p // bs] * bs + p % bs for p in range(start, start + num_new)],
+                num_samples=num_samples,
+            )
+        )
+        scheduled_ids.add(seq.seq_id)
+
+    # -- results -------------------------------------------------------------------------------
+    def update_from_output(
+        self,
+        out: SchedulerOutput,
+        sampled_token_ids: Mapping[int, Seq[int]],
+        is_stopped: Callable[[Sequence], bool] | None = None,
+    ) -> list[Sequence]:
+        """Advance computed tokens, append sampled tokens, fork n > 1 requests, finish sequences.
+
+        sampled_token_ids: seq_id -> num_samples tokens, for each ScheduledSeq with samples=True
+        (entries for sequences aborted since schedule() are ignored). is_stopped(seq) is asked
+        after each new token (stop tokens or strings: the caller's business); max_tokens and
+        max_model_len end a sequence with FINISHED_LENGTH. Returns the sequences that got a new
+        token, children of a fork included, in schedule order; finished ones have freed their
+        blocks.
+        """
+        expected = {s.seq_id: s.num_samples for s in out.scheduled if s.samples}
+        for seq_id, tokens in sampled_token_ids.items():
+            if seq_id not in expected:
+                raise ValueError(f"sequence {seq_id} did not sample this step, got tokens {tokens}")
+        for ss in out.scheduled:
+            if ss.seq.is_finished:
+                continue
+            if (
+                ss.seq.status != SequenceStatus.RUNNING
+                or ss.seq.num_computed_tokens != ss.start_pos
+            ):
+                raise RuntimeError(f"{ss.seq}: output does not belong to the last schedule()")
+            if ss.samples and len(sampled_token_ids.get(ss.seq_id, ())) != ss.num_samples:
+                raise ValueError(
+                    f"sequence {ss.seq_id} needs {ss.num_samples} sampled tokens, got "
+                    f"{sampled_token_ids.get(ss.seq_id)!r}"
+                )
+
+        new_seqs: list[Sequence] = []
+        for ss in out.scheduled:
+            seq = ss.seq
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens += ss.num_new_tokens
+            self.kv.cache_full_blocks(seq)
+            if not ss.samples:
+                continue
+            tokens = list(sampled_token_ids[seq.seq_id])
+            seq.append_token(tokens[0])
+            new_seqs.append(seq)
+            for index, token in enumerate(tokens[1:], start=1):
+                new_seqs.append(self._fork(seq, index, token))
+            seq.request.is_forked = True
+
+        for seq in new_seqs:
+            if is_stopped is not None and is_stopped(seq):
+                self.finish_sequence(seq, SequenceStatus.FINISHED_STOPPED)
+            elif seq.num_tokens >= self.max_model_len or (
+                seq.request.max_tokens is not None
+                and seq.num_output_tokens >= seq.request.max_tokens
+            ):
+                self.finish_sequence(seq, SequenceStatus.FINISHED_LENGTH)
+        return new_seqs
+
+    def _fork(self, parent: Sequence, index: int, token: int) -> Sequence:
+        """A child sharing parent's computed blocks, with its own sampled last token."""
+        child = Sequence(
+            next(self._seq_ids), parent.request, parent.token_ids[:-1] + [token], index
+        )
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = SequenceStatus.RUNNING
+        self.kv.fork(parent, child)
+        parent.request.seqs.append(child)
+        bisect.insort(self.running, child, key=_priority)
+        return child

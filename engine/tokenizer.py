@@ -1,0 +1,55 @@
+"""Tokenizers for Hugging Face folders and GGUF files, and chat-template rendering to token ids."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from hal.errors import HalError
+
+logger = logging.getLogger(__name__)
+
+
+class TokenizerLoadError(HalError):
+    """No usable tokenizer next to the weights."""
+
+
+def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Any:
+    """A transformers fast tokenizer for a model folder or a .gguf file.
+
+    A GGUF's vocabulary, merges and special tokens come from its metadata (transformers converts
+    them); `chat_template` (e.g. the GGUF's `tokenizer.chat_template`) is set when the tokenizer
+    has none.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    try:
+        if path.suffix == ".gguf":
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError variously
+        raise TokenizerLoadError(
+            f"{path}: no usable tokenizer (need tokenizer.json or tokenizer_config.json, or GGUF "
+            f"tokenizer metadata): {e}"
+        ) from e
+    if chat_template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def apply_chat_template(
+    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True
+) -> list[int]:
+    """Render `messages` with the tokenizer's chat template and return the prompt's token ids."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TokenizerLoadError(
+            "the tokenizer has no chat template; pass a plain prompt instead of messages"
+        )
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    # The template already writes any BOS/special tokens it wants.
+    return list(tokenizer.encode(text, add_special_tokens=False))

@@ -1,0 +1,1 @@
+"""Cross-backend conformance: strategies, tolerances, op checks and the cell runner."""

@@ -1,0 +1,441 @@
+"""The op-level conformance checks shared by pytest and `python -m ci.conformance`.
+
+Each check runs one drawn case on the backend under test (in the cell's dtype, on its device) and
+compares with the CPU reference run in float64 on the same upcast inputs, within the dtype's
+tolerance; deterministic ops (KV write, copy, quantize) must match bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from hypothesis import strategies as st
+
+from backends.cpu import activation, attention, kv_cache, linear, norm, quant, rotary
+from hal.backend import Backend
+from hal.capabilities import Capabilities
+from tests.conformance import strategies as S
+from tests.conformance.targets import DispatchSpy
+from tests.conformance.tolerances import UNIT_ROUNDOFF, quantization_tolerance, tolerance
+
+F64 = torch.float64
+
+
+@dataclass
+class CaseResult:
+    """One case: the worst absolute error, the worst error / allowed ratio (<= 1 passes; 0 for a
+    bitwise check that matched), and what went wrong if anything."""
+
+    ok: bool
+    max_abs_err: float = 0.0
+    ratio: float = 0.0
+    detail: str = ""
+
+    def merge(self, other: CaseResult) -> CaseResult:
+        return CaseResult(
+            self.ok and other.ok,
+            max(self.max_abs_err, other.max_abs_err),
+            max(self.ratio, other.ratio),
+            "; ".join(d for d in (self.detail, other.detail) if d),
+        )
+
+
+class Dispatch:
+    """Calls the backend's ops while watching that the chosen implementation's module ran."""
+
+    def __init__(self, backend: Backend, module: str) -> None:
+        self.backend, self.module = backend, module
+        self.device = backend.device
+        self.missed: list[str] = []
+
+    def __call__(self, op: str, *args, **kwargs):
+        with DispatchSpy(self.module) as spy:
+            out = getattr(self.backend, op)(*args, **kwargs)
+        if not spy.hit:
+            self.missed.append(op)
+        return out
+
+    def to(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(self.device)
+
+
+# -- comparisons ---------------------------------------------------------------------------------
+def close(name: str, out: torch.Tensor, ref: torch.Tensor, allowed: torch.Tensor) -> CaseResult:
+    """|out - ref| <= allowed elementwise; NaN or a shape/dtype surprise fails."""
+    if tuple(out.shape) != tuple(ref.shape):
+        return CaseResult(False, math.inf, math.inf, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}")
+    if out.numel() == 0:
+        return CaseResult(True)
+    err = (out.detach().cpu().to(F64) - ref.to(F64)).abs()
+    err = torch.where(torch.isnan(err), torch.full_like(err, math.inf), err)
+    ratio = torch.where(err == 0, 0.0, err / allowed.to(F64).expand_as(err))
+    worst = int(torch.argmax(ratio))
+    r, e = float(ratio.flatten()[worst]), float(err.max())
+    if r <= 1.0:
+        return CaseResult(True, e, r)
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), err.shape))
+    detail = (
+        f"{name}: |out - ref| = {float(err.flatten()[worst]):.3g} at {idx} exceeds allowed "
+        f"{float(allowed.expand_as(err).flatten()[worst]):.3g} (out {float(out.flatten()[worst]):.6g}, "
+        f"ref {float(ref.flatten()[worst]):.6g})"
+    )
+    return CaseResult(False, e, r, detail)
+
+
+def within(name: str, out: torch.Tensor, ref: torch.Tensor, dtype, magnitude=1.0, k=1, tf32=False):
+    tol = tolerance(dtype, tf32=tf32)
+    return close(name, out, ref, tol.allowed(ref.to(F64), magnitude, k))
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bitwise(name: str, out: torch.Tensor, expected: torch.Tensor) -> CaseResult:
+    """Same shape, dtype and bits (NaN patterns included)."""
+    out = out.detach().cpu()
+    if out.dtype != expected.dtype or tuple(out.shape) != tuple(expected.shape):
+        return CaseResult(
+            False, math.inf, math.inf,
+            f"{name}: {out.dtype} {tuple(out.shape)} != expected {expected.dtype} "
+            f"{tuple(expected.shape)}",
+        )  # fmt: skip
+    a = out.contiguous().view(_BITS[out.element_size()])
+    b = expected.contiguous().view(_BITS[expected.element_size()])
+    diff = a != b
+    err = float((out.to(F64) - expected.to(F64)).abs().nan_to_num(math.inf).max()) if out.numel() else 0.0
+    if not bool(diff.any()):
+        return CaseResult(True, 0.0, 0.0)
+    first = tuple(int(i) for i in diff.nonzero()[0])
+    detail = (
+        f"{name}: {int(diff.sum())} of {diff.numel()} elements differ bitwise, first at {first} "
+        f"(out {out[first].item()}, expected {expected[first].item()})"
+    )
+    return CaseResult(False, err, math.inf, detail)
+
+
+def amax(t: torch.Tensor | None) -> float:
+    return float(t.abs().max()) if t is not None and t.numel() else 0.0
+
+
+def f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(F64)
+
+
+# -- KV cache ------------------------------------------------------------------------------------
+def check_kv_write(d: Dispatch, case: S.AttentionBatch) -> CaseResult:
+    t = case.build()
+    gen = S.generator(case.seed + 1)
+    key, value, slots = t["key"], t["value"], t["slot_mapping"]
+    for _ in range(case.num_padding):  # padding tokens (slot -1) anywhere in the batch
+        at = int(torch.randint(0, slots.shape[0] + 1, (1,), generator=gen))
+        pad = S.randn((1, *key.shape[1:]), gen).to(key.dtype) * 100
+        key, value = torch.cat((key[:at], pad, key[at:])), torch.cat((value[:at], pad, value[at:]))
+        slots = torch.cat((slots[:at], torch.tensor([-1]), slots[at:]))
+    kc, vc = t["key_cache"], t["value_cache"]
+    out_k, out_v = d.to(kc.clone()), d.to(vc.clone())
+    d("write_kv", d.to(key), d.to(value), out_k, out_v, d.to(slots), case.kv_scale)
+    # Independent expectation: a plain scatter of the encoded tokens.
+    exp_k, exp_v = kc.clone(), vc.clone()
+    live = slots >= 0
+    blocks, offsets = slots[live] // case.block_size, slots[live] % case.block_size
+    exp_k[blocks, offsets] = S.encode(key[live].float(), case.cache_dtype, case.kv_scale)
+    exp_v[blocks, offsets] = S.encode(value[live].float(), case.cache_dtype, case.kv_scale)
+    ref_k, ref_v = kc.clone(), vc.clone()
+    kv_cache.write_kv(key, value, ref_k, ref_v, slots, case.kv_scale)
+    return (
+        bitwise("key_cache", out_k, exp_k)
+        .merge(bitwise("value_cache", out_v, exp_v))
+        .merge(bitwise("key_cache vs reference", out_k, ref_k))
+        .merge(bitwise("value_cache vs reference", out_v, ref_v))
+    )
+
+
+def check_copy_blocks(d: Dispatch, case: S.CopyBlocksCase) -> CaseResult:
+    t = case.build()
+    caches = [d.to(c.clone()) for c in t["caches"]]
+    d("copy_blocks", caches, d.to(t["src"]), d.to(t["dst"]))
+    result = CaseResult(True)
+    for i, (out, orig) in enumerate(zip(caches, t["caches"], strict=True)):
+        expected = orig.clone()
+        expected[t["dst"]] = orig[t["src"]]
+        result = result.merge(bitwise(f"caches[{i}]", out, expected))
+    return result
+
+
+# -- attention -----------------------------------------------------------------------------------
+def check_attention(d: Dispatch, case: S.AttentionBatch) -> CaseResult:
+    t = case.build()
+    fp8 = case.cache_dtype.startswith("fp8")
+    args = (t["block_tables"], t["seq_lens"], t["query_start_loc"], t["scale"])
+    extra = dict(sliding_window=case.sliding_window, soft_cap=case.soft_cap, kv_scale=case.kv_scale)
+    out = d(
+        "attention", d.to(t["query"]), d.to(t["key_cache"]), d.to(t["value_cache"]),
+        *(d.to(a) for a in args[:3]), args[3], **extra,
+    )  # fmt: skip
+    # float64 oracle on the same values: FP8 caches are decoded exactly by the reference.
+    kc, vc = (t["key_cache"], t["value_cache"]) if fp8 else (f64(t["key_cache"]), f64(t["value_cache"]))
+    ref = attention.paged_attention(f64(t["query"]), kc, vc, *args, **extra)
+    v_max = max(
+        amax(kv_cache.gather_kv(t["value_cache"], row, n, case.kv_scale, F64))
+        for row, n in zip(t["block_tables"], case.seq_lens, strict=True)
+    )
+    # Output error ~ rounding of each probability and of the output (u * max|v|), plus the score
+    # error (u_acc * sqrt(head_dim) * |q||k| * scale) carried through softmax onto |v|.
+    return within("attention", out, ref, case.dtype, v_max * case.score_scale, case.head_dim)
+
+
+# -- linear --------------------------------------------------------------------------------------
+def check_linear(d: Dispatch, case: S.LinearCase) -> CaseResult:
+    t = case.build()
+    out = d("linear", d.to(t["x"]), d.to(t["weight"]), d.to(t["bias"]))
+    ref = linear.linear(f64(t["x"]), f64(t["weight"]), f64(t["bias"]))
+    tf32 = d.backend.info.settings.get("tf32") == "on"
+    mag = amax(t["x"]) * amax(t["weight"])
+    return within("y", out, ref, case.dtype, mag, case.shape.k, tf32=tf32)
+
+
+def check_scaled_linear(d: Dispatch, case: S.ScaledGemmCase) -> CaseResult:
+    t = case.build()
+    op = "int8_linear" if case.qdtype == "int8" else "fp8_linear"
+    out = d(
+        op, d.to(t["x_q"]), d.to(t["x_scale"]), d.to(t["w_q"]), d.to(t["w_scale"]),
+        d.to(t["bias"]), t["out_dtype"],
+    )  # fmt: skip
+    if out.dtype != t["out_dtype"]:
+        return CaseResult(False, math.inf, math.inf, f"y: dtype {out.dtype}, asked {t['out_dtype']}")
+    x = t["x_q"].to(F64) * t["x_scale"].to(F64)  # the dequantized operands, exactly
+    w = t["w_q"].to(F64) * t["w_scale"].to(F64)
+    ref = linear.linear(x, w, f64(t["bias"]))
+    return within("y", out, ref, case.out_dtype, amax(x) * amax(w), case.shape.k)
+
+
+def check_int4_linear(d: Dispatch, case: S.Int4Case) -> CaseResult:
+    t = case.build()
+    q = (t["qweight"], t["scales"], t["zeros"])
+    out = d(
+        "int4_linear", d.to(t["x"]), *(d.to(a) for a in q), case.group_size, d.to(t["g_idx"]),
+        d.to(t["bias"]),
+    )  # fmt: skip
+    args = (t["qweight"], f64(t["scales"]), t["zeros"], case.group_size, t["g_idx"])
+    ref = linear.int4_linear(f64(t["x"]), *args, f64(t["bias"]))
+    w = quant.dequantize_int4(*args)
+    return within("y", out, ref, case.dtype, amax(t["x"]) * amax(w), case.k)
+
+
+# -- quantize / dequantize -----------------------------------------------------------------------
+def _dynamic_scale_64(x: torch.Tensor, qmax: float, per_token: bool) -> torch.Tensor:
+    xa = x.to(F64).abs()
+    absmax = xa.amax(dim=1, keepdim=True) if per_token else xa.amax().reshape(1)
+    return absmax.clamp(min=quant.SCALE_EPS) / qmax
+
+
+def _check_scale(s: torch.Tensor, case: S.QuantCase, t: dict, qmax: float) -> CaseResult:
+    if case.static:
+        expected = t["scale"].to(F64)
+    else:
+        expected = _dynamic_scale_64(t["x"], qmax, case.per_token)
+    # One fp32 rounding of absmax / qmax (absmax itself is exact).
+    return close("scale", s, expected, 2 * UNIT_ROUNDOFF["fp32"] * expected.abs())
+
+
+def check_quantize_fp8(d: Dispatch, case: S.QuantCase) -> CaseResult:
+    t = case.build()
+    fp8 = S.torch_dtype(case.target)
+    scale = t["scale"] if case.static else None
+    q, s = d("quantize_fp8", d.to(t["x"]), fp8, d.to(scale), case.per_token)
+    q_ref, s_ref = quant.quantize_fp8(t["x"], fp8, scale, case.per_token)
+    result = bitwise("q vs reference", q, q_ref).merge(bitwise("scale vs reference", s, s_ref))
+    fmax = quant.fp8_max(fp8)
+    result = result.merge(_check_scale(s.cpu(), case, t, fmax))
+    # Formula: q * scale is x clamped to the range, within half an FP8 step (in units of scale).
+    s64 = s.cpu().to(F64)
+    x = t["x"].to(F64)
+    target = torch.maximum(torch.minimum(x, fmax * s64), -fmax * s64)
+    tol = quantization_tolerance(case.target)
+    allowed = (tol.rtol + 2 * UNIT_ROUNDOFF["fp32"]) * target.abs() + tol.atol * s64
+    return result.merge(close("q * scale", q.cpu().to(F64) * s64, target, allowed))
+
+
+def check_dequantize_fp8(d: Dispatch, case: S.DequantFp8Case) -> CaseResult:
+    t = case.build()
+    out_dtype = S.torch_dtype(case.out_dtype)
+    out = d("dequantize_fp8", d.to(t["q"]), d.to(t["scale"]), out_dtype)
+    ref = quant.dequantize_fp8(t["q"], t["scale"], out_dtype)
+    exact = t["q"].to(F64) * t["scale"].to(F64)
+    return bitwise("x vs reference", out, ref).merge(within("x", out, exact, case.out_dtype, 0.0))
+
+
+def check_quantize_int8(d: Dispatch, case: S.QuantCase) -> CaseResult:
+    t = case.build()
+    scale = t["scale"] if case.static else None
+    q, s = d("quantize_int8", d.to(t["x"]), d.to(scale), case.per_token)
+    q_ref, s_ref = quant.quantize_int8(t["x"], scale, case.per_token)
+    result = bitwise("q vs reference", q, q_ref).merge(bitwise("scale vs reference", s, s_ref))
+    result = result.merge(_check_scale(s.cpu(), case, t, quant.INT8_MAX))
+    s64, x = s.cpu().to(F64), t["x"].to(F64)
+    target = torch.maximum(torch.minimum(x, 127 * s64), -128 * s64)
+    # Round to nearest: half a step, plus the fp32 division's rounding.
+    allowed = 0.5 * s64 + 2 * UNIT_ROUNDOFF["fp32"] * target.abs()
+    return result.merge(close("q * scale", q.cpu().to(F64) * s64, target, allowed))
+
+
+def unpack_int4_codes(qweight: torch.Tensor) -> torch.Tensor:
+    """int32 [K / 8, N] -> int64 codes [K, N] (independent of the reference's unpacker)."""
+    words = qweight.cpu().to(torch.int64) & 0xFFFFFFFF
+    rows = [(words >> (4 * i)) & 0xF for i in range(8)]
+    return torch.stack(rows, dim=1).reshape(-1, qweight.shape[1])
+
+
+def check_quantize_int4(d: Dispatch, case: S.QuantCase) -> CaseResult:
+    w = case.build()["x"]  # [N, K]
+    qw, sc, z = d("quantize_int4", d.to(w), case.group_size, case.symmetric)
+    qw_ref, sc_ref, z_ref = quant.quantize_int4(w, case.group_size, case.symmetric)
+    result = (
+        bitwise("qweight vs reference", qw, qw_ref)
+        .merge(bitwise("scales vs reference", sc, sc_ref))
+        .merge(bitwise("zeros vs reference", z, z_ref))
+    )
+    if not result.ok:
+        return result
+    # Formula: every weight comes back within half a step of its group's scale (a whole step in
+    # the asymmetric case, where the rounded zero point can push the top code into the clamp),
+    # widened by the scale's own rounding to weight's dtype (up to 8 steps from the zero).
+    g = torch.arange(case.k) // case.group_size
+    sc64, z64 = sc.cpu().to(F64)[g], z.cpu().to(F64)[g]  # [K, N]
+    w_hat = (unpack_int4_codes(qw).to(F64) - z64) * sc64
+    u = UNIT_ROUNDOFF[case.dtype]
+    step = (0.5 if case.symmetric else 1.0) + 16 * u
+    allowed = step * sc64 + 2 * UNIT_ROUNDOFF["fp32"] * w.t().to(F64).abs()
+    return result.merge(close("dequant(quant(w))", w_hat.t(), w.to(F64), allowed.t()))
+
+
+def check_dequantize_int4(d: Dispatch, case: S.Int4Case) -> CaseResult:
+    t = case.build()
+    args = (t["qweight"], t["scales"], t["zeros"], case.group_size, t["g_idx"])
+    out = d("dequantize_int4", *(d.to(a) if isinstance(a, torch.Tensor) else a for a in args))
+    ref = quant.dequantize_int4(*args)
+    g = t["g_idx"].long() if t["g_idx"] is not None else torch.arange(case.k) // case.group_size
+    codes = t["codes"].to(F64) - t["zeros"].to(F64)[g]
+    exact = (codes * t["scales"].to(F64)[g]).t()  # [N, K]
+    return bitwise("w vs reference", out, ref).merge(within("w", out, exact, case.dtype, 0.0))
+
+
+# -- fused small ops -----------------------------------------------------------------------------
+def check_rms_norm(d: Dispatch, case: S.RmsNormCase) -> CaseResult:
+    t = case.build()
+    out = d("rms_norm", d.to(t["x"]), d.to(t["weight"]), case.eps, d.to(t["residual"]))
+    ref = norm.rms_norm(f64(t["x"]), f64(t["weight"]), case.eps, f64(t["residual"]))
+    mag = amax(t["weight"])
+    if t["residual"] is None:
+        return within("y", out, ref, case.dtype, mag)
+    if not isinstance(out, tuple) or len(out) != 2:
+        return CaseResult(False, math.inf, math.inf, "with residual, expected (y, h)")
+    return within("y", out[0], ref[0], case.dtype, mag).merge(
+        within("h", out[1], ref[1], case.dtype, amax(t["x"]) + amax(t["residual"]))
+    )
+
+
+def check_rotary(d: Dispatch, case: S.RotaryCase) -> CaseResult:
+    t = case.build()
+    pos, cache = t["positions"], t["cos_sin_cache"]
+    q, k = d("rotary", d.to(pos), d.to(t["query"]), d.to(t["key"]), d.to(cache), case.is_neox)
+    q_ref, k_ref = rotary.rotary(pos, f64(t["query"]), f64(t["key"]), f64(cache), case.is_neox)
+    mag = max(amax(t["query"]), amax(t["key"]))
+    return within("query", q, q_ref, case.dtype, mag).merge(within("key", k, k_ref, case.dtype, mag))
+
+
+def check_silu_and_mul(d: Dispatch, case: S.SiluCase) -> CaseResult:
+    x = case.build()["x"]
+    out = d("silu_and_mul", d.to(x))
+    ref = activation.silu_and_mul(f64(x))
+    return within("y", out, ref, case.dtype, 0.0)
+
+
+def check_graph(d: Dispatch, case: S.GraphCase) -> CaseResult:
+    t = case.build()
+    b = d.backend
+    x, nw, w = d.to(t["x"]), d.to(t["norm_weight"]), d.to(t["weight"])
+
+    def step() -> torch.Tensor:
+        return b.silu_and_mul(b.linear(b.rms_norm(x, nw, 1e-6), w))
+
+    runner = d("capture_graph", step)
+    result = CaseResult(True)
+    for i, new in enumerate(t["new_inputs"]):
+        x.copy_(d.to(new))  # mutate the static input, then replay
+        replayed = runner.replay().clone()
+        eager = step().clone()
+        result = result.merge(bitwise(f"replay {i} vs eager", replayed, eager.cpu()))
+    return result
+
+
+# -- the op table --------------------------------------------------------------------------------
+Check = Callable[[Dispatch, object], CaseResult]
+Strategy = Callable[[str, Capabilities, S.Limits], st.SearchStrategy]
+
+
+def float_dtypes(caps: Capabilities) -> tuple[str, ...]:
+    return tuple(x for x in S.FLOAT_DTYPES if caps.supports(x))
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One matrix row: the op family it dispatches through, its dtype columns, its cases."""
+
+    name: str
+    family: str
+    dtypes: tuple[str, ...]
+    strategy: Strategy
+    check: Check
+    needs_float: bool = False  # also needs some float dtype (activations, outputs, KV source)
+
+    def missing(self, dtype: str, caps: Capabilities) -> str:
+        """Why this cell cannot run on `caps` ("" if it can)."""
+        if not caps.supports(dtype):
+            state = caps.dtypes.get(dtype, "none")
+            return f"{dtype} not supported by {caps.device_name} (capabilities: {state})"
+        if self.needs_float and not float_dtypes(caps):
+            return f"no float dtype supported by {caps.device_name}"
+        return ""
+
+
+def _attn(cache_fp8: bool) -> Strategy:
+    def strategy(dtype: str, caps: Capabilities, lim: S.Limits) -> st.SearchStrategy:
+        if not cache_fp8:
+            return S.attention_batches(dtype, dtype, lim)
+        return st.sampled_from(float_dtypes(caps)).flatmap(
+            lambda q: S.attention_batches(q, dtype, lim)
+        )
+
+    return strategy
+
+
+FP8_OR_FLOAT = (*S.FLOAT_DTYPES, *S.FP8_DTYPES)
+OPS: tuple[OpSpec, ...] = (
+    OpSpec("kv_write", "kv_write", FP8_OR_FLOAT, lambda dt, c, lim: _attn(dt in S.FP8_DTYPES)(dt, c, lim), check_kv_write, True),
+    OpSpec("copy_blocks", "kv_write", (*S.FLOAT_DTYPES, "fp8_e4m3fn"), lambda dt, c, lim: S.copy_blocks_cases(dt), check_copy_blocks),
+    OpSpec("attention", "attention", S.FLOAT_DTYPES, _attn(False), check_attention),
+    OpSpec("attention/fp8_kv", "attention", S.FP8_DTYPES, _attn(True), check_attention, True),
+    OpSpec("linear", "gemm", S.FLOAT_DTYPES, lambda dt, c, lim: S.linear_cases(dt, lim), check_linear),
+    OpSpec("fp8_linear/per_tensor", "fp8_gemm", S.FP8_DTYPES, lambda dt, c, lim: S.scaled_gemm_cases(dt, False, float_dtypes(c), lim), check_scaled_linear, True),
+    OpSpec("fp8_linear/per_token", "fp8_gemm", S.FP8_DTYPES, lambda dt, c, lim: S.scaled_gemm_cases(dt, True, float_dtypes(c), lim), check_scaled_linear, True),
+    OpSpec("int8_linear", "int8_gemm", ("int8",), lambda dt, c, lim: st.booleans().flatmap(lambda pt: S.scaled_gemm_cases("int8", pt, float_dtypes(c), lim)), check_scaled_linear, True),
+    OpSpec("int4_linear", "int4_gemm", ("int4",), lambda dt, c, lim: S.int4_cases(float_dtypes(c), False, lim), check_int4_linear, True),
+    OpSpec("int4_linear/g_idx", "int4_gemm", ("int4",), lambda dt, c, lim: S.int4_cases(float_dtypes(c), True, lim), check_int4_linear, True),
+    OpSpec("quantize_fp8", "quantize", S.FP8_DTYPES, lambda dt, c, lim: S.quant_cases(dt, float_dtypes(c), lim), check_quantize_fp8, True),
+    OpSpec("dequantize_fp8", "quantize", S.FP8_DTYPES, lambda dt, c, lim: S.dequant_fp8_cases(dt, float_dtypes(c), lim), check_dequantize_fp8, True),
+    OpSpec("quantize_int8", "quantize", ("int8",), lambda dt, c, lim: S.quant_cases("int8", float_dtypes(c), lim), check_quantize_int8, True),
+    OpSpec("quantize_int4", "quantize", ("int4",), lambda dt, c, lim: S.quant_cases("int4", float_dtypes(c), lim), check_quantize_int4, True),
+    OpSpec("dequantize_int4", "quantize", ("int4",), lambda dt, c, lim: st.booleans().flatmap(lambda ao: S.int4_cases(float_dtypes(c), ao, lim)), check_dequantize_int4, True),
+    OpSpec("rms_norm", "rms_norm", S.FLOAT_DTYPES, lambda dt, c, lim: S.rms_norm_cases(dt, False, lim), check_rms_norm),
+    OpSpec("rms_norm/residual", "rms_norm", S.FLOAT_DTYPES, lambda dt, c, lim: S.rms_norm_cases(dt, True, lim), check_rms_norm),
+    OpSpec("rotary/neox", "rotary", S.FLOAT_DTYPES, lambda dt, c, lim: S.rotary_cases(dt, True, lim), check_rotary),
+    OpSpec("rotary/gptj", "rotary", S.FLOAT_DTYPES, lambda dt, c, lim: S.rotary_cases(dt, False, lim), check_rotary),
+    OpSpec("silu_and_mul", "activation", S.FLOAT_DTYPES, lambda dt, c, lim: S.silu_cases(dt, lim), check_silu_and_mul),
+    OpSpec("graph", "graph", S.FLOAT_DTYPES, lambda dt, c, lim: S.graph_cases(dt, lim), check_graph),
+)  # fmt: skip
+OPS_BY_NAME: dict[str, OpSpec] = {op.name: op for op in OPS}
+DTYPE_COLUMNS: tuple[str, ...] = (*FP8_OR_FLOAT, "int8", "int4")

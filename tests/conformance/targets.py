@@ -1,0 +1,160 @@
+"""Which backends the conformance run covers here, how to build them, and a dispatch check.
+
+Backends come from the registry, never from a list of names: every "backend" candidate whose
+check passes on this machine's capabilities runs natively; one that cannot may still run its
+Triton kernels on CPU tensors under TRITON_INTERPRET=1 if its package defines the hook
+
+    def interpreter_capabilities() -> Capabilities | None
+
+(module level in the backend's package, e.g. `backends/cuda/__init__.py`, which registration
+already imports; it must not import Triton kernels). It returns the capabilities to construct the
+backend with on the CPU, or None when the interpreter cannot run it here (e.g. Triton missing).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import torch
+
+from hal.backend import Backend
+from hal.capabilities import Capabilities
+from hal.registry import REGISTRY, Candidate
+from hal.select import load_backend, select_ops
+
+INTERPRETER_HOOK = "interpreter_capabilities"
+
+
+def detect_capabilities() -> Capabilities:
+    """This machine: platforms.detect() when that module exists, else a plain CPU description."""
+    try:
+        from platforms import detect
+    except ImportError:
+        return fallback_cpu_capabilities()
+    return detect()
+
+
+def fallback_cpu_capabilities() -> Capabilities:
+    """What any CPU PyTorch build can compute (low-precision formats emulated by upcasting)."""
+    emulated = ("bf16", "fp16", "fp8_e4m3fn", "fp8_e4m3fnuz", "fp8_e5m2", "int4")
+    return Capabilities(
+        vendor="cpu",
+        device_name=platform.processor() or platform.machine() or "cpu",
+        arch=platform.machine() or "cpu",
+        source="fallback",
+        compute_units=os.cpu_count() or 1,
+        dtypes={"fp32": "native", "int8": "native", **dict.fromkeys(emulated, "emulated")},
+        torch_version=torch.__version__,
+    )
+
+
+@dataclass(frozen=True)
+class BackendTarget:
+    """One registered backend and how (or why not) it runs here."""
+
+    name: str
+    mode: str  # "native", "interpreter" or "unavailable"
+    caps: Capabilities | None
+    reason: str = ""  # why it is unavailable (the candidate's reasons), else ""
+
+    @property
+    def label(self) -> str:
+        return self.name if self.mode == "native" else f"{self.name} ({self.mode})"
+
+    def load(self) -> Backend:
+        """Construct the backend, requiring it by name (a failure says why)."""
+        if self.caps is None:
+            raise RuntimeError(f"backend {self.name} cannot run here: {self.reason}")
+        if self.mode == "interpreter":
+            # Triton reads this when kernels are defined, so it must be set before their import.
+            os.environ["TRITON_INTERPRET"] = "1"
+            return load_backend(self.caps, device="cpu", configured=f"require:{self.name}")
+        return load_backend(self.caps, configured=f"require:{self.name}")
+
+
+def _package(candidate: Candidate) -> str:
+    module = candidate.target.partition(":")[0]
+    return module.rpartition(".")[0] or module
+
+
+def _interpreter_caps(candidate: Candidate) -> tuple[Capabilities | None, str]:
+    if not candidate.target:
+        return None, "no target to import"
+    try:
+        package = importlib.import_module(_package(candidate))
+    except ImportError as exc:
+        return None, f"package does not import ({exc})"
+    hook = getattr(package, INTERPRETER_HOOK, None)
+    if hook is None:
+        return None, f"no {INTERPRETER_HOOK}() hook"
+    caps = hook()
+    return (caps, "") if caps is not None else (None, f"{INTERPRETER_HOOK}() returned None")
+
+
+def available_backends(caps: Capabilities | None = None) -> list[BackendTarget]:
+    """Every registered backend, in priority order: native, under the interpreter, or why not."""
+    importlib.import_module("backends")  # registers candidates
+    caps = caps or detect_capabilities()
+    targets = []
+    for cand in REGISTRY.candidates("backend"):
+        reasons = cand.check(caps)
+        if not reasons:
+            targets.append(BackendTarget(cand.name, "native", caps))
+            continue
+        icaps, why_not = _interpreter_caps(cand)
+        if icaps is not None:
+            targets.append(BackendTarget(cand.name, "interpreter", icaps))
+        else:
+            reason = "; ".join(reasons) + f"; no interpreter mode ({why_not})"
+            targets.append(BackendTarget(cand.name, "unavailable", None, reason))
+    return targets
+
+
+class DispatchSpy:
+    """Records whether code from `module`'s file ran inside the `with` block (sys.setprofile)."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+        mod = importlib.import_module(module)
+        file = getattr(mod, "__file__", None)
+        self.filename = str(Path(file).resolve()) if file else ""
+        self.hit = False
+
+    def _hook(self, frame: FrameType, event: str, arg: object) -> None:
+        if event == "call" and frame.f_code.co_filename == self.filename:
+            self.hit = True
+            sys.setprofile(self._previous)  # one hit is enough; stop paying for the hook
+
+    def __enter__(self) -> DispatchSpy:
+        self._previous = sys.getprofile()
+        sys.setprofile(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.setprofile(self._previous)
+
+
+def expected_dispatch(backend: Backend, family: str) -> tuple[str, str, list[str]]:
+    """(implementation the backend reports, its target module, problems). Problems are empty when
+    the backend's recorded choice equals a fresh selection for its capabilities and the chosen
+    candidate names a target module the spy can watch."""
+    problems = []
+    chosen = backend.chosen(family)
+    expected = select_ops(backend.name, backend.caps).get(family)
+    if expected is None:
+        return chosen, "", [f"backend {backend.name} registers no candidate for {family}"]
+    if chosen != expected.chosen:
+        problems.append(f"{family}: backend reports {chosen!r}, selection says {expected.chosen!r}")
+    cand = next(
+        (c for c in REGISTRY.candidates(family, backend.name) if c.name == chosen), None
+    )
+    module = cand.target.partition(":")[0] if cand is not None else ""
+    if not module:
+        problems.append(f"{family}: candidate {chosen!r} names no target, so its run is unverifiable")
+    return chosen, module, problems

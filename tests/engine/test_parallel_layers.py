@@ -1,0 +1,258 @@
+"""Tensor-parallel shard math, checked in one process without torch.distributed.
+
+Layer level: each rank's layer loads its slices; concatenating (column-parallel) or summing
+(row-parallel, the all-reduce) the ranks' outputs must give the unsharded layer's output.
+Model level: ranks run in threads that exchange tensors through a barrier (a real all-reduce and
+gather), and the tp=2 / tp=4 model must compute the tp=1 logits.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from models_fixtures import VOCAB, PagedSequence, build_model
+
+from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from engine.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from engine.loader import load_model
+from engine.parallel import SINGLE, ParallelContext, WeightLoadError
+from hal.select import load_backend
+
+
+class DictSource:
+    """A TensorSource over an in-memory state dict."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def has(self, name):
+        return name in self.tensors
+
+    def shape(self, name):
+        if name not in self.tensors:
+            raise WeightLoadError(f"memory: tensor {name!r} is missing")
+        return tuple(self.tensors[name].shape)
+
+    def read(self, name, dim=None, start=0, stop=None):
+        t = self.tensors[name]
+        return t if dim is None else t.narrow(dim, start, (stop or t.shape[dim]) - start)
+
+    def location(self, name):
+        return "memory"
+
+
+class PartialCollectives:
+    """Collectives that return this rank's part unchanged; the test combines the parts itself."""
+
+    def all_reduce(self, x):
+        return x
+
+    def all_gather(self, x, dim):
+        return x
+
+    def gather(self, x, dim, dst):
+        return x
+
+
+class ThreadGroup:
+    """tp_size ranks as threads; collectives exchange tensors through a shared list + barrier."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=120)
+        self.slots: list[torch.Tensor | None] = [None] * size
+
+    def context(self, rank: int) -> ParallelContext:
+        return ParallelContext(rank, self.size, _RankCollectives(self, rank))
+
+    def exchange(self, rank: int, x: torch.Tensor) -> list[torch.Tensor]:
+        self.slots[rank] = x
+        self.barrier.wait()
+        parts = list(self.slots)
+        self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+        return parts
+
+    def run(self, fn) -> list:
+        """fn(rank, parallel) on every rank concurrently; returns the results in rank order."""
+        results, errors = [None] * self.size, []
+
+        def target(rank):
+            try:
+                results[rank] = fn(rank, self.context(rank))
+            except BaseException as e:  # surface the first failure instead of a barrier hang
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.size)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+class _RankCollectives:
+    def __init__(self, group: ThreadGroup, rank: int) -> None:
+        self.group, self.rank = group, rank
+
+    def all_reduce(self, x):
+        parts = self.group.exchange(self.rank, x)
+        out = parts[0].clone()
+        for p in parts[1:]:
+            out += p
+        return out
+
+    def all_gather(self, x, dim):
+        return torch.cat(self.group.exchange(self.rank, x), dim)
+
+    def gather(self, x, dim, dst):
+        parts = self.group.exchange(self.rank, x)
+        return torch.cat(parts, dim) if self.rank == dst else None
+
+
+@pytest.fixture(scope="module")
+def backend(cpu_caps):
+    return load_backend(cpu_caps, configured="cpu")
+
+
+def _ranks(tp: int) -> list[ParallelContext]:
+    if tp == 1:
+        return [SINGLE]
+    return [ParallelContext(r, tp, PartialCollectives()) for r in range(tp)]
+
+
+def _random(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_column_parallel_concatenates(backend):
+    src = DictSource({"p.weight": _random(12, 8), "p.bias": _random(12, seed=1)})
+    x = _random(5, 8, seed=2)
+    layers = []
+    for ctx in _ranks(1) + _ranks(2):
+        layer = ColumnParallelLinear(8, 12, backend, ctx, torch.float32, bias=True)
+        layer.load(src, "p")
+        layers.append(layer)
+    full, r0, r1 = (layer(x) for layer in layers)
+    assert r0.shape == (5, 6)
+    torch.testing.assert_close(torch.cat([r0, r1], -1), full)
+
+
+def test_merged_gate_up_pairs_halves_per_rank(backend):
+    src = DictSource({"g.weight": _random(16, 8), "u.weight": _random(16, 8, seed=1)})
+    x = _random(3, 8, seed=2)
+    outs = []
+    for ctx in _ranks(1) + _ranks(2):
+        layer = MergedColumnParallelLinear(8, [16, 16], backend, ctx, torch.float32)
+        layer.load(src, ["g", "u"])
+        outs.append(backend.silu_and_mul(layer(x)))
+    torch.testing.assert_close(torch.cat(outs[1:], -1), outs[0])
+    gate, up = src.tensors["g.weight"], src.tensors["u.weight"]
+    torch.testing.assert_close(outs[0], torch.nn.functional.silu(x @ gate.T) * (x @ up.T))
+
+
+def test_row_parallel_partial_sums_add_up(backend):
+    src = DictSource({"o.weight": _random(6, 12)})
+    x = _random(4, 12, seed=1)
+    full = RowParallelLinear(12, 6, backend, SINGLE, torch.float32)
+    full.load(src, "o")
+    parts = []
+    for ctx in _ranks(2):
+        layer = RowParallelLinear(12, 6, backend, ctx, torch.float32)
+        layer.load(src, "o")
+        parts.append(layer(x[:, layer.col_start : layer.col_stop]))  # all-reduce is the sum
+    torch.testing.assert_close(parts[0] + parts[1], full(x))
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_qkv_split_by_heads_with_kv_replication(tp, backend):
+    """4 query heads, 2 KV heads, head_dim 4: tp 2 splits both; tp 4 replicates each KV head."""
+    h, d, heads, kv_heads = 8, 4, 4, 2
+    names = {f"{n}.weight": _random(rows * d, h, seed=i) for i, (n, rows) in
+             enumerate((("q", heads), ("k", kv_heads), ("v", kv_heads)))}  # fmt: skip
+    names.update({f"{n}.bias": _random(rows * d, seed=9 + i) for i, (n, rows) in
+                  enumerate((("q", heads), ("k", kv_heads), ("v", kv_heads)))})  # fmt: skip
+    src = DictSource(names)
+    x = _random(3, h, seed=5)
+    full = QKVParallelLinear(h, d, heads, kv_heads, backend, SINGLE, torch.float32, bias=True)
+    full.load(src, "q", "k", "v")
+    fq, fk, fv = full.split(full(x))
+    qs = []
+    for ctx in _ranks(tp):
+        layer = QKVParallelLinear(h, d, heads, kv_heads, backend, ctx, torch.float32, bias=True)
+        layer.load(src, "q", "k", "v")
+        q, k, v = layer.split(layer(x))
+        qs.append(q)
+        assert layer.num_kv_heads == max(1, kv_heads // tp)
+        # the rank's query heads read KV head (global query head) // (heads / kv_heads)
+        first_q_head = ctx.tp_rank * (heads // tp)
+        kv_head = first_q_head // (heads // kv_heads)
+        torch.testing.assert_close(k[:, 0], fk[:, kv_head])
+        torch.testing.assert_close(v[:, 0], fv[:, kv_head])
+    torch.testing.assert_close(torch.cat(qs, 1), fq)
+
+
+@pytest.mark.parametrize("vocab,tp", [(12, 2), (10, 4)])
+def test_vocab_parallel_embedding_and_lm_head(vocab, tp, backend):
+    """Each rank embeds only its ids (the sum restores all); the LM head's slices concatenate.
+    vocab 10 over 4 ranks pads to 12 (3 rows each; the last rank holds one real row)."""
+    src = DictSource({"e": _random(vocab, 6)})
+    ids = torch.tensor([0, 9, 3, vocab - 1, 5, 1])
+    hidden = _random(4, 6, seed=1)
+    emb = VocabParallelEmbedding(vocab, 6, backend, SINGLE, torch.float32)
+    emb.load(src, "e")
+    head = ParallelLMHead(vocab, 6, backend, SINGLE, torch.float32)
+    head.tie(emb)
+    emb_parts, logit_parts = [], []
+    for ctx in _ranks(tp):
+        e = VocabParallelEmbedding(vocab, 6, backend, ctx, torch.float32)
+        e.load(src, "e")
+        emb_parts.append(e(ids))
+        lm = ParallelLMHead(vocab, 6, backend, ctx, torch.float32)
+        lm.load(src, "e")
+        logit_parts.append(lm.backend.linear(hidden, lm.weight))  # what each rank gathers
+    torch.testing.assert_close(sum(emb_parts), emb(ids))
+    torch.testing.assert_close(torch.cat(logit_parts, -1)[:, :vocab], head(hidden))
+    assert head(hidden).dtype == torch.float32
+
+
+def test_parallel_context_validates():
+    with pytest.raises(ValueError, match="tp_rank"):
+        ParallelContext(2, 2, PartialCollectives())
+    with pytest.raises(ValueError, match="collectives"):
+        ParallelContext(0, 2)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        ParallelContext(0, 4, PartialCollectives()).kv_head_range(6)
+    with pytest.raises(ValueError, match="not divisible"):
+        ParallelContext(0, 3, PartialCollectives()).shard(8)
+    x = torch.ones(2)
+    assert SINGLE.all_reduce(x) is x and SINGLE.gather(x) is x  # tp 1: no copies, no calls
+
+
+@pytest.mark.parametrize("variant,tp", [("llama_bias", 2), ("llama_bias", 4), ("qwen2", 2)])
+def test_tensor_parallel_model_matches_single_rank(variant, tp, backend, tmp_path):
+    """Sharded loading + collectives: ranks in threads compute the tp=1 logits on the driver."""
+    build_model(variant, tmp_path)
+    prompt = torch.randint(3, VOCAB, (18,), generator=torch.Generator().manual_seed(0)).tolist()
+    steps = [prompt, [5], [7]]
+
+    def run(rank, parallel):
+        model, _, _ = load_model(tmp_path, backend, "float32", parallel, with_tokenizer=False)
+        seq = PagedSequence(model, seed=3)
+        return model.num_kv_heads, [seq.step(tokens) for tokens in steps]
+
+    _, ref = run(0, SINGLE)
+    results = ThreadGroup(tp).run(run)
+    assert results[0][0] == max(1, 2 // tp)  # KV heads per rank (2 in total)
+    for want, got in zip(ref, results[0][1]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert all(logits is None for _, outs in results[1:] for logits in outs)
