@@ -97,6 +97,7 @@ class LLMEngine:
         self.requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+        self.peak_kv_stats = None  # KVCacheStats at the step with the most blocks in use
         for line in self.startup_report():
             logger.info("%s", line)
 
@@ -259,6 +260,7 @@ class LLMEngine:
             m = self.requests[ss.seq.request.request_id].metrics
             m.first_scheduled_time = m.first_scheduled_time or now
         new_seqs = self.scheduler.update_from_output(out, sampled, is_stopped=self._check_stop)
+        self._record_kv_peak()
         touched = {s.request.request_id for s in new_seqs}
         return self._collect_outputs(touched)
 
@@ -341,6 +343,23 @@ class LLMEngine:
         )
 
     # -- stats --------------------------------------------------------------------------------
+    def _record_kv_peak(self) -> None:
+        stats = self.scheduler.kv_stats()
+        peak = self.peak_kv_stats
+        if peak is None or stats.num_used_blocks > peak.num_used_blocks:
+            self.peak_kv_stats = stats
+
+    def kv_report(self) -> str:
+        """KV memory used vs allocated for the tokens held, at peak usage: the waste number."""
+        s = self.peak_kv_stats
+        if s is None or s.num_allocated_slots == 0:
+            return "kv cache: unused"
+        return (
+            f"kv cache at peak: {s.num_used_blocks}/{s.num_usable_blocks} blocks, "
+            f"{s.num_held_tokens} tokens in {s.num_allocated_slots} slots, "
+            f"waste {s.waste:.1%}, prefix-cache hit rate {s.prefix_cache_hit_rate:.1%}"
+        )
+
     def kv_stats(self):
         """KV usage now: used/allocated blocks, waste (allocated slots holding no token)."""
         return self.scheduler.kv_stats()

@@ -1,4 +1,4 @@
-"""The model description the engine runs on, parsed from a Hugging Face config.json or GGUF metadata.
+"""The model description the engine runs on, parsed from HF config.json or GGUF metadata.
 
 One Llama-family implementation covers every supported architecture; their differences live here
 as fields (QKV bias, q/k RMSNorm, sliding window, tied embeddings, rope scaling).
@@ -7,7 +7,7 @@ as fields (QKV bias, q/k RMSNorm, sliding window, tied embeddings, rope scaling)
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hal.errors import HalError
@@ -67,7 +67,6 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     checkpoint_dtype: str | None = None  # "bfloat16" etc., as the checkpoint states it
     source: str = "config.json"  # where this was parsed from, for messages
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -258,6 +257,7 @@ class ModelConfig:
             tie_word_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
             o_proj_bias="blk.0.attn_output.bias" in tensor_names,
+            mlp_bias="blk.0.ffn_gate.bias" in tensor_names,
             sliding_window=int(window) if window else None,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (int(eos),),

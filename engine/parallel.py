@@ -15,7 +15,7 @@ from hal.errors import HalError
 
 
 class WeightLoadError(HalError):
-    """A weight file or tensor is missing, unreadable or of the wrong shape (names file and tensor)."""
+    """A weight file or tensor is missing, unreadable or misshapen; names the file and tensor."""
 
 
 class Collectives(Protocol):
@@ -98,7 +98,7 @@ class ParallelContext:
         return shard_range(size, self.tp_rank, self.tp_size, what)
 
     def num_kv_heads(self, total_kv_heads: int) -> int:
-        """KV heads this rank holds: an equal split, or 1 (replicated) when tp_size > their number."""
+        """KV heads this rank holds: an equal split, or 1 (replicated) when tp_size exceeds them."""
         self._check_kv_split(total_kv_heads)
         return max(1, total_kv_heads // self.tp_size)
 

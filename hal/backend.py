@@ -211,8 +211,10 @@ class Backend(ABC):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Group-wise 4-bit quantization of weight [N, K] (K % group_size == 0, K % 8 == 0).
 
-        Asymmetric: per group, scale = (max - min) / 15, zero = clamp(round(-min / scale), 0, 15);
-        symmetric: scale = absmax / 7.5 (floored at eps), zero = 8. q = clamp(round(w / scale) +
+        Asymmetric (GPTQ's range, which always holds 0): per group lo = min(min, 0),
+        hi = max(max, 0), scale = max(hi - lo, eps) / 15 rounded to weight's dtype,
+        zero = clamp(round(-lo / scale), 0, 15); symmetric: scale = absmax / 7.5 (floored at
+        eps), zero = 8. q = clamp(round(w / scale) +
         zero, 0, 15). Returns the canonical layout (qweight, scales, zeros): qweight int32
         [K / 8, N], nibble i of word r holding row k = 8r + i at bits 4i (the GPTQ order);
         scales [K / G, N] in weight's dtype; zeros uint8 [K / G, N] (unpacked, no offset).

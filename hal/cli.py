@@ -60,9 +60,16 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from engine.cli import add_generate  # argparse only; the engine loads when the command runs
+
+    return add_generate(sub)
+
+
 # name -> (adds the subparser, "module:function" handler imported when the command runs)
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], str]] = {
     "info": (_add_info, "hal.cli:run_info"),
+    "generate": (_add_generate, "engine.cli:run_generate"),
 }
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "ProfileError",
     "current_capabilities",
     "detect",
+    "detect_with",
     "gpu_platforms",
     "list_profiles",
     "load_profile",

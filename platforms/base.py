@@ -160,7 +160,10 @@ def _resolve(name: str) -> tuple[str, Path]:
     if name.endswith((".yaml", ".yml")) or os.sep in name:
         path = Path(name)
         if not path.is_file():
-            raise ProfileError(f"profile file {name!r} does not exist")
+            raise ProfileError(
+                f"profile file {name!r} does not exist; "
+                f"known profile names: {', '.join(list_profiles())}"
+            )
         return str(path), path
     key = name.strip().lower()
     path = PROFILE_DIR / f"{key}.yaml"

@@ -15,7 +15,6 @@ import torch
 
 from backends.cpu import activation, norm
 from backends.cpu import graphs as eager_graphs
-from backends.cpu import quant as ref_quant
 from backends.cuda import SCOPE, attention, graphs, kv_cache, linear, quant, rotary
 from backends.cuda import candidates as rules
 from hal.backend import Backend, GraphRunner
@@ -71,22 +70,22 @@ class CudaBackend(Backend):
         if self.chosen("fp8_gemm") == "scaled_mm":
             rowwise = caps.cc_at_least(*rules.FP8_ROWWISE_MIN_CC)
             self.info.settings["fp8_rowwise"] = "on" if rowwise else "off (needs sm_90)"
+            # FP8 tensor cores accumulate with fewer bits than fp32 (about 14 on Hopper per the
+            # DeepSeek-V3 report), visible in fp32 outputs; conformance bounds can read this.
+            self.info.settings["fp8_accumulate"] = "tensor-core"
 
     def _tf32_policy(self, allow_tf32: bool | None) -> bool:
         wanted = _env_flag(TF32_ENV) if allow_tf32 is None else allow_tf32
         origin = TF32_ENV if allow_tf32 is None and wanted is not None else "config"
         if not self.caps.supports("tf32"):
             setting = f"off ({self.caps.device_name} has no TF32)"
-            on = False
         elif wanted is False:
             setting = f"off (disabled by {origin})"
-            on = False
         else:
-            setting = "on (fp32 GEMMs may round inputs to TF32)"
-            on = True
+            setting = "on"  # exactly "on": conformance widens fp32 GEMM bounds on this value
         self.info.settings["tf32"] = setting
-        logger.info("cuda: tf32 %s", setting)
-        return on
+        logger.info("cuda: tf32 %s for fp32 GEMMs", setting)
+        return setting == "on"
 
     def _mark(self, family: str, impl: str) -> None:
         self.ran[family] = impl
@@ -99,25 +98,31 @@ class CudaBackend(Backend):
     def copy_blocks(self, caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
         kv_cache.copy_blocks(caches, src, dst)
 
+    def _input_fallback(self, family: str, impl: str, why: list[str], fallback: str) -> str:
+        """`impl` cannot take these inputs: use `fallback` (logged once per reason), or fail
+        with the reasons when the user required `impl`."""
+        if not why:
+            return impl
+        sel = self.info.selections[family]
+        if sel.choice is not None and sel.choice.mode == "require" and sel.choice.name == impl:
+            raise SelectionError(
+                f"{family} {impl!r} required by {sel.choice.origin} cannot take these inputs: "
+                + "; ".join(why)
+            )
+        key = f"{family}: {'; '.join(why)}"
+        if key not in self._fallbacks_logged:
+            self._fallbacks_logged.add(key)
+            logger.warning("%s: %s cannot take these inputs (%s); using %s", family, impl,
+                           "; ".join(why), fallback)  # fmt: skip
+        return fallback
+
     # -- attention -----------------------------------------------------------------------------
     def _attention_impl(self, query: torch.Tensor, key_cache: torch.Tensor, kv_scale) -> str:
         impl = self.chosen("attention")
         if impl != "flash_attn":
             return impl
         why = attention.flash_attn_input_reasons(query, key_cache, kv_scale)
-        if not why:
-            return impl
-        sel = self.info.selections["attention"]
-        if sel.choice is not None and sel.choice.mode == "require" and sel.choice.name == impl:
-            raise SelectionError(
-                f"attention 'flash_attn' required by {sel.choice.origin} cannot take these "
-                f"inputs: {'; '.join(why)}"
-            )
-        key = "; ".join(why)
-        if key not in self._fallbacks_logged:
-            self._fallbacks_logged.add(key)
-            logger.warning("attention: flash_attn cannot take these inputs (%s); using sdpa", key)
-        return "sdpa"
+        return self._input_fallback("attention", impl, why, "sdpa")
 
     def attention(
         self,
@@ -148,6 +153,9 @@ class CudaBackend(Backend):
         self, x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16
     ) -> torch.Tensor:
         impl = self.chosen("fp8_gemm")
+        if impl == "scaled_mm":
+            why = linear.scaled_mm_input_reasons(x_q, w_q)
+            impl = self._input_fallback("fp8_gemm", impl, why, "dequant_gemm")
         self._mark("fp8_gemm", impl)
         if impl == "scaled_mm":
             rowwise = self.caps.cc_at_least(*rules.FP8_ROWWISE_MIN_CC)
@@ -178,7 +186,7 @@ class CudaBackend(Backend):
 
     def dequantize_fp8(self, q, scale, out_dtype=torch.float32) -> torch.Tensor:
         self._mark("quantize", self.chosen("quantize"))
-        return ref_quant.dequantize_fp8(q, scale, out_dtype)
+        return quant.dequantize_fp8(q, scale, out_dtype)
 
     def quantize_int8(self, x, scale=None, per_token=True):
         self._mark("quantize", self.chosen("quantize"))
@@ -190,7 +198,7 @@ class CudaBackend(Backend):
 
     def dequantize_int4(self, qweight, scales, zeros, group_size, g_idx=None) -> torch.Tensor:
         self._mark("quantize", self.chosen("quantize"))
-        return linear.dequantize_int4(qweight, scales, zeros, group_size, g_idx)
+        return quant.dequantize_int4(qweight, scales, zeros, group_size, g_idx)
 
     # -- fused small ops -----------------------------------------------------------------------
     def rms_norm(self, x, weight, eps, residual=None):

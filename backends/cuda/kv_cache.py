@@ -11,6 +11,11 @@ import torch
 from backends.cuda.quant import encode_kv
 
 
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    # FP8 moves as raw bytes: torch.where and index_copy_ have no float8 kernels on CUDA.
+    return t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
+
+
 def _check_write(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -75,9 +80,7 @@ def write_kv(
     flat_v = value_cache.view(-1, *value_cache.shape[2:])
     for src, flat in ((key, flat_k), (value, flat_v)):
         stored = encode_kv(src, flat.dtype, kv_scale)  # [num_tokens, num_kv_heads, head_dim]
-        if flat.element_size() == 1 and flat.dtype != torch.uint8:
-            # FP8: move raw bytes (where / index_copy_ have no float8 kernels on every device).
-            stored, flat = stored.view(torch.uint8), flat.view(torch.uint8)
+        stored, flat = _raw(stored), _raw(flat)
         fill = torch.where(any_valid, stored[first], flat[:1])  # [1, num_kv_heads, head_dim]
         rows = torch.where(valid[:, None, None], stored, fill)
         flat.index_copy_(0, target, rows)
@@ -105,4 +108,5 @@ def copy_blocks(caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor
                     raise ValueError(f"{name}: block ids must lie in 0..{num_blocks - 1}")
         s = src.to(device=cache.device, dtype=torch.int64)
         d = dst.to(device=cache.device, dtype=torch.int64)
-        cache.index_copy_(0, d, cache.index_select(0, s))
+        raw = _raw(cache)
+        raw.index_copy_(0, d, raw.index_select(0, s))

@@ -13,7 +13,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from backends.cpu.quant import is_fp8, unpack_int4
+from backends.cpu.quant import is_fp8
+from backends.cuda.quant import dequantize_int4
 
 # torch._scaled_mm: K and N multiples of 16 (Blas.cpp: "Expected trailing dimension of mat1 to be
 # divisible by 16", "mat2 shape ... must be divisible by 16"); M is free.
@@ -109,6 +110,19 @@ def linear(
         return F.linear(x, weight, bias)
     with fp32_matmul_precision(allow_tf32):
         return F.linear(x, weight, bias)
+
+
+def scaled_mm_input_reasons(x_q: torch.Tensor, w_q: torch.Tensor) -> list[str]:
+    """Why torch._scaled_mm cannot take these FP8 operands on NVIDIA (empty: it can)."""
+    ok = (torch.float8_e4m3fn, torch.float8_e5m2)
+    if x_q.dtype not in ok or w_q.dtype not in ok:
+        return [
+            f"FP8 tensor cores compute e4m3fn and e5m2, got {x_q.dtype} x {w_q.dtype} "
+            "(e4m3fnuz is AMD's encoding)"
+        ]
+    if x_q.dtype == w_q.dtype == torch.float8_e5m2:
+        return ["cuBLASLt multiplies no e5m2 x e5m2 pair"]
+    return []
 
 
 # -- FP8 ------------------------------------------------------------------------------------------
@@ -216,41 +230,6 @@ def int8_linear_dequant(
 
 
 # -- INT4 -----------------------------------------------------------------------------------------
-def dequantize_int4(
-    qweight: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    group_size: int,
-    g_idx: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Canonical 4-bit layout -> weight [N, K], the reference math without host-side value checks
-    (so it can run inside a captured graph): W[n, k] = (q[k, n] - zeros[g, n]) * scales[g, n]."""
-    q = unpack_int4(qweight)  # uint8 [K, N]
-    k, n = q.shape
-    if scales.dim() != 2 or scales.shape[1] != n or tuple(zeros.shape) != tuple(scales.shape):
-        raise ValueError(
-            f"scales/zeros: shapes {tuple(scales.shape)} and {tuple(zeros.shape)}, "
-            f"expected the same [K / group_size, {n}]"
-        )
-    num_groups = scales.shape[0]
-    if g_idx is None:
-        if group_size <= 0 or k % group_size or k // group_size != num_groups:
-            raise ValueError(
-                f"group_size: {group_size} with K={k} does not give the {num_groups} groups "
-                "that scales/zeros have"
-            )
-        g = torch.arange(k, device=q.device) // group_size
-    else:
-        if tuple(g_idx.shape) != (k,):
-            raise ValueError(f"g_idx: shape {tuple(g_idx.shape)}, expected [{k}]")
-        g = g_idx.to(device=q.device, dtype=torch.int64)
-    out_dtype = out_dtype or scales.dtype
-    cd = torch.float64 if torch.float64 in (scales.dtype, out_dtype) else torch.float32
-    w = (q.to(cd) - zeros.to(cd)[g]) * scales.to(cd)[g]  # [K, N]
-    return w.t().to(out_dtype)
-
-
 def int4_linear_dequant(
     x: torch.Tensor,
     qweight: torch.Tensor,

@@ -1,4 +1,4 @@
-"""Quantization on CUDA with the reference's math, bit for bit (`backends.cpu.quant`).
+"""Quantize / dequantize on CUDA with the reference's math, bit for bit (`backends.cpu.quant`).
 
 Code in this file may assume CUDA. One difference in form: every division takes its divisor as a
 tensor on x's device. CUDA computes `tensor / python_scalar` as a multiplication by the scalar's
@@ -17,8 +17,10 @@ from backends.cpu.quant import (
     SCALE_EPS,
     compute_dtype,
     fp8_max,
+    is_fp8,
     pack_int4,
     to_fp8,
+    unpack_int4,
 )
 
 
@@ -59,6 +61,17 @@ def quantize_fp8(
     xc = x.to(compute_dtype(x.dtype))
     s = _static_scale(scale, x.shape[0]) if scale is not None else _dynamic_scale(xc, m, per_token)
     return to_fp8(xc / s.to(xc.dtype), fp8_dtype), s
+
+
+def dequantize_fp8(
+    q: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """x = q * scale, scale broadcast as [1] or [rows, 1]; computed in fp32 (fp64 for fp64 out)."""
+    if not is_fp8(q.dtype):
+        raise ValueError(f"q: dtype {q.dtype} is not an FP8 format")
+    _check_2d("q", q)
+    cd = compute_dtype(out_dtype)
+    return (q.to(cd) * _static_scale(scale, q.shape[0]).to(cd)).to(out_dtype)
 
 
 def quantize_int8(
@@ -113,3 +126,38 @@ def encode_kv(x: torch.Tensor, cache_dtype: torch.dtype, kv_scale: float | None)
         raise ValueError(f"kv_scale: {kv_scale} must be > 0")
     xc = x.to(compute_dtype(x.dtype))
     return to_fp8(xc / _const(scale, xc), cache_dtype)
+
+
+def dequantize_int4(
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Canonical 4-bit layout -> weight [N, K], the reference math without host-side value checks
+    (so it can run inside a captured graph): W[n, k] = (q[k, n] - zeros[g, n]) * scales[g, n]."""
+    q = unpack_int4(qweight)  # uint8 [K, N]
+    k, n = q.shape
+    if scales.dim() != 2 or scales.shape[1] != n or tuple(zeros.shape) != tuple(scales.shape):
+        raise ValueError(
+            f"scales/zeros: shapes {tuple(scales.shape)} and {tuple(zeros.shape)}, "
+            f"expected the same [K / group_size, {n}]"
+        )
+    num_groups = scales.shape[0]
+    if g_idx is None:
+        if group_size <= 0 or k % group_size or k // group_size != num_groups:
+            raise ValueError(
+                f"group_size: {group_size} with K={k} does not give the {num_groups} groups "
+                "that scales/zeros have"
+            )
+        g = torch.arange(k, device=q.device) // group_size
+    else:
+        if tuple(g_idx.shape) != (k,):
+            raise ValueError(f"g_idx: shape {tuple(g_idx.shape)}, expected [{k}]")
+        g = g_idx.to(device=q.device, dtype=torch.int64)
+    out_dtype = out_dtype or scales.dtype
+    cd = torch.float64 if torch.float64 in (scales.dtype, out_dtype) else torch.float32
+    w = (q.to(cd) - zeros.to(cd)[g]) * scales.to(cd)[g]  # [K, N]
+    return w.t().to(out_dtype)

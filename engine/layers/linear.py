@@ -86,7 +86,9 @@ class MergedColumnParallelLinear(nn.Module):
         if len(prefixes) != len(self.output_sizes):
             raise ValueError(f"prefixes: got {len(prefixes)}, expected {len(self.output_sizes)}")
         offset = 0
-        for prefix, size, (start, stop) in zip(prefixes, self.output_sizes, self.ranges):
+        for prefix, size, (start, stop) in zip(
+            prefixes, self.output_sizes, self.ranges, strict=True
+        ):
             rows = slice(offset, offset + stop - start)
             full = (size, self.input_size)
             load_tensor(self.weight[rows], source, f"{prefix}.weight", full, 0, start, stop)

@@ -56,7 +56,9 @@ def resolve_dtype(dtype: str | torch.dtype | None, backend: Backend) -> torch.dt
         raise ValueError(f"dtype: {dtype} is not one of float32, bfloat16, float16")
     name = _CAPS_NAME[dtype]
     if name != "fp32" and not backend.caps.supports(name):
-        way_out = "use float16" if name == "bf16" and backend.caps.supports("fp16") else "use float32"
+        way_out = (
+            "use float16" if name == "bf16" and backend.caps.supports("fp16") else "use float32"
+        )
         raise HalError(
             f"dtype: {name} is not supported on {backend.caps.device_name} "
             f"({backend.caps.arch}); {way_out}"

@@ -186,14 +186,14 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
-        """Run every layer over the packed tokens; returns final-norm hidden [num_tokens, hidden]."""
+        """Run every layer over the packed tokens -> final-norm hidden [num_tokens, hidden]."""
         if len(kv_caches) != self.config.num_layers:
             raise ValueError(
                 f"kv_caches: got {len(kv_caches)} layers, the model has {self.config.num_layers}"
             )
         hidden = self.embed_tokens(batch.input_ids)  # [T, hidden]
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(batch.positions, hidden, residual, batch, kv_cache)
         hidden, _ = self.norm(hidden, residual)
         return hidden

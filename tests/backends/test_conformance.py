@@ -4,10 +4,17 @@ the implementation the backend reports. HYPOTHESIS_PROFILE=thorough explores fur
 
 from __future__ import annotations
 
-import pytest
+import dataclasses
 
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+from backends.cpu.backend import CpuBackend
 from hal.backend import Backend
-from tests.conformance.cases import OPS, OpSpec
+from hal.select import select_ops
+from tests.conformance.cases import OPS, OPS_BY_NAME, OpSpec
 from tests.conformance.runner import run_cell
 from tests.conformance.targets import BackendTarget, available_backends
 
@@ -41,3 +48,85 @@ def test_conformance(target: BackendTarget, op: OpSpec, dtype: str, hypothesis_p
         pytest.skip(cell.reason)
     assert cell.status == "pass", cell.report()
     assert cell.cases > 0
+
+
+# -- the harness itself can fail: one planted bug per backend, each must turn its cell red ------
+class _LowPrecisionAttention(CpuBackend):
+    def attention(self, query, key_cache, value_cache, *args, **kwargs):
+        # Computes in bf16 whatever the query dtype: fine for bf16 cells, wrong for fp32.
+        out = super().attention(query.bfloat16(), key_cache.bfloat16(), value_cache.bfloat16(),
+                                *args, **kwargs)  # fmt: skip
+        return out.to(query.dtype)
+
+
+class _NoSlidingWindow(CpuBackend):
+    def attention(self, *args, sliding_window=None, **kwargs):
+        return super().attention(*args, sliding_window=None, **kwargs)
+
+
+class _DropsLastToken(CpuBackend):
+    def write_kv(self, key, value, key_cache, value_cache, slot_mapping, kv_scale=None):
+        slots = slot_mapping.clone()
+        slots[-1] = -1
+        super().write_kv(key, value, key_cache, value_cache, slots, kv_scale)
+
+
+class _FloorInt8(CpuBackend):
+    def quantize_int8(self, x, scale=None, per_token=True):
+        _, s = super().quantize_int8(x, scale, per_token)
+        return torch.floor(x.float() / s).clamp(-128, 127).to(torch.int8), s
+
+
+class _SwappedRotary(CpuBackend):
+    def rotary(self, positions, query, key, cos_sin_cache, is_neox=True):
+        return super().rotary(positions, query, key, cos_sin_cache, not is_neox)
+
+
+class _StaleGraph(CpuBackend):
+    def capture_graph(self, fn, pool=None):
+        runner = super().capture_graph(fn, pool)
+        first = runner.replay()
+        runner.replay = lambda: first  # replays the capture-time result
+        return runner
+
+
+class _BypassesDispatch(CpuBackend):
+    def silu_and_mul(self, x):
+        # Right numbers, but not through the implementation the backend reports.
+        d = x.shape[-1] // 2
+        return (F.silu(x[..., :d].float()) * x[..., d:].float()).to(x.dtype)
+
+
+PLANTED = [
+    (_LowPrecisionAttention, "attention", "fp32"),
+    (_NoSlidingWindow, "attention", "fp16"),
+    (_DropsLastToken, "kv_write", "bf16"),
+    (_FloorInt8, "quantize_int8", "int8"),
+    (_SwappedRotary, "rotary/gptj", "fp32"),
+    (_StaleGraph, "graph", "fp32"),
+    (_BypassesDispatch, "silu_and_mul", "bf16"),
+]
+
+
+@pytest.mark.parametrize(("cls", "op", "dtype"), PLANTED, ids=[p[0].__name__ for p in PLANTED])
+def test_planted_bug_fails_its_cell(cls, op: str, dtype: str, cpu_caps) -> None:
+    backend = cls(cpu_caps, "cpu", select_ops("cpu", cpu_caps))
+    cell = run_cell(backend, OPS_BY_NAME[op], dtype, "ci", max_examples=15, shrink=False)
+    assert cell.status == "fail", cell.report()
+    assert cell.failing_case, "a failure must print the drawn case"
+
+
+def test_empty_run_fails(cpu_caps) -> None:
+    backend = CpuBackend(cpu_caps, "cpu", select_ops("cpu", cpu_caps))
+    never = dataclasses.replace(
+        OPS_BY_NAME["silu_and_mul"], strategy=lambda dt, c, lim: st.nothing()
+    )
+    cell = run_cell(backend, never, "fp32", "ci", max_examples=5)
+    assert cell.status == "fail" and cell.cases == 0, cell.report()
+
+
+def test_unsupported_dtype_skips_with_reason(cpu_caps) -> None:
+    caps = dataclasses.replace(cpu_caps, dtypes={**cpu_caps.dtypes, "fp16": "none"})
+    backend = CpuBackend(caps, "cpu", select_ops("cpu", caps))
+    cell = run_cell(backend, OPS_BY_NAME["linear"], "fp16", "ci")
+    assert cell.status == "skip" and "fp16 not supported" in cell.reason, cell.report()

@@ -7,7 +7,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 
 from hal.backend import Backend
 from tests.conformance.cases import CaseResult, Dispatch, OpSpec
@@ -19,7 +19,7 @@ _SUPPRESSED = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.fil
 
 
 def register_profiles() -> None:
-    """"ci": the same examples every run (derandomized, no example database), ~25 per cell;
+    """ "ci": the same examples every run (derandomized, no example database), ~25 per cell;
     "thorough": random exploration, ~500 per cell. Both print the reproduce blob on failure."""
     common = dict(deadline=None, print_blob=True, suppress_health_check=_SUPPRESSED)
     settings.register_profile("ci", derandomize=True, database=None, max_examples=25, **common)
@@ -69,8 +69,11 @@ def run_cell(
     profile: str = "ci",
     max_examples: int | None = None,
     label: str | None = None,
+    shrink: bool = True,
 ) -> CellResult:
-    """Run `op` in `dtype` on `backend` for the profile's examples; never raises for a failure."""
+    """Run `op` in `dtype` on `backend` for the profile's examples; never raises for a failure.
+
+    `shrink=False` reports the first failing case as drawn instead of the minimal one (faster)."""
     label = label or backend.name
     if dtype not in op.dtypes:
         raise ValueError(f"dtype: {dtype!r} is not a column of {op.name}; valid: {op.dtypes}")
@@ -87,7 +90,9 @@ def run_cell(
     last_failing: list[object] = []
     parent = settings.get_profile(profile)
 
-    @settings(parent, max_examples=max_examples or parent.max_examples)
+    phases = parent.phases if shrink else tuple(p for p in parent.phases if p != Phase.shrink)
+
+    @settings(parent, max_examples=max_examples or parent.max_examples, phases=phases)
     @given(case=strategy)
     def run(case: object) -> None:
         d = Dispatch(backend, module)

@@ -141,7 +141,8 @@ class AttentionBatch:
         slots = []
         for s, (n, q) in enumerate(zip(self.seq_lens, self.query_lens, strict=True)):
             pos = torch.arange(n - q, n)
-            slots.append(table[s, pos // self.block_size].long() * self.block_size + pos % self.block_size)
+            blocks = table[s, pos // self.block_size].long()
+            slots.append(blocks * self.block_size + pos % self.block_size)
         return torch.cat(slots)
 
     def build(self) -> dict[str, torch.Tensor | float | int | None]:
@@ -155,7 +156,8 @@ class AttentionBatch:
         table = self.block_tables()
         for s, n in enumerate(self.seq_lens):
             pos = torch.arange(n)
-            owned[table[s, pos // self.block_size].long() * self.block_size + pos % self.block_size] = True
+            blocks = table[s, pos // self.block_size].long()
+            owned[blocks * self.block_size + pos % self.block_size] = True
         caches = []
         for _ in range(2):
             vals = randn(shape, gen).reshape(-1, hkv, d)
@@ -527,12 +529,12 @@ class RmsNormCase:
 
     def build(self) -> dict[str, torch.Tensor | float | None]:
         gen, td = generator(self.seed), torch_dtype(self.dtype)
-        shape = (self.num_tokens, self.hidden)
+        shape, mag = (self.num_tokens, self.hidden), 10.0**self.exponent
         return {
-            "x": randn(shape, gen, 10.0**self.exponent).to(td),
+            "x": randn(shape, gen, mag).to(td),
             "weight": (1.0 + 0.1 * randn((self.hidden,), gen)).to(td),
             "eps": self.eps,
-            "residual": randn(shape, gen, 10.0**self.exponent).to(td) if self.with_residual else None,
+            "residual": randn(shape, gen, mag).to(td) if self.with_residual else None,
         }
 
 
@@ -568,7 +570,8 @@ class RotaryCase:
         gen, td = generator(self.seed), torch_dtype(self.dtype)
         # The standard RoPE table, built here independently of the reference's builder.
         half = self.rotary_dim // 2
-        inv_freq = 1.0 / self.base ** (torch.arange(half, dtype=torch.float64) * 2 / self.rotary_dim)
+        exponents = torch.arange(half, dtype=torch.float64) * 2 / self.rotary_dim
+        inv_freq = 1.0 / self.base**exponents
         freqs = torch.arange(self.max_position, dtype=torch.float64)[:, None] * inv_freq[None, :]
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(torch.float32)
         heads = self.num_kv_heads * self.gqa_ratio

@@ -151,10 +151,8 @@ def expected_dispatch(backend: Backend, family: str) -> tuple[str, str, list[str
         return chosen, "", [f"backend {backend.name} registers no candidate for {family}"]
     if chosen != expected.chosen:
         problems.append(f"{family}: backend reports {chosen!r}, selection says {expected.chosen!r}")
-    cand = next(
-        (c for c in REGISTRY.candidates(family, backend.name) if c.name == chosen), None
-    )
+    cand = next((c for c in REGISTRY.candidates(family, backend.name) if c.name == chosen), None)
     module = cand.target.partition(":")[0] if cand is not None else ""
     if not module:
-        problems.append(f"{family}: candidate {chosen!r} names no target, so its run is unverifiable")
+        problems.append(f"{family}: candidate {chosen!r} names no target; its run is unverifiable")
     return chosen, module, problems

@@ -6,7 +6,6 @@ tokenizer with a chat template, as a Hugging Face folder the engine's loader rea
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -164,19 +163,93 @@ def hf_greedy(model, prompt: list[int], num_tokens: int) -> tuple[list[int], lis
 
     EOS is switched off so both sides decode exactly num_tokens tokens.
     """
-    config = copy.deepcopy(model.generation_config)
-    config.eos_token_id = None
-    config.pad_token_id = 0
-    out = model.generate(
-        torch.tensor([prompt]),
-        generation_config=config,
-        max_new_tokens=num_tokens,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
+    # generate() fills unset fields from model.generation_config, so switch EOS off there.
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = None
+    try:
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=num_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    finally:
+        model.generation_config.eos_token_id = saved
     tokens = out.sequences[0, len(prompt) :].tolist()
+    if len(tokens) != num_tokens:
+        raise AssertionError(f"transformers stopped after {len(tokens)} of {num_tokens} tokens")
     logprobs = [
-        float(torch.log_softmax(score[0].float(), -1)[t]) for score, t in zip(out.logits, tokens)
+        float(torch.log_softmax(score[0].float(), -1)[t])
+        for score, t in zip(out.logits, tokens, strict=True)
     ]
     return tokens, logprobs
+
+
+def _llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """llama.cpp's convert_hf_to_gguf q/k row permutation (HF NeoX layout -> GPT-J layout)."""
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def write_gguf(hf_model, path: Path, drop: tuple[str, ...] = (), arch: str = "llama") -> Path:
+    """Write a Llama `hf_model` as an F32 GGUF the way llama.cpp converts it (q/k permuted).
+
+    `drop` leaves out the named GGUF tensors; `arch` sets general.architecture.
+    """
+    import gguf
+
+    cfg = hf_model.config
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny-llama")
+    writer.add_block_count(cfg.num_hidden_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    parts = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for name, tensor in hf_model.state_dict().items():
+        if name.startswith("model.layers."):
+            layer, rest = name[len("model.layers.") :].split(".", 1)
+            base, kind = rest.rsplit(".", 1)
+            gguf_name = f"blk.{layer}.{parts[base]}.{kind}"
+        elif name in names:
+            gguf_name = names[name]
+        else:
+            raise KeyError(name)
+        if gguf_name in drop:
+            continue
+        if ".attn_q." in gguf_name:
+            tensor = _llama_cpp_permute(tensor, cfg.num_attention_heads)
+        elif ".attn_k." in gguf_name:
+            tensor = _llama_cpp_permute(tensor, cfg.num_key_value_heads)
+        writer.add_tensor(gguf_name, tensor.detach().float().numpy().copy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -101,5 +101,5 @@ def test_logits_and_greedy_match_transformers(ours, reference):
     tokens, logprobs = PagedSequence(model, num_blocks=8, seed=1).greedy(prompt, 16)
     ref_tokens, ref_logprobs = hf_greedy(reference, prompt, 16)
     assert tokens == ref_tokens, (tokenizer.decode(tokens), tokenizer.decode(ref_tokens))
-    assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) <= GGUF_LOGPROB_ATOL
+    assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True)) <= GGUF_LOGPROB_ATOL
     assert "Paris" in tokenizer.decode(tokens)

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from models_fixtures import BLOCK_SIZE, VARIANTS, VOCAB, PagedSequence, build_model, hf_greedy
+from models_fixtures import (
+    BLOCK_SIZE,
+    VARIANTS,
+    VOCAB,
+    PagedSequence,
+    build_model,
+    hf_greedy,
+    write_gguf,
+)
 
 from engine.batch import ForwardBatch
 from engine.loader import load_model, resolve_dtype
@@ -71,7 +79,7 @@ def test_logits_and_greedy_match_transformers(variant, checkpoint, backend):
     tokens, logprobs = PagedSequence(model, seed=2).greedy(prompt, NUM_GREEDY)
     ref_tokens, ref_logprobs = hf_greedy(hf, prompt, NUM_GREEDY)
     assert tokens == ref_tokens
-    assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs)) <= LOGPROB_ATOL
+    assert max(abs(a - b) for a, b in zip(logprobs, ref_logprobs, strict=True)) <= LOGPROB_ATOL
 
 
 def test_config_reflects_each_variant(checkpoint, backend):
@@ -172,3 +180,16 @@ def test_default_dtype_per_device(backend, cpu_caps):
     assert resolve_dtype("bf16", backend) == torch.bfloat16
     with pytest.raises(ValueError, match="float64"):
         resolve_dtype("float64", backend)
+
+
+@pytest.mark.parametrize("variant", ["llama", "llama_bias"])
+def test_gguf_conversion_of_tiny_llama_matches_transformers(variant, checkpoint, backend, tmp_path):
+    """A tiny GQA Llama written as llama.cpp writes it (q/k rows permuted, biases included) loads
+    back to the original model: the un-permutation is right for q heads and for KV heads."""
+    _, hf = checkpoint(variant)
+    path = write_gguf(hf, tmp_path / "tiny.gguf")
+    model, config, _ = load_model(path, backend, "float32", with_tokenizer=False)
+    assert config.num_kv_heads == 2 and config.attention_bias == (variant == "llama_bias")
+    prompt = _prompt()
+    ours = PagedSequence(model).step(prompt, all_logits=True)
+    torch.testing.assert_close(ours, _hf_logits(hf, prompt), atol=LOGIT_ATOL, rtol=0)

@@ -253,6 +253,6 @@ def test_tensor_parallel_model_matches_single_rank(variant, tp, backend, tmp_pat
     _, ref = run(0, SINGLE)
     results = ThreadGroup(tp).run(run)
     assert results[0][0] == max(1, 2 // tp)  # KV heads per rank (2 in total)
-    for want, got in zip(ref, results[0][1]):
+    for want, got in zip(ref, results[0][1], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert all(logits is None for _, outs in results[1:] for logits in outs)

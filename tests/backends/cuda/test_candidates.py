@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import backends  # noqa: F401  (declares cpu; `backends.cuda` below declares cuda)
+from backends.cpu import linear as ref_linear
+from backends.cpu import quant as ref_quant
 from backends.cpu.attention import paged_attention
 from backends.cuda import candidates as rules
 from backends.cuda.backend import CudaBackend
@@ -245,7 +247,7 @@ def test_load_backend_for_a_profile_reports_every_family() -> None:
 
 def test_tf32_policy(monkeypatch: pytest.MonkeyPatch) -> None:
     assert CudaBackend(H100).allow_tf32 is True
-    assert CudaBackend(H100).info.settings["tf32"].startswith("on")
+    assert CudaBackend(H100).info.settings["tf32"] == "on"
     t4 = CudaBackend(T4)
     assert t4.allow_tf32 is False and t4.info.settings["tf32"] == "off (NVIDIA T4 has no TF32)"
     assert CudaBackend(H100, allow_tf32=False).info.settings["tf32"] == "off (disabled by config)"
@@ -289,3 +291,23 @@ def test_flash_attn_input_limits_fall_back_to_sdpa_or_fail_when_required(
     strict = CudaBackend(H100)
     with pytest.raises(SelectionError, match="float16 or bfloat16 only, query is torch.float32"):
         strict.attention(*args)
+
+
+def test_fnuz_operands_fall_back_to_dequant_gemm_or_fail_when_required(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # NVIDIA FP8 tensor cores do not compute AMD's e4m3fnuz; the dequant path (plain torch, so it
+    # runs here on CPU tensors) takes those operands and matches the reference exactly.
+    fnuz = torch.float8_e4m3fnuz
+    gen = torch.Generator().manual_seed(0)
+    x_q, x_s = ref_quant.quantize_fp8(torch.randn(5, 32, generator=gen), fnuz, per_token=True)
+    w_q, w_s = ref_quant.quantize_fp8(torch.randn(16, 32, generator=gen), fnuz, per_token=True)
+    backend = CudaBackend(H100)
+    assert backend.chosen("fp8_gemm") == "scaled_mm"
+    out = backend.fp8_linear(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
+    assert backend.ran["fp8_gemm"] == "dequant_gemm"
+    ref = ref_linear.fp8_linear(x_q, x_s, w_q, w_s, out_dtype=torch.float32)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    monkeypatch.setenv("HAL_FP8_GEMM_BACKEND", "require:scaled_mm")
+    with pytest.raises(SelectionError, match="e4m3fnuz is AMD's encoding"):
+        CudaBackend(H100).fp8_linear(x_q, x_s, w_q, w_s, out_dtype=torch.float32)

@@ -1,0 +1,200 @@
+"""End to end through `LLM`: exact against transformers, batch invariance, sampling features, errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from models_fixtures import build_model, hf_greedy
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    hf = build_model("llama", folder)
+    return folder, hf
+
+
+def _llm(folder, **kw) -> LLM:
+    kw.setdefault("kv_cache_memory_bytes", 8 << 20)
+    return LLM(model=str(folder), dtype="float32", device="cpu", **kw)
+
+
+def _prompts(n: int, seed: int = 0, low: int = 3, high: int = 60) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 384) for _ in range(rng.randint(low, high))] for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    """Each prompt's greedy tokens from transformers, one prompt at a time."""
+    _, hf = tiny
+    prompts = _prompts(6)
+    return prompts, [hf_greedy(hf, p, GREEDY.max_tokens)[0] for p in prompts]
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_greedy_matches_transformers_batched(tiny, reference):
+    folder, _ = tiny
+    prompts, expected = reference
+    llm = _llm(folder)
+    assert _tokens(llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)) == expected
+    # Alone, one at a time, gives the same.
+    for p, e in zip(prompts[:2], expected[:2]):
+        assert _tokens(llm.generate(prompt_token_ids=[p], sampling_params=GREEDY)) == [e]
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(enable_chunked_prefill=True, max_num_batched_tokens=16),  # prompts split in chunks
+        dict(enable_prefix_caching=False),
+        dict(num_gpu_blocks=9, max_model_len=128),  # 8 usable blocks = 128 tokens: forces preemption by recompute
+        dict(num_gpu_blocks=9, max_model_len=128, preemption_mode="swap", swap_space=0.01),
+        dict(block_size=8, max_num_seqs=2),
+    ],
+    ids=["chunked", "no-prefix-cache", "preempt-recompute", "preempt-swap", "bs8-maxseqs2"],
+)
+def test_batch_invariance(tiny, reference, kw):
+    folder, _ = tiny
+    prompts, expected = reference
+    llm = _llm(folder, **kw)
+    assert _tokens(llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)) == expected
+    if "num_gpu_blocks" in kw:
+        assert llm.engine.scheduler.num_preemptions > 0, "the tiny pool should have preempted"
+    stats = llm.engine.kv_stats()
+    assert stats.num_used_blocks == 0, "blocks leaked after every request finished"
+
+
+def test_prefix_cache_hits_and_same_tokens(tiny, reference):
+    folder, _ = tiny
+    prompts, expected = reference
+    llm = _llm(folder)
+    shared = prompts[0] * 2  # > 2 full blocks shared by both requests
+    first = llm.generate(prompt_token_ids=[shared], sampling_params=GREEDY)
+    second = llm.generate(prompt_token_ids=[shared], sampling_params=GREEDY)
+    assert _tokens(first) == _tokens(second)
+    assert llm.engine.kv_stats().prefix_cache_hits >= 32
+
+
+def test_waste_under_four_percent(tiny):
+    folder, _ = tiny
+    llm = _llm(folder, kv_cache_memory_bytes=32 << 20)
+    prompts = _prompts(16, seed=3, low=225, high=245)
+    llm.generate(prompt_token_ids=prompts, sampling_params=SamplingParams(max_tokens=8))
+    peak = llm.engine.peak_kv_stats
+    assert peak is not None and peak.num_used_blocks > 0
+    # Only each sequence's last block is partly empty: at most block_size - 1 slots each.
+    assert peak.num_allocated_slots - peak.num_held_tokens <= 16 * 15
+    assert peak.waste < 0.04, llm.engine.kv_report()
+
+
+def test_seeded_sampling_is_batch_invariant(tiny):
+    folder, _ = tiny
+    llm = _llm(folder)
+    prompts = _prompts(4, seed=5)
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=10, ignore_eos=True)
+    alone = _tokens(llm.generate(prompt_token_ids=prompts[:1], sampling_params=params))
+    batched = _tokens(llm.generate(prompt_token_ids=prompts, sampling_params=params))
+    assert alone[0] == batched[0]
+
+
+def test_n_greater_than_one(tiny):
+    folder, _ = tiny
+    llm = _llm(folder)
+    params = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    (out,) = llm.generate(prompt_token_ids=_prompts(1, seed=9), sampling_params=params)
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1, "3 seeded samples all identical"
+    assert llm.engine.kv_stats().num_used_blocks == 0
+    # n greedy samples are all the greedy sequence.
+    params = SamplingParams(n=2, temperature=0, max_tokens=6, ignore_eos=True)
+    (out,) = llm.generate(prompt_token_ids=_prompts(1, seed=9), sampling_params=params)
+    assert out.outputs[0].token_ids == out.outputs[1].token_ids
+
+
+def test_logprobs_match_transformers(tiny, reference):
+    folder, hf = tiny
+    prompts, _ = reference
+    llm = _llm(folder)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    (out,) = llm.generate(prompt_token_ids=prompts[:1], sampling_params=params)
+    tokens, logprobs = hf_greedy(hf, prompts[0], 6)
+    c = out.outputs[0]
+    assert c.token_ids == tokens
+    assert len(c.logprobs) == 6 and all(len(d) >= 3 for d in c.logprobs)
+    got = [d[t] for d, t in zip(c.logprobs, c.token_ids)]
+    # float32 end to end: differences are accumulation order only.
+    assert torch.allclose(torch.tensor(got), torch.tensor(logprobs), atol=1e-4)
+    assert c.cumulative_logprob == pytest.approx(sum(got), abs=1e-4)
+
+
+def test_stop_strings_and_stop_tokens(tiny, reference):
+    folder, _ = tiny
+    prompts, expected = reference
+    llm = _llm(folder)
+    tok = llm.get_tokenizer()
+    full = tok.decode(expected[0])
+    stop_token = expected[0][4]
+    params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_token])
+    (out,) = llm.generate(prompt_token_ids=prompts[:1], sampling_params=params)
+    first = expected[0].index(stop_token)
+    assert out.outputs[0].token_ids == expected[0][: first + 1]
+    assert out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop_token
+    stop_str = full[len(full) // 2 : len(full) // 2 + 2]
+    if stop_str.strip():
+        params = SamplingParams(temperature=0, max_tokens=12, stop=[stop_str], ignore_eos=True)
+        (out,) = llm.generate(prompt_token_ids=prompts[:1], sampling_params=params)
+        assert out.outputs[0].text == full[: full.index(stop_str)]
+        assert out.outputs[0].finish_reason == "stop"
+
+
+def test_chat_uses_template(tiny):
+    folder, _ = tiny
+    llm = _llm(folder)
+    (out,) = llm.chat([{"role": "user", "content": "hello"}], SamplingParams(max_tokens=3))
+    assert out.prompt_token_ids[0] == llm.get_tokenizer().convert_tokens_to_ids("<|im_start|>")
+    assert out.outputs[0].finish_reason in ("stop", "length")
+
+
+def test_bad_input(tiny):
+    folder, _ = tiny
+    llm = _llm(folder, max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len=64"):
+        llm.generate(prompt_token_ids=[[5] * 64], sampling_params=GREEDY)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([""], GREEDY)
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=0), dict(n=0), dict(max_tokens=0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        _llm(folder, max_model_len=100000)
+    # The engine still serves after the rejected requests; nothing was queued by them.
+    out = llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=GREEDY)
+    assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
+
+
+def test_abort_frees_blocks(tiny):
+    folder, _ = tiny
+    llm = _llm(folder)
+    engine = llm.engine
+    keep = engine.add_request(None, GREEDY, prompt_token_ids=[5] * 40)
+    drop = engine.add_request(None, SamplingParams(max_tokens=50), prompt_token_ids=[6] * 40)
+    engine.step()
+    assert engine.abort_request(drop)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert len(finished[keep].outputs[0].token_ids) == GREEDY.max_tokens
+    assert engine.kv_stats().num_used_blocks == 0
