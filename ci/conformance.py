@@ -49,15 +49,19 @@ def run_matrix(
     dtypes: list[str] | None,
     profile: str,
     max_examples: int | None,
-) -> tuple[list[CellResult], dict[str, list[str]]]:
-    """All cells; also each loaded backend's per-op selection lines (`describe()`)."""
+) -> tuple[list[CellResult], dict[str, dict]]:
+    """All cells; also each loaded backend's device, settings and per-op selections."""
     cells, described = [], {}
     for target in targets:
         backend, load_error = None, ""
         if target.mode != "unavailable":
             try:
                 backend = target.load()
-                described[target.label] = backend.describe()
+                described[target.label] = {
+                    "device": str(backend.device),
+                    "settings": dict(backend.info.settings),
+                    "selections": backend.describe(),
+                }
             except Exception as exc:  # a backend that cannot be built fails all its cells
                 load_error = f"backend did not load: {type(exc).__name__}: {exc}"
         for op in ops:
@@ -121,7 +125,10 @@ def notes(cells: list[CellResult]) -> list[str]:
     for c in cells:
         if c.status == "skip":
             reasons.setdefault(f"{c.backend}: {c.reason}", []).append(f"{c.op} {c.dtype}")
-    out += [f"skip {why} ({', '.join(where)})" for why, where in reasons.items()]
+    for why, where in reasons.items():
+        backend = why.split(": ", 1)[0]
+        total = sum(1 for c in cells if c.backend == backend)
+        out.append(f"skip {why} ({'all cells' if len(where) == total else ', '.join(where)})")
     return out
 
 
@@ -185,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     header, rows = matrix_rows(cells)
     print(format_text(header, rows))
+    for label, info in described.items():
+        settings = ", ".join(f"{k} {v}" for k, v in info["settings"].items())
+        print(f"{label}: device {info['device']}" + (f"; {settings}" if settings else ""))
     for line in notes(cells):
         print(line)
     failed = [c for c in cells if c.status == "fail"]
@@ -203,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                 "name": t.name,
                 "mode": t.mode,
                 "reason": t.reason,
-                "selections": described.get(t.label),
+                **described.get(t.label, {}),
             }
             for t in targets
             if t.name in names

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
+from collections import Counter
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
@@ -79,7 +80,10 @@ class KVCacheManager:
         self.cpu_tables: dict[int, list[Block]] = {}  # seq_id -> CPU blocks while swapped
         self._num_slots: dict[int, int] = {}  # seq_id -> token slots its table is sized for
         self._num_registered: dict[int, int] = {}  # seq_id -> leading blocks offered to the cache
-        self._pending_release: list[Block] = []  # CoW sources, held until the step is built
+        # CoW sources keep the writer's reference until the step is built; _pending_refs counts
+        # those references per block so they do not count as sharers.
+        self._pending_release: list[Block] = []
+        self._pending_refs: Counter[int] = Counter()
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
 
@@ -141,8 +145,13 @@ class KVCacheManager:
         num_new_blocks = max(
             0, _cdiv(num_slots, self.block_size) - len(table) - len(computed_blocks)
         )
-        # Blocks that receive new tokens must be private: copy the shared ones first.
-        cow = [i for i in range(start // self.block_size, len(table)) if table[i].ref_cnt > 1]
+        # Blocks that receive new tokens must be private: copy the shared ones first (the last
+        # sharer writes in place).
+        cow = [
+            i
+            for i in range(start // self.block_size, len(table))
+            if table[i].ref_cnt - self._pending_refs[table[i].block_id] > 1
+        ]
         revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if num_new_blocks + len(cow) > self.gpu_pool.num_free_blocks - revived:
             return None
@@ -158,6 +167,7 @@ class KVCacheManager:
             # src keeps this sequence's reference until release_pending(): a block freed and
             # handed out again in the same step could be a copy's source and destination at once.
             self._pending_release.append(src)
+            self._pending_refs[src.block_id] += 1
             copies.append((src.block_id, dst.block_id))
         table.extend(self.gpu_pool.get_new_blocks(num_new_blocks))
         self.block_tables[seq.seq_id] = table
@@ -169,6 +179,7 @@ class KVCacheManager:
         """Drop the references copy-on-write sources kept during the step's scheduling."""
         self.gpu_pool.free_blocks(self._pending_release)
         self._pending_release.clear()
+        self._pending_refs.clear()
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Offer seq's full, computed blocks to the prefix cache (after their KV is written)."""

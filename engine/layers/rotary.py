@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from backends.cpu.rotary import build_cos_sin_cache
 from hal.backend import Backend
+from hal.rope import build_cos_sin_cache
 
 
 class RotaryEmbedding(nn.Module):

@@ -61,6 +61,22 @@ def _unpermute_rows(w: np.ndarray, head_dim: int) -> np.ndarray:
     return w.reshape(heads, head_dim // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
+def _column_bytes(
+    ggml_type, dtype: np.dtype, start: int, stop: int | None, num_cols: int
+) -> slice | None:
+    """The slice of a row's stored items holding columns [start, stop), or None if a quantization
+    block straddles either end (then the whole row is unpacked and sliced afterwards)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    stop = num_cols if stop is None else stop
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    if start % block_size or stop % block_size:
+        return None
+    if dtype == np.uint8:  # quantized: rows are raw bytes, type_size per block
+        return slice(start // block_size * type_size, stop // block_size * type_size)
+    return slice(start, stop)  # float tensors are stored as typed elements
+
+
 class GGUFSource:
     """A `TensorSource` over one GGUF file; reads metadata once and dequantizes on demand."""
 
@@ -133,11 +149,18 @@ class GGUFSource:
         permuted = ".q_proj." in name or ".k_proj." in name
         try:
             data = np.asarray(tensor.data)  # plain view: numpy.memmap slicing is slow per row
+            shape = list(self.shape(name))
             if dim == 0:  # quantized blocks never span rows, so slice rows before unpacking
                 data = data[start:stop]
+                shape[0] = data.shape[0]
+            elif dim == 1 and not permuted and data.ndim == 2:
+                cols = _column_bytes(tensor.tensor_type, data.dtype, start, stop, shape[1])
+                if cols is not None:  # block-aligned: unpack only this rank's columns
+                    data = data[:, cols]
+                    shape[1] = (stop if stop is not None else shape[1]) - start
+                    dim = None
             w = quants.dequantize(data, tensor.tensor_type)  # fp32 [rows, cols] or [n]
-            rows = self.shape(name)[0] if dim != 0 else w.shape[0]
-            w = w.reshape((rows, *self.shape(name)[1:]))
+            w = w.reshape(shape)
         except Exception as e:
             raise WeightLoadError(
                 f"{self.location(name)}: tensor {name!r} could not be dequantized ({e})"

@@ -87,8 +87,10 @@ def close(name: str, out: torch.Tensor, ref: torch.Tensor, allowed: torch.Tensor
     return CaseResult(False, e, r, detail)
 
 
-def within(name: str, out: torch.Tensor, ref: torch.Tensor, dtype, magnitude=1.0, k=1, tf32=False):
-    tol = tolerance(dtype, tf32=tf32)
+def within(
+    name: str, out, ref, dtype, magnitude=1.0, k=1, tf32=False, fp8_gemm=False
+) -> CaseResult:
+    tol = tolerance(dtype, tf32=tf32, fp8_gemm=fp8_gemm)
     return close(name, out, ref, tol.allowed(ref.to(F64), magnitude, k))
 
 
@@ -195,14 +197,18 @@ def check_attention(d: Dispatch, case: S.AttentionBatch) -> CaseResult:
     return within("attention", out, ref, case.dtype, v_max)
 
 
+def tf32(d: Dispatch) -> bool:
+    """Whether the backend reports TF32 on for fp32 GEMMs (its policy, in info.settings)."""
+    return d.backend.info.settings.get("tf32") == "on"
+
+
 # -- linear --------------------------------------------------------------------------------------
 def check_linear(d: Dispatch, case: S.LinearCase) -> CaseResult:
     t = case.build()
     out = d("linear", d.to(t["x"]), d.to(t["weight"]), d.to(t["bias"]))
     ref = linear.linear(f64(t["x"]), f64(t["weight"]), f64(t["bias"]))
-    tf32 = d.backend.info.settings.get("tf32") == "on"
     mag = amax(t["x"]) * amax(t["weight"])
-    return within("y", out, ref, case.dtype, mag, case.shape.k, tf32=tf32)
+    return within("y", out, ref, case.dtype, mag, case.shape.k, tf32=tf32(d))
 
 
 def check_scaled_linear(d: Dispatch, case: S.ScaledGemmCase) -> CaseResult:
@@ -218,7 +224,8 @@ def check_scaled_linear(d: Dispatch, case: S.ScaledGemmCase) -> CaseResult:
     x = t["x_q"].to(F64) * t["x_scale"].to(F64)  # the dequantized operands, exactly
     w = t["w_q"].to(F64) * t["w_scale"].to(F64)
     ref = linear.linear(x, w, f64(t["bias"]))
-    return within("y", out, ref, case.out_dtype, amax(x) * amax(w), case.shape.k)
+    fp8 = case.qdtype != "int8"
+    return within("y", out, ref, case.out_dtype, amax(x) * amax(w), case.shape.k, fp8_gemm=fp8)
 
 
 def check_int4_linear(d: Dispatch, case: S.Int4Case) -> CaseResult:
@@ -231,7 +238,7 @@ def check_int4_linear(d: Dispatch, case: S.Int4Case) -> CaseResult:
     args = (t["qweight"], f64(t["scales"]), t["zeros"], case.group_size, t["g_idx"])
     ref = linear.int4_linear(f64(t["x"]), *args, f64(t["bias"]))
     w = quant.dequantize_int4(*args)
-    return within("y", out, ref, case.dtype, amax(t["x"]) * amax(w), case.k)
+    return within("y", out, ref, case.dtype, amax(t["x"]) * amax(w), case.k, tf32=tf32(d))
 
 
 # -- quantize / dequantize -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ backend with on the CPU, or None when the interpreter cannot run it here (e.g. T
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import platform
 import sys
@@ -75,7 +76,19 @@ class BackendTarget:
             # Triton reads this when kernels are defined, so it must be set before their import.
             os.environ["TRITON_INTERPRET"] = "1"
             return load_backend(self.caps, device="cpu", configured=f"require:{self.name}")
-        return load_backend(self.caps, configured=f"require:{self.name}")
+        device = _default_device(self.name)
+        return load_backend(self.caps, device=device, configured=f"require:{self.name}")
+
+
+def _default_device(name: str) -> str | None:
+    """The device a backend class defaults to (the CPU backend: "cpu", even on a GPU machine);
+    None leaves it to `load_backend` (the capabilities' device type)."""
+    cand = next(c for c in REGISTRY.candidates("backend") if c.name == name)
+    module, _, attr = cand.target.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    param = inspect.signature(cls.__init__).parameters.get("device")
+    default = None if param is None else param.default
+    return default if isinstance(default, str) else None
 
 
 def _package(candidate: Candidate) -> str:

@@ -84,6 +84,7 @@ def test_shard_reads_equal_slices_of_full_tensor(ours):
     assert torch.equal(source.read(q, 0, 192, 384), full[192:384])
     down = "model.layers.3.mlp.down_proj.weight"
     assert torch.equal(source.read(down, 1, 512, 1024), source.read(down)[:, 512:1024])
+    assert torch.equal(source.read(down, 1, 500, 1000), source.read(down)[:, 500:1000])  # unaligned
     assert source.shape(down) == (576, 1536)
 
 

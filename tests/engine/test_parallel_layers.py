@@ -12,7 +12,7 @@ import threading
 
 import pytest
 import torch
-from models_fixtures import VOCAB, PagedSequence, build_model
+from models_fixtures import VOCAB, PagedSequence, build_model, write_gguf
 
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.linear import (
@@ -238,15 +238,20 @@ def test_parallel_context_validates():
     assert SINGLE.all_reduce(x) is x and SINGLE.gather(x) is x  # tp 1: no copies, no calls
 
 
-@pytest.mark.parametrize("variant,tp", [("llama_bias", 2), ("llama_bias", 4), ("qwen2", 2)])
-def test_tensor_parallel_model_matches_single_rank(variant, tp, backend, tmp_path):
-    """Sharded loading + collectives: ranks in threads compute the tp=1 logits on the driver."""
-    build_model(variant, tmp_path)
+@pytest.mark.parametrize(
+    "variant,tp,fmt",
+    [("llama_bias", 2, "hf"), ("llama_bias", 4, "hf"), ("qwen2", 2, "hf"), ("llama", 2, "gguf")],
+)
+def test_tensor_parallel_model_matches_single_rank(variant, tp, fmt, backend, tmp_path):
+    """Sharded loading + collectives: ranks in threads compute the tp=1 logits on the driver.
+    tp 4 > 2 KV heads replicates them; the GGUF case reads row and column slices of a GGUF."""
+    hf = build_model(variant, tmp_path)
+    path = write_gguf(hf, tmp_path / "model.gguf") if fmt == "gguf" else tmp_path
     prompt = torch.randint(3, VOCAB, (18,), generator=torch.Generator().manual_seed(0)).tolist()
     steps = [prompt, [5], [7]]
 
     def run(rank, parallel):
-        model, _, _ = load_model(tmp_path, backend, "float32", parallel, with_tokenizer=False)
+        model, _, _ = load_model(path, backend, "float32", parallel, with_tokenizer=False)
         seq = PagedSequence(model, seed=3)
         return model.num_kv_heads, [seq.step(tokens) for tokens in steps]
 
