@@ -101,7 +101,8 @@ def matrix_rows(cells: list[CellResult], ratio: bool = False) -> tuple[list[str]
         if (c.backend, c.op) not in seen:
             seen.append((c.backend, c.op))
     for backend, op in seen:
-        impl = next((c.impl for c in cells if (c.backend, c.op) == (backend, op) and c.impl), "")
+        impls = [c.impl for c in cells if (c.backend, c.op) == (backend, op) and c.impl]
+        impl = " / ".join(dict.fromkeys(impls))  # distinct, e.g. a per-dtype fallback
         texts = [_cell_text(by_key.get((backend, op, d)), ratio) for d in used]
         rows.append([backend, op, impl or "-", *texts])
     return ["backend", "op", "impl", *used], rows

@@ -49,3 +49,17 @@ for _family in OP_FAMILIES:
             target=_TARGETS.get(_family, ""),
         )
     )
+
+# The CPU engine's fast attention: batched SDPA over the gathered pages, checked against the
+# reference above (which stays the oracle). HAL_ATTENTION_BACKEND=reference forces the reference.
+REGISTRY.register(
+    Candidate(
+        family="attention",
+        name="sdpa",
+        priority=10,
+        check=_always,
+        description="batched torch SDPA over the paged KV (one call per step)",
+        scope="cpu",
+        target="backends.cpu.sdpa:sdpa_attention",
+    )
+)

@@ -12,7 +12,17 @@ from collections.abc import Callable
 
 import torch
 
-from backends.cpu import activation, attention, graphs, kv_cache, linear, norm, quant, rotary
+from backends.cpu import (
+    activation,
+    attention,
+    graphs,
+    kv_cache,
+    linear,
+    norm,
+    quant,
+    rotary,
+    sdpa,
+)
 from hal.backend import Backend, GraphRunner
 from hal.capabilities import Capabilities
 from hal.registry import Selection
@@ -56,7 +66,8 @@ class CpuBackend(Backend):
         soft_cap=None,
         kv_scale=None,
     ) -> torch.Tensor:
-        return attention.paged_attention(
+        fn = sdpa.sdpa_attention if self.chosen("attention") == "sdpa" else attention.paged_attention
+        return fn(
             query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
             sliding_window, soft_cap, kv_scale,
         )  # fmt: skip

@@ -18,7 +18,7 @@ from backends.cpu import activation, attention, kv_cache, linear, norm, quant, r
 from hal.backend import Backend
 from hal.capabilities import Capabilities
 from tests.conformance import strategies as S
-from tests.conformance.targets import DispatchSpy
+from tests.conformance.targets import DispatchPlan, DispatchSpy
 from tests.conformance.tolerances import UNIT_ROUNDOFF, quantization_tolerance, tolerance
 
 F64 = torch.float64
@@ -44,18 +44,21 @@ class CaseResult:
 
 
 class Dispatch:
-    """Calls the backend's ops while watching that the chosen implementation's module ran."""
+    """Calls the backend's ops while watching that the chosen implementation's module ran, and
+    naming which of the family's candidate functions actually ran."""
 
-    def __init__(self, backend: Backend, module: str) -> None:
-        self.backend, self.module = backend, module
+    def __init__(self, backend: Backend, plan: DispatchPlan) -> None:
+        self.backend, self.plan = backend, plan
         self.device = backend.device
         self.missed: list[str] = []
+        self.ran: set[str] = set()
 
     def __call__(self, op: str, *args, **kwargs):
-        with DispatchSpy(self.module) as spy:
+        with DispatchSpy(self.plan.module, self.plan.functions) as spy:
             out = getattr(self.backend, op)(*args, **kwargs)
         if not spy.hit:
             self.missed.append(op)
+        self.ran |= spy.ran
         return out
 
     def to(self, t: torch.Tensor | None) -> torch.Tensor | None:
@@ -224,8 +227,11 @@ def check_scaled_linear(d: Dispatch, case: S.ScaledGemmCase) -> CaseResult:
     x = t["x_q"].to(F64) * t["x_scale"].to(F64)  # the dequantized operands, exactly
     w = t["w_q"].to(F64) * t["w_scale"].to(F64)
     ref = linear.linear(x, w, f64(t["bias"]))
-    fp8 = case.qdtype != "int8"
-    return within("y", out, ref, case.out_dtype, amax(x) * amax(w), case.shape.k, fp8_gemm=fp8)
+    # A backend whose FP8 GEMM runs on tensor cores says so (settings["fp8_accumulate"]).
+    fp8_tc = (
+        case.qdtype != "int8" and d.backend.info.settings.get("fp8_accumulate") == "tensor-core"
+    )
+    return within("y", out, ref, case.out_dtype, amax(x) * amax(w), case.shape.k, fp8_gemm=fp8_tc)
 
 
 def check_int4_linear(d: Dispatch, case: S.Int4Case) -> CaseResult:

@@ -43,7 +43,7 @@ class CellResult:
     cases: int = 0
     max_abs_err: float = 0.0
     worst_ratio: float = 0.0  # worst |err| / allowed over the cell's cases (<= 1 passes)
-    impl: str = ""  # the implementation backend.chosen(family) reports (and the spy saw run)
+    impl: str = ""  # backend.chosen(family), plus "(ran X)" when other candidate code ran
     failing_case: str = ""
     seconds: float = 0.0
 
@@ -80,11 +80,12 @@ def run_cell(
     missing = op.missing(dtype, backend.caps)
     if missing:
         return skip(label, op, dtype, missing)
-    impl, module, problems = expected_dispatch(backend, op.family)
-    cell = CellResult(label, op.name, dtype, "fail", impl=impl)
-    if problems:
-        cell.reason = "dispatch: " + "; ".join(problems)
+    plan = expected_dispatch(backend, op.family)
+    cell = CellResult(label, op.name, dtype, "fail", impl=plan.chosen)
+    if plan.problems:
+        cell.reason = "dispatch: " + "; ".join(plan.problems)
         return cell
+    ran: set[str] = set()
     strategy = op.strategy(dtype, backend.caps, limits_for(profile))
     results: list[CaseResult] = []
     last_failing: list[object] = []
@@ -95,16 +96,16 @@ def run_cell(
     @settings(parent, max_examples=max_examples or parent.max_examples, phases=phases)
     @given(case=strategy)
     def run(case: object) -> None:
-        d = Dispatch(backend, module)
+        d = Dispatch(backend, plan)
         try:
             res = op.check(d, case)
         except Exception:
             last_failing.append(case)
             raise
+        ran.update(d.ran)
         if d.missed:
-            res = res.merge(
-                CaseResult(False, detail=f"dispatch: no code of {module} ran in {d.missed}")
-            )
+            detail = f"dispatch: no code of {plan.module} ran in {d.missed}"
+            res = res.merge(CaseResult(False, detail=detail))
         results.append(res)
         if not res.ok:
             last_failing.append(case)
@@ -126,6 +127,8 @@ def run_cell(
         if last_failing:
             cell.failing_case = repr(last_failing[-1])
     cell.seconds = time.perf_counter() - start
+    if ran - {plan.chosen}:  # a per-input fallback inside the backend: say what really ran
+        cell.impl = f"{plan.chosen} (ran {', '.join(sorted(ran))})"
     cell.cases = len(results)
     cell.max_abs_err = max((r.max_abs_err for r in results), default=0.0)
     cell.worst_ratio = max((r.ratio for r in results), default=0.0)

@@ -20,7 +20,7 @@ import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
+from types import CodeType, FrameType
 
 import torch
 
@@ -130,19 +130,27 @@ def available_backends(caps: Capabilities | None = None) -> list[BackendTarget]:
 
 
 class DispatchSpy:
-    """Records whether code from `module`'s file ran inside the `with` block (sys.setprofile)."""
+    """Watches, inside the `with` block (sys.setprofile), whether code of `module`'s file ran
+    (`hit`) and which of the family's candidate functions were entered (`ran`, their names)."""
 
-    def __init__(self, module: str) -> None:
+    def __init__(self, module: str, functions: dict[CodeType, str] | None = None) -> None:
         self.module = module
         mod = importlib.import_module(module)
         file = getattr(mod, "__file__", None)
         self.filename = str(Path(file).resolve()) if file else ""
+        self.functions = functions or {}
         self.hit = False
+        self.ran: set[str] = set()
 
     def _hook(self, frame: FrameType, event: str, arg: object) -> None:
-        if event == "call" and frame.f_code.co_filename == self.filename:
+        if event != "call":
+            return
+        code = frame.f_code
+        if code.co_filename == self.filename:
             self.hit = True
-            sys.setprofile(self._previous)  # one hit is enough; stop paying for the hook
+        name = self.functions.get(code)
+        if name is not None:
+            self.ran.add(name)
 
     def __enter__(self) -> DispatchSpy:
         self._previous = sys.getprofile()
@@ -153,19 +161,44 @@ class DispatchSpy:
         sys.setprofile(self._previous)
 
 
-def expected_dispatch(backend: Backend, family: str) -> tuple[str, str, list[str]]:
-    """(implementation the backend reports, its target module, problems). Problems are empty when
-    the backend's recorded choice equals a fresh selection for its capabilities and the chosen
-    candidate names a target module the spy can watch."""
+@dataclass(frozen=True)
+class DispatchPlan:
+    """What a cell expects to run: the reported implementation, its module, and the code objects
+    of every candidate function of the family (to name what actually ran)."""
+
+    chosen: str
+    module: str
+    functions: dict[CodeType, str]
+    problems: tuple[str, ...]
+
+
+def _function_code(target: str) -> CodeType | None:
+    module, _, attr = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError):
+        return None  # e.g. an optional library this candidate needs is absent
+    return getattr(fn, "__code__", None)
+
+
+def expected_dispatch(backend: Backend, family: str) -> DispatchPlan:
+    """Problems are empty when the backend's recorded choice equals a fresh selection for its
+    capabilities and the chosen candidate names a target module the spy can watch."""
     problems = []
     chosen = backend.chosen(family)
     expected = select_ops(backend.name, backend.caps).get(family)
     if expected is None:
-        return chosen, "", [f"backend {backend.name} registers no candidate for {family}"]
+        return DispatchPlan(chosen, "", {}, (f"backend {backend.name} has no {family} candidate",))
     if chosen != expected.chosen:
         problems.append(f"{family}: backend reports {chosen!r}, selection says {expected.chosen!r}")
-    cand = next((c for c in REGISTRY.candidates(family, backend.name) if c.name == chosen), None)
+    cands = REGISTRY.candidates(family, backend.name)
+    cand = next((c for c in cands if c.name == chosen), None)
     module = cand.target.partition(":")[0] if cand is not None else ""
     if not module:
         problems.append(f"{family}: candidate {chosen!r} names no target; its run is unverifiable")
-    return chosen, module, problems
+    functions = {}
+    for c in cands:
+        code = _function_code(c.target) if c.target else None
+        if code is not None:
+            functions[code] = c.name
+    return DispatchPlan(chosen, module, functions, tuple(problems))

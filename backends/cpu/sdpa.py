@@ -1,0 +1,96 @@
+"""Batched paged attention for the CPU engine: one padded gather and one SDPA call per step.
+
+Same contract and math as `attention.paged_attention` (the oracle it is tested against), but all
+sequences at once: KV is gathered through the block tables into [num_seqs, max_seq_len] with a
+mask for causality, the window and padding, then torch's scaled_dot_product_attention (its CPU
+flash kernel) runs over the batch. Soft-capping needs the scores, so it takes the explicit path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from backends.cpu.attention import _check_inputs
+from backends.cpu.kv_cache import decode_kv
+from backends.cpu.quant import compute_dtype
+
+
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int, kv_scale, dtype):
+    # cache: [num_blocks, block_size, kv_heads, head_dim] -> [num_seqs, max_len, kv_heads, dim]
+    block_size = cache.shape[1]
+    num_blocks = -(-max_len // block_size)
+    tables = block_tables[:, :num_blocks].long()
+    x = cache[tables]  # [num_seqs, num_blocks, block_size, kv_heads, head_dim]
+    x = x.reshape(x.shape[0], num_blocks * block_size, *x.shape[3:])[:, :max_len]
+    return decode_kv(x, kv_scale, dtype)
+
+
+def sdpa_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    kv_scale: float | None = None,
+) -> torch.Tensor:
+    """The `Backend.attention` contract, batched. Returns [num_tokens, num_heads, head_dim]."""
+    _check_inputs(
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+        sliding_window, soft_cap,
+    )  # fmt: skip
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    device = query.device
+    qsl = query_start_loc.to(device=device, dtype=torch.long)
+    q_lens = qsl[1:] - qsl[:-1]  # [num_seqs]
+    lens = seq_lens.to(device=device, dtype=torch.long)
+    if bool((lens < q_lens).any()) or int(qsl[0]) != 0 or int(qsl[-1]) > num_tokens:
+        raise ValueError(
+            f"query_start_loc / seq_lens inconsistent: starts {qsl.tolist()}, seq_lens "
+            f"{lens.tolist()}, num_tokens {num_tokens}"
+        )
+    num_seqs = lens.shape[0]
+    cd = compute_dtype(query.dtype)
+    out = torch.zeros(num_tokens, num_heads, head_dim, dtype=cd, device=device)
+    if num_seqs == 0 or int(qsl[-1]) == 0:
+        return out.to(query.dtype)
+    max_q, max_kv = int(q_lens.max()), int(lens.max())
+
+    # Pad queries to [num_seqs, max_q]: row j of sequence s is token qsl[s] + j when j < q_len.
+    j = torch.arange(max_q, device=device)
+    valid_q = j[None, :] < q_lens[:, None]  # [num_seqs, max_q]
+    rows = (qsl[:-1, None] + j[None, :]).clamp(max=max(int(qsl[-1]) - 1, 0))
+    q = query.to(cd)[rows]  # [num_seqs, max_q, num_heads, head_dim]
+
+    # Query j sits at position lens - q_len + j; it sees k <= p (and p - k < window).
+    q_pos = (lens - q_lens)[:, None] + j[None, :]  # [num_seqs, max_q]
+    k_pos = torch.arange(max_kv, device=device)
+    allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # [num_seqs, max_q, max_kv]
+    if sliding_window is not None:
+        allowed &= (q_pos[:, :, None] - k_pos[None, None, :]) < sliding_window
+    # Padding rows see key 0 only so softmax stays finite; they are dropped below.
+    allowed |= (~valid_q)[:, :, None] & (k_pos == 0)[None, None, :]
+
+    k = _gather(key_cache, block_tables, max_kv, kv_scale, cd).transpose(1, 2)
+    v = _gather(value_cache, block_tables, max_kv, kv_scale, cd).transpose(1, 2)
+    qh = q.transpose(1, 2)  # [num_seqs, num_heads, max_q, head_dim]
+    mask = allowed[:, None]  # [num_seqs, 1, max_q, max_kv]
+    if soft_cap is None:
+        o = F.scaled_dot_product_attention(
+            qh, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads
+        )
+    else:
+        group = num_heads // num_kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores = scale * (qh @ k.transpose(-1, -2))
+        scores = soft_cap * torch.tanh(scores / soft_cap)
+        o = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+    o = o.transpose(1, 2)  # [num_seqs, max_q, num_heads, head_dim]
+    out[rows[valid_q]] = o[valid_q]
+    return out.to(query.dtype)

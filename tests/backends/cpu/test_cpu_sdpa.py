@@ -1,0 +1,73 @@
+"""The CPU engine's batched SDPA attention against the reference loop (the oracle)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hal
+from backends.cpu.attention import paged_attention
+from backends.cpu.kv_cache import write_kv
+from backends.cpu.sdpa import sdpa_attention
+from hal.capabilities import Capabilities
+
+# fp32 inputs, fp32 accumulation in both: only summation order differs.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def _case(seed, q_lens, seq_lens, heads=4, kv_heads=2, dim=32, bs=8, dtype=torch.float32,
+          cache_dtype=None, pad=0):
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-s // bs) for s in seq_lens) + 3
+    cache_dtype = cache_dtype or dtype
+    kc = torch.zeros(num_blocks, bs, kv_heads, dim, dtype=cache_dtype)
+    vc = torch.zeros_like(kc)
+    perm = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    tables = torch.zeros(len(seq_lens), max(-(-s // bs) for s in seq_lens), dtype=torch.int32)
+    for i, s in enumerate(seq_lens):
+        n = -(-s // bs)
+        tables[i, :n] = torch.tensor([perm.pop() for _ in range(n)], dtype=torch.int32)
+        slots = torch.tensor([int(tables[i, p // bs]) * bs + p % bs for p in range(s)])
+        k = torch.randn(s, kv_heads, dim, generator=g).to(dtype)
+        v = torch.randn(s, kv_heads, dim, generator=g).to(dtype)
+        write_kv(k, v, kc, vc, slots, kv_scale=0.5 if cache_dtype != dtype else None)
+    total = sum(q_lens)
+    q = torch.randn(total + pad, heads, dim, generator=g).to(dtype)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32)
+    return q, kc, vc, tables, torch.tensor(seq_lens, dtype=torch.int32), qsl
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "window,soft_cap", [(None, None), (7, None), (None, 30.0), (5, 20.0)]
+)
+def test_sdpa_matches_reference(dtype, window, soft_cap):
+    # decode, prefill and chunked prefill mixed; one sequence of a single token
+    args = _case(0, q_lens=[1, 13, 4, 1, 1], seq_lens=[40, 13, 29, 1, 17], dtype=dtype)
+    ref = paged_attention(*args, 0.2, window, soft_cap)
+    got = sdpa_attention(*args, 0.2, window, soft_cap)
+    assert got.dtype == dtype
+    assert (got.float() - ref.float()).abs().max() <= TOL[dtype]
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 1), (6, 2)])
+def test_sdpa_gqa_fp8_cache_and_padding(heads, kv_heads):
+    args = _case(1, [3, 1], [9, 30], heads=heads, kv_heads=kv_heads, dim=16, bs=16,
+                 cache_dtype=torch.float8_e4m3fn, pad=2)
+    ref = paged_attention(*args, 0.25, kv_scale=0.5)
+    got = sdpa_attention(*args, 0.25, kv_scale=0.5)
+    assert (got - ref).abs().max() <= TOL[torch.float32]
+    assert got[-2:].abs().max() == 0  # padding rows are zeros, as in the reference
+
+
+def test_cpu_backend_dispatches_to_sdpa_and_can_force_reference(monkeypatch):
+    caps = Capabilities(vendor="cpu", device_name="test", arch="x86_64")
+    assert hal.load_backend(caps).chosen("attention") == "sdpa"
+    monkeypatch.setenv("HAL_ATTENTION_BACKEND", "reference")
+    assert hal.load_backend(caps).chosen("attention") == "reference"
+
+
+def test_sdpa_rejects_inconsistent_lengths():
+    q, kc, vc, tables, seq_lens, qsl = _case(2, [4], [8])
+    with pytest.raises(ValueError):
+        sdpa_attention(q, kc, vc, tables, torch.tensor([2], dtype=torch.int32), qsl, 0.1)
