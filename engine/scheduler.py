@@ -136,6 +136,17 @@ class Scheduler:
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self.num_preemptions = 0
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%d tokens), %d CPU swap blocks, prefix caching %s, "
+            "preemption by %s, max_model_len %d",
+            self.kv.gpu_pool.num_usable_blocks,
+            self.block_size,
+            capacity,
+            max(num_cpu_blocks - 1, 0),
+            "on" if cache_config.enable_prefix_caching else "off",
+            scheduler_config.preemption_mode,
+            self.max_model_len,
+        )
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> Sequence:

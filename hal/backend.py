@@ -58,6 +58,7 @@ class Backend(ABC):
     """The ops every backend provides. See DESIGN.md "The op contracts"."""
 
     name: str = "abstract"
+    default_device: str = "cpu"  # the torch device type this backend runs on when none is given
 
     def __init__(
         self,

@@ -59,7 +59,7 @@ def load_backend(
     cand = next(c for c in registry.candidates("backend") if c.name == sel.chosen)
     cls = _import_target(cand.target)
     ops = select_ops(sel.chosen, caps, op_config, registry)
-    backend: Backend = cls(caps, device or caps.torch_device_type, ops)
+    backend: Backend = cls(caps, device or cls.default_device, ops)
     backend.info.selections = {"backend": sel, **ops}
     for line in backend.describe():
         logger.debug("%s", line)

@@ -46,6 +46,7 @@ class CudaBackend(Backend):
     """NVIDIA GPUs through PyTorch's CUDA ops. allow_tf32=None reads HAL_ALLOW_TF32 (default on)."""
 
     name = "cuda"
+    default_device = "cuda"
 
     def __init__(
         self,

@@ -50,14 +50,18 @@ def step(s: Scheduler, is_stopped=None) -> SchedulerOutput:
     """schedule + a fake model that samples fresh token ids."""
     out = s.schedule()
     sampled = {
-        ss.seq_id: [next(_tokens) for _ in range(ss.num_samples)] for ss in out.scheduled if ss.samples
+        ss.seq_id: [next(_tokens) for _ in range(ss.num_samples)]
+        for ss in out.scheduled
+        if ss.samples
     }
     s.update_from_output(out, sampled, is_stopped)
     return out
 
 
 def chunks(out: SchedulerOutput) -> dict[str, int]:
-    return {f"{ss.seq.request.request_id}/{ss.seq.index}": ss.num_new_tokens for ss in out.scheduled}
+    return {
+        f"{ss.seq.request.request_id}/{ss.seq.index}": ss.num_new_tokens for ss in out.scheduled
+    }
 
 
 def drain(s: Scheduler, max_steps=1000) -> int:
@@ -162,7 +166,7 @@ def test_recompute_preemption_frees_the_latest_and_keeps_its_output():
     a = add(s, "a", 8, max_tokens=12).seqs[0]
     b = add(s, "b", 8, max_tokens=12).seqs[0]
     preempted_at = None
-    for i in range(40):
+    for _ in range(40):
         out = step(s)
         if out.preempted:
             assert out.preempted == [b] and b.status == SequenceStatus.PREEMPTED
@@ -185,9 +189,7 @@ def test_recompute_preemption_frees_the_latest_and_keeps_its_output():
 
 
 def test_swap_preemption_moves_blocks_out_and_back():
-    s = make_scheduler(
-        num_gpu_blocks=7, num_cpu_blocks=8, max_model_len=24, preemption_mode="swap"
-    )
+    s = make_scheduler(num_gpu_blocks=7, num_cpu_blocks=8, max_model_len=24, preemption_mode="swap")
     a = add(s, "a", 8, max_tokens=12).seqs[0]
     b = add(s, "b", 8, max_tokens=12).seqs[0]
     swap_out = None
@@ -212,9 +214,7 @@ def test_swap_preemption_moves_blocks_out_and_back():
 
 
 def test_swap_falls_back_to_recompute_when_the_cpu_pool_is_full():
-    s = make_scheduler(
-        num_gpu_blocks=7, num_cpu_blocks=2, max_model_len=24, preemption_mode="swap"
-    )
+    s = make_scheduler(num_gpu_blocks=7, num_cpu_blocks=2, max_model_len=24, preemption_mode="swap")
     add(s, "a", 8, max_tokens=12)
     b = add(s, "b", 8, max_tokens=12).seqs[0]
     while not s.num_preemptions:
@@ -360,7 +360,9 @@ def test_waste_is_the_partial_last_blocks_only():
     lengths = [1000, 777, 1500, 1201]
     for i, n in enumerate(lengths):
         add(s, f"r{i}", n)
-    while any(q.num_computed_tokens < len(q.request.prompt_token_ids) for q in s.running + s.waiting):
+    while any(
+        q.num_computed_tokens < len(q.request.prompt_token_ids) for q in s.running + s.waiting
+    ):
         step(s)
     stats = s.kv_stats()
     held = sum(q.num_computed_tokens for q in s.running)
