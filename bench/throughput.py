@@ -28,7 +28,10 @@ def make_workload(args) -> list[tuple[list[int], int]]:
     rng = random.Random(args.seed)
     return [
         (
-            [rng.randrange(100, args.vocab_hi) for _ in range(rng.randint(args.min_prompt, args.max_prompt))],
+            [
+                rng.randrange(100, args.vocab_hi)
+                for _ in range(rng.randint(args.min_prompt, args.max_prompt))
+            ],
             rng.randint(args.min_new, args.max_new),
         )
         for _ in range(args.num_prompts)
@@ -41,11 +44,21 @@ def run_engine(args, work) -> tuple[float, int]:
     llm = LLM(model=args.model, dtype=args.dtype, device=args.device)
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
     # Warm up once (allocator, first-call overheads), then time the whole batch.
-    llm.generate(prompt_token_ids=[work[0][0]], sampling_params=SamplingParams(max_tokens=2), use_tqdm=False)
+    llm.generate(
+        prompt_token_ids=[work[0][0]], sampling_params=SamplingParams(max_tokens=2), use_tqdm=False
+    )
     start = time.perf_counter()
-    outs = llm.generate(prompt_token_ids=[p for p, _ in work], sampling_params=params, use_tqdm=False)
+    outs = llm.generate(
+        prompt_token_ids=[p for p, _ in work], sampling_params=params, use_tqdm=False
+    )
     elapsed = time.perf_counter() - start
     produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    del llm, outs
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # give transformers the memory back
     return elapsed, produced
 
 
@@ -55,10 +68,16 @@ def _hf_model(args):
     from engine.loader.default_model import default_model_path
 
     path = Path(args.model) if args.model else default_model_path()
-    dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}[args.dtype]
+    dtype = {
+        "auto": torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "float16": torch.float16,
+    }[args.dtype]
     if path.suffix == ".gguf":
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=dtype
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     device = "cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu"
@@ -96,7 +115,9 @@ def run_transformers(args, work) -> tuple[float, int]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", default=None, help="HF folder or .gguf (default: embedded SmolLM2)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="auto")
@@ -120,11 +141,15 @@ def main() -> int:
     if not args.skip_transformers:
         t_hf, n_hf = run_transformers(args, work)
         hf = n_hf / t_hf
-        print(f"transformers: {n_hf} tokens in {t_hf:.1f}s = {hf:.1f} output tok/s "
-              f"(generate, batch {args.hf_batch_size})")
+        print(
+            f"transformers: {n_hf} tokens in {t_hf:.1f}s = {hf:.1f} output tok/s "
+            f"(generate, batch {args.hf_batch_size})"
+        )
         print(f"ratio engine / transformers: {ours / hf:.2f}x")
         result.update(hf_tok_s=hf, hf_tokens=n_hf, hf_s=t_hf, ratio=ours / hf)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     result.update(
         commit=commit,
         date=time.strftime("%Y-%m-%d"),

@@ -67,7 +67,14 @@ class LLMEngine:
         backend_choice = config.backend
         if config.device == "cpu":
             backend_choice = "cpu"
-        self.backend = hal.load_backend(caps, configured=backend_choice)
+        device = None if config.device in ("auto", "cpu") else config.device
+        if device is not None and caps.torch_device_type != torch.device(device).type:
+            why = hal.select_backend(caps, backend_choice).summary()
+            raise hal.HalError(
+                f"device={config.device!r} requested, but this machine has no usable GPU "
+                f"({why}); use device='cpu' or 'auto'"
+            )
+        self.backend = hal.load_backend(caps, device=device, configured=backend_choice)
         self.model, self.model_config, self.tokenizer = load_model(
             config.model, self.backend, config.dtype, max_model_len=config.max_model_len
         )
@@ -105,9 +112,11 @@ class LLMEngine:
     def _plan_memory(self, cache) -> MemoryPlan:
         block_bytes = self.runner.block_bytes()
         if cache.num_gpu_blocks is not None:  # an explicit pool size wins over any budget
-            return plan_cpu(
+            plan = plan_cpu(
                 self.model, block_bytes, cache.block_size, cache.num_gpu_blocks * block_bytes
             )
+            plan.device = str(self.backend.device)
+            return plan
         if self.backend.device.type == "cpu":
             budget = cache.kv_cache_memory_bytes or DEFAULT_CPU_KV_BYTES
             return plan_cpu(self.model, block_bytes, cache.block_size, budget)
