@@ -91,7 +91,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         raise HalError(str(e)) from e
     num_tokens = 0
-    for prompt, out in zip(args.prompt, outputs):
+    for prompt, out in zip(args.prompt, outputs, strict=False):
         for c in out.outputs:
             num_tokens += len(c.token_ids)
             if args.json:
@@ -107,7 +107,7 @@ def run_generate(args: argparse.Namespace) -> int:
             else:
                 print(c.text)
                 if args.logprobs is not None and c.logprobs:
-                    for tid, lp in zip(c.token_ids, c.logprobs):
+                    for tid, lp in zip(c.token_ids, c.logprobs, strict=False):
                         alts = ", ".join(f"{tok.decode([t])!r}: {v:.3f}" for t, v in lp.items())
                         print(f"  {tok.decode([tid])!r} {lp[tid]:.4f}  [{alts}]")
     print(

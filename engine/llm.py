@@ -146,7 +146,7 @@ class LLM:
                     f"allows at most {engine.max_model_len - 1}"
                 )
         order: dict[str, int] = {}
-        for i, ((prompt, ids), params) in enumerate(zip(resolved, params_list)):
+        for i, ((prompt, ids), params) in enumerate(zip(resolved, params_list, strict=False)):
             rid = engine.add_request(prompt, params, prompt_token_ids=ids)
             order[rid] = i
         results: list[RequestOutput | None] = [None] * len(items)

@@ -17,6 +17,7 @@ import torch
 
 import hal
 import platforms
+from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
@@ -27,7 +28,6 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence, SequenceStatus
 from engine.stop import check_token_stop
-from engine.detokenizer import IncrementalDetokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,9 @@ class LLMEngine:
         base = torch.cuda.memory_allocated(device)
         from engine.scheduler import ScheduledSeq
 
-        dummy = Sequence(-1, Request("profile", [0] * num_tokens, SamplingParams()), [0] * num_tokens)
+        dummy = Sequence(
+            -1, Request("profile", [0] * num_tokens, SamplingParams()), [0] * num_tokens
+        )
         blocks = list(range(1, num_blocks))
         slots = [blocks[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
         step = SchedulerOutput(
@@ -159,8 +161,9 @@ class LLMEngine:
         lines = [f"backend {self.backend.name} on {self.backend.device}"]
         lines += self.backend.describe()
         lines.append(
-            f"model {self.model_config.architecture}, dtype {str(self.dtype).removeprefix('torch.')}"
-            f", max_model_len {self.max_model_len}, block_size {self.cache_config.block_size}, "
+            f"model {self.model_config.architecture}, "
+            f"dtype {str(self.dtype).removeprefix('torch.')}, max_model_len {self.max_model_len}, "
+            f"block_size {self.cache_config.block_size}, "
             f"prefix caching {'on' if self.cache_config.enable_prefix_caching else 'off'}, "
             f"chunked prefill {'on' if self.scheduler_config.enable_chunked_prefill else 'off'}, "
             f"preemption {self.scheduler_config.preemption_mode}"

@@ -1,4 +1,4 @@
-"""The memory plan: weights, activation peak, graph pools and KV blocks, sized and logged as a table."""
+"""The memory plan: weights, activation peak, graph pools and KV blocks, logged as a table."""
 
 from __future__ import annotations
 

@@ -63,13 +63,13 @@ class ModelRunner:
         if out.blocks_to_swap_out:
             src = torch.tensor([g for g, _ in out.blocks_to_swap_out], device=self.device)
             dst = torch.tensor([c for _, c in out.blocks_to_swap_out])
-            for (k, v), (ck, cv) in zip(self.kv_caches, self.cpu_caches):
+            for (k, v), (ck, cv) in zip(self.kv_caches, self.cpu_caches, strict=False):
                 ck[dst] = k[src].to("cpu")
                 cv[dst] = v[src].to("cpu")
         if out.blocks_to_swap_in:
             src = torch.tensor([c for c, _ in out.blocks_to_swap_in])
             dst = torch.tensor([g for _, g in out.blocks_to_swap_in], device=self.device)
-            for (k, v), (ck, cv) in zip(self.kv_caches, self.cpu_caches):
+            for (k, v), (ck, cv) in zip(self.kv_caches, self.cpu_caches, strict=False):
                 k[dst] = ck[src].to(self.device)
                 v[dst] = cv[src].to(self.device)
         if out.blocks_to_copy:

@@ -66,7 +66,9 @@ class CpuBackend(Backend):
         soft_cap=None,
         kv_scale=None,
     ) -> torch.Tensor:
-        fn = sdpa.sdpa_attention if self.chosen("attention") == "sdpa" else attention.paged_attention
+        fn = (
+            sdpa.sdpa_attention if self.chosen("attention") == "sdpa" else attention.paged_attention
+        )
         return fn(
             query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
             sliding_window, soft_cap, kv_scale,

@@ -1,4 +1,4 @@
-"""End to end through `LLM`: exact against transformers, batch invariance, sampling features, errors."""
+"""End to end through `LLM`: exact against transformers, batch invariance, sampling, errors."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
+from models_fixtures import build_model, hf_greedy
 
 from engine import LLM, SamplingParams
-from models_fixtures import build_model, hf_greedy
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -48,7 +48,7 @@ def test_greedy_matches_transformers_batched(tiny, reference):
     llm = _llm(folder)
     assert _tokens(llm.generate(prompt_token_ids=prompts, sampling_params=GREEDY)) == expected
     # Alone, one at a time, gives the same.
-    for p, e in zip(prompts[:2], expected[:2]):
+    for p, e in zip(prompts[:2], expected[:2], strict=False):
         assert _tokens(llm.generate(prompt_token_ids=[p], sampling_params=GREEDY)) == [e]
 
 
@@ -57,7 +57,9 @@ def test_greedy_matches_transformers_batched(tiny, reference):
     [
         dict(enable_chunked_prefill=True, max_num_batched_tokens=16),  # prompts split in chunks
         dict(enable_prefix_caching=False),
-        dict(num_gpu_blocks=9, max_model_len=128),  # 8 usable blocks = 128 tokens: forces preemption by recompute
+        dict(
+            num_gpu_blocks=9, max_model_len=128
+        ),  # 8 usable blocks = 128 tokens: forces preemption by recompute
         dict(num_gpu_blocks=9, max_model_len=128, preemption_mode="swap", swap_space=0.01),
         dict(block_size=8, max_num_seqs=2),
     ],
@@ -132,7 +134,7 @@ def test_logprobs_match_transformers(tiny, reference):
     c = out.outputs[0]
     assert c.token_ids == tokens
     assert len(c.logprobs) == 6 and all(len(d) >= 3 for d in c.logprobs)
-    got = [d[t] for d, t in zip(c.logprobs, c.token_ids)]
+    got = [d[t] for d, t in zip(c.logprobs, c.token_ids, strict=False)]
     # float32 end to end: differences are accumulation order only.
     assert torch.allclose(torch.tensor(got), torch.tensor(logprobs), atol=1e-4)
     assert c.cumulative_logprob == pytest.approx(sum(got), abs=1e-4)

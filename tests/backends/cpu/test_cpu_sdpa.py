@@ -15,8 +15,18 @@ from hal.capabilities import Capabilities
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
-def _case(seed, q_lens, seq_lens, heads=4, kv_heads=2, dim=32, bs=8, dtype=torch.float32,
-          cache_dtype=None, pad=0):
+def _case(
+    seed,
+    q_lens,
+    seq_lens,
+    heads=4,
+    kv_heads=2,
+    dim=32,
+    bs=8,
+    dtype=torch.float32,
+    cache_dtype=None,
+    pad=0,
+):
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-s // bs) for s in seq_lens) + 3
     cache_dtype = cache_dtype or dtype
@@ -38,9 +48,7 @@ def _case(seed, q_lens, seq_lens, heads=4, kv_heads=2, dim=32, bs=8, dtype=torch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(
-    "window,soft_cap", [(None, None), (7, None), (None, 30.0), (5, 20.0)]
-)
+@pytest.mark.parametrize("window,soft_cap", [(None, None), (7, None), (None, 30.0), (5, 20.0)])
 def test_sdpa_matches_reference(dtype, window, soft_cap):
     # decode, prefill and chunked prefill mixed; one sequence of a single token
     args = _case(0, q_lens=[1, 13, 4, 1, 1], seq_lens=[40, 13, 29, 1, 17], dtype=dtype)
@@ -52,8 +60,17 @@ def test_sdpa_matches_reference(dtype, window, soft_cap):
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (8, 1), (6, 2)])
 def test_sdpa_gqa_fp8_cache_and_padding(heads, kv_heads):
-    args = _case(1, [3, 1], [9, 30], heads=heads, kv_heads=kv_heads, dim=16, bs=16,
-                 cache_dtype=torch.float8_e4m3fn, pad=2)
+    args = _case(
+        1,
+        [3, 1],
+        [9, 30],
+        heads=heads,
+        kv_heads=kv_heads,
+        dim=16,
+        bs=16,
+        cache_dtype=torch.float8_e4m3fn,
+        pad=2,
+    )
     ref = paged_attention(*args, 0.25, kv_scale=0.5)
     got = sdpa_attention(*args, 0.25, kv_scale=0.5)
     assert (got - ref).abs().max() <= TOL[torch.float32]
