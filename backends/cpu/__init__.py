@@ -63,3 +63,14 @@ REGISTRY.register(
         target="backends.cpu.sdpa:sdpa_attention",
     )
 )
+REGISTRY.register(
+    Candidate(
+        family="gemm",
+        name="native",
+        priority=10,
+        check=_always,
+        description="torch's CPU GEMM in the input dtype (oneDNN, AMX/AVX-512 bf16 where present)",
+        scope="cpu",
+        target="backends.cpu.native:native_linear",
+    )
+)

@@ -18,6 +18,7 @@ from backends.cpu import (
     graphs,
     kv_cache,
     linear,
+    native,
     norm,
     quant,
     rotary,
@@ -76,6 +77,8 @@ class CpuBackend(Backend):
 
     # -- linear --------------------------------------------------------------------------------
     def linear(self, x, weight, bias=None) -> torch.Tensor:
+        if self.chosen("gemm") == "native":
+            return native.native_linear(x, weight, bias)
         return linear.linear(x, weight, bias)
 
     def fp8_linear(

@@ -55,7 +55,10 @@ def sdpa_attention(
             f"{lens.tolist()}, num_tokens {num_tokens}"
         )
     num_seqs = lens.shape[0]
-    cd = compute_dtype(query.dtype)
+    # SDPA's CPU kernels accumulate bf16/fp16 in fp32 internally, so the inputs stay in their own
+    # dtype (the reference upcasts first; the difference is within the dtype's tolerance).
+    # The soft-cap path computes the scores explicitly, in fp32.
+    cd = compute_dtype(query.dtype) if soft_cap is not None else query.dtype
     out = torch.zeros(num_tokens, num_heads, head_dim, dtype=cd, device=device)
     if num_seqs == 0 or int(qsl[-1]) == 0:
         return out.to(query.dtype)

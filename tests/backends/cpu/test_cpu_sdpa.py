@@ -88,3 +88,21 @@ def test_sdpa_rejects_inconsistent_lengths():
     q, kc, vc, tables, seq_lens, qsl = _case(2, [4], [8])
     with pytest.raises(ValueError):
         sdpa_attention(q, kc, vc, tables, torch.tensor([2], dtype=torch.int32), qsl, 0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_native_linear_matches_reference(dtype):
+    from backends.cpu.linear import linear
+    from backends.cpu.native import native_linear
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 96, generator=g).to(dtype)
+    w = torch.randn(40, 96, generator=g).to(dtype)
+    b = torch.randn(40, generator=g).to(dtype)
+    ref = linear(x, w, b).double()
+    got = native_linear(x, w, b)
+    assert got.dtype == dtype
+    # One rounding of the output at most, plus fp32-accumulation order: |y| * 2u.
+    u = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    bound = 2 * u * ref.abs() + 96 * 2**-24 * (x.double().abs() @ w.double().abs().T)
+    assert ((got.double() - ref).abs() <= bound + 1e-30).all()
