@@ -1,4 +1,5 @@
-"""The engine's top-level configuration: model, device, dtype and the cache/scheduler configs."""
+"""The engine's top-level configuration: model, device, dtype, the cache/scheduler configs and the
+parallel layout (tensor x pipeline parallel, executor)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,55 @@ from engine.config import CacheConfig, SchedulerConfig
 
 # CPU default for the KV cache when kv_cache_memory_bytes is not given.
 DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+EXECUTOR_BACKENDS = ("mp", "ray")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model is split across devices and which executor runs the ranks.
+
+    world = tensor_parallel_size x pipeline_parallel_size ranks, one per device. At 1 x 1 the model
+    runs in the engine's own process (no workers, no collectives). distributed_executor_backend:
+    "mp" (one process per device on this host; the default) or "ray" (a placement group on an
+    existing Ray cluster at ray_address, default "auto"). init_timeout_s bounds forming the world;
+    step_timeout_s bounds one step (a worker that stops answering fails the step).
+    """
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+    ray_address: str | None = None
+    init_timeout_s: float = 300.0
+    step_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        b = self.distributed_executor_backend
+        if b is not None and b not in EXECUTOR_BACKENDS:
+            raise ValueError(
+                f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)} or "
+                f"None, got {b!r}"
+            )
+        for name in ("init_timeout_s", "step_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {v!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def executor_backend(self) -> str:
+        """The executor that runs the ranks: "uni" (in-process) at world size 1, else mp/ray."""
+        if self.world_size == 1 and self.distributed_executor_backend is None:
+            return "uni"
+        return self.distributed_executor_backend or "mp"
 
 
 @dataclass
@@ -28,6 +78,7 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         g = self.gpu_memory_utilization

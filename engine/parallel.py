@@ -1,7 +1,6 @@
-"""Tensor-parallel context: this rank's place in the group, its collectives and the shard math.
-
-At tp_size 1 every collective is the identity (no communication, no copies). A distributed runner
-plugs real collectives (torch.distributed) in through the `Collectives` protocol.
+"""Parallel context: this rank's place in the tensor- and pipeline-parallel layout, its collectives
+and the shard math. At tp_size 1 every collective is the identity (no communication, no copies); a
+distributed worker plugs real collectives (torch.distributed) in through the `Collectives` protocol.
 """
 
 from __future__ import annotations
@@ -57,13 +56,31 @@ def shard_range(size: int, tp_rank: int, tp_size: int, what: str = "size") -> tu
     return tp_rank * step, (tp_rank + 1) * step
 
 
+def stage_layers(num_layers: int, pp_rank: int, pp_size: int) -> tuple[int, int]:
+    """[start, stop) of the contiguous decoder layers pipeline stage `pp_rank` runs.
+
+    Layers split as evenly as possible; the first num_layers % pp_size stages take one more.
+    """
+    if not 1 <= pp_size <= num_layers:
+        raise ValueError(
+            f"pipeline_parallel_size: {pp_size} must lie in 1..{num_layers} (the model has "
+            f"{num_layers} layers, and each stage needs at least one)"
+        )
+    base, extra = divmod(num_layers, pp_size)
+    start = pp_rank * base + min(pp_rank, extra)
+    return start, start + base + (1 if pp_rank < extra else 0)
+
+
 @dataclass(frozen=True)
 class ParallelContext:
-    """This process's rank in the tensor-parallel group; rank 0 is the driver."""
+    """This process's rank in its tensor-parallel group (rank 0 gathers the logits) and its
+    pipeline stage (pp_rank of pp_size; stage 0 embeds, the last stage computes logits)."""
 
     tp_rank: int = 0
     tp_size: int = 1
     collectives: Collectives | None = None
+    pp_rank: int = 0
+    pp_size: int = 1
 
     def __post_init__(self) -> None:
         if self.tp_size < 1:
@@ -72,10 +89,26 @@ class ParallelContext:
             raise ValueError(f"tp_rank: {self.tp_rank} must lie in 0..{self.tp_size - 1}")
         if self.tp_size > 1 and self.collectives is None:
             raise ValueError(f"collectives: required when tp_size is {self.tp_size} (> 1)")
+        if self.pp_size < 1:
+            raise ValueError(f"pp_size: {self.pp_size} must be >= 1")
+        if not 0 <= self.pp_rank < self.pp_size:
+            raise ValueError(f"pp_rank: {self.pp_rank} must lie in 0..{self.pp_size - 1}")
 
     @property
     def is_driver(self) -> bool:
         return self.tp_rank == 0
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def stage_layers(self, num_layers: int) -> tuple[int, int]:
+        """[start, stop) of the decoder layers this rank's pipeline stage runs."""
+        return stage_layers(num_layers, self.pp_rank, self.pp_size)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:

@@ -74,3 +74,14 @@ REGISTRY.register(
         target="backends.cpu.native:native_linear",
     )
 )
+REGISTRY.register(
+    Candidate(
+        family="kv_write",
+        name="native",
+        priority=10,
+        check=_always,
+        description="one index_copy_ per cache over the flattened slots",
+        scope="cpu",
+        target="backends.cpu.native:native_write_kv",
+    )
+)

@@ -48,10 +48,16 @@ class CpuBackend(Backend):
 
     # -- KV cache ------------------------------------------------------------------------------
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping, kv_scale=None) -> None:
-        kv_cache.write_kv(key, value, key_cache, value_cache, slot_mapping, kv_scale)
+        fn = native.native_write_kv if self.chosen("kv_write") == "native" else kv_cache.write_kv
+        fn(key, value, key_cache, value_cache, slot_mapping, kv_scale)
 
     def copy_blocks(self, caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
-        kv_cache.copy_blocks(caches, src, dst)
+        fn = (
+            native.native_copy_blocks
+            if self.chosen("kv_write") == "native"
+            else kv_cache.copy_blocks
+        )
+        fn(caches, src, dst)
 
     # -- attention -----------------------------------------------------------------------------
     def attention(

@@ -166,18 +166,27 @@ class LlamaForCausalLM(nn.Module):
         if self.max_model_len < 1:
             raise ValueError(f"max_model_len: {self.max_model_len} must be >= 1")
         h = config.hidden_size
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, h, backend, parallel, dtype)
+        # Pipeline stage: this rank builds (and loads) only its contiguous range of layers; the
+        # embedding lives on the first stage, the final norm and LM head on the last.
+        self.layer_start, self.layer_stop = parallel.stage_layers(config.num_layers)
+        self.embed_tokens = None
+        if parallel.is_first_stage:
+            self.embed_tokens = VocabParallelEmbedding(
+                config.vocab_size, h, backend, parallel, dtype
+            )
         self.rotary = RotaryEmbedding(
             config.head_dim, self.max_model_len, config.rope_theta, backend, config.rope_scaling
         )
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, self.rotary, backend, parallel, dtype)
-            for i in range(config.num_layers)
+            for i in range(self.layer_start, self.layer_stop)
         )
-        self.norm = RMSNorm(h, config.rms_norm_eps, backend, dtype)
-        self.lm_head = ParallelLMHead(config.vocab_size, h, backend, parallel, dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.tie(self.embed_tokens)
+        self.norm = self.lm_head = None
+        if parallel.is_last_stage:
+            self.norm = RMSNorm(h, config.rms_norm_eps, backend, dtype)
+            self.lm_head = ParallelLMHead(config.vocab_size, h, backend, parallel, dtype)
+            if config.tie_word_embeddings and self.embed_tokens is not None:
+                self.lm_head.tie(self.embed_tokens)
         # This rank's KV heads: the per-layer cache is [num_blocks, block_size, these, head_dim].
         self.num_kv_heads = self.layers[0].self_attn.qkv_proj.num_kv_heads
 
@@ -185,29 +194,58 @@ class LlamaForCausalLM(nn.Module):
         return (num_blocks, block_size, self.num_kv_heads, self.config.head_dim)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache]) -> torch.Tensor:
-        """Run every layer over the packed tokens -> final-norm hidden [num_tokens, hidden]."""
-        if len(kv_caches) != self.config.num_layers:
+    def forward(
+        self,
+        batch: ForwardBatch,
+        kv_caches: list[KVCache],
+        intermediate: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Run this stage's layers over the packed tokens.
+
+        The first stage embeds batch.input_ids; a later stage continues from `intermediate`, the
+        previous stage's (hidden, residual), each [num_tokens, hidden]. The last stage returns the
+        final-norm hidden [num_tokens, hidden]; an earlier one returns its (hidden, residual).
+        """
+        if len(kv_caches) != len(self.layers):
             raise ValueError(
-                f"kv_caches: got {len(kv_caches)} layers, the model has {self.config.num_layers}"
+                f"kv_caches: got {len(kv_caches)} layers, this stage has {len(self.layers)} "
+                f"(layers {self.layer_start}..{self.layer_stop - 1})"
             )
-        hidden = self.embed_tokens(batch.input_ids)  # [T, hidden]
-        residual = None
+        if self.embed_tokens is not None:
+            hidden, residual = self.embed_tokens(batch.input_ids), None  # [T, hidden]
+        elif intermediate is None:
+            raise ValueError(
+                f"intermediate: pipeline stage {self.parallel.pp_rank} needs the previous "
+                "stage's (hidden, residual)"
+            )
+        else:
+            hidden, residual = intermediate
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(batch.positions, hidden, residual, batch, kv_cache)
+        if self.norm is None:
+            return hidden, residual
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """hidden [rows, hidden] -> fp32 logits [rows, vocab_size]; None on non-driver ranks."""
+        """hidden [rows, hidden] -> fp32 logits [rows, vocab_size]; None on non-driver ranks.
+
+        Only the last pipeline stage has the LM head."""
+        if self.lm_head is None:
+            raise ValueError(f"compute_logits: pipeline stage {self.parallel.pp_rank} is not last")
         return self.lm_head(hidden)
 
     def load_weights(self, source: TensorSource) -> None:
-        """Fill every parameter from `source` (Hugging Face names), this rank's shards only."""
-        self.embed_tokens.load(source, "model.embed_tokens.weight")
-        for i, layer in enumerate(self.layers):
+        """Fill every parameter from `source` (Hugging Face names): this rank's stage and shards."""
+        if self.embed_tokens is not None:
+            self.embed_tokens.load(source, "model.embed_tokens.weight")
+        for i, layer in zip(range(self.layer_start, self.layer_stop), self.layers, strict=True):
             layer.load(source, f"model.layers.{i}")
+        if self.norm is None:
+            return
         self.norm.load(source, "model.norm.weight")
         if not self.config.tie_word_embeddings:
             self.lm_head.load(source, "lm_head.weight")
+        elif self.embed_tokens is None:  # tied, but the embedding lives on another stage
+            self.lm_head.load(source, "model.embed_tokens.weight")

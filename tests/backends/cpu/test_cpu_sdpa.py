@@ -106,3 +106,22 @@ def test_native_linear_matches_reference(dtype):
     u = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
     bound = 2 * u * ref.abs() + 96 * 2**-24 * (x.double().abs() @ w.double().abs().T)
     assert ((got.double() - ref).abs() <= bound + 1e-30).all()
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
+def test_native_write_kv_is_bitwise_the_reference(cache_dtype):
+    from backends.cpu.native import native_write_kv
+
+    g = torch.Generator().manual_seed(4)
+    k = torch.randn(11, 2, 16, generator=g)
+    v = torch.randn(11, 2, 16, generator=g)
+    slots = torch.randperm(6 * 8, generator=g)[:11]
+    slots[[2, 7]] = -1
+    caches = [torch.zeros(6, 8, 2, 16).to(cache_dtype) for _ in range(4)]
+    scale = 0.5 if cache_dtype == torch.float8_e4m3fn else None
+    write_kv(k, v, caches[0], caches[1], slots, scale)
+    native_write_kv(k, v, caches[2], caches[3], slots, scale)
+    assert torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
+    assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
+    with pytest.raises(ValueError, match="twice"):
+        native_write_kv(k[:2], v[:2], caches[2], caches[3], torch.tensor([3, 3]))

@@ -39,7 +39,11 @@ def test_load_backend_selects_cpu_reference() -> None:
     assert backend.info.selections["backend"].chosen == "cpu"
     for family in OP_FAMILIES:
         # attention: the batched SDPA candidate outranks the reference loop (tested against it)
-        fast = {"attention": "sdpa", "gemm": "native"}  # engine paths, tested against the reference
+        fast = {
+            "attention": "sdpa",
+            "gemm": "native",
+            "kv_write": "native",
+        }  # engine paths, tested against the reference
         assert backend.chosen(family) == fast.get(family, "reference")
     assert any(line.startswith("attention: sdpa") for line in backend.describe())
 

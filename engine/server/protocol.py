@@ -1,0 +1,308 @@
+"""The OpenAI wire format: request models (pydantic, OpenAI field names), their mapping to
+`SamplingParams`, the error shape, and the logprobs and usage objects of responses.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.outputs import CompletionOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20  # top alternatives per token (OpenAI allows 5 for completions, 20 for chat)
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's legacy completions default
+
+# Fields OpenAI clients may send that change nothing here; accepted without a warning.
+_IGNORED_FIELDS = {"user", "metadata", "store", "service_tier", "parallel_tool_calls"}
+
+
+class OpenAIError(Exception):
+    """An error answered as {"error": {"message", "type", "param", "code"}} with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code=None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
+    return OpenAIError(400, message, "invalid_request_error", param, code)
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by completions and chat completions, plus the engine's extra ones."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    n: int = 1
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # The engine's extras (vLLM's names).
+    top_k: int | None = None
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def warn_unknown_fields(self) -> None:
+        unknown = set(self.model_extra or {}) - _IGNORED_FIELDS
+        if unknown:
+            logger.warning("ignoring unknown request fields: %s", ", ".join(sorted(unknown)))
+
+    def check_common(self) -> None:
+        if self.logit_bias:
+            raise bad_request("logit_bias is not supported by this server", "logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+
+    def to_sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        """SamplingParams for this request; a bad value is a 400 naming the field."""
+        try:
+            return SamplingParams(
+                n=self.n,
+                temperature=1.0 if self.temperature is None else self.temperature,
+                top_p=1.0 if self.top_p is None else self.top_p,
+                top_k=self.top_k,
+                min_p=self.min_p,
+                repetition_penalty=self.repetition_penalty,
+                presence_penalty=self.presence_penalty or 0.0,
+                frequency_penalty=self.frequency_penalty or 0.0,
+                seed=self.seed,
+                max_tokens=max_tokens,
+                min_tokens=self.min_tokens,
+                stop=self.stop,
+                stop_token_ids=self.stop_token_ids,
+                ignore_eos=self.ignore_eos,
+                logprobs=logprobs,
+                skip_special_tokens=self.skip_special_tokens,
+                include_stop_str_in_output=self.include_stop_str_in_output,
+            )
+        except ValueError as e:
+            param = str(e).split(" ", 1)[0]
+            raise bad_request(str(e), param if param in type(self).model_fields else None) from e
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.suffix:
+            raise bad_request("suffix is not supported by this server", "suffix")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad_request(
+                f"best_of must equal n ({self.n}) on this server, got {self.best_of}", "best_of"
+            )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise bad_request(
+                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs"
+            )
+        if self.echo and self.logprobs is not None:
+            raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The batch of prompts: text or token ids each."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if not p:
+            raise bad_request("prompt is empty", "prompt")
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]  # type: ignore[list-item]
+        return list(p)  # type: ignore[arg-type]
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+    add_generation_prompt: bool = True
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def check(self) -> None:
+        self.check_common()
+        if self.tools:
+            raise bad_request("tools are not supported by this server", "tools")
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            raise bad_request(
+                "response_format other than text is not supported", "response_format"
+            )
+        if self.top_logprobs is not None:
+            if not self.logprobs:
+                raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise bad_request(
+                    f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {self.top_logprobs}",
+                    "top_logprobs",
+                )
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else (
+            self.max_tokens
+        )
+
+    def engine_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+def parse_request(model: type[BaseModel], body: bytes) -> Any:
+    """Validate a JSON body; malformed JSON or a wrong field is a 400 naming the field."""
+    if not body.strip():
+        raise bad_request("the request body is empty; send a JSON object")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        if err["type"] == "json_invalid":
+            raise bad_request(f"malformed JSON body: {err['msg']}") from e
+        param = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[")))
+        if err["type"] == "model_type":
+            raise bad_request(f"the request body must be a JSON object: {err['msg']}") from e
+        raise bad_request(f"{param}: {err['msg']} (got {err.get('input')!r})", param or None) from e
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+class TokenText:
+    """Token id -> the text a client sees for it (decoded alone, cached)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._cache[token_id] = text
+        return text
+
+
+def _sorted_top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:
+    return sorted(entry.items(), key=lambda kv: -kv[1])[: max(k, 0)]
+
+
+def completion_logprobs(
+    c: CompletionOutput, start: int, end: int, k: int, token_text: TokenText, text_offset: int
+) -> dict[str, Any]:
+    """Completions `logprobs` for tokens [start, end): tokens, token_logprobs, top_logprobs
+    (the top-k plus the chosen token), text_offset (from `text_offset` on)."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    logprobs = c.logprobs or []
+    for i in range(start, min(end, len(logprobs))):
+        token_id = c.token_ids[i]
+        entry = logprobs[i]
+        text = token_text(token_id)
+        tokens.append(text)
+        token_logprobs.append(entry.get(token_id))
+        top = {token_text(t): lp for t, lp in _sorted_top(entry, k)}
+        top.setdefault(text, entry.get(token_id))
+        tops.append(top)
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(
+    c: CompletionOutput, start: int, end: int, k: int, token_text: TokenText
+) -> dict[str, Any]:
+    """Chat `logprobs`: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}."""
+    content = []
+    logprobs = c.logprobs or []
+    for i in range(start, min(end, len(logprobs))):
+        token_id = c.token_ids[i]
+        entry = logprobs[i]
+        text = token_text(token_id)
+        content.append(
+            {
+                "token": text,
+                "logprob": entry.get(token_id),
+                "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [
+                    {"token": token_text(t), "logprob": lp, "bytes": list(token_text(t).encode())}
+                    for t, lp in _sorted_top(entry, k)
+                ],
+            }
+        )
+    return {"content": content}
