@@ -46,6 +46,18 @@ def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=1, help="ranks splitting each layer"
+    )
+    p.add_argument(
+        "--pipeline-parallel-size", "-pp", type=int, default=1, help="stages of contiguous layers"
+    )
+    p.add_argument(
+        "--distributed-executor-backend",
+        choices=("mp", "ray"),
+        default=None,
+        help="mp: one process per device on this host (default); ray: an existing Ray cluster",
+    )
     p.add_argument("--json", action="store_true", help="print outputs as JSON lines")
     return p
 
@@ -78,6 +90,9 @@ def run_generate(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
             block_size=args.block_size,
             enable_prefix_caching=not args.no_prefix_caching,
+            tensor_parallel_size=args.tensor_parallel_size,
+            pipeline_parallel_size=args.pipeline_parallel_size,
+            distributed_executor_backend=args.distributed_executor_backend,
         )
         tok = llm.get_tokenizer()
         use_chat = args.chat if args.chat is not None else bool(getattr(tok, "chat_template", None))
@@ -115,4 +130,5 @@ def run_generate(args: argparse.Namespace) -> int:
         f"backend {llm.engine.backend.name}; {llm.engine.kv_report()}]",
         file=sys.stderr,
     )
+    llm.shutdown()
     return 0

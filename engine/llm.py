@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from tqdm import tqdm
 
 from engine.config import CacheConfig, SchedulerConfig
-from engine.engine_config import EngineConfig
+from engine.engine_config import EngineConfig, ParallelConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -23,6 +23,8 @@ class LLM:
     """An engine for offline batches. Keyword arguments mirror vLLM's `LLM`.
 
     model: a Hugging Face folder, a .gguf file, or None for the embedded SmolLM2 GGUF.
+    tensor_parallel_size x pipeline_parallel_size > 1 runs one worker per device
+    (distributed_executor_backend "mp" on this host, the default, or "ray"); see docs/distributed.md.
     """
 
     def __init__(
@@ -44,6 +46,9 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         backend: str | None = None,
         seed: int = 0,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        distributed_executor_backend: str | None = None,
     ) -> None:
         cache = CacheConfig(
             block_size=block_size,
@@ -68,8 +73,17 @@ class LLM:
             seed=seed,
             cache=cache,
             scheduler=sched,
+            parallel=ParallelConfig(
+                tensor_parallel_size=tensor_parallel_size,
+                pipeline_parallel_size=pipeline_parallel_size,
+                distributed_executor_backend=distributed_executor_backend,
+            ),
         )
         self.engine = LLMEngine(self.config)
+
+    def shutdown(self) -> None:
+        """Stop the engine's workers, if it has any (tensor or pipeline parallel)."""
+        self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

@@ -18,6 +18,7 @@ import torch
 import hal
 import platforms
 from engine.detokenizer import IncrementalDetokenizer
+from engine.distributed.executor import Executor, UniprocExecutor
 from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
@@ -74,13 +75,24 @@ class LLMEngine:
                 f"device={config.device!r} requested, but this machine has no usable GPU "
                 f"({why}); use device='cpu' or 'auto'"
             )
-        self.backend = hal.load_backend(caps, device=device, configured=backend_choice)
-        self.model, self.model_config, self.tokenizer = load_model(
-            config.model, self.backend, config.dtype, max_model_len=config.max_model_len
-        )
-        self.dtype = self.model.dtype
+        self.runner: ModelRunner | None = None
+        self.executor: Executor
+        if config.parallel.executor_backend == "uni":
+            self.backend = hal.load_backend(caps, device=device, configured=backend_choice)
+            self.model, self.model_config, self.tokenizer = load_model(
+                config.model, self.backend, config.dtype, max_model_len=config.max_model_len
+            )
+            self.dtype = self.model.dtype
+        else:  # workers load the shards; the driver reads only the config and tokenizer
+            from engine.distributed.executor import driver_model_info, make_executor
+
+            self.model_config, self.tokenizer, path = driver_model_info(config.model)
+            self.model = None
+            self.executor = make_executor(config, caps, self.model_config, path)
+            self.backend, self.dtype = self.executor.backend, self.executor.dtype
         max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if max_model_len > self.model_config.max_position_embeddings:
+            self.shutdown()
             raise ValueError(
                 f"max_model_len={max_model_len} exceeds the model's max_position_embeddings="
                 f"{self.model_config.max_position_embeddings}"
@@ -89,16 +101,22 @@ class LLMEngine:
         cache = copy.copy(config.cache)
         sched = copy.copy(config.scheduler)
         sched.max_model_len = max_model_len
-        self.runner = ModelRunner(self.model, self.backend, cache.block_size, self.dtype)
-        self.memory_plan = self._plan_memory(cache)
-        cache.num_gpu_blocks = self.memory_plan.num_blocks
-        if sched.preemption_mode == "swap":
-            cache.num_cpu_blocks = cache.resolve_num_cpu_blocks(self.runner.block_bytes())
-            self.memory_plan.num_cpu_blocks = cache.num_cpu_blocks
-        self.runner.allocate(cache.num_gpu_blocks, cache.num_cpu_blocks or 0)
-        self.cache_config = cache
-        self.scheduler_config = sched
-        self.scheduler = Scheduler(sched, cache)
+        try:
+            if self.model is not None:
+                self.runner = ModelRunner(self.model, self.backend, cache.block_size, self.dtype)
+                self.executor = UniprocExecutor(self.runner)
+            self.memory_plan = self._plan_memory(cache)
+            cache.num_gpu_blocks = self.memory_plan.num_blocks
+            if sched.preemption_mode == "swap":
+                cache.num_cpu_blocks = cache.resolve_num_cpu_blocks(self.executor.block_bytes())
+                self.memory_plan.num_cpu_blocks = cache.num_cpu_blocks
+            self.executor.allocate(cache.num_gpu_blocks, cache.num_cpu_blocks or 0)
+            self.cache_config = cache
+            self.scheduler_config = sched
+            self.scheduler = Scheduler(sched, cache)
+        except BaseException:
+            self.shutdown()
+            raise
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=config.seed)
         self.requests: dict[str, _RequestState] = {}
@@ -110,6 +128,9 @@ class LLMEngine:
 
     # -- setup --------------------------------------------------------------------------------
     def _plan_memory(self, cache) -> MemoryPlan:
+        if self.runner is None:  # distributed: each rank plans its own memory; the minimum wins
+            tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
+            return self.executor.plan_memory(cache, tokens, self.config.gpu_memory_utilization)
         block_bytes = self.runner.block_bytes()
         if cache.num_gpu_blocks is not None:  # an explicit pool size wins over any budget
             plan = plan_cpu(
@@ -168,8 +189,15 @@ class LLMEngine:
             f"chunked prefill {'on' if self.scheduler_config.enable_chunked_prefill else 'off'}, "
             f"preemption {self.scheduler_config.preemption_mode}"
         )
+        lines += self.executor.describe()
         lines += self.memory_plan.table().splitlines()
         return lines
+
+    def shutdown(self) -> None:
+        """Stop the workers of a distributed engine and release their ports (idempotent)."""
+        executor = getattr(self, "executor", None)
+        if executor is not None:
+            executor.shutdown()
 
     # -- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:
@@ -235,7 +263,7 @@ class LLMEngine:
         tokens or finished this step (finished ones are removed from the engine)."""
         out = self.scheduler.schedule()
         now = time.time()
-        logits = self.runner.execute(out)
+        logits = self.executor.execute(out)
         self.num_steps += 1
         sampled: dict[int, list[int]] = {}
         if logits is not None:

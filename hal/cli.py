@@ -66,10 +66,17 @@ def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return add_generate(sub)
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from engine.server.cli import add_serve  # argparse only; FastAPI/uvicorn load when it runs
+
+    return add_serve(sub)
+
+
 # name -> (adds the subparser, "module:function" handler imported when the command runs)
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], str]] = {
     "info": (_add_info, "hal.cli:run_info"),
     "generate": (_add_generate, "engine.cli:run_generate"),
+    "serve": (_add_serve, "engine.server.cli:run_serve"),
 }
 
 

@@ -1,0 +1,593 @@
+"""Executors: run the model for the engine. In-process at world size 1 (today's ModelRunner), else
+one worker per device, in spawned processes ("mp", one host) or Ray actors ("ray", many hosts).
+
+The scheduler and KV-cache manager stay on the driver; each step goes to every rank and the logits
+come back from the last stage's tp rank 0. A dead, stopped or never-joining worker fails the call
+with a DistributedError naming the rank, after which every worker is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import socket
+import time
+import weakref
+from abc import ABC, abstractmethod
+from multiprocessing.connection import wait as wait_connections
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.distributed import DistributedError
+from engine.distributed.collectives import WorldLayout, collective_backend
+from engine.distributed.worker import (
+    HEARTBEAT_INTERVAL_S,
+    StepInput,
+    WorkerInfo,
+    WorkerSpec,
+    worker_main,
+)
+from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig, ParallelConfig
+from engine.memory import MemoryPlan
+from engine.model_config import ModelConfig
+from engine.runner import ModelRunner
+from hal.capabilities import Capabilities
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+HEARTBEAT_STALE_S = 10 * HEARTBEAT_INTERVAL_S
+
+
+class Executor(ABC):
+    """Runs the model: per-block KV bytes, KV allocation, one step -> logits on the driver."""
+
+    @abstractmethod
+    def block_bytes(self) -> int:
+        """Bytes of one KV block on the rank that needs the most (all layers it holds, K and V)."""
+
+    @abstractmethod
+    def allocate(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
+        """Allocate num_blocks KV blocks (and swap blocks) on every rank."""
+
+    @abstractmethod
+    def execute(self, out) -> torch.Tensor | None:
+        """Run a SchedulerOutput; fp32 logits [num_sampling_seqs, vocab] in schedule order."""
+
+    def shutdown(self) -> None:
+        """Release workers and their ports; idempotent."""
+
+    def describe(self) -> list[str]:
+        """Start-up report lines: the parallel layout."""
+        return []
+
+
+class UniprocExecutor(Executor):
+    """World size 1: today's ModelRunner in the engine's process, no collectives, no copies."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+
+    def block_bytes(self) -> int:
+        return self.runner.block_bytes()
+
+    def allocate(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
+        self.runner.allocate(num_blocks, num_cpu_blocks)
+
+    def execute(self, out) -> torch.Tensor | None:
+        return self.runner.execute(out)
+
+
+# -- checks before any worker starts ---------------------------------------------------------------
+def check_parallel_config(
+    parallel: ParallelConfig, model_config: ModelConfig, caps: Capabilities, model_name: str
+) -> None:
+    """Every layout constraint, as a one-line ValueError naming the value, the rule and the way out."""
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    m = model_config
+
+    def divisors(n: int) -> str:
+        return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+    if m.num_heads % tp:
+        raise ValueError(
+            f"tensor_parallel_size={tp} does not divide num_attention_heads={m.num_heads} of "
+            f"{model_name}; use one of {divisors(m.num_heads)}"
+        )
+    if m.num_kv_heads % tp and tp % m.num_kv_heads:
+        raise ValueError(
+            f"tensor_parallel_size={tp} and num_key_value_heads={m.num_kv_heads} of {model_name} "
+            f"must divide one another (split or replicate KV heads); use one of "
+            f"{divisors(m.num_heads)} that does"
+        )
+    if m.intermediate_size % tp:
+        raise ValueError(
+            f"tensor_parallel_size={tp} does not divide intermediate_size={m.intermediate_size} "
+            f"of {model_name}; use one of {divisors(m.intermediate_size)}"
+        )
+    if pp > m.num_layers:
+        raise ValueError(
+            f"pipeline_parallel_size={pp} exceeds the {m.num_layers} layers of {model_name} "
+            f"(each stage needs at least one); use at most {m.num_layers}"
+        )
+    world = parallel.world_size
+    if parallel.executor_backend == "mp" and caps.torch_device_type != "cpu":
+        if world > caps.device_count:
+            raise ValueError(
+                f"tensor_parallel_size x pipeline_parallel_size = {world} ranks, but this host "
+                f"has {caps.device_count} GPU(s) and distributed_executor_backend='mp' runs one "
+                f"rank per GPU on one host; use at most {caps.device_count} ranks, or "
+                f"distributed_executor_backend='ray' on a cluster"
+            )
+
+
+def driver_model_info(model: str | None) -> tuple[ModelConfig, Any, str]:
+    """The model's config and tokenizer for the driver, without reading any weights."""
+    from engine.loader.default_model import default_model_path
+    from engine.loader.gguf import GGUFSource
+    from engine.loader.hf import read_hf_config
+    from engine.parallel import WeightLoadError
+    from engine.tokenizer import load_tokenizer
+
+    path = default_model_path() if model is None else Path(model)
+    if not path.exists():
+        raise WeightLoadError(f"{path}: no such model folder or GGUF file")
+    chat_template = None
+    if path.is_file():
+        gguf = GGUFSource(path)
+        config, chat_template = gguf.config(), gguf.chat_template
+    else:
+        config = read_hf_config(path)
+    return config, load_tokenizer(path, chat_template), str(path)
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class BackendSummary:
+    """The workers' backend as the driver reports it (the driver loads no backend itself)."""
+
+    def __init__(self, info: WorkerInfo) -> None:
+        self.name = info.backend_name
+        self.device = torch.device(info.device)
+        self._lines = info.backend_lines
+
+    def describe(self) -> list[str]:
+        return list(self._lines)
+
+
+# -- the distributed executors ----------------------------------------------------------------------
+class DistributedExecutor(Executor):
+    """A world of tp x pp ranks; subclasses start them and carry calls to them."""
+
+    kind = ""
+
+    def __init__(
+        self, config: EngineConfig, caps: Capabilities, model_config: ModelConfig, model_path: str
+    ) -> None:
+        par = config.parallel
+        self.parallel = par
+        self.layout = WorldLayout(par.tensor_parallel_size, par.pipeline_parallel_size)
+        self.model_config = model_config
+        self.collective_backend = collective_backend(caps)
+        self.device_type = "cpu" if config.device == "cpu" else caps.torch_device_type
+        self.failure: str | None = None
+        self.infos: list[WorkerInfo] = []
+        self.plans: list[MemoryPlan] = []
+        self.num_steps = 0
+        world = self.layout.world_size
+        threads = max(1, (os.cpu_count() or 1) // world)
+        self.specs = [
+            WorkerSpec(
+                rank=r,
+                layout=self.layout,
+                model=model_path,
+                dtype=config.dtype,
+                device=self._device_of(r),
+                backend=config.backend,
+                max_model_len=config.max_model_len,
+                block_size=config.cache.block_size,
+                collective_backend=self.collective_backend,
+                init_timeout_s=par.init_timeout_s,
+                num_threads=threads if self.device_type == "cpu" else None,
+                log_level=logging.getLogger().getEffectiveLevel(),
+            )
+            for r in range(world)
+        ]
+        logger.info(
+            "starting %d workers (%s executor, %s collectives): tp %d x pp %d",
+            world,
+            self.kind,
+            self.collective_backend,
+            self.layout.tp_size,
+            self.layout.pp_size,
+        )
+        start = time.perf_counter()
+        try:
+            addr, port = self._start_workers()
+            # Forming the world is bounded by init_timeout_s inside each rank; the driver's
+            # deadline adds a margin for process start-up (importing torch).
+            self._call_all("init_world", (addr, port), par.init_timeout_s + 30.0, "forming the world")
+            self.infos = self._call_all("load", (), par.init_timeout_s, "loading the model")
+        except BaseException:
+            self.shutdown()
+            raise
+        self.backend = BackendSummary(self.infos[self.layout.output_rank])
+        self.dtype = self.infos[0].dtype
+        logger.info("%d workers ready in %.1fs", world, time.perf_counter() - start)
+
+    def _device_of(self, rank: int) -> str:
+        return "cpu" if self.device_type == "cpu" else f"cuda:{rank}"
+
+    # -- subclass hooks ----------------------------------------------------------------------
+    @abstractmethod
+    def _start_workers(self) -> tuple[str, int]:
+        """Start one worker per rank; return the rendezvous (address, port) of rank 0."""
+
+    @abstractmethod
+    def _call_all(self, method: str, args: tuple, timeout_s: float, what: str) -> list:
+        """Call Worker.method(*args) on every rank at once; results in rank order."""
+
+    @abstractmethod
+    def _stop_workers(self) -> None:
+        """Stop every worker (gracefully, then by force) and release its resources."""
+
+    @property
+    @abstractmethod
+    def worker_pids(self) -> list[int]:
+        """Worker process ids in rank order (for diagnostics and tests)."""
+
+    # -- failure handling ----------------------------------------------------------------------
+    def _fail(self, message: str) -> DistributedError:
+        """Record the first failure, stop every worker, and return the error to raise."""
+        if self.failure is None:
+            self.failure = message
+        logger.error("%s", message)
+        self.shutdown()
+        return DistributedError(message)
+
+    def _check_alive(self) -> None:
+        if self.failure is not None:
+            raise DistributedError(f"the engine's workers are gone after: {self.failure}")
+
+    # -- Executor ------------------------------------------------------------------------------
+    def block_bytes(self) -> int:
+        return max(info.block_bytes for info in self.infos)
+
+    def plan_memory(self, cache, profile_tokens: int, gpu_memory_utilization: float) -> MemoryPlan:
+        """Each rank plans from its own memory; the pool takes the smallest rank's block count."""
+        kv_bytes = cache.kv_cache_memory_bytes or DEFAULT_CPU_KV_BYTES
+        args = (kv_bytes, cache.num_gpu_blocks, gpu_memory_utilization, profile_tokens)
+        self.plans = self._call_all(
+            "plan_memory", args, self.parallel.step_timeout_s, "planning memory"
+        )
+        rank = min(range(len(self.plans)), key=lambda r: self.plans[r].num_blocks)
+        plan = self.plans[rank]
+        plan.device = f"rank {rank} of {len(self.plans)}, {plan.device}"
+        return plan
+
+    def allocate(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
+        self._call_all(
+            "allocate", (num_blocks, num_cpu_blocks), self.parallel.step_timeout_s, "allocating KV"
+        )
+
+    def execute(self, out) -> torch.Tensor | None:
+        step = StepInput.from_scheduler_output(out)
+        self.num_steps += 1
+        results = self._call_all(
+            "execute", (step,), self.parallel.step_timeout_s, f"step {self.num_steps}"
+        )
+        return results[self.layout.output_rank]
+
+    def describe(self) -> list[str]:
+        lines = [f"executor {self.kind}: {self.layout.world_size} workers"]
+        lines += self.layout.describe(self.model_config.num_layers, self.collective_backend)
+        for info in self.infos:
+            lines.append(
+                f"  rank {info.rank}: pid {info.pid}, {info.device}, layers "
+                f"{info.layers[0]}..{info.layers[1] - 1}, weights "
+                f"{info.weight_bytes / (1 << 20):.1f} MiB, KV block {info.block_bytes} bytes"
+            )
+        if self.plans:
+            blocks = ", ".join(f"{p.num_blocks}" for p in self.plans)
+            lines.append(f"  KV blocks per rank: {blocks} (the pool uses the minimum)")
+        return lines
+
+
+class MultiprocExecutor(DistributedExecutor):
+    """One spawned process per rank on this host; pipes carry calls, shared memory heartbeats."""
+
+    kind = "mp"
+
+    def _start_workers(self) -> tuple[str, int]:
+        ctx = mp.get_context("spawn")
+        world = self.layout.world_size
+        self.heartbeats = ctx.Array("d", [time.time()] * world, lock=False)
+        self.procs: list[Any] = []
+        self.conns: list[Any] = []
+        port = free_port(LOOPBACK)
+        for spec in self.specs:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=worker_main,
+                args=(spec, child, self.heartbeats, os.getpid()),
+                name=f"hal-worker-{spec.rank}",
+                daemon=True,
+            )
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.conns.append(parent)
+        # Stop the workers when the executor is collected or the interpreter exits.
+        self._finalizer = weakref.finalize(self, _stop_processes, self.procs, self.conns)
+        return LOOPBACK, port
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def _call_all(self, method: str, args: tuple, timeout_s: float, what: str) -> list:
+        self._check_alive()
+        for rank, conn in enumerate(self.conns):
+            try:
+                conn.send((method, args))
+            except (BrokenPipeError, OSError):
+                raise self._died(rank, what) from None
+        results: list[Any] = [None] * len(self.conns)
+        pending = set(range(len(self.conns)))
+        deadline = time.monotonic() + timeout_s
+        sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._timed_out(pending, what, timeout_s)
+            waitables = [self.conns[r] for r in pending] + list(sentinels)
+            for obj in wait_connections(waitables, timeout=min(left, 1.0)):
+                if obj in sentinels:
+                    raise self._died(sentinels[obj], what)
+                rank = self.conns.index(obj)
+                try:
+                    status, value = obj.recv()
+                except (EOFError, OSError):
+                    raise self._died(rank, what) from None
+                if status == "error":
+                    raise self._fail(f"worker rank {rank} failed while {what}: {value}")
+                results[rank] = value
+                pending.discard(rank)
+        return results
+
+    def _died(self, rank: int, what: str) -> DistributedError:
+        proc = self.procs[rank]
+        proc.join(timeout=1.0)
+        code = proc.exitcode
+        how = "is gone" if code is None else f"exited with code {code}"
+        if code is not None and code < 0:
+            import signal
+
+            how = f"was killed by {signal.Signals(-code).name}"
+        return self._fail(f"worker rank {rank} (pid {proc.pid}) {how} while {what}")
+
+    def _timed_out(self, pending: set[int], what: str, timeout_s: float) -> DistributedError:
+        now = time.time()
+        stale = [r for r in sorted(pending) if now - self.heartbeats[r] > HEARTBEAT_STALE_S]
+        if stale:
+            who = ", ".join(
+                f"rank {r} (pid {self.procs[r].pid}, no heartbeat for "
+                f"{now - self.heartbeats[r]:.1f} s)"
+                for r in stale
+            )
+            return self._fail(
+                f"{who} stopped answering: {what} did not finish within {timeout_s:g} s "
+                f"(step_timeout_s / init_timeout_s); all workers were stopped"
+            )
+        ranks = ", ".join(str(r) for r in sorted(pending))
+        return self._fail(
+            f"ranks {ranks} did not finish {what} within {timeout_s:g} s (alive but busy or "
+            "waiting on a peer); all workers were stopped"
+        )
+
+    def _stop_workers(self) -> None:
+        finalizer = getattr(self, "_finalizer", None)
+        if finalizer is not None:
+            finalizer()
+
+    def shutdown(self) -> None:
+        self._stop_workers()
+
+
+def _stop_processes(procs: list, conns: list, grace_s: float = 2.0) -> None:
+    """Ask each live worker to exit, then terminate, then kill; close every pipe."""
+    for proc, conn in zip(procs, conns, strict=True):
+        if proc.is_alive():
+            try:
+                conn.send(("shutdown", ()))
+            except (BrokenPipeError, OSError):
+                pass
+    deadline = time.monotonic() + grace_s
+    for proc in procs:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=0.5)
+        if proc.is_alive():
+            proc.kill()  # SIGKILL also ends a stopped (SIGSTOP) process
+            proc.join(timeout=2.0)
+    for conn in conns:
+        conn.close()
+
+
+class _RayWorker:
+    """The Ray actor around a Worker (one per placement-group bundle)."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        from engine.distributed.worker import Worker
+
+        logging.basicConfig(
+            level=spec.log_level, format=f"(rank {spec.rank}) %(levelname)s %(name)s: %(message)s"
+        )
+        self.worker = Worker(spec)
+
+    def node_ip(self) -> str:
+        import ray
+
+        return ray.util.get_node_ip_address()
+
+    def free_port(self) -> int:
+        return free_port(self.node_ip())
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def call(self, method: str, *args):
+        return getattr(self.worker, method)(*args)
+
+
+def connect_ray(address: str | None) -> Any:
+    """Import Ray and connect to the cluster, or raise a one-line error saying how to get one."""
+    try:
+        import ray
+    except ImportError:
+        raise ValueError(
+            "distributed_executor_backend='ray' but Ray is not installed; pip install "
+            "'ray>=2.9', or use distributed_executor_backend='mp' on one host"
+        ) from None
+    if not ray.is_initialized():
+        target = address or "auto"
+        try:
+            ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ValueError(
+                f"distributed_executor_backend='ray': no Ray cluster reachable at "
+                f"ray_address={target!r} ({first}); start one with `ray start --head` (and `ray "
+                f"start --address=HEAD_IP:6379` on the other hosts), or set ray_address"
+            ) from None
+    return ray
+
+
+class RayExecutor(DistributedExecutor):
+    """One Ray actor per rank, placed by a placement group (one bundle per device) on an existing
+    cluster, so a world can span hosts."""
+
+    kind = "ray"
+
+    def __init__(self, config, caps, model_config, model_path) -> None:
+        self.ray = connect_ray(config.parallel.ray_address)
+        self.actors: list[Any] = []
+        self.pg = None
+        self._pids: list[int] = []
+        super().__init__(config, caps, model_config, model_path)
+
+    def _device_of(self, rank: int) -> str:
+        return "cpu" if self.device_type == "cpu" else "cuda:0"  # Ray sets CUDA_VISIBLE_DEVICES
+
+    def _start_workers(self) -> tuple[str, int]:
+        ray = self.ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        world, gpu = self.layout.world_size, self.device_type != "cpu"
+        bundle = {"GPU": 1.0, "CPU": 1.0} if gpu else {"CPU": 1.0}
+        have = ray.cluster_resources()
+        for key, need in bundle.items():
+            if have.get(key, 0) < need * world:
+                raise ValueError(
+                    f"tensor_parallel_size x pipeline_parallel_size = {world} ranks need {world} "
+                    f"x {bundle}, but the Ray cluster has {key}={have.get(key, 0):g}; add nodes "
+                    "or use fewer ranks"
+                )
+        self.pg = placement_group([dict(bundle) for _ in range(world)], strategy="PACK")
+        if not self.pg.wait(timeout_seconds=self.parallel.init_timeout_s):
+            raise DistributedError(
+                f"the Ray placement group of {world} x {bundle} was not placed within "
+                f"init_timeout_s={self.parallel.init_timeout_s:g} s (resources held elsewhere?)"
+            )
+        actor_cls = ray.remote(_RayWorker)
+        for rank, spec in enumerate(self.specs):
+            strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
+            self.actors.append(
+                actor_cls.options(
+                    num_cpus=1, num_gpus=1 if gpu else 0, scheduling_strategy=strategy
+                ).remote(spec)
+            )
+        timeout = self.parallel.init_timeout_s
+        self._pids = self._gather([a.pid.remote() for a in self.actors], timeout, "starting")
+        addr = self._gather([self.actors[0].node_ip.remote()], timeout, "starting")[0]
+        port = self._gather([self.actors[0].free_port.remote()], timeout, "starting")[0]
+        return addr, port
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return list(self._pids)
+
+    def _call_all(self, method: str, args: tuple, timeout_s: float, what: str) -> list:
+        self._check_alive()
+        refs = [a.call.remote(method, *args) for a in self.actors]
+        return self._gather(refs, timeout_s, what)
+
+    def _gather(self, refs: list, timeout_s: float, what: str) -> list:
+        ray = self.ray
+        rank_of = {ref: r for r, ref in enumerate(refs)}
+        results: list[Any] = [None] * len(refs)
+        pending = list(refs)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                ranks = ", ".join(str(rank_of[r]) for r in pending)
+                raise self._fail(
+                    f"ranks {ranks} did not finish {what} within {timeout_s:g} s; all workers "
+                    "were stopped"
+                )
+            ready, pending = ray.wait(pending, num_returns=1, timeout=min(left, 1.0))
+            for ref in ready:
+                rank = rank_of[ref]
+                try:
+                    results[rank] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    raise self._fail(f"worker rank {rank} died while {what} ({e})") from None
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    raise self._fail(f"worker rank {rank} failed while {what}: {cause}") from None
+        return results
+
+    def _stop_workers(self) -> None:
+        ray = self.ray
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as e:  # already dead
+                logger.debug("ray.kill: %s", e)
+        self.actors = []
+        if self.pg is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.pg)
+            self.pg = None
+
+    def shutdown(self) -> None:
+        self._stop_workers()
+
+
+def make_executor(
+    config: EngineConfig, caps: Capabilities, model_config: ModelConfig, model_path: str
+) -> DistributedExecutor:
+    """Validate the layout (before anything starts), then start the configured executor."""
+    par = config.parallel
+    check_parallel_config(par, model_config, caps, model_path)
+    if str(config.device).startswith("cuda:"):
+        raise ValueError(
+            f"device={config.device!r} names one GPU, but {par.world_size} ranks need one each; "
+            "use device='cuda' or 'auto' (rank r uses GPU r)"
+        )
+    if par.executor_backend == "ray":
+        return RayExecutor(config, caps, model_config, model_path)
+    return MultiprocExecutor(config, caps, model_config, model_path)

@@ -1,0 +1,271 @@
+"""One rank of a distributed engine: joins the world, loads its shard of its pipeline stage,
+allocates its KV cache and runs the steps the driver sends (in a process or a Ray actor)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.distributed.collectives import PipelineChannel, WorldLayout, init_world
+from engine.memory import MemoryPlan, plan_cpu, plan_gpu
+from engine.parallel import SINGLE, ParallelContext
+from engine.runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+HEARTBEAT_INTERVAL_S = 0.2
+
+
+@dataclass
+class WorkerSpec:
+    """Everything a rank needs to start; picklable (sent to a spawned process or Ray actor)."""
+
+    rank: int
+    layout: WorldLayout
+    model: str | None
+    dtype: str
+    device: str  # "cpu" or "cuda:N" (N local to the process's visible devices)
+    backend: str | None
+    max_model_len: int | None
+    block_size: int
+    collective_backend: str  # "nccl" or "gloo"
+    init_timeout_s: float
+    num_threads: int | None = None  # CPU threads for this rank's torch ops (CPU only)
+    log_level: int = logging.WARNING
+
+
+@dataclass
+class WorkerInfo:
+    """What a rank reports after loading: its backend, dtype and per-block KV bytes."""
+
+    rank: int
+    pid: int
+    backend_name: str
+    backend_lines: list[str]
+    device: str
+    dtype: torch.dtype
+    block_bytes: int
+    weight_bytes: int
+    layers: tuple[int, int]
+
+
+@dataclass
+class StepSeq:
+    """One sequence's share of a step as plain data: what `ModelRunner.build_batch` reads."""
+
+    token_ids: list[int]
+    positions: list[int]
+    slot_mapping: list[int]
+    block_table: list[int]
+    num_new_tokens: int
+    seq_len: int
+    samples: bool
+
+
+@dataclass
+class StepInput:
+    """A `SchedulerOutput` without the Python sequence objects: the part the ranks need."""
+
+    scheduled: list[StepSeq] = field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+
+    @classmethod
+    def from_scheduler_output(cls, out) -> StepInput:
+        scheduled = [
+            StepSeq(
+                s.token_ids, s.positions, s.slot_mapping, s.block_table, s.num_new_tokens,
+                s.seq_len, s.samples,
+            )  # fmt: skip
+            for s in out.scheduled
+        ]
+        return cls(
+            scheduled,
+            list(out.blocks_to_swap_out),
+            list(out.blocks_to_swap_in),
+            list(out.blocks_to_copy),
+        )
+
+
+class Worker:
+    """A rank: `init_world`, `load`, `plan_memory`, `allocate`, then `execute` per step."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.rank = spec.rank
+        self.layout = spec.layout
+        self.pp_rank, self.tp_rank = spec.layout.coords(spec.rank)
+        self.collectives = None
+        self.channel: PipelineChannel | None = None
+        self.runner: ModelRunner | None = None
+        self.model = None
+        if spec.num_threads and spec.device == "cpu":
+            torch.set_num_threads(spec.num_threads)
+
+    def init_world(self, master_addr: str, master_port: int) -> int:
+        """Join the process group (bounded by init_timeout_s); returns this process's pid."""
+        if self.spec.device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(self.spec.device))
+        if self.layout.world_size > 1:
+            self.collectives = init_world(
+                self.layout,
+                self.rank,
+                self.spec.collective_backend,
+                master_addr,
+                master_port,
+                self.spec.init_timeout_s,
+            )
+        if self.layout.pp_size > 1:
+            self.channel = PipelineChannel(self.layout, self.rank)
+        return os.getpid()
+
+    def load(self) -> WorkerInfo:
+        """Load the backend and this rank's shard of its stage; build its runner."""
+        import hal
+        import platforms
+        from engine.loader import load_model
+        from engine.memory import weight_bytes
+
+        spec = self.spec
+        caps = platforms.detect()
+        backend_choice = "cpu" if spec.device == "cpu" else spec.backend
+        backend = hal.load_backend(caps, device=spec.device, configured=backend_choice)
+        parallel = SINGLE
+        if self.layout.world_size > 1:
+            parallel = ParallelContext(
+                self.tp_rank, self.layout.tp_size, self.collectives, self.pp_rank,
+                self.layout.pp_size,
+            )  # fmt: skip
+        self.model, _, _ = load_model(
+            spec.model,
+            backend,
+            spec.dtype,
+            parallel,
+            max_model_len=spec.max_model_len,
+            with_tokenizer=False,
+        )
+        self.runner = ModelRunner(self.model, backend, spec.block_size, self.model.dtype)
+        return WorkerInfo(
+            rank=self.rank,
+            pid=os.getpid(),
+            backend_name=backend.name,
+            backend_lines=backend.describe(),
+            device=str(backend.device),
+            dtype=self.model.dtype,
+            block_bytes=self.runner.block_bytes(),
+            weight_bytes=weight_bytes(self.model),
+            layers=(self.model.layer_start, self.model.layer_stop),
+        )
+
+    def plan_memory(
+        self,
+        kv_cache_memory_bytes: int,
+        num_gpu_blocks: int | None,
+        gpu_memory_utilization: float,
+        profile_tokens: int,
+    ) -> MemoryPlan:
+        """This rank's memory plan from its own memory; on a GPU every rank profiles together."""
+        runner, block_size = self.runner, self.spec.block_size
+        block_bytes = runner.block_bytes()
+        if num_gpu_blocks is not None:
+            plan = plan_cpu(self.model, block_bytes, block_size, num_gpu_blocks * block_bytes)
+            plan.device = str(runner.device)
+            return plan
+        if runner.device.type == "cpu":
+            return plan_cpu(self.model, block_bytes, block_size, kv_cache_memory_bytes)
+        peak = self._profile_activation_peak(profile_tokens)
+        return plan_gpu(
+            self.model, runner.device, block_bytes, block_size, gpu_memory_utilization, peak
+        )
+
+    def _profile_activation_peak(self, num_tokens: int) -> int:
+        """One forward of num_tokens tokens (all ranks at once, so collectives pair up)."""
+        device, block_size = self.runner.device, self.spec.block_size
+        num_blocks = -(-num_tokens // block_size) + 1
+        self.runner.allocate(num_blocks)
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        blocks = list(range(1, num_blocks))
+        slots = [blocks[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
+        seq = StepSeq(
+            [0] * num_tokens, list(range(num_tokens)), slots, blocks, num_tokens, num_tokens, True
+        )
+        self.execute(StepInput([seq]))
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        self.runner.kv_caches = []
+        torch.cuda.empty_cache()
+        return int(peak)
+
+    def allocate(self, num_blocks: int, num_cpu_blocks: int) -> None:
+        self.runner.allocate(num_blocks, num_cpu_blocks)
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor | None:
+        """Run this rank's part of one step; fp32 logits on the CPU from the output rank only."""
+        runner, model = self.runner, self.model
+        runner.apply_block_moves(step)
+        if not step.scheduled:
+            return None
+        batch = runner.build_batch(step.scheduled)
+        intermediate = None
+        if self.channel is not None and self.channel.prev_rank is not None:
+            intermediate = self.channel.recv(
+                batch.num_tokens, model.config.hidden_size, model.dtype, runner.device
+            )
+        out = model(batch, runner.kv_caches, intermediate)
+        if self.channel is not None and self.channel.next_rank is not None:
+            self.channel.send(*out)
+            return None
+        if batch.logits_indices.numel() == 0:
+            return None
+        logits = model.compute_logits(out[batch.logits_indices])
+        return None if logits is None else logits.cpu()
+
+    def shutdown(self) -> None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _heartbeat(heartbeats, rank: int, parent_pid: int) -> None:
+    """Stamp this rank's slot so the driver can tell a stopped rank from a waiting one; exit if
+    the driver is gone (no orphaned worker)."""
+    while True:
+        heartbeats[rank] = time.time()
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(HEARTBEAT_INTERVAL_S)
+
+
+def worker_main(spec: WorkerSpec, conn, heartbeats, parent_pid: int) -> None:
+    """A worker process: answer (method, args) requests on conn with ("ok", result) or
+    ("error", message) until "shutdown" or the driver's end closes."""
+    logging.basicConfig(
+        level=spec.log_level, format=f"(rank {spec.rank}) %(levelname)s %(name)s: %(message)s"
+    )
+    threading.Thread(target=_heartbeat, args=(heartbeats, spec.rank, parent_pid), daemon=True).start()
+    worker = Worker(spec)
+    while True:
+        try:
+            method, args = conn.recv()
+        except (EOFError, OSError):
+            break
+        if method == "shutdown":
+            worker.shutdown()
+            conn.send(("ok", None))
+            break
+        try:
+            conn.send(("ok", getattr(worker, method)(*args)))
+        except Exception as e:
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            logger.debug("rank %d: %s failed:\n%s", spec.rank, method, traceback.format_exc())
+            conn.send(("error", detail))
+    conn.close()

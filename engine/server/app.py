@@ -1,0 +1,573 @@
+"""The OpenAI-compatible HTTP app: /v1/models, /v1/completions, /v1/chat/completions (plain JSON
+or server-sent events), /health and /metrics, over an `AsyncLLMEngine`.
+
+Every error is OpenAI's {"error": {"message", "type", "param", "code"}} with a fitting status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.server.metrics import ServerMetrics
+from engine.server.protocol import (
+    DEFAULT_COMPLETION_MAX_TOKENS,
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIError,
+    TokenText,
+    bad_request,
+    chat_logprobs,
+    completion_logprobs,
+    error_body,
+    parse_request,
+    usage,
+)
+from engine.tokenizer import TokenizerLoadError, apply_chat_template
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_TOKENS_LIMIT = 4096
+DISCONNECT_POLL_S = 0.2  # how often a non-streaming request checks that its client is still there
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the engine, limits, metrics and the draining flag."""
+
+    engine: AsyncLLMEngine
+    model_name: str
+    max_body_bytes: int
+    max_tokens_limit: int
+    metrics: ServerMetrics
+    created: int = field(default_factory=lambda: int(time.time()))
+    draining: bool = False
+    token_text: TokenText = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.token_text = TokenText(self.engine.tokenizer)
+
+    def begin_drain(self, timeout: float) -> None:
+        """Refuse new requests (503); after `timeout` seconds abort the ones still running.
+        Call on the server's event loop."""
+        if self.draining:
+            return
+        self.draining = True
+        logger.info("draining: %d requests in flight, %.1f s to finish", self.in_flight(), timeout)
+        reason = f"server shutting down: not finished within the {timeout:g} s drain timeout"
+        asyncio.get_running_loop().call_later(timeout, self.engine.abort_all, reason)
+
+    def in_flight(self) -> int:
+        return self.engine.num_unfinished()
+
+    def check_available(self) -> None:
+        if self.engine.is_dead:
+            raise OpenAIError(503, f"engine unavailable: {self.engine.dead_error}", "server_error")
+        if self.draining:
+            raise OpenAIError(
+                503, "the server is shutting down; retry on another instance", "server_error"
+            )
+
+    def check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise OpenAIError(
+                404,
+                f"The model `{model}` does not exist; this server serves `{self.model_name}`",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
+
+
+class _AuthMiddleware:
+    """Pure ASGI: every /v1 route needs `Authorization: Bearer <api key>` (401 otherwise)."""
+
+    def __init__(self, app, api_key: str, state: ServerState) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+        self.state = state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            headers = dict(scope.get("headers") or [])
+            auth = headers.get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.api_key):
+                message = (
+                    "Incorrect API key provided"
+                    if auth
+                    else "Missing API key: send the header 'Authorization: Bearer <key>'"
+                )
+                self.state.metrics.count_error(401)
+                body = error_body(message, "invalid_request_error", None, "invalid_api_key")
+                response = JSONResponse(body, status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(
+    engine: AsyncLLMEngine,
+    served_model_name: str,
+    api_key: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+) -> FastAPI:
+    """The app for `engine`; `api_key` None leaves /v1 open. `app.state.server` is the state."""
+    for name, value in (("max_body_bytes", max_body_bytes), ("max_tokens_limit", max_tokens_limit)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    metrics = ServerMetrics(served_model_name)
+    state = ServerState(engine, served_model_name, max_body_bytes, max_tokens_limit, metrics)
+    metrics.observe(engine.stats())
+    engine.stats_listener = metrics.observe
+
+    app = FastAPI(title="hal-engine OpenAI-compatible server", docs_url=None, redoc_url=None)
+    app.state.server = state
+    if api_key:
+        app.add_middleware(_AuthMiddleware, api_key=api_key, state=state)
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        metrics.count_error(exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        metrics.count_error(exc.status_code)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(error_body(message, "invalid_request_error", None, code), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("internal error on %s", request.url.path)
+        metrics.count_error(500)
+        body = error_body(f"internal server error: {type(exc).__name__}: {exc}", "server_error")
+        return JSONResponse(body, status_code=500)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_dead:
+            return JSONResponse({"status": "dead", "error": str(engine.dead_error)}, 503)
+        if state.draining:
+            return JSONResponse({"status": "draining"}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": served_model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "hal-engine",
+            "max_model_len": engine.max_model_len,
+        }
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        state.check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        state.check_available()
+        req = parse_request(CompletionRequest, await _read_body(request, max_body_bytes))
+        req.warn_unknown_fields()
+        req.check()
+        state.check_model(req.model)
+        prompts: list[tuple[str, list[int]]] = []
+        for p in req.prompts():
+            if isinstance(p, str):
+                prompts.append((p, list(engine.tokenizer.encode(p))))
+            else:
+                prompts.append((engine.tokenizer.decode(p), list(p)))
+        params = []
+        for text, ids in prompts:
+            if not ids:
+                raise bad_request("prompt is empty: it encodes to zero tokens", "prompt")
+            max_tokens = _resolve_max_tokens(
+                state, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, len(ids), "max_tokens", "prompt"
+            )
+            params.append(req.to_sampling_params(max_tokens, req.logprobs))
+        run = _Run(state, "cmpl", req.n, req.logprobs)
+        await run.start([ids for _, ids in prompts], params)
+        echo = [text for text, _ in prompts] if req.echo else None
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(run.stream_completion(echo, include_usage))
+        return await run.respond(request, lambda outs: run.completion_body(outs, echo))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        state.check_available()
+        req = parse_request(ChatCompletionRequest, await _read_body(request, max_body_bytes))
+        req.warn_unknown_fields()
+        req.check()
+        state.check_model(req.model)
+        try:
+            ids = apply_chat_template(
+                engine.tokenizer, req.conversation(), add_generation_prompt=req.add_generation_prompt
+            )
+        except TokenizerLoadError as e:
+            raise bad_request(str(e), "messages") from e
+        field_name = "max_completion_tokens" if req.max_completion_tokens is not None else (
+            "max_tokens"
+        )
+        max_tokens = _resolve_max_tokens(
+            state, req.requested_max_tokens(), None, len(ids), field_name, "messages"
+        )
+        params = req.to_sampling_params(max_tokens, req.engine_logprobs())
+        run = _Run(state, "chatcmpl", req.n, req.engine_logprobs())
+        await run.start([ids], [params])
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _sse(run.stream_chat(include_usage))
+        return await run.respond(request, run.chat_body)
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) more than `limit` bytes before reading them all."""
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise OpenAIError(
+            413, f"request body of {length} bytes exceeds the limit of {limit} bytes", code=None
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise OpenAIError(413, f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _resolve_max_tokens(
+    state: ServerState,
+    requested: int | None,
+    default: int | None,
+    prompt_len: int,
+    name: str,
+    prompt_param: str,
+) -> int:
+    """max_tokens checked against the server's limit and the context; None takes the default
+    (or the room left in the context, capped by the limit)."""
+    max_len = state.engine.max_model_len
+    if prompt_len >= max_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_len} tokens. However, your prompt has "
+            f"{prompt_len} tokens; at most {max_len - 1} leave room for one generated token.",
+            prompt_param,
+            "context_length_exceeded",
+        )
+    room = max_len - prompt_len
+    if requested is None:
+        return min(default or room, room, state.max_tokens_limit)
+    if requested < 1:
+        raise bad_request(f"{name} must be at least 1, got {requested}", name)
+    if requested > state.max_tokens_limit:
+        raise bad_request(
+            f"{name}={requested} exceeds this server's limit of {state.max_tokens_limit} "
+            f"(hal serve --max-tokens-limit)",
+            name,
+        )
+    if requested > room:
+        raise bad_request(
+            f"This model's maximum context length is {max_len} tokens. However, you requested "
+            f"{prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} for the "
+            f"completion). Please reduce the prompt or {name}.",
+            name,
+            "context_length_exceeded",
+        )
+    return requested
+
+
+def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+def _event(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+@dataclass
+class _Choice:
+    """What a stream has sent of one choice so far."""
+
+    num_chars: int = 0
+    num_tokens: int = 0
+    finished: bool = False
+    started: bool = False
+
+
+class _Run:
+    """One API request: its engine requests (one per prompt, each with n samples) and the
+    conversion of their outputs to OpenAI responses and stream chunks."""
+
+    def __init__(self, state: ServerState, prefix: str, n: int, logprobs: int | None) -> None:
+        self.state = state
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.n = n
+        self.logprobs = logprobs
+        self.streams: list[RequestStream] = []
+        self.prompt_lens: list[int] = []
+
+    async def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+        """Queue every prompt; if one fails, abort those already queued."""
+        try:
+            for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+                rid = f"{self.id}-{i}"
+                self.streams.append(await self.state.engine.add_request(None, p, ids, rid))
+                self.prompt_lens.append(len(ids))
+        except BaseException as e:
+            self.abort("request failed")
+            if isinstance(e, EngineDeadError):
+                raise OpenAIError(503, str(e), "server_error") from e
+            if isinstance(e, (ValueError, TypeError)):
+                raise bad_request(str(e)) from e
+            raise
+
+    def abort(self, reason: str) -> None:
+        for s in self.streams:
+            s.abort(reason)
+
+    async def merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) from every stream as they come; aborts all when left early."""
+        try:
+            if len(self.streams) == 1:
+                async for out in self.streams[0]:
+                    yield 0, out
+                return
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(i: int, stream: RequestStream) -> None:
+                try:
+                    async for out in stream:
+                        queue.put_nowait((i, out))
+                except Exception as e:  # noqa: BLE001 - re-raised by the consumer
+                    queue.put_nowait((i, e))
+                finally:
+                    queue.put_nowait((i, None))
+
+            tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(self.streams)]
+            try:
+                remaining = len(tasks)
+                while remaining:
+                    i, item = await queue.get()
+                    if item is None:
+                        remaining -= 1
+                    elif isinstance(item, BaseException):
+                        raise item
+                    else:
+                        yield i, item
+            finally:
+                for t in tasks:
+                    t.cancel()
+        finally:
+            self.abort("client went away")
+
+    def abort_reason(self) -> str | None:
+        return next((s.abort_reason for s in self.streams if s.abort_reason), None)
+
+    # -- non-streaming ------------------------------------------------------------------------
+    async def respond(self, request: Request, build) -> Response:
+        """Wait for every final output (aborting if the client leaves), then build the body."""
+        finals: dict[int, RequestOutput] = {}
+
+        async def collect() -> None:
+            async for i, out in self.merged():
+                if out.finished:
+                    finals[i] = out
+
+        task = asyncio.create_task(collect())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    logger.info("%s: client disconnected; aborting", self.id)
+                    task.cancel()
+                    return Response(status_code=499)
+            task.result()
+        except EngineDeadError as e:
+            raise OpenAIError(503, str(e), "server_error") from e
+        finally:
+            if not task.done():
+                task.cancel()
+        reason = self.abort_reason()
+        if reason is not None and any(
+            c.finish_reason == "abort" for out in finals.values() for c in out.outputs
+        ):
+            raise OpenAIError(503, f"request aborted: {reason}", "server_error")
+        outs = [finals[i] for i in range(len(self.streams))]
+        return JSONResponse(build(outs))
+
+    def _usage(self, outs: list[RequestOutput]) -> dict[str, int]:
+        generated = sum(len(c.token_ids) for out in outs for c in out.outputs)
+        return usage(sum(self.prompt_lens), generated)
+
+    def completion_body(self, outs: list[RequestOutput], echo: list[str] | None) -> dict:
+        choices = []
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                prefix = echo[i] if echo else ""
+                choices.append(
+                    {
+                        "index": i * self.n + c.index,
+                        "text": prefix + c.text,
+                        "logprobs": self._completion_logprobs(c, 0, len(c.token_ids), 0),
+                        "finish_reason": c.finish_reason,
+                        "stop_reason": c.stop_reason,
+                    }
+                )
+        return {
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": choices,
+            "usage": self._usage(outs),
+        }
+
+    def chat_body(self, outs: list[RequestOutput]) -> dict:
+        choices = [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text},
+                "logprobs": self._chat_logprobs(c, 0, len(c.token_ids)),
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+            for c in outs[0].outputs
+        ]
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": choices,
+            "usage": self._usage(outs),
+        }
+
+    def _completion_logprobs(self, c: CompletionOutput, start: int, end: int, offset: int):
+        if self.logprobs is None:
+            return None
+        return completion_logprobs(c, start, end, self.logprobs, self.state.token_text, offset)
+
+    def _chat_logprobs(self, c: CompletionOutput, start: int, end: int):
+        if self.logprobs is None:
+            return None
+        return chat_logprobs(c, start, end, self.logprobs, self.state.token_text)
+
+    # -- streaming ------------------------------------------------------------------------------
+    def _chunk(self, obj: str, choices: list[dict], usage_: dict | None = None) -> dict:
+        chunk = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.state.model_name,
+            "choices": choices,
+        }
+        if usage_ is not None:
+            chunk["usage"] = usage_
+        return chunk
+
+    async def _deltas(self):
+        """(choice index, CompletionOutput, new text, token range, finish reason) per update."""
+        sent: dict[int, _Choice] = {}
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in self.merged():
+            if out.finished:
+                finals[i] = out
+            for c in out.outputs:
+                index = i * self.n + c.index
+                st = sent.setdefault(index, _Choice())
+                if st.finished:
+                    continue
+                text = c.text[st.num_chars :]
+                start, end = st.num_tokens, len(c.token_ids)
+                st.num_chars, st.num_tokens = len(c.text), end
+                st.finished = c.finish_reason is not None
+                if text or c.finish_reason or (self.logprobs is not None and end > start):
+                    first = not st.started
+                    st.started = True
+                    yield index, c, text, (start, end), c.finish_reason, first
+        self._finals = [finals[i] for i in sorted(finals)]
+
+    async def _stream(self, obj: str, make_choice, include_usage: bool) -> AsyncIterator[str]:
+        self._finals: list[RequestOutput] = []
+        try:
+            async for index, c, text, span, finish, first in self._deltas():
+                yield _event(self._chunk(obj, [make_choice(index, c, text, span, finish, first)]))
+            if include_usage:
+                yield _event(self._chunk(obj, [], self._usage(self._finals)))
+            reason = self.abort_reason()
+            if reason is not None:
+                body = error_body(f"request aborted: {reason}", "server_error", None, "aborted")
+                yield _event(body)
+        except EngineDeadError as e:
+            yield _event(error_body(str(e), "server_error", None, "engine_dead"))
+        yield "data: [DONE]\n\n"
+
+    def stream_completion(self, echo: list[str] | None, include_usage: bool) -> AsyncIterator[str]:
+        offsets: dict[int, int] = {}
+
+        def make_choice(index, c, text, span, finish, first) -> dict:
+            if first and echo:
+                text = echo[index // self.n] + text
+            offset = offsets.get(index, 0)
+            logprobs = self._completion_logprobs(c, span[0], span[1], offset)
+            if logprobs is not None and logprobs["tokens"]:
+                offsets[index] = offset + sum(len(t) for t in logprobs["tokens"])
+            return {
+                "index": index,
+                "text": text,
+                "logprobs": logprobs,
+                "finish_reason": finish,
+                "stop_reason": c.stop_reason if finish else None,
+            }
+
+        return self._stream("text_completion", make_choice, include_usage)
+
+    def stream_chat(self, include_usage: bool) -> AsyncIterator[str]:
+        def make_choice(index, c, text, span, finish, first) -> dict:
+            delta: dict[str, str] = {"role": "assistant"} if first else {}
+            if text or first:
+                delta["content"] = text
+            return {
+                "index": index,
+                "delta": delta,
+                "logprobs": self._chat_logprobs(c, span[0], span[1]),
+                "finish_reason": finish,
+            }
+
+        return self._stream("chat.completion.chunk", make_choice, include_usage)

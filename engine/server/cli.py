@@ -1,0 +1,166 @@
+"""`hal serve`: the OpenAI-compatible server (FastAPI + uvicorn) on loopback by default, with an
+optional API key, request limits, and a graceful drain on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import logging
+import os
+import signal
+from pathlib import Path
+
+from hal.errors import HalError
+
+logger = logging.getLogger(__name__)
+
+API_KEY_ENV = "HAL_API_KEY"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_DRAIN_TIMEOUT_S = 30.0
+
+
+def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over the OpenAI API (the embedded SmolLM2 model unless MODEL is given)",
+        description="Serve /v1/models, /v1/completions, /v1/chat/completions, /health and "
+        "/metrics. Binds 127.0.0.1 unless --host says otherwise. See docs/serving.md.",
+    )
+    p.add_argument("model", nargs="?", default=None, help="Hugging Face folder or .gguf file")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})",
+    )
+    p.add_argument("--served-model-name", default=None, help="the model id clients send")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="default 1 MiB")
+    p.add_argument(
+        "--max-tokens-limit", type=int, default=4096, help="largest max_tokens a request may ask"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        help="seconds in-flight requests get to finish after SIGTERM before they are aborted",
+    )
+    p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--backend", default=None, help="require (NAME) or prefer (prefer:NAME) one")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="CPU KV budget")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    return p
+
+
+def served_name(model: str | None) -> str:
+    """The id clients use: the default model's name, else the folder or file name."""
+    if model is None:
+        from engine.loader.default_model import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    path = Path(model)
+    return path.stem if path.suffix == ".gguf" else path.resolve().name
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from engine.async_engine import AsyncLLMEngine
+    from engine.config import CacheConfig, SchedulerConfig
+    from engine.engine_config import EngineConfig
+    from engine.server.app import build_app
+
+    if not 0 <= args.port <= 65535:
+        raise HalError(f"--port must be in [0, 65535], got {args.port}")
+    if args.drain_timeout < 0:
+        raise HalError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    if not _is_loopback(args.host) and not api_key:
+        logger.warning(
+            "binding %s without an API key: anyone who can reach it can use the model "
+            "(give --api-key or $%s)",
+            args.host,
+            API_KEY_ENV,
+        )
+    try:
+        config = EngineConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            backend=args.backend,
+            max_model_len=args.max_model_len,
+            seed=args.seed,
+            cache=CacheConfig(
+                block_size=args.block_size,
+                enable_prefix_caching=not args.no_prefix_caching,
+                kv_cache_memory_bytes=args.kv_cache_memory_bytes,
+            ),
+            scheduler=SchedulerConfig(
+                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs
+            ),
+        )
+        engine = AsyncLLMEngine.from_config(config)
+        name = args.served_model_name or served_name(args.model)
+        app = build_app(engine, name, api_key, args.max_body_bytes, args.max_tokens_limit)
+    except (ValueError, TypeError) as e:
+        raise HalError(str(e)) from e
+    uv_config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=int(args.drain_timeout) + 5,  # backstop after our own drain
+    )
+    server = make_server(uv_config, app.state.server, args.drain_timeout)
+    # uvicorn re-raises the signal it caught once it has shut down; a quiet handler for SIGTERM
+    # makes a graceful stop exit 0 instead of dying by the signal.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        logger.warning("serving %s on http://%s:%d/v1", name, args.host, args.port)
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        engine.shutdown()
+    return 0
+
+
+def make_server(config, state, drain_timeout: float):
+    """A `uvicorn.Server` that, on SIGTERM/SIGINT, makes the app refuse new requests (503) and
+    gives the in-flight ones `drain_timeout` seconds before aborting them with a reason.
+    (uvicorn itself stops accepting connections and waits for open ones to finish.)"""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def __init__(self) -> None:
+            super().__init__(config)
+            self.loop: asyncio.AbstractEventLoop | None = None
+
+        async def serve(self, sockets=None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.loop is not None and not self.loop.is_closed():
+                self.loop.call_soon_threadsafe(state.begin_drain, drain_timeout)
+            super().handle_exit(sig, frame)
+
+    return DrainingServer()
