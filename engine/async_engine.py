@@ -111,7 +111,8 @@ class AsyncLLMEngine:
         self.engine = engine
         self.stats_listener = stats_listener
         self._cv = threading.Condition()
-        self._commands: list[tuple] = []  # ("add", stream, prompt, params, ids) | ("abort", id, why)
+        # ("add", stream, prompt, params, ids) | ("abort", id, why) | ("abort_all", None, why)
+        self._commands: list[tuple] = []
         self._streams: dict[str, RequestStream] = {}  # owned by the engine thread
         self._dead: BaseException | None = None
         self._stopping = False
@@ -204,7 +205,7 @@ class AsyncLLMEngine:
             return len(self._streams) + sum(1 for c in self._commands if c[0] == "add")
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Abort everything, stop the loop and join the thread."""
+        """Abort everything, stop the loop, join the thread, then stop the engine's workers."""
         self.abort_all("engine shut down")
         with self._cv:
             self._stopping = True
@@ -212,6 +213,8 @@ class AsyncLLMEngine:
         self._thread.join(timeout)
         if self._thread.is_alive():
             logger.warning("engine loop did not stop within %.1f s", timeout)
+            return
+        self.engine.shutdown()
 
     def _submit(self, command: tuple) -> None:
         with self._cv:

@@ -23,8 +23,8 @@ class LLM:
     """An engine for offline batches. Keyword arguments mirror vLLM's `LLM`.
 
     model: a Hugging Face folder, a .gguf file, or None for the embedded SmolLM2 GGUF.
-    tensor_parallel_size x pipeline_parallel_size > 1 runs one worker per device
-    (distributed_executor_backend "mp" on this host, the default, or "ray"); see docs/distributed.md.
+    tensor_parallel_size x pipeline_parallel_size > 1 runs one worker per device (executor "mp" on
+    this host, the default, or "ray"); see docs/distributed.md.
     """
 
     def __init__(

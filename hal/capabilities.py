@@ -130,6 +130,12 @@ class Capabilities:
         return FP8_FORMATS[self.fp8_format][1] if self.fp8_format else None
 
     @property
+    def collective_backend(self) -> str:
+        """torch.distributed backend for tensor/pipeline parallelism: "nccl" on NVIDIA and on AMD
+        (where torch's "nccl" is RCCL), "gloo" on CPUs."""
+        return "gloo" if self.vendor == "cpu" else "nccl"
+
+    @property
     def torch_device_type(self) -> str:
         # ROCm builds of torch present AMD GPUs through the "cuda" device type.
         return "cpu" if self.vendor == "cpu" else "cuda"

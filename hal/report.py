@@ -124,6 +124,8 @@ def build_report(
             "fp8_format": caps.fp8_format,
             "fp8_dtype": str(caps.fp8_dtype).replace("torch.", "") if caps.fp8_dtype else None,
             "fp8_max": caps.fp8_max,
+            "collective_backend": caps.collective_backend,
+            "max_tensor_parallel_size_one_host": caps.device_count,
         },
         "libraries": {name: lib.to_dict() for name, lib in caps.libraries.items()},
         "backends": {
@@ -218,7 +220,22 @@ def render_table(report: dict[str, Any]) -> str:
     fp8 = "none natively (FP8 ops are emulated)"
     if feat["fp8_format"]:
         fp8 = f"{feat['fp8_format']} (torch.{feat['fp8_dtype']}, max {_num(feat['fp8_max'])})"
-    out += _rows([("graph capture", "yes" if feat["graph_capture"] else "no"), ("fp8", fp8)])
+    rccl = " (RCCL)" if d.get("vendor") == "amd" else ""
+    if d.get("vendor") == "cpu":
+        parallel = "torch.distributed gloo; ranks are processes (mp executor) or Ray workers"
+    else:
+        parallel = (
+            f"torch.distributed {feat['collective_backend']}{rccl}; up to "
+            f"{feat['max_tensor_parallel_size_one_host']} rank(s) per host (one per device) with "
+            f"the mp executor, more hosts with Ray"
+        )
+    out += _rows(
+        [
+            ("graph capture", "yes" if feat["graph_capture"] else "no"),
+            ("fp8", fp8),
+            ("parallel", parallel),
+        ]
+    )
 
     out += ["", "Libraries"]
     out += _rows(

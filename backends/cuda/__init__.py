@@ -1,12 +1,20 @@
-"""The NVIDIA backend on PyTorch's CUDA ops (cuBLAS, SDPA, _scaled_mm, _int_mm, CUDA graphs).
+"""The NVIDIA backend on PyTorch's CUDA ops (cuBLAS, SDPA, _scaled_mm, _int_mm, CUDA graphs) and
+the shared Triton kernels (`backends.triton`).
 
-Importing this package only declares candidates (cheap: no kernels, no flash_attn import); the
-implementation in `backends.cuda.backend` loads when the registry chooses it.
+Importing this package only declares candidates (cheap: no kernels, no flash_attn or Triton
+import); the implementation in `backends.cuda.backend` loads when the registry chooses it.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
+import os
+
+import torch
+
 from backends.cuda import candidates as rules
+from hal.capabilities import Capabilities, LibraryInfo
 from hal.registry import REGISTRY, Candidate, Check
 
 SCOPE = "cuda"
@@ -28,16 +36,22 @@ def _op(
 
 
 _CU = "backends.cuda."
+_TR = "backends.triton."
 
 
 # Higher priority is tried first; every family ends in a candidate that runs everywhere.
 OP_CANDIDATES: tuple[Candidate, ...] = (
+    _op("kv_write", "triton", 50, rules.triton_reasons, _TR + "kv_cache:write_kv",
+        "Triton scatter of new tokens (FP8 encoded from the bits, bit for bit) and block copies"),
     _op("kv_write", "torch", 10, rules.torch_ops_reasons, _CU + "kv_cache:write_kv",
         "index_copy_ scatter of new tokens into the paged cache (no host sync)"),
     _op("attention", "flash_attn", 100, rules.flash_attn_reasons,
         _CU + "attention:flash_attn_attention",
         "FlashAttention-2 flash_attn_varlen_func, paged via block_table when block_size % 256 "
         "== 0, else on the KV packed per sequence; fp16/bf16"),
+    _op("attention", "triton", 50, rules.triton_reasons, _TR + "attention:attention",
+        "Triton unified paged varlen attention (online softmax over the block table; GQA, "
+        "sliding window, soft-cap, FP8 cache); head_dim <= 256, else sdpa"),
     _op("attention", "sdpa", 10, rules.sdpa_reasons, _CU + "attention:sdpa_attention",
         "torch scaled_dot_product_attention on the paged KV gathered per sequence "
         "(always available; slowest)"),
@@ -58,12 +72,21 @@ OP_CANDIDATES: tuple[Candidate, ...] = (
         _CU + "linear:int4_linear_dequant",
         "4-bit weights dequantized with the reference math, then a cuBLAS GEMM "
         "(a fused Triton kernel is coming)"),
+    _op("quantize", "triton", 50, rules.triton_reasons, _TR + "quant:quantize_fp8",
+        "Triton FP8 / INT8 / INT4 quantize and dequantize kernels (the reference math, bit for "
+        "bit)"),
     _op("quantize", "torch", 10, rules.torch_ops_reasons, _CU + "quant:quantize_fp8",
         "torch ops with the reference math (bit for bit)"),
+    _op("rms_norm", "triton", 50, rules.triton_reasons, _TR + "norm:rms_norm",
+        "Triton RMSNorm fused with the residual add, fp32 math"),
     _op("rms_norm", "torch", 10, rules.torch_ops_reasons, "backends.cpu.norm:rms_norm",
         "the reference function on CUDA tensors (torch ops in fp32)"),
+    _op("rotary", "triton", 50, rules.triton_reasons, _TR + "rotary:rotary",
+        "Triton rotary embedding, NeoX and GPT-J, partial rotary_dim, fp32 math"),
     _op("rotary", "torch", 10, rules.torch_ops_reasons, _CU + "rotary:rotary",
         "torch ops in fp32 (the reference math, no host-side range check)"),
+    _op("activation", "triton", 50, rules.triton_reasons, _TR + "activation:silu_and_mul",
+        "Triton SiLU-and-mul, fp32 math"),
     _op("activation", "torch", 10, rules.torch_ops_reasons,
         "backends.cpu.activation:silu_and_mul",
         "the reference function on CUDA tensors (torch ops in fp32)"),
@@ -72,6 +95,47 @@ OP_CANDIDATES: tuple[Candidate, ...] = (
     _op("graph", "eager", 10, rules.eager_graph_reasons, "backends.cpu.graphs:capture_graph",
         "no capture: replay runs the step eagerly"),
 )  # fmt: skip
+
+
+def interpreter_capabilities() -> Capabilities | None:
+    """Capabilities to run this backend on CPU tensors under TRITON_INTERPRET=1 (the conformance
+    harness's hook), or None when Triton is not installed.
+
+    They describe a device whose every selected candidate runs on CPU tensors: the Triton
+    kernels (interpreted), and for the families without one the torch candidates that need no
+    GPU: no compute capability, so no _scaled_mm / _int_mm (dequant_gemm instead) and no
+    flash_attn; no graph capture, so graphs run eagerly; no TF32.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return None
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    return Capabilities(
+        vendor="nvidia",
+        device_name="Triton interpreter (CPU tensors)",
+        arch="triton-interpreter",
+        source=rules.INTERPRETER_SOURCE,
+        compute_units=os.cpu_count() or 1,
+        warp_size=32,
+        dtypes={
+            "fp32": "native",
+            "bf16": "native",
+            "fp16": "native",
+            "fp8_e4m3fn": "emulated",
+            "fp8_e4m3fnuz": "emulated",
+            "fp8_e5m2": "emulated",
+            "int8": "native",
+            "int4": "emulated",
+        },
+        fp8_format="e4m3fn",
+        graph_capture=False,
+        libraries={"triton": LibraryInfo("triton", version, True)},
+        torch_version=torch.__version__,
+        notes=("Triton kernels interpreted on CPU tensors (TRITON_INTERPRET=1): numerics only; "
+               "programs run one at a time, so races are left to the GPU",),
+    )  # fmt: skip
 
 
 def _register() -> None:

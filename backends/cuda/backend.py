@@ -2,14 +2,18 @@
 
 Code in this file may assume CUDA. Selections come from the registry (`backends.cuda` declares
 the candidates and their rules); `ran` records which implementation served each family's last
-call, so tests can assert the dispatch as well as the numbers.
+call, so tests can assert the dispatch as well as the numbers. The Triton kernels
+(`backends.triton`) are imported on first use only. With the capabilities of
+`backends.cuda.interpreter_capabilities()` and TRITON_INTERPRET=1 the backend runs on CPU tensors.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -29,6 +33,21 @@ TF32_ENV = "HAL_ALLOW_TF32"
 _ATTENTION = {"flash_attn": attention.flash_attn_attention, "sdpa": attention.sdpa_attention}
 _FP8_GEMM = {"dequant_gemm": linear.fp8_linear_dequant}
 _INT8_GEMM = {"int_mm": linear.int8_linear_int_mm, "dequant_gemm": linear.int8_linear_dequant}
+_TRITON_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton(module: str) -> ModuleType:
+    """A `backends.triton` kernel module, imported on first use (Triton loads only if chosen)."""
+    return importlib.import_module(f"backends.triton.{module}")
+
+
+def _float_reasons(**tensors: torch.Tensor | None) -> list[str]:
+    """Why the Triton kernels cannot take these tensors: they compute fp32, bf16 and fp16."""
+    return [
+        f"{name} dtype {t.dtype} is not float32, bfloat16 or float16"
+        for name, t in tensors.items()
+        if t is not None and t.dtype not in _TRITON_FLOATS
+    ]
 
 
 def _env_flag(name: str) -> bool | None:
@@ -56,7 +75,14 @@ class CudaBackend(Backend):
         allow_tf32: bool | None = None,
     ) -> None:
         super().__init__(caps, device, selections)
-        if self.device.type != "cuda":
+        self.interpreted = caps.source == rules.INTERPRETER_SOURCE
+        if self.interpreted:
+            if self.device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "") != "1":
+                raise ValueError(
+                    f"device: {self.device} with the Triton interpreter's capabilities needs "
+                    "device 'cpu' and TRITON_INTERPRET=1 set before the kernels are imported"
+                )
+        elif self.device.type != "cuda":
             raise ValueError(f"device: {self.device} is not a CUDA device (use 'cuda' or 'cuda:N')")
         # Families the caller did not select (direct construction) are selected here, same rules.
         for family in REGISTRY.families(SCOPE):
@@ -91,13 +117,30 @@ class CudaBackend(Backend):
     def _mark(self, family: str, impl: str) -> None:
         self.ran[family] = impl
 
+    def _triton_or(self, family: str, fallback: str, why: list[str]) -> str:
+        """The family's choice, or `fallback` when it is "triton" and the inputs give reasons."""
+        impl = self.chosen(family)
+        if impl == "triton":
+            impl = self._input_fallback(family, impl, why, fallback)
+        self._mark(family, impl)
+        return impl
+
     # -- KV cache ------------------------------------------------------------------------------
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping, kv_scale=None) -> None:
-        self._mark("kv_write", self.chosen("kv_write"))
-        kv_cache.write_kv(key, value, key_cache, value_cache, slot_mapping, kv_scale)
+        why = _float_reasons(key=key, value=value)
+        if not key_cache.is_contiguous() or not value_cache.is_contiguous():
+            why.append("caches are not contiguous")
+        if self._triton_or("kv_write", "torch", why) == "triton":
+            _triton("kv_cache").write_kv(key, value, key_cache, value_cache, slot_mapping, kv_scale)
+        else:
+            kv_cache.write_kv(key, value, key_cache, value_cache, slot_mapping, kv_scale)
 
     def copy_blocks(self, caches: list[torch.Tensor], src: torch.Tensor, dst: torch.Tensor) -> None:
-        kv_cache.copy_blocks(caches, src, dst)
+        why = ["a cache is not contiguous"] if any(not c.is_contiguous() for c in caches) else []
+        if self._triton_or("kv_write", "torch", why) == "triton":
+            _triton("kv_cache").copy_blocks(caches, src, dst)
+        else:
+            kv_cache.copy_blocks(caches, src, dst)
 
     def _input_fallback(self, family: str, impl: str, why: list[str], fallback: str) -> str:
         """`impl` cannot take these inputs: use `fallback` (logged once per reason), or fail
@@ -120,6 +163,9 @@ class CudaBackend(Backend):
     # -- attention -----------------------------------------------------------------------------
     def _attention_impl(self, query: torch.Tensor, key_cache: torch.Tensor, kv_scale) -> str:
         impl = self.chosen("attention")
+        if impl == "triton":
+            why = _triton("attention").input_reasons(query, key_cache, kv_scale)
+            return self._input_fallback("attention", impl, why, "sdpa")
         if impl != "flash_attn":
             return impl
         why = attention.flash_attn_input_reasons(query, key_cache, kv_scale)
@@ -140,7 +186,8 @@ class CudaBackend(Backend):
     ) -> torch.Tensor:
         impl = self._attention_impl(query, key_cache, kv_scale)
         self._mark("attention", impl)
-        return _ATTENTION[impl](
+        fn = _triton("attention").attention if impl == "triton" else _ATTENTION[impl]
+        return fn(
             query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
             sliding_window, soft_cap, kv_scale,
         )  # fmt: skip
@@ -181,37 +228,44 @@ class CudaBackend(Backend):
         )
 
     # -- quantize / dequantize (the reference math, bit for bit) ---------------------------------
+    def _quant(self, why: list[str]) -> ModuleType:
+        """The quantize module: Triton's when chosen and the inputs suit it, else torch's."""
+        return _triton("quant") if self._triton_or("quantize", "torch", why) == "triton" else quant
+
     def quantize_fp8(self, x, fp8_dtype, scale=None, per_token=False):
-        self._mark("quantize", self.chosen("quantize"))
-        return quant.quantize_fp8(x, fp8_dtype, scale, per_token)
+        return self._quant(_float_reasons(x=x)).quantize_fp8(x, fp8_dtype, scale, per_token)
 
     def dequantize_fp8(self, q, scale, out_dtype=torch.float32) -> torch.Tensor:
-        self._mark("quantize", self.chosen("quantize"))
-        return quant.dequantize_fp8(q, scale, out_dtype)
+        why = [] if out_dtype in _TRITON_FLOATS else [f"out_dtype {out_dtype} is not supported"]
+        return self._quant(why).dequantize_fp8(q, scale, out_dtype)
 
     def quantize_int8(self, x, scale=None, per_token=True):
-        self._mark("quantize", self.chosen("quantize"))
-        return quant.quantize_int8(x, scale, per_token)
+        return self._quant(_float_reasons(x=x)).quantize_int8(x, scale, per_token)
 
     def quantize_int4(self, weight, group_size, symmetric=False):
-        self._mark("quantize", self.chosen("quantize"))
-        return quant.quantize_int4(weight, group_size, symmetric)
+        impl = self._quant(_float_reasons(weight=weight))
+        return impl.quantize_int4(weight, group_size, symmetric)
 
     def dequantize_int4(self, qweight, scales, zeros, group_size, g_idx=None) -> torch.Tensor:
-        self._mark("quantize", self.chosen("quantize"))
-        return quant.dequantize_int4(qweight, scales, zeros, group_size, g_idx)
+        impl = self._quant(_float_reasons(scales=scales))
+        return impl.dequantize_int4(qweight, scales, zeros, group_size, g_idx)
 
     # -- fused small ops -----------------------------------------------------------------------
     def rms_norm(self, x, weight, eps, residual=None):
-        self._mark("rms_norm", self.chosen("rms_norm"))
+        why = _float_reasons(x=x, weight=weight, residual=residual)
+        if self._triton_or("rms_norm", "torch", why) == "triton":
+            return _triton("norm").rms_norm(x, weight, eps, residual)
         return norm.rms_norm(x, weight, eps, residual)
 
     def rotary(self, positions, query, key, cos_sin_cache, is_neox=True):
-        self._mark("rotary", self.chosen("rotary"))
+        why = _float_reasons(query=query, key=key)
+        if self._triton_or("rotary", "torch", why) == "triton":
+            return _triton("rotary").rotary(positions, query, key, cos_sin_cache, is_neox)
         return rotary.rotary(positions, query, key, cos_sin_cache, is_neox)
 
     def silu_and_mul(self, x) -> torch.Tensor:
-        self._mark("activation", self.chosen("activation"))
+        if self._triton_or("activation", "torch", _float_reasons(x=x)) == "triton":
+            return _triton("activation").silu_and_mul(x)
         return activation.silu_and_mul(x)
 
     # -- graphs --------------------------------------------------------------------------------

@@ -24,6 +24,11 @@ FP8_MIN_CC = (8, 9)
 FP8_ROWWISE_MIN_CC = (9, 0)
 # torch._int_mm lowers to cuBLASLt IMMA, the int8 tensor-core GEMM of Turing (sm_75) and newer.
 INT8_MIN_CC = (7, 5)
+# Triton's NVIDIA backend supports compute capability 8.0+ (Triton README, "Supported Hardware").
+TRITON_MIN_CC = (8, 0)
+# `Capabilities.source` of the description `backends.cuda.interpreter_capabilities()` returns: the
+# Triton kernels on CPU tensors under TRITON_INTERPRET=1, for CI without a GPU.
+INTERPRETER_SOURCE = "triton-interpreter"
 
 
 def _cc_reason(caps: Capabilities, need: tuple[int, int], what: str) -> list[str]:
@@ -45,6 +50,8 @@ def backend_reasons(caps: Capabilities) -> list[str]:
     """The CUDA backend needs an NVIDIA GPU; on a detected device also a torch built with CUDA."""
     if caps.vendor != "nvidia":
         return [f"no NVIDIA GPU: this device is {caps.vendor} {caps.device_name}"]
+    if caps.source == INTERPRETER_SOURCE:
+        return triton_reasons(caps)
     if caps.source != "detected":
         # A profile ("profile:h100") describes a device for reports; this machine's torch is moot.
         return []
@@ -74,6 +81,18 @@ def flash_attn_reasons(caps: Capabilities) -> list[str]:
                 f"flash_attn {version} is too old: paged varlen attention with soft-cap needs "
                 f">= {need[0]}.{need[1]}"
             )
+    return reasons
+
+
+def triton_reasons(caps: Capabilities) -> list[str]:
+    """The shared Triton kernels (`backends/triton`): Triton usable, and on a GPU sm_80+; under
+    the interpreter (capabilities from `interpreter_capabilities()`) any machine will do."""
+    reasons = []
+    why = caps.library_reason("triton")
+    if why:
+        reasons.append(why)
+    if caps.source != INTERPRETER_SOURCE:
+        reasons += _cc_reason(caps, TRITON_MIN_CC, "Triton kernels need")
     return reasons
 
 

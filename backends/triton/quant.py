@@ -125,37 +125,34 @@ def fp8_decode(
     FNUZ: tl.constexpr,
     HAS_INF: tl.constexpr,
 ):
-    """uint8 FP8 bits -> their exact fp32 value."""
+    """uint8 FP8 bits -> their exact fp32 value. The magnitude bits, shifted into an fp16's
+    exponent and mantissa, are the value times 2^(bias - 15) for normals and subnormals alike
+    (fp16 has at least as many exponent and mantissa bits), so one exact fp16 -> fp32 conversion
+    and a power-of-two product decode every format."""
     c = code.to(tl.int32)
-    mag = c & 0x7F
-    e = mag >> MAN_BITS
-    m = mag & ((1 << MAN_BITS) - 1)
-    normal = (((e - EXP_BIAS + 127) << 23) | (m << (23 - MAN_BITS))).to(tl.float32, bitcast=True)
-    sub = m.to(tl.float32) * (2.0 ** (1 - EXP_BIAS - MAN_BITS))
-    val = tl.where(e == 0, sub, normal)
-    val = tl.where(c >= 128, -val, val)
+    half = ((c & 0x7F) << (10 - MAN_BITS)) | ((c & 0x80) << 8)
+    val = half.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32) * (2.0 ** (15 - EXP_BIAS))
     if FNUZ:
-        val = tl.where(c == 0x80, float("nan"), val)
-    elif HAS_INF:  # e5m2 keeps IEEE infinities (all-ones exponent)
-        top: tl.constexpr = (1 << (7 - MAN_BITS)) - 1
-        val = tl.where((e == top) & (m == 0), tl.where(c >= 128, -float("inf"), float("inf")), val)
-        val = tl.where((e == top) & (m != 0), float("nan"), val)
-    else:
-        val = tl.where(mag == 0x7F, float("nan"), val)
-    return val
+        val = tl.where(c == 0x80, float("nan"), val)  # the lone NaN; there is no -0
+    elif not HAS_INF:
+        val = tl.where((c & 0x7F) == 0x7F, float("nan"), val)  # e4m3fn: S.1111.111 is NaN
+    return val  # e5m2 is fp16's top byte: its infinities and NaNs decode as themselves
 
 
 # -- FP8 / INT8 quantize -----------------------------------------------------------------------
 @triton.jit
-def _row_absmax_kernel(x_ptr, out_ptr, stride_x_row, n_cols, BLOCK_N: tl.constexpr):
-    # out[row] = max |x[row, :]| in fp32 (exact: no rounding in abs and max)
-    row = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+def _row_absmax_kernel(x_ptr, out_ptr, stride_x_row, n_rows, n_cols, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr):  # fmt: skip
+    # out[row] = max |x[row, :]| in fp32 for BLOCK_M rows (exact: abs and max do not round)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x_row
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        x = tl.load(x_ptr + row * stride_x_row + cols, mask=cols < n_cols, other=0.0)
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
         acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
-    tl.store(out_ptr + row, tl.max(acc, axis=0))
+    tl.store(out_ptr + rows, tl.max(acc, axis=1), mask=rows < n_rows)
 
 
 @triton.jit
@@ -176,10 +173,11 @@ def _quantize_kernel(
     scale_ptr,
     stride_x_row,
     stride_q_row,
+    n_rows,
     n_cols,
     qmax,
-    DYNAMIC_PER_ROW: tl.constexpr,  # compute this row's scale (and store it) first
-    PER_ROW_SCALE: tl.constexpr,  # scale_ptr holds one scale per row, else one in all
+    DYNAMIC_PER_ROW: tl.constexpr,  # compute the rows' scales (and store them) first
+    PER_ROW_SCALE: tl.constexpr,  # scale_ptr holds one scale per row, else one for all
     TO_INT8: tl.constexpr,
     MAN_BITS: tl.constexpr,
     EXP_BIAS: tl.constexpr,
@@ -187,32 +185,38 @@ def _quantize_kernel(
     NAN_CODE: tl.constexpr,
     FNUZ: tl.constexpr,
     HAS_INF: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_x_row
+    # BLOCK_M rows of x [M, K] -> q, each row scaled by its (or the tensor's) scale
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    x_rows = x_ptr + rows64[:, None] * stride_x_row
     if DYNAMIC_PER_ROW:
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            x = tl.load(x_row + cols, mask=cols < n_cols, other=0.0)
+            mask = row_ok[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
             acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
-        scale = tl.math.div_rn(tl.maximum(tl.max(acc, axis=0), _SCALE_EPS), qmax)
-        tl.store(scale_ptr + row, scale)
+        absmax = tl.maximum(tl.max(acc, axis=1), _SCALE_EPS)
+        scale = tl.math.div_rn(absmax, tl.zeros_like(absmax) + qmax)  # [BLOCK_M]
+        tl.store(scale_ptr + rows, scale, mask=row_ok)
     elif PER_ROW_SCALE:
-        scale = tl.load(scale_ptr + row)
+        scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
     else:
-        scale = tl.load(scale_ptr)
+        scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scale_ptr)
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        mask = cols < n_cols
-        x = tl.load(x_row + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.math.div_rn(x, tl.zeros_like(x) + scale)
+        mask = row_ok[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
         if TO_INT8:
             q = tl.minimum(tl.maximum(round_half_even(y), -128.0), 127.0).to(tl.int8)
         else:
             q = fp8_encode(y, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
-        tl.store(q_ptr + row * stride_q_row + cols, q, mask=mask)
+        tl.store(q_ptr + rows64[:, None] * stride_q_row + cols[None, :], q, mask=mask)
 
 
 def _check_x(x: torch.Tensor) -> None:
@@ -230,8 +234,14 @@ def _static_scale(scale: torch.Tensor, rows: int, device: torch.device) -> torch
     return scale.to(device=device, dtype=torch.float32).contiguous()
 
 
-def _block_n(n_cols: int) -> int:
-    return min(triton.next_power_of_2(max(n_cols, 1)), 4096 if interpreting() else 1024)
+def row_blocks(n_rows: int, n_cols: int, max_block_n: int = 1024) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of a row-wise kernel: one row per program on a GPU; under the
+    interpreter, where each program costs milliseconds of Python, as many rows as fit 16K values
+    (and columns up to 4096)."""
+    block_n = min(triton.next_power_of_2(max(n_cols, 1)), 4096 if interpreting() else max_block_n)
+    if not interpreting():
+        return 1, block_n
+    return min(triton.next_power_of_2(max(n_rows, 1)), max(1, 16384 // block_n)), block_n
 
 
 def _quantize(
@@ -246,10 +256,11 @@ def _quantize(
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    block = _block_n(k)
+    block_m, block_n = row_blocks(m, k)
+    grid = (triton.cdiv(m, block_m),)
     if scale is not None:
         s = _static_scale(scale, m, x.device)
-        per_row, dynamic_row = s.shape[0] == m and s.dim() == 2, False
+        per_row, dynamic_row = s.dim() == 2, False
     elif per_token:
         s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
         per_row, dynamic_row = True, True
@@ -257,14 +268,14 @@ def _quantize(
         if m == 0 or k == 0:
             raise ValueError(f"x: shape {tuple(x.shape)} is empty; a per-tensor scale needs values")
         absmax = torch.empty(m, dtype=torch.float32, device=x.device)
-        _row_absmax_kernel[(m,)](x, absmax, x.stride(0), k, BLOCK_N=block)
+        _row_absmax_kernel[grid](x, absmax, x.stride(0), m, k, BLOCK_M=block_m, BLOCK_N=block_n)
         s = torch.empty(1, dtype=torch.float32, device=x.device)
-        _absmax_scale_kernel[(1,)](absmax, s, m, qmax, BLOCK=min(_block_n(m), 1024))
+        _absmax_scale_kernel[(1,)](absmax, s, m, qmax, BLOCK=min(triton.next_power_of_2(m), 1024))
         per_row, dynamic_row = False, False
     if m:
-        _quantize_kernel[(m,)](
-            x, q, s, x.stride(0), q.stride(0), k, qmax,
-            DYNAMIC_PER_ROW=dynamic_row, PER_ROW_SCALE=per_row, BLOCK_N=block, **codec,
+        _quantize_kernel[grid](
+            x, q, s, x.stride(0), q.stride(0), m, k, qmax, DYNAMIC_PER_ROW=dynamic_row,
+            PER_ROW_SCALE=per_row, BLOCK_M=block_m, BLOCK_N=block_n, **codec,
         )  # fmt: skip
     return s
 
@@ -307,6 +318,7 @@ def _dequantize_fp8_kernel(
     y_ptr,
     stride_q_row,
     stride_y_row,
+    n_rows,
     n_cols,
     PER_ROW_SCALE: tl.constexpr,
     MAN_BITS: tl.constexpr,
@@ -316,16 +328,22 @@ def _dequantize_fp8_kernel(
     FNUZ: tl.constexpr,
     HAS_INF: tl.constexpr,
     INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = cols < n_cols
-    scale = tl.load(scale_ptr + row) if PER_ROW_SCALE else tl.load(scale_ptr)
-    code = tl.load(q_ptr + row * stride_q_row + cols, mask=mask, other=0)
-    x = fp8_decode(code, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF) * scale
-    tl.store(y_ptr + row * stride_y_row + cols, cast_rtne(x, y_ptr.dtype.element_ty, INTERPRET),
-             mask=mask)  # fmt: skip
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    if PER_ROW_SCALE:
+        scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scale_ptr)
+    rows64 = rows.to(tl.int64)[:, None]
+    code = tl.load(q_ptr + rows64 * stride_q_row + cols[None, :], mask=mask, other=0)
+    x = fp8_decode(code, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF) * scale[:, None]
+    y = cast_rtne(x, y_ptr.dtype.element_ty, INTERPRET)
+    tl.store(y_ptr + rows64 * stride_y_row + cols[None, :], y, mask=mask)
 
 
 def dequantize_fp8(
@@ -343,10 +361,10 @@ def dequantize_fp8(
     qb = raw(q if q.stride(1) == 1 else q.contiguous())
     y = torch.empty(m, k, dtype=out_dtype, device=q.device)
     if m and k:
-        block = min(_block_n(k), 1024)
-        _dequantize_fp8_kernel[(m, triton.cdiv(k, block))](
-            qb, s, y, qb.stride(0), y.stride(0), k, PER_ROW_SCALE=s.dim() == 2 and m == s.shape[0],
-            INTERPRET=interpreting(), BLOCK_N=block, **fp8_codec(q.dtype),
+        block_m, block_n = row_blocks(m, k)
+        _dequantize_fp8_kernel[(triton.cdiv(m, block_m), triton.cdiv(k, block_n))](
+            qb, s, y, qb.stride(0), y.stride(0), m, k, PER_ROW_SCALE=s.dim() == 2,
+            INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n, **fp8_codec(q.dtype),
         )  # fmt: skip
     return y
 
@@ -359,32 +377,38 @@ def _int4_scales_kernel(
     zeros_ptr,
     stride_w_row,
     stride_s_row,
+    n_cols,
     group_size,
     SYMMETRIC: tl.constexpr,
     INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
 ):
-    # One (output channel n, group g): the group's scale (rounded to the weight's dtype) and zero.
-    n = tl.program_id(0).to(tl.int64)
+    # BLOCK_N output channels x group g: each one's scale (rounded to the weight's dtype) and zero
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     g = tl.program_id(1).to(tl.int64)
     offs = tl.arange(0, BLOCK_G)
-    mask = offs < group_size
-    w = tl.load(w_ptr + n * stride_w_row + g * group_size + offs, mask=mask, other=0.0)
-    w = w.to(tl.float32)
+    n_ok = n < n_cols
+    mask = n_ok[:, None] & (offs[None, :] < group_size)
+    n64 = n.to(tl.int64)
+    w = tl.load(w_ptr + n64[:, None] * stride_w_row + g * group_size + offs[None, :], mask=mask,
+                other=0.0).to(tl.float32)  # fmt: skip
     if SYMMETRIC:
-        scale = tl.math.div_rn(tl.maximum(tl.max(tl.abs(w), axis=0), _SCALE_EPS), 7.5)
+        absmax = tl.maximum(tl.max(tl.abs(w), axis=1), _SCALE_EPS)
+        scale = tl.math.div_rn(absmax, tl.zeros_like(absmax) + 7.5)
     else:
-        lo = tl.minimum(tl.min(tl.where(mask, w, 0.0), axis=0), 0.0)
-        hi = tl.maximum(tl.max(tl.where(mask, w, 0.0), axis=0), 0.0)
-        scale = tl.math.div_rn(tl.maximum(hi - lo, _SCALE_EPS), _INT4_LEVELS)
+        lo = tl.minimum(tl.min(w, axis=1), 0.0)  # masked lanes hold 0, inside [lo, hi] anyway
+        hi = tl.maximum(tl.max(w, axis=1), 0.0)
+        span = tl.maximum(hi - lo, _SCALE_EPS)
+        scale = tl.math.div_rn(span, tl.zeros_like(span) + _INT4_LEVELS)
     stored = cast_rtne(scale, scales_ptr.dtype.element_ty, INTERPRET)
     scale = stored.to(tl.float32)
     if SYMMETRIC:
         zero = scale * 0.0 + _INT4_SYMMETRIC_ZERO
     else:
         zero = tl.minimum(tl.maximum(round_half_even(tl.math.div_rn(-lo, scale)), 0.0), 15.0)
-    tl.store(scales_ptr + g * stride_s_row + n, stored)
-    tl.store(zeros_ptr + g * stride_s_row + n, zero.to(tl.uint8))
+    tl.store(scales_ptr + g * stride_s_row + n64, stored, mask=n_ok)
+    tl.store(zeros_ptr + g * stride_s_row + n64, zero.to(tl.uint8), mask=n_ok)
 
 
 @triton.jit
@@ -441,9 +465,11 @@ def quantize_int4(
     qweight = torch.empty(k // 8, n, dtype=torch.int32, device=weight.device)
     if n == 0 or k == 0:
         return qweight, scales, zeros
-    _int4_scales_kernel[(n, num_groups)](
-        w, scales, zeros, w.stride(0), scales.stride(0), group_size, SYMMETRIC=symmetric,
-        INTERPRET=interpreting(), BLOCK_G=triton.next_power_of_2(group_size),
+    block_g = triton.next_power_of_2(group_size)
+    block_c = max(1, min(triton.next_power_of_2(n), (8192 if interpreting() else 2048) // block_g))
+    _int4_scales_kernel[(triton.cdiv(n, block_c), num_groups)](
+        w, scales, zeros, w.stride(0), scales.stride(0), n, group_size, SYMMETRIC=symmetric,
+        INTERPRET=interpreting(), BLOCK_N=block_c, BLOCK_G=block_g,
     )  # fmt: skip
     block_r, block_n = (64, 64) if interpreting() else (16, 64)
     grid = (triton.cdiv(k // 8, block_r), triton.cdiv(n, block_n))

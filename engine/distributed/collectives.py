@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 def collective_backend(caps: Capabilities) -> str:
     """The torch.distributed backend for a platform: "nccl" on CUDA and on ROCm (where torch's
     "nccl" is RCCL), "gloo" on the CPU."""
-    return "gloo" if caps.torch_device_type == "cpu" else "nccl"
+    return caps.collective_backend
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,9 @@ class PipelineChannel:
     def __init__(self, layout: WorldLayout, rank: int) -> None:
         pp_rank, tp_rank = layout.coords(rank)
         self.prev_rank = layout.rank_of(pp_rank - 1, tp_rank) if pp_rank > 0 else None
-        self.next_rank = layout.rank_of(pp_rank + 1, tp_rank) if pp_rank < layout.pp_size - 1 else None
+        self.next_rank = (
+            layout.rank_of(pp_rank + 1, tp_rank) if pp_rank < layout.pp_size - 1 else None
+        )
 
     def send(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
         dist.send(torch.stack([hidden, residual]).contiguous(), dst=self.next_rank)

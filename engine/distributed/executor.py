@@ -57,7 +57,7 @@ class Executor(ABC):
     def execute(self, out) -> torch.Tensor | None:
         """Run a SchedulerOutput; fp32 logits [num_sampling_seqs, vocab] in schedule order."""
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 (nothing to release in-process)
         """Release workers and their ports; idempotent."""
 
     def describe(self) -> list[str]:
@@ -85,7 +85,7 @@ class UniprocExecutor(Executor):
 def check_parallel_config(
     parallel: ParallelConfig, model_config: ModelConfig, caps: Capabilities, model_name: str
 ) -> None:
-    """Every layout constraint, as a one-line ValueError naming the value, the rule and the way out."""
+    """Every layout constraint: a one-line ValueError naming the value, the rule and the way out."""
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     m = model_config
 
@@ -162,7 +162,7 @@ class BackendSummary:
         return list(self._lines)
 
 
-# -- the distributed executors ----------------------------------------------------------------------
+# -- the distributed executors ---------------------------------------------------------------------
 class DistributedExecutor(Executor):
     """A world of tp x pp ranks; subclasses start them and carry calls to them."""
 
@@ -211,9 +211,12 @@ class DistributedExecutor(Executor):
         start = time.perf_counter()
         try:
             addr, port = self._start_workers()
+            self.master_addr, self.master_port = addr, port
             # Forming the world is bounded by init_timeout_s inside each rank; the driver's
             # deadline adds a margin for process start-up (importing torch).
-            self._call_all("init_world", (addr, port), par.init_timeout_s + 30.0, "forming the world")
+            self._call_all(
+                "init_world", (addr, port), par.init_timeout_s + 30.0, "forming the world"
+            )
             self.infos = self._call_all("load", (), par.init_timeout_s, "loading the model")
         except BaseException:
             self.shutdown()
@@ -304,6 +307,9 @@ class MultiprocExecutor(DistributedExecutor):
     """One spawned process per rank on this host; pipes carry calls, shared memory heartbeats."""
 
     kind = "mp"
+    worker_target = staticmethod(
+        worker_main
+    )  # the process entry point: (spec, conn, heartbeats, ppid)
 
     def _start_workers(self) -> tuple[str, int]:
         ctx = mp.get_context("spawn")
@@ -315,7 +321,7 @@ class MultiprocExecutor(DistributedExecutor):
         for spec in self.specs:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=worker_main,
+                target=self.worker_target,
                 args=(spec, child, self.heartbeats, os.getpid()),
                 name=f"hal-worker-{spec.rank}",
                 daemon=True,
@@ -357,7 +363,9 @@ class MultiprocExecutor(DistributedExecutor):
                 except (EOFError, OSError):
                     raise self._died(rank, what) from None
                 if status == "error":
-                    raise self._fail(f"worker rank {rank} failed while {what}: {value}")
+                    others = sorted(pending - {rank})
+                    waiting = f" (ranks {others} had not answered)" if others else ""
+                    raise self._fail(f"worker rank {rank} failed while {what}: {value}{waiting}")
                 results[rank] = value
                 pending.discard(rank)
         return results
@@ -462,8 +470,9 @@ def connect_ray(address: str | None) -> Any:
     if not ray.is_initialized():
         target = address or "auto"
         try:
+            _probe_gcs(target)  # Ray itself retries an unreachable address for minutes
             ray.init(address=target, logging_level=logging.WARNING, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:
+        except (ConnectionError, RuntimeError, ValueError, OSError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(
                 f"distributed_executor_backend='ray': no Ray cluster reachable at "
@@ -471,6 +480,17 @@ def connect_ray(address: str | None) -> Any:
                 f"start --address=HEAD_IP:6379` on the other hosts), or set ray_address"
             ) from None
     return ray
+
+
+def _probe_gcs(address: str, timeout_s: float = 3.0) -> None:
+    """Fail fast (ConnectionError) when an explicit host:port has nothing listening."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"nothing answers at {host}:{port}: {e}") from None
 
 
 class RayExecutor(DistributedExecutor):
@@ -510,6 +530,8 @@ class RayExecutor(DistributedExecutor):
                 f"the Ray placement group of {world} x {bundle} was not placed within "
                 f"init_timeout_s={self.parallel.init_timeout_s:g} s (resources held elsewhere?)"
             )
+        table = ray.util.placement_group_table(self.pg)
+        self.bundle_nodes = [table["bundles_to_node_id"][i] for i in range(world)]
         actor_cls = ray.remote(_RayWorker)
         for rank, spec in enumerate(self.specs):
             strategy = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)

@@ -81,8 +81,13 @@ class StepInput:
     def from_scheduler_output(cls, out) -> StepInput:
         scheduled = [
             StepSeq(
-                s.token_ids, s.positions, s.slot_mapping, s.block_table, s.num_new_tokens,
-                s.seq_len, s.samples,
+                s.token_ids,
+                s.positions,
+                s.slot_mapping,
+                s.block_table,
+                s.num_new_tokens,
+                s.seq_len,
+                s.samples,
             )  # fmt: skip
             for s in out.scheduled
         ]
@@ -251,7 +256,9 @@ def worker_main(spec: WorkerSpec, conn, heartbeats, parent_pid: int) -> None:
     logging.basicConfig(
         level=spec.log_level, format=f"(rank {spec.rank}) %(levelname)s %(name)s: %(message)s"
     )
-    threading.Thread(target=_heartbeat, args=(heartbeats, spec.rank, parent_pid), daemon=True).start()
+    threading.Thread(
+        target=_heartbeat, args=(heartbeats, spec.rank, parent_pid), daemon=True
+    ).start()
     worker = Worker(spec)
     while True:
         try:

@@ -18,6 +18,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
@@ -152,7 +154,9 @@ def build_app(
         metrics.count_error(exc.status_code)
         message = f"{request.method} {request.url.path}: {exc.detail}"
         code = "not_found" if exc.status_code == 404 else None
-        return JSONResponse(error_body(message, "invalid_request_error", None, code), exc.status_code)
+        return JSONResponse(
+            error_body(message, "invalid_request_error", None, code), exc.status_code
+        )
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -199,26 +203,39 @@ def build_app(
         req.warn_unknown_fields()
         req.check()
         state.check_model(req.model)
-        prompts: list[tuple[str, list[int]]] = []
+        prompts: list[tuple[str | None, list[int]]] = []
+        vocab = engine.model_config.vocab_size
         for p in req.prompts():
             if isinstance(p, str):
                 prompts.append((p, list(engine.tokenizer.encode(p))))
-            else:
-                prompts.append((engine.tokenizer.decode(p), list(p)))
+                continue
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise bad_request(
+                    f"prompt token ids must be in [0, {vocab}), got {bad[:5]}", "prompt"
+                )
+            prompts.append((None, list(p)))
         params = []
-        for text, ids in prompts:
+        for _, ids in prompts:
             if not ids:
                 raise bad_request("prompt is empty: it encodes to zero tokens", "prompt")
             max_tokens = _resolve_max_tokens(
-                state, req.max_tokens, DEFAULT_COMPLETION_MAX_TOKENS, len(ids), "max_tokens", "prompt"
+                state,
+                req.max_tokens,
+                DEFAULT_COMPLETION_MAX_TOKENS,
+                len(ids),
+                "max_tokens",
+                "prompt",
             )
             params.append(req.to_sampling_params(max_tokens, req.logprobs))
         run = _Run(state, "cmpl", req.n, req.logprobs)
         await run.start([ids for _, ids in prompts], params)
-        echo = [text for text, _ in prompts] if req.echo else None
+        echo = None
+        if req.echo:
+            echo = [engine.tokenizer.decode(ids) if t is None else t for t, ids in prompts]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(run.stream_completion(echo, include_usage))
+            return _sse(run, run.stream_completion(echo, include_usage))
         return await run.respond(request, lambda outs: run.completion_body(outs, echo))
 
     @app.post("/v1/chat/completions")
@@ -230,13 +247,19 @@ def build_app(
         state.check_model(req.model)
         try:
             ids = apply_chat_template(
-                engine.tokenizer, req.conversation(), add_generation_prompt=req.add_generation_prompt
+                engine.tokenizer,
+                req.conversation(),
+                add_generation_prompt=req.add_generation_prompt,
             )
         except TokenizerLoadError as e:
             raise bad_request(str(e), "messages") from e
-        field_name = "max_completion_tokens" if req.max_completion_tokens is not None else (
-            "max_tokens"
-        )
+        except (TemplateError, ValueError, TypeError) as e:  # the template refused the messages
+            message = f"the model's chat template rejected the messages: {e}"
+            raise bad_request(message, "messages") from e
+        if req.max_completion_tokens is not None:
+            field_name = "max_completion_tokens"
+        else:
+            field_name = "max_tokens"
         max_tokens = _resolve_max_tokens(
             state, req.requested_max_tokens(), None, len(ids), field_name, "messages"
         )
@@ -245,7 +268,7 @@ def build_app(
         await run.start([ids], [params])
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(run.stream_chat(include_usage))
+            return _sse(run, run.stream_chat(include_usage))
         return await run.respond(request, run.chat_body)
 
     return app
@@ -307,9 +330,14 @@ def _resolve_max_tokens(
     return requested
 
 
-def _sse(events: AsyncIterator[str]) -> StreamingResponse:
+def _sse(run: _Run, events: AsyncIterator[str]) -> StreamingResponse:
+    # The background task runs after the response, also when the client left before the first
+    # chunk (then the event generator never started, so its own cleanup never ran).
     return StreamingResponse(
-        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        events,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+        background=BackgroundTask(run.close),
     )
 
 
@@ -339,6 +367,8 @@ class _Run:
         self.logprobs = logprobs
         self.streams: list[RequestStream] = []
         self.prompt_lens: list[int] = []
+        self._finals: list[RequestOutput] = []  # streaming: every prompt's last output
+        self._aborted = False  # streaming: some choice finished with "abort"
 
     async def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
         """Queue every prompt; if one fails, abort those already queued."""
@@ -358,6 +388,10 @@ class _Run:
     def abort(self, reason: str) -> None:
         for s in self.streams:
             s.abort(reason)
+
+    async def close(self) -> None:
+        """After the response: abort whatever still runs (no-op for finished requests)."""
+        self.abort("client went away")
 
     async def merged(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) from every stream as they come; aborts all when left early."""
@@ -517,6 +551,7 @@ class _Run:
                 start, end = st.num_tokens, len(c.token_ids)
                 st.num_chars, st.num_tokens = len(c.text), end
                 st.finished = c.finish_reason is not None
+                self._aborted = self._aborted or c.finish_reason == "abort"
                 if text or c.finish_reason or (self.logprobs is not None and end > start):
                     first = not st.started
                     st.started = True
@@ -524,14 +559,13 @@ class _Run:
         self._finals = [finals[i] for i in sorted(finals)]
 
     async def _stream(self, obj: str, make_choice, include_usage: bool) -> AsyncIterator[str]:
-        self._finals: list[RequestOutput] = []
         try:
             async for index, c, text, span, finish, first in self._deltas():
                 yield _event(self._chunk(obj, [make_choice(index, c, text, span, finish, first)]))
             if include_usage:
                 yield _event(self._chunk(obj, [], self._usage(self._finals)))
             reason = self.abort_reason()
-            if reason is not None:
+            if self._aborted and reason is not None:
                 body = error_body(f"request aborted: {reason}", "server_error", None, "aborted")
                 yield _event(body)
         except EngineDeadError as e:

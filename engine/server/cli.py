@@ -57,6 +57,11 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="CPU KV budget")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument(
+        "--distributed-executor-backend", default=None, help="mp (default) or ray, when tp x pp > 1"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return p
@@ -86,7 +91,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from engine.async_engine import AsyncLLMEngine
     from engine.config import CacheConfig, SchedulerConfig
-    from engine.engine_config import EngineConfig
+    from engine.engine_config import EngineConfig, ParallelConfig
     from engine.server.app import build_app
 
     if not 0 <= args.port <= 65535:
@@ -117,11 +122,23 @@ def run_serve(args: argparse.Namespace) -> int:
             scheduler=SchedulerConfig(
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs
             ),
+            parallel=ParallelConfig(
+                tensor_parallel_size=args.tensor_parallel_size,
+                pipeline_parallel_size=args.pipeline_parallel_size,
+                distributed_executor_backend=args.distributed_executor_backend,
+            ),
         )
+    except (ValueError, TypeError) as e:
+        raise HalError(str(e)) from e
+    try:
         engine = AsyncLLMEngine.from_config(config)
-        name = args.served_model_name or served_name(args.model)
+    except (ValueError, TypeError) as e:
+        raise HalError(str(e)) from e
+    name = args.served_model_name or served_name(args.model)
+    try:
         app = build_app(engine, name, api_key, args.max_body_bytes, args.max_tokens_limit)
     except (ValueError, TypeError) as e:
+        engine.shutdown()
         raise HalError(str(e)) from e
     uv_config = uvicorn.Config(
         app,
@@ -135,7 +152,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # makes a graceful stop exit 0 instead of dying by the signal.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        logger.warning("serving %s on http://%s:%d/v1", name, args.host, args.port)
+        logger.info("serving %s on http://%s:%d/v1", name, args.host, args.port)
         server.run()
     finally:
         signal.signal(signal.SIGTERM, previous)

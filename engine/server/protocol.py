@@ -123,7 +123,7 @@ class _SamplingRequest(BaseModel):
 
 
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[int] | list[str | list[int]]
     logprobs: int | None = None
     echo: bool = False
     suffix: str | None = None
@@ -191,9 +191,7 @@ class ChatCompletionRequest(_SamplingRequest):
         if self.tools:
             raise bad_request("tools are not supported by this server", "tools")
         if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise bad_request(
-                "response_format other than text is not supported", "response_format"
-            )
+            raise bad_request("response_format other than text is not supported", "response_format")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
@@ -204,8 +202,10 @@ class ChatCompletionRequest(_SamplingRequest):
                 )
 
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else (
-            self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else (self.max_tokens)
         )
 
     def engine_logprobs(self) -> int | None:
@@ -225,10 +225,21 @@ def parse_request(model: type[BaseModel], body: bytes) -> Any:
         err = e.errors()[0]
         if err["type"] == "json_invalid":
             raise bad_request(f"malformed JSON body: {err['msg']}") from e
-        param = ".".join(str(x) for x in err["loc"] if not str(x).startswith(("function-", "list[")))
-        if err["type"] == "model_type":
+        if err["type"] == "model_type" and not err["loc"]:
             raise bad_request(f"the request body must be a JSON object: {err['msg']}") from e
-        raise bad_request(f"{param}: {err['msg']} (got {err.get('input')!r})", param or None) from e
+        param = _error_param(err["loc"])
+        if err["type"] == "missing":
+            raise bad_request(f"{param}: this field is required", param) from e
+        raise bad_request(f"{param}: {err['msg']} (got {err.get('input')!r})", param) from e
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _error_param(loc: tuple) -> str:
+    """'messages.0.role' from pydantic's location, without union member tags like 'list[int]'."""
+    parts = [str(x) for x in loc if not (isinstance(x, str) and ("[" in x or x in _TYPE_TAGS))]
+    return ".".join(parts)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -271,8 +282,11 @@ def completion_logprobs(
         text = token_text(token_id)
         tokens.append(text)
         token_logprobs.append(entry.get(token_id))
-        top = {token_text(t): lp for t, lp in _sorted_top(entry, k)}
-        top.setdefault(text, entry.get(token_id))
+        # Keyed by text (OpenAI's shape): tokens that decode alike keep the highest logprob.
+        top: dict[str, float] = {}
+        for t, lp in _sorted_top(entry, k):
+            top.setdefault(token_text(t), lp)
+        top.setdefault(text, entry[token_id])
         tops.append(top)
         offsets.append(text_offset)
         text_offset += len(text)

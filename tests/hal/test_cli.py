@@ -62,7 +62,14 @@ def test_info_json_schema(capsys):
         "schema", "source", "device", "dtypes", "features", "libraries", "backends", "ops", "notes",
     }  # fmt: skip
     assert list(data["dtypes"]) == list(DTYPE_NAMES)
-    assert set(data["features"]) == {"graph_capture", "fp8_format", "fp8_dtype", "fp8_max"}
+    assert set(data["features"]) == {
+        "graph_capture",
+        "fp8_format",
+        "fp8_dtype",
+        "fp8_max",
+        "collective_backend",
+        "max_tensor_parallel_size_one_host",
+    }
     chosen = data["backends"]["chosen"]
     entry = next(b for b in data["backends"]["candidates"] if b["name"] == chosen)
     assert entry["status"] == "chosen" and entry["ops"] == data["ops"]
@@ -75,6 +82,7 @@ def test_mi300x_json_shows_fnuz_and_warp_64(capsys):
     data = json.loads(out)
     assert code == 0 and data["source"] == "profile:mi300x"
     assert data["features"]["fp8_format"] == "e4m3fnuz"
+    assert data["features"]["collective_backend"] == "nccl"  # RCCL behind torch's "nccl" name
     assert data["features"]["fp8_dtype"] == "float8_e4m3fnuz" and data["features"]["fp8_max"] == 240
     assert data["device"]["warp_size"] == 64 and data["device"]["arch"] == "gfx942"
 

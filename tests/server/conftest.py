@@ -23,6 +23,7 @@ from engine.async_engine import AsyncLLMEngine  # noqa: E402
 from engine.config import CacheConfig  # noqa: E402
 from engine.engine_config import EngineConfig  # noqa: E402
 from engine.server.app import build_app  # noqa: E402
+from engine.server.cli import make_server  # noqa: E402
 from tests.engine.models_fixtures import build_model  # noqa: E402
 
 API_KEY = "test-key-123"
@@ -85,8 +86,11 @@ def make_engine(folder: Path, **kw) -> AsyncLLMEngine:
     return AsyncLLMEngine.from_config(config)
 
 
-def start_server(engine: AsyncLLMEngine, api_key: str | None = API_KEY, **app_kw) -> ServerHandle:
-    """uvicorn on 127.0.0.1 with a port the OS picked, in a daemon thread."""
+def start_server(
+    engine: AsyncLLMEngine, api_key: str | None = API_KEY, drain_timeout: float = 1.0, **app_kw
+) -> ServerHandle:
+    """`hal serve`'s uvicorn server on 127.0.0.1 with a port the OS picked, in a daemon thread.
+    `handle.server.handle_exit(signal.SIGTERM, None)` starts the same drain a SIGTERM does."""
     app_kw.setdefault("max_tokens_limit", MAX_TOKENS_LIMIT)
     app = build_app(engine, MODEL_NAME, api_key=api_key, **app_kw)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -96,7 +100,7 @@ def start_server(engine: AsyncLLMEngine, api_key: str | None = API_KEY, **app_kw
     config = uvicorn.Config(
         app, log_level="warning", timeout_graceful_shutdown=5, lifespan="off", access_log=False
     )
-    server = uvicorn.Server(config)
+    server = make_server(config, app.state.server, drain_timeout)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

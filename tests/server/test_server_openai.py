@@ -1,0 +1,283 @@
+"""The real server on loopback, driven by the official `openai` client: completions, chat with the
+model's template, streaming, n > 1, stop strings, logprobs, seeds, the engine's extra fields,
+/health and /metrics. Greedy outputs must equal the offline `LLM` on the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import openai
+import pytest
+
+from engine import LLM, SamplingParams
+from engine.tokenizer import apply_chat_template
+from tests.server.conftest import MODEL_NAME
+
+PROMPT = "The quick brown fox"
+MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
+NO_EOS = {"ignore_eos": True}
+
+
+class _NONE:
+    content: list = []
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_model) -> LLM:
+    return LLM(model=str(tiny_model), dtype="float32", device="cpu", kv_cache_memory_bytes=4 << 20)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return server.client()
+
+
+def _greedy(max_tokens: int, **kw) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def test_models_list_and_retrieve(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+    assert client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("no-such-model")
+
+
+def test_completion_matches_offline_engine(client, offline):
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=10, temperature=0, extra_body=NO_EOS
+    )
+    expected = offline.generate(PROMPT, _greedy(10), use_tqdm=False)[0]
+    (choice,) = r.choices
+    assert choice.text == expected.outputs[0].text
+    assert choice.finish_reason == "length"
+    assert r.object == "text_completion" and r.model == MODEL_NAME
+    assert r.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert r.usage.completion_tokens == 10
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 10
+
+
+def test_completion_from_token_ids_and_batch(client, offline):
+    tok = offline.get_tokenizer()
+    ids = tok.encode(PROMPT)
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=[ids, "What is"], max_tokens=4, temperature=0, extra_body=NO_EOS
+    )
+    assert [c.index for c in r.choices] == [0, 1]
+    expected = offline.generate([PROMPT, "What is"], _greedy(4), use_tqdm=False)
+    assert [c.text for c in r.choices] == [e.outputs[0].text for e in expected]
+    assert r.usage.completion_tokens == 8
+
+
+def test_chat_uses_the_models_template(client, offline):
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=8, temperature=0, extra_body=NO_EOS
+    )
+    expected = offline.chat(MESSAGES, _greedy(8), use_tqdm=False)[0]
+    (choice,) = r.choices
+    assert choice.message.role == "assistant"
+    assert choice.message.content == expected.outputs[0].text
+    ids = apply_chat_template(offline.get_tokenizer(), MESSAGES)
+    assert r.usage.prompt_tokens == len(ids) == len(expected.prompt_token_ids)
+    assert r.object == "chat.completion"
+
+
+def test_chat_default_max_tokens_fills_to_eos_or_limit(client):
+    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert 1 <= r.usage.completion_tokens <= 64  # the fixture's max_tokens limit
+
+
+def test_streaming_completion_equals_non_streaming(client):
+    kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=12, temperature=0, extra_body=NO_EOS)
+    full = client.completions.create(**kw).choices[0].text
+    chunks = list(
+        client.completions.create(stream=True, stream_options={"include_usage": True}, **kw)
+    )
+    texts = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(texts) == full
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
+    assert len(texts) > 1, "the text should arrive in several chunks"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_streaming_chat_deltas(client):
+    kw = dict(model=MODEL_NAME, messages=MESSAGES, max_tokens=10, temperature=0, extra_body=NO_EOS)
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kw))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == full
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
+
+
+def test_n_greater_than_one(client):
+    kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, n=3, temperature=1.0, seed=11)
+    r = client.completions.create(extra_body=NO_EOS, **kw)
+    assert sorted(c.index for c in r.choices) == [0, 1, 2]
+    assert r.usage.completion_tokens == 18
+    assert len({c.text for c in r.choices}) > 1, "three samples at temperature 1 all equal"
+    again = client.completions.create(extra_body=NO_EOS, **kw)
+    assert [c.text for c in again.choices] == [c.text for c in r.choices], "seed not honoured"
+    # Streaming with n = 3: every choice streams, each ends once.
+    chunks = list(client.completions.create(stream=True, extra_body=NO_EOS, **kw))
+    by_index: dict[int, str] = {}
+    ends = []
+    for c in chunks:
+        for ch in c.choices:
+            by_index[ch.index] = by_index.get(ch.index, "") + ch.text
+            if ch.finish_reason:
+                ends.append(ch.index)
+    assert sorted(ends) == [0, 1, 2]
+    assert [by_index[i] for i in range(3)] == [c.text for c in r.choices]
+
+
+def test_chat_n_greater_than_one(client):
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=5, n=2, temperature=1.0, seed=3,
+        extra_body=NO_EOS,
+    )  # fmt: skip
+    assert [c.index for c in r.choices] == [0, 1]
+    assert r.usage.completion_tokens == 10
+
+
+def _pick_stop(text: str) -> tuple[str, str]:
+    """A stop string from the middle of `text` and the text before its first occurrence."""
+    for start in range(2, len(text) - 2):
+        stop = text[start : start + 2]
+        if stop.strip() and "\ufffd" not in stop:
+            return stop, text[: text.index(stop)]
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def test_stop_strings(client):
+    kw = dict(model=MODEL_NAME, prompt=PROMPT, max_tokens=24, temperature=0, extra_body=NO_EOS)
+    full = client.completions.create(**kw).choices[0].text
+    stop, before = _pick_stop(full)
+    r = client.completions.create(stop=[stop, "never-appears"], **kw)
+    assert r.choices[0].text == before
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage.completion_tokens < 24
+    streamed = client.completions.create(stop=stop, stream=True, **kw)
+    chunks = [c.choices[0] for c in streamed]
+    assert "".join(c.text for c in chunks) == before
+    assert chunks[-1].finish_reason == "stop"
+    # Chat honours stop too.
+    ckw = dict(model=MODEL_NAME, messages=MESSAGES, max_tokens=24, temperature=0, extra_body=NO_EOS)
+    content = client.chat.completions.create(**ckw).choices[0].message.content
+    cstop, cbefore = _pick_stop(content)
+    c = client.chat.completions.create(stop=[cstop], **ckw).choices[0]
+    assert (c.message.content, c.finish_reason) == (cbefore, "stop")
+
+
+def test_completion_logprobs(client, offline):
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0, logprobs=3, extra_body=NO_EOS
+    )
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    expected = offline.generate(PROMPT, _greedy(6, logprobs=3), use_tqdm=False)[0].outputs[0]
+    for i, (_token, value, top) in enumerate(
+        zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True)
+    ):
+        want = expected.logprobs[i][expected.token_ids[i]]
+        assert math.isclose(value, want, rel_tol=1e-5, abs_tol=1e-5)
+        assert 1 <= len(top) <= 4 and value <= 0
+        assert math.isclose(max(top.values()), value, abs_tol=1e-6), "greedy picks the top token"
+    assert lp.text_offset[0] == 0
+    assert lp.text_offset == sorted(lp.text_offset)
+    # Streaming carries the same logprobs, chunk by chunk.
+    chunks = list(
+        client.completions.create(
+            model=MODEL_NAME,
+            prompt=PROMPT,
+            max_tokens=6,
+            temperature=0,
+            logprobs=3,
+            stream=True,
+            extra_body=NO_EOS,
+        )  # fmt: skip
+    )
+    streamed = [v for c in chunks for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(lp.token_logprobs, abs=1e-6)
+    assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+
+
+def test_chat_logprobs(client):
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True,
+        top_logprobs=2, extra_body=NO_EOS,
+    )  # fmt: skip
+    content = r.choices[0].logprobs.content
+    assert len(content) == 5
+    for entry in content:
+        assert len(entry.top_logprobs) == 2
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+        assert math.isclose(entry.logprob, entry.top_logprobs[0].logprob, abs_tol=1e-6)
+        assert entry.bytes == list(entry.token.encode())
+    plain = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=5, temperature=0, extra_body=NO_EOS
+    )
+    assert plain.choices[0].logprobs is None
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL_NAME,
+            messages=MESSAGES,
+            max_tokens=5,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+            extra_body=NO_EOS,
+        )  # fmt: skip
+    )
+    streamed = [
+        e.logprob for c in chunks if c.choices[0].logprobs for e in c.choices[0].logprobs.content
+    ]
+    assert streamed == pytest.approx([e.logprob for e in content], abs=1e-6)
+
+
+def test_extra_sampling_fields(client):
+    greedy = (
+        client.completions.create(
+            model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0, extra_body=NO_EOS
+        )
+        .choices[0]
+        .text
+    )
+    top1 = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=1.5, seed=5,
+        extra_body={"top_k": 1, "ignore_eos": True},
+    ).choices[0].text  # fmt: skip
+    assert top1 == greedy, "top_k=1 must be greedy whatever the temperature"
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=8, temperature=0,
+        extra_body={"min_tokens": 8, "repetition_penalty": 1.3},
+    )  # fmt: skip
+    assert r.usage.completion_tokens == 8
+
+
+def test_health_and_metrics(server, client):
+    client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3)
+    with server.http() as http:
+        assert http.get("/health").json() == {"status": "ok"}
+        text = http.get("/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    label = f'{{model_name="{MODEL_NAME}"}}'
+    assert samples[f"hal_generation_tokens_total{label}"] >= 3
+    assert samples[f"hal_prompt_tokens_total{label}"] >= 4
+    assert samples[f"hal_time_to_first_token_seconds_count{label}"] >= 1
+    assert samples[f"hal_inter_token_latency_seconds_count{label}"] >= 2
+    assert samples[f"hal_kv_cache_usable_blocks{label}"] > 0
+    for gauge in ("hal_num_requests_running", "hal_num_requests_waiting",
+                  "hal_kv_cache_usage_perc", "hal_prefix_cache_hit_rate"):  # fmt: skip
+        assert f"{gauge}{label}" in samples
+    assert 0 <= samples[f"hal_prefix_cache_hit_rate{label}"] <= 1
