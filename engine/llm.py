@@ -146,19 +146,10 @@ class LLM:
     ) -> list[RequestOutput]:
         engine = self.engine
         # Validate everything before queuing anything, so a bad prompt queues nothing.
-        resolved = []
-        for prompt, ids in items:
-            if ids is None:
-                if not isinstance(prompt, str) or not prompt:
-                    raise ValueError(f"prompt must be a non-empty string, got {prompt!r}")
-                ids = engine.tokenize(prompt)
-            resolved.append((prompt, ids))
-        for i, (_, ids) in enumerate(resolved):
-            if len(ids) >= engine.max_model_len:
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens; max_model_len={engine.max_model_len} "
-                    f"allows at most {engine.max_model_len - 1}"
-                )
+        resolved = [
+            (prompt, engine.validate_request(prompt, params, ids))
+            for (prompt, ids), params in zip(items, params_list, strict=True)
+        ]
         order: dict[str, int] = {}
         for i, ((prompt, ids), params) in enumerate(zip(resolved, params_list, strict=False)):
             rid = engine.add_request(prompt, params, prompt_token_ids=ids)

@@ -203,16 +203,17 @@ class LLMEngine:
     def tokenize(self, prompt: str) -> list[int]:
         return list(self.tokenizer.encode(prompt))
 
-    def add_request(
-        self,
-        prompt: str | None,
-        params: SamplingParams,
-        prompt_token_ids: list[int] | None = None,
-        request_id: str | None = None,
-    ) -> str:
-        """Queue a request; bad input raises ValueError and leaves the engine untouched."""
+    def validate_request(
+        self, prompt: str | None, params: SamplingParams, prompt_token_ids: list[int] | None = None
+    ) -> list[int]:
+        """Check a request without queuing it; returns its prompt token ids."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        if params.prompt_logprobs is not None:
+            raise ValueError(
+                "prompt_logprobs is not supported yet (the runner computes logits only for "
+                "sampled rows); leave it None"
+            )
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -230,6 +231,17 @@ class LLMEngine:
                 f"prompt has {len(prompt_token_ids)} tokens; max_model_len={self.max_model_len} "
                 f"allows at most {self.max_model_len - 1} (one token must be generated)"
             )
+        return list(prompt_token_ids)
+
+    def add_request(
+        self,
+        prompt: str | None,
+        params: SamplingParams,
+        prompt_token_ids: list[int] | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; bad input raises ValueError and leaves the engine untouched."""
+        prompt_token_ids = self.validate_request(prompt, params, prompt_token_ids)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")

@@ -171,6 +171,9 @@ def test_chat_uses_template(tiny):
 def test_bad_input(tiny):
     folder, _ = tiny
     llm = _llm(folder, max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len=64"):  # nothing queued, prompt 0 included
+        llm.generate(prompt_token_ids=[[5, 6], [5] * 64], sampling_params=GREEDY)
+    assert not llm.engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="max_model_len=64"):
         llm.generate(prompt_token_ids=[[5] * 64], sampling_params=GREEDY)
     with pytest.raises(ValueError, match="empty"):
@@ -178,6 +181,8 @@ def test_bad_input(tiny):
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=0), dict(n=0), dict(max_tokens=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        llm.generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(prompt_logprobs=1))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         _llm(folder, max_model_len=100000)
     # The engine still serves after the rejected requests; nothing was queued by them.
