@@ -252,9 +252,9 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, query_start_lo
 def _blocks(num_tokens: int, num_seqs: int, group: int, head_dim_p2: int) -> tuple[int, int, int]:
     """(BLOCK_M, BLOCK_Q, BLOCK_N). On a GPU a decode batch (one token per sequence) takes 16
     rows, a batch with prefill 64; under the interpreter, where each program and each op cost
-    Python time, 128 x 128 tiles keep the number of steps small."""
+    Python time while numpy does the arithmetic, 128 x 512 tiles keep the number of steps small."""
     if interpreting():
-        block_m, block_n = max(128, triton.next_power_of_2(group)), 256
+        block_m, block_n = max(128, triton.next_power_of_2(group)), 512
     else:
         block_m = 16 if num_tokens <= num_seqs else 64
         block_m = max(block_m, triton.next_power_of_2(group))
