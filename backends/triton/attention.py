@@ -5,15 +5,16 @@ total KV length L_s) sits at position p = L_s - q_s + j and attends to KV positi
 p - k < w with a sliding window w); head h reads KV head h // (num_heads / num_kv_heads).
 Scores are scale * q.k, soft-capped as cap * tanh(score / cap) when asked; out = softmax(scores) V.
 The kernel is FlashAttention-2's online softmax (Dao, 2023) over the paged cache, laid out like
-vLLM's unified Triton attention: a program takes BLOCK_Q query tokens of one sequence times the
-num_heads / num_kv_heads query heads that share one KV head (BLOCK_M = BLOCK_Q * group rows), finds
-its sequence by a binary search over query_start_loc (no host sync, so decode can be captured in a
-graph), and walks the block table BLOCK_N tokens at a time. Scores and the softmax are fp32;
-bf16/fp16 inputs multiply in their dtype with fp32 accumulation, the probabilities rounded to
-that dtype before P @ V; fp32 inputs use IEEE fp32 dots (no TF32). An FP8 cache is decoded exactly
-and kv_scale folded into the score scale and the output. Under TRITON_INTERPRET=1 every dot runs
-in fp32 (bf16 `tl.dot` is wrong in the interpreter, Triton issue #11584). Rows past
-query_start_loc[-1] come back as zeros.
+vLLM's unified Triton attention: a program takes block_q query tokens of one sequence times the
+group = num_heads / num_kv_heads query heads that share one KV head (BLOCK_M = block_q * group
+rows), finds its sequence by a binary search over query_start_loc (no host sync, so decode can
+be captured in a graph), and walks the block table BLOCK_N tokens at a time. Soft-cap, window,
+group and lengths are runtime values (not specialized), so serving compiles few variants.
+Scores and the softmax are fp32; bf16/fp16 inputs multiply in their dtype with fp32
+accumulation, the probabilities rounded to that dtype before P @ V; fp32 inputs use IEEE fp32
+dots (no TF32). An FP8 cache is decoded exactly and kv_scale folded into the score scale and the
+output. Under TRITON_INTERPRET=1 every dot runs in fp32 (bf16 `tl.dot` is wrong in the
+interpreter, Triton issue #11584). Rows past query_start_loc[-1] come back as zeros.
 """
 
 from __future__ import annotations
@@ -49,13 +50,13 @@ def _tanh(x):
 
 
 @triton.jit
-def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
-    # The last sequence s whose first q-block, query_start_loc[s] // BLOCK_Q + s, is <= q_block
+def _find_seq(query_start_loc_ptr, q_block, num_seqs, block_q):
+    # The last sequence s whose first q-block, query_start_loc[s] // block_q + s, is <= q_block
     lo = 0
     hi = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
-        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        first = tl.load(query_start_loc_ptr + mid) // block_q + mid
         if first <= q_block:
             lo = mid + 1
         else:
@@ -63,7 +64,13 @@ def _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
-@triton.jit
+# Runtime ints that need no specialization (Triton would otherwise compile one variant per value
+# of 1 and per divisibility by 16): fewer compiles for the many shapes serving sees.
+@triton.jit(
+    do_not_specialize=[
+        "num_seqs", "head_dim", "block_size", "sliding_window", "group", "block_q",
+    ]
+)  # fmt: skip
 def _attention_kernel(
     query_ptr,
     key_cache_ptr,
@@ -85,11 +92,10 @@ def _attention_kernel(
     block_size,
     qk_scale,  # scale (times kv_scale for an FP8 cache)
     out_scale,  # 1 (kv_scale for an FP8 cache)
-    soft_cap,
-    sliding_window,
-    GROUP: tl.constexpr,  # query heads per KV head
-    HAS_SOFT_CAP: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
+    soft_cap,  # 0: none
+    sliding_window,  # 0: none
+    group,  # query heads per KV head
+    block_q,  # query tokens per program: BLOCK_M // group
     IS_FP8: tl.constexpr,
     MAN_BITS: tl.constexpr,
     EXP_BIAS: tl.constexpr,
@@ -101,26 +107,25 @@ def _attention_kernel(
     INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q)
+    seq = _find_seq(query_start_loc_ptr, q_block, num_seqs, block_q)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    q_block_local = q_block - (q_start // BLOCK_Q + seq)
-    if q_block_local * BLOCK_Q >= q_len:
+    q_block_local = q_block - (q_start // block_q + seq)
+    if q_block_local * block_q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     context_len = seq_len - q_len
 
-    # rows: BLOCK_Q tokens x GROUP heads; m -> token m // GROUP, head kv_head * GROUP + m % GROUP
+    # rows: block_q tokens x group heads; m -> token m // group, head kv_head * group + m % group
     offs_m = tl.arange(0, BLOCK_M)
-    q_tok = q_block_local * BLOCK_Q + offs_m // GROUP  # within the sequence
-    head = kv_head * GROUP + offs_m % GROUP
-    row_ok = (offs_m < BLOCK_Q * GROUP) & (q_tok < q_len)
+    q_tok = q_block_local * block_q + offs_m // group  # within the sequence
+    head = kv_head * group + offs_m % group
+    row_ok = (offs_m < block_q * group) & (q_tok < q_len)
     q_pos = context_len + q_tok  # [BLOCK_M] absolute positions
     offs_d = tl.arange(0, HEAD_DIM_P2)
     d_ok = offs_d < head_dim
@@ -130,11 +135,11 @@ def _attention_kernel(
 
     # KV range this q-block can see: up to its last token's position, from its first token's
     # window start (rounded down to a tile) with a sliding window.
-    last_tok = tl.minimum((q_block_local + 1) * BLOCK_Q, q_len) - 1
+    last_tok = tl.minimum((q_block_local + 1) * block_q, q_len) - 1
     kv_end = context_len + last_tok + 1
     kv_start = 0
-    if HAS_WINDOW:
-        first_pos = context_len + q_block_local * BLOCK_Q
+    if sliding_window > 0:
+        first_pos = context_len + q_block_local * block_q
         kv_start = tl.maximum(first_pos - sliding_window + 1, 0) // BLOCK_N * BLOCK_N
 
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -154,11 +159,11 @@ def _attention_kernel(
             k = fp8_decode(k, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
             v = fp8_decode(v, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
         s = tl.dot(q, k.to(DOT_DTYPE), input_precision=INPUT_PRECISION) * qk_scale  # [M, N]
-        if HAS_SOFT_CAP:
+        if soft_cap > 0:
             s = soft_cap * _tanh(s / soft_cap)
         visible = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-        if HAS_WINDOW:
-            visible = visible & ((q_pos[:, None] - offs_n[None, :]) < sliding_window)
+        in_window = (q_pos[:, None] - offs_n[None, :]) < sliding_window
+        visible = visible & ((sliding_window <= 0) | in_window)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
@@ -249,17 +254,21 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, query_start_lo
         raise ValueError(f"kv_scale: {kv_scale} must be > 0 or None")
 
 
-def _blocks(num_tokens: int, num_seqs: int, group: int, head_dim_p2: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_Q, BLOCK_N). On a GPU a decode batch (one token per sequence) takes 16
-    rows, a batch with prefill 64; under the interpreter, where each program and each op cost
-    Python time while numpy does the arithmetic, 128 x 512 tiles keep the number of steps small."""
+def _blocks(
+    num_tokens: int, num_seqs: int, group: int, head_dim_p2: int, fp32: bool
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, block_q, BLOCK_N, num_stages). On a GPU a decode batch (one token per sequence)
+    takes 16 rows, a batch with prefill 64 (32 with fp32 operands or head_dim > 128, whose tiles
+    are twice as large); under the interpreter, where each program and each op cost Python time
+    while numpy does the arithmetic, 128 x 512 tiles keep the number of steps small."""
     if interpreting():
-        block_m, block_n = max(128, triton.next_power_of_2(group)), 512
-    else:
-        block_m = 16 if num_tokens <= num_seqs else 64
-        block_m = max(block_m, triton.next_power_of_2(group))
-        block_n = 64 if head_dim_p2 <= 128 else 32
-    return block_m, block_m // group, block_n
+        block_m = max(128, triton.next_power_of_2(group))
+        return block_m, block_m // group, 512, 1
+    big = fp32 or head_dim_p2 > 128
+    block_m = 16 if num_tokens <= num_seqs else (32 if big else 64)
+    block_m = max(block_m, triton.next_power_of_2(group))
+    block_n = (16 if fp32 and head_dim_p2 > 128 else 32) if big else 64
+    return block_m, block_m // group, block_n, 1 if big else 2
 
 
 def attention(
@@ -291,22 +300,23 @@ def attention(
     is_fp8 = key_cache.dtype in FP8_CODECS
     kv = 1.0 if kv_scale is None or not is_fp8 else float(kv_scale)
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_q, block_n = _blocks(num_tokens, num_seqs, group, head_dim_p2)
-    # Each sequence's q-blocks start at query_start_loc[s] // BLOCK_Q + s, so this many programs
+    fp32_dots = interpreting() or query.dtype == torch.float32
+    block_m, block_q, block_n, num_stages = _blocks(
+        num_tokens, num_seqs, group, head_dim_p2, query.dtype == torch.float32
+    )
+    # Each sequence's q-blocks start at query_start_loc[s] // block_q + s, so this many programs
     # cover every sequence without reading query_start_loc back to the host.
     grid = (num_tokens // block_q + num_seqs, num_kv_heads)
-    fp32_dots = interpreting() or query.dtype == torch.float32
     dot_dtype = tl.float32 if fp32_dots else _TL_DTYPES[query.dtype]
     bt = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
     _attention_kernel[grid](
         q, raw(key_cache), raw(value_cache), out, bt, seq_lens, query_start_loc,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), key_cache.stride(0),
         key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_seqs, head_dim, block_size,
-        float(scale) * kv, kv, float(soft_cap or 1.0), int(sliding_window or 0),
-        GROUP=group, HAS_SOFT_CAP=soft_cap is not None, HAS_WINDOW=sliding_window is not None,
+        float(scale) * kv, kv, float(soft_cap or 0.0), int(sliding_window or 0), group, block_q,
         IS_FP8=is_fp8, DOT_DTYPE=dot_dtype, INPUT_PRECISION="ieee" if fp32_dots else "tf32",
-        INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        HEAD_DIM_P2=head_dim_p2, num_warps=4, num_stages=2,
+        INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n,
+        HEAD_DIM_P2=head_dim_p2, num_warps=4, num_stages=num_stages,
         **fp8_codec(key_cache.dtype if is_fp8 else torch.float8_e4m3fn),
     )  # fmt: skip
     return out

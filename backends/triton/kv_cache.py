@@ -155,8 +155,12 @@ def _copy_rows_kernel(
     i = tl.program_id(0)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = cols < n_cols
-    s = tl.load(src_index_ptr + i).to(tl.int64) if SRC_INDEXED else i.to(tl.int64)
-    d = tl.load(dst_index_ptr + i).to(tl.int64) if DST_INDEXED else i.to(tl.int64)
+    s = i.to(tl.int64)
+    d = i.to(tl.int64)
+    if SRC_INDEXED:
+        s = tl.load(src_index_ptr + i).to(tl.int64)
+    if DST_INDEXED:
+        d = tl.load(dst_index_ptr + i).to(tl.int64)
     x = tl.load(src_ptr + s * n_cols + cols, mask=mask)
     tl.store(dst_ptr + d * n_cols + cols, x, mask=mask)
 

@@ -13,6 +13,7 @@ not round to nearest even.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -40,10 +41,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _single_threaded_blas() -> None:
+def _setup_interpreter() -> None:
     # Under the interpreter every tl.dot is one small numpy matmul, which OpenBLAS's worker
     # threads only slow down (16 ms instead of 0.1 ms for 128x128x256 on a busy 2-core machine),
     # so an interpreting process runs numpy's BLAS on one thread (via threadpoolctl, if present).
+    # Masked-off lanes compute on filler values (0 / 0 and the like) as on a GPU, where nobody
+    # hears of it; numpy would warn about each one.
+    warnings.filterwarnings(
+        "ignore", category=RuntimeWarning, module=r"triton\.runtime\.interpreter"
+    )
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -52,7 +58,7 @@ def _single_threaded_blas() -> None:
 
 
 if interpreting():
-    _single_threaded_blas()
+    _setup_interpreter()
 
 
 def fp8_codec(dtype: torch.dtype) -> dict[str, object]:

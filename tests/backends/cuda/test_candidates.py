@@ -157,7 +157,10 @@ def test_a100_and_h100_choose_flash_attn_when_installed() -> None:
 def test_h100_without_flash_attn_falls_to_sdpa_naming_why() -> None:
     sel = select_ops("cuda", nvidia((9, 0)))["attention"]
     assert sel.chosen == "sdpa"
-    assert sel.rejected == {"flash_attn": ["flash_attn not installed"]}
+    assert sel.rejected == {
+        "flash_attn": ["flash_attn not installed"],
+        "triton": ["triton not installed"],
+    }
     assert "flash_attn flash_attn not installed" in sel.summary()
 
 
