@@ -10,6 +10,17 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+# Without a GPU the shared Triton kernels can only run interpreted. Triton decides at decoration
+# time, so the variable must be set before any test module imports a kernel module.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:  # torch missing: nothing will import the kernels either
+        pass
+
 # `tests.conformance` is imported as a package from the repository root.
 _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
