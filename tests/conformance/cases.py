@@ -374,7 +374,12 @@ def check_silu_and_mul(d: Dispatch, case: S.SiluCase) -> CaseResult:
     x = case.build()["x"]
     out = d("silu_and_mul", d.to(x))
     ref = activation.silu_and_mul(f64(x))
-    return within("y", out, ref, case.dtype, 0.0)
+    # exp has condition number |x|: an fp32 exp (GPU ex2.approx after x * log2(e)) is off by up to
+    # |x| * u relative even with a correctly rounded argument, on top of the output rounding.
+    gate = f64(x)[..., : x.shape[-1] // 2].abs()
+    u32 = UNIT_ROUNDOFF["fp32"]
+    allowed = tolerance(case.dtype).allowed(ref, 0.0, 1) + ref.abs() * gate * 4 * u32
+    return close("y", out, ref, allowed)
 
 
 def check_graph(d: Dispatch, case: S.GraphCase) -> CaseResult:

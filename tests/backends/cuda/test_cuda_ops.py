@@ -83,7 +83,7 @@ def cpu64(t: torch.Tensor) -> torch.Tensor:
 # -- KV cache -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, torch.float16, torch.float32, "fp8"])
 def test_write_kv_matches_reference_bitwise(make_backend, caps, cache_dtype) -> None:
-    backend = make_backend()
+    backend = make_backend(kv_write="torch")
     dtype = (caps.fp8_dtype or torch.float8_e4m3fn) if cache_dtype == "fp8" else cache_dtype
     kv_scale = 0.05 if cache_dtype == "fp8" else None
     gen = torch.Generator().manual_seed(1)
@@ -317,7 +317,7 @@ def test_int4_linear(make_backend, dtype, use_g_idx) -> None:
 # -- quantize (bit for bit) ------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_quantize_matches_reference_bitwise(make_backend, caps, dtype) -> None:
-    backend = make_backend()
+    backend = make_backend(quantize="torch")
     fp8 = caps.fp8_dtype or torch.float8_e4m3fn
     gen = torch.Generator().manual_seed(6)
     x = (torch.randn(9, 64, generator=gen) * 10).to(dtype)
@@ -348,7 +348,7 @@ def test_quantize_matches_reference_bitwise(make_backend, caps, dtype) -> None:
 # -- fused small ops ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_rms_norm_rotary_activation(make_backend, dtype) -> None:
-    backend = make_backend()
+    backend = make_backend(rms_norm="torch", rotary="torch", activation="torch")
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(6, 96, generator=gen).to(dtype)
     res = torch.randn(6, 96, generator=gen).to(dtype)
