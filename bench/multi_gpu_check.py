@@ -38,8 +38,14 @@ def run(model: str, dtype: str, tp: int, pp: int, prompts, max_tokens: int):
     start = time.perf_counter()
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     elapsed = time.perf_counter() - start
-    if hasattr(llm, "shutdown"):
-        llm.shutdown()
+    llm.shutdown()
+    del llm
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()  # the next layout's workers need this process's memory back
     return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs], elapsed
 
 

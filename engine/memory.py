@@ -95,10 +95,13 @@ def plan_gpu(
     graph_pool_bytes: int = 0,
 ) -> MemoryPlan:
     """KV gets what is left of utilization x device memory after weights, peak and graphs."""
-    _free, total = torch.cuda.mem_get_info(device)
+    free, total = torch.cuda.mem_get_info(device)
     budget = int(total * utilization)
     weights = weight_bytes(model)
     left = budget - weights - activation_peak_bytes - graph_pool_bytes
+    # Weights are resident and the profiling peak was released: other processes (or engines) on
+    # the same device hold the rest of what is not free, so never plan past what is free now.
+    left = min(left, free - activation_peak_bytes - graph_pool_bytes)
     if left < 2 * block_bytes:
         raise MemoryError(
             f"no room for the KV cache: budget {budget / MiB:.0f} MiB (gpu_memory_utilization="
