@@ -12,7 +12,7 @@ from backends.cpu.kv_cache import gather_kv
 from backends.cpu.quant import compute_dtype
 
 
-def _check_inputs(
+def check_inputs(
     query: torch.Tensor,
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
@@ -22,6 +22,8 @@ def _check_inputs(
     sliding_window: int | None,
     soft_cap: float | None,
 ) -> None:
+    """Shape and argument checks of the attention contract; they read no tensor values, so no
+    device -> host synchronisation (GPU backends and graph capture use them too)."""
     if query.dim() != 3:
         raise ValueError(
             f"query: expected [num_tokens, num_heads, head_dim], got {tuple(query.shape)}"
@@ -86,7 +88,7 @@ def paged_attention(
 
     Rows past query_start_loc[-1] (padding for a captured batch size) are returned as zeros.
     """
-    _check_inputs(
+    check_inputs(
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
         sliding_window, soft_cap,
     )  # fmt: skip

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from backends.cpu.attention import _check_inputs
+from backends.cpu.attention import check_inputs
 from backends.cpu.kv_cache import decode_kv
 from backends.cpu.quant import compute_dtype
 
@@ -40,7 +40,7 @@ def sdpa_attention(
     kv_scale: float | None = None,
 ) -> torch.Tensor:
     """The `Backend.attention` contract, batched. Returns [num_tokens, num_heads, head_dim]."""
-    _check_inputs(
+    check_inputs(
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
         sliding_window, soft_cap,
     )  # fmt: skip

@@ -12,6 +12,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from backends.cpu.attention import check_inputs as reference_checks
 from hal.errors import HalError
 
 logger = logging.getLogger(__name__)
@@ -35,44 +36,15 @@ def check_inputs(
     sliding_window: int | None,
     soft_cap: float | None,
 ) -> None:
-    """Shape and argument checks that need no device -> host synchronisation."""
-    if query.dim() != 3:
-        raise ValueError(
-            f"query: expected [num_tokens, num_heads, head_dim], got {tuple(query.shape)}"
-        )
-    if key_cache.dim() != 4 or key_cache.shape != value_cache.shape:
-        raise ValueError(
-            "key_cache/value_cache: expected equal [num_blocks, block_size, num_kv_heads, "
-            f"head_dim] shapes, got {tuple(key_cache.shape)} and {tuple(value_cache.shape)}"
-        )
-    num_heads, head_dim = query.shape[1:]
-    num_kv_heads = key_cache.shape[2]
-    if key_cache.shape[3] != head_dim:
-        raise ValueError(
-            f"key_cache: head_dim {key_cache.shape[3]} differs from query's {head_dim}"
-        )
-    if num_kv_heads == 0 or num_heads % num_kv_heads:
-        raise ValueError(
-            f"num_heads: {num_heads} query heads is not a multiple of num_kv_heads {num_kv_heads}"
-        )
-    num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
-    if num_seqs < 1:
+    """The reference's shape checks (no device -> host synchronisation) plus num_seqs >= 1."""
+    if seq_lens.dim() != 1 or seq_lens.shape[0] < 1:
         raise ValueError(
             f"seq_lens: expected [num_seqs] with num_seqs >= 1, got {tuple(seq_lens.shape)}"
         )
-    if tuple(query_start_loc.shape) != (num_seqs + 1,):
-        raise ValueError(
-            f"query_start_loc: shape {tuple(query_start_loc.shape)}, expected [num_seqs + 1] with "
-            f"num_seqs = len(seq_lens) = {num_seqs}"
-        )
-    if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs:
-        raise ValueError(
-            f"block_tables: shape {tuple(block_tables.shape)}, expected [{num_seqs}, max_blocks]"
-        )
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window: {sliding_window} must be >= 1 or None")
-    if soft_cap is not None and not soft_cap > 0:
-        raise ValueError(f"soft_cap: {soft_cap} must be > 0 or None")
+    reference_checks(
+        query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+        sliding_window, soft_cap,
+    )  # fmt: skip
 
 
 def _decode_kv(x: torch.Tensor, kv_scale: float | None, dtype: torch.dtype) -> torch.Tensor:

@@ -9,20 +9,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
-    # x: [num_tokens, heads, head_dim]; cos, sin: fp32 [num_tokens, 1, rotary_dim / 2]
-    half = cos.shape[-1]
-    rot_dim = 2 * half
-    xc = x.to(cos.dtype)
-    if is_neox:
-        x1, x2 = xc[..., :half], xc[..., half:rot_dim]
-    else:
-        x1, x2 = xc[..., 0:rot_dim:2], xc[..., 1:rot_dim:2]
-    o1 = x1 * cos - x2 * sin
-    o2 = x2 * cos + x1 * sin
-    rotated = torch.cat((o1, o2), dim=-1) if is_neox else torch.stack((o1, o2), -1).flatten(-2)
-    return torch.cat((rotated, xc[..., rot_dim:]), dim=-1).to(x.dtype)
+from backends.cpu import rotary as reference
 
 
 def rotary(
@@ -32,30 +19,5 @@ def rotary(
     cos_sin_cache: torch.Tensor,
     is_neox: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate the first rotary_dim of each head of query and key; return new (query, key).
-
-    positions: int64 [num_tokens]; query: [num_tokens, num_heads, head_dim]; key: [num_tokens,
-    num_kv_heads, head_dim]; cos_sin_cache: [max_position, rotary_dim], cos then sin halves.
-    """
-    if positions.dim() != 1:
-        raise ValueError(f"positions: expected [num_tokens], got shape {tuple(positions.shape)}")
-    n = positions.shape[0]
-    for name, t in (("query", query), ("key", key)):
-        if t.dim() != 3 or t.shape[0] != n:
-            raise ValueError(
-                f"{name}: expected [num_tokens={n}, heads, head_dim], got {tuple(t.shape)}"
-            )
-    if query.shape[2] != key.shape[2]:
-        raise ValueError(f"key: head_dim {key.shape[2]} differs from query's {query.shape[2]}")
-    if cos_sin_cache.dim() != 2:
-        raise ValueError(f"cos_sin_cache: expected 2-D, got shape {tuple(cos_sin_cache.shape)}")
-    rotary_dim = cos_sin_cache.shape[1]
-    if rotary_dim % 2 or rotary_dim > query.shape[2]:
-        raise ValueError(
-            f"cos_sin_cache: rotary_dim {rotary_dim} must be even and <= head_dim {query.shape[2]}"
-        )
-    cd = torch.float64 if query.dtype == torch.float64 else torch.float32
-    cs = cos_sin_cache.to(cd)[positions.to(torch.int64)]  # [num_tokens, rotary_dim]
-    cos = cs[:, None, : rotary_dim // 2]
-    sin = cs[:, None, rotary_dim // 2 :]
-    return _rotate(query, cos, sin, is_neox), _rotate(key, cos, sin, is_neox)
+    """The reference rotation on device tensors, without the host-side positions range check."""
+    return reference.rotary(positions, query, key, cos_sin_cache, is_neox, check_range=False)
