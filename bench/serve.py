@@ -205,7 +205,7 @@ def _free_port() -> int:
 def launch_server(args) -> subprocess.Popen:
     """Start `hal serve` on a free loopback port and wait (bounded) until /health answers."""
     port = _free_port()
-    cmd = [sys.executable, "-m", "hal.cli", "serve"]
+    cmd = [sys.executable, "-m", "engine.commands", "serve"]
     if args.launch != "default":
         cmd.append(args.launch)
     cmd += ["--port", str(port), "--log-level", "warning", *args.serve_arg]

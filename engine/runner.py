@@ -48,7 +48,7 @@ class ModelRunner:
         ]
         if num_cpu_blocks:
             cpu_shape = self.model.kv_cache_shape(num_cpu_blocks, self.block_size)
-            pin = self.device.type == "cuda"
+            pin = self.device.type != "cpu"  # pinned host memory for async copies to a device
             self.cpu_caches = [
                 (
                     torch.zeros(cpu_shape, dtype=self.kv_dtype, pin_memory=pin),

@@ -2,7 +2,7 @@
 
 User mistakes (HalError) print `error: <message>` on stderr and exit 2, without a traceback.
 Adding a subcommand: write `_add_NAME(sub)` and a handler `module:function(args) -> int`, and list
-both in COMMANDS.
+both in COMMANDS here (hal's own) or in `engine.commands.COMMANDS` (commands that need the engine).
 """
 
 from __future__ import annotations
@@ -60,27 +60,15 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from engine.cli import add_generate  # argparse only; the engine loads when the command runs
-
-    return add_generate(sub)
-
-
-def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from engine.server.cli import add_serve  # argparse only; FastAPI/uvicorn load when it runs
-
-    return add_serve(sub)
-
-
 # name -> (adds the subparser, "module:function" handler imported when the command runs)
 COMMANDS: dict[str, tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], str]] = {
     "info": (_add_info, "hal.cli:run_info"),
-    "generate": (_add_generate, "engine.cli:run_generate"),
-    "serve": (_add_serve, "engine.server.cli:run_serve"),
 }
 
+Commands = dict[str, tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], str]]
 
-def build_parser() -> argparse.ArgumentParser:
+
+def build_parser(commands: Commands | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hal",
         description="A multi-vendor LLM inference engine on a hardware abstraction layer.",
@@ -90,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for name, (add, handler) in COMMANDS.items():
+    for name, (add, handler) in (commands or COMMANDS).items():
         add(sub).set_defaults(handler=handler, command=name)
     return parser
 
@@ -100,9 +88,15 @@ def _load_handler(target: str) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(module), attr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `hal` script; returns the exit code."""
-    args = build_parser().parse_args(argv)  # argparse exits 2 with a usage line on bad flags
+def main(argv: list[str] | None = None, commands: Commands | None = None) -> int:
+    """Run one subcommand of `commands` (default: hal's own, `info`); returns the exit code.
+
+    The `hal` script is `engine.commands:main`, which adds the engine's commands (generate, serve)
+    from the layer above; hal itself never imports the engine.
+    """
+    args = build_parser(commands).parse_args(
+        argv
+    )  # argparse exits 2 with a usage line on bad flags
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -297,7 +297,7 @@ def _free_port() -> int:
 def test_hal_serve_process_exits_cleanly_on_sigterm(tiny_model):
     port = _free_port()
     env = {**os.environ, "HAL_API_KEY": "env-key"}
-    cmd = [sys.executable, "-m", "hal.cli", "serve", str(tiny_model), "--port", str(port),
+    cmd = [sys.executable, "-m", "engine.commands", "serve", str(tiny_model), "--port", str(port),
            "--dtype", "float32", "--device", "cpu", "--kv-cache-memory-bytes", str(4 << 20),
            "--drain-timeout", "5", "--log-level", "warning"]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
