@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from backends.cpu.linear import _check_bias, _check_quantized, _scaled_output
 from backends.cpu.quant import is_fp8
 from backends.cuda.quant import dequantize_int4
 
@@ -35,32 +36,6 @@ def fp32_matmul_precision(allow_tf32: bool) -> Iterator[None]:
         torch.set_float32_matmul_precision(previous)
 
 
-def _check_bias(bias: torch.Tensor | None, n: int) -> None:
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias: shape {tuple(bias.shape)}, expected [N={n}]")
-
-
-def _check_scale(name: str, scale: torch.Tensor, rows: int, what: str) -> None:
-    if tuple(scale.shape) not in ((1,), (rows, 1)):
-        raise ValueError(
-            f"{name}: shape {tuple(scale.shape)} is neither [1] (per tensor) nor [{rows}, 1] "
-            f"(per {what})"
-        )
-
-
-def _check_quantized(x_q, x_scale, w_q, w_scale, bias, ok, kind: str) -> None:
-    for name, t in (("x_q", x_q), ("w_q", w_q)):
-        if not ok(t.dtype):
-            raise ValueError(f"{name}: dtype {t.dtype} is not {kind}")
-    if x_q.dim() != 2 or w_q.dim() != 2 or x_q.shape[1] != w_q.shape[1]:
-        raise ValueError(
-            f"x_q/w_q: expected [M, K] and [N, K], got {tuple(x_q.shape)} and {tuple(w_q.shape)}"
-        )
-    _check_scale("x_scale", x_scale, x_q.shape[0], "token")
-    _check_scale("w_scale", w_scale, w_q.shape[0], "output channel")
-    _check_bias(bias, w_q.shape[0])
-
-
 def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     # Zero-pad a 2-D tensor up to [rows, cols]; a no-op when it already has that shape.
     if tuple(x.shape) == (rows, cols):
@@ -72,20 +47,6 @@ def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
-
-
-def _scaled_output(
-    acc: torch.Tensor,
-    x_scale: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-) -> torch.Tensor:
-    # acc: [M, N] fp32; x_scale: [1] or [M, 1]; w_scale: [1] or [N, 1] as [1, N] (reference order)
-    y = acc * x_scale.to(acc.dtype) * w_scale.to(acc.dtype).reshape(1, -1)
-    if bias is not None:
-        y = y + bias.to(acc.dtype)
-    return y.to(out_dtype)
 
 
 # -- dense ----------------------------------------------------------------------------------------
