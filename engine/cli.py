@@ -46,6 +46,7 @@ def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="never capture decode graphs")
     p.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, help="ranks splitting each layer"
     )
@@ -90,6 +91,7 @@ def run_generate(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
             block_size=args.block_size,
             enable_prefix_caching=not args.no_prefix_caching,
+            enforce_eager=args.enforce_eager,
             tensor_parallel_size=args.tensor_parallel_size,
             pipeline_parallel_size=args.pipeline_parallel_size,
             distributed_executor_backend=args.distributed_executor_backend,

@@ -76,6 +76,8 @@ class EngineConfig:
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     seed: int = 0
+    enforce_eager: bool = False  # True: never capture decode graphs
+    cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch buckets; None: 1, 2, 4, 8k
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -91,3 +93,13 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be an integer >= 2 or None, got {m!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        sizes = self.cuda_graph_sizes
+        if sizes is not None and (
+            isinstance(sizes, str | int)
+            or not sizes
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes)
+        ):
+            raise ValueError(
+                f"cuda_graph_sizes must be a non-empty list of batch sizes >= 1 or None, "
+                f"got {sizes!r}"
+            )

@@ -46,6 +46,8 @@ class LLM:
         gpu_memory_utilization: float = 0.9,
         backend: str | None = None,
         seed: int = 0,
+        enforce_eager: bool = False,
+        cuda_graph_sizes: Sequence[int] | None = None,
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         distributed_executor_backend: str | None = None,
@@ -71,6 +73,8 @@ class LLM:
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
+            enforce_eager=enforce_eager,
+            cuda_graph_sizes=None if cuda_graph_sizes is None else tuple(cuda_graph_sizes),
             cache=cache,
             scheduler=sched,
             parallel=ParallelConfig(

@@ -20,6 +20,7 @@ import platforms
 from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed.executor import Executor, UniprocExecutor
 from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from engine.graphs import default_sizes, graph_pool_estimate
 from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -103,7 +104,10 @@ class LLMEngine:
         sched.max_model_len = max_model_len
         try:
             if self.model is not None:
-                self.runner = ModelRunner(self.model, self.backend, cache.block_size, self.dtype)
+                self.runner = ModelRunner(
+                    self.model, self.backend, cache.block_size, self.dtype,
+                    graph_sizes=self.graph_sizes(sched.max_num_seqs), max_model_len=max_model_len,
+                )  # fmt: skip
                 self.executor = UniprocExecutor(self.runner)
             self.memory_plan = self._plan_memory(cache)
             cache.num_gpu_blocks = self.memory_plan.num_blocks
@@ -111,6 +115,8 @@ class LLMEngine:
                 cache.num_cpu_blocks = cache.resolve_num_cpu_blocks(self.executor.block_bytes())
                 self.memory_plan.num_cpu_blocks = cache.num_cpu_blocks
             self.executor.allocate(cache.num_gpu_blocks, cache.num_cpu_blocks or 0)
+            if self.runner is not None:
+                self._capture_graphs()
             self.cache_config = cache
             self.scheduler_config = sched
             self.scheduler = Scheduler(sched, cache)
@@ -127,6 +133,29 @@ class LLMEngine:
             logger.info("%s", line)
 
     # -- setup --------------------------------------------------------------------------------
+    def graph_sizes(self, max_num_seqs: int) -> tuple[int, ...]:
+        """Decode batch sizes to capture: none with enforce_eager, else the configured buckets."""
+        if self.config.enforce_eager:
+            return ()
+        return self.config.cuda_graph_sizes or default_sizes(max_num_seqs)
+
+    def _capture_graphs(self) -> None:
+        """Capture decode graphs after the KV cache exists; the plan shows what they took."""
+        reserved = self.memory_plan.graph_pool_bytes
+        try:
+            used = self.runner.capture_graphs()
+        except torch.OutOfMemoryError as e:
+            raise hal.HalError(
+                f"out of memory capturing decode graphs ({e}); lower gpu_memory_utilization, "
+                "max_num_seqs or cuda_graph_sizes, or pass enforce_eager=True"
+            ) from e
+        self.memory_plan.graph_pool_bytes = used
+        if used > reserved:
+            logger.warning(
+                "decode graphs took %.1f MiB, %.1f MiB more than the plan reserved",
+                used / (1 << 20), (used - reserved) / (1 << 20),
+            )  # fmt: skip
+
     def _plan_memory(self, cache) -> MemoryPlan:
         if self.runner is None:  # distributed: each rank plans its own memory; the minimum wins
             tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
@@ -142,6 +171,10 @@ class LLMEngine:
             budget = cache.kv_cache_memory_bytes or DEFAULT_CPU_KV_BYTES
             return plan_cpu(self.model, block_bytes, cache.block_size, budget)
         peak = self._profile_activation_peak(cache.block_size)
+        graphs = 0
+        if not self.runner.graph_reasons():
+            tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
+            graphs = graph_pool_estimate(peak, tokens, max(self.runner.graph_sizes))
         return plan_gpu(
             self.model,
             self.backend.device,
@@ -149,6 +182,7 @@ class LLMEngine:
             cache.block_size,
             self.config.gpu_memory_utilization,
             peak,
+            graph_pool_bytes=graphs,
         )
 
     def _profile_activation_peak(self, block_size: int) -> int:
@@ -190,6 +224,13 @@ class LLMEngine:
             f"preemption {self.scheduler_config.preemption_mode}"
         )
         lines += self.executor.describe()
+        if self.runner is not None:
+            graphs = self.runner.graphs
+            lines.append(
+                f"decode graphs: {len(graphs.sizes)} batch sizes up to {graphs.max_size}"
+                if graphs is not None
+                else f"decode graphs: off ({'; '.join(self.runner.graph_skip_reasons)})"
+            )
         lines += self.memory_plan.table().splitlines()
         return lines
 

@@ -8,6 +8,7 @@ import logging
 import torch
 
 from engine.batch import ForwardBatch
+from engine.graphs import DecodeGraphs, graph_reasons
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from hal.backend import Backend
 
@@ -19,7 +20,16 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 class ModelRunner:
     """Runs one step of `model` on `backend` over the paged KV cache it allocates."""
 
-    def __init__(self, model, backend: Backend, block_size: int, kv_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model,
+        backend: Backend,
+        block_size: int,
+        kv_dtype: torch.dtype,
+        graph_sizes: tuple[int, ...] = (),
+        max_model_len: int | None = None,
+    ) -> None:
+        """graph_sizes: decode batch sizes to capture in `capture_graphs` (empty: eager only)."""
         self.model = model
         self.backend = backend
         self.device = backend.device
@@ -27,6 +37,10 @@ class ModelRunner:
         self.kv_dtype = kv_dtype
         self.kv_caches: list[KVCache] = []
         self.cpu_caches: list[KVCache] = []  # the swap space, when preemption_mode == "swap"
+        self.graph_sizes = tuple(graph_sizes)
+        self.max_model_len = max_model_len or model.config.max_position_embeddings
+        self.graphs: DecodeGraphs | None = None
+        self.graph_skip_reasons: list[str] = []
 
     # -- memory ------------------------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -38,6 +52,7 @@ class ModelRunner:
 
     def allocate(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
         """Allocate the per-layer caches: [num_blocks, block_size, num_kv_heads, head_dim]."""
+        self.graphs = None  # captures point at the old cache tensors
         shape = self.model.kv_cache_shape(num_blocks, self.block_size)
         self.kv_caches = [
             (
@@ -56,6 +71,48 @@ class ModelRunner:
                 )
                 for _ in self.model.layers
             ]
+
+    # -- graphs ---------------------------------------------------------------------------------
+    def graph_reasons(self, allow_eager: bool = False) -> list[str]:
+        """Why this runner replays no graphs (empty: `capture_graphs` will capture)."""
+        if not self.graph_sizes:
+            return ["graphs off (enforce_eager, or no sizes to capture)"]
+        reasons = [] if allow_eager else graph_reasons(self.backend)
+        if self.model.embed_tokens is None or self.model.norm is None:
+            reasons.append("pipeline stages run eagerly (activations cross ranks mid-step)")
+        return reasons
+
+    def capture_graphs(self, allow_eager: bool = False) -> int:
+        """Capture the decode buckets over the allocated KV cache; returns the bytes they took.
+
+        allow_eager "captures" on a backend without graphs or with a host-syncing attention
+        (replay then runs eagerly): tests of the static-buffer logic on CPU."""
+        self.graphs = None
+        self.graph_skip_reasons = self.graph_reasons(allow_eager)
+        if self.graph_skip_reasons:
+            logger.info("decode graphs: off (%s)", "; ".join(self.graph_skip_reasons))
+            return 0
+        if not self.kv_caches:
+            raise RuntimeError("capture_graphs: allocate the KV cache first")
+        max_blocks = -(-self.max_model_len // self.block_size)
+        graphs = DecodeGraphs(
+            self.model, self.backend, self.kv_caches, self.graph_sizes, max_blocks,
+            self.max_model_len,
+        )  # fmt: skip
+        with torch.inference_mode():
+            stats = graphs.capture()
+        self.graphs = graphs
+        return stats.pool_bytes
+
+    def forward(
+        self, batch: ForwardBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
+    ):
+        """The model over `batch`: a graph replay for a decode step fitting a bucket, else eager."""
+        if self.graphs is not None and intermediate is None:
+            b = self.graphs.bucket(batch)
+            if b is not None:
+                return self.graphs.run(batch, b)
+        return self.model(batch, self.kv_caches, intermediate)
 
     # -- block moves ----------------------------------------------------------------------------
     def apply_block_moves(self, out: SchedulerOutput) -> None:
@@ -118,7 +175,7 @@ class ModelRunner:
         if not out.scheduled:
             return None
         batch = self.build_batch(out.scheduled)
-        hidden = self.model(batch, self.kv_caches)  # [num_tokens, hidden]
+        hidden = self.forward(batch)  # [num_tokens, hidden]
         if batch.logits_indices.numel() == 0:
             return None
         return self.model.compute_logits(hidden[batch.logits_indices])

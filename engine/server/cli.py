@@ -57,6 +57,7 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="CPU KV budget")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--enforce-eager", action="store_true", help="never capture decode graphs")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument(
@@ -114,6 +115,7 @@ def run_serve(args: argparse.Namespace) -> int:
             backend=args.backend,
             max_model_len=args.max_model_len,
             seed=args.seed,
+            enforce_eager=args.enforce_eager,
             cache=CacheConfig(
                 block_size=args.block_size,
                 enable_prefix_caching=not args.no_prefix_caching,

@@ -1,0 +1,176 @@
+"""Decode steps replayed from captured graphs: one capture per batch-size bucket on static buffers.
+
+A decode-only step (every sequence adds one token) of n sequences runs the graph of the smallest
+bucket >= n; rows n.. are padding (slot -1, so nothing is written; length 1 over the null block 0).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.batch import ForwardBatch
+from hal.backend import Backend, GraphRunner
+
+logger = logging.getLogger(__name__)
+
+# Attention implementations whose launch needs no host sync, so a step can be captured.
+CAPTURABLE_ATTENTION = frozenset({"triton"})
+# Graph implementations that replay eagerly (no capture).
+EAGER_GRAPHS = frozenset({"eager", "reference"})
+
+
+def default_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """1, 2, 4, then every multiple of 8 up to max_num_seqs (capped at 512), as vLLM buckets."""
+    top = min(max_num_seqs, 512)
+    sizes = [b for b in (1, 2, 4) if b <= top] + list(range(8, top + 1, 8))
+    if sizes[-1] < top:
+        sizes.append(top)
+    return tuple(sizes)
+
+
+def graph_pool_estimate(activation_peak: int, profile_tokens: int, max_size: int) -> int:
+    """Bytes to reserve for the decode graphs before capturing them: the buckets share one pool
+    sized by the largest, whose activations scale with its tokens against the profiled peak;
+    doubled for the per-capture warm-up copies, floored at 64 MiB."""
+    scaled = activation_peak * min(1.0, max_size / max(profile_tokens, 1))
+    return max(int(2 * scaled), 64 << 20)
+
+
+def graph_reasons(backend: Backend) -> list[str]:
+    """Why decode steps on this backend cannot be captured (empty: they can)."""
+    reasons = []
+    if backend.chosen("graph") in EAGER_GRAPHS:
+        reasons.append(
+            f"backend {backend.name} has no graph capture (graph: {backend.chosen('graph')})"
+        )
+    attention = backend.chosen("attention")
+    if attention not in CAPTURABLE_ATTENTION:
+        reasons.append(
+            f"attention {attention!r} synchronises with the host; capturable: "
+            f"{', '.join(sorted(CAPTURABLE_ATTENTION))}"
+        )
+    return reasons
+
+
+@dataclass
+class GraphStats:
+    sizes: tuple[int, ...]
+    pool_bytes: int  # device memory the captures took (static buffers + the shared pool)
+    seconds: float
+
+
+class DecodeGraphs:
+    """Captures `model`'s forward (embedding to final norm) for each bucket size and replays it.
+
+    The LM head runs eagerly after replay, on the rows the sampler needs, so logits gathering
+    across ranks stays outside the graph.
+    """
+
+    def __init__(
+        self,
+        model,
+        backend: Backend,
+        kv_caches: list,
+        sizes: tuple[int, ...],
+        max_blocks_per_seq: int,
+        max_model_len: int,
+    ) -> None:
+        if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
+            raise ValueError(f"graph sizes: {sizes!r} must be positive integers")
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.sizes = tuple(sorted(set(sizes)))
+        self.max_model_len = max_model_len
+        top, dev = self.sizes[-1], backend.device
+        # Static inputs, sized for the largest bucket; bucket b uses the first b rows.
+        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=dev)
+        self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(top, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros((top, max_blocks_per_seq), dtype=torch.int32, device=dev)
+        self.logits_indices = torch.arange(top, dtype=torch.int64, device=dev)
+        self.runners: dict[int, GraphRunner] = {}
+        self.stats: GraphStats | None = None
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1]
+
+    def _batch(self, b: int) -> ForwardBatch:
+        return ForwardBatch(
+            input_ids=self.input_ids[:b],
+            positions=self.positions[:b],
+            slot_mapping=self.slot_mapping[:b],
+            query_start_loc=self.query_start_loc[: b + 1],
+            seq_lens=self.seq_lens[:b],
+            block_tables=self.block_tables[:b],
+            logits_indices=self.logits_indices[:b],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+        )
+
+    def capture(self) -> GraphStats:
+        """Capture every bucket, largest first, into one shared memory pool."""
+        dev = self.backend.device
+        on_gpu = dev.type != "cpu"
+        if on_gpu:
+            torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev) if on_gpu else 0
+        start = time.perf_counter()
+        pool = None
+        for b in reversed(self.sizes):
+            batch = self._batch(b)
+            runner = self.backend.capture_graph(
+                lambda batch=batch: self.model(batch, self.kv_caches), pool=pool
+            )
+            pool = getattr(runner, "pool", None) if pool is None else pool
+            self.runners[b] = runner
+        if on_gpu:
+            torch.cuda.synchronize(dev)
+        used = (torch.cuda.memory_allocated(dev) - before) if on_gpu else 0
+        self.stats = GraphStats(self.sizes, max(used, 0), time.perf_counter() - start)
+        logger.info(
+            "captured %d decode graphs (batch sizes %s) in %.1f s, %.1f MiB",
+            len(self.sizes), _ranges(self.sizes), self.stats.seconds, used / (1 << 20),
+        )  # fmt: skip
+        return self.stats
+
+    def bucket(self, batch: ForwardBatch) -> int | None:
+        """The bucket a decode-only batch replays in, or None when it must run eagerly."""
+        n = batch.num_seqs
+        if batch.max_query_len != 1 or batch.num_tokens != n or n > self.max_size:
+            return None
+        if batch.block_tables.shape[1] > self.block_tables.shape[1]:
+            return None
+        return next(b for b in self.sizes if b >= n)
+
+    def run(self, batch: ForwardBatch, b: int) -> torch.Tensor:
+        """Copy `batch` into the static buffers, replay bucket b; hidden [n, hidden_size]."""
+        n, width = batch.num_seqs, batch.block_tables.shape[1]
+        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:n].copy_(batch.positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(batch.slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(batch.seq_lens, non_blocking=True)
+        self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
+        if b > n:  # padding rows: write nothing, attend over one position of the null block
+            self.slot_mapping[n:b].fill_(-1)
+            self.seq_lens[n:b].fill_(1)
+            self.block_tables[n:b].zero_()
+            self.input_ids[n:b].zero_()
+            self.positions[n:b].zero_()
+        hidden = self.runners[b].replay()
+        return hidden[:n]
+
+
+def _ranges(sizes: tuple[int, ...]) -> str:
+    return (
+        ", ".join(str(s) for s in sizes)
+        if len(sizes) <= 6
+        else (f"{', '.join(str(s) for s in sizes[:4])}, ..., {sizes[-1]}")
+    )

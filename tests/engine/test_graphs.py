@@ -1,0 +1,128 @@
+"""Decode graphs: bucket choice, padding rows, and replay equal to the eager forward.
+
+On CPU the backend "captures" eagerly (allow_eager), which still exercises the static buffers,
+bucket padding and the copy-in logic; on a GPU the same test captures real CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from models_fixtures import build_model
+
+import hal
+import platforms
+from engine.graphs import DecodeGraphs, default_sizes, graph_reasons
+from engine.loader import load_model
+from engine.runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledSeq, SchedulerOutput
+from engine.sequence import Request, Sequence
+
+BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_graphs")
+    build_model("llama", folder)
+    return folder
+
+
+def _backend(device: str):
+    caps = platforms.detect()
+    if device == "cpu":
+        return hal.load_backend(caps, device="cpu", configured="cpu")
+    return hal.load_backend(caps, device=device)
+
+
+def _seq(i: int, length: int, blocks: list[int], decode: bool) -> ScheduledSeq:
+    """Sequence i with `length` tokens in KV; decode adds its last token, else prefills all."""
+    tokens = [(7 * i + 3 * p) % 300 + 5 for p in range(length)]
+    seq = Sequence(i, Request(f"r{i}", tokens, SamplingParams()), tokens)
+    start = length - 1 if decode else 0
+    pos = list(range(start, length))
+    slots = [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in pos]
+    return ScheduledSeq(seq, len(pos), start, [tokens[p] for p in pos], blocks, slots, 1)
+
+
+def _runner(tiny, device: str, sizes: tuple[int, ...]) -> ModelRunner:
+    backend = _backend(device)
+    model, _, _ = load_model(str(tiny), backend, "float32", with_tokenizer=False)
+    runner = ModelRunner(model, backend, BLOCK, model.dtype, graph_sizes=sizes, max_model_len=64)
+    runner.allocate(64)
+    return runner
+
+
+def _prefill_then_decode(runner: ModelRunner, lengths: list[int]) -> torch.Tensor:
+    """Prefill each sequence to length-1 tokens, then one decode step of all; its logits."""
+    tables, nxt = [], 1
+    for n in lengths:
+        k = -(-n // BLOCK)
+        tables.append(list(range(nxt, nxt + k)))
+        nxt += k
+    for i, (n, t) in enumerate(zip(lengths, tables, strict=True)):
+        runner.execute(SchedulerOutput(scheduled=[_seq(i, n - 1, t, decode=False)]))
+    step = [
+        _seq(i, n, t, decode=True) for i, (n, t) in enumerate(zip(lengths, tables, strict=True))
+    ]
+    return runner.execute(SchedulerOutput(scheduled=step))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths", [[5], [3, 9, 17], [12, 2, 7, 30, 6]])
+def test_replay_equals_eager(tiny, device, lengths):
+    eager = _runner(tiny, device, ())
+    expect = _prefill_then_decode(eager, lengths)
+    graphed = _runner(tiny, device, (1, 2, 4, 8))
+    if device == "cpu":
+        assert graphed.capture_graphs(allow_eager=True) == 0
+    else:
+        if graph_reasons(graphed.backend):
+            pytest.skip(f"no capture here: {graph_reasons(graphed.backend)}")
+        assert graphed.capture_graphs() > 0
+    assert graphed.graphs is not None
+    got = _prefill_then_decode(graphed, lengths)
+    # Same kernels, same inputs; only the GEMMs see b padded rows instead of n, and BLAS picks its
+    # blocking (so the fp32 summation order) by row count: fp32 rounding on CPU (logits are O(1),
+    # eps 1.2e-7 times a few hundred terms), TF32's 10-bit mantissa on a GPU.
+    tol = 1e-5 if device == "cpu" else 2e-2
+    torch.testing.assert_close(got, expect, atol=tol, rtol=tol)
+
+
+def test_bucket_choice_and_fallbacks(tiny):
+    runner = _runner(tiny, "cpu", (1, 2, 4))
+    runner.capture_graphs(allow_eager=True)
+    graphs: DecodeGraphs = runner.graphs
+    decode3 = runner.build_batch([_seq(i, 5, [1 + 2 * i, 2 + 2 * i], True) for i in range(3)])
+    assert graphs.bucket(decode3) == 4
+    decode5 = runner.build_batch([_seq(i, 5, [1 + 2 * i, 2 + 2 * i], True) for i in range(5)])
+    assert graphs.bucket(decode5) is None  # larger than the largest bucket: eager
+    prefill = runner.build_batch([_seq(0, 5, [1, 2], False)])
+    assert graphs.bucket(prefill) is None  # a prefill step never replays
+
+
+def test_graphs_off_reasons(tiny):
+    runner = _runner(tiny, "cpu", (1, 2))
+    assert runner.capture_graphs() == 0
+    assert runner.graphs is None
+    assert any("no graph capture" in r for r in runner.graph_skip_reasons)
+    off = _runner(tiny, "cpu", ())
+    off.capture_graphs()
+    assert off.graphs is None and "graphs off" in off.graph_skip_reasons[0]
+
+
+def test_default_sizes():
+    assert default_sizes(256)[:5] == (1, 2, 4, 8, 16) and default_sizes(256)[-1] == 256
+    assert default_sizes(3) == (1, 2, 3)
+    assert default_sizes(20) == (1, 2, 4, 8, 16, 20)
+    assert default_sizes(2048)[-1] == 512
+
+
+def test_bad_sizes(tiny):
+    runner = _runner(tiny, "cpu", ())
+    with pytest.raises(ValueError, match="graph sizes"):
+        DecodeGraphs(runner.model, runner.backend, runner.kv_caches, (0, 2), 4, 16)
