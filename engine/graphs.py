@@ -97,6 +97,7 @@ class DecodeGraphs:
         self.logits_indices = torch.arange(top, dtype=torch.int64, device=dev)
         self.runners: dict[int, GraphRunner] = {}
         self.stats: GraphStats | None = None
+        self.replays = 0  # steps served from a graph (tests and the debug log read it)
 
     @property
     def max_size(self) -> int:
@@ -165,6 +166,7 @@ class DecodeGraphs:
             self.input_ids[n:b].zero_()
             self.positions[n:b].zero_()
         hidden = self.runners[b].replay()
+        self.replays += 1
         return hidden[:n]
 
 
