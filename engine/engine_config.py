@@ -76,6 +76,7 @@ class EngineConfig:
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     seed: int = 0
+    load_format: str = "auto"  # "dummy": random weights from config.json (benchmarks)
     enforce_eager: bool = False  # True: never capture decode graphs
     cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch buckets; None: 1, 2, 4, 8k
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -81,7 +81,12 @@ class LLMEngine:
         if config.parallel.executor_backend == "uni":
             self.backend = hal.load_backend(caps, device=device, configured=backend_choice)
             self.model, self.model_config, self.tokenizer = load_model(
-                config.model, self.backend, config.dtype, max_model_len=config.max_model_len
+                config.model,
+                self.backend,
+                config.dtype,
+                max_model_len=config.max_model_len,
+                load_format=config.load_format,
+                seed=config.seed,
             )
             self.dtype = self.model.dtype
         else:  # workers load the shards; the driver reads only the config and tokenizer

@@ -16,6 +16,7 @@ import torch
 from engine.loader.default_model import default_model_path
 from engine.loader.gguf import GGUFSource
 from engine.loader.hf import SafetensorsSource, read_hf_config
+from engine.loader.random_weights import RandomSource
 from engine.model_config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.parallel import SINGLE, ParallelContext, WeightLoadError
@@ -36,7 +37,9 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _CAPS_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
-__all__ = ["DTYPES", "load_model", "resolve_dtype"]
+__all__ = ["DTYPES", "LOAD_FORMATS", "load_model", "resolve_dtype"]
+
+LOAD_FORMATS = ("auto", "dummy")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, backend: Backend) -> torch.dtype:
@@ -73,11 +76,17 @@ def load_model(
     parallel: ParallelContext = SINGLE,
     max_model_len: int | None = None,
     with_tokenizer: bool = True,
+    load_format: str = "auto",
+    seed: int = 0,
 ) -> tuple[LlamaForCausalLM, ModelConfig, Any]:
     """Build and fill the model from `path` (folder or .gguf; None: the embedded default).
 
-    Returns (model, model_config, tokenizer); tokenizer is None when `with_tokenizer` is False.
+    load_format "dummy" reads only the folder's config.json (and tokenizer) and draws random
+    weights on the device (benchmarks at real sizes). Returns (model, model_config, tokenizer);
+    tokenizer is None when `with_tokenizer` is False.
     """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format: {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     path = default_model_path() if path is None else Path(path)
     if not path.exists():
         raise WeightLoadError(f"{path}: no such model folder or GGUF file")
@@ -85,6 +94,11 @@ def load_model(
     start = time.perf_counter()
     chat_template = None
     if path.is_file():
+        if load_format == "dummy":
+            raise WeightLoadError(
+                f"{path}: load_format='dummy' takes a Hugging Face folder (its config.json gives "
+                "the shapes), not a file"
+            )
         if path.suffix != ".gguf":
             raise WeightLoadError(
                 f"{path}: a model file must be .gguf; for safetensors pass the model's folder"
@@ -93,6 +107,9 @@ def load_model(
         config = gguf.config()
         source = gguf
         chat_template = gguf.chat_template
+    elif load_format == "dummy":
+        config = read_hf_config(path)
+        source = RandomSource(config, backend.device, torch_dtype, seed)
     else:
         config = read_hf_config(path)
         source = SafetensorsSource(path)
@@ -102,7 +119,7 @@ def load_model(
     logger.info(
         "loaded %s (%s, %d layers) from %s as %s in %.1fs (tp rank %d/%d)",
         config.architecture,
-        "GGUF" if path.is_file() else "safetensors",
+        "GGUF" if path.is_file() else "random" if load_format == "dummy" else "safetensors",
         config.num_layers,
         path,
         str(torch_dtype).removeprefix("torch."),
