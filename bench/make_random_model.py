@@ -24,6 +24,15 @@ SHAPES: dict[str, dict] = {
         num_key_value_heads=8,
         vocab_size=128256,
     ),
+    # Llama-3-70B: 80 layers, hidden 8192, 64 q / 8 kv heads, MLP 28672 (~131 GiB in bf16).
+    "llama3-70b": dict(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
     # Llama-3.2-1B.
     "llama3-1b": dict(
         hidden_size=2048,
@@ -54,23 +63,48 @@ def tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
 
 
+def llama_config(shape: str, dtype: str = "bfloat16"):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        **SHAPES[shape],
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        bos_token_id=0,
+        eos_token_id=0,
+        torch_dtype=dtype,
+    )
+
+
+def write_config_folder(shape: str, out: str | Path, dtype: str = "bfloat16") -> Path:
+    """config.json + tokenizer for `shape`, no weights: the engine's load_format='dummy' input."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    llama_config(shape, dtype).save_pretrained(out)
+    tokenizer().save_pretrained(out)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        **SHAPES[args.shape],
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        bos_token_id=0,
-        eos_token_id=0,
+    p.add_argument(
+        "--config-only",
+        action="store_true",
+        help="write config.json and the tokenizer, no weights (load with load_format='dummy')",
     )
+    args = p.parse_args()
+    if args.config_only:
+        write_config_folder(args.shape, args.out, args.dtype)
+        print(f"wrote {args.shape} config + tokenizer (no weights) to {Path(args.out).resolve()}")
+        return 0
+    from transformers import LlamaForCausalLM
+
+    config = llama_config(args.shape, args.dtype)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     with torch.device(args.device):

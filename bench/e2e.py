@@ -1,0 +1,273 @@
+"""End to end on a Llama-3-8B-shaped model with random weights (load_format="dummy"), one GPU.
+
+    python bench/e2e.py --out /tmp/e2e.json                     # decode, fixed, mixed, fp8
+    python bench/e2e.py --modes decode --shape llama3-1b        # quicker
+
+decode: ms per decode step at batch 1, eager and with CUDA graphs, against the floor (bytes a step
+reads / copy bandwidth measured in this run). fixed: offline throughput at fixed input/output
+lengths, beside TensorRT-LLM's published H200 FP8 figures for Llama-3-8B. mixed: a mixed workload
+through this engine and through transformers `generate` (same shape, random weights, batch
+--hf-batch-size), in this run. fp8: the fixed workloads again with quantization="fp8".
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from make_random_model import llama_config, write_config_folder  # noqa: E402
+
+# TensorRT-LLM's published Llama-3-8B FP8 output tokens/s on one H200 (its perf-overview table).
+TRT_LLM_H200_FP8 = {(128, 128): 27_900, (1000, 1000): 17_700, (2048, 2048): 12_200}
+
+
+def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
+    """Device copy bandwidth in bytes/s (read + write), median of `reps` clones."""
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    times = []
+    for _ in range(reps + 3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        y.copy_(x)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del x, y
+    torch.cuda.empty_cache()
+    return 2 * nbytes / sorted(times[3:])[reps // 2]
+
+
+def free_gpu(*objs) -> None:
+    for o in objs:
+        if hasattr(o, "shutdown"):
+            o.shutdown()
+    del objs
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def make_llm(folder: Path, args, **kw):
+    from engine import LLM
+
+    return LLM(
+        model=str(folder),
+        load_format="dummy",
+        dtype="bfloat16",
+        device="cuda",
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        **kw,
+    )
+
+
+def decode_ms(llm, prompt_len: int = 128, steps: int = 256) -> float:
+    """Wall ms per decode step at batch 1: (time for steps+1 tokens - time for 1) / steps."""
+    from engine import SamplingParams
+
+    prompt = [random.Random(0).randrange(100, 30000) for _ in range(prompt_len)]
+
+    def timed(n: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)  # warm
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    # Prefix caching would serve the second run's prompt from cache; both runs see the same.
+    return (timed(steps + 1) - timed(1)) / steps * 1e3
+
+
+def throughput(llm, work: list[tuple[list[int], int]]) -> tuple[float, int, float]:
+    """(output tokens/s, tokens, seconds) for the whole batch at once."""
+    from engine import SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
+    llm.generate(
+        prompt_token_ids=[work[0][0][:16]],
+        sampling_params=SamplingParams(max_tokens=2),
+        use_tqdm=False,
+    )
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    prompts = [p for p, _ in work]
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    return produced / elapsed, produced, elapsed
+
+
+def fixed_work(n: int, prompt: int, out: int, seed: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    return [([rng.randrange(100, 30000) for _ in range(prompt)], out) for _ in range(n)]
+
+
+def mixed_work(args) -> list[tuple[list[int], int]]:
+    rng = random.Random(args.seed)
+    return [
+        (
+            [rng.randrange(100, 30000) for _ in range(rng.randint(*args.mixed_prompt))],
+            rng.randint(*args.mixed_new),
+        )
+        for _ in range(args.mixed_requests)
+    ]
+
+
+def transformers_throughput(args, work) -> tuple[float, int, float]:
+    """transformers `generate` on a random model of the same shape, batches of hf_batch_size
+    sorted by prompt length (left-padded); only the requested tokens count."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(llama_config(args.shape)).to(torch.bfloat16).eval()
+    order = sorted(range(len(work)), key=lambda i: len(work[i][0]))
+    bs = args.hf_batch_size
+    batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+    with torch.inference_mode():  # warm-up
+        model.generate(input_ids=torch.ones((1, 8), dtype=torch.long, device="cuda"),
+                       max_new_tokens=2, do_sample=False, pad_token_id=0)  # fmt: skip
+    torch.cuda.synchronize()
+    start, produced = time.perf_counter(), 0
+    for b in batches:
+        width = max(len(work[i][0]) for i in b)
+        ids = torch.zeros((len(b), width), dtype=torch.long)
+        mask = torch.zeros((len(b), width), dtype=torch.long)
+        for r, i in enumerate(b):
+            p = work[i][0]
+            ids[r, width - len(p) :] = torch.tensor(p)
+            mask[r, width - len(p) :] = 1
+        new = max(work[i][1] for i in b)
+        with torch.inference_mode():
+            model.generate(input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=new,
+                           min_new_tokens=new, do_sample=False, pad_token_id=0)  # fmt: skip
+        produced += sum(work[i][1] for i in b)
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    free_gpu(model)
+    return produced / elapsed, produced, elapsed
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--modes", default="decode,fixed,mixed,fp8")
+    p.add_argument("--fixed", default="128x128:1024,1000x1000:160",
+                   help="INxOUT:REQUESTS,... fixed-length workloads")  # fmt: skip
+    p.add_argument("--mixed-requests", type=int, default=256)
+    p.add_argument("--mixed-prompt", type=int, nargs=2, default=(128, 1024))
+    p.add_argument("--mixed-new", type=int, nargs=2, default=(64, 256))
+    p.add_argument("--hf-batch-size", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    args = p.parse_args()
+    modes = set(args.modes.split(","))
+    folder = write_config_folder(args.shape, Path(tempfile.mkdtemp()) / args.shape)
+    res: dict = {
+        "device": torch.cuda.get_device_name(),
+        "date": time.strftime("%Y-%m-%d"),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),  # fmt: skip
+        "torch": torch.__version__,
+        "command": " ".join(sys.argv),
+        "shape": args.shape,
+    }
+    bw = copy_bandwidth()
+    res["copy_bandwidth_tb_s"] = bw / 1e12
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s on {res['device']}")
+    fixed = []
+    for item in args.fixed.split(","):
+        lens, n = item.split(":")
+        i, o = (int(x) for x in lens.split("x"))
+        fixed.append((i, o, int(n)))
+
+    if "decode" in modes:
+        llm = make_llm(folder, args, enforce_eager=True)
+        from engine.memory import weight_bytes
+
+        model = llm.engine.model
+        step_bytes = weight_bytes(model) - model.embed_tokens.weight.numel() * 2
+        if model.lm_head.weight is model.embed_tokens.weight:
+            step_bytes += model.embed_tokens.weight.numel() * 2  # tied: the head reads it
+        floor = step_bytes / bw * 1e3
+        eager = decode_ms(llm)
+        free_gpu(llm)
+        llm = make_llm(folder, args)
+        graphs = decode_ms(llm)
+        res["decode"] = dict(step_gb=step_bytes / 1e9, floor_ms=floor, eager_ms=eager,
+                             graphs_ms=graphs, graphs_over_floor=graphs / floor)  # fmt: skip
+        print(f"batch-1 decode: floor {floor:.2f} ms ({step_bytes / 1e9:.2f} GB/step); eager "
+              f"{eager:.2f} ms ({eager / floor:.2f}x floor); graphs {graphs:.2f} ms "
+              f"({graphs / floor:.2f}x floor)")  # fmt: skip
+    else:
+        llm = None
+
+    def run_fixed(llm, tag: str) -> None:
+        for i, o, n in fixed:
+            tps, tokens, secs = throughput(llm, fixed_work(n, i, o, args.seed))
+            trt = TRT_LLM_H200_FP8.get((i, o))
+            key = f"fixed_{tag}_{i}x{o}"
+            ratio = tps / trt if trt else None
+            res[key] = dict(tok_s=tps, tokens=tokens, seconds=secs, requests=n,
+                            trt_llm_h200_fp8=trt, ratio_to_trt=ratio)  # fmt: skip
+            vs = f"; TensorRT-LLM H200 FP8 {trt} tok/s, ratio {tps / trt:.2f}" if trt else ""
+            print(f"{tag} {i}/{o} x {n}: {tps:.0f} output tok/s ({tokens} in {secs:.1f}s){vs}")
+
+    if modes & {"fixed", "mixed"}:
+        llm = llm or make_llm(folder, args)
+        if "fixed" in modes:
+            run_fixed(llm, "bf16")
+        if "mixed" in modes:
+            work = mixed_work(args)
+            tps, tokens, secs = throughput(llm, work)
+            res["mixed_engine"] = dict(tok_s=tps, tokens=tokens, seconds=secs)
+            print(f"mixed x {len(work)}: engine {tps:.0f} tok/s ({tokens} in {secs:.1f}s)")
+    if llm is not None:
+        free_gpu(llm)
+    if "fp8" in modes:
+        llm = make_llm(folder, args, quantization="fp8")
+        run_fixed(llm, "fp8")
+        free_gpu(llm)
+        for i, o, _ in fixed:
+            b, f = res.get(f"fixed_bf16_{i}x{o}"), res.get(f"fixed_fp8_{i}x{o}")
+            if b and f:
+                print(f"fp8 / bf16 at {i}/{o}: {f['tok_s'] / b['tok_s']:.2f}x")
+                f["ratio_to_bf16"] = f["tok_s"] / b["tok_s"]
+    if "mixed" in modes:
+        work = mixed_work(args)
+        tps, tokens, secs = transformers_throughput(args, work)
+        res["mixed_transformers"] = dict(tok_s=tps, tokens=tokens, seconds=secs,
+                                         batch=args.hf_batch_size)  # fmt: skip
+        ratio = res["mixed_engine"]["tok_s"] / tps
+        res["mixed_ratio"] = ratio
+        print(f"mixed: transformers generate {tps:.0f} tok/s (batch {args.hf_batch_size}); "
+              f"engine / transformers {ratio:.2f}x")  # fmt: skip
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
