@@ -49,11 +49,8 @@ def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
     return 2 * nbytes / sorted(times[3:])[reps // 2]
 
 
-def free_gpu(*objs) -> None:
-    for o in objs:
-        if hasattr(o, "shutdown"):
-            o.shutdown()
-    del objs
+def free_gpu() -> None:
+    """Give the device memory back once the caller has dropped its references."""
     gc.collect()
     torch.cuda.empty_cache()
 
@@ -159,7 +156,8 @@ def transformers_throughput(args, work) -> tuple[float, int, float]:
         produced += sum(work[i][1] for i in b)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    free_gpu(model)
+    del model
+    free_gpu()
     return produced / elapsed, produced, elapsed
 
 
@@ -212,8 +210,11 @@ def main() -> int:
         if model.lm_head.weight is model.embed_tokens.weight:
             step_bytes += model.embed_tokens.weight.numel() * 2  # tied: the head reads it
         floor = step_bytes / bw * 1e3
+        del model
         eager = decode_ms(llm)
-        free_gpu(llm)
+        print(f"batch-1 decode eager: {eager:.2f} ms ({eager / floor:.2f}x floor {floor:.2f} ms)")
+        llm = None
+        free_gpu()
         llm = make_llm(folder, args)
         graphs = decode_ms(llm)
         res["decode"] = dict(step_gb=step_bytes / 1e9, floor_ms=floor, eager_ms=eager,
@@ -244,12 +245,13 @@ def main() -> int:
             tps, tokens, secs = throughput(llm, work)
             res["mixed_engine"] = dict(tok_s=tps, tokens=tokens, seconds=secs)
             print(f"mixed x {len(work)}: engine {tps:.0f} tok/s ({tokens} in {secs:.1f}s)")
-    if llm is not None:
-        free_gpu(llm)
+    llm = None
+    free_gpu()
     if "fp8" in modes:
         llm = make_llm(folder, args, quantization="fp8")
         run_fixed(llm, "fp8")
-        free_gpu(llm)
+        llm = None
+        free_gpu()
         for i, o, _ in fixed:
             b, f = res.get(f"fixed_bf16_{i}x{o}"), res.get(f"fixed_fp8_{i}x{o}")
             if b and f:

@@ -12,6 +12,7 @@ from engine.config import num_blocks_for_budget
 logger = logging.getLogger(__name__)
 
 MiB = float(1 << 20)
+FREE_HEADROOM_BYTES = 512 << 20
 
 
 @dataclass
@@ -100,8 +101,9 @@ def plan_gpu(
     weights = weight_bytes(model)
     left = budget - weights - activation_peak_bytes - graph_pool_bytes
     # Weights are resident and the profiling peak was released: other processes (or engines) on
-    # the same device hold the rest of what is not free, so never plan past what is free now.
-    left = min(left, free - activation_peak_bytes - graph_pool_bytes)
+    # the same device hold the rest of what is not free, so never plan past what is free now,
+    # less a headroom for allocator fragmentation and library workspaces (cuBLAS, NCCL).
+    left = min(left, free - FREE_HEADROOM_BYTES - activation_peak_bytes - graph_pool_bytes)
     if left < 2 * block_bytes:
         raise MemoryError(
             f"no room for the KV cache: budget {budget / MiB:.0f} MiB (gpu_memory_utilization="
