@@ -68,10 +68,12 @@ OP_CANDIDATES: tuple[Candidate, ...] = (
     _op("int8_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
         _CU + "linear:int8_linear_dequant",
         "int8 operands multiplied in fp32 by cuBLAS, then the scales"),
+    _op("int4_gemm", "triton", 50, rules.triton_reasons, _TR + "int4_gemm:int4_linear",
+        "Triton 4-bit weight-only GEMM on the packed weights: split-K FMA kernel for decode, "
+        "dequantized tiles into tl.dot for prefill; g_idx gathered per k"),
     _op("int4_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
         _CU + "linear:int4_linear_dequant",
-        "4-bit weights dequantized with the reference math, then a cuBLAS GEMM "
-        "(a fused Triton kernel is coming)"),
+        "4-bit weights dequantized with the reference math, then a cuBLAS GEMM"),
     _op("quantize", "triton", 50, rules.triton_reasons, _TR + "quant:quantize_fp8",
         "Triton FP8 / INT8 / INT4 quantize and dequantize kernels (the reference math, bit for "
         "bit)"),

@@ -219,10 +219,19 @@ class CudaBackend(Backend):
         self._mark("int8_gemm", impl)
         return _INT8_GEMM[impl](x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
+    # The Triton int4 kernel's tuning table, [(max_m, Int4Config)]; None: its DEFAULT_CONFIGS.
+    # A vendor backend reusing this class (ROCm) sets its own.
+    int4_configs: tuple | None = None
+
     def int4_linear(
         self, x, qweight, scales, zeros, group_size, g_idx=None, bias=None
     ) -> torch.Tensor:
-        self._mark("int4_gemm", self.chosen("int4_gemm"))
+        why = _float_reasons(x=x, scales=scales, bias=bias)
+        if self._triton_or("int4_gemm", "dequant_gemm", why) == "triton":
+            return _triton("int4_gemm").int4_linear(
+                x, qweight, scales, zeros, group_size, g_idx, bias,
+                allow_tf32=self.allow_tf32, configs=self.int4_configs,
+            )  # fmt: skip
         return linear.int4_linear_dequant(
             x, qweight, scales, zeros, group_size, g_idx, bias, self.allow_tf32
         )

@@ -203,7 +203,8 @@ def int4_linear_dequant(
 ) -> torch.Tensor:
     """y = x @ W.T + bias with W dequantized (fp32 math, one rounding) to x's dtype, then cuBLAS.
 
-    x: [M, K]; returns [M, N] in x's dtype. A fused Triton dequant-GEMM kernel is coming.
+    x: [M, K]; returns [M, N] in x's dtype. The fallback of the fused Triton kernel
+    (`backends.triton.int4_gemm`) for inputs it cannot take.
     """
     if x.dim() != 2:
         raise ValueError(f"x: expected [M, K], got shape {tuple(x.shape)}")

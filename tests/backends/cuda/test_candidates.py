@@ -220,9 +220,15 @@ def test_int8_tensor_cores_need_sm75() -> None:
     ]
 
 
-def test_int4_is_dequant_gemm_and_says_a_kernel_is_coming() -> None:
-    (cand,) = REGISTRY.candidates("int4_gemm", "cuda")
-    assert cand.name == "dequant_gemm" and "Triton kernel is coming" in cand.description
+def test_int4_is_the_triton_kernel_with_dequant_gemm_as_fallback() -> None:
+    names = [c.name for c in REGISTRY.candidates("int4_gemm", "cuda")]
+    assert names == ["triton", "dequant_gemm"]
+    triton = {"triton": LibraryInfo("triton", "3.6.0", True)}
+    assert select_ops("cuda", nvidia((9, 0), "NVIDIA H100", triton))["int4_gemm"].chosen == "triton"
+    v100 = select_ops("cuda", nvidia((7, 0), "NVIDIA V100", triton))["int4_gemm"]
+    assert v100.chosen == "dequant_gemm" and v100.rejected["triton"]
+    bare = select_ops("cuda", H100)["int4_gemm"]  # no Triton installed
+    assert bare.chosen == "dequant_gemm" and bare.rejected["triton"] == ["triton not installed"]
 
 
 def test_graphs_fall_back_to_eager_without_capture() -> None:

@@ -297,8 +297,9 @@ def test_int8_linear_matches_reference(make_backend, caps, impl) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("use_g_idx", [False, True])
-def test_int4_linear(make_backend, dtype, use_g_idx) -> None:
-    backend = make_backend()
+@pytest.mark.parametrize("impl", ["triton", "dequant_gemm"])
+def test_int4_linear(make_backend, dtype, use_g_idx, impl) -> None:
+    backend = make_backend(int4_gemm=impl)
     gen = torch.Generator().manual_seed(5)
     w = torch.randn(48, 128, generator=gen).to(dtype)
     qweight, scales, zeros = ref_quant.quantize_int4(w, 32)
@@ -307,7 +308,7 @@ def test_int4_linear(make_backend, dtype, use_g_idx) -> None:
     b = torch.randn(48, generator=gen).to(dtype)
     dev = [t.to(DEV) if t is not None else None for t in (x, qweight, scales, zeros)]
     got = backend.int4_linear(*dev, 32, g_idx.to(DEV) if use_g_idx else None, b.to(DEV))
-    assert backend.ran["int4_gemm"] == "dequant_gemm" and got.dtype == dtype
+    assert backend.ran["int4_gemm"] == impl and got.dtype == dtype
     ref = ref_lin.int4_linear(cpu64(x), qweight, scales, zeros, 32, g_idx, cpu64(b))
     assert rel_err(got, ref) < TOL[dtype]
     w_gpu = backend.dequantize_int4(qweight.to(DEV), scales.to(DEV), zeros.to(DEV), 32)

@@ -1,0 +1,189 @@
+"""Fast CPU GEMM on GGUF weights that stay quantized: torch's int4 CPU matmul after a repack for the
+4-bit types (Q4_0, Q4_1, Q4_K), else raw blocks dequantized one row tile at a time.
+
+Two paths, chosen at `prepare_gguf_cpu` time and recorded in `GGUFCpuWeight.path`:
+- "int4pack": `aten._weight_int4pack_mm_for_cpu`, which computes w = (q - 8) * s + z per group of
+  32 with one fused multiply-add. The codes repack losslessly (q - 8 is Q4_0's code, the nibble
+  of Q4_1 / Q4_K), and s, z carry the block's scales: Q4_0 s = d, z = 0; Q4_1 s = d, z = m + 8d;
+  Q4_K s = d * sc_j, z = 8s - dmin * m_j. Only the op's bfloat16 path is vectorized (its float32
+  path is a scalar loop, 15-80x slower than a dense fp32 GEMM here), so s, z and x are rounded
+  to bf16 and the result comes back in bf16: about 2^-9 relative error on each weight's scale
+  and offset and on x, plus one bf16 rounding of y (bf16 GEMM accuracy; the 4-bit codes
+  themselves are exact). Needs out_features % 16 == 0 (the op's tile), else rows are padded.
+- "tiled": the blocks are unpacked once into int8 codes [N, K] with fp32 scales (and offsets)
+  per group, w = codes * scale + offset, which reproduces the reference's fp32 roundings bit for
+  bit (Q4_K's scale is d * sc_j and offset -(dmin * m_j); Q6_K's scale d * scales[j]). Each tile
+  of rows is dequantized into an fp32 buffer of about 256 KB and multiplied: fp32 accuracy,
+  never the whole fp32 weight, about 1.1-1.25 bytes per value (unpacking nibbles per call with
+  torch's uint8 ops costs ~10x more). Q8_0, Q6_K, and any type when int4pack is off.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from backends.cpu.gguf import check_blocks, q4k_scales_mins, q6k_codes
+from backends.cpu.quant import compute_dtype
+
+logger = logging.getLogger(__name__)
+
+INT4PACK_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+INT4PACK_GROUP = 32
+INT4PACK_N_TILE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
+TILE_VALUES = 65536  # values per dequantized fp32 tile: 256 KB, inside a core's L2
+
+
+@dataclass
+class GGUFCpuWeight:
+    """A GGUF weight [out_features, in_features] prepared for `gguf_linear_cpu`."""
+
+    qtype: str
+    out_features: int
+    in_features: int
+    path: str  # "int4pack" or "tiled"
+    codes: torch.Tensor | None = None  # tiled: int8 [N, K]
+    scale: torch.Tensor | None = None  # tiled: fp32 [N, K / group, 1]
+    offset: torch.Tensor | None = None  # tiled: fp32 [N, K / group, 1], or None
+    packed: torch.Tensor | None = None  # int4pack: the op's uint8 [N_pad, K / 2]
+    scale_zeros: torch.Tensor | None = None  # int4pack: bf16 [K / 32, N_pad, 2]
+
+    def nbytes(self) -> int:
+        parts = (self.codes, self.scale, self.offset, self.packed, self.scale_zeros)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+
+def int4_codes_scales(
+    blocks: torch.Tensor, qtype: str, out_features: int, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 4-bit type as codes uint8 [N, K] in 0..15 and fp64 (s, z) [N, K / 32] with
+    w = (q - 8) * s + z (exact in fp64; the reference rounds each step in fp32)."""
+    bt = check_blocks(blocks, qtype, out_features, in_features)
+    if bt.name not in INT4PACK_TYPES:
+        raise ValueError(f"qtype: {bt.name} is not a 4-bit type ({', '.join(INT4PACK_TYPES)})")
+    n, k = out_features, in_features
+    b = blocks.reshape(n, k // bt.block_size, bt.type_size)
+
+    def f16(off: int) -> torch.Tensor:  # [N, blocks]
+        return b[..., off : off + 2].contiguous().view(torch.float16)[..., 0].to(torch.float32)
+
+    def nib(qs: torch.Tensor, run: int) -> torch.Tensor:
+        q = qs.reshape(n, -1, 1, run)
+        return torch.cat([q & 0x0F, q >> 4], dim=-2).reshape(n, k)
+
+    if bt.name == "Q4_K":
+        sc, mn = q4k_scales_mins(b[..., 4:16])  # [N, K / 256, 8]
+        s = (f16(0)[..., None] * sc.to(torch.float32)).reshape(n, -1).double()
+        off = (f16(2)[..., None] * mn.to(torch.float32)).reshape(n, -1).double()
+        return nib(b[..., 16:], 32), s, 8.0 * s - off
+    d = f16(0).double()
+    if bt.name == "Q4_0":
+        return nib(b[..., 2:], 16), d, torch.zeros_like(d)
+    return nib(b[..., 4:], 16), d, f16(2).double() + 8.0 * d  # Q4_1
+
+
+def tiled_codes_scales(
+    blocks: torch.Tensor, qtype: str, out_features: int, in_features: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Any type as int8 codes [N, K], fp32 scale [N, K / g, 1] and offset (or None) with
+    fp32 codes * scale + offset equal, bit for bit, to `dequantize_gguf`."""
+    bt = check_blocks(blocks, qtype, out_features, in_features)
+    n, k = out_features, in_features
+    b = blocks.reshape(n, k // bt.block_size, bt.type_size)
+    if bt.name in INT4PACK_TYPES:
+        q, s, z = int4_codes_scales(blocks, bt.name, n, k)
+        if bt.name == "Q4_0":
+            return (q.to(torch.int8) - 8), s.float()[..., None], None
+        f16 = b[..., 2:4].contiguous().view(torch.float16).to(torch.float32)  # Q4_1 m / dmin
+        if bt.name == "Q4_1":
+            return q.to(torch.int8), s.float()[..., None], f16
+        _, mn = q4k_scales_mins(b[..., 4:16])
+        offset = -(f16 * mn.to(torch.float32)).reshape(n, -1, 1)  # x - y == x + (-y) exactly
+        return q.to(torch.int8), s.float()[..., None], offset
+    d_off = 0 if bt.name == "Q8_0" else 208
+    d = b[..., d_off : d_off + 2].contiguous().view(torch.float16).to(torch.float32)  # [N, B, 1]
+    if bt.name == "Q8_0":
+        return b[..., 2:].contiguous().view(torch.int8).reshape(n, k), d, None
+    sc = b[..., 192:208].contiguous().view(torch.int8).to(torch.float32)  # Q6_K [N, B, 16]
+    codes = q6k_codes(b).to(torch.int8)  # [N, B, 256]
+    return codes.reshape(n, k), (d * sc).reshape(n, -1, 1), None
+
+
+def prepare_gguf_cpu(
+    blocks: torch.Tensor,
+    qtype: str | int,
+    out_features: int,
+    in_features: int,
+    use_int4pack: bool = True,
+) -> GGUFCpuWeight:
+    """Prepare raw blocks uint8 [N, bytes_per_row] once at load time. `use_int4pack` takes the
+    bf16 int4 op for Q4_0 / Q4_1 / Q4_K (see the module docstring for its accuracy); every other
+    case runs the exact fp32 tiled path."""
+    bt = check_blocks(blocks, qtype, out_features, in_features)
+    if not (use_int4pack and bt.name in INT4PACK_TYPES):
+        codes, scale, offset = tiled_codes_scales(blocks, bt.name, out_features, in_features)
+        return GGUFCpuWeight(
+            bt.name, out_features, in_features, "tiled", codes=codes, scale=scale, offset=offset
+        )
+    q, s, z = int4_codes_scales(blocks, bt.name, out_features, in_features)
+    n_pad = -out_features % INT4PACK_N_TILE
+    if n_pad:  # padded rows: codes 8, scale 0, offset 0 -> weight 0; sliced off after the GEMM
+        q = torch.cat([q, torch.full((n_pad, in_features), 8, dtype=q.dtype)])
+        s = torch.cat([s, s.new_zeros(n_pad, s.shape[1])])
+        z = torch.cat([z, z.new_zeros(n_pad, z.shape[1])])
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2)
+    scale_zeros = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
+    return GGUFCpuWeight(
+        bt.name, out_features, in_features, "int4pack", packed=packed, scale_zeros=scale_zeros
+    )
+
+
+def dequantize_tiled(weight: GGUFCpuWeight, start: int = 0, stop: int | None = None):
+    """Rows [start, stop) of a "tiled" weight as fp32 [rows, K]."""
+    codes = weight.codes[start:stop]
+    scale = weight.scale[start:stop]
+    w = codes.reshape(codes.shape[0], scale.shape[1], -1).to(torch.float32).mul_(scale)
+    if weight.offset is not None:
+        w.add_(weight.offset[start:stop])
+    return w.reshape(codes.shape[0], -1)
+
+
+def _tiled_matmul(x: torch.Tensor, weight: GGUFCpuWeight) -> torch.Tensor:
+    # x: [M, K] fp32/fp64 -> [M, N]; each tile of rows is dequantized into a fresh fp32 buffer
+    n, k = weight.out_features, weight.in_features
+    rows = max(1, TILE_VALUES // k)
+    y = torch.empty(x.shape[0], n, dtype=x.dtype)
+    for start in range(0, n, rows):
+        w = dequantize_tiled(weight, start, start + rows).to(x.dtype)  # [rows, K]
+        torch.mm(x, w.t(), out=y[:, start : start + w.shape[0]])
+    return y
+
+
+def gguf_linear_cpu(
+    x: torch.Tensor, weight: GGUFCpuWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x @ W.T + bias for a prepared GGUF weight W [N, K]. x: [..., K]; returns [..., N] in
+    x's dtype."""
+    n, k = weight.out_features, weight.in_features
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"x: last dim {x.shape[-1] if x.dim() else None} differs from in_features {k}"
+        )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias: shape {tuple(bias.shape)}, expected [{n}]")
+    if x.device.type != "cpu":
+        raise ValueError(f"x: on {x.device}; gguf_linear_cpu runs on CPU tensors only")
+    x2 = x.reshape(-1, k)
+    if weight.path == "int4pack":
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2.to(torch.bfloat16).contiguous(), weight.packed, INT4PACK_GROUP, weight.scale_zeros
+        )[:, :n].to(compute_dtype(x.dtype))
+    elif weight.path == "tiled":
+        y = _tiled_matmul(x2.to(compute_dtype(x.dtype)).contiguous(), weight)
+    else:
+        raise ValueError(f"weight.path: {weight.path!r} is not 'int4pack' or 'tiled'")
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)

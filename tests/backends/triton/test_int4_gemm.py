@@ -1,0 +1,248 @@
+"""The Triton 4-bit weight-only GEMM (`backends.triton.int4_gemm`) against the CPU reference
+(`backends.cpu.linear.int4_linear` in float64), under TRITON_INTERPRET=1 without a GPU.
+
+Tolerance (tests/conformance/tolerances.py, the conformance bound): |y - ref| <= u * sqrt(K) *
+max|x| * max|W| + 4u * |ref| (fp32: 16u for both), u the unit roundoff of x's dtype. The kernel
+rounds: the output once to x's dtype (4u covers it and the fp32 accumulation); in the
+group-uniform path nothing else (dot products of x with the exact integers q - z, scaled per
+group); with g_idx or an unaligned group size, the tensor-core kernel rounds each dequantized
+weight once to x's dtype, one rounding per term adding as a random walk (the u * sqrt(K) term).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton reads this when a kernel is defined, so it must be set before the kernels import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning", "ignore:overflow encountered:RuntimeWarning"
+)
+
+from backends.cpu import linear as ref_linear  # noqa: E402
+from backends.cpu import quant as ref_quant  # noqa: E402
+from tests.conformance.tolerances import tolerance  # noqa: E402
+
+if "backends.triton.int4_gemm" in sys.modules and INTERPRET:
+    importlib.reload(sys.modules["backends.triton.int4_gemm"])  # defined without the interpreter
+ig = importlib.import_module("backends.triton.int4_gemm")
+
+F64 = torch.float64
+FLOATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_case(
+    m: int,
+    n: int,
+    k: int,
+    group_size: int,
+    dtype: torch.dtype,
+    act_order: bool,
+    has_bias: bool,
+    seed: int,
+) -> dict:
+    """Random codes, scales (in dtype), zeros, x and bias; g_idx desc_act-style: a random
+    permutation of the input channels assigned to groups of group_size in order."""
+    gen = torch.Generator().manual_seed(seed)
+    num_groups = k // group_size
+    codes = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.uint8)
+    g_idx = None
+    if act_order:
+        perm = torch.randperm(k, generator=gen)
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(k) // group_size).to(torch.int32)
+    return {
+        "x": torch.randn(m, k, generator=gen).to(dtype),
+        "qweight": ref_quant.pack_int4(codes),
+        "scales": (torch.rand(num_groups, n, generator=gen) * 0.05 + 0.005).to(dtype),
+        "zeros": torch.randint(0, 16, (num_groups, n), generator=gen, dtype=torch.uint8),
+        "group_size": group_size,
+        "g_idx": g_idx,
+        "bias": torch.randn(n, generator=gen).to(dtype) if has_bias else None,
+    }
+
+
+def dev(t):
+    return t.to(DEVICE) if isinstance(t, torch.Tensor) else t
+
+
+def run_kernel(case: dict, **kw) -> torch.Tensor:
+    args = [dev(case[key]) for key in ("x", "qweight", "scales", "zeros", "group_size", "g_idx")]
+    return ig.int4_linear(*args, dev(case["bias"]), **kw)
+
+
+def check(case: dict, y: torch.Tensor) -> None:
+    """y against the CPU reference run in float64 on the same (upcast) inputs."""
+    x = case["x"]
+    assert y.dtype == x.dtype and tuple(y.shape) == (x.shape[0], case["qweight"].shape[1])
+
+    def up(t):
+        return None if t is None else t.to(F64)
+
+    q = (case["qweight"], up(case["scales"]), case["zeros"], case["group_size"], case["g_idx"])
+    ref = ref_linear.int4_linear(up(x), *q, up(case["bias"]))
+    w = ref_quant.dequantize_int4(*q)
+    k = x.shape[1]
+    allowed = tolerance(x.dtype).allowed(ref, float(x.abs().max() * w.abs().max()), k)
+    err = (y.cpu().to(F64) - ref).abs()
+    worst = float((err / allowed).max())
+    assert worst <= 1.0, f"max |y - ref| = {float(err.max()):.3g}, {worst:.2f}x the tolerance"
+
+
+# -- numerics ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", list(FLOATS))
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_default_table_matches_reference(dtype: str, m: int, act_order: bool) -> None:
+    # The default table picks the FMA kernel for M <= 4 and the tensor-core kernel above; the
+    # group size and bias vary with the case so every pairing appears across the grid.
+    i = m + (7 if act_order else 0) + len(dtype)
+    group_size = (32, 64, 128, 256)[i % 4]
+    case = make_case(m, 72, 256, group_size, FLOATS[dtype], act_order, i % 2 == 0, seed=i)
+    check(case, run_kernel(case))
+
+
+@pytest.mark.parametrize("kernel", ["fma", "dot"])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, 24])
+def test_group_sizes(kernel: str, group_size: int) -> None:
+    # 256 = K is per-channel (one group). 24 is no power of two: the FMA kernel tiles it by 8,
+    # the tensor-core kernel (tiles >= 16) gathers the scale per k.
+    k = 192 if group_size == 24 else 256
+    block_m = 16 if kernel == "dot" else 4
+    cfg = ig.Int4Config(kernel, block_m, 32, 128, split_k=2)
+    case = make_case(5, 40, k, group_size, torch.bfloat16, False, True, seed=group_size)
+    check(case, run_kernel(case, config=cfg))
+
+
+@pytest.mark.parametrize("kernel", ["fma", "dot"])
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_split_k_and_kernels(kernel: str, split_k: int, act_order: bool) -> None:
+    # split 3 over 4 tiles of K: uneven splits, partials summed by the reduce kernel.
+    cfg = ig.Int4Config(kernel, 16 if kernel == "dot" else 2, 64, 64, split_k=split_k)
+    case = make_case(3, 100, 256, 64, torch.float16, act_order, split_k == 3, seed=split_k)
+    check(case, run_kernel(case, config=cfg))
+
+
+def test_fp32_exact_products_without_tf32() -> None:
+    # fp32 x and weights: with TF32 off the only roundings are fp32's; the bound is 16u.
+    cfg = ig.Int4Config("dot", 16, 32, 64, split_k=1)
+    case = make_case(20, 48, 128, 32, torch.float32, False, False, seed=9)
+    check(case, run_kernel(case, config=cfg, allow_tf32=False))
+
+
+def test_non_contiguous_x_and_mixed_scale_dtype() -> None:
+    case = make_case(3, 24, 128, 32, torch.bfloat16, False, True, seed=3)
+    case["x"] = case["x"].t().contiguous().t()  # [M, K] with stride(1) == M
+    case["scales"] = case["scales"].to(torch.float32)  # fp32 scales with bf16 activations
+    check(case, run_kernel(case))
+
+
+def test_empty_m_and_n() -> None:
+    case = make_case(0, 16, 64, 32, torch.float16, False, False, seed=1)
+    assert run_kernel(case).shape == (0, 16)
+
+
+# -- the tuning table ----------------------------------------------------------------------------
+def test_pick_config_walks_the_table() -> None:
+    assert ig.pick_config(1).kernel == "fma" and ig.pick_config(33).kernel == "dot"
+    mine = ((8, ig.Int4Config("dot", 16, 32, 32)), (64, ig.Int4Config("dot", 32, 32, 32)))
+    assert ig.pick_config(8, mine) is mine[0][1] and ig.pick_config(9, mine) is mine[1][1]
+    assert ig.pick_config(1000, mine) is mine[1][1]  # past the end: the last entry
+
+
+def test_vendor_table_is_used(monkeypatch) -> None:
+    # A backend's own table (ROCm) replaces the default: M = 1 through the tensor-core kernel.
+    launched = []
+    real = ig._int4_dot_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(ig, "_int4_dot_kernel", Spy())
+    case = make_case(1, 32, 64, 32, torch.float16, False, False, seed=2)
+    check(case, run_kernel(case, configs=((2**30, ig.Int4Config("dot", 16, 32, 32, 1)),)))
+    assert launched
+
+
+def test_config_rejects_bad_blocks() -> None:
+    with pytest.raises(ValueError, match="block_k: 8 must be a power of two >= 16"):
+        ig.Int4Config("dot", 16, 32, 8)
+    with pytest.raises(ValueError, match="block_n: 48"):
+        ig.Int4Config("fma", 1, 48, 64)
+    with pytest.raises(ValueError, match="kernel: 'gemv'"):
+        ig.Int4Config("gemv", 1, 32, 64)
+
+
+# -- bad input -----------------------------------------------------------------------------------
+def _bad(**changes) -> dict:
+    case = make_case(2, 16, 64, 32, torch.float16, False, False, seed=0)
+    case.update(changes)
+    return case
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"x": torch.randn(2, 60).half()}, "K=60 is not a multiple of 8"),
+        ({"x": torch.randn(2, 56).half()}, "differs from qweight's K"),
+        ({"x": torch.randn(2, 64, 1).half()}, r"expected \[M, K\]"),
+        ({"x": torch.randn(2, 64).to(torch.float64)}, "x: dtype torch.float64"),
+        ({"qweight": torch.zeros(8, 16, dtype=torch.int64)}, "qweight: expected int32"),
+        ({"zeros": torch.zeros(2, 16, dtype=torch.int32)}, "zeros: dtype torch.int32"),
+        ({"scales": torch.ones(2, 16, dtype=torch.int32)}, "scales: dtype torch.int32"),
+        ({"scales": torch.ones(2, 8).half()}, "scales/zeros: shapes"),
+        ({"group_size": 48}, "group_size: 48 must be positive and divide K=64"),
+        ({"group_size": 16}, "into the 2 groups"),
+        ({"g_idx": torch.zeros(32, dtype=torch.int32)}, r"g_idx: expected int32 \[K=64\]"),
+        ({"bias": torch.ones(15).half()}, r"bias: shape \(15,\)"),
+    ],
+)
+def test_bad_input_is_a_clear_error(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        run_kernel(_bad(**changes))
+
+
+def test_g_idx_out_of_range_on_cpu() -> None:
+    if DEVICE != "cpu":
+        pytest.skip("values are checked only where reading them back costs no device sync")
+    with pytest.raises(ValueError, match=r"g_idx: values must lie in 0\.\.1"):
+        run_kernel(_bad(g_idx=torch.full((64,), 2, dtype=torch.int32)))
+
+
+# -- dispatch through the CUDA backend -------------------------------------------------------------
+def test_cuda_backend_dispatches_to_triton() -> None:
+    import backends  # noqa: F401  (registers the candidates)
+    from backends.cuda import interpreter_capabilities
+    from hal.select import load_backend
+
+    caps = interpreter_capabilities() if INTERPRET else None
+    if INTERPRET and caps is None:
+        pytest.skip("Triton interpreter capabilities unavailable")
+    backend = load_backend(caps, device=DEVICE, configured="require:cuda") if INTERPRET else None
+    if backend is None:
+        from platforms import detect
+
+        backend = load_backend(detect(), configured="require:cuda")
+    assert backend.chosen("int4_gemm") == "triton"
+    case = make_case(3, 24, 64, 32, torch.bfloat16, True, True, seed=4)
+    y = backend.int4_linear(
+        *(
+            dev(case[key])
+            for key in ("x", "qweight", "scales", "zeros", "group_size", "g_idx", "bias")
+        )
+    )
+    assert backend.ran["int4_gemm"] == "triton"
+    check(case, y)
