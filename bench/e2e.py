@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import subprocess
 import sys
@@ -185,9 +186,10 @@ def main() -> int:
     res: dict = {
         "device": torch.cuda.get_device_name(),
         "date": time.strftime("%Y-%m-%d"),
-        "commit": subprocess.run(
+        "commit": os.environ.get("BENCH_COMMIT")
+        or subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),  # fmt: skip
+        ).stdout.strip(),
         "torch": torch.__version__,
         "command": " ".join(sys.argv),
         "shape": args.shape,

@@ -1,0 +1,327 @@
+"""Multi-GPU run over NCCL: TP/PP correctness against TP=1, all-reduce bandwidth, and scaling.
+
+    python bench/multi_gpu.py --out /tmp/mgpu.json                      # everything, 8B shape
+    python bench/multi_gpu.py --parts correctness --tp 1,2 --shape llama3-1b
+
+Parts (each prints its figures and adds them to the JSON):
+- correctness: greedy tokens of a fixed prompt batch at each TP (and PP=2) with CUDA graphs on
+  and off, against TP=1 with graphs off; a differing sequence passes only when TP=1's top-2
+  log-probabilities at the first differing step are within --near-tie (the distributed issue's
+  rule). Random weights (load_format="dummy"), the same on every rank.
+- allreduce: bus bandwidth of the engine's all-reduce (TorchCollectives, eager and captured in a
+  CUDA graph as a decode step runs it) against plain torch.distributed.all_reduce, at the sizes a
+  decode step reduces (tokens x hidden, bf16), as a ratio.
+- scaling: batch-1 ms per decode step at each TP against its floor (bytes each rank reads per
+  step / measured copy bandwidth), and offline throughput on a mixed workload.
+- big: the 70B shape at TP=2 and TP=4: batch-1 decode against the same floor.
+NVLink multicast stays off (the device's rule), in this process and in spawned workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+for _var, _val in (
+    ("NCCL_NVLS_ENABLE", "0"),
+    ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+    ("NVSHMEM_DISABLE_NVLS", "1"),
+):
+    os.environ[_var] = _val  # inherited by spawned workers
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from e2e import copy_bandwidth, decode_ms, free_gpu, throughput  # noqa: E402
+from make_random_model import write_config_folder  # noqa: E402
+
+
+def make_llm(folder: Path, tp: int, pp: int, eager: bool, args, **kw):
+    from engine import LLM
+
+    par = {}
+    if tp * pp > 1:
+        par = dict(
+            tensor_parallel_size=tp, pipeline_parallel_size=pp, distributed_executor_backend="mp"
+        )
+    return LLM(
+        model=str(folder),
+        load_format="dummy",
+        dtype="bfloat16",
+        device="cuda",
+        enforce_eager=eager,
+        max_model_len=args.max_model_len,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        **par,
+        **kw,
+    )
+
+
+def close(llm) -> None:
+    llm.shutdown()
+
+
+def greedy(llm, prompts, max_tokens: int):
+    from engine import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=2)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+
+def compare(base, other, near_tie: float) -> tuple[int, int, list[str]]:
+    """(identical, near-tie, real differences) of `other` against the baseline."""
+    same, ties, bad = 0, 0, []
+    for i, ((bt, blp), (ot, _)) in enumerate(zip(base, other, strict=True)):
+        if bt == ot:
+            same += 1
+            continue
+        step = next(j for j, (a, b) in enumerate(zip(bt, ot, strict=True)) if a != b)
+        top = sorted(blp[step].values(), reverse=True)[:2]
+        if len(top) == 2 and top[0] - top[1] <= near_tie:
+            ties += 1
+        else:
+            bad.append(f"prompt {i}: step {step}, top-2 gap {top[0] - top[1]:.4f}")
+    return same, ties, bad
+
+
+def part_correctness(folder, args, res) -> bool:
+    rng = random.Random(0)
+    prompts = [
+        [rng.randrange(100, 30000) for _ in range(rng.randint(8, 200))]
+        for _ in range(args.num_prompts)
+    ]
+    llm = make_llm(folder, 1, 1, True, args)
+    base = greedy(llm, prompts, args.max_tokens)
+    close(llm)
+    llm = None
+    free_gpu()
+    ok, rows = True, []
+    layouts = [(tp, 1) for tp in args.tp] + [(1, 2)] * args.with_pp
+    for tp, pp in layouts:
+        for eager in (True, False):
+            if (tp, pp, eager) == (1, 1, True):
+                continue
+            if tp * pp > torch.cuda.device_count():
+                continue
+            llm = make_llm(folder, tp, pp, eager, args)
+            out = greedy(llm, prompts, args.max_tokens)
+            close(llm)
+            llm = None
+            free_gpu()
+            same, ties, bad = compare(base, out, args.near_tie)
+            ok &= not bad
+            tag = f"TP={tp} PP={pp} graphs={'off' if eager else 'on'}"
+            print(f"{tag}: {same} identical, {ties} near-tie, {len(bad)} real differences {bad}")
+            rows.append(dict(tp=tp, pp=pp, graphs=not eager, identical=same, near_tie=ties,
+                             bad=bad))  # fmt: skip
+    res["correctness"] = dict(prompts=len(prompts), max_tokens=args.max_tokens,
+                              near_tie=args.near_tie, rows=rows, ok=ok)  # fmt: skip
+    return ok
+
+
+# -- all-reduce ----------------------------------------------------------------------------------
+def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue) -> None:
+    import torch.distributed as dist
+
+    from engine.distributed.collectives import TorchCollectives
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    coll = TorchCollectives(None, list(range(world)))
+
+    def timed(fn, x) -> float:
+        for _ in range(5):
+            fn(x)
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(iters):
+            fn(x)
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3 / iters
+
+    def graphed(x) -> float:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                coll.all_reduce(x)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(iters):
+                coll.all_reduce(x)
+        g.replay()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b) / 1e3 / iters
+
+    rows = []
+    for tokens, hidden in sizes:
+        x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+        plain = timed(lambda t: dist.all_reduce(t), x)
+        engine = timed(coll.all_reduce, x)
+        graph = graphed(x)
+        rows.append((tokens, hidden, plain, engine, graph))
+    if rank == 0:
+        queue.put(rows)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def part_allreduce(args, res) -> bool:
+    import torch.multiprocessing as mp
+
+    from engine.distributed.executor import free_port
+
+    out = {}
+    ok = True
+    for world in [w for w in args.tp if w > 1 and w <= torch.cuda.device_count()]:
+        sizes = [(t, h) for h in (4096, 8192) for t in (1, 8, 32, 64, 128, 256)]
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        port = free_port()
+        procs = [
+            ctx.Process(target=_allreduce_worker, args=(r, world, port, sizes, 100, queue))
+            for r in range(world)
+        ]
+        for p in procs:
+            p.start()
+        rows = queue.get(timeout=300)
+        for p in procs:
+            p.join(60)
+        table = []
+        for tokens, hidden, plain, engine, graph in rows:
+            nbytes = tokens * hidden * 2
+            bus = 2 * (world - 1) / world * nbytes
+            r = dict(tokens=tokens, hidden=hidden, bytes=nbytes, plain_us=plain * 1e6,
+                     engine_us=engine * 1e6, graph_us=graph * 1e6,
+                     plain_busbw_gb_s=bus / plain / 1e9, engine_busbw_gb_s=bus / engine / 1e9,
+                     graph_busbw_gb_s=bus / graph / 1e9, engine_over_plain=plain / engine,
+                     graph_over_plain=plain / graph)  # fmt: skip
+            table.append(r)
+            print(f"TP={world} all-reduce {tokens:>4} x {hidden} bf16 ({nbytes / 1024:.0f} KiB): "
+                  f"plain {plain * 1e6:.1f} us ({r['plain_busbw_gb_s']:.1f} GB/s bus), engine "
+                  f"{engine * 1e6:.1f} us ({r['engine_over_plain']:.2f}x), in a graph "
+                  f"{graph * 1e6:.1f} us ({r['graph_over_plain']:.2f}x)")  # fmt: skip
+        worst = min(r["engine_over_plain"] for r in table)
+        ok &= worst >= 0.9
+        out[f"tp{world}"] = dict(rows=table, worst_engine_over_plain=worst)
+    res["allreduce"] = out
+    return ok
+
+
+# -- scaling ---------------------------------------------------------------------------------------
+def step_bytes_per_rank(folder: Path, tp: int) -> float:
+    """Bytes one rank reads per decode step: every weight but the embedding table, / TP."""
+    from engine.loader.hf import read_hf_config
+    from engine.loader.random_weights import expected_shapes
+
+    shapes = expected_shapes(read_hf_config(folder))
+    total = sum(torch.Size(s).numel() for n, s in shapes.items() if "embed_tokens" not in n)
+    return total * 2 / tp
+
+
+def part_scaling(folder, args, res, bw: float, tps: list[int], key: str) -> None:
+    rows = []
+    for tp in tps:
+        if tp > torch.cuda.device_count():
+            continue
+        llm = make_llm(folder, tp, 1, False, args)
+        ms = decode_ms(llm)
+        floor = step_bytes_per_rank(folder, tp) / bw * 1e3
+        row = dict(tp=tp, decode_ms=ms, floor_ms=floor, over_floor=ms / floor)
+        if args.mixed_requests and key == "scaling":
+            rng = random.Random(1)
+            work = [([rng.randrange(100, 30000) for _ in range(rng.randint(128, 1024))],
+                     rng.randint(64, 256)) for _ in range(args.mixed_requests)]  # fmt: skip
+            row["mixed_tok_s"], row["mixed_tokens"], row["mixed_s"] = throughput(llm, work)
+        close(llm)
+        llm = None
+        free_gpu()
+        rows.append(row)
+        mixed = f"; mixed {row['mixed_tok_s']:.0f} tok/s" if "mixed_tok_s" in row else ""
+        print(f"{key} TP={tp}: batch-1 decode {ms:.2f} ms, floor {floor:.2f} ms "
+              f"({ms / floor:.2f}x){mixed}")  # fmt: skip
+    res[key] = rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--parts", default="correctness,allreduce,scaling,big")
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--big-shape", default="llama3-70b")
+    p.add_argument("--tp", default="1,2,4", help="tensor-parallel sizes")
+    p.add_argument("--with-pp", type=int, default=1, help="1: also PP=2 on two GPUs")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--near-tie", type=float, default=0.05)
+    p.add_argument("--mixed-requests", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", ""))
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    args.tp = [int(t) for t in args.tp.split(",")]
+    parts = set(args.parts.split(","))
+    res: dict = {"device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}",
+                 "date": time.strftime("%Y-%m-%d"), "commit": args.commit,
+                 "torch": torch.__version__, "command": " ".join(sys.argv)}  # fmt: skip
+    tmp = Path(tempfile.mkdtemp())
+    folder = write_config_folder(args.shape, tmp / args.shape)
+    ok = True
+    bw = copy_bandwidth()
+    res["copy_bandwidth_tb_s"] = bw / 1e12
+    print(f"{res['device']}: copy bandwidth {bw / 1e12:.2f} TB/s per GPU")
+
+    def save() -> None:
+        if args.out:
+            Path(args.out).write_text(json.dumps(res, indent=2))
+
+    for name in ("correctness", "allreduce", "scaling", "big"):
+        if name not in parts:
+            continue
+        start = time.perf_counter()
+        try:
+            if name == "correctness":
+                ok &= part_correctness(folder, args, res)
+            elif name == "allreduce":
+                ok &= part_allreduce(args, res)
+            elif name == "scaling":
+                part_scaling(folder, args, res, bw, args.tp, "scaling")
+            else:
+                big = write_config_folder(args.big_shape, tmp / args.big_shape)
+                part_scaling(big, args, res, bw, [t for t in args.tp if t >= 2], "big")
+        except Exception as e:  # record and go on: one part's failure must not hide the others
+            ok = False
+            res[name] = {"error": f"{type(e).__name__}: {e}"}
+            print(f"{name}: FAILED {type(e).__name__}: {e}")
+        gc.collect()
+        print(f"[{name} took {time.perf_counter() - start:.0f} s]")
+        save()
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
