@@ -41,6 +41,13 @@ def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="send the raw prompt")
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument(
+        "--quantization",
+        choices=("fp8",),
+        default=None,
+        help="fp8: quantize a float checkpoint to FP8 at load (needs FP8 hardware or the CPU); "
+        "quantized checkpoints (GPTQ, AWQ, ...) are detected without it",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--backend", default=None, help="require (NAME) or prefer (prefer:NAME) one")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -92,6 +99,7 @@ def run_generate(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             enable_prefix_caching=not args.no_prefix_caching,
             enforce_eager=args.enforce_eager,
+            quantization=args.quantization,
             tensor_parallel_size=args.tensor_parallel_size,
             pipeline_parallel_size=args.pipeline_parallel_size,
             distributed_executor_backend=args.distributed_executor_backend,

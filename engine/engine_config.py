@@ -12,6 +12,7 @@ DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 EXECUTOR_BACKENDS = ("mp", "ray")
+QUANTIZATION_CHOICES = ("fp8",)  # online methods; engine.quantization.ONLINE_METHODS
 
 
 @dataclass
@@ -67,6 +68,8 @@ class EngineConfig:
     device: "auto" picks the selected backend's device; "cpu" forces the CPU backend.
     gpu_memory_utilization: fraction of device memory the engine may use (weights, activations,
     KV cache) on GPUs. max_model_len: None takes the model's max_position_embeddings.
+    quantization: "fp8" quantizes a float checkpoint's linear layers to FP8 at load (per output
+    channel, activations per token); None runs the checkpoint as it is (quantized or not).
     """
 
     model: str | None = None
@@ -76,6 +79,7 @@ class EngineConfig:
     max_model_len: int | None = None
     gpu_memory_utilization: float = 0.9
     seed: int = 0
+    quantization: str | None = None  # "fp8": quantize a float checkpoint at load (online FP8)
     load_format: str = "auto"  # "dummy": random weights from config.json (benchmarks)
     enforce_eager: bool = False  # True: never capture decode graphs
     cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch buckets; None: 1, 2, 4, 8k
@@ -94,6 +98,11 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be an integer >= 2 or None, got {m!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.quantization not in (None, *QUANTIZATION_CHOICES):
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)} or None, got "
+                f"{self.quantization!r} (pre-quantized checkpoints are detected from config.json)"
+            )
         sizes = self.cuda_graph_sizes
         if sizes is not None and (
             isinstance(sizes, str | int)

@@ -25,6 +25,8 @@ class LLM:
     model: a Hugging Face folder, a .gguf file, or None for the embedded SmolLM2 GGUF.
     tensor_parallel_size x pipeline_parallel_size > 1 runs one worker per device (executor "mp" on
     this host, the default, or "ray"); see docs/distributed.md.
+    quantization: "fp8" quantizes a float checkpoint to FP8 at load (a device without FP8 is an
+    error); quantized checkpoints (GPTQ, AWQ, AutoRound, compressed-tensors, FP8) need nothing.
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         distributed_executor_backend: str | None = None,
+        quantization: str | None = None,
     ) -> None:
         cache = CacheConfig(
             block_size=block_size,
@@ -74,6 +77,7 @@ class LLM:
             max_model_len=max_model_len,
             gpu_memory_utilization=gpu_memory_utilization,
             seed=seed,
+            quantization=quantization,
             enforce_eager=enforce_eager,
             load_format=load_format,
             cuda_graph_sizes=None if cuda_graph_sizes is None else tuple(cuda_graph_sizes),

@@ -66,6 +66,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     checkpoint_dtype: str | None = None  # "bfloat16" etc., as the checkpoint states it
+    # config.json's quantization_config as written (GPTQ, AWQ, ...); engine.quantization reads it
+    quantization_config: dict[str, Any] | None = None
     source: str = "config.json"  # where this was parsed from, for messages
 
     def __post_init__(self) -> None:
@@ -196,6 +198,7 @@ class ModelConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             checkpoint_dtype=d.get("dtype") or d.get("torch_dtype"),
+            quantization_config=_parse_quantization(d, source),
             source=source,
         )
 
@@ -263,6 +266,18 @@ class ModelConfig:
             eos_token_ids=() if eos is None else (int(eos),),
             source=source,
         )
+
+
+def _parse_quantization(d: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """config.json's quantization_config (an object naming its quant_method), or None."""
+    q = d.get("quantization_config")
+    if q is None:
+        return None
+    if not isinstance(q, dict) or not q.get("quant_method"):
+        raise ModelConfigError(
+            f"{source}: quantization_config must be an object with a quant_method, got {q!r}"
+        )
+    return dict(q)
 
 
 def _parse_rope(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:

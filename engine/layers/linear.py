@@ -3,6 +3,8 @@
 Weights follow Hugging Face's [out_features, in_features]. A column-parallel layer holds a slice of
 the output rows and needs no communication; a row-parallel layer holds a slice of the input columns
 and sums the ranks' partial products with one all-reduce. At tp_size 1 both are one backend.linear.
+Given a quantization config, a layer the config quantizes holds no float weight: its
+`quant_method` (engine.quantization) creates, loads and applies the quantized parameters.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from engine.parallel import ParallelContext, TensorSource, load_tensor
+from engine.quantization import LinearMethod, LinearSpec, Part, QuantizationConfig
 from hal.backend import Backend
 
 
@@ -18,7 +21,69 @@ def _param(shape: tuple[int, ...], backend: Backend, dtype: torch.dtype) -> nn.P
     return nn.Parameter(torch.empty(shape, device=backend.device, dtype=dtype), requires_grad=False)
 
 
-class ColumnParallelLinear(nn.Module):
+def _quantize(
+    layer: nn.Module,
+    quant_config: QuantizationConfig | None,
+    parts: list[Part],
+    k_range: tuple[int, int],
+    input_size: int,
+    dtype: torch.dtype,
+    layer_type: str,
+) -> LinearMethod | None:
+    """The layer's quantization method (None: float), registering no float weight if quantized."""
+    if quant_config is None:
+        return None
+    if any(not p.prefix for p in parts):
+        raise ValueError(f"{layer_type}: a quantized layer needs its checkpoint prefix(es)")
+    spec = LinearSpec(layer_type, tuple(parts), input_size, k_range[0], k_range[1], dtype)
+    method = quant_config.linear_method(spec, layer.backend)
+    if method is not None:
+        layer.register_parameter("weight", None)  # the method registers its own at load
+    return method
+
+
+def _check_prefixes(layer: nn.Module, prefixes: list[str]) -> None:
+    expected = [p.prefix for p in layer.quant_method.spec.parts]
+    if list(prefixes) != expected:
+        raise ValueError(f"prefixes: loading {prefixes}, but the layer was built for {expected}")
+
+
+class QuantizableLinear(nn.Module):
+    """What every linear layer shares: its optional `quant_method` and the pre-load check."""
+
+    quant_method: LinearMethod | None = None
+
+    def check_weights(self, source: TensorSource) -> None:
+        """Raise on a missing, misshapen or unshardable quantized tensor, reading no data."""
+        if self.quant_method is not None:
+            self.quant_method.check(source)
+
+
+def check_quantized_weights(model: nn.Module, source: TensorSource) -> None:
+    """Check every quantized layer's tensors before any weight is read (bad input fails early)."""
+    for module in model.modules():
+        if isinstance(module, QuantizableLinear):
+            module.check_weights(source)
+
+
+def describe_quantization(model: nn.Module) -> list[str]:
+    """One line per layer type: its quantization method and the kernel that runs it."""
+    seen: dict[str, str] = {}
+    for module in model.modules():
+        if not isinstance(module, QuantizableLinear):
+            continue
+        method = module.quant_method
+        name = module.layer_type
+        line = (
+            "unquantized -> linear"
+            if method is None
+            else (f"{method.describe()} -> {method.kernel}")
+        )
+        seen.setdefault(name, line)
+    return [f"{name}: {line}" for name, line in seen.items()]
+
+
+class ColumnParallelLinear(QuantizableLinear):
     """y_local = x @ W[rows of this rank].T (+ bias); output features split across ranks."""
 
     def __init__(
@@ -29,30 +94,46 @@ class ColumnParallelLinear(nn.Module):
         parallel: ParallelContext,
         dtype: torch.dtype,
         bias: bool = False,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.backend = backend
         self.parallel = parallel
         self.input_size = input_size
         self.output_size = output_size
+        self.layer_type = prefix.rsplit(".", 1)[-1] or "linear"
         self.row_start, self.row_stop = parallel.shard(output_size, "output_size")
         self.output_size_per_rank = self.row_stop - self.row_start
-        self.weight = _param((self.output_size_per_rank, input_size), backend, dtype)
+        parts = [Part(prefix, output_size, self.row_start, self.row_stop)]
+        self.quant_method = _quantize(
+            self, quant_config, parts, (0, input_size), input_size, dtype, self.layer_type
+        )
+        if self.quant_method is None:
+            self.weight = _param((self.output_size_per_rank, input_size), backend, dtype)
         self.bias = _param((self.output_size_per_rank,), backend, dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, input_size] -> [num_tokens, output_size / tp_size]
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, self.bias)
         return self.backend.linear(x, self.weight, self.bias)
 
     def load(self, source: TensorSource, prefix: str) -> None:
         full = (self.output_size, self.input_size)
-        load_tensor(self.weight, source, f"{prefix}.weight", full, 0, self.row_start, self.row_stop)
+        if self.quant_method is not None:
+            _check_prefixes(self, [prefix])
+            self.quant_method.load(self, source)
+        else:
+            load_tensor(
+                self.weight, source, f"{prefix}.weight", full, 0, self.row_start, self.row_stop
+            )
         if self.bias is not None:
             name = f"{prefix}.bias"
             load_tensor(self.bias, source, name, full[:1], 0, self.row_start, self.row_stop)
 
 
-class MergedColumnParallelLinear(nn.Module):
+class MergedColumnParallelLinear(QuantizableLinear):
     """Several column-parallel projections of one input fused into one GEMM (gate_up_proj).
 
     Each rank holds its slice of every part, concatenated: [gate_local; up_local], so the
@@ -67,37 +148,58 @@ class MergedColumnParallelLinear(nn.Module):
         parallel: ParallelContext,
         dtype: torch.dtype,
         bias: bool = False,
+        quant_config: QuantizationConfig | None = None,
+        prefixes: list[str] | None = None,
+        layer_type: str = "gate_up_proj",
     ) -> None:
         super().__init__()
         self.backend = backend
         self.parallel = parallel
         self.input_size = input_size
         self.output_sizes = list(output_sizes)
+        self.layer_type = layer_type
         self.ranges = [parallel.shard(n, "output_size") for n in self.output_sizes]
         local = sum(stop - start for start, stop in self.ranges)
-        self.weight = _param((local, input_size), backend, dtype)
+        names = list(prefixes) if prefixes is not None else [""] * len(self.output_sizes)
+        if len(names) != len(self.output_sizes):
+            raise ValueError(f"prefixes: got {len(names)}, expected {len(self.output_sizes)}")
+        parts = [
+            Part(name, size, start, stop)
+            for name, size, (start, stop) in zip(names, self.output_sizes, self.ranges, strict=True)
+        ]
+        self.quant_method = _quantize(
+            self, quant_config, parts, (0, input_size), input_size, dtype, layer_type
+        )
+        if self.quant_method is None:
+            self.weight = _param((local, input_size), backend, dtype)
         self.bias = _param((local,), backend, dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, input_size] -> [num_tokens, sum(output_sizes) / tp_size]
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, self.bias)
         return self.backend.linear(x, self.weight, self.bias)
 
     def load(self, source: TensorSource, prefixes: list[str]) -> None:
         if len(prefixes) != len(self.output_sizes):
             raise ValueError(f"prefixes: got {len(prefixes)}, expected {len(self.output_sizes)}")
+        if self.quant_method is not None:
+            _check_prefixes(self, prefixes)
+            self.quant_method.load(self, source)
         offset = 0
         for prefix, size, (start, stop) in zip(
             prefixes, self.output_sizes, self.ranges, strict=True
         ):
             rows = slice(offset, offset + stop - start)
             full = (size, self.input_size)
-            load_tensor(self.weight[rows], source, f"{prefix}.weight", full, 0, start, stop)
+            if self.quant_method is None:
+                load_tensor(self.weight[rows], source, f"{prefix}.weight", full, 0, start, stop)
             if self.bias is not None:
                 load_tensor(self.bias[rows], source, f"{prefix}.bias", full[:1], 0, start, stop)
             offset += stop - start
 
 
-class QKVParallelLinear(nn.Module):
+class QKVParallelLinear(QuantizableLinear):
     """q, k and v projections in one GEMM, split by heads.
 
     Query heads split evenly across ranks; KV heads split evenly too, or, when tp_size exceeds
@@ -115,9 +217,12 @@ class QKVParallelLinear(nn.Module):
         parallel: ParallelContext,
         dtype: torch.dtype,
         bias: bool = False,
+        quant_config: QuantizationConfig | None = None,
+        prefixes: tuple[str, str, str] | None = None,
     ) -> None:
         super().__init__()
         self.backend = backend
+        self.layer_type = "qkv_proj"
         self.parallel = parallel
         self.hidden_size = hidden_size
         self.head_dim = head_dim
@@ -132,11 +237,23 @@ class QKVParallelLinear(nn.Module):
         self.q_size = self.num_heads * head_dim
         self.kv_size = self.num_kv_heads * head_dim
         local = self.q_size + 2 * self.kv_size
-        self.weight = _param((local, hidden_size), backend, dtype)
+        q_name, k_name, v_name = prefixes if prefixes is not None else ("", "", "")
+        parts = [
+            Part(q_name, num_heads * head_dim, *self.q_rows),
+            Part(k_name, num_kv_heads * head_dim, *self.kv_rows),
+            Part(v_name, num_kv_heads * head_dim, *self.kv_rows),
+        ]
+        self.quant_method = _quantize(
+            self, quant_config, parts, (0, hidden_size), hidden_size, dtype, self.layer_type
+        )
+        if self.quant_method is None:
+            self.weight = _param((local, hidden_size), backend, dtype)
         self.bias = _param((local,), backend, dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, hidden] -> [num_tokens, q_size + 2 * kv_size]
+        if self.quant_method is not None:
+            return self.quant_method.apply(self, x, self.bias)
         return self.backend.linear(x, self.weight, self.bias)
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -155,15 +272,19 @@ class QKVParallelLinear(nn.Module):
             (k_prefix, self.total_num_kv_heads, self.kv_rows, self.q_size),
             (v_prefix, self.total_num_kv_heads, self.kv_rows, self.q_size + self.kv_size),
         )
+        if self.quant_method is not None:
+            _check_prefixes(self, [q_prefix, k_prefix, v_prefix])
+            self.quant_method.load(self, source)
         for prefix, heads, (start, stop), offset in parts:
             rows = slice(offset, offset + stop - start)
             full = (heads * self.head_dim, self.hidden_size)
-            load_tensor(self.weight[rows], source, f"{prefix}.weight", full, 0, start, stop)
+            if self.quant_method is None:
+                load_tensor(self.weight[rows], source, f"{prefix}.weight", full, 0, start, stop)
             if self.bias is not None:
                 load_tensor(self.bias[rows], source, f"{prefix}.bias", full[:1], 0, start, stop)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(QuantizableLinear):
     """y = all_reduce(x_local @ W[:, columns of this rank].T) + bias; input features split."""
 
     def __init__(
@@ -175,6 +296,8 @@ class RowParallelLinear(nn.Module):
         dtype: torch.dtype,
         bias: bool = False,
         reduce_results: bool = True,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         if bias and not reduce_results and parallel.tp_size > 1:
@@ -184,13 +307,22 @@ class RowParallelLinear(nn.Module):
         self.input_size = input_size
         self.output_size = output_size
         self.reduce_results = reduce_results
+        self.layer_type = prefix.rsplit(".", 1)[-1] or "linear"
         self.col_start, self.col_stop = parallel.shard(input_size, "input_size")
         self.input_size_per_rank = self.col_stop - self.col_start
-        self.weight = _param((output_size, self.input_size_per_rank), backend, dtype)
+        parts = [Part(prefix, output_size, 0, output_size)]
+        k_range = (self.col_start, self.col_stop)
+        self.quant_method = _quantize(
+            self, quant_config, parts, k_range, input_size, dtype, self.layer_type
+        )
+        if self.quant_method is None:
+            self.weight = _param((output_size, self.input_size_per_rank), backend, dtype)
         self.bias = _param((output_size,), backend, dtype) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, input_size / tp_size] -> [num_tokens, output_size]
+        if self.quant_method is not None:
+            return self._forward_quantized(x)
         if self.parallel.tp_size == 1:
             return self.backend.linear(x, self.weight, self.bias)
         y = self.backend.linear(x, self.weight)  # partial sum over this rank's columns
@@ -199,8 +331,22 @@ class RowParallelLinear(nn.Module):
         # The bias is added once, after the sum (every rank holds it whole).
         return y if self.bias is None else y + self.bias
 
+    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
+        if self.parallel.tp_size == 1:
+            return self.quant_method.apply(self, x, self.bias)
+        y = self.quant_method.apply(self, x)  # partial sum over this rank's columns
+        if self.reduce_results:
+            y = self.parallel.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
     def load(self, source: TensorSource, prefix: str) -> None:
         full = (self.output_size, self.input_size)
-        load_tensor(self.weight, source, f"{prefix}.weight", full, 1, self.col_start, self.col_stop)
+        if self.quant_method is not None:
+            _check_prefixes(self, [prefix])
+            self.quant_method.load(self, source)
+        else:
+            load_tensor(
+                self.weight, source, f"{prefix}.weight", full, 1, self.col_start, self.col_stop
+            )
         if self.bias is not None:
             load_tensor(self.bias, source, f"{prefix}.bias", full[:1])

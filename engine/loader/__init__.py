@@ -78,12 +78,14 @@ def load_model(
     with_tokenizer: bool = True,
     load_format: str = "auto",
     seed: int = 0,
+    quantization: str | None = None,
 ) -> tuple[LlamaForCausalLM, ModelConfig, Any]:
     """Build and fill the model from `path` (folder or .gguf; None: the embedded default).
 
     load_format "dummy" reads only the folder's config.json (and tokenizer) and draws random
     weights on the device (benchmarks at real sizes). Returns (model, model_config, tokenizer);
-    tokenizer is None when `with_tokenizer` is False.
+    tokenizer is None when `with_tokenizer` is False. A checkpoint's quantization_config (GPTQ,
+    AWQ, ...) is applied as it is; `quantization` ("fp8") quantizes a float checkpoint at load.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format: {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
@@ -113,7 +115,7 @@ def load_model(
     else:
         config = read_hf_config(path)
         source = SafetensorsSource(path)
-    model = LlamaForCausalLM(config, backend, torch_dtype, parallel, max_model_len)
+    model = LlamaForCausalLM(config, backend, torch_dtype, parallel, max_model_len, quantization)
     model.load_weights(source)
     model.eval()
     logger.info(

@@ -20,6 +20,7 @@ from engine.parallel import WeightLoadError
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
+LEGACY_GPTQ_CONFIG = "quantize_config.json"
 
 
 def read_hf_config(folder: str | Path) -> ModelConfig:
@@ -33,6 +34,16 @@ def read_hf_config(folder: str | Path) -> ModelConfig:
         raise ModelConfigError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise ModelConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    legacy = Path(folder) / LEGACY_GPTQ_CONFIG
+    if "quantization_config" not in data and legacy.is_file():
+        # Older AutoGPTQ folders keep the GPTQ settings only in quantize_config.json.
+        try:
+            quant = json.loads(legacy.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelConfigError(f"{legacy}: not valid JSON ({e})") from e
+        if isinstance(quant, dict):
+            data["quantization_config"] = {"quant_method": "gptq", **quant}
+            logger.info("%s: GPTQ settings read from %s", path, legacy.name)
     return ModelConfig.from_hf_dict(data, source=str(path))
 
 

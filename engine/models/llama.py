@@ -6,18 +6,29 @@ embeddings, rope scaling). Every op runs through the HAL backend; layers are ten
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from engine.batch import ForwardBatch
 from engine.layers.attention import Attention
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.linear import (
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+    check_quantized_weights,
+    describe_quantization,
+)
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding
 from engine.model_config import ModelConfig
 from engine.parallel import SINGLE, ParallelContext, TensorSource
+from engine.quantization import QuantizationConfig, get_quantization_config
 from hal.backend import Backend
+
+logger = logging.getLogger(__name__)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # K, V: [num_blocks, block_size, kv_heads, head_dim]
 
@@ -31,6 +42,8 @@ class LlamaAttention(nn.Module):
         backend: Backend,
         parallel: ParallelContext,
         dtype: torch.dtype,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         d = config.head_dim
@@ -43,9 +56,18 @@ class LlamaAttention(nn.Module):
             parallel,
             dtype,
             bias=config.attention_bias,
+            quant_config=quant_config,
+            prefixes=(f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"),
         )
         self.o_proj = RowParallelLinear(
-            config.num_heads * d, config.hidden_size, backend, parallel, dtype, config.o_proj_bias
+            config.num_heads * d,
+            config.hidden_size,
+            backend,
+            parallel,
+            dtype,
+            config.o_proj_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.o_proj",
         )
         self.q_norm = RMSNorm(d, config.rms_norm_eps, backend, dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps, backend, dtype) if config.qk_norm else None
@@ -84,16 +106,36 @@ class LlamaMLP(nn.Module):
     """down(silu(gate(x)) * up(x)) with gate and up fused into one column-parallel GEMM."""
 
     def __init__(
-        self, config: ModelConfig, backend: Backend, parallel: ParallelContext, dtype: torch.dtype
+        self,
+        config: ModelConfig,
+        backend: Backend,
+        parallel: ParallelContext,
+        dtype: torch.dtype,
+        quant_config: QuantizationConfig | None = None,
+        prefix: str = "",
     ) -> None:
         super().__init__()
         self.backend = backend
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, [size, size], backend, parallel, dtype, config.mlp_bias
+            config.hidden_size,
+            [size, size],
+            backend,
+            parallel,
+            dtype,
+            config.mlp_bias,
+            quant_config=quant_config,
+            prefixes=[f"{prefix}.gate_proj", f"{prefix}.up_proj"],
         )
         self.down_proj = RowParallelLinear(
-            size, config.hidden_size, backend, parallel, dtype, config.mlp_bias
+            size,
+            config.hidden_size,
+            backend,
+            parallel,
+            dtype,
+            config.mlp_bias,
+            quant_config=quant_config,
+            prefix=f"{prefix}.down_proj",
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,13 +156,17 @@ class LlamaDecoderLayer(nn.Module):
         backend: Backend,
         parallel: ParallelContext,
         dtype: torch.dtype,
+        quant_config: QuantizationConfig | None = None,
     ) -> None:
         super().__init__()
         eps = config.rms_norm_eps
+        prefix = f"model.layers.{layer}"
         self.input_layernorm = RMSNorm(config.hidden_size, eps, backend, dtype)
-        self.self_attn = LlamaAttention(config, layer, rotary, backend, parallel, dtype)
+        self.self_attn = LlamaAttention(
+            config, layer, rotary, backend, parallel, dtype, quant_config, f"{prefix}.self_attn"
+        )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, backend, dtype)
-        self.mlp = LlamaMLP(config, backend, parallel, dtype)
+        self.mlp = LlamaMLP(config, backend, parallel, dtype, quant_config, f"{prefix}.mlp")
 
     def forward(
         self,
@@ -147,7 +193,11 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(batch, kv_caches) -> final hidden states; compute_logits(rows) -> fp32 logits."""
+    """forward(batch, kv_caches) -> final hidden states; compute_logits(rows) -> fp32 logits.
+
+    The linear layers are quantized as config.quantization_config says (a GPTQ, AWQ, ...
+    checkpoint) or, for a float checkpoint, as `quantization` asks ("fp8": online FP8).
+    """
 
     def __init__(
         self,
@@ -156,8 +206,12 @@ class LlamaForCausalLM(nn.Module):
         dtype: torch.dtype = torch.float32,
         parallel: ParallelContext = SINGLE,
         max_model_len: int | None = None,
+        quantization: str | None = None,
     ) -> None:
         super().__init__()
+        self.quant_config = get_quantization_config(
+            config.quantization_config, quantization, backend, config.source
+        )
         self.config = config
         self.backend = backend
         self.dtype = dtype
@@ -178,9 +232,13 @@ class LlamaForCausalLM(nn.Module):
             config.head_dim, self.max_model_len, config.rope_theta, backend, config.rope_scaling
         )
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, self.rotary, backend, parallel, dtype)
+            LlamaDecoderLayer(config, i, self.rotary, backend, parallel, dtype, self.quant_config)
             for i in range(self.layer_start, self.layer_stop)
         )
+        if self.quant_config is not None:
+            logger.info("quantization: %s", self.quant_config.describe())
+            for line in describe_quantization(self):
+                logger.info("  %s", line)
         self.norm = self.lm_head = None
         if parallel.is_last_stage:
             self.norm = RMSNorm(h, config.rms_norm_eps, backend, dtype)
@@ -237,7 +295,10 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(hidden)
 
     def load_weights(self, source: TensorSource) -> None:
-        """Fill every parameter from `source` (Hugging Face names): this rank's stage and shards."""
+        """Fill every parameter from `source` (Hugging Face names): this rank's stage and shards.
+
+        Every quantized layer's tensors are checked first, so bad input fails before any read."""
+        check_quantized_weights(self, source)
         if self.embed_tokens is not None:
             self.embed_tokens.load(source, "model.embed_tokens.weight")
         for i, layer in zip(range(self.layer_start, self.layer_stop), self.layers, strict=True):

@@ -49,6 +49,13 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="seconds in-flight requests get to finish after SIGTERM before they are aborted",
     )
     p.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16")
+    p.add_argument(
+        "--quantization",
+        choices=("fp8",),
+        default=None,
+        help="fp8: quantize a float checkpoint to FP8 at load (needs FP8 hardware or the CPU); "
+        "quantized checkpoints (GPTQ, AWQ, ...) are detected without it",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--backend", default=None, help="require (NAME) or prefer (prefer:NAME) one")
     p.add_argument("--max-model-len", type=int, default=None)
@@ -115,6 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
             backend=args.backend,
             max_model_len=args.max_model_len,
             seed=args.seed,
+            quantization=args.quantization,
             enforce_eager=args.enforce_eager,
             cache=CacheConfig(
                 block_size=args.block_size,
