@@ -41,7 +41,7 @@ def amdsmi_devices(notes: list[str]) -> list[DeviceInfo] | None:
         devices = []
         for handle in amdsmi.amdsmi_get_processor_handles():
             asic = amdsmi.amdsmi_get_gpu_asic_info(handle)
-            arch = rules.parse_gfx(str(asic.get("target_graphics_version", "")))
+            arch = gfx_arch(asic.get("target_graphics_version", ""), notes)
             units = asic.get("num_compute_units", asic.get("num_of_compute_units"))
             vram = amdsmi.amdsmi_get_gpu_memory_total(handle, amdsmi.AmdSmiMemoryType.VRAM)
             devices.append(
@@ -63,12 +63,37 @@ def amdsmi_devices(notes: list[str]) -> list[DeviceInfo] | None:
     return devices
 
 
-def torch_devices() -> list[DeviceInfo]:
+def gfx_arch(raw: object, notes: list[str]) -> str:
+    """An arch string from torch ("gfx942:sramecc+:xnack-") or amdsmi ("gfx942") -> "gfx942";
+    one that does not parse is kept as "unknown" with a note and a warning, never an error."""
+    try:
+        return rules.parse_gfx(str(raw or ""))
+    except ValueError as exc:
+        msg = f"{exc}; dtypes and FP8 are derived as for an unknown arch (none native)"
+        logger.warning("rocm: %s", msg)
+        notes.append(msg)
+        return "unknown"
+
+
+def _note_unknown_arch(arch: str, notes: list[str]) -> None:
+    if arch != "unknown" and not rules.amd_fp8_format(arch) and arch not in KNOWN_ARCHS:
+        msg = f"gfx arch {arch} is not one this engine knows ({', '.join(KNOWN_ARCHS)}); "
+        msg += "capabilities are derived from its family, unchecked"
+        logger.warning("rocm: %s", msg)
+        notes.append(msg)
+
+
+# Archs of the shipped profiles plus their siblings; others get a warning in the report.
+KNOWN_ARCHS = ("gfx90a", "gfx940", "gfx941", "gfx942", "gfx950")
+
+
+def torch_devices(notes: list[str] | None = None) -> list[DeviceInfo]:
     """Visible devices through torch's HIP build ("cuda" device type)."""
+    notes = [] if notes is None else notes
     out = []
     for i in range(torch.cuda.device_count()):
         p = torch.cuda.get_device_properties(i)
-        arch = rules.parse_gfx(getattr(p, "gcnArchName", ""))
+        arch = gfx_arch(getattr(p, "gcnArchName", ""), notes)
         out.append(
             DeviceInfo(p.name or f"AMD {arch}", arch, int(p.total_memory), p.multi_processor_count)
         )
@@ -99,8 +124,9 @@ class RocmPlatform(Platform):
         devices = amdsmi_devices(notes)
         via = "amdsmi"
         if not devices:
-            devices, via = torch_devices(), "torch (gcnArchName)"
+            devices, via = torch_devices(notes), "torch (gcnArchName)"
         dev = devices[0]
+        _note_unknown_arch(dev.arch, notes)
         notes.insert(0, f"detected through {via}")
         if len({(d.name, d.arch) for d in devices}) > 1:
             names = ", ".join(sorted({d.name for d in devices}))

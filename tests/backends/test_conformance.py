@@ -41,6 +41,15 @@ def test_registry_offers_cpu() -> None:
     assert any(t.name == "cpu" and t.mode == "native" for t in TARGETS), TARGETS
 
 
+def test_registry_offers_rocm_with_the_mi300x_profile() -> None:
+    # Without an AMD GPU the rocm column still runs: its Triton kernels, interpreted, on MI300X's
+    # capabilities (gfx942: e4m3fnuz, 64-wide wavefronts).
+    rocm = next(t for t in TARGETS if t.name == "rocm")
+    assert rocm.mode in ("native", "interpreter"), rocm
+    if rocm.mode == "interpreter":
+        assert rocm.caps.arch == "gfx942" and rocm.caps.fp8_format == "e4m3fnuz"
+
+
 @pytest.mark.parametrize(("target", "op", "dtype"), CELLS)
 def test_conformance(target: BackendTarget, op: OpSpec, dtype: str, hypothesis_profile: str):
     cell = run_cell(_backend(target), op, dtype, hypothesis_profile, label=target.label)

@@ -1,0 +1,88 @@
+"""Paged attention on ROCm: the shared Triton kernels (`backends.triton.attention`) launched with
+AMD tuning.
+
+The kernels and their math are written once for both vendors; this file only chooses tiles
+(`backends.rocm.tuning`) and compile options. Decode batches go to the shared split-KV decode
+kernel with an AMD `DecodeConfig`; other batches to the general kernel with AMD tiles, the AMD-only
+options on HIP, and dot input precision "ieee" (Triton's HIP backend accepts "tf32" on gfx942
+only, and for 16-bit operands the setting changes nothing). Under the interpreter every dot runs
+in fp32 (Triton issue #11584), as in the shared launcher.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backends.rocm.tuning import (
+    amd_decode_config,
+    attention_tuning,
+    compile_options,
+    target_backend,
+)
+from backends.triton import attention as shared
+from backends.triton.quant import interpreting, raw
+
+
+def attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    kv_scale: float | None = None,
+    warp_size: int = 64,
+    amd_tiles: bool | None = None,
+) -> torch.Tensor:
+    """The `Backend.attention` contract, tiled for `warp_size`-lane wavefronts. Returns
+    [num_tokens, num_heads, head_dim] in query's dtype; rows past query_start_loc[-1] are zeros.
+
+    amd_tiles None: AMD tiles on a GPU, the shared interpreter tiles (large, for speed) under
+    TRITON_INTERPRET=1; True forces the AMD tiles there too (tests check them that way)."""
+    if amd_tiles is None:
+        amd_tiles = not interpreting()
+    args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+            sliding_window, soft_cap, kv_scale)  # fmt: skip
+    num_tokens, num_heads, head_dim = query.shape if query.dim() == 3 else (0, 0, 0)
+    if shared.takes_decode_path(num_tokens, seq_lens.shape[0] if seq_lens.dim() else -1):
+        config = amd_decode_config(warp_size, head_dim, query.dtype) if amd_tiles else None
+        return shared.decode_attention(*args, config=config)
+    shared._check(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                  sliding_window, soft_cap, kv_scale, None, None)  # fmt: skip
+    if not amd_tiles:
+        return shared.attention(*args)
+    return _general(*args, warp_size)
+
+
+def _general(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+             sliding_window, soft_cap, kv_scale, warp_size) -> torch.Tensor:  # fmt: skip
+    num_tokens, num_heads, head_dim = query.shape
+    num_kv_heads = key_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_seqs = seq_lens.shape[0]
+    out = torch.zeros(query.shape, dtype=query.dtype, device=query.device)
+    if num_tokens == 0 or head_dim == 0:
+        return out
+    c = shared._launch_common(query, key_cache, scale, kv_scale)
+    fp32 = query.dtype == torch.float32
+    tune = attention_tuning(warp_size, fp32, c["head_dim_p2"], group)
+    block_q = tune.block_m // group
+    # Each sequence's q-blocks start at query_start_loc[s] // block_q + s (no host sync).
+    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
+    q = query if query.stride(2) == 1 else query.contiguous()
+    bt = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
+               bt.stride(0))  # fmt: skip
+    shared._attention_kernel[grid](
+        q, raw(key_cache), raw(value_cache), out, bt, seq_lens, query_start_loc, *strides,
+        num_seqs, head_dim, key_cache.shape[1], c["qk_scale"], c["out_scale"],
+        float(soft_cap or 0.0), int(sliding_window or 0), group, block_q, IS_FP8=c["is_fp8"],
+        DOT_DTYPE=c["dot_dtype"], INPUT_PRECISION="ieee", INTERPRET=interpreting(),
+        EVEN_D=c["even_d"], BLOCK_M=tune.block_m, BLOCK_N=tune.block_n,
+        HEAD_DIM_P2=c["head_dim_p2"], **compile_options(tune, target_backend(query.device.type)),
+        **c["codec"],
+    )  # fmt: skip
+    return out
