@@ -36,6 +36,8 @@ def attention(
     kv_scale: float | None = None,
     warp_size: int = 64,
     amd_tiles: bool | None = None,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
     """The `Backend.attention` contract, tiled for `warp_size`-lane wavefronts. Returns
     [num_tokens, num_heads, head_dim] in query's dtype; rows past query_start_loc[-1] are zeros.
@@ -47,13 +49,15 @@ def attention(
     args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
             sliding_window, soft_cap, kv_scale)  # fmt: skip
     num_tokens, num_heads, head_dim = query.shape if query.dim() == 3 else (0, 0, 0)
-    if shared.takes_decode_path(num_tokens, seq_lens.shape[0] if seq_lens.dim() else -1):
+    hints = dict(max_query_len=max_query_len, max_seq_len=max_seq_len)
+    num_seqs = seq_lens.shape[0] if seq_lens.dim() else -1
+    if shared.takes_decode_path(num_tokens, num_seqs, max_query_len):
         config = amd_decode_config(warp_size, head_dim, query.dtype) if amd_tiles else None
-        return shared.decode_attention(*args, config=config)
+        return shared.decode_attention(*args, config=config, **hints)
     shared._check(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
-                  sliding_window, soft_cap, kv_scale, None, None)  # fmt: skip
+                  sliding_window, soft_cap, kv_scale, max_query_len, max_seq_len)  # fmt: skip
     if not amd_tiles:
-        return shared.attention(*args)
+        return shared.attention(*args, **hints)
     return _general(*args, warp_size)
 
 

@@ -147,6 +147,8 @@ class RocmBackend(CudaBackend):
         sliding_window=None,
         soft_cap=None,
         kv_scale=None,
+        max_query_len=None,
+        max_seq_len=None,
     ) -> torch.Tensor:
         impl = self._attention_for(query, key_cache, kv_scale, soft_cap)
         self._mark("attention", impl)
@@ -154,7 +156,10 @@ class RocmBackend(CudaBackend):
                 sliding_window, soft_cap, kv_scale)  # fmt: skip
         if impl == "triton":
             tuned = importlib.import_module("backends.rocm.attention")  # loads Triton when used
-            return tuned.attention(*args, warp_size=self.caps.warp_size)
+            return tuned.attention(
+                *args, warp_size=self.caps.warp_size, max_query_len=max_query_len,
+                max_seq_len=max_seq_len,
+            )  # fmt: skip
         return _ATTENTION[impl](*args)
 
     # -- graphs ----------------------------------------------------------------------------------

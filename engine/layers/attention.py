@@ -62,5 +62,7 @@ class Attention(nn.Module):
             sliding_window=self.sliding_window,
             soft_cap=self.soft_cap,
             kv_scale=self.kv_scale,
+            max_query_len=batch.max_query_len,
+            max_seq_len=batch.max_seq_len,
         )
         return out.reshape(query.shape[0], self.num_heads * self.head_dim)

@@ -1,0 +1,519 @@
+"""Decode-sized (M <= 16) dense and FP8 GEMMs in Triton: bandwidth-bound kernels that stream each
+weight byte once with wide loads, fp32 accumulation and an atomic-free, deterministic split-K.
+
+Math: y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]); FP8 (`backends.cpu.linear.fp8_linear`):
+y = (sum_k x_q[m, k] * w_q[n, k]) * x_scale * w_scale + bias, scales applied in that order in
+fp32, then one rounding to the output dtype (round to nearest even).
+
+Two kernels, chosen per shape by a table keyed on (weight bytes, M bucket, N, K):
+- "fma" (one row of x per program): a [BLOCK_N, BLOCK_K] fp32 accumulator of products, reduced
+  over K once at the end (no cross-thread reduction inside the loop), so the loop is loads,
+  converts and FMAs only.
+- "dot" (all M <= 16 rows in one program): the swapped product w_tile [BLOCK_N, BLOCK_K] @
+  x_tile.T [BLOCK_K, 16] on tensor cores ("swap AB": the weight fills the MMA's M side, the few
+  tokens its N side), pipelined through shared memory by num_stages. FP8 operands enter the dot
+  as fp16 (every e4m3 / e5m2 value is exact in fp16, so products are exact, accumulation fp32).
+Split-K writes fp32 partials [S, M, N]; a second kernel sums them in split order, then scales,
+adds the bias and rounds: no atomics, so results are bit-reproducible run to run.
+FP8 codes load as uint8 and decode exactly through `backends.triton.quant.fp8_decode` under the
+interpreter and for formats without a native conversion; on sm_89+ the weight's e4m3fn / e5m2
+bytes convert in hardware (cvt to fp16, also exact). Under TRITON_INTERPRET=1 bf16 dots run in fp32
+(the interpreter's bf16 tl.dot is wrong). Everything is CUDA-graph safe: no host sync.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from backends.cpu.linear import _check_bias, _check_quantized
+from backends.cpu.quant import is_fp8
+from backends.triton.quant import FLOAT_DTYPES, cast_rtne, fp8_codec, fp8_decode, interpreting, raw
+
+MAX_M = 16  # the largest M the backends send here; beyond it cuBLAS / _scaled_mm win
+K_ALIGN = 16  # dense dispatch wants K % 16 == 0 (16-byte vector loads of every row)
+KERNELS = ("fma", "dot")
+DOT_BLOCK_M = 16  # tl.dot's smallest tile side
+# sm_89+ converts e4m3fn / e5m2 to fp16 in hardware (Triton's fp8e4nv needs sm_89).
+NATIVE_FP8_MIN_CC = (8, 9)
+_TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# FP8 load modes: 0 not FP8, 1 e4m3fn native, 2 e5m2 native, 3 decode from the bits (any format).
+_NOT_FP8, _E4M3_NATIVE, _E5M2_NATIVE, _CODEC = 0, 1, 2, 3
+_NATIVE_MODE = {torch.float8_e4m3fn: _E4M3_NATIVE, torch.float8_e5m2: _E5M2_NATIVE}
+_NO_CODEC = dict(MAN_BITS=3, EXP_BIAS=7, FP8_MAX=448.0, NAN_CODE=0x7F, FNUZ=False, HAS_INF=False)
+_REDUCE_BLOCK = 1024
+_MAX_GRID = 65535  # CUDA's limit on grid axes 1 and 2
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch shape. kernel "fma": one x row per program, CUDA-core FMAs; "dot": 16 rows per
+    program on tensor cores. block_n / block_k: output columns and k per tile (powers of two;
+    "dot" needs both >= 16). split_k: K splits (0: enough to give every SM ~4 programs)."""
+
+    kernel: str
+    block_n: int
+    block_k: int
+    split_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel: {self.kernel!r} is not one of {', '.join(KERNELS)}")
+        least = 16 if self.kernel == "dot" else 1
+        for name, value in (("block_n", self.block_n), ("block_k", self.block_k)):
+            if value < least or value & (value - 1):
+                raise ValueError(
+                    f"{name}: {value} must be a power of two >= {least} for kernel {self.kernel!r}"
+                )
+        if self.split_k < 0:
+            raise ValueError(f"split_k: {self.split_k} must be >= 0 (0 picks one per device)")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps: {self.num_warps} must be a power of two >= 1")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages: {self.num_stages} must be >= 1")
+
+    @property
+    def block_m(self) -> int:
+        return 1 if self.kernel == "fma" else DOT_BLOCK_M
+
+
+# (weight bytes per element, M bucket, N, K) -> config; M bucket = next power of two of M.
+# Measured by `python bench/gemv.py --autotune` (its output is pasted here); shapes not listed
+# take `heuristic_config`.
+ConfigKey = tuple[int, int, int, int]
+ConfigTable = Mapping[ConfigKey, GemvConfig]
+DEFAULT_CONFIGS: dict[ConfigKey, GemvConfig] = {}
+
+
+def m_bucket(m: int) -> int:
+    """The table's M key: the next power of two >= M (1, 2, 4, 8, 16, ...)."""
+    return 1 << max(m - 1, 0).bit_length()
+
+
+def heuristic_config(w_bytes: int, m: int) -> GemvConfig:
+    """The launch shape for shapes the table lacks: 512 weight bytes per row per tile, the FMA
+    kernel for one row, tensor cores for more (M FMAs per weight element would be compute-bound
+    at M >= 4 on H100 class GPUs)."""
+    if m == 1:  # 64 products per thread in flight: <= ~130 registers with 16-bit weights
+        block_n = 32 if w_bytes >= 2 else 16
+        return GemvConfig("fma", block_n, max(512 // w_bytes, 16), num_warps=4, num_stages=1)
+    return GemvConfig("dot", 64, max(256 // w_bytes, 16), num_warps=4, num_stages=4)
+
+
+def pick_config(
+    w_bytes: int, m: int, n: int, k: int, configs: ConfigTable | None = None
+) -> GemvConfig:
+    """The table's config for this shape (DEFAULT_CONFIGS unless a backend passes its own)."""
+    table = DEFAULT_CONFIGS if configs is None else configs
+    cfg = table.get((w_bytes, m_bucket(m), n, k))
+    return cfg if cfg is not None else heuristic_config(w_bytes, m)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter runs programs one at a time: no device to fill
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=16)
+def _native_fp8(device: torch.device) -> bool:
+    # Hardware FP8 -> fp16 conversion: an NVIDIA GPU of sm_89+ (never under the interpreter).
+    if device.type != "cuda" or torch.version.cuda is None or interpreting():
+        return False
+    return torch.cuda.get_device_capability(device) >= NATIVE_FP8_MIN_CC
+
+
+def split_plan(cfg: GemvConfig, m: int, n: int, k: int, sm_count: int) -> tuple[int, int]:
+    """(splits, k_per_split): k_per_split a multiple of block_k. split_k 0 doubles the splits
+    while the grid has fewer than 4 programs per SM and each split keeps >= 4 tiles of K."""
+    tiles = max(triton.cdiv(k, cfg.block_k), 1)
+    if cfg.split_k:
+        want = cfg.split_k
+    else:
+        programs = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+        want = 1
+        while programs * want < 4 * sm_count and tiles >= 8 * want:
+            want *= 2
+    per_split = triton.cdiv(tiles, min(want, tiles)) * cfg.block_k
+    return triton.cdiv(max(k, 1), per_split), per_split
+
+
+# -- kernels -------------------------------------------------------------------------------------
+@triton.jit
+def _to_float(
+    v,
+    DTYPE: tl.constexpr,
+    FP8: tl.constexpr,
+    MAN_BITS: tl.constexpr,
+    EXP_BIAS: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    NAN_CODE: tl.constexpr,
+    FNUZ: tl.constexpr,
+    HAS_INF: tl.constexpr,
+):
+    """A loaded tile as DTYPE: floats convert; FP8 bytes (uint8) convert in hardware or decode
+    exactly from their bits (fp32, then DTYPE; exact for fp32 and fp16, which hold every FP8)."""
+    if FP8 == 1:
+        out = v.to(tl.float8e4nv, bitcast=True).to(DTYPE)
+    elif FP8 == 2:
+        out = v.to(tl.float8e5, bitcast=True).to(DTYPE)
+    elif FP8 == 3:
+        out = fp8_decode(v, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF).to(DTYPE)
+    else:
+        out = v.to(DTYPE)
+    return out
+
+
+@triton.jit
+def _epilogue(
+    acc,
+    offs_n,
+    offs_m,
+    out_ptr,
+    bias_ptr,
+    x_scale_ptr,
+    w_scale_ptr,
+    n_rows,
+    n_cols,
+    stride_out_row,
+    HAS_BIAS: tl.constexpr,
+    X_SCALE: tl.constexpr,
+    W_SCALE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    # acc: [BLOCK_N, BLOCK_M] fp32 -> out[m, n] = rtne(acc * x_scale[m] * w_scale[n] + bias[n]),
+    # the reference's order; scale modes: 0 none, 1 one value, 2 one per row / column.
+    n_ok = offs_n < n_cols
+    m_ok = offs_m < n_rows
+    y = acc
+    if X_SCALE == 1:
+        y = y * tl.load(x_scale_ptr).to(tl.float32)
+    elif X_SCALE == 2:
+        y = y * tl.load(x_scale_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float32)[None, :]
+    if W_SCALE == 1:
+        y = y * tl.load(w_scale_ptr).to(tl.float32)
+    elif W_SCALE == 2:
+        y = y * tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+    out = out_ptr + offs_m.to(tl.int64)[None, :] * stride_out_row + offs_n[:, None]
+    tl.store(
+        out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=n_ok[:, None] & m_ok[None, :]
+    )
+
+
+@triton.jit(do_not_specialize=["n_rows", "num_splits"])
+def _small_m_kernel(
+    x_ptr,
+    w_ptr,
+    bias_ptr,
+    x_scale_ptr,
+    w_scale_ptr,
+    out_ptr,
+    partial_ptr,
+    n_rows,
+    n_cols,
+    n_k,
+    stride_x_row,
+    stride_x_col,
+    stride_w_row,
+    stride_w_col,
+    stride_out_row,
+    k_per_split,
+    num_splits,
+    USE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    X_SCALE: tl.constexpr,
+    W_SCALE: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    X_FP8: tl.constexpr,
+    W_FP8: tl.constexpr,
+    X_MAN_BITS: tl.constexpr,
+    X_EXP_BIAS: tl.constexpr,
+    X_FP8_MAX: tl.constexpr,
+    X_NAN_CODE: tl.constexpr,
+    X_FNUZ: tl.constexpr,
+    X_HAS_INF: tl.constexpr,
+    W_MAN_BITS: tl.constexpr,
+    W_EXP_BIAS: tl.constexpr,
+    W_FP8_MAX: tl.constexpr,
+    W_NAN_CODE: tl.constexpr,
+    W_FNUZ: tl.constexpr,
+    W_HAS_INF: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # One program: BLOCK_M rows of x against BLOCK_N weight rows over one K split. Programs of
+    # the same weight block and different row blocks are neighbours (axis 0), so a weight tile
+    # read from DRAM for one is an L2 hit for the others.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows past the end read row N-1 / M-1 (in bounds, never stored): loads need no row mask, so
+    # the only mask is K's tail, and with EVEN_K none at all (full-width vector loads).
+    w_rows = tl.minimum(offs_n, n_cols - 1).to(tl.int64)
+    x_rows = tl.minimum(offs_m, n_rows - 1).to(tl.int64)
+    w_ptrs = w_ptr + w_rows[:, None] * stride_w_row + offs_k[None, :] * stride_w_col  # [BN, BK]
+    if USE_DOT:
+        x_ptrs = x_ptr + x_rows[None, :] * stride_x_row + offs_k[:, None] * stride_x_col  # [BK, BM]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        x_ptrs = x_ptr + x_rows[:, None] * stride_x_row + offs_k[None, :] * stride_x_col  # [1, BK]
+        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, n_k)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs + k0 * stride_w_col, eviction_policy="evict_first")
+            x = tl.load(x_ptrs + k0 * stride_x_col)
+        else:
+            k_ok = (k0 + offs_k) < k_end
+            w = tl.load(w_ptrs + k0 * stride_w_col, mask=k_ok[None, :], other=0,
+                        eviction_policy="evict_first")  # fmt: skip
+            if USE_DOT:
+                x = tl.load(x_ptrs + k0 * stride_x_col, mask=k_ok[:, None], other=0)
+            else:
+                x = tl.load(x_ptrs + k0 * stride_x_col, mask=k_ok[None, :], other=0)
+        if USE_DOT:
+            wd = _to_float(w, DOT_DTYPE, W_FP8, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX, W_NAN_CODE,
+                           W_FNUZ, W_HAS_INF)  # fmt: skip
+            xd = _to_float(x, DOT_DTYPE, X_FP8, X_MAN_BITS, X_EXP_BIAS, X_FP8_MAX, X_NAN_CODE,
+                           X_FNUZ, X_HAS_INF)  # fmt: skip
+            if DOT_DTYPE == tl.float32:
+                acc = tl.dot(wd, xd, acc, input_precision="ieee")  # fp32 math, never TF32
+            else:
+                acc = tl.dot(wd, xd, acc)
+        else:
+            wf = _to_float(w, tl.float32, W_FP8, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX, W_NAN_CODE,
+                           W_FNUZ, W_HAS_INF)  # fmt: skip
+            xf = _to_float(x, tl.float32, X_FP8, X_MAN_BITS, X_EXP_BIAS, X_FP8_MAX, X_NAN_CODE,
+                           X_FNUZ, X_HAS_INF)  # fmt: skip
+            acc2 += wf * xf
+    if not USE_DOT:
+        acc = tl.sum(acc2, axis=1)[:, None]  # [BN, 1]
+    if num_splits == 1:
+        _epilogue(acc, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, n_rows,
+                  n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE, INTERPRET)  # fmt: skip
+    else:
+        # partial: fp32 [S, M, N], contiguous
+        part = partial_ptr + (pid_k * n_rows + offs_m.to(tl.int64))[None, :] * n_cols
+        mask = (offs_n < n_cols)[:, None] & (offs_m < n_rows)[None, :]
+        tl.store(part + offs_n[:, None], acc, mask=mask)
+
+
+@triton.jit(do_not_specialize=["n_rows", "num_splits", "split_step"])
+def _split_k_reduce_kernel(
+    partial_ptr,
+    out_ptr,
+    bias_ptr,
+    x_scale_ptr,
+    w_scale_ptr,
+    n_rows,
+    n_cols,
+    num_splits,
+    split_step,
+    stride_out_row,
+    HAS_BIAS: tl.constexpr,
+    X_SCALE: tl.constexpr,
+    W_SCALE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # out[m, n] = epilogue(sum over s = 0, 1, ... of partial[s, m, n]): a fixed order, no atomics.
+    offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    row = tl.program_id(1)
+    n_ok = offs_n < n_cols
+    ptr = partial_ptr + row.to(tl.int64) * n_cols + offs_n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for _ in range(num_splits):
+        acc += tl.load(ptr, mask=n_ok, other=0.0)
+        ptr += split_step  # M * N
+    offs_m = row + tl.arange(0, 1)
+    _epilogue(acc[:, None], offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, n_rows,
+              n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE, INTERPRET)  # fmt: skip
+
+
+# -- launchers -----------------------------------------------------------------------------------
+def _scale_mode(scale: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
+    if scale is None:
+        return 0, None
+    # [1]: one value; [rows, 1] (rows = 1 included): per row, so M = 1 reuses the M > 1 kernel
+    return (1 if scale.dim() == 1 else 2), scale.reshape(-1)
+
+
+def _launch(
+    x: torch.Tensor,  # [M, K] float, or FP8 as its uint8 bits
+    w: torch.Tensor,  # [N, K] likewise
+    bias: torch.Tensor | None,
+    x_scale: torch.Tensor | None,
+    w_scale: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    x_fp8: torch.dtype | None,
+    w_fp8: torch.dtype | None,
+    cfg: GemvConfig,
+) -> torch.Tensor:
+    m, k = x.shape
+    n = w.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    interpret = interpreting()
+    splits, k_per_split = split_plan(cfg, m, n, k, _sm_count(x.device))
+    # fp32 partials [S, M, N] (a 1-element stand-in without split-K keeps one compiled kernel)
+    partial_shape = (splits, m, n) if splits > 1 else (1,)
+    partial = torch.empty(partial_shape, dtype=torch.float32, device=x.device)
+    native = _native_fp8(x.device)
+    x_mode, w_mode = (
+        _NOT_FP8 if fmt is None else _NATIVE_MODE.get(fmt, _CODEC) if native else _CODEC
+        for fmt in (x_fp8, w_fp8)
+    )
+    if x_fp8 is not None or w_fp8 is not None:
+        dot_dtype = tl.float16  # holds every FP8 value exactly
+    elif x.dtype == torch.bfloat16 and interpret:
+        dot_dtype = tl.float32  # the interpreter's bf16 tl.dot is wrong (Triton issue #11584)
+    else:
+        dot_dtype = _TL_FLOAT[x.dtype]
+    x_codec = fp8_codec(x_fp8) if x_fp8 is not None else _NO_CODEC
+    w_codec = fp8_codec(w_fp8) if w_fp8 is not None else _NO_CODEC
+    x_s_mode, x_s = _scale_mode(x_scale)
+    w_s_mode, w_s = _scale_mode(w_scale)
+    flags = dict(HAS_BIAS=bias is not None, X_SCALE=x_s_mode, W_SCALE=w_s_mode, INTERPRET=interpret)
+    dummy = out  # stands in for absent optional pointers (never read)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), splits)
+    if max(grid[1:]) > _MAX_GRID:
+        raise ValueError(
+            f"config: block_n={cfg.block_n} gives {grid[1]} column blocks and split_k {splits} "
+            f"splits; each must be <= {_MAX_GRID} (use a larger block_n / block_k)"
+        )
+    _small_m_kernel[grid](
+        x, w, dummy if bias is None else bias, dummy if x_s is None else x_s,
+        dummy if w_s is None else w_s, out, partial,
+        m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
+        k_per_split, splits,
+        USE_DOT=cfg.kernel == "dot", EVEN_K=k % cfg.block_k == 0, DOT_DTYPE=dot_dtype,
+        X_FP8=x_mode, W_FP8=w_mode,
+        **{f"X_{key}": value for key, value in x_codec.items()},
+        **{f"W_{key}": value for key, value in w_codec.items()},
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+    )  # fmt: skip
+    if splits > 1:
+        _split_k_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK), m)](
+            partial, out, dummy if bias is None else bias, dummy if x_s is None else x_s,
+            dummy if w_s is None else w_s, m, n, splits, m * n, out.stride(0),
+            BLOCK=_REDUCE_BLOCK, num_warps=4, **flags,
+        )  # fmt: skip
+    return out
+
+
+def _check_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{name} on {d}" for name, d in devices.items())
+        raise ValueError(f"tensors must share one device, got {where}")
+
+
+def linear_small_m(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    configs: ConfigTable | None = None,
+) -> torch.Tensor:
+    """y = x @ weight.T + bias with fp32 accumulation, one rounding to x's dtype.
+
+    x: [M, K] fp32 / bf16 / fp16; weight: [N, K] in x's dtype (any strides; contiguous rows
+    stream fastest); bias: [N] (any float dtype, added in fp32). Returns [M, N] in x's dtype.
+    Tuned for M <= 16; any M is computed correctly. `config` forces a launch shape, else the
+    table (`configs`, default DEFAULT_CONFIGS) or the heuristic picks one.
+    """
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"x/weight: expected [M, K] and [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x: dtype {x.dtype} is not one of float32, bfloat16, float16")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight: dtype {weight.dtype} differs from x's {x.dtype}")
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x: K={x.shape[1]} differs from weight's K={weight.shape[1]}")
+    _check_bias(bias, weight.shape[0])
+    if bias is not None and bias.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"bias: dtype {bias.dtype} is not one of float32, bfloat16, float16")
+    _check_device(x=x, weight=weight, bias=bias)
+    (m, k), n = x.shape, weight.shape[0]
+    cfg = config or pick_config(weight.element_size(), m, n, k, configs)
+    return _launch(x, weight, bias, None, None, x.dtype, None, None, cfg)
+
+
+def fp8_linear_small_m(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: GemvConfig | None = None,
+    configs: ConfigTable | None = None,
+) -> torch.Tensor:
+    """y = (x_q @ w_q.T, exact products, fp32 accumulation) * x_scale * w_scale.T + bias.
+
+    The contract of hal Backend.fp8_linear: x_q: fp8 [M, K]; x_scale: [1] or [M, 1]; w_q: fp8
+    [N, K] (any FP8 format, may differ from x_q's); w_scale: [1] or [N, 1]; bias: [N]. Returns
+    [M, N] in out_dtype (fp32, bf16 or fp16). Tuned for M <= 16; any M is computed correctly.
+    """
+    _check_quantized(x_q, x_scale, w_q, w_scale, bias, is_fp8, "an FP8 format")
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype: {out_dtype} is not one of float32, bfloat16, float16")
+    _check_device(x_q=x_q, x_scale=x_scale, w_q=w_q, w_scale=w_scale, bias=bias)
+    (m, k), n = x_q.shape, w_q.shape[0]
+    cfg = config or pick_config(1, m, n, k, configs)
+    return _launch(raw(x_q), raw(w_q), bias, x_scale, w_scale, out_dtype, x_q.dtype, w_q.dtype, cfg)
+
+
+# -- dispatch rules (the backends' M switch) -----------------------------------------------------
+def _leading_rows(x: torch.Tensor) -> int:
+    m = 1
+    for size in x.shape[:-1]:
+        m *= size
+    return m
+
+
+def small_m_reasons(x: torch.Tensor, weight: torch.Tensor, max_m: int = MAX_M) -> list[str]:
+    """Why `linear` should not take these inputs (empty: it should). M = the product of x's
+    leading dims; the kernel is for bf16 / fp16 at M <= max_m with K % 16 == 0 and weight rows
+    contiguous (16-byte loads); anything else is cuBLAS's."""
+    if x.dim() == 0 or weight.dim() != 2:
+        shapes = f"{tuple(x.shape)} / {tuple(weight.shape)}"
+        return [f"x / weight have shapes {shapes}, not [..., K] / [N, K]"]
+    reasons = []
+    m = _leading_rows(x)
+    if m > max_m:
+        reasons.append(f"M={m} > {max_m}")
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        reasons.append(f"dtype {x.dtype} is not bfloat16 or float16")
+    if weight.stride(1) != 1:
+        reasons.append("weight rows are not contiguous")
+    elif weight.shape[1] % K_ALIGN:
+        reasons.append(f"K={weight.shape[1]} is not a multiple of {K_ALIGN}")
+    return reasons
+
+
+def fp8_small_m_reasons(x_q: torch.Tensor, max_m: int = MAX_M) -> list[str]:
+    """Why `fp8_linear` should not take these inputs (empty: it should): M > max_m."""
+    m = x_q.shape[0] if x_q.dim() == 2 else 0  # other shapes: fp8_linear_small_m says why
+    return [f"M={m} > {max_m}"] if m > max_m else []

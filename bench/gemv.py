@@ -1,0 +1,378 @@
+"""Decode-sized GEMMs (backends/triton/gemv.py) against torch on the Llama-3-8B shapes at M = 1..16:
+bf16 against F.linear (cuBLAS), FP8 e4m3fn (per-row scales) against torch._scaled_mm row-wise,
+with the copy bandwidth measured in the same run.
+
+    python bench/gemv.py --out gemv.json                 # the kernels' table (or heuristic)
+    python bench/gemv.py --autotune --out gemv_tune.json # sweep configs per shape and M, print
+                                                         # the best as a DEFAULT_CONFIGS table,
+                                                         # then benchmark with it
+
+Timing: CUDA graphs of one or more passes over several weight copies (together > 3x L2, so every
+call reads its weight from DRAM; x stays hot, as in decode), replayed between torch.cuda.Event
+pairs after warm-up; the median of the reps, divided by the calls per replay. GB/s counts the
+weight bytes only; "of copy" is that over the measured copy bandwidth (read + write of a 1 GiB
+clone). "ours/torch" is the throughput ratio torch_ms / ours_ms (> 1: ours is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import itertools
+import json
+import math
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backends.triton import gemv  # noqa: E402
+
+# name -> (K, N): Llama-3-8B (hidden 4096, 32 q / 8 kv heads of 128, MLP 14336, vocab 128256)
+SHAPES = {
+    "qkv": (4096, 6144),
+    "o": (4096, 4096),
+    "gate_up": (4096, 28672),
+    "down": (14336, 4096),
+    "lm_head": (4096, 128256),
+}
+LAYERS = 32  # per decode step: 32 x (qkv, o, gate_up, down) + lm_head
+MS = (1, 2, 4, 8, 16)
+KINDS = ("bf16", "fp8")
+FP8 = torch.float8_e4m3fn
+W_BYTES = {"bf16": 2, "fp8": 1}
+MIN_REPLAY_MS = 0.3  # a replay at least this long, so event overhead stays below ~1%
+
+
+# -- timing --------------------------------------------------------------------------------------
+def timed(fns: list, reps: int, warmup: int = 3) -> float:
+    """Median ms per call of `fns` (the calls captured in one CUDA graph, replayed `reps` times)."""
+    for fn in fns[:2]:
+        fn()  # compile / initialise outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fns:
+            fn()
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(fns))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth(reps: int) -> float:
+    """GB/s of a 1 GiB device-to-device copy (bytes read + written)."""
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = timed([lambda: dst.copy_(src)], reps)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+@dataclasses.dataclass
+class Weights:
+    """Copies of one shape's weight (bf16, or FP8 with per-row scales) and the calls' x."""
+
+    kind: str
+    k: int
+    n: int
+    copies: list[tuple[torch.Tensor, torch.Tensor | None]]  # (w [N, K], w_scale [N, 1] | None)
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.k * W_BYTES[self.kind]
+
+    def calls(self, make, copy_gbs: float) -> list:
+        """One call per copy, repeated so a replay lasts >= MIN_REPLAY_MS at copy speed."""
+        one = [make(w, s) for w, s in self.copies]
+        est_ms = self.nbytes / (copy_gbs * 1e9) * 1e3
+        passes = max(1, math.ceil(MIN_REPLAY_MS / (est_ms * len(one))))
+        return one * passes
+
+
+def make_weights(kind: str, k: int, n: int, l2: int) -> Weights:
+    count = max(2, math.ceil(3 * l2 / (n * k * W_BYTES[kind])))
+    copies = []
+    for _ in range(count):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        if kind == "bf16":
+            copies.append((w, None))
+        else:
+            scale = w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
+            copies.append(((w.float() / scale).to(FP8), scale))
+        del w
+    return Weights(kind, k, n, copies)
+
+
+def make_x(kind: str, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    if kind == "bf16":
+        return x, None
+    scale = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
+    return (x.float() / scale).to(FP8), scale
+
+
+def ours_call(kind: str, x, x_scale, configs=None, config=None):
+    if kind == "bf16":
+        return lambda w, s: lambda: gemv.linear_small_m(x, w, configs=configs, config=config)
+    return lambda w, s: (
+        lambda: gemv.fp8_linear_small_m(
+            x, x_scale, w, s, None, torch.bfloat16, configs=configs, config=config
+        )
+    )
+
+
+def torch_call(kind: str, x, x_scale):
+    if kind == "bf16":
+        return lambda w, s: lambda: F.linear(x, w)
+    # row-wise: scale_a [M, 1], scale_b [1, N] fp32, bf16 out (Hopper's kernel)
+    return lambda w, s: (
+        lambda: torch._scaled_mm(
+            x, w.t(), scale_a=x_scale, scale_b=s.reshape(1, -1), out_dtype=torch.bfloat16
+        )
+    )
+
+
+def rel_err(kind, weights: Weights, x, x_scale, configs=None, config=None) -> tuple[float, bool]:
+    """(max |ours - fp32 product| / max |product|, two runs bit-identical)."""
+    w, s = weights.copies[0]
+    y1 = ours_call(kind, x, x_scale, configs, config)(w, s)()
+    y2 = ours_call(kind, x, x_scale, configs, config)(w, s)()
+    if kind == "bf16":
+        ref = x.float() @ w.float().t()
+    else:
+        ref = (x.float() @ w.float().t()) * x_scale * s.reshape(1, -1)
+    err = float((y1.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
+    return err, bool(torch.equal(y1, y2))
+
+
+# -- autotune ------------------------------------------------------------------------------------
+def candidates(kind: str, m: int) -> list[gemv.GemvConfig]:
+    """Launch shapes to try: FMA tiles (M <= 2; each thread holds <= 64 fp32 products) and
+    tensor-core tiles whose pipeline fits in shared memory; split_k 0 (auto) here, the K
+    splits are swept around the best few afterwards."""
+    wb = W_BYTES[kind]
+    out = []
+    if m <= 2:
+        for bn, bk, warps in ((8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4),
+                              (32, 512, 8), (64, 256, 8)):  # fmt: skip
+            out.append(gemv.GemvConfig("fma", bn, bk, 0, warps, 1))
+    for bn, bk_bytes, stages in itertools.product((32, 64, 128), (256, 512), (3, 4, 5)):
+        bk = bk_bytes // wb
+        smem = stages * (bn + gemv.DOT_BLOCK_M) * bk * wb
+        converted = bn * bk / 128 if kind == "fp8" else 0  # fp16 values per thread (4 warps)
+        if smem <= 160 * 1024 and converted <= 128:
+            out.append(gemv.GemvConfig("dot", bn, bk, 0, 4, stages))
+    return out
+
+
+def _compile_job(job: tuple[str, gemv.GemvConfig]) -> str:
+    # In a worker process: one launch on small tensors with the same specialisation as the real
+    # shapes (dims and strides multiples of 16, K a multiple of every block_k), which fills
+    # Triton's on-disk cache for the main process.
+    kind, cfg = job
+    m, n, k = 2, 64, 4096
+    x, x_scale = make_x(kind, m, k)
+    weights = make_weights(kind, k, n, l2=0)
+    w, s = weights.copies[0]
+    for split in (1, 2):  # the reduce kernel too
+        ours_call(kind, x, x_scale, config=dataclasses.replace(cfg, split_k=split))(w, s)()
+    torch.cuda.synchronize()
+    return f"{kind} {cfg}"
+
+
+def precompile(kinds: list[str], ms: list[int]) -> None:
+    """Compile every candidate in parallel worker processes (Triton compiles on the CPU, one
+    kernel at a time per process), so the sweep itself mostly times kernels."""
+    jobs = sorted({(kind, c) for kind in kinds for m in ms for c in candidates(kind, m)}, key=str)
+    workers = max(1, min(len(jobs), os.cpu_count() or 1, 16))
+    start = time.perf_counter()
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            list(pool.map(_compile_job, jobs))
+        print(f"precompiled {len(jobs)} configs on {workers} processes in "
+              f"{time.perf_counter() - start:.1f} s")  # fmt: skip
+    except Exception as exc:  # noqa: BLE001 - the sweep compiles lazily instead
+        print(f"precompile failed ({type(exc).__name__}: {exc}); compiling during the sweep")
+
+
+def tune_one(kind: str, w: Weights, m: int, copy_gbs: float, sms: int) -> dict:
+    """{config: ms} for one (kind, shape, M): every candidate at auto split, then K splits
+    around the three fastest."""
+    x, x_scale = make_x(kind, m, w.k)
+    tried: dict[gemv.GemvConfig, float] = {}
+
+    def measure(cfg: gemv.GemvConfig) -> None:
+        if cfg in tried:
+            return
+        try:
+            tried[cfg] = timed(w.calls(ours_call(kind, x, x_scale, config=cfg), copy_gbs), 5)
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
+            print(f"  skip {cfg}: {type(exc).__name__}: {str(exc)[:80]}")
+
+    for cfg in candidates(kind, m):
+        measure(cfg)
+    for cfg in sorted(tried, key=tried.get)[:3]:
+        tiles = math.ceil(w.k / cfg.block_k)
+        auto = gemv.split_plan(cfg, m, w.n, w.k, sms)[0]
+        for split in (1, 2, 4, 8, 16):
+            if split <= tiles and split != auto:
+                measure(dataclasses.replace(cfg, split_k=split))
+    return tried
+
+
+def autotune(args, weights: dict, copy_gbs: float, results: dict) -> dict:
+    """Best config per (kind, shape, M). Returns the table {(w_bytes, M bucket, N, K): config}."""
+    table: dict = {}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for kind, label, m in itertools.product(args.kinds, args.shapes, args.ms):
+        w = weights[kind, label]
+        tried = tune_one(kind, w, m, copy_gbs, sms)
+        fastest = min(tried, key=tried.get)
+        # split_k 0 is pinned to the split it resolved to, so the table does not depend on it
+        best = fastest
+        if best.split_k == 0:
+            best = dataclasses.replace(best, split_k=gemv.split_plan(best, m, w.n, w.k, sms)[0])
+        table[W_BYTES[kind], gemv.m_bucket(m), w.n, w.k] = best
+        frac = w.nbytes / (tried[fastest] * 1e-3) / 1e9 / copy_gbs
+        print(f"  {kind:4s} {label:8s} M={m:2d}: {len(tried):2d} configs, best {best} "
+              f"{frac:.2f} of copy")  # fmt: skip
+        results["autotune"].append({
+            "kind": kind, "shape": label, "m": m, "best": dataclasses.asdict(best),
+            "tried": [{**dataclasses.asdict(c), "ms": t} for c, t in tried.items()],
+        })  # fmt: skip
+    return table
+
+
+def print_table(table: dict, device: str) -> None:
+    print("\nTuned table (paste into backends/triton/gemv.py DEFAULT_CONFIGS):")
+    print("DEFAULT_CONFIGS: dict[ConfigKey, GemvConfig] = {")
+    print(f"    # {device}, {datetime.date.today()}, python bench/gemv.py --autotune")
+    for key in sorted(table):
+        c = table[key]
+        print(f"    {key}: GemvConfig({c.kernel!r}, {c.block_n}, {c.block_k}, split_k={c.split_k}, "
+              f"num_warps={c.num_warps}, num_stages={c.num_stages}),")  # fmt: skip
+    print("}")
+
+
+# -- main ----------------------------------------------------------------------------------------
+def bench(args, weights: dict, copy_gbs: float, results: dict, configs=None) -> None:
+    print(f"\n{'kind':4s} {'shape':8s} {'M':>2s} {'ours ms':>8s} {'GB/s':>6s} {'copy':>5s} "
+          f"{'torch ms':>8s} {'GB/s':>6s} {'copy':>5s} {'ours/torch':>10s} {'rel err':>8s} "
+          f"{'det':>3s}  config")  # fmt: skip
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for kind, label, m in itertools.product(args.kinds, args.shapes, args.ms):
+        w = weights[kind, label]
+        x, x_scale = make_x(kind, m, w.k)
+        ours = timed(w.calls(ours_call(kind, x, x_scale, configs), copy_gbs), args.reps)
+        try:
+            peer = timed(w.calls(torch_call(kind, x, x_scale), copy_gbs), args.reps)
+        except RuntimeError as exc:  # e.g. a torch build without the row-wise kernel
+            print(f"  torch peer failed: {str(exc)[:100]}")
+            peer = math.nan
+        err, det = rel_err(kind, w, x, x_scale, configs)
+        cfg = gemv.pick_config(W_BYTES[kind], m, w.n, w.k, configs)
+        splits = gemv.split_plan(cfg, m, w.n, w.k, sms)[0]
+        row = {
+            "kind": kind, "shape": label, "m": m, "k": w.k, "n": w.n,
+            "config": dataclasses.asdict(cfg), "splits": splits,
+            "ours_ms": ours, "ours_gbs": w.nbytes / (ours * 1e-3) / 1e9,
+            "torch_ms": peer, "torch_gbs": w.nbytes / (peer * 1e-3) / 1e9,
+            "ours_over_torch": peer / ours, "rel_err": err, "deterministic": det,
+        }  # fmt: skip
+        row["ours_frac_copy"] = row["ours_gbs"] / copy_gbs
+        row["torch_frac_copy"] = row["torch_gbs"] / copy_gbs
+        results["rows"].append(row)
+        print(f"{kind:4s} {label:8s} {m:2d} {ours:8.4f} {row['ours_gbs']:6.0f} "
+              f"{row['ours_frac_copy']:5.2f} {peer:8.4f} {row['torch_gbs']:6.0f} "
+              f"{row['torch_frac_copy']:5.2f} {row['ours_over_torch']:10.2f} {err:8.1e} "
+              f"{'yes' if det else 'NO':>3s}  {cfg.kernel} {cfg.block_n}x{cfg.block_k} "
+              f"split {splits} w{cfg.num_warps} s{cfg.num_stages}")  # fmt: skip
+    # The decode step's GEMMs at M = 1 (attention, norms and the rest excluded).
+    for kind in args.kinds:
+        rows = {r["shape"]: r for r in results["rows"] if r["kind"] == kind and r["m"] == 1}
+        if set(rows) != set(SHAPES):
+            continue
+        count = {label: (1 if label == "lm_head" else LAYERS) for label in SHAPES}
+        total = {
+            key: sum(count[s] * rows[s][key] for s in SHAPES) for key in ("ours_ms", "torch_ms")
+        }
+        nbytes = sum(count[s] * weights[kind, s].nbytes for s in SHAPES)
+        floor = nbytes / (copy_gbs * 1e9) * 1e3
+        results[f"decode_gemms_m1_{kind}"] = {**total, "floor_ms": floor}
+        print(f"{kind} batch-1 decode GEMMs ({nbytes / 1e9:.2f} GB of weights): ours "
+              f"{total['ours_ms']:.3f} ms, torch {total['torch_ms']:.3f} ms, floor {floor:.3f} ms "
+              f"(ours {total['ours_ms'] / floor:.2f}x the floor)")  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", help="JSON file to write")
+    p.add_argument("--autotune", action="store_true", help="sweep configs, print the table")
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--ms", type=int, nargs="+", default=list(MS))
+    p.add_argument("--reps", type=int, default=20)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("unset TRITON_INTERPRET: this benchmark times compiled kernels", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+    except OSError:
+        commit = ""
+    if args.autotune:
+        precompile(args.kinds, args.ms)
+    copy_gbs = copy_bandwidth(args.reps)
+    results: dict = {
+        "device": props.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "commit": commit, "torch": torch.__version__, "triton": gemv.triton.__version__,
+        "copy_gbs": copy_gbs, "rows": [], "autotune": [],
+    }  # fmt: skip
+    print(f"{props.name}: copy bandwidth {copy_gbs:.0f} GB/s (1 GiB copy, read + write), "
+          f"L2 {l2 / 2**20:.0f} MiB, {props.multi_processor_count} SMs, torch {torch.__version__}, "
+          f"triton {gemv.triton.__version__}")  # fmt: skip
+    weights = {}
+    for kind, label in itertools.product(args.kinds, args.shapes):
+        k, n = SHAPES[label]
+        weights[kind, label] = make_weights(kind, k, n, l2)
+    configs = None
+    if args.autotune:
+        configs = autotune(args, weights, copy_gbs, results)
+        print_table(configs, props.name)
+        results["table"] = [{"key": list(k), **dataclasses.asdict(c)} for k, c in configs.items()]
+    bench(args, weights, copy_gbs, results, configs)
+    print(f"\ntotal {time.perf_counter() - start:.1f} s")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

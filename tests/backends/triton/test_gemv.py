@@ -1,0 +1,357 @@
+"""The Triton small-M GEMMs (`backends.triton.gemv`) against the CPU reference
+(`backends.cpu.linear`) in float64, under TRITON_INTERPRET=1 without a GPU, natively with one.
+
+Tolerance: the kernels' error has two sources, both bounded rigorously (Higham, "Accuracy and
+Stability of Numerical Algorithms", sec. 3.1: a sum of n terms in precision u errs by at most
+gamma_n * sum |terms| ~ n * u * sum |terms|):
+- fp32 accumulation: bf16 / fp16 / FP8 products are exact in fp32 (at most 2 * 11 significand
+  bits); fp32 products round once more; the K terms, the bias and (FP8) the two scale products
+  add at most (K + 4) roundings of u32 = 2^-24 each, relative to sum_k |x_k w_k| + |bias|.
+  Split-K only reorders the sum, which the bound does not depend on.
+- one rounding of the result to the output dtype: u_out * |ref|, plus a subnormal step.
+On a GPU, tensor cores align products before adding and truncate instead of rounding, which at
+most doubles the per-addition error: the accumulation term gets a factor 2 there.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+if not torch.cuda.is_available():
+    # Triton reads this when a kernel is defined, so it must be set before the kernels import.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning", "ignore:overflow encountered:RuntimeWarning"
+)
+
+from backends.cpu import linear as ref_linear  # noqa: E402
+from backends.cpu import quant as ref_quant  # noqa: E402
+from tests.conformance.tolerances import DTYPE_NAME, SUBNORMAL_MIN, UNIT_ROUNDOFF  # noqa: E402
+
+if "backends.triton.gemv" in sys.modules and INTERPRET:
+    importlib.reload(sys.modules["backends.triton.gemv"])  # defined without the interpreter
+gemv = importlib.import_module("backends.triton.gemv")
+
+F64 = torch.float64
+FLOATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+U32 = UNIT_ROUNDOFF["fp32"]
+ACC_SLACK = 1.0 if INTERPRET else 2.0  # see the module docstring
+FMA = gemv.GemvConfig("fma", 16, 32, split_k=3)  # 3 splits: partials + the reduce kernel
+DOT = gemv.GemvConfig("dot", 32, 32, split_k=1)  # K tail masked (K % 32 != 0 below)
+CONFIGS = {"fma_split3": FMA, "dot": DOT}
+
+
+def dev(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(DEVICE)
+
+
+def up(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.to(F64)
+
+
+def check(y: torch.Tensor, ref: torch.Tensor, abs_terms: torch.Tensor, k: int) -> None:
+    """|y - ref| <= u_out |ref| + subnormal + slack * (K + 4) * u32 * abs_terms, elementwise;
+    abs_terms = sum_k |x_k w_k| (+ |bias|), the scale of what the accumulator adds."""
+    name = DTYPE_NAME[y.dtype]
+    allowed = (
+        UNIT_ROUNDOFF[name] * ref.abs()
+        + SUBNORMAL_MIN[name]
+        + ACC_SLACK * (k + 4) * U32 * abs_terms
+    )
+    assert tuple(y.shape) == tuple(ref.shape), (y.shape, ref.shape)
+    err = (y.cpu().to(F64) - ref).abs()
+    worst = float((err / allowed).max()) if err.numel() else 0.0
+    assert worst <= 1.0, f"max |y - ref| = {float(err.max()):.3g}, {worst:.2f}x the bound"
+
+
+def dense_case(m: int, n: int, k: int, dtype: torch.dtype, has_bias: bool, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(m, k, generator=gen).to(dtype),
+        "weight": (torch.randn(n, k, generator=gen) * 0.5).to(dtype),
+        "bias": torch.randn(n, generator=gen).to(dtype) if has_bias else None,
+    }
+
+
+def check_dense(case: dict, y: torch.Tensor) -> None:
+    x, w, b = case["x"], case["weight"], case["bias"]
+    assert y.dtype == x.dtype
+    ref = ref_linear.linear(up(x), up(w), up(b))  # the reference, in float64
+    terms = up(x).abs() @ up(w).abs().t() + (0.0 if b is None else up(b).abs())
+    check(y, ref, terms, x.shape[1])
+
+
+def run_dense(case: dict, **kw) -> torch.Tensor:
+    return gemv.linear_small_m(dev(case["x"]), dev(case["weight"]), dev(case["bias"]), **kw)
+
+
+# -- dense ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", list(FLOATS))
+@pytest.mark.parametrize("kernel", list(CONFIGS))
+@pytest.mark.parametrize("m", [1, 2, 5, 16])
+def test_linear_matches_reference(dtype: str, kernel: str, m: int) -> None:
+    # N = 37 (odd: the last column block is partial), K = 80 (not a multiple of BLOCK_K = 32:
+    # the masked tail; the FMA config's 3 tiles split 3 ways). Bias on for M = 1 and 5, off for
+    # 2 and 16 (test_bias_on_and_off takes both for one shape).
+    has_bias = m in (1, 5)
+    case = dense_case(m, 37, 80, FLOATS[dtype], has_bias, seed=m)
+    check_dense(case, run_dense(case, config=CONFIGS[kernel]))
+
+
+@pytest.mark.parametrize("kernel", list(CONFIGS))
+@pytest.mark.parametrize("has_bias", [False, True], ids=["nobias", "bias"])
+def test_bias_on_and_off(kernel: str, has_bias: bool) -> None:
+    case = dense_case(3, 21, 48, torch.bfloat16, has_bias, seed=30)
+    check_dense(case, run_dense(case, config=CONFIGS[kernel]))
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_default_configs_and_even_k(m: int) -> None:
+    # The table / heuristic path (no forced config); K = 1024 fills whole tiles (no masks).
+    case = dense_case(m, 45, 1024, torch.bfloat16, m != 3, seed=20 + m)
+    check_dense(case, run_dense(case))
+
+
+def test_strided_operands() -> None:
+    # A transposed weight view and x rows with a gap: any strides compute correctly.
+    case = dense_case(3, 24, 64, torch.float16, True, seed=5)
+    w_t = case["weight"].t().contiguous().t()  # [N, K] with strides (1, N)
+    x_wide = torch.zeros(3, 96, dtype=torch.float16)
+    x_wide[:, :64] = case["x"]
+    y = gemv.linear_small_m(dev(x_wide[:, :64]), dev(w_t), dev(case["bias"]), config=DOT)
+    check_dense(case, y)
+
+
+def test_split_k_is_deterministic_and_reads_no_stale_memory() -> None:
+    # Results must be bit-identical run to run. Between the runs the caching allocator is
+    # filled with NaNs, so a partial or output element the kernels fail to write shows up.
+    case = dense_case(4, 40, 160, torch.bfloat16, True, seed=3)
+    cfg = gemv.GemvConfig("fma", 16, 32, split_k=5)
+    first = run_dense(case, config=cfg)
+    junk = torch.full((1 << 16,), float("nan"), device=DEVICE)
+    del junk
+    gc.collect()
+    second = run_dense(case, config=cfg)
+    assert torch.equal(first, second)
+    check_dense(case, second)
+
+
+@settings(max_examples=10 if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci" else 200)
+@given(
+    m=st.integers(1, 16),
+    n=st.integers(1, 70),
+    k=st.integers(1, 130),
+    dtype=st.sampled_from(list(FLOATS)),
+    kernel=st.sampled_from(list(gemv.KERNELS)),
+    split_k=st.integers(0, 4),
+    has_bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_linear_drawn_shapes(m, n, k, dtype, kernel, split_k, has_bias, seed) -> None:
+    cfg = gemv.GemvConfig(kernel, 16, 16, split_k=split_k)
+    case = dense_case(m, n, k, FLOATS[dtype], has_bias, seed)
+    check_dense(case, run_dense(case, config=cfg))
+
+
+# -- FP8 -----------------------------------------------------------------------------------------
+def fp8_case(m, n, k, x_fmt, w_fmt, per_row, has_bias, seed) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    x_q, x_s = ref_quant.quantize_fp8(
+        torch.randn(m, k, generator=gen) * 3, x_fmt, per_token=per_row
+    )
+    w_q, w_s = ref_quant.quantize_fp8(torch.randn(n, k, generator=gen), w_fmt, per_token=per_row)
+    bias = torch.randn(n, generator=gen) if has_bias else None
+    return {"x_q": x_q, "x_scale": x_s, "w_q": w_q, "w_scale": w_s, "bias": bias}
+
+
+def check_fp8(case: dict, y: torch.Tensor, out_dtype: torch.dtype) -> None:
+    assert y.dtype == out_dtype
+    x = up(case["x_q"]) * up(case["x_scale"])  # the dequantized operands, exactly
+    w = up(case["w_q"]) * up(case["w_scale"])
+    b = up(case["bias"])
+    ref = ref_linear.linear(x, w, b)
+    terms = x.abs() @ w.abs().t() + (0.0 if b is None else b.abs())
+    check(y, ref, terms, x.shape[1])
+
+
+def run_fp8(case: dict, out_dtype: torch.dtype, **kw) -> torch.Tensor:
+    args = [dev(case[key]) for key in ("x_q", "x_scale", "w_q", "w_scale", "bias")]
+    return gemv.fp8_linear_small_m(*args, out_dtype=out_dtype, **kw)
+
+
+E4M3 = torch.float8_e4m3fn
+
+
+@pytest.mark.parametrize("out", list(FLOATS))
+@pytest.mark.parametrize("kernel", list(CONFIGS))
+@pytest.mark.parametrize("m,per_row", [(1, True), (5, False), (16, True)])
+def test_fp8_linear_matches_reference(out: str, kernel: str, m: int, per_row: bool) -> None:
+    # Per-row scales ([M, 1] and [N, 1]) at M = 1 and 16, per-tensor ([1]) at M = 5 (no bias).
+    case = fp8_case(m, 21, 72, E4M3, E4M3, per_row, m != 5, seed=m)  # odd N, K tail of 8
+    check_fp8(case, run_fp8(case, FLOATS[out], config=CONFIGS[kernel]), FLOATS[out])
+
+
+@pytest.mark.parametrize(
+    "x_fmt,w_fmt",
+    [
+        (E4M3, torch.float8_e5m2),
+        (torch.float8_e5m2, E4M3),
+        (torch.float8_e4m3fnuz, torch.float8_e4m3fnuz),
+    ],
+    ids=["e4m3fn_x_e5m2", "e5m2_x_e4m3fn", "fnuz"],
+)
+@pytest.mark.parametrize("kernel", list(CONFIGS))
+def test_fp8_formats(x_fmt: torch.dtype, w_fmt: torch.dtype, kernel: str) -> None:
+    case = fp8_case(3, 29, 96, x_fmt, w_fmt, True, True, seed=11)
+    check_fp8(case, run_fp8(case, torch.float32, config=CONFIGS[kernel]), torch.float32)
+
+
+def test_fp8_matches_the_contract_reference_function() -> None:
+    # backends.cpu.linear.fp8_linear itself (fp32 accumulator, scales in fp32): both sides err
+    # by at most the bound, so they agree within twice it.
+    case = fp8_case(2, 40, 64, E4M3, E4M3, True, True, seed=2)
+    y = run_fp8(case, torch.float32)
+    ref = ref_linear.fp8_linear(*(case[k] for k in ("x_q", "x_scale", "w_q", "w_scale", "bias")),
+                                out_dtype=torch.float32)  # fmt: skip
+    x = case["x_q"].to(F64) * case["x_scale"].to(F64)
+    w = case["w_q"].to(F64) * case["w_scale"].to(F64)
+    terms = x.abs() @ w.abs().t() + case["bias"].to(F64).abs()
+    allowed = 2 * (68 * U32 * ACC_SLACK * terms + U32 * ref.to(F64).abs())
+    assert ((y.cpu().to(F64) - ref.to(F64)).abs() <= allowed).all()
+
+
+# -- configs and bad input -----------------------------------------------------------------------
+def test_config_table_lookup_and_split_plan() -> None:
+    cfg = gemv.GemvConfig("fma", 8, 64, split_k=2, num_warps=2, num_stages=1)
+    table = {(2, 4, 96, 512): cfg}
+    assert [gemv.m_bucket(m) for m in (1, 2, 3, 4, 5, 16)] == [1, 2, 4, 4, 8, 16]
+    assert gemv.pick_config(2, 3, 96, 512, table) is cfg  # M = 3 -> bucket 4
+    assert gemv.pick_config(2, 5, 96, 512, table) == gemv.heuristic_config(2, 5)
+    assert gemv.pick_config(1, 1, 96, 512, table).kernel == "fma"
+    # 8 tiles of K split 3 ways: 3 tiles per split, the last split has 2.
+    assert gemv.split_plan(gemv.GemvConfig("fma", 8, 64, split_k=3), 1, 96, 512, 132) == (3, 192)
+    # split_k 0: doubled while the grid is short of 4 programs per SM and splits keep 4+ tiles.
+    auto = gemv.GemvConfig("fma", 32, 256)
+    assert gemv.split_plan(auto, 1, 4096, 4096, 132) == (4, 1024)  # 128 -> 512 programs
+    assert gemv.split_plan(auto, 1, 4096, 14336, 132) == (8, 1792)  # 56 tiles, 7 per split
+    assert gemv.split_plan(auto, 1, 128256, 4096, 132) == (1, 4096)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"kernel": "gemv"}, "kernel: 'gemv' is not one of fma, dot"),
+        ({"kernel": "dot", "block_n": 8}, "block_n: 8 must be a power of two >= 16"),
+        ({"block_k": 48}, "block_k: 48 must be a power of two"),
+        ({"split_k": -1}, "split_k: -1 must be >= 0"),
+        ({"num_warps": 3}, "num_warps: 3 must be a power of two"),
+    ],
+)
+def test_bad_configs(kwargs: dict, match: str) -> None:
+    args = {"kernel": "fma", "block_n": 16, "block_k": 32, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        gemv.GemvConfig(**args)
+
+
+def test_bad_input_names_the_value() -> None:
+    x, w = torch.randn(2, 32, dtype=torch.bfloat16), torch.randn(8, 32, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"expected \[M, K\] and \[N, K\]"):
+        gemv.linear_small_m(x[None], w)
+    with pytest.raises(ValueError, match="weight: dtype torch.float16 differs"):
+        gemv.linear_small_m(x, w.half())
+    with pytest.raises(ValueError, match="x: K=32 differs from weight's K=16"):
+        gemv.linear_small_m(x, w[:, :16])
+    with pytest.raises(ValueError, match=r"bias: shape \(7,\), expected \[N=8\]"):
+        gemv.linear_small_m(x, w, torch.zeros(7))
+    with pytest.raises(ValueError, match="x: dtype torch.int8 is not one of"):
+        gemv.linear_small_m(x.to(torch.int8), w.to(torch.int8))
+    q, s = ref_quant.quantize_fp8(torch.randn(8, 32), E4M3)
+    with pytest.raises(ValueError, match="x_q: dtype torch.bfloat16 is not an FP8 format"):
+        gemv.fp8_linear_small_m(x, s, q, s)
+    with pytest.raises(ValueError, match=r"w_scale: shape \(2,\)"):
+        gemv.fp8_linear_small_m(q[:2], s, q, torch.ones(2))
+    with pytest.raises(ValueError, match="out_dtype: torch.int32 is not one of"):
+        gemv.fp8_linear_small_m(q[:2], s, q, s, out_dtype=torch.int32)
+    with pytest.raises(ValueError, match="column blocks"):
+        big = torch.empty(70000, 16, dtype=torch.bfloat16)
+        gemv.linear_small_m(x[:, :16], big, config=gemv.GemvConfig("fma", 1, 16, split_k=1))
+
+
+def test_dispatch_rules() -> None:
+    w = torch.empty(64, 128, dtype=torch.bfloat16)
+    assert gemv.small_m_reasons(torch.empty(2, 8, 128, dtype=torch.bfloat16), w) == []
+    assert gemv.small_m_reasons(torch.empty(17, 128, dtype=torch.bfloat16), w) == ["M=17 > 16"]
+    assert gemv.small_m_reasons(torch.empty(3, 128), w.float()) == [
+        "dtype torch.float32 is not bfloat16 or float16"
+    ]
+    w72 = torch.empty(64, 72, dtype=torch.float16)
+    assert gemv.small_m_reasons(torch.empty(3, 72, dtype=torch.float16), w72) == [
+        "K=72 is not a multiple of 16"
+    ]
+    assert gemv.small_m_reasons(torch.empty(1, 64, dtype=torch.bfloat16), w.t()) == [
+        "weight rows are not contiguous"
+    ]
+    assert gemv.fp8_small_m_reasons(torch.empty(16, 8)) == []
+    assert gemv.fp8_small_m_reasons(torch.empty(17, 8)) == ["M=17 > 16"]
+
+
+# -- dispatch through the CUDA backend -----------------------------------------------------------
+@pytest.fixture
+def backend(monkeypatch: pytest.MonkeyPatch):
+    import backends  # noqa: F401  (registers the candidates)
+    from backends.cuda import interpreter_capabilities
+    from hal.backend import OP_FAMILIES
+    from hal.select import load_backend
+
+    for family in OP_FAMILIES:
+        monkeypatch.delenv(f"HAL_{family.upper()}_BACKEND", raising=False)
+    if INTERPRET:
+        return load_backend(interpreter_capabilities(), device="cpu", configured="require:cuda")
+    from platforms import detect
+
+    return load_backend(detect(), configured="require:cuda")
+
+
+def test_backend_linear_switches_on_m(backend) -> None:
+    assert backend.chosen("gemm") == "triton_small_m"
+    assert backend.info.settings["gemm_large_m"] == "M > 16: cublas"
+    # M = 2 * 3 = 6 rows of a 3-D x: the kernel, the leading dims kept.
+    case = dense_case(6, 40, 64, torch.bfloat16, True, seed=8)
+    y = backend.linear(dev(case["x"].reshape(2, 3, 64)), dev(case["weight"]), dev(case["bias"]))
+    assert backend.ran["gemm"] == "triton_small_m" and tuple(y.shape) == (2, 3, 40)
+    check_dense(case, y.reshape(6, 40))
+    # M = 17, fp32, K % 16 != 0: cuBLAS by design (its own numerics: the reference's tolerance).
+    for m, k, dtype in ((17, 64, torch.bfloat16), (4, 64, torch.float32), (4, 72, torch.float16)):
+        case = dense_case(m, 24, k, dtype, False, seed=m)
+        y = backend.linear(dev(case["x"]), dev(case["weight"]))
+        assert backend.ran["gemm"] == "cublas", (m, k, dtype)
+        ref = ref_linear.linear(up(case["x"]), up(case["weight"]))
+        torch.testing.assert_close(y.cpu().to(F64), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_backend_fp8_linear_switches_on_m(backend) -> None:
+    assert backend.chosen("fp8_gemm") == "triton_small_m"
+    large = backend.large_m_impl("fp8_gemm")
+    assert large == ("dequant_gemm" if INTERPRET else "scaled_mm")
+    fp8 = backend.caps.fp8_dtype or E4M3
+    case = fp8_case(5, 24, 64, fp8, fp8, True, True, seed=6)
+    args = [dev(case[key]) for key in ("x_q", "x_scale", "w_q", "w_scale", "bias")]
+    y = backend.fp8_linear(*args, out_dtype=torch.float32)
+    assert backend.ran["fp8_gemm"] == "triton_small_m"
+    check_fp8(case, y, torch.float32)
+    case = fp8_case(17, 24, 64, fp8, fp8, True, True, seed=7)
+    args = [dev(case[key]) for key in ("x_q", "x_scale", "w_q", "w_scale", "bias")]
+    y = backend.fp8_linear(*args, out_dtype=torch.float32)
+    assert backend.ran["fp8_gemm"] == large
