@@ -304,7 +304,7 @@ def run_decode(args, device, timer, bw, libs) -> list[dict]:
             ref = F.scaled_dot_product_attention(
                 x.q.view(b, NUM_KV_HEADS, -1, HEAD_DIM).float(),
                 x.k.transpose(1, 2).float(), x.v.transpose(1, 2).float(), scale=x.scale,
-            ).view(b, NUM_HEADS, HEAD_DIM) if b * ctx <= 65536 else None  # fmt: skip
+            ).reshape(b, NUM_HEADS, HEAD_DIM) if b * ctx <= 65536 else None  # fmt: skip
             ms = timer(ours)
             splits = tattn.num_splits(b, NUM_KV_HEADS, ctx, tattn._sm_count(device))
             row = {"batch": b, "context": ctx, "bytes": nbytes, "splits": splits,

@@ -55,7 +55,7 @@ _LOG2E = 1.4426950408889634
 DECODE_MAX_QUERY_LEN = 8
 # Split-KV: split until there are about this many decode programs per SM, each reading at least
 # MIN_SPLIT_TOKENS KV tokens, and never more than MAX_SPLITS splits.
-SPLIT_PROGRAMS_PER_SM = 4
+SPLIT_PROGRAMS_PER_SM = 2  # H100 autotune 2026-11-26: 1x32k best at 4/SM, 16x8k and 64x4k at 1-2
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 128
 
@@ -87,7 +87,7 @@ class DecodeConfig:
 # more stages than the rest (~100 KiB on sm_86/89). Re-derive the sm_90 rows on a new GPU with
 # `python bench/attention.py decode --autotune`.
 DECODE_CONFIGS: dict[tuple[str, str], DecodeConfig] = {
-    ("narrow", "big_smem"): DecodeConfig(block_n=64, num_warps=4, num_stages=3),
+    ("narrow", "big_smem"): DecodeConfig(block_n=128, num_warps=4, num_stages=2),  # H100 tuned
     ("narrow", "small_smem"): DecodeConfig(block_n=64, num_warps=4, num_stages=2),
     ("wide", "big_smem"): DecodeConfig(block_n=32, num_warps=4, num_stages=3),
     ("wide", "small_smem"): DecodeConfig(block_n=32, num_warps=4, num_stages=2),
