@@ -179,6 +179,7 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--profile", action="store_true", help="cProfile the batch-1 decode steps")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     modes = set(args.modes.split(","))
@@ -219,6 +220,15 @@ def main() -> int:
         free_gpu()
         llm = make_llm(folder, args)
         graphs = decode_ms(llm)
+        if args.profile:  # where the host time of a batch-1 decode step goes
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            decode_ms(llm, steps=64)
+            prof.disable()
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         res["decode"] = dict(step_gb=step_bytes / 1e9, floor_ms=floor, eager_ms=eager,
                              graphs_ms=graphs, graphs_over_floor=graphs / floor)  # fmt: skip
         print(f"batch-1 decode: floor {floor:.2f} ms ({step_bytes / 1e9:.2f} GB/step); eager "
