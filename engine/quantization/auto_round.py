@@ -90,7 +90,11 @@ class AutoRoundConfig(QuantizationConfig):
         if settings is None:
             return None
         bits, group_size, sym = settings
+        method: WeightOnlyMethod
         if self.kind == "awq":
-            return AWQLinearMethod(spec, backend, bits, group_size)
-        gptq = GPTQSettings(bits, group_size, sym, False, v1_zeros=self.kind == "gptq_v1")
-        return GPTQLinearMethod(spec, backend, gptq)
+            method = AWQLinearMethod(spec, backend, bits, group_size)
+        else:
+            gptq = GPTQSettings(bits, group_size, sym, False, v1_zeros=self.kind == "gptq_v1")
+            method = GPTQLinearMethod(spec, backend, gptq)
+        method.origin = f"auto-round {self.packing_format}"
+        return method

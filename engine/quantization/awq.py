@@ -45,7 +45,7 @@ class AWQLinearMethod(WeightOnlyMethod):
         return self._layouts
 
     def describe(self) -> str:
-        return f"awq (4-bit, group {self.group_size}, gemm)"
+        return self.with_origin(f"awq (4-bit, group {self.group_size}, gemm)")
 
     def canonical(self, t: dict[str, torch.Tensor]):
         codes = unpack(t["qweight"], 4, dim=1, order=AWQ_ORDER)  # [K, N]

@@ -60,7 +60,9 @@ class Scheme:
     def label(self) -> str:
         w = f"{self.weight_type}{self.num_bits}"
         g = f" group {self.group_size}" if self.strategy == "group" else f" {self.strategy}"
-        return f"compressed-tensors {self.format} ({w}{g}, activations {self.act})"
+        sym = "" if self.symmetric else " asym"
+        order = ", actorder group (g_idx)" if self.actorder == "group" else ""
+        return f"compressed-tensors {self.format} ({w}{g}{sym}{order}, activations {self.act})"
 
 
 def _parse_scheme(group: dict[str, Any], fmt: str | None, name: str, source: str) -> Scheme:

@@ -48,17 +48,28 @@ class GPTQLinearMethod(WeightOnlyMethod):
     def __init__(self, spec: LinearSpec, backend: Backend, settings: GPTQSettings) -> None:
         super().__init__(spec, backend, settings.bits, settings.group_size, settings.desc_act)
         self.settings = settings
+        names = ("qweight", "scales", "qzeros", "g_idx")
         self._layouts = packed_layouts(
             self.bits, self.group_size, self.full_groups, n_major=False, zeros=True,
-            g_idx=settings.desc_act, names=("qweight", "scales", "qzeros", "g_idx"),
+            g_idx=settings.desc_act, names=names,
         )  # fmt: skip
+        # GPTQModel and AutoGPTQ save g_idx without desc_act too: read it when there, so a
+        # checkpoint whose g_idx is not plain groups is dequantized as its library does.
+        self._optional = () if settings.desc_act else packed_layouts(
+            self.bits, self.group_size, self.full_groups, n_major=False, zeros=False,
+            g_idx=True, names=names,
+        )[-1:]  # fmt: skip
 
     @property
     def layouts(self):
         return self._layouts
 
+    @property
+    def optional_layouts(self):
+        return self._optional
+
     def describe(self) -> str:
-        return f"gptq ({self.settings.label()})"
+        return self.with_origin(f"gptq ({self.settings.label()})")
 
     def canonical(self, t: dict[str, torch.Tensor]):
         qweight = t["qweight"]  # [K / pack, N]

@@ -10,6 +10,7 @@ not consecutive runs of group_size rows (act-order); then scales and zeros keep 
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 
 import torch
@@ -21,12 +22,16 @@ from engine.quantization.base import (
     LinearMethod,
     LinearSpec,
     QuantizationConfigError,
+    QuantizedWeightError,
     TensorLayout,
+    check_tensor,
     read_tensor,
     set_param,
 )
 from engine.quantization.packing import pack_int4_rows
 from hal.backend import Backend
+
+logger = logging.getLogger(__name__)
 
 SUPPORTED_BITS = (4, 8)
 
@@ -59,6 +64,7 @@ class WeightOnlyMethod(LinearMethod):
     """Shared load tail, apply and dequantize of the integer weight-only formats."""
 
     format_name = "weight-only"
+    origin = ""  # the producing format when it reuses another's layout ("auto-round ...")
 
     def __init__(
         self, spec: LinearSpec, backend: Backend, bits: int, group_size: int, act_order: bool
@@ -75,6 +81,26 @@ class WeightOnlyMethod(LinearMethod):
         # The group size this rank's rows see: a per-channel group spans only its K slice.
         self.local_group_size = spec.k_local if self.per_channel else self.group_size
 
+    def with_origin(self, text: str) -> str:
+        return f"{self.origin} as {text}" if self.origin else text
+
+    @property
+    def optional_layouts(self) -> tuple[TensorLayout, ...]:
+        """Tensors read when every part has them (GPTQModel's g_idx without desc_act)."""
+        return ()
+
+    def _present(self, source: TensorSource) -> tuple[TensorLayout, ...]:
+        return tuple(
+            layout
+            for layout in self.optional_layouts
+            if all(source.has(f"{p.prefix}.{layout.suffix}") for p in self.spec.parts)
+        )
+
+    def check(self, source: TensorSource) -> None:
+        super().check(source)
+        for layout in self._present(source):
+            check_tensor(source, self.spec, layout)
+
     @abstractmethod
     def canonical(
         self, t: dict[str, torch.Tensor]
@@ -89,7 +115,8 @@ class WeightOnlyMethod(LinearMethod):
         return f"dequantize + linear ({self.backend.chosen('gemm')}), W8A16"
 
     def load(self, layer: nn.Module, source: TensorSource) -> None:
-        t = {layout.suffix: read_tensor(source, self.spec, layout) for layout in self.layouts}
+        layouts = self.layouts + self._present(source)
+        t = {layout.suffix: read_tensor(source, self.spec, layout) for layout in layouts}
         q, scales, zeros, g_idx = self.canonical(t)
         if g_idx is not None:
             g_idx = g_idx.to(torch.int32)
@@ -99,11 +126,14 @@ class WeightOnlyMethod(LinearMethod):
                 self.act_order and self.spec.is_row_parallel
             ):
                 g_idx = None  # plain groups: the kernels' faster path
-            elif g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= scales.shape[0]):
-                raise QuantizationConfigError(
-                    f"{self.spec.parts[0].prefix}: g_idx values lie in {int(g_idx.min())}.."
-                    f"{int(g_idx.max())}, outside the {scales.shape[0]} groups of its scales"
-                )
+            else:
+                if not self.act_order:
+                    self._check_unordered_g_idx()
+                if g_idx.numel() and (g_idx.min() < 0 or g_idx.max() >= scales.shape[0]):
+                    raise QuantizationConfigError(
+                        f"{self.spec.parts[0].prefix}: g_idx values lie in {int(g_idx.min())}.."
+                        f"{int(g_idx.max())}, outside the {scales.shape[0]} groups of its scales"
+                    )
         device = self.backend.device
         if self.bits == 4:
             qweight = q if q.dtype == torch.int32 else pack_int4_rows(q)
@@ -114,6 +144,24 @@ class WeightOnlyMethod(LinearMethod):
             set_param(layer, "zeros", zeros.to(torch.int16), device)  # [groups, N], <= 256
         set_param(layer, "scales", scales, device)
         layer.register_buffer("g_idx", None if g_idx is None else g_idx.to(device))
+
+    def _check_unordered_g_idx(self) -> None:
+        """A g_idx that is not consecutive groups in a checkpoint whose config says no act-order:
+        GPTQModel and transformers dequantize with it, so it is followed (column-parallel); a
+        row-parallel shard read only its K range of scales, which such a g_idx may leave."""
+        name = f"{self.spec.parts[0].prefix}.g_idx"
+        if self.spec.is_row_parallel:
+            raise QuantizedWeightError(
+                f"tensor {name!r}: its groups are not consecutive runs of group_size="
+                f"{self.group_size} rows, but quantization_config says desc_act/actorder is off;"
+                " this rank's K shard cannot hold every group it needs. Set desc_act: true in "
+                "config.json's quantization_config (the checkpoint is act-ordered)"
+            )
+        logger.warning(
+            "%s: groups are not consecutive though desc_act is off; following g_idx (as "
+            "GPTQModel does)",
+            name,
+        )
 
     def _groups(self, layer: nn.Module) -> torch.Tensor:
         if layer.g_idx is not None:

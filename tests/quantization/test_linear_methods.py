@@ -20,7 +20,7 @@ from engine.layers.linear import (
     RowParallelLinear,
 )
 from engine.parallel import SINGLE, ParallelContext
-from engine.quantization import get_quantization_config
+from engine.quantization import QuantizedWeightError, get_quantization_config
 from hal.select import load_backend
 
 N, K = 48, 128
@@ -299,3 +299,28 @@ def test_tensor_parallel_shards_recombine(backend, case):
     halves = [slice(r * k // 2, (r + 1) * k // 2) for r in range(2)]
     ref = sum(_reference(x[:, h], deq["p"][:, h], act) for h in halves) + bias.double()
     _close(sum(rows) - bias, ref)
+
+
+def test_gptq_g_idx_is_followed_without_desc_act(backend, caplog):
+    """GPTQModel saves g_idx without desc_act too. Plain groups: dropped (the fast path); groups
+    that are not consecutive: followed as GPTQModel does (logged), refused on a row-parallel
+    shard, which holds only its own K range of scales."""
+    w = _w()
+    cfg = get_quantization_config(GPTQ)  # desc_act false
+    plain, deq = packers.gptq(w)
+    layer = ColumnParallelLinear(K, N, backend, SINGLE, torch.float32, False, cfg, prefix="p")
+    layer.load(DictSource({f"p.{k}": v for k, v in plain.items()}), "p")
+    assert layer.g_idx is None
+    torch.testing.assert_close(layer.quant_method.dequantize(layer), deq, rtol=0, atol=0)
+    shuffled, deq = packers.gptq(w, desc_act=True)
+    source = DictSource({f"p.{k}": v for k, v in shuffled.items()})
+    layer = ColumnParallelLinear(K, N, backend, SINGLE, torch.float32, False, cfg, prefix="p")
+    with caplog.at_level("WARNING"):
+        layer.load(source, "p")
+    assert "not consecutive" in caplog.text and layer.g_idx is not None
+    torch.testing.assert_close(layer.quant_method.dequantize(layer), deq, rtol=0, atol=0)
+    x = _x()
+    _close(layer(x), _reference(x, deq, None))
+    row = RowParallelLinear(K, N, backend, _tp(0, 2), torch.float32, False, True, cfg, "p")
+    with pytest.raises(QuantizedWeightError, match=r"p\.g_idx.*desc_act: true"):
+        row.load(source, "p")
