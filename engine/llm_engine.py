@@ -1,7 +1,8 @@
 """The synchronous engine: requests in, one scheduled model step per `step()`, outputs out.
 
 It wires the pieces together and knows no hardware: capabilities come from `platforms`, ops from
-the HAL backend, memory from the plan, scheduling from `Scheduler`.
+the HAL backend, memory from the plan, scheduling from `Scheduler`. With pipeline parallelism
+(P stages) it keeps up to P batches in flight, so every stage has work.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import itertools
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +20,7 @@ import torch
 import hal
 import platforms
 from engine.detokenizer import IncrementalDetokenizer
-from engine.distributed.executor import Executor, UniprocExecutor
+from engine.distributed.executor import Executor, StepHandle, UniprocExecutor
 from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from engine.graphs import default_sizes, graph_pool_estimate
 from engine.loader import load_model
@@ -87,6 +89,7 @@ class LLMEngine:
                 max_model_len=config.max_model_len,
                 load_format=config.load_format,
                 seed=config.seed,
+                quantization=config.quantization,
             )
             self.dtype = self.model.dtype
         else:  # workers load the shards; the driver reads only the config and tokenizer
@@ -124,7 +127,11 @@ class LLMEngine:
                 self._capture_graphs()
             self.cache_config = cache
             self.scheduler_config = sched
-            self.scheduler = Scheduler(sched, cache)
+            # Pipeline depth: batches in flight at once (one per stage; in-process: 1).
+            self.pipeline_depth = 1
+            if self.model is None:
+                self.pipeline_depth = config.parallel.pipeline_parallel_size
+            self.scheduler = Scheduler(sched, cache, max_batches_in_flight=self.pipeline_depth)
         except BaseException:
             self.shutdown()
             raise
@@ -133,6 +140,7 @@ class LLMEngine:
         self.requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
         self.num_steps = 0
+        self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()  # oldest first
         self.peak_kv_stats = None  # KVCacheStats at the step with the most blocks in use
         for line in self.startup_report():
             logger.info("%s", line)
@@ -313,54 +321,94 @@ class LLMEngine:
         return found
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests not finished, or batches (of aborted ones, perhaps) still in flight."""
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     # -- one step -------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model, sample, stop-check. Returns outputs of requests that got new
-        tokens or finished this step (finished ones are removed from the engine)."""
+        tokens or finished this step (finished ones are removed from the engine).
+
+        With pipeline_depth P > 1 a step first tops the batches in flight up to P (each
+        schedule() skips the sequences already in flight), then waits for the oldest one only.
+        """
+        if self.pipeline_depth > 1:
+            return self._step_pipelined()
         out = self.scheduler.schedule()
-        now = time.time()
+        self._mark_scheduled(out)
         logits = self.executor.execute(out)
-        self.num_steps += 1
-        sampled: dict[int, list[int]] = {}
-        if logits is not None:
-            rows: list[SamplingRow] = []
-            owners: list[tuple[Sequence, int]] = []
-            for ss in out.scheduled:
-                if not ss.samples:
-                    continue
-                seq = ss.seq
-                params = seq.request.sampling_params
-                for k in range(ss.num_samples):
-                    index = seq.index if ss.num_samples == 1 else k
-                    rows.append(
-                        SamplingRow(
-                            params,
-                            seq.request.prompt_token_ids,
-                            seq.output_token_ids,
-                            sample_index=index,
-                        )
-                    )
-                    owners.append((seq, index))
-            # logits rows are one per sampling sequence; repeat rows for a fork's n samples.
-            counts = torch.tensor([ss.num_samples for ss in out.scheduled if ss.samples])
-            if int(counts.sum()) != logits.shape[0]:
-                logits = logits.repeat_interleave(counts.to(logits.device), dim=0)
-            result = self.sampler.sample(logits, rows)
-            for j, (seq, index) in enumerate(owners):
-                sampled.setdefault(seq.seq_id, []).append(result.token_ids[j])
-                state = self.requests[seq.request.request_id]
-                if index not in state.seqs:  # a fork's child: starts as a copy of the parent
-                    state.seqs[index] = state.seqs[seq.index].clone()
-                state.seqs[index].pending_logprob = (result.logprobs[j], result.top_logprobs[j])
+        return self._process_output(out, logits)
+
+    def _step_pipelined(self) -> list[RequestOutput]:
+        while len(self._in_flight) < self.pipeline_depth:
+            out = self.scheduler.schedule()
+            moves = out.blocks_to_swap_out or out.blocks_to_swap_in or out.blocks_to_copy
+            if out.is_empty and not moves:
+                break  # all schedulable work is in flight (or waits for its blocks)
+            self._mark_scheduled(out)
+            self._in_flight.append((out, self.executor.submit(out)))
+        if not self._in_flight:  # nothing to run: report aborted requests
+            return self._collect_outputs(set())
+        out, handle = self._in_flight.popleft()
+        return self._process_output(out, self.executor.collect(handle))
+
+    def _mark_scheduled(self, out: SchedulerOutput) -> None:
+        now = time.time()
         for ss in out.scheduled:
             m = self.requests[ss.seq.request.request_id].metrics
             m.first_scheduled_time = m.first_scheduled_time or now
+
+    def _process_output(
+        self, out: SchedulerOutput, logits: torch.Tensor | None
+    ) -> list[RequestOutput]:
+        """Sample a returned batch's logits, advance its sequences, collect outputs."""
+        self.num_steps += 1
+        sampled: dict[int, list[int]] = {}
+        if logits is not None:
+            # logits rows: one per sampling sequence, in schedule order. Drop the rows of
+            # sequences aborted while their batch was in flight (never the case at depth 1).
+            sampling = [ss for ss in out.scheduled if ss.samples]
+            live = [i for i, ss in enumerate(sampling) if not ss.seq.is_finished]
+            if len(live) != len(sampling):
+                logits, sampling = logits[live], [sampling[i] for i in live]
+            if sampling:
+                sampled = self._sample(sampling, logits)
         new_seqs = self.scheduler.update_from_output(out, sampled, is_stopped=self._check_stop)
         self._record_kv_peak()
         touched = {s.request.request_id for s in new_seqs}
         return self._collect_outputs(touched)
+
+    def _sample(self, sampling: list, logits: torch.Tensor) -> dict[int, list[int]]:
+        """Tokens for each sampling ScheduledSeq: seq_id -> its num_samples tokens."""
+        sampled: dict[int, list[int]] = {}
+        rows: list[SamplingRow] = []
+        owners: list[tuple[Sequence, int]] = []
+        for ss in sampling:
+            seq = ss.seq
+            params = seq.request.sampling_params
+            for k in range(ss.num_samples):
+                index = seq.index if ss.num_samples == 1 else k
+                rows.append(
+                    SamplingRow(
+                        params,
+                        seq.request.prompt_token_ids,
+                        seq.output_token_ids,
+                        sample_index=index,
+                    )
+                )
+                owners.append((seq, index))
+        # logits rows are one per sampling sequence; repeat rows for a fork's n samples.
+        counts = torch.tensor([ss.num_samples for ss in sampling])
+        if int(counts.sum()) != logits.shape[0]:
+            logits = logits.repeat_interleave(counts.to(logits.device), dim=0)
+        result = self.sampler.sample(logits, rows)
+        for j, (seq, index) in enumerate(owners):
+            sampled.setdefault(seq.seq_id, []).append(result.token_ids[j])
+            state = self.requests[seq.request.request_id]
+            if index not in state.seqs:  # a fork's child: starts as a copy of the parent
+                state.seqs[index] = state.seqs[seq.index].clone()
+            state.seqs[index].pending_logprob = (result.logprobs[j], result.top_logprobs[j])
+        return sampled
 
     def _check_stop(self, seq: Sequence) -> bool:
         """Called by the scheduler once per new token: detokenize, record logprobs, stop-check."""

@@ -20,6 +20,14 @@ waiting ones (admission), each in FCFS order. When blocks run out, a sequence di
 latest-arrived running sequence not yet scheduled this step (recompute: free its blocks and start
 over from token 0, keeping its output; swap: move its blocks to the CPU pool), or, if there is none
 later than itself, is preempted itself. A step that preempted admits and swaps in nothing.
+
+Pipelining (max_batches_in_flight = P > 1): the engine may call schedule() up to P times before
+the first output comes back. A sequence is in flight from the schedule() that emits it until
+update_from_output() of that output; schedule() skips it, never preempts it (a sequence that only
+in-flight ones could make room for waits for them instead), and an abort frees its blocks only
+when its output comes back. Each batch takes at most ceil(live sequences / P) of them, so P
+batches share the work. At P = 1 an output always comes back before the next schedule(), and
+none of this changes anything.
 """
 
 from __future__ import annotations
@@ -94,7 +102,17 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting, running and swapped queues and the KV-cache manager."""
 
-    def __init__(self, scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        max_batches_in_flight: int = 1,
+    ) -> None:
+        v = max_batches_in_flight
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(
+                f"max_batches_in_flight must be an integer >= 1 (the pipeline depth), got {v!r}"
+            )
         if cache_config.num_gpu_blocks is None:
             raise ValueError(
                 "cache_config.num_gpu_blocks is None: size the KV cache (the engine's memory "
@@ -133,6 +151,9 @@ class Scheduler:
         self.running: list[Sequence] = []  # sorted by priority
         self.swapped: list[Sequence] = []  # sorted by priority
         self.requests: dict[str, Request] = {}  # unfinished requests
+        self.max_batches_in_flight = max_batches_in_flight
+        # seq_id -> sequence emitted by a schedule() whose update_from_output() has not come yet
+        self.in_flight: dict[int, Sequence] = {}
         self._seq_ids = itertools.count()
         self._arrivals = itertools.count()
         self.num_preemptions = 0
@@ -196,13 +217,19 @@ class Scheduler:
             SequenceStatus.PREEMPTED: self.waiting,
         }[seq.status]
         queue.remove(seq)
-        self.kv.free(seq)
+        if seq.seq_id not in self.in_flight:  # else its batch may still write its blocks
+            self.kv.free(seq)
         seq.status = status
         if seq.request.is_finished:
             del self.requests[seq.request.request_id]
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def num_in_flight(self) -> int:
+        """Sequences scheduled in outputs not yet passed to update_from_output."""
+        return len(self.in_flight)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -221,6 +248,12 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunked = self.config.enable_chunked_prefill
         scheduled_ids: set[int] = set()
+        share = self._batch_share()  # None: no limit but max_num_seqs
+        taken = 0  # sequence slots in this batch (counted only when share is set)
+        blocked = False  # a sequence waits for blocks that in-flight sequences hold
+
+        def full(seq: Sequence) -> bool:  # this batch already holds its share of the sequences
+            return share is not None and taken > 0 and taken + self._num_seqs_needed(seq) > share
 
         # 1. Running sequences: decodes first, then prefill chunks, each in FCFS order.
         decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
@@ -230,21 +263,30 @@ class Scheduler:
                 break
             if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
                 continue
+            if seq.seq_id in self.in_flight:
+                continue
+            if full(seq):
+                break
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not chunked and num_new < seq.num_uncomputed_tokens:
                 continue
             copies = self._allocate_or_preempt(seq, num_new, scheduled_ids, out)
             if copies is None:
+                blocked = blocked or seq.status == SequenceStatus.RUNNING
                 continue
             out.blocks_to_copy.extend(copies)
             self._emit(seq, num_new, out, scheduled_ids)
             budget -= num_new
+            if share is not None:
+                taken += self._num_seqs_needed(seq)
 
         # 2. Swapped sequences, only in a step that preempted nothing (so no CPU block is both
-        #    written by a swap-out and read by a swap-in).
-        while self.swapped and budget > 0 and not out.preempted:
+        #    written by a swap-out and read by a swap-in) and where nobody waits for blocks.
+        while self.swapped and budget > 0 and not out.preempted and not blocked:
             seq = self.swapped[0]
             if self._running_slots() + self._num_seqs_needed(seq) > self.config.max_num_seqs:
+                break
+            if full(seq):
                 break
             num_new = min(seq.num_uncomputed_tokens, budget)
             if not chunked and num_new < seq.num_uncomputed_tokens:
@@ -260,12 +302,16 @@ class Scheduler:
             bisect.insort(self.running, seq, key=_priority)
             self._emit(seq, num_new, out, scheduled_ids)
             budget -= num_new
+            if share is not None:
+                taken += self._num_seqs_needed(seq)
 
         # 3. Waiting sequences (new, or preempted for recompute): strict FCFS, no skipping ahead;
         #    none while earlier sequences wait swapped out.
         while self.waiting and budget > 0 and not out.preempted and not self.swapped:
             seq = self.waiting[0]
             if self._running_slots() + self._num_seqs_needed(seq) > self.config.max_num_seqs:
+                break
+            if blocked or full(seq):
                 break
             hits, num_cached = self.kv.get_computed_blocks(seq)
             num_new = seq.num_tokens - num_cached  # >= 1: a hit never covers the last token
@@ -282,27 +328,47 @@ class Scheduler:
             bisect.insort(self.running, seq, key=_priority)
             self._emit(seq, num_new, out, scheduled_ids)
             budget -= num_new
+            if share is not None:
+                taken += self._num_seqs_needed(seq)
 
         self.kv.release_pending()
+        for ss in out.scheduled:
+            self.in_flight[ss.seq_id] = ss.seq
         return out
 
     def _running_slots(self) -> int:
         return sum(self._num_seqs_needed(s) for s in self.running)
 
+    def _batch_share(self) -> int | None:
+        """Sequence slots one batch may take: None (only max_num_seqs limits) at depth 1, else an
+        equal share of the live ones, so the batches in flight split the work and every pipeline
+        stage stays busy."""
+        depth = self.max_batches_in_flight
+        if depth == 1:
+            return None
+        live = sum(
+            self._num_seqs_needed(s) for queue in (self.running, self.waiting, self.swapped)
+            for s in queue
+        )  # fmt: skip
+        return max(1, -(-min(live, self.config.max_num_seqs) // depth))
+
     def _allocate_or_preempt(
         self, seq: Sequence, num_new: int, scheduled_ids: set[int], out: SchedulerOutput
     ) -> list[tuple[int, int]] | None:
         """Blocks for seq's new tokens, preempting later arrivals until they fit; None if seq
-        itself had to be preempted."""
+        itself had to be preempted, or (still RUNNING) waits for later arrivals in flight."""
         while True:
             copies = self.kv.allocate_slots(seq, num_new)
             if copies is not None:
                 return copies
-            victims = [
+            later = [
                 s
                 for s in self.running
                 if s.seq_id not in scheduled_ids and s.priority > seq.priority
             ]
+            victims = [s for s in later if s.seq_id not in self.in_flight]
+            if later and not victims:  # they become preemptible once their batch comes back
+                return None
             victim = max(victims, key=_priority) if victims else seq
             self._preempt(victim, out)
             if victim is seq:
@@ -386,7 +452,10 @@ class Scheduler:
         new_seqs: list[Sequence] = []
         for ss in out.scheduled:
             seq = ss.seq
+            was_in_flight = self.in_flight.pop(seq.seq_id, None) is not None
             if seq.is_finished:
+                if was_in_flight:  # finished (aborted) while in flight: its free was deferred
+                    self.kv.free(seq)
                 continue
             seq.num_computed_tokens += ss.num_new_tokens
             self.kv.cache_full_blocks(seq)

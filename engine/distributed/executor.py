@@ -2,8 +2,10 @@
 one worker per device, in spawned processes ("mp", one host) or Ray actors ("ray", many hosts).
 
 The scheduler and KV-cache manager stay on the driver; each step goes to every rank and the logits
-come back from the last stage's tp rank 0. A dead, stopped or never-joining worker fails the call
-with a DistributedError naming the rank, after which every worker is gone.
+come back from the last stage's tp rank 0. Steps can be submitted without waiting (`submit`) and
+collected later in submission order (`collect`), so with pipeline parallelism several batches are in
+flight at once. A dead, stopped or never-joining worker fails the call with a DistributedError
+naming the rank, after which every worker is gone.
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import struct
 import time
 import weakref
 from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_connections
 from pathlib import Path
 from typing import Any
@@ -42,8 +47,26 @@ LOOPBACK = "127.0.0.1"
 HEARTBEAT_STALE_S = 10 * HEARTBEAT_INTERVAL_S
 
 
+@dataclass
+class StepHandle:
+    """A submitted step: its number, the executor's receipt for it and (in-process) its result."""
+
+    step: int
+    token: Any = None  # Ray object refs; None where replies come back in order on pipes
+    logits: torch.Tensor | None = None  # UniprocExecutor: computed at submit
+
+
 class Executor(ABC):
-    """Runs the model: per-block KV bytes, KV allocation, one step -> logits on the driver."""
+    """Runs the model: per-block KV bytes, KV allocation, one step -> logits on the driver.
+
+    `execute(out)` runs a step and waits for it; `submit(out)` starts one and returns a handle
+    that `collect(handle)` later turns into its logits. Handles are collected in submission order
+    and every rank runs steps in that order, so step k+1 may start on stage 0 while stage 1 still
+    runs step k. num_in_flight / max_in_flight count submitted, uncollected steps.
+    """
+
+    num_in_flight: int = 0
+    max_in_flight: int = 0
 
     @abstractmethod
     def block_bytes(self) -> int:
@@ -54,8 +77,27 @@ class Executor(ABC):
         """Allocate num_blocks KV blocks (and swap blocks) on every rank."""
 
     @abstractmethod
+    def submit(self, out) -> StepHandle:
+        """Start running a SchedulerOutput without waiting for it."""
+
+    @abstractmethod
+    def collect(self, handle: StepHandle) -> torch.Tensor | None:
+        """Wait for a submitted step (the oldest one not yet collected): fp32 logits
+        [num_sampling_seqs, vocab] in schedule order, or None when nothing samples."""
+
     def execute(self, out) -> torch.Tensor | None:
-        """Run a SchedulerOutput; fp32 logits [num_sampling_seqs, vocab] in schedule order."""
+        """Run a SchedulerOutput and wait: fp32 logits [num_sampling_seqs, vocab] in schedule
+        order, or None when nothing samples."""
+        return self.collect(self.submit(out))
+
+    def _count_submitted(self) -> None:
+        self.num_in_flight += 1
+        if self.num_in_flight > self.max_in_flight:
+            self.max_in_flight = self.num_in_flight
+            logger.debug("%d steps in flight (the most so far)", self.num_in_flight)
+
+    def _count_collected(self) -> None:
+        self.num_in_flight -= 1
 
     def shutdown(self) -> None:  # noqa: B027 (nothing to release in-process)
         """Release workers and their ports; idempotent."""
@@ -79,6 +121,16 @@ class UniprocExecutor(Executor):
 
     def execute(self, out) -> torch.Tensor | None:
         return self.runner.execute(out)
+
+    def submit(self, out) -> StepHandle:
+        """Runs the step at once (in-process there is nothing to overlap with)."""
+        handle = StepHandle(0, logits=self.runner.execute(out))
+        self._count_submitted()
+        return handle
+
+    def collect(self, handle: StepHandle) -> torch.Tensor | None:
+        self._count_collected()
+        return handle.logits
 
 
 # -- checks before any worker starts ---------------------------------------------------------------
@@ -181,6 +233,7 @@ class DistributedExecutor(Executor):
         self.infos: list[WorkerInfo] = []
         self.plans: list[MemoryPlan] = []
         self.num_steps = 0
+        self._pending: deque[StepHandle] = deque()  # submitted steps, oldest first
         world = self.layout.world_size
         threads = max(1, (os.cpu_count() or 1) // world)
         self.specs = [
@@ -234,8 +287,21 @@ class DistributedExecutor(Executor):
         """Start one worker per rank; return the rendezvous (address, port) of rank 0."""
 
     @abstractmethod
+    def _submit_all(self, method: str, args: tuple, what: str) -> Any:
+        """Send Worker.method(*args) to every rank without waiting; returns a receipt."""
+
+    @abstractmethod
+    def _wait_all(self, receipt: Any, timeout_s: float, what: str) -> list:
+        """Wait for the call of `receipt` (the oldest not yet waited for) on every rank; results
+        in rank order."""
+
     def _call_all(self, method: str, args: tuple, timeout_s: float, what: str) -> list:
-        """Call Worker.method(*args) on every rank at once; results in rank order."""
+        """Call Worker.method(*args) on every rank at once and wait; results in rank order."""
+        if self._pending:
+            raise RuntimeError(
+                f"{what}: {len(self._pending)} steps are still in flight; collect them first"
+            )
+        return self._wait_all(self._submit_all(method, args, what), timeout_s, what)
 
     @abstractmethod
     def _stop_workers(self) -> None:
@@ -280,12 +346,25 @@ class DistributedExecutor(Executor):
             "allocate", (num_blocks, num_cpu_blocks), self.parallel.step_timeout_s, "allocating KV"
         )
 
-    def execute(self, out) -> torch.Tensor | None:
+    def submit(self, out) -> StepHandle:
         step = StepInput.from_scheduler_output(out)
         self.num_steps += 1
-        results = self._call_all(
-            "execute", (step,), self.parallel.step_timeout_s, f"step {self.num_steps}"
-        )
+        receipt = self._submit_all("execute", (step,), f"step {self.num_steps}")
+        handle = StepHandle(self.num_steps, receipt)
+        self._pending.append(handle)
+        self._count_submitted()
+        return handle
+
+    def collect(self, handle: StepHandle) -> torch.Tensor | None:
+        if not self._pending or self._pending[0] is not handle:
+            oldest = self._pending[0].step if self._pending else None
+            raise RuntimeError(
+                f"step {handle.step} collected out of order: steps come back in submission "
+                f"order (the oldest in flight is {oldest})"
+            )
+        results = self._wait_all(handle.token, self.parallel.step_timeout_s, f"step {handle.step}")
+        self._pending.popleft()
+        self._count_collected()
         return results[self.layout.output_rank]
 
     def describe(self) -> list[str]:
@@ -328,6 +407,7 @@ class MultiprocExecutor(DistributedExecutor):
             )
             proc.start()
             child.close()
+            bound_send_time(parent, self.parallel.step_timeout_s)
             self.procs.append(proc)
             self.conns.append(parent)
         # Stop the workers when the executor is collected or the interpreter exits.
@@ -338,13 +418,20 @@ class MultiprocExecutor(DistributedExecutor):
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def _call_all(self, method: str, args: tuple, timeout_s: float, what: str) -> list:
+    def _submit_all(self, method: str, args: tuple, what: str) -> None:
+        # Never blocks for long: each worker's reader thread drains its pipe while it computes.
         self._check_alive()
         for rank, conn in enumerate(self.conns):
             try:
                 conn.send((method, args))
+            except BlockingIOError:  # the pipe stayed full for step_timeout_s: rank stopped
+                raise self._timed_out({rank}, what, self.parallel.step_timeout_s) from None
             except (BrokenPipeError, OSError):
                 raise self._died(rank, what) from None
+
+    def _wait_all(self, receipt: None, timeout_s: float, what: str) -> list:
+        # Each rank answers its calls in order, so the next reply on each pipe is this call's.
+        self._check_alive()
         results: list[Any] = [None] * len(self.conns)
         pending = set(range(len(self.conns)))
         deadline = time.monotonic() + timeout_s
@@ -409,11 +496,25 @@ class MultiprocExecutor(DistributedExecutor):
         self._stop_workers()
 
 
+def bound_send_time(conn, timeout_s: float) -> None:
+    """Make a send on conn (one end of a socket-pair Pipe) raise BlockingIOError once it has waited
+    timeout_s for room, instead of blocking forever when the peer stops reading (a stopped worker
+    whose socket buffer is full)."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))  # the option belongs to the socket
+    try:
+        sec = int(timeout_s)
+        timeval = struct.pack("ll", sec, int((timeout_s - sec) * 1e6))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    finally:
+        sock.close()  # closes the duplicate only
+
+
 def _stop_processes(procs: list, conns: list, grace_s: float = 2.0) -> None:
     """Ask each live worker to exit, then terminate, then kill; close every pipe."""
     for proc, conn in zip(procs, conns, strict=True):
         if proc.is_alive():
             try:
+                bound_send_time(conn, grace_s)  # a stopped worker may not read it
                 conn.send(("shutdown", ()))
             except (BrokenPipeError, OSError):
                 pass
@@ -550,10 +651,14 @@ class RayExecutor(DistributedExecutor):
     def worker_pids(self) -> list[int]:
         return list(self._pids)
 
-    def _call_all(self, method: str, args: tuple, timeout_s: float, what: str) -> list:
+    def _submit_all(self, method: str, args: tuple, what: str) -> list:
+        # A (synchronous, single-threaded) actor runs one caller's calls in submission order.
         self._check_alive()
-        refs = [a.call.remote(method, *args) for a in self.actors]
-        return self._gather(refs, timeout_s, what)
+        return [a.call.remote(method, *args) for a in self.actors]
+
+    def _wait_all(self, receipt: list, timeout_s: float, what: str) -> list:
+        self._check_alive()
+        return self._gather(receipt, timeout_s, what)
 
     def _gather(self, refs: list, timeout_s: float, what: str) -> list:
         ray = self.ray

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 import traceback
@@ -250,21 +251,37 @@ def _heartbeat(heartbeats, rank: int, parent_pid: int) -> None:
         time.sleep(HEARTBEAT_INTERVAL_S)
 
 
+def _read_requests(conn, requests: queue.SimpleQueue) -> None:
+    """Move requests from the pipe to the queue as they arrive (None once the pipe closes), so the
+    driver's sends of later steps never wait for this rank to finish the current one."""
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            requests.put(None)
+            return
+        requests.put(request)
+        if request[0] == "shutdown":
+            return
+
+
 def worker_main(spec: WorkerSpec, conn, heartbeats, parent_pid: int) -> None:
-    """A worker process: answer (method, args) requests on conn with ("ok", result) or
-    ("error", message) until "shutdown" or the driver's end closes."""
+    """A worker process: answer (method, args) requests on conn, in order, with ("ok", result)
+    or ("error", message) until "shutdown" or the driver's end closes."""
     logging.basicConfig(
         level=spec.log_level, format=f"(rank {spec.rank}) %(levelname)s %(name)s: %(message)s"
     )
     threading.Thread(
         target=_heartbeat, args=(heartbeats, spec.rank, parent_pid), daemon=True
     ).start()
+    requests: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_read_requests, args=(conn, requests), daemon=True).start()
     worker = Worker(spec)
     while True:
-        try:
-            method, args = conn.recv()
-        except (EOFError, OSError):
+        request = requests.get()
+        if request is None:
             break
+        method, args = request
         if method == "shutdown":
             worker.shutdown()
             conn.send(("ok", None))

@@ -1,4 +1,5 @@
-"""TP=2, PP=2 and TP=2 x PP=2 (worker processes, gloo) give the TP=1 greedy tokens.
+"""TP=2, PP=2 and TP=2 x PP=2 (worker processes, gloo) give the TP=1 greedy tokens, with as many
+batches in flight as pipeline stages and every KV block back in the pool at the end.
 
 Where a sequence differs, the first differing step must be a near-tie in the TP=1 run (its top two
 log-probabilities within NEAR_TIE): the ranks sum partial products in another order, which may flip
@@ -79,3 +80,6 @@ def test_parallel_matches_single(tp, pp, reference, dist_model):
     report = "\n".join(engine.startup_report())
     assert f"tensor_parallel {tp} x pipeline_parallel {pp}, collectives gloo" in report
     assert executor.failure is None
+    # PP stages overlap: as many batches in flight as stages (the driver had pp outstanding).
+    assert executor.max_in_flight == pp and executor.num_in_flight == 0
+    assert engine.kv_stats().num_used_blocks == 0 and not engine.scheduler.in_flight

@@ -6,8 +6,11 @@ and the rendezvous port released (counted with psutil).
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import signal
+import socket
+import struct
 import time
 
 import psutil
@@ -16,7 +19,7 @@ import pytest
 from engine import SamplingParams
 from engine.config import CacheConfig
 from engine.distributed import DistributedError
-from engine.distributed.executor import MultiprocExecutor, driver_model_info
+from engine.distributed.executor import MultiprocExecutor, bound_send_time, driver_model_info
 from engine.distributed.worker import worker_main
 from engine.engine_config import EngineConfig, ParallelConfig
 from engine.llm_engine import LLMEngine
@@ -128,3 +131,21 @@ def test_world_that_cannot_form_fails_within_the_deadline(dist_model, cpu_caps: 
         NeverJoins(config, cpu_caps, model_config, path)
     assert time.monotonic() - start < 3.0 + 30
     assert _children() <= before
+
+
+def test_send_to_a_worker_that_stopped_reading_fails_after_the_deadline():
+    """With several steps in flight the driver may send to a stopped rank whose socket buffer is
+    full; the send gives up after step_timeout_s (the executor then names the rank)."""
+    parent, child = mp.Pipe()
+    bound_send_time(parent, 0.5)
+    sock = socket.socket(fileno=os.dup(parent.fileno()))
+    timeval = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, 16)
+    sock.close()
+    assert struct.unpack("ll", timeval) == (0, 500000)  # else the sends below would block forever
+    start = time.monotonic()
+    with pytest.raises(BlockingIOError):
+        for _ in range(64):  # nobody reads child: the buffer fills, then the send times out
+            parent.send_bytes(bytes(1 << 20))
+    assert 0.5 <= time.monotonic() - start < 5
+    parent.close()
+    child.close()

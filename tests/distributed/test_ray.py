@@ -1,4 +1,5 @@
-"""The Ray executor on a local three-node Ray cluster on 127.0.0.1 gives the multiprocess tokens.
+"""The Ray executor on a local three-node Ray cluster on 127.0.0.1 gives the multiprocess tokens
+(TP=2), and the in-process tokens with two pipeline stages and two batches in flight (PP=2).
 
 One CPU per node, so the placement group's two bundles (one per rank) land on different nodes.
 """
@@ -36,14 +37,14 @@ def ray_cluster():
     cluster.shutdown()
 
 
-def _tokens(model: str, backend: str):
+def _tokens(model: str, backend: str | None, **layout):
     llm = LLM(
         model=model,
         dtype="float32",
         device="cpu",
         kv_cache_memory_bytes=2 << 20,
-        tensor_parallel_size=2,
         distributed_executor_backend=backend,
+        **(layout or {"tensor_parallel_size": 2}),
     )
     try:
         outputs = llm.generate(prompt_token_ids=PROMPTS, sampling_params=PARAMS, use_tqdm=False)
@@ -64,3 +65,13 @@ def test_ray_matches_multiprocess(ray_cluster, dist_model):
     assert ray.util.placement_group_table() == {} or all(
         pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values()
     )
+
+
+def test_ray_pipeline_runs_two_batches_in_flight(ray_cluster, dist_model):
+    """PP=2 on two Ray nodes: an actor runs one caller's calls in submission order, so stage 0
+    takes the next batch while stage 1 runs the current one; tokens equal the in-process run."""
+    want, _ = _tokens(dist_model, None, tensor_parallel_size=1)
+    got, executor = _tokens(dist_model, "ray", pipeline_parallel_size=2)
+    assert got == want
+    assert executor.kind == "ray" and executor.max_in_flight == 2
+    assert len(set(executor.bundle_nodes)) == 2
