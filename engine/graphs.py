@@ -32,6 +32,14 @@ def default_sizes(max_num_seqs: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
+def configured_sizes(config) -> tuple[int, ...]:
+    """An EngineConfig's decode buckets: none with enforce_eager, else cuda_graph_sizes or the
+    defaults for its max_num_seqs."""
+    if config.enforce_eager:
+        return ()
+    return tuple(config.cuda_graph_sizes or default_sizes(config.scheduler.max_num_seqs))
+
+
 def graph_pool_estimate(activation_peak: int, profile_tokens: int, max_size: int) -> int:
     """Bytes to reserve for the decode graphs before capturing them: the buckets share one pool
     sized by the largest, whose activations scale with its tokens against the profiled peak;

@@ -22,7 +22,7 @@ import platforms
 from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed.executor import Executor, StepHandle, UniprocExecutor
 from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig
-from engine.graphs import default_sizes, graph_pool_estimate
+from engine.graphs import configured_sizes, graph_pool_estimate
 from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -114,7 +114,7 @@ class LLMEngine:
             if self.model is not None:
                 self.runner = ModelRunner(
                     self.model, self.backend, cache.block_size, self.dtype,
-                    graph_sizes=self.graph_sizes(sched.max_num_seqs), max_model_len=max_model_len,
+                    graph_sizes=configured_sizes(self.config), max_model_len=max_model_len,
                 )  # fmt: skip
                 self.executor = UniprocExecutor(self.runner)
             self.memory_plan = self._plan_memory(cache)
@@ -125,6 +125,8 @@ class LLMEngine:
             self.executor.allocate(cache.num_gpu_blocks, cache.num_cpu_blocks or 0)
             if self.runner is not None:
                 self._capture_graphs()
+            else:  # the workers captured theirs in allocate
+                self.memory_plan.graph_pool_bytes = getattr(self.executor, "graph_pool_bytes", 0)
             self.cache_config = cache
             self.scheduler_config = sched
             # Pipeline depth: batches in flight at once (one per stage; in-process: 1).
@@ -146,12 +148,6 @@ class LLMEngine:
             logger.info("%s", line)
 
     # -- setup --------------------------------------------------------------------------------
-    def graph_sizes(self, max_num_seqs: int) -> tuple[int, ...]:
-        """Decode batch sizes to capture: none with enforce_eager, else the configured buckets."""
-        if self.config.enforce_eager:
-            return ()
-        return self.config.cuda_graph_sizes or default_sizes(max_num_seqs)
-
     def _capture_graphs(self) -> None:
         """Capture decode graphs after the KV cache exists; the plan shows what they took."""
         reserved = self.memory_plan.graph_pool_bytes

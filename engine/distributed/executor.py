@@ -36,6 +36,7 @@ from engine.distributed.worker import (
     worker_main,
 )
 from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig, ParallelConfig
+from engine.graphs import configured_sizes
 from engine.memory import MemoryPlan
 from engine.model_config import ModelConfig
 from engine.runner import ModelRunner
@@ -250,6 +251,10 @@ class DistributedExecutor(Executor):
                 init_timeout_s=par.init_timeout_s,
                 num_threads=threads if self.device_type == "cpu" else None,
                 log_level=logging.getLogger().getEffectiveLevel(),
+                load_format=config.load_format,
+                seed=config.seed,
+                quantization=config.quantization,
+                graph_sizes=configured_sizes(config),
             )
             for r in range(world)
         ]
@@ -342,9 +347,11 @@ class DistributedExecutor(Executor):
         return plan
 
     def allocate(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
-        self._call_all(
-            "allocate", (num_blocks, num_cpu_blocks), self.parallel.step_timeout_s, "allocating KV"
-        )
+        used = self._call_all(
+            "allocate", (num_blocks, num_cpu_blocks), self.parallel.step_timeout_s,
+            "allocating KV and capturing graphs",
+        )  # fmt: skip
+        self.graph_pool_bytes = max((u or 0) for u in used) if used else 0
 
     def submit(self, out) -> StepHandle:
         step = StepInput.from_scheduler_output(out)

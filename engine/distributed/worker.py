@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.distributed.collectives import PipelineChannel, WorldLayout, init_world
+from engine.graphs import graph_pool_estimate
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.parallel import SINGLE, ParallelContext
 from engine.runner import ModelRunner
@@ -39,6 +40,10 @@ class WorkerSpec:
     init_timeout_s: float
     num_threads: int | None = None  # CPU threads for this rank's torch ops (CPU only)
     log_level: int = logging.WARNING
+    load_format: str = "auto"  # "dummy": random weights (the same on every rank)
+    seed: int = 0
+    quantization: str | None = None  # online quantization ("fp8"), as EngineConfig's
+    graph_sizes: tuple[int, ...] = ()  # decode batch sizes to capture (empty: eager)
 
 
 @dataclass
@@ -156,8 +161,14 @@ class Worker:
             parallel,
             max_model_len=spec.max_model_len,
             with_tokenizer=False,
+            load_format=spec.load_format,
+            seed=spec.seed,
+            quantization=spec.quantization,
         )
-        self.runner = ModelRunner(self.model, backend, spec.block_size, self.model.dtype)
+        self.runner = ModelRunner(
+            self.model, backend, spec.block_size, self.model.dtype,
+            graph_sizes=spec.graph_sizes, max_model_len=spec.max_model_len,
+        )  # fmt: skip
         return WorkerInfo(
             rank=self.rank,
             pid=os.getpid(),
@@ -187,9 +198,13 @@ class Worker:
         if runner.device.type == "cpu":
             return plan_cpu(self.model, block_bytes, block_size, kv_cache_memory_bytes)
         peak = self._profile_activation_peak(profile_tokens)
+        graphs = 0
+        if not runner.graph_reasons():
+            graphs = graph_pool_estimate(peak, profile_tokens, max(runner.graph_sizes))
         return plan_gpu(
-            self.model, runner.device, block_bytes, block_size, gpu_memory_utilization, peak
-        )
+            self.model, runner.device, block_bytes, block_size, gpu_memory_utilization, peak,
+            graph_pool_bytes=graphs,
+        )  # fmt: skip
 
     def _profile_activation_peak(self, num_tokens: int) -> int:
         """One forward of num_tokens tokens (all ranks at once, so collectives pair up)."""
@@ -211,8 +226,11 @@ class Worker:
         torch.cuda.empty_cache()
         return int(peak)
 
-    def allocate(self, num_blocks: int, num_cpu_blocks: int) -> None:
+    def allocate(self, num_blocks: int, num_cpu_blocks: int) -> int:
+        """Allocate the KV cache, then capture the decode graphs (every rank at once, so the
+        all-reduces inside them pair up); returns the bytes the graphs took."""
         self.runner.allocate(num_blocks, num_cpu_blocks)
+        return self.runner.capture_graphs()
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor | None:
@@ -227,7 +245,7 @@ class Worker:
             intermediate = self.channel.recv(
                 batch.num_tokens, model.config.hidden_size, model.dtype, runner.device
             )
-        out = model(batch, runner.kv_caches, intermediate)
+        out = runner.forward(batch, intermediate)
         if self.channel is not None and self.channel.next_rank is not None:
             self.channel.send(*out)
             return None

@@ -1,13 +1,19 @@
-"""GGUF files (llama architecture): metadata -> ModelConfig, tensors dequantized per shard.
+"""GGUF files (llama architecture): metadata -> ModelConfig, tensors read per shard.
 
-Weights are dequantized with the `gguf` package, as transformers does, and renamed to Hugging Face
-names. llama.cpp's converter permutes the rows of q and k (and their biases) inside each head so
-its GPT-J-style rotary works; we undo it to get the HF (NeoX-style) layout back.
+Linear weights of a block type the HAL's gguf_gemm ops take (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) are
+read as their raw ggml blocks (`read_blocks`) and stay quantized (engine.quantization.gguf);
+everything else is dequantized with the `gguf` package, as transformers does (`read`).
+HAL_GGUF_DEQUANTIZE=1 (or `GGUFSource(path, dequantize=True)`) dequantizes every tensor at load,
+the behaviour before blocks were kept. Names become Hugging Face names. llama.cpp's converter
+permutes the rows of q and k (and their biases) inside each head so its GPT-J-style rotary works;
+we undo it (on float rows or whole block rows alike) to get the HF (NeoX-style) layout back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -17,8 +23,25 @@ import torch
 
 from engine.model_config import ModelConfig
 from engine.parallel import WeightLoadError
+from hal.backend import GGUF_BLOCK_TYPES
 
 logger = logging.getLogger(__name__)
+
+# Set to 1 to dequantize every GGUF tensor at load (float weights, as transformers loads them).
+DEQUANTIZE_ENV = "HAL_GGUF_DEQUANTIZE"
+
+
+def dequantize_requested(dequantize: bool | None = None) -> bool:
+    """`dequantize` if given, else HAL_GGUF_DEQUANTIZE (default off: keep block weights)."""
+    if dequantize is not None:
+        return dequantize
+    value = os.environ.get(DEQUANTIZE_ENV, "").strip().lower()
+    if value in ("", "0", "false", "off", "no"):
+        return False
+    if value in ("1", "true", "on", "yes"):
+        return True
+    raise ValueError(f"{DEQUANTIZE_ENV}: {value!r} is not one of 1/0, true/false, on/off, yes/no")
+
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -78,10 +101,15 @@ def _column_bytes(
 
 
 class GGUFSource:
-    """A `TensorSource` over one GGUF file; reads metadata once and dequantizes on demand."""
+    """A `TensorSource` over one GGUF file; reads metadata once, tensors on demand: `read`
+    dequantizes, `read_blocks` gives a block-quantized weight's raw ggml blocks.
 
-    def __init__(self, path: str | Path) -> None:
+    dequantize=None reads HAL_GGUF_DEQUANTIZE; True makes `config()` ask for no block weights.
+    """
+
+    def __init__(self, path: str | Path, dequantize: bool | None = None) -> None:
         self.path = Path(path)
+        self.dequantize = dequantize_requested(dequantize)
         if not self.path.is_file():
             raise WeightLoadError(f"{self.path}: GGUF file not found")
         try:
@@ -117,7 +145,20 @@ class GGUFSource:
             meta[f"{arch}.vocab_size"] = self.num_tokens
         config = ModelConfig.from_gguf_metadata(meta, self.gguf_names, source=str(self.path))
         self.head_dim = config.head_dim
-        return config
+        types = self.tensor_types()
+        if self.dequantize or not any(t in GGUF_BLOCK_TYPES for t in types.values()):
+            return config
+        # Block weights stay quantized: engine.quantization's "gguf" method reads the types.
+        quant = {"quant_method": "gguf", "tensor_types": types}
+        return dataclasses.replace(config, quantization_config=quant)
+
+    def tensor_type(self, name: str) -> str:
+        """The GGML type of tensor `name`: "F32", "F16", "BF16", "Q4_1", "Q6_K", ..."""
+        return self._tensor(name).tensor_type.name
+
+    def tensor_types(self) -> dict[str, str]:
+        """{Hugging Face name: GGML type} of every tensor the model reads."""
+        return {name: t.tensor_type.name for name, t in self._tensors.items()}
 
     @property
     def chat_template(self) -> str | None:
@@ -180,3 +221,62 @@ class GGUFSource:
             w = w[tuple(index)]
         w = np.ascontiguousarray(w)
         return torch.from_numpy(w if w.flags.writeable else w.copy())
+
+    def read_blocks(
+        self, name: str, dim: int | None = None, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """The raw ggml blocks of block-quantized weight `name` [rows, cols] as uint8 [rows,
+        cols / block_size * type_size], or of its rows [start, stop) (dim 0, any rows; whole
+        heads for q/k) or columns [start, stop) (dim 1, at block boundaries), q/k rows
+        un-permuted. The type is `tensor_type(name)`, one of hal.backend.GGUF_BLOCK_TYPES."""
+        tensor = self._tensor(name)
+        qtype = tensor.tensor_type.name
+        where = self.location(name)
+        if qtype not in GGUF_BLOCK_TYPES:
+            raise WeightLoadError(
+                f"{where}: tensor {name!r} is {qtype}, not a block type kept quantized "
+                f"({', '.join(GGUF_BLOCK_TYPES)}); read it dequantized with read()"
+            )
+        shape = self.shape(name)
+        block_size, type_size = GGUF_BLOCK_TYPES[qtype]
+        data = np.asarray(tensor.data)  # uint8 [rows, bytes_per_row], a view of the file
+        if len(shape) != 2 or shape[1] % block_size:
+            raise WeightLoadError(
+                f"{where}: tensor {name!r} of shape {list(shape)} is not a 2-D weight of whole "
+                f"{qtype} blocks ({block_size} values)"
+            )
+        rows, cols = shape
+        expected = (rows, cols // block_size * type_size)
+        if data.dtype != np.uint8 or tuple(data.shape) != expected:
+            raise WeightLoadError(
+                f"{where}: tensor {name!r} holds {data.dtype} {list(data.shape)}, expected "
+                f"uint8 {list(expected)} for {qtype} [{rows}, {cols}]"
+            )
+        permuted = ".q_proj." in name or ".k_proj." in name
+        if dim == 0:
+            stop = rows if stop is None else stop
+            if not 0 <= start <= stop <= rows:
+                raise ValueError(f"rows [{start}:{stop}] lie outside tensor {name!r}'s {rows}")
+            data = data[start:stop]
+        elif dim == 1:
+            stop = cols if stop is None else stop
+            if not 0 <= start <= stop <= cols:
+                raise ValueError(f"columns [{start}:{stop}] lie outside tensor {name!r}'s {cols}")
+            if start % block_size or stop % block_size:
+                raise WeightLoadError(
+                    f"{where}: tensor {name!r} columns [{start}:{stop}] cut through {qtype} "
+                    f"blocks of {block_size} values; slice K at multiples of {block_size}"
+                )
+            data = data[:, start // block_size * type_size : stop // block_size * type_size]
+        elif dim is not None:
+            raise ValueError(f"dim: {dim} is not 0 (rows), 1 (columns) or None")
+        if permuted:
+            if self.head_dim is None:
+                raise RuntimeError("GGUFSource.config() must run before reading q/k tensors")
+            if data.shape[0] % self.head_dim or (dim == 0 and start % self.head_dim):
+                raise WeightLoadError(
+                    f"{where}: q/k rows [{start}:{stop}] do not cover whole heads of head_dim "
+                    f"{self.head_dim}"
+                )
+            data = _unpermute_rows(data, self.head_dim)  # row-wise: whole block rows move
+        return torch.from_numpy(np.array(data, dtype=np.uint8, copy=True))

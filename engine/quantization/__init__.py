@@ -1,5 +1,6 @@
 """Quantized linear layers: one `QuantizationConfig` per checkpoint format (GPTQ, AWQ, AutoRound,
-compressed-tensors, FP8) or online FP8, each giving every linear layer a `LinearMethod`.
+compressed-tensors, FP8, GGUF blocks) or online FP8, each giving every linear layer a
+`LinearMethod`.
 
 `get_quantization_config(quantization_config, quantization, backend, source)` picks the config
 from config.json's quantization_config and the user's `quantization` argument.
@@ -21,6 +22,7 @@ from engine.quantization.base import (
 )
 from engine.quantization.compressed_tensors import CompressedTensorsConfig
 from engine.quantization.fp8 import FP8Config, FP8UnavailableError, OnlineFP8Config
+from engine.quantization.gguf import GGUFConfig
 from engine.quantization.gptq import GPTQConfig
 from hal.backend import Backend
 
@@ -45,6 +47,7 @@ QUANT_METHODS = {
     "intel/auto-round": AutoRoundConfig,
     "compressed-tensors": CompressedTensorsConfig,
     "fp8": FP8Config,
+    "gguf": GGUFConfig,  # written by engine.loader.gguf for a .gguf file's block weights
 }
 # `quantization=` values that quantize a float checkpoint at load.
 ONLINE_METHODS = ("fp8",)
