@@ -45,8 +45,17 @@ class IncrementalDetokenizer:
 
     @property
     def output_text(self) -> str:
-        """The text handed out so far (all of it once finished)."""
+        """The text handed out so far (all of it once finished). Without stop strings, tokens
+        are decoded when the text is asked for, not per token (a batch run never asks before
+        the end)."""
+        if self._lazy and self.read_offset < len(self.token_ids):
+            self.text += self._decode_step(flush=False)
+            self.num_emitted = len(self.text)
         return self.text[: self.num_emitted]
+
+    @property
+    def _lazy(self) -> bool:
+        return not self.params.stop_strings
 
     @property
     def stopped(self) -> bool:
@@ -85,6 +94,16 @@ class IncrementalDetokenizer:
         ids = list(new_token_ids)
         if stop_terminated and ids and not self.params.include_stop_str_in_output:
             ids = ids[:-1]
+        if self._lazy and not finished:  # nothing to search: decode when the text is asked for
+            self.token_ids.extend(ids)
+            return ""
+        if self._lazy:  # finished: everything pending at once, unfinished bytes flushed
+            self.token_ids.extend(ids)
+            if self.read_offset < len(self.token_ids):
+                self.text += self._decode_step(flush=True)
+            delta = self.text[self.num_emitted :]
+            self.num_emitted = len(self.text)
+            return delta
         checked = len(self.text)
         for i, token_id in enumerate(ids):
             self.token_ids.append(token_id)

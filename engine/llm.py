@@ -167,7 +167,7 @@ class LLM:
         results: list[RequestOutput | None] = [None] * len(items)
         bar = tqdm(total=len(items), desc="generating", disable=not use_tqdm or len(items) < 2)
         while engine.has_unfinished_requests():
-            for out in engine.step():
+            for out in engine.step(stream=False):
                 if out.finished and out.request_id in order:
                     results[order[out.request_id]] = out
                     bar.update(1)

@@ -321,21 +321,22 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     # -- one step -------------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, stream: bool = True) -> list[RequestOutput]:
         """Schedule, run the model, sample, stop-check. Returns outputs of requests that got new
-        tokens or finished this step (finished ones are removed from the engine).
+        tokens or finished this step (finished ones are removed from the engine); with stream
+        False only the finished ones (no partial outputs built, so no text decoded mid-way).
 
         With pipeline_depth P > 1 a step first tops the batches in flight up to P (each
         schedule() skips the sequences already in flight), then waits for the oldest one only.
         """
         if self.pipeline_depth > 1:
-            return self._step_pipelined()
+            return self._step_pipelined(stream)
         out = self.scheduler.schedule()
         self._mark_scheduled(out)
         logits = self.executor.execute(out)
-        return self._process_output(out, logits)
+        return self._process_output(out, logits, stream)
 
-    def _step_pipelined(self) -> list[RequestOutput]:
+    def _step_pipelined(self, stream: bool) -> list[RequestOutput]:
         while len(self._in_flight) < self.pipeline_depth:
             out = self.scheduler.schedule()
             moves = out.blocks_to_swap_out or out.blocks_to_swap_in or out.blocks_to_copy
@@ -346,7 +347,7 @@ class LLMEngine:
         if not self._in_flight:  # nothing to run: report aborted requests
             return self._collect_outputs(set())
         out, handle = self._in_flight.popleft()
-        return self._process_output(out, self.executor.collect(handle))
+        return self._process_output(out, self.executor.collect(handle), stream)
 
     def _mark_scheduled(self, out: SchedulerOutput) -> None:
         now = time.time()
@@ -355,7 +356,7 @@ class LLMEngine:
             m.first_scheduled_time = m.first_scheduled_time or now
 
     def _process_output(
-        self, out: SchedulerOutput, logits: torch.Tensor | None
+        self, out: SchedulerOutput, logits: torch.Tensor | None, stream: bool = True
     ) -> list[RequestOutput]:
         """Sample a returned batch's logits, advance its sequences, collect outputs."""
         self.num_steps += 1
@@ -371,7 +372,7 @@ class LLMEngine:
                 sampled = self._sample(sampling, logits)
         new_seqs = self.scheduler.update_from_output(out, sampled, is_stopped=self._check_stop)
         self._record_kv_peak()
-        touched = {s.request.request_id for s in new_seqs}
+        touched = {s.request.request_id for s in new_seqs} if stream else set()
         return self._collect_outputs(touched)
 
     def _sample(self, sampling: list, logits: torch.Tensor) -> dict[int, list[int]]:
