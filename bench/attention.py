@@ -2,15 +2,18 @@
 of the copy bandwidth measured here, causal varlen prefill in TFLOP/s, and the seed documents'
 comparison (naive, SDPA, FA2, xFormers, ours: latency, tokens/s, peak memory).
 
-    python bench/attention.py all --out /tmp/attn          # autotune + decode + prefill + compare
+    python bench/attention.py all --out /tmp/attn          # autotunes + decode + prefill + compare
+    python bench/attention.py decode prefill --autotune --out /tmp/attn   # both tables (< 4 min)
     python bench/attention.py decode --autotune             # search the decode tuning table
     python bench/attention.py decode [--batches 1,64 --contexts 4096,32768]
-    python bench/attention.py prefill
+    python bench/attention.py prefill [--autotune]          # --autotune: the prefill table
     python bench/attention.py compare --out /tmp/attn && python bench/plot_attention.py /tmp/attn
 
 Shapes follow the CUDA issue: 32 query / 8 KV heads, head_dim 128, bf16, block_size 16. Timing:
 CUDA events around each call, warm-up first, median of --reps; before every timed call a read of
 a 512 MiB buffer evicts the inputs from L2 (and hides our Python launch time behind GPU work).
+Decode rows also give ours replayed from a CUDA graph (GPU time alone, as the engine runs decode)
+and the host time of one eager call, so a launch-bound cell shows as such.
 Decode bytes = K and V read + q read + out written. Without CUDA (smoke test under
 TRITON_INTERPRET=1) only ours and SDPA run, timed with perf_counter on tiny shapes.
 """
@@ -41,12 +44,22 @@ BATCHES = (1, 4, 16, 64, 256)
 CONTEXTS = (512, 1024, 4096, 8192, 32768)
 # FlexAttention compiles per shape (tens of seconds each): by default only the issue's anchors.
 FLEX_SHAPES = ((64, 4096), (1, 32768))
-AUTOTUNE_SHAPES = ((1, 32768), (16, 8192), (64, 4096), (256, 1024))
+AUTOTUNE_SHAPES = ((1, 32768), (4, 8192), (16, 4096), (16, 8192), (64, 1024), (64, 4096),
+                   (256, 1024))  # fmt: skip
+# Split-model parameters the decode autotune fits (`attention_decode.num_splits`).
+FIT_PROGRAMS_PER_SM = (1, 2, 3, 4, 6)
+FIT_SPLIT_COSTS = (0.0, 0.1, 0.25, 0.5, 1.0)
 TILE_CONFIGS = (  # (block_n, num_warps, num_stages)
     (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3),
     (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3),
 )  # fmt: skip
 PREFILL_SHAPES = ((1, 512), (1, 1024), (1, 2048), (1, 4096), (1, 8192), (8, 1024))
+PREFILL_AUTOTUNE_SHAPES = ((1, 1024), (1, 4096), (1, 8192), (8, 1024))
+PREFILL_TILE_CONFIGS = (  # (block_m rows, block_n, num_warps, num_stages)
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3), (128, 64, 4, 2),
+    (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3),
+    (256, 64, 8, 2), (256, 32, 8, 3),
+)  # fmt: skip
 COMPARE_SHAPES = ((1, 512, 64), (1, 2048, 128), (4, 1024, 128), (1, 8192, 128))  # (B, N, D)
 
 
@@ -80,6 +93,32 @@ class Timer:
             end.record()
         torch.cuda.synchronize()
         return statistics.median(s.elapsed_time(e) for s, e in events)
+
+    def graph(self, fn: Callable[[], object]) -> float:
+        """Median milliseconds of fn captured once in a CUDA graph and replayed (no host work in
+        the timed region), L2 evicted before each replay. CUDA only."""
+        for _ in range(self.warmup):
+            fn()  # compile and allocate outside the capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return self(graph.replay)
+
+    def host_us(self, fn: Callable[[], object], calls: int = 20) -> float:
+        """Median microseconds the host spends in one call of fn (launches only, no sync)."""
+        times = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e6)
+        if self.cuda:
+            torch.cuda.synchronize()
+        return statistics.median(times)
 
 
 def copy_bandwidth(device: torch.device, timer: Timer) -> float:
@@ -290,8 +329,13 @@ def run_decode(args, device, timer, bw, libs) -> list[dict]:
     cap = args.mem_cap_gb * 2**30
     print(f"\n== decode: {NUM_HEADS}/{NUM_KV_HEADS} heads, head_dim {HEAD_DIM}, bf16, block_size "
           f"{BLOCK_SIZE}; fraction of copy bandwidth {bw / 1e12:.2f} TB/s")  # fmt: skip
-    hdr = f"{'batch':>5} {'ctx':>6} {'splits':>6} {'ours ms':>8} {'ours':>5}  peers (fraction; err)"
+    print("ours: eager CUDA-event time and fraction; graph: ours and SDPA replayed from CUDA "
+          "graphs (GPU time alone); host: our Python time per eager call")  # fmt: skip
+    hdr = (f"{'batch':>5} {'ctx':>6} {'splits':>6} {'ours ms':>8} {'ours':>5} {'graph':>5} "
+           f"{'sdpa_g':>6} {'host us':>7}  peers (fraction; err)")  # fmt: skip
     print(hdr)
+    sms = tattn._sm_count(device)
+    cfg = tattn.decode_config(HEAD_DIM, DTYPE, device)
     for b in args.batches:
         for ctx in args.contexts:
             kv_bytes = 2 * b * ctx * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
@@ -306,13 +350,25 @@ def run_decode(args, device, timer, bw, libs) -> list[dict]:
                 x.k.transpose(1, 2).float(), x.v.transpose(1, 2).float(), scale=x.scale,
             ).reshape(b, NUM_HEADS, HEAD_DIM) if b * ctx <= 65536 else None  # fmt: skip
             ms = timer(ours)
-            splits = tattn.num_splits(b, NUM_KV_HEADS, ctx, tattn._sm_count(device))
+            splits = tattn.decode_splits(b, NUM_KV_HEADS, BLOCK_SIZE, ctx // BLOCK_SIZE, cfg,
+                                         device, max_seq_len=ctx)  # fmt: skip
             row = {"batch": b, "context": ctx, "bytes": nbytes, "splits": splits,
-                   "ours_ms": ms, "ours_frac": nbytes / (ms * 1e-3) / bw, "peers": {}}  # fmt: skip
+                   "ours_ms": ms, "ours_frac": nbytes / (ms * 1e-3) / bw, "peers": {},
+                   "sms": sms, "config": str(cfg)}  # fmt: skip
             out = ours()
             flex = (b, ctx) in args.flex_shapes or args.flex_all
             peers = decode_peers(x, libs, flex and device.type == "cuda")
             base = peers["sdpa"]()
+            row["host_us"] = timer.host_us(ours)
+            g_ms = sdpa_g_ms = float("nan")
+            if device.type == "cuda":
+                try:
+                    g_ms, sdpa_g_ms = timer.graph(ours), timer.graph(peers["sdpa"])
+                except RuntimeError as e:  # a capture failure is a result to print
+                    print(f"  {b}x{ctx}: graph capture failed: {str(e)[:80]}")
+            row["ours_graph_ms"], row["sdpa_graph_ms"] = g_ms, sdpa_g_ms
+            row["ours_graph_frac"] = nbytes / (g_ms * 1e-3) / bw
+            row["sdpa_graph_frac"] = nbytes / (sdpa_g_ms * 1e-3) / bw
             row["ours_err"] = max_err(out, base if ref is None else ref)
             cells = []
             if (b, ctx) in args.fp8_shapes:
@@ -341,8 +397,10 @@ def run_decode(args, device, timer, bw, libs) -> list[dict]:
             row["best_peer"] = best
             row["ours_over_best"] = row["ours_frac"] / ok[best]["frac"] if best else None
             ratio = f"ours/best({best}) {row['ours_over_best']:.2f}" if best else ""
-            print(f"{b:>5} {ctx:>6} {splits:>6} {ms:>8.3f} {row['ours_frac']:>5.2f}  "
-                  f"err {row['ours_err']:.1e} | " + " | ".join(cells) + f" | {ratio}")  # fmt: skip
+            print(f"{b:>5} {ctx:>6} {splits:>6} {ms:>8.3f} {row['ours_frac']:>5.2f} "
+                  f"{row['ours_graph_frac']:>5.2f} {row['sdpa_graph_frac']:>6.2f} "
+                  f"{row['host_us']:>7.0f}  err {row['ours_err']:.1e} | " + " | ".join(cells)
+                  + f" | {ratio}")  # fmt: skip
             rows.append(row)
             del x, peers, ours, base, out, ref
             if device.type == "cuda":
@@ -351,8 +409,9 @@ def run_decode(args, device, timer, bw, libs) -> list[dict]:
 
 
 def run_autotune(args, device, timer, bw) -> list[dict]:
-    """For a few shapes: every tile config at the heuristic split count, then split counts
-    around it for the best tile; prints the best per shape and the default's fraction."""
+    """For a few shapes: every tile config at the model's split count, then, for the best tile,
+    every split count that some (programs_per_sm, split_cost) of the model would pick plus a
+    few around them; then fits the model's two parameters to the measured best counts."""
     print("\n== decode --autotune (fraction of copy bandwidth; default = the tuning table)")
     results = []
     shapes = [(b, c) for b, c in AUTOTUNE_SHAPES if b in args.batches and c in args.contexts]
@@ -364,27 +423,31 @@ def run_autotune(args, device, timer, bw) -> list[dict]:
         def frac(ms: float, nbytes: int = nbytes) -> float:
             return nbytes / (ms * 1e-3) / bw
 
-        h = tattn.num_splits(b, NUM_KV_HEADS, ctx, sms)
         default = frac(timer(ours_decode(x)))
         tiles = {}
         for bn, w, st in TILE_CONFIGS:
+            h = tattn.num_splits(b, NUM_KV_HEADS, ctx, sms, bn)
             cfg = tattn.DecodeConfig(block_n=bn, num_warps=w, num_stages=st, num_splits=h)
             try:
                 tiles[(bn, w, st)] = frac(timer(ours_decode(x, cfg)))
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: skip the config
                 print(f"  {b}x{ctx} {(bn, w, st)}: {type(e).__name__}: {str(e)[:80]}")
         best_tile = max(tiles, key=tiles.get)
+        h = tattn.num_splits(b, NUM_KV_HEADS, ctx, sms, best_tile[0])
+        candidates = {1, max(1, h // 2), h, 2 * h}
+        for per_sm in FIT_PROGRAMS_PER_SM:
+            for cost in FIT_SPLIT_COSTS:
+                candidates.add(tattn.num_splits(b, NUM_KV_HEADS, ctx, sms, best_tile[0],
+                                                per_sm, cost))  # fmt: skip
         splits = {}
-        for s in sorted({1, max(1, h // 2), h, 2 * h, 4 * h}):
-            if s > 1024:
-                continue
-            cfg = tattn.DecodeConfig(*best_tile, num_splits=s)
-            splits[s] = frac(timer(ours_decode(x, cfg)))
+        for n in sorted(c for c in candidates if c <= 1024):
+            cfg = tattn.DecodeConfig(*best_tile, num_splits=n)
+            splits[n] = frac(timer(ours_decode(x, cfg)))
         best_s = max(splits, key=splits.get)
         top = sorted(tiles.items(), key=lambda kv: -kv[1])[:3]
         print(f"{b:>4} x {ctx:<6} default {default:.2f} | best tile (block_n, warps, stages) "
               f"{best_tile} {tiles[best_tile]:.2f} at {h} splits | splits "
-              + " ".join(f"{s}:{f:.2f}" for s, f in splits.items())
+              + " ".join(f"{n}:{f:.2f}" for n, f in splits.items())
               + f" -> best {best_s} ({splits[best_s]:.2f}) | top tiles "
               + ", ".join(f"{t}:{f:.2f}" for t, f in top))  # fmt: skip
         results.append({"batch": b, "context": ctx, "default_frac": default, "heuristic_splits": h,
@@ -393,12 +456,51 @@ def run_autotune(args, device, timer, bw) -> list[dict]:
         del x
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(
-        "Put the tile that wins most shapes into DECODE_CONFIGS[('narrow', 'big_smem')] (sm_90+) "
-        "in backends/triton/attention.py; if the best split counts are k times the heuristic's, "
-        "scale SPLIT_PROGRAMS_PER_SM by k."
-    )
+    if not results:
+        return results
+    # The tile that does best over all shapes (geometric mean of its fraction of each shape's best)
+    common = set.intersection(*(set(r["tiles"]) for r in results))
+    tile_score = {t: math.exp(statistics.fmean(math.log(r["tiles"][t] / max(r["tiles"].values()))
+                                               for r in results)) for t in common}  # fmt: skip
+    best_overall = max(tile_score, key=tile_score.get) if tile_score else None
+    fit = fit_split_model(results, sms)
+    print(f"tile over all shapes: {best_overall} at {tile_score.get(best_overall, 0):.3f} of each "
+          f"shape's best (geometric mean) -> DECODE_CONFIGS[('narrow', 'big_smem')] in "
+          "backends/triton/attention_decode.py")  # fmt: skip
+    print(f"split model fit: SPLIT_PROGRAMS_PER_SM = {fit['programs_per_sm']}, SPLIT_COST_TILES = "
+          f"{fit['split_cost']} reach {fit['score']:.3f} of the best split count's fraction "
+          f"(geometric mean; the current constants reach {fit['current']:.3f})")  # fmt: skip
+    results.append({"best_tile_overall": best_overall, "tile_score": {str(k): v for k, v in
+                    tile_score.items()}, "split_fit": fit})  # fmt: skip
     return results
+
+
+def fit_split_model(results: list[dict], sms: int) -> dict:
+    """(programs_per_sm, split_cost) whose predicted split counts reach the highest geometric
+    mean of measured fraction / best measured fraction over the autotuned shapes."""
+    from backends.triton import attention_decode as dec
+
+    def score(per_sm: int | None, cost: float | None) -> float:
+        logs = []
+        for r in results:
+            bn = r["best_tile"][0]
+            n = tattn.num_splits(r["batch"], NUM_KV_HEADS, r["context"], sms, bn, per_sm, cost)
+            logs.append(math.log(r["splits"][n] / max(r["splits"].values())))
+        return math.exp(statistics.fmean(logs))
+
+    grid = [(p, c) for p in FIT_PROGRAMS_PER_SM for c in FIT_SPLIT_COSTS]
+    scores = {pc: score(*pc) for pc in grid}
+    # Ties: prefer the current constants, then fewer programs and a higher cost (fewer splits).
+    current = (dec.SPLIT_PROGRAMS_PER_SM, dec.SPLIT_COST_TILES)
+    best = max(scores, key=lambda pc: (round(scores[pc], 4), pc == current, -pc[0], pc[1]))
+    cur = scores.get(current, score(None, None))
+    return {
+        "programs_per_sm": best[0],
+        "split_cost": best[1],
+        "score": scores[best],
+        "current": cur,
+        "scores": {f"{p},{c}": v for (p, c), v in scores.items()},
+    }
 
 
 # -- prefill -------------------------------------------------------------------------------------
@@ -482,6 +584,86 @@ def _as_tokens(out: torch.Tensor, x: dict) -> torch.Tensor:
     if out.dim() == 4 and out.shape[1] == h and out.shape[2] == n:
         out = out.transpose(1, 2)
     return out.reshape(b * n, h, d)
+
+
+def smem_limit(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on this GPU (opt-in maximum)."""
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter has no limit
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    if limit:
+        return int(limit)
+    return (227 if torch.cuda.get_device_capability(device) >= (9, 0) else 99) * 1024
+
+
+def ours_prefill(x: dict, config: tattn.PrefillConfig | None = None) -> Callable:
+    args = (x["q"], x["key_cache"], x["value_cache"], x["block_tables"], x["seq_lens"],
+            x["query_start_loc"], x["scale"])  # fmt: skip
+    if config is None:
+        return lambda: tattn.attention(*args, max_query_len=x["n"], max_seq_len=x["n"])
+    return lambda: tattn.general_attention(*args, config=config)
+
+
+def run_prefill_autotune(args, device, timer) -> list[dict]:
+    """Every PREFILL_TILE_CONFIGS entry whose tiles fit the GPU's shared memory, at a few
+    causal prefill shapes; prints each shape's best and the config best over all shapes."""
+    print("\n== prefill --autotune (TFLOP/s; default = the tuning table; configs are "
+          "(block_m rows, block_n, num_warps, num_stages))")  # fmt: skip
+    limit = smem_limit(device)
+    head_dim_p2 = max(16, 1 << (HEAD_DIM - 1).bit_length())
+    configs = []
+    for bm, bn, w, st in PREFILL_TILE_CONFIGS:
+        cfg = tattn.PrefillConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
+        need = cfg.smem_bytes(head_dim_p2, DTYPE.itemsize)
+        if need > limit:
+            print(f"  {(bm, bn, w, st)}: skipped, needs {need >> 10} KiB > {limit >> 10} KiB")
+            continue
+        configs.append(cfg)
+    shapes = [sh for sh in PREFILL_AUTOTUNE_SHAPES if sh in args.prefill_shapes]
+    results = []
+    for b, n in shapes or list(args.prefill_shapes[:1]):
+        x = prefill_inputs(b, n, device)
+        flops = 4 * NUM_HEADS * HEAD_DIM * b * n * (n + 1) / 2
+        ref = _as_tokens(prefill_impls(x, {"fa2": "off", "xformers": "off",
+                                           "flash_attn": "off"})["sdpa"](), x)  # fmt: skip
+        default = flops / (timer(ours_prefill(x)) * 1e-3) / 1e12
+        tflops = {}
+        for cfg in configs:
+            key = (cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)
+            fn = ours_prefill(x, cfg)
+            try:
+                err = max_err(_as_tokens(fn(), x), ref)
+                if err > 0.05:
+                    print(f"  {b}x{n} {key}: wrong (max err {err:.2e}), skipped")
+                    continue
+                tflops[key] = flops / (timer(fn) * 1e-3) / 1e12
+            except Exception as e:  # noqa: BLE001 - e.g. out of resources: skip the config
+                print(f"  {b}x{n} {key}: {type(e).__name__}: {str(e)[:80]}")
+        if not tflops:
+            continue
+        best = max(tflops, key=tflops.get)
+        top = sorted(tflops.items(), key=lambda kv: -kv[1])[:4]
+        print(f"{b:>3} x {n:<5} default {default:.0f} | best {best} {tflops[best]:.0f} | top "
+              + ", ".join(f"{k}:{v:.0f}" for k, v in top))  # fmt: skip
+        results.append({"batch": b, "tokens": n, "default_tflops": default,
+                        "tflops": {str(k): v for k, v in tflops.items()}, "best": best,
+                        "_keys": tflops})  # fmt: skip
+        del x, ref
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if results:
+        common = set.intersection(*(set(r["_keys"]) for r in results))
+        score = {k: math.exp(statistics.fmean(math.log(r["_keys"][k] / max(r["_keys"].values()))
+                                              for r in results)) for k in common}  # fmt: skip
+        best = max(score, key=score.get)
+        print(f"config over all shapes: {best} at {score[best]:.3f} of each shape's best "
+              "(geometric mean) -> PREFILL_CONFIGS[('narrow', 'big_smem')] = PrefillConfig"
+              f"{best} in backends/triton/attention.py")  # fmt: skip
+        for r in results:
+            del r["_keys"]
+        results.append({"best_overall": best, "score": {str(k): v for k, v in score.items()}})
+    return results
 
 
 def run_prefill(args, device, timer, libs) -> list[dict]:
@@ -589,8 +771,16 @@ def environment(device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("mode", choices=("decode", "prefill", "compare", "all"))
-    p.add_argument("--autotune", action="store_true", help="decode: search tile/split configs")
+    p.add_argument(
+        "modes",
+        nargs="+",
+        choices=("decode", "prefill", "compare", "all"),
+        metavar="MODE",
+        help="decode, prefill, compare or all (one or more)",
+    )
+    p.add_argument("--autotune", action="store_true",
+                   help="decode: search tiles and fit the split model; prefill: search tiles "
+                   "(all: both)")  # fmt: skip
     p.add_argument("--out", type=Path, help="directory for JSON (and compare.md)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batches", type=_ints, default=BATCHES)
@@ -620,18 +810,22 @@ def main(argv: list[str] | None = None) -> None:
     bw = copy_bandwidth(device, timer)
     print(f"  copy bandwidth: {bw / 1e12:.3f} TB/s (1 GiB device-to-device, read + write)")
     results: dict = {"env": env, "libraries": libs, "copy_bandwidth": bw}
-    if args.mode in ("decode", "all") and (args.autotune or args.mode == "all"):
+    modes = {"decode", "prefill", "compare"} if "all" in args.modes else set(args.modes)
+    tune = args.autotune or "all" in args.modes
+    if "decode" in modes and tune:
         results["autotune"] = run_autotune(args, device, timer, bw)
-    if args.mode in ("decode", "all"):
+    if "decode" in modes:
         results["decode"] = run_decode(args, device, timer, bw, libs)
-    if args.mode in ("prefill", "all"):
+    if "prefill" in modes and tune:
+        results["prefill_autotune"] = run_prefill_autotune(args, device, timer)
+    if "prefill" in modes:
         results["prefill"] = run_prefill(args, device, timer, libs)
-    if args.mode in ("compare", "all"):
+    if "compare" in modes:
         results["compare"] = run_compare(args, device, timer, libs)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"attention_{args.mode}.json"
+        path = args.out / f"attention_{'_'.join(args.modes)}.json"
         path.write_text(json.dumps(results, indent=1, default=str))
         print(f"wrote {path}")
         if "compare" in results:

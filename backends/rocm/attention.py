@@ -12,6 +12,7 @@ in fp32 (Triton issue #11584), as in the shared launcher.
 from __future__ import annotations
 
 import torch
+import triton
 
 from backends.rocm.tuning import (
     amd_decode_config,
@@ -20,7 +21,7 @@ from backends.rocm.tuning import (
     target_backend,
 )
 from backends.triton import attention as shared
-from backends.triton.quant import interpreting, raw
+from backends.triton.quant import interpreting
 
 
 def attention(
@@ -63,30 +64,12 @@ def attention(
 
 def _general(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
              sliding_window, soft_cap, kv_scale, warp_size) -> torch.Tensor:  # fmt: skip
-    num_tokens, num_heads, head_dim = query.shape
-    num_kv_heads = key_cache.shape[2]
-    group = num_heads // num_kv_heads
-    num_seqs = seq_lens.shape[0]
-    out = torch.zeros(query.shape, dtype=query.dtype, device=query.device)
-    if num_tokens == 0 or head_dim == 0:
-        return out
-    c = shared._launch_common(query, key_cache, scale, kv_scale)
+    head_dim = query.shape[2]
+    group = query.shape[1] // key_cache.shape[2]
     fp32 = query.dtype == torch.float32
-    tune = attention_tuning(warp_size, fp32, c["head_dim_p2"], group)
-    block_q = tune.block_m // group
-    # Each sequence's q-blocks start at query_start_loc[s] // block_q + s (no host sync).
-    grid = (num_tokens // block_q + num_seqs, num_kv_heads)
-    q = query if query.stride(2) == 1 else query.contiguous()
-    bt = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
-    strides = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), *key_cache.stride()[:3],
-               bt.stride(0))  # fmt: skip
-    shared._attention_kernel[grid](
-        q, raw(key_cache), raw(value_cache), out, bt, seq_lens, query_start_loc, *strides,
-        num_seqs, head_dim, key_cache.shape[1], c["qk_scale"], c["out_scale"],
-        float(soft_cap or 0.0), int(sliding_window or 0), group, block_q, IS_FP8=c["is_fp8"],
-        DOT_DTYPE=c["dot_dtype"], INPUT_PRECISION="ieee", INTERPRET=interpreting(),
-        EVEN_D=c["even_d"], BLOCK_M=tune.block_m, BLOCK_N=tune.block_n,
-        HEAD_DIM_P2=c["head_dim_p2"], **compile_options(tune, target_backend(query.device.type)),
-        **c["codec"],
-    )  # fmt: skip
-    return out
+    head_dim_p2 = max(16, triton.next_power_of_2(max(head_dim, 1)))
+    tune = attention_tuning(warp_size, fp32, head_dim_p2, group)
+    options = compile_options(tune, target_backend(query.device.type))
+    return shared._launch_general(query, key_cache, value_cache, block_tables, seq_lens,
+                                  query_start_loc, scale, sliding_window, soft_cap, kv_scale,
+                                  tune.block_m, tune.block_n, options)  # fmt: skip

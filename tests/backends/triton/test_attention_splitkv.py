@@ -1,10 +1,12 @@
-"""The Triton attention's decode path (GQA-packed rows, split-KV with a reduce kernel) against the
-CPU reference: forced split counts over few blocks (empty splits included), every float dtype,
-FP8 caches, sliding window, soft-cap, mixed query lengths; plus routing and the split heuristic.
+"""The Triton attention's tile-dependent paths against the CPU reference: the decode path (forced
+split counts over few blocks, empty splits included) and the general kernel on small forced tiles
+(unmasked whole tiles before the diagonal, masked diagonal tiles, odd page sizes); every float
+dtype, FP8 caches, sliding window, soft-cap, mixed query lengths; routing and the split model.
 Under TRITON_INTERPRET=1 on CPU tensors without a GPU; natively (and graph-captured) with one."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import os
@@ -29,9 +31,13 @@ from backends.cpu import kv_cache as ref_kv  # noqa: E402
 from tests.conformance import strategies as S  # noqa: E402
 from tests.conformance.tolerances import tolerance  # noqa: E402
 
-if "backends.triton.attention" in sys.modules and INTERPRET:
-    importlib.reload(sys.modules["backends.triton.attention"])  # define the kernels interpreted
+# The kernels are defined when their module runs: reload any imported without the interpreter,
+# the shared pieces first.
+for _name in ("attention_common", "attention_decode", "attention"):
+    if f"backends.triton.{_name}" in sys.modules and INTERPRET:
+        importlib.reload(sys.modules[f"backends.triton.{_name}"])
 tattn = importlib.import_module("backends.triton.attention")
+tdecode = importlib.import_module("backends.triton.attention_decode")
 
 F64 = torch.float64
 
@@ -138,6 +144,53 @@ def test_decode_kernel_takes_mixed_query_lengths(dtype: str) -> None:
     run_and_check(case, tattn.decode_attention, num_padding=2, max_query_len=5, config=config)
 
 
+# The general kernel with small tiles: with block_n 16 most tiles lie wholly before a q-block's
+# first position (the unmasked step) and a few straddle the diagonal (the masked step).
+PREFILL_CASES = [
+    # (dtype, cache_dtype, head_dim, (block_m, block_n), block_size, extra)
+    ("fp32", None, 80, (16, 16), 8, {}),
+    ("bf16", None, 64, (32, 16), 16, {}),
+    ("fp16", None, 128, (16, 32), 8, {"soft_cap": 30.0, "score_scale": 4.0}),
+    ("bf16", None, 80, (16, 16), 5, {"sliding_window": 19}),  # a page size that is no power of 2
+    ("fp16", None, 64, (16, 16), 8, {"gqa_ratio": 1, "soft_cap": 5.0, "sliding_window": 7}),
+    ("bf16", "fp8_e4m3fn", 64, (16, 16), 16, {"kv_scale": 0.05}),
+    ("fp32", "fp8_e5m2", 64, (64, 16), 3, {"gqa_ratio": 8, "num_kv_heads": 1}),
+]
+
+
+@pytest.mark.parametrize(("dtype", "cache_dtype", "head_dim", "tile", "block_size", "extra"),
+                         PREFILL_CASES)  # fmt: skip
+def test_general_kernel_small_tiles(
+    dtype: str, cache_dtype: str | None, head_dim: int, tile: tuple[int, int], block_size: int,
+    extra: dict,
+) -> None:  # fmt: skip
+    # Prefill (query = whole sequence), chunked prefill (a context before the query), a decode
+    # token, and an empty query; two padding rows that must stay zero.
+    seq_lens = (45, 70, 20, 5, 33)
+    query_lens = (45, 25, 1, 0, 33)
+    case = batch(head_dim + tile[0], dtype, seq_lens, query_lens, cache_dtype,
+                 block_size=block_size, head_dim=head_dim, **extra)  # fmt: skip
+    config = tattn.PrefillConfig(block_m=tile[0], block_n=tile[1], num_warps=4, num_stages=1)
+    run_and_check(case, tattn.general_attention, num_padding=2, config=config)
+
+
+def test_prefill_config_checks_and_table() -> None:
+    with pytest.raises(ValueError, match="block_m: 48 must be a power of two >= 16"):
+        tattn.PrefillConfig(block_m=48)
+    with pytest.raises(ValueError, match="num_stages: 0 must be >= 1"):
+        tattn.PrefillConfig(num_stages=0)
+    # q tile + 3 stages of K and V: (128 + 2 * 3 * 64) rows of 128 bf16 values = 128 KiB
+    assert tattn.PrefillConfig(128, 64, 8, 3).smem_bytes(128, 2) == 128 * 1024
+    keys = {(w, m) for w in ("narrow", "wide", "fp32_256") for m in ("big_smem", "small_smem")}
+    assert set(tattn.PREFILL_CONFIGS) == keys == set(tattn.DECODE_CONFIGS)
+    for key, cfg in tattn.PREFILL_CONFIGS.items():
+        d, elem = (256 if key[0] != "narrow" else 128), (4 if key[0] != "narrow" else 2)
+        if key[0] == "wide":
+            d = 128  # fp32 with head_dim <= 128 (bf16 with 256 is the same size)
+        limit = (227 if key[1] == "big_smem" else 99) * 1024
+        assert cfg.smem_bytes(d, elem) <= limit, (key, cfg)
+
+
 def test_splits_agree_with_one_split() -> None:
     # Same batch, 1 split vs many: the reduce changes only rounding, within fp32 noise.
     case = batch(5, "fp32", (120, 33, 7), (1, 1, 1), head_dim=64)
@@ -150,16 +203,16 @@ def test_wrong_max_seq_len_hint_costs_speed_not_correctness(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The hint sizes the split count (here on a pretend 16-SM GPU); the kernel splits each
-    # sequence's actual range, so a hint far too small (1 split) or far too large (16 splits,
-    # most of them empty) gives the same answer.
+    # sequence's actual range, so a hint far too small (1 split) or far too large (8 splits,
+    # a wave of 32 programs, most of them empty) gives the same answer.
     chosen: list[int] = []
-    real = tattn.num_splits
-    monkeypatch.setattr(tattn, "_sm_count", lambda device: 16)
-    monkeypatch.setattr(tattn, "num_splits", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    real = tdecode.num_splits
+    monkeypatch.setattr(tdecode, "_sm_count", lambda device: 16)
+    monkeypatch.setattr(tdecode, "num_splits", lambda *a: chosen.append(real(*a)) or chosen[-1])
     case = batch(9, "fp16", (90, 3), (1, 1))
     run_and_check(case, tattn.attention, max_query_len=1, max_seq_len=1)
     run_and_check(case, tattn.attention, max_query_len=1, max_seq_len=100_000)
-    assert chosen == [1, 16]
+    assert chosen == [1, 8]
 
 
 def test_attention_routes_decode_batches(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,22 +242,39 @@ def test_attention_routes_decode_batches(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not tattn.takes_decode_path(8, 8, max_query_len=tattn.DECODE_MAX_QUERY_LEN + 1)
 
 
-def test_num_splits_from_shapes() -> None:
-    sms = 132  # an H100 SXM
-    # Batch 1 x 32k, 8 KV heads: 8 programs -> split to about 4 programs per SM.
-    assert tattn.num_splits(1, 8, 32768, sms) == -(-4 * sms // 8)
-    # A full GPU already: no split.
-    assert tattn.num_splits(256, 8, 4096, sms) == 1
-    assert tattn.num_splits(64, 8, 4096, sms) == 2
-    # Short contexts: no split below MIN_SPLIT_TOKENS tokens each.
-    assert tattn.num_splits(1, 8, 300, sms) == 1
-    assert tattn.num_splits(1, 8, 1024, sms) == 1024 // tattn.MIN_SPLIT_TOKENS
-    assert tattn.num_splits(1, 1, 1 << 20, sms) == tattn.MAX_SPLITS
+def _wave_time(programs: int, s: int, slots: int, tiles: int) -> float:
+    # The model num_splits minimises: waves of programs x whole tiles per split + split cost.
+    extra = tdecode.SPLIT_COST_TILES * s if s > 1 else 0.0
+    return -(-programs * s // slots) * -(-tiles // s) + extra
+
+
+def test_num_splits_wave_model() -> None:
+    sms, per_sm = 132, 2  # an H100 SXM, two resident decode programs per SM
+    split = functools.partial(tattn.num_splits, num_sms=sms, block_n=128, programs_per_sm=per_sm)
+    # 16 x 8k, 8 KV heads: 128 programs; 2 splits fill one wave of 264 slots, 3 would spill into
+    # a second wave (the first autotune measured 2 splits 0.89, 5 splits 0.79 of bandwidth).
+    assert split(16, 8, 8192) == 2
+    assert split(64, 8, 4096) == 1 and split(256, 8, 1024) == 1  # the GPU is full already
+    # 4 x 8k: 32 programs; 8 splits of 8 whole tiles each (9 would leave one split empty).
+    assert split(4, 8, 8192) == 8
+    assert split(1, 8, 300) == 1  # shorter than two MIN_SPLIT_TOKENS
+    assert split(1, 1, 1 << 22) <= tattn.MAX_SPLITS
     for b in (1, 2, 4, 16, 64, 256):
-        for ctx in (512, 4096, 32768):
-            s = tattn.num_splits(b, 8, ctx, sms)
+        for ctx in (512, 1024, 4096, 8192, 32768):
+            s = split(b, 8, ctx)
             assert 1 <= s <= tattn.MAX_SPLITS
             assert s == 1 or ctx // s >= tattn.MIN_SPLIT_TOKENS
+            # the least modelled time over every allowed count, the fewest splits on ties
+            tiles, limit = -(-ctx // 128), max(1, min(tattn.MAX_SPLITS, ctx // 256, -(-ctx // 128)))
+            times = [_wave_time(b * 8, c, sms * per_sm, tiles) for c in range(1, limit + 1)]
+            assert s == 1 + times.index(min(times)), (b, ctx, s, times)
+
+
+def test_decode_splits_follow_hint_and_config() -> None:
+    cfg = tattn.DecodeConfig(block_n=64)
+    cpu = torch.device("cpu")  # one "SM" under the interpreter: no split from the model
+    assert tattn.decode_splits(4, 2, 16, 100, cfg, cpu) == 1
+    assert tattn.decode_splits(4, 2, 16, 100, tattn.DecodeConfig(num_splits=7), cpu) == 7
 
 
 def test_bad_config_and_hints_name_the_value() -> None:

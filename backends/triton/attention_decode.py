@@ -1,0 +1,378 @@
+"""The decode path of the Triton paged attention (flash-decoding: GQA-packed rows, split-KV and a
+combine kernel), its tuning table and its split-count model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from backends.triton.attention_common import (
+    _attend_tile,
+    _check,
+    _head_dim_mask,
+    _launch_common,
+    _load_kv_tile,
+    _sm_count,
+    table_key,
+)
+from backends.triton.quant import cast_rtne, interpreting, raw
+
+# A batch whose longest query (max_query_len, when the caller passes it) is at most this many
+# tokens takes the decode kernel: a few query tokens per sequence (decode, speculative decoding)
+# fit one tile of rows, and splitting the KV range pays off. Without the hint only a batch of one
+# token per sequence (num_tokens == num_seqs) is known to be decode without reading lengths.
+DECODE_MAX_QUERY_LEN = 8
+# Split-KV model (`num_splits`): PROGRAMS_PER_SM decode programs run at once on an SM; each split
+# reads at least MIN_SPLIT_TOKENS KV tokens; at most MAX_SPLITS splits. Re-fit PROGRAMS_PER_SM with
+# `python bench/attention.py decode --autotune` (it prints the value that best predicts the
+# measured best split counts).
+SPLIT_PROGRAMS_PER_SM = 2  # H100 autotune 2026-11-26: 16x8k best at 2 splits, 64x4k at 1
+MIN_SPLIT_TOKENS = 256
+MAX_SPLITS = 128
+# Cost of one more split (its partial output write and its share of the combine), in KV tiles;
+# fitted by the same autotune.
+SPLIT_COST_TILES = 0.25
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Launch parameters of the decode path. block_n: KV tokens per step (a power of two >= 16;
+    block_n / block_size pages are looked up per step); num_splits None: `num_splits()` chooses."""
+
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    num_splits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.block_n < 16 or self.block_n & (self.block_n - 1):
+            raise ValueError(f"block_n: {self.block_n} must be a power of two >= 16")
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise ValueError(f"num_warps: {self.num_warps} must be one of 1, 2, 4, 8, 16")
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages: {self.num_stages} must be >= 1")
+        if self.num_splits is not None and not 1 <= self.num_splits <= 1024:
+            raise ValueError(f"num_splits: {self.num_splits} must be in 1..1024 or None")
+
+
+# The decode tuning table, keyed by `table_key` (operand width, smem class). Re-derive the sm_90
+# rows on a new GPU with `python bench/attention.py decode --autotune`.
+DECODE_CONFIGS: dict[tuple[str, str], DecodeConfig] = {
+    ("narrow", "big_smem"): DecodeConfig(block_n=128, num_warps=4, num_stages=2),  # H100 tuned
+    ("narrow", "small_smem"): DecodeConfig(block_n=64, num_warps=4, num_stages=2),
+    ("wide", "big_smem"): DecodeConfig(block_n=32, num_warps=4, num_stages=3),
+    ("wide", "small_smem"): DecodeConfig(block_n=32, num_warps=4, num_stages=2),
+    ("fp32_256", "big_smem"): DecodeConfig(block_n=16, num_warps=4, num_stages=2),
+    ("fp32_256", "small_smem"): DecodeConfig(block_n=16, num_warps=4, num_stages=1),
+}
+# Under the interpreter each step costs Python time while numpy does the arithmetic.
+INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
+
+
+@triton.jit(
+    do_not_specialize=[
+        "num_heads", "head_dim", "sliding_window", "group", "block_q", "num_splits",
+    ]
+)  # fmt: skip
+def _decode_kernel(
+    query_ptr,
+    key_cache_ptr,
+    value_cache_ptr,
+    out_ptr,
+    part_out_ptr,  # fp32 [num_tokens, num_heads, num_splits, head_dim] (SPLIT only)
+    part_lse_ptr,  # fp32 [num_tokens, num_heads, num_splits], log2 units (SPLIT only)
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    stride_q_token,
+    stride_q_head,
+    stride_o_token,
+    stride_o_head,
+    stride_kc_block,
+    stride_kc_slot,
+    stride_kc_head,
+    stride_bt_row,
+    num_heads,
+    head_dim,
+    s_scale,  # see _attend_tile
+    cap_log2,
+    out_scale,  # 1 (kv_scale for an FP8 cache)
+    sliding_window,  # 0: none
+    group,
+    block_q,
+    num_splits,
+    IS_FP8: tl.constexpr,
+    MAN_BITS: tl.constexpr,
+    EXP_BIAS: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    NAN_CODE: tl.constexpr,
+    FNUZ: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    SPLIT: tl.constexpr,  # num_splits > 1: write partials for _reduce_kernel
+    PAGE_SIZE: tl.constexpr,  # the cache's block_size
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+):
+    # grid: (num_seqs, num_kv_heads, num_splits)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    context_len = tl.load(seq_lens_ptr + seq) - q_len
+    offs_m = tl.arange(0, BLOCK_M)
+    head = kv_head * group + offs_m % group
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    d_ok = _head_dim_mask(offs_d, head_dim, EVEN_D, HEAD_DIM_P2)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_row
+    kv_head_off = kv_head.to(tl.int64) * stride_kc_head
+    # Usually one pass (a decode token); a longer query is taken block_q tokens at a time.
+    for q0 in range(0, q_len, block_q):
+        q_tok = q0 + offs_m // group
+        row_ok = (offs_m < block_q * group) & (q_tok < q_len)
+        q_pos = context_len + q_tok
+        row = (q_start + q_tok).to(tl.int64)
+        q_off = row * stride_q_token + head.to(tl.int64) * stride_q_head
+        q = tl.load(query_ptr + q_off[:, None] + offs_d[None, :],
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # fmt: skip
+        # This split's share of the KV range the chunk can see, in whole BLOCK_N tiles counted
+        # from kv_start (0 without a window): only the last split may end inside a tile.
+        kv_end = context_len + tl.minimum(q0 + block_q, q_len)
+        kv_start = 0
+        if sliding_window > 0:
+            kv_start = tl.maximum(context_len + q0 - sliding_window + 1, 0)
+        per_split = tl.cdiv(tl.cdiv(kv_end - kv_start, BLOCK_N), num_splits) * BLOCK_N
+        lo = kv_start + split * per_split
+        hi = tl.minimum(lo + per_split, kv_end)
+        # Whole tiles every row of the chunk sees (keys <= its first token's position, no
+        # window) take the unmasked step; the rest (the tail, windows) the masked one.
+        full_end = lo
+        if sliding_window == 0:
+            seen_by_all = tl.maximum(tl.minimum(hi, context_len + q0 + 1) - lo, 0)
+            full_end = lo + seen_by_all // BLOCK_N * BLOCK_N
+
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, HEAD_DIM_P2), dtype=tl.float32)
+        for start in range(lo, full_end, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            k, v = _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n, offs_n < hi,
+                                 offs_d, d_ok, stride_kc_block, stride_kc_slot, kv_head_off,
+                                 False, EVEN_D, PAGE_SIZE, IS_FP8, MAN_BITS, EXP_BIAS, FP8_MAX,
+                                 NAN_CODE, FNUZ, HAS_INF)  # fmt: skip
+            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, None, s_scale, cap_log2, False,
+                                         SOFT_CAP, DOT_DTYPE, INPUT_PRECISION)  # fmt: skip
+        for start in range(full_end, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi
+            k, v = _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, offs_d,
+                                 d_ok, stride_kc_block, stride_kc_slot, kv_head_off, True,
+                                 EVEN_D, PAGE_SIZE, IS_FP8, MAN_BITS, EXP_BIAS, FP8_MAX,
+                                 NAN_CODE, FNUZ, HAS_INF)  # fmt: skip
+            visible = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            in_window = (q_pos[:, None] - offs_n[None, :]) < sliding_window
+            visible = visible & ((sliding_window <= 0) | in_window)
+            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, visible, s_scale, cap_log2,
+                                         True, SOFT_CAP, DOT_DTYPE, INPUT_PRECISION)  # fmt: skip
+
+        seen = l_i > 0
+        l_safe = tl.where(seen, l_i, 1.0)
+        if SPLIT:
+            part = (row * num_heads + head) * num_splits + split  # [BLOCK_M]
+            lse = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))
+            tl.store(part_lse_ptr + part, lse, mask=row_ok)
+            tl.store(part_out_ptr + part[:, None] * head_dim + offs_d[None, :],
+                     acc / l_safe[:, None], mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+        else:
+            out = acc * (out_scale / l_safe)[:, None]
+            o_off = row * stride_o_token + head.to(tl.int64) * stride_o_head
+            tl.store(out_ptr + o_off[:, None] + offs_d[None, :],
+                     cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET),
+                     mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["num_heads", "head_dim", "num_splits"])
+def _reduce_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    query_start_loc_ptr,
+    stride_o_token,
+    stride_o_head,
+    num_heads,
+    head_dim,
+    num_splits,
+    out_scale,
+    INTERPRET: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    SPLITS_P2: tl.constexpr,
+    HEAD_DIM_P2: tl.constexpr,
+):
+    # grid: (num_seqs, num_heads); combines the splits of every query token of the sequence
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_end = tl.load(query_start_loc_ptr + seq + 1)
+    offs_s = tl.arange(0, SPLITS_P2)
+    s_ok = offs_s < num_splits
+    offs_d = tl.arange(0, HEAD_DIM_P2)
+    d_ok = _head_dim_mask(offs_d, head_dim, EVEN_D, HEAD_DIM_P2)
+    for t in range(0, q_end - q_start):
+        row = q_start.to(tl.int64) + t
+        part = (row * num_heads + head) * num_splits + offs_s  # [SPLITS_P2]
+        lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
+        o = tl.load(part_out_ptr + part[:, None] * head_dim + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        total = tl.sum(w, axis=0)
+        out = tl.sum(w[:, None] * o, axis=0) * (out_scale / tl.where(total > 0, total, 1.0))
+        o_off = row * stride_o_token + head.to(tl.int64) * stride_o_head
+        tl.store(out_ptr + o_off + offs_d, cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET),
+                 mask=d_ok)  # fmt: skip
+
+
+def num_splits(
+    num_seqs: int,
+    num_kv_heads: int,
+    max_kv_len: int,
+    num_sms: int,
+    block_n: int = 128,
+    programs_per_sm: int | None = None,
+    split_cost_tiles: float | None = None,
+) -> int:
+    """Split-KV factor of the decode path from shapes alone (no tensor values, graph-safe).
+
+    A wave model: num_sms * programs_per_sm (default SPLIT_PROGRAMS_PER_SM) programs run at
+    once, and a split of the longest sequence holds ceil(tiles / s) whole block_n tiles, so s
+    splits take about ceil(programs * s / slots) * ceil(tiles / s) + split_cost_tiles * s tile
+    times (default SPLIT_COST_TILES). The s in 1..min(MAX_SPLITS, max_kv_len //
+    MIN_SPLIT_TOKENS) with the least time wins (ties: fewer splits). Counting waves avoids a
+    count that spills a few programs into one more wave (16 x 8k on 132 SMs: 2 splits, not 3),
+    and counting whole tiles favours counts that cut the range into equal tile runs."""
+    per_sm = SPLIT_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
+    cost = SPLIT_COST_TILES if split_cost_tiles is None else split_cost_tiles
+    programs = max(1, num_seqs * num_kv_heads)
+    slots = max(1, per_sm * num_sms)
+    tiles = max(1, -(-max_kv_len // block_n))
+    limit = max(1, min(MAX_SPLITS, max_kv_len // MIN_SPLIT_TOKENS, tiles))
+    best, best_time = 1, float("inf")
+    for s in range(1, limit + 1):
+        waves = -(-programs * s // slots)
+        time = waves * -(-tiles // s) + (cost * s if s > 1 else 0.0)
+        if time < best_time:
+            best, best_time = s, time
+    return best
+
+
+def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
+    """The tuning table's entry for this head_dim, query dtype and device."""
+    if interpreting():
+        return INTERPRET_DECODE_CONFIG
+    return DECODE_CONFIGS[table_key(head_dim, dtype, device)]
+
+
+def takes_decode_path(num_tokens: int, num_seqs: int, max_query_len: int | None = None) -> bool:
+    """Whether `attention` routes the batch to the decode kernel (shapes and hints only)."""
+    if max_query_len is not None:
+        return max_query_len <= DECODE_MAX_QUERY_LEN
+    return num_tokens == num_seqs
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    kv_scale: float | None = None,
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """The attention contract on the decode kernel whatever the batch (correct for any query
+    lengths; fast for a few tokens per sequence). config overrides the tuning table (tests force
+    splits with it; `bench/attention.py decode --autotune` searches it)."""
+    _check(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+           sliding_window, soft_cap, kv_scale, max_query_len, max_seq_len)  # fmt: skip
+    return _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                   scale, sliding_window, soft_cap, kv_scale, max_query_len, max_seq_len,
+                   config)  # fmt: skip
+
+
+def decode_splits(
+    num_seqs: int,
+    num_kv_heads: int,
+    block_size: int,
+    max_blocks: int,
+    cfg: DecodeConfig,
+    device: torch.device,
+    max_seq_len: int | None = None,
+) -> int:
+    """The split count `decode_attention` launches with for these shapes and this config."""
+    if cfg.num_splits:
+        return cfg.num_splits
+    max_kv_len = max_seq_len or max_blocks * block_size
+    return num_splits(num_seqs, num_kv_heads, max_kv_len, _sm_count(device), cfg.block_n)
+
+
+def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+            sliding_window, soft_cap, kv_scale, max_query_len, max_seq_len,
+            config) -> torch.Tensor:  # fmt: skip
+    num_tokens, num_heads, head_dim = query.shape
+    _, block_size, num_kv_heads, _ = key_cache.shape
+    group = num_heads // num_kv_heads
+    num_seqs = seq_lens.shape[0]
+    out = torch.zeros(query.shape, dtype=query.dtype, device=query.device)
+    if num_tokens == 0 or head_dim == 0:
+        return out
+    c = _launch_common(query, key_cache, scale, kv_scale, soft_cap)
+    cfg = config or decode_config(head_dim, query.dtype, query.device)
+    # Rows: the group's heads times up to max_query_len tokens (1 without the hint), at least the
+    # 16 rows tl.dot needs.
+    q_tokens = min(max_query_len or 1, DECODE_MAX_QUERY_LEN)
+    block_m = max(16, triton.next_power_of_2(group * q_tokens))
+    splits = decode_splits(num_seqs, num_kv_heads, block_size, block_tables.shape[1], cfg,
+                           query.device, max_seq_len)  # fmt: skip
+    q = query if query.stride(2) == 1 else query.contiguous()
+    bt = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
+    if splits > 1:
+        part_out = torch.empty((num_tokens, num_heads, splits, head_dim), dtype=torch.float32,
+                               device=query.device)  # fmt: skip
+        part_lse = torch.empty((num_tokens, num_heads, splits), dtype=torch.float32,
+                               device=query.device)  # fmt: skip
+    else:
+        part_out = part_lse = out  # never touched: SPLIT is off
+    _decode_kernel[(num_seqs, num_kv_heads, splits)](
+        q, raw(key_cache), raw(value_cache), out, part_out, part_lse, bt, seq_lens,
+        query_start_loc, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_heads,
+        head_dim, c["s_scale"], c["cap_log2"], c["out_scale"], int(sliding_window or 0), group,
+        block_m // group, splits, IS_FP8=c["is_fp8"], SOFT_CAP=c["soft_cap"],
+        DOT_DTYPE=c["dot_dtype"], INPUT_PRECISION=c["input_precision"],
+        INTERPRET=interpreting(), EVEN_D=c["even_d"], SPLIT=splits > 1, PAGE_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, HEAD_DIM_P2=c["head_dim_p2"],
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
+    )  # fmt: skip
+    if splits > 1:
+        _reduce_kernel[(num_seqs, num_heads)](
+            part_out, part_lse, out, query_start_loc, out.stride(0), out.stride(1), num_heads,
+            head_dim, splits, c["out_scale"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
+            SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM_P2=c["head_dim_p2"], num_warps=4,
+        )  # fmt: skip
+    return out
