@@ -216,6 +216,7 @@ def main() -> int:
         del model
         eager = decode_ms(llm)
         print(f"batch-1 decode eager: {eager:.2f} ms ({eager / floor:.2f}x floor {floor:.2f} ms)")
+        llm.shutdown()
         llm = None
         free_gpu()
         llm = make_llm(folder, args)
@@ -257,11 +258,14 @@ def main() -> int:
             tps, tokens, secs = throughput(llm, work)
             res["mixed_engine"] = dict(tok_s=tps, tokens=tokens, seconds=secs)
             print(f"mixed x {len(work)}: engine {tps:.0f} tok/s ({tokens} in {secs:.1f}s)")
+    if llm is not None:
+        llm.shutdown()
     llm = None
     free_gpu()
     if "fp8" in modes:
         llm = make_llm(folder, args, quantization="fp8")
         run_fixed(llm, "fp8")
+        llm.shutdown()
         llm = None
         free_gpu()
         for i, o, _ in fixed:

@@ -67,7 +67,7 @@ def make_llm(folder: Path, tp: int, pp: int, eager: bool, args, **kw):
 
 
 def close(llm) -> None:
-    llm.shutdown()
+    llm.shutdown()  # stops workers; frees an in-process model's device memory
 
 
 def greedy(llm, prompts, max_tokens: int):

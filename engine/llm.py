@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+import torch
 from tqdm import tqdm
 
 from engine.config import CacheConfig, SchedulerConfig
@@ -92,8 +93,19 @@ class LLM:
         self.engine = LLMEngine(self.config)
 
     def shutdown(self) -> None:
-        """Stop the engine's workers, if it has any (tensor or pipeline parallel)."""
+        """Stop the engine's workers, if it has any (tensor or pipeline parallel), and give the
+        device memory of an in-process model (weights, KV cache, graphs) back; the LLM cannot
+        generate afterwards."""
         self.engine.shutdown()
+        runner = getattr(self.engine, "runner", None)
+        if runner is not None:
+            runner.graphs, runner.kv_caches, runner.cpu_caches = None, [], []
+            runner.model = self.engine.model = None
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
