@@ -372,7 +372,8 @@ class DistributedExecutor(Executor):
         results = self._wait_all(handle.token, self.parallel.step_timeout_s, f"step {handle.step}")
         self._pending.popleft()
         self._count_collected()
-        return results[self.layout.output_rank]
+        logits = results[self.layout.output_rank]  # numpy fp32 from the worker (plain bytes)
+        return None if logits is None else torch.as_tensor(logits)
 
     def describe(self) -> list[str]:
         lines = [f"executor {self.kind}: {self.layout.world_size} workers"]

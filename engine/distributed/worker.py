@@ -252,7 +252,9 @@ class Worker:
         if batch.logits_indices.numel() == 0:
             return None
         logits = model.compute_logits(out[batch.logits_indices])
-        return None if logits is None else logits.cpu()
+        # A numpy array pickles as plain bytes; a torch CPU tensor would go through torch's
+        # shared-memory file-descriptor passing on every step.
+        return None if logits is None else logits.cpu().numpy()
 
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():
