@@ -148,7 +148,10 @@ def format_markdown(cells: list[CellResult], meta: dict) -> str:
         "",
         "Tolerances (atol per sqrt(reduction length) x input magnitude, rtol): "
         + ", ".join(f"{d} ({a:.2g}, {r:.2g})" for d, (a, r) in TOLERANCES.items())
-        + "; quantize, KV write and copy are bitwise.",
+        + "; quantize, KV write and copy are bitwise. gguf_linear/<type> rows: random valid "
+        "ggml blocks of that type, columns = activation dtype; a backend that declares its "
+        "opt-in bf16 int4pack path (settings gguf_int4) is held to 4 bf16 roundings for "
+        "Q4_0/Q4_1/Q4_K.",
         "",
     ]
     lines = notes(cells)

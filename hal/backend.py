@@ -25,12 +25,41 @@ OP_FAMILIES: tuple[str, ...] = (
     "fp8_gemm",
     "int8_gemm",
     "int4_gemm",
+    "gguf_gemm",
     "quantize",
     "rms_norm",
     "rotary",
     "activation",
     "graph",
 )
+
+
+# The GGUF (ggml) block types the gguf_gemm ops take: name -> (values per block, bytes per block),
+# as ggml-common.h defines them; the block formulas are in `backends/cpu/gguf.py`.
+GGUF_BLOCK_TYPES: dict[str, tuple[int, int]] = {
+    "Q4_0": (32, 18),
+    "Q4_1": (32, 20),
+    "Q8_0": (32, 34),
+    "Q4_K": (256, 144),
+    "Q6_K": (256, 210),
+}
+
+
+@dataclass
+class GGUFWeight:
+    """A GGUF weight W [out_features, in_features] as `Backend.prepare_gguf` left it: `tensors`
+    on the backend's device in the backend's `layout` ("blocks": the raw ggml blocks; a backend
+    may repack). The engine registers `tensors` (so the memory plan counts their bytes) and hands
+    the object back to `gguf_linear`; only the backend reads the layout."""
+
+    qtype: str
+    out_features: int
+    in_features: int
+    layout: str
+    tensors: dict[str, torch.Tensor]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
 @dataclass
@@ -111,6 +140,8 @@ class Backend(ABC):
         sliding_window: int | None = None,
         soft_cap: float | None = None,
         kv_scale: float | None = None,
+        max_query_len: int | None = None,
+        max_seq_len: int | None = None,
     ) -> torch.Tensor:
         """Paged, varlen, causal attention for prefill, chunked prefill and decode alike.
 
@@ -121,7 +152,10 @@ class Backend(ABC):
         p = seq_lens[s] - q_s + j and sees KV positions k with k <= p and, with a sliding window
         w, p - k < w. Head h reads KV head h // (num_heads // num_kv_heads). Scores are
         scale * q.k, then soft_cap * tanh(score / soft_cap) when soft_cap is set.
-        Returns [num_tokens, num_heads, head_dim] in query's dtype.
+        max_query_len / max_seq_len: optional host-side hints (Python ints, upper bounds of the
+        longest query and KV length; never read back from tensors) that let a kernel pick its
+        decode path and split-KV count; a captured graph passes fixed bounds. Backends may ignore
+        them. Returns [num_tokens, num_heads, head_dim] in query's dtype.
         """
 
     # -- linear --------------------------------------------------------------------------------
@@ -177,6 +211,23 @@ class Backend(ABC):
 
         x: [M, K] float; returns [M, N] in x's dtype.
         """
+
+    @abstractmethod
+    def prepare_gguf(
+        self, blocks: torch.Tensor, qtype: str, out_features: int, in_features: int
+    ) -> GGUFWeight:
+        """Once, at load: a GGUF weight W [N, K] from its raw blocks uint8 [N, K / block_size *
+        type_size] (qtype one of GGUF_BLOCK_TYPES; K a multiple of its block size), moved to the
+        device and repacked however `gguf_linear` runs fastest here. Bad blocks: ValueError."""
+
+    @abstractmethod
+    def gguf_linear(
+        self, x: torch.Tensor, weight: GGUFWeight, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """y = x @ W.T + bias with W dequantized exactly per the ggml block formulas (the
+        reference: `backends.cpu.gguf.dequantize_gguf`, fp32), fp32 accumulation (a backend may
+        offer a documented, opt-in lower-precision path). x: [..., K] float; weight from
+        `prepare_gguf`; returns [..., N] in x's dtype."""
 
     # -- quantize / dequantize -----------------------------------------------------------------
     @abstractmethod

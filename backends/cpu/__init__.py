@@ -14,6 +14,7 @@ _TARGETS: dict[str, str] = {
     "fp8_gemm": "backends.cpu.linear:fp8_linear",
     "int8_gemm": "backends.cpu.linear:int8_linear",
     "int4_gemm": "backends.cpu.linear:int4_linear",
+    "gguf_gemm": "backends.cpu.gguf:gguf_linear",
     "quantize": "backends.cpu.quant:quantize_fp8",
     "rms_norm": "backends.cpu.norm:rms_norm",
     "rotary": "backends.cpu.rotary:rotary",
@@ -83,5 +84,21 @@ REGISTRY.register(
         description="one index_copy_ per cache over the flattened slots",
         scope="cpu",
         target="backends.cpu.native:native_write_kv",
+    )
+)
+# GGUF weights kept quantized: the exact fp32 path by default (blocks unpacked once into int8
+# codes and fp32 scales, dequantized one row tile at a time per call). HAL_GGUF_INT4PACK=1 opts
+# Q4_0 / Q4_1 / Q4_K into torch's int4pack matmul, which is faster but bf16-accurate (x, scales
+# and offsets rounded to bf16), so it is never the silent default.
+REGISTRY.register(
+    Candidate(
+        family="gguf_gemm",
+        name="cpu_fast",
+        priority=10,
+        check=_always,
+        description="blocks repacked once at load: exact fp32 tiles of int8 codes x scales "
+        "(HAL_GGUF_INT4PACK=1: torch's bf16 int4pack matmul for Q4_0/Q4_1/Q4_K)",
+        scope="cpu",
+        target="backends.cpu.gguf_fast:gguf_linear_cpu",
     )
 )

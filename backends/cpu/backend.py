@@ -8,6 +8,7 @@ Each method delegates to a device-agnostic function in this package (`kv_cache`,
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,8 @@ import torch
 from backends.cpu import (
     activation,
     attention,
+    gguf,
+    gguf_fast,
     graphs,
     kv_cache,
     linear,
@@ -24,15 +27,35 @@ from backends.cpu import (
     rotary,
     sdpa,
 )
-from hal.backend import Backend, GraphRunner
+from hal.backend import Backend, GGUFWeight, GraphRunner
 from hal.capabilities import Capabilities
 from hal.registry import Selection
 
 logger = logging.getLogger(__name__)
 
+# Opt-in for the bf16-accurate int4pack GGUF path of "cpu_fast" (see backends/cpu/__init__.py).
+GGUF_INT4PACK_ENV = "HAL_GGUF_INT4PACK"
+_GGUF_CPU_FIELDS = ("codes", "scale", "offset", "packed", "scale_zeros")
+
+
+def _gguf_int4pack_policy(wanted: bool | None) -> bool:
+    if wanted is not None:
+        return wanted
+    value = os.environ.get(GGUF_INT4PACK_ENV, "").strip().lower()
+    if value in ("", "0", "false", "off", "no"):
+        return False
+    if value in ("1", "true", "on", "yes"):
+        return True
+    raise ValueError(
+        f"{GGUF_INT4PACK_ENV}: {value!r} is not one of 1/0, true/false, on/off, yes/no"
+    )
+
 
 class CpuBackend(Backend):
-    """Reference semantics, clear over fast: fp32 accumulation, no TF32, eager 'graphs'."""
+    """Reference semantics, clear over fast: fp32 accumulation, no TF32, eager 'graphs'.
+
+    gguf_int4pack=None reads HAL_GGUF_INT4PACK (default off): whether "cpu_fast" runs 4-bit GGUF
+    weights through torch's bf16 int4pack matmul instead of the exact fp32 tiles."""
 
     name = "cpu"
 
@@ -41,9 +64,17 @@ class CpuBackend(Backend):
         caps: Capabilities,
         device: str | torch.device = "cpu",
         selections: dict[str, Selection] | None = None,
+        gguf_int4pack: bool | None = None,
     ) -> None:
         super().__init__(caps, device, selections)
         self.info.settings.update({"tf32": "off", "accumulate": "fp32", "graphs": "eager"})
+        self.gguf_int4pack = _gguf_int4pack_policy(gguf_int4pack)
+        if self.chosen("gguf_gemm") == "cpu_fast":
+            self.info.settings["gguf_int4"] = (
+                f"int4pack (bf16 accuracy; {GGUF_INT4PACK_ENV}=1)"
+                if self.gguf_int4pack
+                else f"tiled (exact fp32; {GGUF_INT4PACK_ENV}=1 for bf16 int4pack)"
+            )
         logger.debug("cpu reference backend on %s", self.device)
 
     # -- KV cache ------------------------------------------------------------------------------
@@ -72,6 +103,8 @@ class CpuBackend(Backend):
         sliding_window=None,
         soft_cap=None,
         kv_scale=None,
+        max_query_len=None,  # hints for kernels that pick a path by them; the CPU needs none
+        max_seq_len=None,
     ) -> torch.Tensor:
         fn = (
             sdpa.sdpa_attention if self.chosen("attention") == "sdpa" else attention.paged_attention
@@ -101,6 +134,29 @@ class CpuBackend(Backend):
         self, x, qweight, scales, zeros, group_size, g_idx=None, bias=None
     ) -> torch.Tensor:
         return linear.int4_linear(x, qweight, scales, zeros, group_size, g_idx, bias)
+
+    def prepare_gguf(self, blocks, qtype, out_features, in_features) -> GGUFWeight:
+        if self.chosen("gguf_gemm") == "cpu_fast":
+            w = gguf_fast.prepare_gguf_cpu(
+                blocks, qtype, out_features, in_features, use_int4pack=self.gguf_int4pack
+            )
+            tensors = {f: getattr(w, f) for f in _GGUF_CPU_FIELDS if getattr(w, f) is not None}
+            return GGUFWeight(w.qtype, out_features, in_features, w.path, tensors)
+        bt = gguf.check_blocks(blocks, qtype, out_features, in_features)
+        blocks = blocks.to(self.device).contiguous()
+        return GGUFWeight(bt.name, out_features, in_features, "blocks", {"blocks": blocks})
+
+    def gguf_linear(self, x, weight: GGUFWeight, bias=None) -> torch.Tensor:
+        n, k = weight.out_features, weight.in_features
+        if weight.layout == "blocks":
+            return gguf.gguf_linear(x, weight.tensors["blocks"], weight.qtype, n, k, bias)
+        if weight.layout not in ("tiled", "int4pack"):
+            raise ValueError(
+                f"weight: layout {weight.layout!r} was not prepared by the CPU backend (blocks, "
+                "tiled, int4pack); prepare it with this backend's prepare_gguf"
+            )
+        prepared = gguf_fast.GGUFCpuWeight(weight.qtype, n, k, weight.layout, **weight.tensors)
+        return gguf_fast.gguf_linear_cpu(x, prepared, bias)
 
     # -- quantize / dequantize -----------------------------------------------------------------
     def quantize_fp8(self, x, fp8_dtype, scale=None, per_token=False):

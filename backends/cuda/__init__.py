@@ -55,8 +55,15 @@ OP_CANDIDATES: tuple[Candidate, ...] = (
     _op("attention", "sdpa", 10, rules.sdpa_reasons, _CU + "attention:sdpa_attention",
         "torch scaled_dot_product_attention on the paged KV gathered per sequence "
         "(always available; slowest)"),
+    _op("gemm", "triton_small_m", 50, rules.triton_reasons, _TR + "gemv:linear_small_m",
+        "Triton bandwidth-bound GEMM for M <= 16 (decode), bf16/fp16 with K % 16 == 0; "
+        "other inputs go to the next candidate that can run (cublas)"),
     _op("gemm", "cublas", 10, rules.cublas_reasons, _CU + "linear:linear",
         "torch.nn.functional.linear (cuBLAS); fp32 uses TF32 when the device and policy allow"),
+    _op("fp8_gemm", "triton_small_m", 150, rules.triton_reasons,
+        _TR + "gemv:fp8_linear_small_m",
+        "Triton bandwidth-bound FP8 GEMM for M <= 16 (decode; exact products, fp32 "
+        "accumulation); larger M goes to the next candidate that can run (scaled_mm)"),
     _op("fp8_gemm", "scaled_mm", 100, rules.scaled_mm_reasons, _CU + "linear:fp8_linear_scaled_mm",
         "torch._scaled_mm on FP8 tensor cores; per-tensor, or row-wise scales on sm_90"),
     _op("fp8_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
@@ -74,6 +81,12 @@ OP_CANDIDATES: tuple[Candidate, ...] = (
     _op("int4_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
         _CU + "linear:int4_linear_dequant",
         "4-bit weights dequantized with the reference math, then a cuBLAS GEMM"),
+    _op("gguf_gemm", "triton", 50, rules.triton_reasons, _TR + "gguf:gguf_linear",
+        "Triton GEMM on the raw GGUF blocks (Q4_0/Q4_1/Q8_0/Q4_K/Q6_K) kept on the device, "
+        "dequantized in registers, split-K for decode; fp32/fp16/bf16 activations"),
+    _op("gguf_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
+        _CU + "gguf:gguf_linear_dequant",
+        "GGUF blocks dequantized with the reference math on the device, then a cuBLAS GEMM"),
     _op("quantize", "triton", 50, rules.triton_reasons, _TR + "quant:quantize_fp8",
         "Triton FP8 / INT8 / INT4 quantize and dequantize kernels (the reference math, bit for "
         "bit)"),

@@ -19,9 +19,9 @@ import torch
 
 from backends.cpu import activation, norm
 from backends.cpu import graphs as eager_graphs
-from backends.cuda import SCOPE, attention, graphs, kv_cache, linear, quant, rotary
+from backends.cuda import SCOPE, attention, gguf, graphs, kv_cache, linear, quant, rotary
 from backends.cuda import candidates as rules
-from hal.backend import Backend, GraphRunner
+from hal.backend import Backend, GGUFWeight, GraphRunner
 from hal.capabilities import Capabilities
 from hal.registry import REGISTRY, Selection, SelectionError, env_choice
 
@@ -94,7 +94,10 @@ class CudaBackend(Backend):
         self.ran: dict[str, str] = {}
         self._fallbacks_logged: set[str] = set()
         self.info.settings["graphs"] = self.chosen("graph")
-        if self.chosen("fp8_gemm") == "scaled_mm":
+        for family in ("gemm", "fp8_gemm"):
+            if self.chosen(family) == "triton_small_m":
+                self.info.settings[f"{family}_large_m"] = f"M > 16: {self.large_m_impl(family)}"
+        if "scaled_mm" in (self.chosen("fp8_gemm"), self.large_m_impl("fp8_gemm")):
             rowwise = caps.cc_at_least(*rules.FP8_ROWWISE_MIN_CC)
             self.info.settings["fp8_rowwise"] = "on" if rowwise else "off (needs sm_90)"
             # FP8 tensor cores accumulate with fewer bits than fp32 (about 14 on Hopper per the
@@ -183,24 +186,60 @@ class CudaBackend(Backend):
         sliding_window=None,
         soft_cap=None,
         kv_scale=None,
+        max_query_len=None,
+        max_seq_len=None,
     ) -> torch.Tensor:
         impl = self._attention_impl(query, key_cache, kv_scale)
         self._mark("attention", impl)
-        fn = _triton("attention").attention if impl == "triton" else _ATTENTION[impl]
-        return fn(
-            query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
-            sliding_window, soft_cap, kv_scale,
-        )  # fmt: skip
+        args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+                sliding_window, soft_cap, kv_scale)  # fmt: skip
+        if impl == "triton":
+            return _triton("attention").attention(
+                *args, max_query_len=max_query_len, max_seq_len=max_seq_len
+            )
+        return _ATTENTION[impl](*args)
 
     # -- linear --------------------------------------------------------------------------------
+    # The Triton small-M GEMM's tuning table ({(weight bytes, M bucket, N, K): GemvConfig});
+    # None: its DEFAULT_CONFIGS. A vendor backend reusing this class sets its own.
+    gemv_configs: dict | None = None
+
+    def large_m_impl(self, family: str) -> str:
+        """The candidate that serves what "triton_small_m" hands on (M > 16, other dtypes): the
+        best other candidate that can run here, as the selection ranked them."""
+        sel = self.info.selections.get(family)
+        if sel is None or sel.chosen != "triton_small_m":
+            return self.chosen(family)
+        if not sel.not_tried:
+            raise SelectionError(f"{family}: no candidate besides triton_small_m can run here")
+        return sel.not_tried[0]
+
     def linear(self, x, weight, bias=None) -> torch.Tensor:
-        self._mark("gemm", self.chosen("gemm"))
+        # triton_small_m: the decode-sized kernel where M <= 16 (M = product of x's leading
+        # dims), bf16/fp16 and K % 16 == 0; everything else by design to the next candidate.
+        impl = self.chosen("gemm")
+        if impl == "triton_small_m":
+            gemv = _triton("gemv")
+            if not gemv.small_m_reasons(x, weight):
+                self._mark("gemm", impl)
+                y = gemv.linear_small_m(x.reshape(-1, x.shape[-1]), weight, bias,
+                                        configs=self.gemv_configs)  # fmt: skip
+                return y.reshape(*x.shape[:-1], weight.shape[0])
+            impl = self.large_m_impl("gemm")
+        self._mark("gemm", impl)
         return linear.linear(x, weight, bias, self.allow_tf32)
 
     def fp8_linear(
         self, x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16
     ) -> torch.Tensor:
         impl = self.chosen("fp8_gemm")
+        if impl == "triton_small_m":
+            gemv = _triton("gemv")
+            if not gemv.fp8_small_m_reasons(x_q):
+                self._mark("fp8_gemm", impl)
+                return gemv.fp8_linear_small_m(x_q, x_scale, w_q, w_scale, bias, out_dtype,
+                                               configs=self.gemv_configs)  # fmt: skip
+            impl = self.large_m_impl("fp8_gemm")  # M > 16: by design, not a fallback
         if impl == "scaled_mm":
             why = linear.scaled_mm_input_reasons(x_q, w_q)
             impl = self._input_fallback("fp8_gemm", impl, why, "dequant_gemm")
@@ -235,6 +274,31 @@ class CudaBackend(Backend):
         return linear.int4_linear_dequant(
             x, qweight, scales, zeros, group_size, g_idx, bias, self.allow_tf32
         )
+
+    def prepare_gguf(self, blocks, qtype, out_features, in_features) -> GGUFWeight:
+        # The raw blocks stay as they are, on the device: both candidates read them directly.
+        bt = gguf.check_blocks(blocks, qtype, out_features, in_features)
+        blocks = blocks.to(self.device).contiguous()
+        return GGUFWeight(bt.name, out_features, in_features, "blocks", {"blocks": blocks})
+
+    def gguf_linear(self, x, weight: GGUFWeight, bias=None) -> torch.Tensor:
+        if weight.layout != "blocks":
+            raise ValueError(
+                f"weight: layout {weight.layout!r}; the {self.name} backend runs raw 'blocks' "
+                "(prepare the weight with this backend's prepare_gguf)"
+            )
+        blocks, qtype = weight.tensors["blocks"], weight.qtype
+        n, k = weight.out_features, weight.in_features
+        # Anything but the Triton kernel (a backend without a gguf_gemm selection) dequantizes.
+        impl = self.chosen("gguf_gemm")
+        if impl == "triton":
+            impl = self._input_fallback("gguf_gemm", impl, _float_reasons(x=x), "dequant_gemm")
+        else:
+            impl = "dequant_gemm"
+        self._mark("gguf_gemm", impl)
+        if impl == "triton":
+            return _triton("gguf").gguf_linear(x, blocks, qtype, n, k, bias)
+        return gguf.gguf_linear_dequant(x, blocks, qtype, n, k, bias, self.allow_tf32)
 
     # -- quantize / dequantize (the reference math, bit for bit) ---------------------------------
     def _quant(self, why: list[str]) -> ModuleType:

@@ -1,5 +1,5 @@
-"""Triton 4-bit weight-only GEMM on the HAL's canonical int4 layout: a bandwidth-bound split-K
-FMA kernel for decode (small M) and a dequantize-into-registers tensor-core kernel for prefill.
+"""Triton 4-bit weight-only GEMM on the HAL's canonical int4 layout and on a packed layout made
+once at load (`repack_int4_for_triton`): split-K FMA kernels for decode, tensor-core kernels.
 
 Math (`backends.cpu.linear.int4_linear`): y[m, n] = sum_k x[m, k] * W[n, k] + bias[n] with
 W[n, k] = (q[k, n] - zeros[g, n]) * scales[g, n], g = g_idx[k] if given else k // group_size;
@@ -10,13 +10,20 @@ fp32 and the result is rounded once to x's dtype. Rounding, exactly:
   dot product is taken with the exact integers (q - z) and multiplied by the group's scale after:
   the weight is never rounded. x enters the dot in its own dtype (exact), products are exact and
   only the fp32 accumulation rounds. fp32 x under TF32 (`allow_tf32`) has x rounded to TF32.
+  The packed FMA kernel does the same per int32 word (8 k of one group) for any group size that
+  is a multiple of 8.
 - Otherwise (g_idx, i.e. desc_act, or group sizes the tile cannot align to) the scale is gathered
   per k in the kernel (K is not permuted) and w = (q - z) * s is formed in fp32; the FMA kernel
   uses it in fp32, the tensor-core kernel rounds it once to x's dtype (fp16 / bf16) for the dot.
+  The packed layout sorts desc_act channels by group at load (x's columns are permuted to
+  match), so GPTQ's equal-sized groups take the per-group path there too.
 - Under TRITON_INTERPRET=1 bf16 dots run in fp32 (the interpreter's bf16 tl.dot is wrong).
+The packed layout (`Int4Packed`) is the transpose, qweight [N, K/8], so a program streams whole
+K rows of a few output columns with wide loads, as the dense GEMV (backends/triton/gemv.py) does.
 Split-K is atomic-free: each split writes fp32 partials and a small kernel sums them in a fixed
-order, adds the bias and rounds. The block sizes come from a table keyed on M (`DEFAULT_CONFIGS`);
-a vendor backend passes its own (`configs=`), and `bench/int4_gemm.py --autotune` measures one.
+order, adds the bias and rounds. The block sizes come from tables keyed on M (`DEFAULT_CONFIGS`,
+`PACKED_CONFIGS`); a vendor backend passes its own (`configs=`), and `bench/int4_gemm.py
+--autotune` measures both.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from backends.triton.quant import cast_rtne, check_float, interpreting
 
 _MAGIC = tl.constexpr(8388608.0)  # 2^23: the fp32 whose low mantissa bits hold a small integer
 _MAGIC_BITS = tl.constexpr(0x4B000000)  # its bit pattern
+# 0xF as a kernel argument, not a literal: ptxas then keeps the shifted masks in registers
+# instead of rebuilding one (a MOV) before every and-or of the packed kernels.
+_NIBBLE_MASK = 0xF
 KERNELS = ("fma", "dot")
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -70,17 +80,17 @@ class Int4Config:
             raise ValueError(f"split_k: {self.split_k} must be >= 0 (0 picks one per device)")
 
 
-# (max_m, config): the first entry whose max_m >= M serves M. Starting points for H100 / H200
-# (8B MLP shapes, G = 128); `python bench/int4_gemm.py --autotune` measures replacements.
+# (max_m, config): the first entry whose max_m >= M serves M. The canonical layout's table,
+# measured on an H100 80GB (Triton 3.6, bf16, G = 128, both 8B MLP shapes) by
+# `python bench/int4_gemm.py --autotune`, which prints replacements.
 ConfigTable = Sequence[tuple[int, Int4Config]]
 DEFAULT_CONFIGS: tuple[tuple[int, Int4Config], ...] = (
-    (1, Int4Config("fma", 1, 128, 128, num_warps=4, num_stages=4)),
-    (2, Int4Config("fma", 2, 128, 128, num_warps=4, num_stages=4)),
-    (4, Int4Config("fma", 4, 64, 128, num_warps=4, num_stages=4)),
-    (16, Int4Config("dot", 16, 64, 128, num_warps=4, num_stages=4)),
-    (64, Int4Config("dot", 64, 64, 128, num_warps=4, num_stages=4)),
-    (256, Int4Config("dot", 64, 128, 64, num_warps=4, num_stages=4)),
-    (2**62, Int4Config("dot", 128, 128, 64, split_k=1, num_warps=8, num_stages=3)),
+    (1, Int4Config("fma", 1, 64, 128, split_k=8, num_warps=4, num_stages=4)),
+    (2, Int4Config("fma", 2, 64, 128, split_k=8, num_warps=4, num_stages=4)),
+    (8, Int4Config("dot", 16, 64, 64, split_k=4, num_warps=4, num_stages=3)),
+    (16, Int4Config("dot", 16, 64, 128, split_k=4, num_warps=4, num_stages=3)),
+    (64, Int4Config("dot", 64, 64, 128, split_k=4, num_warps=4, num_stages=3)),
+    (2**62, Int4Config("dot", 128, 64, 64, split_k=1, num_warps=4, num_stages=3)),
 )
 
 
@@ -307,22 +317,260 @@ def _split_reduce_kernel(
     tl.store(out_ptr + offs, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=ok)
 
 
+@triton.jit
+def _nibble(words, hi, mask, i: tl.constexpr):
+    # (2^23 + q * 16^j, 16^-j) for nibble i of uint32 words: one and-or drops the nibble into
+    # the mantissa of 2^23 at bit 4j (from words, j = i, for i < 5; from hi = words >> 12,
+    # j = i - 3, for the top three, whose bits would reach the exponent). fma(raw, c, -2^23 c)
+    # is then the exact integer q (a power-of-two scale and an exact difference): no shifts.
+    if i < 5:
+        raw = ((words & (mask << (4 * i))) | _MAGIC_BITS).to(tl.float32, bitcast=True)
+        c = 1.0 / (1 << (4 * i))
+    else:
+        raw = ((hi & (mask << (4 * (i - 3)))) | _MAGIC_BITS).to(tl.float32, bitcast=True)
+        c = 1.0 / (1 << (4 * (i - 3)))
+    return raw, c
+
+
+@triton.jit
+def _interleave8(w0, w1, w2, w3, w4, w5, w6, w7):
+    # [BN, BR] x 8 -> [BN, 8 * BR] with column 8r + i from w_i[:, r] (k order within each word)
+    even = tl.interleave(tl.interleave(w0, w4), tl.interleave(w2, w6))
+    odd = tl.interleave(tl.interleave(w1, w5), tl.interleave(w3, w7))
+    return tl.interleave(even, odd)
+
+
+@triton.jit
+def _group_of(k, k_ok, g_idx_ptr, group_size, n_words, HAS_G_IDX: tl.constexpr):
+    # The group of each k (k past the end: an in-bounds one, its weight is masked to 0).
+    if HAS_G_IDX:
+        g = tl.load(g_idx_ptr + k, mask=k_ok, other=0)
+    else:
+        g = tl.minimum(k, n_words * 8 - 1) // group_size
+    return g
+
+
+@triton.jit
+def _dot_weight(
+    words,
+    hi,
+    nibble_mask,
+    i: tl.constexpr,
+    z,
+    s,
+    zs,
+    r,
+    r_ok,
+    s_rows,
+    z_rows,
+    g_idx_ptr,
+    group_size,
+    n_words,
+    SCALE_MODE: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+):
+    # Nibble i of a [BN, BR] word tile as dot operand: mode 0 the exact integers q - z (one
+    # fma; the scale comes after the dot); 1 q * s - z * s per word; 2 (q - z) * s per k.
+    raw, c = _nibble(words, hi, nibble_mask, i)
+    if SCALE_MODE == 0:
+        w = tl.fma(raw, c, -_MAGIC * c - z)
+    elif SCALE_MODE == 1:
+        w = tl.fma(tl.fma(raw, c, -_MAGIC * c), s, zs)
+    else:
+        gk = _group_of(r * 8 + i, r_ok, g_idx_ptr, group_size, n_words, HAS_G_IDX)
+        si = tl.load(s_rows[:, None] + gk[None, :]).to(tl.float32)
+        zi = tl.load(z_rows[:, None] + gk[None, :]).to(tl.float32)
+        w = (tl.fma(raw, c, -_MAGIC * c) - zi) * si
+    return w.to(DOT_DTYPE)
+
+
+@triton.jit(do_not_specialize=["n_rows"])
+def _int4_packed_kernel(
+    x_ptr,
+    qweight_ptr,
+    scales_ptr,
+    zeros_ptr,
+    g_idx_ptr,
+    bias_ptr,
+    out_ptr,
+    stride_x_row,
+    stride_qw_row,
+    stride_s_row,
+    stride_z_row,
+    stride_out_split,
+    stride_out_row,
+    n_rows,
+    n_cols,
+    n_words,
+    group_size,
+    words_per_split,
+    nibble_mask,
+    USE_DOT: tl.constexpr,
+    SCALE_MODE: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FINAL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # The packed layout: qweight [N, K/8], each output column's K contiguous (nibble i of word r
+    # is k = 8r + i), scales / zeros [N, groups]. One program: BLOCK_N weight rows (output
+    # columns) against BLOCK_M rows of x over one K split, streaming [BLOCK_N, BLOCK_R] words.
+    # SCALE_MODE 0: the tile lies in one group (one scale per row n); 1: one group per word
+    # (gathered per word); 2: per k (g_idx or groups that split words).
+    # "fma" (BLOCK_M = 1): t[n, r] = sum_i x[8r + i] * (q - z), exact integer weights, scaled
+    # per word; the K reduction over r waits for the end. "dot": the swapped product
+    # W_tile [BN, BK] @ x_tile.T [BK, BM] on tensor cores.
+    nibble_mask = nibble_mask.to(tl.uint32)
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    blocks_m = tl.cdiv(n_rows, BLOCK_M)
+    blocks_n = tl.cdiv(n_cols, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m  # neighbours share a weight tile (L2 hits)
+    pid_n = (pid % per_group) // size_m
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = rn < n_cols
+    m_ok = rm < n_rows
+    # Rows past the end re-read the last row (in bounds, never stored): loads need no N mask.
+    rn_in = tl.minimum(rn, n_cols - 1).to(tl.int64)
+    rm_in = tl.minimum(rm, n_rows - 1).to(tl.int64)
+    rr = tl.arange(0, BLOCK_R)
+    w_ptrs = qweight_ptr + rn_in[:, None] * stride_qw_row + rr[None, :]  # [BN, BR]
+    s_rows = scales_ptr + rn_in * stride_s_row  # [BN]
+    z_rows = zeros_ptr + rn_in * stride_z_row
+    if USE_DOT:
+        rk = tl.arange(0, 8 * BLOCK_R)
+        x_ptrs = x_ptr + rm_in[None, :] * stride_x_row + rk[:, None]  # [BK, BM]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        x_row = x_ptr + pid_m.to(tl.int64) * stride_x_row
+        acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    r_start = pid_k * words_per_split
+    r_end = tl.minimum(r_start + words_per_split, n_words)
+    for r0 in range(r_start, r_end, BLOCK_R):
+        r = r0 + rr  # [BR]
+        r_ok = r < r_end
+        if EVEN_K:
+            words = tl.load(w_ptrs + r0, eviction_policy="evict_first")
+        else:
+            words = tl.load(w_ptrs + r0, mask=r_ok[None, :], other=0, eviction_policy="evict_first")
+        words = words.to(tl.uint32, bitcast=True)  # logical shifts
+        hi = words >> 12
+        if SCALE_MODE == 0:
+            g = (r0 * 8) // group_size
+            s = tl.load(s_rows + g).to(tl.float32)[:, None]  # [BN, 1]
+            z = tl.load(z_rows + g).to(tl.float32)[:, None]
+        elif SCALE_MODE == 1:
+            rc = r if EVEN_K else tl.minimum(r, n_words - 1)  # in bounds, and known contiguous
+            g = (rc * 8 // group_size)[None, :]  # [1, BR]
+            s = tl.load(s_rows[:, None] + g).to(tl.float32)  # [BN, BR]
+            z = tl.load(z_rows[:, None] + g).to(tl.float32)
+        else:
+            s = 1.0  # gathered per k below
+            z = 0.0
+        if USE_DOT:
+            if EVEN_K:
+                xt = tl.load(x_ptrs + r0 * 8)
+            else:
+                xt = tl.load(x_ptrs + r0 * 8, mask=(r0 * 8 + rk < r_end * 8)[:, None], other=0.0)
+            zs = -z * s  # mode 1: w = q * s + zs
+            wt = _interleave8(
+                _dot_weight(words, hi, nibble_mask, 0, z, s, zs, r, r_ok, s_rows, z_rows,
+                            g_idx_ptr, group_size, n_words, SCALE_MODE, HAS_G_IDX, DOT_DTYPE),
+                _dot_weight(words, hi, nibble_mask, 1, z, s, zs, r, r_ok, s_rows, z_rows,
+                            g_idx_ptr, group_size, n_words, SCALE_MODE, HAS_G_IDX, DOT_DTYPE),
+                _dot_weight(words, hi, nibble_mask, 2, z, s, zs, r, r_ok, s_rows, z_rows,
+                            g_idx_ptr, group_size, n_words, SCALE_MODE, HAS_G_IDX, DOT_DTYPE),
+                _dot_weight(words, hi, nibble_mask, 3, z, s, zs, r, r_ok, s_rows, z_rows,
+                            g_idx_ptr, group_size, n_words, SCALE_MODE, HAS_G_IDX, DOT_DTYPE),
+                _dot_weight(words, hi, nibble_mask, 4, z, s, zs, r, r_ok, s_rows, z_rows,
+                            g_idx_ptr, group_size, n_words, SCALE_MODE, HAS_G_IDX, DOT_DTYPE),
+                _dot_weight(words, hi, nibble_mask, 5, z, s, zs, r, r_ok, s_rows, z_rows,
+                            g_idx_ptr, group_size, n_words, SCALE_MODE, HAS_G_IDX, DOT_DTYPE),
+                _dot_weight(words, hi, nibble_mask, 6, z, s, zs, r, r_ok, s_rows, z_rows,
+                            g_idx_ptr, group_size, n_words, SCALE_MODE, HAS_G_IDX, DOT_DTYPE),
+                _dot_weight(words, hi, nibble_mask, 7, z, s, zs, r, r_ok, s_rows, z_rows,
+                            g_idx_ptr, group_size, n_words, SCALE_MODE, HAS_G_IDX, DOT_DTYPE),
+            )  # fmt: skip
+            part = tl.dot(wt, xt.to(DOT_DTYPE), input_precision=INPUT_PRECISION)  # [BN, BM]
+            if SCALE_MODE == 0:
+                acc += part * s
+            else:
+                acc += part
+        else:
+            # t[n, r] = sum_i x[8r + i] * q: 3 instructions per weight (and-or, 2 fma); the zero
+            # enters per word as z * sum_i x[8r + i], the scale per word after.
+            t = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+            xs = tl.zeros((1, BLOCK_R), dtype=tl.float32)
+            for i in tl.static_range(8):
+                k = r * 8 + i
+                if EVEN_K:
+                    xi = tl.load(x_row + k).to(tl.float32)[None, :]
+                else:
+                    xi = tl.load(x_row + k, mask=r_ok, other=0.0).to(tl.float32)[None, :]
+                raw, c = _nibble(words, hi, nibble_mask, i)
+                q = tl.fma(raw, c, -_MAGIC * c)
+                if SCALE_MODE == 2:
+                    gk = _group_of(k, r_ok, g_idx_ptr, group_size, n_words, HAS_G_IDX)
+                    si = tl.load(s_rows[:, None] + gk[None, :]).to(tl.float32)
+                    zi = tl.load(z_rows[:, None] + gk[None, :]).to(tl.float32)
+                    t += xi * ((q - zi) * si)
+                else:
+                    t += xi * q
+                    xs += xi
+            if SCALE_MODE == 2:
+                acc += t
+            else:
+                acc += (t - z * xs) * s
+    if USE_DOT:
+        y = acc  # [BN, BM]
+    else:
+        y = tl.sum(acc, axis=1)[:, None]  # [BN, 1]
+    mask = n_ok[:, None] & m_ok[None, :]
+    if FINAL:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rn_in).to(tl.float32)[:, None]
+        out = out_ptr + rm.to(tl.int64)[None, :] * stride_out_row + rn[:, None]
+        tl.store(out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    else:
+        out = out_ptr + pid_k * stride_out_split + rm.to(tl.int64)[None, :] * stride_out_row
+        tl.store(out + rn[:, None], y, mask=mask)
+
+
 # -- launcher ------------------------------------------------------------------------------------
-def _check_inputs(x, qweight, scales, zeros, group_size, g_idx, bias) -> tuple[int, int, int]:
+def _check_x(x: torch.Tensor) -> tuple[int, int]:
     if x.dim() != 2:
         raise ValueError(f"x: expected [M, K], got shape {tuple(x.shape)}")
     check_float("x", x)
-    if qweight.dim() != 2 or qweight.dtype != torch.int32:
-        raise ValueError(
-            f"qweight: expected int32 [K / 8, N], got {qweight.dtype} {tuple(qweight.shape)}; "
-            "repack the checkpoint into the canonical layout (hal.backend dequantize_int4)"
-        )
     m, k = x.shape
-    n = qweight.shape[1]
     if k % 8:
         raise ValueError(f"x: K={k} is not a multiple of 8 (8 nibbles per int32 word)")
-    if qweight.shape[0] * 8 != k:
-        raise ValueError(f"x: K={k} differs from qweight's K = 8 * rows = {qweight.shape[0] * 8}")
+    return m, k
+
+
+def _check_qweight(qweight: torch.Tensor) -> None:
+    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2 or qweight.dtype != torch.int32:
+        what = f"{qweight.dtype} {tuple(qweight.shape)}" if isinstance(qweight, torch.Tensor) else (
+            type(qweight).__name__)  # fmt: skip
+        raise ValueError(
+            f"qweight: expected int32 [K / 8, N] (or an Int4Packed), got {what}; "
+            "repack the checkpoint into the canonical layout (hal.backend dequantize_int4)"
+        )
+
+
+def _check_quant(scales, zeros, group_size, g_idx, k: int, n: int) -> None:
+    """scales / zeros [K / G, N] and g_idx [K] against the canonical layout's K and N."""
     check_float("scales", scales)
     if scales.dim() != 2 or scales.shape[1] != n or tuple(zeros.shape) != tuple(scales.shape):
         raise ValueError(
@@ -350,10 +598,26 @@ def _check_inputs(x, qweight, scales, zeros, group_size, g_idx, bias) -> tuple[i
         # it runs where that is free; on a GPU the loader validates g_idx once.
         if g_idx.device.type == "cpu" and k and (g_idx.min() < 0 or g_idx.max() >= num_groups):
             raise ValueError(f"g_idx: values must lie in 0..{num_groups - 1}")
+
+
+def _check_bias(bias: torch.Tensor | None, n: int) -> None:
     if bias is not None:
         if tuple(bias.shape) != (n,):
             raise ValueError(f"bias: shape {tuple(bias.shape)}, expected [N={n}]")
         check_float("bias", bias)
+
+
+def _check_inputs(x, qweight, scales, zeros, group_size, g_idx, bias) -> tuple[int, int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [M, K], got shape {tuple(x.shape)}")
+    check_float("x", x)
+    _check_qweight(qweight)
+    m, k = _check_x(x)
+    n = qweight.shape[1]
+    if qweight.shape[0] * 8 != k:
+        raise ValueError(f"x: K={k} differs from qweight's K = 8 * rows = {qweight.shape[0] * 8}")
+    _check_quant(scales, zeros, group_size, g_idx, k, n)
+    _check_bias(bias, n)
     return m, n, k
 
 
@@ -373,12 +637,185 @@ def _split(config: Int4Config, tiles: int, k: int, block_k: int, device: torch.d
     return max(1, min(want, k_tiles, 32))
 
 
-def int4_linear(
-    x: torch.Tensor,
+def _dot_dtype(x: torch.Tensor, allow_tf32: bool) -> tuple[object, str | None]:
+    """(tl dtype of the dot operands, input_precision) for x's dtype."""
+    bf16_interp = interpreting() and x.dtype == torch.bfloat16
+    dot_dtype = tl.float32 if bf16_interp else _TL_DTYPE[x.dtype]
+    # fp32 dots: exact products ("ieee") unless the backend's TF32 policy allows "tf32".
+    precision = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
+    return dot_dtype, precision if dot_dtype == tl.float32 else None
+
+
+def _reduce_splits(dest, b, out, split, m, n, has_bias) -> None:
+    block = 1024
+    _split_reduce_kernel[(triton.cdiv(m * n, block),)](
+        dest, b, out, split, m * n, n, HAS_BIAS=has_bias, INTERPRET=interpreting(), BLOCK=block,
+    )  # fmt: skip
+
+
+# -- the packed layout ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Int4Packed:
+    """A 4-bit weight W [N, K] repacked for this backend (`repack_int4_for_triton`): each output
+    column's K contiguous, so decode streams whole rows like a dense GEMV.
+
+    qweight int32 [N, K/8]: nibble i (bits 4i) of word r of row n is the code at packed k = 8r + i;
+    scales [N, groups] (the checkpoint's dtype) and zeros uint8 [N, groups]; packed k belongs to
+    group k // group_size, or g_idx[k] when g_idx is set (group_size 0); perm int64 [K]: packed k
+    holds the checkpoint's input channel perm[k] (desc_act), None when the order is unchanged.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    group_size: int
+    perm: torch.Tensor | None = None
+    g_idx: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.qweight.shape[1] * 8
+
+
+def _pack_rows(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [N, K] -> int32 [N, K/8], nibble i of word r = codes[:, 8r + i], in int32
+    arithmetic one nibble at a time (no wide copy of a large weight); the top nibble enters
+    as a signed value, which gives its two's complement bits."""
+    words = torch.zeros(codes.shape[0], codes.shape[1] // 8, dtype=torch.int32, device=codes.device)
+    for i in range(7):
+        words += codes[:, i::8].to(torch.int32) << (4 * i)
+    top = codes[:, 7::8].to(torch.int32)
+    return words + torch.where(top >= 8, top - 16, top) * (1 << 28)
+
+
+def repack_int4_for_triton(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor,
     group_size: int,
+    g_idx: torch.Tensor | None = None,
+) -> Int4Packed:
+    """Once, at load: the canonical layout (qweight int32 [K/8, N], scales / zeros [K/G, N],
+    optional g_idx [K]) -> Int4Packed, losslessly (the same codes, scales and zeros, moved).
+
+    Without g_idx the weight is transposed. With g_idx (desc_act) the input channels are sorted
+    by group (stable), so each group's channels are contiguous and `int4_linear` permutes x's
+    columns to match; when every group then holds K / groups channels the per-group fast path
+    serves it, otherwise the sorted g_idx stays and scales are gathered per k. Reads g_idx
+    back to the host (a sync: load time only).
+    """
+    _check_qweight(qweight)
+    k, n = qweight.shape[0] * 8, qweight.shape[1]
+    _check_quant(scales, zeros, group_size, g_idx, k, n)
+    num_groups = scales.shape[0]
+    st, zt = scales.t().contiguous(), zeros.t().contiguous()  # [N, groups]
+    if g_idx is None:
+        return Int4Packed(qweight.t().contiguous(), st, zt, group_size)
+    g = g_idx.to(torch.int64)
+    if k and (int(g.min()) < 0 or int(g.max()) >= num_groups):
+        raise ValueError(f"g_idx: values must lie in 0..{num_groups - 1}")
+    perm = torch.sort(g, stable=True).indices  # [K]
+    g_sorted = g[perm]
+    codes = torch.empty(k, n, dtype=torch.uint8, device=qweight.device)  # [K, N]
+    for i in range(8):
+        codes[i::8] = ((qweight >> (4 * i)) & 0xF).to(torch.uint8)
+    packed = _pack_rows(codes[perm].t().contiguous())  # [N, K/8]
+    counts = torch.bincount(g_sorted, minlength=num_groups)
+    uniform = k % num_groups == 0 and bool((counts == k // num_groups).all())
+    identity = bool((perm == torch.arange(k, device=perm.device)).all())
+    return Int4Packed(
+        packed, st, zt,
+        group_size=k // num_groups if uniform else 0,
+        perm=None if identity else perm,
+        g_idx=None if uniform else g_sorted.to(torch.int32),
+    )  # fmt: skip
+
+
+# (max_m, config) for the packed layout; its "fma" takes one row of x per program (block_m 1).
+# Starting points, not yet measured: `python bench/int4_gemm.py --autotune` prints the table.
+PACKED_CONFIGS: tuple[tuple[int, Int4Config], ...] = (
+    (1, Int4Config("fma", 1, 32, 512, num_warps=4, num_stages=3)),
+    (16, Int4Config("dot", 16, 128, 128, num_warps=4, num_stages=3)),
+    (64, Int4Config("dot", 64, 128, 64, num_warps=4, num_stages=3)),
+    (2**62, Int4Config("dot", 128, 128, 64, split_k=1, num_warps=8, num_stages=3)),
+)
+
+
+def _packed_scale_mode(p: Int4Packed, cfg: Int4Config) -> tuple[int, int]:
+    """(SCALE_MODE, block_k): 0 with a K tile inside one group, 1 with one group per word,
+    2 per k (g_idx, or groups that split words). The tensor-core kernel shrinks its tile to a
+    group where it can, so the dot sees the exact integers q - z."""
+    gs = p.group_size
+    if p.g_idx is not None:
+        return 2, cfg.block_k
+    if gs % cfg.block_k == 0:
+        return 0, cfg.block_k
+    if cfg.kernel == "dot":
+        bk = _uniform_block_k(cfg.block_k, gs, 16)
+        if bk is not None:
+            return 0, bk
+    return (1 if gs % 8 == 0 else 2), cfg.block_k
+
+
+def _int4_linear_packed(x, p: Int4Packed, bias, allow_tf32, configs, config) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"x: expected a tensor, got {type(x).__name__}")
+    m, k = _check_x(x)
+    n = p.out_features
+    if p.in_features != k:
+        raise ValueError(f"x: K={k} differs from the packed weight's K={p.in_features}")
+    _check_bias(bias, n)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+    cfg = config if config is not None else pick_config(m, PACKED_CONFIGS if configs is None
+                                                        else configs)  # fmt: skip
+    if cfg.kernel == "fma" and cfg.block_m != 1:
+        raise ValueError(
+            f"config: block_m={cfg.block_m}; the packed layout's fma kernel takes one row of x "
+            "per program (block_m 1)"
+        )
+    xc = x if x.stride(1) == 1 else x.contiguous()
+    if p.perm is not None:
+        xc = xc.index_select(1, p.perm)  # [M, K] in the packed channel order
+    mode, block_k = _packed_scale_mode(p, cfg)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split = _split(cfg, tiles, k, block_k, x.device)
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k  # whole tiles per split
+    split = triton.cdiv(k, k_per_split)
+    final = split == 1
+    dest = out if final else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    dot_dtype, precision = _dot_dtype(x, allow_tf32)
+    qw = p.qweight
+    b = bias.contiguous() if bias is not None else qw  # a dummy pointer when absent
+    gi = p.g_idx if p.g_idx is not None else qw
+    _int4_packed_kernel[(tiles, split)](
+        xc, qw, p.scales, p.zeros, gi, b, dest, xc.stride(0), qw.stride(0), p.scales.stride(0),
+        p.zeros.stride(0), 0 if final else dest.stride(0), dest.stride(-2), m, n, k // 8,
+        max(p.group_size, 1), k_per_split // 8, _NIBBLE_MASK,
+        USE_DOT=cfg.kernel == "dot", SCALE_MODE=mode, HAS_G_IDX=p.g_idx is not None,
+        EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None, FINAL=final, DOT_DTYPE=dot_dtype,
+        INPUT_PRECISION=precision, INTERPRET=interpreting(), BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_R=block_k // 8, GROUP_M=8, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if not final:
+        _reduce_splits(dest, b, out, split, m, n, bias is not None)
+    return out
+
+
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor | Int4Packed,
+    scales: torch.Tensor | None = None,
+    zeros: torch.Tensor | None = None,
+    group_size: int | None = None,
     g_idx: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     *,
@@ -386,12 +823,25 @@ def int4_linear(
     configs: ConfigTable | None = None,
     config: Int4Config | None = None,
 ) -> torch.Tensor:
-    """y = x @ W.T + bias with W in the canonical int4 layout, fp32 accumulation, in x's dtype.
+    """y = x @ W.T + bias with W in the canonical int4 layout or packed (`Int4Packed`), fp32
+    accumulation, in x's dtype.
 
-    x: [M, K] fp32/bf16/fp16; qweight int32 [K/8, N]; scales [K/G, N] float; zeros uint8
-    [K/G, N]; g_idx int32 [K] (optional, desc_act); bias [N]. `configs` replaces the M-keyed
-    tuning table, `config` forces one launch shape; `allow_tf32` lets fp32 dots use TF32.
+    x: [M, K] fp32/bf16/fp16; canonical: qweight int32 [K/8, N], scales [K/G, N] float, zeros
+    uint8 [K/G, N], g_idx int32 [K] (optional, desc_act); packed: qweight an Int4Packed and
+    scales / zeros / group_size / g_idx None. bias [N]. `configs` replaces the M-keyed tuning
+    table of the layout (DEFAULT_CONFIGS / PACKED_CONFIGS), `config` forces one launch shape;
+    `allow_tf32` lets fp32 dots use TF32.
     """
+    if isinstance(qweight, Int4Packed):
+        given = [name for name, v in (("scales", scales), ("zeros", zeros),
+                 ("group_size", group_size), ("g_idx", g_idx)) if v is not None]  # fmt: skip
+        if given:
+            raise ValueError(
+                f"{', '.join(given)}: must be None with an Int4Packed weight (it carries them)"
+            )
+        return _int4_linear_packed(x, qweight, bias, allow_tf32, configs, config)
+    if scales is None or zeros is None or group_size is None:
+        raise ValueError("scales, zeros, group_size: required with a canonical int32 qweight")
     m, n, k = _check_inputs(x, qweight, scales, zeros, group_size, g_idx, bias)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
@@ -429,11 +879,7 @@ def int4_linear(
             BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_R=block_k // 8, **common,
         )  # fmt: skip
     else:
-        bf16_interp = interpreting() and x.dtype == torch.bfloat16
-        dot_dtype = tl.float32 if bf16_interp else _TL_DTYPE[x.dtype]
-        # fp32 dots: exact products ("ieee") unless the backend's TF32 policy allows "tf32".
-        precision = "tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee"
-        precision = precision if dot_dtype == tl.float32 else None
+        dot_dtype, precision = _dot_dtype(x, allow_tf32)
         grid = (tiles, split)
         _int4_dot_kernel[grid](
             xc, qw, sc, zs, gi, b, dest, xc.stride(0), qw.stride(0), sc.stride(0), zs.stride(0),
@@ -442,9 +888,5 @@ def int4_linear(
             BLOCK_K=block_k, GROUP_M=8, **common,
         )  # fmt: skip
     if not final:
-        block = 1024
-        _split_reduce_kernel[(triton.cdiv(m * n, block),)](
-            dest, b, out, split, m * n, n, HAS_BIAS=bias is not None, INTERPRET=interpreting(),
-            BLOCK=block,
-        )  # fmt: skip
+        _reduce_splits(dest, b, out, split, m, n, bias is not None)
     return out

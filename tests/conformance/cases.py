@@ -14,12 +14,18 @@ from dataclasses import dataclass
 import torch
 from hypothesis import strategies as st
 
-from backends.cpu import activation, attention, kv_cache, linear, norm, quant, rotary
+from backends.cpu import activation, attention, gguf, kv_cache, linear, norm, quant, rotary
 from hal.backend import Backend
 from hal.capabilities import Capabilities
 from tests.conformance import strategies as S
 from tests.conformance.targets import DispatchPlan, DispatchSpy
-from tests.conformance.tolerances import UNIT_ROUNDOFF, quantization_tolerance, tolerance
+from tests.conformance.tolerances import (
+    SUBNORMAL_MIN,
+    UNIT_ROUNDOFF,
+    Tolerance,
+    quantization_tolerance,
+    tolerance,
+)
 
 F64 = torch.float64
 
@@ -247,6 +253,31 @@ def check_int4_linear(d: Dispatch, case: S.Int4Case) -> CaseResult:
     return within("y", out, ref, case.dtype, amax(t["x"]) * amax(w), case.k, tf32=tf32(d))
 
 
+# An opt-in GGUF path that rounds x, the block scales and offsets and y to bf16 (the CPU's
+# int4pack, for Q4_0 / Q4_1 / Q4_K) declares it in settings["gguf_int4"]. Its weight error is at
+# most u * (8|s| + |z|) <= ~3u * max|w| and x's u * |x|, so ~4 bf16 roundings per product.
+GGUF_INT4PACK_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+GGUF_BF16_TOLERANCE = Tolerance(
+    atol=4 * UNIT_ROUNDOFF["bf16"], rtol=4 * UNIT_ROUNDOFF["bf16"], floor=SUBNORMAL_MIN["bf16"]
+)
+
+
+def check_gguf_linear(d: Dispatch, case: S.GGUFCase) -> CaseResult:
+    t = case.build()
+    n, k = case.n, case.k
+    # prepare_gguf runs once at load and may not touch the GEMM's module: called directly.
+    weight = d.backend.prepare_gguf(d.to(t["blocks"]), case.qtype, n, k)
+    out = d("gguf_linear", d.to(t["x"]), weight, d.to(t["bias"]))
+    ref = gguf.gguf_linear(f64(t["x"]), t["blocks"], case.qtype, n, k, f64(t["bias"]))
+    mag = amax(t["x"]) * amax(gguf.dequantize_gguf(t["blocks"], case.qtype, (n, k)))
+    settings = d.backend.info.settings
+    if case.qtype in GGUF_INT4PACK_TYPES and settings.get("gguf_int4", "").startswith("int4pack"):
+        return close("y", out, ref, GGUF_BF16_TOLERANCE.allowed(ref, mag, k))
+    # TF32 only where a dense GEMM ran (the Triton kernel's fp32 dots are IEEE).
+    dense = getattr(d.backend, "ran", {}).get("gguf_gemm", "") != "triton"
+    return within("y", out, ref, case.dtype, mag, k, tf32=tf32(d) and dense)
+
+
 # -- quantize / dequantize -----------------------------------------------------------------------
 def _dynamic_scale_64(x: torch.Tensor, qmax: float, per_token: bool) -> torch.Tensor:
     xa = x.to(F64).abs()
@@ -465,6 +496,10 @@ def _int4(act_order: bool | None) -> Strategy:
     return strategy
 
 
+def _gguf(qtype: str) -> Strategy:
+    return lambda dt, c, lim: S.gguf_cases(dt, qtype, lim)
+
+
 def _quant(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrategy:
     return S.quant_cases(dt, float_dtypes(c), lim)
 
@@ -494,6 +529,10 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("int8_linear", "int8_gemm", ("int8",), _scaled(None), check_scaled_linear, True),
     OpSpec("int4_linear", "int4_gemm", ("int4",), _int4(False), check_int4_linear, True),
     OpSpec("int4_linear/g_idx", "int4_gemm", ("int4",), _int4(True), check_int4_linear, True),
+    *(
+        OpSpec(f"gguf_linear/{q}", "gguf_gemm", FLOAT, _gguf(q), check_gguf_linear)
+        for q in S.GGUF_QTYPES
+    ),
     OpSpec("quantize_fp8", "quantize", FP8, _quant, check_quantize_fp8, True),
     OpSpec(
         "dequantize_fp8",

@@ -40,6 +40,7 @@ class Limits:
     max_tokens: int = 32  # rows of the small fused ops
     max_hidden: int = 512
     max_int4_groups: int = 4
+    max_gguf_superblocks: int = 2  # K-quant super-blocks of 256 along K (32-value types: 8x)
 
 
 LIMITS: dict[str, Limits] = {
@@ -54,6 +55,7 @@ LIMITS: dict[str, Limits] = {
         max_tokens=128,
         max_hidden=2100,
         max_int4_groups=12,
+        max_gguf_superblocks=5,
     ),
 }
 
@@ -428,6 +430,55 @@ def int4_cases(
         group_size=draw(st.sampled_from(INT4_GROUP_SIZES)),
         num_groups=draw(st.integers(1, limits.max_int4_groups)),
         act_order=act_order,
+        has_bias=draw(st.booleans()),
+        seed=draw(seeds),
+    )
+
+
+# -- GGUF block weights --------------------------------------------------------------------------
+GGUF_QTYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K")
+_GGUF_BLOCK_SIZE = {"Q4_0": 32, "Q4_1": 32, "Q8_0": 32, "Q4_K": 256, "Q6_K": 256}
+
+
+@dataclass(frozen=True)
+class GGUFCase:
+    """x [M, K] in `dtype` and a GGUF weight [N, K] of `qtype` as random valid ggml blocks (every
+    code and packed scale bit drawn, fp16 fields finite: tests/backends/gguf/gguf_random.py)."""
+
+    dtype: str  # activations and bias
+    qtype: str
+    m: int
+    n: int
+    num_blocks: int  # ggml blocks along K
+    has_bias: bool
+    seed: int
+
+    @property
+    def k(self) -> int:
+        return _GGUF_BLOCK_SIZE[self.qtype] * self.num_blocks
+
+    def build(self) -> dict[str, torch.Tensor | None]:
+        from tests.backends.gguf.gguf_random import random_blocks
+
+        gen, td = generator(self.seed), torch_dtype(self.dtype)
+        return {
+            "x": randn((self.m, self.k), gen).to(td),
+            "blocks": random_blocks(self.qtype, self.n, self.k, self.seed),
+            "bias": randn((self.n,), gen).to(td) if self.has_bias else None,
+        }
+
+
+@st.composite
+def gguf_cases(draw, dtype: str, qtype: str, limits: Limits = LIMITS["ci"]) -> GGUFCase:
+    if qtype not in _GGUF_BLOCK_SIZE:
+        raise ValueError(f"qtype: {qtype!r} is not one of {', '.join(_GGUF_BLOCK_SIZE)}")
+    per_super = 256 // _GGUF_BLOCK_SIZE[qtype]
+    return GGUFCase(
+        dtype=dtype,
+        qtype=qtype,
+        m=draw(st.integers(1, limits.max_m)),
+        n=draw(st.integers(1, limits.max_n)),
+        num_blocks=draw(st.integers(1, limits.max_gguf_superblocks * per_super)),
         has_bias=draw(st.booleans()),
         seed=draw(seeds),
     )

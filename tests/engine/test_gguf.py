@@ -1,6 +1,7 @@
 """The embedded default model (SmolLM2-135M-Instruct, Q4_1 GGUF) against transformers' own GGUF
-loading, both dequantizing to float32 on the CPU: identical weights after undoing llama.cpp's q/k
-permutation, logits within GGUF_LOGIT_ATOL, and 16 greedy tokens identical on a chat prompt."""
+loading (float32 on the CPU), both as we run it by default (Q4_1 blocks kept quantized,
+gguf_linear) and dequantized at load (HAL_GGUF_DEQUANTIZE=1): identical weights after undoing
+llama.cpp's q/k permutation, logits within GGUF_LOGIT_ATOL, 16 greedy tokens identical."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from models_fixtures import PagedSequence, hf_greedy
 
 from engine.loader import load_model
 from engine.loader.default_model import find_default_model
-from engine.loader.gguf import GGUFSource
+from engine.loader.gguf import DEQUANTIZE_ENV, GGUFSource
 from engine.tokenizer import apply_chat_template
 from hal.select import load_backend
 
@@ -37,6 +38,18 @@ def ours(backend):
 
 
 @pytest.fixture(scope="module")
+def ours_dequantized(backend):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(DEQUANTIZE_ENV, "1")
+        return load_model(GGUF_PATH, backend, "float32")
+
+
+@pytest.fixture(scope="module", params=["blocks", "dequantized"])
+def either(request):
+    return request.getfixturevalue("ours" if request.param == "blocks" else "ours_dequantized")
+
+
+@pytest.fixture(scope="module")
 def reference():
     pytest.importorskip("accelerate", reason="transformers needs accelerate to load a GGUF")
     from transformers import AutoModelForCausalLM
@@ -59,9 +72,9 @@ def test_config_and_tokenizer_from_metadata(ours):
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
 
 
-def test_weights_equal_transformers_dequantized(ours, reference):
+def test_weights_equal_transformers_dequantized(ours_dequantized, reference):
     """Same dequantization, and q/k rows un-permuted exactly as transformers does."""
-    model = ours[0]
+    model = ours_dequantized[0]
     for i in (0, 29):
         qkv = model.layers[i].self_attn.qkv_proj.weight
         ref = reference.model.layers[i].self_attn
@@ -72,6 +85,24 @@ def test_weights_equal_transformers_dequantized(ours, reference):
         assert torch.equal(model.layers[i].mlp.gate_up_proj.weight, gate_up)
     assert torch.equal(model.embed_tokens.weight, reference.model.embed_tokens.weight)
     assert model.lm_head.weight is model.embed_tokens.weight  # tied
+
+
+def test_block_weights_stand_for_transformers_weights(ours, reference):
+    """The kept Q4_1 blocks (un-permuted row-wise) are the very weights transformers dequantizes:
+    read back through the backend's exact fp32 path, bit for bit."""
+    model = ours[0]
+    for i in (0, 29):
+        qkv = model.layers[i].self_attn.qkv_proj
+        assert qkv.weight is None and qkv.quant_method is not None
+        ref = reference.model.layers[i].self_attn
+        want = torch.cat([ref.q_proj.weight, ref.k_proj.weight, ref.v_proj.weight])
+        assert torch.equal(qkv.quant_method.dequantize(qkv), want)
+        down = model.layers[i].mlp.down_proj
+        want = reference.model.layers[i].mlp.down_proj.weight
+        assert torch.equal(down.quant_method.dequantize(down), want)
+    # The Q8_0 embedding is a lookup: dequantized at load, and the tied LM head shares it.
+    assert torch.equal(model.embed_tokens.weight, reference.model.embed_tokens.weight)
+    assert model.lm_head.weight is model.embed_tokens.weight
 
 
 def test_shard_reads_equal_slices_of_full_tensor(ours):
@@ -88,8 +119,8 @@ def test_shard_reads_equal_slices_of_full_tensor(ours):
     assert source.shape(down) == (576, 1536)
 
 
-def test_logits_and_greedy_match_transformers(ours, reference):
-    model, _, tokenizer = ours
+def test_logits_and_greedy_match_transformers(either, reference):
+    model, _, tokenizer = either
     prompt = apply_chat_template(tokenizer, MESSAGES)
     logits = PagedSequence(model, num_blocks=8, seed=0).step(prompt, all_logits=True)
     with torch.no_grad():

@@ -43,6 +43,7 @@ def test_load_backend_selects_cpu_reference() -> None:
             "attention": "sdpa",
             "gemm": "native",
             "kv_write": "native",
+            "gguf_gemm": "cpu_fast",  # exact tiled dequant (tests/engine/test_gguf_quantized.py)
         }  # engine paths, tested against the reference
         assert backend.chosen(family) == fast.get(family, "reference")
     assert any(line.startswith("attention: sdpa") for line in backend.describe())

@@ -222,6 +222,141 @@ def test_g_idx_out_of_range_on_cpu() -> None:
         run_kernel(_bad(g_idx=torch.full((64,), 2, dtype=torch.int32)))
 
 
+# -- the packed layout ---------------------------------------------------------------------------
+def uneven_g_idx(k: int, num_groups: int, seed: int) -> torch.Tensor:
+    """A g_idx whose groups hold different numbers of channels (each group at least one)."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.cat([torch.arange(num_groups), torch.randint(0, num_groups, (k - num_groups,),
+                                                           generator=gen)])  # fmt: skip
+    return g[torch.randperm(k, generator=gen)].to(torch.int32)
+
+
+def packed_case(m, n, k, group_size, dtype, g_kind, has_bias, seed) -> tuple[dict, object]:
+    case = make_case(m, n, k, group_size, dtype, g_kind == "desc_act", has_bias, seed)
+    if g_kind == "uneven":
+        case["g_idx"] = uneven_g_idx(k, k // group_size, seed)
+    q = (case["qweight"], case["scales"], case["zeros"], group_size, case["g_idx"])
+    return case, ig.repack_int4_for_triton(*(dev(t) for t in q))
+
+
+def run_packed(case: dict, packed, **kw) -> torch.Tensor:
+    return ig.int4_linear(dev(case["x"]), packed, bias=dev(case["bias"]), **kw)
+
+
+def decode_packed(p) -> torch.Tensor:
+    """W [N, K] float64 in the checkpoint's channel order, decoded from an Int4Packed by its
+    documented layout (independently of the kernels)."""
+    qw = p.qweight.cpu()
+    n, k = qw.shape[0], qw.shape[1] * 8
+    codes = torch.stack([(qw >> (4 * i)) & 0xF for i in range(8)], dim=2).reshape(n, k)
+    g = p.g_idx.cpu().long() if p.g_idx is not None else torch.arange(k) // p.group_size
+    w = (codes.to(F64) - p.zeros.cpu().to(F64)[:, g]) * p.scales.cpu().to(F64)[:, g]
+    perm = p.perm.cpu() if p.perm is not None else torch.arange(k)
+    out = torch.empty_like(w)
+    out[:, perm] = w  # packed k holds the checkpoint's channel perm[k]
+    return out
+
+
+@pytest.mark.parametrize("g_kind", [None, "desc_act", "uneven"])
+def test_repack_is_lossless(g_kind: str | None) -> None:
+    case, p = packed_case(1, 24, 256, 32, torch.float16, g_kind, False, seed=5)
+    want = ref_quant.dequantize_int4(
+        case["qweight"], case["scales"].to(F64), case["zeros"], 32, case["g_idx"]
+    )
+    assert torch.equal(decode_packed(p), want)  # (q - z) * s is exact in float64
+    assert p.scales.dtype == case["scales"].dtype and p.zeros.dtype == torch.uint8
+    if g_kind is None:  # a plain transpose
+        assert torch.equal(p.qweight.cpu(), case["qweight"].t()) and p.perm is None
+    elif g_kind == "desc_act":  # sorted into contiguous groups of 32: the per-group path
+        assert p.g_idx is None and p.group_size == 32 and p.perm is not None
+    else:  # unequal groups: the sorted g_idx stays, scales are gathered per k
+        assert p.g_idx is not None and p.group_size == 0
+        assert bool((p.g_idx.cpu()[1:] >= p.g_idx.cpu()[:-1]).all())
+
+
+# name: (group_size, K, g_idx kind, block_k, {kernel: the scale mode it must take})
+PACKED_CASES = {
+    "tile_in_group": (128, 256, None, 64, {"fma": 0, "dot": 0}),
+    "groups_per_tile": (32, 256, None, 128, {"fma": 1, "dot": 0}),  # dot shrinks its tile
+    "group_24": (24, 192, None, 64, {"fma": 1, "dot": 1}),
+    "group_12": (12, 96, None, 32, {"fma": 2, "dot": 2}),  # groups split words
+    "desc_act": (64, 256, "desc_act", 64, {"fma": 0, "dot": 0}),
+    "uneven_g_idx": (32, 256, "uneven", 64, {"fma": 2, "dot": 2}),
+}
+
+
+@pytest.mark.parametrize("dtype", list(FLOATS))
+@pytest.mark.parametrize("name", list(PACKED_CASES))
+@pytest.mark.parametrize("kernel", ["fma", "dot"])
+def test_packed_matches_reference(kernel: str, name: str, dtype: str) -> None:
+    group_size, k, g_kind, block_k, modes = PACKED_CASES[name]
+    seed = len(name) + len(dtype)
+    case, p = packed_case(3, 24, k, group_size, FLOATS[dtype], g_kind, seed % 2 == 0, seed)
+    cfg = ig.Int4Config(kernel, 1 if kernel == "fma" else 16, 16, block_k, split_k=2)
+    assert ig._packed_scale_mode(p, cfg)[0] == modes[kernel]
+    check(case, run_packed(case, p, config=cfg))
+
+
+@pytest.mark.parametrize("kernel", ["fma", "dot"])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_packed_split_k_and_k_tail(kernel: str, split_k: int) -> None:
+    # K = 192 in tiles of 128: a partial last tile (masked loads), uneven splits; N = 40 in
+    # blocks of 32: rows past N re-read the last one and are never stored.
+    case, p = packed_case(5, 40, 192, 64, torch.bfloat16, None, True, seed=split_k)
+    cfg = ig.Int4Config(kernel, 1 if kernel == "fma" else 16, 32, 128, split_k=split_k)
+    check(case, run_packed(case, p, config=cfg))
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 33])
+def test_packed_default_table(m: int) -> None:
+    # PACKED_CONFIGS: fma for M = 1, tensor cores above; desc_act and a non-contiguous x.
+    dtype = (torch.bfloat16, torch.float16, torch.float32)[m % 3]
+    case, p = packed_case(m, 40, 256, 128, dtype, "desc_act", m % 2 == 1, seed=m)
+    case["x"] = case["x"].t().contiguous().t()
+    check(case, run_packed(case, p))
+
+
+def test_packed_launches_the_packed_kernel(monkeypatch) -> None:
+    launched = []
+    real = ig._int4_packed_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(ig, "_int4_packed_kernel", Spy())
+    case, p = packed_case(2, 16, 64, 32, torch.float16, None, False, seed=3)
+    check(case, run_packed(case, p))
+    assert launched
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"scales": torch.ones(2, 16)}, "scales: must be None with an Int4Packed"),
+        ({"group_size": 32, "g_idx": torch.zeros(64)}, "group_size, g_idx: must be None"),
+        ({"x": torch.randn(2, 72).half()}, "K=72 differs from the packed weight's K=64"),
+        ({"bias": torch.ones(15).half()}, r"bias: shape \(15,\)"),
+        ({"config": ig.Int4Config("fma", 2, 16, 64)}, "block_m=2; the packed layout's fma"),
+    ],
+)
+def test_packed_bad_input(kwargs: dict, message: str) -> None:
+    case, p = packed_case(2, 16, 64, 32, torch.float16, None, False, seed=0)
+    x = kwargs.pop("x", case["x"])
+    with pytest.raises(ValueError, match=message):
+        ig.int4_linear(dev(x), p, **{key: dev(v) for key, v in kwargs.items()})
+
+
+def test_repack_bad_input() -> None:
+    case = make_case(2, 16, 64, 32, torch.float16, False, False, seed=0)
+    with pytest.raises(ValueError, match="qweight: expected int32"):
+        ig.repack_int4_for_triton(case["qweight"].long(), case["scales"], case["zeros"], 32)
+    with pytest.raises(ValueError, match=r"g_idx: values must lie in 0\.\.1"):
+        ig.repack_int4_for_triton(case["qweight"], case["scales"], case["zeros"], 32,
+                                  torch.full((64,), 5, dtype=torch.int32))  # fmt: skip
+
+
 # -- dispatch through the CUDA backend -------------------------------------------------------------
 def test_cuda_backend_dispatches_to_triton() -> None:
     import backends  # noqa: F401  (registers the candidates)
