@@ -47,6 +47,9 @@ class BlockPool:
         self._evictable: OrderedDict[int, Block] = OrderedDict()  # block_id -> block, LRU first
         self._cached: dict[bytes, Block] = {}  # block hash -> block (referenced or evictable)
         self.num_evictions = 0
+        # Sum over blocks of (ref_cnt - 1) where positive: 0 means no block has two holders, so
+        # the KV statistics need no per-block scan.
+        self.num_shared_refs = 0
 
     @property
     def num_usable_blocks(self) -> int:
@@ -78,9 +81,10 @@ class BlockPool:
                 f"check num_free_blocks first"
             )
         out = []
+        uncached = self._free_uncached
         for _ in range(num_blocks):
-            if self._free_uncached:
-                block = self._free_uncached.popleft()
+            if uncached:
+                block = uncached.popleft()
             else:
                 _, block = self._evictable.popitem(last=False)
                 self._evict(block)
@@ -103,19 +107,25 @@ class BlockPool:
                 if block.block_hash is None or block.block_id not in self._evictable:
                     raise RuntimeError(f"{block} is free and uncached: it cannot be touched")
                 del self._evictable[block.block_id]
+            else:
+                self.num_shared_refs += 1
             block.ref_cnt += 1
 
     def free_blocks(self, blocks: Iterable[Block]) -> None:
         """Drop one reference from each block, in order; the first freed is the first evicted."""
         for block in blocks:
-            if block.ref_cnt <= 0:
-                raise RuntimeError(f"double free of {block}")
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
+            ref_cnt = block.ref_cnt
+            if ref_cnt > 1:
+                block.ref_cnt = ref_cnt - 1
+                self.num_shared_refs -= 1
+            elif ref_cnt == 1:
+                block.ref_cnt = 0
                 if block.block_hash is not None:
                     self._evictable[block.block_id] = block
                 else:
                     self._free_uncached.append(block)
+            else:
+                raise RuntimeError(f"double free of {block}")
 
     def cache_block(self, block: Block, block_hash: bytes) -> bool:
         """Register a full, computed block under its hash; False if it or the hash is cached."""
@@ -159,3 +169,8 @@ class BlockPool:
                 raise RuntimeError(f"{block} has a hash the cache map does not point back from")
         if len(self._cached) != sum(b.block_hash is not None for b in self.blocks):
             raise RuntimeError("the cache map holds blocks that do not carry its hash")
+        shared = sum(max(0, b.ref_cnt - 1) for b in self.blocks)
+        if self.num_shared_refs != shared:
+            raise RuntimeError(
+                f"num_shared_refs={self.num_shared_refs}, but the ref counts add up to {shared}"
+            )

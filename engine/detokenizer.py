@@ -19,6 +19,26 @@ INITIAL_CONTEXT_TOKENS = 5
 REPLACEMENT_CHAR = "\ufffd"
 
 
+def _backend_decode(tokenizer):
+    """The `tokenizers` decode that a stock transformers fast tokenizer's `decode(ids,
+    skip_special_tokens=..., clean_up_tokenization_spaces=False)` comes down to, or None (any
+    other tokenizer, or a subclass that overrides decoding). Skips transformers' per-call input
+    conversion, which costs more than the decode of a few tokens."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if (
+        isinstance(tokenizer, TokenizersBackend)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is TokenizersBackend._decode
+    ):
+        return tokenizer.backend_tokenizer.decode
+    return None
+
+
 class IncrementalDetokenizer:
     """One sequence's output text, built token by token from a Hugging Face tokenizer.
 
@@ -42,6 +62,8 @@ class IncrementalDetokenizer:
         self.num_emitted = 0  # characters of self.text already handed out
         self.stop_reason: str | None = None  # the stop string that ended the text, if any
         self._max_stop_len = max((len(s) for s in self.params.stop_strings), default=0)
+        self._plain = not self.params.stop_strings  # no stop strings: text can wait
+        self._fast_decode = _backend_decode(tokenizer)
 
     @property
     def output_text(self) -> str:
@@ -62,6 +84,8 @@ class IncrementalDetokenizer:
         return self.stop_reason is not None
 
     def _decode(self, ids: Sequence[int]) -> str:
+        if self._fast_decode is not None:
+            return self._fast_decode(ids, skip_special_tokens=self.params.skip_special_tokens)
         return self.tokenizer.decode(
             ids,
             skip_special_tokens=self.params.skip_special_tokens,
@@ -78,6 +102,16 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset
         self.read_offset = len(self.token_ids)
         return new_text[len(prefix_text) :]
+
+    def add_token(
+        self, token_id: int, *, finished: bool = False, stop_terminated: bool = False
+    ) -> str:
+        """`add_tokens([token_id], ...)`, with nothing to do per token when there are no stop
+        strings and the sequence goes on (the common case, once per sequence per step)."""
+        if self._plain and not (finished or stop_terminated) and self.stop_reason is None:
+            self.token_ids.append(token_id)
+            return ""
+        return self.add_tokens([token_id], finished=finished, stop_terminated=stop_terminated)
 
     def add_tokens(
         self, new_token_ids: Sequence[int], *, finished: bool = False, stop_terminated: bool = False

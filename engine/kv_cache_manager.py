@@ -77,6 +77,7 @@ class KVCacheManager:
         self.gpu_pool = BlockPool(num_gpu_blocks, enable_caching=enable_prefix_caching)
         self.cpu_pool = BlockPool(num_cpu_blocks, enable_caching=False) if num_cpu_blocks else None
         self.block_tables: dict[int, list[Block]] = {}  # seq_id -> GPU blocks
+        self._block_ids: dict[int, array] = {}  # seq_id -> the same as int32 block ids
         self.cpu_tables: dict[int, list[Block]] = {}  # seq_id -> CPU blocks while swapped
         self._num_slots: dict[int, int] = {}  # seq_id -> token slots its table is sized for
         self._num_registered: dict[int, int] = {}  # seq_id -> leading blocks offered to the cache
@@ -92,7 +93,14 @@ class KVCacheManager:
         return self.gpu_pool.num_free_blocks
 
     def get_block_table(self, seq: Sequence) -> list[int]:
-        return [b.block_id for b in self.block_tables.get(seq.seq_id, ())]
+        """seq's block ids (a copy: the table may change in later steps)."""
+        ids = self._block_ids.get(seq.seq_id)
+        return [] if ids is None else ids.tolist()
+
+    def block_ids(self, seq: Sequence) -> array:
+        """seq's block ids as an int32 array (a copy; one memcpy, however long the table)."""
+        ids = self._block_ids.get(seq.seq_id)
+        return array("i") if ids is None else ids[:]
 
     def _ensure_hashes(self, seq: Sequence, num_blocks: int) -> list[bytes]:
         bs, hashes = self.block_size, seq.block_hashes
@@ -136,58 +144,77 @@ class KVCacheManager:
         Returns the (src, dst) block copies for copy-on-write of shared blocks about to be written,
         or None (nothing changed) when the pool lacks free blocks.
         """
-        table = self.block_tables.get(seq.seq_id)
+        seq_id, bs = seq.seq_id, self.block_size
+        table = self.block_tables.get(seq_id)
         if computed_blocks and (table or seq.num_computed_tokens):
             raise RuntimeError(f"{seq}: prefix hits apply only to a sequence with nothing computed")
         table = table if table is not None else []
-        start = seq.num_computed_tokens + len(computed_blocks) * self.block_size
+        start = seq.num_computed_tokens + len(computed_blocks) * bs
         num_slots = start + num_new_tokens
-        num_new_blocks = max(
-            0, _cdiv(num_slots, self.block_size) - len(table) - len(computed_blocks)
-        )
+        num_new_blocks = -(-num_slots // bs) - len(table) - len(computed_blocks)
         # Blocks that receive new tokens must be private: copy the shared ones first (the last
         # sharer writes in place).
-        cow = [
-            i
-            for i in range(start // self.block_size, len(table))
-            if table[i].ref_cnt - self._pending_refs[table[i].block_id] > 1
-        ]
+        cow = []
+        pending = self._pending_refs
+        for i in range(start // bs, len(table)):
+            block = table[i]
+            if block.ref_cnt > 1 and block.ref_cnt - pending.get(block.block_id, 0) > 1:
+                cow.append(i)
+        if table and num_new_blocks <= 0 and not cow:  # e.g. a decode within its last block
+            self._num_slots[seq_id] = num_slots
+            self._num_registered.setdefault(seq_id, 0)
+            return []
+        num_new_blocks = max(0, num_new_blocks)
         revived = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if num_new_blocks + len(cow) > self.gpu_pool.num_free_blocks - revived:
             return None
         if not table and seq.num_computed_tokens == 0 and self.enable_prefix_caching:
             self.prefix_cache_queries += seq.num_tokens
-            self.prefix_cache_hits += len(computed_blocks) * self.block_size
-        self.gpu_pool.touch(computed_blocks)
-        table.extend(computed_blocks)
+            self.prefix_cache_hits += len(computed_blocks) * bs
+        ids = self._block_ids.get(seq_id)
+        if ids is None:
+            ids = self._block_ids[seq_id] = array("i")
+        if computed_blocks:
+            self.gpu_pool.touch(computed_blocks)
+            table.extend(computed_blocks)
+            ids.extend(b.block_id for b in computed_blocks)
         copies = []
         for i in cow:
             src, (dst,) = table[i], self.gpu_pool.get_new_blocks(1)
             table[i] = dst
+            ids[i] = dst.block_id
             # src keeps this sequence's reference until release_pending(): a block freed and
             # handed out again in the same step could be a copy's source and destination at once.
             self._pending_release.append(src)
-            self._pending_refs[src.block_id] += 1
+            pending[src.block_id] += 1
             copies.append((src.block_id, dst.block_id))
-        table.extend(self.gpu_pool.get_new_blocks(num_new_blocks))
-        self.block_tables[seq.seq_id] = table
-        self._num_slots[seq.seq_id] = num_slots
-        self._num_registered.setdefault(seq.seq_id, len(computed_blocks))
+        if num_new_blocks:
+            new = self.gpu_pool.get_new_blocks(num_new_blocks)
+            table.extend(new)
+            ids.extend(b.block_id for b in new)
+        self.block_tables[seq_id] = table
+        self._num_slots[seq_id] = num_slots
+        self._num_registered.setdefault(seq_id, len(computed_blocks))
         return copies
 
     def release_pending(self) -> None:
         """Drop the references copy-on-write sources kept during the step's scheduling."""
-        self.gpu_pool.free_blocks(self._pending_release)
-        self._pending_release.clear()
-        self._pending_refs.clear()
+        if self._pending_release:
+            self.gpu_pool.free_blocks(self._pending_release)
+            self._pending_release.clear()
+            self._pending_refs.clear()
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Offer seq's full, computed blocks to the prefix cache (after their KV is written)."""
-        if not self.enable_prefix_caching or seq.seq_id not in self.block_tables:
+        if not self.enable_prefix_caching:
             return
-        table = self.block_tables[seq.seq_id]
-        num_full = min(seq.num_computed_tokens // self.block_size, len(table))
         start = self._num_registered.get(seq.seq_id, 0)
+        if seq.num_computed_tokens // self.block_size <= start:  # no newly full block
+            return
+        table = self.block_tables.get(seq.seq_id)
+        if table is None:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(table))
         if num_full <= start:
             return
         hashes = self._ensure_hashes(seq, num_full)
@@ -200,6 +227,7 @@ class KVCacheManager:
         table = self.block_tables[parent.seq_id]
         self.gpu_pool.touch(table)
         self.block_tables[child.seq_id] = list(table)
+        self._block_ids[child.seq_id] = self._block_ids[parent.seq_id][:]
         self._num_slots[child.seq_id] = self._num_slots[parent.seq_id]
         self._num_registered[child.seq_id] = self._num_registered.get(parent.seq_id, 0)
         # Only the computed blocks are common to both; later ones may hold diverging tokens.
@@ -208,6 +236,7 @@ class KVCacheManager:
     def free(self, seq: Sequence) -> None:
         """Drop seq's references (GPU and CPU); last blocks first, so they are evicted first."""
         table = self.block_tables.pop(seq.seq_id, [])
+        self._block_ids.pop(seq.seq_id, None)
         self.gpu_pool.free_blocks(reversed(table))
         cpu_table = self.cpu_tables.pop(seq.seq_id, [])
         if cpu_table:
@@ -241,22 +270,44 @@ class KVCacheManager:
         table = self.gpu_pool.get_new_blocks(len(cpu_table))
         self.cpu_pool.free_blocks(cpu_table)
         self.block_tables[seq.seq_id] = table
+        self._block_ids[seq.seq_id] = array("i", [b.block_id for b in table])
         self._num_slots[seq.seq_id] = seq.num_computed_tokens
         self._num_registered[seq.seq_id] = 0  # new block ids: offer them to the cache again
         return [(c.block_id, g.block_id) for c, g in zip(cpu_table, table, strict=True)]
 
     # -- statistics ----------------------------------------------------------------------------
-    def stats(self) -> KVCacheStats:
+    @property
+    def num_used_blocks(self) -> int:
+        """GPU blocks referenced now (O(1); `stats` has the rest)."""
+        pool = self.gpu_pool
+        return pool.num_usable_blocks - pool.num_free_blocks
+
+    def _held_tokens_scan(self) -> int:
+        """Filled slots of the used blocks, a block shared by several tables counted once at
+        its fullest: the reference the fast path in `stats` must equal."""
         bs = self.block_size
         held: dict[int, int] = {}  # block_id -> filled slots (max over the sequences sharing it)
-        logical = 0
         for seq_id, table in self.block_tables.items():
             num_slots = self._num_slots[seq_id]
-            logical += num_slots
             for i, block in enumerate(table):
                 filled = min(bs, max(0, num_slots - i * bs))
                 held[block.block_id] = max(held.get(block.block_id, 0), filled)
+        return sum(held.values())
+
+    def stats(self) -> KVCacheStats:
+        bs = self.block_size
         pool = self.gpu_pool
+        num_slots = self._num_slots
+        logical = sum(num_slots[seq_id] for seq_id in self.block_tables)
+        if pool.num_shared_refs == 0:
+            # Every block has at most one holder, so each table's blocks hold min(its slots,
+            # its capacity) tokens: no per-block scan.
+            held = 0
+            for seq_id, table in self.block_tables.items():
+                n, cap = num_slots[seq_id], len(table) * bs
+                held += n if n < cap else cap
+        else:
+            held = self._held_tokens_scan()
         num_used = pool.num_usable_blocks - pool.num_free_blocks
         return KVCacheStats(
             block_size=bs,
@@ -264,7 +315,7 @@ class KVCacheManager:
             num_used_blocks=num_used,
             num_evictable_blocks=pool.num_evictable_blocks,
             num_allocated_slots=num_used * bs,
-            num_held_tokens=sum(held.values()),
+            num_held_tokens=held,
             num_logical_tokens=logical,
             num_swapped_blocks=sum(len(t) for t in self.cpu_tables.values()),
             prefix_cache_queries=self.prefix_cache_queries,

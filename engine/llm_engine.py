@@ -31,7 +31,7 @@ from engine.sampler import Sampler, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence, SequenceStatus
-from engine.stop import check_token_stop
+from engine.stop import check_last_token_stop
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class _RequestState:
     prompt: str | None
     metrics: RequestMetrics
     seqs: dict[int, _SeqState] = field(default_factory=dict)  # by sequence index
+    order: int = 0  # arrival order: outputs of one step come in this order
 
 
 class LLMEngine:
@@ -138,9 +139,12 @@ class LLMEngine:
             self.shutdown()
             raise
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
+        self._eos_set = frozenset(self.eos_token_ids)
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=config.seed)
         self.requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
+        self._order = itertools.count()
+        self._aborted: set[str] = set()  # aborted since the last outputs were collected
         self.num_steps = 0
         self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()  # oldest first
         self.peak_kv_stats = None  # KVCacheStats at the step with the most blocks in use
@@ -298,7 +302,9 @@ class LLMEngine:
         now = time.time()
         request = Request(request_id, list(prompt_token_ids), params, arrival_time=now)
         self.scheduler.add_request(request)
-        state = _RequestState(request, prompt, RequestMetrics(arrival_time=now))
+        state = _RequestState(
+            request, prompt, RequestMetrics(arrival_time=now), order=next(self._order)
+        )
         state.seqs[0] = self._new_seq_state(params, prompt_token_ids)
         self.requests[request_id] = state
         return request_id
@@ -314,6 +320,7 @@ class LLMEngine:
         if state is not None:
             for s in state.seqs.values():
                 s.finish_reason = s.finish_reason or "abort"
+            self._aborted.add(request_id)
         return found
 
     def has_unfinished_requests(self) -> bool:
@@ -345,15 +352,17 @@ class LLMEngine:
             self._mark_scheduled(out)
             self._in_flight.append((out, self.executor.submit(out)))
         if not self._in_flight:  # nothing to run: report aborted requests
-            return self._collect_outputs(set())
+            return self._collect_outputs([], stream)
         out, handle = self._in_flight.popleft()
         return self._process_output(out, self.executor.collect(handle), stream)
 
     def _mark_scheduled(self, out: SchedulerOutput) -> None:
         now = time.time()
+        requests = self.requests
         for ss in out.scheduled:
-            m = self.requests[ss.seq.request.request_id].metrics
-            m.first_scheduled_time = m.first_scheduled_time or now
+            m = requests[ss.seq.request.request_id].metrics
+            if not m.first_scheduled_time:
+                m.first_scheduled_time = now
 
     def _process_output(
         self, out: SchedulerOutput, logits: torch.Tensor | None, stream: bool = True
@@ -364,43 +373,68 @@ class LLMEngine:
         if logits is not None:
             # logits rows: one per sampling sequence, in schedule order. Drop the rows of
             # sequences aborted while their batch was in flight (never the case at depth 1).
-            sampling = [ss for ss in out.scheduled if ss.samples]
-            live = [i for i, ss in enumerate(sampling) if not ss.seq.is_finished]
-            if len(live) != len(sampling):
+            sampling = []
+            dead = False
+            for ss in out.scheduled:
+                if ss.num_samples:
+                    sampling.append(ss)
+                    dead = dead or ss.seq.status.is_finished
+            if dead:
+                live = [i for i, ss in enumerate(sampling) if not ss.seq.is_finished]
                 logits, sampling = logits[live], [sampling[i] for i in live]
             if sampling:
                 sampled = self._sample(sampling, logits)
         new_seqs = self.scheduler.update_from_output(out, sampled, is_stopped=self._check_stop)
         self._record_kv_peak()
-        touched = {s.request.request_id for s in new_seqs} if stream else set()
-        return self._collect_outputs(touched)
+        return self._collect_outputs(new_seqs, stream)
 
     def _sample(self, sampling: list, logits: torch.Tensor) -> dict[int, list[int]]:
         """Tokens for each sampling ScheduledSeq: seq_id -> its num_samples tokens."""
-        sampled: dict[int, list[int]] = {}
         rows: list[SamplingRow] = []
-        owners: list[tuple[Sequence, int]] = []
+        # (row, seq, index) of rows whose state needs more than the token: a fork's children
+        # or requested logprobs.
+        stateful: list[tuple[int, Sequence, int]] = []
+        history_needed: dict[int, bool] = {}  # id(params) -> penalties or min_tokens
+        total = 0
         for ss in sampling:
             seq = ss.seq
-            params = seq.request.sampling_params
-            for k in range(ss.num_samples):
-                index = seq.index if ss.num_samples == 1 else k
-                rows.append(
-                    SamplingRow(
-                        params,
-                        seq.request.prompt_token_ids,
-                        seq.output_token_ids,
-                        sample_index=index,
-                    )
+            request = seq.request
+            params = request.sampling_params
+            needed = history_needed.get(id(params))
+            if needed is None:
+                needed = history_needed[id(params)] = bool(
+                    params.min_tokens or params.needs_penalties
                 )
-                owners.append((seq, index))
+            # Rows without penalties or min_tokens read no history: skip copying it.
+            history = seq.output_token_ids if needed else ()
+            num_output = len(seq.token_ids) - seq.num_prompt_tokens
+            k = ss.num_samples
+            if k == 1:
+                if params.logprobs is not None:
+                    stateful.append((total, seq, seq.index))
+                rows.append(
+                    SamplingRow(params, request.prompt_token_ids, history, num_output, seq.index)
+                )
+            else:
+                for index in range(k):
+                    stateful.append((total + index, seq, index))
+                    rows.append(
+                        SamplingRow(params, request.prompt_token_ids, history, num_output, index)
+                    )
+            total += k
         # logits rows are one per sampling sequence; repeat rows for a fork's n samples.
-        counts = torch.tensor([ss.num_samples for ss in sampling])
-        if int(counts.sum()) != logits.shape[0]:
+        if total != logits.shape[0]:
+            counts = torch.tensor([ss.num_samples for ss in sampling])
             logits = logits.repeat_interleave(counts.to(logits.device), dim=0)
         result = self.sampler.sample(logits, rows)
-        for j, (seq, index) in enumerate(owners):
-            sampled.setdefault(seq.seq_id, []).append(result.token_ids[j])
+        token_ids = result.token_ids
+        sampled: dict[int, list[int]] = {}
+        j = 0
+        for ss in sampling:
+            k = ss.num_samples
+            sampled[ss.seq.seq_id] = token_ids[j : j + k]
+            j += k
+        for j, seq, index in stateful:
             state = self.requests[seq.request.request_id]
             if index not in state.seqs:  # a fork's child: starts as a copy of the parent
                 state.seqs[index] = state.seqs[seq.index].clone()
@@ -409,8 +443,9 @@ class LLMEngine:
 
     def _check_stop(self, seq: Sequence) -> bool:
         """Called by the scheduler once per new token: detokenize, record logprobs, stop-check."""
-        state = self.requests[seq.request.request_id]
-        params: SamplingParams = seq.request.sampling_params
+        request = seq.request
+        state = self.requests[request.request_id]
+        params: SamplingParams = request.sampling_params
         st = state.seqs[seq.index]
         token = seq.token_ids[-1]
         if st.pending_logprob is not None:
@@ -424,11 +459,20 @@ class LLMEngine:
                 st.logprobs.append(entry)
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = time.time()
-        cap = self.max_model_len - len(seq.request.prompt_token_ids)
-        decision = check_token_stop(params, seq.output_token_ids, self.eos_token_ids, cap)
-        token_stop = decision is not None and decision.finish_reason == "stop"
-        st.detok.add_tokens([token], finished=decision is not None, stop_terminated=token_stop)
-        if st.detok.stopped:
+        num_prompt = seq.num_prompt_tokens
+        decision = check_last_token_stop(
+            params,
+            token,
+            len(seq.token_ids) - num_prompt,
+            self._eos_set,
+            self.max_model_len - num_prompt,
+        )
+        if decision is None:
+            st.detok.add_token(token)
+        else:
+            token_stop = decision.finish_reason == "stop"
+            st.detok.add_token(token, finished=True, stop_terminated=token_stop)
+        if st.detok.stop_reason is not None:
             st.finish_reason, st.stop_reason = "stop", st.detok.stop_reason
             return True
         if decision is not None:
@@ -436,23 +480,41 @@ class LLMEngine:
             return token_stop
         return False
 
-    def _collect_outputs(self, touched: set[str]) -> list[RequestOutput]:
+    def _collect_outputs(self, new_seqs: list[Sequence], stream: bool) -> list[RequestOutput]:
+        """Outputs of the requests that got tokens this step (with stream) or finished, in
+        arrival order; finished ones leave the engine. Only requests that got a token or were
+        aborted can have finished, so no scan of all requests."""
+        requests = self.requests
+        chosen: dict[str, _RequestState] = {}
+        for seq in new_seqs:
+            request = seq.request
+            rid = request.request_id
+            if rid not in chosen and (stream or request.is_finished):
+                state = requests.get(rid)
+                if state is not None:
+                    chosen[rid] = state
+        if self._aborted:
+            for rid in self._aborted:
+                state = requests.get(rid)
+                if state is not None and rid not in chosen and state.request.is_finished:
+                    chosen[rid] = state
+            self._aborted.clear()
         outputs = []
-        for rid in list(self.requests):
-            state = self.requests[rid]
+        for state in sorted(chosen.values(), key=lambda st: st.order):
             done = state.request.is_finished
-            if rid not in touched and not done:
-                continue
             outputs.append(self._make_output(state))
             if done:
                 state.metrics.finished_time = time.time()
-                del self.requests[rid]
+                del requests[state.request.request_id]
         return outputs
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
         request = state.request
         completions = []
-        for seq in sorted(request.seqs, key=lambda s: s.index):
+        seqs = request.seqs
+        if len(seqs) > 1:
+            seqs = sorted(seqs, key=lambda s: s.index)
+        for seq in seqs:
             st = state.seqs.get(seq.index)
             if st is None:
                 continue
@@ -464,7 +526,7 @@ class LLMEngine:
                 }.get(seq.status, "stop")
             elif seq.status == SequenceStatus.FINISHED_ABORTED:
                 reason = "abort"
-            token_ids = list(seq.output_token_ids)
+            token_ids = seq.output_token_ids  # a fresh list
             completions.append(
                 CompletionOutput(
                     index=seq.index,
@@ -487,10 +549,9 @@ class LLMEngine:
 
     # -- stats --------------------------------------------------------------------------------
     def _record_kv_peak(self) -> None:
-        stats = self.scheduler.kv_stats()
-        peak = self.peak_kv_stats
-        if peak is None or stats.num_used_blocks > peak.num_used_blocks:
-            self.peak_kv_stats = stats
+        peak = self.peak_kv_stats  # the full snapshot only when usage beats the peak
+        if peak is None or self.scheduler.kv.num_used_blocks > peak.num_used_blocks:
+            self.peak_kv_stats = self.scheduler.kv_stats()
 
     def kv_report(self) -> str:
         """KV memory used vs allocated for the tokens held, at peak usage: the waste number."""

@@ -3,8 +3,12 @@ the model through the backend, and moves blocks (swap, copy-on-write) when the s
 
 from __future__ import annotations
 
+import itertools
 import logging
+import operator
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.batch import ForwardBatch
@@ -15,6 +19,63 @@ from hal.backend import Backend
 logger = logging.getLogger(__name__)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
+
+# What build_batch reads of each entry: a ScheduledSeq, or a worker's StepSeq.
+_SCHEDULED_FIELDS = operator.attrgetter(
+    "num_new_tokens", "start_pos", "num_samples", "block_ids", "token_ids", "slot_mapping"
+)
+_STEP_FIELDS = operator.attrgetter(
+    "num_new_tokens", "seq_len", "samples", "block_table", "token_ids", "slot_mapping"
+)
+_ALIGN = 16  # bytes: each field of a packed batch starts aligned (Triton specializes on it)
+
+
+class _Layout:
+    """Where each ForwardBatch field sits in one packed byte buffer: int64 input_ids, positions,
+    slot_mapping [num_tokens] and logits_indices [num_rows]; int32 query_start_loc [n + 1],
+    seq_lens [n] and block_tables [n, width]."""
+
+    def __init__(self, num_tokens: int, num_rows: int, n: int, width: int) -> None:
+        fields = (
+            ("input_ids", np.int64, (num_tokens,)),
+            ("positions", np.int64, (num_tokens,)),
+            ("slot_mapping", np.int64, (num_tokens,)),
+            ("logits_indices", np.int64, (num_rows,)),
+            ("query_start_loc", np.int32, (n + 1,)),
+            ("seq_lens", np.int32, (n,)),
+            ("block_tables", np.int32, (n, width)),
+        )
+        self.fields = []
+        offset = 0
+        for name, dtype, shape in fields:
+            count = shape[0] if len(shape) == 1 else shape[0] * shape[1]
+            nbytes = count * (8 if dtype is np.int64 else 4)
+            self.fields.append((name, dtype, shape, offset, nbytes))
+            offset += -(-nbytes // _ALIGN) * _ALIGN
+        self.nbytes = max(offset, _ALIGN)
+
+    def numpy_views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
+        return {
+            name: buf[off : off + nbytes].view(dtype).reshape(shape)
+            for name, dtype, shape, off, nbytes in self.fields
+        }
+
+    def batch(self, buf: torch.Tensor, max_query_len: int, max_seq_len: int) -> ForwardBatch:
+        tdtype = {np.int64: torch.int64, np.int32: torch.int32}
+        views = {
+            name: buf[off : off + nbytes].view(tdtype[dtype]).view(shape)
+            for name, dtype, shape, off, nbytes in self.fields
+        }
+        return ForwardBatch(**views, max_query_len=max_query_len, max_seq_len=max_seq_len)
+
+
+@dataclass
+class _Staging:
+    """A reusable host buffer for batches bound to a device, and the copy that last read it."""
+
+    buffer: torch.Tensor | None = None
+    event: object | None = None  # torch.cuda.Event recorded after the copy
+    pinned: bool = False
 
 
 class ModelRunner:
@@ -41,6 +102,9 @@ class ModelRunner:
         self.max_model_len = max_model_len or model.config.max_position_embeddings
         self.graphs: DecodeGraphs | None = None
         self.graph_skip_reasons: list[str] = []
+        self._staging = [_Staging(), _Staging()]
+        self._staging_next = 0
+        self._staging_last = self._staging[0]
 
     # -- memory ------------------------------------------------------------------------------
     def block_bytes(self) -> int:
@@ -137,36 +201,95 @@ class ModelRunner:
 
     # -- one step -------------------------------------------------------------------------------
     def build_batch(self, scheduled: list[ScheduledSeq]) -> ForwardBatch:
-        """Pack the scheduled sequences, in order, into the attention op's layout."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        max_blocks = max(len(s.block_table) for s in scheduled)
-        tables = torch.zeros((len(scheduled), max_blocks), dtype=torch.int32)
-        for i, s in enumerate(scheduled):
-            input_ids += s.token_ids
-            positions += s.positions
-            slots += s.slot_mapping
-            qsl.append(qsl[-1] + s.num_new_tokens)
-            seq_lens.append(s.seq_len)
-            tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
-            if s.samples:
-                logits_indices.append(qsl[-1] - 1)
-        batch = ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=torch.tensor(positions, dtype=torch.int64),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64),
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-            block_tables=tables,
-            logits_indices=torch.tensor(logits_indices, dtype=torch.int64),
-            max_query_len=max(s.num_new_tokens for s in scheduled),
-            max_seq_len=max(seq_lens),
+        """Pack the scheduled sequences, in order, into the attention op's layout.
+
+        Reads token_ids, num_new_tokens, seq_len, block_table, slot_mapping and samples of each
+        entry (ScheduledSeq, or the workers' StepSeq). The fields are packed with numpy into one
+        host buffer and, on a device, reach it in one copy (from pinned memory)."""
+        n = len(scheduled)
+        # Fields of all entries at once (attrgetter and zip run in C, not per entry in Python).
+        joinable = set(map(type, scheduled)) == {ScheduledSeq}  # block_ids: int32 arrays
+        if joinable:
+            fields = zip(*map(_SCHEDULED_FIELDS, scheduled), strict=True)
+            num_new_t, start_t, samples_t, tables, token_ids, slot_mapping = fields
+            num_new = np.array(num_new_t, dtype=np.int64)
+            seq_lens = np.array(start_t, dtype=np.int64) + num_new
+        else:
+            fields = zip(*map(_STEP_FIELDS, scheduled), strict=True)
+            num_new_t, seq_len_t, samples_t, tables, token_ids, slot_mapping = fields
+            num_new = np.array(num_new_t, dtype=np.int64)
+            seq_lens = np.array(seq_len_t, dtype=np.int64)
+        samples = np.array(samples_t, dtype=np.int64) > 0
+        table_lens = np.fromiter(map(len, tables), np.int64, n)
+        num_tokens = int(num_new.sum())
+        width = int(table_lens.max())
+        qsl = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(num_new, out=qsl[1:])
+        num_rows = int(samples.sum())
+
+        layout = _Layout(num_tokens, num_rows, n, width)
+        host = self._host_buffer(layout.nbytes)
+        views = layout.numpy_views(host.numpy())
+        chain = itertools.chain.from_iterable
+        views["input_ids"][:] = np.fromiter(chain(token_ids), np.int64, num_tokens)
+        views["slot_mapping"][:] = np.fromiter(chain(slot_mapping), np.int64, num_tokens)
+        if num_tokens == n:  # decode-only: one token each, at position seq_len - 1
+            views["positions"][:] = seq_lens - 1
+        else:
+            # positions: start_pos + 0..num_new-1 per sequence, start_pos = seq_len - num_new
+            offsets = np.repeat(seq_lens - num_new - qsl[:-1], num_new)
+            views["positions"][:] = np.arange(num_tokens, dtype=np.int64) + offsets
+        views["query_start_loc"][:] = qsl
+        views["seq_lens"][:] = seq_lens
+        views["logits_indices"][:] = qsl[1:][samples] - 1
+        total_blocks = int(table_lens.sum())
+        if joinable:  # int32 arrays join as bytes; lists go id by id
+            flat = np.frombuffer(b"".join(tables), dtype=np.int32, count=total_blocks)
+        else:
+            flat = np.fromiter(itertools.chain.from_iterable(tables), np.int32, total_blocks)
+        block_tables = views["block_tables"]
+        if total_blocks == n * width:  # every row full
+            block_tables[:] = flat.reshape(n, width)
+        else:  # row i holds table_lens[i] ids, then zeros
+            block_tables[:] = 0
+            rows = np.repeat(np.arange(n), table_lens)
+            starts = np.repeat(np.cumsum(table_lens) - table_lens, table_lens)
+            block_tables[rows, np.arange(total_blocks) - starts] = flat
+
+        buf = host if self.device.type == "cpu" else self._to_device(host)
+        return layout.batch(
+            buf,
+            max_query_len=int(num_new.max()),
+            max_seq_len=int(seq_lens.max()),
         )
-        return batch if self.device.type == "cpu" else batch.to(self.device)
+
+    def _host_buffer(self, nbytes: int) -> torch.Tensor:
+        """Where build_batch packs a step: fresh on the CPU (the batch is used in place), else the
+        next of two reused pinned staging buffers, once the copy that last read it is done."""
+        if self.device.type == "cpu":
+            return torch.empty(nbytes, dtype=torch.uint8)
+        slot = self._staging[self._staging_next]
+        self._staging_next = 1 - self._staging_next
+        if slot.event is not None:
+            slot.event.synchronize()  # its previous copy to the device has finished
+        if slot.buffer is None or slot.buffer.numel() < nbytes:
+            pin = self.device.type == "cuda"  # torch.cuda also drives ROCm (HIP) devices
+            size = max(nbytes, 2 * (slot.buffer.numel() if slot.buffer is not None else 0), 4096)
+            slot.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            slot.pinned = pin
+        self._staging_last = slot
+        return slot.buffer[:nbytes]
+
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """One host-to-device copy of the packed batch (asynchronous from pinned memory; the
+        event lets the next reuse of this staging buffer wait for it)."""
+        slot = self._staging_last
+        dev = host.to(self.device, non_blocking=slot.pinned)
+        if slot.pinned:
+            if slot.event is None:
+                slot.event = torch.cuda.Event()
+            slot.event.record(torch.cuda.current_stream(self.device))
+        return dev
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> torch.Tensor | None:

@@ -236,7 +236,11 @@ class Sampler:
         return self._shared[device]
 
     def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """logits: [num_rows, vocab] (any float dtype, processed in float32), one row per entry."""
+        """logits: [num_rows, vocab] (any float dtype, processed in float32), one row per entry.
+
+        Work is skipped where no row asks for it (min_tokens, penalties, logprobs), an all-greedy
+        batch is one argmax, and the tokens come back to the host in one transfer.
+        """
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [num_rows={len(rows)}, vocab], got {tuple(logits.shape)}"
@@ -244,33 +248,65 @@ class Sampler:
         num_rows = len(rows)
         device = logits.device
         raw = logits
-        x = logits.to(torch.float32, copy=True)
+        # One pass over the rows; rows usually share a few SamplingParams objects.
+        kinds: dict[int, tuple[bool, bool, bool, bool]] = {}
+        greedy: list[int] = []
+        rand: list[int] = []
+        pen: list[int] = []
+        want: list[int] = []
+        min_tok = False
+        for i, r in enumerate(rows):
+            p = r.params
+            kind = kinds.get(id(p))
+            if kind is None:
+                kind = kinds[id(p)] = (
+                    p.is_greedy,
+                    p.needs_penalties,
+                    p.logprobs is not None,
+                    p.min_tokens > 0,
+                )
+            (greedy if kind[0] else rand).append(i)
+            if kind[1]:
+                pen.append(i)
+            if kind[2]:
+                want.append(i)
+            if kind[3]:
+                min_tok = True
 
-        apply_min_tokens(x, rows, self.eos_token_ids)
-        pen = [i for i, r in enumerate(rows) if r.params.needs_penalties]
+        if min_tok or pen or raw.dtype != torch.float32:
+            x = logits.to(torch.float32, copy=True)
+        else:
+            x = logits  # read only below: every in-place change works on a copy
+        if min_tok:
+            apply_min_tokens(x, rows, self.eos_token_ids)
         if pen:
-            x[pen] = apply_penalties(
-                x[pen],
+            sub = x[pen] if len(pen) < num_rows else x
+            sub = apply_penalties(
+                sub,
                 [rows[i].prompt_token_ids for i in pen],
                 [rows[i].output_token_ids for i in pen],
                 self._param(rows, pen, "repetition_penalty", device),
                 self._param(rows, pen, "presence_penalty", device),
                 self._param(rows, pen, "frequency_penalty", device),
             )
+            if len(pen) < num_rows:
+                x[pen] = sub
+            else:
+                x = sub
 
-        token_ids = torch.empty(num_rows, dtype=torch.int64, device=device)
-        greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
-        rand = [i for i, r in enumerate(rows) if not r.params.is_greedy]
-        if greedy:
-            # torch.argmax returns the first maximal index: ties go to the lowest token id.
+        # torch.argmax returns the first maximal index: ties go to the lowest token id.
+        if not rand:
+            token_ids = x.argmax(dim=-1)
+        elif not greedy:
+            token_ids = self._sample_random(x, rows)
+        else:
+            token_ids = torch.empty(num_rows, dtype=torch.int64, device=device)
             token_ids[greedy] = x[greedy].argmax(dim=-1)
-        if rand:
             token_ids[rand] = self._sample_random(x[rand], [rows[i] for i in rand])
 
         token_list = token_ids.tolist()
         chosen: list[float | None] = [None] * num_rows
         tops: list[dict[int, float] | None] = [None] * num_rows
-        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
         if want:
             lp, top = gather_logprobs(
                 raw[want], token_ids[want], [rows[i].params.logprobs for i in want]
@@ -296,7 +332,9 @@ class Sampler:
         # Truncation runs only on the rows that ask for it, so a row's result never depends on
         # which other rows share its batch.
         mp = [i for i, r in enumerate(rows) if r.params.min_p > 0]
-        if mp:
+        if len(mp) == num_rows:
+            x = apply_min_p(x, self._param(rows, mp, "min_p", device))
+        elif mp:
             x[mp] = apply_min_p(x[mp], self._param(rows, mp, "min_p", device))
         kp = [i for i, r in enumerate(rows) if r.params.top_k != -1 or r.params.top_p < 1.0]
         if kp:
@@ -310,18 +348,26 @@ class Sampler:
             top_p = None
             if any(p < 1.0 for p in ps):
                 top_p = torch.tensor(ps, dtype=torch.float32).to(device)
-            x[kp] = apply_top_k_top_p(x[kp], top_k, top_p)
+            if len(kp) == num_rows:
+                x = apply_top_k_top_p(x, top_k, top_p)
+            else:
+                x[kp] = apply_top_k_top_p(x[kp], top_k, top_p)
 
         probs = torch.softmax(x, dim=-1)
         # Gumbel-max in exponential form: argmax(p / q), q ~ Exp(1), picks token t with
         # probability p_t. Seeded rows draw q from their own (seed, step) generator.
         q = torch.empty_like(probs)
-        shared = [i for i, r in enumerate(rows) if r.seed is None]
-        if shared:
-            noise = torch.empty(len(shared), vocab_size, device=device)
-            q[shared] = noise.exponential_(generator=self._shared_generator(device))
-        for i, row in enumerate(rows):
-            if row.seed is not None:
+        seeded = [i for i, r in enumerate(rows) if r.params.seed is not None]
+        if not seeded:
+            q.exponential_(generator=self._shared_generator(device))
+        else:
+            if len(seeded) < num_rows:
+                seeded_set = set(seeded)
+                shared = [i for i in range(num_rows) if i not in seeded_set]
+                noise = torch.empty(len(shared), vocab_size, device=device)
+                q[shared] = noise.exponential_(generator=self._shared_generator(device))
+            for i in seeded:
+                row = rows[i]
                 g = torch.Generator(device=device)
                 g.manual_seed(step_seed(row.seed, row.step_index))
                 q[i].exponential_(generator=g)

@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
+from array import array
 from collections.abc import Callable, Mapping
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
@@ -50,17 +51,67 @@ def _priority(seq: Sequence) -> tuple[int, int]:
     return seq.priority
 
 
-@dataclass
 class ScheduledSeq:
-    """One sequence's share of a step: compute tokens [start_pos, start_pos + num_new_tokens)."""
+    """One sequence's share of a step: compute tokens [start_pos, start_pos + num_new_tokens).
 
-    seq: Sequence
-    num_new_tokens: int
-    start_pos: int
-    token_ids: list[int]  # [num_new_tokens]
-    block_table: list[int]  # [num_blocks] block ids covering seq_len slots
-    slot_mapping: list[int]  # [num_new_tokens]: block_table[p // block_size] * block_size + p % bs
-    num_samples: int  # 0: a prefill chunk that does not reach the end; 1; n on the fork step
+    token_ids: [num_new_tokens]; block_table: [num_blocks] block ids covering seq_len slots (a
+    list; block_ids holds the same as an int32 array, which the runner packs without touching
+    each id); slot_mapping: [num_new_tokens], block_table[p // block_size] * block_size +
+    p % block_size; num_samples: 0 for a prefill chunk that does not reach the end, 1, or n on
+    the step a request forks.
+    """
+
+    __slots__ = (
+        "seq",
+        "num_new_tokens",
+        "start_pos",
+        "token_ids",
+        "slot_mapping",
+        "num_samples",
+        "block_ids",
+        "_block_table",
+    )
+
+    def __init__(
+        self,
+        seq: Sequence,
+        num_new_tokens: int,
+        start_pos: int,
+        token_ids: list[int],
+        block_table: Seq[int],
+        slot_mapping: list[int],
+        num_samples: int,
+    ) -> None:
+        self.seq = seq
+        self.num_new_tokens = num_new_tokens
+        self.start_pos = start_pos
+        self.token_ids = token_ids
+        self.slot_mapping = slot_mapping
+        self.num_samples = num_samples
+        if type(block_table) is array and block_table.typecode == "i":  # the scheduler's own
+            self.block_ids, self._block_table = block_table, None
+        else:
+            self.block_table = block_table
+
+    @property
+    def block_table(self) -> list[int]:
+        if self._block_table is None:
+            self._block_table = self.block_ids.tolist()
+        return self._block_table
+
+    @block_table.setter
+    def block_table(self, table: Seq[int]) -> None:
+        if isinstance(table, array) and table.typecode == "i":
+            self.block_ids, self._block_table = table, None
+        else:
+            self._block_table = list(table)
+            self.block_ids = array("i", self._block_table)
+
+    def __repr__(self) -> str:
+        return (
+            f"ScheduledSeq(seq={self.seq!r}, num_new_tokens={self.num_new_tokens}, "
+            f"start_pos={self.start_pos}, num_samples={self.num_samples})"
+        )
 
     @property
     def seq_id(self) -> int:
@@ -256,35 +307,46 @@ class Scheduler:
             return share is not None and taken > 0 and taken + self._num_seqs_needed(seq) > share
 
         # 1. Running sequences: decodes first, then prefill chunks, each in FCFS order.
-        decodes = [s for s in self.running if s.num_uncomputed_tokens == 1]
-        prefills = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        decodes, prefills = [], []
+        for seq in self.running:
+            (decodes if len(seq.token_ids) - seq.num_computed_tokens == 1 else prefills).append(seq)
+        running_status = SequenceStatus.RUNNING
+        in_flight = self.in_flight
+        allocate = self.kv.allocate_slots
         for seq in decodes + prefills:
             if budget == 0:
                 break
-            if seq.status != SequenceStatus.RUNNING:  # preempted earlier in this loop
+            if seq.status is not running_status:  # preempted earlier in this loop
                 continue
-            if seq.seq_id in self.in_flight:
+            if in_flight and seq.seq_id in in_flight:
                 continue
-            if full(seq):
+            if share is not None and full(seq):
                 break
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            if not chunked and num_new < seq.num_uncomputed_tokens:
+            uncomputed = len(seq.token_ids) - seq.num_computed_tokens
+            num_new = uncomputed if uncomputed < budget else budget
+            if not chunked and num_new < uncomputed:
                 continue
-            copies = self._allocate_or_preempt(seq, num_new, scheduled_ids, out)
+            copies = allocate(seq, num_new)  # the common case: fits without preempting
+            if copies is None:
+                copies = self._allocate_or_preempt(seq, num_new, scheduled_ids, out)
             if copies is None:
                 blocked = blocked or seq.status == SequenceStatus.RUNNING
                 continue
-            out.blocks_to_copy.extend(copies)
+            if copies:
+                out.blocks_to_copy.extend(copies)
             self._emit(seq, num_new, out, scheduled_ids)
             budget -= num_new
             if share is not None:
                 taken += self._num_seqs_needed(seq)
+        running_slots = None  # computed once phases 2 and 3 need it, then kept up to date
 
         # 2. Swapped sequences, only in a step that preempted nothing (so no CPU block is both
         #    written by a swap-out and read by a swap-in) and where nobody waits for blocks.
         while self.swapped and budget > 0 and not out.preempted and not blocked:
             seq = self.swapped[0]
-            if self._running_slots() + self._num_seqs_needed(seq) > self.config.max_num_seqs:
+            if running_slots is None:
+                running_slots = self._running_slots()
+            if running_slots + self._num_seqs_needed(seq) > self.config.max_num_seqs:
                 break
             if full(seq):
                 break
@@ -300,6 +362,7 @@ class Scheduler:
                 raise RuntimeError(f"{seq}: allocation after swap-in failed; can_swap_in is wrong")
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_priority)
+            running_slots += self._num_seqs_needed(seq)
             self._emit(seq, num_new, out, scheduled_ids)
             budget -= num_new
             if share is not None:
@@ -309,7 +372,9 @@ class Scheduler:
         #    none while earlier sequences wait swapped out.
         while self.waiting and budget > 0 and not out.preempted and not self.swapped:
             seq = self.waiting[0]
-            if self._running_slots() + self._num_seqs_needed(seq) > self.config.max_num_seqs:
+            if running_slots is None:
+                running_slots = self._running_slots()
+            if running_slots + self._num_seqs_needed(seq) > self.config.max_num_seqs:
                 break
             if blocked or full(seq):
                 break
@@ -326,6 +391,7 @@ class Scheduler:
             seq.num_computed_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_priority)
+            running_slots += self._num_seqs_needed(seq)
             self._emit(seq, num_new, out, scheduled_ids)
             budget -= num_new
             if share is not None:
@@ -333,7 +399,8 @@ class Scheduler:
 
         self.kv.release_pending()
         for ss in out.scheduled:
-            self.in_flight[ss.seq_id] = ss.seq
+            seq = ss.seq
+            in_flight[seq.seq_id] = seq
         return out
 
     def _running_slots(self) -> int:
@@ -397,21 +464,18 @@ class Scheduler:
     ) -> None:
         bs = self.block_size
         start = seq.num_computed_tokens
-        table = self.kv.get_block_table(seq)
-        samples = start + num_new == seq.num_tokens
+        end = start + num_new
+        table = self.kv.block_ids(seq)
         num_samples = 0
-        if samples:
-            num_samples = 1 if seq.request.is_forked else seq.request.n
+        if end == len(seq.token_ids):
+            request = seq.request
+            num_samples = 1 if request.is_forked else request.sampling_params.n
+        if num_new == 1:
+            slots = [table[start // bs] * bs + start % bs]
+        else:
+            slots = [table[p // bs] * bs + p % bs for p in range(start, end)]
         out.scheduled.append(
-            ScheduledSeq(
-                seq=seq,
-                num_new_tokens=num_new,
-                start_pos=start,
-                token_ids=seq.token_ids[start : start + num_new],
-                block_table=table,
-                slot_mapping=[table[p // bs] * bs + p % bs for p in range(start, start + num_new)],
-                num_samples=num_samples,
-            )
+            ScheduledSeq(seq, num_new, start, seq.token_ids[start:end], table, slots, num_samples)
         )
         scheduled_ids.add(seq.seq_id)
 
@@ -431,6 +495,65 @@ class Scheduler:
         token, children of a fork included, in schedule order; finished ones have freed their
         blocks.
         """
+        # Validate everything before changing anything: a quick pass, and on anything unusual
+        # (an error, or entries of aborted sequences) the full check, which raises in order.
+        running = SequenceStatus.RUNNING
+        num_sampling = 0
+        ok = True
+        for ss in out.scheduled:
+            seq = ss.seq
+            status = seq.status
+            if status.is_finished:
+                continue
+            if status is not running or seq.num_computed_tokens != ss.start_pos:
+                ok = False
+                break
+            if ss.num_samples:
+                num_sampling += 1
+                if len(sampled_token_ids.get(seq.seq_id, ())) != ss.num_samples:
+                    ok = False
+                    break
+        if not ok or len(sampled_token_ids) != num_sampling:
+            self._check_output(out, sampled_token_ids)
+
+        new_seqs: list[Sequence] = []
+        in_flight = self.in_flight
+        cache_full_blocks = self.kv.cache_full_blocks
+        for ss in out.scheduled:
+            seq = ss.seq
+            was_in_flight = in_flight.pop(seq.seq_id, None) is not None
+            if seq.status.is_finished:
+                if was_in_flight:  # finished (aborted) while in flight: its free was deferred
+                    self.kv.free(seq)
+                continue
+            seq.num_computed_tokens += ss.num_new_tokens
+            cache_full_blocks(seq)
+            if not ss.num_samples:
+                continue
+            tokens = sampled_token_ids[seq.seq_id]
+            seq.token_ids.append(tokens[0])
+            new_seqs.append(seq)
+            if len(tokens) > 1:
+                for index in range(1, len(tokens)):
+                    new_seqs.append(self._fork(seq, index, tokens[index]))
+            seq.request.is_forked = True
+
+        max_model_len = self.max_model_len
+        for seq in new_seqs:
+            if is_stopped is not None and is_stopped(seq):
+                self.finish_sequence(seq, SequenceStatus.FINISHED_STOPPED)
+                continue
+            max_tokens = seq.request.sampling_params.max_tokens
+            num_tokens = len(seq.token_ids)
+            if num_tokens >= max_model_len or (
+                max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens
+            ):
+                self.finish_sequence(seq, SequenceStatus.FINISHED_LENGTH)
+        return new_seqs
+
+    @staticmethod
+    def _check_output(out: SchedulerOutput, sampled_token_ids: Mapping[int, Seq[int]]) -> None:
+        """Raise if sampled_token_ids does not answer the sampling sequences of out."""
         expected = {s.seq_id: s.num_samples for s in out.scheduled if s.samples}
         for seq_id, tokens in sampled_token_ids.items():
             if seq_id not in expected:
@@ -448,35 +571,6 @@ class Scheduler:
                     f"sequence {ss.seq_id} needs {ss.num_samples} sampled tokens, got "
                     f"{sampled_token_ids.get(ss.seq_id)!r}"
                 )
-
-        new_seqs: list[Sequence] = []
-        for ss in out.scheduled:
-            seq = ss.seq
-            was_in_flight = self.in_flight.pop(seq.seq_id, None) is not None
-            if seq.is_finished:
-                if was_in_flight:  # finished (aborted) while in flight: its free was deferred
-                    self.kv.free(seq)
-                continue
-            seq.num_computed_tokens += ss.num_new_tokens
-            self.kv.cache_full_blocks(seq)
-            if not ss.samples:
-                continue
-            tokens = list(sampled_token_ids[seq.seq_id])
-            seq.append_token(tokens[0])
-            new_seqs.append(seq)
-            for index, token in enumerate(tokens[1:], start=1):
-                new_seqs.append(self._fork(seq, index, token))
-            seq.request.is_forked = True
-
-        for seq in new_seqs:
-            if is_stopped is not None and is_stopped(seq):
-                self.finish_sequence(seq, SequenceStatus.FINISHED_STOPPED)
-            elif seq.num_tokens >= self.max_model_len or (
-                seq.request.max_tokens is not None
-                and seq.num_output_tokens >= seq.request.max_tokens
-            ):
-                self.finish_sequence(seq, SequenceStatus.FINISHED_LENGTH)
-        return new_seqs
 
     def _fork(self, parent: Sequence, index: int, token: int) -> Sequence:
         """A child sharing parent's computed blocks, with its own sampled last token."""

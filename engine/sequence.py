@@ -18,9 +18,10 @@ class SequenceStatus(enum.Enum):
     FINISHED_LENGTH = "finished_length"
     FINISHED_ABORTED = "finished_aborted"
 
-    @property
-    def is_finished(self) -> bool:
-        return self in _FINISH_REASONS
+    def __init__(self, value: str) -> None:
+        # A plain attribute, not a property over a set: read per sequence per step, and an
+        # enum's hash runs in Python.
+        self.is_finished: bool = value.startswith("finished")
 
 
 _FINISH_REASONS = {
@@ -53,7 +54,13 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def last_token_id(self) -> int:
+        return self.token_ids[-1]
+
+    @property
     def output_token_ids(self) -> list[int]:
+        """A copy of the output tokens (O(length): per-token code uses num_output_tokens and
+        last_token_id instead)."""
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
@@ -139,7 +146,10 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return bool(self.seqs) and all(s.is_finished for s in self.seqs)
+        seqs = self.seqs
+        if len(seqs) == 1:
+            return seqs[0].status.is_finished
+        return bool(seqs) and all(s.status.is_finished for s in seqs)
 
     def __repr__(self) -> str:
         return f"Request(id={self.request_id!r}, prompt={len(self.prompt_token_ids)}, n={self.n})"

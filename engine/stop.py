@@ -32,15 +32,36 @@ def check_token_stop(
     num_output = len(output_token_ids)
     if num_output == 0:
         return None
+    if not isinstance(eos_token_ids, (tuple, list, set, frozenset)):
+        eos_token_ids = tuple(eos_token_ids)
+    return check_last_token_stop(
+        params, output_token_ids[-1], num_output, eos_token_ids, max_tokens_cap
+    )
+
+
+_STOP = StopDecision("stop")
+_LENGTH = StopDecision("length")
+
+
+def check_last_token_stop(
+    params: SamplingParams,
+    last_token: int,
+    num_output: int,
+    eos_token_ids: Iterable[int],
+    max_tokens_cap: int | None = None,
+) -> StopDecision | None:
+    """`check_token_stop` given the newest token and the output length (num_output >= 1), so a
+    per-token caller needs no copy of the output. eos_token_ids: a tuple or set is fastest."""
     if num_output >= params.min_tokens:
-        last = output_token_ids[-1]
-        if not params.ignore_eos and last in set(eos_token_ids):
-            return StopDecision("stop")
-        if last in params.stop_token_id_set:
-            return StopDecision("stop", last)
-    limits = [m for m in (params.max_tokens, max_tokens_cap) if m is not None]
-    if limits and num_output >= min(limits):
-        return StopDecision("length")
+        if not params.ignore_eos and last_token in eos_token_ids:
+            return _STOP
+        if last_token in params.stop_token_id_set:
+            return StopDecision("stop", last_token)
+    max_tokens = params.max_tokens
+    if max_tokens is not None and num_output >= max_tokens:
+        return _LENGTH
+    if max_tokens_cap is not None and num_output >= max_tokens_cap:
+        return _LENGTH
     return None
 
 
