@@ -172,3 +172,20 @@ def env_choice(family: str, configured: str | None = None) -> Choice | None:
 
 # The process-wide registry; backends add their candidates when `backends` is imported.
 REGISTRY = Registry()
+
+
+def op_candidate(
+    scope: str, family: str, name: str, priority: int, check: Check, target: str, description: str
+) -> Candidate:
+    """A backend's candidate for one op family (positional, for compact candidate tables)."""
+    return Candidate(family, name, priority, check, description, scope=scope, target=target)
+
+
+def register_backend(backend: Candidate, ops: tuple[Candidate, ...]) -> None:
+    """Register a backend and its op candidates; idempotent, so a module reload (tests) does not
+    trip the duplicate check."""
+    if all(c.name != backend.name for c in REGISTRY.candidates("backend")):
+        REGISTRY.register(backend)
+    for cand in ops:
+        if all(c.name != cand.name for c in REGISTRY.candidates(cand.family, cand.scope)):
+            REGISTRY.register(cand)

@@ -7,6 +7,7 @@ import); the implementation in `backends.cuda.backend` loads when the registry c
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -15,7 +16,7 @@ import torch
 
 from backends.cuda import candidates as rules
 from hal.capabilities import Capabilities, LibraryInfo
-from hal.registry import REGISTRY, Candidate, Check
+from hal.registry import Candidate, op_candidate, register_backend
 
 SCOPE = "cuda"
 
@@ -29,10 +30,7 @@ BACKEND_CANDIDATE = Candidate(
 )
 
 
-def _op(
-    family: str, name: str, priority: int, check: Check, target: str, description: str
-) -> Candidate:
-    return Candidate(family, name, priority, check, description, scope=SCOPE, target=target)
+_op = functools.partial(op_candidate, SCOPE)
 
 
 _CU = "backends.cuda."
@@ -153,13 +151,4 @@ def interpreter_capabilities() -> Capabilities | None:
     )  # fmt: skip
 
 
-def _register() -> None:
-    # Idempotent, so a reload (importlib.reload in tests) does not trip the duplicate check.
-    if all(c.name != "cuda" for c in REGISTRY.candidates("backend")):
-        REGISTRY.register(BACKEND_CANDIDATE)
-    for cand in OP_CANDIDATES:
-        if all(c.name != cand.name for c in REGISTRY.candidates(cand.family, SCOPE)):
-            REGISTRY.register(cand)
-
-
-_register()
+register_backend(BACKEND_CANDIDATE, OP_CANDIDATES)

@@ -9,13 +9,14 @@ GPUs as device type "cuda", and its torch.distributed "nccl" backend is RCCL.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.metadata
 import importlib.util
 
 from backends.cuda.candidates import INTERPRETER_SOURCE
 from backends.rocm import candidates as rules
 from hal.capabilities import Capabilities, LibraryInfo
-from hal.registry import REGISTRY, Candidate, Check
+from hal.registry import Candidate, op_candidate, register_backend
 
 SCOPE = "rocm"
 # The profile `interpreter_capabilities()` describes: the conformance column's device.
@@ -34,10 +35,7 @@ BACKEND_CANDIDATE = Candidate(
 )
 
 
-def _op(
-    family: str, name: str, priority: int, check: Check, target: str, description: str
-) -> Candidate:
-    return Candidate(family, name, priority, check, description, scope=SCOPE, target=target)
+_op = functools.partial(op_candidate, SCOPE)
 
 
 _CU = "backends.cuda."
@@ -140,13 +138,4 @@ def interpreter_capabilities() -> Capabilities | None:
     )  # fmt: skip
 
 
-def _register() -> None:
-    # Idempotent, so a reload (importlib.reload in tests) does not trip the duplicate check.
-    if all(c.name != "rocm" for c in REGISTRY.candidates("backend")):
-        REGISTRY.register(BACKEND_CANDIDATE)
-    for cand in OP_CANDIDATES:
-        if all(c.name != cand.name for c in REGISTRY.candidates(cand.family, SCOPE)):
-            REGISTRY.register(cand)
-
-
-_register()
+register_backend(BACKEND_CANDIDATE, OP_CANDIDATES)
