@@ -187,7 +187,9 @@ class LLMEngine:
         graphs = 0
         if not self.runner.graph_reasons():
             tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
-            graphs = graph_pool_estimate(peak, tokens, max(self.runner.graph_sizes))
+            graphs = graph_pool_estimate(
+                peak, tokens, max(self.runner.graph_sizes), len(self.runner.graph_sizes)
+            )
         return plan_gpu(
             self.model,
             self.backend.device,

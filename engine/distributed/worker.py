@@ -200,7 +200,9 @@ class Worker:
         peak = self._profile_activation_peak(profile_tokens)
         graphs = 0
         if not runner.graph_reasons():
-            graphs = graph_pool_estimate(peak, profile_tokens, max(runner.graph_sizes))
+            graphs = graph_pool_estimate(
+                peak, profile_tokens, max(runner.graph_sizes), len(runner.graph_sizes)
+            )
         return plan_gpu(
             self.model, runner.device, block_bytes, block_size, gpu_memory_utilization, peak,
             graph_pool_bytes=graphs,

@@ -126,3 +126,11 @@ def test_bad_sizes(tiny):
     runner = _runner(tiny, "cpu", ())
     with pytest.raises(ValueError, match="graph sizes"):
         DecodeGraphs(runner.model, runner.backend, runner.kv_caches, (0, 2), 4, 16)
+
+
+def test_pool_estimate_counts_each_capture():
+    from engine.graphs import PER_GRAPH_BYTES, graph_pool_estimate
+
+    one = graph_pool_estimate(100 << 20, 2048, 256, 1)
+    assert graph_pool_estimate(100 << 20, 2048, 256, 35) == one + 34 * PER_GRAPH_BYTES
+    assert one == 2 * (100 << 20) * 256 // 2048 + PER_GRAPH_BYTES
