@@ -273,7 +273,7 @@ class ModelRunner:
         if slot.event is not None:
             slot.event.synchronize()  # its previous copy to the device has finished
         if slot.buffer is None or slot.buffer.numel() < nbytes:
-            pin = self.device.type == "cuda"  # torch.cuda also drives ROCm (HIP) devices
+            pin = True  # every non-CPU device here is driven through torch.cuda (CUDA or HIP)
             size = max(nbytes, 2 * (slot.buffer.numel() if slot.buffer is not None else 0), 4096)
             slot.buffer = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
             slot.pinned = pin
