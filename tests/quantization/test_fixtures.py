@@ -75,9 +75,10 @@ def _cpu_run(name: str):
             ),
             use_tqdm=False,
         )
+        model = llm.engine.model  # shutdown releases it
     finally:
         llm.shutdown()
-    return llm.engine.model, [o.outputs[0] for o in outs]
+    return model, [o.outputs[0] for o in outs]
 
 
 def _layer_of(model: nn.Module, prefix: str) -> tuple[nn.Module, slice]:
