@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import torch
 from tqdm import tqdm
 
 from engine.config import CacheConfig, SchedulerConfig
@@ -97,15 +96,7 @@ class LLM:
         device memory of an in-process model (weights, KV cache, graphs) back; the LLM cannot
         generate afterwards."""
         self.engine.shutdown()
-        runner = getattr(self.engine, "runner", None)
-        if runner is not None:
-            runner.graphs, runner.kv_caches, runner.cpu_caches = None, [], []
-            runner.model = self.engine.model = None
-        import gc
-
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self.engine.release_memory()
 
     def get_tokenizer(self):
         return self.engine.tokenizer

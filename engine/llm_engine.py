@@ -8,6 +8,7 @@ the HAL backend, memory from the plan, scheduling from `Scheduler`. With pipelin
 from __future__ import annotations
 
 import copy
+import gc
 import itertools
 import logging
 import math
@@ -254,6 +255,16 @@ class LLMEngine:
         executor = getattr(self, "executor", None)
         if executor is not None:
             executor.shutdown()
+
+    def release_memory(self) -> None:
+        """Give an in-process model's device memory (weights, KV cache, graphs) back; the engine
+        cannot run afterwards. Workers free theirs when `shutdown` stops them."""
+        if self.runner is not None:
+            self.runner.release()
+        self.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- requests -----------------------------------------------------------------------------
     def tokenize(self, prompt: str) -> list[int]:

@@ -178,6 +178,10 @@ class ModelRunner:
                 return self.graphs.run(batch, b)
         return self.model(batch, self.kv_caches, intermediate)
 
+    def release(self) -> None:
+        """Drop the graphs, KV caches and model, so their device memory can be returned."""
+        self.graphs, self.kv_caches, self.cpu_caches, self.model = None, [], [], None
+
     # -- block moves ----------------------------------------------------------------------------
     def apply_block_moves(self, out: SchedulerOutput) -> None:
         """Swap out, swap in, then copy-on-write copies, in the scheduler's documented order."""
