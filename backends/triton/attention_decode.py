@@ -75,7 +75,7 @@ INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 
 @triton.jit(
     do_not_specialize=[
-        "num_heads", "head_dim", "sliding_window", "group", "block_q", "num_splits",
+        "num_tokens", "num_heads", "head_dim", "sliding_window", "group", "block_q", "num_splits",
     ]
 )  # fmt: skip
 def _decode_kernel(
@@ -96,6 +96,7 @@ def _decode_kernel(
     stride_kc_slot,
     stride_kc_head,
     stride_bt_row,
+    num_tokens,
     num_heads,
     head_dim,
     s_scale,  # see _attend_tile
@@ -199,6 +200,16 @@ def _decode_kernel(
             tl.store(out_ptr + o_off[:, None] + offs_d[None, :],
                      cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET),
                      mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    # Padding rows past the last sequence's query come back zero (out is not zero-filled: one
+    # fill launch per layer saved); the last program of the grid writes them.
+    last = (seq == tl.num_programs(0) - 1) & (kv_head == tl.num_programs(1) - 1)
+    if last & (split == tl.num_programs(2) - 1):
+        zero = tl.zeros((HEAD_DIM_P2,), dtype=out_ptr.dtype.element_ty)
+        first_pad = (q_start + q_len).to(tl.int64)
+        for i in range(0, num_tokens - first_pad):
+            for h in range(0, num_heads):
+                o_row = (first_pad + i) * stride_o_token + h * stride_o_head
+                tl.store(out_ptr + o_row + offs_d, zero, mask=d_ok)
 
 
 @triton.jit(do_not_specialize=["num_heads", "head_dim", "num_splits"])
@@ -340,7 +351,7 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
-    out = torch.zeros(query.shape, dtype=query.dtype, device=query.device)
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_tokens == 0 or head_dim == 0:
         return out
     c = _launch_common(query, key_cache, scale, kv_scale, soft_cap)
@@ -363,8 +374,8 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
     _decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, raw(key_cache), raw(value_cache), out, part_out, part_lse, bt, seq_lens,
         query_start_loc, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_heads,
-        head_dim, c["s_scale"], c["cap_log2"], c["out_scale"], int(sliding_window or 0), group,
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_tokens,
+        num_heads, head_dim, c["s_scale"], c["cap_log2"], c["out_scale"], int(sliding_window or 0), group,
         block_m // group, splits, IS_FP8=c["is_fp8"], SOFT_CAP=c["soft_cap"],
         DOT_DTYPE=c["dot_dtype"], INPUT_PRECISION=c["input_precision"],
         INTERPRET=interpreting(), EVEN_D=c["even_d"], SPLIT=splits > 1, PAGE_SIZE=block_size,
