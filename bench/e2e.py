@@ -6,8 +6,8 @@
 decode: ms per decode step at batch 1, eager and with CUDA graphs, against the floor (bytes a step
 reads / copy bandwidth measured in this run). fixed: offline throughput at fixed input/output
 lengths, beside TensorRT-LLM's published H200 FP8 figures for Llama-3-8B. mixed: a mixed workload
-through this engine and through transformers `generate` (same shape, random weights, batch
---hf-batch-size), in this run. fp8: the fixed workloads again with quantization="fp8".
+through this engine and through transformers `generate` (same shape, random weights, the
+fastest of --hf-batch-sizes), in this run. fp8: the fixed workloads again with quantization="fp8".
 """
 
 from __future__ import annotations
@@ -127,15 +127,35 @@ def mixed_work(args) -> list[tuple[list[int], int]]:
     ]
 
 
-def transformers_throughput(args, work) -> tuple[float, int, float]:
-    """transformers `generate` on a random model of the same shape, batches of hf_batch_size
-    sorted by prompt length (left-padded); only the requested tokens count."""
+def transformers_best(args, work) -> tuple[float, int, float, int]:
+    """transformers `generate` at each of --hf-batch-sizes (one that runs out of memory is
+    skipped): (tok/s, tokens, seconds, batch size) of the fastest."""
     from transformers import LlamaForCausalLM
 
     with torch.device("cuda"):
         model = LlamaForCausalLM(llama_config(args.shape)).to(torch.bfloat16).eval()
+    best = None
+    for bs in args.hf_batch_sizes:
+        try:
+            tps, tokens, secs = transformers_throughput(model, work, bs)
+        except torch.OutOfMemoryError:
+            print(f"transformers generate at batch {bs}: out of memory, skipped")
+            free_gpu()
+            continue
+        print(f"transformers generate at batch {bs}: {tps:.0f} tok/s ({tokens} in {secs:.1f}s)")
+        if best is None or tps > best[0]:
+            best = (tps, tokens, secs, bs)
+    del model
+    free_gpu()
+    if best is None:
+        raise RuntimeError(f"transformers ran out of memory at batch sizes {args.hf_batch_sizes}")
+    return best
+
+
+def transformers_throughput(model, work, bs: int) -> tuple[float, int, float]:
+    """transformers `generate` on a random model of the same shape, batches of bs sorted by
+    prompt length (left-padded); only the requested tokens count."""
     order = sorted(range(len(work)), key=lambda i: len(work[i][0]))
-    bs = args.hf_batch_size
     batches = [order[i : i + bs] for i in range(0, len(order), bs)]
     with torch.inference_mode():  # warm-up
         model.generate(input_ids=torch.ones((1, 8), dtype=torch.long, device="cuda"),
@@ -157,8 +177,6 @@ def transformers_throughput(args, work) -> tuple[float, int, float]:
         produced += sum(work[i][1] for i in b)
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    del model
-    free_gpu()
     return produced / elapsed, produced, elapsed
 
 
@@ -173,7 +191,13 @@ def main() -> int:
     p.add_argument("--mixed-requests", type=int, default=256)
     p.add_argument("--mixed-prompt", type=int, nargs=2, default=(128, 1024))
     p.add_argument("--mixed-new", type=int, nargs=2, default=(64, 256))
-    p.add_argument("--hf-batch-size", type=int, default=256)
+    p.add_argument(
+        "--hf-batch-sizes",
+        type=int,
+        nargs="+",
+        default=[256, 128, 64],
+        help="transformers batch sizes tried; the fastest counts",
+    )
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -235,6 +259,7 @@ def main() -> int:
         print(f"batch-1 decode: floor {floor:.2f} ms ({step_bytes / 1e9:.2f} GB/step); eager "
               f"{eager:.2f} ms ({eager / floor:.2f}x floor); graphs {graphs:.2f} ms "
               f"({graphs / floor:.2f}x floor)")  # fmt: skip
+        save(args, res)
     else:
         llm = None
 
@@ -248,6 +273,7 @@ def main() -> int:
                             trt_llm_h200_fp8=trt, ratio_to_trt=ratio)  # fmt: skip
             vs = f"; TensorRT-LLM H200 FP8 {trt} tok/s, ratio {tps / trt:.2f}" if trt else ""
             print(f"{tag} {i}/{o} x {n}: {tps:.0f} output tok/s ({tokens} in {secs:.1f}s){vs}")
+            save(args, res)
 
     if modes & {"fixed", "mixed"}:
         llm = llm or make_llm(folder, args)
@@ -258,6 +284,7 @@ def main() -> int:
             tps, tokens, secs = throughput(llm, work)
             res["mixed_engine"] = dict(tok_s=tps, tokens=tokens, seconds=secs)
             print(f"mixed x {len(work)}: engine {tps:.0f} tok/s ({tokens} in {secs:.1f}s)")
+            save(args, res)
     if llm is not None:
         llm.shutdown()
     llm = None
@@ -275,16 +302,20 @@ def main() -> int:
                 f["ratio_to_bf16"] = f["tok_s"] / b["tok_s"]
     if "mixed" in modes:
         work = mixed_work(args)
-        tps, tokens, secs = transformers_throughput(args, work)
-        res["mixed_transformers"] = dict(tok_s=tps, tokens=tokens, seconds=secs,
-                                         batch=args.hf_batch_size)  # fmt: skip
+        tps, tokens, secs, bs = transformers_best(args, work)
+        res["mixed_transformers"] = dict(tok_s=tps, tokens=tokens, seconds=secs, batch=bs)
         ratio = res["mixed_engine"]["tok_s"] / tps
         res["mixed_ratio"] = ratio
-        print(f"mixed: transformers generate {tps:.0f} tok/s (batch {args.hf_batch_size}); "
+        print(f"mixed: transformers generate {tps:.0f} tok/s (best batch {bs}); "
               f"engine / transformers {ratio:.2f}x")  # fmt: skip
+    save(args, res)
+    return 0
+
+
+def save(args, res: dict) -> None:
+    """Write the results so far (each section saves, so a later failure keeps them)."""
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
