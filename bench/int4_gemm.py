@@ -38,13 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.cuda.quant import dequantize_int4  # noqa: E402
 from backends.triton import int4_gemm as ig  # noqa: E402
+from backends.triton import int4_packed as ip  # noqa: E402
 from bench.attention import Timer, copy_bandwidth  # noqa: E402
 
 SHAPES = {"gate/up K=4096 N=14336": (4096, 14336), "down K=14336 N=4096": (14336, 4096)}
 MS = (1, 2, 4, 8, 16, 64, 256, 2048)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-LAYOUTS = ("canonical", "packed")
-TABLE_NAME = {"canonical": "DEFAULT_CONFIGS", "packed": "PACKED_CONFIGS"}
+LAYOUTS = ("canonical", "packed", "strided")
+TABLE_NAME = {"canonical": "DEFAULT_CONFIGS", "packed": "PACKED_CONFIGS",
+              "strided": "STRIDED_CONFIGS"}  # fmt: skip
+TABLES = {"canonical": ig.DEFAULT_CONFIGS, "packed": ig.PACKED_CONFIGS,
+          "strided": ip.STRIDED_CONFIGS}  # fmt: skip
 SMEM_FALLBACK = 232448  # H100 / H200 opt-in shared memory per block
 
 
@@ -93,6 +97,8 @@ def call(layout: str, x, w, group_size: int, config=None):
     """A no-argument call of ours on one weight set of the layout."""
     if layout == "packed":
         return lambda: ig.int4_linear(x, w, config=config)
+    if layout == "strided":
+        return lambda: ip.int4_strided_linear(x, w, config=config)
     q, s, z = w
     return lambda: ig.int4_linear(x, q, s, z, group_size, config=config)
 
@@ -101,12 +107,12 @@ def run_ours(layout, x, sets, group_size, config=None, reps=50, warmup=10) -> fl
     return timed([call(layout, x, w, group_size, config) for w in sets], reps, warmup)
 
 
-def check_numerics(layout, x, canon, packed, group_size, config=None) -> float:
+def check_numerics(layout, x, canon, ours, group_size, config=None) -> float:
     """Relative Frobenius error of ours against the fp32 product on the dequantized weight."""
     q, s, z = canon
     w = dequantize_int4(q, s, z, group_size, out_dtype=torch.float32)
     ref = x.float() @ w.t()
-    y = call(layout, x, packed if layout == "packed" else canon, group_size, config)().float()
+    y = call(layout, x, ours, group_size, config)().float()
     return float((y - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
@@ -120,7 +126,9 @@ def smem_bytes(layout: str, cfg: ig.Int4Config, x_bytes: int) -> int:
     bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
     x_tile = bm * bk * x_bytes
     if cfg.kernel == "fma":
-        return bn * 4 if layout == "packed" else (stages - 1) * (bk // 8 * bn * 4 + x_tile)
+        return bn * 4 if layout != "canonical" else (stages - 1) * (bk // 8 * bn * 4 + x_tile)
+    if layout == "strided":  # a chunk of words and 8 x runs per stage, the staged operands
+        return stages * (bn * 64 + 128 * bm * x_bytes) + bn * 128 * 2 + 128 * bm * x_bytes
     if layout == "canonical":  # the dot kernel loads one word per k
         return (stages - 1) * (bk * bn * 4 + x_tile) + bk * bn * 2
     return stages * (bn * bk // 2 + x_tile) + 3 * bn * bk // 2
@@ -140,6 +148,15 @@ def candidates(layout: str, m: int) -> list[ig.Int4Config]:
             out += [c("dot", 64, 64, 128, 4, 4, 3), c("dot", 32, 64, 128, 4, 4, 3)]
         else:
             out += [c("dot", 128, 64, 64, 1, 4, 3), c("dot", 64, 64, 128, 1, 4, 3)]
+        return out
+    if layout == "strided":  # block_k unused (a step is one 128-k chunk)
+        if m <= 2:
+            for bn, warps, stages in itertools.product((16, 32, 64, 128, 256), (4, 8), (1, 2, 3)):
+                if bn * 16 >= warps * 32:
+                    out.append(c("fma", 1, bn, 128, 0, warps, stages))
+        bms = (16,) if m <= 16 else (32, 64) if m <= 64 else (64, 128)
+        for bm, bn, stages in itertools.product(bms, (32, 64, 128, 256), (2, 3, 4)):
+            out.append(c("dot", bm, bn, 128, 0, 4 if bm * bn <= 64 * 128 else 8, stages))
         return out
     if m <= 2:  # one x row per program: M FMAs per weight, CUDA cores keep up at M <= 2
         for bn, bk in ((16, 512), (32, 256), (32, 512), (64, 256), (64, 128), (128, 128)):
@@ -173,13 +190,22 @@ def _compile_job(job: tuple[str, ig.Int4Config, str]) -> str:
     dtype = DTYPES[dtype_name]
     k, n, group_size = 4096, 256, 128
     (q, s, z), = weight_sets(k, n, group_size, dtype, l2=0)[:1]  # fmt: skip
-    w = ig.repack_int4_for_triton(q, s, z, group_size) if layout == "packed" else (q, s, z)
+    w = repacked(layout, q, s, z, group_size)
     ms = (1, 2) if layout == "canonical" else (2,)  # the packed kernel does not specialise M
     for m, split in itertools.product(ms, (1, 2)):
         x = torch.randn(m, k, device="cuda").to(dtype)
         call(layout, x, w, group_size, dataclasses.replace(cfg, split_k=split))()
     torch.cuda.synchronize()
     return f"{layout} {cfg}"
+
+
+def repacked(layout: str, q, s, z, group_size: int):
+    """One canonical weight set in the layout's form."""
+    if layout == "packed":
+        return ig.repack_int4_for_triton(q, s, z, group_size)
+    if layout == "strided":
+        return ip.repack_int4(q, s, z, group_size)
+    return (q, s, z)
 
 
 def precompile(jobs: list[tuple[str, ig.Int4Config, str]]) -> None:
@@ -239,7 +265,7 @@ def autotune(args, data: dict, dtype, copy_gbs: float, smem_limit: int, results:
             fits[layout, cfg] = smem_bytes(layout, cfg, x_bytes) <= 0.95 * smem_limit
         return fits[layout, cfg]
 
-    jobs = sorted({(lay, cfg, args.dtype) for lay in LAYOUTS for m in args.ms
+    jobs = sorted({(lay, cfg, args.dtype) for lay in args.layouts for m in args.ms
                    for cfg in candidates(lay, m) if fit(lay, cfg)}, key=str)  # fmt: skip
     pruned = sum(not ok for ok in fits.values())
     print(f"{len(jobs)} first-round configs ({pruned} pruned: estimated shared memory > 95% of "
@@ -247,12 +273,12 @@ def autotune(args, data: dict, dtype, copy_gbs: float, smem_limit: int, results:
     if not args.no_precompile:
         precompile(jobs)
     weight_bytes = sum(d["bytes"] for d in data.values())
-    best: dict[str, dict[int, dict]] = {lay: {} for lay in LAYOUTS}
+    best: dict[str, dict[int, dict]] = {lay: {} for lay in args.layouts}
     xs = {m: {lb: torch.randn(m, k, device="cuda").to(dtype) for lb, (k, _) in SHAPES.items()}
           for m in args.ms}  # fmt: skip
     for m in args.ms:
         t0 = time.perf_counter()
-        for layout in LAYOUTS:
+        for layout in args.layouts:
             tried = tune_one(args, layout, m, xs[m], data, fit, results)
             if not tried:
                 continue
@@ -260,7 +286,7 @@ def autotune(args, data: dict, dtype, copy_gbs: float, smem_limit: int, results:
             ms = tried[fastest]
             err = max(
                 check_numerics(layout, xs[m][lb], data[lb]["canonical"][0],
-                               data[lb]["packed"][0], args.group_size, fastest)
+                               data[lb][layout][0], args.group_size, fastest)
                 for lb in SHAPES
             )  # fmt: skip
             frac = weight_bytes / (ms * 1e-3) / copy_gbs
@@ -271,12 +297,12 @@ def autotune(args, data: dict, dtype, copy_gbs: float, smem_limit: int, results:
         print(f"M={m:5d} took {time.perf_counter() - t0:.0f} s")
     results["autotune_best"] = {lay: {str(m): v for m, v in b.items()} for lay, b in best.items()}
     print("\nfraction of copy bandwidth (both MLP shapes, weight bytes incl. scales/zeros):")
-    print(f"{'M':>6s} " + " ".join(f"{lay:>10s}" for lay in LAYOUTS))
+    print(f"{'M':>6s} " + " ".join(f"{lay:>10s}" for lay in args.layouts))
     for m in args.ms:
         cells = [f"{best[lay][m]['frac_copy']:10.2f}" if m in best[lay] else f"{'-':>10s}"
-                 for lay in LAYOUTS]  # fmt: skip
+                 for lay in args.layouts]  # fmt: skip
         print(f"{m:6d} " + " ".join(cells))
-    for layout in LAYOUTS:
+    for layout in args.layouts:
         print(f"\nSuggested {TABLE_NAME[layout]} ({layout} layout; the first row whose max_m "
               ">= M serves M):")  # fmt: skip
         print(f"    # {torch.cuda.get_device_name()}, {datetime.date.today()}, "
@@ -305,9 +331,9 @@ def bench(args, data: dict, dtype, copy_gbs: float, l2: int, results: dict) -> N
             peer = timed([lambda x=x, w=w: F.linear(x, w) for w in w_peer], args.reps, 10)
             for layout in args.layouts:
                 ours = run_ours(layout, x, d[layout], args.group_size, reps=args.reps)
-                err = check_numerics(layout, x, d["canonical"][0], d["packed"][0],
+                err = check_numerics(layout, x, d["canonical"][0], d[layout][0],
                                      args.group_size)  # fmt: skip
-                table = ig.PACKED_CONFIGS if layout == "packed" else ig.DEFAULT_CONFIGS
+                table = TABLES[layout]
                 flops = 2 * m * n * k
                 row = {
                     "layout": layout, "shape": label, "m": m, "k": k, "n": n,
@@ -372,8 +398,10 @@ def main() -> int:
     data = {}
     for label, (k, n) in SHAPES.items():
         canon = weight_sets(k, n, args.group_size, dtype, l2)
-        packed = [ig.repack_int4_for_triton(q, s, z, args.group_size) for q, s, z in canon]
-        data[label] = {"canonical": canon, "packed": packed, "bytes": nbytes(*canon[0])}
+        data[label] = {"bytes": nbytes(*canon[0])}
+        for layout in set(args.layouts) | {"canonical"}:
+            data[label][layout] = [repacked(layout, q, s, z, args.group_size)
+                                   for q, s, z in canon]  # fmt: skip
     if args.autotune:
         autotune(args, data, dtype, copy_gbs, smem_limit, results)
     else:
