@@ -22,15 +22,16 @@ import hal
 import platforms
 from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed.executor import Executor, StepHandle, UniprocExecutor
+from engine.distributed.worker import StepSampling
 from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from engine.graphs import configured_sizes, graph_pool_estimate
 from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.runner import ModelRunner
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import Sampler, SamplerOutput, SamplingRow
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence, SequenceStatus
 from engine.stop import check_last_token_stop
 
@@ -141,6 +142,8 @@ class LLMEngine:
             raise
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self._eos_set = frozenset(self.eos_token_ids)
+        # In-process the driver samples; distributed, the output rank does (with these eos ids
+        # and seed, sent in its WorkerSpec) and the steps return tokens.
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=config.seed)
         self.requests: dict[str, _RequestState] = {}
         self._ids = itertools.count()
@@ -353,8 +356,8 @@ class LLMEngine:
             return self._step_pipelined(stream)
         out = self.scheduler.schedule()
         self._mark_scheduled(out)
-        logits = self.executor.execute(out)
-        return self._process_output(out, logits, stream)
+        result = self.executor.execute(out, self._remote_sampling(out))
+        return self._process_output(out, result, stream)
 
     def _step_pipelined(self, stream: bool) -> list[RequestOutput]:
         while len(self._in_flight) < self.pipeline_depth:
@@ -363,7 +366,7 @@ class LLMEngine:
             if out.is_empty and not moves:
                 break  # all schedulable work is in flight (or waits for its blocks)
             self._mark_scheduled(out)
-            self._in_flight.append((out, self.executor.submit(out)))
+            self._in_flight.append((out, self.executor.submit(out, self._remote_sampling(out))))
         if not self._in_flight:  # nothing to run: report aborted requests
             return self._collect_outputs([], stream)
         out, handle = self._in_flight.popleft()
@@ -377,81 +380,103 @@ class LLMEngine:
             if not m.first_scheduled_time:
                 m.first_scheduled_time = now
 
+    def _remote_sampling(self, out: SchedulerOutput) -> StepSampling | None:
+        """The sampling rows a remote executor's output rank needs for `out`, built at submit.
+
+        The histories read here cannot change before the step is collected: the scheduler never
+        schedules a sequence whose batch is still in flight."""
+        if not self.executor.samples_remotely:
+            return None
+        sampling = [ss for ss in out.scheduled if ss.num_samples]
+        return self._sampling_rows(sampling) if sampling else None
+
     def _process_output(
-        self, out: SchedulerOutput, logits: torch.Tensor | None, stream: bool = True
+        self,
+        out: SchedulerOutput,
+        result: torch.Tensor | SamplerOutput | None,
+        stream: bool = True,
     ) -> list[RequestOutput]:
-        """Sample a returned batch's logits, advance its sequences, collect outputs."""
+        """Sample a returned batch's logits (or take the output rank's samples), advance its
+        sequences, collect outputs."""
         self.num_steps += 1
         sampled: dict[int, list[int]] = {}
-        if logits is not None:
-            # logits rows: one per sampling sequence, in schedule order. Drop the rows of
-            # sequences aborted while their batch was in flight (never the case at depth 1).
-            sampling = []
-            dead = False
-            for ss in out.scheduled:
-                if ss.num_samples:
-                    sampling.append(ss)
-                    dead = dead or ss.seq.status.is_finished
-            if dead:
-                live = [i for i, ss in enumerate(sampling) if not ss.seq.is_finished]
-                logits, sampling = logits[live], [sampling[i] for i in live]
-            if sampling:
-                sampled = self._sample(sampling, logits)
+        if result is not None:
+            # One logits row (or group of samples) per sampling sequence, in schedule order.
+            sampling = [ss for ss in out.scheduled if ss.num_samples]
+            if isinstance(result, SamplerOutput):
+                sampled = self._apply_samples(sampling, result)
+            else:
+                logits = result
+                # Drop the rows of sequences aborted while their batch was in flight (never
+                # the case at depth 1).
+                if any(ss.seq.is_finished for ss in sampling):
+                    live = [i for i, ss in enumerate(sampling) if not ss.seq.is_finished]
+                    logits, sampling = logits[live], [sampling[i] for i in live]
+                if sampling:
+                    batch = self._sampling_rows(sampling)
+                    sampled = self._apply_samples(sampling, batch.sample(self.sampler, logits))
         new_seqs = self.scheduler.update_from_output(out, sampled, is_stopped=self._check_stop)
         self._record_kv_peak()
         return self._collect_outputs(new_seqs, stream)
 
-    def _sample(self, sampling: list, logits: torch.Tensor) -> dict[int, list[int]]:
-        """Tokens for each sampling ScheduledSeq: seq_id -> its num_samples tokens."""
+    @staticmethod
+    def _sampling_rows(sampling: list[ScheduledSeq]) -> StepSampling:
+        """The sampler's rows for the sampling ScheduledSeqs (pure data, picklable): one per
+        sample, a fork's n samples repeating its sequence's row with sample_index 0..n-1."""
         rows: list[SamplingRow] = []
-        # (row, seq, index) of rows whose state needs more than the token: a fork's children
-        # or requested logprobs.
-        stateful: list[tuple[int, Sequence, int]] = []
-        history_needed: dict[int, bool] = {}  # id(params) -> penalties or min_tokens
-        total = 0
+        reads: dict[int, tuple[bool, bool]] = {}  # id(params) -> (penalties, min_tokens)
+        forks = False
         for ss in sampling:
             seq = ss.seq
             request = seq.request
             params = request.sampling_params
-            needed = history_needed.get(id(params))
-            if needed is None:
-                needed = history_needed[id(params)] = bool(
-                    params.min_tokens or params.needs_penalties
-                )
-            # Rows without penalties or min_tokens read no history: skip copying it.
-            history = seq.output_token_ids if needed else ()
+            read = reads.get(id(params))
+            if read is None:
+                read = reads[id(params)] = (params.needs_penalties, params.min_tokens > 0)
+            # The sampler reads the prompt only for penalties and the output tokens for
+            # penalties or min_tokens: skip copying (and shipping) them otherwise.
+            prompt = request.prompt_token_ids if read[0] else ()
+            history = seq.output_token_ids if read[0] or read[1] else ()
             num_output = len(seq.token_ids) - seq.num_prompt_tokens
             k = ss.num_samples
             if k == 1:
-                if params.logprobs is not None:
-                    stateful.append((total, seq, seq.index))
-                rows.append(
-                    SamplingRow(params, request.prompt_token_ids, history, num_output, seq.index)
-                )
+                rows.append(SamplingRow(params, prompt, history, num_output, seq.index))
             else:
+                forks = True
                 for index in range(k):
-                    stateful.append((total + index, seq, index))
-                    rows.append(
-                        SamplingRow(params, request.prompt_token_ids, history, num_output, index)
-                    )
-            total += k
-        # logits rows are one per sampling sequence; repeat rows for a fork's n samples.
-        if total != logits.shape[0]:
-            counts = torch.tensor([ss.num_samples for ss in sampling])
-            logits = logits.repeat_interleave(counts.to(logits.device), dim=0)
-        result = self.sampler.sample(logits, rows)
+                    rows.append(SamplingRow(params, prompt, history, num_output, index))
+        num_samples = [ss.num_samples for ss in sampling] if forks else None
+        return StepSampling(rows, num_samples)
+
+    def _apply_samples(
+        self, sampling: list[ScheduledSeq], result: SamplerOutput
+    ) -> dict[int, list[int]]:
+        """Tokens for each live sampling ScheduledSeq (seq_id -> its num_samples tokens) from the
+        SamplerOutput of `_sampling_rows(sampling)`; records pending logprobs of rows that want
+        them and starts a fork's children's state. Sequences aborted since the step was
+        submitted are skipped: their samples are dropped."""
         token_ids = result.token_ids
         sampled: dict[int, list[int]] = {}
         j = 0
         for ss in sampling:
             k = ss.num_samples
-            sampled[ss.seq.seq_id] = token_ids[j : j + k]
+            seq = ss.seq
+            if not seq.is_finished:
+                sampled[seq.seq_id] = token_ids[j : j + k]
+                if k > 1 or seq.request.sampling_params.logprobs is not None:
+                    # A fork's children or requested logprobs: state beyond the token.
+                    state = self.requests[seq.request.request_id]
+                    for i in range(k):
+                        index = seq.index if k == 1 else i
+                        if index not in state.seqs:  # a fork's child: a copy of the parent
+                            state.seqs[index] = state.seqs[seq.index].clone()
+                        state.seqs[index].pending_logprob = (
+                            result.logprobs[j + i],
+                            result.top_logprobs[j + i],
+                        )
             j += k
-        for j, seq, index in stateful:
-            state = self.requests[seq.request.request_id]
-            if index not in state.seqs:  # a fork's child: starts as a copy of the parent
-                state.seqs[index] = state.seqs[seq.index].clone()
-            state.seqs[index].pending_logprob = (result.logprobs[j], result.top_logprobs[j])
+        if j != len(token_ids):
+            raise RuntimeError(f"the sampler returned {len(token_ids)} tokens for {j} rows")
         return sampled
 
     def _check_stop(self, seq: Sequence) -> bool:

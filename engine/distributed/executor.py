@@ -1,11 +1,12 @@
 """Executors: run the model for the engine. In-process at world size 1 (today's ModelRunner), else
 one worker per device, in spawned processes ("mp", one host) or Ray actors ("ray", many hosts).
 
-The scheduler and KV-cache manager stay on the driver; each step goes to every rank and the logits
-come back from the last stage's tp rank 0. Steps can be submitted without waiting (`submit`) and
-collected later in submission order (`collect`), so with pipeline parallelism several batches are in
-flight at once. A dead, stopped or never-joining worker fails the call with a DistributedError
-naming the rank, after which every worker is gone.
+The scheduler and KV-cache manager stay on the driver; each step goes to every rank. In-process the
+logits come back and the driver samples them; with workers the output rank (last stage, tp rank 0)
+samples on its device and only the tokens come back (`samples_remotely`). Steps can be submitted
+without waiting (`submit`) and collected later in submission order (`collect`), so with pipeline
+parallelism several batches are in flight at once. A dead, stopped or never-joining worker fails
+the call with a DistributedError naming the rank, after which every worker is gone.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from engine.distributed.collectives import WorldLayout, collective_backend
 from engine.distributed.worker import (
     HEARTBEAT_INTERVAL_S,
     StepInput,
+    StepSampling,
     WorkerInfo,
     WorkerSpec,
     worker_main,
@@ -40,6 +42,7 @@ from engine.graphs import configured_sizes
 from engine.memory import MemoryPlan
 from engine.model_config import ModelConfig
 from engine.runner import ModelRunner
+from engine.sampler import SamplerOutput
 from hal.capabilities import Capabilities
 
 logger = logging.getLogger(__name__)
@@ -58,16 +61,23 @@ class StepHandle:
 
 
 class Executor(ABC):
-    """Runs the model: per-block KV bytes, KV allocation, one step -> logits on the driver.
+    """Runs the model: per-block KV bytes, KV allocation, one step -> its result on the driver.
 
-    `execute(out)` runs a step and waits for it; `submit(out)` starts one and returns a handle
-    that `collect(handle)` later turns into its logits. Handles are collected in submission order
-    and every rank runs steps in that order, so step k+1 may start on stage 0 while stage 1 still
-    runs step k. num_in_flight / max_in_flight count submitted, uncollected steps.
+    `execute(out, sampling)` runs a step and waits for it; `submit(out, sampling)` starts one and
+    returns a handle that `collect(handle)` later turns into its result. Handles are collected in
+    submission order and every rank runs steps in that order, so step k+1 may start on stage 0
+    while stage 1 still runs step k. num_in_flight / max_in_flight count submitted, uncollected
+    steps.
+
+    The result is fp32 logits [num_sampling_seqs, vocab] in schedule order where
+    samples_remotely is False (the driver samples; `sampling` is ignored), and the SamplerOutput
+    of `sampling`'s rows where it is True (the engine must pass `sampling` for every step that
+    samples); None when nothing samples.
     """
 
     num_in_flight: int = 0
     max_in_flight: int = 0
+    samples_remotely: bool = False
 
     @abstractmethod
     def block_bytes(self) -> int:
@@ -78,18 +88,19 @@ class Executor(ABC):
         """Allocate num_blocks KV blocks (and swap blocks) on every rank."""
 
     @abstractmethod
-    def submit(self, out) -> StepHandle:
-        """Start running a SchedulerOutput without waiting for it."""
+    def submit(self, out, sampling: StepSampling | None = None) -> StepHandle:
+        """Start running a SchedulerOutput (and sampling its logits) without waiting for it."""
 
     @abstractmethod
-    def collect(self, handle: StepHandle) -> torch.Tensor | None:
-        """Wait for a submitted step (the oldest one not yet collected): fp32 logits
-        [num_sampling_seqs, vocab] in schedule order, or None when nothing samples."""
+    def collect(self, handle: StepHandle) -> torch.Tensor | SamplerOutput | None:
+        """Wait for a submitted step (the oldest one not yet collected): logits or a
+        SamplerOutput (see the class docstring), or None when nothing samples."""
 
-    def execute(self, out) -> torch.Tensor | None:
-        """Run a SchedulerOutput and wait: fp32 logits [num_sampling_seqs, vocab] in schedule
-        order, or None when nothing samples."""
-        return self.collect(self.submit(out))
+    def execute(
+        self, out, sampling: StepSampling | None = None
+    ) -> torch.Tensor | SamplerOutput | None:
+        """Run a SchedulerOutput and wait: logits or a SamplerOutput, None when nothing samples."""
+        return self.collect(self.submit(out, sampling))
 
     def _count_submitted(self) -> None:
         self.num_in_flight += 1
@@ -120,11 +131,12 @@ class UniprocExecutor(Executor):
     def allocate(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
         self.runner.allocate(num_blocks, num_cpu_blocks)
 
-    def execute(self, out) -> torch.Tensor | None:
+    def execute(self, out, sampling: StepSampling | None = None) -> torch.Tensor | None:
         return self.runner.execute(out)
 
-    def submit(self, out) -> StepHandle:
-        """Runs the step at once (in-process there is nothing to overlap with)."""
+    def submit(self, out, sampling: StepSampling | None = None) -> StepHandle:
+        """Runs the step at once (in-process there is nothing to overlap with); the logits come
+        back and the driver samples them, so `sampling` is not read."""
         handle = StepHandle(0, logits=self.runner.execute(out))
         self._count_submitted()
         return handle
@@ -220,6 +232,7 @@ class DistributedExecutor(Executor):
     """A world of tp x pp ranks; subclasses start them and carry calls to them."""
 
     kind = ""
+    samples_remotely = True
 
     def __init__(
         self, config: EngineConfig, caps: Capabilities, model_config: ModelConfig, model_path: str
@@ -255,6 +268,7 @@ class DistributedExecutor(Executor):
                 seed=config.seed,
                 quantization=config.quantization,
                 graph_sizes=configured_sizes(config),
+                eos_token_ids=tuple(model_config.eos_token_ids),
             )
             for r in range(world)
         ]
@@ -292,8 +306,8 @@ class DistributedExecutor(Executor):
         """Start one worker per rank; return the rendezvous (address, port) of rank 0."""
 
     @abstractmethod
-    def _submit_all(self, method: str, args: tuple, what: str) -> Any:
-        """Send Worker.method(*args) to every rank without waiting; returns a receipt."""
+    def _submit_all(self, method: str, args: list[tuple], what: str) -> Any:
+        """Send Worker.method(*args[rank]) to every rank without waiting; returns a receipt."""
 
     @abstractmethod
     def _wait_all(self, receipt: Any, timeout_s: float, what: str) -> list:
@@ -306,7 +320,8 @@ class DistributedExecutor(Executor):
             raise RuntimeError(
                 f"{what}: {len(self._pending)} steps are still in flight; collect them first"
             )
-        return self._wait_all(self._submit_all(method, args, what), timeout_s, what)
+        per_rank = [args] * self.layout.world_size
+        return self._wait_all(self._submit_all(method, per_rank, what), timeout_s, what)
 
     @abstractmethod
     def _stop_workers(self) -> None:
@@ -353,16 +368,20 @@ class DistributedExecutor(Executor):
         )  # fmt: skip
         self.graph_pool_bytes = max((u or 0) for u in used) if used else 0
 
-    def submit(self, out) -> StepHandle:
+    def submit(self, out, sampling: StepSampling | None = None) -> StepHandle:
+        """Send the step to every rank, and its sampling rows to the output rank only."""
         step = StepInput.from_scheduler_output(out)
         self.num_steps += 1
-        receipt = self._submit_all("execute", (step,), f"step {self.num_steps}")
+        args = [(step,)] * self.layout.world_size
+        if sampling is not None:
+            args[self.layout.output_rank] = (step, sampling)
+        receipt = self._submit_all("execute", args, f"step {self.num_steps}")
         handle = StepHandle(self.num_steps, receipt)
         self._pending.append(handle)
         self._count_submitted()
         return handle
 
-    def collect(self, handle: StepHandle) -> torch.Tensor | None:
+    def collect(self, handle: StepHandle) -> torch.Tensor | SamplerOutput | None:
         if not self._pending or self._pending[0] is not handle:
             oldest = self._pending[0].step if self._pending else None
             raise RuntimeError(
@@ -372,8 +391,12 @@ class DistributedExecutor(Executor):
         results = self._wait_all(handle.token, self.parallel.step_timeout_s, f"step {handle.step}")
         self._pending.popleft()
         self._count_collected()
-        logits = results[self.layout.output_rank]  # numpy fp32 from the worker (plain bytes)
-        return None if logits is None else torch.as_tensor(logits)
+        # A SamplerOutput when the step carried sampling rows, else numpy fp32 logits (plain
+        # bytes) from the output rank.
+        result = results[self.layout.output_rank]
+        if result is None or isinstance(result, SamplerOutput):
+            return result
+        return torch.as_tensor(result)
 
     def describe(self) -> list[str]:
         lines = [f"executor {self.kind}: {self.layout.world_size} workers"]
@@ -426,12 +449,12 @@ class MultiprocExecutor(DistributedExecutor):
     def worker_pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def _submit_all(self, method: str, args: tuple, what: str) -> None:
+    def _submit_all(self, method: str, args: list[tuple], what: str) -> None:
         # Never blocks for long: each worker's reader thread drains its pipe while it computes.
         self._check_alive()
         for rank, conn in enumerate(self.conns):
             try:
-                conn.send((method, args))
+                conn.send((method, args[rank]))
             except BlockingIOError:  # the pipe stayed full for step_timeout_s: rank stopped
                 raise self._timed_out({rank}, what, self.parallel.step_timeout_s) from None
             except (BrokenPipeError, OSError):
@@ -659,10 +682,10 @@ class RayExecutor(DistributedExecutor):
     def worker_pids(self) -> list[int]:
         return list(self._pids)
 
-    def _submit_all(self, method: str, args: tuple, what: str) -> list:
+    def _submit_all(self, method: str, args: list[tuple], what: str) -> list:
         # A (synchronous, single-threaded) actor runs one caller's calls in submission order.
         self._check_alive()
-        return [a.call.remote(method, *args) for a in self.actors]
+        return [a.call.remote(method, *a_args) for a, a_args in zip(self.actors, args, strict=True)]
 
     def _wait_all(self, receipt: list, timeout_s: float, what: str) -> list:
         self._check_alive()

@@ -1,5 +1,6 @@
 """One rank of a distributed engine: joins the world, loads its shard of its pipeline stage,
-allocates its KV cache and runs the steps the driver sends (in a process or a Ray actor)."""
+allocates its KV cache and runs the steps the driver sends (in a process or a Ray actor). The
+output rank samples on its own device and returns the tokens, not the logits."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from engine.distributed.collectives import PipelineChannel, WorldLayout, init_world
@@ -18,6 +20,7 @@ from engine.graphs import graph_pool_estimate
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.parallel import SINGLE, ParallelContext
 from engine.runner import ModelRunner
+from engine.sampler import Sampler, SamplerOutput, SamplingRow
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,7 @@ class WorkerSpec:
     seed: int = 0
     quantization: str | None = None  # online quantization ("fp8"), as EngineConfig's
     graph_sizes: tuple[int, ...] = ()  # decode batch sizes to capture (empty: eager)
+    eos_token_ids: tuple[int, ...] = ()  # the output rank's sampler masks them under min_tokens
 
 
 @dataclass
@@ -105,6 +109,31 @@ class StepInput:
         )
 
 
+@dataclass
+class StepSampling:
+    """What the sampler reads for one step: one SamplingRow per sample, in schedule order.
+
+    The logits have one row per sampling sequence; num_samples[i] is how many samples row i gives
+    (n on the step a request forks, else 1). None when every sequence gives one sample. Rows carry
+    token histories only where penalties or min_tokens read them (empty tuples otherwise).
+    """
+
+    rows: list[SamplingRow]
+    num_samples: list[int] | None = None
+
+    def sample(self, sampler: Sampler, logits: torch.Tensor) -> SamplerOutput:
+        """logits: [num_sampling_seqs, vocab] -> one token (and logprobs) per row."""
+        if self.num_samples is not None:
+            if len(self.num_samples) != logits.shape[0] or sum(self.num_samples) != len(self.rows):
+                raise ValueError(
+                    f"num_samples {self.num_samples} must give one count per logits row "
+                    f"({logits.shape[0]}) summing to the {len(self.rows)} sampling rows"
+                )
+            counts = torch.tensor(self.num_samples, device=logits.device)
+            logits = logits.repeat_interleave(counts, dim=0)  # [num_rows, vocab]
+        return sampler.sample(logits, self.rows)
+
+
 class Worker:
     """A rank: `init_world`, `load`, `plan_memory`, `allocate`, then `execute` per step."""
 
@@ -117,6 +146,7 @@ class Worker:
         self.channel: PipelineChannel | None = None
         self.runner: ModelRunner | None = None
         self.model = None
+        self.sampler: Sampler | None = None  # the output rank's, made on its first sampled step
         if spec.num_threads and spec.device == "cpu":
             torch.set_num_threads(spec.num_threads)
 
@@ -235,8 +265,17 @@ class Worker:
         return self.runner.capture_graphs()
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor | None:
-        """Run this rank's part of one step; fp32 logits on the CPU from the output rank only."""
+    def execute(
+        self, step: StepInput, sampling: StepSampling | None = None
+    ) -> SamplerOutput | np.ndarray | None:
+        """Run this rank's part of one step. The output rank returns the sampled tokens when the
+        driver sent `sampling` (a few bytes), else its fp32 logits [num_sampling_seqs, vocab] as
+        numpy; every other rank returns None.
+
+        Seeded rows draw from generators seeded by (seed, step) on this device, so they match the
+        in-process engine on the same device type; unseeded random rows draw from this rank's
+        shared generator (seeded by the engine's seed), a different stream from world size 1's.
+        """
         runner, model = self.runner, self.model
         runner.apply_block_moves(step)
         if not step.scheduled:
@@ -254,9 +293,15 @@ class Worker:
         if batch.logits_indices.numel() == 0:
             return None
         logits = model.compute_logits(out[batch.logits_indices])
+        if logits is None:
+            return None
+        if sampling is not None:
+            if self.sampler is None:
+                self.sampler = Sampler(self.spec.eos_token_ids, seed=self.spec.seed)
+            return sampling.sample(self.sampler, logits)
         # A numpy array pickles as plain bytes; a torch CPU tensor would go through torch's
         # shared-memory file-descriptor passing on every step.
-        return None if logits is None else logits.cpu().numpy()
+        return logits.cpu().numpy()
 
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():
