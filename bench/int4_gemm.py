@@ -38,17 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.cuda.quant import dequantize_int4  # noqa: E402
 from backends.triton import int4_gemm as ig  # noqa: E402
-from backends.triton import int4_packed as ip  # noqa: E402
 from bench.attention import Timer, copy_bandwidth  # noqa: E402
 
 SHAPES = {"gate/up K=4096 N=14336": (4096, 14336), "down K=14336 N=4096": (14336, 4096)}
 MS = (1, 2, 4, 8, 16, 64, 256, 2048)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-LAYOUTS = ("canonical", "packed", "strided")
-TABLE_NAME = {"canonical": "DEFAULT_CONFIGS", "packed": "PACKED_CONFIGS",
-              "strided": "STRIDED_CONFIGS"}  # fmt: skip
-TABLES = {"canonical": ig.DEFAULT_CONFIGS, "packed": ig.PACKED_CONFIGS,
-          "strided": ip.STRIDED_CONFIGS}  # fmt: skip
+LAYOUTS = ("canonical", "packed")
+TABLE_NAME = {"canonical": "DEFAULT_CONFIGS", "packed": "PACKED_CONFIGS"}
+TABLES = {"canonical": ig.DEFAULT_CONFIGS, "packed": ig.PACKED_CONFIGS}
 SMEM_FALLBACK = 232448  # H100 / H200 opt-in shared memory per block
 
 
@@ -97,8 +94,6 @@ def call(layout: str, x, w, group_size: int, config=None):
     """A no-argument call of ours on one weight set of the layout."""
     if layout == "packed":
         return lambda: ig.int4_linear(x, w, config=config)
-    if layout == "strided":
-        return lambda: ip.int4_strided_linear(x, w, config=config)
     q, s, z = w
     return lambda: ig.int4_linear(x, q, s, z, group_size, config=config)
 
@@ -127,8 +122,7 @@ def smem_bytes(layout: str, cfg: ig.Int4Config, x_bytes: int) -> int:
     x_tile = bm * bk * x_bytes
     if cfg.kernel == "fma":
         return bn * 4 if layout != "canonical" else (stages - 1) * (bk // 8 * bn * 4 + x_tile)
-    if layout == "strided":  # a chunk of words and 8 x runs per stage, the staged operands
-        return stages * (bn * 64 + 128 * bm * x_bytes) + bn * 128 * 2 + 128 * bm * x_bytes
+
     if layout == "canonical":  # the dot kernel loads one word per k
         return (stages - 1) * (bk * bn * 4 + x_tile) + bk * bn * 2
     return stages * (bn * bk // 2 + x_tile) + 3 * bn * bk // 2
@@ -148,15 +142,6 @@ def candidates(layout: str, m: int) -> list[ig.Int4Config]:
             out += [c("dot", 64, 64, 128, 4, 4, 3), c("dot", 32, 64, 128, 4, 4, 3)]
         else:
             out += [c("dot", 128, 64, 64, 1, 4, 3), c("dot", 64, 64, 128, 1, 4, 3)]
-        return out
-    if layout == "strided":  # block_k unused (a step is one 128-k chunk)
-        if m <= 2:
-            for bn, warps, stages in itertools.product((16, 32, 64, 128, 256), (4, 8), (1, 2, 3)):
-                if bn * 16 >= warps * 32:
-                    out.append(c("fma", 1, bn, 128, 0, warps, stages))
-        bms = (16,) if m <= 16 else (32, 64) if m <= 64 else (64, 128)
-        for bm, bn, stages in itertools.product(bms, (32, 64, 128, 256), (2, 3, 4)):
-            out.append(c("dot", bm, bn, 128, 0, 4 if bm * bn <= 64 * 128 else 8, stages))
         return out
     if m <= 2:  # one x row per program: M FMAs per weight, CUDA cores keep up at M <= 2
         for bn, bk in ((16, 512), (32, 256), (32, 512), (64, 256), (64, 128), (128, 128)):
@@ -203,8 +188,6 @@ def repacked(layout: str, q, s, z, group_size: int):
     """One canonical weight set in the layout's form."""
     if layout == "packed":
         return ig.repack_int4_for_triton(q, s, z, group_size)
-    if layout == "strided":
-        return ip.repack_int4(q, s, z, group_size)
     return (q, s, z)
 
 

@@ -63,6 +63,25 @@ class GGUFWeight:
 
 
 @dataclass
+class Int4Weight:
+    """A 4-bit weight W [out_features, in_features] as `Backend.prepare_int4` left it: `tensors`
+    on the backend's device in the backend's `layout` ("canonical": qweight, scales, zeros and
+    g_idx as `int4_linear` takes them; a backend may repack, keeping its own form in `data`).
+    The engine registers `tensors` (the memory plan counts their bytes) and hands the object back
+    to `int4_linear_prepared`; only the backend reads the layout."""
+
+    out_features: int
+    in_features: int
+    group_size: int
+    layout: str
+    tensors: dict[str, torch.Tensor]
+    data: object = None
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@dataclass
 class BackendInfo:
     """What a backend resolved at construction: its per-family selections."""
 
@@ -211,6 +230,39 @@ class Backend(ABC):
 
         x: [M, K] float; returns [M, N] in x's dtype.
         """
+
+    def prepare_int4(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        group_size: int,
+        g_idx: torch.Tensor | None = None,
+    ) -> Int4Weight:
+        """Once, at load: a 4-bit weight in the canonical layout (`int4_linear`'s arguments),
+        moved to the device and repacked however `int4_linear_prepared` runs fastest here,
+        losslessly. This default keeps the canonical layout."""
+        tensors = {"qweight": qweight, "scales": scales, "zeros": zeros}
+        if g_idx is not None:
+            tensors["g_idx"] = g_idx
+        tensors = {key: t.to(self.device).contiguous() for key, t in tensors.items()}
+        n, k = qweight.shape[1], qweight.shape[0] * 8
+        return Int4Weight(n, k, group_size, "canonical", tensors)
+
+    def int4_linear_prepared(
+        self, x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`int4_linear` on a weight from `prepare_int4`: the same math and rounding.
+        x: [M, K] float; returns [M, N] in x's dtype."""
+        if weight.layout != "canonical":
+            raise ValueError(
+                f"weight: layout {weight.layout!r}; the {self.name} backend runs 'canonical' "
+                "(prepare the weight with this backend's prepare_int4)"
+            )
+        t = weight.tensors
+        return self.int4_linear(
+            x, t["qweight"], t["scales"], t["zeros"], weight.group_size, t.get("g_idx"), bias
+        )
 
     @abstractmethod
     def prepare_gguf(

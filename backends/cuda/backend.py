@@ -21,7 +21,7 @@ from backends.cpu import activation, norm
 from backends.cpu import graphs as eager_graphs
 from backends.cuda import SCOPE, attention, gguf, graphs, kv_cache, linear, quant, rotary
 from backends.cuda import candidates as rules
-from hal.backend import Backend, GGUFWeight, GraphRunner
+from hal.backend import Backend, GGUFWeight, GraphRunner, Int4Weight
 from hal.capabilities import Capabilities
 from hal.registry import REGISTRY, Selection, SelectionError, env_choice
 
@@ -274,6 +274,37 @@ class CudaBackend(Backend):
         return linear.int4_linear_dequant(
             x, qweight, scales, zeros, group_size, g_idx, bias, self.allow_tf32
         )
+
+    # The packed layout's table; None: the Triton module's PACKED_CONFIGS.
+    int4_packed_configs: tuple | None = None
+
+    def prepare_int4(self, qweight, scales, zeros, group_size, g_idx=None) -> Int4Weight:
+        # With the Triton kernel chosen, repack once into its packed layout (each output
+        # column's K contiguous: 1.6x faster at decode than the canonical layout on an H100).
+        if self.chosen("int4_gemm") != "triton":
+            return super().prepare_int4(qweight, scales, zeros, group_size, g_idx)
+        dev = self.device
+        p = _triton("int4_gemm").repack_int4_for_triton(
+            qweight.to(dev), scales.to(dev), zeros.to(dev), group_size,
+            None if g_idx is None else g_idx.to(dev),
+        )  # fmt: skip
+        parts = (("qweight", p.qweight), ("scales", p.scales), ("zeros", p.zeros),
+                 ("perm", p.perm), ("g_idx", p.g_idx))  # fmt: skip
+        tensors = {key: t for key, t in parts if t is not None}
+        return Int4Weight(p.out_features, p.in_features, group_size, "packed", tensors, data=p)
+
+    def int4_linear_prepared(self, x, weight: Int4Weight, bias=None) -> torch.Tensor:
+        if weight.layout != "packed":
+            return super().int4_linear_prepared(x, weight, bias)
+        ig = _triton("int4_gemm")
+        why = _float_reasons(x=x, bias=bias)
+        impl = self._input_fallback("int4_gemm", "triton", why, "dequant_gemm")
+        self._mark("int4_gemm", impl)
+        if impl == "triton":
+            return ig.int4_linear(x, weight.data, bias=bias, allow_tf32=self.allow_tf32,
+                                  configs=self.int4_packed_configs)  # fmt: skip
+        w = ig.dequantize_packed(weight.data).to(x.dtype)
+        return linear.linear(x, w, bias, self.allow_tf32)
 
     def prepare_gguf(self, blocks, qtype, out_features, in_features) -> GGUFWeight:
         # The raw blocks stay as they are, on the device: both candidates read them directly.

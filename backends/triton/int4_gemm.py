@@ -735,13 +735,32 @@ def repack_int4_for_triton(
     )  # fmt: skip
 
 
+def dequantize_packed(p: Int4Packed) -> torch.Tensor:
+    """W float32 [N, K] in the checkpoint's channel order from an Int4Packed (torch ops, on its
+    device): the fallback when the kernel cannot take an input, and the check of the repack."""
+    n, k = p.out_features, p.in_features
+    shifts = torch.arange(8, device=p.qweight.device, dtype=torch.int32) * 4
+    codes = ((p.qweight[:, :, None] >> shifts) & 0xF).reshape(n, k)  # [N, K] packed order
+    if p.g_idx is not None:
+        g = p.g_idx.to(torch.int64)
+    else:
+        g = torch.arange(k, device=codes.device) // p.group_size
+    w = (codes.float() - p.zeros.float()[:, g]) * p.scales.float()[:, g]
+    if p.perm is None:
+        return w
+    out = torch.empty_like(w)
+    out[:, p.perm] = w  # packed k holds the checkpoint's channel perm[k]
+    return out
+
+
 # (max_m, config) for the packed layout; its "fma" takes one row of x per program (block_m 1).
-# Starting points, not yet measured: `python bench/int4_gemm.py --autotune` prints the table.
+# NVIDIA H100 80GB HBM3, 2026-11-26, `python bench/int4_gemm.py --autotune --layouts packed`
+# (bf16, G = 128, both 8B MLP shapes): 0.43 of copy bandwidth at M = 1, 0.31-0.33 at M = 2-16.
 PACKED_CONFIGS: tuple[tuple[int, Int4Config], ...] = (
-    (1, Int4Config("fma", 1, 32, 512, num_warps=4, num_stages=3)),
-    (16, Int4Config("dot", 16, 128, 128, num_warps=4, num_stages=3)),
-    (64, Int4Config("dot", 64, 128, 64, num_warps=4, num_stages=3)),
-    (2**62, Int4Config("dot", 128, 128, 64, split_k=1, num_warps=8, num_stages=3)),
+    (1, Int4Config("fma", 1, 128, 128, split_k=0, num_warps=8, num_stages=1)),
+    (16, Int4Config("dot", 16, 64, 128, split_k=4, num_warps=4, num_stages=3)),
+    (64, Int4Config("dot", 64, 64, 128, split_k=4, num_warps=4, num_stages=3)),
+    (2**62, Int4Config("dot", 64, 64, 64, split_k=0, num_warps=4, num_stages=3)),
 )
 
 

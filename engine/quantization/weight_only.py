@@ -136,14 +136,31 @@ class WeightOnlyMethod(LinearMethod):
                     )
         device = self.backend.device
         if self.bits == 4:
-            qweight = q if q.dtype == torch.int32 else pack_int4_rows(q)
-            set_param(layer, "qweight", qweight, device)  # int32 [K / 8, N]
-            set_param(layer, "zeros", zeros.to(torch.uint8), device)  # [groups, N], <= 16
-        else:
-            set_param(layer, "qweight", q.to(torch.uint8), device)  # [K, N]
-            set_param(layer, "zeros", zeros.to(torch.int16), device)  # [groups, N], <= 256
+            qweight = q if q.dtype == torch.int32 else pack_int4_rows(q)  # int32 [K / 8, N]
+            self._prepare_int4(layer, qweight, scales, zeros.to(torch.uint8), g_idx)
+            return
+        set_param(layer, "qweight", q.to(torch.uint8), device)  # [K, N]
+        set_param(layer, "zeros", zeros.to(torch.int16), device)  # [groups, N], <= 256
         set_param(layer, "scales", scales, device)
         layer.register_buffer("g_idx", None if g_idx is None else g_idx.to(device))
+
+    def _prepare_int4(self, layer: nn.Module, qweight, scales, zeros, g_idx) -> None:
+        """The backend's own form of the weight (`prepare_int4`; the CUDA backend repacks for its
+        kernel), registered so the memory plan counts it. The canonical layout keeps the names
+        qweight / scales / zeros / g_idx; another layout's tensors are int4_<name>."""
+        weight = self.backend.prepare_int4(qweight, scales, zeros, self.local_group_size, g_idx)
+        canonical = weight.layout == "canonical"
+        for key, t in weight.tensors.items():
+            if canonical and key == "g_idx":
+                layer.register_buffer("g_idx", t)
+                continue
+            # A parameter shares t's storage (the backend's own form keeps pointing at it).
+            param = nn.Parameter(t, requires_grad=False)
+            layer.register_parameter(key if canonical else f"int4_{key}", param)
+            weight.tensors[key] = param
+        if canonical and "g_idx" not in weight.tensors:
+            layer.register_buffer("g_idx", None)
+        layer.int4_weight = weight
 
     def _check_unordered_g_idx(self) -> None:
         """A g_idx that is not consecutive groups in a checkpoint whose config says no act-order:
@@ -171,6 +188,13 @@ class WeightOnlyMethod(LinearMethod):
 
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         if self.bits == 4:
+            layout = layer.int4_weight.layout
+            if layout != "canonical":
+                raise ValueError(
+                    f"{self.spec.parts[0].prefix}: the weight is in the {self.backend.name} "
+                    f"backend's {layout!r} layout; dequantize reads the canonical one (load it "
+                    "on the CPU backend)"
+                )
             shifts = torch.arange(8, device=layer.qweight.device, dtype=torch.int32) * 4
             q = (layer.qweight[:, None, :] >> shifts[None, :, None]) & 0xF
             q = q.reshape(-1, layer.qweight.shape[1])  # [K, N]
@@ -183,15 +207,7 @@ class WeightOnlyMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
         if self.bits == 4:
             # x: [M, K] -> [M, N]
-            return self.backend.int4_linear(
-                x,
-                layer.qweight,
-                layer.scales,
-                layer.zeros,
-                self.local_group_size,
-                layer.g_idx,
-                bias,
-            )
+            return self.backend.int4_linear_prepared(x, layer.int4_weight, bias)
         w = self.dequantize(layer).to(x.dtype)  # [N, K], rounded once to the activation dtype
         return self.backend.linear(x, w, bias)
 

@@ -286,13 +286,22 @@ def test_int4_triton_kernel_on_fixture_layers(name, cuda_backend, table):
         method = copy.copy(layer.quant_method)
         method.backend = cuda_backend
         w = layer.quant_method.dequantize(layer)
+        # The CUDA backend's own form: repacked at load into the packed layout.
+        packed = cuda_backend.prepare_int4(
+            layer.qweight, layer.scales, layer.zeros, method.local_group_size, layer.g_idx
+        )
+        assert packed.layout == "packed"
         for m, dtype in ((3, torch.float32), (20, torch.float32), (20, torch.bfloat16)):
             x = torch.randn(m, w.shape[1], generator=gen).to(dtype)
             cuda_backend.ran.clear()
-            y = method.apply(layer, x)
+            y = method.apply(layer, x)  # the canonical layout (the CPU backend prepared it)
             assert cuda_backend.ran.get("int4_gemm") == "triton", cuda_backend.ran
             assert y.dtype == dtype
             _check_layer_output(y, x.float(), w, f"{name} {prefix} M={m} {dtype}")
+            cuda_backend.ran.clear()
+            y = cuda_backend.int4_linear_prepared(x, packed)
+            assert cuda_backend.ran.get("int4_gemm") == "triton", cuda_backend.ran
+            _check_layer_output(y, x.float(), w, f"{name} {prefix} M={m} {dtype} packed")
     gidx = " g_idx" if any(
         getattr(mod, "g_idx", None) is not None for mod in model.modules()
     ) else ""  # fmt: skip

@@ -381,3 +381,66 @@ def test_cuda_backend_dispatches_to_triton() -> None:
     )
     assert backend.ran["int4_gemm"] == "triton"
     check(case, y)
+
+
+def _cuda_backend():
+    import backends  # noqa: F401  (registers the candidates)
+    from backends.cuda import interpreter_capabilities
+    from hal.select import load_backend
+
+    if INTERPRET:
+        caps = interpreter_capabilities()
+        if caps is None:
+            pytest.skip("Triton interpreter capabilities unavailable")
+        return load_backend(caps, device=DEVICE, configured="require:cuda")
+    from platforms import detect
+
+    return load_backend(detect(), configured="require:cuda")
+
+
+@pytest.mark.parametrize("g_kind", [None, "desc_act", "uneven"])
+def test_dequantize_packed_is_the_checkpoint_weight(g_kind: str | None) -> None:
+    case, p = packed_case(1, 24, 256, 32, torch.float16, g_kind, False, seed=7)
+    want = ref_quant.dequantize_int4(
+        case["qweight"], case["scales"].float(), case["zeros"], 32, case["g_idx"]
+    )
+    assert torch.equal(ig.dequantize_packed(p).cpu(), want)  # fp32 (q - z) * s both ways
+
+
+def test_cuda_backend_prepares_the_packed_layout() -> None:
+    # prepare_int4 repacks once (layout "packed"); int4_linear_prepared runs the packed kernel,
+    # and an input the kernel cannot take (float64 x) falls back to dequantize + cuBLAS.
+    from hal.backend import Int4Weight
+
+    backend = _cuda_backend()
+    case = make_case(3, 24, 128, 32, torch.bfloat16, True, True, seed=9)
+    q = [dev(case[key]) for key in ("qweight", "scales", "zeros", "group_size", "g_idx")]
+    weight = backend.prepare_int4(*q)
+    assert isinstance(weight, Int4Weight) and weight.layout == "packed"
+    assert weight.out_features == 24 and weight.in_features == 128
+    assert weight.nbytes() < 24 * 128 * 2  # smaller than the bf16 weight
+    y = backend.int4_linear_prepared(dev(case["x"]), weight, dev(case["bias"]))
+    assert backend.ran["int4_gemm"] == "triton"
+    check(case, y)
+    x64 = dev(case["x"]).to(torch.float64)
+    y64 = backend.int4_linear_prepared(x64, weight)
+    assert backend.ran["int4_gemm"] == "dequant_gemm"
+    w = ref_quant.dequantize_int4(
+        case["qweight"], case["scales"].float(), case["zeros"], 32, case["g_idx"]
+    )
+    torch.testing.assert_close(y64.cpu(), x64.cpu() @ w.to(torch.float64).t(), rtol=1e-12,
+                               atol=1e-12)  # fmt: skip
+
+
+def test_default_prepare_int4_keeps_the_canonical_layout(cpu_caps) -> None:
+    from hal.select import load_backend
+
+    backend = load_backend(cpu_caps, configured="cpu")
+    case = make_case(2, 16, 64, 32, torch.float32, False, False, seed=3)
+    q = [case[key] for key in ("qweight", "scales", "zeros", "group_size", "g_idx")]
+    weight = backend.prepare_int4(*q)
+    assert weight.layout == "canonical" and set(weight.tensors) == {"qweight", "scales", "zeros"}
+    check(case, backend.int4_linear_prepared(case["x"], weight))
+    weight.layout = "packed"
+    with pytest.raises(ValueError, match="layout 'packed'; the cpu backend runs 'canonical'"):
+        backend.int4_linear_prepared(case["x"], weight)
