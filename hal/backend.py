@@ -367,6 +367,32 @@ class Backend(ABC):
         GPT-J style rotates interleaved (x[0::2], x[1::2]) pairs. Returns new (query, key).
         """
 
+    def rotary_write_kv(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        is_neox: bool,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`rotary` on (query, key), then `write_kv` of the rotated key and `value`; returns the
+        rotated (query, key). Exactly the composition below (every contract of both ops holds:
+        partial rotary_dim, slot -1 skips, FP8 cache stores fp8(k / kv_scale)); a backend may
+        override it with a fused kernel that gives the same bits.
+
+        positions, slot_mapping: int [num_tokens]; query: [num_tokens, num_heads, head_dim];
+        key, value: [num_tokens, num_kv_heads, head_dim]; caches: [num_blocks, block_size,
+        num_kv_heads, head_dim]; cos_sin_cache: fp32 [max_position, rotary_dim].
+        """
+        query, key = self.rotary(positions, query, key, cos_sin_cache, is_neox)
+        self.write_kv(key, value, key_cache, value_cache, slot_mapping, kv_scale)
+        return query, key
+
     @abstractmethod
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., 2d] -> silu(x[..., :d]) * x[..., d:], computed in fp32, in x's dtype."""

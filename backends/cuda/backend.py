@@ -94,6 +94,7 @@ class CudaBackend(Backend):
         self.ran: dict[str, str] = {}
         self._fallbacks_logged: set[str] = set()
         self.info.settings["graphs"] = self.chosen("graph")
+        self.info.settings["rotary_write_kv"] = self._fused_rotary_write_kv()
         for family in ("gemm", "fp8_gemm"):
             if self.chosen(family) == "triton_small_m":
                 self.info.settings[f"{family}_large_m"] = f"M > 16: {self.large_m_impl(family)}"
@@ -366,6 +367,35 @@ class CudaBackend(Backend):
         if self._triton_or("rotary", "torch", why) == "triton":
             return _triton("rotary").rotary(positions, query, key, cos_sin_cache, is_neox)
         return rotary.rotary(positions, query, key, cos_sin_cache, is_neox)
+
+    def _fused_rotary_write_kv(self) -> str:
+        """The info line for `rotary_write_kv`: one Triton launch when both families chose
+        Triton (and the inputs suit it), else the composition of the two choices."""
+        rot, kv = self.chosen("rotary"), self.chosen("kv_write")
+        if rot == kv == "triton":
+            return "fused (triton, one launch)"
+        return f"rotary ({rot}) then kv_write ({kv})"
+
+    def rotary_write_kv(
+        self, positions, query, key, value, cos_sin_cache, is_neox, key_cache, value_cache,
+        slot_mapping, kv_scale=None,
+    ):  # fmt: skip
+        # The fused kernel serves exactly when `rotary` and `write_kv` would both run Triton;
+        # otherwise the composition runs them, with their own fallbacks, logs and errors.
+        fused = self.chosen("rotary") == self.chosen("kv_write") == "triton"
+        fused = fused and not _float_reasons(query=query, key=key, value=value)
+        fused = fused and key_cache.is_contiguous() and value_cache.is_contiguous()
+        if not fused:
+            return super().rotary_write_kv(
+                positions, query, key, value, cos_sin_cache, is_neox, key_cache, value_cache,
+                slot_mapping, kv_scale,
+            )  # fmt: skip
+        self._mark("rotary", "triton")
+        self._mark("kv_write", "triton")
+        return _triton("rotary").rotary_write_kv(
+            positions, query, key, value, cos_sin_cache, is_neox, key_cache, value_cache,
+            slot_mapping, kv_scale,
+        )  # fmt: skip
 
     def silu_and_mul(self, x) -> torch.Tensor:
         if self._triton_or("activation", "torch", _float_reasons(x=x)) == "triton":

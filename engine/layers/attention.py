@@ -1,4 +1,5 @@
-"""Paged attention for one layer: write the new K/V into the cache, then attend over it."""
+"""Paged attention for one layer: write the new K/V into the cache (fused with the rotary embedding
+when the layer is given one), then attend over it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import torch
 from torch import nn
 
 from engine.batch import ForwardBatch
+from engine.layers.rotary import RotaryEmbedding
 from hal.backend import Backend
 
 
@@ -44,13 +46,25 @@ class Attention(nn.Module):
         value: torch.Tensor,
         batch: ForwardBatch,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
+        rotary: RotaryEmbedding | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """Attention output [num_tokens, num_heads * head_dim]. With `rotary`, query and key are
+        rotated by `positions` (default batch.positions) in the same backend op that writes the
+        cache (one launch on a fused backend); without, they arrive rotated."""
         # query: [num_tokens, num_heads, head_dim]; key, value: [num_tokens, num_kv_heads, head_dim]
         # kv_cache: K and V [num_blocks, block_size, num_kv_heads, head_dim]
         key_cache, value_cache = kv_cache
-        self.backend.write_kv(
-            key, value, key_cache, value_cache, batch.slot_mapping, kv_scale=self.kv_scale
-        )
+        if rotary is not None:
+            positions = batch.positions if positions is None else positions
+            query, _ = rotary.forward_write_kv(
+                positions, query, key, value, key_cache, value_cache, batch.slot_mapping,
+                self.kv_scale,
+            )  # fmt: skip
+        else:
+            self.backend.write_kv(
+                key, value, key_cache, value_cache, batch.slot_mapping, kv_scale=self.kv_scale
+            )
         out = self.backend.attention(
             query,
             key_cache,

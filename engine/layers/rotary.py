@@ -1,4 +1,5 @@
-"""Rotary position embedding: the fp32 cos/sin cache, built once, applied by the backend."""
+"""Rotary position embedding: the fp32 cos/sin cache, built once, applied by the backend (alone,
+or fused with the paged KV-cache write of the rotated key)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,30 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [num_tokens]; query: [num_tokens, heads, head_dim]; key: [.., kv_heads, ..]
         return self.backend.rotary(positions, query, key, self.cos_sin_cache, self.is_neox)
+
+    def forward_write_kv(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward`, then the rotated key and `value` written into the paged cache (slot -1
+        skips), as one backend op (`Backend.rotary_write_kv`); returns the rotated (query, key)."""
+        # value: [num_tokens, kv_heads, head_dim]; caches: [num_blocks, block_size, kv_heads, ..]
+        return self.backend.rotary_write_kv(
+            positions,
+            query,
+            key,
+            value,
+            self.cos_sin_cache,
+            self.is_neox,
+            key_cache,
+            value_cache,
+            slot_mapping,
+            kv_scale,
+        )

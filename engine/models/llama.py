@@ -91,8 +91,9 @@ class LlamaAttention(nn.Module):
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))  # [T, heads, D], [T, kv_heads, D] x2
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # Qwen3: per-head RMSNorm before rotary
-        q, k = self.rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, batch, kv_cache))  # [T, hidden]
+        # Rotary and the KV-cache write run as one backend op (one launch on the GPU).
+        out = self.attn(q, k, v, batch, kv_cache, rotary=self.rotary, positions=positions)
+        return self.o_proj(out)  # [T, hidden]
 
     def load(self, source: TensorSource, prefix: str) -> None:
         self.qkv_proj.load(source, f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj")

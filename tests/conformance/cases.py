@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from hypothesis import strategies as st
@@ -401,6 +401,60 @@ def check_rotary(d: Dispatch, case: S.RotaryCase) -> CaseResult:
     return result.merge(within("key", k, k_ref, case.dtype, mag))
 
 
+@dataclass(frozen=True)
+class RotaryWriteKvCase:
+    """A paged batch's new tokens (query, key, value, slots, `batch.num_padding` slot -1 tokens)
+    rotated by a RoPE table of `rotary` (its num_tokens and head_dim are the batch's)."""
+
+    batch: S.AttentionBatch
+    rotary: S.RotaryCase
+
+
+def _with_padding(case: RotaryWriteKvCase) -> dict[str, torch.Tensor]:
+    """The batch's new tokens with padding tokens (slot -1) inserted anywhere, and positions."""
+    t, gen = case.batch.build(), S.generator(case.batch.seed + 1)
+    rows = {name: t[name] for name in ("query", "key", "value")}  # [T, heads, head_dim] each
+    slots = t["slot_mapping"]
+    for _ in range(case.batch.num_padding):
+        at = int(torch.randint(0, slots.shape[0] + 1, (1,), generator=gen))
+        for name, x in rows.items():
+            pad = (S.randn((1, *x.shape[1:]), gen) * 100).to(x.dtype)
+            rows[name] = torch.cat((x[:at], pad, x[at:]))
+        slots = torch.cat((slots[:at], torch.tensor([-1]), slots[at:]))
+    r = case.rotary.build()
+    return {**t, **rows, "slot_mapping": slots, "positions": r["positions"],
+            "cos_sin_cache": r["cos_sin_cache"]}  # fmt: skip
+
+
+def check_rotary_write_kv(d: Dispatch, case: RotaryWriteKvCase) -> CaseResult:
+    t, b, neox = _with_padding(case), case.batch, case.rotary.is_neox
+    pos, cache, slots = t["positions"], t["cos_sin_cache"], t["slot_mapping"]
+    kc, vc = t["key_cache"], t["value_cache"]
+    out_k, out_v = d.to(kc.clone()), d.to(vc.clone())
+    q, k = d(
+        "rotary_write_kv", d.to(pos), d.to(t["query"]), d.to(t["key"]), d.to(t["value"]),
+        d.to(cache), neox, out_k, out_v, d.to(slots), b.kv_scale,
+    )  # fmt: skip
+    # q, k: the rotary contract, within the dtype's tolerance of the float64 rotation.
+    q_ref, k_ref = rotary.rotary(pos, f64(t["query"]), f64(t["key"]), f64(cache), neox)
+    mag = max(amax(t["query"]), amax(t["key"]))
+    result = within("query", q, q_ref, b.dtype, mag).merge(within("key", k, k_ref, b.dtype, mag))
+    # The caches: the KV-write contract (bit for bit) applied to the key it returned.
+    ref_k, ref_v = kc.clone(), vc.clone()
+    kv_cache.write_kv(k.cpu(), t["value"], ref_k, ref_v, slots, b.kv_scale)
+    result = result.merge(bitwise("key_cache", out_k, ref_k))
+    result = result.merge(bitwise("value_cache", out_v, ref_v))
+    # Fused or not, the same bits as this backend's own rotary then write_kv.
+    be = d.backend
+    q2, k2 = be.rotary(d.to(pos), d.to(t["query"]), d.to(t["key"]), d.to(cache), neox)
+    own_k, own_v = d.to(kc.clone()), d.to(vc.clone())
+    be.write_kv(k2, d.to(t["value"]), own_k, own_v, d.to(slots), b.kv_scale)
+    for name, out, own in (("query", q, q2), ("key", k, k2), ("key_cache", out_k, own_k),
+                           ("value_cache", out_v, own_v)):  # fmt: skip
+        result = result.merge(bitwise(f"{name} vs rotary then write_kv", out, own.cpu()))
+    return result
+
+
 def check_silu_and_mul(d: Dispatch, case: S.SiluCase) -> CaseResult:
     x = case.build()["x"]
     out = d("silu_and_mul", d.to(x))
@@ -480,6 +534,29 @@ def _kv_write(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrategy:
     return _attn(dt in FP8)(dt, c, lim)
 
 
+def _rotary_write_kv(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrategy:
+    """A kv_write batch (FP8 columns: the cache's format) with a NeoX or GPT-J table over a
+    full, half or quarter rotary_dim."""
+
+    def attach(batch: S.AttentionBatch) -> st.SearchStrategy:
+        def case(is_neox: bool, fraction: float, rot: S.RotaryCase) -> RotaryWriteKvCase:
+            rot = replace(
+                rot,
+                num_tokens=batch.num_tokens + batch.num_padding,
+                num_kv_heads=batch.num_kv_heads,
+                gqa_ratio=batch.gqa_ratio,
+                head_dim=batch.head_dim,
+                rotary_dim=2 * int(batch.head_dim * fraction // 2),
+                is_neox=is_neox,
+            )
+            return RotaryWriteKvCase(batch, rot)
+
+        flags = st.booleans(), st.sampled_from((1.0, 0.5, 0.25))
+        return st.builds(case, *flags, S.rotary_cases(batch.dtype, True, lim))
+
+    return _kv_write(dt, c, lim).flatmap(attach)
+
+
 def _scaled(per_token: bool | None) -> Strategy:
     def strategy(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrategy:
         flags = st.booleans() if per_token is None else st.just(per_token)
@@ -549,6 +626,9 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("rms_norm/residual", "rms_norm", FLOAT, _flag(S.rms_norm_cases, True), check_rms_norm),
     OpSpec("rotary/neox", "rotary", FLOAT, _flag(S.rotary_cases, True), check_rotary),
     OpSpec("rotary/gptj", "rotary", FLOAT, _flag(S.rotary_cases, False), check_rotary),
+    OpSpec(
+        "rotary_write_kv", "rotary", FP8_OR_FLOAT, _rotary_write_kv, check_rotary_write_kv, True
+    ),
     OpSpec("silu_and_mul", "activation", FLOAT, _plain(S.silu_cases), check_silu_and_mul),
     OpSpec("graph", "graph", FLOAT, _plain(S.graph_cases), check_graph),
 )
