@@ -62,3 +62,56 @@ def test_engine_runs_on_random_weights(config_only):
 def test_bad_load_format(config_only):
     with pytest.raises(ValueError, match="load_format"):
         LLM(model=str(config_only), device="cpu", load_format="pt")
+
+
+QUANT_CONFIGS = {
+    "gptq4": {"quant_method": "gptq", "bits": 4, "group_size": 32, "sym": True,
+              "desc_act": False},
+    "gptq8": {"quant_method": "gptq", "bits": 8, "group_size": -1, "sym": True,
+              "desc_act": False},
+    "w8a8": {
+        "quant_method": "compressed-tensors", "format": "int-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
+            "input_activations": {"num_bits": 8, "type": "int", "strategy": "token",
+                                  "dynamic": True, "symmetric": True},
+        }},
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(QUANT_CONFIGS))
+def test_quantized_random_weights(config_only, tmp_path, name):
+    """A quantization_config gives random tensors in that checkpoint layout: the quantized
+    layers load through their method and dequantize to weights of about INIT_STD."""
+    folder = tmp_path / name
+    folder.mkdir()
+    for f in config_only.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    hf = json.loads((config_only / "config.json").read_text())
+    hf["quantization_config"] = QUANT_CONFIGS[name]
+    (folder / "config.json").write_text(json.dumps(hf))
+    llm = LLM(model=str(folder), device="cpu", load_format="dummy", seed=1)
+    layer = llm.engine.model.layers[0].mlp.down_proj
+    w = layer.quant_method.dequantize(layer)
+    assert abs(float(w.float().std()) - 0.02) < 0.004, float(w.float().std())
+    assert abs(float(w.float().mean())) < 0.002  # centred: the zero is the codes' midpoint
+    out = llm.generate(
+        prompt_token_ids=[[5, 6, 7, 8]],
+        sampling_params=SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+        use_tqdm=False,
+    )
+    assert len(out[0].outputs[0].token_ids) == 3
+
+
+def test_unsupported_quantized_random_weights(config_only, tmp_path):
+    folder = tmp_path / "awq"
+    folder.mkdir()
+    for f in config_only.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    hf = json.loads((config_only / "config.json").read_text())
+    hf["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": 32}
+    (folder / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(ValueError, match="no random weights for quant_method 'awq'"):
+        LLM(model=str(folder), device="cpu", load_format="dummy")
