@@ -8,6 +8,9 @@ reads / copy bandwidth measured in this run). fixed: offline throughput at fixed
 lengths, beside TensorRT-LLM's published H200 FP8 figures for Llama-3-8B. mixed: a mixed workload
 through this engine and through transformers `generate` (same shape, random weights, the
 fastest of --hf-batch-sizes), in this run. fp8: the fixed workloads again with quantization="fp8".
+quant: batch-1 decode (graphs) against its own floor and the fixed workloads on random quantized
+checkpoints of the same shape (--quants: gptq4 = W4A16 GPTQ G=128, gptq8, w8a8 =
+compressed-tensors int8 per channel with dynamic per-token activations), beside bf16.
 """
 
 from __future__ import annotations
@@ -31,6 +34,48 @@ from make_random_model import llama_config, write_config_folder  # noqa: E402
 
 # TensorRT-LLM's published Llama-3-8B FP8 output tokens/s on one H200 (its perf-overview table).
 TRT_LLM_H200_FP8 = {(128, 128): 27_900, (1000, 1000): 17_700, (2048, 2048): 12_200}
+
+
+QUANT_CONFIGS = {
+    "gptq4": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True,
+              "desc_act": False},
+    "gptq8": {"quant_method": "gptq", "bits": 8, "group_size": 128, "sym": True,
+              "desc_act": False},
+    "w8a8": {
+        "quant_method": "compressed-tensors", "format": "int-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True},
+            "input_activations": {"num_bits": 8, "type": "int", "strategy": "token",
+                                  "dynamic": True, "symmetric": True},
+        }},
+    },
+}  # fmt: skip
+
+
+def quant_folder(folder: Path, name: str) -> Path:
+    """A copy of the config folder whose config.json carries QUANT_CONFIGS[name]."""
+    out = folder.parent / f"{folder.name}-{name}"
+    out.mkdir(exist_ok=True)
+    for f in folder.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["quantization_config"] = QUANT_CONFIGS[name]
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return out
+
+
+def step_floor(llm, bw: float) -> tuple[float, float]:
+    """(bytes a batch-1 decode step reads, its floor in ms): every weight but the embedding
+    table (read one row), in the layout the backend keeps (quantized weights at their size)."""
+    from engine.memory import weight_bytes
+
+    model = llm.engine.model
+    emb = model.embed_tokens.weight
+    step_bytes = weight_bytes(model) - emb.numel() * emb.element_size()
+    if model.lm_head.weight is emb:
+        step_bytes += emb.numel() * emb.element_size()  # tied: the head reads it
+    return step_bytes, step_bytes / bw * 1e3
 
 
 def copy_bandwidth(nbytes: int = 2 << 30, reps: int = 20) -> float:
@@ -185,7 +230,8 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--shape", default="llama3-8b")
-    p.add_argument("--modes", default="decode,fixed,mixed,fp8")
+    p.add_argument("--modes", default="decode,fixed,mixed,fp8,quant")
+    p.add_argument("--quants", default="gptq4,w8a8", help=f"of {', '.join(QUANT_CONFIGS)}")
     p.add_argument("--fixed", default="128x128:1024,1000x1000:160",
                    help="INxOUT:REQUESTS,... fixed-length workloads")  # fmt: skip
     p.add_argument("--mixed-requests", type=int, default=256)
@@ -230,14 +276,7 @@ def main() -> int:
 
     if "decode" in modes:
         llm = make_llm(folder, args, enforce_eager=True)
-        from engine.memory import weight_bytes
-
-        model = llm.engine.model
-        step_bytes = weight_bytes(model) - model.embed_tokens.weight.numel() * 2
-        if model.lm_head.weight is model.embed_tokens.weight:
-            step_bytes += model.embed_tokens.weight.numel() * 2  # tied: the head reads it
-        floor = step_bytes / bw * 1e3
-        del model
+        step_bytes, floor = step_floor(llm, bw)
         eager = decode_ms(llm)
         print(f"batch-1 decode eager: {eager:.2f} ms ({eager / floor:.2f}x floor {floor:.2f} ms)")
         llm.shutdown()
@@ -300,6 +339,26 @@ def main() -> int:
             if b and f:
                 print(f"fp8 / bf16 at {i}/{o}: {f['tok_s'] / b['tok_s']:.2f}x")
                 f["ratio_to_bf16"] = f["tok_s"] / b["tok_s"]
+    if "quant" in modes:
+        for name in args.quants.split(","):
+            llm = make_llm(quant_folder(folder, name), args)
+            step_bytes, floor = step_floor(llm, bw)
+            ms = decode_ms(llm)
+            res[f"decode_{name}"] = dict(step_gb=step_bytes / 1e9, floor_ms=floor, graphs_ms=ms,
+                                         graphs_over_floor=ms / floor)  # fmt: skip
+            print(f"{name} batch-1 decode: floor {floor:.2f} ms ({step_bytes / 1e9:.2f} GB/step);"
+                  f" graphs {ms:.2f} ms ({ms / floor:.2f}x floor)")  # fmt: skip
+            save(args, res)
+            run_fixed(llm, name)
+            llm.shutdown()
+            llm = None
+            free_gpu()
+            for i, o, _ in fixed:
+                b, q = res.get(f"fixed_bf16_{i}x{o}"), res.get(f"fixed_{name}_{i}x{o}")
+                if b and q:
+                    q["ratio_to_bf16"] = q["tok_s"] / b["tok_s"]
+                    print(f"{name} / bf16 at {i}/{o}: {q['ratio_to_bf16']:.2f}x")
+            save(args, res)
     if "mixed" in modes:
         work = mixed_work(args)
         tps, tokens, secs, bs = transformers_best(args, work)
