@@ -113,7 +113,9 @@ def run_case(folder: Path, num_seqs: int, mode: str, stream: bool, args, profile
         for obj, name in (
             (sched, "schedule"),
             (engine.runner, "build_batch"),
-            (engine, "_sample"),
+            (engine, "_sampling_rows"),
+            (engine.sampler, "sample"),
+            (engine, "_apply_samples"),
             (sched, "update_from_output"),
             (engine, "_record_kv_peak"),
             (engine, "_collect_outputs"),
