@@ -67,6 +67,10 @@ OP_CANDIDATES: tuple[Candidate, ...] = (
     _op("fp8_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
         _CU + "linear:fp8_linear_dequant",
         "FP8 operands upcast to fp32, then a cuBLAS GEMM and the scales (no FP8 tensor cores)"),
+    _op("int8_gemm", "triton_small_m", 150, rules.triton_reasons,
+        _TR + "int8_gemv:int8_linear_small_m",
+        "Triton bandwidth-bound W8A8 GEMM for M <= 16 (decode; int8 x int8, exact int32 "
+        "accumulation); larger M goes to the next candidate that can run (int_mm)"),
     _op("int8_gemm", "int_mm", 100, rules.int_mm_reasons, _CU + "linear:int8_linear_int_mm",
         "torch._int_mm int8 x int8 -> int32 (M padded past 16, K and N to multiples of 8), "
         "then the scales"),
@@ -74,8 +78,9 @@ OP_CANDIDATES: tuple[Candidate, ...] = (
         _CU + "linear:int8_linear_dequant",
         "int8 operands multiplied in fp32 by cuBLAS, then the scales"),
     _op("int4_gemm", "triton", 50, rules.triton_reasons, _TR + "int4_gemm:int4_linear",
-        "Triton 4-bit weight-only GEMM on the packed weights: split-K FMA kernel for decode, "
-        "dequantized tiles into tl.dot for prefill; g_idx gathered per k"),
+        "Triton 4-bit weight-only GEMM on weights repacked at load: split-K FMA kernel for "
+        "decode, dequantized tiles into tl.dot up to M = 127; from M = 128 "
+        "(int4_dequant_min_m) a Triton kernel dequantizes and cuBLAS multiplies"),
     _op("int4_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
         _CU + "linear:int4_linear_dequant",
         "4-bit weights dequantized with the reference math, then a cuBLAS GEMM"),

@@ -95,9 +95,13 @@ class CudaBackend(Backend):
         self._fallbacks_logged: set[str] = set()
         self.info.settings["graphs"] = self.chosen("graph")
         self.info.settings["rotary_write_kv"] = self._fused_rotary_write_kv()
-        for family in ("gemm", "fp8_gemm"):
+        for family in ("gemm", "fp8_gemm", "int8_gemm"):
             if self.chosen(family) == "triton_small_m":
                 self.info.settings[f"{family}_large_m"] = f"M > 16: {self.large_m_impl(family)}"
+        if self.chosen("int4_gemm") == "triton":
+            self.info.settings["int4_gemm_large_m"] = (
+                f"M >= {self.int4_dequant_min_m}: triton_dequant+cublas"
+            )
         if "scaled_mm" in (self.chosen("fp8_gemm"), self.large_m_impl("fp8_gemm")):
             rowwise = caps.cc_at_least(*rules.FP8_ROWWISE_MIN_CC)
             self.info.settings["fp8_rowwise"] = "on" if rowwise else "off (needs sm_90)"
@@ -252,10 +256,23 @@ class CudaBackend(Backend):
             )
         return _FP8_GEMM[impl](x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
+    # The Triton small-M W8A8 kernel's tuning table ({(M bucket, N, K): GemvConfig}); None: its
+    # DEFAULT_CONFIGS. A vendor backend reusing this class sets its own.
+    int8_gemv_configs: dict | None = None
+
     def int8_linear(
         self, x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16
     ) -> torch.Tensor:
+        # triton_small_m: the decode-sized kernel where M <= 16 (int8 weights read once at full
+        # bandwidth; _int_mm pads M to 17); larger M by design to the next candidate (int_mm).
         impl = self.chosen("int8_gemm")
+        if impl == "triton_small_m":
+            int8_gemv = _triton("int8_gemv")
+            if not int8_gemv.int8_small_m_reasons(x_q):
+                self._mark("int8_gemm", impl)
+                return int8_gemv.int8_linear_small_m(x_q, x_scale, w_q, w_scale, bias, out_dtype,
+                                                     configs=self.int8_gemv_configs)  # fmt: skip
+            impl = self.large_m_impl("int8_gemm")  # M > 16: by design, not a fallback
         self._mark("int8_gemm", impl)
         return _INT8_GEMM[impl](x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
@@ -278,6 +295,11 @@ class CudaBackend(Backend):
 
     # The packed layout's table; None: the Triton module's PACKED_CONFIGS.
     int4_packed_configs: tuple | None = None
+    # From this many rows of x (M) up, a packed weight is dequantized by the Triton kernel into
+    # x's dtype and multiplied by cuBLAS. On an H100 the packed kernel's tensor-core path equals
+    # bf16 cuBLAS at M = 64 and is slower beyond (2.5x at M = 256), while dequantizing costs one
+    # write of the dense weight, so large M (prefill chunks, big batches) runs at cuBLAS speed.
+    int4_dequant_min_m: int = 128
 
     def prepare_int4(self, qweight, scales, zeros, group_size, g_idx=None) -> Int4Weight:
         # With the Triton kernel chosen, repack once into its packed layout (each output
@@ -300,6 +322,18 @@ class CudaBackend(Backend):
         ig = _triton("int4_gemm")
         why = _float_reasons(x=x, bias=bias)
         impl = self._input_fallback("int4_gemm", "triton", why, "dequant_gemm")
+        if impl == "triton" and x.dim() == 2 and x.shape[0] >= self.int4_dequant_min_m:
+            # Large M: W [N, K] once in x's dtype (packed channel order, so x's columns take
+            # the repack's permutation, as the kernel does), then cuBLAS; same one rounding of
+            # each weight as dequant_gemm.
+            self._mark("int4_gemm", "triton_dequant+cublas")
+            p = weight.data
+            if x.shape[1] != p.in_features:
+                raise ValueError(f"x: K={x.shape[1]} differs from the packed weight's K="
+                                 f"{p.in_features}")  # fmt: skip
+            w = ig.dequantize_packed_triton(p, x.dtype)  # [N, K]
+            xp = x if p.perm is None else x.index_select(1, p.perm)  # [M, K] packed order
+            return linear.linear(xp, w, bias, self.allow_tf32)
         self._mark("int4_gemm", impl)
         if impl == "triton":
             return ig.int4_linear(x, weight.data, bias=bias, allow_tf32=self.allow_tf32,

@@ -23,7 +23,8 @@ K rows of a few output columns with wide loads, as the dense GEMV (backends/trit
 Split-K is atomic-free: each split writes fp32 partials and a small kernel sums them in a fixed
 order, adds the bias and rounds. The block sizes come from tables keyed on M (`DEFAULT_CONFIGS`,
 `PACKED_CONFIGS`); a vendor backend passes its own (`configs=`), and `bench/int4_gemm.py
---autotune` measures both.
+--autotune` measures both. For large M, `dequantize_packed_triton` writes the packed weight out
+densely ((q - z) * s in fp32, rounded once) for a dense GEMM (cuBLAS) to take.
 """
 
 from __future__ import annotations
@@ -750,6 +751,147 @@ def dequantize_packed(p: Int4Packed) -> torch.Tensor:
         return w
     out = torch.empty_like(w)
     out[:, p.perm] = w  # packed k holds the checkpoint's channel perm[k]
+    return out
+
+
+# -- dequantize the packed layout (large M: dequantize once, then a dense GEMM) ------------------
+@triton.jit
+def _dequant_word(words, i: tl.constexpr, z, s):
+    # Nibble i of a [BN, BR] int32 word tile as (q - z) * s in fp32: q - z is exact, the
+    # product rounds once (the torch reference's fp32 math, operation for operation).
+    q = ((words >> (4 * i)) & 0xF).to(tl.float32)
+    return (q - z) * s
+
+
+@triton.jit
+def _int4_dequant_packed_kernel(
+    qweight_ptr,
+    scales_ptr,
+    zeros_ptr,
+    g_idx_ptr,
+    perm_ptr,
+    out_ptr,
+    stride_qw_row,
+    stride_s_row,
+    stride_z_row,
+    stride_out_row,
+    n_cols,
+    n_words,
+    group_size,
+    SCALE_MODE: tl.constexpr,
+    HAS_G_IDX: tl.constexpr,
+    PERMUTE: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    # One program: BLOCK_N weight rows (output features n) x BLOCK_R words (8 * BLOCK_R packed
+    # k). Loads [BN, BR] words (each row's K contiguous), stores [BN, 8 * BR] weights, in packed
+    # k order (k = 8r + i, contiguous) or, with PERMUTE, at the checkpoint's column perm[k].
+    # SCALE_MODE 0: the tile lies in one group (one scale per row); 1: one group per word
+    # (gathered per word, before the interleave); 2: per k (g_idx, or groups that split words).
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BR]
+    n_ok = rn < n_cols
+    # Rows and words past the end re-read the last one (in bounds; never stored).
+    rn_in = tl.minimum(rn, n_cols - 1).to(tl.int64)
+    r_in = tl.minimum(r, n_words - 1)
+    words = tl.load(qweight_ptr + rn_in[:, None] * stride_qw_row + r_in[None, :])  # [BN, BR]
+    s_rows = scales_ptr + rn_in * stride_s_row  # [BN]
+    z_rows = zeros_ptr + rn_in * stride_z_row
+    k = tl.program_id(1) * (8 * BLOCK_R) + tl.arange(0, 8 * BLOCK_R)  # [BK] packed k
+    k_ok = k < n_words * 8
+    if SCALE_MODE == 2:
+        if HAS_G_IDX:
+            g = tl.load(g_idx_ptr + k, mask=k_ok, other=0)
+        else:
+            g = tl.minimum(k, n_words * 8 - 1) // group_size
+        s = tl.load(s_rows[:, None] + g[None, :]).to(tl.float32)  # [BN, BK]
+        z = tl.load(z_rows[:, None] + g[None, :]).to(tl.float32)
+        q = _interleave8(
+            words & 0xF, (words >> 4) & 0xF, (words >> 8) & 0xF, (words >> 12) & 0xF,
+            (words >> 16) & 0xF, (words >> 20) & 0xF, (words >> 24) & 0xF, (words >> 28) & 0xF,
+        )  # fmt: skip
+        w = (q.to(tl.float32) - z) * s
+    else:
+        if SCALE_MODE == 0:
+            g = (tl.program_id(1) * (8 * BLOCK_R)) // group_size
+            s = tl.load(s_rows + g).to(tl.float32)[:, None]  # [BN, 1]
+            z = tl.load(z_rows + g).to(tl.float32)[:, None]
+        else:
+            g = (r_in * 8 // group_size)[None, :]  # [1, BR]
+            s = tl.load(s_rows[:, None] + g).to(tl.float32)  # [BN, BR]
+            z = tl.load(z_rows[:, None] + g).to(tl.float32)
+        w = _interleave8(
+            _dequant_word(words, 0, z, s), _dequant_word(words, 1, z, s),
+            _dequant_word(words, 2, z, s), _dequant_word(words, 3, z, s),
+            _dequant_word(words, 4, z, s), _dequant_word(words, 5, z, s),
+            _dequant_word(words, 6, z, s), _dequant_word(words, 7, z, s),
+        )  # fmt: skip
+    if PERMUTE:
+        col = tl.load(perm_ptr + k, mask=k_ok, other=0)  # packed k -> the checkpoint's channel
+    else:
+        col = k
+    out = out_ptr + rn.to(tl.int64)[:, None] * stride_out_row + col[None, :]
+    tl.store(out, cast_rtne(w, out_ptr.dtype.element_ty, INTERPRET),
+             mask=n_ok[:, None] & k_ok[None, :])  # fmt: skip
+
+
+# Tile of the dequantize kernel: 16 rows x 32 words (256 k): each row's 128 bytes of words is one
+# cache line, each program writes 16 x 256 weights (8 KiB in bf16).
+DEQUANT_BLOCK_N = 16
+DEQUANT_BLOCK_R = 32
+
+
+def _dequant_scale_mode(p: Int4Packed, block_r: int) -> int:
+    """The dequantize kernel's SCALE_MODE for tiles of block_r words: 0 when each tile lies in
+    one group, 1 when each word does, 2 per k (g_idx, or groups that split words)."""
+    if p.g_idx is not None or p.group_size % 8:
+        return 2
+    return 0 if p.group_size % (8 * block_r) == 0 else 1
+
+
+def dequantize_packed_triton(
+    p: Int4Packed, dtype: torch.dtype, *, checkpoint_order: bool = False
+) -> torch.Tensor:
+    """W [N, K] in `dtype` (fp32/bf16/fp16) from an Int4Packed: w = (q - z) * s in fp32, rounded
+    once (to nearest even) to `dtype`, bit for bit `dequantize_packed(p).to(dtype)` (which rounds
+    the same fp32 value once) and the weight `backends.cuda.linear.int4_linear_dequant` builds.
+
+    Columns are in the PACKED channel order by default: with p.perm set (desc_act) column k is
+    the checkpoint's channel perm[k], so y = x[:, perm] @ W.T, as `int4_linear` permutes x. That
+    is the cheaper side: permuting x moves M * K values, a scattered store would move N * K.
+    `checkpoint_order=True` stores column k at perm[k] instead (the checkpoint's order).
+    """
+    if not isinstance(p, Int4Packed):
+        raise ValueError(
+            f"p: expected an Int4Packed (repack_int4_for_triton), got {type(p).__name__}"
+        )
+    if dtype not in _TL_DTYPE:
+        raise ValueError(
+            f"dtype: {dtype} is not one of float32, bfloat16, float16; dequantize_packed(p) "
+            "gives float32 on any device (cast that)"
+        )
+    n, k = p.out_features, p.in_features
+    out = torch.empty(n, k, dtype=dtype, device=p.qweight.device)  # [N, K]
+    if n == 0 or k == 0:
+        return out
+    n_words = k // 8
+    block_n = min(DEQUANT_BLOCK_N, triton.next_power_of_2(n))
+    block_r = min(DEQUANT_BLOCK_R, triton.next_power_of_2(n_words))
+    mode = _dequant_scale_mode(p, block_r)
+    qw = p.qweight if p.qweight.stride(1) == 1 else p.qweight.contiguous()
+    sc = p.scales if p.scales.stride(1) == 1 else p.scales.contiguous()
+    zs = p.zeros if p.zeros.stride(1) == 1 else p.zeros.contiguous()
+    permute = checkpoint_order and p.perm is not None
+    gi = p.g_idx if p.g_idx is not None else qw  # a dummy pointer when absent
+    pm = p.perm if permute else qw
+    grid = (triton.cdiv(n, block_n), triton.cdiv(n_words, block_r))
+    _int4_dequant_packed_kernel[grid](
+        qw, sc, zs, gi, pm, out, qw.stride(0), sc.stride(0), zs.stride(0), out.stride(0), n,
+        n_words, max(p.group_size, 1), SCALE_MODE=mode, HAS_G_IDX=p.g_idx is not None,
+        PERMUTE=permute, INTERPRET=interpreting(), BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
+    )  # fmt: skip
     return out
 
 

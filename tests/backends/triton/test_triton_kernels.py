@@ -394,7 +394,8 @@ def test_cuda_backend_dispatches_to_triton_and_falls_back_by_input() -> None:
     assert backend.chosen("graph") == "eager"
     assert backend.chosen("fp8_gemm") == "triton_small_m"
     assert backend.large_m_impl("fp8_gemm") == "dequant_gemm"  # no _scaled_mm without a GPU
-    assert backend.chosen("int8_gemm") == "dequant_gemm"
+    assert backend.chosen("int8_gemm") == "triton_small_m"
+    assert backend.large_m_impl("int8_gemm") == "dequant_gemm"
     x = torch.randn(3, 40)
     y = backend.rms_norm(x, torch.ones(40), 1e-6)
     assert backend.ran["rms_norm"] == "triton"
