@@ -79,7 +79,7 @@ OP_CANDIDATES: tuple[Candidate, ...] = (
         "int8 operands multiplied in fp32 by cuBLAS, then the scales"),
     _op("int4_gemm", "triton", 50, rules.triton_reasons, _TR + "int4_gemm:int4_linear",
         "Triton 4-bit weight-only GEMM on weights repacked at load: split-K FMA kernel for "
-        "decode, dequantized tiles into tl.dot up to M = 127; from M = 128 "
+        "decode, dequantized tiles into tl.dot up to M = 383; from M = 384 "
         "(int4_dequant_min_m) a Triton kernel dequantizes and cuBLAS multiplies"),
     _op("int4_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
         _CU + "linear:int4_linear_dequant",

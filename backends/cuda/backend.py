@@ -296,10 +296,10 @@ class CudaBackend(Backend):
     # The packed layout's table; None: the Triton module's PACKED_CONFIGS.
     int4_packed_configs: tuple | None = None
     # From this many rows of x (M) up, a packed weight is dequantized by the Triton kernel into
-    # x's dtype and multiplied by cuBLAS. On an H100 the packed kernel's tensor-core path equals
-    # bf16 cuBLAS at M = 64 and is slower beyond (2.5x at M = 256), while dequantizing costs one
-    # write of the dense weight, so large M (prefill chunks, big batches) runs at cuBLAS speed.
-    int4_dequant_min_m: int = 128
+    # x's dtype and multiplied by cuBLAS. Measured on an H100 (K=4096, N=14336, bf16): packed
+    # kernel / dequant + cuBLAS 112 / 120 us at M = 128, 127 / 171 at 256, 237 / 159 at 512,
+    # 897 / 401 at 2048 (bf16 cuBLAS alone: 72, 60, 97, 341): the crossing lies near M = 384.
+    int4_dequant_min_m: int = 384
 
     def prepare_int4(self, qweight, scales, zeros, group_size, g_idx=None) -> Int4Weight:
         # With the Triton kernel chosen, repack once into its packed layout (each output
