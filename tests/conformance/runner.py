@@ -93,7 +93,9 @@ def run_cell(
 
     phases = parent.phases if shrink else tuple(p for p in parent.phases if p != Phase.shrink)
 
-    @settings(parent, max_examples=max_examples or parent.max_examples, phases=phases)
+    examples = max_examples or max(1, round(parent.max_examples * op.examples_scale))
+
+    @settings(parent, max_examples=examples, phases=phases)
     @given(case=strategy)
     def run(case: object) -> None:
         d = Dispatch(backend, plan)
