@@ -25,6 +25,34 @@ from backends.triton.quant import (
 
 
 @triton.jit
+def kv_cache_value(
+    x,
+    X_DTYPE: tl.constexpr,
+    CACHE_DTYPE: tl.constexpr,
+    kv_scale,
+    IS_FP8: tl.constexpr,
+    MAN_BITS: tl.constexpr,
+    EXP_BIAS: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    NAN_CODE: tl.constexpr,
+    FNUZ: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    """x (in X_DTYPE) as a cache of CACHE_DTYPE stores it: uint8 bits of fp8(x / kv_scale), one
+    correctly rounded fp32 division (IS_FP8), x itself, or x rounded to CACHE_DTYPE."""
+    if IS_FP8:
+        xf = x.to(tl.float32)
+        scale = tl.zeros_like(xf) + kv_scale
+        return fp8_encode(tl.math.div_rn(xf, scale), MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
+                          HAS_INF)  # fmt: skip
+    elif X_DTYPE == CACHE_DTYPE:
+        return x
+    else:
+        return cast_rtne(x.to(tl.float32), CACHE_DTYPE, INTERPRET)
+
+
+@triton.jit
 def _write_kv_kernel(
     key_ptr,
     value_ptr,
@@ -57,20 +85,12 @@ def _write_kv_kernel(
     dst = slot[:, None] * n_cols + cols[None, :]  # the caches are contiguous
     k = tl.load(key_ptr + tok64 * stride_key_token + cols[None, :], mask=mask, other=0.0)
     v = tl.load(value_ptr + tok64 * stride_value_token + cols[None, :], mask=mask, other=0.0)
-    if IS_FP8:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-        scale = tl.zeros_like(k) + kv_scale
-        k_out = fp8_encode(tl.math.div_rn(k, scale), MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
-                           HAS_INF)  # fmt: skip
-        v_out = fp8_encode(tl.math.div_rn(v, scale), MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
-                           HAS_INF)  # fmt: skip
-    elif key_ptr.dtype.element_ty == key_cache_ptr.dtype.element_ty:
-        k_out = k
-        v_out = v
-    else:
-        k_out = cast_rtne(k.to(tl.float32), key_cache_ptr.dtype.element_ty, INTERPRET)
-        v_out = cast_rtne(v.to(tl.float32), value_cache_ptr.dtype.element_ty, INTERPRET)
+    k_out = kv_cache_value(k, key_ptr.dtype.element_ty, key_cache_ptr.dtype.element_ty, kv_scale,
+                           IS_FP8, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF,
+                           INTERPRET)  # fmt: skip
+    v_out = kv_cache_value(v, value_ptr.dtype.element_ty, value_cache_ptr.dtype.element_ty,
+                           kv_scale, IS_FP8, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF,
+                           INTERPRET)  # fmt: skip
     tl.store(key_cache_ptr + dst, k_out, mask=mask)
     tl.store(value_cache_ptr + dst, v_out, mask=mask)
 

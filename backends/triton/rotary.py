@@ -17,44 +17,15 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.kv_cache import _check_caches
+from backends.triton.kv_cache import _check_caches, kv_cache_value
 from backends.triton.quant import (
     FP8_CODECS,
     cast_rtne,
     check_float,
     fp8_codec,
-    fp8_encode,
     interpreting,
     raw,
 )
-
-
-@triton.jit
-def kv_cache_value(
-    x,
-    X_DTYPE: tl.constexpr,
-    CACHE_DTYPE: tl.constexpr,
-    kv_scale,
-    IS_FP8: tl.constexpr,
-    MAN_BITS: tl.constexpr,
-    EXP_BIAS: tl.constexpr,
-    FP8_MAX: tl.constexpr,
-    NAN_CODE: tl.constexpr,
-    FNUZ: tl.constexpr,
-    HAS_INF: tl.constexpr,
-    INTERPRET: tl.constexpr,
-):
-    """x (in X_DTYPE) as a cache of CACHE_DTYPE stores it: uint8 bits of fp8(x / kv_scale), one
-    correctly rounded fp32 division (IS_FP8), x itself, or x rounded to CACHE_DTYPE."""
-    if IS_FP8:
-        xf = x.to(tl.float32)
-        scale = tl.zeros_like(xf) + kv_scale
-        return fp8_encode(tl.math.div_rn(xf, scale), MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
-                          HAS_INF)  # fmt: skip
-    elif X_DTYPE == CACHE_DTYPE:
-        return x
-    else:
-        return cast_rtne(x.to(tl.float32), CACHE_DTYPE, INTERPRET)
 
 
 @triton.jit
