@@ -78,6 +78,14 @@ class _Staging:
     pinned: bool = False
 
 
+def sampled_rows(hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
+    """The hidden rows whose tokens sample ([num_sampling, hidden]); when every token samples
+    (decode-only steps) that is all of them, in order, so no gather is launched."""
+    if batch.logits_indices.shape[0] == hidden.shape[0]:
+        return hidden
+    return hidden[batch.logits_indices]
+
+
 class ModelRunner:
     """Runs one step of `model` on `backend` over the paged KV cache it allocates."""
 
@@ -305,4 +313,4 @@ class ModelRunner:
         hidden = self.forward(batch)  # [num_tokens, hidden]
         if batch.logits_indices.numel() == 0:
             return None
-        return self.model.compute_logits(hidden[batch.logits_indices])
+        return self.model.compute_logits(sampled_rows(hidden, batch))

@@ -19,7 +19,7 @@ from engine.distributed.collectives import PipelineChannel, WorldLayout, init_wo
 from engine.graphs import graph_pool_estimate
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.parallel import SINGLE, ParallelContext
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, sampled_rows
 from engine.sampler import Sampler, SamplerOutput, SamplingRow
 
 logger = logging.getLogger(__name__)
@@ -292,7 +292,7 @@ class Worker:
             return None
         if batch.logits_indices.numel() == 0:
             return None
-        logits = model.compute_logits(out[batch.logits_indices])
+        logits = model.compute_logits(sampled_rows(out, batch))
         if logits is None:
             return None
         if sampling is not None:

@@ -134,3 +134,15 @@ def test_pool_estimate_counts_each_capture():
     one = graph_pool_estimate(100 << 20, 2048, 256, 1)
     assert graph_pool_estimate(100 << 20, 2048, 256, 35) == one + 34 * PER_GRAPH_BYTES
     assert one == 2 * (100 << 20) * 256 // 2048 + PER_GRAPH_BYTES
+
+
+def test_sampled_rows_skips_the_gather_when_every_token_samples():
+    from types import SimpleNamespace
+
+    from engine.runner import sampled_rows
+
+    hidden = torch.randn(4, 8)
+    every = SimpleNamespace(logits_indices=torch.arange(4))
+    assert sampled_rows(hidden, every) is hidden  # decode-only: all rows, no copy
+    some = SimpleNamespace(logits_indices=torch.tensor([1, 3]))
+    assert torch.equal(sampled_rows(hidden, some), hidden[[1, 3]])
