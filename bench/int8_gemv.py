@@ -21,7 +21,6 @@ import itertools
 import math
 import multiprocessing
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backends.cuda import linear  # noqa: E402
 from backends.triton import gemv  # noqa: E402
 from backends.triton import int8_gemv as ig  # noqa: E402
+from bench.attention import Timer  # noqa: E402
+from bench.attention import copy_bandwidth as attention_copy_bandwidth  # noqa: E402
+from bench.int4_gemm import timed as graph_timed  # noqa: E402
 
 SHAPES = {  # name -> (K, N)
     "qkv": (4096, 6144),
@@ -47,31 +49,14 @@ MIN_REPLAY_MS = 0.3
 
 
 def timed(fns: list, reps: int = 20) -> float:
-    """Median ms per call of `fns` captured in one CUDA graph."""
-    for fn in fns[:2]:
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in fns:
-            fn()
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / len(fns))
-    return statistics.median(times)
+    """Median ms per call of `fns` captured in one CUDA graph (bench/int4_gemm.py's timing)."""
+    return graph_timed(fns, reps, warmup=3)
 
 
 def copy_bandwidth() -> float:
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (timed([lambda: dst.copy_(src)]) * 1e-3) / 1e9
+    """GB/s of a 1 GiB device copy (bench/attention.py's method)."""
+    device = torch.device("cuda")
+    return attention_copy_bandwidth(device, Timer(device, warmup=5, reps=20)) / 1e9
 
 
 @dataclasses.dataclass
