@@ -70,6 +70,9 @@ class EngineConfig:
     KV cache) on GPUs. max_model_len: None takes the model's max_position_embeddings.
     quantization: "fp8" quantizes a float checkpoint's linear layers to FP8 at load (per output
     channel, activations per token); None runs the checkpoint as it is (quantized or not).
+    async_scheduling: launch the next decode step before the current one's tokens reach the host
+    (its input tokens come from the device), so the host's per-step work overlaps the GPU's.
+    None: on for an in-process engine on a GPU, off on the CPU (nothing to overlap there).
     """
 
     model: str | None = None
@@ -83,6 +86,7 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights from config.json (benchmarks)
     enforce_eager: bool = False  # True: never capture decode graphs
     cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch buckets; None: 1, 2, 4, 8k
+    async_scheduling: bool | None = None  # None: on for an in-process GPU engine
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -102,6 +106,11 @@ class EngineConfig:
             raise ValueError(
                 f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)} or None, got "
                 f"{self.quantization!r} (pre-quantized checkpoints are detected from config.json)"
+            )
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(
+                "async_scheduling must be True, False or None (auto), got "
+                f"{self.async_scheduling!r}"
             )
         sizes = self.cuda_graph_sizes
         if sizes is not None and (

@@ -27,6 +27,8 @@ class LLM:
     this host, the default, or "ray"); see docs/distributed.md.
     quantization: "fp8" quantizes a float checkpoint to FP8 at load (a device without FP8 is an
     error); quantized checkpoints (GPTQ, AWQ, AutoRound, compressed-tensors, FP8) need nothing.
+    async_scheduling: overlap the host's work for a step with the GPU's (default: on for an
+    in-process GPU engine); see `EngineConfig`.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class LLM:
         pipeline_parallel_size: int = 1,
         distributed_executor_backend: str | None = None,
         quantization: str | None = None,
+        async_scheduling: bool | None = None,
     ) -> None:
         cache = CacheConfig(
             block_size=block_size,
@@ -81,6 +84,7 @@ class LLM:
             enforce_eager=enforce_eager,
             load_format=load_format,
             cuda_graph_sizes=None if cuda_graph_sizes is None else tuple(cuda_graph_sizes),
+            async_scheduling=async_scheduling,
             cache=cache,
             scheduler=sched,
             parallel=ParallelConfig(

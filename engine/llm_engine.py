@@ -28,7 +28,7 @@ from engine.graphs import configured_sizes, graph_pool_estimate
 from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from engine.runner import ModelRunner
+from engine.runner import ModelRunner, TokenFeed
 from engine.sampler import Sampler, SamplerOutput, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -54,6 +54,28 @@ class _SeqState:
         detok.token_ids = list(self.detok.token_ids)
         logprobs = None if self.logprobs is None else list(self.logprobs)
         return _SeqState(detok, logprobs, self.cumulative_logprob)
+
+
+class _PendingTokens:
+    """A step's sampled tokens: on the device (the next step's inputs) and, once the copy
+    started at creation is done, on the host."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.device_tokens = tokens  # int64 [num_rows]
+        self.event = None
+        if tokens.device.type == "cpu":
+            self.host = tokens
+        else:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(tokens.device))
+
+    def result(self) -> SamplerOutput:
+        if self.event is not None:
+            self.event.synchronize()
+        n = self.host.shape[0]
+        return SamplerOutput(self.host.tolist(), [None] * n, [None] * n)
 
 
 @dataclass
@@ -151,11 +173,29 @@ class LLMEngine:
         self._aborted: set[str] = set()  # aborted since the last outputs were collected
         self.num_steps = 0
         self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()  # oldest first
+        # Asynchronous scheduling: the step launched ahead, its tokens still on the device.
+        self.async_scheduling = self._resolve_async(config)
+        self._ahead: tuple[SchedulerOutput, _PendingTokens | torch.Tensor | None] | None = None
+        self.num_steps_ahead = 0  # steps launched before the previous one's tokens came back
         self.peak_kv_stats = None  # KVCacheStats at the step with the most blocks in use
         for line in self.startup_report():
             logger.info("%s", line)
 
     # -- setup --------------------------------------------------------------------------------
+    def _resolve_async(self, config: EngineConfig) -> bool:
+        wanted = config.async_scheduling
+        if self.runner is None or self.pipeline_depth > 1:
+            if wanted:
+                self.shutdown()
+                raise ValueError(
+                    "async_scheduling=True needs the in-process engine (tensor_parallel_size = "
+                    "pipeline_parallel_size = 1); leave it None or False with workers"
+                )
+            return False
+        if wanted is None:
+            return self.backend.device.type != "cpu"
+        return wanted
+
     def _capture_graphs(self) -> None:
         """Capture decode graphs after the KV cache exists; the plan shows what they took."""
         reserved = self.memory_plan.graph_pool_bytes
@@ -341,7 +381,7 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Requests not finished, or batches (of aborted ones, perhaps) still in flight."""
-        return self.scheduler.has_unfinished() or bool(self._in_flight)
+        return self.scheduler.has_unfinished() or bool(self._in_flight) or self._ahead is not None
 
     # -- one step -------------------------------------------------------------------------------
     def step(self, stream: bool = True) -> list[RequestOutput]:
@@ -354,6 +394,8 @@ class LLMEngine:
         """
         if self.pipeline_depth > 1:
             return self._step_pipelined(stream)
+        if self.async_scheduling:
+            return self._step_async(stream)
         out = self.scheduler.schedule()
         self._mark_scheduled(out)
         result = self.executor.execute(out, self._remote_sampling(out))
@@ -371,6 +413,63 @@ class LLMEngine:
             return self._collect_outputs([], stream)
         out, handle = self._in_flight.popleft()
         return self._process_output(out, self.executor.collect(handle), stream)
+
+    def _step_async(self, stream: bool) -> list[RequestOutput]:
+        """One step, overlapping the host with the device: with step N running, step N + 1 is
+        scheduled and launched (its input tokens are N's samples, still on the device) before
+        N's tokens are read back and processed. A sequence that stops at N (a stop token or
+        string) wastes its N + 1 row; everything else matches the synchronous step."""
+        if self._ahead is not None:
+            out, pending = self._ahead
+            self._ahead = None
+        else:
+            out = self.scheduler.schedule()
+            self._mark_scheduled(out)
+            pending = self._launch(out)
+        nxt = None
+        if isinstance(pending, _PendingTokens):
+            plan = self.scheduler.schedule_ahead(out)
+            if plan is not None:
+                nxt, rows = plan
+                in_order = rows == list(range(pending.device_tokens.shape[0]))
+                feed = TokenFeed(pending.device_tokens, None if in_order else rows)
+                nxt_pending = self._launch(nxt, feed)
+                self.num_steps_ahead += 1
+        result = pending.result() if isinstance(pending, _PendingTokens) else pending
+        outputs = self._process_output(out, result, stream)
+        if nxt is not None:
+            self.scheduler.resume_in_flight(nxt)
+            self._ahead = (nxt, nxt_pending)
+        return outputs
+
+    def _launch(
+        self, out: SchedulerOutput, feed: TokenFeed | None = None
+    ) -> _PendingTokens | torch.Tensor | None:
+        """Run `out` on the in-process runner and, where every row can, sample on the device
+        without waiting (else the logits come back for `_process_output` to sample)."""
+        logits = self.runner.execute(out, feed)
+        if logits is None:
+            return None
+        sampling = [ss for ss in out.scheduled if ss.num_samples]
+        offset = 0 if feed is None else 1  # scheduled ahead: one sampled token not yet appended
+        if not all(self._device_samplable(ss, offset) for ss in sampling):
+            if feed is not None:
+                raise RuntimeError("a step scheduled ahead must sample on the device")
+            return logits
+        rows = self._sampling_rows(sampling, offset).rows
+        return _PendingTokens(self.sampler.sample_tokens(logits, rows))
+
+    @staticmethod
+    def _device_samplable(ss: ScheduledSeq, offset: int) -> bool:
+        """Whether ss's sample needs nothing the host holds: no logprobs, no penalties (token
+        histories), no min_tokens still to enforce, no fork."""
+        params = ss.seq.request.sampling_params
+        return (
+            ss.num_samples == 1
+            and params.logprobs is None
+            and not params.needs_penalties
+            and (params.min_tokens == 0 or ss.seq.num_output_tokens + offset >= params.min_tokens)
+        )
 
     def _mark_scheduled(self, out: SchedulerOutput) -> None:
         now = time.time()
@@ -420,9 +519,11 @@ class LLMEngine:
         return self._collect_outputs(new_seqs, stream)
 
     @staticmethod
-    def _sampling_rows(sampling: list[ScheduledSeq]) -> StepSampling:
+    def _sampling_rows(sampling: list[ScheduledSeq], offset: int = 0) -> StepSampling:
         """The sampler's rows for the sampling ScheduledSeqs (pure data, picklable): one per
-        sample, a fork's n samples repeating its sequence's row with sample_index 0..n-1."""
+        sample, a fork's n samples repeating its sequence's row with sample_index 0..n-1.
+        offset: output tokens sampled but not yet appended (a step scheduled ahead: 1); such
+        rows carry no histories (`_device_samplable`)."""
         rows: list[SamplingRow] = []
         reads: dict[int, tuple[bool, bool]] = {}  # id(params) -> (penalties, min_tokens)
         forks = False
@@ -437,7 +538,7 @@ class LLMEngine:
             # penalties or min_tokens: skip copying (and shipping) them otherwise.
             prompt = request.prompt_token_ids if read[0] else ()
             history = seq.output_token_ids if read[0] or read[1] else ()
-            num_output = len(seq.token_ids) - seq.num_prompt_tokens
+            num_output = len(seq.token_ids) - seq.num_prompt_tokens + offset
             k = ss.num_samples
             if k == 1:
                 rows.append(SamplingRow(params, prompt, history, num_output, seq.index))

@@ -78,6 +78,29 @@ class _Staging:
     pinned: bool = False
 
 
+@dataclass
+class TokenFeed:
+    """Input ids that live on the device: token i of a decode-only batch is tokens[rows[i]]
+    (rows None: tokens in order, one per sequence)."""
+
+    tokens: torch.Tensor  # int64 [num_sampled], the previous step's samples
+    rows: list[int] | None = None
+
+    def write(self, input_ids: torch.Tensor) -> None:
+        if self.rows is None:
+            if self.tokens.shape != input_ids.shape:
+                raise ValueError(
+                    f"token feed: {tuple(self.tokens.shape)} tokens for {input_ids.shape[0]} inputs"
+                )
+            input_ids.copy_(self.tokens)
+            return
+        if len(self.rows) != input_ids.shape[0]:
+            raise ValueError(f"token feed: {len(self.rows)} rows for {input_ids.shape[0]} inputs")
+        idx = torch.tensor(self.rows, dtype=torch.int64, pin_memory=input_ids.is_cuda)
+        idx = idx.to(input_ids.device, non_blocking=True)
+        torch.index_select(self.tokens, 0, idx, out=input_ids)
+
+
 def sampled_rows(hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
     """The hidden rows whose tokens sample ([num_sampling, hidden]); when every token samples
     (decode-only steps) that is all of them, in order, so no gather is launched."""
@@ -304,12 +327,17 @@ class ModelRunner:
         return dev
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> torch.Tensor | None:
-        """Run the step; returns fp32 logits [num_sampling_seqs, vocab] in schedule order."""
+    def execute(self, out: SchedulerOutput, feed: TokenFeed | None = None) -> torch.Tensor | None:
+        """Run the step; returns fp32 logits [num_sampling_seqs, vocab] in schedule order.
+
+        feed: the input tokens of a decode-only step scheduled ahead, still on the device (the
+        previous step's samples): they replace the batch's placeholder input ids."""
         self.apply_block_moves(out)
         if not out.scheduled:
             return None
         batch = self.build_batch(out.scheduled)
+        if feed is not None:
+            feed.write(batch.input_ids)
         hidden = self.forward(batch)  # [num_tokens, hidden]
         if batch.logits_indices.numel() == 0:
             return None

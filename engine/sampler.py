@@ -69,6 +69,14 @@ class SamplerOutput:
     top_logprobs: list[dict[int, float] | None]
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on `device` without a stream sync: through pinned memory on a GPU (a
+    pageable copy would wait for the work queued before it, which asynchronous steps avoid)."""
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=dtype)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 def apply_min_tokens(
     logits: torch.Tensor, rows: Sequence[SamplingRow], eos_token_ids: Iterable[int]
 ) -> None:
@@ -80,7 +88,7 @@ def apply_min_tokens(
     eos = tuple(eos_token_ids)
     for i, row in enumerate(rows):
         p = row.params
-        if len(row.output_token_ids) >= p.min_tokens:
+        if row.step_index >= p.min_tokens:  # outputs so far
             continue
         banned = set(p.stop_token_id_set)
         if not p.ignore_eos:
@@ -241,13 +249,38 @@ class Sampler:
         Work is skipped where no row asks for it (min_tokens, penalties, logprobs), an all-greedy
         batch is one argmax, and the tokens come back to the host in one transfer.
         """
+        token_ids, want = self._sample(logits, rows)
+        num_rows = len(rows)
+        token_list = token_ids.tolist()
+        chosen: list[float | None] = [None] * num_rows
+        tops: list[dict[int, float] | None] = [None] * num_rows
+        if want:
+            lp, top = gather_logprobs(
+                logits[want], token_ids[want], [rows[i].params.logprobs for i in want]
+            )
+            for j, i in enumerate(want):
+                chosen[i], tops[i] = lp[j], top[j]
+        return SamplerOutput(token_ids=token_list, logprobs=chosen, top_logprobs=tops)
+
+    def sample_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """The sampled token ids as an int64 tensor on logits' device, without waiting for the
+        device (no host transfer): the engine's asynchronous steps. Rows must not ask for
+        logprobs (those come back through `sample`)."""
+        token_ids, want = self._sample(logits, rows)
+        if want:
+            raise ValueError("sample_tokens: rows asking for logprobs go through sample()")
+        return token_ids
+
+    def _sample(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """(token ids int64 [num_rows] on logits' device, the rows that want logprobs)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(
                 f"logits must be [num_rows={len(rows)}, vocab], got {tuple(logits.shape)}"
             )
         num_rows = len(rows)
         device = logits.device
-        raw = logits
         # One pass over the rows; rows usually share a few SamplingParams objects.
         kinds: dict[int, tuple[bool, bool, bool, bool]] = {}
         greedy: list[int] = []
@@ -273,7 +306,7 @@ class Sampler:
             if kind[3]:
                 min_tok = True
 
-        if min_tok or pen or raw.dtype != torch.float32:
+        if min_tok or pen or logits.dtype != torch.float32:
             x = logits.to(torch.float32, copy=True)
         else:
             x = logits  # read only below: every in-place change works on a copy
@@ -303,23 +336,12 @@ class Sampler:
             token_ids = torch.empty(num_rows, dtype=torch.int64, device=device)
             token_ids[greedy] = x[greedy].argmax(dim=-1)
             token_ids[rand] = self._sample_random(x[rand], [rows[i] for i in rand])
-
-        token_list = token_ids.tolist()
-        chosen: list[float | None] = [None] * num_rows
-        tops: list[dict[int, float] | None] = [None] * num_rows
-        if want:
-            lp, top = gather_logprobs(
-                raw[want], token_ids[want], [rows[i].params.logprobs for i in want]
-            )
-            for j, i in enumerate(want):
-                chosen[i], tops[i] = lp[j], top[j]
-        return SamplerOutput(token_ids=token_list, logprobs=chosen, top_logprobs=tops)
+        return token_ids, want
 
     @staticmethod
     def _param(rows: Sequence[SamplingRow], idx: list[int], name: str, device) -> torch.Tensor:
-        return torch.tensor(
-            [float(getattr(rows[i].params, name)) for i in idx], dtype=torch.float32
-        ).to(device)
+        values = [float(getattr(rows[i].params, name)) for i in idx]
+        return _to_device(values, torch.float32, device)
 
     def _sample_random(self, x: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """Temperature, min-p, top-k, top-p, then argmax(probs / q) with q ~ Exp(1) per token."""
@@ -342,12 +364,12 @@ class Sampler:
             ps = [rows[i].params.top_p for i in kp]
             top_k = None
             if any(k != -1 for k in ks):
-                top_k = torch.tensor(
-                    [vocab_size if k == -1 else min(k, vocab_size) for k in ks], dtype=torch.int64
-                ).to(device)
+                top_k = _to_device(
+                    [vocab_size if k == -1 else min(k, vocab_size) for k in ks], torch.int64, device
+                )
             top_p = None
             if any(p < 1.0 for p in ps):
-                top_p = torch.tensor(ps, dtype=torch.float32).to(device)
+                top_p = _to_device(ps, torch.float32, device)
             if len(kp) == num_rows:
                 x = apply_top_k_top_p(x, top_k, top_p)
             else:

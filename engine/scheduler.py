@@ -403,6 +403,76 @@ class Scheduler:
             in_flight[seq.seq_id] = seq
         return out
 
+    def schedule_ahead(self, out: SchedulerOutput) -> tuple[SchedulerOutput, list[int]] | None:
+        """The next decode step of `out`'s sequences, scheduled before `out`'s tokens are known
+        (asynchronous scheduling): each sequence computes the token `out` samples for it, at
+        position num_tokens, whose id the engine feeds from the device. Returns the step and,
+        per scheduled sequence, its sampling row in `out`; None when `out` cannot be followed
+        this way, with nothing changed that the next schedule() would not do too.
+
+        Only a step whose every sequence samples one token continues (no prefill chunk that
+        stops short, no fork), with nothing swapped out and either nobody waiting or no room to
+        admit anyone (so admission order is what schedule() would give). Sequences that finish
+        by length at `out` are left out (while others wait, they make `out` stop instead: the
+        next schedule() admits in their place). Call `resume_in_flight` with the step after
+        `out`'s update_from_output; a sequence that then stops (a stop token or string) has its
+        computed token dropped.
+        """
+        if (
+            not out.scheduled
+            or self.swapped
+            or len(out.scheduled) != len(self.running)  # everyone running is in out
+            or self.in_flight.keys() - {ss.seq.seq_id for ss in out.scheduled}
+        ):
+            return None
+        room = not self.waiting or self._running_slots() < self.config.max_num_seqs
+        if self.waiting and room:
+            return None
+        bs = self.block_size
+        max_model_len = self.max_model_len
+        keep: list[tuple[Sequence, int]] = []
+        row = 0
+        for ss in out.scheduled:
+            seq = ss.seq
+            if ss.num_samples != 1 or seq.request.n != 1 or seq.status.is_finished:
+                return None
+            num_tokens = len(seq.token_ids) + 1  # after out's token
+            max_tokens = seq.request.sampling_params.max_tokens
+            if num_tokens >= max_model_len or (
+                max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens
+            ):
+                if self.waiting:
+                    return None
+            else:
+                keep.append((seq, row))
+            row += 1
+        if not keep or len(keep) > self.config.max_num_batched_tokens:
+            return None
+        nxt = SchedulerOutput()
+        for seq, _ in keep:
+            # Slots through position len(token_ids): out's token, computed by this step.
+            copies = self.kv.allocate_slots(seq, len(seq.token_ids) + 1 - seq.num_computed_tokens)
+            if copies is None:
+                self.kv.release_pending()
+                return None
+            nxt.blocks_to_copy.extend(copies)
+        self.kv.release_pending()
+        for seq, _ in keep:
+            pos = len(seq.token_ids)
+            table = self.kv.block_ids(seq)
+            slot = table[pos // bs] * bs + pos % bs
+            nxt.scheduled.append(ScheduledSeq(seq, 1, pos, [0], table, [slot], 1))
+        return nxt, [r for _, r in keep]
+
+    def resume_in_flight(self, out: SchedulerOutput) -> None:
+        """Mark a step from `schedule_ahead` in flight, once the step before it was updated; its
+        sequences that finished meanwhile freed their blocks then (the device runs steps in
+        order, so nothing handed out later is written by this one after its new owner)."""
+        for ss in out.scheduled:
+            seq = ss.seq
+            if not seq.status.is_finished:
+                self.in_flight[seq.seq_id] = seq
+
     def _running_slots(self) -> int:
         return sum(self._num_seqs_needed(s) for s in self.running)
 
