@@ -63,3 +63,24 @@ def test_gpu_graphs_equal_eager(tiny):
     for x, y in zip(a, b, strict=True):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
     assert graphed.engine.kv_stats().num_used_blocks == 0
+
+
+def test_gpu_async_scheduling_equals_sync(tiny):
+    """Steps launched ahead (input tokens fed on the device, graphs on) give the synchronous
+    engine's tokens, for greedy, seeded random and stop-token requests."""
+    prompts = [[5, 9, 33, 100, 7][: 2 + k % 4] * (1 + k % 3) for k in range(9)]
+    params = [SamplingParams(temperature=0, max_tokens=6 + k, ignore_eos=True) for k in range(9)]
+    params[1] = SamplingParams(temperature=0.8, seed=7, max_tokens=14)
+    params[2] = SamplingParams(temperature=0, max_tokens=20, stop_token_ids=list(range(3, 384, 4)))
+    kw = dict(model=str(tiny), dtype="float32", device="cuda", gpu_memory_utilization=0.3,
+              cuda_graph_sizes=[1, 2, 4, 8, 16])  # fmt: skip
+    sync = LLM(async_scheduling=False, **kw)
+    ahead = LLM(**kw)  # the default on a GPU
+    assert ahead.engine.async_scheduling
+    a = sync.generate(prompt_token_ids=prompts, sampling_params=params)
+    b = ahead.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert ahead.engine.num_steps_ahead > 0
+    for x, y in zip(a, b, strict=True):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+        assert x.outputs[0].finish_reason == y.outputs[0].finish_reason
+    assert ahead.engine.kv_stats().num_used_blocks == 0
