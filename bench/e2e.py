@@ -250,6 +250,11 @@ def main() -> int:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="cProfile the batch-1 decode steps")
+    p.add_argument(
+        "--async-ab",
+        action="store_true",
+        help="also run each fixed workload with synchronous steps (same engine)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     modes = set(args.modes.split(","))
@@ -284,6 +289,12 @@ def main() -> int:
         free_gpu()
         llm = make_llm(folder, args)
         graphs = decode_ms(llm)
+        # The same engine stepping synchronously (each step waits for the previous tokens).
+        was, llm.engine.async_scheduling = llm.engine.async_scheduling, False
+        graphs_sync = decode_ms(llm)
+        llm.engine.async_scheduling = was
+        print(f"batch-1 decode graphs: async scheduling {graphs:.2f} ms, synchronous "
+              f"{graphs_sync:.2f} ms ({graphs_sync / graphs:.2f}x)")  # fmt: skip
         if args.profile:  # where the host time of a batch-1 decode step goes
             import cProfile
             import pstats
@@ -294,7 +305,8 @@ def main() -> int:
             prof.disable()
             pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         res["decode"] = dict(step_gb=step_bytes / 1e9, floor_ms=floor, eager_ms=eager,
-                             graphs_ms=graphs, graphs_over_floor=graphs / floor)  # fmt: skip
+                             graphs_ms=graphs, graphs_over_floor=graphs / floor,
+                             graphs_sync_ms=graphs_sync)  # fmt: skip
         print(f"batch-1 decode: floor {floor:.2f} ms ({step_bytes / 1e9:.2f} GB/step); eager "
               f"{eager:.2f} ms ({eager / floor:.2f}x floor); graphs {graphs:.2f} ms "
               f"({graphs / floor:.2f}x floor)")  # fmt: skip
@@ -312,6 +324,13 @@ def main() -> int:
                             trt_llm_h200_fp8=trt, ratio_to_trt=ratio)  # fmt: skip
             vs = f"; TensorRT-LLM H200 FP8 {trt} tok/s, ratio {tps / trt:.2f}" if trt else ""
             print(f"{tag} {i}/{o} x {n}: {tps:.0f} output tok/s ({tokens} in {secs:.1f}s){vs}")
+            if args.async_ab:  # the same engine stepping synchronously, for the ratio
+                was, llm.engine.async_scheduling = llm.engine.async_scheduling, False
+                sync, _, _ = throughput(llm, fixed_work(n, i, o, args.seed))
+                llm.engine.async_scheduling = was
+                res[key].update(sync_tok_s=sync, async_over_sync=tps / sync)
+                print(f"{tag} {i}/{o}: synchronous steps {sync:.0f} tok/s; async / sync "
+                      f"{tps / sync:.2f}x")  # fmt: skip
             save(args, res)
 
     if modes & {"fixed", "mixed"}:

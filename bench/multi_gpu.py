@@ -286,8 +286,13 @@ def part_scaling(folder, args, res, bw: float, tps: list[int], key: str) -> None
             continue
         llm = make_llm(folder, tp, 1, False, args)
         ms = decode_ms(llm)
+        # The same engine stepping synchronously (each step waits for the previous tokens).
+        was, llm.engine.async_scheduling = llm.engine.async_scheduling, False
+        sync_ms = decode_ms(llm)
+        llm.engine.async_scheduling = was
         floor = step_bytes_per_rank(folder, tp) / bw * 1e3
-        row = dict(tp=tp, decode_ms=ms, floor_ms=floor, over_floor=ms / floor)
+        row = dict(tp=tp, decode_ms=ms, floor_ms=floor, over_floor=ms / floor,
+                   decode_sync_ms=sync_ms, async_scheduling=was)  # fmt: skip
         if args.mixed_requests and key == "scaling":
             rng = random.Random(1)
             work = [([rng.randrange(100, 30000) for _ in range(rng.randint(128, 1024))],
@@ -299,7 +304,7 @@ def part_scaling(folder, args, res, bw: float, tps: list[int], key: str) -> None
         rows.append(row)
         mixed = f"; mixed {row['mixed_tok_s']:.0f} tok/s" if "mixed_tok_s" in row else ""
         print(f"{key} TP={tp}: batch-1 decode {ms:.2f} ms, floor {floor:.2f} ms "
-              f"({ms / floor:.2f}x){mixed}")  # fmt: skip
+              f"({ms / floor:.2f}x; synchronous steps {sync_ms:.2f} ms){mixed}")  # fmt: skip
     res[key] = rows
 
 

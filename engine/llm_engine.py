@@ -29,7 +29,7 @@ from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.runner import ModelRunner, TokenFeed
-from engine.sampler import Sampler, SamplerOutput, SamplingRow
+from engine.sampler import PendingSamples, Sampler, SamplerOutput, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence, SequenceStatus
@@ -56,26 +56,12 @@ class _SeqState:
         return _SeqState(detok, logprobs, self.cumulative_logprob)
 
 
-class _PendingTokens:
-    """A step's sampled tokens: on the device (the next step's inputs) and, once the copy
-    started at creation is done, on the host."""
+@dataclass
+class _HeldStep:
+    """A step the workers hold (asynchronous scheduling): its samples stay on their devices
+    for the next step; `executor.collect` returns them once a step or release follows."""
 
-    def __init__(self, tokens: torch.Tensor) -> None:
-        self.device_tokens = tokens  # int64 [num_rows]
-        self.event = None
-        if tokens.device.type == "cpu":
-            self.host = tokens
-        else:
-            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.host.copy_(tokens, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(tokens.device))
-
-    def result(self) -> SamplerOutput:
-        if self.event is not None:
-            self.event.synchronize()
-        n = self.host.shape[0]
-        return SamplerOutput(self.host.tolist(), [None] * n, [None] * n)
+    handle: StepHandle
 
 
 @dataclass
@@ -175,7 +161,8 @@ class LLMEngine:
         self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()  # oldest first
         # Asynchronous scheduling: the step launched ahead, its tokens still on the device.
         self.async_scheduling = self._resolve_async(config)
-        self._ahead: tuple[SchedulerOutput, _PendingTokens | torch.Tensor | None] | None = None
+        self._ahead: tuple[SchedulerOutput, object] | None = None
+        self._last_tokens: torch.Tensor | None = None  # in-process: the last launched samples
         self.num_steps_ahead = 0  # steps launched before the previous one's tokens came back
         self.peak_kv_stats = None  # KVCacheStats at the step with the most blocks in use
         for line in self.startup_report():
@@ -184,12 +171,17 @@ class LLMEngine:
     # -- setup --------------------------------------------------------------------------------
     def _resolve_async(self, config: EngineConfig) -> bool:
         wanted = config.async_scheduling
-        if self.runner is None or self.pipeline_depth > 1:
+        why_not = None
+        if self.pipeline_depth > 1:
+            why_not = "pipeline parallelism overlaps its stages instead"
+        elif self.runner is None and not self.executor.supports_hold:
+            why_not = f"the {self.executor.kind} executor cannot hold a step on its ranks"
+        if why_not is not None:
             if wanted:
                 self.shutdown()
                 raise ValueError(
-                    "async_scheduling=True needs the in-process engine (tensor_parallel_size = "
-                    "pipeline_parallel_size = 1); leave it None or False with workers"
+                    f"async_scheduling=True is not available here: {why_not}; leave it None or "
+                    "False (or use pipeline_parallel_size=1 with the mp executor)"
                 )
             return False
         if wanted is None:
@@ -427,15 +419,20 @@ class LLMEngine:
             self._mark_scheduled(out)
             pending = self._launch(out)
         nxt = None
-        if isinstance(pending, _PendingTokens):
+        if isinstance(pending, PendingSamples | _HeldStep):
             plan = self.scheduler.schedule_ahead(out)
             if plan is not None:
                 nxt, rows = plan
-                in_order = rows == list(range(pending.device_tokens.shape[0]))
-                feed = TokenFeed(pending.device_tokens, None if in_order else rows)
-                nxt_pending = self._launch(nxt, feed)
+                nxt_pending = self._launch(nxt, rows)
                 self.num_steps_ahead += 1
-        result = pending.result() if isinstance(pending, _PendingTokens) else pending
+            elif isinstance(pending, _HeldStep):
+                self.executor.release()  # the ranks answer the held step without a follower
+        if isinstance(pending, PendingSamples):
+            result = pending.result()
+        elif isinstance(pending, _HeldStep):
+            result = self.executor.collect(pending.handle)
+        else:
+            result = pending
         outputs = self._process_output(out, result, stream)
         if nxt is not None:
             self.scheduler.resume_in_flight(nxt)
@@ -443,21 +440,32 @@ class LLMEngine:
         return outputs
 
     def _launch(
-        self, out: SchedulerOutput, feed: TokenFeed | None = None
-    ) -> _PendingTokens | torch.Tensor | None:
-        """Run `out` on the in-process runner and, where every row can, sample on the device
-        without waiting (else the logits come back for `_process_output` to sample)."""
-        logits = self.runner.execute(out, feed)
-        if logits is None:
-            return None
+        self, out: SchedulerOutput, feed_rows: list[int] | None = None
+    ) -> PendingSamples | _HeldStep | torch.Tensor | SamplerOutput | None:
+        """Start `out`; where every row can sample on the device, without waiting for its
+        tokens (a PendingSamples in-process, a _HeldStep on workers). feed_rows: a step from
+        `schedule_ahead`, fed from the previous step's samples at these rows. Otherwise the
+        step's logits (in-process) or samples (workers) come back as the synchronous step's."""
         sampling = [ss for ss in out.scheduled if ss.num_samples]
-        offset = 0 if feed is None else 1  # scheduled ahead: one sampled token not yet appended
-        if not all(self._device_samplable(ss, offset) for ss in sampling):
-            if feed is not None:
-                raise RuntimeError("a step scheduled ahead must sample on the device")
+        offset = 0 if feed_rows is None else 1  # ahead: one sampled token not yet appended
+        device = bool(sampling) and all(self._device_samplable(ss, offset) for ss in sampling)
+        if feed_rows is not None and not device:
+            raise RuntimeError("a step scheduled ahead must sample on the device")
+        if self.runner is None:
+            rows = self._sampling_rows(sampling, offset) if sampling else None
+            if not device:
+                return self.executor.execute(out, rows)
+            return _HeldStep(self.executor.submit(out, rows, hold=True, feed_rows=feed_rows))
+        feed = None
+        if feed_rows is not None:
+            in_order = feed_rows == list(range(self._last_tokens.shape[0]))
+            feed = TokenFeed(self._last_tokens, None if in_order else feed_rows)
+        logits = self.runner.execute(out, feed)
+        if logits is None or not device:
             return logits
-        rows = self._sampling_rows(sampling, offset).rows
-        return _PendingTokens(self.sampler.sample_tokens(logits, rows))
+        tokens = self.sampler.sample_tokens(logits, self._sampling_rows(sampling, offset).rows)
+        self._last_tokens = tokens
+        return PendingSamples(tokens)
 
     @staticmethod
     def _device_samplable(ss: ScheduledSeq, offset: int) -> bool:

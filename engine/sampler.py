@@ -69,6 +69,32 @@ class SamplerOutput:
     top_logprobs: list[dict[int, float] | None]
 
 
+class PendingSamples:
+    """Sampled token ids on their way to the host: the copy starts at creation (from the
+    device, into pinned memory, without waiting), so the caller can launch more work before
+    `result()` waits for it. tokens None: nothing to return (a rank that does not sample)."""
+
+    def __init__(self, tokens: torch.Tensor | None) -> None:
+        self.host = self.event = None
+        if tokens is None:
+            return
+        if tokens.device.type == "cpu":
+            self.host = tokens
+        else:
+            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self.host.copy_(tokens, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(tokens.device))
+
+    def result(self) -> SamplerOutput | None:
+        if self.host is None:
+            return None
+        if self.event is not None:
+            self.event.synchronize()
+        n = self.host.shape[0]
+        return SamplerOutput(self.host.tolist(), [None] * n, [None] * n)
+
+
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on `device` without a stream sync: through pinned memory on a GPU (a
     pageable copy would wait for the work queued before it, which asynchronous steps avoid)."""

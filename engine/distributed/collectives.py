@@ -140,6 +140,11 @@ class TorchCollectives:
         dist.all_gather(parts, x, group=self.group)
         return torch.cat(parts, dim)
 
+    def broadcast(self, x: torch.Tensor, src: int) -> torch.Tensor:
+        """x of group rank src, in place on every rank (x contiguous, the same shape on all)."""
+        dist.broadcast(x, src=self.ranks[src], group=self.group)
+        return x
+
     def gather(self, x: torch.Tensor, dim: int, dst: int) -> torch.Tensor | None:
         x = x.contiguous()
         if self.rank_in_group != dst:

@@ -78,6 +78,8 @@ class Executor(ABC):
     num_in_flight: int = 0
     max_in_flight: int = 0
     samples_remotely: bool = False
+    # Whether submit takes hold / feed_rows (asynchronous scheduling across processes).
+    supports_hold: bool = False
 
     @abstractmethod
     def block_bytes(self) -> int:
@@ -368,9 +370,21 @@ class DistributedExecutor(Executor):
         )  # fmt: skip
         self.graph_pool_bytes = max((u or 0) for u in used) if used else 0
 
-    def submit(self, out, sampling: StepSampling | None = None) -> StepHandle:
-        """Send the step to every rank, and its sampling rows to the output rank only."""
-        step = StepInput.from_scheduler_output(out)
+    def submit(
+        self,
+        out,
+        sampling: StepSampling | None = None,
+        hold: bool = False,
+        feed_rows: list[int] | None = None,
+    ) -> StepHandle:
+        """Send the step to every rank, and its sampling rows to the output rank only.
+
+        hold (asynchronous scheduling, where supports_hold): the ranks keep the step's samples
+        on their devices and answer only once the next message arrives, which must be a step
+        with feed_rows (its input ids: those samples at these rows) or `release()`."""
+        if (hold or feed_rows is not None) and not self.supports_hold:
+            raise ValueError(f"the {self.kind} executor cannot hold steps on its ranks")
+        step = StepInput.from_scheduler_output(out, hold, feed_rows)
         self.num_steps += 1
         args = [(step,)] * self.layout.world_size
         if sampling is not None:
@@ -380,6 +394,10 @@ class DistributedExecutor(Executor):
         self._pending.append(handle)
         self._count_submitted()
         return handle
+
+    def release(self) -> None:
+        """No step follows the held one in flight: its ranks answer it now."""
+        self._submit_all("flush", [()] * self.layout.world_size, "releasing a held step")
 
     def collect(self, handle: StepHandle) -> torch.Tensor | SamplerOutput | None:
         if not self._pending or self._pending[0] is not handle:
@@ -417,6 +435,7 @@ class MultiprocExecutor(DistributedExecutor):
     """One spawned process per rank on this host; pipes carry calls, shared memory heartbeats."""
 
     kind = "mp"
+    supports_hold = True  # each rank answers its pipe in order; a held answer waits there
     worker_target = staticmethod(
         worker_main
     )  # the process entry point: (spec, conn, heartbeats, ppid)

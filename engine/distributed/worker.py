@@ -19,8 +19,8 @@ from engine.distributed.collectives import PipelineChannel, WorldLayout, init_wo
 from engine.graphs import graph_pool_estimate
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.parallel import SINGLE, ParallelContext
-from engine.runner import ModelRunner, sampled_rows
-from engine.sampler import Sampler, SamplerOutput, SamplingRow
+from engine.runner import ModelRunner, TokenFeed, sampled_rows
+from engine.sampler import PendingSamples, Sampler, SamplerOutput, SamplingRow
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,17 @@ class StepInput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
+    # Asynchronous scheduling (pipeline size 1): hold keeps the sampled tokens on the device for
+    # the next step and answers only when the driver's next message arrives (a step or a
+    # flush); feed_rows: this decode-only step's input ids are the held step's samples at these
+    # rows (its input token ids are placeholders).
+    hold: bool = False
+    feed_rows: list[int] | None = None
 
     @classmethod
-    def from_scheduler_output(cls, out) -> StepInput:
+    def from_scheduler_output(
+        cls, out, hold: bool = False, feed_rows: list[int] | None = None
+    ) -> StepInput:
         scheduled = [
             StepSeq(
                 s.token_ids,
@@ -106,6 +114,8 @@ class StepInput:
             list(out.blocks_to_swap_out),
             list(out.blocks_to_swap_in),
             list(out.blocks_to_copy),
+            hold,
+            feed_rows,
         )
 
 
@@ -147,6 +157,7 @@ class Worker:
         self.runner: ModelRunner | None = None
         self.model = None
         self.sampler: Sampler | None = None  # the output rank's, made on its first sampled step
+        self.held_tokens: torch.Tensor | None = None  # the last held step's samples (device)
         if spec.num_threads and spec.device == "cpu":
             torch.set_num_threads(spec.num_threads)
 
@@ -267,7 +278,7 @@ class Worker:
     @torch.inference_mode()
     def execute(
         self, step: StepInput, sampling: StepSampling | None = None
-    ) -> SamplerOutput | np.ndarray | None:
+    ) -> SamplerOutput | np.ndarray | PendingSamples | None:
         """Run this rank's part of one step. The output rank returns the sampled tokens when the
         driver sent `sampling` (a few bytes), else its fp32 logits [num_sampling_seqs, vocab] as
         numpy; every other rank returns None.
@@ -281,6 +292,12 @@ class Worker:
         if not step.scheduled:
             return None
         batch = runner.build_batch(step.scheduled)
+        if step.feed_rows is not None:
+            if self.held_tokens is None or self.layout.pp_size > 1:
+                raise RuntimeError("a fed step needs the held step before it (pipeline size 1)")
+            rows = step.feed_rows
+            in_order = rows == list(range(self.held_tokens.shape[0]))
+            TokenFeed(self.held_tokens, None if in_order else rows).write(batch.input_ids)
         intermediate = None
         if self.channel is not None and self.channel.prev_rank is not None:
             intermediate = self.channel.recv(
@@ -293,6 +310,8 @@ class Worker:
         if batch.logits_indices.numel() == 0:
             return None
         logits = model.compute_logits(sampled_rows(out, batch))
+        if step.hold:
+            return self._hold(logits, sampling, batch.logits_indices.shape[0])
         if logits is None:
             return None
         if sampling is not None:
@@ -302,6 +321,26 @@ class Worker:
         # A numpy array pickles as plain bytes; a torch CPU tensor would go through torch's
         # shared-memory file-descriptor passing on every step.
         return logits.cpu().numpy()
+
+    def _hold(
+        self, logits: torch.Tensor | None, sampling: StepSampling | None, num_rows: int
+    ) -> PendingSamples:
+        """Sample on the device (output rank), share the tokens with the group's other ranks
+        (they feed the next step too) and answer with a PendingSamples."""
+        output = sampling is not None
+        if output:
+            if logits is None or sampling.num_samples is not None:
+                raise RuntimeError("a held step samples one token per row on the output rank")
+            if self.sampler is None:
+                self.sampler = Sampler(self.spec.eos_token_ids, seed=self.spec.seed)
+            tokens = self.sampler.sample_tokens(logits, sampling.rows)
+        else:
+            tokens = torch.empty(num_rows, dtype=torch.int64, device=self.runner.device)
+        if self.collectives is not None and self.layout.tp_size > 1:
+            out_tp = self.layout.coords(self.layout.output_rank)[1]
+            self.collectives.broadcast(tokens, out_tp)
+        self.held_tokens = tokens
+        return PendingSamples(tokens if output else None)
 
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():
@@ -344,19 +383,43 @@ def worker_main(spec: WorkerSpec, conn, heartbeats, parent_pid: int) -> None:
     requests: queue.SimpleQueue = queue.SimpleQueue()
     threading.Thread(target=_read_requests, args=(conn, requests), daemon=True).start()
     worker = Worker(spec)
+    held: PendingSamples | None = None  # answered once the driver's next message arrives
+
+    def answer(call, method: str) -> None:
+        try:
+            conn.send(("ok", call()))
+        except Exception as e:
+            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            logger.debug("rank %d: %s failed:\n%s", spec.rank, method, traceback.format_exc())
+            conn.send(("error", detail))
+
     while True:
         request = requests.get()
         if request is None:
             break
         method, args = request
-        if method == "shutdown":
+        if method == "shutdown":  # a held answer nobody collects is dropped
             worker.shutdown()
             conn.send(("ok", None))
             break
+        if method == "flush":  # no step follows the held one: answer it now
+            if held is not None:
+                answer(held.result, "execute")
+                held = None
+            continue
         try:
-            conn.send(("ok", getattr(worker, method)(*args)))
+            result = getattr(worker, method)(*args)
         except Exception as e:
-            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
+            result = e
             logger.debug("rank %d: %s failed:\n%s", spec.rank, method, traceback.format_exc())
+        if held is not None:  # the previous step's answer, now that this one is launched
+            answer(held.result, "execute")
+            held = None
+        if isinstance(result, PendingSamples):
+            held = result
+        elif isinstance(result, Exception):
+            detail = "".join(traceback.format_exception_only(type(result), result)).strip()
             conn.send(("error", detail))
+        else:
+            conn.send(("ok", result))
     conn.close()
