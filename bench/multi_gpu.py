@@ -10,9 +10,7 @@ Parts (each prints its figures and adds them to the JSON):
   rule). Random weights (load_format="dummy"), the same on every rank.
 - allreduce: bus bandwidth of the engine's all-reduce (TorchCollectives, eager and captured in a
   CUDA graph as a decode step runs it) against plain torch.distributed.all_reduce, at the sizes a
-  decode step reduces (tokens x hidden, bf16), as a ratio; beside them the opt-in one-shot
-  all-reduce over symmetric memory (ENGINE_SYMM_MEM_ALLREDUCE=1), its time and its largest
-  difference from NCCL's sum.
+  decode step reduces (tokens x hidden, bf16), as a ratio.
 - scaling: batch-1 ms per decode step at each TP against its floor (bytes each rank reads per
   step / measured copy bandwidth), and offline throughput on a mixed workload.
 - big: the 70B shape at TP=2 and TP=4: batch-1 decode against the same floor.
@@ -136,19 +134,13 @@ def part_correctness(folder, args, res) -> bool:
 def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue) -> None:
     import torch.distributed as dist
 
-    from engine.distributed.collectives import SymmMemAllReduce, TorchCollectives
+    from engine.distributed.collectives import TorchCollectives
 
     torch.cuda.set_device(rank)
     dist.init_process_group(
         "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     coll = TorchCollectives(None, list(range(world)))
-    try:  # the opt-in one-shot path (ENGINE_SYMM_MEM_ALLREDUCE=1), measured beside NCCL
-        symm = TorchCollectives(None, list(range(world)),
-                                SymmMemAllReduce(None, torch.device("cuda", rank)))  # fmt: skip
-        symm_error = ""
-    except Exception as exc:  # noqa: BLE001 - reported, the NCCL rows still run
-        symm, symm_error = None, f"{type(exc).__name__}: {exc}"
 
     def timed(fn, x) -> float:
         """Seconds per call, eager: the median of 5 rounds of `iters` back-to-back calls."""
@@ -199,18 +191,9 @@ def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue
         x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
         row = [tokens, hidden, timed(plain, x), timed(coll.all_reduce, x),
                graphed(plain, x), graphed(coll.all_reduce, x)]  # fmt: skip
-        if symm is not None:
-            try:
-                want = x.clone()
-                dist.all_reduce(want)
-                got = symm.all_reduce(x.clone())
-                err = float((got.float() - want.float()).abs().max())
-                row += [timed(symm.all_reduce, x), graphed(symm.all_reduce, x), err]
-            except Exception as exc:  # noqa: BLE001 - reported
-                symm, symm_error = None, f"{type(exc).__name__}: {exc}"
         rows.append(tuple(row))
     if rank == 0:
-        queue.put((rows, symm_error))
+        queue.put(rows)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -233,13 +216,11 @@ def part_allreduce(args, res) -> bool:
         ]
         for p in procs:
             p.start()
-        rows, symm_error = queue.get(timeout=300)
+        rows = queue.get(timeout=300)
         for p in procs:
             p.join(60)
-        if symm_error:
-            print(f"TP={world} symmetric-memory all-reduce unavailable: {symm_error}")
         table = []
-        for tokens, hidden, plain, engine, plain_g, engine_g, *symm in rows:
+        for tokens, hidden, plain, engine, plain_g, engine_g in rows:
             nbytes = tokens * hidden * 2
             bus = 2 * (world - 1) / world * nbytes
             r = dict(tokens=tokens, hidden=hidden, bytes=nbytes, plain_us=plain * 1e6,
@@ -254,13 +235,6 @@ def part_allreduce(args, res) -> bool:
                   f"({r['engine_over_plain']:.2f}x); in a graph plain {plain_g * 1e6:.1f} us, "
                   f"engine {engine_g * 1e6:.1f} us ({r['graph_engine_over_plain']:.2f}x, "
                   f"{r['engine_graph_busbw_gb_s']:.1f} GB/s bus)")  # fmt: skip
-            if symm:
-                s_eager, s_graph, s_err = symm
-                r.update(symm_us=s_eager * 1e6, symm_graph_us=s_graph * 1e6, symm_max_err=s_err,
-                         symm_graph_over_nccl_graph=plain_g / s_graph)  # fmt: skip
-                print(f"    one-shot symmetric memory: eager {s_eager * 1e6:.1f} us, in a graph "
-                      f"{s_graph * 1e6:.1f} us ({plain_g / s_graph:.2f}x NCCL's), max |diff| "
-                      f"{s_err:.2g}")  # fmt: skip
         worst = min(min(r["engine_over_plain"], r["graph_engine_over_plain"]) for r in table)
         ok &= worst >= 0.9
         out[f"tp{world}"] = dict(rows=table, worst_engine_over_plain=worst)

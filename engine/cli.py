@@ -55,6 +55,11 @@ def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="never capture decode graphs")
     p.add_argument(
+        "--no-async-scheduling",
+        action="store_true",
+        help="wait for each step's tokens before scheduling the next (default on GPUs: overlap)",
+    )
+    p.add_argument(
         "--tensor-parallel-size", "-tp", type=int, default=1, help="ranks splitting each layer"
     )
     p.add_argument(
@@ -99,6 +104,7 @@ def run_generate(args: argparse.Namespace) -> int:
             block_size=args.block_size,
             enable_prefix_caching=not args.no_prefix_caching,
             enforce_eager=args.enforce_eager,
+            async_scheduling=False if args.no_async_scheduling else None,
             quantization=args.quantization,
             tensor_parallel_size=args.tensor_parallel_size,
             pipeline_parallel_size=args.pipeline_parallel_size,

@@ -4,7 +4,6 @@ collectives: all-reduce/gather inside a tensor-parallel group, send/recv between
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -69,67 +68,16 @@ class WorldLayout:
 
 
 # Opt-in, not yet measured on GPUs: "1" routes decode-sized all-reduces through SymmMemAllReduce.
-SYMM_MEM_ENV = "ENGINE_SYMM_MEM_ALLREDUCE"
-SYMM_MEM_MAX_BYTES = 1 << 20  # decode steps reduce tokens x hidden bf16: 8 KiB per token at 4096
-
-
-class SymmMemAllReduce:
-    """A one-shot all-reduce over torch symmetric memory (`torch.distributed._symmetric_memory`):
-    each rank copies its tensor into a buffer every peer can read over NVLink and sums all of
-    them (`torch.ops.symm_mem.one_shot_all_reduce`); no NVLink multicast needed. Latency-bound
-    decode all-reduces (NCCL: ~13 us per 8 KiB in a CUDA graph on H100s) are what it is for;
-    tensors over max_bytes or of another dtype return None (the caller uses NCCL)."""
-
-    def __init__(
-        self,
-        group: dist.ProcessGroup | None,
-        device: torch.device,
-        dtype: torch.dtype = torch.bfloat16,
-        max_bytes: int = SYMM_MEM_MAX_BYTES,
-    ) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
-
-        pg = group if group is not None else dist.group.WORLD
-        self.group_name = pg.group_name
-        if hasattr(symm_mem, "enable_symm_mem_for_group"):  # required before torch 2.8
-            symm_mem.enable_symm_mem_for_group(self.group_name)
-        self.dtype = dtype
-        self.max_numel = max_bytes // dtype.itemsize
-        self.buffer = symm_mem.empty(self.max_numel, dtype=dtype, device=device)
-        symm_mem.rendezvous(self.buffer, self.group_name)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor | None:
-        n = x.numel()
-        if x.dtype != self.dtype or n > self.max_numel or n == 0:
-            return None
-        staged = self.buffer[:n]
-        staged.copy_(x.reshape(-1))
-        out = torch.ops.symm_mem.one_shot_all_reduce(staged, "sum", self.group_name)
-        return out.view(x.shape)
-
-
 class TorchCollectives:
-    """`engine.parallel.Collectives` over one torch.distributed group (a stage's TP ranks).
+    """`engine.parallel.Collectives` over one torch.distributed group (a stage's TP ranks)."""
 
-    symm: an optional SymmMemAllReduce that takes the all-reduces it can (small bf16 tensors)."""
-
-    def __init__(
-        self,
-        group: dist.ProcessGroup | None,
-        ranks: list[int],
-        symm: SymmMemAllReduce | None = None,
-    ) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, ranks: list[int]) -> None:
         self.group = group
         self.ranks = ranks  # global ranks of the group, in tp_rank order
         self.rank_in_group = ranks.index(dist.get_rank())
-        self.symm = symm
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the group; reduces in place when x is contiguous (callers pass temporaries)."""
-        if self.symm is not None:
-            y = self.symm(x)
-            if y is not None:
-                return y
         x = x.contiguous()
         dist.all_reduce(x, group=self.group)
         return x
@@ -205,24 +153,5 @@ def init_world(
         ranks = layout.tp_group_ranks(p)
         group = None if layout.pp_size == 1 else dist.new_group(ranks, timeout=timeout)
         if p == pp_rank:
-            mine = TorchCollectives(group, ranks, _symm_mem(group, backend))
+            mine = TorchCollectives(group, ranks)
     return mine
-
-
-def _symm_mem(group: dist.ProcessGroup | None, backend: str) -> SymmMemAllReduce | None:
-    """SymmMemAllReduce when ENGINE_SYMM_MEM_ALLREDUCE=1 on NCCL over CUDA devices, else None
-    (a set-up failure is logged and leaves NCCL in charge)."""
-    if os.environ.get(SYMM_MEM_ENV, "") != "1":
-        return None
-    if backend != "nccl" or not torch.cuda.is_available():
-        logger.warning("%s=1 ignored: symmetric memory needs NCCL on CUDA devices", SYMM_MEM_ENV)
-        return None
-    try:
-        symm = SymmMemAllReduce(group, torch.device("cuda", torch.cuda.current_device()))
-    except Exception as exc:  # noqa: BLE001 - any set-up failure falls back to NCCL, logged
-        logger.warning("%s=1: symmetric memory set-up failed (%s: %s); using NCCL",
-                       SYMM_MEM_ENV, type(exc).__name__, exc)  # fmt: skip
-        return None
-    logger.info("all-reduce: one-shot over symmetric memory up to %d bytes, NCCL above",
-                symm.max_numel * symm.dtype.itemsize)  # fmt: skip
-    return symm

@@ -65,6 +65,11 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="CPU KV budget")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="never capture decode graphs")
+    p.add_argument(
+        "--no-async-scheduling",
+        action="store_true",
+        help="wait for each step's tokens before scheduling the next (default on GPUs: overlap)",
+    )
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument(
@@ -124,6 +129,7 @@ def run_serve(args: argparse.Namespace) -> int:
             seed=args.seed,
             quantization=args.quantization,
             enforce_eager=args.enforce_eager,
+            async_scheduling=False if args.no_async_scheduling else None,
             cache=CacheConfig(
                 block_size=args.block_size,
                 enable_prefix_caching=not args.no_prefix_caching,
