@@ -136,16 +136,28 @@ def decode_ms(llm, prompt_len: int = 128, steps: int = 256) -> float:
     return (timed(steps + 1) - timed(1)) / steps * 1e3
 
 
+def warm_up(llm, work: list[tuple[list[int], int]]) -> None:
+    """Compile the kernels a run will use before timing it: a full prefill chunk (up to 8192
+    tokens of the workload's prompt lengths) and a few decode steps, on reversed prompts (so the
+    timed run gets no prefix-cache hits from them)."""
+    from engine import SamplingParams
+
+    prompts, total = [], 0
+    for prompt, _ in work:
+        if total >= 8192:
+            break
+        prompts.append(prompt[::-1])
+        total += len(prompt)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+
+
 def throughput(llm, work: list[tuple[list[int], int]]) -> tuple[float, int, float]:
     """(output tokens/s, tokens, seconds) for the whole batch at once."""
     from engine import SamplingParams
 
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
-    llm.generate(
-        prompt_token_ids=[work[0][0][:16]],
-        sampling_params=SamplingParams(max_tokens=2),
-        use_tqdm=False,
-    )
+    warm_up(llm, work)
     torch.cuda.synchronize()
     start = time.perf_counter()
     prompts = [p for p, _ in work]

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from e2e import fixed_work, free_gpu, make_llm  # noqa: E402
+from e2e import fixed_work, free_gpu, make_llm, warm_up  # noqa: E402
 from make_random_model import write_config_folder  # noqa: E402
 
 
@@ -32,8 +32,7 @@ def timeline(llm, work) -> dict:
     from engine import SamplingParams
 
     engine = llm.engine
-    llm.generate(prompt_token_ids=[work[0][0][:16]], sampling_params=SamplingParams(max_tokens=2),
-                 use_tqdm=False)  # fmt: skip
+    warm_up(llm, work)
     for i, (prompt, n) in enumerate(work):
         engine.add_request(None, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
                            prompt_token_ids=prompt, request_id=f"r{i}")  # fmt: skip
