@@ -463,18 +463,17 @@ class LLMEngine:
         logits = self.runner.execute(out, feed)
         if logits is None or not device:
             return logits
-        tokens = self.sampler.sample_tokens(logits, self._sampling_rows(sampling, offset).rows)
-        self._last_tokens = tokens
-        return PendingSamples(tokens)
+        samples = self.sampler.sample_tokens(logits, self._sampling_rows(sampling, offset).rows)
+        self._last_tokens = samples.token_ids
+        return PendingSamples(samples)
 
     @staticmethod
     def _device_samplable(ss: ScheduledSeq, offset: int) -> bool:
-        """Whether ss's sample needs nothing the host holds: no logprobs, no penalties (token
-        histories), no min_tokens still to enforce, no fork."""
+        """Whether ss's sample needs nothing the host holds: no penalties (token histories), no
+        min_tokens still to enforce, no fork."""
         params = ss.seq.request.sampling_params
         return (
             ss.num_samples == 1
-            and params.logprobs is None
             and not params.needs_penalties
             and (params.min_tokens == 0 or ss.seq.num_output_tokens + offset >= params.min_tokens)
         )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -70,29 +70,43 @@ class SamplerOutput:
 
 
 class PendingSamples:
-    """Sampled token ids on their way to the host: the copy starts at creation (from the
-    device, into pinned memory, without waiting), so the caller can launch more work before
-    `result()` waits for it. tokens None: nothing to return (a rank that does not sample)."""
+    """Samples on their way to the host: the copies start at creation (from the device, into
+    pinned memory, without waiting), so the caller can launch more work before `result()` waits
+    for them. samples None: nothing to return (a rank that does not sample)."""
 
-    def __init__(self, tokens: torch.Tensor | None) -> None:
-        self.host = self.event = None
-        if tokens is None:
+    def __init__(self, samples: DeviceSamples | None) -> None:
+        self.samples = samples
+        self.host: list[torch.Tensor] = []
+        self.event = None
+        if samples is None:
             return
-        if tokens.device.type == "cpu":
-            self.host = tokens
-        else:
-            self.host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self.host.copy_(tokens, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record(torch.cuda.current_stream(tokens.device))
+        parts = [samples.token_ids, *(samples.logprobs or ())]
+        if samples.token_ids.device.type == "cpu":
+            self.host = parts
+            return
+        for t in parts:
+            h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            h.copy_(t, non_blocking=True)
+            self.host.append(h)
+        self.event = torch.cuda.Event()
+        self.event.record(torch.cuda.current_stream(samples.token_ids.device))
 
     def result(self) -> SamplerOutput | None:
-        if self.host is None:
+        if self.samples is None:
             return None
         if self.event is not None:
             self.event.synchronize()
-        n = self.host.shape[0]
-        return SamplerOutput(self.host.tolist(), [None] * n, [None] * n)
+        token_ids = self.host[0].tolist()
+        n = len(token_ids)
+        chosen: list[float | None] = [None] * n
+        tops: list[dict[int, float] | None] = [None] * n
+        s = self.samples
+        if s.want:
+            c, v, i = (t.tolist() for t in self.host[1:])
+            lp, top = logprob_lists(c, v, i, s.num_top)
+            for j, row in enumerate(s.want):
+                chosen[row], tops[row] = lp[j], top[j]
+        return SamplerOutput(token_ids, chosen, tops)
 
 
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -238,16 +252,39 @@ def gather_logprobs(
     Also serves prompt logprobs: pass the logits of prompt positions and the next prompt tokens.
     """
     # logits: [num_rows, vocab]; token_ids: int64 [num_rows]
+    chosen, values, indices = logprob_tensors(logits, token_ids, num_top)
+    return logprob_lists(chosen.tolist(), values.tolist(), indices.tolist(), num_top)
+
+
+def logprob_tensors(
+    logits: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gather_logprobs on the device: chosen [num_rows], top values and indices [num_rows, k_max]
+    (k_max = the largest num_top; width 0 when none asks for alternatives)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logprobs.gather(1, token_ids.to(logprobs.device)[:, None]).squeeze(1).tolist()
+    chosen = logprobs.gather(1, token_ids.to(logprobs.device)[:, None]).squeeze(1)
     k_max = min(max(num_top, default=0), logprobs.shape[-1])
-    tops: list[dict[int, float]] = [{} for _ in num_top]
-    if k_max > 0:
-        values, indices = logprobs.topk(k_max, dim=-1)
-        values_l, indices_l = values.tolist(), indices.tolist()
-        for i, k in enumerate(num_top):
-            tops[i] = dict(zip(indices_l[i][:k], values_l[i][:k], strict=True))
+    values, indices = logprobs.topk(k_max, dim=-1)
+    return chosen, values, indices
+
+
+def logprob_lists(
+    chosen: list[float], values: list[list[float]], indices: list[list[int]], num_top: Sequence[int]
+) -> tuple[list[float], list[dict[int, float]]]:
+    """logprob_tensors' results (as lists) in gather_logprobs' form."""
+    tops = [dict(zip(indices[i][:k], values[i][:k], strict=True)) for i, k in enumerate(num_top)]
     return chosen, tops
+
+
+@dataclass
+class DeviceSamples:
+    """A step's samples still on the device: token ids [num_rows], and for the rows in `want`
+    their logprob tensors (`logprob_tensors`) with each row's number of alternatives."""
+
+    token_ids: torch.Tensor
+    want: list[int] = field(default_factory=list)
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    num_top: list[int] = field(default_factory=list)
 
 
 class Sampler:
@@ -275,27 +312,17 @@ class Sampler:
         Work is skipped where no row asks for it (min_tokens, penalties, logprobs), an all-greedy
         batch is one argmax, and the tokens come back to the host in one transfer.
         """
-        token_ids, want = self._sample(logits, rows)
-        num_rows = len(rows)
-        token_list = token_ids.tolist()
-        chosen: list[float | None] = [None] * num_rows
-        tops: list[dict[int, float] | None] = [None] * num_rows
-        if want:
-            lp, top = gather_logprobs(
-                logits[want], token_ids[want], [rows[i].params.logprobs for i in want]
-            )
-            for j, i in enumerate(want):
-                chosen[i], tops[i] = lp[j], top[j]
-        return SamplerOutput(token_ids=token_list, logprobs=chosen, top_logprobs=tops)
+        return PendingSamples(self.sample_tokens(logits, rows)).result()
 
-    def sample_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """The sampled token ids as an int64 tensor on logits' device, without waiting for the
-        device (no host transfer): the engine's asynchronous steps. Rows must not ask for
-        logprobs (those come back through `sample`)."""
+    def sample_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> DeviceSamples:
+        """`sample` without waiting for the device (no host transfer): the samples and the
+        requested logprobs stay on logits' device (the engine's asynchronous steps)."""
         token_ids, want = self._sample(logits, rows)
-        if want:
-            raise ValueError("sample_tokens: rows asking for logprobs go through sample()")
-        return token_ids
+        if not want:
+            return DeviceSamples(token_ids)
+        num_top = [rows[i].params.logprobs for i in want]
+        lp = logprob_tensors(logits[want], token_ids[want], num_top)
+        return DeviceSamples(token_ids, want, lp, num_top)
 
     def _sample(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow]

@@ -333,14 +333,18 @@ class Worker:
                 raise RuntimeError("a held step samples one token per row on the output rank")
             if self.sampler is None:
                 self.sampler = Sampler(self.spec.eos_token_ids, seed=self.spec.seed)
-            tokens = self.sampler.sample_tokens(logits, sampling.rows)
+            samples = self.sampler.sample_tokens(logits, sampling.rows)
+            tokens = samples.token_ids
         else:
-            tokens = torch.empty(num_rows, dtype=torch.int64, device=self.runner.device)
+            samples, tokens = (
+                None,
+                torch.empty(num_rows, dtype=torch.int64, device=self.runner.device),
+            )
         if self.collectives is not None and self.layout.tp_size > 1:
             out_tp = self.layout.coords(self.layout.output_rank)[1]
             self.collectives.broadcast(tokens, out_tp)
         self.held_tokens = tokens
-        return PendingSamples(tokens if output else None)
+        return PendingSamples(samples)
 
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import random
 
-from tests.server.conftest import MODEL_NAME
+import pytest
+
+from tests.server.conftest import MODEL_NAME, make_engine, start_server
 
 NUM_CLIENTS = 64
 
@@ -108,3 +110,21 @@ def test_concurrent_clients_with_half_leaving_early(server):
         assert (seen, used, finish) == (wanted, wanted, "length")
     server.wait_idle()
     assert server.engine.stats().num_used_blocks == 0, "KV blocks leaked"
+
+
+@pytest.fixture(scope="module")
+def async_server(tiny_model):
+    """A server whose engine schedules each decode step ahead (the GPU default) on the CPU."""
+    handle = start_server(make_engine(tiny_model, async_scheduling=True))
+    yield handle
+    handle.stop()
+
+
+def test_async_scheduling_server_streams_and_aborts(async_server):
+    """Steps launched ahead of the previous step's tokens: every stream gets all its tokens, the
+    clients that leave early are aborted (some while a step runs ahead), nothing leaks."""
+    test_concurrent_clients_with_half_leaving_early(async_server)
+    engine = async_server.engine.engine  # idle: safe to inspect
+    assert engine.async_scheduling and engine.num_steps_ahead > 0
+    assert not engine.scheduler.in_flight and engine._ahead is None
+    engine.scheduler.kv.gpu_pool.check()
