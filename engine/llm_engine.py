@@ -456,10 +456,7 @@ class LLMEngine:
             if not device:
                 return self.executor.execute(out, rows)
             return _HeldStep(self.executor.submit(out, rows, hold=True, feed_rows=feed_rows))
-        feed = None
-        if feed_rows is not None:
-            in_order = feed_rows == list(range(self._last_tokens.shape[0]))
-            feed = TokenFeed(self._last_tokens, None if in_order else feed_rows)
+        feed = None if feed_rows is None else TokenFeed(self._last_tokens, feed_rows)
         logits = self.runner.execute(out, feed)
         if logits is None or not device:
             return logits

@@ -81,21 +81,17 @@ class _Staging:
 @dataclass
 class TokenFeed:
     """Input ids that live on the device: token i of a decode-only batch is tokens[rows[i]]
-    (rows None: tokens in order, one per sequence)."""
+    (the previous step's samples, at the rows of the sequences that go on)."""
 
-    tokens: torch.Tensor  # int64 [num_sampled], the previous step's samples
-    rows: list[int] | None = None
+    tokens: torch.Tensor  # int64 [num_sampled]
+    rows: list[int]
 
     def write(self, input_ids: torch.Tensor) -> None:
-        if self.rows is None:
-            if self.tokens.shape != input_ids.shape:
-                raise ValueError(
-                    f"token feed: {tuple(self.tokens.shape)} tokens for {input_ids.shape[0]} inputs"
-                )
-            input_ids.copy_(self.tokens)
-            return
         if len(self.rows) != input_ids.shape[0]:
             raise ValueError(f"token feed: {len(self.rows)} rows for {input_ids.shape[0]} inputs")
+        if self.rows == list(range(self.tokens.shape[0])):  # every sequence goes on, in order
+            input_ids.copy_(self.tokens)
+            return
         idx = torch.tensor(self.rows, dtype=torch.int64, pin_memory=input_ids.is_cuda)
         idx = idx.to(input_ids.device, non_blocking=True)
         torch.index_select(self.tokens, 0, idx, out=input_ids)

@@ -67,7 +67,6 @@ class WorldLayout:
         return lines
 
 
-# Opt-in, not yet measured on GPUs: "1" routes decode-sized all-reduces through SymmMemAllReduce.
 class TorchCollectives:
     """`engine.parallel.Collectives` over one torch.distributed group (a stage's TP ranks)."""
 

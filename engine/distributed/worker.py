@@ -295,9 +295,7 @@ class Worker:
         if step.feed_rows is not None:
             if self.held_tokens is None or self.layout.pp_size > 1:
                 raise RuntimeError("a fed step needs the held step before it (pipeline size 1)")
-            rows = step.feed_rows
-            in_order = rows == list(range(self.held_tokens.shape[0]))
-            TokenFeed(self.held_tokens, None if in_order else rows).write(batch.input_ids)
+            TokenFeed(self.held_tokens, step.feed_rows).write(batch.input_ids)
         intermediate = None
         if self.channel is not None and self.channel.prev_rank is not None:
             intermediate = self.channel.recv(
@@ -335,11 +333,9 @@ class Worker:
                 self.sampler = Sampler(self.spec.eos_token_ids, seed=self.spec.seed)
             samples = self.sampler.sample_tokens(logits, sampling.rows)
             tokens = samples.token_ids
-        else:
-            samples, tokens = (
-                None,
-                torch.empty(num_rows, dtype=torch.int64, device=self.runner.device),
-            )
+        else:  # receives the output rank's tokens below
+            samples = None
+            tokens = torch.empty(num_rows, dtype=torch.int64, device=self.runner.device)
         if self.collectives is not None and self.layout.tp_size > 1:
             out_tp = self.layout.coords(self.layout.output_rank)[1]
             self.collectives.broadcast(tokens, out_tp)
@@ -389,13 +385,21 @@ def worker_main(spec: WorkerSpec, conn, heartbeats, parent_pid: int) -> None:
     worker = Worker(spec)
     held: PendingSamples | None = None  # answered once the driver's next message arrives
 
-    def answer(call, method: str) -> None:
+    def run(what: str, fn, *fn_args):
+        """fn(*fn_args), or the exception it raised (logged with its traceback)."""
         try:
-            conn.send(("ok", call()))
+            return fn(*fn_args)
         except Exception as e:
-            detail = "".join(traceback.format_exception_only(type(e), e)).strip()
-            logger.debug("rank %d: %s failed:\n%s", spec.rank, method, traceback.format_exc())
-            conn.send(("error", detail))
+            logger.debug("rank %d: %s failed:\n%s", spec.rank, what, traceback.format_exc())
+            return e
+
+    def reply(value) -> None:
+        if isinstance(value, Exception):
+            conn.send(
+                ("error", "".join(traceback.format_exception_only(type(value), value)).strip())
+            )
+        else:
+            conn.send(("ok", value))
 
     while True:
         request = requests.get()
@@ -406,24 +410,14 @@ def worker_main(spec: WorkerSpec, conn, heartbeats, parent_pid: int) -> None:
             worker.shutdown()
             conn.send(("ok", None))
             break
-        if method == "flush":  # no step follows the held one: answer it now
-            if held is not None:
-                answer(held.result, "execute")
-                held = None
-            continue
-        try:
-            result = getattr(worker, method)(*args)
-        except Exception as e:
-            result = e
-            logger.debug("rank %d: %s failed:\n%s", spec.rank, method, traceback.format_exc())
-        if held is not None:  # the previous step's answer, now that this one is launched
-            answer(held.result, "execute")
+        result = None if method == "flush" else run(method, getattr(worker, method), *args)
+        if held is not None:  # the held step's answer, now that the next one is launched
+            reply(run("execute", held.result))
             held = None
+        if method == "flush":  # no step followed the held one: nothing more to answer
+            continue
         if isinstance(result, PendingSamples):
             held = result
-        elif isinstance(result, Exception):
-            detail = "".join(traceback.format_exception_only(type(result), result)).strip()
-            conn.send(("error", detail))
         else:
-            conn.send(("ok", result))
+            reply(result)
     conn.close()

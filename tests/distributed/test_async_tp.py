@@ -7,26 +7,14 @@ from __future__ import annotations
 import random
 
 import pytest
+from test_remote_sampling import _engine as remote_sampling_engine
 
 from engine import SamplingParams
-from engine.config import CacheConfig, SchedulerConfig
-from engine.engine_config import EngineConfig, ParallelConfig
 from engine.llm_engine import LLMEngine
 
 
 def _engine(model: str, tp: int, async_scheduling: bool) -> LLMEngine:
-    return LLMEngine(
-        EngineConfig(
-            model=model,
-            dtype="float32",
-            device="cpu",
-            seed=7,
-            async_scheduling=async_scheduling,
-            cache=CacheConfig(kv_cache_memory_bytes=2 << 20),
-            scheduler=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4),
-            parallel=ParallelConfig(tensor_parallel_size=tp, init_timeout_s=60.0),
-        )
-    )
+    return remote_sampling_engine(model, tp, async_scheduling=async_scheduling, max_num_seqs=4)
 
 
 def _requests() -> dict[str, tuple[list[int], SamplingParams]]:

@@ -51,15 +51,18 @@ def _prompts() -> dict[str, list[int]]:
     return prompts
 
 
-def _engine(model: str, tp: int = 1, pp: int = 1) -> LLMEngine:
+def _engine(
+    model: str, tp: int = 1, pp: int = 1, async_scheduling: bool | None = None, max_num_seqs=256
+) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
             model=model,
             dtype="float32",
             device="cpu",
             seed=7,
+            async_scheduling=async_scheduling,
             cache=CacheConfig(kv_cache_memory_bytes=2 << 20),
-            scheduler=SchedulerConfig(max_num_batched_tokens=32),
+            scheduler=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=max_num_seqs),
             parallel=ParallelConfig(
                 tensor_parallel_size=tp, pipeline_parallel_size=pp, init_timeout_s=60.0
             ),
