@@ -43,9 +43,21 @@ from bench.attention import Timer, copy_bandwidth  # noqa: E402
 SHAPES = {"gate/up K=4096 N=14336": (4096, 14336), "down K=14336 N=4096": (14336, 4096)}
 MS = (1, 2, 4, 8, 16, 64, 256, 2048)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-LAYOUTS = ("canonical", "packed")
-TABLE_NAME = {"canonical": "DEFAULT_CONFIGS", "packed": "PACKED_CONFIGS"}
-TABLES = {"canonical": ig.DEFAULT_CONFIGS, "packed": ig.PACKED_CONFIGS}
+LAYOUTS = ("canonical", "packed", "pairs")
+TABLE_NAME = {"canonical": "DEFAULT_CONFIGS", "packed": "PACKED_CONFIGS",
+              "pairs": "int4_tc.PAIRS_CONFIGS"}  # fmt: skip
+TABLES = {"canonical": ig.DEFAULT_CONFIGS, "packed": ig.PACKED_CONFIGS,
+          "pairs": ig.int4_tc.PAIRS_CONFIGS}  # fmt: skip
+PairsConfig = ig.int4_tc.Int4PairsConfig
+
+
+def pick(layout: str, m: int):
+    """The launch shape the layout's default table gives M."""
+    if layout == "pairs":
+        return ig.int4_tc.pick_pairs_config(m)
+    return ig.pick_config(m, TABLES[layout])
+
+
 SMEM_FALLBACK = 232448  # H100 / H200 opt-in shared memory per block
 
 
@@ -92,7 +104,7 @@ def nbytes(*ts: torch.Tensor) -> int:
 
 def call(layout: str, x, w, group_size: int, config=None):
     """A no-argument call of ours on one weight set of the layout."""
-    if layout == "packed":
+    if layout in ("packed", "pairs"):
         return lambda: ig.int4_linear(x, w, config=config)
     q, s, z = w
     return lambda: ig.int4_linear(x, q, s, z, group_size, config=config)
@@ -118,6 +130,9 @@ def smem_bytes(layout: str, cfg: ig.Int4Config, x_bytes: int) -> int:
     operand (Triton 3.6, 16x128x128, 4 stages: 241664 bytes); packed dot, stages copies plus
     1.5 bytes per weight of the tile (Triton 3.9, exact for the first-round candidates); the
     FMA kernels keep their loads in registers (only a reduction scratch)."""
+    if isinstance(cfg, PairsConfig):  # words + x slices + scales/zeros per stage
+        per_stage = cfg.block_n * 64 + 4 * 32 * cfg.block_m * x_bytes + cfg.block_n * 8
+        return cfg.num_stages * per_stage + 1024
     bm, bn, bk, stages = cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_stages
     x_tile = bm * bk * x_bytes
     if cfg.kernel == "fma":
@@ -133,6 +148,11 @@ def candidates(layout: str, m: int) -> list[ig.Int4Config]:
     warps and stages around the fastest afterwards."""
     c = ig.Int4Config
     out: list[ig.Int4Config] = []
+    if layout == "pairs":  # tensor cores at every M: block_m from M, the rest swept
+        bm = min(128, max(16, 1 << (m - 1).bit_length()))
+        for bn, stages, pps in itertools.product((32, 64, 128), (3, 4, 6), (2, 4, 8)):
+            out.append(PairsConfig(bm, bn, 0, 8 if bn * bm >= 128 * 64 else 4, stages, pps))
+        return out
     if layout == "canonical":  # the previous sweep's winners, for comparison in the same run
         if m <= 2:
             out += [c("fma", m, 64, 128, 8, 4, 4), c("fma", m, 64, 128, 4, 4, 4)]
@@ -160,6 +180,11 @@ def candidates(layout: str, m: int) -> list[ig.Int4Config]:
 
 def neighbours(cfg: ig.Int4Config, k_tiles: int) -> list[ig.Int4Config]:
     """The second round around one fast config: other K splits, warps and stages."""
+    if isinstance(cfg, PairsConfig):
+        out = [dataclasses.replace(cfg, split_k=s) for s in (1, 2, 4, 8, 16)]
+        out.append(dataclasses.replace(cfg, num_warps=8 if cfg.num_warps == 4 else 4))
+        out += [dataclasses.replace(cfg, num_stages=s) for s in (2, 5, 8)]
+        return [o for o in out if o != cfg]
     out = [dataclasses.replace(cfg, split_k=s) for s in (1, 2, 4, 8) if s <= k_tiles]
     out.append(dataclasses.replace(cfg, num_warps=8 if cfg.num_warps == 4 else 4))
     out += [dataclasses.replace(cfg, num_stages=s) for s in (cfg.num_stages - 1,
@@ -186,8 +211,9 @@ def _compile_job(job: tuple[str, ig.Int4Config, str]) -> str:
 
 def repacked(layout: str, q, s, z, group_size: int):
     """One canonical weight set in the layout's form."""
-    if layout == "packed":
-        return ig.repack_int4_for_triton(q, s, z, group_size)
+    if layout in ("packed", "pairs"):
+        return ig.repack_int4_for_triton(q, s, z, group_size, order="k" if layout == "packed"
+                                         else "pairs")  # fmt: skip
     return (q, s, z)
 
 
@@ -234,7 +260,7 @@ def tune_one(args, layout: str, m: int, xs: dict, data: dict, fit, results) -> d
         measure(cfg)
     k_min = min(k for k, _ in SHAPES.values())
     for cfg in sorted(tried, key=tried.get)[:2]:
-        for other in neighbours(cfg, k_min // cfg.block_k):
+        for other in neighbours(cfg, k_min // getattr(cfg, "block_k", 128)):
             measure(other)
     return tried
 
@@ -294,6 +320,13 @@ def autotune(args, data: dict, dtype, copy_gbs: float, smem_limit: int, results:
         for i, (m, v) in enumerate(items):
             cfg = v["config"]
             max_m = "2**62" if i == len(items) - 1 else str(m)
+            if layout == "pairs":
+                print(
+                    f"    ({max_m}, Int4PairsConfig({cfg['block_m']}, {cfg['block_n']}, "
+                    f"split_k={cfg['split_k']}, num_warps={cfg['num_warps']}, num_stages="
+                    f"{cfg['num_stages']}, programs_per_sm={cfg['programs_per_sm']})),"
+                )
+                continue
             print(f"    ({max_m}, Int4Config({cfg['kernel']!r}, {cfg['block_m']}, "
                   f"{cfg['block_n']}, {cfg['block_k']}, split_k={cfg['split_k']}, "
                   f"num_warps={cfg['num_warps']}, num_stages={cfg['num_stages']})),")  # fmt: skip
@@ -316,11 +349,10 @@ def bench(args, data: dict, dtype, copy_gbs: float, l2: int, results: dict) -> N
                 ours = run_ours(layout, x, d[layout], args.group_size, reps=args.reps)
                 err = check_numerics(layout, x, d["canonical"][0], d[layout][0],
                                      args.group_size)  # fmt: skip
-                table = TABLES[layout]
                 flops = 2 * m * n * k
                 row = {
                     "layout": layout, "shape": label, "m": m, "k": k, "n": n,
-                    "config": vars(ig.pick_config(m, table)), "ours_ms": ours,
+                    "config": vars(pick(layout, m)), "ours_ms": ours,
                     "ours_gbs": d["bytes"] / (ours * 1e-3) / 1e9,
                     "ours_tflops": flops / (ours * 1e-3) / 1e12,
                     "bf16_ms": peer, "bf16_gbs": n * k * 2 / (peer * 1e-3) / 1e9,

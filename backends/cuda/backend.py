@@ -295,6 +295,10 @@ class CudaBackend(Backend):
 
     # The packed layout's table; None: the Triton module's PACKED_CONFIGS.
     int4_packed_configs: tuple | None = None
+    # Repack 4-bit weights in the tensor-core kernel's "pairs" order where it can take them (K
+    # and the group size multiples of 128; bf16/fp16 x), and its table (None: PAIRS_CONFIGS).
+    int4_pairs_order: bool = True
+    int4_pairs_configs: tuple | None = None
     # From this many rows of x (M) up, a packed weight is dequantized by the Triton kernel into
     # x's dtype and multiplied by cuBLAS. Measured on an H100 (K=4096, N=14336, bf16): packed
     # kernel / dequant + cuBLAS 112 / 120 us at M = 128, 127 / 171 at 256, 237 / 159 at 512,
@@ -307,10 +311,19 @@ class CudaBackend(Backend):
         if self.chosen("int4_gemm") != "triton":
             return super().prepare_int4(qweight, scales, zeros, group_size, g_idx)
         dev = self.device
-        p = _triton("int4_gemm").repack_int4_for_triton(
-            qweight.to(dev), scales.to(dev), zeros.to(dev), group_size,
-            None if g_idx is None else g_idx.to(dev),
-        )  # fmt: skip
+        ig = _triton("int4_gemm")
+        g_idx = None if g_idx is None else g_idx.to(dev)
+        order = "k"
+        if self.int4_pairs_order:
+            k = qweight.shape[0] * 8
+            why = ig.pairs_reason(k, scales.shape[0], group_size, g_idx)
+            if why:
+                logger.info("int4: packed k order (not the tensor-core pairs order): %s", why)
+            else:
+                order = "pairs"
+        p = ig.repack_int4_for_triton(
+            qweight.to(dev), scales.to(dev), zeros.to(dev), group_size, g_idx, order=order
+        )
         parts = (("qweight", p.qweight), ("scales", p.scales), ("zeros", p.zeros),
                  ("perm", p.perm), ("g_idx", p.g_idx))  # fmt: skip
         tensors = {key: t for key, t in parts if t is not None}
@@ -337,7 +350,8 @@ class CudaBackend(Backend):
         self._mark("int4_gemm", impl)
         if impl == "triton":
             return ig.int4_linear(x, weight.data, bias=bias, allow_tf32=self.allow_tf32,
-                                  configs=self.int4_packed_configs)  # fmt: skip
+                                  configs=self.int4_packed_configs,
+                                  pairs_configs=self.int4_pairs_configs)  # fmt: skip
         w = ig.dequantize_packed(weight.data).to(x.dtype)
         return linear.linear(x, w, bias, self.allow_tf32)
 

@@ -37,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.triton import int4_tc
 from backends.triton.quant import cast_rtne, check_float, interpreting
 
 _MAGIC = tl.constexpr(8388608.0)  # 2^23: the fp32 whose low mantissa bits hold a small integer
@@ -664,6 +665,10 @@ class Int4Packed:
     scales [N, groups] (the checkpoint's dtype) and zeros uint8 [N, groups]; packed k belongs to
     group k // group_size, or g_idx[k] when g_idx is set (group_size 0); perm int64 [K]: packed k
     holds the checkpoint's input channel perm[k] (desc_act), None when the order is unchanged.
+    order "pairs" (`backends.triton.int4_tc`): the same words read in k order are a weight whose
+    channels are also shuffled inside each 128-k chunk, which `perm` includes (so every kernel
+    here and `dequantize_packed` read it unchanged); the tensor-core kernel reads x in
+    `pairs_perm` order instead (the desc_act sort alone, None when unchanged).
     """
 
     qweight: torch.Tensor
@@ -672,6 +677,8 @@ class Int4Packed:
     group_size: int
     perm: torch.Tensor | None = None
     g_idx: torch.Tensor | None = None
+    order: str = "k"
+    pairs_perm: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -693,15 +700,28 @@ def _pack_rows(codes: torch.Tensor) -> torch.Tensor:
     return words + torch.where(top >= 8, top - 16, top) * (1 << 28)
 
 
+def _codes(qweight: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [K, N] of a canonical qweight int32 [K/8, N]."""
+    codes = torch.empty(qweight.shape[0] * 8, qweight.shape[1], dtype=torch.uint8,
+                        device=qweight.device)  # fmt: skip
+    for i in range(8):
+        codes[i::8] = ((qweight >> (4 * i)) & 0xF).to(torch.uint8)
+    return codes
+
+
 def repack_int4_for_triton(
     qweight: torch.Tensor,
     scales: torch.Tensor,
     zeros: torch.Tensor,
     group_size: int,
     g_idx: torch.Tensor | None = None,
+    order: str = "k",
 ) -> Int4Packed:
     """Once, at load: the canonical layout (qweight int32 [K/8, N], scales / zeros [K/G, N],
     optional g_idx [K]) -> Int4Packed, losslessly (the same codes, scales and zeros, moved).
+    order "k" (nibble i of word r is k = 8r + i) or "pairs" (the tensor-core kernel's order,
+    `backends.triton.int4_tc`; K and the group size, after the desc_act sort, multiples of 128:
+    else a ValueError saying why; `pairs_reason` asks first).
 
     Without g_idx the weight is transposed. With g_idx (desc_act) the input channels are sorted
     by group (stable), so each group's channels are contiguous and `int4_linear` permutes x's
@@ -709,31 +729,65 @@ def repack_int4_for_triton(
     serves it, otherwise the sorted g_idx stays and scales are gathered per k. Reads g_idx
     back to the host (a sync: load time only).
     """
+    if order not in ("k", "pairs"):
+        raise ValueError(f"order: {order!r} is not 'k' or 'pairs'")
     _check_qweight(qweight)
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     _check_quant(scales, zeros, group_size, g_idx, k, n)
-    num_groups = scales.shape[0]
     st, zt = scales.t().contiguous(), zeros.t().contiguous()  # [N, groups]
-    if g_idx is None:
+    if order == "pairs":
+        why = pairs_reason(k, scales.shape[0], group_size, g_idx)
+        if why:
+            raise ValueError(f"order: 'pairs' cannot take this weight: {why}; use order 'k'")
+    if g_idx is None and order == "k":
         return Int4Packed(qweight.t().contiguous(), st, zt, group_size)
+    sort, g_sorted, uniform = _sort_groups(g_idx, k, scales.shape[0])
+    codes = _codes(qweight)  # [K, N]
+    if sort is not None:
+        codes = codes[sort]
+    sort_kept = None if sort is None or _is_identity(sort) else sort
+    if order == "pairs":
+        pos = int4_tc.pairs_positions(k, codes.device)
+        perm = pos if sort_kept is None else sort_kept[pos]
+        return Int4Packed(_pack_rows(codes[pos].t().contiguous()), st, zt, k // scales.shape[0],
+                          perm=perm, order="pairs", pairs_perm=sort_kept)  # fmt: skip
+    return Int4Packed(
+        _pack_rows(codes.t().contiguous()), st, zt,  # [N, K/8]
+        group_size=k // scales.shape[0] if uniform else 0,
+        perm=sort_kept,
+        g_idx=None if uniform else g_sorted.to(torch.int32),
+    )  # fmt: skip
+
+
+def _is_identity(perm: torch.Tensor) -> bool:
+    return bool((perm == torch.arange(perm.numel(), device=perm.device)).all())
+
+
+def _sort_groups(g_idx, k: int, num_groups: int):
+    """(sort, sorted g_idx, uniform) for desc_act: the stable sort of the input channels by group
+    (None without g_idx), and whether every group then holds K / groups channels. Reads g_idx
+    back to the host (a sync: load time only)."""
+    if g_idx is None:
+        return None, None, True
     g = g_idx.to(torch.int64)
     if k and (int(g.min()) < 0 or int(g.max()) >= num_groups):
         raise ValueError(f"g_idx: values must lie in 0..{num_groups - 1}")
-    perm = torch.sort(g, stable=True).indices  # [K]
-    g_sorted = g[perm]
-    codes = torch.empty(k, n, dtype=torch.uint8, device=qweight.device)  # [K, N]
-    for i in range(8):
-        codes[i::8] = ((qweight >> (4 * i)) & 0xF).to(torch.uint8)
-    packed = _pack_rows(codes[perm].t().contiguous())  # [N, K/8]
+    sort = torch.sort(g, stable=True).indices  # [K]
+    g_sorted = g[sort]
     counts = torch.bincount(g_sorted, minlength=num_groups)
     uniform = k % num_groups == 0 and bool((counts == k // num_groups).all())
-    identity = bool((perm == torch.arange(k, device=perm.device)).all())
-    return Int4Packed(
-        packed, st, zt,
-        group_size=k // num_groups if uniform else 0,
-        perm=None if identity else perm,
-        g_idx=None if uniform else g_sorted.to(torch.int32),
-    )  # fmt: skip
+    return sort, g_sorted, uniform
+
+
+def pairs_reason(k: int, num_groups: int, group_size: int, g_idx=None) -> str | None:
+    """Why a canonical weight cannot take the "pairs" order, else None (with g_idx: whether its
+    groups, sorted, are equal and a multiple of 128 long; reads g_idx back, load time only)."""
+    if g_idx is not None:
+        _, _, uniform = _sort_groups(g_idx, k, num_groups)
+        if not uniform:
+            return "desc_act groups of unequal sizes"
+        group_size = k // max(num_groups, 1)
+    return int4_tc.pairs_unsupported(k, group_size)
 
 
 def dequantize_packed(p: Int4Packed) -> torch.Tensor:
@@ -922,7 +976,8 @@ def _packed_scale_mode(p: Int4Packed, cfg: Int4Config) -> tuple[int, int]:
     return (1 if gs % 8 == 0 else 2), cfg.block_k
 
 
-def _int4_linear_packed(x, p: Int4Packed, bias, allow_tf32, configs, config) -> torch.Tensor:
+def _int4_linear_packed(x, p: Int4Packed, bias, allow_tf32, configs, config,
+                        pairs_configs=None) -> torch.Tensor:  # fmt: skip
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"x: expected a tensor, got {type(x).__name__}")
     m, k = _check_x(x)
@@ -935,6 +990,19 @@ def _int4_linear_packed(x, p: Int4Packed, bias, allow_tf32, configs, config) -> 
         return out
     if k == 0:
         return out.copy_(bias.expand(m, n) if bias is not None else torch.zeros_like(out))
+    tc = isinstance(config, int4_tc.Int4PairsConfig)
+    if tc and p.order != "pairs":
+        raise ValueError("config: an Int4PairsConfig needs a weight repacked with order 'pairs'")
+    if p.order == "pairs" and (tc or config is None) and x.dtype in (torch.bfloat16,
+                                                                      torch.float16):  # fmt: skip
+        cfg = config if tc else int4_tc.pick_pairs_config(m, pairs_configs)
+        xc = x if p.pairs_perm is None else x.index_select(1, p.pairs_perm)
+        xc = xc if xc.stride(1) == 1 else xc.contiguous()
+        int4_tc.launch_pairs(xc, p.qweight, p.scales, p.zeros, p.group_size, bias, out, cfg,
+                             _sm_count(x.device), _reduce_splits)  # fmt: skip
+        return out
+    if tc:
+        raise ValueError(f"config: the pairs kernel takes bfloat16 or float16 x, not {x.dtype}")
     cfg = config if config is not None else pick_config(m, PACKED_CONFIGS if configs is None
                                                         else configs)  # fmt: skip
     if cfg.kernel == "fma" and cfg.block_m != 1:
@@ -982,7 +1050,8 @@ def int4_linear(
     *,
     allow_tf32: bool = False,
     configs: ConfigTable | None = None,
-    config: Int4Config | None = None,
+    config: Int4Config | int4_tc.Int4PairsConfig | None = None,
+    pairs_configs=None,
 ) -> torch.Tensor:
     """y = x @ W.T + bias with W in the canonical int4 layout or packed (`Int4Packed`), fp32
     accumulation, in x's dtype.
@@ -991,7 +1060,9 @@ def int4_linear(
     uint8 [K/G, N], g_idx int32 [K] (optional, desc_act); packed: qweight an Int4Packed and
     scales / zeros / group_size / g_idx None. bias [N]. `configs` replaces the M-keyed tuning
     table of the layout (DEFAULT_CONFIGS / PACKED_CONFIGS), `config` forces one launch shape;
-    `allow_tf32` lets fp32 dots use TF32.
+    `allow_tf32` lets fp32 dots use TF32. A packed weight in the "pairs" order runs the
+    tensor-core kernel (`int4_tc`) for bf16 / fp16 x, tuned by `pairs_configs` (default
+    int4_tc.PAIRS_CONFIGS) or forced by an Int4PairsConfig; fp32 x takes the other kernels.
     """
     if isinstance(qweight, Int4Packed):
         given = [name for name, v in (("scales", scales), ("zeros", zeros),
@@ -1000,7 +1071,7 @@ def int4_linear(
             raise ValueError(
                 f"{', '.join(given)}: must be None with an Int4Packed weight (it carries them)"
             )
-        return _int4_linear_packed(x, qweight, bias, allow_tf32, configs, config)
+        return _int4_linear_packed(x, qweight, bias, allow_tf32, configs, config, pairs_configs)
     if scales is None or zeros is None or group_size is None:
         raise ValueError("scales, zeros, group_size: required with a canonical int32 qweight")
     m, n, k = _check_inputs(x, qweight, scales, zeros, group_size, g_idx, bias)

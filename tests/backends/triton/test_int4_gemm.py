@@ -357,6 +357,104 @@ def test_repack_bad_input() -> None:
                                   torch.full((64,), 5, dtype=torch.int32))  # fmt: skip
 
 
+# -- the tensor-core "pairs" order (backends/triton/int4_tc.py) ----------------------------------
+def pairs_case(m, n, k, group_size, dtype, g_kind, has_bias, seed) -> tuple[dict, object]:
+    case = make_case(m, n, k, group_size, dtype, g_kind == "desc_act", has_bias, seed)
+    q = (case["qweight"], case["scales"], case["zeros"], group_size, case["g_idx"])
+    return case, ig.repack_int4_for_triton(*(dev(t) for t in q), order="pairs")
+
+
+def decode_pairs(p) -> torch.Tensor:
+    """W [N, K] float64 in the checkpoint's channel order from the pairs order as int4_tc's
+    docstring states it (nibble i < 4 of word j of a 128-k chunk: k = 32 i + 2 j, nibble i + 4:
+    k = 32 i + 2 j + 1), then pairs_perm (the desc_act sort); independent of `perm`."""
+    qw = p.qweight.cpu()
+    n, k = qw.shape[0], qw.shape[1] * 8
+    codes = torch.empty(n, k, dtype=torch.int64)
+    for r in range(k // 8):
+        c, j = divmod(r, 16)
+        for i in range(8):
+            codes[:, c * 128 + 32 * (i % 4) + 2 * j + i // 4] = (qw[:, r].long() >> (4 * i)) & 0xF
+    g = torch.arange(k) // p.group_size
+    w = (codes.to(F64) - p.zeros.cpu().to(F64)[:, g]) * p.scales.cpu().to(F64)[:, g]
+    sort = p.pairs_perm.cpu() if p.pairs_perm is not None else torch.arange(k)
+    out = torch.empty_like(w)
+    out[:, sort] = w
+    return out
+
+
+@pytest.mark.parametrize("g_kind", [None, "desc_act"])
+def test_pairs_repack_is_lossless(g_kind: str | None) -> None:
+    case, p = pairs_case(1, 24, 256, 128, torch.bfloat16, g_kind, False, seed=11)
+    want = ref_quant.dequantize_int4(
+        case["qweight"], case["scales"].to(F64), case["zeros"], 128, case["g_idx"]
+    )
+    assert p.order == "pairs" and p.group_size == 128 and p.g_idx is None
+    assert torch.equal(decode_pairs(p), want)
+    assert torch.equal(decode_packed(p), want)  # the k-order view through perm, for the others
+    assert (p.pairs_perm is None) == (g_kind is None)
+
+
+# (M, N, K, group size, dtype, g_idx kind, config): one or more chunks per split, uneven splits,
+# N and M past the block (rows re-read, never stored), groups of two chunks, desc_act.
+PAIRS_RUNS = [
+    (1, 40, 256, 128, "bf16", None, None),
+    (3, 24, 384, 128, "fp16", "desc_act", None),
+    (17, 48, 512, 256, "bf16", None, (16, 32, 3)),
+    (5, 40, 640, 128, "fp16", None, (16, 16, 2)),
+    (33, 16, 256, 128, "bf16", "desc_act", (32, 16, 1)),
+]
+
+
+@pytest.mark.parametrize("run", range(len(PAIRS_RUNS)))
+def test_pairs_matches_reference(run: int) -> None:
+    m, n, k, group_size, dtype, g_kind, cfg = PAIRS_RUNS[run]
+    case, p = pairs_case(m, n, k, group_size, FLOATS[dtype], g_kind, run % 2 == 0, seed=run)
+    config = None if cfg is None else ig.int4_tc.Int4PairsConfig(cfg[0], cfg[1], split_k=cfg[2])
+    check(case, run_packed(case, p, config=config))
+
+
+def test_pairs_plain_ops_on_gpu(monkeypatch) -> None:
+    # On NVIDIA GPUs the pairs come from inline PTX; the plain Triton ops (ROCm's path) must
+    # give the same numbers. Under the interpreter both are the interpreter's own path.
+    monkeypatch.setattr(ig.int4_tc, "USE_PTX", False)
+    case, p = pairs_case(4, 40, 256, 128, torch.bfloat16, None, True, seed=7)
+    check(case, run_packed(case, p))
+
+
+def test_pairs_fp32_x_takes_the_k_order_kernels(monkeypatch) -> None:
+    launched = []
+    real = ig._int4_packed_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(ig, "_int4_packed_kernel", Spy())
+    case, p = pairs_case(2, 24, 256, 128, torch.float32, None, False, seed=2)
+    check(case, run_packed(case, p))
+    assert launched  # through perm, which includes the pairs shuffle
+
+
+def test_pairs_bad_input() -> None:
+    case = make_case(2, 16, 256, 64, torch.float16, False, False, seed=0)
+    q = (case["qweight"], case["scales"], case["zeros"], 64)
+    with pytest.raises(
+        ValueError, match=r"group size 64 is not a multiple of 128 \(per-k scales\); use order .k."
+    ):
+        ig.repack_int4_for_triton(*q, order="pairs")
+    with pytest.raises(ValueError, match="order: 'ij' is not 'k' or 'pairs'"):
+        ig.repack_int4_for_triton(*q, order="ij")
+    assert ig.pairs_reason(256, 4, 64) == "group size 64 is not a multiple of 128 (per-k scales)"
+    assert ig.pairs_reason(200, 1, 200) == "K=200 is not a multiple of 128"
+    case, p = packed_case(2, 16, 256, 128, torch.float16, None, False, seed=0)
+    with pytest.raises(ValueError, match="an Int4PairsConfig needs a weight repacked"):
+        run_packed(case, p, config=ig.int4_tc.Int4PairsConfig(16, 16))
+    with pytest.raises(ValueError, match="block_m: 8 must be a power of two >= 16"):
+        ig.int4_tc.Int4PairsConfig(8, 16)
+
+
 # -- dispatch through the CUDA backend -------------------------------------------------------------
 def test_cuda_backend_dispatches_to_triton() -> None:
     import backends  # noqa: F401  (registers the candidates)

@@ -1,0 +1,254 @@
+"""4-bit weight-only GEMM on tensor cores for the "pairs" nibble order of the packed layout: the
+dequantized tile goes from registers straight into the MMA, so decode reads weights near copy speed.
+
+The order (`repack_int4_for_triton(..., order="pairs")`): qweight int32 [N, K/8] as in the
+packed layout, but inside each 128-k chunk (16 words of a row) nibble i (0-3) of word j holds
+k = 32 i + 2 j and nibble i + 4 holds k = 32 i + 2 j + 1. One shift and one and-or then put the
+codes of k and k + 1 into the two halves of a 32-bit register, each as the bf16 (fp16) number
+128 + q (1024 + q): exactly the (k, k + 1) pair a thread holds of an MMA operand, so Triton keeps
+the words in the operand layout and no dequantized tile goes through shared memory. One bf16x2
+(f16x2) fma then subtracts 128 + z (1024 + z), leaving the exact integers q - z; four dots of
+K = 32 take a chunk against x's 32-row slices, and the chunk's sum is scaled once by its group's
+scale (groups are whole chunks: the group size is a multiple of 128). Math, rounding and split-K
+as in `backends.triton.int4_gemm` (fp32 accumulation, one rounding at the end; split-K partials
+summed in a fixed order by its reduce kernel). On NVIDIA GPUs the pair is built with inline PTX
+(lop3 + fma.rn.bf16x2); elsewhere (ROCm, the interpreter) with plain Triton ops, same values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from backends.triton.quant import cast_rtne, interpreting
+
+CHUNK = 128  # k per chunk of the pairs order; the group size must be a multiple of it
+_WORDS = CHUNK // 8  # words per row per chunk
+# (128 + q as bf16 / 1024 + q as fp16 in both halves, its value, 1.0 in both halves, PTX type)
+_MAGIC = {
+    torch.bfloat16: (0x43004300, 128, 0x3F803F80, "bf16x2"),
+    torch.float16: (0x64006400, 1024, 0x3C003C00, "f16x2"),
+}
+_TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Build the pairs with inline PTX on NVIDIA GPUs (False: the plain Triton ops ROCm runs, for tests).
+USE_PTX = True
+
+
+@dataclass(frozen=True)
+class Int4PairsConfig:
+    """One launch shape of the pairs kernel: block_m rows of x (>= 16, the MMA's N side) against
+    block_n weight rows (>= 16); split_k K splits (0: enough for `programs_per_sm` programs per
+    SM)."""
+
+    block_m: int
+    block_n: int
+    split_k: int = 0
+    num_warps: int = 4
+    num_stages: int = 4
+    programs_per_sm: int = 4
+
+    def __post_init__(self) -> None:
+        for name, value in (("block_m", self.block_m), ("block_n", self.block_n)):
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name}: {value} must be a power of two >= 16")
+        if self.split_k < 0 or self.programs_per_sm < 1:
+            raise ValueError(
+                f"split_k: {self.split_k} must be >= 0 and programs_per_sm: "
+                f"{self.programs_per_sm} >= 1"
+            )
+
+
+# (max_m, config): the first entry whose max_m >= M serves M. Measured on an H100 80GB (Triton
+# 3.6, bf16, G = 128, both 8B MLP shapes) by `python bench/int4_gemm.py --autotune --layouts pairs`.
+PAIRS_CONFIGS: tuple[tuple[int, Int4PairsConfig], ...] = (
+    (16, Int4PairsConfig(16, 64, num_warps=4, num_stages=4)),
+    (32, Int4PairsConfig(32, 64, num_warps=4, num_stages=4)),
+    (64, Int4PairsConfig(64, 64, num_warps=4, num_stages=4)),
+    (2**62, Int4PairsConfig(128, 128, num_warps=8, num_stages=3, programs_per_sm=2)),
+)
+
+
+def pick_pairs_config(m: int, configs=None) -> Int4PairsConfig:
+    """The table's config for M rows (PAIRS_CONFIGS unless a backend passes its own)."""
+    table = PAIRS_CONFIGS if configs is None else configs
+    if not table:
+        raise ValueError("configs: the table is empty")
+    for max_m, cfg in table:
+        if m <= max_m:
+            return cfg
+    return table[-1][1]
+
+
+def pairs_unsupported(k: int, group_size: int, x_dtype: torch.dtype | None = None) -> str | None:
+    """Why the pairs order / kernel cannot take this weight (or these activations), else None."""
+    if k % CHUNK:
+        return f"K={k} is not a multiple of {CHUNK}"
+    if group_size <= 0 or group_size % CHUNK:
+        return f"group size {group_size} is not a multiple of {CHUNK} (per-k scales)"
+    if x_dtype is not None and x_dtype not in _MAGIC:
+        return f"activations in {x_dtype} (the kernel takes bfloat16 and float16)"
+    return None
+
+
+def pairs_positions(k: int, device: torch.device | None = None) -> torch.Tensor:
+    """int64 [K]: packed position 8 r + i (nibble i of word r) holds channel positions[8 r + i]
+    of the pairs order, so codes_pairs[:, p] = codes[:, positions[p]]."""
+    p = torch.arange(k, device=device)
+    chunk, word, nib = p // CHUNK, (p % CHUNK) // 8, p % 8
+    return chunk * CHUNK + 32 * (nib % 4) + 2 * word + nib // 4
+
+
+@triton.jit
+def _pair(words, zneg, NIB: tl.constexpr, MAGIC2: tl.constexpr, MAGIC: tl.constexpr,
+          ONE2: tl.constexpr, PAIR_TYPE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+          USE_PTX: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    # Nibbles NIB and NIB + 4 of each uint32 word as (q - z) in DOT_DTYPE: the (k, k + 1) pair.
+    if USE_PTX:
+        # zneg: -(MAGIC + z) in both halves; lop3 0xEA is (a & b) | c.
+        lo, hi = tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t, one;
+            mov.b32 one, {ONE2};
+            shr.u32 t, $2, {4 * NIB};
+            lop3.b32 t, t, 0x000F000F, {MAGIC2}, 0xea;
+            fma.rn.{PAIR_TYPE} t, t, one, $3;
+            mov.b32 {{$0, $1}}, t;
+            }}""",
+            constraints="=h,=h,r,r",
+            args=[words, zneg],
+            dtype=(DOT_DTYPE, DOT_DTYPE),
+            is_pure=True,
+            pack=1,
+        )
+    elif INTERPRET:
+        # The interpreter's bf16 dots are wrong: exact integers in fp32 instead.
+        zf = zneg.to(tl.float32) + MAGIC  # -z
+        lo = ((words >> (4 * NIB)) & 0xF).to(tl.float32) + zf
+        hi = ((words >> (4 * NIB + 16)) & 0xF).to(tl.float32) + zf
+    else:
+        v = ((words >> (4 * NIB)) & 0x000F000F) | MAGIC2
+        lo = (v & 0xFFFF).to(tl.uint16).to(DOT_DTYPE, bitcast=True) + zneg
+        hi = (v >> 16).to(tl.uint16).to(DOT_DTYPE, bitcast=True) + zneg
+    return lo, hi
+
+
+@triton.jit
+def _int4_pairs_kernel(
+    x_ptr,
+    qweight_ptr,
+    scales_ptr,
+    zeros_ptr,
+    bias_ptr,
+    out_ptr,
+    stride_x_row,
+    stride_qw_row,
+    stride_s_row,
+    stride_z_row,
+    stride_out_split,
+    stride_out_row,
+    n_rows,
+    n_cols,
+    n_words,
+    group_size,
+    words_per_split,
+    HAS_BIAS: tl.constexpr,
+    FINAL: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    MAGIC2: tl.constexpr,
+    MAGIC: tl.constexpr,
+    ONE2: tl.constexpr,
+    PAIR_TYPE: tl.constexpr,
+    USE_PTX: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # One program: BLOCK_N weight rows against BLOCK_M rows of x over one K split, a 128-k chunk
+    # [BLOCK_N, 16 words] per step: W_i [BN, 32] @ x[k0 + 32 i : +32, rows] for i = 0..3 on
+    # tensor cores (the swapped product: weights fill the MMA's M side), scaled per chunk.
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    blocks_m = tl.cdiv(n_rows, BLOCK_M)
+    pid_m = pid % blocks_m  # neighbours share a weight tile (L2 hits at M > BLOCK_M)
+    pid_n = pid // blocks_m
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # Rows past the end re-read the last row (in bounds, never stored): loads need no mask.
+    rn_in = tl.minimum(rn, n_cols - 1).to(tl.int64)
+    rm_in = tl.minimum(rm, n_rows - 1).to(tl.int64)
+    rj = tl.arange(0, 16)
+    rk = tl.arange(0, 32)
+    w_ptrs = qweight_ptr + rn_in[:, None] * stride_qw_row + rj[None, :]  # [BN, 16]
+    x_ptrs = x_ptr + rm_in[None, :] * stride_x_row + rk[:, None]  # [32, BM]
+    s_rows = scales_ptr + rn_in * stride_s_row
+    z_rows = zeros_ptr + rn_in * stride_z_row
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    r_start = pid_k * words_per_split
+    r_end = tl.minimum(r_start + words_per_split, n_words)
+    for r0 in range(r_start, r_end, 16):
+        words = tl.load(w_ptrs + r0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+        g = (r0 * 8) // group_size
+        s = tl.load(s_rows + g).to(tl.float32)  # [BN]
+        z = tl.load(z_rows + g).to(tl.float32)
+        zneg = (-(z + MAGIC)).to(DOT_DTYPE)  # exact: an integer below 2^8 (2^11 for fp16)
+        if USE_PTX:
+            zbits = zneg.to(tl.uint16, bitcast=True).to(tl.uint32)
+            zop = (zbits | (zbits << 16))[:, None]  # [BN, 1]: both halves
+        else:
+            zop = zneg[:, None]
+        part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for i in tl.static_range(4):
+            lo, hi = _pair(
+                words, zop, i, MAGIC2, MAGIC, ONE2, PAIR_TYPE, DOT_DTYPE, USE_PTX, INTERPRET
+            )
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 32))  # column 2 j + h from word j
+            xi = tl.load(x_ptrs + (r0 * 8 + 32 * i))
+            if INTERPRET:
+                part = tl.dot(w, xi.to(tl.float32), part, input_precision="ieee")
+            else:
+                part = tl.dot(w, xi, part)
+        acc += part * s[:, None]
+    mask = (rn < n_cols)[:, None] & (rm < n_rows)[None, :]
+    if FINAL:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn_in).to(tl.float32)[:, None]
+        out = out_ptr + rm.to(tl.int64)[None, :] * stride_out_row + rn[:, None]
+        tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    else:
+        out = out_ptr + pid_k * stride_out_split + rm.to(tl.int64)[None, :] * stride_out_row
+        tl.store(out + rn[:, None], acc, mask=mask)
+
+
+def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4PairsConfig,
+                 sm_count: int, reduce_splits) -> None:  # fmt: skip
+    """Runs the kernel for x [M, K] (bf16/fp16, contiguous rows, in the weight's channel order)
+    into out [M, N]; `reduce_splits(dest, bias_or_dummy, out, split, m, n, has_bias)` sums
+    split-K partials. The caller has checked shapes and `pairs_unsupported`."""
+    m, k = x.shape
+    n = qweight.shape[0]
+    chunks = k // CHUNK
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split = cfg.split_k or triton.cdiv(cfg.programs_per_sm * sm_count, tiles)
+    split = max(1, min(split, chunks))
+    per_split = triton.cdiv(chunks, split)  # whole chunks per split
+    split = triton.cdiv(chunks, per_split)  # no empty split
+    final = split == 1
+    dest = out if final else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    magic2, magic, one2, pair_type = _MAGIC[x.dtype]
+    b = bias.contiguous() if bias is not None else qweight  # a dummy pointer when absent
+    interp = interpreting()
+    _int4_pairs_kernel[(tiles, split)](
+        x, qweight, scales, zeros, b, dest, x.stride(0), qweight.stride(0), scales.stride(0),
+        zeros.stride(0), 0 if final else dest.stride(0), dest.stride(-2), m, n, k // 8,
+        group_size, per_split * _WORDS, HAS_BIAS=bias is not None, FINAL=final,
+        DOT_DTYPE=_TL_DTYPE[x.dtype], MAGIC2=magic2, MAGIC=magic, ONE2=one2,
+        PAIR_TYPE=pair_type,
+        USE_PTX=USE_PTX and x.device.type == "cuda" and torch.version.hip is None and not interp,
+        INTERPRET=interp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if not final:
+        reduce_splits(dest, b, out, split, m, n, bias is not None)
