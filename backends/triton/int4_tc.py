@@ -62,12 +62,14 @@ class Int4PairsConfig:
 
 
 # (max_m, config): the first entry whose max_m >= M serves M. Measured on an H100 80GB (Triton
-# 3.6, bf16, G = 128, both 8B MLP shapes) by `python bench/int4_gemm.py --autotune --layouts pairs`.
+# 3.6, bf16, G = 128, both 8B MLP shapes; `python bench/int4_gemm.py --autotune --layouts pairs`
+# and sweeps of block_n / stages / programs per SM, 2026-11-26): M = 1-16 20-26 us
+# per call (0.39-0.50 of copy bandwidth), 1.1-1.3x the k-order kernels.
 PAIRS_CONFIGS: tuple[tuple[int, Int4PairsConfig], ...] = (
-    (16, Int4PairsConfig(16, 64, num_warps=4, num_stages=4)),
+    (16, Int4PairsConfig(16, 128, num_warps=4, num_stages=3, programs_per_sm=4)),
     (32, Int4PairsConfig(32, 64, num_warps=4, num_stages=4)),
-    (64, Int4PairsConfig(64, 64, num_warps=4, num_stages=4)),
-    (2**62, Int4PairsConfig(128, 128, num_warps=8, num_stages=3, programs_per_sm=2)),
+    (64, Int4PairsConfig(64, 64, num_warps=4, num_stages=3, programs_per_sm=2)),
+    (2**62, Int4PairsConfig(128, 128, split_k=2, num_warps=8, num_stages=3, programs_per_sm=2)),
 )
 
 
@@ -255,7 +257,8 @@ def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Pair
                  sm_count: int, reduce_splits, prefetch: bool = True) -> None:  # fmt: skip
     """Runs the kernel for x [M, K] (bf16/fp16, contiguous rows, in the weight's channel order)
     into out [M, N]; `reduce_splits(dest, bias_or_dummy, out, split, m, n, has_bias)` sums
-    split-K partials. The caller has checked shapes and `pairs_unsupported`."""
+    split-K partials; `prefetch` loads each chunk's scales and zeros one step ahead (measured
+    faster at block_n 128). The caller has checked shapes and `pairs_unsupported`."""
     m, k = x.shape
     n = qweight.shape[0]
     chunks = k // CHUNK
