@@ -253,6 +253,20 @@ def check_int4_linear(d: Dispatch, case: S.Int4Case) -> CaseResult:
     return within("y", out, ref, case.dtype, amax(t["x"]) * amax(w), case.k, tf32=tf32(d))
 
 
+def check_int4_linear_prepared(d: Dispatch, case: S.Int4Case) -> CaseResult:
+    # The load-time form: prepare_int4 (runs once at load, called directly) may repack (the CUDA
+    # backend: its packed layout, the tensor-core "pairs" order where K and the group size are
+    # multiples of 128), then int4_linear_prepared.
+    t = case.build()
+    q = (t["qweight"], t["scales"], t["zeros"])
+    weight = d.backend.prepare_int4(*(d.to(a) for a in q), case.group_size, d.to(t["g_idx"]))
+    out = d("int4_linear_prepared", d.to(t["x"]), weight, d.to(t["bias"]))
+    args = (t["qweight"], f64(t["scales"]), t["zeros"], case.group_size, t["g_idx"])
+    ref = linear.int4_linear(f64(t["x"]), *args, f64(t["bias"]))
+    w = quant.dequantize_int4(*args)
+    return within("y", out, ref, case.dtype, amax(t["x"]) * amax(w), case.k, tf32=tf32(d))
+
+
 # An opt-in GGUF path that rounds x, the block scales and offsets and y to bf16 (the CPU's
 # int4pack, for Q4_0 / Q4_1 / Q4_K) declares it in settings["gguf_int4"]. Its weight error is at
 # most u * (8|s| + |z|) <= ~3u * max|w| and x's u * |x|, so ~4 bf16 roundings per product.
@@ -576,6 +590,13 @@ def _int4(act_order: bool | None) -> Strategy:
     return strategy
 
 
+def _int4_prepared(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrategy:
+    # Group sizes the CUDA backend's tensor-core order takes (multiples of 128), K <= 768.
+    return st.booleans().flatmap(
+        lambda ao: S.int4_cases(float_dtypes(c), ao, lim, group_sizes=(128, 256), max_groups=3)
+    )
+
+
 def _gguf(qtype: str) -> Strategy:
     return lambda dt, c, lim: S.gguf_cases(dt, qtype, lim)
 
@@ -609,6 +630,15 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("int8_linear", "int8_gemm", ("int8",), _scaled(None), check_scaled_linear, True),
     OpSpec("int4_linear", "int4_gemm", ("int4",), _int4(False), check_int4_linear, True),
     OpSpec("int4_linear/g_idx", "int4_gemm", ("int4",), _int4(True), check_int4_linear, True),
+    OpSpec(
+        "int4_linear/prepared",
+        "int4_gemm",
+        ("int4",),
+        _int4_prepared,
+        check_int4_linear_prepared,
+        True,
+        examples_scale=0.4,
+    ),
     *(
         OpSpec(f"gguf_linear/{q}", "gguf_gemm", FLOAT, _gguf(q), check_gguf_linear)
         for q in S.GGUF_QTYPES

@@ -421,14 +421,19 @@ class Int4Case:
 
 @st.composite
 def int4_cases(
-    draw, dtypes: tuple[str, ...], act_order: bool, limits: Limits = LIMITS["ci"]
+    draw,
+    dtypes: tuple[str, ...],
+    act_order: bool,
+    limits: Limits = LIMITS["ci"],
+    group_sizes: tuple[int, ...] = INT4_GROUP_SIZES,
+    max_groups: int | None = None,
 ) -> Int4Case:
     return Int4Case(
         dtype=draw(st.sampled_from(dtypes)),
         m=draw(st.integers(1, limits.max_m)),
         n=draw(st.integers(1, limits.max_n)),
-        group_size=draw(st.sampled_from(INT4_GROUP_SIZES)),
-        num_groups=draw(st.integers(1, limits.max_int4_groups)),
+        group_size=draw(st.sampled_from(group_sizes)),
+        num_groups=draw(st.integers(1, min(limits.max_int4_groups, max_groups or 1 << 30))),
         act_order=act_order,
         has_bias=draw(st.booleans()),
         seed=draw(seeds),
