@@ -305,14 +305,18 @@ def _split_reduce_kernel(
     HAS_BIAS: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
     # out[i] = sum_s partial[s, i] (+ bias[i % N]) over the flattened [M, N], in split order.
+    # SPLITS (a power of two >= n_split) unrolls the loop, so every split's load is in flight
+    # at once instead of one DRAM round trip per split.
     offs = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     ok = offs < n_elems
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     ptr = partial_ptr + offs  # 64-bit pointer steps: split * M * N may pass 2^31
-    for _ in range(n_split):
-        acc += tl.load(ptr, mask=ok, other=0.0)
+    for sp in tl.static_range(SPLITS):
+        live = ok & (tl.full((BLOCK,), sp, tl.int32) < n_split)
+        acc += tl.load(ptr, mask=live, other=0.0)
         ptr += n_elems
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs % n_cols, mask=ok, other=0.0).to(tl.float32)
@@ -649,9 +653,11 @@ def _dot_dtype(x: torch.Tensor, allow_tf32: bool) -> tuple[object, str | None]:
 
 
 def _reduce_splits(dest, b, out, split, m, n, has_bias) -> None:
-    block = 1024
+    # 128 outputs per program: a decode-sized [1, N] still spreads over many SMs.
+    block = 128 if m * n <= (1 << 20) else 1024
     _split_reduce_kernel[(triton.cdiv(m * n, block),)](
         dest, b, out, split, m * n, n, HAS_BIAS=has_bias, INTERPRET=interpreting(), BLOCK=block,
+        SPLITS=triton.next_power_of_2(split),
     )  # fmt: skip
 
 
