@@ -49,7 +49,6 @@ class Int4PairsConfig:
     num_warps: int = 4
     num_stages: int = 4
     programs_per_sm: int = 4
-    maxnreg: int | None = None  # a register cap per thread (more resident programs), or none
 
     def __post_init__(self) -> None:
         for name, value in (("block_m", self.block_m), ("block_n", self.block_n)):
@@ -284,7 +283,6 @@ def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Pair
         USE_PTX=USE_PTX and x.device.type == "cuda" and torch.version.hip is None and not interp,
         PREFETCH=prefetch, INTERPRET=interp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **({} if cfg.maxnreg is None or interp else {"maxnreg": cfg.maxnreg}),
     )  # fmt: skip
     if not final:
         reduce_splits(dest, b, out, split, m, n, bias is not None)
