@@ -63,8 +63,8 @@ class Int4PairsConfig:
 
 # (max_m, config): the first entry whose max_m >= M serves M. Measured on an H100 80GB (Triton
 # 3.6, bf16, G = 128, both 8B MLP shapes; `python bench/int4_gemm.py --autotune --layouts pairs`
-# and sweeps of block_n / stages / programs per SM, 2026-11-26): M = 1-16 20-26 us
-# per call (0.39-0.50 of copy bandwidth), 1.1-1.3x the k-order kernels.
+# and sweeps of block_n / stages / splits / programs per SM, 2026-11-26): M = 1-16 19.5-23.4 us
+# per call, 0.43-0.52 of copy bandwidth, 1.15-1.7x the k-order kernels (docs/benchmarks.md).
 PAIRS_CONFIGS: tuple[tuple[int, Int4PairsConfig], ...] = (
     (16, Int4PairsConfig(16, 128, num_warps=4, num_stages=3, programs_per_sm=4)),
     (32, Int4PairsConfig(32, 64, num_warps=4, num_stages=4)),
