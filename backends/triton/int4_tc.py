@@ -27,10 +27,10 @@ from backends.triton.quant import cast_rtne, interpreting
 
 CHUNK = 128  # k per chunk of the pairs order; the group size must be a multiple of it
 _WORDS = CHUNK // 8  # words per row per chunk
-# (128 + q as bf16 / 1024 + q as fp16 in both halves, its value, 1.0 in both halves)
+# (128 + q as bf16 / 1024 + q as fp16 in both halves, its value, 1.0 in both halves, PTX type)
 _MAGIC = {
-    torch.bfloat16: (0x43004300, 128, 0x3F803F80),
-    torch.float16: (0x64006400, 1024, 0x3C003C00),
+    torch.bfloat16: (0x43004300, 128, 0x3F803F80, "bf16x2"),
+    torch.float16: (0x64006400, 1024, 0x3C003C00, "f16x2"),
 }
 _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Build the pairs with inline PTX on NVIDIA GPUs (False: the plain Triton ops ROCm runs, for tests).
@@ -105,43 +105,26 @@ def pairs_positions(k: int, device: torch.device | None = None) -> torch.Tensor:
 
 @triton.jit
 def _pair(words, zneg, NIB: tl.constexpr, MAGIC2: tl.constexpr, MAGIC: tl.constexpr,
-          ONE2: tl.constexpr, DOT_DTYPE: tl.constexpr,
+          ONE2: tl.constexpr, PAIR_PTX: tl.constexpr, DOT_DTYPE: tl.constexpr,
           USE_PTX: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     # Nibbles NIB and NIB + 4 of each uint32 word as (q - z) in DOT_DTYPE: the (k, k + 1) pair.
     if USE_PTX:
         # zneg: -(MAGIC + z) in both halves; lop3 0xEA is (a & b) | c.
-        if DOT_DTYPE == tl.bfloat16:
-            lo, hi = tl.inline_asm_elementwise(
-                asm=f"""{{
-                .reg .b32 t, one;
-                mov.b32 one, {ONE2};
-                shr.u32 t, $2, {4 * NIB};
-                lop3.b32 t, t, 0x000F000F, {MAGIC2}, 0xea;
-                fma.rn.bf16x2 t, t, one, $3;
-                mov.b32 {{$0, $1}}, t;
-                }}""",
-                constraints="=h,=h,r,r",
-                args=[words, zneg],
-                dtype=(tl.bfloat16, tl.bfloat16),
-                is_pure=True,
-                pack=1,
-            )
-        else:
-            lo, hi = tl.inline_asm_elementwise(
-                asm=f"""{{
-                .reg .b32 t, one;
-                mov.b32 one, {ONE2};
-                shr.u32 t, $2, {4 * NIB};
-                lop3.b32 t, t, 0x000F000F, {MAGIC2}, 0xea;
-                fma.rn.f16x2 t, t, one, $3;
-                mov.b32 {{$0, $1}}, t;
-                }}""",
-                constraints="=h,=h,r,r",
-                args=[words, zneg],
-                dtype=(tl.float16, tl.float16),
-                is_pure=True,
-                pack=1,
-            )
+        lo, hi = tl.inline_asm_elementwise(
+            asm=f"""{{
+            .reg .b32 t, one;
+            mov.b32 one, {ONE2};
+            shr.u32 t, $2, {4 * NIB};
+            lop3.b32 t, t, 0x000F000F, {MAGIC2}, 0xea;
+            fma.rn.{PAIR_PTX} t, t, one, $3;
+            mov.b32 {{$0, $1}}, t;
+            }}""",
+            constraints="=h,=h,r,r",
+            args=[words, zneg],
+            dtype=(DOT_DTYPE.value, DOT_DTYPE.value),
+            is_pure=True,
+            pack=1,
+        )
     elif INTERPRET:
         # The interpreter's bf16 dots are wrong: exact integers in fp32 instead.
         zf = zneg.to(tl.float32) + MAGIC  # -z
@@ -181,6 +164,7 @@ def _int4_pairs_kernel(
     MAGIC2: tl.constexpr,
     MAGIC: tl.constexpr,
     ONE2: tl.constexpr,
+    PAIR_PTX: tl.constexpr,
     USE_PTX: tl.constexpr,
     PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
@@ -234,7 +218,9 @@ def _int4_pairs_kernel(
             zop = zneg[:, None]
         part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for i in tl.static_range(4):
-            lo, hi = _pair(words, zop, i, MAGIC2, MAGIC, ONE2, DOT_DTYPE, USE_PTX, INTERPRET)
+            lo, hi = _pair(
+                words, zop, i, MAGIC2, MAGIC, ONE2, PAIR_PTX, DOT_DTYPE, USE_PTX, INTERPRET
+            )
             w = tl.reshape(tl.join(lo, hi), (BLOCK_N, 32))  # column 2 j + h from word j
             xi = tl.load(x_ptrs + (r0 * 8 + 32 * i))
             if INTERPRET:
@@ -271,7 +257,7 @@ def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Pair
     split = triton.cdiv(chunks, per_split)  # no empty split
     final = split == 1
     dest = out if final else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    magic2, magic, one2 = _MAGIC[x.dtype]
+    magic2, magic, one2, pair_ptx = _MAGIC[x.dtype]
     b = bias.contiguous() if bias is not None else qweight  # a dummy pointer when absent
     interp = interpreting()
     _int4_pairs_kernel[(tiles, split)](
@@ -279,7 +265,7 @@ def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Pair
         scales.stride(1), zeros.stride(0), zeros.stride(1), 0 if final else dest.stride(0),
         dest.stride(-2), m, n, k // 8, group_size, per_split * _WORDS,
         HAS_BIAS=bias is not None, FINAL=final, DOT_DTYPE=_TL_DTYPE[x.dtype], MAGIC2=magic2,
-        MAGIC=magic, ONE2=one2,
+        MAGIC=magic, ONE2=one2, PAIR_PTX=pair_ptx,
         USE_PTX=USE_PTX and x.device.type == "cuda" and torch.version.hip is None and not interp,
         PREFETCH=prefetch, INTERPRET=interp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -316,7 +316,8 @@ def test_packed_default_table(m: int) -> None:
     check(case, run_packed(case, p))
 
 
-def test_packed_launches_the_packed_kernel(monkeypatch) -> None:
+def spy_packed_kernel(monkeypatch) -> list:
+    """The grids `_int4_packed_kernel` is launched with from now on (the kernel still runs)."""
     launched = []
     real = ig._int4_packed_kernel
 
@@ -326,6 +327,11 @@ def test_packed_launches_the_packed_kernel(monkeypatch) -> None:
             return real[grid]
 
     monkeypatch.setattr(ig, "_int4_packed_kernel", Spy())
+    return launched
+
+
+def test_packed_launches_the_packed_kernel(monkeypatch) -> None:
+    launched = spy_packed_kernel(monkeypatch)
     case, p = packed_case(2, 16, 64, 32, torch.float16, None, False, seed=3)
     check(case, run_packed(case, p))
     assert launched
@@ -423,15 +429,7 @@ def test_pairs_plain_ops_on_gpu(monkeypatch) -> None:
 
 
 def test_pairs_fp32_x_takes_the_k_order_kernels(monkeypatch) -> None:
-    launched = []
-    real = ig._int4_packed_kernel
-
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(ig, "_int4_packed_kernel", Spy())
+    launched = spy_packed_kernel(monkeypatch)
     case, p = pairs_case(2, 24, 256, 128, torch.float32, None, False, seed=2)
     check(case, run_packed(case, p))
     assert launched  # through perm, which includes the pairs shuffle
