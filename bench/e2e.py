@@ -10,7 +10,8 @@ through this engine and through transformers `generate` (same shape, random weig
 fastest of --hf-batch-sizes), in this run. fp8: the fixed workloads again with quantization="fp8".
 quant: batch-1 decode (graphs) against its own floor and the fixed workloads on random quantized
 checkpoints of the same shape (--quants: gptq4 = W4A16 GPTQ G=128, gptq8, w8a8 =
-compressed-tensors int8 per channel with dynamic per-token activations), beside bf16.
+compressed-tensors int8 per channel with dynamic per-token activations, fp8block = FP8 e4m3 with
+128x128 block scales and dynamic per-token-group activations), beside bf16.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ QUANT_CONFIGS = {
                                   "dynamic": True, "symmetric": True},
         }},
     },
+    "fp8block": {"quant_method": "fp8", "activation_scheme": "dynamic",
+                 "weight_block_size": [128, 128]},
 }  # fmt: skip
 
 

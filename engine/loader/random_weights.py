@@ -3,7 +3,8 @@
 Each tensor is drawn on the target device from a generator seeded by its name, so every rank of a
 tensor-parallel run slices the same full tensor and TP=N equals TP=1 on the same weights. A
 config.json with a quantization_config gets random tensors in that checkpoint layout (GPTQ 4/8-bit
-symmetric, compressed-tensors W8A8 int8 per channel), scaled like N(0, INIT_STD) weights.
+symmetric, compressed-tensors W8A8 int8 per channel, FP8 e4m3 with 128x128 block scales), scaled
+like N(0, INIT_STD) weights.
 """
 
 from __future__ import annotations
@@ -66,6 +67,15 @@ class RandomSource:
         if kind == "codes":  # packed codes or int8 weights: every bit pattern uniform
             info = torch.iinfo(dtype)
             return torch.randint(info.min, info.max, shape, generator=gen, dtype=dtype, device=dev)
+        if kind == "e4m3":  # every finite e4m3fn code uniform: magnitudes 0..0x7E, either sign
+            bits = torch.randint(0, 0x7F, shape, generator=gen, dtype=torch.uint8, device=dev)
+            sign = torch.randint(0, 2, shape, generator=gen, dtype=torch.uint8, device=dev)
+            return (bits | (sign << 7)).view(torch.float8_e4m3fn)
+        if kind == "scales_e4m3":  # the std of those codes' values (about 100) to INIT_STD
+            values = torch.arange(0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+            codes_std = float(values.pow(2).mean().sqrt())
+            s = torch.rand(shape, generator=gen, device=dev) * 0.2 + 0.9
+            return (s * (INIT_STD / codes_std)).to(dtype)
         if kind.startswith("zeros"):  # GPTQ v1 symmetric: every packed zero 2^(bits-1) - 1
             bits = int(kind.removeprefix("zeros"))
             word = sum(((1 << (bits - 1)) - 1) << (bits * i) for i in range(32 // bits))
@@ -83,8 +93,8 @@ def quantized_shapes(
 ) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[str, torch.dtype]]]:
     """Float shapes -> the checkpoint layout of the quantization_config's format for every
     linear weight of the decoder layers (embeddings, norms and lm_head stay float), and each
-    quantized tensor's (kind, dtype). Supported: gptq (bits 4 or 8, sym, no desc_act) and
-    compressed-tensors int8 W8A8 per channel."""
+    quantized tensor's (kind, dtype). Supported: gptq (bits 4 or 8, sym, no desc_act),
+    compressed-tensors int8 W8A8 per channel and fp8 with weight_block_size."""
     method = str(q.get("quant_method", "")).lower()
     out, kinds = {}, {}
     for name, shape in shapes.items():
@@ -110,6 +120,11 @@ def quantized_shapes(
             kinds[f"{base}.qzeros"] = (f"zeros{bits}", torch.int32)
             out[f"{base}.scales"] = (k // g, n)
             kinds[f"{base}.scales"] = (f"scales{bits}", torch.float16)
+        elif method == "fp8" and q.get("weight_block_size") is not None:
+            bn, bk = (int(b) for b in q["weight_block_size"])
+            out[name], kinds[name] = (n, k), ("e4m3", torch.float8_e4m3fn)
+            out[f"{base}.weight_scale_inv"] = (-(-n // bn), -(-k // bk))
+            kinds[f"{base}.weight_scale_inv"] = ("scales_e4m3", torch.float32)
         elif method == "compressed-tensors" and q.get("format") == "int-quantized":
             out[name], kinds[name] = (n, k), ("codes", torch.int8)
             out[f"{base}.weight_scale"] = (n, 1)
@@ -117,7 +132,8 @@ def quantized_shapes(
         else:
             raise ValueError(
                 f"load_format='dummy': no random weights for quant_method {method!r} (format "
-                f"{q.get('format')!r}); supported: gptq, compressed-tensors int-quantized"
+                f"{q.get('format')!r}); supported: gptq, compressed-tensors int-quantized, fp8 "
+                "with weight_block_size"
             )
     return out, kinds
 

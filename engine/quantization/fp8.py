@@ -131,7 +131,7 @@ class FP8LinearMethod(LinearMethod):
             return f"dequantize + linear ({self.backend.chosen('gemm')}), FP8 weight-only"
         impl = self.backend.chosen("fp8_gemm")
         if self.weight_strategy == "block":
-            return f"fp8_linear ({impl}) per 128-column K block, fp32 sum (reference path)"
+            return f"fp8_linear ({impl}) per 128-column K block (weights stored per block), fp32 sum"
         return f"fp8_linear ({impl})"
 
     # -- load ----------------------------------------------------------------------------------
@@ -185,9 +185,11 @@ class FP8LinearMethod(LinearMethod):
             scale = read_tensor(source, self.spec, self._layouts[1]).to(torch.float32)
         checkpoint_dtype = w.dtype
         w, scale = to_platform_fp8(w, scale, self.fp8_dtype)
+        if self.weight_strategy == "block":
+            w, scale = self._to_blocks(w, scale)
         device = self.backend.device
-        set_param(layer, "weight", w, device)
-        set_param(layer, "weight_scale", scale, device)  # fp32 [N, 1] or [N, K / bk]
+        set_param(layer, "weight", w, device)  # fp8 [N, K] or, block, [K / bk, N, bk]
+        set_param(layer, "weight_scale", scale, device)  # fp32 [N, 1] or, block, [K / bk, N, 1]
         if self.act_scheme == "static_tensor":
             # One activation scale for the fused GEMM: the largest of its parts' (vLLM's rule).
             s = read_tensor(source, self.spec, self._layouts[-1]).to(torch.float32).amax()
@@ -195,11 +197,26 @@ class FP8LinearMethod(LinearMethod):
                 s = s * 2.0
             set_param(layer, "input_scale", s.reshape(1), device)
 
+    def _to_blocks(self, w: torch.Tensor, scale: torch.Tensor):
+        """fp8 [N, K] and fp32 [N, K / bk] -> [K / bk, N, bk] (a partial last block padded with
+        zero codes) and [K / bk, N, 1]: each K block's weight contiguous, so the per-block GEMMs
+        read it in place instead of copying a column slice of W on every call."""
+        n, k = w.shape
+        bk = self.block[1]
+        nb = math.ceil(k / bk)
+        if k % bk:  # fp8 zeros are the zero bit pattern in every format
+            bits = torch.zeros(n, nb * bk, dtype=torch.uint8, device=w.device)
+            bits[:, :k] = w.view(torch.uint8)
+            w = bits.view(w.dtype)
+        blocks = w.reshape(n, nb, bk).transpose(0, 1).contiguous()
+        return blocks, scale.t().contiguous().unsqueeze(-1)
+
     # -- run -----------------------------------------------------------------------------------
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         w, s = layer.weight.to(torch.float32), layer.weight_scale
-        if self.weight_strategy == "block":
-            s = s.repeat_interleave(self.block[1], dim=1)[:, : w.shape[1]]
+        if self.weight_strategy == "block":  # [K / bk, N, bk] blocks back to [N, K]
+            nb, n, bk = w.shape
+            return (w * s).transpose(0, 1).reshape(n, nb * bk)[:, : self.spec.k_local]
         return w * s
 
     def _quantize_x(self, layer: nn.Module, x: torch.Tensor):
@@ -217,18 +234,19 @@ class FP8LinearMethod(LinearMethod):
             )
         # Block scales: per 128-column K block, per-token activation scales and per-row weight
         # scales are exactly what fp8_linear takes; the blocks' fp32 results are summed.
-        bk = self.block[1]
+        nb, _, bk = layer.weight.shape
         y = None
-        for b, k0 in enumerate(range(0, x.shape[1], bk)):
-            xb = x[:, k0 : k0 + bk]
+        for b in range(nb):
+            xb = x[:, b * bk : (b + 1) * bk]
+            if xb.shape[1] < bk:  # the partial last block: zero columns meet zero weights
+                xb = torch.nn.functional.pad(xb, (0, bk - xb.shape[1]))
             if self.act_scheme == "static_tensor":
                 x_q, x_scale = self.backend.quantize_fp8(xb, layer.weight.dtype, layer.input_scale)
             else:
                 x_q, x_scale = self.backend.quantize_fp8(xb, layer.weight.dtype, per_token=True)
             part = self.backend.fp8_linear(
-                x_q, x_scale, layer.weight[:, k0 : k0 + bk].contiguous(),
-                layer.weight_scale[:, b : b + 1].contiguous(), out_dtype=torch.float32,
-            )  # fmt: skip
+                x_q, x_scale, layer.weight[b], layer.weight_scale[b], out_dtype=torch.float32
+            )
             y = part if y is None else y + part
         if bias is not None:
             y = y + bias.to(torch.float32)

@@ -78,6 +78,8 @@ QUANT_CONFIGS = {
                                   "dynamic": True, "symmetric": True},
         }},
     },
+    "fp8block": {"quant_method": "fp8", "activation_scheme": "dynamic",
+                 "weight_block_size": [128, 128]},
 }  # fmt: skip
 
 

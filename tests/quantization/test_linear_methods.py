@@ -235,6 +235,22 @@ def test_layout_dequantizes_to_formula_and_runs(backend, case):
     _close(layer(x), _reference(x, deq["p"], act))
 
 
+@pytest.mark.parametrize("k", [256, 192])
+def test_fp8_block_weight_kept_per_k_block(backend, k):
+    # Block weights are stored [K / 128, N, 128] and scales [K / 128, N, 1], each block
+    # contiguous (the per-block GEMMs read it in place, no copy per call); a partial last block
+    # (K = 192) is padded with zero codes and still gives the formula's weight and output.
+    source, quant, deq, act = _checkpoint("ct_fp8_block", {"p": _w(N, k)})
+    layer = ColumnParallelLinear(k, N, backend, SINGLE, torch.float32, False, quant, prefix="p")
+    layer.load(source, "p")
+    nb = -(-k // 128)
+    assert tuple(layer.weight.shape) == (nb, N, 128) and layer.weight[nb - 1].is_contiguous()
+    assert tuple(layer.weight_scale.shape) == (nb, N, 1)
+    torch.testing.assert_close(layer.quant_method.dequantize(layer), deq["p"], rtol=0, atol=0)
+    x = _x(k=k)
+    _close(layer(x), _reference(x, deq["p"], act))
+
+
 def test_weights_stay_quantized_in_memory(backend):
     source, quant, _, _ = _checkpoint("gptq_v1_asym", {"p": _w()})
     layer = ColumnParallelLinear(K, N, backend, SINGLE, torch.float32, False, quant, prefix="p")
