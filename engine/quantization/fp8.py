@@ -131,7 +131,7 @@ class FP8LinearMethod(LinearMethod):
             return f"dequantize + linear ({self.backend.chosen('gemm')}), FP8 weight-only"
         impl = self.backend.chosen("fp8_gemm")
         if self.weight_strategy == "block":
-            return f"fp8_linear ({impl}) per 128-column K block (weights stored per block), fp32 sum"
+            return f"fp8_linear ({impl}) per 128-column K block (stored per block), fp32 sum"
         return f"fp8_linear ({impl})"
 
     # -- load ----------------------------------------------------------------------------------
