@@ -1,5 +1,6 @@
 """4-bit weight-only GEMM on tensor cores for the "pairs" nibble order of the packed layout: the
-dequantized tile goes from registers straight into the MMA, so decode reads weights near copy speed.
+dequantized tile goes from registers straight into the MMA (about half of copy bandwidth at decode
+sizes on an H100, 1.15-1.7x the k-order kernels: docs/benchmarks.md).
 
 The order (`repack_int4_for_triton(..., order="pairs")`): qweight int32 [N, K/8] as in the
 packed layout, but inside each 128-k chunk (16 words of a row) nibble i (0-3) of word j holds
@@ -84,14 +85,13 @@ def pick_pairs_config(m: int, configs=None) -> Int4PairsConfig:
     return table[-1][1]
 
 
-def pairs_unsupported(k: int, group_size: int, x_dtype: torch.dtype | None = None) -> str | None:
-    """Why the pairs order / kernel cannot take this weight (or these activations), else None."""
+def pairs_unsupported(k: int, group_size: int) -> str | None:
+    """Why the pairs order cannot take a weight of K inputs in groups of group_size, else None
+    (its kernel then takes bf16 and fp16 x; fp32 x goes to the k-order kernels)."""
     if k % CHUNK:
         return f"K={k} is not a multiple of {CHUNK}"
     if group_size <= 0 or group_size % CHUNK:
         return f"group size {group_size} is not a multiple of {CHUNK} (per-k scales)"
-    if x_dtype is not None and x_dtype not in _MAGIC:
-        return f"activations in {x_dtype} (the kernel takes bfloat16 and float16)"
     return None
 
 
