@@ -166,7 +166,6 @@ def _int4_pairs_kernel(
     ONE2: tl.constexpr,
     PAIR_PTX: tl.constexpr,
     USE_PTX: tl.constexpr,
-    PREFETCH: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -194,22 +193,17 @@ def _int4_pairs_kernel(
     r_start = pid_k * words_per_split
     r_end = tl.minimum(r_start + words_per_split, n_words)
     last_group = (n_words * 8 - 1) // group_size
-    if PREFETCH:  # the first chunk's scales; each step loads the next step's
-        g = (r_start * 8) // group_size
-        s_next = tl.load(s_rows + g * stride_s_group)
-        z_next = tl.load(z_rows + g * stride_z_group)
+    # Scales and zeros one chunk ahead: the first chunk's here, each step loads the next's.
+    g = (r_start * 8) // group_size
+    s_next = tl.load(s_rows + g * stride_s_group)
+    z_next = tl.load(z_rows + g * stride_z_group)
     for r0 in range(r_start, r_end, 16):
         words = tl.load(w_ptrs + r0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
-        if PREFETCH:
-            s = s_next.to(tl.float32)  # [BN]
-            z = z_next.to(tl.float32)
-            g = tl.minimum(((r0 + 16) * 8) // group_size, last_group)
-            s_next = tl.load(s_rows + g * stride_s_group)
-            z_next = tl.load(z_rows + g * stride_z_group)
-        else:
-            g = (r0 * 8) // group_size
-            s = tl.load(s_rows + g * stride_s_group).to(tl.float32)  # [BN]
-            z = tl.load(z_rows + g * stride_z_group).to(tl.float32)
+        s = s_next.to(tl.float32)  # [BN]
+        z = z_next.to(tl.float32)
+        g = tl.minimum(((r0 + 16) * 8) // group_size, last_group)
+        s_next = tl.load(s_rows + g * stride_s_group)
+        z_next = tl.load(z_rows + g * stride_z_group)
         zneg = (-(z + MAGIC)).to(DOT_DTYPE)  # exact: an integer below 2^8 (2^11 for fp16)
         if USE_PTX:
             zbits = zneg.to(tl.uint16, bitcast=True).to(tl.uint32)
@@ -240,11 +234,10 @@ def _int4_pairs_kernel(
 
 
 def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4PairsConfig,
-                 sm_count: int, reduce_splits, prefetch: bool = True) -> None:  # fmt: skip
+                 sm_count: int, reduce_splits) -> None:  # fmt: skip
     """Runs the kernel for x [M, K] (bf16/fp16, contiguous rows, in the weight's channel order)
     into out [M, N]; `reduce_splits(dest, bias_or_dummy, out, split, m, n, has_bias)` sums
-    split-K partials; `prefetch` loads each chunk's scales and zeros one step ahead (measured
-    faster at block_n 128). The caller has checked shapes and `pairs_unsupported`."""
+    split-K partials. The caller has checked shapes and `pairs_unsupported`."""
     m, k = x.shape
     n = qweight.shape[0]
     chunks = k // CHUNK
@@ -267,7 +260,7 @@ def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Pair
         HAS_BIAS=bias is not None, FINAL=final, DOT_DTYPE=_TL_DTYPE[x.dtype], MAGIC2=magic2,
         MAGIC=magic, ONE2=one2, PAIR_PTX=pair_ptx,
         USE_PTX=USE_PTX and x.device.type == "cuda" and torch.version.hip is None and not interp,
-        PREFETCH=prefetch, INTERPRET=interp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        INTERPRET=interp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if not final:
