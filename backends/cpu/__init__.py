@@ -12,6 +12,7 @@ _TARGETS: dict[str, str] = {
     "attention": "backends.cpu.attention:paged_attention",
     "gemm": "backends.cpu.linear:linear",
     "fp8_gemm": "backends.cpu.linear:fp8_linear",
+    "fp8_block_gemm": "backends.cpu.linear:fp8_linear",
     "int8_gemm": "backends.cpu.linear:int8_linear",
     "int4_gemm": "backends.cpu.linear:int4_linear",
     "gguf_gemm": "backends.cpu.gguf:gguf_linear",

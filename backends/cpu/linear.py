@@ -71,6 +71,37 @@ def _check_quantized(x_q, x_scale, w_q, w_scale, bias, ok, kind: str) -> None:
     _check_bias(bias, w_q.shape[0])
 
 
+def is_block_scaled(x_scale: torch.Tensor, w_scale: torch.Tensor) -> bool:
+    """`fp8_linear`'s block-scaled case: a scale with more than one column ([M, G] / [N, G])."""
+    return any(s.dim() == 2 and s.shape[1] > 1 for s in (x_scale, w_scale))
+
+
+def check_fp8_block_scales(x_q, x_scale, w_q, w_scale, bias) -> None:
+    """The block-scaled `fp8_linear` inputs: fp8 x_q [M, K] and w_q [N, K], x_scale [M, G] and
+    w_scale [N, G] with G dividing K; ValueError naming the tensor otherwise."""
+    for name, t in (("x_q", x_q), ("w_q", w_q)):
+        if not is_fp8(t.dtype):
+            raise ValueError(f"{name}: dtype {t.dtype} is not an FP8 format")
+    if x_q.dim() != 2:
+        raise ValueError(f"x_q: expected [M, K], got shape {tuple(x_q.shape)}")
+    _check_gemm(x_q, w_q, "x_q", "w_q")
+    (m, k), n = x_q.shape, w_q.shape[0]
+    if x_scale.dim() != 2 or x_scale.shape[0] != m or x_scale.shape[1] < 1:
+        raise ValueError(
+            f"x_scale: shape {tuple(x_scale.shape)}, expected [M={m}, G] (one scale per token "
+            "per K block)"
+        )
+    g = x_scale.shape[1]
+    if tuple(w_scale.shape) != (n, g):
+        raise ValueError(
+            f"w_scale: shape {tuple(w_scale.shape)}, expected [N={n}, G={g}] (one scale per "
+            "output row per K block, G as in x_scale)"
+        )
+    if k % g:
+        raise ValueError(f"x_scale: G={g} blocks do not divide K={k} (pad K to a multiple)")
+    _check_bias(bias, n)
+
+
 def fp8_linear(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,
@@ -83,7 +114,20 @@ def fp8_linear(
 
     x_q: fp8 [M, K]; x_scale: [1] or [M, 1]; w_q: fp8 [N, K] (any FP8 format, may differ from
     x_q's); w_scale: [1] or [N, 1]. Returns [M, N] in out_dtype.
+    Block-scaled (`is_block_scaled`): x_scale [M, G], w_scale [N, G], K = G * B; block g's
+    fp32 sum over its B columns is scaled by x_scale[:, g] * w_scale[:, g] before the blocks add.
     """
+    if is_block_scaled(x_scale, w_scale):
+        check_fp8_block_scales(x_q, x_scale, w_q, w_scale, bias)
+        (m, k), n, g = x_q.shape, w_q.shape[0], x_scale.shape[1]
+        xb = x_q.to(torch.float32).reshape(m, g, k // g)
+        wb = w_q.to(torch.float32).reshape(n, g, k // g)
+        xs, ws = x_scale.to(torch.float32), w_scale.to(torch.float32)
+        acc = torch.zeros(m, n, dtype=torch.float32, device=x_q.device)
+        for j in range(g):
+            acc += (xb[:, j] @ wb[:, j].t()) * xs[:, j : j + 1] * ws[:, j].reshape(1, -1)
+        one = torch.ones(1, dtype=torch.float32, device=x_q.device)
+        return _scaled_output(acc, one, one, bias, out_dtype)
     _check_quantized(x_q, x_scale, w_q, w_scale, bias, is_fp8, "an FP8 format")
     acc = x_q.to(torch.float32) @ w_q.to(torch.float32).t()  # [M, N]
     return _scaled_output(acc, x_scale, w_scale, bias, out_dtype)

@@ -67,6 +67,12 @@ OP_CANDIDATES: tuple[Candidate, ...] = (
     _op("fp8_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
         _CU + "linear:fp8_linear_dequant",
         "FP8 operands upcast to fp32, then a cuBLAS GEMM and the scales (no FP8 tensor cores)"),
+    _op("fp8_block_gemm", "triton", 50, rules.triton_reasons, _TR + "fp8_block:fp8_block_linear",
+        "Triton block-scaled FP8 GEMM (FP8 block checkpoints): one K tile per scale block, each "
+        "block's sum scaled in fp32; FP8 tensor cores on sm_89+, swapped split-K tiles at M <= 32"),
+    _op("fp8_block_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
+        _CU + "linear:fp8_linear_dequant",
+        "FP8 operands and their block scales dequantized to fp32, then one cuBLAS GEMM"),
     _op("int8_gemm", "triton_small_m", 150, rules.triton_reasons,
         _TR + "int8_gemv:int8_linear_small_m",
         "Triton bandwidth-bound W8A8 GEMM for M <= 16 (decode; int8 x int8, exact int32 "

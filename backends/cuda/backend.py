@@ -19,6 +19,7 @@ import torch
 
 from backends.cpu import activation, norm
 from backends.cpu import graphs as eager_graphs
+from backends.cpu.linear import is_block_scaled
 from backends.cuda import SCOPE, attention, gguf, graphs, kv_cache, linear, quant, rotary
 from backends.cuda import candidates as rules
 from hal.backend import Backend, GGUFWeight, GraphRunner, Int4Weight
@@ -237,6 +238,8 @@ class CudaBackend(Backend):
     def fp8_linear(
         self, x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16
     ) -> torch.Tensor:
+        if is_block_scaled(x_scale, w_scale):
+            return self.fp8_block_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
         impl = self.chosen("fp8_gemm")
         if impl == "triton_small_m":
             gemv = _triton("gemv")
@@ -255,6 +258,19 @@ class CudaBackend(Backend):
                 x_q, x_scale, w_q, w_scale, bias, out_dtype, rowwise=rowwise
             )
         return _FP8_GEMM[impl](x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+    def fp8_block_linear(
+        self, x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16
+    ) -> torch.Tensor:
+        """`fp8_linear`'s block-scaled case, through the "fp8_block_gemm" family."""
+        why = []
+        if self.chosen("fp8_block_gemm") == "triton":
+            why = _triton("fp8_block").block_reasons(x_q, x_scale)
+        if self._triton_or("fp8_block_gemm", "dequant_gemm", why) == "triton":
+            return _triton("fp8_block").fp8_block_linear(
+                x_q, x_scale, w_q, w_scale, bias, out_dtype
+            )
+        return linear.fp8_linear_dequant(x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
     # The Triton small-M W8A8 kernel's tuning table ({(M bucket, N, K): GemvConfig}); None: its
     # DEFAULT_CONFIGS. A vendor backend reusing this class sets its own.

@@ -13,7 +13,13 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from backends.cpu.linear import _check_bias, _check_quantized, _scaled_output
+from backends.cpu.linear import (
+    _check_bias,
+    _check_quantized,
+    _scaled_output,
+    check_fp8_block_scales,
+    is_block_scaled,
+)
 from backends.cpu.quant import is_fp8
 from backends.cuda.quant import dequantize_int4
 
@@ -139,7 +145,18 @@ def fp8_linear_dequant(
     """The FP8 GEMM without FP8 tensor cores: operands upcast to fp32, one cuBLAS GEMM, scales.
 
     TF32 stays off: fp8 values are exact in fp32, so the only rounding is the fp32 accumulation.
+    Block-scaled inputs (x_scale [M, G], w_scale [N, G]) dequantize each operand by its block
+    scales first (one fp32 rounding per element), then one GEMM.
     """
+    if is_block_scaled(x_scale, w_scale):
+        check_fp8_block_scales(x_q, x_scale, w_q, w_scale, bias)
+        (m, k), n, g = x_q.shape, w_q.shape[0], x_scale.shape[1]
+        x = x_q.to(torch.float32).reshape(m, g, k // g) * x_scale.to(torch.float32)[:, :, None]
+        w = w_q.to(torch.float32).reshape(n, g, k // g) * w_scale.to(torch.float32)[:, :, None]
+        with fp32_matmul_precision(False):
+            acc = x.reshape(m, k) @ w.reshape(n, k).t()
+        one = torch.ones(1, dtype=torch.float32, device=x_q.device)
+        return _scaled_output(acc, one, one, bias, out_dtype)
     _check_quantized(x_q, x_scale, w_q, w_scale, bias, is_fp8, "an FP8 format")
     with fp32_matmul_precision(False):
         acc = x_q.to(torch.float32) @ w_q.to(torch.float32).t()  # [M, N]

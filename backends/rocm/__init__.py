@@ -69,6 +69,12 @@ OP_CANDIDATES: tuple[Candidate, ...] = (
     _op("fp8_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
         _CU + "linear:fp8_linear_dequant",
         "FP8 operands upcast to fp32, then one GEMM and the scales (no FP8 matrix cores)"),
+    _op("fp8_block_gemm", "triton", 50, rules.triton_reasons, _TR + "fp8_block:fp8_block_linear",
+        "Triton block-scaled FP8 GEMM (FP8 block checkpoints): codes decoded exactly to fp16 for "
+        "the matrix cores, each block's sum scaled in fp32"),
+    _op("fp8_block_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
+        _CU + "linear:fp8_linear_dequant",
+        "FP8 operands and their block scales dequantized to fp32, then one GEMM"),
     _op("int8_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
         _CU + "linear:int8_linear_dequant",
         "int8 operands multiplied in fp32, then the scales (torch._int_mm on ROCm is not yet "

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from backends.cpu import graphs as eager_graphs
+from backends.cpu.linear import is_block_scaled
 from backends.cuda import attention as cuda_attention
 from backends.cuda import graphs, linear
 from backends.cuda.backend import TF32_ENV, CudaBackend, _env_flag, _triton
@@ -108,6 +109,8 @@ class RocmBackend(CudaBackend):
     def fp8_linear(
         self, x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16
     ) -> torch.Tensor:
+        if is_block_scaled(x_scale, w_scale):
+            return self.fp8_block_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype)
         impl = self.chosen("fp8_gemm")
         if impl == "hipblaslt_fp8":
             native = self.caps.fp8_dtype

@@ -131,7 +131,9 @@ class FP8LinearMethod(LinearMethod):
             return f"dequantize + linear ({self.backend.chosen('gemm')}), FP8 weight-only"
         impl = self.backend.chosen("fp8_gemm")
         if self.weight_strategy == "block":
-            return f"fp8_linear ({impl}) per 128-column K block (stored per block), fp32 sum"
+            impl = self.backend.chosen("fp8_block_gemm")
+            per = f"per token per {self.block[1]} columns"
+            return f"block-scaled fp8_linear ({impl}), activations {per}"
         return f"fp8_linear ({impl})"
 
     # -- load ----------------------------------------------------------------------------------
@@ -188,8 +190,8 @@ class FP8LinearMethod(LinearMethod):
         if self.weight_strategy == "block":
             w, scale = self._to_blocks(w, scale)
         device = self.backend.device
-        set_param(layer, "weight", w, device)  # fp8 [N, K] or, block, [K / bk, N, bk]
-        set_param(layer, "weight_scale", scale, device)  # fp32 [N, 1] or, block, [K / bk, N, 1]
+        set_param(layer, "weight", w, device)  # fp8 [N, K] or, block, [N, G * bk]
+        set_param(layer, "weight_scale", scale, device)  # fp32 [N, 1] or, block, [G, N]
         if self.act_scheme == "static_tensor":
             # One activation scale for the fused GEMM: the largest of its parts' (vLLM's rule).
             s = read_tensor(source, self.spec, self._layouts[-1]).to(torch.float32).amax()
@@ -198,9 +200,9 @@ class FP8LinearMethod(LinearMethod):
             set_param(layer, "input_scale", s.reshape(1), device)
 
     def _to_blocks(self, w: torch.Tensor, scale: torch.Tensor):
-        """fp8 [N, K] and fp32 [N, K / bk] -> [K / bk, N, bk] (a partial last block padded with
-        zero codes) and [K / bk, N, 1]: each K block's weight contiguous, so the per-block GEMMs
-        read it in place instead of copying a column slice of W on every call."""
+        """fp8 [N, K] and fp32 [N, K / bk] -> [N, G * bk] (a partial last block padded with zero
+        codes) and the scales as [G, N], whose transpose is the [N, G] block-scaled fp8_linear
+        takes: one K block's scales for consecutive rows are contiguous (coalesced loads)."""
         n, k = w.shape
         bk = self.block[1]
         nb = math.ceil(k / bk)
@@ -208,15 +210,15 @@ class FP8LinearMethod(LinearMethod):
             bits = torch.zeros(n, nb * bk, dtype=torch.uint8, device=w.device)
             bits[:, :k] = w.view(torch.uint8)
             w = bits.view(w.dtype)
-        blocks = w.reshape(n, nb, bk).transpose(0, 1).contiguous()
-        return blocks, scale.t().contiguous().unsqueeze(-1)
+        return w.contiguous(), scale.t().contiguous()
 
     # -- run -----------------------------------------------------------------------------------
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         w, s = layer.weight.to(torch.float32), layer.weight_scale
-        if self.weight_strategy == "block":  # [K / bk, N, bk] blocks back to [N, K]
-            nb, n, bk = w.shape
-            return (w * s).transpose(0, 1).reshape(n, nb * bk)[:, : self.spec.k_local]
+        if self.weight_strategy == "block":  # [N, G * bk] and [G, N] back to [N, K]
+            n, nb = w.shape[0], s.shape[0]
+            w = (w.reshape(n, nb, -1) * s.t()[:, :, None]).reshape(n, -1)
+            return w[:, : self.spec.k_local]
         return w * s
 
     def _quantize_x(self, layer: nn.Module, x: torch.Tensor):
@@ -232,25 +234,19 @@ class FP8LinearMethod(LinearMethod):
             return self.backend.fp8_linear(
                 x_q, x_scale, layer.weight, layer.weight_scale, bias, out_dtype=x.dtype
             )
-        # Block scales: per 128-column K block, per-token activation scales and per-row weight
-        # scales are exactly what fp8_linear takes; the blocks' fp32 results are summed.
-        nb, _, bk = layer.weight.shape
-        y = None
-        for b in range(nb):
-            xb = x[:, b * bk : (b + 1) * bk]
-            if xb.shape[1] < bk:  # the partial last block: zero columns meet zero weights
-                xb = torch.nn.functional.pad(xb, (0, bk - xb.shape[1]))
-            if self.act_scheme == "static_tensor":
-                x_q, x_scale = self.backend.quantize_fp8(xb, layer.weight.dtype, layer.input_scale)
-            else:
-                x_q, x_scale = self.backend.quantize_fp8(xb, layer.weight.dtype, per_token=True)
-            part = self.backend.fp8_linear(
-                x_q, x_scale, layer.weight[b], layer.weight_scale[b], out_dtype=torch.float32
-            )
-            y = part if y is None else y + part
-        if bias is not None:
-            y = y + bias.to(torch.float32)
-        return y.to(x.dtype)
+        # Block scales: activations quantized per token per 128-column group (each group a row
+        # of its own to the per-token quantizer), then one block-scaled GEMM.
+        m, nb = x.shape[0], layer.weight_scale.shape[0]
+        kp = layer.weight.shape[1]
+        if x.shape[1] < kp:  # the partial last block: zero columns meet zero weights
+            x = torch.nn.functional.pad(x, (0, kp - x.shape[1]))
+        x_q, x_scale = self.backend.quantize_fp8(
+            x.contiguous().reshape(m * nb, kp // nb), layer.weight.dtype, per_token=True
+        )
+        return self.backend.fp8_linear(
+            x_q.reshape(m, kp), x_scale.reshape(m, nb), layer.weight, layer.weight_scale.t(),
+            bias, out_dtype=x.dtype,
+        )  # fmt: skip
 
 
 class OnlineFP8LinearMethod(FP8LinearMethod):

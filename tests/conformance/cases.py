@@ -220,6 +220,14 @@ def check_linear(d: Dispatch, case: S.LinearCase) -> CaseResult:
     return within("y", out, ref, case.dtype, mag, case.shape.k, tf32=tf32(d))
 
 
+def _dequantized(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # q [R, K] times its scale: [1], [R, 1], or [R, G] (block-scaled: G blocks of K / G columns)
+    s = scale.to(F64)
+    if s.dim() == 2 and s.shape[1] > 1:
+        s = s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
+    return q.to(F64) * s
+
+
 def check_scaled_linear(d: Dispatch, case: S.ScaledGemmCase) -> CaseResult:
     t = case.build()
     op = "int8_linear" if case.qdtype == "int8" else "fp8_linear"
@@ -230,8 +238,8 @@ def check_scaled_linear(d: Dispatch, case: S.ScaledGemmCase) -> CaseResult:
     if out.dtype != t["out_dtype"]:
         detail = f"y: dtype {out.dtype}, asked for {t['out_dtype']}"
         return CaseResult(False, math.inf, math.inf, detail)
-    x = t["x_q"].to(F64) * t["x_scale"].to(F64)  # the dequantized operands, exactly
-    w = t["w_q"].to(F64) * t["w_scale"].to(F64)
+    x = _dequantized(t["x_q"], t["x_scale"])  # the dequantized operands, exactly
+    w = _dequantized(t["w_q"], t["w_scale"])
     ref = linear.linear(x, w, f64(t["bias"]))
     # A backend whose FP8 GEMM runs on tensor cores says so (settings["fp8_accumulate"]).
     fp8_tc = (
@@ -582,6 +590,10 @@ def _scaled(per_token: bool | None) -> Strategy:
     return strategy
 
 
+def _fp8_block(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrategy:
+    return S.fp8_block_cases(dt, float_dtypes(c), lim)
+
+
 def _int4(act_order: bool | None) -> Strategy:
     def strategy(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrategy:
         flags = st.booleans() if act_order is None else st.just(act_order)
@@ -627,6 +639,7 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("linear", "gemm", FLOAT, _plain(S.linear_cases), check_linear),
     OpSpec("fp8_linear/per_tensor", "fp8_gemm", FP8, _scaled(False), check_scaled_linear, True),
     OpSpec("fp8_linear/per_token", "fp8_gemm", FP8, _scaled(True), check_scaled_linear, True),
+    OpSpec("fp8_linear/block", "fp8_block_gemm", FP8, _fp8_block, check_scaled_linear, True),
     OpSpec("int8_linear", "int8_gemm", ("int8",), _scaled(None), check_scaled_linear, True),
     OpSpec("int4_linear", "int4_gemm", ("int4",), _int4(False), check_int4_linear, True),
     OpSpec("int4_linear/g_idx", "int4_gemm", ("int4",), _int4(True), check_int4_linear, True),

@@ -337,6 +337,7 @@ class ScaledGemmCase:
     out_dtype: str
     shape: GemmShape
     seed: int
+    block: int = 0  # > 0: block-scaled, x_scale [M, K / block] and w_scale [N, K / block]
 
     def build(self) -> dict[str, torch.Tensor | None]:
         s, gen = self.shape, generator(self.seed)
@@ -348,6 +349,8 @@ class ScaledGemmCase:
             w_q = encode(randn((s.n, s.k), gen, 64.0), self.qdtype)
         xs_shape = (s.m, 1) if self.per_token else (1,)
         ws_shape = (s.n, 1) if self.per_token else (1,)
+        if self.block:
+            xs_shape, ws_shape = (s.m, s.k // self.block), (s.n, s.k // self.block)
         return {
             "x_q": x_q,
             "x_scale": torch.rand(xs_shape, generator=gen) * 0.02 + 0.001,
@@ -368,6 +371,26 @@ def scaled_gemm_cases(
         out_dtype=draw(st.sampled_from(out_dtypes)),
         shape=draw(gemm_shapes(limits)),
         seed=draw(seeds),
+    )
+
+
+@st.composite
+def fp8_block_cases(
+    draw, qdtype: str, out_dtypes: tuple[str, ...], limits: Limits = LIMITS["ci"]
+) -> ScaledGemmCase:
+    """Block-scaled FP8 GEMMs: blocks of 16-128 columns (powers of two, the kernels' tiles),
+    2-4 blocks (one block is the per-token case), M and N as for any GEMM (odd sizes included)."""
+    fits = tuple(b for b in (16, 32, 64, 128) if 2 * b <= max(limits.max_k, 32))
+    block = draw(st.sampled_from(fits))
+    shape = draw(gemm_shapes(limits))
+    k = draw(st.integers(2, max(2, min(4, limits.max_k // block)))) * block
+    return ScaledGemmCase(
+        qdtype=qdtype,
+        per_token=True,
+        out_dtype=draw(st.sampled_from(out_dtypes)),
+        shape=GemmShape(shape.m, k, shape.n, None, shape.has_bias),
+        seed=draw(seeds),
+        block=block,
     )
 
 

@@ -327,6 +327,8 @@ def test_activation_quantized_triton_path_on_fixture_layers(name, cuda_backend, 
         y = method.apply(layer, x)
         ran.update(f"{k}:{v}" for k, v in cuda_backend.ran.items())
         assert cuda_backend.ran.get("quantize") == "triton", cuda_backend.ran
+        if name == "ct_fp8_block" and layer.weight_scale.shape[0] > 1:  # [G, N], G K blocks
+            assert cuda_backend.ran.get("fp8_block_gemm") == "triton", cuda_backend.ran
         _check_layer_output(y, fake_quant(x, kind, group), w, f"{name} {prefix}")
     table.setdefault(name, {})["triton"] = ", ".join(sorted(ran))
 

@@ -236,16 +236,17 @@ def test_layout_dequantizes_to_formula_and_runs(backend, case):
 
 
 @pytest.mark.parametrize("k", [256, 192])
-def test_fp8_block_weight_kept_per_k_block(backend, k):
-    # Block weights are stored [K / 128, N, 128] and scales [K / 128, N, 1], each block
-    # contiguous (the per-block GEMMs read it in place, no copy per call); a partial last block
-    # (K = 192) is padded with zero codes and still gives the formula's weight and output.
+def test_fp8_block_weight_padded_and_scales_transposed(backend, k):
+    # Block weights are stored [N, G * 128] (a partial last block, K = 192, padded with zero
+    # codes) and scales [G, N] (one block's scales contiguous across rows), one block-scaled
+    # fp8_linear per call; the formula's weight and output either way.
     source, quant, deq, act = _checkpoint("ct_fp8_block", {"p": _w(N, k)})
     layer = ColumnParallelLinear(k, N, backend, SINGLE, torch.float32, False, quant, prefix="p")
     layer.load(source, "p")
     nb = -(-k // 128)
-    assert tuple(layer.weight.shape) == (nb, N, 128) and layer.weight[nb - 1].is_contiguous()
-    assert tuple(layer.weight_scale.shape) == (nb, N, 1)
+    assert tuple(layer.weight.shape) == (N, nb * 128) and layer.weight.is_contiguous()
+    assert tuple(layer.weight_scale.shape) == (nb, N)
+    assert not layer.weight.view(torch.uint8)[:, k:].any()
     torch.testing.assert_close(layer.quant_method.dequantize(layer), deq["p"], rtol=0, atol=0)
     x = _x(k=k)
     _close(layer(x), _reference(x, deq["p"], act))

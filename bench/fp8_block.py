@@ -1,0 +1,190 @@
+"""The block-scaled FP8 GEMM (backends/triton/fp8_block.py) on Llama-3-8B shapes against the peers a
+user has in the same run: bf16 F.linear (cuBLAS), the per-channel FP8 GEMM (row-wise
+torch._scaled_mm, what a per-channel FP8 checkpoint runs) and, where this torch has it, torch's own
+block-wise _scaled_mm (1x128 activation and 128x128 weight scales).
+
+    python bench/fp8_block.py                          # M = 1 ... 4096 on the four 8B linears
+    python bench/fp8_block.py --ms 1 16 --sweep        # also every config of a small grid
+
+Timing: CUDA graphs over several weight copies (together > 3x L2, so each call reads its weight
+from DRAM), the median replay between CUDA events, per call (bench/int4_gemm.py's method). "ours"
+is the GEMM alone; "ours+q" adds the per-128-column activation quantize the engine runs before it.
+"of copy" = weight bytes / time / a measured 1 GiB device copy; TFLOP/s = 2 M N K / time. Every
+timed config is first checked against float64 (the conformance bound for an FP8 tensor-core GEMM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backends.cuda import linear  # noqa: E402
+from backends.triton import fp8_block as fb  # noqa: E402
+from backends.triton import quant as tq  # noqa: E402
+from bench.int4_gemm import timed  # noqa: E402
+from bench.int8_gemv import SHAPES, copy_bandwidth  # noqa: E402
+from tests.conformance.tolerances import tolerance  # noqa: E402
+
+BLOCK = 128
+FP8 = torch.float8_e4m3fn
+
+
+def weight_sets(k: int, n: int, l2: int) -> list[tuple]:
+    """(w fp8 [N, K], w_scale [G, N] (passed transposed), w bf16 [N, K], row-wise scale [N, 1])
+    copies, enough fp8 bytes to exceed 3x L2."""
+    count = max(2, math.ceil(3 * l2 / (n * k)))
+    sets = []
+    for _ in range(count):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        wq = (w.float() * 448 / w.float().abs().amax()).to(FP8)
+        ws = torch.rand(k // BLOCK, n, device="cuda") * 1e-4 + 1e-5
+        row = torch.rand(n, 1, device="cuda") * 1e-4 + 1e-5
+        sets.append((wq, ws, w, row))
+    return sets
+
+
+def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    m, k = x.shape
+    q, s = tq.quantize_fp8(x.reshape(m * (k // BLOCK), BLOCK), FP8, per_token=True)
+    return q.reshape(m, k), s.reshape(m, k // BLOCK)
+
+
+def check(x_q, x_s, wq, ws, y) -> str:
+    b = x_q.shape[1] // x_s.shape[1]
+    x = x_q.double() * x_s.double().repeat_interleave(b, dim=1)
+    w = wq.double() * ws.t().double().repeat_interleave(b, dim=1)
+    ref = x @ w.t()
+    allowed = tolerance(y.dtype, fp8_gemm=True).allowed(
+        ref, float(x.abs().max() * w.abs().max()), x.shape[1]
+    )
+    err = (y.double() - ref).abs()
+    return "ok" if bool((err <= allowed).all()) else f"FAIL (max err {float(err.max()):.3g})"
+
+
+def torch_blockwise(x_q, x_s, wq, ws_blocks):
+    """torch's block-wise _scaled_mm (scale_a [M, K/128] outer-dim-major, scale_b [K/128, N/128]),
+    or the exception text when this torch / device lacks it."""
+    a_scale = x_s.t().contiguous().t()  # column-major [M, G]
+    return torch._scaled_mm(
+        x_q, wq.t(), scale_a=a_scale, scale_b=ws_blocks, out_dtype=torch.bfloat16
+    )
+
+
+# Candidate layouts of the [N/128, G] block scales for torch's block-wise _scaled_mm (its docs
+# have changed between releases): the first that runs and checks out is timed.
+BLOCK_SCALE_LAYOUTS = {
+    "[N/128, G]": lambda ws: ws.t()[::BLOCK].contiguous(),
+    "[G, N/128]": lambda ws: ws.t()[::BLOCK].t().contiguous(),
+    "[N/128, G] col-major": lambda ws: ws.t()[::BLOCK].t().contiguous().t(),
+    "[G, N/128] col-major": lambda ws: ws.t()[::BLOCK].contiguous().t(),
+}
+
+
+def torch_block_peer(x_q, x_s, wq, ws):
+    """(text, layout fn) of torch's block-wise _scaled_mm on this machine: layout None with the
+    reason when no candidate layout runs and matches."""
+    reasons = []
+    for name, layout in BLOCK_SCALE_LAYOUTS.items():
+        try:
+            y = torch_blockwise(x_q, x_s, wq, layout(ws))
+        except Exception as e:  # noqa: BLE001 - report why the peer is absent
+            reasons.append(f"{name}: {str(e).splitlines()[0][:50]}")
+            continue
+        status = check(x_q, x_s, wq, ws.t(), y)
+        if status == "ok":
+            return name, layout
+        reasons.append(f"{name}: {status}")
+    return "n/a (" + "; ".join(reasons) + ")", None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", nargs="+", default=["qkv", "o", "gate_up", "down"])
+    ap.add_argument("--ms", nargs="+", type=int, default=[1, 4, 16, 64, 256, 1024, 4096])
+    ap.add_argument("--sweep", action="store_true", help="also time a grid of configs")
+    ap.add_argument("--reps", type=int, default=20)
+    args = ap.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    copy = copy_bandwidth()
+    print(f"# {props.name}, torch {torch.__version__}, copy {copy:.0f} GB/s")
+    print("shape M | ours us | ours+q us | of copy | TFLOP/s | bf16 us | fp8 row us | "
+          "torch block us | bf16/ours+q | fp8row/ours+q | check")  # fmt: skip
+    for shape in args.shapes:
+        k, n = SHAPES[shape]
+        sets = weight_sets(k, n, props.L2_cache_size)
+        for m in args.ms:
+            row(shape, m, k, n, sets, copy, args)
+
+
+def row(shape: str, m: int, k: int, n: int, sets: list, copy: float, args) -> None:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    x_q, x_s = quantize_groups(x)
+    wq, ws, _, _ = sets[0]
+    status = check(x_q, x_s, wq, ws.t(), fb.fp8_block_linear(x_q, x_s, wq, ws.t()))
+
+    def each(fn) -> float:  # fn(weight set) timed over all sets
+        return timed([functools.partial(fn, s) for s in sets], args.reps, 3)
+
+    ours = each(lambda s: fb.fp8_block_linear(x_q, x_s, s[0], s[1].t()))
+    ours_q = each(lambda s: fb.fp8_block_linear(*quantize_groups(x), s[0], s[1].t()))
+    bf16 = each(lambda s: F.linear(x, s[2]))
+    fp8_row = each(
+        lambda s: linear.fp8_linear_scaled_mm(
+            *tq.quantize_fp8(x, FP8, per_token=True), s[0], s[3], rowwise=True
+        )
+    )
+    tb_text, layout = torch_block_peer(x_q, x_s, wq, ws)
+    if layout is not None:
+        tb_text = f"{each(lambda s: torch_blockwise(x_q, x_s, s[0], layout(s[1]))) * 1e3:.1f}"
+    frac = n * k / (ours * 1e-3) / 1e9 / copy
+    tflops = 2 * m * n * k / (ours * 1e-3) / 1e12
+    print(f"{shape} {m} | {ours * 1e3:.1f} | {ours_q * 1e3:.1f} | {frac:.2f} | {tflops:.0f} | "
+          f"{bf16 * 1e3:.1f} | {fp8_row * 1e3:.1f} | {tb_text} | {bf16 / ours_q:.2f} | "
+          f"{fp8_row / ours_q:.2f} | {status}", flush=True)  # fmt: skip
+    if args.sweep:
+        sweep(m, each, x_q, x_s)
+
+
+def sweep(m: int, each, x_q, x_s) -> None:
+    if m <= fb.SWAP_MAX_M:
+        grid = [
+            fb.Fp8BlockConfig(True, 16 if m <= 16 else 32, bn, 4, st, sp)
+            for bn in (32, 64, 128)
+            for st in (3, 4)
+            for sp in (0, 2, 4)
+        ]
+    else:
+        grid = [
+            fb.Fp8BlockConfig(False, bm, bn, w, st)
+            for bm in (64, 128)
+            for bn in (128, 256)
+            for w in (4, 8)
+            for st in (3, 4)
+        ]
+    results = []
+    for cfg in grid:
+        try:
+            t = each(functools.partial(_call_with, x_q, x_s, cfg))
+        except Exception as e:  # noqa: BLE001 - out of shared memory and the like
+            print(f"  {cfg}: {type(e).__name__}")
+            continue
+        results.append((t, cfg))
+    results.sort(key=lambda r: r[0])
+    for t, cfg in results[:4]:
+        print(f"  sweep M={m}: {t * 1e3:.1f} us {cfg}")
+
+
+def _call_with(x_q, x_s, cfg, s):
+    return fb.fp8_block_linear(x_q, x_s, s[0], s[1].t(), config=cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The block-scaled FP8 GEMM (`backends.triton.fp8_block`) against float64 on dequantized operands,
+under TRITON_INTERPRET=1 on CPU tensors or natively on a GPU; the CPU reference's and the dequant
+path's block-scaled case; the CUDA backend's dispatch; bad input."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from backends.cpu import linear as ref_linear
+from backends.cuda import linear as cuda_linear
+from tests.conformance.tolerances import tolerance
+
+triton = pytest.importorskip("triton")
+fp8_block = pytest.importorskip("backends.triton.fp8_block")
+
+E4M3, E5M2, FNUZ = torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz
+
+
+def _device() -> str:
+    if torch.cuda.is_available() and not fp8_block.interpreting():
+        return "cuda"
+    if not fp8_block.interpreting():
+        pytest.skip("no GPU and not under TRITON_INTERPRET=1")
+    return "cpu"
+
+
+def _case(m, n, g, block, fx=E4M3, fw=E4M3, seed=0, bias=False, transposed_ws=True):
+    gen = torch.Generator().manual_seed(seed)
+    k = g * block
+    x_q = (torch.randn(m, k, generator=gen) * 64).clamp(-200, 200).to(fx)
+    w_q = (torch.randn(n, k, generator=gen) * 64).clamp(-200, 200).to(fw)
+    x_scale = torch.rand(m, g, generator=gen) * 0.02 + 0.001
+    w_scale = torch.rand(g, n, generator=gen) * 0.02 + 0.001  # stored [G, N] like the engine
+    w_scale = w_scale.t() if transposed_ws else w_scale.t().contiguous()
+    b = torch.randn(n, generator=gen) if bias else None
+    return x_q, x_scale, w_q, w_scale, b
+
+
+def _exact(x_q, x_scale, w_q, w_scale, bias):
+    # float64 on the dequantized operands: every scaled value and product exact
+    b = x_q.shape[1] // x_scale.shape[1]
+    x = x_q.double() * x_scale.double().repeat_interleave(b, dim=1)
+    w = w_q.double() * w_scale.double().repeat_interleave(b, dim=1)
+    y = x @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+def _check(y, x_q, x_scale, w_q, w_scale, bias, out_dtype, fp8_tc=False):
+    assert y.dtype == out_dtype and tuple(y.shape) == (x_q.shape[0], w_q.shape[0])
+    ref = _exact(x_q, x_scale, w_q, w_scale, bias)
+    b = x_q.shape[1] // x_scale.shape[1]
+    mag = float(
+        (x_q.double().abs().amax() * x_scale.max()) * (w_q.double().abs().amax() * w_scale.max())
+    )
+    allowed = tolerance(out_dtype, fp8_gemm=fp8_tc).allowed(ref, mag, x_q.shape[1])
+    err = (y.double().cpu() - ref).abs()
+    assert bool((err <= allowed).all()), f"max err {float(err.max()):.3g} (block {b})"
+
+
+def _on(device, *tensors):
+    return [t.to(device) if t is not None else None for t in tensors]
+
+
+@pytest.mark.parametrize(
+    "m, n, g, block, fx, fw, out_dtype, bias",
+    [
+        (1, 70, 2, 128, E4M3, E4M3, torch.bfloat16, False),  # decode, N tail
+        (5, 130, 4, 128, E4M3, E5M2, torch.float32, True),  # mixed formats
+        (16, 64, 3, 64, E5M2, E5M2, torch.float16, True),
+        (33, 33, 2, 128, FNUZ, E4M3, torch.float32, False),  # M just past the swapped tiles
+        (70, 200, 2, 32, E4M3, E4M3, torch.bfloat16, True),  # 64 x 128 tiles, tails
+        (130, 129, 2, 16, E4M3, E4M3, torch.float32, False),  # 128 x 128 tiles, tails
+    ],
+)
+def test_kernel_matches_exact(m, n, g, block, fx, fw, out_dtype, bias):
+    dev = _device()
+    x_q, x_scale, w_q, w_scale, b = _on(dev, *_case(m, n, g, block, fx, fw, bias=bias))
+    y = fp8_block.fp8_block_linear(x_q, x_scale, w_q, w_scale, b, out_dtype)
+    native = dev == "cuda" and fx == fw and fx in (E4M3, E5M2)
+    _check(y.cpu(), *_on("cpu", x_q, x_scale, w_q, w_scale, b), out_dtype, fp8_tc=native)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        fp8_block.Fp8BlockConfig(True, 16, 64, split=3),  # 3 splits over 5 blocks: uneven
+        fp8_block.Fp8BlockConfig(True, 32, 16, split=1, num_stages=1),
+        fp8_block.Fp8BlockConfig(False, 16, 32, group_m=2),  # grouped tile order, 3 row tiles
+    ],
+)
+def test_forced_configs(config):
+    dev = _device()
+    case = _on(dev, *_case(40, 50, 5, 32, seed=3, bias=True, transposed_ws=False))
+    y = fp8_block.fp8_block_linear(*case, torch.float32, config=config)
+    _check(y.cpu(), *_on("cpu", *case), torch.float32, fp8_tc=dev == "cuda")
+
+
+def test_split_k_is_deterministic():
+    dev = _device()
+    case = _on(dev, *_case(3, 96, 8, 16, seed=4))
+    cfg = fp8_block.Fp8BlockConfig(True, 16, 32, split=4)
+    a = fp8_block.fp8_block_linear(*case, torch.float32, config=cfg)
+    b = fp8_block.fp8_block_linear(*case, torch.float32, config=cfg)
+    assert torch.equal(a, b)
+
+
+def test_split_plan_fills_the_device():
+    cfg = fp8_block.pick_config(1)
+    assert cfg.swap and fp8_block.pick_config(64).swap is False
+    # 64 tiles of an 8B attention projection (N = 4096, BLOCK_N 64) over 32 K blocks, 132 SMs
+    splits, per = fp8_block.split_plan(cfg, 64, 32, 132)
+    assert splits * per >= 32 and (splits - 1) * per < 32
+    assert 64 * splits >= 4 * 132 or per <= 4
+    assert fp8_block.split_plan(fp8_block.pick_config(256), 500, 32, 132) == (1, 32)
+
+
+def test_reference_and_dequant_path_match_exact():
+    # The CPU reference (per-block fp32 sums) and the CUDA backend's dequant path (dequantized
+    # operands, one GEMM) on CPU tensors, both against float64.
+    case = _case(7, 45, 3, 32, E4M3, E5M2, seed=5, bias=True)
+    for fn in (ref_linear.fp8_linear, cuda_linear.fp8_linear_dequant):
+        for out_dtype in (torch.float32, torch.bfloat16):
+            _check(fn(*case, out_dtype), *case, out_dtype)
+
+
+def test_one_block_is_the_per_token_case():
+    x_q, x_scale, w_q, w_scale, b = _case(4, 20, 1, 64, seed=6)
+    assert not ref_linear.is_block_scaled(x_scale, w_scale)
+    y = ref_linear.fp8_linear(x_q, x_scale, w_q, w_scale.contiguous(), b, torch.float32)
+    _check(y, x_q, x_scale, w_q, w_scale, b, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: (c[0], c[1][:, :2], *c[2:]), "w_scale: shape"),  # G differs
+        (lambda c: (c[0], c[1][:3], *c[2:]), "x_scale: shape"),  # M differs
+        (lambda c: (c[0].float(), *c[1:]), "x_q: dtype"),
+        (lambda c: (*c[:4], torch.zeros(3)), "bias: shape"),
+    ],
+)
+def test_bad_input(change, message):
+    case = change(_case(4, 20, 3, 32))
+    for fn in (ref_linear.fp8_linear, fp8_block.fp8_block_linear):
+        with pytest.raises(ValueError, match=message):
+            fn(*case)
+
+
+def test_blocks_must_divide_k_and_be_tiles():
+    x_q, _, w_q, _, _ = _case(2, 8, 2, 48)  # K = 96
+    with pytest.raises(ValueError, match="do not divide K"):
+        ref_linear.fp8_linear(x_q, torch.ones(2, 5), w_q, torch.ones(8, 5))
+    assert fp8_block.block_reasons(x_q, torch.ones(2, 2))  # B = 48: not a power of two
+    with pytest.raises(ValueError, match="not a power of two"):
+        fp8_block.fp8_block_linear(x_q, torch.ones(2, 2), w_q, torch.ones(8, 2))
+
+
+def test_cuda_backend_dispatch_and_fallback(caplog):
+    if not fp8_block.interpreting():
+        pytest.skip("dispatch is checked under the interpreter")
+    import hal
+    from backends.cuda import interpreter_capabilities
+
+    backend = hal.load_backend(interpreter_capabilities(), device="cpu", configured="require:cuda")
+    assert backend.chosen("fp8_block_gemm") == "triton"
+    case = _case(3, 24, 2, 64, seed=7)
+    y = backend.fp8_linear(*case, torch.float32)
+    assert backend.ran["fp8_block_gemm"] == "triton"
+    _check(y, *case, torch.float32)
+    case = _case(3, 24, 2, 48, seed=8)  # blocks of 48: the dequant path, logged
+    with caplog.at_level(logging.WARNING):
+        y = backend.fp8_linear(*case, torch.float32)
+    assert backend.ran["fp8_block_gemm"] == "dequant_gemm"
+    assert "not a power of two" in caplog.text
+    _check(y, *case, torch.float32)
