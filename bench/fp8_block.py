@@ -58,9 +58,10 @@ def quantize_groups(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def check(x_q, x_s, wq, ws, y) -> str:
+    # ws: [N, G]
     b = x_q.shape[1] // x_s.shape[1]
     x = x_q.double() * x_s.double().repeat_interleave(b, dim=1)
-    w = wq.double() * ws.t().double().repeat_interleave(b, dim=1)
+    w = wq.double() * ws.double().repeat_interleave(b, dim=1)
     ref = x @ w.t()
     allowed = tolerance(y.dtype, fp8_gemm=True).allowed(
         ref, float(x.abs().max() * w.abs().max()), x.shape[1]
@@ -163,11 +164,12 @@ def sweep(m: int, each, x_q, x_s) -> None:
         ]
     else:
         grid = [
-            fb.Fp8BlockConfig(False, bm, bn, w, st)
+            fb.Fp8BlockConfig(False, bm, bn, w, st, sp)
             for bm in (64, 128)
-            for bn in (128, 256)
+            for bn in (64, 128, 256)
             for w in (4, 8)
             for st in (3, 4)
+            for sp in ((0, 1) if m <= 512 else (1,))
         ]
     results = []
     for cfg in grid:

@@ -11,9 +11,9 @@ joins the fp32 total (DeepSeek-V3's "promotion" every 128 K: an FP8 tensor-core 
 ~14 bits, so it never runs longer than one block), then + bias and one rounding to out_dtype.
 
 One kernel, two orientations: M > 32 runs output tiles [BLOCK_M, BLOCK_N] (x as the MMA's M side);
-decode sizes "swap" (the weight tile [BLOCK_N, B] fills the MMA's M side, the few tokens its N side)
-and split K across programs, fp32 partials summed in split order by `gemv`'s reduce kernel (no
-atomics: bit-reproducible). On sm_89+ NVIDIA GPUs same-format e4m3fn / e5m2 operands meet in an
+decode sizes "swap" (the weight tile [BLOCK_N, B] fills the MMA's M side, the few tokens its N side).
+When the tiles cannot fill the GPU, K splits across programs, fp32 partials summed in split order
+by `gemv`'s reduce kernel (no atomics: bit-reproducible). On sm_89+ NVIDIA GPUs same-format e4m3fn / e5m2 operands meet in an
 FP8 tensor-core dot; everywhere else (other formats, ROCm, the interpreter) the codes are decoded
 exactly into fp16 (which holds every FP8 value) for an fp16 dot, products still exact.
 """
@@ -42,13 +42,14 @@ from backends.triton.quant import FLOAT_DTYPES, cast_rtne, fp8_codec, interpreti
 
 SWAP_MAX_M = 32  # up to here the weight fills the MMA's M side and K splits across programs
 MIN_BLOCK = 16  # tl.dot's smallest K; B must be a power of two >= this
+FP8_DOT_MIN_K = 32  # an FP8 tensor-core dot's smallest K
 
 
 @dataclass(frozen=True)
 class Fp8BlockConfig:
     """One launch shape. swap: weight rows on the MMA's M side (decode); block_m: tokens per
-    tile; block_n: output rows per tile; split: K splits (0: enough to fill the device; only with
-    swap); group_m: row tiles walked together (L2 reuse of weight tiles at large M)."""
+    tile; block_n: output rows per tile; split: K splits (0: enough to fill the device);
+    group_m: row tiles walked together (L2 reuse of weight tiles at large M)."""
 
     swap: bool
     block_m: int
@@ -67,8 +68,8 @@ class Fp8BlockConfig:
             raise ValueError(f"num_warps: {self.num_warps} must be a power of two >= 1")
         if self.num_stages < 1:
             raise ValueError(f"num_stages: {self.num_stages} must be >= 1")
-        if self.split < 0 or (self.split > 1 and not self.swap):
-            raise ValueError(f"split: {self.split} must be >= 0, and > 1 only with swap")
+        if self.split < 0:
+            raise ValueError(f"split: {self.split} must be >= 0 (0 picks one per device)")
         if self.group_m < 1:
             raise ValueError(f"group_m: {self.group_m} must be >= 1")
 
@@ -84,14 +85,14 @@ def pick_config(m: int) -> Fp8BlockConfig:
 
 
 def split_plan(cfg: Fp8BlockConfig, tiles: int, n_blocks: int, sm_count: int) -> tuple[int, int]:
-    """(splits, blocks per split). split 0 doubles the splits while the grid has fewer than 4
-    programs per SM and each split keeps >= 4 K blocks."""
-    if not cfg.swap:
-        return 1, n_blocks
+    """(splits, blocks per split). split 0 doubles the splits while the grid is short of its
+    target (swapped decode tiles: 4 programs per SM; output tiles: one per SM, each a full SM's
+    work) and each split keeps >= 4 K blocks."""
     want = cfg.split
     if not want:
+        target = (4 if cfg.swap else 1) * sm_count
         want = 1
-        while tiles * want < 4 * sm_count and n_blocks >= 8 * want:
+        while tiles * want < target and n_blocks >= 8 * want:
             want *= 2
     per_split = triton.cdiv(n_blocks, min(want, max(n_blocks, 1)))
     return triton.cdiv(max(n_blocks, 1), per_split), per_split
@@ -281,7 +282,8 @@ def fp8_block_linear(
     splits, per_split = split_plan(cfg, tiles, g, _sm_count(x_q.device))
     native = _native_fp8(x_q.device)
     x_mode, w_mode = (_NATIVE_MODE.get(t.dtype, _CODEC) if native else _CODEC for t in (x_q, w_q))
-    dot_fp8 = x_mode == w_mode != _CODEC and x_mode != _NOT_FP8
+    # FP8 wgmma takes K >= 32 per dot; smaller blocks decode to fp16
+    dot_fp8 = x_mode == w_mode != _CODEC and x_mode != _NOT_FP8 and k // g >= FP8_DOT_MIN_K
     partial = torch.empty((splits, m, n) if splits > 1 else (1,), dtype=torch.float32,
                           device=x_q.device)  # fmt: skip
     dummy = out  # stands in for an absent bias (never read)

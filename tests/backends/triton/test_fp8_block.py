@@ -89,6 +89,7 @@ def test_kernel_matches_exact(m, n, g, block, fx, fw, out_dtype, bias):
         fp8_block.Fp8BlockConfig(True, 16, 64, split=3),  # 3 splits over 5 blocks: uneven
         fp8_block.Fp8BlockConfig(True, 32, 16, split=1, num_stages=1),
         fp8_block.Fp8BlockConfig(False, 16, 32, group_m=2),  # grouped tile order, 3 row tiles
+        fp8_block.Fp8BlockConfig(False, 32, 16, split=2),  # output tiles with split K
     ],
 )
 def test_forced_configs(config):
@@ -115,6 +116,9 @@ def test_split_plan_fills_the_device():
     assert splits * per >= 32 and (splits - 1) * per < 32
     assert 64 * splits >= 4 * 132 or per <= 4
     assert fp8_block.split_plan(fp8_block.pick_config(256), 500, 32, 132) == (1, 32)
+    # 64 output tiles (M = 256 on an N = 4096 projection) are split to fill 132 SMs
+    splits, per = fp8_block.split_plan(fp8_block.pick_config(256), 64, 32, 132)
+    assert splits == 4 and per == 8
 
 
 def test_reference_and_dequant_path_match_exact():
