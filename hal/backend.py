@@ -200,8 +200,9 @@ class Backend(ABC):
         x_q: fp8 [M, K]; x_scale: fp32 [1] (per tensor) or [M, 1] (per token); w_q: fp8 [N, K];
         w_scale: fp32 [1] or [N, 1] (per output channel).
         Block-scaled (FP8 block checkpoints; the "fp8_block_gemm" family): x_scale [M, G] and
-        w_scale [N, G], K = G * B: block g's fp32 sum over its B columns times x_scale[:, g] *
-        w_scale[:, g], the blocks summed in fp32.
+        w_scale [N / R, G] (R consecutive rows share a scale, R dividing N), K = G * B: block
+        g's fp32 sum over its B columns times x_scale[m, g] * w_scale[n // R, g], the blocks
+        summed in fp32.
         """
 
     @abstractmethod

@@ -78,7 +78,8 @@ def is_block_scaled(x_scale: torch.Tensor, w_scale: torch.Tensor) -> bool:
 
 def check_fp8_block_scales(x_q, x_scale, w_q, w_scale, bias) -> None:
     """The block-scaled `fp8_linear` inputs: fp8 x_q [M, K] and w_q [N, K], x_scale [M, G] and
-    w_scale [N, G] with G dividing K; ValueError naming the tensor otherwise."""
+    w_scale [N / R, G] (R consecutive rows share scales, R dividing N; R = 1: per row) with G
+    dividing K; ValueError naming the tensor otherwise."""
     for name, t in (("x_q", x_q), ("w_q", w_q)):
         if not is_fp8(t.dtype):
             raise ValueError(f"{name}: dtype {t.dtype} is not an FP8 format")
@@ -92,10 +93,10 @@ def check_fp8_block_scales(x_q, x_scale, w_q, w_scale, bias) -> None:
             "per K block)"
         )
     g = x_scale.shape[1]
-    if tuple(w_scale.shape) != (n, g):
+    if w_scale.dim() != 2 or w_scale.shape[1] != g or w_scale.shape[0] < 1 or n % w_scale.shape[0]:
         raise ValueError(
-            f"w_scale: shape {tuple(w_scale.shape)}, expected [N={n}, G={g}] (one scale per "
-            "output row per K block, G as in x_scale)"
+            f"w_scale: shape {tuple(w_scale.shape)}, expected [N / R, G={g}] (one scale per R "
+            f"consecutive output rows, R dividing N={n}, per K block; G as in x_scale)"
         )
     if k % g:
         raise ValueError(f"x_scale: G={g} blocks do not divide K={k} (pad K to a multiple)")
@@ -114,15 +115,18 @@ def fp8_linear(
 
     x_q: fp8 [M, K]; x_scale: [1] or [M, 1]; w_q: fp8 [N, K] (any FP8 format, may differ from
     x_q's); w_scale: [1] or [N, 1]. Returns [M, N] in out_dtype.
-    Block-scaled (`is_block_scaled`): x_scale [M, G], w_scale [N, G], K = G * B; block g's
-    fp32 sum over its B columns is scaled by x_scale[:, g] * w_scale[:, g] before the blocks add.
+    Block-scaled (`is_block_scaled`): x_scale [M, G], w_scale [N / R, G] (R consecutive rows
+    share one scale per block: a checkpoint's 128 x 128 blocks give R = 128), K = G * B; block
+    g's fp32 sum over its B columns is scaled by x_scale[:, g] * w_scale[n // R, g] before the
+    blocks add.
     """
     if is_block_scaled(x_scale, w_scale):
         check_fp8_block_scales(x_q, x_scale, w_q, w_scale, bias)
         (m, k), n, g = x_q.shape, w_q.shape[0], x_scale.shape[1]
         xb = x_q.to(torch.float32).reshape(m, g, k // g)
         wb = w_q.to(torch.float32).reshape(n, g, k // g)
-        xs, ws = x_scale.to(torch.float32), w_scale.to(torch.float32)
+        xs = x_scale.to(torch.float32)
+        ws = w_scale.to(torch.float32).repeat_interleave(n // w_scale.shape[0], dim=0)
         acc = torch.zeros(m, n, dtype=torch.float32, device=x_q.device)
         for j in range(g):
             acc += (xb[:, j] @ wb[:, j].t()) * xs[:, j : j + 1] * ws[:, j].reshape(1, -1)

@@ -67,6 +67,10 @@ OP_CANDIDATES: tuple[Candidate, ...] = (
     _op("fp8_gemm", "dequant_gemm", 10, rules.dequant_gemm_reasons,
         _CU + "linear:fp8_linear_dequant",
         "FP8 operands upcast to fp32, then a cuBLAS GEMM and the scales (no FP8 tensor cores)"),
+    _op("fp8_block_gemm", "scaled_mm", 100, rules.block_scaled_mm_reasons,
+        _CU + "linear:fp8_block_linear_scaled_mm",
+        "torch._scaled_mm with 1x128 / 128x128 block scales (cuBLASLt, Hopper) for M > 64; "
+        "decode sizes and other blockings go to the next candidate that can run (triton)"),
     _op("fp8_block_gemm", "triton", 50, rules.triton_reasons, _TR + "fp8_block:fp8_block_linear",
         "Triton block-scaled FP8 GEMM (FP8 block checkpoints): one K tile per scale block, each "
         "block's sum scaled in fp32; FP8 tensor cores on sm_89+, swapped split-K tiles at M <= 32"),

@@ -259,18 +259,43 @@ class CudaBackend(Backend):
             )
         return _FP8_GEMM[impl](x_q, x_scale, w_q, w_scale, bias, out_dtype)
 
+    # Up to this M the block-scaled Triton kernel's swapped decode tiles beat cuBLASLt's
+    # block-scaled GEMM (H100, bench/fp8_block.py).
+    fp8_block_scaled_mm_min_m: int = 65
+
     def fp8_block_linear(
         self, x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16
     ) -> torch.Tensor:
-        """`fp8_linear`'s block-scaled case, through the "fp8_block_gemm" family."""
-        why = []
-        if self.chosen("fp8_block_gemm") == "triton":
+        """`fp8_linear`'s block-scaled case, through the "fp8_block_gemm" family: cuBLASLt's
+        block-scaled GEMM from M = fp8_block_scaled_mm_min_m, the Triton kernel below it (by
+        design) and for blockings cuBLASLt does not take (logged), the dequant path last."""
+        family = "fp8_block_gemm"
+        impl = self.chosen(family)
+        if impl == "scaled_mm":
+            if x_q.shape[0] < self.fp8_block_scaled_mm_min_m:
+                impl = self.next_impl(family, impl)
+            else:
+                why = linear.block_scaled_mm_input_reasons(x_q, x_scale, w_q, w_scale)
+                impl = self._input_fallback(family, impl, why, self.next_impl(family, impl))
+        if impl == "triton":
             why = _triton("fp8_block").block_reasons(x_q, x_scale)
-        if self._triton_or("fp8_block_gemm", "dequant_gemm", why) == "triton":
+            impl = self._input_fallback(family, impl, why, "dequant_gemm")
+        self._mark(family, impl)
+        if impl == "scaled_mm":
+            return linear.fp8_block_linear_scaled_mm(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+        if impl == "triton":
             return _triton("fp8_block").fp8_block_linear(
                 x_q, x_scale, w_q, w_scale, bias, out_dtype
             )
         return linear.fp8_linear_dequant(x_q, x_scale, w_q, w_scale, bias, out_dtype)
+
+    def next_impl(self, family: str, impl: str) -> str:
+        """The candidate ranked after `impl` that can run here (the family's last resort when
+        none is left)."""
+        sel = self.info.selections[family]
+        ranked = [sel.chosen, *sel.not_tried]
+        later = ranked[ranked.index(impl) + 1 :] if impl in ranked else []
+        return later[0] if later else ranked[-1]
 
     # The Triton small-M W8A8 kernel's tuning table ({(M bucket, N, K): GemvConfig}); None: its
     # DEFAULT_CONFIGS. A vendor backend reusing this class sets its own.

@@ -22,6 +22,9 @@ FLASH_ATTN_MIN_VERSION = (2, 6)
 FP8_MIN_CC = (8, 9)
 # torch._scaled_mm row-wise scaling (per-token x per-channel, bf16 out) is a Hopper kernel.
 FP8_ROWWISE_MIN_CC = (9, 0)
+# Block-wise scales in torch._scaled_mm (cuBLASLt VEC128 / BLK128x128 scale modes).
+BLOCK_SCALED_MM_MIN_CUDA = (12, 9)
+BLOCK_SCALED_MM_MIN_TORCH = (2, 9)
 # torch._int_mm lowers to cuBLASLt IMMA, the int8 tensor-core GEMM of Turing (sm_75) and newer.
 INT8_MIN_CC = (7, 5)
 # Triton's NVIDIA backend supports compute capability 8.0+ (Triton README, "Supported Hardware").
@@ -110,6 +113,23 @@ def cublas_reasons(caps: Capabilities) -> list[str]:
 def scaled_mm_reasons(caps: Capabilities) -> list[str]:
     """torch._scaled_mm: FP8 tensor cores (sm_89+)."""
     return _cc_reason(caps, FP8_MIN_CC, "FP8 tensor cores need")
+
+
+def block_scaled_mm_reasons(caps: Capabilities) -> list[str]:
+    """torch._scaled_mm with 1x128 activation and 128x128 weight block scales: cuBLASLt's
+    block-scaled FP8 GEMM of Hopper (sm_90; CUDA 12.9+, torch 2.9+)."""
+    if caps.cc_str != "9.0":
+        return [f"cuBLASLt's block-scaled FP8 GEMM is Hopper's (sm_90), this is {caps.cc_str}"]
+    reasons = []
+    cuda = _version_tuple(caps.runtime_version)
+    if cuda and cuda < BLOCK_SCALED_MM_MIN_CUDA:
+        reasons.append(
+            f"cuBLASLt block scaling needs CUDA >= 12.9, torch has {caps.runtime_version}"
+        )
+    found = _version_tuple(caps.torch_version)
+    if found and found < BLOCK_SCALED_MM_MIN_TORCH:
+        reasons.append(f"torch {caps.torch_version} has no block-wise _scaled_mm (needs >= 2.9)")
+    return reasons
 
 
 def int_mm_reasons(caps: Capabilities) -> list[str]:

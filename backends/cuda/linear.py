@@ -134,6 +134,61 @@ def fp8_linear_scaled_mm(
     return _scaled_output(acc[:, :n], x_s, w_s, bias, out_dtype)
 
 
+BLOCK_SCALED_MM_BLOCK = 128  # cuBLASLt's block sizes: 1x128 activations, 128x128 weights
+BLOCK_SCALED_MM_ALIGN = 4  # M and the number of K blocks: multiples of 4 (cuBLASLt alignment)
+
+
+def block_scaled_mm_input_reasons(x_q, x_scale, w_q, w_scale) -> list[str]:
+    """Why cuBLASLt's block-scaled FP8 GEMM cannot take these block-scaled inputs (empty: it
+    can): e4m3fn operands, blocks of 128 columns, 128 weight rows per scale, K blocks a multiple
+    of 4."""
+    reasons = []
+    if x_q.dtype != torch.float8_e4m3fn or w_q.dtype != torch.float8_e4m3fn:
+        reasons.append(f"operands {x_q.dtype} x {w_q.dtype}, block scaling takes e4m3fn")
+    k, g, n = x_q.shape[-1], x_scale.shape[-1], w_q.shape[0]
+    if k != g * BLOCK_SCALED_MM_BLOCK:
+        reasons.append(f"blocks of K / G = {k} / {g} columns, not 128")
+    if n != w_scale.shape[0] * BLOCK_SCALED_MM_BLOCK:
+        reasons.append(f"{n} rows / {w_scale.shape[0]} scale rows is not 128 rows per scale")
+    if g % BLOCK_SCALED_MM_ALIGN:
+        reasons.append(f"G = {g} K blocks is not a multiple of {BLOCK_SCALED_MM_ALIGN}")
+    return reasons
+
+
+def fp8_block_linear_scaled_mm(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Block-scaled fp8_linear on cuBLASLt's block-scaled FP8 GEMM (torch._scaled_mm with
+    x_scale [M, K / 128] and w_scale [N / 128, K / 128]): each 128-column block's sum scaled in
+    fp32 inside the kernel. M is zero-padded to a multiple of 4; the scales go in outer-dim-major
+    (token-major for x, block-row-major for w) as cuBLASLt reads them. With a bias or an fp32
+    output the kernel writes fp32 and the bias follows in fp32, one rounding at the end."""
+    check_fp8_block_scales(x_q, x_scale, w_q, w_scale, bias)
+    why = block_scaled_mm_input_reasons(x_q, x_scale, w_q, w_scale)
+    if why:
+        raise ValueError("block-scaled _scaled_mm cannot take these inputs: " + "; ".join(why))
+    m = x_q.shape[0]
+    mp = _round_up(max(m, 1), BLOCK_SCALED_MM_ALIGN)
+    a = _pad_to(x_q, mp, x_q.shape[1])
+    sa = torch.ones(mp, x_scale.shape[1], dtype=torch.float32, device=x_q.device)
+    sa[:m] = x_scale
+    sa = sa.t().contiguous().t()  # [Mp, G], token index fastest
+    sb = w_scale.to(torch.float32).contiguous().t()  # [G, N / 128] view of [N / 128, G]
+    direct = bias is None and out_dtype in (torch.bfloat16, torch.float16)
+    y = torch._scaled_mm(
+        a, w_q.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype if direct else torch.float32
+    )[:m]
+    if direct:
+        return y
+    one = torch.ones(1, dtype=torch.float32, device=x_q.device)
+    return _scaled_output(y, one, one, bias, out_dtype)
+
+
 def fp8_linear_dequant(
     x_q: torch.Tensor,
     x_scale: torch.Tensor,
@@ -145,14 +200,15 @@ def fp8_linear_dequant(
     """The FP8 GEMM without FP8 tensor cores: operands upcast to fp32, one cuBLAS GEMM, scales.
 
     TF32 stays off: fp8 values are exact in fp32, so the only rounding is the fp32 accumulation.
-    Block-scaled inputs (x_scale [M, G], w_scale [N, G]) dequantize each operand by its block
+    Block-scaled inputs (x_scale [M, G], w_scale [N / R, G]) dequantize each operand by its block
     scales first (one fp32 rounding per element), then one GEMM.
     """
     if is_block_scaled(x_scale, w_scale):
         check_fp8_block_scales(x_q, x_scale, w_q, w_scale, bias)
         (m, k), n, g = x_q.shape, w_q.shape[0], x_scale.shape[1]
         x = x_q.to(torch.float32).reshape(m, g, k // g) * x_scale.to(torch.float32)[:, :, None]
-        w = w_q.to(torch.float32).reshape(n, g, k // g) * w_scale.to(torch.float32)[:, :, None]
+        ws = w_scale.to(torch.float32).repeat_interleave(n // w_scale.shape[0], dim=0)
+        w = w_q.to(torch.float32).reshape(n, g, k // g) * ws[:, :, None]
         with fp32_matmul_precision(False):
             acc = x.reshape(m, k) @ w.reshape(n, k).t()
         one = torch.ones(1, dtype=torch.float32, device=x_q.device)

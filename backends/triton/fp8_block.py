@@ -3,19 +3,20 @@
 
 Math (hal `Backend.fp8_linear`, block-scaled case; reference `backends.cpu.linear.fp8_linear`):
 K splits into G blocks of B = K / G columns; x_scale [M, G] holds one scale per token per block,
-w_scale [N, G] one per output row per block (a checkpoint's 128-row weight block repeats its
-scale over its rows), and
-    y[m, n] = sum_g (sum_{k in block g} x_q[m, k] * w_q[n, k]) * x_scale[m, g] * w_scale[n, g]
+w_scale [N / R, G] one per R consecutive output rows per block (a checkpoint's 128 x 128 weight
+blocks: R = 128), and
+    y[m, n] = sum_g (sum_{k in block g} x_q[m, k] * w_q[n, k]) * x_scale[m, g] * w_scale[n // R, g]
 with the inner sums exact products accumulated in fp32, each block's sum scaled in fp32 before it
 joins the fp32 total (DeepSeek-V3's "promotion" every 128 K: an FP8 tensor-core accumulator keeps
 ~14 bits, so it never runs longer than one block), then + bias and one rounding to out_dtype.
 
-One kernel, two orientations: M > 32 runs output tiles [BLOCK_M, BLOCK_N] (x as the MMA's M side);
-decode sizes "swap" (the weight tile [BLOCK_N, B] fills the MMA's M side, the few tokens its N side).
-When the tiles cannot fill the GPU, K splits across programs, fp32 partials summed in split order
-by `gemv`'s reduce kernel (no atomics: bit-reproducible). On sm_89+ NVIDIA GPUs same-format e4m3fn / e5m2 operands meet in an
-FP8 tensor-core dot; everywhere else (other formats, ROCm, the interpreter) the codes are decoded
-exactly into fp16 (which holds every FP8 value) for an fp16 dot, products still exact.
+One kernel, two orientations: M > 32 runs output tiles [BLOCK_M, BLOCK_N] (x as the MMA's M
+side); decode sizes "swap" (the weight tile [BLOCK_N, B] fills the MMA's M side, the few tokens
+its N side). When the tiles cannot fill the GPU, K splits across programs, fp32 partials summed
+in split order by `gemv`'s reduce kernel (no atomics: bit-reproducible). On sm_89+ NVIDIA GPUs
+same-format e4m3fn / e5m2 operands meet in an FP8 tensor-core dot; everywhere else (other
+formats, ROCm, the interpreter) the codes are decoded exactly into fp16 (which holds every FP8
+value) for an fp16 dot, products still exact.
 """
 
 from __future__ import annotations
@@ -75,13 +76,15 @@ class Fp8BlockConfig:
 
 
 def pick_config(m: int) -> Fp8BlockConfig:
-    """The launch shape for M tokens: swapped 16/32-token tiles at decode sizes, 64 x 128 tiles
-    to M = 64, then 128 x 128 (fp8 wgmma's native tile; 32 KB of operands per stage)."""
+    """The launch shape for M tokens (H100 sweep, `python bench/fp8_block.py --sweep`, on the 8B
+    linears): swapped 16 x 128 tiles, 3 stages, to M = 16 (within 10% of each shape's best);
+    32-token swapped tiles to M = 32; then 64 x 128 output tiles, 4 warps, 4 stages (the best at
+    every M from 64 to 4096; 128 x 128 with 8 warps ran 1.2-1.4x slower)."""
+    if m <= 16:
+        return Fp8BlockConfig(True, 16, 128, num_warps=4, num_stages=3)
     if m <= SWAP_MAX_M:
-        return Fp8BlockConfig(True, 16 if m <= 16 else 32, 64, num_warps=4, num_stages=4)
-    if m <= 64:
-        return Fp8BlockConfig(False, 64, 128, num_warps=4, num_stages=4)
-    return Fp8BlockConfig(False, 128, 128, num_warps=8, num_stages=3)
+        return Fp8BlockConfig(True, 32, 64, num_warps=4, num_stages=4)
+    return Fp8BlockConfig(False, 64, 128, num_warps=4, num_stages=4)
 
 
 def split_plan(cfg: Fp8BlockConfig, tiles: int, n_blocks: int, sm_count: int) -> tuple[int, int]:
@@ -155,6 +158,7 @@ def _fp8_block_kernel(
     stride_ws_row,
     stride_ws_blk,
     stride_out_row,
+    rows_per_scale,
     blocks_per_split,
     n_blocks,
     num_splits,
@@ -202,7 +206,7 @@ def _fp8_block_kernel(
     x_ptrs = x_ptr + x_rows[:, None] * stride_x_row + offs_k[None, :]  # [BM, BK]
     w_ptrs = w_ptr + w_rows[:, None] * stride_w_row + offs_k[None, :]  # [BN, BK]
     xs_ptrs = x_scale_ptr + x_rows * stride_xs_row
-    ws_ptrs = w_scale_ptr + w_rows * stride_ws_row
+    ws_ptrs = w_scale_ptr + (w_rows // rows_per_scale) * stride_ws_row
     if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
@@ -257,7 +261,7 @@ def fp8_block_linear(
     """y = sum_g (x_q[:, g] @ w_q[:, g].T) * x_scale[:, g] * w_scale[:, g].T + bias.
 
     x_q: fp8 [M, K]; x_scale: fp32 [M, G]; w_q: fp8 [N, K] (any FP8 format, may differ from
-    x_q's); w_scale: fp32 [N, G] (any strides: a [G, N] tensor's transpose reads fastest);
+    x_q's); w_scale: fp32 [N / R, G], R consecutive rows sharing a scale (any strides);
     K = G * B with B a power of two >= 16; bias: [N]. Returns [M, N] in out_dtype (fp32, bf16 or
     fp16). `config` forces a launch shape, else `pick_config`.
     """
@@ -291,7 +295,7 @@ def fp8_block_linear(
     _fp8_block_kernel[(tiles, splits)](
         x, w, xs, ws, dummy if bias is None else bias, out, partial, m, n,
         x.stride(0), w.stride(0), xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),
-        out.stride(0), per_split, g, splits,
+        out.stride(0), n // w_scale.shape[0], per_split, g, splits,
         SWAP=cfg.swap, DOT_FP8=dot_fp8, X_FP8=x_mode, W_FP8=w_mode,
         **{f"X_{key}": value for key, value in fp8_codec(x_q.dtype).items()},
         **{f"W_{key}": value for key, value in fp8_codec(w_q.dtype).items()},

@@ -168,12 +168,18 @@ class FP8LinearMethod(LinearMethod):
             )
 
     def _read_block_scales(self, source: TensorSource) -> torch.Tensor:
-        # Each part's [N / bn, K / bk] scales expanded to its rows: fp32 [N_local, K_local / bk].
+        """The parts' [N / bn, K / bk] scales for this rank's rows and K blocks: fp32 [N_local /
+        bn, K_local / bk] when every part's rows are whole bn-row blocks (the kernels read one
+        scale per bn rows), else expanded to one row per weight row [N_local, K_local / bk]."""
         bn, bk = self.block
+        whole = all(p.start % bn == 0 and (p.stop - p.start) % bn == 0 for p in self.spec.parts)
         rows = []
         for part in self.spec.parts:
             s = source.read(f"{part.prefix}.{self.scale_name}").to(torch.float32)
-            s = s.repeat_interleave(bn, dim=0)[part.start : part.stop]
+            if whole:
+                s = s[part.start // bn : part.stop // bn]
+            else:
+                s = s.repeat_interleave(bn, dim=0)[part.start : part.stop]
             rows.append(s[:, self.spec.k_start // bk : math.ceil(self.spec.k_stop / bk)])
         return torch.cat(rows, dim=0)
 
@@ -191,7 +197,7 @@ class FP8LinearMethod(LinearMethod):
             w, scale = self._to_blocks(w, scale)
         device = self.backend.device
         set_param(layer, "weight", w, device)  # fp8 [N, K] or, block, [N, G * bk]
-        set_param(layer, "weight_scale", scale, device)  # fp32 [N, 1] or, block, [G, N]
+        set_param(layer, "weight_scale", scale, device)  # fp32 [N, 1] or, block, [G, N / R]
         if self.act_scheme == "static_tensor":
             # One activation scale for the fused GEMM: the largest of its parts' (vLLM's rule).
             s = read_tensor(source, self.spec, self._layouts[-1]).to(torch.float32).amax()
@@ -200,9 +206,9 @@ class FP8LinearMethod(LinearMethod):
             set_param(layer, "input_scale", s.reshape(1), device)
 
     def _to_blocks(self, w: torch.Tensor, scale: torch.Tensor):
-        """fp8 [N, K] and fp32 [N, K / bk] -> [N, G * bk] (a partial last block padded with zero
-        codes) and the scales as [G, N], whose transpose is the [N, G] block-scaled fp8_linear
-        takes: one K block's scales for consecutive rows are contiguous (coalesced loads)."""
+        """fp8 [N, K] and fp32 [N / R, K / bk] -> [N, G * bk] (a partial last block padded with
+        zero codes) and the scales as [G, N / R], whose transpose is the [N / R, G] block-scaled
+        fp8_linear takes: one K block's scales for consecutive rows are contiguous."""
         n, k = w.shape
         bk = self.block[1]
         nb = math.ceil(k / bk)
@@ -215,9 +221,10 @@ class FP8LinearMethod(LinearMethod):
     # -- run -----------------------------------------------------------------------------------
     def dequantize(self, layer: nn.Module) -> torch.Tensor:
         w, s = layer.weight.to(torch.float32), layer.weight_scale
-        if self.weight_strategy == "block":  # [N, G * bk] and [G, N] back to [N, K]
+        if self.weight_strategy == "block":  # [N, G * bk] and [G, N / R] back to [N, K]
             n, nb = w.shape[0], s.shape[0]
-            w = (w.reshape(n, nb, -1) * s.t()[:, :, None]).reshape(n, -1)
+            s = s.t().repeat_interleave(n // s.shape[1], dim=0)  # [N, G]
+            w = (w.reshape(n, nb, -1) * s[:, :, None]).reshape(n, -1)
             return w[:, : self.spec.k_local]
         return w * s
 

@@ -221,10 +221,12 @@ def check_linear(d: Dispatch, case: S.LinearCase) -> CaseResult:
 
 
 def _dequantized(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # q [R, K] times its scale: [1], [R, 1], or [R, G] (block-scaled: G blocks of K / G columns)
+    # q [N, K] times its scale: [1], [N, 1], or block-scaled [N / R, G] (G blocks of K / G
+    # columns, R consecutive rows sharing a scale)
     s = scale.to(F64)
     if s.dim() == 2 and s.shape[1] > 1:
         s = s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
+        s = s.repeat_interleave(q.shape[0] // s.shape[0], dim=0)
     return q.to(F64) * s
 
 

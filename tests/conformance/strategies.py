@@ -337,7 +337,8 @@ class ScaledGemmCase:
     out_dtype: str
     shape: GemmShape
     seed: int
-    block: int = 0  # > 0: block-scaled, x_scale [M, K / block] and w_scale [N, K / block]
+    block: int = 0  # > 0: block-scaled, x_scale [M, K / block] and w_scale [N / rows, K / block]
+    rows: int = 1  # block-scaled: consecutive weight rows sharing one scale (dividing N)
 
     def build(self) -> dict[str, torch.Tensor | None]:
         s, gen = self.shape, generator(self.seed)
@@ -350,7 +351,7 @@ class ScaledGemmCase:
         xs_shape = (s.m, 1) if self.per_token else (1,)
         ws_shape = (s.n, 1) if self.per_token else (1,)
         if self.block:
-            xs_shape, ws_shape = (s.m, s.k // self.block), (s.n, s.k // self.block)
+            xs_shape, ws_shape = (s.m, s.k // self.block), (s.n // self.rows, s.k // self.block)
         return {
             "x_q": x_q,
             "x_scale": torch.rand(xs_shape, generator=gen) * 0.02 + 0.001,
@@ -379,11 +380,13 @@ def fp8_block_cases(
     draw, qdtype: str, out_dtypes: tuple[str, ...], limits: Limits = LIMITS["ci"]
 ) -> ScaledGemmCase:
     """Block-scaled FP8 GEMMs: blocks of 16-128 columns (powers of two, the kernels' tiles),
-    2-4 blocks (one block is the per-token case), M and N as for any GEMM (odd sizes included)."""
+    2-4 blocks (one block is the per-token case), M and N as for any GEMM (odd sizes included),
+    weight scales per row or shared by R consecutive rows (R dividing N)."""
     fits = tuple(b for b in (16, 32, 64, 128) if 2 * b <= max(limits.max_k, 32))
     block = draw(st.sampled_from(fits))
     shape = draw(gemm_shapes(limits))
     k = draw(st.integers(2, max(2, min(4, limits.max_k // block)))) * block
+    rows = draw(st.sampled_from([r for r in (1, 2, 4, 16, shape.n) if shape.n % r == 0]))
     return ScaledGemmCase(
         qdtype=qdtype,
         per_token=True,
@@ -391,6 +394,7 @@ def fp8_block_cases(
         shape=GemmShape(shape.m, k, shape.n, None, shape.has_bias),
         seed=draw(seeds),
         block=block,
+        rows=rows,
     )
 
 

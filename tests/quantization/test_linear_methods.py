@@ -238,8 +238,9 @@ def test_layout_dequantizes_to_formula_and_runs(backend, case):
 @pytest.mark.parametrize("k", [256, 192])
 def test_fp8_block_weight_padded_and_scales_transposed(backend, k):
     # Block weights are stored [N, G * 128] (a partial last block, K = 192, padded with zero
-    # codes) and scales [G, N] (one block's scales contiguous across rows), one block-scaled
-    # fp8_linear per call; the formula's weight and output either way.
+    # codes) and scales [G, N] (one block's scales contiguous across rows; per row, as N = 64 is
+    # no whole 128-row block), one block-scaled fp8_linear per call; the formula's weight and
+    # output either way.
     source, quant, deq, act = _checkpoint("ct_fp8_block", {"p": _w(N, k)})
     layer = ColumnParallelLinear(k, N, backend, SINGLE, torch.float32, False, quant, prefix="p")
     layer.load(source, "p")
@@ -250,6 +251,22 @@ def test_fp8_block_weight_padded_and_scales_transposed(backend, k):
     torch.testing.assert_close(layer.quant_method.dequantize(layer), deq["p"], rtol=0, atol=0)
     x = _x(k=k)
     _close(layer(x), _reference(x, deq["p"], act))
+
+
+def test_fp8_block_scales_kept_per_block_when_rows_align(backend):
+    # Fused q/k/v parts of 256 / 128 / 128 rows: whole 128-row blocks, so one scale per block
+    # of rows ([G, N / 128]), as the checkpoint has them.
+    ws = {f"a.{n}": _w(r, 256, seed=i) for i, (n, r) in enumerate([("q", 256), ("k", 128),
+                                                                    ("v", 128)])}  # fmt: skip
+    source, quant, deq, act = _checkpoint("ct_fp8_block", ws)
+    qkv = QKVParallelLinear(256, 64, 4, 2, backend, SINGLE, torch.float32, False, quant,
+                            ("a.q", "a.k", "a.v"))  # fmt: skip
+    qkv.load(source, "a.q", "a.k", "a.v")
+    assert tuple(qkv.weight_scale.shape) == (2, 4)
+    full = torch.cat([deq["a.q"], deq["a.k"], deq["a.v"]])
+    torch.testing.assert_close(qkv.quant_method.dequantize(qkv), full, rtol=0, atol=0)
+    x = _x(k=256)
+    _close(qkv(x), _reference(x, full, act))
 
 
 def test_weights_stay_quantized_in_memory(backend):

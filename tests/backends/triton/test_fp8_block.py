@@ -27,13 +27,14 @@ def _device() -> str:
     return "cpu"
 
 
-def _case(m, n, g, block, fx=E4M3, fw=E4M3, seed=0, bias=False, transposed_ws=True):
+def _case(m, n, g, block, fx=E4M3, fw=E4M3, seed=0, bias=False, transposed_ws=True, rows=1):
+    # rows: consecutive weight rows sharing one scale (w_scale [N / rows, G])
     gen = torch.Generator().manual_seed(seed)
     k = g * block
     x_q = (torch.randn(m, k, generator=gen) * 64).clamp(-200, 200).to(fx)
     w_q = (torch.randn(n, k, generator=gen) * 64).clamp(-200, 200).to(fw)
     x_scale = torch.rand(m, g, generator=gen) * 0.02 + 0.001
-    w_scale = torch.rand(g, n, generator=gen) * 0.02 + 0.001  # stored [G, N] like the engine
+    w_scale = torch.rand(g, n // rows, generator=gen) * 0.02 + 0.001  # [G, N / R] as stored
     w_scale = w_scale.t() if transposed_ws else w_scale.t().contiguous()
     b = torch.randn(n, generator=gen) if bias else None
     return x_q, x_scale, w_q, w_scale, b
@@ -43,7 +44,8 @@ def _exact(x_q, x_scale, w_q, w_scale, bias):
     # float64 on the dequantized operands: every scaled value and product exact
     b = x_q.shape[1] // x_scale.shape[1]
     x = x_q.double() * x_scale.double().repeat_interleave(b, dim=1)
-    w = w_q.double() * w_scale.double().repeat_interleave(b, dim=1)
+    ws = w_scale.double().repeat_interleave(w_q.shape[0] // w_scale.shape[0], dim=0)
+    w = w_q.double() * ws.repeat_interleave(b, dim=1)
     y = x @ w.t()
     return y if bias is None else y + bias.double()
 
@@ -54,7 +56,7 @@ def _check(y, x_q, x_scale, w_q, w_scale, bias, out_dtype, fp8_tc=False):
     b = x_q.shape[1] // x_scale.shape[1]
     mag = float(
         (x_q.double().abs().amax() * x_scale.max()) * (w_q.double().abs().amax() * w_scale.max())
-    )
+    )  # an upper bound of |x| * |w| over the operands
     allowed = tolerance(out_dtype, fp8_gemm=fp8_tc).allowed(ref, mag, x_q.shape[1])
     err = (y.double().cpu() - ref).abs()
     assert bool((err <= allowed).all()), f"max err {float(err.max()):.3g} (block {b})"
@@ -99,6 +101,19 @@ def test_forced_configs(config):
     _check(y.cpu(), *_on("cpu", *case), torch.float32, fp8_tc=dev == "cuda")
 
 
+@pytest.mark.parametrize("rows", [2, 128])
+def test_rows_sharing_a_scale(rows):
+    # A checkpoint's 128 x 128 blocks: one scale per 128 rows (N = 256, tiles of 64 rows).
+    dev = _device()
+    n = 256 if rows == 128 else 70
+    for m in (3, 40):
+        case = _on(dev, *_case(m, n, 2, 64, seed=9, bias=True, rows=rows))
+        y = fp8_block.fp8_block_linear(*case, torch.float32)
+        _check(y.cpu(), *_on("cpu", *case), torch.float32, fp8_tc=dev == "cuda")
+        ref = ref_linear.fp8_linear(*_on("cpu", *case), torch.float32)
+        _check(ref, *_on("cpu", *case), torch.float32)
+
+
 def test_split_k_is_deterministic():
     dev = _device()
     case = _on(dev, *_case(3, 96, 8, 16, seed=4))
@@ -111,10 +126,11 @@ def test_split_k_is_deterministic():
 def test_split_plan_fills_the_device():
     cfg = fp8_block.pick_config(1)
     assert cfg.swap and fp8_block.pick_config(64).swap is False
-    # 64 tiles of an 8B attention projection (N = 4096, BLOCK_N 64) over 32 K blocks, 132 SMs
-    splits, per = fp8_block.split_plan(cfg, 64, 32, 132)
+    # 32 tiles of an 8B attention projection (N = 4096, BLOCK_N 128) over 32 K blocks, 132 SMs:
+    # the splits cover every block once and stop at 4 blocks each
+    splits, per = fp8_block.split_plan(cfg, 32, 32, 132)
     assert splits * per >= 32 and (splits - 1) * per < 32
-    assert 64 * splits >= 4 * 132 or per <= 4
+    assert (splits, per) == (8, 4)
     assert fp8_block.split_plan(fp8_block.pick_config(256), 500, 32, 132) == (1, 32)
     # 64 output tiles (M = 256 on an N = 4096 projection) are split to fill 132 SMs
     splits, per = fp8_block.split_plan(fp8_block.pick_config(256), 64, 32, 132)
@@ -141,6 +157,7 @@ def test_one_block_is_the_per_token_case():
     "change, message",
     [
         (lambda c: (c[0], c[1][:, :2], *c[2:]), "w_scale: shape"),  # G differs
+        (lambda c: (*c[:3], c[3][:3], c[4]), "w_scale: shape"),  # 3 rows do not divide N = 20
         (lambda c: (c[0], c[1][:3], *c[2:]), "x_scale: shape"),  # M differs
         (lambda c: (c[0].float(), *c[1:]), "x_q: dtype"),
         (lambda c: (*c[:4], torch.zeros(3)), "bias: shape"),
@@ -180,3 +197,34 @@ def test_cuda_backend_dispatch_and_fallback(caplog):
     assert backend.ran["fp8_block_gemm"] == "dequant_gemm"
     assert "not a power of two" in caplog.text
     _check(y, *case, torch.float32)
+
+
+def _hopper() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not _hopper(), reason="cuBLASLt's block-scaled FP8 GEMM: an sm_90 GPU")
+@pytest.mark.parametrize("m", [1, 5, 100, 256])
+def test_cublas_block_scaled_mm_matches_exact(m):
+    case = _on("cuda", *_case(m, 384, 4, 128, seed=10, bias=m % 2 == 1, rows=128))
+    for out_dtype in (torch.bfloat16, torch.float32):
+        y = cuda_linear.fp8_block_linear_scaled_mm(*case, out_dtype)
+        _check(y.cpu(), *_on("cpu", *case), out_dtype, fp8_tc=True)
+
+
+@pytest.mark.skipif(not _hopper(), reason="cuBLASLt's block-scaled FP8 GEMM: an sm_90 GPU")
+def test_cuda_backend_picks_by_m_on_hopper():
+    import hal
+    from platforms import detect
+
+    backend = hal.load_backend(detect(), device="cuda")
+    assert backend.chosen("fp8_block_gemm") == "scaled_mm"
+    for m, impl in ((16, "triton"), (backend.fp8_block_scaled_mm_min_m, "scaled_mm")):
+        case = _on("cuda", *_case(m, 256, 4, 128, seed=11, rows=128))
+        y = backend.fp8_linear(*case, torch.bfloat16)
+        assert backend.ran["fp8_block_gemm"] == impl
+        _check(y.cpu(), *_on("cpu", *case), torch.bfloat16, fp8_tc=True)
+    case = _on("cuda", *_case(100, 256, 4, 128, seed=12, rows=1))  # per-row scales: triton
+    y = backend.fp8_linear(*case, torch.bfloat16)
+    assert backend.ran["fp8_block_gemm"] == "triton"
+    _check(y.cpu(), *_on("cpu", *case), torch.bfloat16, fp8_tc=True)
