@@ -340,7 +340,7 @@ def _launch_general(query, key_cache, value_cache, block_tables, seq_lens, query
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), key_cache.stride(0),
         key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_seqs, head_dim,
         c["s_scale"], c["cap_log2"], c["out_scale"], int(sliding_window or 0), group, block_q,
-        IS_FP8=c["is_fp8"], SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"],
+        IS_FP8=c["fp8_mode"], SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"],
         INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
         PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM_P2=c["head_dim_p2"],
         **options, **c["codec"],

@@ -10,10 +10,16 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.triton.gemv import _native_fp8
 from backends.triton.quant import FLOAT_DTYPES, FP8_CODECS, fp8_codec, fp8_decode, interpreting
 
 MAX_HEAD_DIM = 256  # HEAD_DIM_P2 tiles past 256 would not fit a program's registers
 LOG2E = 1.4426950408889634
+# IS_FP8 modes of the KV loads: not FP8; decoded from the bits (`fp8_decode`: any format, the
+# interpreter); the hardware conversion of sm_89+ NVIDIA GPUs for e4m3fn / e5m2 (a few cvt
+# instructions per pair of values instead of ~10 integer ops per value).
+FP8_NOT, FP8_CODEC, FP8_NATIVE_E4M3, FP8_NATIVE_E5M2 = 0, 1, 2, 3
+_NATIVE_KV = {torch.float8_e4m3fn: FP8_NATIVE_E4M3, torch.float8_e5m2: FP8_NATIVE_E5M2}
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # sm_90 and newer have 227 KiB of shared memory per block (sm_86/89 about 100 KiB): room for
 # larger tiles and more pipeline stages. Both tuning tables are keyed by this class.
@@ -94,7 +100,13 @@ def _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, offs_d, 
     else:
         k = tl.load(key_cache_ptr + ptrs, mask=d_ok[None, :], other=0)
         v = tl.load(value_cache_ptr + ptrs, mask=d_ok[None, :], other=0)
-    if IS_FP8:
+    if IS_FP8 == FP8_NATIVE_E4M3:  # hardware cvt to fp16 (exact), then the dot's dtype
+        k = k.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        v = v.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    elif IS_FP8 == FP8_NATIVE_E5M2:
+        k = k.to(tl.float8e5, bitcast=True).to(tl.float16)
+        v = v.to(tl.float8e5, bitcast=True).to(tl.float16)
+    elif IS_FP8:  # decoded from the bits (any format, any device, the interpreter)
         k = fp8_decode(k, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
         v = fp8_decode(v, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
     return k, v
@@ -207,13 +219,17 @@ def _launch_common(query, key_cache, scale, kv_scale, soft_cap=None) -> dict:
     scale, the FP8 codec, the dot dtype and the head_dim tile."""
     is_fp8 = key_cache.dtype in FP8_CODECS
     kv = 1.0 if kv_scale is None or not is_fp8 else float(kv_scale)
+    fp8_mode = FP8_NOT
+    if is_fp8:
+        native = _native_fp8(key_cache.device)
+        fp8_mode = _NATIVE_KV.get(key_cache.dtype, FP8_CODEC) if native else FP8_CODEC
     fp32_dots = interpreting() or query.dtype == torch.float32
     head_dim = query.shape[2]
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
     qk_scale = float(scale) * kv
     cap = float(soft_cap or 0.0)
     return dict(
-        qk_scale=qk_scale, out_scale=kv, is_fp8=is_fp8, head_dim_p2=head_dim_p2,
+        qk_scale=qk_scale, out_scale=kv, fp8_mode=fp8_mode, head_dim_p2=head_dim_p2,
         s_scale=qk_scale / cap if cap > 0 else qk_scale * LOG2E, cap_log2=cap * LOG2E,
         soft_cap=cap > 0,
         # "ieee": 16-bit operands ignore it, and Triton's HIP backend takes "tf32" on gfx942 only.

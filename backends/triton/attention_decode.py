@@ -376,7 +376,7 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
         query_start_loc, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_tokens,
         num_heads, head_dim, c["s_scale"], c["cap_log2"], c["out_scale"],
-        int(sliding_window or 0), group, block_m // group, splits, IS_FP8=c["is_fp8"],
+        int(sliding_window or 0), group, block_m // group, splits, IS_FP8=c["fp8_mode"],
         SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"], INPUT_PRECISION=c["input_precision"],
         INTERPRET=interpreting(), EVEN_D=c["even_d"], SPLIT=splits > 1, PAGE_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, HEAD_DIM_P2=c["head_dim_p2"],
