@@ -7,7 +7,8 @@ decode: ms per decode step at batch 1, eager and with CUDA graphs, against the f
 reads / copy bandwidth measured in this run). fixed: offline throughput at fixed input/output
 lengths, beside TensorRT-LLM's published H200 FP8 figures for Llama-3-8B. mixed: a mixed workload
 through this engine and through transformers `generate` (same shape, random weights, the
-fastest of --hf-batch-sizes), in this run. fp8: the fixed workloads again with quantization="fp8".
+fastest of --hf-batch-sizes), in this run. fp8: the fixed workloads again with quantization="fp8";
+fp8kv: the same with kv_cache_dtype="fp8" too (an FP8 KV cache: half the KV bytes per step).
 quant: batch-1 decode (graphs) against its own floor and the fixed workloads on random quantized
 checkpoints of the same shape (--quants: gptq4 = W4A16 GPTQ G=128, gptq8, w8a8 =
 compressed-tensors int8 per channel with dynamic per-token activations, fp8block = FP8 e4m3 with
@@ -365,16 +366,18 @@ def main() -> int:
         llm.shutdown()
     llm = None
     free_gpu()
-    if "fp8" in modes:
-        llm = make_llm(folder, args, quantization="fp8")
-        run_fixed(llm, "fp8")
+    for mode, tag, kw in (("fp8", "fp8", {}), ("fp8kv", "fp8_fp8kv", {"kv_cache_dtype": "fp8"})):
+        if mode not in modes:
+            continue
+        llm = make_llm(folder, args, quantization="fp8", **kw)
+        run_fixed(llm, tag)
         llm.shutdown()
         llm = None
         free_gpu()
         for i, o, _ in fixed:
-            b, f = res.get(f"fixed_bf16_{i}x{o}"), res.get(f"fixed_fp8_{i}x{o}")
+            b, f = res.get(f"fixed_bf16_{i}x{o}"), res.get(f"fixed_{tag}_{i}x{o}")
             if b and f:
-                print(f"fp8 / bf16 at {i}/{o}: {f['tok_s'] / b['tok_s']:.2f}x")
+                print(f"{tag} / bf16 at {i}/{o}: {f['tok_s'] / b['tok_s']:.2f}x")
                 f["ratio_to_bf16"] = f["tok_s"] / b["tok_s"]
     if "quant" in modes:
         for name in args.quants.split(","):

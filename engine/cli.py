@@ -52,6 +52,12 @@ def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="require (NAME) or prefer (prefer:NAME) one")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+        default="auto",
+        help="the paged KV cache's dtype: auto (the model's) or FP8 (half of bf16's bytes)",
+    )
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--enforce-eager", action="store_true", help="never capture decode graphs")
     p.add_argument(
@@ -102,6 +108,7 @@ def run_generate(args: argparse.Namespace) -> int:
             backend=args.backend,
             max_model_len=args.max_model_len,
             block_size=args.block_size,
+            kv_cache_dtype=args.kv_cache_dtype,
             enable_prefix_caching=not args.no_prefix_caching,
             enforce_eager=args.enforce_eager,
             async_scheduling=False if args.no_async_scheduling else None,

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
+_FLOAT_CACHE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PREEMPTION_MODES = ("recompute", "swap")
 MAX_BLOCK_SIZE = 512
 
@@ -59,7 +62,7 @@ class CacheConfig:
             )
         if self.cache_dtype not in CACHE_DTYPES:
             raise ValueError(
-                f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}"
+                f"kv_cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}"
             )
         _check_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1, allow_none=True)
 
@@ -139,3 +142,29 @@ def num_blocks_for_budget(budget_bytes: int, block_bytes: int) -> int:
             f"(kv_cache_memory_bytes or gpu memory utilization) or lower block_size"
         )
     return num_blocks
+
+
+def resolve_cache_dtype(
+    cache_dtype: str, model_dtype: torch.dtype, platform_fp8: torch.dtype | None
+) -> torch.dtype:
+    """The KV cache's torch dtype for CacheConfig.cache_dtype (vLLM's kv_cache_dtype): "auto" is
+    the model's dtype; "fp8" / "fp8_e4m3" the platform's e4m3 format (`platform_fp8`, e4m3fnuz
+    on MI300; e4m3fn where the device has no FP8 hardware: the attention kernels decode any
+    format); "fp8_e5m2" e5m2. A float name must be the model's dtype (the attention kernels
+    read the cache in the query's dtype or an FP8 format)."""
+    if cache_dtype == "auto":
+        return model_dtype
+    if cache_dtype in ("fp8", "fp8_e4m3"):
+        return platform_fp8 if platform_fp8 is not None else torch.float8_e4m3fn
+    if cache_dtype == "fp8_e5m2":
+        return torch.float8_e5m2
+    if cache_dtype in _FLOAT_CACHE:
+        if _FLOAT_CACHE[cache_dtype] != model_dtype:
+            raise ValueError(
+                f"kv_cache_dtype {cache_dtype!r} differs from the model's dtype "
+                f"{str(model_dtype).removeprefix('torch.')}; use 'auto' or an FP8 format "
+                "(fp8, fp8_e4m3, fp8_e5m2)"
+            )
+        return model_dtype
+    valid = ", ".join(CACHE_DTYPES)
+    raise ValueError(f"kv_cache_dtype must be one of {valid}, got {cache_dtype!r}")

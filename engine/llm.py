@@ -29,6 +29,9 @@ class LLM:
     error); quantized checkpoints (GPTQ, AWQ, AutoRound, compressed-tensors, FP8) need nothing.
     async_scheduling: overlap the host's work for a step with the GPU's (default: on for an
     in-process GPU engine); see `EngineConfig`.
+    kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" / "fp8_e5m2": the paged KV
+    cache in FP8 (half of bf16's bytes, so twice the tokens fit), values stored unscaled
+    (kv_scale 1) and decoded exactly by the attention kernels.
     """
 
     def __init__(
@@ -58,9 +61,11 @@ class LLM:
         distributed_executor_backend: str | None = None,
         quantization: str | None = None,
         async_scheduling: bool | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         cache = CacheConfig(
             block_size=block_size,
+            cache_dtype=kv_cache_dtype,
             enable_prefix_caching=enable_prefix_caching,
             swap_space_gib=swap_space,
             kv_cache_memory_bytes=kv_cache_memory_bytes,

@@ -20,6 +20,7 @@ import torch
 
 import hal
 import platforms
+from engine.config import resolve_cache_dtype
 from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed.executor import Executor, StepHandle, UniprocExecutor
 from engine.distributed.worker import StepSampling
@@ -123,8 +124,11 @@ class LLMEngine:
         sched.max_model_len = max_model_len
         try:
             if self.model is not None:
+                kv_dtype = resolve_cache_dtype(
+                    cache.cache_dtype, self.dtype, self.backend.caps.fp8_dtype
+                )
                 self.runner = ModelRunner(
-                    self.model, self.backend, cache.block_size, self.dtype,
+                    self.model, self.backend, cache.block_size, kv_dtype,
                     graph_sizes=configured_sizes(self.config), max_model_len=max_model_len,
                 )  # fmt: skip
                 self.executor = UniprocExecutor(self.runner)
@@ -262,6 +266,10 @@ class LLMEngine:
         torch.cuda.empty_cache()
         return int(peak)
 
+    def _kv_dtype_name(self) -> str:
+        dtype = self.runner.kv_dtype if self.runner is not None else self.executor.kv_dtype
+        return str(dtype).removeprefix("torch.")
+
     def startup_report(self) -> list[str]:
         """The resolved choices: backend per op, dtype, block size, memory plan."""
         lines = [f"backend {self.backend.name} on {self.backend.device}"]
@@ -269,7 +277,7 @@ class LLMEngine:
         lines.append(
             f"model {self.model_config.architecture}, "
             f"dtype {str(self.dtype).removeprefix('torch.')}, max_model_len {self.max_model_len}, "
-            f"block_size {self.cache_config.block_size}, "
+            f"block_size {self.cache_config.block_size}, kv cache {self._kv_dtype_name()}, "
             f"prefix caching {'on' if self.cache_config.enable_prefix_caching else 'off'}, "
             f"chunked prefill {'on' if self.scheduler_config.enable_chunked_prefill else 'off'}, "
             f"preemption {self.scheduler_config.preemption_mode}"

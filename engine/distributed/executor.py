@@ -271,6 +271,7 @@ class DistributedExecutor(Executor):
                 quantization=config.quantization,
                 graph_sizes=configured_sizes(config),
                 eos_token_ids=tuple(model_config.eos_token_ids),
+                kv_cache_dtype=config.cache.cache_dtype,
             )
             for r in range(world)
         ]
@@ -297,6 +298,7 @@ class DistributedExecutor(Executor):
             raise
         self.backend = BackendSummary(self.infos[self.layout.output_rank])
         self.dtype = self.infos[0].dtype
+        self.kv_dtype = self.infos[0].kv_dtype
         logger.info("%d workers ready in %.1fs", world, time.perf_counter() - start)
 
     def _device_of(self, rank: int) -> str:

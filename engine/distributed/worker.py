@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from engine.config import resolve_cache_dtype
 from engine.distributed.collectives import PipelineChannel, WorldLayout, init_world
 from engine.graphs import graph_pool_estimate
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
@@ -48,6 +49,7 @@ class WorkerSpec:
     quantization: str | None = None  # online quantization ("fp8"), as EngineConfig's
     graph_sizes: tuple[int, ...] = ()  # decode batch sizes to capture (empty: eager)
     eos_token_ids: tuple[int, ...] = ()  # the output rank's sampler masks them under min_tokens
+    kv_cache_dtype: str = "auto"  # CacheConfig.cache_dtype, resolved on the rank's platform
 
 
 @dataclass
@@ -63,6 +65,7 @@ class WorkerInfo:
     block_bytes: int
     weight_bytes: int
     layers: tuple[int, int]
+    kv_dtype: torch.dtype
 
 
 @dataclass
@@ -206,8 +209,10 @@ class Worker:
             seed=spec.seed,
             quantization=spec.quantization,
         )
+        fp8 = backend.caps.fp8_dtype
+        kv_dtype = resolve_cache_dtype(spec.kv_cache_dtype, self.model.dtype, fp8)
         self.runner = ModelRunner(
-            self.model, backend, spec.block_size, self.model.dtype,
+            self.model, backend, spec.block_size, kv_dtype,
             graph_sizes=spec.graph_sizes, max_model_len=spec.max_model_len,
         )  # fmt: skip
         return WorkerInfo(
@@ -220,6 +225,7 @@ class Worker:
             block_bytes=self.runner.block_bytes(),
             weight_bytes=weight_bytes(self.model),
             layers=(self.model.layer_start, self.model.layer_stop),
+            kv_dtype=kv_dtype,
         )
 
     def plan_memory(

@@ -60,6 +60,12 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, help="require (NAME) or prefer (prefer:NAME) one")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "fp8", "fp8_e4m3", "fp8_e5m2"),
+        default="auto",
+        help="the paged KV cache's dtype: auto (the model's) or FP8 (half of bf16's bytes)",
+    )
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="CPU KV budget")
@@ -132,6 +138,7 @@ def run_serve(args: argparse.Namespace) -> int:
             async_scheduling=False if args.no_async_scheduling else None,
             cache=CacheConfig(
                 block_size=args.block_size,
+                cache_dtype=args.kv_cache_dtype,
                 enable_prefix_caching=not args.no_prefix_caching,
                 kv_cache_memory_bytes=args.kv_cache_memory_bytes,
             ),

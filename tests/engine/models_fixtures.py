@@ -109,11 +109,11 @@ def build_model(variant: str, folder: Path, seed: int = 0) -> torch.nn.Module:
 class PagedSequence:
     """One sequence over a paged KV cache with its blocks in random order (block size 16)."""
 
-    def __init__(self, model, num_blocks: int = 8, seed: int = 0) -> None:
+    def __init__(self, model, num_blocks: int = 8, seed: int = 0, kv_dtype=None) -> None:
         self.model = model
         g = torch.Generator().manual_seed(seed)
         shape = model.kv_cache_shape(num_blocks, BLOCK_SIZE)
-        dtype = model.dtype
+        dtype = model.dtype if kv_dtype is None else kv_dtype
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype))
             for _ in range(model.config.num_layers)
