@@ -20,6 +20,8 @@ LOG2E = 1.4426950408889634
 # instructions per pair of values instead of ~10 integer ops per value).
 FP8_NOT, FP8_CODEC, FP8_NATIVE_E4M3, FP8_NATIVE_E5M2 = 0, 1, 2, 3
 _NATIVE_KV = {torch.float8_e4m3fn: FP8_NATIVE_E4M3, torch.float8_e5m2: FP8_NATIVE_E5M2}
+_E4M3_NATIVE = tl.constexpr(FP8_NATIVE_E4M3)  # the kernels read only constexpr globals
+_E5M2_NATIVE = tl.constexpr(FP8_NATIVE_E5M2)
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # sm_90 and newer have 227 KiB of shared memory per block (sm_86/89 about 100 KiB): room for
 # larger tiles and more pipeline stages. Both tuning tables are keyed by this class.
@@ -100,10 +102,10 @@ def _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, offs_d, 
     else:
         k = tl.load(key_cache_ptr + ptrs, mask=d_ok[None, :], other=0)
         v = tl.load(value_cache_ptr + ptrs, mask=d_ok[None, :], other=0)
-    if IS_FP8 == FP8_NATIVE_E4M3:  # hardware cvt to fp16 (exact), then the dot's dtype
+    if IS_FP8 == _E4M3_NATIVE:  # hardware cvt to fp16 (exact), then the dot's dtype
         k = k.to(tl.float8e4nv, bitcast=True).to(tl.float16)
         v = v.to(tl.float8e4nv, bitcast=True).to(tl.float16)
-    elif IS_FP8 == FP8_NATIVE_E5M2:
+    elif IS_FP8 == _E5M2_NATIVE:
         k = k.to(tl.float8e5, bitcast=True).to(tl.float16)
         v = v.to(tl.float8e5, bitcast=True).to(tl.float16)
     elif IS_FP8:  # decoded from the bits (any format, any device, the interpreter)
