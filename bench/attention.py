@@ -44,7 +44,8 @@ BATCHES = (1, 4, 16, 64, 256)
 CONTEXTS = (512, 1024, 4096, 8192, 32768)
 # FlexAttention compiles per shape (tens of seconds each): by default only the anchors.
 FLEX_SHAPES = ((64, 4096), (1, 32768))
-AUTOTUNE_SHAPES = ((1, 32768), (4, 8192), (16, 4096), (16, 8192), (64, 1024), (64, 4096),
+AUTOTUNE_SHAPES = ((1, 32768), (4, 1024), (4, 8192), (16, 512), (16, 1024), (16, 2048),
+                   (16, 4096), (16, 8192), (64, 512), (64, 1024), (64, 4096),
                    (256, 1024))  # fmt: skip
 # Split-model parameters the decode autotune fits (`attention_decode.num_splits`).
 FIT_PROGRAMS_PER_SM = (1, 2, 3, 4, 6)
