@@ -272,10 +272,10 @@ class CudaBackend(Backend):
         family = "fp8_block_gemm"
         impl = self.chosen(family)
         if impl == "scaled_mm":
+            why = linear.block_scaled_mm_input_reasons(x_q, x_scale, w_q, w_scale)
             if x_q.shape[0] < self.fp8_block_scaled_mm_min_m:
-                impl = self.next_impl(family, impl)
+                impl = self.next_impl(family, impl)  # decode sizes: by design, not a fallback
             else:
-                why = linear.block_scaled_mm_input_reasons(x_q, x_scale, w_q, w_scale)
                 impl = self._input_fallback(family, impl, why, self.next_impl(family, impl))
         if impl == "triton":
             why = _triton("fp8_block").block_reasons(x_q, x_scale)
