@@ -79,7 +79,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", nargs="+", default=["qkv", "o", "gate_up", "down"])
     ap.add_argument("--ms", nargs="+", type=int, default=[1, 4, 16, 64, 128, 256, 1024, 4096])
-    ap.add_argument("--sweep", action="store_true", help="also time a grid of Triton configs")
+    ap.add_argument(
+        "--sweep",
+        nargs="?",
+        const="both",
+        choices=("block", "rowwise", "both"),
+        help="also time a grid of Triton configs (block-scaled, per-channel, both)",
+    )
     ap.add_argument("--reps", type=int, default=20)
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
@@ -122,25 +128,33 @@ def row(shape: str, m: int, k: int, n: int, sets: list, copy: float, backend, ar
     engine_us = each(engine) * 1e3
     ran = backend.ran.get("fp8_block_gemm", "?")
     bf16 = each(lambda s: F.linear(x, s[2])) * 1e3
-    fp8_row = (
-        each(
-            lambda s: linear.fp8_linear_scaled_mm(
-                *tq.quantize_fp8(x, FP8, per_token=True), s[0], s[3], rowwise=True
-            )
+    fp8_row = each(
+        lambda s: linear.fp8_linear_scaled_mm(
+            *tq.quantize_fp8(x, FP8, per_token=True), s[0], s[3], rowwise=True
         )
-        * 1e3
     )
+    fp8_row *= 1e3
+    # The per-channel FP8 GEMM on the same Triton kernel (K tiles accumulated in the MMA)
+    xr, xr_s = tq.quantize_fp8(x, FP8, per_token=True)
+    y = fb.fp8_rowwise_linear(xr, xr_s, wq, sets[0][3])
+    status += " / row " + check(xr, xr_s, wq, sets[0][3], y)
+    tri_row = each(lambda s: fb.fp8_rowwise_linear(xr, xr_s, s[0], s[3])) * 1e3
+    fp8_row_gemm = each(lambda s: linear.fp8_linear_scaled_mm(xr, xr_s, s[0], s[3], rowwise=True))
+    fp8_row_gemm *= 1e3
     best = min(triton_us, float(cublas) if cublas[0].isdigit() else triton_us)
     frac = n * k / (best * 1e-6) / 1e9 / copy
     tflops = 2 * m * n * k / (best * 1e-6) / 1e12
     print(f"{shape} {m} | {engine_us:.1f} ({ran}) | {triton_us:.1f} | {cublas} | {frac:.2f} | "
           f"{tflops:.0f} | {bf16:.1f} | {fp8_row:.1f} | {bf16 / engine_us:.2f} | "
-          f"{fp8_row / engine_us:.2f} | {status}", flush=True)  # fmt: skip
-    if args.sweep:
+          f"{fp8_row / engine_us:.2f} | per-channel GEMM alone: triton {tri_row:.1f} / "
+          f"_scaled_mm {fp8_row_gemm:.1f} us | {status}", flush=True)  # fmt: skip
+    if args.sweep in ("block", "both"):
         sweep(m, each, x_q, x_s)
+    if args.sweep in ("rowwise", "both"):
+        sweep(m, each, xr, xr_s, rowwise=True)
 
 
-def sweep(m: int, each, x_q, x_s) -> None:
+def sweep(m: int, each, x_q, x_s, rowwise: bool = False) -> None:
     if m <= fb.SWAP_MAX_M:
         grid = [
             fb.Fp8BlockConfig(True, 16 if m <= 16 else 32, bn, 4, st, sp)
@@ -160,17 +174,19 @@ def sweep(m: int, each, x_q, x_s) -> None:
     results = []
     for cfg in grid:
         try:
-            t = each(functools.partial(_call_with, x_q, x_s, cfg))
+            t = each(functools.partial(_call_with, x_q, x_s, cfg, rowwise))
         except Exception as e:  # noqa: BLE001 - out of shared memory and the like
             print(f"  {cfg}: {type(e).__name__}")
             continue
         results.append((t, cfg))
     results.sort(key=lambda r: r[0])
     for t, cfg in results[:4]:
-        print(f"  sweep M={m}: {t * 1e3:.1f} us {cfg}")
+        print(f"  sweep{' rowwise' if rowwise else ''} M={m}: {t * 1e3:.1f} us {cfg}")
 
 
-def _call_with(x_q, x_s, cfg, s):
+def _call_with(x_q, x_s, cfg, rowwise, s):
+    if rowwise:
+        return fb.fp8_rowwise_linear(x_q, x_s, s[0], s[3], config=cfg)
     return fb.fp8_block_linear(x_q, x_s, s[0], s[1].t(), config=cfg)
 
 

@@ -27,7 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.cpu.linear import check_fp8_block_scales
+from backends.cpu.linear import _check_quantized, check_fp8_block_scales
+from backends.cpu.quant import is_fp8
 from backends.triton.gemv import (
     _CODEC,
     _NATIVE_MODE,
@@ -44,6 +45,7 @@ from backends.triton.quant import FLOAT_DTYPES, cast_rtne, fp8_codec, interpreti
 SWAP_MAX_M = 32  # up to here the weight fills the MMA's M side and K splits across programs
 MIN_BLOCK = 16  # tl.dot's smallest K; B must be a power of two >= this
 FP8_DOT_MIN_K = 32  # an FP8 tensor-core dot's smallest K
+ROWWISE_MIN_K_TILE = 32  # fp8_rowwise_linear's smallest K tile (K must be a multiple)
 
 
 @dataclass(frozen=True)
@@ -180,11 +182,15 @@ def _fp8_block_kernel(
     W_HAS_INF: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INTERPRET: tl.constexpr,
+    ROWWISE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
+    # ROWWISE: one scale per token and per weight row (or per tensor: row strides 0) for all of
+    # K: the K tiles accumulate in the MMA (loop-carried, so wgmma pipelines) and the scales
+    # apply once at the end. Else one K tile per scale block, each block's sum scaled.
     # Axis 0: output tiles, GROUP_M row tiles at a time per column tile (a weight tile read from
     # DRAM serves its neighbours from L2); axis 1: K splits (swap only).
     pid = tl.program_id(0)
@@ -217,24 +223,33 @@ def _fp8_block_kernel(
         k0 = g * BLOCK_K  # < 2^31: the row offsets above are int64
         x = tl.load(x_ptrs + k0)
         w = tl.load(w_ptrs + k0, eviction_policy="evict_first")
-        if DOT_FP8:  # same native format: FP8 tensor cores
-            if X_FP8 == 1:
-                xd = x.to(tl.float8e4nv, bitcast=True)
-                wd = w.to(tl.float8e4nv, bitcast=True)
-            else:
-                xd = x.to(tl.float8e5, bitcast=True)
-                wd = w.to(tl.float8e5, bitcast=True)
+        if DOT_FP8:  # same native format, loaded as such: FP8 tensor cores
+            xd = x
+            wd = w
         else:  # exact decode into fp16, fp16 tensor cores
             xd = _to_float(x, tl.float16, X_FP8, X_MAN_BITS, X_EXP_BIAS, X_FP8_MAX, X_NAN_CODE,
                            X_FNUZ, X_HAS_INF)  # fmt: skip
             wd = _to_float(w, tl.float16, W_FP8, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX, W_NAN_CODE,
                            W_FNUZ, W_HAS_INF)  # fmt: skip
-        xs = tl.load(xs_ptrs + g * stride_xs_blk).to(tl.float32)  # [BM]
-        ws = tl.load(ws_ptrs + g * stride_ws_blk).to(tl.float32)  # [BN]
-        if SWAP:
-            acc += tl.dot(wd, tl.trans(xd)) * xs[None, :] * ws[:, None]
+        if ROWWISE:
+            if SWAP:
+                acc = tl.dot(wd, tl.trans(xd), acc)
+            else:
+                acc = tl.dot(xd, tl.trans(wd), acc)
         else:
-            acc += tl.dot(xd, tl.trans(wd)) * xs[:, None] * ws[None, :]
+            xs = tl.load(xs_ptrs + g * stride_xs_blk).to(tl.float32)  # [BM]
+            ws = tl.load(ws_ptrs + g * stride_ws_blk).to(tl.float32)  # [BN]
+            if SWAP:
+                acc += tl.dot(wd, tl.trans(xd)) * xs[None, :] * ws[:, None]
+            else:
+                acc += tl.dot(xd, tl.trans(wd)) * xs[:, None] * ws[None, :]
+    if ROWWISE:  # the reference's order: sum * x_scale * w_scale (a split's share likewise)
+        xs = tl.load(xs_ptrs).to(tl.float32)
+        ws = tl.load(ws_ptrs).to(tl.float32)
+        if SWAP:
+            acc = acc * xs[None, :] * ws[:, None]
+        else:
+            acc = acc * xs[:, None] * ws[None, :]
     if SWAP:
         m_idx, n_idx = offs_m[None, :], offs_n[:, None]
     else:
@@ -278,29 +293,44 @@ def fp8_block_linear(
         return out
     if k == 0:
         return out.copy_(torch.zeros_like(out) if bias is None else bias.expand(m, n))
-    cfg = config or pick_config(m)
-    x = raw(x_q if x_q.stride(1) == 1 else x_q.contiguous())
-    w = raw(w_q if w_q.stride(1) == 1 else w_q.contiguous())
+    return _launch(x_q, x_scale, w_q, w_scale, bias, out, k // g, n // w_scale.shape[0], g,
+                   False, config or pick_config(m))  # fmt: skip
+
+
+def _launch(x_q, x_scale, w_q, w_scale, bias, out, block_k, rows_per_scale, n_blocks, rowwise,
+            cfg) -> torch.Tensor:  # fmt: skip
+    m, n = x_q.shape[0], w_q.shape[0]
+    x = x_q if x_q.stride(1) == 1 else x_q.contiguous()
+    w = w_q if w_q.stride(1) == 1 else w_q.contiguous()
     xs, ws = x_scale.to(torch.float32), w_scale.to(torch.float32)
+    if rowwise:  # [1] / [rows, 1] scales: a row stride of 0 broadcasts one value
+        xs, ws = xs.reshape(-1, 1), ws.reshape(-1, 1)
+        xs_row, ws_row = (int(t.shape[0] > 1) * t.stride(0) for t in (xs, ws))
+    else:
+        xs_row, ws_row = xs.stride(0), ws.stride(0)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
-    splits, per_split = split_plan(cfg, tiles, g, _sm_count(x_q.device))
+    splits, per_split = split_plan(cfg, tiles, n_blocks, _sm_count(x_q.device))
     native = _native_fp8(x_q.device)
     x_mode, w_mode = (_NATIVE_MODE.get(t.dtype, _CODEC) if native else _CODEC for t in (x_q, w_q))
     # FP8 wgmma takes K >= 32 per dot; smaller blocks decode to fp16
-    dot_fp8 = x_mode == w_mode != _CODEC and x_mode != _NOT_FP8 and k // g >= FP8_DOT_MIN_K
+    dot_fp8 = x_mode == w_mode != _CODEC and x_mode != _NOT_FP8 and block_k >= FP8_DOT_MIN_K
+    if not dot_fp8:  # codes travel as their uint8 bits, converted in the kernel
+        x, w = raw(x), raw(w)
+    # else loaded in their FP8 type: tiles go to shared memory as they are and the MMAs of
+    # successive K tiles pipeline (Triton 3.6 waits for each one when an operand was bitcast)
     partial = torch.empty((splits, m, n) if splits > 1 else (1,), dtype=torch.float32,
                           device=x_q.device)  # fmt: skip
     dummy = out  # stands in for an absent bias (never read)
     interpret = interpreting()
     _fp8_block_kernel[(tiles, splits)](
         x, w, xs, ws, dummy if bias is None else bias, out, partial, m, n,
-        x.stride(0), w.stride(0), xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),
-        out.stride(0), n // w_scale.shape[0], per_split, g, splits,
+        x.stride(0), w.stride(0), xs_row, xs.stride(1), ws_row, ws.stride(1),
+        out.stride(0), rows_per_scale, per_split, n_blocks, splits,
         SWAP=cfg.swap, DOT_FP8=dot_fp8, X_FP8=x_mode, W_FP8=w_mode,
         **{f"X_{key}": value for key, value in fp8_codec(x_q.dtype).items()},
         **{f"W_{key}": value for key, value in fp8_codec(w_q.dtype).items()},
-        HAS_BIAS=bias is not None, INTERPRET=interpret, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=k // g, GROUP_M=cfg.group_m,
+        HAS_BIAS=bias is not None, INTERPRET=interpret, ROWWISE=rowwise, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if splits > 1:
@@ -310,3 +340,41 @@ def fp8_block_linear(
             BLOCK=_REDUCE_BLOCK, num_warps=4,
         )  # fmt: skip
     return out
+
+
+def rowwise_reasons(x_q: torch.Tensor) -> list[str]:
+    """Why `fp8_rowwise_linear` cannot take these operands (empty: it can): K must be a multiple
+    of 32 (its K tiles: 128, 64 or 32 columns, no tail)."""
+    k = x_q.shape[-1] if x_q.dim() else 0
+    return [] if k and k % ROWWISE_MIN_K_TILE == 0 else [f"K={k} is not a multiple of 32"]
+
+
+def fp8_rowwise_linear(
+    x_q: torch.Tensor,
+    x_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: Fp8BlockConfig | None = None,
+) -> torch.Tensor:
+    """y = (x_q @ w_q.T) * x_scale * w_scale.T + bias: the per-tensor / per-token and
+    per-channel `fp8_linear` (hal contract) on the same kernel, K tiles accumulated in the MMA.
+
+    x_q: fp8 [M, K], K a multiple of 32; x_scale: [1] or [M, 1]; w_q: fp8 [N, K]; w_scale: [1]
+    or [N, 1]; bias: [N]. Returns [M, N] in out_dtype (fp32, bf16 or fp16).
+    """
+    _check_quantized(x_q, x_scale, w_q, w_scale, bias, is_fp8, "an FP8 format")
+    if out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype: {out_dtype} is not one of float32, bfloat16, float16")
+    why = rowwise_reasons(x_q)
+    if why:
+        raise ValueError(f"x_q: {why[0]} (the kernel has no K tail)")
+    _check_device(x_q=x_q, x_scale=x_scale, w_q=w_q, w_scale=w_scale, bias=bias)
+    (m, k), n = x_q.shape, w_q.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
+    if m == 0 or n == 0:
+        return out
+    block_k = next(b for b in (128, 64, 32) if k % b == 0)
+    return _launch(x_q, x_scale, w_q, w_scale, bias, out, block_k, 1, k // block_k, True,
+                   config or pick_config(m))  # fmt: skip

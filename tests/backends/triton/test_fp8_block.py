@@ -228,3 +228,43 @@ def test_cuda_backend_picks_by_m_on_hopper():
     y = backend.fp8_linear(*case, torch.bfloat16)
     assert backend.ran["fp8_block_gemm"] == "triton"
     _check(y.cpu(), *_on("cpu", *case), torch.bfloat16, fp8_tc=True)
+
+
+# -- the per-token / per-channel case on the same kernel -----------------------------------------
+@pytest.mark.parametrize(
+    "m, n, k, per_token, bias, out_dtype, config",
+    [
+        (1, 70, 256, True, False, torch.bfloat16, None),  # swapped tiles, split K
+        (5, 33, 96, False, True, torch.float32, None),  # per tensor; K tiles of 32
+        (40, 130, 192, True, True, torch.float16, None),  # output tiles; K tiles of 64
+        (70, 65, 512, True, False, torch.float32, fp8_block.Fp8BlockConfig(False, 32, 32, split=3)),
+        (3, 40, 256, True, True, torch.float32, fp8_block.Fp8BlockConfig(True, 16, 16, split=2)),
+    ],
+)
+def test_rowwise_matches_reference(m, n, k, per_token, bias, out_dtype, config):
+    dev = _device()
+    gen = torch.Generator().manual_seed(m + n + k)
+    x_q = (torch.randn(m, k, generator=gen) * 64).clamp(-200, 200).to(E4M3)
+    w_q = (torch.randn(n, k, generator=gen) * 64).clamp(-200, 200).to(E4M3)
+    xs = torch.rand((m, 1) if per_token else (1,), generator=gen) * 0.02 + 0.001
+    ws = torch.rand((n, 1) if per_token else (1,), generator=gen) * 0.02 + 0.001
+    b = torch.randn(n, generator=gen) if bias else None
+    case = _on(dev, x_q, xs, w_q, ws, b)
+    y = fp8_block.fp8_rowwise_linear(*case, out_dtype, config=config)
+    assert y.dtype == out_dtype
+    x = x_q.double() * xs.double()
+    w = w_q.double() * ws.double()
+    ref = x @ w.t() + (b.double() if bias else 0)
+    mag = float(x.abs().max() * w.abs().max())
+    tol = tolerance(out_dtype, fp8_gemm=dev == "cuda").allowed(ref, mag, k)
+    err = (y.double().cpu() - ref).abs()
+    assert bool((err <= tol).all()), float(err.max())
+
+
+def test_rowwise_bad_input():
+    x_q = torch.zeros(2, 48, dtype=E4M3)
+    w_q = torch.zeros(3, 48, dtype=E4M3)
+    with pytest.raises(ValueError, match="K=48 is not a multiple of 32"):
+        fp8_block.fp8_rowwise_linear(x_q, torch.ones(2, 1), w_q, torch.ones(3, 1))
+    with pytest.raises(ValueError, match="w_scale"):
+        fp8_block.fp8_rowwise_linear(x_q, torch.ones(2, 1), w_q, torch.ones(2, 1))
