@@ -34,6 +34,9 @@ FP8_CODECS: dict[torch.dtype, tuple[int, int, float, int, bool, bool]] = {
     torch.float8_e5m2: (2, 15, 57344.0, 0x7F, False, True),
 }
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Rows up to this long are quantized in one pass (read once, absmax and codes from registers);
+# longer ones loop twice over BLOCK_N columns.
+ONE_TILE_MAX_COLS = 16384
 
 
 def interpreting() -> bool:
@@ -206,6 +209,7 @@ def _quantize_kernel(
     NAN_CODE: tl.constexpr,
     FNUZ: tl.constexpr,
     HAS_INF: tl.constexpr,
+    ONE_TILE: tl.constexpr,  # n_cols <= BLOCK_N: each row read once, kept in registers
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -214,30 +218,49 @@ def _quantize_kernel(
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)
     x_rows = x_ptr + rows64[:, None] * stride_x_row
-    if DYNAMIC_PER_ROW:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for start in range(0, n_cols, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = row_ok[:, None] & (cols[None, :] < n_cols)
-            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
-            acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
-        absmax = tl.maximum(tl.max(acc, axis=1), _SCALE_EPS)
-        scale = tl.math.div_rn(absmax, tl.zeros_like(absmax) + qmax)  # [BLOCK_M]
-        tl.store(scale_ptr + rows, scale, mask=row_ok)
-    elif PER_ROW_SCALE:
-        scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
-    else:
-        scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scale_ptr)
-    for start in range(0, n_cols, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if DYNAMIC_PER_ROW:
+            absmax = tl.maximum(tl.max(tl.abs(x), axis=1), _SCALE_EPS)
+            scale = tl.math.div_rn(absmax, tl.zeros_like(absmax) + qmax)  # [BLOCK_M]
+            tl.store(scale_ptr + rows, scale, mask=row_ok)
+        elif PER_ROW_SCALE:
+            scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
+        else:
+            scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scale_ptr)
         y = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
         if TO_INT8:
             q = tl.minimum(tl.maximum(round_half_even(y), -128.0), 127.0).to(tl.int8)
         else:
             q = fp8_encode(y, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
         tl.store(q_ptr + rows64[:, None] * stride_q_row + cols[None, :], q, mask=mask)
+    else:  # two passes over BLOCK_N columns: the row maxima, then the codes
+        if DYNAMIC_PER_ROW:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for start in range(0, n_cols, BLOCK_N):
+                cols = start + tl.arange(0, BLOCK_N)
+                mask = row_ok[:, None] & (cols[None, :] < n_cols)
+                x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0)
+                acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+            absmax = tl.maximum(tl.max(acc, axis=1), _SCALE_EPS)
+            scale = tl.math.div_rn(absmax, tl.zeros_like(absmax) + qmax)  # [BLOCK_M]
+            tl.store(scale_ptr + rows, scale, mask=row_ok)
+        elif PER_ROW_SCALE:
+            scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
+        else:
+            scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scale_ptr)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_ok[:, None] & (cols[None, :] < n_cols)
+            x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            y = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
+            if TO_INT8:
+                q = tl.minimum(tl.maximum(round_half_even(y), -128.0), 127.0).to(tl.int8)
+            else:
+                q = fp8_encode(y, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
+            tl.store(q_ptr + rows64[:, None] * stride_q_row + cols[None, :], q, mask=mask)
 
 
 def _check_x(x: torch.Tensor) -> None:
@@ -277,8 +300,10 @@ def _quantize(
     m, k = x.shape
     if x.stride(1) != 1:
         x = x.contiguous()
-    block_m, block_n = row_blocks(m, k)
+    block_m, block_n = row_blocks(m, k, ONE_TILE_MAX_COLS)
     grid = (triton.cdiv(m, block_m),)
+    # a whole row per program in registers: more warps for long rows (~64 values per thread)
+    warps = min(16, max(4, block_n // 256)) if not interpreting() else 4
     if scale is not None:
         s = _static_scale(scale, m, x.device)
         per_row, dynamic_row = s.dim() == 2, False
@@ -289,14 +314,16 @@ def _quantize(
         if m == 0 or k == 0:
             raise ValueError(f"x: shape {tuple(x.shape)} is empty; a per-tensor scale needs values")
         absmax = torch.empty(m, dtype=torch.float32, device=x.device)
-        _row_absmax_kernel[grid](x, absmax, x.stride(0), m, k, BLOCK_M=block_m, BLOCK_N=block_n)
+        _row_absmax_kernel[grid](x, absmax, x.stride(0), m, k, BLOCK_M=block_m, BLOCK_N=block_n,
+                                 num_warps=warps)  # fmt: skip
         s = torch.empty(1, dtype=torch.float32, device=x.device)
         _absmax_scale_kernel[(1,)](absmax, s, m, qmax, BLOCK=min(triton.next_power_of_2(m), 1024))
         per_row, dynamic_row = False, False
     if m:
         _quantize_kernel[grid](
             x, q, s, x.stride(0), q.stride(0), m, k, qmax, DYNAMIC_PER_ROW=dynamic_row,
-            PER_ROW_SCALE=per_row, BLOCK_M=block_m, BLOCK_N=block_n, **codec,
+            PER_ROW_SCALE=per_row, ONE_TILE=k <= block_n, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, **codec,
         )  # fmt: skip
     return s
 

@@ -254,6 +254,20 @@ def test_quantize_fp8_bitwise(fp8: torch.dtype, dtype: str, mode: str) -> None:
     assert_bitwise(q, q_ref, "q")
 
 
+@pytest.mark.parametrize("cols", [20000, 5000])
+@pytest.mark.parametrize("mode", ["tensor", "token"])
+def test_quantize_fp8_long_rows_bitwise(cols: int, mode: str) -> None:
+    # Rows longer than a tile (20000 > 16384 on a GPU; 5000 > 4096 under the interpreter) take
+    # the two-pass loop; shorter ones the one-pass path: both match the reference bit for bit.
+    g = gen(12)
+    x = (torch.randn(3, cols, generator=g) * 4).to(torch.bfloat16)
+    per_token = mode == "token"
+    q, s = tq.quantize_fp8(dev(x), torch.float8_e4m3fn, None, per_token)
+    q_ref, s_ref = ref_quant.quantize_fp8(x, torch.float8_e4m3fn, None, per_token)
+    assert_bitwise(s, s_ref, "scale")
+    assert_bitwise(q, q_ref, "q")
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("mode", ["tensor", "token", "static_token"])
 def test_quantize_int8_bitwise(dtype: str, mode: str) -> None:
