@@ -169,10 +169,15 @@ class FP8LinearMethod(LinearMethod):
 
     def _read_block_scales(self, source: TensorSource) -> torch.Tensor:
         """The parts' [N / bn, K / bk] scales for this rank's rows and K blocks: fp32 [N_local /
-        bn, K_local / bk] when every part's rows are whole bn-row blocks (the kernels read one
-        scale per bn rows), else expanded to one row per weight row [N_local, K_local / bk]."""
+        bn, K_local / bk] when every part's rows are whole bn-row blocks and K has several blocks
+        (the kernels read one scale per bn rows), else one row per weight row [N_local,
+        K_local / bk]."""
         bn, bk = self.block
-        whole = all(p.start % bn == 0 and (p.stop - p.start) % bn == 0 for p in self.spec.parts)
+        # One K block (K <= bk) is the per-channel case, whose fp8_linear takes one scale per row
+        one_block = math.ceil(self.spec.k_stop / bk) - self.spec.k_start // bk == 1
+        whole = not one_block and all(
+            p.start % bn == 0 and (p.stop - p.start) % bn == 0 for p in self.spec.parts
+        )
         rows = []
         for part in self.spec.parts:
             s = source.read(f"{part.prefix}.{self.scale_name}").to(torch.float32)
