@@ -172,12 +172,14 @@ def fp8_block_linear_scaled_mm(
     why = block_scaled_mm_input_reasons(x_q, x_scale, w_q, w_scale)
     if why:
         raise ValueError("block-scaled _scaled_mm cannot take these inputs: " + "; ".join(why))
-    m = x_q.shape[0]
+    m, g = x_q.shape[0], x_scale.shape[1]
     mp = _round_up(max(m, 1), BLOCK_SCALED_MM_ALIGN)
     a = _pad_to(x_q, mp, x_q.shape[1])
-    sa = torch.ones(mp, x_scale.shape[1], dtype=torch.float32, device=x_q.device)
-    sa[:m] = x_scale
-    sa = sa.t().contiguous().t()  # [Mp, G], token index fastest
+    if mp == m:  # [M, G] with the token index fastest: one transposing copy
+        sa = x_scale.to(torch.float32).t().contiguous().t()
+    else:  # the padded rows' scales are 1 (their codes are 0)
+        sa = torch.ones(g, mp, dtype=torch.float32, device=x_q.device).t()
+        sa[:m] = x_scale
     sb = w_scale.to(torch.float32).contiguous().t()  # [G, N / 128] view of [N / 128, G]
     direct = bias is None and out_dtype in (torch.bfloat16, torch.float16)
     y = torch._scaled_mm(
