@@ -10,8 +10,14 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.gemv import _native_fp8
-from backends.triton.quant import FLOAT_DTYPES, FP8_CODECS, fp8_codec, fp8_decode, interpreting
+from backends.triton.quant import (
+    FLOAT_DTYPES,
+    FP8_CODECS,
+    fp8_codec,
+    fp8_decode,
+    interpreting,
+    native_fp8,
+)
 
 MAX_HEAD_DIM = 256  # HEAD_DIM_P2 tiles past 256 would not fit a program's registers
 LOG2E = 1.4426950408889634
@@ -223,7 +229,7 @@ def _launch_common(query, key_cache, scale, kv_scale, soft_cap=None) -> dict:
     kv = 1.0 if kv_scale is None or not is_fp8 else float(kv_scale)
     fp8_mode = FP8_NOT
     if is_fp8:
-        native = _native_fp8(key_cache.device)
+        native = native_fp8(key_cache.device)
         fp8_mode = _NATIVE_KV.get(key_cache.dtype, FP8_CODEC) if native else FP8_CODEC
     fp32_dots = interpreting() or query.dtype == torch.float32
     head_dim = query.shape[2]

@@ -35,12 +35,11 @@ from backends.triton.gemv import (
     _NOT_FP8,
     _REDUCE_BLOCK,
     _check_device,
-    _native_fp8,
     _sm_count,
     _split_k_reduce_kernel,
     _to_float,
 )
-from backends.triton.quant import FLOAT_DTYPES, cast_rtne, fp8_codec, interpreting, raw
+from backends.triton.quant import FLOAT_DTYPES, cast_rtne, fp8_codec, interpreting, native_fp8, raw
 
 SWAP_MAX_M = 32  # up to here the weight fills the MMA's M side and K splits across programs
 MIN_BLOCK = 16  # tl.dot's smallest K; B must be a power of two >= this
@@ -310,7 +309,7 @@ def _launch(x_q, x_scale, w_q, w_scale, bias, out, block_k, rows_per_scale, n_bl
         xs_row, ws_row = xs.stride(0), ws.stride(0)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     splits, per_split = split_plan(cfg, tiles, n_blocks, _sm_count(x_q.device))
-    native = _native_fp8(x_q.device)
+    native = native_fp8(x_q.device)
     x_mode, w_mode = (_NATIVE_MODE.get(t.dtype, _CODEC) if native else _CODEC for t in (x_q, w_q))
     # FP8 wgmma takes K >= 32 per dot; smaller blocks decode to fp16
     dot_fp8 = x_mode == w_mode != _CODEC and x_mode != _NOT_FP8 and block_k >= FP8_DOT_MIN_K

@@ -33,14 +33,20 @@ import triton.language as tl
 
 from backends.cpu.linear import _check_bias, _check_quantized
 from backends.cpu.quant import is_fp8
-from backends.triton.quant import FLOAT_DTYPES, cast_rtne, fp8_codec, fp8_decode, interpreting, raw
+from backends.triton.quant import (
+    FLOAT_DTYPES,
+    cast_rtne,
+    fp8_codec,
+    fp8_decode,
+    interpreting,
+    native_fp8,
+    raw,
+)
 
 MAX_M = 16  # the largest M the backends send here; beyond it cuBLAS / _scaled_mm win
 K_ALIGN = 16  # dense dispatch wants K % 16 == 0 (16-byte vector loads of every row)
 KERNELS = ("fma", "dot")
 DOT_BLOCK_M = 16  # tl.dot's smallest tile side
-# sm_89+ converts e4m3fn / e5m2 to fp16 in hardware (Triton's fp8e4nv needs sm_89).
-NATIVE_FP8_MIN_CC = (8, 9)
 _TL_FLOAT = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # FP8 load modes: 0 not FP8, 1 e4m3fn native, 2 e5m2 native, 3 decode from the bits (any format).
 _NOT_FP8, _E4M3_NATIVE, _E5M2_NATIVE, _CODEC = 0, 1, 2, 3
@@ -173,14 +179,6 @@ def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1  # the interpreter runs programs one at a time: no device to fill
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.lru_cache(maxsize=16)
-def _native_fp8(device: torch.device) -> bool:
-    # Hardware FP8 -> fp16 conversion: an NVIDIA GPU of sm_89+ (never under the interpreter).
-    if device.type != "cuda" or torch.version.cuda is None or interpreting():
-        return False
-    return torch.cuda.get_device_capability(device) >= NATIVE_FP8_MIN_CC
 
 
 def split_plan(cfg: GemvConfig, m: int, n: int, k: int, sm_count: int) -> tuple[int, int]:
@@ -428,7 +426,7 @@ def _launch(
     # fp32 partials [S, M, N] (a 1-element stand-in without split-K keeps one compiled kernel)
     partial_shape = (splits, m, n) if splits > 1 else (1,)
     partial = torch.empty(partial_shape, dtype=torch.float32, device=x.device)
-    native = _native_fp8(x.device)
+    native = native_fp8(x.device)
     x_mode, w_mode = (
         _NOT_FP8 if fmt is None else _NATIVE_MODE.get(fmt, _CODEC) if native else _CODEC
         for fmt in (x_fp8, w_fp8)

@@ -12,6 +12,7 @@ not round to nearest even.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -34,6 +35,7 @@ FP8_CODECS: dict[torch.dtype, tuple[int, int, float, int, bool, bool]] = {
     torch.float8_e5m2: (2, 15, 57344.0, 0x7F, False, True),
 }
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NATIVE_FP8_MIN_CC = (8, 9)  # sm_89+ converts e4m3fn / e5m2 to fp16 in hardware
 # Rows up to this long are quantized in one pass (read once, absmax and codes from registers);
 # longer ones loop twice over BLOCK_N columns.
 ONE_TILE_MAX_COLS = 16384
@@ -62,6 +64,15 @@ def _setup_interpreter() -> None:
 
 if interpreting():
     _setup_interpreter()
+
+
+@functools.lru_cache(maxsize=16)
+def native_fp8(device: torch.device) -> bool:
+    """Whether kernels on `device` convert e4m3fn / e5m2 in hardware: an NVIDIA GPU of sm_89+
+    (Triton's fp8e4nv needs sm_89), never under the interpreter."""
+    if device.type != "cuda" or torch.version.cuda is None or interpreting():
+        return False
+    return torch.cuda.get_device_capability(device) >= NATIVE_FP8_MIN_CC
 
 
 def fp8_codec(dtype: torch.dtype) -> dict[str, object]:
