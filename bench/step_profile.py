@@ -1,83 +1,123 @@
-"""Where a batch-1 decode step's time goes on a GPU: device busy time per kernel (torch.profiler,
-CUDA graphs on, as the engine runs) against the wall time per step, whose difference is the time
-the GPU waits for the host (scheduling, batch packing, launches, the sampled token's copy back).
+"""Where a decode step's time goes on a GPU: device time per kernel (torch.profiler through
+`LLM.start_profile`, on every rank, CUDA graphs on, as the engine runs) against the wall time per
+step, whose difference is the time the GPU waits for the host (scheduling, batch packing, launches,
+the sampled tokens' copy back, and at TP > 1 the driver-worker round trip).
 
-    python bench/step_profile.py                       # Llama-3-8B shape, random weights
-    python bench/step_profile.py --shape llama3-1b --steps 128
+Decode only: the same requests are profiled once with max_tokens=1 (prefill and one sample) and
+once with --steps more tokens; the tables are the per-kernel difference, divided by --steps.
+
+    python bench/step_profile.py                       # Llama-3-8B shape, random weights, batch 1
+    python bench/step_profile.py --tp 2                 # per rank, NCCL
+    python bench/step_profile.py --batch 256 --quantization fp8 --kv-cache-dtype fp8
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
-import torch
+for _var, _val in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
+    os.environ.setdefault(_var, _val)  # NVLink multicast off, also in spawned workers
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from make_random_model import write_config_folder  # noqa: E402
 
 
+def _by_name(summary) -> dict[str, tuple[float, int]]:
+    out: dict[str, tuple[float, int]] = defaultdict(lambda: (0.0, 0))
+    for k in summary.kernels:
+        ms, n = out[k.name]
+        out[k.name] = (ms + k.total_ms, n + k.count)
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--shape", default="llama3-8b")
-    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--steps", type=int, default=64, help="decode steps profiled")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
     p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--top", type=int, default=25, help="kernels listed")
-    p.add_argument("--out", default=None, help="write the table as JSON here")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--quantization", default=None, help="e.g. fp8 (online FP8)")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--eager", action="store_true", help="CUDA graphs off")
+    p.add_argument("--top", type=int, default=25, help="kernels listed per rank")
+    p.add_argument("--trace-dir", default=None, help="also write each rank's Chrome trace here")
+    p.add_argument("--out", default=None, help="write the tables as JSON here")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    from torch.profiler import ProfilerActivity, profile
-
     from engine import LLM, SamplingParams
 
     folder = write_config_folder(args.shape, Path(tempfile.mkdtemp()) / args.shape)
+    par = {}
+    if args.tp > 1:
+        par = dict(tensor_parallel_size=args.tp, distributed_executor_backend="mp")
     llm = LLM(model=str(folder), load_format="dummy", dtype="bfloat16", device="cuda",
-              max_model_len=4096, gpu_memory_utilization=0.9, max_num_seqs=64)  # fmt: skip
-    prompt = [random.Random(0).randrange(100, 30000) for _ in range(args.prompt_len)]
-    params = SamplingParams(temperature=0, max_tokens=args.steps + 1, ignore_eos=True)
+              max_model_len=max(4096, args.prompt_len + args.steps + 8),
+              gpu_memory_utilization=0.9, max_num_seqs=max(64, args.batch),
+              enforce_eager=args.eager, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype, **par)  # fmt: skip
+    rng = random.Random(0)
+    prompts = [
+        [rng.randrange(100, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)
+    ]
 
-    def run() -> float:
-        torch.cuda.synchronize()
+    def run(max_tokens: int, profile: bool):
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        if profile:
+            llm.start_profile(args.trace_dir)
         t0 = time.perf_counter()
-        llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+        wall = time.perf_counter() - t0
+        return wall, (llm.stop_profile() if profile else None)
 
-    run()  # warm-up: compiles, captures
-    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    t0 = time.perf_counter()
-    llm.generate(prompt_token_ids=[prompt], sampling_params=one, use_tqdm=False)
-    torch.cuda.synchronize()
-    prefill = time.perf_counter() - t0
-    wall_ms = (run() - prefill) / args.steps * 1e3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        run()
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", 0) or 0
-        if t > 0 and not e.key.startswith(("aten::", "cuLaunch", "cudaGraph")):
-            rows.append((t / 1e3 / (args.steps + 1), e.count / (args.steps + 1), e.key))
-    rows.sort(reverse=True)
-    busy = sum(r[0] for r in rows)
-    print(f"{torch.cuda.get_device_name()}, {args.shape}, batch 1, {args.steps} decode steps")
-    print(f"wall {wall_ms:.2f} ms/step; GPU busy {busy:.2f} ms/step; GPU waiting for the host "
-          f"{wall_ms - busy:.2f} ms/step ({(wall_ms - busy) / wall_ms:.0%})")  # fmt: skip
-    print(f"{'ms/step':>9s} {'calls/step':>10s}  kernel")
-    for ms, calls, name in rows[: args.top]:
-        print(f"{ms:9.3f} {calls:10.1f}  {name[:100]}")
+    run(args.steps + 1, False)  # warm-up: compiles, captures
+    run(1, False)
+    prefill_wall, _ = run(1, False)
+    full_wall, _ = run(args.steps + 1, False)
+    wall_ms = (full_wall - prefill_wall) / args.steps * 1e3
+    _, prefill_prof = run(1, True)
+    _, full_prof = run(args.steps + 1, True)
+    print(f"{torch.cuda.get_device_name()}, {args.shape}, TP={args.tp}, batch {args.batch}, prompt "
+          f"{args.prompt_len}, quantization {args.quantization}, KV {args.kv_cache_dtype}, "
+          f"graphs {'off' if args.eager else 'on'}, {args.steps} decode steps")  # fmt: skip
+    print(f"wall {wall_ms:.3f} ms per decode step (unprofiled runs)")
+    result = {"device": torch.cuda.get_device_name(), "args": vars(args), "wall_ms": wall_ms,
+              "ranks": []}  # fmt: skip
+    for pre, full in zip(prefill_prof, full_prof, strict=True):
+        before = _by_name(pre)
+        rows = []
+        for name, (ms, n) in _by_name(full).items():
+            ms0, n0 = before.get(name, (0.0, 0))
+            if ms - ms0 > 0:
+                rows.append(((ms - ms0) / args.steps, (n - n0) / args.steps, name))
+        rows.sort(reverse=True)
+        busy = sum(r[0] for r in rows)
+        print(
+            f"\nrank {full.rank} ({full.device}): kernels {busy:.3f} ms per decode step; GPU "
+            f"waiting for the host {wall_ms - busy:.3f} ms ({(wall_ms - busy) / wall_ms:.0%})"
+        )
+        print(f"{'ms/step':>9s} {'calls/step':>10s}  kernel")
+        for ms, calls, name in rows[: args.top]:
+            print(f"{ms:9.4f} {calls:10.1f}  {name[:110]}")
+        result["ranks"].append({
+            "rank": full.rank, "busy_ms": busy, "trace": full.trace,
+            "kernels": [dict(ms=m, calls=c, name=n) for m, c, n in rows],
+        })  # fmt: skip
     if args.out:
-        Path(args.out).write_text(json.dumps({
-            "device": torch.cuda.get_device_name(), "shape": args.shape, "wall_ms": wall_ms,
-            "busy_ms": busy, "kernels": [dict(ms=m, calls=c, name=n) for m, c, n in rows],
-        }, indent=1))  # fmt: skip
+        Path(args.out).write_text(json.dumps(result, indent=1))
     llm.shutdown()
     return 0
 

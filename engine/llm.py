@@ -107,6 +107,17 @@ class LLM:
         self.engine.shutdown()
         self.engine.release_memory()
 
+    def start_profile(self, trace_dir: str | None = None) -> None:
+        """Start torch.profiler where the model runs (this process, or every worker rank of a
+        parallel engine); `stop_profile()` returns what ran. With trace_dir each rank also
+        writes a Chrome trace there. Call between `generate` calls."""
+        self.engine.start_profile(trace_dir)
+
+    def stop_profile(self):
+        """One engine.profiling.ProfileSummary per rank (kernel device times, wall time, trace
+        path) for what ran since `start_profile()`."""
+        return self.engine.stop_profile()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

@@ -91,6 +91,7 @@ class LLMEngine:
                 f"({why}); use device='cpu' or 'auto'"
             )
         self.runner: ModelRunner | None = None
+        self._profiling = False  # between start_profile and stop_profile
         self.executor: Executor
         if config.parallel.executor_backend == "uni":
             self.backend = hal.load_backend(caps, device=device, configured=backend_choice)
@@ -292,6 +293,25 @@ class LLMEngine:
             )
         lines += self.memory_plan.table().splitlines()
         return lines
+
+    def start_profile(self, trace_dir: str | None = None) -> None:
+        """Start torch.profiler wherever the steps run (this process, or every worker rank);
+        with trace_dir each rank also writes a Chrome trace there at stop_profile."""
+        if self._profiling:
+            raise RuntimeError("a profile is already running: call stop_profile() first")
+        if self.has_unfinished_requests():
+            raise RuntimeError("start_profile: requests are still running; finish them first")
+        self.executor.start_profile(trace_dir)
+        self._profiling = True
+
+    def stop_profile(self):
+        """Stop the profile: one engine.profiling.ProfileSummary per rank, in rank order."""
+        if not self._profiling:
+            raise RuntimeError("no profile is running: call start_profile() first")
+        if self.has_unfinished_requests():
+            raise RuntimeError("stop_profile: requests are still running; finish them first")
+        self._profiling = False
+        return self.executor.stop_profile()
 
     def shutdown(self) -> None:
         """Stop the workers of a distributed engine and release their ports (idempotent)."""

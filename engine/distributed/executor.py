@@ -41,6 +41,7 @@ from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig, ParallelCon
 from engine.graphs import configured_sizes
 from engine.memory import MemoryPlan
 from engine.model_config import ModelConfig
+from engine.profiling import ProfileSummary, RankProfiler
 from engine.runner import ModelRunner
 from engine.sampler import SamplerOutput
 from hal.capabilities import Capabilities
@@ -113,6 +114,14 @@ class Executor(ABC):
     def _count_collected(self) -> None:
         self.num_in_flight -= 1
 
+    @abstractmethod
+    def start_profile(self, trace_dir: str | None = None) -> None:
+        """Start torch.profiler where the steps run (every rank); no step may be in flight."""
+
+    @abstractmethod
+    def stop_profile(self) -> list[ProfileSummary]:
+        """Stop it: one ProfileSummary per rank, in rank order."""
+
     def shutdown(self) -> None:  # noqa: B027 (nothing to release in-process)
         """Release workers and their ports; idempotent."""
 
@@ -126,6 +135,13 @@ class UniprocExecutor(Executor):
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
+        self.profiler = RankProfiler()
+
+    def start_profile(self, trace_dir: str | None = None) -> None:
+        self.profiler.start(trace_dir)
+
+    def stop_profile(self) -> list[ProfileSummary]:
+        return [self.profiler.stop(0, str(self.runner.device))]
 
     def block_bytes(self) -> int:
         return self.runner.block_bytes()
@@ -396,6 +412,16 @@ class DistributedExecutor(Executor):
         self._pending.append(handle)
         self._count_submitted()
         return handle
+
+    def start_profile(self, trace_dir: str | None = None) -> None:
+        self._call_all(
+            "start_profile", (trace_dir,), self.parallel.step_timeout_s, "starting a profile"
+        )
+
+    def stop_profile(self) -> list[ProfileSummary]:
+        return self._call_all(
+            "stop_profile", (), self.parallel.step_timeout_s, "stopping a profile"
+        )
 
     def release(self) -> None:
         """No step follows the held one in flight: its ranks answer it now."""

@@ -20,6 +20,7 @@ from engine.distributed.collectives import PipelineChannel, WorldLayout, init_wo
 from engine.graphs import graph_pool_estimate
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.parallel import SINGLE, ParallelContext
+from engine.profiling import ProfileSummary, RankProfiler
 from engine.runner import ModelRunner, TokenFeed, sampled_rows
 from engine.sampler import PendingSamples, Sampler, SamplerOutput, SamplingRow
 
@@ -161,6 +162,7 @@ class Worker:
         self.model = None
         self.sampler: Sampler | None = None  # the output rank's, made on its first sampled step
         self.held_tokens: torch.Tensor | None = None  # the last held step's samples (device)
+        self.profiler = RankProfiler()
         if spec.num_threads and spec.device == "cpu":
             torch.set_num_threads(spec.num_threads)
 
@@ -347,6 +349,14 @@ class Worker:
             self.collectives.broadcast(tokens, out_tp)
         self.held_tokens = tokens
         return PendingSamples(samples)
+
+    def start_profile(self, trace_dir: str | None = None) -> None:
+        """Start torch.profiler on this rank (`LLM.start_profile`)."""
+        self.profiler.start(trace_dir)
+
+    def stop_profile(self) -> ProfileSummary:
+        """Stop it: this rank's kernel times and wall time since start_profile."""
+        return self.profiler.stop(self.rank, self.spec.device)
 
     def shutdown(self) -> None:
         if torch.distributed.is_initialized():
