@@ -37,7 +37,13 @@ import triton.language as tl
 
 from backends.triton.attention_common import BIG_SMEM_MIN_CC as BIG_SMEM_MIN_CC
 from backends.triton.attention_common import MAX_HEAD_DIM as MAX_HEAD_DIM
-from backends.triton.attention_common import _attend_tile, _head_dim_mask, _load_kv_tile, table_key
+from backends.triton.attention_common import (
+    _attend_tile,
+    _head_dim_mask,
+    _load_kv_tile,
+    _scaled_q,
+    table_key,
+)
 from backends.triton.attention_common import _capability as _capability
 from backends.triton.attention_common import _check as _check
 from backends.triton.attention_common import _launch_common as _launch_common
@@ -157,6 +163,7 @@ def _attention_kernel(
     HAS_INF: tl.constexpr,
     SOFT_CAP: tl.constexpr,
     DOT_DTYPE: tl.constexpr,  # operand dtype of both dots
+    Q_SCALED: tl.constexpr,  # q times s_scale before the dot (see _scaled_q)
     INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     EVEN_D: tl.constexpr,  # head_dim == HEAD_DIM_P2
@@ -187,7 +194,8 @@ def _attention_kernel(
     d_ok = _head_dim_mask(offs_d, head_dim, EVEN_D, HEAD_DIM_P2)
     q_row = (q_start + q_tok).to(tl.int64) * stride_q_token + head.to(tl.int64) * stride_q_head
     q = tl.load(query_ptr + q_row[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                other=0.0).to(DOT_DTYPE)  # fmt: skip
+                other=0.0)  # fmt: skip
+    q, tile_scale = _scaled_q(q, s_scale, Q_SCALED, DOT_DTYPE)
 
     # KV range this q-block can see: up to its last token's position, from its first token's
     # window start (rounded down to a tile) with a sliding window. Keys up to its first token's
@@ -213,7 +221,7 @@ def _attention_kernel(
                              offs_d, d_ok, stride_kc_block, stride_kc_slot, kv_head_off, False,
                              EVEN_D, PAGE_SIZE, IS_FP8, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE,
                              FNUZ, HAS_INF)  # fmt: skip
-        m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, None, s_scale, cap_log2, False,
+        m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, None, tile_scale, cap_log2, False,
                                      SOFT_CAP, DOT_DTYPE, INPUT_PRECISION)  # fmt: skip
     for start in range(full_end, kv_end, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -225,7 +233,7 @@ def _attention_kernel(
         visible = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
         in_window = (q_pos[:, None] - offs_n[None, :]) < sliding_window
         visible = visible & ((sliding_window <= 0) | in_window)
-        m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, visible, s_scale, cap_log2, True,
+        m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, visible, tile_scale, cap_log2, True,
                                      SOFT_CAP, DOT_DTYPE, INPUT_PRECISION)  # fmt: skip
 
     out = acc * (out_scale / tl.where(l_i > 0, l_i, 1.0))[:, None]
@@ -341,7 +349,8 @@ def _launch_general(query, key_cache, value_cache, block_tables, seq_lens, query
         key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_seqs, head_dim,
         c["s_scale"], c["cap_log2"], c["out_scale"], int(sliding_window or 0), group, block_q,
         IS_FP8=c["fp8_mode"], SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"],
-        INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
+        Q_SCALED=c["q_scaled"], INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(),
+        EVEN_D=c["even_d"],
         PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM_P2=c["head_dim_p2"],
         **options, **c["codec"],
     )  # fmt: skip

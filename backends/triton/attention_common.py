@@ -29,6 +29,9 @@ _NATIVE_KV = {torch.float8_e4m3fn: FP8_NATIVE_E4M3, torch.float8_e5m2: FP8_NATIV
 _E4M3_NATIVE = tl.constexpr(FP8_NATIVE_E4M3)  # the kernels read only constexpr globals
 _E5M2_NATIVE = tl.constexpr(FP8_NATIVE_E5M2)
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Native FP8 caches under bf16 queries run both dots in fp16 (False: in bf16, as bf16 caches do;
+# bench/attention.py compares the two).
+FP8_FP16_DOTS = True
 # sm_90 and newer have 227 KiB of shared memory per block (sm_86/89 about 100 KiB): room for
 # larger tiles and more pipeline stages. Both tuning tables are keyed by this class.
 BIG_SMEM_MIN_CC = (9, 0)
@@ -78,6 +81,18 @@ def _attend_tile(q, k, v, m_i, l_i, acc, visible, s_scale, cap_log2, MASKED: tl.
     acc = acc * alpha[:, None]
     acc += tl.dot(p.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=INPUT_PRECISION)
     return m_new, l_i, acc
+
+
+@triton.jit
+def _scaled_q(q, s_scale, Q_SCALED: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    # q as the first dot's operand and the factor its scores still need. Q_SCALED (a native FP8
+    # cache under bf16 queries, whose dots run in fp16: FP8 converts to fp16 in one instruction
+    # and to bf16 in three) folds s_scale into q before its fp16 rounding, so no |q| below
+    # 65504 / s_scale (~5e5 at head_dim 128) can overflow, and the tiles multiply by 1.
+    if Q_SCALED:
+        return (q.to(tl.float32) * s_scale).to(DOT_DTYPE), 1.0
+    else:
+        return q.to(DOT_DTYPE), s_scale
 
 
 @triton.jit
@@ -232,6 +247,9 @@ def _launch_common(query, key_cache, scale, kv_scale, soft_cap=None) -> dict:
         native = native_fp8(key_cache.device)
         fp8_mode = _NATIVE_KV.get(key_cache.dtype, FP8_CODEC) if native else FP8_CODEC
     fp32_dots = interpreting() or query.dtype == torch.float32
+    # A natively converted FP8 cache under bf16 queries: both dots in fp16 (see _scaled_q).
+    q_scaled = FP8_FP16_DOTS and fp8_mode != FP8_CODEC and is_fp8 and query.dtype == torch.bfloat16
+    q_scaled = q_scaled and not fp32_dots
     head_dim = query.shape[2]
     head_dim_p2 = max(16, triton.next_power_of_2(head_dim))
     qk_scale = float(scale) * kv
@@ -242,6 +260,7 @@ def _launch_common(query, key_cache, scale, kv_scale, soft_cap=None) -> dict:
         soft_cap=cap > 0,
         # "ieee": 16-bit operands ignore it, and Triton's HIP backend takes "tf32" on gfx942 only.
         even_d=head_dim == head_dim_p2, input_precision="ieee",
-        dot_dtype=tl.float32 if fp32_dots else _TL_DTYPES[query.dtype],
+        dot_dtype=tl.float32 if fp32_dots else tl.float16 if q_scaled else _TL_DTYPES[query.dtype],
+        q_scaled=q_scaled,
         codec=fp8_codec(key_cache.dtype if is_fp8 else torch.float8_e4m3fn),
     )  # fmt: skip

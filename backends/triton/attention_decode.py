@@ -16,6 +16,7 @@ from backends.triton.attention_common import (
     _head_dim_mask,
     _launch_common,
     _load_kv_tile,
+    _scaled_q,
     _sm_count,
     table_key,
 )
@@ -115,6 +116,7 @@ def _decode_kernel(
     HAS_INF: tl.constexpr,
     SOFT_CAP: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
+    Q_SCALED: tl.constexpr,  # q times s_scale before the dot (see _scaled_q)
     INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     EVEN_D: tl.constexpr,
@@ -145,7 +147,8 @@ def _decode_kernel(
         row = (q_start + q_tok).to(tl.int64)
         q_off = row * stride_q_token + head.to(tl.int64) * stride_q_head
         q = tl.load(query_ptr + q_off[:, None] + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)  # fmt: skip
+                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        q, tile_scale = _scaled_q(q, s_scale, Q_SCALED, DOT_DTYPE)
         # This split's share of the KV range the chunk can see, in whole BLOCK_N tiles counted
         # from kv_start (0 without a window): only the last split may end inside a tile.
         kv_end = context_len + tl.minimum(q0 + block_q, q_len)
@@ -171,7 +174,7 @@ def _decode_kernel(
                                  offs_d, d_ok, stride_kc_block, stride_kc_slot, kv_head_off,
                                  False, EVEN_D, PAGE_SIZE, IS_FP8, MAN_BITS, EXP_BIAS, FP8_MAX,
                                  NAN_CODE, FNUZ, HAS_INF)  # fmt: skip
-            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, None, s_scale, cap_log2, False,
+            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, None, tile_scale, cap_log2, False,
                                          SOFT_CAP, DOT_DTYPE, INPUT_PRECISION)  # fmt: skip
         for start in range(full_end, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
@@ -183,7 +186,7 @@ def _decode_kernel(
             visible = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
             in_window = (q_pos[:, None] - offs_n[None, :]) < sliding_window
             visible = visible & ((sliding_window <= 0) | in_window)
-            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, visible, s_scale, cap_log2,
+            m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, visible, tile_scale, cap_log2,
                                          True, SOFT_CAP, DOT_DTYPE, INPUT_PRECISION)  # fmt: skip
 
         seen = l_i > 0
@@ -377,8 +380,9 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_tokens,
         num_heads, head_dim, c["s_scale"], c["cap_log2"], c["out_scale"],
         int(sliding_window or 0), group, block_m // group, splits, IS_FP8=c["fp8_mode"],
-        SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"], INPUT_PRECISION=c["input_precision"],
-        INTERPRET=interpreting(), EVEN_D=c["even_d"], SPLIT=splits > 1, PAGE_SIZE=block_size,
+        SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"], Q_SCALED=c["q_scaled"],
+        INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
+        SPLIT=splits > 1, PAGE_SIZE=block_size,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, HEAD_DIM_P2=c["head_dim_p2"],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
     )  # fmt: skip
