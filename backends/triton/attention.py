@@ -51,6 +51,7 @@ from backends.triton.attention_common import _sm_count as _sm_count
 from backends.triton.attention_common import input_reasons as input_reasons
 from backends.triton.attention_decode import DECODE_CONFIGS as DECODE_CONFIGS
 from backends.triton.attention_decode import DECODE_MAX_QUERY_LEN as DECODE_MAX_QUERY_LEN
+from backends.triton.attention_decode import DECODE_WIDE_BATCH as DECODE_WIDE_BATCH
 from backends.triton.attention_decode import INTERPRET_DECODE_CONFIG as INTERPRET_DECODE_CONFIG
 from backends.triton.attention_decode import MAX_SPLITS as MAX_SPLITS
 from backends.triton.attention_decode import MIN_SPLIT_TOKENS as MIN_SPLIT_TOKENS

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from backends.triton.attention_common import (
+    FP8_NOT,
     _attend_tile,
     _check,
     _head_dim_mask,
@@ -69,6 +70,19 @@ DECODE_CONFIGS: dict[tuple[str, str], DecodeConfig] = {
     ("wide", "small_smem"): DecodeConfig(block_n=32, num_warps=4, num_stages=2),
     ("fp32_256", "big_smem"): DecodeConfig(block_n=16, num_warps=4, num_stages=2),
     ("fp32_256", "small_smem"): DecodeConfig(block_n=16, num_warps=4, num_stages=1),
+}
+# Batches whose num_seqs x num_kv_heads programs fill the GPU several times over (no split-KV
+# there) take smaller programs, more of them resident per SM: (table key, FP8 cache) -> ((at
+# least this many programs per SM, config), ...), first match wins. H100 graph-replay sweep
+# 2026-11-27 (`python bench/attention.py decode --autotune` and docs/benchmarks.md "seventh
+# session"): bf16 cache at 256 x 160 94 -> 73 us, FP8 cache at 256 x 160 95 -> 53 us, at
+# 128 x 1024 138 -> 115 us; within 1% of the default elsewhere at batch >= 64.
+DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], ...]] = {
+    ("narrow", "big_smem", False): ((3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),),
+    ("narrow", "big_smem", True): (
+        (7, DecodeConfig(block_n=32, num_warps=1, num_stages=3)),
+        (3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),
+    ),
 }
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
@@ -291,11 +305,24 @@ def num_splits(
     return best
 
 
-def decode_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> DecodeConfig:
-    """The tuning table's entry for this head_dim, query dtype and device."""
+def decode_config(
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    kv_fp8: bool = False,
+    programs: int | None = None,
+) -> DecodeConfig:
+    """The tuning table's entry for this head_dim, query dtype and device; with programs (num_seqs
+    x num_kv_heads) the wide-batch entry for an FP8 (kv_fp8) or float cache where one applies."""
     if interpreting():
         return INTERPRET_DECODE_CONFIG
-    return DECODE_CONFIGS[table_key(head_dim, dtype, device)]
+    key = table_key(head_dim, dtype, device)
+    if programs is not None:
+        per_sm = programs / _sm_count(device)
+        for min_per_sm, cfg in DECODE_WIDE_BATCH.get((*key, kv_fp8), ()):
+            if per_sm >= min_per_sm:
+                return cfg
+    return DECODE_CONFIGS[key]
 
 
 def takes_decode_path(num_tokens: int, num_seqs: int, max_query_len: int | None = None) -> bool:
@@ -358,7 +385,9 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
     if num_tokens == 0 or head_dim == 0:
         return out
     c = _launch_common(query, key_cache, scale, kv_scale, soft_cap)
-    cfg = config or decode_config(head_dim, query.dtype, query.device)
+    cfg = config or decode_config(
+        head_dim, query.dtype, query.device, c["fp8_mode"] != FP8_NOT, num_seqs * num_kv_heads
+    )
     # Rows: the group's heads times up to max_query_len tokens (1 without the hint), at least the
     # 16 rows tl.dot needs.
     q_tokens = min(max_query_len or 1, DECODE_MAX_QUERY_LEN)

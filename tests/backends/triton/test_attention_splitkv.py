@@ -132,6 +132,37 @@ def test_decode_split_kv(
     run_and_check(case, tattn.decode_attention, config=config)
 
 
+@pytest.mark.parametrize("cache_dtype", [None, "fp8_e4m3fn", "fp8_e5m2"])
+@pytest.mark.parametrize("wide", [0, 1])
+def test_decode_wide_batch_configs(cache_dtype: str | None, wide: int) -> None:
+    # The wide-batch table's configs (1-2 warps, 32-64 token tiles; on a GPU with sm_89+ an FP8
+    # cache under bf16 queries runs its dots in fp16 with the scale folded into q).
+    key = ("narrow", "big_smem", cache_dtype is not None)
+    table = tdecode.DECODE_WIDE_BATCH[key]
+    cfg = table[min(wide, len(table) - 1)][1]
+    case = batch(31 + wide, "bf16", (1, 97, 40, 130, 73, 64), (1,) * 6, cache_dtype,
+                 block_size=16, head_dim=128, kv_scale=0.5 if cache_dtype else None)  # fmt: skip
+    run_and_check(case, tattn.decode_attention, config=cfg)
+
+
+def test_decode_config_wide_batch_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tdecode, "interpreting", lambda: False)
+    monkeypatch.setattr(tdecode, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(tdecode, "table_key", lambda d, dt, device: ("narrow", "big_smem"))
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    default = tdecode.DECODE_CONFIGS[("narrow", "big_smem")]
+    wide_fp8 = dict(tdecode.DECODE_WIDE_BATCH[("narrow", "big_smem", True)])
+    wide_bf16 = dict(tdecode.DECODE_WIDE_BATCH[("narrow", "big_smem", False)])
+    assert tdecode.decode_config(128, bf16, cpu) == default  # no batch size: the table
+    assert tdecode.decode_config(128, bf16, cpu, True, 32 * 8) == default  # < 3 per SM
+    assert tdecode.decode_config(128, bf16, cpu, False, 64 * 8) == wide_bf16[3]
+    assert tdecode.decode_config(128, bf16, cpu, True, 64 * 8) == wide_fp8[3]
+    assert tdecode.decode_config(128, bf16, cpu, True, 256 * 8) == wide_fp8[7]
+    assert tdecode.decode_config(128, bf16, cpu, False, 256 * 8) == wide_bf16[3]
+    for cfgs in tdecode.DECODE_WIDE_BATCH.values():  # most programs per SM first
+        assert [m for m, _ in cfgs] == sorted((m for m, _ in cfgs), reverse=True)
+
+
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_decode_kernel_takes_mixed_query_lengths(dtype: str) -> None:
     # Speculative-decoding-like batch (2-5 tokens), a zero-length query, a short prefill and a
