@@ -74,15 +74,13 @@ DECODE_CONFIGS: dict[tuple[str, str], DecodeConfig] = {
 # Batches whose num_seqs x num_kv_heads programs fill the GPU several times over (no split-KV
 # there) take smaller programs, more of them resident per SM: (table key, FP8 cache) -> ((at
 # least this many programs per SM, config), ...), first match wins. H100 graph-replay sweep
-# 2026-11-27 (`python bench/attention.py decode --autotune` and docs/benchmarks.md "seventh
-# session"): bf16 cache at 256 x 160 94 -> 73 us, FP8 cache at 256 x 160 95 -> 53 us, at
-# 128 x 1024 138 -> 115 us; within 1% of the default elsewhere at batch >= 64.
+# 2026-11-27 (docs/benchmarks.md "seventh session"): bf16 cache 256 x 160 94 -> 73 us, within 1%
+# of the default elsewhere at batch >= 64; FP8 cache 0.87-0.92x the default's time at batch >=
+# 64, 256 x 160 95 -> 66 us. (32-token tiles on 1 warp beat it at contexts <= 1k, 53 us at
+# 256 x 160, but ran 1.5x slower at 4k; CUDA graphs fix the config without the context.)
 DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], ...]] = {
     ("narrow", "big_smem", False): ((3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),),
-    ("narrow", "big_smem", True): (
-        (7, DecodeConfig(block_n=32, num_warps=1, num_stages=3)),
-        (3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),
-    ),
+    ("narrow", "big_smem", True): ((3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),),
 }
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
