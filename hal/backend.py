@@ -355,6 +355,24 @@ class Backend(ABC):
         With residual: h = x + residual (rounded to x's dtype), returns (rms_norm(h), h).
         """
 
+    def rms_norm_quant_fp8(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        fp8_dtype: torch.dtype,
+        residual: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """`rms_norm`, then `quantize_fp8` of its output per token (what an FP8 linear with
+        dynamic per-token activations reads next). x, residual: [T, hidden]. Returns (q fp8
+        [T, hidden], scale fp32 [T, 1]), and h (the residual sum) third with a residual.
+        Exactly this composition; a backend may override it with a fused kernel that gives
+        the same bits."""
+        out = self.rms_norm(x, weight, eps, residual)
+        y, h = out if residual is not None else (out, None)
+        q, scale = self.quantize_fp8(y, fp8_dtype, per_token=True)
+        return (q, scale) if h is None else (q, scale, h)
+
     @abstractmethod
     def rotary(
         self,
@@ -401,6 +419,14 @@ class Backend(ABC):
     @abstractmethod
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """x: [..., 2d] -> silu(x[..., :d]) * x[..., d:], computed in fp32, in x's dtype."""
+
+    def silu_and_mul_quant_fp8(
+        self, x: torch.Tensor, fp8_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`silu_and_mul`, then `quantize_fp8` of its output per token (an FP8 down
+        projection's input): x [T, 2d] -> (q fp8 [T, d], scale fp32 [T, 1]). Exactly this
+        composition; a backend may override it with a fused kernel that gives the same bits."""
+        return self.quantize_fp8(self.silu_and_mul(x), fp8_dtype, per_token=True)
 
     # -- graphs ----------------------------------------------------------------------------------
     @abstractmethod

@@ -96,6 +96,17 @@ class CudaBackend(Backend):
         self._fallbacks_logged: set[str] = set()
         self.info.settings["graphs"] = self.chosen("graph")
         self.info.settings["rotary_write_kv"] = self._fused_rotary_write_kv()
+        for op, family in (
+            ("rms_norm_quant_fp8", "rms_norm"),
+            ("silu_and_mul_quant_fp8", "activation"),
+        ):
+            first, quantize = self.chosen(family), self.chosen("quantize")
+            fused = first == quantize == "triton"
+            self.info.settings[op] = (
+                "fused (triton, one launch)"
+                if fused
+                else f"{family} ({first}) then quantize ({quantize})"
+            )
         for family in ("gemm", "fp8_gemm", "int8_gemm"):
             if self.chosen(family) == "triton_small_m":
                 self.info.settings[f"{family}_large_m"] = f"M > 16: {self.large_m_impl(family)}"
@@ -451,6 +462,22 @@ class CudaBackend(Backend):
             return _triton("norm").rms_norm(x, weight, eps, residual)
         return norm.rms_norm(x, weight, eps, residual)
 
+    def _fused_quant(self, family: str, **tensors) -> bool:
+        """Whether the fused op with quantize serves: family's op and the quantize both chose
+        Triton and the inputs suit them (otherwise the HAL's composition runs the two ops,
+        with their own fallbacks, logs and errors)."""
+        fused = self.chosen(family) == self.chosen("quantize") == "triton"
+        if fused and not _float_reasons(**tensors):
+            self._mark(family, "triton")
+            self._mark("quantize", "triton")
+            return True
+        return False
+
+    def rms_norm_quant_fp8(self, x, weight, eps, fp8_dtype, residual=None):
+        if not self._fused_quant("rms_norm", x=x, weight=weight, residual=residual):
+            return super().rms_norm_quant_fp8(x, weight, eps, fp8_dtype, residual)
+        return _triton("norm").rms_norm_quant_fp8(x, weight, eps, fp8_dtype, residual)
+
     def rotary(self, positions, query, key, cos_sin_cache, is_neox=True):
         why = _float_reasons(query=query, key=key)
         if self._triton_or("rotary", "torch", why) == "triton":
@@ -490,6 +517,11 @@ class CudaBackend(Backend):
         if self._triton_or("activation", "torch", _float_reasons(x=x)) == "triton":
             return _triton("activation").silu_and_mul(x)
         return activation.silu_and_mul(x)
+
+    def silu_and_mul_quant_fp8(self, x, fp8_dtype):
+        if not self._fused_quant("activation", x=x):
+            return super().silu_and_mul_quant_fp8(x, fp8_dtype)
+        return _triton("activation").silu_and_mul_quant_fp8(x, fp8_dtype)
 
     # -- graphs --------------------------------------------------------------------------------
     def capture_graph(

@@ -1,7 +1,9 @@
-"""Triton SiLU-and-mul, the gate of SwiGLU MLPs.
+"""Triton SiLU-and-mul, the gate of SwiGLU MLPs, and its variant fused with the per-token FP8
+quantize of its output (`silu_and_mul_quant_fp8`: what an FP8 down projection reads).
 
 Math (`backends.cpu.activation.silu_and_mul`): x [..., 2d] -> silu(x[..., :d]) * x[..., d:] with
-silu(g) = g / (1 + exp(-g)), computed in fp32 and rounded once to x's dtype.
+silu(g) = g / (1 + exp(-g)), computed in fp32 and rounded once to x's dtype; the quantizing variant
+encodes that rounded value exactly as `quantize_fp8(y, per_token=True)` does.
 """
 
 from __future__ import annotations
@@ -10,7 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.quant import cast_rtne, check_float, interpreting, row_blocks
+from backends.triton.quant import (
+    ONE_TILE_MAX_COLS,
+    cast_rtne,
+    check_float,
+    dynamic_row_scale,
+    fp8_codec,
+    fp8_encode,
+    interpreting,
+    quantize_fp8,
+    row_blocks,
+)
 
 
 @triton.jit
@@ -36,13 +48,76 @@ def _silu_and_mul_kernel(
     tl.store(out, cast_rtne(y, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [..., 2d] -> silu(x[..., :d]) * x[..., d:] in x's dtype."""
+@triton.jit
+def _silu_and_mul_quant_kernel(
+    x_ptr,
+    q_ptr,
+    scale_ptr,
+    stride_x_row,
+    stride_q_row,
+    n_rows,
+    n_cols,  # d: half of x's last dim, at most BLOCK_N (whole rows per program)
+    qmax,
+    MAN_BITS: tl.constexpr,
+    EXP_BIAS: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    NAN_CODE: tl.constexpr,
+    FNUZ: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x_row
+    gate = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_rows + n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = cast_rtne(gate / (1.0 + tl.exp(-gate)) * up, x_ptr.dtype.element_ty, INTERPRET)
+    yf = y.to(tl.float32)  # as silu_and_mul returns it; masked lanes are 0
+    scale = dynamic_row_scale(yf, rows, row_ok, scale_ptr, qmax)
+    z = tl.math.div_rn(yf, tl.zeros_like(yf) + scale[:, None])
+    q = fp8_encode(z, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_q_row + cols[None, :], q, mask=mask)
+
+
+def _check(x: torch.Tensor) -> None:
     if x.dim() == 0 or x.shape[-1] % 2:
         raise ValueError(
             f"x: last dim must be even (gate and up halves), got shape {tuple(x.shape)}"
         )
     check_float("x", x)
+
+
+def silu_and_mul_quant_fp8(x: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """quantize_fp8(silu_and_mul(x), fp8_dtype, per_token=True), bit for bit, in one launch:
+    x [T, 2d] -> (q fp8 [T, d], scale fp32 [T, 1]). Rows with d above one tile (16,384; 4,096
+    under the interpreter) run the two ops."""
+    _check(x)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D [T, 2d] tensor, got shape {tuple(x.shape)}")
+    codec = fp8_codec(fp8_dtype)
+    rows, d = x.shape[0], x.shape[1] // 2
+    block_m, block_n = row_blocks(rows, d, ONE_TILE_MAX_COLS)
+    if block_n < d:
+        return quantize_fp8(silu_and_mul(x), fp8_dtype, per_token=True)
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    q = torch.empty(rows, d, dtype=fp8_dtype, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows and d:
+        warps = min(16, max(4, block_n // 256)) if not interpreting() else 4
+        _silu_and_mul_quant_kernel[(triton.cdiv(rows, block_m),)](
+            x2, q.view(torch.uint8), scale, x2.stride(0), d, rows, d, float(codec["FP8_MAX"]),
+            INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **codec,
+        )  # fmt: skip
+    return q, scale
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [..., 2d] -> silu(x[..., :d]) * x[..., d:] in x's dtype."""
+    _check(x)
     d = x.shape[-1] // 2
     x2 = x.reshape(-1, 2 * d)
     if x2.stride(-1) != 1:

@@ -1,7 +1,9 @@
-"""Triton RMSNorm, optionally fused with the residual add (Liger-Kernel's RMSNorm layout).
+"""Triton RMSNorm, optionally fused with the residual add (Liger-Kernel's RMSNorm layout) and with
+the per-token FP8 quantize of its output (`rms_norm_quant_fp8`: what an FP8 linear reads next).
 
 Math (`backends.cpu.norm.rms_norm`): h = x + residual rounded to x's dtype; y = h * rsqrt(mean(h^2)
 + eps) * weight computed in fp32 and rounded to x's dtype. Returns y, or (y, h) with a residual.
+The quantizing variant encodes that rounded y exactly as `quantize_fp8(y, per_token=True)` does.
 """
 
 from __future__ import annotations
@@ -10,7 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.quant import cast_rtne, check_float, interpreting, row_blocks
+from backends.triton.quant import (
+    ONE_TILE_MAX_COLS,
+    cast_rtne,
+    check_float,
+    dynamic_row_scale,
+    fp8_codec,
+    fp8_encode,
+    interpreting,
+    quantize_fp8,
+    row_blocks,
+)
 
 
 @triton.jit
@@ -24,10 +36,19 @@ def _rms_norm_kernel(
     stride_r_row,
     stride_y_row,
     stride_h_row,
+    scale_ptr,  # QUANT: fp32 [rows] per-token scales
     n_rows,
     n_cols,
     eps,
+    qmax,
     HAS_RESIDUAL: tl.constexpr,
+    QUANT: tl.constexpr,  # y_ptr holds FP8 codes (uint8) of y; a row is one tile
+    MAN_BITS: tl.constexpr,
+    EXP_BIAS: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    NAN_CODE: tl.constexpr,
+    FNUZ: tl.constexpr,
+    HAS_INF: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -63,9 +84,15 @@ def _rms_norm_kernel(
         else:
             h = x.to(tl.float32)
         w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        y = h * rstd[:, None] * w[None, :]
-        tl.store(y_ptr + rows64 * stride_y_row + cols[None, :],
-                 cast_rtne(y, y_ptr.dtype.element_ty, INTERPRET), mask=mask)  # fmt: skip
+        y = cast_rtne(h * rstd[:, None] * w[None, :], x_ptr.dtype.element_ty, INTERPRET)
+        if QUANT:  # y as the model holds it, then quantize_fp8's per-token math
+            yf = y.to(tl.float32)
+            scale = dynamic_row_scale(yf, rows, row_ok, scale_ptr, qmax)
+            z = tl.math.div_rn(yf, tl.zeros_like(yf) + scale[:, None])
+            q = fp8_encode(z, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
+            tl.store(y_ptr + rows64 * stride_y_row + cols[None, :], q, mask=mask)
+        else:
+            tl.store(y_ptr + rows64 * stride_y_row + cols[None, :], y, mask=mask)
 
 
 def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -74,14 +101,7 @@ def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
     return t2 if t2.stride(1) == 1 or hidden <= 1 else t2.contiguous()
 
 
-def rms_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, in x's dtype; with residual,
-    h = x + residual first and (y, h) returned. x, residual: [..., hidden]; weight: [hidden]."""
+def _check(x, weight, eps, residual) -> None:
     if x.dim() == 0:
         raise ValueError("x: expected [..., hidden], got a 0-dim tensor")
     check_float("x", x)
@@ -97,18 +117,68 @@ def rms_norm(
                 f"residual: shape {tuple(residual.shape)} differs from x's {tuple(x.shape)}"
             )
         check_float("residual", residual)
-    x2 = _rows(x, hidden)
-    n_rows = x2.shape[0]
-    y = torch.empty(n_rows, hidden, dtype=x.dtype, device=x.device)
+
+
+def _launch(x2, weight, eps, residual, y, scale, fp8_dtype, max_block_n) -> torch.Tensor:
+    # x2: [rows, hidden]; y: [rows, hidden] in x's dtype, or its FP8 codes (uint8) with scale.
+    # Returns h (the residual sum), or y without a residual.
+    n_rows, hidden = x2.shape
     r2 = _rows(residual, hidden) if residual is not None else x2
-    h = torch.empty_like(y) if residual is not None else y
+    h = torch.empty(n_rows, hidden, dtype=x2.dtype, device=x2.device) if residual is not None else y
+    codec = fp8_codec(fp8_dtype or torch.float8_e4m3fn)
     if n_rows and hidden:
-        block_m, block_n = row_blocks(n_rows, hidden, max_block_n=8192)
+        block_m, block_n = row_blocks(n_rows, hidden, max_block_n=max_block_n)
         _rms_norm_kernel[(triton.cdiv(n_rows, block_m),)](
             x2, r2, weight.contiguous(), y, h, x2.stride(0), r2.stride(0), y.stride(0),
-            h.stride(0), n_rows, hidden, float(eps), HAS_RESIDUAL=residual is not None,
-            INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=8 if block_n >= 4096 else 4,
+            h.stride(0), scale if scale is not None else x2, n_rows, hidden, float(eps),
+            float(codec["FP8_MAX"]), HAS_RESIDUAL=residual is not None,
+            QUANT=fp8_dtype is not None, INTERPRET=interpreting(), BLOCK_M=block_m,
+            BLOCK_N=block_n, num_warps=8 if block_n >= 4096 else 4, **codec,
         )  # fmt: skip
+    return h
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, in x's dtype; with residual,
+    h = x + residual first and (y, h) returned. x, residual: [..., hidden]; weight: [hidden]."""
+    _check(x, weight, eps, residual)
+    hidden = x.shape[-1]
+    x2 = _rows(x, hidden)
+    y = torch.empty(x2.shape[0], hidden, dtype=x.dtype, device=x.device)
+    h = _launch(x2, weight, eps, residual, y, None, None, 8192)
     y = y.reshape(x.shape)
     return y if residual is None else (y, h.reshape(x.shape))
+
+
+def rms_norm_quant_fp8(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    fp8_dtype: torch.dtype,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """quantize_fp8(rms_norm(x, weight, eps, residual), fp8_dtype, per_token=True), bit for bit,
+    in one launch: x, residual [T, hidden] -> (q fp8 [T, hidden], scale fp32 [T, 1]), plus h
+    with a residual. Rows longer than one tile (16,384 values; 4,096 under the interpreter)
+    run the two ops."""
+    _check(x, weight, eps, residual)
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D [T, hidden] tensor, got shape {tuple(x.shape)}")
+    fp8_codec(fp8_dtype)  # raises, naming the dtype, when it is not an FP8 format
+    rows, hidden = x.shape
+    if row_blocks(rows, hidden, ONE_TILE_MAX_COLS)[1] < hidden:
+        out = rms_norm(x, weight, eps, residual)
+        y, h = out if residual is not None else (out, None)
+        q, scale = quantize_fp8(y, fp8_dtype, per_token=True)
+        return (q, scale) if h is None else (q, scale, h)
+    x2 = _rows(x, hidden)
+    q = torch.empty(rows, hidden, dtype=fp8_dtype, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    h = _launch(x2, weight, eps, residual, q.view(torch.uint8), scale, fp8_dtype,
+                ONE_TILE_MAX_COLS)  # fmt: skip
+    return (q, scale) if residual is None else (q, scale, h)

@@ -202,6 +202,16 @@ def _absmax_scale_kernel(absmax_ptr, scale_ptr, n_rows, qmax, BLOCK: tl.constexp
 
 
 @triton.jit
+def dynamic_row_scale(x, rows, row_ok, scale_ptr, qmax):
+    """Per-row dynamic scales of fp32 x [BLOCK_M, BLOCK_N] (whole rows; masked lanes 0):
+    max(absmax, SCALE_EPS) / qmax, stored at scale_ptr[rows] and returned [BLOCK_M]."""
+    absmax = tl.maximum(tl.max(tl.abs(x), axis=1), _SCALE_EPS)
+    scale = tl.math.div_rn(absmax, tl.zeros_like(absmax) + qmax)
+    tl.store(scale_ptr + rows, scale, mask=row_ok)
+    return scale
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr,
     q_ptr,
@@ -234,9 +244,7 @@ def _quantize_kernel(
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if DYNAMIC_PER_ROW:
-            absmax = tl.maximum(tl.max(tl.abs(x), axis=1), _SCALE_EPS)
-            scale = tl.math.div_rn(absmax, tl.zeros_like(absmax) + qmax)  # [BLOCK_M]
-            tl.store(scale_ptr + rows, scale, mask=row_ok)
+            scale = dynamic_row_scale(x, rows, row_ok, scale_ptr, qmax)  # [BLOCK_M]
         elif PER_ROW_SCALE:
             scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
         else:

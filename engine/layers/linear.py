@@ -53,6 +53,12 @@ class QuantizableLinear(nn.Module):
 
     quant_method: LinearMethod | None = None
 
+    def fp8_input_dtype(self) -> torch.dtype | None:
+        """The FP8 dtype this layer wants its input quantized to per token (the op before it
+        may then fuse the quantize), else None."""
+        method = self.quant_method
+        return None if method is None else method.fp8_input_dtype(self)
+
     def check_weights(self, source: TensorSource) -> None:
         """Raise on a missing, misshapen or unshardable quantized tensor, reading no data."""
         if self.quant_method is not None:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from engine.parallel import TensorSource, load_tensor
+from engine.quantization.base import QuantizedActivation
 from hal.backend import Backend
 
 
@@ -20,11 +21,15 @@ class RMSNorm(nn.Module):
             torch.ones(hidden_size, device=backend.device, dtype=dtype), requires_grad=False
         )
 
-    def forward(
-        self, x: torch.Tensor, residual: torch.Tensor | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Without residual: rms_norm(x). With it: (rms_norm(x + residual), x + residual)."""
-        return self.backend.rms_norm(x, self.weight, self.eps, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quant_dtype=None):
+        """Without residual: rms_norm(x). With it: (rms_norm(x + residual), x + residual).
+        quant_dtype (an FP8 dtype): the normed rows come quantized per token, as a
+        QuantizedActivation for the FP8 linear that reads them (one fused backend op)."""
+        if quant_dtype is None:
+            return self.backend.rms_norm(x, self.weight, self.eps, residual)
+        out = self.backend.rms_norm_quant_fp8(x, self.weight, self.eps, quant_dtype, residual)
+        qa = QuantizedActivation(out[0], out[1], x.dtype)
+        return qa if residual is None else (qa, out[2])
 
     def load(self, source: TensorSource, name: str) -> None:
         load_tensor(self.weight, source, name, tuple(self.weight.shape))

@@ -26,6 +26,7 @@ from engine.layers.rotary import RotaryEmbedding
 from engine.model_config import ModelConfig
 from engine.parallel import SINGLE, ParallelContext, TensorSource
 from engine.quantization import QuantizationConfig, get_quantization_config
+from engine.quantization.base import QuantizedActivation
 from hal.backend import Backend
 
 logger = logging.getLogger(__name__)
@@ -141,7 +142,14 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> [T, 2 * intermediate / tp] -> [T, intermediate / tp] -> [T, hidden]
-        return self.down_proj(self.backend.silu_and_mul(self.gate_up_proj(x)))
+        h = self.gate_up_proj(x)
+        fp8 = self.down_proj.fp8_input_dtype()
+        if fp8 is None:
+            return self.down_proj(self.backend.silu_and_mul(h))
+        # An FP8 down projection with per-token activations: one launch activates and quantizes.
+        return self.down_proj(
+            QuantizedActivation(*self.backend.silu_and_mul_quant_fp8(h, fp8), h.dtype)
+        )
 
     def load(self, source: TensorSource, prefix: str) -> None:
         self.gate_up_proj.load(source, [f"{prefix}.gate_proj", f"{prefix}.up_proj"])
@@ -177,13 +185,16 @@ class LlamaDecoderLayer(nn.Module):
         batch: ForwardBatch,
         kv_cache: KVCache,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual add of the previous sublayer is fused into the next norm.
+        # The residual add of the previous sublayer is fused into the next norm, and so is the
+        # per-token FP8 quantize of an FP8 linear that reads the norm (None otherwise).
+        attn_fp8 = self.self_attn.qkv_proj.fp8_input_dtype()
         if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
+            hidden, residual = self.input_layernorm(hidden, quant_dtype=attn_fp8), hidden
         else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            hidden, residual = self.input_layernorm(hidden, residual, attn_fp8)
         hidden = self.self_attn(positions, hidden, batch, kv_cache)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        mlp_fp8 = self.mlp.gate_up_proj.fp8_input_dtype()
+        hidden, residual = self.post_attention_layernorm(hidden, residual, mlp_fp8)
         return self.mlp(hidden), residual
 
     def load(self, source: TensorSource, prefix: str) -> None:

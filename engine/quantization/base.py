@@ -178,8 +178,25 @@ def per_part_rows(values: torch.Tensor, spec: LinearSpec) -> torch.Tensor:
     return values.to(torch.float32).repeat_interleave(sizes).reshape(-1, 1)
 
 
+@dataclass(frozen=True)
+class QuantizedActivation:
+    """A linear layer's input already quantized per token to FP8 by the op before it (the
+    backend's `rms_norm_quant_fp8` / `silu_and_mul_quant_fp8`), for a method whose
+    `fp8_input_dtype` asked for it: q fp8 [M, K], scale fp32 [M, 1], and the float dtype the
+    layer returns (the model's)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+
 class LinearMethod(ABC):
     """One quantized layer's weights: `check` (no data read), `load`, `apply`, `dequantize`."""
+
+    def fp8_input_dtype(self, layer: nn.Module) -> torch.dtype | None:
+        """The FP8 dtype this layer quantizes its input to per token, dynamically (then the op
+        before it may hand `apply` a QuantizedActivation instead); None: it takes floats."""
+        return None
 
     def __init__(self, spec: LinearSpec, backend: Backend) -> None:
         self.spec = spec

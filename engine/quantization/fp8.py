@@ -23,6 +23,7 @@ from engine.quantization.base import (
     LinearSpec,
     QuantizationConfig,
     QuantizationConfigError,
+    QuantizedActivation,
     QuantizedWeightError,
     TensorLayout,
     per_part_rows,
@@ -238,7 +239,19 @@ class FP8LinearMethod(LinearMethod):
             return self.backend.quantize_fp8(x, layer.weight.dtype, scale=layer.input_scale)
         return self.backend.quantize_fp8(x, layer.weight.dtype, per_token=True)
 
-    def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+    def fp8_input_dtype(self, layer: nn.Module) -> torch.dtype | None:
+        # Per-token dynamic activations against a per-channel or per-tensor weight: the norm or
+        # SiLU-and-mul before this layer may quantize in the same launch.
+        w = getattr(layer, "weight", None)
+        if self.act_scheme != "dynamic_token" or self.weight_strategy == "block" or w is None:
+            return None
+        return w.dtype if w.dtype.is_floating_point and w.element_size() == 1 else None
+
+    def apply(self, layer: nn.Module, x, bias: torch.Tensor | None = None):
+        if isinstance(x, QuantizedActivation):  # quantized by the op before (fp8_input_dtype)
+            return self.backend.fp8_linear(
+                x.q, x.scale, layer.weight, layer.weight_scale, bias, out_dtype=x.dtype
+            )
         if self.act_scheme == "none":
             return self.backend.linear(x, self.dequantize(layer).to(x.dtype), bias)
         if self.weight_strategy != "block":

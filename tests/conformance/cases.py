@@ -479,6 +479,70 @@ def check_rotary_write_kv(d: Dispatch, case: RotaryWriteKvCase) -> CaseResult:
     return result
 
 
+@dataclass(frozen=True)
+class FusedQuantCase:
+    """A norm or SiLU-and-mul case whose output is quantized per token to `target` (FP8)."""
+
+    inner: S.RmsNormCase | S.SiluCase
+    target: str
+
+
+def _quantized_close(name: str, q, s, ref: torch.Tensor, dtype: str, mag: float) -> CaseResult:
+    """q * scale against the float64 value it encodes: the float op's tolerance plus FP8
+    rounding (a relative step of the format, or below its normals an absolute scale x
+    smallest normal)."""
+    fi = torch.finfo(q.dtype)
+    s64 = s.detach().cpu().to(F64)
+    deq = q.detach().cpu().to(F64) * s64
+    allowed = tolerance(dtype).allowed(ref, mag, 1) + ref.abs() * fi.eps + s64 * fi.smallest_normal
+    return close(name, deq, ref, allowed)
+
+
+def check_rms_norm_quant_fp8(d: Dispatch, case: FusedQuantCase) -> CaseResult:
+    c, fp8 = case.inner, S.torch_dtype(case.target)
+    t = c.build()
+    x, w, r = d.to(t["x"]), d.to(t["weight"]), d.to(t["residual"])
+    out = d("rms_norm_quant_fp8", x, w, c.eps, fp8, r)
+    if not isinstance(out, tuple) or len(out) != (2 if r is None else 3):
+        return CaseResult(False, math.inf, math.inf, "expected (q, scale) or (q, scale, h)")
+    # Fused or not, the bits of this backend's own rms_norm then per-token quantize_fp8.
+    be = d.backend
+    own = be.rms_norm(x, w, c.eps, r)
+    y, h = own if r is not None else (own, None)
+    q, scale = be.quantize_fp8(y, fp8, per_token=True)
+    result = bitwise("q vs rms_norm then quantize_fp8", out[0], q.cpu())
+    result = result.merge(bitwise("scale vs the same", out[1], scale.cpu()))
+    if h is not None:
+        result = result.merge(bitwise("h vs rms_norm's", out[2], h.cpu()))
+    ref = norm.rms_norm(f64(t["x"]), f64(t["weight"]), c.eps, f64(t["residual"]))
+    ref = ref if t["residual"] is None else ref[0]
+    return result.merge(
+        _quantized_close("q * scale", out[0], out[1], ref, c.dtype, amax(t["weight"]))
+    )
+
+
+def check_silu_and_mul_quant_fp8(d: Dispatch, case: FusedQuantCase) -> CaseResult:
+    c, fp8 = case.inner, S.torch_dtype(case.target)
+    x = d.to(c.build()["x"])
+    out = d("silu_and_mul_quant_fp8", x, fp8)
+    if not isinstance(out, tuple) or len(out) != 2:
+        return CaseResult(False, math.inf, math.inf, "expected (q, scale)")
+    be = d.backend
+    q, scale = be.quantize_fp8(be.silu_and_mul(x), fp8, per_token=True)
+    result = bitwise("q vs silu_and_mul then quantize_fp8", out[0], q.cpu())
+    result = result.merge(bitwise("scale vs the same", out[1], scale.cpu()))
+    xf = f64(x.cpu())
+    ref = activation.silu_and_mul(xf)
+    # silu_and_mul's own bound (see check_silu_and_mul) inside the quantized comparison
+    fi = torch.finfo(fp8)
+    s64 = out[1].detach().cpu().to(F64)
+    gate = xf[..., : xf.shape[-1] // 2].abs()
+    allowed = tolerance(c.dtype).allowed(ref, 0.0, 1) + ref.abs() * gate * 4 * UNIT_ROUNDOFF["fp32"]
+    allowed = allowed + ref.abs() * fi.eps + s64 * fi.smallest_normal
+    deq = out[0].detach().cpu().to(F64) * s64
+    return result.merge(close("q * scale", deq, ref, allowed))
+
+
 def check_silu_and_mul(d: Dispatch, case: S.SiluCase) -> CaseResult:
     x = case.build()["x"]
     out = d("silu_and_mul", d.to(x))
@@ -619,6 +683,17 @@ def _quant(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrategy:
     return S.quant_cases(dt, float_dtypes(c), lim)
 
 
+def _norm_quant(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrategy:
+    flags = st.tuples(st.sampled_from(float_dtypes(c)), st.booleans())
+    cases = flags.flatmap(lambda fr: S.rms_norm_cases(fr[0], fr[1], lim))
+    return cases.map(lambda case: FusedQuantCase(case, dt))
+
+
+def _silu_quant(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrategy:
+    cases = st.sampled_from(float_dtypes(c)).flatmap(lambda f: S.silu_cases(f, lim))
+    return cases.map(lambda case: FusedQuantCase(replace(case, lead=(math.prod(case.lead),)), dt))
+
+
 def _flag(make: Callable, flag: bool) -> Strategy:
     return lambda dt, c, lim: make(dt, flag, lim)
 
@@ -672,6 +747,7 @@ OPS: tuple[OpSpec, ...] = (
     OpSpec("dequantize_int4", "quantize", ("int4",), _int4(None), check_dequantize_int4, True),
     OpSpec("rms_norm", "rms_norm", FLOAT, _flag(S.rms_norm_cases, False), check_rms_norm),
     OpSpec("rms_norm/residual", "rms_norm", FLOAT, _flag(S.rms_norm_cases, True), check_rms_norm),
+    OpSpec("rms_norm_quant_fp8", "rms_norm", FP8, _norm_quant, check_rms_norm_quant_fp8, True),
     OpSpec("rotary/neox", "rotary", FLOAT, _flag(S.rotary_cases, True), check_rotary),
     OpSpec("rotary/gptj", "rotary", FLOAT, _flag(S.rotary_cases, False), check_rotary),
     # 10 of the ci profile's 25 examples: 4 kernel launches per case under the interpreter, and
@@ -686,6 +762,14 @@ OPS: tuple[OpSpec, ...] = (
         examples_scale=0.4,
     ),
     OpSpec("silu_and_mul", "activation", FLOAT, _plain(S.silu_cases), check_silu_and_mul),
+    OpSpec(
+        "silu_and_mul_quant_fp8",
+        "activation",
+        FP8,
+        _silu_quant,
+        check_silu_and_mul_quant_fp8,
+        True,
+    ),
     OpSpec("graph", "graph", FLOAT, _plain(S.graph_cases), check_graph),
 )
 OPS_BY_NAME: dict[str, OpSpec] = {op.name: op for op in OPS}

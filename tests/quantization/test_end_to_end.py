@@ -153,3 +153,35 @@ def test_online_fp8_without_fp8_hardware_is_an_error(folders, cpu_caps):
     backend.caps = sm80  # the rule reads capabilities only
     with pytest.raises(FP8UnavailableError, match=r"NVIDIA A100 \(sm_80.*sm_89"):
         load_model(folders[0], backend, "float32", quantization="fp8")
+
+
+def test_online_fp8_fuses_the_activation_quantize(folders, cpu_caps, monkeypatch):
+    """qkv / gate_up read a norm and down_proj a SiLU-and-mul that quantize their output per
+    token in the same backend op (rms_norm_quant_fp8 / silu_and_mul_quant_fp8, the HAL's
+    composition on the CPU); o_proj quantizes its own input. The logits equal the unfused path's
+    bit for bit, and the fused ops ran 2 and 1 times per layer."""
+    float_dir, _, _ = folders
+    backend = load_backend(cpu_caps, configured="cpu")
+    model, _, _ = load_model(float_dir, backend, "float32", quantization="fp8")
+    layer = model.layers[0]
+    assert layer.self_attn.qkv_proj.fp8_input_dtype() == torch.float8_e4m3fn
+    assert layer.mlp.gate_up_proj.fp8_input_dtype() == torch.float8_e4m3fn
+    assert layer.mlp.down_proj.fp8_input_dtype() == torch.float8_e4m3fn
+    calls = {"rms_norm_quant_fp8": 0, "silu_and_mul_quant_fp8": 0}
+    for name in calls:
+        original = getattr(type(backend), name)
+
+        def counted(self, *a, _name=name, _fn=original, **k):
+            calls[_name] += 1
+            return _fn(self, *a, **k)
+
+        monkeypatch.setattr(type(backend), name, counted)
+    fused = _teacher_forced_logits(float_dir, backend, "fp8")
+    layers = len(model.layers)
+    assert calls == {"rms_norm_quant_fp8": 2 * layers, "silu_and_mul_quant_fp8": layers}
+    from engine.quantization.fp8 import FP8LinearMethod
+
+    monkeypatch.setattr(FP8LinearMethod, "fp8_input_dtype", lambda self, layer: None)
+    unfused = _teacher_forced_logits(float_dir, backend, "fp8")
+    assert calls == {"rms_norm_quant_fp8": 2 * layers, "silu_and_mul_quant_fp8": layers}
+    assert torch.equal(fused, unfused)

@@ -1,0 +1,134 @@
+"""The Triton norm and activation kernels fused with the per-token FP8 quantize of their output
+(`rms_norm_quant_fp8`, `silu_and_mul_quant_fp8`, what an FP8 linear with dynamic per-token
+activations reads next) against the two ops they replace, bit for bit (codes, scales and the
+residual sum), every float dtype and FP8 format, rows of one tile and rows past it (the fallback
+to the two ops); the CUDA backend's choice between fused and composed; bad input.
+
+Why bit for bit: the fused kernel rounds the norm (or SiLU-and-mul) to the model dtype exactly as
+the unfused kernel stores it, then runs quantize_fp8's per-row math (absmax, one correctly
+rounded division for the scale and one per value, round-to-nearest-even encode) on those values.
+Under TRITON_INTERPRET=1 (no GPU) the kernels run on CPU tensors; with a GPU natively.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning", "ignore:overflow encountered:RuntimeWarning"
+)
+
+for _name in ("backends.triton.quant", "backends.triton.norm", "backends.triton.activation"):
+    if _name in sys.modules and INTERPRET:
+        importlib.reload(sys.modules[_name])  # imported earlier without the interpreter
+tquant = importlib.import_module("backends.triton.quant")
+tnorm = importlib.import_module("backends.triton.norm")
+tact = importlib.import_module("backends.triton.activation")
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+FP8S = [torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2]
+
+
+def _same(name: str, out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (name, out.shape, ref.shape)
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[out.element_size()]
+    diff = (out.view(bits) != ref.view(bits)).nonzero()
+    assert diff.numel() == 0, f"{name}: {diff.shape[0]} elements differ, first at {diff[0]}"
+
+
+def _x(shape, dtype, seed, mag=3.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g) * mag
+    x[0, :3] = torch.tensor([0.0, -mag * 40, 1e-3])[: shape[1]]  # an outlier drives the scale
+    return x.to(dtype).to(DEVICE)
+
+
+# hidden 4100: past the interpreter's one-tile limit (4,096), the two-op fallback
+@pytest.mark.parametrize("hidden", [1, 96, 4100])
+@pytest.mark.parametrize("fp8", FP8S)
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_quant_equals_norm_then_quantize(hidden, fp8, dtype, with_residual) -> None:
+    rows = 3 if hidden > 1000 else 7
+    x = _x((rows, hidden), dtype, hidden)
+    w = (1.0 + 0.1 * torch.randn(hidden, generator=torch.Generator().manual_seed(1))).to(dtype)
+    w = w.to(DEVICE)
+    r = _x((rows, hidden), dtype, hidden + 1) if with_residual else None
+    got = tnorm.rms_norm_quant_fp8(x, w, 1e-6, fp8, r)
+    out = tnorm.rms_norm(x, w, 1e-6, r)
+    y, h = out if with_residual else (out, None)
+    q, s = tquant.quantize_fp8(y, fp8, per_token=True)
+    assert len(got) == (3 if with_residual else 2)
+    _same("q", got[0], q)
+    _same("scale", got[1], s)
+    if with_residual:
+        _same("h", got[2], h)
+
+
+@pytest.mark.parametrize("d", [1, 80, 4100])
+@pytest.mark.parametrize("fp8", FP8S)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_silu_and_mul_quant_equals_silu_then_quantize(d, fp8, dtype) -> None:
+    rows = 3 if d > 1000 else 9
+    x = _x((rows, 2 * d), dtype, d)
+    q, s = tact.silu_and_mul_quant_fp8(x, fp8)
+    q_ref, s_ref = tquant.quantize_fp8(tact.silu_and_mul(x), fp8, per_token=True)
+    _same("q", q, q_ref)
+    _same("scale", s, s_ref)
+
+
+def test_empty_rows_and_bad_input() -> None:
+    x = torch.empty(0, 64, dtype=torch.bfloat16, device=DEVICE)
+    w = torch.ones(64, dtype=torch.bfloat16, device=DEVICE)
+    q, s = tnorm.rms_norm_quant_fp8(x, w, 1e-6, torch.float8_e4m3fn)
+    assert q.shape == (0, 64) and s.shape == (0, 1)
+    q, s = tact.silu_and_mul_quant_fp8(torch.empty(0, 64, device=DEVICE), torch.float8_e5m2)
+    assert q.shape == (0, 32) and s.shape == (0, 1)
+    x3 = torch.zeros(2, 3, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x: expected a 2-D \[T, hidden\]"):
+        tnorm.rms_norm_quant_fp8(x3, w, 1e-6, torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"x: expected a 2-D \[T, 2d\]"):
+        tact.silu_and_mul_quant_fp8(x3, torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="last dim must be even"):
+        tact.silu_and_mul_quant_fp8(torch.zeros(2, 5, device=DEVICE), torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="int8"):
+        tnorm.rms_norm_quant_fp8(torch.zeros(2, 64, device=DEVICE), w.float(), 1e-6, torch.int8)
+
+
+def test_cuda_backend_fuses_only_when_both_families_chose_triton(monkeypatch) -> None:
+    from backends.cuda.backend import CudaBackend
+
+    calls = []
+    be = CudaBackend.__new__(CudaBackend)  # the dispatch methods alone, no device
+    be.ran, be._fallbacks_logged = {}, set()
+    chosen = {"rms_norm": "triton", "activation": "triton", "quantize": "triton"}
+    monkeypatch.setattr(CudaBackend, "chosen", lambda self, family: chosen[family])
+    monkeypatch.setattr(tnorm, "rms_norm_quant_fp8", lambda *a: calls.append("fused norm"))
+    monkeypatch.setattr(tact, "silu_and_mul_quant_fp8", lambda *a: calls.append("fused silu"))
+    monkeypatch.setattr(CudaBackend, "rms_norm", lambda self, *a: calls.append("norm") or a[0])
+    monkeypatch.setattr(CudaBackend, "silu_and_mul", lambda self, x: calls.append("silu") or x)
+    monkeypatch.setattr(CudaBackend, "quantize_fp8", lambda self, *a, **k: calls.append("q") or a)
+    x, w = torch.zeros(2, 8), torch.ones(8)
+    be.rms_norm_quant_fp8(x, w, 1e-6, torch.float8_e4m3fn)
+    be.silu_and_mul_quant_fp8(x, torch.float8_e4m3fn)
+    assert calls == ["fused norm", "fused silu"]
+    chosen["quantize"] = "torch"
+    calls.clear()
+    be.rms_norm_quant_fp8(x, w, 1e-6, torch.float8_e4m3fn)
+    be.silu_and_mul_quant_fp8(x, torch.float8_e4m3fn)
+    assert calls == ["norm", "q", "silu", "q"]
+    chosen["quantize"] = "triton"
+    calls.clear()
+    be.rms_norm_quant_fp8(x.double(), w.double(), 1e-6, torch.float8_e4m3fn)  # not a Triton dtype
+    assert calls == ["norm", "q"]
