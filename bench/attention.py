@@ -5,6 +5,7 @@ comparison (naive, SDPA, FA2, xFormers, ours: latency, tokens/s, peak memory).
     python bench/attention.py all --out /tmp/attn          # autotunes + decode + prefill + compare
     python bench/attention.py decode prefill --autotune --out /tmp/attn   # both tables (< 4 min)
     python bench/attention.py decode --autotune             # search the decode tuning table
+    python bench/attention.py wide                          # the wide-batch decode table
     python bench/attention.py decode [--batches 1,64 --contexts 4096,32768]
     python bench/attention.py prefill [--autotune]          # --autotune: the prefill table
     python bench/attention.py compare --out /tmp/attn && python bench/plot_attention.py /tmp/attn
@@ -482,6 +483,58 @@ def run_autotune(args, device, timer, bw) -> list[dict]:
     return results
 
 
+WIDE_SHAPES = ((64, 512), (64, 4096), (128, 1024), (256, 160), (256, 512), (256, 1024))
+WIDE_CONFIGS = ((128, 4, 2), (64, 4, 2), (64, 2, 2), (64, 2, 3), (32, 2, 3), (32, 1, 3))
+
+
+def run_wide(args, device, timer, bw) -> list[dict]:
+    """The wide-batch decode table (`attention_decode.DECODE_WIDE_BATCH`): at batches whose
+    programs fill the GPU several times over, every WIDE_CONFIGS tile on a bf16 and on an FP8
+    (e4m3fn) cache, CUDA-graph replays, against the default table's tile, the config the engine
+    now picks and SDPA on contiguous KV (bf16). Prints microseconds per call."""
+    print("\n== decode wide batches (us per call, graph replays; FP8 cache: e4m3fn, kv_scale 1/64)")
+    from backends.triton import attention_decode as dec
+
+    timed = timer.graph if device.type == "cuda" else timer
+    shapes = WIDE_SHAPES if device.type == "cuda" else ((4, 64),)
+    sms, rows = tattn._sm_count(device), []
+    for b, ctx in shapes:
+        x = decode_inputs(b, ctx, device)
+        sdpa = decode_peers(x, dict.fromkeys(("fa2", "fa2_paged", "flash_attn", "flex",
+                                              "xformers"), "skipped"), False)["sdpa"]  # fmt: skip
+        base, sdpa_us = sdpa(), timed(sdpa) * 1e3
+        caches = {"bf16": (x.key_cache, x.value_cache, None)}
+        caches["fp8"] = (*((c.float() * 64).to(torch.float8_e4m3fn)
+                           for c in (x.key_cache, x.value_cache)), 1 / 64)  # fmt: skip
+        row = {"batch": b, "context": ctx, "sdpa_us": sdpa_us, "sms": sms}
+        for kind, (kc, vc, kv_scale) in caches.items():
+            a = (x.q, kc, vc, x.block_tables, x.seq_lens, x.query_start_loc, x.scale)
+            picked = dec.decode_config(HEAD_DIM, DTYPE, device, kind == "fp8", b * NUM_KV_HEADS)
+            us = {}
+            for bn, w, st in WIDE_CONFIGS:
+                cfg = tattn.DecodeConfig(block_n=bn, num_warps=w, num_stages=st)
+
+                def fn(cfg=cfg, a=a, kv_scale=kv_scale, ctx=ctx):
+                    return tattn.decode_attention(*a, kv_scale=kv_scale, max_query_len=1,
+                                                  max_seq_len=ctx, config=cfg)  # fmt: skip
+
+                if max_err(fn(), base) > 0.1:
+                    raise RuntimeError(f"{kind} {b}x{ctx} {cfg}: wrong result")
+                us[(bn, w, st)] = timed(fn) * 1e3
+            best = min(us, key=us.get)
+            key = (picked.block_n, picked.num_warps, picked.num_stages)
+            row[kind] = {"us": {str(k): v for k, v in us.items()}, "picked": str(key),
+                         "best": str(best)}  # fmt: skip
+            print(f"{b:>4} x {ctx:<5} {kind}: default {us[WIDE_CONFIGS[0]]:.0f} | picked {key} "
+                  f"{us.get(key, float('nan')):.0f} | best {best} {us[best]:.0f} | sdpa (bf16) "
+                  f"{sdpa_us:.0f}")  # fmt: skip
+        rows.append(row)
+        del x, caches
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def fit_split_model(results: list[dict], sms: int) -> dict:
     """(programs_per_sm, split_cost) whose predicted split counts reach the highest geometric
     mean of measured fraction / best measured fraction over the autotuned shapes."""
@@ -781,9 +834,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "modes",
         nargs="+",
-        choices=("decode", "prefill", "compare", "all"),
+        choices=("decode", "wide", "prefill", "compare", "all"),
         metavar="MODE",
-        help="decode, prefill, compare or all (one or more)",
+        help="decode, wide (the wide-batch decode table), prefill, compare or all (one or more)",
     )
     p.add_argument("--autotune", action="store_true",
                    help="decode: search tiles and fit the split model; prefill: search tiles "
@@ -823,6 +876,8 @@ def main(argv: list[str] | None = None) -> None:
         results["autotune"] = run_autotune(args, device, timer, bw)
     if "decode" in modes:
         results["decode"] = run_decode(args, device, timer, bw, libs)
+    if "wide" in modes:
+        results["wide"] = run_wide(args, device, timer, bw)
     if "prefill" in modes and tune:
         results["prefill_autotune"] = run_prefill_autotune(args, device, timer)
     if "prefill" in modes:
