@@ -3,6 +3,7 @@ bf16 against F.linear (cuBLAS), FP8 e4m3fn (per-row scales) against torch._scale
 with the copy bandwidth measured in the same run.
 
     python bench/gemv.py --out gemv.json                 # the kernels' table (or heuristic)
+    python bench/gemv.py --fused-reduce                  # also the split-K sum inside the kernel
     python bench/gemv.py --autotune --out gemv_tune.json # sweep configs per shape and M, print
                                                          # the best as a DEFAULT_CONFIGS table,
                                                          # then benchmark with it
@@ -129,13 +130,12 @@ def make_x(kind: str, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None
     return (x.float() / scale).to(FP8), scale
 
 
-def ours_call(kind: str, x, x_scale, configs=None, config=None):
+def ours_call(kind: str, x, x_scale, configs=None, config=None, fused=None):
+    kw = dict(configs=configs, config=config, fused_reduce=fused)
     if kind == "bf16":
-        return lambda w, s: lambda: gemv.linear_small_m(x, w, configs=configs, config=config)
+        return lambda w, s: lambda: gemv.linear_small_m(x, w, **kw)
     return lambda w, s: (
-        lambda: gemv.fp8_linear_small_m(
-            x, x_scale, w, s, None, torch.bfloat16, configs=configs, config=config
-        )
+        lambda: gemv.fp8_linear_small_m(x, x_scale, w, s, None, torch.bfloat16, **kw)
     )
 
 
@@ -291,12 +291,17 @@ def bench(args, weights: dict, copy_gbs: float, results: dict, configs=None) -> 
         err, det = rel_err(kind, w, x, x_scale, configs)
         cfg = gemv.pick_config(W_BYTES[kind], m, w.n, w.k, configs)
         splits = gemv.split_plan(cfg, m, w.n, w.k, sms)[0]
+        fused_ms = math.nan
+        if args.fused_reduce and splits > 1:  # the split-K sum inside the kernel, same run
+            fused_call = ours_call(kind, x, x_scale, configs, fused=True)
+            fused_ms = timed(w.calls(fused_call, copy_gbs), args.reps)
         row = {
             "kind": kind, "shape": label, "m": m, "k": w.k, "n": w.n,
             "config": dataclasses.asdict(cfg), "splits": splits,
             "ours_ms": ours, "ours_gbs": w.nbytes / (ours * 1e-3) / 1e9,
             "torch_ms": peer, "torch_gbs": w.nbytes / (peer * 1e-3) / 1e9,
             "ours_over_torch": peer / ours, "rel_err": err, "deterministic": det,
+            "fused_reduce_ms": fused_ms,
         }  # fmt: skip
         row["ours_frac_copy"] = row["ours_gbs"] / copy_gbs
         row["torch_frac_copy"] = row["torch_gbs"] / copy_gbs
@@ -305,7 +310,9 @@ def bench(args, weights: dict, copy_gbs: float, results: dict, configs=None) -> 
               f"{row['ours_frac_copy']:5.2f} {peer:8.4f} {row['torch_gbs']:6.0f} "
               f"{row['torch_frac_copy']:5.2f} {row['ours_over_torch']:10.2f} {err:8.1e} "
               f"{'yes' if det else 'NO':>3s}  {cfg.kernel} {cfg.block_n}x{cfg.block_k} "
-              f"split {splits} w{cfg.num_warps} s{cfg.num_stages}")  # fmt: skip
+              f"split {splits} w{cfg.num_warps} s{cfg.num_stages}"
+              + (f"; fused reduce {fused_ms:.4f} ms ({ours / fused_ms:.2f}x)"
+                 if fused_ms == fused_ms else ""))  # fmt: skip
     # The decode step's GEMMs at M = 1 (attention, norms and the rest excluded).
     for kind in args.kinds:
         rows = {r["shape"]: r for r in results["rows"] if r["kind"] == kind and r["m"] == 1}
@@ -331,6 +338,9 @@ def main() -> int:
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     p.add_argument("--ms", type=int, nargs="+", default=list(MS))
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument(
+        "--fused-reduce", action="store_true", help="also time the split-K sum inside the kernel"
+    )
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)

@@ -14,7 +14,11 @@ Two kernels, chosen per shape by a table keyed on (weight bytes, M bucket, N, K)
   tokens its N side), pipelined through shared memory by num_stages. FP8 operands enter the dot
   as fp16 (every e4m3 / e5m2 value is exact in fp16, so products are exact, accumulation fp32).
 Split-K writes fp32 partials [S, M, N]; a second kernel sums them in split order, then scales,
-adds the bias and rounds: no atomics, so results are bit-reproducible run to run.
+adds the bias and rounds, so results are bit-reproducible run to run. Opt-in (`fused_reduce`,
+HAL_GEMV_FUSED_REDUCE=1; not yet timed on a GPU): the last split of each tile to finish, counted
+by an atomic per tile, sums the partials itself in the same order (same bits, one launch fewer);
+the per-tile counters return to zero before the kernel ends, so launches and graph replays reuse
+them (one stream per device at a time).
 FP8 codes load as uint8 and decode exactly through `backends.triton.quant.fp8_decode` under the
 interpreter and for formats without a native conversion; on sm_89+ the weight's e4m3fn / e5m2
 bytes convert in hardware (cvt to fp16, also exact). Under TRITON_INTERPRET=1 bf16 dots run in fp32
@@ -24,6 +28,7 @@ bytes convert in hardware (cvt to fp16, also exact). Under TRITON_INTERPRET=1 bf
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -53,6 +58,9 @@ _NOT_FP8, _E4M3_NATIVE, _E5M2_NATIVE, _CODEC = 0, 1, 2, 3
 _NATIVE_MODE = {torch.float8_e4m3fn: _E4M3_NATIVE, torch.float8_e5m2: _E5M2_NATIVE}
 _NO_CODEC = dict(MAN_BITS=3, EXP_BIAS=7, FP8_MAX=448.0, NAN_CODE=0x7F, FNUZ=False, HAS_INF=False)
 _REDUCE_BLOCK = 1024
+# The split-K reduce folded into the GEMV (see the module docstring); False until timed.
+FUSED_REDUCE = os.environ.get("HAL_GEMV_FUSED_REDUCE", "") == "1"
+_MIN_COUNTERS = 1 << 16  # per-tile counters allocated at once (256 KiB of int32 per device)
 _MAX_GRID = 65535  # CUDA's limit on grid axes 1 and 2
 
 
@@ -269,6 +277,7 @@ def _small_m_kernel(
     w_scale_ptr,
     out_ptr,
     partial_ptr,
+    counter_ptr,  # FUSED_REDUCE: int32 per (row block, column block), zero between launches
     n_rows,
     n_cols,
     n_k,
@@ -300,6 +309,7 @@ def _small_m_kernel(
     W_FNUZ: tl.constexpr,
     W_HAS_INF: tl.constexpr,
     INTERPRET: tl.constexpr,
+    FUSED_REDUCE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -363,6 +373,23 @@ def _small_m_kernel(
         part = partial_ptr + (pid_k * n_rows + offs_m.to(tl.int64))[None, :] * n_cols
         mask = (offs_n < n_cols)[:, None] & (offs_m < n_rows)[None, :]
         tl.store(part + offs_n[:, None], acc, mask=mask)
+        if FUSED_REDUCE:
+            # Every thread's partial stored, then one release-acquire increment: the split that
+            # brings the count to num_splits sees all partials and sums them in split order
+            # (the reduce kernel's order: the same bits), then zeroes the counter again.
+            tile = pid_m * tl.num_programs(1) + pid_n
+            tl.debug_barrier()
+            count = tl.atomic_add(counter_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if count == num_splits - 1:
+                first = partial_ptr + offs_m.to(tl.int64)[None, :] * n_cols + offs_n[:, None]
+                step = n_rows.to(tl.int64) * n_cols
+                total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                for s in range(num_splits):
+                    total += tl.load(first + s * step, mask=mask, other=0.0, cache_modifier=".cg")
+                _epilogue(total, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr,
+                          n_rows, n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE,
+                          INTERPRET)  # fmt: skip
+                tl.atomic_xchg(counter_ptr + tile, 0)
 
 
 @triton.jit(do_not_specialize=["n_rows", "num_splits", "split_step"])
@@ -398,6 +425,21 @@ def _split_k_reduce_kernel(
 
 
 # -- launchers -----------------------------------------------------------------------------------
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
+    """The device's zeroed per-tile counters (at least `tiles`), or None when they would have to
+    grow during a CUDA graph capture (the caller then launches the separate reduce)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(tiles, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
 def _scale_mode(scale: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
     if scale is None:
         return 0, None
@@ -415,6 +457,7 @@ def _launch(
     x_fp8: torch.dtype | None,
     w_fp8: torch.dtype | None,
     cfg: GemvConfig,
+    fused_reduce: bool | None = None,
 ) -> torch.Tensor:
     m, k = x.shape
     n = w.shape[0]
@@ -449,19 +492,22 @@ def _launch(
             f"config: block_n={cfg.block_n} gives {grid[1]} column blocks and split_k {splits} "
             f"splits; each must be <= {_MAX_GRID} (use a larger block_n / block_k)"
         )
+    fused = FUSED_REDUCE if fused_reduce is None else fused_reduce
+    counters = _tile_counters(x.device, grid[0] * grid[1]) if fused and splits > 1 else None
+    fused = counters is not None
     _small_m_kernel[grid](
         x, w, dummy if bias is None else bias, dummy if x_s is None else x_s,
-        dummy if w_s is None else w_s, out, partial,
+        dummy if w_s is None else w_s, out, partial, counters if fused else partial,
         m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
         k_per_split, splits,
         USE_DOT=cfg.kernel == "dot", EVEN_K=k % cfg.block_k == 0, DOT_DTYPE=dot_dtype,
         X_FP8=x_mode, W_FP8=w_mode,
         **{f"X_{key}": value for key, value in x_codec.items()},
         **{f"W_{key}": value for key, value in w_codec.items()},
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        FUSED_REDUCE=fused, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
     )  # fmt: skip
-    if splits > 1:
+    if splits > 1 and not fused:
         _split_k_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK), m)](
             partial, out, dummy if bias is None else bias, dummy if x_s is None else x_s,
             dummy if w_s is None else w_s, m, n, splits, m * n, out.stride(0),
@@ -483,13 +529,15 @@ def linear_small_m(
     bias: torch.Tensor | None = None,
     config: GemvConfig | None = None,
     configs: ConfigTable | None = None,
+    fused_reduce: bool | None = None,
 ) -> torch.Tensor:
     """y = x @ weight.T + bias with fp32 accumulation, one rounding to x's dtype.
 
     x: [M, K] fp32 / bf16 / fp16; weight: [N, K] in x's dtype (any strides; contiguous rows
     stream fastest); bias: [N] (any float dtype, added in fp32). Returns [M, N] in x's dtype.
     Tuned for M <= 16; any M is computed correctly. `config` forces a launch shape, else the
-    table (`configs`, default DEFAULT_CONFIGS) or the heuristic picks one.
+    table (`configs`, default DEFAULT_CONFIGS) or the heuristic picks one. fused_reduce: the
+    split-K sum inside the kernel (None: FUSED_REDUCE).
     """
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(
@@ -507,7 +555,7 @@ def linear_small_m(
     _check_device(x=x, weight=weight, bias=bias)
     (m, k), n = x.shape, weight.shape[0]
     cfg = config or pick_config(weight.element_size(), m, n, k, configs)
-    return _launch(x, weight, bias, None, None, x.dtype, None, None, cfg)
+    return _launch(x, weight, bias, None, None, x.dtype, None, None, cfg, fused_reduce)
 
 
 def fp8_linear_small_m(
@@ -519,6 +567,7 @@ def fp8_linear_small_m(
     out_dtype: torch.dtype = torch.bfloat16,
     config: GemvConfig | None = None,
     configs: ConfigTable | None = None,
+    fused_reduce: bool | None = None,
 ) -> torch.Tensor:
     """y = (x_q @ w_q.T, exact products, fp32 accumulation) * x_scale * w_scale.T + bias.
 
@@ -532,7 +581,8 @@ def fp8_linear_small_m(
     _check_device(x_q=x_q, x_scale=x_scale, w_q=w_q, w_scale=w_scale, bias=bias)
     (m, k), n = x_q.shape, w_q.shape[0]
     cfg = config or pick_config(1, m, n, k, configs)
-    return _launch(raw(x_q), raw(w_q), bias, x_scale, w_scale, out_dtype, x_q.dtype, w_q.dtype, cfg)
+    return _launch(raw(x_q), raw(w_q), bias, x_scale, w_scale, out_dtype, x_q.dtype, w_q.dtype, cfg,
+                   fused_reduce)  # fmt: skip
 
 
 # -- dispatch rules (the backends' M switch) -----------------------------------------------------

@@ -148,6 +148,27 @@ def test_split_k_is_deterministic_and_reads_no_stale_memory() -> None:
     check_dense(case, second)
 
 
+@pytest.mark.parametrize(
+    ("kernel", "m", "splits"), [("fma", 1, 3), ("fma", 3, 5), ("dot", 5, 4), ("dot", 16, 2)]
+)
+def test_fused_split_k_reduce_gives_the_same_bits(kernel: str, m: int, splits: int) -> None:
+    # The last split of each tile sums the partials in split order, as the reduce kernel does:
+    # the same bits, dense and FP8, and the per-tile counters are back at zero after each call.
+    cfg = gemv.GemvConfig(kernel, 16, 32, split_k=splits)
+    case = dense_case(m, 37, 150, torch.bfloat16, True, seed=m + splits)
+    for _ in range(2):  # the second call reuses the counters the first one left at zero
+        fused = run_dense(case, config=cfg, fused_reduce=True)
+        assert torch.equal(fused, run_dense(case, config=cfg, fused_reduce=False))
+        assert not gemv._COUNTERS[fused.device].any()
+    check_dense(case, fused)
+    x_q, x_s = ref_quant.quantize_fp8(case["x"].float(), torch.float8_e4m3fn, per_token=True)
+    w_q, w_s = ref_quant.quantize_fp8(case["weight"].float(), torch.float8_e5m2, per_token=True)
+    args = [dev(t) for t in (x_q, x_s, w_q, w_s, case["bias"])]
+    fused = gemv.fp8_linear_small_m(*args, config=cfg, fused_reduce=True)
+    assert torch.equal(fused, gemv.fp8_linear_small_m(*args, config=cfg, fused_reduce=False))
+    assert not gemv._COUNTERS[fused.device].any()
+
+
 @settings(max_examples=10 if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci" else 200)
 @given(
     m=st.integers(1, 16),
