@@ -193,14 +193,14 @@ class QuantizedActivation:
 class LinearMethod(ABC):
     """One quantized layer's weights: `check` (no data read), `load`, `apply`, `dequantize`."""
 
+    def __init__(self, spec: LinearSpec, backend: Backend) -> None:
+        self.spec = spec
+        self.backend = backend
+
     def fp8_input_dtype(self, layer: nn.Module) -> torch.dtype | None:
         """The FP8 dtype this layer quantizes its input to per token, dynamically (then the op
         before it may hand `apply` a QuantizedActivation instead); None: it takes floats."""
         return None
-
-    def __init__(self, spec: LinearSpec, backend: Backend) -> None:
-        self.spec = spec
-        self.backend = backend
 
     @property
     @abstractmethod

@@ -135,6 +135,12 @@ class FP8LinearMethod(LinearMethod):
             impl = self.backend.chosen("fp8_block_gemm")
             per = f"per token per {self.block[1]} columns"
             return f"block-scaled fp8_linear ({impl}), activations {per}"
+        if self.act_scheme == "dynamic_token":
+            # qkv, gate_up and down_proj get theirs from rms_norm_quant_fp8 / silu_and_mul_quant_fp8
+            return (
+                f"fp8_linear ({impl}), activations per token (quantized by the norm or SiLU "
+                "launch that feeds the layer, where one does)"
+            )
         return f"fp8_linear ({impl})"
 
     # -- load ----------------------------------------------------------------------------------
