@@ -11,7 +11,7 @@ divided by the calls per pass. Weight-read GB/s counts qweight + scales + zeros 
 bf16 weight (the peer); "of copy" is that over the copy bandwidth (bench/attention.py's
 `copy_bandwidth`: a 1 GiB device copy, read + write counted, L2 flushed before each rep).
 The autotune compiles its first-round candidates in parallel worker processes, times them on
-both MLP shapes, then sweeps K splits, warps and stages around the two fastest per layout.
+the MLP shapes, then sweeps K splits, warps and stages around the two fastest per layout.
 """
 
 from __future__ import annotations
@@ -40,7 +40,13 @@ from backends.cuda.quant import dequantize_int4  # noqa: E402
 from backends.triton import int4_gemm as ig  # noqa: E402
 from bench.attention import Timer, copy_bandwidth  # noqa: E402
 
-SHAPES = {"gate/up K=4096 N=14336": (4096, 14336), "down K=14336 N=4096": (14336, 4096)}
+# The 8B MLP's GEMMs: gate or up alone, the fused gate_up the engine runs (one GEMM of both,
+# MergedColumnParallelLinear: twice the bytes per call), and down.
+SHAPES = {
+    "gate/up K=4096 N=14336": (4096, 14336),
+    "gate_up fused K=4096 N=28672": (4096, 28672),
+    "down K=14336 N=4096": (14336, 4096),
+}
 MS = (1, 2, 4, 8, 16, 64, 256, 2048)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = ("canonical", "packed", "pairs")
