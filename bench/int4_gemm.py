@@ -311,7 +311,7 @@ def autotune(args, data: dict, dtype, copy_gbs: float, smem_limit: int, results:
                   f"shapes, {frac:.2f} of copy, rel err {err:.1e}")  # fmt: skip
         print(f"M={m:5d} took {time.perf_counter() - t0:.0f} s")
     results["autotune_best"] = {lay: {str(m): v for m, v in b.items()} for lay, b in best.items()}
-    print("\nfraction of copy bandwidth (both MLP shapes, weight bytes incl. scales/zeros):")
+    print("\nfraction of copy bandwidth (the MLP shapes, weight bytes incl. scales/zeros):")
     print(f"{'M':>6s} " + " ".join(f"{lay:>10s}" for lay in args.layouts))
     for m in args.ms:
         cells = [f"{best[lay][m]['frac_copy']:10.2f}" if m in best[lay] else f"{'-':>10s}"
