@@ -533,26 +533,27 @@ def check_silu_and_mul_quant_fp8(d: Dispatch, case: FusedQuantCase) -> CaseResul
     result = result.merge(bitwise("scale vs the same", out[1], scale.cpu()))
     xf = f64(x.cpu())
     ref = activation.silu_and_mul(xf)
-    # silu_and_mul's own bound (see check_silu_and_mul) inside the quantized comparison
+    # silu_and_mul's own bound inside the quantized comparison
     fi = torch.finfo(fp8)
     s64 = out[1].detach().cpu().to(F64)
-    gate = xf[..., : xf.shape[-1] // 2].abs()
-    allowed = tolerance(c.dtype).allowed(ref, 0.0, 1) + ref.abs() * gate * 4 * UNIT_ROUNDOFF["fp32"]
-    allowed = allowed + ref.abs() * fi.eps + s64 * fi.smallest_normal
+    allowed = _silu_allowed(xf, ref, c.dtype) + ref.abs() * fi.eps + s64 * fi.smallest_normal
     deq = out[0].detach().cpu().to(F64) * s64
     return result.merge(close("q * scale", deq, ref, allowed))
+
+
+def _silu_allowed(x64: torch.Tensor, ref: torch.Tensor, dtype: str) -> torch.Tensor:
+    """silu_and_mul's bound: exp has condition number |x|, so an fp32 exp (GPU ex2.approx after
+    x * log2(e)) is off by up to |x| * u relative even with a correctly rounded argument, on top
+    of the output rounding."""
+    gate = x64[..., : x64.shape[-1] // 2].abs()
+    return tolerance(dtype).allowed(ref, 0.0, 1) + ref.abs() * gate * 4 * UNIT_ROUNDOFF["fp32"]
 
 
 def check_silu_and_mul(d: Dispatch, case: S.SiluCase) -> CaseResult:
     x = case.build()["x"]
     out = d("silu_and_mul", d.to(x))
     ref = activation.silu_and_mul(f64(x))
-    # exp has condition number |x|: an fp32 exp (GPU ex2.approx after x * log2(e)) is off by up to
-    # |x| * u relative even with a correctly rounded argument, on top of the output rounding.
-    gate = f64(x)[..., : x.shape[-1] // 2].abs()
-    u32 = UNIT_ROUNDOFF["fp32"]
-    allowed = tolerance(case.dtype).allowed(ref, 0.0, 1) + ref.abs() * gate * 4 * u32
-    return close("y", out, ref, allowed)
+    return close("y", out, ref, _silu_allowed(f64(x), ref, case.dtype))
 
 
 def check_graph(d: Dispatch, case: S.GraphCase) -> CaseResult:
