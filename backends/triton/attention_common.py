@@ -107,6 +107,10 @@ def _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, offs_d, 
     # repeated loads are one cached line. MASK_N off: a whole tile below the visible end, loaded
     # without a mask (and without any mask when head_dim is a power of two).
     page = offs_n // PAGE_SIZE
+    if ((IS_FP8 == _E4M3_NATIVE) or (IS_FP8 == _E5M2_NATIVE)) and EVEN_D and offs_d.shape[0] >= 16:
+        return _load_kv_tile_pairs(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, page,
+                                   stride_kc_block, stride_kc_slot, kv_head_off, MASK_N,
+                                   PAGE_SIZE, offs_d.shape[0], IS_FP8 == _E5M2_NATIVE)  # fmt: skip
     if MASK_N:
         block = tl.load(bt_row + page, mask=n_ok, other=0).to(tl.int64)
     else:
@@ -132,6 +136,49 @@ def _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, offs_d, 
     elif IS_FP8:  # decoded from the bits (any format, any device, the interpreter)
         k = fp8_decode(k, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
         v = fp8_decode(v, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
+    return k, v
+
+
+@triton.jit
+def _fp8x2_to_f16(pairs, E5M2: tl.constexpr):
+    # int16 holding two e4m3fn (e5m2) codes, low byte first in memory -> the two fp16 values, by
+    # one cvt.rn.f16x2.e4m3x2 (e5m2x2) of sm_89+ (exact), the low byte into the low half
+    if E5M2:
+        w = tl.inline_asm_elementwise("cvt.rn.f16x2.e5m2x2 $0, $1;", "=r,h", [pairs],
+                                      dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+    else:
+        w = tl.inline_asm_elementwise("cvt.rn.f16x2.e4m3x2 $0, $1;", "=r,h", [pairs],
+                                      dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+    lo = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
+    hi = (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    return tl.join(lo, hi)
+
+
+@triton.jit
+def _load_kv_tile_pairs(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, page,
+                        stride_kc_block, stride_kc_slot, kv_head_off, MASK_N: tl.constexpr,
+                        PAGE_SIZE: tl.constexpr, HEAD_DIM_P2: tl.constexpr,
+                        E5M2: tl.constexpr):  # fmt: skip
+    # Native FP8 K and V read as int16 pairs along head_dim and widened in registers, so the dots
+    # get fp16 tiles (their operand loads from shared memory are then whole rows, not bytes).
+    if MASK_N:
+        block = tl.load(bt_row + page, mask=n_ok, other=0).to(tl.int64)
+    else:
+        block = tl.load(bt_row + page).to(tl.int64)
+    slot = block * stride_kc_block + (offs_n % PAGE_SIZE).to(tl.int64) * stride_kc_slot
+    offs_p = tl.arange(0, HEAD_DIM_P2 // 2)
+    ptrs = (slot[:, None] + kv_head_off) // 2 + offs_p[None, :]  # [N, D / 2] int16 pairs
+    kp = key_cache_ptr.to(tl.pointer_type(tl.int16))
+    vp = value_cache_ptr.to(tl.pointer_type(tl.int16))
+    if MASK_N:
+        k = tl.load(kp + ptrs, mask=n_ok[:, None], other=0)
+        v = tl.load(vp + ptrs, mask=n_ok[:, None], other=0)
+    else:
+        k = tl.load(kp + ptrs)
+        v = tl.load(vp + ptrs)
+    n: tl.constexpr = offs_n.shape[0]
+    k = tl.reshape(_fp8x2_to_f16(k, E5M2), (n, HEAD_DIM_P2))
+    v = tl.reshape(_fp8x2_to_f16(v, E5M2), (n, HEAD_DIM_P2))
     return k, v
 
 

@@ -45,7 +45,7 @@ def kv_cache_value(
         xf = x.to(tl.float32)
         scale = tl.zeros_like(xf) + kv_scale
         return fp8_encode(tl.math.div_rn(xf, scale), MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
-                          HAS_INF)  # fmt: skip
+                          HAS_INF, 0)  # fmt: skip
     elif X_DTYPE == CACHE_DTYPE:
         return x
     else:

@@ -19,10 +19,47 @@ from backends.triton.quant import (
     dynamic_row_scale,
     fp8_codec,
     fp8_encode,
+    fp8_encode_mode,
     interpreting,
     quantize_fp8,
     row_blocks,
 )
+
+
+@triton.jit
+def _norm_input(x_ptr, residual_ptr, h_ptr, rows64, cols, mask, stride_x_row, stride_r_row,
+                stride_h_row, HAS_RESIDUAL: tl.constexpr, STORE_H: tl.constexpr,
+                INTERPRET: tl.constexpr):  # fmt: skip
+    # h = x (+ residual, rounded to x's dtype and stored when STORE_H) of a tile, as fp32
+    x = tl.load(x_ptr + rows64 * stride_x_row + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(residual_ptr + rows64 * stride_r_row + cols[None, :], mask=mask, other=0.0)
+        hx = cast_rtne(x.to(tl.float32) + r.to(tl.float32), x_ptr.dtype.element_ty, INTERPRET)
+        if STORE_H:
+            tl.store(h_ptr + rows64 * stride_h_row + cols[None, :], hx, mask=mask)
+        h = hx.to(tl.float32)
+    else:
+        h = x.to(tl.float32)
+    return h
+
+
+@triton.jit
+def _norm_output(h, rstd, weight_ptr, y_ptr, scale_ptr, rows, row_ok, rows64, cols, mask,
+                 stride_y_row, n_cols, qmax, X_DTYPE: tl.constexpr, QUANT: tl.constexpr,
+                 MAN_BITS: tl.constexpr, EXP_BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
+                 NAN_CODE: tl.constexpr, FNUZ: tl.constexpr, HAS_INF: tl.constexpr,
+                 ENCODE_NATIVE: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    # y = h * rstd * weight rounded to x's dtype, stored, or (QUANT) its per-token FP8 codes
+    w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    y = cast_rtne(h * rstd[:, None] * w[None, :], X_DTYPE, INTERPRET)
+    if QUANT:  # y as the model holds it, then quantize_fp8's per-token math
+        yf = y.to(tl.float32)
+        scale = dynamic_row_scale(yf, rows, row_ok, scale_ptr, qmax)
+        z = tl.math.div_rn(yf, tl.zeros_like(yf) + scale[:, None])
+        q = fp8_encode(z, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF, ENCODE_NATIVE)
+        tl.store(y_ptr + rows64 * stride_y_row + cols[None, :], q, mask=mask)
+    else:
+        tl.store(y_ptr + rows64 * stride_y_row + cols[None, :], y, mask=mask)
 
 
 @triton.jit
@@ -49,6 +86,8 @@ def _rms_norm_kernel(
     NAN_CODE: tl.constexpr,
     FNUZ: tl.constexpr,
     HAS_INF: tl.constexpr,
+    ENCODE_NATIVE: tl.constexpr,  # fp8_encode's NATIVE
+    ONE_TILE: tl.constexpr,  # n_cols <= BLOCK_N: the row read once, kept in registers
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -56,43 +95,36 @@ def _rms_norm_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)[:, None]
-    # Pass 1: sum of squares of h (and h itself stored, rounded to x's dtype).
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
+    X_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
+    if ONE_TILE:
+        cols = tl.arange(0, BLOCK_N)
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(x_ptr + rows64 * stride_x_row + cols[None, :], mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(residual_ptr + rows64 * stride_r_row + cols[None, :], mask=mask, other=0.0)
-            hx = cast_rtne(x.to(tl.float32) + r.to(tl.float32), x_ptr.dtype.element_ty, INTERPRET)
-            tl.store(h_ptr + rows64 * stride_h_row + cols[None, :], hx, mask=mask)
-            h = hx.to(tl.float32)
-        else:
-            h = x.to(tl.float32)
-        acc += h * h
-    rstd = tl.math.rsqrt(tl.sum(acc, axis=1) / n_cols + eps)  # [BLOCK_M]
-    # Pass 2: y = h * rstd * weight. h is recomputed from x (and residual), not read back from
-    # h_ptr: another thread of this program may have stored it, with no barrier in between.
-    for start in range(0, n_cols, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        mask = row_ok[:, None] & (cols[None, :] < n_cols)
-        x = tl.load(x_ptr + rows64 * stride_x_row + cols[None, :], mask=mask, other=0.0)
-        if HAS_RESIDUAL:
-            r = tl.load(residual_ptr + rows64 * stride_r_row + cols[None, :], mask=mask, other=0.0)
-            hx = cast_rtne(x.to(tl.float32) + r.to(tl.float32), x_ptr.dtype.element_ty, INTERPRET)
-            h = hx.to(tl.float32)
-        else:
-            h = x.to(tl.float32)
-        w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-        y = cast_rtne(h * rstd[:, None] * w[None, :], x_ptr.dtype.element_ty, INTERPRET)
-        if QUANT:  # y as the model holds it, then quantize_fp8's per-token math
-            yf = y.to(tl.float32)
-            scale = dynamic_row_scale(yf, rows, row_ok, scale_ptr, qmax)
-            z = tl.math.div_rn(yf, tl.zeros_like(yf) + scale[:, None])
-            q = fp8_encode(z, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
-            tl.store(y_ptr + rows64 * stride_y_row + cols[None, :], q, mask=mask)
-        else:
-            tl.store(y_ptr + rows64 * stride_y_row + cols[None, :], y, mask=mask)
+        h = _norm_input(x_ptr, residual_ptr, h_ptr, rows64, cols, mask, stride_x_row,
+                        stride_r_row, stride_h_row, HAS_RESIDUAL, True, INTERPRET)  # fmt: skip
+        rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)
+        _norm_output(h, rstd, weight_ptr, y_ptr, scale_ptr, rows, row_ok, rows64, cols, mask,
+                     stride_y_row, n_cols, qmax, X_DTYPE, QUANT, MAN_BITS, EXP_BIAS, FP8_MAX,
+                     NAN_CODE, FNUZ, HAS_INF, ENCODE_NATIVE, INTERPRET)  # fmt: skip
+    else:
+        # Pass 1: sum of squares of h (and h itself stored, rounded to x's dtype).
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_ok[:, None] & (cols[None, :] < n_cols)
+            h = _norm_input(x_ptr, residual_ptr, h_ptr, rows64, cols, mask, stride_x_row,
+                            stride_r_row, stride_h_row, HAS_RESIDUAL, True, INTERPRET)  # fmt: skip
+            acc += h * h
+        rstd = tl.math.rsqrt(tl.sum(acc, axis=1) / n_cols + eps)  # [BLOCK_M]
+        # Pass 2: y = h * rstd * weight. h is recomputed from x (and residual), not read back
+        # from h_ptr: another thread of this program may have stored it, with no barrier between.
+        for start in range(0, n_cols, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            mask = row_ok[:, None] & (cols[None, :] < n_cols)
+            h = _norm_input(x_ptr, residual_ptr, h_ptr, rows64, cols, mask, stride_x_row,
+                            stride_r_row, stride_h_row, HAS_RESIDUAL, False, INTERPRET)  # fmt: skip
+            _norm_output(h, rstd, weight_ptr, y_ptr, scale_ptr, rows, row_ok, rows64, cols, mask,
+                         stride_y_row, n_cols, qmax, X_DTYPE, QUANT, MAN_BITS, EXP_BIAS, FP8_MAX,
+                         NAN_CODE, FNUZ, HAS_INF, ENCODE_NATIVE, INTERPRET)  # fmt: skip
 
 
 def _rows(t: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -126,14 +158,16 @@ def _launch(x2, weight, eps, residual, y, scale, fp8_dtype, max_block_n) -> torc
     r2 = _rows(residual, hidden) if residual is not None else x2
     h = torch.empty(n_rows, hidden, dtype=x2.dtype, device=x2.device) if residual is not None else y
     codec = fp8_codec(fp8_dtype or torch.float8_e4m3fn)
+    native = fp8_encode_mode(fp8_dtype, x2.device) if fp8_dtype is not None else 0
     if n_rows and hidden:
         block_m, block_n = row_blocks(n_rows, hidden, max_block_n=max_block_n)
         _rms_norm_kernel[(triton.cdiv(n_rows, block_m),)](
             x2, r2, weight.contiguous(), y, h, x2.stride(0), r2.stride(0), y.stride(0),
             h.stride(0), scale if scale is not None else x2, n_rows, hidden, float(eps),
             float(codec["FP8_MAX"]), HAS_RESIDUAL=residual is not None,
-            QUANT=fp8_dtype is not None, INTERPRET=interpreting(), BLOCK_M=block_m,
-            BLOCK_N=block_n, num_warps=8 if block_n >= 4096 else 4, **codec,
+            QUANT=fp8_dtype is not None, ENCODE_NATIVE=native, ONE_TILE=hidden <= block_n,
+            INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=8 if block_n >= 4096 else 4, **codec,
         )  # fmt: skip
     return h
 

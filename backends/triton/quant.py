@@ -75,6 +75,14 @@ def native_fp8(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= NATIVE_FP8_MIN_CC
 
 
+def fp8_encode_mode(dtype: torch.dtype, device: torch.device) -> int:
+    """fp8_encode's NATIVE for `dtype` on `device`: 1 (e4m3fn) / 2 (e5m2) where the hardware
+    converts (`native_fp8`), else 0 (from the bits)."""
+    if not native_fp8(device):
+        return 0
+    return {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}.get(dtype, 0)
+
+
 def fp8_codec(dtype: torch.dtype) -> dict[str, object]:
     """The constexpr kwargs of `fp8_encode` / `fp8_decode` for an FP8 dtype."""
     if dtype not in FP8_CODECS:
@@ -126,27 +134,37 @@ def fp8_encode(
     NAN_CODE: tl.constexpr,
     FNUZ: tl.constexpr,
     HAS_INF: tl.constexpr,
+    NATIVE: tl.constexpr,
 ):
-    """fp32 x -> uint8 FP8 bits of fp8(clamp(x, -FP8_MAX, FP8_MAX)), round to nearest even."""
+    """fp32 x -> uint8 FP8 bits of fp8(clamp(x, -FP8_MAX, FP8_MAX)), round to nearest even.
+    NATIVE (`fp8_encode_mode`): 1 / 2 convert e4m3fn / e5m2 with the hardware's round-to-nearest-
+    even cvt (sm_89+; the same bits for every clamped value), 0 from the fp32 bits (any format)."""
     is_nan = x != x
     xc = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
     sign = (xc.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
-    a = tl.abs(xc)
-    # Normal range: round the fp32 bits to MAN_BITS (a carry moves into the exponent), then
-    # rebias. Below the smallest normal 2^(1 - bias): a multiple of the subnormal step.
-    SHIFT: tl.constexpr = 23 - MAN_BITS
-    bits = a.to(tl.int32, bitcast=True)
-    normal = ((bits + ((1 << (SHIFT - 1)) - 1) + ((bits >> SHIFT) & 1)) >> SHIFT) - (
-        (127 - EXP_BIAS) << MAN_BITS
-    )
-    sub_scale: tl.constexpr = 2.0 ** (EXP_BIAS - 1 + MAN_BITS)
-    sub = round_half_even(a * sub_scale).to(tl.int32)
-    code = tl.where(a < 2.0 ** (1 - EXP_BIAS), sub, normal)
-    if FNUZ:
-        code = tl.where(code == 0, 0, code | (sign << 7))  # no negative zero
-        code = tl.where(is_nan, NAN_CODE, code)
+    if NATIVE == 1:
+        hw = xc.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+        code = tl.where(is_nan, NAN_CODE | (sign << 7), hw)
+    elif NATIVE == 2:
+        hw = xc.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
+        code = tl.where(is_nan, NAN_CODE | (sign << 7), hw)
     else:
-        code = tl.where(is_nan, NAN_CODE, code) | (sign << 7)
+        a = tl.abs(xc)
+        # Normal range: round the fp32 bits to MAN_BITS (a carry moves into the exponent),
+        # then rebias. Below the smallest normal 2^(1 - bias): a multiple of the subnormal step.
+        SHIFT: tl.constexpr = 23 - MAN_BITS
+        bits = a.to(tl.int32, bitcast=True)
+        normal = ((bits + ((1 << (SHIFT - 1)) - 1) + ((bits >> SHIFT) & 1)) >> SHIFT) - (
+            (127 - EXP_BIAS) << MAN_BITS
+        )
+        sub_scale: tl.constexpr = 2.0 ** (EXP_BIAS - 1 + MAN_BITS)
+        sub = round_half_even(a * sub_scale).to(tl.int32)
+        code = tl.where(a < 2.0 ** (1 - EXP_BIAS), sub, normal)
+        if FNUZ:
+            code = tl.where(code == 0, 0, code | (sign << 7))  # no negative zero
+            code = tl.where(is_nan, NAN_CODE, code)
+        else:
+            code = tl.where(is_nan, NAN_CODE, code) | (sign << 7)
     return code.to(tl.uint8)
 
 
@@ -230,6 +248,7 @@ def _quantize_kernel(
     NAN_CODE: tl.constexpr,
     FNUZ: tl.constexpr,
     HAS_INF: tl.constexpr,
+    ENCODE_NATIVE: tl.constexpr,  # fp8_encode's NATIVE
     ONE_TILE: tl.constexpr,  # n_cols <= BLOCK_N: each row read once, kept in registers
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -253,7 +272,7 @@ def _quantize_kernel(
         if TO_INT8:
             q = tl.minimum(tl.maximum(round_half_even(y), -128.0), 127.0).to(tl.int8)
         else:
-            q = fp8_encode(y, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
+            q = fp8_encode(y, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF, ENCODE_NATIVE)
         tl.store(q_ptr + rows64[:, None] * stride_q_row + cols[None, :], q, mask=mask)
     else:  # two passes over BLOCK_N columns: the row maxima, then the codes
         if DYNAMIC_PER_ROW:
@@ -278,7 +297,8 @@ def _quantize_kernel(
             if TO_INT8:
                 q = tl.minimum(tl.maximum(round_half_even(y), -128.0), 127.0).to(tl.int8)
             else:
-                q = fp8_encode(y, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF)
+                q = fp8_encode(y, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF,
+                               ENCODE_NATIVE)  # fmt: skip
             tl.store(q_ptr + rows64[:, None] * stride_q_row + cols[None, :], q, mask=mask)
 
 
@@ -361,7 +381,8 @@ def quantize_fp8(
     codec = fp8_codec(fp8_dtype)
     q = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
     s = _quantize(x, q.view(torch.uint8), scale, per_token, float(codec["FP8_MAX"]),
-                  {**codec, "TO_INT8": False})  # fmt: skip
+                  {**codec, "TO_INT8": False,
+                   "ENCODE_NATIVE": fp8_encode_mode(fp8_dtype, x.device)})  # fmt: skip
     return q, s
 
 
@@ -372,7 +393,8 @@ def quantize_int8(
     q = clamp(round_half_even(x / scale), -128, 127). Returns (q int8, scale fp32)."""
     _check_x(x)
     q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-    codec = {**fp8_codec(torch.float8_e4m3fn), "TO_INT8": True}  # the FP8 constexprs go unused
+    # the FP8 constexprs go unused
+    codec = {**fp8_codec(torch.float8_e4m3fn), "TO_INT8": True, "ENCODE_NATIVE": 0}
     s = _quantize(x, q, scale, per_token, INT8_MAX, codec)
     return q, s
 

@@ -54,7 +54,7 @@ def _x(shape, dtype, seed, mag=3.0) -> torch.Tensor:
     return x.to(dtype).to(DEVICE)
 
 
-# hidden 4100: past the interpreter's one-tile limit (4,096), the two-op fallback
+# hidden 4100: past the interpreter's one-tile limit (4,096), the two-op fallback (rms_norm_quant)
 @pytest.mark.parametrize("hidden", [1, 96, 4100])
 @pytest.mark.parametrize("fp8", FP8S)
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -84,6 +84,16 @@ def test_silu_and_mul_quant_equals_silu_then_quantize(d, fp8, dtype) -> None:
     x = _x((rows, 2 * d), dtype, d)
     q, s = tact.silu_and_mul_quant_fp8(x, fp8)
     q_ref, s_ref = tquant.quantize_fp8(tact.silu_and_mul(x), fp8, per_token=True)
+    _same("q", q, q_ref)
+    _same("scale", s, s_ref)
+
+
+@pytest.mark.parametrize("chunk", [64, 256])
+def test_silu_and_mul_quant_chunked_rows(chunk) -> None:
+    # rows past one chunk: the absmax pass, then the codes pass recomputing each chunk
+    x = _x((5, 2 * 300), torch.bfloat16, 7)
+    q, s = tact.silu_and_mul_quant_fp8(x, torch.float8_e4m3fn, chunk=chunk)
+    q_ref, s_ref = tquant.quantize_fp8(tact.silu_and_mul(x), torch.float8_e4m3fn, per_token=True)
     _same("q", q, q_ref)
     _same("scale", s, s_ref)
 
