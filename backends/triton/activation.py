@@ -116,11 +116,11 @@ def _check(x: torch.Tensor) -> None:
     check_float("x", x)
 
 
-# GPU launch of silu_and_mul_quant_fp8: a row per program, in chunks of this many columns (two
-# passes, the second recomputing the chunk) with this many warps; a row up to one chunk is read
-# once. Long whole-row tiles (16 warps, one program per SM) ran 20 us at 256 x 14336 on an H200.
-SILU_QUANT_CHUNK = 2048
-SILU_QUANT_WARPS = 8
+# GPU launch of silu_and_mul_quant_fp8: a row per program, read once and kept in registers up to
+# this many columns (~32 values per thread: up to 16 warps), else in chunks of it (two passes,
+# the second recomputing each chunk). H100, 14336 columns (bench/fused_quant.py --sweep): whole
+# rows 12.0 us at M = 256, chunks of 2048 on 8 / 16 warps 13.6 / 12.3, of 1024 13.5 / 13.0.
+SILU_QUANT_CHUNK = ONE_TILE_MAX_COLS
 
 
 def silu_and_mul_quant_fp8(
@@ -144,7 +144,7 @@ def silu_and_mul_quant_fp8(
     else:
         block_m = 1
         block_n = min(triton.next_power_of_2(max(d, 1)), chunk or SILU_QUANT_CHUNK)
-        warps = num_warps or SILU_QUANT_WARPS
+        warps = num_warps or min(16, max(4, block_n // 256))
     x2 = x if x.stride(-1) == 1 else x.contiguous()
     q = torch.empty(rows, d, dtype=fp8_dtype, device=x.device)
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)

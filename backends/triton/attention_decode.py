@@ -76,11 +76,17 @@ DECODE_CONFIGS: dict[tuple[str, str], DecodeConfig] = {
 # least this many programs per SM, config), ...), first match wins. H100 graph-replay sweep
 # 2026-11-27 (docs/benchmarks.md "seventh session"): bf16 cache 256 x 160 94 -> 73 us, within 1%
 # of the default elsewhere at batch >= 64; FP8 cache 0.87-0.92x the default's time at batch >=
-# 64, 256 x 160 95 -> 66 us. (32-token tiles on 1 warp beat it at contexts <= 1k, 53 us at
-# 256 x 160, but ran 1.5x slower at 4k; CUDA graphs fix the config without the context.)
+# 64, 256 x 160 95 -> 66 us. Since FP8 tiles load as int16 pairs (no byte loads from shared
+# memory), 32-token tiles on 1 warp lead from 7 programs per SM (H100 2026-11-27, eighth session:
+# 256 x 160 / 512 / 1024 48 / 116 / 214 us against 60 / 126 / 230, 128 x 1024 112 against 119;
+# with the byte loads they had run 1.5x slower at 4k). CUDA graphs fix the config without the
+# context.
 DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], ...]] = {
     ("narrow", "big_smem", False): ((3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),),
-    ("narrow", "big_smem", True): ((3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),),
+    ("narrow", "big_smem", True): (
+        (7, DecodeConfig(block_n=32, num_warps=1, num_stages=3)),
+        (3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),
+    ),
 }
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)

@@ -158,6 +158,8 @@ def test_decode_config_wide_batch_selection(monkeypatch: pytest.MonkeyPatch) -> 
     assert tdecode.decode_config(128, bf16, cpu, False, 64 * 8) == wide_bf16[3]
     assert tdecode.decode_config(128, bf16, cpu, True, 64 * 8) == wide_fp8[3]
     assert tdecode.decode_config(128, bf16, cpu, False, 256 * 8) == wide_bf16[3]
+    assert tdecode.decode_config(128, bf16, cpu, True, 115 * 8) == wide_fp8[3]  # < 7 per SM
+    assert tdecode.decode_config(128, bf16, cpu, True, 116 * 8) == wide_fp8[7]
     for cfgs in tdecode.DECODE_WIDE_BATCH.values():  # most programs per SM first
         assert [m for m, _ in cfgs] == sorted((m for m, _ in cfgs), reverse=True)
 
