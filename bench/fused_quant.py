@@ -118,8 +118,8 @@ def main() -> int:
         print(f"{'silu_and_mul_quant_fp8':<22} {m:>4} {ours:>8.2f} {nbytes / ours / 1e3:>6.0f} "
               f"{ref:>9.2f} {ref / ours:>10.2f} {whole:>12.2f}  {ok}")  # fmt: skip
         if args.sweep:
-            for chunk in (1024, 2048, 4096, 8192):
-                for warps in (4, 8, 16):
+            for chunk in (2048, 4096, 8192, 16384):
+                for warps in (4, 8, 16, 32):
                     t = timed(functools.partial(activation.silu_and_mul_quant_fp8,
                         x, FP8, chunk=chunk, num_warps=warps), args.reps)  # fmt: skip
                     print(f"    chunk {chunk:>5} warps {warps:>2}: {t:.2f} us")
