@@ -153,10 +153,7 @@ def _check(x, weight, eps, residual) -> None:
 
 def _launch(x2, weight, eps, residual, y, scale, fp8_dtype, max_block_n) -> torch.Tensor:
     # x2: [rows, hidden]; y: [rows, hidden] in x's dtype, or its FP8 codes (uint8) with scale.
-    # Returns h (the residual sum), or y without a residual. No FMA contraction: ptxas fuses a
-    # multiply and an add where its schedule allows, which differed between the QUANT and plain
-    # builds (1-9 codes in 4M off at near-ties of y's rounding on an H200), and the fused op must
-    # equal the plain norm then quantize bit for bit.
+    # Returns h (the residual sum), or y without a residual.
     n_rows, hidden = x2.shape
     r2 = _rows(residual, hidden) if residual is not None else x2
     h = torch.empty(n_rows, hidden, dtype=x2.dtype, device=x2.device) if residual is not None else y
@@ -170,7 +167,7 @@ def _launch(x2, weight, eps, residual, y, scale, fp8_dtype, max_block_n) -> torc
             float(codec["FP8_MAX"]), HAS_RESIDUAL=residual is not None,
             QUANT=fp8_dtype is not None, ENCODE_NATIVE=native, ONE_TILE=hidden <= block_n,
             INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=8 if block_n >= 4096 else 4, enable_fp_fusion=False, **codec,
+            num_warps=8 if block_n >= 4096 else 4, **codec,
         )  # fmt: skip
     return h
 
