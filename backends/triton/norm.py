@@ -27,6 +27,17 @@ from backends.triton.quant import (
 
 
 @triton.jit
+def _rstd(sum_sq, n_cols, eps):
+    # 1 / sqrt(mean + eps) from the fp64 sum of the squares. Each square of a bf16 / fp16 value is
+    # exact in fp32, and their fp64 sum is exact (or rounded far below fp32's precision) in any
+    # order, so the mean does not depend on how the compiler spreads the row over threads: it
+    # picks different layouts for the plain and the quantizing build (8 vs 16 values per
+    # thread), and with an fp32 sum rstd differed by an ulp in some rows, flipping a few near-
+    # ties of y's rounding (1-9 of 8.4M FP8 codes at 2048 x 4096 on an H200).
+    return tl.math.rsqrt((sum_sq / n_cols).to(tl.float32) + eps)
+
+
+@triton.jit
 def _norm_input(x_ptr, residual_ptr, h_ptr, rows64, cols, mask, stride_x_row, stride_r_row,
                 stride_h_row, HAS_RESIDUAL: tl.constexpr, STORE_H: tl.constexpr,
                 INTERPRET: tl.constexpr):  # fmt: skip
@@ -101,20 +112,20 @@ def _rms_norm_kernel(
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         h = _norm_input(x_ptr, residual_ptr, h_ptr, rows64, cols, mask, stride_x_row,
                         stride_r_row, stride_h_row, HAS_RESIDUAL, True, INTERPRET)  # fmt: skip
-        rstd = tl.math.rsqrt(tl.sum(h * h, axis=1) / n_cols + eps)
+        rstd = _rstd(tl.sum((h * h).to(tl.float64), axis=1), n_cols, eps)
         _norm_output(h, rstd, weight_ptr, y_ptr, scale_ptr, rows, row_ok, rows64, cols, mask,
                      stride_y_row, n_cols, qmax, X_DTYPE, QUANT, MAN_BITS, EXP_BIAS, FP8_MAX,
                      NAN_CODE, FNUZ, HAS_INF, ENCODE_NATIVE, INTERPRET)  # fmt: skip
     else:
         # Pass 1: sum of squares of h (and h itself stored, rounded to x's dtype).
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
         for start in range(0, n_cols, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_ok[:, None] & (cols[None, :] < n_cols)
             h = _norm_input(x_ptr, residual_ptr, h_ptr, rows64, cols, mask, stride_x_row,
                             stride_r_row, stride_h_row, HAS_RESIDUAL, True, INTERPRET)  # fmt: skip
-            acc += h * h
-        rstd = tl.math.rsqrt(tl.sum(acc, axis=1) / n_cols + eps)  # [BLOCK_M]
+            acc += (h * h).to(tl.float64)
+        rstd = _rstd(tl.sum(acc, axis=1), n_cols, eps)  # [BLOCK_M]
         # Pass 2: y = h * rstd * weight. h is recomputed from x (and residual), not read back
         # from h_ptr: another thread of this program may have stored it, with no barrier between.
         for start in range(0, n_cols, BLOCK_N):

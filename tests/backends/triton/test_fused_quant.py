@@ -76,13 +76,12 @@ def test_rms_norm_quant_equals_norm_then_quantize(hidden, fp8, dtype, with_resid
         _same("h", got[2], h)
 
 
-@pytest.mark.skipif(INTERPRET, reason="the GPU build's own arithmetic is what is checked")
-def test_rms_norm_quant_many_rows_at_most_near_ties() -> None:
-    # Known gap: on an H200 (Triton 3.6) the fused build rounds y to bf16 differently from the
-    # plain norm at a few near-ties (1-9 codes of 8.4M at 2048 x 4096, one FP8 step each; same
-    # scales and residual sums), although the two builds' PTX for y is the same sequence of
-    # operations, with or without FMA contraction. This bounds it; under the interpreter and at
-    # the small shapes above the two are equal bit for bit.
+@pytest.mark.skipif(INTERPRET, reason="the GPU build's own layouts are what is checked")
+def test_rms_norm_quant_many_rows_bitwise() -> None:
+    # The compiler spreads a row over threads differently in the fused and the plain build (16 vs
+    # 8 values per thread); with an fp32 sum of squares rstd then differed by an ulp in some rows
+    # and 1-9 of 8.4M codes flipped at near-ties of y's bf16 rounding (H200). The fp64 sum makes
+    # the mean independent of the layout.
     g = torch.Generator().manual_seed(0)
     x, r = (torch.randn(2048, 4096, generator=g).to(torch.bfloat16).to(DEVICE) for _ in range(2))
     w = (1 + 0.1 * torch.randn(4096, generator=g)).to(torch.bfloat16).to(DEVICE)
@@ -91,11 +90,7 @@ def test_rms_norm_quant_many_rows_at_most_near_ties() -> None:
     q_ref, s_ref = tquant.quantize_fp8(y, torch.float8_e4m3fn, per_token=True)
     _same("h", h, h_ref)
     _same("scale", s, s_ref)
-    differ = q.view(torch.uint8) != q_ref.view(torch.uint8)
-    assert int(differ.sum()) <= 32, f"{int(differ.sum())} of {q.numel()} codes differ"
-    # one FP8 step apart: neighbouring codes of the same sign
-    a, b = q.view(torch.uint8)[differ].int(), q_ref.view(torch.uint8)[differ].int()
-    assert bool(((a - b).abs() == 1).all()), (a[:8], b[:8])
+    _same("q", q, q_ref)
 
 
 @pytest.mark.parametrize("d", [1, 80, 4100])
