@@ -20,7 +20,6 @@ import datetime
 import functools
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +29,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gemv import timed as graph_timed  # noqa: E402
+
 from backends.triton import activation, norm, quant  # noqa: E402
 
 FP8 = torch.float8_e4m3fn
@@ -38,22 +41,8 @@ EPS = 1e-12  # backends.cpu.quant.SCALE_EPS
 
 
 def timed(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(10):
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 10)
-    return statistics.median(times) * 1e3  # us per call
+    """Median microseconds per call of fn: ten calls captured in one CUDA graph, replayed."""
+    return graph_timed([fn] * 10, reps) * 1e3
 
 
 def torch_quant(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
