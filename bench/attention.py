@@ -485,7 +485,8 @@ def run_autotune(args, device, timer, bw) -> list[dict]:
 
 WIDE_SHAPES = ((64, 512), (64, 4096), (128, 1024), (128, 4096), (256, 160), (256, 512),
                (256, 1024), (256, 2048))  # fmt: skip
-WIDE_CONFIGS = ((128, 4, 2), (64, 4, 2), (64, 2, 2), (64, 2, 3), (32, 2, 3), (32, 1, 3))
+WIDE_CONFIGS = ((128, 4, 2), (64, 4, 2), (64, 2, 2), (64, 2, 3), (64, 2, 1), (32, 2, 3), (32, 1, 3),
+                (32, 1, 2), (32, 1, 1))  # fmt: skip
 
 
 def run_wide(args, device, timer, bw) -> list[dict]:
