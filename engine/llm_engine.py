@@ -7,6 +7,7 @@ the HAL backend, memory from the plan, scheduling from `Scheduler`. With pipelin
 
 from __future__ import annotations
 
+import atexit
 import copy
 import gc
 import itertools
@@ -74,10 +75,34 @@ class _RequestState:
     order: int = 0  # arrival order: outputs of one step come in this order
 
 
+_atexit_thaw = False
+
+
+def _freeze_heap() -> None:
+    """Move every object alive after start-up (model, tokenizer, engine state) out of the
+    collector's reach (`gc.freeze`, as vLLM does): full collections then walk only what the steps
+    allocate. Without it the collector took 30-45% of the host time per decode step at 512-1024
+    sequences (`bench/engine_overhead.py --breakdown`: 13.2 -> 9.3 ms at 1024 on a 2-core CPU)."""
+    global _atexit_thaw
+    gc.collect()
+    gc.freeze()
+    if not _atexit_thaw:  # let the interpreter's last collection see them again
+        atexit.register(gc.unfreeze)
+        _atexit_thaw = True
+
+
+def _thaw_heap() -> None:
+    """Undo `_freeze_heap` and collect: frozen objects of engines dropped since, reference
+    cycles included, are freed (the next engine freezes again)."""
+    gc.unfreeze()
+    gc.collect()
+
+
 class LLMEngine:
     """Owns the backend, model, KV cache, scheduler and sampler. Not thread-safe."""
 
     def __init__(self, config: EngineConfig) -> None:
+        _thaw_heap()  # earlier engines' cyclic garbage (and their device memory) goes first
         self.config = config
         caps = platforms.detect()
         backend_choice = config.backend
@@ -172,6 +197,7 @@ class LLMEngine:
         self.peak_kv_stats = None  # KVCacheStats at the step with the most blocks in use
         for line in self.startup_report():
             logger.info("%s", line)
+        _freeze_heap()
 
     # -- setup --------------------------------------------------------------------------------
     def _resolve_async(self, config: EngineConfig) -> bool:
@@ -325,7 +351,7 @@ class LLMEngine:
         if self.runner is not None:
             self.runner.release()
         self.model = None
-        gc.collect()
+        _thaw_heap()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
