@@ -9,6 +9,7 @@ decodes exactly 128 tokens (ignore_eos).
     python bench/engine_overhead.py                    # 64 and 256 seqs, greedy and top-p/top-k
     python bench/engine_overhead.py --seqs 256 --profile /tmp/eo.prof   # cProfile the steps
     python bench/engine_overhead.py --seqs 256 --modes greedy --async-scheduling  # the GPU path
+    python bench/engine_overhead.py --seqs 1024 --modes greedy --no-freeze   # heap not frozen
     python bench/engine_overhead.py --seqs 256 --min-prompt 900 --max-prompt 1000 \
         --output-len 256 --modes greedy                 # long contexts (block tables of ~80)
 """
@@ -68,10 +69,14 @@ def _time_method(obj, name: str, parts: dict[str, float]) -> None:
 
 
 def run_case(folder: Path, num_seqs: int, mode: str, stream: bool, args, profiler=None) -> dict:
+    import engine.llm_engine as llm_engine
     from engine.engine_config import EngineConfig
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
+    # The engine as a GPU runs it: its start-up heap frozen (engine.llm_engine._freeze_heap)
+    # unless --no-freeze.
+    llm_engine._freezes_heap = lambda config, caps: not args.no_freeze
     llm = LLM(
         model=str(folder),
         device="cpu",
@@ -175,6 +180,11 @@ def main() -> None:
         "--async-scheduling",
         action="store_true",
         help="the GPUs' default: step N + 1 scheduled and launched before N's tokens are read",
+    )
+    ap.add_argument(
+        "--no-freeze",
+        action="store_true",
+        help="leave the start-up heap to the collector (GPU engines freeze it; CPU ones do not)",
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)

@@ -78,11 +78,20 @@ class _RequestState:
 _atexit_thaw = False
 
 
+def _freezes_heap(config: EngineConfig, caps) -> bool:
+    """Whether an engine freezes its start-up heap (`_freeze_heap`): on GPUs, whose steps are
+    short enough for the collector's share of the host time to matter. Each freeze and thaw
+    costs a full collection (~0.5 s with torch loaded), which CPU engines, and test runs that
+    build hundreds of them, skip."""
+    return config.device != "cpu" and caps.torch_device_type != "cpu"
+
+
 def _freeze_heap() -> None:
-    """Move every object alive after start-up (model, tokenizer, engine state) out of the
-    collector's reach (`gc.freeze`, as vLLM does): full collections then walk only what the steps
-    allocate. Without it the collector took 30-45% of the host time per decode step at 512-1024
-    sequences (`bench/engine_overhead.py --breakdown`: 13.2 -> 9.3 ms at 1024 on a 2-core CPU)."""
+    """Collect, then move every object alive after start-up (model, tokenizer, engine state) out
+    of the collector's reach (`gc.freeze`, as vLLM does): full collections then walk only what
+    the steps allocate. Without it the collector took 30-45% of the host time per decode step at
+    512-1024 sequences (`bench/engine_overhead.py --breakdown`: 13.2 -> 9.3 ms at 1024 sequences
+    on a 2-core CPU)."""
     global _atexit_thaw
     gc.collect()
     gc.freeze()
@@ -92,8 +101,8 @@ def _freeze_heap() -> None:
 
 
 def _thaw_heap() -> None:
-    """Undo `_freeze_heap` and collect: frozen objects of engines dropped since, reference
-    cycles included, are freed (the next engine freezes again)."""
+    """Undo `_freeze_heap` and collect: frozen objects of engines dropped since, reference cycles
+    included, are freed with the device memory they hold (the next engine freezes again)."""
     gc.unfreeze()
     gc.collect()
 
@@ -102,9 +111,11 @@ class LLMEngine:
     """Owns the backend, model, KV cache, scheduler and sampler. Not thread-safe."""
 
     def __init__(self, config: EngineConfig) -> None:
-        _thaw_heap()  # earlier engines' cyclic garbage (and their device memory) goes first
         self.config = config
         caps = platforms.detect()
+        self._freezes_heap = _freezes_heap(config, caps)
+        if self._freezes_heap:  # earlier engines' frozen garbage goes before memory is measured
+            _thaw_heap()
         backend_choice = config.backend
         if config.device == "cpu":
             backend_choice = "cpu"
@@ -197,7 +208,8 @@ class LLMEngine:
         self.peak_kv_stats = None  # KVCacheStats at the step with the most blocks in use
         for line in self.startup_report():
             logger.info("%s", line)
-        _freeze_heap()
+        if self._freezes_heap:
+            _freeze_heap()
 
     # -- setup --------------------------------------------------------------------------------
     def _resolve_async(self, config: EngineConfig) -> bool:
