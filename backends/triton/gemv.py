@@ -38,6 +38,7 @@ import triton.language as tl
 
 from backends.cpu.linear import _check_bias, _check_quantized
 from backends.cpu.quant import is_fp8
+from backends.triton.counters import tile_counters
 from backends.triton.quant import (
     FLOAT_DTYPES,
     cast_rtne,
@@ -60,7 +61,6 @@ _NO_CODEC = dict(MAN_BITS=3, EXP_BIAS=7, FP8_MAX=448.0, NAN_CODE=0x7F, FNUZ=Fals
 _REDUCE_BLOCK = 1024
 # The split-K reduce folded into the GEMV (see the module docstring); False until timed.
 FUSED_REDUCE = os.environ.get("HAL_GEMV_FUSED_REDUCE", "") == "1"
-_MIN_COUNTERS = 1 << 16  # per-tile counters allocated at once (256 KiB of int32 per device)
 _MAX_GRID = 65535  # CUDA's limit on grid axes 1 and 2
 
 
@@ -425,21 +425,6 @@ def _split_k_reduce_kernel(
 
 
 # -- launchers -----------------------------------------------------------------------------------
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """The device's zeroed per-tile counters (at least `tiles`), or None when they would have to
-    grow during a CUDA graph capture (the caller then launches the separate reduce)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < tiles:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = torch.zeros(max(tiles, _MIN_COUNTERS), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
-
-
 def _scale_mode(scale: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
     if scale is None:
         return 0, None
@@ -493,7 +478,7 @@ def _launch(
             f"splits; each must be <= {_MAX_GRID} (use a larger block_n / block_k)"
         )
     fused = FUSED_REDUCE if fused_reduce is None else fused_reduce
-    counters = _tile_counters(x.device, grid[0] * grid[1]) if fused and splits > 1 else None
+    counters = tile_counters(x.device, grid[0] * grid[1]) if fused and splits > 1 else None
     fused = counters is not None
     _small_m_kernel[grid](
         x, w, dummy if bias is None else bias, dummy if x_s is None else x_s,

@@ -43,6 +43,7 @@ from tests.conformance.tolerances import DTYPE_NAME, SUBNORMAL_MIN, UNIT_ROUNDOF
 if "backends.triton.gemv" in sys.modules and INTERPRET:
     importlib.reload(sys.modules["backends.triton.gemv"])  # defined without the interpreter
 gemv = importlib.import_module("backends.triton.gemv")
+counters = importlib.import_module("backends.triton.counters")
 
 F64 = torch.float64
 FLOATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -159,14 +160,14 @@ def test_fused_split_k_reduce_gives_the_same_bits(kernel: str, m: int, splits: i
     for _ in range(2):  # the second call reuses the counters the first one left at zero
         fused = run_dense(case, config=cfg, fused_reduce=True)
         assert torch.equal(fused, run_dense(case, config=cfg, fused_reduce=False))
-        assert not gemv._COUNTERS[fused.device].any()
+        assert not counters._COUNTERS[fused.device].any()
     check_dense(case, fused)
     x_q, x_s = ref_quant.quantize_fp8(case["x"].float(), torch.float8_e4m3fn, per_token=True)
     w_q, w_s = ref_quant.quantize_fp8(case["weight"].float(), torch.float8_e5m2, per_token=True)
     args = [dev(t) for t in (x_q, x_s, w_q, w_s, case["bias"])]
     fused = gemv.fp8_linear_small_m(*args, config=cfg, fused_reduce=True)
     assert torch.equal(fused, gemv.fp8_linear_small_m(*args, config=cfg, fused_reduce=False))
-    assert not gemv._COUNTERS[fused.device].any()
+    assert not counters._COUNTERS[fused.device].any()
 
 
 @settings(max_examples=10 if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci" else 200)

@@ -1,0 +1,25 @@
+"""Zeroed int32 counters for kernels whose last program to finish a unit of work (a GEMV tile's
+split-K partials, a decode sequence's KV splits) does the combining itself: each program adds one
+with release-acquire order, the one that brings the count to the total combines, then stores zero
+again, so every launch and every CUDA-graph replay finds them zero. One buffer per device, shared
+by the kernels that use it: they run one after another on a stream (one stream per device at a
+time, as the engine runs)."""
+
+from __future__ import annotations
+
+import torch
+
+MIN_COUNTERS = 1 << 16  # allocated at once (256 KiB of int32 per device)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def tile_counters(device: torch.device, count: int) -> torch.Tensor | None:
+    """The device's zeroed counters (at least `count`), or None when they would have to grow
+    during a CUDA graph capture (the caller then launches its separate combine kernel)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < count:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(count, MIN_COUNTERS), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
