@@ -21,7 +21,6 @@ from backends.triton.attention_common import (
     _sm_count,
     table_key,
 )
-from backends.triton.counters import tile_counters
 from backends.triton.quant import cast_rtne, interpreting, raw
 
 # A batch whose longest query (max_query_len, when the caller passes it) is at most this many
@@ -39,10 +38,6 @@ MAX_SPLITS = 128
 # Cost of one more split (its partial output write and its share of the combine), in KV tiles;
 # fitted by the same autotune.
 SPLIT_COST_TILES = 0.25
-# The last split program of a (sequence, KV head) to finish combines the splits itself (no second
-# launch) when its [group, splits, head_dim] fp32 block fits this many values per warp (64 per
-# thread); larger split counts take `_reduce_kernel`.
-FUSED_COMBINE_PER_WARP = 2048
 
 
 @dataclass(frozen=True)
@@ -54,7 +49,6 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3
     num_splits: int | None = None
-    fused_combine: bool = True  # where it fits (FUSED_COMBINE_PER_WARP); False: _reduce_kernel
     kv_head_inner: bool = False  # program order: a sequence's KV heads on consecutive programs
 
     def __post_init__(self) -> None:
@@ -111,7 +105,6 @@ def _decode_kernel(
     out_ptr,
     part_out_ptr,  # fp32 [num_tokens, num_heads, num_splits, head_dim] (SPLIT only)
     part_lse_ptr,  # fp32 [num_tokens, num_heads, num_splits], log2 units (SPLIT only)
-    counter_ptr,  # int32 per (sequence, KV head), zero between launches (FUSED_COMBINE only)
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
@@ -146,15 +139,12 @@ def _decode_kernel(
     INPUT_PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
     EVEN_D: tl.constexpr,
-    SPLIT: tl.constexpr,  # num_splits > 1: write partials (for _reduce_kernel or FUSED_COMBINE)
-    FUSED_COMBINE: tl.constexpr,  # the last split to finish combines (counted per counter_ptr)
+    SPLIT: tl.constexpr,  # num_splits > 1: write partials for _reduce_kernel
     KV_HEAD_INNER: tl.constexpr,  # grid (num_kv_heads, num_seqs, splits), else (num_seqs, ...)
     PAGE_SIZE: tl.constexpr,  # the cache's block_size
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
-    GROUP_P2: tl.constexpr,  # FUSED_COMBINE: next power of two of group
-    SPLITS_P2: tl.constexpr,  # FUSED_COMBINE: next power of two of num_splits
 ):
     if KV_HEAD_INNER:
         kv_head = tl.program_id(0)
@@ -240,19 +230,6 @@ def _decode_kernel(
             tl.store(out_ptr + o_off[:, None] + offs_d[None, :],
                      cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET),
                      mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
-    if FUSED_COMBINE:
-        # Every thread's partials stored, then one release-acquire increment: the split that
-        # brings the count to num_splits sees all partials, combines them and zeroes the counter.
-        counter = counter_ptr + seq * num_kv_heads + kv_head
-        tl.debug_barrier()
-        if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
-            offs_r = tl.arange(0, GROUP_P2)
-            for t in range(0, q_len):
-                _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, q_start.to(tl.int64) + t,
-                                kv_head * group + offs_r, offs_r < group, offs_d, d_ok,
-                                stride_o_token, stride_o_head, num_heads, head_dim, num_splits,
-                                out_scale, INTERPRET, SPLITS_P2)  # fmt: skip
-            tl.atomic_xchg(counter, 0)
     # Padding rows past the last sequence's query come back zero (out is not zero-filled: one
     # fill launch per layer saved); the last program of the grid writes them.
     last = (seq == num_seqs - 1) & (kv_head == num_kv_heads - 1)
@@ -263,29 +240,6 @@ def _decode_kernel(
             for h in range(0, num_heads):
                 o_row = (first_pad + i) * stride_o_token + h * stride_o_head
                 tl.store(out_ptr + o_row + offs_d, zero, mask=d_ok)
-
-
-@triton.jit
-def _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, row, heads, h_ok, offs_d, d_ok,
-                    stride_o_token, stride_o_head, num_heads, head_dim, num_splits, out_scale,
-                    INTERPRET: tl.constexpr, SPLITS_P2: tl.constexpr):  # fmt: skip
-    # out[row, heads] = sum_s w_s * o_s / sum_s w_s, w_s = 2^(lse_s - max lse): the splits'
-    # partials [R heads, S splits, D] at once; partials load past L1 (other programs wrote them).
-    offs_s = tl.arange(0, SPLITS_P2)
-    part = (row * num_heads + heads)[:, None] * num_splits + offs_s[None, :]  # [R, S]
-    ok = h_ok[:, None] & (offs_s < num_splits)[None, :]
-    lse = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
-    m = tl.max(lse, axis=1)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)[:, None])  # empty splits weigh 0
-    o = tl.load(part_out_ptr + part[:, :, None] * head_dim + offs_d[None, None, :],
-                mask=ok[:, :, None] & d_ok[None, None, :], other=0.0,
-                cache_modifier=".cg")  # fmt: skip
-    total = tl.sum(w, axis=1)
-    out = tl.sum(w[:, :, None] * o, axis=1) * (out_scale / tl.where(total > 0, total, 1.0))[:, None]
-    o_off = row * stride_o_token + heads.to(tl.int64) * stride_o_head
-    tl.store(out_ptr + o_off[:, None] + offs_d[None, :],
-             cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET),
-             mask=h_ok[:, None] & d_ok[None, :])  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["num_heads", "head_dim", "num_splits"])
@@ -307,16 +261,26 @@ def _reduce_kernel(
 ):
     # grid: (num_seqs, num_heads); combines the splits of every query token of the sequence
     seq = tl.program_id(0)
-    heads = tl.program_id(1) + tl.arange(0, 1)
+    head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_end = tl.load(query_start_loc_ptr + seq + 1)
+    offs_s = tl.arange(0, SPLITS_P2)
+    s_ok = offs_s < num_splits
     offs_d = tl.arange(0, HEAD_DIM_P2)
     d_ok = _head_dim_mask(offs_d, head_dim, EVEN_D, HEAD_DIM_P2)
     for t in range(0, q_end - q_start):
-        _combine_splits(part_out_ptr, part_lse_ptr, out_ptr, q_start.to(tl.int64) + t, heads,
-                        heads < num_heads, offs_d, d_ok, stride_o_token, stride_o_head,
-                        num_heads, head_dim, num_splits, out_scale, INTERPRET,
-                        SPLITS_P2)  # fmt: skip
+        row = q_start.to(tl.int64) + t
+        part = (row * num_heads + head) * num_splits + offs_s  # [SPLITS_P2]
+        lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
+        m = tl.max(lse, axis=0)
+        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
+        o = tl.load(part_out_ptr + part[:, None] * head_dim + offs_d[None, :],
+                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+        total = tl.sum(w, axis=0)
+        out = tl.sum(w[:, None] * o, axis=0) * (out_scale / tl.where(total > 0, total, 1.0))
+        o_off = row * stride_o_token + head.to(tl.int64) * stride_o_head
+        tl.store(out_ptr + o_off + offs_d, cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET),
+                 mask=d_ok)  # fmt: skip
 
 
 def num_splits(
@@ -445,39 +409,29 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
                            query.device, max_seq_len)  # fmt: skip
     q = query if query.stride(2) == 1 else query.contiguous()
     bt = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
-    counters = None
     if splits > 1:
         part_out = torch.empty((num_tokens, num_heads, splits, head_dim), dtype=torch.float32,
                                device=query.device)  # fmt: skip
         part_lse = torch.empty((num_tokens, num_heads, splits), dtype=torch.float32,
                                device=query.device)  # fmt: skip
-        group_p2 = triton.next_power_of_2(group)
-        fits = (group_p2 * triton.next_power_of_2(splits) * c["head_dim_p2"]
-                <= FUSED_COMBINE_PER_WARP * cfg.num_warps)  # fmt: skip
-        if cfg.fused_combine and fits:
-            counters = tile_counters(query.device, num_seqs * num_kv_heads)
     else:
         part_out = part_lse = out  # never touched: SPLIT is off
-    fused = counters is not None
     grid = (num_seqs, num_kv_heads, splits)
     if cfg.kv_head_inner:  # axis 1 holds up to 65,535 programs: sequences fit
         grid = (num_kv_heads, num_seqs, splits)
     _decode_kernel[grid](
-        q, raw(key_cache), raw(value_cache), out, part_out, part_lse,
-        counters if fused else part_lse, bt, seq_lens,
+        q, raw(key_cache), raw(value_cache), out, part_out, part_lse, bt, seq_lens,
         query_start_loc, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_tokens,
         num_heads, head_dim, c["s_scale"], c["cap_log2"], c["out_scale"],
         int(sliding_window or 0), group, block_m // group, splits, IS_FP8=c["fp8_mode"],
         SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"], Q_SCALED=c["q_scaled"],
         INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
-        SPLIT=splits > 1, FUSED_COMBINE=fused, KV_HEAD_INNER=cfg.kv_head_inner,
+        SPLIT=splits > 1, KV_HEAD_INNER=cfg.kv_head_inner,
         PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n, HEAD_DIM_P2=c["head_dim_p2"],
-        GROUP_P2=triton.next_power_of_2(group) if fused else 1,
-        SPLITS_P2=triton.next_power_of_2(splits) if fused else 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
     )  # fmt: skip
-    if splits > 1 and not fused:
+    if splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, query_start_loc, out.stride(0), out.stride(1), num_heads,
             head_dim, splits, c["out_scale"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
