@@ -48,9 +48,11 @@ FLEX_SHAPES = ((64, 4096), (1, 32768))
 AUTOTUNE_SHAPES = ((1, 32768), (4, 1024), (4, 8192), (16, 512), (16, 1024), (16, 2048),
                    (16, 4096), (16, 8192), (64, 512), (64, 1024), (64, 4096),
                    (256, 1024))  # fmt: skip
-# Split-model parameters the decode autotune fits (`attention_decode.num_splits`).
-FIT_PROGRAMS_PER_SM = (1, 2, 3, 4, 6)
-FIT_SPLIT_COSTS = (0.0, 0.1, 0.25, 0.5, 1.0)
+# Split-model parameters the decode autotune fits (`attention_decode.num_splits`): resident
+# programs per SM, the throughput a second one adds, the cost of splitting in tiles.
+FIT_PROGRAMS_PER_SM = (1, 2, 3, 4)
+FIT_SHARED_GAINS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
+FIT_SPLIT_COSTS = (0.0, 0.5, 1.0, 2.0, 4.0)
 TILE_CONFIGS = (  # (block_n, num_warps, num_stages)
     (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3),
     (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3),
@@ -444,9 +446,10 @@ def run_autotune(args, device, timer, bw) -> list[dict]:
         h = tattn.num_splits(b, NUM_KV_HEADS, ctx, sms, best_tile[0])
         candidates = {1, max(1, h // 2), h, 2 * h}
         for per_sm in FIT_PROGRAMS_PER_SM:
-            for cost in FIT_SPLIT_COSTS:
-                candidates.add(tattn.num_splits(b, NUM_KV_HEADS, ctx, sms, best_tile[0],
-                                                per_sm, cost))  # fmt: skip
+            for gain in FIT_SHARED_GAINS:
+                for cost in FIT_SPLIT_COSTS:
+                    candidates.add(tattn.num_splits(b, NUM_KV_HEADS, ctx, sms, best_tile[0],
+                                                    per_sm, cost, gain))  # fmt: skip
         splits = {}
         for n in sorted(c for c in candidates if c <= 1024):
             cfg = tattn.DecodeConfig(*best_tile, num_splits=n)
@@ -475,8 +478,9 @@ def run_autotune(args, device, timer, bw) -> list[dict]:
     print(f"tile over all shapes: {best_overall} at {tile_score.get(best_overall, 0):.3f} of each "
           f"shape's best (geometric mean) -> DECODE_CONFIGS[('narrow', 'big_smem')] in "
           "backends/triton/attention_decode.py")  # fmt: skip
-    print(f"split model fit: SPLIT_PROGRAMS_PER_SM = {fit['programs_per_sm']}, SPLIT_COST_TILES = "
-          f"{fit['split_cost']} reach {fit['score']:.3f} of the best split count's fraction "
+    print(f"split model fit: SPLIT_PROGRAMS_PER_SM = {fit['programs_per_sm']}, SPLIT_SHARED_GAIN = "
+          f"{fit['shared_gain']}, SPLIT_COST_TILES = {fit['split_cost']} reach {fit['score']:.3f} "
+          "of the best split count's fraction "
           f"(geometric mean; the current constants reach {fit['current']:.3f})")  # fmt: skip
     results.append({"best_tile_overall": best_overall, "tile_score": {str(k): v for k, v in
                     tile_score.items()}, "split_fit": fit})  # fmt: skip
@@ -538,30 +542,35 @@ def run_wide(args, device, timer, bw) -> list[dict]:
 
 
 def fit_split_model(results: list[dict], sms: int) -> dict:
-    """(programs_per_sm, split_cost) whose predicted split counts reach the highest geometric
-    mean of measured fraction / best measured fraction over the autotuned shapes."""
+    """(programs_per_sm, shared_gain, split_cost) whose predicted split counts reach the highest
+    geometric mean of measured fraction / best measured fraction over the autotuned shapes (a
+    count that was not measured scores as the nearest measured one)."""
     from backends.triton import attention_decode as dec
 
-    def score(per_sm: int | None, cost: float | None) -> float:
+    def score(per_sm: int | None, gain: float | None, cost: float | None) -> float:
         logs = []
         for r in results:
             bn = r["best_tile"][0]
-            n = tattn.num_splits(r["batch"], NUM_KV_HEADS, r["context"], sms, bn, per_sm, cost)
-            logs.append(math.log(r["splits"][n] / max(r["splits"].values())))
+            n = tattn.num_splits(r["batch"], NUM_KV_HEADS, r["context"], sms, bn, per_sm, cost,
+                                 gain)  # fmt: skip
+            near = min(r["splits"], key=lambda c: abs(c - n))
+            logs.append(math.log(r["splits"][near] / max(r["splits"].values())))
         return math.exp(statistics.fmean(logs))
 
-    grid = [(p, c) for p in FIT_PROGRAMS_PER_SM for c in FIT_SPLIT_COSTS]
-    scores = {pc: score(*pc) for pc in grid}
+    grid = [(p, g, c) for p in FIT_PROGRAMS_PER_SM for g in FIT_SHARED_GAINS
+            for c in FIT_SPLIT_COSTS]  # fmt: skip
+    scores = {pgc: score(*pgc) for pgc in grid}
     # Ties: prefer the current constants, then fewer programs and a higher cost (fewer splits).
-    current = (dec.SPLIT_PROGRAMS_PER_SM, dec.SPLIT_COST_TILES)
-    best = max(scores, key=lambda pc: (round(scores[pc], 4), pc == current, -pc[0], pc[1]))
-    cur = scores.get(current, score(None, None))
+    current = (dec.SPLIT_PROGRAMS_PER_SM, dec.SPLIT_SHARED_GAIN, dec.SPLIT_COST_TILES)
+    best = max(scores, key=lambda k: (round(scores[k], 4), k == current, -k[0], k[2]))
+    cur = scores.get(current, score(None, None, None))
     return {
         "programs_per_sm": best[0],
-        "split_cost": best[1],
+        "shared_gain": best[1],
+        "split_cost": best[2],
         "score": scores[best],
         "current": cur,
-        "scores": {f"{p},{c}": v for (p, c), v in scores.items()},
+        "scores": {",".join(map(str, k)): v for k, v in scores.items()},
     }
 
 

@@ -28,16 +28,21 @@ from backends.triton.quant import cast_rtne, interpreting, raw
 # fit one tile of rows, and splitting the KV range pays off. Without the hint only a batch of one
 # token per sequence (num_tokens == num_seqs) is known to be decode without reading lengths.
 DECODE_MAX_QUERY_LEN = 8
-# Split-KV model (`num_splits`): PROGRAMS_PER_SM decode programs run at once on an SM; each split
-# reads at least MIN_SPLIT_TOKENS KV tokens; at most MAX_SPLITS splits. Re-fit PROGRAMS_PER_SM with
-# `python bench/attention.py decode --autotune` (it prints the value that best predicts the
+# Split-KV model (`num_splits`): at most PROGRAMS_PER_SM decode programs are resident on an SM
+# (one wave: splits never spill into a second); a second program on an SM adds only
+# SPLIT_SHARED_GAIN of a program's throughput (the SM's share of bandwidth is nearly taken by
+# one); splitting at all costs SPLIT_COST_TILES tile times (partial writes, the combine launch);
+# each split reads at least MIN_SPLIT_TOKENS KV tokens; at most MAX_SPLITS splits. Re-fit with
+# `python bench/attention.py decode --autotune` (it prints the constants that best predict the
 # measured best split counts).
-SPLIT_PROGRAMS_PER_SM = 2  # H100 autotune 2026-11-26: 16x8k best at 2 splits, 64x4k at 1
+SPLIT_PROGRAMS_PER_SM = 2
+# H100 graph-replay split sweep 2026-11-27 (ninth session; 10 shapes, batch 1-16, contexts
+# 512-32k): these pick the measured best count at every shape; the earlier wave model (per-split
+# cost 0.25, no sharing) split 16 x 512 and 16 x 1024 in two, 13% and 9% slower than one split.
+SPLIT_SHARED_GAIN = 0.1
+SPLIT_COST_TILES = 1.0
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 128
-# Cost of one more split (its partial output write and its share of the combine), in KV tiles;
-# fitted by the same autotune.
-SPLIT_COST_TILES = 0.25
 
 
 @dataclass(frozen=True)
@@ -291,28 +296,33 @@ def num_splits(
     block_n: int = 128,
     programs_per_sm: int | None = None,
     split_cost_tiles: float | None = None,
+    shared_gain: float | None = None,
 ) -> int:
     """Split-KV factor of the decode path from shapes alone (no tensor values, graph-safe).
 
-    A wave model: num_sms * programs_per_sm (default SPLIT_PROGRAMS_PER_SM) programs run at
-    once, and a split of the longest sequence holds ceil(tiles / s) whole block_n tiles, so s
-    splits take about ceil(programs * s / slots) * ceil(tiles / s) + split_cost_tiles * s tile
-    times (default SPLIT_COST_TILES). The s in 1..min(MAX_SPLITS, max_kv_len //
-    MIN_SPLIT_TOKENS) with the least time wins (ties: fewer splits). Counting waves avoids a
-    count that spills a few programs into one more wave (16 x 8k on 132 SMs: 2 splits, not 3),
-    and counting whole tiles favours counts that cut the range into equal tile runs."""
+    The longest sequence has `tiles` block_n tiles; s splits make programs * s programs of
+    ceil(tiles / s) tiles each, k = ceil(programs * s / num_sms) of them on the busiest SM, which
+    runs them at (1 + shared_gain * (k - 1)) times one program's rate: time = k * ceil(tiles /
+    s) / (1 + shared_gain * (k - 1)) + split_cost_tiles (s > 1). Candidates: s in 1..min(MAX_SPLITS,
+    max_kv_len // MIN_SPLIT_TOKENS) whose programs fit one wave of programs_per_sm per SM; the
+    least time wins (ties: fewer splits). Defaults: the module's SPLIT_* constants. So a batch
+    with about one program per SM already (16 x 8 KV heads on 132 SMs) splits only when its
+    context is long, and a small batch splits until every SM holds one program."""
     per_sm = SPLIT_PROGRAMS_PER_SM if programs_per_sm is None else programs_per_sm
     cost = SPLIT_COST_TILES if split_cost_tiles is None else split_cost_tiles
+    gain = SPLIT_SHARED_GAIN if shared_gain is None else shared_gain
     programs = max(1, num_seqs * num_kv_heads)
-    slots = max(1, per_sm * num_sms)
-    if programs >= slots:  # a full wave already: splits only add partial writes and a combine
-        return 1  # (H100: 256 x 4k at 8 splits ran 0.85 of copy bandwidth, at 1 split 0.99)
+    sms = max(1, num_sms)
+    if programs >= per_sm * sms:  # a full wave already: splits only add partial writes and a
+        return 1  # combine (H100: 256 x 4k at 8 splits ran 0.85 of copy bandwidth, at 1 0.99)
     tiles = max(1, -(-max_kv_len // block_n))
     limit = max(1, min(MAX_SPLITS, max_kv_len // MIN_SPLIT_TOKENS, tiles))
     best, best_time = 1, float("inf")
     for s in range(1, limit + 1):
-        waves = -(-programs * s // slots)
-        time = waves * -(-tiles // s) + (cost * s if s > 1 else 0.0)
+        if s > 1 and programs * s > per_sm * sms:
+            break
+        k = -(-programs * s // sms)
+        time = k * -(-tiles // s) / (1 + gain * (k - 1)) + (cost if s > 1 else 0.0)
         if time < best_time:
             best, best_time = s, time
     return best

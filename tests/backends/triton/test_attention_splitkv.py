@@ -287,24 +287,28 @@ def test_attention_routes_decode_batches(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not tattn.takes_decode_path(8, 8, max_query_len=tattn.DECODE_MAX_QUERY_LEN + 1)
 
 
-def _wave_time(programs: int, s: int, slots: int, tiles: int) -> float:
-    # The model num_splits minimises: waves of programs x whole tiles per split + split cost.
-    extra = tdecode.SPLIT_COST_TILES * s if s > 1 else 0.0
-    return -(-programs * s // slots) * -(-tiles // s) + extra
+def _split_time(programs: int, s: int, sms: int, tiles: int) -> float:
+    # The model num_splits minimises: the busiest SM's k programs of ceil(tiles / s) tiles at
+    # (1 + gain (k - 1)) times one program's rate, plus the cost of splitting at all.
+    k = -(-programs * s // sms)
+    extra = tdecode.SPLIT_COST_TILES if s > 1 else 0.0
+    return k * -(-tiles // s) / (1 + tdecode.SPLIT_SHARED_GAIN * (k - 1)) + extra
 
 
-def test_num_splits_wave_model() -> None:
-    sms, per_sm = 132, 2  # an H100 SXM, two resident decode programs per SM
+def test_num_splits_model() -> None:
+    sms, per_sm = 132, 2  # an H100 / H200 SXM, at most two resident decode programs per SM
     split = functools.partial(tattn.num_splits, num_sms=sms, block_n=128, programs_per_sm=per_sm)
-    # 16 x 8k, 8 KV heads: 128 programs; 2 splits fill one wave of 264 slots, 3 would spill into
-    # a second wave (the first autotune measured 2 splits 0.89, 5 splits 0.79 of bandwidth).
-    assert split(16, 8, 8192) == 2
+    # 16 sequences x 8 KV heads: 128 programs, about one per SM; a second program per SM gains
+    # little, so short contexts stay whole (H100: 16 x 512 one split 23.7 us, two 26.8) and long
+    # ones split in two, the most one wave holds (16 x 8k: 2 splits 194 us, 1 203, 3 209).
+    assert split(16, 8, 512) == 1 and split(16, 8, 1024) == 1
+    assert split(16, 8, 4096) == 2 and split(16, 8, 8192) == 2 and split(16, 8, 32768) == 2
     assert split(64, 8, 4096) == 1 and split(256, 8, 1024) == 1  # the GPU is full already
-    # 2048 programs: many full waves; the model's tile rounding alone would pick 8 splits, which
-    # ran at 0.85 of copy bandwidth on the H100 against 0.99 unsplit.
     assert split(256, 8, 4096) == 1 and split(256, 8, 8192) == 1
-    # 4 x 8k: 32 programs; 8 splits of 8 whole tiles each (9 would leave one split empty).
-    assert split(4, 8, 8192) == 8
+    # Few programs split until the SMs are covered: 1 x 512 in two (15.1 us against 17.0),
+    # 4 x 1024 in four (19.5 against 29.2 unsplit), 1 x 32k in 32.
+    assert split(1, 8, 512) == 2 and split(4, 8, 1024) == 4 and split(1, 8, 32768) == 32
+    assert split(4, 8, 8192) == 8  # 256 programs of 8 whole tiles (9 would spill a wave)
     assert split(1, 8, 300) == 1  # shorter than two MIN_SPLIT_TOKENS
     assert split(1, 1, 1 << 22) <= tattn.MAX_SPLITS
     for b in (1, 2, 4, 16, 64, 256):
@@ -314,11 +318,12 @@ def test_num_splits_wave_model() -> None:
             if b * 8 >= sms * per_sm:
                 assert s == 1
                 continue
-            assert s == 1 or ctx // s >= tattn.MIN_SPLIT_TOKENS
+            assert s == 1 or (ctx // s >= tattn.MIN_SPLIT_TOKENS and b * 8 * s <= sms * per_sm)
             # the least modelled time over every allowed count, the fewest splits on ties
             tiles, limit = -(-ctx // 128), max(1, min(tattn.MAX_SPLITS, ctx // 256, -(-ctx // 128)))
-            times = [_wave_time(b * 8, c, sms * per_sm, tiles) for c in range(1, limit + 1)]
-            assert s == 1 + times.index(min(times)), (b, ctx, s, times)
+            counts = [c for c in range(1, limit + 1) if c == 1 or b * 8 * c <= sms * per_sm]
+            times = [_split_time(b * 8, c, sms, tiles) for c in counts]
+            assert s == counts[times.index(min(times))], (b, ctx, s, times)
 
 
 def test_decode_splits_follow_hint_and_config() -> None:
