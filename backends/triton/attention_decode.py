@@ -68,9 +68,12 @@ class DecodeConfig:
 
 
 # The decode tuning table, keyed by `table_key` (operand width, smem class). Re-derive the sm_90
-# rows on a new GPU with `python bench/attention.py decode --autotune`.
+# rows on a new GPU with `python bench/attention.py decode --autotune`. narrow / big_smem: H100
+# graph replays 2026-11-27 (ninth session, bf16 cache, batch 1-16 x 512-32k under the split
+# model below): 3 stages 1-4% faster than 2 at 12 of 15 shapes, within 0.5% at the rest (one
+# 192 KiB program per SM: the split model's second resident program does not matter there).
 DECODE_CONFIGS: dict[tuple[str, str], DecodeConfig] = {
-    ("narrow", "big_smem"): DecodeConfig(block_n=128, num_warps=4, num_stages=2),  # H100 tuned
+    ("narrow", "big_smem"): DecodeConfig(block_n=128, num_warps=4, num_stages=3),
     ("narrow", "small_smem"): DecodeConfig(block_n=64, num_warps=4, num_stages=2),
     ("wide", "big_smem"): DecodeConfig(block_n=32, num_warps=4, num_stages=3),
     ("wide", "small_smem"): DecodeConfig(block_n=32, num_warps=4, num_stages=2),
@@ -85,10 +88,11 @@ DECODE_CONFIGS: dict[tuple[str, str], DecodeConfig] = {
 # 64, 256 x 160 95 -> 66 us. Since FP8 tiles load as int16 pairs (no byte loads from shared
 # memory), 32-token tiles on 1 warp lead from 7 programs per SM (H100 2026-11-27, eighth session:
 # 256 x 160 / 512 / 1024 48 / 116 / 214 us against 60 / 126 / 230, 128 x 1024 112 against 119;
-# with the byte loads they had run 1.5x slower at 4k). CUDA graphs fix the config without the
-# context.
+# with the byte loads they had run 1.5x slower at 4k). bf16: 3 stages 0.3-1.4% faster than 2 at
+# all 7 shapes of batch 64-256 x 512-8k (H100, ninth session). CUDA graphs fix the config
+# without the context.
 DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], ...]] = {
-    ("narrow", "big_smem", False): ((3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),),
+    ("narrow", "big_smem", False): ((3, DecodeConfig(block_n=64, num_warps=2, num_stages=3)),),
     ("narrow", "big_smem", True): (
         (7, DecodeConfig(block_n=32, num_warps=1, num_stages=3)),
         (3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),
