@@ -48,13 +48,16 @@ MAX_SPLITS = 128
 @dataclass(frozen=True)
 class DecodeConfig:
     """Launch parameters of the decode path. block_n: KV tokens per step (a power of two >= 16;
-    block_n / block_size pages are looked up per step); num_splits None: `num_splits()` chooses."""
+    block_n / block_size pages are looked up per step); num_splits None: `num_splits()` chooses
+    the grid's split count (from max_seq_len, or the model's longest when CUDA graphs capture);
+    each sequence then uses as many of them as hold min_split_tokens each, so short sequences in
+    a grid sized for long ones take one split and skip the combine."""
 
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
     num_splits: int | None = None
-    kv_head_inner: bool = False  # program order: a sequence's KV heads on consecutive programs
+    min_split_tokens: int | None = None  # None: MIN_SPLIT_TOKENS, or 1 with num_splits forced
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -65,6 +68,8 @@ class DecodeConfig:
             raise ValueError(f"num_stages: {self.num_stages} must be >= 1")
         if self.num_splits is not None and not 1 <= self.num_splits <= 1024:
             raise ValueError(f"num_splits: {self.num_splits} must be in 1..1024 or None")
+        if self.min_split_tokens is not None and self.min_split_tokens < 1:
+            raise ValueError(f"min_split_tokens: {self.min_split_tokens} must be >= 1 or None")
 
 
 # The decode tuning table, keyed by `table_key` (operand width, smem class). Re-derive the sm_90
@@ -102,9 +107,28 @@ DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], .
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 
 
+@triton.jit
+def _chunk_splits(context_len, q0, q_len, block_q, sliding_window, num_splits, min_split_tiles,
+                  BLOCK_N: tl.constexpr):  # fmt: skip
+    # The KV range [kv_start, kv_end) the query chunk starting at token q0 sees, the tokens per
+    # split (whole BLOCK_N tiles counted from kv_start: only the last split may end inside a
+    # tile) and how many splits hold any: the range in num_splits parts of at least
+    # min_split_tiles tiles each, so a short sequence uses fewer splits than the grid has (one
+    # split: split 0 writes the output itself and the reduce skips the chunk).
+    kv_end = context_len + tl.minimum(q0 + block_q, q_len)
+    kv_start = 0
+    if sliding_window > 0:
+        kv_start = tl.maximum(context_len + q0 - sliding_window + 1, 0)
+    tiles = tl.cdiv(kv_end - kv_start, BLOCK_N)
+    per_split = tl.maximum(tl.cdiv(tiles, num_splits), min_split_tiles) * BLOCK_N
+    used = tl.cdiv(kv_end - kv_start, per_split)
+    return kv_start, kv_end, per_split, used
+
+
 @triton.jit(
     do_not_specialize=[
         "num_tokens", "num_heads", "head_dim", "sliding_window", "group", "block_q", "num_splits",
+        "min_split_tiles",
     ]
 )  # fmt: skip
 def _decode_kernel(
@@ -134,7 +158,8 @@ def _decode_kernel(
     sliding_window,  # 0: none
     group,
     block_q,
-    num_splits,
+    num_splits,  # the grid's splits: the most any sequence uses
+    min_split_tiles,  # a split of a sequence holds at least this many tiles (see _chunk_splits)
     IS_FP8: tl.constexpr,
     MAN_BITS: tl.constexpr,
     EXP_BIAS: tl.constexpr,
@@ -149,22 +174,14 @@ def _decode_kernel(
     INTERPRET: tl.constexpr,
     EVEN_D: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partials for _reduce_kernel
-    KV_HEAD_INNER: tl.constexpr,  # grid (num_kv_heads, num_seqs, splits), else (num_seqs, ...)
     PAGE_SIZE: tl.constexpr,  # the cache's block_size
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
 ):
-    if KV_HEAD_INNER:
-        kv_head = tl.program_id(0)
-        seq = tl.program_id(1)
-        num_seqs = tl.num_programs(1)
-        num_kv_heads = tl.num_programs(0)
-    else:
-        seq = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        num_seqs = tl.num_programs(0)
-        num_kv_heads = tl.num_programs(1)
+    # grid: (num_seqs, num_kv_heads, num_splits)
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -185,13 +202,9 @@ def _decode_kernel(
         q = tl.load(query_ptr + q_off[:, None] + offs_d[None, :],
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
         q, tile_scale = _scaled_q(q, s_scale, Q_SCALED, DOT_DTYPE)
-        # This split's share of the KV range the chunk can see, in whole BLOCK_N tiles counted
-        # from kv_start (0 without a window): only the last split may end inside a tile.
-        kv_end = context_len + tl.minimum(q0 + block_q, q_len)
-        kv_start = 0
-        if sliding_window > 0:
-            kv_start = tl.maximum(context_len + q0 - sliding_window + 1, 0)
-        per_split = tl.cdiv(tl.cdiv(kv_end - kv_start, BLOCK_N), num_splits) * BLOCK_N
+        kv_start, kv_end, per_split, used = _chunk_splits(context_len, q0, q_len, block_q,
+                                                          sliding_window, num_splits,
+                                                          min_split_tiles, BLOCK_N)  # fmt: skip
         lo = kv_start + split * per_split
         hi = tl.minimum(lo + per_split, kv_end)
         # Whole tiles every row of the chunk sees (keys <= its first token's position, no
@@ -227,13 +240,14 @@ def _decode_kernel(
 
         seen = l_i > 0
         l_safe = tl.where(seen, l_i, 1.0)
-        if SPLIT:
+        if SPLIT & (used > 1):  # partials of the splits that hold any of the range
             part = (row * num_heads + head) * num_splits + split  # [BLOCK_M]
             lse = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))
-            tl.store(part_lse_ptr + part, lse, mask=row_ok)
+            part_ok = row_ok & (split + 0 * offs_m < used)
+            tl.store(part_lse_ptr + part, lse, mask=part_ok)
             tl.store(part_out_ptr + part[:, None] * head_dim + offs_d[None, :],
-                     acc / l_safe[:, None], mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
-        else:
+                     acc / l_safe[:, None], mask=part_ok[:, None] & d_ok[None, :])  # fmt: skip
+        elif split == 0:  # one split holds the chunk's range (or no split-KV): the output
             out = acc * (out_scale / l_safe)[:, None]
             o_off = row * stride_o_token + head.to(tl.int64) * stride_o_head
             tl.store(out_ptr + o_off[:, None] + offs_d[None, :],
@@ -241,7 +255,7 @@ def _decode_kernel(
                      mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
     # Padding rows past the last sequence's query come back zero (out is not zero-filled: one
     # fill launch per layer saved); the last program of the grid writes them.
-    last = (seq == num_seqs - 1) & (kv_head == num_kv_heads - 1)
+    last = (seq == tl.num_programs(0) - 1) & (kv_head == tl.num_programs(1) - 1)
     if last & (split == tl.num_programs(2) - 1):
         zero = tl.zeros((HEAD_DIM_P2,), dtype=out_ptr.dtype.element_ty)
         first_pad = (q_start + q_len).to(tl.int64)
@@ -251,33 +265,48 @@ def _decode_kernel(
                 tl.store(out_ptr + o_row + offs_d, zero, mask=d_ok)
 
 
-@triton.jit(do_not_specialize=["num_heads", "head_dim", "num_splits"])
+@triton.jit(
+    do_not_specialize=[
+        "num_heads", "head_dim", "num_splits", "min_split_tiles", "sliding_window", "block_q",
+    ]
+)  # fmt: skip
 def _reduce_kernel(
     part_out_ptr,
     part_lse_ptr,
     out_ptr,
+    seq_lens_ptr,
     query_start_loc_ptr,
     stride_o_token,
     stride_o_head,
     num_heads,
     head_dim,
     num_splits,
+    min_split_tiles,
+    sliding_window,
+    block_q,
     out_scale,
     INTERPRET: tl.constexpr,
     EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
 ):
     # grid: (num_seqs, num_heads); combines the splits of every query token of the sequence
+    # whose chunk used more than one (the decode kernel wrote the others whole)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start = tl.load(query_start_loc_ptr + seq)
-    q_end = tl.load(query_start_loc_ptr + seq + 1)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    context_len = tl.load(seq_lens_ptr + seq) - q_len
     offs_s = tl.arange(0, SPLITS_P2)
-    s_ok = offs_s < num_splits
     offs_d = tl.arange(0, HEAD_DIM_P2)
     d_ok = _head_dim_mask(offs_d, head_dim, EVEN_D, HEAD_DIM_P2)
-    for t in range(0, q_end - q_start):
+    for t in range(0, q_len):
+        used = _chunk_splits(context_len, t // block_q * block_q, q_len, block_q, sliding_window,
+                             num_splits, min_split_tiles, BLOCK_N)[3]  # fmt: skip
+        if used <= 1:
+            continue
+        s_ok = offs_s < used
         row = q_start.to(tl.int64) + t
         part = (row * num_heads + head) * num_splits + offs_s  # [SPLITS_P2]
         lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
@@ -430,25 +459,25 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
                                device=query.device)  # fmt: skip
     else:
         part_out = part_lse = out  # never touched: SPLIT is off
-    grid = (num_seqs, num_kv_heads, splits)
-    if cfg.kv_head_inner:  # axis 1 holds up to 65,535 programs: sequences fit
-        grid = (num_kv_heads, num_seqs, splits)
-    _decode_kernel[grid](
+    min_tokens = cfg.min_split_tokens or (1 if cfg.num_splits else MIN_SPLIT_TOKENS)
+    min_tiles = -(-min_tokens // cfg.block_n)
+    _decode_kernel[(num_seqs, num_kv_heads, splits)](
         q, raw(key_cache), raw(value_cache), out, part_out, part_lse, bt, seq_lens,
         query_start_loc, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_tokens,
         num_heads, head_dim, c["s_scale"], c["cap_log2"], c["out_scale"],
-        int(sliding_window or 0), group, block_m // group, splits, IS_FP8=c["fp8_mode"],
+        int(sliding_window or 0), group, block_m // group, splits, min_tiles, IS_FP8=c["fp8_mode"],
         SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"], Q_SCALED=c["q_scaled"],
         INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
-        SPLIT=splits > 1, KV_HEAD_INNER=cfg.kv_head_inner,
-        PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n, HEAD_DIM_P2=c["head_dim_p2"],
+        SPLIT=splits > 1, PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM_P2=c["head_dim_p2"],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
     )  # fmt: skip
     if splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, query_start_loc, out.stride(0), out.stride(1), num_heads,
-            head_dim, splits, c["out_scale"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
+            part_out, part_lse, out, seq_lens, query_start_loc, out.stride(0), out.stride(1),
+            num_heads, head_dim, splits, min_tiles, int(sliding_window or 0), block_m // group,
+            c["out_scale"], INTERPRET=interpreting(), EVEN_D=c["even_d"], BLOCK_N=cfg.block_n,
             SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM_P2=c["head_dim_p2"], num_warps=4,
         )  # fmt: skip
     return out

@@ -6,7 +6,6 @@ Under TRITON_INTERPRET=1 on CPU tensors without a GPU; natively (and graph-captu
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import importlib
 import math
@@ -177,16 +176,25 @@ def test_decode_kernel_takes_mixed_query_lengths(dtype: str) -> None:
     run_and_check(case, tattn.decode_attention, num_padding=2, max_query_len=5, config=config)
 
 
-def test_kv_head_inner_program_order_gives_the_same_bits() -> None:
-    # Only the order programs launch in changes: every output bit stays (splits, mixed query
-    # lengths, an empty query, padding rows).
-    case = batch(13, "bf16", (30, 9, 50, 64, 12), (3, 0, 5, 1, 2), head_dim=64)
-    cfg = tattn.DecodeConfig(block_n=16, num_splits=4)
-    kw = dict(num_padding=2, max_query_len=5)
-    outer = run_and_check(case, tattn.decode_attention, config=cfg, **kw)
-    inner_cfg = dataclasses.replace(cfg, kv_head_inner=True)
-    inner = run_and_check(case, tattn.decode_attention, config=inner_cfg, **kw)
-    assert torch.equal(outer, inner)
+@pytest.mark.parametrize(
+    ("dtype", "query_lens", "extra"),
+    [
+        ("bf16", (1,) * 6, {}),
+        ("fp32", (1, 7, 5, 1, 2, 7), {}),  # chunks of one sequence use different split counts
+        ("fp16", (1, 2, 1, 4, 1, 1), {"sliding_window": 45}),
+        ("bf16", (1,) * 6, {"cache_dtype": "fp8_e4m3fn", "kv_scale": 0.05}),
+    ],
+)
+def test_short_sequences_use_fewer_splits(dtype: str, query_lens: tuple, extra: dict) -> None:
+    # A grid of 6 splits with at least 32 KV tokens (2 tiles of 16) per split: the 1- and
+    # 16-token sequences take one split (written whole, skipped by the combine), 40 two, 73
+    # three, 97 four (sliding windows: fewer) and 300 all six. As under CUDA graphs, where
+    # the grid is sized for the model's longest sequence.
+    seq_lens = (1, 97, 40, 16, 73, 300)
+    case = batch(17, dtype, seq_lens, query_lens, extra.pop("cache_dtype", None), **extra)
+    cfg = tattn.DecodeConfig(block_n=16, num_splits=6, min_split_tokens=32)
+    # A hint of 1 token: 16 rows hold 4 tokens of the 4 heads, so 5-7 tokens take two chunks.
+    run_and_check(case, tattn.decode_attention, num_padding=1, max_query_len=1, config=cfg)
 
 
 # The general kernel with small tiles: with block_n 16 most tiles lie wholly before a q-block's
@@ -340,6 +348,8 @@ def test_bad_config_and_hints_name_the_value() -> None:
         tattn.DecodeConfig(num_warps=3)
     with pytest.raises(ValueError, match="num_splits: 0 must be in 1..1024"):
         tattn.DecodeConfig(num_splits=0)
+    with pytest.raises(ValueError, match="min_split_tokens: 0 must be >= 1"):
+        tattn.DecodeConfig(min_split_tokens=0)
     case = batch(1, "fp32", (5,), (1,))
     t = case.build()
     args = [dev(t[k]) for k in ("query", "key_cache", "value_cache", "block_tables", "seq_lens",
