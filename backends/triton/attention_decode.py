@@ -304,21 +304,20 @@ def _reduce_kernel(
     for t in range(0, q_len):
         used = _chunk_splits(context_len, t // block_q * block_q, q_len, block_q, sliding_window,
                              num_splits, min_split_tiles, BLOCK_N)[3]  # fmt: skip
-        if used <= 1:
-            continue
-        s_ok = offs_s < used
-        row = q_start.to(tl.int64) + t
-        part = (row * num_heads + head) * num_splits + offs_s  # [SPLITS_P2]
-        lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
-        m = tl.max(lse, axis=0)
-        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
-        o = tl.load(part_out_ptr + part[:, None] * head_dim + offs_d[None, :],
-                    mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
-        total = tl.sum(w, axis=0)
-        out = tl.sum(w[:, None] * o, axis=0) * (out_scale / tl.where(total > 0, total, 1.0))
-        o_off = row * stride_o_token + head.to(tl.int64) * stride_o_head
-        tl.store(out_ptr + o_off + offs_d, cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET),
-                 mask=d_ok)  # fmt: skip
+        if used > 1:
+            s_ok = offs_s < used
+            row = q_start.to(tl.int64) + t
+            part = (row * num_heads + head) * num_splits + offs_s  # [SPLITS_P2]
+            lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
+            m = tl.max(lse, axis=0)
+            w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
+            o = tl.load(part_out_ptr + part[:, None] * head_dim + offs_d[None, :],
+                        mask=s_ok[:, None] & d_ok[None, :], other=0.0)  # fmt: skip
+            total = tl.sum(w, axis=0)
+            out = tl.sum(w[:, None] * o, axis=0) * (out_scale / tl.where(total > 0, total, 1.0))
+            o_off = row * stride_o_token + head.to(tl.int64) * stride_o_head
+            tl.store(out_ptr + o_off + offs_d, cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET),
+                     mask=d_ok)  # fmt: skip
 
 
 def num_splits(
