@@ -154,7 +154,8 @@ def test_decode_config_wide_batch_selection(monkeypatch: pytest.MonkeyPatch) -> 
     wide_fp8 = dict(tdecode.DECODE_WIDE_BATCH[("narrow", "big_smem", True)])
     wide_bf16 = dict(tdecode.DECODE_WIDE_BATCH[("narrow", "big_smem", False)])
     assert tdecode.decode_config(128, bf16, cpu) == default  # no batch size: the table
-    assert tdecode.decode_config(128, bf16, cpu, True, 32 * 8) == default  # < 3 per SM
+    assert tdecode.decode_config(128, bf16, cpu, False, 32 * 8) == default  # < 3 per SM
+    assert tdecode.decode_config(128, bf16, cpu, True, 32 * 8) == wide_fp8[0]  # FP8's own
     assert tdecode.decode_config(128, bf16, cpu, False, 64 * 8) == wide_bf16[3]
     assert tdecode.decode_config(128, bf16, cpu, True, 64 * 8) == wide_fp8[3]
     assert tdecode.decode_config(128, bf16, cpu, False, 256 * 8) == wide_bf16[3]
