@@ -103,6 +103,16 @@ def pairs_positions(k: int, device: torch.device | None = None) -> torch.Tensor:
     return chunk * CHUNK + 32 * (nib % 4) + 2 * word + nib // 4
 
 
+def tile_pairs(qweight: torch.Tensor, rows: int) -> torch.Tensor:
+    """The pairs-order words [N, K/8] regrouped losslessly into tiles of `rows` weight rows:
+    int32 [N / rows, K / 128, rows, 16], so the kernel's step (rows x one 128-k chunk) reads one
+    contiguous run of rows x 64 bytes instead of 64 bytes from each of `rows` rows."""
+    n, words = qweight.shape
+    if n % rows or words % _WORDS:
+        raise ValueError(f"qweight: {n} rows and {words} words do not tile by {rows} x {_WORDS}")
+    return qweight.view(n // rows, rows, words // _WORDS, _WORDS).permute(0, 2, 1, 3).contiguous()
+
+
 @triton.jit
 def _pair(words, zneg, NIB: tl.constexpr, MAGIC2: tl.constexpr, MAGIC: tl.constexpr,
           ONE2: tl.constexpr, PAIR_PTX: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -146,7 +156,10 @@ def _int4_pairs_kernel(
     bias_ptr,
     out_ptr,
     stride_x_row,
-    stride_qw_row,
+    stride_qw_row,  # words between rows of a tile
+    stride_qw_tile,  # words between tiles of tile_rows rows (0: one tile)
+    stride_qw_chunk,  # words between a row's 128-k chunks (16 in the row-major [N, K/8])
+    tile_rows,
     stride_s_row,
     stride_s_group,
     stride_z_row,
@@ -185,7 +198,8 @@ def _int4_pairs_kernel(
     rm_in = tl.minimum(rm, n_rows - 1).to(tl.int64)
     rj = tl.arange(0, 16)
     rk = tl.arange(0, 32)
-    w_ptrs = qweight_ptr + rn_in[:, None] * stride_qw_row + rj[None, :]  # [BN, 16]
+    w_rows = (rn_in // tile_rows) * stride_qw_tile + (rn_in % tile_rows) * stride_qw_row
+    w_ptrs = qweight_ptr + w_rows[:, None] + rj[None, :]  # [BN, 16]
     x_ptrs = x_ptr + rm_in[None, :] * stride_x_row + rk[:, None]  # [32, BM]
     s_rows = scales_ptr + rn_in * stride_s_row
     z_rows = zeros_ptr + rn_in * stride_z_row
@@ -198,7 +212,8 @@ def _int4_pairs_kernel(
     s_next = tl.load(s_rows + g * stride_s_group)
     z_next = tl.load(z_rows + g * stride_z_group)
     for r0 in range(r_start, r_end, 16):
-        words = tl.load(w_ptrs + r0, eviction_policy="evict_first").to(tl.uint32, bitcast=True)
+        words = tl.load(w_ptrs + (r0 // 16) * stride_qw_chunk, eviction_policy="evict_first")
+        words = words.to(tl.uint32, bitcast=True)
         s = s_next.to(tl.float32)  # [BN]
         z = z_next.to(tl.float32)
         g = tl.minimum(((r0 + 16) * 8) // group_size, last_group)
@@ -239,7 +254,12 @@ def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Pair
     into out [M, N]; `reduce_splits(dest, bias_or_dummy, out, split, m, n, has_bias)` sums
     split-K partials. The caller has checked shapes and `pairs_unsupported`."""
     m, k = x.shape
-    n = qweight.shape[0]
+    if qweight.dim() == 4:  # tiled (`tile_pairs`): [N / rows, K / 128, rows, 16]
+        n = qweight.shape[0] * qweight.shape[2]
+        w_strides = (qweight.stride(2), qweight.stride(0), qweight.stride(1), qweight.shape[2])
+    else:  # [N, K / 8]
+        n = qweight.shape[0]
+        w_strides = (qweight.stride(0), 0, _WORDS, n)
     chunks = k // CHUNK
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     # Auto: as many splits as fit the resident programs in one wave (never a partial second
@@ -254,7 +274,7 @@ def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Pair
     b = bias.contiguous() if bias is not None else qweight  # a dummy pointer when absent
     interp = interpreting()
     _int4_pairs_kernel[(tiles, split)](
-        x, qweight, scales, zeros, b, dest, x.stride(0), qweight.stride(0), scales.stride(0),
+        x, qweight, scales, zeros, b, dest, x.stride(0), *w_strides, scales.stride(0),
         scales.stride(1), zeros.stride(0), zeros.stride(1), 0 if final else dest.stride(0),
         dest.stride(-2), m, n, k // 8, group_size, per_split * _WORDS,
         HAS_BIAS=bias is not None, FINAL=final, DOT_DTYPE=_TL_DTYPE[x.dtype], MAGIC2=magic2,
