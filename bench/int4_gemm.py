@@ -1,5 +1,6 @@
-"""4-bit weight-only GEMM (backends/triton/int4_gemm.py), canonical and packed layouts, against
-torch's bf16 matmul on the dequantized weight, on the Llama-3-8B MLP shapes, with the copy
+"""4-bit weight-only GEMM (backends/triton/int4_gemm.py): canonical, packed and pairs layouts
+(pairs: the words tiled as the CUDA backend stores them; pairs-rows: row-major), against torch's
+bf16 matmul on the dequantized weight, on the Llama-3-8B MLP shapes, with the copy
 bandwidth measured in the same run exactly as bench/attention.py measures it.
 
     python bench/int4_gemm.py --out int4_gemm.json               # the default tables
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backends.cuda.backend import CudaBackend  # noqa: E402
 from backends.cuda.quant import dequantize_int4  # noqa: E402
 from backends.triton import int4_gemm as ig  # noqa: E402
 from bench.attention import Timer, copy_bandwidth  # noqa: E402
@@ -49,17 +51,17 @@ SHAPES = {
 }
 MS = (1, 2, 4, 8, 16, 64, 256, 2048)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-LAYOUTS = ("canonical", "packed", "pairs")
+LAYOUTS = ("canonical", "packed", "pairs", "pairs-rows")
 TABLE_NAME = {"canonical": "DEFAULT_CONFIGS", "packed": "PACKED_CONFIGS",
-              "pairs": "int4_tc.PAIRS_CONFIGS"}  # fmt: skip
+              "pairs": "int4_tc.PAIRS_CONFIGS", "pairs-rows": "int4_tc.PAIRS_CONFIGS"}  # fmt: skip
 TABLES = {"canonical": ig.DEFAULT_CONFIGS, "packed": ig.PACKED_CONFIGS,
-          "pairs": ig.int4_tc.PAIRS_CONFIGS}  # fmt: skip
+          "pairs": ig.int4_tc.PAIRS_CONFIGS, "pairs-rows": ig.int4_tc.PAIRS_CONFIGS}  # fmt: skip
 PairsConfig = ig.int4_tc.Int4PairsConfig
 
 
 def pick(layout: str, m: int):
     """The launch shape the layout's default table gives M."""
-    if layout == "pairs":
+    if layout.startswith("pairs"):
         return ig.int4_tc.pick_pairs_config(m)
     return ig.pick_config(m, TABLES[layout])
 
@@ -110,7 +112,7 @@ def nbytes(*ts: torch.Tensor) -> int:
 
 def call(layout: str, x, w, group_size: int, config=None):
     """A no-argument call of ours on one weight set of the layout."""
-    if layout in ("packed", "pairs"):
+    if layout != "canonical":
         return lambda: ig.int4_linear(x, w, config=config)
     q, s, z = w
     return lambda: ig.int4_linear(x, q, s, z, group_size, config=config)
@@ -154,7 +156,7 @@ def candidates(layout: str, m: int) -> list[ig.Int4Config]:
     warps and stages around the fastest afterwards."""
     c = ig.Int4Config
     out: list[ig.Int4Config] = []
-    if layout == "pairs":  # tensor cores at every M: block_m from M, the rest swept
+    if layout.startswith("pairs"):  # tensor cores at every M: block_m from M, the rest swept
         bm = min(128, max(16, 1 << (m - 1).bit_length()))
         for bn, stages, pps in itertools.product((32, 64, 128), (3, 4, 6), (2, 4, 8)):
             out.append(PairsConfig(bm, bn, 0, 8 if bn * bm >= 128 * 64 else 4, stages, pps))
@@ -217,9 +219,11 @@ def _compile_job(job: tuple[str, ig.Int4Config, str]) -> str:
 
 def repacked(layout: str, q, s, z, group_size: int):
     """One canonical weight set in the layout's form."""
-    if layout in ("packed", "pairs"):
-        return ig.repack_int4_for_triton(q, s, z, group_size, order="k" if layout == "packed"
-                                         else "pairs")  # fmt: skip
+    if layout == "packed":
+        return ig.repack_int4_for_triton(q, s, z, group_size, order="k")
+    if layout.startswith("pairs"):  # "pairs": tiled as the CUDA backend stores it
+        rows = 0 if layout == "pairs-rows" else CudaBackend.int4_tile_rows
+        return ig.repack_int4_for_triton(q, s, z, group_size, order="pairs", tile_rows=rows)
     return (q, s, z)
 
 
@@ -326,7 +330,7 @@ def autotune(args, data: dict, dtype, copy_gbs: float, smem_limit: int, results:
         for i, (m, v) in enumerate(items):
             cfg = v["config"]
             max_m = "2**62" if i == len(items) - 1 else str(m)
-            if layout == "pairs":
+            if layout.startswith("pairs"):
                 print(
                     f"    ({max_m}, Int4PairsConfig({cfg['block_m']}, {cfg['block_n']}, "
                     f"split_k={cfg['split_k']}, num_warps={cfg['num_warps']}, num_stages="

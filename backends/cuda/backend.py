@@ -351,6 +351,11 @@ class CudaBackend(Backend):
     # and the group size multiples of 128; bf16/fp16 x), and its table (None: PAIRS_CONFIGS).
     int4_pairs_order: bool = True
     int4_pairs_configs: tuple | None = None
+    # Pairs words in tiles of this many rows (each kernel step one contiguous run; 0: row-major).
+    # H100, Triton 3.6, bf16, G = 128, M = 1: the fused gate_up (K 4096, N 28672) 37.7 -> 31.5 us
+    # (0.54 -> 0.64 of copy bandwidth), down (K 14336, N 4096) 20.6 -> 18.8 us; 1.05-1.2x at
+    # M = 2-16 (docs/benchmarks.md, ninth session).
+    int4_tile_rows: int = 128
     # From this many rows of x (M) up, a packed weight is dequantized by the Triton kernel into
     # x's dtype and multiplied by cuBLAS. Measured on an H100 (K=4096, N=14336, bf16): packed
     # kernel / dequant + cuBLAS 112 / 120 us at M = 128, 127 / 171 at 256, 237 / 159 at 512,
@@ -373,8 +378,9 @@ class CudaBackend(Backend):
                 logger.info("int4: packed k order (not the tensor-core pairs order): %s", why)
             else:
                 order = "pairs"
+        tile_rows = self.int4_tile_rows if order == "pairs" else 0
         p = ig.repack_int4_for_triton(
-            qweight.to(dev), scales.to(dev), zeros.to(dev), group_size, g_idx, order=order
+            qweight.to(dev), scales.to(dev), zeros.to(dev), group_size, g_idx, order, tile_rows
         )
         parts = (("qweight", p.qweight), ("scales", p.scales), ("zeros", p.zeros),
                  ("perm", p.perm), ("g_idx", p.g_idx))  # fmt: skip

@@ -674,7 +674,11 @@ class Int4Packed:
     order "pairs" (`backends.triton.int4_tc`): the same words read in k order are a weight whose
     channels are also shuffled inside each 128-k chunk, which `perm` includes (so every kernel
     here and `dequantize_packed` read it unchanged); the tensor-core kernel reads x in
-    `pairs_perm` order instead (the desc_act sort alone, None when unchanged).
+    `pairs_perm` order instead (the desc_act sort alone, None when unchanged). Pairs words may
+    be tiled (`repack_int4_for_triton(..., tile_rows=R)`): qweight int32 [N / R, K / 128, R,
+    16] (`int4_tc.tile_pairs`), the same words regrouped so the tensor-core kernel streams each
+    step's R x 64 bytes contiguously; the dequantize kernel reads either form, the k-order
+    kernels (fp32 x) and `dequantize_packed` untile a copy.
     """
 
     qweight: torch.Tensor
@@ -688,10 +692,14 @@ class Int4Packed:
 
     @property
     def out_features(self) -> int:
+        if self.qweight.dim() == 4:  # tiled
+            return self.qweight.shape[0] * self.qweight.shape[2]
         return self.qweight.shape[0]
 
     @property
     def in_features(self) -> int:
+        if self.qweight.dim() == 4:
+            return self.qweight.shape[1] * self.qweight.shape[3] * 8
         return self.qweight.shape[1] * 8
 
 
@@ -722,12 +730,15 @@ def repack_int4_for_triton(
     group_size: int,
     g_idx: torch.Tensor | None = None,
     order: str = "k",
+    tile_rows: int = 0,
 ) -> Int4Packed:
     """Once, at load: the canonical layout (qweight int32 [K/8, N], scales / zeros [K/G, N],
     optional g_idx [K]) -> Int4Packed, losslessly (the same codes, scales and zeros, moved).
     order "k" (nibble i of word r is k = 8r + i) or "pairs" (the tensor-core kernel's order,
     `backends.triton.int4_tc`; K and the group size, after the desc_act sort, multiples of 128:
-    else a ValueError saying why; `pairs_reason` asks first).
+    else a ValueError saying why; `pairs_reason` asks first). tile_rows > 0 with order "pairs"
+    and N a multiple of it: the words in tiles of that many rows (`int4_tc.tile_pairs`; 0 or
+    an N it does not divide: row-major).
 
     Without g_idx the weight is transposed. With g_idx (desc_act) the input channels are sorted
     by group (stable), so each group's channels are contiguous and `int4_linear` permutes x's
@@ -755,8 +766,11 @@ def repack_int4_for_triton(
     if order == "pairs":
         pos = int4_tc.pairs_positions(k, codes.device)
         perm = pos if sort_kept is None else sort_kept[pos]
-        return Int4Packed(_pack_rows(codes[pos].t().contiguous()), st, zt, k // scales.shape[0],
-                          perm=perm, order="pairs", pairs_perm=sort_kept)  # fmt: skip
+        words = _pack_rows(codes[pos].t().contiguous())
+        if tile_rows > 0 and n % tile_rows == 0:
+            words = int4_tc.tile_pairs(words, tile_rows)
+        return Int4Packed(words, st, zt, k // scales.shape[0], perm=perm, order="pairs",
+                          pairs_perm=sort_kept)  # fmt: skip
     return Int4Packed(
         _pack_rows(codes.t().contiguous()), st, zt,  # [N, K/8]
         group_size=k // scales.shape[0] if uniform else 0,
@@ -801,7 +815,8 @@ def dequantize_packed(p: Int4Packed) -> torch.Tensor:
     device): the fallback when the kernel cannot take an input, and the check of the repack."""
     n, k = p.out_features, p.in_features
     shifts = torch.arange(8, device=p.qweight.device, dtype=torch.int32) * 4
-    codes = ((p.qweight[:, :, None] >> shifts) & 0xF).reshape(n, k)  # [N, K] packed order
+    words = int4_tc.untile_pairs(p.qweight)
+    codes = ((words[:, :, None] >> shifts) & 0xF).reshape(n, k)  # [N, K] packed order
     if p.g_idx is not None:
         g = p.g_idx.to(torch.int64)
     else:
@@ -832,6 +847,9 @@ def _int4_dequant_packed_kernel(
     perm_ptr,
     out_ptr,
     stride_qw_row,
+    stride_qw_tile,  # words: `int4_tc.word_strides` (row-major or tiled)
+    stride_qw_chunk,
+    tile_rows,
     stride_s_row,
     stride_z_row,
     stride_out_row,
@@ -856,7 +874,9 @@ def _int4_dequant_packed_kernel(
     # Rows and words past the end re-read the last one (in bounds; never stored).
     rn_in = tl.minimum(rn, n_cols - 1).to(tl.int64)
     r_in = tl.minimum(r, n_words - 1)
-    words = tl.load(qweight_ptr + rn_in[:, None] * stride_qw_row + r_in[None, :])  # [BN, BR]
+    w_rows = (rn_in // tile_rows) * stride_qw_tile + (rn_in % tile_rows) * stride_qw_row
+    w_cols = (r_in // 16) * stride_qw_chunk + r_in % 16
+    words = tl.load(qweight_ptr + w_rows[:, None] + w_cols[None, :])  # [BN, BR]
     s_rows = scales_ptr + rn_in * stride_s_row  # [BN]
     z_rows = zeros_ptr + rn_in * stride_z_row
     k = tl.program_id(1) * (8 * BLOCK_R) + tl.arange(0, 8 * BLOCK_R)  # [BK] packed k
@@ -940,7 +960,7 @@ def dequantize_packed_triton(
     block_n = min(DEQUANT_BLOCK_N, triton.next_power_of_2(n))
     block_r = min(DEQUANT_BLOCK_R, triton.next_power_of_2(n_words))
     mode = _dequant_scale_mode(p, block_r)
-    qw = p.qweight if p.qweight.stride(1) == 1 else p.qweight.contiguous()
+    qw = p.qweight if p.qweight.stride(-1) == 1 else p.qweight.contiguous()
     sc = p.scales if p.scales.stride(1) == 1 else p.scales.contiguous()
     zs = p.zeros if p.zeros.stride(1) == 1 else p.zeros.contiguous()
     permute = checkpoint_order and p.perm is not None
@@ -948,7 +968,8 @@ def dequantize_packed_triton(
     pm = p.perm if permute else qw
     grid = (triton.cdiv(n, block_n), triton.cdiv(n_words, block_r))
     _int4_dequant_packed_kernel[grid](
-        qw, sc, zs, gi, pm, out, qw.stride(0), sc.stride(0), zs.stride(0), out.stride(0), n,
+        qw, sc, zs, gi, pm, out, *int4_tc.word_strides(qw)[1], sc.stride(0), zs.stride(0),
+        out.stride(0), n,
         n_words, max(p.group_size, 1), SCALE_MODE=mode, HAS_G_IDX=p.g_idx is not None,
         PERMUTE=permute, INTERPRET=interpreting(), BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
@@ -1027,7 +1048,7 @@ def _int4_linear_packed(x, p: Int4Packed, bias, allow_tf32, configs, config,
     final = split == 1
     dest = out if final else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     dot_dtype, precision = _dot_dtype(x, allow_tf32)
-    qw = p.qweight
+    qw = int4_tc.untile_pairs(p.qweight)  # (tiled pairs words with fp32 x: a copy, rare)
     b = bias.contiguous() if bias is not None else qw  # a dummy pointer when absent
     gi = p.g_idx if p.g_idx is not None else qw
     _int4_packed_kernel[(tiles, split)](

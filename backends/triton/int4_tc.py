@@ -113,6 +113,25 @@ def tile_pairs(qweight: torch.Tensor, rows: int) -> torch.Tensor:
     return qweight.view(n // rows, rows, words // _WORDS, _WORDS).permute(0, 2, 1, 3).contiguous()
 
 
+def word_strides(qweight: torch.Tensor) -> tuple[int, tuple[int, int, int, int]]:
+    """(N, (row, tile, chunk, tile rows)) of 4-bit words, row-major [N, K/8] (its rows' words
+    contiguous) or tiled [N / rows, K / 128, rows, 16] (`tile_pairs`): word r of row n sits at
+    (n // tile_rows) * tile + (n % tile_rows) * row + (r // 16) * chunk + r % 16."""
+    if qweight.dim() == 4:
+        return qweight.shape[0] * qweight.shape[2], (
+            qweight.stride(2), qweight.stride(0), qweight.stride(1), qweight.shape[2]
+        )  # fmt: skip
+    return qweight.shape[0], (qweight.stride(0), 0, _WORDS, max(qweight.shape[0], 1))
+
+
+def untile_pairs(qweight: torch.Tensor) -> torch.Tensor:
+    """Row-major words [N, K/8] of tiled ones (a copy); row-major ones unchanged."""
+    if qweight.dim() != 4:
+        return qweight
+    tiles, chunks, rows, words = qweight.shape
+    return qweight.permute(0, 2, 1, 3).reshape(tiles * rows, chunks * words)
+
+
 @triton.jit
 def _pair(words, zneg, NIB: tl.constexpr, MAGIC2: tl.constexpr, MAGIC: tl.constexpr,
           ONE2: tl.constexpr, PAIR_PTX: tl.constexpr, DOT_DTYPE: tl.constexpr,
@@ -254,12 +273,7 @@ def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Pair
     into out [M, N]; `reduce_splits(dest, bias_or_dummy, out, split, m, n, has_bias)` sums
     split-K partials. The caller has checked shapes and `pairs_unsupported`."""
     m, k = x.shape
-    if qweight.dim() == 4:  # tiled (`tile_pairs`): [N / rows, K / 128, rows, 16]
-        n = qweight.shape[0] * qweight.shape[2]
-        w_strides = (qweight.stride(2), qweight.stride(0), qweight.stride(1), qweight.shape[2])
-    else:  # [N, K / 8]
-        n = qweight.shape[0]
-        w_strides = (qweight.stride(0), 0, _WORDS, n)
+    n, w_strides = word_strides(qweight)
     chunks = k // CHUNK
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     # Auto: as many splits as fit the resident programs in one wave (never a partial second

@@ -12,6 +12,7 @@ weight once to x's dtype, one rounding per term adding as a random walk (the u *
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import sys
 
@@ -433,6 +434,41 @@ def test_pairs_fp32_x_takes_the_k_order_kernels(monkeypatch) -> None:
     case, p = pairs_case(2, 24, 256, 128, torch.float32, None, False, seed=2)
     check(case, run_packed(case, p))
     assert launched  # through perm, which includes the pairs shuffle
+
+
+@pytest.mark.parametrize(("n", "tile_rows", "runs"), [
+    (64, 32, ((1, None), (5, (16, 16, 2)), (33, (32, 64, 1)))),  # tiles wider than a block
+    (48, 16, ((3, (16, 32, 3)),)),  # blocks spanning two tiles
+])  # fmt: skip
+def test_tiled_pairs_give_the_same_bits(n: int, tile_rows: int, runs: tuple) -> None:
+    # Tiles of rows (each kernel step one contiguous run) hold the same words as the row-major
+    # pairs order (decoded here from the documented layout, independently of the module), and
+    # every consumer gives the same bits: the tensor-core kernel, the dequantize kernel, the
+    # k-order kernels fp32 x takes (an untiled copy) and the torch decode.
+    case = make_case(1, n, 384, 128, torch.bfloat16, True, False, seed=21)
+    q = [dev(t) for t in (case["qweight"], case["scales"], case["zeros"])]
+    flat = ig.repack_int4_for_triton(*q, 128, dev(case["g_idx"]), order="pairs")
+    tiled = ig.repack_int4_for_triton(*q, 128, dev(case["g_idx"]), order="pairs",
+                                      tile_rows=tile_rows)  # fmt: skip
+    words = tiled.qweight.cpu()
+    assert words.shape == (n // tile_rows, 384 // 128, tile_rows, 16)
+    assert (tiled.out_features, tiled.in_features) == (n, 384)
+    rows = torch.empty(n, 384 // 8, dtype=torch.int32)
+    for t, c, r, j in itertools.product(*(range(d) for d in words.shape)):
+        rows[t * tile_rows + r, c * 16 + j] = words[t, c, r, j]
+    assert torch.equal(rows, flat.qweight.cpu())
+    assert torch.equal(ig.dequantize_packed(tiled), ig.dequantize_packed(flat))
+    for dtype in (torch.bfloat16, torch.float32):
+        assert torch.equal(ig.dequantize_packed_triton(tiled, dtype),
+                           ig.dequantize_packed_triton(flat, dtype))  # fmt: skip
+    for m, cfg in runs:
+        config = None if cfg is None else ig.int4_tc.Int4PairsConfig(cfg[0], cfg[1], cfg[2])
+        for dtype in (torch.bfloat16, torch.float32):  # fp32: the k-order kernels
+            x = dev(torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).to(dtype))
+            kw = {"config": config} if dtype != torch.float32 else {}
+            assert torch.equal(ig.int4_linear(x, tiled, **kw), ig.int4_linear(x, flat, **kw))
+    # Rows the tile does not divide stay row-major.
+    assert ig.repack_int4_for_triton(*q, 128, order="pairs", tile_rows=40).qweight.dim() == 2
 
 
 def test_pairs_bad_input() -> None:
