@@ -1,6 +1,6 @@
 """4-bit weight-only GEMM on tensor cores for the "pairs" nibble order of the packed layout: the
-dequantized tile goes from registers straight into the MMA (about half of copy bandwidth at decode
-sizes on an H100, 1.15-1.7x the k-order kernels: docs/benchmarks.md).
+dequantized tile goes from registers straight into the MMA (0.49-0.64 of copy bandwidth at decode
+sizes on an H100 with the words tiled by rows, 1.15-1.7x the k-order kernels: docs/benchmarks.md).
 
 The order (`repack_int4_for_triton(..., order="pairs")`): qweight int32 [N, K/8] as in the
 packed layout, but inside each 128-k chunk (16 words of a row) nibble i (0-3) of word j holds
@@ -66,6 +66,8 @@ class Int4PairsConfig:
 # 3.6, bf16, G = 128, both 8B MLP shapes; `python bench/int4_gemm.py --autotune --layouts pairs`
 # and sweeps of block_n / stages / splits / programs per SM, 2026-11-26): M = 1-16 19.5-23.4 us
 # per call, 0.43-0.52 of copy bandwidth, 1.15-1.7x the k-order kernels (docs/benchmarks.md).
+# On words tiled by 128 rows (`tile_pairs`, ninth session): 0.49-0.64, the same shape still best
+# at M = 1 in a sweep of block_n 64-256, 3-6 stages, 2-8 programs per SM.
 PAIRS_CONFIGS: tuple[tuple[int, Int4PairsConfig], ...] = (
     (16, Int4PairsConfig(16, 128, num_warps=4, num_stages=3, programs_per_sm=4)),
     (32, Int4PairsConfig(32, 64, num_warps=4, num_stages=4)),
