@@ -11,6 +11,8 @@ import torch
 
 MIN_COUNTERS = 1 << 16  # allocated at once (256 KiB of int32 per device)
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
+# Buffers replaced by larger ones stay allocated: CUDA graphs captured earlier hold their address.
+_RETIRED: list[torch.Tensor] = []
 
 
 def tile_counters(device: torch.device, count: int) -> torch.Tensor | None:
@@ -20,6 +22,9 @@ def tile_counters(device: torch.device, count: int) -> torch.Tensor | None:
     if buf is None or buf.numel() < count:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
-        buf = torch.zeros(max(count, MIN_COUNTERS), dtype=torch.int32, device=device)
+        if buf is not None:
+            _RETIRED.append(buf)
+        buf = torch.zeros(max(count, 2 * buf.numel() if buf is not None else MIN_COUNTERS),
+                          dtype=torch.int32, device=device)  # fmt: skip
         _COUNTERS[device] = buf
     return buf

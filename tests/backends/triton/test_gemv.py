@@ -170,6 +170,17 @@ def test_fused_split_k_reduce_gives_the_same_bits(kernel: str, m: int, splits: i
     assert not counters._COUNTERS[fused.device].any()
 
 
+def test_counters_grow_without_freeing_the_old_buffer() -> None:
+    # A CUDA graph captured earlier holds the old buffer's address: growing must keep it
+    # allocated (and the new one zeroed, at least twice as large).
+    device = torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device("cpu")
+    old = counters.tile_counters(device, 1)
+    grown = counters.tile_counters(device, old.numel() + 1)
+    assert grown.numel() >= 2 * old.numel() and not grown.any()
+    assert any(buf is old for buf in counters._RETIRED)
+    assert counters.tile_counters(device, 5) is grown
+
+
 @settings(max_examples=10 if os.environ.get("HYPOTHESIS_PROFILE", "ci") == "ci" else 200)
 @given(
     m=st.integers(1, 16),
