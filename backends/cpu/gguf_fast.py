@@ -13,9 +13,10 @@ Two paths, chosen at `prepare_gguf_cpu` time and recorded in `GGUFCpuWeight.path
 - "tiled": the blocks are unpacked once into int8 codes [N, K] with fp32 scales (and offsets)
   per group, w = codes * scale + offset, which reproduces the reference's fp32 roundings bit for
   bit (Q4_K's scale is d * sc_j and offset -(dmin * m_j); Q6_K's scale d * scales[j]). Each tile
-  of rows is dequantized into an fp32 buffer of about 256 KB and multiplied: fp32 accuracy,
-  never the whole fp32 weight, about 1.1-1.25 bytes per value (unpacking nibbles per call with
-  torch's uint8 ops costs ~10x more). Q8_0, Q6_K, and any type when int4pack is off.
+  of rows is dequantized into an fp32 buffer of up to 4 MiB (`TILE_VALUES`) and multiplied: fp32
+  accuracy, never the whole fp32 weight of a large model, about 1.1-1.25 bytes per value kept
+  (unpacking nibbles per call with torch's uint8 ops costs ~10x more). Q8_0, Q6_K, and any type
+  when int4pack is off.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ logger = logging.getLogger(__name__)
 INT4PACK_TYPES = ("Q4_0", "Q4_1", "Q4_K")
 INT4PACK_GROUP = 32
 INT4PACK_N_TILE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
-TILE_VALUES = 65536  # values per dequantized fp32 tile: 256 KB, inside a core's L2
+# Values per dequantized fp32 tile (4 MiB): the dequantize (int8 -> fp32, scale, offset) costs
+# ~5x the matmul at batch 1 and each tile pays ~5 torch calls, so whole weights of small models
+# go in one tile. SmolLM2-135M's linears, 2 cores, 2026-11-27: 256 KiB tiles 89-121 ms per token
+# at batch 1, 4 MiB 39-55 ms; 1.4-2.0x faster at M = 4-256 too (dense fp32 F.linear: 27 ms).
+TILE_VALUES = 1 << 20
 
 
 @dataclass
