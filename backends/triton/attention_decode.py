@@ -78,8 +78,8 @@ class DecodeConfig:
 # The decode tuning table, keyed by `table_key` (operand width, smem class). Re-derive the sm_90
 # rows on a new GPU with `python bench/attention.py decode --autotune`. narrow / big_smem: H100
 # graph replays 2026-11-27 (ninth session, bf16 cache, batch 1-16 x 512-32k under the split
-# model below): 3 stages 1-4% faster than 2 at 12 of 15 shapes, within 0.5% at the rest (one
-# 192 KiB program per SM: the split model's second resident program does not matter there).
+# model below): 3 stages 1-4% faster than 2 at 12 of 15 shapes, within 0.5% at the rest (73
+# KiB of shared memory a program on sm_90 with Triton 3.6; 224-255 registers for 128 threads).
 DECODE_CONFIGS: dict[tuple[str, str], DecodeConfig] = {
     ("narrow", "big_smem"): DecodeConfig(block_n=128, num_warps=4, num_stages=3),
     ("narrow", "small_smem"): DecodeConfig(block_n=64, num_warps=4, num_stages=2),
