@@ -1,9 +1,10 @@
-"""Zeroed int32 counters for kernels whose last program to finish a unit of work (a GEMV tile's
-split-K partials, a decode sequence's KV splits) does the combining itself: each program adds one
+"""Zeroed int32 counters for kernels whose last program to finish a unit of work does the
+combining itself (today the GEMV's split-K sum, `backends.triton.gemv`): each program adds one
 with release-acquire order, the one that brings the count to the total combines, then stores zero
-again, so every launch and every CUDA-graph replay finds them zero. One buffer per device, shared
-by the kernels that use it: they run one after another on a stream (one stream per device at a
-time, as the engine runs)."""
+again, so every launch and every CUDA-graph replay finds them zero. One buffer per device; its
+users run one after another on a stream (one stream per device at a time, as the engine runs).
+(The decode attention tried the same for its KV splits and dropped it: slower than its combine
+kernel on an H100, docs/benchmarks.md, ninth session.)"""
 
 from __future__ import annotations
 

@@ -692,15 +692,12 @@ class Int4Packed:
 
     @property
     def out_features(self) -> int:
-        if self.qweight.dim() == 4:  # tiled
-            return self.qweight.shape[0] * self.qweight.shape[2]
-        return self.qweight.shape[0]
+        return int4_tc.word_strides(self.qweight)[0]  # row-major or tiled words
 
     @property
     def in_features(self) -> int:
-        if self.qweight.dim() == 4:
-            return self.qweight.shape[1] * self.qweight.shape[3] * 8
-        return self.qweight.shape[1] * 8
+        q = self.qweight  # words per row: [N, K/8], or tiled [N / R, K / 128, R, 16]
+        return (q.shape[1] * q.shape[3] if q.dim() == 4 else q.shape[1]) * 8
 
 
 def _pack_rows(codes: torch.Tensor) -> torch.Tensor:
