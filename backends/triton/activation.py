@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import (
     ONE_TILE_MAX_COLS,
     cast_rtne,
@@ -36,7 +37,9 @@ def _silu_and_mul_kernel(
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_wait(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
@@ -77,7 +80,9 @@ def _silu_and_mul_quant_kernel(
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_wait(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_x_row
@@ -153,6 +158,7 @@ def silu_and_mul_quant_fp8(
             x2, q.view(torch.uint8), scale, x2.stride(0), d, rows, d, float(codec["FP8_MAX"]),
             ENCODE_NATIVE=fp8_encode_mode(fp8_dtype, x.device), ONE_TILE=d <= block_n,
             INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **codec,
+            **pdl_args(x.device, "activation"),
         )  # fmt: skip
     return q, scale
 
@@ -171,6 +177,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         grid = (triton.cdiv(n_rows, block_m), triton.cdiv(d, block_n))
         _silu_and_mul_kernel[grid](
             x2, y, x2.stride(0), y.stride(0), n_rows, d, INTERPRET=interpreting(),
-            BLOCK_M=block_m, BLOCK_N=block_n,
+            BLOCK_M=block_m, BLOCK_N=block_n, **pdl_args(x.device, "activation"),
         )  # fmt: skip
     return y.reshape(*x.shape[:-1], d)

@@ -21,6 +21,7 @@ from backends.triton.attention_common import (
     _sm_count,
     table_key,
 )
+from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import cast_rtne, interpreting, raw
 
 # A batch whose longest query (max_query_len, when the caller passes it) is at most this many
@@ -184,7 +185,9 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_wait(PDL)
     # grid: (num_seqs, num_kv_heads, num_splits)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -296,7 +299,9 @@ def _reduce_kernel(
     BLOCK_N: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_wait(PDL)
     # grid: (num_seqs, num_heads); combines the splits of every query token of the sequence
     # whose chunk used more than one (the decode kernel wrote the others whole)
     seq = tl.program_id(0)
@@ -476,6 +481,7 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
         SPLIT=splits > 1, PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM_P2=c["head_dim_p2"],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
+        **pdl_args(query.device, "attention"),
     )  # fmt: skip
     if splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](
@@ -483,5 +489,6 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
             num_heads, head_dim, splits, min_tiles, int(sliding_window or 0), block_m // group,
             c["out_scale"], INTERPRET=interpreting(), EVEN_D=c["even_d"], BLOCK_N=cfg.block_n,
             SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM_P2=c["head_dim_p2"], num_warps=4,
+            **pdl_args(query.device, "attention"),
         )  # fmt: skip
     return out

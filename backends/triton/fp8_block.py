@@ -39,6 +39,7 @@ from backends.triton.gemv import (
     _split_k_reduce_kernel,
     _to_float,
 )
+from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import FLOAT_DTYPES, cast_rtne, fp8_codec, interpreting, native_fp8, raw
 
 SWAP_MAX_M = 32  # up to here the weight fills the MMA's M side and K splits across programs
@@ -186,7 +187,9 @@ def _fp8_block_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_wait(PDL)
     # ROWWISE: one scale per token and per weight row (or per tensor: row strides 0) for all of
     # K: the K tiles accumulate in the MMA (loop-carried, so wgmma pipelines) and the scales
     # apply once at the end. Else one K tile per scale block, each block's sum scaled.
@@ -330,13 +333,13 @@ def _launch(x_q, x_scale, w_q, w_scale, bias, out, block_k, rows_per_scale, n_bl
         **{f"W_{key}": value for key, value in fp8_codec(w_q.dtype).items()},
         HAS_BIAS=bias is not None, INTERPRET=interpret, ROWWISE=rowwise, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n, BLOCK_K=block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device, "gemm"),
     )  # fmt: skip
     if splits > 1:
         _split_k_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK), m)](
             partial, out, dummy if bias is None else bias, dummy, dummy, m, n, splits, m * n,
             out.stride(0), HAS_BIAS=bias is not None, X_SCALE=0, W_SCALE=0, INTERPRET=interpret,
-            BLOCK=_REDUCE_BLOCK, num_warps=4,
+            BLOCK=_REDUCE_BLOCK, num_warps=4, **pdl_args(x.device, "gemm"),
         )  # fmt: skip
     return out
 

@@ -41,6 +41,7 @@ import triton.language as tl
 from backends.cpu.linear import _check_bias, _check_quantized
 from backends.cpu.quant import is_fp8
 from backends.triton.counters import tile_counters
+from backends.triton.pdl import SKIP, grid_wait, launch_kwargs, use_pdl
 from backends.triton.quant import (
     FLOAT_DTYPES,
     cast_rtne,
@@ -312,6 +313,7 @@ def _small_m_kernel(
     W_HAS_INF: tl.constexpr,
     INTERPRET: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
+    PDL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -322,6 +324,9 @@ def _small_m_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, n_k)
+    grid_wait(PDL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -336,8 +341,6 @@ def _small_m_kernel(
     else:
         x_ptrs = x_ptr + x_rows[:, None] * stride_x_row + offs_k[None, :] * stride_x_col  # [1, BK]
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, n_k)
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs + k0 * stride_w_col, eviction_policy="evict_first")
@@ -410,9 +413,11 @@ def _split_k_reduce_kernel(
     X_SCALE: tl.constexpr,
     W_SCALE: tl.constexpr,
     INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # out[m, n] = epilogue(sum over s = 0, 1, ... of partial[s, m, n]): a fixed order, no atomics.
+    grid_wait(PDL)
     offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row = tl.program_id(1)
     n_ok = offs_n < n_cols
@@ -482,6 +487,7 @@ def _launch(
     fused = FUSED_REDUCE if fused_reduce is None else fused_reduce
     counters = tile_counters(x.device, grid[0] * grid[1]) if fused and splits > 1 else None
     fused = counters is not None
+    pdl = use_pdl(x.device) and "gemm" not in SKIP
     _small_m_kernel[grid](
         x, w, dummy if bias is None else bias, dummy if x_s is None else x_s,
         dummy if w_s is None else w_s, out, partial, counters if fused else partial,
@@ -491,14 +497,15 @@ def _launch(
         X_FP8=x_mode, W_FP8=w_mode,
         **{f"X_{key}": value for key, value in x_codec.items()},
         **{f"W_{key}": value for key, value in w_codec.items()},
-        FUSED_REDUCE=fused, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        FUSED_REDUCE=fused, PDL=pdl, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **flags, **launch_kwargs(pdl),
     )  # fmt: skip
     if splits > 1 and not fused:
         _split_k_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK), m)](
             partial, out, dummy if bias is None else bias, dummy if x_s is None else x_s,
             dummy if w_s is None else w_s, m, n, splits, m * n, out.stride(0),
-            BLOCK=_REDUCE_BLOCK, num_warps=4, **flags,
+            BLOCK=_REDUCE_BLOCK, num_warps=4, PDL=pdl, **flags, **launch_kwargs(pdl),
         )  # fmt: skip
     return out
 

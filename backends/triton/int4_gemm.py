@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from backends.triton import int4_tc
+from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import cast_rtne, check_float, interpreting
 
 _MAGIC = tl.constexpr(8388608.0)  # 2^23: the fp32 whose low mantissa bits hold a small integer
@@ -306,7 +307,9 @@ def _split_reduce_kernel(
     INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr,
     SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_wait(PDL)
     # out[i] = sum_s partial[s, i] (+ bias[i % N]) over the flattened [M, N], in split order.
     # SPLITS (a power of two >= n_split) unrolls the loop, so every split's load is in flight
     # at once instead of one DRAM round trip per split.
@@ -657,7 +660,7 @@ def _reduce_splits(dest, b, out, split, m, n, has_bias) -> None:
     block = 128 if m * n <= (1 << 20) else 1024
     _split_reduce_kernel[(triton.cdiv(m * n, block),)](
         dest, b, out, split, m * n, n, HAS_BIAS=has_bias, INTERPRET=interpreting(), BLOCK=block,
-        SPLITS=triton.next_power_of_2(split),
+        SPLITS=triton.next_power_of_2(split), **pdl_args(dest.device, "gemm"),
     )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from backends.triton.gemv import (
     m_bucket,
     split_plan,
 )
+from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import FLOAT_DTYPES, interpreting
 
 MAX_M = 16  # the largest M this kernel takes; beyond it torch._int_mm (no padding) wins
@@ -95,7 +96,9 @@ def _int8_small_m_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_wait(PDL)
     # One program: BLOCK_M rows of x against BLOCK_N weight rows over one K split; row blocks of
     # one weight block are neighbours on axis 0, so the second reads the weight from L2.
     pid_m = tl.program_id(0)
@@ -162,7 +165,9 @@ def _int8_split_k_reduce_kernel(
     W_SCALE: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_wait(PDL)
     # out[m, n] = epilogue(sum over s of partial[s, m, n]): integer sums, exact in any order.
     offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     row = tl.program_id(1)
@@ -244,12 +249,12 @@ def int8_linear_small_m(
         k_per_split, splits,
         USE_DOT=cfg.kernel == "dot", EVEN_K=k % cfg.block_k == 0,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **pdl_args(x_q.device, "gemm"),
     )  # fmt: skip
     if splits > 1:
         _int8_split_k_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK), m)](
             partial, out, bias_arg, x_s, w_s, m, n, splits, m * n, out.stride(0),
-            BLOCK=_REDUCE_BLOCK, num_warps=4, **flags,
+            BLOCK=_REDUCE_BLOCK, num_warps=4, **flags, **pdl_args(x_q.device, "gemm"),
         )  # fmt: skip
     return out
 

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import (
     FP8_CODECS,
     cast_rtne,
@@ -75,7 +76,9 @@ def _write_kv_kernel(
     INTERPRET: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_wait(PDL)
     tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     slot = tl.load(slot_mapping_ptr + tok, mask=tok < n_tokens, other=-1).to(tl.int64)
@@ -157,7 +160,7 @@ def write_kv(
     _write_kv_kernel[grid](
         k2, v2, raw(key_cache), raw(value_cache), slot_mapping, k2.stride(0), v2.stride(0),
         n_tokens, n_cols, num_blocks * block_size, scale, IS_FP8=is_fp8, INTERPRET=interpreting(),
-        BLOCK_T=block_t, BLOCK_N=block_n, **codec,
+        BLOCK_T=block_t, BLOCK_N=block_n, **codec, **pdl_args(key.device, "kv"),
     )  # fmt: skip
 
 

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import (
     ONE_TILE_MAX_COLS,
     cast_rtne,
@@ -102,7 +103,9 @@ def _rms_norm_kernel(
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_wait(PDL)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < n_rows
     rows64 = rows.to(tl.int64)[:, None]
@@ -178,7 +181,7 @@ def _launch(x2, weight, eps, residual, y, scale, fp8_dtype, max_block_n) -> torc
             float(codec["FP8_MAX"]), HAS_RESIDUAL=residual is not None,
             QUANT=fp8_dtype is not None, ENCODE_NATIVE=native, ONE_TILE=hidden <= block_n,
             INTERPRET=interpreting(), BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=8 if block_n >= 4096 else 4, **codec,
+            num_warps=8 if block_n >= 4096 else 4, **codec, **pdl_args(x2.device, "norm"),
         )  # fmt: skip
     return h
 

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from backends.triton.kv_cache import _check_caches, kv_cache_value
+from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import (
     FP8_CODECS,
     cast_rtne,
@@ -225,7 +226,9 @@ def _rotary_kernel(
     BLOCK_HQ: tl.constexpr,  # q heads per program
     BLOCK_HKV: tl.constexpr,  # k or v heads per program
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    grid_wait(PDL)
     # Each branch is one call: names bound inside a runtime `if` must agree in type across its
     # branches, and q tiles are BLOCK_HQ wide where k and v tiles are BLOCK_HKV.
     tile = tl.program_id(1)
@@ -320,7 +323,7 @@ def _launch(
         n_tokens, n_heads, n_kv_heads, head_dim, cache.shape[1], n_q_tiles, n_kv_tiles, n_slots,
         scale, IS_NEOX=is_neox, WRITE_KV=write, IS_FP8=is_fp8, INTERPRET=interpreting(),
         BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_D=block_d,
-        enable_fp_fusion=False, **codec,
+        enable_fp_fusion=False, **codec, **pdl_args(query.device, "rotary"),
     )  # fmt: skip
     return q_out, k_out
 

@@ -267,7 +267,8 @@ fn = rotary._rotary_kernel
 for target in (GPUTarget("cuda", 90, 32), GPUTarget("hip", "gfx942", 64)):
     for write in (False, True):
         consts = dict(IS_NEOX=write, WRITE_KV=write, IS_FP8=write, INTERPRET=False, BLOCK_T=1,
-                      BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_D=128, **fp8_codec(torch.float8_e4m3fnuz))
+                      BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_D=128, PDL=target.backend == "cuda",
+                      **fp8_codec(torch.float8_e4m3fnuz))
         sig = {n: ("*" + ptrs[n] if n in ptrs else "constexpr" if n in consts else "i32")
                for n in fn.arg_names}
         sig["kv_scale"] = "fp32"
