@@ -24,9 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.counters import tile_counters
-from backends.triton.gemv import FUSED_REDUCE
-from backends.triton.pdl import SKIP, grid_wait, launch_kwargs, use_pdl
+from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import cast_rtne, interpreting
 
 CHUNK = 128  # k per chunk of the pairs order; the group size must be a multiple of it
@@ -190,8 +188,6 @@ def _int4_pairs_kernel(
     stride_z_group,
     stride_out_split,
     stride_out_row,
-    final_ptr,  # FUSED_REDUCE: out [M, N] (rows contiguous), out_ptr holding the partials
-    counter_ptr,  # FUSED_REDUCE: int32 per tile, zero between launches
     n_rows,
     n_cols,
     n_words,
@@ -208,9 +204,9 @@ def _int4_pairs_kernel(
     INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    FUSED_REDUCE: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    grid_wait(PDL)
     # One program: BLOCK_N weight rows against BLOCK_M rows of x over one K split, a 128-k chunk
     # [BLOCK_N, 16 words] per step: W_i [BN, 32] @ x[k0 + 32 i : +32, rows] for i = 0..3 on
     # tensor cores (the swapped product: weights fill the MMA's M side), scaled per chunk.
@@ -219,9 +215,6 @@ def _int4_pairs_kernel(
     blocks_m = tl.cdiv(n_rows, BLOCK_M)
     pid_m = pid % blocks_m  # neighbours share a weight tile (L2 hits at M > BLOCK_M)
     pid_n = pid // blocks_m
-    r_start = pid_k * words_per_split
-    r_end = tl.minimum(r_start + words_per_split, n_words)
-    grid_wait(PDL)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     # Rows past the end re-read the last row (in bounds, never stored): loads need no mask.
@@ -235,6 +228,8 @@ def _int4_pairs_kernel(
     s_rows = scales_ptr + rn_in * stride_s_row
     z_rows = zeros_ptr + rn_in * stride_z_row
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    r_start = pid_k * words_per_split
+    r_end = tl.minimum(r_start + words_per_split, n_words)
     last_group = (n_words * 8 - 1) // group_size
     # Scales and zeros one chunk ahead: the first chunk's here, each step loads the next's.
     g = (r_start * 8) // group_size
@@ -273,39 +268,17 @@ def _int4_pairs_kernel(
         out = out_ptr + rm.to(tl.int64)[None, :] * stride_out_row + rn[:, None]
         tl.store(out, cast_rtne(acc, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
     else:
-        first = out_ptr + rm.to(tl.int64)[None, :] * stride_out_row + rn[:, None]
-        tl.store(first + pid_k * stride_out_split, acc, mask=mask)
-        if FUSED_REDUCE:
-            # As the GEMV's (backends.triton.gemv): every partial stored, one release-acquire
-            # increment per program; the split that completes the tile sums the partials in
-            # split order (the reduce kernel's order and bits) and sets the counter back to 0.
-            tl.debug_barrier()
-            n_split = tl.num_programs(1)
-            count = tl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            if count == n_split - 1:
-                total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-                for sp in range(n_split):
-                    total += tl.load(first + sp * stride_out_split, mask=mask, other=0.0,
-                                     cache_modifier=".cg")  # fmt: skip
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + rn_in).to(tl.float32)[:, None]
-                fin = final_ptr + rm.to(tl.int64)[None, :] * n_cols + rn[:, None]
-                tl.store(fin, cast_rtne(total, final_ptr.dtype.element_ty, INTERPRET), mask=mask)
-                tl.atomic_xchg(counter_ptr + pid, 0)
+        out = out_ptr + pid_k * stride_out_split + rm.to(tl.int64)[None, :] * stride_out_row
+        tl.store(out + rn[:, None], acc, mask=mask)
 
 
 def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4PairsConfig,
-                 sm_count: int, reduce_splits, fused_reduce=None) -> None:  # fmt: skip
+                 sm_count: int, reduce_splits) -> None:  # fmt: skip
     """Runs the kernel for x [M, K] (bf16/fp16, contiguous rows, in the weight's channel order)
-    into out [M, N] (contiguous); split-K partials are summed by the kernel's last split of each
-    tile (`fused_reduce`, None: the GEMV's FUSED_REDUCE) or by `reduce_splits(dest,
-    bias_or_dummy, out, split, m, n, has_bias)`. The caller has checked shapes and
-    `pairs_unsupported`."""
+    into out [M, N]; `reduce_splits(dest, bias_or_dummy, out, split, m, n, has_bias)` sums
+    split-K partials. The caller has checked shapes and `pairs_unsupported`."""
     m, k = x.shape
     n, w_strides = word_strides(qweight)
-    if out.shape != (m, n) or out.stride() != (n, 1):
-        raise ValueError(f"out: expected a contiguous [{m}, {n}], got {tuple(out.shape)} "
-                         f"with strides {out.stride()}")  # fmt: skip
     chunks = k // CHUNK
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     # Auto: as many splits as fit the resident programs in one wave (never a partial second
@@ -316,24 +289,18 @@ def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Pair
     split = triton.cdiv(chunks, per_split)  # no empty split
     final = split == 1
     dest = out if final else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    fused = (FUSED_REDUCE if fused_reduce is None else fused_reduce) and not final
-    counters = tile_counters(x.device, tiles) if fused else None
-    fused = counters is not None
     magic2, magic, one2, pair_ptx = _MAGIC[x.dtype]
     b = bias.contiguous() if bias is not None else qweight  # a dummy pointer when absent
     interp = interpreting()
-    pdl = use_pdl(x.device) and "gemm" not in SKIP
     _int4_pairs_kernel[(tiles, split)](
         x, qweight, scales, zeros, b, dest, x.stride(0), *w_strides, scales.stride(0),
         scales.stride(1), zeros.stride(0), zeros.stride(1), 0 if final else dest.stride(0),
-        dest.stride(-2), out, counters if fused else dest, m, n, k // 8, group_size,
-        per_split * _WORDS,
+        dest.stride(-2), m, n, k // 8, group_size, per_split * _WORDS,
         HAS_BIAS=bias is not None, FINAL=final, DOT_DTYPE=_TL_DTYPE[x.dtype], MAGIC2=magic2,
         MAGIC=magic, ONE2=one2, PAIR_PTX=pair_ptx,
         USE_PTX=USE_PTX and x.device.type == "cuda" and torch.version.hip is None and not interp,
-        INTERPRET=interp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, FUSED_REDUCE=fused,
-        PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **launch_kwargs(pdl),
+        INTERPRET=interp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device, "gemm"),
     )  # fmt: skip
-    if not final and not fused:
+    if not final:
         reduce_splits(dest, b, out, split, m, n, bias is not None)

@@ -421,19 +421,6 @@ def test_pairs_matches_reference(run: int) -> None:
     check(case, run_packed(case, p, config=config))
 
 
-def test_pairs_fused_split_sum_gives_the_same_bits(monkeypatch) -> None:
-    # The last split of each tile sums the partials itself (counters, as the GEMV's) in the
-    # separate reduce kernel's order: the same bits either way, and the counters end at zero.
-    counters = importlib.import_module("backends.triton.counters")
-    case, p = pairs_case(5, 40, 640, 128, torch.bfloat16, None, True, seed=4)
-    config = ig.int4_tc.Int4PairsConfig(16, 16, split_k=3)
-    x, b = dev(case["x"]), dev(case["bias"])
-    fused = ig.int4_linear(x, p, bias=b, config=config)
-    assert not counters.tile_counters(x.device, 1).any()
-    monkeypatch.setattr(ig.int4_tc, "FUSED_REDUCE", False)
-    assert torch.equal(fused, ig.int4_linear(x, p, bias=b, config=config))
-
-
 def test_pairs_plain_ops_on_gpu(monkeypatch) -> None:
     # On NVIDIA GPUs the pairs come from inline PTX; the plain Triton ops (ROCm's path) must
     # give the same numbers. Under the interpreter both are the interpreter's own path.
