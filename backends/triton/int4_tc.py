@@ -1,6 +1,7 @@
 """4-bit weight-only GEMM on tensor cores for the "pairs" nibble order of the packed layout: the
 dequantized tile goes from registers straight into the MMA (0.49-0.64 of copy bandwidth at decode
-sizes on an H100 with the words tiled by rows, 1.15-1.7x the k-order kernels: docs/benchmarks.md).
+sizes on an H100 with the words tiled by rows, 0.36-0.46 on an H200 in about the same time: not
+DRAM-bound there; 1.15-1.7x the k-order kernels: docs/benchmarks.md).
 
 The order (`repack_int4_for_triton(..., order="pairs")`): qweight int32 [N, K/8] as in the
 packed layout, but inside each 128-k chunk (16 words of a row) nibble i (0-3) of word j holds
