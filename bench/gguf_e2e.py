@@ -1,5 +1,6 @@
 """End to end on CPU: the default SmolLM2-135M Q4_1 GGUF through this engine from its quantized
-weights (exact fp32 tiles, and the opt-in bf16 int4pack), dequantized at load (the old path), and
+weights (exact fp32: kept whole, the default for a model this size, or in tiles; and the opt-in
+bf16 int4pack), dequantized at load (the old path), and
 through llama.cpp (llama-cpp-python), in one run; batch 1 and 16 prompts, generated tokens/s.
 
     /work/venv/bin/python bench/gguf_e2e.py [--threads 2] [--max-tokens 64] [--repeats 2]
@@ -39,7 +40,12 @@ PROMPTS = [
 ]
 # name -> environment for this engine run (read when the LLM is built)
 ENGINE_PATHS = {
-    "blocks (exact fp32)": {"HAL_GGUF_INT4PACK": "0", "HAL_GGUF_DEQUANTIZE": "0"},
+    "blocks (exact fp32, whole)": {"HAL_GGUF_INT4PACK": "0", "HAL_GGUF_DEQUANTIZE": "0"},
+    "blocks (exact fp32, tiled)": {
+        "HAL_GGUF_INT4PACK": "0",
+        "HAL_GGUF_DEQUANTIZE": "0",
+        "HAL_GGUF_DENSE_BYTES": "0",
+    },  # fmt: skip
     "blocks (int4pack bf16)": {"HAL_GGUF_INT4PACK": "1", "HAL_GGUF_DEQUANTIZE": "0"},
     "dequantized fp32": {"HAL_GGUF_INT4PACK": "0", "HAL_GGUF_DEQUANTIZE": "1"},
 }
@@ -59,8 +65,16 @@ def engine_side(name: str, env: dict[str, str], prompts: list[list[int]], args) 
     from engine import LLM
     from engine.sampling_params import SamplingParams
 
+    saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
-    llm = LLM(device="cpu", dtype="float32", enable_prefix_caching=False, max_num_seqs=16)
+    try:
+        llm = LLM(device="cpu", dtype="float32", enable_prefix_caching=False, max_num_seqs=16)
+    finally:  # the next path starts from the caller's environment
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     warm = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate(prompt_token_ids=prompts[:1], sampling_params=warm, use_tqdm=False)

@@ -88,7 +88,8 @@ REGISTRY.register(
     )
 )
 # GGUF weights kept quantized: the exact fp32 path by default (blocks unpacked once into int8
-# codes and fp32 scales, dequantized one row tile at a time per call). HAL_GGUF_INT4PACK=1 opts
+# codes and fp32 scales, dequantized one row tile at a time per call; the first
+# HAL_GGUF_DENSE_BYTES, 1 GiB, of fp32 values kept whole instead). HAL_GGUF_INT4PACK=1 opts
 # Q4_0 / Q4_1 / Q4_K into torch's int4pack matmul, which is faster but bf16-accurate (x, scales
 # and offsets rounded to bf16), so it is never the silent default.
 REGISTRY.register(
@@ -97,7 +98,8 @@ REGISTRY.register(
         name="cpu_fast",
         priority=10,
         check=_always,
-        description="blocks repacked once at load: exact fp32 tiles of int8 codes x scales "
+        description="blocks repacked once at load: exact fp32 values (whole up to "
+        "HAL_GGUF_DENSE_BYTES, then tiles of int8 codes x scales) "
         "(HAL_GGUF_INT4PACK=1: torch's bf16 int4pack matmul for Q4_0/Q4_1/Q4_K)",
         scope="cpu",
         target="backends.cpu.gguf_fast:gguf_linear_cpu",

@@ -35,7 +35,28 @@ logger = logging.getLogger(__name__)
 
 # Opt-in for the bf16-accurate int4pack GGUF path of "cpu_fast" (see backends/cpu/__init__.py).
 GGUF_INT4PACK_ENV = "HAL_GGUF_INT4PACK"
-_GGUF_CPU_FIELDS = ("codes", "scale", "offset", "packed", "scale_zeros")
+_GGUF_CPU_FIELDS = ("codes", "scale", "offset", "packed", "scale_zeros", "dense")
+# Bytes of exact GGUF weights kept dequantized in fp32 per backend (the rest stay tiled).
+GGUF_DENSE_ENV = "HAL_GGUF_DENSE_BYTES"
+GGUF_DENSE_DEFAULT = 1 << 30
+
+
+def _gguf_dense_budget(wanted: int | None) -> int:
+    if wanted is not None:
+        budget = wanted
+    else:
+        value = os.environ.get(GGUF_DENSE_ENV, "").strip()
+        try:
+            budget = int(value) if value else GGUF_DENSE_DEFAULT
+        except ValueError:
+            raise ValueError(
+                f"{GGUF_DENSE_ENV}: {value!r} is not a whole number of bytes"
+            ) from None
+    if budget < 0:
+        raise ValueError(
+            f"{GGUF_DENSE_ENV}: {budget} must be >= 0 bytes (0: keep every weight tiled)"
+        )
+    return budget
 
 
 def _gguf_int4pack_policy(wanted: bool | None) -> bool:
@@ -55,7 +76,10 @@ class CpuBackend(Backend):
     """Reference semantics, clear over fast: fp32 accumulation, no TF32, eager 'graphs'.
 
     gguf_int4pack=None reads HAL_GGUF_INT4PACK (default off): whether "cpu_fast" runs 4-bit GGUF
-    weights through torch's bf16 int4pack matmul instead of the exact fp32 tiles."""
+    weights through torch's bf16 int4pack matmul instead of the exact fp32 values.
+    gguf_dense_bytes=None reads HAL_GGUF_DENSE_BYTES (default 1 GiB): how many bytes of those
+    exact fp32 values are kept whole at load (one matmul a call) before the rest stay tiled
+    (dequantized per call, ~1.2 bytes per value kept)."""
 
     name = "cpu"
 
@@ -65,15 +89,18 @@ class CpuBackend(Backend):
         device: str | torch.device = "cpu",
         selections: dict[str, Selection] | None = None,
         gguf_int4pack: bool | None = None,
+        gguf_dense_bytes: int | None = None,
     ) -> None:
         super().__init__(caps, device, selections)
         self.info.settings.update({"tf32": "off", "accumulate": "fp32", "graphs": "eager"})
         self.gguf_int4pack = _gguf_int4pack_policy(gguf_int4pack)
+        self.gguf_dense_left = _gguf_dense_budget(gguf_dense_bytes)
         if self.chosen("gguf_gemm") == "cpu_fast":
             self.info.settings["gguf_int4"] = (
                 f"int4pack (bf16 accuracy; {GGUF_INT4PACK_ENV}=1)"
                 if self.gguf_int4pack
-                else f"tiled (exact fp32; {GGUF_INT4PACK_ENV}=1 for bf16 int4pack)"
+                else f"exact fp32: whole up to {self.gguf_dense_left / 2**20:.0f} MiB "
+                f"({GGUF_DENSE_ENV}), then tiled; {GGUF_INT4PACK_ENV}=1 for bf16 int4pack"
             )
         logger.debug("cpu reference backend on %s", self.device)
 
@@ -138,8 +165,11 @@ class CpuBackend(Backend):
     def prepare_gguf(self, blocks, qtype, out_features, in_features) -> GGUFWeight:
         if self.chosen("gguf_gemm") == "cpu_fast":
             w = gguf_fast.prepare_gguf_cpu(
-                blocks, qtype, out_features, in_features, use_int4pack=self.gguf_int4pack
-            )
+                blocks, qtype, out_features, in_features, use_int4pack=self.gguf_int4pack,
+                dense_budget=self.gguf_dense_left,
+            )  # fmt: skip
+            if w.path == "dense":
+                self.gguf_dense_left -= w.nbytes()
             tensors = {f: getattr(w, f) for f in _GGUF_CPU_FIELDS if getattr(w, f) is not None}
             return GGUFWeight(w.qtype, out_features, in_features, w.path, tensors)
         bt = gguf.check_blocks(blocks, qtype, out_features, in_features)
@@ -150,10 +180,10 @@ class CpuBackend(Backend):
         n, k = weight.out_features, weight.in_features
         if weight.layout == "blocks":
             return gguf.gguf_linear(x, weight.tensors["blocks"], weight.qtype, n, k, bias)
-        if weight.layout not in ("tiled", "int4pack"):
+        if weight.layout not in ("tiled", "int4pack", "dense"):
             raise ValueError(
                 f"weight: layout {weight.layout!r} was not prepared by the CPU backend (blocks, "
-                "tiled, int4pack); prepare it with this backend's prepare_gguf"
+                "tiled, int4pack, dense); prepare it with this backend's prepare_gguf"
             )
         prepared = gguf_fast.GGUFCpuWeight(weight.qtype, n, k, weight.layout, **weight.tensors)
         return gguf_fast.gguf_linear_cpu(x, prepared, bias)

@@ -150,13 +150,20 @@ def test_cpu_prepare_keeps_exact_fp32_unless_int4pack_is_asked(qtype, cpu_caps):
     fp32_atol = 16 * 2.0**-24 * k**0.5 * mag
     ops = select_ops("cpu", cpu_caps)
     assert ops["gguf_gemm"].chosen == "cpu_fast"
-    exact = CpuBackend(cpu_caps, "cpu", ops, gguf_int4pack=False)
+    exact = CpuBackend(cpu_caps, "cpu", ops, gguf_int4pack=False, gguf_dense_bytes=0)
     w = exact.prepare_gguf(blocks, qtype, 24, k)
     assert w.layout == "tiled" and w.tensors["codes"].dtype == torch.int8
-    torch.testing.assert_close(exact.gguf_linear(x, w).double(), want, rtol=0, atol=fp32_atol)
+    tiled_y = exact.gguf_linear(x, w)
+    torch.testing.assert_close(tiled_y.double(), want, rtol=0, atol=fp32_atol)
+    # Within the dense budget (the default 1 GiB) the same fp32 values are kept whole: one
+    # matmul, the tiled path's bits (one tile here).
+    dense = CpuBackend(cpu_caps, "cpu", ops, gguf_int4pack=False)
+    wd = dense.prepare_gguf(blocks, qtype, 24, k)
+    assert wd.layout == "dense" and wd.tensors["dense"].dtype == torch.float32
+    assert torch.equal(dense.gguf_linear(x, wd), tiled_y)
     fast = CpuBackend(cpu_caps, "cpu", ops, gguf_int4pack=True)
     w4 = fast.prepare_gguf(blocks, qtype, 24, k)
-    assert w4.layout == ("int4pack" if qtype in ("Q4_0", "Q4_1", "Q4_K") else "tiled")
+    assert w4.layout == ("int4pack" if qtype in ("Q4_0", "Q4_1", "Q4_K") else "dense")
     assert fast.info.settings["gguf_int4"].startswith("int4pack")
     # bf16-accurate: x, scales and offsets rounded to bf16 (a few 2^-8 of the output's scale)
     bf16_atol = 4 * 2.0**-8 * k**0.5 * mag
@@ -166,6 +173,23 @@ def test_cpu_prepare_keeps_exact_fp32_unless_int4pack_is_asked(qtype, cpu_caps):
     assert wr.layout == "blocks" and torch.equal(wr.tensors["blocks"], blocks)
     assert wr.nbytes() == blocks.numel()
     torch.testing.assert_close(reference.gguf_linear(x, wr).double(), want, rtol=0, atol=fp32_atol)
+
+
+def test_dense_budget_is_spent_then_weights_stay_tiled(cpu_caps, monkeypatch):
+    blocks = random_blocks("Q8_0", 16, 64, seed=2)
+    ops = select_ops("cpu", cpu_caps)
+    backend = CpuBackend(cpu_caps, "cpu", ops, gguf_dense_bytes=4 * 16 * 64 + 100)
+    first, second = (backend.prepare_gguf(blocks, "Q8_0", 16, 64) for _ in range(2))
+    assert (first.layout, second.layout, backend.gguf_dense_left) == ("dense", "tiled", 100)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(backend.gguf_linear(x, first), backend.gguf_linear(x, second))
+    monkeypatch.setenv("HAL_GGUF_DENSE_BYTES", "0")
+    assert load_backend(cpu_caps, configured="cpu").prepare_gguf(blocks, "Q8_0", 16, 64).layout \
+        == "tiled"  # fmt: skip
+    for bad in ("lots", "-1"):
+        monkeypatch.setenv("HAL_GGUF_DENSE_BYTES", bad)
+        with pytest.raises(ValueError, match="HAL_GGUF_DENSE_BYTES"):
+            load_backend(cpu_caps, configured="cpu")
 
 
 def test_int4pack_policy_from_the_environment(cpu_caps, monkeypatch):
@@ -190,7 +214,7 @@ class _DropsQ41Offset(CpuBackend):
 
 
 def test_planted_gguf_bug_fails_its_cell(cpu_caps):
-    backend = _DropsQ41Offset(cpu_caps, "cpu", select_ops("cpu", cpu_caps))
+    backend = _DropsQ41Offset(cpu_caps, "cpu", select_ops("cpu", cpu_caps), gguf_dense_bytes=0)
     cell = run_cell(backend, OPS_BY_NAME["gguf_linear/Q4_1"], "fp32", "ci", 10, shrink=False)
     assert cell.status == "fail" and cell.failing_case, cell.report()
 
@@ -345,10 +369,14 @@ def test_row_parallel_shard_off_the_block_size_fails_before_any_read(tmp_path, b
 
 
 @needs_default
-def test_default_model_keeps_its_blocks_and_the_plan_counts_them(backend):
+@pytest.mark.parametrize("dense_bytes", [0, None])
+def test_default_model_keeps_its_blocks_and_the_plan_counts_them(cpu_caps, dense_bytes):
+    # dense_bytes 0: every linear tiled (int8 codes + fp32 scale and offset); None: the default
+    # budget (1 GiB) holds all of this model's linears as whole fp32 values.
+    backend = CpuBackend(cpu_caps, "cpu", select_ops("cpu", cpu_caps), gguf_dense_bytes=dense_bytes)
     model, config, _ = load_model(GGUF_PATH, backend, "float32", with_tokenizer=False)
     assert config.quantization_config["quant_method"] == "gguf"
-    linear_bytes = 0
+    linear_bytes = values = 0
     for module in model.modules():
         if not isinstance(module, QuantizableLinear):
             continue
@@ -356,18 +384,25 @@ def test_default_model_keeps_its_blocks_and_the_plan_counts_them(backend):
         (w,) = module.gguf_weights  # one GEMM per fused layer: all parts are Q4_1
         n, k = w.out_features, w.in_features
         params = dict(module.named_parameters())
-        assert {name: p.dtype for name, p in params.items()} == {
-            "gguf_codes": torch.int8, "gguf_scale": torch.float32, "gguf_offset": torch.float32,
-        }  # fmt: skip
-        # Exact fp32 path: int8 codes + fp32 scale and offset per 32 values = 1.25 B per value
-        assert sum(p.numel() * p.element_size() for p in params.values()) == n * k * 5 // 4
-        linear_bytes += n * k * 5 // 4
+        if dense_bytes == 0:
+            assert {name: p.dtype for name, p in params.items()} == {
+                "gguf_codes": torch.int8, "gguf_scale": torch.float32, "gguf_offset": torch.float32,
+            }  # fmt: skip
+            per_value = 5 / 4  # int8 codes + fp32 scale and offset per 32 values
+        else:
+            assert {name: p.dtype for name, p in params.items()} == {"gguf_dense": torch.float32}
+            per_value = 4
+        assert sum(p.numel() * p.element_size() for p in params.values()) == n * k * per_value
+        linear_bytes += int(n * k * per_value)
+        values += n * k
     embed = model.embed_tokens.weight  # Q8_0 in the file: a lookup, dequantized (and tied)
     norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary cos/sin
     assert weight_bytes(model) == linear_bytes + embed.numel() * 4 + norms + buffers
-    values = linear_bytes * 4 // 5
-    assert linear_bytes < 0.35 * 4 * values  # vs the fp32 weights it replaces
+    if dense_bytes == 0:
+        assert linear_bytes < 0.35 * 4 * values  # vs the fp32 weights it replaces
+    else:
+        assert backend.gguf_dense_left == (1 << 30) - linear_bytes
 
 
 @needs_default
