@@ -29,6 +29,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from backends.cpu.gguf import check_blocks, q4k_scales_mins, q6k_codes
 from backends.cpu.quant import compute_dtype
@@ -177,6 +178,22 @@ def _tiled_matmul(x: torch.Tensor, weight: GGUFCpuWeight) -> torch.Tensor:
     return y
 
 
+def dense_linear(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None = None):
+    """y = x @ dense.T (+ bias after, in the compute dtype) for a "dense" weight fp32 [N, K]: the
+    tiled path's product with one tile, and as little work per call as F.linear (a decode step
+    makes ~4 such calls per layer). x: [..., K]; returns [..., N] in x's dtype."""
+    if x.dim() < 1 or x.shape[-1] != dense.shape[1]:
+        raise ValueError(
+            f"x: last dim {x.shape[-1] if x.dim() else None} differs from in_features "
+            f"{dense.shape[1]}"
+        )
+    cd = compute_dtype(x.dtype)
+    y = F.linear(x if x.dtype == cd else x.to(cd), dense if dense.dtype == cd else dense.to(cd))
+    if bias is not None:
+        y = y + bias.to(cd)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
 def gguf_linear_cpu(
     x: torch.Tensor, weight: GGUFCpuWeight, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -199,8 +216,7 @@ def gguf_linear_cpu(
     elif weight.path == "tiled":
         y = _tiled_matmul(x2.to(compute_dtype(x.dtype)).contiguous(), weight)
     elif weight.path == "dense":
-        xc = x2.to(compute_dtype(x.dtype)).contiguous()
-        y = torch.mm(xc, weight.dense.to(xc.dtype).t())  # the tiled path's product, one tile
+        return dense_linear(x, weight.dense, bias)
     else:
         raise ValueError(f"weight.path: {weight.path!r} is not 'int4pack', 'tiled' or 'dense'")
     if bias is not None:
