@@ -8,6 +8,8 @@ flash kernel) runs over the batch. Soft-capping needs the scores, so it takes th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -16,14 +18,83 @@ from backends.cpu.kv_cache import decode_kv
 from backends.cpu.quant import compute_dtype
 
 
-def _gather(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int, kv_scale, dtype):
-    # cache: [num_blocks, block_size, kv_heads, head_dim] -> [num_seqs, max_len, kv_heads, dim]
-    block_size = cache.shape[1]
-    num_blocks = -(-max_len // block_size)
+@dataclass
+class _Plan:
+    """What one step's metadata gives every layer: padded query rows, the mask, the KV gather.
+    Keyed by the metadata's values (copies), not its tensors' identity: the engine refills the
+    same host buffers in place through numpy, which torch's version counters do not see."""
+
+    key: tuple
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    block_tables: torch.Tensor
+    rows: torch.Tensor  # [num_seqs, max_q]: the token row of each padded query
+    valid_q: torch.Tensor  # [num_seqs, max_q]
+    out_rows: torch.Tensor  # rows[valid_q]
+    mask: torch.Tensor  # [num_seqs, 1, max_q, max_kv]
+    tables: torch.Tensor  # int64 block ids to gather, num_seqs * num_blocks
+    max_kv: int
+
+    def matches(self, key, seq_lens, query_start_loc, block_tables) -> bool:
+        return (
+            key == self.key
+            and torch.equal(seq_lens, self.seq_lens)
+            and torch.equal(query_start_loc, self.query_start_loc)
+            and torch.equal(block_tables, self.block_tables)
+        )
+
+
+_last_plan: _Plan | None = None  # the engine runs one step's layers back to back
+
+
+def _plan(block_tables, seq_lens, query_start_loc, num_tokens, block_size, sliding_window):
+    global _last_plan
+    device = block_tables.device
+    key = (num_tokens, block_size, sliding_window, device, tuple(block_tables.shape),
+           seq_lens.dtype, query_start_loc.dtype, block_tables.dtype)  # fmt: skip
+    plan = _last_plan
+    if plan is not None and plan.matches(key, seq_lens, query_start_loc, block_tables):
+        return plan
+    qsl = query_start_loc.to(device=device, dtype=torch.long)
+    q_lens = qsl[1:] - qsl[:-1]  # [num_seqs]
+    lens = seq_lens.to(device=device, dtype=torch.long)
+    if bool((lens < q_lens).any()) or int(qsl[0]) != 0 or int(qsl[-1]) > num_tokens:
+        raise ValueError(
+            f"query_start_loc / seq_lens inconsistent: starts {qsl.tolist()}, seq_lens "
+            f"{lens.tolist()}, num_tokens {num_tokens}"
+        )
+    num_seqs = lens.shape[0]
+    if num_seqs == 0 or int(qsl[-1]) == 0:
+        return None
+    max_q, max_kv = int(q_lens.max()), int(lens.max())
+
+    # Pad queries to [num_seqs, max_q]: row j of sequence s is token qsl[s] + j when j < q_len.
+    j = torch.arange(max_q, device=device)
+    valid_q = j[None, :] < q_lens[:, None]  # [num_seqs, max_q]
+    rows = (qsl[:-1, None] + j[None, :]).clamp(max=max(int(qsl[-1]) - 1, 0))
+
+    # Query j sits at position lens - q_len + j; it sees k <= p (and p - k < window).
+    q_pos = (lens - q_lens)[:, None] + j[None, :]  # [num_seqs, max_q]
+    k_pos = torch.arange(max_kv, device=device)
+    allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # [num_seqs, max_q, max_kv]
+    if sliding_window is not None:
+        allowed &= (q_pos[:, :, None] - k_pos[None, None, :]) < sliding_window
+    # Padding rows see key 0 only so softmax stays finite; they are dropped below.
+    allowed |= (~valid_q)[:, :, None] & (k_pos == 0)[None, None, :]
+    num_blocks = -(-max_kv // block_size)
     tables = block_tables[:, :num_blocks].reshape(-1).long()
+    _last_plan = _Plan(
+        key, seq_lens.clone(), query_start_loc.clone(), block_tables.clone(), rows, valid_q,
+        rows[valid_q], allowed[:, None], tables, max_kv,
+    )  # fmt: skip
+    return _last_plan
+
+
+def _gather(cache: torch.Tensor, plan: _Plan, kv_scale, dtype):
+    # cache: [num_blocks, block_size, kv_heads, head_dim] -> [num_seqs, max_len, kv_heads, dim]
     # index_select on the block axis is a plain row gather (much cheaper than advanced indexing).
-    x = cache.index_select(0, tables)  # [num_seqs * num_blocks, block_size, kv_heads, head_dim]
-    x = x.reshape(block_tables.shape[0], num_blocks * block_size, *x.shape[2:])[:, :max_len]
+    x = cache.index_select(0, plan.tables)  # [num_seqs * num_blocks, block_size, heads, dim]
+    x = x.reshape(plan.rows.shape[0], -1, *x.shape[2:])[:, : plan.max_kv]
     return decode_kv(x, kv_scale, dtype)
 
 
@@ -46,44 +117,20 @@ def sdpa_attention(
     )  # fmt: skip
     num_tokens, num_heads, head_dim = query.shape
     num_kv_heads = key_cache.shape[2]
-    device = query.device
-    qsl = query_start_loc.to(device=device, dtype=torch.long)
-    q_lens = qsl[1:] - qsl[:-1]  # [num_seqs]
-    lens = seq_lens.to(device=device, dtype=torch.long)
-    if bool((lens < q_lens).any()) or int(qsl[0]) != 0 or int(qsl[-1]) > num_tokens:
-        raise ValueError(
-            f"query_start_loc / seq_lens inconsistent: starts {qsl.tolist()}, seq_lens "
-            f"{lens.tolist()}, num_tokens {num_tokens}"
-        )
-    num_seqs = lens.shape[0]
+    plan = _plan(block_tables, seq_lens, query_start_loc, num_tokens, key_cache.shape[1],
+                 sliding_window)  # fmt: skip
     # SDPA's CPU kernels accumulate bf16/fp16 in fp32 internally, so the inputs stay in their own
     # dtype (the reference upcasts first; the difference is within the dtype's tolerance).
     # The soft-cap path computes the scores explicitly, in fp32.
     cd = compute_dtype(query.dtype) if soft_cap is not None else query.dtype
-    out = torch.zeros(num_tokens, num_heads, head_dim, dtype=cd, device=device)
-    if num_seqs == 0 or int(qsl[-1]) == 0:
+    out = torch.zeros(num_tokens, num_heads, head_dim, dtype=cd, device=query.device)
+    if plan is None:
         return out.to(query.dtype)
-    max_q, max_kv = int(q_lens.max()), int(lens.max())
-
-    # Pad queries to [num_seqs, max_q]: row j of sequence s is token qsl[s] + j when j < q_len.
-    j = torch.arange(max_q, device=device)
-    valid_q = j[None, :] < q_lens[:, None]  # [num_seqs, max_q]
-    rows = (qsl[:-1, None] + j[None, :]).clamp(max=max(int(qsl[-1]) - 1, 0))
-    q = query.to(cd)[rows]  # [num_seqs, max_q, num_heads, head_dim]
-
-    # Query j sits at position lens - q_len + j; it sees k <= p (and p - k < window).
-    q_pos = (lens - q_lens)[:, None] + j[None, :]  # [num_seqs, max_q]
-    k_pos = torch.arange(max_kv, device=device)
-    allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # [num_seqs, max_q, max_kv]
-    if sliding_window is not None:
-        allowed &= (q_pos[:, :, None] - k_pos[None, None, :]) < sliding_window
-    # Padding rows see key 0 only so softmax stays finite; they are dropped below.
-    allowed |= (~valid_q)[:, :, None] & (k_pos == 0)[None, None, :]
-
-    k = _gather(key_cache, block_tables, max_kv, kv_scale, cd).transpose(1, 2)
-    v = _gather(value_cache, block_tables, max_kv, kv_scale, cd).transpose(1, 2)
+    q = query.to(cd)[plan.rows]  # [num_seqs, max_q, num_heads, head_dim]
+    k = _gather(key_cache, plan, kv_scale, cd).transpose(1, 2)
+    v = _gather(value_cache, plan, kv_scale, cd).transpose(1, 2)
     qh = q.transpose(1, 2)  # [num_seqs, num_heads, max_q, head_dim]
-    mask = allowed[:, None]  # [num_seqs, 1, max_q, max_kv]
+    mask = plan.mask
     if soft_cap is None:
         o = F.scaled_dot_product_attention(
             qh, k, v, attn_mask=mask, scale=scale, enable_gqa=num_heads != num_kv_heads
@@ -96,5 +143,5 @@ def sdpa_attention(
         scores = soft_cap * torch.tanh(scores / soft_cap)
         o = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
     o = o.transpose(1, 2)  # [num_seqs, max_q, num_heads, head_dim]
-    out[rows[valid_q]] = o[valid_q]
+    out[plan.out_rows] = o[plan.valid_q]
     return out.to(query.dtype)

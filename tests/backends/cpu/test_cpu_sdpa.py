@@ -125,3 +125,23 @@ def test_native_write_kv_is_bitwise_the_reference(cache_dtype):
     assert torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8))
     with pytest.raises(ValueError, match="twice"):
         native_write_kv(k[:2], v[:2], caches[2], caches[3], torch.tensor([3, 3]))
+
+
+def test_step_plan_is_reused_by_value_and_follows_in_place_refills():
+    # The layers of a step share one plan; the engine refills the same host buffers in place
+    # through numpy for the next step (no torch version bump), which must not reuse a stale one.
+    from backends.cpu import sdpa
+
+    q, kc, vc, tables, seq_lens, qsl = _case(3, [1, 1], [20, 9])
+    lens_np = seq_lens.numpy().copy()
+    lens = torch.from_numpy(lens_np)  # shares memory with lens_np
+    first = sdpa_attention(q, kc, vc, tables, lens, qsl, 0.3)
+    plan = sdpa._last_plan
+    assert torch.equal(sdpa_attention(q, kc, vc, tables, lens, qsl, 0.3), first)
+    assert sdpa._last_plan is plan  # same values: the plan of the layer before
+    lens_np[:] = [13, 5]  # the next step, written behind torch's back
+    want = paged_attention(q, kc, vc, tables, lens, qsl, 0.3)
+    got = sdpa_attention(q, kc, vc, tables, lens, qsl, 0.3)
+    assert sdpa._last_plan is not plan
+    assert (got - want).abs().max() <= TOL[torch.float32]
+    assert (got - first).abs().max() > 1e-3  # the shorter contexts changed the answer
