@@ -180,16 +180,12 @@ class CpuBackend(Backend):
         n, k = weight.out_features, weight.in_features
         if weight.layout == "blocks":
             return gguf.gguf_linear(x, weight.tensors["blocks"], weight.qtype, n, k, bias)
-        if weight.layout == "dense":  # the common case on small models: no per-call repacking
-            if tuple(weight.tensors["dense"].shape) != (n, k) or x.device.type != "cpu":
-                raise ValueError(
-                    f"weight: dense [{n}, {k}] on the CPU expected, got "
-                    f"{tuple(weight.tensors['dense'].shape)}; x on {x.device}"
-                )
-            if bias is not None and tuple(bias.shape) != (n,):
-                raise ValueError(f"bias: shape {tuple(bias.shape)}, expected [{n}]")
-            return gguf_fast.dense_linear(x, weight.tensors["dense"], bias)
-        if weight.layout not in ("tiled", "int4pack", "dense"):
+        if weight.layout == "dense":  # small models' common case: straight to the matmul
+            dense = weight.tensors["dense"]
+            if tuple(dense.shape) != (n, k):
+                raise ValueError(f"weight: dense {tuple(dense.shape)} is not [{n}, {k}]")
+            return gguf_fast.dense_linear(x, dense, bias)
+        if weight.layout not in ("tiled", "int4pack"):
             raise ValueError(
                 f"weight: layout {weight.layout!r} was not prepared by the CPU backend (blocks, "
                 "tiled, int4pack, dense); prepare it with this backend's prepare_gguf"

@@ -182,11 +182,15 @@ def dense_linear(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None
     """y = x @ dense.T (+ bias after, in the compute dtype) for a "dense" weight fp32 [N, K]: the
     tiled path's product with one tile, and as little work per call as F.linear (a decode step
     makes ~4 such calls per layer). x: [..., K]; returns [..., N] in x's dtype."""
-    if x.dim() < 1 or x.shape[-1] != dense.shape[1]:
+    n, k = dense.shape
+    if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(
-            f"x: last dim {x.shape[-1] if x.dim() else None} differs from in_features "
-            f"{dense.shape[1]}"
+            f"x: last dim {x.shape[-1] if x.dim() else None} differs from in_features {k}"
         )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias: shape {tuple(bias.shape)}, expected [{n}]")
+    if x.device.type != "cpu":
+        raise ValueError(f"x: on {x.device}; the CPU GGUF GEMM runs on CPU tensors only")
     cd = compute_dtype(x.dtype)
     y = F.linear(x if x.dtype == cd else x.to(cd), dense if dense.dtype == cd else dense.to(cd))
     if bias is not None:
