@@ -41,7 +41,7 @@ import triton.language as tl
 from backends.cpu.linear import _check_bias, _check_quantized
 from backends.cpu.quant import is_fp8
 from backends.triton.counters import tile_counters
-from backends.triton.pdl import SKIP, grid_wait, launch_kwargs, use_pdl
+from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import (
     FLOAT_DTYPES,
     cast_rtne,
@@ -324,8 +324,6 @@ def _small_m_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, n_k)
     grid_wait(PDL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -341,6 +339,8 @@ def _small_m_kernel(
     else:
         x_ptrs = x_ptr + x_rows[:, None] * stride_x_row + offs_k[None, :] * stride_x_col  # [1, BK]
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, n_k)
     for k0 in range(k_start, k_end, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs + k0 * stride_w_col, eviction_policy="evict_first")
@@ -487,7 +487,7 @@ def _launch(
     fused = FUSED_REDUCE if fused_reduce is None else fused_reduce
     counters = tile_counters(x.device, grid[0] * grid[1]) if fused and splits > 1 else None
     fused = counters is not None
-    pdl = use_pdl(x.device) and "gemm" not in SKIP
+    pdl = pdl_args(x.device, "gemm")
     _small_m_kernel[grid](
         x, w, dummy if bias is None else bias, dummy if x_s is None else x_s,
         dummy if w_s is None else w_s, out, partial, counters if fused else partial,
@@ -497,15 +497,14 @@ def _launch(
         X_FP8=x_mode, W_FP8=w_mode,
         **{f"X_{key}": value for key, value in x_codec.items()},
         **{f"W_{key}": value for key, value in w_codec.items()},
-        FUSED_REDUCE=fused, PDL=pdl, BLOCK_M=cfg.block_m,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **flags, **launch_kwargs(pdl),
+        FUSED_REDUCE=fused, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **pdl,
     )  # fmt: skip
     if splits > 1 and not fused:
         _split_k_reduce_kernel[(triton.cdiv(n, _REDUCE_BLOCK), m)](
             partial, out, dummy if bias is None else bias, dummy if x_s is None else x_s,
             dummy if w_s is None else w_s, m, n, splits, m * n, out.stride(0),
-            BLOCK=_REDUCE_BLOCK, num_warps=4, PDL=pdl, **flags, **launch_kwargs(pdl),
+            BLOCK=_REDUCE_BLOCK, num_warps=4, **flags, **pdl,
         )  # fmt: skip
     return out
 
