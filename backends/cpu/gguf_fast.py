@@ -178,11 +178,7 @@ def _tiled_matmul(x: torch.Tensor, weight: GGUFCpuWeight) -> torch.Tensor:
     return y
 
 
-def dense_linear(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None = None):
-    """y = x @ dense.T (+ bias after, in the compute dtype) for a "dense" weight fp32 [N, K]: the
-    tiled path's product with one tile, and as little work per call as F.linear (a decode step
-    makes ~4 such calls per layer). x: [..., K]; returns [..., N] in x's dtype."""
-    n, k = dense.shape
+def _check_call(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -> None:
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(
             f"x: last dim {x.shape[-1] if x.dim() else None} differs from in_features {k}"
@@ -191,6 +187,17 @@ def dense_linear(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None
         raise ValueError(f"bias: shape {tuple(bias.shape)}, expected [{n}]")
     if x.device.type != "cpu":
         raise ValueError(f"x: on {x.device}; the CPU GGUF GEMM runs on CPU tensors only")
+
+
+def dense_linear(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None = None):
+    """y = x @ dense.T (+ bias after, in the compute dtype) for a "dense" weight fp32 [N, K]: the
+    tiled path's product with one tile, and as little work per call as F.linear (a decode step
+    makes ~4 such calls per layer). x: [..., K]; returns [..., N] in x's dtype."""
+    _check_call(x, *dense.shape, bias)
+    return _dense_matmul(x, dense, bias)
+
+
+def _dense_matmul(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None):
     cd = compute_dtype(x.dtype)
     y = F.linear(x if x.dtype == cd else x.to(cd), dense if dense.dtype == cd else dense.to(cd))
     if bias is not None:
@@ -204,14 +211,7 @@ def gguf_linear_cpu(
     """y = x @ W.T + bias for a prepared GGUF weight W [N, K]. x: [..., K]; returns [..., N] in
     x's dtype."""
     n, k = weight.out_features, weight.in_features
-    if x.dim() < 1 or x.shape[-1] != k:
-        raise ValueError(
-            f"x: last dim {x.shape[-1] if x.dim() else None} differs from in_features {k}"
-        )
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias: shape {tuple(bias.shape)}, expected [{n}]")
-    if x.device.type != "cpu":
-        raise ValueError(f"x: on {x.device}; gguf_linear_cpu runs on CPU tensors only")
+    _check_call(x, n, k, bias)
     x2 = x.reshape(-1, k)
     if weight.path == "int4pack":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -220,7 +220,7 @@ def gguf_linear_cpu(
     elif weight.path == "tiled":
         y = _tiled_matmul(x2.to(compute_dtype(x.dtype)).contiguous(), weight)
     elif weight.path == "dense":
-        return dense_linear(x, weight.dense, bias)
+        return _dense_matmul(x, weight.dense, bias)
     else:
         raise ValueError(f"weight.path: {weight.path!r} is not 'int4pack', 'tiled' or 'dense'")
     if bias is not None:
