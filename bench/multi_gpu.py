@@ -142,25 +142,38 @@ def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue
     )
     coll = TorchCollectives(None, list(range(world)))
 
-    def timed(fn, x) -> float:
-        """Seconds per call, eager: the median of 5 rounds of `iters` back-to-back calls."""
+    rounds_n = 11
+
+    def paired(run_a, run_b) -> tuple[float, float]:
+        """Seconds per call of two timed runs, alternated round by round (a, b, a, b, ...) so
+        that clock and NVLink jitter hits both alike: the median of `rounds_n` rounds each."""
+        times: tuple[list[float], list[float]] = ([], [])
+        for _ in range(rounds_n):
+            for i, run in enumerate((run_a, run_b)):
+                torch.cuda.synchronize()
+                dist.barrier()  # both ranks start the round together
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                run()
+                b.record()
+                b.synchronize()
+                times[i].append(a.elapsed_time(b) / 1e3 / iters)
+        return sorted(times[0])[rounds_n // 2], sorted(times[1])[rounds_n // 2]
+
+    def eager(fn, x):
+        """`iters` back-to-back calls, eager (after 5 warm-up calls)."""
         for _ in range(5):
             fn(x)
-        rounds = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
+
+        def run() -> None:
             for _ in range(iters):
                 fn(x)
-            b.record()
-            b.synchronize()
-            rounds.append(a.elapsed_time(b) / 1e3 / iters)
-        return sorted(rounds)[2]
 
-    def graphed(fn, x) -> float:
-        """Seconds per call with `iters` calls captured in one CUDA graph (as a decode step runs
-        its all-reduces): the median of 5 replays."""
+        return run
+
+    def graphed(fn, x):
+        """`iters` calls captured in one CUDA graph, as a decode step runs its all-reduces;
+        keeps the graph alive in the returned replay."""
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -172,16 +185,7 @@ def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue
             for _ in range(iters):
                 fn(x)
         g.replay()
-        rounds = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            rounds.append(a.elapsed_time(b) / 1e3 / iters)
-        return sorted(rounds)[2]
+        return g.replay
 
     def plain(t):
         dist.all_reduce(t)
@@ -189,9 +193,9 @@ def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue
     rows = []
     for tokens, hidden in sizes:
         x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
-        row = [tokens, hidden, timed(plain, x), timed(coll.all_reduce, x),
-               graphed(plain, x), graphed(coll.all_reduce, x)]  # fmt: skip
-        rows.append(tuple(row))
+        plain_e, engine_e = paired(eager(plain, x), eager(coll.all_reduce, x))
+        plain_g, engine_g = paired(graphed(plain, x), graphed(coll.all_reduce, x))
+        rows.append((tokens, hidden, plain_e, engine_e, plain_g, engine_g))
     if rank == 0:
         queue.put(rows)
     dist.barrier()

@@ -678,9 +678,9 @@ class Int4Packed:
     channels are also shuffled inside each 128-k chunk, which `perm` includes (so every kernel
     here and `dequantize_packed` read it unchanged); the tensor-core kernel reads x in
     `pairs_perm` order instead (the desc_act sort alone, None when unchanged). Pairs words may
-    be tiled (`repack_int4_for_triton(..., tile_rows=R)`): qweight int32 [N / R, K / 128, R,
-    16] (`int4_tc.tile_pairs`), the same words regrouped so the tensor-core kernel streams each
-    step's R x 64 bytes contiguously; the dequantize kernel reads either form, the k-order
+    be tiled (`repack_int4_for_triton(..., tile_rows=R)`, R a power of two dividing N): qweight
+    int32 [N / R, K / 128, R, 16] (`int4_tc.tile_pairs`), the same words regrouped so the
+    tensor-core kernel streams each step's R x 64 bytes contiguously; the dequantize kernel reads either form, the k-order
     kernels (fp32 x) and `dequantize_packed` untile a copy.
     """
 
@@ -737,8 +737,8 @@ def repack_int4_for_triton(
     order "k" (nibble i of word r is k = 8r + i) or "pairs" (the tensor-core kernel's order,
     `backends.triton.int4_tc`; K and the group size, after the desc_act sort, multiples of 128:
     else a ValueError saying why; `pairs_reason` asks first). tile_rows > 0 with order "pairs"
-    and N a multiple of it: the words in tiles of that many rows (`int4_tc.tile_pairs`; 0 or
-    an N it does not divide: row-major).
+    (a power of two dividing N): the words in tiles of that many rows (`int4_tc.tile_pairs`; 0,
+    another number or an N it does not divide: row-major).
 
     Without g_idx the weight is transposed. With g_idx (desc_act) the input channels are sorted
     by group (stable), so each group's channels are contiguous and `int4_linear` permutes x's
@@ -767,7 +767,7 @@ def repack_int4_for_triton(
         pos = int4_tc.pairs_positions(k, codes.device)
         perm = pos if sort_kept is None else sort_kept[pos]
         words = _pack_rows(codes[pos].t().contiguous())
-        if tile_rows > 0 and n % tile_rows == 0:
+        if tile_rows > 0 and n % tile_rows == 0 and not tile_rows & (tile_rows - 1):
             words = int4_tc.tile_pairs(words, tile_rows)
         return Int4Packed(words, st, zt, k // scales.shape[0], perm=perm, order="pairs",
                           pairs_perm=sort_kept)  # fmt: skip
@@ -849,7 +849,7 @@ def _int4_dequant_packed_kernel(
     stride_qw_row,
     stride_qw_tile,  # words: `int4_tc.word_strides` (row-major or tiled)
     stride_qw_chunk,
-    tile_rows,
+    tile_shift,
     stride_s_row,
     stride_z_row,
     stride_out_row,
@@ -874,7 +874,9 @@ def _int4_dequant_packed_kernel(
     # Rows and words past the end re-read the last one (in bounds; never stored).
     rn_in = tl.minimum(rn, n_cols - 1).to(tl.int64)
     r_in = tl.minimum(r, n_words - 1)
-    w_rows = (rn_in // tile_rows) * stride_qw_tile + (rn_in % tile_rows) * stride_qw_row
+    w_rows = (rn_in >> tile_shift) * stride_qw_tile + (rn_in & ((1 << tile_shift) - 1)) * (
+        stride_qw_row
+    )
     w_cols = (r_in // 16) * stride_qw_chunk + r_in % 16
     words = tl.load(qweight_ptr + w_rows[:, None] + w_cols[None, :])  # [BN, BR]
     s_rows = scales_ptr + rn_in * stride_s_row  # [BN]

@@ -30,6 +30,7 @@ from backends.triton.quant import cast_rtne, interpreting
 
 CHUNK = 128  # k per chunk of the pairs order; the group size must be a multiple of it
 _WORDS = CHUNK // 8  # words per row per chunk
+ROW_MAJOR_SHIFT = 40  # `word_strides`' tile shift for row-major words: every row in tile 0
 # (128 + q as bf16 / 1024 + q as fp16 in both halves, its value, 1.0 in both halves, PTX type)
 _MAGIC = {
     torch.bfloat16: (0x43004300, 128, 0x3F803F80, "bf16x2"),
@@ -108,24 +109,31 @@ def pairs_positions(k: int, device: torch.device | None = None) -> torch.Tensor:
 
 
 def tile_pairs(qweight: torch.Tensor, rows: int) -> torch.Tensor:
-    """The pairs-order words [N, K/8] regrouped losslessly into tiles of `rows` weight rows:
-    int32 [N / rows, K / 128, rows, 16], so the kernel's step (rows x one 128-k chunk) reads one
+    """The pairs-order words [N, K/8] regrouped losslessly into tiles of `rows` (a power of
+    two) weight rows: int32 [N / rows, K / 128, rows, 16], so the kernel's step (rows x one 128-k chunk) reads one
     contiguous run of rows x 64 bytes instead of 64 bytes from each of `rows` rows."""
     n, words = qweight.shape
+    if rows <= 0 or rows & (rows - 1):
+        raise ValueError(f"rows: {rows} must be a power of two (the kernels shift, not divide)")
     if n % rows or words % _WORDS:
         raise ValueError(f"qweight: {n} rows and {words} words do not tile by {rows} x {_WORDS}")
     return qweight.view(n // rows, rows, words // _WORDS, _WORDS).permute(0, 2, 1, 3).contiguous()
 
 
 def word_strides(qweight: torch.Tensor) -> tuple[int, tuple[int, int, int, int]]:
-    """(N, (row, tile, chunk, tile rows)) of 4-bit words, row-major [N, K/8] (its rows' words
-    contiguous) or tiled [N / rows, K / 128, rows, 16] (`tile_pairs`): word r of row n sits at
-    (n // tile_rows) * tile + (n % tile_rows) * row + (r // 16) * chunk + r % 16."""
+    """(N, (row, tile, chunk, tile shift)) of 4-bit words, row-major [N, K/8] (its rows' words
+    contiguous) or tiled [N / rows, K / 128, rows, 16] (`tile_pairs`, rows a power of two):
+    word r of row n sits at (n >> shift) * tile + (n & (2^shift - 1)) * row + (r // 16) * chunk
+    + r % 16 (a shift, not a division: the kernels compute it per row; row-major words take a
+    shift past any row index and a tile stride of 0)."""
     if qweight.dim() == 4:
-        return qweight.shape[0] * qweight.shape[2], (
-            qweight.stride(2), qweight.stride(0), qweight.stride(1), qweight.shape[2]
+        rows = qweight.shape[2]
+        if rows & (rows - 1):
+            raise ValueError(f"qweight: tiles of {rows} rows; the kernels take a power of two")
+        return qweight.shape[0] * rows, (
+            qweight.stride(2), qweight.stride(0), qweight.stride(1), rows.bit_length() - 1
         )  # fmt: skip
-    return qweight.shape[0], (qweight.stride(0), 0, _WORDS, max(qweight.shape[0], 1))
+    return qweight.shape[0], (qweight.stride(0), 0, _WORDS, ROW_MAJOR_SHIFT)
 
 
 def untile_pairs(qweight: torch.Tensor) -> torch.Tensor:
@@ -180,9 +188,9 @@ def _int4_pairs_kernel(
     out_ptr,
     stride_x_row,
     stride_qw_row,  # words between rows of a tile
-    stride_qw_tile,  # words between tiles of tile_rows rows (0: one tile)
+    stride_qw_tile,  # words between tiles of 2^tile_shift rows (0: one tile)
     stride_qw_chunk,  # words between a row's 128-k chunks (16 in the row-major [N, K/8])
-    tile_rows,
+    tile_shift,
     stride_s_row,
     stride_s_group,
     stride_z_row,
@@ -192,8 +200,8 @@ def _int4_pairs_kernel(
     n_rows,
     n_cols,
     n_words,
-    group_size,
     words_per_split,
+    GROUP_CHUNKS: tl.constexpr,  # 128-k chunks per scale group (the group size / 128)
     HAS_BIAS: tl.constexpr,
     FINAL: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
@@ -223,7 +231,9 @@ def _int4_pairs_kernel(
     rm_in = tl.minimum(rm, n_rows - 1).to(tl.int64)
     rj = tl.arange(0, 16)
     rk = tl.arange(0, 32)
-    w_rows = (rn_in // tile_rows) * stride_qw_tile + (rn_in % tile_rows) * stride_qw_row
+    w_rows = (rn_in >> tile_shift) * stride_qw_tile + (rn_in & ((1 << tile_shift) - 1)) * (
+        stride_qw_row
+    )
     w_ptrs = qweight_ptr + w_rows[:, None] + rj[None, :]  # [BN, 16]
     x_ptrs = x_ptr + rm_in[None, :] * stride_x_row + rk[:, None]  # [32, BM]
     s_rows = scales_ptr + rn_in * stride_s_row
@@ -231,9 +241,10 @@ def _int4_pairs_kernel(
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     r_start = pid_k * words_per_split
     r_end = tl.minimum(r_start + words_per_split, n_words)
-    last_group = (n_words * 8 - 1) // group_size
-    # Scales and zeros one chunk ahead: the first chunk's here, each step loads the next's.
-    g = (r_start * 8) // group_size
+    last_group = (n_words // 16 - 1) // GROUP_CHUNKS
+    # Scales and zeros one chunk ahead: the first chunk's here, each step loads the next's. The
+    # group of a chunk: a division by a constant (a shift for the usual one-chunk groups).
+    g = (r_start // 16) // GROUP_CHUNKS
     s_next = tl.load(s_rows + g * stride_s_group)
     z_next = tl.load(z_rows + g * stride_z_group)
     for r0 in range(r_start, r_end, 16):
@@ -241,7 +252,7 @@ def _int4_pairs_kernel(
         words = words.to(tl.uint32, bitcast=True)
         s = s_next.to(tl.float32)  # [BN]
         z = z_next.to(tl.float32)
-        g = tl.minimum(((r0 + 16) * 8) // group_size, last_group)
+        g = tl.minimum((r0 // 16 + 1) // GROUP_CHUNKS, last_group)
         s_next = tl.load(s_rows + g * stride_s_group)
         z_next = tl.load(z_rows + g * stride_z_group)
         zneg = (-(z + MAGIC)).to(DOT_DTYPE)  # exact: an integer below 2^8 (2^11 for fp16)
@@ -296,9 +307,8 @@ def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Pair
     _int4_pairs_kernel[(tiles, split)](
         x, qweight, scales, zeros, b, dest, x.stride(0), *w_strides, scales.stride(0),
         scales.stride(1), zeros.stride(0), zeros.stride(1), 0 if final else dest.stride(0),
-        dest.stride(-2), m, n, k // 8, group_size, per_split * _WORDS,
-        HAS_BIAS=bias is not None, FINAL=final, DOT_DTYPE=_TL_DTYPE[x.dtype], MAGIC2=magic2,
-        MAGIC=magic, ONE2=one2, PAIR_PTX=pair_ptx,
+        dest.stride(-2), m, n, k // 8, per_split * _WORDS, GROUP_CHUNKS=group_size // CHUNK,
+        HAS_BIAS=bias is not None, FINAL=final, DOT_DTYPE=_TL_DTYPE[x.dtype], MAGIC2=magic2, MAGIC=magic, ONE2=one2, PAIR_PTX=pair_ptx,
         USE_PTX=USE_PTX and x.device.type == "cuda" and torch.version.hip is None and not interp,
         INTERPRET=interp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device, "gemm"),

@@ -467,8 +467,14 @@ def test_tiled_pairs_give_the_same_bits(n: int, tile_rows: int, runs: tuple) -> 
             x = dev(torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).to(dtype))
             kw = {"config": config} if dtype != torch.float32 else {}
             assert torch.equal(ig.int4_linear(x, tiled, **kw), ig.int4_linear(x, flat, **kw))
-    # Rows the tile does not divide stay row-major.
+    # Rows the tile does not divide, or tiles of no power of two, stay row-major; tiling by
+    # hand with such rows is refused (the kernels find a row's tile by a shift).
     assert ig.repack_int4_for_triton(*q, 128, order="pairs", tile_rows=40).qweight.dim() == 2
+    odd = [d for d in range(3, n) if n % d == 0 and d & (d - 1)]  # 48: 3, 6, 12, 24
+    for d in odd:
+        assert ig.repack_int4_for_triton(*q, 128, order="pairs", tile_rows=d).qweight.dim() == 2
+    with pytest.raises(ValueError, match="must be a power of two"):
+        ig.int4_tc.tile_pairs(flat.qweight, odd[0] if odd else 3)
 
 
 def test_pairs_bad_input() -> None:
