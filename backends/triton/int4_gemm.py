@@ -680,8 +680,8 @@ class Int4Packed:
     `pairs_perm` order instead (the desc_act sort alone, None when unchanged). Pairs words may
     be tiled (`repack_int4_for_triton(..., tile_rows=R)`, R a power of two dividing N): qweight
     int32 [N / R, K / 128, R, 16] (`int4_tc.tile_pairs`), the same words regrouped so the
-    tensor-core kernel streams each step's R x 64 bytes contiguously; the dequantize kernel reads either form, the k-order
-    kernels (fp32 x) and `dequantize_packed` untile a copy.
+    tensor-core kernel streams each step's R x 64 bytes contiguously; the dequantize kernel
+    reads either form, the k-order kernels (fp32 x) and `dequantize_packed` untile a copy.
     """
 
     qweight: torch.Tensor

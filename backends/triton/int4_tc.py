@@ -110,8 +110,9 @@ def pairs_positions(k: int, device: torch.device | None = None) -> torch.Tensor:
 
 def tile_pairs(qweight: torch.Tensor, rows: int) -> torch.Tensor:
     """The pairs-order words [N, K/8] regrouped losslessly into tiles of `rows` (a power of
-    two) weight rows: int32 [N / rows, K / 128, rows, 16], so the kernel's step (rows x one 128-k chunk) reads one
-    contiguous run of rows x 64 bytes instead of 64 bytes from each of `rows` rows."""
+    two) weight rows: int32 [N / rows, K / 128, rows, 16], so the kernel's step (rows x one
+    128-k chunk) reads one contiguous run of rows x 64 bytes instead of 64 bytes from each of
+    `rows` rows."""
     n, words = qweight.shape
     if rows <= 0 or rows & (rows - 1):
         raise ValueError(f"rows: {rows} must be a power of two (the kernels shift, not divide)")
@@ -308,7 +309,8 @@ def launch_pairs(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Pair
         x, qweight, scales, zeros, b, dest, x.stride(0), *w_strides, scales.stride(0),
         scales.stride(1), zeros.stride(0), zeros.stride(1), 0 if final else dest.stride(0),
         dest.stride(-2), m, n, k // 8, per_split * _WORDS, GROUP_CHUNKS=group_size // CHUNK,
-        HAS_BIAS=bias is not None, FINAL=final, DOT_DTYPE=_TL_DTYPE[x.dtype], MAGIC2=magic2, MAGIC=magic, ONE2=one2, PAIR_PTX=pair_ptx,
+        HAS_BIAS=bias is not None, FINAL=final, DOT_DTYPE=_TL_DTYPE[x.dtype], MAGIC2=magic2,
+        MAGIC=magic, ONE2=one2, PAIR_PTX=pair_ptx,
         USE_PTX=USE_PTX and x.device.type == "cuda" and torch.version.hip is None and not interp,
         INTERPRET=interp, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x.device, "gemm"),
