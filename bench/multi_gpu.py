@@ -146,9 +146,13 @@ def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue
 
     def paired(run_a, run_b) -> tuple[float, float]:
         """Seconds per call of two timed runs, alternated round by round (a, b, a, b, ...) so
-        that clock and NVLink jitter hits both alike: the median of `rounds_n` rounds each."""
-        times: tuple[list[float], list[float]] = ([], [])
-        for _ in range(rounds_n):
+        that clock and NVLink jitter hits both alike. A round's time is the least over the
+        ranks: a rank that starts its calls early waits inside the first collective for the
+        last one, so only the last starter times the calls alone (the host skew after the
+        barrier, tens of us, was up to a quarter of a 100-call graph). The median of
+        `rounds_n` rounds each."""
+        times = torch.zeros(2, rounds_n, dtype=torch.float64)
+        for r in range(rounds_n):
             for i, run in enumerate((run_a, run_b)):
                 torch.cuda.synchronize()
                 dist.barrier()  # both ranks start the round together
@@ -157,8 +161,11 @@ def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue
                 run()
                 b.record()
                 b.synchronize()
-                times[i].append(a.elapsed_time(b) / 1e3 / iters)
-        return sorted(times[0])[rounds_n // 2], sorted(times[1])[rounds_n // 2]
+                times[i, r] = a.elapsed_time(b) / 1e3 / iters
+        least = times.cuda()
+        dist.all_reduce(least, op=dist.ReduceOp.MIN)
+        med = least.cpu().median(dim=1).values  # the lower middle of 11: the 6th
+        return float(med[0]), float(med[1])
 
     def eager(fn, x):
         """`iters` back-to-back calls, eager (after 5 warm-up calls)."""
