@@ -167,13 +167,16 @@ def m_bucket(m: int) -> int:
 
 
 def heuristic_config(w_bytes: int, m: int) -> GemvConfig:
-    """The launch shape for shapes the table lacks: 512 weight bytes per row per tile, the FMA
-    kernel for one row, tensor cores for more (M FMAs per weight element would be compute-bound
-    at M >= 4 on H100 class GPUs)."""
-    if m == 1:  # 64 products per thread in flight: <= ~130 registers with 16-bit weights
-        block_n = 32 if w_bytes >= 2 else 16
-        return GemvConfig("fma", block_n, max(512 // w_bytes, 16), num_warps=4, num_stages=1)
-    return GemvConfig("dot", 64, max(256 // w_bytes, 16), num_warps=4, num_stages=4)
+    """The launch shape for shapes the table lacks (tensor-parallel slices, other models): the
+    pattern the H100 autotune chose at every 8B shape. One row: the FMA kernel on 8 output
+    columns x 512 k per tile (1 KiB of each bf16 row); more rows: tensor cores (M FMAs per
+    weight element would be compute-bound at M >= 4 on H100 class GPUs), 64 x 256 tiles for
+    16-bit weights, 32 x 512 for FP8, 4 stages. K splits as `split_plan` picks them."""
+    if m == 1:
+        return GemvConfig("fma", 8, 512, num_warps=4, num_stages=1)
+    if w_bytes >= 2:
+        return GemvConfig("dot", 64, 256, num_warps=4, num_stages=4)
+    return GemvConfig("dot", 32, 512, num_warps=4, num_stages=4)
 
 
 def pick_config(
