@@ -167,16 +167,16 @@ def m_bucket(m: int) -> int:
 
 
 def heuristic_config(w_bytes: int, m: int) -> GemvConfig:
-    """The launch shape for shapes the table lacks (tensor-parallel slices, other models): the
-    pattern the H100 autotune chose at every 8B shape. One row: the FMA kernel on 8 output
-    columns x 512 k per tile (1 KiB of each bf16 row); more rows: tensor cores (M FMAs per
-    weight element would be compute-bound at M >= 4 on H100 class GPUs), 64 x 256 tiles for
-    16-bit weights, 32 x 512 for FP8, 4 stages. K splits as `split_plan` picks them."""
+    """The launch shape for shapes the table lacks (tensor-parallel slices, other models). One
+    row: the FMA kernel on 8 output columns x 512 k per tile, the shape the H100 autotune chose
+    at every 8B shape (at TP=2's slices on an H200: 8% less time over qkv, o, gate_up and down
+    than 32 x 256; `docs/benchmarks.md`, eleventh session). More rows: tensor cores (M FMAs per
+    weight element would be compute-bound at M >= 4 on H100 class GPUs), 64 columns x 256 bytes
+    of each row per tile, 4 stages (64 x 256 bf16 tiles were 6% slower over those slices at
+    M = 4). K splits as `split_plan` picks them."""
     if m == 1:
         return GemvConfig("fma", 8, 512, num_warps=4, num_stages=1)
-    if w_bytes >= 2:
-        return GemvConfig("dot", 64, 256, num_warps=4, num_stages=4)
-    return GemvConfig("dot", 32, 512, num_warps=4, num_stages=4)
+    return GemvConfig("dot", 64, max(256 // w_bytes, 16), num_warps=4, num_stages=4)
 
 
 def pick_config(
