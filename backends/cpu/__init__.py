@@ -87,6 +87,28 @@ REGISTRY.register(
         target="backends.cpu.native:native_write_kv",
     )
 )
+REGISTRY.register(
+    Candidate(
+        family="rms_norm",
+        name="native",
+        priority=10,
+        check=_always,
+        description="torch's F.rms_norm on fp32 values, one rounding (bitwise the reference)",
+        scope="cpu",
+        target="backends.cpu.native:native_rms_norm",
+    )
+)
+REGISTRY.register(
+    Candidate(
+        family="rotary",
+        name="native",
+        priority=10,
+        check=_always,
+        description="NeoX pairs written into one buffer per input (bitwise the reference)",
+        scope="cpu",
+        target="backends.cpu.native:native_rotary",
+    )
+)
 # GGUF weights kept quantized: the exact fp32 path by default (blocks unpacked once into int8
 # codes and fp32 scales, dequantized one row tile at a time per call; the first
 # HAL_GGUF_DENSE_BYTES, 1 GiB, of fp32 values kept whole instead). HAL_GGUF_INT4PACK=1 opts

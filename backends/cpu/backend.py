@@ -211,10 +211,12 @@ class CpuBackend(Backend):
 
     # -- fused small ops -----------------------------------------------------------------------
     def rms_norm(self, x, weight, eps, residual=None):
-        return norm.rms_norm(x, weight, eps, residual)
+        fn = native.native_rms_norm if self.chosen("rms_norm") == "native" else norm.rms_norm
+        return fn(x, weight, eps, residual)
 
     def rotary(self, positions, query, key, cos_sin_cache, is_neox=True):
-        return rotary.rotary(positions, query, key, cos_sin_cache, is_neox)
+        fn = native.native_rotary if self.chosen("rotary") == "native" else rotary.rotary
+        return fn(positions, query, key, cos_sin_cache, is_neox)
 
     def silu_and_mul(self, x) -> torch.Tensor:
         return activation.silu_and_mul(x)

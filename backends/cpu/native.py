@@ -1,10 +1,12 @@
-"""The CPU engine's fast paths: GEMM in the input dtype (oneDNN; AMX/AVX-512 bf16) and KV-cache
-writes/copies as single index_copy_ calls.
+"""The CPU engine's fast paths: GEMM in the input dtype (oneDNN; AMX/AVX-512 bf16), KV-cache
+writes/copies as single index_copy_ calls, and RMSNorm / rotary in fewer torch calls.
 
-Same contracts as `linear.linear` and `kv_cache.write_kv`/`copy_blocks` (the oracles they are tested
-against; the KV ops are bitwise equal). For bf16/fp16 inputs torch's
-CPU kernels accumulate in fp32 internally and round the result once, so the error bound is the
-dtype's unit roundoff on the output, as for the reference; only the summation order differs.
+Same contracts as `linear.linear`, `kv_cache.write_kv`/`copy_blocks`, `norm.rms_norm` and
+`rotary.rotary` (the oracles they are tested against; the KV ops, the norm and the rotary are
+bitwise equal: the same fp32 arithmetic in the same order, one rounding to the output dtype).
+For the GEMM with bf16/fp16 inputs torch's CPU kernels accumulate in fp32 internally and round
+the result once, so the error bound is the dtype's unit roundoff on the output, as for the
+reference; only the summation order differs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from backends.cpu import norm, rotary
 from backends.cpu.kv_cache import _check_block_pairs, encode_kv
 from backends.cpu.linear import _check_bias, _check_gemm
 
@@ -27,6 +30,38 @@ def native_linear(
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+class _SlotCheck:
+    """The last slot mapping that passed `_check_slots`: every layer of a step writes the same
+    slots, so the checks (two host reads and a sort) run once a step, not once a layer."""
+
+    values: torch.Tensor | None = None
+    limit = -1
+    all_valid = True
+
+
+def _check_slots(slots: torch.Tensor, limit: int) -> bool:
+    """Checks int64 slots against a cache of `limit` slots (-1: skip; no slot twice); returns
+    whether none is -1. Values equal to the last mapping that passed are not checked again
+    (compared by value: the engine refills its host buffers in place)."""
+    last = _SlotCheck
+    if (
+        last.values is not None
+        and last.limit == limit
+        and last.values.shape == slots.shape
+        and torch.equal(last.values, slots)
+    ):
+        return last.all_valid
+    if slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= limit):
+        raise ValueError(f"slot_mapping: slots must be -1 (skip) or lie in 0..{limit - 1}")
+    valid = slots >= 0
+    all_valid = bool(valid.all())
+    kept = slots if all_valid else slots[valid]
+    if kept.unique().numel() != kept.numel():
+        raise ValueError("slot_mapping: a slot appears twice; each token needs its own slot")
+    last.values, last.limit, last.all_valid = slots.clone(), limit, all_valid
+    return all_valid
 
 
 def native_write_kv(
@@ -46,15 +81,10 @@ def native_write_kv(
             f"[num_tokens={slot_mapping.shape[0]}, {num_kv_heads}, {head_dim}]"
         )
     slots = slot_mapping.to(torch.int64)
-    if slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= num_blocks * block_size):
-        raise ValueError(
-            f"slot_mapping: slots must be -1 (skip) or lie in 0..{num_blocks * block_size - 1}"
-        )
-    valid = slots >= 0
-    if not bool(valid.all()):
+    all_valid = _check_slots(slots, num_blocks * block_size)
+    if not all_valid:
+        valid = slots >= 0
         slots, key, value = slots[valid], key[valid], value[valid]
-    if slots.unique().numel() != slots.numel():
-        raise ValueError("slot_mapping: a slot appears twice; each token needs its own slot")
     flat = (num_blocks * block_size, num_kv_heads, head_dim)
     for cache, x in ((key_cache, key), (value_cache, value)):
         stored = encode_kv(x, cache.dtype, kv_scale)
@@ -70,3 +100,58 @@ def native_copy_blocks(caches: list[torch.Tensor], src: torch.Tensor, dst: torch
         if s.numel():
             flat = cache.view(torch.uint8) if cache.element_size() == 1 else cache
             flat.index_copy_(0, d, flat.index_select(0, s))
+
+
+def native_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`norm.rms_norm` through torch's `F.rms_norm` (one call: x * rsqrt(mean(x^2) + eps),
+    then * weight, in fp32) and one rounding to x's dtype: the reference's arithmetic in its
+    order, about half its time at decode sizes. float64 goes to the reference."""
+    if x.dtype == torch.float64:
+        return norm.rms_norm(x, weight, eps, residual)
+    norm.check_norm(x, weight, eps, residual)
+    if residual is not None:
+        x = x + residual if x.dtype == torch.float32 else (x.float() + residual.float()).to(x.dtype)
+    h = x if x.dtype == torch.float32 else x.float()
+    w = weight if weight.dtype == torch.float32 else weight.float()
+    y = F.rms_norm(h, (h.shape[-1],), w, eps)
+    y = y if y.dtype == x.dtype else y.to(x.dtype)
+    return y if residual is None else (y, x)
+
+
+def native_rotary(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+    check_range: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary.rotary` for NeoX pairs written into one preallocated fp32 tensor per input
+    (x1 cos - x2 sin and x2 cos + x1 sin as the reference computes them, without its two
+    concatenations); GPT-J pairs and float64 go to the reference."""
+    if not is_neox or query.dtype == torch.float64:
+        return rotary.rotary(positions, query, key, cos_sin_cache, is_neox, check_range)
+    rot = rotary.check_rotary(positions, query, key, cos_sin_cache, check_range)
+    half = rot // 2
+    cs = cos_sin_cache.float().index_select(0, positions.to(torch.int64))  # [num_tokens, rot]
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        xc = x if x.dtype == torch.float32 else x.float()
+        out = torch.empty_like(xc)
+        x1, x2 = xc[..., :half], xc[..., half:rot]
+        o1, o2 = out[..., :half], out[..., half:rot]
+        torch.mul(x1, cos, out=o1)
+        o1.sub_(x2 * sin)
+        torch.mul(x2, cos, out=o2)
+        o2.add_(x1 * sin)
+        if rot < xc.shape[-1]:
+            out[..., rot:] = xc[..., rot:]
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    return rotate(query), rotate(key)

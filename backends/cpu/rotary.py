@@ -27,22 +27,15 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
     return torch.cat((rotated, xc[..., rot_dim:]), dim=-1).to(x.dtype)
 
 
-def rotary(
+def check_rotary(
     positions: torch.Tensor,
     query: torch.Tensor,
     key: torch.Tensor,
     cos_sin_cache: torch.Tensor,
-    is_neox: bool = True,
     check_range: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate the first rotary_dim of each head of query and key; return new (query, key).
-
-    positions: int64 [num_tokens]; query: [num_tokens, num_heads, head_dim]; key: [num_tokens,
-    num_kv_heads, head_dim]; cos_sin_cache: [max_position, rotary_dim]. NeoX pairs (x[i],
-    x[i + d/2]); GPT-J pairs (x[2i], x[2i + 1]). Pair i rotates by angle p * inv_freq[i].
-    check_range=False skips the positions range check, which reads them back to the host (not
-    allowed inside a captured CUDA graph); the device's own index check still applies.
-    """
+) -> int:
+    """The rotary contract's input checks (shared with the CPU engine's native path); returns
+    rotary_dim. The range check reads the positions' extremes back to the host in one call."""
     if positions.dim() != 1:
         raise ValueError(f"positions: expected [num_tokens], got shape {tuple(positions.shape)}")
     n = positions.shape[0]
@@ -60,10 +53,32 @@ def rotary(
         raise ValueError(
             f"cos_sin_cache: rotary_dim {rotary_dim} must be even and <= head_dim {query.shape[2]}"
         )
-    if check_range and n and (positions.min() < 0 or positions.max() >= max_position):
-        raise ValueError(
-            f"positions: values must lie in 0..{max_position - 1} (the cache's max_position)"
-        )
+    if check_range and n:
+        low, high = (int(v) for v in torch.aminmax(positions))
+        if low < 0 or high >= max_position:
+            raise ValueError(
+                f"positions: values must lie in 0..{max_position - 1} (the cache's max_position)"
+            )
+    return rotary_dim
+
+
+def rotary(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+    check_range: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate the first rotary_dim of each head of query and key; return new (query, key).
+
+    positions: int64 [num_tokens]; query: [num_tokens, num_heads, head_dim]; key: [num_tokens,
+    num_kv_heads, head_dim]; cos_sin_cache: [max_position, rotary_dim]. NeoX pairs (x[i],
+    x[i + d/2]); GPT-J pairs (x[2i], x[2i + 1]). Pair i rotates by angle p * inv_freq[i].
+    check_range=False skips the positions range check, which reads them back to the host (not
+    allowed inside a captured CUDA graph); the device's own index check still applies.
+    """
+    rotary_dim = check_rotary(positions, query, key, cos_sin_cache, check_range)
     cd = compute_dtype(query.dtype)
     cs = cos_sin_cache.to(cd)[positions.to(torch.int64)]  # [num_tokens, rotary_dim]
     cos = cs[:, None, : rotary_dim // 2]

@@ -43,6 +43,8 @@ def test_load_backend_selects_cpu_reference() -> None:
             "attention": "sdpa",
             "gemm": "native",
             "kv_write": "native",
+            "rms_norm": "native",  # bitwise the reference (tests/backends/cpu/test_cpu_native.py)
+            "rotary": "native",
             "gguf_gemm": "cpu_fast",  # exact tiled dequant (tests/engine/test_gguf_quantized.py)
         }  # engine paths, tested against the reference
         assert backend.chosen(family) == fast.get(family, "reference")

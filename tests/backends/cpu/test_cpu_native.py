@@ -1,0 +1,119 @@
+"""The CPU engine's native RMSNorm and rotary against the reference they replace: bitwise equal
+(the same fp32 arithmetic in the same order, one rounding), the same errors on bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backends.cpu import native, norm, rotary
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(0, 9),
+    hidden=st.sampled_from([1, 7, 64, 576, 1000]),
+    dtype=st.sampled_from(DTYPES),
+    weight_fp32=st.booleans(),
+    with_residual=st.booleans(),
+    eps=st.sampled_from([1e-6, 1e-5, 0.1]),
+    seed=st.integers(0, 2**16),
+)
+def test_rms_norm_is_bitwise_the_reference(rows, hidden, dtype, weight_fp32, with_residual, eps,
+                                           seed):  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, hidden, generator=g) * 3).to(dtype)
+    w = torch.randn(hidden, generator=g).to(torch.float32 if weight_fp32 else dtype)
+    r = torch.randn(rows, hidden, generator=g).to(dtype) if with_residual else None
+    want = norm.rms_norm(x, w, eps, r)
+    got = native.native_rms_norm(x, w, eps, r)
+    if r is None:
+        assert _bits_equal(got, want)
+    else:
+        assert _bits_equal(got[0], want[0]) and _bits_equal(got[1], want[1])
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.integers(0, 9),
+    heads=st.sampled_from([(1, 1), (9, 3), (4, 4)]),
+    head_dim=st.sampled_from([16, 64, 128]),
+    partial=st.booleans(),
+    is_neox=st.booleans(),
+    dtype=st.sampled_from(DTYPES),
+    int32_positions=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_rotary_is_bitwise_the_reference(tokens, heads, head_dim, partial, is_neox, dtype,
+                                         int32_positions, seed):  # fmt: skip
+    # Partial rotary (rotary_dim < head_dim, as in some models) keeps the rest of each head;
+    # GPT-J pairs and float64 take the reference itself.
+    g = torch.Generator().manual_seed(seed)
+    rot = head_dim // 2 if partial else head_dim
+    cache = torch.randn(50, rot, generator=g)
+    pos = torch.randint(0, 50, (tokens,), generator=g)
+    pos = pos.to(torch.int32) if int32_positions else pos
+    q = torch.randn(tokens, heads[0], head_dim, generator=g).to(dtype)
+    k = torch.randn(tokens, heads[1], head_dim, generator=g).to(dtype)
+    want = rotary.rotary(pos, q, k, cache, is_neox)
+    got = native.native_rotary(pos, q, k, cache, is_neox)
+    assert _bits_equal(got[0], want[0]) and _bits_equal(got[1], want[1])
+
+
+def test_native_norm_and_rotary_reject_what_the_reference_rejects() -> None:
+    x, w = torch.randn(2, 8), torch.randn(8)
+    for fn in (norm.rms_norm, native.native_rms_norm):
+        with pytest.raises(ValueError, match=r"weight: shape \(7,\), expected \[8\]"):
+            fn(x, torch.randn(7), 1e-5)
+        with pytest.raises(ValueError, match="eps: 0.0 must be > 0"):
+            fn(x, w, 0.0)
+        with pytest.raises(ValueError, match=r"residual: shape \(2, 4\) differs"):
+            fn(x, w, 1e-5, torch.randn(2, 4))
+    q, k, cache = torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.randn(10, 16)
+    for fn in (rotary.rotary, native.native_rotary):
+        with pytest.raises(ValueError, match=r"positions: values must lie in 0\.\.9"):
+            fn(torch.tensor([0, 10, 2]), q, k, cache)
+        with pytest.raises(ValueError, match=r"positions: values must lie in 0\.\.9"):
+            fn(torch.tensor([0, -1, 2]), q, k, cache)
+        with pytest.raises(ValueError, match="rotary_dim 32 must be even and <= head_dim 16"):
+            fn(torch.tensor([0, 1, 2]), q, k, torch.randn(10, 32))
+        with pytest.raises(ValueError, match=r"key: expected \[num_tokens=3"):
+            fn(torch.tensor([0, 1, 2]), q, k[:2], cache)
+
+
+def test_write_kv_checks_each_new_slot_mapping_once() -> None:
+    # Every layer of a step writes the same slots, so the checks run once per mapping; a mapping
+    # refilled in place with other values (as the engine refills its host buffers) is checked
+    # again, and a bad one never counts as checked.
+    from backends.cpu.kv_cache import write_kv
+
+    kc, vc = torch.zeros(4, 8, 2, 16), torch.zeros(4, 8, 2, 16)
+    k, v = torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+    slots = torch.tensor([3, 9])
+    for _ in range(2):
+        native.native_write_kv(k, v, kc, vc, slots)
+    slots.copy_(torch.tensor([5, 5]))  # in place: same tensor, same version counter
+    for _ in range(2):
+        with pytest.raises(ValueError, match="twice"):
+            native.native_write_kv(k, v, kc, vc, slots)
+    slots.copy_(torch.tensor([5, 32]))
+    with pytest.raises(ValueError, match=r"lie in 0\.\.31"):
+        native.native_write_kv(k, v, kc, vc, slots)
+    slots.copy_(torch.tensor([-1, 7]))  # a skipped token, then the same mapping again
+    kc.zero_(), vc.zero_()
+    refs = [torch.zeros_like(kc), torch.zeros_like(vc)]
+    for _ in range(2):
+        native.native_write_kv(k, v, kc, vc, slots)
+        write_kv(k, v, refs[0], refs[1], slots)
+    assert torch.equal(kc, refs[0]) and torch.equal(vc, refs[1])
+    # The same values against a smaller cache are checked against that cache.
+    with pytest.raises(ValueError, match=r"lie in 0\.\.6"):
+        native.native_write_kv(k, v, torch.zeros(1, 7, 2, 16), torch.zeros(1, 7, 2, 16), slots)
