@@ -31,9 +31,12 @@ class _Plan:
     rows: torch.Tensor  # [num_seqs, max_q]: the token row of each padded query
     valid_q: torch.Tensor  # [num_seqs, max_q]
     out_rows: torch.Tensor  # rows[valid_q]
-    mask: torch.Tensor  # [num_seqs, 1, max_q, max_kv]
+    mask: torch.Tensor | None  # [num_seqs, 1, max_q, max_kv]; None: nothing is masked
     tables: torch.Tensor  # int64 block ids to gather, num_seqs * num_blocks
     max_kv: int
+    # Every sequence has max_q queries, in token order (decode steps, equal prefills): the
+    # padded rows are the tokens themselves, so no gather of queries or scatter of outputs.
+    dense_rows: bool
 
     def matches(self, key, seq_lens, query_start_loc, block_tables) -> bool:
         return (
@@ -83,9 +86,11 @@ def _plan(block_tables, seq_lens, query_start_loc, num_tokens, block_size, slidi
     allowed |= (~valid_q)[:, :, None] & (k_pos == 0)[None, None, :]
     num_blocks = -(-max_kv // block_size)
     tables = block_tables[:, :num_blocks].reshape(-1).long()
+    dense_rows = num_seqs * max_q == num_tokens and bool(valid_q.all())
+    mask = None if bool(allowed.all()) else allowed[:, None]  # e.g. batch-1 decode
     _last_plan = _Plan(
         key, seq_lens.clone(), query_start_loc.clone(), block_tables.clone(), rows, valid_q,
-        rows[valid_q], allowed[:, None], tables, max_kv,
+        rows[valid_q], mask, tables, max_kv, dense_rows,
     )  # fmt: skip
     return _last_plan
 
@@ -123,10 +128,13 @@ def sdpa_attention(
     # dtype (the reference upcasts first; the difference is within the dtype's tolerance).
     # The soft-cap path computes the scores explicitly, in fp32.
     cd = compute_dtype(query.dtype) if soft_cap is not None else query.dtype
-    out = torch.zeros(num_tokens, num_heads, head_dim, dtype=cd, device=query.device)
     if plan is None:
-        return out.to(query.dtype)
-    q = query.to(cd)[plan.rows]  # [num_seqs, max_q, num_heads, head_dim]
+        return torch.zeros_like(query)
+    num_seqs = plan.rows.shape[0]
+    if plan.dense_rows:  # queries already [num_seqs, max_q] in token order
+        q = query.to(cd).reshape(num_seqs, -1, num_heads, head_dim)
+    else:
+        q = query.to(cd)[plan.rows]  # [num_seqs, max_q, num_heads, head_dim]
     k = _gather(key_cache, plan, kv_scale, cd).transpose(1, 2)
     v = _gather(value_cache, plan, kv_scale, cd).transpose(1, 2)
     qh = q.transpose(1, 2)  # [num_seqs, num_heads, max_q, head_dim]
@@ -141,7 +149,12 @@ def sdpa_attention(
         v = v.repeat_interleave(group, dim=1)
         scores = scale * (qh @ k.transpose(-1, -2))
         scores = soft_cap * torch.tanh(scores / soft_cap)
-        o = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1) @ v
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        o = torch.softmax(scores, dim=-1) @ v
     o = o.transpose(1, 2)  # [num_seqs, max_q, num_heads, head_dim]
+    if plan.dense_rows:
+        return o.reshape(num_tokens, num_heads, head_dim).to(query.dtype)
+    out = torch.zeros(num_tokens, num_heads, head_dim, dtype=cd, device=query.device)
     out[plan.out_rows] = o[plan.valid_q]
     return out.to(query.dtype)
