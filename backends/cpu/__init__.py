@@ -52,78 +52,46 @@ for _family in OP_FAMILIES:
         )
     )
 
-# The CPU engine's fast attention: batched SDPA over the gathered pages, checked against the
-# reference above (which stays the oracle). HAL_ATTENTION_BACKEND=reference forces the reference.
-REGISTRY.register(
-    Candidate(
-        family="attention",
-        name="sdpa",
-        priority=10,
-        check=_always,
-        description="batched torch SDPA over the paged KV (one call per step)",
-        scope="cpu",
-        target="backends.cpu.sdpa:sdpa_attention",
+
+def _engine_path(family: str, name: str, description: str, target: str) -> None:
+    """One of the CPU engine's fast paths: outranks the reference, which stays its oracle (tests
+    compare them); HAL_<FAMILY>_BACKEND=reference forces the reference."""
+    REGISTRY.register(
+        Candidate(
+            family=family,
+            name=name,
+            priority=10,
+            check=_always,
+            description=description,
+            scope="cpu",
+            target=target,
+        )
     )
-)
-REGISTRY.register(
-    Candidate(
-        family="gemm",
-        name="native",
-        priority=10,
-        check=_always,
-        description="torch's CPU GEMM in the input dtype (oneDNN, AMX/AVX-512 bf16 where present)",
-        scope="cpu",
-        target="backends.cpu.native:native_linear",
-    )
-)
-REGISTRY.register(
-    Candidate(
-        family="kv_write",
-        name="native",
-        priority=10,
-        check=_always,
-        description="one index_copy_ per cache over the flattened slots",
-        scope="cpu",
-        target="backends.cpu.native:native_write_kv",
-    )
-)
-REGISTRY.register(
-    Candidate(
-        family="rms_norm",
-        name="native",
-        priority=10,
-        check=_always,
-        description="torch's F.rms_norm on fp32 values, one rounding (bitwise the reference)",
-        scope="cpu",
-        target="backends.cpu.native:native_rms_norm",
-    )
-)
-REGISTRY.register(
-    Candidate(
-        family="rotary",
-        name="native",
-        priority=10,
-        check=_always,
-        description="NeoX pairs written into one buffer per input (bitwise the reference)",
-        scope="cpu",
-        target="backends.cpu.native:native_rotary",
-    )
-)
+
+
+_engine_path("attention", "sdpa", "batched torch SDPA over the paged KV (one call per step)",
+             "backends.cpu.sdpa:sdpa_attention")  # fmt: skip
+_engine_path("gemm", "native",
+             "torch's CPU GEMM in the input dtype (oneDNN, AMX/AVX-512 bf16 where present)",
+             "backends.cpu.native:native_linear")  # fmt: skip
+_engine_path("kv_write", "native", "one index_copy_ per cache over the flattened slots",
+             "backends.cpu.native:native_write_kv")  # fmt: skip
+_engine_path("rms_norm", "native",
+             "torch's F.rms_norm on fp32 values, one rounding (bitwise the reference)",
+             "backends.cpu.native:native_rms_norm")  # fmt: skip
+_engine_path("rotary", "native",
+             "NeoX pairs written into one buffer per input (bitwise the reference)",
+             "backends.cpu.native:native_rotary")  # fmt: skip
 # GGUF weights kept quantized: the exact fp32 path by default (blocks unpacked once into int8
 # codes and fp32 scales, dequantized one row tile at a time per call; the first
 # HAL_GGUF_DENSE_BYTES, 1 GiB, of fp32 values kept whole instead). HAL_GGUF_INT4PACK=1 opts
 # Q4_0 / Q4_1 / Q4_K into torch's int4pack matmul, which is faster but bf16-accurate (x, scales
 # and offsets rounded to bf16), so it is never the silent default.
-REGISTRY.register(
-    Candidate(
-        family="gguf_gemm",
-        name="cpu_fast",
-        priority=10,
-        check=_always,
-        description="blocks repacked once at load: exact fp32 values (whole up to "
-        "HAL_GGUF_DENSE_BYTES, then tiles of int8 codes x scales) "
-        "(HAL_GGUF_INT4PACK=1: torch's bf16 int4pack matmul for Q4_0/Q4_1/Q4_K)",
-        scope="cpu",
-        target="backends.cpu.gguf_fast:gguf_linear_cpu",
-    )
+_engine_path(
+    "gguf_gemm",
+    "cpu_fast",
+    "blocks repacked once at load: exact fp32 values (whole up to "
+    "HAL_GGUF_DENSE_BYTES, then tiles of int8 codes x scales) "
+    "(HAL_GGUF_INT4PACK=1: torch's bf16 int4pack matmul for Q4_0/Q4_1/Q4_K)",
+    "backends.cpu.gguf_fast:gguf_linear_cpu",
 )
