@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton import int4_tc
+from backends.triton import int4_gluon, int4_tc
 from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import cast_rtne, check_float, interpreting
 
@@ -1024,9 +1024,15 @@ def _int4_linear_packed(x, p: Int4Packed, bias, allow_tf32, configs, config,
         raise ValueError("config: an Int4PairsConfig needs a weight repacked with order 'pairs'")
     if p.order == "pairs" and (tc or config is None) and x.dtype in (torch.bfloat16,
                                                                       torch.float16):  # fmt: skip
-        cfg = config if tc else int4_tc.pick_pairs_config(m, pairs_configs)
         xc = x if p.pairs_perm is None else x.index_select(1, p.pairs_perm)
         xc = xc if xc.stride(1) == 1 else xc.contiguous()
+        if not tc and m <= int4_gluon.MAX_M and int4_gluon.usable(xc) is None:
+            # Decode sizes on NVIDIA: the Gluon mma.sync kernel reads the same words faster.
+            int4_gluon.launch_gluon(xc, p.qweight, p.scales, p.zeros, p.group_size, bias, out,
+                                    int4_gluon.pick_config(m), _sm_count(x.device),
+                                    _reduce_splits)  # fmt: skip
+            return out
+        cfg = config if tc else int4_tc.pick_pairs_config(m, pairs_configs)
         int4_tc.launch_pairs(xc, p.qweight, p.scales, p.zeros, p.group_size, bias, out, cfg,
                              _sm_count(x.device), _reduce_splits)  # fmt: skip
         return out
@@ -1091,7 +1097,9 @@ def int4_linear(
     table of the layout (DEFAULT_CONFIGS / PACKED_CONFIGS), `config` forces one launch shape;
     `allow_tf32` lets fp32 dots use TF32. A packed weight in the "pairs" order runs the
     tensor-core kernel (`int4_tc`) for bf16 / fp16 x, tuned by `pairs_configs` (default
-    int4_tc.PAIRS_CONFIGS) or forced by an Int4PairsConfig; fp32 x takes the other kernels.
+    int4_tc.PAIRS_CONFIGS) or forced by an Int4PairsConfig; fp32 x takes the other kernels. On
+    NVIDIA GPUs with Gluon, M <= 8 runs `int4_gluon` instead (same words; HAL_INT4_GLUON=0 or
+    a forced config keeps the pairs kernel).
     """
     if isinstance(qweight, Int4Packed):
         given = [name for name, v in (("scales", scales), ("zeros", zeros),

@@ -1,0 +1,123 @@
+"""The Gluon 4-bit kernel for decode sizes (`backends.triton.int4_gluon`) against the CPU
+reference in float64, with the tolerance of test_int4_gemm (the conformance bound). Gluon kernels
+do not run under the interpreter, so the numerics need an NVIDIA GPU (sm_80+); the config checks
+and the dispatch reasons run everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from backends.triton import int4_gluon  # noqa: E402
+
+GPU = torch.cuda.is_available() and torch.version.hip is None and int4_gluon.HAVE_GLUON
+if GPU:
+    GPU = int4_gluon.usable(torch.zeros(1, 8, dtype=torch.bfloat16, device="cuda")) is None
+gpu_only = pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU (sm_80+) with Gluon")
+
+
+def test_config_checks() -> None:
+    assert int4_gluon.pick_config(1) == int4_gluon.pick_config(8) == int4_gluon.GLUON_CONFIGS[0][1]
+    with pytest.raises(ValueError, match="M=9: the Gluon kernel takes M <= 8"):
+        int4_gluon.pick_config(9)
+    with pytest.raises(ValueError, match="16 or 32 rows per warp"):
+        int4_gluon.Int4GluonConfig(block_n=96, num_warps=4)
+    with pytest.raises(ValueError, match="num_warps: 3 must be a power of two"):
+        int4_gluon.Int4GluonConfig(block_n=96, num_warps=3)
+    with pytest.raises(ValueError, match="programs_per_sm: 0"):
+        int4_gluon.Int4GluonConfig(programs_per_sm=0)
+
+
+def test_usable_says_why_not() -> None:
+    x = torch.zeros(2, 64, dtype=torch.bfloat16)
+    assert int4_gluon.usable(x) is not None  # CPU tensor
+    if GPU:
+        cuda = torch.zeros(2, 72, dtype=torch.bfloat16, device="cuda")
+        assert int4_gluon.usable(cuda) is None
+        assert "not bfloat16 or float16" in int4_gluon.usable(cuda.float())
+        assert "16-byte" in int4_gluon.usable(cuda[:, 1:65])  # rows start 2 bytes in
+
+
+if GPU:
+    from tests.backends.triton import test_int4_gemm as T
+
+    ig = T.ig
+
+
+def spy_gluon(monkeypatch) -> list:
+    """The configs `launch_gluon` runs with from now on (the kernel still runs)."""
+    calls = []
+    real = int4_gluon.launch_gluon
+
+    def spy(*args):
+        calls.append(args[7])
+        return real(*args)
+
+    monkeypatch.setattr(int4_gluon, "launch_gluon", spy)
+    return calls
+
+
+# (M, N, K, group size, dtype, g_idx kind, bias, tile rows, config, SMs seen by the launcher):
+# N below, at and past the 128-row block; row-major and tiled words; one chunk and several per
+# split; split-K through the reduce kernel and the final store (one SM: one split); groups of
+# two chunks; desc_act (x permuted first); 16-row warps (block_n 64) and 32-row warps.
+RUNS = [
+    (1, 40, 256, 128, "bf16", None, True, 0, None, None),
+    (8, 300, 512, 128, "fp16", "desc_act", False, 0, None, None),
+    (3, 256, 1024, 256, "bf16", None, True, 128, None, None),
+    (5, 512, 384, 128, "fp16", None, True, 128, (128, 4, 1), None),
+    (2, 384, 640, 128, "bf16", None, True, 128, (128, 4, 1), 1),
+    (7, 200, 768, 128, "bf16", "desc_act", False, 0, (64, 4, 2), 1),
+    (4, 1024, 512, 128, "fp16", None, False, 128, (256, 8, 2), None),
+]
+
+
+@gpu_only
+@pytest.mark.parametrize("run", range(len(RUNS)))
+def test_matches_reference(monkeypatch, run: int) -> None:
+    m, n, k, gs, dtype, g_kind, bias, tile_rows, cfg, sms = RUNS[run]
+    case = T.make_case(m, n, k, gs, T.FLOATS[dtype], g_kind == "desc_act", bias, seed=run)
+    q = [T.dev(case[key]) for key in ("qweight", "scales", "zeros")]
+    p = ig.repack_int4_for_triton(*q, gs, T.dev(case["g_idx"]), order="pairs",
+                                  tile_rows=tile_rows)  # fmt: skip
+    assert p.qweight.dim() == (4 if tile_rows else 2)
+    if cfg is not None:
+        config = int4_gluon.Int4GluonConfig(*cfg)
+        monkeypatch.setattr(int4_gluon, "pick_config", lambda m_, configs=None: config)
+    if sms is not None:
+        monkeypatch.setattr(ig, "_sm_count", lambda device: sms)
+    calls = spy_gluon(monkeypatch)
+    T.check(case, T.run_packed(case, p))
+    assert len(calls) == 1
+
+
+@gpu_only
+def test_other_sizes_and_inputs_take_the_pairs_kernel(monkeypatch) -> None:
+    calls = spy_gluon(monkeypatch)
+    case = T.make_case(9, 64, 256, 128, torch.bfloat16, False, True, seed=3)
+    q = [T.dev(case[key]) for key in ("qweight", "scales", "zeros")]
+    p = ig.repack_int4_for_triton(*q, 128, order="pairs")
+    T.check(case, T.run_packed(case, p))  # M = 9: the wgmma pairs kernel
+    small = dict(case, x=case["x"][:4])
+    T.check(small, T.run_packed(small, p, config=ig.int4_tc.Int4PairsConfig(16, 16)))  # forced
+    wide = torch.zeros(4, 257, dtype=torch.bfloat16)
+    wide[:, 1:] = small["x"]
+    T.check(small, ig.int4_linear(T.dev(wide)[:, 1:], p, bias=T.dev(case["bias"])))  # unaligned
+    monkeypatch.setattr(int4_gluon, "ENABLED", False)
+    T.check(small, T.run_packed(small, p))  # HAL_INT4_GLUON=0
+    assert calls == []
+    monkeypatch.setattr(int4_gluon, "ENABLED", True)
+    T.check(small, T.run_packed(small, p))
+    assert len(calls) == 1
+
+
+@gpu_only
+def test_same_bits_as_often_as_run() -> None:
+    # Fixed split order: the same inputs give the same bits (graph replays rely on it).
+    case = T.make_case(3, 256, 1024, 128, torch.bfloat16, False, True, seed=5)
+    q = [T.dev(case[key]) for key in ("qweight", "scales", "zeros")]
+    p = ig.repack_int4_for_triton(*q, 128, order="pairs", tile_rows=128)
+    first = T.run_packed(case, p)
+    assert all(torch.equal(first, T.run_packed(case, p)) for _ in range(3))
