@@ -17,9 +17,10 @@ Math: one lop3 makes each pair MAGIC + q exactly (bf16 128 + q, fp16 1024 + q); 
 partial (under 8 of 24), far below the output's bf16/fp16 rounding. Split-K partials go to the
 shared reduce kernel as in the pairs kernel.
 
-H200 (2026-11-27, Triton 3.6, 8B MLP shapes, CUDA-graph replays): 0.59-0.64 of copy bandwidth
-at M = 1 against 0.49-0.56 for the wgmma pairs kernel; the pairs kernel stays faster from M = 9
-(this kernel's x loads and MMAs double there). docs/benchmarks.md, twelfth session.
+H200 (2026-11-27, Triton 3.6, 8B MLP shapes, `bench/int4_gemm.py`): 0.54-0.58 of copy bandwidth
+at M = 1 and 0.50-0.55 at M = 4-8, against 0.45-0.51 and 0.44-0.50 for the wgmma pairs kernel;
+GPTQ 8B batch-1 decode 2.70 -> 2.34 ms. The pairs kernel stays from M = 9 (this kernel's x loads
+and MMAs double there). docs/benchmarks.md, twelfth session.
 """
 
 from __future__ import annotations
