@@ -114,6 +114,14 @@ class CudaBackend(Backend):
             self.info.settings["int4_gemm_large_m"] = (
                 f"M >= {self.int4_dequant_min_m}: triton_dequant+cublas"
             )
+            from backends.triton import int4_gluon
+
+            why = int4_gluon.device_reason(caps.cc_at_least(8, 0))
+            self.info.settings["int4_gemm_small_m"] = (
+                f"M <= {int4_gluon.MAX_M}: gluon (mma.sync, pairs order)"
+                if why is None
+                else f"triton pairs at every M (gluon off: {why})"
+            )
         if "scaled_mm" in (self.chosen("fp8_gemm"), self.large_m_impl("fp8_gemm")):
             rowwise = caps.cc_at_least(*rules.FP8_ROWWISE_MIN_CC)
             self.info.settings["fp8_rowwise"] = "on" if rowwise else "off (needs sm_90)"

@@ -100,6 +100,18 @@ def usable(x: torch.Tensor) -> str | None:
     return None
 
 
+def device_reason(cc_ok: bool) -> str | None:
+    """Why no call on this device can take the kernel (None when bf16/fp16 x can), for `hal
+    info`: cc_ok says whether the device has compute capability 8.0 or newer."""
+    if not ENABLED:
+        return "HAL_INT4_GLUON=0"
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon"
+    if torch.version.hip is not None or interpreting():
+        return "not an NVIDIA GPU (or the interpreter)"
+    return None if cc_ok else "compute capability below 8.0"
+
+
 def pick_config(m: int, configs=None) -> Int4GluonConfig:
     table = GLUON_CONFIGS if configs is None else configs
     for max_m, cfg in table:

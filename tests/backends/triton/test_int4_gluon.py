@@ -40,6 +40,19 @@ def test_usable_says_why_not() -> None:
         assert "16-byte" in int4_gluon.usable(cuda[:, 1:65])  # rows start 2 bytes in
 
 
+def test_device_reason_for_hal_info(monkeypatch) -> None:
+    monkeypatch.setattr(int4_gluon, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert int4_gluon.device_reason(cc_ok=True) is None
+    assert int4_gluon.device_reason(cc_ok=False) == "compute capability below 8.0"
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert "not an NVIDIA GPU" in int4_gluon.device_reason(cc_ok=True)
+    monkeypatch.setattr(int4_gluon, "HAVE_GLUON", False)
+    assert int4_gluon.device_reason(cc_ok=True) == "this Triton has no Gluon"
+    monkeypatch.setattr(int4_gluon, "ENABLED", False)
+    assert int4_gluon.device_reason(cc_ok=True) == "HAL_INT4_GLUON=0"
+
+
 if GPU:
     from tests.backends.triton import test_int4_gemm as T
 
