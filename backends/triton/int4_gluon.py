@@ -45,6 +45,9 @@ from backends.triton.pdl import use_pdl
 from backends.triton.quant import interpreting
 
 ENABLED = os.environ.get("HAL_INT4_GLUON", "1") != "0"
+# Keep each step's loads ahead of its math (a per-warp barrier between them; 0: leave the order
+# to the compilers, which sink the loads next to their use).
+PIN_LOADS = os.environ.get("HAL_INT4_GLUON_PIN", "1") != "0"
 BLOCK_M = 8  # the MMA's N side: rows of x per program
 
 
@@ -132,18 +135,28 @@ if HAVE_GLUON:
                                       dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
 
     @gluon.jit
-    def _a_operand(w2, NIB: gl.constexpr, MAGIC2: gl.constexpr, DOT_DTYPE: gl.constexpr,
-                   BLOCK_N: gl.constexpr, AL: gl.constexpr):  # fmt: skip
-        # w2 [BN, 16, 2] uint32 (each word twice): pair NIB as MAGIC + q in both halves of one
-        # register -> the A operand [BN, 32] with k renumbered 8 u + 2 t + h.
+    def _pin():
+        # A warp-wide sync the loads above cannot move past: ptxas otherwise sinks the next
+        # step's loads below the MMAs, next to their use, and the prefetch hides nothing.
+        return gl.inline_asm_elementwise(
+            "{ .reg .u32 w; mov.u32 w, %tid.x; shr.u32 w, w, 5; add.u32 w, w, 1; "
+            "bar.sync w, 32; mov.u32 $0, 0; }",
+            "=r,~{memory}", [], dtype=gl.int32, is_pure=False, pack=1,
+        )
+
+    @gluon.jit
+    def _a_operand(w2, mg, NIB: gl.constexpr, DOT_DTYPE: gl.constexpr, BLOCK_N: gl.constexpr,
+                   AL: gl.constexpr):  # fmt: skip
+        # w2 [BN, 16, 2] uint32 (each word twice), mg the magic bits (a register): pair NIB as
+        # MAGIC + q in both halves of one register -> the A operand [BN, 32], k renumbered
+        # 8 u + 2 t + h.
         if NIB == 0:
-            asm: gl.constexpr = f"lop3.b32 $0, $1, 0x000F000F, {MAGIC2}, 0xea;"
+            asm: gl.constexpr = "lop3.b32 $0, $1, 0x000F000F, $3, 0xea;"
         else:
             asm: gl.constexpr = (
-                f"{{ .reg .b32 t; shr.u32 t, $1, {4 * NIB}; "
-                f"lop3.b32 $0, t, 0x000F000F, {MAGIC2}, 0xea; }}"
+                f"{{ .reg .b32 t; shr.u32 t, $1, {4 * NIB}; lop3.b32 $0, t, 0x000F000F, $3, 0xea; }}"
             )
-        p = gl.inline_asm_elementwise(asm=asm, constraints="=r,r,r", args=[w2],
+        p = gl.inline_asm_elementwise(asm=asm, constraints="=r,r,r,r,r", args=[w2, mg],
                                       dtype=DOT_DTYPE.value, is_pure=True, pack=2)  # fmt: skip
         a = gl.reshape(p, [BLOCK_N, 4, 4, 2])  # (row, t, u, h)
         a = gl.reshape(gl.permute(a, [0, 2, 1, 3]), [BLOCK_N, 32])
@@ -169,7 +182,7 @@ if HAVE_GLUON:
         DOT_DTYPE: gl.constexpr, MAGIC2: gl.constexpr, MAGIC: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ONES_N: gl.constexpr,
         WL: gl.constexpr, XL: gl.constexpr, AL: gl.constexpr, BL: gl.constexpr,
-        MMA: gl.constexpr, PDL: gl.constexpr,
+        MMA: gl.constexpr, PDL: gl.constexpr, PIN_LOADS: gl.constexpr,
     ):  # fmt: skip
         # One program: BLOCK_N weight rows x BLOCK_M rows of x over one K split, one 128-k chunk
         # per step, the next chunk's words / scales / zeros / x loaded one step ahead.
@@ -221,19 +234,22 @@ if HAVE_GLUON:
             x3n = gl.load(x_ptrs + cn * 64 + 48)
             wu = words.to(gl.uint32, bitcast=True)
             w2 = gl.join(wu, wu)
+            mg = gl.full(w2.shape, MAGIC2, gl.uint32, w2.type.layout)
+            if PIN_LOADS:  # the math waits for the barrier, the barrier for the loads' issue
+                mg = mg | _pin().to(gl.uint32)
             part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
             xs = gl.zeros([ONES_N, BLOCK_M], gl.float32, MMA)
             b = _b_operand(x0, BLOCK_M, DOT_DTYPE, BL)
-            part = mma_v2(_a_operand(w2, 0, MAGIC2, DOT_DTYPE, BLOCK_N, AL), b, part)
+            part = mma_v2(_a_operand(w2, mg, 0, DOT_DTYPE, BLOCK_N, AL), b, part)
             xs = mma_v2(ones, b, xs)
             b = _b_operand(x1, BLOCK_M, DOT_DTYPE, BL)
-            part = mma_v2(_a_operand(w2, 1, MAGIC2, DOT_DTYPE, BLOCK_N, AL), b, part)
+            part = mma_v2(_a_operand(w2, mg, 1, DOT_DTYPE, BLOCK_N, AL), b, part)
             xs = mma_v2(ones, b, xs)
             b = _b_operand(x2, BLOCK_M, DOT_DTYPE, BL)
-            part = mma_v2(_a_operand(w2, 2, MAGIC2, DOT_DTYPE, BLOCK_N, AL), b, part)
+            part = mma_v2(_a_operand(w2, mg, 2, DOT_DTYPE, BLOCK_N, AL), b, part)
             xs = mma_v2(ones, b, xs)
             b = _b_operand(x3, BLOCK_M, DOT_DTYPE, BL)
-            part = mma_v2(_a_operand(w2, 3, MAGIC2, DOT_DTYPE, BLOCK_N, AL), b, part)
+            part = mma_v2(_a_operand(w2, mg, 3, DOT_DTYPE, BLOCK_N, AL), b, part)
             xs = mma_v2(ones, b, xs)
             if ONES_N == BLOCK_N:
                 xsum = xs
@@ -325,7 +341,7 @@ def launch_gluon(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Gluo
         GROUP_CHUNKS=group_size // int4_tc.CHUNK, HAS_BIAS=bias is not None, FINAL=final,
         DOT_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, MAGIC2=magic2,
         MAGIC=magic, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, ONES_N=16 * cfg.num_warps,
-        PDL=pdl, num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, PIN_LOADS=PIN_LOADS, num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {}),
         **_layouts(cfg.block_n, cfg.num_warps),
     )  # fmt: skip
     if not final:
