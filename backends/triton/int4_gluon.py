@@ -45,9 +45,6 @@ from backends.triton.pdl import use_pdl
 from backends.triton.quant import interpreting
 
 ENABLED = os.environ.get("HAL_INT4_GLUON", "1") != "0"
-# Keep each step's loads ahead of its math (a per-warp barrier between them; 0: leave the order
-# to the compilers, which sink the loads next to their use).
-PIN_LOADS = os.environ.get("HAL_INT4_GLUON_PIN", "1") != "0"
 BLOCK_M = 8  # the MMA's N side: rows of x per program
 
 
@@ -135,16 +132,6 @@ if HAVE_GLUON:
                                       dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
 
     @gluon.jit
-    def _pin():
-        # A warp-wide sync the loads above cannot move past: ptxas otherwise sinks the next
-        # step's loads below the MMAs, next to their use, and the prefetch hides nothing.
-        return gl.inline_asm_elementwise(
-            "{ .reg .u32 w; mov.u32 w, %tid.x; shr.u32 w, w, 5; add.u32 w, w, 1; "
-            "bar.sync w, 32; mov.u32 $0, 0; }",
-            "=r,~{memory}", [], dtype=gl.int32, is_pure=False, pack=1,
-        )
-
-    @gluon.jit
     def _a_operand(w2, mg, NIB: gl.constexpr, DOT_DTYPE: gl.constexpr, BLOCK_N: gl.constexpr,
                    AL: gl.constexpr):  # fmt: skip
         # w2 [BN, 16, 2] uint32 (each word twice), mg the magic bits (a register): pair NIB as
@@ -182,7 +169,7 @@ if HAVE_GLUON:
         DOT_DTYPE: gl.constexpr, MAGIC2: gl.constexpr, MAGIC: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ONES_N: gl.constexpr,
         WL: gl.constexpr, XL: gl.constexpr, AL: gl.constexpr, BL: gl.constexpr,
-        MMA: gl.constexpr, PDL: gl.constexpr, PIN_LOADS: gl.constexpr,
+        MMA: gl.constexpr, PDL: gl.constexpr,
     ):  # fmt: skip
         # One program: BLOCK_N weight rows x BLOCK_M rows of x over one K split, one 128-k chunk
         # per step, the next chunk's words / scales / zeros / x loaded one step ahead.
@@ -235,8 +222,6 @@ if HAVE_GLUON:
             wu = words.to(gl.uint32, bitcast=True)
             w2 = gl.join(wu, wu)
             mg = gl.full(w2.shape, MAGIC2, gl.uint32, w2.type.layout)
-            if PIN_LOADS:  # the math waits for the barrier, the barrier for the loads' issue
-                mg = mg | _pin().to(gl.uint32)
             part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
             xs = gl.zeros([ONES_N, BLOCK_M], gl.float32, MMA)
             b = _b_operand(x0, BLOCK_M, DOT_DTYPE, BL)
@@ -341,7 +326,7 @@ def launch_gluon(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Gluo
         GROUP_CHUNKS=group_size // int4_tc.CHUNK, HAS_BIAS=bias is not None, FINAL=final,
         DOT_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, MAGIC2=magic2,
         MAGIC=magic, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, ONES_N=16 * cfg.num_warps,
-        PDL=pdl, PIN_LOADS=PIN_LOADS, num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {}),
         **_layouts(cfg.block_n, cfg.num_warps),
     )  # fmt: skip
     if not final:
