@@ -158,17 +158,6 @@ DEFAULT_CONFIGS: dict[ConfigKey, GemvConfig] = {
     (2, 16, 6144, 4096): GemvConfig("dot", 32, 256, split_k=1, num_warps=4, num_stages=3),
     (2, 16, 28672, 4096): GemvConfig("dot", 32, 128, split_k=1, num_warps=4, num_stages=3),
     (2, 16, 128256, 4096): GemvConfig("dot", 128, 128, split_k=1, num_warps=4, num_stages=4),
-    # The 8B shape's TP=2 slices (qkv, o, gate_up, down per rank), NVIDIA H200, 2026-11-27,
-    # python bench/gemv.py --autotune --kinds bf16 --shapes qkv_tp2 o_tp2 gate_up_tp2 down_tp2
-    # --ms 1 2: at M = 1 66.2 us a layer against 70.8 for `heuristic_config` (down 18.2 / 20.6).
-    (2, 1, 3072, 4096): GemvConfig("fma", 8, 512, split_k=1, num_warps=4, num_stages=1),
-    (2, 1, 4096, 2048): GemvConfig("dot", 64, 256, split_k=1, num_warps=4, num_stages=4),
-    (2, 1, 4096, 7168): GemvConfig("dot", 128, 128, split_k=4, num_warps=4, num_stages=3),
-    (2, 1, 14336, 4096): GemvConfig("fma", 16, 256, split_k=1, num_warps=4, num_stages=1),
-    (2, 2, 3072, 4096): GemvConfig("fma", 8, 512, split_k=1, num_warps=4, num_stages=1),
-    (2, 2, 4096, 2048): GemvConfig("dot", 64, 256, split_k=1, num_warps=4, num_stages=4),
-    (2, 2, 4096, 7168): GemvConfig("dot", 128, 128, split_k=4, num_warps=4, num_stages=3),
-    (2, 2, 14336, 4096): GemvConfig("dot", 128, 128, split_k=1, num_warps=4, num_stages=3),
 }
 
 
