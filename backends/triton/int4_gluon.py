@@ -168,7 +168,7 @@ if HAVE_GLUON:
         x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
         stride_x_row, stride_qw_row, stride_qw_tile, stride_qw_chunk, tile_shift,
         stride_s_row, stride_s_group, stride_z_row, stride_z_group,
-        stride_out_row, stride_p_split, n_rows, n_cols, n_chunks, chunks_per_split, num_splits,
+        stride_out_row, n_rows, n_cols, n_chunks, chunks_per_split, num_splits,
         GROUP_CHUNKS: gl.constexpr, HAS_BIAS: gl.constexpr, FINAL: gl.constexpr,
         FUSED_REDUCE: gl.constexpr,
         DOT_DTYPE: gl.constexpr, MAGIC2: gl.constexpr, MAGIC: gl.constexpr,
@@ -265,7 +265,8 @@ if HAVE_GLUON:
         else:
             # partial: fp32 [splits, M, N], contiguous
             first = partial_ptr + rm_o.to(gl.int64)[None, :] * n_cols + rn_o[:, None]
-            gl.store(first + pid_k * stride_p_split, acc, mask=mask)
+            step = n_rows.to(gl.int64) * n_cols
+            gl.store(first + pid_k * step, acc, mask=mask)
             if FUSED_REDUCE:
                 # Every thread's partial stored, then one release-acquire increment per tile:
                 # the split that brings the count to num_splits sums the partials in split
@@ -275,7 +276,7 @@ if HAVE_GLUON:
                 if count == num_splits - 1:
                     total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
                     for sp in range(num_splits):
-                        total += gl.load(first + sp * stride_p_split, mask=mask, other=0.0,
+                        total += gl.load(first + sp * step, mask=mask, other=0.0,
                                          cache_modifier=".cg")  # fmt: skip
                     if HAS_BIAS:
                         total += gl.load(bias_ptr + rn_s).to(gl.float32)[:, None]
@@ -346,7 +347,7 @@ def launch_gluon(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Gluo
         x, qweight, scales, zeros, b, out, partial, counters if fused else partial,
         x.stride(0), s_row, s_tile, s_chunk, shift,
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
-        out.stride(0), 0 if final else partial.stride(0), m, n, chunks, per_split, split,
+        out.stride(0), m, n, chunks, per_split, split,
         GROUP_CHUNKS=group_size // int4_tc.CHUNK, HAS_BIAS=bias is not None, FINAL=final,
         FUSED_REDUCE=fused,
         DOT_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, MAGIC2=magic2,
