@@ -41,14 +41,10 @@ try:  # Gluon ships with Triton >= 3.5; without it (or off NVIDIA) the pairs ker
 except Exception:  # pragma: no cover - depends on the installed Triton (no Gluon, or another API)
     HAVE_GLUON = False
 
-from backends.triton.counters import tile_counters
 from backends.triton.pdl import use_pdl
 from backends.triton.quant import interpreting
 
 ENABLED = os.environ.get("HAL_INT4_GLUON", "1") != "0"
-# The split-K sum inside the kernel (the last split of a tile adds the partials in split order);
-# 0: the shared reduce kernel, a second launch.
-FUSED_REDUCE = os.environ.get("HAL_INT4_FUSED_REDUCE", "1") != "0"
 BLOCK_M = 8  # the MMA's N side: rows of x per program
 
 
@@ -165,12 +161,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _int4_gluon_kernel(
-        x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+        x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
         stride_x_row, stride_qw_row, stride_qw_tile, stride_qw_chunk, tile_shift,
         stride_s_row, stride_s_group, stride_z_row, stride_z_group,
-        stride_out_row, n_rows, n_cols, n_chunks, chunks_per_split, num_splits,
+        stride_out_split, stride_out_row, n_rows, n_cols, n_chunks, chunks_per_split,
         GROUP_CHUNKS: gl.constexpr, HAS_BIAS: gl.constexpr, FINAL: gl.constexpr,
-        FUSED_REDUCE: gl.constexpr,
         DOT_DTYPE: gl.constexpr, MAGIC2: gl.constexpr, MAGIC: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ONES_N: gl.constexpr,
         WL: gl.constexpr, XL: gl.constexpr, AL: gl.constexpr, BL: gl.constexpr,
@@ -257,31 +252,14 @@ if HAVE_GLUON:
         rn_o = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
         rm_o = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         mask = (rn_o < n_cols)[:, None] & (rm_o < n_rows)[None, :]
-        out = out_ptr + rm_o.to(gl.int64)[None, :] * stride_out_row + rn_o[:, None]
         if FINAL:
             if HAS_BIAS:
                 acc += gl.load(bias_ptr + rn_s).to(gl.float32)[:, None]
+            out = out_ptr + rm_o.to(gl.int64)[None, :] * stride_out_row + rn_o[:, None]
             gl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            # partial: fp32 [splits, M, N], contiguous
-            first = partial_ptr + rm_o.to(gl.int64)[None, :] * n_cols + rn_o[:, None]
-            step = n_rows.to(gl.int64) * n_cols
-            gl.store(first + pid_k * step, acc, mask=mask)
-            if FUSED_REDUCE:
-                # Every thread's partial stored, then one release-acquire increment per tile:
-                # the split that brings the count to num_splits sums the partials in split
-                # order (the reduce kernel's order: the same bits) and zeroes the counter.
-                gl.thread_barrier()
-                count = gl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
-                if count == num_splits - 1:
-                    total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-                    for sp in range(num_splits):
-                        total += gl.load(first + sp * step, mask=mask, other=0.0,
-                                         cache_modifier=".cg")  # fmt: skip
-                    if HAS_BIAS:
-                        total += gl.load(bias_ptr + rn_s).to(gl.float32)[:, None]
-                    gl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
-                    gl.atomic_xchg(counter_ptr + pid, 0)
+            out = out_ptr + pid_k * stride_out_split + rm_o.to(gl.int64)[None, :] * stride_out_row
+            gl.store(out + rn_o[:, None], acc, mask=mask)
 
 
 def _log2(v: int) -> int:
@@ -337,23 +315,19 @@ def launch_gluon(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Gluo
     per_split = triton.cdiv(chunks, split)
     split = triton.cdiv(chunks, per_split)
     final = split == 1
-    partial = out if final else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    counters = tile_counters(x.device, tiles) if not final and FUSED_REDUCE else None
-    fused = counters is not None
+    dest = out if final else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     magic2, magic = _MAGIC[x.dtype]
     b = bias.contiguous() if bias is not None else qweight
     pdl = use_pdl(x.device)
     _int4_gluon_kernel[(tiles, split)](
-        x, qweight, scales, zeros, b, out, partial, counters if fused else partial,
-        x.stride(0), s_row, s_tile, s_chunk, shift,
+        x, qweight, scales, zeros, b, dest, x.stride(0), s_row, s_tile, s_chunk, shift,
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
-        out.stride(0), m, n, chunks, per_split, split,
+        0 if final else dest.stride(0), dest.stride(-2), m, n, chunks, per_split,
         GROUP_CHUNKS=group_size // int4_tc.CHUNK, HAS_BIAS=bias is not None, FINAL=final,
-        FUSED_REDUCE=fused,
         DOT_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, MAGIC2=magic2,
         MAGIC=magic, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, ONES_N=16 * cfg.num_warps,
         PDL=pdl, num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {}),
         **_layouts(cfg.block_n, cfg.num_warps),
     )  # fmt: skip
-    if not final and not fused:
-        reduce_splits(partial, b, out, split, m, n, bias is not None)
+    if not final:
+        reduce_splits(dest, b, out, split, m, n, bias is not None)
