@@ -160,6 +160,19 @@ if HAVE_GLUON:
         return gl.convert_layout(b, BL, assert_trivial=True)
 
     @gluon.jit
+    def _load_chunk(c, w_ptrs, s_rows, z_rows, x_ptrs, stride_qw_chunk, stride_s_group,
+                    stride_z_group, GROUP_CHUNKS: gl.constexpr):  # fmt: skip
+        # 128-k chunk c: the words, its group's scales and zeros (fp32), x's four 32-wide pieces.
+        words = gl.load(w_ptrs + c * stride_qw_chunk)
+        s = gl.load(s_rows + (c // GROUP_CHUNKS) * stride_s_group).to(gl.float32)
+        z = gl.load(z_rows + (c // GROUP_CHUNKS) * stride_z_group).to(gl.float32)
+        x0 = gl.load(x_ptrs + c * 64)
+        x1 = gl.load(x_ptrs + c * 64 + 16)
+        x2 = gl.load(x_ptrs + c * 64 + 32)
+        x3 = gl.load(x_ptrs + c * 64 + 48)
+        return words, s, z, x0, x1, x2, x3
+
+    @gluon.jit
     def _int4_gluon_kernel(
         x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
         stride_x_row, stride_qw_row, stride_qw_tile, stride_qw_chunk, tile_shift,
@@ -203,22 +216,16 @@ if HAVE_GLUON:
         c_start = pid_k * chunks_per_split
         c_end = gl.minimum(c_start + chunks_per_split, n_chunks)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-        words = gl.load(w_ptrs + c_start * stride_qw_chunk)
-        s_cur = gl.load(s_rows + (c_start // GROUP_CHUNKS) * stride_s_group).to(gl.float32)
-        z_cur = gl.load(z_rows + (c_start // GROUP_CHUNKS) * stride_z_group).to(gl.float32)
-        x0 = gl.load(x_ptrs + c_start * 64)
-        x1 = gl.load(x_ptrs + c_start * 64 + 16)
-        x2 = gl.load(x_ptrs + c_start * 64 + 32)
-        x3 = gl.load(x_ptrs + c_start * 64 + 48)
+        words, s_cur, z_cur, x0, x1, x2, x3 = _load_chunk(
+            c_start, w_ptrs, s_rows, z_rows, x_ptrs, stride_qw_chunk, stride_s_group,
+            stride_z_group, GROUP_CHUNKS,
+        )  # fmt: skip
         for c in range(c_start, c_end):
-            cn = gl.minimum(c + 1, c_end - 1)  # the last step re-reads its chunk (cached)
-            words_n = gl.load(w_ptrs + cn * stride_qw_chunk)
-            s_n = gl.load(s_rows + (cn // GROUP_CHUNKS) * stride_s_group).to(gl.float32)
-            z_n = gl.load(z_rows + (cn // GROUP_CHUNKS) * stride_z_group).to(gl.float32)
-            x0n = gl.load(x_ptrs + cn * 64)
-            x1n = gl.load(x_ptrs + cn * 64 + 16)
-            x2n = gl.load(x_ptrs + cn * 64 + 32)
-            x3n = gl.load(x_ptrs + cn * 64 + 48)
+            # The next chunk's operands (the last step re-reads its own chunk: cached).
+            words_n, s_n, z_n, x0n, x1n, x2n, x3n = _load_chunk(
+                gl.minimum(c + 1, c_end - 1), w_ptrs, s_rows, z_rows, x_ptrs, stride_qw_chunk,
+                stride_s_group, stride_z_group, GROUP_CHUNKS,
+            )  # fmt: skip
             wu = words.to(gl.uint32, bitcast=True)
             w2 = gl.join(wu, wu)
             mg = gl.full(w2.shape, MAGIC2, gl.uint32, w2.type.layout)
