@@ -84,17 +84,14 @@ def usable(x: torch.Tensor) -> str | None:
     """Why this kernel cannot take x (None when it can): it needs Gluon, an NVIDIA GPU of
     compute capability 8.0 or newer (mma.sync with bf16), no interpreter, bf16 or fp16 x whose
     rows start on 16-byte boundaries, and HAL_INT4_GLUON not 0."""
-    if not ENABLED:
-        return "HAL_INT4_GLUON=0"
-    if not HAVE_GLUON:
-        return "this Triton has no Gluon"
-    if x.device.type != "cuda" or torch.version.hip is not None or interpreting():
+    if x.device.type != "cuda":
         return "not an NVIDIA GPU (or the interpreter)"
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    why = device_reason(_capable(index))
+    if why is not None:
+        return why
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"x is {x.dtype}, not bfloat16 or float16"
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    if not _capable(index):
-        return "compute capability below 8.0"
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
         return "x rows are not contiguous 16-byte-aligned runs"
     return None
@@ -132,18 +129,18 @@ if HAVE_GLUON:
                                       dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
 
     @gluon.jit
-    def _a_operand(w2, mg, NIB: gl.constexpr, DOT_DTYPE: gl.constexpr, BLOCK_N: gl.constexpr,
-                   AL: gl.constexpr):  # fmt: skip
-        # w2 [BN, 16, 2] uint32 (each word twice), mg the magic bits (a register): pair NIB as
-        # MAGIC + q in both halves of one register -> the A operand [BN, 32], k renumbered
-        # 8 u + 2 t + h.
+    def _a_operand(w2, NIB: gl.constexpr, MAGIC2: gl.constexpr, DOT_DTYPE: gl.constexpr,
+                   BLOCK_N: gl.constexpr, AL: gl.constexpr):  # fmt: skip
+        # w2 [BN, 16, 2] uint32 (each word twice): pair NIB as MAGIC + q in both halves of one
+        # register -> the A operand [BN, 32] with k renumbered 8 u + 2 t + h.
         if NIB == 0:
-            asm: gl.constexpr = "lop3.b32 $0, $1, 0x000F000F, $3, 0xea;"
+            asm: gl.constexpr = f"lop3.b32 $0, $1, 0x000F000F, {MAGIC2}, 0xea;"
         else:
             asm: gl.constexpr = (
-                f"{{ .reg .b32 t; shr.u32 t, $1, {4 * NIB}; lop3.b32 $0, t, 0x000F000F, $3, 0xea; }}"
+                f"{{ .reg .b32 t; shr.u32 t, $1, {4 * NIB}; "
+                f"lop3.b32 $0, t, 0x000F000F, {MAGIC2}, 0xea; }}"
             )
-        p = gl.inline_asm_elementwise(asm=asm, constraints="=r,r,r,r,r", args=[w2, mg],
+        p = gl.inline_asm_elementwise(asm=asm, constraints="=r,r,r", args=[w2],
                                       dtype=DOT_DTYPE.value, is_pure=True, pack=2)  # fmt: skip
         a = gl.reshape(p, [BLOCK_N, 4, 4, 2])  # (row, t, u, h)
         a = gl.reshape(gl.permute(a, [0, 2, 1, 3]), [BLOCK_N, 32])
@@ -158,6 +155,15 @@ if HAVE_GLUON:
         b = gl.join(lo, hi)  # (row, t, u, h)
         b = gl.reshape(gl.permute(b, [2, 1, 3, 0]), [32, BLOCK_M])
         return gl.convert_layout(b, BL, assert_trivial=True)
+
+    @gluon.jit
+    def _piece(w2, xw, NIB: gl.constexpr, part, xs, ones, MAGIC2: gl.constexpr,
+               DOT_DTYPE: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+               AL: gl.constexpr, BL: gl.constexpr):  # fmt: skip
+        # The 32-wide piece NIB of a chunk: part += (MAGIC + q) x, xs += sum of x (all-ones A).
+        b = _b_operand(xw, BLOCK_M, DOT_DTYPE, BL)
+        part = mma_v2(_a_operand(w2, NIB, MAGIC2, DOT_DTYPE, BLOCK_N, AL), b, part)
+        return part, mma_v2(ones, b, xs)
 
     @gluon.jit
     def _load_chunk(c, w_ptrs, s_rows, z_rows, x_ptrs, stride_qw_chunk, stride_s_group,
@@ -228,21 +234,12 @@ if HAVE_GLUON:
             )  # fmt: skip
             wu = words.to(gl.uint32, bitcast=True)
             w2 = gl.join(wu, wu)
-            mg = gl.full(w2.shape, MAGIC2, gl.uint32, w2.type.layout)
             part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
             xs = gl.zeros([ONES_N, BLOCK_M], gl.float32, MMA)
-            b = _b_operand(x0, BLOCK_M, DOT_DTYPE, BL)
-            part = mma_v2(_a_operand(w2, mg, 0, DOT_DTYPE, BLOCK_N, AL), b, part)
-            xs = mma_v2(ones, b, xs)
-            b = _b_operand(x1, BLOCK_M, DOT_DTYPE, BL)
-            part = mma_v2(_a_operand(w2, mg, 1, DOT_DTYPE, BLOCK_N, AL), b, part)
-            xs = mma_v2(ones, b, xs)
-            b = _b_operand(x2, BLOCK_M, DOT_DTYPE, BL)
-            part = mma_v2(_a_operand(w2, mg, 2, DOT_DTYPE, BLOCK_N, AL), b, part)
-            xs = mma_v2(ones, b, xs)
-            b = _b_operand(x3, BLOCK_M, DOT_DTYPE, BL)
-            part = mma_v2(_a_operand(w2, mg, 3, DOT_DTYPE, BLOCK_N, AL), b, part)
-            xs = mma_v2(ones, b, xs)
+            part, xs = _piece(w2, x0, 0, part, xs, ones, MAGIC2, DOT_DTYPE, BLOCK_N, BLOCK_M, AL, BL)
+            part, xs = _piece(w2, x1, 1, part, xs, ones, MAGIC2, DOT_DTYPE, BLOCK_N, BLOCK_M, AL, BL)
+            part, xs = _piece(w2, x2, 2, part, xs, ones, MAGIC2, DOT_DTYPE, BLOCK_N, BLOCK_M, AL, BL)
+            part, xs = _piece(w2, x3, 3, part, xs, ones, MAGIC2, DOT_DTYPE, BLOCK_N, BLOCK_M, AL, BL)
             if ONES_N == BLOCK_N:
                 xsum = xs
             else:  # two row blocks per warp: the same sums for both
