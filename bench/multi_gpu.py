@@ -135,12 +135,14 @@ def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue
     import torch.distributed as dist
 
     from engine.distributed.collectives import TorchCollectives
+    from engine.distributed.oneshot import build_workspace
 
     torch.cuda.set_device(rank)
     dist.init_process_group(
         "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
-    coll = TorchCollectives(None, list(range(world)))
+    # The engine's path as a worker builds it (init_world): the one-shot kernel where it serves.
+    coll = TorchCollectives(None, list(range(world)), build_workspace(None, torch.device("cuda")))
 
     rounds_n = 11
 
@@ -200,9 +202,19 @@ def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue
     rows = []
     for tokens, hidden in sizes:
         x = torch.randn(tokens, hidden, dtype=torch.bfloat16, device="cuda")
+        # The engine's sum against NCCL's, relative to the largest value: equal at two ranks,
+        # bf16 roundings apart at more (NCCL's ring adds in another order than the one-shot
+        # kernel's fp32 sum in rank order).
+        want = x.clone()
+        dist.all_reduce(want)
+        got = coll.all_reduce(x.clone())
+        err = float((got.float() - want.float()).abs().max() / want.float().abs().max())
+        path = "oneshot" if coll.oneshot is not None and coll.oneshot.fits(x) else "nccl"
         plain_e, engine_e = paired(eager(plain, x), eager(coll.all_reduce, x))
         plain_g, engine_g = paired(graphed(plain, x), graphed(coll.all_reduce, x))
-        rows.append((tokens, hidden, plain_e, engine_e, plain_g, engine_g))
+        rows.append((tokens, hidden, plain_e, engine_e, plain_g, engine_g, path, err))
+    if coll.oneshot is not None:
+        coll.oneshot.check()
     if rank == 0:
         queue.put(rows)
     dist.barrier()
@@ -231,7 +243,7 @@ def part_allreduce(args, res) -> bool:
         for p in procs:
             p.join(60)
         table = []
-        for tokens, hidden, plain, engine, plain_g, engine_g in rows:
+        for tokens, hidden, plain, engine, plain_g, engine_g, path, err in rows:
             nbytes = tokens * hidden * 2
             bus = 2 * (world - 1) / world * nbytes
             r = dict(tokens=tokens, hidden=hidden, bytes=nbytes, plain_us=plain * 1e6,
@@ -239,9 +251,12 @@ def part_allreduce(args, res) -> bool:
                      engine_graph_us=engine_g * 1e6, plain_busbw_gb_s=bus / plain / 1e9,
                      engine_graph_busbw_gb_s=bus / engine_g / 1e9,
                      engine_over_plain=plain / engine, graph_engine_over_plain=plain_g / engine_g,
-                     engine_graph_over_plain_eager=plain / engine_g)  # fmt: skip
+                     engine_graph_over_plain_eager=plain / engine_g, path=path,
+                     max_rel_err_vs_nccl=err)  # fmt: skip
             table.append(r)
-            print(f"TP={world} all-reduce {tokens:>4} x {hidden} bf16 ({nbytes / 1024:.0f} KiB): "
+            ok &= err <= 2**-6  # a few bf16 roundings of the largest value at most
+            print(f"TP={world} all-reduce {tokens:>4} x {hidden} bf16 ({nbytes / 1024:.0f} KiB, "
+                  f"{path}, rel. err vs NCCL {err:.1e}): "
                   f"eager plain {plain * 1e6:.1f} us, engine {engine * 1e6:.1f} us "
                   f"({r['engine_over_plain']:.2f}x); in a graph plain {plain_g * 1e6:.1f} us, "
                   f"engine {engine_g * 1e6:.1f} us ({r['graph_engine_over_plain']:.2f}x, "

@@ -207,7 +207,9 @@ if HAVE_GLUON:
         )
         w_ptrs = qweight_ptr + (w_rows[:, None] + rj[None, :])
         # x as int32 pairs [BM, 4 (t), 4 (u)]: row m, pair 16 i + 4 t + u of the chunk.
-        rm = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL)))
+        rm = pid_m * BLOCK_M + gl.arange(
+            0, BLOCK_M, layout=gl.SliceLayout(1, gl.SliceLayout(2, XL))
+        )
         rm = gl.minimum(rm, n_rows - 1).to(gl.int64)
         rt = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, XL)))
         ru = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, XL)))
@@ -236,10 +238,18 @@ if HAVE_GLUON:
             w2 = gl.join(wu, wu)
             part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
             xs = gl.zeros([ONES_N, BLOCK_M], gl.float32, MMA)
-            part, xs = _piece(w2, x0, 0, part, xs, ones, MAGIC2, DOT_DTYPE, BLOCK_N, BLOCK_M, AL, BL)
-            part, xs = _piece(w2, x1, 1, part, xs, ones, MAGIC2, DOT_DTYPE, BLOCK_N, BLOCK_M, AL, BL)
-            part, xs = _piece(w2, x2, 2, part, xs, ones, MAGIC2, DOT_DTYPE, BLOCK_N, BLOCK_M, AL, BL)
-            part, xs = _piece(w2, x3, 3, part, xs, ones, MAGIC2, DOT_DTYPE, BLOCK_N, BLOCK_M, AL, BL)
+            part, xs = _piece(
+                w2, x0, 0, part, xs, ones, MAGIC2, DOT_DTYPE, BLOCK_N, BLOCK_M, AL, BL
+            )
+            part, xs = _piece(
+                w2, x1, 1, part, xs, ones, MAGIC2, DOT_DTYPE, BLOCK_N, BLOCK_M, AL, BL
+            )
+            part, xs = _piece(
+                w2, x2, 2, part, xs, ones, MAGIC2, DOT_DTYPE, BLOCK_N, BLOCK_M, AL, BL
+            )
+            part, xs = _piece(
+                w2, x3, 3, part, xs, ones, MAGIC2, DOT_DTYPE, BLOCK_N, BLOCK_M, AL, BL
+            )
             if ONES_N == BLOCK_N:
                 xsum = xs
             else:  # two row blocks per warp: the same sums for both

@@ -70,16 +70,34 @@ class WorldLayout:
 class TorchCollectives:
     """`engine.parallel.Collectives` over one torch.distributed group (a stage's TP ranks)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, ranks: list[int]) -> None:
+    def __init__(self, group: dist.ProcessGroup | None, ranks: list[int], oneshot=None) -> None:
         self.group = group
         self.ranks = ranks  # global ranks of the group, in tp_rank order
         self.rank_in_group = ranks.index(dist.get_rank())
+        # backends.triton.allreduce.OneShotWorkspace (NVIDIA GPUs with peer access) or None
+        self.oneshot = oneshot
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the group; reduces in place when x is contiguous (callers pass temporaries)."""
+        """Sum over the group: the one-shot kernel for tensors that fit its buffer, NCCL (or
+        gloo) otherwise, in place when x is contiguous (callers pass temporaries)."""
+        if self.oneshot is not None and self.oneshot.fits(x):
+            from backends.triton.allreduce import one_shot_all_reduce
+
+            return one_shot_all_reduce(self.oneshot, x)
         x = x.contiguous()
         dist.all_reduce(x, group=self.group)
         return x
+
+    def all_reduce_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual) in one launch of the
+        one-shot kernel, or None when it does not serve x (the caller reduces, then norms)."""
+        if self.oneshot is None or not self.oneshot.fits(x) or residual.dtype != x.dtype:
+            return None
+        from backends.triton.allreduce import one_shot_all_reduce_rms_norm
+
+        return one_shot_all_reduce_rms_norm(self.oneshot, x, residual, weight, eps)
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         x = x.contiguous()
@@ -153,4 +171,10 @@ def init_world(
         group = None if layout.pp_size == 1 else dist.new_group(ranks, timeout=timeout)
         if p == pp_rank:
             mine = TorchCollectives(group, ranks)
+    if backend == "nccl" and torch.cuda.is_available():
+        from engine.distributed.oneshot import build_workspace
+
+        mine.oneshot = build_workspace(
+            mine.group, torch.device("cuda", torch.cuda.current_device())
+        )
     return mine

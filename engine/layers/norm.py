@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.parallel import TensorSource, load_tensor
+from engine.parallel import ParallelContext, TensorSource, load_tensor
 from engine.quantization.base import QuantizedActivation
 from hal.backend import Backend
 
@@ -21,10 +21,24 @@ class RMSNorm(nn.Module):
             torch.ones(hidden_size, device=backend.device, dtype=dtype), requires_grad=False
         )
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, quant_dtype=None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        quant_dtype=None,
+        reduce: ParallelContext | None = None,
+    ):
         """Without residual: rms_norm(x). With it: (rms_norm(x + residual), x + residual).
         quant_dtype (an FP8 dtype): the normed rows come quantized per token, as a
-        QuantizedActivation for the FP8 linear that reads them (one fused backend op)."""
+        QuantizedActivation for the FP8 linear that reads them (one fused backend op).
+        reduce: x is a tensor-parallel partial sum; it is all-reduced over that group first (in
+        the same launch as the add and the norm where the collectives can fuse them)."""
+        if reduce is not None:
+            if residual is not None and quant_dtype is None:
+                fused = reduce.all_reduce_rms_norm(x, residual, self.weight, self.eps)
+                if fused is not None:
+                    return fused
+            x = reduce.all_reduce(x)
         if quant_dtype is None:
             return self.backend.rms_norm(x, self.weight, self.eps, residual)
         out = self.backend.rms_norm_quant_fp8(x, self.weight, self.eps, quant_dtype, residual)

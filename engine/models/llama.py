@@ -176,6 +176,16 @@ class LlamaDecoderLayer(nn.Module):
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, backend, dtype)
         self.mlp = LlamaMLP(config, backend, parallel, dtype, quant_config, f"{prefix}.mlp")
+        # At tp_size > 1 the row-parallel projections (o_proj, down_proj) hand out this rank's
+        # partial sums and the norm that reads them does the all-reduce: one launch for the sum,
+        # the residual add and RMSNorm where the collectives have a fused path (the one-shot
+        # all-reduce on NVIDIA GPUs), the all-reduce and then the norm otherwise. A bias must be
+        # added after the sum, so a layer with one reduces in the projection as before.
+        self.parallel = parallel
+        self.partial_out = parallel.tp_size > 1 and not config.o_proj_bias and not config.mlp_bias
+        if self.partial_out:
+            self.self_attn.o_proj.reduce_results = False
+            self.mlp.down_proj.reduce_results = False
 
     def forward(
         self,
@@ -184,17 +194,24 @@ class LlamaDecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         batch: ForwardBatch,
         kv_cache: KVCache,
+        partial: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual add of the previous sublayer is fused into the next norm, and so is the
-        # per-token FP8 quantize of an FP8 linear that reads the norm (None otherwise).
+        # per-token FP8 quantize of an FP8 linear that reads the norm (None otherwise). partial:
+        # hidden is this rank's partial sum (the previous layer's partial_out); the returned
+        # hidden is one when self.partial_out.
         attn_fp8 = self.self_attn.qkv_proj.fp8_input_dtype()
         if residual is None:
+            if partial:
+                hidden = self.parallel.all_reduce(hidden)
             hidden, residual = self.input_layernorm(hidden, quant_dtype=attn_fp8), hidden
         else:
-            hidden, residual = self.input_layernorm(hidden, residual, attn_fp8)
+            reduce = self.parallel if partial else None
+            hidden, residual = self.input_layernorm(hidden, residual, attn_fp8, reduce)
         hidden = self.self_attn(positions, hidden, batch, kv_cache)
         mlp_fp8 = self.mlp.gate_up_proj.fp8_input_dtype()
-        hidden, residual = self.post_attention_layernorm(hidden, residual, mlp_fp8)
+        reduce = self.parallel if self.partial_out else None
+        hidden, residual = self.post_attention_layernorm(hidden, residual, mlp_fp8, reduce)
         return self.mlp(hidden), residual
 
     def load(self, source: TensorSource, prefix: str) -> None:
@@ -290,11 +307,13 @@ class LlamaForCausalLM(nn.Module):
             )
         else:
             hidden, residual = intermediate
+        partial = False  # hidden is this rank's partial sum (see LlamaDecoderLayer.partial_out)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(batch.positions, hidden, residual, batch, kv_cache)
+            hidden, residual = layer(batch.positions, hidden, residual, batch, kv_cache, partial)
+            partial = layer.partial_out
         if self.norm is None:
-            return hidden, residual
-        hidden, _ = self.norm(hidden, residual)
+            return (self.parallel.all_reduce(hidden) if partial else hidden), residual
+        hidden, _ = self.norm(hidden, residual, reduce=self.parallel if partial else None)
         return hidden
 
     @torch.inference_mode()

@@ -1,0 +1,250 @@
+"""One-shot all-reduce over peer-mapped GPU memory, optionally fused with the residual add and
+RMSNorm that follow a row-parallel linear (NVIDIA GPUs with peer access, e.g. NVLink).
+
+At decode sizes (one to a few hundred rows of the hidden size) an all-reduce is all latency:
+NCCL's ring takes 6-13 us per call inside a CUDA graph on 2 x H200, and its kernel cannot be
+chained to its neighbours with programmatic dependent launch. Here every rank owns one buffer
+that every other rank can read (torch symmetric memory or CUDA IPC; `engine.distributed.
+oneshot`), and one Triton kernel per call:
+
+1. copies this rank's rows of x into its own buffer (half `epoch & 1` of it),
+2. signals every peer (a release store of the call's epoch into the peer's flag slot for this
+   program and rank) and waits until every peer has signalled the same epoch (acquire loads),
+3. sums the rows of every rank's buffer in rank order in fp32 (so every rank gets the same bits),
+   rounds to x's dtype and stores it, or with a residual: h = sum + residual rounded to x's
+   dtype, y = rms_norm(h) exactly as `backends.triton.norm` computes it, (y, h) stored.
+
+Program k of every rank handles the same rows and waits only for program k of the peers. The
+two halves of the buffer alternate with the epoch: a rank writes half e & 1 at epoch e only after
+its program 0 passed the epoch e - 1 barrier, which every peer entered after finishing epoch
+e - 2, the last reader of that half. Epochs live in device memory (one counter per program,
+bumped by the kernel), so the kernel replays correctly inside CUDA graphs. A program with no
+rows skips the barrier (flags compare as "at least this epoch", in wrapping int32 arithmetic).
+A wait that spins past SPIN_LIMIT polls (seconds) gives up and sets the error word, so a broken
+peer mapping shows up as an error on the host instead of a hung GPU (`OneShotWorkspace.check`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from backends.triton.norm import _norm_output, _rstd
+from backends.triton.pdl import grid_wait, pdl_args
+from backends.triton.quant import cast_rtne, interpreting
+
+MAX_COLS = 16384  # a row is one register tile
+SPIN_LIMIT = 1 << 26  # polls of one flag before a program gives up (several seconds)
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@dataclass
+class OneShotWorkspace:
+    """One rank's view of the group's peer-mapped buffers.
+
+    data_table / flag_table: int64 [world] device tensors with the address, valid in this
+    process and readable from this GPU, of every rank's data area (2 x capacity_bytes) and flag
+    area (int32 [max_programs, world], zeroed on every rank before first use). epochs: int32
+    [max_programs] on this GPU, zeroed once; error: int32 [1], set when a wait gave up.
+    """
+
+    rank: int
+    world: int
+    data_table: torch.Tensor
+    flag_table: torch.Tensor
+    epochs: torch.Tensor
+    error: torch.Tensor
+    capacity_bytes: int
+    max_programs: int
+    spin_limit: int = SPIN_LIMIT
+
+    def fits(self, x: torch.Tensor) -> bool:
+        """Whether x can go through the one-shot kernel: a CUDA tensor of a float dtype on this
+        GPU whose rows (last dim <= MAX_COLS) fit in one half of the buffer."""
+        return (
+            x.device == self.epochs.device
+            and x.dtype in DTYPES
+            and x.dim() >= 1
+            and 0 < x.shape[-1] <= MAX_COLS
+            and x.numel() * x.element_size() <= self.capacity_bytes
+        )
+
+    def check(self) -> None:
+        """Raise if a kernel gave up waiting for a peer (dead, or its writes never arrived)."""
+        if int(self.error.item()):
+            raise RuntimeError(
+                f"one-shot all-reduce on rank {self.rank}: a peer's signal never arrived; the "
+                "peer mapping does not work on this machine (set HAL_ONESHOT_ALLREDUCE=0 to use "
+                "NCCL only)"
+            )
+
+
+@triton.jit
+def _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD: tl.constexpr):
+    # Tell every rank's program `pid` that this rank reached `epoch`; wait for all of them.
+    slot = pid * WORLD + rank
+    for p in tl.static_range(WORLD):
+        flags = tl.load(flag_table + p).to(tl.pointer_type(tl.int32))
+        tl.atomic_xchg(flags + slot, epoch, sem="release", scope="sys")
+    mine = tl.load(flag_table + rank).to(tl.pointer_type(tl.int32)) + pid * WORLD
+    for p in tl.static_range(WORLD):
+        seen = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
+        polls = 0
+        while (seen - epoch < 0) & (polls < spin_limit):
+            seen = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
+            polls += 1
+        if seen - epoch < 0:
+            tl.atomic_xchg(error_ptr, 1)
+
+
+@triton.jit
+def _one_shot_kernel(
+    x_ptr,
+    residual_ptr,
+    weight_ptr,
+    y_ptr,
+    h_ptr,
+    data_table,
+    flag_table,
+    epoch_ptr,
+    error_ptr,
+    rank,
+    n_rows,
+    n_cols,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_h,
+    eps,
+    half_elems,  # elements of x's dtype in one half of a data area
+    spin_limit,
+    WORLD: tl.constexpr,
+    NORM: tl.constexpr,  # residual add + RMSNorm after the sum
+    BLOCK_N: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    grid_wait(PDL)
+    epoch = tl.load(epoch_ptr + pid) + 1
+    tl.store(epoch_ptr + pid, epoch)
+    if pid < n_rows:
+        DT: tl.constexpr = x_ptr.dtype.element_ty
+        half = (epoch & 1).to(tl.int64) * half_elems
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < n_cols
+        mine = tl.load(data_table + rank).to(tl.pointer_type(DT)) + half
+        for row in range(pid, n_rows, nprog):
+            r64 = tl.cast(row, tl.int64)
+            v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask)
+            tl.store(mine + r64 * n_cols + cols, v, mask=cmask)
+        tl.debug_barrier()  # every thread's copy before the release below
+        _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD)
+        for row in range(pid, n_rows, nprog):
+            r64 = tl.cast(row, tl.int64)
+            acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+            for p in tl.static_range(WORLD):
+                src = tl.load(data_table + p).to(tl.pointer_type(DT)) + half
+                part = tl.load(src + r64 * n_cols + cols[None, :], mask=cmask[None, :], other=0.0,
+                               cache_modifier=".cg")  # fmt: skip
+                acc += part.to(tl.float32)
+            total = cast_rtne(acc, DT, INTERPRET)
+            if NORM:
+                res = tl.load(residual_ptr + r64 * stride_r + cols[None, :], mask=cmask[None, :],
+                              other=0.0)  # fmt: skip
+                hx = cast_rtne(total.to(tl.float32) + res.to(tl.float32), DT, INTERPRET)
+                tl.store(h_ptr + r64 * stride_h + cols[None, :], hx, mask=cmask[None, :])
+                h = hx.to(tl.float32)
+                rstd = _rstd(tl.sum((h * h).to(tl.float64), axis=1), n_cols, eps)
+                rows = row + tl.arange(0, 1)
+                _norm_output(h, rstd, weight_ptr, y_ptr, y_ptr, rows, rows < n_rows,
+                             rows.to(tl.int64)[:, None], cols, cmask[None, :], stride_y, n_cols,
+                             0.0, DT, False, 3, 7, 448.0, 127, False, False, 0,
+                             INTERPRET)  # fmt: skip
+            else:
+                tl.store(y_ptr + r64 * stride_y + cols[None, :], total, mask=cmask[None, :])
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h) -> None:
+    x2 = _rows(x)
+    n_rows, n_cols = x2.shape
+    if n_rows == 0:
+        return
+    r2 = _rows(residual) if residual is not None else x2
+    y2, h2 = y.view(n_rows, n_cols), (h.view(n_rows, n_cols) if h is not None else x2)
+    block_n = triton.next_power_of_2(n_cols)
+    half_elems = ws.capacity_bytes // x2.element_size()
+    _one_shot_kernel[(ws.max_programs,)](
+        x2, r2, weight if weight is not None else x2, y2, h2, ws.data_table, ws.flag_table,
+        ws.epochs, ws.error, ws.rank, n_rows, n_cols, x2.stride(0), r2.stride(0), y2.stride(0),
+        h2.stride(0), float(eps), half_elems, ws.spin_limit, WORLD=ws.world, NORM=residual is not None,
+        BLOCK_N=block_n, INTERPRET=interpreting(), num_warps=8 if block_n >= 4096 else 4,
+        **pdl_args(x2.device, "allreduce"),
+    )  # fmt: skip
+
+
+def one_shot_all_reduce(ws: OneShotWorkspace, x: torch.Tensor) -> torch.Tensor:
+    """The sum of x over the group's ranks (a new tensor, x's shape and dtype; every rank gets
+    the same bits: fp32 sums in rank order, rounded once). Collective: every rank calls it with
+    the same shape, in the same order as its other one-shot calls."""
+    if not ws.fits(x):
+        raise ValueError(
+            f"x: shape {tuple(x.shape)} {x.dtype} on {x.device} does not fit the one-shot "
+            f"all-reduce ({ws.capacity_bytes} bytes, last dim <= {MAX_COLS}, float dtypes, "
+            f"{ws.epochs.device})"
+        )
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(ws, x, None, None, 0.0, y, None)
+    return y
+
+
+def one_shot_all_reduce_rms_norm(
+    ws: OneShotWorkspace,
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(h), h) with h = all_reduce(x) + residual: `rms_norm(all_reduce(x), weight,
+    eps, residual)` in one launch, bit for bit the Triton RMSNorm of that sum."""
+    if not ws.fits(x):
+        raise ValueError(
+            f"x: shape {tuple(x.shape)} {x.dtype} does not fit the one-shot all-reduce"
+        )
+    if residual.shape != x.shape or residual.dtype != x.dtype:
+        raise ValueError(
+            f"residual: {tuple(residual.shape)} {residual.dtype}, expected x's "
+            f"{tuple(x.shape)} {x.dtype}"
+        )
+    if tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(f"weight: shape {tuple(weight.shape)}, expected [{x.shape[-1]}]")
+    if not eps > 0:
+        raise ValueError(f"eps: {eps} must be > 0")
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _launch(ws, x, residual, weight.contiguous(), eps, y, h)
+    return y, h
+
+
+def flag_bytes(max_programs: int, world: int) -> int:
+    """Bytes of a rank's flag area (int32 [max_programs, world]), rounded up to 256."""
+    return -(-max_programs * world * 4 // 256) * 256
+
+
+__all__ = [
+    "DTYPES",
+    "MAX_COLS",
+    "OneShotWorkspace",
+    "flag_bytes",
+    "one_shot_all_reduce",
+    "one_shot_all_reduce_rms_norm",
+]

@@ -1,0 +1,160 @@
+"""Peer-mapped buffers for the one-shot all-reduce (`backends.triton.allreduce`) of a
+tensor-parallel group on NVIDIA GPUs.
+
+Each rank allocates one buffer (flag area + two halves of data) that every other rank of the
+group maps into its own address space: through torch symmetric memory where it works, else
+through CUDA IPC handles passed around with `all_gather_object`. The buffers are zeroed and the
+group synchronised before the first use; a first all-reduce of known values checks the mapping
+(a mismatch or a timed-out wait turns the path off, logged, and NCCL carries every call).
+
+Switches: HAL_ONESHOT_ALLREDUCE=0 turns it off; HAL_ONESHOT_ALLREDUCE_MAX_BYTES (default 512 KiB)
+is the largest tensor it takes (larger ones go to NCCL); HAL_ONESHOT_ALLREDUCE_MAPPING=symm|ipc
+forces one way of mapping.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BYTES = 512 * 1024
+
+
+def enabled() -> bool:
+    return os.environ.get("HAL_ONESHOT_ALLREDUCE", "1") != "0"
+
+
+def max_bytes() -> int:
+    raw = os.environ.get("HAL_ONESHOT_ALLREDUCE_MAX_BYTES", str(DEFAULT_MAX_BYTES))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(
+            f"HAL_ONESHOT_ALLREDUCE_MAX_BYTES: {raw!r} is not an integer (bytes)"
+        ) from None
+    if value <= 0:
+        raise ValueError(f"HAL_ONESHOT_ALLREDUCE_MAX_BYTES: {value} must be > 0")
+    return value
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    """Why the one-shot path cannot run on `device` (None when it can be tried)."""
+    if not enabled():
+        return "HAL_ONESHOT_ALLREDUCE=0"
+    if device.type != "cuda":
+        return f"device {device} is not a CUDA GPU"
+    if torch.version.hip is not None:
+        return "ROCm: the one-shot kernel's system-scope flags are checked on NVIDIA GPUs only"
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "TRITON_INTERPRET=1"
+    return None
+
+
+def _map_symmetric(total: int, device: torch.device, group) -> tuple[list, list[int]]:
+    import torch.distributed._symmetric_memory as symm_mem
+
+    name = (group if group is not None else dist.group.WORLD).group_name
+    if hasattr(symm_mem, "enable_symm_mem_for_group"):
+        symm_mem.enable_symm_mem_for_group(name)
+    buf = symm_mem.empty(total, dtype=torch.uint8, device=device)
+    handle = symm_mem.rendezvous(buf, name)
+    return [buf, handle], [int(p) for p in handle.buffer_ptrs]
+
+
+def _map_ipc(total: int, device: torch.device, group) -> tuple[list, list[int]]:
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    buf = torch.zeros(total, dtype=torch.uint8, device=device)
+    world = dist.get_world_size(group)
+    shared = [None] * world
+    dist.all_gather_object(shared, reduce_tensor(buf), group=group)
+    me = dist.get_rank(group)
+    views = [buf if r == me else rebuild(*args) for r, (rebuild, args) in enumerate(shared)]
+    return [buf, views], [v.data_ptr() for v in views]
+
+
+def build_workspace(group, device: torch.device, capacity_bytes: int | None = None):
+    """This rank's `OneShotWorkspace` over `group` (None = the default group), or None with the
+    reason logged. Collective: every rank of the group calls it at the same point."""
+    from backends.triton.allreduce import OneShotWorkspace, flag_bytes
+
+    why = unavailable_reason(device)
+    world = dist.get_world_size(group)
+    # Every rank must take the same branch: agree on whether all of them can try.
+    ok = torch.tensor([0 if why else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    if not int(ok.item()):
+        logger.info("one-shot all-reduce off: %s", why or "another rank cannot run it")
+        return None
+    capacity = capacity_bytes or max_bytes()
+    capacity = -(-capacity // 256) * 256
+    max_programs = min(64, torch.cuda.get_device_properties(device).multi_processor_count)
+    fbytes = flag_bytes(max_programs, world)
+    total = fbytes + 2 * capacity
+    forced = os.environ.get("HAL_ONESHOT_ALLREDUCE_MAPPING", "")
+    if forced not in ("", "symm", "ipc"):
+        raise ValueError(f"HAL_ONESHOT_ALLREDUCE_MAPPING: {forced!r} is not 'symm' or 'ipc'")
+    keep, ptrs, how = None, None, None
+    for method, fn in (("symm", _map_symmetric), ("ipc", _map_ipc)):
+        if forced and forced != method:
+            continue
+        try:
+            keep, ptrs = fn(total, device, group)
+            how = method
+        except Exception as exc:  # noqa: BLE001 - any failure means: try the next way
+            logger.info("one-shot all-reduce: %s mapping failed: %s", method, exc)
+            keep, ptrs = None, None
+        ok.fill_(1 if ptrs is not None else 0)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+        if int(ok.item()):
+            break
+        keep, ptrs, how = None, None, None
+    if ptrs is None:
+        logger.info("one-shot all-reduce off: no way to map the peers' buffers")
+        return None
+    base = keep[0]
+    base[:fbytes].zero_()
+    torch.cuda.synchronize(device)
+    dist.barrier(group=group)
+    ws = OneShotWorkspace(
+        rank=dist.get_rank(group),
+        world=world,
+        data_table=torch.tensor([p + fbytes for p in ptrs], dtype=torch.int64, device=device),
+        flag_table=torch.tensor(ptrs, dtype=torch.int64, device=device),
+        epochs=torch.zeros(max_programs, dtype=torch.int32, device=device),
+        error=torch.zeros(1, dtype=torch.int32, device=device),
+        capacity_bytes=capacity,
+        max_programs=max_programs,
+    )
+    ws.keepalive = keep  # the buffers (and the peers' mappings) live as long as the workspace
+    if not _self_test(ws, device, group):
+        return None
+    logger.info(
+        "one-shot all-reduce on: %d ranks, %s mapping, up to %d bytes a call, %d programs",
+        world, how, capacity, max_programs,
+    )  # fmt: skip
+    return ws
+
+
+def _self_test(ws, device: torch.device, group) -> bool:
+    """A first call on known values (rank + 1 in every element, both halves of the buffer); the
+    group agrees on the outcome."""
+    from backends.triton.allreduce import one_shot_all_reduce
+
+    expect = ws.world * (ws.world + 1) / 2
+    good = True
+    for _ in range(2):
+        x = torch.full((3, 256), float(ws.rank + 1), dtype=torch.float32, device=device)
+        y = one_shot_all_reduce(ws, x)
+        good &= bool((y == expect).all().item()) and not int(ws.error.item())
+    ok = torch.tensor([1 if good else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    if not int(ok.item()):
+        logger.warning("one-shot all-reduce off: its self-test gave wrong sums on some rank")
+        return False
+    return True

@@ -1,0 +1,136 @@
+"""The one-shot all-reduce kernel (`backends.triton.allreduce`) with its ranks simulated in one
+process: every rank's buffer is an ordinary tensor on one device, and the ranks run one after
+another. A rank waits for its peers' signals, so before rank r runs, the test does what the
+peers that have not run yet would have done by then (their rows in their buffer half, their
+epoch in r's flag slots). The later ranks then find the earlier ranks' real signals. Runs under
+the interpreter on the CPU (CI) and compiled on one GPU; the real multi-GPU run is
+`bench/multi_gpu.py --parts allreduce,correctness`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from backends.triton import allreduce as ar  # noqa: E402
+from backends.triton.norm import rms_norm  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and torch.version.hip is None else "cpu"
+
+
+def make_group(world: int, max_programs: int, capacity: int):
+    fbytes = ar.flag_bytes(max_programs, world)
+    bufs = [
+        torch.zeros(fbytes + 2 * capacity, dtype=torch.uint8, device=DEVICE) for _ in range(world)
+    ]
+    ptrs = [b.data_ptr() for b in bufs]
+    table = torch.tensor(ptrs, dtype=torch.int64, device=DEVICE)
+    wss = [
+        ar.OneShotWorkspace(
+            rank=r,
+            world=world,
+            data_table=table + fbytes,
+            flag_table=table,
+            epochs=torch.zeros(max_programs, dtype=torch.int32, device=DEVICE),
+            error=torch.zeros(1, dtype=torch.int32, device=DEVICE),
+            capacity_bytes=capacity,
+            max_programs=max_programs,
+        )
+        for r in range(world)
+    ]
+    return wss, bufs, fbytes
+
+
+def flags(bufs, fbytes, rank, max_programs, world) -> torch.Tensor:
+    return bufs[rank][:fbytes].view(torch.int32)[: max_programs * world].view(max_programs, world)
+
+
+def run_round(wss, bufs, fbytes, xs, call):
+    """Every rank's call (call(ws, x) -> result) in rank order, the later ranks' part of the
+    protocol done for them before each earlier rank runs."""
+    world, nprog = len(wss), wss[0].max_programs
+    epoch = int(wss[0].epochs[0]) + 1
+    n_rows = xs[0].reshape(-1, xs[0].shape[-1]).shape[0]
+    half = (epoch & 1) * wss[0].capacity_bytes
+    outs = []
+    for r in range(world):
+        for p in range(r + 1, world):  # what peer p will have done before rank r's wait ends
+            flat = xs[p].reshape(-1).view(torch.uint8)
+            bufs[p][fbytes + half : fbytes + half + flat.numel()] = flat
+            flags(bufs, fbytes, r, nprog, world)[: min(n_rows, nprog), p] = epoch
+        outs.append(call(wss[r], xs[r]))
+    return outs, epoch
+
+
+def reference_sum(xs) -> torch.Tensor:
+    acc = torch.zeros(xs[0].shape, dtype=torch.float32, device=DEVICE)
+    for x in xs:
+        acc += x.float()
+    return acc.to(xs[0].dtype)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n_rows", [1, 5])
+def test_sum_matches_rank_order_fp32_sum(world, dtype, n_rows) -> None:
+    torch.manual_seed(world * 10 + n_rows)
+    nprog = 4
+    wss, bufs, fbytes = make_group(world, nprog, capacity=8192)
+    for rnd in range(3):  # epochs 1, 2, 3: both halves of the buffer, one of them twice
+        xs = [torch.randn(n_rows, 96, device=DEVICE).to(dtype) for _ in range(world)]
+        outs, epoch = run_round(wss, bufs, fbytes, xs, ar.one_shot_all_reduce)
+        assert epoch == rnd + 1
+        want = reference_sum(xs)
+        for r, y in enumerate(outs):
+            assert y.dtype == dtype and y.shape == xs[0].shape
+            assert torch.equal(y, want), f"rank {r}, round {rnd}"
+        for r in range(world):
+            # every program counts every call, rows or not; each program with rows signalled
+            assert wss[r].epochs.tolist() == [epoch] * nprog
+            assert int(wss[r].error) == 0
+            got = flags(bufs, fbytes, r, nprog, world)
+            assert (got[: min(n_rows, nprog)] == epoch).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_norm_is_the_norm_of_the_sum(dtype) -> None:
+    torch.manual_seed(3)
+    world, hidden, n_rows = 2, 256, 6
+    wss, bufs, fbytes = make_group(world, 4, capacity=n_rows * hidden * 2)
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
+    residual = torch.randn(n_rows, hidden, device=DEVICE).to(dtype)
+    for _ in range(2):
+        xs = [torch.randn(n_rows, hidden, device=DEVICE).to(dtype) for _ in range(world)]
+        outs, _ = run_round(
+            wss, bufs, fbytes, xs,
+            lambda ws, x: ar.one_shot_all_reduce_rms_norm(ws, x, residual, weight, 1e-5),
+        )  # fmt: skip
+        want_y, want_h = rms_norm(reference_sum(xs), weight, 1e-5, residual)
+        for y, h in outs:
+            assert torch.equal(h, want_h)
+            assert torch.equal(y, want_y)
+
+
+def test_a_missing_peer_sets_the_error_word() -> None:
+    wss, bufs, fbytes = make_group(2, 2, capacity=1024)
+    ws = wss[0]
+    ws.spin_limit = 50  # rank 1 never signals
+    ar.one_shot_all_reduce(ws, torch.ones(1, 16, device=DEVICE))
+    with pytest.raises(RuntimeError, match="signal never arrived.*HAL_ONESHOT_ALLREDUCE=0"):
+        ws.check()
+
+
+def test_bad_input_is_refused() -> None:
+    wss, _, _ = make_group(2, 2, capacity=1024)
+    ws = wss[0]
+    with pytest.raises(ValueError, match="does not fit the one-shot all-reduce"):
+        ar.one_shot_all_reduce(ws, torch.ones(8, 128, device=DEVICE))  # 4 KiB > 1 KiB
+    assert not ws.fits(torch.ones(2, 8, dtype=torch.int32, device=DEVICE))
+    x = torch.ones(2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="residual"):
+        ar.one_shot_all_reduce_rms_norm(ws, x, x.half(), torch.ones(16, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="weight: shape"):
+        ar.one_shot_all_reduce_rms_norm(ws, x, x, torch.ones(8, device=DEVICE), 1e-5)
+    with pytest.raises(ValueError, match="eps"):
+        ar.one_shot_all_reduce_rms_norm(ws, x, x, torch.ones(16, device=DEVICE), 0.0)
