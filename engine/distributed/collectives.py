@@ -78,9 +78,10 @@ class TorchCollectives:
         self.oneshot = oneshot
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum over the group: the one-shot kernel for tensors that fit its buffer, NCCL (or
-        gloo) otherwise, in place when x is contiguous (callers pass temporaries)."""
-        if self.oneshot is not None and self.oneshot.fits(x):
+        """Sum over the group: the one-shot kernel for tensors that fit its buffer while a CUDA
+        graph is captured, NCCL (or gloo) otherwise, in place when x is contiguous (callers pass
+        temporaries)."""
+        if self._oneshot_serves(x):
             from backends.triton.allreduce import one_shot_all_reduce
 
             return one_shot_all_reduce(self.oneshot, x)
@@ -93,11 +94,20 @@ class TorchCollectives:
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual) in one launch of the
         one-shot kernel, or None when it does not serve x (the caller reduces, then norms)."""
-        if self.oneshot is None or not self.oneshot.fits(x) or residual.dtype != x.dtype:
+        if not self._oneshot_serves(x) or residual.dtype != x.dtype:
             return None
         from backends.triton.allreduce import one_shot_all_reduce_rms_norm
 
         return one_shot_all_reduce_rms_norm(self.oneshot, x, residual, weight, eps)
+
+    def _oneshot_serves(self, x: torch.Tensor) -> bool:
+        # Graph capture only: eager, a Triton launch from Python costs more than NCCL's call
+        # (engine.distributed.oneshot). Every rank captures the same graphs, so all agree.
+        return (
+            self.oneshot is not None
+            and torch.cuda.is_current_stream_capturing()
+            and self.oneshot.fits(x)
+        )
 
     def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         x = x.contiguous()

@@ -1,15 +1,19 @@
 """Peer-mapped buffers for the one-shot all-reduce (`backends.triton.allreduce`) of a
 tensor-parallel group on NVIDIA GPUs.
 
-Each rank allocates one buffer (flag area + two halves of data) that every other rank of the
-group maps into its own address space: through torch symmetric memory where it works, else
-through CUDA IPC handles passed around with `all_gather_object`. The buffers are zeroed and the
-group synchronised before the first use; a first all-reduce of known values checks the mapping
-(a mismatch or a timed-out wait turns the path off, logged, and NCCL carries every call).
+Each rank allocates one buffer (flag area + two halves of data) through torch symmetric memory,
+which maps every rank's buffer into every other rank's address space (over NVLink / PCIe peer
+access). The buffers are zeroed and the group synchronised before the first use; a first
+all-reduce of known values checks the mapping (wrong sums or a timed-out wait turn the path
+off, logged, and NCCL carries every call). Tried and dropped: mapping through CUDA IPC handles
+(`torch.multiprocessing` reductions) faulted on 2 x H100 (illegal address in the first call).
+
+The collectives use the kernel only while a CUDA graph is being captured (decode steps): a
+Triton launch from Python costs ~20 us more than NCCL's, which only a graph removes (2 x H100:
+eager 47-84 us against NCCL's 25-43; in a graph 8.6 against 14.6 us at 8 KiB).
 
 Switches: HAL_ONESHOT_ALLREDUCE=0 turns it off; HAL_ONESHOT_ALLREDUCE_MAX_BYTES (default 512 KiB)
-is the largest tensor it takes (larger ones go to NCCL); HAL_ONESHOT_ALLREDUCE_MAPPING=symm|ipc
-forces one way of mapping.
+is the largest tensor it takes (larger ones go to NCCL).
 """
 
 from __future__ import annotations
@@ -66,18 +70,6 @@ def _map_symmetric(total: int, device: torch.device, group) -> tuple[list, list[
     return [buf, handle], [int(p) for p in handle.buffer_ptrs]
 
 
-def _map_ipc(total: int, device: torch.device, group) -> tuple[list, list[int]]:
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    buf = torch.zeros(total, dtype=torch.uint8, device=device)
-    world = dist.get_world_size(group)
-    shared = [None] * world
-    dist.all_gather_object(shared, reduce_tensor(buf), group=group)
-    me = dist.get_rank(group)
-    views = [buf if r == me else rebuild(*args) for r, (rebuild, args) in enumerate(shared)]
-    return [buf, views], [v.data_ptr() for v in views]
-
-
 def build_workspace(group, device: torch.device, capacity_bytes: int | None = None):
     """This rank's `OneShotWorkspace` over `group` (None = the default group), or None with the
     reason logged. Collective: every rank of the group calls it at the same point."""
@@ -96,26 +88,15 @@ def build_workspace(group, device: torch.device, capacity_bytes: int | None = No
     max_programs = min(64, torch.cuda.get_device_properties(device).multi_processor_count)
     fbytes = flag_bytes(max_programs, world)
     total = fbytes + 2 * capacity
-    forced = os.environ.get("HAL_ONESHOT_ALLREDUCE_MAPPING", "")
-    if forced not in ("", "symm", "ipc"):
-        raise ValueError(f"HAL_ONESHOT_ALLREDUCE_MAPPING: {forced!r} is not 'symm' or 'ipc'")
-    keep, ptrs, how = None, None, None
-    for method, fn in (("symm", _map_symmetric), ("ipc", _map_ipc)):
-        if forced and forced != method:
-            continue
-        try:
-            keep, ptrs = fn(total, device, group)
-            how = method
-        except Exception as exc:  # noqa: BLE001 - any failure means: try the next way
-            logger.info("one-shot all-reduce: %s mapping failed: %s", method, exc)
-            keep, ptrs = None, None
-        ok.fill_(1 if ptrs is not None else 0)
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
-        if int(ok.item()):
-            break
-        keep, ptrs, how = None, None, None
-    if ptrs is None:
-        logger.info("one-shot all-reduce off: no way to map the peers' buffers")
+    try:
+        keep, ptrs = _map_symmetric(total, device, group)
+    except Exception as exc:  # noqa: BLE001 - any failure means: NCCL carries every call
+        logger.info("one-shot all-reduce: torch symmetric memory failed: %s", exc)
+        keep, ptrs = None, None
+    ok.fill_(1 if ptrs is not None else 0)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
+    if not int(ok.item()):
+        logger.info("one-shot all-reduce off: no rank-to-rank mapping of the buffers")
         return None
     base = keep[0]
     base[:fbytes].zero_()
@@ -135,8 +116,8 @@ def build_workspace(group, device: torch.device, capacity_bytes: int | None = No
     if not _self_test(ws, device, group):
         return None
     logger.info(
-        "one-shot all-reduce on: %d ranks, %s mapping, up to %d bytes a call, %d programs",
-        world, how, capacity, max_programs,
+        "one-shot all-reduce on (in CUDA graphs): %d ranks, up to %d bytes a call, %d programs",
+        world, capacity, max_programs,
     )  # fmt: skip
     return ws
 
