@@ -62,15 +62,16 @@ class OneShotWorkspace:
     spin_limit: int = SPIN_LIMIT
 
     def fits(self, x: torch.Tensor) -> bool:
-        """Whether x can go through the one-shot kernel: a CUDA tensor of a float dtype on this
-        GPU whose rows (last dim <= MAX_COLS) fit in one half of the buffer."""
-        return (
-            x.device == self.epochs.device
-            and x.dtype in DTYPES
-            and x.dim() >= 1
-            and 0 < x.shape[-1] <= MAX_COLS
-            and x.numel() * x.element_size() <= self.capacity_bytes
-        )
+        """Whether x can go through the one-shot kernel: a tensor of a float dtype on this
+        workspace's device whose rows (last dim <= MAX_COLS, each padded to a power of 2) fit
+        in one half of the buffer."""
+        if x.device != self.epochs.device or x.dtype not in DTYPES or x.dim() < 1:
+            return False
+        cols = x.shape[-1]
+        if not 0 < cols <= MAX_COLS:
+            return False
+        rows = x.numel() // cols  # a row takes block_n(cols) values of the buffer
+        return rows * block_n(cols) * x.element_size() <= self.capacity_bytes
 
     def check(self) -> None:
         """Raise if a kernel gave up waiting for a peer (dead, or its writes never arrived)."""
@@ -80,6 +81,12 @@ class OneShotWorkspace:
                 "peer mapping does not work on this machine (set HAL_ONESHOT_ALLREDUCE=0 to use "
                 "NCCL only)"
             )
+
+
+def block_n(cols: int) -> int:
+    """Values a row takes in the buffers: cols rounded up to a power of 2, at least 16 (so every
+    row starts 16-byte aligned, as the kernel tells the compiler)."""
+    return max(16, triton.next_power_of_2(cols))
 
 
 @triton.jit
@@ -137,11 +144,13 @@ def _one_shot_kernel(
         half = (epoch & 1).to(tl.int64) * half_elems
         cols = tl.arange(0, BLOCK_N)
         cmask = cols < n_cols
+        # Rows sit BLOCK_N apart in the buffers and the areas are 256-byte aligned: saying so
+        # lets the compiler use 16-byte loads (pointers made from integers carry no alignment).
         mine = tl.load(data_table + rank).to(tl.pointer_type(DT)) + half
         for row in range(pid, n_rows, nprog):
             r64 = tl.cast(row, tl.int64)
             v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask)
-            tl.store(mine + r64 * n_cols + cols, v, mask=cmask)
+            tl.store(tl.multiple_of(mine + r64 * BLOCK_N + cols, 16), v, mask=cmask)
         tl.debug_barrier()  # every thread's copy before the release below
         _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD)
         for row in range(pid, n_rows, nprog):
@@ -149,7 +158,8 @@ def _one_shot_kernel(
             acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
             for p in tl.static_range(WORLD):
                 src = tl.load(data_table + p).to(tl.pointer_type(DT)) + half
-                part = tl.load(src + r64 * n_cols + cols[None, :], mask=cmask[None, :], other=0.0,
+                at = tl.multiple_of(src + r64 * BLOCK_N + cols[None, :], [1, 16])
+                part = tl.load(at, mask=cmask[None, :], other=0.0,
                                cache_modifier=".cg")  # fmt: skip
                 acc += part.to(tl.float32)
             total = cast_rtne(acc, DT, INTERPRET)
@@ -181,14 +191,14 @@ def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h) -> None:
         return
     r2 = _rows(residual) if residual is not None else x2
     y2, h2 = y.view(n_rows, n_cols), (h.view(n_rows, n_cols) if h is not None else x2)
-    block_n = triton.next_power_of_2(n_cols)
+    bn = block_n(n_cols)
     half_elems = ws.capacity_bytes // x2.element_size()
     _one_shot_kernel[(ws.max_programs,)](
         x2, r2, weight if weight is not None else x2, y2, h2, ws.data_table, ws.flag_table,
         ws.epochs, ws.error, ws.rank, n_rows, n_cols, x2.stride(0), r2.stride(0), y2.stride(0),
-        h2.stride(0), float(eps), half_elems, ws.spin_limit, WORLD=ws.world, NORM=residual is not None,
-        BLOCK_N=block_n, INTERPRET=interpreting(), num_warps=8 if block_n >= 4096 else 4,
-        **pdl_args(x2.device, "allreduce"),
+        h2.stride(0), float(eps), half_elems, ws.spin_limit, WORLD=ws.world,
+        NORM=residual is not None, BLOCK_N=bn, INTERPRET=interpreting(),
+        num_warps=min(16, max(4, bn // 512)), **pdl_args(x2.device, "allreduce"),
     )  # fmt: skip
 
 

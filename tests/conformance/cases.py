@@ -716,8 +716,9 @@ OPS: tuple[OpSpec, ...] = (
     # columns at 25 examples); the kernels' own tests (test_triton_kernels.py,
     # test_attention_splitkv.py) cover their paths case by case, so these rows draw 60%.
     OpSpec("attention", "attention", FLOAT, _attn(False), check_attention, examples_scale=0.6),
-    OpSpec("attention/fp8_kv", "attention", FP8, _attn(True), check_attention, True,
-           examples_scale=0.6),  # fmt: skip
+    OpSpec(
+        "attention/fp8_kv", "attention", FP8, _attn(True), check_attention, True, examples_scale=0.6
+    ),  # fmt: skip
     OpSpec("linear", "gemm", FLOAT, _plain(S.linear_cases), check_linear),
     OpSpec("fp8_linear/per_tensor", "fp8_gemm", FP8, _scaled(False), check_scaled_linear, True),
     OpSpec("fp8_linear/per_token", "fp8_gemm", FP8, _scaled(True), check_scaled_linear, True),
