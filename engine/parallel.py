@@ -116,14 +116,20 @@ class ParallelContext:
         return self.collectives.all_reduce(x)
 
     def all_reduce_rms_norm(
-        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(rms_norm(h), h) with h = all_reduce(x) + residual in one fused collective, or None
-        when the collectives have no fused path for x (the caller reduces, then norms)."""
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        fp8_dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, ...] | None:
+        """(rms_norm(h), h) with h = all_reduce(x) + residual in one fused collective (with
+        fp8_dtype: (q, scale, h), the norm quantized per token), or None when the collectives
+        have no fused path for x (the caller reduces, then norms)."""
         if self.tp_size == 1:
             return None
         fused = getattr(self.collectives, "all_reduce_rms_norm", None)
-        return None if fused is None else fused(x, residual, weight, eps)
+        return None if fused is None else fused(x, residual, weight, eps, fp8_dtype)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if self.tp_size == 1:

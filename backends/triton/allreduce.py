@@ -34,7 +34,7 @@ import triton.language as tl
 
 from backends.triton.norm import _norm_output, _rstd
 from backends.triton.pdl import grid_wait, pdl_args
-from backends.triton.quant import cast_rtne, interpreting
+from backends.triton.quant import cast_rtne, fp8_codec, fp8_encode_mode, interpreting
 
 MAX_COLS = 16384  # a row is one register tile
 SPIN_LIMIT = 1 << 26  # polls of one flag before a program gives up (several seconds)
@@ -128,8 +128,18 @@ def _one_shot_kernel(
     eps,
     half_elems,  # elements of x's dtype in one half of a data area
     spin_limit,
+    scale_ptr,  # QUANT: fp32 [rows] per-token scales
+    qmax,
     WORLD: tl.constexpr,
     NORM: tl.constexpr,  # residual add + RMSNorm after the sum
+    QUANT: tl.constexpr,  # NORM's output quantized per token to FP8 (y_ptr: its codes)
+    MAN_BITS: tl.constexpr,
+    EXP_BIAS: tl.constexpr,
+    FP8_MAX: tl.constexpr,
+    NAN_CODE: tl.constexpr,
+    FNUZ: tl.constexpr,
+    HAS_INF: tl.constexpr,
+    ENCODE_NATIVE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
@@ -171,10 +181,10 @@ def _one_shot_kernel(
                 h = hx.to(tl.float32)
                 rstd = _rstd(tl.sum((h * h).to(tl.float64), axis=1), n_cols, eps)
                 rows = row + tl.arange(0, 1)
-                _norm_output(h, rstd, weight_ptr, y_ptr, y_ptr, rows, rows < n_rows,
+                _norm_output(h, rstd, weight_ptr, y_ptr, scale_ptr, rows, rows < n_rows,
                              rows.to(tl.int64)[:, None], cols, cmask[None, :], stride_y, n_cols,
-                             0.0, DT, False, 3, 7, 448.0, 127, False, False, 0,
-                             INTERPRET)  # fmt: skip
+                             qmax, DT, QUANT, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
+                             HAS_INF, ENCODE_NATIVE, INTERPRET)  # fmt: skip
             else:
                 tl.store(y_ptr + r64 * stride_y + cols[None, :], total, mask=cmask[None, :])
 
@@ -184,20 +194,24 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h) -> None:
+def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp8_dtype=None):
     x2 = _rows(x)
     n_rows, n_cols = x2.shape
     if n_rows == 0:
         return
     r2 = _rows(residual) if residual is not None else x2
-    y2, h2 = y.view(n_rows, n_cols), (h.view(n_rows, n_cols) if h is not None else x2)
+    y2, h2 = y.reshape(n_rows, n_cols), (h.view(n_rows, n_cols) if h is not None else x2)
     bn = block_n(n_cols)
     half_elems = ws.capacity_bytes // x2.element_size()
+    codec = fp8_codec(fp8_dtype or torch.float8_e4m3fn)
+    native = fp8_encode_mode(fp8_dtype, x2.device) if fp8_dtype is not None else 0
     _one_shot_kernel[(ws.max_programs,)](
         x2, r2, weight if weight is not None else x2, y2, h2, ws.data_table, ws.flag_table,
         ws.epochs, ws.error, ws.rank, n_rows, n_cols, x2.stride(0), r2.stride(0), y2.stride(0),
-        h2.stride(0), float(eps), half_elems, ws.spin_limit, WORLD=ws.world,
-        NORM=residual is not None, BLOCK_N=bn, INTERPRET=interpreting(),
+        h2.stride(0), float(eps), half_elems, ws.spin_limit,
+        scale if scale is not None else ws.epochs, float(codec["FP8_MAX"]), WORLD=ws.world,
+        NORM=residual is not None, QUANT=fp8_dtype is not None, ENCODE_NATIVE=native, **codec,
+        BLOCK_N=bn, INTERPRET=interpreting(),
         num_warps=min(16, max(4, bn // 512)), **pdl_args(x2.device, "allreduce"),
     )  # fmt: skip
 
@@ -223,9 +237,11 @@ def one_shot_all_reduce_rms_norm(
     residual: torch.Tensor,
     weight: torch.Tensor,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    fp8_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, ...]:
     """(rms_norm(h), h) with h = all_reduce(x) + residual: `rms_norm(all_reduce(x), weight,
-    eps, residual)` in one launch, bit for bit the Triton RMSNorm of that sum."""
+    eps, residual)` in one launch, bit for bit the Triton RMSNorm of that sum. With fp8_dtype:
+    (q, scale, h) as `rms_norm_quant_fp8` gives them (x: [T, hidden])."""
     if not ws.fits(x):
         raise ValueError(
             f"x: shape {tuple(x.shape)} {x.dtype} does not fit the one-shot all-reduce"
@@ -239,10 +255,18 @@ def one_shot_all_reduce_rms_norm(
         raise ValueError(f"weight: shape {tuple(weight.shape)}, expected [{x.shape[-1]}]")
     if not eps > 0:
         raise ValueError(f"eps: {eps} must be > 0")
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    _launch(ws, x, residual, weight.contiguous(), eps, y, h)
-    return y, h
+    if fp8_dtype is None:
+        y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        _launch(ws, x, residual, weight.contiguous(), eps, y, h)
+        return y, h
+    fp8_codec(fp8_dtype)  # raises, naming the dtype, when it is not an FP8 format
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D [T, hidden] tensor, got shape {tuple(x.shape)}")
+    q = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
+    _launch(ws, x, residual, weight.contiguous(), eps, q.view(torch.uint8), h, scale, fp8_dtype)
+    return q, scale, h
 
 
 def flag_bytes(max_programs: int, world: int) -> int:

@@ -90,15 +90,23 @@ class TorchCollectives:
         return x
 
     def all_reduce_rms_norm(
-        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        fp8_dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, ...] | None:
         """(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual) in one launch of the
-        one-shot kernel, or None when it does not serve x (the caller reduces, then norms)."""
+        one-shot kernel (with fp8_dtype: the norm quantized per token, (q, scale, h)), or None
+        when it does not serve x (the caller reduces, then norms)."""
         if not self._oneshot_serves(x) or residual.dtype != x.dtype:
+            return None
+        if fp8_dtype is not None and x.dim() != 2:
             return None
         from backends.triton.allreduce import one_shot_all_reduce_rms_norm
 
-        return one_shot_all_reduce_rms_norm(self.oneshot, x, residual, weight, eps)
+        return one_shot_all_reduce_rms_norm(self.oneshot, x, residual, weight, eps, fp8_dtype)
 
     def _oneshot_serves(self, x: torch.Tensor) -> bool:
         # Graph capture only: eager, a Triton launch from Python costs more than NCCL's call

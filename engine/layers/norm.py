@@ -34,10 +34,12 @@ class RMSNorm(nn.Module):
         reduce: x is a tensor-parallel partial sum; it is all-reduced over that group first (in
         the same launch as the add and the norm where the collectives can fuse them)."""
         if reduce is not None:
-            if residual is not None and quant_dtype is None:
-                fused = reduce.all_reduce_rms_norm(x, residual, self.weight, self.eps)
-                if fused is not None:
+            if residual is not None:
+                fused = reduce.all_reduce_rms_norm(x, residual, self.weight, self.eps, quant_dtype)
+                if fused is not None and quant_dtype is None:
                     return fused
+                if fused is not None:
+                    return QuantizedActivation(fused[0], fused[1], x.dtype), fused[2]
             x = reduce.all_reduce(x)
         if quant_dtype is None:
             return self.backend.rms_norm(x, self.weight, self.eps, residual)

@@ -64,13 +64,16 @@ class PartialCollectives:
 class ThreadGroup:
     """tp_size ranks as threads; collectives exchange tensors through a shared list + barrier."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, fused_norm=None) -> None:
         self.size = size
         self.barrier = threading.Barrier(size, timeout=120)
         self.slots: list[torch.Tensor | None] = [None] * size
+        self.fused_norm = fused_norm  # a backend: collectives with all_reduce_rms_norm
+        self.fused_calls = [0] * size
 
     def context(self, rank: int) -> ParallelContext:
-        return ParallelContext(rank, self.size, _RankCollectives(self, rank))
+        kind = _FusedRankCollectives if self.fused_norm is not None else _RankCollectives
+        return ParallelContext(rank, self.size, kind(self, rank))
 
     def exchange(self, rank: int, x: torch.Tensor) -> list[torch.Tensor]:
         self.slots[rank] = x
@@ -117,6 +120,17 @@ class _RankCollectives:
     def gather(self, x, dim, dst):
         parts = self.group.exchange(self.rank, x)
         return torch.cat(parts, dim) if self.rank == dst else None
+
+
+class _FusedRankCollectives(_RankCollectives):
+    """Collectives with the fused all-reduce + residual add + RMSNorm the one-shot kernel gives
+    on GPUs (here: the sum, then the backend's norm), counting its calls."""
+
+    def all_reduce_rms_norm(self, x, residual, weight, eps, fp8_dtype=None):
+        if fp8_dtype is not None:
+            return None
+        self.group.fused_calls[self.rank] += 1
+        return self.group.fused_norm.rms_norm(self.all_reduce(x), weight, eps, residual)
 
 
 @pytest.fixture(scope="module")
@@ -261,3 +275,27 @@ def test_tensor_parallel_model_matches_single_rank(variant, tp, fmt, backend, tm
     for want, got in zip(ref, results[0][1], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert all(logits is None for _, outs in results[1:] for logits in outs)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_layers_hand_partial_sums_to_the_next_norm(fused, backend, tmp_path):
+    """At tp > 1 a bias-free layer's o_proj and down_proj return partial sums and the norms
+    reduce them: through the collectives' fused all-reduce + RMSNorm when they have one (two per
+    layer and the final norm, per forward), else all_reduce then the norm; same logits."""
+    build_model("llama", tmp_path)
+    prompt = torch.randint(3, VOCAB, (9,), generator=torch.Generator().manual_seed(1)).tolist()
+    steps = [prompt, [4]]
+
+    def run(rank, parallel):
+        model, _, _ = load_model(tmp_path, backend, "float32", parallel, with_tokenizer=False)
+        assert all(layer.partial_out for layer in model.layers) == (parallel.tp_size > 1)
+        seq = PagedSequence(model, seed=3)
+        return len(model.layers), [seq.step(tokens) for tokens in steps]
+
+    _, ref = run(0, SINGLE)
+    group = ThreadGroup(2, backend if fused else None)
+    results = group.run(run)
+    for want, got in zip(ref, results[0][1], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    layers = results[0][0]
+    assert group.fused_calls == ([2 * layers * len(steps)] * 2 if fused else [0, 0])

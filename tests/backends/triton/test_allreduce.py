@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from backends.triton import allreduce as ar  # noqa: E402
-from backends.triton.norm import rms_norm  # noqa: E402
+from backends.triton.norm import rms_norm, rms_norm_quant_fp8  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and torch.version.hip is None else "cpu"
 
@@ -114,6 +114,26 @@ def test_fused_norm_is_the_norm_of_the_sum(dtype) -> None:
         for y, h in outs:
             assert torch.equal(h, want_h)
             assert torch.equal(y, want_y)
+
+
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_fused_norm_quant_is_rms_norm_quant_fp8_of_the_sum(fp8) -> None:
+    torch.manual_seed(4)
+    world, hidden, n_rows = 2, 128, 3
+    wss, bufs, fbytes = make_group(world, 2, capacity=n_rows * hidden * 2)
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(torch.bfloat16)
+    residual = torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16)
+    xs = [torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16) for _ in range(world)]
+    outs, _ = run_round(
+        wss, bufs, fbytes, xs,
+        lambda ws, x: ar.one_shot_all_reduce_rms_norm(ws, x, residual, weight, 1e-5, fp8),
+    )  # fmt: skip
+    want_q, want_scale, want_h = rms_norm_quant_fp8(reference_sum(xs), weight, 1e-5, fp8, residual)
+    for q, scale, h in outs:
+        assert q.dtype == fp8 and scale.shape == (n_rows, 1)
+        assert torch.equal(h, want_h)
+        assert torch.equal(scale, want_scale)
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
 
 
 def test_a_missing_peer_sets_the_error_word() -> None:
