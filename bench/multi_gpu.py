@@ -8,6 +8,8 @@ Parts (each prints its figures and adds them to the JSON):
   and off, against TP=1 with graphs off; a differing sequence passes only when TP=1's top-2
   log-probabilities at the first differing step are within --near-tie (the distributed issue's
   rule). Random weights (load_format="dummy"), the same on every rank.
+- oneshot: TP=2 greedy tokens with the one-shot all-reduce and with NCCL only, bf16 and FP8,
+  graphs on: identical (at two ranks the one-shot sum is NCCL's, bit for bit).
 - allreduce: bus bandwidth of the engine's all-reduce (TorchCollectives, eager and captured in a
   CUDA graph as a decode step runs it) against plain torch.distributed.all_reduce, at the sizes a
   decode step reduces (tokens x hidden, bf16), as a ratio.
@@ -127,6 +129,35 @@ def part_correctness(folder, args, res) -> bool:
     res["correctness"] = dict(prompts=len(prompts), max_tokens=args.max_tokens,
                               near_tie=args.near_tie, dtype=args.check_dtype, rows=rows,
                               ok=ok)  # fmt: skip
+    return ok
+
+
+def part_oneshot(folder, args, res) -> bool:
+    """TP=2 greedy tokens with the one-shot all-reduce (HAL_ONESHOT_ALLREDUCE=1, the default)
+    and with NCCL only (=0), graphs on, bf16 and online FP8: at two ranks the one-shot sum is
+    NCCL's to the bit, so the tokens must be identical (not only near-ties)."""
+    rng = random.Random(2)
+    prompts = [
+        [rng.randrange(100, 30000) for _ in range(rng.randint(8, 200))]
+        for _ in range(args.num_prompts)
+    ]
+    ok, rows = True, []
+    for quant in (None, "fp8"):
+        outs = {}
+        for flag in ("1", "0"):
+            os.environ["HAL_ONESHOT_ALLREDUCE"] = flag  # inherited by the spawned workers
+            llm = make_llm(folder, 2, 1, False, args, quantization=quant)
+            outs[flag] = [tokens for tokens, _ in greedy(llm, prompts, args.max_tokens)]
+            close(llm)
+            llm = None
+            free_gpu()
+        os.environ.pop("HAL_ONESHOT_ALLREDUCE")
+        same = sum(a == b for a, b in zip(outs["1"], outs["0"], strict=True))
+        ok &= same == len(prompts)
+        rows.append(dict(quantization=quant or "none", identical=same, prompts=len(prompts)))
+        print(f"one-shot vs NCCL, TP=2 graphs on, {quant or 'bf16'}: {same}/{len(prompts)} "
+              "identical greedy sequences")  # fmt: skip
+    res["oneshot"] = dict(rows=rows, ok=ok)
     return ok
 
 
@@ -354,13 +385,15 @@ def main() -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(res, indent=2))
 
-    for name in ("correctness", "allreduce", "scaling", "big"):
+    for name in ("correctness", "oneshot", "allreduce", "scaling", "big"):
         if name not in parts:
             continue
         start = time.perf_counter()
         try:
             if name == "correctness":
                 ok &= part_correctness(folder, args, res)
+            elif name == "oneshot":
+                ok &= part_oneshot(folder, args, res)
             elif name == "allreduce":
                 ok &= part_allreduce(args, res)
             elif name == "scaling":
