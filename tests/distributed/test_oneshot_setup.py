@@ -1,0 +1,49 @@
+"""Set-up of the one-shot all-reduce (`engine.distributed.oneshot`): its switches, and that a
+group that cannot run it (CPU ranks, gloo) falls back to the plain collectives. The kernel itself:
+tests/backends/triton/test_allreduce.py; on GPUs: bench/multi_gpu.py --parts oneshot,allreduce."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from engine.distributed import oneshot
+
+
+def test_size_limit_defaults_and_override(monkeypatch) -> None:
+    monkeypatch.delenv("HAL_ONESHOT_ALLREDUCE_MAX_BYTES", raising=False)
+    assert oneshot.max_bytes(2) == 4 * 1024 * 1024
+    assert oneshot.max_bytes(4) == oneshot.max_bytes(8) == 512 * 1024
+    monkeypatch.setenv("HAL_ONESHOT_ALLREDUCE_MAX_BYTES", "65536")
+    assert oneshot.max_bytes(2) == 65536
+    monkeypatch.setenv("HAL_ONESHOT_ALLREDUCE_MAX_BYTES", "1MB")
+    with pytest.raises(ValueError, match="'1MB' is not an integer"):
+        oneshot.max_bytes(2)
+    monkeypatch.setenv("HAL_ONESHOT_ALLREDUCE_MAX_BYTES", "0")
+    with pytest.raises(ValueError, match="must be > 0"):
+        oneshot.max_bytes(2)
+
+
+def test_reasons_it_cannot_run(monkeypatch) -> None:
+    assert "not a CUDA GPU" in oneshot.unavailable_reason(torch.device("cpu"))
+    monkeypatch.setenv("HAL_ONESHOT_ALLREDUCE", "0")
+    assert oneshot.unavailable_reason(torch.device("cuda", 0)) == "HAL_ONESHOT_ALLREDUCE=0"
+
+
+def test_a_cpu_group_keeps_the_plain_collectives(monkeypatch) -> None:
+    from engine.distributed.collectives import TorchCollectives
+    from engine.distributed.executor import free_port
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        assert oneshot.build_workspace(None, torch.device("cpu")) is None
+        coll = TorchCollectives(None, [0])
+        x = torch.arange(4.0)
+        assert coll.all_reduce_rms_norm(x, x, torch.ones(4), 1e-5) is None
+        assert torch.equal(coll.all_reduce(x.clone()), x)
+    finally:
+        dist.destroy_process_group()
