@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 # measured, at 4 (1.6-2.2x on 4 x H200).
 DEFAULT_MAX_BYTES = {2: 4 * 1024 * 1024}
 DEFAULT_MAX_BYTES_LARGER = 512 * 1024
+SELF_TEST_SPIN_LIMIT = 1 << 20
 
 
 def enabled() -> bool:
@@ -82,6 +84,10 @@ def build_workspace(group, device: torch.device, capacity_bytes: int | None = No
 
     why = unavailable_reason(device)
     world = dist.get_world_size(group)
+    hosts = [None] * world
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    if why is None and len(set(hosts)) > 1:
+        why = f"the group spans {len(set(hosts))} hosts (peer mapping needs one)"
     # Every rank must take the same branch: agree on whether all of them can try.
     ok = torch.tensor([0 if why else 1], dtype=torch.int32, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
@@ -134,10 +140,14 @@ def _self_test(ws, device: torch.device, group) -> bool:
 
     expect = ws.world * (ws.world + 1) / 2
     good = True
+    # A mapping that does not carry writes would leave the waits spinning: give up sooner here
+    # (~1 s) than in service.
+    ws.spin_limit, spin_limit = SELF_TEST_SPIN_LIMIT, ws.spin_limit
     for _ in range(2):
         x = torch.full((3, 256), float(ws.rank + 1), dtype=torch.float32, device=device)
         y = one_shot_all_reduce(ws, x)
         good &= bool((y == expect).all().item()) and not int(ws.error.item())
+    ws.spin_limit = spin_limit
     ok = torch.tensor([1 if good else 0], dtype=torch.int32, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
     if not int(ok.item()):
