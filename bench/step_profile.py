@@ -9,6 +9,12 @@ once with --steps more tokens; the tables are the per-kernel difference, divided
     python bench/step_profile.py                       # Llama-3-8B shape, random weights, batch 1
     python bench/step_profile.py --tp 2                 # per rank, NCCL
     python bench/step_profile.py --batch 256 --quantization fp8 --kv-cache-dtype fp8
+
+At TP > 1 the one-shot all-reduce kernel (`_one_shot_kernel`) waits inside the GPU for its peers,
+and under the profiler the ranks drift apart, so its time (and with PDL, the time of the kernel
+after it) holds that wait: tens of ms per step, not its cost. For a split that adds up, profile
+with HAL_ONESHOT_ALLREDUCE=0 HAL_PDL=0 (NCCL, no early launches) and take the one-shot kernel's
+cost from `bench/multi_gpu.py --parts allreduce`.
 """
 
 from __future__ import annotations
