@@ -53,8 +53,9 @@ def max_bytes(world: int) -> int:
     return value
 
 
-def unavailable_reason(device: torch.device) -> str | None:
-    """Why the one-shot path cannot run on `device` (None when it can be tried)."""
+def unavailable_reason(device: torch.device, world: int = 1) -> str | None:
+    """Why the one-shot path cannot run on `device` in a group of `world` ranks (None when it
+    can be tried)."""
     if not enabled():
         return "HAL_ONESHOT_ALLREDUCE=0"
     if device.type != "cuda":
@@ -63,6 +64,11 @@ def unavailable_reason(device: torch.device) -> str | None:
         return "ROCm: the one-shot kernel's system-scope flags are checked on NVIDIA GPUs only"
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return "TRITON_INTERPRET=1"
+    # Reading a peer GPU's memory needs that GPU visible here (the mp executor shows every
+    # worker all of them; Ray gives each worker one).
+    visible = torch.cuda.device_count()
+    if visible < world:
+        return f"this process sees {visible} GPU(s), fewer than the group's {world} ranks"
     return None
 
 
@@ -82,8 +88,8 @@ def build_workspace(group, device: torch.device, capacity_bytes: int | None = No
     reason logged. Collective: every rank of the group calls it at the same point."""
     from backends.triton.allreduce import OneShotWorkspace, flag_bytes
 
-    why = unavailable_reason(device)
     world = dist.get_world_size(group)
+    why = unavailable_reason(device, world)
     hosts = [None] * world
     dist.all_gather_object(hosts, socket.gethostname(), group=group)
     if why is None and len(set(hosts)) > 1:

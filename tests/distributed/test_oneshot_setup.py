@@ -27,6 +27,11 @@ def test_size_limit_defaults_and_override(monkeypatch) -> None:
 
 def test_reasons_it_cannot_run(monkeypatch) -> None:
     assert "not a CUDA GPU" in oneshot.unavailable_reason(torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    why = oneshot.unavailable_reason(torch.device("cuda", 0), world=2)
+    assert why == "this process sees 1 GPU(s), fewer than the group's 2 ranks"
     monkeypatch.setenv("HAL_ONESHOT_ALLREDUCE", "0")
     assert oneshot.unavailable_reason(torch.device("cuda", 0)) == "HAL_ONESHOT_ALLREDUCE=0"
 
