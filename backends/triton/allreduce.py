@@ -2,17 +2,18 @@
 RMSNorm that follow a row-parallel linear (NVIDIA GPUs with peer access, e.g. NVLink).
 
 At decode sizes (one to a few hundred rows of the hidden size) an all-reduce is all latency:
-NCCL's ring takes 6-13 us per call inside a CUDA graph on 2 x H200, and its kernel cannot be
-chained to its neighbours with programmatic dependent launch. Here every rank owns one buffer
-that every other rank can read (torch symmetric memory or CUDA IPC; `engine.distributed.
-oneshot`), and one Triton kernel per call:
+NCCL's ring takes 12-18 us per call inside a CUDA graph on 2 x H200 (8-512 KiB), and its kernel
+cannot be chained to its neighbours with programmatic dependent launch. Here every rank owns one
+buffer that every other rank can read (torch symmetric memory; `engine.distributed.oneshot`),
+and one Triton kernel per call (5-8 us there; docs/benchmarks.md, thirteenth session):
 
 1. copies this rank's rows of x into its own buffer (half `epoch & 1` of it),
 2. signals every peer (a release store of the call's epoch into the peer's flag slot for this
    program and rank) and waits until every peer has signalled the same epoch (acquire loads),
 3. sums the rows of every rank's buffer in rank order in fp32 (so every rank gets the same bits),
    rounds to x's dtype and stores it, or with a residual: h = sum + residual rounded to x's
-   dtype, y = rms_norm(h) exactly as `backends.triton.norm` computes it, (y, h) stored.
+   dtype, y = rms_norm(h) exactly as `backends.triton.norm` computes it, (y, h) stored, or
+   y's per-token FP8 codes and scales as `rms_norm_quant_fp8` gives them.
 
 Program k of every rank handles the same rows and waits only for program k of the peers. The
 two halves of the buffer alternate with the epoch: a rank writes half e & 1 at epoch e only after
