@@ -84,6 +84,18 @@ class OneShotWorkspace:
             )
 
 
+def device_reason(device: torch.device) -> str | None:
+    """Why the one-shot kernel cannot run on `device` (None when it can): it needs an NVIDIA
+    GPU (the system-scope flag protocol is checked there only) and a compiled kernel."""
+    if device.type != "cuda":
+        return f"device {device} is not a CUDA GPU"
+    if torch.version.hip is not None:
+        return "ROCm: the one-shot kernel's system-scope flags are checked on NVIDIA GPUs only"
+    if interpreting():
+        return "TRITON_INTERPRET=1"
+    return None
+
+
 def block_n(cols: int) -> int:
     """Values a row takes in the buffers: cols rounded up to a power of 2, at least 16 (so every
     row starts 16-byte aligned, as the kernel tells the compiler)."""

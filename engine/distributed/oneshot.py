@@ -60,10 +60,11 @@ def unavailable_reason(device: torch.device, world: int = 1) -> str | None:
         return "HAL_ONESHOT_ALLREDUCE=0"
     if device.type != "cuda":
         return f"device {device} is not a CUDA GPU"
-    if torch.version.hip is not None:
-        return "ROCm: the one-shot kernel's system-scope flags are checked on NVIDIA GPUs only"
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return "TRITON_INTERPRET=1"
+    from backends.triton.allreduce import device_reason
+
+    why = device_reason(device)
+    if why is not None:
+        return why
     # Reading a peer GPU's memory needs that GPU visible here (the mp executor shows every
     # worker all of them; Ray gives each worker one).
     visible = torch.cuda.device_count()

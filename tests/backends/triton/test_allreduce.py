@@ -158,3 +158,9 @@ def test_bad_input_is_refused() -> None:
         ar.one_shot_all_reduce_rms_norm(ws, x, x, torch.ones(8, device=DEVICE), 1e-5)
     with pytest.raises(ValueError, match="eps"):
         ar.one_shot_all_reduce_rms_norm(ws, x, x, torch.ones(16, device=DEVICE), 0.0)
+
+
+def test_device_reason() -> None:
+    assert "not a CUDA GPU" in ar.device_reason(torch.device("cpu"))
+    if DEVICE == "cuda":
+        assert ar.device_reason(torch.device("cuda", 0)) is None
