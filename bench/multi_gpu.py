@@ -165,6 +165,8 @@ def part_oneshot(folder, args, res) -> bool:
 def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue) -> None:
     import torch.distributed as dist
 
+    import hal
+    import platforms
     from engine.distributed.collectives import TorchCollectives
     from engine.distributed.oneshot import build_workspace
 
@@ -172,8 +174,9 @@ def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue
     dist.init_process_group(
         "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
-    # The engine's path as a worker builds it (init_world): the one-shot kernel where it serves.
-    coll = TorchCollectives(None, list(range(world)), build_workspace(None, torch.device("cuda")))
+    # The engine's path as a worker builds it: the backend's one-shot kernel where it serves.
+    backend = hal.load_backend(platforms.detect(), device=f"cuda:{rank}")
+    coll = TorchCollectives(None, list(range(world)), build_workspace(backend, None))
 
     rounds_n = 11
 
@@ -240,9 +243,7 @@ def _allreduce_worker(rank: int, world: int, port: int, sizes, iters: int, queue
         dist.all_reduce(want)
         oneshot = coll.oneshot is not None and coll.oneshot.fits(x)
         if oneshot:  # what the captured path runs (eager calls take NCCL)
-            from backends.triton.allreduce import one_shot_all_reduce
-
-            got = one_shot_all_reduce(coll.oneshot, x)
+            got = coll.oneshot.all_reduce(x)
         else:
             got = coll.all_reduce(x.clone())
         err = float((got.float() - want.float()).abs().max() / want.float().abs().max())

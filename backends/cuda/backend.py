@@ -492,6 +492,17 @@ class CudaBackend(Backend):
             return super().rms_norm_quant_fp8(x, weight, eps, fp8_dtype, residual)
         return _triton("norm").rms_norm_quant_fp8(x, weight, eps, fp8_dtype, residual)
 
+    # -- tensor-parallel all-reduce over peer-mapped memory ----------------------------------
+    def peer_all_reduce_reason(self):
+        return _triton("allreduce").device_reason(self.device)
+
+    def peer_all_reduce_buffer_bytes(self, world, capacity_bytes, max_programs):
+        return _triton("allreduce").buffer_bytes(world, capacity_bytes, max_programs)
+
+    def make_peer_all_reduce(self, rank, world, buffer_ptrs, capacity_bytes, max_programs):
+        ws = _triton("allreduce").OneShotWorkspace
+        return ws.create(rank, world, buffer_ptrs, capacity_bytes, max_programs, self.device)
+
     def rotary(self, positions, query, key, cos_sin_cache, is_neox=True):
         why = _float_reasons(query=query, key=key)
         if self._triton_or("rotary", "torch", why) == "triton":

@@ -74,6 +74,37 @@ class OneShotWorkspace:
         rows = x.numel() // cols  # a row takes block_n(cols) values of the buffer
         return rows * block_n(cols) * x.element_size() <= self.capacity_bytes
 
+    @classmethod
+    def create(
+        cls,
+        rank: int,
+        world: int,
+        buffer_ptrs: list[int],
+        capacity_bytes: int,
+        max_programs: int,
+        device: torch.device,
+    ) -> OneShotWorkspace:
+        """The workspace over every rank's buffer (`buffer_bytes` bytes each, zeroed on every
+        rank before the first call; buffer_ptrs: their addresses as this process sees them)."""
+        fbytes = flag_bytes(max_programs, world)
+        return cls(
+            rank=rank,
+            world=world,
+            data_table=torch.tensor([p + fbytes for p in buffer_ptrs], dtype=torch.int64,
+                                    device=device),
+            flag_table=torch.tensor(buffer_ptrs, dtype=torch.int64, device=device),
+            epochs=torch.zeros(max_programs, dtype=torch.int32, device=device),
+            error=torch.zeros(1, dtype=torch.int32, device=device),
+            capacity_bytes=capacity_bytes,
+            max_programs=max_programs,
+        )  # fmt: skip
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return one_shot_all_reduce(self, x)
+
+    def all_reduce_rms_norm(self, x, residual, weight, eps, fp8_dtype=None) -> tuple:
+        return one_shot_all_reduce_rms_norm(self, x, residual, weight, eps, fp8_dtype)
+
     def check(self) -> None:
         """Raise if a kernel gave up waiting for a peer (dead, or its writes never arrived)."""
         if int(self.error.item()):
@@ -287,8 +318,18 @@ def flag_bytes(max_programs: int, world: int) -> int:
     return -(-max_programs * world * 4 // 256) * 256
 
 
+def buffer_bytes(world: int, capacity_bytes: int, max_programs: int) -> int:
+    """Bytes of one rank's buffer: the flag area, then two halves of capacity_bytes (a multiple
+    of 256)."""
+    if capacity_bytes <= 0 or capacity_bytes % 256:
+        raise ValueError(f"capacity_bytes: {capacity_bytes} must be a positive multiple of 256")
+    return flag_bytes(max_programs, world) + 2 * capacity_bytes
+
+
 __all__ = [
     "DTYPES",
+    "buffer_bytes",
+    "device_reason",
     "MAX_COLS",
     "OneShotWorkspace",
     "flag_bytes",

@@ -74,7 +74,8 @@ class TorchCollectives:
         self.group = group
         self.ranks = ranks  # global ranks of the group, in tp_rank order
         self.rank_in_group = ranks.index(dist.get_rank())
-        # backends.triton.allreduce.OneShotWorkspace (NVIDIA GPUs with peer access) or None
+        # the backend's one-shot all-reduce (`engine.distributed.oneshot.build_workspace`: NVIDIA
+        # GPUs with peer access), set by the worker once its backend is loaded; or None
         self.oneshot = oneshot
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,9 +83,7 @@ class TorchCollectives:
         graph is captured, NCCL (or gloo) otherwise, in place when x is contiguous (callers pass
         temporaries)."""
         if self._oneshot_serves(x):
-            from backends.triton.allreduce import one_shot_all_reduce
-
-            return one_shot_all_reduce(self.oneshot, x)
+            return self.oneshot.all_reduce(x)
         x = x.contiguous()
         dist.all_reduce(x, group=self.group)
         return x
@@ -104,9 +103,7 @@ class TorchCollectives:
             return None
         if fp8_dtype is not None and x.dim() != 2:
             return None
-        from backends.triton.allreduce import one_shot_all_reduce_rms_norm
-
-        return one_shot_all_reduce_rms_norm(self.oneshot, x, residual, weight, eps, fp8_dtype)
+        return self.oneshot.all_reduce_rms_norm(x, residual, weight, eps, fp8_dtype)
 
     def _oneshot_serves(self, x: torch.Tensor) -> bool:
         # Graph capture only: eager, a Triton launch from Python costs more than NCCL's call
@@ -189,10 +186,4 @@ def init_world(
         group = None if layout.pp_size == 1 else dist.new_group(ranks, timeout=timeout)
         if p == pp_rank:
             mine = TorchCollectives(group, ranks)
-    if backend == "nccl" and torch.cuda.is_available():
-        from engine.distributed.oneshot import build_workspace
-
-        mine.oneshot = build_workspace(
-            mine.group, torch.device("cuda", torch.cuda.current_device())
-        )
     return mine

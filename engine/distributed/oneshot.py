@@ -53,16 +53,14 @@ def max_bytes(world: int) -> int:
     return value
 
 
-def unavailable_reason(device: torch.device, world: int = 1) -> str | None:
-    """Why the one-shot path cannot run on `device` in a group of `world` ranks (None when it
-    can be tried)."""
+def unavailable_reason(backend, device: torch.device, world: int = 1) -> str | None:
+    """Why the one-shot path cannot run with `backend` on `device` in a group of `world` ranks
+    (None when it can be tried)."""
     if not enabled():
         return "HAL_ONESHOT_ALLREDUCE=0"
     if device.type != "cuda":
         return f"device {device} is not a CUDA GPU"
-    from backends.triton.allreduce import device_reason
-
-    why = device_reason(device)
+    why = backend.peer_all_reduce_reason()
     if why is not None:
         return why
     # Reading a peer GPU's memory needs that GPU visible here (the mp executor shows every
@@ -84,13 +82,13 @@ def _map_symmetric(total: int, device: torch.device, group) -> tuple[list, list[
     return [buf, handle], [int(p) for p in handle.buffer_ptrs]
 
 
-def build_workspace(group, device: torch.device, capacity_bytes: int | None = None):
-    """This rank's `OneShotWorkspace` over `group` (None = the default group), or None with the
-    reason logged. Collective: every rank of the group calls it at the same point."""
-    from backends.triton.allreduce import OneShotWorkspace, flag_bytes
-
+def build_workspace(backend, group, capacity_bytes: int | None = None):
+    """This rank's one-shot workspace (`backend.make_peer_all_reduce`) over `group` (None = the
+    default group), or None with the reason logged. Collective: every rank of the group calls
+    it at the same point."""
+    device = torch.device(backend.device)
     world = dist.get_world_size(group)
-    why = unavailable_reason(device, world)
+    why = unavailable_reason(backend, device, world)
     hosts = [None] * world
     dist.all_gather_object(hosts, socket.gethostname(), group=group)
     if why is None and len(set(hosts)) > 1:
@@ -104,8 +102,7 @@ def build_workspace(group, device: torch.device, capacity_bytes: int | None = No
     capacity = capacity_bytes or max_bytes(world)
     capacity = -(-capacity // 256) * 256
     max_programs = min(64, torch.cuda.get_device_properties(device).multi_processor_count)
-    fbytes = flag_bytes(max_programs, world)
-    total = fbytes + 2 * capacity
+    total = backend.peer_all_reduce_buffer_bytes(world, capacity, max_programs)
     try:
         keep, ptrs = _map_symmetric(total, device, group)
     except Exception as exc:  # noqa: BLE001 - any failure means: NCCL carries every call
@@ -116,22 +113,13 @@ def build_workspace(group, device: torch.device, capacity_bytes: int | None = No
     if not int(ok.item()):
         logger.info("one-shot all-reduce off: no rank-to-rank mapping of the buffers")
         return None
-    base = keep[0]
-    base[:fbytes].zero_()
+    keep[0].zero_()
     torch.cuda.synchronize(device)
     dist.barrier(group=group)
-    ws = OneShotWorkspace(
-        rank=dist.get_rank(group),
-        world=world,
-        data_table=torch.tensor([p + fbytes for p in ptrs], dtype=torch.int64, device=device),
-        flag_table=torch.tensor(ptrs, dtype=torch.int64, device=device),
-        epochs=torch.zeros(max_programs, dtype=torch.int32, device=device),
-        error=torch.zeros(1, dtype=torch.int32, device=device),
-        capacity_bytes=capacity,
-        max_programs=max_programs,
-    )
+    rank = dist.get_rank(group)
+    ws = backend.make_peer_all_reduce(rank, world, ptrs, capacity, max_programs)
     ws.keepalive = keep  # the buffers (and the peers' mappings) live as long as the workspace
-    if not _self_test(ws, device, group):
+    if not _self_test(ws, rank, world, device, group):
         return None
     logger.info(
         "one-shot all-reduce on (in CUDA graphs): %d ranks, up to %d bytes a call, %d programs",
@@ -140,20 +128,22 @@ def build_workspace(group, device: torch.device, capacity_bytes: int | None = No
     return ws
 
 
-def _self_test(ws, device: torch.device, group) -> bool:
+def _self_test(ws, rank: int, world: int, device: torch.device, group) -> bool:
     """A first call on known values (rank + 1 in every element, both halves of the buffer); the
     group agrees on the outcome."""
-    from backends.triton.allreduce import one_shot_all_reduce
-
-    expect = ws.world * (ws.world + 1) / 2
+    expect = world * (world + 1) / 2
     good = True
     # A mapping that does not carry writes would leave the waits spinning: give up sooner here
     # (~1 s) than in service.
     ws.spin_limit, spin_limit = SELF_TEST_SPIN_LIMIT, ws.spin_limit
     for _ in range(2):
-        x = torch.full((3, 256), float(ws.rank + 1), dtype=torch.float32, device=device)
-        y = one_shot_all_reduce(ws, x)
-        good &= bool((y == expect).all().item()) and not int(ws.error.item())
+        x = torch.full((3, 256), float(rank + 1), dtype=torch.float32, device=device)
+        y = ws.all_reduce(x)
+        good &= bool((y == expect).all().item())
+        try:
+            ws.check()
+        except RuntimeError:
+            good = False
     ws.spin_limit = spin_limit
     ok = torch.tensor([1 if good else 0], dtype=torch.int32, device=device)
     dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)

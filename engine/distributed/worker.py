@@ -17,6 +17,7 @@ import torch
 
 from engine.config import resolve_cache_dtype
 from engine.distributed.collectives import PipelineChannel, WorldLayout, init_world
+from engine.distributed.oneshot import build_workspace
 from engine.graphs import graph_pool_estimate
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.parallel import SINGLE, ParallelContext
@@ -200,6 +201,10 @@ class Worker:
                 self.tp_rank, self.layout.tp_size, self.collectives, self.pp_rank,
                 self.layout.pp_size,
             )  # fmt: skip
+        if self.collectives is not None and spec.collective_backend == "nccl":
+            # The all-reduces of decode graphs through the backend's one-shot kernel where it
+            # has one (every rank of the TP group builds it here, at the same point).
+            self.collectives.oneshot = build_workspace(backend, self.collectives.group)
         self.model, _, _ = load_model(
             spec.model,
             backend,

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import hal
 from engine.distributed import oneshot
+
+
+@pytest.fixture(scope="module")
+def cpu_backend(cpu_caps):
+    return hal.load_backend(cpu_caps, configured="cpu")
 
 
 def test_size_limit_defaults_and_override(monkeypatch) -> None:
@@ -25,18 +31,30 @@ def test_size_limit_defaults_and_override(monkeypatch) -> None:
         oneshot.max_bytes(2)
 
 
-def test_reasons_it_cannot_run(monkeypatch) -> None:
-    assert "not a CUDA GPU" in oneshot.unavailable_reason(torch.device("cpu"))
+class _Backend:
+    name = "test"
+
+    def __init__(self, why):
+        self.why = why
+
+    def peer_all_reduce_reason(self):
+        return self.why
+
+
+def test_reasons_it_cannot_run(monkeypatch, cpu_backend) -> None:
+    cpu = torch.device("cpu")
+    assert "not a CUDA GPU" in oneshot.unavailable_reason(cpu_backend, cpu)
+    assert "has no one-shot all-reduce kernel" in cpu_backend.peer_all_reduce_reason()
+    gpu = torch.device("cuda", 0)
+    assert oneshot.unavailable_reason(_Backend("ROCm: no"), gpu, 2) == "ROCm: no"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.version, "hip", None)
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    why = oneshot.unavailable_reason(torch.device("cuda", 0), world=2)
+    why = oneshot.unavailable_reason(_Backend(None), gpu, world=2)
     assert why == "this process sees 1 GPU(s), fewer than the group's 2 ranks"
     monkeypatch.setenv("HAL_ONESHOT_ALLREDUCE", "0")
-    assert oneshot.unavailable_reason(torch.device("cuda", 0)) == "HAL_ONESHOT_ALLREDUCE=0"
+    assert oneshot.unavailable_reason(_Backend(None), gpu) == "HAL_ONESHOT_ALLREDUCE=0"
 
 
-def test_a_cpu_group_keeps_the_plain_collectives(monkeypatch) -> None:
+def test_a_cpu_group_keeps_the_plain_collectives(monkeypatch, cpu_backend) -> None:
     from engine.distributed.collectives import TorchCollectives
     from engine.distributed.executor import free_port
 
@@ -45,7 +63,7 @@ def test_a_cpu_group_keeps_the_plain_collectives(monkeypatch) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
     )
     try:
-        assert oneshot.build_workspace(None, torch.device("cpu")) is None
+        assert oneshot.build_workspace(cpu_backend, None) is None
         coll = TorchCollectives(None, [0])
         x = torch.arange(4.0)
         assert coll.all_reduce_rms_norm(x, x, torch.ones(4), 1e-5) is None

@@ -20,23 +20,14 @@ DEVICE = "cuda" if torch.cuda.is_available() and torch.version.hip is None else 
 
 
 def make_group(world: int, max_programs: int, capacity: int):
+    """Every rank's buffer (as the engine maps them) and workspace, made as the CUDA backend
+    makes them (`OneShotWorkspace.create`)."""
     fbytes = ar.flag_bytes(max_programs, world)
-    bufs = [
-        torch.zeros(fbytes + 2 * capacity, dtype=torch.uint8, device=DEVICE) for _ in range(world)
-    ]
+    size = ar.buffer_bytes(world, capacity, max_programs)
+    bufs = [torch.zeros(size, dtype=torch.uint8, device=DEVICE) for _ in range(world)]
     ptrs = [b.data_ptr() for b in bufs]
-    table = torch.tensor(ptrs, dtype=torch.int64, device=DEVICE)
     wss = [
-        ar.OneShotWorkspace(
-            rank=r,
-            world=world,
-            data_table=table + fbytes,
-            flag_table=table,
-            epochs=torch.zeros(max_programs, dtype=torch.int32, device=DEVICE),
-            error=torch.zeros(1, dtype=torch.int32, device=DEVICE),
-            capacity_bytes=capacity,
-            max_programs=max_programs,
-        )
+        ar.OneShotWorkspace.create(r, world, ptrs, capacity, max_programs, torch.device(DEVICE))
         for r in range(world)
     ]
     return wss, bufs, fbytes
@@ -83,7 +74,7 @@ def test_sum_matches_rank_order_fp32_sum(world, dtype, n_rows) -> None:
     for rnd in range(3):  # epochs 1, 2, 3: both halves of the buffer, one of them twice
         cols = 96 if n_rows > 1 else 5  # rows padded to 128 / 16 values in the buffers
         xs = [torch.randn(n_rows, cols, device=DEVICE).to(dtype) for _ in range(world)]
-        outs, epoch = run_round(wss, bufs, fbytes, xs, ar.one_shot_all_reduce)
+        outs, epoch = run_round(wss, bufs, fbytes, xs, ar.OneShotWorkspace.all_reduce)
         assert epoch == rnd + 1
         want = reference_sum(xs)
         for r, y in enumerate(outs):
@@ -108,7 +99,7 @@ def test_fused_norm_is_the_norm_of_the_sum(dtype) -> None:
         xs = [torch.randn(n_rows, hidden, device=DEVICE).to(dtype) for _ in range(world)]
         outs, _ = run_round(
             wss, bufs, fbytes, xs,
-            lambda ws, x: ar.one_shot_all_reduce_rms_norm(ws, x, residual, weight, 1e-5),
+            lambda ws, x: ws.all_reduce_rms_norm(x, residual, weight, 1e-5),
         )  # fmt: skip
         want_y, want_h = rms_norm(reference_sum(xs), weight, 1e-5, residual)
         for y, h in outs:
@@ -158,6 +149,13 @@ def test_bad_input_is_refused() -> None:
         ar.one_shot_all_reduce_rms_norm(ws, x, x, torch.ones(8, device=DEVICE), 1e-5)
     with pytest.raises(ValueError, match="eps"):
         ar.one_shot_all_reduce_rms_norm(ws, x, x, torch.ones(16, device=DEVICE), 0.0)
+
+
+def test_buffer_layout() -> None:
+    assert ar.flag_bytes(64, 2) == 512 and ar.flag_bytes(3, 2) == 256
+    assert ar.buffer_bytes(2, 4096, 64) == 512 + 2 * 4096
+    with pytest.raises(ValueError, match="multiple of 256"):
+        ar.buffer_bytes(2, 1000, 64)
 
 
 def test_device_reason() -> None:
