@@ -36,9 +36,9 @@ class RMSNorm(nn.Module):
         if reduce is not None:
             if residual is not None:
                 fused = reduce.all_reduce_rms_norm(x, residual, self.weight, self.eps, quant_dtype)
-                if fused is not None and quant_dtype is None:
-                    return fused
                 if fused is not None:
+                    if quant_dtype is None:
+                        return fused
                     return QuantizedActivation(fused[0], fused[1], x.dtype), fused[2]
             x = reduce.all_reduce(x)
         if quant_dtype is None:

@@ -198,12 +198,10 @@ class LlamaDecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual add of the previous sublayer is fused into the next norm, and so is the
         # per-token FP8 quantize of an FP8 linear that reads the norm (None otherwise). partial:
-        # hidden is this rank's partial sum (the previous layer's partial_out); the returned
-        # hidden is one when self.partial_out.
+        # hidden is this rank's partial sum (the previous layer's partial_out, so a residual
+        # comes with it); the returned hidden is one when self.partial_out.
         attn_fp8 = self.self_attn.qkv_proj.fp8_input_dtype()
         if residual is None:
-            if partial:
-                hidden = self.parallel.all_reduce(hidden)
             hidden, residual = self.input_layernorm(hidden, quant_dtype=attn_fp8), hidden
         else:
             reduce = self.parallel if partial else None
