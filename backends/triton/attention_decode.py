@@ -62,6 +62,7 @@ class DecodeConfig:
     num_stages: int = 3
     num_splits: int | None = None
     min_split_tokens: int | None = None  # None: one block_n tile
+    head_major: bool | None = None  # None: the module's HEAD_MAJOR (the grid's launch order)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -110,6 +111,8 @@ DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], .
         (0, DecodeConfig(block_n=128, num_warps=4, num_stages=2)),
     ),
 }
+# Launch order of the decode grid: True puts a sequence's KV-head programs next to each other.
+HEAD_MAJOR = False
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 
@@ -185,12 +188,22 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
+    HEAD_MAJOR: tl.constexpr,  # grid (num_kv_heads, num_seqs, splits) instead of (seqs, heads, ..)
     PDL: tl.constexpr,
 ):
     grid_wait(PDL)
-    # grid: (num_seqs, num_kv_heads, num_splits)
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    # grid: (num_seqs, num_kv_heads, num_splits), or heads first (HEAD_MAJOR: the programs of
+    # one sequence's KV heads, which read the same pages, launch next to each other)
+    if HEAD_MAJOR:
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
+        last_seq = tl.num_programs(1) - 1
+        last_head = tl.num_programs(0) - 1
+    else:
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        last_seq = tl.num_programs(0) - 1
+        last_head = tl.num_programs(1) - 1
     split = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -264,7 +277,7 @@ def _decode_kernel(
                      mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
     # Padding rows past the last sequence's query come back zero (out is not zero-filled: one
     # fill launch per layer saved); the last program of the grid writes them.
-    last = (seq == tl.num_programs(0) - 1) & (kv_head == tl.num_programs(1) - 1)
+    last = (seq == last_seq) & (kv_head == last_head)
     if last & (split == tl.num_programs(2) - 1):
         zero = tl.zeros((HEAD_DIM_P2,), dtype=out_ptr.dtype.element_ty)
         first_pad = (q_start + q_len).to(tl.int64)
@@ -470,7 +483,9 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
     else:
         part_out = part_lse = out  # never touched: SPLIT is off
     min_tiles = -(-(cfg.min_split_tokens or 1) // cfg.block_n)
-    _decode_kernel[(num_seqs, num_kv_heads, splits)](
+    head_major = HEAD_MAJOR if cfg.head_major is None else cfg.head_major
+    grid = (num_kv_heads, num_seqs, splits) if head_major else (num_seqs, num_kv_heads, splits)
+    _decode_kernel[grid](
         q, raw(key_cache), raw(value_cache), out, part_out, part_lse, bt, seq_lens,
         query_start_loc, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_tokens,
@@ -479,7 +494,7 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
         SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"], Q_SCALED=c["q_scaled"],
         INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
         SPLIT=splits > 1, PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        HEAD_DIM_P2=c["head_dim_p2"],
+        HEAD_DIM_P2=c["head_dim_p2"], HEAD_MAJOR=head_major,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
         **pdl_args(query.device, "attention"),
     )  # fmt: skip
