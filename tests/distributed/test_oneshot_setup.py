@@ -68,14 +68,19 @@ def test_a_cpu_group_keeps_the_plain_collectives(monkeypatch, cpu_backend) -> No
         x = torch.arange(4.0)
         assert coll.all_reduce_rms_norm(x, x, torch.ones(4), 1e-5) is None
         assert torch.equal(coll.all_reduce(x.clone()), x)
-        # The self-test a GPU group runs on its workspace, here on one rank's buffer (interpreted
-        # kernel on the CPU: a group of one signals and reads only itself).
+        # The self-test a GPU group runs on its workspace, here on one rank's buffer (a group of
+        # one signals and reads only itself): on the GPU when there is one, else the interpreted
+        # kernel on the CPU.
         pytest.importorskip("triton")
         from backends.triton.allreduce import OneShotWorkspace, buffer_bytes
+        from backends.triton.quant import interpreting
 
-        buf = torch.zeros(buffer_bytes(1, 3072, 2), dtype=torch.uint8)
-        ws = OneShotWorkspace.create(0, 1, [buf.data_ptr()], 3072, 2, torch.device("cpu"))
-        assert oneshot._self_test(ws, 0, 1, torch.device("cpu"), None)
+        device = torch.device("cpu" if interpreting() else "cuda")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            pytest.skip("no GPU and TRITON_INTERPRET is not 1")
+        buf = torch.zeros(buffer_bytes(1, 3072, 2), dtype=torch.uint8, device=device)
+        ws = OneShotWorkspace.create(0, 1, [buf.data_ptr()], 3072, 2, device)
+        assert oneshot._self_test(ws, 0, 1, device, None)
         assert ws.spin_limit == 1 << 26  # restored after the test's shorter limit
     finally:
         dist.destroy_process_group()
