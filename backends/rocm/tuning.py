@@ -55,8 +55,8 @@ def amd_decode_config(warp_size: int, head_dim: int, dtype: torch.dtype) -> Deco
     head_dim > 128), 4 wavefronts, one stage (LDS, as above); splits chosen from shapes by the
     shared kernel. RDNA (32 lanes) keeps the shared table's entry."""
     wide = dtype == torch.float32 or triton.next_power_of_2(max(head_dim, 1)) > 128
-    if warp_size != 64:
-        return DECODE_CONFIGS["wide" if wide else "narrow"]
+    if warp_size != 64:  # the NVIDIA table's entry for GPUs without sm_90's shared memory
+        return DECODE_CONFIGS[("wide" if wide else "narrow", "small_smem")]
     return DecodeConfig(block_n=32 if wide else 64, num_warps=4, num_stages=1)
 
 

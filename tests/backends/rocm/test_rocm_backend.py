@@ -105,6 +105,14 @@ def test_amd_options_only_for_hip() -> None:
         assert tuning.target_backend("cpu") is None and tuning.target_backend("cuda") is None
     assert tuning.attention_tuning(64, True, 256, 16).block_m == 64  # wide: more keys halved
     assert tuning.attention_tuning(64, False, 64, 128).block_m == 128  # holds the whole group
+    # Decode launches: CDNA (64 lanes) its own one-stage tiles, RDNA (32) the NVIDIA table's
+    # entry for GPUs without sm_90's shared memory.
+    assert tuning.amd_decode_config(64, 128, torch.bfloat16).num_stages == 1
+    assert tuning.amd_decode_config(64, 256, torch.bfloat16).block_n == 32
+    from backends.triton.attention_decode import DECODE_CONFIGS
+
+    assert tuning.amd_decode_config(32, 128, torch.float16) == DECODE_CONFIGS[("narrow", "small_smem")]
+    assert tuning.amd_decode_config(32, 64, torch.float32) == DECODE_CONFIGS[("wide", "small_smem")]
 
 
 # -- attention with the AMD tiles against the reference ------------------------------------------
