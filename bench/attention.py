@@ -45,17 +45,20 @@ BATCHES = (1, 4, 16, 64, 256)
 CONTEXTS = (512, 1024, 4096, 8192, 32768)
 # FlexAttention compiles per shape (tens of seconds each): by default only the issue's anchors.
 FLEX_SHAPES = ((64, 4096), (1, 32768))
-AUTOTUNE_SHAPES = ((1, 32768), (4, 1024), (4, 8192), (16, 512), (16, 1024), (16, 2048),
-                   (16, 4096), (16, 8192), (64, 512), (64, 1024), (64, 4096),
-                   (256, 1024))  # fmt: skip
+AUTOTUNE_SHAPES = ((1, 4096), (1, 32768), (4, 1024), (4, 8192), (16, 512), (16, 1024), (16, 2048),
+                   (16, 4096), (16, 8192), (32, 1024), (32, 4096), (64, 512), (64, 1024),
+                   (64, 4096), (256, 1024))  # fmt: skip
 # Split-model parameters the decode autotune fits (`attention_decode.num_splits`): resident
 # programs per SM, the throughput a second one adds, the cost of splitting in tiles.
 FIT_PROGRAMS_PER_SM = (1, 2, 3, 4)
 FIT_SHARED_GAINS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
 FIT_SPLIT_COSTS = (0.0, 0.5, 1.0, 2.0, 4.0)
+# Stages: the K/V loads' addresses come from the block table, so Triton's pipeliner splits the
+# stages between the table load and the K/V loads; below 5 the next tile's K/V is issued only
+# after the current tile's math (no overlap), from 5 one tile stays in flight during it.
 TILE_CONFIGS = (  # (block_n, num_warps, num_stages)
-    (32, 4, 2), (32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3),
-    (128, 4, 2), (128, 4, 3), (128, 8, 2), (128, 8, 3),
+    (32, 4, 3), (32, 2, 7), (64, 4, 3), (64, 4, 5), (64, 2, 5), (64, 8, 5), (128, 4, 3),
+    (128, 4, 5), (128, 8, 3), (128, 8, 5),
 )  # fmt: skip
 PREFILL_SHAPES = ((1, 512), (1, 1024), (1, 2048), (1, 4096), (1, 8192), (8, 1024))
 PREFILL_AUTOTUNE_SHAPES = ((1, 1024), (1, 4096), (1, 8192), (8, 1024))

@@ -83,7 +83,7 @@ class DecodeConfig:
 # model below): 3 stages 1-4% faster than 2 at 12 of 15 shapes, within 0.5% at the rest (73
 # KiB of shared memory a program on sm_90 with Triton 3.6; 224-255 registers for 128 threads).
 DECODE_CONFIGS: dict[tuple[str, str], DecodeConfig] = {
-    ("narrow", "big_smem"): DecodeConfig(block_n=128, num_warps=4, num_stages=3),
+    ("narrow", "big_smem"): DecodeConfig(block_n=128, num_warps=4, num_stages=5),
     ("narrow", "small_smem"): DecodeConfig(block_n=64, num_warps=4, num_stages=2),
     ("wide", "big_smem"): DecodeConfig(block_n=32, num_warps=4, num_stages=3),
     ("wide", "small_smem"): DecodeConfig(block_n=32, num_warps=4, num_stages=2),
@@ -112,7 +112,7 @@ DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], .
     ),
 }
 # Launch order of the decode grid: True puts a sequence's KV-head programs next to each other.
-HEAD_MAJOR = False
+HEAD_MAJOR = True
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 
