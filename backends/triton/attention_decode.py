@@ -37,11 +37,12 @@ DECODE_MAX_QUERY_LEN = 8
 # `python bench/attention.py decode --autotune` (it prints the constants that best predict the
 # measured best split counts).
 SPLIT_PROGRAMS_PER_SM = 2
-# H100 graph-replay split sweep 2026-11-27 (ninth session; 10 shapes, batch 1-16, contexts
-# 512-32k): these pick the measured best count at every shape; the earlier wave model (per-split
-# cost 0.25, no sharing) split 16 x 512 and 16 x 1024 in two, 13% and 9% slower than one split.
+# H200 graph-replay autotune 2026-11-27 (fourteenth session; 15 shapes, batch 1-256, contexts
+# 512-32k, 5-stage tiles): fitted 2 / 0.1 / 4 tiles; with 64-token tiles they pick the measured
+# best count at every shape swept (a cost of 1 tile split 16 x 1024 in two: 0.51 of copy
+# against 0.57-0.63 whole). The ninth session's H100 fit for 128-token 3-stage tiles had cost 1.
 SPLIT_SHARED_GAIN = 0.1
-SPLIT_COST_TILES = 1.0
+SPLIT_COST_TILES = 4.0
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 128
 
@@ -78,12 +79,16 @@ class DecodeConfig:
 
 
 # The decode tuning table, keyed by `table_key` (operand width, smem class). Re-derive the sm_90
-# rows on a new GPU with `python bench/attention.py decode --autotune`. narrow / big_smem: H100
-# graph replays 2026-11-27 (ninth session, bf16 cache, batch 1-16 x 512-32k under the split
-# model below): 3 stages 1-4% faster than 2 at 12 of 15 shapes, within 0.5% at the rest (73
-# KiB of shared memory a program on sm_90 with Triton 3.6; 224-255 registers for 128 threads).
+# rows on a new GPU with `python bench/attention.py decode --autotune`. Stages: the K/V loads'
+# addresses come from a block-table load, so Triton's pipeliner splits num_stages between the
+# two; up to 4 the next tile's K/V is issued after this tile's math and waited for at once (no
+# overlap), from 5 it stays in flight during the math (TTGIR: async_wait num 3, not 0).
+# narrow / big_smem: H200 graph replays 2026-11-27 (fourteenth session, bf16 cache, 15 shapes
+# batch 1-256): 64 tokens / 4 warps / 5 stages reaches 0.965 of each shape's best tile
+# (geometric mean; 70 KiB of shared memory, three programs per SM); 1 x 32k 0.57 -> 0.70 of
+# copy, 4 x 8k 0.56 -> 0.67, 16 x 8k 0.89 -> 0.95 against the 3-stage 128-token tile.
 DECODE_CONFIGS: dict[tuple[str, str], DecodeConfig] = {
-    ("narrow", "big_smem"): DecodeConfig(block_n=128, num_warps=4, num_stages=5),
+    ("narrow", "big_smem"): DecodeConfig(block_n=64, num_warps=4, num_stages=5),
     ("narrow", "small_smem"): DecodeConfig(block_n=64, num_warps=4, num_stages=2),
     ("wide", "big_smem"): DecodeConfig(block_n=32, num_warps=4, num_stages=3),
     ("wide", "small_smem"): DecodeConfig(block_n=32, num_warps=4, num_stages=2),
@@ -106,12 +111,15 @@ DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], .
     ("narrow", "big_smem", True): (
         (7, DecodeConfig(block_n=32, num_warps=1, num_stages=3)),
         (3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),
-        # below the tiers: FP8 keeps 2 stages (H100, ninth session, batch 1-16 x 512-32k: 0-5%
-        # faster than the bf16 entry's 3)
-        (0, DecodeConfig(block_n=128, num_warps=4, num_stages=2)),
+        # below the tiers: 128 tokens, 5 stages (H200, fourteenth session, e4m3fn cache, 6
+        # shapes of batch 1-32: 1.05-1.17x the ninth session's 2 stages, e.g. 16 x 1024 0.25 ->
+        # 0.30 of copy, 1 x 32k 0.34 -> 0.38)
+        (0, DecodeConfig(block_n=128, num_warps=4, num_stages=5)),
     ),
 }
-# Launch order of the decode grid: True puts a sequence's KV-head programs next to each other.
+# Launch order of the decode grid: True puts a sequence's KV-head programs (which read the same
+# pages) next to each other. H200, fourteenth session: batch 256 x 512 / 1024 / 4096 0.889 /
+# 0.965 / 1.010 -> 0.903 / 0.977 / 1.034 of copy, 64 x 512 0.749 -> 0.768, the rest within 1%.
 HEAD_MAJOR = True
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)

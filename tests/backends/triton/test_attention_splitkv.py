@@ -235,8 +235,12 @@ def test_prefill_config_checks_and_table() -> None:
         tattn.PrefillConfig(block_m=48)
     with pytest.raises(ValueError, match="num_stages: 0 must be >= 1"):
         tattn.PrefillConfig(num_stages=0)
-    # q tile + 3 stages of K and V: (128 + 2 * 3 * 64) rows of 128 bf16 values = 128 KiB
-    assert tattn.PrefillConfig(128, 64, 8, 3).smem_bytes(128, 2) == 128 * 1024
+    # q tile + one K and one V buffer per two stages past the first (the block-table load takes
+    # half the pipeline): 3 stages (128 + 2 * 64) rows of 128 bf16 values = 64 KiB, 5 stages
+    # (128 + 2 * 2 * 128) rows = 160 KiB
+    assert tattn.PrefillConfig(128, 64, 8, 3).smem_bytes(128, 2) == 64 * 1024
+    assert tattn.PrefillConfig(128, 128, 8, 5).smem_bytes(128, 2) == 160 * 1024
+    assert tattn.PrefillConfig(64, 64, 4, 1).smem_bytes(128, 2) == 48 * 1024
     keys = {(w, m) for w in ("narrow", "wide", "fp32_256") for m in ("big_smem", "small_smem")}
     assert set(tattn.PREFILL_CONFIGS) == keys == set(tattn.DECODE_CONFIGS)
     for key, cfg in tattn.PREFILL_CONFIGS.items():
@@ -308,18 +312,19 @@ def _split_time(programs: int, s: int, sms: int, tiles: int) -> float:
 
 def test_num_splits_model() -> None:
     sms, per_sm = 132, 2  # an H100 / H200 SXM, at most two resident decode programs per SM
-    split = functools.partial(tattn.num_splits, num_sms=sms, block_n=128, programs_per_sm=per_sm)
-    # 16 sequences x 8 KV heads: 128 programs, about one per SM; a second program per SM gains
-    # little, so short contexts stay whole (H100: 16 x 512 one split 23.7 us, two 26.8) and long
-    # ones split in two, the most one wave holds (16 x 8k: 2 splits 194 us, 1 203, 3 209).
-    assert split(16, 8, 512) == 1 and split(16, 8, 1024) == 1
+    split = functools.partial(tattn.num_splits, num_sms=sms, block_n=64, programs_per_sm=per_sm)
+    # H200 graph replays, 64-token tiles with 5 stages (fourteenth session's autotune): 16
+    # sequences x 8 KV heads are 128 programs, about one per SM; a second program per SM gains
+    # little and a split costs about four tiles, so contexts up to 2k stay whole (16 x 2048: one
+    # split 0.70 of copy, two 0.69) and longer ones split in two (16 x 4096: 0.85 against 0.65).
+    assert split(16, 8, 512) == 1 and split(16, 8, 1024) == 1 and split(16, 8, 2048) == 1
     assert split(16, 8, 4096) == 2 and split(16, 8, 8192) == 2 and split(16, 8, 32768) == 2
     assert split(64, 8, 4096) == 1 and split(256, 8, 1024) == 1  # the GPU is full already
     assert split(256, 8, 4096) == 1 and split(256, 8, 8192) == 1
-    # Few programs split until the SMs are covered: 1 x 512 in two (15.1 us against 17.0),
-    # 4 x 1024 in four (19.5 against 29.2 unsplit), 1 x 32k in 32.
-    assert split(1, 8, 512) == 2 and split(4, 8, 1024) == 4 and split(1, 8, 32768) == 32
-    assert split(4, 8, 8192) == 8  # 256 programs of 8 whole tiles (9 would spill a wave)
+    # Few programs split until the SMs are covered: 4 x 1024 in four, 1 x 32k in 32 (0.70
+    # against 0.56 with 16 and 0.57 with 64), 4 x 8k in 8 (0.68; 4: 0.52, 12: 0.62).
+    assert split(4, 8, 1024) == 4 and split(1, 8, 32768) == 32 and split(4, 8, 8192) == 8
+    assert split(1, 8, 512) == 1  # two 4-tile splits cost as much as one 8-tile program
     assert split(1, 8, 300) == 1  # shorter than two MIN_SPLIT_TOKENS
     assert split(1, 1, 1 << 22) <= tattn.MAX_SPLITS
     for b in (1, 2, 4, 16, 64, 256):
@@ -331,7 +336,7 @@ def test_num_splits_model() -> None:
                 continue
             assert s == 1 or (ctx // s >= tattn.MIN_SPLIT_TOKENS and b * 8 * s <= sms * per_sm)
             # the least modelled time over every allowed count, the fewest splits on ties
-            tiles, limit = -(-ctx // 128), max(1, min(tattn.MAX_SPLITS, ctx // 256, -(-ctx // 128)))
+            tiles, limit = -(-ctx // 64), max(1, min(tattn.MAX_SPLITS, ctx // 256, -(-ctx // 64)))
             counts = [c for c in range(1, limit + 1) if c == 1 or b * 8 * c <= sms * per_sm]
             times = [_split_time(b * 8, c, sms, tiles) for c in counts]
             assert s == counts[times.index(min(times))], (b, ctx, s, times)
