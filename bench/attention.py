@@ -341,7 +341,6 @@ def run_decode(args, device, timer, bw, libs) -> list[dict]:
            f"{'sdpa_g':>6} {'host us':>7}  peers (fraction; err)")  # fmt: skip
     print(hdr)
     sms = tattn._sm_count(device)
-    cfg = tattn.decode_config(HEAD_DIM, DTYPE, device)
     for b in args.batches:
         for ctx in args.contexts:
             kv_bytes = 2 * b * ctx * NUM_KV_HEADS * HEAD_DIM * DTYPE.itemsize
@@ -350,6 +349,8 @@ def run_decode(args, device, timer, bw, libs) -> list[dict]:
                 continue
             x = decode_inputs(b, ctx, device)
             nbytes = kv_bytes + 2 * b * NUM_HEADS * HEAD_DIM * DTYPE.itemsize
+            # the launch `attention` picks for this batch (wide-batch and one-wave entries too)
+            cfg = tattn.decode_config(HEAD_DIM, DTYPE, device, False, b * NUM_KV_HEADS, ctx)
             ours = ours_decode(x)
             ref = F.scaled_dot_product_attention(
                 x.q.view(b, NUM_KV_HEADS, -1, HEAD_DIM).float(),

@@ -121,6 +121,14 @@ DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], .
 # pages) next to each other. H200, fourteenth session: batch 256 x 512 / 1024 / 4096 0.889 /
 # 0.965 / 1.010 -> 0.903 / 0.977 / 1.034 of copy, 64 x 512 0.749 -> 0.768, the rest within 1%.
 HEAD_MAJOR = True
+# A batch the split model leaves whole (one split) with at most one program per SM: every SM runs
+# one program, so a tile that needs more shared memory costs no residency. (table key) -> config.
+# H200 graph replays, fourteenth session (one split, bf16 cache): 128 tokens / 4 warps / 5 stages
+# against the 64-token default: 16 x 512 0.45 against 0.42 of copy, 16 x 1024 0.62 against
+# 0.57, 4 x 512 0.13 (two 64-token splits 0.11-0.12).
+DECODE_ONE_WAVE: dict[tuple[str, str], DecodeConfig] = {
+    ("narrow", "big_smem"): DecodeConfig(block_n=128, num_warps=4, num_stages=5),
+}
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 
@@ -398,17 +406,24 @@ def decode_config(
     device: torch.device,
     kv_fp8: bool = False,
     programs: int | None = None,
+    max_kv_len: int | None = None,
 ) -> DecodeConfig:
     """The tuning table's entry for this head_dim, query dtype and device; with programs (num_seqs
-    x num_kv_heads) the wide-batch entry for an FP8 (kv_fp8) or float cache where one applies."""
+    x num_kv_heads) the wide-batch entry for an FP8 (kv_fp8) or float cache where one applies,
+    and with max_kv_len too (the longest KV range a launch is sized for) the one-wave entry of a
+    float cache when the table's tile would run unsplit with at most one program per SM."""
     if interpreting():
         return INTERPRET_DECODE_CONFIG
     key = table_key(head_dim, dtype, device)
     if programs is not None:
-        per_sm = programs / _sm_count(device)
+        sms = _sm_count(device)
         for min_per_sm, cfg in DECODE_WIDE_BATCH.get((*key, kv_fp8), ()):
-            if per_sm >= min_per_sm:
+            if programs / sms >= min_per_sm:
                 return cfg
+        one_wave = DECODE_ONE_WAVE.get(key)
+        if one_wave is not None and not kv_fp8 and max_kv_len is not None and programs <= sms:
+            if num_splits(programs, 1, max_kv_len, sms, DECODE_CONFIGS[key].block_n) == 1:
+                return one_wave
     return DECODE_CONFIGS[key]
 
 
@@ -473,7 +488,8 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
         return out
     c = _launch_common(query, key_cache, scale, kv_scale, soft_cap)
     cfg = config or decode_config(
-        head_dim, query.dtype, query.device, c["fp8_mode"] != FP8_NOT, num_seqs * num_kv_heads
+        head_dim, query.dtype, query.device, c["fp8_mode"] != FP8_NOT, num_seqs * num_kv_heads,
+        max_seq_len or block_tables.shape[1] * block_size,
     )
     # Rows: the group's heads times up to max_query_len tokens (1 without the hint), at least the
     # 16 rows tl.dot needs.

@@ -161,6 +161,16 @@ def test_decode_config_wide_batch_selection(monkeypatch: pytest.MonkeyPatch) -> 
     assert tdecode.decode_config(128, bf16, cpu, False, 256 * 8) == wide_bf16[3]
     assert tdecode.decode_config(128, bf16, cpu, True, 115 * 8) == wide_fp8[3]  # < 7 per SM
     assert tdecode.decode_config(128, bf16, cpu, True, 116 * 8) == wide_fp8[7]
+    # One program per SM or fewer, left whole by the split model: the one-wave tile (a float
+    # cache only); split, over one per SM, FP8 or without the length: the table.
+    one_wave = tdecode.DECODE_ONE_WAVE[("narrow", "big_smem")]
+    assert tdecode.decode_config(128, bf16, cpu, False, 16 * 8, 1024) == one_wave
+    assert tdecode.decode_config(128, bf16, cpu, False, 4 * 8, 512) == one_wave
+    assert tdecode.decode_config(128, bf16, cpu, False, 16 * 8, 8192) == default  # 2 splits
+    assert tdecode.decode_config(128, bf16, cpu, False, 4 * 8, 8192) == default  # 8 splits
+    assert tdecode.decode_config(128, bf16, cpu, False, 17 * 8, 1024) == default  # > 1 per SM
+    assert tdecode.decode_config(128, bf16, cpu, True, 16 * 8, 1024) == wide_fp8[0]
+    assert tdecode.decode_config(128, bf16, cpu, False, 16 * 8) == default
     for cfgs in tdecode.DECODE_WIDE_BATCH.values():  # most programs per SM first
         assert [m for m, _ in cfgs] == sorted((m for m, _ in cfgs), reverse=True)
 
