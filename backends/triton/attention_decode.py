@@ -45,6 +45,7 @@ SPLIT_SHARED_GAIN = 0.1
 SPLIT_COST_TILES = 4.0
 MIN_SPLIT_TOKENS = 256
 MAX_SPLITS = 128
+MAX_GRID_SEQS = 65535  # sequences ride the grid's second axis (CUDA's limit there)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,6 @@ class DecodeConfig:
     num_stages: int = 3
     num_splits: int | None = None
     min_split_tokens: int | None = None  # None: one block_n tile
-    head_major: bool | None = None  # None: the module's HEAD_MAJOR (the grid's launch order)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -117,10 +117,6 @@ DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], .
         (0, DecodeConfig(block_n=128, num_warps=4, num_stages=5)),
     ),
 }
-# Launch order of the decode grid: True puts a sequence's KV-head programs (which read the same
-# pages) next to each other. H200, fourteenth session: batch 256 x 512 / 1024 / 4096 0.889 /
-# 0.965 / 1.010 -> 0.903 / 0.977 / 1.034 of copy, 64 x 512 0.749 -> 0.768, the rest within 1%.
-HEAD_MAJOR = True
 # A batch the split model leaves whole (one split) with at most one program per SM: every SM runs
 # one program, so a tile that needs more shared memory costs no residency. (table key) -> config.
 # H200 graph replays, fourteenth session (one split, bf16 cache): 128 tokens / 4 warps / 5 stages
@@ -204,22 +200,15 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
-    HEAD_MAJOR: tl.constexpr,  # grid (num_kv_heads, num_seqs, splits) instead of (seqs, heads, ..)
     PDL: tl.constexpr,
 ):
     grid_wait(PDL)
-    # grid: (num_seqs, num_kv_heads, num_splits), or heads first (HEAD_MAJOR: the programs of
-    # one sequence's KV heads, which read the same pages, launch next to each other)
-    if HEAD_MAJOR:
-        kv_head = tl.program_id(0)
-        seq = tl.program_id(1)
-        last_seq = tl.num_programs(1) - 1
-        last_head = tl.num_programs(0) - 1
-    else:
-        seq = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        last_seq = tl.num_programs(0) - 1
-        last_head = tl.num_programs(1) - 1
+    # grid: (num_kv_heads, num_seqs, num_splits). A sequence's KV-head programs read the same
+    # pages and launch next to each other (H200, fourteenth session, against sequences first:
+    # batch 256 x 512 / 1024 / 4096 0.889 / 0.965 / 1.010 -> 0.903 / 0.977 / 1.034 of copy, 64 x
+    # 512 0.749 -> 0.768, the rest within 1%).
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1)
     split = tl.program_id(2)
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
@@ -293,7 +282,7 @@ def _decode_kernel(
                      mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
     # Padding rows past the last sequence's query come back zero (out is not zero-filled: one
     # fill launch per layer saved); the last program of the grid writes them.
-    last = (seq == last_seq) & (kv_head == last_head)
+    last = (seq == tl.num_programs(1) - 1) & (kv_head == tl.num_programs(0) - 1)
     if last & (split == tl.num_programs(2) - 1):
         zero = tl.zeros((HEAD_DIM_P2,), dtype=out_ptr.dtype.element_ty)
         first_pad = (q_start + q_len).to(tl.int64)
@@ -483,6 +472,11 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
     _, block_size, num_kv_heads, _ = key_cache.shape
     group = num_heads // num_kv_heads
     num_seqs = seq_lens.shape[0]
+    if num_seqs > MAX_GRID_SEQS:
+        raise ValueError(
+            f"{num_seqs} sequences in one decode launch: at most {MAX_GRID_SEQS} (the grid's "
+            "second axis); split the batch"
+        )
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     if num_tokens == 0 or head_dim == 0:
         return out
@@ -507,9 +501,7 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
     else:
         part_out = part_lse = out  # never touched: SPLIT is off
     min_tiles = -(-(cfg.min_split_tokens or 1) // cfg.block_n)
-    head_major = HEAD_MAJOR if cfg.head_major is None else cfg.head_major
-    grid = (num_kv_heads, num_seqs, splits) if head_major else (num_seqs, num_kv_heads, splits)
-    _decode_kernel[grid](
+    _decode_kernel[(num_kv_heads, num_seqs, splits)](
         q, raw(key_cache), raw(value_cache), out, part_out, part_lse, bt, seq_lens,
         query_start_loc, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_tokens,
@@ -518,7 +510,7 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
         SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"], Q_SCALED=c["q_scaled"],
         INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
         SPLIT=splits > 1, PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        HEAD_DIM_P2=c["head_dim_p2"], HEAD_MAJOR=head_major,
+        HEAD_DIM_P2=c["head_dim_p2"],
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
         **pdl_args(query.device, "attention"),
     )  # fmt: skip

@@ -175,17 +175,15 @@ def test_decode_config_wide_batch_selection(monkeypatch: pytest.MonkeyPatch) -> 
         assert [m for m, _ in cfgs] == sorted((m for m, _ in cfgs), reverse=True)
 
 
-@pytest.mark.parametrize("head_major", [False, True])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
-def test_decode_kernel_takes_mixed_query_lengths(dtype: str, head_major: bool) -> None:
+def test_decode_kernel_takes_mixed_query_lengths(dtype: str) -> None:
     # Speculative-decoding-like batch (2-5 tokens), a zero-length query, a short prefill and a
     # chunked prefill longer than one chunk of rows: the decode kernel loops over query chunks
     # and stays correct whatever the batch; padding rows stay zero.
     seq_lens = (30, 9, 50, 64, 12)
     query_lens = (3, 0, 5, 21, 12)
     case = batch(11, dtype, seq_lens, query_lens, sliding_window=25 if dtype == "fp16" else None)
-    # Either launch order of the grid (sequences first, or a sequence's KV heads first).
-    config = tattn.DecodeConfig(block_n=16, num_splits=3, head_major=head_major)
+    config = tattn.DecodeConfig(block_n=16, num_splits=3)
     run_and_check(case, tattn.decode_attention, num_padding=2, max_query_len=5, config=config)
 
 
