@@ -156,13 +156,16 @@ def warm_up(llm, work: list[tuple[list[int], int]]) -> None:
     llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
 
 
-def throughput(llm, work: list[tuple[list[int], int]]) -> tuple[float, int, float]:
-    """(output tokens/s, tokens, seconds) for the whole batch at once."""
+def throughput(llm, work: list[tuple[list[int], int]], on_start=None) -> tuple[float, int, float]:
+    """(output tokens/s, tokens, seconds) for the whole batch at once; on_start() runs after the
+    warm-up, just before the timed run."""
     from engine import SamplingParams
 
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
     warm_up(llm, work)
     torch.cuda.synchronize()
+    if on_start is not None:
+        on_start()
     start = time.perf_counter()
     prompts = [p for p, _ in work]
     outs = llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)

@@ -340,12 +340,26 @@ def part_scaling(folder, args, res, bw: float, tps: list[int], key: str) -> None
             rng = random.Random(1)
             work = [([rng.randrange(100, 30000) for _ in range(rng.randint(128, 1024))],
                      rng.randint(64, 256)) for _ in range(args.mixed_requests)]  # fmt: skip
-            row["mixed_tok_s"], row["mixed_tokens"], row["mixed_s"] = throughput(llm, work)
+            # Engine steps of the timed run, and how many were launched ahead of the previous
+            # step's tokens (asynchronous scheduling): where a TP size loses, per step or in steps.
+            eng, mark = llm.engine, {}
+
+            def start(eng=eng, mark=mark) -> None:
+                mark.update(steps=eng.num_steps, ahead=eng.num_steps_ahead)
+
+            row["mixed_tok_s"], row["mixed_tokens"], row["mixed_s"] = throughput(llm, work, start)
+            row["mixed_steps"] = eng.num_steps - mark["steps"]
+            row["mixed_steps_ahead"] = eng.num_steps_ahead - mark["ahead"]
         close(llm)
         llm = None
         free_gpu()
         rows.append(row)
-        mixed = f"; mixed {row['mixed_tok_s']:.0f} tok/s" if "mixed_tok_s" in row else ""
+        mixed = ""
+        if "mixed_tok_s" in row:
+            steps = max(row["mixed_steps"], 1)
+            mixed = (f"; mixed {row['mixed_tok_s']:.0f} tok/s ({row['mixed_steps']} steps, "
+                     f"{row['mixed_steps_ahead']} launched ahead, "
+                     f"{row['mixed_s'] / steps * 1e3:.2f} ms a step)")  # fmt: skip
         print(f"{key} TP={tp}: batch-1 decode {ms:.2f} ms, floor {floor:.2f} ms "
               f"({ms / floor:.2f}x; synchronous steps {sync_ms:.2f} ms){mixed}")  # fmt: skip
     res[key] = rows
