@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import socket
 import struct
 import time
@@ -50,6 +51,21 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 HEARTBEAT_STALE_S = 10 * HEARTBEAT_INTERVAL_S
+
+
+class PickledOnce:
+    """A call argument pickled once for every rank: each send copies these bytes instead of
+    pickling the object again, and the receiving rank unpickles the object itself (not this
+    wrapper), so the worker's code never sees it. A 256-sequence step is ~46 KB and ~0.6 ms to
+    pickle on a 2-core CPU; the driver used to pay that once per rank."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, obj: Any) -> None:
+        self.data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def __reduce__(self):
+        return pickle.loads, (self.data,)
 
 
 @dataclass
@@ -402,7 +418,7 @@ class DistributedExecutor(Executor):
         with feed_rows (its input ids: those samples at these rows) or `release()`."""
         if (hold or feed_rows is not None) and not self.supports_hold:
             raise ValueError(f"the {self.kind} executor cannot hold steps on its ranks")
-        step = StepInput.from_scheduler_output(out, hold, feed_rows)
+        step = PickledOnce(StepInput.from_scheduler_output(out, hold, feed_rows))
         self.num_steps += 1
         args = [(step,)] * self.layout.world_size
         if sampling is not None:

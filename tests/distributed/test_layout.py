@@ -182,3 +182,27 @@ def test_ray_no_cluster_reachable():
     with pytest.raises(ValueError, match=r"no Ray cluster reachable at ray_address='127.0.0.1:1'"):
         connect_ray("127.0.0.1:1")
     assert time.monotonic() - start < 10
+
+
+def test_a_step_is_pickled_once_for_every_rank(monkeypatch):
+    # The driver pickles a step's StepInput once (PickledOnce); each rank's send copies those
+    # bytes without pickling the step again, and the rank unpickles the StepInput itself.
+    import pickle
+
+    from engine.distributed import executor as ex
+    from engine.distributed.worker import StepInput, StepSeq
+
+    seqs = [StepSeq([5], [i + 9], [(i + 9) % 16], list(range(i + 1)), 1, i + 10, True)
+            for i in range(64)]  # fmt: skip
+    step = StepInput(seqs, blocks_to_copy=[(1, 2)], hold=True, feed_rows=[0, 3])
+    pickled = []
+    reduce_ex = StepInput.__reduce_ex__
+    monkeypatch.setattr(StepInput, "__reduce_ex__",
+                        lambda self, proto: pickled.append(1) or reduce_ex(self, proto))  # fmt: skip
+    once = ex.PickledOnce(step)
+    assert len(pickled) == 1
+    sends = [pickle.dumps(("execute", (once,))) for _ in range(4)]  # four ranks' messages
+    assert len(pickled) == 1  # the sends copied the bytes
+    for data in sends:
+        method, (got,) = pickle.loads(data)
+        assert method == "execute" and isinstance(got, StepInput) and got == step
