@@ -197,8 +197,12 @@ def test_a_step_is_pickled_once_for_every_rank(monkeypatch):
     step = StepInput(seqs, blocks_to_copy=[(1, 2)], hold=True, feed_rows=[0, 3])
     pickled = []
     reduce_ex = StepInput.__reduce_ex__
-    monkeypatch.setattr(StepInput, "__reduce_ex__",
-                        lambda self, proto: pickled.append(1) or reduce_ex(self, proto))  # fmt: skip
+
+    def counted(self, proto):
+        pickled.append(1)
+        return reduce_ex(self, proto)
+
+    monkeypatch.setattr(StepInput, "__reduce_ex__", counted)
     once = ex.PickledOnce(step)
     assert len(pickled) == 1
     sends = [pickle.dumps(("execute", (once,))) for _ in range(4)]  # four ranks' messages
