@@ -481,9 +481,9 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
     if num_tokens == 0 or head_dim == 0:
         return out
     c = _launch_common(query, key_cache, scale, kv_scale, soft_cap)
+    kv_fp8, max_kv_len = c["fp8_mode"] != FP8_NOT, max_seq_len or block_tables.shape[1] * block_size
     cfg = config or decode_config(
-        head_dim, query.dtype, query.device, c["fp8_mode"] != FP8_NOT, num_seqs * num_kv_heads,
-        max_seq_len or block_tables.shape[1] * block_size,
+        head_dim, query.dtype, query.device, kv_fp8, num_seqs * num_kv_heads, max_kv_len
     )
     # Rows: the group's heads times up to max_query_len tokens (1 without the hint), at least the
     # 16 rows tl.dot needs.

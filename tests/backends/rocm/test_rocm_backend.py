@@ -109,6 +109,7 @@ def test_amd_options_only_for_hip() -> None:
     # entry for GPUs without sm_90's shared memory.
     assert tuning.amd_decode_config(64, 128, torch.bfloat16).num_stages == 1
     assert tuning.amd_decode_config(64, 256, torch.bfloat16).block_n == 32
+
     # (compared by fields: other test modules reload the kernel modules, and with them the class)
     def fields(cfg):
         return (cfg.block_n, cfg.num_warps, cfg.num_stages)
