@@ -63,6 +63,7 @@ def make_llm(folder: Path, tp: int, pp: int, eager: bool, args, dtype: str = "bf
         max_model_len=args.max_model_len,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         **par,
         **kw,
     )
@@ -385,6 +386,9 @@ def main() -> int:
     p.add_argument("--mixed-requests", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                   help="token budget a step (bench/e2e.py's default; at 2048 the mixed "
+                        "workload's eager prefill steps are host-bound, worst at TP > 1)")  # fmt: skip
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", ""))
     p.add_argument("--out", default=None)

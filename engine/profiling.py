@@ -5,6 +5,10 @@ and the path of a Chrome trace when a trace directory was given (Perfetto or chr
 
 Kernels replayed from CUDA graphs are counted too (CUPTI sees them). A collective's kernel time
 includes the time it waits for its peers, so on a rank that runs ahead "busy" overstates its work.
+
+On a GPU rank the summary also counts what the caching allocator did over the span (`allocator`):
+device mallocs and frees, and retries (a request that found no free cached block, so the
+allocator freed its cache and tried again: that synchronizes the device and stalls the host).
 """
 
 from __future__ import annotations
@@ -14,6 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+# torch.cuda.memory_stats counters reported as deltas over a profile (name in the summary: key).
+_ALLOCATOR_COUNTERS = {
+    "device_mallocs": "num_device_alloc",
+    "device_frees": "num_device_free",
+    "retries": "num_alloc_retries",
+    "sync_all_streams": "num_sync_all_streams",
+}
+
+
+def _allocator_counters(device: torch.device | None) -> dict[str, int]:
+    if device is None or device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {name: int(stats.get(key, 0)) for name, key in _ALLOCATOR_COUNTERS.items()}
+
 
 # Rows of torch.profiler's table that are host-side calls, not device work.
 _HOST_PREFIXES = ("aten::", "cuLaunch", "cudaGraph", "cudaLaunch", "cudaMemcpy", "cudaStream")
@@ -38,6 +58,7 @@ class ProfileSummary:
     wall_ms: float
     kernels: list[KernelTime] = field(default_factory=list)  # longest first
     trace: str | None = None  # the Chrome trace's path, when a trace directory was given
+    allocator: dict[str, int] = field(default_factory=dict)  # GPU ranks: counter deltas
 
     @property
     def busy_ms(self) -> float:
@@ -52,6 +73,9 @@ class ProfileSummary:
             f"{self.busy_ms / steps:.3f} ms per step over {steps} steps",
             f"{'ms/step':>9s} {'calls/step':>10s}  kernel",
         ]
+        if self.allocator:
+            lines.insert(1, "caching allocator: " + ", ".join(
+                f"{v} {k.replace('_', ' ')}" for k, v in self.allocator.items()))  # fmt: skip
         for k in self.kernels[:top]:
             lines.append(f"{k.total_ms / steps:9.3f} {k.count / steps:10.1f}  {k.name[:100]}")
         return lines
@@ -64,6 +88,8 @@ class RankProfiler:
         self._prof = None
         self._t0 = 0.0
         self._trace_dir: str | None = None
+        self._device: torch.device | None = None
+        self._counters: dict[str, int] = {}
 
     @property
     def active(self) -> bool:
@@ -80,8 +106,11 @@ class RankProfiler:
         if trace_dir is not None:
             Path(trace_dir).mkdir(parents=True, exist_ok=True)
         self._trace_dir = trace_dir
+        self._device = None
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+            self._device = torch.device("cuda", torch.cuda.current_device())
+        self._counters = _allocator_counters(self._device)
         self._prof = profile(activities=activities)
         self._prof.__enter__()
         self._t0 = time.perf_counter()
@@ -110,4 +139,6 @@ class RankProfiler:
         if self._trace_dir is not None:
             trace = str(Path(self._trace_dir) / f"rank{rank}-{int(time.time())}.json")
             prof.export_chrome_trace(trace)
-        return ProfileSummary(rank, device, wall_ms, kernels, trace)
+        after = _allocator_counters(self._device)
+        allocator = {k: v - self._counters.get(k, 0) for k, v in after.items()}
+        return ProfileSummary(rank, device, wall_ms, kernels, trace, allocator)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from test_remote_sampling import _engine as remote_sampling_engine
 
 from engine import SamplingParams
@@ -64,3 +65,21 @@ def test_profile_refused_while_requests_run(dist_model):
         engine.step()
     engine.start_profile()
     engine.stop_profile()
+
+
+def test_allocator_counters_in_the_table():
+    from engine.profiling import KernelTime, ProfileSummary, _allocator_counters
+
+    assert _allocator_counters(None) == {} and _allocator_counters(torch.device("cpu")) == {}
+    s = ProfileSummary(0, "cuda:0", 10.0, [KernelTime("k", 4.0, 2)],
+                       allocator={"device_mallocs": 3, "retries": 1})  # fmt: skip
+    lines = s.table(steps=2)
+    assert lines[1] == "caching allocator: 3 device mallocs, 1 retries"
+    assert lines[-1].split() == ["2.000", "1.0", "k"]
+    if torch.cuda.is_available():  # real counters: non-negative ints, a malloc seen
+        before = _allocator_counters(torch.device("cuda", 0))
+        torch.cuda.empty_cache()
+        x = torch.empty(64 << 20, dtype=torch.uint8, device="cuda")
+        after = _allocator_counters(torch.device("cuda", 0))
+        assert after["device_mallocs"] > before["device_mallocs"]
+        del x
