@@ -388,7 +388,7 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="token budget a step (bench/e2e.py's default; at 2048 the mixed "
-                        "workload's eager prefill steps are host-bound, worst at TP > 1)")  # fmt: skip
+                        "workload's eager steps are host-bound, most at TP > 1)")  # fmt: skip
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", ""))
     p.add_argument("--out", default=None)
