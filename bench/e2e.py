@@ -117,6 +117,7 @@ def make_llm(folder: Path, args, **kw):
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        mixed_graph_sizes=getattr(args, "mixed_graph_sizes", None),
         **kw,
     )
 
@@ -266,6 +267,9 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--mixed-graph-sizes", type=int, nargs="+", default=None,
+                   help="token counts to capture for steps with prefill tokens (default: none, "
+                        "those steps run eagerly)")  # fmt: skip
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="cProfile the batch-1 decode steps")

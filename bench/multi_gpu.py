@@ -64,6 +64,7 @@ def make_llm(folder: Path, tp: int, pp: int, eager: bool, args, dtype: str = "bf
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        mixed_graph_sizes=getattr(args, "mixed_graph_sizes", None),
         **par,
         **kw,
     )
@@ -389,6 +390,9 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="token budget a step (bench/e2e.py's default; at 2048 the mixed "
                         "workload's eager steps are host-bound, most at TP > 1)")  # fmt: skip
+    p.add_argument("--mixed-graph-sizes", type=int, nargs="+", default=None,
+                   help="token counts to capture for steps with prefill tokens (default: none, "
+                        "those steps run eagerly)")  # fmt: skip
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", ""))
     p.add_argument("--out", default=None)

@@ -86,6 +86,8 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights from config.json (benchmarks)
     enforce_eager: bool = False  # True: never capture decode graphs
     cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch buckets; None: 1, 2, 4, 8k
+    # Token-count buckets for steps with prefill tokens (None: such steps run eagerly).
+    mixed_graph_sizes: tuple[int, ...] | None = None
     async_scheduling: bool | None = None  # None: on for an in-process GPU engine
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -111,6 +113,22 @@ class EngineConfig:
             raise ValueError(
                 "async_scheduling must be True, False or None (auto), got "
                 f"{self.async_scheduling!r}"
+            )
+        mixed = self.mixed_graph_sizes
+        if mixed is not None and (
+            isinstance(mixed, str | int)
+            or not mixed
+            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in mixed)
+        ):
+            raise ValueError(
+                f"mixed_graph_sizes must be a non-empty list of token counts >= 1 or None, "
+                f"got {mixed!r}"
+            )
+        if mixed is not None and max(mixed) > self.scheduler.max_num_batched_tokens:
+            raise ValueError(
+                f"mixed_graph_sizes: {max(mixed)} tokens exceeds max_num_batched_tokens="
+                f"{self.scheduler.max_num_batched_tokens} (no step holds more); lower the size "
+                "or raise max_num_batched_tokens"
             )
         sizes = self.cuda_graph_sizes
         if sizes is not None and (

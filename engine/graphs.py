@@ -1,7 +1,13 @@
-"""Decode steps replayed from captured graphs: one capture per batch-size bucket on static buffers.
+"""Steps replayed from captured graphs: one capture per bucket on static buffers.
 
 A decode-only step (every sequence adds one token) of n sequences runs the graph of the smallest
 bucket >= n; rows n.. are padding (slot -1, so nothing is written; length 1 over the null block 0).
+
+Optionally (`mixed_graph_sizes`), steps holding prefill chunks replay too (`MixedGraphs`): one
+capture per token-count bucket, every capture with room for max_num_seqs sequences. Launching such
+a step op by op costs the host more than the device takes at tensor-parallel sizes
+(docs/distributed.md, fifteenth session); the attention kernel for these steps sizes its grid by
+the token and sequence counts alone, so a padded bucket captures.
 """
 
 from __future__ import annotations
@@ -38,6 +44,14 @@ def configured_sizes(config) -> tuple[int, ...]:
     if config.enforce_eager:
         return ()
     return tuple(config.cuda_graph_sizes or default_sizes(config.scheduler.max_num_seqs))
+
+
+def configured_mixed_sizes(config) -> tuple[int, ...]:
+    """An EngineConfig's token-count buckets for steps with prefill tokens: none with
+    enforce_eager or without mixed_graph_sizes."""
+    if config.enforce_eager or not config.mixed_graph_sizes:
+        return ()
+    return tuple(config.mixed_graph_sizes)
 
 
 # Device memory each captured graph keeps beyond the shared activation pool (measured on an H100,
@@ -133,28 +147,7 @@ class DecodeGraphs:
 
     def capture(self) -> GraphStats:
         """Capture every bucket, largest first, into one shared memory pool."""
-        dev = self.backend.device
-        on_gpu = dev.type != "cpu"
-        if on_gpu:
-            torch.cuda.synchronize(dev)
-        before = torch.cuda.memory_allocated(dev) if on_gpu else 0
-        start = time.perf_counter()
-        pool = None
-        for b in reversed(self.sizes):
-            batch = self._batch(b)
-            runner = self.backend.capture_graph(
-                lambda batch=batch: self.model(batch, self.kv_caches), pool=pool
-            )
-            pool = getattr(runner, "pool", None) if pool is None else pool
-            self.runners[b] = runner
-        if on_gpu:
-            torch.cuda.synchronize(dev)
-        used = (torch.cuda.memory_allocated(dev) - before) if on_gpu else 0
-        self.stats = GraphStats(self.sizes, max(used, 0), time.perf_counter() - start)
-        logger.info(
-            "captured %d decode graphs (batch sizes %s) in %.1f s, %.1f MiB",
-            len(self.sizes), _ranges(self.sizes), self.stats.seconds, used / (1 << 20),
-        )  # fmt: skip
+        self.stats = _capture_buckets(self, "decode graphs (batch sizes", "")
         return self.stats
 
     def bucket(self, batch: ForwardBatch) -> int | None:
@@ -183,6 +176,131 @@ class DecodeGraphs:
         hidden = self.runners[b].replay()
         self.replays += 1
         return hidden[:n]
+
+
+class MixedGraphs:
+    """Captures the forward for steps with prefill tokens, one graph per token-count bucket.
+
+    Every capture has max_seqs sequence slots: a step of n tokens over s <= max_seqs sequences
+    replays the smallest bucket >= n. Token rows n.. belong to no sequence (slot -1, position 0:
+    nothing is written, their attention output is zero and no logits are read from them);
+    sequence slots s.. hold empty queries (query_start_loc stays at n; length 1 over the null
+    block 0). The attention hints are fixed at capture: max_query_len the bucket (the general
+    kernel, never the decode one) and max_seq_len max_model_len.
+    """
+
+    def __init__(
+        self,
+        model,
+        backend: Backend,
+        kv_caches: list,
+        sizes: tuple[int, ...],
+        max_seqs: int,
+        max_blocks_per_seq: int,
+        max_model_len: int,
+    ) -> None:
+        if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
+            raise ValueError(f"mixed graph sizes: {sizes!r} must be positive integers")
+        if max_seqs < 1:
+            raise ValueError(f"max_seqs: {max_seqs} must be >= 1")
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.sizes = tuple(sorted(set(sizes)))
+        self.max_seqs = max_seqs
+        self.max_model_len = max_model_len
+        top, dev = self.sizes[-1], backend.device
+        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=dev)
+        self.query_start_loc = torch.zeros(max_seqs + 1, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(max_seqs, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(
+            (max_seqs, max_blocks_per_seq), dtype=torch.int32, device=dev
+        )
+        self.logits_indices = torch.zeros(0, dtype=torch.int64, device=dev)  # read outside
+        self.runners: dict[int, GraphRunner] = {}
+        self.stats: GraphStats | None = None
+        self.replays = 0
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1]
+
+    def _batch(self, b: int) -> ForwardBatch:
+        return ForwardBatch(
+            input_ids=self.input_ids[:b],
+            positions=self.positions[:b],
+            slot_mapping=self.slot_mapping[:b],
+            query_start_loc=self.query_start_loc,
+            seq_lens=self.seq_lens,
+            block_tables=self.block_tables,
+            logits_indices=self.logits_indices,
+            max_query_len=b,
+            max_seq_len=self.max_model_len,
+        )
+
+    def capture(self) -> GraphStats:
+        """Capture every bucket, largest first, into one shared memory pool."""
+        self.stats = _capture_buckets(self, "mixed-step graphs (token counts", " tokens")
+        return self.stats
+
+    def bucket(self, batch: ForwardBatch) -> int | None:
+        """The bucket a batch replays in, or None when it must run eagerly."""
+        n = batch.num_tokens
+        if n > self.max_size or batch.num_seqs > self.max_seqs or batch.num_seqs == 0:
+            return None
+        if batch.block_tables.shape[1] > self.block_tables.shape[1]:
+            return None
+        return next(b for b in self.sizes if b >= n)
+
+    def run(self, batch: ForwardBatch, b: int) -> torch.Tensor:
+        """Copy `batch` into the static buffers, replay bucket b; hidden [n, hidden_size]."""
+        n, s, width = batch.num_tokens, batch.num_seqs, batch.block_tables.shape[1]
+        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:n].copy_(batch.positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(batch.slot_mapping, non_blocking=True)
+        if b > n:  # token rows of no sequence: write nothing
+            self.slot_mapping[n:b].fill_(-1)
+            self.input_ids[n:b].zero_()
+            self.positions[n:b].zero_()
+        self.query_start_loc[: s + 1].copy_(batch.query_start_loc, non_blocking=True)
+        self.query_start_loc[s + 1 :].fill_(n)
+        self.seq_lens[:s].copy_(batch.seq_lens, non_blocking=True)
+        self.seq_lens[s:].fill_(1)
+        self.block_tables[:s, :width].copy_(batch.block_tables, non_blocking=True)
+        self.block_tables[s:].zero_()
+        hidden = self.runners[b].replay()
+        self.replays += 1
+        return hidden[:n]
+
+
+def _capture_buckets(graphs, what: str, unit: str) -> GraphStats:
+    """Capture graphs.model's forward for each of graphs.sizes (largest first, one shared
+    pool) on graphs._batch(size); the device memory and time it took."""
+    dev = graphs.backend.device
+    on_gpu = dev.type != "cpu"
+    if on_gpu:
+        torch.cuda.synchronize(dev)
+    before = torch.cuda.memory_allocated(dev) if on_gpu else 0
+    start = time.perf_counter()
+    pool = None
+    for b in reversed(graphs.sizes):
+        batch = graphs._batch(b)
+        runner = graphs.backend.capture_graph(
+            lambda batch=batch: graphs.model(batch, graphs.kv_caches), pool=pool
+        )
+        pool = getattr(runner, "pool", None) if pool is None else pool
+        graphs.runners[b] = runner
+    if on_gpu:
+        torch.cuda.synchronize(dev)
+    used = (torch.cuda.memory_allocated(dev) - before) if on_gpu else 0
+    stats = GraphStats(graphs.sizes, max(used, 0), time.perf_counter() - start)
+    logger.info(
+        "captured %d %s %s%s) in %.1f s, %.1f MiB", len(graphs.sizes), what,
+        _ranges(graphs.sizes), unit, stats.seconds, used / (1 << 20),
+    )  # fmt: skip
+    return stats
 
 
 def _ranges(sizes: tuple[int, ...]) -> str:

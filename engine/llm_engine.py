@@ -26,7 +26,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.distributed.executor import Executor, StepHandle, UniprocExecutor
 from engine.distributed.worker import StepSampling
 from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig
-from engine.graphs import configured_sizes, graph_pool_estimate
+from engine.graphs import configured_mixed_sizes, configured_sizes
 from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -167,6 +167,8 @@ class LLMEngine:
                 self.runner = ModelRunner(
                     self.model, self.backend, cache.block_size, kv_dtype,
                     graph_sizes=configured_sizes(self.config), max_model_len=max_model_len,
+                    mixed_graph_sizes=configured_mixed_sizes(self.config),
+                    max_num_seqs=sched.max_num_seqs,
                 )  # fmt: skip
                 self.executor = UniprocExecutor(self.runner)
             self.memory_plan = self._plan_memory(cache)
@@ -266,9 +268,7 @@ class LLMEngine:
         graphs = 0
         if not self.runner.graph_reasons():
             tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
-            graphs = graph_pool_estimate(
-                peak, tokens, max(self.runner.graph_sizes), len(self.runner.graph_sizes)
-            )
+            graphs = self.runner.graph_pool_estimate(peak, tokens)
         return plan_gpu(
             self.model,
             self.backend.device,

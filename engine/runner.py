@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from engine.batch import ForwardBatch
-from engine.graphs import DecodeGraphs, graph_reasons
+from engine.graphs import DecodeGraphs, MixedGraphs, graph_pool_estimate, graph_reasons
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from hal.backend import Backend
 
@@ -116,8 +116,12 @@ class ModelRunner:
         kv_dtype: torch.dtype,
         graph_sizes: tuple[int, ...] = (),
         max_model_len: int | None = None,
+        mixed_graph_sizes: tuple[int, ...] = (),
+        max_num_seqs: int | None = None,
     ) -> None:
-        """graph_sizes: decode batch sizes to capture in `capture_graphs` (empty: eager only)."""
+        """graph_sizes: decode batch sizes to capture in `capture_graphs` (empty: eager only).
+        mixed_graph_sizes: token counts to capture for steps with prefill tokens, each with room
+        for max_num_seqs sequences (empty: such steps run eagerly); only with graph_sizes."""
         self.model = model
         self.backend = backend
         self.device = backend.device
@@ -126,8 +130,13 @@ class ModelRunner:
         self.kv_caches: list[KVCache] = []
         self.cpu_caches: list[KVCache] = []  # the swap space, when preemption_mode == "swap"
         self.graph_sizes = tuple(graph_sizes)
+        self.mixed_graph_sizes = tuple(mixed_graph_sizes) if self.graph_sizes else ()
+        if self.mixed_graph_sizes and not max_num_seqs:
+            raise ValueError("mixed_graph_sizes needs max_num_seqs (a capture's sequence slots)")
+        self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len or model.config.max_position_embeddings
         self.graphs: DecodeGraphs | None = None
+        self.mixed_graphs: MixedGraphs | None = None
         self.graph_skip_reasons: list[str] = []
         self._staging = [_Staging(), _Staging()]
         self._staging_next = 0
@@ -143,7 +152,7 @@ class ModelRunner:
 
     def allocate(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
         """Allocate the per-layer caches: [num_blocks, block_size, num_kv_heads, head_dim]."""
-        self.graphs = None  # captures point at the old cache tensors
+        self.graphs = self.mixed_graphs = None  # captures point at the old cache tensors
         shape = self.model.kv_cache_shape(num_blocks, self.block_size)
         self.kv_caches = [
             (
@@ -173,12 +182,23 @@ class ModelRunner:
             reasons.append("pipeline stages run eagerly (activations cross ranks mid-step)")
         return reasons
 
+    def graph_pool_estimate(self, activation_peak: int, profile_tokens: int) -> int:
+        """Bytes the captures will take (decode buckets, and mixed-step buckets in a pool of
+        their own), from the activation peak of a profile_tokens forward."""
+        total = graph_pool_estimate(
+            activation_peak, profile_tokens, max(self.graph_sizes), len(self.graph_sizes)
+        )
+        if self.mixed_graph_sizes:
+            sizes = self.mixed_graph_sizes
+            total += graph_pool_estimate(activation_peak, profile_tokens, max(sizes), len(sizes))
+        return total
+
     def capture_graphs(self, allow_eager: bool = False) -> int:
         """Capture the decode buckets over the allocated KV cache; returns the bytes they took.
 
         allow_eager "captures" on a backend without graphs or with a host-syncing attention
         (replay then runs eagerly): tests of the static-buffer logic on CPU."""
-        self.graphs = None
+        self.graphs = self.mixed_graphs = None
         self.graph_skip_reasons = self.graph_reasons(allow_eager)
         if self.graph_skip_reasons:
             logger.info("decode graphs: off (%s)", "; ".join(self.graph_skip_reasons))
@@ -190,24 +210,38 @@ class ModelRunner:
             self.model, self.backend, self.kv_caches, self.graph_sizes, max_blocks,
             self.max_model_len,
         )  # fmt: skip
+        mixed = None
+        if self.mixed_graph_sizes:
+            mixed = MixedGraphs(
+                self.model, self.backend, self.kv_caches, self.mixed_graph_sizes,
+                self.max_num_seqs, max_blocks, self.max_model_len,
+            )  # fmt: skip
         with torch.inference_mode():
-            stats = graphs.capture()
-        self.graphs = graphs
-        return stats.pool_bytes
+            used = graphs.capture().pool_bytes
+            if mixed is not None:
+                used += mixed.capture().pool_bytes
+        self.graphs, self.mixed_graphs = graphs, mixed
+        return used
 
     def forward(
         self, batch: ForwardBatch, intermediate: tuple[torch.Tensor, torch.Tensor] | None = None
     ):
-        """The model over `batch`: a graph replay for a decode step fitting a bucket, else eager."""
+        """The model over `batch`: a graph replay for a step fitting a bucket (decode, then mixed),
+        else eager."""
         if self.graphs is not None and intermediate is None:
             b = self.graphs.bucket(batch)
             if b is not None:
                 return self.graphs.run(batch, b)
+            if self.mixed_graphs is not None:
+                b = self.mixed_graphs.bucket(batch)
+                if b is not None:
+                    return self.mixed_graphs.run(batch, b)
         return self.model(batch, self.kv_caches, intermediate)
 
     def release(self) -> None:
         """Drop the graphs, KV caches and model, so their device memory can be returned."""
         self.graphs, self.kv_caches, self.cpu_caches, self.model = None, [], [], None
+        self.mixed_graphs = None
 
     # -- block moves ----------------------------------------------------------------------------
     def apply_block_moves(self, out: SchedulerOutput) -> None:

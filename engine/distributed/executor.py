@@ -39,7 +39,7 @@ from engine.distributed.worker import (
     worker_main,
 )
 from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig, ParallelConfig
-from engine.graphs import configured_sizes
+from engine.graphs import configured_mixed_sizes, configured_sizes
 from engine.memory import MemoryPlan
 from engine.model_config import ModelConfig
 from engine.profiling import ProfileSummary, RankProfiler
@@ -302,6 +302,8 @@ class DistributedExecutor(Executor):
                 seed=config.seed,
                 quantization=config.quantization,
                 graph_sizes=configured_sizes(config),
+                mixed_graph_sizes=configured_mixed_sizes(config),
+                max_num_seqs=config.scheduler.max_num_seqs,
                 eos_token_ids=tuple(model_config.eos_token_ids),
                 kv_cache_dtype=config.cache.cache_dtype,
             )

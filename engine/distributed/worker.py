@@ -18,7 +18,6 @@ import torch
 from engine.config import resolve_cache_dtype
 from engine.distributed.collectives import PipelineChannel, WorldLayout, init_world
 from engine.distributed.oneshot import build_workspace
-from engine.graphs import graph_pool_estimate
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.parallel import SINGLE, ParallelContext
 from engine.profiling import ProfileSummary, RankProfiler
@@ -50,6 +49,8 @@ class WorkerSpec:
     seed: int = 0
     quantization: str | None = None  # online quantization ("fp8"), as EngineConfig's
     graph_sizes: tuple[int, ...] = ()  # decode batch sizes to capture (empty: eager)
+    mixed_graph_sizes: tuple[int, ...] = ()  # token counts of steps with prefill to capture
+    max_num_seqs: int | None = None  # sequence slots of a mixed-step capture
     eos_token_ids: tuple[int, ...] = ()  # the output rank's sampler masks them under min_tokens
     kv_cache_dtype: str = "auto"  # CacheConfig.cache_dtype, resolved on the rank's platform
 
@@ -221,6 +222,7 @@ class Worker:
         self.runner = ModelRunner(
             self.model, backend, spec.block_size, kv_dtype,
             graph_sizes=spec.graph_sizes, max_model_len=spec.max_model_len,
+            mixed_graph_sizes=spec.mixed_graph_sizes, max_num_seqs=spec.max_num_seqs,
         )  # fmt: skip
         return WorkerInfo(
             rank=self.rank,
@@ -254,9 +256,7 @@ class Worker:
         peak = self._profile_activation_peak(profile_tokens)
         graphs = 0
         if not runner.graph_reasons():
-            graphs = graph_pool_estimate(
-                peak, profile_tokens, max(runner.graph_sizes), len(runner.graph_sizes)
-            )
+            graphs = runner.graph_pool_estimate(peak, profile_tokens)
         return plan_gpu(
             self.model, runner.device, block_bytes, block_size, gpu_memory_utilization, peak,
             graph_pool_bytes=graphs,

@@ -12,7 +12,7 @@ from models_fixtures import build_model
 
 import hal
 import platforms
-from engine.graphs import DecodeGraphs, default_sizes, graph_reasons
+from engine.graphs import DecodeGraphs, MixedGraphs, default_sizes, graph_reasons
 from engine.loader import load_model
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
@@ -46,12 +46,24 @@ def _seq(i: int, length: int, blocks: list[int], decode: bool) -> ScheduledSeq:
     return ScheduledSeq(seq, len(pos), start, [tokens[p] for p in pos], blocks, slots, 1)
 
 
-def _runner(tiny, device: str, sizes: tuple[int, ...]) -> ModelRunner:
+def _runner(
+    tiny, device: str, sizes: tuple[int, ...], mixed: tuple[int, ...] = (), max_seqs: int = 8
+) -> ModelRunner:
     backend = _backend(device)
     model, _, _ = load_model(str(tiny), backend, "float32", with_tokenizer=False)
-    runner = ModelRunner(model, backend, BLOCK, model.dtype, graph_sizes=sizes, max_model_len=64)
+    runner = ModelRunner(model, backend, BLOCK, model.dtype, graph_sizes=sizes, max_model_len=64,
+                         mixed_graph_sizes=mixed, max_num_seqs=max_seqs)  # fmt: skip
     runner.allocate(64)
     return runner
+
+
+def _capture(runner: ModelRunner, device: str) -> None:
+    if device == "cpu":
+        assert runner.capture_graphs(allow_eager=True) == 0
+    else:
+        if graph_reasons(runner.backend):
+            pytest.skip(f"no capture here: {graph_reasons(runner.backend)}")
+        assert runner.capture_graphs() > 0
 
 
 def _prefill_then_decode(runner: ModelRunner, lengths: list[int]) -> torch.Tensor:
@@ -78,12 +90,7 @@ def test_replay_equals_eager(tiny, device, lengths):
     eager = _runner(tiny, device, ())
     expect = _prefill_then_decode(eager, lengths)
     graphed = _runner(tiny, device, (1, 2, 4, 8))
-    if device == "cpu":
-        assert graphed.capture_graphs(allow_eager=True) == 0
-    else:
-        if graph_reasons(graphed.backend):
-            pytest.skip(f"no capture here: {graph_reasons(graphed.backend)}")
-        assert graphed.capture_graphs() > 0
+    _capture(graphed, device)
     assert graphed.graphs is not None
     got = _prefill_then_decode(graphed, lengths)
     # Same kernels, same inputs; only the GEMMs see b padded rows instead of n, and BLAS picks its
@@ -146,3 +153,84 @@ def test_sampled_rows_skips_the_gather_when_every_token_samples():
     assert sampled_rows(hidden, every) is hidden  # decode-only: all rows, no copy
     some = SimpleNamespace(logits_indices=torch.tensor([1, 3]))
     assert torch.equal(sampled_rows(hidden, some), hidden[[1, 3]])
+
+
+def _mixed_steps(runner: ModelRunner, lengths: list[int]) -> list[torch.Tensor]:
+    """Sequences 1.. prefill together (a step of many tokens), then sequence 0 prefills while
+    they decode (prefill and decode rows in one step), then all decode; every step's logits."""
+    tables, nxt = [], 1
+    for n in lengths:
+        k = -(-n // BLOCK)
+        tables.append(list(range(nxt, nxt + k)))
+        nxt += k
+    seqs = list(zip(lengths, tables, strict=True))
+    rest = [(i, n, t) for i, (n, t) in enumerate(seqs) if i > 0]
+
+    def step(scheduled):
+        return runner.execute(SchedulerOutput(scheduled=scheduled))
+
+    return [
+        step([_seq(i, n - 2, t, decode=False) for i, n, t in rest]),
+        step([_seq(0, lengths[0] - 1, tables[0], False)]
+             + [_seq(i, n - 1, t, decode=True) for i, n, t in rest]),
+        step([_seq(i, n, t, decode=True) for i, (n, t) in enumerate(seqs)]),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("lengths", [[9, 5], [3, 9, 17, 6], [12, 3, 7, 30, 6]])
+def test_mixed_steps_replay_equal_eager(tiny, device, lengths):
+    eager = _runner(tiny, device, ())
+    expect = _mixed_steps(eager, lengths)
+    graphed = _runner(tiny, device, (1, 2, 4, 8), mixed=(16, 48, 64), max_seqs=6)
+    _capture(graphed, device)
+    assert graphed.mixed_graphs is not None
+    got = _mixed_steps(graphed, lengths)
+    assert graphed.mixed_graphs.replays == 2  # the two steps with prefill tokens
+    assert graphed.graphs.replays == 1  # the decode step
+    tol = 1e-5 if device == "cpu" else 2e-2  # as test_replay_equals_eager: padded GEMM rows
+    for g, e in zip(got, expect, strict=True):
+        torch.testing.assert_close(g, e, atol=tol, rtol=tol)
+
+
+def test_mixed_bucket_choice_and_fallbacks(tiny):
+    runner = _runner(tiny, "cpu", (1, 2), mixed=(8, 16), max_seqs=3)
+    runner.capture_graphs(allow_eager=True)
+    mixed: MixedGraphs = runner.mixed_graphs
+    assert mixed.sizes == (8, 16) and mixed.max_seqs == 3
+    two = runner.build_batch([_seq(0, 5, [1, 2], False), _seq(1, 4, [3], True)])  # 6 tokens
+    assert mixed.bucket(two) == 8
+    big = runner.build_batch([_seq(0, 17, [1, 2, 3, 4, 5], False)])
+    assert mixed.bucket(big) is None  # more tokens than the largest bucket: eager
+    many = runner.build_batch([_seq(i, 3, [1 + i], False) for i in range(4)])
+    assert mixed.bucket(many) is None  # more sequences than a capture has slots
+    decode = runner.build_batch([_seq(i, 5, [1 + 2 * i, 2 + 2 * i], True) for i in range(2)])
+    assert runner.graphs.bucket(decode) == 2  # decode-only steps take the decode graphs first
+    decode3 = runner.build_batch([_seq(i, 5, [1 + 2 * i, 2 + 2 * i], True) for i in range(3)])
+    assert runner.graphs.bucket(decode3) is None and mixed.bucket(decode3) == 8
+
+
+def test_mixed_graphs_need_decode_graphs_and_sizes(tiny):
+    assert _runner(tiny, "cpu", (), mixed=(8,)).mixed_graph_sizes == ()  # enforce_eager wins
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        _runner(tiny, "cpu", (1,), mixed=(8,), max_seqs=0)
+    runner = _runner(tiny, "cpu", ())
+    with pytest.raises(ValueError, match="mixed graph sizes"):
+        MixedGraphs(runner.model, runner.backend, runner.kv_caches, (0,), 2, 4, 16)
+
+
+def test_mixed_graph_sizes_config():
+    from engine.config import SchedulerConfig
+    from engine.engine_config import EngineConfig
+    from engine.graphs import configured_mixed_sizes
+
+    sched = SchedulerConfig(max_num_batched_tokens=512)
+    cfg = EngineConfig(model="m", scheduler=sched, mixed_graph_sizes=(128, 512))
+    assert configured_mixed_sizes(cfg) == (128, 512)
+    assert configured_mixed_sizes(EngineConfig(model="m")) == ()
+    off = EngineConfig(model="m", scheduler=sched, mixed_graph_sizes=(128,), enforce_eager=True)
+    assert configured_mixed_sizes(off) == ()
+    with pytest.raises(ValueError, match="exceeds max_num_batched_tokens=512"):
+        EngineConfig(model="m", scheduler=sched, mixed_graph_sizes=(1024,))
+    with pytest.raises(ValueError, match="token counts >= 1"):
+        EngineConfig(model="m", scheduler=sched, mixed_graph_sizes=(0,))
