@@ -234,3 +234,37 @@ def test_mixed_graph_sizes_config():
         EngineConfig(model="m", scheduler=sched, mixed_graph_sizes=(1024,))
     with pytest.raises(ValueError, match="token counts >= 1"):
         EngineConfig(model="m", scheduler=sched, mixed_graph_sizes=(0,))
+
+
+def test_mixed_steps_on_the_triton_kernels_under_the_interpreter(tiny):
+    """The CUDA backend's kernels (general attention over padded token rows and empty sequence
+    slots, the fused rotary + KV write skipping slot -1) on the CPU, graphs "captured" eagerly:
+    replays equal that backend's eager steps and the CPU reference's."""
+    import importlib
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (a GPU run covers this with real captures)")
+    caps = importlib.import_module("backends.cuda").interpreter_capabilities()
+    if caps is None:
+        pytest.skip("triton is not installed")
+    lengths = [12, 3, 7, 30, 6]
+
+    def runner(sizes, mixed):
+        backend = hal.load_backend(caps, device="cpu", configured="require:cuda")
+        model, _, _ = load_model(str(tiny), backend, "float32", with_tokenizer=False)
+        r = ModelRunner(model, backend, BLOCK, model.dtype, graph_sizes=sizes, max_model_len=64,
+                        mixed_graph_sizes=mixed, max_num_seqs=6)  # fmt: skip
+        r.allocate(64)
+        return r
+
+    eager = _mixed_steps(runner((), ()), lengths)
+    graphed = runner((8,), (16, 48))
+    graphed.capture_graphs(allow_eager=True)
+    got = _mixed_steps(graphed, lengths)
+    assert graphed.mixed_graphs.replays == 2 and graphed.graphs.replays == 1
+    assert graphed.backend.ran.get("attention") == "triton"
+    reference = _mixed_steps(_runner(tiny, "cpu", ()), lengths)
+    for g, e, ref in zip(got, eager, reference, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)  # fp32, padded GEMM rows only
+        torch.testing.assert_close(g, ref, atol=1e-4, rtol=1e-4)  # another kernel's fp32 order
