@@ -236,6 +236,16 @@ def test_mixed_graph_sizes_config():
         EngineConfig(model="m", scheduler=sched, mixed_graph_sizes=(0,))
 
 
+def test_llm_passes_mixed_graph_sizes_to_its_runner(tiny):
+    from engine import LLM
+
+    llm = LLM(model=str(tiny), dtype="float32", device="cpu", kv_cache_memory_bytes=4 << 20,
+              max_num_batched_tokens=256, max_num_seqs=6, mixed_graph_sizes=[32, 16])  # fmt: skip
+    runner = llm.engine.runner
+    assert runner.mixed_graph_sizes == (32, 16) and runner.max_num_seqs == 6
+    assert runner.mixed_graphs is None  # the CPU backend captures nothing
+
+
 def test_mixed_steps_on_the_triton_kernels_under_the_interpreter(tiny):
     """The CUDA backend's kernels (general attention over padded token rows and empty sequence
     slots, the fused rotary + KV write skipping slot -1) on the CPU, graphs "captured" eagerly:

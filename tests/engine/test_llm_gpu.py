@@ -65,6 +65,26 @@ def test_gpu_graphs_equal_eager(tiny):
     assert graphed.engine.kv_stats().num_used_blocks == 0
 
 
+def test_gpu_mixed_step_graphs_equal_eager(tiny):
+    """Steps holding prefill tokens replayed from token-count buckets (prompts admitted while
+    others decode, chunked by a small budget) give the eager engine's tokens."""
+    prompts = [[5, 9, 33, 100, 7][: 2 + k % 4] * (1 + k % 5) for k in range(11)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+    kw = dict(model=str(tiny), dtype="float32", device="cuda", gpu_memory_utilization=0.3,
+              max_num_batched_tokens=64, max_num_seqs=8)  # fmt: skip
+    eager = LLM(enforce_eager=True, **kw)
+    graphed = LLM(cuda_graph_sizes=[1, 2, 4, 8], mixed_graph_sizes=[16, 32, 64], **kw)
+    mixed = graphed.engine.runner.mixed_graphs
+    if mixed is None:
+        pytest.skip(f"graphs off here: {graphed.engine.runner.graph_skip_reasons}")
+    a = eager.generate(prompt_token_ids=prompts, sampling_params=params)
+    b = graphed.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert mixed.replays > 0 and graphed.engine.runner.graphs.replays > 0
+    for x, y in zip(a, b, strict=True):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids
+    assert graphed.engine.kv_stats().num_used_blocks == 0
+
+
 def test_gpu_async_scheduling_equals_sync(tiny):
     """Steps launched ahead (input tokens fed on the device, graphs on) give the synchronous
     engine's tokens, for greedy, seeded random and stop-token requests."""
