@@ -20,12 +20,9 @@ logger = logging.getLogger(__name__)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]
 
-# What build_batch reads of each entry: a ScheduledSeq, or a worker's StepSeq.
+# What pack_step reads of each scheduled entry (a ScheduledSeq; block_ids an int32 array).
 _SCHEDULED_FIELDS = operator.attrgetter(
     "num_new_tokens", "start_pos", "num_samples", "block_ids", "token_ids", "slot_mapping"
-)
-_STEP_FIELDS = operator.attrgetter(
-    "num_new_tokens", "seq_len", "samples", "block_table", "token_ids", "slot_mapping"
 )
 _ALIGN = 16  # bytes: each field of a packed batch starts aligned (Triton specializes on it)
 
@@ -36,6 +33,7 @@ class _Layout:
     seq_lens [n] and block_tables [n, width]."""
 
     def __init__(self, num_tokens: int, num_rows: int, n: int, width: int) -> None:
+        self.sizes = (num_tokens, num_rows, n, width)
         fields = (
             ("input_ids", np.int64, (num_tokens,)),
             ("positions", np.int64, (num_tokens,)),
@@ -53,6 +51,13 @@ class _Layout:
             self.fields.append((name, dtype, shape, offset, nbytes))
             offset += -(-nbytes // _ALIGN) * _ALIGN
         self.nbytes = max(offset, _ALIGN)
+
+    @property
+    def num_seqs(self) -> int:
+        return self.sizes[2]
+
+    def __reduce__(self):
+        return (_Layout, self.sizes)
 
     def numpy_views(self, buf: np.ndarray) -> dict[str, np.ndarray]:
         return {
@@ -103,6 +108,78 @@ def sampled_rows(hidden: torch.Tensor, batch: ForwardBatch) -> torch.Tensor:
     if batch.logits_indices.shape[0] == hidden.shape[0]:
         return hidden
     return hidden[batch.logits_indices]
+
+
+@dataclass
+class PackedStep:
+    """One step's batch fields packed in the `_Layout` of its sizes (`pack_step`): what the
+    driver of a distributed engine sends the ranks instead of per-sequence objects."""
+
+    layout: _Layout
+    buffer: torch.Tensor | bytes  # uint8 host tensor where packed, its bytes once sent
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.layout.num_seqs
+
+    def __reduce__(self):  # ship the bytes (a pinned or shared tensor would not travel as such)
+        data = self.buffer
+        if isinstance(data, torch.Tensor):
+            data = data.numpy().tobytes()
+        return (PackedStep, (self.layout, data, self.max_query_len, self.max_seq_len))
+
+
+def pack_step(scheduled, host_buffer=None) -> PackedStep:
+    """Pack scheduled sequences (ScheduledSeq, in order) into one host buffer: input ids, slot
+    mapping, positions, query_start_loc, seq_lens, logits rows and block tables.
+    host_buffer(nbytes) gives the uint8 tensor to fill (default: a fresh CPU one)."""
+    n = len(scheduled)
+    if n == 0:
+        raise ValueError("pack_step: no scheduled sequences")
+    # Fields of all entries at once (attrgetter and zip run in C, not per entry in Python).
+    fields = zip(*map(_SCHEDULED_FIELDS, scheduled), strict=True)
+    num_new_t, start_t, samples_t, tables, token_ids, slot_mapping = fields
+    num_new = np.array(num_new_t, dtype=np.int64)
+    seq_lens = np.array(start_t, dtype=np.int64) + num_new
+    samples = np.array(samples_t, dtype=np.int64) > 0
+    table_lens = np.fromiter(map(len, tables), np.int64, n)
+    num_tokens = int(num_new.sum())
+    width = int(table_lens.max())
+    qsl = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(num_new, out=qsl[1:])
+    num_rows = int(samples.sum())
+
+    layout = _Layout(num_tokens, num_rows, n, width)
+    if host_buffer is None:
+        host = torch.empty(layout.nbytes, dtype=torch.uint8)
+    else:
+        host = host_buffer(layout.nbytes)
+    views = layout.numpy_views(host.numpy())
+    chain = itertools.chain.from_iterable
+    views["input_ids"][:] = np.fromiter(chain(token_ids), np.int64, num_tokens)
+    views["slot_mapping"][:] = np.fromiter(chain(slot_mapping), np.int64, num_tokens)
+    if num_tokens == n:  # decode-only: one token each, at position seq_len - 1
+        views["positions"][:] = seq_lens - 1
+    else:
+        # positions: start_pos + 0..num_new-1 per sequence, start_pos = seq_len - num_new
+        offsets = np.repeat(seq_lens - num_new - qsl[:-1], num_new)
+        views["positions"][:] = np.arange(num_tokens, dtype=np.int64) + offsets
+    views["query_start_loc"][:] = qsl
+    views["seq_lens"][:] = seq_lens
+    views["logits_indices"][:] = qsl[1:][samples] - 1
+    total_blocks = int(table_lens.sum())
+    flat = np.frombuffer(b"".join(tables), dtype=np.int32, count=total_blocks)  # int32 arrays
+    block_tables = views["block_tables"]
+    if total_blocks == n * width:  # every row full
+        block_tables[:] = flat.reshape(n, width)
+    else:  # row i holds table_lens[i] ids, then zeros
+        block_tables[:] = 0
+        rows = np.repeat(np.arange(n), table_lens)
+        starts = np.repeat(np.cumsum(table_lens) - table_lens, table_lens)
+        block_tables[rows, np.arange(total_blocks) - starts] = flat
+    return PackedStep(layout, host, int(num_new.max()), int(seq_lens.max()))
 
 
 class ModelRunner:
@@ -266,67 +343,19 @@ class ModelRunner:
 
     # -- one step -------------------------------------------------------------------------------
     def build_batch(self, scheduled: list[ScheduledSeq]) -> ForwardBatch:
-        """Pack the scheduled sequences, in order, into the attention op's layout.
+        """Pack the scheduled sequences, in order, into the attention op's layout: one host
+        buffer (numpy), which on a device reaches it in one copy (from pinned memory)."""
+        return self.upload(pack_step(scheduled, self._host_buffer))
 
-        Reads token_ids, num_new_tokens, seq_len, block_table, slot_mapping and samples of each
-        entry (ScheduledSeq, or the workers' StepSeq). The fields are packed with numpy into one
-        host buffer and, on a device, reach it in one copy (from pinned memory)."""
-        n = len(scheduled)
-        # Fields of all entries at once (attrgetter and zip run in C, not per entry in Python).
-        joinable = set(map(type, scheduled)) == {ScheduledSeq}  # block_ids: int32 arrays
-        if joinable:
-            fields = zip(*map(_SCHEDULED_FIELDS, scheduled), strict=True)
-            num_new_t, start_t, samples_t, tables, token_ids, slot_mapping = fields
-            num_new = np.array(num_new_t, dtype=np.int64)
-            seq_lens = np.array(start_t, dtype=np.int64) + num_new
-        else:
-            fields = zip(*map(_STEP_FIELDS, scheduled), strict=True)
-            num_new_t, seq_len_t, samples_t, tables, token_ids, slot_mapping = fields
-            num_new = np.array(num_new_t, dtype=np.int64)
-            seq_lens = np.array(seq_len_t, dtype=np.int64)
-        samples = np.array(samples_t, dtype=np.int64) > 0
-        table_lens = np.fromiter(map(len, tables), np.int64, n)
-        num_tokens = int(num_new.sum())
-        width = int(table_lens.max())
-        qsl = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(num_new, out=qsl[1:])
-        num_rows = int(samples.sum())
-
-        layout = _Layout(num_tokens, num_rows, n, width)
-        host = self._host_buffer(layout.nbytes)
-        views = layout.numpy_views(host.numpy())
-        chain = itertools.chain.from_iterable
-        views["input_ids"][:] = np.fromiter(chain(token_ids), np.int64, num_tokens)
-        views["slot_mapping"][:] = np.fromiter(chain(slot_mapping), np.int64, num_tokens)
-        if num_tokens == n:  # decode-only: one token each, at position seq_len - 1
-            views["positions"][:] = seq_lens - 1
-        else:
-            # positions: start_pos + 0..num_new-1 per sequence, start_pos = seq_len - num_new
-            offsets = np.repeat(seq_lens - num_new - qsl[:-1], num_new)
-            views["positions"][:] = np.arange(num_tokens, dtype=np.int64) + offsets
-        views["query_start_loc"][:] = qsl
-        views["seq_lens"][:] = seq_lens
-        views["logits_indices"][:] = qsl[1:][samples] - 1
-        total_blocks = int(table_lens.sum())
-        if joinable:  # int32 arrays join as bytes; lists go id by id
-            flat = np.frombuffer(b"".join(tables), dtype=np.int32, count=total_blocks)
-        else:
-            flat = np.fromiter(itertools.chain.from_iterable(tables), np.int32, total_blocks)
-        block_tables = views["block_tables"]
-        if total_blocks == n * width:  # every row full
-            block_tables[:] = flat.reshape(n, width)
-        else:  # row i holds table_lens[i] ids, then zeros
-            block_tables[:] = 0
-            rows = np.repeat(np.arange(n), table_lens)
-            starts = np.repeat(np.cumsum(table_lens) - table_lens, table_lens)
-            block_tables[rows, np.arange(total_blocks) - starts] = flat
-
+    def upload(self, packed: PackedStep) -> ForwardBatch:
+        """The ForwardBatch of a packed step, on this runner's device. A step packed elsewhere
+        (a worker receives the driver's bytes) is first copied into this runner's staging."""
+        host = packed.buffer
+        if not isinstance(host, torch.Tensor):
+            host = self._host_buffer(packed.layout.nbytes)
+            host.numpy()[:] = np.frombuffer(packed.buffer, dtype=np.uint8)
         buf = host if self.device.type == "cpu" else self._to_device(host)
-        return layout.batch(
-            buf,
-            max_query_len=int(num_new.max()),
-            max_seq_len=int(seq_lens.max()),
-        )
+        return packed.layout.batch(buf, packed.max_query_len, packed.max_seq_len)
 
     def _host_buffer(self, nbytes: int) -> torch.Tensor:
         """Where build_batch packs a step: fresh on the CPU (the batch is used in place), else the

@@ -10,7 +10,9 @@ import queue
 import threading
 import time
 import traceback
+from array import array
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -21,7 +23,7 @@ from engine.distributed.oneshot import build_workspace
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.parallel import SINGLE, ParallelContext
 from engine.profiling import ProfileSummary, RankProfiler
-from engine.runner import ModelRunner, TokenFeed, sampled_rows
+from engine.runner import ModelRunner, PackedStep, TokenFeed, pack_step, sampled_rows
 from engine.sampler import PendingSamples, Sampler, SamplerOutput, SamplingRow
 
 logger = logging.getLogger(__name__)
@@ -72,23 +74,11 @@ class WorkerInfo:
 
 
 @dataclass
-class StepSeq:
-    """One sequence's share of a step as plain data: what `ModelRunner.build_batch` reads."""
-
-    token_ids: list[int]
-    positions: list[int]
-    slot_mapping: list[int]
-    block_table: list[int]
-    num_new_tokens: int
-    seq_len: int
-    samples: bool
-
-
-@dataclass
 class StepInput:
-    """A `SchedulerOutput` without the Python sequence objects: the part the ranks need."""
+    """A `SchedulerOutput` without the Python sequence objects: the part the ranks need, the
+    batch already packed (`engine.runner.pack_step`; it travels as one bytes object)."""
 
-    scheduled: list[StepSeq] = field(default_factory=list)
+    batch: PackedStep | None = None  # None: no sequence scheduled (block moves only)
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
@@ -103,20 +93,8 @@ class StepInput:
     def from_scheduler_output(
         cls, out, hold: bool = False, feed_rows: list[int] | None = None
     ) -> StepInput:
-        scheduled = [
-            StepSeq(
-                s.token_ids,
-                s.positions,
-                s.slot_mapping,
-                s.block_table,
-                s.num_new_tokens,
-                s.seq_len,
-                s.samples,
-            )  # fmt: skip
-            for s in out.scheduled
-        ]
         return cls(
-            scheduled,
+            pack_step(out.scheduled) if out.scheduled else None,
             list(out.blocks_to_swap_out),
             list(out.blocks_to_swap_in),
             list(out.blocks_to_copy),
@@ -272,10 +250,11 @@ class Worker:
         base = torch.cuda.memory_allocated(device)
         blocks = list(range(1, num_blocks))
         slots = [blocks[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
-        seq = StepSeq(
-            [0] * num_tokens, list(range(num_tokens)), slots, blocks, num_tokens, num_tokens, True
-        )
-        self.execute(StepInput([seq]))
+        seq = SimpleNamespace(  # what pack_step reads of a ScheduledSeq
+            num_new_tokens=num_tokens, start_pos=0, num_samples=1, block_ids=array("i", blocks),
+            token_ids=[0] * num_tokens, slot_mapping=slots,
+        )  # fmt: skip
+        self.execute(StepInput(pack_step([seq])))
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         self.runner.kv_caches = []
@@ -302,9 +281,9 @@ class Worker:
         """
         runner, model = self.runner, self.model
         runner.apply_block_moves(step)
-        if not step.scheduled:
+        if step.batch is None:
             return None
-        batch = runner.build_batch(step.scheduled)
+        batch = runner.upload(step.batch)
         if step.feed_rows is not None:
             if self.held_tokens is None or self.layout.pp_size > 1:
                 raise RuntimeError("a fed step needs the held step before it (pipeline size 1)")

@@ -188,13 +188,17 @@ def test_a_step_is_pickled_once_for_every_rank(monkeypatch):
     # The driver pickles a step's StepInput once (PickledOnce); each rank's send copies those
     # bytes without pickling the step again, and the rank unpickles the StepInput itself.
     import pickle
+    from array import array
+    from types import SimpleNamespace
 
     from engine.distributed import executor as ex
-    from engine.distributed.worker import StepInput, StepSeq
+    from engine.distributed.worker import StepInput
+    from engine.runner import pack_step
 
-    seqs = [StepSeq([5], [i + 9], [(i + 9) % 16], list(range(i + 1)), 1, i + 10, True)
+    seqs = [SimpleNamespace(num_new_tokens=1, start_pos=i + 9, num_samples=1, token_ids=[5],
+                            block_ids=array("i", range(i + 1)), slot_mapping=[(i + 9) % 16])
             for i in range(64)]  # fmt: skip
-    step = StepInput(seqs, blocks_to_copy=[(1, 2)], hold=True, feed_rows=[0, 3])
+    step = StepInput(pack_step(seqs), blocks_to_copy=[(1, 2)], hold=True, feed_rows=[0, 3])
     pickled = []
     reduce_ex = StepInput.__reduce_ex__
 
@@ -209,4 +213,9 @@ def test_a_step_is_pickled_once_for_every_rank(monkeypatch):
     assert len(pickled) == 1  # the sends copied the bytes
     for data in sends:
         method, (got,) = pickle.loads(data)
-        assert method == "execute" and isinstance(got, StepInput) and got == step
+        assert method == "execute" and isinstance(got, StepInput)
+        assert (got.blocks_to_copy, got.hold, got.feed_rows) == ([(1, 2)], True, [0, 3])
+        # the packed batch travels as its bytes, the layout as its sizes
+        assert got.batch.buffer == step.batch.buffer.numpy().tobytes()
+        assert got.batch.layout.sizes == step.batch.layout.sizes == (64, 64, 64, 64)
+        assert (got.batch.max_query_len, got.batch.max_seq_len) == (1, 73)
