@@ -114,29 +114,22 @@ class EngineConfig:
                 "async_scheduling must be True, False or None (auto), got "
                 f"{self.async_scheduling!r}"
             )
+        _check_sizes("cuda_graph_sizes", self.cuda_graph_sizes, "batch sizes")
         mixed = self.mixed_graph_sizes
-        if mixed is not None and (
-            isinstance(mixed, str | int)
-            or not mixed
-            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in mixed)
-        ):
-            raise ValueError(
-                f"mixed_graph_sizes must be a non-empty list of token counts >= 1 or None, "
-                f"got {mixed!r}"
-            )
+        _check_sizes("mixed_graph_sizes", mixed, "token counts")
         if mixed is not None and max(mixed) > self.scheduler.max_num_batched_tokens:
             raise ValueError(
                 f"mixed_graph_sizes: {max(mixed)} tokens exceeds max_num_batched_tokens="
                 f"{self.scheduler.max_num_batched_tokens} (no step holds more); lower the size "
                 "or raise max_num_batched_tokens"
             )
-        sizes = self.cuda_graph_sizes
-        if sizes is not None and (
-            isinstance(sizes, str | int)
-            or not sizes
-            or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes)
-        ):
-            raise ValueError(
-                f"cuda_graph_sizes must be a non-empty list of batch sizes >= 1 or None, "
-                f"got {sizes!r}"
-            )
+
+
+def _check_sizes(name: str, sizes, what: str) -> None:
+    """A list of graph bucket sizes: None, or a non-empty list of integers >= 1."""
+    if sizes is not None and (
+        isinstance(sizes, str | int)
+        or not sizes
+        or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes)
+    ):
+        raise ValueError(f"{name} must be a non-empty list of {what} >= 1 or None, got {sizes!r}")

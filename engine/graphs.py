@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -92,12 +93,87 @@ class GraphStats:
     seconds: float
 
 
-class DecodeGraphs:
+class _BucketGraphs(ABC):
+    """What both kinds of captures share: the model, one graph per bucket size in a shared
+    pool (`capture`), static token inputs sized for the largest bucket, replay counts."""
+
+    KIND = "graphs"  # the log's name for them
+    UNIT = ""  # the unit of a bucket size in the log
+
+    def __init__(
+        self, model, backend: Backend, kv_caches: list, sizes: tuple[int, ...], max_model_len: int
+    ) -> None:
+        if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
+            raise ValueError(f"{self.KIND[:-1]} sizes: {sizes!r} must be positive integers")
+        self.model = model
+        self.backend = backend
+        self.kv_caches = kv_caches
+        self.sizes = tuple(sorted(set(sizes)))
+        self.max_model_len = max_model_len
+        top, dev = self.sizes[-1], backend.device
+        # Token inputs, sized for the largest bucket; bucket b uses the first b rows.
+        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=dev)
+        self.runners: dict[int, GraphRunner] = {}
+        self.stats: GraphStats | None = None
+        self.replays = 0  # steps served from a graph (tests and the debug log read it)
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1]
+
+    @abstractmethod
+    def _batch(self, b: int) -> ForwardBatch:
+        """The static inputs as bucket b's batch (what its capture reads)."""
+
+    def capture(self) -> GraphStats:
+        """Capture every bucket, largest first, into one shared memory pool."""
+        dev = self.backend.device
+        on_gpu = dev.type != "cpu"
+        if on_gpu:
+            torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev) if on_gpu else 0
+        start = time.perf_counter()
+        pool = None
+        for b in reversed(self.sizes):
+            batch = self._batch(b)
+            runner = self.backend.capture_graph(
+                lambda batch=batch: self.model(batch, self.kv_caches), pool=pool
+            )
+            pool = getattr(runner, "pool", None) if pool is None else pool
+            self.runners[b] = runner
+        if on_gpu:
+            torch.cuda.synchronize(dev)
+        used = (torch.cuda.memory_allocated(dev) - before) if on_gpu else 0
+        self.stats = GraphStats(self.sizes, max(used, 0), time.perf_counter() - start)
+        logger.info(
+            "captured %d %s (%s%s) in %.1f s, %.1f MiB", len(self.sizes), self.KIND,
+            _ranges(self.sizes), self.UNIT, self.stats.seconds, used / (1 << 20),
+        )  # fmt: skip
+        return self.stats
+
+    def _copy_tokens(self, batch: ForwardBatch, b: int) -> None:
+        """The batch's token rows into the static inputs; rows n..b write nothing."""
+        n = batch.num_tokens
+        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        self.positions[:n].copy_(batch.positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(batch.slot_mapping, non_blocking=True)
+        if b > n:
+            self.slot_mapping[n:b].fill_(-1)
+            self.input_ids[n:b].zero_()
+            self.positions[n:b].zero_()
+
+
+class DecodeGraphs(_BucketGraphs):
     """Captures `model`'s forward (embedding to final norm) for each bucket size and replays it.
 
     The LM head runs eagerly after replay, on the rows the sampler needs, so logits gathering
     across ranks stays outside the graph.
     """
+
+    KIND = "decode graphs"
+    UNIT = " sequences"
 
     def __init__(
         self,
@@ -108,29 +184,12 @@ class DecodeGraphs:
         max_blocks_per_seq: int,
         max_model_len: int,
     ) -> None:
-        if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
-            raise ValueError(f"graph sizes: {sizes!r} must be positive integers")
-        self.model = model
-        self.backend = backend
-        self.kv_caches = kv_caches
-        self.sizes = tuple(sorted(set(sizes)))
-        self.max_model_len = max_model_len
+        super().__init__(model, backend, kv_caches, sizes, max_model_len)
         top, dev = self.sizes[-1], backend.device
-        # Static inputs, sized for the largest bucket; bucket b uses the first b rows.
-        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=dev)
         self.query_start_loc = torch.arange(top + 1, dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(top, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((top, max_blocks_per_seq), dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(top, dtype=torch.int64, device=dev)
-        self.runners: dict[int, GraphRunner] = {}
-        self.stats: GraphStats | None = None
-        self.replays = 0  # steps served from a graph (tests and the debug log read it)
-
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
 
     def _batch(self, b: int) -> ForwardBatch:
         return ForwardBatch(
@@ -145,11 +204,6 @@ class DecodeGraphs:
             max_seq_len=self.max_model_len,
         )
 
-    def capture(self) -> GraphStats:
-        """Capture every bucket, largest first, into one shared memory pool."""
-        self.stats = _capture_buckets(self, "decode graphs (batch sizes", "")
-        return self.stats
-
     def bucket(self, batch: ForwardBatch) -> int | None:
         """The bucket a decode-only batch replays in, or None when it must run eagerly."""
         n = batch.num_seqs
@@ -162,23 +216,18 @@ class DecodeGraphs:
     def run(self, batch: ForwardBatch, b: int) -> torch.Tensor:
         """Copy `batch` into the static buffers, replay bucket b; hidden [n, hidden_size]."""
         n, width = batch.num_seqs, batch.block_tables.shape[1]
-        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:n].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(batch.slot_mapping, non_blocking=True)
+        self._copy_tokens(batch, b)
         self.seq_lens[:n].copy_(batch.seq_lens, non_blocking=True)
         self.block_tables[:n, :width].copy_(batch.block_tables, non_blocking=True)
-        if b > n:  # padding rows: write nothing, attend over one position of the null block
-            self.slot_mapping[n:b].fill_(-1)
+        if b > n:  # padding rows attend over one position of the null block
             self.seq_lens[n:b].fill_(1)
             self.block_tables[n:b].zero_()
-            self.input_ids[n:b].zero_()
-            self.positions[n:b].zero_()
         hidden = self.runners[b].replay()
         self.replays += 1
         return hidden[:n]
 
 
-class MixedGraphs:
+class MixedGraphs(_BucketGraphs):
     """Captures the forward for steps with prefill tokens, one graph per token-count bucket.
 
     Every capture has max_seqs sequence slots: a step of n tokens over s <= max_seqs sequences
@@ -188,6 +237,9 @@ class MixedGraphs:
     block 0). The attention hints are fixed at capture: max_query_len the bucket (the general
     kernel, never the decode one) and max_seq_len max_model_len.
     """
+
+    KIND = "mixed-step graphs"
+    UNIT = " tokens"
 
     def __init__(
         self,
@@ -199,33 +251,17 @@ class MixedGraphs:
         max_blocks_per_seq: int,
         max_model_len: int,
     ) -> None:
-        if not sizes or any(not isinstance(b, int) or b < 1 for b in sizes):
-            raise ValueError(f"mixed graph sizes: {sizes!r} must be positive integers")
         if max_seqs < 1:
             raise ValueError(f"max_seqs: {max_seqs} must be >= 1")
-        self.model = model
-        self.backend = backend
-        self.kv_caches = kv_caches
-        self.sizes = tuple(sorted(set(sizes)))
+        super().__init__(model, backend, kv_caches, sizes, max_model_len)
         self.max_seqs = max_seqs
-        self.max_model_len = max_model_len
-        top, dev = self.sizes[-1], backend.device
-        self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
-        self.positions = torch.zeros(top, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=dev)
+        dev = backend.device
         self.query_start_loc = torch.zeros(max_seqs + 1, dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(max_seqs, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros(
             (max_seqs, max_blocks_per_seq), dtype=torch.int32, device=dev
         )
         self.logits_indices = torch.zeros(0, dtype=torch.int64, device=dev)  # read outside
-        self.runners: dict[int, GraphRunner] = {}
-        self.stats: GraphStats | None = None
-        self.replays = 0
-
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
 
     def _batch(self, b: int) -> ForwardBatch:
         return ForwardBatch(
@@ -240,11 +276,6 @@ class MixedGraphs:
             max_seq_len=self.max_model_len,
         )
 
-    def capture(self) -> GraphStats:
-        """Capture every bucket, largest first, into one shared memory pool."""
-        self.stats = _capture_buckets(self, "mixed-step graphs (token counts", " tokens")
-        return self.stats
-
     def bucket(self, batch: ForwardBatch) -> int | None:
         """The bucket a batch replays in, or None when it must run eagerly."""
         n = batch.num_tokens
@@ -257,13 +288,7 @@ class MixedGraphs:
     def run(self, batch: ForwardBatch, b: int) -> torch.Tensor:
         """Copy `batch` into the static buffers, replay bucket b; hidden [n, hidden_size]."""
         n, s, width = batch.num_tokens, batch.num_seqs, batch.block_tables.shape[1]
-        self.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
-        self.positions[:n].copy_(batch.positions, non_blocking=True)
-        self.slot_mapping[:n].copy_(batch.slot_mapping, non_blocking=True)
-        if b > n:  # token rows of no sequence: write nothing
-            self.slot_mapping[n:b].fill_(-1)
-            self.input_ids[n:b].zero_()
-            self.positions[n:b].zero_()
+        self._copy_tokens(batch, b)  # rows n..b: tokens of no sequence
         self.query_start_loc[: s + 1].copy_(batch.query_start_loc, non_blocking=True)
         self.query_start_loc[s + 1 :].fill_(n)
         self.seq_lens[:s].copy_(batch.seq_lens, non_blocking=True)
@@ -273,34 +298,6 @@ class MixedGraphs:
         hidden = self.runners[b].replay()
         self.replays += 1
         return hidden[:n]
-
-
-def _capture_buckets(graphs, what: str, unit: str) -> GraphStats:
-    """Capture graphs.model's forward for each of graphs.sizes (largest first, one shared
-    pool) on graphs._batch(size); the device memory and time it took."""
-    dev = graphs.backend.device
-    on_gpu = dev.type != "cpu"
-    if on_gpu:
-        torch.cuda.synchronize(dev)
-    before = torch.cuda.memory_allocated(dev) if on_gpu else 0
-    start = time.perf_counter()
-    pool = None
-    for b in reversed(graphs.sizes):
-        batch = graphs._batch(b)
-        runner = graphs.backend.capture_graph(
-            lambda batch=batch: graphs.model(batch, graphs.kv_caches), pool=pool
-        )
-        pool = getattr(runner, "pool", None) if pool is None else pool
-        graphs.runners[b] = runner
-    if on_gpu:
-        torch.cuda.synchronize(dev)
-    used = (torch.cuda.memory_allocated(dev) - before) if on_gpu else 0
-    stats = GraphStats(graphs.sizes, max(used, 0), time.perf_counter() - start)
-    logger.info(
-        "captured %d %s %s%s) in %.1f s, %.1f MiB", len(graphs.sizes), what,
-        _ranges(graphs.sizes), unit, stats.seconds, used / (1 << 20),
-    )  # fmt: skip
-    return stats
 
 
 def _ranges(sizes: tuple[int, ...]) -> str:

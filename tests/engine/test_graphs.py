@@ -215,7 +215,7 @@ def test_mixed_graphs_need_decode_graphs_and_sizes(tiny):
     with pytest.raises(ValueError, match="max_num_seqs"):
         _runner(tiny, "cpu", (1,), mixed=(8,), max_seqs=0)
     runner = _runner(tiny, "cpu", ())
-    with pytest.raises(ValueError, match="mixed graph sizes"):
+    with pytest.raises(ValueError, match="mixed-step graph sizes"):
         MixedGraphs(runner.model, runner.backend, runner.kv_caches, (0,), 2, 4, 16)
 
 
@@ -234,6 +234,9 @@ def test_mixed_graph_sizes_config():
         EngineConfig(model="m", scheduler=sched, mixed_graph_sizes=(1024,))
     with pytest.raises(ValueError, match="token counts >= 1"):
         EngineConfig(model="m", scheduler=sched, mixed_graph_sizes=(0,))
+    for bad in ((0,), (), 8, (True,)):  # the decode buckets share the check
+        with pytest.raises(ValueError, match="cuda_graph_sizes must be a non-empty list"):
+            EngineConfig(model="m", cuda_graph_sizes=bad)
 
 
 def test_llm_passes_mixed_graph_sizes_to_its_runner(tiny):
