@@ -52,10 +52,6 @@ class _Layout:
             offset += -(-nbytes // _ALIGN) * _ALIGN
         self.nbytes = max(offset, _ALIGN)
 
-    @property
-    def num_seqs(self) -> int:
-        return self.sizes[2]
-
     def __reduce__(self):
         return (_Layout, self.sizes)
 
@@ -119,10 +115,6 @@ class PackedStep:
     buffer: torch.Tensor | bytes  # uint8 host tensor where packed, its bytes once sent
     max_query_len: int
     max_seq_len: int
-
-    @property
-    def num_seqs(self) -> int:
-        return self.layout.num_seqs
 
     def __reduce__(self):  # ship the bytes (a pinned or shared tensor would not travel as such)
         data = self.buffer
