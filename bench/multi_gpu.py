@@ -324,6 +324,23 @@ def step_bytes_per_rank(folder: Path, tp: int) -> float:
     return total * 2 / tp
 
 
+def profile_mixed(llm, work, tp: int) -> None:
+    """Print each rank's kernel table and caching-allocator activity for `work` (a slice of the
+    mixed workload), run under LLM.start_profile."""
+    from engine import SamplingParams
+
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
+    prompts = [p[1:] for p, _ in work]  # no prefix-cache hits from the timed run
+    steps = llm.engine.num_steps
+    llm.start_profile()
+    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    summaries = llm.stop_profile()
+    steps = llm.engine.num_steps - steps
+    print(f"scaling TP={tp}: profile of {len(work)} mixed requests, {steps} steps")
+    for s in summaries:
+        print("\n".join("  " + line for line in s.table(steps=steps, top=12)))
+
+
 def part_scaling(folder, args, res, bw: float, tps: list[int], key: str) -> None:
     rows = []
     for tp in tps:
@@ -352,6 +369,8 @@ def part_scaling(folder, args, res, bw: float, tps: list[int], key: str) -> None
             row["mixed_tok_s"], row["mixed_tokens"], row["mixed_s"] = throughput(llm, work, start)
             row["mixed_steps"] = eng.num_steps - mark["steps"]
             row["mixed_steps_ahead"] = eng.num_steps_ahead - mark["ahead"]
+            if args.profile_mixed:
+                profile_mixed(llm, work[: args.profile_mixed], tp)
         close(llm)
         llm = None
         free_gpu()
@@ -390,6 +409,9 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="token budget a step (bench/e2e.py's default; at 2048 the mixed "
                         "workload's eager steps are host-bound, most at TP > 1)")  # fmt: skip
+    p.add_argument("--profile-mixed", type=int, default=0,
+                   help="after the mixed run, profile this many of its requests per TP size "
+                        "(kernel tables and caching-allocator activity per rank)")  # fmt: skip
     p.add_argument("--mixed-graph-sizes", type=int, nargs="+", default=None,
                    help="token counts to capture for steps with prefill tokens (default: none, "
                         "those steps run eagerly)")  # fmt: skip
