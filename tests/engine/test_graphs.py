@@ -281,3 +281,25 @@ def test_mixed_steps_on_the_triton_kernels_under_the_interpreter(tiny):
     for g, e, ref in zip(got, eager, reference, strict=True):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)  # fp32, padded GEMM rows only
         torch.testing.assert_close(g, ref, atol=1e-4, rtol=1e-4)  # another kernel's fp32 order
+
+
+def test_a_packed_step_uploads_to_the_batch_build_batch_makes(tiny):
+    # What the driver of a distributed engine sends (pack_step, pickled: bytes) gives a rank
+    # the very batch the in-process runner builds, ragged block tables and prefill rows included.
+    import pickle
+
+    from engine.runner import pack_step
+
+    runner = _runner(tiny, "cpu", ())
+    scheduled = [_seq(0, 9, [1, 2, 3], False), _seq(1, 5, [4, 5], True), _seq(2, 3, [6], True),
+                 _seq(3, 14, [7, 8, 9, 10], False)]  # fmt: skip
+    sent = pickle.loads(pickle.dumps(pack_step(scheduled)))
+    assert isinstance(sent.buffer, bytes)
+    got, want = runner.upload(sent), runner.build_batch(scheduled)
+    for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens",
+                 "block_tables", "logits_indices"):  # fmt: skip
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    hints = (got.max_query_len, got.max_seq_len)
+    assert hints == (want.max_query_len, want.max_seq_len) == (14, 14)
+    with pytest.raises(ValueError, match="no scheduled sequences"):
+        pack_step([])
