@@ -234,8 +234,10 @@ class MixedGraphs(_BucketGraphs):
     replays the smallest bucket >= n. Token rows n.. belong to no sequence (slot -1, position 0:
     nothing is written, their attention output is zero and no logits are read from them);
     sequence slots s.. hold empty queries (query_start_loc stays at n; length 1 over the null
-    block 0). The attention hints are fixed at capture: max_query_len the bucket (the general
-    kernel, never the decode one) and max_seq_len max_model_len.
+    block 0). The attention hints are fixed at capture as upper bounds of any step the bucket
+    takes: max_query_len the bucket size, max_seq_len max_model_len. Padded rows are computed
+    like real ones but never read: every op after the embedding works row by row (attention
+    only within a sequence's rows), so they cannot reach a real row.
     """
 
     KIND = "mixed-step graphs"
