@@ -95,21 +95,26 @@ class RankProfiler:
     def active(self) -> bool:
         return self._prof is not None
 
-    def start(self, trace_dir: str | None = None) -> None:
+    def start(self, trace_dir: str | None = None, device: torch.device | str | None = None) -> None:
+        """Start profiling. `device` is the rank's device: CUDA activity and the allocator's
+        counters are recorded only for a CUDA rank (None: the current CUDA device if any)."""
         if self._prof is not None:
             raise RuntimeError("a profile is already running: call stop_profile() first")
         from torch.profiler import ProfilerActivity, profile
 
+        if device is None and torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+        device = torch.device(device) if device is not None else None
+        if device is not None and device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self._device = device if device is not None and device.type == "cuda" else None
         activities = [ProfilerActivity.CPU]
-        if torch.cuda.is_available():
+        if self._device is not None:
             activities.append(ProfilerActivity.CUDA)
+            torch.cuda.synchronize(self._device)
         if trace_dir is not None:
             Path(trace_dir).mkdir(parents=True, exist_ok=True)
         self._trace_dir = trace_dir
-        self._device = None
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-            self._device = torch.device("cuda", torch.cuda.current_device())
         self._counters = _allocator_counters(self._device)
         self._prof = profile(activities=activities)
         self._prof.__enter__()
@@ -118,8 +123,8 @@ class RankProfiler:
     def stop(self, rank: int, device: str) -> ProfileSummary:
         if self._prof is None:
             raise RuntimeError("no profile is running: call start_profile() first")
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        if self._device is not None:
+            torch.cuda.synchronize(self._device)
         wall_ms = (time.perf_counter() - self._t0) * 1e3
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)

@@ -154,7 +154,7 @@ class UniprocExecutor(Executor):
         self.profiler = RankProfiler()
 
     def start_profile(self, trace_dir: str | None = None) -> None:
-        self.profiler.start(trace_dir)
+        self.profiler.start(trace_dir, self.runner.device)
 
     def stop_profile(self) -> list[ProfileSummary]:
         return [self.profiler.stop(0, str(self.runner.device))]

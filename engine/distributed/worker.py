@@ -336,7 +336,7 @@ class Worker:
 
     def start_profile(self, trace_dir: str | None = None) -> None:
         """Start torch.profiler on this rank (`LLM.start_profile`)."""
-        self.profiler.start(trace_dir)
+        self.profiler.start(trace_dir, self.spec.device)
 
     def stop_profile(self) -> ProfileSummary:
         """Stop it: this rank's kernel times and wall time since start_profile."""
