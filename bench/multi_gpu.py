@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import random
 import sys
@@ -341,6 +342,23 @@ def profile_mixed(llm, work, tp: int) -> None:
         print("\n".join("  " + line for line in s.table(steps=steps, top=12)))
 
 
+def profile_decode(llm, steps: int, tp: int) -> None:
+    """Print each rank's kernel table for `steps` batch-1 decode steps (128-token prompt), run
+    under LLM.start_profile: where a TP size's step time goes against its floor."""
+    from engine import SamplingParams
+
+    prompt = [random.Random(2).randrange(100, 30000) for _ in range(128)]
+    params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
+    first = llm.engine.num_steps
+    llm.start_profile()
+    llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)
+    summaries = llm.stop_profile()
+    done = llm.engine.num_steps - first
+    print(f"scaling TP={tp}: profile of batch-1 decode, {done} steps (one of them the prefill)")
+    for s in summaries:
+        print("\n".join("  " + line for line in s.table(steps=done, top=24)))
+
+
 def part_scaling(folder, args, res, bw: float, tps: list[int], key: str) -> None:
     rows = []
     for tp in tps:
@@ -352,6 +370,8 @@ def part_scaling(folder, args, res, bw: float, tps: list[int], key: str) -> None
         was, llm.engine.async_scheduling = llm.engine.async_scheduling, False
         sync_ms = decode_ms(llm)
         llm.engine.async_scheduling = was
+        if args.profile_decode:
+            profile_decode(llm, args.profile_decode, tp)
         floor = step_bytes_per_rank(folder, tp) / bw * 1e3
         row = dict(tp=tp, decode_ms=ms, floor_ms=floor, over_floor=ms / floor,
                    decode_sync_ms=sync_ms, async_scheduling=was)  # fmt: skip
@@ -409,6 +429,11 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="token budget a step (bench/e2e.py's default; at 2048 the mixed "
                         "workload's eager steps are host-bound, most at TP > 1)")  # fmt: skip
+    p.add_argument("--verbose", action="store_true",
+                   help="log the engine's start-up (memory plan, graph captures) on every rank")
+    p.add_argument("--profile-decode", type=int, default=0,
+                   help="after the batch-1 timing, profile this many batch-1 decode steps per TP "
+                        "size (kernel tables per rank)")  # fmt: skip
     p.add_argument("--profile-mixed", type=int, default=0,
                    help="after the mixed run, profile this many of its requests per TP size "
                         "(kernel tables and caching-allocator activity per rank)")  # fmt: skip
@@ -419,6 +444,8 @@ def main() -> int:
     p.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", ""))
     p.add_argument("--out", default=None)
     args = p.parse_args()
+    if args.verbose:  # the engine's start-up lines (memory plan, graph captures), every rank
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args.tp = [int(t) for t in args.tp.split(",")]
     parts = set(args.parts.split(","))
     res: dict = {"device": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name()}",
