@@ -267,9 +267,10 @@ def main() -> int:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--mixed-graph-sizes", type=int, nargs="+", default=None,
-                   help="token counts to capture for steps with prefill tokens (default: none, "
-                        "those steps run eagerly)")  # fmt: skip
+    p.add_argument("--mixed-graph-sizes", type=int, nargs="*", default=None,
+                   help="token counts to capture for steps with prefill tokens (default: the "
+                        "engine's, powers of two from 128; given with no sizes: none, those "
+                        "steps run eagerly)")  # fmt: skip
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profile", action="store_true", help="cProfile the batch-1 decode steps")

@@ -429,17 +429,21 @@ def main() -> int:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192,
                    help="token budget a step (bench/e2e.py's default; at 2048 the mixed "
                         "workload's eager steps are host-bound, most at TP > 1)")  # fmt: skip
-    p.add_argument("--verbose", action="store_true",
-                   help="log the engine's start-up (memory plan, graph captures) on every rank")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="log the engine's start-up (memory plan, graph captures) on every rank",
+    )
     p.add_argument("--profile-decode", type=int, default=0,
                    help="after the batch-1 timing, profile this many batch-1 decode steps per TP "
                         "size (kernel tables per rank)")  # fmt: skip
     p.add_argument("--profile-mixed", type=int, default=0,
                    help="after the mixed run, profile this many of its requests per TP size "
                         "(kernel tables and caching-allocator activity per rank)")  # fmt: skip
-    p.add_argument("--mixed-graph-sizes", type=int, nargs="+", default=None,
-                   help="token counts to capture for steps with prefill tokens (default: none, "
-                        "those steps run eagerly)")  # fmt: skip
+    p.add_argument("--mixed-graph-sizes", type=int, nargs="*", default=None,
+                   help="token counts to capture for steps with prefill tokens (default: the "
+                        "engine's, powers of two from 128; given with no sizes: none, those "
+                        "steps run eagerly)")  # fmt: skip
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--commit", default=os.environ.get("BENCH_COMMIT", ""))
     p.add_argument("--out", default=None)

@@ -73,6 +73,9 @@ class EngineConfig:
     async_scheduling: launch the next decode step before the current one's tokens reach the host
     (its input tokens come from the device), so the host's per-step work overlaps the GPU's.
     None: on for an in-process engine on a GPU, off on the CPU (nothing to overlap there).
+    mixed_graph_sizes: token-count buckets captured for steps holding prefill tokens (decode-only
+    steps take the cuda_graph_sizes buckets); None: powers of two from 128 up to
+    max_num_batched_tokens (at most 8192); (): such steps run eagerly.
     """
 
     model: str | None = None
@@ -86,7 +89,8 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights from config.json (benchmarks)
     enforce_eager: bool = False  # True: never capture decode graphs
     cuda_graph_sizes: tuple[int, ...] | None = None  # decode batch buckets; None: 1, 2, 4, 8k
-    # Token-count buckets for steps with prefill tokens (None: such steps run eagerly).
+    # Token-count buckets for steps with prefill tokens (None: powers of two from 128 up to
+    # max_num_batched_tokens, at most 8192; (): such steps run eagerly).
     mixed_graph_sizes: tuple[int, ...] | None = None
     async_scheduling: bool | None = None  # None: on for an in-process GPU engine
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -116,6 +120,8 @@ class EngineConfig:
             )
         _check_sizes("cuda_graph_sizes", self.cuda_graph_sizes, "batch sizes")
         mixed = self.mixed_graph_sizes
+        if mixed is not None and not isinstance(mixed, str | int) and len(mixed) == 0:
+            mixed = None  # () turns the mixed-step graphs off
         _check_sizes("mixed_graph_sizes", mixed, "token counts")
         if mixed is not None and max(mixed) > self.scheduler.max_num_batched_tokens:
             raise ValueError(

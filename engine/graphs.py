@@ -47,11 +47,31 @@ def configured_sizes(config) -> tuple[int, ...]:
     return tuple(config.cuda_graph_sizes or default_sizes(config.scheduler.max_num_seqs))
 
 
+# The largest token count the default mixed-step buckets reach: above it a step's kernels run
+# long enough that launching them from Python costs little (an 8B model's 8,192-token step is
+# ~200 ms of device time on an H100), and its capture would hold that many tokens' activations.
+DEFAULT_MIXED_MAX = 8192
+DEFAULT_MIXED_MIN = 128
+
+
+def default_mixed_sizes(max_num_batched_tokens: int) -> tuple[int, ...]:
+    """Powers of two from DEFAULT_MIXED_MIN up to max_num_batched_tokens (capped at
+    DEFAULT_MIXED_MAX), and the cap itself when it is not one, so every step up to it fits."""
+    top = min(max_num_batched_tokens, DEFAULT_MIXED_MAX)
+    sizes, b = [], DEFAULT_MIXED_MIN
+    while b < top:
+        sizes.append(b)
+        b *= 2
+    return (*sizes, top)
+
+
 def configured_mixed_sizes(config) -> tuple[int, ...]:
     """An EngineConfig's token-count buckets for steps with prefill tokens: none with
-    enforce_eager or without mixed_graph_sizes."""
-    if config.enforce_eager or not config.mixed_graph_sizes:
+    enforce_eager or mixed_graph_sizes=(), the defaults for its token budget when None."""
+    if config.enforce_eager:
         return ()
+    if config.mixed_graph_sizes is None:
+        return default_mixed_sizes(config.scheduler.max_num_batched_tokens)
     return tuple(config.mixed_graph_sizes)
 
 

@@ -329,6 +329,11 @@ class LLMEngine:
                 if graphs is not None
                 else f"decode graphs: off ({'; '.join(self.runner.graph_skip_reasons)})"
             )
+            mixed = self.runner.mixed_graphs
+            if mixed is not None:
+                lines.append(
+                    f"mixed-step graphs: {len(mixed.sizes)} token counts up to {max(mixed.sizes)}"
+                )
         lines += self.memory_plan.table().splitlines()
         return lines
 

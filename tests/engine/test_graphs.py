@@ -227,7 +227,15 @@ def test_mixed_graph_sizes_config():
     sched = SchedulerConfig(max_num_batched_tokens=512)
     cfg = EngineConfig(model="m", scheduler=sched, mixed_graph_sizes=(128, 512))
     assert configured_mixed_sizes(cfg) == (128, 512)
-    assert configured_mixed_sizes(EngineConfig(model="m")) == ()
+    # the defaults: powers of two from 128 up to the token budget, at most 8192
+    assert configured_mixed_sizes(EngineConfig(model="m", scheduler=sched)) == (128, 256, 512)
+    big = SchedulerConfig(max_num_batched_tokens=16384)
+    assert configured_mixed_sizes(EngineConfig(model="m", scheduler=big)) == (
+        128, 256, 512, 1024, 2048, 4096, 8192)  # fmt: skip
+    odd = SchedulerConfig(max_num_batched_tokens=3000)
+    assert configured_mixed_sizes(EngineConfig(model="m", scheduler=odd))[-2:] == (2048, 3000)
+    none = EngineConfig(model="m", scheduler=sched, mixed_graph_sizes=())
+    assert configured_mixed_sizes(none) == ()
     off = EngineConfig(model="m", scheduler=sched, mixed_graph_sizes=(128,), enforce_eager=True)
     assert configured_mixed_sizes(off) == ()
     with pytest.raises(ValueError, match="exceeds max_num_batched_tokens=512"):
