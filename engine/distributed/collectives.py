@@ -16,10 +16,11 @@ from hal.capabilities import Capabilities
 logger = logging.getLogger(__name__)
 
 
-def collective_backend(caps: Capabilities) -> str:
+def collective_backend(caps: Capabilities, device: str = "auto") -> str:
     """The torch.distributed backend for a platform: "nccl" on CUDA and on ROCm (where torch's
-    "nccl" is RCCL), "gloo" on the CPU."""
-    return caps.collective_backend
+    "nccl" is RCCL), "gloo" on the CPU, and for ranks told to run on the CPU (device="cpu") on
+    any platform."""
+    return "gloo" if device == "cpu" else caps.collective_backend
 
 
 @dataclass(frozen=True)

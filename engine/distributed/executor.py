@@ -277,7 +277,7 @@ class DistributedExecutor(Executor):
         self.parallel = par
         self.layout = WorldLayout(par.tensor_parallel_size, par.pipeline_parallel_size)
         self.model_config = model_config
-        self.collective_backend = collective_backend(caps)
+        self.collective_backend = collective_backend(caps, config.device)
         self.device_type = "cpu" if config.device == "cpu" else caps.torch_device_type
         self.failure: str | None = None
         self.infos: list[WorkerInfo] = []

@@ -53,7 +53,10 @@ def test_world_layout_ranks():
 def test_collective_backend_from_capabilities(cpu_caps):
     assert collective_backend(cpu_caps) == "gloo"
     for vendor in ("nvidia", "amd"):  # torch calls RCCL "nccl" on ROCm
-        assert collective_backend(dataclasses.replace(cpu_caps, vendor=vendor)) == "nccl"
+        gpu = dataclasses.replace(cpu_caps, vendor=vendor)
+        assert collective_backend(gpu) == collective_backend(gpu, "cuda:1") == "nccl"
+        # ranks told to run on the CPU of a GPU host talk over gloo (NCCL needs a GPU each)
+        assert collective_backend(gpu, "cpu") == "gloo"
 
 
 def test_pipeline_stages_chained_equal_whole_model(dist_model, backend):
