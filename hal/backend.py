@@ -379,7 +379,9 @@ class Backend(ABC):
         every rank of a tensor-parallel group (None: it has one; see make_peer_all_reduce)."""
         return f"the {self.name} backend has no one-shot all-reduce kernel"
 
-    def peer_all_reduce_buffer_bytes(self, world: int, capacity_bytes: int) -> int:
+    def peer_all_reduce_buffer_bytes(
+        self, world: int, capacity_bytes: int, max_programs: int
+    ) -> int:
         """Bytes of the buffer each rank maps for make_peer_all_reduce (all-reduces of up to
         capacity_bytes)."""
         raise NotImplementedError(self.peer_all_reduce_reason())
@@ -387,9 +389,8 @@ class Backend(ABC):
     def make_peer_all_reduce(
         self, rank: int, world: int, buffer_ptrs: list[int], capacity_bytes: int, max_programs: int
     ):
-        """The kernel's workspace over every rank's buffer (buffer_ptrs: their addresses as this
-        process sees them): an object with reset() (every rank prepares its own buffer, then the
-        group synchronises, before the first call), fits(x), all_reduce(x),
+        """The kernel's workspace over every rank's buffer (zeroed before first use; buffer_ptrs:
+        their addresses as this process sees them): an object with fits(x), all_reduce(x),
         all_reduce_rms_norm(x, residual, weight, eps, fp8_dtype=None), check() and spin_limit.
         Collective in use: every rank makes the same calls in the same order."""
         raise NotImplementedError(self.peer_all_reduce_reason())

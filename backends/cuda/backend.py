@@ -496,8 +496,8 @@ class CudaBackend(Backend):
     def peer_all_reduce_reason(self):
         return _triton("allreduce").device_reason(self.device)
 
-    def peer_all_reduce_buffer_bytes(self, world, capacity_bytes):
-        return _triton("allreduce").buffer_bytes(world, capacity_bytes)
+    def peer_all_reduce_buffer_bytes(self, world, capacity_bytes, max_programs):
+        return _triton("allreduce").buffer_bytes(world, capacity_bytes, max_programs)
 
     def make_peer_all_reduce(self, rank, world, buffer_ptrs, capacity_bytes, max_programs):
         ws = _triton("allreduce").OneShotWorkspace

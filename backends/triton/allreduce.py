@@ -4,34 +4,25 @@ RMSNorm that follow a row-parallel linear (NVIDIA GPUs with peer access, e.g. NV
 At decode sizes (one to a few hundred rows of the hidden size) an all-reduce is all latency:
 NCCL's ring takes 12-18 us per call inside a CUDA graph on 2 x H200 (8-512 KiB), and its kernel
 cannot be chained to its neighbours with programmatic dependent launch. Here every rank owns one
-buffer that every other rank can write (torch symmetric memory; `engine.distributed.oneshot`),
-and one Triton kernel per call pushes and polls, with no flags (the data is its own signal):
+buffer that every other rank can read (torch symmetric memory; `engine.distributed.oneshot`),
+and one Triton kernel per call (5-8 us there; docs/benchmarks.md, thirteenth session):
 
-1. pushes this rank's rows of x into segment `rank` of the current slot of every rank's buffer
-   (its own included): remote stores, nothing waits for them;
-2. empties the slot it used one call earlier (its own buffer only: writes EMPTY over the bytes
-   that call used);
-3. polls its own buffer's current slot until no element of any segment is EMPTY, then sums the
-   segments in rank order in fp32 (so every rank gets the same bits), rounds to x's dtype and
-   stores it, or with a residual: h = sum + residual rounded to x's dtype, y = rms_norm(h)
-   exactly as `backends.triton.norm` computes it, (y, h) stored, or y's per-token FP8 codes and
-   scales as `rms_norm_quant_fp8` gives them.
+1. copies this rank's rows of x into its own buffer (half `epoch & 1` of it),
+2. signals every peer (a release store of the call's epoch into the peer's flag slot for this
+   program and rank) and waits until every peer has signalled the same epoch (acquire loads),
+3. sums the rows of every rank's buffer in rank order in fp32 (so every rank gets the same bits),
+   rounds to x's dtype and stores it, or with a residual: h = sum + residual rounded to x's
+   dtype, y = rms_norm(h) exactly as `backends.triton.norm` computes it, (y, h) stored, or
+   y's per-token FP8 codes and scales as `rms_norm_quant_fp8` gives them.
 
-EMPTY is the 16-bit pattern 0x8000 in every half-word: -0.0 in bf16 / fp16, and 0x80008000
-(a negative denormal, -4.6e-41) in fp32. A value with that exact pattern is pushed as -0.0 in
-fp32 and +0.0 in 16-bit dtypes (the sum's sign of zero aside, nothing changes). Each element is
-stored and polled on its own, so partly arrived rows are waited for element by element, and no
-fence or flag round trip sits on the path: one remote store latency per call instead of a flag
-store, a wait and a remote read.
-
-Three slots rotate: a slot used at call e is emptied by its owner at call e + 1 and written
-again at call e + 3; a peer can only be at call e + 3 after this rank pushed call e + 2, which it
-does after its call e + 1 kernel (and the emptying) finished. The slot counter (one per
-program: program k of every rank handles the same rows) and the bytes each slot holds live in
-device memory, so the kernel replays correctly inside CUDA graphs. A poll that spins past
-SPIN_LIMIT loads (seconds) gives up and sets the error word, so a broken peer mapping shows up
-as an error on the host instead of a hung GPU (`OneShotWorkspace.check`). A rank's buffer must
-hold EMPTY everywhere before its first call (`OneShotWorkspace.reset`).
+Program k of every rank handles the same rows and waits only for program k of the peers. The
+two halves of the buffer alternate with the epoch: a rank writes half e & 1 at epoch e only after
+its program 0 passed the epoch e - 1 barrier, which every peer entered after finishing epoch
+e - 2, the last reader of that half. Epochs live in device memory (one counter per program,
+bumped by the kernel), so the kernel replays correctly inside CUDA graphs. A program with no
+rows skips the barrier (flags compare as "at least this epoch", in wrapping int32 arithmetic).
+A wait that spins past SPIN_LIMIT polls (seconds) gives up and sets the error word, so a broken
+peer mapping shows up as an error on the host instead of a hung GPU (`OneShotWorkspace.check`).
 """
 
 from __future__ import annotations
@@ -47,29 +38,25 @@ from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import cast_rtne, fp8_codec, fp8_encode_mode, interpreting
 
 MAX_COLS = 16384  # a row is one register tile
-SPIN_LIMIT = 1 << 26  # polls of one row before a program gives up (several seconds)
+SPIN_LIMIT = 1 << 26  # polls of one flag before a program gives up (several seconds)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-SLOTS = 3
-EMPTY16 = -32768  # 0x8000 as int16
-EMPTY32 = -2147450880  # 0x80008000 as int32: two EMPTY half-words
-CLEAR_BLOCK = 1024  # int32 words a program empties per step
 
 
 @dataclass
 class OneShotWorkspace:
     """One rank's view of the group's peer-mapped buffers.
 
-    data_table: int64 [world] device tensor with the address, valid in this process and
-    writable from this GPU, of every rank's buffer (SLOTS x world segments of capacity_bytes).
-    slots: int32 [max_programs], the slot each program used last; used: int32 [SLOTS], bytes a
-    segment of each slot holds; error: int32 [1], set when a poll gave up. All on this GPU.
+    data_table / flag_table: int64 [world] device tensors with the address, valid in this
+    process and readable from this GPU, of every rank's data area (2 x capacity_bytes) and flag
+    area (int32 [max_programs, world], zeroed on every rank before first use). epochs: int32
+    [max_programs] on this GPU, zeroed once; error: int32 [1], set when a wait gave up.
     """
 
     rank: int
     world: int
     data_table: torch.Tensor
-    slots: torch.Tensor
-    used: torch.Tensor
+    flag_table: torch.Tensor
+    epochs: torch.Tensor
     error: torch.Tensor
     capacity_bytes: int
     max_programs: int
@@ -78,8 +65,8 @@ class OneShotWorkspace:
     def fits(self, x: torch.Tensor) -> bool:
         """Whether x can go through the one-shot kernel: a tensor of a float dtype on this
         workspace's device whose rows (last dim <= MAX_COLS, each padded to a power of 2) fit
-        in one segment of the buffer."""
-        if x.device != self.slots.device or x.dtype not in DTYPES or x.dim() < 1:
+        in one half of the buffer."""
+        if x.device != self.epochs.device or x.dtype not in DTYPES or x.dim() < 1:
             return False
         cols = x.shape[-1]
         if not 0 < cols <= MAX_COLS:
@@ -97,32 +84,20 @@ class OneShotWorkspace:
         max_programs: int,
         device: torch.device,
     ) -> OneShotWorkspace:
-        """The workspace over every rank's buffer (`buffer_bytes` bytes each; buffer_ptrs:
-        their addresses as this process sees them). Every rank calls reset() and the group
-        synchronises before the first call."""
-        if capacity_bytes <= 0 or capacity_bytes % 256:
-            raise ValueError(f"capacity_bytes: {capacity_bytes} must be a positive multiple of 256")
+        """The workspace over every rank's buffer (`buffer_bytes` bytes each, zeroed on every
+        rank before the first call; buffer_ptrs: their addresses as this process sees them)."""
+        fbytes = flag_bytes(max_programs, world)
         return cls(
             rank=rank,
             world=world,
-            data_table=torch.tensor(buffer_ptrs, dtype=torch.int64, device=device),
-            slots=torch.zeros(max_programs, dtype=torch.int32, device=device),
-            used=torch.zeros(SLOTS, dtype=torch.int32, device=device),
+            data_table=torch.tensor([p + fbytes for p in buffer_ptrs], dtype=torch.int64,
+                                    device=device),
+            flag_table=torch.tensor(buffer_ptrs, dtype=torch.int64, device=device),
+            epochs=torch.zeros(max_programs, dtype=torch.int32, device=device),
             error=torch.zeros(1, dtype=torch.int32, device=device),
             capacity_bytes=capacity_bytes,
             max_programs=max_programs,
         )  # fmt: skip
-
-    def reset(self) -> None:
-        """EMPTY into every byte of this rank's own buffer, and the counters to their start (no
-        peer may be pushing into it: before the group's first call)."""
-        words = buffer_bytes(self.world, self.capacity_bytes) // 4
-        _fill_kernel[(min(1024, triton.cdiv(words, CLEAR_BLOCK)),)](
-            self.data_table, self.rank, words, EMPTY=EMPTY32, BLOCK=CLEAR_BLOCK
-        )  # fmt: skip
-        self.slots.zero_()
-        self.used.zero_()
-        self.error.zero_()
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return one_shot_all_reduce(self, x)
@@ -142,11 +117,11 @@ class OneShotWorkspace:
 
 def device_reason(device: torch.device) -> str | None:
     """Why the one-shot kernel cannot run on `device` (None when it can): it needs an NVIDIA
-    GPU (the push-and-poll protocol is checked there only) and a compiled kernel."""
+    GPU (the system-scope flag protocol is checked there only) and a compiled kernel."""
     if device.type != "cuda":
         return f"device {device} is not a CUDA GPU"
     if torch.version.hip is not None:
-        return "ROCm: the one-shot kernel's peer stores and polls are checked on NVIDIA GPUs only"
+        return "ROCm: the one-shot kernel's system-scope flags are checked on NVIDIA GPUs only"
     if interpreting():
         return "TRITON_INTERPRET=1"
     return None
@@ -159,11 +134,21 @@ def block_n(cols: int) -> int:
 
 
 @triton.jit
-def _fill_kernel(data_table, rank, n_words, EMPTY: tl.constexpr, BLOCK: tl.constexpr):
-    base = tl.load(data_table + rank).to(tl.pointer_type(tl.int32))
-    for start in range(tl.program_id(0) * BLOCK, n_words, tl.num_programs(0) * BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        tl.store(base + offs, tl.full([BLOCK], EMPTY, tl.int32), mask=offs < n_words)
+def _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD: tl.constexpr):
+    # Tell every rank's program `pid` that this rank reached `epoch`; wait for all of them.
+    slot = pid * WORLD + rank
+    for p in tl.static_range(WORLD):
+        flags = tl.load(flag_table + p).to(tl.pointer_type(tl.int32))
+        tl.atomic_xchg(flags + slot, epoch, sem="release", scope="sys")
+    mine = tl.load(flag_table + rank).to(tl.pointer_type(tl.int32)) + pid * WORLD
+    for p in tl.static_range(WORLD):
+        seen = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
+        polls = 0
+        while (seen - epoch < 0) & (polls < spin_limit):
+            seen = tl.atomic_add(mine + p, 0, sem="acquire", scope="sys")
+            polls += 1
+        if seen - epoch < 0:
+            tl.atomic_xchg(error_ptr, 1)
 
 
 @triton.jit
@@ -174,8 +159,8 @@ def _one_shot_kernel(
     y_ptr,
     h_ptr,
     data_table,
-    slot_ptr,
-    used_ptr,
+    flag_table,
+    epoch_ptr,
     error_ptr,
     rank,
     n_rows,
@@ -185,7 +170,7 @@ def _one_shot_kernel(
     stride_y,
     stride_h,
     eps,
-    seg_elems,  # elements of x's dtype in one segment (capacity_bytes)
+    half_elems,  # elements of x's dtype in one half of a data area
     spin_limit,
     scale_ptr,  # QUANT: fp32 [rows] per-token scales
     qmax,
@@ -200,80 +185,52 @@ def _one_shot_kernel(
     HAS_INF: tl.constexpr,
     ENCODE_NATIVE: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    CLEAR: tl.constexpr,
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     grid_wait(PDL)
-    DT: tl.constexpr = x_ptr.dtype.element_ty
-    WIDE: tl.constexpr = DT.primitive_bitwidth == 32
-    IT: tl.constexpr = tl.int32 if WIDE else tl.int16
-    EMPTY: tl.constexpr = -2147450880 if WIDE else -32768
-    slot = (tl.load(slot_ptr + pid) + 1) % 3
-    tl.store(slot_ptr + pid, slot)
-    old = (slot + 2) % 3  # the slot this rank's previous call used
-    seg = seg_elems.to(tl.int64)
-    cols = tl.arange(0, BLOCK_N)
-    cmask = cols < n_cols
-    # 1. push: this rank's rows into segment `rank` of the slot, on every rank. Rows sit BLOCK_N
-    # apart and segments are 256-byte aligned: saying so lets the compiler use 16-byte stores
-    # (pointers made from integers carry no alignment).
-    out_off = (slot * WORLD + rank).to(tl.int64) * seg
-    for row in range(pid, n_rows, nprog):
-        r64 = tl.cast(row, tl.int64)
-        v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask, other=0.0)
-        zero = tl.zeros_like(v)
-        if WIDE:
-            zero = -zero  # fp32: EMPTY is a denormal, pushed as -0.0 (16-bit: -0.0 as +0.0)
-        v = tl.where(v.to(IT, bitcast=True) == EMPTY, zero, v)
-        for p in tl.static_range(WORLD):
-            dst = tl.load(data_table + p).to(tl.pointer_type(DT)) + out_off
-            tl.store(tl.multiple_of(dst + r64 * BLOCK_N + cols, 16), v, mask=cmask)
-    # 2. empty the slot of this rank's previous call (its segments' used bytes, own buffer only)
-    own = tl.load(data_table + rank)
-    words = tl.load(used_ptr + old) // 4
-    if pid == 0:
-        tl.store(used_ptr + slot, n_rows * BLOCK_N * (DT.primitive_bitwidth // 8))
-    seg_words = seg * (DT.primitive_bitwidth // 8) // 4
-    for p in tl.static_range(WORLD):
-        base = own.to(tl.pointer_type(tl.int32)) + (old * WORLD + p).to(tl.int64) * seg_words
-        for start in range(pid * CLEAR, words, nprog * CLEAR):
-            offs = start + tl.arange(0, CLEAR)
-            tl.store(base + offs, tl.full([CLEAR], -2147450880, tl.int32), mask=offs < words)
-    # 3. poll this rank's slot until every segment's rows arrived; sum them in rank order
-    mine = own.to(tl.pointer_type(DT)) + (slot * WORLD).to(tl.int64) * seg
-    for row in range(pid, n_rows, nprog):
-        r64 = tl.cast(row, tl.int64)
-        acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-        for p in tl.static_range(WORLD):
-            at = tl.multiple_of(mine + p * seg + r64 * BLOCK_N + cols[None, :], [1, 16])
-            part = tl.load(at, mask=cmask[None, :], other=0.0, volatile=True)
-            missing = tl.sum((part.to(IT, bitcast=True) == EMPTY).to(tl.int32))
-            polls = 0
-            while (missing > 0) & (polls < spin_limit):
-                part = tl.load(at, mask=cmask[None, :], other=0.0, volatile=True)
-                missing = tl.sum((part.to(IT, bitcast=True) == EMPTY).to(tl.int32))
-                polls += 1
-            if missing > 0:
-                tl.atomic_xchg(error_ptr, 1)
-            acc += part.to(tl.float32)
-        total = cast_rtne(acc, DT, INTERPRET)
-        if NORM:
-            res = tl.load(residual_ptr + r64 * stride_r + cols[None, :], mask=cmask[None, :],
-                          other=0.0)  # fmt: skip
-            hx = cast_rtne(total.to(tl.float32) + res.to(tl.float32), DT, INTERPRET)
-            tl.store(h_ptr + r64 * stride_h + cols[None, :], hx, mask=cmask[None, :])
-            h = hx.to(tl.float32)
-            rstd = _rstd(tl.sum((h * h).to(tl.float64), axis=1), n_cols, eps)
-            rows = row + tl.arange(0, 1)
-            _norm_output(h, rstd, weight_ptr, y_ptr, scale_ptr, rows, rows < n_rows,
-                         rows.to(tl.int64)[:, None], cols, cmask[None, :], stride_y, n_cols,
-                         qmax, DT, QUANT, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
-                         HAS_INF, ENCODE_NATIVE, INTERPRET)  # fmt: skip
-        else:
-            tl.store(y_ptr + r64 * stride_y + cols[None, :], total, mask=cmask[None, :])
+    epoch = tl.load(epoch_ptr + pid) + 1
+    tl.store(epoch_ptr + pid, epoch)
+    if pid < n_rows:
+        DT: tl.constexpr = x_ptr.dtype.element_ty
+        half = (epoch & 1).to(tl.int64) * half_elems
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < n_cols
+        # Rows sit BLOCK_N apart in the buffers and the areas are 256-byte aligned: saying so
+        # lets the compiler use 16-byte loads (pointers made from integers carry no alignment).
+        mine = tl.load(data_table + rank).to(tl.pointer_type(DT)) + half
+        for row in range(pid, n_rows, nprog):
+            r64 = tl.cast(row, tl.int64)
+            v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask)
+            tl.store(tl.multiple_of(mine + r64 * BLOCK_N + cols, 16), v, mask=cmask)
+        tl.debug_barrier()  # every thread's copy before the release below
+        _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD)
+        for row in range(pid, n_rows, nprog):
+            r64 = tl.cast(row, tl.int64)
+            acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+            for p in tl.static_range(WORLD):
+                src = tl.load(data_table + p).to(tl.pointer_type(DT)) + half
+                at = tl.multiple_of(src + r64 * BLOCK_N + cols[None, :], [1, 16])
+                part = tl.load(at, mask=cmask[None, :], other=0.0,
+                               cache_modifier=".cg")  # fmt: skip
+                acc += part.to(tl.float32)
+            total = cast_rtne(acc, DT, INTERPRET)
+            if NORM:
+                res = tl.load(residual_ptr + r64 * stride_r + cols[None, :], mask=cmask[None, :],
+                              other=0.0)  # fmt: skip
+                hx = cast_rtne(total.to(tl.float32) + res.to(tl.float32), DT, INTERPRET)
+                tl.store(h_ptr + r64 * stride_h + cols[None, :], hx, mask=cmask[None, :])
+                h = hx.to(tl.float32)
+                rstd = _rstd(tl.sum((h * h).to(tl.float64), axis=1), n_cols, eps)
+                rows = row + tl.arange(0, 1)
+                _norm_output(h, rstd, weight_ptr, y_ptr, scale_ptr, rows, rows < n_rows,
+                             rows.to(tl.int64)[:, None], cols, cmask[None, :], stride_y, n_cols,
+                             qmax, DT, QUANT, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
+                             HAS_INF, ENCODE_NATIVE, INTERPRET)  # fmt: skip
+            else:
+                tl.store(y_ptr + r64 * stride_y + cols[None, :], total, mask=cmask[None, :])
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -289,15 +246,16 @@ def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp
     r2 = _rows(residual) if residual is not None else x2
     y2, h2 = y.reshape(n_rows, n_cols), (h.view(n_rows, n_cols) if h is not None else x2)
     bn = block_n(n_cols)
+    half_elems = ws.capacity_bytes // x2.element_size()
     codec = fp8_codec(fp8_dtype or torch.float8_e4m3fn)
     native = fp8_encode_mode(fp8_dtype, x2.device) if fp8_dtype is not None else 0
     _one_shot_kernel[(ws.max_programs,)](
-        x2, r2, weight if weight is not None else x2, y2, h2, ws.data_table, ws.slots, ws.used,
-        ws.error, ws.rank, n_rows, n_cols, x2.stride(0), r2.stride(0), y2.stride(0),
-        h2.stride(0), float(eps), ws.capacity_bytes // x2.element_size(), ws.spin_limit,
-        scale if scale is not None else ws.used, float(codec["FP8_MAX"]), WORLD=ws.world,
+        x2, r2, weight if weight is not None else x2, y2, h2, ws.data_table, ws.flag_table,
+        ws.epochs, ws.error, ws.rank, n_rows, n_cols, x2.stride(0), r2.stride(0), y2.stride(0),
+        h2.stride(0), float(eps), half_elems, ws.spin_limit,
+        scale if scale is not None else ws.epochs, float(codec["FP8_MAX"]), WORLD=ws.world,
         NORM=residual is not None, QUANT=fp8_dtype is not None, ENCODE_NATIVE=native, **codec,
-        BLOCK_N=bn, CLEAR=CLEAR_BLOCK, INTERPRET=interpreting(),
+        BLOCK_N=bn, INTERPRET=interpreting(),
         num_warps=min(16, max(4, bn // 512)), **pdl_args(x2.device, "allreduce"),
     )  # fmt: skip
 
@@ -310,7 +268,7 @@ def one_shot_all_reduce(ws: OneShotWorkspace, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(
             f"x: shape {tuple(x.shape)} {x.dtype} on {x.device} does not fit the one-shot "
             f"all-reduce ({ws.capacity_bytes} bytes, last dim <= {MAX_COLS}, float dtypes, "
-            f"{ws.slots.device})"
+            f"{ws.epochs.device})"
         )
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     _launch(ws, x, None, None, 0.0, y, None)
@@ -355,12 +313,17 @@ def one_shot_all_reduce_rms_norm(
     return q, scale, h
 
 
-def buffer_bytes(world: int, capacity_bytes: int) -> int:
-    """Bytes of one rank's buffer: SLOTS slots of `world` segments of capacity_bytes (a multiple
-    of 256) each."""
+def flag_bytes(max_programs: int, world: int) -> int:
+    """Bytes of a rank's flag area (int32 [max_programs, world]), rounded up to 256."""
+    return -(-max_programs * world * 4 // 256) * 256
+
+
+def buffer_bytes(world: int, capacity_bytes: int, max_programs: int) -> int:
+    """Bytes of one rank's buffer: the flag area, then two halves of capacity_bytes (a multiple
+    of 256)."""
     if capacity_bytes <= 0 or capacity_bytes % 256:
         raise ValueError(f"capacity_bytes: {capacity_bytes} must be a positive multiple of 256")
-    return SLOTS * world * capacity_bytes
+    return flag_bytes(max_programs, world) + 2 * capacity_bytes
 
 
 __all__ = [
@@ -369,6 +332,7 @@ __all__ = [
     "device_reason",
     "MAX_COLS",
     "OneShotWorkspace",
+    "flag_bytes",
     "one_shot_all_reduce",
     "one_shot_all_reduce_rms_norm",
 ]

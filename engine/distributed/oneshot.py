@@ -1,11 +1,11 @@
 """Peer-mapped buffers for the one-shot all-reduce (`backends.triton.allreduce`) of a
 tensor-parallel group on NVIDIA GPUs.
 
-Each rank allocates one buffer (three slots of one segment per rank) through torch symmetric
-memory, which maps every rank's buffer into every other rank's address space (over NVLink / PCIe
-peer access). Every rank resets its own buffer and the group synchronises before the first use;
-a first all-reduce of known values checks the mapping (wrong sums or a timed-out wait turn the
-path off, logged, and NCCL carries every call). Tried and dropped: mapping through CUDA IPC handles
+Each rank allocates one buffer (flag area + two halves of data) through torch symmetric memory,
+which maps every rank's buffer into every other rank's address space (over NVLink / PCIe peer
+access). The buffers are zeroed and the group synchronised before the first use; a first
+all-reduce of known values checks the mapping (wrong sums or a timed-out wait turn the path
+off, logged, and NCCL carries every call). Tried and dropped: mapping through CUDA IPC handles
 (`torch.multiprocessing` reductions) faulted on 2 x H100 (illegal address in the first call).
 
 The collectives use the kernel only while a CUDA graph is being captured (decode steps): a
@@ -102,7 +102,7 @@ def build_workspace(backend, group, capacity_bytes: int | None = None):
     capacity = capacity_bytes or max_bytes(world)
     capacity = -(-capacity // 256) * 256
     max_programs = min(64, torch.cuda.get_device_properties(device).multi_processor_count)
-    total = backend.peer_all_reduce_buffer_bytes(world, capacity)
+    total = backend.peer_all_reduce_buffer_bytes(world, capacity, max_programs)
     try:
         keep, ptrs = _map_symmetric(total, device, group)
     except Exception as exc:  # noqa: BLE001 - any failure means: NCCL carries every call
@@ -113,12 +113,12 @@ def build_workspace(backend, group, capacity_bytes: int | None = None):
     if not int(ok.item()):
         logger.info("one-shot all-reduce off: no rank-to-rank mapping of the buffers")
         return None
+    keep[0].zero_()
+    torch.cuda.synchronize(device)
+    dist.barrier(group=group)
     rank = dist.get_rank(group)
     ws = backend.make_peer_all_reduce(rank, world, ptrs, capacity, max_programs)
     ws.keepalive = keep  # the buffers (and the peers' mappings) live as long as the workspace
-    ws.reset()  # every rank's own buffer ready before any peer's first push into it
-    torch.cuda.synchronize(device)
-    dist.barrier(group=group)
     if not _self_test(ws, rank, world, device, group):
         return None
     logger.info(
@@ -129,14 +129,14 @@ def build_workspace(backend, group, capacity_bytes: int | None = None):
 
 
 def _self_test(ws, rank: int, world: int, device: torch.device, group) -> bool:
-    """First calls on known values (rank + 1 in every element, every slot of the buffer); the
+    """A first call on known values (rank + 1 in every element, both halves of the buffer); the
     group agrees on the outcome."""
     expect = world * (world + 1) / 2
     good = True
     # A mapping that does not carry writes would leave the waits spinning: give up sooner here
     # (~1 s) than in service.
     ws.spin_limit, spin_limit = SELF_TEST_SPIN_LIMIT, ws.spin_limit
-    for _ in range(4):  # every slot of the buffer, and one of them again
+    for _ in range(2):
         x = torch.full((3, 256), float(rank + 1), dtype=torch.float32, device=device)
         y = ws.all_reduce(x)
         good &= bool((y == expect).all().item())

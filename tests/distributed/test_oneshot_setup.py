@@ -78,9 +78,8 @@ def test_a_cpu_group_keeps_the_plain_collectives(monkeypatch, cpu_backend) -> No
         device = torch.device("cpu" if interpreting() else "cuda")
         if device.type == "cuda" and not torch.cuda.is_available():
             pytest.skip("no GPU and TRITON_INTERPRET is not 1")
-        buf = torch.zeros(buffer_bytes(1, 3072), dtype=torch.uint8, device=device)
+        buf = torch.zeros(buffer_bytes(1, 3072, 2), dtype=torch.uint8, device=device)
         ws = OneShotWorkspace.create(0, 1, [buf.data_ptr()], 3072, 2, device)
-        ws.reset()
         assert oneshot._self_test(ws, 0, 1, device, None)
         assert ws.spin_limit == 1 << 26  # restored after the test's shorter limit
     finally:
