@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 HEARTBEAT_STALE_S = 10 * HEARTBEAT_INTERVAL_S
+# How long a rank's error waits for a peer's exit to show (the likelier root cause).
+PEER_DEATH_GRACE_S = 0.5
 
 
 class PickledOnce:
@@ -546,6 +548,12 @@ class MultiprocExecutor(DistributedExecutor):
                 except (EOFError, OSError):
                     raise self._died(rank, what) from None
                 if status == "error":
+                    # A peer's death shows up on the live ranks as collective errors
+                    # (connection reset) that can arrive before its own exit is seen: name
+                    # the dead rank, the cause, when one dies within a moment.
+                    others_dead = [s for s, r in sentinels.items() if r != rank]
+                    for dead in wait_connections(others_dead, timeout=PEER_DEATH_GRACE_S):
+                        raise self._died(sentinels[dead], what)
                     others = sorted(pending - {rank})
                     waiting = f" (ranks {others} had not answered)" if others else ""
                     raise self._fail(f"worker rank {rank} failed while {what}: {value}{waiting}")
