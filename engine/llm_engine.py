@@ -265,11 +265,11 @@ class LLMEngine:
             budget = cache.kv_cache_memory_bytes or DEFAULT_CPU_KV_BYTES
             return plan_cpu(self.model, block_bytes, cache.block_size, budget)
         peak = self._profile_activation_peak(cache.block_size)
-        graphs = 0
+        graphs = mixed = 0
         if not self.runner.graph_reasons():
             tokens = min(self.config.scheduler.max_num_batched_tokens, self.max_model_len)
-            graphs = self.runner.graph_pool_estimate(peak, tokens)
-        return plan_gpu(
+            graphs, mixed = self.runner.graph_pool_estimate(peak, tokens)
+        plan = plan_gpu(
             self.model,
             self.backend.device,
             block_bytes,
@@ -277,7 +277,12 @@ class LLMEngine:
             self.config.gpu_memory_utilization,
             peak,
             graph_pool_bytes=graphs,
+            mixed_graph_bytes=mixed,
+            min_kv_tokens=self.max_model_len,
         )
+        if plan.mixed_graphs_dropped:
+            self.runner.drop_mixed_graphs()
+        return plan
 
     def _profile_activation_peak(self, block_size: int) -> int:
         """Run one forward of max_num_batched_tokens tokens and measure the activation peak."""

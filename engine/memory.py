@@ -28,6 +28,10 @@ class MemoryPlan:
     num_blocks: int
     block_size: int
     num_cpu_blocks: int = 0
+    # The part of graph_pool_bytes reserved for the mixed-step graphs, and whether the plan
+    # dropped them (they would have left the KV cache less than min_kv_tokens)
+    mixed_graph_bytes: int = 0
+    mixed_graphs_dropped: bool = False
 
     @property
     def kv_tokens(self) -> int:
@@ -94,16 +98,40 @@ def plan_gpu(
     utilization: float,
     activation_peak_bytes: int,
     graph_pool_bytes: int = 0,
+    mixed_graph_bytes: int = 0,
+    min_kv_tokens: int = 0,
 ) -> MemoryPlan:
-    """KV gets what is left of utilization x device memory after weights, peak and graphs."""
+    """KV gets what is left of utilization x device memory after weights, peak and graphs.
+
+    mixed_graph_bytes (part of graph_pool_bytes) is the mixed-step graphs' reserve: they are
+    an optimisation, so when keeping them would leave the KV cache less than min_kv_tokens
+    tokens (or no room at all) the plan drops them (its mixed_graph_bytes is then 0, and the
+    caller must not capture them)."""
     free, total = torch.cuda.mem_get_info(device)
     budget = int(total * utilization)
     weights = weight_bytes(model)
-    left = budget - weights - activation_peak_bytes - graph_pool_bytes
-    # Weights are resident and the profiling peak was released: other processes (or engines) on
-    # the same device hold the rest of what is not free, so never plan past what is free now,
-    # less a headroom for allocator fragmentation and library workspaces (cuBLAS, NCCL).
-    left = min(left, free - FREE_HEADROOM_BYTES - activation_peak_bytes - graph_pool_bytes)
+
+    def kv_left(graphs: int) -> int:
+        left = budget - weights - activation_peak_bytes - graphs
+        # Weights are resident and the profiling peak was released: other processes (or
+        # engines) on the same device hold the rest of what is not free, so never plan past
+        # what is free now, less a headroom for allocator fragmentation and library workspaces
+        # (cuBLAS, NCCL).
+        return min(left, free - FREE_HEADROOM_BYTES - activation_peak_bytes - graphs)
+
+    left = kv_left(graph_pool_bytes)
+    dropped = False
+    if mixed_graph_bytes:
+        tokens = (max(left, 0) // block_bytes - 1) * block_size  # block 0 is the null block
+        if left < 2 * block_bytes or tokens < min_kv_tokens:
+            logger.warning(
+                "mixed-step graphs off: their %.0f MiB would leave the KV cache %d tokens "
+                "(fewer than %d); steps with prefill tokens run eagerly",
+                mixed_graph_bytes / MiB, max(tokens, 0), min_kv_tokens,
+            )  # fmt: skip
+            graph_pool_bytes -= mixed_graph_bytes
+            mixed_graph_bytes, dropped = 0, True
+            left = kv_left(graph_pool_bytes)
     if left < 2 * block_bytes:
         raise MemoryError(
             f"no room for the KV cache: budget {budget / MiB:.0f} MiB (gpu_memory_utilization="
@@ -121,4 +149,6 @@ def plan_gpu(
         kv_bytes=num_blocks * block_bytes,
         num_blocks=num_blocks,
         block_size=block_size,
+        mixed_graph_bytes=mixed_graph_bytes,
+        mixed_graphs_dropped=dropped,
     )

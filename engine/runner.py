@@ -251,16 +251,23 @@ class ModelRunner:
             reasons.append("pipeline stages run eagerly (activations cross ranks mid-step)")
         return reasons
 
-    def graph_pool_estimate(self, activation_peak: int, profile_tokens: int) -> int:
-        """Bytes the captures will take (decode buckets, and mixed-step buckets in a pool of
-        their own), from the activation peak of a profile_tokens forward."""
+    def graph_pool_estimate(self, activation_peak: int, profile_tokens: int) -> tuple[int, int]:
+        """(all, mixed): bytes the captures will take (decode buckets, and mixed-step buckets in
+        a pool of their own), and the mixed-step part, from the activation peak of a
+        profile_tokens forward."""
         total = graph_pool_estimate(
             activation_peak, profile_tokens, max(self.graph_sizes), len(self.graph_sizes)
         )
+        mixed = 0
         if self.mixed_graph_sizes:
             sizes = self.mixed_graph_sizes
-            total += graph_pool_estimate(activation_peak, profile_tokens, max(sizes), len(sizes))
-        return total
+            mixed = graph_pool_estimate(activation_peak, profile_tokens, max(sizes), len(sizes))
+        return total + mixed, mixed
+
+    def drop_mixed_graphs(self) -> None:
+        """No mixed-step captures (the memory plan had no room for them)."""
+        self.mixed_graph_sizes = ()
+        self.mixed_graphs = None
 
     def capture_graphs(self, allow_eager: bool = False) -> int:
         """Capture the decode buckets over the allocated KV cache; returns the bytes they took.

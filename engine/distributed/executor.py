@@ -282,6 +282,7 @@ class DistributedExecutor(Executor):
         self.failure: str | None = None
         self.infos: list[WorkerInfo] = []
         self.plans: list[MemoryPlan] = []
+        self.mixed_graphs = True  # False once a rank's memory plan had no room for them
         self.num_steps = 0
         self._pending: deque[StepHandle] = deque()  # submitted steps, oldest first
         world = self.layout.world_size
@@ -399,12 +400,15 @@ class DistributedExecutor(Executor):
         rank = min(range(len(self.plans)), key=lambda r: self.plans[r].num_blocks)
         plan = self.plans[rank]
         plan.device = f"rank {rank} of {len(self.plans)}, {plan.device}"
+        # A rank whose plan dropped the mixed-step graphs drops them for all: every rank must
+        # replay the same graphs (their collectives pair up).
+        self.mixed_graphs = not any(p.mixed_graphs_dropped for p in self.plans)
         return plan
 
     def allocate(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
         used = self._call_all(
-            "allocate", (num_blocks, num_cpu_blocks), self.parallel.step_timeout_s,
-            "allocating KV and capturing graphs",
+            "allocate", (num_blocks, num_cpu_blocks, self.mixed_graphs),
+            self.parallel.step_timeout_s, "allocating KV and capturing graphs",
         )  # fmt: skip
         self.graph_pool_bytes = max((u or 0) for u in used) if used else 0
 

@@ -232,12 +232,12 @@ class Worker:
         if runner.device.type == "cpu":
             return plan_cpu(self.model, block_bytes, block_size, kv_cache_memory_bytes)
         peak = self._profile_activation_peak(profile_tokens)
-        graphs = 0
+        graphs = mixed = 0
         if not runner.graph_reasons():
-            graphs = runner.graph_pool_estimate(peak, profile_tokens)
+            graphs, mixed = runner.graph_pool_estimate(peak, profile_tokens)
         return plan_gpu(
             self.model, runner.device, block_bytes, block_size, gpu_memory_utilization, peak,
-            graph_pool_bytes=graphs,
+            graph_pool_bytes=graphs, mixed_graph_bytes=mixed, min_kv_tokens=runner.max_model_len,
         )  # fmt: skip
 
     def _profile_activation_peak(self, num_tokens: int) -> int:
@@ -261,9 +261,12 @@ class Worker:
         torch.cuda.empty_cache()
         return int(peak)
 
-    def allocate(self, num_blocks: int, num_cpu_blocks: int) -> int:
+    def allocate(self, num_blocks: int, num_cpu_blocks: int, mixed_graphs: bool = True) -> int:
         """Allocate the KV cache, then capture the decode graphs (every rank at once, so the
-        all-reduces inside them pair up); returns the bytes the graphs took."""
+        all-reduces inside them pair up; mixed_graphs False: no mixed-step captures, on every
+        rank alike); returns the bytes the graphs took."""
+        if not mixed_graphs:
+            self.runner.drop_mixed_graphs()
         self.runner.allocate(num_blocks, num_cpu_blocks)
         return self.runner.capture_graphs()
 
