@@ -29,7 +29,7 @@ _ALLOCATOR_COUNTERS = {
 
 
 def _allocator_counters(device: torch.device | None) -> dict[str, int]:
-    if device is None or device.type != "cuda":
+    if device is None or device.type == "cpu":
         return {}
     stats = torch.cuda.memory_stats(device)
     return {name: int(stats.get(key, 0)) for name, key in _ALLOCATOR_COUNTERS.items()}
@@ -95,19 +95,15 @@ class RankProfiler:
     def active(self) -> bool:
         return self._prof is not None
 
-    def start(self, trace_dir: str | None = None, device: torch.device | str | None = None) -> None:
-        """Start profiling. `device` is the rank's device: CUDA activity and the allocator's
-        counters are recorded only for a CUDA rank (None: the current CUDA device if any)."""
+    def start(self, trace_dir: str | None = None, device: torch.device | str = "cpu") -> None:
+        """Start profiling. `device` is the rank's device: device activity and the allocator's
+        counters are recorded only for a GPU rank."""
         if self._prof is not None:
             raise RuntimeError("a profile is already running: call stop_profile() first")
         from torch.profiler import ProfilerActivity, profile
 
-        if device is None and torch.cuda.is_available():
-            device = torch.device("cuda", torch.cuda.current_device())
-        device = torch.device(device) if device is not None else None
-        if device is not None and device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        self._device = device if device is not None and device.type == "cuda" else None
+        device = torch.device(device)
+        self._device = None if device.type == "cpu" else device
         activities = [ProfilerActivity.CPU]
         if self._device is not None:
             activities.append(ProfilerActivity.CUDA)
@@ -129,7 +125,7 @@ class RankProfiler:
         prof, self._prof = self._prof, None
         prof.__exit__(None, None, None)
         kernels = []
-        on_gpu = device.startswith("cuda")
+        on_gpu = self._device is not None
         for e in prof.key_averages():
             if on_gpu:  # the kernels' device time
                 us = getattr(e, "self_device_time_total", 0) or 0
