@@ -120,10 +120,8 @@ class EngineConfig:
             )
         _check_sizes("cuda_graph_sizes", self.cuda_graph_sizes, "batch sizes")
         mixed = self.mixed_graph_sizes
-        if mixed is not None and not isinstance(mixed, str | int) and len(mixed) == 0:
-            mixed = None  # () turns the mixed-step graphs off
-        _check_sizes("mixed_graph_sizes", mixed, "token counts")
-        if mixed is not None and max(mixed) > self.scheduler.max_num_batched_tokens:
+        _check_sizes("mixed_graph_sizes", mixed, "token counts", allow_empty=True)  # (): off
+        if mixed and max(mixed) > self.scheduler.max_num_batched_tokens:
             raise ValueError(
                 f"mixed_graph_sizes: {max(mixed)} tokens exceeds max_num_batched_tokens="
                 f"{self.scheduler.max_num_batched_tokens} (no step holds more); lower the size "
@@ -131,11 +129,13 @@ class EngineConfig:
             )
 
 
-def _check_sizes(name: str, sizes, what: str) -> None:
-    """A list of graph bucket sizes: None, or a non-empty list of integers >= 1."""
+def _check_sizes(name: str, sizes, what: str, allow_empty: bool = False) -> None:
+    """A list of graph bucket sizes: None, or a list of integers >= 1 (non-empty unless
+    allow_empty)."""
     if sizes is not None and (
         isinstance(sizes, str | int)
-        or not sizes
+        or (not sizes and not allow_empty)
         or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes)
     ):
-        raise ValueError(f"{name} must be a non-empty list of {what} >= 1 or None, got {sizes!r}")
+        kind = "list" if allow_empty else "non-empty list"
+        raise ValueError(f"{name} must be a {kind} of {what} >= 1 or None, got {sizes!r}")
