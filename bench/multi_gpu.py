@@ -325,38 +325,36 @@ def step_bytes_per_rank(folder: Path, tp: int) -> float:
     return total * 2 / tp
 
 
+def _profile(llm, prompts, params, label: str, top: int) -> None:
+    """Generate under LLM.start_profile; print each rank's kernel table (and caching-allocator
+    activity) per engine step, headed by `label` and the step count."""
+    first = llm.engine.num_steps
+    llm.start_profile()
+    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
+    summaries = llm.stop_profile()
+    steps = llm.engine.num_steps - first
+    print(f"{label}, {steps} steps")
+    for s in summaries:
+        print("\n".join("  " + line for line in s.table(steps=steps, top=top)))
+
+
 def profile_mixed(llm, work, tp: int) -> None:
-    """Print each rank's kernel table and caching-allocator activity for `work` (a slice of the
-    mixed workload), run under LLM.start_profile."""
+    """Profile `work` (a slice of the mixed workload)."""
     from engine import SamplingParams
 
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in work]
     prompts = [p[1:] for p, _ in work]  # no prefix-cache hits from the timed run
-    steps = llm.engine.num_steps
-    llm.start_profile()
-    llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
-    summaries = llm.stop_profile()
-    steps = llm.engine.num_steps - steps
-    print(f"scaling TP={tp}: profile of {len(work)} mixed requests, {steps} steps")
-    for s in summaries:
-        print("\n".join("  " + line for line in s.table(steps=steps, top=12)))
+    _profile(llm, prompts, params, f"scaling TP={tp}: profile of {len(work)} mixed requests", 12)
 
 
 def profile_decode(llm, steps: int, tp: int) -> None:
-    """Print each rank's kernel table for `steps` batch-1 decode steps (128-token prompt), run
-    under LLM.start_profile: where a TP size's step time goes against its floor."""
+    """Profile `steps` batch-1 decode steps (128-token prompt): where a TP size's step time goes
+    against its floor (one more step is the prefill)."""
     from engine import SamplingParams
 
     prompt = [random.Random(2).randrange(100, 30000) for _ in range(128)]
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
-    first = llm.engine.num_steps
-    llm.start_profile()
-    llm.generate(prompt_token_ids=[prompt], sampling_params=params, use_tqdm=False)
-    summaries = llm.stop_profile()
-    done = llm.engine.num_steps - first
-    print(f"scaling TP={tp}: profile of batch-1 decode, {done} steps (one of them the prefill)")
-    for s in summaries:
-        print("\n".join("  " + line for line in s.table(steps=done, top=24)))
+    _profile(llm, [prompt], params, f"scaling TP={tp}: profile of batch-1 decode", 24)
 
 
 def part_scaling(folder, args, res, bw: float, tps: list[int], key: str) -> None:
