@@ -158,6 +158,29 @@ DEFAULT_CONFIGS: dict[ConfigKey, GemvConfig] = {
     (2, 16, 6144, 4096): GemvConfig("dot", 32, 256, split_k=1, num_warps=4, num_stages=3),
     (2, 16, 28672, 4096): GemvConfig("dot", 32, 128, split_k=1, num_warps=4, num_stages=3),
     (2, 16, 128256, 4096): GemvConfig("dot", 128, 128, split_k=1, num_warps=4, num_stages=4),
+    # One rank's slices at tensor-parallel size 2 (qkv, o, gate_up, down): NVIDIA H200,
+    # 2026-11-28, python bench/gemv.py --autotune --kinds bf16 --shapes qkv_tp2 o_tp2 gate_up_tp2
+    # down_tp2 (at M = 1 gate_up 32.2 -> 30.0 us and down 20.1 -> 17.7 us against the heuristic)
+    (2, 1, 3072, 4096): GemvConfig("fma", 8, 512, split_k=1, num_warps=4, num_stages=1),
+    (2, 2, 3072, 4096): GemvConfig("fma", 8, 512, split_k=1, num_warps=4, num_stages=1),
+    (2, 4, 3072, 4096): GemvConfig("dot", 64, 128, split_k=4, num_warps=4, num_stages=3),
+    (2, 8, 3072, 4096): GemvConfig("dot", 64, 256, split_k=1, num_warps=4, num_stages=4),
+    (2, 16, 3072, 4096): GemvConfig("dot", 32, 128, split_k=4, num_warps=4, num_stages=4),
+    (2, 1, 4096, 2048): GemvConfig("fma", 8, 512, split_k=1, num_warps=4, num_stages=1),
+    (2, 2, 4096, 2048): GemvConfig("dot", 64, 256, split_k=1, num_warps=4, num_stages=4),
+    (2, 4, 4096, 2048): GemvConfig("dot", 64, 256, split_k=1, num_warps=4, num_stages=4),
+    (2, 8, 4096, 2048): GemvConfig("dot", 64, 256, split_k=1, num_warps=4, num_stages=4),
+    (2, 16, 4096, 2048): GemvConfig("dot", 64, 256, split_k=1, num_warps=4, num_stages=4),
+    (2, 1, 14336, 4096): GemvConfig("fma", 16, 256, split_k=1, num_warps=4, num_stages=1),
+    (2, 2, 14336, 4096): GemvConfig("dot", 128, 128, split_k=1, num_warps=4, num_stages=3),
+    (2, 4, 14336, 4096): GemvConfig("dot", 128, 128, split_k=1, num_warps=4, num_stages=3),
+    (2, 8, 14336, 4096): GemvConfig("dot", 64, 128, split_k=1, num_warps=4, num_stages=5),
+    (2, 16, 14336, 4096): GemvConfig("dot", 32, 256, split_k=1, num_warps=4, num_stages=3),
+    (2, 1, 4096, 7168): GemvConfig("dot", 128, 128, split_k=4, num_warps=4, num_stages=3),
+    (2, 2, 4096, 7168): GemvConfig("dot", 128, 128, split_k=4, num_warps=4, num_stages=3),
+    (2, 4, 4096, 7168): GemvConfig("dot", 128, 128, split_k=4, num_warps=4, num_stages=3),
+    (2, 8, 4096, 7168): GemvConfig("dot", 64, 256, split_k=1, num_warps=4, num_stages=4),
+    (2, 16, 4096, 7168): GemvConfig("dot", 64, 256, split_k=1, num_warps=4, num_stages=4),
 }
 
 
@@ -167,8 +190,8 @@ def m_bucket(m: int) -> int:
 
 
 def heuristic_config(w_bytes: int, m: int) -> GemvConfig:
-    """The launch shape for shapes the table lacks (tensor-parallel slices, other models). One
-    row: the FMA kernel on 8 output columns x 512 k per tile, the shape the H100 autotune chose
+    """The launch shape for shapes the table lacks (other tensor-parallel sizes, other models).
+    One row: the FMA kernel on 8 output columns x 512 k per tile, the shape the H100 autotune chose
     at every 8B shape (at TP=2's slices on an H200: 8% less time over qkv, o, gate_up and down
     than 32 x 256; `docs/benchmarks.md`, eleventh session). More rows: tensor cores (M FMAs per
     weight element would be compute-bound at M >= 4 on H100 class GPUs), 64 columns x 256 bytes
