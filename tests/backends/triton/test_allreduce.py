@@ -162,3 +162,54 @@ def test_device_reason() -> None:
     assert "not a CUDA GPU" in ar.device_reason(torch.device("cpu"))
     if DEVICE == "cuda":
         assert ar.device_reason(torch.device("cuda", 0)) is None
+
+
+def _bulk_prefetch_gpu() -> bool:
+    return DEVICE == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.mark.skipif(not _bulk_prefetch_gpu(), reason="bulk L2 prefetch: NVIDIA sm_90 or newer")
+@pytest.mark.parametrize("n_rows", [1, 6])  # 6 rows > 2 all-reduce programs: they loop
+def test_prefetch_programs_change_no_result(n_rows) -> None:
+    # Prefetch programs join the grid after the all-reduce's; a weight's first bytes (a size
+    # that leaves a partial last chunk) are prefetched. The results, the epochs (one per
+    # all-reduce program) and the error word are what they are without them.
+    torch.manual_seed(5)
+    world, hidden, nprog = 2, 256, 2
+    wss, bufs, fbytes = make_group(world, nprog, capacity=n_rows * hidden * 2)
+    for ws in wss:
+        ws.prefetch_programs, ws.prefetch_bytes = 3, 3 * ar.PREFETCH_CHUNK + 4096 + 48
+    other = torch.randn(2048, 1024, device=DEVICE, dtype=torch.bfloat16)
+    assert ar._prefetch_span(wss[0], other) == (other.data_ptr(), wss[0].prefetch_bytes)
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(torch.bfloat16)
+    residual = torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16)
+    for _ in range(2):
+        xs = [torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16) for _ in range(world)]
+        outs, epoch = run_round(
+            wss, bufs, fbytes, xs,
+            lambda ws, x: ws.all_reduce_rms_norm(x, residual, weight, 1e-5, prefetch=other),
+        )  # fmt: skip
+        want_y, want_h = rms_norm(reference_sum(xs), weight, 1e-5, residual)
+        for y, h in outs:
+            assert torch.equal(h, want_h) and torch.equal(y, want_y)
+        for ws in wss:
+            assert ws.epochs.tolist() == [epoch] * nprog and int(ws.error) == 0
+
+
+def test_prefetch_plan_and_span() -> None:
+    wss, _, _ = make_group(2, 2, capacity=1024)
+    ws = wss[0]
+    plan = ar.prefetch_plan(torch.device(DEVICE))
+    if _bulk_prefetch_gpu() and ar.PREFETCH_ENABLED:
+        l2 = torch.cuda.get_device_properties(0).L2_cache_size
+        assert plan == {"prefetch_programs": ar.PREFETCH_PROGRAMS, "prefetch_bytes": l2 // 3}
+    else:  # the CPU, the interpreter, older GPUs: no bulk prefetch
+        assert plan == {"prefetch_programs": 0, "prefetch_bytes": 0}
+    ws.prefetch_programs, ws.prefetch_bytes = 4, 1000
+    w = torch.zeros(64, 64, device=DEVICE)  # 16 KiB
+    assert ar._prefetch_span(ws, w) == (w.data_ptr(), 992)  # capped, a multiple of 16
+    assert ar._prefetch_span(ws, None) == (0, 0)
+    assert ar._prefetch_span(ws, w.t()) == (0, 0)  # not one contiguous block
+    assert ar._prefetch_span(ws, w.view(-1)[1:]) == (0, 0)  # not 16-byte aligned
+    ws.prefetch_programs = 0
+    assert ar._prefetch_span(ws, w) == (0, 0)
