@@ -122,16 +122,14 @@ class ParallelContext:
         weight: torch.Tensor,
         eps: float,
         fp8_dtype: torch.dtype | None = None,
-        prefetch: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...] | None:
         """(rms_norm(h), h) with h = all_reduce(x) + residual in one fused collective (with
         fp8_dtype: (q, scale, h), the norm quantized per token), or None when the collectives
-        have no fused path for x (the caller reduces, then norms). prefetch: the weight that
-        reads the result (a hint; results do not depend on it)."""
+        have no fused path for x (the caller reduces, then norms)."""
         if self.tp_size == 1:
             return None
         fused = getattr(self.collectives, "all_reduce_rms_norm", None)
-        return None if fused is None else fused(x, residual, weight, eps, fp8_dtype, prefetch)
+        return None if fused is None else fused(x, residual, weight, eps, fp8_dtype)
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if self.tp_size == 1:

@@ -23,17 +23,10 @@ bumped by the kernel), so the kernel replays correctly inside CUDA graphs. A pro
 rows skips the barrier (flags compare as "at least this epoch", in wrapping int32 arithmetic).
 A wait that spins past SPIN_LIMIT polls (seconds) gives up and sets the error word, so a broken
 peer mapping shows up as an error on the host instead of a hung GPU (`OneShotWorkspace.check`).
-
-The call is latency: a few microseconds in which the GPU's memory sits idle while the ranks
-wait for each other. A fused call can use them for the weight of the linear that reads its
-output (`prefetch`): extra programs issue bulk L2 prefetches (sm_90's cp.async.bulk) of that
-weight's first bytes (a third of the L2 at most) and leave, so the GEMV that follows finds its
-first rows in L2. The prefetch changes no result; HAL_AR_PREFETCH=0 turns it off.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +40,6 @@ from backends.triton.quant import cast_rtne, fp8_codec, fp8_encode_mode, interpr
 MAX_COLS = 16384  # a row is one register tile
 SPIN_LIMIT = 1 << 26  # polls of one flag before a program gives up (several seconds)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-PREFETCH_ENABLED = os.environ.get("HAL_AR_PREFETCH", "1") != "0"
-PREFETCH_PROGRAMS = int(os.environ.get("HAL_AR_PREFETCH_PROGRAMS", "16"))
-PREFETCH_CHUNK = 16384  # bytes of one bulk prefetch
-PREFETCH_BLOCK = 512  # chunks a prefetch program issues per step (>= its threads)
 
 
 @dataclass
@@ -72,8 +61,6 @@ class OneShotWorkspace:
     capacity_bytes: int
     max_programs: int
     spin_limit: int = SPIN_LIMIT
-    prefetch_programs: int = 0  # programs that prefetch a weight into L2 (0: no prefetch)
-    prefetch_bytes: int = 0  # at most this many bytes of it
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether x can go through the one-shot kernel: a tensor of a float dtype on this
@@ -110,14 +97,13 @@ class OneShotWorkspace:
             error=torch.zeros(1, dtype=torch.int32, device=device),
             capacity_bytes=capacity_bytes,
             max_programs=max_programs,
-            **prefetch_plan(device),
         )  # fmt: skip
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         return one_shot_all_reduce(self, x)
 
-    def all_reduce_rms_norm(self, x, residual, weight, eps, fp8_dtype=None, prefetch=None):
-        return one_shot_all_reduce_rms_norm(self, x, residual, weight, eps, fp8_dtype, prefetch)
+    def all_reduce_rms_norm(self, x, residual, weight, eps, fp8_dtype=None) -> tuple:
+        return one_shot_all_reduce_rms_norm(self, x, residual, weight, eps, fp8_dtype)
 
     def check(self) -> None:
         """Raise if a kernel gave up waiting for a peer (dead, or its writes never arrived)."""
@@ -139,18 +125,6 @@ def device_reason(device: torch.device) -> str | None:
     if interpreting():
         return "TRITON_INTERPRET=1"
     return None
-
-
-def prefetch_plan(device: torch.device) -> dict:
-    """The workspace's prefetch fields for `device`: PREFETCH_PROGRAMS programs and a third of
-    the L2 on NVIDIA GPUs of compute capability 9.0 or newer (bulk prefetch), none elsewhere or
-    with HAL_AR_PREFETCH=0."""
-    if not PREFETCH_ENABLED or device_reason(device) is not None:
-        return {"prefetch_programs": 0, "prefetch_bytes": 0}
-    props = torch.cuda.get_device_properties(device)
-    if props.major < 9:
-        return {"prefetch_programs": 0, "prefetch_bytes": 0}
-    return {"prefetch_programs": PREFETCH_PROGRAMS, "prefetch_bytes": props.L2_cache_size // 3}
 
 
 def block_n(cols: int) -> int:
@@ -178,22 +152,6 @@ def _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD: tl.cons
 
 
 @triton.jit
-def _l2_prefetch(addr, nbytes, part, parts, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # Bulk L2 prefetches of [addr, addr + nbytes) (16-byte aligned, nbytes a multiple of 16) in
-    # CHUNK-byte pieces, dealt round-robin to `parts` programs; this is program `part`.
-    n_chunks = tl.cdiv(nbytes, CHUNK)
-    for step in range(0, tl.cdiv(n_chunks, parts * BLOCK)):
-        idx = (step * BLOCK + tl.arange(0, BLOCK)) * parts + part
-        off = idx.to(tl.int64) * CHUNK
-        size = tl.where(idx < n_chunks, tl.minimum(nbytes - off, CHUNK), 0).to(tl.int32)
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.u32 p, $2, 0; "
-            "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [addr + off, size], dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-
-
-@triton.jit
 def _one_shot_kernel(
     x_ptr,
     residual_ptr,
@@ -216,9 +174,6 @@ def _one_shot_kernel(
     spin_limit,
     scale_ptr,  # QUANT: fp32 [rows] per-token scales
     qmax,
-    n_programs,  # programs of the all-reduce; the grid's others prefetch
-    pf_addr,  # PREFETCH: address and bytes of the weight to prefetch into L2
-    pf_bytes,
     WORLD: tl.constexpr,
     NORM: tl.constexpr,  # residual add + RMSNorm after the sum
     QUANT: tl.constexpr,  # NORM's output quantized per token to FP8 (y_ptr: its codes)
@@ -232,58 +187,50 @@ def _one_shot_kernel(
     BLOCK_N: tl.constexpr,
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
-    PREFETCH: tl.constexpr,
-    PF_CHUNK: tl.constexpr,
-    PF_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    if PREFETCH:
-        if pid >= n_programs:  # before the wait: the weight is written by no kernel
-            _l2_prefetch(pf_addr, pf_bytes, pid - n_programs, tl.num_programs(0) - n_programs,
-                         PF_CHUNK, PF_BLOCK)  # fmt: skip
+    nprog = tl.num_programs(0)
     grid_wait(PDL)
-    if pid < n_programs:
-        epoch = tl.load(epoch_ptr + pid) + 1
-        tl.store(epoch_ptr + pid, epoch)
-        if pid < n_rows:
-            DT: tl.constexpr = x_ptr.dtype.element_ty
-            half = (epoch & 1).to(tl.int64) * half_elems
-            cols = tl.arange(0, BLOCK_N)
-            cmask = cols < n_cols
-            # Rows sit BLOCK_N apart in the buffers and the areas are 256-byte aligned: saying
-            # so lets the compiler use 16-byte loads (pointers made from integers carry no
-            # alignment).
-            mine = tl.load(data_table + rank).to(tl.pointer_type(DT)) + half
-            for row in range(pid, n_rows, n_programs):
-                r64 = tl.cast(row, tl.int64)
-                v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask)
-                tl.store(tl.multiple_of(mine + r64 * BLOCK_N + cols, 16), v, mask=cmask)
-            tl.debug_barrier()  # every thread's copy before the release below
-            _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD)
-            for row in range(pid, n_rows, n_programs):
-                r64 = tl.cast(row, tl.int64)
-                acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-                for p in tl.static_range(WORLD):
-                    src = tl.load(data_table + p).to(tl.pointer_type(DT)) + half
-                    at = tl.multiple_of(src + r64 * BLOCK_N + cols[None, :], [1, 16])
-                    part = tl.load(at, mask=cmask[None, :], other=0.0,
-                                   cache_modifier=".cg")  # fmt: skip
-                    acc += part.to(tl.float32)
-                total = cast_rtne(acc, DT, INTERPRET)
-                if NORM:
-                    res = tl.load(residual_ptr + r64 * stride_r + cols[None, :],
-                                  mask=cmask[None, :], other=0.0)  # fmt: skip
-                    hx = cast_rtne(total.to(tl.float32) + res.to(tl.float32), DT, INTERPRET)
-                    tl.store(h_ptr + r64 * stride_h + cols[None, :], hx, mask=cmask[None, :])
-                    h = hx.to(tl.float32)
-                    rstd = _rstd(tl.sum((h * h).to(tl.float64), axis=1), n_cols, eps)
-                    rows = row + tl.arange(0, 1)
-                    _norm_output(h, rstd, weight_ptr, y_ptr, scale_ptr, rows, rows < n_rows,
-                                 rows.to(tl.int64)[:, None], cols, cmask[None, :], stride_y, n_cols,
-                                 qmax, DT, QUANT, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
-                                 HAS_INF, ENCODE_NATIVE, INTERPRET)  # fmt: skip
-                else:
-                    tl.store(y_ptr + r64 * stride_y + cols[None, :], total, mask=cmask[None, :])
+    epoch = tl.load(epoch_ptr + pid) + 1
+    tl.store(epoch_ptr + pid, epoch)
+    if pid < n_rows:
+        DT: tl.constexpr = x_ptr.dtype.element_ty
+        half = (epoch & 1).to(tl.int64) * half_elems
+        cols = tl.arange(0, BLOCK_N)
+        cmask = cols < n_cols
+        # Rows sit BLOCK_N apart in the buffers and the areas are 256-byte aligned: saying so
+        # lets the compiler use 16-byte loads (pointers made from integers carry no alignment).
+        mine = tl.load(data_table + rank).to(tl.pointer_type(DT)) + half
+        for row in range(pid, n_rows, nprog):
+            r64 = tl.cast(row, tl.int64)
+            v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask)
+            tl.store(tl.multiple_of(mine + r64 * BLOCK_N + cols, 16), v, mask=cmask)
+        tl.debug_barrier()  # every thread's copy before the release below
+        _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD)
+        for row in range(pid, n_rows, nprog):
+            r64 = tl.cast(row, tl.int64)
+            acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+            for p in tl.static_range(WORLD):
+                src = tl.load(data_table + p).to(tl.pointer_type(DT)) + half
+                at = tl.multiple_of(src + r64 * BLOCK_N + cols[None, :], [1, 16])
+                part = tl.load(at, mask=cmask[None, :], other=0.0,
+                               cache_modifier=".cg")  # fmt: skip
+                acc += part.to(tl.float32)
+            total = cast_rtne(acc, DT, INTERPRET)
+            if NORM:
+                res = tl.load(residual_ptr + r64 * stride_r + cols[None, :], mask=cmask[None, :],
+                              other=0.0)  # fmt: skip
+                hx = cast_rtne(total.to(tl.float32) + res.to(tl.float32), DT, INTERPRET)
+                tl.store(h_ptr + r64 * stride_h + cols[None, :], hx, mask=cmask[None, :])
+                h = hx.to(tl.float32)
+                rstd = _rstd(tl.sum((h * h).to(tl.float64), axis=1), n_cols, eps)
+                rows = row + tl.arange(0, 1)
+                _norm_output(h, rstd, weight_ptr, y_ptr, scale_ptr, rows, rows < n_rows,
+                             rows.to(tl.int64)[:, None], cols, cmask[None, :], stride_y, n_cols,
+                             qmax, DT, QUANT, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
+                             HAS_INF, ENCODE_NATIVE, INTERPRET)  # fmt: skip
+            else:
+                tl.store(y_ptr + r64 * stride_y + cols[None, :], total, mask=cmask[None, :])
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -291,19 +238,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _prefetch_span(ws: OneShotWorkspace, t: torch.Tensor | None) -> tuple[int, int]:
-    """(address, bytes) of the part of t the kernel prefetches; (0, 0) for none: no tensor, no
-    prefetch programs, not on the workspace's device, not one 16-byte-aligned block."""
-    if t is None or ws.prefetch_programs == 0 or t.device != ws.epochs.device:
-        return 0, 0
-    if not t.is_contiguous() or t.data_ptr() % 16:
-        return 0, 0
-    nbytes = min(t.numel() * t.element_size(), ws.prefetch_bytes) // 16 * 16
-    return (t.data_ptr(), nbytes) if nbytes > 0 else (0, 0)
-
-
-def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp8_dtype=None,
-            prefetch=None):  # fmt: skip
+def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp8_dtype=None):
     x2 = _rows(x)
     n_rows, n_cols = x2.shape
     if n_rows == 0:
@@ -314,18 +249,14 @@ def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp
     half_elems = ws.capacity_bytes // x2.element_size()
     codec = fp8_codec(fp8_dtype or torch.float8_e4m3fn)
     native = fp8_encode_mode(fp8_dtype, x2.device) if fp8_dtype is not None else 0
-    pf_addr, pf_bytes = _prefetch_span(ws, prefetch)
-    pf_programs = ws.prefetch_programs if pf_bytes else 0
-    _one_shot_kernel[(ws.max_programs + pf_programs,)](
+    _one_shot_kernel[(ws.max_programs,)](
         x2, r2, weight if weight is not None else x2, y2, h2, ws.data_table, ws.flag_table,
         ws.epochs, ws.error, ws.rank, n_rows, n_cols, x2.stride(0), r2.stride(0), y2.stride(0),
         h2.stride(0), float(eps), half_elems, ws.spin_limit,
-        scale if scale is not None else ws.epochs, float(codec["FP8_MAX"]), ws.max_programs,
-        pf_addr, pf_bytes, WORLD=ws.world, NORM=residual is not None,
-        QUANT=fp8_dtype is not None, ENCODE_NATIVE=native, **codec, BLOCK_N=bn,
-        INTERPRET=interpreting(), PREFETCH=pf_programs > 0, PF_CHUNK=PREFETCH_CHUNK,
-        PF_BLOCK=PREFETCH_BLOCK, num_warps=min(16, max(4, bn // 512)),
-        **pdl_args(x2.device, "allreduce"),
+        scale if scale is not None else ws.epochs, float(codec["FP8_MAX"]), WORLD=ws.world,
+        NORM=residual is not None, QUANT=fp8_dtype is not None, ENCODE_NATIVE=native, **codec,
+        BLOCK_N=bn, INTERPRET=interpreting(),
+        num_warps=min(16, max(4, bn // 512)), **pdl_args(x2.device, "allreduce"),
     )  # fmt: skip
 
 
@@ -351,13 +282,10 @@ def one_shot_all_reduce_rms_norm(
     weight: torch.Tensor,
     eps: float,
     fp8_dtype: torch.dtype | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(rms_norm(h), h) with h = all_reduce(x) + residual: `rms_norm(all_reduce(x), weight,
     eps, residual)` in one launch, bit for bit the Triton RMSNorm of that sum. With fp8_dtype:
-    (q, scale, h) as `rms_norm_quant_fp8` gives them (x: [T, hidden]). prefetch: the weight of
-    the linear that reads the result, whose first bytes the launch prefetches into L2 where
-    the workspace has prefetch programs (results unchanged)."""
+    (q, scale, h) as `rms_norm_quant_fp8` gives them (x: [T, hidden])."""
     if not ws.fits(x):
         raise ValueError(
             f"x: shape {tuple(x.shape)} {x.dtype} does not fit the one-shot all-reduce"
@@ -374,15 +302,14 @@ def one_shot_all_reduce_rms_norm(
     h = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if fp8_dtype is None:
         y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        _launch(ws, x, residual, weight.contiguous(), eps, y, h, prefetch=prefetch)
+        _launch(ws, x, residual, weight.contiguous(), eps, y, h)
         return y, h
     fp8_codec(fp8_dtype)  # raises, naming the dtype, when it is not an FP8 format
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D [T, hidden] tensor, got shape {tuple(x.shape)}")
     q = torch.empty(x.shape, dtype=fp8_dtype, device=x.device)
     scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    _launch(ws, x, residual, weight.contiguous(), eps, q.view(torch.uint8), h, scale, fp8_dtype,
-            prefetch)  # fmt: skip
+    _launch(ws, x, residual, weight.contiguous(), eps, q.view(torch.uint8), h, scale, fp8_dtype)
     return q, scale, h
 
 

@@ -96,17 +96,15 @@ class TorchCollectives:
         weight: torch.Tensor,
         eps: float,
         fp8_dtype: torch.dtype | None = None,
-        prefetch: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...] | None:
         """(rms_norm(all_reduce(x) + residual), all_reduce(x) + residual) in one launch of the
         one-shot kernel (with fp8_dtype: the norm quantized per token, (q, scale, h)), or None
-        when it does not serve x (the caller reduces, then norms). prefetch: the weight of the
-        linear that reads the result, which the launch may start reading into L2."""
+        when it does not serve x (the caller reduces, then norms)."""
         if not self._oneshot_serves(x) or residual.dtype != x.dtype:
             return None
         if fp8_dtype is not None and x.dim() != 2:
             return None
-        return self.oneshot.all_reduce_rms_norm(x, residual, weight, eps, fp8_dtype, prefetch)
+        return self.oneshot.all_reduce_rms_norm(x, residual, weight, eps, fp8_dtype)
 
     def _oneshot_serves(self, x: torch.Tensor) -> bool:
         # Graph capture only: eager, a Triton launch from Python costs more than NCCL's call

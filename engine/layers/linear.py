@@ -59,14 +59,6 @@ class QuantizableLinear(nn.Module):
         method = self.quant_method
         return None if method is None else method.fp8_input_dtype(self)
 
-    def prefetch_weight(self) -> torch.Tensor | None:
-        """The tensor a fused collective before this layer may start reading into cache for it:
-        its weight, or a quantized layer's largest tensor (the packed weight)."""
-        if self.quant_method is None:
-            return self.weight
-        tensors = [*self.parameters(recurse=False), *self.buffers(recurse=False)]
-        return max(tensors, key=lambda t: t.numel() * t.element_size(), default=None)
-
     def check_weights(self, source: TensorSource) -> None:
         """Raise on a missing, misshapen or unshardable quantized tensor, reading no data."""
         if self.quant_method is not None:

@@ -27,19 +27,15 @@ class RMSNorm(nn.Module):
         residual: torch.Tensor | None = None,
         quant_dtype=None,
         reduce: ParallelContext | None = None,
-        prefetch: torch.Tensor | None = None,
     ):
         """Without residual: rms_norm(x). With it: (rms_norm(x + residual), x + residual).
         quant_dtype (an FP8 dtype): the normed rows come quantized per token, as a
         QuantizedActivation for the FP8 linear that reads them (one fused backend op).
         reduce: x is a tensor-parallel partial sum; it is all-reduced over that group first (in
-        the same launch as the add and the norm where the collectives can fuse them); prefetch:
-        the weight of the linear that reads the output, which that launch may start reading."""
+        the same launch as the add and the norm where the collectives can fuse them)."""
         if reduce is not None:
             if residual is not None:
-                fused = reduce.all_reduce_rms_norm(
-                    x, residual, self.weight, self.eps, quant_dtype, prefetch
-                )
+                fused = reduce.all_reduce_rms_norm(x, residual, self.weight, self.eps, quant_dtype)
                 if fused is not None:
                     if quant_dtype is None:
                         return fused

@@ -205,13 +205,11 @@ class LlamaDecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, quant_dtype=attn_fp8), hidden
         else:
             reduce = self.parallel if partial else None
-            qkv = self.self_attn.qkv_proj.prefetch_weight() if partial else None
-            hidden, residual = self.input_layernorm(hidden, residual, attn_fp8, reduce, qkv)
+            hidden, residual = self.input_layernorm(hidden, residual, attn_fp8, reduce)
         hidden = self.self_attn(positions, hidden, batch, kv_cache)
         mlp_fp8 = self.mlp.gate_up_proj.fp8_input_dtype()
         reduce = self.parallel if self.partial_out else None
-        up = self.mlp.gate_up_proj.prefetch_weight() if self.partial_out else None
-        hidden, residual = self.post_attention_layernorm(hidden, residual, mlp_fp8, reduce, up)
+        hidden, residual = self.post_attention_layernorm(hidden, residual, mlp_fp8, reduce)
         return self.mlp(hidden), residual
 
     def load(self, source: TensorSource, prefix: str) -> None:
@@ -313,8 +311,7 @@ class LlamaForCausalLM(nn.Module):
             partial = layer.partial_out
         if self.norm is None:
             return (self.parallel.all_reduce(hidden) if partial else hidden), residual
-        reduce, head = (self.parallel, self.lm_head.weight) if partial else (None, None)
-        hidden, _ = self.norm(hidden, residual, reduce=reduce, prefetch=head)
+        hidden, _ = self.norm(hidden, residual, reduce=self.parallel if partial else None)
         return hidden
 
     @torch.inference_mode()

@@ -70,7 +70,6 @@ class ThreadGroup:
         self.slots: list[torch.Tensor | None] = [None] * size
         self.fused_norm = fused_norm  # a backend: collectives with all_reduce_rms_norm
         self.fused_calls = [0] * size
-        self.prefetched: list[list[int]] = [[] for _ in range(size)]  # fused calls' hints
 
     def context(self, rank: int) -> ParallelContext:
         kind = _FusedRankCollectives if self.fused_norm is not None else _RankCollectives
@@ -127,11 +126,10 @@ class _FusedRankCollectives(_RankCollectives):
     """Collectives with the fused all-reduce + residual add + RMSNorm the one-shot kernel gives
     on GPUs (here: the sum, then the backend's norm), counting its calls."""
 
-    def all_reduce_rms_norm(self, x, residual, weight, eps, fp8_dtype=None, prefetch=None):
+    def all_reduce_rms_norm(self, x, residual, weight, eps, fp8_dtype=None):
         if fp8_dtype is not None:
             return None
         self.group.fused_calls[self.rank] += 1
-        self.group.prefetched[self.rank].append(prefetch.data_ptr())
         return self.group.fused_norm.rms_norm(self.all_reduce(x), weight, eps, residual)
 
 
@@ -283,9 +281,7 @@ def test_tensor_parallel_model_matches_single_rank(variant, tp, fmt, backend, tm
 def test_layers_hand_partial_sums_to_the_next_norm(fused, backend, tmp_path):
     """At tp > 1 a bias-free layer's o_proj and down_proj return partial sums and the norms
     reduce them: through the collectives' fused all-reduce + RMSNorm when they have one (two per
-    layer and the final norm, per forward), else all_reduce then the norm; same logits. Each
-    fused call names the weight read next (gate_up, the next layer's qkv, the LM head) for
-    the kernel to prefetch."""
+    layer and the final norm, per forward), else all_reduce then the norm; same logits."""
     build_model("llama", tmp_path)
     prompt = torch.randint(3, VOCAB, (9,), generator=torch.Generator().manual_seed(1)).tolist()
     steps = [prompt, [4]]
@@ -294,17 +290,12 @@ def test_layers_hand_partial_sums_to_the_next_norm(fused, backend, tmp_path):
         model, _, _ = load_model(tmp_path, backend, "float32", parallel, with_tokenizer=False)
         assert all(layer.partial_out for layer in model.layers) == (parallel.tp_size > 1)
         seq = PagedSequence(model, seed=3)
-        nxt = [w for layer in model.layers for w in (layer.self_attn.qkv_proj.weight,
-                                                    layer.mlp.gate_up_proj.weight)]  # fmt: skip
-        nxt = [w.data_ptr() for w in nxt[1:] + [model.lm_head.weight]]  # layer 0's qkv: no sum
-        return len(model.layers), [seq.step(tokens) for tokens in steps], nxt
+        return len(model.layers), [seq.step(tokens) for tokens in steps]
 
-    _, ref, _ = run(0, SINGLE)
+    _, ref = run(0, SINGLE)
     group = ThreadGroup(2, backend if fused else None)
     results = group.run(run)
     for want, got in zip(ref, results[0][1], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     layers = results[0][0]
     assert group.fused_calls == ([2 * layers * len(steps)] * 2 if fused else [0, 0])
-    for rank, (_, _, nxt) in enumerate(results):
-        assert group.prefetched[rank] == (nxt * len(steps) if fused else [])
