@@ -51,6 +51,9 @@ def _float_reasons(**tensors: torch.Tensor | None) -> list[str]:
     ]
 
 
+FUSED_SILU_GEMM_ENV = "HAL_FUSED_SILU_GEMM"
+
+
 def _env_flag(name: str) -> bool | None:
     value = os.environ.get(name, "").strip().lower()
     if not value:
@@ -106,6 +109,14 @@ class CudaBackend(Backend):
                 "fused (triton, one launch)"
                 if fused
                 else f"{family} ({first}) then quantize ({quantize})"
+            )
+        # HAL_FUSED_SILU_GEMM=1: silu_and_mul_linear in one launch where M <= 16 (see there)
+        self.fused_silu_gemm = bool(_env_flag(FUSED_SILU_GEMM_ENV))
+        if self.chosen("gemm") == "triton_small_m" and self.chosen("activation") == "triton":
+            self.info.settings["silu_and_mul_linear"] = (
+                "fused (triton, one launch at M <= 16)"
+                if self.fused_silu_gemm
+                else f"activation then GEMM ({FUSED_SILU_GEMM_ENV}=1 fuses them)"
             )
         for family in ("gemm", "fp8_gemm", "int8_gemm"):
             if self.chosen(family) == "triton_small_m":
@@ -542,6 +553,27 @@ class CudaBackend(Backend):
         if self._triton_or("activation", "torch", _float_reasons(x=x)) == "triton":
             return _triton("activation").silu_and_mul(x)
         return activation.silu_and_mul(x)
+
+    def silu_and_mul_linear(self, x, weight, bias=None) -> torch.Tensor:
+        # With HAL_FUSED_SILU_GEMM=1, where both halves would run Triton (the decode-sized GEMM
+        # and the activation kernel), one launch computes the activation inside the GEMM: the
+        # same bits, one kernel fewer per MLP. Off by default until timed on a GPU.
+        d = x.shape[-1] // 2 if x.dim() else 0
+        if (
+            self.fused_silu_gemm
+            and x.shape[-1] % 2 == 0
+            and x.stride(-1) == 1
+            and self.chosen("gemm") == "triton_small_m"
+            and self.chosen("activation") == "triton"
+        ):
+            gemv = _triton("gemv")
+            if not gemv.small_m_reasons(x[..., :d], weight):
+                self._mark("gemm", "triton_small_m")
+                self._mark("activation", "triton")
+                y = gemv.silu_and_mul_linear_small_m(x.reshape(-1, x.shape[-1]), weight, bias,
+                                                     configs=self.gemv_configs)  # fmt: skip
+                return y.reshape(*x.shape[:-1], weight.shape[0])
+        return super().silu_and_mul_linear(x, weight, bias)
 
     def silu_and_mul_quant_fp8(self, x, fp8_dtype):
         if not self._fused_quant("activation", x=x):

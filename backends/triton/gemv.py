@@ -297,6 +297,14 @@ def _epilogue(
     )
 
 
+@triton.jit
+def _silu_mul(gate, up, INTERPRET: tl.constexpr):
+    # silu(gate) * up in fp32, rounded once to their dtype: `activation._silu_and_mul_kernel`'s
+    # math, so the fused GEMM reads the bits the separate kernel would have written.
+    g = gate.to(tl.float32)
+    return cast_rtne(g / (1.0 + tl.exp(-g)) * up.to(tl.float32), gate.dtype, INTERPRET)
+
+
 @triton.jit(do_not_specialize=["n_rows", "num_splits"])
 def _small_m_kernel(
     x_ptr,
@@ -339,6 +347,7 @@ def _small_m_kernel(
     W_HAS_INF: tl.constexpr,
     INTERPRET: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
+    GATED: tl.constexpr,  # x_ptr holds [gate | up] (2 n_k columns); x = silu(gate) * up
     PDL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -371,14 +380,17 @@ def _small_m_kernel(
         if EVEN_K:
             w = tl.load(w_ptrs + k0 * stride_w_col, eviction_policy="evict_first")
             x = tl.load(x_ptrs + k0 * stride_x_col)
+            if GATED:
+                x = _silu_mul(x, tl.load(x_ptrs + (k0 + n_k) * stride_x_col), INTERPRET)
         else:
             k_ok = (k0 + offs_k) < k_end
             w = tl.load(w_ptrs + k0 * stride_w_col, mask=k_ok[None, :], other=0,
                         eviction_policy="evict_first")  # fmt: skip
-            if USE_DOT:
-                x = tl.load(x_ptrs + k0 * stride_x_col, mask=k_ok[:, None], other=0)
-            else:
-                x = tl.load(x_ptrs + k0 * stride_x_col, mask=k_ok[None, :], other=0)
+            x_ok = k_ok[:, None] if USE_DOT else k_ok[None, :]
+            x = tl.load(x_ptrs + k0 * stride_x_col, mask=x_ok, other=0)
+            if GATED:
+                up = tl.load(x_ptrs + (k0 + n_k) * stride_x_col, mask=x_ok, other=0)
+                x = _silu_mul(x, up, INTERPRET)  # masked lanes: silu(0) * 0 = 0
         if USE_DOT:
             wd = _to_float(w, DOT_DTYPE, W_FP8, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX, W_NAN_CODE,
                            W_FNUZ, W_HAS_INF)  # fmt: skip
@@ -476,8 +488,9 @@ def _launch(
     w_fp8: torch.dtype | None,
     cfg: GemvConfig,
     fused_reduce: bool | None = None,
+    gated: bool = False,
 ) -> torch.Tensor:
-    m, k = x.shape
+    m, k = x.shape[0], w.shape[1]  # gated: x is [M, 2K], gate then up
     n = w.shape[0]
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     if m == 0 or n == 0:
@@ -523,7 +536,8 @@ def _launch(
         X_FP8=x_mode, W_FP8=w_mode,
         **{f"X_{key}": value for key, value in x_codec.items()},
         **{f"W_{key}": value for key, value in w_codec.items()},
-        FUSED_REDUCE=fused, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        FUSED_REDUCE=fused, GATED=gated, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **pdl,
     )  # fmt: skip
     if splits > 1 and not fused:
@@ -575,6 +589,42 @@ def linear_small_m(
     (m, k), n = x.shape, weight.shape[0]
     cfg = config or pick_config(weight.element_size(), m, n, k, configs)
     return _launch(x, weight, bias, None, None, x.dtype, None, None, cfg, fused_reduce)
+
+
+def silu_and_mul_linear_small_m(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    configs: ConfigTable | None = None,
+    fused_reduce: bool | None = None,
+) -> torch.Tensor:
+    """linear_small_m(silu_and_mul(h), weight, bias) in one launch, bit for bit the two Triton
+    kernels (a SwiGLU MLP's down projection reading the gate_up output): each program makes
+    silu(gate) * up for its K range (fp32, rounded to h's dtype) instead of loading it.
+
+    h: [M, 2K] (gate columns, then up), bf16 / fp16 / fp32 with contiguous rows; weight: [N, K]
+    in h's dtype; bias: [N]. Returns [M, N] in h's dtype. The launch shape is the one
+    `linear_small_m` picks for [M, K] x [N, K]."""
+    if h.dim() != 2 or weight.dim() != 2:
+        raise ValueError(
+            f"h/weight: expected [M, 2K] and [N, K], got {tuple(h.shape)} and {tuple(weight.shape)}"
+        )
+    if h.shape[1] != 2 * weight.shape[1]:
+        raise ValueError(
+            f"h: {h.shape[1]} columns, expected 2 x weight's K={weight.shape[1]} (gate, then up)"
+        )
+    if h.stride(1) != 1:
+        raise ValueError("h: rows must be contiguous (the gate and up halves are read by offset)")
+    if h.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"h: dtype {h.dtype} is not one of float32, bfloat16, float16")
+    if weight.dtype != h.dtype:
+        raise ValueError(f"weight: dtype {weight.dtype} differs from h's {h.dtype}")
+    _check_bias(bias, weight.shape[0])
+    _check_device(h=h, weight=weight, bias=bias)
+    (m, n), k = (h.shape[0], weight.shape[0]), weight.shape[1]
+    cfg = config or pick_config(weight.element_size(), m, n, k, configs)
+    return _launch(h, weight, bias, None, None, h.dtype, None, None, cfg, fused_reduce, True)
 
 
 def fp8_linear_small_m(

@@ -327,21 +327,26 @@ class RowParallelLinear(QuantizableLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, input_size / tp_size] -> [num_tokens, output_size]
-        if self.quant_method is not None:
-            return self._forward_quantized(x)
-        if self.parallel.tp_size == 1:
-            return self.backend.linear(x, self.weight, self.bias)
-        y = self.backend.linear(x, self.weight)  # partial sum over this rank's columns
-        if self.reduce_results:
-            y = self.parallel.all_reduce(y)
-        # The bias is added once, after the sum (every rank holds it whole).
-        return y if self.bias is None else y + self.bias
+        return self._apply(x, gated=False)
 
-    def _forward_quantized(self, x: torch.Tensor) -> torch.Tensor:
-        if self.parallel.tp_size == 1:
-            return self.quant_method.apply(self, x, self.bias)
-        y = self.quant_method.apply(self, x)  # partial sum over this rank's columns
-        if self.reduce_results:
+    def forward_silu_and_mul(self, h: torch.Tensor) -> torch.Tensor:
+        """forward(silu_and_mul(h)) for h [num_tokens, 2 * input_size / tp_size] (gate, then
+        up): a SwiGLU down projection, which the backend may run as one fused launch."""
+        return self._apply(h, gated=True)
+
+    def _apply(self, x: torch.Tensor, gated: bool) -> torch.Tensor:
+        whole = self.parallel.tp_size == 1
+        bias = self.bias if whole else None  # with TP: added once, after the sum
+        if self.quant_method is not None:
+            x = self.backend.silu_and_mul(x) if gated else x
+            y = self.quant_method.apply(self, x, bias)
+        elif gated:
+            y = self.backend.silu_and_mul_linear(x, self.weight, bias)
+        else:
+            y = self.backend.linear(x, self.weight, bias)
+        if whole:
+            return y
+        if self.reduce_results:  # y: a partial sum over this rank's columns
             y = self.parallel.all_reduce(y)
         return y if self.bias is None else y + self.bias
 

@@ -145,7 +145,7 @@ class LlamaMLP(nn.Module):
         h = self.gate_up_proj(x)
         fp8 = self.down_proj.fp8_input_dtype()
         if fp8 is None:
-            return self.down_proj(self.backend.silu_and_mul(h))
+            return self.down_proj.forward_silu_and_mul(h)
         # An FP8 down projection with per-token activations: one launch activates and quantizes.
         return self.down_proj(
             QuantizedActivation(*self.backend.silu_and_mul_quant_fp8(h, fp8), h.dtype)

@@ -556,6 +556,23 @@ def check_silu_and_mul(d: Dispatch, case: S.SiluCase) -> CaseResult:
     return close("y", out, ref, _silu_allowed(f64(x), ref, case.dtype))
 
 
+def check_silu_and_mul_linear(d: Dispatch, case: S.LinearCase) -> CaseResult:
+    # h = [gate | up] from the case's x (up: x shifted by one column). Fused or not, the bits of
+    # this backend's own silu_and_mul then linear; that within linear's bound of the float64
+    # product of the activation it rounded (silu_and_mul's own bound is its own row's).
+    t = case.build()
+    h = d.to(torch.cat([t["x"], t["x"].roll(1, dims=-1)], dim=-1))
+    w, b = d.to(t["weight"]), d.to(t["bias"])
+    out = d("silu_and_mul_linear", h, w, b)
+    be = d.backend
+    act = be.silu_and_mul(h)
+    result = bitwise("y vs silu_and_mul then linear", out, be.linear(act, w, b).cpu())
+    act = act.cpu()
+    ref = linear.linear(f64(act), f64(t["weight"]), f64(t["bias"]))
+    mag = amax(act) * amax(t["weight"])
+    return result.merge(within("y", out, ref, case.dtype, mag, case.shape.k, tf32=tf32(d)))
+
+
 def check_graph(d: Dispatch, case: S.GraphCase) -> CaseResult:
     t = case.build()
     b = d.backend
@@ -775,6 +792,13 @@ OPS: tuple[OpSpec, ...] = (
         _silu_quant,
         check_silu_and_mul_quant_fp8,
         True,
+    ),
+    OpSpec(
+        "silu_and_mul_linear",
+        "gemm",
+        FLOAT,
+        _plain(S.linear_cases),
+        check_silu_and_mul_linear,
     ),
     OpSpec("graph", "graph", FLOAT, _plain(S.graph_cases), check_graph),
 )

@@ -43,6 +43,9 @@ from tests.conformance.tolerances import DTYPE_NAME, SUBNORMAL_MIN, UNIT_ROUNDOF
 if "backends.triton.gemv" in sys.modules and INTERPRET:
     importlib.reload(sys.modules["backends.triton.gemv"])  # defined without the interpreter
 gemv = importlib.import_module("backends.triton.gemv")
+if "backends.triton.activation" in sys.modules and INTERPRET:
+    importlib.reload(sys.modules["backends.triton.activation"])
+activation = importlib.import_module("backends.triton.activation")
 counters = importlib.import_module("backends.triton.counters")
 
 F64 = torch.float64
@@ -123,6 +126,48 @@ def test_default_configs_and_even_k(m: int) -> None:
     # The table / heuristic path (no forced config); K = 1024 fills whole tiles (no masks).
     case = dense_case(m, 45, 1024, torch.bfloat16, m != 3, seed=20 + m)
     check_dense(case, run_dense(case))
+
+
+# -- silu_and_mul fused into the GEMM (a SwiGLU down projection) --------------------------------
+@pytest.mark.parametrize("dtype", list(FLOATS))
+@pytest.mark.parametrize("kernel", list(CONFIGS))
+@pytest.mark.parametrize("m", [1, 5])
+def test_silu_and_mul_linear_is_the_two_kernels(dtype: str, kernel: str, m: int) -> None:
+    # The same bits as Triton's silu_and_mul then linear_small_m with the same launch shape
+    # (K = 80: the masked tail, read for gate and up), and within the GEMM bound of the float64
+    # product of that activation.
+    gen = torch.Generator().manual_seed(40 + m)
+    h = (torch.randn(m, 160, generator=gen) * 2).to(FLOATS[dtype])
+    case = dense_case(m, 37, 80, FLOATS[dtype], m == 1, seed=41)
+    w, b = dev(case["weight"]), dev(case["bias"])
+    fused = gemv.silu_and_mul_linear_small_m(dev(h), w, b, config=CONFIGS[kernel])
+    act = activation.silu_and_mul(dev(h))
+    assert torch.equal(fused, gemv.linear_small_m(act, w, b, config=CONFIGS[kernel]))
+    check_dense({**case, "x": act.cpu()}, fused)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_silu_and_mul_linear_default_configs(m: int) -> None:
+    # The table / heuristic launch shape, K = 1024 in whole tiles (no masks), h a row slice.
+    gen = torch.Generator().manual_seed(50 + m)
+    wide = torch.randn(m, 2048 + 64, generator=gen).to(torch.bfloat16)
+    h = dev(wide)[:, :2048]  # rows 2112 apart: any row stride
+    case = dense_case(m, 45, 1024, torch.bfloat16, True, seed=51)
+    w, b = dev(case["weight"]), dev(case["bias"])
+    fused = gemv.silu_and_mul_linear_small_m(h, w, b)
+    assert torch.equal(fused, gemv.linear_small_m(activation.silu_and_mul(h), w, b))
+
+
+def test_silu_and_mul_linear_bad_input() -> None:
+    w = dev(torch.zeros(8, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="expected 2 x weight's K=32"):
+        gemv.silu_and_mul_linear_small_m(dev(torch.zeros(1, 32, dtype=torch.bfloat16)), w)
+    with pytest.raises(ValueError, match="differs from h's"):
+        gemv.silu_and_mul_linear_small_m(dev(torch.zeros(1, 64, dtype=torch.float16)), w)
+    with pytest.raises(ValueError, match="rows must be contiguous"):
+        gemv.silu_and_mul_linear_small_m(dev(torch.zeros(1, 128, dtype=torch.bfloat16))[:, ::2], w)
+    with pytest.raises(ValueError, match=r"expected \[M, 2K\]"):
+        gemv.silu_and_mul_linear_small_m(dev(torch.zeros(64, dtype=torch.bfloat16)), w)
 
 
 def test_strided_operands() -> None:
@@ -388,3 +433,44 @@ def test_backend_fp8_linear_switches_on_m(backend) -> None:
     args = [dev(case[key]) for key in ("x_q", "x_scale", "w_q", "w_scale", "bias")]
     y = backend.fp8_linear(*args, out_dtype=torch.float32)
     assert backend.ran["fp8_gemm"] == large
+
+
+def test_cuda_backend_fuses_silu_and_mul_linear_only_when_asked_and_able(monkeypatch) -> None:
+    # HAL_FUSED_SILU_GEMM on, both families on Triton, M <= 16, bf16 / fp16, contiguous rows:
+    # one fused launch; otherwise the composition (silu_and_mul, then linear).
+    from backends.cuda.backend import CudaBackend
+
+    calls = []
+    be = CudaBackend.__new__(CudaBackend)  # the dispatch methods alone, no device
+    be.ran, be._fallbacks_logged, be.gemv_configs, be.fused_silu_gemm = {}, set(), None, True
+    chosen = {"gemm": "triton_small_m", "activation": "triton"}
+    monkeypatch.setattr(CudaBackend, "chosen", lambda self, family: chosen[family])
+
+    def fused(h, w, b, configs):
+        calls.append("fused")
+        return h[:, : w.shape[0]]
+
+    monkeypatch.setattr(gemv, "silu_and_mul_linear_small_m", fused)
+    monkeypatch.setattr(CudaBackend, "silu_and_mul", lambda self, x: calls.append("silu") or x)
+    monkeypatch.setattr(CudaBackend, "linear", lambda self, x, w, b=None: calls.append("gemm"))
+    w = torch.zeros(4, 16, dtype=torch.bfloat16)
+    y = be.silu_and_mul_linear(torch.zeros(2, 3, 32, dtype=torch.bfloat16), w)
+    assert calls == ["fused"] and tuple(y.shape) == (2, 3, 4)
+    for h, change in (
+        (torch.zeros(17, 32, dtype=torch.bfloat16), None),  # M > 16
+        (torch.zeros(2, 32, dtype=torch.float32), None),  # not bf16 / fp16
+        (torch.zeros(2, 64, dtype=torch.bfloat16)[:, ::2], None),  # rows not contiguous
+        (torch.zeros(2, 32, dtype=torch.bfloat16), ("activation", "torch")),
+        (torch.zeros(2, 32, dtype=torch.bfloat16), ("gemm", "cublas")),
+        (torch.zeros(2, 32, dtype=torch.bfloat16), ("off", None)),
+    ):
+        calls.clear()
+        saved = dict(chosen)
+        if change and change[0] == "off":
+            be.fused_silu_gemm = False
+        elif change:
+            chosen[change[0]] = change[1]
+        be.silu_and_mul_linear(h, w)
+        assert calls == ["silu", "gemm"], (tuple(h.shape), h.dtype, change)
+        chosen.update(saved)
+        be.fused_silu_gemm = True
