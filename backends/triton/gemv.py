@@ -572,23 +572,7 @@ def linear_small_m(
     table (`configs`, default DEFAULT_CONFIGS) or the heuristic picks one. fused_reduce: the
     split-K sum inside the kernel (None: FUSED_REDUCE).
     """
-    if x.dim() != 2 or weight.dim() != 2:
-        raise ValueError(
-            f"x/weight: expected [M, K] and [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}"
-        )
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"x: dtype {x.dtype} is not one of float32, bfloat16, float16")
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight: dtype {weight.dtype} differs from x's {x.dtype}")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"x: K={x.shape[1]} differs from weight's K={weight.shape[1]}")
-    _check_bias(bias, weight.shape[0])
-    if bias is not None and bias.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"bias: dtype {bias.dtype} is not one of float32, bfloat16, float16")
-    _check_device(x=x, weight=weight, bias=bias)
-    (m, k), n = x.shape, weight.shape[0]
-    cfg = config or pick_config(weight.element_size(), m, n, k, configs)
-    return _launch(x, weight, bias, None, None, x.dtype, None, None, cfg, fused_reduce)
+    return _dense(x, weight, bias, config, configs, fused_reduce, gated=False)
 
 
 def silu_and_mul_linear_small_m(
@@ -606,25 +590,34 @@ def silu_and_mul_linear_small_m(
     h: [M, 2K] (gate columns, then up), bf16 / fp16 / fp32 with contiguous rows; weight: [N, K]
     in h's dtype; bias: [N]. Returns [M, N] in h's dtype. The launch shape is the one
     `linear_small_m` picks for [M, K] x [N, K]."""
-    if h.dim() != 2 or weight.dim() != 2:
+    return _dense(h, weight, bias, config, configs, fused_reduce, gated=True)
+
+
+def _dense(x, weight, bias, config, configs, fused_reduce, gated: bool) -> torch.Tensor:
+    # The float GEMMs' checks, then the launch; gated: x is h = [gate | up] of 2K columns.
+    name, shape = ("h", "[M, 2K]") if gated else ("x", "[M, K]")
+    if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(
-            f"h/weight: expected [M, 2K] and [N, K], got {tuple(h.shape)} and {tuple(weight.shape)}"
+            f"{name}/weight: expected {shape} and [N, K], got {tuple(x.shape)} and "
+            f"{tuple(weight.shape)}"
         )
-    if h.shape[1] != 2 * weight.shape[1]:
-        raise ValueError(
-            f"h: {h.shape[1]} columns, expected 2 x weight's K={weight.shape[1]} (gate, then up)"
-        )
-    if h.stride(1) != 1:
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name}: dtype {x.dtype} is not one of float32, bfloat16, float16")
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight: dtype {weight.dtype} differs from {name}'s {x.dtype}")
+    k = weight.shape[1]
+    if gated and x.shape[1] != 2 * k:
+        raise ValueError(f"h: {x.shape[1]} columns, expected 2 x weight's K={k} (gate, then up)")
+    if not gated and x.shape[1] != k:
+        raise ValueError(f"x: K={x.shape[1]} differs from weight's K={k}")
+    if gated and x.stride(1) != 1:
         raise ValueError("h: rows must be contiguous (the gate and up halves are read by offset)")
-    if h.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"h: dtype {h.dtype} is not one of float32, bfloat16, float16")
-    if weight.dtype != h.dtype:
-        raise ValueError(f"weight: dtype {weight.dtype} differs from h's {h.dtype}")
     _check_bias(bias, weight.shape[0])
-    _check_device(h=h, weight=weight, bias=bias)
-    (m, n), k = (h.shape[0], weight.shape[0]), weight.shape[1]
-    cfg = config or pick_config(weight.element_size(), m, n, k, configs)
-    return _launch(h, weight, bias, None, None, h.dtype, None, None, cfg, fused_reduce, True)
+    if bias is not None and bias.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"bias: dtype {bias.dtype} is not one of float32, bfloat16, float16")
+    _check_device(**{name: x}, weight=weight, bias=bias)
+    cfg = config or pick_config(weight.element_size(), x.shape[0], weight.shape[0], k, configs)
+    return _launch(x, weight, bias, None, None, x.dtype, None, None, cfg, fused_reduce, gated)
 
 
 def fp8_linear_small_m(
