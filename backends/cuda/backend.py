@@ -558,7 +558,6 @@ class CudaBackend(Backend):
         # With HAL_FUSED_SILU_GEMM=1, where both halves would run Triton (the decode-sized GEMM
         # and the activation kernel), one launch computes the activation inside the GEMM: the
         # same bits, one kernel fewer per MLP. Off by default until timed on a GPU.
-        d = x.shape[-1] // 2 if x.dim() else 0
         if (
             self.fused_silu_gemm
             and x.shape[-1] % 2 == 0
@@ -567,7 +566,7 @@ class CudaBackend(Backend):
             and self.chosen("activation") == "triton"
         ):
             gemv = _triton("gemv")
-            if not gemv.small_m_reasons(x[..., :d], weight):
+            if not gemv.small_m_reasons(x[..., : x.shape[-1] // 2], weight):
                 self._mark("gemm", "triton_small_m")
                 self._mark("activation", "triton")
                 y = gemv.silu_and_mul_linear_small_m(x.reshape(-1, x.shape[-1]), weight, bias,
