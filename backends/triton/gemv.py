@@ -64,6 +64,9 @@ _NO_CODEC = dict(MAN_BITS=3, EXP_BIAS=7, FP8_MAX=448.0, NAN_CODE=0x7F, FNUZ=Fals
 _REDUCE_BLOCK = 1024
 # The split-K reduce folded into the GEMV (see the module docstring).
 FUSED_REDUCE = os.environ.get("HAL_GEMV_FUSED_REDUCE", "1") != "0"
+# The FMA kernel's weight tiles a step ahead (1), and the first before the PDL wait (2): see
+# _small_m_kernel's W_AHEAD. HAL_GEMV_W_AHEAD.
+W_AHEAD = int(os.environ.get("HAL_GEMV_W_AHEAD", "0"))
 _MAX_GRID = 65535  # CUDA's limit on grid axes 1 and 2
 
 
@@ -349,6 +352,8 @@ def _small_m_kernel(
     FUSED_REDUCE: tl.constexpr,
     GATED: tl.constexpr,  # x_ptr holds [gate | up] (2 n_k columns); x = silu(gate) * up
     PDL: tl.constexpr,
+    W_AHEAD: tl.constexpr,  # fma, even K: 1 the next weight tile loads a step ahead; 2 and the
+    # first one before the PDL wait (weights are never written by a kernel)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -359,7 +364,8 @@ def _small_m_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    grid_wait(PDL)
+    if W_AHEAD != 2:
+        grid_wait(PDL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -376,7 +382,25 @@ def _small_m_kernel(
         acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, n_k)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    if W_AHEAD > 0:
+        # The FMA loop with the next weight tile in registers one step ahead (the last step
+        # reloads its own tile); W_AHEAD 2 issues the first before waiting for the kernel before.
+        w_next = tl.load(w_ptrs + k_start * stride_w_col, eviction_policy="evict_first")
+        if W_AHEAD == 2:
+            grid_wait(PDL)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            w = w_next
+            k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
+            w_next = tl.load(w_ptrs + k_next * stride_w_col, eviction_policy="evict_first")
+            x = tl.load(x_ptrs + k0 * stride_x_col)
+            if GATED:
+                x = _silu_mul(x, tl.load(x_ptrs + (k0 + n_k) * stride_x_col), INTERPRET)
+            wf = _to_float(w, tl.float32, W_FP8, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX, W_NAN_CODE,
+                           W_FNUZ, W_HAS_INF)  # fmt: skip
+            xf = _to_float(x, tl.float32, X_FP8, X_MAN_BITS, X_EXP_BIAS, X_FP8_MAX, X_NAN_CODE,
+                           X_FNUZ, X_HAS_INF)  # fmt: skip
+            acc2 += wf * xf
+    for k0 in range(k_start, k_end if W_AHEAD == 0 else k_start, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs + k0 * stride_w_col, eviction_policy="evict_first")
             x = tl.load(x_ptrs + k0 * stride_x_col)
@@ -537,6 +561,7 @@ def _launch(
         **{f"X_{key}": value for key, value in x_codec.items()},
         **{f"W_{key}": value for key, value in w_codec.items()},
         FUSED_REDUCE=fused, GATED=gated, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        W_AHEAD=_w_ahead(cfg, k, pdl["PDL"]),
         BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **pdl,
     )  # fmt: skip
@@ -547,6 +572,13 @@ def _launch(
             BLOCK=_REDUCE_BLOCK, num_warps=4, **flags, **pdl,
         )  # fmt: skip
     return out
+
+
+def _w_ahead(cfg: GemvConfig, k: int, pdl: bool) -> int:
+    """The W_AHEAD mode of a launch: the FMA kernel on whole tiles only; 2 needs PDL."""
+    if cfg.kernel != "fma" or k % cfg.block_k or W_AHEAD <= 0:
+        return 0
+    return min(W_AHEAD, 2 if pdl else 1)
 
 
 def _check_device(**tensors: torch.Tensor | None) -> None:

@@ -45,6 +45,8 @@ from backends.triton.pdl import use_pdl
 from backends.triton.quant import interpreting
 
 ENABLED = os.environ.get("HAL_INT4_GLUON", "1") != "0"
+# The first chunk's weight loads ahead of the PDL wait (see _int4_gluon_kernel); HAL_INT4_EARLY.
+EARLY = os.environ.get("HAL_INT4_EARLY", "0") != "0"
 BLOCK_M = 8  # the MMA's N side: rows of x per program
 
 
@@ -166,16 +168,30 @@ if HAVE_GLUON:
         return part, mma_v2(ones, b, xs)
 
     @gluon.jit
-    def _load_chunk(c, w_ptrs, s_rows, z_rows, x_ptrs, stride_qw_chunk, stride_s_group,
-                    stride_z_group, GROUP_CHUNKS: gl.constexpr):  # fmt: skip
-        # 128-k chunk c: the words, its group's scales and zeros (fp32), x's four 32-wide pieces.
+    def _load_weight_chunk(c, w_ptrs, s_rows, z_rows, stride_qw_chunk, stride_s_group,
+                           stride_z_group, GROUP_CHUNKS: gl.constexpr):  # fmt: skip
+        # 128-k chunk c of the weight: the words, its group's scales and zeros (fp32).
         words = gl.load(w_ptrs + c * stride_qw_chunk)
         s = gl.load(s_rows + (c // GROUP_CHUNKS) * stride_s_group).to(gl.float32)
         z = gl.load(z_rows + (c // GROUP_CHUNKS) * stride_z_group).to(gl.float32)
+        return words, s, z
+
+    @gluon.jit
+    def _load_x_chunk(c, x_ptrs):
+        # x's four 32-wide pieces of 128-k chunk c.
         x0 = gl.load(x_ptrs + c * 64)
         x1 = gl.load(x_ptrs + c * 64 + 16)
         x2 = gl.load(x_ptrs + c * 64 + 32)
         x3 = gl.load(x_ptrs + c * 64 + 48)
+        return x0, x1, x2, x3
+
+    @gluon.jit
+    def _load_chunk(c, w_ptrs, s_rows, z_rows, x_ptrs, stride_qw_chunk, stride_s_group,
+                    stride_z_group, GROUP_CHUNKS: gl.constexpr):  # fmt: skip
+        # 128-k chunk c: the words, its group's scales and zeros (fp32), x's four 32-wide pieces.
+        words, s, z = _load_weight_chunk(c, w_ptrs, s_rows, z_rows, stride_qw_chunk,
+                                         stride_s_group, stride_z_group, GROUP_CHUNKS)  # fmt: skip
+        x0, x1, x2, x3 = _load_x_chunk(c, x_ptrs)
         return words, s, z, x0, x1, x2, x3
 
     @gluon.jit
@@ -188,11 +204,14 @@ if HAVE_GLUON:
         DOT_DTYPE: gl.constexpr, MAGIC2: gl.constexpr, MAGIC: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ONES_N: gl.constexpr,
         WL: gl.constexpr, XL: gl.constexpr, AL: gl.constexpr, BL: gl.constexpr,
-        MMA: gl.constexpr, PDL: gl.constexpr,
+        MMA: gl.constexpr, PDL: gl.constexpr, EARLY: gl.constexpr,
     ):  # fmt: skip
         # One program: BLOCK_N weight rows x BLOCK_M rows of x over one K split, one 128-k chunk
-        # per step, the next chunk's words / scales / zeros / x loaded one step ahead.
-        _gdc(PDL)
+        # per step, the next chunk's words / scales / zeros / x loaded one step ahead. EARLY:
+        # the first chunk's words, scales and zeros (no kernel writes them) load before the PDL
+        # wait, so their latency overlaps the previous kernel's tail.
+        if not EARLY:
+            _gdc(PDL)
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         blocks_m = gl.cdiv(n_rows, BLOCK_M)
@@ -224,10 +243,12 @@ if HAVE_GLUON:
         c_start = pid_k * chunks_per_split
         c_end = gl.minimum(c_start + chunks_per_split, n_chunks)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-        words, s_cur, z_cur, x0, x1, x2, x3 = _load_chunk(
-            c_start, w_ptrs, s_rows, z_rows, x_ptrs, stride_qw_chunk, stride_s_group,
-            stride_z_group, GROUP_CHUNKS,
-        )  # fmt: skip
+        words, s_cur, z_cur = _load_weight_chunk(c_start, w_ptrs, s_rows, z_rows, stride_qw_chunk,
+                                                 stride_s_group, stride_z_group,
+                                                 GROUP_CHUNKS)  # fmt: skip
+        if EARLY:
+            _gdc(PDL)
+        x0, x1, x2, x3 = _load_x_chunk(c_start, x_ptrs)
         for c in range(c_start, c_end):
             # The next chunk's operands (the last step re-reads its own chunk: cached).
             words_n, s_n, z_n, x0n, x1n, x2n, x3n = _load_chunk(
@@ -340,7 +361,7 @@ def launch_gluon(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Gluo
         GROUP_CHUNKS=group_size // int4_tc.CHUNK, HAS_BIAS=bias is not None, FINAL=final,
         DOT_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, MAGIC2=magic2,
         MAGIC=magic, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, ONES_N=16 * cfg.num_warps,
-        PDL=pdl, num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, EARLY=EARLY and pdl, num_warps=cfg.num_warps, **({"launch_pdl": True} if pdl else {}),
         **_layouts(cfg.block_n, cfg.num_warps),
     )  # fmt: skip
     if not final:
