@@ -64,9 +64,8 @@ _NO_CODEC = dict(MAN_BITS=3, EXP_BIAS=7, FP8_MAX=448.0, NAN_CODE=0x7F, FNUZ=Fals
 _REDUCE_BLOCK = 1024
 # The split-K reduce folded into the GEMV (see the module docstring).
 FUSED_REDUCE = os.environ.get("HAL_GEMV_FUSED_REDUCE", "1") != "0"
-# The FMA kernel's weight tiles a step ahead (1), and the first before the PDL wait (2): see
-# _small_m_kernel's W_AHEAD. HAL_GEMV_W_AHEAD.
-W_AHEAD = int(os.environ.get("HAL_GEMV_W_AHEAD", "0"))
+# The first weight tile loaded before the PDL wait (_small_m_kernel's EARLY): HAL_GEMV_EARLY.
+EARLY = os.environ.get("HAL_GEMV_EARLY", "0") != "0"
 _MAX_GRID = 65535  # CUDA's limit on grid axes 1 and 2
 
 
@@ -308,6 +307,33 @@ def _silu_mul(gate, up, INTERPRET: tl.constexpr):
     return cast_rtne(g / (1.0 + tl.exp(-g)) * up.to(tl.float32), gate.dtype, INTERPRET)
 
 
+@triton.jit
+def _mac(acc, w, x, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, X_FP8: tl.constexpr,
+         W_FP8: tl.constexpr, X_MAN_BITS: tl.constexpr, X_EXP_BIAS: tl.constexpr,
+         X_FP8_MAX: tl.constexpr, X_NAN_CODE: tl.constexpr, X_FNUZ: tl.constexpr,
+         X_HAS_INF: tl.constexpr, W_MAN_BITS: tl.constexpr, W_EXP_BIAS: tl.constexpr,
+         W_FP8_MAX: tl.constexpr, W_NAN_CODE: tl.constexpr, W_FNUZ: tl.constexpr,
+         W_HAS_INF: tl.constexpr):  # fmt: skip
+    # One K tile into the accumulator: "dot" acc [BN, BM] += w @ x on tensor cores; "fma" acc
+    # [BN, BK] += w * x elementwise in fp32 (summed over K once, after the loop).
+    if USE_DOT:
+        wd = _to_float(w, DOT_DTYPE, W_FP8, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX, W_NAN_CODE, W_FNUZ,
+                       W_HAS_INF)  # fmt: skip
+        xd = _to_float(x, DOT_DTYPE, X_FP8, X_MAN_BITS, X_EXP_BIAS, X_FP8_MAX, X_NAN_CODE, X_FNUZ,
+                       X_HAS_INF)  # fmt: skip
+        if DOT_DTYPE == tl.float32:
+            acc = tl.dot(wd, xd, acc, input_precision="ieee")  # fp32 math, never TF32
+        else:
+            acc = tl.dot(wd, xd, acc)
+    else:
+        wf = _to_float(w, tl.float32, W_FP8, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX, W_NAN_CODE, W_FNUZ,
+                       W_HAS_INF)  # fmt: skip
+        xf = _to_float(x, tl.float32, X_FP8, X_MAN_BITS, X_EXP_BIAS, X_FP8_MAX, X_NAN_CODE, X_FNUZ,
+                       X_HAS_INF)  # fmt: skip
+        acc += wf * xf
+    return acc
+
+
 @triton.jit(do_not_specialize=["n_rows", "num_splits"])
 def _small_m_kernel(
     x_ptr,
@@ -352,8 +378,7 @@ def _small_m_kernel(
     FUSED_REDUCE: tl.constexpr,
     GATED: tl.constexpr,  # x_ptr holds [gate | up] (2 n_k columns); x = silu(gate) * up
     PDL: tl.constexpr,
-    W_AHEAD: tl.constexpr,  # fma, even K: 1 the next weight tile loads a step ahead; 2 and the
-    # first one before the PDL wait (weights are never written by a kernel)
+    EARLY: tl.constexpr,  # even K: the first weight tile loads before the PDL wait
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -364,7 +389,7 @@ def _small_m_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    if W_AHEAD != 2:
+    if not EARLY:
         grid_wait(PDL)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -379,28 +404,23 @@ def _small_m_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         x_ptrs = x_ptr + x_rows[:, None] * stride_x_row + offs_k[None, :] * stride_x_col  # [1, BK]
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # products, summed over K at the end
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, n_k)
-    if W_AHEAD > 0:
-        # The FMA loop with the next weight tile in registers one step ahead (the last step
-        # reloads its own tile); W_AHEAD 2 issues the first before waiting for the kernel before.
-        w_next = tl.load(w_ptrs + k_start * stride_w_col, eviction_policy="evict_first")
-        if W_AHEAD == 2:
-            grid_wait(PDL)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            w = w_next
-            k_next = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K)
-            w_next = tl.load(w_ptrs + k_next * stride_w_col, eviction_policy="evict_first")
-            x = tl.load(x_ptrs + k0 * stride_x_col)
-            if GATED:
-                x = _silu_mul(x, tl.load(x_ptrs + (k0 + n_k) * stride_x_col), INTERPRET)
-            wf = _to_float(w, tl.float32, W_FP8, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX, W_NAN_CODE,
-                           W_FNUZ, W_HAS_INF)  # fmt: skip
-            xf = _to_float(x, tl.float32, X_FP8, X_MAN_BITS, X_EXP_BIAS, X_FP8_MAX, X_NAN_CODE,
-                           X_FNUZ, X_HAS_INF)  # fmt: skip
-            acc2 += wf * xf
-    for k0 in range(k_start, k_end if W_AHEAD == 0 else k_start, BLOCK_K):
+    k_loop = k_start
+    if EARLY:
+        # The first step peeled: its weight tile loads before the wait for the kernel before
+        # (weights are written by no kernel), so that load overlaps the other kernel's tail.
+        w = tl.load(w_ptrs + k_start * stride_w_col, eviction_policy="evict_first")
+        grid_wait(PDL)
+        x = tl.load(x_ptrs + k_start * stride_x_col)
+        if GATED:
+            x = _silu_mul(x, tl.load(x_ptrs + (k_start + n_k) * stride_x_col), INTERPRET)
+        acc = _mac(acc, w, x, USE_DOT, DOT_DTYPE, X_FP8, W_FP8, X_MAN_BITS, X_EXP_BIAS,
+                   X_FP8_MAX, X_NAN_CODE, X_FNUZ, X_HAS_INF, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX,
+                   W_NAN_CODE, W_FNUZ, W_HAS_INF)  # fmt: skip
+        k_loop = k_start + BLOCK_K
+    for k0 in range(k_loop, k_end, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs + k0 * stride_w_col, eviction_policy="evict_first")
             x = tl.load(x_ptrs + k0 * stride_x_col)
@@ -415,23 +435,11 @@ def _small_m_kernel(
             if GATED:
                 up = tl.load(x_ptrs + (k0 + n_k) * stride_x_col, mask=x_ok, other=0)
                 x = _silu_mul(x, up, INTERPRET)  # masked lanes: silu(0) * 0 = 0
-        if USE_DOT:
-            wd = _to_float(w, DOT_DTYPE, W_FP8, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX, W_NAN_CODE,
-                           W_FNUZ, W_HAS_INF)  # fmt: skip
-            xd = _to_float(x, DOT_DTYPE, X_FP8, X_MAN_BITS, X_EXP_BIAS, X_FP8_MAX, X_NAN_CODE,
-                           X_FNUZ, X_HAS_INF)  # fmt: skip
-            if DOT_DTYPE == tl.float32:
-                acc = tl.dot(wd, xd, acc, input_precision="ieee")  # fp32 math, never TF32
-            else:
-                acc = tl.dot(wd, xd, acc)
-        else:
-            wf = _to_float(w, tl.float32, W_FP8, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX, W_NAN_CODE,
-                           W_FNUZ, W_HAS_INF)  # fmt: skip
-            xf = _to_float(x, tl.float32, X_FP8, X_MAN_BITS, X_EXP_BIAS, X_FP8_MAX, X_NAN_CODE,
-                           X_FNUZ, X_HAS_INF)  # fmt: skip
-            acc2 += wf * xf
+        acc = _mac(acc, w, x, USE_DOT, DOT_DTYPE, X_FP8, W_FP8, X_MAN_BITS, X_EXP_BIAS,
+                   X_FP8_MAX, X_NAN_CODE, X_FNUZ, X_HAS_INF, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX,
+                   W_NAN_CODE, W_FNUZ, W_HAS_INF)  # fmt: skip
     if not USE_DOT:
-        acc = tl.sum(acc2, axis=1)[:, None]  # [BN, 1]
+        acc = tl.sum(acc, axis=1)[:, None]  # [BN, 1]
     if num_splits == 1:
         _epilogue(acc, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, n_rows,
                   n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE, INTERPRET)  # fmt: skip
@@ -561,7 +569,7 @@ def _launch(
         **{f"X_{key}": value for key, value in x_codec.items()},
         **{f"W_{key}": value for key, value in w_codec.items()},
         FUSED_REDUCE=fused, GATED=gated, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        W_AHEAD=_w_ahead(cfg, k, pdl["PDL"]),
+        EARLY=EARLY and k % cfg.block_k == 0,
         BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **pdl,
     )  # fmt: skip
@@ -572,13 +580,6 @@ def _launch(
             BLOCK=_REDUCE_BLOCK, num_warps=4, **flags, **pdl,
         )  # fmt: skip
     return out
-
-
-def _w_ahead(cfg: GemvConfig, k: int, pdl: bool) -> int:
-    """The W_AHEAD mode of a launch: the FMA kernel on whole tiles only; 2 needs PDL."""
-    if cfg.kernel != "fma" or k % cfg.block_k or W_AHEAD <= 0:
-        return 0
-    return min(W_AHEAD, 2 if pdl else 1)
 
 
 def _check_device(**tensors: torch.Tensor | None) -> None:
