@@ -121,6 +121,15 @@ class CudaBackend(Backend):
         for family in ("gemm", "fp8_gemm", "int8_gemm"):
             if self.chosen(family) == "triton_small_m":
                 self.info.settings[f"{family}_large_m"] = f"M > 16: {self.large_m_impl(family)}"
+        if self.chosen("gemm") == "triton_small_m":
+            # Weight loads ahead of the PDL wait (HAL_GEMV_EARLY; nn.Parameter weights only)
+            pdl = _triton("pdl").use_pdl(self.device)
+            early = _triton("gemv").EARLY
+            self.info.settings["gemm_small_m_early_weights"] = (
+                "on (nn.Parameter weights: the first tile loads before the PDL wait)"
+                if early and pdl
+                else f"off ({'HAL_GEMV_EARLY=0' if not early else 'no PDL on this device'})"
+            )
         if self.chosen("int4_gemm") == "triton":
             self.info.settings["int4_gemm_large_m"] = (
                 f"M >= {self.int4_dequant_min_m}: triton_dequant+cublas"

@@ -64,8 +64,12 @@ _NO_CODEC = dict(MAN_BITS=3, EXP_BIAS=7, FP8_MAX=448.0, NAN_CODE=0x7F, FNUZ=Fals
 _REDUCE_BLOCK = 1024
 # The split-K reduce folded into the GEMV (see the module docstring).
 FUSED_REDUCE = os.environ.get("HAL_GEMV_FUSED_REDUCE", "1") != "0"
-# The first weight tile loaded before the PDL wait (_small_m_kernel's EARLY): HAL_GEMV_EARLY.
-EARLY = os.environ.get("HAL_GEMV_EARLY", "0") != "0"
+# Each program's first weight tile loaded before the PDL wait (_small_m_kernel's EARLY) when the
+# weight is an nn.Parameter: the engine's weights, which no kernel writes after loading, so no
+# kernel still running can be producing them. H200, Llama-3-8B shape, batch-1 decode with graphs:
+# 4.48-4.49 -> 4.42 ms a step; TP=2 3.04 either way (docs/benchmarks.md, eighteenth session).
+# HAL_GEMV_EARLY=0 turns it off.
+EARLY = os.environ.get("HAL_GEMV_EARLY", "1") != "0"
 _MAX_GRID = 65535  # CUDA's limit on grid axes 1 and 2
 
 
@@ -521,6 +525,7 @@ def _launch(
     cfg: GemvConfig,
     fused_reduce: bool | None = None,
     gated: bool = False,
+    early: bool = False,
 ) -> torch.Tensor:
     m, k = x.shape[0], w.shape[1]  # gated: x is [M, 2K], gate then up
     n = w.shape[0]
@@ -569,7 +574,7 @@ def _launch(
         **{f"X_{key}": value for key, value in x_codec.items()},
         **{f"W_{key}": value for key, value in w_codec.items()},
         FUSED_REDUCE=fused, GATED=gated, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        EARLY=EARLY and k % cfg.block_k == 0,
+        EARLY=early and k % cfg.block_k == 0,
         BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **pdl,
     )  # fmt: skip
@@ -596,6 +601,7 @@ def linear_small_m(
     config: GemvConfig | None = None,
     configs: ConfigTable | None = None,
     fused_reduce: bool | None = None,
+    early: bool | None = None,
 ) -> torch.Tensor:
     """y = x @ weight.T + bias with fp32 accumulation, one rounding to x's dtype.
 
@@ -603,9 +609,11 @@ def linear_small_m(
     stream fastest); bias: [N] (any float dtype, added in fp32). Returns [M, N] in x's dtype.
     Tuned for M <= 16; any M is computed correctly. `config` forces a launch shape, else the
     table (`configs`, default DEFAULT_CONFIGS) or the heuristic picks one. fused_reduce: the
-    split-K sum inside the kernel (None: FUSED_REDUCE).
+    split-K sum inside the kernel (None: FUSED_REDUCE). early: read the first weight tile before
+    waiting for the kernel before this one under PDL, which is only right when no kernel that
+    may still run writes the weight (None: EARLY and the weight is an nn.Parameter).
     """
-    return _dense(x, weight, bias, config, configs, fused_reduce, gated=False)
+    return _dense(x, weight, bias, config, configs, fused_reduce, False, early)
 
 
 def silu_and_mul_linear_small_m(
@@ -615,6 +623,7 @@ def silu_and_mul_linear_small_m(
     config: GemvConfig | None = None,
     configs: ConfigTable | None = None,
     fused_reduce: bool | None = None,
+    early: bool | None = None,
 ) -> torch.Tensor:
     """linear_small_m(silu_and_mul(h), weight, bias) in one launch, bit for bit the two Triton
     kernels (a SwiGLU MLP's down projection reading the gate_up output): each program makes
@@ -622,11 +631,16 @@ def silu_and_mul_linear_small_m(
 
     h: [M, 2K] (gate columns, then up), bf16 / fp16 / fp32 with contiguous rows; weight: [N, K]
     in h's dtype; bias: [N]. Returns [M, N] in h's dtype. The launch shape is the one
-    `linear_small_m` picks for [M, K] x [N, K]."""
-    return _dense(h, weight, bias, config, configs, fused_reduce, gated=True)
+    `linear_small_m` picks for [M, K] x [N, K]; early as there."""
+    return _dense(h, weight, bias, config, configs, fused_reduce, True, early)
 
 
-def _dense(x, weight, bias, config, configs, fused_reduce, gated: bool) -> torch.Tensor:
+def _early(weight: torch.Tensor, early: bool | None) -> bool:
+    # See linear_small_m: engine weights are nn.Parameters, written by no kernel after loading.
+    return EARLY and isinstance(weight, torch.nn.Parameter) if early is None else early
+
+
+def _dense(x, weight, bias, config, configs, fused_reduce, gated: bool, early) -> torch.Tensor:
     # The float GEMMs' checks, then the launch; gated: x is h = [gate | up] of 2K columns.
     name, shape = ("h", "[M, 2K]") if gated else ("x", "[M, K]")
     if x.dim() != 2 or weight.dim() != 2:
@@ -650,7 +664,8 @@ def _dense(x, weight, bias, config, configs, fused_reduce, gated: bool) -> torch
         raise ValueError(f"bias: dtype {bias.dtype} is not one of float32, bfloat16, float16")
     _check_device(**{name: x}, weight=weight, bias=bias)
     cfg = config or pick_config(weight.element_size(), x.shape[0], weight.shape[0], k, configs)
-    return _launch(x, weight, bias, None, None, x.dtype, None, None, cfg, fused_reduce, gated)
+    return _launch(x, weight, bias, None, None, x.dtype, None, None, cfg, fused_reduce, gated,
+                   early=_early(weight, early))  # fmt: skip
 
 
 def fp8_linear_small_m(
@@ -663,12 +678,14 @@ def fp8_linear_small_m(
     config: GemvConfig | None = None,
     configs: ConfigTable | None = None,
     fused_reduce: bool | None = None,
+    early: bool | None = None,
 ) -> torch.Tensor:
     """y = (x_q @ w_q.T, exact products, fp32 accumulation) * x_scale * w_scale.T + bias.
 
     The contract of hal Backend.fp8_linear: x_q: fp8 [M, K]; x_scale: [1] or [M, 1]; w_q: fp8
     [N, K] (any FP8 format, may differ from x_q's); w_scale: [1] or [N, 1]; bias: [N]. Returns
     [M, N] in out_dtype (fp32, bf16 or fp16). Tuned for M <= 16; any M is computed correctly.
+    early: as in `linear_small_m` (about w_q).
     """
     _check_quantized(x_q, x_scale, w_q, w_scale, bias, is_fp8, "an FP8 format")
     if out_dtype not in FLOAT_DTYPES:
@@ -677,7 +694,7 @@ def fp8_linear_small_m(
     (m, k), n = x_q.shape, w_q.shape[0]
     cfg = config or pick_config(1, m, n, k, configs)
     return _launch(raw(x_q), raw(w_q), bias, x_scale, w_scale, out_dtype, x_q.dtype, w_q.dtype, cfg,
-                   fused_reduce)  # fmt: skip
+                   fused_reduce, early=_early(w_q, early))  # fmt: skip
 
 
 # -- dispatch rules (the backends' M switch) -----------------------------------------------------

@@ -219,28 +219,38 @@ def test_fused_split_k_reduce_gives_the_same_bits(kernel: str, m: int, splits: i
     ("kernel", "m", "splits", "gated"),
     [("fma", 1, 1, False), ("fma", 3, 3, True), ("dot", 5, 2, False), ("dot", 16, 1, True)],
 )
-def test_early_first_tile_gives_the_same_bits(monkeypatch, kernel, m, splits, gated) -> None:
-    # HAL_GEMV_EARLY peels each program's first K step (its weight tile loads before the PDL
-    # wait): the same products in the same order, so the same bits, dense, gated and FP8.
+def test_early_first_tile_gives_the_same_bits(kernel, m, splits, gated) -> None:
+    # early peels each program's first K step (its weight tile loads before the PDL wait): the
+    # same products in the same order, so the same bits, dense, gated and FP8.
     cfg = gemv.GemvConfig(kernel, 16, 32, split_k=splits)
     case = dense_case(m, 37, 160, torch.bfloat16, True, seed=m + splits)
     h = dev(torch.cat([case["x"], case["x"].flip(1)], dim=1))
     args = [dev(case[key]) for key in ("x", "weight", "bias")]
     fn = gemv.silu_and_mul_linear_small_m if gated else gemv.linear_small_m
     inputs = [h, *args[1:]] if gated else args
-    results = []
-    for early in (False, True):
-        monkeypatch.setattr(gemv, "EARLY", early)
-        results.append(fn(*inputs, config=cfg))
-    assert torch.equal(results[0], results[1])
+    late, early = (fn(*inputs, config=cfg, early=flag) for flag in (False, True))
+    assert torch.equal(late, early)
     x_q, x_s = ref_quant.quantize_fp8(case["x"].float(), torch.float8_e4m3fn, per_token=True)
     w_q, w_s = ref_quant.quantize_fp8(case["weight"].float(), torch.float8_e4m3fn, per_token=True)
     fp8 = [dev(t) for t in (x_q, x_s, w_q, w_s, case["bias"])]
-    results = []
-    for early in (False, True):
-        monkeypatch.setattr(gemv, "EARLY", early)
-        results.append(gemv.fp8_linear_small_m(*fp8, config=cfg))
-    assert torch.equal(results[0], results[1])
+    late, early = (gemv.fp8_linear_small_m(*fp8, config=cfg, early=flag) for flag in (False, True))
+    assert torch.equal(late, early)
+
+
+def test_early_by_default_only_for_parameters(monkeypatch) -> None:
+    # A weight a kernel may still be writing (any plain tensor) is read after the wait; the
+    # engine's nn.Parameter weights early, unless HAL_GEMV_EARLY=0.
+    seen = []
+    real = gemv._launch
+    monkeypatch.setattr(gemv, "_launch",
+                        lambda *a, **kw: seen.append(kw["early"]) or real(*a, **kw))  # fmt: skip
+    case = dense_case(1, 8, 32, torch.bfloat16, False, seed=0)
+    x, w = dev(case["x"]), dev(case["weight"])
+    gemv.linear_small_m(x, w)
+    gemv.linear_small_m(x, torch.nn.Parameter(w, requires_grad=False))
+    monkeypatch.setattr(gemv, "EARLY", False)
+    gemv.linear_small_m(x, torch.nn.Parameter(w, requires_grad=False))
+    assert seen == [False, True, False]
 
 
 def test_counters_grow_without_freeing_the_old_buffer() -> None:
