@@ -671,7 +671,8 @@ class Int4Packed:
     column's K contiguous, so decode streams whole rows like a dense GEMV.
 
     qweight int32 [N, K/8]: nibble i (bits 4i) of word r of row n is the code at packed k = 8r + i;
-    scales [N, groups] (the checkpoint's dtype) and zeros uint8 [N, groups]; packed k belongs to
+    scales [N, groups] (the checkpoint's dtype) and zeros uint8 [N, groups] (order "pairs":
+    transposed views of [groups, N] storage, strides (1, N)); packed k belongs to
     group k // group_size, or g_idx[k] when g_idx is set (group_size 0); perm int64 [K]: packed k
     holds the checkpoint's input channel perm[k] (desc_act), None when the order is unchanged.
     order "pairs" (`backends.triton.int4_tc`): the same words read in k order are a weight whose
@@ -756,6 +757,10 @@ def repack_int4_for_triton(
         why = pairs_reason(k, scales.shape[0], group_size, g_idx)
         if why:
             raise ValueError(f"order: 'pairs' cannot take this weight: {why}; use order 'k'")
+        # [N, groups] views of [groups, N] storage: a step of the pairs kernels reads one group's
+        # scales and zeros for a block of rows, now one contiguous run (Gluon kernel, H200: +0.01
+        # to +0.03 of copy bandwidth at M = 1-8; docs/benchmarks.md, eighteenth session)
+        st, zt = scales.contiguous().t(), zeros.contiguous().t()
     if g_idx is None and order == "k":
         return Int4Packed(qweight.t().contiguous(), st, zt, group_size)
     sort, g_sorted, uniform = _sort_groups(g_idx, k, scales.shape[0])
@@ -851,7 +856,9 @@ def _int4_dequant_packed_kernel(
     stride_qw_chunk,
     tile_shift,
     stride_s_row,
+    stride_s_group,
     stride_z_row,
+    stride_z_group,
     stride_out_row,
     n_cols,
     n_words,
@@ -888,8 +895,8 @@ def _int4_dequant_packed_kernel(
             g = tl.load(g_idx_ptr + k, mask=k_ok, other=0)
         else:
             g = tl.minimum(k, n_words * 8 - 1) // group_size
-        s = tl.load(s_rows[:, None] + g[None, :]).to(tl.float32)  # [BN, BK]
-        z = tl.load(z_rows[:, None] + g[None, :]).to(tl.float32)
+        s = tl.load(s_rows[:, None] + g[None, :] * stride_s_group).to(tl.float32)  # [BN, BK]
+        z = tl.load(z_rows[:, None] + g[None, :] * stride_z_group).to(tl.float32)
         q = _interleave8(
             words & 0xF, (words >> 4) & 0xF, (words >> 8) & 0xF, (words >> 12) & 0xF,
             (words >> 16) & 0xF, (words >> 20) & 0xF, (words >> 24) & 0xF, (words >> 28) & 0xF,
@@ -898,12 +905,12 @@ def _int4_dequant_packed_kernel(
     else:
         if SCALE_MODE == 0:
             g = (tl.program_id(1) * (8 * BLOCK_R)) // group_size
-            s = tl.load(s_rows + g).to(tl.float32)[:, None]  # [BN, 1]
-            z = tl.load(z_rows + g).to(tl.float32)[:, None]
+            s = tl.load(s_rows + g * stride_s_group).to(tl.float32)[:, None]  # [BN, 1]
+            z = tl.load(z_rows + g * stride_z_group).to(tl.float32)[:, None]
         else:
             g = (r_in * 8 // group_size)[None, :]  # [1, BR]
-            s = tl.load(s_rows[:, None] + g).to(tl.float32)  # [BN, BR]
-            z = tl.load(z_rows[:, None] + g).to(tl.float32)
+            s = tl.load(s_rows[:, None] + g * stride_s_group).to(tl.float32)  # [BN, BR]
+            z = tl.load(z_rows[:, None] + g * stride_z_group).to(tl.float32)
         w = _interleave8(
             _dequant_word(words, 0, z, s), _dequant_word(words, 1, z, s),
             _dequant_word(words, 2, z, s), _dequant_word(words, 3, z, s),
@@ -963,15 +970,14 @@ def dequantize_packed_triton(
     block_r = min(DEQUANT_BLOCK_R, triton.next_power_of_2(n_words))
     mode = _dequant_scale_mode(p, block_r)
     qw = p.qweight if p.qweight.stride(-1) == 1 else p.qweight.contiguous()
-    sc = p.scales if p.scales.stride(1) == 1 else p.scales.contiguous()
-    zs = p.zeros if p.zeros.stride(1) == 1 else p.zeros.contiguous()
+    sc, zs = p.scales, p.zeros  # any strides ([N, groups] views for the pairs order)
     permute = checkpoint_order and p.perm is not None
     gi = p.g_idx if p.g_idx is not None else qw  # a dummy pointer when absent
     pm = p.perm if permute else qw
     grid = (triton.cdiv(n, block_n), triton.cdiv(n_words, block_r))
     _int4_dequant_packed_kernel[grid](
-        qw, sc, zs, gi, pm, out, *int4_tc.word_strides(qw)[1], sc.stride(0), zs.stride(0),
-        out.stride(0), n,
+        qw, sc, zs, gi, pm, out, *int4_tc.word_strides(qw)[1], sc.stride(0), sc.stride(1),
+        zs.stride(0), zs.stride(1), out.stride(0), n,
         n_words, max(p.group_size, 1), SCALE_MODE=mode, HAS_G_IDX=p.g_idx is not None,
         PERMUTE=permute, INTERPRET=interpreting(), BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
     )  # fmt: skip
@@ -1057,11 +1063,12 @@ def _int4_linear_packed(x, p: Int4Packed, bias, allow_tf32, configs, config,
     dest = out if final else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     dot_dtype, precision = _dot_dtype(x, allow_tf32)
     qw = int4_tc.untile_pairs(p.qweight)  # (tiled pairs words with fp32 x: a copy, rare)
+    sc, zs = p.scales.contiguous(), p.zeros.contiguous()  # (pairs-order views: a copy, rare)
     b = bias.contiguous() if bias is not None else qw  # a dummy pointer when absent
     gi = p.g_idx if p.g_idx is not None else qw
     _int4_packed_kernel[(tiles, split)](
-        xc, qw, p.scales, p.zeros, gi, b, dest, xc.stride(0), qw.stride(0), p.scales.stride(0),
-        p.zeros.stride(0), 0 if final else dest.stride(0), dest.stride(-2), m, n, k // 8,
+        xc, qw, sc, zs, gi, b, dest, xc.stride(0), qw.stride(0), sc.stride(0), zs.stride(0),
+        0 if final else dest.stride(0), dest.stride(-2), m, n, k // 8,
         max(p.group_size, 1), k_per_split // 8, _NIBBLE_MASK,
         USE_DOT=cfg.kernel == "dot", SCALE_MODE=mode, HAS_G_IDX=p.g_idx is not None,
         EVEN_K=k % block_k == 0, HAS_BIAS=bias is not None, FINAL=final, DOT_DTYPE=dot_dtype,
