@@ -123,13 +123,16 @@ class Weights:
 def make_weights(kind: str, k: int, n: int, l2: int) -> Weights:
     count = max(2, math.ceil(3 * l2 / (n * k * W_BYTES[kind])))
     copies = []
+    # nn.Parameters, as the engine holds its weights: the GEMV then reads its first tile before
+    # the PDL wait (`gemv.EARLY`), as it does in a decode step.
     for _ in range(count):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         if kind == "bf16":
-            copies.append((w, None))
+            copies.append((torch.nn.Parameter(w, requires_grad=False), None))
         else:
             scale = w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
-            copies.append(((w.float() / scale).to(FP8), scale))
+            w_q = torch.nn.Parameter((w.float() / scale).to(FP8), requires_grad=False)
+            copies.append((w_q, scale))
         del w
     return Weights(kind, k, n, copies)
 
@@ -377,11 +380,12 @@ def main() -> int:
     results: dict = {
         "device": props.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "commit": commit, "torch": torch.__version__, "triton": gemv.triton.__version__,
-        "copy_gbs": copy_gbs, "rows": [], "autotune": [],
+        "copy_gbs": copy_gbs, "early_weights": gemv.EARLY, "rows": [], "autotune": [],
     }  # fmt: skip
     print(f"{props.name}: copy bandwidth {copy_gbs:.0f} GB/s (1 GiB copy, read + write), "
           f"L2 {l2 / 2**20:.0f} MiB, {props.multi_processor_count} SMs, torch {torch.__version__}, "
-          f"triton {gemv.triton.__version__}")  # fmt: skip
+          f"triton {gemv.triton.__version__}, early weight loads "
+          f"{'on' if gemv.EARLY else 'off (HAL_GEMV_EARLY=0)'}")  # fmt: skip
     weights = {}
     for kind, label in itertools.product(args.kinds, args.shapes):
         k, n = SHAPES[label]
