@@ -450,13 +450,14 @@ class Backend(ABC):
         composition; a backend may override it with a fused kernel that gives the same bits."""
         return self.quantize_fp8(self.silu_and_mul(x), fp8_dtype, per_token=True)
 
-    def silu_and_mul_linear(
+    def linear_silu_and_mul(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """`linear(silu_and_mul(x), weight, bias)`: a SwiGLU MLP's down projection read straight
-        from the gate_up output (x [..., 2K], gate then up; weight [N, K]). Exactly this
-        composition; a backend may override it with a fused kernel that gives the same bits."""
-        return self.linear(self.silu_and_mul(x), weight, bias)
+        """`silu_and_mul(linear(x, weight, bias))`: a SwiGLU MLP's gate_up projection and its
+        activation (x [..., K]; weight [2D, K], the D gate rows then the D up rows; bias [2D])
+        -> [..., D]. Exactly this composition; a backend may override it with a fused kernel
+        that gives the same bits."""
+        return self.silu_and_mul(self.linear(x, weight, bias))
 
     # -- graphs ----------------------------------------------------------------------------------
     @abstractmethod

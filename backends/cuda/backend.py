@@ -51,7 +51,7 @@ def _float_reasons(**tensors: torch.Tensor | None) -> list[str]:
     ]
 
 
-FUSED_SILU_GEMM_ENV = "HAL_FUSED_SILU_GEMM"
+FUSED_GATE_UP_SILU_ENV = "HAL_FUSED_GATE_UP_SILU"
 
 
 def _env_flag(name: str) -> bool | None:
@@ -110,13 +110,13 @@ class CudaBackend(Backend):
                 if fused
                 else f"{family} ({first}) then quantize ({quantize})"
             )
-        # HAL_FUSED_SILU_GEMM=1: silu_and_mul_linear in one launch where M <= 16 (see there)
-        self.fused_silu_gemm = bool(_env_flag(FUSED_SILU_GEMM_ENV))
+        # HAL_FUSED_GATE_UP_SILU=1: linear_silu_and_mul in one launch where M <= 16 (see there)
+        self.fused_gate_up_silu = bool(_env_flag(FUSED_GATE_UP_SILU_ENV))
         if self.chosen("gemm") == "triton_small_m" and self.chosen("activation") == "triton":
-            self.info.settings["silu_and_mul_linear"] = (
+            self.info.settings["linear_silu_and_mul"] = (
                 "fused (triton, one launch at M <= 16)"
-                if self.fused_silu_gemm
-                else f"activation then GEMM ({FUSED_SILU_GEMM_ENV}=1 fuses them)"
+                if self.fused_gate_up_silu
+                else f"GEMM then activation ({FUSED_GATE_UP_SILU_ENV}=1 fuses them)"
             )
         for family in ("gemm", "fp8_gemm", "int8_gemm"):
             if self.chosen(family) == "triton_small_m":
@@ -563,27 +563,26 @@ class CudaBackend(Backend):
             return _triton("activation").silu_and_mul(x)
         return activation.silu_and_mul(x)
 
-    def silu_and_mul_linear(self, x, weight, bias=None) -> torch.Tensor:
-        # With HAL_FUSED_SILU_GEMM=1, where both halves would run Triton (the decode-sized GEMM
-        # and the activation kernel), one launch computes the activation inside the GEMM: the
-        # same bits, one kernel fewer per MLP. Off by default: slower on 2 x H200 (batch-1 decode
-        # TP=1 4.49 -> 4.53 ms, TP=2 3.04 -> 3.11; eighteenth session), every program of the
-        # down GEMM recomputing the activation for its K range at 16 rows of x.
+    def linear_silu_and_mul(self, x, weight, bias=None) -> torch.Tensor:
+        # With HAL_FUSED_GATE_UP_SILU=1, where both halves would run Triton (the decode-sized GEMM
+        # and the activation kernel), one launch writes the activation from the GEMM's epilogue:
+        # the same bits, one kernel fewer per MLP. Off by default until timed on a GPU. (Its
+        # predecessor fused the activation into the down GEMM instead and was slower on 2 x
+        # H200, every program recomputing it: TP=2 batch-1 3.04 -> 3.11 ms, eighteenth session.)
         if (
-            self.fused_silu_gemm
-            and x.shape[-1] % 2 == 0
-            and x.stride(-1) == 1
+            self.fused_gate_up_silu
+            and weight.shape[0] % 2 == 0
             and self.chosen("gemm") == "triton_small_m"
             and self.chosen("activation") == "triton"
         ):
             gemv = _triton("gemv")
-            if not gemv.small_m_reasons(x[..., : x.shape[-1] // 2], weight):
+            if not gemv.small_m_reasons(x, weight):
                 self._mark("gemm", "triton_small_m")
                 self._mark("activation", "triton")
-                y = gemv.silu_and_mul_linear_small_m(x.reshape(-1, x.shape[-1]), weight, bias,
+                y = gemv.linear_silu_and_mul_small_m(x.reshape(-1, x.shape[-1]), weight, bias,
                                                      configs=self.gemv_configs)  # fmt: skip
-                return y.reshape(*x.shape[:-1], weight.shape[0])
-        return super().silu_and_mul_linear(x, weight, bias)
+                return y.reshape(*x.shape[:-1], weight.shape[0] // 2)
+        return super().linear_silu_and_mul(x, weight, bias)
 
     def silu_and_mul_quant_fp8(self, x, fp8_dtype):
         if not self._fused_quant("activation", x=x):

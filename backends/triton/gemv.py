@@ -306,9 +306,28 @@ def _epilogue(
 @triton.jit
 def _silu_mul(gate, up, INTERPRET: tl.constexpr):
     # silu(gate) * up in fp32, rounded once to their dtype: `activation._silu_and_mul_kernel`'s
-    # math, so the fused GEMM reads the bits the separate kernel would have written.
+    # math, so the fused GEMM writes the bits the separate kernel would have written.
     g = gate.to(tl.float32)
     return cast_rtne(g / (1.0 + tl.exp(-g)) * up.to(tl.float32), gate.dtype, INTERPRET)
+
+
+@triton.jit
+def _silu_epilogue(acc, w_idx, offs_m, pid_n, out_ptr, bias_ptr, n_rows, n_out, stride_out_row,
+                   HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr,
+                   BLOCK_N: tl.constexpr):  # fmt: skip
+    # acc [BLOCK_N, BM]: gate rows, then the up rows of the same columns (SILU_OUT). Rounded to
+    # the output dtype as the GEMM would store them (bias first), then silu(gate) * up as the
+    # activation kernel computes it: the two kernels' bits.
+    y = acc
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + w_idx).to(tl.float32)[:, None]
+    h = cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET)
+    h = tl.permute(tl.reshape(h, (2, BLOCK_N // 2, acc.shape[1])), (1, 2, 0))
+    gate, up = tl.split(h)  # [BLOCK_N / 2, BM] each
+    col = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    out = out_ptr + offs_m.to(tl.int64)[None, :] * stride_out_row + col[:, None]
+    mask = (col < n_out)[:, None] & (offs_m < n_rows)[None, :]
+    tl.store(out, _silu_mul(gate, up, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -358,6 +377,7 @@ def _small_m_kernel(
     stride_out_row,
     k_per_split,
     num_splits,
+    n_out,  # SILU_OUT: the activation's columns (n_cols: the column blocks times BLOCK_N)
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -380,7 +400,7 @@ def _small_m_kernel(
     W_HAS_INF: tl.constexpr,
     INTERPRET: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
-    GATED: tl.constexpr,  # x_ptr holds [gate | up] (2 n_k columns); x = silu(gate) * up
+    SILU_OUT: tl.constexpr,  # w holds [gate; up] (2 n_out rows); out = silu(gate) * up [M, n_out]
     PDL: tl.constexpr,
     EARLY: tl.constexpr,  # even K: the first weight tile loads before the PDL wait
     BLOCK_M: tl.constexpr,
@@ -389,7 +409,9 @@ def _small_m_kernel(
 ):
     # One program: BLOCK_M rows of x against BLOCK_N weight rows over one K split. Programs of
     # the same weight block and different row blocks are neighbours (axis 0), so a weight tile
-    # read from DRAM for one is an L2 hit for the others.
+    # read from DRAM for one is an L2 hit for the others. SILU_OUT: a program's rows are gate
+    # rows j .. j + BLOCK_N / 2 - 1 and the up rows of the same j, so its epilogue writes
+    # silu(gate) * up for those columns (a SwiGLU gate_up projection and its activation).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -400,7 +422,13 @@ def _small_m_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     # Rows past the end read row N-1 / M-1 (in bounds, never stored): loads need no row mask, so
     # the only mask is K's tail, and with EVEN_K none at all (full-width vector loads).
-    w_rows = tl.minimum(offs_n, n_cols - 1).to(tl.int64)
+    if SILU_OUT:
+        half = tl.arange(0, BLOCK_N) // (BLOCK_N // 2)  # 0: gate row, 1: up row
+        col = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) % (BLOCK_N // 2)
+        w_idx = tl.minimum(col, n_out - 1) + half * n_out
+    else:
+        w_idx = tl.minimum(offs_n, n_cols - 1)
+    w_rows = w_idx.to(tl.int64)
     x_rows = tl.minimum(offs_m, n_rows - 1).to(tl.int64)
     w_ptrs = w_ptr + w_rows[:, None] * stride_w_row + offs_k[None, :] * stride_w_col  # [BN, BK]
     if USE_DOT:
@@ -418,8 +446,6 @@ def _small_m_kernel(
         w = tl.load(w_ptrs + k_start * stride_w_col, eviction_policy="evict_first")
         grid_wait(PDL)
         x = tl.load(x_ptrs + k_start * stride_x_col)
-        if GATED:
-            x = _silu_mul(x, tl.load(x_ptrs + (k_start + n_k) * stride_x_col), INTERPRET)
         acc = _mac(acc, w, x, USE_DOT, DOT_DTYPE, X_FP8, W_FP8, X_MAN_BITS, X_EXP_BIAS,
                    X_FP8_MAX, X_NAN_CODE, X_FNUZ, X_HAS_INF, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX,
                    W_NAN_CODE, W_FNUZ, W_HAS_INF)  # fmt: skip
@@ -428,25 +454,24 @@ def _small_m_kernel(
         if EVEN_K:
             w = tl.load(w_ptrs + k0 * stride_w_col, eviction_policy="evict_first")
             x = tl.load(x_ptrs + k0 * stride_x_col)
-            if GATED:
-                x = _silu_mul(x, tl.load(x_ptrs + (k0 + n_k) * stride_x_col), INTERPRET)
         else:
             k_ok = (k0 + offs_k) < k_end
             w = tl.load(w_ptrs + k0 * stride_w_col, mask=k_ok[None, :], other=0,
                         eviction_policy="evict_first")  # fmt: skip
             x_ok = k_ok[:, None] if USE_DOT else k_ok[None, :]
             x = tl.load(x_ptrs + k0 * stride_x_col, mask=x_ok, other=0)
-            if GATED:
-                up = tl.load(x_ptrs + (k0 + n_k) * stride_x_col, mask=x_ok, other=0)
-                x = _silu_mul(x, up, INTERPRET)  # masked lanes: silu(0) * 0 = 0
         acc = _mac(acc, w, x, USE_DOT, DOT_DTYPE, X_FP8, W_FP8, X_MAN_BITS, X_EXP_BIAS,
                    X_FP8_MAX, X_NAN_CODE, X_FNUZ, X_HAS_INF, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX,
                    W_NAN_CODE, W_FNUZ, W_HAS_INF)  # fmt: skip
     if not USE_DOT:
         acc = tl.sum(acc, axis=1)[:, None]  # [BN, 1]
     if num_splits == 1:
-        _epilogue(acc, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, n_rows,
-                  n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE, INTERPRET)  # fmt: skip
+        if SILU_OUT:
+            _silu_epilogue(acc, w_idx, offs_m, pid_n, out_ptr, bias_ptr, n_rows, n_out,
+                           stride_out_row, HAS_BIAS, INTERPRET, BLOCK_N)  # fmt: skip
+        else:
+            _epilogue(acc, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, n_rows,
+                      n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE, INTERPRET)  # fmt: skip
     else:
         # partial: fp32 [S, M, N], contiguous
         part = partial_ptr + (pid_k * n_rows + offs_m.to(tl.int64))[None, :] * n_cols
@@ -465,9 +490,13 @@ def _small_m_kernel(
                 total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
                 for s in range(num_splits):
                     total += tl.load(first + s * step, mask=mask, other=0.0, cache_modifier=".cg")
-                _epilogue(total, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr,
-                          n_rows, n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE,
-                          INTERPRET)  # fmt: skip
+                if SILU_OUT:
+                    _silu_epilogue(total, w_idx, offs_m, pid_n, out_ptr, bias_ptr, n_rows, n_out,
+                                   stride_out_row, HAS_BIAS, INTERPRET, BLOCK_N)  # fmt: skip
+                else:
+                    _epilogue(total, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr,
+                              n_rows, n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE,
+                              INTERPRET)  # fmt: skip
                 tl.atomic_xchg(counter_ptr + tile, 0)
 
 
@@ -524,16 +553,30 @@ def _launch(
     w_fp8: torch.dtype | None,
     cfg: GemvConfig,
     fused_reduce: bool | None = None,
-    gated: bool = False,
+    silu_out: bool = False,
     early: bool = False,
 ) -> torch.Tensor:
-    m, k = x.shape[0], w.shape[1]  # gated: x is [M, 2K], gate then up
-    n = w.shape[0]
-    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
-    if m == 0 or n == 0:
+    m, k = x.shape[0], w.shape[1]
+    n_w = w.shape[0]
+    # silu_out: w is [gate; up] (2 n_out rows), out the activation [M, n_out]; each column block
+    # holds block_n / 2 gate rows and their up rows, and n counts its columns (partials' width).
+    n_out = n_w // 2 if silu_out else n_w
+    out = torch.empty(m, n_out, dtype=out_dtype, device=x.device)
+    if m == 0 or n_out == 0:
         return out
     interpret = interpreting()
-    splits, k_per_split = split_plan(cfg, m, n, k, _sm_count(x.device))
+    splits, k_per_split = split_plan(cfg, m, n_w, k, _sm_count(x.device))
+    fused = FUSED_REDUCE if fused_reduce is None else fused_reduce
+    col_blocks = triton.cdiv(n_out, cfg.block_n // 2) if silu_out else triton.cdiv(n_w, cfg.block_n)
+    counters = tile_counters(x.device, triton.cdiv(m, cfg.block_m) * col_blocks)
+    fused = fused and splits > 1 and counters is not None
+    if silu_out and splits > 1 and not fused:  # the split-K sum needs the epilogue: two kernels
+        h = _launch(x, w, bias, x_scale, w_scale, out_dtype, x_fp8, w_fp8, cfg, fused_reduce,
+                    early=early)  # fmt: skip
+        from backends.triton import activation
+
+        return activation.silu_and_mul(h)
+    n = col_blocks * cfg.block_n if silu_out else n_w
     # fp32 partials [S, M, N] (a 1-element stand-in without split-K keeps one compiled kernel)
     partial_shape = (splits, m, n) if splits > 1 else (1,)
     partial = torch.empty(partial_shape, dtype=torch.float32, device=x.device)
@@ -554,26 +597,23 @@ def _launch(
     w_s_mode, w_s = _scale_mode(w_scale)
     flags = dict(HAS_BIAS=bias is not None, X_SCALE=x_s_mode, W_SCALE=w_s_mode, INTERPRET=interpret)
     dummy = out  # stands in for absent optional pointers (never read)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), splits)
+    grid = (triton.cdiv(m, cfg.block_m), col_blocks, splits)
     if max(grid[1:]) > _MAX_GRID:
         raise ValueError(
             f"config: block_n={cfg.block_n} gives {grid[1]} column blocks and split_k {splits} "
             f"splits; each must be <= {_MAX_GRID} (use a larger block_n / block_k)"
         )
-    fused = FUSED_REDUCE if fused_reduce is None else fused_reduce
-    counters = tile_counters(x.device, grid[0] * grid[1]) if fused and splits > 1 else None
-    fused = counters is not None
     pdl = pdl_args(x.device, "gemm")
     _small_m_kernel[grid](
         x, w, dummy if bias is None else bias, dummy if x_s is None else x_s,
         dummy if w_s is None else w_s, out, partial, counters if fused else partial,
         m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
-        k_per_split, splits,
+        k_per_split, splits, n_out,
         USE_DOT=cfg.kernel == "dot", EVEN_K=k % cfg.block_k == 0, DOT_DTYPE=dot_dtype,
         X_FP8=x_mode, W_FP8=w_mode,
         **{f"X_{key}": value for key, value in x_codec.items()},
         **{f"W_{key}": value for key, value in w_codec.items()},
-        FUSED_REDUCE=fused, GATED=gated, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        FUSED_REDUCE=fused, SILU_OUT=silu_out, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         EARLY=early and k % cfg.block_k == 0,
         BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **pdl,
@@ -616,8 +656,8 @@ def linear_small_m(
     return _dense(x, weight, bias, config, configs, fused_reduce, False, early)
 
 
-def silu_and_mul_linear_small_m(
-    h: torch.Tensor,
+def linear_silu_and_mul_small_m(
+    x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     config: GemvConfig | None = None,
@@ -625,14 +665,17 @@ def silu_and_mul_linear_small_m(
     fused_reduce: bool | None = None,
     early: bool | None = None,
 ) -> torch.Tensor:
-    """linear_small_m(silu_and_mul(h), weight, bias) in one launch, bit for bit the two Triton
-    kernels (a SwiGLU MLP's down projection reading the gate_up output): each program makes
-    silu(gate) * up for its K range (fp32, rounded to h's dtype) instead of loading it.
+    """silu_and_mul(linear_small_m(x, weight, bias)) in one launch where it can, bit for bit the
+    two Triton kernels (a SwiGLU MLP's gate_up projection and its activation): each program
+    takes block_n / 2 gate rows and the up rows of the same columns, and its epilogue rounds the
+    products as the GEMM would store them and writes silu(gate) * up instead.
 
-    h: [M, 2K] (gate columns, then up), bf16 / fp16 / fp32 with contiguous rows; weight: [N, K]
-    in h's dtype; bias: [N]. Returns [M, N] in h's dtype. The launch shape is the one
-    `linear_small_m` picks for [M, K] x [N, K]; early as there."""
-    return _dense(h, weight, bias, config, configs, fused_reduce, True, early)
+    x: [M, K] bf16 / fp16 / fp32; weight: [2 D, K] in x's dtype, the D gate rows then the D up
+    rows; bias: [2 D]. Returns [M, D] in x's dtype. The launch shape is the one `linear_small_m`
+    picks for [M, K] x [2 D, K] (block_n >= 2); a split-K launch without the in-kernel sum
+    (HAL_GEMV_FUSED_REDUCE=0, or counters that would grow during a graph capture) runs the GEMM
+    and then the activation kernel. early as in `linear_small_m`."""
+    return _dense(x, weight, bias, config, configs, fused_reduce, True, early)
 
 
 def _early(weight: torch.Tensor, early: bool | None) -> bool:
@@ -640,32 +683,36 @@ def _early(weight: torch.Tensor, early: bool | None) -> bool:
     return EARLY and isinstance(weight, torch.nn.Parameter) if early is None else early
 
 
-def _dense(x, weight, bias, config, configs, fused_reduce, gated: bool, early) -> torch.Tensor:
-    # The float GEMMs' checks, then the launch; gated: x is h = [gate | up] of 2K columns.
-    name, shape = ("h", "[M, 2K]") if gated else ("x", "[M, K]")
+def _dense(x, weight, bias, config, configs, fused_reduce, silu_out: bool, early) -> torch.Tensor:
+    # The float GEMMs' checks, then the launch; silu_out: weight is [gate; up], out the activation.
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(
-            f"{name}/weight: expected {shape} and [N, K], got {tuple(x.shape)} and "
-            f"{tuple(weight.shape)}"
+            f"x/weight: expected [M, K] and [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}"
         )
     if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name}: dtype {x.dtype} is not one of float32, bfloat16, float16")
+        raise ValueError(f"x: dtype {x.dtype} is not one of float32, bfloat16, float16")
     if weight.dtype != x.dtype:
-        raise ValueError(f"weight: dtype {weight.dtype} differs from {name}'s {x.dtype}")
+        raise ValueError(f"weight: dtype {weight.dtype} differs from x's {x.dtype}")
     k = weight.shape[1]
-    if gated and x.shape[1] != 2 * k:
-        raise ValueError(f"h: {x.shape[1]} columns, expected 2 x weight's K={k} (gate, then up)")
-    if not gated and x.shape[1] != k:
+    if x.shape[1] != k:
         raise ValueError(f"x: K={x.shape[1]} differs from weight's K={k}")
-    if gated and x.stride(1) != 1:
-        raise ValueError("h: rows must be contiguous (the gate and up halves are read by offset)")
+    if silu_out and weight.shape[0] % 2:
+        raise ValueError(
+            f"weight: {weight.shape[0]} rows; expected an even count (the gate rows, then as many "
+            "up rows)"
+        )
     _check_bias(bias, weight.shape[0])
     if bias is not None and bias.dtype not in FLOAT_DTYPES:
         raise ValueError(f"bias: dtype {bias.dtype} is not one of float32, bfloat16, float16")
-    _check_device(**{name: x}, weight=weight, bias=bias)
+    _check_device(x=x, weight=weight, bias=bias)
     cfg = config or pick_config(weight.element_size(), x.shape[0], weight.shape[0], k, configs)
-    return _launch(x, weight, bias, None, None, x.dtype, None, None, cfg, fused_reduce, gated,
-                   early=_early(weight, early))  # fmt: skip
+    if silu_out and cfg.block_n < 2:
+        raise ValueError(
+            f"config: block_n={cfg.block_n}; the fused activation needs block_n >= 2 (a gate and "
+            "an up row per column)"
+        )
+    return _launch(x, weight, bias, None, None, x.dtype, None, None, cfg, fused_reduce,
+                   silu_out=silu_out, early=_early(weight, early))  # fmt: skip
 
 
 def fp8_linear_small_m(

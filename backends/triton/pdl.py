@@ -11,11 +11,12 @@ first weights before the wait (4.88 ms with 4 KiB per GEMV row; the 4-bit kernel
 
 The rule that keeps it correct: every kernel launched with PDL runs `grid_wait` in every program
 before it touches any tensor another kernel writes (its inputs, outputs and scratch), and before
-it ends. Weights that no kernel writes after loading are the one exception: the decode GEMMs read
-their first weight tile before the wait (`gemv.EARLY` for nn.Parameter weights, `int4_gluon.EARLY`
-for repacked 4-bit words), so that load overlaps the previous kernel's tail (H200, batch-1 8B
-decode 4.48 -> 4.42 ms, GPTQ 4-bit 2.41 -> 2.35 ms; eighteenth session). Then no PDL kernel ends before the one before it, so "finished" stays transitive along
+it ends. Then no PDL kernel ends before the one before it, so "finished" stays transitive along
 the stream, and a kernel launched the usual way after a PDL kernel waits for it as always.
+Weights that no kernel writes after loading are the one exception: the decode GEMMs read their
+first weight tile before the wait (`gemv.EARLY` for nn.Parameter weights, `int4_gluon.EARLY` for
+repacked 4-bit words), so that load overlaps the previous kernel's tail (H200, batch-1 8B decode
+4.50 -> 4.44 ms, GPTQ 4-bit 2.41 -> 2.35 ms; eighteenth session).
 `HAL_PDL=0` launches every kernel the usual way; HAL_PDL_SKIP names families (gemm, attention,
 norm, rotary, kv, activation) to leave out. Same results either way: PDL changes only when a
 program starts.

@@ -186,6 +186,15 @@ class MergedColumnParallelLinear(QuantizableLinear):
             return self.quant_method.apply(self, x, self.bias)
         return self.backend.linear(x, self.weight, self.bias)
 
+    def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu_and_mul(forward(x)) for a [gate, up] layer: [num_tokens, output_sizes[0] /
+        tp_size], which the backend may run as one fused launch (float weights)."""
+        if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
+            raise ValueError(f"output_sizes: {self.output_sizes}; silu_and_mul wants [D, D]")
+        if self.quant_method is not None:
+            return self.backend.silu_and_mul(self.forward(x))
+        return self.backend.linear_silu_and_mul(x, self.weight, self.bias)
+
     def load(self, source: TensorSource, prefixes: list[str]) -> None:
         if len(prefixes) != len(self.output_sizes):
             raise ValueError(f"prefixes: got {len(prefixes)}, expected {len(self.output_sizes)}")
@@ -327,21 +336,10 @@ class RowParallelLinear(QuantizableLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, input_size / tp_size] -> [num_tokens, output_size]
-        return self._apply(x, gated=False)
-
-    def forward_silu_and_mul(self, h: torch.Tensor) -> torch.Tensor:
-        """forward(silu_and_mul(h)) for h [num_tokens, 2 * input_size / tp_size] (gate, then
-        up): a SwiGLU down projection, which the backend may run as one fused launch."""
-        return self._apply(h, gated=True)
-
-    def _apply(self, x: torch.Tensor, gated: bool) -> torch.Tensor:
         whole = self.parallel.tp_size == 1
         bias = self.bias if whole else None  # with TP: added once, after the sum
         if self.quant_method is not None:
-            x = self.backend.silu_and_mul(x) if gated else x
             y = self.quant_method.apply(self, x, bias)
-        elif gated:
-            y = self.backend.silu_and_mul_linear(x, self.weight, bias)
         else:
             y = self.backend.linear(x, self.weight, bias)
         if whole:

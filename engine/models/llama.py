@@ -142,11 +142,11 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [T, hidden] -> [T, 2 * intermediate / tp] -> [T, intermediate / tp] -> [T, hidden]
-        h = self.gate_up_proj(x)
         fp8 = self.down_proj.fp8_input_dtype()
         if fp8 is None:
-            return self.down_proj.forward_silu_and_mul(h)
+            return self.down_proj(self.gate_up_proj.forward_silu_and_mul(x))
         # An FP8 down projection with per-token activations: one launch activates and quantizes.
+        h = self.gate_up_proj(x)
         return self.down_proj(
             QuantizedActivation(*self.backend.silu_and_mul_quant_fp8(h, fp8), h.dtype)
         )

@@ -556,21 +556,21 @@ def check_silu_and_mul(d: Dispatch, case: S.SiluCase) -> CaseResult:
     return close("y", out, ref, _silu_allowed(f64(x), ref, case.dtype))
 
 
-def check_silu_and_mul_linear(d: Dispatch, case: S.LinearCase) -> CaseResult:
-    # h = [gate | up] from the case's x (up: x shifted by one column). Fused or not, the bits of
-    # this backend's own silu_and_mul then linear; that within linear's bound of the float64
-    # product of the activation it rounded (silu_and_mul's own bound is its own row's).
+def check_linear_silu_and_mul(d: Dispatch, case: S.LinearCase) -> CaseResult:
+    # weight = [W; W shifted by one row] (gate rows, then up rows), bias likewise. Fused or not,
+    # the bits of this backend's own linear then silu_and_mul; that linear within its bound of
+    # the float64 product (silu_and_mul's own bound is its own row's).
     t = case.build()
-    h = d.to(torch.cat([t["x"], t["x"].roll(1, dims=-1)], dim=-1))
-    w, b = d.to(t["weight"]), d.to(t["bias"])
-    out = d("silu_and_mul_linear", h, w, b)
+    w2 = torch.cat([t["weight"], t["weight"].roll(1, dims=0)])
+    b2 = None if t["bias"] is None else torch.cat([t["bias"], t["bias"].roll(1)])
+    x, w, b = d.to(t["x"]), d.to(w2), d.to(b2)
+    out = d("linear_silu_and_mul", x, w, b)
     be = d.backend
-    act = be.silu_and_mul(h)
-    result = bitwise("y vs silu_and_mul then linear", out, be.linear(act, w, b).cpu())
-    act = act.cpu()
-    ref = linear.linear(f64(act), f64(t["weight"]), f64(t["bias"]))
-    mag = amax(act) * amax(t["weight"])
-    return result.merge(within("y", out, ref, case.dtype, mag, case.shape.k, tf32=tf32(d)))
+    h = be.linear(x, w, b)
+    result = bitwise("y vs linear then silu_and_mul", out, be.silu_and_mul(h).cpu())
+    ref = linear.linear(f64(t["x"]), f64(w2), f64(b2))
+    mag = amax(t["x"]) * amax(w2)
+    return result.merge(within("h", h.cpu(), ref, case.dtype, mag, case.shape.k, tf32=tf32(d)))
 
 
 def check_graph(d: Dispatch, case: S.GraphCase) -> CaseResult:
@@ -794,11 +794,11 @@ OPS: tuple[OpSpec, ...] = (
         True,
     ),
     OpSpec(
-        "silu_and_mul_linear",
+        "linear_silu_and_mul",
         "gemm",
         FLOAT,
         _plain(S.linear_cases),
-        check_silu_and_mul_linear,
+        check_linear_silu_and_mul,
     ),
     OpSpec("graph", "graph", FLOAT, _plain(S.graph_cases), check_graph),
 )

@@ -169,9 +169,14 @@ def test_merged_gate_up_pairs_halves_per_rank(backend):
         layer = MergedColumnParallelLinear(8, [16, 16], backend, ctx, torch.float32)
         layer.load(src, ["g", "u"])
         outs.append(backend.silu_and_mul(layer(x)))
+        # The MLP's call: gate_up and the activation as one backend op (the same values)
+        assert torch.equal(layer.forward_silu_and_mul(x), outs[-1])
     torch.testing.assert_close(torch.cat(outs[1:], -1), outs[0])
     gate, up = src.tensors["g.weight"], src.tensors["u.weight"]
     torch.testing.assert_close(outs[0], torch.nn.functional.silu(x @ gate.T) * (x @ up.T))
+    odd = MergedColumnParallelLinear(8, [16, 8], backend, SINGLE, torch.float32)
+    with pytest.raises(ValueError, match=r"output_sizes: \[16, 8\]; silu_and_mul wants"):
+        odd.forward_silu_and_mul(x)
 
 
 def test_row_parallel_partial_sums_add_up(backend):

@@ -128,46 +128,56 @@ def test_default_configs_and_even_k(m: int) -> None:
     check_dense(case, run_dense(case))
 
 
-# -- silu_and_mul fused into the GEMM (a SwiGLU down projection) --------------------------------
+# -- silu_and_mul fused into the GEMM's epilogue (a SwiGLU gate_up projection) -----------------
 @pytest.mark.parametrize("dtype", list(FLOATS))
-@pytest.mark.parametrize("kernel", list(CONFIGS))
+@pytest.mark.parametrize("kernel", ["fma_split3", "dot", "fma_whole"])
 @pytest.mark.parametrize("m", [1, 5])
-def test_silu_and_mul_linear_is_the_two_kernels(dtype: str, kernel: str, m: int) -> None:
-    # The same bits as Triton's silu_and_mul then linear_small_m with the same launch shape
-    # (K = 80: the masked tail, read for gate and up), and within the GEMM bound of the float64
-    # product of that activation.
-    gen = torch.Generator().manual_seed(40 + m)
-    h = (torch.randn(m, 160, generator=gen) * 2).to(FLOATS[dtype])
-    case = dense_case(m, 37, 80, FLOATS[dtype], m == 1, seed=41)
-    w, b = dev(case["weight"]), dev(case["bias"])
-    fused = gemv.silu_and_mul_linear_small_m(dev(h), w, b, config=CONFIGS[kernel])
-    act = activation.silu_and_mul(dev(h))
-    assert torch.equal(fused, gemv.linear_small_m(act, w, b, config=CONFIGS[kernel]))
-    check_dense({**case, "x": act.cpu()}, fused)
+def test_linear_silu_and_mul_is_the_two_kernels(dtype: str, kernel: str, m: int) -> None:
+    # The same bits as linear_small_m then Triton's silu_and_mul with the same launch shape:
+    # D = 37 (the last column block half full), K = 80 (the masked tail), split-K summed in the
+    # kernel, bias on the gate and up rows; and within the GEMM bound of the float64 reference.
+    cfg = CONFIGS.get(kernel, gemv.GemvConfig("fma", 8, 32, split_k=1))
+    case = dense_case(m, 74, 80, FLOATS[dtype], m == 1, seed=41 + m)
+    x, w, b = (dev(case[key]) for key in ("x", "weight", "bias"))
+    fused = gemv.linear_silu_and_mul_small_m(x, w, b, config=cfg)
+    h = gemv.linear_small_m(x, w, b, config=cfg)
+    assert tuple(fused.shape) == (m, 37)
+    assert torch.equal(fused, activation.silu_and_mul(h))
+    check_dense(case, h)
 
 
-@pytest.mark.parametrize("m", [1, 3])
-def test_silu_and_mul_linear_default_configs(m: int) -> None:
-    # The table / heuristic launch shape, K = 1024 in whole tiles (no masks), h a row slice.
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_linear_silu_and_mul_default_configs(m: int) -> None:
+    # The table / heuristic launch shape, K = 1024 in whole tiles (no masks), x a row slice.
     gen = torch.Generator().manual_seed(50 + m)
-    wide = torch.randn(m, 2048 + 64, generator=gen).to(torch.bfloat16)
-    h = dev(wide)[:, :2048]  # rows 2112 apart: any row stride
-    case = dense_case(m, 45, 1024, torch.bfloat16, True, seed=51)
+    x = dev(torch.randn(m, 1024 + 64, generator=gen).to(torch.bfloat16))[:, :1024]
+    case = dense_case(m, 90, 1024, torch.bfloat16, True, seed=51)
     w, b = dev(case["weight"]), dev(case["bias"])
-    fused = gemv.silu_and_mul_linear_small_m(h, w, b)
-    assert torch.equal(fused, gemv.linear_small_m(activation.silu_and_mul(h), w, b))
+    fused = gemv.linear_silu_and_mul_small_m(x, w, b)
+    assert torch.equal(fused, activation.silu_and_mul(gemv.linear_small_m(x, w, b)))
 
 
-def test_silu_and_mul_linear_bad_input() -> None:
+def test_linear_silu_and_mul_without_the_fused_reduce() -> None:
+    # A split-K launch whose partials the reduce kernel sums: the GEMM, then the activation.
+    cfg = gemv.GemvConfig("fma", 16, 32, split_k=3)
+    case = dense_case(2, 48, 96, torch.float16, True, seed=52)
+    x, w, b = (dev(case[key]) for key in ("x", "weight", "bias"))
+    fused = gemv.linear_silu_and_mul_small_m(x, w, b, config=cfg, fused_reduce=False)
+    h = gemv.linear_small_m(x, w, b, config=cfg, fused_reduce=False)
+    assert torch.equal(fused, activation.silu_and_mul(h))
+
+
+def test_linear_silu_and_mul_bad_input() -> None:
+    x = dev(torch.zeros(1, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="expected an even count"):
+        gemv.linear_silu_and_mul_small_m(x, dev(torch.zeros(7, 32, dtype=torch.bfloat16)))
     w = dev(torch.zeros(8, 32, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="expected 2 x weight's K=32"):
-        gemv.silu_and_mul_linear_small_m(dev(torch.zeros(1, 32, dtype=torch.bfloat16)), w)
-    with pytest.raises(ValueError, match="differs from h's"):
-        gemv.silu_and_mul_linear_small_m(dev(torch.zeros(1, 64, dtype=torch.float16)), w)
-    with pytest.raises(ValueError, match="rows must be contiguous"):
-        gemv.silu_and_mul_linear_small_m(dev(torch.zeros(1, 128, dtype=torch.bfloat16))[:, ::2], w)
-    with pytest.raises(ValueError, match=r"expected \[M, 2K\]"):
-        gemv.silu_and_mul_linear_small_m(dev(torch.zeros(64, dtype=torch.bfloat16)), w)
+    with pytest.raises(ValueError, match="differs from x's"):
+        gemv.linear_silu_and_mul_small_m(x.half(), w)
+    with pytest.raises(ValueError, match="K=16 differs from weight's K=32"):
+        gemv.linear_silu_and_mul_small_m(x[:, :16], w)
+    with pytest.raises(ValueError, match="needs block_n >= 2"):
+        gemv.linear_silu_and_mul_small_m(x, w, config=gemv.GemvConfig("fma", 1, 32))
 
 
 def test_strided_operands() -> None:
@@ -216,19 +226,17 @@ def test_fused_split_k_reduce_gives_the_same_bits(kernel: str, m: int, splits: i
 
 
 @pytest.mark.parametrize(
-    ("kernel", "m", "splits", "gated"),
+    ("kernel", "m", "splits", "silu"),
     [("fma", 1, 1, False), ("fma", 3, 3, True), ("dot", 5, 2, False), ("dot", 16, 1, True)],
 )
-def test_early_first_tile_gives_the_same_bits(kernel, m, splits, gated) -> None:
+def test_early_first_tile_gives_the_same_bits(kernel, m, splits, silu) -> None:
     # early peels each program's first K step (its weight tile loads before the PDL wait): the
-    # same products in the same order, so the same bits, dense, gated and FP8.
+    # same products in the same order, so the same bits, dense, with the fused activation and FP8.
     cfg = gemv.GemvConfig(kernel, 16, 32, split_k=splits)
-    case = dense_case(m, 37, 160, torch.bfloat16, True, seed=m + splits)
-    h = dev(torch.cat([case["x"], case["x"].flip(1)], dim=1))
+    case = dense_case(m, 38, 160, torch.bfloat16, True, seed=m + splits)
     args = [dev(case[key]) for key in ("x", "weight", "bias")]
-    fn = gemv.silu_and_mul_linear_small_m if gated else gemv.linear_small_m
-    inputs = [h, *args[1:]] if gated else args
-    late, early = (fn(*inputs, config=cfg, early=flag) for flag in (False, True))
+    fn = gemv.linear_silu_and_mul_small_m if silu else gemv.linear_small_m
+    late, early = (fn(*args, config=cfg, early=flag) for flag in (False, True))
     assert torch.equal(late, early)
     x_q, x_s = ref_quant.quantize_fp8(case["x"].float(), torch.float8_e4m3fn, per_token=True)
     w_q, w_s = ref_quant.quantize_fp8(case["weight"].float(), torch.float8_e4m3fn, per_token=True)
@@ -473,42 +481,42 @@ def test_backend_fp8_linear_switches_on_m(backend) -> None:
     assert backend.ran["fp8_gemm"] == large
 
 
-def test_cuda_backend_fuses_silu_and_mul_linear_only_when_asked_and_able(monkeypatch) -> None:
-    # HAL_FUSED_SILU_GEMM on, both families on Triton, M <= 16, bf16 / fp16, contiguous rows:
-    # one fused launch; otherwise the composition (silu_and_mul, then linear).
+def test_cuda_backend_fuses_linear_silu_and_mul_only_when_asked_and_able(monkeypatch) -> None:
+    # HAL_FUSED_GATE_UP_SILU on, both families on Triton, M <= 16, bf16 / fp16, even rows: one
+    # fused launch; otherwise the composition (linear, then silu_and_mul).
     from backends.cuda.backend import CudaBackend
 
     calls = []
     be = CudaBackend.__new__(CudaBackend)  # the dispatch methods alone, no device
-    be.ran, be._fallbacks_logged, be.gemv_configs, be.fused_silu_gemm = {}, set(), None, True
+    be.ran, be._fallbacks_logged, be.gemv_configs, be.fused_gate_up_silu = {}, set(), None, True
     chosen = {"gemm": "triton_small_m", "activation": "triton"}
     monkeypatch.setattr(CudaBackend, "chosen", lambda self, family: chosen[family])
 
-    def fused(h, w, b, configs):
+    def fused(x, w, b, configs):
         calls.append("fused")
-        return h[:, : w.shape[0]]
+        return x[:, : w.shape[0] // 2]
 
-    monkeypatch.setattr(gemv, "silu_and_mul_linear_small_m", fused)
+    monkeypatch.setattr(gemv, "linear_silu_and_mul_small_m", fused)
     monkeypatch.setattr(CudaBackend, "silu_and_mul", lambda self, x: calls.append("silu") or x)
-    monkeypatch.setattr(CudaBackend, "linear", lambda self, x, w, b=None: calls.append("gemm"))
-    w = torch.zeros(4, 16, dtype=torch.bfloat16)
-    y = be.silu_and_mul_linear(torch.zeros(2, 3, 32, dtype=torch.bfloat16), w)
+    monkeypatch.setattr(CudaBackend, "linear", lambda self, x, w, b=None: calls.append("gemm") or x)
+    w = torch.zeros(8, 16, dtype=torch.bfloat16)
+    y = be.linear_silu_and_mul(torch.zeros(2, 3, 16, dtype=torch.bfloat16), w)
     assert calls == ["fused"] and tuple(y.shape) == (2, 3, 4)
-    for h, change in (
-        (torch.zeros(17, 32, dtype=torch.bfloat16), None),  # M > 16
-        (torch.zeros(2, 32, dtype=torch.float32), None),  # not bf16 / fp16
-        (torch.zeros(2, 64, dtype=torch.bfloat16)[:, ::2], None),  # rows not contiguous
-        (torch.zeros(2, 32, dtype=torch.bfloat16), ("activation", "torch")),
-        (torch.zeros(2, 32, dtype=torch.bfloat16), ("gemm", "cublas")),
-        (torch.zeros(2, 32, dtype=torch.bfloat16), ("off", None)),
+    for x, wt, change in (
+        (torch.zeros(17, 16, dtype=torch.bfloat16), w, None),  # M > 16
+        (torch.zeros(2, 16, dtype=torch.float32), w.float(), None),  # not bf16 / fp16
+        (torch.zeros(2, 16, dtype=torch.bfloat16), w[:7], None),  # odd rows
+        (torch.zeros(2, 16, dtype=torch.bfloat16), w, ("activation", "torch")),
+        (torch.zeros(2, 16, dtype=torch.bfloat16), w, ("gemm", "cublas")),
+        (torch.zeros(2, 16, dtype=torch.bfloat16), w, ("off", None)),
     ):
         calls.clear()
         saved = dict(chosen)
         if change and change[0] == "off":
-            be.fused_silu_gemm = False
+            be.fused_gate_up_silu = False
         elif change:
             chosen[change[0]] = change[1]
-        be.silu_and_mul_linear(h, w)
-        assert calls == ["silu", "gemm"], (tuple(h.shape), h.dtype, change)
+        be.linear_silu_and_mul(x, wt)
+        assert calls == ["gemm", "silu"], (tuple(x.shape), x.dtype, change)
         chosen.update(saved)
-        be.fused_silu_gemm = True
+        be.fused_gate_up_silu = True
