@@ -614,7 +614,7 @@ def _launch(
         **{f"X_{key}": value for key, value in x_codec.items()},
         **{f"W_{key}": value for key, value in w_codec.items()},
         FUSED_REDUCE=fused, SILU_OUT=silu_out, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        EARLY=early and k % cfg.block_k == 0,
+        EARLY=early and k > 0 and k % cfg.block_k == 0,  # the peeled step needs a whole tile
         BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **pdl,
     )  # fmt: skip

@@ -245,6 +245,16 @@ def test_early_first_tile_gives_the_same_bits(kernel, m, splits, silu) -> None:
     assert torch.equal(late, early)
 
 
+def test_early_with_empty_k_reads_nothing() -> None:
+    # K = 0 (a multiple of every tile): no peeled step, the output is the bias alone.
+    w = torch.nn.Parameter(dev(torch.zeros(6, 0, dtype=torch.bfloat16)), requires_grad=False)
+    b = dev(torch.arange(6, dtype=torch.bfloat16))
+    for fn in (gemv.linear_small_m, gemv.linear_silu_and_mul_small_m):
+        y = fn(dev(torch.zeros(2, 0, dtype=torch.bfloat16)), w, b, early=True)
+        h = b.expand(2, 6)
+        assert torch.equal(y, h if fn is gemv.linear_small_m else activation.silu_and_mul(h))
+
+
 def test_early_by_default_only_for_parameters(monkeypatch) -> None:
     # A weight a kernel may still be writing (any plain tensor) is read after the wait; the
     # engine's nn.Parameter weights early, unless HAL_GEMV_EARLY=0.
