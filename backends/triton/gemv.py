@@ -568,8 +568,9 @@ def _launch(
     splits, k_per_split = split_plan(cfg, m, n_w, k, _sm_count(x.device))
     fused = FUSED_REDUCE if fused_reduce is None else fused_reduce
     col_blocks = triton.cdiv(n_out, cfg.block_n // 2) if silu_out else triton.cdiv(n_w, cfg.block_n)
-    counters = tile_counters(x.device, triton.cdiv(m, cfg.block_m) * col_blocks)
-    fused = fused and splits > 1 and counters is not None
+    tiles = triton.cdiv(m, cfg.block_m) * col_blocks
+    counters = tile_counters(x.device, tiles) if fused and splits > 1 else None
+    fused = counters is not None
     if silu_out and splits > 1 and not fused:  # the split-K sum needs the epilogue: two kernels
         h = _launch(x, w, bias, x_scale, w_scale, out_dtype, x_fp8, w_fp8, cfg, fused_reduce,
                     early=early)  # fmt: skip
