@@ -1,12 +1,17 @@
 """Decode-sized GEMMs (backends/triton/gemv.py) against torch on the Llama-3-8B shapes at M = 1..16:
 bf16 against F.linear (cuBLAS), FP8 e4m3fn (per-row scales) against torch._scaled_mm row-wise,
-with the copy bandwidth measured in the same run.
+and "silu" (the gate_up GEMM writing silu(gate) * up from its epilogue,
+`linear_silu_and_mul_small_m`) against the two kernels it replaces (our GEMM, then our activation
+kernel), with the copy bandwidth measured in the same run.
 
     python bench/gemv.py --out gemv.json                 # the kernels' table (or heuristic)
     python bench/gemv.py --separate-reduce               # also the split-K sum as its own kernel
     python bench/gemv.py --autotune --out gemv_tune.json # sweep configs per shape and M, print
                                                          # the best as a DEFAULT_CONFIGS table,
                                                          # then benchmark with it
+    python bench/gemv.py --kinds silu --shapes gate_up gate_up_tp2 --autotune
+                                                         # the fused gate_up + SiLU launch shapes
+                                                         # (a SILU_CONFIGS table)
 
 Timing: CUDA graphs of one or more passes over several weight copies (together > 3x L2, so every
 call reads its weight from DRAM; x stays hot, as in decode), replayed between torch.cuda.Event
@@ -37,7 +42,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.triton import gemv  # noqa: E402
+from backends.triton import activation, gemv  # noqa: E402
 from bench.attention import Timer  # noqa: E402
 from bench.attention import copy_bandwidth as attention_copy_bandwidth  # noqa: E402
 
@@ -61,9 +66,10 @@ SHAPES.update({
 })  # fmt: skip
 LAYERS = 32  # per decode step: 32 x (qkv, o, gate_up, down) + lm_head
 MS = (1, 2, 4, 8, 16)
-KINDS = ("bf16", "fp8")
+KINDS = ("bf16", "fp8", "silu")
+DEFAULT_KINDS = ["bf16", "fp8"]
 FP8 = torch.float8_e4m3fn
-W_BYTES = {"bf16": 2, "fp8": 1}
+W_BYTES = {"bf16": 2, "fp8": 1, "silu": 2}
 MIN_REPLAY_MS = 0.3  # a replay at least this long, so event overhead stays below ~1%
 
 
@@ -127,7 +133,7 @@ def make_weights(kind: str, k: int, n: int, l2: int) -> Weights:
     # the PDL wait (`gemv.EARLY`), as it does in a decode step.
     for _ in range(count):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        if kind == "bf16":
+        if kind != "fp8":
             copies.append((torch.nn.Parameter(w, requires_grad=False), None))
         else:
             scale = w.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
@@ -139,7 +145,7 @@ def make_weights(kind: str, k: int, n: int, l2: int) -> Weights:
 
 def make_x(kind: str, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    if kind == "bf16":
+    if kind != "fp8":
         return x, None
     scale = x.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
     return (x.float() / scale).to(FP8), scale
@@ -149,6 +155,8 @@ def ours_call(kind: str, x, x_scale, configs=None, config=None, fused=None):
     kw = dict(configs=configs, config=config, fused_reduce=fused)
     if kind == "bf16":
         return lambda w, s: lambda: gemv.linear_small_m(x, w, **kw)
+    if kind == "silu":
+        return lambda w, s: lambda: gemv.linear_silu_and_mul_small_m(x, w, **kw)
     return lambda w, s: (
         lambda: gemv.fp8_linear_small_m(x, x_scale, w, s, None, torch.bfloat16, **kw)
     )
@@ -157,6 +165,8 @@ def ours_call(kind: str, x, x_scale, configs=None, config=None, fused=None):
 def torch_call(kind: str, x, x_scale):
     if kind == "bf16":
         return lambda w, s: lambda: F.linear(x, w)
+    if kind == "silu":  # the peer of the fused launch: the two kernels it replaces
+        return lambda w, s: lambda: activation.silu_and_mul(gemv.linear_small_m(x, w))
     # row-wise: scale_a [M, 1], scale_b [1, N] fp32, bf16 out (Hopper's kernel)
     return lambda w, s: (
         lambda: torch._scaled_mm(
@@ -172,6 +182,9 @@ def rel_err(kind, weights: Weights, x, x_scale, configs=None, config=None) -> tu
     y2 = ours_call(kind, x, x_scale, configs, config)(w, s)()
     if kind == "bf16":
         ref = x.float() @ w.float().t()
+    elif kind == "silu":
+        gate, up = (x.float() @ w.float().t()).chunk(2, dim=-1)
+        ref = F.silu(gate) * up
     else:
         ref = (x.float() @ w.float().t()) * x_scale * s.reshape(1, -1)
     err = float((y1.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
@@ -254,9 +267,15 @@ def tune_one(kind: str, w: Weights, m: int, copy_gbs: float, sms: int) -> dict:
     return tried
 
 
+def table_name(kind: str) -> str:
+    """The gemv.py table a kind's tuned configs go to."""
+    return "SILU_CONFIGS" if kind == "silu" else "DEFAULT_CONFIGS"
+
+
 def autotune(args, weights: dict, copy_gbs: float, results: dict) -> dict:
-    """Best config per (kind, shape, M). Returns the table {(w_bytes, M bucket, N, K): config}."""
-    table: dict = {}
+    """Best config per (kind, shape, M). Returns {table name: {(w_bytes, M bucket, N, K):
+    config}}."""
+    tables: dict = {}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for kind, label, m in itertools.product(args.kinds, args.shapes, args.ms):
         w = weights[kind, label]
@@ -266,6 +285,7 @@ def autotune(args, weights: dict, copy_gbs: float, results: dict) -> dict:
         best = fastest
         if best.split_k == 0:
             best = dataclasses.replace(best, split_k=gemv.split_plan(best, m, w.n, w.k, sms)[0])
+        table = tables.setdefault(table_name(kind), {})
         table[W_BYTES[kind], gemv.m_bucket(m), w.n, w.k] = best
         frac = w.nbytes / (tried[fastest] * 1e-3) / 1e9 / copy_gbs
         print(f"  {kind:4s} {label:8s} M={m:2d}: {len(tried):2d} configs, best {best} "
@@ -274,12 +294,12 @@ def autotune(args, weights: dict, copy_gbs: float, results: dict) -> dict:
             "kind": kind, "shape": label, "m": m, "best": dataclasses.asdict(best),
             "tried": [{**dataclasses.asdict(c), "ms": t} for c, t in tried.items()],
         })  # fmt: skip
-    return table
+    return tables
 
 
-def print_table(table: dict, device: str) -> None:
-    print("\nTuned table (paste into backends/triton/gemv.py DEFAULT_CONFIGS):")
-    print("DEFAULT_CONFIGS: dict[ConfigKey, GemvConfig] = {")
+def print_table(name: str, table: dict, device: str) -> None:
+    print(f"\nTuned table (paste into backends/triton/gemv.py {name}):")
+    print(f"{name}: dict[ConfigKey, GemvConfig] = {{")
     print(f"    # {device}, {datetime.date.today()}, python bench/gemv.py --autotune")
     for key in sorted(table):
         c = table[key]
@@ -289,13 +309,15 @@ def print_table(table: dict, device: str) -> None:
 
 
 # -- main ----------------------------------------------------------------------------------------
-def bench(args, weights: dict, copy_gbs: float, results: dict, configs=None) -> None:
+def bench(args, weights: dict, copy_gbs: float, results: dict, tables=None) -> None:
+    # "peer": torch (F.linear, _scaled_mm), or for "silu" our GEMM then our activation kernel
     print(f"\n{'kind':4s} {'shape':8s} {'M':>2s} {'ours ms':>8s} {'GB/s':>6s} {'copy':>5s} "
-          f"{'torch ms':>8s} {'GB/s':>6s} {'copy':>5s} {'ours/torch':>10s} {'rel err':>8s} "
+          f"{'peer ms':>8s} {'GB/s':>6s} {'copy':>5s} {'ours/peer':>10s} {'rel err':>8s} "
           f"{'det':>3s}  config")  # fmt: skip
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for kind, label, m in itertools.product(args.kinds, args.shapes, args.ms):
         w = weights[kind, label]
+        configs = (tables or {}).get(table_name(kind))
         x, x_scale = make_x(kind, m, w.k)
         ours = timed(w.calls(ours_call(kind, x, x_scale, configs), copy_gbs), args.reps)
         try:
@@ -304,7 +326,7 @@ def bench(args, weights: dict, copy_gbs: float, results: dict, configs=None) -> 
             print(f"  torch peer failed: {str(exc)[:100]}")
             peer = math.nan
         err, det = rel_err(kind, w, x, x_scale, configs)
-        cfg = gemv.pick_config(W_BYTES[kind], m, w.n, w.k, configs)
+        cfg = gemv.pick_config(W_BYTES[kind], m, w.n, w.k, configs, silu=kind == "silu")
         splits = gemv.split_plan(cfg, m, w.n, w.k, sms)[0]
         separate_ms = math.nan
         if args.separate_reduce and splits > 1:  # the split-K sum as a second kernel, same run
@@ -350,7 +372,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", help="JSON file to write")
     p.add_argument("--autotune", action="store_true", help="sweep configs, print the table")
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p.add_argument(
+        "--kinds",
+        nargs="+",
+        choices=KINDS,
+        default=DEFAULT_KINDS,
+        help="silu: the fused gate_up + activation (gate_up shapes only)",
+    )
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=DEFAULT_SHAPES)
     p.add_argument("--ms", type=int, nargs="+", default=list(MS))
     p.add_argument("--reps", type=int, default=20)
@@ -390,12 +418,16 @@ def main() -> int:
     for kind, label in itertools.product(args.kinds, args.shapes):
         k, n = SHAPES[label]
         weights[kind, label] = make_weights(kind, k, n, l2)
-    configs = None
+    tables = None
     if args.autotune:
-        configs = autotune(args, weights, copy_gbs, results)
-        print_table(configs, props.name)
-        results["table"] = [{"key": list(k), **dataclasses.asdict(c)} for k, c in configs.items()]
-    bench(args, weights, copy_gbs, results, configs)
+        tables = autotune(args, weights, copy_gbs, results)
+        for name, table in tables.items():
+            print_table(name, table, props.name)
+        results["tables"] = {
+            name: [{"key": list(k), **dataclasses.asdict(c)} for k, c in table.items()]
+            for name, table in tables.items()
+        }
+    bench(args, weights, copy_gbs, results, tables)
     print(f"\ntotal {time.perf_counter() - start:.1f} s")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1))

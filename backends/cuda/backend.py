@@ -110,14 +110,16 @@ class CudaBackend(Backend):
                 if fused
                 else f"{family} ({first}) then quantize ({quantize})"
             )
-        # HAL_FUSED_GATE_UP_SILU=1: linear_silu_and_mul in one launch where M <= 16 (see there)
-        self.fused_gate_up_silu = bool(_env_flag(FUSED_GATE_UP_SILU_ENV))
+        # linear_silu_and_mul in one launch where M <= 16: unset, at the shapes where the tuning
+        # table measured it faster; HAL_FUSED_GATE_UP_SILU=1 everywhere, 0 nowhere (see there)
+        self.fused_gate_up_silu = _env_flag(FUSED_GATE_UP_SILU_ENV)
         if self.chosen("gemm") == "triton_small_m" and self.chosen("activation") == "triton":
-            self.info.settings["linear_silu_and_mul"] = (
-                "fused (triton, one launch at M <= 16)"
-                if self.fused_gate_up_silu
-                else f"GEMM then activation ({FUSED_GATE_UP_SILU_ENV}=1 fuses them)"
-            )
+            self.info.settings["linear_silu_and_mul"] = {
+                None: "fused (triton, one launch) at M <= 16 where the table measured it faster "
+                f"(gemv.SILU_CONFIGS; {FUSED_GATE_UP_SILU_ENV}=1: at every M <= 16, 0: never)",
+                True: f"fused (triton, one launch at M <= 16; {FUSED_GATE_UP_SILU_ENV}=1)",
+                False: f"GEMM then activation ({FUSED_GATE_UP_SILU_ENV}=0)",
+            }[self.fused_gate_up_silu]
         for family in ("gemm", "fp8_gemm", "int8_gemm"):
             if self.chosen(family) == "triton_small_m":
                 self.info.settings[f"{family}_large_m"] = f"M > 16: {self.large_m_impl(family)}"
@@ -564,19 +566,23 @@ class CudaBackend(Backend):
         return activation.silu_and_mul(x)
 
     def linear_silu_and_mul(self, x, weight, bias=None) -> torch.Tensor:
-        # With HAL_FUSED_GATE_UP_SILU=1, where both halves would run Triton (the decode-sized GEMM
-        # and the activation kernel), one launch writes the activation from the GEMM's epilogue:
-        # the same bits, one kernel fewer per MLP. Off by default until timed on a GPU. (Its
-        # predecessor fused the activation into the down GEMM instead and was slower on 2 x
-        # H200, every program recomputing it: TP=2 batch-1 3.04 -> 3.11 ms, eighteenth session.)
+        # Where both halves would run Triton (the decode-sized GEMM and the activation kernel),
+        # one launch writes the activation from the GEMM's epilogue: the same bits, one kernel
+        # fewer per MLP; by default only at the shapes where it was measured faster (2 x H200,
+        # nineteenth session: TP=2 batch-1 3.04 -> 2.97 ms; TP=1 4.42 -> 4.45 with the plain
+        # GEMM's launch shape, hence the table). (Its predecessor fused the activation into the
+        # down GEMM and was slower: every program recomputed it, eighteenth session.)
         if (
-            self.fused_gate_up_silu
+            self.fused_gate_up_silu is not False
             and weight.shape[0] % 2 == 0
             and self.chosen("gemm") == "triton_small_m"
             and self.chosen("activation") == "triton"
         ):
             gemv = _triton("gemv")
-            if not gemv.small_m_reasons(x, weight):
+            m = x.numel() // max(x.shape[-1], 1)
+            shape = (weight.element_size(), m, *weight.shape)
+            wanted = self.fused_gate_up_silu or gemv.silu_fusion_measured_faster(*shape)
+            if wanted and not gemv.small_m_reasons(x, weight):
                 self._mark("gemm", "triton_small_m")
                 self._mark("activation", "triton")
                 y = gemv.linear_silu_and_mul_small_m(x.reshape(-1, x.shape[-1]), weight, bias,

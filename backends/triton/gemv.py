@@ -190,6 +190,32 @@ DEFAULT_CONFIGS: dict[ConfigKey, GemvConfig] = {
 }
 
 
+# The gate_up GEMM with the SiLU-and-mul epilogue (`linear_silu_and_mul_small_m`), keyed like
+# DEFAULT_CONFIGS (N: the weight's 2 D rows); shapes not listed take DEFAULT_CONFIGS' entry.
+# `python bench/gemv.py --kinds silu --shapes gate_up gate_up_tp2 --autotune` prints it; only the
+# shapes where the fused launch beat the two kernels (our GEMM, then the activation) in that run
+# are kept, and `silu_fusion_measured_faster` tells the backends which those are.
+SILU_CONFIGS: dict[ConfigKey, GemvConfig] = {
+    # NVIDIA H200, 2026-11-28, python bench/gemv.py --kinds silu --shapes gate_up gate_up_tp2
+    # --autotune (fused / two kernels: 1.02, 1.02, 1.05, 1.10 at M = 1, 2, 4, 8 for the 8B
+    # shape; 1.04, 1.07, 1.10 at M = 1, 8, 16 for its TP=2 slice; left out: 8B M = 16 0.96,
+    # TP=2 slice M = 2 / 4 0.93 / 0.95)
+    (2, 1, 28672, 4096): GemvConfig("fma", 16, 256, split_k=1, num_warps=4, num_stages=1),
+    (2, 2, 28672, 4096): GemvConfig("dot", 64, 128, split_k=1, num_warps=4, num_stages=5),
+    (2, 4, 28672, 4096): GemvConfig("dot", 64, 128, split_k=1, num_warps=4, num_stages=4),
+    (2, 8, 28672, 4096): GemvConfig("dot", 64, 128, split_k=1, num_warps=4, num_stages=4),
+    (2, 1, 14336, 4096): GemvConfig("fma", 16, 256, split_k=1, num_warps=4, num_stages=1),
+    (2, 8, 14336, 4096): GemvConfig("dot", 64, 128, split_k=1, num_warps=4, num_stages=4),
+    (2, 16, 14336, 4096): GemvConfig("dot", 64, 128, split_k=1, num_warps=4, num_stages=4),
+}
+
+
+def silu_fusion_measured_faster(w_bytes: int, m: int, n: int, k: int) -> bool:
+    """Whether SILU_CONFIGS holds this shape: the fused gate_up + SiLU launch was measured faster
+    than the GEMM and the activation kernel there."""
+    return (w_bytes, m_bucket(m), n, k) in SILU_CONFIGS
+
+
 def m_bucket(m: int) -> int:
     """The table's M key: the next power of two >= M (1, 2, 4, 8, 16, ...)."""
     return 1 << max(m - 1, 0).bit_length()
@@ -209,11 +235,15 @@ def heuristic_config(w_bytes: int, m: int) -> GemvConfig:
 
 
 def pick_config(
-    w_bytes: int, m: int, n: int, k: int, configs: ConfigTable | None = None
+    w_bytes: int, m: int, n: int, k: int, configs: ConfigTable | None = None, silu: bool = False
 ) -> GemvConfig:
-    """The table's config for this shape (DEFAULT_CONFIGS unless a backend passes its own)."""
+    """The table's config for this shape (DEFAULT_CONFIGS unless a backend passes its own; silu:
+    the fused activation's launch, SILU_CONFIGS first)."""
+    key = (w_bytes, m_bucket(m), n, k)
+    if silu and configs is None and key in SILU_CONFIGS:
+        return SILU_CONFIGS[key]
     table = DEFAULT_CONFIGS if configs is None else configs
-    cfg = table.get((w_bytes, m_bucket(m), n, k))
+    cfg = table.get(key)
     return cfg if cfg is not None else heuristic_config(w_bytes, m)
 
 
@@ -706,7 +736,8 @@ def _dense(x, weight, bias, config, configs, fused_reduce, silu_out: bool, early
     if bias is not None and bias.dtype not in FLOAT_DTYPES:
         raise ValueError(f"bias: dtype {bias.dtype} is not one of float32, bfloat16, float16")
     _check_device(x=x, weight=weight, bias=bias)
-    cfg = config or pick_config(weight.element_size(), x.shape[0], weight.shape[0], k, configs)
+    cfg = config or pick_config(weight.element_size(), x.shape[0], weight.shape[0], k, configs,
+                                silu_out)  # fmt: skip
     if silu_out and cfg.block_n < 2:
         raise ValueError(
             f"config: block_n={cfg.block_n}; the fused activation needs block_n >= 2 (a gate and "
