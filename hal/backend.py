@@ -459,6 +459,41 @@ class Backend(ABC):
         that gives the same bits."""
         return self.silu_and_mul(self.linear(x, weight, bias))
 
+    def linear_rotary_write_kv(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        num_heads: int,
+        num_kv_heads: int,
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        is_neox: bool,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_scale: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An attention layer's qkv projection, then `rotary_write_kv` of its heads: `linear(x,
+        weight, bias)` split into q [T, num_heads, D], k and v [T, num_kv_heads, D] (D the
+        caches' head_dim; weight [(num_heads + 2 num_kv_heads) D, K], the q rows, then k, then
+        v), q and k rotated, the rotated k and v written to the caches; returns the rotated
+        (query, key) (views of one [T, N] tensor are fine). x: [T, K]; the rest as in
+        `rotary_write_kv`. Exactly this composition; a backend may override it with a fused
+        kernel that gives the same bits."""
+        if x.dim() != 2:
+            raise ValueError(f"x: expected [num_tokens, K], got shape {tuple(x.shape)}")
+        d = key_cache.shape[-1]
+        if weight.dim() != 2 or weight.shape[0] != (num_heads + 2 * num_kv_heads) * d:
+            raise ValueError(
+                f"weight: shape {tuple(weight.shape)}; expected [(num_heads {num_heads} + 2 x "
+                f"num_kv_heads {num_kv_heads}) x head_dim {d}, K] (the caches' head_dim)"
+            )
+        qkv = self.linear(x, weight, bias).view(x.shape[0], -1, d)
+        q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+        return self.rotary_write_kv(positions, q, k, v, cos_sin_cache, is_neox, key_cache,
+                                    value_cache, slot_mapping, kv_scale)  # fmt: skip
+
     # -- graphs ----------------------------------------------------------------------------------
     @abstractmethod
     def capture_graph(

@@ -52,6 +52,7 @@ def _float_reasons(**tensors: torch.Tensor | None) -> list[str]:
 
 
 FUSED_GATE_UP_SILU_ENV = "HAL_FUSED_GATE_UP_SILU"
+FUSED_QKV_ROTARY_ENV = "HAL_FUSED_QKV_ROTARY"
 
 
 def _env_flag(name: str) -> bool | None:
@@ -120,6 +121,14 @@ class CudaBackend(Backend):
                 True: f"fused (triton, one launch at M <= 16; {FUSED_GATE_UP_SILU_ENV}=1)",
                 False: f"GEMM then activation ({FUSED_GATE_UP_SILU_ENV}=0)",
             }[self.fused_gate_up_silu]
+        # HAL_FUSED_QKV_ROTARY=1: linear_rotary_write_kv in one launch where M <= 16 (see there)
+        self.fused_qkv_rotary = bool(_env_flag(FUSED_QKV_ROTARY_ENV))
+        if self.chosen("gemm") == "triton_small_m" and torch.version.hip is None:
+            self.info.settings["linear_rotary_write_kv"] = (
+                "fused (triton, one launch at M <= 16: NeoX, whole heads)"
+                if self.fused_qkv_rotary
+                else f"GEMM then rotary_write_kv ({FUSED_QKV_ROTARY_ENV}=1 fuses them)"
+            )
         for family in ("gemm", "fp8_gemm", "int8_gemm"):
             if self.chosen(family) == "triton_small_m":
                 self.info.settings[f"{family}_large_m"] = f"M > 16: {self.large_m_impl(family)}"
@@ -589,6 +598,45 @@ class CudaBackend(Backend):
                                                      configs=self.gemv_configs)  # fmt: skip
                 return y.reshape(*x.shape[:-1], weight.shape[0] // 2)
         return super().linear_silu_and_mul(x, weight, bias)
+
+    def linear_rotary_write_kv(
+        self, x, weight, bias, num_heads, num_kv_heads, positions, cos_sin_cache, is_neox,
+        key_cache, value_cache, slot_mapping, kv_scale=None,
+    ):  # fmt: skip
+        # With HAL_FUSED_QKV_ROTARY=1, where the GEMM, rotary and the KV write would all run
+        # Triton (the decode-sized GEMM, the fused rotary + KV-write kernel) for a NeoX table
+        # over whole heads on an NVIDIA GPU: one launch, the qkv GEMM's epilogue rotating q and
+        # k and writing the cache (the same bits as the two kernels, one launch fewer a layer).
+        d = key_cache.shape[-1]
+        if (
+            self.fused_qkv_rotary
+            and is_neox
+            and torch.version.hip is None
+            and x.dim() == 2
+            and self.chosen("gemm") == "triton_small_m"
+            and self.chosen("rotary") == self.chosen("kv_write") == "triton"
+            and cos_sin_cache.dim() == 2
+            and cos_sin_cache.shape[1] == d
+            and weight.dim() == 2
+            and weight.shape[0] == (num_heads + 2 * num_kv_heads) * d
+            and key_cache.is_contiguous()
+            and value_cache.is_contiguous()
+        ):
+            gemv = _triton("gemv")
+            if not gemv.small_m_reasons(x, weight):
+                self._mark("gemm", "triton_small_m")
+                self._mark("rotary", "triton")
+                self._mark("kv_write", "triton")
+                out = gemv.linear_rotary_write_kv_small_m(
+                    x, weight, bias, num_heads, num_kv_heads, positions, cos_sin_cache,
+                    key_cache, value_cache, slot_mapping, kv_scale, configs=self.gemv_configs,
+                )  # fmt: skip
+                qkv = out.view(x.shape[0], -1, d)
+                return qkv[:, :num_heads], qkv[:, num_heads : num_heads + num_kv_heads]
+        return super().linear_rotary_write_kv(
+            x, weight, bias, num_heads, num_kv_heads, positions, cos_sin_cache, is_neox,
+            key_cache, value_cache, slot_mapping, kv_scale,
+        )  # fmt: skip
 
     def silu_and_mul_quant_fp8(self, x, fp8_dtype):
         if not self._fused_quant("activation", x=x):

@@ -41,9 +41,11 @@ import triton.language as tl
 from backends.cpu.linear import _check_bias, _check_quantized
 from backends.cpu.quant import is_fp8
 from backends.triton.counters import tile_counters
+from backends.triton.kv_cache import kv_cache_value
 from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import (
     FLOAT_DTYPES,
+    FP8_CODECS,
     cast_rtne,
     fp8_codec,
     fp8_decode,
@@ -361,6 +363,87 @@ def _silu_epilogue(acc, w_idx, offs_m, pid_n, out_ptr, bias_ptr, n_rows, n_out, 
 
 
 @triton.jit
+def _mul_rn(a, b, RN_ASM: tl.constexpr):
+    # a * b in fp32, rounded on its own: never contracted with an add into an FMA (PTX mul with
+    # an explicit rounding mode), as the rotary kernel computes it (compiled without fusion).
+    # Under the interpreter numpy rounds every operation anyway.
+    if RN_ASM:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+    else:
+        return a * b
+
+
+@triton.jit
+def _add_rn(a, b, RN_ASM: tl.constexpr):
+    if RN_ASM:
+        return tl.inline_asm_elementwise("add.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
+    else:
+        return a + b
+
+
+@triton.jit
+def _rotary_epilogue(acc, w_idx, offs_m, pid_n, out_ptr, bias_ptr, n_rows, n_pairs,
+                     stride_out_row, positions_ptr, cos_sin_ptr, stride_cs_row, slot_ptr,
+                     key_cache_ptr, value_cache_ptr, n_heads, n_kv_heads, n_slots, kv_scale,
+                     HAS_BIAS: tl.constexpr, INTERPRET: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     KV_FP8: tl.constexpr, KV_MAN_BITS: tl.constexpr, KV_EXP_BIAS: tl.constexpr,
+                     KV_FP8_MAX: tl.constexpr, KV_NAN_CODE: tl.constexpr, KV_FNUZ: tl.constexpr,
+                     KV_HAS_INF: tl.constexpr, RN_ASM: tl.constexpr,
+                     BLOCK_N: tl.constexpr):  # fmt: skip
+    # acc [BLOCK_N, BM]: the rows d and d + HEAD_DIM / 2 of BLOCK_N / 2 (head, d) pairs
+    # (ROTARY_OUT). Rounded to the output dtype as the GEMM would store them (bias first), then
+    # what `rotary.rotary_write_kv` does with them: q and k pairs rotated by their token's
+    # position (NeoX, the whole head), k and v stored at the token's cache slot (slot -1 and
+    # slots past the cache skipped), and q, k (rotated) and v stored in out [M, N].
+    y = acc
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + w_idx).to(tl.float32)[:, None]
+    dtype = out_ptr.dtype.element_ty
+    h = cast_rtne(y, dtype, INTERPRET)
+    h = tl.permute(tl.reshape(h, (2, BLOCK_N // 2, acc.shape[1])), (1, 2, 0))
+    x1, x2 = tl.split(h)  # [BLOCK_N / 2, BM]: dims d and d + HEAD_DIM / 2
+    pair = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    head = pair // (HEAD_DIM // 2)
+    d = pair % (HEAD_DIM // 2)
+    m_ok = offs_m < n_rows
+    rot = head < n_heads + n_kv_heads  # q and k heads; v heads pass through
+    pos = tl.load(positions_ptr + offs_m, mask=m_ok, other=0).to(tl.int64)
+    cs = cos_sin_ptr + pos[None, :] * stride_cs_row + d[:, None]  # [BLOCK_N / 2, BM]
+    cs_ok = rot[:, None] & m_ok[None, :]
+    cos = tl.load(cs, mask=cs_ok, other=1.0)
+    sin = tl.load(cs + HEAD_DIM // 2, mask=cs_ok, other=0.0)
+    f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+    y1 = _add_rn(_mul_rn(f1, cos, RN_ASM), _mul_rn(f2, -sin, RN_ASM), RN_ASM)
+    y2 = _add_rn(_mul_rn(f2, cos, RN_ASM), _mul_rn(f1, sin, RN_ASM), RN_ASM)
+    y1 = tl.where(rot[:, None], cast_rtne(y1, dtype, INTERPRET), x1)
+    y2 = tl.where(rot[:, None], cast_rtne(y2, dtype, INTERPRET), x2)
+    mask = (pair < n_pairs)[:, None] & m_ok[None, :]
+    col = head * HEAD_DIM + d  # [BLOCK_N / 2]: dim d's column of out
+    out = out_ptr + offs_m.to(tl.int64)[None, :] * stride_out_row + col[:, None]
+    tl.store(out, y1, mask=mask)
+    tl.store(out + HEAD_DIM // 2, y2, mask=mask)
+    slot = tl.load(slot_ptr + offs_m, mask=m_ok, other=-1).to(tl.int64)
+    live = mask & ((slot >= 0) & (slot < n_slots))[None, :]
+    is_k = rot & (head >= n_heads)
+    kv_head = tl.where(is_k, head - n_heads, head - n_heads - n_kv_heads)
+    dst = slot[None, :] * (n_kv_heads * HEAD_DIM) + (kv_head * HEAD_DIM + d)[:, None]
+    c1 = kv_cache_value(y1, dtype, key_cache_ptr.dtype.element_ty, kv_scale, KV_FP8, KV_MAN_BITS,
+                        KV_EXP_BIAS, KV_FP8_MAX, KV_NAN_CODE, KV_FNUZ, KV_HAS_INF,
+                        INTERPRET)  # fmt: skip
+    c2 = kv_cache_value(y2, dtype, key_cache_ptr.dtype.element_ty, kv_scale, KV_FP8, KV_MAN_BITS,
+                        KV_EXP_BIAS, KV_FP8_MAX, KV_NAN_CODE, KV_FNUZ, KV_HAS_INF,
+                        INTERPRET)  # fmt: skip
+    k_live = live & is_k[:, None]
+    v_live = live & (head >= n_heads + n_kv_heads)[:, None]
+    tl.store(key_cache_ptr + dst, c1, mask=k_live)
+    tl.store(key_cache_ptr + dst + HEAD_DIM // 2, c2, mask=k_live)
+    tl.store(value_cache_ptr + dst, c1, mask=v_live)
+    tl.store(value_cache_ptr + dst + HEAD_DIM // 2, c2, mask=v_live)
+
+
+@triton.jit
 def _mac(acc, w, x, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, X_FP8: tl.constexpr,
          W_FP8: tl.constexpr, X_MAN_BITS: tl.constexpr, X_EXP_BIAS: tl.constexpr,
          X_FP8_MAX: tl.constexpr, X_NAN_CODE: tl.constexpr, X_FNUZ: tl.constexpr,
@@ -407,7 +490,17 @@ def _small_m_kernel(
     stride_out_row,
     k_per_split,
     num_splits,
-    n_out,  # SILU_OUT: the activation's columns (n_cols: the column blocks times BLOCK_N)
+    n_out,  # SILU_OUT: the activation's columns; ROTARY_OUT: the (head, d) pairs (N / 2)
+    positions_ptr,  # ROTARY_OUT (else stand-ins, never read): int [M]
+    cos_sin_ptr,  # fp32 [max_position, HEAD_DIM]
+    stride_cs_row,
+    slot_ptr,  # int [M]
+    key_cache_ptr,  # [num_blocks, block_size, n_kv_heads, HEAD_DIM] (FP8: its uint8 bits)
+    value_cache_ptr,
+    n_heads,
+    n_kv_heads,
+    n_slots,
+    kv_scale,
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -431,6 +524,16 @@ def _small_m_kernel(
     INTERPRET: tl.constexpr,
     FUSED_REDUCE: tl.constexpr,
     SILU_OUT: tl.constexpr,  # w holds [gate; up] (2 n_out rows); out = silu(gate) * up [M, n_out]
+    ROTARY_OUT: tl.constexpr,  # w holds [q; k; v] heads: out rotated, k and v to the KV cache
+    HEAD_DIM: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    KV_MAN_BITS: tl.constexpr,
+    KV_EXP_BIAS: tl.constexpr,
+    KV_FP8_MAX: tl.constexpr,
+    KV_NAN_CODE: tl.constexpr,
+    KV_FNUZ: tl.constexpr,
+    KV_HAS_INF: tl.constexpr,
+    RN_ASM: tl.constexpr,  # unfused fp32 multiplies and adds through PTX (NVIDIA, compiled)
     PDL: tl.constexpr,
     EARLY: tl.constexpr,  # even K: the first weight tile loads before the PDL wait
     BLOCK_M: tl.constexpr,
@@ -442,6 +545,10 @@ def _small_m_kernel(
     # read from DRAM for one is an L2 hit for the others. SILU_OUT: a program's rows are gate
     # rows j .. j + BLOCK_N / 2 - 1 and the up rows of the same j, so its epilogue writes
     # silu(gate) * up for those columns (a SwiGLU gate_up projection and its activation).
+    # ROTARY_OUT: a program's rows are dims d .. d + BLOCK_N / 2 - 1 of the [q; k; v] heads'
+    # (head, d < HEAD_DIM / 2) pairs and their partners d + HEAD_DIM / 2, so its epilogue
+    # applies the rotary embedding and writes the KV cache (a qkv projection, then
+    # `rotary.rotary_write_kv`).
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -456,6 +563,12 @@ def _small_m_kernel(
         half = tl.arange(0, BLOCK_N) // (BLOCK_N // 2)  # 0: gate row, 1: up row
         col = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) % (BLOCK_N // 2)
         w_idx = tl.minimum(col, n_out - 1) + half * n_out
+    elif ROTARY_OUT:
+        half = tl.arange(0, BLOCK_N) // (BLOCK_N // 2)  # 0: dim d, 1: its partner
+        pair = tl.minimum(pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) % (BLOCK_N // 2),
+                          n_out - 1)  # fmt: skip
+        hd2 = HEAD_DIM // 2
+        w_idx = (pair // hd2) * HEAD_DIM + pair % hd2 + half * hd2
     else:
         w_idx = tl.minimum(offs_n, n_cols - 1)
     w_rows = w_idx.to(tl.int64)
@@ -499,6 +612,13 @@ def _small_m_kernel(
         if SILU_OUT:
             _silu_epilogue(acc, w_idx, offs_m, pid_n, out_ptr, bias_ptr, n_rows, n_out,
                            stride_out_row, HAS_BIAS, INTERPRET, BLOCK_N)  # fmt: skip
+        elif ROTARY_OUT:
+            _rotary_epilogue(acc, w_idx, offs_m, pid_n, out_ptr, bias_ptr, n_rows, n_out,
+                             stride_out_row, positions_ptr, cos_sin_ptr, stride_cs_row, slot_ptr,
+                             key_cache_ptr, value_cache_ptr, n_heads, n_kv_heads, n_slots,
+                             kv_scale, HAS_BIAS, INTERPRET, HEAD_DIM, KV_FP8, KV_MAN_BITS,
+                             KV_EXP_BIAS, KV_FP8_MAX, KV_NAN_CODE, KV_FNUZ, KV_HAS_INF, RN_ASM,
+                             BLOCK_N)  # fmt: skip
         else:
             _epilogue(acc, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, n_rows,
                       n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE, INTERPRET)  # fmt: skip
@@ -523,6 +643,14 @@ def _small_m_kernel(
                 if SILU_OUT:
                     _silu_epilogue(total, w_idx, offs_m, pid_n, out_ptr, bias_ptr, n_rows, n_out,
                                    stride_out_row, HAS_BIAS, INTERPRET, BLOCK_N)  # fmt: skip
+                elif ROTARY_OUT:
+                    _rotary_epilogue(total, w_idx, offs_m, pid_n, out_ptr, bias_ptr, n_rows,
+                                     n_out, stride_out_row, positions_ptr, cos_sin_ptr,
+                                     stride_cs_row, slot_ptr, key_cache_ptr, value_cache_ptr,
+                                     n_heads, n_kv_heads, n_slots, kv_scale, HAS_BIAS, INTERPRET,
+                                     HEAD_DIM, KV_FP8, KV_MAN_BITS, KV_EXP_BIAS, KV_FP8_MAX,
+                                     KV_NAN_CODE, KV_FNUZ, KV_HAS_INF, RN_ASM,
+                                     BLOCK_N)  # fmt: skip
                 else:
                     _epilogue(total, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr,
                               n_rows, n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE,
@@ -565,6 +693,50 @@ def _split_k_reduce_kernel(
 
 
 # -- launchers -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RotaryOut:
+    """What the qkv GEMM's rotary epilogue needs (`linear_rotary_write_kv_small_m`)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    positions: torch.Tensor  # int [M]
+    cos_sin: torch.Tensor  # fp32 [max_position, head_dim], unit column stride
+    key_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    value_cache: torch.Tensor
+    slot_mapping: torch.Tensor  # int [M]
+    kv_scale: float
+
+    @property
+    def kv_fp8(self) -> bool:
+        return self.key_cache.dtype in FP8_CODECS
+
+    @property
+    def kv_codec(self) -> dict:
+        return fp8_codec(self.key_cache.dtype if self.kv_fp8 else torch.float8_e4m3fn)
+
+    def kernel_args(self) -> tuple:
+        n_slots = self.key_cache.shape[0] * self.key_cache.shape[1]
+        return (self.positions, self.cos_sin, self.cos_sin.stride(0), self.slot_mapping,
+                raw(self.key_cache), raw(self.value_cache), self.num_heads, self.num_kv_heads,
+                n_slots, self.kv_scale)  # fmt: skip
+
+    def apply(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The two-kernel path on a GEMM's output [M, N]: `rotary.rotary_write_kv`, then q and k
+        rotated in place of qkv's."""
+        from backends.triton import rotary
+
+        m, d = qkv.shape[0], self.head_dim
+        heads = [self.num_heads, self.num_kv_heads, self.num_kv_heads]
+        q, k, v = qkv.view(m, -1, d).split(heads, dim=1)
+        q_rot, k_rot = rotary.rotary_write_kv(self.positions, q, k, v, self.cos_sin, True,
+                                              self.key_cache, self.value_cache,
+                                              self.slot_mapping, self.kv_scale)  # fmt: skip
+        q.copy_(q_rot)
+        k.copy_(k_rot)
+        return qkv
+
+
 def _scale_mode(scale: torch.Tensor | None) -> tuple[int, torch.Tensor | None]:
     if scale is None:
         return 0, None
@@ -585,29 +757,34 @@ def _launch(
     fused_reduce: bool | None = None,
     silu_out: bool = False,
     early: bool = False,
+    rotary: RotaryOut | None = None,
 ) -> torch.Tensor:
     m, k = x.shape[0], w.shape[1]
     n_w = w.shape[0]
-    # silu_out: w is [gate; up] (2 n_out rows), out the activation [M, n_out]; each column block
-    # holds block_n / 2 gate rows and their up rows, and n counts its columns (partials' width).
-    n_out = n_w // 2 if silu_out else n_w
-    out = torch.empty(m, n_out, dtype=out_dtype, device=x.device)
+    # silu_out: w is [gate; up] (2 n_out rows), out the activation [M, n_out]; rotary: w is the
+    # [q; k; v] heads, out [M, N] rotated and n_out the (head, d) pairs. Each column block holds
+    # block_n / 2 rows and their partners, and n counts its columns (partials' width).
+    paired = silu_out or rotary is not None
+    n_out = n_w // 2 if paired else n_w
+    out = torch.empty(m, n_out if silu_out else n_w, dtype=out_dtype, device=x.device)
     if m == 0 or n_out == 0:
         return out
     interpret = interpreting()
     splits, k_per_split = split_plan(cfg, m, n_w, k, _sm_count(x.device))
     fused = FUSED_REDUCE if fused_reduce is None else fused_reduce
-    col_blocks = triton.cdiv(n_out, cfg.block_n // 2) if silu_out else triton.cdiv(n_w, cfg.block_n)
+    col_blocks = triton.cdiv(n_out, cfg.block_n // 2) if paired else triton.cdiv(n_w, cfg.block_n)
     tiles = triton.cdiv(m, cfg.block_m) * col_blocks
     counters = tile_counters(x.device, tiles) if fused and splits > 1 else None
     fused = counters is not None
-    if silu_out and splits > 1 and not fused:  # the split-K sum needs the epilogue: two kernels
+    if paired and splits > 1 and not fused:  # the split-K sum needs the epilogue: two kernels
         h = _launch(x, w, bias, x_scale, w_scale, out_dtype, x_fp8, w_fp8, cfg, fused_reduce,
                     early=early)  # fmt: skip
-        from backends.triton import activation
+        if silu_out:
+            from backends.triton import activation
 
-        return activation.silu_and_mul(h)
-    n = col_blocks * cfg.block_n if silu_out else n_w
+            return activation.silu_and_mul(h)
+        return rotary.apply(h)
+    n = col_blocks * cfg.block_n if paired else n_w
     # fp32 partials [S, M, N] (a 1-element stand-in without split-K keeps one compiled kernel)
     partial_shape = (splits, m, n) if splits > 1 else (1,)
     partial = torch.empty(partial_shape, dtype=torch.float32, device=x.device)
@@ -635,11 +812,20 @@ def _launch(
             f"splits; each must be <= {_MAX_GRID} (use a larger block_n / block_k)"
         )
     pdl = pdl_args(x.device, "gemm")
+    if rotary is None:  # stand-ins for the rotary arguments (never read)
+        rot_args = (dummy, dummy, 0, dummy, dummy, dummy, 0, 0, 0, 1.0)
+        kv_fp8, kv_codec, head_dim = False, fp8_codec(torch.float8_e4m3fn), 0
+    else:
+        rot_args = rotary.kernel_args()
+        kv_fp8, kv_codec, head_dim = rotary.kv_fp8, rotary.kv_codec, rotary.head_dim
     _small_m_kernel[grid](
         x, w, dummy if bias is None else bias, dummy if x_s is None else x_s,
         dummy if w_s is None else w_s, out, partial, counters if fused else partial,
         m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
-        k_per_split, splits, n_out,
+        k_per_split, splits, n_out, *rot_args,
+        ROTARY_OUT=rotary is not None, HEAD_DIM=head_dim, KV_FP8=kv_fp8,
+        **{f"KV_{key}": value for key, value in kv_codec.items()},
+        RN_ASM=rotary is not None and not interpret,
         USE_DOT=cfg.kernel == "dot", EVEN_K=k % cfg.block_k == 0, DOT_DTYPE=dot_dtype,
         X_FP8=x_mode, W_FP8=w_mode,
         **{f"X_{key}": value for key, value in x_codec.items()},
@@ -714,8 +900,81 @@ def _early(weight: torch.Tensor, early: bool | None) -> bool:
     return EARLY and isinstance(weight, torch.nn.Parameter) if early is None else early
 
 
-def _dense(x, weight, bias, config, configs, fused_reduce, silu_out: bool, early) -> torch.Tensor:
-    # The float GEMMs' checks, then the launch; silu_out: weight is [gate; up], out the activation.
+def linear_rotary_write_kv_small_m(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_heads: int,
+    num_kv_heads: int,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scale: float | None = None,
+    config: GemvConfig | None = None,
+    configs: ConfigTable | None = None,
+    fused_reduce: bool | None = None,
+    early: bool | None = None,
+) -> torch.Tensor:
+    """A qkv projection and `rotary.rotary_write_kv` (NeoX, rotary_dim = head_dim) in one launch
+    where it can, bit for bit the two Triton kernels: each program takes block_n / 2 dims d <
+    head_dim / 2 of a head and their partners d + head_dim / 2, and its epilogue rounds the
+    products as the GEMM would store them, rotates the q and k pairs by the token's position and
+    stores the rotated k and v at the token's cache slot (slot -1 skips it).
+
+    x: [M, K] bf16 / fp16 / fp32; weight: [(num_heads + 2 num_kv_heads) head_dim, K] in x's
+    dtype, the q heads, then k, then v; bias: [N]; positions, slot_mapping: int [M];
+    cos_sin_cache: fp32 [max_position, head_dim]; caches: [num_blocks, block_size,
+    num_kv_heads, head_dim], contiguous (FP8 stores fp8(x / kv_scale)). Returns [M, N]: q and k
+    rotated, v as projected. NVIDIA GPUs (the epilogue's unfused multiplies are PTX) and the
+    interpreter. A split-K launch without the in-kernel sum runs the GEMM, then the rotary
+    kernel. config, configs, fused_reduce, early as in `linear_small_m`."""
+    from backends.triton.kv_cache import _check_caches
+
+    _check_caches(key_cache, value_cache)
+    head_dim = key_cache.shape[3]
+    rows = (num_heads + 2 * num_kv_heads) * head_dim
+    if num_heads < 1 or num_kv_heads < 1 or key_cache.shape[2] != num_kv_heads:
+        raise ValueError(
+            f"num_heads / num_kv_heads: {num_heads} / {num_kv_heads}; both must be >= 1 and the "
+            f"caches hold {key_cache.shape[2]} KV heads"
+        )
+    if weight.dim() != 2 or weight.shape[0] != rows:
+        raise ValueError(
+            f"weight: shape {tuple(weight.shape)}; expected [{rows}, K] = (num_heads {num_heads} "
+            f"+ 2 x num_kv_heads {num_kv_heads}) x head_dim {head_dim} rows"
+        )
+    if head_dim % 2 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != head_dim:
+        raise ValueError(
+            f"cos_sin_cache: shape {tuple(cos_sin_cache.shape)}; the fused epilogue rotates whole "
+            f"heads: expected [max_position, head_dim {head_dim}] with head_dim even (use "
+            "rotary_write_kv after the GEMM for a partial rotary_dim)"
+        )
+    m = x.shape[0] if x.dim() == 2 else -1
+    for name, t in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if t.dim() != 1 or t.dtype.is_floating_point or t.shape[0] != m:
+            raise ValueError(
+                f"{name}: expected an integer [M={m}] tensor, got {t.dtype} {tuple(t.shape)}"
+            )
+    scale = 1.0 if kv_scale is None else float(kv_scale)
+    if key_cache.dtype in FP8_CODECS and not scale > 0:
+        raise ValueError(f"kv_scale: {kv_scale} must be > 0")
+    if torch.version.hip is not None and not interpreting():
+        raise ValueError("the fused qkv + rotary epilogue runs on NVIDIA GPUs (PTX) only")
+    _check_device(x=x, positions=positions, slot_mapping=slot_mapping, key_cache=key_cache,
+                  value_cache=value_cache, cos_sin_cache=cos_sin_cache)  # fmt: skip
+    cache = cos_sin_cache.to(torch.float32)
+    rotary = RotaryOut(num_heads, num_kv_heads, head_dim, positions,
+                       cache if cache.stride(1) == 1 else cache.contiguous(), key_cache,
+                       value_cache, slot_mapping, scale)  # fmt: skip
+    return _dense(x, weight, bias, config, configs, fused_reduce, False, early, rotary)
+
+
+def _dense(x, weight, bias, config, configs, fused_reduce, silu_out: bool, early,
+           rotary: RotaryOut | None = None) -> torch.Tensor:  # fmt: skip
+    # The float GEMMs' checks, then the launch; silu_out: weight is [gate; up], out the activation;
+    # rotary: weight is [q; k; v], out rotated and the KV cache written.
     if x.dim() != 2 or weight.dim() != 2:
         raise ValueError(
             f"x/weight: expected [M, K] and [N, K], got {tuple(x.shape)} and {tuple(weight.shape)}"
@@ -738,13 +997,13 @@ def _dense(x, weight, bias, config, configs, fused_reduce, silu_out: bool, early
     _check_device(x=x, weight=weight, bias=bias)
     cfg = config or pick_config(weight.element_size(), x.shape[0], weight.shape[0], k, configs,
                                 silu_out)  # fmt: skip
-    if silu_out and cfg.block_n < 2:
+    if (silu_out or rotary is not None) and cfg.block_n < 2:
         raise ValueError(
-            f"config: block_n={cfg.block_n}; the fused activation needs block_n >= 2 (a gate and "
-            "an up row per column)"
+            f"config: block_n={cfg.block_n}; the fused epilogue needs block_n >= 2 (a row and its "
+            "partner per column)"
         )
     return _launch(x, weight, bias, None, None, x.dtype, None, None, cfg, fused_reduce,
-                   silu_out=silu_out, early=_early(weight, early))  # fmt: skip
+                   silu_out=silu_out, early=_early(weight, early), rotary=rotary)  # fmt: skip
 
 
 def fp8_linear_small_m(

@@ -65,6 +65,14 @@ class Attention(nn.Module):
             self.backend.write_kv(
                 key, value, key_cache, value_cache, batch.slot_mapping, kv_scale=self.kv_scale
             )
+        return self.attend(query, batch, kv_cache)
+
+    def attend(
+        self, query: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """Attention of `query` (rotated, [num_tokens, num_heads, head_dim]) over the cache, whose
+        new tokens' K/V are already written: [num_tokens, num_heads * head_dim]."""
+        key_cache, value_cache = kv_cache
         out = self.backend.attention(
             query,
             key_cache,

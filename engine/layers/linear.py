@@ -9,12 +9,17 @@ Given a quantization config, a layer the config quantizes holds no float weight:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from engine.parallel import ParallelContext, TensorSource, load_tensor
 from engine.quantization import LinearMethod, LinearSpec, Part, QuantizationConfig
 from hal.backend import Backend
+
+if TYPE_CHECKING:
+    from engine.layers.rotary import RotaryEmbedding
 
 
 def _param(shape: tuple[int, ...], backend: Backend, dtype: torch.dtype) -> nn.Parameter:
@@ -270,6 +275,31 @@ class QKVParallelLinear(QuantizableLinear):
         if self.quant_method is not None:
             return self.quant_method.apply(self, x, self.bias)
         return self.backend.linear(x, self.weight, self.bias)
+
+    def forward_rotary_write_kv(
+        self,
+        x: torch.Tensor,
+        rotary: RotaryEmbedding,
+        positions: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_scale: float | None = None,
+    ) -> torch.Tensor:
+        """The projection, its q and k rotated by `rotary` at `positions`, the rotated k and v
+        written to the paged caches (slot -1 skips); returns the rotated q [T, heads, D]. Float
+        weights go to the backend as one op (`Backend.linear_rotary_write_kv`, which may fuse
+        it into the GEMM); quantized ones run the GEMM, then `rotary.forward_write_kv`."""
+        if self.quant_method is not None:
+            q, k, v = self.split(self.forward(x))
+            query, _ = rotary.forward_write_kv(positions, q, k, v, key_cache, value_cache,
+                                               slot_mapping, kv_scale)  # fmt: skip
+            return query
+        query, _ = self.backend.linear_rotary_write_kv(
+            x, self.weight, self.bias, self.num_heads, self.num_kv_heads, positions,
+            rotary.cos_sin_cache, rotary.is_neox, key_cache, value_cache, slot_mapping, kv_scale,
+        )  # fmt: skip
+        return query
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[num_tokens, q_size + 2 kv_size] -> q [T, heads, D], k and v [T, kv_heads, D]."""

@@ -89,9 +89,15 @@ class LlamaAttention(nn.Module):
         batch: ForwardBatch,
         kv_cache: KVCache,
     ) -> torch.Tensor:
+        if self.q_norm is None:
+            # The projection, rotary and the KV-cache write as one backend op (the qkv GEMM's
+            # epilogue on a fused GPU backend at decode sizes), then attention over the cache.
+            q = self.qkv_proj.forward_rotary_write_kv(
+                hidden, self.rotary, positions, *kv_cache, batch.slot_mapping, self.attn.kv_scale
+            )
+            return self.o_proj(self.attn.attend(q, batch, kv_cache))  # [T, hidden]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))  # [T, heads, D], [T, kv_heads, D] x2
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)  # Qwen3: per-head RMSNorm before rotary
+        q, k = self.q_norm(q), self.k_norm(k)  # Qwen3: per-head RMSNorm before rotary
         # Rotary and the KV-cache write run as one backend op (one launch on the GPU).
         out = self.attn(q, k, v, batch, kv_cache, rotary=self.rotary, positions=positions)
         return self.o_proj(out)  # [T, hidden]

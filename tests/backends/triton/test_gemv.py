@@ -562,3 +562,171 @@ def test_silu_configs_pick_the_fused_launch_shape(monkeypatch) -> None:
     assert gemv.pick_config(2, 1, 64, 1024, silu=True) == gemv.pick_config(2, 1, 64, 1024)
     assert gemv.silu_fusion_measured_faster(2, 3, 64, 1024)
     assert not gemv.silu_fusion_measured_faster(2, 5, 64, 1024)
+
+
+# -- a qkv projection with rotary and the KV-cache write in the GEMM's epilogue ----------------
+if "backends.triton.rotary" in sys.modules and INTERPRET:
+    importlib.reload(sys.modules["backends.triton.rotary"])
+rotary_kernels = importlib.import_module("backends.triton.rotary")
+
+
+def qkv_rotary_case(m: int, heads: int, kv_heads: int, d: int, k: int, dtype, cache_dtype,
+                    has_bias: bool, seed: int) -> dict:  # fmt: skip
+    from hal.rope import build_cos_sin_cache
+
+    gen = torch.Generator().manual_seed(seed)
+    n = (heads + 2 * kv_heads) * d
+    blocks, block_size = 3, 4
+    slots = torch.randperm(blocks * block_size, generator=gen)[:m]
+    slots[0] = -1  # padding: skipped
+    if m > 2:
+        slots[2] = blocks * block_size + 5  # past the cache: skipped
+    cache = torch.zeros(blocks, block_size, kv_heads, d)
+    return {
+        "x": torch.randn(m, k, generator=gen).to(dtype),
+        "weight": (torch.randn(n, k, generator=gen) * 0.5).to(dtype),
+        "bias": torch.randn(n, generator=gen).to(dtype) if has_bias else None,
+        "positions": torch.randint(0, 40, (m,), generator=gen),
+        "cos_sin_cache": build_cos_sin_cache(d, 40, 10000.0, None),
+        "slot_mapping": slots,
+        "key_cache": cache.to(cache_dtype),
+        "value_cache": (cache + 1).to(cache_dtype),
+    }
+
+
+def two_kernel_qkv_rotary(c: dict, heads: int, kv_heads: int, cfg, kv_scale=None):
+    """linear_small_m, then the Triton rotary + KV-write kernel: (qkv rotated, caches)."""
+    x, w, b = (dev(c[key]) for key in ("x", "weight", "bias"))
+    kc, vc = dev(c["key_cache"].clone()), dev(c["value_cache"].clone())
+    h = gemv.linear_small_m(x, w, b, config=cfg)
+    d = kc.shape[3]
+    q, k, v = h.view(h.shape[0], -1, d).split([heads, kv_heads, kv_heads], dim=1)
+    q2, k2 = rotary_kernels.rotary_write_kv(
+        dev(c["positions"]), q, k, v, dev(c["cos_sin_cache"]), True, kc, vc,
+        dev(c["slot_mapping"]), kv_scale,
+    )  # fmt: skip
+    out = torch.cat([q2.flatten(1), k2.flatten(1), v.flatten(1)], dim=1)
+    return out, kc, vc
+
+
+def fused_qkv_rotary(c: dict, heads: int, kv_heads: int, cfg, kv_scale=None, **kw):
+    kc, vc = dev(c["key_cache"].clone()), dev(c["value_cache"].clone())
+    out = gemv.linear_rotary_write_kv_small_m(
+        dev(c["x"]), dev(c["weight"]), dev(c["bias"]), heads, kv_heads, dev(c["positions"]),
+        dev(c["cos_sin_cache"]), kc, vc, dev(c["slot_mapping"]), kv_scale, config=cfg, **kw,
+    )  # fmt: skip
+    return out, kc, vc
+
+
+@pytest.mark.parametrize("dtype", list(FLOATS))
+@pytest.mark.parametrize("kernel", ["fma_split3", "dot", "fma_whole"])
+@pytest.mark.parametrize("m", [1, 5])
+def test_linear_rotary_write_kv_is_the_two_kernels(dtype: str, kernel: str, m: int) -> None:
+    # The same bits as linear_small_m then rotary_write_kv with the same launch shape: 4 q / 2
+    # KV heads of 16 (pairs of one program span heads with block_n 16 / 32), K = 80 (a masked
+    # tail), split-K summed in the kernel, bias at M = 1, a padding slot and one past the cache.
+    cfg = CONFIGS.get(kernel, gemv.GemvConfig("fma", 8, 32, split_k=1))
+    c = qkv_rotary_case(m, 4, 2, 16, 80, FLOATS[dtype], FLOATS[dtype], m == 1, seed=60 + m)
+    out, kc, vc = fused_qkv_rotary(c, 4, 2, cfg)
+    ref, ref_kc, ref_vc = two_kernel_qkv_rotary(c, 4, 2, cfg)
+    assert tuple(out.shape) == (m, 128)
+    if INTERPRET and kernel == "dot" and dtype == "fp32":  # numpy's matmul order: see above
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(kc, ref_kc, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(out, ref)
+        assert torch.equal(kc, ref_kc)
+        assert torch.equal(vc, ref_vc)
+    if m > 1:  # token 0's slot is -1; the others' are written
+        assert not torch.equal(kc, dev(c["key_cache"]))
+
+
+@pytest.mark.parametrize("fused_reduce", [True, False])
+def test_linear_rotary_write_kv_fp8_cache_and_split_k(fused_reduce: bool) -> None:
+    # An FP8 cache with a scale (fp8(x / kv_scale)); split-K without the in-kernel sum falls back
+    # to the two kernels, with it stays one launch: both the two kernels' bits. GQA 8 / 1.
+    cfg = gemv.GemvConfig("fma", 16, 32, split_k=2)
+    fp8 = torch.float8_e4m3fn
+    c = qkv_rotary_case(3, 8, 1, 32, 64, torch.bfloat16, fp8, True, seed=70)
+    out, kc, vc = fused_qkv_rotary(c, 8, 1, cfg, 0.5, fused_reduce=fused_reduce)
+    ref, ref_kc, ref_vc = two_kernel_qkv_rotary(c, 8, 1, cfg, 0.5)
+    assert torch.equal(out, ref)
+    assert torch.equal(kc.view(torch.uint8), ref_kc.view(torch.uint8))
+    assert torch.equal(vc.view(torch.uint8), ref_vc.view(torch.uint8))
+
+
+def test_linear_rotary_write_kv_bad_input() -> None:
+    c = qkv_rotary_case(2, 4, 2, 16, 32, torch.bfloat16, torch.bfloat16, False, seed=80)
+    args = {key: dev(v) for key, v in c.items()}
+
+    def call(**change):
+        a = {**args, **change}
+        return gemv.linear_rotary_write_kv_small_m(
+            a["x"], a["weight"], a["bias"], a.get("heads", 4), a.get("kv_heads", 2),
+            a["positions"], a["cos_sin_cache"], a["key_cache"], a["value_cache"],
+            a["slot_mapping"],
+        )  # fmt: skip
+
+    with pytest.raises(ValueError, match="weight: shape"):
+        call(weight=args["weight"][:-16])
+    with pytest.raises(ValueError, match="whole"):
+        call(cos_sin_cache=args["cos_sin_cache"][:, :8])  # rotary_dim 8 of head_dim 16
+    with pytest.raises(ValueError, match="positions"):
+        call(positions=args["positions"][:1])
+    with pytest.raises(ValueError, match="slot_mapping"):
+        call(slot_mapping=args["slot_mapping"].float())
+    with pytest.raises(ValueError, match="KV heads"):
+        call(heads=5, kv_heads=1)
+
+
+def test_cuda_backend_fuses_linear_rotary_write_kv_only_when_asked_and_able(monkeypatch) -> None:
+    # HAL_FUSED_QKV_ROTARY on, GEMM / rotary / KV write on Triton, NeoX over whole heads, M <= 16:
+    # one fused launch; otherwise the composition (linear, then rotary_write_kv).
+    from backends.cuda.backend import CudaBackend
+
+    calls = []
+    be = CudaBackend.__new__(CudaBackend)  # the dispatch methods alone, no device
+    be.ran, be._fallbacks_logged, be.gemv_configs, be.fused_qkv_rotary = {}, set(), None, True
+    chosen = {"gemm": "triton_small_m", "rotary": "triton", "kv_write": "triton"}
+    monkeypatch.setattr(CudaBackend, "chosen", lambda self, family: chosen[family])
+
+    def fused(x, w, b, heads, kv_heads, *rest, configs):
+        calls.append("fused")
+        return torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype)
+
+    monkeypatch.setattr(gemv, "linear_rotary_write_kv_small_m", fused)
+    monkeypatch.setattr(CudaBackend, "linear", lambda self, x, w, b=None: calls.append("gemm")
+                        or torch.zeros(x.shape[0], w.shape[0], dtype=x.dtype))  # fmt: skip
+    monkeypatch.setattr(CudaBackend, "rotary_write_kv",
+                        lambda self, p, q, k, *rest: calls.append("rotary") or (q, k))  # fmt: skip
+    cache = torch.zeros(2, 4, 2, 8, dtype=torch.bfloat16)
+    cos_sin = torch.zeros(10, 8)
+    w = torch.zeros((4 + 2 * 2) * 8, 16, dtype=torch.bfloat16)
+    pos = torch.zeros(3, dtype=torch.long)
+
+    def run(x, weight=w, neox=True, table=cos_sin):
+        q, k = be.linear_rotary_write_kv(x, weight, None, 4, 2, pos, table, neox, cache, cache,
+                                         pos)  # fmt: skip
+        assert tuple(q.shape) == (x.shape[0], 4, 8) and tuple(k.shape) == (x.shape[0], 2, 8)
+
+    run(torch.zeros(3, 16, dtype=torch.bfloat16))
+    assert calls == ["fused"]
+    for x, kw, change in (
+        (torch.zeros(17, 16, dtype=torch.bfloat16), {}, None),  # M > 16
+        (torch.zeros(3, 16, dtype=torch.float32), {"weight": w.float()}, None),  # fp32
+        (torch.zeros(3, 16, dtype=torch.bfloat16), {"neox": False}, None),  # GPT-J
+        (torch.zeros(3, 16, dtype=torch.bfloat16), {"table": cos_sin[:, :4]}, None),  # partial
+        (torch.zeros(3, 16, dtype=torch.bfloat16), {}, ("rotary", "torch")),
+        (torch.zeros(3, 16, dtype=torch.bfloat16), {}, ("gemm", "cublas")),
+        (torch.zeros(3, 16, dtype=torch.bfloat16), {}, ("off", None)),
+    ):
+        calls.clear()
+        saved = dict(chosen)
+        if change and change[0] == "off":
+            be.fused_qkv_rotary = False
+        elif change:
+            chosen[change[0]] = change[1]
+        run(x, **kw)
+        assert calls == ["gemm", "rotary"], (tuple(x.shape), kw.keys(), change)
+        chosen.update(saved)
+        be.fused_qkv_rotary = True
