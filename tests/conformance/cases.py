@@ -480,6 +480,46 @@ def check_rotary_write_kv(d: Dispatch, case: RotaryWriteKvCase) -> CaseResult:
 
 
 @dataclass(frozen=True)
+class LinearRotaryCase:
+    """A qkv projection (x [T, k] against [q; k; v] rows of the batch's heads, bias or not) whose
+    output feeds `rotary_write_kv` (the inner case's tokens, table, slots and caches)."""
+
+    inner: RotaryWriteKvCase
+    k: int
+    has_bias: bool
+
+
+def check_linear_rotary_write_kv(d: Dispatch, case: LinearRotaryCase) -> CaseResult:
+    # Fused or not, the bits of this backend's own linear, split by heads, then
+    # rotary_write_kv (whose own contract is its row's); that linear within its bound of the
+    # float64 product.
+    t, b, neox = _with_padding(case.inner), case.inner.batch, case.inner.rotary.is_neox
+    n_tok, heads, dim = t["query"].shape
+    kv_heads, dtype = t["key"].shape[1], t["query"].dtype
+    gen = S.generator(b.seed + 2)
+    x = S.randn((n_tok, case.k), gen).to(dtype)
+    w = S.randn(((heads + 2 * kv_heads) * dim, case.k), gen, case.k**-0.5).to(dtype)
+    bias = S.randn((w.shape[0],), gen).to(dtype) if case.has_bias else None
+    pos, cache, slots = d.to(t["positions"]), d.to(t["cos_sin_cache"]), d.to(t["slot_mapping"])
+    kc, vc = t["key_cache"], t["value_cache"]
+    out_k, out_v = d.to(kc.clone()), d.to(vc.clone())
+    q, k = d("linear_rotary_write_kv", d.to(x), d.to(w), d.to(bias), heads, kv_heads, pos, cache,
+             neox, out_k, out_v, slots, b.kv_scale)  # fmt: skip
+    be = d.backend
+    h = be.linear(d.to(x), d.to(w), d.to(bias))
+    q0, k0, v0 = h.view(n_tok, -1, dim).split([heads, kv_heads, kv_heads], dim=1)
+    own_k, own_v = d.to(kc.clone()), d.to(vc.clone())
+    q2, k2 = be.rotary_write_kv(pos, q0, k0, v0, cache, neox, own_k, own_v, slots, b.kv_scale)
+    result = CaseResult(True)
+    for name, out, own in (("query", q, q2), ("key", k, k2), ("key_cache", out_k, own_k),
+                           ("value_cache", out_v, own_v)):  # fmt: skip
+        result = result.merge(bitwise(f"{name} vs linear then rotary_write_kv", out, own.cpu()))
+    ref = linear.linear(f64(x), f64(w), f64(bias))
+    mag = amax(x) * amax(w)
+    return result.merge(within("h", h.cpu(), ref, b.dtype, mag, case.k, tf32=tf32(d)))
+
+
+@dataclass(frozen=True)
 class FusedQuantCase:
     """A norm or SiLU-and-mul case whose output is quantized per token to `target` (FP8)."""
 
@@ -666,6 +706,13 @@ def _rotary_write_kv(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrate
     return _kv_write(dt, c, lim).flatmap(attach)
 
 
+def _linear_rotary_write_kv(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrategy:
+    """A rotary_write_kv case behind a qkv projection of K 16-96 (multiples of 16, where the
+    decode-sized GEMM serves, and 40, where it does not), bias or not."""
+    ks = st.sampled_from((16, 32, 40, 64, 96))
+    return st.builds(LinearRotaryCase, _rotary_write_kv(dt, c, lim), ks, st.booleans())
+
+
 def _scaled(per_token: bool | None) -> Strategy:
     def strategy(dt: str, c: Capabilities, lim: S.Limits) -> st.SearchStrategy:
         flags = st.booleans() if per_token is None else st.just(per_token)
@@ -799,6 +846,16 @@ OPS: tuple[OpSpec, ...] = (
         FLOAT,
         _plain(S.linear_cases),
         check_linear_silu_and_mul,
+    ),
+    # The rotary_write_kv row's cost (examples_scale) and test_gemv.py's fused-kernel tests.
+    OpSpec(
+        "linear_rotary_write_kv",
+        "gemm",
+        FP8_OR_FLOAT,
+        _linear_rotary_write_kv,
+        check_linear_rotary_write_kv,
+        True,
+        examples_scale=0.4,
     ),
     OpSpec("graph", "graph", FLOAT, _plain(S.graph_cases), check_graph),
 )
