@@ -35,7 +35,7 @@ import triton
 try:  # Gluon ships with Triton >= 3.5; without it (or off NVIDIA) the pairs kernel serves
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton (no Gluon, or another API)
@@ -53,23 +53,14 @@ EARLY = os.environ.get("HAL_INT4_EARLY", "1") != "0"
 BLOCK_M = 8  # the MMA's N side: rows of x per program
 
 
-# Chunks of packed words in flight per program through shared memory (cp.async, `stages`): 0
-# keeps the register path (the next chunk loaded one step ahead into registers). Read once at
-# import: HAL_INT4_GLUON_STAGES.
-STAGES = int(os.environ.get("HAL_INT4_GLUON_STAGES", "0"))
-
-
 @dataclass(frozen=True)
 class Int4GluonConfig:
-    """block_n weight rows per program (16 per warp times a power of two), num_warps,
-    programs_per_sm for the split-K count (as many K splits as keep the grid within one wave),
-    and stages: 0, the words of the next chunk loaded one step ahead into registers; 2-8, a
-    ring of that many chunks in shared memory filled by cp.async, stages - 1 chunks ahead."""
+    """block_n weight rows per program (16 per warp times a power of two), num_warps, and
+    programs_per_sm for the split-K count (as many K splits as keep the grid within one wave)."""
 
     block_n: int = 128
     num_warps: int = 4
     programs_per_sm: int = 4
-    stages: int = STAGES
 
     def __post_init__(self) -> None:
         reps = self.block_n // (16 * self.num_warps) if self.num_warps > 0 else 0
@@ -81,8 +72,6 @@ class Int4GluonConfig:
             )
         if self.programs_per_sm < 1:
             raise ValueError(f"programs_per_sm: {self.programs_per_sm} must be >= 1")
-        if self.stages != 0 and not 2 <= self.stages <= 8:
-            raise ValueError(f"stages: {self.stages} must be 0 (registers) or 2-8 (cp.async)")
 
 
 # (max_m, config), measured on an H200 (2026-11-27): block_n 128 / 4 warps / 4 programs per SM
@@ -218,8 +207,7 @@ if HAVE_GLUON:
         DOT_DTYPE: gl.constexpr, MAGIC2: gl.constexpr, MAGIC: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ONES_N: gl.constexpr,
         WL: gl.constexpr, XL: gl.constexpr, AL: gl.constexpr, BL: gl.constexpr,
-        MMA: gl.constexpr, PDL: gl.constexpr, EARLY: gl.constexpr, STAGES: gl.constexpr,
-        SL: gl.constexpr,
+        MMA: gl.constexpr, PDL: gl.constexpr, EARLY: gl.constexpr,
     ):  # fmt: skip
         # One program: BLOCK_N weight rows x BLOCK_M rows of x over one K split, one 128-k chunk
         # per step, the next chunk's words / scales / zeros / x loaded one step ahead. EARLY:
@@ -258,51 +246,18 @@ if HAVE_GLUON:
         c_start = pid_k * chunks_per_split
         c_end = gl.minimum(c_start + chunks_per_split, n_chunks)
         acc = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-        if STAGES > 0:
-            # A ring of STAGES chunks of words in shared memory, filled by cp.async STAGES - 1
-            # chunks ahead. Each thread reads back exactly the 16-byte runs it copied (the copy
-            # and the read share the layout WL), so its own wait_group orders them: no barrier.
-            ring = gl.allocate_shared_memory(gl.int32, [STAGES, BLOCK_N, 16], SL)
-            # Masks splat from one scalar (uniform per chunk), so the copies stay 16 bytes wide.
-            chunk_of = gl.zeros([BLOCK_N, 16], gl.int32, WL)
-            for i in gl.static_range(STAGES - 1):
-                async_copy.async_copy_global_to_shared(
-                    ring.index(i), w_ptrs + (c_start + i) * stride_qw_chunk,
-                    mask=(chunk_of + (c_start + i)) < c_end,
-                )  # fmt: skip
-                async_copy.commit_group()
-            s_cur = gl.load(s_rows + (c_start // GROUP_CHUNKS) * stride_s_group).to(gl.float32)
-            z_cur = gl.load(z_rows + (c_start // GROUP_CHUNKS) * stride_z_group).to(gl.float32)
-        else:
-            words, s_cur, z_cur = _load_weight_chunk(c_start, w_ptrs, s_rows, z_rows,
-                                                     stride_qw_chunk, stride_s_group,
-                                                     stride_z_group, GROUP_CHUNKS)  # fmt: skip
+        words, s_cur, z_cur = _load_weight_chunk(c_start, w_ptrs, s_rows, z_rows, stride_qw_chunk,
+                                                 stride_s_group, stride_z_group,
+                                                 GROUP_CHUNKS)  # fmt: skip
         if EARLY:
             _gdc(PDL)
         x0, x1, x2, x3 = _load_x_chunk(c_start, x_ptrs)
         for c in range(c_start, c_end):
-            if STAGES > 0:
-                # Chunk c has landed once at most STAGES - 2 of the later groups are pending;
-                # then chunk c + STAGES - 1 goes to the slot chunk c - 1 used (read last step).
-                step = c - c_start
-                async_copy.wait_group(STAGES - 2)
-                words = ring.index(step % STAGES).load(WL)
-                ahead = c + STAGES - 1
-                async_copy.async_copy_global_to_shared(
-                    ring.index((step + STAGES - 1) % STAGES), w_ptrs + ahead * stride_qw_chunk,
-                    mask=(chunk_of + ahead) < c_end,
-                )  # fmt: skip
-                async_copy.commit_group()
-                c_n = gl.minimum(c + 1, c_end - 1)
-                s_n = gl.load(s_rows + (c_n // GROUP_CHUNKS) * stride_s_group).to(gl.float32)
-                z_n = gl.load(z_rows + (c_n // GROUP_CHUNKS) * stride_z_group).to(gl.float32)
-                x0n, x1n, x2n, x3n = _load_x_chunk(c_n, x_ptrs)
-            else:
-                # The next chunk's operands (the last step re-reads its own chunk: cached).
-                words_n, s_n, z_n, x0n, x1n, x2n, x3n = _load_chunk(
-                    gl.minimum(c + 1, c_end - 1), w_ptrs, s_rows, z_rows, x_ptrs,
-                    stride_qw_chunk, stride_s_group, stride_z_group, GROUP_CHUNKS,
-                )  # fmt: skip
+            # The next chunk's operands (the last step re-reads its own chunk: cached).
+            words_n, s_n, z_n, x0n, x1n, x2n, x3n = _load_chunk(
+                gl.minimum(c + 1, c_end - 1), w_ptrs, s_rows, z_rows, x_ptrs, stride_qw_chunk,
+                stride_s_group, stride_z_group, GROUP_CHUNKS,
+            )  # fmt: skip
             wu = words.to(gl.uint32, bitcast=True)
             w2 = gl.join(wu, wu)
             part = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
@@ -325,8 +280,7 @@ if HAVE_GLUON:
                 xsum = gl.reshape(gl.permute(gl.join(xs, xs), [2, 0, 1]), [BLOCK_N, BLOCK_M])
                 xsum = gl.convert_layout(xsum, MMA, assert_trivial=True)
             acc += (part - (z_cur + MAGIC)[:, None] * xsum) * s_cur[:, None]
-            if STAGES == 0:
-                words = words_n
+            words = words_n
             s_cur = s_n
             z_cur = z_n
             x0 = x0n
@@ -379,14 +333,6 @@ def _layouts(block_n: int, num_warps: int) -> dict:
     )  # fmt: skip
 
 
-# The shared-memory ring of words [stages, block_n, 16] (int32), row-major and unswizzled: a
-# quarter warp's 16-byte reads cover two whole 64-byte rows, so they meet no bank conflict.
-_RING_LAYOUT = (
-    gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[1, 0])
-    if HAVE_GLUON
-    else None
-)
-
 _MAGIC = {  # (MAGIC + q in both halves' bit pattern, MAGIC)
     torch.bfloat16: (0x43004300, 128),
     torch.float16: (0x64006400, 1024),
@@ -418,7 +364,7 @@ def launch_gluon(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Gluo
         GROUP_CHUNKS=group_size // int4_tc.CHUNK, HAS_BIAS=bias is not None, FINAL=final,
         DOT_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, MAGIC2=magic2,
         MAGIC=magic, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, ONES_N=16 * cfg.num_warps,
-        PDL=pdl, EARLY=EARLY and pdl, STAGES=cfg.stages, SL=_RING_LAYOUT, num_warps=cfg.num_warps,
+        PDL=pdl, EARLY=EARLY and pdl, num_warps=cfg.num_warps,
         **({"launch_pdl": True} if pdl else {}),
         **_layouts(cfg.block_n, cfg.num_warps),
     )  # fmt: skip
