@@ -1,14 +1,17 @@
 """Decode-sized GEMMs (backends/triton/gemv.py) against torch on the Llama-3-8B shapes at M = 1..16:
 bf16 against F.linear (cuBLAS), FP8 e4m3fn (per-row scales) against torch._scaled_mm row-wise,
-and "silu" (the gate_up GEMM writing silu(gate) * up from its epilogue,
+"silu" (the gate_up GEMM writing silu(gate) * up from its epilogue,
 `linear_silu_and_mul_small_m`) against the two kernels it replaces (our GEMM, then our activation
-kernel), with the copy bandwidth measured in the same run.
+kernel), and "rotary" (the qkv GEMM rotating q and k and writing the KV cache from its epilogue,
+`linear_rotary_write_kv_small_m`; head_dim 128, 4 query heads per KV head) against our GEMM then
+our rotary + KV-write kernel, with the copy bandwidth measured in the same run.
 
     python bench/gemv.py --out gemv.json                 # the kernels' table (or heuristic)
     python bench/gemv.py --separate-reduce               # also the split-K sum as its own kernel
     python bench/gemv.py --autotune --out gemv_tune.json # sweep configs per shape and M, print
                                                          # the best as a DEFAULT_CONFIGS table,
                                                          # then benchmark with it
+    python bench/gemv.py --kinds rotary --shapes qkv qkv_tp2   # the fused qkv + rotary launch
     python bench/gemv.py --kinds silu --shapes gate_up gate_up_tp2 --autotune
                                                          # the fused gate_up + SiLU launch shapes
                                                          # (a SILU_CONFIGS table)
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from backends.triton import activation, gemv  # noqa: E402
+from backends.triton import activation, gemv, rotary  # noqa: E402
 from bench.attention import Timer  # noqa: E402
 from bench.attention import copy_bandwidth as attention_copy_bandwidth  # noqa: E402
 
@@ -66,10 +69,11 @@ SHAPES.update({
 })  # fmt: skip
 LAYERS = 32  # per decode step: 32 x (qkv, o, gate_up, down) + lm_head
 MS = (1, 2, 4, 8, 16)
-KINDS = ("bf16", "fp8", "silu")
+KINDS = ("bf16", "fp8", "silu", "rotary")
 DEFAULT_KINDS = ["bf16", "fp8"]
 FP8 = torch.float8_e4m3fn
-W_BYTES = {"bf16": 2, "fp8": 1, "silu": 2}
+W_BYTES = {"bf16": 2, "fp8": 1, "silu": 2, "rotary": 2}
+HEAD_DIM, GQA = 128, 4  # "rotary": N = (GQA + 2) x KV heads x HEAD_DIM
 MIN_REPLAY_MS = 0.3  # a replay at least this long, so event overhead stays below ~1%
 
 
@@ -151,8 +155,47 @@ def make_x(kind: str, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor | None
     return (x.float() / scale).to(FP8), scale
 
 
+_ROTARY_CTX: dict = {}
+
+
+def rotary_ctx(m: int, n: int) -> dict:
+    """Positions, cos / sin table, slots and caches for a "rotary" call of M tokens and N rows."""
+    key = (m, n)
+    if key not in _ROTARY_CTX:
+        from hal.rope import build_cos_sin_cache
+
+        kv_heads = n // ((GQA + 2) * HEAD_DIM)
+        cache = torch.zeros(64, 16, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        _ROTARY_CTX[key] = dict(
+            num_heads=GQA * kv_heads, num_kv_heads=kv_heads,
+            positions=torch.arange(100, 100 + m, device="cuda"),
+            cos_sin_cache=build_cos_sin_cache(HEAD_DIM, 4096, 500000.0, None).cuda(),
+            key_cache=cache, value_cache=cache.clone(),
+            slot_mapping=torch.arange(7, 7 + m, device="cuda"),
+        )  # fmt: skip
+    return _ROTARY_CTX[key]
+
+
+def two_kernel_rotary(x, w) -> torch.Tensor:
+    """Our GEMM, then our rotary + KV-write kernel: the path the fused launch replaces."""
+    c = rotary_ctx(x.shape[0], w.shape[0])
+    h = gemv.linear_small_m(x, w)
+    q, k, v = h.view(x.shape[0], -1, HEAD_DIM).split(
+        [c["num_heads"], c["num_kv_heads"], c["num_kv_heads"]], dim=1
+    )
+    q, k = rotary.rotary_write_kv(c["positions"], q, k, v, c["cos_sin_cache"], True,
+                                  c["key_cache"], c["value_cache"], c["slot_mapping"])  # fmt: skip
+    return torch.cat([q.flatten(1), k.flatten(1), v.flatten(1)], dim=1)
+
+
 def ours_call(kind: str, x, x_scale, configs=None, config=None, fused=None):
     kw = dict(configs=configs, config=config, fused_reduce=fused)
+    if kind == "rotary":
+        return lambda w, s: (
+            lambda: gemv.linear_rotary_write_kv_small_m(
+                x, w, None, **rotary_ctx(x.shape[0], w.shape[0]), **kw
+            )
+        )
     if kind == "bf16":
         return lambda w, s: lambda: gemv.linear_small_m(x, w, **kw)
     if kind == "silu":
@@ -167,6 +210,8 @@ def torch_call(kind: str, x, x_scale):
         return lambda w, s: lambda: F.linear(x, w)
     if kind == "silu":  # the peer of the fused launch: the two kernels it replaces
         return lambda w, s: lambda: activation.silu_and_mul(gemv.linear_small_m(x, w))
+    if kind == "rotary":
+        return lambda w, s: lambda: two_kernel_rotary(x, w)
     # row-wise: scale_a [M, 1], scale_b [1, N] fp32, bf16 out (Hopper's kernel)
     return lambda w, s: (
         lambda: torch._scaled_mm(
@@ -185,6 +230,8 @@ def rel_err(kind, weights: Weights, x, x_scale, configs=None, config=None) -> tu
     elif kind == "silu":
         gate, up = (x.float() @ w.float().t()).chunk(2, dim=-1)
         ref = F.silu(gate) * up
+    elif kind == "rotary":  # against the two kernels (the same bits expected: error 0)
+        ref = two_kernel_rotary(x, w).float()
     else:
         ref = (x.float() @ w.float().t()) * x_scale * s.reshape(1, -1)
     err = float((y1.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30))
@@ -377,7 +424,8 @@ def main() -> int:
         nargs="+",
         choices=KINDS,
         default=DEFAULT_KINDS,
-        help="silu: the fused gate_up + activation (gate_up shapes only)",
+        help="silu: the fused gate_up + activation (gate_up shapes only); rotary: the fused qkv "
+        "+ rotary + KV write (qkv shapes only)",
     )
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=DEFAULT_SHAPES)
     p.add_argument("--ms", type=int, nargs="+", default=list(MS))
@@ -402,6 +450,9 @@ def main() -> int:
                                 cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
     except OSError:
         commit = ""
+    if args.autotune and "rotary" in args.kinds:
+        print("--kinds rotary takes the plain GEMV's table: autotune --kinds bf16", file=sys.stderr)
+        return 2
     if args.autotune:
         precompile(args.kinds, args.ms)
     copy_gbs = copy_bandwidth(args.reps)
