@@ -246,8 +246,12 @@ def candidates(kind: str, m: int) -> list[gemv.GemvConfig]:
     wb = W_BYTES[kind]
     out = []
     if m <= 2:
+        # Wide K tiles too (1024-2048): a program's loads of one step are all it has in flight
+        # (the FMA loop is not software-pipelined), so a small N's few programs per SM hold
+        # more bytes in flight with longer steps (compiled for sm_90 without spills).
         for bn, bk, warps in ((8, 512, 4), (16, 256, 4), (16, 512, 4), (32, 256, 4),
-                              (32, 512, 8), (64, 256, 8)):  # fmt: skip
+                              (32, 512, 8), (64, 256, 8), (4, 1024, 4), (8, 1024, 4),
+                              (4, 2048, 4), (8, 1024, 8), (16, 1024, 8)):  # fmt: skip
             out.append(gemv.GemvConfig("fma", bn, bk, 0, warps, 1))
     for bn, bk_bytes, stages in itertools.product((32, 64, 128), (256, 512), (3, 4, 5)):
         bk = bk_bytes // wb
