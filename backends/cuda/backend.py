@@ -588,8 +588,7 @@ class CudaBackend(Backend):
             and self.chosen("activation") == "triton"
         ):
             gemv = _triton("gemv")
-            m = x.numel() // max(x.shape[-1], 1)
-            shape = (weight.element_size(), m, *weight.shape)
+            shape = (weight.element_size(), gemv._leading_rows(x), *weight.shape)
             wanted = self.fused_gate_up_silu or gemv.silu_fusion_measured_faster(*shape)
             if wanted and not gemv.small_m_reasons(x, weight):
                 self._mark("gemm", "triton_small_m")
@@ -612,13 +611,10 @@ class CudaBackend(Backend):
             self.fused_qkv_rotary
             and is_neox
             and torch.version.hip is None
-            and x.dim() == 2
             and self.chosen("gemm") == "triton_small_m"
             and self.chosen("rotary") == self.chosen("kv_write") == "triton"
             and cos_sin_cache.dim() == 2
-            and cos_sin_cache.shape[1] == d
-            and weight.dim() == 2
-            and weight.shape[0] == (num_heads + 2 * num_kv_heads) * d
+            and cos_sin_cache.shape[1] == d  # whole heads (a partial table: the two kernels)
             and key_cache.is_contiguous()
             and value_cache.is_contiguous()
         ):
