@@ -325,17 +325,24 @@ def step_bytes_per_rank(folder: Path, tp: int) -> float:
     return total * 2 / tp
 
 
-def _profile(llm, prompts, params, label: str, top: int) -> None:
+def _profile(llm, prompts, params, label: str, top: int, trace_dir: str | None = None) -> None:
     """Generate under LLM.start_profile; print each rank's kernel table (and caching-allocator
-    activity) per engine step, headed by `label` and the step count."""
+    activity) per engine step, headed by `label` and the step count. With trace_dir each rank's
+    Chrome trace goes there too, and rank 0's critical path (`bench/trace_path.py`) is printed."""
     first = llm.engine.num_steps
-    llm.start_profile()
+    before = set(Path(trace_dir).glob("rank0-*.json")) if trace_dir else set()
+    llm.start_profile(trace_dir)
     llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
     summaries = llm.stop_profile()
     steps = llm.engine.num_steps - first
     print(f"{label}, {steps} steps")
     for s in summaries:
         print("\n".join("  " + line for line in s.table(steps=steps, top=top)))
+    if trace_dir:
+        from trace_path import report
+
+        for trace in sorted(set(Path(trace_dir).glob("rank0-*.json")) - before):
+            print("\n".join("  " + line for line in report(str(trace), top)))
 
 
 def profile_mixed(llm, work, tp: int) -> None:
@@ -347,14 +354,15 @@ def profile_mixed(llm, work, tp: int) -> None:
     _profile(llm, prompts, params, f"scaling TP={tp}: profile of {len(work)} mixed requests", 12)
 
 
-def profile_decode(llm, steps: int, tp: int) -> None:
+def profile_decode(llm, steps: int, tp: int, trace_dir: str | None = None) -> None:
     """Profile `steps` batch-1 decode steps (128-token prompt): where a TP size's step time goes
     against its floor (one more step is the prefill)."""
     from engine import SamplingParams
 
     prompt = [random.Random(2).randrange(100, 30000) for _ in range(128)]
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
-    _profile(llm, [prompt], params, f"scaling TP={tp}: profile of batch-1 decode", 24)
+    _profile(llm, [prompt], params, f"scaling TP={tp}: profile of batch-1 decode", 24,
+             trace_dir and str(Path(trace_dir) / f"tp{tp}"))
 
 
 def part_scaling(folder, args, res, bw: float, tps: list[int], key: str) -> None:
@@ -369,7 +377,7 @@ def part_scaling(folder, args, res, bw: float, tps: list[int], key: str) -> None
         sync_ms = decode_ms(llm)
         llm.engine.async_scheduling = was
         if args.profile_decode:
-            profile_decode(llm, args.profile_decode, tp)
+            profile_decode(llm, args.profile_decode, tp, args.trace_dir)
         floor = step_bytes_per_rank(folder, tp) / bw * 1e3
         row = dict(tp=tp, decode_ms=ms, floor_ms=floor, over_floor=ms / floor,
                    decode_sync_ms=sync_ms, async_scheduling=was)  # fmt: skip
@@ -435,6 +443,9 @@ def main() -> int:
     p.add_argument("--profile-decode", type=int, default=0,
                    help="after the batch-1 timing, profile this many batch-1 decode steps per TP "
                         "size (kernel tables per rank)")  # fmt: skip
+    p.add_argument("--trace-dir", default=None,
+                   help="with --profile-decode: write each rank's Chrome trace under DIR/tpN and "
+                        "print rank 0's critical path (bench/trace_path.py)")  # fmt: skip
     p.add_argument("--profile-mixed", type=int, default=0,
                    help="after the mixed run, profile this many of its requests per TP size "
                         "(kernel tables and caching-allocator activity per rank)")  # fmt: skip
