@@ -361,8 +361,8 @@ def profile_decode(llm, steps: int, tp: int, trace_dir: str | None = None) -> No
 
     prompt = [random.Random(2).randrange(100, 30000) for _ in range(128)]
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
-    _profile(llm, [prompt], params, f"scaling TP={tp}: profile of batch-1 decode", 24,
-             trace_dir and str(Path(trace_dir) / f"tp{tp}"))
+    trace = trace_dir and str(Path(trace_dir) / f"tp{tp}")
+    _profile(llm, [prompt], params, f"scaling TP={tp}: profile of batch-1 decode", 24, trace)
 
 
 def part_scaling(folder, args, res, bw: float, tps: list[int], key: str) -> None:
