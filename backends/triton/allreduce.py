@@ -23,6 +23,18 @@ bumped by the kernel), so the kernel replays correctly inside CUDA graphs. A pro
 rows skips the barrier (flags compare as "at least this epoch", in wrapping int32 arithmetic).
 A wait that spins past SPIN_LIMIT polls (seconds) gives up and sets the error word, so a broken
 peer mapping shows up as an error on the host instead of a hung GPU (`OneShotWorkspace.check`).
+
+Few rows (at most `ll_max_rows`, default LL_MAX_ROWS, and LL_SOURCE_BYTES of words per source):
+the low-latency protocol instead, NCCL's "LL" idea. Each value goes out as one 8-byte word, its
+fp32 bits in the low half and the call's epoch in the high half, stored straight into every
+rank's LL area (slot of this rank, half `epoch & 1`); a rank then polls its own area until every
+word of its rows carries the epoch (an aligned 8-byte store lands whole), and sums those fp32
+values in rank order: the same bits as above (x's values are exact in fp32). No flag round, no
+fence, no read across the link: one one-way trip. The halves alternate as above (a rank writes
+half e & 1 of a peer's area at epoch e only after it received that peer's epoch e - 1 words,
+sent after the peer's epoch e - 2 call, the last reader of that half, had ended); stale words
+hold an older epoch. The LL area is its own part of the buffer, so the classic path's data
+never reads as an LL word.
 """
 
 from __future__ import annotations
@@ -40,6 +52,8 @@ from backends.triton.quant import cast_rtne, fp8_codec, fp8_encode_mode, interpr
 MAX_COLS = 16384  # a row is one register tile
 SPIN_LIMIT = 1 << 26  # polls of one flag before a program gives up (several seconds)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+LL_SOURCE_BYTES = 512 * 1024  # one source rank's words in one half of an LL area
+LL_MAX_ROWS = 16  # calls with more rows take the flag-and-read protocol
 
 
 @dataclass
@@ -60,7 +74,17 @@ class OneShotWorkspace:
     error: torch.Tensor
     capacity_bytes: int
     max_programs: int
+    ll_table: torch.Tensor | None = None  # int64 [world]: every rank's LL area (see `ll_bytes`)
+    ll_max_rows: int = LL_MAX_ROWS  # 0: never the LL protocol
     spin_limit: int = SPIN_LIMIT
+
+    def takes_ll(self, x: torch.Tensor) -> bool:
+        """Whether a call on x (which `fits`) goes by the low-latency protocol: at most
+        ll_max_rows rows whose 8-byte words fit one source's share of an LL half."""
+        cols = x.shape[-1]
+        rows = x.numel() // cols if cols else 0
+        return (self.ll_table is not None and 0 < rows <= self.ll_max_rows
+                and rows * block_n(cols) * 8 <= LL_SOURCE_BYTES)  # fmt: skip
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether x can go through the one-shot kernel: a tensor of a float dtype on this
@@ -87,12 +111,15 @@ class OneShotWorkspace:
         """The workspace over every rank's buffer (`buffer_bytes` bytes each, zeroed on every
         rank before the first call; buffer_ptrs: their addresses as this process sees them)."""
         fbytes = flag_bytes(max_programs, world)
+        ll_off = fbytes + 2 * capacity_bytes
         return cls(
             rank=rank,
             world=world,
             data_table=torch.tensor([p + fbytes for p in buffer_ptrs], dtype=torch.int64,
                                     device=device),
             flag_table=torch.tensor(buffer_ptrs, dtype=torch.int64, device=device),
+            ll_table=torch.tensor([p + ll_off for p in buffer_ptrs], dtype=torch.int64,
+                                  device=device),
             epochs=torch.zeros(max_programs, dtype=torch.int32, device=device),
             error=torch.zeros(1, dtype=torch.int32, device=device),
             capacity_bytes=capacity_bytes,
@@ -152,6 +179,43 @@ def _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD: tl.cons
 
 
 @triton.jit
+def _ll_send(x_ptr, ll_table, rank, row, n_rows, n_cols, stride_x, half, epoch, cols, cmask,
+             WORLD: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    # This rank's row as (epoch << 32 | fp32 bits) words into slot `rank` of every rank's area.
+    r64 = tl.cast(row, tl.int64)
+    v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
+    bits = v.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    word = bits | (epoch.to(tl.int64) << 32)
+    at = (rank * n_rows + r64) * BLOCK_N + half
+    for p in tl.static_range(WORLD):
+        area = tl.load(ll_table + p).to(tl.pointer_type(tl.int64))
+        tl.store(tl.multiple_of(area + at + cols, 16), word, mask=cmask)
+
+
+@triton.jit
+def _ll_receive(ll_table, error_ptr, rank, row, n_rows, half, epoch, spin_limit, cols, cmask,
+                WORLD: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    # The rank-order fp32 sum of this row's words from every rank, each polled until it carries
+    # the epoch ([1, BLOCK_N]).
+    r64 = tl.cast(row, tl.int64)
+    area = tl.load(ll_table + rank).to(tl.pointer_type(tl.int64)) + half
+    acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+    for p in tl.static_range(WORLD):
+        at = tl.multiple_of(area + (p * n_rows + r64) * BLOCK_N + cols[None, :], [1, 16])
+        word = tl.load(at, mask=cmask[None, :], other=0, volatile=True)
+        late = tl.sum((((word >> 32).to(tl.int32) != epoch) & cmask[None, :]).to(tl.int32), axis=1)
+        polls = 0
+        while (tl.max(late, axis=0) > 0) & (polls < spin_limit):
+            word = tl.load(at, mask=cmask[None, :], other=0, volatile=True)
+            late = tl.sum((((word >> 32).to(tl.int32) != epoch) & cmask[None, :]).to(tl.int32), axis=1)
+            polls += 1
+        if tl.max(late, axis=0) > 0:
+            tl.atomic_xchg(error_ptr, 1)
+        acc += (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+    return acc
+
+
+@triton.jit
 def _one_shot_kernel(
     x_ptr,
     residual_ptr,
@@ -160,6 +224,7 @@ def _one_shot_kernel(
     h_ptr,
     data_table,
     flag_table,
+    ll_table,
     epoch_ptr,
     error_ptr,
     rank,
@@ -171,10 +236,12 @@ def _one_shot_kernel(
     stride_h,
     eps,
     half_elems,  # elements of x's dtype in one half of a data area
+    ll_half_words,  # 8-byte words in one half of an LL area
     spin_limit,
     scale_ptr,  # QUANT: fp32 [rows] per-token scales
     qmax,
     WORLD: tl.constexpr,
+    LL: tl.constexpr,  # the low-latency protocol (module docstring)
     NORM: tl.constexpr,  # residual add + RMSNorm after the sum
     QUANT: tl.constexpr,  # NORM's output quantized per token to FP8 (y_ptr: its codes)
     MAN_BITS: tl.constexpr,
@@ -196,26 +263,37 @@ def _one_shot_kernel(
     if pid < n_rows:
         DT: tl.constexpr = x_ptr.dtype.element_ty
         half = (epoch & 1).to(tl.int64) * half_elems
+        ll_half = (epoch & 1).to(tl.int64) * ll_half_words
         cols = tl.arange(0, BLOCK_N)
         cmask = cols < n_cols
-        # Rows sit BLOCK_N apart in the buffers and the areas are 256-byte aligned: saying so
-        # lets the compiler use 16-byte loads (pointers made from integers carry no alignment).
-        mine = tl.load(data_table + rank).to(tl.pointer_type(DT)) + half
+        if LL:
+            for row in range(pid, n_rows, nprog):
+                _ll_send(x_ptr, ll_table, rank, row, n_rows, n_cols, stride_x, ll_half, epoch,
+                         cols, cmask, WORLD, BLOCK_N)  # fmt: skip
+        else:
+            # Rows sit BLOCK_N apart in the buffers and the areas are 256-byte aligned: saying
+            # so lets the compiler use 16-byte loads (pointers made from integers carry no
+            # alignment).
+            mine = tl.load(data_table + rank).to(tl.pointer_type(DT)) + half
+            for row in range(pid, n_rows, nprog):
+                r64 = tl.cast(row, tl.int64)
+                v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask)
+                tl.store(tl.multiple_of(mine + r64 * BLOCK_N + cols, 16), v, mask=cmask)
+            tl.debug_barrier()  # every thread's copy before the release below
+            _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD)
         for row in range(pid, n_rows, nprog):
             r64 = tl.cast(row, tl.int64)
-            v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask)
-            tl.store(tl.multiple_of(mine + r64 * BLOCK_N + cols, 16), v, mask=cmask)
-        tl.debug_barrier()  # every thread's copy before the release below
-        _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD)
-        for row in range(pid, n_rows, nprog):
-            r64 = tl.cast(row, tl.int64)
-            acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-            for p in tl.static_range(WORLD):
-                src = tl.load(data_table + p).to(tl.pointer_type(DT)) + half
-                at = tl.multiple_of(src + r64 * BLOCK_N + cols[None, :], [1, 16])
-                part = tl.load(at, mask=cmask[None, :], other=0.0,
-                               cache_modifier=".cg")  # fmt: skip
-                acc += part.to(tl.float32)
+            if LL:
+                acc = _ll_receive(ll_table, error_ptr, rank, row, n_rows, ll_half, epoch,
+                                  spin_limit, cols, cmask, WORLD, BLOCK_N)  # fmt: skip
+            else:
+                acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+                for p in tl.static_range(WORLD):
+                    src = tl.load(data_table + p).to(tl.pointer_type(DT)) + half
+                    at = tl.multiple_of(src + r64 * BLOCK_N + cols[None, :], [1, 16])
+                    part = tl.load(at, mask=cmask[None, :], other=0.0,
+                                   cache_modifier=".cg")  # fmt: skip
+                    acc += part.to(tl.float32)
             total = cast_rtne(acc, DT, INTERPRET)
             if NORM:
                 res = tl.load(residual_ptr + r64 * stride_r + cols[None, :], mask=cmask[None, :],
@@ -249,12 +327,14 @@ def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp
     half_elems = ws.capacity_bytes // x2.element_size()
     codec = fp8_codec(fp8_dtype or torch.float8_e4m3fn)
     native = fp8_encode_mode(fp8_dtype, x2.device) if fp8_dtype is not None else 0
+    ll = ws.takes_ll(x2)
     _one_shot_kernel[(ws.max_programs,)](
         x2, r2, weight if weight is not None else x2, y2, h2, ws.data_table, ws.flag_table,
-        ws.epochs, ws.error, ws.rank, n_rows, n_cols, x2.stride(0), r2.stride(0), y2.stride(0),
-        h2.stride(0), float(eps), half_elems, ws.spin_limit,
+        ws.ll_table if ll else ws.data_table, ws.epochs, ws.error, ws.rank, n_rows, n_cols,
+        x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), float(eps), half_elems,
+        ws.world * LL_SOURCE_BYTES // 8, ws.spin_limit,
         scale if scale is not None else ws.epochs, float(codec["FP8_MAX"]), WORLD=ws.world,
-        NORM=residual is not None, QUANT=fp8_dtype is not None, ENCODE_NATIVE=native, **codec,
+        LL=ll, NORM=residual is not None, QUANT=fp8_dtype is not None, ENCODE_NATIVE=native, **codec,
         BLOCK_N=bn, INTERPRET=interpreting(),
         num_warps=min(16, max(4, bn // 512)), **pdl_args(x2.device, "allreduce"),
     )  # fmt: skip
@@ -318,12 +398,17 @@ def flag_bytes(max_programs: int, world: int) -> int:
     return -(-max_programs * world * 4 // 256) * 256
 
 
+def ll_bytes(world: int) -> int:
+    """Bytes of a rank's LL area: two halves, each a slot of LL_SOURCE_BYTES per source rank."""
+    return 2 * world * LL_SOURCE_BYTES
+
+
 def buffer_bytes(world: int, capacity_bytes: int, max_programs: int) -> int:
-    """Bytes of one rank's buffer: the flag area, then two halves of capacity_bytes (a multiple
-    of 256)."""
+    """Bytes of one rank's buffer: the flag area, two halves of capacity_bytes (a multiple of
+    256), then the LL area (`ll_bytes`)."""
     if capacity_bytes <= 0 or capacity_bytes % 256:
         raise ValueError(f"capacity_bytes: {capacity_bytes} must be a positive multiple of 256")
-    return flag_bytes(max_programs, world) + 2 * capacity_bytes
+    return flag_bytes(max_programs, world) + 2 * capacity_bytes + ll_bytes(world)
 
 
 __all__ = [
@@ -333,6 +418,7 @@ __all__ = [
     "MAX_COLS",
     "OneShotWorkspace",
     "flag_bytes",
+    "ll_bytes",
     "one_shot_all_reduce",
     "one_shot_all_reduce_rms_norm",
 ]

@@ -13,7 +13,9 @@ Triton launch from Python costs ~20 us more than NCCL's, which only a graph remo
 eager 47-84 us against NCCL's 25-43; in a graph 8.6 against 14.6 us at 8 KiB).
 
 Switches: HAL_ONESHOT_ALLREDUCE=0 turns it off; HAL_ONESHOT_ALLREDUCE_MAX_BYTES is the largest
-tensor it takes (larger ones go to NCCL; default 4 MiB at 2 ranks, 512 KiB at more).
+tensor it takes (larger ones go to NCCL; default 4 MiB at 2 ranks, 512 KiB at more);
+HAL_ONESHOT_LL_MAX_ROWS the most rows a call sends by the kernel's low-latency protocol (default
+`allreduce.LL_MAX_ROWS`; 0: never).
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ SELF_TEST_SPIN_LIMIT = 1 << 20
 
 def enabled() -> bool:
     return os.environ.get("HAL_ONESHOT_ALLREDUCE", "1") != "0"
+
+
+def ll_max_rows(default: int) -> int:
+    raw = os.environ.get("HAL_ONESHOT_LL_MAX_ROWS", str(default))
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"HAL_ONESHOT_LL_MAX_ROWS: {raw!r} is not an integer (rows)") from None
+    if value < 0:
+        raise ValueError(f"HAL_ONESHOT_LL_MAX_ROWS: {value} must be >= 0 (0: never)")
+    return value
 
 
 def max_bytes(world: int) -> int:
@@ -118,26 +131,28 @@ def build_workspace(backend, group, capacity_bytes: int | None = None):
     dist.barrier(group=group)
     rank = dist.get_rank(group)
     ws = backend.make_peer_all_reduce(rank, world, ptrs, capacity, max_programs)
+    ws.ll_max_rows = ll_max_rows(ws.ll_max_rows)
     ws.keepalive = keep  # the buffers (and the peers' mappings) live as long as the workspace
     if not _self_test(ws, rank, world, device, group):
         return None
     logger.info(
-        "one-shot all-reduce on (in CUDA graphs): %d ranks, up to %d bytes a call, %d programs",
-        world, capacity, max_programs,
+        "one-shot all-reduce on (in CUDA graphs): %d ranks, up to %d bytes a call, %d programs, "
+        "low-latency protocol up to %d rows", world, capacity, max_programs, ws.ll_max_rows,
     )  # fmt: skip
     return ws
 
 
 def _self_test(ws, rank: int, world: int, device: torch.device, group) -> bool:
-    """A first call on known values (rank + 1 in every element, both halves of the buffer); the
-    group agrees on the outcome."""
+    """First calls on known values (rank + 1 in every element, both halves of the buffer, by
+    both protocols where the workspace takes them); the group agrees on the outcome."""
     expect = world * (world + 1) / 2
     good = True
     # A mapping that does not carry writes would leave the waits spinning: give up sooner here
     # (~1 s) than in service.
     ws.spin_limit, spin_limit = SELF_TEST_SPIN_LIMIT, ws.spin_limit
-    for _ in range(2):
-        x = torch.full((3, 256), float(rank + 1), dtype=torch.float32, device=device)
+    shapes = [(3, 256), (ws.ll_max_rows + 1, 256)]  # low-latency (unless off), flag-and-read
+    for shape in [s for s in shapes if ws.fits(torch.empty(s, device=device))] * 2:
+        x = torch.full(shape, float(rank + 1), dtype=torch.float32, device=device)
         y = ws.all_reduce(x)
         good &= bool((y == expect).all().item())
         try:

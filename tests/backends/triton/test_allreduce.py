@@ -19,9 +19,9 @@ from backends.triton.norm import rms_norm, rms_norm_quant_fp8  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() and torch.version.hip is None else "cpu"
 
 
-def make_group(world: int, max_programs: int, capacity: int):
+def make_group(world: int, max_programs: int, capacity: int, ll_max_rows: int = ar.LL_MAX_ROWS):
     """Every rank's buffer (as the engine maps them) and workspace, made as the CUDA backend
-    makes them (`OneShotWorkspace.create`)."""
+    makes them (`OneShotWorkspace.create`); ll_max_rows 0: the flag-and-read protocol only."""
     fbytes = ar.flag_bytes(max_programs, world)
     size = ar.buffer_bytes(world, capacity, max_programs)
     bufs = [torch.zeros(size, dtype=torch.uint8, device=DEVICE) for _ in range(world)]
@@ -30,11 +30,23 @@ def make_group(world: int, max_programs: int, capacity: int):
         ar.OneShotWorkspace.create(r, world, ptrs, capacity, max_programs, torch.device(DEVICE))
         for r in range(world)
     ]
+    for ws in wss:
+        ws.ll_max_rows = ll_max_rows
     return wss, bufs, fbytes
 
 
 def flags(bufs, fbytes, rank, max_programs, world) -> torch.Tensor:
     return bufs[rank][:fbytes].view(torch.int32)[: max_programs * world].view(max_programs, world)
+
+
+def ll_words(x: torch.Tensor, epoch: int) -> torch.Tensor:
+    """x's rows as the low-latency protocol sends them: int64 (epoch << 32 | fp32 bits), rows
+    block_n words apart."""
+    rows = x.reshape(-1, x.shape[-1])
+    bits = rows.float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    words = rows.new_zeros(rows.shape[0], ar.block_n(rows.shape[1]), dtype=torch.int64)
+    words[:, : rows.shape[1]] = bits | (epoch << 32)
+    return words.reshape(-1)
 
 
 def run_round(wss, bufs, fbytes, xs, call):
@@ -44,9 +56,16 @@ def run_round(wss, bufs, fbytes, xs, call):
     epoch = int(wss[0].epochs[0]) + 1
     n_rows = xs[0].reshape(-1, xs[0].shape[-1]).shape[0]
     half = (epoch & 1) * wss[0].capacity_bytes
+    ll = wss[0].takes_ll(xs[0])
+    ll_at = fbytes + 2 * wss[0].capacity_bytes + (epoch & 1) * world * ar.LL_SOURCE_BYTES
     outs = []
     for r in range(world):
         for p in range(r + 1, world):  # what peer p will have done before rank r's wait ends
+            if ll:  # its words in slot p of rank r's LL area
+                words = ll_words(xs[p], epoch).view(torch.uint8)
+                at = ll_at + p * words.numel()  # slots: n_rows rows of block_n words each
+                bufs[r][at : at + words.numel()] = words
+                continue
             rows = xs[p].reshape(-1, xs[p].shape[-1])  # the buffer holds rows block_n apart
             padded = rows.new_zeros(rows.shape[0], ar.block_n(rows.shape[1]))
             padded[:, : rows.shape[1]] = rows
@@ -64,13 +83,24 @@ def reference_sum(xs) -> torch.Tensor:
     return acc.to(xs[0].dtype)
 
 
+PROTOCOLS = {"flags": 0, "ll": ar.LL_MAX_ROWS}  # -> ll_max_rows
+
+
+def ll_slot(bufs, fbytes, capacity, area, src, epoch, nbytes) -> torch.Tensor:
+    """Slot `src` of rank `area`'s LL area in half epoch & 1 (nbytes bytes), as int64 words."""
+    world = len(bufs)
+    at = fbytes + 2 * capacity + (epoch & 1) * world * ar.LL_SOURCE_BYTES + src * nbytes
+    return bufs[area][at : at + nbytes].view(torch.int64)
+
+
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n_rows", [1, 5])
-def test_sum_matches_rank_order_fp32_sum(world, dtype, n_rows) -> None:
+def test_sum_matches_rank_order_fp32_sum(world, dtype, n_rows, protocol) -> None:
     torch.manual_seed(world * 10 + n_rows)
     nprog = 4
-    wss, bufs, fbytes = make_group(world, nprog, capacity=8192)
+    wss, bufs, fbytes = make_group(world, nprog, capacity=8192, ll_max_rows=PROTOCOLS[protocol])
     for rnd in range(3):  # epochs 1, 2, 3: both halves of the buffer, one of them twice
         cols = 96 if n_rows > 1 else 5  # rows padded to 128 / 16 values in the buffers
         xs = [torch.randn(n_rows, cols, device=DEVICE).to(dtype) for _ in range(world)]
@@ -80,19 +110,28 @@ def test_sum_matches_rank_order_fp32_sum(world, dtype, n_rows) -> None:
         for r, y in enumerate(outs):
             assert y.dtype == dtype and y.shape == xs[0].shape
             assert torch.equal(y, want), f"rank {r}, round {rnd}"
+        assert wss[0].takes_ll(xs[0]) == (protocol == "ll")
         for r in range(world):
             # every program counts every call, rows or not; each program with rows signalled
             assert wss[r].epochs.tolist() == [epoch] * nprog
             assert int(wss[r].error) == 0
+            if protocol == "ll":  # every rank's words reached every rank's area (its own too)
+                for src in range(world):
+                    want_words = ll_words(xs[src], epoch)
+                    got = ll_slot(bufs, fbytes, 8192, r, src, epoch, want_words.numel() * 8)
+                    assert torch.equal(got, want_words), f"area {r}, slot {src}"
+                continue
             got = flags(bufs, fbytes, r, nprog, world)
             assert (got[: min(n_rows, nprog)] == epoch).all()
 
 
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_norm_is_the_norm_of_the_sum(dtype) -> None:
+def test_fused_norm_is_the_norm_of_the_sum(dtype, protocol) -> None:
     torch.manual_seed(3)
     world, hidden, n_rows = 2, 256, 6
-    wss, bufs, fbytes = make_group(world, 4, capacity=n_rows * hidden * 2)
+    wss, bufs, fbytes = make_group(world, 4, capacity=n_rows * hidden * 2,
+                                   ll_max_rows=PROTOCOLS[protocol])  # fmt: skip
     weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(dtype)
     residual = torch.randn(n_rows, hidden, device=DEVICE).to(dtype)
     for _ in range(2):
@@ -107,11 +146,13 @@ def test_fused_norm_is_the_norm_of_the_sum(dtype) -> None:
             assert torch.equal(y, want_y)
 
 
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
-def test_fused_norm_quant_is_rms_norm_quant_fp8_of_the_sum(fp8) -> None:
+def test_fused_norm_quant_is_rms_norm_quant_fp8_of_the_sum(fp8, protocol) -> None:
     torch.manual_seed(4)
     world, hidden, n_rows = 2, 128, 3
-    wss, bufs, fbytes = make_group(world, 2, capacity=n_rows * hidden * 2)
+    wss, bufs, fbytes = make_group(world, 2, capacity=n_rows * hidden * 2,
+                                   ll_max_rows=PROTOCOLS[protocol])  # fmt: skip
     weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(torch.bfloat16)
     residual = torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16)
     xs = [torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16) for _ in range(world)]
@@ -127,8 +168,9 @@ def test_fused_norm_quant_is_rms_norm_quant_fp8_of_the_sum(fp8) -> None:
         assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
 
 
-def test_a_missing_peer_sets_the_error_word() -> None:
-    wss, bufs, fbytes = make_group(2, 2, capacity=1024)
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+def test_a_missing_peer_sets_the_error_word(protocol) -> None:
+    wss, bufs, fbytes = make_group(2, 2, capacity=1024, ll_max_rows=PROTOCOLS[protocol])
     ws = wss[0]
     ws.spin_limit = 50  # rank 1 never signals
     ar.one_shot_all_reduce(ws, torch.ones(1, 16, device=DEVICE))
@@ -151,9 +193,22 @@ def test_bad_input_is_refused() -> None:
         ar.one_shot_all_reduce_rms_norm(ws, x, x, torch.ones(16, device=DEVICE), 0.0)
 
 
+def test_takes_ll_by_rows_and_words() -> None:
+    wss, _, _ = make_group(2, 2, capacity=1 << 20)
+    ws = wss[0]
+    ones = lambda *shape: torch.ones(*shape, device=DEVICE)  # noqa: E731
+    assert ws.takes_ll(ones(1, 4096)) and ws.takes_ll(ones(ar.LL_MAX_ROWS, 4096))
+    assert not ws.takes_ll(ones(ar.LL_MAX_ROWS + 1, 4096))  # more rows: flags and reads
+    words = ar.LL_SOURCE_BYTES // 8  # one source's slot: rows x block_n words
+    assert ws.takes_ll(ones(1, words)) and not ws.takes_ll(ones(2, words))
+    ws.ll_max_rows = 0
+    assert not ws.takes_ll(ones(1, 16))
+
+
 def test_buffer_layout() -> None:
     assert ar.flag_bytes(64, 2) == 512 and ar.flag_bytes(3, 2) == 256
-    assert ar.buffer_bytes(2, 4096, 64) == 512 + 2 * 4096
+    assert ar.ll_bytes(2) == 2 * 2 * ar.LL_SOURCE_BYTES
+    assert ar.buffer_bytes(2, 4096, 64) == 512 + 2 * 4096 + ar.ll_bytes(2)
     with pytest.raises(ValueError, match="multiple of 256"):
         ar.buffer_bytes(2, 1000, 64)
 
