@@ -193,6 +193,13 @@ def _ll_send(x_ptr, ll_table, rank, row, n_rows, n_cols, stride_x, half, epoch, 
 
 
 @triton.jit
+def _late_words(word, epoch, cmask):
+    # How many of the row's words ([1, BLOCK_N]) do not carry this call's epoch yet.
+    late = (((word >> 32).to(tl.int32) != epoch) & cmask[None, :]).to(tl.int32)
+    return tl.sum(tl.sum(late, axis=1), axis=0)
+
+
+@triton.jit
 def _ll_receive(ll_table, error_ptr, rank, row, n_rows, half, epoch, spin_limit, cols, cmask,
                 WORLD: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     # The rank-order fp32 sum of this row's words from every rank, each polled until it carries
@@ -203,13 +210,13 @@ def _ll_receive(ll_table, error_ptr, rank, row, n_rows, half, epoch, spin_limit,
     for p in tl.static_range(WORLD):
         at = tl.multiple_of(area + (p * n_rows + r64) * BLOCK_N + cols[None, :], [1, 16])
         word = tl.load(at, mask=cmask[None, :], other=0, volatile=True)
-        late = tl.sum((((word >> 32).to(tl.int32) != epoch) & cmask[None, :]).to(tl.int32), axis=1)
+        late = _late_words(word, epoch, cmask)
         polls = 0
-        while (tl.max(late, axis=0) > 0) & (polls < spin_limit):
+        while (late > 0) & (polls < spin_limit):
             word = tl.load(at, mask=cmask[None, :], other=0, volatile=True)
-            late = tl.sum((((word >> 32).to(tl.int32) != epoch) & cmask[None, :]).to(tl.int32), axis=1)
+            late = _late_words(word, epoch, cmask)
             polls += 1
-        if tl.max(late, axis=0) > 0:
+        if late > 0:
             tl.atomic_xchg(error_ptr, 1)
         acc += (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
     return acc
@@ -334,8 +341,8 @@ def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp
         x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), float(eps), half_elems,
         ws.world * LL_SOURCE_BYTES // 8, ws.spin_limit,
         scale if scale is not None else ws.epochs, float(codec["FP8_MAX"]), WORLD=ws.world,
-        LL=ll, NORM=residual is not None, QUANT=fp8_dtype is not None, ENCODE_NATIVE=native, **codec,
-        BLOCK_N=bn, INTERPRET=interpreting(),
+        LL=ll, NORM=residual is not None, QUANT=fp8_dtype is not None, ENCODE_NATIVE=native,
+        **codec, BLOCK_N=bn, INTERPRET=interpreting(),
         num_warps=min(16, max(4, bn // 512)), **pdl_args(x2.device, "allreduce"),
     )  # fmt: skip
 
