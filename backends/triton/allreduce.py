@@ -24,17 +24,17 @@ rows skips the barrier (flags compare as "at least this epoch", in wrapping int3
 A wait that spins past SPIN_LIMIT polls (seconds) gives up and sets the error word, so a broken
 peer mapping shows up as an error on the host instead of a hung GPU (`OneShotWorkspace.check`).
 
-Few rows (at most `ll_max_rows`, default LL_MAX_ROWS, and LL_SOURCE_BYTES of words per source):
-the low-latency protocol instead, NCCL's "LL" idea. Each value goes out as one 8-byte word, its
-fp32 bits in the low half and the call's epoch in the high half, stored straight into every
-rank's LL area (slot of this rank, half `epoch & 1`); a rank then polls its own area until every
-word of its rows carries the epoch (an aligned 8-byte store lands whole), and sums those fp32
-values in rank order: the same bits as above (x's values are exact in fp32). No flag round, no
-fence, no read across the link: one one-way trip. The halves alternate as above (a rank writes
-half e & 1 of a peer's area at epoch e only after it received that peer's epoch e - 1 words,
-sent after the peer's epoch e - 2 call, the last reader of that half, had ended); stale words
-hold an older epoch. The LL area is its own part of the buffer, so the classic path's data
-never reads as an LL word.
+Few rows (at most `ll_max_rows`, default LL_MAX_ROWS, of at most LL_MAX_COLS values, and
+LL_SOURCE_BYTES of words per source): the low-latency protocol instead, NCCL's "LL" idea. Each
+value goes out as one 8-byte word, its fp32 bits in the low half and the call's epoch in the high
+half, stored straight into every rank's LL area (slot of this rank, half `epoch & 1`); a rank
+then polls its own area until every word of its rows carries the epoch (an aligned 8-byte store
+lands whole), and sums those fp32 values in rank order: the same bits as above (x's values are
+exact in fp32). No flag round, no fence, no read across the link: one one-way trip. The halves
+alternate as above (a rank writes half e & 1 of a peer's area at epoch e only after it received
+that peer's epoch e - 1 words, sent after the peer's epoch e - 2 call, the last reader of that
+half, had ended); stale words hold an older epoch. The LL area is its own part of the buffer, so
+the classic path's data never reads as an LL word.
 """
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ MAX_COLS = 16384  # a row is one register tile
 SPIN_LIMIT = 1 << 26  # polls of one flag before a program gives up (several seconds)
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 LL_SOURCE_BYTES = 512 * 1024  # one source rank's words in one half of an LL area
-LL_MAX_ROWS = 16  # calls with more rows take the flag-and-read protocol
+# Calls with more rows, or rows wider than LL_MAX_COLS values, take the flag-and-read protocol.
+# 2 x H200 in CUDA graphs (twentieth session, same call): 1 / 8 / 32 x 4096 bf16 4.6 / 5.4 / 6.9
+# us against 5.1 / 6.1 / 6.9; 1 / 8 x 8192 7.2 / 8.0 against 5.4 / 5.8 (slower: kept off there).
+LL_MAX_ROWS = 16
+LL_MAX_COLS = 4096
 
 
 @dataclass
@@ -80,11 +84,12 @@ class OneShotWorkspace:
 
     def takes_ll(self, x: torch.Tensor) -> bool:
         """Whether a call on x (which `fits`) goes by the low-latency protocol: at most
-        ll_max_rows rows whose 8-byte words fit one source's share of an LL half."""
+        ll_max_rows rows of at most LL_MAX_COLS values whose 8-byte words fit one source's share
+        of an LL half."""
         cols = x.shape[-1]
         rows = x.numel() // cols if cols else 0
-        return (self.ll_table is not None and 0 < rows <= self.ll_max_rows
-                and rows * block_n(cols) * 8 <= LL_SOURCE_BYTES)  # fmt: skip
+        small = 0 < rows <= self.ll_max_rows and cols <= LL_MAX_COLS
+        return self.ll_table is not None and small and rows * block_n(cols) * 8 <= LL_SOURCE_BYTES
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether x can go through the one-shot kernel: a tensor of a float dtype on this

@@ -199,8 +199,12 @@ def test_takes_ll_by_rows_and_words() -> None:
     ones = lambda *shape: torch.ones(*shape, device=DEVICE)  # noqa: E731
     assert ws.takes_ll(ones(1, 4096)) and ws.takes_ll(ones(ar.LL_MAX_ROWS, 4096))
     assert not ws.takes_ll(ones(ar.LL_MAX_ROWS + 1, 4096))  # more rows: flags and reads
+    assert not ws.takes_ll(ones(1, ar.LL_MAX_COLS + 1))  # wider rows: flags and reads
     words = ar.LL_SOURCE_BYTES // 8  # one source's slot: rows x block_n words
-    assert ws.takes_ll(ones(1, words)) and not ws.takes_ll(ones(2, words))
+    rows = words // ar.LL_MAX_COLS
+    assert ws.takes_ll(ones(rows, ar.LL_MAX_COLS)) == (rows <= ar.LL_MAX_ROWS)
+    ws.ll_max_rows = rows + 1
+    assert not ws.takes_ll(ones(rows + 1, ar.LL_MAX_COLS))  # more words than a slot holds
     ws.ll_max_rows = 0
     assert not ws.takes_ll(ones(1, 16))
 
