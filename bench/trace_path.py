@@ -10,12 +10,20 @@ charges each kernel only the time by which it moved the stream's last finish for
 so exposed + idle over a stream sum to its span. Grouped by kernel name:
 
     python bench/trace_path.py TRACE.json [--top 30] [--stream S]
+
+With the traces of every rank of a tensor-parallel group (same host, so one clock) and the name
+of the collective kernel, it also splits each collective's time into waiting for the slowest rank
+and its own latency: for the i-th call on every rank, the spread of the kernels' ends just before
+it, and its end minus the latest of those ends:
+
+    python bench/trace_path.py rank0.json rank1.json --collective _one_shot_kernel
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from collections import defaultdict
 
 
@@ -52,6 +60,34 @@ def critical_path(events: list[dict]) -> tuple[dict, float, float]:
     return dict(rows), idle, span
 
 
+def _before(events: list[dict], name: str) -> list[tuple[float, float]]:
+    """(end of the stream's work before it, its end) for every kernel called `name`."""
+    out, last = [], None
+    for e in events:
+        end = float(e["ts"]) + float(e["dur"])
+        if e["name"] == name and last is not None:
+            out.append((last, end))
+        last = end if last is None else max(last, end)
+    return out
+
+
+def collective_wait(per_rank: list[list[dict]], name: str) -> dict:
+    """Medians over the i-th calls of `name` on every rank (ms -> us): spread (latest minus
+    earliest end of the work before the call) and latency (the call's end on the first rank
+    minus the latest of those ends)."""
+    calls = [_before(events, name) for events in per_rank]
+    n = min(len(c) for c in calls)
+    if n == 0:
+        raise ValueError(f"{name}: not on every rank's stream")
+    spread, latency = [], []
+    for i in range(n):
+        ready = [c[i][0] for c in calls]
+        spread.append(max(ready) - min(ready))
+        latency.append(calls[0][i][1] - max(ready))
+    return dict(calls=n, spread_us=statistics.median(spread),
+                latency_us=statistics.median(latency))  # fmt: skip
+
+
 def report(path: str, top: int = 30, stream: int | None = None) -> list[str]:
     with open(path) as f:
         events = kernel_events(json.load(f), stream)
@@ -70,9 +106,21 @@ def main() -> int:
     p.add_argument("traces", nargs="+")
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--stream", type=int, default=None)
+    p.add_argument("--collective", default=None,
+                   help="kernel name of the collective: its wait and latency across the traces "
+                        "(one per rank)")  # fmt: skip
     args = p.parse_args()
     for t in args.traces:
         print("\n".join(report(t, args.top, args.stream)))
+    if args.collective:
+        per_rank = []
+        for t in args.traces:
+            with open(t) as f:
+                per_rank.append(kernel_events(json.load(f), args.stream))
+        r = collective_wait(per_rank, args.collective)
+        print(f"{args.collective}: {r['calls']} calls on {len(per_rank)} ranks; median spread "
+              f"of the ranks' preceding work {r['spread_us']:.2f} us, median latency after the "
+              f"last rank is ready {r['latency_us']:.2f} us")  # fmt: skip
     return 0
 
 
