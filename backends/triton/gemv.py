@@ -226,14 +226,16 @@ def m_bucket(m: int) -> int:
 
 def heuristic_config(w_bytes: int, m: int) -> GemvConfig:
     """The launch shape for shapes the table lacks (other tensor-parallel sizes, other models).
-    One row: the FMA kernel on 8 output columns x 512 k per tile, the shape the H100 autotune chose
-    at every 8B shape (at TP=2's slices on an H200: 8% less time over qkv, o, gate_up and down
-    than 32 x 256; `docs/benchmarks.md`, eleventh session). More rows: tensor cores (M FMAs per
-    weight element would be compute-bound at M >= 4 on H100 class GPUs), 64 columns x 256 bytes
-    of each row per tile, 4 stages (64 x 256 bf16 tiles were 6% slower over those slices at
-    M = 4). K splits as `split_plan` picks them."""
+    One row: the FMA kernel on 4 output columns x 2048 k per tile (16 KiB of bf16 weight per
+    program per step: the loop is not software-pipelined, so a step's loads are all a program has
+    in flight). H200 autotune of 8 bf16 and 6 FP8 shapes at M = 1 (8B and its TP=2 slices,
+    twentieth session): 1.03x each shape's best time on average (worst 1.15x), against 1.17x
+    (worst 1.43x) for 8 x 512, the first session's H100 choice. More rows: tensor cores (M FMAs
+    per weight element would be compute-bound at M >= 4 on H100 class GPUs), 64 columns x 256
+    bytes of each row per tile, 4 stages (64 x 256 bf16 tiles were 6% slower over TP=2's slices
+    at M = 4). K splits as `split_plan` picks them."""
     if m == 1:
-        return GemvConfig("fma", 8, 512, num_warps=4, num_stages=1)
+        return GemvConfig("fma", 4, 2048, num_warps=4, num_stages=1)
     return GemvConfig("dot", 64, max(256 // w_bytes, 16), num_warps=4, num_stages=4)
 
 
