@@ -31,6 +31,19 @@ def test_size_limit_defaults_and_override(monkeypatch) -> None:
         oneshot.max_bytes(2)
 
 
+def test_low_latency_row_limit_default_and_override(monkeypatch) -> None:
+    monkeypatch.delenv("HAL_ONESHOT_LL_MAX_ROWS", raising=False)
+    assert oneshot.ll_max_rows(16) == 16  # the kernel module's default, passed in
+    monkeypatch.setenv("HAL_ONESHOT_LL_MAX_ROWS", "0")
+    assert oneshot.ll_max_rows(16) == 0  # never
+    monkeypatch.setenv("HAL_ONESHOT_LL_MAX_ROWS", "eight")
+    with pytest.raises(ValueError, match="'eight' is not an integer"):
+        oneshot.ll_max_rows(16)
+    monkeypatch.setenv("HAL_ONESHOT_LL_MAX_ROWS", "-1")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        oneshot.ll_max_rows(16)
+
+
 class _Backend:
     name = "test"
 
