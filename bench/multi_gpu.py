@@ -339,10 +339,21 @@ def _profile(llm, prompts, params, label: str, top: int, trace_dir: str | None =
     for s in summaries:
         print("\n".join("  " + line for line in s.table(steps=steps, top=top)))
     if trace_dir:
-        from trace_path import report
+        from trace_path import collective_wait, kernel_events, report
 
         for trace in sorted(set(Path(trace_dir).glob("rank0-*.json")) - before):
             print("\n".join("  " + line for line in report(str(trace), top)))
+        ranks = sorted(set(Path(trace_dir).glob("rank*-*.json")) - before)
+        if len(ranks) > 1:  # the one-shot all-reduce: rank skew against its own latency
+            per_rank = [kernel_events(json.loads(t.read_text())) for t in ranks]
+            try:
+                r = collective_wait(per_rank, "_one_shot_kernel")
+            except ValueError as exc:
+                print(f"  collective: {exc}")
+            else:
+                print(f"  one-shot all-reduce over {len(ranks)} ranks: {r['calls']} calls, ranks "
+                      f"ready within {r['spread_us']:.2f} us (median), done "
+                      f"{r['latency_us']:.2f} us after the last was ready")  # fmt: skip
 
 
 def profile_mixed(llm, work, tp: int) -> None:
