@@ -41,29 +41,26 @@ def enabled() -> bool:
     return os.environ.get("HAL_ONESHOT_ALLREDUCE", "1") != "0"
 
 
-def ll_max_rows(default: int) -> int:
-    raw = os.environ.get("HAL_ONESHOT_LL_MAX_ROWS", str(default))
+def _int_env(name: str, default: int, least: int, unit: str, rule: str) -> int:
+    """The integer in environment variable `name` (default when unset), at least `least`
+    (`rule` says so in the error)."""
+    raw = os.environ.get(name, str(default))
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"HAL_ONESHOT_LL_MAX_ROWS: {raw!r} is not an integer (rows)") from None
-    if value < 0:
-        raise ValueError(f"HAL_ONESHOT_LL_MAX_ROWS: {value} must be >= 0 (0: never)")
+        raise ValueError(f"{name}: {raw!r} is not an integer ({unit})") from None
+    if value < least:
+        raise ValueError(f"{name}: {value} must be {rule}")
     return value
+
+
+def ll_max_rows(default: int) -> int:
+    return _int_env("HAL_ONESHOT_LL_MAX_ROWS", default, 0, "rows", ">= 0 (0: never)")
 
 
 def max_bytes(world: int) -> int:
     default = DEFAULT_MAX_BYTES.get(world, DEFAULT_MAX_BYTES_LARGER)
-    raw = os.environ.get("HAL_ONESHOT_ALLREDUCE_MAX_BYTES", str(default))
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(
-            f"HAL_ONESHOT_ALLREDUCE_MAX_BYTES: {raw!r} is not an integer (bytes)"
-        ) from None
-    if value <= 0:
-        raise ValueError(f"HAL_ONESHOT_ALLREDUCE_MAX_BYTES: {value} must be > 0")
-    return value
+    return _int_env("HAL_ONESHOT_ALLREDUCE_MAX_BYTES", default, 1, "bytes", "> 0")
 
 
 def unavailable_reason(backend, device: torch.device, world: int = 1) -> str | None:
