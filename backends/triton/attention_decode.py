@@ -4,6 +4,7 @@ combine kernel), its tuning table and its split-count model.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -125,6 +126,13 @@ DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], .
 DECODE_ONE_WAVE: dict[tuple[str, str], DecodeConfig] = {
     ("narrow", "big_smem"): DecodeConfig(block_n=128, num_warps=4, num_stages=5),
 }
+# A batch with at least this fraction of one program per SM (16 sequences x 8 KV heads = 128
+# programs on 132 SMs) runs whole on the one-wave tile at every context, even where the split
+# model (fitted on the 64-token tile) would split it in two. H200 graph replays, fourteenth
+# session's scratch sweep (bf16 cache, 16 x 512 / 1024 / 4096 / 8192 / 32k): 128-token tiles
+# unsplit 0.45 / 0.62 / 0.89 / 0.96 / 1.02 of copy against 0.44 / 0.61 / 0.82 / 0.92 / 1.01 for
+# the split 64-token tile the model chose.
+ONE_WAVE_NEAR_FULL = 0.75
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 
@@ -400,7 +408,8 @@ def decode_config(
     """The tuning table's entry for this head_dim, query dtype and device; with programs (num_seqs
     x num_kv_heads) the wide-batch entry for an FP8 (kv_fp8) or float cache where one applies,
     and with max_kv_len too (the longest KV range a launch is sized for) the one-wave entry of a
-    float cache when the table's tile would run unsplit with at most one program per SM."""
+    float cache (with num_splits=1) when the table's tile would run unsplit with at most one
+    program per SM, or the batch nearly fills one wave (ONE_WAVE_NEAR_FULL)."""
     if interpreting():
         return INTERPRET_DECODE_CONFIG
     key = table_key(head_dim, dtype, device)
@@ -411,8 +420,10 @@ def decode_config(
                 return cfg
         one_wave = DECODE_ONE_WAVE.get(key)
         if one_wave is not None and not kv_fp8 and max_kv_len is not None and programs <= sms:
-            if num_splits(programs, 1, max_kv_len, sms, DECODE_CONFIGS[key].block_n) == 1:
-                return one_wave
+            near_full = programs >= ONE_WAVE_NEAR_FULL * sms
+            if near_full or num_splits(programs, 1, max_kv_len, sms,
+                                       DECODE_CONFIGS[key].block_n) == 1:  # fmt: skip
+                return dataclasses.replace(one_wave, num_splits=1)
     return DECODE_CONFIGS[key]
 
 

@@ -6,6 +6,7 @@ Under TRITON_INTERPRET=1 on CPU tensors without a GPU; natively (and graph-captu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import math
@@ -163,10 +164,15 @@ def test_decode_config_wide_batch_selection(monkeypatch: pytest.MonkeyPatch) -> 
     assert tdecode.decode_config(128, bf16, cpu, True, 116 * 8) == wide_fp8[7]
     # One program per SM or fewer, left whole by the split model: the one-wave tile (a float
     # cache only); split, over one per SM, FP8 or without the length: the table.
-    one_wave = tdecode.DECODE_ONE_WAVE[("narrow", "big_smem")]
+    one_wave = dataclasses.replace(tdecode.DECODE_ONE_WAVE[("narrow", "big_smem")], num_splits=1)
     assert tdecode.decode_config(128, bf16, cpu, False, 16 * 8, 1024) == one_wave
     assert tdecode.decode_config(128, bf16, cpu, False, 4 * 8, 512) == one_wave
-    assert tdecode.decode_config(128, bf16, cpu, False, 16 * 8, 8192) == default  # 2 splits
+    # 16 x 8 programs nearly fill the 132 SMs: whole on the one-wave tile at any context (the
+    # model alone would split 16 x 8192 in two); 12 x 8 = 96 < 0.75 x 132 still splits.
+    assert tdecode.decode_config(128, bf16, cpu, False, 16 * 8, 8192) == one_wave
+    assert tdecode.decode_config(128, bf16, cpu, False, 16 * 8, 32768) == one_wave
+    assert tdecode.decode_config(128, bf16, cpu, False, 12 * 8, 8192) == default
+    assert tdecode.decode_splits(16, 8, 16, 8192 // 16, one_wave, cpu) == 1
     assert tdecode.decode_config(128, bf16, cpu, False, 4 * 8, 8192) == default  # 8 splits
     assert tdecode.decode_config(128, bf16, cpu, False, 17 * 8, 1024) == default  # > 1 per SM
     assert tdecode.decode_config(128, bf16, cpu, True, 16 * 8, 1024) == wide_fp8[0]
