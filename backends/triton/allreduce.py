@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton.norm import _norm_output, _rstd
+from backends.triton.norm import _norm_output_w, _rstd
 from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import cast_rtne, fp8_codec, fp8_encode_mode, interpreting
 
@@ -58,6 +58,10 @@ LL_SOURCE_BYTES = 512 * 1024  # one source rank's words in one half of an LL are
 # us against 5.1 / 6.1 / 6.9; 1 / 8 x 8192 7.2 / 8.0 against 5.4 / 5.8 (slower: kept off there).
 LL_MAX_ROWS = 16
 LL_MAX_COLS = 4096
+# LL: a row goes out in pieces of this many values, one piece per program (many SMs pushing).
+# The interpreter runs programs one after another, so there a row's own program sends it whole
+# (a program polling for a piece a later program sends would wait forever).
+LL_SEND_N = 512
 
 
 @dataclass
@@ -264,63 +268,71 @@ def _one_shot_kernel(
     HAS_INF: tl.constexpr,
     ENCODE_NATIVE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SEND_N: tl.constexpr,  # LL: values of a row one program sends (a power of 2 <= BLOCK_N)
     INTERPRET: tl.constexpr,
     PDL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < n_cols
+    if NORM:  # a parameter: loaded before the wait, off the call's path
+        w = tl.load(weight_ptr + cols, mask=cmask, other=0.0)
     grid_wait(PDL)
     epoch = tl.load(epoch_ptr + pid) + 1
     tl.store(epoch_ptr + pid, epoch)
-    if pid < n_rows:
-        DT: tl.constexpr = x_ptr.dtype.element_ty
-        half = (epoch & 1).to(tl.int64) * half_elems
-        ll_half = (epoch & 1).to(tl.int64) * ll_half_words
-        cols = tl.arange(0, BLOCK_N)
-        cmask = cols < n_cols
-        if LL:
-            for row in range(pid, n_rows, nprog):
-                _ll_send(x_ptr, ll_table, rank, row, n_rows, n_cols, stride_x, ll_half, epoch,
-                         cols, cmask, WORLD, BLOCK_N)  # fmt: skip
-        else:
-            # Rows sit BLOCK_N apart in the buffers and the areas are 256-byte aligned: saying
-            # so lets the compiler use 16-byte loads (pointers made from integers carry no
-            # alignment).
-            mine = tl.load(data_table + rank).to(tl.pointer_type(DT)) + half
-            for row in range(pid, n_rows, nprog):
-                r64 = tl.cast(row, tl.int64)
-                v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask)
-                tl.store(tl.multiple_of(mine + r64 * BLOCK_N + cols, 16), v, mask=cmask)
-            tl.debug_barrier()  # every thread's copy before the release below
-            _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD)
+    half = (epoch & 1).to(tl.int64) * half_elems
+    ll_half = (epoch & 1).to(tl.int64) * ll_half_words
+    if LL:
+        # Every program sends: row pieces of SEND_N values round-robin over the grid, so many
+        # SMs push at once; program `row` then polls that row's words. (Every program's epoch
+        # counter moves with every call, so all of them stamp the same epoch.)
+        CHUNKS: tl.constexpr = BLOCK_N // SEND_N
+        scols = tl.arange(0, SEND_N)
+        for task in range(pid, n_rows * CHUNKS, nprog):
+            c = (task % CHUNKS) * SEND_N + scols
+            _ll_send(x_ptr, ll_table, rank, task // CHUNKS, n_rows, n_cols, stride_x, ll_half,
+                     epoch, c, c < n_cols, WORLD, BLOCK_N)  # fmt: skip
+    elif pid < n_rows:
+        # Rows sit BLOCK_N apart in the buffers and the areas are 256-byte aligned: saying so
+        # lets the compiler use 16-byte loads (pointers made from integers carry no alignment).
+        mine = tl.load(data_table + rank).to(tl.pointer_type(DT)) + half
         for row in range(pid, n_rows, nprog):
             r64 = tl.cast(row, tl.int64)
-            if LL:
-                acc = _ll_receive(ll_table, error_ptr, rank, row, n_rows, ll_half, epoch,
-                                  spin_limit, cols, cmask, WORLD, BLOCK_N)  # fmt: skip
-            else:
-                acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-                for p in tl.static_range(WORLD):
-                    src = tl.load(data_table + p).to(tl.pointer_type(DT)) + half
-                    at = tl.multiple_of(src + r64 * BLOCK_N + cols[None, :], [1, 16])
-                    part = tl.load(at, mask=cmask[None, :], other=0.0,
-                                   cache_modifier=".cg")  # fmt: skip
-                    acc += part.to(tl.float32)
-            total = cast_rtne(acc, DT, INTERPRET)
-            if NORM:
-                res = tl.load(residual_ptr + r64 * stride_r + cols[None, :], mask=cmask[None, :],
-                              other=0.0)  # fmt: skip
-                hx = cast_rtne(total.to(tl.float32) + res.to(tl.float32), DT, INTERPRET)
-                tl.store(h_ptr + r64 * stride_h + cols[None, :], hx, mask=cmask[None, :])
-                h = hx.to(tl.float32)
-                rstd = _rstd(tl.sum((h * h).to(tl.float64), axis=1), n_cols, eps)
-                rows = row + tl.arange(0, 1)
-                _norm_output(h, rstd, weight_ptr, y_ptr, scale_ptr, rows, rows < n_rows,
-                             rows.to(tl.int64)[:, None], cols, cmask[None, :], stride_y, n_cols,
-                             qmax, DT, QUANT, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
-                             HAS_INF, ENCODE_NATIVE, INTERPRET)  # fmt: skip
-            else:
-                tl.store(y_ptr + r64 * stride_y + cols[None, :], total, mask=cmask[None, :])
+            v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask)
+            tl.store(tl.multiple_of(mine + r64 * BLOCK_N + cols, 16), v, mask=cmask)
+        tl.debug_barrier()  # every thread's copy before the release below
+        _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD)
+    for row in range(pid, n_rows, nprog):
+        r64 = tl.cast(row, tl.int64)
+        if NORM:  # issued before the wait for the peers' values, which it does not need
+            res = tl.load(residual_ptr + r64 * stride_r + cols[None, :], mask=cmask[None, :],
+                          other=0.0)  # fmt: skip
+        if LL:
+            acc = _ll_receive(ll_table, error_ptr, rank, row, n_rows, ll_half, epoch,
+                              spin_limit, cols, cmask, WORLD, BLOCK_N)  # fmt: skip
+        else:
+            acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+            for p in tl.static_range(WORLD):
+                src = tl.load(data_table + p).to(tl.pointer_type(DT)) + half
+                at = tl.multiple_of(src + r64 * BLOCK_N + cols[None, :], [1, 16])
+                part = tl.load(at, mask=cmask[None, :], other=0.0,
+                               cache_modifier=".cg")  # fmt: skip
+                acc += part.to(tl.float32)
+        total = cast_rtne(acc, DT, INTERPRET)
+        if NORM:
+            hx = cast_rtne(total.to(tl.float32) + res.to(tl.float32), DT, INTERPRET)
+            tl.store(h_ptr + r64 * stride_h + cols[None, :], hx, mask=cmask[None, :])
+            h = hx.to(tl.float32)
+            rstd = _rstd(tl.sum((h * h).to(tl.float64), axis=1), n_cols, eps)
+            rows = row + tl.arange(0, 1)
+            _norm_output_w(h, rstd, w, y_ptr, scale_ptr, rows, rows < n_rows,
+                           rows.to(tl.int64)[:, None], cols, cmask[None, :], stride_y, qmax, DT,
+                           QUANT, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF,
+                           ENCODE_NATIVE, INTERPRET)  # fmt: skip
+        else:
+            tl.store(y_ptr + r64 * stride_y + cols[None, :], total, mask=cmask[None, :])
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -347,7 +359,8 @@ def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp
         ws.world * LL_SOURCE_BYTES // 8, ws.spin_limit,
         scale if scale is not None else ws.epochs, float(codec["FP8_MAX"]), WORLD=ws.world,
         LL=ll, NORM=residual is not None, QUANT=fp8_dtype is not None, ENCODE_NATIVE=native,
-        **codec, BLOCK_N=bn, INTERPRET=interpreting(),
+        **codec, BLOCK_N=bn, SEND_N=bn if interpreting() else min(bn, LL_SEND_N),
+        INTERPRET=interpreting(),
         num_warps=min(16, max(4, bn // 512)), **pdl_args(x2.device, "allreduce"),
     )  # fmt: skip
 

@@ -62,8 +62,20 @@ def _norm_output(h, rstd, weight_ptr, y_ptr, scale_ptr, rows, row_ok, rows64, co
                  NAN_CODE: tl.constexpr, FNUZ: tl.constexpr, HAS_INF: tl.constexpr,
                  ENCODE_NATIVE: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
     # y = h * rstd * weight rounded to x's dtype, stored, or (QUANT) its per-token FP8 codes
-    w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    y = cast_rtne(h * rstd[:, None] * w[None, :], X_DTYPE, INTERPRET)
+    w = tl.load(weight_ptr + cols, mask=cols < n_cols, other=0.0)
+    _norm_output_w(h, rstd, w, y_ptr, scale_ptr, rows, row_ok, rows64, cols, mask, stride_y_row,
+                   qmax, X_DTYPE, QUANT, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF,
+                   ENCODE_NATIVE, INTERPRET)  # fmt: skip
+
+
+@triton.jit
+def _norm_output_w(h, rstd, w, y_ptr, scale_ptr, rows, row_ok, rows64, cols, mask, stride_y_row,
+                   qmax, X_DTYPE: tl.constexpr, QUANT: tl.constexpr, MAN_BITS: tl.constexpr,
+                   EXP_BIAS: tl.constexpr, FP8_MAX: tl.constexpr, NAN_CODE: tl.constexpr,
+                   FNUZ: tl.constexpr, HAS_INF: tl.constexpr, ENCODE_NATIVE: tl.constexpr,
+                   INTERPRET: tl.constexpr):  # fmt: skip
+    # `_norm_output` with the weight row already loaded (w: [BLOCK_N], 0 past n_cols)
+    y = cast_rtne(h * rstd[:, None] * w.to(tl.float32)[None, :], X_DTYPE, INTERPRET)
     if QUANT:  # y as the model holds it, then quantize_fp8's per-token math
         yf = y.to(tl.float32)
         scale = dynamic_row_scale(yf, rows, row_ok, scale_ptr, qmax)

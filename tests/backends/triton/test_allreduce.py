@@ -146,6 +146,38 @@ def test_fused_norm_is_the_norm_of_the_sum(dtype, protocol) -> None:
             assert torch.equal(y, want_y)
 
 
+@pytest.mark.skipif(
+    DEVICE == "cpu",
+    reason="pieces need the programs running at once (a GPU): "
+    "the interpreter runs them in turn, so there a row goes out whole",
+)
+@pytest.mark.parametrize("send_n", [16, 32])
+def test_ll_rows_go_out_in_pieces_from_every_program(monkeypatch, send_n) -> None:
+    # Rows of 96 values (128 in the areas) in pieces of 16 / 32 values: 8 / 4 pieces a row, 40 /
+    # 20 sends over 4 programs (5 rows); the last piece of each row partly past the row's end.
+    monkeypatch.setattr(ar, "LL_SEND_N", send_n)
+    torch.manual_seed(send_n)
+    world, hidden, n_rows = 2, 96, 5
+    wss, bufs, fbytes = make_group(world, 4, capacity=8192)
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(torch.bfloat16)
+    residual = torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16)
+    for _ in range(2):
+        xs = [torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16) for _ in range(world)]
+        assert wss[0].takes_ll(xs[0])
+        outs, epoch = run_round(
+            wss, bufs, fbytes, xs,
+            lambda ws, x: ws.all_reduce_rms_norm(x, residual, weight, 1e-5),
+        )  # fmt: skip
+        want_y, want_h = rms_norm(reference_sum(xs), weight, 1e-5, residual)
+        for y, h in outs:
+            assert torch.equal(h, want_h) and torch.equal(y, want_y)
+        for r in range(world):  # every piece of every row in every rank's area
+            for src in range(world):
+                want_words = ll_words(xs[src], epoch)
+                got = ll_slot(bufs, fbytes, 8192, r, src, epoch, want_words.numel() * 8)
+                assert torch.equal(got, want_words), f"area {r}, slot {src}"
+
+
 @pytest.mark.parametrize("protocol", list(PROTOCOLS))
 @pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_fused_norm_quant_is_rms_norm_quant_fp8_of_the_sum(fp8, protocol) -> None:
