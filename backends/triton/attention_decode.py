@@ -126,13 +126,14 @@ DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], .
 DECODE_ONE_WAVE: dict[tuple[str, str], DecodeConfig] = {
     ("narrow", "big_smem"): DecodeConfig(block_n=128, num_warps=4, num_stages=5),
 }
-# A batch with at least this fraction of one program per SM (16 sequences x 8 KV heads = 128
-# programs on 132 SMs) runs whole on the one-wave tile at every context, even where the split
-# model (fitted on the 64-token tile) would split it in two. H200 graph replays, fourteenth
-# session's scratch sweep (bf16 cache, 16 x 512 / 1024 / 4096 / 8192 / 32k): 128-token tiles
-# unsplit 0.45 / 0.62 / 0.89 / 0.96 / 1.02 of copy against 0.44 / 0.61 / 0.82 / 0.92 / 1.01 for
-# the split 64-token tile the model chose.
-ONE_WAVE_NEAR_FULL = 0.75
+# A batch with at least this fraction of one program per SM (12-16 sequences x 8 KV heads =
+# 96-128 programs on 132 SMs) runs whole on the one-wave tile at every context, even where the
+# split model (fitted on the 64-token tile) would split it in two. H200 graph replays, fraction of
+# copy, twenty-first session: 16 x 4096 / 8192 / 32k 0.83 / 0.93 / 1.01 -> 0.88 / 0.97 / 1.03 (rule
+# on / off in one call); 12 x 1024 / 4096 / 8192 / 32k 0.50 / 0.68 / 0.76 / 0.85 split in two ->
+# 0.51 / 0.79 / 0.87 / 0.94 whole (`.scratch` sweep of tiles x splits; SDPA 0.56 / 0.81 / 0.87 /
+# 0.96). At 10 (0.61 per SM) the model's three 64-token splits stay best from 4k up.
+ONE_WAVE_NEAR_FULL = 0.7
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 

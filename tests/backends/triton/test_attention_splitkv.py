@@ -167,11 +167,12 @@ def test_decode_config_wide_batch_selection(monkeypatch: pytest.MonkeyPatch) -> 
     one_wave = dataclasses.replace(tdecode.DECODE_ONE_WAVE[("narrow", "big_smem")], num_splits=1)
     assert tdecode.decode_config(128, bf16, cpu, False, 16 * 8, 1024) == one_wave
     assert tdecode.decode_config(128, bf16, cpu, False, 4 * 8, 512) == one_wave
-    # 16 x 8 programs nearly fill the 132 SMs: whole on the one-wave tile at any context (the
-    # model alone would split 16 x 8192 in two); 12 x 8 = 96 < 0.75 x 132 still splits.
+    # 12-16 x 8 programs nearly fill the 132 SMs: whole on the one-wave tile at any context (the
+    # model alone would split 16 x 8192 and 12 x 4096 in two); 11 x 8 = 88 < 0.7 x 132 splits.
     assert tdecode.decode_config(128, bf16, cpu, False, 16 * 8, 8192) == one_wave
     assert tdecode.decode_config(128, bf16, cpu, False, 16 * 8, 32768) == one_wave
-    assert tdecode.decode_config(128, bf16, cpu, False, 12 * 8, 8192) == default
+    assert tdecode.decode_config(128, bf16, cpu, False, 12 * 8, 4096) == one_wave
+    assert tdecode.decode_config(128, bf16, cpu, False, 11 * 8, 8192) == default
     assert tdecode.decode_splits(16, 8, 16, 8192 // 16, one_wave, cpu) == 1
     assert tdecode.decode_config(128, bf16, cpu, False, 4 * 8, 8192) == default  # 8 splits
     assert tdecode.decode_config(128, bf16, cpu, False, 17 * 8, 1024) == default  # > 1 per SM
