@@ -224,18 +224,25 @@ def m_bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
-def heuristic_config(w_bytes: int, m: int) -> GemvConfig:
+def heuristic_config(w_bytes: int, m: int, k: int | None = None) -> GemvConfig:
     """The launch shape for shapes the table lacks (other tensor-parallel sizes, other models).
     One row: the FMA kernel on 4 output columns x 2048 k per tile (16 KiB of bf16 weight per
     program per step: the loop is not software-pipelined, so a step's loads are all a program has
-    in flight). H200 autotune of 8 bf16 and 6 FP8 shapes at M = 1 (8B and its TP=2 slices,
-    twentieth session): 1.03x each shape's best time on average (worst 1.15x), against 1.17x
-    (worst 1.43x) for 8 x 512, the first session's H100 choice. More rows: tensor cores (M FMAs
-    per weight element would be compute-bound at M >= 4 on H100 class GPUs), 64 columns x 256
-    bytes of each row per tile, 4 stages (64 x 256 bf16 tiles were 6% slower over TP=2's slices
-    at M = 4). K splits as `split_plan` picks them."""
+    in flight), 4 x 1024 where K is not a multiple of 2048 (a partly empty last step costs a
+    whole one) and 8 x 512 where it is not a multiple of 1024 either. H200 autotune of 8 bf16 and
+    6 FP8 shapes at M = 1 (8B and its TP=2 slices, twentieth session): 4 x 2048 at 1.03x each
+    shape's best time on average, against 1.17x for 8 x 512, the first session's H100 choice;
+    Llama-3.2-3B's shapes (K = 3072 and 8192) and two TP=2 slices (twenty-first session): this
+    rule 1.04x, 4 x 2048 everywhere 1.17x (K = 3072 up to 1.43x). More rows: tensor cores (M
+    FMAs per weight element would be compute-bound at M >= 4 on H100 class GPUs), 64 columns x
+    256 bytes of each row per tile, 4 stages (64 x 256 bf16 tiles were 6% slower over TP=2's
+    slices at M = 4). K splits as `split_plan` picks them."""
     if m == 1:
-        return GemvConfig("fma", 4, 2048, num_warps=4, num_stages=1)
+        if k is None or k % 2048 == 0:
+            return GemvConfig("fma", 4, 2048, num_warps=4, num_stages=1)
+        if k % 1024 == 0:
+            return GemvConfig("fma", 4, 1024, num_warps=4, num_stages=1)
+        return GemvConfig("fma", 8, 512, num_warps=4, num_stages=1)
     return GemvConfig("dot", 64, max(256 // w_bytes, 16), num_warps=4, num_stages=4)
 
 
@@ -249,7 +256,7 @@ def pick_config(
         return SILU_CONFIGS[key]
     table = DEFAULT_CONFIGS if configs is None else configs
     cfg = table.get(key)
-    return cfg if cfg is not None else heuristic_config(w_bytes, m)
+    return cfg if cfg is not None else heuristic_config(w_bytes, m, k)
 
 
 @functools.lru_cache(maxsize=16)

@@ -381,6 +381,12 @@ def test_config_table_lookup_and_split_plan() -> None:
     assert gemv.pick_config(2, 3, 96, 512, table) is cfg  # M = 3 -> bucket 4
     assert gemv.pick_config(2, 5, 96, 512, table) == gemv.heuristic_config(2, 5)
     assert gemv.pick_config(1, 1, 96, 512, table).kernel == "fma"
+    # One row, untabled: K steps of 2048 where K is a multiple of it, else 1024, else 512 (no
+    # partly empty last step), e.g. Llama-3.2-3B's K = 3072.
+    tile = lambda k: (lambda c: (c.kernel, c.block_n, c.block_k))(gemv.pick_config(2, 1, 96, k, {}))  # noqa: E731
+    assert tile(4096) == ("fma", 4, 2048) and tile(8192) == ("fma", 4, 2048)
+    assert tile(3072) == ("fma", 4, 1024) and tile(1536) == ("fma", 8, 512)
+    assert gemv.heuristic_config(2, 1) == gemv.heuristic_config(2, 1, 14336)
     # 8 tiles of K split 3 ways: 3 tiles per split, the last split has 2.
     assert gemv.split_plan(gemv.GemvConfig("fma", 8, 64, split_k=3), 1, 96, 512, 132) == (3, 192)
     # split_k 0: doubled while the grid is short of 4 programs per SM and splits keep 4+ tiles.
