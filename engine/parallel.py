@@ -131,6 +131,18 @@ class ParallelContext:
         fused = getattr(self.collectives, "all_reduce_rms_norm", None)
         return None if fused is None else fused(x, residual, weight, eps, fp8_dtype)
 
+    def ll_push(self, rows: int, cols: int, dtype: torch.dtype):
+        """A target for a row-parallel GEMM to write its [rows, cols] partial sum into as the
+        next all-reduce's words (the collectives' `ll_push`), or None (TP = 1, or no such path):
+        after a launch that pushed (target.done), call mark_pushed(y) before that all-reduce."""
+        if self.tp_size == 1:
+            return None
+        target = getattr(self.collectives, "ll_push", None)
+        return None if target is None else target(rows, cols, dtype)
+
+    def mark_pushed(self, y: torch.Tensor) -> None:
+        self.collectives.mark_pushed(y)
+
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if self.tp_size == 1:
             return x

@@ -285,6 +285,20 @@ class CudaBackend(Backend):
         self._mark("gemm", impl)
         return linear.linear(x, weight, bias, self.allow_tf32)
 
+    def linear_push(self, x, weight, push) -> torch.Tensor | None:
+        """`linear(x, weight)` on the decode-sized kernel that also writes y as the one-shot
+        all-reduce's low-latency words (push: `allreduce.LLPush`; push.done says whether the
+        launch did), or None where that kernel does not take x (the caller runs `linear`)."""
+        if self.chosen("gemm") != "triton_small_m":
+            return None
+        gemv = _triton("gemv")
+        if gemv.small_m_reasons(x, weight):
+            return None
+        self._mark("gemm", "triton_small_m")
+        y = gemv.linear_small_m(x.reshape(-1, x.shape[-1]), weight, None,
+                                configs=self.gemv_configs, ll_push=push)  # fmt: skip
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+
     def fp8_linear(
         self, x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16
     ) -> torch.Tensor:

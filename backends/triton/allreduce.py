@@ -65,6 +65,24 @@ LL_SEND_N = 512
 
 
 @dataclass
+class LLPush:
+    """Where a GEMM's epilogue writes its [rows, cols] output as the low-latency words of the
+    one-shot all-reduce that comes next (`OneShotWorkspace.ll_push`, `gemv.linear_small_m`'s
+    ll_push): every rank's LL area (table), this rank's slot, the epoch counters, the words of
+    one half and of one row. done: set by the launch (whether it pushed)."""
+
+    table: torch.Tensor
+    rank: int
+    world: int
+    epochs: torch.Tensor
+    half_words: int
+    row_words: int
+    rows: int
+    cols: int
+    done: bool = False
+
+
+@dataclass
 class OneShotWorkspace:
     """One rank's view of the group's peer-mapped buffers.
 
@@ -85,14 +103,33 @@ class OneShotWorkspace:
     ll_table: torch.Tensor | None = None  # int64 [world]: every rank's LL area (see `ll_bytes`)
     ll_max_rows: int = LL_MAX_ROWS  # 0: never the LL protocol
     spin_limit: int = SPIN_LIMIT
+    # The output a GEMM pushed as LL words (`ll_push` then `mark_pushed`): its (data_ptr,
+    # numel, last dim, dtype). The next call consumes it: on that tensor it only polls (no
+    # send); any call clears it, so a mark never outlives the call right after the push.
+    pushed: tuple | None = None
+    gemm_push: bool = True  # False: `ll_push` offers no target (HAL_ONESHOT_GEMM_PUSH=0)
+
+    def ll_push(self, rows: int, cols: int, dtype: torch.dtype) -> LLPush | None:
+        """A target for a GEMM whose [rows, cols] output of `dtype` the next call will reduce,
+        when that call takes the LL protocol (None otherwise)."""
+        if not self.gemm_push or dtype not in DTYPES or not self._takes_ll_shape(rows, cols):
+            return None
+        return LLPush(self.ll_table, self.rank, self.world, self.epochs,
+                      self.world * LL_SOURCE_BYTES // 8, block_n(cols), rows, cols)  # fmt: skip
+
+    def mark_pushed(self, y: torch.Tensor) -> None:
+        """y (a GEMM's output) went out as LL words: the next call, on y, skips its send."""
+        self.pushed = _push_key(y)
 
     def takes_ll(self, x: torch.Tensor) -> bool:
         """Whether a call on x (which `fits`) goes by the low-latency protocol: at most
         ll_max_rows rows of at most LL_MAX_COLS values whose 8-byte words fit one source's share
         of an LL half."""
         cols = x.shape[-1]
-        rows = x.numel() // cols if cols else 0
-        small = 0 < rows <= self.ll_max_rows and cols <= LL_MAX_COLS
+        return self._takes_ll_shape(x.numel() // cols if cols else 0, cols)
+
+    def _takes_ll_shape(self, rows: int, cols: int) -> bool:
+        small = 0 < rows <= self.ll_max_rows and 0 < cols <= LL_MAX_COLS
         return self.ll_table is not None and small and rows * block_n(cols) * 8 <= LL_SOURCE_BYTES
 
     def fits(self, x: torch.Tensor) -> bool:
@@ -258,6 +295,7 @@ def _one_shot_kernel(
     qmax,
     WORLD: tl.constexpr,
     LL: tl.constexpr,  # the low-latency protocol (module docstring)
+    PUSHED: tl.constexpr,  # LL: a GEMM's epilogue already sent x's words (`LLPush`): poll only
     NORM: tl.constexpr,  # residual add + RMSNorm after the sum
     QUANT: tl.constexpr,  # NORM's output quantized per token to FP8 (y_ptr: its codes)
     MAN_BITS: tl.constexpr,
@@ -285,15 +323,16 @@ def _one_shot_kernel(
     half = (epoch & 1).to(tl.int64) * half_elems
     ll_half = (epoch & 1).to(tl.int64) * ll_half_words
     if LL:
-        # Every program sends: row pieces of SEND_N values round-robin over the grid, so many
-        # SMs push at once; program `row` then polls that row's words. (Every program's epoch
-        # counter moves with every call, so all of them stamp the same epoch.)
-        CHUNKS: tl.constexpr = BLOCK_N // SEND_N
-        scols = tl.arange(0, SEND_N)
-        for task in range(pid, n_rows * CHUNKS, nprog):
-            c = (task % CHUNKS) * SEND_N + scols
-            _ll_send(x_ptr, ll_table, rank, task // CHUNKS, n_rows, n_cols, stride_x, ll_half,
-                     epoch, c, c < n_cols, WORLD, BLOCK_N)  # fmt: skip
+        if not PUSHED:
+            # Every program sends: row pieces of SEND_N values round-robin over the grid, so
+            # many SMs push at once; program `row` then polls that row's words. (Every program's
+            # epoch counter moves with every call, so all of them stamp the same epoch.)
+            CHUNKS: tl.constexpr = BLOCK_N // SEND_N
+            scols = tl.arange(0, SEND_N)
+            for task in range(pid, n_rows * CHUNKS, nprog):
+                c = (task % CHUNKS) * SEND_N + scols
+                _ll_send(x_ptr, ll_table, rank, task // CHUNKS, n_rows, n_cols, stride_x,
+                         ll_half, epoch, c, c < n_cols, WORLD, BLOCK_N)  # fmt: skip
     elif pid < n_rows:
         # Rows sit BLOCK_N apart in the buffers and the areas are 256-byte aligned: saying so
         # lets the compiler use 16-byte loads (pointers made from integers carry no alignment).
@@ -335,12 +374,18 @@ def _one_shot_kernel(
             tl.store(y_ptr + r64 * stride_y + cols[None, :], total, mask=cmask[None, :])
 
 
+def _push_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t.numel(), t.shape[-1] if t.dim() else 1, t.dtype)
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     t2 = t.reshape(-1, t.shape[-1])
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
 def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp8_dtype=None):
+    pushed = ws.pushed is not None and ws.pushed == _push_key(x) and x.is_contiguous()
+    ws.pushed = None
     x2 = _rows(x)
     n_rows, n_cols = x2.shape
     if n_rows == 0:
@@ -358,7 +403,8 @@ def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp
         x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), float(eps), half_elems,
         ws.world * LL_SOURCE_BYTES // 8, ws.spin_limit,
         scale if scale is not None else ws.epochs, float(codec["FP8_MAX"]), WORLD=ws.world,
-        LL=ll, NORM=residual is not None, QUANT=fp8_dtype is not None, ENCODE_NATIVE=native,
+        LL=ll, PUSHED=ll and pushed, NORM=residual is not None, QUANT=fp8_dtype is not None,
+        ENCODE_NATIVE=native,
         **codec, BLOCK_N=bn, SEND_N=bn if interpreting() else min(bn, LL_SEND_N),
         INTERPRET=interpreting(),
         num_warps=min(16, max(4, bn // 512)), **pdl_args(x2.device, "allreduce"),
@@ -441,6 +487,7 @@ __all__ = [
     "buffer_bytes",
     "device_reason",
     "MAX_COLS",
+    "LLPush",
     "OneShotWorkspace",
     "flag_bytes",
     "ll_bytes",

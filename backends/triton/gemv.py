@@ -340,9 +340,28 @@ def _epilogue(
     if HAS_BIAS:
         y = y + tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     out = out_ptr + offs_m.to(tl.int64)[None, :] * stride_out_row + offs_n[:, None]
-    tl.store(
-        out, cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET), mask=n_ok[:, None] & m_ok[None, :]
+    yr = cast_rtne(y, out_ptr.dtype.element_ty, INTERPRET)
+    tl.store(out, yr, mask=n_ok[:, None] & m_ok[None, :])
+    return yr
+
+
+@triton.jit
+def _ll_push(y, offs_n, offs_m, n_rows, n_cols, ll_table, ll_rank, epoch, ll_half_words,
+             ll_row_words, LL_WORLD: tl.constexpr):  # fmt: skip
+    # The output tile y ([BLOCK_N, BLOCK_M], as `_epilogue` stored it) as the one-shot
+    # all-reduce's low-latency words (`allreduce._ll_send`): (epoch << 32 | fp32 bits), into
+    # slot ll_rank of every rank's LL area, half epoch & 1, rows ll_row_words apart.
+    bits = y.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    word = bits | (epoch.to(tl.int64) << 32)
+    at = (
+        (epoch & 1).to(tl.int64) * ll_half_words
+        + (ll_rank * n_rows + offs_m.to(tl.int64))[None, :] * ll_row_words
+        + offs_n[:, None]
     )
+    mask = (offs_n < n_cols)[:, None] & (offs_m < n_rows)[None, :]
+    for p in tl.static_range(LL_WORLD):
+        area = tl.load(ll_table + p).to(tl.pointer_type(tl.int64))
+        tl.store(area + at, word, mask=mask)
 
 
 @triton.jit
@@ -511,6 +530,11 @@ def _small_m_kernel(
     n_kv_heads,
     n_slots,
     kv_scale,
+    ll_table,  # LL_PUSH (else stand-ins, never read): int64 [LL_WORLD] LL area addresses
+    ll_rank,
+    ll_epoch_ptr,  # int32: the one-shot workspace's epoch counters (this call's is [0] + 1)
+    ll_half_words,
+    ll_row_words,
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -544,6 +568,8 @@ def _small_m_kernel(
     KV_FNUZ: tl.constexpr,
     KV_HAS_INF: tl.constexpr,
     RN_ASM: tl.constexpr,  # unfused fp32 multiplies and adds through PTX (NVIDIA, compiled)
+    LL_PUSH: tl.constexpr,  # also push the output as the next one-shot all-reduce's LL words
+    LL_WORLD: tl.constexpr,
     PDL: tl.constexpr,
     EARLY: tl.constexpr,  # even K: the first weight tile loads before the PDL wait
     BLOCK_M: tl.constexpr,
@@ -603,6 +629,8 @@ def _small_m_kernel(
                    X_FP8_MAX, X_NAN_CODE, X_FNUZ, X_HAS_INF, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX,
                    W_NAN_CODE, W_FNUZ, W_HAS_INF)  # fmt: skip
         k_loop = k_start + BLOCK_K
+    if LL_PUSH:  # after the wait: the last all-reduce has counted its call; in flight meanwhile
+        ll_epoch = tl.load(ll_epoch_ptr) + 1
     for k0 in range(k_loop, k_end, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs + k0 * stride_w_col, eviction_policy="evict_first")
@@ -630,8 +658,12 @@ def _small_m_kernel(
                              KV_EXP_BIAS, KV_FP8_MAX, KV_NAN_CODE, KV_FNUZ, KV_HAS_INF, RN_ASM,
                              BLOCK_N)  # fmt: skip
         else:
-            _epilogue(acc, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr, n_rows,
-                      n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE, INTERPRET)  # fmt: skip
+            y = _epilogue(acc, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr,
+                          n_rows, n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE,
+                          INTERPRET)  # fmt: skip
+            if LL_PUSH:
+                _ll_push(y, offs_n, offs_m, n_rows, n_cols, ll_table, ll_rank, ll_epoch,
+                         ll_half_words, ll_row_words, LL_WORLD)  # fmt: skip
     else:
         # partial: fp32 [S, M, N], contiguous
         part = partial_ptr + (pid_k * n_rows + offs_m.to(tl.int64))[None, :] * n_cols
@@ -662,9 +694,12 @@ def _small_m_kernel(
                                      KV_NAN_CODE, KV_FNUZ, KV_HAS_INF, RN_ASM,
                                      BLOCK_N)  # fmt: skip
                 else:
-                    _epilogue(total, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr, w_scale_ptr,
-                              n_rows, n_cols, stride_out_row, HAS_BIAS, X_SCALE, W_SCALE,
-                              INTERPRET)  # fmt: skip
+                    y = _epilogue(total, offs_n, offs_m, out_ptr, bias_ptr, x_scale_ptr,
+                                  w_scale_ptr, n_rows, n_cols, stride_out_row, HAS_BIAS, X_SCALE,
+                                  W_SCALE, INTERPRET)  # fmt: skip
+                    if LL_PUSH:
+                        _ll_push(y, offs_n, offs_m, n_rows, n_cols, ll_table, ll_rank, ll_epoch,
+                                 ll_half_words, ll_row_words, LL_WORLD)  # fmt: skip
                 tl.atomic_xchg(counter_ptr + tile, 0)
 
 
@@ -768,6 +803,7 @@ def _launch(
     silu_out: bool = False,
     early: bool = False,
     rotary: RotaryOut | None = None,
+    ll_push=None,
 ) -> torch.Tensor:
     m, k = x.shape[0], w.shape[1]
     n_w = w.shape[0]
@@ -822,6 +858,21 @@ def _launch(
             f"splits; each must be <= {_MAX_GRID} (use a larger block_n / block_k)"
         )
     pdl = pdl_args(x.device, "gemm")
+    # ll_push (`allreduce.LLPush`): the output also goes out as the next one-shot all-reduce's
+    # low-latency words, from the epilogue; not for the paired epilogues or a split-K sum in a
+    # second kernel. ll_push.done says whether this launch pushed.
+    push = ll_push is not None and not paired and (splits == 1 or fused)
+    if push:
+        if (m, n_w) != (ll_push.rows, ll_push.cols):
+            raise ValueError(
+                f"ll_push: made for a [{ll_push.rows}, {ll_push.cols}] output, got [{m}, {n_w}]"
+            )
+        ll_args = (ll_push.table, ll_push.rank, ll_push.epochs, ll_push.half_words,
+                   ll_push.row_words)  # fmt: skip
+    else:
+        ll_args = (dummy, 0, dummy, 0, 0)
+    if ll_push is not None:
+        ll_push.done = push
     if rotary is None:  # stand-ins for the rotary arguments (never read)
         rot_args = (dummy, dummy, 0, dummy, dummy, dummy, 0, 0, 0, 1.0)
         kv_fp8, kv_codec, head_dim = False, fp8_codec(torch.float8_e4m3fn), 0
@@ -832,7 +883,8 @@ def _launch(
         x, w, dummy if bias is None else bias, dummy if x_s is None else x_s,
         dummy if w_s is None else w_s, out, partial, counters if fused else partial,
         m, n, k, x.stride(0), x.stride(1), w.stride(0), w.stride(1), out.stride(0),
-        k_per_split, splits, n_out, *rot_args,
+        k_per_split, splits, n_out, *rot_args, *ll_args,
+        LL_PUSH=push, LL_WORLD=ll_push.world if push else 1,
         ROTARY_OUT=rotary is not None, HEAD_DIM=head_dim, KV_FP8=kv_fp8,
         **{f"KV_{key}": value for key, value in kv_codec.items()},
         RN_ASM=rotary is not None and not interpret,
@@ -869,6 +921,7 @@ def linear_small_m(
     configs: ConfigTable | None = None,
     fused_reduce: bool | None = None,
     early: bool | None = None,
+    ll_push=None,
 ) -> torch.Tensor:
     """y = x @ weight.T + bias with fp32 accumulation, one rounding to x's dtype.
 
@@ -878,9 +931,11 @@ def linear_small_m(
     table (`configs`, default DEFAULT_CONFIGS) or the heuristic picks one. fused_reduce: the
     split-K sum inside the kernel (None: FUSED_REDUCE). early: read the first weight tile before
     waiting for the kernel before this one under PDL, which is only right when no kernel that
-    may still run writes the weight (None: EARLY and the weight is an nn.Parameter).
+    may still run writes the weight (None: EARLY and the weight is an nn.Parameter). ll_push
+    (`allreduce.LLPush`): y also goes out as the next one-shot all-reduce's low-latency words
+    (ll_push.done: whether it did; a split-K sum in a second kernel does not push).
     """
-    return _dense(x, weight, bias, config, configs, fused_reduce, False, early)
+    return _dense(x, weight, bias, config, configs, fused_reduce, False, early, ll_push=ll_push)
 
 
 def linear_silu_and_mul_small_m(
@@ -982,7 +1037,7 @@ def linear_rotary_write_kv_small_m(
 
 
 def _dense(x, weight, bias, config, configs, fused_reduce, silu_out: bool, early,
-           rotary: RotaryOut | None = None) -> torch.Tensor:  # fmt: skip
+           rotary: RotaryOut | None = None, ll_push=None) -> torch.Tensor:  # fmt: skip
     # The float GEMMs' checks, then the launch; silu_out: weight is [gate; up], out the activation;
     # rotary: weight is [q; k; v], out rotated and the KV cache written.
     if x.dim() != 2 or weight.dim() != 2:
@@ -1013,7 +1068,8 @@ def _dense(x, weight, bias, config, configs, fused_reduce, silu_out: bool, early
             "partner per column)"
         )
     return _launch(x, weight, bias, None, None, x.dtype, None, None, cfg, fused_reduce,
-                   silu_out=silu_out, early=_early(weight, early), rotary=rotary)  # fmt: skip
+                   silu_out=silu_out, early=_early(weight, early), rotary=rotary,
+                   ll_push=ll_push)  # fmt: skip
 
 
 def fp8_linear_small_m(

@@ -106,6 +106,19 @@ class TorchCollectives:
             return None
         return self.oneshot.all_reduce_rms_norm(x, residual, weight, eps, fp8_dtype)
 
+    def ll_push(self, rows: int, cols: int, dtype: torch.dtype):
+        """Where a row-parallel GEMM may write its [rows, cols] partial sum as the words of the
+        one-shot all-reduce that reduces it next (`OneShotWorkspace.ll_push`), or None: only
+        while a CUDA graph is captured (when that all-reduce is the one-shot kernel)."""
+        if self.oneshot is None or not torch.cuda.is_current_stream_capturing():
+            return None
+        target = getattr(self.oneshot, "ll_push", None)
+        return None if target is None else target(rows, cols, dtype)
+
+    def mark_pushed(self, y: torch.Tensor) -> None:
+        """y went out through an `ll_push` target: the next all-reduce, on y, only collects."""
+        self.oneshot.mark_pushed(y)
+
     def _oneshot_serves(self, x: torch.Tensor) -> bool:
         # Graph capture only: eager, a Triton launch from Python costs more than NCCL's call
         # (engine.distributed.oneshot). Every rank captures the same graphs, so all agree.

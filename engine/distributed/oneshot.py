@@ -54,6 +54,12 @@ def _int_env(name: str, default: int, least: int, unit: str, rule: str) -> int:
     return value
 
 
+def gemm_push() -> bool:
+    """Whether a row-parallel GEMM pushes its output as the next LL all-reduce's words
+    (`HAL_ONESHOT_GEMM_PUSH=0`: the all-reduce sends them itself)."""
+    return os.environ.get("HAL_ONESHOT_GEMM_PUSH", "1") != "0"
+
+
 def ll_max_rows(default: int) -> int:
     return _int_env("HAL_ONESHOT_LL_MAX_ROWS", default, 0, "rows", ">= 0 (0: never)")
 
@@ -129,12 +135,14 @@ def build_workspace(backend, group, capacity_bytes: int | None = None):
     rank = dist.get_rank(group)
     ws = backend.make_peer_all_reduce(rank, world, ptrs, capacity, max_programs)
     ws.ll_max_rows = ll_max_rows(ws.ll_max_rows)
+    ws.gemm_push = gemm_push()
     ws.keepalive = keep  # the buffers (and the peers' mappings) live as long as the workspace
     if not _self_test(ws, rank, world, device, group):
         return None
     logger.info(
         "one-shot all-reduce on (in CUDA graphs): %d ranks, up to %d bytes a call, %d programs, "
-        "low-latency protocol up to %d rows", world, capacity, max_programs, ws.ll_max_rows,
+        "low-latency protocol up to %d rows%s", world, capacity, max_programs, ws.ll_max_rows,
+        ", pushed by the GEMM before it" if ws.gemm_push else "",
     )  # fmt: skip
     return ws
 

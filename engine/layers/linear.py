@@ -368,6 +368,10 @@ class RowParallelLinear(QuantizableLinear):
         # x: [num_tokens, input_size / tp_size] -> [num_tokens, output_size]
         whole = self.parallel.tp_size == 1
         bias = self.bias if whole else None  # with TP: added once, after the sum
+        if not whole and not self.reduce_results and self.quant_method is None:
+            y = self._pushed(x)
+            if y is not None:
+                return y
         if self.quant_method is not None:
             y = self.quant_method.apply(self, x, bias)
         else:
@@ -377,6 +381,21 @@ class RowParallelLinear(QuantizableLinear):
         if self.reduce_results:  # y: a partial sum over this rank's columns
             y = self.parallel.all_reduce(y)
         return y if self.bias is None else y + self.bias
+
+    def _pushed(self, x: torch.Tensor) -> torch.Tensor | None:
+        # The partial sum computed by a backend GEMM that also writes it as the words of the
+        # one-shot all-reduce that reduces it next (the caller's norm), which then only
+        # collects; None where no such path serves this call (the plain linear runs instead).
+        linear_push = getattr(self.backend, "linear_push", None)
+        if linear_push is None or x.shape[-1] == 0:
+            return None
+        target = self.parallel.ll_push(x.numel() // x.shape[-1], self.output_size, x.dtype)
+        if target is None:
+            return None
+        y = linear_push(x, self.weight, target)
+        if y is not None and target.done:
+            self.parallel.mark_pushed(y)
+        return y
 
     def load(self, source: TensorSource, prefix: str) -> None:
         full = (self.output_size, self.input_size)

@@ -44,6 +44,13 @@ def test_low_latency_row_limit_default_and_override(monkeypatch) -> None:
         oneshot.ll_max_rows(16)
 
 
+def test_gemm_push_switch(monkeypatch) -> None:
+    monkeypatch.delenv("HAL_ONESHOT_GEMM_PUSH", raising=False)
+    assert oneshot.gemm_push()
+    monkeypatch.setenv("HAL_ONESHOT_GEMM_PUSH", "0")
+    assert not oneshot.gemm_push()
+
+
 class _Backend:
     name = "test"
 

@@ -192,6 +192,57 @@ def test_row_parallel_partial_sums_add_up(backend):
     torch.testing.assert_close(parts[0] + parts[1], full(x))
 
 
+class _PushCollectives(PartialCollectives):
+    """Collectives that offer a GEMM push target (as the one-shot all-reduce does in graph
+    capture) and record what they were told."""
+
+    def __init__(self, offer: bool) -> None:
+        self.offer, self.asked, self.marked = offer, [], []
+
+    def ll_push(self, rows, cols, dtype):
+        self.asked.append((rows, cols, dtype))
+        return type("Target", (), {"done": False})() if self.offer else None
+
+    def mark_pushed(self, y):
+        self.marked.append(y)
+
+
+class _PushBackend:
+    """The CPU backend plus a `linear_push` that says it pushed (or not), as the CUDA one does."""
+
+    def __init__(self, inner, pushes: bool) -> None:
+        self.inner, self.pushes, self.calls = inner, pushes, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def linear_push(self, x, weight, target):
+        self.calls += 1
+        target.done = self.pushes
+        return self.inner.linear(x, weight)
+
+
+@pytest.mark.parametrize(("offer", "pushes"), [(True, True), (True, False), (False, False)])
+def test_row_parallel_partial_goes_to_the_push_target(offer, pushes, backend):
+    # reduce_results=False (the norm reduces): the layer asks the collectives for a target for
+    # its [T, out] partial, runs the backend's pushing GEMM and marks its output when the launch
+    # pushed; the values are the plain partial sum either way.
+    src = DictSource({"o.weight": _random(6, 12)})
+    x = _random(3, 4, 12, seed=1)
+    coll = _PushCollectives(offer)
+    pb = _PushBackend(backend, pushes)
+    layer = RowParallelLinear(12, 6, pb, ParallelContext(0, 2, coll), torch.float32)
+    layer.load(src, "o")
+    plain = backend.linear(x[..., :6], layer.weight)
+    assert torch.equal(layer(x[..., :6]), plain)  # reduce_results: no target asked for
+    assert coll.asked == [] and pb.calls == 0
+    layer.reduce_results = False
+    y = layer(x[..., :6])
+    assert torch.equal(y, plain) and y.shape == (3, 4, 6)
+    assert coll.asked == [(12, 6, torch.float32)] and pb.calls == (1 if offer else 0)
+    assert [m is y for m in coll.marked] == ([True] if pushes else [])
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_qkv_split_by_heads_with_kv_replication(tp, backend):
     """4 query heads, 2 KV heads, head_dim 4: tp 2 splits both; tp 4 replicates each KV head."""

@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from backends.triton import allreduce as ar  # noqa: E402
+from backends.triton import gemv  # noqa: E402
 from backends.triton.norm import rms_norm, rms_norm_quant_fp8  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and torch.version.hip is None else "cpu"
@@ -198,6 +199,70 @@ def test_fused_norm_quant_is_rms_norm_quant_fp8_of_the_sum(fp8, protocol) -> Non
         assert torch.equal(h, want_h)
         assert torch.equal(scale, want_scale)
         assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        gemv.GemvConfig("fma", 32, 64, split_k=1, num_warps=4, num_stages=1),
+        gemv.GemvConfig("dot", 32, 32, split_k=2, num_warps=4, num_stages=2),  # in-kernel sum
+    ],
+)
+def test_gemm_pushes_the_words_the_all_reduce_would_send(config) -> None:
+    # Rank 0's row-parallel GEMM writes its output as LL words from its epilogue; the all-reduce
+    # on that output then only polls: the sum and norm are the same bits, and it sent nothing
+    # (the output is changed after the push, and the result still holds the pushed values).
+    torch.manual_seed(7)
+    world, k, hidden, n_rows = 2, 64, 96, 3
+    wss, bufs, fbytes = make_group(world, 4, capacity=8192)
+    weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(torch.bfloat16)
+    residual = torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16)
+    x = torch.randn(n_rows, k, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(hidden, k, device=DEVICE).to(torch.bfloat16)
+    push = wss[0].ll_push(n_rows, hidden, torch.bfloat16)
+    y0 = gemv.linear_small_m(x, w, config=config, ll_push=push)
+    assert push.done and torch.equal(y0, gemv.linear_small_m(x, w, config=config))
+    for area in range(world):  # slot 0 of every rank's area, epoch 1 (half 1)
+        want_words = ll_words(y0, 1)
+        got = ll_slot(bufs, fbytes, 8192, area, 0, 1, want_words.numel() * 8)
+        assert torch.equal(got, want_words), f"area {area}"
+    wss[0].mark_pushed(y0)
+    sent = y0.clone()
+    y0.add_(1.0)  # what a resend would pick up
+    y1 = torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16)
+    words = ll_words(y1, 1).view(torch.uint8)  # rank 1's words in slot 1 of rank 0's area
+    at = fbytes + 2 * 8192 + world * ar.LL_SOURCE_BYTES + words.numel()
+    bufs[0][at : at + words.numel()] = words
+    y, h = wss[0].all_reduce_rms_norm(y0, residual, weight, 1e-5)
+    want_y, want_h = rms_norm(reference_sum([sent, y1]), weight, 1e-5, residual)
+    assert torch.equal(h, want_h) and torch.equal(y, want_y)
+    assert wss[0].pushed is None and int(wss[0].error) == 0
+    # The mark is spent: the next call on the same tensor (epoch 2, half 0) sends as usual.
+    words = ll_words(y1, 2).view(torch.uint8)
+    at = fbytes + 2 * 8192 + words.numel()
+    bufs[0][at : at + words.numel()] = words
+    assert torch.equal(wss[0].all_reduce(y0), reference_sum([y0, y1]))
+    assert torch.equal(ll_slot(bufs, fbytes, 8192, 1, 0, 2, words.numel()), ll_words(y0, 2))
+
+
+def test_push_targets_only_ll_shapes_and_not_two_kernel_sums() -> None:
+    wss, _, _ = make_group(2, 4, capacity=1 << 20)
+    ws = wss[0]
+    assert ws.ll_push(ar.LL_MAX_ROWS + 1, 4096, torch.bfloat16) is None  # flag protocol
+    assert ws.ll_push(1, 8192, torch.bfloat16) is None
+    assert ws.ll_push(1, 4096, torch.int32) is None
+    ws.gemm_push = False  # HAL_ONESHOT_GEMM_PUSH=0
+    assert ws.ll_push(2, 96, torch.bfloat16) is None
+    ws.gemm_push = True
+    push = ws.ll_push(2, 96, torch.bfloat16)
+    assert (push.rows, push.cols, push.row_words, push.world) == (2, 96, 128, 2)
+    x = torch.randn(2, 64, device=DEVICE).to(torch.bfloat16)
+    w = torch.randn(96, 64, device=DEVICE).to(torch.bfloat16)
+    split = gemv.GemvConfig("fma", 32, 16, split_k=2, num_warps=4, num_stages=1)
+    gemv.linear_small_m(x, w, config=split, fused_reduce=False, ll_push=push)
+    assert not push.done  # the sum in a second kernel: the all-reduce sends as usual
+    with pytest.raises(ValueError, match=r"ll_push: made for a \[2, 96\] output, got \[2, 32\]"):
+        gemv.linear_small_m(x, w[:32], ll_push=push)
 
 
 @pytest.mark.parametrize("protocol", list(PROTOCOLS))
