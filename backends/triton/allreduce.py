@@ -114,6 +114,8 @@ class OneShotWorkspace:
         when that call takes the LL protocol (None otherwise)."""
         if not self.gemm_push or dtype not in DTYPES or not self._takes_ll_shape(rows, cols):
             return None
+        if rows * block_n(cols) * dtype.itemsize > self.capacity_bytes:  # not `fits`: NCCL's
+            return None
         return LLPush(self.ll_table, self.rank, self.world, self.epochs,
                       self.world * LL_SOURCE_BYTES // 8, block_n(cols), rows, cols)  # fmt: skip
 

@@ -208,12 +208,13 @@ def test_fused_norm_quant_is_rms_norm_quant_fp8_of_the_sum(fp8, protocol) -> Non
         gemv.GemvConfig("dot", 32, 32, split_k=2, num_warps=4, num_stages=2),  # in-kernel sum
     ],
 )
-def test_gemm_pushes_the_words_the_all_reduce_would_send(config) -> None:
+@pytest.mark.parametrize("world", [2, 4])
+def test_gemm_pushes_the_words_the_all_reduce_would_send(config, world) -> None:
     # Rank 0's row-parallel GEMM writes its output as LL words from its epilogue; the all-reduce
     # on that output then only polls: the sum and norm are the same bits, and it sent nothing
     # (the output is changed after the push, and the result still holds the pushed values).
     torch.manual_seed(7)
-    world, k, hidden, n_rows = 2, 64, 96, 3
+    k, hidden, n_rows = 64, 96, 3
     wss, bufs, fbytes = make_group(world, 4, capacity=8192)
     weight = (1 + 0.1 * torch.randn(hidden, device=DEVICE)).to(torch.bfloat16)
     residual = torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16)
@@ -229,19 +230,21 @@ def test_gemm_pushes_the_words_the_all_reduce_would_send(config) -> None:
     wss[0].mark_pushed(y0)
     sent = y0.clone()
     y0.add_(1.0)  # what a resend would pick up
-    y1 = torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16)
-    words = ll_words(y1, 1).view(torch.uint8)  # rank 1's words in slot 1 of rank 0's area
-    at = fbytes + 2 * 8192 + world * ar.LL_SOURCE_BYTES + words.numel()
-    bufs[0][at : at + words.numel()] = words
+    peers = [torch.randn(n_rows, hidden, device=DEVICE).to(torch.bfloat16) for _ in range(1, world)]
+    for p, yp in enumerate(peers, 1):  # rank p's words in slot p of rank 0's area
+        words = ll_words(yp, 1).view(torch.uint8)
+        at = fbytes + 2 * 8192 + world * ar.LL_SOURCE_BYTES + p * words.numel()
+        bufs[0][at : at + words.numel()] = words
     y, h = wss[0].all_reduce_rms_norm(y0, residual, weight, 1e-5)
-    want_y, want_h = rms_norm(reference_sum([sent, y1]), weight, 1e-5, residual)
+    want_y, want_h = rms_norm(reference_sum([sent, *peers]), weight, 1e-5, residual)
     assert torch.equal(h, want_h) and torch.equal(y, want_y)
     assert wss[0].pushed is None and int(wss[0].error) == 0
     # The mark is spent: the next call on the same tensor (epoch 2, half 0) sends as usual.
-    words = ll_words(y1, 2).view(torch.uint8)
-    at = fbytes + 2 * 8192 + words.numel()
-    bufs[0][at : at + words.numel()] = words
-    assert torch.equal(wss[0].all_reduce(y0), reference_sum([y0, y1]))
+    for p, yp in enumerate(peers, 1):
+        words = ll_words(yp, 2).view(torch.uint8)
+        at = fbytes + 2 * 8192 + p * words.numel()
+        bufs[0][at : at + words.numel()] = words
+    assert torch.equal(wss[0].all_reduce(y0), reference_sum([y0, *peers]))
     assert torch.equal(ll_slot(bufs, fbytes, 8192, 1, 0, 2, words.numel()), ll_words(y0, 2))
 
 
@@ -251,6 +254,8 @@ def test_push_targets_only_ll_shapes_and_not_two_kernel_sums() -> None:
     assert ws.ll_push(ar.LL_MAX_ROWS + 1, 4096, torch.bfloat16) is None  # flag protocol
     assert ws.ll_push(1, 8192, torch.bfloat16) is None
     assert ws.ll_push(1, 4096, torch.int32) is None
+    small = make_group(2, 4, capacity=1024)[0][0]  # the LL shape, but past the one-shot's size
+    assert small.ll_push(4, 256, torch.bfloat16) is None and small.ll_push(2, 256, torch.bfloat16)
     ws.gemm_push = False  # HAL_ONESHOT_GEMM_PUSH=0
     assert ws.ll_push(2, 96, torch.bfloat16) is None
     ws.gemm_push = True
