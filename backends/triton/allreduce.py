@@ -227,13 +227,18 @@ def _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD: tl.cons
 
 
 @triton.jit
+def ll_word(v, epoch):
+    # A value's low-latency word: its fp32 bits in the low half, the call's epoch in the high.
+    bits = v.to(tl.float32).to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    return bits | (epoch.to(tl.int64) << 32)
+
+
+@triton.jit
 def _ll_send(x_ptr, ll_table, rank, row, n_rows, n_cols, stride_x, half, epoch, cols, cmask,
              WORLD: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     # This rank's row as (epoch << 32 | fp32 bits) words into slot `rank` of every rank's area.
     r64 = tl.cast(row, tl.int64)
-    v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask, other=0.0).to(tl.float32)
-    bits = v.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
-    word = bits | (epoch.to(tl.int64) << 32)
+    word = ll_word(tl.load(x_ptr + r64 * stride_x + cols, mask=cmask, other=0.0), epoch)
     at = (rank * n_rows + r64) * BLOCK_N + half
     for p in tl.static_range(WORLD):
         area = tl.load(ll_table + p).to(tl.pointer_type(tl.int64))
