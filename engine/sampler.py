@@ -359,6 +359,10 @@ class Sampler:
             if kind[3]:
                 min_tok = True
 
+        if not rand and not min_tok and not pen:
+            # All greedy, nothing to change: the argmax of the logits as they are (a float32
+            # copy orders them the same, ties included), without a copy of [rows, vocab].
+            return logits.argmax(dim=-1), want
         if min_tok or pen or logits.dtype != torch.float32:
             x = logits.to(torch.float32, copy=True)
         else:

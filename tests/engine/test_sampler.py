@@ -56,6 +56,18 @@ def test_greedy_is_argmax_lowest_index_on_ties():
     assert out.logprobs == [None] * 4 and out.top_logprobs == [None] * 4
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_greedy_on_half_logits_is_the_float32_argmax(dtype):
+    # An all-greedy batch takes the argmax of the logits as given (no float32 copy): the same
+    # tokens, ties to the lowest id (values exact in float32, so the order is the same).
+    logits = rand_logits(5).to(dtype)
+    logits[2, 11] = logits[2, 3] = logits[2].max() + 1  # tie: 3 wins
+    out = Sampler().sample(logits, [row(SamplingParams(temperature=0.0))] * 5)
+    assert out.token_ids == logits.float().argmax(dim=-1).tolist() and out.token_ids[2] == 3
+    with_logprobs = Sampler().sample(logits, [row(SamplingParams(temperature=0.0, logprobs=2))] * 5)
+    assert with_logprobs.token_ids == out.token_ids and with_logprobs.logprobs[0] is not None
+
+
 def test_input_logits_not_modified():
     logits = rand_logits(3)
     before = logits.clone()
