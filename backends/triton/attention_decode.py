@@ -5,6 +5,7 @@ combine kernel), its tuning table and its split-count model.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,13 @@ DECODE_ONE_WAVE: dict[tuple[str, str], DecodeConfig] = {
 # 0.51 / 0.79 / 0.87 / 0.94 whole (`.scratch` sweep of tiles x splits; SDPA 0.56 / 0.81 / 0.87 /
 # 0.96). At 10 (0.61 per SM) the model's three 64-token splits stay best from 4k up.
 ONE_WAVE_NEAR_FULL = 0.7
+# HAL_ATTN_EARLY_META=1: the decode and combine kernels read a sequence's query_start_loc and
+# seq_lens before the PDL wait for the kernel before them, so that load leaves the chain that
+# follows the wait (query, block table, K / V). Right when no kernel that may still be running
+# writes them: the engine copies them from the host before a step's first kernel, and a kernel
+# that does not trigger its dependents early (any torch kernel) has finished before this one
+# starts. Off by default until measured on a GPU (twenty-first session: written, not yet run).
+EARLY_META = os.environ.get("HAL_ATTN_EARLY_META", "0") == "1"
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 
@@ -154,6 +162,21 @@ def _chunk_splits(context_len, q0, q_len, block_q, sliding_window, num_splits, m
     per_split = tl.maximum(tl.cdiv(tiles, num_splits), min_split_tiles) * BLOCK_N
     used = tl.cdiv(kv_end - kv_start, per_split)
     return kv_start, kv_end, per_split, used
+
+
+@triton.jit
+def _seq_meta(query_start_loc_ptr, seq_lens_ptr, seq, EARLY_META: tl.constexpr,
+              PDL: tl.constexpr):  # fmt: skip
+    # (first query row, query length, context length before the query) of sequence seq, and the
+    # PDL wait: after it, or with EARLY_META before it (see EARLY_META).
+    if not EARLY_META:
+        grid_wait(PDL)
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    context_len = tl.load(seq_lens_ptr + seq) - q_len
+    if EARLY_META:
+        grid_wait(PDL)
+    return q_start, q_len, context_len
 
 
 @triton.jit(
@@ -209,9 +232,9 @@ def _decode_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
+    EARLY_META: tl.constexpr,  # the sequence's lengths read before the PDL wait (EARLY_META)
     PDL: tl.constexpr,
 ):
-    grid_wait(PDL)
     # grid: (num_kv_heads, num_seqs, num_splits). A sequence's KV-head programs read the same
     # pages and launch next to each other (H200, fourteenth session, against sequences first:
     # batch 256 x 512 / 1024 / 4096 0.889 / 0.965 / 1.010 -> 0.903 / 0.977 / 1.034 of copy, 64 x
@@ -219,9 +242,8 @@ def _decode_kernel(
     kv_head = tl.program_id(0)
     seq = tl.program_id(1)
     split = tl.program_id(2)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    context_len = tl.load(seq_lens_ptr + seq) - q_len
+    q_start, q_len, context_len = _seq_meta(query_start_loc_ptr, seq_lens_ptr, seq, EARLY_META,
+                                            PDL)  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
     head = kv_head * group + offs_m % group
     offs_d = tl.arange(0, HEAD_DIM_P2)
@@ -326,16 +348,15 @@ def _reduce_kernel(
     BLOCK_N: tl.constexpr,
     SPLITS_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
+    EARLY_META: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    grid_wait(PDL)
     # grid: (num_seqs, num_heads); combines the splits of every query token of the sequence
     # whose chunk used more than one (the decode kernel wrote the others whole)
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    q_start = tl.load(query_start_loc_ptr + seq)
-    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
-    context_len = tl.load(seq_lens_ptr + seq) - q_len
+    q_start, q_len, context_len = _seq_meta(query_start_loc_ptr, seq_lens_ptr, seq, EARLY_META,
+                                            PDL)  # fmt: skip
     offs_s = tl.arange(0, SPLITS_P2)
     offs_d = tl.arange(0, HEAD_DIM_P2)
     d_ok = _head_dim_mask(offs_d, head_dim, EVEN_D, HEAD_DIM_P2)
@@ -522,7 +543,7 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
         SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"], Q_SCALED=c["q_scaled"],
         INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
         SPLIT=splits > 1, PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        HEAD_DIM_P2=c["head_dim_p2"],
+        HEAD_DIM_P2=c["head_dim_p2"], EARLY_META=EARLY_META,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
         **pdl_args(query.device, "attention"),
     )  # fmt: skip
@@ -531,7 +552,8 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
             part_out, part_lse, out, seq_lens, query_start_loc, out.stride(0), out.stride(1),
             num_heads, head_dim, splits, min_tiles, int(sliding_window or 0), block_m // group,
             c["out_scale"], INTERPRET=interpreting(), EVEN_D=c["even_d"], BLOCK_N=cfg.block_n,
-            SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM_P2=c["head_dim_p2"], num_warps=4,
+            SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM_P2=c["head_dim_p2"],
+            EARLY_META=EARLY_META, num_warps=4,
             **pdl_args(query.device, "attention"),
         )  # fmt: skip
     return out
