@@ -39,6 +39,7 @@ the classic path's data never reads as an LL word.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,12 @@ LL_SOURCE_BYTES = 512 * 1024  # one source rank's words in one half of an LL are
 # us against 5.1 / 6.1 / 6.9; 1 / 8 x 8192 7.2 / 8.0 against 5.4 / 5.8 (slower: kept off there).
 LL_MAX_ROWS = 16
 LL_MAX_COLS = 4096
+# HAL_ONESHOT_EARLY_EPOCH=1: a call on a GEMM-pushed output (PUSHED) reads its epoch counter
+# before the PDL wait (from L2), off the path after it. Right because the counter's last writer,
+# the previous call, ran before the pushing GEMM, so it finished before this kernel could start
+# (a kernel starts only once every program of the one before it passed its own wait). Off by
+# default until measured on a GPU (twenty-first session: written, not yet run).
+EARLY_EPOCH = os.environ.get("HAL_ONESHOT_EARLY_EPOCH", "0") == "1"
 # LL: a row goes out in pieces of this many values, one piece per program (many SMs pushing).
 # The interpreter runs programs one after another, so there a row's own program sends it whole
 # (a program polling for a piece a later program sends would wait forever).
@@ -303,6 +310,7 @@ def _one_shot_kernel(
     WORLD: tl.constexpr,
     LL: tl.constexpr,  # the low-latency protocol (module docstring)
     PUSHED: tl.constexpr,  # LL: a GEMM's epilogue already sent x's words (`LLPush`): poll only
+    EARLY_EPOCH: tl.constexpr,  # PUSHED: the epoch read before the PDL wait (EARLY_EPOCH)
     NORM: tl.constexpr,  # residual add + RMSNorm after the sum
     QUANT: tl.constexpr,  # NORM's output quantized per token to FP8 (y_ptr: its codes)
     MAN_BITS: tl.constexpr,
@@ -324,8 +332,12 @@ def _one_shot_kernel(
     cmask = cols < n_cols
     if NORM:  # a parameter: loaded before the wait, off the call's path
         w = tl.load(weight_ptr + cols, mask=cmask, other=0.0)
-    grid_wait(PDL)
-    epoch = tl.load(epoch_ptr + pid) + 1
+    if PUSHED and EARLY_EPOCH:  # see EARLY_EPOCH
+        epoch = tl.load(epoch_ptr + pid, cache_modifier=".cg") + 1
+        grid_wait(PDL)
+    else:
+        grid_wait(PDL)
+        epoch = tl.load(epoch_ptr + pid) + 1
     tl.store(epoch_ptr + pid, epoch)
     half = (epoch & 1).to(tl.int64) * half_elems
     ll_half = (epoch & 1).to(tl.int64) * ll_half_words
@@ -410,8 +422,8 @@ def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp
         x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), float(eps), half_elems,
         ws.world * LL_SOURCE_BYTES // 8, ws.spin_limit,
         scale if scale is not None else ws.epochs, float(codec["FP8_MAX"]), WORLD=ws.world,
-        LL=ll, PUSHED=ll and pushed, NORM=residual is not None, QUANT=fp8_dtype is not None,
-        ENCODE_NATIVE=native,
+        LL=ll, PUSHED=ll and pushed, EARLY_EPOCH=EARLY_EPOCH, NORM=residual is not None,
+        QUANT=fp8_dtype is not None, ENCODE_NATIVE=native,
         **codec, BLOCK_N=bn, SEND_N=bn if interpreting() else min(bn, LL_SEND_N),
         INTERPRET=interpreting(),
         num_warps=min(16, max(4, bn // 512)), **pdl_args(x2.device, "allreduce"),

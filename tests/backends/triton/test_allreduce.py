@@ -209,10 +209,12 @@ def test_fused_norm_quant_is_rms_norm_quant_fp8_of_the_sum(fp8, protocol) -> Non
     ],
 )
 @pytest.mark.parametrize("world", [2, 4])
-def test_gemm_pushes_the_words_the_all_reduce_would_send(config, world) -> None:
+@pytest.mark.parametrize("early_epoch", [False, True])
+def test_gemm_pushes_the_words_the_all_reduce_would_send(monkeypatch, config, world, early_epoch):
     # Rank 0's row-parallel GEMM writes its output as LL words from its epilogue; the all-reduce
     # on that output then only polls: the sum and norm are the same bits, and it sent nothing
     # (the output is changed after the push, and the result still holds the pushed values).
+    monkeypatch.setattr(ar, "EARLY_EPOCH", early_epoch)  # HAL_ONESHOT_EARLY_EPOCH=1
     torch.manual_seed(7)
     k, hidden, n_rows = 64, 96, 3
     wss, bufs, fbytes = make_group(world, 4, capacity=8192)
