@@ -391,8 +391,11 @@ class Backend(ABC):
     ):
         """The kernel's workspace over every rank's buffer (zeroed before first use; buffer_ptrs:
         their addresses as this process sees them): an object with fits(x), all_reduce(x),
-        all_reduce_rms_norm(x, residual, weight, eps, fp8_dtype=None), check() and spin_limit.
-        Collective in use: every rank makes the same calls in the same order."""
+        all_reduce_rms_norm(x, residual, weight, eps, fp8_dtype=None), check() and spin_limit;
+        optionally ll_push(rows, cols, dtype) / mark_pushed(y), with the backend's
+        linear_push(x, weight, target): a row-parallel GEMM that sends the all-reduce's words
+        itself (the CUDA backend). Collective in use: every rank makes the same calls in the same
+        order."""
         raise NotImplementedError(self.peer_all_reduce_reason())
 
     @abstractmethod
