@@ -116,6 +116,11 @@ class OneShotWorkspace:
     pushed: tuple | None = None
     gemm_push: bool = True  # False: `ll_push` offers no target (HAL_ONESHOT_GEMM_PUSH=0)
 
+    @property
+    def ll_half_words(self) -> int:
+        """8-byte words in one half of an LL area (a slot of LL_SOURCE_BYTES per rank)."""
+        return self.world * LL_SOURCE_BYTES // 8
+
     def ll_push(self, rows: int, cols: int, dtype: torch.dtype) -> LLPush | None:
         """A target for a GEMM whose [rows, cols] output of `dtype` the next call will reduce,
         when that call takes the LL protocol (None otherwise)."""
@@ -123,8 +128,8 @@ class OneShotWorkspace:
             return None
         if rows * block_n(cols) * dtype.itemsize > self.capacity_bytes:  # not `fits`: NCCL's
             return None
-        return LLPush(self.ll_table, self.rank, self.world, self.epochs,
-                      self.world * LL_SOURCE_BYTES // 8, block_n(cols), rows, cols)  # fmt: skip
+        return LLPush(self.ll_table, self.rank, self.world, self.epochs, self.ll_half_words,
+                      block_n(cols), rows, cols)  # fmt: skip
 
     def mark_pushed(self, y: torch.Tensor) -> None:
         """y (a GEMM's output) went out as LL words: the next call, on y, skips its send."""
@@ -420,7 +425,7 @@ def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp
         x2, r2, weight if weight is not None else x2, y2, h2, ws.data_table, ws.flag_table,
         ws.ll_table if ll else ws.data_table, ws.epochs, ws.error, ws.rank, n_rows, n_cols,
         x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), float(eps), half_elems,
-        ws.world * LL_SOURCE_BYTES // 8, ws.spin_limit,
+        ws.ll_half_words, ws.spin_limit,
         scale if scale is not None else ws.epochs, float(codec["FP8_MAX"]), WORLD=ws.world,
         LL=ll, PUSHED=ll and pushed, EARLY_EPOCH=EARLY_EPOCH, NORM=residual is not None,
         QUANT=fp8_dtype is not None, ENCODE_NATIVE=native,
