@@ -65,6 +65,14 @@ LL_MAX_COLS = 4096
 # (a kernel starts only once every program of the one before it passed its own wait). Off by
 # default until measured on a GPU (twenty-first session: written, not yet run).
 EARLY_EPOCH = os.environ.get("HAL_ONESHOT_EARLY_EPOCH", "0") == "1"
+# HAL_ONESHOT_EARLY_POLL=1: a call on a GEMM-pushed output (PUSHED) reads its epoch, the residual
+# and every rank's words, and computes the sum and the norm, before the PDL wait; only its
+# stores (epoch counter, h, y) follow the wait. Right because the words carry the epoch (a
+# word of this call is never confused with an older one, and polling them needs no order with
+# the pushing GEMM), the epoch's and the residual's last writers finished before this kernel
+# started (as for EARLY_EPOCH), and the stores, which may land in memory the GEMM still reads
+# (the allocator reuses freed buffers along the stream), wait for it to end.
+EARLY_POLL = os.environ.get("HAL_ONESHOT_EARLY_POLL", "0") == "1"
 # LL: a row goes out in pieces of this many values, one piece per program (many SMs pushing).
 # The interpreter runs programs one after another, so there a row's own program sends it whole
 # (a program polling for a piece a later program sends would wait forever).
@@ -258,32 +266,52 @@ def _ll_send(x_ptr, ll_table, rank, row, n_rows, n_cols, stride_x, half, epoch, 
 
 
 @triton.jit
-def _late_words(word, epoch, cmask):
-    # How many of the row's words ([1, BLOCK_N]) do not carry this call's epoch yet.
-    late = (((word >> 32).to(tl.int32) != epoch) & cmask[None, :]).to(tl.int32)
+def _late_words(word, epoch, mask):
+    # How many of the words (2-D, mask the same shape) do not carry this call's epoch yet.
+    late = (((word >> 32).to(tl.int32) != epoch) & mask).to(tl.int32)
     return tl.sum(tl.sum(late, axis=1), axis=0)
 
 
 @triton.jit
 def _ll_receive(ll_table, error_ptr, rank, row, n_rows, half, epoch, spin_limit, cols, cmask,
-                WORLD: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                WORLD: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     # The rank-order fp32 sum of this row's words from every rank, each polled until it carries
-    # the epoch ([1, BLOCK_N]).
+    # the epoch ([1, BLOCK_N]). Up to 4 ranks: every rank's words in one [WORLD_P2, BLOCK_N]
+    # load, so one poll round trip sees them all (one rank after another, a late first rank
+    # cost a second trip after it arrived); more ranks poll one after another (registers).
     r64 = tl.cast(row, tl.int64)
     area = tl.load(ll_table + rank).to(tl.pointer_type(tl.int64)) + half
     acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-    for p in tl.static_range(WORLD):
-        at = tl.multiple_of(area + (p * n_rows + r64) * BLOCK_N + cols[None, :], [1, 16])
-        word = tl.load(at, mask=cmask[None, :], other=0, volatile=True)
-        late = _late_words(word, epoch, cmask)
+    if WORLD <= 4:
+        src = tl.arange(0, WORLD_P2)
+        m2 = (src < WORLD)[:, None] & cmask[None, :]
+        at = tl.multiple_of(area + (src[:, None] * n_rows + r64) * BLOCK_N + cols[None, :],
+                            [1, 16])  # fmt: skip
+        word = tl.load(at, mask=m2, other=0, volatile=True)
+        late = _late_words(word, epoch, m2)
         polls = 0
         while (late > 0) & (polls < spin_limit):
-            word = tl.load(at, mask=cmask[None, :], other=0, volatile=True)
-            late = _late_words(word, epoch, cmask)
+            word = tl.load(at, mask=m2, other=0, volatile=True)
+            late = _late_words(word, epoch, m2)
             polls += 1
         if late > 0:
             tl.atomic_xchg(error_ptr, 1)
-        acc += (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        vals = (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        for p in tl.static_range(WORLD):  # rank order: each step adds one rank's row exactly
+            acc += tl.sum(tl.where(src[:, None] == p, vals, 0.0), axis=0)[None, :]
+    else:
+        for p in tl.static_range(WORLD):
+            at = tl.multiple_of(area + (p * n_rows + r64) * BLOCK_N + cols[None, :], [1, 16])
+            word = tl.load(at, mask=cmask[None, :], other=0, volatile=True)
+            late = _late_words(word, epoch, cmask[None, :])
+            polls = 0
+            while (late > 0) & (polls < spin_limit):
+                word = tl.load(at, mask=cmask[None, :], other=0, volatile=True)
+                late = _late_words(word, epoch, cmask[None, :])
+                polls += 1
+            if late > 0:
+                tl.atomic_xchg(error_ptr, 1)
+            acc += (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
     return acc
 
 
@@ -313,9 +341,11 @@ def _one_shot_kernel(
     scale_ptr,  # QUANT: fp32 [rows] per-token scales
     qmax,
     WORLD: tl.constexpr,
+    WORLD_P2: tl.constexpr,  # the next power of two
     LL: tl.constexpr,  # the low-latency protocol (module docstring)
     PUSHED: tl.constexpr,  # LL: a GEMM's epilogue already sent x's words (`LLPush`): poll only
     EARLY_EPOCH: tl.constexpr,  # PUSHED: the epoch read before the PDL wait (EARLY_EPOCH)
+    EARLY_POLL: tl.constexpr,  # PUSHED, one row per program: poll before the wait (EARLY_POLL)
     NORM: tl.constexpr,  # residual add + RMSNorm after the sum
     QUANT: tl.constexpr,  # NORM's output quantized per token to FP8 (y_ptr: its codes)
     MAN_BITS: tl.constexpr,
@@ -337,65 +367,114 @@ def _one_shot_kernel(
     cmask = cols < n_cols
     if NORM:  # a parameter: loaded before the wait, off the call's path
         w = tl.load(weight_ptr + cols, mask=cmask, other=0.0)
-    if PUSHED and EARLY_EPOCH:  # see EARLY_EPOCH
-        epoch = tl.load(epoch_ptr + pid, cache_modifier=".cg") + 1
-        grid_wait(PDL)
     else:
+        w = cmask  # unused
+    if PUSHED and EARLY_POLL:  # see EARLY_POLL: all but the stores before the PDL wait
+        epoch = tl.load(epoch_ptr + pid, cache_modifier=".cg") + 1
+        ll_half = (epoch & 1).to(tl.int64) * ll_half_words
+        rmask = cmask & (cols * 0 + pid < n_rows)  # one row per program (the launch sees to it)
+        r64 = tl.cast(pid, tl.int64)
+        if NORM:
+            res = tl.load(residual_ptr + r64 * stride_r + cols[None, :], mask=rmask[None, :],
+                          other=0.0)  # fmt: skip
+        else:
+            res = 0.0
+        acc = _ll_receive(ll_table, error_ptr, rank, pid, n_rows, ll_half, epoch, spin_limit,
+                          cols, rmask, WORLD, WORLD_P2, BLOCK_N)  # fmt: skip
+        hx, rstd = _sum_and_norm(acc, res, n_cols, eps, DT, NORM, INTERPRET)
         grid_wait(PDL)
-        epoch = tl.load(epoch_ptr + pid) + 1
-    tl.store(epoch_ptr + pid, epoch)
-    half = (epoch & 1).to(tl.int64) * half_elems
-    ll_half = (epoch & 1).to(tl.int64) * ll_half_words
-    if LL:
-        if not PUSHED:
-            # Every program sends: row pieces of SEND_N values round-robin over the grid, so
-            # many SMs push at once; program `row` then polls that row's words. (Every program's
-            # epoch counter moves with every call, so all of them stamp the same epoch.)
-            CHUNKS: tl.constexpr = BLOCK_N // SEND_N
-            scols = tl.arange(0, SEND_N)
-            for task in range(pid, n_rows * CHUNKS, nprog):
-                c = (task % CHUNKS) * SEND_N + scols
-                _ll_send(x_ptr, ll_table, rank, task // CHUNKS, n_rows, n_cols, stride_x,
-                         ll_half, epoch, c, c < n_cols, WORLD, BLOCK_N)  # fmt: skip
-    elif pid < n_rows:
-        # Rows sit BLOCK_N apart in the buffers and the areas are 256-byte aligned: saying so
-        # lets the compiler use 16-byte loads (pointers made from integers carry no alignment).
-        mine = tl.load(data_table + rank).to(tl.pointer_type(DT)) + half
+        tl.store(epoch_ptr + pid, epoch)
+        _store_row(hx, rstd, w, y_ptr, h_ptr, scale_ptr, pid, n_rows, cols, rmask, stride_y,
+                   stride_h, qmax, DT, NORM, QUANT, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
+                   HAS_INF, ENCODE_NATIVE, INTERPRET)  # fmt: skip
+    else:
+        if PUSHED and EARLY_EPOCH:  # see EARLY_EPOCH
+            epoch = tl.load(epoch_ptr + pid, cache_modifier=".cg") + 1
+            grid_wait(PDL)
+        else:
+            grid_wait(PDL)
+            epoch = tl.load(epoch_ptr + pid) + 1
+        tl.store(epoch_ptr + pid, epoch)
+        half = (epoch & 1).to(tl.int64) * half_elems
+        ll_half = (epoch & 1).to(tl.int64) * ll_half_words
+        if LL:
+            if not PUSHED:
+                # Every program sends: row pieces of SEND_N values round-robin over the grid, so
+                # many SMs push at once; program `row` then polls that row's words. (Every program's
+                # epoch counter moves with every call, so all of them stamp the same epoch.)
+                CHUNKS: tl.constexpr = BLOCK_N // SEND_N
+                scols = tl.arange(0, SEND_N)
+                for task in range(pid, n_rows * CHUNKS, nprog):
+                    c = (task % CHUNKS) * SEND_N + scols
+                    _ll_send(x_ptr, ll_table, rank, task // CHUNKS, n_rows, n_cols, stride_x,
+                             ll_half, epoch, c, c < n_cols, WORLD, BLOCK_N)  # fmt: skip
+        elif pid < n_rows:
+            # Rows sit BLOCK_N apart in the buffers and the areas are 256-byte aligned: saying so
+            # lets the compiler use 16-byte loads (pointers made from integers carry no alignment).
+            mine = tl.load(data_table + rank).to(tl.pointer_type(DT)) + half
+            for row in range(pid, n_rows, nprog):
+                r64 = tl.cast(row, tl.int64)
+                v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask)
+                tl.store(tl.multiple_of(mine + r64 * BLOCK_N + cols, 16), v, mask=cmask)
+            tl.debug_barrier()  # every thread's copy before the release below
+            _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD)
         for row in range(pid, n_rows, nprog):
             r64 = tl.cast(row, tl.int64)
-            v = tl.load(x_ptr + r64 * stride_x + cols, mask=cmask)
-            tl.store(tl.multiple_of(mine + r64 * BLOCK_N + cols, 16), v, mask=cmask)
-        tl.debug_barrier()  # every thread's copy before the release below
-        _barrier(flag_table, error_ptr, rank, pid, epoch, spin_limit, WORLD)
-    for row in range(pid, n_rows, nprog):
-        r64 = tl.cast(row, tl.int64)
-        if NORM:  # issued before the wait for the peers' values, which it does not need
-            res = tl.load(residual_ptr + r64 * stride_r + cols[None, :], mask=cmask[None, :],
-                          other=0.0)  # fmt: skip
-        if LL:
-            acc = _ll_receive(ll_table, error_ptr, rank, row, n_rows, ll_half, epoch,
-                              spin_limit, cols, cmask, WORLD, BLOCK_N)  # fmt: skip
-        else:
-            acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
-            for p in tl.static_range(WORLD):
-                src = tl.load(data_table + p).to(tl.pointer_type(DT)) + half
-                at = tl.multiple_of(src + r64 * BLOCK_N + cols[None, :], [1, 16])
-                part = tl.load(at, mask=cmask[None, :], other=0.0,
-                               cache_modifier=".cg")  # fmt: skip
-                acc += part.to(tl.float32)
-        total = cast_rtne(acc, DT, INTERPRET)
-        if NORM:
-            hx = cast_rtne(total.to(tl.float32) + res.to(tl.float32), DT, INTERPRET)
-            tl.store(h_ptr + r64 * stride_h + cols[None, :], hx, mask=cmask[None, :])
-            h = hx.to(tl.float32)
-            rstd = _rstd(tl.sum((h * h).to(tl.float64), axis=1), n_cols, eps)
-            rows = row + tl.arange(0, 1)
-            _norm_output_w(h, rstd, w, y_ptr, scale_ptr, rows, rows < n_rows,
-                           rows.to(tl.int64)[:, None], cols, cmask[None, :], stride_y, qmax, DT,
-                           QUANT, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF,
-                           ENCODE_NATIVE, INTERPRET)  # fmt: skip
-        else:
-            tl.store(y_ptr + r64 * stride_y + cols[None, :], total, mask=cmask[None, :])
+            if NORM:  # issued before the wait for the peers' values, which it does not need
+                res = tl.load(residual_ptr + r64 * stride_r + cols[None, :], mask=cmask[None, :],
+                              other=0.0)  # fmt: skip
+            else:
+                res = 0.0
+            if LL:
+                acc = _ll_receive(ll_table, error_ptr, rank, row, n_rows, ll_half, epoch,
+                                  spin_limit, cols, cmask, WORLD, WORLD_P2, BLOCK_N)  # fmt: skip
+            else:
+                acc = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+                for p in tl.static_range(WORLD):
+                    src = tl.load(data_table + p).to(tl.pointer_type(DT)) + half
+                    at = tl.multiple_of(src + r64 * BLOCK_N + cols[None, :], [1, 16])
+                    part = tl.load(at, mask=cmask[None, :], other=0.0,
+                                   cache_modifier=".cg")  # fmt: skip
+                    acc += part.to(tl.float32)
+            hx, rstd = _sum_and_norm(acc, res, n_cols, eps, DT, NORM, INTERPRET)
+            _store_row(hx, rstd, w, y_ptr, h_ptr, scale_ptr, row, n_rows, cols, cmask, stride_y,
+                       stride_h, qmax, DT, NORM, QUANT, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
+                       HAS_INF, ENCODE_NATIVE, INTERPRET)  # fmt: skip
+
+
+@triton.jit
+def _sum_and_norm(acc, res, n_cols, eps, DT: tl.constexpr, NORM: tl.constexpr,
+                  INTERPRET: tl.constexpr):  # fmt: skip
+    # A row's sum rounded to x's dtype ([1, BLOCK_N]); with NORM: h = sum + residual rounded
+    # again, and its 1 / rms ([1]).
+    total = cast_rtne(acc, DT, INTERPRET)
+    if NORM:
+        hx = cast_rtne(total.to(tl.float32) + res.to(tl.float32), DT, INTERPRET)
+        h = hx.to(tl.float32)
+        rstd = _rstd(tl.sum((h * h).to(tl.float64), axis=1), n_cols, eps)
+    else:
+        hx = total
+        rstd = tl.zeros([1], dtype=tl.float32)
+    return hx, rstd
+
+
+@triton.jit
+def _store_row(hx, rstd, w, y_ptr, h_ptr, scale_ptr, row, n_rows, cols, cmask, stride_y, stride_h,
+               qmax, DT: tl.constexpr, NORM: tl.constexpr, QUANT: tl.constexpr,
+               MAN_BITS: tl.constexpr, EXP_BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
+               NAN_CODE: tl.constexpr, FNUZ: tl.constexpr, HAS_INF: tl.constexpr,
+               ENCODE_NATIVE: tl.constexpr, INTERPRET: tl.constexpr):  # fmt: skip
+    # The row's outputs: the sum (y), or h and y = rms_norm(h) (or its FP8 codes and scale).
+    r64 = tl.cast(row, tl.int64)
+    if NORM:
+        tl.store(h_ptr + r64 * stride_h + cols[None, :], hx, mask=cmask[None, :])
+        rows = row + tl.arange(0, 1)
+        _norm_output_w(hx.to(tl.float32), rstd, w, y_ptr, scale_ptr, rows, rows < n_rows,
+                       rows.to(tl.int64)[:, None], cols, cmask[None, :], stride_y, qmax, DT,
+                       QUANT, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF, ENCODE_NATIVE,
+                       INTERPRET)  # fmt: skip
+    else:
+        tl.store(y_ptr + r64 * stride_y + cols[None, :], hx, mask=cmask[None, :])
 
 
 def _push_key(t: torch.Tensor) -> tuple:
@@ -427,7 +506,9 @@ def _launch(ws: OneShotWorkspace, x, residual, weight, eps, y, h, scale=None, fp
         x2.stride(0), r2.stride(0), y2.stride(0), h2.stride(0), float(eps), half_elems,
         ws.ll_half_words, ws.spin_limit,
         scale if scale is not None else ws.epochs, float(codec["FP8_MAX"]), WORLD=ws.world,
-        LL=ll, PUSHED=ll and pushed, EARLY_EPOCH=EARLY_EPOCH, NORM=residual is not None,
+        WORLD_P2=triton.next_power_of_2(ws.world),
+        LL=ll, PUSHED=ll and pushed, EARLY_EPOCH=EARLY_EPOCH,
+        EARLY_POLL=EARLY_POLL and n_rows <= ws.max_programs, NORM=residual is not None,
         QUANT=fp8_dtype is not None, ENCODE_NATIVE=native,
         **codec, BLOCK_N=bn, SEND_N=bn if interpreting() else min(bn, LL_SEND_N),
         INTERPRET=interpreting(),

@@ -15,6 +15,7 @@ from engine.sampler import (
     apply_min_p,
     apply_penalties,
     apply_top_k_top_p,
+    argmax_rows,
     gather_logprobs,
     step_seed,
     token_counts,
@@ -54,6 +55,34 @@ def test_greedy_is_argmax_lowest_index_on_ties():
     expected = logits.argmax(dim=-1).tolist()
     assert out.token_ids == expected and out.token_ids[1] == 7
     assert out.logprobs == [None] * 4 and out.top_logprobs == [None] * 4
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n", [8192, 128256, 9001, 65536 + 3])  # chunk 512 / 1002 / pad / pad
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_argmax_is_torch_argmax(device, n, dtype):
+    # The two-reduction argmax gives torch.argmax's index: ties to the first, ties across chunk
+    # edges, NaN as the maximum (its first one), all -inf rows, -0.0 against +0.0, the last
+    # value (in the padding's chunk).
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(8, n, generator=g).to(dtype)
+    top = x.float().max() + 1
+    x[1, 3] = x[1, n - 2] = top  # tie far apart
+    x[2, 1001] = x[2, 1002] = top  # tie across a chunk edge (1002-value chunks)
+    x[3, 500] = x[3, 7000] = float("nan")
+    x[3, 20] = float("inf")
+    x[4] = float("-inf")
+    x[5] = 0.0
+    x[5, 5] = -0.0
+    x[6, n - 1] = top
+    x[7] = torch.round(x[7])  # many ties
+    x = x.to(device)
+    assert torch.equal(argmax_rows(x, chunked=True), x.argmax(dim=-1))
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    assert argmax_rows(x, chunked=True).tolist()[1:7] == [3, 1001, 500, 0, 0, n - 1]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

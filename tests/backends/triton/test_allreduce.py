@@ -95,7 +95,7 @@ def ll_slot(bufs, fbytes, capacity, area, src, epoch, nbytes) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("protocol", list(PROTOCOLS))
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, 8])  # 8: LL polls one rank after another
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n_rows", [1, 5])
 def test_sum_matches_rank_order_fp32_sum(world, dtype, n_rows, protocol) -> None:
@@ -209,12 +209,13 @@ def test_fused_norm_quant_is_rms_norm_quant_fp8_of_the_sum(fp8, protocol) -> Non
     ],
 )
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("early_epoch", [False, True])
-def test_gemm_pushes_the_words_the_all_reduce_would_send(monkeypatch, config, world, early_epoch):
+@pytest.mark.parametrize("early", ["", "epoch", "poll"])
+def test_gemm_pushes_the_words_the_all_reduce_would_send(monkeypatch, config, world, early):
     # Rank 0's row-parallel GEMM writes its output as LL words from its epilogue; the all-reduce
     # on that output then only polls: the sum and norm are the same bits, and it sent nothing
     # (the output is changed after the push, and the result still holds the pushed values).
-    monkeypatch.setattr(ar, "EARLY_EPOCH", early_epoch)  # HAL_ONESHOT_EARLY_EPOCH=1
+    monkeypatch.setattr(ar, "EARLY_EPOCH", early == "epoch")  # HAL_ONESHOT_EARLY_EPOCH=1
+    monkeypatch.setattr(ar, "EARLY_POLL", early == "poll")  # HAL_ONESHOT_EARLY_POLL=1
     torch.manual_seed(7)
     k, hidden, n_rows = 64, 96, 3
     wss, bufs, fbytes = make_group(world, 4, capacity=8192)

@@ -291,10 +291,12 @@ def test_wrong_max_seq_len_hint_costs_speed_not_correctness(
     # The hint sizes the split count (here on a pretend 16-SM GPU); the kernel splits each
     # sequence's actual range, so a hint far too small (1 split) or far too large (8 splits,
     # a wave of 32 programs, most of them empty) gives the same answer.
+    # (The launch's split count, recorded from decode_splits: on a GPU decode_config asks
+    # num_splits too, for its one-wave rule.)
     chosen: list[int] = []
-    real = tdecode.num_splits
+    real = tdecode.decode_splits
     monkeypatch.setattr(tdecode, "_sm_count", lambda device: 16)
-    monkeypatch.setattr(tdecode, "num_splits", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    monkeypatch.setattr(tdecode, "decode_splits", lambda *a: chosen.append(real(*a)) or chosen[-1])
     case = batch(9, "fp16", (90, 3), (1, 1))
     run_and_check(case, tattn.attention, max_query_len=1, max_seq_len=1)
     run_and_check(case, tattn.attention, max_query_len=1, max_seq_len=100_000)
