@@ -59,20 +59,23 @@ LL_SOURCE_BYTES = 512 * 1024  # one source rank's words in one half of an LL are
 # us against 5.1 / 6.1 / 6.9; 1 / 8 x 8192 7.2 / 8.0 against 5.4 / 5.8 (slower: kept off there).
 LL_MAX_ROWS = 16
 LL_MAX_COLS = 4096
-# HAL_ONESHOT_EARLY_EPOCH=1: a call on a GEMM-pushed output (PUSHED) reads its epoch counter
-# before the PDL wait (from L2), off the path after it. Right because the counter's last writer,
-# the previous call, ran before the pushing GEMM, so it finished before this kernel could start
-# (a kernel starts only once every program of the one before it passed its own wait). Off by
-# default until measured on a GPU (twenty-first session: written, not yet run).
-EARLY_EPOCH = os.environ.get("HAL_ONESHOT_EARLY_EPOCH", "0") == "1"
-# HAL_ONESHOT_EARLY_POLL=1: a call on a GEMM-pushed output (PUSHED) reads its epoch, the residual
-# and every rank's words, and computes the sum and the norm, before the PDL wait; only its
-# stores (epoch counter, h, y) follow the wait. Right because the words carry the epoch (a
-# word of this call is never confused with an older one, and polling them needs no order with
+# HAL_ONESHOT_EARLY_EPOCH (on; =0 off): a call on a GEMM-pushed output (PUSHED) reads its epoch
+# counter before the PDL wait (from L2), off the path after it. Right because the counter's last
+# writer, the previous call, ran before the pushing GEMM, so it finished before this kernel could
+# start (a kernel starts only once every program of the one before it passed its own wait). 2 x
+# H200, TP=2 batch-1 decode (twenty-second session): 2.60-2.61 -> 2.60 ms alone, 2.57-2.59 with
+# HAL_ATTN_EARLY_META. EARLY_POLL below reads the epoch early in any case.
+EARLY_EPOCH = os.environ.get("HAL_ONESHOT_EARLY_EPOCH", "1") != "0"
+# HAL_ONESHOT_EARLY_POLL (on; =0 off): a call on a GEMM-pushed output (PUSHED) reads its epoch,
+# the residual and every rank's words, and computes the sum and the norm, before the PDL wait;
+# only its stores (epoch counter, h, y) follow the wait. Right because the words carry the epoch
+# (a word of this call is never confused with an older one, and polling them needs no order with
 # the pushing GEMM), the epoch's and the residual's last writers finished before this kernel
 # started (as for EARLY_EPOCH), and the stores, which may land in memory the GEMM still reads
-# (the allocator reuses freed buffers along the stream), wait for it to end.
-EARLY_POLL = os.environ.get("HAL_ONESHOT_EARLY_POLL", "0") == "1"
+# (the allocator reuses freed buffers along the stream), wait for it to end. 2 x H200, TP=2
+# batch-1 decode, alternated in one call (twenty-second session): 2.63 / 2.63 -> 2.57 / 2.57 ms;
+# the call's end 2.88 us after the later rank's GEMM ended, against 4.10 (`bench/trace_path.py`).
+EARLY_POLL = os.environ.get("HAL_ONESHOT_EARLY_POLL", "1") != "0"
 # LL: a row goes out in pieces of this many values, one piece per program (many SMs pushing).
 # The interpreter runs programs one after another, so there a row's own program sends it whole
 # (a program polling for a piece a later program sends would wait forever).

@@ -135,13 +135,14 @@ DECODE_ONE_WAVE: dict[tuple[str, str], DecodeConfig] = {
 # 0.51 / 0.79 / 0.87 / 0.94 whole (`.scratch` sweep of tiles x splits; SDPA 0.56 / 0.81 / 0.87 /
 # 0.96). At 10 (0.61 per SM) the model's three 64-token splits stay best from 4k up.
 ONE_WAVE_NEAR_FULL = 0.7
-# HAL_ATTN_EARLY_META=1: the decode and combine kernels read a sequence's query_start_loc and
-# seq_lens before the PDL wait for the kernel before them, so that load leaves the chain that
-# follows the wait (query, block table, K / V). Right when no kernel that may still be running
-# writes them: the engine copies them from the host before a step's first kernel, and a kernel
-# that does not trigger its dependents early (any torch kernel) has finished before this one
-# starts. Off by default until measured on a GPU (twenty-first session: written, not yet run).
-EARLY_META = os.environ.get("HAL_ATTN_EARLY_META", "0") == "1"
+# HAL_ATTN_EARLY_META (on; =0 off): the decode and combine kernels read a sequence's
+# query_start_loc and seq_lens before the PDL wait for the kernel before them, so that load leaves
+# the chain that follows the wait (query, block table, K / V). Right when no kernel that may still
+# be running writes them: the engine copies them from the host before a step's first kernel, and
+# a kernel that does not trigger its dependents early (any torch kernel) has finished before this
+# one starts. 2 x H200, TP=2 batch-1 decode (twenty-second session, alternated in one call):
+# 2.60-2.61 -> 2.59 ms alone, 2.57-2.59 with HAL_ONESHOT_EARLY_EPOCH.
+EARLY_META = os.environ.get("HAL_ATTN_EARLY_META", "1") != "0"
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 

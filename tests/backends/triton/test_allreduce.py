@@ -214,8 +214,8 @@ def test_gemm_pushes_the_words_the_all_reduce_would_send(monkeypatch, config, wo
     # Rank 0's row-parallel GEMM writes its output as LL words from its epilogue; the all-reduce
     # on that output then only polls: the sum and norm are the same bits, and it sent nothing
     # (the output is changed after the push, and the result still holds the pushed values).
-    monkeypatch.setattr(ar, "EARLY_EPOCH", early == "epoch")  # HAL_ONESHOT_EARLY_EPOCH=1
-    monkeypatch.setattr(ar, "EARLY_POLL", early == "poll")  # HAL_ONESHOT_EARLY_POLL=1
+    monkeypatch.setattr(ar, "EARLY_EPOCH", early == "epoch")  # HAL_ONESHOT_EARLY_EPOCH
+    monkeypatch.setattr(ar, "EARLY_POLL", early == "poll")  # HAL_ONESHOT_EARLY_POLL
     torch.manual_seed(7)
     k, hidden, n_rows = 64, 96, 3
     wss, bufs, fbytes = make_group(world, 4, capacity=8192)
