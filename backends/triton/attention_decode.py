@@ -23,7 +23,6 @@ from backends.triton.attention_common import (
     _sm_count,
     table_key,
 )
-from backends.triton.counters import tile_counters
 from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import cast_rtne, interpreting, raw
 
@@ -144,13 +143,6 @@ ONE_WAVE_NEAR_FULL = 0.7
 # one starts. 2 x H200, TP=2 batch-1 decode (twenty-second session, alternated in one call):
 # 2.60-2.61 -> 2.59 ms alone, 2.57-2.59 with HAL_ONESHOT_EARLY_EPOCH.
 EARLY_META = os.environ.get("HAL_ATTN_EARLY_META", "1") != "0"
-# HAL_ATTN_FUSED_COMBINE=1: with split-KV, the last split of a query chunk and KV head to finish
-# (an atomic count, `backends.triton.counters`) combines the splits' partials itself, so no
-# combine kernel follows (one kernel boundary less a layer under PDL). Falls back to the combine
-# kernel when the counters would have to grow during a graph capture. Tried on an H100 before PDL
-# (ninth session): slower than the separate kernel. Off until measured on the H200.
-FUSED_COMBINE = os.environ.get("HAL_ATTN_FUSED_COMBINE", "0") == "1"
-COMBINE_VALUES = 8192  # the most partial values one combine step holds (rows x splits x dims)
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 
@@ -188,44 +180,6 @@ def _seq_meta(query_start_loc_ptr, seq_lens_ptr, seq, EARLY_META: tl.constexpr,
     return q_start, q_len, context_len
 
 
-@triton.jit
-def _combine_rows(part_out_ptr, part_lse_ptr, out_ptr, row0, r0, chunk_rows, head0, group,
-                  num_heads, head_dim, num_splits, used, out_scale, stride_o_token,
-                  stride_o_head, offs_d, d_ok, INTERPRET: tl.constexpr, R: tl.constexpr,
-                  SC: tl.constexpr, SPLITS_P2: tl.constexpr,
-                  HEAD_DIM_P2: tl.constexpr):  # fmt: skip
-    # The output of rows r0 .. r0 + R of a query chunk (row r: token row0 + r // group, head
-    # head0 + r % group) from its `used` splits' partials: the _reduce_kernel's math (weights
-    # exp2(lse - max), empty splits weigh 0), the splits summed SC at a time.
-    offs_r = r0 + tl.arange(0, R)
-    r_ok = offs_r < chunk_rows
-    row = row0.to(tl.int64) + offs_r // group
-    base = (row * num_heads + head0 + offs_r % group) * num_splits  # [R]
-    offs_s = tl.arange(0, SPLITS_P2)
-    lse = tl.load(part_lse_ptr + base[:, None] + offs_s[None, :],
-                  mask=r_ok[:, None] & (offs_s < used)[None, :], other=float("-inf"),
-                  cache_modifier=".cg")  # fmt: skip
-    m = tl.max(lse, axis=1)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.sum(tl.exp2(lse - m[:, None]), axis=1)
-    acc = tl.zeros((R, HEAD_DIM_P2), dtype=tl.float32)
-    offs_c = tl.arange(0, SC)
-    for s0 in range(0, used, SC):
-        ok = r_ok[:, None] & ((s0 + offs_c) < used)[None, :]
-        part = base[:, None] + s0 + offs_c[None, :]  # [R, SC]
-        w = tl.exp2(tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"),
-                            cache_modifier=".cg") - m[:, None])  # fmt: skip
-        o = tl.load(part_out_ptr + part[:, :, None] * head_dim + offs_d[None, None, :],
-                    mask=ok[:, :, None] & d_ok[None, None, :], other=0.0,
-                    cache_modifier=".cg")  # fmt: skip
-        acc += tl.sum(w[:, :, None] * o, axis=1)
-    out = acc * (out_scale / tl.where(total > 0, total, 1.0))[:, None]
-    o_off = row * stride_o_token + (head0 + offs_r % group).to(tl.int64) * stride_o_head
-    tl.store(out_ptr + o_off[:, None] + offs_d[None, :],
-             cast_rtne(out, out_ptr.dtype.element_ty, INTERPRET),
-             mask=r_ok[:, None] & d_ok[None, :])  # fmt: skip
-
-
 @triton.jit(
     do_not_specialize=[
         "num_tokens", "num_heads", "head_dim", "sliding_window", "group", "block_q", "num_splits",
@@ -239,7 +193,6 @@ def _decode_kernel(
     out_ptr,
     part_out_ptr,  # fp32 [num_tokens, num_heads, num_splits, head_dim] (SPLIT only)
     part_lse_ptr,  # fp32 [num_tokens, num_heads, num_splits], log2 units (SPLIT only)
-    counter_ptr,  # FUSED_COMBINE: int32 [num_tokens * num_kv_heads], zero between launches
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
@@ -276,10 +229,6 @@ def _decode_kernel(
     INTERPRET: tl.constexpr,
     EVEN_D: tl.constexpr,
     SPLIT: tl.constexpr,  # num_splits > 1: write partials for _reduce_kernel
-    FUSED_COMBINE: tl.constexpr,  # SPLIT: the chunk's last split to finish combines (FUSED_COMBINE)
-    COMBINE_R: tl.constexpr,  # FUSED_COMBINE: rows (query token x head) combined at a time
-    COMBINE_S: tl.constexpr,  # FUSED_COMBINE: splits loaded at a time
-    SPLITS_P2: tl.constexpr,  # FUSED_COMBINE: num_splits' next power of two
     PAGE_SIZE: tl.constexpr,  # the cache's block_size
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -357,23 +306,6 @@ def _decode_kernel(
             tl.store(part_lse_ptr + part, lse, mask=part_ok)
             tl.store(part_out_ptr + part[:, None] * head_dim + offs_d[None, :],
                      acc / l_safe[:, None], mask=part_ok[:, None] & d_ok[None, :])  # fmt: skip
-            if FUSED_COMBINE:
-                if split < used:
-                    # Every thread's partial stored, then one release-acquire increment per
-                    # chunk and KV head: the split that brings the count to `used` sees every
-                    # partial, combines them and zeroes the counter again (counters.py).
-                    slot = (q_start + q0).to(tl.int64) * tl.num_programs(0) + kv_head
-                    tl.debug_barrier()
-                    count = tl.atomic_add(counter_ptr + slot, 1, sem="acq_rel", scope="gpu")
-                    if count == used - 1:
-                        chunk_rows = tl.minimum(q_len - q0, block_q) * group
-                        for r0 in range(0, chunk_rows, COMBINE_R):
-                            _combine_rows(part_out_ptr, part_lse_ptr, out_ptr, q_start + q0, r0,
-                                          chunk_rows, kv_head * group, group, num_heads,
-                                          head_dim, num_splits, used, out_scale, stride_o_token,
-                                          stride_o_head, offs_d, d_ok, INTERPRET, COMBINE_R,
-                                          COMBINE_S, SPLITS_P2, HEAD_DIM_P2)  # fmt: skip
-                        tl.atomic_xchg(counter_ptr + slot, 0)
         elif split == 0:  # one split holds the chunk's range (or no split-KV): the output
             out = acc * (out_scale / l_safe)[:, None]
             o_off = row * stride_o_token + head.to(tl.int64) * stride_o_head
@@ -603,34 +535,25 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
     else:
         part_out = part_lse = out  # never touched: SPLIT is off
     min_tiles = -(-(cfg.min_split_tokens or 1) // cfg.block_n)
-    counters = None
-    if FUSED_COMBINE and splits > 1:
-        counters = tile_counters(query.device, num_tokens * num_kv_heads)
-    splits_p2 = triton.next_power_of_2(splits)
-    combine_r = triton.next_power_of_2(group * q_tokens)
-    combine_s = max(1, min(splits_p2, COMBINE_VALUES // (combine_r * c["head_dim_p2"])))
     _decode_kernel[(num_kv_heads, num_seqs, splits)](
-        q, raw(key_cache), raw(value_cache), out, part_out, part_lse,
-        counters if counters is not None else seq_lens, bt, seq_lens,
+        q, raw(key_cache), raw(value_cache), out, part_out, part_lse, bt, seq_lens,
         query_start_loc, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), bt.stride(0), num_tokens,
         num_heads, head_dim, c["s_scale"], c["cap_log2"], c["out_scale"],
         int(sliding_window or 0), group, block_m // group, splits, min_tiles, IS_FP8=c["fp8_mode"],
         SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"], Q_SCALED=c["q_scaled"],
         INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
-        SPLIT=splits > 1, FUSED_COMBINE=counters is not None, COMBINE_R=combine_r,
-        COMBINE_S=combine_s, SPLITS_P2=splits_p2, PAGE_SIZE=block_size, BLOCK_M=block_m,
-        BLOCK_N=cfg.block_n,
+        SPLIT=splits > 1, PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM_P2=c["head_dim_p2"], EARLY_META=EARLY_META,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
         **pdl_args(query.device, "attention"),
     )  # fmt: skip
-    if splits > 1 and counters is None:
+    if splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](
             part_out, part_lse, out, seq_lens, query_start_loc, out.stride(0), out.stride(1),
             num_heads, head_dim, splits, min_tiles, int(sliding_window or 0), block_m // group,
             c["out_scale"], INTERPRET=interpreting(), EVEN_D=c["even_d"], BLOCK_N=cfg.block_n,
-            SPLITS_P2=splits_p2, HEAD_DIM_P2=c["head_dim_p2"],
+            SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM_P2=c["head_dim_p2"],
             EARLY_META=EARLY_META, num_warps=4,
             **pdl_args(query.device, "attention"),
         )  # fmt: skip

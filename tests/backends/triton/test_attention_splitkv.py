@@ -39,7 +39,6 @@ for _name in ("attention_common", "attention_decode", "attention"):
         importlib.reload(sys.modules[f"backends.triton.{_name}"])
 tattn = importlib.import_module("backends.triton.attention")
 tdecode = importlib.import_module("backends.triton.attention_decode")
-counters = importlib.import_module("backends.triton.counters")
 
 F64 = torch.float64
 
@@ -193,43 +192,6 @@ def test_decode_kernel_takes_mixed_query_lengths(dtype: str) -> None:
     case = batch(11, dtype, seq_lens, query_lens, sliding_window=25 if dtype == "fp16" else None)
     config = tattn.DecodeConfig(block_n=16, num_splits=3)
     run_and_check(case, tattn.decode_attention, num_padding=2, max_query_len=5, config=config)
-
-
-@pytest.mark.parametrize(
-    ("dtype", "seq_lens", "query_lens", "hint", "splits", "extra"),
-    [
-        ("bf16", (1, 97, 40, 130, 73), (1, 1, 1, 1, 1), 1, 4, {}),  # decode
-        ("fp32", (5, 97, 40, 130), (1, 7, 5, 3), 8, 3, {}),  # query chunks
-        ("fp16", (90, 3, 64), (9, 1, 12), None, 6, {"sliding_window": 45}),  # rows in steps
-        ("bf16", (200, 33), (1, 1), 1, 40, {}),  # splits loaded in two steps (40 > 32)
-        ("bf16", (60, 150), (1, 2), 2, 5, {"cache_dtype": "fp8_e4m3fn", "kv_scale": 0.05}),
-    ],
-)
-def test_fused_combine_is_the_combine_kernel(monkeypatch, dtype, seq_lens, query_lens, hint,
-                                             splits, extra) -> None:  # fmt: skip
-    # HAL_ATTN_FUSED_COMBINE=1: the last split of each chunk combines the partials itself; the
-    # same math as the combine kernel, the splits summed in another order (fp32 noise: an ulp of
-    # the output dtype where it lands next to a rounding boundary), and the counters are back at
-    # zero afterwards.
-    case = batch(60 + splits, dtype, seq_lens, query_lens, block_size=16, **extra)
-    config = tattn.DecodeConfig(block_n=16, num_splits=splits)
-    monkeypatch.setattr(tdecode, "COMBINE_VALUES", 32 * 64)  # at most 32 splits a step
-    launches: list[tuple] = []
-    real = tdecode._reduce_kernel
-
-    class Spy:  # records the combine kernel's launches
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(tdecode, "_reduce_kernel", Spy())
-    kernel = run_and_check(case, tattn.decode_attention, max_query_len=hint, config=config)
-    monkeypatch.setattr(tdecode, "FUSED_COMBINE", True)
-    fused = run_and_check(case, tattn.decode_attention, max_query_len=hint, config=config)
-    assert len(launches) == 1  # the first run's only
-    ulp = {"fp32": 1e-5, "bf16": 2.0**-7, "fp16": 2.0**-10}[dtype]
-    torch.testing.assert_close(fused.float(), kernel.float(), rtol=ulp, atol=ulp)
-    assert int(counters.tile_counters(torch.device(DEVICE), 1).abs().sum()) == 0
 
 
 @pytest.mark.parametrize("early", [False, True])

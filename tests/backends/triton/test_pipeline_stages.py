@@ -31,14 +31,12 @@ from backends.triton import attention_decode as D
 
 BF16 = {"query_ptr", "key_cache_ptr", "value_cache_ptr", "out_ptr"}
 TYPES = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "block_tables_ptr": "*i32",
-         "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "counter_ptr": "*i32",
-         "s_scale": "fp32",
+         "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32", "s_scale": "fp32",
          "cap_log2": "fp32", "out_scale": "fp32"}
 COMMON = dict(IS_FP8=0, MAN_BITS=3, EXP_BIAS=7, FP8_MAX=448.0, NAN_CODE=127, FNUZ=False,
               HAS_INF=False, SOFT_CAP=False, DOT_DTYPE=tl.bfloat16, Q_SCALED=False,
               INPUT_PRECISION="ieee", INTERPRET=False, EVEN_D=True, SPLIT=False, PAGE_SIZE=16,
-              HEAD_DIM_P2=128, EARLY_META=False, PDL=False, FUSED_COMBINE=False, COMBINE_R=4,
-              COMBINE_S=16, SPLITS_P2=16)
+              HEAD_DIM_P2=128, EARLY_META=False, PDL=False)
 
 
 def waits(fn, consts, num_warps, num_stages):
