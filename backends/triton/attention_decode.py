@@ -23,7 +23,7 @@ from backends.triton.attention_common import (
     _sm_count,
     table_key,
 )
-from backends.triton.pdl import grid_wait, pdl_args
+from backends.triton.pdl import grid_wait, let_next_start, pdl_args
 from backends.triton.quant import cast_rtne, interpreting, raw
 
 # A batch whose longest query (max_query_len, when the caller passes it) is at most this many
@@ -143,6 +143,14 @@ ONE_WAVE_NEAR_FULL = 0.7
 # one starts. 2 x H200, TP=2 batch-1 decode (twenty-second session, alternated in one call):
 # 2.60-2.61 -> 2.59 ms alone, 2.57-2.59 with HAL_ONESHOT_EARLY_EPOCH.
 EARLY_META = os.environ.get("HAL_ATTN_EARLY_META", "1") != "0"
+# HAL_ATTN_EARLY_TRIGGER=1: the decode and combine kernels let the next kernel start before their
+# PDL wait (`pdl.let_next_start`), so the o_proj GEMM after them is resident, with its first
+# weight tiles loading, for the whole attention (~10 us a layer at batch 1) instead of only
+# during the combine. Right because the kernels that follow the attention read only weights (and
+# the combine host-copied lengths) before their own wait, and the one-shot all-reduce after the
+# GEMM starts only once that GEMM passed its wait (the attention finished). Written in the
+# twenty-second session, not yet measured: off.
+EARLY_TRIGGER = os.environ.get("HAL_ATTN_EARLY_TRIGGER", "0") == "1"
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 
@@ -167,9 +175,12 @@ def _chunk_splits(context_len, q0, q_len, block_q, sliding_window, num_splits, m
 
 @triton.jit
 def _seq_meta(query_start_loc_ptr, seq_lens_ptr, seq, EARLY_META: tl.constexpr,
-              PDL: tl.constexpr):  # fmt: skip
+              EARLY_TRIGGER: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     # (first query row, query length, context length before the query) of sequence seq, and the
-    # PDL wait: after it, or with EARLY_META before it (see EARLY_META).
+    # PDL wait: after it, or with EARLY_META before it (see EARLY_META); with EARLY_TRIGGER the
+    # next kernel may start first (see EARLY_TRIGGER).
+    if EARLY_TRIGGER:
+        let_next_start(PDL)
     if not EARLY_META:
         grid_wait(PDL)
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -234,6 +245,7 @@ def _decode_kernel(
     BLOCK_N: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     EARLY_META: tl.constexpr,  # the sequence's lengths read before the PDL wait (EARLY_META)
+    EARLY_TRIGGER: tl.constexpr,  # the next kernel may start before the wait (EARLY_TRIGGER)
     PDL: tl.constexpr,
 ):
     # grid: (num_kv_heads, num_seqs, num_splits). A sequence's KV-head programs read the same
@@ -244,7 +256,7 @@ def _decode_kernel(
     seq = tl.program_id(1)
     split = tl.program_id(2)
     q_start, q_len, context_len = _seq_meta(query_start_loc_ptr, seq_lens_ptr, seq, EARLY_META,
-                                            PDL)  # fmt: skip
+                                            EARLY_TRIGGER, PDL)  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
     head = kv_head * group + offs_m % group
     offs_d = tl.arange(0, HEAD_DIM_P2)
@@ -350,6 +362,7 @@ def _reduce_kernel(
     SPLITS_P2: tl.constexpr,
     HEAD_DIM_P2: tl.constexpr,
     EARLY_META: tl.constexpr,
+    EARLY_TRIGGER: tl.constexpr,
     PDL: tl.constexpr,
 ):
     # grid: (num_seqs, num_heads); combines the splits of every query token of the sequence
@@ -357,7 +370,7 @@ def _reduce_kernel(
     seq = tl.program_id(0)
     head = tl.program_id(1)
     q_start, q_len, context_len = _seq_meta(query_start_loc_ptr, seq_lens_ptr, seq, EARLY_META,
-                                            PDL)  # fmt: skip
+                                            EARLY_TRIGGER, PDL)  # fmt: skip
     offs_s = tl.arange(0, SPLITS_P2)
     offs_d = tl.arange(0, HEAD_DIM_P2)
     d_ok = _head_dim_mask(offs_d, head_dim, EVEN_D, HEAD_DIM_P2)
@@ -544,7 +557,7 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
         SOFT_CAP=c["soft_cap"], DOT_DTYPE=c["dot_dtype"], Q_SCALED=c["q_scaled"],
         INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
         SPLIT=splits > 1, PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        HEAD_DIM_P2=c["head_dim_p2"], EARLY_META=EARLY_META,
+        HEAD_DIM_P2=c["head_dim_p2"], EARLY_META=EARLY_META, EARLY_TRIGGER=EARLY_TRIGGER,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
         **pdl_args(query.device, "attention"),
     )  # fmt: skip
@@ -554,7 +567,7 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
             num_heads, head_dim, splits, min_tiles, int(sliding_window or 0), block_m // group,
             c["out_scale"], INTERPRET=interpreting(), EVEN_D=c["even_d"], BLOCK_N=cfg.block_n,
             SPLITS_P2=triton.next_power_of_2(splits), HEAD_DIM_P2=c["head_dim_p2"],
-            EARLY_META=EARLY_META, num_warps=4,
+            EARLY_META=EARLY_META, EARLY_TRIGGER=EARLY_TRIGGER, num_warps=4,
             **pdl_args(query.device, "attention"),
         )  # fmt: skip
     return out

@@ -66,6 +66,17 @@ def pdl_args(device: torch.device, family: str = "") -> dict:
 
 
 @triton.jit
+def let_next_start(PDL: tl.constexpr):
+    # Under PDL: let the next kernel start as soon as every program of this one has run this,
+    # before this one waits ("early trigger"; `grid_wait` signals again after its wait, which
+    # changes nothing). Then "started" no longer implies that this kernel's predecessor has
+    # finished: only for kernels whose successors read nothing before their own wait but what no
+    # running kernel writes (weights, host-copied step metadata); "finished" stays transitive.
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def grid_wait(PDL: tl.constexpr):
     # Under PDL: wait for the kernel before this one to finish (its writes visible), then let the
     # next kernel start as soon as every program of this one runs. Without PDL: nothing.

@@ -36,7 +36,7 @@ TYPES = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "block_tables_ptr": "
 COMMON = dict(IS_FP8=0, MAN_BITS=3, EXP_BIAS=7, FP8_MAX=448.0, NAN_CODE=127, FNUZ=False,
               HAS_INF=False, SOFT_CAP=False, DOT_DTYPE=tl.bfloat16, Q_SCALED=False,
               INPUT_PRECISION="ieee", INTERPRET=False, EVEN_D=True, SPLIT=False, PAGE_SIZE=16,
-              HEAD_DIM_P2=128, EARLY_META=False, PDL=False)
+              HEAD_DIM_P2=128, EARLY_META=False, EARLY_TRIGGER=False, PDL=False)
 
 
 def waits(fn, consts, num_warps, num_stages):
