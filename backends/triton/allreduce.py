@@ -276,6 +276,22 @@ def _late_words(word, epoch, mask):
 
 
 @triton.jit
+def _poll(at, mask, epoch, error_ptr, spin_limit):
+    # The fp32 values of the words at `at` (2-D, mask the same shape), loaded until every one
+    # carries the epoch (or spin_limit polls, then the error word is set).
+    word = tl.load(at, mask=mask, other=0, volatile=True)
+    late = _late_words(word, epoch, mask)
+    polls = 0
+    while (late > 0) & (polls < spin_limit):
+        word = tl.load(at, mask=mask, other=0, volatile=True)
+        late = _late_words(word, epoch, mask)
+        polls += 1
+    if late > 0:
+        tl.atomic_xchg(error_ptr, 1)
+    return (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _ll_receive(ll_table, error_ptr, rank, row, n_rows, half, epoch, spin_limit, cols, cmask,
                 WORLD: tl.constexpr, WORLD_P2: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     # The rank-order fp32 sum of this row's words from every rank, each polled until it carries
@@ -290,31 +306,13 @@ def _ll_receive(ll_table, error_ptr, rank, row, n_rows, half, epoch, spin_limit,
         m2 = (src < WORLD)[:, None] & cmask[None, :]
         at = tl.multiple_of(area + (src[:, None] * n_rows + r64) * BLOCK_N + cols[None, :],
                             [1, 16])  # fmt: skip
-        word = tl.load(at, mask=m2, other=0, volatile=True)
-        late = _late_words(word, epoch, m2)
-        polls = 0
-        while (late > 0) & (polls < spin_limit):
-            word = tl.load(at, mask=m2, other=0, volatile=True)
-            late = _late_words(word, epoch, m2)
-            polls += 1
-        if late > 0:
-            tl.atomic_xchg(error_ptr, 1)
-        vals = (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+        vals = _poll(at, m2, epoch, error_ptr, spin_limit)
         for p in tl.static_range(WORLD):  # rank order: each step adds one rank's row exactly
             acc += tl.sum(tl.where(src[:, None] == p, vals, 0.0), axis=0)[None, :]
     else:
         for p in tl.static_range(WORLD):
             at = tl.multiple_of(area + (p * n_rows + r64) * BLOCK_N + cols[None, :], [1, 16])
-            word = tl.load(at, mask=cmask[None, :], other=0, volatile=True)
-            late = _late_words(word, epoch, cmask[None, :])
-            polls = 0
-            while (late > 0) & (polls < spin_limit):
-                word = tl.load(at, mask=cmask[None, :], other=0, volatile=True)
-                late = _late_words(word, epoch, cmask[None, :])
-                polls += 1
-            if late > 0:
-                tl.atomic_xchg(error_ptr, 1)
-            acc += (word & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
+            acc += _poll(at, cmask[None, :], epoch, error_ptr, spin_limit)
     return acc
 
 
