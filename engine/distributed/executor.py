@@ -53,6 +53,10 @@ LOOPBACK = "127.0.0.1"
 HEARTBEAT_STALE_S = 10 * HEARTBEAT_INTERVAL_S
 # How long a rank's error waits for a peer's exit to show (the likelier root cause).
 PEER_DEATH_GRACE_S = 0.5
+# Held steps whose rows are all plain greedy take their tokens from the LM head's sharded argmax
+# on every rank at TP > 1 (`ParallelLMHead.greedy`: one all_gather of (value, id) pairs instead of
+# gathering the logits to rank 0 and broadcasting its tokens). HAL_TP_GREEDY_ARGMAX=0: the gather.
+GREEDY_ARGMAX = os.environ.get("HAL_TP_GREEDY_ARGMAX", "1") != "0"
 
 
 class PickledOnce:
@@ -284,6 +288,7 @@ class DistributedExecutor(Executor):
         self.plans: list[MemoryPlan] = []
         self.mixed_graphs = True  # False once a rank's memory plan had no room for them
         self.num_steps = 0
+        self.num_greedy_steps = 0  # steps whose tokens came from the sharded argmax (GREEDY_ARGMAX)
         self._pending: deque[StepHandle] = deque()  # submitted steps, oldest first
         world = self.layout.world_size
         threads = max(1, (os.cpu_count() or 1) // world)
@@ -426,8 +431,16 @@ class DistributedExecutor(Executor):
         with feed_rows (its input ids: those samples at these rows) or `release()`."""
         if (hold or feed_rows is not None) and not self.supports_hold:
             raise ValueError(f"the {self.kind} executor cannot hold steps on its ranks")
-        step = PickledOnce(StepInput.from_scheduler_output(out, hold, feed_rows))
+        greedy = (
+            GREEDY_ARGMAX
+            and hold
+            and self.layout.tp_size > 1
+            and sampling is not None
+            and sampling.plain_greedy
+        )
+        step = PickledOnce(StepInput.from_scheduler_output(out, hold, feed_rows, greedy))
         self.num_steps += 1
+        self.num_greedy_steps += greedy
         args = [(step,)] * self.layout.world_size
         if sampling is not None:
             args[self.layout.output_rank] = (step, sampling)

@@ -24,7 +24,7 @@ from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.parallel import SINGLE, ParallelContext
 from engine.profiling import ProfileSummary, RankProfiler
 from engine.runner import ModelRunner, PackedStep, TokenFeed, pack_step, sampled_rows
-from engine.sampler import PendingSamples, Sampler, SamplerOutput, SamplingRow
+from engine.sampler import DeviceSamples, PendingSamples, Sampler, SamplerOutput, SamplingRow
 
 logger = logging.getLogger(__name__)
 
@@ -88,10 +88,14 @@ class StepInput:
     # rows (its input token ids are placeholders).
     hold: bool = False
     feed_rows: list[int] | None = None
+    # A held step whose every row is plain greedy (`StepSampling.plain_greedy`) at TP > 1: every
+    # rank takes the tokens from the LM head's sharded argmax (`ParallelLMHead.greedy`), so no
+    # logits are gathered and no tokens broadcast.
+    greedy: bool = False
 
     @classmethod
     def from_scheduler_output(
-        cls, out, hold: bool = False, feed_rows: list[int] | None = None
+        cls, out, hold: bool = False, feed_rows: list[int] | None = None, greedy: bool = False
     ) -> StepInput:
         return cls(
             pack_step(out.scheduled) if out.scheduled else None,
@@ -100,6 +104,7 @@ class StepInput:
             list(out.blocks_to_copy),
             hold,
             feed_rows,
+            greedy,
         )
 
 
@@ -114,6 +119,18 @@ class StepSampling:
 
     rows: list[SamplingRow]
     num_samples: list[int] | None = None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """One sample per row, every row greedy with nothing that reads more of its logits than
+        the maximum (no penalties, min_tokens or logprobs): the tokens are the argmax alone."""
+        return self.num_samples is None and all(
+            r.params.is_greedy
+            and not r.params.needs_penalties
+            and r.params.min_tokens == 0
+            and r.params.logprobs is None
+            for r in self.rows
+        )
 
     def sample(self, sampler: Sampler, logits: torch.Tensor) -> SamplerOutput:
         """logits: [num_sampling_seqs, vocab] -> one token (and logprobs) per row."""
@@ -302,6 +319,12 @@ class Worker:
             return None
         if batch.logits_indices.numel() == 0:
             return None
+        if step.greedy:
+            if not step.hold or (sampling is not None and not sampling.plain_greedy):
+                raise RuntimeError("a greedy step must be held, its rows all plain greedy")
+            # Every rank gets the tokens (they feed the next step); the output rank answers.
+            self.held_tokens = model.compute_greedy(sampled_rows(out, batch))
+            return PendingSamples(DeviceSamples(self.held_tokens) if sampling is not None else None)
         logits = model.compute_logits(sampled_rows(out, batch))
         if step.hold:
             return self._hold(logits, sampling, batch.logits_indices.shape[0])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.parallel import ParallelContext, TensorSource, load_tensor
+from engine.sampler import argmax_rows
 from hal.backend import Backend
 
 
@@ -69,6 +70,30 @@ class ParallelLMHead(VocabParallelEmbedding):
                 f"head's {tuple(self.weight.shape)}"
             )
         self.weight = embedding.weight
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [rows, hidden_size] -> int64 [rows]: each row's argmax over the whole vocab, on
+        every rank, without gathering the logits. Each rank takes the argmax of its real rows
+        (first maximal index, NaN as the maximum), then one all_gather of (value, token id)
+        pairs in float64 (both exact); the first rank holding the maximum wins, so the token is
+        torch.argmax's over the gathered logits (ties to the lowest id)."""
+        logits = self.backend.linear(hidden, self.weight)  # [rows, vocab_size_padded / tp_size]
+        real = self.vocab_stop - self.vocab_start
+        if self.parallel.tp_size == 1:
+            return argmax_rows(logits[:, :real])
+        if real > 0:
+            local = logits[:, :real]
+            index = argmax_rows(local)
+            value = local.gather(1, index[:, None]).squeeze(1).double()
+            index = index + self.vocab_start
+        else:  # a rank holding only vocab padding: never chosen over an earlier rank
+            value = torch.full((logits.shape[0],), float("-inf"), dtype=torch.float64,
+                               device=logits.device)  # fmt: skip
+            index = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+        pairs = torch.stack((value, index.double()))[None]  # [1, 2, rows]
+        every = self.parallel.all_gather(pairs, dim=0)  # [tp, 2, rows], rank order
+        best = every[:, 0].argmax(dim=0, keepdim=True)  # [1, rows]: the first rank with the max
+        return every[:, 1].gather(0, best).squeeze(0).long()
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
         logits = self.backend.linear(hidden, self.weight)  # [rows, vocab_size_padded / tp_size]

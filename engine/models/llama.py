@@ -329,6 +329,14 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"compute_logits: pipeline stage {self.parallel.pp_rank} is not last")
         return self.lm_head(hidden)
 
+    @torch.inference_mode()
+    def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [rows, hidden] -> int64 [rows]: each row's greedy token, on every rank of the
+        last stage (`ParallelLMHead.greedy`: no logits gathered)."""
+        if self.lm_head is None:
+            raise ValueError(f"compute_greedy: pipeline stage {self.parallel.pp_rank} is not last")
+        return self.lm_head.greedy(hidden)
+
     def load_weights(self, source: TensorSource) -> None:
         """Fill every parameter from `source` (Hugging Face names): this rank's stage and shards.
 

@@ -78,3 +78,28 @@ def test_tp2_async_matches_in_process_sync(reference, dist_model, abort):
         else:
             assert got[name] == want, name
     assert engine.kv_stats().num_used_blocks == 0 and not engine.scheduler.in_flight
+
+
+@pytest.mark.parametrize("sharded", [True, False])
+def test_tp2_greedy_steps_take_the_sharded_argmax(reference, dist_model, monkeypatch, sharded):
+    # Steps whose rows are all plain greedy take their tokens from every rank's argmax of its
+    # vocab shard (HAL_TP_GREEDY_ARGMAX; off: the logits gathered to rank 0, tokens broadcast):
+    # the same tokens as the in-process engine either way.
+    from engine.distributed import executor as executor_module
+
+    monkeypatch.setattr(executor_module, "GREEDY_ARGMAX", sharded)
+    greedy = {k: v for k, v in _requests().items() if k.startswith("greedy")}
+    engine = _engine(dist_model, 2, True)
+    try:
+        for name, (prompt, params) in greedy.items():
+            engine.add_request(None, params, prompt_token_ids=prompt, request_id=name)
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out.outputs[0].token_ids
+        assert (engine.executor.num_greedy_steps > 0) == sharded
+        assert engine.executor.num_in_flight == 0
+    finally:
+        engine.shutdown()
+    assert done == {name: reference[name][0] for name in greedy}

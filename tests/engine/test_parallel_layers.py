@@ -295,6 +295,32 @@ def test_vocab_parallel_embedding_and_lm_head(vocab, tp, backend):
     assert head(hidden).dtype == torch.float32
 
 
+@pytest.mark.parametrize("vocab,tp", [(12, 1), (12, 2), (10, 4)])
+def test_lm_head_greedy_is_the_argmax_of_the_gathered_logits(vocab, tp, backend):
+    """Each rank's argmax and one exchange of (value, id) pairs give torch.argmax over the whole
+    vocab: ties across ranks go to the lowest id, NaN wins, vocab padding never does."""
+    weight = _random(vocab, 6)
+    weight[0] = weight[vocab - 1] = 3.0  # row 2 (all ones) ties at 18 on the first and last id
+    hidden = _random(5, 6, seed=2)
+    hidden[2] = 1.0
+    src = DictSource({"e": weight})
+
+    def run(rank, ctx):
+        lm = ParallelLMHead(vocab, 6, backend, ctx, torch.float32)
+        lm.load(src, "e")
+        return lm.greedy(hidden)
+
+    want = (hidden @ weight.T).argmax(dim=-1)
+    assert int(want[2]) == 0
+    for got in ThreadGroup(tp).run(run):
+        assert torch.equal(got, want)
+    weight[vocab // 2 + 1] = float("nan")  # NaN logits for one id, a later rank's at tp > 1
+    want = (hidden @ weight.T).argmax(dim=-1)
+    assert want.tolist() == [vocab // 2 + 1] * 5  # NaN counts as the maximum
+    for got in ThreadGroup(tp).run(run):
+        assert torch.equal(got, want)
+
+
 def test_parallel_context_validates():
     with pytest.raises(ValueError, match="tp_rank"):
         ParallelContext(2, 2, PartialCollectives())
