@@ -7,6 +7,7 @@ given, before any processing), vLLM's default "raw_logprobs" mode.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -118,6 +119,14 @@ ARGMAX_CHUNKED_MAX_ROWS = 64
 ARGMAX_CHUNK = (512, 4096)  # chunk lengths tried (a divisor of the row), else rows padded to 1024
 
 
+@functools.cache
+def _argmax_chunk(n: int) -> int:
+    """The chunk length for rows of n values: the least divisor of n in ARGMAX_CHUNK, else 1024
+    (the row padded). Cached: the search is a Python loop and every step asks again."""
+    lo, hi = ARGMAX_CHUNK
+    return next((c for c in range(lo, min(hi, n) + 1) if n % c == 0), 1024)
+
+
 def argmax_rows(x: torch.Tensor, chunked: bool | None = None) -> torch.Tensor:
     """x.argmax(dim=-1) of a 2-D float tensor (first maximal index; NaN counts as the maximum),
     in two reductions where `chunked` (None: on a GPU, for rows of at least ARGMAX_CHUNKED_MIN,
@@ -129,10 +138,8 @@ def argmax_rows(x: torch.Tensor, chunked: bool | None = None) -> torch.Tensor:
         )
     if not chunked or n == 0 or rows == 0:
         return x.argmax(dim=-1)
-    lo, hi = ARGMAX_CHUNK
-    size = next((c for c in range(lo, min(hi, n) + 1) if n % c == 0), None)
-    if size is None:  # -inf past the end: never before an equal value, never above another
-        size = 1024
+    size = _argmax_chunk(n)
+    if n % size:  # -inf past the end: never before an equal value, never above another
         x = torch.nn.functional.pad(x, (0, -n % size), value=float("-inf"))
     values, index = x.reshape(rows, -1, size).max(dim=-1)  # [rows, chunks]
     chunk = values.argmax(dim=-1, keepdim=True)

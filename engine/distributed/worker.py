@@ -320,8 +320,8 @@ class Worker:
         if batch.logits_indices.numel() == 0:
             return None
         if step.greedy:
-            if not step.hold or (sampling is not None and not sampling.plain_greedy):
-                raise RuntimeError("a greedy step must be held, its rows all plain greedy")
+            if not step.hold:  # the driver marks only held, plain-greedy steps greedy
+                raise RuntimeError("a greedy step must be held")
             # Every rank gets the tokens (they feed the next step); the output rank answers.
             self.held_tokens = model.compute_greedy(sampled_rows(out, batch))
             return PendingSamples(DeviceSamples(self.held_tokens) if sampling is not None else None)
