@@ -493,7 +493,7 @@ def run_autotune(args, device, timer, bw) -> list[dict]:
 WIDE_SHAPES = ((64, 512), (64, 4096), (128, 1024), (128, 4096), (256, 160), (256, 512),
                (256, 1024), (256, 2048))  # fmt: skip
 WIDE_CONFIGS = ((128, 4, 2), (64, 4, 2), (64, 2, 2), (64, 2, 3), (64, 2, 1), (32, 2, 3), (32, 1, 3),
-                (32, 1, 2), (32, 1, 1))  # fmt: skip
+                (32, 1, 2), (32, 1, 1), (64, 1, 3), (32, 1, 4), (16, 1, 2), (16, 1, 3))  # fmt: skip
 
 
 def run_wide(args, device, timer, bw) -> list[dict]:
@@ -505,7 +505,7 @@ def run_wide(args, device, timer, bw) -> list[dict]:
     from backends.triton import attention_decode as dec
 
     timed = timer.graph if device.type == "cuda" else timer
-    shapes = WIDE_SHAPES if device.type == "cuda" else ((4, 64),)
+    shapes = args.wide_shapes if device.type == "cuda" else ((4, 64),)
     sms, rows = tattn._sm_count(device), []
     for b, ctx in shapes:
         x = decode_inputs(b, ctx, device)
@@ -868,6 +868,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="decode shapes BxL where FlexAttention runs ('' for none)")  # fmt: skip
     p.add_argument("--fp8-shapes", type=_pairs, default=FLEX_SHAPES,
                    help="decode shapes BxL where ours also runs on an FP8 KV cache")  # fmt: skip
+    p.add_argument("--wide-shapes", type=_pairs, default=WIDE_SHAPES,
+                   help="wide: the decode shapes BxL swept, e.g. 256x160,512x192")  # fmt: skip
     p.add_argument("--flex-all", action="store_true", help="FlexAttention at every decode shape")
     p.add_argument("--mem-cap-gb", type=float, default=40.0)
     p.add_argument("--warmup", type=int, default=3)
