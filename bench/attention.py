@@ -520,7 +520,7 @@ def run_wide(args, device, timer, bw) -> list[dict]:
             a = (x.q, kc, vc, x.block_tables, x.seq_lens, x.query_start_loc, x.scale)
             picked = dec.decode_config(HEAD_DIM, DTYPE, device, kind == "fp8", b * NUM_KV_HEADS)
             us = {}
-            for bn, w, st in WIDE_CONFIGS:
+            for bn, w, st in args.wide_configs:
                 cfg = tattn.DecodeConfig(block_n=bn, num_warps=w, num_stages=st)
 
                 def fn(cfg=cfg, a=a, kv_scale=kv_scale, ctx=ctx):
@@ -534,7 +534,7 @@ def run_wide(args, device, timer, bw) -> list[dict]:
             key = (picked.block_n, picked.num_warps, picked.num_stages)
             row[kind] = {"us": {str(k): v for k, v in us.items()}, "picked": str(key),
                          "best": str(best)}  # fmt: skip
-            print(f"{b:>4} x {ctx:<5} {kind}: default {us[WIDE_CONFIGS[0]]:.0f} | picked {key} "
+            print(f"{b:>4} x {ctx:<5} {kind}: first {us[args.wide_configs[0]]:.0f} | picked {key} "
                   f"{us.get(key, float('nan')):.0f} | best {best} {us[best]:.0f} | sdpa (bf16) "
                   f"{sdpa_us:.0f}")  # fmt: skip
         rows.append(row)
@@ -870,6 +870,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="decode shapes BxL where ours also runs on an FP8 KV cache")  # fmt: skip
     p.add_argument("--wide-shapes", type=_pairs, default=WIDE_SHAPES,
                    help="wide: the decode shapes BxL swept, e.g. 256x160,512x192")  # fmt: skip
+    p.add_argument("--wide-configs", type=_pairs, default=WIDE_CONFIGS,
+                   help="wide: the tiles swept as NxWxS (block_n x warps x stages), e.g. 16x1x3")
     p.add_argument("--flex-all", action="store_true", help="FlexAttention at every decode shape")
     p.add_argument("--mem-cap-gb", type=float, default=40.0)
     p.add_argument("--warmup", type=int, default=3)

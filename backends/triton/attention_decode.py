@@ -109,7 +109,14 @@ DECODE_CONFIGS: dict[tuple[str, str], DecodeConfig] = {
 # all 7 shapes of batch 64-256 x 512-8k (H100, ninth session). CUDA graphs fix the config
 # without the context.
 DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], ...]] = {
-    ("narrow", "big_smem", False): ((3, DecodeConfig(block_n=64, num_warps=2, num_stages=3)),),
+    # bf16: 16-token tiles (one page each) on 1 warp from 7 programs per SM (H200 graph replays,
+    # twenty-third session, `bench/attention.py wide`, us against (64, 2, 3)): 256 x 160 53 / 63,
+    # 256 x 256 76 / 80, 256 x 512 134 / 139, 512 x 160 99 / 113, 512 x 256 142 / 147, 128 x
+    # 1024 130 / 132; at 64 x 512 (3.9 per SM) 48 / 41, so the 64-token tier stays below 7.
+    ("narrow", "big_smem", False): (
+        (7, DecodeConfig(block_n=16, num_warps=1, num_stages=3)),
+        (3, DecodeConfig(block_n=64, num_warps=2, num_stages=3)),
+    ),
     ("narrow", "big_smem", True): (
         (7, DecodeConfig(block_n=32, num_warps=1, num_stages=3)),
         (3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),

@@ -55,8 +55,10 @@ HEARTBEAT_STALE_S = 10 * HEARTBEAT_INTERVAL_S
 PEER_DEATH_GRACE_S = 0.5
 # Held steps whose rows are all plain greedy take their tokens from the LM head's sharded argmax
 # on every rank at TP > 1 (`ParallelLMHead.greedy`: one all_gather of (value, id) pairs instead of
-# gathering the logits to rank 0 and broadcasting its tokens). HAL_TP_GREEDY_ARGMAX=0: the gather.
-GREEDY_ARGMAX = os.environ.get("HAL_TP_GREEDY_ARGMAX", "1") != "0"
+# gathering the logits to rank 0 and broadcasting its tokens) with HAL_TP_GREEDY_ARGMAX=1. Off by
+# default: 2 x H200, TP=2 batch-1 decode alternated over two calls (twenty-third session), 2.58-2.66
+# ms on, 2.57-2.60 off; its greedy tokens matched TP=1's (bench/multi_gpu.py correctness).
+GREEDY_ARGMAX = os.environ.get("HAL_TP_GREEDY_ARGMAX", "0") == "1"
 
 
 class PickledOnce:

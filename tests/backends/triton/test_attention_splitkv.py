@@ -136,7 +136,7 @@ def test_decode_split_kv(
 @pytest.mark.parametrize("cache_dtype", [None, "fp8_e4m3fn", "fp8_e5m2"])
 @pytest.mark.parametrize("wide", [0, 1])
 def test_decode_wide_batch_configs(cache_dtype: str | None, wide: int) -> None:
-    # The wide-batch table's configs (1-2 warps, 32-64 token tiles; on a GPU with sm_89+ an FP8
+    # The wide-batch table's configs (1-2 warps, 16-64 token tiles; on a GPU with sm_89+ an FP8
     # cache under bf16 queries runs its dots in fp16 with the scale folded into q).
     key = ("narrow", "big_smem", cache_dtype is not None)
     table = tdecode.DECODE_WIDE_BATCH[key]
@@ -159,7 +159,8 @@ def test_decode_config_wide_batch_selection(monkeypatch: pytest.MonkeyPatch) -> 
     assert tdecode.decode_config(128, bf16, cpu, True, 32 * 8) == wide_fp8[0]  # FP8's own
     assert tdecode.decode_config(128, bf16, cpu, False, 64 * 8) == wide_bf16[3]
     assert tdecode.decode_config(128, bf16, cpu, True, 64 * 8) == wide_fp8[3]
-    assert tdecode.decode_config(128, bf16, cpu, False, 256 * 8) == wide_bf16[3]
+    assert tdecode.decode_config(128, bf16, cpu, False, 115 * 8) == wide_bf16[3]  # < 7 per SM
+    assert tdecode.decode_config(128, bf16, cpu, False, 256 * 8) == wide_bf16[7]
     assert tdecode.decode_config(128, bf16, cpu, True, 115 * 8) == wide_fp8[3]  # < 7 per SM
     assert tdecode.decode_config(128, bf16, cpu, True, 116 * 8) == wide_fp8[7]
     # One program per SM or fewer, left whole by the split model: the one-wave tile (a float
