@@ -870,8 +870,12 @@ def main(argv: list[str] | None = None) -> None:
                    help="decode shapes BxL where ours also runs on an FP8 KV cache")  # fmt: skip
     p.add_argument("--wide-shapes", type=_pairs, default=WIDE_SHAPES,
                    help="wide: the decode shapes BxL swept, e.g. 256x160,512x192")  # fmt: skip
-    p.add_argument("--wide-configs", type=_pairs, default=WIDE_CONFIGS,
-                   help="wide: the tiles swept as NxWxS (block_n x warps x stages), e.g. 16x1x3")
+    p.add_argument(
+        "--wide-configs",
+        type=_pairs,
+        default=WIDE_CONFIGS,
+        help="wide: the tiles swept as NxWxS (block_n x warps x stages), e.g. 16x1x3",
+    )
     p.add_argument("--flex-all", action="store_true", help="FlexAttention at every decode shape")
     p.add_argument("--mem-cap-gb", type=float, default=40.0)
     p.add_argument("--warmup", type=int, default=3)
