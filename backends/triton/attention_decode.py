@@ -159,10 +159,6 @@ EARLY_META = os.environ.get("HAL_ATTN_EARLY_META", "1") != "0"
 # batch-1 decode alternated in one call (twenty-third session): 2.59 / 2.65 / 2.58 ms on against
 # 2.66 / 2.59 / 2.60 / 2.60 off, no gain beyond the spread: off.
 EARLY_TRIGGER = os.environ.get("HAL_ATTN_EARLY_TRIGGER", "0") == "1"
-# HAL_ATTN_MIN_SPLIT_TOKENS=N: a sequence's split holds at least N KV tokens where the config does
-# not say (unset: one tile), so a short sequence in a launch sized for long ones (CUDA graphs size
-# the split count by the model's longest context) runs in fewer, longer splits. Being measured.
-MIN_SPLIT_TOKENS_RUN = int(os.environ.get("HAL_ATTN_MIN_SPLIT_TOKENS", "0") or 0)
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 
@@ -559,7 +555,7 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
                                device=query.device)  # fmt: skip
     else:
         part_out = part_lse = out  # never touched: SPLIT is off
-    min_tiles = -(-(cfg.min_split_tokens or MIN_SPLIT_TOKENS_RUN or 1) // cfg.block_n)
+    min_tiles = -(-(cfg.min_split_tokens or 1) // cfg.block_n)
     _decode_kernel[(num_kv_heads, num_seqs, splits)](
         q, raw(key_cache), raw(value_cache), out, part_out, part_lse, bt, seq_lens,
         query_start_loc, q.stride(0), q.stride(1), out.stride(0), out.stride(1),
