@@ -1,14 +1,17 @@
-"""Where a decode step's time goes on a GPU: device time per kernel (torch.profiler through
-`LLM.start_profile`, on every rank, CUDA graphs on, as the engine runs) against the wall time per
-step, whose difference is the time the GPU waits for the host (scheduling, batch packing, launches,
-the sampled tokens' copy back, and at TP > 1 the driver-worker round trip).
+"""Where a decode (or prefill) step's time goes on a GPU: device time per kernel (torch.profiler
+through `LLM.start_profile`, on every rank, CUDA graphs on, as the engine runs) against the wall
+time per step, whose difference is the time the GPU waits for the host (scheduling, batch
+packing, launches, the sampled tokens' copy back, and at TP > 1 the driver-worker round trip).
 
-Decode only: the same requests are profiled once with max_tokens=1 (prefill and one sample) and
-once with --steps more tokens; the tables are the per-kernel difference, divided by --steps.
+The same requests are profiled once with max_tokens=1 (prefill and one sample) and once with
+--steps more tokens; the tables are the per-kernel difference, divided by --steps. With --prefill
+the table is the first run alone, divided by its prefill steps (prompts of up to 64k tokens in all
+go in one step).
 
     python bench/step_profile.py                       # Llama-3-8B shape, random weights, batch 1
     python bench/step_profile.py --tp 2                 # per rank, NCCL
     python bench/step_profile.py --batch 256 --quantization fp8 --kv-cache-dtype fp8
+    python bench/step_profile.py --prefill --batch 64 --quantization fp8   # one 8192-token step
 
 At TP > 1 the one-shot all-reduce kernel (`_one_shot_kernel`) waits inside the GPU for its peers,
 and under the profiler the ranks drift apart, so its time (and with PDL, the time of the kernel
@@ -57,6 +60,9 @@ def main() -> int:
     p.add_argument("--quantization", default=None, help="e.g. fp8 (online FP8)")
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--eager", action="store_true", help="CUDA graphs off")
+    p.add_argument("--prefill", action="store_true",
+                   help="profile the prefill steps instead (the max_tokens=1 run: prompts and one "
+                   "sample), per prefill step")  # fmt: skip
     p.add_argument("--top", type=int, default=25, help="kernels listed per rank")
     p.add_argument("--trace-dir", default=None, help="also write each rank's Chrome trace here")
     p.add_argument("--out", default=None, help="write the tables as JSON here")
@@ -104,24 +110,30 @@ def main() -> int:
           f"{args.prompt_len}, quantization {args.quantization}, KV {args.kv_cache_dtype}, "
           f"graphs {'off' if args.eager else 'on'}, {args.steps} decode steps")  # fmt: skip
     chunks = -(-args.batch * args.prompt_len // budget)
-    note = "" if chunks == 1 else f"; approximate: the prompts take {chunks} prefill steps"
-    print(f"wall {wall_ms:.3f} ms per decode step (unprofiled runs{note})")
+    if args.prefill:  # the max_tokens=1 run alone, per prefill step (its one sample included)
+        what, per, wall_ms = "prefill step", chunks, prefill_wall / chunks * 1e3
+        print(f"wall {wall_ms:.3f} ms per prefill step of up to {budget} tokens ({chunks} steps "
+              "and one sample, unprofiled run)")  # fmt: skip
+    else:
+        what, per = "decode step", args.steps
+        note = "" if chunks == 1 else f"; approximate: the prompts take {chunks} prefill steps"
+        print(f"wall {wall_ms:.3f} ms per decode step (unprofiled runs{note})")
     result = {"device": torch.cuda.get_device_name(), "args": vars(args), "wall_ms": wall_ms,
               "ranks": []}  # fmt: skip
     for pre, full in zip(prefill_prof, full_prof, strict=True):
-        before = _by_name(pre)
+        before, after = ({}, _by_name(pre)) if args.prefill else (_by_name(pre), _by_name(full))
         rows = []
-        for name, (ms, n) in _by_name(full).items():
+        for name, (ms, n) in after.items():
             ms0, n0 = before.get(name, (0.0, 0))
             if ms - ms0 > 0:
-                rows.append(((ms - ms0) / args.steps, (n - n0) / args.steps, name))
+                rows.append(((ms - ms0) / per, (n - n0) / per, name))
         rows.sort(reverse=True)
         busy = sum(r[0] for r in rows)
         print(
-            f"\nrank {full.rank} ({full.device}): kernels {busy:.3f} ms per decode step; GPU "
+            f"\nrank {full.rank} ({full.device}): kernels {busy:.3f} ms per {what}; GPU "
             f"waiting for the host {wall_ms - busy:.3f} ms ({(wall_ms - busy) / wall_ms:.0%})"
         )
-        print(f"{'ms/step':>9s} {'calls/step':>10s}  kernel")
+        print(f"{'ms/step':>9s} {'calls/step':>10s}  kernel ({what})")
         for ms, calls, name in rows[: args.top]:
             print(f"{ms:9.4f} {calls:10.1f}  {name[:110]}")
         result["ranks"].append({
