@@ -13,6 +13,8 @@ cache (`backends.triton.quant.fp8_encode`) or rounded to the cache dtype; slot -
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -28,6 +30,46 @@ from backends.triton.quant import (
     raw,
 )
 
+# HAL_ROTARY_EARLY=1: each program loads its tokens' positions and their cos / sin rows before the
+# PDL wait (host-copied positions and a constant table, which the qkv GEMM still running then
+# does not write), so after the wait only q / k / v are loaded: one dependent load (position,
+# then its row) fewer on the path. Written in the twenty-third session, not yet measured: off.
+EARLY = os.environ.get("HAL_ROTARY_EARLY", "0") == "1"
+
+
+@triton.jit
+def _pairing(rotary_dim, IS_NEOX: tl.constexpr, BLOCK_D: tl.constexpr):
+    # Per dim d: whether it is the first of its pair, its partner's dim (itself past rotary_dim)
+    # and its frequency index.
+    d = tl.arange(0, BLOCK_D)
+    half = rotary_dim // 2
+    if IS_NEOX:
+        first = d < half
+        partner = tl.where(first, d + half, d - half)
+        i = tl.where(first, d, d - half)
+    else:
+        first = (d % 2) == 0
+        partner = tl.where(first, d + 1, d - 1)
+        i = d // 2
+    return first, tl.where(d < rotary_dim, partner, d), i
+
+
+@triton.jit
+def _cos_sin(positions_ptr, cos_sin_ptr, stride_cs_row, n_tokens, rotary_dim,
+             IS_NEOX: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    # cos and the signed sin ([BLOCK_T, BLOCK_D] fp32) of this program's tokens: out = x * cos +
+    # partner * sin (sin negated on the first of a pair); 1 and 0 past rotary_dim.
+    tok = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tok_ok = tok < n_tokens
+    first, _, i = _pairing(rotary_dim, IS_NEOX, BLOCK_D)
+    rot = tl.arange(0, BLOCK_D) < rotary_dim
+    pos = tl.load(positions_ptr + tok, mask=tok_ok, other=0).to(tl.int64)  # [BLOCK_T]
+    cs_row = cos_sin_ptr + pos[:, None] * stride_cs_row  # [BLOCK_T, 1]
+    cos = tl.load(cs_row + i[None, :], mask=tok_ok[:, None] & rot[None, :], other=1.0)
+    sin = tl.load(cs_row + rotary_dim // 2 + i[None, :], mask=tok_ok[:, None] & rot[None, :],
+                  other=0.0)  # fmt: skip
+    return cos.to(tl.float32), tl.where(first, -sin, sin).to(tl.float32)
+
 
 @triton.jit
 def _rotate_tile(
@@ -35,9 +77,8 @@ def _rotate_tile(
     out_ptr,
     stride_x_token,
     stride_x_head,
-    positions_ptr,
-    cos_sin_ptr,
-    stride_cs_row,
+    cos,  # fp32 [BLOCK_T, BLOCK_D] (`_cos_sin`)
+    sin,
     head_tile,
     n_tokens,
     n_heads,
@@ -55,28 +96,14 @@ def _rotate_tile(
     head = head_tile * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)
     tok_ok = tok < n_tokens
-    half = rotary_dim // 2
-    if IS_NEOX:
-        first = d < half
-        partner = tl.where(first, d + half, d - half)
-        i = tl.where(first, d, d - half)
-    else:
-        first = (d % 2) == 0
-        partner = tl.where(first, d + 1, d - 1)
-        i = d // 2
+    _, partner, _ = _pairing(rotary_dim, IS_NEOX, BLOCK_D)
     rot = d < rotary_dim
-    partner = tl.where(rot, partner, d)
-    pos = tl.load(positions_ptr + tok, mask=tok_ok, other=0).to(tl.int64)  # [BLOCK_T]
-    cs_row = cos_sin_ptr + pos[:, None] * stride_cs_row  # [BLOCK_T, 1]
-    cos = tl.load(cs_row + i[None, :], mask=tok_ok[:, None] & rot[None, :], other=1.0)
-    sin = tl.load(cs_row + half + i[None, :], mask=tok_ok[:, None] & rot[None, :], other=0.0)
-    sin = tl.where(first, -sin, sin)  # [BLOCK_T, BLOCK_D]: x * c - partner * s, or + for the 2nd
     mask = tok_ok[:, None, None] & (head < n_heads)[None, :, None] & (d < head_dim)[None, None, :]
     tok64 = tok.to(tl.int64)[:, None, None]
     base = tok64 * stride_x_token + head[None, :, None] * stride_x_head
     x = tl.load(x_ptr + base + d[None, None, :], mask=mask, other=0.0).to(tl.float32)
     xp = tl.load(x_ptr + base + partner[None, None, :], mask=mask, other=0.0).to(tl.float32)
-    y = x * cos.to(tl.float32)[:, None, :] + xp * sin.to(tl.float32)[:, None, :]
+    y = x * cos[:, None, :] + xp * sin[:, None, :]
     y = cast_rtne(tl.where(rot[None, None, :], y, x), out_ptr.dtype.element_ty, INTERPRET)
     out = tok64 * (n_heads * head_dim) + head[None, :, None] * head_dim + d[None, None, :]
     tl.store(out_ptr + out, y, mask=mask)
@@ -149,17 +176,17 @@ def _load_tile(
 
 @triton.jit
 def _key_tile(
-    k_ptr, k_out_ptr, key_cache_ptr, positions_ptr, cos_sin_ptr, slot_mapping_ptr, stride_k_token,
-    stride_k_head, stride_cs_row, head_tile, n_tokens, n_kv_heads, head_dim, rotary_dim, n_slots,
+    k_ptr, k_out_ptr, key_cache_ptr, cos, sin, slot_mapping_ptr, stride_k_token,
+    stride_k_head, head_tile, n_tokens, n_kv_heads, head_dim, rotary_dim, n_slots,
     kv_scale, IS_NEOX: tl.constexpr, WRITE_KV: tl.constexpr, IS_FP8: tl.constexpr,
     MAN_BITS: tl.constexpr, EXP_BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
     NAN_CODE: tl.constexpr, FNUZ: tl.constexpr, HAS_INF: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Rotate k's tile into k_out; with WRITE_KV also store those values in the key cache."""
-    k, mask = _rotate_tile(k_ptr, k_out_ptr, stride_k_token, stride_k_head, positions_ptr,
-                           cos_sin_ptr, stride_cs_row, head_tile, n_tokens, n_kv_heads, head_dim,
-                           rotary_dim, IS_NEOX, INTERPRET, BLOCK_T, BLOCK_H, BLOCK_D)  # fmt: skip
+    k, mask = _rotate_tile(k_ptr, k_out_ptr, stride_k_token, stride_k_head, cos, sin, head_tile,
+                           n_tokens, n_kv_heads, head_dim, rotary_dim, IS_NEOX, INTERPRET,
+                           BLOCK_T, BLOCK_H, BLOCK_D)  # fmt: skip
     if WRITE_KV:
         _write_cache(key_cache_ptr, k, k_out_ptr.dtype.element_ty, mask, slot_mapping_ptr,
                      head_tile, n_tokens, n_slots, n_kv_heads, head_dim, kv_scale, IS_FP8,
@@ -226,19 +253,28 @@ def _rotary_kernel(
     BLOCK_HQ: tl.constexpr,  # q heads per program
     BLOCK_HKV: tl.constexpr,  # k or v heads per program
     BLOCK_D: tl.constexpr,
+    EARLY: tl.constexpr,  # cos and sin loaded before the PDL wait (EARLY)
     PDL: tl.constexpr,
 ):
-    grid_wait(PDL)
+    tile = tl.program_id(1)
+    if not EARLY:
+        grid_wait(PDL)
+    cos = tl.full((BLOCK_T, BLOCK_D), 1.0, dtype=tl.float32)
+    sin = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    if tile < n_q_tiles + n_kv_tiles:  # q and k tiles rotate; v tiles only copy
+        cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, stride_cs_row, n_tokens, rotary_dim,
+                            IS_NEOX, BLOCK_T, BLOCK_D)  # fmt: skip
+    if EARLY:
+        grid_wait(PDL)
     # Each branch is one call: names bound inside a runtime `if` must agree in type across its
     # branches, and q tiles are BLOCK_HQ wide where k and v tiles are BLOCK_HKV.
-    tile = tl.program_id(1)
     if tile < n_q_tiles:
-        _rotate_tile(q_ptr, q_out_ptr, stride_q_token, stride_q_head, positions_ptr, cos_sin_ptr,
-                     stride_cs_row, tile, n_tokens, n_heads, head_dim, rotary_dim, IS_NEOX,
-                     INTERPRET, BLOCK_T, BLOCK_HQ, BLOCK_D)  # fmt: skip
+        _rotate_tile(q_ptr, q_out_ptr, stride_q_token, stride_q_head, cos, sin, tile, n_tokens,
+                     n_heads, head_dim, rotary_dim, IS_NEOX, INTERPRET, BLOCK_T, BLOCK_HQ,
+                     BLOCK_D)  # fmt: skip
     elif tile < n_q_tiles + n_kv_tiles:
-        _key_tile(k_ptr, k_out_ptr, key_cache_ptr, positions_ptr, cos_sin_ptr, slot_mapping_ptr,
-                  stride_k_token, stride_k_head, stride_cs_row, tile - n_q_tiles, n_tokens,
+        _key_tile(k_ptr, k_out_ptr, key_cache_ptr, cos, sin, slot_mapping_ptr, stride_k_token,
+                  stride_k_head, tile - n_q_tiles, n_tokens,
                   n_kv_heads, head_dim, rotary_dim, n_slots, kv_scale, IS_NEOX, WRITE_KV, IS_FP8,
                   MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF, INTERPRET, BLOCK_T,
                   BLOCK_HKV, BLOCK_D)  # fmt: skip
@@ -323,7 +359,7 @@ def _launch(
         n_tokens, n_heads, n_kv_heads, head_dim, cache.shape[1], n_q_tiles, n_kv_tiles, n_slots,
         scale, IS_NEOX=is_neox, WRITE_KV=write, IS_FP8=is_fp8, INTERPRET=interpreting(),
         BLOCK_T=block_t, BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_D=block_d,
-        enable_fp_fusion=False, **codec, **pdl_args(query.device, "rotary"),
+        enable_fp_fusion=False, EARLY=EARLY, **codec, **pdl_args(query.device, "rotary"),
     )  # fmt: skip
     return q_out, k_out
 

@@ -268,6 +268,7 @@ for target in (GPUTarget("cuda", 90, 32), GPUTarget("hip", "gfx942", 64)):
     for write in (False, True):
         consts = dict(IS_NEOX=write, WRITE_KV=write, IS_FP8=write, INTERPRET=False, BLOCK_T=1,
                       BLOCK_HQ=32, BLOCK_HKV=8, BLOCK_D=128, PDL=target.backend == "cuda",
+                      EARLY=write,  # HAL_ROTARY_EARLY: cos / sin before the PDL wait
                       **fp8_codec(torch.float8_e4m3fnuz))
         sig = {n: ("*" + ptrs[n] if n in ptrs else "constexpr" if n in consts else "i32")
                for n in fn.arg_names}
