@@ -192,6 +192,14 @@ def _chunk_splits(context_len, q0, q_len, block_q, sliding_window, num_splits, m
 
 
 @triton.jit
+def _visible(row_ok, offs_n, n_ok, q_pos, sliding_window):
+    # [rows, BLOCK_N]: which keys each query row sees (causal, in range, inside the window).
+    visible = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+    in_window = (q_pos[:, None] - offs_n[None, :]) < sliding_window
+    return visible & ((sliding_window <= 0) | in_window)
+
+
+@triton.jit
 def _seq_meta(query_start_loc_ptr, seq_lens_ptr, seq, EARLY_META: tl.constexpr,
               EARLY_TRIGGER: tl.constexpr, PDL: tl.constexpr,
               DEFER_WAIT: tl.constexpr = False):  # fmt: skip
@@ -337,10 +345,7 @@ def _decode_kernel(
         first = lo
         if EARLY_KV:
             if (q0 == 0) & (lo < hi):  # the tile loaded before the wait, as a masked step
-                visible = (row_ok[:, None] & (offs_n0 < hi)[None, :]
-                           & (offs_n0[None, :] <= q_pos[:, None]))  # fmt: skip
-                in_window = (q_pos[:, None] - offs_n0[None, :]) < sliding_window
-                visible = visible & ((sliding_window <= 0) | in_window)
+                visible = _visible(row_ok, offs_n0, offs_n0 < hi, q_pos, sliding_window)
                 m_i, l_i, acc = _attend_tile(q, k0, v0, m_i, l_i, acc, visible, tile_scale,
                                              cap_log2, True, SOFT_CAP, DOT_DTYPE,
                                              INPUT_PRECISION)  # fmt: skip
@@ -360,9 +365,7 @@ def _decode_kernel(
                                  d_ok, stride_kc_block, stride_kc_slot, kv_head_off, True,
                                  EVEN_D, PAGE_SIZE, IS_FP8, MAN_BITS, EXP_BIAS, FP8_MAX,
                                  NAN_CODE, FNUZ, HAS_INF)  # fmt: skip
-            visible = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-            in_window = (q_pos[:, None] - offs_n[None, :]) < sliding_window
-            visible = visible & ((sliding_window <= 0) | in_window)
+            visible = _visible(row_ok, offs_n, n_ok, q_pos, sliding_window)
             m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, visible, tile_scale, cap_log2,
                                          True, SOFT_CAP, DOT_DTYPE, INPUT_PRECISION)  # fmt: skip
 
