@@ -398,16 +398,6 @@ class Backend(ABC):
         order."""
         raise NotImplementedError(self.peer_all_reduce_reason())
 
-    # -- hints ---------------------------------------------------------------------------------
-    def prefetch_weights(
-        self, ranges: list[tuple[torch.Tensor, int | None]], num_tokens: int
-    ) -> None:
-        """A hint without results: the GEMMs after the next kernels read these weights (2-D
-        tensors; with a byte count, only that prefix of each row, which a decode GEMM streams
-        first), and num_tokens rows go through them. A backend whose memory idles meanwhile (a
-        small batch's attention) may start loading them into a cache. Default: nothing."""
-        return None
-
     @abstractmethod
     def rotary(
         self,

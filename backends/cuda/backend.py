@@ -35,14 +35,6 @@ _ATTENTION = {"flash_attn": attention.flash_attn_attention, "sdpa": attention.sd
 _FP8_GEMM = {"dequant_gemm": linear.fp8_linear_dequant}
 _INT8_GEMM = {"int_mm": linear.int8_linear_int_mm, "dequant_gemm": linear.int8_linear_dequant}
 _TRITON_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-# HAL_L2_PREFETCH=1 (off until measured): `prefetch_weights` hints become one kernel of L2
-# prefetches for batches of at most L2_PREFETCH_MAX_TOKENS tokens, from HAL_L2_PREFETCH_PROGRAMS
-# programs (64). The decoder layer hints o_proj's weight (and with HAL_L2_PREFETCH_GU_MB=N the
-# first N MiB of gate_up's rows) just before the attention, whose batch-1 run leaves the memory
-# idle for ~10 us a layer.
-L2_PREFETCH = os.environ.get("HAL_L2_PREFETCH", "0") == "1"
-L2_PREFETCH_MAX_TOKENS = 8
-L2_PREFETCH_PROGRAMS = int(os.environ.get("HAL_L2_PREFETCH_PROGRAMS", "64"))
 
 
 def _triton(module: str) -> ModuleType:
@@ -262,15 +254,6 @@ class CudaBackend(Backend):
                 *args, max_query_len=max_query_len, max_seq_len=max_seq_len
             )
         return _ATTENTION[impl](*args)
-
-    def prefetch_weights(self, ranges, num_tokens) -> None:
-        # HAL_L2_PREFETCH=1 (off): at decode sizes, one kernel of L2 prefetches (see
-        # backends/triton/l2_prefetch.py) that lets the next kernel start at once.
-        if not L2_PREFETCH or num_tokens > L2_PREFETCH_MAX_TOKENS or not ranges:
-            return
-        if not all(t.is_cuda and t.dim() == 2 and t.stride(1) == 1 for t, _ in ranges):
-            return
-        _triton("l2_prefetch").prefetch_l2(ranges, programs=L2_PREFETCH_PROGRAMS)
 
     # -- linear --------------------------------------------------------------------------------
     # The Triton small-M GEMM's tuning table ({(weight bytes, M bucket, N, K): GemvConfig});

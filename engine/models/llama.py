@@ -7,7 +7,6 @@ embeddings, rope scaling). Every op runs through the HAL backend; layers are ten
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -33,7 +32,6 @@ from hal.backend import Backend
 logger = logging.getLogger(__name__)
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # K, V: [num_blocks, block_size, kv_heads, head_dim]
-_HALF_FLOATS = (torch.bfloat16, torch.float16)
 
 
 class LlamaAttention(nn.Module):
@@ -75,9 +73,6 @@ class LlamaAttention(nn.Module):
         self.q_norm = RMSNorm(d, config.rms_norm_eps, backend, dtype) if config.qk_norm else None
         self.k_norm = RMSNorm(d, config.rms_norm_eps, backend, dtype) if config.qk_norm else None
         self.rotary = rotary
-        # (the MLP's gate_up linear, bytes of each of its rows) to hint with o_proj's weight (see
-        # _prefetch; set by the decoder layer; a tuple, so not registered as a submodule).
-        self.prefetch_mlp: tuple[nn.Module, int] | tuple[()] = ()
         self.attn = Attention(
             self.qkv_proj.num_heads,
             self.qkv_proj.num_kv_heads,
@@ -100,27 +95,12 @@ class LlamaAttention(nn.Module):
             q = self.qkv_proj.forward_rotary_write_kv(
                 hidden, self.rotary, positions, *kv_cache, batch.slot_mapping, self.attn.kv_scale
             )
-            self._prefetch(hidden.shape[0])
             return self.o_proj(self.attn.attend(q, batch, kv_cache))  # [T, hidden]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))  # [T, heads, D], [T, kv_heads, D] x2
         q, k = self.q_norm(q), self.k_norm(k)  # Qwen3: per-head RMSNorm before rotary
         # Rotary and the KV-cache write run as one backend op (one launch on the GPU).
         out = self.attn(q, k, v, batch, kv_cache, rotary=self.rotary, positions=positions)
         return self.o_proj(out)  # [T, hidden]
-
-    def _prefetch(self, num_tokens: int) -> None:
-        # The hint before the attention: o_proj's weight, and a prefix of each of the MLP's
-        # gate_up rows (prefetch_mlp), bf16 / fp16 weights only.
-        ranges = []
-        hints = [(self.o_proj, None)]
-        if self.prefetch_mlp:
-            hints.append(self.prefetch_mlp)
-        for layer, prefix in hints:
-            w = getattr(layer, "weight", None)
-            if isinstance(w, torch.Tensor) and w.dim() == 2 and w.dtype in _HALF_FLOATS:
-                ranges.append((w, prefix))
-        if ranges:
-            self.attn.backend.prefetch_weights(ranges, num_tokens)
 
     def load(self, source: TensorSource, prefix: str) -> None:
         self.qkv_proj.load(source, f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj")
@@ -209,11 +189,6 @@ class LlamaDecoderLayer(nn.Module):
         # added after the sum, so a layer with one reduces in the projection as before.
         self.parallel = parallel
         self.partial_out = parallel.tp_size > 1 and not config.o_proj_bias and not config.mlp_bias
-        mlp_mib = float(os.environ.get("HAL_L2_PREFETCH_GU_MB", "0"))
-        gate_up = getattr(self.mlp.gate_up_proj, "weight", None)
-        if mlp_mib > 0 and isinstance(gate_up, torch.Tensor) and gate_up.dim() == 2:
-            rows = gate_up.shape[0]
-            self.self_attn.prefetch_mlp = (self.mlp.gate_up_proj, int(mlp_mib * 2**20 / rows))
         if self.partial_out:
             self.self_attn.o_proj.reduce_results = False
             self.mlp.down_proj.reduce_results = False
