@@ -117,9 +117,12 @@ DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], .
         (7, DecodeConfig(block_n=16, num_warps=1, num_stages=3)),
         (3, DecodeConfig(block_n=64, num_warps=2, num_stages=3)),
     ),
+    # FP8: from 3 per SM 5 stages keep a tile in flight (H200 graph replays, twenty-fourth
+    # session, `bench/attention.py wide`, us against 2 stages): 64 x 1024 57 / 61, 64 x 2048
+    # 101 / 109; from 7 per SM (32, 1, 3) stays (512 x 256 116 against 127-147 for 5-stage tiles).
     ("narrow", "big_smem", True): (
         (7, DecodeConfig(block_n=32, num_warps=1, num_stages=3)),
-        (3, DecodeConfig(block_n=64, num_warps=2, num_stages=2)),
+        (3, DecodeConfig(block_n=64, num_warps=2, num_stages=5)),
         # below the tiers: 128 tokens, 5 stages (H200, fourteenth session, e4m3fn cache, 6
         # shapes of batch 1-32: 1.05-1.17x the ninth session's 2 stages, e.g. 16 x 1024 0.25 ->
         # 0.30 of copy, 1 x 32k 0.34 -> 0.38)
@@ -159,16 +162,6 @@ EARLY_META = os.environ.get("HAL_ATTN_EARLY_META", "1") != "0"
 # batch-1 decode alternated in one call (twenty-third session): 2.59 / 2.65 / 2.58 ms on against
 # 2.66 / 2.59 / 2.60 / 2.60 off, no gain beyond the spread: off.
 EARLY_TRIGGER = os.environ.get("HAL_ATTN_EARLY_TRIGGER", "0") == "1"
-# HAL_ATTN_EARLY_KV=1 (with EARLY_META): each decode program loads its split's first K/V tile
-# before the PDL wait, all but the positions this step writes (>= the context length: the query's
-# own tokens, which the KV write just before may still be storing); after the wait only those are
-# loaded, into the same tile. The page lookups and the old tokens' K/V then leave the chain that
-# follows the wait (at batch 1 a split is often one tile, so its whole read overlaps the kernel
-# before). Right because the block table is host-copied before the step's first kernel and the
-# older positions were written by earlier steps (or copied at the step's start), long finished;
-# the only kernels that may still run at the wait write this step's q / k / v. Written in the
-# twenty-third session, not yet measured on a GPU: off.
-EARLY_KV = os.environ.get("HAL_ATTN_EARLY_KV", "0") == "1"
 # Under the interpreter each step costs Python time while numpy does the arithmetic.
 INTERPRET_DECODE_CONFIG = DecodeConfig(block_n=256, num_warps=4, num_stages=1)
 
@@ -192,21 +185,11 @@ def _chunk_splits(context_len, q0, q_len, block_q, sliding_window, num_splits, m
 
 
 @triton.jit
-def _visible(row_ok, offs_n, n_ok, q_pos, sliding_window):
-    # [rows, BLOCK_N]: which keys each query row sees (causal, in range, inside the window).
-    visible = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
-    in_window = (q_pos[:, None] - offs_n[None, :]) < sliding_window
-    return visible & ((sliding_window <= 0) | in_window)
-
-
-@triton.jit
 def _seq_meta(query_start_loc_ptr, seq_lens_ptr, seq, EARLY_META: tl.constexpr,
-              EARLY_TRIGGER: tl.constexpr, PDL: tl.constexpr,
-              DEFER_WAIT: tl.constexpr = False):  # fmt: skip
+              EARLY_TRIGGER: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     # (first query row, query length, context length before the query) of sequence seq, and the
-    # PDL wait: after it, or with EARLY_META before it (see EARLY_META), or with DEFER_WAIT (and
-    # EARLY_META) left to the caller; with EARLY_TRIGGER the next kernel may start first (see
-    # EARLY_TRIGGER).
+    # PDL wait: after it, or with EARLY_META before it (see EARLY_META); with EARLY_TRIGGER the
+    # next kernel may start first (see EARLY_TRIGGER).
     if EARLY_TRIGGER:
         let_next_start(PDL)
     if not EARLY_META:
@@ -214,7 +197,7 @@ def _seq_meta(query_start_loc_ptr, seq_lens_ptr, seq, EARLY_META: tl.constexpr,
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     context_len = tl.load(seq_lens_ptr + seq) - q_len
-    if EARLY_META and not DEFER_WAIT:
+    if EARLY_META:
         grid_wait(PDL)
     return q_start, q_len, context_len
 
@@ -274,7 +257,6 @@ def _decode_kernel(
     HEAD_DIM_P2: tl.constexpr,
     EARLY_META: tl.constexpr,  # the sequence's lengths read before the PDL wait (EARLY_META)
     EARLY_TRIGGER: tl.constexpr,  # the next kernel may start before the wait (EARLY_TRIGGER)
-    EARLY_KV: tl.constexpr,  # with EARLY_META: the first tile's older K/V before the wait
     PDL: tl.constexpr,
 ):
     # grid: (num_kv_heads, num_seqs, num_splits). A sequence's KV-head programs read the same
@@ -285,38 +267,13 @@ def _decode_kernel(
     seq = tl.program_id(1)
     split = tl.program_id(2)
     q_start, q_len, context_len = _seq_meta(query_start_loc_ptr, seq_lens_ptr, seq, EARLY_META,
-                                            EARLY_TRIGGER, PDL, EARLY_KV)  # fmt: skip
+                                            EARLY_TRIGGER, PDL)  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
     head = kv_head * group + offs_m % group
     offs_d = tl.arange(0, HEAD_DIM_P2)
     d_ok = _head_dim_mask(offs_d, head_dim, EVEN_D, HEAD_DIM_P2)
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt_row
     kv_head_off = kv_head.to(tl.int64) * stride_kc_head
-    if EARLY_KV:  # see EARLY_KV: the first chunk's first tile of this split, older tokens first
-        kv_start0, kv_end0, per_split0, _ = _chunk_splits(context_len, 0, q_len, block_q,
-                                                          sliding_window, num_splits,
-                                                          min_split_tiles, BLOCK_N)  # fmt: skip
-        lo0 = kv_start0 + split * per_split0
-        hi0 = tl.minimum(lo0 + per_split0, kv_end0)
-        offs_n0 = lo0 + tl.arange(0, BLOCK_N)
-        k0, v0 = _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n0,
-                               (offs_n0 < hi0) & (offs_n0 < context_len), offs_d, d_ok,
-                               stride_kc_block, stride_kc_slot, kv_head_off, True, EVEN_D,
-                               PAGE_SIZE, IS_FP8, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ,
-                               HAS_INF)  # fmt: skip
-        grid_wait(PDL)
-        if (hi0 > context_len) & (lo0 + BLOCK_N > context_len):  # this step's tokens in it
-            fresh = (offs_n0 < hi0) & (offs_n0 >= context_len)
-            k1, v1 = _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n0, fresh, offs_d,
-                                   d_ok, stride_kc_block, stride_kc_slot, kv_head_off, True,
-                                   EVEN_D, PAGE_SIZE, IS_FP8, MAN_BITS, EXP_BIAS, FP8_MAX,
-                                   NAN_CODE, FNUZ, HAS_INF)  # fmt: skip
-            k0 = tl.where(fresh[:, None], k1, k0)
-            v0 = tl.where(fresh[:, None], v1, v0)
-    else:
-        offs_n0 = tl.arange(0, BLOCK_N)  # unused
-        k0 = 0.0
-        v0 = 0.0
     # Usually one pass (a decode token); a longer query is taken block_q tokens at a time.
     for q0 in range(0, q_len, block_q):
         q_tok = q0 + offs_m // group
@@ -342,15 +299,7 @@ def _decode_kernel(
         m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM_P2), dtype=tl.float32)
-        first = lo
-        if EARLY_KV:
-            if (q0 == 0) & (lo < hi):  # the tile loaded before the wait, as a masked step
-                visible = _visible(row_ok, offs_n0, offs_n0 < hi, q_pos, sliding_window)
-                m_i, l_i, acc = _attend_tile(q, k0, v0, m_i, l_i, acc, visible, tile_scale,
-                                             cap_log2, True, SOFT_CAP, DOT_DTYPE,
-                                             INPUT_PRECISION)  # fmt: skip
-                first = lo + BLOCK_N
-        for start in range(first, full_end, BLOCK_N):
+        for start in range(lo, full_end, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             k, v = _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n, offs_n < hi,
                                  offs_d, d_ok, stride_kc_block, stride_kc_slot, kv_head_off,
@@ -358,14 +307,16 @@ def _decode_kernel(
                                  NAN_CODE, FNUZ, HAS_INF)  # fmt: skip
             m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, None, tile_scale, cap_log2, False,
                                          SOFT_CAP, DOT_DTYPE, INPUT_PRECISION)  # fmt: skip
-        for start in range(tl.maximum(full_end, first), hi, BLOCK_N):
+        for start in range(full_end, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < hi
             k, v = _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, offs_d,
                                  d_ok, stride_kc_block, stride_kc_slot, kv_head_off, True,
                                  EVEN_D, PAGE_SIZE, IS_FP8, MAN_BITS, EXP_BIAS, FP8_MAX,
                                  NAN_CODE, FNUZ, HAS_INF)  # fmt: skip
-            visible = _visible(row_ok, offs_n, n_ok, q_pos, sliding_window)
+            visible = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+            in_window = (q_pos[:, None] - offs_n[None, :]) < sliding_window
+            visible = visible & ((sliding_window <= 0) | in_window)
             m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, visible, tile_scale, cap_log2,
                                          True, SOFT_CAP, DOT_DTYPE, INPUT_PRECISION)  # fmt: skip
 
@@ -618,7 +569,6 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
         INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
         SPLIT=splits > 1, PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM_P2=c["head_dim_p2"], EARLY_META=EARLY_META, EARLY_TRIGGER=EARLY_TRIGGER,
-        EARLY_KV=EARLY_META and EARLY_KV,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
         **pdl_args(query.device, "attention"),
     )  # fmt: skip

@@ -77,12 +77,6 @@ FUSED_REDUCE = os.environ.get("HAL_GEMV_FUSED_REDUCE", "1") != "0"
 # 4.48-4.49 -> 4.42 ms a step; TP=2 3.04 either way (docs/benchmarks.md, eighteenth session).
 # HAL_GEMV_EARLY=0 turns it off.
 EARLY = os.environ.get("HAL_GEMV_EARLY", "1") != "0"
-# HAL_GEMV_EARLY_STEPS=2 (with EARLY): the second weight tile of each program's K range loads
-# before the wait too (masked off where the range holds one tile), so a GEMM launched early
-# (HAL_ATTN_EARLY_TRIGGER) has twice the bytes in flight while the kernel before it runs; at TP=2
-# o_proj's K of 2048 is then read whole before its wait. Costs the registers of one more tile.
-# Written in the twenty-third session, not yet measured: 1.
-EARLY_STEPS = int(os.environ.get("HAL_GEMV_EARLY_STEPS", "1") or 1)
 _MAX_GRID = 65535  # CUDA's limit on grid axes 1 and 2
 
 
@@ -582,7 +576,6 @@ def _small_m_kernel(
     LL_WORLD: tl.constexpr,
     PDL: tl.constexpr,
     EARLY: tl.constexpr,  # even K: the first weight tile loads before the PDL wait
-    EARLY2: tl.constexpr,  # with EARLY: the second one too (EARLY_STEPS)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -634,24 +627,12 @@ def _small_m_kernel(
         # The first step peeled: its weight tile loads before the wait for the kernel before
         # (weights are written by no kernel), so that load overlaps the other kernel's tail.
         w = tl.load(w_ptrs + k_start * stride_w_col, eviction_policy="evict_first")
-        if EARLY2:  # the second step too, masked off past the range (zeros: no contribution)
-            k1 = k_start + BLOCK_K
-            k1_ok = (k1 + offs_k) < k_end
-            w1 = tl.load(w_ptrs + k1 * stride_w_col, mask=k1_ok[None, :], other=0,
-                         eviction_policy="evict_first")  # fmt: skip
         grid_wait(PDL)
         x = tl.load(x_ptrs + k_start * stride_x_col)
         acc = _mac(acc, w, x, USE_DOT, DOT_DTYPE, X_FP8, W_FP8, X_MAN_BITS, X_EXP_BIAS,
                    X_FP8_MAX, X_NAN_CODE, X_FNUZ, X_HAS_INF, W_MAN_BITS, W_EXP_BIAS, W_FP8_MAX,
                    W_NAN_CODE, W_FNUZ, W_HAS_INF)  # fmt: skip
         k_loop = k_start + BLOCK_K
-        if EARLY2:
-            x1 = tl.load(x_ptrs + k1 * stride_x_col, mask=k1_ok[:, None] if USE_DOT else
-                         k1_ok[None, :], other=0)  # fmt: skip
-            acc = _mac(acc, w1, x1, USE_DOT, DOT_DTYPE, X_FP8, W_FP8, X_MAN_BITS, X_EXP_BIAS,
-                       X_FP8_MAX, X_NAN_CODE, X_FNUZ, X_HAS_INF, W_MAN_BITS, W_EXP_BIAS,
-                       W_FP8_MAX, W_NAN_CODE, W_FNUZ, W_HAS_INF)  # fmt: skip
-            k_loop = k_start + 2 * BLOCK_K
     if LL_PUSH:  # after the wait: the last all-reduce has counted its call; in flight meanwhile
         ll_epoch = tl.load(ll_epoch_ptr) + 1
     for k0 in range(k_loop, k_end, BLOCK_K):
@@ -917,7 +898,6 @@ def _launch(
         **{f"W_{key}": value for key, value in w_codec.items()},
         FUSED_REDUCE=fused, SILU_OUT=silu_out, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         EARLY=early and k > 0 and k % cfg.block_k == 0,  # the peeled step needs a whole tile
-        EARLY2=early and k > 0 and k % cfg.block_k == 0 and EARLY_STEPS >= 2,
         BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags, **pdl,
     )  # fmt: skip

@@ -195,22 +195,16 @@ def test_decode_kernel_takes_mixed_query_lengths(dtype: str) -> None:
     run_and_check(case, tattn.decode_attention, num_padding=2, max_query_len=5, config=config)
 
 
-@pytest.mark.parametrize(("early", "trigger", "early_kv"),
-                         [(False, False, False), (True, False, False), (True, True, False),
-                          (True, False, True), (False, False, True)])  # fmt: skip
+@pytest.mark.parametrize(("early", "trigger"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("splits", [1, 3])
-def test_lengths_read_before_the_pdl_wait_give_the_same_result(
-    monkeypatch, splits, early, trigger, early_kv
-) -> None:
+def test_lengths_read_before_the_pdl_wait_give_the_same_result(monkeypatch, splits, early,
+                                                               trigger) -> None:  # fmt: skip
     # HAL_ATTN_EARLY_META (on by default) moves the sequence-length loads of the decode and
     # combine kernels ahead of the PDL wait, HAL_ATTN_EARLY_TRIGGER lets the next kernel start
-    # before it, HAL_ATTN_EARLY_KV (with EARLY_META) loads each split's first tile's older K/V
-    # before it and this step's tokens after; the results are the same either way (without PDL,
-    # e.g. the interpreter, the wait is a no-op and only the order of the code changes). The
-    # batch mixes 1-3-token queries, so fresh tokens fall in first tiles and in later ones.
+    # before it; the results are the same either way (without PDL, e.g. the interpreter, the
+    # wait is a no-op and only the order of the code changes).
     monkeypatch.setattr(tdecode, "EARLY_META", early)
     monkeypatch.setattr(tdecode, "EARLY_TRIGGER", trigger)
-    monkeypatch.setattr(tdecode, "EARLY_KV", early_kv)
     case = batch(40 + splits, "bf16", (1, 97, 40, 130, 73), (1, 1, 3, 1, 2), block_size=16)
     config = tattn.DecodeConfig(block_n=16, num_splits=splits)
     run_and_check(case, tattn.decode_attention, max_query_len=3, config=config)

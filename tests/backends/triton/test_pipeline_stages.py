@@ -36,7 +36,7 @@ TYPES = {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "block_tables_ptr": "
 COMMON = dict(IS_FP8=0, MAN_BITS=3, EXP_BIAS=7, FP8_MAX=448.0, NAN_CODE=127, FNUZ=False,
               HAS_INF=False, SOFT_CAP=False, DOT_DTYPE=tl.bfloat16, Q_SCALED=False,
               INPUT_PRECISION="ieee", INTERPRET=False, EVEN_D=True, SPLIT=False, PAGE_SIZE=16,
-              HEAD_DIM_P2=128, EARLY_META=False, EARLY_TRIGGER=False, EARLY_KV=False, PDL=False)
+              HEAD_DIM_P2=128, EARLY_META=False, EARLY_TRIGGER=False, PDL=False)
 
 
 def waits(fn, consts, num_warps, num_stages):
@@ -61,10 +61,6 @@ for name, cfg in (("decode", D.DECODE_CONFIGS[("narrow", "big_smem")]),
                   ("decode_3_stages", D.DecodeConfig(block_n=64, num_warps=4, num_stages=3))):
     out[name] = waits(D._decode_kernel, dict(BLOCK_M=16, BLOCK_N=cfg.block_n), cfg.num_warps,
                       cfg.num_stages)
-cfg = D.DECODE_CONFIGS[("narrow", "big_smem")]
-out["decode_early_kv"] = waits(D._decode_kernel, dict(BLOCK_M=16, BLOCK_N=cfg.block_n,
-                                                      EARLY_META=True, EARLY_KV=True, PDL=True),
-                               cfg.num_warps, cfg.num_stages)
 p = A.PREFILL_CONFIGS[("narrow", "big_smem")]
 out["prefill"] = waits(A._attention_kernel, dict(BLOCK_M=p.block_m, BLOCK_N=p.block_n),
                        p.num_warps, p.num_stages)
@@ -86,7 +82,7 @@ def loop_waits() -> dict[str, list[int]]:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("kernel", ["decode", "decode_one_wave", "decode_early_kv", "prefill"])
+@pytest.mark.parametrize("kernel", ["decode", "decode_one_wave", "prefill"])
 def test_sm90_table_entries_overlap_loads_with_math(loop_waits, kernel: str) -> None:
     # Some wait in the loop leaves copies outstanding (the next tile's K and V).
     assert max(loop_waits[kernel], default=0) > 0, loop_waits[kernel]
