@@ -5,6 +5,7 @@ the input checks and the launch arguments (`backends.triton.attention` documents
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -28,6 +29,14 @@ FP8_NOT, FP8_CODEC, FP8_NATIVE_E4M3, FP8_NATIVE_E5M2 = 0, 1, 2, 3
 _NATIVE_KV = {torch.float8_e4m3fn: FP8_NATIVE_E4M3, torch.float8_e5m2: FP8_NATIVE_E5M2}
 _E4M3_NATIVE = tl.constexpr(FP8_NATIVE_E4M3)  # the kernels read only constexpr globals
 _E5M2_NATIVE = tl.constexpr(FP8_NATIVE_E5M2)
+# HAL_ATTN_FP8_PAIRS=0 (on by default): native FP8 tiles load as bytes and widen in the dot's
+# operand registers (Triton's mixed-precision path: byte loads from shared memory, no second trip
+# through it) instead of as int16 pairs widened, joined and stored back for the dot. Offline sm_90
+# compile (Triton 3.6) of the 16-token, 1-warp tile: 8.3 KB of shared memory against 12.4, 8
+# shared stores against 80, but 216 shared loads against 64; the H100's eighth session found the
+# byte loads 1.5x slower at 4k. For the wide-batch FP8 tiers, where ~31 programs per SM compete
+# for shared memory (twenty-fourth session: FP8 at 0.40 of copy, 512 x 144). Not yet measured.
+_FP8_PAIRS = tl.constexpr(os.environ.get("HAL_ATTN_FP8_PAIRS", "1") != "0")
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Native FP8 caches under bf16 queries run both dots in fp16 (False: in bf16, as bf16 caches do;
 # bench/attention.py compares the two).
@@ -107,7 +116,8 @@ def _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, offs_d, 
     # repeated loads are one cached line. MASK_N off: a whole tile below the visible end, loaded
     # without a mask (and without any mask when head_dim is a power of two).
     page = offs_n // PAGE_SIZE
-    if ((IS_FP8 == _E4M3_NATIVE) or (IS_FP8 == _E5M2_NATIVE)) and EVEN_D and offs_d.shape[0] >= 16:
+    native: tl.constexpr = (IS_FP8 == _E4M3_NATIVE) or (IS_FP8 == _E5M2_NATIVE)
+    if _FP8_PAIRS and native and EVEN_D and offs_d.shape[0] >= 16:
         return _load_kv_tile_pairs(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, page,
                                    stride_kc_block, stride_kc_slot, kv_head_off, MASK_N,
                                    PAGE_SIZE, offs_d.shape[0], IS_FP8 == _E5M2_NATIVE)  # fmt: skip
