@@ -97,6 +97,29 @@ DECODE_CONFIGS: dict[tuple[str, str], DecodeConfig] = {
     ("fp32_256", "big_smem"): DecodeConfig(block_n=16, num_warps=4, num_stages=2),
     ("fp32_256", "small_smem"): DecodeConfig(block_n=16, num_warps=4, num_stages=1),
 }
+
+
+def tile_override(value: str | None) -> DecodeConfig | None:
+    """HAL_ATTN_DECODE_TILE=NxWxS (block_n x num_warps x num_stages): the decode tile that
+    replaces the table's narrow / big_smem default (the tile of small batches whose split count
+    the model picks: batch-1 decode among them), for measuring another tile in the engine (e.g.
+    32x4x5 at TP=2 batch 1); unset or empty: None, the table stands."""
+    if not value:
+        return None
+    try:
+        block_n, warps, stages = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise ValueError(
+            f"HAL_ATTN_DECODE_TILE={value!r}: expected NxWxS (block_n x num_warps x num_stages), "
+            "e.g. 32x4x5"
+        ) from None
+    return DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages)
+
+
+_TILE = tile_override(os.environ.get("HAL_ATTN_DECODE_TILE"))
+if _TILE is not None:
+    DECODE_CONFIGS[("narrow", "big_smem")] = _TILE
+
 # Batches whose num_seqs x num_kv_heads programs fill the GPU several times over (no split-KV
 # there) take smaller programs, more of them resident per SM: (table key, FP8 cache) -> ((at
 # least this many programs per SM, config), ...), first match wins. H100 graph-replay sweep

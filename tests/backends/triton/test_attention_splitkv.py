@@ -418,3 +418,15 @@ def test_decode_path_captures_in_a_cuda_graph() -> None:
     torch.cuda.synchronize()
     eager = tattn.attention(*args, max_seq_len=1000)
     torch.testing.assert_close(out, eager, rtol=0, atol=0)
+
+
+def test_decode_tile_override_parses_or_says_what_is_wrong() -> None:
+    # HAL_ATTN_DECODE_TILE=NxWxS replaces the default decode tile (for measuring another one).
+    assert tdecode.tile_override(None) is None
+    assert tdecode.tile_override("") is None
+    assert tdecode.tile_override("32x4x5") == tattn.DecodeConfig(block_n=32, num_warps=4,
+                                                                 num_stages=5)  # fmt: skip
+    with pytest.raises(ValueError, match="expected NxWxS"):
+        tdecode.tile_override("32x4")
+    with pytest.raises(ValueError, match="power of two"):
+        tdecode.tile_override("48x4x5")
