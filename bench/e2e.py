@@ -157,6 +157,69 @@ def warm_up(llm, work: list[tuple[list[int], int]]) -> None:
     llm.generate(prompt_token_ids=prompts, sampling_params=params, use_tqdm=False)
 
 
+class StepLog:
+    """Records, for every step the engine's scheduler plans (`schedule` and, with async
+    scheduling, `schedule_ahead`), when it was planned and its sequences and new tokens; the
+    interval to the next plan is charged to that step (with async scheduling step N + 1 is
+    planned while N runs, so the intervals are the steps' times in steady state). summary()
+    groups them by kind: decode (every sequence one token), mixed (prefill chunks and decodes),
+    prefill (no decodes). For finding where an end-to-end run's time goes."""
+
+    def __init__(self, llm) -> None:
+        self.sched = llm.engine.scheduler
+        self.rows: list[tuple[float, int, int, int]] = []  # (time, seqs, tokens, decode seqs)
+
+    def _log(self, out) -> None:
+        new = [s.num_new_tokens for s in out.scheduled]
+        if new:
+            self.rows.append((time.perf_counter(), len(new), sum(new), sum(n == 1 for n in new)))
+
+    def __enter__(self) -> StepLog:
+        sched, log = self.sched, self._log
+        self._orig = sched.schedule, getattr(sched, "schedule_ahead", None)
+
+        def schedule(*a, **k):
+            out = self._orig[0](*a, **k)
+            log(out)
+            return out
+
+        sched.schedule = schedule
+        if self._orig[1] is not None:
+
+            def schedule_ahead(*a, **k):
+                plan = self._orig[1](*a, **k)
+                if plan is not None:
+                    log(plan[0])
+                return plan
+
+            sched.schedule_ahead = schedule_ahead
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.rows.append((time.perf_counter(), 0, 0, 0))  # the end of the last step
+        del self.sched.schedule
+        if self._orig[1] is not None:
+            del self.sched.schedule_ahead
+
+    def summary(self) -> list[str]:
+        groups: dict[str, list[tuple[float, int, int]]] = {}
+        for (t0, seqs, tokens, dec), (t1, *_) in zip(self.rows, self.rows[1:], strict=False):
+            if not seqs:
+                continue
+            kind = "decode" if dec == seqs else ("prefill" if dec == 0 else "mixed")
+            groups.setdefault(kind, []).append((t1 - t0, seqs, tokens))
+        total = sum(dt for g in groups.values() for dt, _, _ in g)
+        lines = [f"steps: {sum(len(g) for g in groups.values())} in {total:.2f} s"]
+        for kind, g in sorted(groups.items()):
+            secs = sum(dt for dt, _, _ in g)
+            lines.append(
+                f"  {kind:8s} {len(g):5d} steps {secs:7.2f} s ({secs / max(total, 1e-9):.0%}): "
+                f"{secs / len(g) * 1e3:6.2f} ms/step, {sum(s for _, s, _ in g) / len(g):6.1f} "
+                f"seqs, {sum(t for _, _, t in g) / len(g):7.1f} tokens on average"
+            )
+        return lines
+
+
 def throughput(llm, work: list[tuple[list[int], int]], on_start=None) -> tuple[float, int, float]:
     """(output tokens/s, tokens, seconds) for the whole batch at once; on_start() runs after the
     warm-up, just before the timed run."""
@@ -279,6 +342,11 @@ def main() -> int:
         action="store_true",
         help="also run each fixed workload with synchronous steps (same engine)",
     )
+    p.add_argument(
+        "--step-log",
+        action="store_true",
+        help="print where each fixed run's time goes by kind of step (StepLog)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
     modes = set(args.modes.split(","))
@@ -346,7 +414,12 @@ def main() -> int:
                 was, llm.engine.async_scheduling = llm.engine.async_scheduling, False
                 sync, _, _ = throughput(llm, fixed_work(n, i, o, args.seed + 1))
                 llm.engine.async_scheduling = was
-            tps, tokens, secs = throughput(llm, fixed_work(n, i, o, args.seed))
+            log = StepLog(llm) if args.step_log else None
+            tps, tokens, secs = throughput(llm, fixed_work(n, i, o, args.seed),
+                                           on_start=log.__enter__ if log else None)  # fmt: skip
+            if log is not None:
+                log.__exit__(None, None, None)
+                print("\n".join(f"{tag} {i}/{o} {line}" for line in log.summary()))
             trt = TRT_LLM_H200_FP8.get((i, o))
             key = f"fixed_{tag}_{i}x{o}"
             ratio = tps / trt if trt else None
