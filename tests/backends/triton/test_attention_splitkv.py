@@ -12,6 +12,7 @@ import importlib
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -430,3 +431,23 @@ def test_decode_tile_override_parses_or_says_what_is_wrong() -> None:
         tdecode.tile_override("32x4")
     with pytest.raises(ValueError, match="power of two"):
         tdecode.tile_override("48x4x5")
+
+
+def test_split_tokens_env_sets_the_split_models_floor() -> None:
+    # HAL_ATTN_SPLIT_TOKENS replaces MIN_SPLIT_TOKENS at import (a fresh interpreter: the module
+    # reads it once): 64 lets 1 x 512 split into eight one-tile splits; below 16 is an error.
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    code = ("from backends.triton import attention_decode as d; "
+            "print(d.MIN_SPLIT_TOKENS, d.num_splits(1, 8, 512, 132, 64))")  # fmt: skip
+
+    def run(value: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "HAL_ATTN_SPLIT_TOKENS": value, "PYTHONPATH": str(root)}
+        return subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    assert run("64").stdout.split() == ["64", "8"]
+    assert run("256").stdout.split() == ["256", "1"]
+    bad = run("8")
+    assert bad.returncode != 0 and "at least 16" in bad.stderr
