@@ -4,7 +4,8 @@ The K/V addresses come from a block-table load, and Triton's pipeliner splits nu
 the two: below 5 stages the loop waits for every copy at the top of each iteration (TTGIR
 `async_wait {num = 0}`) and no load overlaps the math (docs/attention.md, "Pipeline stages and the
 block table"). This compiles the kernels for sm_90 offline (Triton's bundled ptxas; no GPU) in a
-fresh interpreter-free process and reads the waits of their main loops.
+fresh interpreter-free process and reads the waits of their main loops; and the decode kernel's
+two load paths for a native FP8 cache (HAL_ATTN_FP8_PAIRS), compiled the same way.
 """
 
 from __future__ import annotations
@@ -68,18 +69,24 @@ print(json.dumps(out))
 """
 
 
-@pytest.fixture(scope="module")
-def loop_waits() -> dict[str, list[int]]:
+def run_offline(script: str, **env_vars: str):
+    """Run an offline-compile script in a fresh interpreter-free process (env_vars added to its
+    environment, e.g. switches read at import); its last stdout line, as JSON."""
     pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1", **env_vars}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)  # fmt: skip
     if run.returncode != 0:
         if "ptxas" in run.stderr and ("not found" in run.stderr or "No such file" in run.stderr):
             pytest.skip("Triton's NVIDIA toolchain (ptxas) is not installed")
         raise AssertionError(f"offline sm_90 compile failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def loop_waits() -> dict[str, list[int]]:
+    return run_offline(SCRIPT)
 
 
 @pytest.mark.parametrize("kernel", ["decode", "decode_one_wave", "prefill"])
@@ -91,3 +98,51 @@ def test_sm90_table_entries_overlap_loads_with_math(loop_waits, kernel: str) -> 
 def test_three_stages_wait_for_everything(loop_waits) -> None:
     # The control: the block-table indirection leaves 3 stages no overlap at all.
     assert loop_waits["decode_3_stages"] and max(loop_waits["decode_3_stages"]) == 0
+
+
+# HAL_ATTN_FP8_PAIRS switches how the decode kernel loads a native FP8 (e4m3fn) KV cache on sm_89+:
+# as int16 pairs widened, joined and stored back to shared memory for the dot (default), or as bytes
+# widened in the dot operands' registers (=0). Only a GPU runs either (the interpreter decodes FP8
+# from the bits), so the wide-batch FP8 tile is compiled here in both modes.
+FP8_SCRIPT = r"""
+import json
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from backends.triton import attention_common as C
+from backends.triton import attention_decode as D
+
+cfg = D.DECODE_WIDE_BATCH[("narrow", "big_smem", True)][0][1]
+consts = dict(IS_FP8=C.FP8_NATIVE_E4M3, MAN_BITS=3, EXP_BIAS=7, FP8_MAX=448.0, NAN_CODE=127,
+              FNUZ=False, HAS_INF=False, SOFT_CAP=False, DOT_DTYPE=tl.float16, Q_SCALED=True,
+              INPUT_PRECISION="ieee", INTERPRET=False, EVEN_D=True, SPLIT=False, PAGE_SIZE=16,
+              HEAD_DIM_P2=128, EARLY_META=True, EARLY_TRIGGER=False, PDL=True, BLOCK_M=16,
+              BLOCK_N=cfg.block_n)
+fn = D._decode_kernel
+consts = {k: v for k, v in consts.items() if k in fn.arg_names}
+types = {"query_ptr": "*bf16", "out_ptr": "*bf16", "key_cache_ptr": "*u8",
+         "value_cache_ptr": "*u8", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
+         "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_loc_ptr": "*i32",
+         "s_scale": "fp32", "cap_log2": "fp32", "out_scale": "fp32"}
+sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+aligned = [n for n in fn.arg_names if n.endswith("_ptr") or n.startswith("stride_kc")
+           or n == "stride_bt_row"]
+src = triton.compiler.ASTSource(
+    fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+    attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                   options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+ptx = k.asm["ptx"]
+print(json.dumps(dict(shared=k.metadata.shared, st_shared=ptx.count("st.shared"),
+                      cvt=ptx.count("cvt.rn.f16x2.e4m3x2"))))
+"""
+
+
+def test_fp8_byte_loads_skip_the_shared_memory_round_trip() -> None:
+    pairs = run_offline(FP8_SCRIPT, HAL_ATTN_FP8_PAIRS="1")
+    byte = run_offline(FP8_SCRIPT, HAL_ATTN_FP8_PAIRS="0")
+    # Both widen with the hardware's paired conversion (two codes per instruction).
+    assert pairs["cvt"] > 0 and byte["cvt"] > 0, (pairs, byte)
+    # The byte path keeps the widened tiles out of shared memory: fewer stores, a smaller buffer.
+    assert byte["st_shared"] < pairs["st_shared"], (pairs, byte)
+    assert byte["shared"] < pairs["shared"], (pairs, byte)
