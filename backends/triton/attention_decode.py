@@ -45,8 +45,9 @@ SPLIT_PROGRAMS_PER_SM = 2
 # against 0.57-0.63 whole). The ninth session's H100 fit for 128-token 3-stage tiles had cost 1.
 SPLIT_SHARED_GAIN = 0.1
 SPLIT_COST_TILES = 4.0
-# HAL_ATTN_SPLIT_TOKENS=N replaces MIN_SPLIT_TOKENS (for measuring: at 1 x 512 the model may
-# split in two at 256, in eight one-tile splits at 64; SDPA leads there by a hundredth of copy).
+# HAL_ATTN_SPLIT_TOKENS=N replaces MIN_SPLIT_TOKENS (for measuring: at 256 the model leaves
+# 1 x 512 unsplit, eight programs of serial tiles; at 64 it makes eight one-tile splits and a
+# combine; SDPA leads there by a hundredth of copy).
 MIN_SPLIT_TOKENS = int(os.environ.get("HAL_ATTN_SPLIT_TOKENS", "256"))
 if MIN_SPLIT_TOKENS < 16:
     raise ValueError(f"HAL_ATTN_SPLIT_TOKENS={MIN_SPLIT_TOKENS}: must be at least 16 KV tokens")
