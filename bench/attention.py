@@ -520,8 +520,10 @@ def run_wide(args, device, timer, bw) -> list[dict]:
             a = (x.q, kc, vc, x.block_tables, x.seq_lens, x.query_start_loc, x.scale)
             picked = dec.decode_config(HEAD_DIM, DTYPE, device, kind == "fp8", b * NUM_KV_HEADS)
             us = {}
-            for bn, w, st in args.wide_configs:
-                cfg = tattn.DecodeConfig(block_n=bn, num_warps=w, num_stages=st)
+            for tile in args.wide_configs:  # (block_n, warps, stages[, 0: FP8 as bytes])
+                bn, w, st = tile[:3]
+                cfg = tattn.DecodeConfig(block_n=bn, num_warps=w, num_stages=st,
+                                         fp8_pairs=len(tile) < 4 or bool(tile[3]))  # fmt: skip
 
                 def fn(cfg=cfg, a=a, kv_scale=kv_scale, ctx=ctx):
                     return tattn.decode_attention(*a, kv_scale=kv_scale, max_query_len=1,
@@ -529,9 +531,10 @@ def run_wide(args, device, timer, bw) -> list[dict]:
 
                 if max_err(fn(), base) > 0.1:
                     raise RuntimeError(f"{kind} {b}x{ctx} {cfg}: wrong result")
-                us[(bn, w, st)] = timed(fn) * 1e3
+                us[tile] = timed(fn) * 1e3
             best = min(us, key=us.get)
             key = (picked.block_n, picked.num_warps, picked.num_stages)
+            key += () if picked.fp8_pairs else (0,)
             row[kind] = {"us": {str(k): v for k, v in us.items()}, "picked": str(key),
                          "best": str(best)}  # fmt: skip
             print(f"{b:>4} x {ctx:<5} {kind}: first {us[args.wide_configs[0]]:.0f} | picked {key} "
@@ -874,7 +877,8 @@ def main(argv: list[str] | None = None) -> None:
         "--wide-configs",
         type=_pairs,
         default=WIDE_CONFIGS,
-        help="wide: the tiles swept as NxWxS (block_n x warps x stages), e.g. 16x1x3",
+        help="wide: the tiles swept as NxWxS (block_n x warps x stages), e.g. 16x1x3; NxWxSx0: "
+        "an FP8 cache loaded as bytes (DecodeConfig.fp8_pairs=False)",
     )
     p.add_argument("--flex-all", action="store_true", help="FlexAttention at every decode shape")
     p.add_argument("--mem-cap-gb", type=float, default=40.0)

@@ -29,7 +29,8 @@ FP8_NOT, FP8_CODEC, FP8_NATIVE_E4M3, FP8_NATIVE_E5M2 = 0, 1, 2, 3
 _NATIVE_KV = {torch.float8_e4m3fn: FP8_NATIVE_E4M3, torch.float8_e5m2: FP8_NATIVE_E5M2}
 _E4M3_NATIVE = tl.constexpr(FP8_NATIVE_E4M3)  # the kernels read only constexpr globals
 _E5M2_NATIVE = tl.constexpr(FP8_NATIVE_E5M2)
-# HAL_ATTN_FP8_PAIRS=0 (on by default): native FP8 tiles load as bytes and widen in the dot's
+# HAL_ATTN_FP8_PAIRS=0 (on by default; a DecodeConfig's fp8_pairs=False does the same for its
+# launches): native FP8 tiles load as bytes and widen in the dot's
 # operand registers (Triton's mixed-precision path: byte loads from shared memory, no second trip
 # through it) instead of as int16 pairs widened, joined and stored back for the dot. Offline sm_90
 # compile (Triton 3.6) of the 16-token, 1-warp tile: 8.3 KB of shared memory against 12.4, 8
@@ -109,15 +110,17 @@ def _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, offs_d, 
                   stride_kc_block, stride_kc_slot, kv_head_off, MASK_N: tl.constexpr,
                   EVEN_D: tl.constexpr, PAGE_SIZE: tl.constexpr, IS_FP8: tl.constexpr,
                   MAN_BITS: tl.constexpr, EXP_BIAS: tl.constexpr, FP8_MAX: tl.constexpr,
-                  NAN_CODE: tl.constexpr, FNUZ: tl.constexpr, HAS_INF: tl.constexpr):  # fmt: skip
+                  NAN_CODE: tl.constexpr, FNUZ: tl.constexpr, HAS_INF: tl.constexpr,
+                  PAIRS: tl.constexpr = True):  # fmt: skip
     # K and V [N, D] of KV positions offs_n, each token's page from the block table. PAGE_SIZE
     # (the cache's block_size) is a compile-time constant, so page and slot are a shift and a
     # mask for power-of-two pages; the N tokens of a tile share N / PAGE_SIZE table entries, whose
     # repeated loads are one cached line. MASK_N off: a whole tile below the visible end, loaded
-    # without a mask (and without any mask when head_dim is a power of two).
+    # without a mask (and without any mask when head_dim is a power of two). PAIRS (and
+    # _FP8_PAIRS): a native FP8 cache loads as int16 pairs, else as bytes (see _FP8_PAIRS).
     page = offs_n // PAGE_SIZE
     native: tl.constexpr = (IS_FP8 == _E4M3_NATIVE) or (IS_FP8 == _E5M2_NATIVE)
-    if _FP8_PAIRS and native and EVEN_D and offs_d.shape[0] >= 16:
+    if _FP8_PAIRS and PAIRS and native and EVEN_D and offs_d.shape[0] >= 16:
         return _load_kv_tile_pairs(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, page,
                                    stride_kc_block, stride_kc_slot, kv_head_off, MASK_N,
                                    PAGE_SIZE, offs_d.shape[0], IS_FP8 == _E5M2_NATIVE)  # fmt: skip

@@ -71,6 +71,7 @@ class DecodeConfig:
     num_stages: int = 3
     num_splits: int | None = None
     min_split_tokens: int | None = None  # None: one block_n tile
+    fp8_pairs: bool = True  # a native FP8 cache as int16 pairs, else bytes (see _FP8_PAIRS)
 
     def __post_init__(self) -> None:
         if self.block_n < 16 or self.block_n & (self.block_n - 1):
@@ -285,6 +286,7 @@ def _decode_kernel(
     HEAD_DIM_P2: tl.constexpr,
     EARLY_META: tl.constexpr,  # the sequence's lengths read before the PDL wait (EARLY_META)
     EARLY_TRIGGER: tl.constexpr,  # the next kernel may start before the wait (EARLY_TRIGGER)
+    FP8_PAIRS: tl.constexpr,  # DecodeConfig.fp8_pairs
     PDL: tl.constexpr,
 ):
     # grid: (num_kv_heads, num_seqs, num_splits). A sequence's KV-head programs read the same
@@ -332,7 +334,7 @@ def _decode_kernel(
             k, v = _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n, offs_n < hi,
                                  offs_d, d_ok, stride_kc_block, stride_kc_slot, kv_head_off,
                                  False, EVEN_D, PAGE_SIZE, IS_FP8, MAN_BITS, EXP_BIAS, FP8_MAX,
-                                 NAN_CODE, FNUZ, HAS_INF)  # fmt: skip
+                                 NAN_CODE, FNUZ, HAS_INF, FP8_PAIRS)  # fmt: skip
             m_i, l_i, acc = _attend_tile(q, k, v, m_i, l_i, acc, None, tile_scale, cap_log2, False,
                                          SOFT_CAP, DOT_DTYPE, INPUT_PRECISION)  # fmt: skip
         for start in range(full_end, hi, BLOCK_N):
@@ -341,7 +343,7 @@ def _decode_kernel(
             k, v = _load_kv_tile(key_cache_ptr, value_cache_ptr, bt_row, offs_n, n_ok, offs_d,
                                  d_ok, stride_kc_block, stride_kc_slot, kv_head_off, True,
                                  EVEN_D, PAGE_SIZE, IS_FP8, MAN_BITS, EXP_BIAS, FP8_MAX,
-                                 NAN_CODE, FNUZ, HAS_INF)  # fmt: skip
+                                 NAN_CODE, FNUZ, HAS_INF, FP8_PAIRS)  # fmt: skip
             visible = row_ok[:, None] & n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
             in_window = (q_pos[:, None] - offs_n[None, :]) < sliding_window
             visible = visible & ((sliding_window <= 0) | in_window)
@@ -597,7 +599,7 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
         INPUT_PRECISION=c["input_precision"], INTERPRET=interpreting(), EVEN_D=c["even_d"],
         SPLIT=splits > 1, PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         HEAD_DIM_P2=c["head_dim_p2"], EARLY_META=EARLY_META, EARLY_TRIGGER=EARLY_TRIGGER,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
+        FP8_PAIRS=cfg.fp8_pairs, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **c["codec"],
         **pdl_args(query.device, "attention"),
     )  # fmt: skip
     if splits > 1:
