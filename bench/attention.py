@@ -521,6 +521,8 @@ def run_wide(args, device, timer, bw) -> list[dict]:
             picked = dec.decode_config(HEAD_DIM, DTYPE, device, kind == "fp8", b * NUM_KV_HEADS)
             us = {}
             for tile in args.wide_configs:  # (block_n, warps, stages[, 0: FP8 as bytes])
+                if kind == "bf16" and len(tile) > 3:
+                    continue  # the load mode is only an FP8 cache's: same kernel as NxWxS
                 bn, w, st = tile[:3]
                 cfg = tattn.DecodeConfig(block_n=bn, num_warps=w, num_stages=st,
                                          fp8_pairs=len(tile) < 4 or bool(tile[3]))  # fmt: skip
