@@ -539,7 +539,8 @@ def run_wide(args, device, timer, bw) -> list[dict]:
             key += () if picked.fp8_pairs else (0,)
             row[kind] = {"us": {str(k): v for k, v in us.items()}, "picked": str(key),
                          "best": str(best)}  # fmt: skip
-            print(f"{b:>4} x {ctx:<5} {kind}: first {us[args.wide_configs[0]]:.0f} | picked {key} "
+            first = us.get(args.wide_configs[0], float("nan"))
+            print(f"{b:>4} x {ctx:<5} {kind}: first {first:.0f} | picked {key} "
                   f"{us.get(key, float('nan')):.0f} | best {best} {us[best]:.0f} | sdpa (bf16) "
                   f"{sdpa_us:.0f}")  # fmt: skip
         rows.append(row)
