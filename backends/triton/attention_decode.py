@@ -148,9 +148,13 @@ DECODE_WIDE_BATCH: dict[tuple[str, str, bool], tuple[tuple[int, DecodeConfig], .
     ),
     # FP8: from 3 per SM 5 stages keep a tile in flight (H200 graph replays, twenty-fourth
     # session, `bench/attention.py wide`, us against 2 stages): 64 x 1024 57 / 61, 64 x 2048
-    # 101 / 109; from 7 per SM (32, 1, 3) stays (512 x 256 116 against 127-147 for 5-stage tiles).
+    # 101 / 109. From 7 per SM one-page tiles loaded as bytes (fp8_pairs=False: 8 KB of shared
+    # memory, so more programs resident) on 5 stages, against the int16-pair (32, 1, 3) tile
+    # (H200, twenty-fifth session, us): 512 x 144 74 / 83, 256 x 160 42 / 45, 512 x 256 109 /
+    # 116, 256 x 512 98 / 106, 128 x 1024 93 / 101; as pairs the same tile runs 77 / 45 / 118 /
+    # 110 / 107. Below 7 per SM pairs stay (64 x 1024: (64, 2, 5) 56 / bytes 57).
     ("narrow", "big_smem", True): (
-        (7, DecodeConfig(block_n=32, num_warps=1, num_stages=3)),
+        (7, DecodeConfig(block_n=16, num_warps=1, num_stages=5, fp8_pairs=False)),
         (3, DecodeConfig(block_n=64, num_warps=2, num_stages=5)),
         # below the tiers: 128 tokens, 5 stages (H200, fourteenth session, e4m3fn cache, 6
         # shapes of batch 1-32: 1.05-1.17x the ninth session's 2 stages, e.g. 16 x 1024 0.25 ->
