@@ -77,6 +77,9 @@ def main() -> int:
     # max_tokens=1 run schedule the same prefill steps and their difference is decode alone
     # (with several prefill chunks, early sequences decode inside the later chunks' steps).
     budget = min(65536, max(8192, args.batch * args.prompt_len))
+    # Prefix caching off: every run below repeats the same prompts, and with it on each prefill
+    # after the first would recompute only the tail past the cached blocks (a 128-token prompt's
+    # last token), which made --prefill time a fraction of the work (sessions before the 25th).
     par = {}
     if args.tp > 1:
         par = dict(tensor_parallel_size=args.tp, distributed_executor_backend="mp")
@@ -84,7 +87,8 @@ def main() -> int:
               max_model_len=max(4096, args.prompt_len + args.steps + 8),
               gpu_memory_utilization=0.9, max_num_seqs=max(64, args.batch),
               enforce_eager=args.eager, quantization=args.quantization,
-              kv_cache_dtype=args.kv_cache_dtype, max_num_batched_tokens=budget, **par)  # fmt: skip
+              kv_cache_dtype=args.kv_cache_dtype, max_num_batched_tokens=budget,
+              enable_prefix_caching=False, **par)  # fmt: skip
     rng = random.Random(0)
     prompts = [
         [rng.randrange(100, 30000) for _ in range(args.prompt_len)] for _ in range(args.batch)
