@@ -17,6 +17,7 @@ from backends.triton.quant import (
     ONE_TILE_MAX_COLS,
     cast_rtne,
     check_float,
+    div_by_row_scale,
     dynamic_row_scale,
     fp8_codec,
     fp8_encode,
@@ -93,7 +94,7 @@ def _silu_and_mul_quant_kernel(
         mask = row_ok[:, None] & (cols[None, :] < n_cols)
         yf = _silu_and_mul_row(x_rows, cols, mask, n_cols, X_DTYPE, INTERPRET)
         scale = dynamic_row_scale(yf, rows, row_ok, scale_ptr, qmax)
-        z = tl.math.div_rn(yf, tl.zeros_like(yf) + scale[:, None])
+        z = div_by_row_scale(yf, scale, INTERPRET)
         q = fp8_encode(z, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF, ENCODE_NATIVE)
         tl.store(q_rows + cols[None, :], q, mask=mask)
     else:  # the row's absmax over BLOCK_N chunks, then the chunks again (recomputed) to codes
@@ -108,7 +109,7 @@ def _silu_and_mul_quant_kernel(
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_ok[:, None] & (cols[None, :] < n_cols)
             yf = _silu_and_mul_row(x_rows, cols, mask, n_cols, X_DTYPE, INTERPRET)
-            z = tl.math.div_rn(yf, tl.zeros_like(yf) + scale[:, None])
+            z = div_by_row_scale(yf, scale, INTERPRET)
             q = fp8_encode(z, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF, ENCODE_NATIVE)
             tl.store(q_rows + cols[None, :], q, mask=mask)
 

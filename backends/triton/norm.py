@@ -17,6 +17,7 @@ from backends.triton.quant import (
     ONE_TILE_MAX_COLS,
     cast_rtne,
     check_float,
+    div_by_row_scale,
     dynamic_row_scale,
     fp8_codec,
     fp8_encode,
@@ -79,7 +80,7 @@ def _norm_output_w(h, rstd, w, y_ptr, scale_ptr, rows, row_ok, rows64, cols, mas
     if QUANT:  # y as the model holds it, then quantize_fp8's per-token math
         yf = y.to(tl.float32)
         scale = dynamic_row_scale(yf, rows, row_ok, scale_ptr, qmax)
-        z = tl.math.div_rn(yf, tl.zeros_like(yf) + scale[:, None])
+        z = div_by_row_scale(yf, scale, INTERPRET)
         q = fp8_encode(z, MAN_BITS, EXP_BIAS, FP8_MAX, NAN_CODE, FNUZ, HAS_INF, ENCODE_NATIVE)
         tl.store(y_ptr + rows64 * stride_y_row + cols[None, :], q, mask=mask)
     else:

@@ -140,15 +140,18 @@ def fp8_encode(
     NATIVE (`fp8_encode_mode`): 1 / 2 convert e4m3fn / e5m2 with the hardware's round-to-nearest-
     even cvt (sm_89+; the same bits for every clamped value), 0 from the fp32 bits (any format)."""
     is_nan = x != x
-    xc = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
-    sign = (xc.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
-    if NATIVE == 1:
-        hw = xc.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+    if NATIVE == 1:  # cvt.rn.satfinite: rounding then saturating equals clamping then rounding
+        sign = (x.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
+        hw = x.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
         code = tl.where(is_nan, NAN_CODE | (sign << 7), hw)
-    elif NATIVE == 2:
+    elif NATIVE == 2:  # clamped first (e5m2 has infinities)
+        xc = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+        sign = (xc.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
         hw = xc.to(tl.float8e5).to(tl.uint8, bitcast=True).to(tl.int32)
         code = tl.where(is_nan, NAN_CODE | (sign << 7), hw)
     else:
+        xc = tl.minimum(tl.maximum(x, -FP8_MAX), FP8_MAX)
+        sign = (xc.to(tl.uint32, bitcast=True) >> 31).to(tl.int32)
         a = tl.abs(xc)
         # Normal range: round the fp32 bits to MAN_BITS (a carry moves into the exponent),
         # then rebias. Below the smallest normal 2^(1 - bias): a multiple of the subnormal step.
@@ -230,6 +233,30 @@ def dynamic_row_scale(x, rows, row_ok, scale_ptr, qmax):
 
 
 @triton.jit
+def div_by_row_scale(x, scale, INTERPRET: tl.constexpr):
+    """x [BLOCK_M, BLOCK_N] / scale [BLOCK_M] (fp32), the bits of `tl.math.div_rn`, for a dynamic
+    row scale (max(absmax, SCALE_EPS) / qmax: every |x / scale| <= qmax, or an infinite scale
+    from a row holding inf). On a GPU one correctly rounded reciprocal a row and three
+    instructions an element instead of a division's ~10 and its slow-path check (Markstein's
+    correction: with inv = RN(1 / s) and z within an ulp of x / s, the remainder z * s - x is
+    exact in an fma and RN(z - rem * inv) = RN(x / s)). Signed zeros come out as the division's;
+    an infinite scale takes s = inv = 0 (finite x -> +-0, inf -> NaN, as x / inf). The
+    interpreter divides (its fma is not fused)."""
+    if INTERPRET:
+        y = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
+    else:
+        inf_row = scale == float("inf")
+        s = tl.where(inf_row, 0.0, scale)[:, None]
+        inv = tl.where(inf_row, 0.0, tl.math.div_rn(tl.zeros_like(scale) + 1.0, scale))[:, None]
+        z = x * inv
+        # rem = z * s - x (negated so that -0 / s stays -0); "* -1.0" is a true negation
+        # (Triton's unary minus is 0 - x, which turns -0 into +0)
+        rem = tl.math.fma(z, s, x * -1.0)
+        y = tl.math.fma(rem * -1.0, inv, z)
+    return y
+
+
+@triton.jit
 def _quantize_kernel(
     x_ptr,
     q_ptr,
@@ -250,6 +277,7 @@ def _quantize_kernel(
     HAS_INF: tl.constexpr,
     ENCODE_NATIVE: tl.constexpr,  # fp8_encode's NATIVE
     ONE_TILE: tl.constexpr,  # n_cols <= BLOCK_N: each row read once, kept in registers
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -268,7 +296,10 @@ def _quantize_kernel(
             scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
         else:
             scale = tl.zeros((BLOCK_M,), dtype=tl.float32) + tl.load(scale_ptr)
-        y = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
+        if DYNAMIC_PER_ROW:
+            y = div_by_row_scale(x, scale, INTERPRET)
+        else:  # a given scale: any value, so a plain division
+            y = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
         if TO_INT8:
             q = tl.minimum(tl.maximum(round_half_even(y), -128.0), 127.0).to(tl.int8)
         else:
@@ -293,7 +324,10 @@ def _quantize_kernel(
             cols = start + tl.arange(0, BLOCK_N)
             mask = row_ok[:, None] & (cols[None, :] < n_cols)
             x = tl.load(x_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            y = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
+            if DYNAMIC_PER_ROW:
+                y = div_by_row_scale(x, scale, INTERPRET)
+            else:
+                y = tl.math.div_rn(x, tl.zeros_like(x) + scale[:, None])
             if TO_INT8:
                 q = tl.minimum(tl.maximum(round_half_even(y), -128.0), 127.0).to(tl.int8)
             else:
@@ -361,8 +395,8 @@ def _quantize(
     if m:
         _quantize_kernel[grid](
             x, q, s, x.stride(0), q.stride(0), m, k, qmax, DYNAMIC_PER_ROW=dynamic_row,
-            PER_ROW_SCALE=per_row, ONE_TILE=k <= block_n, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, **codec,
+            PER_ROW_SCALE=per_row, ONE_TILE=k <= block_n, INTERPRET=interpreting(),
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, **codec,
         )  # fmt: skip
     return s
 

@@ -13,8 +13,10 @@ Under TRITON_INTERPRET=1 (no GPU) the kernels run on CPU tensors; with a GPU nat
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
+from fractions import Fraction
 
 import pytest
 import torch
@@ -91,6 +93,77 @@ def test_rms_norm_quant_many_rows_bitwise() -> None:
     _same("h", h, h_ref)
     _same("scale", s, s_ref)
     _same("q", q, q_ref)
+
+
+def _rn32(v: Fraction) -> float:
+    """v rounded to the nearest fp32 (ties to even), exactly; v != 0 and in fp32's normal range."""
+    sign, a = (-1 if v < 0 else 1), abs(v)
+    e = a.numerator.bit_length() - a.denominator.bit_length()
+    e -= Fraction(2) ** e > a  # 2^e <= a < 2^(e + 1)
+    m = a / Fraction(2) ** (e - 23)  # in [2^23, 2^24)
+    q, r = divmod(m.numerator, m.denominator)
+    if 2 * r > m.denominator or (2 * r == m.denominator and q & 1):
+        q += 1
+    return sign * math.ldexp(q, e - 23)
+
+
+def test_reciprocal_and_fma_correction_divides_exactly() -> None:
+    # quant.div_by_row_scale on a GPU: inv = RN(1 / s), z = RN(x * inv), rem = RN(z * s - x) (one
+    # fma), y = RN(z - rem * inv) (one fma) must be RN(x / s), the reference's division, for a
+    # dynamic scale s = max(absmax, SCALE_EPS) / qmax. Checked here with exact rational fmas on
+    # random rows of wide magnitude (x/s near every FP8 rounding point is where a wrong last bit
+    # would flip a code); the GPU tests then hold the kernels to the CPU reference.
+    import numpy as np
+
+    f32 = np.float32
+    g = np.random.default_rng(0)
+    for qmax in (448.0, 57344.0, 127.0):
+        for _ in range(40):
+            row = (g.standard_normal(64) * np.exp(g.standard_normal(64) * 4)).astype(f32)
+            s = f32(max(float(np.abs(row).max()), 1e-12)) / f32(qmax)  # numpy: IEEE division
+            inv = f32(1.0) / s
+            for x in row[row != 0]:
+                z = f32(x * inv)
+                fz, fs, fi = Fraction(float(z)), Fraction(float(s)), Fraction(float(inv))
+                rem = _rn32(fz * fs - Fraction(float(x)))
+                y = z if rem == 0 else f32(_rn32(fz - Fraction(rem) * fi))
+                assert y == x / s, (x, s, y, x / s)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the GPU's division by a row scale is what is checked")
+def test_dynamic_row_quant_matches_the_cpu_division() -> None:
+    # The GPU kernels divide by a dynamic row scale with a reciprocal and an fma correction; the
+    # CPU reference divides. Same codes on 1024 rows of wide magnitude, with signed zeros (a
+    # zero row, -0 entries) and a row holding inf (scale inf: finite -> 0, inf -> NaN).
+    from backends.cpu import quant as ref_quant
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1024, 4096, generator=g) * torch.exp(torch.randn(1024, 4096, generator=g) * 2)
+    x[0] = -0.0
+    x[1, ::3] = -0.0
+    x[2, 7] = float("inf")
+    x = x.to(torch.bfloat16)
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        q, s = tquant.quantize_fp8(x.to(DEVICE), fp8, per_token=True)
+        q_ref, s_ref = ref_quant.quantize_fp8(x, fp8, per_token=True)
+        _same("scale", s.cpu(), s_ref)
+        _same("q", q.cpu(), q_ref)
+    qi, si = tquant.quantize_int8(x[3:].to(DEVICE), per_token=True)
+    qi_ref, si_ref = ref_quant.quantize_int8(x[3:], per_token=True)
+    _same("int8 scale", si.cpu(), si_ref)
+    _same("int8 q", qi.cpu(), qi_ref)
+    xs = x[3:].to(DEVICE)  # the fused kernels, against the CPU quantize of the GPU op's output
+    q, s = tact.silu_and_mul_quant_fp8(xs, torch.float8_e4m3fn)
+    q_ref, s_ref = ref_quant.quantize_fp8(tact.silu_and_mul(xs).cpu(), torch.float8_e4m3fn,
+                                          per_token=True)  # fmt: skip
+    _same("silu scale", s.cpu(), s_ref)
+    _same("silu q", q.cpu(), q_ref)
+    w = torch.ones(4096, dtype=torch.bfloat16, device=DEVICE)
+    q, s = tnorm.rms_norm_quant_fp8(xs, w, 1e-5, torch.float8_e4m3fn)
+    q_ref, s_ref = ref_quant.quantize_fp8(tnorm.rms_norm(xs, w, 1e-5).cpu(), torch.float8_e4m3fn,
+                                          per_token=True)  # fmt: skip
+    _same("norm scale", s.cpu(), s_ref)
+    _same("norm q", q.cpu(), q_ref)
 
 
 @pytest.mark.parametrize("d", [1, 80, 4100])
