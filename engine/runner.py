@@ -386,7 +386,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, feed: TokenFeed | None = None) -> torch.Tensor | None:
-        """Run the step; returns fp32 logits [num_sampling_seqs, vocab] in schedule order.
+        """Run the step; returns logits [num_sampling_seqs, vocab] in schedule order, in the
+        model's dtype (the sampler widens to float32 what it computes on; an all-greedy batch
+        takes the argmax as they are, without a [rows, vocab] float32 copy).
 
         feed: the input tokens of a decode-only step scheduled ahead, still on the device (the
         previous step's samples): they replace the batch's placeholder input ids."""
@@ -399,4 +401,4 @@ class ModelRunner:
         hidden = self.forward(batch)  # [num_tokens, hidden]
         if batch.logits_indices.numel() == 0:
             return None
-        return self.model.compute_logits(sampled_rows(hidden, batch))
+        return self.model.compute_logits(sampled_rows(hidden, batch), float32=False)

@@ -94,10 +94,10 @@ class Executor(ABC):
     while stage 1 still runs step k. num_in_flight / max_in_flight count submitted, uncollected
     steps.
 
-    The result is fp32 logits [num_sampling_seqs, vocab] in schedule order where
-    samples_remotely is False (the driver samples; `sampling` is ignored), and the SamplerOutput
-    of `sampling`'s rows where it is True (the engine must pass `sampling` for every step that
-    samples); None when nothing samples.
+    The result is logits [num_sampling_seqs, vocab] in schedule order (in-process: the model's
+    dtype; from workers: fp32) where samples_remotely is False (the driver samples; `sampling`
+    is ignored), and the SamplerOutput of `sampling`'s rows where it is True (the engine must
+    pass `sampling` for every step that samples); None when nothing samples.
     """
 
     num_in_flight: int = 0

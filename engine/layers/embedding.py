@@ -58,7 +58,9 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """hidden [rows, hidden_size] -> fp32 logits [rows, vocab_size] on the driver (None elsewhere).
+    """hidden [rows, hidden_size] -> logits [rows, vocab_size] on the driver (None elsewhere), in
+    float32 or, with `float32=False`, in the GEMM's dtype (no [rows, vocab] cast kernel: the
+    sampler widens only what it computes on, and an argmax orders the narrow values the same).
 
     With tied embeddings, `tie(embedding)` shares the embedding's (identically sharded) weight.
     """
@@ -95,9 +97,10 @@ class ParallelLMHead(VocabParallelEmbedding):
         best = every[:, 0].argmax(dim=0, keepdim=True)  # [1, rows]: the first rank with the max
         return every[:, 1].gather(0, best).squeeze(0).long()
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def forward(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor | None:
         logits = self.backend.linear(hidden, self.weight)  # [rows, vocab_size_padded / tp_size]
         logits = self.parallel.gather(logits, dim=-1)
         if logits is None:
             return None
-        return logits[..., : self.vocab_size].float()
+        logits = logits[..., : self.vocab_size]
+        return logits.float() if float32 else logits

@@ -226,7 +226,7 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    """forward(batch, kv_caches) -> final hidden states; compute_logits(rows) -> fp32 logits.
+    """forward(batch, kv_caches) -> final hidden states; compute_logits(rows) -> logits.
 
     The linear layers are quantized as config.quantization_config says (a GPTQ, AWQ, ...
     checkpoint) or, for a float checkpoint, as `quantization` asks ("fp8": online FP8).
@@ -321,13 +321,14 @@ class LlamaForCausalLM(nn.Module):
         return hidden
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        """hidden [rows, hidden] -> fp32 logits [rows, vocab_size]; None on non-driver ranks.
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor | None:
+        """hidden [rows, hidden] -> logits [rows, vocab_size], fp32 (`float32=False`: the model's
+        dtype, for a consumer that widens what it needs); None on non-driver ranks.
 
         Only the last pipeline stage has the LM head."""
         if self.lm_head is None:
             raise ValueError(f"compute_logits: pipeline stage {self.parallel.pp_rank} is not last")
-        return self.lm_head(hidden)
+        return self.lm_head(hidden, float32)
 
     @torch.inference_mode()
     def compute_greedy(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -175,6 +175,23 @@ def test_low_precision_dtypes_run_close_to_fp32(dtype, checkpoint, backend):
     assert (out - ref).abs().max() <= 64 * eps * ref.abs().max()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_narrow_logits_are_the_float32_logits_unwidened(dtype, checkpoint, backend):
+    """compute_logits(float32=False) (what the in-process runner hands the sampler) is the LM
+    head's output in the model's dtype; widened it equals the float32 logits bit for bit, and
+    its greedy token is theirs."""
+    folder, _ = checkpoint("llama")
+    model, config, _ = load_model(folder, backend, dtype, with_tokenizer=False)
+    hidden = torch.randn(5, config.hidden_size, generator=torch.Generator().manual_seed(3))
+    hidden = hidden.to(dtype)
+    narrow = model.compute_logits(hidden, float32=False)
+    wide = model.compute_logits(hidden)
+    assert narrow.dtype == dtype and wide.dtype == torch.float32
+    assert narrow.shape == wide.shape == (5, config.vocab_size)
+    assert torch.equal(narrow.float(), wide)
+    assert torch.equal(narrow.argmax(dim=-1), wide.argmax(dim=-1))
+
+
 def test_default_dtype_per_device(backend, cpu_caps):
     assert resolve_dtype(None, backend) == torch.float32
     assert resolve_dtype("bf16", backend) == torch.bfloat16
