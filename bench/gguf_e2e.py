@@ -1,6 +1,7 @@
 """End to end on CPU: the default SmolLM2-135M Q4_1 GGUF through this engine from its quantized
-weights (exact fp32: kept whole, the default for a model this size, or in tiles; and the opt-in
-bf16 int4pack), dequantized at load (the old path), and
+weights (exact fp32: kept whole, the default for a model this size, with the fp32 products through
+oneDNN (the default "onednn" gemm) or F.linear, or in tiles; and the opt-in bf16 int4pack),
+dequantized at load (the old path), and
 through llama.cpp (llama-cpp-python), in one run; batch 1 and 16 prompts, generated tokens/s.
 
     /work/venv/bin/python bench/gguf_e2e.py [--threads 2] [--max-tokens 64] [--repeats 2]
@@ -41,6 +42,11 @@ PROMPTS = [
 # name -> environment for this engine run (read when the LLM is built)
 ENGINE_PATHS = {
     "blocks (exact fp32, whole)": {"HAL_GGUF_INT4PACK": "0", "HAL_GGUF_DEQUANTIZE": "0"},
+    "whole, F.linear gemm": {  # the same, with torch's F.linear (MKL) for the fp32 products
+        "HAL_GGUF_INT4PACK": "0",
+        "HAL_GGUF_DEQUANTIZE": "0",
+        "HAL_GEMM_BACKEND": "native",
+    },  # fmt: skip
     "blocks (exact fp32, tiled)": {
         "HAL_GGUF_INT4PACK": "0",
         "HAL_GGUF_DEQUANTIZE": "0",

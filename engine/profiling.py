@@ -51,7 +51,7 @@ class KernelTime:
 @dataclass
 class ProfileSummary:
     """What one rank ran between start_profile and stop_profile. On a GPU rank `kernels` holds
-    device kernels' times; on a CPU rank, the aten ops' own CPU times."""
+    device kernels' times; on a CPU rank, the aten / mkldnn ops' own CPU times."""
 
     rank: int
     device: str
@@ -130,9 +130,9 @@ class RankProfiler:
             if on_gpu:  # the kernels' device time
                 us = getattr(e, "self_device_time_total", 0) or 0
                 keep = not e.key.startswith(_HOST_PREFIXES)
-            else:  # a CPU rank's "kernels" are the aten ops it runs
+            else:  # a CPU rank's "kernels" are the ops it runs (oneDNN's linear is mkldnn::)
                 us = e.self_cpu_time_total
-                keep = e.key.startswith("aten::")
+                keep = e.key.startswith(("aten::", "mkldnn::"))
             if us > 0 and keep:
                 kernels.append(KernelTime(e.key, us / 1e3, e.count))
         kernels.sort(key=lambda k: -k.total_ms)

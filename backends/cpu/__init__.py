@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from hal.backend import OP_FAMILIES
 from hal.capabilities import Capabilities
 from hal.registry import REGISTRY, Candidate
@@ -69,6 +71,31 @@ def _engine_path(family: str, name: str, description: str, target: str) -> None:
     )
 
 
+@functools.cache
+def _onednn_probe() -> tuple[str, ...]:
+    from backends.cpu.native import onednn_reasons
+
+    return tuple(onednn_reasons())
+
+
+def _onednn_gemm(caps: Capabilities) -> list[str]:
+    """oneDNN's fp32 matmul: reasons not to (torch without oneDNN, or its op failing a probe;
+    probed once per process)."""
+    return list(_onednn_probe())
+
+
+REGISTRY.register(
+    Candidate(
+        family="gemm",
+        name="onednn",
+        priority=20,
+        check=_onednn_gemm,
+        description="fp32 through oneDNN's matmul (1.1-2.3x F.linear's MKL sgemv / sgemm on "
+        "the CI CPUs at M = 1-128); other dtypes as 'native'",
+        scope="cpu",
+        target="backends.cpu.native:onednn_linear",
+    )
+)
 _engine_path("attention", "sdpa", "batched torch SDPA over the paged KV (one call per step)",
              "backends.cpu.sdpa:sdpa_attention")  # fmt: skip
 _engine_path("gemm", "native",

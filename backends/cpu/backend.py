@@ -143,7 +143,10 @@ class CpuBackend(Backend):
 
     # -- linear --------------------------------------------------------------------------------
     def linear(self, x, weight, bias=None) -> torch.Tensor:
-        if self.chosen("gemm") == "native":
+        gemm = self.chosen("gemm")
+        if gemm == "onednn":
+            return native.onednn_linear(x, weight, bias)
+        if gemm == "native":
             return native.native_linear(x, weight, bias)
         return linear.linear(x, weight, bias)
 
@@ -180,18 +183,19 @@ class CpuBackend(Backend):
         n, k = weight.out_features, weight.in_features
         if weight.layout == "blocks":
             return gguf.gguf_linear(x, weight.tensors["blocks"], weight.qtype, n, k, bias)
+        onednn = self.chosen("gemm") == "onednn"  # the dense and tiled paths' fp32 products
         if weight.layout == "dense":  # small models' common case: straight to the matmul
             dense = weight.tensors["dense"]
             if tuple(dense.shape) != (n, k):
                 raise ValueError(f"weight: dense {tuple(dense.shape)} is not [{n}, {k}]")
-            return gguf_fast.dense_linear(x, dense, bias)
+            return gguf_fast.dense_linear(x, dense, bias, onednn)
         if weight.layout not in ("tiled", "int4pack"):
             raise ValueError(
                 f"weight: layout {weight.layout!r} was not prepared by the CPU backend (blocks, "
                 "tiled, int4pack, dense); prepare it with this backend's prepare_gguf"
             )
         prepared = gguf_fast.GGUFCpuWeight(weight.qtype, n, k, weight.layout, **weight.tensors)
-        return gguf_fast.gguf_linear_cpu(x, prepared, bias)
+        return gguf_fast.gguf_linear_cpu(x, prepared, bias, onednn)
 
     # -- quantize / dequantize -----------------------------------------------------------------
     def quantize_fp8(self, x, fp8_dtype, scale=None, per_token=False):

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.cpu.gguf import check_blocks, q4k_scales_mins, q6k_codes
+from backends.cpu.native import onednn_matmul
 from backends.cpu.quant import compute_dtype
 
 logger = logging.getLogger(__name__)
@@ -167,14 +168,18 @@ def dequantize_tiled(weight: GGUFCpuWeight, start: int = 0, stop: int | None = N
     return w.reshape(codes.shape[0], -1)
 
 
-def _tiled_matmul(x: torch.Tensor, weight: GGUFCpuWeight) -> torch.Tensor:
+def _tiled_matmul(x: torch.Tensor, weight: GGUFCpuWeight, onednn: bool = False) -> torch.Tensor:
     # x: [M, K] fp32/fp64 -> [M, N]; each tile of rows is dequantized into a fresh fp32 buffer
+    # and multiplied as the "dense" path multiplies its whole weight (the same bits in one tile)
     n, k = weight.out_features, weight.in_features
     rows = max(1, TILE_VALUES // k)
     y = torch.empty(x.shape[0], n, dtype=x.dtype)
     for start in range(0, n, rows):
         w = dequantize_tiled(weight, start, start + rows).to(x.dtype)  # [rows, K]
-        torch.mm(x, w.t(), out=y[:, start : start + w.shape[0]])
+        if onednn and x.dtype == torch.float32:
+            y[:, start : start + w.shape[0]] = onednn_matmul(x, w, None)
+        else:
+            torch.mm(x, w.t(), out=y[:, start : start + w.shape[0]])
     return y
 
 
@@ -189,27 +194,37 @@ def _check_call(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None) -> N
         raise ValueError(f"x: on {x.device}; the CPU GGUF GEMM runs on CPU tensors only")
 
 
-def dense_linear(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None = None):
+def dense_linear(
+    x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None = None, onednn: bool = False
+):
     """y = x @ dense.T (+ bias after, in the compute dtype) for a "dense" weight fp32 [N, K]: the
     tiled path's product with one tile, and as little work per call as F.linear (a decode step
-    makes ~4 such calls per layer). x: [..., K]; returns [..., N] in x's dtype."""
+    makes ~4 such calls per layer). onednn: an fp32 product through oneDNN's matmul (the CPU
+    backend's "onednn" gemm) instead of F.linear. x: [..., K]; returns [..., N] in x's dtype."""
     _check_call(x, *dense.shape, bias)
-    return _dense_matmul(x, dense, bias)
+    return _dense_matmul(x, dense, bias, onednn)
 
 
-def _dense_matmul(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None):
+def _dense_matmul(
+    x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None, onednn: bool = False
+):
     cd = compute_dtype(x.dtype)
-    y = F.linear(x if x.dtype == cd else x.to(cd), dense if dense.dtype == cd else dense.to(cd))
+    xc, wc = (x if x.dtype == cd else x.to(cd)), (dense if dense.dtype == cd else dense.to(cd))
+    if onednn and cd == torch.float32:
+        y = onednn_matmul(xc, wc, None)
+    else:
+        y = F.linear(xc, wc)
     if bias is not None:
         y = y + bias.to(cd)
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def gguf_linear_cpu(
-    x: torch.Tensor, weight: GGUFCpuWeight, bias: torch.Tensor | None = None
+    x: torch.Tensor, weight: GGUFCpuWeight, bias: torch.Tensor | None = None, onednn: bool = False
 ) -> torch.Tensor:
     """y = x @ W.T + bias for a prepared GGUF weight W [N, K]. x: [..., K]; returns [..., N] in
-    x's dtype."""
+    x's dtype. onednn: the fp32 products of the tiled and dense paths through oneDNN's matmul
+    (the CPU backend's "onednn" gemm) instead of torch.mm / F.linear."""
     n, k = weight.out_features, weight.in_features
     _check_call(x, n, k, bias)
     x2 = x.reshape(-1, k)
@@ -218,9 +233,9 @@ def gguf_linear_cpu(
             x2.to(torch.bfloat16).contiguous(), weight.packed, INT4PACK_GROUP, weight.scale_zeros
         )[:, :n].to(compute_dtype(x.dtype))
     elif weight.path == "tiled":
-        y = _tiled_matmul(x2.to(compute_dtype(x.dtype)).contiguous(), weight)
+        y = _tiled_matmul(x2.to(compute_dtype(x.dtype)).contiguous(), weight, onednn)
     elif weight.path == "dense":
-        return _dense_matmul(x, weight.dense, bias)
+        return _dense_matmul(x, weight.dense, bias, onednn)
     else:
         raise ValueError(f"weight.path: {weight.path!r} is not 'int4pack', 'tiled' or 'dense'")
     if bias is not None:

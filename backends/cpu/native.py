@@ -1,5 +1,6 @@
-"""The CPU engine's fast paths: GEMM in the input dtype (oneDNN; AMX/AVX-512 bf16), KV-cache
-writes/copies as single index_copy_ calls, and RMSNorm / rotary in fewer torch calls.
+"""The CPU engine's fast paths: GEMM in the input dtype (oneDNN's matmul for fp32; F.linear,
+which reaches oneDNN for bf16 / fp16, AMX/AVX-512 where present), KV-cache writes/copies as
+single index_copy_ calls, and RMSNorm / rotary in fewer torch calls.
 
 Same contracts as `linear.linear`, `kv_cache.write_kv`/`copy_blocks`, `norm.rms_norm` and
 `rotary.rotary` (the oracles they are tested against; the KV ops, the norm and the rotary are
@@ -30,6 +31,56 @@ def native_linear(
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     return F.linear(x, weight, bias)
+
+
+def onednn_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """fp32 x [..., K] @ weight [N, K].T (+ bias) through oneDNN's matmul primitive (the op
+    torch's own compiler emits for CPU linears), without a prepacked weight."""
+    k = weight.shape[1]
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, k), weight, bias, "none", [], "")
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def onednn_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`native_linear`, with float32 through oneDNN's matmul rather than F.linear (MKL's sgemv /
+    sgemm): on the 2-core AMD EPYC CI machines 1.1-2.3x faster at M = 1-128 on the default
+    model's shapes (`python bench/cpu_linear.py`), fp32 accumulation either way, only the
+    summation order differs. Other dtypes (bf16 / fp16 already reach oneDNN through F.linear,
+    fp64 is not a oneDNN type) take `native_linear`."""
+    _check_gemm(x, weight, "x", "weight")
+    _check_bias(bias, weight.shape[0])
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return native_linear(x, weight, bias)
+    if weight.dtype != torch.float32:
+        weight = weight.float()
+    if bias is not None and bias.dtype != torch.float32:
+        bias = bias.float()
+    return onednn_matmul(x, weight, bias)
+
+
+def onednn_reasons() -> list[str]:
+    """Why `onednn_linear`'s oneDNN path cannot run in this torch (empty: it can): built without
+    oneDNN, no `mkldnn._linear_pointwise` op, or a probe product that fails or differs from
+    F.linear's by more than fp32 summation order allows."""
+    if not torch.backends.mkldnn.is_available():
+        return ["torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)"]
+    if not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return [f"torch {torch.__version__} has no mkldnn._linear_pointwise op"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 40, generator=g)
+    w = torch.randn(24, 40, generator=g)
+    b = torch.randn(24, generator=g)
+    try:
+        got = onednn_matmul(x, w, b)
+    except RuntimeError as e:  # an op that exists but cannot run here
+        return [f"mkldnn._linear_pointwise failed on a probe: {str(e).splitlines()[0]}"]
+    ref = F.linear(x.double(), w.double(), b.double())
+    bound = 64 * 2**-24 * (x.double().abs() @ w.double().abs().T + b.double().abs())
+    if got.shape != ref.shape or not bool(((got.double() - ref).abs() <= bound).all()):
+        return ["mkldnn._linear_pointwise's probe product differs from F.linear's"]
+    return []
 
 
 class _SlotCheck:

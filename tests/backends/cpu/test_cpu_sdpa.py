@@ -108,6 +108,62 @@ def test_native_linear_matches_reference(dtype):
     assert ((got.double() - ref).abs() <= bound + 1e-30).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    "x_shape, n, with_bias, transposed_w",
+    [((1, 576), 960, False, False), ((5, 3, 96), 40, True, False), ((96,), 17, True, True),
+     ((0, 64), 8, True, False), ((130, 200), 72, False, True)],
+)  # fmt: skip
+def test_onednn_linear_matches_reference(dtype, x_shape, n, with_bias, transposed_w):
+    """The "onednn" gemm (fp32 through oneDNN's matmul; other dtypes as native_linear) against
+    the reference: fp32 accumulation in both, so within summation-order error, any x rank, a
+    bias or none, a weight that is a transposed view, no rows."""
+    from backends.cpu.linear import linear
+    from backends.cpu.native import onednn_linear, onednn_reasons
+
+    assert onednn_reasons() == []  # torch 2.13's CPU build has it; the candidate is chosen
+    g = torch.Generator().manual_seed(5)
+    k = x_shape[-1]
+    x = torch.randn(*x_shape, generator=g).to(dtype)
+    w = torch.randn(k, n, generator=g).t() if transposed_w else torch.randn(n, k, generator=g)
+    w = w.to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    ref = linear(x.double(), w.double(), None if b is None else b.double())
+    got = onednn_linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (*x_shape[:-1], n)
+    u = {torch.float32: 2**-24, torch.bfloat16: 2**-8, torch.float64: 2**-53}[dtype]
+    mag = x.double().abs() @ w.double().abs().T + (0 if b is None else b.double().abs())
+    bound = 2 * u * ref.abs() + k * 2**-24 * mag  # one output rounding + fp32 summation
+    assert ((got.double() - ref).abs() <= bound + 1e-30).all()
+
+
+def test_onednn_gemm_passed_over_with_the_reason_when_torch_lacks_onednn(monkeypatch):
+    import backends.cpu as cpu
+    from backends.cpu.native import onednn_reasons
+
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    assert onednn_reasons() == [
+        "torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)"
+    ]
+    cpu._onednn_probe.cache_clear()
+    try:
+        backend = hal.load_backend(Capabilities(vendor="cpu", device_name="test", arch="x86_64"))
+        assert backend.chosen("gemm") == "native"
+        rejected = backend.info.selections["gemm"].rejected["onednn"]
+        assert rejected == [
+            "torch was built without oneDNN (torch.backends.mkldnn.is_available() is False)"
+        ]
+    finally:
+        monkeypatch.undo()
+        cpu._onednn_probe.cache_clear()
+    assert (
+        hal.load_backend(Capabilities(vendor="cpu", device_name="test", arch="x86_64")).chosen(
+            "gemm"
+        )
+        == "onednn"
+    )
+
+
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn])
 def test_native_write_kv_is_bitwise_the_reference(cache_dtype):
     from backends.cpu.native import native_write_kv

@@ -41,7 +41,7 @@ def test_load_backend_selects_cpu_reference() -> None:
         # attention: the batched SDPA candidate outranks the reference loop (tested against it)
         fast = {
             "attention": "sdpa",
-            "gemm": "native",
+            "gemm": "onednn",  # fp32 through oneDNN (tests/backends/cpu/test_cpu_sdpa.py)
             "kv_write": "native",
             "rms_norm": "native",  # bitwise the reference (tests/backends/cpu/test_cpu_native.py)
             "rotary": "native",
