@@ -90,8 +90,9 @@ REGISTRY.register(
         name="onednn",
         priority=20,
         check=_onednn_gemm,
-        description="fp32 through oneDNN's matmul (1.1-2.3x F.linear's MKL sgemv / sgemm on "
-        "the CI CPUs at M = 1-128); other dtypes as 'native'",
+        description="fp32 through oneDNN's matmul (1.1-2.6x F.linear's MKL sgemv / sgemm at "
+        "M = 1-128 on a 2-core AMD EPYC); other dtypes as 'native' "
+        "(HAL_GEMM_BACKEND=native: F.linear for fp32 too)",
         scope="cpu",
         target="backends.cpu.native:onednn_linear",
     )
