@@ -49,10 +49,10 @@ def onednn_linear(
     model's shapes, 2.2x on its LM head at M = 1 (`python bench/cpu_linear.py`), fp32
     accumulation either way, only the summation order differs. Other dtypes (bf16 / fp16
     already reach oneDNN through F.linear, fp64 is not a oneDNN type) take `native_linear`."""
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return native_linear(x, weight, bias)  # checks the shapes itself
     _check_gemm(x, weight, "x", "weight")
     _check_bias(bias, weight.shape[0])
-    if x.dtype != torch.float32 or x.device.type != "cpu":
-        return native_linear(x, weight, bias)
     if weight.dtype != torch.float32:
         weight = weight.float()
     if bias is not None and bias.dtype != torch.float32:
