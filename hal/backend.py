@@ -108,6 +108,9 @@ class Backend(ABC):
 
     name: str = "abstract"
     default_device: str = "cpu"  # the torch device type this backend runs on when none is given
+    # Whether a GGUF model's LM head should run from its GGUF blocks through `gguf_linear` (the
+    # embedding keeps its float weight) rather than from the float weight through `linear`.
+    gguf_lm_head: bool = False
 
     def __init__(
         self,
@@ -271,11 +274,18 @@ class Backend(ABC):
 
     @abstractmethod
     def prepare_gguf(
-        self, blocks: torch.Tensor, qtype: str, out_features: int, in_features: int
+        self,
+        blocks: torch.Tensor,
+        qtype: str,
+        out_features: int,
+        in_features: int,
+        role: str = "linear",
     ) -> GGUFWeight:
         """Once, at load: a GGUF weight W [N, K] from its raw blocks uint8 [N, K / block_size *
         type_size] (qtype one of GGUF_BLOCK_TYPES; K a multiple of its block size), moved to the
-        device and repacked however `gguf_linear` runs fastest here. Bad blocks: ValueError."""
+        device and repacked however `gguf_linear` runs fastest here. role "lm_head": an LM head
+        whose model keeps a float copy of the same weight (its embedding), so a backend need
+        not keep another. Bad blocks: ValueError."""
 
     @abstractmethod
     def gguf_linear(

@@ -16,6 +16,7 @@ import torch
 from backends.cpu import (
     activation,
     attention,
+    ckernels,
     gguf,
     gguf_fast,
     graphs,
@@ -95,7 +96,15 @@ class CpuBackend(Backend):
         self.info.settings.update({"tf32": "off", "accumulate": "fp32", "graphs": "eager"})
         self.gguf_int4pack = _gguf_int4pack_policy(gguf_int4pack)
         self.gguf_dense_left = _gguf_dense_budget(gguf_dense_bytes)
+        self.codes_kernel = None
         if self.chosen("gguf_gemm") == "cpu_fast":
+            if not self.gguf_int4pack:
+                self.codes_kernel, why = ckernels.load_codes_kernel()
+                self.info.settings["gguf_small_batch"] = (
+                    f"{self.codes_kernel.describe()} ({ckernels.ENV}=0: off)"
+                    if self.codes_kernel is not None
+                    else f"torch (no C codes kernel: {why})"
+                )
             self.info.settings["gguf_int4"] = (
                 f"int4pack (bf16 accuracy; {GGUF_INT4PACK_ENV}=1)"
                 if self.gguf_int4pack
@@ -103,6 +112,12 @@ class CpuBackend(Backend):
                 f"({GGUF_DENSE_ENV}), then tiled; {GGUF_INT4PACK_ENV}=1 for bf16 int4pack"
             )
         logger.debug("cpu reference backend on %s", self.device)
+
+    @property
+    def gguf_lm_head(self) -> bool:
+        """A GGUF model's LM head runs from its blocks when the C codes kernel is here (the
+        default model's Q8_0 LM head: 1 byte per weight at M = 1 instead of 4)."""
+        return self.codes_kernel is not None
 
     # -- KV cache ------------------------------------------------------------------------------
     def write_kv(self, key, value, key_cache, value_cache, slot_mapping, kv_scale=None) -> None:
@@ -165,14 +180,19 @@ class CpuBackend(Backend):
     ) -> torch.Tensor:
         return linear.int4_linear(x, qweight, scales, zeros, group_size, g_idx, bias)
 
-    def prepare_gguf(self, blocks, qtype, out_features, in_features) -> GGUFWeight:
+    def prepare_gguf(self, blocks, qtype, out_features, in_features, role="linear") -> GGUFWeight:
+        if role not in ("linear", "lm_head"):
+            raise ValueError(f"role: {role!r} is not 'linear' or 'lm_head'")
         if self.chosen("gguf_gemm") == "cpu_fast":
+            # An LM head (its model keeps the float embedding) stays tiled: the codes kernel
+            # takes its decode-sized calls in chunks, no second fp32 copy.
             w = gguf_fast.prepare_gguf_cpu(
                 blocks, qtype, out_features, in_features, use_int4pack=self.gguf_int4pack,
-                dense_budget=self.gguf_dense_left,
+                dense_budget=0 if role == "lm_head" else self.gguf_dense_left,
+                keep_codes=self.codes_kernel is not None,
             )  # fmt: skip
             if w.path == "dense":
-                self.gguf_dense_left -= w.nbytes()
+                self.gguf_dense_left -= w.dense.numel() * w.dense.element_size()
             tensors = {f: getattr(w, f) for f in _GGUF_CPU_FIELDS if getattr(w, f) is not None}
             return GGUFWeight(w.qtype, out_features, in_features, w.path, tensors)
         bt = gguf.check_blocks(blocks, qtype, out_features, in_features)
@@ -184,6 +204,13 @@ class CpuBackend(Backend):
         if weight.layout == "blocks":
             return gguf.gguf_linear(x, weight.tensors["blocks"], weight.qtype, n, k, bias)
         onednn = self.chosen("gemm") == "onednn"  # the dense and tiled paths' fp32 products
+        t = weight.tensors
+        if self.codes_kernel is not None and "codes" in t and weight.layout in ("dense", "tiled"):
+            rows = gguf_fast.CHUNKED_ROWS if weight.layout == "tiled" else None
+            y = gguf_fast.codes_linear(x, t["codes"], t["scale"], t.get("offset"), bias,
+                                       self.codes_kernel, rows)  # fmt: skip
+            if y is not None:
+                return y
         if weight.layout == "dense":  # small models' common case: straight to the matmul
             dense = weight.tensors["dense"]
             if tuple(dense.shape) != (n, k):
@@ -195,7 +222,7 @@ class CpuBackend(Backend):
                 "tiled, int4pack, dense); prepare it with this backend's prepare_gguf"
             )
         prepared = gguf_fast.GGUFCpuWeight(weight.qtype, n, k, weight.layout, **weight.tensors)
-        return gguf_fast.gguf_linear_cpu(x, prepared, bias, onednn)
+        return gguf_fast.gguf_linear_cpu(x, prepared, bias, onednn, self.codes_kernel)
 
     # -- quantize / dequantize -----------------------------------------------------------------
     def quantize_fp8(self, x, fp8_dtype, scale=None, per_token=False):

@@ -21,10 +21,17 @@ Two paths, chosen at `prepare_gguf_cpu` time and recorded in `GGUFCpuWeight.path
   bytes left for such weights), so a call is one matmul: the same values, 4 bytes per value,
   and no per-call dequantize (~5x the matmul at batch 1). The CPU backend spends up to
   HAL_GGUF_DENSE_BYTES (default 1 GiB) per model on it, the rest stays tiled.
+
+Decode-sized calls (M up to 8) of the tiled and dense paths go to the C codes kernel
+(`backends/cpu/ckernels.py`) when the backend has one: it multiplies the tiled layout's int8
+codes, scales and offsets directly (1 byte per weight read instead of 4; a dense weight then
+keeps its codes too, `keep_codes`), fp32 arithmetic summed per group (scale * sum(codes * x) +
+offset * sum(x)), so only the summation order differs from the fp32 matmul.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -45,6 +52,11 @@ INT4PACK_N_TILE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
 # go in one tile. SmolLM2-135M's linears, 2 cores, 2026-11-27: 256 KiB tiles 89-121 ms per token
 # at batch 1, 4 MiB 39-55 ms; 1.4-2.0x faster at M = 4-256 too (dense fp32 F.linear: 27 ms).
 TILE_VALUES = 1 << 20
+# Rows up to which a weight with no fp32 copy ("tiled") runs through the C codes kernel, MAX_M
+# rows a call: on the default model's shapes (2-core AMD EPYC, 2026-11-29) two or four calls
+# of 8 rows cost 0.9-1.0x / 0.6-0.7x one oneDNN fp32 matmul, far less than the tiled path's
+# dequantize; a "dense" weight leaves M > MAX_M to its fp32 matmul.
+CHUNKED_ROWS = 32
 
 
 @dataclass
@@ -60,7 +72,7 @@ class GGUFCpuWeight:
     offset: torch.Tensor | None = None  # tiled: fp32 [N, K / group, 1], or None
     packed: torch.Tensor | None = None  # int4pack: the op's uint8 [N_pad, K / 2]
     scale_zeros: torch.Tensor | None = None  # int4pack: bf16 [K / 32, N_pad, 2]
-    dense: torch.Tensor | None = None  # dense: fp32 [N, K]
+    dense: torch.Tensor | None = None  # dense: fp32 [N, K] (and the tiled fields with keep_codes)
 
     def nbytes(self) -> int:
         parts = (self.codes, self.scale, self.offset, self.packed, self.scale_zeros, self.dense)
@@ -130,11 +142,13 @@ def prepare_gguf_cpu(
     in_features: int,
     use_int4pack: bool = True,
     dense_budget: int = 0,
+    keep_codes: bool = False,
 ) -> GGUFCpuWeight:
     """Prepare raw blocks uint8 [N, bytes_per_row] once at load time. `use_int4pack` takes the
     bf16 int4 op for Q4_0 / Q4_1 / Q4_K (see the module docstring for its accuracy); every other
     case runs the exact fp32 values: kept whole ("dense") when their 4 * N * K bytes fit
-    `dense_budget`, else tiled."""
+    `dense_budget`, else tiled. keep_codes: a dense weight keeps the tiled codes, scales and
+    offsets beside its fp32 values (for the C codes kernel's small-M calls)."""
     bt = check_blocks(blocks, qtype, out_features, in_features)
     if not (use_int4pack and bt.name in INT4PACK_TYPES):
         codes, scale, offset = tiled_codes_scales(blocks, bt.name, out_features, in_features)
@@ -143,6 +157,8 @@ def prepare_gguf_cpu(
         )
         if 4 * out_features * in_features <= dense_budget:
             dense = dequantize_tiled(weight).contiguous()
+            if keep_codes:
+                return dataclasses.replace(weight, path="dense", dense=dense)
             return GGUFCpuWeight(bt.name, out_features, in_features, "dense", dense=dense)
         return weight
     q, s, z = int4_codes_scales(blocks, bt.name, out_features, in_features)
@@ -219,14 +235,56 @@ def _dense_matmul(
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
+def codes_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    offset: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    kernel,
+    max_rows: int | None = None,
+) -> torch.Tensor | None:
+    """y = x @ W.T + bias through the C codes kernel for W = codes * scale + offset (the tiled
+    fields), or None when it does not take this call (x not float32 / bf16 / fp16, or more
+    than `max_rows` rows: the kernel's MAX_M, or CHUNKED_ROWS for a weight with no fp32 copy,
+    which it then takes MAX_M rows at a time), for the caller's torch path. x: [..., K];
+    returns [..., N] in x's dtype."""
+    n, k = codes.shape
+    _check_call(x, n, k, bias)
+    if compute_dtype(x.dtype) != torch.float32:
+        return None
+    x2 = x.reshape(-1, k)
+    m, step = x2.shape[0], kernel.max_m
+    if m > (max_rows or step) or not kernel.takes(min(m, step), k, k // scale.shape[1]):
+        return None
+    x2 = x2.to(torch.float32).contiguous()
+    if m <= step:
+        y = kernel(x2, codes, scale, offset)
+    else:
+        y = torch.cat([kernel(x2[i : i + step], codes, scale, offset) for i in range(0, m, step)])
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
 def gguf_linear_cpu(
-    x: torch.Tensor, weight: GGUFCpuWeight, bias: torch.Tensor | None = None, onednn: bool = False
+    x: torch.Tensor,
+    weight: GGUFCpuWeight,
+    bias: torch.Tensor | None = None,
+    onednn: bool = False,
+    codes_kernel=None,
 ) -> torch.Tensor:
     """y = x @ W.T + bias for a prepared GGUF weight W [N, K]. x: [..., K]; returns [..., N] in
     x's dtype. onednn: the fp32 products of the tiled and dense paths through oneDNN's matmul
-    (the CPU backend's "onednn" gemm) instead of torch.mm / F.linear."""
+    (the CPU backend's "onednn" gemm) instead of torch.mm / F.linear. codes_kernel (a
+    `ckernels.CodesKernel`): the calls it takes of a weight with codes go to it."""
     n, k = weight.out_features, weight.in_features
     _check_call(x, n, k, bias)
+    if codes_kernel is not None and weight.codes is not None and weight.path != "int4pack":
+        rows = CHUNKED_ROWS if weight.path == "tiled" else None
+        y = codes_linear(x, weight.codes, weight.scale, weight.offset, bias, codes_kernel, rows)
+        if y is not None:
+            return y
     x2 = x.reshape(-1, k)
     if weight.path == "int4pack":
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(

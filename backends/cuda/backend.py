@@ -466,7 +466,7 @@ class CudaBackend(Backend):
         w = ig.dequantize_packed(weight.data).to(x.dtype)
         return linear.linear(x, w, bias, self.allow_tf32)
 
-    def prepare_gguf(self, blocks, qtype, out_features, in_features) -> GGUFWeight:
+    def prepare_gguf(self, blocks, qtype, out_features, in_features, role="linear") -> GGUFWeight:
         # The raw blocks stay as they are, on the device: both candidates read them directly.
         bt = gguf.check_blocks(blocks, qtype, out_features, in_features)
         blocks = blocks.to(self.device).contiguous()

@@ -12,7 +12,7 @@ from torch import nn
 
 from engine.parallel import ParallelContext, TensorSource, load_tensor
 from engine.sampler import argmax_rows
-from hal.backend import Backend
+from hal.backend import GGUF_BLOCK_TYPES, Backend, GGUFWeight
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -63,7 +63,11 @@ class ParallelLMHead(VocabParallelEmbedding):
     sampler widens only what it computes on, and an argmax orders the narrow values the same).
 
     With tied embeddings, `tie(embedding)` shares the embedding's (identically sharded) weight.
+    A GGUF model on a backend that asks for it (`Backend.gguf_lm_head`) also keeps this rank's
+    rows of the LM head's GGUF blocks (`load_gguf`), and the logits GEMM runs from them.
     """
+
+    gguf: GGUFWeight | None = None
 
     def tie(self, embedding: VocabParallelEmbedding) -> None:
         if embedding.weight.shape != self.weight.shape:
@@ -73,13 +77,43 @@ class ParallelLMHead(VocabParallelEmbedding):
             )
         self.weight = embedding.weight
 
+    def load_gguf(self, source: TensorSource, name: str) -> bool:
+        """Keep this rank's rows of GGUF tensor `name` as blocks prepared by the backend, for the
+        logits GEMM (`Backend.gguf_lm_head`); the float weight stays for the embedding. Returns
+        whether it did: not for a float tensor, a source without raw blocks, a backend that
+        does not ask for it, or a rank holding only vocab padding."""
+        read_blocks = getattr(source, "read_blocks", None)
+        tensor_type = getattr(source, "tensor_type", None)
+        rows = self.vocab_stop - self.vocab_start
+        if not self.backend.gguf_lm_head or read_blocks is None or tensor_type is None or rows <= 0:
+            return False
+        qtype = tensor_type(name)
+        if qtype not in GGUF_BLOCK_TYPES:
+            return False
+        blocks = read_blocks(name, 0, self.vocab_start, self.vocab_stop)
+        weight = self.backend.prepare_gguf(blocks, qtype, rows, self.hidden_size, role="lm_head")
+        for key, t in weight.tensors.items():  # parameters: the memory plan counts them
+            param = nn.Parameter(t, requires_grad=False)
+            self.register_parameter(f"gguf_{key}", param)
+            weight.tensors[key] = param
+        self.gguf = weight
+        return True
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # [rows, hidden] -> [rows, vocab_size_padded / tp_size], from the GGUF blocks when kept
+        if self.gguf is None:
+            return self.backend.linear(hidden, self.weight)
+        logits = self.backend.gguf_linear(hidden, self.gguf)
+        pad = self.weight.shape[0] - logits.shape[-1]  # this rank's vocab padding rows
+        return F.pad(logits, (0, pad)) if pad else logits
+
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [rows, hidden_size] -> int64 [rows]: each row's argmax over the whole vocab, on
         every rank, without gathering the logits. Each rank takes the argmax of its real rows
         (first maximal index, NaN as the maximum), then one all_gather of (value, token id)
         pairs in float64 (both exact); the first rank holding the maximum wins, so the token is
         torch.argmax's over the gathered logits (ties to the lowest id)."""
-        logits = self.backend.linear(hidden, self.weight)  # [rows, vocab_size_padded / tp_size]
+        logits = self._logits(hidden)  # [rows, vocab_size_padded / tp_size]
         real = self.vocab_stop - self.vocab_start
         if self.parallel.tp_size == 1:
             return argmax_rows(logits[:, :real])
@@ -98,7 +132,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         return every[:, 1].gather(0, best).squeeze(0).long()
 
     def forward(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor | None:
-        logits = self.backend.linear(hidden, self.weight)  # [rows, vocab_size_padded / tp_size]
+        logits = self._logits(hidden)  # [rows, vocab_size_padded / tp_size]
         logits = self.parallel.gather(logits, dim=-1)
         if logits is None:
             return None

@@ -27,6 +27,7 @@ from engine.model_config import ModelConfig
 from engine.parallel import SINGLE, ParallelContext, TensorSource
 from engine.quantization import QuantizationConfig, get_quantization_config
 from engine.quantization.base import QuantizedActivation
+from engine.quantization.gguf import GGUFConfig
 from hal.backend import Backend
 
 logger = logging.getLogger(__name__)
@@ -350,7 +351,10 @@ class LlamaForCausalLM(nn.Module):
         if self.norm is None:
             return
         self.norm.load(source, "model.norm.weight")
+        head = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
         if not self.config.tie_word_embeddings:
-            self.lm_head.load(source, "lm_head.weight")
+            self.lm_head.load(source, head)
         elif self.embed_tokens is None:  # tied, but the embedding lives on another stage
-            self.lm_head.load(source, "model.embed_tokens.weight")
+            self.lm_head.load(source, head)
+        if isinstance(self.quant_config, GGUFConfig) and self.lm_head.load_gguf(source, head):
+            logger.info("LM head: %s blocks through gguf_linear", self.lm_head.gguf.qtype)

@@ -373,10 +373,14 @@ def test_row_parallel_shard_off_the_block_size_fails_before_any_read(tmp_path, b
 def test_default_model_keeps_its_blocks_and_the_plan_counts_them(cpu_caps, dense_bytes):
     # dense_bytes 0: every linear tiled (int8 codes + fp32 scale and offset); None: the default
     # budget (1 GiB) holds all of this model's linears as whole fp32 values.
+    # With the C codes kernel a whole weight keeps its tiled codes too (decode-sized calls run
+    # on them), and the tied LM head keeps its Q8_0 rows tiled (int8 codes + fp32 scale).
     backend = CpuBackend(cpu_caps, "cpu", select_ops("cpu", cpu_caps), gguf_dense_bytes=dense_bytes)
+    codes = backend.codes_kernel is not None
     model, config, _ = load_model(GGUF_PATH, backend, "float32", with_tokenizer=False)
     assert config.quantization_config["quant_method"] == "gguf"
-    linear_bytes = values = 0
+    linear_bytes = values = dense_values = 0
+    tiled = {"gguf_codes": torch.int8, "gguf_scale": torch.float32, "gguf_offset": torch.float32}
     for module in model.modules():
         if not isinstance(module, QuantizableLinear):
             continue
@@ -385,24 +389,34 @@ def test_default_model_keeps_its_blocks_and_the_plan_counts_them(cpu_caps, dense
         n, k = w.out_features, w.in_features
         params = dict(module.named_parameters())
         if dense_bytes == 0:
-            assert {name: p.dtype for name, p in params.items()} == {
-                "gguf_codes": torch.int8, "gguf_scale": torch.float32, "gguf_offset": torch.float32,
-            }  # fmt: skip
+            assert {name: p.dtype for name, p in params.items()} == tiled
             per_value = 5 / 4  # int8 codes + fp32 scale and offset per 32 values
         else:
-            assert {name: p.dtype for name, p in params.items()} == {"gguf_dense": torch.float32}
-            per_value = 4
+            want = {"gguf_dense": torch.float32} | (tiled if codes else {})
+            assert {name: p.dtype for name, p in params.items()} == want
+            per_value = 4 + (5 / 4 if codes else 0)
+            dense_values += n * k
         assert sum(p.numel() * p.element_size() for p in params.values()) == n * k * per_value
         linear_bytes += int(n * k * per_value)
         values += n * k
     embed = model.embed_tokens.weight  # Q8_0 in the file: a lookup, dequantized (and tied)
+    assert model.lm_head.weight is embed
+    head = dict(model.lm_head.named_parameters(recurse=False))
+    if codes:  # the logits from the Q8_0 rows: int8 codes + one fp32 scale per 32 values
+        assert model.lm_head.gguf is not None and model.lm_head.gguf.layout == "tiled"
+        assert {n: p.dtype for n, p in head.items()} == {
+            "weight": torch.float32, "gguf_codes": torch.int8, "gguf_scale": torch.float32,
+        }  # fmt: skip
+        linear_bytes += embed.numel() * 9 // 8
+    else:
+        assert model.lm_head.gguf is None and list(head) == ["weight"]
     norms = sum(p.numel() * 4 for n, p in model.named_parameters() if "norm" in n)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # rotary cos/sin
     assert weight_bytes(model) == linear_bytes + embed.numel() * 4 + norms + buffers
     if dense_bytes == 0:
-        assert linear_bytes < 0.35 * 4 * values  # vs the fp32 weights it replaces
-    else:
-        assert backend.gguf_dense_left == (1 << 30) - linear_bytes
+        assert linear_bytes < 0.35 * 4 * (values + embed.numel())  # vs the fp32 weights
+    else:  # the budget counts the fp32 values only
+        assert backend.gguf_dense_left == (1 << 30) - 4 * dense_values
 
 
 @needs_default
