@@ -7,8 +7,8 @@ the fp32 paths read 4, and is what the CPU backend runs for decode-sized batches
 (M <= its MAX_M). fp32 arithmetic throughout; the summation order differs from x @ w.T (no fp32
 weight is formed: per group, scale * sum(codes * x) + offset * sum(x)).
 
-Build: `$CC` (else `cc`) with `-O3 -march=native -fopenmp -shared -fPIC`, then without
-`-march=native`, then without OpenMP, the first that works. The library is cached under
+Build: `$CC` (else `cc`) with `-O3 -ffp-contract=off -march=native -fopenmp -shared -fPIC`,
+then without `-march=native`, then without OpenMP, the first that works. The library is cached under
 `$HAL_CACHE_DIR` (else `$XDG_CACHE_HOME/hal-engine`, else `~/.cache/hal-engine`), keyed by the
 source, the flags, the compiler's version and this CPU's feature flags (a `-march=native` build
 never loads on another CPU), and written by rename so concurrent processes never see half a
@@ -37,10 +37,12 @@ logger = logging.getLogger(__name__)
 ENV = "HAL_CPU_C_KERNELS"
 CACHE_ENV = "HAL_CACHE_DIR"
 SOURCE = Path(__file__).resolve().with_name("csrc") / "codes_gemm.c"
+# -ffp-contract=off: no multiply-add the source does not write, so every row of x gets the same
+# sums whatever M and the thread split are (a sequence's logits do not depend on its batch).
 FLAG_SETS = (
-    ("-O3", "-march=native", "-fopenmp"),
-    ("-O3", "-fopenmp"),
-    ("-O3",),
+    ("-O3", "-ffp-contract=off", "-march=native", "-fopenmp"),
+    ("-O3", "-ffp-contract=off", "-fopenmp"),
+    ("-O3", "-ffp-contract=off"),
 )
 BUILD_TIMEOUT_S = 120
 

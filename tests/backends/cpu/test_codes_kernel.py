@@ -1,0 +1,181 @@
+"""The C codes kernel (`backends/cpu/ckernels.py`, `backends/cpu/csrc/codes_gemm.c`): its product
+against the reference GGUF GEMM for every block type, row count and layout, its bad-input errors,
+how the build reports a missing compiler or a failed build, and the CPU backend's use of it (the
+decode-sized calls of dense and tiled weights, a GGUF LM head from its blocks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.cpu import ckernels
+from backends.cpu import gguf as ref
+from backends.cpu import gguf_fast as fast
+from backends.cpu.backend import CpuBackend
+from hal.select import select_ops
+from tests.backends.gguf.gguf_random import QTYPES, random_blocks
+
+KERNEL, WHY = ckernels.load_codes_kernel()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason=f"no C codes kernel here: {WHY}")
+U_FP32 = 2.0**-24
+
+
+def _case(qtype: str, n: int, nblocks: int, seed: int):
+    k = nblocks * ref.block_type(qtype).block_size
+    blocks = random_blocks(qtype, n, k, seed=seed)
+    return blocks, k, ref.dequantize_gguf(blocks, qtype, (n, k)).double()
+
+
+def _allowed(x: torch.Tensor, w: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    # fp32 sums in another order than the reference matmul: K roundings in the accumulators
+    # (16u sqrt(K) |x||w|), the per-group scale and offset products, and the output's rounding
+    k = x.shape[-1]
+    mag = x.abs().max().item() * w.abs().max().item()
+    return 16 * U_FP32 * k**0.5 * mag * 4 + 16 * U_FP32 * want.abs()
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_codes_kernel_is_the_reference_product(qtype: str, m: int) -> None:
+    n = 37  # not a multiple of any vector width or thread split
+    blocks, k, w = _case(qtype, n, 3, seed=21 + m)
+    weight = fast.prepare_gguf_cpu(blocks, qtype, n, k, use_int4pack=False)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+    y = KERNEL(x, weight.codes, weight.scale, weight.offset)
+    want = x.double() @ w.t()
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert ((y.double() - want).abs() <= _allowed(x, w, want)).all()
+    for threads in (1, 3):  # the split over threads does not change any output's sums
+        assert torch.equal(KERNEL(x, weight.codes, weight.scale, weight.offset, threads), y)
+
+
+@needs_kernel
+def test_each_row_of_x_is_its_own_product() -> None:
+    # Row m of an M-row call equals the one-row call on x[m]: the same sums in the same order.
+    blocks, k, _ = _case("Q4_1", 19, 4, seed=5)
+    weight = fast.prepare_gguf_cpu(blocks, "Q4_1", 19, k, use_int4pack=False)
+    x = torch.randn(KERNEL.max_m, k)
+    y = KERNEL(x, weight.codes, weight.scale, weight.offset)
+    for i in range(x.shape[0]):
+        one = KERNEL(x[i : i + 1].contiguous(), weight.codes, weight.scale, weight.offset)
+        assert torch.equal(one[0], y[i])
+
+
+@needs_kernel
+@pytest.mark.parametrize("layout", ["tiled", "dense"])
+@pytest.mark.parametrize("rows", [1, 8, 9, 20, 40])
+def test_gguf_linear_takes_decode_sized_calls(layout: str, rows: int, monkeypatch) -> None:
+    # Up to MAX_M rows the kernel, past it the fp32 matmul for a dense weight; a tiled weight
+    # (no fp32 copy) takes MAX_M rows a call up to CHUNKED_ROWS, then its tiles. Any x shape.
+    calls = []
+    monkeypatch.setattr(
+        ckernels.CodesKernel, "__call__",
+        lambda self, x, *a, **kw: calls.append(x.shape[0]) or ORIGINAL(self, x, *a, **kw),
+    )  # fmt: skip
+    n, qtype = 24, "Q8_0"
+    blocks, k, w = _case(qtype, n, 2, seed=rows)
+    weight = fast.prepare_gguf_cpu(
+        blocks, qtype, n, k, use_int4pack=False, dense_budget=1 << 30 if layout == "dense" else 0,
+        keep_codes=True,
+    )  # fmt: skip
+    assert weight.path == layout and weight.codes is not None
+    x = torch.randn(2, rows, k, generator=torch.Generator().manual_seed(rows))[:, : rows // 2 + 1]
+    bias = torch.randn(n)
+    y = fast.gguf_linear_cpu(x, weight, bias, codes_kernel=KERNEL)
+    want = x.double() @ w.t() + bias.double()
+    assert y.shape == (*x.shape[:-1], n)
+    assert ((y.double() - want).abs() <= _allowed(x, w, want)).all()
+    m = x.shape[0] * x.shape[1]
+    if m <= KERNEL.max_m:
+        assert calls == [m]
+    elif layout == "tiled" and m <= fast.CHUNKED_ROWS:
+        step = KERNEL.max_m
+        assert calls == [min(step, m - i) for i in range(0, m, step)]
+    else:
+        assert calls == []
+
+
+ORIGINAL = ckernels.CodesKernel.__call__
+
+
+@needs_kernel
+def test_bf16_input_computes_in_fp32_and_returns_bf16() -> None:
+    blocks, k, w = _case("Q4_0", 16, 2, seed=3)
+    weight = fast.prepare_gguf_cpu(blocks, "Q4_0", 16, k, use_int4pack=False)
+    x = torch.randn(2, k).to(torch.bfloat16)
+    y = fast.gguf_linear_cpu(x, weight, codes_kernel=KERNEL)
+    want = fast.gguf_linear_cpu(x.float(), weight, codes_kernel=KERNEL)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want.to(torch.bfloat16))
+    # fp64 input is not the kernel's: the tiled path in fp64
+    y64 = fast.gguf_linear_cpu(x.double(), weight, codes_kernel=KERNEL)
+    assert y64.dtype == torch.float64
+
+
+@needs_kernel
+def test_bad_calls_say_what_is_wrong() -> None:
+    blocks, k, _ = _case("Q4_1", 8, 2, seed=1)
+    wt = fast.prepare_gguf_cpu(blocks, "Q4_1", 8, k, use_int4pack=False)
+    x = torch.randn(1, k)
+    with pytest.raises(ValueError, match="expected float32, int8, float32"):
+        KERNEL(x.double(), wt.codes, wt.scale, wt.offset)
+    with pytest.raises(ValueError, match="takes 1 <= M"):
+        KERNEL(torch.randn(KERNEL.max_m + 1, k), wt.codes, wt.scale, wt.offset)
+    with pytest.raises(ValueError, match="whole groups"):
+        KERNEL(x, wt.codes[:, :-1].contiguous(), wt.scale, wt.offset)
+    with pytest.raises(ValueError, match="scale's shape"):
+        KERNEL(x, wt.codes, wt.scale, wt.offset[:, :1].contiguous())
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        KERNEL(torch.randn(2, 2 * k)[:, ::2], wt.codes, wt.scale, wt.offset)
+    with pytest.raises(ValueError, match="in_features"):
+        fast.codes_linear(torch.randn(1, k + 1), wt.codes, wt.scale, wt.offset, None, KERNEL)
+
+
+def test_switched_off_by_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv(ckernels.ENV, "0")
+    assert ckernels.load_codes_kernel.__wrapped__() == (None, f"{ckernels.ENV}=0")
+    monkeypatch.setenv(ckernels.ENV, "maybe")
+    with pytest.raises(ValueError, match="HAL_CPU_C_KERNELS: 'maybe'"):
+        ckernels.enabled()
+
+
+def test_no_compiler_is_a_reason(monkeypatch) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    kernel, why = ckernels.load_codes_kernel.__wrapped__()
+    assert kernel is None and "no C compiler: '/nonexistent/cc'" in why
+
+
+@pytest.mark.skipif(ckernels._compiler()[0] is None, reason="no C compiler here")
+def test_a_failed_build_is_a_reason(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(ckernels.CACHE_ENV, str(tmp_path))
+    bad = tmp_path / "broken.c"
+    bad.write_text("int f(void) { return }\n")
+    cc, version = ckernels._compiler()
+    path, why = ckernels._build(cc, version, bad)
+    assert path is None and why.startswith("building broken.c failed with")
+    assert list((tmp_path / "ckernels").rglob("*.so")) == []  # no half-written library left
+
+
+@needs_kernel
+def test_the_build_is_cached_by_source(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv(ckernels.CACHE_ENV, str(tmp_path))
+    cc, version = ckernels._compiler()
+    first, why = ckernels._build(cc, version, ckernels.SOURCE)
+    assert first is not None and why == "" and first.is_relative_to(tmp_path)
+    mtime = first.stat().st_mtime_ns
+    again, _ = ckernels._build(cc, version, ckernels.SOURCE)
+    assert again == first and again.stat().st_mtime_ns == mtime
+
+
+def test_the_backend_says_which_small_batch_path_runs(cpu_caps, monkeypatch) -> None:
+    backend = CpuBackend(cpu_caps, "cpu", select_ops("cpu", cpu_caps))
+    setting = backend.info.settings["gguf_small_batch"]
+    if KERNEL is None:
+        assert setting == f"torch (no C codes kernel: {WHY})" and not backend.gguf_lm_head
+    else:
+        assert setting.startswith("C codes kernel") and backend.gguf_lm_head
+    # the bf16 int4pack opt-in runs its own op: no codes kernel, no LM head from blocks
+    packed = CpuBackend(cpu_caps, "cpu", select_ops("cpu", cpu_caps), gguf_int4pack=True)
+    assert packed.codes_kernel is None and "gguf_small_batch" not in packed.info.settings
+    with pytest.raises(ValueError, match="role: 'head'"):
+        backend.prepare_gguf(*_case("Q8_0", 4, 1, 0)[:1], "Q8_0", 4, 32, role="head")
