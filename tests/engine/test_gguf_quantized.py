@@ -309,6 +309,15 @@ def test_tiny_model_from_blocks_equals_dequantized(tiny_gguf, backend, cpu_caps,
         mp.setenv(DEQUANTIZE_ENV, "1")
         dense, _, _ = load_model(tiny_gguf, backend, "float32", with_tokenizer=False)
     assert dense.layers[0].self_attn.qkv_proj.quant_method is None
+    # The Q8_0 output.weight: its blocks run the logits where the backend asks for it (the C
+    # codes kernel), always beside the float weight; dequantized loads keep only the float.
+    head = blocks.lm_head.gguf
+    assert (head is not None) == backend.gguf_lm_head and dense.lm_head.gguf is None
+    if head is not None:
+        assert (head.qtype, head.out_features, head.in_features) == ("Q8_0", VOCAB, HIDDEN)
+        w = ref.dequantize_gguf(GGUFSource(tiny_gguf).read_blocks("lm_head.weight"), "Q8_0",
+                                (VOCAB, HIDDEN))  # fmt: skip
+        assert torch.equal(w, dense.lm_head.weight)  # the same values the float head holds
     # Same weights (exact fp32 dequantization, q/k rows un-permuted as whole block rows) ...
     for i in range(LAYERS):
         qkv, dqkv = blocks.layers[i].self_attn.qkv_proj, dense.layers[i].self_attn.qkv_proj
@@ -321,6 +330,7 @@ def test_tiny_model_from_blocks_equals_dequantized(tiny_gguf, backend, cpu_caps,
     # The reference backend runs the raw blocks themselves: uint8, the file's bytes.
     plain, _, _ = load_model(tiny_gguf, _reference_backend(cpu_caps), "float32",
                              with_tokenizer=False)  # fmt: skip
+    assert plain.lm_head.gguf is None  # the reference backend keeps the float head
     qkv = plain.layers[0].self_attn.qkv_proj
     assert [n for n, _ in qkv.named_parameters()] == ["gguf_blocks_0", "gguf_blocks_1",
                                                       "gguf_blocks_2"]  # fmt: skip
@@ -343,6 +353,9 @@ def test_tensor_parallel_blocks_match_single_rank(tiny_gguf, backend):
         qkv = model.layers[0].self_attn.qkv_proj
         down = model.layers[0].mlp.down_proj
         shapes = (qkv.gguf_weights[0].out_features, down.gguf_weights[0].in_features)
+        if backend.gguf_lm_head:  # each rank's vocab rows of the Q8_0 output.weight
+            head = model.lm_head.gguf
+            assert head.out_features == model.lm_head.vocab_stop - model.lm_head.vocab_start
         return shapes, _logits(model, STEPS)
 
     (shapes1, want) = run(0, SINGLE)
