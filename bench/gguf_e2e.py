@@ -1,8 +1,9 @@
 """End to end on CPU: the default SmolLM2-135M Q4_1 GGUF through this engine from its quantized
-weights (exact fp32: kept whole, the default for a model this size, with the fp32 products through
-oneDNN (the default "onednn" gemm) or F.linear, or in tiles; and the opt-in bf16 int4pack),
-dequantized at load (the old path), and
-through llama.cpp (llama-cpp-python), in one run; batch 1 and 16 prompts, generated tokens/s.
+weights (exact fp32: kept whole, the default for a model this size, with decode-sized GEMMs and the
+Q8_0 LM head on the int8 codes through the C codes kernel, or without it (HAL_CPU_C_KERNELS=0: the
+fp32 products through oneDNN, the "onednn" gemm, or F.linear), or in tiles; and the opt-in bf16
+int4pack), dequantized at load (the old path), and through llama.cpp (llama-cpp-python), in one
+run; batch 1 and 16 prompts, generated tokens/s.
 
     /work/venv/bin/python bench/gguf_e2e.py [--threads 2] [--max-tokens 64] [--repeats 2]
 
@@ -42,7 +43,13 @@ PROMPTS = [
 # name -> environment for this engine run (read when the LLM is built)
 ENGINE_PATHS = {
     "blocks (exact fp32, whole)": {"HAL_GGUF_INT4PACK": "0", "HAL_GGUF_DEQUANTIZE": "0"},
-    "whole, F.linear gemm": {  # the same, with torch's F.linear (MKL) for the fp32 products
+    "whole, no C kernel": {  # the same, every product an fp32 matmul (oneDNN)
+        "HAL_GGUF_INT4PACK": "0",
+        "HAL_GGUF_DEQUANTIZE": "0",
+        "HAL_CPU_C_KERNELS": "0",
+    },  # fmt: skip
+    "whole, F.linear gemm": {  # no C kernel, torch's F.linear (MKL) for the fp32 products
+        "HAL_CPU_C_KERNELS": "0",
         "HAL_GGUF_INT4PACK": "0",
         "HAL_GGUF_DEQUANTIZE": "0",
         "HAL_GEMM_BACKEND": "native",
@@ -94,7 +101,8 @@ def engine_side(name: str, env: dict[str, str], prompts: list[list[int]], args) 
         rate, rates, outs = best_rate(lambda s=size: run(prompts[:s]), args.repeats)
         result[size] = (rate, rates)
         result[f"tokens{size}"] = outs
-    result["gemm"] = llm.engine.backend.info.settings.get("gguf_int4", "-")
+    settings = llm.engine.backend.info.settings
+    result["gemm"] = "; ".join(settings.get(k, "-") for k in ("gguf_int4", "gguf_small_batch"))
     llm.shutdown()
     return result
 
@@ -171,7 +179,7 @@ def main() -> None:
             for n in ("blocks (exact fp32, whole)", "blocks (exact fp32, tiled)")]  # fmt: skip
     print(f"\ngreedy tokens, batch 1: exact blocks (whole, tiled) == dequantized: {same}")
     for name in ENGINE_PATHS:
-        print(f"  {name}: backend gguf setting: {results[name]['gemm']}")
+        print(f"  {name}: backend gguf settings: {results[name]['gemm']}")
 
 
 if __name__ == "__main__":

@@ -210,12 +210,16 @@ def _self_check(kernel: CodesKernel) -> str:
     return ""
 
 
-@functools.cache
 def load_codes_kernel() -> tuple[CodesKernel | None, str]:
-    """(the kernel, '') or (None, the reason it is not used here); built and checked once per
-    process."""
+    """(the kernel, '') or (None, the reason it is not used here): HAL_CPU_C_KERNELS read at
+    each call, the library built, loaded and checked once per process."""
     if not enabled():
         return None, f"{ENV}=0"
+    return _load()
+
+
+@functools.cache
+def _load() -> tuple[CodesKernel | None, str]:
     cc, version = _compiler()
     if cc is None:
         return None, version
