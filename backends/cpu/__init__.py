@@ -112,14 +112,16 @@ _engine_path("rotary", "native",
              "backends.cpu.native:native_rotary")  # fmt: skip
 # GGUF weights kept quantized: the exact fp32 path by default (blocks unpacked once into int8
 # codes and fp32 scales, dequantized one row tile at a time per call; the first
-# HAL_GGUF_DENSE_BYTES, 1 GiB, of fp32 values kept whole instead). HAL_GGUF_INT4PACK=1 opts
-# Q4_0 / Q4_1 / Q4_K into torch's int4pack matmul, which is faster but bf16-accurate (x, scales
-# and offsets rounded to bf16), so it is never the silent default.
+# HAL_GGUF_DENSE_BYTES, 1 GiB, of fp32 values kept whole instead), and calls of up to 8 rows
+# on the int8 codes through the C codes kernel (backends/cpu/ckernels.py) where it builds.
+# HAL_GGUF_INT4PACK=1 opts Q4_0 / Q4_1 / Q4_K into torch's int4pack matmul, which is faster but
+# bf16-accurate (x, scales and offsets rounded to bf16), so it is never the silent default.
 _engine_path(
     "gguf_gemm",
     "cpu_fast",
     "blocks repacked once at load: exact fp32 values (whole up to "
-    "HAL_GGUF_DENSE_BYTES, then tiles of int8 codes x scales) "
+    "HAL_GGUF_DENSE_BYTES, then tiles of int8 codes x scales); decode-sized calls on the int8 "
+    "codes through a C kernel built at first use (HAL_CPU_C_KERNELS=0: off) "
     "(HAL_GGUF_INT4PACK=1: torch's bf16 int4pack matmul for Q4_0/Q4_1/Q4_K)",
     "backends.cpu.gguf_fast:gguf_linear_cpu",
 )
