@@ -318,6 +318,7 @@ class LLMEngine:
         """The resolved choices: backend per op, dtype, block size, memory plan."""
         lines = [f"backend {self.backend.name} on {self.backend.device}"]
         lines += self.backend.describe()
+        lines += [f"  {key}: {value}" for key, value in self.backend.info.settings.items()]
         lines.append(
             f"model {self.model_config.architecture}, "
             f"dtype {str(self.dtype).removeprefix('torch.')}, max_model_len {self.max_model_len}, "

@@ -49,7 +49,11 @@ def test_fp8_cache_through_llm(tiny):
     # The same memory budget holds 4x the blocks of an fp32 cache.
     assert fp8.engine.runner.block_bytes() * 4 == base.engine.runner.block_bytes()
     assert fp8.engine.memory_plan.num_blocks == 4 * base.engine.memory_plan.num_blocks
-    assert any("kv cache float8_e4m3fn" in line for line in fp8.engine.startup_report())
+    report = fp8.engine.startup_report()
+    assert any("kv cache float8_e4m3fn" in line for line in report)
+    # the backend's settings are part of the report, one line each
+    settings = fp8.engine.backend.info.settings
+    assert settings and all(f"  {k}: {v}" in report for k, v in settings.items())
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     outs = fp8.generate(prompt_token_ids=[[5, 6, 7], [9, 10, 11, 12]], sampling_params=params)
     assert [len(o.outputs[0].token_ids) for o in outs] == [12, 12]
