@@ -30,6 +30,7 @@ from backends.cpu import (
 )
 from hal.backend import Backend, GGUFWeight, GraphRunner
 from hal.capabilities import Capabilities
+from hal.env import env_flag
 from hal.registry import Selection
 
 logger = logging.getLogger(__name__)
@@ -63,14 +64,7 @@ def _gguf_dense_budget(wanted: int | None) -> int:
 def _gguf_int4pack_policy(wanted: bool | None) -> bool:
     if wanted is not None:
         return wanted
-    value = os.environ.get(GGUF_INT4PACK_ENV, "").strip().lower()
-    if value in ("", "0", "false", "off", "no"):
-        return False
-    if value in ("1", "true", "on", "yes"):
-        return True
-    raise ValueError(
-        f"{GGUF_INT4PACK_ENV}: {value!r} is not one of 1/0, true/false, on/off, yes/no"
-    )
+    return bool(env_flag(GGUF_INT4PACK_ENV))
 
 
 class CpuBackend(Backend):

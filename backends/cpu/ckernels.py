@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from hal.env import env_flag
+
 logger = logging.getLogger(__name__)
 
 ENV = "HAL_CPU_C_KERNELS"
@@ -49,12 +51,7 @@ BUILD_TIMEOUT_S = 120
 
 def enabled() -> bool:
     """HAL_CPU_C_KERNELS: unset or 1/true/on/yes builds and uses them, 0/false/off/no never."""
-    value = os.environ.get(ENV, "").strip().lower()
-    if value in ("", "1", "true", "on", "yes"):
-        return True
-    if value in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(f"{ENV}: {value!r} is not one of 1/0, true/false, on/off, yes/no")
+    return env_flag(ENV) is not False
 
 
 def cache_dir() -> Path:

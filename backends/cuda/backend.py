@@ -24,6 +24,7 @@ from backends.cuda import SCOPE, attention, gguf, graphs, kv_cache, linear, quan
 from backends.cuda import candidates as rules
 from hal.backend import Backend, GGUFWeight, GraphRunner, Int4Weight
 from hal.capabilities import Capabilities
+from hal.env import env_flag
 from hal.registry import REGISTRY, Selection, SelectionError, env_choice
 
 logger = logging.getLogger(__name__)
@@ -53,17 +54,6 @@ def _float_reasons(**tensors: torch.Tensor | None) -> list[str]:
 
 FUSED_GATE_UP_SILU_ENV = "HAL_FUSED_GATE_UP_SILU"
 FUSED_QKV_ROTARY_ENV = "HAL_FUSED_QKV_ROTARY"
-
-
-def _env_flag(name: str) -> bool | None:
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return None
-    if value in ("1", "true", "on", "yes"):
-        return True
-    if value in ("0", "false", "off", "no"):
-        return False
-    raise ValueError(f"{name}: {value!r} is not one of 1/0, true/false, on/off, yes/no")
 
 
 class CudaBackend(Backend):
@@ -113,7 +103,7 @@ class CudaBackend(Backend):
             )
         # linear_silu_and_mul in one launch where M <= 16: unset, at the shapes where the tuning
         # table measured it faster; HAL_FUSED_GATE_UP_SILU=1 everywhere, 0 nowhere (see there)
-        self.fused_gate_up_silu = _env_flag(FUSED_GATE_UP_SILU_ENV)
+        self.fused_gate_up_silu = env_flag(FUSED_GATE_UP_SILU_ENV)
         if self.chosen("gemm") == "triton_small_m" and self.chosen("activation") == "triton":
             self.info.settings["linear_silu_and_mul"] = {
                 None: "fused (triton, one launch) at M <= 16 where the table measured it faster "
@@ -122,7 +112,7 @@ class CudaBackend(Backend):
                 False: f"GEMM then activation ({FUSED_GATE_UP_SILU_ENV}=0)",
             }[self.fused_gate_up_silu]
         # HAL_FUSED_QKV_ROTARY=1: linear_rotary_write_kv in one launch where M <= 16 (see there)
-        self.fused_qkv_rotary = bool(_env_flag(FUSED_QKV_ROTARY_ENV))
+        self.fused_qkv_rotary = bool(env_flag(FUSED_QKV_ROTARY_ENV))
         if self.chosen("gemm") == "triton_small_m" and torch.version.hip is None:
             self.info.settings["linear_rotary_write_kv"] = (
                 "fused (triton, one launch at M <= 16: NeoX, whole heads)"
@@ -161,7 +151,7 @@ class CudaBackend(Backend):
             self.info.settings["fp8_accumulate"] = "tensor-core"
 
     def _tf32_policy(self, allow_tf32: bool | None) -> bool:
-        wanted = _env_flag(TF32_ENV) if allow_tf32 is None else allow_tf32
+        wanted = env_flag(TF32_ENV) if allow_tf32 is None else allow_tf32
         origin = TF32_ENV if allow_tf32 is None and wanted is not None else "config"
         if not self.caps.supports("tf32"):
             setting = f"off ({self.caps.device_name} has no TF32)"

@@ -18,10 +18,11 @@ from backends.cpu import graphs as eager_graphs
 from backends.cpu.linear import is_block_scaled
 from backends.cuda import attention as cuda_attention
 from backends.cuda import graphs, linear
-from backends.cuda.backend import TF32_ENV, CudaBackend, _env_flag, _triton
+from backends.cuda.backend import TF32_ENV, CudaBackend, _triton
 from backends.rocm import COLLECTIVE_LIBRARY, SCOPE, fp8
 from hal.backend import GraphRunner
 from hal.capabilities import Capabilities
+from hal.env import env_flag
 from hal.registry import REGISTRY, Selection, env_choice
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ class RocmBackend(CudaBackend):
         self.info.settings["wavefront"] = str(caps.warp_size)
 
     def _tf32_policy(self, allow_tf32: bool | None) -> bool:
-        wanted = _env_flag(TF32_ENV) if allow_tf32 is None else allow_tf32
+        wanted = env_flag(TF32_ENV) if allow_tf32 is None else allow_tf32
         if not self.caps.supports("tf32"):
             setting = f"off ({self.caps.arch} has no XF32)"
         elif wanted:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch
 from engine.model_config import ModelConfig
 from engine.parallel import WeightLoadError
 from hal.backend import GGUF_BLOCK_TYPES
+from hal.env import env_flag
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +35,7 @@ def dequantize_requested(dequantize: bool | None = None) -> bool:
     """`dequantize` if given, else HAL_GGUF_DEQUANTIZE (default off: keep block weights)."""
     if dequantize is not None:
         return dequantize
-    value = os.environ.get(DEQUANTIZE_ENV, "").strip().lower()
-    if value in ("", "0", "false", "off", "no"):
-        return False
-    if value in ("1", "true", "on", "yes"):
-        return True
-    raise ValueError(f"{DEQUANTIZE_ENV}: {value!r} is not one of 1/0, true/false, on/off, yes/no")
+    return bool(env_flag(DEQUANTIZE_ENV))
 
 
 _GLOBAL_NAMES = {
