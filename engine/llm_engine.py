@@ -318,7 +318,8 @@ class LLMEngine:
         """The resolved choices: backend per op, dtype, block size, memory plan."""
         lines = [f"backend {self.backend.name} on {self.backend.device}"]
         lines += self.backend.describe()
-        lines += [f"  {key}: {value}" for key, value in self.backend.info.settings.items()]
+        info = getattr(self.backend, "info", None)  # a distributed driver has the ranks' summary
+        lines += [f"  {key}: {value}" for key, value in (info.settings if info else {}).items()]
         lines.append(
             f"model {self.model_config.architecture}, "
             f"dtype {str(self.dtype).removeprefix('torch.')}, max_model_len {self.max_model_len}, "
