@@ -97,31 +97,6 @@ REGISTRY.register(
         target="backends.cpu.native:onednn_linear",
     )
 )
-
-
-def _c_rms_norm(caps: Capabilities) -> list[str]:
-    """The C RMSNorm: reasons not to (HAL_CPU_C_KERNELS=0, no C compiler, a failed build or
-    self-check; built once per process)."""
-    from backends.cpu.ckernels import load_rms_norm_kernel
-
-    kernel, why = load_rms_norm_kernel()
-    return [] if kernel is not None else [why]
-
-
-REGISTRY.register(
-    Candidate(
-        family="rms_norm",
-        name="c",
-        priority=20,
-        check=_c_rms_norm,
-        description="fp32 rows in one C pass (residual add, sum of squares, scale; built at "
-        "first use, backends/cpu/ckernels.py): ~7 us a decode-sized call against F.rms_norm's "
-        "~25; fp32 within roundoff of the reference, other dtypes as 'native' "
-        "(HAL_RMS_NORM_BACKEND=native: bitwise the reference)",
-        scope="cpu",
-        target="backends.cpu.native:c_rms_norm",
-    )
-)
 _engine_path("attention", "sdpa", "batched torch SDPA over the paged KV (one call per step)",
              "backends.cpu.sdpa:sdpa_attention")  # fmt: skip
 _engine_path("gemm", "native",

@@ -236,9 +236,7 @@ class CpuBackend(Backend):
 
     # -- fused small ops -----------------------------------------------------------------------
     def rms_norm(self, x, weight, eps, residual=None):
-        fn = {"native": native.native_rms_norm, "c": native.c_rms_norm}.get(
-            self.chosen("rms_norm"), norm.rms_norm
-        )
+        fn = native.native_rms_norm if self.chosen("rms_norm") == "native" else norm.rms_norm
         return fn(x, weight, eps, residual)
 
     def rotary(self, positions, query, key, cos_sin_cache, is_neox=True):

@@ -5,9 +5,7 @@ first use and loaded through ctypes (no torch headers: a build takes about a sec
 and offsets (the "tiled" layout of `backends/cpu/gguf_fast.py`): it reads 1 byte per weight where
 the fp32 paths read 4, and is what the CPU backend runs for decode-sized batches of GGUF models
 (M <= its MAX_M). fp32 arithmetic throughout; the summation order differs from x @ w.T (no fp32
-weight is formed: per group, scale * sum(codes * x) + offset * sum(x)). `rms_norm_f32` is the
-CPU backend's "c" RMSNorm: the residual add, the sum of squares and the scaling in one pass per
-row (torch's fp32 F.rms_norm is six ops, ~30 us per decode-sized call on a 2-core EPYC).
+weight is formed: per group, scale * sum(codes * x) + offset * sum(x)).
 
 Build: `$CC` (else `cc`) with `-O3 -ffp-contract=off -march=native -fopenmp -shared -fPIC`,
 then without `-march=native`, then without OpenMP, the first that works. The library is cached under
@@ -41,7 +39,6 @@ logger = logging.getLogger(__name__)
 ENV = "HAL_CPU_C_KERNELS"
 CACHE_ENV = "HAL_CACHE_DIR"
 SOURCE = Path(__file__).resolve().with_name("csrc") / "codes_gemm.c"
-RMS_SOURCE = SOURCE.with_name("rms_norm.c")
 # -ffp-contract=off: no multiply-add the source does not write, so every row of x gets the same
 # sums whatever M and the thread split are (a sequence's logits do not depend on its batch).
 FLAG_SETS = (
@@ -219,111 +216,25 @@ def load_codes_kernel() -> tuple[CodesKernel | None, str]:
 
 
 @functools.cache
-def _library(source: Path) -> tuple[ctypes.CDLL | None, str]:
-    """The built and loaded library of one source in csrc, or (None, why); once per process."""
+def _load() -> tuple[CodesKernel | None, str]:
     cc, version = _compiler()
     if cc is None:
         return None, version
-    path, why = _build(cc, version, source)
+    path, why = _build(cc, version, SOURCE)
     if path is None:
         return None, why
     try:
-        return ctypes.CDLL(str(path)), ""
+        lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, f"loading {path} failed: {e}"
-
-
-@functools.cache
-def _load() -> tuple[CodesKernel | None, str]:
-    lib, why = _library(SOURCE)
-    if lib is None:
-        return None, why
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.codes_gemm.restype = ctypes.c_int
     lib.codes_gemm.argtypes = [p, p, p, i64, i64, i64, p, i64, i64, p, i64, p, ctypes.c_int]
     kernel = CodesKernel(
-        lib, Path(lib._name), lib.codes_gemm_max_m(), lib.codes_gemm_vector_width(),
+        lib, path, lib.codes_gemm_max_m(), lib.codes_gemm_vector_width(),
         bool(lib.codes_gemm_openmp()),
     )  # fmt: skip
     why = _self_check(kernel)
     if why:
         return None, why
     return kernel, ""
-
-
-@dataclass(frozen=True)
-class RmsNormKernel:
-    """The loaded `rms_norm_f32` library: h = x (+ residual), y = h / sqrt(mean(h^2) + eps) * w
-    over the last dimension, fp32, one pass per row."""
-
-    lib: ctypes.CDLL
-
-    def __call__(
-        self,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        eps: float,
-        residual: torch.Tensor | None = None,
-        threads: int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x (and residual) fp32 [..., H], weight fp32 [H], contiguous CPU tensors -> y (and h =
-        x + residual, the next residual), as `backends.cpu.norm.rms_norm` returns them."""
-        hidden = x.shape[-1]
-        tensors = (x, weight) + ((residual,) if residual is not None else ())
-        if not all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors):
-            raise ValueError("rms_norm_f32: x, weight (and residual) must be float32 CPU tensors")
-        if not all(t.is_contiguous() for t in tensors):
-            raise ValueError("rms_norm_f32: x, weight (and residual) must be contiguous")
-        if tuple(weight.shape) != (hidden,) or (residual is not None and residual.shape != x.shape):
-            raise ValueError(
-                f"rms_norm_f32: weight {tuple(weight.shape)} / residual shape do not match x "
-                f"{tuple(x.shape)}"
-            )
-        return self.run(x, weight, eps, residual, threads)
-
-    def run(self, x, weight, eps, residual=None, threads=None):
-        """`__call__` without its checks, for a caller that made them (`native.c_rms_norm`)."""
-        hidden = x.shape[-1]
-        y = torch.empty_like(x)
-        h = torch.empty_like(x) if residual is not None else None
-        rc = self.lib.rms_norm_f32(
-            x.data_ptr(), residual.data_ptr() if residual is not None else None,
-            weight.data_ptr(), y.data_ptr(), h.data_ptr() if h is not None else None,
-            x.numel() // max(hidden, 1), hidden, eps, max(1, threads or torch.get_num_threads()),
-        )  # fmt: skip
-        if rc != 0:
-            raise RuntimeError(f"rms_norm_f32 rejected x {tuple(x.shape)}, eps {eps}")
-        return y if h is None else (y, h)
-
-
-def _rms_self_check(kernel: RmsNormKernel) -> str:
-    g = torch.Generator().manual_seed(0)
-    x, r = torch.randn(3, 100, generator=g), torch.randn(3, 100, generator=g)
-    w = torch.rand(100, generator=g) + 0.5
-    y, h = kernel(x, w, 1e-6, r)
-    hd = x.double() + r.double()
-    want = hd * torch.rsqrt(hd.pow(2).mean(-1, keepdim=True) + 1e-6) * w.double()
-    err = float(((y.double() - want).abs() / want.abs().clamp_min(1e-3)).max())
-    if not torch.equal(h, x + r) or not err < 1e-5:
-        return f"self-check failed: relative error {err:.1e} against fp64"
-    return ""
-
-
-def load_rms_norm_kernel() -> tuple[RmsNormKernel | None, str]:
-    """(the RMSNorm kernel, '') or (None, why not here); HAL_CPU_C_KERNELS read at each call."""
-    if not enabled():
-        return None, f"{ENV}=0"
-    return _load_rms()
-
-
-@functools.cache
-def _load_rms() -> tuple[RmsNormKernel | None, str]:
-    lib, why = _library(RMS_SOURCE)
-    if lib is None:
-        return None, why
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.rms_norm_f32.restype = ctypes.c_int
-    lib.rms_norm_f32.argtypes = [p, p, p, p, p, i64, i64, ctypes.c_float, ctypes.c_int]
-    kernel = RmsNormKernel(lib)
-    why = _rms_self_check(kernel)
-    return (None, why) if why else (kernel, "")

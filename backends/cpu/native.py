@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from backends.cpu import norm, rotary
-from backends.cpu.ckernels import load_rms_norm_kernel
 from backends.cpu.kv_cache import _check_block_pairs, encode_kv
 from backends.cpu.linear import _check_bias, _check_gemm
 
@@ -177,26 +176,6 @@ def native_rms_norm(
     y = F.rms_norm(h, (h.shape[-1],), w, eps)
     y = y if y.dtype == x.dtype else y.to(x.dtype)
     return y if residual is None else (y, x)
-
-
-def c_rms_norm(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    eps: float,
-    residual: torch.Tensor | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """`norm.rms_norm` for contiguous float32 x, weight (and residual) through the C kernel
-    (`ckernels.load_rms_norm_kernel`): the residual add bitwise torch's, the sum of squares in
-    another order (16 lanes), so y is the reference's within fp32 roundoff; anything else, or
-    no kernel here, goes to `native_rms_norm`."""
-    kernel, _ = load_rms_norm_kernel()
-    tensors = (x, weight) if residual is None else (x, weight, residual)
-    if kernel is None or not all(
-        t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in tensors
-    ):
-        return native_rms_norm(x, weight, eps, residual)
-    norm.check_norm(x, weight, eps, residual)
-    return kernel.run(x, weight, eps, residual)
 
 
 def native_rotary(

@@ -1,15 +1,14 @@
-"""The CPU's C kernels (`backends/cpu/ckernels.py`, `backends/cpu/csrc`): the codes kernel's product
+"""The C codes kernel (`backends/cpu/ckernels.py`, `backends/cpu/csrc/codes_gemm.c`): its product
 against the reference GGUF GEMM for every block type, row count and layout, its bad-input errors,
 how the build reports a missing compiler or a failed build, and the CPU backend's use of it (the
-decode-sized calls of dense and tiled weights, a GGUF LM head from its blocks); the C RMSNorm
-against the reference norm."""
+decode-sized calls of dense and tiled weights, a GGUF LM head from its blocks)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from backends.cpu import ckernels, native, norm
+from backends.cpu import ckernels
 from backends.cpu import gguf as ref
 from backends.cpu import gguf_fast as fast
 from backends.cpu.backend import CpuBackend
@@ -142,8 +141,8 @@ def test_switched_off_by_the_environment(monkeypatch) -> None:
 
 def test_no_compiler_is_a_reason(monkeypatch) -> None:
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    lib, why = ckernels._library.__wrapped__(ckernels.SOURCE)
-    assert lib is None and "no C compiler: '/nonexistent/cc'" in why
+    kernel, why = ckernels._load.__wrapped__()
+    assert kernel is None and "no C compiler: '/nonexistent/cc'" in why
 
 
 @pytest.mark.skipif(ckernels._compiler()[0] is None, reason="no C compiler here")
@@ -180,56 +179,3 @@ def test_the_backend_says_which_small_batch_path_runs(cpu_caps, monkeypatch) -> 
     assert packed.codes_kernel is None and "gguf_small_batch" not in packed.info.settings
     with pytest.raises(ValueError, match="role: 'head'"):
         backend.prepare_gguf(*_case("Q8_0", 4, 1, 0)[:1], "Q8_0", 4, 32, role="head")
-
-
-RMS, RMS_WHY = ckernels.load_rms_norm_kernel()
-needs_rms = pytest.mark.skipif(RMS is None, reason=f"no C RMSNorm here: {RMS_WHY}")
-
-
-@needs_rms
-@pytest.mark.parametrize("rows", [1, 5, 120])  # 120 x 576: the rows spread over threads
-@pytest.mark.parametrize("hidden", [576, 100, 7])  # whole 16-lane steps, a tail, only a tail
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_c_rms_norm_is_the_reference_within_fp32_roundoff(rows, hidden, with_residual) -> None:
-    g = torch.Generator().manual_seed(rows * hidden)
-    x = torch.randn(rows, hidden, generator=g) * 3
-    r = torch.randn(rows, hidden, generator=g) if with_residual else None
-    w = torch.rand(hidden, generator=g) + 0.5
-    got = native.c_rms_norm(x, w, 1e-5, r)
-    want = norm.rms_norm(x, w, 1e-5, r)
-    if with_residual:
-        assert torch.equal(got[1], want[1])  # h = x + r: one fp32 add either way
-        got, want = got[0], want[0]
-    # the sum of squares in another order: a few units of roundoff in the scale, two roundings
-    # after it (h * inv, then * w), each at most u relative
-    assert ((got - want).abs() <= 16 * U_FP32 * want.abs() + 1e-30).all()
-    # each row alone gives the same bits (the lanes do not depend on the other rows or threads)
-    i = rows - 1
-    one = native.c_rms_norm(x[i:].contiguous(), w, 1e-5, None if r is None else r[i:].contiguous())
-    assert torch.equal(one[0] if with_residual else one, got[i:])
-
-
-@needs_rms
-def test_c_rms_norm_passes_other_inputs_to_the_native_path() -> None:
-    x = torch.randn(3, 64)
-    w = torch.rand(64) + 0.5
-    for args in ((x.to(torch.bfloat16), w), (x.double(), w), (x.t().contiguous().t(), w)):
-        assert torch.equal(native.c_rms_norm(*args, 1e-6), native.native_rms_norm(*args, 1e-6))
-    with pytest.raises(ValueError, match="expected \\[64\\]"):
-        native.c_rms_norm(x, torch.rand(63), 1e-6)
-    with pytest.raises(ValueError, match="eps: 0.0 must be > 0"):
-        native.c_rms_norm(x, w, 0.0)
-    with pytest.raises(ValueError, match="residual: shape"):
-        native.c_rms_norm(x, w, 1e-6, torch.randn(2, 64))
-    with pytest.raises(ValueError, match="must be float32 CPU tensors"):
-        RMS(x.double(), w, 1e-6)
-
-
-def test_c_rms_norm_candidate_says_why_not(cpu_caps, monkeypatch) -> None:
-    from hal.registry import REGISTRY
-
-    (candidate,) = [c for c in REGISTRY.candidates("rms_norm", "cpu") if c.name == "c"]
-    monkeypatch.setenv(ckernels.ENV, "0")
-    assert candidate.check(cpu_caps) == [f"{ckernels.ENV}=0"]
-    backend = CpuBackend(cpu_caps, "cpu", select_ops("cpu", cpu_caps))
-    assert backend.chosen("rms_norm") == "native"

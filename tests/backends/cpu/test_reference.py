@@ -11,7 +11,6 @@ import torch
 import hal
 from backends.cpu.activation import silu_and_mul
 from backends.cpu.backend import CpuBackend
-from backends.cpu.ckernels import load_rms_norm_kernel
 from backends.cpu.graphs import EagerGraphRunner
 from backends.cpu.linear import linear
 from backends.cpu.norm import rms_norm
@@ -44,9 +43,7 @@ def test_load_backend_selects_cpu_reference() -> None:
             "attention": "sdpa",
             "gemm": "onednn",  # fp32 through oneDNN (tests/backends/cpu/test_cpu_sdpa.py)
             "kv_write": "native",
-            # the C kernel where it builds (tests/backends/cpu/test_codes_kernel.py), else the
-            # native path, bitwise the reference (tests/backends/cpu/test_cpu_native.py)
-            "rms_norm": "c" if load_rms_norm_kernel()[0] is not None else "native",
+            "rms_norm": "native",  # bitwise the reference (tests/backends/cpu/test_cpu_native.py)
             "rotary": "native",
             "gguf_gemm": "cpu_fast",  # exact tiled dequant (tests/engine/test_gguf_quantized.py)
         }  # engine paths, tested against the reference
