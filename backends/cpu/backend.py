@@ -198,14 +198,13 @@ class CpuBackend(Backend):
         if weight.layout == "blocks":
             return gguf.gguf_linear(x, weight.tensors["blocks"], weight.qtype, n, k, bias)
         onednn = self.chosen("gemm") == "onednn"  # the dense and tiled paths' fp32 products
-        t = weight.tensors
-        if self.codes_kernel is not None and "codes" in t and weight.layout in ("dense", "tiled"):
-            rows = gguf_fast.CHUNKED_ROWS if weight.layout == "tiled" else None
-            y = gguf_fast.codes_linear(x, t["codes"], t["scale"], t.get("offset"), bias,
-                                       self.codes_kernel, rows)  # fmt: skip
-            if y is not None:
-                return y
         if weight.layout == "dense":  # small models' common case: straight to the matmul
+            t = weight.tensors  # decode-sized calls on the codes kept beside it, if any
+            if self.codes_kernel is not None and "codes" in t:
+                y = gguf_fast.codes_linear(x, t["codes"], t["scale"], t.get("offset"), bias,
+                                           self.codes_kernel)  # fmt: skip
+                if y is not None:
+                    return y
             dense = weight.tensors["dense"]
             if tuple(dense.shape) != (n, k):
                 raise ValueError(f"weight: dense {tuple(dense.shape)} is not [{n}, {k}]")
