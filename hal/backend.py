@@ -51,13 +51,15 @@ class GGUFWeight:
     """A GGUF weight W [out_features, in_features] as `Backend.prepare_gguf` left it: `tensors`
     on the backend's device in the backend's `layout` ("blocks": the raw ggml blocks; a backend
     may repack). The engine registers `tensors` (so the memory plan counts their bytes) and hands
-    the object back to `gguf_linear`; only the backend reads the layout."""
+    the object back to `gguf_linear`; only the backend reads the layout and `data` (its own
+    per-weight state over the same tensors, e.g. a kernel's checked handle)."""
 
     qtype: str
     out_features: int
     in_features: int
     layout: str
     tensors: dict[str, torch.Tensor]
+    data: object = None
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())

@@ -188,7 +188,9 @@ class CpuBackend(Backend):
             if w.path == "dense":
                 self.gguf_dense_left -= w.dense.numel() * w.dense.element_size()
             tensors = {f: getattr(w, f) for f in _GGUF_CPU_FIELDS if getattr(w, f) is not None}
-            return GGUFWeight(w.qtype, out_features, in_features, w.path, tensors)
+            # data: the codes kernel's checked handle on the same tensors (decode-sized calls)
+            bound = gguf_fast.bind_codes(w, self.codes_kernel)
+            return GGUFWeight(w.qtype, out_features, in_features, w.path, tensors, bound)
         bt = gguf.check_blocks(blocks, qtype, out_features, in_features)
         blocks = blocks.to(self.device).contiguous()
         return GGUFWeight(bt.name, out_features, in_features, "blocks", {"blocks": blocks})
@@ -197,14 +199,14 @@ class CpuBackend(Backend):
         n, k = weight.out_features, weight.in_features
         if weight.layout == "blocks":
             return gguf.gguf_linear(x, weight.tensors["blocks"], weight.qtype, n, k, bias)
+        if weight.data is not None:  # decode-sized calls on the codes (a tiled weight up to
+            # CHUNKED_ROWS rows, MAX_M a call; a dense one leaves more to its fp32 matmul)
+            rows = gguf_fast.CHUNKED_ROWS if weight.layout == "tiled" else None
+            y = gguf_fast.codes_linear(x, weight.data, bias, rows)
+            if y is not None:
+                return y
         onednn = self.chosen("gemm") == "onednn"  # the dense and tiled paths' fp32 products
         if weight.layout == "dense":  # small models' common case: straight to the matmul
-            t = weight.tensors  # decode-sized calls on the codes kept beside it, if any
-            if self.codes_kernel is not None and "codes" in t:
-                y = gguf_fast.codes_linear(x, t["codes"], t["scale"], t.get("offset"), bias,
-                                           self.codes_kernel)  # fmt: skip
-                if y is not None:
-                    return y
             dense = weight.tensors["dense"]
             if tuple(dense.shape) != (n, k):
                 raise ValueError(f"weight: dense {tuple(dense.shape)} is not [{n}, {k}]")
@@ -215,7 +217,7 @@ class CpuBackend(Backend):
                 "tiled, int4pack, dense); prepare it with this backend's prepare_gguf"
             )
         prepared = gguf_fast.GGUFCpuWeight(weight.qtype, n, k, weight.layout, **weight.tensors)
-        return gguf_fast.gguf_linear_cpu(x, prepared, bias, onednn, self.codes_kernel)
+        return gguf_fast.gguf_linear_cpu(x, prepared, bias, onednn)
 
     # -- quantize / dequantize -----------------------------------------------------------------
     def quantize_fp8(self, x, fp8_dtype, scale=None, per_token=False):

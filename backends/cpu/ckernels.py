@@ -141,6 +141,38 @@ class CodesKernel:
         whole = group >= 1 and k % group == 0
         return 1 <= m <= self.max_m and whole and group % max(self.vector_width, 1) == 0
 
+    def bind(
+        self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None
+    ) -> CodesWeight:
+        """The weight codes int8 [N, K] * scale fp32 [N, K / G(, 1)] + offset (same shape, or
+        None), all contiguous CPU tensors, checked once for every later call (`CodesWeight`)."""
+        n, k = codes.shape
+        groups = scale.shape[1] if scale.dim() >= 2 else 0
+        group = k // groups if groups else 0
+        if codes.dtype != torch.int8 or scale.dtype != torch.float32:
+            raise ValueError(
+                f"codes_gemm: codes {codes.dtype}, scale {scale.dtype}: expected int8, float32"
+            )
+        if scale.shape[0] != n or not groups or group * groups != k:
+            raise ValueError(
+                f"codes_gemm: codes {tuple(codes.shape)} and scale {tuple(scale.shape)} do not "
+                f"describe a [{n}, {k}] weight in whole groups"
+            )
+        if offset is not None and (offset.dtype != torch.float32 or offset.shape != scale.shape):
+            raise ValueError(
+                f"codes_gemm: offset {offset.dtype} {tuple(offset.shape)}: expected float32 "
+                f"{tuple(scale.shape)} (scale's shape)"
+            )
+        if not self.takes(1, k, group):
+            raise ValueError(
+                f"codes_gemm: groups of {group} values: takes groups dividing K = {k} in "
+                f"multiples of {max(self.vector_width, 1)}"
+            )
+        tensors = (codes, scale) + ((offset,) if offset is not None else ())
+        if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors):
+            raise ValueError("codes_gemm: every tensor must be a contiguous CPU tensor")
+        return CodesWeight(self, codes, scale, offset, n, k, group)
+
     def __call__(
         self,
         x: torch.Tensor,
@@ -151,41 +183,45 @@ class CodesKernel:
     ) -> torch.Tensor:
         """y fp32 [M, N] = x fp32 [M, K] times the weight codes int8 [N, K] * scale fp32
         [N, K / G(, 1)] + offset (same shape, or None), all contiguous CPU tensors."""
+        return self.bind(codes, scale, offset)(x, threads)
+
+
+@dataclass(frozen=True, eq=False)
+class CodesWeight:
+    """A weight `CodesKernel.bind` checked: a call checks only x (a decode step makes ~4 per
+    layer, so the weight's checks are not repeated each time)."""
+
+    kernel: CodesKernel
+    codes: torch.Tensor
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    n: int
+    k: int
+    group: int
+
+    def __call__(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """y fp32 [M, N] = x fp32 [M, K] (contiguous, CPU, 1 <= M <= the kernel's max_m) @ W.T."""
         m, k = x.shape
-        n = codes.shape[0]
-        group = k // scale.shape[1]
-        if x.dtype != torch.float32 or codes.dtype != torch.int8 or scale.dtype != torch.float32:
+        if x.dtype != torch.float32 or k != self.k or not 1 <= m <= self.kernel.max_m:
             raise ValueError(
-                f"codes_gemm: x {x.dtype}, codes {codes.dtype}, scale {scale.dtype}: expected "
-                "float32, int8, float32"
+                f"codes_gemm: x {x.dtype} {tuple(x.shape)}: expected float32 [M, {self.k}] with "
+                f"1 <= M <= {self.kernel.max_m}"
             )
-        if tuple(codes.shape) != (n, k) or scale.shape[0] != n or group * scale.shape[1] != k:
-            raise ValueError(
-                f"codes_gemm: codes {tuple(codes.shape)} and scale {tuple(scale.shape)} do not "
-                f"describe a [{n}, {k}] weight in whole groups"
-            )
-        if offset is not None and (offset.dtype != torch.float32 or offset.shape != scale.shape):
-            raise ValueError(
-                f"codes_gemm: offset {offset.dtype} {tuple(offset.shape)}: expected float32 "
-                f"{tuple(scale.shape)} (scale's shape)"
-            )
-        if not self.takes(m, k, group):
-            raise ValueError(
-                f"codes_gemm: M = {m} rows in groups of {group}: takes 1 <= M <= {self.max_m} "
-                f"and groups dividing K = {k} in multiples of {max(self.vector_width, 1)}"
-            )
-        tensors = (x, codes, scale) + ((offset,) if offset is not None else ())
-        if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors):
-            raise ValueError("codes_gemm: every tensor must be a contiguous CPU tensor")
-        y = torch.empty(m, n, dtype=torch.float32)
-        sx = torch.empty(m, k // group, dtype=torch.float32)
-        rc = self.lib.codes_gemm(
-            codes.data_ptr(), scale.data_ptr(), offset.data_ptr() if offset is not None else None,
-            n, k, group, x.data_ptr(), k, m, y.data_ptr(), n, sx.data_ptr(),
+        if not x.is_contiguous() or x.device.type != "cpu":
+            raise ValueError("codes_gemm: x must be a contiguous CPU tensor")
+        y = torch.empty(m, self.n, dtype=torch.float32)
+        offset = self.offset
+        rc = self.kernel.lib.codes_gemm(
+            self.codes.data_ptr(), self.scale.data_ptr(),
+            offset.data_ptr() if offset is not None else None, self.n, k, self.group,
+            x.data_ptr(), k, m, y.data_ptr(), self.n, None,
             max(1, threads or torch.get_num_threads()),
         )  # fmt: skip
         if rc != 0:
-            raise RuntimeError(f"codes_gemm rejected M={m}, N={n}, K={k}, group {group}")
+            why = "no memory for its scratch" if rc == -2 else "arguments it cannot take"
+            raise RuntimeError(
+                f"codes_gemm: M={m}, N={self.n}, K={k}, group {self.group}: {why} (code {rc})"
+            )
         return y
 
 

@@ -236,35 +236,43 @@ def _dense_matmul(
 
 
 def codes_linear(
-    x: torch.Tensor,
-    codes: torch.Tensor,
-    scale: torch.Tensor,
-    offset: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    kernel,
-    max_rows: int | None = None,
+    x: torch.Tensor, weight, bias: torch.Tensor | None, max_rows: int | None = None
 ) -> torch.Tensor | None:
-    """y = x @ W.T + bias through the C codes kernel for W = codes * scale + offset (the tiled
-    fields), or None when it does not take this call (x not float32 / bf16 / fp16, or more
-    than `max_rows` rows: the kernel's MAX_M, or CHUNKED_ROWS for a weight with no fp32 copy,
-    which it then takes MAX_M rows at a time), for the caller's torch path. x: [..., K];
-    returns [..., N] in x's dtype."""
-    n, k = codes.shape
+    """y = x @ W.T + bias through the C codes kernel for a weight it bound
+    (`ckernels.CodesKernel.bind`: W = codes * scale + offset, the tiled fields), or None when it
+    does not take this call (x not float32 / bf16 / fp16, or more than `max_rows` rows: the
+    kernel's MAX_M, or CHUNKED_ROWS for a weight with no fp32 copy, which it then takes MAX_M
+    rows at a time), for the caller's torch path. x: [..., K]; returns [..., N] in x's dtype."""
+    n, k = weight.n, weight.k
     _check_call(x, n, k, bias)
     if compute_dtype(x.dtype) != torch.float32:
         return None
     x2 = x.reshape(-1, k)
-    m, step = x2.shape[0], kernel.max_m
-    if m > (max_rows or step) or not kernel.takes(min(m, step), k, k // scale.shape[1]):
+    m, step = x2.shape[0], weight.kernel.max_m
+    if m > (max_rows or step):
         return None
-    x2 = x2.to(torch.float32).contiguous()
+    if x2.dtype != torch.float32 or not x2.is_contiguous():
+        x2 = x2.to(torch.float32).contiguous()
     if m <= step:
-        y = kernel(x2, codes, scale, offset)
+        y = weight(x2)
     else:
-        y = torch.cat([kernel(x2[i : i + step], codes, scale, offset) for i in range(0, m, step)])
+        y = torch.cat([weight(x2[i : i + step]) for i in range(0, m, step)])
     if bias is not None:
         y = y + bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
+
+
+def bind_codes(weight: GGUFCpuWeight, codes_kernel):
+    """The kernel's bound form of a tiled or dense weight's codes (None without a kernel, codes
+    or a group size it takes)."""
+    if codes_kernel is None or weight.codes is None or weight.path == "int4pack":
+        return None
+    k = weight.in_features
+    if not codes_kernel.takes(1, k, k // weight.scale.shape[1]):
+        return None
+    return codes_kernel.bind(weight.codes, weight.scale, weight.offset)
 
 
 def gguf_linear_cpu(
@@ -280,9 +288,9 @@ def gguf_linear_cpu(
     `ckernels.CodesKernel`): the calls it takes of a weight with codes go to it."""
     n, k = weight.out_features, weight.in_features
     _check_call(x, n, k, bias)
-    if codes_kernel is not None and weight.codes is not None and weight.path != "int4pack":
-        rows = CHUNKED_ROWS if weight.path == "tiled" else None
-        y = codes_linear(x, weight.codes, weight.scale, weight.offset, bias, codes_kernel, rows)
+    bound = bind_codes(weight, codes_kernel)
+    if bound is not None:
+        y = codes_linear(x, bound, bias, CHUNKED_ROWS if weight.path == "tiled" else None)
         if y is not None:
             return y
     x2 = x.reshape(-1, k)

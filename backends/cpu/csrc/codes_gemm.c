@@ -11,6 +11,7 @@
  * spread over OpenMP threads. Built at first use by backends/cpu/ckernels.py
  * (gcc -O3 -march=native -fopenmp); a machine without a C compiler keeps the torch paths. */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -140,21 +141,36 @@ typedef void (*row_fn)(const int8_t *, const float *, const float *, int64_t, co
 static const row_fn ROWS[MAX_M + 1] = {0, row_1, row_2, row_3, row_4, row_5, row_6, row_7, row_8};
 
 /* codes int8 [N, K], scale fp32 [N, K / G], offset fp32 [N, K / G] or NULL, x fp32 [M, K] with
- * row stride ldx, y fp32 [M, N] with row stride ldy, sx scratch fp32 [M, K / G]; threads: the
- * OpenMP team size (the caller's torch.get_num_threads()). Returns 0, or -1 for arguments it
- * cannot take (the caller checks them first). */
+ * row stride ldx, y fp32 [M, N] with row stride ldy, sx scratch fp32 [M, K / G] (NULL: the
+ * kernel finds its own); threads: the OpenMP team size (the caller's torch.get_num_threads()).
+ * Returns 0, or -1 for arguments it cannot take (the caller checks them first), -2 when no
+ * scratch could be allocated. */
+#define SX_STACK 4096
 int codes_gemm(const int8_t *codes, const float *scale, const float *offset, int64_t N, int64_t K,
                int64_t G, const float *x, int64_t ldx, int64_t M, float *y, int64_t ldy,
                float *sx, int threads) {
     if (M < 1 || M > MAX_M || G < 1 || K % G != 0 || (VW && G % VW != 0) || threads < 1)
         return -1;
     const int64_t groups = K / G;
+    float sx_stack[SX_STACK];
+    float *owned = 0;
+    if (offset && !sx) {
+        if (M * groups <= SX_STACK) {
+            sx = sx_stack;
+        } else {
+            owned = (float *)malloc((size_t)(M * groups) * sizeof(float));
+            if (!owned) return -2;
+            sx = owned;
+        }
+    }
     if (offset) group_sums(x, ldx, M, groups, G, sx);
     const row_fn row = ROWS[M];
+    const float *sums = sx;
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++)
-        row(codes + n * K, scale + n * groups, offset ? offset + n * groups : 0, G, x, ldx, sx,
+        row(codes + n * K, scale + n * groups, offset ? offset + n * groups : 0, G, x, ldx, sums,
             groups, y, ldy, n);
+    free(owned);
     return 0;
 }

@@ -70,7 +70,7 @@ def test_gguf_linear_takes_decode_sized_calls(layout: str, rows: int, monkeypatc
     # (no fp32 copy) takes MAX_M rows a call up to CHUNKED_ROWS, then its tiles. Any x shape.
     calls = []
     monkeypatch.setattr(
-        ckernels.CodesKernel, "__call__",
+        ckernels.CodesWeight, "__call__",
         lambda self, x, *a, **kw: calls.append(x.shape[0]) or ORIGINAL(self, x, *a, **kw),
     )  # fmt: skip
     n, qtype = 24, "Q8_0"
@@ -96,7 +96,41 @@ def test_gguf_linear_takes_decode_sized_calls(layout: str, rows: int, monkeypatc
         assert calls == []
 
 
-ORIGINAL = ckernels.CodesKernel.__call__
+ORIGINAL = ckernels.CodesWeight.__call__
+
+
+@needs_kernel
+@pytest.mark.parametrize("dense", [True, False])
+def test_the_backend_binds_each_weight_once(cpu_caps, dense: bool, monkeypatch) -> None:
+    # prepare_gguf leaves the kernel's checked handle on the weight's own tensors (no copy);
+    # gguf_linear's decode-sized calls go through it, with the bare kernel's bits.
+    backend = CpuBackend(cpu_caps, "cpu", select_ops("cpu", cpu_caps))
+    backend.gguf_dense_left = 1 << 30 if dense else 0
+    blocks, k, _ = _case("Q4_1", 40, 3, seed=9)
+    weight = backend.prepare_gguf(blocks, "Q4_1", 40, k)
+    assert weight.layout == ("dense" if dense else "tiled")
+    bound = weight.data
+    assert isinstance(bound, ckernels.CodesWeight)
+    assert bound.codes.data_ptr() == weight.tensors["codes"].data_ptr()
+    assert bound.offset.data_ptr() == weight.tensors["offset"].data_ptr()
+    monkeypatch.setattr(ckernels.CodesKernel, "bind", None)  # no second bind per call
+    for m in (1, 5):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        want = ORIGINAL(bound, x)
+        assert torch.equal(backend.gguf_linear(x, weight), want)
+
+
+@needs_kernel
+def test_long_rows_take_scratch_from_the_heap() -> None:
+    # 8 rows x 520 groups of x sums pass the kernel's stack scratch (4096 floats): the same
+    # products, each row's sums as in a one-row call.
+    blocks, k, w = _case("Q4_1", 5, 520, seed=2)
+    weight = fast.prepare_gguf_cpu(blocks, "Q4_1", 5, k, use_int4pack=False)
+    x = torch.randn(KERNEL.max_m, k, generator=torch.Generator().manual_seed(4))
+    y = KERNEL(x, weight.codes, weight.scale, weight.offset)
+    want = x.double() @ w.t()
+    assert ((y.double() - want).abs() <= _allowed(x, w, want)).all()
+    assert torch.equal(KERNEL(x[2:3].contiguous(), weight.codes, weight.scale, weight.offset)[0], y[2])
 
 
 @needs_kernel
@@ -117,18 +151,25 @@ def test_bad_calls_say_what_is_wrong() -> None:
     blocks, k, _ = _case("Q4_1", 8, 2, seed=1)
     wt = fast.prepare_gguf_cpu(blocks, "Q4_1", 8, k, use_int4pack=False)
     x = torch.randn(1, k)
-    with pytest.raises(ValueError, match="expected float32, int8, float32"):
+    with pytest.raises(ValueError, match="expected float32"):
         KERNEL(x.double(), wt.codes, wt.scale, wt.offset)
-    with pytest.raises(ValueError, match="takes 1 <= M"):
+    with pytest.raises(ValueError, match="expected int8, float32"):
+        KERNEL(x, wt.codes.to(torch.int16), wt.scale, wt.offset)
+    with pytest.raises(ValueError, match="1 <= M <= 8"):
         KERNEL(torch.randn(KERNEL.max_m + 1, k), wt.codes, wt.scale, wt.offset)
+    with pytest.raises(ValueError, match=f"expected float32 \\[M, {k}\\]"):
+        KERNEL(torch.randn(1, k + 32), wt.codes, wt.scale, wt.offset)
     with pytest.raises(ValueError, match="whole groups"):
         KERNEL(x, wt.codes[:, :-1].contiguous(), wt.scale, wt.offset)
     with pytest.raises(ValueError, match="scale's shape"):
         KERNEL(x, wt.codes, wt.scale, wt.offset[:, :1].contiguous())
     with pytest.raises(ValueError, match="contiguous CPU"):
         KERNEL(torch.randn(2, 2 * k)[:, ::2], wt.codes, wt.scale, wt.offset)
+    with pytest.raises(ValueError, match="contiguous CPU"):
+        KERNEL(x, wt.codes.t().contiguous().t(), wt.scale, wt.offset)
     with pytest.raises(ValueError, match="in_features"):
-        fast.codes_linear(torch.randn(1, k + 1), wt.codes, wt.scale, wt.offset, None, KERNEL)
+        bound = KERNEL.bind(wt.codes, wt.scale, wt.offset)
+        fast.codes_linear(torch.randn(1, k + 1), bound, None)
 
 
 def test_switched_off_by_the_environment(monkeypatch) -> None:
