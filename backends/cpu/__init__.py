@@ -110,6 +110,33 @@ _engine_path("rms_norm", "native",
 _engine_path("rotary", "native",
              "NeoX pairs written into one buffer per input (bitwise the reference)",
              "backends.cpu.native:native_rotary")  # fmt: skip
+
+
+def _c_rotary(caps: Capabilities) -> list[str]:
+    """The C rotary: reasons not to (HAL_CPU_C_KERNELS=0, no C compiler, a failed build or
+    self-check; built once per process)."""
+    from backends.cpu.ckernels import load_rotary_kernel
+
+    kernel, why = load_rotary_kernel()
+    return [] if kernel is not None else [why]
+
+
+REGISTRY.register(
+    Candidate(
+        family="rotary",
+        name="c",
+        priority=20,
+        check=_c_rotary,
+        description="fp32 NeoX rows in one C pass, and the rotated key and value written into "
+        "fp32 caches in the same pass (rotary_write_kv); built at first use "
+        "(backends/cpu/ckernels.py), bitwise the reference; other inputs as 'native' "
+        "(HAL_ROTARY_BACKEND=native: torch ops)",
+        scope="cpu",
+        target="backends.cpu.native:c_rotary",
+    )
+)
+
+
 # GGUF weights kept quantized: the exact fp32 path by default (blocks unpacked once into int8
 # codes and fp32 scales, dequantized one row tile at a time per call; the first
 # HAL_GGUF_DENSE_BYTES, 1 GiB, of fp32 values kept whole instead), and calls of up to 8 rows

@@ -91,6 +91,10 @@ class CpuBackend(Backend):
         self.gguf_int4pack = _gguf_int4pack_policy(gguf_int4pack)
         self.gguf_dense_left = _gguf_dense_budget(gguf_dense_bytes)
         self.codes_kernel = None
+        # the "c" rotary's kernel (loaded when the selection checked it), held for each call
+        self.rotary_kernel = (
+            ckernels.load_rotary_kernel()[0] if self.chosen("rotary") == "c" else None
+        )
         if self.chosen("gguf_gemm") == "cpu_fast":
             if not self.gguf_int4pack:
                 self.codes_kernel, why = ckernels.load_codes_kernel()
@@ -241,8 +245,31 @@ class CpuBackend(Backend):
         return fn(x, weight, eps, residual)
 
     def rotary(self, positions, query, key, cos_sin_cache, is_neox=True):
-        fn = native.native_rotary if self.chosen("rotary") == "native" else rotary.rotary
+        choice = self.chosen("rotary")
+        if choice == "c":
+            return native.c_rotary(
+                positions, query, key, cos_sin_cache, is_neox, kernel=self.rotary_kernel
+            )
+        fn = native.native_rotary if choice == "native" else rotary.rotary
         return fn(positions, query, key, cos_sin_cache, is_neox)
+
+    def rotary_write_kv(
+        self, positions, query, key, value, cos_sin_cache, is_neox, key_cache, value_cache,
+        slot_mapping, kv_scale=None,
+    ):  # fmt: skip
+        # The C rotary writes the cache in its pass when the cache write is the engine's own
+        # (fp32 caches); anything it does not take is the composition of the two ops.
+        if self.chosen("rotary") == "c" and self.chosen("kv_write") == "native":
+            out = native.c_rotary_write_kv(
+                positions, query, key, value, cos_sin_cache, is_neox, key_cache, value_cache,
+                slot_mapping, self.rotary_kernel,
+            )  # fmt: skip
+            if out is not None:
+                return out
+        return super().rotary_write_kv(
+            positions, query, key, value, cos_sin_cache, is_neox, key_cache, value_cache,
+            slot_mapping, kv_scale,
+        )  # fmt: skip
 
     def silu_and_mul(self, x) -> torch.Tensor:
         return activation.silu_and_mul(x)

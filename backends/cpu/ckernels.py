@@ -5,7 +5,10 @@ first use and loaded through ctypes (no torch headers: a build takes about a sec
 and offsets (the "tiled" layout of `backends/cpu/gguf_fast.py`): it reads 1 byte per weight where
 the fp32 paths read 4, and is what the CPU backend runs for decode-sized batches of GGUF models
 (M <= its MAX_M). fp32 arithmetic throughout; the summation order differs from x @ w.T (no fp32
-weight is formed: per group, scale * sum(codes * x) + offset * sum(x)).
+weight is formed: per group, scale * sum(codes * x) + offset * sum(x)). `rotary_kv_f32`
+(`rotary_kv.c`) is the CPU backend's "c" rotary: NeoX rotation of fp32 query and key rows, and
+optionally the rotated key and value written into fp32 paged caches, in one pass with the
+reference's roundings (the same bits; torch takes ~20 small ops for it at decode sizes).
 
 Build: `$CC` (else `cc`) with `-O3 -ffp-contract=off -march=native -fopenmp -shared -fPIC`,
 then without `-march=native`, then without OpenMP, the first that works. The library is cached under
@@ -39,6 +42,7 @@ logger = logging.getLogger(__name__)
 ENV = "HAL_CPU_C_KERNELS"
 CACHE_ENV = "HAL_CACHE_DIR"
 SOURCE = Path(__file__).resolve().with_name("csrc") / "codes_gemm.c"
+ROTARY_SOURCE = SOURCE.with_name("rotary_kv.c")
 # -ffp-contract=off: no multiply-add the source does not write, so every row of x gets the same
 # sums whatever M and the thread split are (a sequence's logits do not depend on its batch).
 FLAG_SETS = (
@@ -252,17 +256,26 @@ def load_codes_kernel() -> tuple[CodesKernel | None, str]:
 
 
 @functools.cache
-def _load() -> tuple[CodesKernel | None, str]:
+def _library(source: Path) -> tuple[ctypes.CDLL | None, str]:
+    """The built and loaded library of one source in csrc, or (None, why); once per process."""
     cc, version = _compiler()
     if cc is None:
         return None, version
-    path, why = _build(cc, version, SOURCE)
+    path, why = _build(cc, version, source)
     if path is None:
         return None, why
     try:
-        lib = ctypes.CDLL(str(path))
+        return ctypes.CDLL(str(path)), ""
     except OSError as e:
         return None, f"loading {path} failed: {e}"
+
+
+@functools.cache
+def _load() -> tuple[CodesKernel | None, str]:
+    lib, why = _library(SOURCE)
+    if lib is None:
+        return None, why
+    path = Path(lib._name)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.codes_gemm.restype = ctypes.c_int
     lib.codes_gemm.argtypes = [p, p, p, i64, i64, i64, p, i64, i64, p, i64, p, ctypes.c_int]
@@ -274,3 +287,102 @@ def _load() -> tuple[CodesKernel | None, str]:
     if why:
         return None, why
     return kernel, ""
+
+
+@dataclass(frozen=True)
+class RotaryKernel:
+    """The loaded `rotary_kv_f32` library (see `rotary_kv.c`)."""
+
+    lib: ctypes.CDLL
+
+    def run(
+        self,
+        positions: torch.Tensor,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        value: torch.Tensor | None = None,
+        key_cache: torch.Tensor | None = None,
+        value_cache: torch.Tensor | None = None,
+        slot_mapping: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """NeoX rotary of query [T, Hq, D] and key [T, Hk, D] (fp32 CPU, heads D apart, any token
+        stride) at int64 `positions` [T] from fp32 `cos_sin_cache` [max_position, rot]
+        (contiguous); returns new contiguous (query, key). With value (like key), fp32 caches
+        [num_blocks, block_size, Hk, D] (contiguous) and int64 slot_mapping [T] (-1 skips): the
+        rotated key and the value are written there too. The caller checked the shapes and dtypes
+        (`native.c_rotary`, `native.c_rotary_write_kv`); positions and slots are checked here,
+        before anything is written."""
+        t, hq, d = query.shape
+        hk = key.shape[1]
+        q_out = torch.empty(t, hq, d, dtype=torch.float32)
+        k_out = torch.empty(t, hk, d, dtype=torch.float32)
+        write = slot_mapping is not None
+        num_slots = key_cache.shape[0] * key_cache.shape[1] if write else 0
+        rc = self.lib.rotary_kv_f32(
+            positions.data_ptr(), t, query.data_ptr(), query.stride(0), hq, key.data_ptr(),
+            key.stride(0), hk, d, cos_sin_cache.shape[1], cos_sin_cache.data_ptr(),
+            cos_sin_cache.shape[0], q_out.data_ptr(), k_out.data_ptr(),
+            value.data_ptr() if write else None, value.stride(0) if write else 0,
+            key_cache.data_ptr() if write else None, value_cache.data_ptr() if write else None,
+            slot_mapping.data_ptr() if write else None, num_slots,
+        )  # fmt: skip
+        if rc == -1:
+            raise ValueError(
+                f"positions: values must lie in 0..{cos_sin_cache.shape[0] - 1} (the cache's "
+                "max_position)"
+            )
+        if rc == -2:
+            raise ValueError(f"slot_mapping: slots must be -1 (skip) or lie in 0..{num_slots - 1}")
+        if rc != 0:
+            raise RuntimeError(
+                f"rotary_kv_f32 rejected query {tuple(query.shape)}, rotary_dim "
+                f"{cos_sin_cache.shape[1]} (code {rc})"
+            )
+        return q_out, k_out
+
+
+def _rotary_self_check(kernel: RotaryKernel) -> str:
+    """'' when the kernel gives the reference's bits on random data (partial rotary_dim, a
+    strided query, the cache writes), else why not."""
+    from backends.cpu.rotary import rotary
+
+    g = torch.Generator().manual_seed(0)
+    cs = torch.randn(7, 6, generator=g)
+    pos = torch.tensor([3, 0, 6])
+    q = torch.randn(3, 4, 10, generator=g)[:, 1:]  # token stride 40, heads 10 apart
+    k, v = torch.randn(3, 2, 10, generator=g), torch.randn(3, 2, 10, generator=g)
+    kc, vc = torch.zeros(2, 2, 2, 10), torch.zeros(2, 2, 2, 10)
+    slots = torch.tensor([2, -1, 0])
+    qo, ko = kernel.run(pos, q, k, cs, v, kc, vc, slots)
+    want_q, want_k = rotary(pos, q, k, cs, True)
+    flat_k, flat_v = kc.view(4, 2, 10), vc.view(4, 2, 10)
+    if not (torch.equal(qo, want_q) and torch.equal(ko, want_k)):
+        return "self-check failed: the rotation differs from the reference's bits"
+    if not (torch.equal(flat_k[[2, 0]], want_k[[0, 2]]) and torch.equal(flat_v[[2, 0]], v[[0, 2]])):
+        return "self-check failed: the cache writes differ from the rotated key and value"
+    if flat_k[[1, 3]].any() or flat_v[[1, 3]].any():
+        return "self-check failed: a skipped slot was written"
+    return ""
+
+
+def load_rotary_kernel() -> tuple[RotaryKernel | None, str]:
+    """(the rotary kernel, '') or (None, why not here); HAL_CPU_C_KERNELS read at each call."""
+    if not enabled():
+        return None, f"{ENV}=0"
+    return _load_rotary()
+
+
+@functools.cache
+def _load_rotary() -> tuple[RotaryKernel | None, str]:
+    lib, why = _library(ROTARY_SOURCE)
+    if lib is None:
+        return None, why
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.rotary_kv_f32.restype = ctypes.c_int
+    lib.rotary_kv_f32.argtypes = [
+        p, i64, p, i64, i64, p, i64, i64, i64, i64, p, i64, p, p, p, i64, p, p, p, i64,
+    ]  # fmt: skip
+    kernel = RotaryKernel(lib)
+    why = _rotary_self_check(kernel)
+    return (None, why) if why else (kernel, "")

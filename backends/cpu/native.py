@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.cpu import norm, rotary
+from backends.cpu.ckernels import load_rotary_kernel
 from backends.cpu.kv_cache import _check_block_pairs, encode_kv
 from backends.cpu.linear import _check_bias, _check_gemm
 
@@ -210,3 +211,89 @@ def native_rotary(
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     return rotate(query), rotate(key)
+
+
+def _rows_f32(*ts: torch.Tensor) -> bool:
+    # fp32 CPU [T, H, D] with heads D apart and unit element stride (any token stride)
+    for t in ts:
+        if t.dtype != torch.float32 or not t.is_cpu or t.dim() != 3:
+            return False
+        _, hs, es = t.stride()
+        if es != 1 or (hs != t.shape[2] and t.shape[1] > 1):
+            return False
+    return True
+
+
+def _c_takes(positions, query, key, cos_sin_cache, is_neox) -> bool:
+    return (
+        is_neox
+        and _rows_f32(query, key)
+        and cos_sin_cache.dtype == torch.float32
+        and cos_sin_cache.is_contiguous()
+        and cos_sin_cache.is_cpu
+        and positions.is_cpu
+    )
+
+
+def _int64(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+
+
+def c_rotary(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+    check_range: bool = True,
+    kernel=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rotary.rotary` through the C kernel (`kernel`, else `ckernels.load_rotary_kernel`) for
+    fp32 NeoX rows: the reference's bits in one pass (positions always range-checked, in the
+    kernel); GPT-J pairs, other dtypes or layouts, or no kernel here go to `native_rotary`."""
+    kernel = kernel or load_rotary_kernel()[0]
+    if kernel is None or not _c_takes(positions, query, key, cos_sin_cache, is_neox):
+        return native_rotary(positions, query, key, cos_sin_cache, is_neox, check_range)
+    rotary.check_rotary(positions, query, key, cos_sin_cache, check_range=False)
+    return kernel.run(_int64(positions), query, key, cos_sin_cache)
+
+
+def c_rotary_write_kv(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kernel=None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`Backend.rotary_write_kv` in one C pass (`kernel`, else `ckernels.load_rotary_kernel`)
+    for fp32 NeoX rows and fp32 caches (the rotated key and the value stored as
+    `native_write_kv` stores them: the same bits), or None when the kernel does not take these
+    inputs (the caller composes rotary and write_kv). Every check of both ops runs before
+    anything is written."""
+    kernel = kernel or load_rotary_kernel()[0]
+    if kernel is None or not _c_takes(positions, query, key, cos_sin_cache, is_neox):
+        return None
+    caches = (key_cache, value_cache)
+    if not _rows_f32(value) or not all(
+        c.dtype == torch.float32 and c.is_contiguous() and c.is_cpu and c.dim() == 4 for c in caches
+    ):
+        return None
+    rotary.check_rotary(positions, query, key, cos_sin_cache, check_range=False)
+    num_blocks, block_size, num_kv_heads, head_dim = key_cache.shape
+    want = (slot_mapping.shape[0], num_kv_heads, head_dim)
+    if key.shape != value.shape or key.shape != want or value_cache.shape != key_cache.shape:
+        raise ValueError(
+            f"key/value: shapes {tuple(key.shape)}/{tuple(value.shape)}, expected "
+            f"[num_tokens={slot_mapping.shape[0]}, {num_kv_heads}, {head_dim}] (caches "
+            f"{tuple(key_cache.shape)}/{tuple(value_cache.shape)})"
+        )
+    slots = _int64(slot_mapping)
+    _check_slots(slots, num_blocks * block_size)  # range and no slot twice
+    return kernel.run(
+        _int64(positions), query, key, cos_sin_cache, value, key_cache, value_cache, slots
+    )

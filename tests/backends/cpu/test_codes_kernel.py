@@ -183,8 +183,9 @@ def test_switched_off_by_the_environment(monkeypatch) -> None:
 
 def test_no_compiler_is_a_reason(monkeypatch) -> None:
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    kernel, why = ckernels._load.__wrapped__()
-    assert kernel is None and "no C compiler: '/nonexistent/cc'" in why
+    for source in (ckernels.SOURCE, ckernels.ROTARY_SOURCE):
+        lib, why = ckernels._library.__wrapped__(source)
+        assert lib is None and "no C compiler: '/nonexistent/cc'" in why
 
 
 @pytest.mark.skipif(ckernels._compiler()[0] is None, reason="no C compiler here")

@@ -1,5 +1,6 @@
-"""The CPU engine's native RMSNorm and rotary against the reference they replace: bitwise equal
-(the same fp32 arithmetic in the same order, one rounding), the same errors on bad input."""
+"""The CPU engine's native RMSNorm and rotary, and the C rotary (with its fused KV-cache write),
+against the reference they replace: bitwise equal (the same fp32 arithmetic in the same order, one
+rounding), the same errors on bad input."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.cpu import native, norm, rotary
+from backends.cpu import ckernels, native, norm, rotary
+from backends.cpu.kv_cache import write_kv
+
+ROTARY_KERNEL, ROTARY_WHY = ckernels.load_rotary_kernel()
+needs_rotary_kernel = pytest.mark.skipif(
+    ROTARY_KERNEL is None, reason=f"no C rotary kernel here: {ROTARY_WHY}"
+)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
@@ -64,8 +71,120 @@ def test_rotary_is_bitwise_the_reference(tokens, heads, head_dim, partial, is_ne
     q = torch.randn(tokens, heads[0], head_dim, generator=g).to(dtype)
     k = torch.randn(tokens, heads[1], head_dim, generator=g).to(dtype)
     want = rotary.rotary(pos, q, k, cache, is_neox)
-    got = native.native_rotary(pos, q, k, cache, is_neox)
+    for fn in (native.native_rotary, native.c_rotary):
+        got = fn(pos, q, k, cache, is_neox)
+        assert _bits_equal(got[0], want[0]) and _bits_equal(got[1], want[1])
+
+
+def _qkv(tokens: int, hq: int, hk: int, d: int, g: torch.Generator):
+    # query, key and value as the model makes them: views of one fused projection's rows
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, generator=g) * 2
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    return q.view(tokens, hq, d), k.view(tokens, hk, d), v.view(tokens, hk, d)
+
+
+@needs_rotary_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.integers(0, 9),
+    heads=st.sampled_from([(1, 1), (9, 3), (4, 4)]),
+    head_dim=st.sampled_from([2, 16, 64, 128]),
+    partial=st.booleans(),
+    skip=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_c_rotary_write_kv_is_bitwise_the_composition(tokens, heads, head_dim, partial, skip,
+                                                      seed):  # fmt: skip
+    # Strided rows (views of a fused qkv), partial rotary_dim, slot -1: the rotated pair and
+    # both caches equal the reference rotary followed by the reference cache write.
+    g = torch.Generator().manual_seed(seed)
+    rot = head_dim // 2 if partial and head_dim > 2 else head_dim
+    cache = torch.randn(64, rot, generator=g)
+    pos = torch.randint(0, 64, (tokens,), generator=g)
+    q, k, v = _qkv(tokens, *heads, head_dim, g)
+    shape = (5, 4, heads[1], head_dim)
+    slots = torch.randperm(20, generator=g)[:tokens]
+    if skip and tokens:
+        slots[0] = -1
+    kc, vc = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    want_kc, want_vc = kc.clone(), vc.clone()
+    want = rotary.rotary(pos, q, k, cache, True)
+    write_kv(want[1], v, want_kc, want_vc, slots)
+    got = native.c_rotary_write_kv(pos, q, k, v, cache, True, kc, vc, slots)
+    assert got is not None
     assert _bits_equal(got[0], want[0]) and _bits_equal(got[1], want[1])
+    assert torch.equal(kc, want_kc) and torch.equal(vc, want_vc)
+
+
+@needs_rotary_kernel
+def test_c_rotary_write_kv_leaves_other_inputs_to_the_composition() -> None:
+    # GPT-J pairs, bf16 rows, a bf16 or FP8 cache, a cache that is not contiguous: None (the
+    # backend composes rotary and write_kv for them).
+    g = torch.Generator().manual_seed(0)
+    q, k, v = _qkv(2, 4, 2, 16, g)
+    cache, pos, slots = torch.randn(8, 16), torch.tensor([1, 2]), torch.tensor([0, 1])
+    kc, vc = torch.zeros(2, 4, 2, 16), torch.zeros(2, 4, 2, 16)
+    args = (q, k, v, cache)
+    assert native.c_rotary_write_kv(pos, *args, False, kc, vc, slots) is None
+    bf = [t.to(torch.bfloat16) for t in (q, k, v)]
+    assert native.c_rotary_write_kv(pos, *bf, cache, True, kc, vc, slots) is None
+    half = (kc.to(torch.bfloat16), vc.to(torch.bfloat16))
+    assert native.c_rotary_write_kv(pos, *args, True, *half, slots) is None
+    wide = torch.zeros(2, 4, 2, 32)[..., ::2]
+    assert native.c_rotary_write_kv(pos, *args, True, wide, wide, slots) is None
+    assert not kc.any() and not vc.any()
+
+
+@needs_rotary_kernel
+def test_c_rotary_write_kv_checks_everything_before_writing() -> None:
+    g = torch.Generator().manual_seed(1)
+    q, k, v = _qkv(3, 4, 2, 16, g)
+    cache = torch.randn(10, 16)
+    kc, vc = torch.zeros(2, 4, 2, 16), torch.zeros(2, 4, 2, 16)
+    bad_pos = r"positions: values must lie in 0\.\.9"
+    cases = [
+        ([0, 10, 2], [0, 1, 2], bad_pos),
+        ([0, -1, 2], [0, 1, 2], bad_pos),
+        ([0, 1, 2], [0, 8, 2], r"slots must be -1 \(skip\) or lie in 0\.\.7"),
+        ([0, 1, 2], [3, 5, 3], "twice"),
+    ]
+    for pos, slots, match in cases:
+        with pytest.raises(ValueError, match=match):
+            native.c_rotary_write_kv(
+                torch.tensor(pos), q, k, v, cache, True, kc, vc, torch.tensor(slots)
+            )
+        assert not kc.any() and not vc.any()
+    with pytest.raises(ValueError, match=r"key/value: shapes \(3, 2, 16\)/\(2, 2, 16\)"):
+        native.c_rotary_write_kv(torch.tensor([0, 1, 2]), q, k, v[:2], cache, True, kc, vc,
+                                 torch.tensor([0, 1, 2]))  # fmt: skip
+
+
+@needs_rotary_kernel
+def test_the_backend_fuses_rotary_and_the_cache_write(cpu_caps, monkeypatch) -> None:
+    # "c" rotary with the native cache write: one kernel pass; forced to the native rotary, the
+    # HAL's composition. Same bits either way.
+    from backends.cpu.backend import CpuBackend
+    from hal.select import select_ops
+
+    calls = []
+    original = ckernels.RotaryKernel.run
+    monkeypatch.setattr(
+        ckernels.RotaryKernel, "run",
+        lambda self, *a: calls.append(len(a)) or original(self, *a),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(2)
+    q, k, v = _qkv(2, 9, 3, 64, g)
+    cache, pos, slots = torch.randn(32, 64, generator=g), torch.tensor([5, 6]), torch.tensor([7, 0])
+    outs = []
+    for forced in (None, "native"):
+        if forced:
+            monkeypatch.setenv("HAL_ROTARY_BACKEND", forced)
+        backend = CpuBackend(cpu_caps, "cpu", select_ops("cpu", cpu_caps))
+        assert backend.chosen("rotary") == (forced or "c")
+        kc, vc = torch.zeros(2, 4, 3, 64), torch.zeros(2, 4, 3, 64)
+        outs.append((*backend.rotary_write_kv(pos, q, k, v, cache, True, kc, vc, slots), kc, vc))
+    assert calls == [8]  # the fused call (8 arguments), then none
+    assert all(torch.equal(a, b) for a, b in zip(outs[0], outs[1], strict=True))
 
 
 def test_native_norm_and_rotary_reject_what_the_reference_rejects() -> None:
@@ -78,7 +197,7 @@ def test_native_norm_and_rotary_reject_what_the_reference_rejects() -> None:
         with pytest.raises(ValueError, match=r"residual: shape \(2, 4\) differs"):
             fn(x, w, 1e-5, torch.randn(2, 4))
     q, k, cache = torch.randn(3, 4, 16), torch.randn(3, 2, 16), torch.randn(10, 16)
-    for fn in (rotary.rotary, native.native_rotary):
+    for fn in (rotary.rotary, native.native_rotary, native.c_rotary):
         with pytest.raises(ValueError, match=r"positions: values must lie in 0\.\.9"):
             fn(torch.tensor([0, 10, 2]), q, k, cache)
         with pytest.raises(ValueError, match=r"positions: values must lie in 0\.\.9"):
