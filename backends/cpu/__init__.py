@@ -137,6 +137,30 @@ REGISTRY.register(
 )
 
 
+def _c_attention(caps: Capabilities) -> list[str]:
+    """The C decode attention: reasons not to (as for the C rotary)."""
+    from backends.cpu.ckernels import load_attention_kernel
+
+    kernel, why = load_attention_kernel()
+    return [] if kernel is not None else [why]
+
+
+REGISTRY.register(
+    Candidate(
+        family="attention",
+        name="c",
+        priority=20,
+        check=_c_attention,
+        description="decode batches (one query token per sequence) on fp32 caches in C, K / V "
+        "read straight from the pages (built at first use, backends/cpu/ckernels.py; fp32 "
+        "within roundoff of the reference); every other call as 'sdpa' "
+        "(HAL_ATTENTION_BACKEND=sdpa: SDPA for decode too)",
+        scope="cpu",
+        target="backends.cpu.cattention:c_attention",
+    )
+)
+
+
 # GGUF weights kept quantized: the exact fp32 path by default (blocks unpacked once into int8
 # codes and fp32 scales, dequantized one row tile at a time per call; the first
 # HAL_GGUF_DENSE_BYTES, 1 GiB, of fp32 values kept whole instead), and calls of up to 8 rows

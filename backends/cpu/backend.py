@@ -16,6 +16,7 @@ import torch
 from backends.cpu import (
     activation,
     attention,
+    cattention,
     ckernels,
     gguf,
     gguf_fast,
@@ -95,6 +96,9 @@ class CpuBackend(Backend):
         self.rotary_kernel = (
             ckernels.load_rotary_kernel()[0] if self.chosen("rotary") == "c" else None
         )
+        self.attention_kernel = (
+            ckernels.load_attention_kernel()[0] if self.chosen("attention") == "c" else None
+        )
         if self.chosen("gguf_gemm") == "cpu_fast":
             if not self.gguf_int4pack:
                 self.codes_kernel, why = ckernels.load_codes_kernel()
@@ -146,9 +150,13 @@ class CpuBackend(Backend):
         max_query_len=None,  # hints for kernels that pick a path by them; the CPU needs none
         max_seq_len=None,
     ) -> torch.Tensor:
-        fn = (
-            sdpa.sdpa_attention if self.chosen("attention") == "sdpa" else attention.paged_attention
-        )
+        choice = self.chosen("attention")
+        if choice == "c":
+            return cattention.c_attention(
+                query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
+                sliding_window, soft_cap, kv_scale, kernel=self.attention_kernel,
+            )  # fmt: skip
+        fn = sdpa.sdpa_attention if choice == "sdpa" else attention.paged_attention
         return fn(
             query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, scale,
             sliding_window, soft_cap, kv_scale,

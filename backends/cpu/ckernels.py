@@ -9,6 +9,9 @@ weight is formed: per group, scale * sum(codes * x) + offset * sum(x)). `rotary_
 (`rotary_kv.c`) is the CPU backend's "c" rotary: NeoX rotation of fp32 query and key rows, and
 optionally the rotated key and value written into fp32 paged caches, in one pass with the
 reference's roundings (the same bits; torch takes ~20 small ops for it at decode sizes).
+`decode_attention_f32` (`decode_attention.c`) is the CPU backend's "c" attention for decode
+batches (one query token per sequence) on fp32 caches: straight from the pages, no gather, fp32
+within roundoff of the reference.
 
 Build: `$CC` (else `cc`) with `-O3 -ffp-contract=off -march=native -fopenmp -shared -fPIC`,
 then without `-march=native`, then without OpenMP, the first that works. The library is cached under
@@ -43,6 +46,7 @@ ENV = "HAL_CPU_C_KERNELS"
 CACHE_ENV = "HAL_CACHE_DIR"
 SOURCE = Path(__file__).resolve().with_name("csrc") / "codes_gemm.c"
 ROTARY_SOURCE = SOURCE.with_name("rotary_kv.c")
+ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")
 # -ffp-contract=off: no multiply-add the source does not write, so every row of x gets the same
 # sums whatever M and the thread split are (a sequence's logits do not depend on its batch).
 FLAG_SETS = (
@@ -385,4 +389,101 @@ def _load_rotary() -> tuple[RotaryKernel | None, str]:
     ]  # fmt: skip
     kernel = RotaryKernel(lib)
     why = _rotary_self_check(kernel)
+    return (None, why) if why else (kernel, "")
+
+
+@dataclass(frozen=True)
+class AttentionKernel:
+    """The loaded `decode_attention_f32` library (see `decode_attention.c`)."""
+
+    lib: ctypes.CDLL
+
+    def run(
+        self,
+        query: torch.Tensor,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        scale: float,
+        sliding_window: int | None = None,
+        soft_cap: float | None = None,
+        threads: int | None = None,
+    ) -> torch.Tensor | None:
+        """The attention contract for a decode batch: query fp32 [S, Hq, D] and fp32 caches
+        [NB, BS, Hk, D] (contiguous), int32 contiguous block_tables [S, max_blocks] (rows may be
+        strided), seq_lens [S] and query_start_loc [S + 1]. Returns [S, Hq, D], or None when
+        the batch is not one query token per sequence (query_start_loc is not 0, 1, .., S). The
+        caller checked shapes and dtypes (`cattention.c_attention`); lengths and block ids are
+        checked here."""
+        s, hq, d = query.shape
+        nb, bs, hk, _ = key_cache.shape
+        out = torch.empty(s, hq, d, dtype=torch.float32)
+        rc = self.lib.decode_attention_f32(
+            query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
+            block_tables.data_ptr(), block_tables.stride(0), block_tables.shape[1],
+            seq_lens.data_ptr(), query_start_loc.data_ptr(), s, hq, hk, d, bs, nb, scale,
+            sliding_window or 0, soft_cap or 0.0, out.data_ptr(),
+            max(1, threads or torch.get_num_threads()),
+        )  # fmt: skip
+        if rc == -1:
+            return None
+        if rc == -2:
+            raise ValueError(
+                f"seq_lens: each must lie in 1..{block_tables.shape[1] * bs} (its block table "
+                f"row of {block_tables.shape[1]} blocks of {bs}); got {seq_lens.tolist()}"
+            )
+        if rc == -3:
+            raise ValueError(
+                f"block_tables: a block id a sequence uses lies outside 0..{nb - 1} (the cache's "
+                "blocks)"
+            )
+        if rc != 0:
+            raise RuntimeError(
+                f"decode_attention_f32 rejected query {tuple(query.shape)} (code {rc})"
+            )
+        return out
+
+
+def _attention_self_check(kernel: AttentionKernel) -> str:
+    """'' when the kernel gives the reference's values within fp32 roundoff on random data
+    (GQA, two pages, a window, a soft cap), else why not."""
+    from backends.cpu.attention import paged_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 8, generator=g)
+    kc, vc = torch.randn(5, 4, 2, 8, generator=g), torch.randn(5, 4, 2, 8, generator=g)
+    tables = torch.tensor([[3, 1], [0, 4]], dtype=torch.int32)
+    lens = torch.tensor([6, 3], dtype=torch.int32)
+    qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
+    for window, cap in ((None, None), (4, 5.0)):
+        got = kernel.run(q, kc, vc, tables, lens, qsl, 0.35, window, cap, threads=2)
+        want = paged_attention(q, kc, vc, tables, lens, qsl, 0.35, window, cap)
+        if got is None or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+            return "self-check failed: the outputs differ from the reference's"
+    return ""
+
+
+def load_attention_kernel() -> tuple[AttentionKernel | None, str]:
+    """(the decode attention kernel, '') or (None, why not here); HAL_CPU_C_KERNELS read at
+    each call."""
+    if not enabled():
+        return None, f"{ENV}=0"
+    return _load_attention()
+
+
+@functools.cache
+def _load_attention() -> tuple[AttentionKernel | None, str]:
+    lib, why = _library(ATTENTION_SOURCE)
+    if lib is None:
+        return None, why
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.decode_attention_f32.restype = ctypes.c_int
+    lib.decode_attention_f32.argtypes = [
+        p, p, p, p, i64, i64, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i64,
+        ctypes.c_float, p, ctypes.c_int,
+    ]  # fmt: skip
+    kernel = AttentionKernel(lib)
+    why = _attention_self_check(kernel)
     return (None, why) if why else (kernel, "")

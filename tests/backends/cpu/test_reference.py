@@ -11,7 +11,7 @@ import torch
 import hal
 from backends.cpu.activation import silu_and_mul
 from backends.cpu.backend import CpuBackend
-from backends.cpu.ckernels import load_rotary_kernel
+from backends.cpu.ckernels import load_attention_kernel, load_rotary_kernel
 from backends.cpu.graphs import EagerGraphRunner
 from backends.cpu.linear import linear
 from backends.cpu.norm import rms_norm
@@ -41,7 +41,8 @@ def test_load_backend_selects_cpu_reference() -> None:
     for family in OP_FAMILIES:
         # attention: the batched SDPA candidate outranks the reference loop (tested against it)
         fast = {
-            "attention": "sdpa",
+            # C decode attention where it builds (test_cpu_cattention.py), else batched SDPA
+            "attention": "c" if load_attention_kernel()[0] is not None else "sdpa",
             "gemm": "onednn",  # fp32 through oneDNN (tests/backends/cpu/test_cpu_sdpa.py)
             "kv_write": "native",
             "rms_norm": "native",  # bitwise the reference (tests/backends/cpu/test_cpu_native.py)
@@ -50,7 +51,8 @@ def test_load_backend_selects_cpu_reference() -> None:
             "gguf_gemm": "cpu_fast",  # exact tiled dequant (tests/engine/test_gguf_quantized.py)
         }  # engine paths, tested against the reference
         assert backend.chosen(family) == fast.get(family, "reference")
-    assert any(line.startswith("attention: sdpa") for line in backend.describe())
+    chosen = backend.chosen("attention")
+    assert any(line.startswith(f"attention: {chosen}") for line in backend.describe())
 
 
 def test_every_abstract_method_is_implemented_with_the_contract_signature() -> None:
