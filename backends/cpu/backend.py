@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Opt-in for the bf16-accurate int4pack GGUF path of "cpu_fast" (see backends/cpu/__init__.py).
 GGUF_INT4PACK_ENV = "HAL_GGUF_INT4PACK"
-_GGUF_CPU_FIELDS = ("codes", "scale", "offset", "packed", "scale_zeros", "dense")
+_GGUF_CPU_FIELDS = ("codes", "codes4", "scale", "offset", "packed", "scale_zeros", "dense")
 # Bytes of exact GGUF weights kept dequantized in fp32 per backend (the rest stay tiled).
 GGUF_DENSE_ENV = "HAL_GGUF_DENSE_BYTES"
 GGUF_DENSE_DEFAULT = 1 << 30
@@ -114,6 +114,13 @@ class CpuBackend(Backend):
                 f"({GGUF_DENSE_ENV}), then tiled; {GGUF_INT4PACK_ENV}=1 for bf16 int4pack"
             )
         logger.debug("cpu reference backend on %s", self.device)
+
+    @property
+    def gguf_nibbles(self) -> bool:
+        """Whether Q4_0 / Q4_1 / Q4_K codes are kept two per byte: with the AVX-512 build of the
+        codes kernel, whose 4-bit loop costs what its int8 loop does (a 16-entry table lookup
+        per value); the AVX2 and plain C builds take them too but slower than int8 codes."""
+        return self.codes_kernel is not None and self.codes_kernel.vector_width == 16
 
     @property
     def gguf_lm_head(self) -> bool:
@@ -196,6 +203,7 @@ class CpuBackend(Backend):
                 blocks, qtype, out_features, in_features, use_int4pack=self.gguf_int4pack,
                 dense_budget=0 if role == "lm_head" else self.gguf_dense_left,
                 keep_codes=self.codes_kernel is not None,
+                nibbles=self.gguf_nibbles,
             )  # fmt: skip
             if w.path == "dense":
                 self.gguf_dense_left -= w.dense.numel() * w.dense.element_size()

@@ -150,18 +150,27 @@ class CodesKernel:
         return 1 <= m <= self.max_m and whole and group % max(self.vector_width, 1) == 0
 
     def bind(
-        self, codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None
+        self,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor | None,
+        bias: int | None = None,
     ) -> CodesWeight:
-        """The weight codes int8 [N, K] * scale fp32 [N, K / G(, 1)] + offset (same shape, or
-        None), all contiguous CPU tensors, checked once for every later call (`CodesWeight`)."""
-        n, k = codes.shape
+        """The weight codes * scale fp32 [N, K / G(, 1)] + offset (same shape, or None), all
+        contiguous CPU tensors, checked once for every later call (`CodesWeight`). codes: int8
+        [N, K] (bias None), or 4-bit codes two per byte, uint8 [N, K / 2] (`pack_codes4`'s
+        order), each plus `bias` (Q4_0's -8; 0 for Q4_1 / Q4_K), with G a multiple of 32."""
+        nibbles = bias is not None
+        n, k = codes.shape[0], codes.shape[1] * (2 if nibbles else 1)
         groups = scale.shape[1] if scale.dim() >= 2 else 0
         group = k // groups if groups else 0
-        if codes.dtype != torch.int8 or scale.dtype != torch.float32:
+        want = torch.uint8 if nibbles else torch.int8
+        if codes.dtype != want or scale.dtype != torch.float32:
+            kind = "uint8 (4-bit codes two per byte)" if nibbles else "int8"
             raise ValueError(
-                f"codes_gemm: codes {codes.dtype}, scale {scale.dtype}: expected int8, float32"
+                f"codes_gemm: codes {codes.dtype}, scale {scale.dtype}: expected {kind}, float32"
             )
-        if scale.shape[0] != n or not groups or group * groups != k:
+        if codes.dim() != 2 or scale.shape[0] != n or not groups or group * groups != k:
             raise ValueError(
                 f"codes_gemm: codes {tuple(codes.shape)} and scale {tuple(scale.shape)} do not "
                 f"describe a [{n}, {k}] weight in whole groups"
@@ -171,15 +180,17 @@ class CodesKernel:
                 f"codes_gemm: offset {offset.dtype} {tuple(offset.shape)}: expected float32 "
                 f"{tuple(scale.shape)} (scale's shape)"
             )
-        if not self.takes(1, k, group):
+        if not self.takes(1, k, group) or (nibbles and group % 32):
             raise ValueError(
                 f"codes_gemm: groups of {group} values: takes groups dividing K = {k} in "
-                f"multiples of {max(self.vector_width, 1)}"
+                f"multiples of {32 if nibbles else max(self.vector_width, 1)}"
             )
+        if nibbles and not -8 <= bias <= 0:
+            raise ValueError(f"codes_gemm: bias {bias}: 4-bit codes take a bias in -8..0")
         tensors = (codes, scale) + ((offset,) if offset is not None else ())
         if not all(t.is_contiguous() and t.device.type == "cpu" for t in tensors):
             raise ValueError("codes_gemm: every tensor must be a contiguous CPU tensor")
-        return CodesWeight(self, codes, scale, offset, n, k, group)
+        return CodesWeight(self, codes, scale, offset, n, k, group, bias)
 
     def __call__(
         self,
@@ -188,10 +199,32 @@ class CodesKernel:
         scale: torch.Tensor,
         offset: torch.Tensor | None,
         threads: int | None = None,
+        bias: int | None = None,
     ) -> torch.Tensor:
-        """y fp32 [M, N] = x fp32 [M, K] times the weight codes int8 [N, K] * scale fp32
-        [N, K / G(, 1)] + offset (same shape, or None), all contiguous CPU tensors."""
-        return self.bind(codes, scale, offset)(x, threads)
+        """y fp32 [M, N] = x fp32 [M, K] times the weight codes [N, K] * scale fp32
+        [N, K / G(, 1)] + offset (same shape, or None), all contiguous CPU tensors (codes and
+        bias as `bind` takes them)."""
+        return self.bind(codes, scale, offset, bias)(x, threads)
+
+    def dequantize4(
+        self,
+        codes4: torch.Tensor,
+        bias: int,
+        scale: torch.Tensor,
+        offset: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """fp32 [rows, K] = (4-bit code + bias) * scale + offset, rounded as torch's
+        `codes.float() * scale + offset` rounds it (the tiled path's dequantize, same bits)."""
+        weight = self.bind(codes4, scale, offset, bias)
+        out = torch.empty(weight.n, weight.k, dtype=torch.float32)
+        rc = self.lib.codes4_dequant(
+            codes4.data_ptr(), bias, scale.data_ptr(),
+            offset.data_ptr() if offset is not None else None, weight.n, weight.k, weight.group,
+            out.data_ptr(),
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"codes4_dequant rejected [{weight.n}, {weight.k}] (code {rc})")
+        return out
 
 
 @dataclass(frozen=True, eq=False)
@@ -206,6 +239,7 @@ class CodesWeight:
     n: int
     k: int
     group: int
+    bias: int | None = None  # None: int8 codes; else 4-bit codes two per byte, plus bias
 
     def __call__(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         """y fp32 [M, N] = x fp32 [M, K] (contiguous, CPU, 1 <= M <= the kernel's max_m) @ W.T."""
@@ -219,10 +253,13 @@ class CodesWeight:
             raise ValueError("codes_gemm: x must be a contiguous CPU tensor")
         y = torch.empty(m, self.n, dtype=torch.float32)
         offset = self.offset
-        rc = self.kernel.lib.codes_gemm(
-            self.codes.data_ptr(), self.scale.data_ptr(),
-            offset.data_ptr() if offset is not None else None, self.n, k, self.group,
-            x.data_ptr(), k, m, y.data_ptr(), self.n, None,
+        lib, head = self.kernel.lib, (self.codes.data_ptr(),)
+        fn = lib.codes_gemm if self.bias is None else lib.codes4_gemm
+        if self.bias is not None:
+            head += (self.bias,)
+        rc = fn(
+            *head, self.scale.data_ptr(), offset.data_ptr() if offset is not None else None,
+            self.n, k, self.group, x.data_ptr(), k, m, y.data_ptr(), self.n, None,
             max(1, threads or torch.get_num_threads()),
         )  # fmt: skip
         if rc != 0:
@@ -233,8 +270,31 @@ class CodesWeight:
         return y
 
 
+def pack_codes4(codes: torch.Tensor, bias: int) -> torch.Tensor:
+    """int8 codes [N, K] (K a multiple of 32) whose values minus bias lie in 0..15 as the 4-bit
+    kernels read them: uint8 [N, K / 2], in each run of 32 values byte j holding value j in its
+    low nibble and value j + 16 in its high one. Lossless (`unpack_codes4` inverts it)."""
+    n, k = codes.shape
+    if k % 32:
+        raise ValueError(f"codes: K = {k} is not a multiple of 32")
+    v = codes.to(torch.int16) - bias
+    if v.numel() and (int(v.min()) < 0 or int(v.max()) > 15):
+        raise ValueError(f"codes: values minus bias {bias} must lie in 0..15 to pack in 4 bits")
+    v = v.to(torch.uint8).view(n, k // 32, 2, 16)
+    return (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def unpack_codes4(codes4: torch.Tensor, bias: int) -> torch.Tensor:
+    """The int8 codes [N, K] that `pack_codes4(codes, bias)` packed."""
+    n, half = codes4.shape
+    b = codes4.view(n, half // 16, 1, 16)
+    v = torch.cat([b & 0x0F, b >> 4], dim=2).reshape(n, 2 * half)
+    return (v.to(torch.int16) + bias).to(torch.int8)
+
+
 def _self_check(kernel: CodesKernel) -> str:
-    """'' when the kernel gives x @ w.T within fp32 accuracy on random data, else why not."""
+    """'' when the kernel gives x @ w.T within fp32 accuracy on random data, and its 4-bit
+    entries the int8 entry's bits on the same values, else why not."""
     g = torch.Generator().manual_seed(0)
     n, k, group = 37, 128, 32
     codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
@@ -248,6 +308,19 @@ def _self_check(kernel: CodesKernel) -> str:
         err = float((y - ref).abs().max() / ref.abs().max())
         if not err < 1e-5:
             return f"self-check failed: M = {m}, relative error {err:.1e} against fp64"
+    small = torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8)
+    packed = pack_codes4(small, -8)
+    for m in (1, kernel.max_m):
+        x = torch.randn(m, k, generator=g)
+        if not torch.equal(
+            kernel(x, packed, scale, offset, threads=2, bias=-8),
+            kernel(x, small, scale, offset, threads=2),
+        ):
+            return f"self-check failed: M = {m}, the 4-bit codes' product differs from int8's"
+    w4 = kernel.dequantize4(packed, -8, scale, offset)
+    want = (small.float().view(n, -1, group) * scale + offset).view(n, k)
+    if not torch.equal(w4, want):
+        return "self-check failed: the 4-bit dequantize differs from torch's"
     return ""
 
 
@@ -280,9 +353,7 @@ def _load() -> tuple[CodesKernel | None, str]:
     if lib is None:
         return None, why
     path = Path(lib._name)
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.codes_gemm.restype = ctypes.c_int
-    lib.codes_gemm.argtypes = [p, p, p, i64, i64, i64, p, i64, i64, p, i64, p, ctypes.c_int]
+    _declare_codes(lib)
     kernel = CodesKernel(
         lib, path, lib.codes_gemm_max_m(), lib.codes_gemm_vector_width(),
         bool(lib.codes_gemm_openmp()),
@@ -291,6 +362,19 @@ def _load() -> tuple[CodesKernel | None, str]:
     if why:
         return None, why
     return kernel, ""
+
+
+def _declare_codes(lib: ctypes.CDLL) -> None:
+    """The argument types of the codes library's entry points (ctypes converts by them)."""
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.codes_gemm.restype = ctypes.c_int
+    lib.codes_gemm.argtypes = [p, p, p, i64, i64, i64, p, i64, i64, p, i64, p, ctypes.c_int]
+    lib.codes4_gemm.restype = ctypes.c_int
+    lib.codes4_gemm.argtypes = [
+        p, ctypes.c_int, p, p, i64, i64, i64, p, i64, i64, p, i64, p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.codes4_dequant.restype = ctypes.c_int
+    lib.codes4_dequant.argtypes = [p, ctypes.c_int, p, p, i64, i64, i64, p]
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from backends.cpu.ckernels import load_codes_kernel, pack_codes4, unpack_codes4
 from backends.cpu.gguf import check_blocks, q4k_scales_mins, q6k_codes
 from backends.cpu.native import onednn_matmul
 from backends.cpu.quant import compute_dtype
@@ -45,6 +46,9 @@ from backends.cpu.quant import compute_dtype
 logger = logging.getLogger(__name__)
 
 INT4PACK_TYPES = ("Q4_0", "Q4_1", "Q4_K")
+# The tiled codes of the 4-bit types kept two per byte (`nibbles`): the int8 code minus this bias
+# is the 4-bit value (Q4_0's code is q - 8).
+CODES4_BIAS = {"Q4_0": -8, "Q4_1": 0, "Q4_K": 0}
 INT4PACK_GROUP = 32
 INT4PACK_N_TILE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
 # Values per dequantized fp32 tile (4 MiB): the dequantize (int8 -> fp32, scale, offset) costs
@@ -68,6 +72,7 @@ class GGUFCpuWeight:
     in_features: int
     path: str  # "int4pack", "tiled" or "dense"
     codes: torch.Tensor | None = None  # tiled: int8 [N, K]
+    codes4: torch.Tensor | None = None  # tiled, 4-bit types with nibbles: uint8 [N, K / 2]
     scale: torch.Tensor | None = None  # tiled: fp32 [N, K / group, 1]
     offset: torch.Tensor | None = None  # tiled: fp32 [N, K / group, 1], or None
     packed: torch.Tensor | None = None  # int4pack: the op's uint8 [N_pad, K / 2]
@@ -75,7 +80,8 @@ class GGUFCpuWeight:
     dense: torch.Tensor | None = None  # dense: fp32 [N, K] (and the tiled fields with keep_codes)
 
     def nbytes(self) -> int:
-        parts = (self.codes, self.scale, self.offset, self.packed, self.scale_zeros, self.dense)
+        parts = (self.codes, self.codes4, self.scale, self.offset, self.packed, self.scale_zeros,
+                 self.dense)  # fmt: skip
         return sum(t.numel() * t.element_size() for t in parts if t is not None)
 
 
@@ -143,23 +149,30 @@ def prepare_gguf_cpu(
     use_int4pack: bool = True,
     dense_budget: int = 0,
     keep_codes: bool = False,
+    nibbles: bool = False,
 ) -> GGUFCpuWeight:
     """Prepare raw blocks uint8 [N, bytes_per_row] once at load time. `use_int4pack` takes the
     bf16 int4 op for Q4_0 / Q4_1 / Q4_K (see the module docstring for its accuracy); every other
     case runs the exact fp32 values: kept whole ("dense") when their 4 * N * K bytes fit
     `dense_budget`, else tiled. keep_codes: a dense weight keeps the tiled codes, scales and
-    offsets beside its fp32 values (for the C codes kernel's small-M calls)."""
+    offsets beside its fp32 values (for the C codes kernel's small-M calls). nibbles: the codes
+    of Q4_0 / Q4_1 / Q4_K kept two per byte (`codes4`, half the bytes; the C kernels read them
+    and dequantize them, so the caller must have those kernels)."""
     bt = check_blocks(blocks, qtype, out_features, in_features)
     if not (use_int4pack and bt.name in INT4PACK_TYPES):
         codes, scale, offset = tiled_codes_scales(blocks, bt.name, out_features, in_features)
         weight = GGUFCpuWeight(
             bt.name, out_features, in_features, "tiled", codes=codes, scale=scale, offset=offset
         )
+        dense = None
         if 4 * out_features * in_features <= dense_budget:
             dense = dequantize_tiled(weight).contiguous()
-            if keep_codes:
-                return dataclasses.replace(weight, path="dense", dense=dense)
-            return GGUFCpuWeight(bt.name, out_features, in_features, "dense", dense=dense)
+            if not keep_codes:
+                return GGUFCpuWeight(bt.name, out_features, in_features, "dense", dense=dense)
+            weight = dataclasses.replace(weight, path="dense", dense=dense)
+        if nibbles and bt.name in CODES4_BIAS and in_features % 32 == 0:
+            codes4 = pack_codes4(codes, CODES4_BIAS[bt.name])
+            weight = dataclasses.replace(weight, codes=None, codes4=codes4)
         return weight
     q, s, z = int4_codes_scales(blocks, bt.name, out_features, in_features)
     n_pad = -out_features % INT4PACK_N_TILE
@@ -175,8 +188,18 @@ def prepare_gguf_cpu(
 
 
 def dequantize_tiled(weight: GGUFCpuWeight, start: int = 0, stop: int | None = None):
-    """Rows [start, stop) of a "tiled" weight as fp32 [rows, K]."""
-    codes = weight.codes[start:stop]
+    """Rows [start, stop) of a "tiled" weight as fp32 [rows, K] (4-bit codes through the C
+    kernel's dequantize, the same bits as torch's below)."""
+    if weight.codes4 is not None:
+        bias = CODES4_BIAS[weight.qtype]
+        kernel, _ = load_codes_kernel()
+        rows = (weight.codes4[start:stop], bias, weight.scale[start:stop])
+        offset = weight.offset[start:stop] if weight.offset is not None else None
+        if kernel is not None:
+            return kernel.dequantize4(*rows, offset)
+        codes = unpack_codes4(weight.codes4[start:stop], bias)  # kernel gone since: torch
+    else:
+        codes = weight.codes[start:stop]
     scale = weight.scale[start:stop]
     w = codes.reshape(codes.shape[0], scale.shape[1], -1).to(torch.float32).mul_(scale)
     if weight.offset is not None:
@@ -267,11 +290,17 @@ def codes_linear(
 def bind_codes(weight: GGUFCpuWeight, codes_kernel):
     """The kernel's bound form of a tiled or dense weight's codes (None without a kernel, codes
     or a group size it takes)."""
-    if codes_kernel is None or weight.codes is None or weight.path == "int4pack":
+    if codes_kernel is None or weight.path == "int4pack":
+        return None
+    if weight.codes is None and weight.codes4 is None:
         return None
     k = weight.in_features
     if not codes_kernel.takes(1, k, k // weight.scale.shape[1]):
         return None
+    if weight.codes4 is not None:
+        return codes_kernel.bind(
+            weight.codes4, weight.scale, weight.offset, CODES4_BIAS[weight.qtype]
+        )
     return codes_kernel.bind(weight.codes, weight.scale, weight.offset)
 
 

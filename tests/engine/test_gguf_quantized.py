@@ -152,7 +152,10 @@ def test_cpu_prepare_keeps_exact_fp32_unless_int4pack_is_asked(qtype, cpu_caps):
     assert ops["gguf_gemm"].chosen == "cpu_fast"
     exact = CpuBackend(cpu_caps, "cpu", ops, gguf_int4pack=False, gguf_dense_bytes=0)
     w = exact.prepare_gguf(blocks, qtype, 24, k)
-    assert w.layout == "tiled" and w.tensors["codes"].dtype == torch.int8
+    # with the C kernels the 4-bit types keep their codes two per byte, else int8 codes
+    nibbles = exact.gguf_nibbles and qtype in ("Q4_0", "Q4_1", "Q4_K")
+    want_codes = ("codes4", torch.uint8) if nibbles else ("codes", torch.int8)
+    assert w.layout == "tiled" and w.tensors[want_codes[0]].dtype == want_codes[1]
     tiled_y = exact.gguf_linear(x, w)
     torch.testing.assert_close(tiled_y.double(), want, rtol=0, atol=fp32_atol)
     # Within the dense budget (the default 1 GiB) the same fp32 values are kept whole: one
@@ -384,16 +387,20 @@ def test_row_parallel_shard_off_the_block_size_fails_before_any_read(tmp_path, b
 @needs_default
 @pytest.mark.parametrize("dense_bytes", [0, None])
 def test_default_model_keeps_its_blocks_and_the_plan_counts_them(cpu_caps, dense_bytes):
-    # dense_bytes 0: every linear tiled (int8 codes + fp32 scale and offset); None: the default
+    # dense_bytes 0: every linear tiled (codes + fp32 scale and offset); None: the default
     # budget (1 GiB) holds all of this model's linears as whole fp32 values.
     # With the C codes kernel a whole weight keeps its tiled codes too (decode-sized calls run
-    # on them), and the tied LM head keeps its Q8_0 rows tiled (int8 codes + fp32 scale).
+    # on them), Q4_1 codes two per byte, and the tied LM head keeps its Q8_0 rows tiled (int8
+    # codes + fp32 scale).
     backend = CpuBackend(cpu_caps, "cpu", select_ops("cpu", cpu_caps), gguf_dense_bytes=dense_bytes)
     codes = backend.codes_kernel is not None
     model, config, _ = load_model(GGUF_PATH, backend, "float32", with_tokenizer=False)
     assert config.quantization_config["quant_method"] == "gguf"
     linear_bytes = values = dense_values = 0
-    tiled = {"gguf_codes": torch.int8, "gguf_scale": torch.float32, "gguf_offset": torch.float32}
+    nibbles = backend.gguf_nibbles
+    code_dtype = {"gguf_codes4": torch.uint8} if nibbles else {"gguf_codes": torch.int8}
+    tiled = code_dtype | {"gguf_scale": torch.float32, "gguf_offset": torch.float32}
+    code_bytes = 1 / 2 if nibbles else 1
     for module in model.modules():
         if not isinstance(module, QuantizableLinear):
             continue
@@ -403,11 +410,11 @@ def test_default_model_keeps_its_blocks_and_the_plan_counts_them(cpu_caps, dense
         params = dict(module.named_parameters())
         if dense_bytes == 0:
             assert {name: p.dtype for name, p in params.items()} == tiled
-            per_value = 5 / 4  # int8 codes + fp32 scale and offset per 32 values
+            per_value = code_bytes + 1 / 4  # codes + fp32 scale and offset per 32 values
         else:
             want = {"gguf_dense": torch.float32} | (tiled if codes else {})
             assert {name: p.dtype for name, p in params.items()} == want
-            per_value = 4 + (5 / 4 if codes else 0)
+            per_value = 4 + (code_bytes + 1 / 4 if codes else 0)
             dense_values += n * k
         assert sum(p.numel() * p.element_size() for p in params.values()) == n * k * per_value
         linear_bytes += int(n * k * per_value)

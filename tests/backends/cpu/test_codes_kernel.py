@@ -111,7 +111,11 @@ def test_the_backend_binds_each_weight_once(cpu_caps, dense: bool, monkeypatch) 
     assert weight.layout == ("dense" if dense else "tiled")
     bound = weight.data
     assert isinstance(bound, ckernels.CodesWeight)
-    assert bound.codes.data_ptr() == weight.tensors["codes"].data_ptr()
+    # Q4_1 on an AVX-512 build: its codes two per byte (half the bytes of int8 codes), bias 0
+    key = "codes4" if backend.gguf_nibbles else "codes"
+    assert set(weight.tensors) & {"codes", "codes4"} == {key}
+    assert bound.codes.data_ptr() == weight.tensors[key].data_ptr()
+    assert bound.bias == (0 if backend.gguf_nibbles else None)
     assert bound.offset.data_ptr() == weight.tensors["offset"].data_ptr()
     monkeypatch.setattr(ckernels.CodesKernel, "bind", None)  # no second bind per call
     for m in (1, 5):
@@ -222,3 +226,77 @@ def test_the_backend_says_which_small_batch_path_runs(cpu_caps, monkeypatch) -> 
     assert packed.codes_kernel is None and "gguf_small_batch" not in packed.info.settings
     with pytest.raises(ValueError, match="role: 'head'"):
         backend.prepare_gguf(*_case("Q8_0", 4, 1, 0)[:1], "Q8_0", 4, 32, role="head")
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q4_K"])
+def test_codes_two_per_byte_give_the_int8_codes_bits(qtype: str) -> None:
+    # The 4-bit types' codes packed two per byte (half the bytes): the same integers, so the
+    # same sums in the same order at every M, and the tiled path's dequantize the same weight.
+    n = 21
+    blocks, k, _ = _case(qtype, n, 2, seed=7)
+    int8 = fast.prepare_gguf_cpu(blocks, qtype, n, k, use_int4pack=False)
+    four = fast.prepare_gguf_cpu(blocks, qtype, n, k, use_int4pack=False, nibbles=True)
+    assert (
+        four.codes is None and four.codes4.shape == (n, k // 2) and four.codes4.dtype == torch.uint8
+    )
+    assert four.nbytes() == int8.nbytes() - n * k // 2
+    bias = fast.CODES4_BIAS[qtype]
+    assert torch.equal(ckernels.unpack_codes4(four.codes4, bias), int8.codes)
+    for m in (1, 3, 8):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
+        want = KERNEL(x, int8.codes, int8.scale, int8.offset)
+        assert torch.equal(KERNEL(x, four.codes4, four.scale, four.offset, bias=bias), want)
+        assert torch.equal(fast.gguf_linear_cpu(x, four, codes_kernel=KERNEL), want)
+    assert torch.equal(fast.dequantize_tiled(four), fast.dequantize_tiled(int8))
+    assert torch.equal(fast.dequantize_tiled(four, 5, 9), fast.dequantize_tiled(int8, 5, 9))
+    x = torch.randn(40, k)  # past CHUNKED_ROWS: the tiled path's dequantize and matmul
+    assert torch.equal(fast.gguf_linear_cpu(x, four), fast.gguf_linear_cpu(x, int8))
+    # Q8_0 / Q6_K codes do not fit 4 bits: int8 codes whatever nibbles says
+    q8, k8, _ = _case("Q8_0", 4, 1, seed=1)
+    assert fast.prepare_gguf_cpu(q8, "Q8_0", 4, k8, use_int4pack=False, nibbles=True).codes4 is None
+
+
+def test_pack_codes4_checks_what_fits() -> None:
+    codes = torch.randint(-8, 8, (3, 64), dtype=torch.int8)
+    assert torch.equal(ckernels.unpack_codes4(ckernels.pack_codes4(codes, -8), -8), codes)
+    with pytest.raises(ValueError, match="must lie in 0..15"):
+        ckernels.pack_codes4(codes, 0)  # negative values with bias 0
+    with pytest.raises(ValueError, match="K = 48 is not a multiple of 32"):
+        ckernels.pack_codes4(codes[:, :48], -8)
+
+
+@needs_kernel
+def test_bad_4bit_binds_say_what_is_wrong() -> None:
+    codes4 = torch.zeros(4, 32, dtype=torch.uint8)
+    scale = torch.ones(4, 2, 1)
+    with pytest.raises(ValueError, match="expected uint8 \\(4-bit codes two per byte\\)"):
+        KERNEL.bind(codes4.to(torch.int8), scale, None, bias=0)
+    with pytest.raises(ValueError, match="bias 3: 4-bit codes take a bias in -8..0"):
+        KERNEL.bind(codes4, scale, None, bias=3)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        KERNEL.bind(codes4, torch.ones(4, 4, 1), None, bias=0)  # groups of 16
+
+
+@pytest.mark.skipif(ckernels._compiler()[0] is None, reason="no C compiler here")
+@pytest.mark.parametrize(
+    "isa,width",
+    [(("-mavx2", "-mfma", "-mno-avx512f"), 8), (("-mno-avx", "-mno-avx2"), 0)],
+    ids=["avx2", "plain-c"],
+)
+def test_the_narrower_builds_pass_the_self_check(tmp_path, monkeypatch, isa, width) -> None:
+    # The AVX2 and plain C variants of the source (what other CPUs build) give the int8 and
+    # 4-bit products and the dequantize the self-check demands.
+    if width == 8 and "avx2" not in ckernels._cpu_flags().split():
+        pytest.skip("this CPU has no AVX2")
+    monkeypatch.setenv(ckernels.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(ckernels, "FLAG_SETS", (("-O3", "-ffp-contract=off", *isa, "-fopenmp"),))
+    cc, version = ckernels._compiler()
+    path, why = ckernels._build(cc, version, ckernels.SOURCE)
+    if path is None:
+        pytest.skip(f"the compiler does not take {isa}: {why}")
+    lib = ckernels.ctypes.CDLL(str(path))
+    ckernels._declare_codes(lib)
+    kernel = ckernels.CodesKernel(lib, path, lib.codes_gemm_max_m(), width, True)
+    assert lib.codes_gemm_vector_width() == width
+    assert ckernels._self_check(kernel) == ""
