@@ -1,7 +1,8 @@
 """End to end on CPU: the default SmolLM2-135M Q4_1 GGUF through this engine from its quantized
 weights (exact fp32: kept whole, the default for a model this size, with decode-sized GEMMs and the
-Q8_0 LM head on the int8 codes through the C codes kernel, or without it (HAL_CPU_C_KERNELS=0: the
-fp32 products through oneDNN, the "onednn" gemm, or F.linear), or in tiles; and the opt-in bf16
+Q8_0 LM head on the codes through the C codes kernel and decode attention and rotary in C, or
+without the C kernels (HAL_CPU_C_KERNELS=0: the fp32 products through oneDNN, the "onednn" gemm,
+or F.linear; attention through SDPA, rotary through torch ops), or in tiles; and the opt-in bf16
 int4pack), dequantized at load (the old path), and through llama.cpp (llama-cpp-python), in one
 run; batch 1 and 16 prompts, generated tokens/s.
 
@@ -43,7 +44,7 @@ PROMPTS = [
 # name -> environment for this engine run (read when the LLM is built)
 ENGINE_PATHS = {
     "blocks (exact fp32, whole)": {"HAL_GGUF_INT4PACK": "0", "HAL_GGUF_DEQUANTIZE": "0"},
-    "whole, no C kernel": {  # the same, every product an fp32 matmul (oneDNN)
+    "whole, no C kernel": {  # the same, every product an fp32 matmul (oneDNN), torch SDPA, rotary
         "HAL_GGUF_INT4PACK": "0",
         "HAL_GGUF_DEQUANTIZE": "0",
         "HAL_CPU_C_KERNELS": "0",
