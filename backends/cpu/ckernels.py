@@ -220,7 +220,7 @@ class CodesKernel:
         rc = self.lib.codes4_dequant(
             codes4.data_ptr(), bias, scale.data_ptr(),
             offset.data_ptr() if offset is not None else None, weight.n, weight.k, weight.group,
-            out.data_ptr(),
+            out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         if rc != 0:
             raise RuntimeError(f"codes4_dequant rejected [{weight.n}, {weight.k}] (code {rc})")
@@ -374,7 +374,7 @@ def _declare_codes(lib: ctypes.CDLL) -> None:
         p, ctypes.c_int, p, p, i64, i64, i64, p, i64, i64, p, i64, p, ctypes.c_int,
     ]  # fmt: skip
     lib.codes4_dequant.restype = ctypes.c_int
-    lib.codes4_dequant.argtypes = [p, ctypes.c_int, p, p, i64, i64, i64, p]
+    lib.codes4_dequant.argtypes = [p, ctypes.c_int, p, p, i64, i64, i64, p, ctypes.c_int]
 
 
 @dataclass(frozen=True)

@@ -261,9 +261,11 @@ int codes4_gemm(const uint8_t *codes4, int bias, const float *scale, const float
 /* The fp32 weight rows [rows, K] of 4-bit codes: (code + bias) * scale (+ offset), each product
  * and sum rounded to fp32 as torch's codes.float() * scale + offset rounds them. */
 int codes4_dequant(const uint8_t *codes4, int bias, const float *scale, const float *offset,
-                   int64_t rows, int64_t K, int64_t G, float *out) {
-    if (G < 32 || G % 32 != 0 || K % G != 0) return -1;
+                   int64_t rows, int64_t K, int64_t G, float *out, int threads) {
+    if (G < 32 || G % 32 != 0 || K % G != 0 || threads < 1) return -1;
     const int64_t groups = K / G;
+    (void)threads;
+#pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *c = codes4 + r * (K / 2);
         for (int64_t g = 0; g < groups; g++) {
