@@ -220,8 +220,9 @@ class CpuBackend(Backend):
         if weight.layout == "blocks":
             return gguf.gguf_linear(x, weight.tensors["blocks"], weight.qtype, n, k, bias)
         if weight.data is not None:  # decode-sized calls on the codes (a tiled weight up to
-            # CHUNKED_ROWS rows, MAX_M a call; a dense one leaves more to its fp32 matmul)
-            rows = gguf_fast.CHUNKED_ROWS if weight.layout == "tiled" else None
+            # CHUNKED_ROWS rows, a dense one up to DENSE_CHUNKED_ROWS, MAX_M a call; a dense
+            # one leaves more to its fp32 matmul)
+            rows = gguf_fast.chunked_rows(weight.layout)
             y = gguf_fast.codes_linear(x, weight.data, bias, rows)
             if y is not None:
                 return y

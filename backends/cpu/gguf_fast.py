@@ -22,9 +22,10 @@ Two paths, chosen at `prepare_gguf_cpu` time and recorded in `GGUFCpuWeight.path
   and no per-call dequantize (~5x the matmul at batch 1). The CPU backend spends up to
   HAL_GGUF_DENSE_BYTES (default 1 GiB) per model on it, the rest stays tiled.
 
-Decode-sized calls (M up to 8) of the tiled and dense paths go to the C codes kernel
-(`backends/cpu/ckernels.py`) when the backend has one: it multiplies the tiled layout's int8
-codes, scales and offsets directly (1 byte per weight read instead of 4; a dense weight then
+Decode-sized calls (up to 8 rows a call: 32 rows of a tiled weight, 16 of a dense one) of the
+tiled and dense paths go to the C codes kernel (`backends/cpu/ckernels.py`) when the backend has
+one: it multiplies the tiled layout's codes, scales and offsets directly (1 byte per weight read
+instead of 4, half a byte for 4-bit codes kept two per byte, `nibbles`; a dense weight then
 keeps its codes too, `keep_codes`), fp32 arithmetic summed per group (scale * sum(codes * x) +
 offset * sum(x)), so only the summation order differs from the fp32 matmul.
 """
@@ -59,8 +60,18 @@ TILE_VALUES = 1 << 20
 # Rows up to which a weight with no fp32 copy ("tiled") runs through the C codes kernel, MAX_M
 # rows a call: on the default model's shapes (2-core AMD EPYC, 2026-11-29) two or four calls
 # of 8 rows cost 0.9-1.0x / 0.6-0.7x one oneDNN fp32 matmul, far less than the tiled path's
-# dequantize; a "dense" weight leaves M > MAX_M to its fp32 matmul.
+# dequantize; a "dense" weight stops at DENSE_CHUNKED_ROWS.
 CHUNKED_ROWS = 32
+# Rows up to which a weight that also keeps its fp32 values ("dense", `keep_codes`) runs through
+# the C codes kernel (MAX_M rows a call) instead of its oneDNN fp32 matmul: on the default model's
+# four shapes with 4-bit codes (2-core AMD EPYC, 2026-11-29, per layer) M = 9 / 12 / 16 / 24 take
+# 0.76 / 0.79 / 1.01 / 1.31x oneDNN's time.
+DENSE_CHUNKED_ROWS = 16
+
+
+def chunked_rows(path: str) -> int:
+    """The most rows of x a weight on `path` ("tiled" or "dense") sends to the codes kernel."""
+    return CHUNKED_ROWS if path == "tiled" else DENSE_CHUNKED_ROWS
 
 
 @dataclass
@@ -264,7 +275,7 @@ def codes_linear(
     """y = x @ W.T + bias through the C codes kernel for a weight it bound
     (`ckernels.CodesKernel.bind`: W = codes * scale + offset, the tiled fields), or None when it
     does not take this call (x not float32 / bf16 / fp16, or more than `max_rows` rows: the
-    kernel's MAX_M, or CHUNKED_ROWS for a weight with no fp32 copy, which it then takes MAX_M
+    kernel's MAX_M, or `chunked_rows` of the weight's path, which it then takes MAX_M
     rows at a time), for the caller's torch path. x: [..., K]; returns [..., N] in x's dtype."""
     n, k = weight.n, weight.k
     _check_call(x, n, k, bias)
@@ -319,7 +330,7 @@ def gguf_linear_cpu(
     _check_call(x, n, k, bias)
     bound = bind_codes(weight, codes_kernel)
     if bound is not None:
-        y = codes_linear(x, bound, bias, CHUNKED_ROWS if weight.path == "tiled" else None)
+        y = codes_linear(x, bound, bias, chunked_rows(weight.path))
         if y is not None:
             return y
     x2 = x.reshape(-1, k)

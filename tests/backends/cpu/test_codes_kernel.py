@@ -66,8 +66,9 @@ def test_each_row_of_x_is_its_own_product() -> None:
 @pytest.mark.parametrize("layout", ["tiled", "dense"])
 @pytest.mark.parametrize("rows", [1, 8, 9, 20, 40])
 def test_gguf_linear_takes_decode_sized_calls(layout: str, rows: int, monkeypatch) -> None:
-    # Up to MAX_M rows the kernel, past it the fp32 matmul for a dense weight; a tiled weight
-    # (no fp32 copy) takes MAX_M rows a call up to CHUNKED_ROWS, then its tiles. Any x shape.
+    # Up to MAX_M rows one kernel call; a dense weight takes MAX_M rows a call up to
+    # DENSE_CHUNKED_ROWS, then its fp32 matmul; a tiled weight (no fp32 copy) up to
+    # CHUNKED_ROWS, then its tiles. Any x shape.
     calls = []
     monkeypatch.setattr(
         ckernels.CodesWeight, "__call__",
@@ -89,7 +90,7 @@ def test_gguf_linear_takes_decode_sized_calls(layout: str, rows: int, monkeypatc
     m = x.shape[0] * x.shape[1]
     if m <= KERNEL.max_m:
         assert calls == [m]
-    elif layout == "tiled" and m <= fast.CHUNKED_ROWS:
+    elif m <= fast.chunked_rows(layout):
         step = KERNEL.max_m
         assert calls == [min(step, m - i) for i in range(0, m, step)]
     else:
