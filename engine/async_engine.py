@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.openmp import release_thread_pool
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -118,6 +119,9 @@ class AsyncLLMEngine:
         self._stopping = False
         self._ids = 0
         self._last_stats: StepStats = self._snapshot()
+        # The engine was built (and warmed up) on this thread; its steps run on the loop thread.
+        # This thread's OpenMP workers go, so the process keeps one pool (engine/openmp.py).
+        release_thread_pool()
         self._thread = threading.Thread(target=self._run, name="hal-engine-loop", daemon=True)
         self._thread.start()
 
