@@ -458,21 +458,22 @@ def load_rotary_kernel() -> tuple[RotaryKernel | None, str]:
     """(the rotary kernel, '') or (None, why not here); HAL_CPU_C_KERNELS read at each call."""
     if not enabled():
         return None, f"{ENV}=0"
-    return _load_rotary()
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    args = (p, i64, p, i64, i64, p, i64, i64, i64, i64, p, i64, p, p, p, i64, p, p, p, i64)
+    return _checked(ROTARY_SOURCE, "rotary_kv_f32", args, RotaryKernel, _rotary_self_check)
 
 
 @functools.cache
-def _load_rotary() -> tuple[RotaryKernel | None, str]:
-    lib, why = _library(ROTARY_SOURCE)
+def _checked(source: Path, entry: str, argtypes: tuple, wrap: type, self_check) -> tuple:
+    """(wrap(library), '') when `source` builds and loads and `self_check` passes on it, else
+    (None, why); once per process. `entry` (returning int) takes `argtypes`."""
+    lib, why = _library(source)
     if lib is None:
         return None, why
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.rotary_kv_f32.restype = ctypes.c_int
-    lib.rotary_kv_f32.argtypes = [
-        p, i64, p, i64, i64, p, i64, i64, i64, i64, p, i64, p, p, p, i64, p, p, p, i64,
-    ]  # fmt: skip
-    kernel = RotaryKernel(lib)
-    why = _rotary_self_check(kernel)
+    fn = getattr(lib, entry)
+    fn.restype, fn.argtypes = ctypes.c_int, list(argtypes)
+    kernel = wrap(lib)
+    why = self_check(kernel)
     return (None, why) if why else (kernel, "")
 
 
@@ -554,20 +555,10 @@ def load_attention_kernel() -> tuple[AttentionKernel | None, str]:
     each call."""
     if not enabled():
         return None, f"{ENV}=0"
-    return _load_attention()
-
-
-@functools.cache
-def _load_attention() -> tuple[AttentionKernel | None, str]:
-    lib, why = _library(ATTENTION_SOURCE)
-    if lib is None:
-        return None, why
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.decode_attention_f32.restype = ctypes.c_int
-    lib.decode_attention_f32.argtypes = [
-        p, p, p, p, i64, i64, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, i64,
-        ctypes.c_float, p, ctypes.c_int,
-    ]  # fmt: skip
-    kernel = AttentionKernel(lib)
-    why = _attention_self_check(kernel)
-    return (None, why) if why else (kernel, "")
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    args = (
+        p, p, p, p, i64, i64, p, p, i64, i64, i64, i64, i64, i64, f32, i64, f32, p, ctypes.c_int,
+    )  # fmt: skip
+    return _checked(
+        ATTENTION_SOURCE, "decode_attention_f32", args, AttentionKernel, _attention_self_check
+    )
