@@ -42,13 +42,16 @@ def c_attention(
         and query.shape[0] == seq_lens.shape[0]  # as many tokens as sequences: maybe decode
         and query.dtype == torch.float32
         and key_cache.dtype == torch.float32
+        and value_cache.dtype == torch.float32
         and query.is_contiguous()
         and key_cache.is_contiguous()
         and value_cache.is_contiguous()
         and query.is_cpu
         and key_cache.is_cpu
+        and value_cache.is_cpu
         and block_tables.stride(-1) == 1
     ):
+        # an int32 table keeps its row stride (the kernel takes it); others are converted
         tables = block_tables if block_tables.dtype == torch.int32 else _int32(block_tables)
         out = kernel.run(
             query, key_cache, value_cache, tables, _int32(seq_lens), _int32(query_start_loc),

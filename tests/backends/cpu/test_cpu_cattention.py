@@ -63,6 +63,8 @@ def test_the_kernel_takes_decode_and_leaves_the_rest_to_sdpa(monkeypatch) -> Non
         _case(3, [2, 0], [9, 4]),  # two tokens, two sequences, but not one each
         _case(4, [1, 1], [6, 8], dtype=torch.bfloat16),  # bf16: SDPA
     ]
+    q, kc, vc, *rest = _case(7, [1, 1], [6, 8])
+    cases.append((q, kc, vc.to(torch.bfloat16), *rest))  # an fp32 key cache, a bf16 value one
     for args in cases:
         got = c_attention(*args, 0.2)
         want = paged_attention(*args, 0.2)
