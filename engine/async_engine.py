@@ -109,6 +109,11 @@ class AsyncLLMEngine:
         engine: LLMEngine,
         stats_listener: Callable[[StepStats], None] | None = None,
     ) -> None:
+        if engine._driver is not None:
+            raise RuntimeError(
+                f"this LLMEngine is already driven by an AsyncLLMEngine (loop thread "
+                f"{engine._driver.name!r}); share that AsyncLLMEngine, or shut it down first"
+            )
         self.engine = engine
         self.stats_listener = stats_listener
         self._cv = threading.Condition()
@@ -123,6 +128,7 @@ class AsyncLLMEngine:
         # This thread's OpenMP workers go, so the process keeps one pool (engine/openmp.py).
         release_thread_pool()
         self._thread = threading.Thread(target=self._run, name="hal-engine-loop", daemon=True)
+        engine._driver = self._thread  # requests, aborts and steps now only come from the loop
         self._thread.start()
 
     @classmethod
@@ -218,6 +224,7 @@ class AsyncLLMEngine:
         if self._thread.is_alive():
             logger.warning("engine loop did not stop within %.1f s", timeout)
             return
+        self.engine._driver = None
         self.engine.shutdown()
 
     def _submit(self, command: tuple) -> None:

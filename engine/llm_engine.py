@@ -13,6 +13,7 @@ import gc
 import itertools
 import logging
 import math
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -108,7 +109,12 @@ def _thaw_heap() -> None:
 
 
 class LLMEngine:
-    """Owns the backend, model, KV cache, scheduler and sampler. Not thread-safe."""
+    """Owns the backend, model, KV cache, scheduler and sampler. Not thread-safe: an
+    `AsyncLLMEngine` that drives it claims it for its loop thread (`_driver`), and requests,
+    aborts and steps from any other thread are refused with an error that says so."""
+
+    # The thread an AsyncLLMEngine steps this engine on (None: whoever calls, one at a time).
+    _driver: threading.Thread | None = None
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -413,6 +419,17 @@ class LLMEngine:
             )
         return list(prompt_token_ids)
 
+    def _check_driver(self, what: str) -> None:
+        """Refuse `what` from any thread but the AsyncLLMEngine loop that owns this engine."""
+        driver = self._driver
+        if driver is not None and driver is not threading.current_thread():
+            raise RuntimeError(
+                f"{what} from thread {threading.current_thread().name!r}: this engine is driven "
+                f"by an AsyncLLMEngine (its loop thread {driver.name!r} owns it, and the engine "
+                "is not thread-safe); submit and abort requests through that AsyncLLMEngine, or "
+                "build another LLM for synchronous use"
+            )
+
     def add_request(
         self,
         prompt: str | None,
@@ -421,6 +438,7 @@ class LLMEngine:
         request_id: str | None = None,
     ) -> str:
         """Queue a request; bad input raises ValueError and leaves the engine untouched."""
+        self._check_driver("add_request")
         prompt_token_ids = self.validate_request(prompt, params, prompt_token_ids)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
@@ -441,6 +459,7 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a request and free its blocks; its output is reported finished with "abort"."""
+        self._check_driver("abort_request")
         found = self.scheduler.abort_request(request_id)
         state = self.requests.get(request_id)
         if state is not None:
@@ -462,6 +481,7 @@ class LLMEngine:
         With pipeline_depth P > 1 a step first tops the batches in flight up to P (each
         schedule() skips the sequences already in flight), then waits for the oldest one only.
         """
+        self._check_driver("step")
         if self.pipeline_depth > 1:
             return self._step_pipelined(stream)
         if self.async_scheduling:

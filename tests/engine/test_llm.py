@@ -229,3 +229,38 @@ def test_startup_heap_frozen_and_dropped_engines_freed(tiny, monkeypatch):
     assert gone() is None
     second.engine.release_memory()
     assert gc.get_freeze_count() == 0
+
+
+def test_engine_owned_by_an_async_loop_refuses_other_threads(tiny):
+    # An AsyncLLMEngine over an LLM's engine: the engine is not thread-safe, so requests, aborts
+    # and steps from the main thread are refused with an error naming the owner, a second
+    # AsyncLLMEngine is refused, and requests through the loop still run.
+    import asyncio
+
+    from engine.async_engine import AsyncLLMEngine
+
+    folder, _ = tiny
+    llm = _llm(folder)
+    engine = llm.engine
+    loop = AsyncLLMEngine(engine)
+    try:
+        with pytest.raises(RuntimeError, match="add_request from thread 'MainThread'.*loop"):
+            llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=GREEDY)
+        with pytest.raises(RuntimeError, match="step from thread"):
+            engine.step()
+        with pytest.raises(RuntimeError, match="abort_request from thread"):
+            engine.abort_request("nope")
+        with pytest.raises(RuntimeError, match="already driven by an AsyncLLMEngine"):
+            AsyncLLMEngine(engine)
+
+        async def run() -> list[int]:
+            final = None
+            async for out in loop.generate(None, GREEDY, prompt_token_ids=[5, 6, 7]):
+                final = out
+            return list(final.outputs[0].token_ids)
+
+        tokens = asyncio.run(run())
+        assert len(tokens) == GREEDY.max_tokens
+    finally:
+        loop.shutdown(timeout=10)
+    assert engine._driver is None
