@@ -50,6 +50,7 @@ def run_info(args: argparse.Namespace) -> int:
 
     caps = platforms.current_capabilities(args.profile)
     data = report.build_report(caps, backend=args.backend)
+    report.add_settings(data, caps, backend=args.backend)
     if args.json:
         text = report.render_json(data) + "\n"
     elif args.yaml:

@@ -139,6 +139,24 @@ def build_report(
     }
 
 
+def add_settings(report: dict[str, Any], caps: Capabilities, backend: str | None = None) -> None:
+    """Construct the chosen backend on this machine and put its settings (what it decided at
+    start-up beyond the op choices: TF32, graphs, the CPU's C kernels, the CUDA fused paths;
+    the lines an engine's start-up report prints under the ops) into
+    report["backends"]["settings"]; a backend that fails to start leaves {"error": why}. Only
+    for a detected machine: a profile has no device to start a backend on."""
+    if caps.source != "detected":
+        return
+    from hal.select import load_backend  # noqa: PLC0415 - imports the backends
+
+    try:
+        started = load_backend(caps, configured=backend)
+        settings = {key: str(value) for key, value in started.info.settings.items()}
+    except Exception as e:  # noqa: BLE001 - the report says why instead of failing
+        settings = {"error": f"{type(e).__name__}: {e}"}
+    report["backends"]["settings"] = settings
+
+
 # -- rendering -----------------------------------------------------------------------------------
 
 
@@ -261,6 +279,9 @@ def render_table(report: dict[str, Any]) -> str:
 
     out += ["", f"Ops (backend {b['chosen']}: family, chosen, passed over and why)"]
     out += _ops_lines(report["ops"])
+    if b.get("settings"):
+        out += ["", f"Settings (backend {b['chosen']}, as started on this machine)"]
+        out += _rows(list(b["settings"].items()))
     for cand in b["candidates"]:
         if cand["status"] != "chosen" and cand["ops"]:
             out += ["", f"Ops of backend {cand['name']} (not chosen; what it would use here)"]

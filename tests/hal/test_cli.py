@@ -77,6 +77,32 @@ def test_info_json_schema(capsys):
         assert fam["chosen"] in {c["name"] for c in fam["candidates"]}
 
 
+def test_info_shows_the_started_backends_settings(capsys, monkeypatch):
+    # This machine: the chosen backend is started and its settings (the start-up report's lines
+    # under the ops) are in the table and the data; a profile has none; a backend that fails to
+    # start leaves the reason.
+    code, out, _ = run(capsys, "info", "--json")
+    data = json.loads(out)
+    settings = data["backends"]["settings"]
+    assert code == 0 and settings and "error" not in settings
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in settings.items())
+    if data["backends"]["chosen"] == "cpu":
+        assert settings["tf32"] == "off" and settings["graphs"] == "eager"
+    code, out, _ = run(capsys, "info")
+    assert f"Settings (backend {data['backends']['chosen']}, as started on this machine)" in out
+    key, value = next(iter(settings.items()))
+    assert any(ln.split() == [key, *value.split()] for ln in out.splitlines())
+    code, out, _ = run(capsys, "info", "--profile", "h100", "--json")
+    assert "settings" not in json.loads(out)["backends"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no device left")
+
+    monkeypatch.setattr("hal.select.load_backend", broken)
+    code, out, _ = run(capsys, "info", "--json")
+    assert json.loads(out)["backends"]["settings"] == {"error": "RuntimeError: no device left"}
+
+
 def test_mi300x_json_shows_fnuz_and_warp_64(capsys):
     code, out, _ = run(capsys, "info", "--profile", "mi300x", "--json")
     data = json.loads(out)
