@@ -217,9 +217,13 @@ def test_startup_heap_frozen_and_dropped_engines_freed(tiny, monkeypatch):
     import engine.llm_engine as llm_engine
 
     monkeypatch.setattr(llm_engine, "_freezes_heap", lambda config, caps: True)
+    # What a thaw leaves: 0 on Python 3.11; 3.12's collection keeps a few hundred objects in the
+    # permanent generation by itself (seen on the H200 machine's 3.12.3: 375 after any collect).
+    llm_engine._thaw_heap()
+    baseline = gc.get_freeze_count()
     folder, _ = tiny
     first = _llm(folder)
-    assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() > baseline
     first.engine.cycle = first.engine  # a reference cycle: refcounting alone cannot free it
     gone = weakref.ref(first.engine)
     del first
@@ -227,8 +231,9 @@ def test_startup_heap_frozen_and_dropped_engines_freed(tiny, monkeypatch):
     assert gone() is not None
     second = _llm(folder)
     assert gone() is None
+    assert gc.get_freeze_count() > baseline
     second.engine.release_memory()
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == baseline
 
 
 def test_engine_owned_by_an_async_loop_refuses_other_threads(tiny):
