@@ -1,10 +1,10 @@
 """End to end on CPU: the default SmolLM2-135M Q4_1 GGUF through this engine from its quantized
 weights (exact fp32: kept whole, the default for a model this size, with decode-sized GEMMs and the
-Q8_0 LM head on the codes through the C codes kernel and decode attention and rotary in C, or
-without the C kernels (HAL_CPU_C_KERNELS=0: the fp32 products through oneDNN, the "onednn" gemm,
-or F.linear; attention through SDPA, rotary through torch ops), or in tiles; and the opt-in bf16
-int4pack), dequantized at load (the old path), and through llama.cpp (llama-cpp-python), in one
-run; batch 1 and 16 prompts, generated tokens/s.
+Q8_0 LM head on the codes through the C codes kernel and decode attention, rotary and RMSNorm in
+C, or without the C kernels (HAL_CPU_C_KERNELS=0: the fp32 products through oneDNN, the "onednn"
+gemm, or F.linear; attention through SDPA, rotary and RMSNorm through torch ops), or in tiles;
+and the opt-in bf16 int4pack), dequantized at load (the old path), and through llama.cpp
+(llama-cpp-python), in one run; batch 1 and 16 prompts, generated tokens/s.
 
     /work/venv/bin/python bench/gguf_e2e.py [--threads 2] [--max-tokens 64] [--repeats 2]
 

@@ -137,6 +137,29 @@ REGISTRY.register(
 )
 
 
+def _c_rms_norm(caps: Capabilities) -> list[str]:
+    """The C RMSNorm: reasons not to (as for the C rotary)."""
+    from backends.cpu.ckernels import load_rms_norm_kernel
+
+    kernel, why = load_rms_norm_kernel()
+    return [] if kernel is not None else [why]
+
+
+REGISTRY.register(
+    Candidate(
+        family="rms_norm",
+        name="c",
+        priority=20,
+        check=_c_rms_norm,
+        description="the residual add and RMSNorm of fp32 rows (16-16384 values) in one C call, "
+        "squares summed in torch's order (built at first use, backends/cpu/ckernels.py; "
+        "bitwise the reference); other inputs as 'native' (HAL_RMS_NORM_BACKEND=native: torch)",
+        scope="cpu",
+        target="backends.cpu.native:c_rms_norm",
+    )
+)
+
+
 def _c_attention(caps: Capabilities) -> list[str]:
     """The C decode attention: reasons not to (as for the C rotary)."""
     from backends.cpu.ckernels import load_attention_kernel

@@ -99,6 +99,9 @@ class CpuBackend(Backend):
         self.attention_kernel = (
             ckernels.load_attention_kernel()[0] if self.chosen("attention") == "c" else None
         )
+        self.rms_norm_kernel = (
+            ckernels.load_rms_norm_kernel()[0] if self.chosen("rms_norm") == "c" else None
+        )
         if self.chosen("gguf_gemm") == "cpu_fast":
             if not self.gguf_int4pack:
                 self.codes_kernel, why = ckernels.load_codes_kernel()
@@ -258,7 +261,10 @@ class CpuBackend(Backend):
 
     # -- fused small ops -----------------------------------------------------------------------
     def rms_norm(self, x, weight, eps, residual=None):
-        fn = native.native_rms_norm if self.chosen("rms_norm") == "native" else norm.rms_norm
+        choice = self.chosen("rms_norm")
+        if choice == "c":
+            return native.c_rms_norm(x, weight, eps, residual, kernel=self.rms_norm_kernel)
+        fn = native.native_rms_norm if choice == "native" else norm.rms_norm
         return fn(x, weight, eps, residual)
 
     def rotary(self, positions, query, key, cos_sin_cache, is_neox=True):

@@ -11,7 +11,9 @@ optionally the rotated key and value written into fp32 paged caches, in one pass
 reference's roundings (the same bits; torch takes ~20 small ops for it at decode sizes).
 `decode_attention_f32` (`decode_attention.c`) is the CPU backend's "c" attention for decode
 batches (one query token per sequence) on fp32 caches: straight from the pages, no gather, fp32
-within roundoff of the reference.
+within roundoff of the reference. `rms_norm_f32` (`rms_norm.c`) is the "c" rms_norm: the residual
+add and RMSNorm of fp32 rows in one call, summing the squares in the order of torch's vectorized
+sum (the lane width found by its self-check), so the same bits as torch.
 
 Build: `$CC` (else `cc`) with `-O3 -ffp-contract=off -march=native -fopenmp -shared -fPIC`,
 then without `-march=native`, then without OpenMP, the first that works. The library is cached under
@@ -47,6 +49,7 @@ CACHE_ENV = "HAL_CACHE_DIR"
 SOURCE = Path(__file__).resolve().with_name("csrc") / "codes_gemm.c"
 ROTARY_SOURCE = SOURCE.with_name("rotary_kv.c")
 ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")
+RMS_NORM_SOURCE = SOURCE.with_name("rms_norm.c")
 # -ffp-contract=off: no multiply-add the source does not write, so every row of x gets the same
 # sums whatever M and the thread split are (a sequence's logits do not depend on its batch).
 FLAG_SETS = (
@@ -562,3 +565,85 @@ def load_attention_kernel() -> tuple[AttentionKernel | None, str]:
     return _checked(
         ATTENTION_SOURCE, "decode_attention_f32", args, AttentionKernel, _attention_self_check
     )
+
+
+# Rows the C RMSNorm takes: below 16 values torch's sum has no whole vectors to interleave, and
+# from 32768 values (one row) torch splits the sum across threads; 16384 covers every hidden size
+# of the served model families.
+RMS_NORM_MIN, RMS_NORM_MAX = 16, 16384
+_RMS_NORM_LANES = (8, 16, 4)  # vector widths torch's sum may use (AVX2 / AVX-512 / NEON)
+
+
+@dataclass
+class RmsNormKernel:
+    """The loaded `rms_norm_f32` library (see `rms_norm.c`); `lanes`: the vector width whose
+    order gave torch's bits in the self-check."""
+
+    lib: ctypes.CDLL
+    lanes: int = 0
+
+    def takes(self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> bool:
+        """Whether `run` takes these: fp32 contiguous CPU x (and residual), an fp32 contiguous
+        weight, rows of RMS_NORM_MIN..RMS_NORM_MAX values."""
+        tensors = (x, weight) if residual is None else (x, weight, residual)
+        return (
+            RMS_NORM_MIN <= x.shape[-1] <= RMS_NORM_MAX
+            and all(t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            and x.device.type == "cpu"
+        )
+
+    def run(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        eps: float,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """`norm.rms_norm` for inputs `takes` accepts (the caller checked them and the contract's
+        shapes): y, or (y, x + residual)."""
+        n = x.shape[-1]
+        rows = x.numel() // n if n else 0
+        y = torch.empty_like(x)
+        h = torch.empty_like(x) if residual is not None else None
+        rc = self.lib.rms_norm_f32(
+            x.data_ptr(), residual.data_ptr() if h is not None else None,
+            h.data_ptr() if h is not None else None, weight.data_ptr(), y.data_ptr(), rows, n,
+            eps, self.lanes,
+        )  # fmt: skip
+        if rc != 0:
+            raise RuntimeError(f"rms_norm_f32 rejected x {tuple(x.shape)} (code {rc})")
+        return y if h is None else (y, h)
+
+
+def _rms_norm_self_check(kernel: RmsNormKernel) -> str:
+    """'' when some lane width gives F.rms_norm's bits (and x + residual's) on random rows of
+    every size class the kernel takes (setting kernel.lanes to it), else why not."""
+    import torch.nn.functional as F  # noqa: N812, PLC0415
+
+    g = torch.Generator().manual_seed(0)
+    cases = []
+    for n in (16, 23, 64, 100, 576, 1000, 2048, 4096, 5120, RMS_NORM_MAX):
+        for rows, scale in ((1, 1.0), (3, 40.0), (2, 1e-3)):
+            x = torch.randn(rows, n, generator=g) * scale
+            r = torch.randn(rows, n, generator=g) * scale
+            w = torch.randn(n, generator=g)
+            cases.append((x, r, w, F.rms_norm(x + r, (n,), w, 1e-5), F.rms_norm(x, (n,), w, 1e-6)))
+    for lanes in _RMS_NORM_LANES:
+        kernel.lanes = lanes
+        if all(
+            torch.equal(kernel.run(x, w, 1e-5, r)[0], want_r)
+            and torch.equal(kernel.run(x, w, 1e-6), want)
+            for x, r, w, want_r, want in cases
+        ):
+            return ""
+    kernel.lanes = 0
+    return "self-check failed: no lane width gives torch's RMSNorm bits"
+
+
+def load_rms_norm_kernel() -> tuple[RmsNormKernel | None, str]:
+    """(the RMSNorm kernel, '') or (None, why not here); HAL_CPU_C_KERNELS read at each call."""
+    if not enabled():
+        return None, f"{ENV}=0"
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    args = (p, p, p, p, p, i64, i64, ctypes.c_float, ctypes.c_int)
+    return _checked(RMS_NORM_SOURCE, "rms_norm_f32", args, RmsNormKernel, _rms_norm_self_check)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.cpu import norm, rotary
-from backends.cpu.ckernels import load_rotary_kernel
+from backends.cpu.ckernels import load_rms_norm_kernel, load_rotary_kernel
 from backends.cpu.kv_cache import _check_block_pairs, encode_kv
 from backends.cpu.linear import _check_bias, _check_gemm
 
@@ -177,6 +177,23 @@ def native_rms_norm(
     y = F.rms_norm(h, (h.shape[-1],), w, eps)
     y = y if y.dtype == x.dtype else y.to(x.dtype)
     return y if residual is None else (y, x)
+
+
+def c_rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    kernel=None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`native_rms_norm` in one C call (`kernel`, else `ckernels.load_rms_norm_kernel`: the
+    same bits) for fp32 contiguous rows of 16-16384 values; every other input, or no kernel
+    here, as `native_rms_norm`."""
+    kernel = kernel or load_rms_norm_kernel()[0]
+    if kernel is None or not kernel.takes(x, weight, residual):
+        return native_rms_norm(x, weight, eps, residual)
+    norm.check_norm(x, weight, eps, residual)
+    return kernel.run(x, weight, eps, residual)
 
 
 def native_rotary(

@@ -1,6 +1,6 @@
-"""The CPU engine's native RMSNorm and rotary, and the C rotary (with its fused KV-cache write),
-against the reference they replace: bitwise equal (the same fp32 arithmetic in the same order, one
-rounding), the same errors on bad input."""
+"""The CPU engine's native RMSNorm and rotary, the C RMSNorm, and the C rotary (with its fused
+KV-cache write), against the reference they replace: bitwise equal (the same fp32 arithmetic in
+the same order, one rounding), the same errors on bad input."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ needs_rotary_kernel = pytest.mark.skipif(
     ROTARY_KERNEL is None, reason=f"no C rotary kernel here: {ROTARY_WHY}"
 )
 
+RMS_NORM_KERNEL, RMS_NORM_WHY = ckernels.load_rms_norm_kernel()
+needs_rms_norm_kernel = pytest.mark.skipif(
+    RMS_NORM_KERNEL is None, reason=f"no C RMSNorm kernel here: {RMS_NORM_WHY}"
+)
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
@@ -24,28 +29,54 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     rows=st.integers(0, 9),
-    hidden=st.sampled_from([1, 7, 64, 576, 1000]),
-    dtype=st.sampled_from(DTYPES),
+    hidden=st.sampled_from([1, 7, 16, 23, 64, 100, 576, 1000, 4096]),
+    dtype=st.sampled_from(DTYPES + [torch.float32] * 3),
     weight_fp32=st.booleans(),
     with_residual=st.booleans(),
     eps=st.sampled_from([1e-6, 1e-5, 0.1]),
+    magnitude=st.sampled_from([1e-3, 3.0, 300.0]),
+    three_d=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_rms_norm_is_bitwise_the_reference(rows, hidden, dtype, weight_fp32, with_residual, eps,
-                                           seed):  # fmt: skip
+                                           magnitude, three_d, seed):  # fmt: skip
+    # native (F.rms_norm) and the C kernel (fp32 rows of 16-16384 values; the rest falls back to
+    # native) against the reference composition
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(rows, hidden, generator=g) * 3).to(dtype)
+    shape = (rows, 2, hidden) if three_d else (rows, hidden)
+    x = (torch.randn(shape, generator=g) * magnitude).to(dtype)
     w = torch.randn(hidden, generator=g).to(torch.float32 if weight_fp32 else dtype)
-    r = torch.randn(rows, hidden, generator=g).to(dtype) if with_residual else None
+    r = (torch.randn(shape, generator=g) * magnitude).to(dtype) if with_residual else None
     want = norm.rms_norm(x, w, eps, r)
-    got = native.native_rms_norm(x, w, eps, r)
-    if r is None:
-        assert _bits_equal(got, want)
-    else:
-        assert _bits_equal(got[0], want[0]) and _bits_equal(got[1], want[1])
+    fns = [native.native_rms_norm]
+    if RMS_NORM_KERNEL is not None:
+        fns.append(lambda *a: native.c_rms_norm(*a, kernel=RMS_NORM_KERNEL))
+    for fn in fns:
+        got = fn(x, w, eps, r)
+        if r is None:
+            assert _bits_equal(got, want)
+        else:
+            assert _bits_equal(got[0], want[0]) and _bits_equal(got[1], want[1])
+
+
+@needs_rms_norm_kernel
+def test_c_rms_norm_takes_rows_of_16_to_16384_values() -> None:
+    # Both ends taken (the reference's bits) and the sizes past them handed to native; other
+    # dtypes and layouts too.
+    g = torch.Generator().manual_seed(3)
+    k = RMS_NORM_KERNEL
+    for hidden, taken in ((15, False), (16, True), (16384, True), (16385, False)):
+        x, w = torch.randn(2, hidden, generator=g), torch.randn(hidden, generator=g)
+        assert k.takes(x, w, None) == taken
+        assert _bits_equal(native.c_rms_norm(x, w, 1e-5, kernel=k), norm.rms_norm(x, w, 1e-5))
+    x, w = torch.randn(4, 64, generator=g), torch.randn(64, generator=g)
+    assert not k.takes(x[:, ::2], w[::2], None)
+    assert not k.takes(x.bfloat16(), w, None) and not k.takes(x, w.bfloat16(), None)
+    assert not k.takes(x, w, x.bfloat16())
+    assert k.lanes in (4, 8, 16)
 
 
 @settings(max_examples=40, deadline=None)
@@ -188,9 +219,9 @@ def test_the_backend_fuses_rotary_and_the_cache_write(cpu_caps, monkeypatch) -> 
 
 
 def test_native_norm_and_rotary_reject_what_the_reference_rejects() -> None:
-    x, w = torch.randn(2, 8), torch.randn(8)
-    for fn in (norm.rms_norm, native.native_rms_norm):
-        with pytest.raises(ValueError, match=r"weight: shape \(7,\), expected \[8\]"):
+    x, w = torch.randn(2, 16), torch.randn(16)  # 16 values: the C kernel's smallest rows
+    for fn in (norm.rms_norm, native.native_rms_norm, native.c_rms_norm):
+        with pytest.raises(ValueError, match=r"weight: shape \(7,\), expected \[16\]"):
             fn(x, torch.randn(7), 1e-5)
         with pytest.raises(ValueError, match="eps: 0.0 must be > 0"):
             fn(x, w, 0.0)

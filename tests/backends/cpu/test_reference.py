@@ -11,7 +11,7 @@ import torch
 import hal
 from backends.cpu.activation import silu_and_mul
 from backends.cpu.backend import CpuBackend
-from backends.cpu.ckernels import load_attention_kernel, load_rotary_kernel
+from backends.cpu.ckernels import load_attention_kernel, load_rms_norm_kernel, load_rotary_kernel
 from backends.cpu.graphs import EagerGraphRunner
 from backends.cpu.linear import linear
 from backends.cpu.norm import rms_norm
@@ -45,7 +45,9 @@ def test_load_backend_selects_cpu_reference() -> None:
             "attention": "c" if load_attention_kernel()[0] is not None else "sdpa",
             "gemm": "onednn",  # fp32 through oneDNN (tests/backends/cpu/test_cpu_sdpa.py)
             "kv_write": "native",
-            "rms_norm": "native",  # bitwise the reference (tests/backends/cpu/test_cpu_native.py)
+            # the C RMSNorm where it builds, else torch's; both bitwise the reference
+            # (tests/backends/cpu/test_cpu_native.py)
+            "rms_norm": "c" if load_rms_norm_kernel()[0] is not None else "native",
             # the C rotary where it builds (bitwise the reference, test_cpu_native.py)
             "rotary": "c" if load_rotary_kernel()[0] is not None else "native",
             "gguf_gemm": "cpu_fast",  # exact tiled dequant (tests/engine/test_gguf_quantized.py)
