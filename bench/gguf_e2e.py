@@ -44,6 +44,11 @@ PROMPTS = [
 # name -> environment for this engine run (read when the LLM is built)
 ENGINE_PATHS = {
     "blocks (exact fp32, whole)": {"HAL_GGUF_INT4PACK": "0", "HAL_GGUF_DEQUANTIZE": "0"},
+    "whole, torch RMSNorm": {  # the default but RMSNorm through F.rms_norm (the same bits)
+        "HAL_GGUF_INT4PACK": "0",
+        "HAL_GGUF_DEQUANTIZE": "0",
+        "HAL_RMS_NORM_BACKEND": "native",
+    },  # fmt: skip
     "whole, no C kernel": {  # the same, every product an fp32 matmul (oneDNN), torch SDPA, rotary
         "HAL_GGUF_INT4PACK": "0",
         "HAL_GGUF_DEQUANTIZE": "0",
@@ -179,6 +184,8 @@ def main() -> None:
     same = [results[n]["tokens1"] == results["dequantized fp32"]["tokens1"]
             for n in ("blocks (exact fp32, whole)", "blocks (exact fp32, tiled)")]  # fmt: skip
     print(f"\ngreedy tokens, batch 1: exact blocks (whole, tiled) == dequantized: {same}")
+    norm_same = results["whole, torch RMSNorm"]["tokens1"] == results[default]["tokens1"]
+    print(f"greedy tokens, batch 1: C RMSNorm == torch RMSNorm: {norm_same}")
     for name in ENGINE_PATHS:
         print(f"  {name}: backend gguf settings: {results[name]['gemm']}")
 
