@@ -7,14 +7,56 @@
  *   s_t = scale * q . k_t   (soft_cap: cap * tanh(s_t / cap))
  *   o   = sum_t exp(s_t - max s) v_t / sum_t exp(s_t - max s)
  *
- * fp32 throughout (expf, tanhf), summed in token order: the reference's values within fp32
- * roundoff, not its bits. Query head h reads KV head h / (Hq / Hk). */
+ * fp32 throughout (tanhf, an inlined exp within about 1 ulp of expf), each q . k in 16
+ * interleaved partial sums (so the compiler vectorizes it; one running sum waited on every add's
+ * latency), the outputs summed in token order, the pages walked block by block (no division per
+ * token): the reference's values within fp32 roundoff, not its bits. Query head h reads KV head
+ * h / (Hq / Hk). */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+
+#define LANES 16
+
+/* a . b over D values: lane l sums the products at d = l, l + 16, ..; the lanes then halve
+ * pairwise (16 -> 8 -> 4 -> 2 -> 1); the products past the last whole 16 go in one by one. */
+static inline float dot(const float *a, const float *b, int64_t D) {
+    float acc[LANES] = {0};
+    int64_t d = 0;
+    for (; d + LANES <= D; d += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += a[d + l] * b[d + l];
+    for (int w = LANES / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    float sum = acc[0];
+    for (; d < D; d++) sum += a[d] * b[d];
+    return sum;
+}
+
+/* exp(x) for x <= 0 (a score minus the row's max), branch-free so the loop over a row
+ * vectorizes: x clamped at -87 (e^-87 ~ 1.6e-38: weights that small add nothing to a sum that
+ * holds a 1), x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so n ln2 is exact enough),
+ * e^r by its degree-7 Taylor-like minimax polynomial (Cephes' expf coefficients; about 1 ulp),
+ * times 2^n built in the exponent bits. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = rintf(x * 1.44269504088896341f);
+    const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = (p * (r * r) + r) + 1.0f;
+    union {
+        int32_t i;
+        float f;
+    } two_n = {.i = ((int32_t)n + 127) << 23};
+    return p * two_n.f;
+}
 
 /* q [S, Hq, D] contiguous; kc, vc [NB, BS, Hk, D] contiguous; tables int32 [S, max_blocks]
  * (row stride ld_table); seq_lens int32 [S]; qsl int32 [S + 1]; out [S, Hq, D]. window 0: none;
@@ -40,7 +82,8 @@ int decode_attention_f32(const float *q, const float *kc, const float *vc, const
         if (len > longest) longest = len;
     }
     const int64_t group = Hq / Hk, row = Hk * D;
-    float *scores = (float *)malloc((size_t)(threads * (longest > 0 ? longest : 1)) * sizeof(float));
+    const size_t per_thread = (size_t)(longest > 0 ? longest : 1);
+    float *scores = (float *)malloc((size_t)threads * per_thread * sizeof(float));
     if (!scores) return -5;
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads)
@@ -55,24 +98,28 @@ int decode_attention_f32(const float *q, const float *kc, const float *vc, const
         const int64_t first = (window > 0 && len > window) ? len - window : 0;
         const float *qv = q + (s * Hq + h) * D;
         const int32_t *tab = tables + s * ld_table;
+        /* tokens block by block: one table read and no division per token */
         float m = -INFINITY;
-        for (int64_t t = first; t < len; t++) {
-            const float *kv = kc + (int64_t)tab[t / BS] * BS * row + (t % BS) * row + kh * D;
-            float dot = 0.0f;
-            for (int64_t d = 0; d < D; d++) dot += qv[d] * kv[d];
-            float x = scale * dot;
-            if (soft_cap > 0.0f) x = soft_cap * tanhf(x / soft_cap);
-            sc[t] = x;
-            if (x > m) m = x;
+        for (int64_t b = first / BS, t = first; t < len; b++) {
+            const float *kb = kc + (int64_t)tab[b] * BS * row + kh * D;
+            for (int64_t j = t - b * BS; j < BS && t < len; j++, t++) {
+                float x = scale * dot(qv, kb + j * row, D);
+                if (soft_cap > 0.0f) x = soft_cap * tanhf(x / soft_cap);
+                sc[t] = x;
+                if (x > m) m = x;
+            }
         }
+        for (int64_t t = first; t < len; t++) sc[t] = exp_nonpositive(sc[t] - m);
         float l = 0.0f;
         float *o = out + (s * Hq + h) * D;
         for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-        for (int64_t t = first; t < len; t++) {
-            const float e = expf(sc[t] - m);
-            l += e;
-            const float *vv = vc + (int64_t)tab[t / BS] * BS * row + (t % BS) * row + kh * D;
-            for (int64_t d = 0; d < D; d++) o[d] += e * vv[d];
+        for (int64_t b = first / BS, t = first; t < len; b++) {
+            const float *vb = vc + (int64_t)tab[b] * BS * row + kh * D;
+            for (int64_t j = t - b * BS; j < BS && t < len; j++, t++) {
+                const float e = sc[t], *vv = vb + j * row;
+                l += e;
+                for (int64_t d = 0; d < D; d++) o[d] += e * vv[d];
+            }
         }
         const float inv = 1.0f / l;
         for (int64_t d = 0; d < D; d++) o[d] *= inv;

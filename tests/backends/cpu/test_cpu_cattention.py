@@ -21,22 +21,26 @@ pytestmark = pytest.mark.skipif(KERNEL is None, reason=f"no C attention kernel h
 TOL = 2e-5
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     seq_lens=st.lists(st.integers(1, 70), min_size=1, max_size=6),
     heads=st.sampled_from([(4, 2), (9, 3), (2, 2), (8, 1)]),
-    dim=st.sampled_from([8, 32, 64]),
+    dim=st.sampled_from([8, 24, 32, 64, 80]),  # the dot's 16 lanes, with and without a tail
     bs=st.sampled_from([4, 16]),
-    window=st.sampled_from([None, 1, 7]),
+    window=st.sampled_from([None, 1, 7, 21]),  # windows that start inside a page
     soft_cap=st.sampled_from([None, 20.0]),
+    scale=st.sampled_from([0.3, 8.0]),  # 8: scores far below the max (the exp's clamp at -87)
     seed=st.integers(0, 2**16),
 )
-def test_decode_batches_match_the_reference(seq_lens, heads, dim, bs, window, soft_cap, seed):
+def test_decode_batches_match_the_reference(seq_lens, heads, dim, bs, window, soft_cap, scale,
+                                            seed):  # fmt: skip
     args = _case(seed, [1] * len(seq_lens), seq_lens, heads[0], heads[1], dim, bs)
-    want = paged_attention(*args, 0.3, window, soft_cap)
-    got = c_attention(*args, 0.3, window, soft_cap, kernel=KERNEL)
+    want = paged_attention(*args, scale, window, soft_cap)
+    got = c_attention(*args, scale, window, soft_cap, kernel=KERNEL)
     assert got.dtype == torch.float32 and got.shape == want.shape
-    assert (got - want).abs().max() <= TOL
+    # Both sides round each fp32 score s to ~|s| 2^-24 (here |s| reaches ~4 sqrt(dim) scale for
+    # N(0, 1) q and k), and the output moves by that times |v|: TOL holds for scores up to ~4.
+    assert (got - want).abs().max() <= TOL * max(1.0, scale * dim**0.5 / 4)
 
 
 def _spy_sdpa(monkeypatch) -> list:
