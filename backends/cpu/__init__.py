@@ -112,76 +112,52 @@ _engine_path("rotary", "native",
              "backends.cpu.native:native_rotary")  # fmt: skip
 
 
-def _c_rotary(caps: Capabilities) -> list[str]:
-    """The C rotary: reasons not to (HAL_CPU_C_KERNELS=0, no C compiler, a failed build or
-    self-check; built once per process)."""
-    from backends.cpu.ckernels import load_rotary_kernel
+def _c_candidate(family: str, loader: str, description: str, target: str) -> None:
+    """Register the "c" candidate of `family` (priority 20, above the torch paths): a C kernel of
+    backends/cpu/ckernels.py whose `loader` gives (kernel, why); it cannot run where that gives
+    None (HAL_CPU_C_KERNELS=0, no C compiler, a failed build or self-check; built once per
+    process), and the reason is the candidate's."""
 
-    kernel, why = load_rotary_kernel()
-    return [] if kernel is not None else [why]
+    def check(caps: Capabilities) -> list[str]:
+        from backends.cpu import ckernels
 
+        kernel, why = getattr(ckernels, loader)()
+        return [] if kernel is not None else [why]
 
-REGISTRY.register(
-    Candidate(
-        family="rotary",
-        name="c",
-        priority=20,
-        check=_c_rotary,
-        description="fp32 NeoX rows in one C pass, and the rotated key and value written into "
-        "fp32 caches in the same pass (rotary_write_kv); built at first use "
-        "(backends/cpu/ckernels.py), bitwise the reference; other inputs as 'native' "
-        "(HAL_ROTARY_BACKEND=native: torch ops)",
-        scope="cpu",
-        target="backends.cpu.native:c_rotary",
+    REGISTRY.register(
+        Candidate(
+            family=family,
+            name="c",
+            priority=20,
+            check=check,
+            description=description,
+            scope="cpu",
+            target=target,
+        )
     )
-)
 
 
-def _c_rms_norm(caps: Capabilities) -> list[str]:
-    """The C RMSNorm: reasons not to (as for the C rotary)."""
-    from backends.cpu.ckernels import load_rms_norm_kernel
-
-    kernel, why = load_rms_norm_kernel()
-    return [] if kernel is not None else [why]
-
-
-REGISTRY.register(
-    Candidate(
-        family="rms_norm",
-        name="c",
-        priority=20,
-        check=_c_rms_norm,
-        description="the residual add and RMSNorm of fp32 rows (16-16384 values) in one C call, "
-        "squares summed in torch's order (built at first use, backends/cpu/ckernels.py; "
-        "bitwise the reference); other inputs as 'native' (HAL_RMS_NORM_BACKEND=native: torch)",
-        scope="cpu",
-        target="backends.cpu.native:c_rms_norm",
-    )
-)
-
-
-def _c_attention(caps: Capabilities) -> list[str]:
-    """The C decode attention: reasons not to (as for the C rotary)."""
-    from backends.cpu.ckernels import load_attention_kernel
-
-    kernel, why = load_attention_kernel()
-    return [] if kernel is not None else [why]
-
-
-REGISTRY.register(
-    Candidate(
-        family="attention",
-        name="c",
-        priority=20,
-        check=_c_attention,
-        description="decode batches (one query token per sequence) on fp32 caches in C, K / V "
-        "read straight from the pages (built at first use, backends/cpu/ckernels.py; fp32 "
-        "within roundoff of the reference); every other call as 'sdpa' "
-        "(HAL_ATTENTION_BACKEND=sdpa: SDPA for decode too)",
-        scope="cpu",
-        target="backends.cpu.cattention:c_attention",
-    )
-)
+_c_candidate(
+    "rotary", "load_rotary_kernel",
+    "fp32 NeoX rows in one C pass, and the rotated key and value written into fp32 caches in "
+    "the same pass (rotary_write_kv); built at first use (backends/cpu/ckernels.py), bitwise the "
+    "reference; other inputs as 'native' (HAL_ROTARY_BACKEND=native: torch ops)",
+    "backends.cpu.native:c_rotary",
+)  # fmt: skip
+_c_candidate(
+    "rms_norm", "load_rms_norm_kernel",
+    "the residual add and RMSNorm of fp32 rows (16-16384 values) in one C call, squares summed "
+    "in torch's order (built at first use, backends/cpu/ckernels.py; bitwise the reference); "
+    "other inputs as 'native' (HAL_RMS_NORM_BACKEND=native: torch)",
+    "backends.cpu.native:c_rms_norm",
+)  # fmt: skip
+_c_candidate(
+    "attention", "load_attention_kernel",
+    "decode batches (one query token per sequence) on fp32 caches in C, K / V read straight "
+    "from the pages (built at first use, backends/cpu/ckernels.py; fp32 within roundoff of the "
+    "reference); every other call as 'sdpa' (HAL_ATTENTION_BACKEND=sdpa: SDPA for decode too)",
+    "backends.cpu.cattention:c_attention",
+)  # fmt: skip
 
 
 # GGUF weights kept quantized: the exact fp32 path by default (blocks unpacked once into int8
