@@ -1035,7 +1035,7 @@ def _int4_linear_packed(x, p: Int4Packed, bias, allow_tf32, configs, config,
         if not tc and m <= int4_gluon.MAX_M and int4_gluon.usable(xc) is None:
             # Decode sizes on NVIDIA: the Gluon mma.sync kernel reads the same words faster.
             int4_gluon.launch_gluon(xc, p.qweight, p.scales, p.zeros, p.group_size, bias, out,
-                                    int4_gluon.pick_config(m), _sm_count(x.device),
+                                    int4_gluon.pick_config(m, n), _sm_count(x.device),
                                     _reduce_splits)  # fmt: skip
             return out
         cfg = config if tc else int4_tc.pick_pairs_config(m, pairs_configs)

@@ -74,10 +74,39 @@ class Int4GluonConfig:
             raise ValueError(f"programs_per_sm: {self.programs_per_sm} must be >= 1")
 
 
-# (max_m, config), measured on an H200 (2026-11-27): block_n 128 / 4 warps / 4 programs per SM
-# was best or within 5% of the best at M = 1, 4, 8 on gate, gate_up and down of the 8B shape.
-GLUON_CONFIGS: tuple[tuple[int, Int4GluonConfig], ...] = ((BLOCK_M, Int4GluonConfig()),)
-MAX_M = GLUON_CONFIGS[-1][0]
+# (max_m, min_n, config): the first entry with M <= max_m and N >= min_n. H200 (2026-11-27):
+# block_n 128 / 4 warps / 4 programs per SM was best or within 5% of the best at M = 1, 4, 8 on
+# gate, gate_up and down of the 8B shape. H200 (2026-11-29, thirtieth session, in-process sweep
+# of 11 shapes on qkv / o / gate / gate_up / down, two rounds, docs/benchmarks.md): from N = 12288
+# (gate or up alone, as at TP=2, and the fused gate_up) half-height blocks, twice as many
+# resident, read faster: 64 / 4 / 8 at M = 1 / 4 / 8 gate_up 0.633-0.647 / 0.598-0.601 /
+# 0.557-0.559 of copy against 0.616-0.619 / 0.552-0.555 / 0.522-0.523, gate 0.59 / 0.55-0.57 /
+# 0.53 against 0.56 / 0.51-0.52 / 0.50; down (N 4096) and o lose with it (down M = 1 0.47).
+GLUON_CONFIGS: tuple[tuple[int, int, Int4GluonConfig], ...] = (
+    (BLOCK_M, 12288, Int4GluonConfig(block_n=64, num_warps=4, programs_per_sm=8)),
+    (BLOCK_M, 0, Int4GluonConfig()),
+)
+
+
+def config_override(value: str | None) -> Int4GluonConfig | None:
+    """HAL_INT4_GLUON_CFG=NxWxP (block_n x num_warps x programs_per_sm): one launch shape for
+    every call, replacing the table (for measuring); unset or empty: None, the table stands."""
+    if not value:
+        return None
+    try:
+        block_n, warps, pps = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise ValueError(
+            f"HAL_INT4_GLUON_CFG={value!r}: expected NxWxP (block_n x num_warps x "
+            "programs_per_sm), e.g. 128x4x4"
+        ) from None
+    return Int4GluonConfig(block_n=block_n, num_warps=warps, programs_per_sm=pps)
+
+
+_OVERRIDE = config_override(os.environ.get("HAL_INT4_GLUON_CFG"))
+if _OVERRIDE is not None:
+    GLUON_CONFIGS = ((BLOCK_M, 0, _OVERRIDE),)
+MAX_M = max(max_m for max_m, _, _ in GLUON_CONFIGS)
 
 
 @functools.cache
@@ -114,12 +143,15 @@ def device_reason(cc_ok: bool) -> str | None:
     return None if cc_ok else "compute capability below 8.0"
 
 
-def pick_config(m: int, configs=None) -> Int4GluonConfig:
+def pick_config(m: int, n: int = 0, configs=None) -> Int4GluonConfig:
+    """The launch shape for M rows of x and N output features (the table's first match)."""
     table = GLUON_CONFIGS if configs is None else configs
-    for max_m, cfg in table:
-        if m <= max_m:
+    for max_m, min_n, cfg in table:
+        if m <= max_m and n >= min_n:
             return cfg
-    raise ValueError(f"M={m}: the Gluon kernel takes M <= {table[-1][0]}")
+    raise ValueError(
+        f"M={m}, N={n}: no Gluon launch shape (the table takes M <= {max(e[0] for e in table)})"
+    )
 
 
 if HAVE_GLUON:

@@ -19,9 +19,25 @@ gpu_only = pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU (sm_80+) with
 
 
 def test_config_checks() -> None:
-    assert int4_gluon.pick_config(1) == int4_gluon.pick_config(8) == int4_gluon.GLUON_CONFIGS[0][1]
-    with pytest.raises(ValueError, match="M=9: the Gluon kernel takes M <= 8"):
-        int4_gluon.pick_config(9)
+    wide, narrow = int4_gluon.GLUON_CONFIGS[0][2], int4_gluon.GLUON_CONFIGS[-1][2]
+    assert int4_gluon.pick_config(1, 28672) == int4_gluon.pick_config(8, 14336) == wide
+    assert int4_gluon.pick_config(1, 6144) == int4_gluon.pick_config(8) == narrow
+    assert wide != narrow
+    with pytest.raises(ValueError, match="M=9, N=4096: no Gluon launch shape .* M <= 8"):
+        int4_gluon.pick_config(9, 4096)
+    table = ((4, 0, narrow),)
+    assert int4_gluon.pick_config(4, configs=table) == narrow
+    with pytest.raises(ValueError, match="M=5"):
+        int4_gluon.pick_config(5, configs=table)
+
+
+def test_config_override() -> None:
+    assert int4_gluon.config_override(None) is None and int4_gluon.config_override("") is None
+    assert int4_gluon.config_override("64x2X8") == int4_gluon.Int4GluonConfig(64, 2, 8)
+    with pytest.raises(ValueError, match="HAL_INT4_GLUON_CFG='64x2': expected NxWxP"):
+        int4_gluon.config_override("64x2")
+    with pytest.raises(ValueError, match="16 or 32 rows per warp"):
+        int4_gluon.config_override("96x4x4")
     with pytest.raises(ValueError, match="16 or 32 rows per warp"):
         int4_gluon.Int4GluonConfig(block_n=96, num_warps=4)
     with pytest.raises(ValueError, match="num_warps: 3 must be a power of two"):
@@ -84,6 +100,7 @@ RUNS = [
     (2, 384, 640, 128, "bf16", None, True, 128, (128, 4, 1), 1),
     (7, 200, 768, 128, "bf16", "desc_act", False, 0, (64, 4, 2), 1),
     (4, 1024, 512, 128, "fp16", None, False, 128, (256, 8, 2), None),
+    (6, 640, 512, 128, "bf16", None, False, 128, (64, 4, 8), None),  # half tiles, the gate_up shape
 ]
 
 
@@ -98,7 +115,7 @@ def test_matches_reference(monkeypatch, run: int) -> None:
     assert p.qweight.dim() == (4 if tile_rows else 2)
     if cfg is not None:
         config = int4_gluon.Int4GluonConfig(*cfg)
-        monkeypatch.setattr(int4_gluon, "pick_config", lambda m_, configs=None: config)
+        monkeypatch.setattr(int4_gluon, "pick_config", lambda m_, n_=0, configs=None: config)
     if sms is not None:
         monkeypatch.setattr(ig, "_sm_count", lambda device: sms)
     calls = spy_gluon(monkeypatch)
