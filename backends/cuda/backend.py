@@ -143,6 +143,16 @@ class CudaBackend(Backend):
                 if why is None
                 else f"triton pairs at every M (gluon off: {why})"
             )
+        if self.chosen("attention") == "triton":
+            from backends.triton import attention_ws
+
+            why = attention_ws.device_reason(caps.cc_at_least(9, 0))
+            self.info.settings["attention_decode"] = (
+                "gluon warp-specialized (TMA page ring) where num_seqs x kv_heads <= SMs "
+                "(bf16/fp16, head_dim 64/128, pages 16/32, one token per sequence), else triton"
+                if why is None
+                else f"triton (warp-specialized off: {why})"
+            )
         if "scaled_mm" in (self.chosen("fp8_gemm"), self.large_m_impl("fp8_gemm")):
             rowwise = caps.cc_at_least(*rules.FP8_ROWWISE_MIN_CC)
             self.info.settings["fp8_rowwise"] = "on" if rowwise else "off (needs sm_90)"

@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from backends.triton import attention_ws
 from backends.triton.attention_common import (
     FP8_NOT,
     _attend_tile,
@@ -574,6 +575,15 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
         return out
     c = _launch_common(query, key_cache, scale, kv_scale, soft_cap)
     kv_fp8, max_kv_len = c["fp8_mode"] != FP8_NOT, max_seq_len or block_tables.shape[1] * block_size
+    if config is None and not interpreting():
+        # At most one program per SM: the warp-specialized kernel (see attention_ws)
+        sms = _sm_count(query.device)
+        why = attention_ws.call_reason(query, key_cache, value_cache, num_seqs, sliding_window,
+                                       soft_cap, kv_scale, max_query_len, sms)  # fmt: skip
+        if why is None:
+            splits = attention_ws.num_splits(num_seqs * num_kv_heads, max_kv_len, block_size, sms)
+            return attention_ws.decode(query, key_cache, value_cache, block_tables, seq_lens,
+                                       query_start_loc, c["s_scale"], out, splits)  # fmt: skip
     cfg = config or decode_config(
         head_dim, query.dtype, query.device, kv_fp8, num_seqs * num_kv_heads, max_kv_len
     )

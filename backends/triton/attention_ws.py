@@ -1,4 +1,4 @@
-"""A warp-specialized paged decode attention kernel for NVIDIA sm_90 (Gluon), experimental.
+"""A warp-specialized paged decode attention kernel for NVIDIA sm_90 and newer (Gluon).
 
 One program per (KV head, sequence, split): a producer partition (one warp) walks the
 sequence's pages and issues one TMA copy of each page's K and V rows ([page_size, head_dim] of
@@ -10,11 +10,22 @@ as the 16 rows, so no warp waits on another's reductions. At the end the consume
 (m, l, acc) in shared memory and the producer's warp folds them into the output (or a split's
 partial for `attention_decode._reduce_kernel`).
 
-Scope (the caller checks): bf16 / fp16 query and cache, head_dim 64 or 128, pages of 16 tokens,
-at most 16 query heads per KV head, one query token per sequence, no sliding window or soft-cap.
+Scope (`call_reason` checks it): bf16 / fp16 query and cache, head_dim 64 or 128, pages of 16
+or 32 tokens, at most 16 query heads per KV head, one query token per sequence, no sliding window,
+soft-cap or FP8 cache, and at most one program per SM (num_seqs x num_kv_heads <= SMs: where the
+Triton kernel runs one program per SM with its latencies exposed; wider batches keep it).
+`attention_decode._decode` takes it there unless HAL_ATTN_WS=0.
+
+H200 (2026-11-29, thirtieth session; graph replays, L2 flushed, us, against SDPA on contiguous
+KV and the Triton kernel in the same run): 1 x 512 13.38 / 13.86 / 14.56, 4 x 512 13.46 / 14.61
+/ 15.44, 16 x 512 16.03 / 16.59 / 18.16, 16 x 1024 23.90 / 23.86 / 25.50, 1 x 1024 (16 splits)
+14.64 / 19.89 / 16.05, 4 x 8192 (8 splits) 44.26 / 102.24 / 47.30 (docs/benchmarks.md).
 """
 
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 import triton
@@ -30,11 +41,40 @@ try:
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
+from backends.triton.pdl import use_pdl
+from backends.triton.quant import interpreting
+
+ENABLED = os.environ.get("HAL_ATTN_WS", "1") != "0"
 LOG2E = 1.4426950408889634
+HEAD_DIMS = (64, 128)
+PAGE_SIZES = (16, 32)
+MAX_GROUP = 16
+# Launch shape, H200 sweep (thirtieth session): 8 ring slots, consumers at 168 registers and the
+# kernel capped at 128 a thread, so two programs fit an SM (0.93-1.04x the 232-register,
+# one-per-SM build at 14 shapes; 4 slots were 0.7-0.9x: each consumer then has one page in flight).
+STAGES = 8
+CONSUMERS = 4
+CONSUMER_REGS = 168
+MAX_REGS = 128
+# Split-KV for small batches (no split below 64 pages: the combine's launch costs more): as many
+# splits as fill two programs per SM, each at least MIN_SPLIT_PAGES pages. H200: 1 x 1024 16
+# splits 14.6 us against 18.5 whole, 4 x 1024 8 splits 17.6 / 19.3, 4 x 512 8 splits 15.6 / 13.5.
+MIN_SPLIT_PAGES = 4
+SPLIT_MIN_PAGES = 64
+MAX_SPLITS = 128
 
 
 if HAVE_GLUON:
     BLOCK_M = gl.constexpr(16)  # mma.sync rows: the group's heads, padded
+
+    @gluon.jit
+    def _gdc(PDL: gl.constexpr):
+        # Under PDL: wait for the previous kernel (its writes visible), then let the next start.
+        if PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)  # fmt: skip
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
 
     @gluon.jit
     def _producer(k_desc, v_desc, k_smem, v_smem, ready, empty, bt_row_ptr, lo, hi,
@@ -92,7 +132,9 @@ if HAVE_GLUON:
                           seq_lens_ptr, stride_bt_row, num_heads, group, s_scale, num_splits,
                           min_split_pages, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
                           STAGES: gl.constexpr, NC: gl.constexpr, SPLIT: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr):  # fmt: skip
+                          CONSUMER_REGS: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
+        # The default partition's warps wait here before any read; the workers start after.
+        _gdc(PDL)
         kv_head = gl.program_id(0)
         seq = gl.program_id(1)
         split = gl.program_id(2)
@@ -112,10 +154,12 @@ if HAVE_GLUON:
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
-        acc_smem = gl.allocate_shared_memory(gl.float32, [NC, BLOCK_M, HEAD_DIM],
-                                             gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]))
-        ml_smem = gl.allocate_shared_memory(gl.float32, [2 * NC, BLOCK_M],
-                                            gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
+        acc_smem = gl.allocate_shared_memory(
+            gl.float32, [NC, BLOCK_M, HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+        )
+        ml_smem = gl.allocate_shared_memory(
+            gl.float32, [2 * NC, BLOCK_M], gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+        )
 
         q_row_ptr = q_ptr + (seq.to(gl.int64) * num_heads + kv_head * group) * HEAD_DIM
         bt_row_ptr = bt_ptr + seq.to(gl.int64) * stride_bt_row
@@ -131,11 +175,12 @@ if HAVE_GLUON:
                              seq_len, lo, hi, s_scale, 2, NC, PAGE, HEAD_DIM, STAGES, dt)),
                 (_consumer, (k_smem, v_smem, ready, empty, acc_smem, ml_smem, q_row_ptr, group,
                              seq_len, lo, hi, s_scale, 3, NC, PAGE, HEAD_DIM, STAGES, dt)),
-            ],  # fmt: skip
+            ],
             [1] * NC,
             [CONSUMER_REGS] * NC,
-        )
-        # fold the consumers' states (the default partition's four warps): rows = heads of the group, cols = head_dim
+        )  # fmt: skip
+        # fold the consumers' states (the default partition's four warps): rows = the group's
+        # heads, columns = head_dim
         fold: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [4, 1], [1, 0])
         mlv: gl.constexpr = gl.SliceLayout(1, fold)
         m_all = gl.full([BLOCK_M], float("-inf"), gl.float32, mlv)
@@ -172,49 +217,123 @@ if HAVE_GLUON:
             gl.store(out_ptr + o_off[:, None] + cols[None, :], o.to(dt), mask=row_ok[:, None])
 
 
+@functools.cache
+def _cc_ok(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+def device_reason(cc_ok: bool) -> str | None:
+    """Why no call on this device can take the kernel (None when some can), for `hal info`:
+    cc_ok says whether the device has compute capability 9.0 or newer (TMA)."""
+    if not ENABLED:
+        return "HAL_ATTN_WS=0"
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon"
+    if torch.version.hip is not None or interpreting():
+        return "not an NVIDIA GPU (or the interpreter)"
+    return None if cc_ok else "compute capability below 9.0 (no TMA)"
+
+
+def call_reason(query, key_cache, value_cache, num_seqs: int, sliding_window, soft_cap,
+                kv_scale, max_query_len, num_sms: int) -> str | None:  # fmt: skip
+    """Why this decode call cannot take the kernel (None when it can): shapes, dtypes and hints
+    only (no tensor values), so the choice is the same under CUDA graph capture."""
+    if query.device.type != "cuda":
+        return "not a CUDA tensor"
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    why = device_reason(_cc_ok(index))
+    if why is not None:
+        return why
+    num_tokens, num_heads, head_dim = query.shape
+    _, page, kv_heads, _ = key_cache.shape
+    if query.dtype not in (torch.bfloat16, torch.float16) or key_cache.dtype != query.dtype:
+        return f"query {query.dtype} / cache {key_cache.dtype}: needs one of bf16, fp16 for both"
+    if head_dim not in HEAD_DIMS:
+        return f"head_dim {head_dim}: the kernel takes {HEAD_DIMS}"
+    if page not in PAGE_SIZES:
+        return f"block_size {page}: the kernel takes {PAGE_SIZES}"
+    if num_heads // kv_heads > MAX_GROUP:
+        return f"{num_heads // kv_heads} query heads per KV head: at most {MAX_GROUP}"
+    if max_query_len != 1 or num_tokens != num_seqs:
+        return "not one query token per sequence (max_query_len hint 1, num_tokens == num_seqs)"
+    if sliding_window or soft_cap or kv_scale not in (None, 1.0):
+        return "sliding window, soft-cap or kv_scale"
+    if num_seqs * kv_heads > num_sms:
+        return f"{num_seqs * kv_heads} programs: more than one per SM ({num_sms})"
+    for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
+        if not t.is_contiguous() or t.data_ptr() % 16:
+            return f"{name} is not contiguous and 16-byte aligned"
+    return None
+
+
+def num_splits(programs: int, max_kv_len: int, page: int, num_sms: int) -> int:
+    """Split-KV factor from shapes alone: 1 unless the batch leaves most SMs idle and the
+    longest range holds at least SPLIT_MIN_PAGES pages; then as many splits as make two
+    programs per SM, each of at least MIN_SPLIT_PAGES pages (a shorter sequence uses fewer)."""
+    pages = -(-max_kv_len // page)
+    if 2 * programs > num_sms or pages < SPLIT_MIN_PAGES:
+        return 1
+    return max(1, min(2 * num_sms // programs, pages // MIN_SPLIT_PAGES, MAX_SPLITS))
+
+
+def decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, s_scale,
+           out, splits: int) -> torch.Tensor:  # fmt: skip
+    """Runs the kernel (the caller checked `call_reason`) into out with the module's launch
+    shape; s_scale: the softmax scale times log2(e)."""
+    return _launch(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                   s_scale, out, splits, MIN_SPLIT_PAGES, STAGES, CONSUMER_REGS, MAX_REGS,
+                   use_pdl(query.device))  # fmt: skip
+
+
 def ws_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, scale,
-                        num_splits=1, min_split_pages=1, stages=8, consumers=4,
-                        consumer_regs=232, maxnreg=None) -> torch.Tensor:  # fmt: skip
-    """Decode attention (one query token per sequence) on the warp-specialized kernel: query
-    [num_seqs, num_heads, head_dim] contiguous, caches [blocks, 16, kv_heads, head_dim]."""
+                        num_splits=1, min_split_pages=1, stages=STAGES, consumer_regs=232,
+                        maxnreg=None) -> torch.Tensor:  # fmt: skip
+    """Probe entry (bench scripts): another launch shape and split count, no PDL; query
+    [num_seqs, num_heads, head_dim] contiguous, one token per sequence."""
+    if query.shape[0] != seq_lens.shape[0] or not query.is_contiguous():
+        raise ValueError("one contiguous query token per sequence")
+    qsl = torch.arange(seq_lens.shape[0] + 1, dtype=torch.int32, device=query.device)
+    return _launch(query, key_cache, value_cache, block_tables, seq_lens, qsl, scale * LOG2E,
+                   torch.empty_like(query), num_splits, min_split_pages, stages, consumer_regs,
+                   maxnreg, False)  # fmt: skip
+
+
+def _launch(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, s_scale,
+            out, splits, min_split_pages, stages, consumer_regs, maxnreg, pdl):  # fmt: skip
     from backends.triton.attention_decode import _reduce_kernel
 
     num_tokens, num_heads, head_dim = query.shape
     blocks, page, kv_heads, _ = key_cache.shape
-    group = num_heads // kv_heads
     num_seqs = seq_lens.shape[0]
-    if consumers != 4:
-        raise ValueError("consumers: the kernel is written for 4")
-    if num_tokens != num_seqs or not query.is_contiguous():
-        raise ValueError("one contiguous query token per sequence")
-    out = torch.empty_like(query)
-    lay = gl.NVMMASharedLayout(swizzle_byte_width=128 if head_dim * query.element_size() >= 128
-                               else 64, element_bitwidth=16, rank=2)  # fmt: skip
-    descs = [
-        TensorDescriptor(c.view(blocks * page, kv_heads * head_dim), [blocks * page,
-                         kv_heads * head_dim], [kv_heads * head_dim, 1], [page, head_dim], lay)
+    wide = head_dim * query.element_size() >= 128
+    lay = gl.NVMMASharedLayout(swizzle_byte_width=128 if wide else 64, element_bitwidth=16,
+                               rank=2)  # fmt: skip
+    rows, cols = blocks * page, kv_heads * head_dim
+    k_desc, v_desc = (
+        TensorDescriptor(c.view(rows, cols), [rows, cols], [cols, 1], [page, head_dim], lay)
         for c in (key_cache, value_cache)
-    ]  # fmt: skip
-    if num_splits > 1:
-        part_out = torch.empty(num_tokens, num_heads, num_splits, head_dim, dtype=torch.float32,
+    )
+    if splits > 1:
+        part_out = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32,
                                device=query.device)  # fmt: skip
-        part_lse = torch.empty(num_tokens, num_heads, num_splits, dtype=torch.float32,
+        part_lse = torch.empty(num_tokens, num_heads, splits, dtype=torch.float32,
                                device=query.device)  # fmt: skip
     else:
         part_out = part_lse = out
     bt = block_tables if block_tables.stride(1) == 1 else block_tables.contiguous()
-    _ws_decode_kernel[(kv_heads, num_seqs, num_splits)](
-        query, descs[0], descs[1], out, part_out, part_lse, bt, seq_lens, bt.stride(0),
-        num_heads, group, scale * LOG2E, num_splits, min_split_pages, PAGE=page,
-        HEAD_DIM=head_dim, STAGES=stages, NC=consumers, SPLIT=num_splits > 1,
-        CONSUMER_REGS=consumer_regs, num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}),
+    launch = {"launch_pdl": True} if pdl else {}
+    _ws_decode_kernel[(kv_heads, num_seqs, splits)](
+        query, k_desc, v_desc, out, part_out, part_lse, bt, seq_lens, bt.stride(0), num_heads,
+        num_heads // kv_heads, s_scale, splits, min_split_pages, PAGE=page, HEAD_DIM=head_dim,
+        STAGES=stages, NC=CONSUMERS, SPLIT=splits > 1, CONSUMER_REGS=consumer_regs, PDL=pdl,
+        num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}), **launch,
     )  # fmt: skip
-    if num_splits > 1:
-        qsl = torch.arange(num_seqs + 1, dtype=torch.int32, device=query.device)
+    if splits > 1:
         _reduce_kernel[(num_seqs, num_heads)](
-            part_out, part_lse, out, seq_lens, qsl, out.stride(0), out.stride(1), num_heads,
-            head_dim, num_splits, min_split_pages, 0, 1, 1.0, INTERPRET=False, EVEN_D=True,
-            BLOCK_N=page, SPLITS_P2=triton.next_power_of_2(num_splits), HEAD_DIM_P2=head_dim,
-            EARLY_META=False, EARLY_TRIGGER=False, PDL=False, num_warps=4,
+            part_out, part_lse, out, seq_lens, query_start_loc, out.stride(0), out.stride(1),
+            num_heads, head_dim, splits, min_split_pages, 0, 1, 1.0, INTERPRET=False,
+            EVEN_D=True, BLOCK_N=page, SPLITS_P2=triton.next_power_of_2(splits),
+            HEAD_DIM_P2=head_dim, EARLY_META=False, EARLY_TRIGGER=False, PDL=pdl, num_warps=4,
+            **launch,
         )  # fmt: skip
     return out

@@ -1,0 +1,179 @@
+"""The warp-specialized decode kernel (backends/triton/attention_ws.py): which calls take it and
+why the others do not, its split rule, and (on an NVIDIA GPU of compute capability 9.0 or newer
+with Gluon) its outputs against the float64 CPU reference through `attention`, split or whole,
+partial last pages, every group size it takes, both page sizes and head dims, and under CUDA
+graph capture. Gluon kernels have no interpreter: without such a GPU only the rules run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from backends.triton import attention_ws as ws  # noqa: E402
+
+GPU = (
+    torch.cuda.is_available()
+    and torch.version.hip is None
+    and ws.HAVE_GLUON
+    and torch.cuda.get_device_capability() >= (9, 0)
+)
+gpu_only = pytest.mark.skipif(not GPU, reason="needs an NVIDIA GPU (sm_90+) with Gluon")
+
+
+def test_split_rule() -> None:
+    # Whole below 64 pages or from half a program per SM; else two programs per SM, each split
+    # at least 4 pages, at most 128 splits.
+    assert ws.num_splits(8, 512, 16, 132) == 1  # 32 pages
+    assert ws.num_splits(8, 1024, 16, 132) == 16  # 64 pages / 4
+    assert ws.num_splits(8, 32768, 16, 132) == 33  # 2 x 132 / 8
+    assert ws.num_splits(32, 8192, 16, 132) == 8
+    assert ws.num_splits(67, 8192, 16, 132) == 1  # more than half an SM each
+    assert ws.num_splits(1, 1 << 20, 16, 132) == ws.MAX_SPLITS
+    assert ws.num_splits(2, 2048, 32, 132) == 16  # 64 pages of 32 tokens
+
+
+def test_device_reason_names_the_cause(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ws, "ENABLED", False)
+    assert ws.device_reason(True) == "HAL_ATTN_WS=0"
+    monkeypatch.setattr(ws, "ENABLED", True)
+    monkeypatch.setattr(ws, "HAVE_GLUON", False)
+    assert ws.device_reason(True) == "this Triton has no Gluon"
+    monkeypatch.setattr(ws, "HAVE_GLUON", True)
+    monkeypatch.setattr(ws, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert ws.device_reason(False) == "compute capability below 9.0 (no TMA)"
+    assert ws.device_reason(True) is None
+    monkeypatch.setattr(ws, "interpreting", lambda: True)
+    assert ws.device_reason(True) == "not an NVIDIA GPU (or the interpreter)"
+
+
+def test_cpu_tensors_are_refused() -> None:
+    q = torch.zeros(2, 8, 128, dtype=torch.bfloat16)
+    cache = torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
+    assert ws.call_reason(q, cache, cache, 2, None, None, None, 1, 132) == "not a CUDA tensor"
+
+
+def test_cuda_backend_says_which_decode_kernel_runs() -> None:
+    from backends.cuda.backend import CudaBackend
+    from hal.capabilities import LibraryInfo
+    from tests.backends.cuda.test_candidates import nvidia
+
+    for cc in ((9, 0), (8, 0)):
+        backend = CudaBackend(nvidia(cc, libraries={"triton": LibraryInfo("triton", "3.6", True)}))
+        assert backend.chosen("attention") == "triton"
+        why = ws.device_reason(cc >= (9, 0))
+        setting = backend.info.settings["attention_decode"]
+        if why is None:
+            assert setting.startswith("gluon warp-specialized"), setting
+        else:
+            assert setting == f"triton (warp-specialized off: {why})"
+
+
+if GPU:
+    from backends.triton import attention as tattn
+    from backends.triton import attention_decode as tdecode
+    from tests.backends.triton.test_attention_splitkv import batch, run_and_check
+
+
+def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The split counts of the calls that took the warp-specialized kernel."""
+    calls: list[int] = []
+    real = ws.decode
+
+    def decode(*a, **k):
+        calls.append(a[-1])
+        return real(*a, **k)
+
+    monkeypatch.setattr(ws, "decode", decode)
+    return calls
+
+
+# (seed, dtype, head_dim, block_size, gqa_ratio, num_kv_heads, seq_lens, max_seq_len, split)
+CASES = [
+    (1, "bf16", 128, 16, 4, 2, (1, 97, 40, 16, 73), 97, False),
+    (2, "fp16", 64, 32, 8, 1, (200, 33, 64), 200, False),
+    (3, "bf16", 128, 16, 16, 1, (150, 1), 150, False),
+    (4, "fp16", 128, 16, 1, 4, (31, 17, 160), 160, False),
+    (5, "bf16", 64, 16, 2, 3, (1000, 300, 17), 4096, True),  # 44 splits in the grid, fewer used
+    (6, "fp16", 128, 32, 4, 2, (5000,), 5000, True),  # one long sequence
+    (7, "bf16", 128, 16, 4, 8, (2047, 2048, 2049), 2049, True),
+]
+
+
+@gpu_only
+@pytest.mark.parametrize("case", CASES, ids=[str(c[0]) for c in CASES])
+def test_matches_reference(monkeypatch: pytest.MonkeyPatch, case: tuple) -> None:
+    seed, dtype, head_dim, block_size, gqa, kv_heads, seq_lens, max_seq_len, split = case
+    calls = _spy(monkeypatch)
+    c = batch(seed, dtype, seq_lens, (1,) * len(seq_lens), head_dim=head_dim,
+              block_size=block_size, gqa_ratio=gqa, num_kv_heads=kv_heads)  # fmt: skip
+    run_and_check(c, tattn.attention, max_query_len=1, max_seq_len=max_seq_len)
+    sms = tdecode._sm_count(torch.device("cuda"))
+    assert calls == [ws.num_splits(len(seq_lens) * kv_heads, max_seq_len, block_size, sms)]
+    assert (calls[0] > 1) == split
+
+
+@gpu_only
+def test_splits_agree_with_one_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    c = batch(11, "bf16", (900, 64, 400), (1, 1, 1), head_dim=128, block_size=16)
+    calls = _spy(monkeypatch)
+    whole = run_and_check(c, tattn.attention, max_query_len=1, max_seq_len=900)
+    monkeypatch.setattr(ws, "SPLIT_MIN_PAGES", 1)
+    split = run_and_check(c, tattn.attention, max_query_len=1, max_seq_len=900)
+    assert calls[0] == 1 and calls[1] > 1
+    torch.testing.assert_close(split, whole, rtol=0.02, atol=0.02)
+
+
+@gpu_only
+def test_other_calls_keep_the_triton_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _spy(monkeypatch)
+    lens = (40, 17, 5)
+    run_and_check(batch(3, "bf16", lens, (1, 1, 1), block_size=8), tattn.attention,
+                  max_query_len=1)  # fmt: skip
+    run_and_check(batch(3, "bf16", lens, (1, 1, 1), block_size=16, head_dim=80), tattn.attention,
+                  max_query_len=1)  # fmt: skip
+    run_and_check(batch(3, "bf16", lens, (1, 1, 1), block_size=16, sliding_window=9),
+                  tattn.attention, max_query_len=1)  # fmt: skip
+    run_and_check(batch(3, "bf16", lens, (1, 1, 1), block_size=16, soft_cap=30.0),
+                  tattn.attention, max_query_len=1)  # fmt: skip
+    run_and_check(batch(3, "bf16", lens, (1, 1, 1), "fp8_e4m3fn", block_size=16),
+                  tattn.attention, max_query_len=1)  # fmt: skip
+    run_and_check(batch(3, "fp32", lens, (1, 1, 1), block_size=16), tattn.attention,
+                  max_query_len=1)  # fmt: skip
+    case = batch(3, "bf16", lens, (1, 1, 1), block_size=16)
+    run_and_check(case, tattn.attention)  # no hint
+    run_and_check(case, tattn.attention, num_padding=2, max_query_len=1)
+    run_and_check(case, tattn.decode_attention, max_query_len=1,
+                  config=tdecode.DecodeConfig(block_n=16))  # a forced config  # fmt: skip
+    monkeypatch.setattr(tdecode, "_sm_count", lambda device: 4)  # 6 programs > 4 SMs
+    run_and_check(case, tattn.attention, max_query_len=1)
+    assert calls == []
+    monkeypatch.undo()
+    calls = _spy(monkeypatch)
+    run_and_check(case, tattn.attention, max_query_len=1)
+    assert calls == [1]
+
+
+@gpu_only
+def test_captures_in_a_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Split (the hint sizes the grid for 4096 tokens) and whole, captured and replayed on new
+    # queries: the same bits as an eager call.
+    calls = _spy(monkeypatch)
+    case = batch(21, "bf16", (300, 1000, 64, 7), (1,) * 4, block_size=16, head_dim=128)
+    t = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.build().items()}
+    args = (t["query"], t["key_cache"], t["value_cache"], t["block_tables"], t["seq_lens"],
+            t["query_start_loc"], t["scale"])  # fmt: skip
+    for hint in (4096, 1000):
+        tattn.attention(*args, max_query_len=1, max_seq_len=hint)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = tattn.attention(*args, max_query_len=1, max_seq_len=hint)
+        t["query"].copy_(torch.randn_like(t["query"]))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = tattn.attention(*args, max_query_len=1, max_seq_len=hint)
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    assert calls[0] > 1 and calls[-1] == 1
