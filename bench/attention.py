@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.triton import attention as tattn
+from backends.triton import attention_ws
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -359,9 +360,20 @@ def run_decode(args, device, timer, bw, libs) -> list[dict]:
             ms = timer(ours)
             splits = tattn.decode_splits(b, NUM_KV_HEADS, BLOCK_SIZE, ctx // BLOCK_SIZE, cfg,
                                          device, max_seq_len=ctx)  # fmt: skip
+            kernel = str(cfg)
+            why_not_ws = (
+                attention_ws.call_reason(
+                    x.q, x.key_cache, x.value_cache, b, None, None, None, 1, sms
+                )  # fmt: skip
+                if device.type == "cuda"
+                else "cpu"
+            )
+            if why_not_ws is None:  # the warp-specialized kernel runs this batch
+                splits = attention_ws.num_splits(b * NUM_KV_HEADS, ctx, BLOCK_SIZE, sms)
+                kernel = f"attention_ws (stages {attention_ws.STAGES})"
             row = {"batch": b, "context": ctx, "bytes": nbytes, "splits": splits,
                    "ours_ms": ms, "ours_frac": nbytes / (ms * 1e-3) / bw, "peers": {},
-                   "sms": sms, "config": str(cfg)}  # fmt: skip
+                   "sms": sms, "config": kernel}  # fmt: skip
             out = ours()
             flex = (b, ctx) in args.flex_shapes or args.flex_all
             peers = decode_peers(x, libs, flex and device.type == "cuda")

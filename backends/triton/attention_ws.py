@@ -34,7 +34,7 @@ try:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     HAVE_GLUON = True
@@ -79,12 +79,13 @@ if HAVE_GLUON:
     @gluon.jit
     def _producer(k_desc, v_desc, k_smem, v_smem, ready, empty, bt_row_ptr, lo, hi,
                   kv_col, PAGE: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-        # Pages lo .. hi - 1 of the sequence into the ring, slot j % STAGES for the j-th.
+        # Pages lo .. hi - 1 of the sequence into the ring, slot j % STAGES for the j-th; the
+        # page's block-table entry loads before the wait for its slot.
         for i in range(lo, hi):
+            page = gl.load(bt_row_ptr + i)
             j = i - lo
             slot = j % STAGES
             mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
-            page = gl.load(bt_row_ptr + i)
             bar = ready.index(slot)
             mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(k_desc, [page * PAGE, kv_col], bar, k_smem.index(slot))
@@ -154,6 +155,7 @@ if HAVE_GLUON:
         for s in gl.static_range(STAGES):
             mbarrier.init(ready.index(s), count=1)
             mbarrier.init(empty.index(s), count=1)
+        fence_async_shared()  # the initialised barriers visible to the TMA unit
         acc_smem = gl.allocate_shared_memory(
             gl.float32, [NC, BLOCK_M, HEAD_DIM], gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
         )
