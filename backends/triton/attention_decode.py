@@ -5,12 +5,14 @@ combine kernel), its tuning table and its split-count model.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.compiler.errors import CompilationError
 
 from backends.triton import attention_ws
 from backends.triton.attention_common import (
@@ -26,6 +28,8 @@ from backends.triton.attention_common import (
 )
 from backends.triton.pdl import grid_wait, let_next_start, pdl_args
 from backends.triton.quant import cast_rtne, interpreting, raw
+
+logger = logging.getLogger(__name__)
 
 # A batch whose longest query (max_query_len, when the caller passes it) is at most this many
 # tokens takes the decode kernel: a few query tokens per sequence (decode, speculative decoding)
@@ -582,8 +586,16 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
                                        soft_cap, kv_scale, max_query_len, sms)  # fmt: skip
         if why is None:
             splits = attention_ws.num_splits(num_seqs * num_kv_heads, max_kv_len, block_size, sms)
-            return attention_ws.decode(query, key_cache, value_cache, block_tables, seq_lens,
-                                       query_start_loc, c["s_scale"], out, splits)  # fmt: skip
+            ws_args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
+            try:
+                return attention_ws.decode(*ws_args, c["s_scale"], out, splits)
+            except CompilationError as e:  # this Triton's Gluon cannot build it: keep ours
+                attention_ws.BROKEN = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
+                logger.warning(
+                    "decode attention: the warp-specialized kernel did not build (%s); the "
+                    "Triton kernel runs instead",
+                    attention_ws.BROKEN,
+                )
     cfg = config or decode_config(
         head_dim, query.dtype, query.device, kv_fp8, num_seqs * num_kv_heads, max_kv_len
     )

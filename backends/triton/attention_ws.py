@@ -37,6 +37,8 @@ try:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+    # Triton 3.6 names the TMA load async_copy_global_to_shared; later releases async_load
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     HAVE_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
@@ -62,6 +64,9 @@ MAX_REGS = 128
 MIN_SPLIT_PAGES = 4
 SPLIT_MIN_PAGES = 64
 MAX_SPLITS = 128
+# Set (to the error) when the kernel failed to compile with this Triton: the decode path then
+# keeps the Triton kernel, with the reason logged once (attention_decode._decode).
+BROKEN: str | None = None
 
 
 if HAVE_GLUON:
@@ -88,8 +93,8 @@ if HAVE_GLUON:
             mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
             bar = ready.index(slot)
             mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [page * PAGE, kv_col], bar, k_smem.index(slot))
-            tma.async_copy_global_to_shared(v_desc, [page * PAGE, kv_col], bar, v_smem.index(slot))
+            _tma_load(k_desc, [page * PAGE, kv_col], bar, k_smem.index(slot))
+            _tma_load(v_desc, [page * PAGE, kv_col], bar, v_smem.index(slot))
 
     @gluon.jit
     def _consumer(k_smem, v_smem, ready, empty, acc_smem, ml_smem, q_row_ptr, group,
@@ -229,6 +234,8 @@ def device_reason(cc_ok: bool) -> str | None:
     cc_ok says whether the device has compute capability 9.0 or newer (TMA)."""
     if not ENABLED:
         return "HAL_ATTN_WS=0"
+    if BROKEN is not None:
+        return f"the kernel did not build here ({BROKEN})"
     if not HAVE_GLUON:
         return "this Triton has no Gluon"
     if torch.version.hip is not None or interpreting():

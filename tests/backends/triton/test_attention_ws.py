@@ -71,6 +71,56 @@ def test_cuda_backend_says_which_decode_kernel_runs() -> None:
             assert setting == f"triton (warp-specialized off: {why})"
 
 
+OFFLINE = r"""
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from backends.triton import attention_ws as ws
+
+fn = ws._ws_decode_kernel
+layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+desc = f"tensordesc<bf16[16, 128],{layout!r}>"
+types = {"q_ptr": "*bf16", "k_desc": desc, "v_desc": desc, "out_ptr": "*bf16",
+         "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "bt_ptr": "*i32",
+         "seq_lens_ptr": "*i32", "s_scale": "fp32"}
+out = {}
+for split in (False, True):
+    consts = dict(PAGE=16, HEAD_DIM=128, STAGES=ws.STAGES, NC=ws.CONSUMERS, SPLIT=split,
+                  CONSUMER_REGS=ws.CONSUMER_REGS, PDL=True)
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    src = gluon._runtime.GluonASTSource(
+        fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types if "ptr" in n})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=4, maxnreg=ws.MAX_REGS)).asm["ptx"]
+    out[str(split)] = [w for w in ("cp.async.bulk.tensor", "mma.sync.aligned.m16n8k16",
+                                   "setmaxnreg", "griddepcontrol.wait") if w in ptx]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not ws.HAVE_GLUON, reason="this Triton has no Gluon")
+def test_compiles_for_sm90_offline() -> None:
+    # The installed Triton builds the kernel for an H100 / H200 without a GPU (its bundled
+    # ptxas, in a fresh interpreter-free process), whole and split: TMA page copies, mma.sync
+    # dots, the partitions' register reallocation and the PDL wait are there.
+    from tests.backends.triton.test_pipeline_stages import run_offline
+
+    found = run_offline(OFFLINE)
+    everything = ["cp.async.bulk.tensor", "mma.sync.aligned.m16n8k16", "setmaxnreg",
+                  "griddepcontrol.wait"]  # fmt: skip
+    assert found == {"False": everything, "True": everything}
+
+
+def test_a_kernel_that_does_not_build_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A Triton whose Gluon cannot build the kernel: the call says why and the decode path keeps
+    # the Triton kernel from then on (tdecode records the reason in attention_ws.BROKEN).
+    monkeypatch.setattr(ws, "BROKEN", "CompilationError: test")
+    assert ws.device_reason(True) == "the kernel did not build here (CompilationError: test)"
+
+
 if GPU:
     from backends.triton import attention as tattn
     from backends.triton import attention_decode as tdecode
