@@ -1,14 +1,15 @@
 """A warp-specialized paged decode attention kernel for NVIDIA sm_90 and newer (Gluon).
 
-One program per (KV head, sequence, split): a producer partition (one warp) walks the
-sequence's pages and issues one TMA copy of each page's K and V rows ([page_size, head_dim] of
-this KV head, 128-byte swizzled) into a ring of shared-memory slots, each guarded by a "ready"
-mbarrier (the copies' bytes) and an "empty" one (its consumer has read it); NUM_CONSUMERS
-consumer partitions (one warp each) take the pages round-robin, each with its own online softmax
-(m, l, acc) over its pages: S = Q K^T and O += P V on mma.sync (m16n8k16), the query group's heads
-as the 16 rows, so no warp waits on another's reductions. At the end the consumers leave their
-(m, l, acc) in shared memory and the producer's warp folds them into the output (or a split's
-partial for `attention_decode._reduce_kernel`).
+One program per (KV head, sequence, split): the default partition (four warps; one thread
+issues) walks the sequence's pages and issues one TMA copy of each page's K and V rows
+([page_size, head_dim] of this KV head, 128-byte swizzled) into a ring of STAGES shared-memory
+slots, each guarded by a "ready" mbarrier (the copies' bytes) and an "empty" one (its consumer has
+read it); CONSUMERS worker partitions (one warp each) take the pages round-robin, each with its
+own online softmax (m, l, acc) over its pages: S = Q K^T and O += P V on mma.sync (m16n8k16), the
+query group's heads as the 16 rows, so no warp waits on another's reductions. At the end the
+consumers leave their (m, l, acc) in shared memory and the default partition folds them into the
+output (or a split's partial for `attention_decode._reduce_kernel`). Under PDL the default
+partition waits for the previous kernel before the region starts (the workers start after it).
 
 Scope (`call_reason` checks it): bf16 / fp16 query and cache, head_dim 64 or 128, pages of 16
 or 32 tokens, at most 16 query heads per KV head, one query token per sequence, no sliding window,
