@@ -28,6 +28,7 @@ from backends.triton.attention_common import (
 )
 from backends.triton.pdl import grid_wait, let_next_start, pdl_args
 from backends.triton.quant import cast_rtne, interpreting, raw
+from hal.env import parse_dims
 
 logger = logging.getLogger(__name__)
 
@@ -115,16 +116,9 @@ def tile_override(value: str | None) -> DecodeConfig | None:
     replaces the table's narrow / big_smem default (the tile of small batches whose split count
     the model picks: batch-1 decode among them), for measuring another tile in the engine (e.g.
     32x4x5 at TP=2 batch 1); unset or empty: None, the table stands."""
-    if not value:
-        return None
-    try:
-        block_n, warps, stages = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise ValueError(
-            f"HAL_ATTN_DECODE_TILE={value!r}: expected NxWxS (block_n x num_warps x num_stages), "
-            "e.g. 32x4x5"
-        ) from None
-    return DecodeConfig(block_n=block_n, num_warps=warps, num_stages=stages)
+    dims = parse_dims("HAL_ATTN_DECODE_TILE", value, "NxWxS (block_n x num_warps x num_stages)",
+                      "32x4x5")  # fmt: skip
+    return None if dims is None else DecodeConfig(*dims)
 
 
 _TILE = tile_override(os.environ.get("HAL_ATTN_DECODE_TILE"))

@@ -44,7 +44,7 @@ try:
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-from backends.triton.pdl import use_pdl
+from backends.triton.pdl import gluon_grid_wait, use_pdl
 from backends.triton.quant import interpreting
 
 ENABLED = os.environ.get("HAL_ATTN_WS", "1") != "0"
@@ -72,15 +72,6 @@ BROKEN: str | None = None
 
 if HAVE_GLUON:
     BLOCK_M = gl.constexpr(16)  # mma.sync rows: the group's heads, padded
-
-    @gluon.jit
-    def _gdc(PDL: gl.constexpr):
-        # Under PDL: wait for the previous kernel (its writes visible), then let the next start.
-        if PDL:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)  # fmt: skip
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
 
     @gluon.jit
     def _producer(k_desc, v_desc, k_smem, v_smem, ready, empty, bt_row_ptr, lo, hi,
@@ -141,7 +132,7 @@ if HAVE_GLUON:
                           STAGES: gl.constexpr, NC: gl.constexpr, SPLIT: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
         # The default partition's warps wait here before any read; the workers start after.
-        _gdc(PDL)
+        gluon_grid_wait(PDL)
         kv_head = gl.program_id(0)
         seq = gl.program_id(1)
         split = gl.program_id(2)

@@ -41,8 +41,9 @@ try:  # Gluon ships with Triton >= 3.5; without it (or off NVIDIA) the pairs ker
 except Exception:  # pragma: no cover - depends on the installed Triton (no Gluon, or another API)
     HAVE_GLUON = False
 
-from backends.triton.pdl import use_pdl
+from backends.triton.pdl import gluon_grid_wait, use_pdl
 from backends.triton.quant import interpreting
+from hal.env import parse_dims
 
 ENABLED = os.environ.get("HAL_INT4_GLUON", "1") != "0"
 # The first chunk's weight loads ahead of the PDL wait (see _int4_gluon_kernel): the packed
@@ -91,16 +92,9 @@ GLUON_CONFIGS: tuple[tuple[int, int, Int4GluonConfig], ...] = (
 def config_override(value: str | None) -> Int4GluonConfig | None:
     """HAL_INT4_GLUON_CFG=NxWxP (block_n x num_warps x programs_per_sm): one launch shape for
     every call, replacing the table (for measuring); unset or empty: None, the table stands."""
-    if not value:
-        return None
-    try:
-        block_n, warps, pps = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise ValueError(
-            f"HAL_INT4_GLUON_CFG={value!r}: expected NxWxP (block_n x num_warps x "
-            "programs_per_sm), e.g. 128x4x4"
-        ) from None
-    return Int4GluonConfig(block_n=block_n, num_warps=warps, programs_per_sm=pps)
+    dims = parse_dims("HAL_INT4_GLUON_CFG", value, "NxWxP (block_n x num_warps x programs_per_sm)",
+                      "128x4x4")  # fmt: skip
+    return None if dims is None else Int4GluonConfig(*dims)
 
 
 _OVERRIDE = config_override(os.environ.get("HAL_INT4_GLUON_CFG"))
@@ -155,15 +149,6 @@ def pick_config(m: int, n: int = 0, configs=None) -> Int4GluonConfig:
 
 
 if HAVE_GLUON:
-
-    @gluon.jit
-    def _gdc(PDL: gl.constexpr):
-        # Under PDL: wait for the previous kernel, then let the next one launch.
-        if PDL:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)  # fmt: skip
-            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                      dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
 
     @gluon.jit
     def _a_operand(w2, NIB: gl.constexpr, MAGIC2: gl.constexpr, DOT_DTYPE: gl.constexpr,
@@ -246,7 +231,7 @@ if HAVE_GLUON:
         # the first chunk's words, scales and zeros (no kernel writes them) load before the PDL
         # wait, so their latency overlaps the previous kernel's tail.
         if not EARLY:
-            _gdc(PDL)
+            gluon_grid_wait(PDL)
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
         blocks_m = gl.cdiv(n_rows, BLOCK_M)
@@ -282,7 +267,7 @@ if HAVE_GLUON:
                                                  stride_s_group, stride_z_group,
                                                  GROUP_CHUNKS)  # fmt: skip
         if EARLY:
-            _gdc(PDL)
+            gluon_grid_wait(PDL)
         x0, x1, x2, x3 = _load_x_chunk(c_start, x_ptrs)
         for c in range(c_start, c_end):
             # The next chunk's operands (the last step re-reads its own chunk: cached).

@@ -83,3 +83,21 @@ def grid_wait(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+try:  # the same wait for Gluon kernels (Triton >= 3.5; without Gluon no kernel needs it)
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+
+    @gluon.jit
+    def gluon_grid_wait(PDL: gl.constexpr):
+        # `grid_wait` for Gluon kernels: under PDL wait for the previous kernel (its writes
+        # visible), then let the next one launch.
+        if PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)  # fmt: skip
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+except Exception:  # pragma: no cover - depends on the installed Triton
+    gluon_grid_wait = None
