@@ -25,7 +25,6 @@ KV and the Triton kernel in the same run): 1 x 512 13.38 / 13.86 / 14.56, 4 x 51
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -44,7 +43,7 @@ try:
 except Exception:  # pragma: no cover - depends on the installed Triton
     HAVE_GLUON = False
 
-from backends.triton.pdl import gluon_grid_wait, use_pdl
+from backends.triton.pdl import _sm90_or_newer, gluon_grid_wait, use_pdl
 from backends.triton.quant import interpreting
 
 ENABLED = os.environ.get("HAL_ATTN_WS", "1") != "0"
@@ -216,11 +215,6 @@ if HAVE_GLUON:
             gl.store(out_ptr + o_off[:, None] + cols[None, :], o.to(dt), mask=row_ok[:, None])
 
 
-@functools.cache
-def _cc_ok(index: int) -> bool:
-    return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
 def device_reason(cc_ok: bool) -> str | None:
     """Why no call on this device can take the kernel (None when some can), for `hal info`:
     cc_ok says whether the device has compute capability 9.0 or newer (TMA)."""
@@ -242,7 +236,7 @@ def call_reason(query, key_cache, value_cache, num_seqs: int, sliding_window, so
     if query.device.type != "cuda":
         return "not a CUDA tensor"
     index = query.device.index if query.device.index is not None else torch.cuda.current_device()
-    why = device_reason(_cc_ok(index))
+    why = device_reason(_sm90_or_newer(index))
     if why is not None:
         return why
     num_tokens, num_heads, head_dim = query.shape
