@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from backends.triton import attention as tattn
-from backends.triton import attention_ws
+from backends.triton import attention_ws, attention_ws_persistent
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -362,15 +362,17 @@ def run_decode(args, device, timer, bw, libs) -> list[dict]:
                                          device, max_seq_len=ctx)  # fmt: skip
             kernel = str(cfg)
             why_not_ws = (
-                attention_ws.call_reason(
-                    x.q, x.key_cache, x.value_cache, b, None, None, None, 1, sms
-                )  # fmt: skip
+                attention_ws.call_reason(x.q, x.key_cache, x.value_cache, b, None, None, None, 1)
                 if device.type == "cuda"
                 else "cpu"
             )
-            if why_not_ws is None:  # the warp-specialized kernel runs this batch
+            if why_not_ws is None:  # a warp-specialized kernel runs this batch
                 splits = attention_ws.num_splits(b * NUM_KV_HEADS, ctx, BLOCK_SIZE, sms)
                 kernel = f"attention_ws (stages {attention_ws.STAGES})"
+                if attention_ws.persistent(b * NUM_KV_HEADS, ctx, BLOCK_SIZE, sms):
+                    splits = 1
+                    stages = attention_ws_persistent.stages_for(BLOCK_SIZE, HEAD_DIM, 2)
+                    kernel = f"attention_ws_persistent (stages {stages})"
             row = {"batch": b, "context": ctx, "bytes": nbytes, "splits": splits,
                    "ours_ms": ms, "ours_frac": nbytes / (ms * 1e-3) / bw, "peers": {},
                    "sms": sms, "config": kernel}  # fmt: skip

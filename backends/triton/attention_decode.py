@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
 
-from backends.triton import attention_ws
+from backends.triton import attention_ws, attention_ws_persistent
 from backends.triton.attention_common import (
     FP8_NOT,
     _attend_tile,
@@ -574,14 +574,18 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
     c = _launch_common(query, key_cache, scale, kv_scale, soft_cap)
     kv_fp8, max_kv_len = c["fp8_mode"] != FP8_NOT, max_seq_len or block_tables.shape[1] * block_size
     if config is None and not interpreting():
-        # At most one program per SM: the warp-specialized kernel (see attention_ws)
-        sms = _sm_count(query.device)
+        # The warp-specialized kernels (see attention_ws and attention_ws_persistent)
         why = attention_ws.call_reason(query, key_cache, value_cache, num_seqs, sliding_window,
-                                       soft_cap, kv_scale, max_query_len, sms)  # fmt: skip
+                                       soft_cap, kv_scale, max_query_len)  # fmt: skip
         if why is None:
-            splits = attention_ws.num_splits(num_seqs * num_kv_heads, max_kv_len, block_size, sms)
-            ws_args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
+            sms, programs = _sm_count(query.device), num_seqs * num_kv_heads
             try:
+                if attention_ws.persistent(programs, max_kv_len, block_size, sms):
+                    return attention_ws_persistent.decode(query, key_cache, value_cache,
+                                                          block_tables, seq_lens, c["s_scale"],
+                                                          out)  # fmt: skip
+                splits = attention_ws.num_splits(programs, max_kv_len, block_size, sms)
+                ws_args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
                 return attention_ws.decode(*ws_args, c["s_scale"], out, splits)
             except CompilationError as e:  # this Triton's Gluon cannot build it: keep ours
                 attention_ws.BROKEN = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"

@@ -13,9 +13,9 @@ partition waits for the previous kernel before the region starts (the workers st
 
 Scope (`call_reason` checks it): bf16 / fp16 query and cache, head_dim 64 or 128, pages of 16
 or 32 tokens, at most 16 query heads per KV head, one query token per sequence, no sliding window,
-soft-cap or FP8 cache, and at most one program per SM (num_seqs x num_kv_heads <= SMs: where the
-Triton kernel runs one program per SM with its latencies exposed; wider batches keep it).
-`attention_decode._decode` takes it there unless HAL_ATTN_WS=0.
+soft-cap or FP8 cache. `attention_decode._decode` takes it there unless HAL_ATTN_WS=0, and
+`persistent` sends wide batches (more programs than SMs) and long whole ranges to the persistent
+variant (`attention_ws_persistent`, one program per SM walking many (sequence, KV head) items).
 
 H200 (2026-11-29, thirtieth session; graph replays, L2 flushed, us, against SDPA on contiguous
 KV and the Triton kernel in the same run): 1 x 512 13.38 / 13.86 / 14.56, 4 x 512 13.46 / 14.61
@@ -64,6 +64,11 @@ MAX_REGS = 128
 MIN_SPLIT_PAGES = 4
 SPLIT_MIN_PAGES = 64
 MAX_SPLITS = 128
+# The persistent kernel from this many tokens when not split (H200, thirty-first session: 16 x
+# 4096 / 8192 / 32768 67.3 / 125.2 / 471.7 us against this kernel's 68.0 / 128.3 / 483.3; at 16 x
+# 512 / 1024 this one is 4-6% faster) and always past one program per SM (64 x 512 40.1 against
+# the Triton kernel's 40.3, 256 x 1024 247.4 / 251.1).
+PERSISTENT_MIN_TOKENS = 4096
 # Set (to the error) when the kernel failed to compile with this Triton: the decode path then
 # keeps the Triton kernel, with the reason logged once (attention_decode._decode).
 BROKEN: str | None = None
@@ -230,9 +235,10 @@ def device_reason(cc_ok: bool) -> str | None:
 
 
 def call_reason(query, key_cache, value_cache, num_seqs: int, sliding_window, soft_cap,
-                kv_scale, max_query_len, num_sms: int) -> str | None:  # fmt: skip
-    """Why this decode call cannot take the kernel (None when it can): shapes, dtypes and hints
-    only (no tensor values), so the choice is the same under CUDA graph capture."""
+                kv_scale, max_query_len) -> str | None:  # fmt: skip
+    """Why this decode call cannot take the warp-specialized kernels (None when it can; then
+    `persistent` picks this module's or the persistent one): shapes, dtypes and hints only (no
+    tensor values), so the choice is the same under CUDA graph capture."""
     if query.device.type != "cuda":
         return "not a CUDA tensor"
     index = query.device.index if query.device.index is not None else torch.cuda.current_device()
@@ -253,8 +259,6 @@ def call_reason(query, key_cache, value_cache, num_seqs: int, sliding_window, so
         return "not one query token per sequence (max_query_len hint 1, num_tokens == num_seqs)"
     if sliding_window or soft_cap or kv_scale not in (None, 1.0):
         return "sliding window, soft-cap or kv_scale"
-    if num_seqs * kv_heads > num_sms:
-        return f"{num_seqs * kv_heads} programs: more than one per SM ({num_sms})"
     for name, t in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
         if not t.is_contiguous() or t.data_ptr() % 16:
             return f"{name} is not contiguous and 16-byte aligned"
@@ -269,6 +273,16 @@ def num_splits(programs: int, max_kv_len: int, page: int, num_sms: int) -> int:
     if 2 * programs > num_sms or pages < SPLIT_MIN_PAGES:
         return 1
     return max(1, min(2 * num_sms // programs, pages // MIN_SPLIT_PAGES, MAX_SPLITS))
+
+
+def persistent(programs: int, max_kv_len: int, page: int, num_sms: int) -> bool:
+    """Whether a call the kernels take runs the persistent one (attention_ws_persistent): more
+    (sequence, KV head) programs than SMs, or no split and at least PERSISTENT_MIN_TOKENS tokens
+    (one long range per program, where its deeper ring reads faster)."""
+    if programs > num_sms:
+        return True
+    whole = num_splits(programs, max_kv_len, page, num_sms) == 1
+    return whole and max_kv_len >= PERSISTENT_MIN_TOKENS
 
 
 def decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, s_scale,
@@ -293,21 +307,28 @@ def ws_decode_attention(query, key_cache, value_cache, block_tables, seq_lens, s
                    maxnreg, False)  # fmt: skip
 
 
+def kv_descriptors(query, key_cache, value_cache):
+    """TMA descriptors of the caches viewed [blocks x page, kv_heads x head_dim], one box a
+    page of one KV head ([page, head_dim], 128-byte swizzle for 128-byte rows, else 64)."""
+    blocks, page, kv_heads, head_dim = key_cache.shape
+    wide = head_dim * query.element_size() >= 128
+    lay = gl.NVMMASharedLayout(swizzle_byte_width=128 if wide else 64, element_bitwidth=16,
+                               rank=2)  # fmt: skip
+    rows, cols = blocks * page, kv_heads * head_dim
+    return tuple(
+        TensorDescriptor(c.view(rows, cols), [rows, cols], [cols, 1], [page, head_dim], lay)
+        for c in (key_cache, value_cache)
+    )
+
+
 def _launch(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, s_scale,
             out, splits, min_split_pages, stages, consumer_regs, maxnreg, pdl):  # fmt: skip
     from backends.triton.attention_decode import _reduce_kernel
 
     num_tokens, num_heads, head_dim = query.shape
-    blocks, page, kv_heads, _ = key_cache.shape
+    page, kv_heads = key_cache.shape[1:3]
     num_seqs = seq_lens.shape[0]
-    wide = head_dim * query.element_size() >= 128
-    lay = gl.NVMMASharedLayout(swizzle_byte_width=128 if wide else 64, element_bitwidth=16,
-                               rank=2)  # fmt: skip
-    rows, cols = blocks * page, kv_heads * head_dim
-    k_desc, v_desc = (
-        TensorDescriptor(c.view(rows, cols), [rows, cols], [cols, 1], [page, head_dim], lay)
-        for c in (key_cache, value_cache)
-    )
+    k_desc, v_desc = kv_descriptors(query, key_cache, value_cache)
     if splits > 1:
         part_out = torch.empty(num_tokens, num_heads, splits, head_dim, dtype=torch.float32,
                                device=query.device)  # fmt: skip

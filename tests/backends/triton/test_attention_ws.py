@@ -1,8 +1,10 @@
-"""The warp-specialized decode kernel (backends/triton/attention_ws.py): which calls take it and
-why the others do not, its split rule, and (on an NVIDIA GPU of compute capability 9.0 or newer
-with Gluon) its outputs against the float64 CPU reference through `attention`, split or whole,
-partial last pages, every group size it takes, both page sizes and head dims, and under CUDA
-graph capture. Gluon kernels have no interpreter: without such a GPU only the rules run."""
+"""The warp-specialized decode kernels (backends/triton/attention_ws.py and its persistent variant,
+attention_ws_persistent.py): which calls take them and why the others do not, the split and
+persistent rules, an offline sm_90 build of each, and (on an NVIDIA GPU of compute capability 9.0
+or newer with Gluon) their outputs against the float64 CPU reference through `attention`, split
+or whole, partial last pages, every group size they take, both page sizes and head dims, a
+persistent grid far smaller than the batch, and under CUDA graph capture. Gluon kernels have no
+interpreter: without such a GPU only the rules and the offline builds run."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 pytest.importorskip("triton")
 
 from backends.triton import attention_ws as ws  # noqa: E402
+from backends.triton import attention_ws_persistent as wsp  # noqa: E402
 
 GPU = (
     torch.cuda.is_available()
@@ -34,6 +37,24 @@ def test_split_rule() -> None:
     assert ws.num_splits(2, 2048, 32, 132) == 16  # 64 pages of 32 tokens
 
 
+def test_persistent_rule() -> None:
+    # Past one program per SM always; else only unsplit ranges of 4096 tokens or more.
+    assert ws.persistent(133, 512, 16, 132) and ws.persistent(2048, 64, 16, 132)
+    assert ws.persistent(128, 4096, 16, 132) and ws.persistent(128, 32768, 16, 132)
+    assert not ws.persistent(128, 1024, 16, 132)  # 16 x 1024: the per-program kernel
+    assert not ws.persistent(8, 32768, 16, 132)  # split instead
+    assert not ws.persistent(132, 4095, 16, 132)
+
+
+def test_ring_slots_are_a_multiple_of_the_consumers() -> None:
+    assert wsp.stages_for(16, 128, 2) == 12
+    assert wsp.stages_for(32, 128, 2) == 8
+    assert wsp.stages_for(16, 64, 2) == wsp.stages_for(32, 64, 2) == 12
+    for page in (16, 32):
+        for head_dim in (64, 128):
+            assert wsp.stages_for(page, head_dim, 2) % ws.CONSUMERS == 0
+
+
 def test_device_reason_names_the_cause(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ws, "ENABLED", False)
     assert ws.device_reason(True) == "HAL_ATTN_WS=0"
@@ -52,7 +73,7 @@ def test_device_reason_names_the_cause(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_cpu_tensors_are_refused() -> None:
     q = torch.zeros(2, 8, 128, dtype=torch.bfloat16)
     cache = torch.zeros(4, 16, 2, 128, dtype=torch.bfloat16)
-    assert ws.call_reason(q, cache, cache, 2, None, None, None, 1, 132) == "not a CUDA tensor"
+    assert ws.call_reason(q, cache, cache, 2, None, None, None, 1) == "not a CUDA tensor"
 
 
 def test_cuda_backend_says_which_decode_kernel_runs() -> None:
@@ -114,6 +135,58 @@ def test_compiles_for_sm90_offline() -> None:
     assert found == {"False": everything, "True": everything}
 
 
+OFFLINE_PERSISTENT = r"""
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from backends.triton import attention_ws as ws
+from backends.triton import attention_ws_persistent as wsp
+
+fn = wsp._ws_persistent_kernel
+layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+out = {}
+for page in (16, 32):
+    desc = f"tensordesc<bf16[{page}, 128],{layout!r}>"
+    types = {"q_ptr": "*bf16", "k_desc": desc, "v_desc": desc, "out_ptr": "*bf16",
+             "bt_ptr": "*i32", "seq_lens_ptr": "*i32", "s_scale": "fp32"}
+    consts = dict(PAGE=page, HEAD_DIM=128, STAGES=wsp.stages_for(page, 128, 2), NC=ws.CONSUMERS,
+                  CONSUMER_REGS=wsp.CONSUMER_REGS, PDL=True)
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    src = gluon._runtime.GluonASTSource(
+        fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types if "ptr" in n})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=4, maxnreg=wsp.MAX_REGS))
+    ptx = k.asm["ptx"]
+    out[str(page)] = {
+        "found": [w for w in ("cp.async.bulk.tensor", "mma.sync.aligned.m16n8k16", "setmaxnreg",
+                              "griddepcontrol.wait") if w in ptx],
+        "arrives": sum("mbarrier.arrive" in line for line in ptx.splitlines()),
+        "shared": k.metadata.shared,
+    }
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not ws.HAVE_GLUON, reason="this Triton has no Gluon")
+def test_persistent_compiles_for_sm90_offline() -> None:
+    # Both page sizes build for sm_90 within one SM's shared memory (227 KB a program), with the
+    # TMA copies, mma.sync dots, register reallocation and PDL wait; each partition arrives on its
+    # barriers in exactly one place (the consumers: "empty" and "done", the folder: "free", the
+    # producer: its arrive-with-expected-bytes on "ready").
+    from tests.backends.triton.test_pipeline_stages import run_offline
+
+    found = run_offline(OFFLINE_PERSISTENT)
+    everything = ["cp.async.bulk.tensor", "mma.sync.aligned.m16n8k16", "setmaxnreg",
+                  "griddepcontrol.wait"]  # fmt: skip
+    for page in ("16", "32"):
+        assert found[page]["found"] == everything, found
+        assert found[page]["arrives"] == 2 * ws.CONSUMERS + 2, found
+        assert found[page]["shared"] <= 227 * 1024, found
+
+
 def test_a_kernel_that_does_not_build_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
     # A Triton whose Gluon cannot build the kernel: the call says why and the decode path keeps
     # the Triton kernel from then on (tdecode records the reason in attention_ws.BROKEN).
@@ -137,6 +210,23 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return real(*a, **k)
 
     monkeypatch.setattr(ws, "decode", decode)
+    return calls
+
+
+def _spy_persistent(monkeypatch: pytest.MonkeyPatch, sms: int | None = None) -> list[int]:
+    """The batch sizes of the calls that took the persistent kernel; sms: pretend the GPU has
+    that many SMs (the rule's and the grid's count), so a small batch walks many items a program."""
+    calls: list[int] = []
+    real = wsp.decode
+
+    def decode(*a, **k):
+        calls.append(a[0].shape[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(wsp, "decode", decode)
+    if sms is not None:
+        monkeypatch.setattr(tdecode, "_sm_count", lambda device: sms)
+        monkeypatch.setattr(wsp, "_sm_count", lambda device: sms)
     return calls
 
 
@@ -165,6 +255,50 @@ def test_matches_reference(monkeypatch: pytest.MonkeyPatch, case: tuple) -> None
     assert (calls[0] > 1) == split
 
 
+# (seed, dtype, head_dim, block_size, gqa_ratio, num_kv_heads, seq_lens, SMs pretended)
+PERSISTENT_CASES = [
+    (31, "bf16", 128, 16, 4, 2, (1, 97, 40, 16, 73), 3),  # 10 items on 3 programs
+    (32, "fp16", 64, 32, 8, 1, (200, 33, 64, 5), 2),
+    (33, "bf16", 128, 16, 16, 1, (150, 1, 300), 2),
+    (34, "fp16", 128, 16, 1, 4, (31, 17, 160), 5),
+    (35, "bf16", 128, 32, 4, 2, (1000, 300, 17, 64, 5), 4),  # 8 ring slots
+    (36, "bf16", 128, 16, 4, 4, tuple(range(7, 2000, 50)), None),  # 160 items, the real SMs
+]
+
+
+@gpu_only
+@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=[str(c[0]) for c in PERSISTENT_CASES])
+def test_persistent_matches_reference(monkeypatch: pytest.MonkeyPatch, case: tuple) -> None:
+    seed, dtype, head_dim, block_size, gqa, kv_heads, seq_lens, sms = case
+    calls, per_program = _spy_persistent(monkeypatch, sms), _spy(monkeypatch)
+    c = batch(seed, dtype, seq_lens, (1,) * len(seq_lens), head_dim=head_dim,
+              block_size=block_size, gqa_ratio=gqa, num_kv_heads=kv_heads)  # fmt: skip
+    run_and_check(c, tattn.attention, max_query_len=1, max_seq_len=max(seq_lens))
+    assert calls == [len(seq_lens)] and per_program == []
+
+
+@gpu_only
+def test_persistent_captures_in_a_cuda_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 8 items on 3 programs, captured and replayed on new queries: an eager call's bits.
+    calls = _spy_persistent(monkeypatch, sms=3)
+    case = batch(22, "bf16", (300, 1000, 64, 7), (1,) * 4, block_size=16, head_dim=128)
+    t = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.build().items()}
+    args = (t["query"], t["key_cache"], t["value_cache"], t["block_tables"], t["seq_lens"],
+            t["query_start_loc"], t["scale"])  # fmt: skip
+    tattn.attention(*args, max_query_len=1, max_seq_len=1000)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tattn.attention(*args, max_query_len=1, max_seq_len=1000)
+    for _ in range(2):
+        t["query"].copy_(torch.randn_like(t["query"]))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = tattn.attention(*args, max_query_len=1, max_seq_len=1000)
+        torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    assert calls == [4] * 4
+
+
 @gpu_only
 def test_splits_agree_with_one_split(monkeypatch: pytest.MonkeyPatch) -> None:
     c = batch(11, "bf16", (900, 64, 400), (1, 1, 1), head_dim=128, block_size=16)
@@ -178,7 +312,7 @@ def test_splits_agree_with_one_split(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @gpu_only
 def test_other_calls_keep_the_triton_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = _spy(monkeypatch)
+    calls, persistent = _spy(monkeypatch), _spy_persistent(monkeypatch)
     lens = (40, 17, 5)
     run_and_check(batch(3, "bf16", lens, (1, 1, 1), block_size=8), tattn.attention,
                   max_query_len=1)  # fmt: skip
@@ -197,13 +331,12 @@ def test_other_calls_keep_the_triton_kernel(monkeypatch: pytest.MonkeyPatch) -> 
     run_and_check(case, tattn.attention, num_padding=2, max_query_len=1)
     run_and_check(case, tattn.decode_attention, max_query_len=1,
                   config=tdecode.DecodeConfig(block_n=16))  # a forced config  # fmt: skip
+    assert calls == [] and persistent == []
+    run_and_check(case, tattn.attention, max_query_len=1)
+    assert calls == [1] and persistent == []
     monkeypatch.setattr(tdecode, "_sm_count", lambda device: 4)  # 6 programs > 4 SMs
     run_and_check(case, tattn.attention, max_query_len=1)
-    assert calls == []
-    monkeypatch.undo()
-    calls = _spy(monkeypatch)
-    run_and_check(case, tattn.attention, max_query_len=1)
-    assert calls == [1]
+    assert calls == [1] and persistent == [3]
 
 
 @gpu_only
