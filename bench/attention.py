@@ -366,13 +366,14 @@ def run_decode(args, device, timer, bw, libs) -> list[dict]:
                 if device.type == "cuda"
                 else "cpu"
             )
-            if why_not_ws is None:  # a warp-specialized kernel runs this batch
+            route = attention_ws.route(b * NUM_KV_HEADS, ctx, BLOCK_SIZE, sms)
+            if why_not_ws is None and route == "ws":  # a warp-specialized kernel runs this batch
                 splits = attention_ws.num_splits(b * NUM_KV_HEADS, ctx, BLOCK_SIZE, sms)
                 kernel = f"attention_ws (stages {attention_ws.STAGES})"
-                if attention_ws.persistent(b * NUM_KV_HEADS, ctx, BLOCK_SIZE, sms):
-                    splits = 1
-                    stages = attention_ws_persistent.stages_for(BLOCK_SIZE, HEAD_DIM, 2)
-                    kernel = f"attention_ws_persistent (stages {stages})"
+            elif why_not_ws is None and route == "persistent":
+                splits = 1
+                stages = attention_ws_persistent.stages_for(BLOCK_SIZE, HEAD_DIM, 2)
+                kernel = f"attention_ws_persistent (stages {stages})"
             row = {"batch": b, "context": ctx, "bytes": nbytes, "splits": splits,
                    "ours_ms": ms, "ours_frac": nbytes / (ms * 1e-3) / bw, "peers": {},
                    "sms": sms, "config": kernel}  # fmt: skip

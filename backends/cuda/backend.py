@@ -148,9 +148,15 @@ class CudaBackend(Backend):
 
             why = attention_ws.device_reason(caps.cc_at_least(9, 0))
             self.info.settings["attention_decode"] = (
-                "gluon warp-specialized (TMA page ring; persistent past one program per SM or "
-                "from 4096 tokens unsplit) for bf16/fp16, head_dim 64/128, pages 16/32, one "
-                "token per sequence; else triton"
+                (
+                    "gluon warp-specialized (TMA page ring; persistent past one program per SM or "
+                    "from 4096 tokens unsplit) for bf16/fp16, head_dim 64/128, pages 16/32, one "
+                    "token per sequence; else triton"
+                    if attention_ws.PERSISTENT_ENABLED
+                    else "gluon warp-specialized (TMA page ring) where num_seqs x kv_heads <= SMs "
+                    "(bf16/fp16, head_dim 64/128, pages 16/32, one token per sequence; persistent "
+                    "off: HAL_ATTN_WS_PERSISTENT=0), else triton"
+                )
                 if why is None
                 else f"triton (warp-specialized off: {why})"
             )

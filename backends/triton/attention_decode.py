@@ -579,14 +579,17 @@ def _decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
                                        soft_cap, kv_scale, max_query_len)  # fmt: skip
         if why is None:
             sms, programs = _sm_count(query.device), num_seqs * num_kv_heads
+            kernel = attention_ws.route(programs, max_kv_len, block_size, sms)
             try:
-                if attention_ws.persistent(programs, max_kv_len, block_size, sms):
+                if kernel == "persistent":
                     return attention_ws_persistent.decode(query, key_cache, value_cache,
                                                           block_tables, seq_lens, c["s_scale"],
                                                           out)  # fmt: skip
-                splits = attention_ws.num_splits(programs, max_kv_len, block_size, sms)
-                ws_args = (query, key_cache, value_cache, block_tables, seq_lens, query_start_loc)
-                return attention_ws.decode(*ws_args, c["s_scale"], out, splits)
+                if kernel == "ws":
+                    splits = attention_ws.num_splits(programs, max_kv_len, block_size, sms)
+                    ws_args = (query, key_cache, value_cache, block_tables, seq_lens,
+                               query_start_loc)  # fmt: skip
+                    return attention_ws.decode(*ws_args, c["s_scale"], out, splits)
             except CompilationError as e:  # this Triton's Gluon cannot build it: keep ours
                 attention_ws.BROKEN = f"{type(e).__name__}: {str(e).strip().splitlines()[-1]}"
                 logger.warning(

@@ -14,7 +14,7 @@ partition waits for the previous kernel before the region starts (the workers st
 Scope (`call_reason` checks it): bf16 / fp16 query and cache, head_dim 64 or 128, pages of 16
 or 32 tokens, at most 16 query heads per KV head, one query token per sequence, no sliding window,
 soft-cap or FP8 cache. `attention_decode._decode` takes it there unless HAL_ATTN_WS=0, and
-`persistent` sends wide batches (more programs than SMs) and long whole ranges to the persistent
+`route` sends wide batches (more programs than SMs) and long whole ranges to the persistent
 variant (`attention_ws_persistent`, one program per SM walking many (sequence, KV head) items).
 
 H200 (2026-11-29, thirtieth session; graph replays, L2 flushed, us, against SDPA on contiguous
@@ -47,6 +47,7 @@ from backends.triton.pdl import _sm90_or_newer, gluon_grid_wait, use_pdl
 from backends.triton.quant import interpreting
 
 ENABLED = os.environ.get("HAL_ATTN_WS", "1") != "0"
+PERSISTENT_ENABLED = os.environ.get("HAL_ATTN_WS_PERSISTENT", "1") != "0"
 LOG2E = 1.4426950408889634
 HEAD_DIMS = (64, 128)
 PAGE_SIZES = (16, 32)
@@ -237,7 +238,8 @@ def device_reason(cc_ok: bool) -> str | None:
 def call_reason(query, key_cache, value_cache, num_seqs: int, sliding_window, soft_cap,
                 kv_scale, max_query_len) -> str | None:  # fmt: skip
     """Why this decode call cannot take the warp-specialized kernels (None when it can; then
-    `persistent` picks this module's or the persistent one): shapes, dtypes and hints only (no
+    `route` picks this module's, the persistent one or, for wide batches with the persistent one
+    switched off, the Triton kernel): shapes, dtypes and hints only (no
     tensor values), so the choice is the same under CUDA graph capture."""
     if query.device.type != "cuda":
         return "not a CUDA tensor"
@@ -275,14 +277,19 @@ def num_splits(programs: int, max_kv_len: int, page: int, num_sms: int) -> int:
     return max(1, min(2 * num_sms // programs, pages // MIN_SPLIT_PAGES, MAX_SPLITS))
 
 
-def persistent(programs: int, max_kv_len: int, page: int, num_sms: int) -> bool:
-    """Whether a call the kernels take runs the persistent one (attention_ws_persistent): more
-    (sequence, KV head) programs than SMs, or no split and at least PERSISTENT_MIN_TOKENS tokens
-    (one long range per program, where its deeper ring reads faster)."""
-    if programs > num_sms:
-        return True
+def route(programs: int, max_kv_len: int, page: int, num_sms: int) -> str:
+    """Which kernel a call the warp-specialized kernels take runs: "persistent"
+    (attention_ws_persistent) past one (sequence, KV head) program per SM, or for an unsplit
+    range of at least PERSISTENT_MIN_TOKENS tokens (one long range per program, where its deeper
+    ring reads faster); else "ws" (this module's). With HAL_ATTN_WS_PERSISTENT=0 the wide
+    batches keep the Triton kernel ("triton"; this one was 0.93-0.99x it there) and the long
+    ranges this one."""
     whole = num_splits(programs, max_kv_len, page, num_sms) == 1
-    return whole and max_kv_len >= PERSISTENT_MIN_TOKENS
+    if programs > num_sms or (whole and max_kv_len >= PERSISTENT_MIN_TOKENS):
+        if PERSISTENT_ENABLED:
+            return "persistent"
+        return "triton" if programs > num_sms else "ws"
+    return "ws"
 
 
 def decode(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, s_scale,

@@ -37,13 +37,18 @@ def test_split_rule() -> None:
     assert ws.num_splits(2, 2048, 32, 132) == 16  # 64 pages of 32 tokens
 
 
-def test_persistent_rule() -> None:
-    # Past one program per SM always; else only unsplit ranges of 4096 tokens or more.
-    assert ws.persistent(133, 512, 16, 132) and ws.persistent(2048, 64, 16, 132)
-    assert ws.persistent(128, 4096, 16, 132) and ws.persistent(128, 32768, 16, 132)
-    assert not ws.persistent(128, 1024, 16, 132)  # 16 x 1024: the per-program kernel
-    assert not ws.persistent(8, 32768, 16, 132)  # split instead
-    assert not ws.persistent(132, 4095, 16, 132)
+def test_route(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Past one program per SM the persistent kernel; below, unsplit ranges of 4096 tokens or more
+    # too; the rest this module's kernel.
+    assert ws.route(133, 512, 16, 132) == ws.route(2048, 64, 16, 132) == "persistent"
+    assert ws.route(128, 4096, 16, 132) == ws.route(128, 32768, 16, 132) == "persistent"
+    assert ws.route(128, 1024, 16, 132) == "ws"  # 16 x 1024
+    assert ws.route(8, 32768, 16, 132) == "ws"  # split instead
+    assert ws.route(132, 4095, 16, 132) == "ws"
+    # HAL_ATTN_WS_PERSISTENT=0: wide batches back to the Triton kernel, long ranges to this one.
+    monkeypatch.setattr(ws, "PERSISTENT_ENABLED", False)
+    assert ws.route(133, 512, 16, 132) == "triton"
+    assert ws.route(128, 32768, 16, 132) == "ws"
 
 
 def test_ring_slots_are_a_multiple_of_the_consumers() -> None:
@@ -88,6 +93,7 @@ def test_cuda_backend_says_which_decode_kernel_runs() -> None:
         setting = backend.info.settings["attention_decode"]
         if why is None:
             assert setting.startswith("gluon warp-specialized"), setting
+            assert "persistent past one program per SM" in setting, setting
         else:
             assert setting == f"triton (warp-specialized off: {why})"
 
@@ -335,6 +341,9 @@ def test_other_calls_keep_the_triton_kernel(monkeypatch: pytest.MonkeyPatch) -> 
     run_and_check(case, tattn.attention, max_query_len=1)
     assert calls == [1] and persistent == []
     monkeypatch.setattr(tdecode, "_sm_count", lambda device: 4)  # 6 programs > 4 SMs
+    run_and_check(case, tattn.attention, max_query_len=1)
+    assert calls == [1] and persistent == [3]
+    monkeypatch.setattr(ws, "PERSISTENT_ENABLED", False)  # HAL_ATTN_WS_PERSISTENT=0
     run_and_check(case, tattn.attention, max_query_len=1)
     assert calls == [1] and persistent == [3]
 
