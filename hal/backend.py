@@ -84,6 +84,38 @@ class Int4Weight:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+@dataclass(frozen=True, eq=False)
+class GGUFDecoderLayer:
+    """One Llama-style decoder layer whose four linears are GGUF weights (`prepare_gguf`), for
+    `Backend.gguf_decoder_layers`: RMSNorm weights (input, post-attention) and their eps; qkv
+    [(num_heads + 2 num_kv_heads) x head_dim, hidden] (the q rows, then k, then v), o, gate_up
+    [2 x intermediate, hidden] (gate rows, then up) and down; no biases; attention at `scale`
+    with an optional sliding window."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    qkv: GGUFWeight
+    o: GGUFWeight
+    gate_up: GGUFWeight
+    down: GGUFWeight
+    num_heads: int
+    num_kv_heads: int
+    scale: float
+    sliding_window: int | None = None
+
+
+@dataclass(eq=False)
+class GGUFDecoderStack:
+    """A model's decoder layers for `Backend.gguf_decoder_layers`, with the rotary table they
+    share; `data` is the backend's own state for the stack (e.g. what it checked once)."""
+
+    layers: tuple[GGUFDecoderLayer, ...]
+    cos_sin_cache: torch.Tensor
+    is_neox: bool
+    data: object = None
+
+
 @dataclass
 class BackendInfo:
     """What a backend resolved at construction: its per-family selections."""
@@ -508,6 +540,57 @@ class Backend(ABC):
         q, k, v = qkv.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
         return self.rotary_write_kv(positions, q, k, v, cos_sin_cache, is_neox, key_cache,
                                     value_cache, slot_mapping, kv_scale)  # fmt: skip
+
+    # Whether `gguf_decoder_layers` is more than the composition here (the engine calls it for
+    # whole GGUF decoder stacks only where a backend says so; elsewhere its modules run the ops).
+    fused_gguf_decoder: bool = False
+
+    def gguf_decoder_layers(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        stack: GGUFDecoderStack,
+        positions: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        slot_mapping: torch.Tensor,
+        block_tables: torch.Tensor,
+        seq_lens: torch.Tensor,
+        query_start_loc: torch.Tensor,
+        max_query_len: int | None = None,
+        max_seq_len: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Llama-style decoder layers on GGUF weights over the packed tokens: for each layer and
+        its (key, value) caches, x = rms_norm(hidden) with residual = hidden when residual is
+        None, else (x, residual) = rms_norm(hidden, residual); q, k, v = gguf_linear(x, qkv)
+        split by heads; q rotated and k, v written by `rotary_write_kv`; a = attention(q, ...)
+        flattened; h = gguf_linear(a, o); (x, residual) = rms_norm(h, residual); hidden =
+        gguf_linear(silu_and_mul(gguf_linear(x, gate_up)), down). Returns (hidden, residual)
+        after the last layer (the final norm is the caller's). hidden [T, hidden_size]; the rest
+        as `rotary_write_kv` and `attention` take them. Exactly this composition; a backend may
+        override it with a fused path that gives the same bits."""
+        t = hidden.shape[0]
+        if len(kv_caches) != len(stack.layers):
+            raise ValueError(
+                f"kv_caches: {len(kv_caches)} layers, the stack has {len(stack.layers)}"
+            )
+        for layer, (key_cache, value_cache) in zip(stack.layers, kv_caches, strict=True):
+            if residual is None:
+                x, residual = self.rms_norm(hidden, layer.input_norm, layer.eps), hidden
+            else:
+                x, residual = self.rms_norm(hidden, layer.input_norm, layer.eps, residual)
+            d = key_cache.shape[-1]
+            qkv = self.gguf_linear(x, layer.qkv).view(t, -1, d)
+            q, k, v = qkv.split([layer.num_heads, layer.num_kv_heads, layer.num_kv_heads], dim=1)
+            q, _ = self.rotary_write_kv(positions, q, k, v, stack.cos_sin_cache, stack.is_neox,
+                                        key_cache, value_cache, slot_mapping)  # fmt: skip
+            a = self.attention(q, key_cache, value_cache, block_tables, seq_lens, query_start_loc,
+                               layer.scale, sliding_window=layer.sliding_window,
+                               max_query_len=max_query_len, max_seq_len=max_seq_len)  # fmt: skip
+            h = self.gguf_linear(a.reshape(t, layer.num_heads * d), layer.o)
+            x, residual = self.rms_norm(h, layer.post_norm, layer.eps, residual)
+            hidden = self.gguf_linear(self.silu_and_mul(self.gguf_linear(x, layer.gate_up)),
+                                      layer.down)  # fmt: skip
+        return hidden, residual
 
     # -- graphs ----------------------------------------------------------------------------------
     @abstractmethod

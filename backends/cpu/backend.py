@@ -18,6 +18,7 @@ from backends.cpu import (
     attention,
     cattention,
     ckernels,
+    decoder,
     gguf,
     gguf_fast,
     graphs,
@@ -42,6 +43,8 @@ _GGUF_CPU_FIELDS = ("codes", "codes4", "scale", "offset", "packed", "scale_zeros
 # Bytes of exact GGUF weights kept dequantized in fp32 per backend (the rest stay tiled).
 GGUF_DENSE_ENV = "HAL_GGUF_DENSE_BYTES"
 GGUF_DENSE_DEFAULT = 1 << 30
+# 0: the engine runs a GGUF model's decoder layers through its modules, op by op (see decoder.py).
+FUSED_DECODER_ENV = "HAL_CPU_FUSED_DECODER"
 
 
 def _gguf_dense_budget(wanted: int | None) -> int:
@@ -296,6 +299,31 @@ class CpuBackend(Backend):
 
     def silu_and_mul(self, x) -> torch.Tensor:
         return activation.silu_and_mul(x)
+
+    # -- whole decoder stacks ------------------------------------------------------------------
+    @property
+    def fused_gguf_decoder(self) -> bool:
+        """Whether the engine hands GGUF decoder stacks to `gguf_decoder_layers` (decode batches
+        then run the C kernels from one loop, `decoder.run`): on unless HAL_CPU_FUSED_DECODER=0."""
+        return env_flag(FUSED_DECODER_ENV) is not False
+
+    def gguf_decoder_layers(
+        self, hidden, residual, stack, positions, kv_caches, slot_mapping, block_tables, seq_lens,
+        query_start_loc, max_query_len=None, max_seq_len=None,
+    ):  # fmt: skip
+        if stack.data is None:
+            stack.data = decoder.prepare(self, stack) or "composition"
+        if isinstance(stack.data, decoder.Plan):
+            out = decoder.run(
+                stack.data, hidden, residual, stack, positions, kv_caches, slot_mapping,
+                block_tables, seq_lens, query_start_loc, max_query_len,
+            )  # fmt: skip
+            if out is not None:
+                return out
+        return super().gguf_decoder_layers(
+            hidden, residual, stack, positions, kv_caches, slot_mapping, block_tables, seq_lens,
+            query_start_loc, max_query_len, max_seq_len,
+        )  # fmt: skip
 
     # -- graphs --------------------------------------------------------------------------------
     def capture_graph(

@@ -28,7 +28,7 @@ from engine.parallel import SINGLE, ParallelContext, TensorSource
 from engine.quantization import QuantizationConfig, get_quantization_config
 from engine.quantization.base import QuantizedActivation
 from engine.quantization.gguf import GGUFConfig
-from hal.backend import Backend
+from hal.backend import Backend, GGUFDecoderLayer, GGUFDecoderStack
 
 logger = logging.getLogger(__name__)
 
@@ -281,6 +281,8 @@ class LlamaForCausalLM(nn.Module):
                 self.lm_head.tie(self.embed_tokens)
         # This rank's KV heads: the per-layer cache is [num_blocks, block_size, these, head_dim].
         self.num_kv_heads = self.layers[0].self_attn.qkv_proj.num_kv_heads
+        # The GGUF decoder stack (`_gguf_decoder_stack`): None until built, False if none.
+        self._gguf_stack: GGUFDecoderStack | bool | None = None
 
     def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
         return (num_blocks, block_size, self.num_kv_heads, self.config.head_dim)
@@ -313,13 +315,71 @@ class LlamaForCausalLM(nn.Module):
         else:
             hidden, residual = intermediate
         partial = False  # hidden is this rank's partial sum (see LlamaDecoderLayer.partial_out)
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(batch.positions, hidden, residual, batch, kv_cache, partial)
-            partial = layer.partial_out
+        stack = self._gguf_decoder_stack()
+        if stack is not None:  # the backend runs the whole stack (Backend.gguf_decoder_layers)
+            hidden, residual = self.backend.gguf_decoder_layers(
+                hidden, residual, stack, batch.positions, kv_caches, batch.slot_mapping,
+                batch.block_tables, batch.seq_lens, batch.query_start_loc, batch.max_query_len,
+                batch.max_seq_len,
+            )  # fmt: skip
+        else:
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                hidden, residual = layer(
+                    batch.positions, hidden, residual, batch, kv_cache, partial
+                )
+                partial = layer.partial_out
         if self.norm is None:
             return (self.parallel.all_reduce(hidden) if partial else hidden), residual
         hidden, _ = self.norm(hidden, residual, reduce=self.parallel if partial else None)
         return hidden
+
+    def _gguf_decoder_stack(self) -> GGUFDecoderStack | None:
+        """The layers as one `GGUFDecoderStack` for a backend that runs whole GGUF stacks
+        (`fused_gguf_decoder`), built once after loading; None (its modules run op by op) for
+        another backend, another quantization, tensor parallelism, q/k norms, biases, soft-cap,
+        an FP8 KV scale or linears split in segments."""
+        if self._gguf_stack is not None:
+            return self._gguf_stack or None
+        self._gguf_stack = False
+        c = self.config
+        if (
+            not self.backend.fused_gguf_decoder
+            or not isinstance(self.quant_config, GGUFConfig)
+            or self.parallel.tp_size != 1
+            or c.qk_norm
+            or c.attention_bias
+            or c.o_proj_bias
+            or c.mlp_bias
+        ):
+            return None
+        layers = []
+        for layer in self.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            linears = (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj)
+            weights = [getattr(m, "gguf_weights", None) for m in linears]
+            if any(w is None or len(w) != 1 for w in weights):
+                return None
+            if a.attn.soft_cap is not None or a.attn.kv_scale is not None:
+                return None
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if norms[0].eps != norms[1].eps:
+                return None
+            layers.append(
+                GGUFDecoderLayer(
+                    norms[0].weight.data,
+                    norms[1].weight.data,
+                    norms[0].eps,
+                    *(w[0] for w in weights),
+                    a.qkv_proj.num_heads,
+                    a.qkv_proj.num_kv_heads,
+                    a.attn.scale,
+                    a.attn.sliding_window,
+                )  # fmt: skip
+            )
+        self._gguf_stack = GGUFDecoderStack(
+            tuple(layers), self.rotary.cos_sin_cache, self.rotary.is_neox
+        )
+        return self._gguf_stack
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor | None:
@@ -344,6 +404,7 @@ class LlamaForCausalLM(nn.Module):
 
         Every quantized layer's tensors are checked first, so bad input fails before any read."""
         check_quantized_weights(self, source)
+        self._gguf_stack = None  # built again from the loaded weights at the next forward
         if self.embed_tokens is not None:
             self.embed_tokens.load(source, "model.embed_tokens.weight")
         for i, layer in zip(range(self.layer_start, self.layer_stop), self.layers, strict=True):

