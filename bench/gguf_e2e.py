@@ -44,6 +44,11 @@ PROMPTS = [
 # name -> environment for this engine run (read when the LLM is built)
 ENGINE_PATHS = {
     "blocks (exact fp32, whole)": {"HAL_GGUF_INT4PACK": "0", "HAL_GGUF_DEQUANTIZE": "0"},
+    "whole, op by op": {  # the default but the decoder layers through the modules, op by op
+        "HAL_GGUF_INT4PACK": "0",
+        "HAL_GGUF_DEQUANTIZE": "0",
+        "HAL_CPU_FUSED_DECODER": "0",
+    },  # fmt: skip
     "whole, torch RMSNorm": {  # the default but RMSNorm through F.rms_norm (the same bits)
         "HAL_GGUF_INT4PACK": "0",
         "HAL_GGUF_DEQUANTIZE": "0",

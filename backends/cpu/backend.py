@@ -119,6 +119,12 @@ class CpuBackend(Backend):
                 else f"exact fp32: whole up to {self.gguf_dense_left / 2**20:.0f} MiB "
                 f"({GGUF_DENSE_ENV}), then tiled; {GGUF_INT4PACK_ENV}=1 for bf16 int4pack"
             )
+        self._fused_decoder = env_flag(FUSED_DECODER_ENV) is not False
+        self.info.settings["gguf_decoder"] = (
+            f"decode batches through the C kernels from one loop ({FUSED_DECODER_ENV}=0: op by op)"
+            if self._fused_decoder
+            else f"op by op ({FUSED_DECODER_ENV}=0)"
+        )
         logger.debug("cpu reference backend on %s", self.device)
 
     @property
@@ -304,8 +310,9 @@ class CpuBackend(Backend):
     @property
     def fused_gguf_decoder(self) -> bool:
         """Whether the engine hands GGUF decoder stacks to `gguf_decoder_layers` (decode batches
-        then run the C kernels from one loop, `decoder.run`): on unless HAL_CPU_FUSED_DECODER=0."""
-        return env_flag(FUSED_DECODER_ENV) is not False
+        then run the C kernels from one loop, `decoder.run`): on unless HAL_CPU_FUSED_DECODER=0
+        when the backend was built."""
+        return self._fused_decoder
 
     def gguf_decoder_layers(
         self, hidden, residual, stack, positions, kv_caches, slot_mapping, block_tables, seq_lens,

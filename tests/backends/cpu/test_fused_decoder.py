@@ -140,10 +140,14 @@ def test_no_kernel_no_lean_loop(model, spy, monkeypatch: pytest.MonkeyPatch) -> 
     model._gguf_stack = None
 
 
-def test_switched_off(model, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_switched_off(model, cpu_caps, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HAL_CPU_FUSED_DECODER", "0")
+    backend = load_backend(cpu_caps, configured="cpu")
+    assert not backend.fused_gguf_decoder
+    assert backend.info.settings["gguf_decoder"] == "op by op (HAL_CPU_FUSED_DECODER=0)"
+    monkeypatch.setattr(model, "backend", backend)
     model._gguf_stack = None
-    assert not model.backend.fused_gguf_decoder and model._gguf_decoder_stack() is None
-    monkeypatch.delenv("HAL_CPU_FUSED_DECODER")
+    assert model._gguf_decoder_stack() is None
+    monkeypatch.undo()
     model._gguf_stack = None
-    assert model._gguf_decoder_stack() is not None
+    assert model.backend.fused_gguf_decoder and model._gguf_decoder_stack() is not None
