@@ -50,6 +50,7 @@ SOURCE = Path(__file__).resolve().with_name("csrc") / "codes_gemm.c"
 ROTARY_SOURCE = SOURCE.with_name("rotary_kv.c")
 ATTENTION_SOURCE = SOURCE.with_name("decode_attention.c")
 RMS_NORM_SOURCE = SOURCE.with_name("rms_norm.c")
+DECODER_SOURCE = SOURCE.with_name("decoder_layer.c")
 # -ffp-contract=off: no multiply-add the source does not write, so every row of x gets the same
 # sums whatever M and the thread split are (a sequence's logits do not depend on its batch).
 FLAG_SETS = (
@@ -647,3 +648,27 @@ def load_rms_norm_kernel() -> tuple[RmsNormKernel | None, str]:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     args = (p, p, p, p, p, i64, i64, ctypes.c_float, ctypes.c_int)
     return _checked(RMS_NORM_SOURCE, "rms_norm_f32", args, RmsNormKernel, _rms_norm_self_check)
+
+
+@dataclass(frozen=True)
+class DecoderLayerKernel:
+    """The loaded `decoder_layer_f32` library (see `decoder_layer.c`): one decoder layer of a
+    decode step through the other kernels' function pointers (`backends/cpu/decoder.py`)."""
+
+    lib: ctypes.CDLL
+
+
+def _no_self_check(kernel: DecoderLayerKernel) -> str:
+    # It only calls the other kernels (each checked when loaded) in an order; the bitwise tests
+    # against the engine's modules (tests/backends/cpu/test_fused_decoder.py) check that order.
+    return ""
+
+
+def load_decoder_layer_kernel() -> tuple[DecoderLayerKernel | None, str]:
+    """(the decoder-layer driver, '') or (None, why not here); HAL_CPU_C_KERNELS read at each
+    call."""
+    if not enabled():
+        return None, f"{ENV}=0"
+    p = ctypes.c_void_p
+    args = (p, p, p, p, p, p, ctypes.c_int64)
+    return _checked(DECODER_SOURCE, "decoder_layer_f32", args, DecoderLayerKernel, _no_self_check)

@@ -1,36 +1,80 @@
-"""The CPU backend's `gguf_decoder_layers` for decode batches: the C kernels called straight from
-one loop over the layers, with the checks made once per call instead of once per op.
+"""The CPU backend's `gguf_decoder_layers` for decode batches: each layer one C call
+(`csrc/decoder_layer.c`) that runs the C kernels the backend's ops run, through their loaded
+libraries' function pointers, plus torch's SiLU-and-mul between two calls.
 
-A decode step of the default model (30 layers, ~135M parameters) makes ~270 backend calls; on
-two cores each costs ~10-15 us of Python (module dispatch, the ops' checks, dtype and layout
-tests) beside its C work, ~4 ms of a ~13 ms token. Here the stack is checked once
-(`prepare`: every linear has the codes kernel's handle, the C rms_norm / rotary / attention
-kernels are the backend's choices) and each call once (`run`: fp32 rows, a decode batch of at
-most the codes kernel's rows, fp32 caches), then each layer is the same kernel calls, on the
-same inputs, in the same order as the backend's ops make them (`Backend.gguf_decoder_layers`'
-composition), so the same bits. Anything else (prefill, chunked or mixed batches, other dtypes or
-caches, no kernels) is the composition. `HAL_CPU_FUSED_DECODER=0` keeps the engine on its
-modules.
+A decode step of the default model (30 layers, ~135M parameters) made ~270 backend calls; on
+two cores each cost ~10-15 us of Python (module dispatch, the ops' checks, dtype and layout
+tests, output allocation) beside its C work, ~4 ms of a ~13 ms token. Here the stack is checked
+once (`prepare`: every linear has the codes kernel's handle, the C rms_norm / rotary / attention
+kernels are the backend's choices, the driver loads) and each call once (`run`: fp32 rows, a
+decode batch of at most the codes kernel's rows, fp32 caches); each layer is then the same
+kernels on the same inputs in the same order as `Backend.gguf_decoder_layers` composes the ops,
+so the same bits. Anything else (prefill, chunked or mixed batches, other dtypes or caches, no
+kernels) is the composition. `HAL_CPU_FUSED_DECODER=0` keeps the engine on its modules.
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 
 from backends.cpu import activation, ckernels, gguf_fast
-from hal.backend import GGUFDecoderLayer, GGUFDecoderStack
+from hal.backend import GGUFDecoderStack
 
 
-@dataclass(frozen=True)
+class _Kernels(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_void_p) for f in ("codes", "codes4", "rms", "rotary", "attention")]
+
+
+class _Weight(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("offset", ctypes.c_void_p)]
+    _fields_ += [(f, ctypes.c_int64) for f in ("n", "k", "group", "nibbles", "bias")]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p)]
+    _fields_ += [(f, _Weight) for f in ("qkv", "o", "gate_up", "down")]
+    _fields_ += [("kc", ctypes.c_void_p), ("vc", ctypes.c_void_p)]
+    _fields_ += [(f, ctypes.c_int64) for f in ("hq", "hk", "window")] + [("scale", ctypes.c_float)]
+
+
+_STEP_SIZES = ("T", "hidden", "D", "rot", "max_pos", "num_slots", "ld_table", "max_blocks", "BS")
+_STEP_PTRS = ("pos", "slots", "cs", "tables", "seq_lens", "qsl")
+_STEP_BUFFERS = ("x", "qkv", "q", "k", "attn", "o", "gu")
+
+
+class _Step(ctypes.Structure):
+    _fields_ = [("kern", ctypes.c_void_p)] + [(f, ctypes.c_int64) for f in _STEP_SIZES]
+    _fields_ += [("NB", ctypes.c_int64), ("eps", ctypes.c_float)]
+    _fields_ += [("lanes", ctypes.c_int64), ("threads", ctypes.c_int64)]
+    _fields_ += [(f, ctypes.c_void_p) for f in _STEP_PTRS + _STEP_BUFFERS]
+
+
+def _weight(w) -> _Weight:
+    data = w.data
+    offset = data.offset.data_ptr() if data.offset is not None else None
+    nibbles = data.bias is not None
+    return _Weight(data.codes.data_ptr(), data.scale.data_ptr(), offset, data.n, data.k,
+                   data.group, int(nibbles), data.bias or 0)  # fmt: skip
+
+
+def _fn(lib: ctypes.CDLL, name: str) -> int:
+    return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+
+
+@dataclass(eq=False)
 class Plan:
-    """What `prepare` checked for a stack: the kernels and the most rows a call may have."""
+    """What `prepare` checked for a stack: the kernels, the driver and its per-layer records
+    (the caches' addresses filled per call), the most rows a call may have."""
 
     rms: ckernels.RmsNormKernel
-    rotary: ckernels.RotaryKernel
-    attention: ckernels.AttentionKernel
+    driver: ckernels.DecoderLayerKernel
+    kernels: _Kernels
+    layers: ctypes.Array
     max_rows: int
+    caches: list | None = None  # the kv_caches list the records' addresses came from
 
 
 def _rows(weight) -> int | None:
@@ -44,9 +88,10 @@ def _rows(weight) -> int | None:
 
 def prepare(backend, stack: GGUFDecoderStack) -> Plan | None:
     """The plan for a stack on this backend, or None when some op would not be the C kernel the
-    lean loop calls (then every call takes the composition)."""
+    driver calls (then every call takes the composition)."""
     kernels = (backend.rms_norm_kernel, backend.rotary_kernel, backend.attention_kernel)
-    if any(k is None for k in kernels) or not stack.is_neox:
+    driver, _ = ckernels.load_decoder_layer_kernel()
+    if any(k is None for k in kernels) or driver is None or not stack.is_neox:
         return None
     chosen = {f: backend.chosen(f) for f in ("rms_norm", "rotary", "kv_write", "attention")}
     if chosen != {"rms_norm": "c", "rotary": "c", "kv_write": "native", "attention": "c"}:
@@ -54,17 +99,34 @@ def prepare(backend, stack: GGUFDecoderStack) -> Plan | None:
     cs = stack.cos_sin_cache
     if cs.dtype != torch.float32 or not cs.is_contiguous() or cs.device.type != "cpu":
         return None
-    rows = []
+    rows, codes_libs = [], set()
     for layer in stack.layers:
         for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
             r = _rows(w)
             if r is None:
                 return None
             rows.append(r)
+            codes_libs.add(w.data.kernel.lib)
         for n in (layer.input_norm, layer.post_norm):
             if n.dtype != torch.float32 or not n.is_contiguous():
                 return None
-    return Plan(*kernels, max_rows=min(rows)) if rows else None
+        if layer.eps != stack.layers[0].eps:
+            return None
+    if not rows or len(codes_libs) != 1:
+        return None
+    codes = codes_libs.pop()
+    fns = _Kernels(
+        _fn(codes, "codes_gemm"), _fn(codes, "codes4_gemm"), _fn(kernels[0].lib, "rms_norm_f32"),
+        _fn(kernels[1].lib, "rotary_kv_f32"), _fn(kernels[2].lib, "decode_attention_f32"),
+    )  # fmt: skip
+    records = (_Layer * len(stack.layers))()
+    for rec, layer in zip(records, stack.layers, strict=True):
+        rec.in_norm, rec.post_norm = layer.input_norm.data_ptr(), layer.post_norm.data_ptr()
+        rec.qkv, rec.o = _weight(layer.qkv), _weight(layer.o)
+        rec.gate_up, rec.down = _weight(layer.gate_up), _weight(layer.down)
+        rec.hq, rec.hk = layer.num_heads, layer.num_kv_heads
+        rec.window, rec.scale = layer.sliding_window or 0, layer.scale
+    return Plan(kernels[0], driver, fns, records, min(rows))
 
 
 def _int(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -111,22 +173,66 @@ def run(
         return None
     tables = block_tables if block_tables.dtype == torch.int32 else _int(block_tables, torch.int32)
     lens = _int(seq_lens, torch.int32)
+    if plan.caches is not kv_caches:  # the records' cache addresses
+        for rec, (kc, vc) in zip(plan.layers, kv_caches, strict=True):
+            rec.kc, rec.vc = kc.data_ptr(), vc.data_ptr()
+        plan.caches = kv_caches
+    first, kc = stack.layers[0], kv_caches[0][0]
+    d, h = kc.shape[-1], hidden.shape[1]
     cs = stack.cos_sin_cache
-    layer: GGUFDecoderLayer
-    for layer, (kc, vc) in zip(stack.layers, kv_caches, strict=True):
-        if residual is None:
-            x, residual = plan.rms.run(hidden, layer.input_norm, layer.eps), hidden
+    widths = {"x": h, "qkv": first.qkv.out_features, "q": first.num_heads * d,
+              "k": first.num_kv_heads * d, "attn": first.num_heads * d, "o": h,
+              "gu": first.gate_up.out_features}  # fmt: skip
+    if any(
+        (w.qkv.out_features, w.gate_up.out_features, w.num_heads, w.num_kv_heads)
+        != (widths["qkv"], widths["gu"], first.num_heads, first.num_kv_heads)
+        for w in stack.layers
+    ) or any(c[0].shape != kc.shape or c[1].shape != kc.shape for c in kv_caches):
+        return None  # scratch rows sized once per call: layers alike
+    buffers = {name: torch.empty(t, w, dtype=torch.float32) for name, w in widths.items()}
+    step = _Step(
+        ctypes.addressof(plan.kernels), t, h, d, cs.shape[1], cs.shape[0],
+        kc.shape[0] * kc.shape[1], tables.stride(0), tables.shape[1], kc.shape[1], kc.shape[0],
+        first.eps, plan.rms.lanes, max(1, torch.get_num_threads()), pos.data_ptr(),
+        slots.data_ptr(), cs.data_ptr(), tables.data_ptr(), lens.data_ptr(), qsl.data_ptr(),
+        *(buffers[name].data_ptr() for name in _STEP_BUFFERS),
+    )  # fmt: skip
+    residual_out = torch.empty(t, h, dtype=torch.float32)
+    if residual is not None:
+        residual_out.copy_(residual)
+    work = torch.empty(t, h, dtype=torch.float32)  # each layer's down output: the next input
+    fn, step_p, res_p = plan.driver.lib.decoder_layer_f32, ctypes.addressof(step), None
+    res_p = residual_out.data_ptr()
+    base, size = ctypes.addressof(plan.layers), ctypes.sizeof(_Layer)
+    act = None
+    for i in range(len(stack.layers)):
+        rec = base + i * size
+        if i == 0:
+            rc = fn(rec, None, step_p, None, hidden.data_ptr(), res_p, int(residual is None))
         else:
-            x, residual = plan.rms.run(hidden, layer.input_norm, layer.eps, residual)
-        d = kc.shape[-1]
-        qkv = layer.qkv.data(x).view(t, -1, d)
-        q, k, v = qkv.split([layer.num_heads, layer.num_kv_heads, layer.num_kv_heads], dim=1)
-        q, _ = plan.rotary.run(pos, q, k, cs, v, kc, vc, slots)
-        a = plan.attention.run(q, kc, vc, tables, lens, qsl, layer.scale, layer.sliding_window)
-        if a is None:  # the kernel saw a batch that is not decode: checked above, so a bug
-            raise RuntimeError("decode_attention_f32 refused a batch the lean loop checked")
-        x, residual = plan.rms.run(
-            layer.o.data(a.view(t, layer.num_heads * d)), layer.post_norm, layer.eps, residual
+            rc = fn(rec, rec - size, step_p, act.data_ptr(), work.data_ptr(), res_p, 0)
+        if rc:
+            _raise(rc, tables, lens, step)
+        act = activation.silu_and_mul(buffers["gu"])
+    return stack.layers[-1].down.data(act), residual_out
+
+
+def _raise(rc: int, tables: torch.Tensor, lens: torch.Tensor, step: _Step) -> None:
+    """The error the op that failed in the driver raises (`ckernels` wrappers' messages)."""
+    if rc == 301:
+        raise ValueError(
+            f"positions: values must lie in 0..{step.max_pos - 1} (the cache's max_position)"
         )
-        hidden = layer.down.data(activation.silu_and_mul(layer.gate_up.data(x)))
-    return hidden, residual
+    if rc == 302:
+        raise ValueError(f"slot_mapping: slots must be -1 (skip) or lie in 0..{step.num_slots - 1}")
+    if rc == 402:
+        raise ValueError(
+            f"seq_lens: each must lie in 1..{tables.shape[1] * step.BS} (its block table row of "
+            f"{tables.shape[1]} blocks of {step.BS}); got {lens.tolist()}"
+        )
+    if rc == 403:
+        raise ValueError(
+            f"block_tables: a block id a sequence uses lies outside 0..{step.NB - 1} (the "
+            "cache's blocks)"
+        )
+    raise RuntimeError(f"decoder_layer_f32: stage {rc // 100} refused its call (code {rc})")

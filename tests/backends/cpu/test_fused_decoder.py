@@ -151,3 +151,26 @@ def test_switched_off(model, cpu_caps, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()
     model._gguf_stack = None
     assert model.backend.fused_gguf_decoder and model._gguf_decoder_stack() is not None
+
+
+@pytest.mark.parametrize("field", ["positions", "slot_mapping", "seq_lens"])
+def test_bad_input_raises_as_the_ops_do(model, spy, field: str) -> None:
+    # A decode step with a position past the rotary table, a slot past the cache or a length past
+    # the block table: the same error through the driver as through the modules.
+    model._gguf_stack = None
+    shape = model.kv_cache_shape(24, BLOCK_SIZE)
+    batch = _three((40, 7, 100))
+    bad = {
+        "positions": torch.tensor([40, 7, 10**7], dtype=torch.int64),
+        "slot_mapping": torch.tensor([0, 1, 24 * BLOCK_SIZE], dtype=torch.int64),
+        "seq_lens": torch.tensor([41, 8, 8 * BLOCK_SIZE + 1], dtype=torch.int32),
+    }[field]
+    batch = ForwardBatch(**{**batch.__dict__, field: bad})
+    errors = []
+    for fused in (True, False):
+        caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(model.config.num_layers)]
+        with pytest.raises(ValueError) as e:
+            model(batch, caches) if fused else _modules(model, lambda c=caches: model(batch, c))
+        errors.append(str(e.value))
+    assert errors[0] == errors[1], errors
+    assert spy == []  # the driver raised before its first layer returned
