@@ -13,7 +13,9 @@ reference's roundings (the same bits; torch takes ~20 small ops for it at decode
 batches (one query token per sequence) on fp32 caches: straight from the pages, no gather, fp32
 within roundoff of the reference. `rms_norm_f32` (`rms_norm.c`) is the "c" rms_norm: the residual
 add and RMSNorm of fp32 rows in one call, summing the squares in the order of torch's vectorized
-sum (the lane width found by its self-check), so the same bits as torch.
+sum (the lane width found by its self-check), so the same bits as torch. `decoder_layer_f32`
+(`decoder_layer.c`) runs one decoder layer of a GGUF decode step by calling the others through
+their loaded libraries' function pointers (`backends/cpu/decoder.py`).
 
 Build: `$CC` (else `cc`) with `-O3 -ffp-contract=off -march=native -fopenmp -shared -fPIC`,
 then without `-march=native`, then without OpenMP, the first that works. The library is cached under
