@@ -120,10 +120,13 @@ class CpuBackend(Backend):
                 f"({GGUF_DENSE_ENV}), then tiled; {GGUF_INT4PACK_ENV}=1 for bf16 int4pack"
             )
         self._fused_decoder = env_flag(FUSED_DECODER_ENV) is not False
+        kernels = (self.rms_norm_kernel, self.rotary_kernel, self.attention_kernel)
         self.info.settings["gguf_decoder"] = (
-            f"decode batches through the C kernels from one loop ({FUSED_DECODER_ENV}=0: op by op)"
-            if self._fused_decoder
-            else f"op by op ({FUSED_DECODER_ENV}=0)"
+            f"op by op ({FUSED_DECODER_ENV}=0)"
+            if not self._fused_decoder
+            else "op by op (the C rms_norm, rotary and attention kernels are not all chosen)"
+            if any(k is None for k in kernels)
+            else f"decode batches one C call per layer ({FUSED_DECODER_ENV}=0: op by op)"
         )
         logger.debug("cpu reference backend on %s", self.device)
 

@@ -72,6 +72,7 @@ def test_the_stack_is_built_for_the_default_model(model) -> None:
     stack = model._gguf_decoder_stack()
     assert stack is not None and len(stack.layers) == model.config.num_layers
     assert isinstance(decoder.prepare(model.backend, stack), decoder.Plan)
+    assert model.backend.info.settings["gguf_decoder"].startswith("decode batches one C call")
 
 
 def test_decode_steps_equal_the_modules_bit_for_bit(model, spy) -> None:
