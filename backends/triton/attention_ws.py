@@ -94,6 +94,29 @@ if HAVE_GLUON:
             _tma_load(v_desc, [page * PAGE, kv_col], bar, v_smem.index(slot))
 
     @gluon.jit
+    def page_step(k_smem, v_smem, ready, empty, slot, phase, q, m_i, l_i, acc, s_scale, start,
+                  toks, seq_len, PAGE: gl.constexpr, DT: gl.constexpr):  # fmt: skip
+        # One consumer's step over the page in ring slot `slot` (once its copies landed: phase):
+        # S = Q K^T scaled, tokens start + toks from seq_len on masked, the online softmax's
+        # (m, l, acc) updated with O += P V; the slot is released as soon as K and V are in
+        # registers. Shared with the persistent kernel (attention_ws_persistent).
+        mma: gl.constexpr = q.type.layout.parent
+        b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
+        mbarrier.wait(ready.index(slot), phase)
+        kt = k_smem.index(slot).permute((1, 0)).load(b_op)  # [HEAD_DIM, PAGE]
+        v = v_smem.index(slot).load(b_op)  # [PAGE, HEAD_DIM]
+        mbarrier.arrive(empty.index(slot))
+        s = mma_v2(q, kt, gl.zeros([BLOCK_M, PAGE], gl.float32, mma)) * s_scale
+        s = gl.where((start + toks < seq_len)[None, :], s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        p = gl.exp2(s - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        acc = acc * alpha[:, None]
+        acc = mma_v2(gl.convert_layout(p.to(DT), q.type.layout), v, acc)
+        return m_new, l_i, acc
+
+    @gluon.jit
     def _consumer(k_smem, v_smem, ready, empty, acc_smem, ml_smem, q_row_ptr, group,
                   seq_len, lo, hi, s_scale, C: gl.constexpr, NC: gl.constexpr,
                   PAGE: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
@@ -101,7 +124,6 @@ if HAVE_GLUON:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                       instr_shape=[16, 8])  # fmt: skip
         a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
         rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_op))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_op))
         q = gl.load(q_row_ptr + rows[:, None] * HEAD_DIM + cols[None, :],
@@ -113,19 +135,9 @@ if HAVE_GLUON:
         for i in range(lo + C, hi, NC):
             j = i - lo
             slot = j % STAGES
-            mbarrier.wait(ready.index(slot), (j // STAGES) & 1)
-            kt = k_smem.index(slot).permute((1, 0)).load(b_op)  # [HEAD_DIM, PAGE]
-            v = v_smem.index(slot).load(b_op)  # [PAGE, HEAD_DIM]
-            mbarrier.arrive(empty.index(slot))
-            s = mma_v2(q, kt, gl.zeros([BLOCK_M, PAGE], gl.float32, mma)) * s_scale
-            s = gl.where((i * PAGE + toks < seq_len)[None, :], s, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
-            p = gl.exp2(s - m_new[:, None])
-            alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
-            acc = mma_v2(gl.convert_layout(p.to(DT), a_op), v, acc)
-            m_i = m_new
+            m_i, l_i, acc = page_step(k_smem, v_smem, ready, empty, slot, (j // STAGES) & 1, q,
+                                      m_i, l_i, acc, s_scale, i * PAGE, toks, seq_len, PAGE,
+                                      DT)  # fmt: skip
         acc_smem.index(C).store(acc)
         ml_smem.index(2 * C).store(m_i)
         ml_smem.index(2 * C + 1).store(l_i)

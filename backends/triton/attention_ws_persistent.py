@@ -47,7 +47,6 @@ MAX_REGS = 168
 if ws.HAVE_GLUON:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
     BLOCK_M = ws.BLOCK_M
@@ -93,7 +92,6 @@ if ws.HAVE_GLUON:
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                       instr_shape=[16, 8])  # fmt: skip
         a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-        b_op: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=2)
         rows = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, a_op))
         cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, a_op))
         toks = gl.arange(0, PAGE, layout=gl.SliceLayout(0, mma))
@@ -123,19 +121,9 @@ if ws.HAVE_GLUON:
             for p in range((C - j % NC + NC) % NC, pages, NC):
                 jj = j + p
                 slot = jj % STAGES
-                mbarrier.wait(ready.index(slot), (jj // STAGES) & 1)
-                kt = k_smem.index(slot).permute((1, 0)).load(b_op)  # [HEAD_DIM, PAGE]
-                v = v_smem.index(slot).load(b_op)  # [PAGE, HEAD_DIM]
-                mbarrier.arrive(empty.index(slot))
-                s = mma_v2(q, kt, gl.zeros([BLOCK_M, PAGE], gl.float32, mma)) * s_scale
-                s = gl.where((p * PAGE + toks < cur_len)[None, :], s, float("-inf"))
-                m_new = gl.maximum(m_i, gl.max(s, axis=1))
-                pr = gl.exp2(s - m_new[:, None])
-                alpha = gl.exp2(m_i - m_new)
-                l_i = l_i * alpha + gl.sum(pr, axis=1)
-                acc = acc * alpha[:, None]
-                acc = mma_v2(gl.convert_layout(pr.to(DT), a_op), v, acc)
-                m_i = m_new
+                m_i, l_i, acc = ws.page_step(k_smem, v_smem, ready, empty, slot,
+                                             (jj // STAGES) & 1, q, m_i, l_i, acc, s_scale,
+                                             p * PAGE, toks, cur_len, PAGE, DT)  # fmt: skip
             # the item's state into buffer t % 2 once the folder has read its last contents
             b = t % 2
             mbarrier.wait(free.index(b), ((t // 2) & 1) ^ 1)
