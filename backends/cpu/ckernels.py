@@ -383,6 +383,31 @@ def _declare_codes(lib: ctypes.CDLL) -> None:
     lib.codes4_dequant.argtypes = [p, ctypes.c_int, p, p, i64, i64, i64, p, ctypes.c_int]
 
 
+def rotary_input_error(rc: int, max_position: int, num_slots: int) -> ValueError:
+    """What `rotary_kv_f32`'s code -1 (a position) or -2 (a slot) says about the caller's input."""
+    if rc == -1:
+        return ValueError(
+            f"positions: values must lie in 0..{max_position - 1} (the cache's max_position)"
+        )
+    return ValueError(f"slot_mapping: slots must be -1 (skip) or lie in 0..{num_slots - 1}")
+
+
+def attention_input_error(
+    rc: int, max_blocks: int, block_size: int, num_blocks: int, seq_lens: torch.Tensor
+) -> ValueError:
+    """What `decode_attention_f32`'s code -2 (a length) or -3 (a block id) says about the
+    caller's input."""
+    if rc == -2:
+        return ValueError(
+            f"seq_lens: each must lie in 1..{max_blocks * block_size} (its block table row of "
+            f"{max_blocks} blocks of {block_size}); got {seq_lens.tolist()}"
+        )
+    return ValueError(
+        f"block_tables: a block id a sequence uses lies outside 0..{num_blocks - 1} (the cache's "
+        "blocks)"
+    )
+
+
 @dataclass(frozen=True)
 class RotaryKernel:
     """The loaded `rotary_kv_f32` library (see `rotary_kv.c`)."""
@@ -421,13 +446,8 @@ class RotaryKernel:
             key_cache.data_ptr() if write else None, value_cache.data_ptr() if write else None,
             slot_mapping.data_ptr() if write else None, num_slots,
         )  # fmt: skip
-        if rc == -1:
-            raise ValueError(
-                f"positions: values must lie in 0..{cos_sin_cache.shape[0] - 1} (the cache's "
-                "max_position)"
-            )
-        if rc == -2:
-            raise ValueError(f"slot_mapping: slots must be -1 (skip) or lie in 0..{num_slots - 1}")
+        if rc in (-1, -2):
+            raise rotary_input_error(rc, cos_sin_cache.shape[0], num_slots)
         if rc != 0:
             raise RuntimeError(
                 f"rotary_kv_f32 rejected query {tuple(query.shape)}, rotary_dim "
@@ -520,16 +540,8 @@ class AttentionKernel:
         )  # fmt: skip
         if rc == -1:
             return None
-        if rc == -2:
-            raise ValueError(
-                f"seq_lens: each must lie in 1..{block_tables.shape[1] * bs} (its block table "
-                f"row of {block_tables.shape[1]} blocks of {bs}); got {seq_lens.tolist()}"
-            )
-        if rc == -3:
-            raise ValueError(
-                f"block_tables: a block id a sequence uses lies outside 0..{nb - 1} (the cache's "
-                "blocks)"
-            )
+        if rc in (-2, -3):
+            raise attention_input_error(rc, block_tables.shape[1], bs, nb, seq_lens)
         if rc != 0:
             raise RuntimeError(
                 f"decode_attention_f32 rejected query {tuple(query.shape)} (code {rc})"

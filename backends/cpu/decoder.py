@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from backends.cpu import activation, ckernels, gguf_fast
+from backends.cpu.cattention import _int32
+from backends.cpu.native import _int64
 from hal.backend import GGUFDecoderStack
 
 
@@ -74,7 +76,10 @@ class Plan:
     kernels: _Kernels
     layers: ctypes.Array
     max_rows: int
-    caches: list | None = None  # the kv_caches list the records' addresses came from
+    widths: tuple[int, int, int, int]  # every layer's qkv and gate_up outputs, q and kv heads
+    # the addresses of the kv caches the records hold (checked when they change; no reference
+    # kept, so a released cache is freed)
+    caches: tuple[int, ...] = ()
 
 
 def _rows(weight) -> int | None:
@@ -99,8 +104,17 @@ def prepare(backend, stack: GGUFDecoderStack) -> Plan | None:
     cs = stack.cos_sin_cache
     if cs.dtype != torch.float32 or not cs.is_contiguous() or cs.device.type != "cpu":
         return None
+    if not stack.layers:
+        return None
+    first = stack.layers[0]
+    widths = (first.qkv.out_features, first.gate_up.out_features, first.num_heads,
+              first.num_kv_heads)  # fmt: skip
     rows, codes_libs = [], set()
     for layer in stack.layers:
+        shape = (layer.qkv.out_features, layer.gate_up.out_features, layer.num_heads,
+                 layer.num_kv_heads)  # fmt: skip
+        if shape != widths or layer.eps != first.eps:
+            return None  # one set of scratch rows and one eps for every layer
         for w in (layer.qkv, layer.o, layer.gate_up, layer.down):
             r = _rows(w)
             if r is None:
@@ -110,9 +124,7 @@ def prepare(backend, stack: GGUFDecoderStack) -> Plan | None:
         for n in (layer.input_norm, layer.post_norm):
             if n.dtype != torch.float32 or not n.is_contiguous():
                 return None
-        if layer.eps != stack.layers[0].eps:
-            return None
-    if not rows or len(codes_libs) != 1:
+    if len(codes_libs) != 1:
         return None
     codes = codes_libs.pop()
     fns = _Kernels(
@@ -126,11 +138,7 @@ def prepare(backend, stack: GGUFDecoderStack) -> Plan | None:
         rec.gate_up, rec.down = _weight(layer.gate_up), _weight(layer.down)
         rec.hq, rec.hk = layer.num_heads, layer.num_kv_heads
         rec.window, rec.scale = layer.sliding_window or 0, layer.scale
-    return Plan(kernels[0], driver, fns, records, min(rows))
-
-
-def _int(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+    return Plan(kernels[0], driver, fns, records, min(rows), widths)
 
 
 def run(
@@ -160,40 +168,27 @@ def run(
         and (residual is None or (residual.dtype == torch.float32 and residual.is_contiguous()))
     ):
         return None
-    qsl = _int(query_start_loc, torch.int32)
+    qsl = _int32(query_start_loc)
     if max_query_len != 1 and not torch.equal(qsl, torch.arange(t + 1, dtype=torch.int32)):
         return None  # not one query token per sequence
-    for kc, vc in kv_caches:
-        if not all(
-            c.dtype == torch.float32 and c.is_contiguous() and c.dim() == 4 for c in (kc, vc)
-        ):
-            return None
-    pos, slots = _int(positions, torch.int64), _int(slot_mapping, torch.int64)
     if block_tables.stride(-1) != 1:  # the attention op would take its SDPA path
         return None
-    tables = block_tables if block_tables.dtype == torch.int32 else _int(block_tables, torch.int32)
-    lens = _int(seq_lens, torch.int32)
-    if plan.caches is not kv_caches:  # the records' cache addresses
-        for rec, (kc, vc) in zip(plan.layers, kv_caches, strict=True):
-            rec.kc, rec.vc = kc.data_ptr(), vc.data_ptr()
-        plan.caches = kv_caches
-    first, kc = stack.layers[0], kv_caches[0][0]
+    addresses = tuple(c.data_ptr() for pair in kv_caches for c in pair)
+    if addresses != plan.caches and not _take_caches(plan, kv_caches, addresses):
+        return None
+    pos, slots = _int64(positions), _int64(slot_mapping)
+    tables = block_tables if block_tables.dtype == torch.int32 else _int32(block_tables)
+    lens = _int32(seq_lens)
+    kc = kv_caches[0][0]
     d, h = kc.shape[-1], hidden.shape[1]
     cs = stack.cos_sin_cache
-    widths = {"x": h, "qkv": first.qkv.out_features, "q": first.num_heads * d,
-              "k": first.num_kv_heads * d, "attn": first.num_heads * d, "o": h,
-              "gu": first.gate_up.out_features}  # fmt: skip
-    if any(
-        (w.qkv.out_features, w.gate_up.out_features, w.num_heads, w.num_kv_heads)
-        != (widths["qkv"], widths["gu"], first.num_heads, first.num_kv_heads)
-        for w in stack.layers
-    ) or any(c[0].shape != kc.shape or c[1].shape != kc.shape for c in kv_caches):
-        return None  # scratch rows sized once per call: layers alike
+    qkv_n, gu_n, hq, hk = plan.widths
+    widths = {"x": h, "qkv": qkv_n, "q": hq * d, "k": hk * d, "attn": hq * d, "o": h, "gu": gu_n}
     buffers = {name: torch.empty(t, w, dtype=torch.float32) for name, w in widths.items()}
     step = _Step(
         ctypes.addressof(plan.kernels), t, h, d, cs.shape[1], cs.shape[0],
         kc.shape[0] * kc.shape[1], tables.stride(0), tables.shape[1], kc.shape[1], kc.shape[0],
-        first.eps, plan.rms.lanes, max(1, torch.get_num_threads()), pos.data_ptr(),
+        stack.layers[0].eps, plan.rms.lanes, max(1, torch.get_num_threads()), pos.data_ptr(),
         slots.data_ptr(), cs.data_ptr(), tables.data_ptr(), lens.data_ptr(), qsl.data_ptr(),
         *(buffers[name].data_ptr() for name in _STEP_BUFFERS),
     )  # fmt: skip
@@ -201,8 +196,11 @@ def run(
     if residual is not None:
         residual_out.copy_(residual)
     work = torch.empty(t, h, dtype=torch.float32)  # each layer's down output: the next input
-    fn, step_p, res_p = plan.driver.lib.decoder_layer_f32, ctypes.addressof(step), None
-    res_p = residual_out.data_ptr()
+    fn, step_p, res_p = (
+        plan.driver.lib.decoder_layer_f32,
+        ctypes.addressof(step),
+        residual_out.data_ptr(),
+    )
     base, size = ctypes.addressof(plan.layers), ctypes.sizeof(_Layer)
     act = None
     for i in range(len(stack.layers)):
@@ -217,22 +215,31 @@ def run(
     return stack.layers[-1].down.data(act), residual_out
 
 
+def _take_caches(plan: Plan, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 addresses: tuple[int, ...]) -> bool:  # fmt: skip
+    """Check a new set of kv caches (fp32, contiguous, all one shape) once and write their
+    addresses into the layer records; False (records untouched) when the driver does not take
+    them."""
+    shape = kv_caches[0][0].shape
+    for kc, vc in kv_caches:
+        for c in (kc, vc):
+            if (
+                c.dtype != torch.float32
+                or not c.is_contiguous()
+                or c.dim() != 4
+                or c.shape != shape
+            ):
+                return False
+    for rec, (kc, vc) in zip(plan.layers, kv_caches, strict=True):
+        rec.kc, rec.vc = kc.data_ptr(), vc.data_ptr()
+    plan.caches = addresses
+    return True
+
+
 def _raise(rc: int, tables: torch.Tensor, lens: torch.Tensor, step: _Step) -> None:
-    """The error the op that failed in the driver raises (`ckernels` wrappers' messages)."""
-    if rc == 301:
-        raise ValueError(
-            f"positions: values must lie in 0..{step.max_pos - 1} (the cache's max_position)"
-        )
-    if rc == 302:
-        raise ValueError(f"slot_mapping: slots must be -1 (skip) or lie in 0..{step.num_slots - 1}")
-    if rc == 402:
-        raise ValueError(
-            f"seq_lens: each must lie in 1..{tables.shape[1] * step.BS} (its block table row of "
-            f"{tables.shape[1]} blocks of {step.BS}); got {lens.tolist()}"
-        )
-    if rc == 403:
-        raise ValueError(
-            f"block_tables: a block id a sequence uses lies outside 0..{step.NB - 1} (the "
-            "cache's blocks)"
-        )
+    """The error the op that failed in the driver raises (the `ckernels` wrappers' own)."""
+    if rc in (301, 302):
+        raise ckernels.rotary_input_error(300 - rc, step.max_pos, step.num_slots)
+    if rc in (402, 403):
+        raise ckernels.attention_input_error(400 - rc, tables.shape[1], step.BS, step.NB, lens)
     raise RuntimeError(f"decoder_layer_f32: stage {rc // 100} refused its call (code {rc})")
