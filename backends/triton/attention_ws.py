@@ -87,11 +87,19 @@ if HAVE_GLUON:
             page = gl.load(bt_row_ptr + i)
             j = i - lo
             slot = j % STAGES
-            mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
-            bar = ready.index(slot)
-            mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
-            _tma_load(k_desc, [page * PAGE, kv_col], bar, k_smem.index(slot))
-            _tma_load(v_desc, [page * PAGE, kv_col], bar, v_smem.index(slot))
+            issue_page(k_desc, v_desc, k_smem, v_smem, ready, empty, slot, ((j // STAGES) & 1) ^ 1,
+                       page * PAGE, kv_col)  # fmt: skip
+
+    @gluon.jit
+    def issue_page(k_desc, v_desc, k_smem, v_smem, ready, empty, slot, phase, row, kv_col):
+        # The producer's step: once ring slot `slot` is free (phase), one TMA copy each of the
+        # page's K and V rows (row .. row + page - 1, this KV head's columns) into it, landing on
+        # its "ready" barrier. Shared with the persistent kernel (attention_ws_persistent).
+        mbarrier.wait(empty.index(slot), phase)
+        bar = ready.index(slot)
+        mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
+        _tma_load(k_desc, [row, kv_col], bar, k_smem.index(slot))
+        _tma_load(v_desc, [row, kv_col], bar, v_smem.index(slot))
 
     @gluon.jit
     def page_step(k_smem, v_smem, ready, empty, slot, phase, q, m_i, l_i, acc, s_scale, start,

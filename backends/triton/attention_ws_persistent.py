@@ -77,11 +77,8 @@ if ws.HAVE_GLUON:
                 for k in range(0, gl.minimum(TB, pages - i0)):
                     page = gl.sum(gl.where(lanes == k, ents, 0), axis=0)
                     slot = j % STAGES
-                    mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
-                    bar = ready.index(slot)
-                    mbarrier.expect(bar, 2 * k_desc.block_type.nbytes)
-                    _tma_load(k_desc, [page * PAGE, kv_col], bar, k_smem.index(slot))
-                    _tma_load(v_desc, [page * PAGE, kv_col], bar, v_smem.index(slot))
+                    ws.issue_page(k_desc, v_desc, k_smem, v_smem, ready, empty, slot,
+                                  ((j // STAGES) & 1) ^ 1, page * PAGE, kv_col)  # fmt: skip
                     j += 1
 
     @gluon.jit
