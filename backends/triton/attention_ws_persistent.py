@@ -50,7 +50,6 @@ if ws.HAVE_GLUON:
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
     BLOCK_M = ws.BLOCK_M
-    _tma_load = ws._tma_load
 
     @gluon.jit
     def _producer(k_desc, v_desc, k_smem, v_smem, ready, empty, bt_ptr, seq_lens_ptr,
