@@ -106,6 +106,13 @@ class _BypassesDispatch(CpuBackend):
         return (F.silu(x[..., :d].float()) * x[..., d:].float()).to(x.dtype)
 
 
+class _OneCacheForAllLayers(CpuBackend):
+    def gguf_decoder_layers(self, hidden, residual, stack, positions, kv_caches, *args, **kw):
+        # Every layer writes and reads the first layer's caches.
+        one = [kv_caches[0]] * len(kv_caches)
+        return super().gguf_decoder_layers(hidden, residual, stack, positions, one, *args, **kw)
+
+
 PLANTED = [
     (_LowPrecisionAttention, "attention", "fp32"),
     (_NoSlidingWindow, "attention", "fp16"),
@@ -114,6 +121,7 @@ PLANTED = [
     (_SwappedRotary, "rotary/gptj", "fp32"),
     (_StaleGraph, "graph", "fp32"),
     (_BypassesDispatch, "silu_and_mul", "bf16"),
+    (_OneCacheForAllLayers, "gguf_decoder_layers/Q4_1", "fp32"),
 ]
 
 
@@ -139,3 +147,10 @@ def test_unsupported_dtype_skips_with_reason(cpu_caps) -> None:
     backend = CpuBackend(caps, "cpu", select_ops("cpu", caps))
     cell = run_cell(backend, OPS_BY_NAME["linear"], "fp16", "ci")
     assert cell.status == "skip" and "fp16 not supported" in cell.reason, cell.report()
+
+
+def test_a_row_the_backend_composes_skips_with_reason(cpu_caps, monkeypatch) -> None:
+    monkeypatch.setenv("HAL_CPU_FUSED_DECODER", "0")  # read when the backend is built
+    backend = CpuBackend(cpu_caps, "cpu", select_ops("cpu", cpu_caps))
+    cell = run_cell(backend, OPS_BY_NAME["gguf_decoder_layers/Q4_0"], "fp32", "ci")
+    assert cell.status == "skip" and "op by op" in cell.reason, cell.report()

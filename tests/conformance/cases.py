@@ -15,7 +15,7 @@ import torch
 from hypothesis import strategies as st
 
 from backends.cpu import activation, attention, gguf, kv_cache, linear, norm, quant, rotary
-from hal.backend import Backend
+from hal.backend import Backend, GGUFDecoderLayer, GGUFDecoderStack
 from hal.capabilities import Capabilities
 from tests.conformance import strategies as S
 from tests.conformance.targets import DispatchPlan, DispatchSpy
@@ -300,6 +300,56 @@ def check_gguf_linear(d: Dispatch, case: S.GGUFCase) -> CaseResult:
     # TF32 only where a dense GEMM ran (the Triton kernel's fp32 dots are IEEE).
     dense = getattr(d.backend, "ran", {}).get("gguf_gemm", "") != "triton"
     return within("y", out, ref, case.dtype, mag, k, tf32=tf32(d) and dense)
+
+
+def check_gguf_decoder_layers(d: Dispatch, case: S.GGUFDecoderCase) -> CaseResult:
+    # Fused or not, the bits of Backend.gguf_decoder_layers' composition of this backend's own
+    # ops (each op's accuracy is its own row's): hidden, residual and every layer's caches.
+    t, b, be = case.build(), case.batch, d.backend
+    layers, shapes = [], case.shapes()
+    for w in t["layers"]:
+        prepared = {name: be.prepare_gguf(d.to(w[name]), case.qtype, n, k)
+                    for name, (n, k) in shapes.items()}  # fmt: skip
+        layers.append(GGUFDecoderLayer(
+            d.to(w["input_norm"]), d.to(w["post_norm"]), 1e-5, prepared["qkv"], prepared["o"],
+            prepared["gate_up"], prepared["down"], b.num_heads, b.num_kv_heads, t["scale"],
+            b.sliding_window,
+        ))  # fmt: skip
+    stack = GGUFDecoderStack(tuple(layers), d.to(t["cos_sin_cache"]), case.is_neox)
+    args = [d.to(t[name]) for name in ("positions", "slot_mapping", "block_tables", "seq_lens",
+                                       "query_start_loc")]  # fmt: skip
+    pos, slots, tables, lens, qsl = args
+    lengths = (max(b.query_lens), max(b.seq_lens))
+
+    def caches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [(d.to(t["key_cache"].clone()), d.to(t["value_cache"].clone()))
+                for _ in case.num_layers * (0,)]  # fmt: skip
+
+    def inputs() -> tuple[torch.Tensor, torch.Tensor | None]:
+        r = t["residual"]
+        return d.to(t["hidden"].clone()), None if r is None else d.to(r.clone())
+
+    out_caches, own_caches = caches(), caches()
+    out = d("gguf_decoder_layers", *inputs(), stack, pos, out_caches, slots, tables, lens, qsl,
+            *lengths)  # fmt: skip
+    own = Backend.gguf_decoder_layers(be, *inputs(), stack, pos, own_caches, slots, tables, lens,
+                                      qsl, *lengths)  # fmt: skip
+    result = CaseResult(True)
+    for name, o, e in (("hidden", out[0], own[0]), ("residual", out[1], own[1])):
+        result = result.merge(bitwise(f"{name} vs the composition", o, e.cpu()))
+    for i, (o, e) in enumerate(zip(out_caches, own_caches, strict=True)):
+        for name, oc, ec in (("key_cache", o[0], e[0]), ("value_cache", o[1], e[1])):
+            result = result.merge(bitwise(f"layer {i} {name} vs the composition", oc, ec.cpu()))
+    if not bool(torch.isfinite(own[0].cpu()).all()):  # a case that says nothing
+        result = result.merge(CaseResult(False, detail="the composition's hidden is not finite"))
+    return result
+
+
+def _fused_gguf_decoder(backend: Backend) -> str:
+    if backend.fused_gguf_decoder:
+        return ""
+    return (f"{backend.name} runs GGUF decoder stacks op by op (fused_gguf_decoder is off); "
+            "those ops' own rows cover it")  # fmt: skip
 
 
 # -- quantize / dequantize -----------------------------------------------------------------------
@@ -653,6 +703,8 @@ class OpSpec:
     # The share of the profile's examples this row draws (rows whose cases are costly under the
     # interpreter and whose kernels have their own targeted tests draw fewer).
     examples_scale: float = 1.0
+    # Why a backend has nothing for this row to check ("" when it has), e.g. an op it composes.
+    unchecked: Callable[[Backend], str] | None = None
 
     def missing(self, dtype: str, caps: Capabilities) -> str:
         """Why this cell cannot run on `caps` ("" if it can)."""
@@ -801,6 +853,19 @@ OPS: tuple[OpSpec, ...] = (
     ),
     *(
         OpSpec(f"gguf_linear/{q}", "gguf_gemm", FLOAT, _gguf(q), check_gguf_linear)
+        for q in S.GGUF_QTYPES
+    ),
+    # fp32 only: the one column a backend fuses (the CPU backend's C decode loop); others skip.
+    *(
+        OpSpec(
+            f"gguf_decoder_layers/{q}",
+            "gguf_gemm",
+            ("fp32",),
+            lambda dt, c, lim, q=q: S.gguf_decoder_cases(q, lim),
+            check_gguf_decoder_layers,
+            examples_scale=0.4,
+            unchecked=_fused_gguf_decoder,
+        )  # fmt: skip
         for q in S.GGUF_QTYPES
     ),
     OpSpec("quantize_fp8", "quantize", FP8, _quant, check_quantize_fp8, True),

@@ -77,7 +77,7 @@ def run_cell(
     label = label or backend.name
     if dtype not in op.dtypes:
         raise ValueError(f"dtype: {dtype!r} is not a column of {op.name}; valid: {op.dtypes}")
-    missing = op.missing(dtype, backend.caps)
+    missing = op.missing(dtype, backend.caps) or (op.unchecked and op.unchecked(backend))
     if missing:
         return skip(label, op, dtype, missing)
     plan = expected_dispatch(backend, op.family)

@@ -8,7 +8,7 @@ seeded torch generator.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from hypothesis import strategies as st
@@ -512,6 +512,100 @@ def gguf_cases(draw, dtype: str, qtype: str, limits: Limits = LIMITS["ci"]) -> G
         n=draw(st.integers(1, limits.max_n)),
         num_blocks=draw(st.integers(1, limits.max_gguf_superblocks * per_super)),
         has_bias=draw(st.booleans()),
+        seed=draw(seeds),
+    )
+
+
+# -- GGUF decoder stacks -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GGUFDecoderCase:
+    """A Llama-style decoder stack of `num_layers` layers on `qtype` weights over a paged batch
+    (fp32, no soft-cap or KV scale, no padding tokens): hidden = `hidden_blocks` ggml blocks,
+    the MLP `inter_blocks` blocks wide; a rotary table over `rotary_fraction` of the head;
+    decode batches (one new token a sequence: what a backend may fuse) drawn 3 times in 4."""
+
+    batch: AttentionBatch
+    qtype: str
+    num_layers: int
+    hidden_blocks: int
+    inter_blocks: int
+    with_residual: bool
+    is_neox: bool
+    rotary_fraction: float
+    seed: int
+
+    @property
+    def hidden(self) -> int:
+        return _GGUF_BLOCK_SIZE[self.qtype] * self.hidden_blocks
+
+    @property
+    def inter(self) -> int:
+        return _GGUF_BLOCK_SIZE[self.qtype] * self.inter_blocks
+
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        """Each linear's [out, in]."""
+        b, h = self.batch, self.hidden
+        return {"qkv": ((b.num_heads + 2 * b.num_kv_heads) * b.head_dim, h),
+                "o": (h, b.num_heads * b.head_dim), "gate_up": (2 * self.inter, h),
+                "down": (h, self.inter)}  # fmt: skip
+
+    def build(self) -> dict:
+        """The batch's tensors, positions, cos_sin_cache, hidden (and residual) rows, and per
+        layer its norm weights and the raw blocks of qkv, o, gate_up and down."""
+        from tests.backends.gguf.gguf_random import random_blocks
+
+        b, t = self.batch, self.batch.build()
+        gen = generator(self.seed)
+        d, h = b.head_dim, self.hidden
+        rot = 2 * int(d * self.rotary_fraction // 2)
+        max_pos = max(b.seq_lens)
+        exponents = torch.arange(rot // 2, dtype=torch.float64) * 2 / rot
+        freqs = torch.arange(max_pos, dtype=torch.float64)[:, None] / 10000.0**exponents
+        positions = torch.cat([torch.arange(n - q, n) for n, q in zip(b.seq_lens, b.query_lens,
+                                                                      strict=True)])  # fmt: skip
+        layers, seed = [], self.seed
+        for _ in range(self.num_layers):
+            layer = {"input_norm": 1 + 0.1 * randn((h,), gen),
+                     "post_norm": 1 + 0.1 * randn((h,), gen)}  # fmt: skip
+            for name, (n, k) in self.shapes().items():
+                seed += 1
+                layer[name] = random_blocks(self.qtype, n, k, seed)
+            layers.append(layer)
+        num_tokens = b.num_tokens
+        return {
+            **t,
+            "positions": positions,
+            "cos_sin_cache": torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(torch.float32),
+            "hidden": randn((num_tokens, h), gen),
+            "residual": randn((num_tokens, h), gen) if self.with_residual else None,
+            "layers": layers,
+        }
+
+
+@st.composite
+def gguf_decoder_cases(draw, qtype: str, limits: Limits = LIMITS["ci"]) -> GGUFDecoderCase:
+    block = _GGUF_BLOCK_SIZE[qtype]
+    batch = draw(attention_batches("fp32", "fp32", limits, head_dims=(64, 80, 128)))
+    if draw(st.sampled_from((True, True, True, False))):  # decode: one new token a sequence
+        batch = replace(batch, query_lens=(1,) * len(batch.seq_lens))
+    # o's K (heads x head_dim) must be whole ggml blocks: the fewest heads that make it so.
+    step = block // math.gcd(block, batch.head_dim)
+    if batch.num_heads % step:
+        batch = replace(batch, gqa_ratio=step if step in GQA_RATIOS else max(GQA_RATIOS))
+    if batch.num_heads % step:
+        batch = replace(batch, num_kv_heads=step // batch.gqa_ratio)
+    batch = replace(batch, soft_cap=None, kv_scale=None, num_padding=0)
+    per_super = 256 // block
+    blocks = st.integers(1, limits.max_gguf_superblocks * per_super)
+    return GGUFDecoderCase(
+        batch=batch,
+        qtype=qtype,
+        num_layers=draw(st.integers(1, 2)),
+        hidden_blocks=draw(blocks),
+        inter_blocks=draw(blocks),
+        with_residual=draw(st.booleans()),
+        is_neox=True,  # the Llama family's (a backend may fuse only these)
+        rotary_fraction=draw(st.sampled_from((1.0, 0.5))),
         seed=draw(seeds),
     )
 
