@@ -10,6 +10,7 @@ about four units. Prints each pattern's time as SDPA time / probe time.
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
@@ -53,6 +54,7 @@ def _prod(
     COLS: gl.constexpr,
     BOXC: gl.constexpr,
     STAGES: gl.constexpr,
+    HND: gl.constexpr,
 ):
     NB: gl.constexpr = COLS // BOXC
     j = 0
@@ -71,9 +73,15 @@ def _prod(
             mbarrier.wait(empty.index(slot), ((j // STAGES) & 1) ^ 1)
             bar = ready.index(slot)
             mbarrier.expect(bar, 2 * NB * k_desc.block_type.nbytes)
+            if HND > 0:  # [blocks, HND heads, PAGE, COLS]: one head's page is PAGE whole rows
+                r0 = (page * HND + col0 // COLS) * PAGE
+                c0 = 0
+            else:  # [blocks, PAGE, heads, head_dim]: one head's page is PAGE row slices
+                r0 = page * PAGE
+                c0 = col0
             for c in gl.static_range(NB):
-                _tma_load(k_desc, [page * PAGE, col0 + c * BOXC], bar, k_smem.index(slot * NB + c))
-                _tma_load(v_desc, [page * PAGE, col0 + c * BOXC], bar, v_smem.index(slot * NB + c))
+                _tma_load(k_desc, [r0, c0 + c * BOXC], bar, k_smem.index(slot * NB + c))
+                _tma_load(v_desc, [r0, c0 + c * BOXC], bar, v_smem.index(slot * NB + c))
             j += 1
 
 
@@ -118,6 +126,7 @@ def _stream_kernel(
     COLS: gl.constexpr,
     BOXC: gl.constexpr,
     STAGES: gl.constexpr,
+    HND: gl.constexpr,
 ):
     NB: gl.constexpr = COLS // BOXC
     dt: gl.constexpr = k_desc.dtype
@@ -152,6 +161,7 @@ def _stream_kernel(
                     COLS,
                     BOXC,
                     STAGES,
+                    HND,
                 ),
             ),
             (_cons, (ready, empty, seq_lens_ptr, num_items, groups, chunks, chunk, PAGE, STAGES)),
@@ -161,13 +171,24 @@ def _stream_kernel(
     )
 
 
-def stream(x, hb, boxc, stages, swz, per_sm=4):
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",")]
+
+
+def stream(x, hb, boxc, stages, swz, per_sm=4, hnd=None):
+    """hnd: the caches laid out [blocks, KV heads, page, head_dim] (one head's page contiguous;
+    hb must be 1) instead of the engine's [blocks, page, KV heads, head_dim]."""
     blocks, page, kvh, hd = x.key_cache.shape
     rows, cols = blocks * page, kvh * hd
+    caches = (x.key_cache, x.value_cache)
+    if hnd is not None:
+        if hb != 1:
+            raise ValueError("the HND probe reads one KV head a unit (hb 1)")
+        rows, cols, caches = blocks * kvh * page, hd, hnd
     lay = gl.NVMMASharedLayout(swizzle_byte_width=swz, element_bitwidth=16, rank=2)
     kd, vd = (
         TensorDescriptor(c.view(rows, cols), [rows, cols], [cols, 1], [page, boxc], lay)
-        for c in (x.key_cache, x.value_cache)
+        for c in caches
     )
     b = x.q.shape[0]
     pages = x.block_tables.shape[1]
@@ -193,15 +214,18 @@ def stream(x, hb, boxc, stages, swz, per_sm=4):
             COLS=hb * hd,
             BOXC=boxc,
             STAGES=stages,
+            HND=0 if hnd is None else kvh,
             num_warps=4,
         )
 
     return run, chunk, items
 
 
-# name: (KV heads per unit, box columns, ring slots, swizzle bytes); about 96-192 KB of ring
+# name: (KV heads per unit, box columns, ring slots, swizzle bytes); about 96-192 KB of ring.
+# "hnd": the same one-head units from caches laid out [blocks, KV heads, page, head_dim].
 V = {
     "hb1 s12": (1, 128, 12, 128),
+    "hnd hb1 s12": (1, 128, 12, 128),
     "hb2 s8": (2, 128, 8, 128),
     "hb4 s6": (4, 128, 6, 128),
     "hb8 s3": (8, 128, 3, 128),
@@ -210,20 +234,32 @@ V = {
 }
 
 
+SHAPES = "64x512,64x4096,256x1024,16x8192,16x32768,4x32768"
+
+
 def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default=SHAPES, help="batch x context, comma-separated")
+    p.add_argument("--variants", default=",".join(V), help=f"of: {', '.join(V)}")
+    args = p.parse_args()
+    variants = {name: V[name] for name in args.variants.split(",")}
     dev = torch.device("cuda")
     timer = Timer(dev, 3, 20)
     bw = copy_bandwidth(dev, timer)
     print(f"copy {bw / 1e12:.3f} TB/s")
     off = {k: "off" for k in ("fa2", "fa2_paged", "flex", "xformers", "flash_attn")}
-    for b, ctx in ((64, 512), (64, 4096), (256, 1024), (16, 8192), (16, 32768), (4, 32768)):
+    for b, ctx in parse_shapes(args.shapes):
         x = decode_inputs(b, ctx, dev)
         kv = 2 * x.key_cache.numel() * 2
         sdpa = timer.graph(decode_peers(x, off, False)["sdpa"])
         line = f"{b} x {ctx}: sdpa {sdpa * 1e3:.1f} us ({kv / (sdpa * 1e-3) / bw:.3f} of copy)"
-        for name, (hb, boxc, st, swz) in V.items():
+        hnd = None
+        if any(name.startswith("hnd") for name in variants):
+            hnd = tuple(c.permute(0, 2, 1, 3).contiguous() for c in (x.key_cache, x.value_cache))
+        for name, (hb, boxc, st, swz) in variants.items():
             try:
-                fn, chunk, items = stream(x, hb, boxc, st, swz)
+                h = hnd if name.startswith("hnd") else None
+                fn, chunk, items = stream(x, hb, boxc, st, swz, hnd=h)
                 ms = timer.graph(fn)
                 line += f", {name} {ms * 1e3:.1f} ({sdpa / ms:.3f})"
             except Exception as e:
