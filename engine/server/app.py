@@ -85,8 +85,9 @@ class ServerState:
                 503, "the server is shutting down; retry on another instance", "server_error"
             )
 
-    def check_model(self, model: str) -> None:
-        if model != self.model_name:
+    def check_model(self, model: str | None) -> None:
+        """404 unless `model` is the served model's name; None (not given) means that model."""
+        if model is not None and model != self.model_name:
             raise OpenAIError(
                 404,
                 f"The model `{model}` does not exist; this server serves `{self.model_name}`",

@@ -62,7 +62,8 @@ class _SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    # Optional as in vLLM: a request without one goes to the served model.
+    model: str | None = None
     n: int = 1
     max_tokens: int | None = None
     temperature: float | None = None

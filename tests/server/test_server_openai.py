@@ -59,6 +59,22 @@ def test_completion_matches_offline_engine(client, offline):
     assert r.usage.total_tokens == r.usage.prompt_tokens + 10
 
 
+def test_a_request_without_model_goes_to_the_served_model(server, client):
+    # vLLM's rule: "model" may be left out; the response names the served model.
+    with server.http() as http:
+        body = {"prompt": PROMPT, "max_tokens": 6, "temperature": 0, **NO_EOS}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        chat = {"messages": MESSAGES, "max_tokens": 6, "temperature": 0, **NO_EOS}
+        c = http.post("/v1/chat/completions", json=chat)
+        assert c.status_code == 200, c.text
+    named = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0, extra_body=NO_EOS
+    )
+    assert r.json()["model"] == MODEL_NAME and c.json()["model"] == MODEL_NAME
+    assert r.json()["choices"][0]["text"] == named.choices[0].text
+
+
 def test_completion_from_token_ids_and_batch(client, offline):
     tok = offline.get_tokenizer()
     ids = tok.encode(PROMPT)
