@@ -164,3 +164,21 @@ class IncrementalDetokenizer:
         delta = self.text[self.num_emitted : limit]
         self.num_emitted = limit
         return delta
+
+
+class TokenText:
+    """Token id -> its text decoded alone (cached): what a logprob entry and the server's
+    logprobs show for a token. tokenizer None: every token's text is None."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        text = self._cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._cache[token_id] = text
+        return text

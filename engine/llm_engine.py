@@ -23,14 +23,14 @@ import torch
 import hal
 import platforms
 from engine.config import resolve_cache_dtype
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import IncrementalDetokenizer, TokenText
 from engine.distributed.executor import Executor, StepHandle, UniprocExecutor
 from engine.distributed.worker import StepSampling
 from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from engine.graphs import configured_mixed_sizes, configured_sizes
 from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.runner import ModelRunner, TokenFeed
 from engine.sampler import PendingSamples, Sampler, SamplerOutput, SamplingRow
 from engine.sampling_params import SamplingParams
@@ -46,11 +46,12 @@ class _SeqState:
     """Per-sequence output bookkeeping the scheduler does not keep."""
 
     detok: IncrementalDetokenizer
-    logprobs: list[dict[int, float]] | None
+    logprobs: list[dict[int, Logprob]] | None
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    pending_logprob: tuple[float | None, dict[int, float] | None] | None = None
+    # the sampled token's logprob, the top-k alternatives and the token's rank
+    pending_logprob: tuple[float | None, dict[int, float] | None, int | None] | None = None
 
     def clone(self) -> _SeqState:
         detok = copy.copy(self.detok)
@@ -154,6 +155,7 @@ class LLMEngine:
             self.model = None
             self.executor = make_executor(config, caps, self.model_config, path)
             self.backend, self.dtype = self.executor.backend, self.executor.dtype
+        self.token_text = TokenText(self.tokenizer)  # logprob entries' decoded_token
         max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if max_model_len > self.model_config.max_position_embeddings:
             self.shutdown()
@@ -676,6 +678,7 @@ class LLMEngine:
                         state.seqs[index].pending_logprob = (
                             result.logprobs[j + i],
                             result.top_logprobs[j + i],
+                            result.ranks[j + i] if result.ranks else None,
                         )
             j += k
         if j != len(token_ids):
@@ -690,13 +693,14 @@ class LLMEngine:
         st = state.seqs[seq.index]
         token = seq.token_ids[-1]
         if st.pending_logprob is not None:
-            lp, top = st.pending_logprob
+            lp, top, rank = st.pending_logprob
             st.pending_logprob = None
             if lp is not None:
                 st.cumulative_logprob += lp
             if st.logprobs is not None and lp is not None:
-                entry = dict(top or {})
-                entry[token] = lp
+                text, alternatives = self.token_text, (top or {}).items()  # most likely first
+                entry = {t: Logprob(v, r, text(t)) for r, (t, v) in enumerate(alternatives, 1)}
+                entry[token] = Logprob(lp, rank, text(token))
                 st.logprobs.append(entry)
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = time.time()

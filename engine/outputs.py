@@ -5,6 +5,35 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+class Logprob(float):
+    """A token's log-probability in `CompletionOutput.logprobs`: the float itself, and vLLM's
+    `Logprob` fields, so both `entry[t] < -1.0` and `entry[t].logprob` work: `rank` (1 = the most
+    likely token of the step's distribution; the chosen token's rank counts every token strictly
+    more likely, so it may exceed the top-k shown) and `decoded_token` (the token's text decoded
+    alone; None without a tokenizer)."""
+
+    __slots__ = ("rank", "decoded_token")
+
+    def __new__(cls, logprob: float, rank: int | None = None, decoded_token: str | None = None):
+        self = super().__new__(cls, logprob)
+        self.rank, self.decoded_token = rank, decoded_token
+        return self
+
+    @property
+    def logprob(self) -> float:
+        return float(self)
+
+    def __reduce__(self):
+        return (Logprob, (float(self), self.rank, self.decoded_token))
+
+    def __str__(self) -> str:  # the number, as for any float
+        return float.__repr__(self)
+
+    def __repr__(self) -> str:
+        return (f"Logprob(logprob={float(self)!r}, rank={self.rank!r}, "
+                f"decoded_token={self.decoded_token!r})")  # fmt: skip
+
+
 @dataclass
 class CompletionOutput:
     """One generated sequence of a request (a request with n > 1 has n of these)."""
@@ -13,7 +42,8 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None = None
-    logprobs: list[dict[int, float]] | None = None  # per step: token id -> logprob (chosen + top-k)
+    # per step: token id -> its Logprob (a float; the chosen token and the top-k alternatives)
+    logprobs: list[dict[int, Logprob]] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort"; None while running
     stop_reason: int | str | None = None  # the stop string or token id that ended it
 

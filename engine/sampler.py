@@ -63,11 +63,14 @@ class SamplingRow:
 
 @dataclass
 class SamplerOutput:
-    """Per row: the sampled token, its raw logprob, the top-k alternatives (None: not asked)."""
+    """Per row: the sampled token, its raw logprob, the top-k alternatives and the sampled
+    token's rank in the row's distribution (1 + the tokens strictly more likely) (None: not
+    asked)."""
 
     token_ids: list[int]
     logprobs: list[float | None]
     top_logprobs: list[dict[int, float] | None]
+    ranks: list[int | None] = field(default_factory=list)
 
 
 class PendingSamples:
@@ -101,13 +104,14 @@ class PendingSamples:
         n = len(token_ids)
         chosen: list[float | None] = [None] * n
         tops: list[dict[int, float] | None] = [None] * n
+        ranks: list[int | None] = [None] * n
         s = self.samples
         if s.want:
-            c, v, i = (t.tolist() for t in self.host[1:])
+            c, v, i, r = (t.tolist() for t in self.host[1:])
             lp, top = logprob_lists(c, v, i, s.num_top)
             for j, row in enumerate(s.want):
-                chosen[row], tops[row] = lp[j], top[j]
-        return SamplerOutput(token_ids, chosen, tops)
+                chosen[row], tops[row], ranks[row] = lp[j], top[j], r[j]
+        return SamplerOutput(token_ids, chosen, tops, ranks)
 
 
 # torch.argmax over a few long rows is slow on a GPU (H200, one row of a 128k vocabulary: 26 us a
@@ -289,20 +293,22 @@ def gather_logprobs(
     Also serves prompt logprobs: pass the logits of prompt positions and the next prompt tokens.
     """
     # logits: [num_rows, vocab]; token_ids: int64 [num_rows]
-    chosen, values, indices = logprob_tensors(logits, token_ids, num_top)
+    chosen, values, indices, _ = logprob_tensors(logits, token_ids, num_top)
     return logprob_lists(chosen.tolist(), values.tolist(), indices.tolist(), num_top)
 
 
 def logprob_tensors(
     logits: torch.Tensor, token_ids: torch.Tensor, num_top: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """gather_logprobs on the device: chosen [num_rows], top values and indices [num_rows, k_max]
-    (k_max = the largest num_top; width 0 when none asks for alternatives)."""
+    (k_max = the largest num_top; width 0 when none asks for alternatives), and the chosen
+    tokens' ranks [num_rows] (1 + how many tokens of the row are strictly more likely)."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)
     chosen = logprobs.gather(1, token_ids.to(logprobs.device)[:, None]).squeeze(1)
     k_max = min(max(num_top, default=0), logprobs.shape[-1])
     values, indices = logprobs.topk(k_max, dim=-1)
-    return chosen, values, indices
+    ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
+    return chosen, values, indices, ranks
 
 
 def logprob_lists(

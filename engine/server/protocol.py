@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from engine.detokenizer import TokenText
 from engine.outputs import CompletionOutput
 from engine.sampling_params import SamplingParams
 
@@ -249,21 +250,6 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
-
-
-class TokenText:
-    """Token id -> the text a client sees for it (decoded alone, cached)."""
-
-    def __init__(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self._cache: dict[int, str] = {}
-
-    def __call__(self, token_id: int) -> str:
-        text = self._cache.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            self._cache[token_id] = text
-        return text
 
 
 def _sorted_top(entry: dict[int, float], k: int) -> list[tuple[int, float]]:

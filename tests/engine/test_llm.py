@@ -8,7 +8,7 @@ import pytest
 import torch
 from models_fixtures import build_model, hf_greedy
 
-from engine import LLM, SamplingParams
+from engine import LLM, Logprob, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
@@ -138,6 +138,38 @@ def test_logprobs_match_transformers(tiny, reference):
     # float32 end to end: differences are accumulation order only.
     assert torch.allclose(torch.tensor(got), torch.tensor(logprobs), atol=1e-4)
     assert c.cumulative_logprob == pytest.approx(sum(got), abs=1e-4)
+
+
+def test_logprob_entries_carry_vllms_fields(tiny):
+    # Each entry is a float and vLLM's Logprob: alternatives ranked 1..k in order, the sampled
+    # token ranked against the whole distribution (transformers' logits, the same prefix), and
+    # each token's text decoded alone.
+    folder, hf = tiny
+    llm = _llm(folder)
+    tok = llm.get_tokenizer()
+    prompt = _prompts(1, seed=4)[0]
+    params = SamplingParams(temperature=1.5, max_tokens=8, ignore_eos=True, logprobs=2, seed=3)
+    (out,) = llm.generate(prompt_token_ids=[prompt], sampling_params=params)
+    c = out.outputs[0]
+    beyond_top = 0
+    for step, (entry, token) in enumerate(zip(c.logprobs, c.token_ids, strict=True)):
+        for t, lp in entry.items():
+            assert isinstance(lp, float) and isinstance(lp, Logprob) and lp.logprob == float(lp)
+            assert lp.decoded_token == tok.decode([t], skip_special_tokens=False)
+        ranks = sorted(lp.rank for lp in entry.values())
+        assert ranks[:2] == [1, 2] and len(ranks) in (2, 3)
+        if len(ranks) == 3:  # the sampled token is not among the top 2
+            assert entry[token].rank == ranks[2] > 2
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + c.token_ids[:step]])).logits[0, -1].float()
+        full = torch.log_softmax(logits, dim=-1)
+        chosen = full[token]
+        # float32 on both sides: count the tokens clearly above, and those not clearly below.
+        above = int((full > chosen + 1e-4).sum())
+        not_below = int((full > chosen - 1e-4).sum())
+        assert above + 1 <= entry[token].rank <= not_below, (step, entry[token], above, not_below)
+        beyond_top += entry[token].rank > 2
+    assert beyond_top > 0, "temperature 1.5 should sample some token outside the top 2"
 
 
 def test_stop_strings_and_stop_tokens(tiny, reference):
