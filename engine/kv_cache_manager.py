@@ -118,12 +118,15 @@ class KVCacheManager:
         """Cached blocks matching the longest prefix of full blocks, and the tokens they cover.
 
         Only blocks within the first num_tokens - 1 tokens count, so at least one token is left
-        to compute (its logits are needed) and a hit block is never written to.
+        to compute (its logits are needed) and a hit block is never written to. A request that
+        wants prompt logprobs takes no hits (its prompt positions must run); its blocks are
+        still cached for others.
         """
         if (
             not self.enable_prefix_caching
             or seq.num_computed_tokens
             or seq.seq_id in self.block_tables
+            or seq.request.sampling_params.prompt_logprobs is not None
         ):
             return [], 0
         max_blocks = (seq.num_tokens - 1) // self.block_size

@@ -32,7 +32,7 @@ from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.runner import ModelRunner, TokenFeed
-from engine.sampler import PendingSamples, Sampler, SamplerOutput, SamplingRow
+from engine.sampler import PendingSamples, PromptRows, Sampler, SamplerOutput, SamplingRow
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence, SequenceStatus
@@ -75,6 +75,8 @@ class _RequestState:
     metrics: RequestMetrics
     seqs: dict[int, _SeqState] = field(default_factory=dict)  # by sequence index
     order: int = 0  # arrival order: outputs of one step come in this order
+    # SamplingParams.prompt_logprobs: the entries so far, position by position (None first)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
 
 _atexit_thaw = False
@@ -208,6 +210,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._order = itertools.count()
         self._aborted: set[str] = set()  # aborted since the last outputs were collected
+        self._prompt_pending: set[str] = set()  # requests still owed prompt logprobs
         self.num_steps = 0
         self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()  # oldest first
         # Asynchronous scheduling: the step launched ahead, its tokens still on the device.
@@ -397,10 +400,10 @@ class LLMEngine:
         """Check a request without queuing it; returns its prompt token ids."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        if params.prompt_logprobs is not None:
+        if params.prompt_logprobs is not None and self.runner is None:
             raise ValueError(
-                "prompt_logprobs is not supported yet (the runner computes logits only for "
-                "sampled rows); leave it None"
+                "prompt_logprobs needs the in-process executor (tensor_parallel_size = "
+                "pipeline_parallel_size = 1); this engine's ranks return only their samples"
             )
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
@@ -452,6 +455,10 @@ class LLMEngine:
             request, prompt, RequestMetrics(arrival_time=now), order=next(self._order)
         )
         state.seqs[0] = self._new_seq_state(params, prompt_token_ids)
+        if params.prompt_logprobs is not None:
+            state.prompt_logprobs = [None]
+            if len(prompt_token_ids) > 1:
+                self._prompt_pending.add(request_id)
         self.requests[request_id] = state
         return request_id
 
@@ -490,7 +497,10 @@ class LLMEngine:
             return self._step_async(stream)
         out = self.scheduler.schedule()
         self._mark_scheduled(out)
-        result = self.executor.execute(out, self._remote_sampling(out))
+        if self._prompt_pending and self.runner is not None:
+            result = self._run_in_process(out)
+        else:
+            result = self.executor.execute(out, self._remote_sampling(out))
         return self._process_output(out, result, stream)
 
     def _step_pipelined(self, stream: bool) -> list[RequestOutput]:
@@ -557,12 +567,65 @@ class LLMEngine:
                 return self.executor.execute(out, rows)
             return _HeldStep(self.executor.submit(out, rows, hold=True, feed_rows=feed_rows))
         feed = None if feed_rows is None else TokenFeed(self._last_tokens, feed_rows)
-        logits = self.runner.execute(out, feed)
+        logits = self._run_in_process(out, feed)
         if logits is None or not device:
             return logits
         samples = self.sampler.sample_tokens(logits, self._sampling_rows(sampling, offset).rows)
         self._last_tokens = samples.token_ids
         return PendingSamples(samples)
+
+    def _run_in_process(self, out: SchedulerOutput, feed: TokenFeed | None = None):
+        """The in-process runner's logits for `out`, scoring (and recording) the prompt
+        positions whose logprobs requests still want."""
+        prompt = self._prompt_rows(out) if self._prompt_pending else None
+        if prompt is None:
+            return self.runner.execute(out, feed)
+        logits, scored = self.runner.execute(out, feed, prompt[0])
+        self._record_prompt_logprobs(prompt[1], scored)
+        return logits
+
+    def _prompt_rows(
+        self, out: SchedulerOutput
+    ) -> tuple[PromptRows, list[tuple[_RequestState, int]]] | None:
+        """The prompt positions `out` computes whose logprobs a request wants and does not have
+        yet (a recompute after preemption scores nothing twice), with (state, prompt index) of
+        each; None when there are none."""
+        rows, targets, num_top, where = [], [], [], []
+        base = 0
+        for ss in out.scheduled:
+            request = ss.seq.request
+            k = request.sampling_params.prompt_logprobs
+            state = self.requests.get(request.request_id) if k is not None else None
+            if state is not None and request.request_id in self._prompt_pending:
+                prompt = request.prompt_token_ids
+                # Position p's hidden state predicts prompt token p + 1.
+                first = max(ss.start_pos, len(state.prompt_logprobs) - 1)
+                stop = min(ss.start_pos + ss.num_new_tokens, len(prompt) - 1)
+                for p in range(first, stop):
+                    rows.append(base + p - ss.start_pos)
+                    targets.append(prompt[p + 1])
+                    num_top.append(k)
+                    where.append((state, p + 1))
+            base += ss.num_new_tokens
+        return (PromptRows(rows, targets, num_top), where) if rows else None
+
+    def _record_prompt_logprobs(self, where, scored) -> None:
+        for (state, index), lp, top, rank in zip(where, *scored, strict=True):
+            if len(state.prompt_logprobs) == index:  # positions arrive in order, once each
+                prompt = state.request.prompt_token_ids
+                state.prompt_logprobs.append(self._logprob_entry(top, prompt[index], lp, rank))
+                if len(state.prompt_logprobs) == len(prompt):
+                    self._prompt_pending.discard(state.request.request_id)
+
+    def _logprob_entry(
+        self, top: dict[int, float] | None, token: int, lp: float, rank: int | None
+    ) -> dict[int, Logprob]:
+        """A step's logprobs: the k alternatives (most likely first, ranked 1..k) and the
+        token itself, each with its text."""
+        text = self.token_text
+        entry = {t: Logprob(v, r, text(t)) for r, (t, v) in enumerate((top or {}).items(), 1)}
+        entry[token] = Logprob(lp, rank, text(token))
+        return entry
 
     @staticmethod
     def _device_samplable(ss: ScheduledSeq, offset: int) -> bool:
@@ -698,10 +761,7 @@ class LLMEngine:
             if lp is not None:
                 st.cumulative_logprob += lp
             if st.logprobs is not None and lp is not None:
-                text, alternatives = self.token_text, (top or {}).items()  # most likely first
-                entry = {t: Logprob(v, r, text(t)) for r, (t, v) in enumerate(alternatives, 1)}
-                entry[token] = Logprob(lp, rank, text(token))
-                st.logprobs.append(entry)
+                st.logprobs.append(self._logprob_entry(top, token, lp, rank))
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = time.time()
         num_prompt = seq.num_prompt_tokens
@@ -751,6 +811,7 @@ class LLMEngine:
             if done:
                 state.metrics.finished_time = time.time()
                 del requests[state.request.request_id]
+                self._prompt_pending.discard(state.request.request_id)
         return outputs
 
     def _make_output(self, state: _RequestState) -> RequestOutput:
@@ -790,6 +851,7 @@ class LLMEngine:
             outputs=completions,
             finished=request.is_finished,
             metrics=state.metrics,
+            prompt_logprobs=state.prompt_logprobs,
         )
 
     # -- stats --------------------------------------------------------------------------------

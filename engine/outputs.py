@@ -78,3 +78,6 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # With SamplingParams.prompt_logprobs: per prompt position, None for the first token, then
+    # token id -> Logprob for that prompt token and the k most likely ones (vLLM's shape).
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None

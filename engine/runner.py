@@ -13,6 +13,7 @@ import torch
 
 from engine.batch import ForwardBatch
 from engine.graphs import DecodeGraphs, MixedGraphs, graph_pool_estimate, graph_reasons
+from engine.sampler import PromptRows, logprob_lists, logprob_tensors
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from hal.backend import Backend
 
@@ -385,20 +386,46 @@ class ModelRunner:
         return dev
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput, feed: TokenFeed | None = None) -> torch.Tensor | None:
+    def execute(
+        self,
+        out: SchedulerOutput,
+        feed: TokenFeed | None = None,
+        prompt: PromptRows | None = None,
+    ):
         """Run the step; returns logits [num_sampling_seqs, vocab] in schedule order, in the
         model's dtype (the sampler widens to float32 what it computes on; an all-greedy batch
         takes the argmax as they are, without a [rows, vocab] float32 copy).
 
         feed: the input tokens of a decode-only step scheduled ahead, still on the device (the
-        previous step's samples): they replace the batch's placeholder input ids."""
+        previous step's samples): they replace the batch's placeholder input ids. prompt: prompt
+        positions to score; then (logits, `score_prompt`'s lists) is returned."""
         self.apply_block_moves(out)
         if not out.scheduled:
-            return None
+            return None if prompt is None else (None, ([], [], []))
         batch = self.build_batch(out.scheduled)
         if feed is not None:
             feed.write(batch.input_ids)
         hidden = self.forward(batch)  # [num_tokens, hidden]
-        if batch.logits_indices.numel() == 0:
-            return None
-        return self.model.compute_logits(sampled_rows(hidden, batch), float32=False)
+        scored = None if prompt is None else self.score_prompt(hidden, prompt)
+        logits = None
+        if batch.logits_indices.numel():
+            logits = self.model.compute_logits(sampled_rows(hidden, batch), float32=False)
+        return logits if prompt is None else (logits, scored)
+
+    def score_prompt(self, hidden: torch.Tensor, prompt: PromptRows):
+        """Raw fp32 logprobs of prompt tokens: (logprob, top-k dict, rank) lists per row of
+        `prompt`, computed a slice of at most max_num_seqs rows at a time (the sampling logits'
+        size, which the memory plan counts)."""
+        chosen, tops, ranks = [], [], []
+        step = max(1, self.max_num_seqs or 256)
+        for s in range(0, len(prompt.rows), step):
+            rows = torch.tensor(prompt.rows[s : s + step], device=hidden.device)
+            targets = torch.tensor(prompt.targets[s : s + step], device=hidden.device)
+            num_top = prompt.num_top[s : s + step]
+            logits = self.model.compute_logits(hidden[rows], float32=True)
+            c, v, i, r = logprob_tensors(logits, targets, num_top)
+            lp, top = logprob_lists(c.tolist(), v.tolist(), i.tolist(), num_top)
+            chosen += lp
+            tops += top
+            ranks += r.tolist()
+        return chosen, tops, ranks

@@ -320,6 +320,16 @@ def logprob_lists(
 
 
 @dataclass
+class PromptRows:
+    """The prompt positions a step scores (`SamplingParams.prompt_logprobs`): the hidden state of
+    the step's token rows[i] predicts prompt token targets[i]; num_top[i] alternatives."""
+
+    rows: list[int]
+    targets: list[int]
+    num_top: list[int]
+
+
+@dataclass
 class DeviceSamples:
     """A step's samples still on the device: token ids [num_rows], and for the rows in `want`
     their logprob tensors (`logprob_tensors`) with each row's number of alternatives."""

@@ -161,6 +161,8 @@ def test_tp2_seeded_sampling_matches_in_process_and_ships_only_tokens(reference,
     try:
         executor = engine.executor
         assert executor.kind == "mp" and executor.samples_remotely
+        with pytest.raises(ValueError, match="prompt_logprobs needs the in-process executor"):
+            engine.add_request(None, SamplingParams(prompt_logprobs=1), prompt_token_ids=[5, 6])
         calls = _spy(executor)
         done, _ = _run(engine)
         assert executor.failure is None and executor.num_in_flight == 0

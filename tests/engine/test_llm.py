@@ -172,6 +172,73 @@ def test_logprob_entries_carry_vllms_fields(tiny):
     assert beyond_top > 0, "temperature 1.5 should sample some token outside the top 2"
 
 
+def _hf_prompt_logprobs(hf, prompt: list[int]) -> torch.Tensor:
+    """transformers' log-softmax at every prompt position [len - 1, vocab] (row p: token p + 1)."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, :-1].float()
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _check_prompt_logprobs(out, full: torch.Tensor, k: int) -> None:
+    prompt = out.prompt_token_ids
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(prompt)
+    assert out.prompt_logprobs[0] is None
+    for p, entry in enumerate(out.prompt_logprobs[1:]):
+        token, row = prompt[p + 1], full[p]
+        # float32 on both sides: accumulation order only.
+        assert entry[token].logprob == pytest.approx(float(row[token]), abs=1e-4)
+        above = int((row > row[token] + 1e-4).sum())
+        assert above + 1 <= entry[token].rank <= int((row > row[token] - 1e-4).sum())
+        top = sorted((t for t in entry if t != token or entry[t].rank <= k),
+                     key=lambda t: entry[t].rank)  # fmt: skip
+        assert [entry[t].rank for t in top] == list(range(1, k + 1))
+        values, _ = row.topk(k)
+        got = torch.tensor([entry[t].logprob for t in top])
+        assert torch.allclose(got, values, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        dict(enable_chunked_prefill=True, max_num_batched_tokens=16),  # prompts in chunks
+        dict(num_gpu_blocks=9, max_model_len=128),  # preemption by recompute: nothing twice
+        # preempted between chunks of a prompt: its recompute scores only what is still owed
+        dict(num_gpu_blocks=9, max_model_len=128, enable_chunked_prefill=True,
+             max_num_batched_tokens=16),  # fmt: skip
+    ],
+    ids=["whole", "chunked", "preempt-recompute", "preempt-mid-prompt"],
+)
+def test_prompt_logprobs_match_transformers(tiny, reference, kw):
+    folder, hf = tiny
+    prompts, expected = reference
+    llm = _llm(folder, **kw)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, prompt_logprobs=3)
+    outs = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert _tokens(outs) == expected
+    for out, prompt in zip(outs, prompts, strict=True):
+        _check_prompt_logprobs(out, _hf_prompt_logprobs(hf, prompt), 3)
+    if "num_gpu_blocks" in kw:
+        assert llm.engine.scheduler.num_preemptions > 0, "the tiny pool should have preempted"
+    assert not llm.engine._prompt_pending and llm.engine.kv_stats().num_used_blocks == 0
+
+
+def test_prompt_logprobs_skip_the_prefix_cache_but_fill_it(tiny, reference):
+    folder, hf = tiny
+    prompts, _ = reference
+    llm = _llm(folder)
+    shared = prompts[0] * 2  # > 2 full blocks
+    scored = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0)
+    first = llm.generate(prompt_token_ids=[shared], sampling_params=GREEDY)
+    hits = llm.engine.kv_stats().prefix_cache_hits
+    (again,) = llm.generate(prompt_token_ids=[shared], sampling_params=scored)
+    assert llm.engine.kv_stats().prefix_cache_hits == hits  # its prompt ran whole
+    _check_prompt_logprobs(again, _hf_prompt_logprobs(hf, shared), 0)
+    assert first[0].prompt_logprobs is None
+    llm.generate(prompt_token_ids=[shared], sampling_params=GREEDY)
+    assert llm.engine.kv_stats().prefix_cache_hits >= hits + 32
+
+
 def test_stop_strings_and_stop_tokens(tiny, reference):
     folder, _ = tiny
     prompts, expected = reference
