@@ -36,7 +36,9 @@ from engine.server.protocol import (
     chat_logprobs,
     completion_logprobs,
     error_body,
+    join_logprobs,
     parse_request,
+    prompt_completion_logprobs,
     usage,
 )
 from engine.tokenizer import TokenizerLoadError, apply_chat_template
@@ -217,19 +219,22 @@ def build_app(
                 )
             prompts.append((None, list(p)))
         params = []
+        # echo with logprobs: the prompt's logprobs too; echo with max_tokens 0: only those
+        # (one token is generated and dropped, as vLLM does).
+        prompt_logprobs = req.logprobs if req.echo else None
         for _, ids in prompts:
             if not ids:
                 raise bad_request("prompt is empty: it encodes to zero tokens", "prompt")
             max_tokens = _resolve_max_tokens(
                 state,
-                req.max_tokens,
+                1 if req.echo_only else req.max_tokens,
                 DEFAULT_COMPLETION_MAX_TOKENS,
                 len(ids),
                 "max_tokens",
                 "prompt",
             )
-            params.append(req.to_sampling_params(max_tokens, req.logprobs))
-        run = _Run(state, "cmpl", req.n, req.logprobs)
+            params.append(req.to_sampling_params(max_tokens, req.logprobs, prompt_logprobs))
+        run = _Run(state, "cmpl", req.n, req.logprobs, echo_only=req.echo_only)
         await run.start([ids for _, ids in prompts], params)
         echo = None
         if req.echo:
@@ -360,8 +365,16 @@ class _Run:
     """One API request: its engine requests (one per prompt, each with n samples) and the
     conversion of their outputs to OpenAI responses and stream chunks."""
 
-    def __init__(self, state: ServerState, prefix: str, n: int, logprobs: int | None) -> None:
+    def __init__(
+        self,
+        state: ServerState,
+        prefix: str,
+        n: int,
+        logprobs: int | None,
+        echo_only: bool = False,
+    ) -> None:
         self.state = state
+        self.echo_only = echo_only  # completions echo with max_tokens 0: nothing generated
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.n = n
@@ -369,6 +382,7 @@ class _Run:
         self.streams: list[RequestStream] = []
         self.prompt_lens: list[int] = []
         self._finals: list[RequestOutput] = []  # streaming: every prompt's last output
+        self._latest: dict[int, RequestOutput] = {}  # streaming: each prompt's newest output
         self._aborted = False  # streaming: some choice finished with "abort"
 
     async def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
@@ -467,21 +481,44 @@ class _Run:
         return JSONResponse(build(outs))
 
     def _usage(self, outs: list[RequestOutput]) -> dict[str, int]:
-        generated = sum(len(c.token_ids) for out in outs for c in out.outputs)
+        generated = 0
+        if not self.echo_only:
+            generated = sum(len(c.token_ids) for out in outs for c in out.outputs)
         return usage(sum(self.prompt_lens), generated)
+
+    def _echoed(self, out: RequestOutput, c: CompletionOutput, end: int, prefix: str | None):
+        """A completion choice's text, logprobs and finish from its first token through `end`:
+        the echoed prompt (its logprobs first when asked) and, unless echo_only, the output."""
+        text, gen_end, finish = c.text, end, c.finish_reason
+        if self.echo_only:
+            text, gen_end, finish = "", 0, "length" if c.finish_reason else None
+        logprobs = None
+        if self.logprobs is not None:
+            offset = 0
+            head = None
+            if prefix is not None:
+                head = prompt_completion_logprobs(out, self.logprobs, self.state.token_text)
+                offset = sum(len(t) for t in head["tokens"])
+            logprobs = completion_logprobs(
+                c, 0, gen_end, self.logprobs, self.state.token_text, offset
+            )
+            if head is not None:
+                logprobs = join_logprobs(head, logprobs)
+        return (prefix or "") + text, logprobs, finish
 
     def completion_body(self, outs: list[RequestOutput], echo: list[str] | None) -> dict:
         choices = []
         for i, out in enumerate(outs):
             for c in out.outputs:
-                prefix = echo[i] if echo else ""
+                prefix = echo[i] if echo else None
+                text, logprobs, finish = self._echoed(out, c, len(c.token_ids), prefix)
                 choices.append(
                     {
                         "index": i * self.n + c.index,
-                        "text": prefix + c.text,
-                        "logprobs": self._completion_logprobs(c, 0, len(c.token_ids), 0),
-                        "finish_reason": c.finish_reason,
-                        "stop_reason": c.stop_reason,
+                        "text": text,
+                        "logprobs": logprobs,
+                        "finish_reason": finish,
+                        "stop_reason": c.stop_reason if not self.echo_only else None,
                     }
                 )
         return {
@@ -541,6 +578,7 @@ class _Run:
         sent: dict[int, _Choice] = {}
         finals: dict[int, RequestOutput] = {}
         async for i, out in self.merged():
+            self._latest[i] = out
             if out.finished:
                 finals[i] = out
             for c in out.outputs:
@@ -577,18 +615,24 @@ class _Run:
         offsets: dict[int, int] = {}
 
         def make_choice(index, c, text, span, finish, first) -> dict:
-            if first and echo:
-                text = echo[index // self.n] + text
-            offset = offsets.get(index, 0)
-            logprobs = self._completion_logprobs(c, span[0], span[1], offset)
+            if first and (echo or self.echo_only):
+                # The first chunk: the echoed prompt, its logprobs and the output so far.
+                out = self._latest[index // self.n]
+                prefix = echo[index // self.n] if echo else None
+                text, logprobs, finish = self._echoed(out, c, span[1], prefix)
+            elif self.echo_only:
+                text, logprobs, finish = "", None, "length" if finish else None
+            else:
+                logprobs = self._completion_logprobs(c, span[0], span[1], offsets.get(index, 0))
             if logprobs is not None and logprobs["tokens"]:
-                offsets[index] = offset + sum(len(t) for t in logprobs["tokens"])
+                last = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                offsets[index] = last
             return {
                 "index": index,
                 "text": text,
                 "logprobs": logprobs,
                 "finish_reason": finish,
-                "stop_reason": c.stop_reason if finish else None,
+                "stop_reason": c.stop_reason if finish and not self.echo_only else None,
             }
 
         return self._stream("text_completion", make_choice, include_usage)

@@ -10,7 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.detokenizer import TokenText
-from engine.outputs import CompletionOutput
+from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,9 @@ class _SamplingRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 
-    def to_sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def to_sampling_params(
+        self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+    ) -> SamplingParams:
         """SamplingParams for this request; a bad value is a 400 naming the field."""
         try:
             return SamplingParams(
@@ -116,6 +118,7 @@ class _SamplingRequest(BaseModel):
                 stop_token_ids=self.stop_token_ids,
                 ignore_eos=self.ignore_eos,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
             )
@@ -143,8 +146,11 @@ class CompletionRequest(_SamplingRequest):
             raise bad_request(
                 f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", "logprobs"
             )
-        if self.echo and self.logprobs is not None:
-            raise bad_request("echo with logprobs (prompt logprobs) is not supported", "echo")
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt (and its logprobs) back, nothing generated."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: text or token ids each."""
@@ -261,13 +267,32 @@ def completion_logprobs(
 ) -> dict[str, Any]:
     """Completions `logprobs` for tokens [start, end): tokens, token_logprobs, top_logprobs
     (the top-k plus the chosen token), text_offset (from `text_offset` on)."""
-    tokens, token_logprobs, tops, offsets = [], [], [], []
     logprobs = c.logprobs or []
-    for i in range(start, min(end, len(logprobs))):
-        token_id = c.token_ids[i]
-        entry = logprobs[i]
+    end = min(end, len(logprobs))
+    return _logprob_lists(c.token_ids[start:end], logprobs[start:end], k, token_text, text_offset)
+
+
+def prompt_completion_logprobs(out: RequestOutput, k: int, token_text: TokenText) -> dict:
+    """The echoed prompt's part of completions `logprobs` (text offsets from 0): its first
+    token has no logprob (null, as OpenAI and vLLM answer)."""
+    return _logprob_lists(out.prompt_token_ids, out.prompt_logprobs or [], k, token_text, 0)
+
+
+def join_logprobs(first: dict[str, list], then: dict[str, list]) -> dict[str, list]:
+    return {key: first[key] + then[key] for key in first}
+
+
+def _logprob_lists(token_ids, entries, k: int, token_text: TokenText, text_offset: int) -> dict:
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for token_id, entry in zip(token_ids, entries, strict=False):
         text = token_text(token_id)
         tokens.append(text)
+        offsets.append(text_offset)
+        text_offset += len(text)
+        if entry is None:  # the prompt's first token
+            token_logprobs.append(None)
+            tops.append(None)
+            continue
         token_logprobs.append(entry.get(token_id))
         # Keyed by text (OpenAI's shape): tokens that decode alike keep the highest logprob.
         top: dict[str, float] = {}
@@ -275,8 +300,6 @@ def completion_logprobs(
             top.setdefault(token_text(t), lp)
         top.setdefault(text, entry[token_id])
         tops.append(top)
-        offsets.append(text_offset)
-        text_offset += len(text)
     return {
         "tokens": tokens,
         "token_logprobs": token_logprobs,

@@ -223,6 +223,69 @@ def test_completion_logprobs(client, offline):
     assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == lp.text_offset
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, offline):
+    # What evaluation harnesses send for log-likelihoods: echo + logprobs, max_tokens 0 or more.
+    ids = offline.get_tokenizer().encode(PROMPT)
+    params = _greedy(3, logprobs=2, prompt_logprobs=2)
+    expected = offline.generate(PROMPT, params, use_tqdm=False)[0]
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2, echo=True,
+        extra_body=NO_EOS,
+    )  # fmt: skip
+    (choice,) = r.choices
+    assert choice.text == PROMPT + expected.outputs[0].text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 3 and lp.token_logprobs[0] is None
+    assert lp.top_logprobs[0] is None
+    prompt_want = [e[t].logprob for e, t in zip(expected.prompt_logprobs[1:], ids[1:], strict=True)]
+    out = expected.outputs[0]
+    gen_want = [e[t] for e, t in zip(out.logprobs, out.token_ids, strict=True)]
+    assert lp.token_logprobs[1:] == pytest.approx(prompt_want + gen_want, abs=1e-5)
+    offsets = [0]
+    for token in lp.tokens[:-1]:
+        offsets.append(offsets[-1] + len(token))
+    assert lp.text_offset == offsets
+    assert r.usage.completion_tokens == 3
+    # max_tokens 0: the prompt and its logprobs only.
+    r0 = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=0, logprobs=1, echo=True
+    )
+    (c0,) = r0.choices
+    assert c0.text == PROMPT and c0.finish_reason == "length"
+    assert c0.logprobs.token_logprobs == pytest.approx(lp.token_logprobs[: len(ids)], abs=1e-6)
+    assert r0.usage.completion_tokens == 0 and r0.usage.prompt_tokens == len(ids)
+    # Streamed: the first chunk carries the prompt; together the same lists.
+    chunks = list(
+        client.completions.create(
+            model=MODEL_NAME,
+            prompt=PROMPT,
+            max_tokens=3,
+            temperature=0,
+            logprobs=2,
+            echo=True,
+            stream=True,
+            extra_body=NO_EOS,
+        )  # fmt: skip
+    )
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    streamed = [v for c in chunks for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+    assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == lp.text_offset
+    only = list(
+        client.completions.create(
+            model=MODEL_NAME, prompt=PROMPT, max_tokens=0, logprobs=1, echo=True, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in only) == PROMPT
+    assert only[-1].choices[0].finish_reason == "length"
+    only_lps = [
+        v for c in only if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs
+    ]
+    assert only_lps == c0.logprobs.token_logprobs
+    with pytest.raises(openai.BadRequestError, match="max_tokens must be at least 1"):
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=0)
+
+
 def test_chat_logprobs(client):
     r = client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True,
