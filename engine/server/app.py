@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.metadata
 import json
 import logging
 import time
@@ -30,7 +31,9 @@ from engine.server.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     OpenAIError,
+    TokenizeRequest,
     TokenText,
     bad_request,
     chat_logprobs,
@@ -190,6 +193,51 @@ def build_app(
             "max_model_len": engine.max_model_len,
         }
 
+    def chat_ids(conversation: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+        """The conversation rendered with the model's chat template; a refusal is a 400."""
+        try:
+            return apply_chat_template(
+                engine.tokenizer, conversation, add_generation_prompt=add_generation_prompt
+            )
+        except TokenizerLoadError as e:
+            raise bad_request(str(e), "messages") from e
+        except (TemplateError, ValueError, TypeError) as e:  # the template refused the messages
+            message = f"the model's chat template rejected the messages: {e}"
+            raise bad_request(message, "messages") from e
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": _package_version()}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        """vLLM's route: the prompt's (or rendered chat's) token ids, as generation takes them."""
+        req = parse_request(TokenizeRequest, await _read_body(request, max_body_bytes))
+        req.check()
+        state.check_model(req.model)
+        tok = engine.tokenizer
+        if req.messages is not None:
+            conversation = [{"role": m.role, "content": m.text()} for m in req.messages]
+            ids = chat_ids(conversation, req.add_generation_prompt)
+        else:
+            ids = list(tok.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+        body: dict[str, Any] = {
+            "count": len(ids), "max_model_len": engine.max_model_len, "tokens": list(ids)
+        }  # fmt: skip
+        if req.return_token_strs:
+            body["token_strs"] = tok.convert_ids_to_tokens(list(ids))
+        return body
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        req = parse_request(DetokenizeRequest, await _read_body(request, max_body_bytes))
+        state.check_model(req.model)
+        vocab = engine.model_config.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token ids must be in [0, {vocab}), got {bad[:5]}", "tokens")
+        return {"prompt": engine.tokenizer.decode(req.tokens)}
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [model_card()]}
@@ -251,17 +299,7 @@ def build_app(
         req.warn_unknown_fields()
         req.check()
         state.check_model(req.model)
-        try:
-            ids = apply_chat_template(
-                engine.tokenizer,
-                req.conversation(),
-                add_generation_prompt=req.add_generation_prompt,
-            )
-        except TokenizerLoadError as e:
-            raise bad_request(str(e), "messages") from e
-        except (TemplateError, ValueError, TypeError) as e:  # the template refused the messages
-            message = f"the model's chat template rejected the messages: {e}"
-            raise bad_request(message, "messages") from e
+        ids = chat_ids(req.conversation(), req.add_generation_prompt)
         if req.max_completion_tokens is not None:
             field_name = "max_completion_tokens"
         else:
@@ -650,3 +688,10 @@ class _Run:
             }
 
         return self._stream("chat.completion.chunk", make_choice, include_usage)
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("hal-engine")
+    except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown"

@@ -223,6 +223,30 @@ class ChatCompletionRequest(_SamplingRequest):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the model's template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+    return_token_strs: bool = False
+
+    def check(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise bad_request("give exactly one of prompt and messages", "prompt")
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
 def parse_request(model: type[BaseModel], body: bytes) -> Any:
     """Validate a JSON body; malformed JSON or a wrong field is a 400 naming the field."""
     if not body.strip():

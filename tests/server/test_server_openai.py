@@ -75,6 +75,30 @@ def test_a_request_without_model_goes_to_the_served_model(server, client):
     assert r.json()["choices"][0]["text"] == named.choices[0].text
 
 
+def test_tokenize_detokenize_and_version(server, offline):
+    tok = offline.get_tokenizer()
+    ids = list(tok.encode(PROMPT))
+    chat = apply_chat_template(tok, MESSAGES, add_generation_prompt=True)
+    with server.http() as http:
+        r = http.post("/tokenize", json={"prompt": PROMPT, "return_token_strs": True})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["tokens"] == ids and body["count"] == len(ids) and body["max_model_len"] > 0
+        assert body["token_strs"] == tok.convert_ids_to_tokens(ids)
+        r = http.post("/tokenize", json={"model": MODEL_NAME, "messages": MESSAGES})
+        assert r.json()["tokens"] == list(chat)
+        r = http.post("/detokenize", json={"tokens": ids})
+        assert r.status_code == 200 and r.json() == {"prompt": tok.decode(ids)}
+        r = http.post("/tokenize", json={"prompt": "x", "messages": MESSAGES})
+        assert r.status_code == 400 and "exactly one" in r.json()["error"]["message"]
+        r = http.post("/detokenize", json={"tokens": [ids[0], -1]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+        r = http.post("/detokenize", json={"model": "other", "tokens": ids})
+        assert r.status_code == 404
+        r = http.get("/version")
+        assert r.status_code == 200 and r.json()["version"]
+
+
 def test_completion_from_token_ids_and_batch(client, offline):
     tok = offline.get_tokenizer()
     ids = tok.encode(PROMPT)
