@@ -15,14 +15,15 @@ from engine.sequence import Request, Sequence
 class FakeParams:
     n: int = 1
     max_tokens: int | None = None
+    prompt_logprobs: int | None = None  # set: the request takes no prefix-cache hits
 
 
 _ids = iter(range(10**6))
 
 
-def make_seq(tokens: list[int]) -> Sequence:
+def make_seq(tokens: list[int], prompt_logprobs: int | None = None) -> Sequence:
     seq_id = next(_ids)
-    request = Request(f"r{seq_id}", tokens, FakeParams())
+    request = Request(f"r{seq_id}", tokens, FakeParams(prompt_logprobs=prompt_logprobs))
     return Sequence(seq_id, request, list(tokens))
 
 
@@ -82,6 +83,9 @@ def test_prefix_hits_cover_full_blocks_and_leave_one_token():
     # Same second block, different first block: the chain makes it a miss.
     shifted = make_seq([99, 1, 2, 3] + prompt[4:])
     assert kv.get_computed_blocks(shifted)[1] == 0
+    # A request that wants its prompt's logprobs must run every position: no hits.
+    scored = make_seq(prompt, prompt_logprobs=1)
+    assert kv.get_computed_blocks(scored) == ([], 0)
 
 
 def test_prefix_hit_revives_a_freed_block_and_counts_it_against_free_space():

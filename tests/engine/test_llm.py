@@ -204,8 +204,12 @@ def _check_prompt_logprobs(out, full: torch.Tensor, k: int) -> None:
         dict(enable_chunked_prefill=True, max_num_batched_tokens=16),  # prompts in chunks
         dict(num_gpu_blocks=9, max_model_len=128),  # preemption by recompute: nothing twice
         # preempted between chunks of a prompt: its recompute scores only what is still owed
-        dict(num_gpu_blocks=9, max_model_len=128, enable_chunked_prefill=True,
-             max_num_batched_tokens=16),  # fmt: skip
+        dict(
+            num_gpu_blocks=9,
+            max_model_len=128,
+            enable_chunked_prefill=True,
+            max_num_batched_tokens=16,
+        ),  # fmt: skip
     ],
     ids=["whole", "chunked", "preempt-recompute", "preempt-mid-prompt"],
 )
@@ -280,8 +284,8 @@ def test_bad_input(tiny):
     for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=0), dict(n=0), dict(max_tokens=0)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingParams(**bad)
-    with pytest.raises(ValueError, match="prompt_logprobs"):
-        llm.generate(prompt_token_ids=[[5, 6]], sampling_params=SamplingParams(prompt_logprobs=1))
+    with pytest.raises(ValueError, match="prompt_logprobs must be an integer >= 0"):
+        SamplingParams(prompt_logprobs=-1)
     with pytest.raises(ValueError, match="max_position_embeddings"):
         _llm(folder, max_model_len=100000)
     # The engine still serves after the rejected requests; nothing was queued by them.

@@ -22,6 +22,7 @@ from engine.sequence import Request, SequenceStatus
 class FakeParams:
     n: int = 1
     max_tokens: int | None = None
+    prompt_logprobs: int | None = None  # set: the request takes no prefix-cache hits
 
 
 _tokens = itertools.count(1000)

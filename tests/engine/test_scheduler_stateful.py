@@ -21,6 +21,7 @@ from engine.sequence import Request, SequenceStatus
 class FakeParams:
     n: int = 1
     max_tokens: int | None = None
+    prompt_logprobs: int | None = None
 
 
 class PagedKVSim:
