@@ -32,7 +32,14 @@ from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.runner import ModelRunner, TokenFeed
-from engine.sampler import PendingSamples, PromptRows, Sampler, SamplerOutput, SamplingRow
+from engine.sampler import (
+    PendingSamples,
+    PromptRows,
+    Sampler,
+    SamplerOutput,
+    SamplingRow,
+    ScoredStep,
+)
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence, SequenceStatus
@@ -77,6 +84,11 @@ class _RequestState:
     order: int = 0  # arrival order: outputs of one step come in this order
     # SamplingParams.prompt_logprobs: the entries so far, position by position (None first)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+
+
+def _rows(prompt: tuple | None) -> PromptRows | None:
+    """The PromptRows of `LLMEngine._prompt_rows`' answer (None: none)."""
+    return None if prompt is None else prompt[0]
 
 
 _atexit_thaw = False
@@ -212,7 +224,8 @@ class LLMEngine:
         self._aborted: set[str] = set()  # aborted since the last outputs were collected
         self._prompt_pending: set[str] = set()  # requests still owed prompt logprobs
         self.num_steps = 0
-        self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()  # oldest first
+        # Submitted steps, oldest first, with the prompt rows each scores (None: none).
+        self._in_flight: deque[tuple[SchedulerOutput, StepHandle, tuple | None]] = deque()
         # Asynchronous scheduling: the step launched ahead, its tokens still on the device.
         self.async_scheduling = self._resolve_async(config)
         self._ahead: tuple[SchedulerOutput, object] | None = None
@@ -400,11 +413,6 @@ class LLMEngine:
         """Check a request without queuing it; returns its prompt token ids."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        if params.prompt_logprobs is not None and self.runner is None:
-            raise ValueError(
-                "prompt_logprobs needs the in-process executor (tensor_parallel_size = "
-                "pipeline_parallel_size = 1); this engine's ranks return only their samples"
-            )
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -497,11 +505,9 @@ class LLMEngine:
             return self._step_async(stream)
         out = self.scheduler.schedule()
         self._mark_scheduled(out)
-        if self._prompt_pending and self.runner is not None:
-            result = self._run_in_process(out)
-        else:
-            result = self.executor.execute(out, self._remote_sampling(out))
-        return self._process_output(out, result, stream)
+        prompt = self._prompt_rows(out) if self._prompt_pending else None
+        result = self.executor.execute(out, self._remote_sampling(out), prompt=_rows(prompt))
+        return self._process_output(out, self._scored(result, prompt), stream)
 
     def _step_pipelined(self, stream: bool) -> list[RequestOutput]:
         while len(self._in_flight) < self.pipeline_depth:
@@ -510,11 +516,14 @@ class LLMEngine:
             if out.is_empty and not moves:
                 break  # all schedulable work is in flight (or waits for its blocks)
             self._mark_scheduled(out)
-            self._in_flight.append((out, self.executor.submit(out, self._remote_sampling(out))))
+            prompt = self._prompt_rows(out) if self._prompt_pending else None
+            handle = self.executor.submit(out, self._remote_sampling(out), prompt=_rows(prompt))
+            self._in_flight.append((out, handle, prompt))
         if not self._in_flight:  # nothing to run: report aborted requests
             return self._collect_outputs([], stream)
-        out, handle = self._in_flight.popleft()
-        return self._process_output(out, self.executor.collect(handle), stream)
+        out, handle, prompt = self._in_flight.popleft()
+        result = self._scored(self.executor.collect(handle), prompt)
+        return self._process_output(out, result, stream)
 
     def _step_async(self, stream: bool) -> list[RequestOutput]:
         """One step, overlapping the host with the device: with step N running, step N + 1 is
@@ -563,6 +572,9 @@ class LLMEngine:
             raise RuntimeError("a step scheduled ahead must sample on the device")
         if self.runner is None:
             rows = self._sampling_rows(sampling, offset) if sampling else None
+            prompt = self._prompt_rows(out) if self._prompt_pending else None
+            if prompt is not None:  # scored steps are never held: run and wait
+                return self._scored(self.executor.execute(out, rows, prompt=prompt[0]), prompt)
             if not device:
                 return self.executor.execute(out, rows)
             return _HeldStep(self.executor.submit(out, rows, hold=True, feed_rows=feed_rows))
@@ -580,9 +592,17 @@ class LLMEngine:
         prompt = self._prompt_rows(out) if self._prompt_pending else None
         if prompt is None:
             return self.runner.execute(out, feed)
-        logits, scored = self.runner.execute(out, feed, prompt[0])
-        self._record_prompt_logprobs(prompt[1], scored)
-        return logits
+        return self._scored(ScoredStep(*self.runner.execute(out, feed, prompt[0])), prompt)
+
+    def _scored(self, result, prompt: tuple | None):
+        """A step's result without its prompt scores, which are recorded (prompt: the step's
+        `_prompt_rows`, None when it scored none)."""
+        if prompt is None:
+            return result
+        if not isinstance(result, ScoredStep):
+            raise RuntimeError(f"a step with prompt rows returned {type(result).__name__}")
+        self._record_prompt_logprobs(prompt[1], result.scored)
+        return result.result
 
     def _prompt_rows(
         self, out: SchedulerOutput

@@ -415,17 +415,21 @@ class ModelRunner:
     def score_prompt(self, hidden: torch.Tensor, prompt: PromptRows):
         """Raw fp32 logprobs of prompt tokens: (logprob, top-k dict, rank) lists per row of
         `prompt`, computed a slice of at most max_num_seqs rows at a time (the sampling logits'
-        size, which the memory plan counts)."""
+        size, which the memory plan counts). Every rank of a tensor-parallel group calls it (the
+        LM head gathers); those that get no logits return None."""
         chosen, tops, ranks = [], [], []
         step = max(1, self.max_num_seqs or 256)
         for s in range(0, len(prompt.rows), step):
             rows = torch.tensor(prompt.rows[s : s + step], device=hidden.device)
+            logits = self.model.compute_logits(hidden[rows], float32=True)
+            if logits is None:  # not the output rank: it took part in the gather only
+                chosen = None
+                continue
             targets = torch.tensor(prompt.targets[s : s + step], device=hidden.device)
             num_top = prompt.num_top[s : s + step]
-            logits = self.model.compute_logits(hidden[rows], float32=True)
             c, v, i, r = logprob_tensors(logits, targets, num_top)
             lp, top = logprob_lists(c.tolist(), v.tolist(), i.tolist(), num_top)
             chosen += lp
             tops += top
             ranks += r.tolist()
-        return chosen, tops, ranks
+        return None if chosen is None else (chosen, tops, ranks)

@@ -330,6 +330,15 @@ class PromptRows:
 
 
 @dataclass
+class ScoredStep:
+    """What an executor returns for a step that carried PromptRows: the step's usual result
+    (logits, a SamplerOutput or None) and the prompt rows' (logprobs, top-k dicts, ranks)."""
+
+    result: object
+    scored: tuple[list[float], list[dict[int, float]], list[int]]
+
+
+@dataclass
 class DeviceSamples:
     """A step's samples still on the device: token ids [num_rows], and for the rows in `want`
     their logprob tensors (`logprob_tensors`) with each row's number of alternatives."""

@@ -44,7 +44,7 @@ from engine.memory import MemoryPlan
 from engine.model_config import ModelConfig
 from engine.profiling import ProfileSummary, RankProfiler
 from engine.runner import ModelRunner
-from engine.sampler import SamplerOutput
+from engine.sampler import PromptRows, SamplerOutput, ScoredStep
 from hal.capabilities import Capabilities
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ class Executor(ABC):
     The result is logits [num_sampling_seqs, vocab] in schedule order (in-process: the model's
     dtype; from workers: fp32) where samples_remotely is False (the driver samples; `sampling`
     is ignored), and the SamplerOutput of `sampling`'s rows where it is True (the engine must
-    pass `sampling` for every step that samples); None when nothing samples.
+    pass `sampling` for every step that samples); None when nothing samples. A step submitted
+    with `prompt` rows (prompt logprobs) comes back as a ScoredStep holding that result.
     """
 
     num_in_flight: int = 0
@@ -115,7 +116,9 @@ class Executor(ABC):
         """Allocate num_blocks KV blocks (and swap blocks) on every rank."""
 
     @abstractmethod
-    def submit(self, out, sampling: StepSampling | None = None) -> StepHandle:
+    def submit(
+        self, out, sampling: StepSampling | None = None, prompt: PromptRows | None = None
+    ) -> StepHandle:
         """Start running a SchedulerOutput (and sampling its logits) without waiting for it."""
 
     @abstractmethod
@@ -124,10 +127,11 @@ class Executor(ABC):
         SamplerOutput (see the class docstring), or None when nothing samples."""
 
     def execute(
-        self, out, sampling: StepSampling | None = None
-    ) -> torch.Tensor | SamplerOutput | None:
-        """Run a SchedulerOutput and wait: logits or a SamplerOutput, None when nothing samples."""
-        return self.collect(self.submit(out, sampling))
+        self, out, sampling: StepSampling | None = None, prompt: PromptRows | None = None
+    ) -> torch.Tensor | SamplerOutput | ScoredStep | None:
+        """Run a SchedulerOutput and wait: logits or a SamplerOutput, None when nothing samples
+        (a ScoredStep around it with `prompt`)."""
+        return self.collect(self.submit(out, sampling, prompt=prompt))
 
     def _count_submitted(self) -> None:
         self.num_in_flight += 1
@@ -173,19 +177,30 @@ class UniprocExecutor(Executor):
     def allocate(self, num_blocks: int, num_cpu_blocks: int = 0) -> None:
         self.runner.allocate(num_blocks, num_cpu_blocks)
 
-    def execute(self, out, sampling: StepSampling | None = None) -> torch.Tensor | None:
-        return self.runner.execute(out)
+    def execute(self, out, sampling: StepSampling | None = None, prompt: PromptRows | None = None):
+        if prompt is None:
+            return self.runner.execute(out)
+        return ScoredStep(*self.runner.execute(out, None, prompt))
 
-    def submit(self, out, sampling: StepSampling | None = None) -> StepHandle:
+    def submit(
+        self, out, sampling: StepSampling | None = None, prompt: PromptRows | None = None
+    ) -> StepHandle:
         """Runs the step at once (in-process there is nothing to overlap with); the logits come
         back and the driver samples them, so `sampling` is not read."""
-        handle = StepHandle(0, logits=self.runner.execute(out))
+        handle = StepHandle(0, logits=self.execute(out, sampling, prompt))
         self._count_submitted()
         return handle
 
     def collect(self, handle: StepHandle) -> torch.Tensor | None:
         self._count_collected()
         return handle.logits
+
+
+def _as_result(result):
+    """The output rank's answer as the engine takes it: numpy logits become a tensor."""
+    if result is None or isinstance(result, SamplerOutput):
+        return result
+    return torch.as_tensor(result)
 
 
 # -- checks before any worker starts ---------------------------------------------------------------
@@ -425,14 +440,18 @@ class DistributedExecutor(Executor):
         sampling: StepSampling | None = None,
         hold: bool = False,
         feed_rows: list[int] | None = None,
+        prompt: PromptRows | None = None,
     ) -> StepHandle:
         """Send the step to every rank, and its sampling rows to the output rank only.
 
         hold (asynchronous scheduling, where supports_hold): the ranks keep the step's samples
         on their devices and answer only once the next message arrives, which must be a step
-        with feed_rows (its input ids: those samples at these rows) or `release()`."""
+        with feed_rows (its input ids: those samples at these rows) or `release()`. prompt:
+        prompt positions to score (never with hold)."""
         if (hold or feed_rows is not None) and not self.supports_hold:
             raise ValueError(f"the {self.kind} executor cannot hold steps on its ranks")
+        if hold and prompt is not None:
+            raise ValueError("a step that scores prompt positions cannot be held")
         greedy = (
             GREEDY_ARGMAX
             and hold
@@ -440,7 +459,7 @@ class DistributedExecutor(Executor):
             and sampling is not None
             and sampling.plain_greedy
         )
-        step = PickledOnce(StepInput.from_scheduler_output(out, hold, feed_rows, greedy))
+        step = PickledOnce(StepInput.from_scheduler_output(out, hold, feed_rows, greedy, prompt))
         self.num_steps += 1
         self.num_greedy_steps += greedy
         args = [(step,)] * self.layout.world_size
@@ -479,9 +498,9 @@ class DistributedExecutor(Executor):
         # A SamplerOutput when the step carried sampling rows, else numpy fp32 logits (plain
         # bytes) from the output rank.
         result = results[self.layout.output_rank]
-        if result is None or isinstance(result, SamplerOutput):
-            return result
-        return torch.as_tensor(result)
+        if isinstance(result, ScoredStep):
+            return ScoredStep(_as_result(result.result), result.scored)
+        return _as_result(result)
 
     def describe(self) -> list[str]:
         lines = [f"executor {self.kind}: {self.layout.world_size} workers"]

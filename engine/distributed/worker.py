@@ -24,7 +24,15 @@ from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.parallel import SINGLE, ParallelContext
 from engine.profiling import ProfileSummary, RankProfiler
 from engine.runner import ModelRunner, PackedStep, TokenFeed, pack_step, sampled_rows
-from engine.sampler import DeviceSamples, PendingSamples, Sampler, SamplerOutput, SamplingRow
+from engine.sampler import (
+    DeviceSamples,
+    PendingSamples,
+    PromptRows,
+    Sampler,
+    SamplerOutput,
+    SamplingRow,
+    ScoredStep,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,10 +100,18 @@ class StepInput:
     # rank takes the tokens from the LM head's sharded argmax (`ParallelLMHead.greedy`), so no
     # logits are gathered and no tokens broadcast.
     greedy: bool = False
+    # Prompt positions to score (SamplingParams.prompt_logprobs): every rank of the last stage
+    # computes their logits (the LM head gathers), the output rank answers a ScoredStep.
+    prompt: PromptRows | None = None
 
     @classmethod
     def from_scheduler_output(
-        cls, out, hold: bool = False, feed_rows: list[int] | None = None, greedy: bool = False
+        cls,
+        out,
+        hold: bool = False,
+        feed_rows: list[int] | None = None,
+        greedy: bool = False,
+        prompt: PromptRows | None = None,
     ) -> StepInput:
         return cls(
             pack_step(out.scheduled) if out.scheduled else None,
@@ -105,6 +121,7 @@ class StepInput:
             hold,
             feed_rows,
             greedy,
+            prompt,
         )
 
 
@@ -293,7 +310,8 @@ class Worker:
     ) -> SamplerOutput | np.ndarray | PendingSamples | None:
         """Run this rank's part of one step. The output rank returns the sampled tokens when the
         driver sent `sampling` (a few bytes), else its fp32 logits [num_sampling_seqs, vocab] as
-        numpy; every other rank returns None.
+        numpy, inside a ScoredStep with the prompt rows' logprobs when the step carried some;
+        every other rank returns None.
 
         Seeded rows draw from generators seeded by (seed, step) on this device, so they match the
         in-process engine on the same device type; unseeded random rows draw from this rank's
@@ -317,16 +335,28 @@ class Worker:
         if self.channel is not None and self.channel.next_rank is not None:
             self.channel.send(*out)
             return None
+        if step.prompt is not None:
+            if step.hold or step.greedy:
+                raise RuntimeError("a step that scores prompt positions is never held")
+            scored = runner.score_prompt(out, step.prompt)
+            result = self._sample(batch, out, sampling)
+            return None if scored is None else ScoredStep(result, scored)
+        return self._sample(batch, out, sampling, step)
+
+    def _sample(self, batch, out, sampling: StepSampling | None, step: StepInput | None = None):
+        """The output rank's samples (or fp32 logits) of a step's sampling rows; None elsewhere.
+        step: a held or greedy step's flags (None: neither)."""
+        model = self.model
         if batch.logits_indices.numel() == 0:
             return None
-        if step.greedy:
+        if step is not None and step.greedy:
             if not step.hold:  # the driver marks only held, plain-greedy steps greedy
                 raise RuntimeError("a greedy step must be held")
             # Every rank gets the tokens (they feed the next step); the output rank answers.
             self.held_tokens = model.compute_greedy(sampled_rows(out, batch))
             return PendingSamples(DeviceSamples(self.held_tokens) if sampling is not None else None)
         logits = model.compute_logits(sampled_rows(out, batch))
-        if step.hold:
+        if step is not None and step.hold:
             return self._hold(logits, sampling, batch.logits_indices.shape[0])
         if logits is None:
             return None

@@ -56,7 +56,7 @@ def _run(engine: LLMEngine, abort_in_flight: bool = False) -> tuple[dict, str, d
             if out.finished:
                 done[out.request_id] = out.outputs[0]
         if abort_in_flight and not aborted:
-            ((flying, _),) = engine._in_flight  # the second batch: submitted, not back yet
+            ((flying, *_),) = engine._in_flight  # the second batch: submitted, not back yet
             seq = flying.scheduled[0].seq
             aborted = seq.request.request_id
             assert engine.abort_request(aborted)

@@ -17,7 +17,7 @@ from engine.config import CacheConfig, SchedulerConfig
 from engine.distributed.worker import StepSampling
 from engine.engine_config import EngineConfig, ParallelConfig
 from engine.llm_engine import LLMEngine
-from engine.sampler import Sampler, SamplerOutput, SamplingRow
+from engine.sampler import Sampler, SamplerOutput, SamplingRow, ScoredStep
 
 # float32 partial sums in another order (see test_equivalence): logprobs O(1-10) agree to ~1e-6.
 LOGPROB_ATOL = 1e-4
@@ -27,7 +27,7 @@ STOP_IDS = list(range(100, 384))  # most of the vocab: a row under min_tokens mu
 # world size 1 by design: only its length is checked).
 PARAMS = {
     "top_p": SamplingParams(temperature=0.8, top_p=0.9, seed=11, max_tokens=8, ignore_eos=True,
-                            logprobs=3),
+                            logprobs=3, prompt_logprobs=2),
     "top_k_min_p": SamplingParams(temperature=1.2, top_k=20, min_p=0.05, seed=12, max_tokens=8,
                                   ignore_eos=True),
     "penalties": SamplingParams(temperature=0.3, repetition_penalty=1.3, presence_penalty=1.5,
@@ -37,7 +37,8 @@ PARAMS = {
                                  max_tokens=12),
     "fork": SamplingParams(n=2, temperature=0.9, top_k=50, seed=15, max_tokens=6, ignore_eos=True,
                            logprobs=2),
-    "greedy": SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1),
+    "greedy": SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1,
+                             prompt_logprobs=0),
     "unseeded": SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True),
 }  # fmt: skip
 
@@ -85,7 +86,7 @@ def _run(engine: LLMEngine, abort_in_flight: bool = False) -> tuple[dict, str]:
             if out.finished:
                 done[out.request_id] = out
         if abort_in_flight and not aborted:
-            for flying, _ in engine._in_flight:
+            for flying, *_ in engine._in_flight:
                 sampling = [ss for ss in flying.scheduled if ss.num_samples]
                 if len(sampling) >= 2 and sampling[0].seq.request.request_id != "unseeded":
                     seq = sampling[0].seq
@@ -99,8 +100,18 @@ def _run(engine: LLMEngine, abort_in_flight: bool = False) -> tuple[dict, str]:
 
 
 def _assert_same(want, got, name: str) -> None:
-    """Same tokens and finish reasons; logprobs (chosen and top-k alternatives) within ATOL."""
+    """Same tokens and finish reasons; logprobs (chosen and top-k alternatives) within ATOL, of
+    the outputs and of the prompt."""
     assert len(got.outputs) == len(want.outputs), name
+    assert (want.prompt_logprobs is None) == (got.prompt_logprobs is None), name
+    if want.prompt_logprobs is not None:
+        assert len(got.prompt_logprobs) == len(want.prompt_logprobs) == len(want.prompt_token_ids)
+        assert want.prompt_logprobs[0] is None and got.prompt_logprobs[0] is None
+        pairs = zip(want.prompt_logprobs[1:], got.prompt_logprobs[1:], strict=True)
+        for pos, (la, lb) in enumerate(pairs):
+            assert la.keys() == lb.keys(), (name, "prompt", pos)
+            for token, value in la.items():
+                assert abs(lb[token] - value) < LOGPROB_ATOL, (name, "prompt", pos, token)
     for a, b in zip(want.outputs, got.outputs, strict=True):
         where = f"{name}[{a.index}]"
         assert b.token_ids == a.token_ids, where
@@ -161,8 +172,6 @@ def test_tp2_seeded_sampling_matches_in_process_and_ships_only_tokens(reference,
     try:
         executor = engine.executor
         assert executor.kind == "mp" and executor.samples_remotely
-        with pytest.raises(ValueError, match="prompt_logprobs needs the in-process executor"):
-            engine.add_request(None, SamplingParams(prompt_logprobs=1), prompt_token_ids=[5, 6])
         calls = _spy(executor)
         done, _ = _run(engine)
         assert executor.failure is None and executor.num_in_flight == 0
@@ -182,6 +191,9 @@ def test_tp2_seeded_sampling_matches_in_process_and_ships_only_tokens(reference,
         assert all(len(a) == 1 for r, a in enumerate(args) if r != out_rank)  # no rows to them
         assert all(res is None for r, res in enumerate(results) if r != out_rank)
         result = results[out_rank]
+        if isinstance(result, ScoredStep):  # it scored prompt positions too (a list each)
+            assert len(result.scored[0]) > 0
+            result = result.result
         if result is None:  # a step that only prefilled chunks
             assert len(args[out_rank]) == 1
             continue
