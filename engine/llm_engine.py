@@ -422,6 +422,12 @@ class LLMEngine:
         if not prompt_token_ids:
             raise ValueError("prompt is empty: it encodes to zero tokens")
         vocab = self.model_config.vocab_size
+        named = [t for t in params.token_ids_used() if t >= vocab]
+        if named:
+            raise ValueError(
+                f"logit_bias / allowed_token_ids name token ids outside the vocabulary "
+                f"[0, {vocab}): {named[:5]}"
+            )
         bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids must be integers in [0, {vocab}), got {bad[:5]}")

@@ -178,6 +178,22 @@ def apply_min_tokens(
             logits[i, sorted(banned)] = float("-inf")
 
 
+def apply_logit_edits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """In place: each row's logit_bias added, then every token outside its allowed_token_ids
+    set to -inf (rows without either are untouched)."""
+    for i, row in enumerate(rows):
+        p = row.params
+        if p.logit_bias:
+            ids = torch.tensor(list(p.logit_bias), dtype=torch.int64, device=logits.device)
+            bias = torch.tensor(list(p.logit_bias.values()), dtype=logits.dtype)
+            logits[i].index_add_(0, ids, bias.to(logits.device))
+        if p.allowed_token_ids is not None:
+            keep = torch.tensor(p.allowed_token_ids, dtype=torch.int64, device=logits.device)
+            masked = torch.full_like(logits[i], float("-inf"))
+            masked[keep] = logits[i, keep]
+            logits[i] = masked
+
+
 def _flat_token_ids(
     seqs: Sequence[Sequence[int] | torch.Tensor], vocab_size: int, device: torch.device
 ) -> torch.Tensor:
@@ -397,11 +413,12 @@ class Sampler:
         num_rows = len(rows)
         device = logits.device
         # One pass over the rows; rows usually share a few SamplingParams objects.
-        kinds: dict[int, tuple[bool, bool, bool, bool]] = {}
+        kinds: dict[int, tuple[bool, bool, bool, bool, bool]] = {}
         greedy: list[int] = []
         rand: list[int] = []
         pen: list[int] = []
         want: list[int] = []
+        edit: list[int] = []  # rows with logit_bias / allowed_token_ids
         min_tok = False
         for i, r in enumerate(rows):
             p = r.params
@@ -412,6 +429,7 @@ class Sampler:
                     p.needs_penalties,
                     p.logprobs is not None,
                     p.min_tokens > 0,
+                    p.changes_logits,
                 )
             (greedy if kind[0] else rand).append(i)
             if kind[1]:
@@ -420,15 +438,21 @@ class Sampler:
                 want.append(i)
             if kind[3]:
                 min_tok = True
+            if kind[4]:
+                edit.append(i)
 
-        if not rand and not min_tok and not pen:
+        if not rand and not min_tok and not pen and not edit:
             # All greedy, nothing to change: the argmax of the logits as they are (a float32
             # copy orders them the same, ties included), without a copy of [rows, vocab].
             return argmax_rows(logits), want
-        if min_tok or pen or logits.dtype != torch.float32:
+        if min_tok or pen or edit or logits.dtype != torch.float32:
             x = logits.to(torch.float32, copy=True)
         else:
             x = logits  # read only below: every in-place change works on a copy
+        if edit:
+            sub = x[edit]
+            apply_logit_edits(sub, [rows[i] for i in edit])
+            x[edit] = sub
         if min_tok:
             apply_min_tokens(x, rows, self.eos_token_ids)
         if pen:

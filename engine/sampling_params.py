@@ -31,7 +31,9 @@ class SamplingParams:
     alternatives to return per step (0 = only the chosen token's logprob); logprobs are of the raw
     model distribution, before penalties, temperature and truncation (vLLM's default
     "raw_logprobs"). prompt_logprobs: the same for prompt positions (computed by the engine with
-    `engine.sampler.gather_logprobs`). For n > 1 the engine runs `child(i)` for i in range(n).
+    `engine.sampler.gather_logprobs`). logit_bias: token id -> a value added to its logit before
+    penalties and sampling (greedy too); allowed_token_ids: only these tokens can be picked (vLLM's
+    fields). For n > 1 the engine runs `child(i)` for i in range(n).
     """
 
     n: int = 1
@@ -50,6 +52,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # Normalized forms filled in by __post_init__ (not constructor arguments).
@@ -100,6 +104,22 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"{name} must be an integer >= 0 or None, got {value!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must be a dict of token id -> bias, got "
+                                 f"{type(self.logit_bias).__name__}")  # fmt: skip
+            for token_id, bias in self.logit_bias.items():
+                if not _is_int(token_id) or token_id < 0 or not _is_real(bias):
+                    raise ValueError(
+                        f"logit_bias must map token ids (integers >= 0) to finite numbers, got "
+                        f"{token_id!r}: {bias!r}"
+                    )
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not ids or any(not _is_int(t) or t < 0 for t in ids):
+                raise ValueError(
+                    f"allowed_token_ids must be a non-empty list of integers >= 0, got {ids!r}"
+                )
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -129,6 +149,16 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         """Argmax decoding: temperature 0 (or below SAMPLING_EPS)."""
         return self.temperature < SAMPLING_EPS
+
+    @property
+    def changes_logits(self) -> bool:
+        """Whether logit_bias or allowed_token_ids edit the logits before sampling."""
+        return bool(self.logit_bias) or self.allowed_token_ids is not None
+
+    def token_ids_used(self) -> list[int]:
+        """The token ids the request names in logit_bias and allowed_token_ids (checked against
+        the vocabulary when the request is added)."""
+        return [*(self.logit_bias or ()), *(self.allowed_token_ids or ())]
 
     @property
     def needs_penalties(self) -> bool:

@@ -144,6 +144,7 @@ class StepSampling:
         return self.num_samples is None and all(
             r.params.is_greedy
             and not r.params.needs_penalties
+            and not r.params.changes_logits
             and r.params.min_tokens == 0
             and r.params.logprobs is None
             for r in self.rows

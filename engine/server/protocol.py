@@ -85,6 +85,7 @@ class _SamplingRequest(BaseModel):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
 
     def warn_unknown_fields(self) -> None:
         unknown = set(self.model_extra or {}) - _IGNORED_FIELDS
@@ -92,8 +93,17 @@ class _SamplingRequest(BaseModel):
             logger.warning("ignoring unknown request fields: %s", ", ".join(sorted(unknown)))
 
     def check_common(self) -> None:
-        if self.logit_bias:
-            raise bad_request("logit_bias is not supported by this server", "logit_bias")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdigit():
+                raise bad_request(
+                    f"logit_bias keys must be token ids (decimal strings), got {key!r}",
+                    "logit_bias",
+                )
+            if not -100 <= bias <= 100:
+                raise bad_request(
+                    f"logit_bias values must be in [-100, 100], got {bias} for token {key}",
+                    "logit_bias",
+                )
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
 
@@ -119,6 +129,10 @@ class _SamplingRequest(BaseModel):
                 ignore_eos=self.ignore_eos,
                 logprobs=logprobs,
                 prompt_logprobs=prompt_logprobs,
+                logit_bias={int(k): v for k, v in self.logit_bias.items()}
+                if self.logit_bias
+                else None,
+                allowed_token_ids=self.allowed_token_ids,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
             )

@@ -40,12 +40,15 @@ PARAMS = {
     "greedy": SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=1,
                              prompt_logprobs=0),
     "unseeded": SamplingParams(temperature=1.0, max_tokens=5, ignore_eos=True),
+    # greedy but edited: not the plain-greedy (sharded argmax) path
+    "edited": SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                             logit_bias={11: 3.0, 12: -2.0}, allowed_token_ids=list(range(3, 90))),
 }  # fmt: skip
 
 
 def _prompts() -> dict[str, list[int]]:
     rng = random.Random(3)
-    lengths = dict(zip(PARAMS, (40, 5, 17, 9, 12, 7, 6), strict=True))  # 40: chunked prefill
+    lengths = dict(zip(PARAMS, (40, 5, 17, 9, 12, 7, 6, 8), strict=True))  # 40: chunked prefill
     prompts = {name: [rng.randrange(3, 384) for _ in range(n)] for name, n in lengths.items()}
     # A third of the vocab: the repetition penalty over the prompt changes which tokens win.
     prompts["penalties"] = list(range(3, 384, 3))

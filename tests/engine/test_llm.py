@@ -243,6 +243,28 @@ def test_prompt_logprobs_skip_the_prefix_cache_but_fill_it(tiny, reference):
     assert llm.engine.kv_stats().prefix_cache_hits >= hits + 32
 
 
+def test_logit_bias_and_allowed_token_ids(tiny, reference):
+    folder, _ = tiny
+    prompts, expected = reference
+    llm = _llm(folder)
+    allowed = [7, 8, 9, 300]
+    params = SamplingParams(temperature=0.7, seed=1, max_tokens=10, ignore_eos=True,
+                            allowed_token_ids=allowed)  # fmt: skip
+    for out in llm.generate(prompt_token_ids=prompts[:3], sampling_params=params):
+        assert set(out.outputs[0].token_ids) <= set(allowed)
+    # A large enough bias wins every greedy step.
+    biased = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logit_bias={42: 1e4})
+    (out,) = llm.generate(prompt_token_ids=prompts[:1], sampling_params=biased)
+    assert out.outputs[0].token_ids == [42] * 6
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        llm.generate(prompt_token_ids=prompts[:1],
+                     sampling_params=SamplingParams(logit_bias={10**6: 1.0}))  # fmt: skip
+    assert (
+        _tokens(llm.generate(prompt_token_ids=prompts[:2], sampling_params=GREEDY))
+        == (expected[:2])
+    )
+
+
 def test_stop_strings_and_stop_tokens(tiny, reference):
     folder, _ = tiny
     prompts, expected = reference

@@ -382,3 +382,54 @@ def test_bad_inputs():
         Sampler().sample(rand_logits(1), [row(p, prompt=[1, 50])])
     with pytest.raises(ValueError, match=r"got -3"):
         Sampler().sample(rand_logits(1), [row(p, output=[-3])])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logit_bias_and_allowed_tokens_edit_only_their_rows(device):
+    # Row 0: a bias that makes token 11 the argmax; row 1: only tokens {3, 20, 41} allowed (the
+    # argmax among them); row 2: untouched. Biased logits = logits + bias, exactly.
+    logits = rand_logits(3).to(device)
+    lead = float(logits[0].max() - logits[0, 11]) + 0.5
+    biased = SamplingParams(temperature=0.0, logit_bias={11: lead, 12: -1.0})
+    allowed = SamplingParams(temperature=0.0, allowed_token_ids=[3, 20, 41])
+    plain = SamplingParams(temperature=0.0)
+    out = Sampler().sample(logits, [row(biased), row(allowed), row(plain)])
+    want_allowed = [3, 20, 41][int(logits[1, [3, 20, 41]].argmax())]
+    assert out.token_ids == [11, want_allowed, int(logits[2].argmax())]
+    # Random rows: the distribution of softmax(logits + bias) restricted to the allowed set.
+    params = SamplingParams(temperature=1.0, seed=3, logit_bias={5: 2.0},
+                            allowed_token_ids=[1, 5, 9, 30])  # fmt: skip
+    # Tokens outside the allowed set lead by far; the allowed ones get 5-60% each.
+    x = torch.full((1, VOCAB), 5.0)
+    x[0, [1, 5, 9, 30]] = torch.tensor([1.0, 0.0, 0.5, -0.5])
+    x = x.to(device)
+    edited = torch.full((VOCAB,), NEG_INF)
+    for t in (1, 5, 9, 30):
+        edited[t] = float(x[0, t]) + (2.0 if t == 5 else 0.0)
+    probs = torch.softmax(edited, dim=-1)
+    counts = torch.zeros(VOCAB)
+    sampler = Sampler()
+    for step in range(2000):
+        (tok,) = sampler.sample(x, [row(params, step=step)]).token_ids
+        counts[tok] += 1
+    assert chi_square(counts, probs) < CHI2_CRIT_001[3]
+    # Logprobs stay those of the raw logits (vLLM's default).
+    lp = Sampler().sample(logits[:1], [row(SamplingParams(temperature=0.0, logprobs=0,
+                                                         logit_bias={11: lead}))])  # fmt: skip
+    raw = torch.log_softmax(logits[0].float(), dim=-1)[11]
+    assert lp.token_ids == [11] and lp.logprobs[0] == pytest.approx(float(raw), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(logit_bias=[1, 2]), "logit_bias must be a dict"),
+        (dict(logit_bias={-1: 1.0}), "logit_bias must map token ids"),
+        (dict(logit_bias={3: float("nan")}), "logit_bias must map token ids"),
+        (dict(allowed_token_ids=[]), "allowed_token_ids must be a non-empty list"),
+        (dict(allowed_token_ids=[2, -4]), "allowed_token_ids must be a non-empty list"),
+    ],
+)
+def test_logit_edit_params_are_checked(kw, match):
+    with pytest.raises(ValueError, match=match):
+        SamplingParams(**kw)

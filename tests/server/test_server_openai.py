@@ -310,6 +310,31 @@ def test_echo_with_logprobs_scores_the_prompt(client, offline):
         client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=0)
 
 
+def test_logit_bias_and_allowed_token_ids(client, offline):
+    # The offline engine with the same fields gives the same text (greedy; seeded sampling).
+    biased = _greedy(4, logit_bias={42: 100.0})
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0, logit_bias={"42": 100},
+        extra_body=NO_EOS,
+    )  # fmt: skip
+    want = offline.generate(PROMPT, biased, use_tqdm=False)[0].outputs[0]
+    assert want.token_ids == [42] * 4 and r.choices[0].text == want.text
+    allowed = SamplingParams(temperature=0.8, seed=2, max_tokens=4, ignore_eos=True,
+                             allowed_token_ids=[7, 8, 9])  # fmt: skip
+    want = offline.generate(PROMPT, allowed, use_tqdm=False)[0].outputs[0]
+    assert set(want.token_ids) <= {7, 8, 9}
+    r = client.completions.create(
+        model=MODEL_NAME, prompt=PROMPT, max_tokens=4, temperature=0.8, seed=2,
+        extra_body={**NO_EOS, "allowed_token_ids": [7, 8, 9]},
+    )  # fmt: skip
+    assert r.choices[0].text == want.text
+    for bad, match in (({"x": 1}, "decimal strings"), ({"3": 101}, r"\[-100, 100\]"),
+                       ({"999999": 1}, "outside the vocabulary")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                      logit_bias=bad)  # fmt: skip
+
+
 def test_chat_logprobs(client):
     r = client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, max_tokens=5, temperature=0, logprobs=True,
