@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from engine.spec_config import speculative_arg
 from hal.errors import HalError
 
 
@@ -77,6 +78,13 @@ def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help="mp: one process per device on this host (default); ray: an existing Ray cluster",
     )
+    p.add_argument(
+        "--speculative-config",
+        type=speculative_arg,
+        default=None,
+        help='speculative decoding, as JSON (vLLM\'s flag): \'{"method": "ngram", '
+        '"num_speculative_tokens": 3}\'',
+    )
     p.add_argument("--json", action="store_true", help="print outputs as JSON lines")
     return p
 
@@ -116,6 +124,7 @@ def run_generate(args: argparse.Namespace) -> int:
             tensor_parallel_size=args.tensor_parallel_size,
             pipeline_parallel_size=args.pipeline_parallel_size,
             distributed_executor_backend=args.distributed_executor_backend,
+            speculative_config=args.speculative_config,
         )
         tok = llm.get_tokenizer()
         use_chat = args.chat if args.chat is not None else bool(getattr(tok, "chat_template", None))

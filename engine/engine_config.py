@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.config import CacheConfig, SchedulerConfig
+from engine.spec_config import SpeculativeConfig
 
 # CPU default for the KV cache when kv_cache_memory_bytes is not given.
 DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -93,6 +94,9 @@ class EngineConfig:
     # max_num_batched_tokens, at most 8192; (): such steps run eagerly).
     mixed_graph_sizes: tuple[int, ...] | None = None
     async_scheduling: bool | None = None  # None: on for an in-process GPU engine
+    # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, ...} or a
+    # SpeculativeConfig (engine.spec_decode); None: off.
+    speculative_config: SpeculativeConfig | dict | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -112,6 +116,13 @@ class EngineConfig:
             raise ValueError(
                 f"quantization must be one of {', '.join(QUANTIZATION_CHOICES)} or None, got "
                 f"{self.quantization!r} (pre-quantized checkpoints are detected from config.json)"
+            )
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None and self.parallel.executor_backend != "uni":
+            raise ValueError(
+                "speculative decoding runs in the in-process engine for now "
+                "(tensor_parallel_size = pipeline_parallel_size = 1, no executor backend); "
+                "leave speculative_config None for a multi-rank engine"
             )
         if self.async_scheduling not in (None, True, False):
             raise ValueError(

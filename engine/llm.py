@@ -63,6 +63,7 @@ class LLM:
         quantization: str | None = None,
         async_scheduling: bool | None = None,
         kv_cache_dtype: str = "auto",
+        speculative_config: dict | None = None,
     ) -> None:
         cache = CacheConfig(
             block_size=block_size,
@@ -92,6 +93,7 @@ class LLM:
             cuda_graph_sizes=None if cuda_graph_sizes is None else tuple(cuda_graph_sizes),
             mixed_graph_sizes=None if mixed_graph_sizes is None else tuple(mixed_graph_sizes),
             async_scheduling=async_scheduling,
+            speculative_config=speculative_config,
             cache=cache,
             scheduler=sched,
             parallel=ParallelConfig(

@@ -39,10 +39,13 @@ from engine.sampler import (
     SamplerOutput,
     SamplingRow,
     ScoredStep,
+    logprob_lists,
+    logprob_tensors,
 )
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence, SequenceStatus
+from engine.spec_decode import verify
 from engine.stop import check_last_token_stop
 
 logger = logging.getLogger(__name__)
@@ -57,8 +60,9 @@ class _SeqState:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    # the sampled token's logprob, the top-k alternatives and the token's rank
-    pending_logprob: tuple[float | None, dict[int, float] | None, int | None] | None = None
+    # per token sampled and not yet stop-checked (a speculative step gives several): its
+    # logprob, the top-k alternatives and its rank
+    pending_logprob: list[tuple[float | None, dict[int, float] | None, int | None]] | None = None
 
     def clone(self) -> _SeqState:
         detok = copy.copy(self.detok)
@@ -209,7 +213,11 @@ class LLMEngine:
             self.pipeline_depth = 1
             if self.model is None:
                 self.pipeline_depth = config.parallel.pipeline_parallel_size
-            self.scheduler = Scheduler(sched, cache, max_batches_in_flight=self.pipeline_depth)
+            self.speculative = config.speculative_config  # EngineConfig: world size 1 only
+            self.scheduler = Scheduler(
+                sched, cache, max_batches_in_flight=self.pipeline_depth,
+                speculative=self.speculative,
+            )  # fmt: skip
         except BaseException:
             self.shutdown()
             raise
@@ -243,6 +251,8 @@ class LLMEngine:
         why_not = None
         if self.pipeline_depth > 1:
             why_not = "pipeline parallelism overlaps its stages instead"
+        elif self.speculative is not None:
+            why_not = "speculative decoding verifies each step's drafts before the next step"
         elif self.runner is None and not self.executor.supports_hold:
             why_not = f"the {self.executor.kind} executor cannot hold a step on its ranks"
         if why_not is not None:
@@ -353,6 +363,8 @@ class LLMEngine:
             f"preemption {self.scheduler_config.preemption_mode}"
         )
         lines += self.executor.describe()
+        if self.speculative is not None:
+            lines.append(self.speculative.describe())
         if self.runner is not None:
             graphs = self.runner.graphs
             lines.append(
@@ -704,12 +716,51 @@ class LLMEngine:
                 if any(ss.seq.is_finished for ss in sampling):
                     live = [i for i, ss in enumerate(sampling) if not ss.seq.is_finished]
                     logits, sampling = logits[live], [sampling[i] for i in live]
-                if sampling:
+                if any(ss.draft for ss in sampling):
+                    sampled = self._verify_drafts(sampling, logits)
+                elif sampling:
                     batch = self._sampling_rows(sampling)
                     sampled = self._apply_samples(sampling, batch.sample(self.sampler, logits))
         new_seqs = self.scheduler.update_from_output(out, sampled, is_stopped=self._check_stop)
         self._record_kv_peak()
         return self._collect_outputs(new_seqs, stream)
+
+    def _verify_drafts(
+        self, sampling: list[ScheduledSeq], logits: torch.Tensor
+    ) -> dict[int, list[int]]:
+        """A speculative step's tokens: logits has 1 + len(draft) rows per sampling sequence,
+        in schedule order. Sequences without drafts sample their one row as usual; the others
+        keep their accepted drafts and one token of the target's (`spec_decode.verify`)."""
+        spans, row = [], 0
+        for ss in sampling:
+            spans.append(row)
+            row += 1 + len(ss.draft)
+        plain = [i for i, ss in enumerate(sampling) if not ss.draft]
+        sampled: dict[int, list[int]] = {}
+        if plain:
+            seqs = [sampling[i] for i in plain]
+            rows = logits[[spans[i] for i in plain]]
+            result = self._sampling_rows(seqs).sample(self.sampler, rows)
+            sampled = self._apply_samples(seqs, result)
+        for ss, start in zip(sampling, spans, strict=True):
+            if not ss.draft:
+                continue
+            seq = ss.seq
+            params = seq.request.sampling_params
+            rows = logits[start : start + 1 + len(ss.draft)]
+            gen = None
+            if not params.is_greedy and params.seed is None:
+                gen = self.sampler.shared_generator(rows.device)
+            tokens = verify(rows, ss.draft, params, seq.num_output_tokens, gen)
+            sampled[seq.seq_id] = tokens
+            if params.logprobs is not None:
+                num_top = [params.logprobs] * len(tokens)
+                targets = torch.tensor(tokens, device=rows.device)
+                c, v, i, r = logprob_tensors(rows[: len(tokens)], targets, num_top)
+                lp, top = logprob_lists(c.tolist(), v.tolist(), i.tolist(), num_top)
+                state = self.requests[seq.request.request_id]
+                state.seqs[seq.index].pending_logprob = list(zip(lp, top, r.tolist(), strict=True))
+        return sampled
 
     @staticmethod
     def _sampling_rows(sampling: list[ScheduledSeq], offset: int = 0) -> StepSampling:
@@ -764,11 +815,13 @@ class LLMEngine:
                         index = seq.index if k == 1 else i
                         if index not in state.seqs:  # a fork's child: a copy of the parent
                             state.seqs[index] = state.seqs[seq.index].clone()
-                        state.seqs[index].pending_logprob = (
-                            result.logprobs[j + i],
-                            result.top_logprobs[j + i],
-                            result.ranks[j + i] if result.ranks else None,
-                        )
+                        state.seqs[index].pending_logprob = [
+                            (
+                                result.logprobs[j + i],
+                                result.top_logprobs[j + i],
+                                result.ranks[j + i] if result.ranks else None,
+                            )
+                        ]
             j += k
         if j != len(token_ids):
             raise RuntimeError(f"the sampler returned {len(token_ids)} tokens for {j} rows")
@@ -781,9 +834,8 @@ class LLMEngine:
         params: SamplingParams = request.sampling_params
         st = state.seqs[seq.index]
         token = seq.token_ids[-1]
-        if st.pending_logprob is not None:
-            lp, top, rank = st.pending_logprob
-            st.pending_logprob = None
+        if st.pending_logprob:
+            lp, top, rank = st.pending_logprob.pop(0)
             if lp is not None:
                 st.cumulative_logprob += lp
             if st.logprobs is not None and lp is not None:

@@ -23,7 +23,7 @@ KVCache = tuple[torch.Tensor, torch.Tensor]
 
 # What pack_step reads of each scheduled entry (a ScheduledSeq; block_ids an int32 array).
 _SCHEDULED_FIELDS = operator.attrgetter(
-    "num_new_tokens", "start_pos", "num_samples", "block_ids", "token_ids", "slot_mapping"
+    "num_new_tokens", "start_pos", "num_samples", "block_ids", "token_ids", "slot_mapping", "draft"
 )
 _ALIGN = 16  # bytes: each field of a packed batch starts aligned (Triton specializes on it)
 
@@ -133,7 +133,7 @@ def pack_step(scheduled, host_buffer=None) -> PackedStep:
         raise ValueError("pack_step: no scheduled sequences")
     # Fields of all entries at once (attrgetter and zip run in C, not per entry in Python).
     fields = zip(*map(_SCHEDULED_FIELDS, scheduled), strict=True)
-    num_new_t, start_t, samples_t, tables, token_ids, slot_mapping = fields
+    num_new_t, start_t, samples_t, tables, token_ids, slot_mapping, drafts = fields
     num_new = np.array(num_new_t, dtype=np.int64)
     seq_lens = np.array(start_t, dtype=np.int64) + num_new
     samples = np.array(samples_t, dtype=np.int64) > 0
@@ -143,6 +143,11 @@ def pack_step(scheduled, host_buffer=None) -> PackedStep:
     qsl = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(num_new, out=qsl[1:])
     num_rows = int(samples.sum())
+    # Speculative steps: a sampling sequence with d drafts has d + 1 logits rows, its last.
+    rows_each = None
+    if any(drafts):
+        rows_each = samples * (1 + np.fromiter(map(len, drafts), np.int64, n))
+        num_rows = int(rows_each.sum())
 
     layout = _Layout(num_tokens, num_rows, n, width)
     if host_buffer is None:
@@ -161,7 +166,12 @@ def pack_step(scheduled, host_buffer=None) -> PackedStep:
         views["positions"][:] = np.arange(num_tokens, dtype=np.int64) + offsets
     views["query_start_loc"][:] = qsl
     views["seq_lens"][:] = seq_lens
-    views["logits_indices"][:] = qsl[1:][samples] - 1
+    if rows_each is None:
+        views["logits_indices"][:] = qsl[1:][samples] - 1
+    else:
+        first = np.repeat(qsl[1:] - rows_each, rows_each)
+        offsets = np.arange(num_rows) - np.repeat(np.cumsum(rows_each) - rows_each, rows_each)
+        views["logits_indices"][:] = first + offsets
     total_blocks = int(table_lens.sum())
     flat = np.frombuffer(b"".join(tables), dtype=np.int32, count=total_blocks)  # int32 arrays
     block_tables = views["block_tables"]

@@ -377,6 +377,11 @@ class Sampler:
         self.seed = seed
         self._shared: dict[torch.device, torch.Generator] = {}
 
+    def shared_generator(self, device: torch.device) -> torch.Generator:
+        """The generator unseeded random rows draw from on `device` (seeded by the sampler's
+        seed), also the speculative verifier's."""
+        return self._shared_generator(device)
+
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         if device not in self._shared:
             g = torch.Generator(device=device)

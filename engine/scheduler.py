@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from engine.config import CacheConfig, SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager, KVCacheStats
 from engine.sequence import Request, Sequence, SequenceStatus
+from engine.spec_config import SpeculativeConfig
+from engine.spec_decode import can_speculate, propose_ngram
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ class ScheduledSeq:
         "num_samples",
         "block_ids",
         "_block_table",
+        "draft",
     )
 
     def __init__(
@@ -81,8 +84,13 @@ class ScheduledSeq:
         block_table: Seq[int],
         slot_mapping: list[int],
         num_samples: int,
+        draft: list[int] | None = None,
     ) -> None:
         self.seq = seq
+        # Speculative decoding: the draft tokens computed after the sequence's last token (they
+        # are the last len(draft) of token_ids and count in num_new_tokens; the step has a
+        # logits row for the last token and for each draft).
+        self.draft = draft or ()
         self.num_new_tokens = num_new_tokens
         self.start_pos = start_pos
         self.token_ids = token_ids
@@ -158,6 +166,7 @@ class Scheduler:
         scheduler_config: SchedulerConfig,
         cache_config: CacheConfig,
         max_batches_in_flight: int = 1,
+        speculative: SpeculativeConfig | None = None,
     ) -> None:
         v = max_batches_in_flight
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -203,6 +212,9 @@ class Scheduler:
         self.swapped: list[Sequence] = []  # sorted by priority
         self.requests: dict[str, Request] = {}  # unfinished requests
         self.max_batches_in_flight = max_batches_in_flight
+        self.speculative = speculative
+        self.num_draft_tokens = 0  # speculative decoding: drafts proposed (scheduled)
+        self.num_accepted_tokens = 0  # and of those, accepted
         # seq_id -> sequence emitted by a schedule() whose update_from_output() has not come yet
         self.in_flight: dict[int, Sequence] = {}
         self._seq_ids = itertools.count()
@@ -326,6 +338,10 @@ class Scheduler:
             num_new = uncomputed if uncomputed < budget else budget
             if not chunked and num_new < uncomputed:
                 continue
+            draft = None
+            if self.speculative is not None and uncomputed == 1:
+                draft = self._draft(seq, budget - 1)
+                num_new += len(draft)
             copies = allocate(seq, num_new)  # the common case: fits without preempting
             if copies is None:
                 copies = self._allocate_or_preempt(seq, num_new, scheduled_ids, out)
@@ -334,7 +350,7 @@ class Scheduler:
                 continue
             if copies:
                 out.blocks_to_copy.extend(copies)
-            self._emit(seq, num_new, out, scheduled_ids)
+            self._emit(seq, num_new, out, scheduled_ids, draft)
             budget -= num_new
             if share is not None:
                 taken += self._num_seqs_needed(seq)
@@ -529,15 +545,39 @@ class Scheduler:
         self.num_preemptions += 1
         logger.debug("preempted %s (%s)", seq, seq.status.name)
 
+    def _draft(self, seq: Sequence, room: int) -> list[int]:
+        """Speculative decoding: draft tokens for a decode step of seq (at most room of them),
+        none where they could not all be kept (max_tokens, max_model_len) or the request's
+        sampling reads more than the logits."""
+        spec = self.speculative
+        params = seq.request.sampling_params
+        num_output = len(seq.token_ids) - seq.num_prompt_tokens
+        if room < 1 or not can_speculate(params, num_output):
+            return []
+        k = min(spec.num_speculative_tokens, room, self.max_model_len - len(seq.token_ids) - 1)
+        if params.max_tokens is not None:
+            k = min(k, params.max_tokens - num_output - 1)
+        draft = propose_ngram(seq.token_ids, spec.prompt_lookup_min, spec.prompt_lookup_max, k)
+        self.num_draft_tokens += len(draft)
+        return draft
+
     def _emit(
-        self, seq: Sequence, num_new: int, out: SchedulerOutput, scheduled_ids: set[int]
+        self,
+        seq: Sequence,
+        num_new: int,
+        out: SchedulerOutput,
+        scheduled_ids: set[int],
+        draft: list[int] | None = None,
     ) -> None:
         bs = self.block_size
         start = seq.num_computed_tokens
         end = start + num_new
         table = self.kv.block_ids(seq)
         num_samples = 0
-        if end == len(seq.token_ids):
+        tokens = seq.token_ids[start:end]
+        if draft:
+            tokens = tokens + draft
+        if end == len(seq.token_ids) + len(draft or ()):
             request = seq.request
             num_samples = 1 if request.is_forked else request.sampling_params.n
         if num_new == 1:
@@ -545,7 +585,7 @@ class Scheduler:
         else:
             slots = [table[p // bs] * bs + p % bs for p in range(start, end)]
         out.scheduled.append(
-            ScheduledSeq(seq, num_new, start, seq.token_ids[start:end], table, slots, num_samples)
+            ScheduledSeq(seq, num_new, start, tokens, table, slots, num_samples, draft)
         )
         scheduled_ids.add(seq.seq_id)
 
@@ -559,11 +599,12 @@ class Scheduler:
         """Advance computed tokens, append sampled tokens, fork n > 1 requests, finish sequences.
 
         sampled_token_ids: seq_id -> num_samples tokens, for each ScheduledSeq with samples=True
-        (entries for sequences aborted since schedule() are ignored). is_stopped(seq) is asked
-        after each new token (stop tokens or strings: the caller's business); max_tokens and
-        max_model_len end a sequence with FINISHED_LENGTH. Returns the sequences that got a new
-        token, children of a fork included, in schedule order; finished ones have freed their
-        blocks.
+        (entries for sequences aborted since schedule() are ignored); a step with drafts gives
+        1 to len(draft) + 1 tokens in order (the accepted drafts, then the target's token).
+        is_stopped(seq) is asked after each new token (stop tokens or strings: the caller's
+        business); max_tokens and max_model_len end a sequence with FINISHED_LENGTH. Returns the
+        sequences that got a new token, children of a fork included, in schedule order; finished
+        ones have freed their blocks.
         """
         # Validate everything before changing anything: a quick pass, and on anything unusual
         # (an error, or entries of aborted sequences) the full check, which raises in order.
@@ -580,13 +621,15 @@ class Scheduler:
                 break
             if ss.num_samples:
                 num_sampling += 1
-                if len(sampled_token_ids.get(seq.seq_id, ())) != ss.num_samples:
+                got = len(sampled_token_ids.get(seq.seq_id, ()))
+                if got != ss.num_samples and not (ss.draft and 1 <= got <= len(ss.draft) + 1):
                     ok = False
                     break
         if not ok or len(sampled_token_ids) != num_sampling:
             self._check_output(out, sampled_token_ids)
 
         new_seqs: list[Sequence] = []
+        checked: set[int] = set()  # speculative steps: stop-checked token by token already
         in_flight = self.in_flight
         cache_full_blocks = self.kv.cache_full_blocks
         for ss in out.scheduled:
@@ -595,6 +638,11 @@ class Scheduler:
             if seq.status.is_finished:
                 if was_in_flight:  # finished (aborted) while in flight: its free was deferred
                     self.kv.free(seq)
+                continue
+            if ss.draft:
+                self._append_verified(seq, sampled_token_ids[seq.seq_id], len(ss.draft), is_stopped)
+                new_seqs.append(seq)
+                checked.add(seq.seq_id)
                 continue
             seq.num_computed_tokens += ss.num_new_tokens
             cache_full_blocks(seq)
@@ -608,18 +656,53 @@ class Scheduler:
                     new_seqs.append(self._fork(seq, index, tokens[index]))
             seq.request.is_forked = True
 
-        max_model_len = self.max_model_len
         for seq in new_seqs:
-            if is_stopped is not None and is_stopped(seq):
-                self.finish_sequence(seq, SequenceStatus.FINISHED_STOPPED)
+            if checked and seq.seq_id in checked:
                 continue
-            max_tokens = seq.request.sampling_params.max_tokens
-            num_tokens = len(seq.token_ids)
-            if num_tokens >= max_model_len or (
-                max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens
-            ):
-                self.finish_sequence(seq, SequenceStatus.FINISHED_LENGTH)
+            status = self._stop_status(seq, is_stopped)
+            if status is not None:
+                self.finish_sequence(seq, status)
         return new_seqs
+
+    def _stop_status(
+        self, seq: Sequence, is_stopped: Callable[[Sequence], bool] | None
+    ) -> SequenceStatus | None:
+        """Whether seq's newest token ends it: a stop (the caller's test), else its length."""
+        if is_stopped is not None and is_stopped(seq):
+            return SequenceStatus.FINISHED_STOPPED
+        max_tokens = seq.request.sampling_params.max_tokens
+        num_tokens = len(seq.token_ids)
+        if num_tokens >= self.max_model_len or (
+            max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens
+        ):
+            return SequenceStatus.FINISHED_LENGTH
+        return None
+
+    def _append_verified(
+        self,
+        seq: Sequence,
+        tokens: Seq[int],
+        num_draft: int,
+        is_stopped: Callable[[Sequence], bool] | None,
+    ) -> None:
+        """A speculative step's tokens, one at a time with the stop test after each (the rest
+        are dropped once one ends the sequence). The KV of the last token and of the accepted
+        drafts is valid: num_computed_tokens moves past them; the rejected drafts' slots are
+        written again when their positions come."""
+        self.num_accepted_tokens += len(tokens) - 1
+        status = None
+        appended = 0
+        for token in tokens:
+            seq.token_ids.append(token)
+            appended += 1
+            status = self._stop_status(seq, is_stopped)
+            if status is not None:
+                break
+        # Computed: the last token and the drafts now in token_ids (all but the newest token).
+        seq.num_computed_tokens = len(seq.token_ids) - 1
+        self.kv.cache_full_blocks(seq)
+        if status is not None:
+            self.finish_sequence(seq, status)
 
     @staticmethod
     def _check_output(out: SchedulerOutput, sampled_token_ids: Mapping[int, Seq[int]]) -> None:
@@ -636,7 +719,10 @@ class Scheduler:
                 or ss.seq.num_computed_tokens != ss.start_pos
             ):
                 raise RuntimeError(f"{ss.seq}: output does not belong to the last schedule()")
-            if ss.samples and len(sampled_token_ids.get(ss.seq_id, ())) != ss.num_samples:
+            got = len(sampled_token_ids.get(ss.seq_id, ()))
+            if ss.draft and ss.samples and 1 <= got <= len(ss.draft) + 1:
+                continue
+            if ss.samples and got != ss.num_samples:
                 raise ValueError(
                     f"sequence {ss.seq_id} needs {ss.num_samples} sampled tokens, got "
                     f"{sampled_token_ids.get(ss.seq_id)!r}"

@@ -1,15 +1,16 @@
-"""The CPU engine's "c" attention: decode batches (one query token per sequence) on fp32 paged
-caches through the C kernel (`ckernels.load_attention_kernel`, `csrc/decode_attention.c`),
-reading K and V straight from the pages; every other call (prefill or mixed batches, bf16 /
-fp16 / FP8, no kernel here) goes to the batched SDPA path (`sdpa.sdpa_attention`). Both are
-tested against the reference loop (`attention.paged_attention`)."""
+"""The CPU engine's "c" attention: decode-like batches (each sequence's last 1 to 8 tokens: decode
+steps, speculative steps) on fp32 paged caches through the C kernel
+(`ckernels.load_attention_kernel`, `csrc/decode_attention.c`), reading K and V straight from the
+pages; every other call (prefill or mixed batches, bf16 / fp16 / FP8, no kernel here) goes to the
+batched SDPA path (`sdpa.sdpa_attention`). Both are tested against the reference loop
+(`attention.paged_attention`)."""
 
 from __future__ import annotations
 
 import torch
 
 from backends.cpu.attention import check_inputs
-from backends.cpu.ckernels import load_attention_kernel
+from backends.cpu.ckernels import ATTENTION_MAX_QUERY, load_attention_kernel
 from backends.cpu.sdpa import sdpa_attention
 
 
@@ -39,7 +40,8 @@ def c_attention(
     )  # fmt: skip
     if (
         kernel is not None
-        and query.shape[0] == seq_lens.shape[0]  # as many tokens as sequences: maybe decode
+        # a few tokens a sequence: maybe decode or a speculative step (the kernel checks)
+        and query.shape[0] <= ATTENTION_MAX_QUERY * seq_lens.shape[0]
         and query.dtype == torch.float32
         and key_cache.dtype == torch.float32
         and value_cache.dtype == torch.float32

@@ -503,6 +503,9 @@ def _checked(source: Path, entry: str, argtypes: tuple, wrap: type, self_check) 
     return (None, why) if why else (kernel, "")
 
 
+ATTENTION_MAX_QUERY = 8  # decode_attention.c's MAX_QUERY
+
+
 @dataclass(frozen=True)
 class AttentionKernel:
     """The loaded `decode_attention_f32` library (see `decode_attention.c`)."""
@@ -522,15 +525,17 @@ class AttentionKernel:
         soft_cap: float | None = None,
         threads: int | None = None,
     ) -> torch.Tensor | None:
-        """The attention contract for a decode batch: query fp32 [S, Hq, D] and fp32 caches
-        [NB, BS, Hk, D] (contiguous), int32 contiguous block_tables [S, max_blocks] (rows may be
-        strided), seq_lens [S] and query_start_loc [S + 1]. Returns [S, Hq, D], or None when
-        the batch is not one query token per sequence (query_start_loc is not 0, 1, .., S). The
-        caller checked shapes and dtypes (`cattention.c_attention`); lengths and block ids are
-        checked here."""
-        s, hq, d = query.shape
+        """The attention contract for a decode-like batch (each sequence's last 1 to
+        ATTENTION_MAX_QUERY tokens: a decode step, or a speculative step's last token and
+        drafts): query fp32 [T, Hq, D] and fp32 caches [NB, BS, Hk, D] (contiguous), int32
+        contiguous block_tables [S, max_blocks] (rows may be strided), seq_lens [S] and
+        query_start_loc [S + 1]. Returns [T, Hq, D], or None when the batch is not such a one.
+        The caller checked shapes and dtypes (`cattention.c_attention`); lengths and block ids
+        are checked here."""
+        t, hq, d = query.shape
+        s = seq_lens.shape[0]
         nb, bs, hk, _ = key_cache.shape
-        out = torch.empty(s, hq, d, dtype=torch.float32)
+        out = torch.empty(t, hq, d, dtype=torch.float32)
         rc = self.lib.decode_attention_f32(
             query.data_ptr(), key_cache.data_ptr(), value_cache.data_ptr(),
             block_tables.data_ptr(), block_tables.stride(0), block_tables.shape[1],
@@ -559,12 +564,14 @@ def _attention_self_check(kernel: AttentionKernel) -> str:
     kc, vc = torch.randn(5, 4, 2, 8, generator=g), torch.randn(5, 4, 2, 8, generator=g)
     tables = torch.tensor([[3, 1], [0, 4]], dtype=torch.int32)
     lens = torch.tensor([6, 3], dtype=torch.int32)
-    qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
+    q4 = torch.randn(4, 4, 8, generator=g)
+    decode, spec = torch.tensor([0, 1, 2], dtype=torch.int32), torch.tensor([0, 3, 4])
     for window, cap in ((None, None), (4, 5.0)):
-        got = kernel.run(q, kc, vc, tables, lens, qsl, 0.35, window, cap, threads=2)
-        want = paged_attention(q, kc, vc, tables, lens, qsl, 0.35, window, cap)
-        if got is None or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
-            return "self-check failed: the outputs differ from the reference's"
+        for query, qsl in ((q, decode), (q4, spec.to(torch.int32))):  # 3 + 1 query tokens
+            got = kernel.run(query, kc, vc, tables, lens, qsl, 0.35, window, cap, threads=2)
+            want = paged_attention(query, kc, vc, tables, lens, qsl, 0.35, window, cap)
+            if got is None or not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+                return "self-check failed: the outputs differ from the reference's"
     return ""
 
 

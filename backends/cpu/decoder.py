@@ -42,7 +42,9 @@ class _Layer(ctypes.Structure):
     _fields_ += [(f, ctypes.c_int64) for f in ("hq", "hk", "window")] + [("scale", ctypes.c_float)]
 
 
-_STEP_SIZES = ("T", "hidden", "D", "rot", "max_pos", "num_slots", "ld_table", "max_blocks", "BS")
+_STEP_SIZES = (
+    "T", "hidden", "D", "rot", "max_pos", "num_slots", "ld_table", "max_blocks", "BS", "S"
+)  # fmt: skip
 _STEP_PTRS = ("pos", "slots", "cs", "tables", "seq_lens", "qsl")
 _STEP_BUFFERS = ("x", "qkv", "q", "k", "attn", "o", "gu")
 
@@ -155,21 +157,27 @@ def run(
     max_query_len: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The layers as `Backend.gguf_decoder_layers` composes them, or None (nothing written) when
-    this call is not a decode batch the plan takes."""
-    t = hidden.shape[0]
+    this call is not a decode-like batch the plan takes (each sequence's last 1 to
+    ATTENTION_MAX_QUERY tokens: decode steps, speculative steps)."""
+    t, s = hidden.shape[0], seq_lens.shape[0]
     if not (
         hidden.dim() == 2
         and hidden.dtype == torch.float32
         and hidden.is_contiguous()
         and 1 <= t <= plan.max_rows
         and ckernels.RMS_NORM_MIN <= hidden.shape[1] <= ckernels.RMS_NORM_MAX
-        and seq_lens.shape[0] == t
+        and 1 <= s <= t
         and len(kv_caches) == len(stack.layers)
         and (residual is None or (residual.dtype == torch.float32 and residual.is_contiguous()))
     ):
         return None
     qsl = _int32(query_start_loc)
-    if max_query_len != 1 and not torch.equal(qsl, torch.arange(t + 1, dtype=torch.int32)):
+    if s != t:  # several tokens of some sequence: each its last ones, few enough for the kernel
+        counts = qsl[1:] - qsl[:-1]
+        if int(qsl[0]) != 0 or int(qsl[-1]) != t or not bool(((counts >= 1) & (counts <= (
+            ckernels.ATTENTION_MAX_QUERY)) & (counts <= seq_lens)).all()):  # fmt: skip
+            return None
+    elif max_query_len != 1 and not torch.equal(qsl, torch.arange(t + 1, dtype=torch.int32)):
         return None  # not one query token per sequence
     if block_tables.stride(-1) != 1:  # the attention op would take its SDPA path
         return None
@@ -187,7 +195,7 @@ def run(
     buffers = {name: torch.empty(t, w, dtype=torch.float32) for name, w in widths.items()}
     step = _Step(
         ctypes.addressof(plan.kernels), t, h, d, cs.shape[1], cs.shape[0],
-        kc.shape[0] * kc.shape[1], tables.stride(0), tables.shape[1], kc.shape[1], kc.shape[0],
+        kc.shape[0] * kc.shape[1], tables.stride(0), tables.shape[1], kc.shape[1], s, kc.shape[0],
         stack.layers[0].eps, plan.rms.lanes, max(1, torch.get_num_threads()), pos.data_ptr(),
         slots.data_ptr(), cs.data_ptr(), tables.data_ptr(), lens.data_ptr(), qsl.data_ptr(),
         *(buffers[name].data_ptr() for name in _STEP_BUFFERS),

@@ -12,6 +12,7 @@ import os
 import signal
 from pathlib import Path
 
+from engine.spec_config import speculative_arg
 from hal.errors import HalError
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,13 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--distributed-executor-backend", default=None, help="mp (default) or ray, when tp x pp > 1"
     )
+    p.add_argument(
+        "--speculative-config",
+        type=speculative_arg,
+        default=None,
+        help='speculative decoding, as JSON (vLLM\'s flag): \'{"method": "ngram", '
+        '"num_speculative_tokens": 3}\'',
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return p
@@ -136,6 +144,7 @@ def run_serve(args: argparse.Namespace) -> int:
             quantization=args.quantization,
             enforce_eager=args.enforce_eager,
             async_scheduling=False if args.no_async_scheduling else None,
+            speculative_config=args.speculative_config,
             cache=CacheConfig(
                 block_size=args.block_size,
                 cache_dtype=args.kv_cache_dtype,

@@ -199,7 +199,8 @@ def test_a_step_is_pickled_once_for_every_rank(monkeypatch):
     from engine.runner import pack_step
 
     seqs = [SimpleNamespace(num_new_tokens=1, start_pos=i + 9, num_samples=1, token_ids=[5],
-                            block_ids=array("i", range(i + 1)), slot_mapping=[(i + 9) % 16])
+                            block_ids=array("i", range(i + 1)), slot_mapping=[(i + 9) % 16],
+                            draft=())
             for i in range(64)]  # fmt: skip
     step = StepInput(pack_step(seqs), blocks_to_copy=[(1, 2)], hold=True, feed_rows=[0, 3])
     pickled = []

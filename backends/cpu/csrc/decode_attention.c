@@ -1,8 +1,10 @@
-/* Paged attention for decode batches on fp32 caches: every sequence has one query token (at
- * position seq_len - 1), which attends to the sequence's KV tokens 0 .. seq_len - 1 (the last
- * `window` of them with a sliding window) straight from the paged caches, one (sequence, query
- * head) per OpenMP work item: the CPU backend's "c" attention (backends/cpu/cattention.py), where
- * torch needs a gather of the pages and an SDPA call per layer.
+/* Paged attention for decode-like batches on fp32 caches: each sequence has 1 to MAX_QUERY query
+ * tokens, its last ones (the last at position seq_len - 1: a decode step, or a speculative step's
+ * last token and drafts); query token i of a sequence with q of them sits at position
+ * p = seq_len - q + i and attends causally to the sequence's KV tokens 0 .. p (the last `window`
+ * of them with a sliding window) straight from the paged caches, one (query token, query head)
+ * per OpenMP work item: the CPU backend's "c" attention (backends/cpu/cattention.py), where torch
+ * needs a gather of the pages and an SDPA call per layer.
  *
  *   s_t = scale * q . k_t   (soft_cap: cap * tanh(s_t / cap))
  *   o   = sum_t exp(s_t - max s) v_t / sum_t exp(s_t - max s)
@@ -20,6 +22,7 @@
 #endif
 
 #define LANES 16
+#define MAX_QUERY 8 /* query tokens a sequence may have; more (a prefill chunk) is SDPA's work */
 
 /* a . b over D values: lane l sums the products at d = l, l + 16, ..; the lanes then halve
  * pairwise (16 -> 8 -> 4 -> 2 -> 1); the products past the last whole 16 go in one by one. */
@@ -58,11 +61,12 @@ static inline float exp_nonpositive(float x) {
     return p * two_n.f;
 }
 
-/* q [S, Hq, D] contiguous; kc, vc [NB, BS, Hk, D] contiguous; tables int32 [S, max_blocks]
- * (row stride ld_table); seq_lens int32 [S]; qsl int32 [S + 1]; out [S, Hq, D]. window 0: none;
- * soft_cap 0: none. Returns 0; -1: not a decode batch (qsl is not 0, 1, .., S); -2: a seq_len
- * below 1 or past its table row; -3: a block id outside 0..NB-1; -4: bad sizes; -5: no memory.
- * Nothing is written unless 0. */
+/* q [T, Hq, D] contiguous (T = qsl[S]); kc, vc [NB, BS, Hk, D] contiguous; tables int32
+ * [S, max_blocks] (row stride ld_table); seq_lens int32 [S]; qsl int32 [S + 1]; out [T, Hq, D].
+ * window 0: none; soft_cap 0: none. Returns 0; -1: not such a batch (qsl does not start at 0,
+ * or a sequence has no query token or more than MAX_QUERY; checked first), or a sequence has
+ * more query tokens than its seq_len; -2: a seq_len below 1 or past its table row; -3: a block
+ * id outside 0..NB-1; -4: bad sizes; -5: no memory. Nothing is written unless 0. */
 int decode_attention_f32(const float *q, const float *kc, const float *vc, const int32_t *tables,
                          int64_t ld_table, int64_t max_blocks, const int32_t *seq_lens,
                          const int32_t *qsl, int64_t S, int64_t Hq, int64_t Hk, int64_t D,
@@ -70,8 +74,11 @@ int decode_attention_f32(const float *q, const float *kc, const float *vc, const
                          float *out, int threads) {
     if (S < 0 || Hq < 1 || Hk < 1 || Hq % Hk || D < 1 || BS < 1 || threads < 1) return -4;
     int64_t longest = 0;
-    for (int64_t s = 0; s <= S; s++)
-        if (qsl[s] != s) return -1;
+    if (qsl[0] != 0) return -1;
+    for (int64_t s = 0; s < S; s++) {
+        const int64_t nq = (int64_t)qsl[s + 1] - qsl[s];
+        if (nq < 1 || nq > MAX_QUERY) return -1;
+    }
     for (int64_t s = 0; s < S; s++) {
         const int64_t len = seq_lens[s];
         if (len < 1 || len > max_blocks * BS) return -2;
@@ -81,22 +88,32 @@ int decode_attention_f32(const float *q, const float *kc, const float *vc, const
         }
         if (len > longest) longest = len;
     }
-    const int64_t group = Hq / Hk, row = Hk * D;
+    for (int64_t s = 0; s < S; s++) /* more query tokens than the sequence has: not ours */
+        if ((int64_t)qsl[s + 1] - qsl[s] > seq_lens[s]) return -1;
+    const int64_t group = Hq / Hk, row = Hk * D, T = S > 0 ? qsl[S] : 0;
     const size_t per_thread = (size_t)(longest > 0 ? longest : 1);
     float *scores = (float *)malloc((size_t)threads * per_thread * sizeof(float));
-    if (!scores) return -5;
+    int64_t *seq_of = (int64_t *)malloc((size_t)(T > 0 ? T : 1) * sizeof(int64_t));
+    if (!scores || !seq_of) {
+        free(scores);
+        free(seq_of);
+        return -5;
+    }
+    for (int64_t s = 0; s < S; s++)
+        for (int64_t r = qsl[s]; r < qsl[s + 1]; r++) seq_of[r] = s;
     (void)threads;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t item = 0; item < S * Hq; item++) {
-        const int64_t s = item / Hq, h = item % Hq, kh = h / group;
+    for (int64_t item = 0; item < T * Hq; item++) {
+        const int64_t r = item / Hq, h = item % Hq, kh = h / group, s = seq_of[r];
         int tid = 0;
 #ifdef _OPENMP
         tid = omp_get_thread_num();
 #endif
         float *sc = scores + tid * longest;
-        const int64_t len = seq_lens[s];
+        /* the query token's own position + 1: the tokens it sees (causal) */
+        const int64_t len = seq_lens[s] - ((int64_t)qsl[s + 1] - 1 - r);
         const int64_t first = (window > 0 && len > window) ? len - window : 0;
-        const float *qv = q + (s * Hq + h) * D;
+        const float *qv = q + (r * Hq + h) * D;
         const int32_t *tab = tables + s * ld_table;
         /* tokens block by block: one table read and no division per token */
         float m = -INFINITY;
@@ -111,7 +128,7 @@ int decode_attention_f32(const float *q, const float *kc, const float *vc, const
         }
         for (int64_t t = first; t < len; t++) sc[t] = exp_nonpositive(sc[t] - m);
         float l = 0.0f;
-        float *o = out + (s * Hq + h) * D;
+        float *o = out + (r * Hq + h) * D;
         for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
         for (int64_t b = first / BS, t = first; t < len; b++) {
             const float *vb = vc + (int64_t)tab[b] * BS * row + kh * D;
@@ -125,5 +142,6 @@ int decode_attention_f32(const float *q, const float *kc, const float *vc, const
         for (int64_t d = 0; d < D; d++) o[d] *= inv;
     }
     free(scores);
+    free(seq_of);
     return 0;
 }

@@ -53,9 +53,9 @@ typedef struct {
     float scale;
 } layer_t;
 
-typedef struct { /* one decode step: T tokens, one per sequence */
+typedef struct { /* one decode-like step: T tokens of S sequences (each its last 1 to 8) */
     const kernels_t *kern;
-    int64_t T, hidden, D, rot, max_pos, num_slots, ld_table, max_blocks, BS, NB;
+    int64_t T, hidden, D, rot, max_pos, num_slots, ld_table, max_blocks, BS, S, NB;
     float eps;
     int64_t lanes, threads;
     const int64_t *pos, *slots;
@@ -98,7 +98,7 @@ int decoder_layer_f32(const layer_t *L, const layer_t *prev, const step_t *s, co
                             s->rot, s->cs, s->max_pos, s->q, s->k, s->qkv + (L->hq + L->hk) * D,
                             nqkv, L->kc, L->vc, s->slots, s->num_slots));
     CHECK(400, kern->attention(s->q, L->kc, L->vc, s->tables, s->ld_table, s->max_blocks,
-                               s->seq_lens, s->qsl, T, L->hq, L->hk, D, s->BS, s->NB, L->scale,
+                               s->seq_lens, s->qsl, s->S, L->hq, L->hk, D, s->BS, s->NB, L->scale,
                                L->window, 0.0f, s->attn, threads));
     CHECK(100, gemm(kern, &L->o, s->attn, T, s->o, threads));
     CHECK(200, kern->rms(s->o, residual, residual, L->post_norm, s->x, T, s->hidden, s->eps,

@@ -62,8 +62,12 @@ def test_the_kernel_takes_decode_and_leaves_the_rest_to_sdpa(monkeypatch) -> Non
     wide = (*decode[:3], *(t.long() for t in decode[3:]))
     assert torch.equal(c_attention(*wide, 0.2), c_attention(*decode, 0.2))
     assert calls == []
+    # A speculative step: a sequence's last three tokens (causal among themselves) and a decode.
+    spec = _case(2, [3, 1], [9, 4])
+    assert torch.allclose(c_attention(*spec, 0.2), paged_attention(*spec, 0.2), atol=TOL)
+    assert calls == []
     cases = [
-        _case(2, [3, 1], [9, 4]),  # a prefill chunk: as many tokens as... not sequences
+        _case(6, [9, 1], [12, 4]),  # a chunk of 9 tokens: more than the kernel's 8
         _case(3, [2, 0], [9, 4]),  # two tokens, two sequences, but not one each
         _case(4, [1, 1], [6, 8], dtype=torch.bfloat16),  # bf16: SDPA
     ]

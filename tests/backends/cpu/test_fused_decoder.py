@@ -89,6 +89,21 @@ def test_decode_steps_equal_the_modules_bit_for_bit(model, spy) -> None:
     assert spy == ["composition"] + ["lean"] * (len(steps) - 1)
 
 
+def test_speculative_steps_equal_the_modules(model, spy) -> None:
+    # A sequence's last token and its drafts in one step (2-5 query tokens, causal among
+    # themselves), as speculative decoding runs them: the lean loop, the modules' bits.
+    model._gguf_stack = None
+    fused, ops = PagedSequence(model, seed=5), PagedSequence(model, seed=5)
+    steps = [PROMPT, [11, 4_000], [27, 9_999, 2, 5, 6], [8]]
+    for tokens in steps:
+        a = _hidden(model, fused, tokens)
+        b = _modules(model, lambda tokens=tokens: _hidden(model, ops, tokens))
+        assert torch.equal(a, b), float((a - b).abs().max())
+    for (ka, va), (kb, vb) in zip(fused.kv_caches, ops.kv_caches, strict=True):
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+    assert spy == ["composition"] + ["lean"] * (len(steps) - 1)
+
+
 def _three(lengths: tuple[int, ...]) -> ForwardBatch:
     """One decode token for each of three sequences of `lengths`, blocks 0.., 8.., 16.."""
     n = len(lengths)
