@@ -554,6 +554,11 @@ class Scheduler:
         num_output = len(seq.token_ids) - seq.num_prompt_tokens
         if room < 1 or not can_speculate(params, num_output):
             return []
+        if (
+            spec.disable_by_batch_size is not None
+            and len(self.running) >= spec.disable_by_batch_size
+        ):
+            return []
         k = min(spec.num_speculative_tokens, room, self.max_model_len - len(seq.token_ids) - 1)
         if params.max_tokens is not None:
             k = min(k, params.max_tokens - num_output - 1)

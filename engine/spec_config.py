@@ -21,6 +21,11 @@ class SpeculativeConfig:
     # 2: a one-token match drafts too often where little repeats (the default SmolLM2 on the
     # CPU, story prompts, k = 4: 0.65x plain decoding with 1, 0.89x with 2; copying 2.04x / 1.93x)
     prompt_lookup_min: int = 2
+    # vLLM's disable_by_batch_size: no drafts while at least this many sequences run (None: no
+    # limit). Drafts pay where a step's extra tokens are cheap: batch 1 on the CPU (the C path
+    # takes up to 8 rows) or a memory-bound GPU step; at batch 4 on 2 CPU cores they cost more
+    # than they save (0.9x plain decoding on the copy workload).
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -28,8 +33,12 @@ class SpeculativeConfig:
                 f"speculative_config method {self.method!r} is not supported; this engine has "
                 f"{', '.join(METHODS)} (proposals from the sequence's own n-grams, no draft model)"
             )
-        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+        names = ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                 "disable_by_batch_size")  # fmt: skip
+        for name in names:
             v = getattr(self, name)
+            if name == "disable_by_batch_size" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"speculative_config {name} must be an integer >= 1, got {v!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
@@ -59,7 +68,13 @@ class SpeculativeConfig:
     def describe(self) -> str:
         return (
             f"speculative decoding: {self.method}, up to {self.num_speculative_tokens} draft "
-            f"tokens a step (lookup {self.prompt_lookup_min}..{self.prompt_lookup_max} tokens)"
+            f"tokens a step (lookup {self.prompt_lookup_min}..{self.prompt_lookup_max} tokens"
+            + (
+                ""
+                if self.disable_by_batch_size is None
+                else f"; none from {self.disable_by_batch_size} running sequences"
+            )  # fmt: skip
+            + ")"
         )
 
 

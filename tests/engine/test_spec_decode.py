@@ -46,6 +46,7 @@ def test_propose_ngram(tokens, n_min, n_max, k, want):
         ({"num_speculative_tokens": 0}, "num_speculative_tokens must be an integer >= 1"),
         ({"prompt_lookup_min": 3, "prompt_lookup_max": 2}, "exceeds prompt_lookup_max"),
         ({"draft_model": "x"}, "unknown keys"),
+        ({"disable_by_batch_size": 0}, "disable_by_batch_size must be an integer >= 1"),
         ([3], "must be a dict"),
     ],
 )
@@ -170,6 +171,18 @@ def test_stops_inside_accepted_drafts_cut_the_rest(tiny):
             (s,) = llm.generate(prompt_token_ids=[prompt], sampling_params=short)
             assert s.outputs[0].token_ids == tokens[:max_tokens]
     assert llm.engine.kv_stats().num_used_blocks == 0
+
+
+def test_no_drafts_from_the_batch_size_limit(tiny):
+    prompts = _prompts(3)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    llm = _llm(tiny, speculative_config={**NGRAM, "disable_by_batch_size": 2})
+    want = _llm(tiny).generate(prompt_token_ids=prompts, sampling_params=params)
+    got = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert llm.engine.scheduler.num_draft_tokens == 0  # three running: never below the limit
+    llm.generate(prompt_token_ids=prompts[:1], sampling_params=params)
+    assert llm.engine.scheduler.num_draft_tokens > 0  # alone: drafts again
 
 
 def test_random_and_penalized_requests(tiny):
