@@ -44,7 +44,7 @@ from engine.config import CacheConfig, SchedulerConfig
 from engine.kv_cache_manager import KVCacheManager, KVCacheStats
 from engine.sequence import Request, Sequence, SequenceStatus
 from engine.spec_config import SpeculativeConfig
-from engine.spec_decode import can_speculate, propose_ngram
+from engine.spec_decode import TokenHistory, can_speculate, propose_ngram
 
 logger = logging.getLogger(__name__)
 
@@ -343,6 +343,10 @@ class Scheduler:
                 draft = self._draft(seq, budget - 1)
                 num_new += len(draft)
             copies = allocate(seq, num_new)  # the common case: fits without preempting
+            if copies is None and draft:  # drafts never preempt anyone: go on without them
+                self.num_draft_tokens -= len(draft)
+                num_new, draft = num_new - len(draft), None
+                copies = allocate(seq, num_new)
             if copies is None:
                 copies = self._allocate_or_preempt(seq, num_new, scheduled_ids, out)
             if copies is None:
@@ -562,7 +566,11 @@ class Scheduler:
         k = min(spec.num_speculative_tokens, room, self.max_model_len - len(seq.token_ids) - 1)
         if params.max_tokens is not None:
             k = min(k, params.max_tokens - num_output - 1)
-        draft = propose_ngram(seq.token_ids, spec.prompt_lookup_min, spec.prompt_lookup_max, k)
+        history = getattr(seq, "token_history", None)
+        if history is None:
+            history = seq.token_history = TokenHistory()
+        tokens = history.view(seq.token_ids)
+        draft = propose_ngram(tokens, spec.prompt_lookup_min, spec.prompt_lookup_max, k)
         self.num_draft_tokens += len(draft)
         return draft
 

@@ -30,6 +30,30 @@ from engine.spec_config import SpeculativeConfig
 __all__ = ["SpeculativeConfig", "can_speculate", "propose_ngram", "verify"]
 
 
+class TokenHistory:
+    """A sequence's token ids as a growing int64 array: each step copies only the tokens added
+    since the last one (token ids are only ever appended), not the whole history."""
+
+    __slots__ = ("buf", "n")
+
+    def __init__(self) -> None:
+        self.buf = np.empty(256, dtype=np.int64)
+        self.n = 0
+
+    def view(self, tokens: Sequence[int]) -> np.ndarray:
+        length = len(tokens)
+        if length < self.n:  # not an extension of what was seen: start over
+            self.n = 0
+        if length > self.buf.shape[0]:
+            grown = np.empty(max(length, 2 * self.buf.shape[0]), dtype=np.int64)
+            grown[: self.n] = self.buf[: self.n]
+            self.buf = grown
+        if length > self.n:
+            self.buf[self.n : length] = tokens[self.n : length]
+            self.n = length
+        return self.buf[:length]
+
+
 def propose_ngram(tokens: Sequence[int], n_min: int, n_max: int, k: int) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the sequence's last n
     tokens, trying n = n_max down to n_min; [] when none occurs."""
