@@ -104,3 +104,28 @@ def test_gpu_async_scheduling_equals_sync(tiny):
         assert x.outputs[0].token_ids == y.outputs[0].token_ids
         assert x.outputs[0].finish_reason == y.outputs[0].finish_reason
     assert ahead.engine.kv_stats().num_used_blocks == 0
+
+
+def test_gpu_prompt_logprobs_and_speculative_decoding(tiny):
+    """Prompt logprobs on the GPU agree with the CPU engine's (TF32 bound); n-gram speculative
+    decoding with graphs gives the greedy tokens of plain decoding on the same GPU engine."""
+    prompts = [[5, 9, 33, 100, 7] * k for k in (2, 3, 5)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=2)
+    cpu = LLM(model=str(tiny), dtype="float32", device="cpu", kv_cache_memory_bytes=8 << 20)
+    kw = dict(model=str(tiny), dtype="float32", device="cuda", gpu_memory_utilization=0.3)
+    plain = LLM(**kw)
+    a = cpu.generate(prompt_token_ids=prompts, sampling_params=params)
+    b = plain.generate(prompt_token_ids=prompts, sampling_params=params)
+    for x, y in zip(a, b, strict=True):
+        assert len(y.prompt_logprobs) == len(x.prompt_logprobs) and y.prompt_logprobs[0] is None
+        for ex, ey, t in zip(x.prompt_logprobs[1:], y.prompt_logprobs[1:], x.prompt_token_ids[1:],
+                             strict=True):  # fmt: skip
+            assert abs(ex[t] - ey[t]) < 2e-2
+    spec = LLM(speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                   "prompt_lookup_min": 1}, **kw)  # fmt: skip
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    want = plain.generate(prompt_token_ids=prompts, sampling_params=greedy)
+    got = spec.generate(prompt_token_ids=prompts, sampling_params=greedy)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert spec.engine.scheduler.num_accepted_tokens > 0
+    assert spec.engine.kv_stats().num_used_blocks == 0
