@@ -35,6 +35,9 @@ class StepStats:
     num_used_blocks: int
     num_usable_blocks: int
     prefix_cache_hit_rate: float
+    # speculative decoding, since start: drafts scheduled, and of those, accepted
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
     num_prompt_tokens: int = 0  # prompt tokens of the requests added this round
     num_generation_tokens: int = 0  # tokens generated this step, all requests together
     time_to_first_token: list[float] = field(default_factory=list)
@@ -317,6 +320,8 @@ class AsyncLLMEngine:
         stats.num_running, stats.num_waiting = after.num_running, after.num_waiting
         stats.kv_usage, stats.prefix_cache_hit_rate = after.kv_usage, after.prefix_cache_hit_rate
         stats.num_used_blocks = after.num_used_blocks
+        stats.spec_draft_tokens = after.spec_draft_tokens
+        stats.spec_accepted_tokens = after.spec_accepted_tokens
         self._last_stats = stats
         if self.stats_listener is not None:
             try:
@@ -336,6 +341,8 @@ class AsyncLLMEngine:
             num_used_blocks=kv.num_used_blocks,
             num_usable_blocks=kv.num_usable_blocks,
             prefix_cache_hit_rate=float(kv.prefix_cache_hit_rate),
+            spec_draft_tokens=sched.num_draft_tokens,
+            spec_accepted_tokens=sched.num_accepted_tokens,
         )
 
     def _die(self, exc: BaseException) -> None:

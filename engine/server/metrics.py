@@ -52,6 +52,18 @@ class ServerMetrics:
             labels,
             registry=r,
         )
+        self.spec_drafts = Gauge(
+            "hal_spec_decode_draft_tokens",
+            "Speculative decoding: draft tokens scheduled, since start",
+            labels,
+            registry=r,
+        )
+        self.spec_accepted = Gauge(
+            "hal_spec_decode_accepted_tokens",
+            "Speculative decoding: draft tokens the model accepted, since start",
+            labels,
+            registry=r,
+        )
         self.ttft = Histogram(
             "hal_time_to_first_token_seconds",
             "Time from arrival to the first generated token",
@@ -98,6 +110,8 @@ class ServerMetrics:
         self.kv_used_blocks.labels(m).set(stats.num_used_blocks)
         self.kv_usable_blocks.labels(m).set(stats.num_usable_blocks)
         self.prefix_hit_rate.labels(m).set(stats.prefix_cache_hit_rate)
+        self.spec_drafts.labels(m).set(stats.spec_draft_tokens)
+        self.spec_accepted.labels(m).set(stats.spec_accepted_tokens)
         if stats.num_prompt_tokens:
             self.prompt_tokens.labels(m).inc(stats.num_prompt_tokens)
         if stats.num_generation_tokens:

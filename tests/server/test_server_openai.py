@@ -12,7 +12,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from engine.tokenizer import apply_chat_template
-from tests.server.conftest import MODEL_NAME
+from tests.server.conftest import MODEL_NAME, make_engine, start_server
 
 PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
@@ -409,3 +409,42 @@ def test_health_and_metrics(server, client):
                   "hal_kv_cache_usage_perc", "hal_prefix_cache_hit_rate"):  # fmt: skip
         assert f"{gauge}{label}" in samples
     assert 0 <= samples[f"hal_prefix_cache_hit_rate{label}"] <= 1
+
+
+def test_a_speculative_server_streams_the_plain_tokens_and_counts_drafts(tiny_model, client):
+    # The same greedy text, streamed, from a server whose engine drafts n-gram tokens; /metrics
+    # shows the drafts and the accepted ones.
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    handle = start_server(make_engine(tiny_model, speculative_config=spec))
+    try:
+        prompt = [5, 9, 33, 100, 7] * 4
+        want = (
+            client.completions.create(
+                model=MODEL_NAME, prompt=prompt, max_tokens=24, temperature=0, extra_body=NO_EOS
+            )
+            .choices[0]
+            .text
+        )
+        chunks = list(
+            handle.client().completions.create(
+                model=MODEL_NAME,
+                prompt=prompt,
+                max_tokens=24,
+                temperature=0,
+                stream=True,
+                extra_body=NO_EOS,
+            )  # fmt: skip
+        )
+        assert "".join(c.choices[0].text for c in chunks) == want
+        handle.wait_idle()
+        with handle.http() as http:
+            text = http.get("/metrics").text
+        values = {
+            line.split("{")[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("hal_spec_decode_")
+        }
+        drafts = values["hal_spec_decode_draft_tokens"]
+        assert 0 < values["hal_spec_decode_accepted_tokens"] <= drafts
+    finally:
+        handle.stop()
