@@ -43,7 +43,8 @@ class _Layer(ctypes.Structure):
 
 
 _STEP_SIZES = (
-    "T", "hidden", "D", "rot", "max_pos", "num_slots", "ld_table", "max_blocks", "BS", "S"
+    "T", "hidden", "D", "rot", "max_pos", "num_slots", "ld_table", "max_blocks", "BS", "S",
+    "max_m",
 )  # fmt: skip
 _STEP_PTRS = ("pos", "slots", "cs", "tables", "seq_lens", "qsl")
 _STEP_BUFFERS = ("x", "qkv", "q", "k", "attn", "o", "gu")
@@ -79,18 +80,19 @@ class Plan:
     layers: ctypes.Array
     max_rows: int
     widths: tuple[int, int, int, int]  # every layer's qkv and gate_up outputs, q and kv heads
+    max_m: int  # rows a codes-kernel call takes (more go in calls of this many, in order)
     # the addresses of the kv caches the records hold (checked when they change; no reference
     # kept, so a released cache is freed)
     caches: tuple[int, ...] = ()
 
 
 def _rows(weight) -> int | None:
-    """The most rows the backend's gguf_linear sends to this weight's codes kernel, or None when
-    it has no codes handle."""
+    """The most rows the backend's gguf_linear sends to this weight's codes kernel (the kernel's
+    max_m at a time), or None when it has no codes handle."""
     data = weight.data
     if not isinstance(data, ckernels.CodesWeight):
         return None
-    return min(data.kernel.max_m, gguf_fast.chunked_rows(weight.layout))
+    return gguf_fast.chunked_rows(weight.layout)
 
 
 def prepare(backend, stack: GGUFDecoderStack) -> Plan | None:
@@ -111,7 +113,7 @@ def prepare(backend, stack: GGUFDecoderStack) -> Plan | None:
     first = stack.layers[0]
     widths = (first.qkv.out_features, first.gate_up.out_features, first.num_heads,
               first.num_kv_heads)  # fmt: skip
-    rows, codes_libs = [], set()
+    rows, codes_libs, codes_max_m = [], set(), set()
     for layer in stack.layers:
         shape = (layer.qkv.out_features, layer.gate_up.out_features, layer.num_heads,
                  layer.num_kv_heads)  # fmt: skip
@@ -123,6 +125,7 @@ def prepare(backend, stack: GGUFDecoderStack) -> Plan | None:
                 return None
             rows.append(r)
             codes_libs.add(w.data.kernel.lib)
+            codes_max_m.add(w.data.kernel.max_m)
         for n in (layer.input_norm, layer.post_norm):
             if n.dtype != torch.float32 or not n.is_contiguous():
                 return None
@@ -140,7 +143,10 @@ def prepare(backend, stack: GGUFDecoderStack) -> Plan | None:
         rec.gate_up, rec.down = _weight(layer.gate_up), _weight(layer.down)
         rec.hq, rec.hk = layer.num_heads, layer.num_kv_heads
         rec.window, rec.scale = layer.sliding_window or 0, layer.scale
-    return Plan(kernels[0], driver, fns, records, min(rows), widths)
+    max_m = codes_max_m.pop() if len(codes_max_m) == 1 else None
+    if max_m is None:
+        return None
+    return Plan(kernels[0], driver, fns, records, min(rows), widths, max_m)
 
 
 def run(
@@ -195,7 +201,8 @@ def run(
     buffers = {name: torch.empty(t, w, dtype=torch.float32) for name, w in widths.items()}
     step = _Step(
         ctypes.addressof(plan.kernels), t, h, d, cs.shape[1], cs.shape[0],
-        kc.shape[0] * kc.shape[1], tables.stride(0), tables.shape[1], kc.shape[1], s, kc.shape[0],
+        kc.shape[0] * kc.shape[1], tables.stride(0), tables.shape[1], kc.shape[1], s,
+        plan.max_m, kc.shape[0],
         stack.layers[0].eps, plan.rms.lanes, max(1, torch.get_num_threads()), pos.data_ptr(),
         slots.data_ptr(), cs.data_ptr(), tables.data_ptr(), lens.data_ptr(), qsl.data_ptr(),
         *(buffers[name].data_ptr() for name in _STEP_BUFFERS),
@@ -220,7 +227,8 @@ def run(
         if rc:
             _raise(rc, tables, lens, step)
         act = activation.silu_and_mul(buffers["gu"])
-    return stack.layers[-1].down.data(act), residual_out
+    last = gguf_fast.codes_linear(act, stack.layers[-1].down.data, None, plan.max_rows)
+    return last, residual_out
 
 
 def _take_caches(plan: Plan, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],

@@ -55,7 +55,7 @@ typedef struct {
 
 typedef struct { /* one decode-like step: T tokens of S sequences (each its last 1 to 8) */
     const kernels_t *kern;
-    int64_t T, hidden, D, rot, max_pos, num_slots, ld_table, max_blocks, BS, S, NB;
+    int64_t T, hidden, D, rot, max_pos, num_slots, ld_table, max_blocks, BS, S, max_m, NB;
     float eps;
     int64_t lanes, threads;
     const int64_t *pos, *slots;
@@ -64,13 +64,22 @@ typedef struct { /* one decode-like step: T tokens of S sequences (each its last
     float *x, *qkv, *q, *k, *attn, *o, *gu; /* scratch rows, T of each width */
 } step_t;
 
+/* y [m, n] = x [m, k] @ W.T, max_m rows a call in order (as the backend's codes_linear calls the
+ * kernel for more rows than one call takes: the same bits, each row on its own). */
 static int gemm(const kernels_t *kern, const weight_t *w, const float *x, int64_t m, float *y,
-                int threads) {
-    if (w->nibbles)
-        return kern->codes4(w->codes, (int)w->bias, w->scale, w->offset, w->n, w->k, w->group, x,
-                            w->k, m, y, w->n, NULL, threads);
-    return kern->codes(w->codes, w->scale, w->offset, w->n, w->k, w->group, x, w->k, m, y, w->n,
-                       NULL, threads);
+                int64_t max_m, int threads) {
+    for (int64_t r = 0; r < m; r += max_m) {
+        const int64_t rows = m - r < max_m ? m - r : max_m;
+        const float *xr = x + r * w->k;
+        float *yr = y + r * w->n;
+        const int rc = w->nibbles ? kern->codes4(w->codes, (int)w->bias, w->scale, w->offset,
+                                                 w->n, w->k, w->group, xr, w->k, rows, yr, w->n,
+                                                 NULL, threads)
+                                  : kern->codes(w->codes, w->scale, w->offset, w->n, w->k,
+                                                w->group, xr, w->k, rows, yr, w->n, NULL, threads);
+        if (rc != 0) return rc;
+    }
+    return 0;
 }
 
 #define CHECK(stage, call)                                                                        \
@@ -84,7 +93,7 @@ int decoder_layer_f32(const layer_t *L, const layer_t *prev, const step_t *s, co
     const kernels_t *kern = s->kern;
     const int threads = (int)s->threads;
     const int64_t T = s->T, D = s->D, nqkv = L->qkv.n;
-    if (act != NULL) CHECK(100, gemm(kern, &prev->down, act, T, hidden, threads));
+    if (act != NULL) CHECK(100, gemm(kern, &prev->down, act, T, hidden, s->max_m, threads));
     if (first) {
         memcpy(residual, hidden, (size_t)(T * s->hidden) * sizeof(float));
         CHECK(200, kern->rms(hidden, NULL, NULL, L->in_norm, s->x, T, s->hidden, s->eps,
@@ -93,16 +102,16 @@ int decoder_layer_f32(const layer_t *L, const layer_t *prev, const step_t *s, co
         CHECK(200, kern->rms(hidden, residual, residual, L->in_norm, s->x, T, s->hidden, s->eps,
                              (int)s->lanes));
     }
-    CHECK(100, gemm(kern, &L->qkv, s->x, T, s->qkv, threads));
+    CHECK(100, gemm(kern, &L->qkv, s->x, T, s->qkv, s->max_m, threads));
     CHECK(300, kern->rotary(s->pos, T, s->qkv, nqkv, L->hq, s->qkv + L->hq * D, nqkv, L->hk, D,
                             s->rot, s->cs, s->max_pos, s->q, s->k, s->qkv + (L->hq + L->hk) * D,
                             nqkv, L->kc, L->vc, s->slots, s->num_slots));
     CHECK(400, kern->attention(s->q, L->kc, L->vc, s->tables, s->ld_table, s->max_blocks,
                                s->seq_lens, s->qsl, s->S, L->hq, L->hk, D, s->BS, s->NB, L->scale,
                                L->window, 0.0f, s->attn, threads));
-    CHECK(100, gemm(kern, &L->o, s->attn, T, s->o, threads));
+    CHECK(100, gemm(kern, &L->o, s->attn, T, s->o, s->max_m, threads));
     CHECK(200, kern->rms(s->o, residual, residual, L->post_norm, s->x, T, s->hidden, s->eps,
                          (int)s->lanes));
-    CHECK(100, gemm(kern, &L->gate_up, s->x, T, s->gu, threads));
+    CHECK(100, gemm(kern, &L->gate_up, s->x, T, s->gu, s->max_m, threads));
     return 0;
 }

@@ -105,13 +105,14 @@ def test_speculative_steps_equal_the_modules(model, spy) -> None:
 
 
 def _three(lengths: tuple[int, ...]) -> ForwardBatch:
-    """One decode token for each of three sequences of `lengths`, blocks 0.., 8.., 16.."""
+    """One decode token for each sequence of `lengths` (up to 24 of them), blocks 0.., 8..,
+    16.., ..."""
     n = len(lengths)
     tables = torch.stack([torch.arange(8, dtype=torch.int32) + 8 * i for i in range(n)])
     positions = torch.tensor(lengths, dtype=torch.int64)
     blocks = tables.to(torch.int64)[torch.arange(n), positions // BLOCK_SIZE]
     return ForwardBatch(
-        input_ids=torch.tensor([17, 230, 4_021][:n], dtype=torch.int64),
+        input_ids=torch.tensor([17, 230, 4_021, 9, 77, 512] * 4, dtype=torch.int64)[:n],
         positions=positions,
         slot_mapping=blocks * BLOCK_SIZE + positions % BLOCK_SIZE,
         query_start_loc=torch.arange(n + 1, dtype=torch.int32),
@@ -135,6 +136,27 @@ def test_a_batch_of_sequences_equals_the_modules(model, spy) -> None:
     fused = [(k.clone(), v.clone()) for k, v in base]
     ops = [(k.clone(), v.clone()) for k, v in base]
     batch = _three((40, 7, 100))
+    a = model(batch, fused)
+    b = _modules(model, lambda: model(batch, ops))
+    assert torch.equal(a, b), float((a - b).abs().max())
+    assert all(
+        torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(fused, ops, strict=True)
+    )
+    assert spy == ["lean"]
+
+
+def test_more_rows_than_one_kernel_call_equal_the_modules(model, spy) -> None:
+    # 12 decode sequences: the codes GEMMs go 8 rows a call then 4, in C as the ops do in Python.
+    model._gguf_stack = None
+    g = torch.Generator().manual_seed(1)
+    shape = model.kv_cache_shape(8 * 12, BLOCK_SIZE)
+    base = [
+        (torch.randn(shape, generator=g), torch.randn(shape, generator=g))
+        for _ in range(model.config.num_layers)
+    ]
+    fused = [(k.clone(), v.clone()) for k, v in base]
+    ops = [(k.clone(), v.clone()) for k, v in base]
+    batch = _three(tuple(5 + 9 * i for i in range(12)))
     a = model(batch, fused)
     b = _modules(model, lambda: model(batch, ops))
     assert torch.equal(a, b), float((a - b).abs().max())
