@@ -45,7 +45,7 @@ from engine.sampler import (
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence, SequenceStatus
-from engine.spec_decode import verify
+from engine.spec_decode import verify_batch
 from engine.stop import check_last_token_stop
 
 logger = logging.getLogger(__name__)
@@ -730,7 +730,8 @@ class LLMEngine:
     ) -> dict[int, list[int]]:
         """A speculative step's tokens: logits has 1 + len(draft) rows per sampling sequence,
         in schedule order. Sequences without drafts sample their one row as usual; the others
-        keep their accepted drafts and one token of the target's (`spec_decode.verify`)."""
+        keep their accepted drafts and one token of the target's (`spec_decode.verify_batch`:
+        all of them with one host transfer)."""
         spans, row = [], 0
         for ss in sampling:
             spans.append(row)
@@ -742,16 +743,19 @@ class LLMEngine:
             rows = logits[[spans[i] for i in plain]]
             result = self._sampling_rows(seqs).sample(self.sampler, rows)
             sampled = self._apply_samples(seqs, result)
-        for ss, start in zip(sampling, spans, strict=True):
-            if not ss.draft:
-                continue
+        drafted = [(ss, start) for ss, start in zip(sampling, spans, strict=True) if ss.draft]
+        rows = [r for ss, start in drafted for r in range(start, start + 1 + len(ss.draft))]
+        verified = verify_batch(
+            logits[rows] if len(rows) < logits.shape[0] else logits,
+            [ss.draft for ss, _ in drafted],
+            [ss.seq.request.sampling_params for ss, _ in drafted],
+            [ss.seq.num_output_tokens for ss, _ in drafted],
+            self.sampler.shared_generator(logits.device),
+        )
+        for (ss, start), tokens in zip(drafted, verified, strict=True):
             seq = ss.seq
             params = seq.request.sampling_params
             rows = logits[start : start + 1 + len(ss.draft)]
-            gen = None
-            if not params.is_greedy and params.seed is None:
-                gen = self.sampler.shared_generator(rows.device)
-            tokens = verify(rows, ss.draft, params, seq.num_output_tokens, gen)
             sampled[seq.seq_id] = tokens
             if params.logprobs is not None:
                 num_top = [params.logprobs] * len(tokens)

@@ -95,50 +95,103 @@ def verify(
     the target's (a correction or the bonus). step_index: the sequence's output count before
     the step (seeded requests draw from (seed, step_index)); generator: the shared one for
     unseeded random rows."""
-    k = len(draft)
-    if params.is_greedy:
-        target = argmax_rows(logits).tolist()
-        out = []
-        for j in range(k):
-            if target[j] != draft[j]:
-                break
-            out.append(draft[j])
-        out.append(target[len(out)])
-        return out
-    x = logits.float() / params.temperature
-    if params.min_p > 0:
-        x = apply_min_p(x, torch.full((k + 1,), params.min_p, device=x.device))
-    if params.top_k != -1 or params.top_p < 1.0:
-        vocab = x.shape[-1]
-        top_k = None
-        if params.top_k != -1:
-            top_k = torch.full((k + 1,), min(params.top_k, vocab), device=x.device)
-        top_p = None
-        if params.top_p < 1.0:
-            top_p = torch.full((k + 1,), params.top_p, device=x.device)
-        x = apply_top_k_top_p(x, top_k, top_p)
-    probs = torch.softmax(x, dim=-1)
-    if params.seed is not None:
-        generator = torch.Generator(device=probs.device)
-        generator.manual_seed(step_seed(params.seed, step_index))
-    # All random numbers at once: u for the acceptance tests, q ~ Exp(1) for the tokens drawn
-    # (argmax(p / q) picks token t with probability p_t), one row per position.
-    u = torch.rand(k, generator=generator, device=probs.device)
-    q = torch.empty_like(probs).exponential_(generator=generator)
-    q.clamp_min_(torch.finfo(q.dtype).tiny)
-    ids = torch.tensor(list(draft), dtype=torch.int64, device=probs.device)
-    p_draft = probs[:-1].gather(1, ids[:, None]).squeeze(1) if k else probs.new_zeros(0)
-    residual = probs.clone()
-    if k:  # rejected at j: sample from p_j without the draft token
-        residual[torch.arange(k, device=probs.device), ids] = 0.0
-    picks = (residual / q).argmax(dim=-1)
-    accepted = (u < p_draft).tolist()
-    picks = picks.tolist()
+    return verify_batch(logits, [draft], [params], [step_index], generator)[0]
+
+
+def verify_batch(
+    logits: torch.Tensor,
+    drafts: Sequence[Sequence[int]],
+    params: Sequence,
+    step_indices: Sequence[int],
+    generator: torch.Generator | None,
+) -> list[list[int]]:
+    """`verify` for several sequences at once, with one host transfer: logits holds each
+    sequence's len(draft) + 1 rows in turn. Random numbers are drawn sequence by sequence, in
+    order (the same ones `verify` draws for each alone, given the same shared generator state)."""
+    device = logits.device
+    starts, row = [], 0
+    for d in drafts:
+        starts.append(row)
+        row += len(d) + 1
+    if row != logits.shape[0]:
+        raise ValueError(f"verify: {logits.shape[0]} logits rows for {row} positions")
+    greedy = [i for i, p in enumerate(params) if p.is_greedy]
+    rand = [i for i, p in enumerate(params) if not p.is_greedy]
+    target: dict[int, list[int]] = {}
+    if greedy:
+        rows = [r for i in greedy for r in range(starts[i], starts[i] + len(drafts[i]) + 1)]
+        picked = argmax_rows(logits[rows] if len(rows) < row else logits).tolist()
+        at = 0
+        for i in greedy:
+            n = len(drafts[i]) + 1
+            target[i] = picked[at : at + n]
+            at += n
+    accept: dict[int, list[bool]] = {}
+    if rand:
+        rows = [r for i in rand for r in range(starts[i], starts[i] + len(drafts[i]) + 1)]
+        each = [params[i] for i in rand for _ in range(len(drafts[i]) + 1)]
+        x = (
+            logits[rows].float()
+            / torch.tensor([p.temperature for p in each], device=device)[:, None]
+        )
+        if any(p.min_p > 0 for p in each):
+            x = apply_min_p(x, torch.tensor([p.min_p for p in each], device=device))
+        if any(p.top_k != -1 or p.top_p < 1.0 for p in each):
+            vocab = x.shape[-1]
+            top_k = top_p = None
+            if any(p.top_k != -1 for p in each):
+                ks = [vocab if p.top_k == -1 else min(p.top_k, vocab) for p in each]
+                top_k = torch.tensor(ks, device=device)
+            if any(p.top_p < 1.0 for p in each):
+                top_p = torch.tensor([p.top_p for p in each], device=device)
+            x = apply_top_k_top_p(x, top_k, top_p)
+        probs = torch.softmax(x, dim=-1)
+        # Per sequence, in order: u for the acceptance tests, q ~ Exp(1) per position for the
+        # token drawn (argmax(p / q) picks token t with probability p_t).
+        us, qs = [], []
+        for i in rand:
+            k = len(drafts[i])
+            g = generator
+            if params[i].seed is not None:
+                g = torch.Generator(device=device)
+                g.manual_seed(step_seed(params[i].seed, step_indices[i]))
+            us.append(torch.rand(k, generator=g, device=device))
+            qs.append(torch.empty(k + 1, probs.shape[-1], device=device).exponential_(generator=g))
+        q = torch.cat(qs).clamp_min_(torch.finfo(probs.dtype).tiny)
+        u = torch.cat(us)
+        # The draft token of every position but each sequence's last (the bonus row).
+        ids, draft_rows = [], []
+        at = 0
+        for i in rand:
+            k = len(drafts[i])
+            ids += list(drafts[i])
+            draft_rows += range(at, at + k)
+            at += k + 1
+        ids_t = torch.tensor(ids, dtype=torch.int64, device=device)
+        rows_t = torch.tensor(draft_rows, dtype=torch.int64, device=device)
+        residual = probs.clone()
+        if ids:  # rejected at j: sample from p_j without the draft token
+            p_draft = probs[rows_t, ids_t]
+            residual[rows_t, ids_t] = 0.0
+            accepted = (u < p_draft).tolist()
+        else:
+            accepted = []
+        picks = (residual / q).argmax(dim=-1).tolist()
+        at = ad = 0
+        for i in rand:
+            k = len(drafts[i])
+            target[i] = picks[at : at + k + 1]
+            accept[i] = accepted[ad : ad + k]
+            at += k + 1
+            ad += k
     out = []
-    for j in range(k):
-        if not accepted[j]:
-            return [*out, picks[j]]
-        out.append(draft[j])
-    # Every draft accepted: the bonus from the full distribution of the last row (its residual
-    # row is untouched).
-    return [*out, picks[k]]
+    for i, draft in enumerate(drafts):
+        t, tokens = target[i], []
+        for j, d in enumerate(draft):
+            ok = accept[i][j] if i in accept else t[j] == d
+            if not ok:
+                break
+            tokens.append(d)
+        tokens.append(t[len(tokens)])  # the correction, or the bonus after all drafts
+        out.append(tokens)
+    return out

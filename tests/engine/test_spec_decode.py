@@ -12,7 +12,7 @@ from models_fixtures import build_model
 
 from engine import LLM, SamplingParams
 from engine.engine_config import EngineConfig, ParallelConfig
-from engine.spec_decode import SpeculativeConfig, propose_ngram, verify
+from engine.spec_decode import SpeculativeConfig, propose_ngram, verify, verify_batch
 
 NGRAM = {
     "method": "ngram",
@@ -96,6 +96,22 @@ def test_random_verify_preserves_the_distribution():
     # Seeded requests: the same (seed, step) gives the same tokens.
     seeded = SamplingParams(temperature=1.0, seed=5)
     assert verify(logits, [2], seeded, 3, None) == verify(logits, [2], seeded, 3, None)
+
+
+def test_batched_verify_equals_one_sequence_at_a_time():
+    g = torch.Generator().manual_seed(3)
+    drafts = [[4, 7], [], [1, 2, 3], [9]]
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, seed=1),
+              SamplingParams(temperature=1.1, top_k=5, seed=2),
+              SamplingParams(temperature=0.9, top_p=0.8, min_p=0.05, seed=3)]  # fmt: skip
+    logits = torch.randn(sum(len(d) + 1 for d in drafts), 12, generator=g) * 2
+    logits[0, 4] = logits[1, 7] = 50.0  # the greedy sequence accepts both drafts
+    got = verify_batch(logits, drafts, params, [5, 6, 7, 8], None)
+    want, at = [], 0
+    for d, p, step in zip(drafts, params, [5, 6, 7, 8], strict=True):
+        want.append(verify(logits[at : at + len(d) + 1], d, p, step, None))
+        at += len(d) + 1
+    assert got == want and got[0] == [4, 7, int(logits[2].argmax())]
 
 
 # -- end to end ----------------------------------------------------------------------------------
