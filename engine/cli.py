@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from engine.spec_config import speculative_arg
+from engine.spec_config import add_speculative_arg
 from hal.errors import HalError
 
 
@@ -78,13 +78,7 @@ def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help="mp: one process per device on this host (default); ray: an existing Ray cluster",
     )
-    p.add_argument(
-        "--speculative-config",
-        type=speculative_arg,
-        default=None,
-        help='speculative decoding, as JSON (vLLM\'s flag): \'{"method": "ngram", '
-        '"num_speculative_tokens": 3}\'',
-    )
+    add_speculative_arg(p)
     p.add_argument("--json", action="store_true", help="print outputs as JSON lines")
     return p
 

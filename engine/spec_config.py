@@ -78,6 +78,17 @@ class SpeculativeConfig:
         )
 
 
+def add_speculative_arg(parser: argparse.ArgumentParser) -> None:
+    """`--speculative-config JSON` (vLLM's flag) on `hal generate` and `hal serve`."""
+    parser.add_argument(
+        "--speculative-config",
+        type=speculative_arg,
+        default=None,
+        help='speculative decoding, as JSON (vLLM\'s flag): \'{"method": "ngram", '
+        '"num_speculative_tokens": 3}\'',
+    )
+
+
 def speculative_arg(text: str) -> dict:
     """The --speculative-config command-line value: a JSON object (argparse reports a
     ValueError's message as a usage error)."""

@@ -12,7 +12,7 @@ import os
 import signal
 from pathlib import Path
 
-from engine.spec_config import speculative_arg
+from engine.spec_config import add_speculative_arg
 from hal.errors import HalError
 
 logger = logging.getLogger(__name__)
@@ -82,13 +82,7 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--distributed-executor-backend", default=None, help="mp (default) or ray, when tp x pp > 1"
     )
-    p.add_argument(
-        "--speculative-config",
-        type=speculative_arg,
-        default=None,
-        help='speculative decoding, as JSON (vLLM\'s flag): \'{"method": "ngram", '
-        '"num_speculative_tokens": 3}\'',
-    )
+    add_speculative_arg(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return p

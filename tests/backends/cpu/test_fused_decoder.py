@@ -75,33 +75,28 @@ def test_the_stack_is_built_for_the_default_model(model) -> None:
     assert model.backend.info.settings["gguf_decoder"].startswith("decode batches one C call")
 
 
-def test_decode_steps_equal_the_modules_bit_for_bit(model, spy) -> None:
+def _steps_equal_the_modules(model, spy, steps: list[list[int]], seed: int) -> None:
+    """One sequence through `steps` (the prompt, then decode-like steps) fused and op by op:
+    the same hidden states and caches; the prompt by the composition, the rest the lean loop."""
     model._gguf_stack = None
-    fused, ops = PagedSequence(model, seed=3), PagedSequence(model, seed=3)
-    steps = [PROMPT] + [[t] for t in (11, 4_000, 27, 9_999, 2)]
+    fused, ops = PagedSequence(model, seed=seed), PagedSequence(model, seed=seed)
     for tokens in steps:
         a = _hidden(model, fused, tokens)
         b = _modules(model, lambda tokens=tokens: _hidden(model, ops, tokens))
         assert torch.equal(a, b), float((a - b).abs().max())
     for (ka, va), (kb, vb) in zip(fused.kv_caches, ops.kv_caches, strict=True):
         assert torch.equal(ka, kb) and torch.equal(va, vb)
-    # the prompt through the composition (not decode), every later step through the lean loop
     assert spy == ["composition"] + ["lean"] * (len(steps) - 1)
+
+
+def test_decode_steps_equal_the_modules_bit_for_bit(model, spy) -> None:
+    _steps_equal_the_modules(model, spy, [PROMPT] + [[t] for t in (11, 4_000, 27, 9_999, 2)], 3)
 
 
 def test_speculative_steps_equal_the_modules(model, spy) -> None:
     # A sequence's last token and its drafts in one step (2-5 query tokens, causal among
-    # themselves), as speculative decoding runs them: the lean loop, the modules' bits.
-    model._gguf_stack = None
-    fused, ops = PagedSequence(model, seed=5), PagedSequence(model, seed=5)
-    steps = [PROMPT, [11, 4_000], [27, 9_999, 2, 5, 6], [8]]
-    for tokens in steps:
-        a = _hidden(model, fused, tokens)
-        b = _modules(model, lambda tokens=tokens: _hidden(model, ops, tokens))
-        assert torch.equal(a, b), float((a - b).abs().max())
-    for (ka, va), (kb, vb) in zip(fused.kv_caches, ops.kv_caches, strict=True):
-        assert torch.equal(ka, kb) and torch.equal(va, vb)
-    assert spy == ["composition"] + ["lean"] * (len(steps) - 1)
+    # themselves), as speculative decoding runs them.
+    _steps_equal_the_modules(model, spy, [PROMPT, [11, 4_000], [27, 9_999, 2, 5, 6], [8]], 5)
 
 
 def _three(lengths: tuple[int, ...]) -> ForwardBatch:
@@ -124,18 +119,19 @@ def _three(lengths: tuple[int, ...]) -> ForwardBatch:
     )
 
 
-def test_a_batch_of_sequences_equals_the_modules(model, spy) -> None:
+def _batch_equals_the_modules(model, spy, lengths: tuple[int, ...], seed: int) -> None:
+    """One decode token for each sequence of `lengths` over caches of random K and V: fused
+    (the lean loop) and op by op give the same hidden states and caches."""
     model._gguf_stack = None
-    g = torch.Generator().manual_seed(0)
-    shape = model.kv_cache_shape(24, BLOCK_SIZE)
-    # caches already holding 40 / 7 / 100 tokens of random K and V
+    g = torch.Generator().manual_seed(seed)
+    shape = model.kv_cache_shape(8 * len(lengths), BLOCK_SIZE)
     base = [
         (torch.randn(shape, generator=g), torch.randn(shape, generator=g))
         for _ in range(model.config.num_layers)
     ]
     fused = [(k.clone(), v.clone()) for k, v in base]
     ops = [(k.clone(), v.clone()) for k, v in base]
-    batch = _three((40, 7, 100))
+    batch = _three(lengths)
     a = model(batch, fused)
     b = _modules(model, lambda: model(batch, ops))
     assert torch.equal(a, b), float((a - b).abs().max())
@@ -143,27 +139,15 @@ def test_a_batch_of_sequences_equals_the_modules(model, spy) -> None:
         torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(fused, ops, strict=True)
     )
     assert spy == ["lean"]
+
+
+def test_a_batch_of_sequences_equals_the_modules(model, spy) -> None:
+    _batch_equals_the_modules(model, spy, (40, 7, 100), 0)
 
 
 def test_more_rows_than_one_kernel_call_equal_the_modules(model, spy) -> None:
     # 12 decode sequences: the codes GEMMs go 8 rows a call then 4, in C as the ops do in Python.
-    model._gguf_stack = None
-    g = torch.Generator().manual_seed(1)
-    shape = model.kv_cache_shape(8 * 12, BLOCK_SIZE)
-    base = [
-        (torch.randn(shape, generator=g), torch.randn(shape, generator=g))
-        for _ in range(model.config.num_layers)
-    ]
-    fused = [(k.clone(), v.clone()) for k, v in base]
-    ops = [(k.clone(), v.clone()) for k, v in base]
-    batch = _three(tuple(5 + 9 * i for i in range(12)))
-    a = model(batch, fused)
-    b = _modules(model, lambda: model(batch, ops))
-    assert torch.equal(a, b), float((a - b).abs().max())
-    assert all(
-        torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(fused, ops, strict=True)
-    )
-    assert spy == ["lean"]
+    _batch_equals_the_modules(model, spy, tuple(5 + 9 * i for i in range(12)), 1)
 
 
 def test_no_kernel_no_lean_loop(model, spy, monkeypatch: pytest.MonkeyPatch) -> None:
