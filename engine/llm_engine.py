@@ -716,7 +716,7 @@ class LLMEngine:
                 if any(ss.seq.is_finished for ss in sampling):
                     live = [i for i, ss in enumerate(sampling) if not ss.seq.is_finished]
                     logits, sampling = logits[live], [sampling[i] for i in live]
-                if any(ss.draft for ss in sampling):
+                if self.speculative is not None and any(ss.draft for ss in sampling):
                     sampled = self._verify_drafts(sampling, logits)
                 elif sampling:
                     batch = self._sampling_rows(sampling)

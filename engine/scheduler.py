@@ -669,18 +669,26 @@ class Scheduler:
                     new_seqs.append(self._fork(seq, index, tokens[index]))
             seq.request.is_forked = True
 
+        max_model_len = self.max_model_len  # inline, not _stop_status: the per-step hot loop
         for seq in new_seqs:
             if checked and seq.seq_id in checked:
                 continue
-            status = self._stop_status(seq, is_stopped)
-            if status is not None:
-                self.finish_sequence(seq, status)
+            if is_stopped is not None and is_stopped(seq):
+                self.finish_sequence(seq, SequenceStatus.FINISHED_STOPPED)
+                continue
+            max_tokens = seq.request.sampling_params.max_tokens
+            num_tokens = len(seq.token_ids)
+            if num_tokens >= max_model_len or (
+                max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens
+            ):
+                self.finish_sequence(seq, SequenceStatus.FINISHED_LENGTH)
         return new_seqs
 
     def _stop_status(
         self, seq: Sequence, is_stopped: Callable[[Sequence], bool] | None
     ) -> SequenceStatus | None:
-        """Whether seq's newest token ends it: a stop (the caller's test), else its length."""
+        """Whether seq's newest token ends it: a stop (the caller's test), else its length (the
+        rule update_from_output's loop applies inline)."""
         if is_stopped is not None and is_stopped(seq):
             return SequenceStatus.FINISHED_STOPPED
         max_tokens = seq.request.sampling_params.max_tokens
