@@ -95,7 +95,7 @@ class EngineConfig:
     mixed_graph_sizes: tuple[int, ...] | None = None
     async_scheduling: bool | None = None  # None: on for an in-process GPU engine
     # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, ...} or a
-    # SpeculativeConfig (engine.spec_decode); None: off.
+    # SpeculativeConfig (engine.spec_config); None: off.
     speculative_config: SpeculativeConfig | dict | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -118,12 +118,6 @@ class EngineConfig:
                 f"{self.quantization!r} (pre-quantized checkpoints are detected from config.json)"
             )
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
-        if self.speculative_config is not None and self.parallel.executor_backend != "uni":
-            raise ValueError(
-                "speculative decoding runs in the in-process engine for now "
-                "(tensor_parallel_size = pipeline_parallel_size = 1, no executor backend); "
-                "leave speculative_config None for a multi-rank engine"
-            )
         if self.async_scheduling not in (None, True, False):
             raise ValueError(
                 "async_scheduling must be True, False or None (auto), got "

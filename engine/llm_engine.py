@@ -39,13 +39,10 @@ from engine.sampler import (
     SamplerOutput,
     SamplingRow,
     ScoredStep,
-    logprob_lists,
-    logprob_tensors,
 )
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence, SequenceStatus
-from engine.spec_decode import verify_batch
 from engine.stop import check_last_token_stop
 
 logger = logging.getLogger(__name__)
@@ -716,55 +713,12 @@ class LLMEngine:
                 if any(ss.seq.is_finished for ss in sampling):
                     live = [i for i, ss in enumerate(sampling) if not ss.seq.is_finished]
                     logits, sampling = logits[live], [sampling[i] for i in live]
-                if self.speculative is not None and any(ss.draft for ss in sampling):
-                    sampled = self._verify_drafts(sampling, logits)
-                elif sampling:
+                if sampling:
                     batch = self._sampling_rows(sampling)
                     sampled = self._apply_samples(sampling, batch.sample(self.sampler, logits))
         new_seqs = self.scheduler.update_from_output(out, sampled, is_stopped=self._check_stop)
         self._record_kv_peak()
         return self._collect_outputs(new_seqs, stream)
-
-    def _verify_drafts(
-        self, sampling: list[ScheduledSeq], logits: torch.Tensor
-    ) -> dict[int, list[int]]:
-        """A speculative step's tokens: logits has 1 + len(draft) rows per sampling sequence,
-        in schedule order. Sequences without drafts sample their one row as usual; the others
-        keep their accepted drafts and one token of the target's (`spec_decode.verify_batch`:
-        all of them with one host transfer)."""
-        spans, row = [], 0
-        for ss in sampling:
-            spans.append(row)
-            row += 1 + len(ss.draft)
-        plain = [i for i, ss in enumerate(sampling) if not ss.draft]
-        sampled: dict[int, list[int]] = {}
-        if plain:
-            seqs = [sampling[i] for i in plain]
-            rows = logits[[spans[i] for i in plain]]
-            result = self._sampling_rows(seqs).sample(self.sampler, rows)
-            sampled = self._apply_samples(seqs, result)
-        drafted = [(ss, start) for ss, start in zip(sampling, spans, strict=True) if ss.draft]
-        rows = [r for ss, start in drafted for r in range(start, start + 1 + len(ss.draft))]
-        verified = verify_batch(
-            logits[rows] if len(rows) < logits.shape[0] else logits,
-            [ss.draft for ss, _ in drafted],
-            [ss.seq.request.sampling_params for ss, _ in drafted],
-            [ss.seq.num_output_tokens for ss, _ in drafted],
-            self.sampler.shared_generator(logits.device),
-        )
-        for (ss, start), tokens in zip(drafted, verified, strict=True):
-            seq = ss.seq
-            params = seq.request.sampling_params
-            rows = logits[start : start + 1 + len(ss.draft)]
-            sampled[seq.seq_id] = tokens
-            if params.logprobs is not None:
-                num_top = [params.logprobs] * len(tokens)
-                targets = torch.tensor(tokens, device=rows.device)
-                c, v, i, r = logprob_tensors(rows[: len(tokens)], targets, num_top)
-                lp, top = logprob_lists(c.tolist(), v.tolist(), i.tolist(), num_top)
-                state = self.requests[seq.request.request_id]
-                state.seqs[seq.index].pending_logprob = list(zip(lp, top, r.tolist(), strict=True))
-        return sampled
 
     @staticmethod
     def _sampling_rows(sampling: list[ScheduledSeq], offset: int = 0) -> StepSampling:
@@ -795,7 +749,10 @@ class LLMEngine:
                 for index in range(k):
                     rows.append(SamplingRow(params, prompt, history, num_output, index))
         num_samples = [ss.num_samples for ss in sampling] if forks else None
-        return StepSampling(rows, num_samples)
+        drafts = None
+        if any(ss.draft for ss in sampling):  # speculative: verified, not sampled, on their rows
+            drafts = [tuple(ss.draft) for ss in sampling]
+        return StepSampling(rows, num_samples, drafts)
 
     def _apply_samples(
         self, sampling: list[ScheduledSeq], result: SamplerOutput
@@ -806,10 +763,19 @@ class LLMEngine:
         submitted are skipped: their samples are dropped."""
         token_ids = result.token_ids
         sampled: dict[int, list[int]] = {}
+        drafted = result.drafted
         j = 0
         for ss in sampling:
             k = ss.num_samples
             seq = ss.seq
+            if drafted and j in drafted and not seq.is_finished:
+                tokens, triples = drafted[j]  # a speculative row: its verified tokens
+                sampled[seq.seq_id] = tokens
+                if triples is not None:
+                    state = self.requests[seq.request.request_id]
+                    state.seqs[seq.index].pending_logprob = list(triples)
+                j += k
+                continue
             if not seq.is_finished:
                 sampled[seq.seq_id] = token_ids[j : j + k]
                 if k > 1 or seq.request.sampling_params.logprobs is not None:

@@ -71,6 +71,10 @@ class SamplerOutput:
     logprobs: list[float | None]
     top_logprobs: list[dict[int, float] | None]
     ranks: list[int | None] = field(default_factory=list)
+    # Speculative steps: row -> (the tokens its drafts gave: accepted drafts then the target's
+    # token; (logprob, top-k, rank) per token or None). Such a row's other fields are its first
+    # token's / None.
+    drafted: dict[int, tuple[list[int], list[tuple] | None]] = field(default_factory=dict)
 
 
 class PendingSamples:

@@ -32,7 +32,10 @@ from engine.sampler import (
     SamplerOutput,
     SamplingRow,
     ScoredStep,
+    logprob_lists,
+    logprob_tensors,
 )
+from engine.spec_decode import verify_batch
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +139,9 @@ class StepSampling:
 
     rows: list[SamplingRow]
     num_samples: list[int] | None = None
+    # Speculative decoding: per sampling sequence its draft tokens (then it has 1 + len(draft)
+    # logits rows and one sample); None: no drafts this step.
+    drafts: list[tuple[int, ...]] | None = None
 
     @property
     def plain_greedy(self) -> bool:
@@ -151,7 +157,10 @@ class StepSampling:
         )
 
     def sample(self, sampler: Sampler, logits: torch.Tensor) -> SamplerOutput:
-        """logits: [num_sampling_seqs, vocab] -> one token (and logprobs) per row."""
+        """logits: [num_sampling_seqs, vocab] -> one token (and logprobs) per row; with drafts,
+        1 + len(draft) logits rows for a drafted sequence, whose tokens go in `drafted`."""
+        if self.drafts is not None:
+            return self._sample_drafted(sampler, logits)
         if self.num_samples is not None:
             if len(self.num_samples) != logits.shape[0] or sum(self.num_samples) != len(self.rows):
                 raise ValueError(
@@ -161,6 +170,64 @@ class StepSampling:
             counts = torch.tensor(self.num_samples, device=logits.device)
             logits = logits.repeat_interleave(counts, dim=0)  # [num_rows, vocab]
         return sampler.sample(logits, self.rows)
+
+    def _sample_drafted(self, sampler: Sampler, logits: torch.Tensor) -> SamplerOutput:
+        """Undrafted sequences sample their one row as usual; drafted ones keep their accepted
+        drafts and one token of the target's (`spec_decode.verify_batch`, one host transfer)."""
+        counts = self.num_samples or [1] * len(self.drafts)
+        first_row, first_logit = [], []  # each sequence's first SamplingRow and logits row
+        r = lg = 0
+        for draft, n in zip(self.drafts, counts, strict=True):
+            first_row.append(r)
+            first_logit.append(lg)
+            r += n
+            lg += 1 + len(draft)
+        if lg != logits.shape[0] or r != len(self.rows):
+            raise ValueError(
+                f"drafts {self.drafts}: {lg} logits rows and {r} sampling rows expected, got "
+                f"{logits.shape[0]} and {len(self.rows)}"
+            )
+        plain = [g for g, d in enumerate(self.drafts) if not d]
+        drafted = [g for g, d in enumerate(self.drafts) if d]
+        n = len(self.rows)
+        out = SamplerOutput([0] * n, [None] * n, [None] * n, [None] * n)
+        if plain:
+            rows = [self.rows[first_row[g] + i] for g in plain for i in range(counts[g])]
+            forks = [counts[g] for g in plain] if self.num_samples else None
+            part = StepSampling(rows, forks).sample(
+                sampler, logits[[first_logit[g] for g in plain]]
+            )
+            at = 0
+            for g in plain:
+                for i in range(counts[g]):
+                    j = first_row[g] + i
+                    out.token_ids[j], out.logprobs[j] = part.token_ids[at], part.logprobs[at]
+                    out.top_logprobs[j] = part.top_logprobs[at]
+                    out.ranks[j] = part.ranks[at] if part.ranks else None
+                    at += 1
+        if drafted:
+            spans = [
+                range(first_logit[g], first_logit[g] + 1 + len(self.drafts[g])) for g in drafted
+            ]
+            rows = [self.rows[first_row[g]] for g in drafted]
+            picked = logits[[i for span in spans for i in span]]
+            verified = verify_batch(
+                picked, [self.drafts[g] for g in drafted], [row.params for row in rows],
+                [row.step_index for row in rows], sampler.shared_generator(logits.device),
+            )  # fmt: skip
+            at = 0
+            for g, row, span, tokens in zip(drafted, rows, spans, verified, strict=True):
+                triples = None
+                if row.params.logprobs is not None:
+                    num_top = [row.params.logprobs] * len(tokens)
+                    targets = torch.tensor(tokens, device=logits.device)
+                    c, v, i, rk = logprob_tensors(picked[at : at + len(tokens)], targets, num_top)
+                    lp, top = logprob_lists(c.tolist(), v.tolist(), i.tolist(), num_top)
+                    triples = list(zip(lp, top, rk.tolist(), strict=True))
+                out.token_ids[first_row[g]] = tokens[0]
+                out.drafted[first_row[g]] = (tokens, triples)
+                at += len(span)
+        return out
 
 
 class Worker:

@@ -56,7 +56,12 @@ def _prompts() -> dict[str, list[int]]:
 
 
 def _engine(
-    model: str, tp: int = 1, pp: int = 1, async_scheduling: bool | None = None, max_num_seqs=256
+    model: str,
+    tp: int = 1,
+    pp: int = 1,
+    async_scheduling: bool | None = None,
+    max_num_seqs=256,
+    speculative_config=None,
 ) -> LLMEngine:
     return LLMEngine(
         EngineConfig(
@@ -65,6 +70,7 @@ def _engine(
             device="cpu",
             seed=7,
             async_scheduling=async_scheduling,
+            speculative_config=speculative_config,
             cache=CacheConfig(kv_cache_memory_bytes=2 << 20),
             scheduler=SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=max_num_seqs),
             parallel=ParallelConfig(
@@ -253,3 +259,44 @@ def test_step_sampling_repeats_fork_rows_and_survives_pickling():
     assert len(set(got.token_ids[1:4])) > 1  # the three samples of the fork differ
     with pytest.raises(ValueError, match=r"num_samples \[1, 2\] must give one count per"):
         StepSampling(rows, [1, 2]).sample(Sampler(), logits)
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
+def test_speculative_decoding_on_ranks_matches_in_process(dist_model, layout):
+    """n-gram drafts verified on the output rank: greedy and seeded random tokens (and the
+    greedy logprobs) equal the in-process speculative engine's, which equal plain decoding's
+    for greedy rows."""
+    rng = random.Random(8)
+    prompts = [[rng.randrange(3, 384) for _ in range(4)] * 4 for _ in range(3)]
+    greedy = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=1)
+    seeded = SamplingParams(temperature=0.8, seed=4, max_tokens=16, ignore_eos=True)
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+
+    def run(engine, params):
+        for i, p in enumerate(prompts):
+            engine.add_request(None, params, prompt_token_ids=p, request_id=str(i))
+        done = {}
+        for _ in range(300):
+            if not engine.has_unfinished_requests():
+                break
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[str(i)] for i in range(len(prompts))]
+
+    results = {}
+    runs = (("plain", {}), ("spec", dict(spec=spec)), ("ranks", dict(spec=spec, **layout)))
+    for name, kw in runs:
+        engine = _engine(dist_model, tp=kw.get("tp", 1), pp=kw.get("pp", 1),
+                         speculative_config=kw.get("spec"))  # fmt: skip
+        try:
+            results[name] = (run(engine, greedy), run(engine, seeded))
+            if name != "plain":
+                assert engine.scheduler.num_accepted_tokens > 0
+        finally:
+            engine.shutdown()
+    for a, b in zip(results["plain"][0], results["spec"][0], strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    for mode in (0, 1):
+        for a, b in zip(results["spec"][mode], results["ranks"][mode], strict=True):
+            _assert_same(a, b, f"request {a.request_id}")

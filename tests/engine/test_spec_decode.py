@@ -11,7 +11,6 @@ import torch
 from models_fixtures import build_model
 
 from engine import LLM, SamplingParams
-from engine.engine_config import EngineConfig, ParallelConfig
 from engine.spec_decode import SpeculativeConfig, propose_ngram, verify, verify_batch
 
 NGRAM = {
@@ -53,11 +52,6 @@ def test_propose_ngram(tokens, n_min, n_max, k, want):
 def test_config_is_checked(value, match):
     with pytest.raises(ValueError, match=match):
         SpeculativeConfig.parse(value)
-
-
-def test_multi_rank_engines_refuse_it():
-    with pytest.raises(ValueError, match="in-process engine"):
-        EngineConfig(speculative_config=NGRAM, parallel=ParallelConfig(tensor_parallel_size=2))
 
 
 # -- the verifier ---------------------------------------------------------------------------------
