@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -44,6 +45,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence, SequenceStatus
 from engine.stop import check_last_token_stop
+from engine.structured_output import StructuredOutputs
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +62,15 @@ class _SeqState:
     # per token sampled and not yet stop-checked (a speculative step gives several): its
     # logprob, the top-k alternatives and its rank
     pending_logprob: list[tuple[float | None, dict[int, float] | None, int | None]] | None = None
+    # structured outputs: the grammar matcher this sequence's tokens advance (xgrammar's)
+    matcher: Any = None
 
     def clone(self) -> _SeqState:
         detok = copy.copy(self.detok)
         detok.token_ids = list(self.detok.token_ids)
         logprobs = None if self.logprobs is None else list(self.logprobs)
-        return _SeqState(detok, logprobs, self.cumulative_logprob)
+        matcher = None if self.matcher is None else self.matcher.fork()
+        return _SeqState(detok, logprobs, self.cumulative_logprob, matcher=matcher)
 
 
 @dataclass
@@ -220,6 +225,10 @@ class LLMEngine:
             raise
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
         self._eos_set = frozenset(self.eos_token_ids)
+        # Structured outputs: constraints compiled against the model's vocabulary (on first use).
+        self.structured = StructuredOutputs(
+            self.tokenizer, self.model_config.vocab_size, self.eos_token_ids
+        )
         # In-process the driver samples; distributed, the output rank does (with these eos ids
         # and seed, sent in its WorkerSpec) and the steps return tokens.
         self.sampler = Sampler(eos_token_ids=self.eos_token_ids, seed=config.seed)
@@ -445,6 +454,8 @@ class LLMEngine:
                 f"prompt has {len(prompt_token_ids)} tokens; max_model_len={self.max_model_len} "
                 f"allows at most {self.max_model_len - 1} (one token must be generated)"
             )
+        if params.structured_outputs is not None:
+            self.structured.compile(params.structured_outputs)  # a bad constraint raises here
         return list(prompt_token_ids)
 
     def _check_driver(self, what: str) -> None:
@@ -487,7 +498,10 @@ class LLMEngine:
 
     def _new_seq_state(self, params: SamplingParams, prompt_ids: list[int]) -> _SeqState:
         detok = IncrementalDetokenizer(self.tokenizer, params, prompt_ids)
-        return _SeqState(detok, [] if params.logprobs is not None else None)
+        matcher = None
+        if params.structured_outputs is not None:
+            matcher = self.structured.matcher(params.structured_outputs)
+        return _SeqState(detok, [] if params.logprobs is not None else None, matcher=matcher)
 
     def abort_request(self, request_id: str) -> bool:
         """Abort a request and free its blocks; its output is reported finished with "abort"."""
@@ -720,8 +734,7 @@ class LLMEngine:
         self._record_kv_peak()
         return self._collect_outputs(new_seqs, stream)
 
-    @staticmethod
-    def _sampling_rows(sampling: list[ScheduledSeq], offset: int = 0) -> StepSampling:
+    def _sampling_rows(self, sampling: list[ScheduledSeq], offset: int = 0) -> StepSampling:
         """The sampler's rows for the sampling ScheduledSeqs (pure data, picklable): one per
         sample, a fork's n samples repeating its sequence's row with sample_index 0..n-1.
         offset: output tokens sampled but not yet appended (a step scheduled ahead: 1); such
@@ -729,6 +742,7 @@ class LLMEngine:
         rows: list[SamplingRow] = []
         reads: dict[int, tuple[bool, bool]] = {}  # id(params) -> (penalties, min_tokens)
         forks = False
+        constrained: list[tuple[int, int, Sequence]] = []  # (first row, rows, seq)
         for ss in sampling:
             seq = ss.seq
             request = seq.request
@@ -742,17 +756,34 @@ class LLMEngine:
             history = seq.output_token_ids if read[0] or read[1] else ()
             num_output = len(seq.token_ids) - seq.num_prompt_tokens + offset
             k = ss.num_samples
+            if params.structured_outputs is not None:
+                constrained.append((len(rows), k, seq))
             if k == 1:
                 rows.append(SamplingRow(params, prompt, history, num_output, seq.index))
             else:
                 forks = True
                 for index in range(k):
                     rows.append(SamplingRow(params, prompt, history, num_output, index))
+        if constrained:
+            self._fill_bitmasks(rows, constrained)
         num_samples = [ss.num_samples for ss in sampling] if forks else None
         drafts = None
         if any(ss.draft for ss in sampling):  # speculative: verified, not sampled, on their rows
             drafts = [tuple(ss.draft) for ss in sampling]
         return StepSampling(rows, num_samples, drafts)
+
+    def _fill_bitmasks(self, rows: list[SamplingRow], constrained: list[tuple]) -> None:
+        """Each constrained sequence's allowed next tokens onto its rows (a fork's n rows share
+        the parent's), from its matcher's state: every token it sampled is accepted by now
+        (steps with such sequences are never scheduled ahead)."""
+        matchers = []
+        for _, _, seq in constrained:
+            st = self.requests[seq.request.request_id].seqs[seq.index]
+            matchers.append(st.matcher)
+        masks = self.structured.fill(matchers)
+        for (first, k, _), mask in zip(constrained, masks, strict=True):
+            for r in range(first, first + k):
+                rows[r].token_bitmask = mask
 
     def _apply_samples(
         self, sampling: list[ScheduledSeq], result: SamplerOutput
@@ -828,9 +859,29 @@ class LLMEngine:
         if st.detok.stop_reason is not None:
             st.finish_reason, st.stop_reason = "stop", st.detok.stop_reason
             return True
+        if st.matcher is not None and decision is None and self._grammar_ends(st, token, request):
+            return True
         if decision is not None:
             st.finish_reason, st.stop_reason = decision.finish_reason, decision.stop_reason
             return token_stop
+        return False
+
+    @staticmethod
+    def _grammar_ends(st: _SeqState, token: int, request) -> bool:
+        """Advance a constrained sequence's matcher by its new token; True when the sequence
+        must stop: its grammar took a stop token (finish "stop"), or the token was not one the
+        grammar allows (only when every token was masked, e.g. min_tokens banning the only
+        allowed end: finish "abort", logged)."""
+        if not st.matcher.accept_token(token):
+            logger.error(
+                "request %s: token %d is not allowed by its structured-output constraint; "
+                "the sequence ends (finish_reason abort)", request.request_id, token,
+            )  # fmt: skip
+            st.finish_reason = "abort"
+            return True
+        if st.matcher.is_terminated():
+            st.finish_reason = "stop"
+            return True
         return False
 
     def _collect_outputs(self, new_seqs: list[Sequence], stream: bool) -> list[RequestOutput]:

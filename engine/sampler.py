@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.structured_output import allowed_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class SamplingRow:
     output_token_ids: Sequence[int] | torch.Tensor
     step: int | None = None
     sample_index: int = 0
+    # Structured outputs: the tokens this row may pick, int32 bitmask words (bit t = token t;
+    # `engine.structured_output`), filled by the engine before the step; None: no constraint.
+    token_bitmask: torch.Tensor | None = None
 
     @property
     def step_index(self) -> int:
@@ -154,6 +158,13 @@ def argmax_rows(x: torch.Tensor, chunked: bool | None = None) -> torch.Tensor:
     return (chunk * size + index.gather(1, chunk)).squeeze(1)
 
 
+def _to_device_tensor(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without a stream sync (through pinned memory on a GPU)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small host list on `device` without a stream sync: through pinned memory on a GPU (a
     pageable copy would wait for the work queued before it, which asynchronous steps avoid)."""
@@ -183,8 +194,13 @@ def apply_min_tokens(
 
 
 def apply_logit_edits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
-    """In place: each row's logit_bias added, then every token outside its allowed_token_ids
-    set to -inf (rows without either are untouched)."""
+    """In place: each row's logit_bias added, then every token outside its allowed_token_ids or
+    its structured-output bitmask set to -inf (rows without any are untouched)."""
+    masked = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
+    if masked:
+        words = torch.stack([rows[i].token_bitmask for i in masked])
+        allowed = allowed_tokens(_to_device_tensor(words, logits.device), logits.shape[-1])
+        logits[masked] = logits[masked].masked_fill(~allowed, float("-inf"))
     for i, row in enumerate(rows):
         p = row.params
         if p.logit_bias:

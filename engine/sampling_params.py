@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+from engine.structured_output import StructuredOutputsParams
+
 # Temperatures below this are treated as greedy (as vLLM does): dividing logits by a tiny
 # temperature overflows float32, and the limit of softmax(logits / t) as t -> 0 is the argmax.
 SAMPLING_EPS = 1e-5
@@ -56,6 +58,9 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # A JSON schema / regex / choice / grammar the output must follow (a dict is read as
+    # StructuredOutputsParams' fields; `engine.structured_output`).
+    structured_outputs: StructuredOutputsParams | None = None
     # Normalized forms filled in by __post_init__ (not constructor arguments).
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
     stop_token_id_set: frozenset[int] = field(init=False, repr=False, default=frozenset())
@@ -120,6 +125,15 @@ class SamplingParams:
                 raise ValueError(
                     f"allowed_token_ids must be a non-empty list of integers >= 0, got {ids!r}"
                 )
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise ValueError(
+                "structured_outputs must be a StructuredOutputsParams or a dict of its fields, "
+                f"got {type(self.structured_outputs).__name__}"
+            )
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -152,8 +166,13 @@ class SamplingParams:
 
     @property
     def changes_logits(self) -> bool:
-        """Whether logit_bias or allowed_token_ids edit the logits before sampling."""
-        return bool(self.logit_bias) or self.allowed_token_ids is not None
+        """Whether logit_bias, allowed_token_ids or structured outputs edit the logits before
+        sampling."""
+        return (
+            bool(self.logit_bias)
+            or self.allowed_token_ids is not None
+            or self.structured_outputs is not None
+        )
 
     def token_ids_used(self) -> list[int]:
         """The token ids the request names in logit_bias and allowed_token_ids (checked against

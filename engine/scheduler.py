@@ -431,10 +431,10 @@ class Scheduler:
         this way, with nothing changed that the next schedule() would not do too.
 
         Only a step whose every sequence samples one token continues (no prefill chunk that
-        stops short, no fork), with nothing swapped out and either nobody waiting or no room to
-        admit anyone (so admission order is what schedule() would give). Sequences that finish
-        by length at `out` are left out (while others wait, they make `out` stop instead: the
-        next schedule() admits in their place). Call `resume_in_flight` with the step after
+        stops short, no fork, no structured outputs), with nothing swapped out and either nobody
+        waiting or no room to admit anyone (so admission order is what schedule() would give).
+        Sequences that finish by length at `out` are left out (while others wait, they make
+        `out` stop instead: the next schedule() admits in their place). Call `resume_in_flight` with the step after
         `out`'s update_from_output; a sequence that then stops (a stop token or string) has its
         computed token dropped.
         """
@@ -454,7 +454,12 @@ class Scheduler:
         row = 0
         for ss in out.scheduled:
             seq = ss.seq
-            if ss.num_samples != 1 or seq.request.n != 1 or seq.status.is_finished:
+            if (
+                ss.num_samples != 1
+                or seq.request.n != 1
+                or seq.status.is_finished
+                or seq.request.sampling_params.structured_outputs is not None
+            ):  # structured outputs: the next mask needs this step's token on the host
                 return None
             num_tokens = len(seq.token_ids) + 1  # after out's token
             max_tokens = seq.request.sampling_params.max_tokens

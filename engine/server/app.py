@@ -426,6 +426,12 @@ class _Run:
     async def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
         """Queue every prompt; if one fails, abort those already queued."""
         try:
+            # Constraints compile here, off the engine's loop thread (add_request finds them
+            # cached).
+            compiler = getattr(getattr(self.state.engine, "engine", None), "structured", None)
+            for p in params:
+                if p.structured_outputs is not None and compiler is not None:
+                    await asyncio.to_thread(compiler.compile, p.structured_outputs)
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
                 rid = f"{self.id}-{i}"
                 self.streams.append(await self.state.engine.add_request(None, p, ids, rid))

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from engine.detokenizer import TokenText
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.structured_output import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,14 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs object, and vLLM's
+    # older guided_* fields (one of them per request).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def warn_unknown_fields(self) -> None:
         unknown = set(self.model_extra or {}) - _IGNORED_FIELDS
@@ -106,6 +115,47 @@ class _SamplingRequest(BaseModel):
                 )
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+        self.structured()
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """The request's output constraint, from whichever one field gives it; a 400 naming the
+        field for a malformed one or for more than one."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        rf = self.response_format
+        if rf is not None:
+            kind = rf.get("type")
+            if kind == "json_object":
+                given.append(("response_format", {"json_object": True}))
+            elif kind == "json_schema":
+                spec = rf.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                    raise bad_request(
+                        "response_format json_schema needs json_schema.schema, a JSON schema "
+                        "object", "response_format",
+                    )  # fmt: skip
+                given.append(("response_format", {"json": spec["schema"]}))
+            elif kind not in (None, "text"):
+                raise bad_request(
+                    f"response_format type must be text, json_object or json_schema, got {kind!r}",
+                    "response_format",
+                )
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", self.structured_outputs))
+        for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                          ("guided_choice", "choice"), ("guided_grammar", "grammar")):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None:
+                given.append((name, {key: value}))
+        if not given:
+            return None
+        if len(given) > 1:
+            names = ", ".join(name for name, _ in given)
+            raise bad_request(f"give one output constraint, got {names}", given[1][0])
+        name, spec = given[0]
+        try:
+            return StructuredOutputsParams.from_dict(spec)
+        except (ValueError, TypeError) as e:
+            raise bad_request(f"{name}: {e}", name) from e
 
     def to_sampling_params(
         self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
@@ -135,6 +185,7 @@ class _SamplingRequest(BaseModel):
                 allowed_token_ids=self.allowed_token_ids,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
+                structured_outputs=self.structured(),
             )
         except ValueError as e:
             param = str(e).split(" ", 1)[0]
@@ -206,14 +257,11 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
         self.check_common()
         if self.tools:
             raise bad_request("tools are not supported by this server", "tools")
-        if self.response_format and self.response_format.get("type") not in (None, "text"):
-            raise bad_request("response_format other than text is not supported", "response_format")
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
