@@ -434,9 +434,9 @@ class Scheduler:
         stops short, no fork, no structured outputs), with nothing swapped out and either nobody
         waiting or no room to admit anyone (so admission order is what schedule() would give).
         Sequences that finish by length at `out` are left out (while others wait, they make
-        `out` stop instead: the next schedule() admits in their place). Call `resume_in_flight` with the step after
-        `out`'s update_from_output; a sequence that then stops (a stop token or string) has its
-        computed token dropped.
+        `out` stop instead: the next schedule() admits in their place). Call `resume_in_flight`
+        with the step after `out`'s update_from_output; a sequence that then stops (a stop token
+        or string) has its computed token dropped.
         """
         if (
             not out.scheduled
