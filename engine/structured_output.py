@@ -93,9 +93,7 @@ class StructuredOutputsParams:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(
-                f"structured_outputs: unknown keys {unknown}; known: {sorted(known)}"
-            )
+            raise ValueError(f"structured_outputs: unknown keys {unknown}; known: {sorted(known)}")
         return cls(**d)
 
     @property

@@ -223,8 +223,13 @@ def test_mixed_batch_forks_and_unconstrained_neighbours(tiny):
     "kw",
     [
         dict(async_scheduling=True),
-        dict(speculative_config={"method": "ngram", "num_speculative_tokens": 3,
-                                 "prompt_lookup_min": 1}),  # fmt: skip
+        dict(
+            speculative_config={
+                "method": "ngram",
+                "num_speculative_tokens": 3,
+                "prompt_lookup_min": 1,
+            }
+        ),  # fmt: skip
         dict(num_gpu_blocks=8, max_model_len=112),  # preempts by recompute
     ],
     ids=["async", "speculative", "preempting"],
