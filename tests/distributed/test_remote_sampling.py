@@ -1,13 +1,15 @@
 """The output rank samples and returns only the SamplerOutput: seeded random sampling (temperature,
-top-p/top-k/min-p, penalties, min_tokens, logprobs, n > 1 forks) at TP=2 and PP=2 gives the
-in-process engine's tokens and logprobs, an abort while a batch is in flight loses nothing and
-leaks no block, and what crosses the pipe per step is a few bytes per row, not a vocab-sized array.
+top-p/top-k/min-p, penalties, min_tokens, logprobs, n > 1 forks, structured outputs) at TP=2 and
+PP=2 gives the in-process engine's tokens and logprobs, an abort while a batch is in flight loses
+nothing and leaks no block, and what comes back per step is a few bytes per row, not a vocab-sized
+array.
 """
 
 from __future__ import annotations
 
 import pickle
 import random
+import re
 
 import pytest
 import torch
@@ -43,12 +45,18 @@ PARAMS = {
     # greedy but edited: not the plain-greedy (sharded argmax) path
     "edited": SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
                              logit_bias={11: 3.0, 12: -2.0}, allowed_token_ids=list(range(3, 90))),
+    # structured outputs: the driver's bitmask rows, applied on the output rank
+    "regex": SamplingParams(temperature=0.9, seed=16, max_tokens=12,
+                            structured_outputs={"regex": r"[a-f]{2,5}-\d{1,3}"}),
+    "choice_fork": SamplingParams(n=2, temperature=1.0, seed=17, max_tokens=12,
+                                  structured_outputs={"choice": ["north", "south", "east"]}),
 }  # fmt: skip
 
 
 def _prompts() -> dict[str, list[int]]:
     rng = random.Random(3)
-    lengths = dict(zip(PARAMS, (40, 5, 17, 9, 12, 7, 6, 8), strict=True))  # 40: chunked prefill
+    # 40: chunked prefill
+    lengths = dict(zip(PARAMS, (40, 5, 17, 9, 12, 7, 6, 8, 10, 11), strict=True))
     prompts = {name: [rng.randrange(3, 384) for _ in range(n)] for name, n in lengths.items()}
     # A third of the vocab: the repetition penalty over the prompt changes which tokens win.
     prompts["penalties"] = list(range(3, 384, 3))
@@ -152,6 +160,8 @@ def reference(dist_model):
     assert stopped.token_ids[-1] in STOP_IDS
     fork = done["fork"].outputs
     assert len(fork) == 2 and fork[0].token_ids != fork[1].token_ids
+    assert re.fullmatch(r"[a-f]{2,5}-\d{1,3}", done["regex"].outputs[0].text)
+    assert all(c.text in ("north", "south", "east") for c in done["choice_fork"].outputs)
     return done
 
 

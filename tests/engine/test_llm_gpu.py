@@ -129,3 +129,36 @@ def test_gpu_prompt_logprobs_and_speculative_decoding(tiny):
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert spec.engine.scheduler.num_accepted_tokens > 0
     assert spec.engine.kv_stats().num_used_blocks == 0
+
+
+def test_gpu_structured_outputs(tiny):
+    """Constrained requests on the GPU (graphs, asynchronous scheduling on by default there):
+    the bitmask reaches the device through pinned memory and every output is a sentence of its
+    constraint; greedy constrained tokens equal the CPU engine's (where the tiny model's margins
+    allow: same rule as test_gpu_engine_matches_cpu_engine)."""
+    xgr = pytest.importorskip("xgrammar")
+    del xgr
+    import re
+
+    prompts = [[5, 9, 33, 100, 7] * k for k in (1, 2, 3, 4)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=24, structured_outputs={"regex": r"[ab]{3}-\d"}),
+        SamplingParams(temperature=0, max_tokens=24,
+                       structured_outputs={"choice": ["alpha", "beta", "gamma"]}),
+        SamplingParams(temperature=0.8, seed=2, max_tokens=24,
+                       structured_outputs={"grammar": 'root ::= ("x" | "y")+ "."'}),
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),  # unconstrained beside them
+    ]  # fmt: skip
+    cpu = LLM(model=str(tiny), dtype="float32", device="cpu", kv_cache_memory_bytes=8 << 20)
+    gpu = LLM(model=str(tiny), dtype="float32", device="cuda", gpu_memory_utilization=0.3)
+    assert gpu.engine.async_scheduling
+    a = cpu.generate(prompt_token_ids=prompts, sampling_params=params)
+    b = gpu.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert re.fullmatch(r"[ab]{3}-\d", b[0].outputs[0].text)
+    assert b[1].outputs[0].text in ("alpha", "beta", "gamma")
+    assert re.fullmatch(r"[xy]+\.", b[2].outputs[0].text)
+    for x, y in zip(a, b, strict=True):
+        assert x.outputs[0].finish_reason == y.outputs[0].finish_reason
+    assert a[0].outputs[0].text == b[0].outputs[0].text
+    assert a[1].outputs[0].text == b[1].outputs[0].text
+    assert gpu.engine.kv_stats().num_used_blocks == 0

@@ -5,7 +5,9 @@ model's template, streaming, n > 1, stop strings, logprobs, seeds, the engine's 
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import openai
 import pytest
@@ -448,3 +450,76 @@ def test_a_speculative_server_streams_the_plain_tokens_and_counts_drafts(tiny_mo
         assert 0 < values["hal_spec_decode_accepted_tokens"] <= drafts
     finally:
         handle.stop()
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "color": {"enum": ["red", "green"]}},
+    "required": ["ok", "color"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs_every_field(client, offline):
+    pytest.importorskip("xgrammar")
+    # response_format json_schema (chat): the offline engine's constrained text, and valid
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=40, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "c", "schema": SCHEMA}},
+    )  # fmt: skip
+    ids = apply_chat_template(offline.get_tokenizer(), MESSAGES)
+    params = SamplingParams(temperature=0, max_tokens=40, structured_outputs={"json": SCHEMA})
+    want = offline.generate(prompt_token_ids=[ids], sampling_params=params, use_tqdm=False)
+    text = chat.choices[0].message.content
+    assert text == want[0].outputs[0].text and text.startswith("{")  # whitespace may run long
+    # without whitespace the random weights finish the object
+    tight = {"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}}
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=40,
+                                          temperature=0, extra_body=tight)  # fmt: skip
+    assert chat.choices[0].finish_reason == "stop"
+    value = json.loads(chat.choices[0].message.content)
+    assert value["color"] in ("red", "green") and isinstance(value["ok"], bool)
+    # json_object, vLLM's structured_outputs object and guided_* fields, on completions
+    kinds = [
+        ({"response_format": {"type": "json_object"}}, lambda t: isinstance(json.loads(t), dict)),
+        ({"structured_outputs": {"regex": "[ab]{3}"}}, lambda t: re.fullmatch("[ab]{3}", t)),
+        ({"guided_choice": ["left", "right"]}, lambda t: t in ("left", "right")),
+        ({"guided_regex": r"\d\d"}, lambda t: re.fullmatch(r"\d\d", t)),
+        ({"guided_json": SCHEMA}, lambda t: set(json.loads(t)) == {"ok", "color"}),
+        (
+            {"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": True}},
+            lambda t: set(json.loads(t)) == {"ok", "color"},
+        ),
+        ({"guided_grammar": 'root ::= "x" "y"+'}, lambda t: re.fullmatch("xy+", t)),
+    ]
+    stopped = 0
+    for body, ok in kinds:
+        r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=60,
+                                      temperature=0, extra_body=body)  # fmt: skip
+        if r.choices[0].finish_reason == "stop":
+            assert ok(r.choices[0].text), (body, r.choices[0].text)
+            stopped += 1
+        else:  # JSON with any whitespace may run long on random weights
+            assert "json" in json.dumps(body) and r.choices[0].text.startswith("{")
+    assert stopped >= 5
+    # streaming gives the same text
+    stream = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=8,
+                                       temperature=0, stream=True,
+                                       extra_body={"guided_choice": ["left", "right"]})  # fmt: skip
+    assert "".join(c.choices[0].text for c in stream) in ("left", "right")
+
+
+def test_structured_outputs_bad_requests(client):
+    pytest.importorskip("xgrammar")
+    cases = [
+        ({"response_format": {"type": "xml"}}, "response_format type must be"),
+        ({"response_format": {"type": "json_schema"}}, "needs json_schema.schema"),
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "one output constraint"),
+        ({"structured_outputs": {"regexp": "a"}}, "unknown keys"),
+        ({"guided_regex": "([a-z"}, "not a valid regular expression"),
+        ({"guided_json": {"type": "objectx"}}, 'Unsupported type "objectx"'),
+    ]
+    for body, match in cases:
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                      extra_body=body)  # fmt: skip
