@@ -128,6 +128,19 @@ class StepInput:
         )
 
 
+def profile_step(num_tokens: int, block_size: int):
+    """The packed step of one num_tokens-token prompt over blocks 1.. (the memory profile's
+    forward): a stand-in with every field `pack_step` reads of a ScheduledSeq."""
+    num_blocks = -(-num_tokens // block_size) + 1
+    blocks = list(range(1, num_blocks))
+    slots = [blocks[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
+    seq = SimpleNamespace(
+        num_new_tokens=num_tokens, start_pos=0, num_samples=1, block_ids=array("i", blocks),
+        token_ids=[0] * num_tokens, slot_mapping=slots, draft=[],
+    )  # fmt: skip
+    return pack_step([seq])
+
+
 @dataclass
 class StepSampling:
     """What the sampler reads for one step: one SamplingRow per sample, in schedule order.
@@ -350,13 +363,7 @@ class Worker:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        blocks = list(range(1, num_blocks))
-        slots = [blocks[p // block_size] * block_size + p % block_size for p in range(num_tokens)]
-        seq = SimpleNamespace(  # what pack_step reads of a ScheduledSeq
-            num_new_tokens=num_tokens, start_pos=0, num_samples=1, block_ids=array("i", blocks),
-            token_ids=[0] * num_tokens, slot_mapping=slots,
-        )  # fmt: skip
-        self.execute(StepInput(pack_step([seq])))
+        self.execute(StepInput(profile_step(num_tokens, block_size)))
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         self.runner.kv_caches = []

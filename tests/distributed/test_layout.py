@@ -223,3 +223,17 @@ def test_a_step_is_pickled_once_for_every_rank(monkeypatch):
         assert got.batch.buffer == step.batch.buffer.numpy().tobytes()
         assert got.batch.layout.sizes == step.batch.layout.sizes == (64, 64, 64, 64)
         assert (got.batch.max_query_len, got.batch.max_seq_len) == (1, 73)
+
+
+def test_the_memory_profile_step_packs():
+    """The workers' memory-profile forward (GPU only) packs one prompt over blocks 1..: its
+    stand-in for a ScheduledSeq carries every field pack_step reads (session 32's `draft` was
+    missing, which only a GPU worker's start showed)."""
+    from engine.distributed.worker import profile_step
+
+    step = profile_step(40, 16)
+    assert (step.max_query_len, step.max_seq_len) == (40, 40)
+    batch = step.layout.batch(step.buffer, step.max_query_len, step.max_seq_len)
+    assert batch.slot_mapping.tolist() == [16 + p for p in range(40)]
+    assert batch.block_tables.tolist() == [[1, 2, 3]]
+    assert batch.logits_indices.tolist() == [39]
