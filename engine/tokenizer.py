@@ -41,15 +41,19 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Any:
 
 
 def apply_chat_template(
-    tokenizer: Any, messages: list[dict[str, str]], add_generation_prompt: bool = True
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    tools: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Render `messages` with the tokenizer's chat template and return the prompt's token ids."""
+    """Render `messages` (and `tools`, OpenAI's function specs, for templates that show them)
+    with the tokenizer's chat template and return the prompt's token ids."""
     if not getattr(tokenizer, "chat_template", None):
         raise TokenizerLoadError(
             "the tokenizer has no chat template; pass a plain prompt instead of messages"
         )
     text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
     )
     # The template already writes any BOS/special tokens it wants.
     return list(tokenizer.encode(text, add_special_tokens=False))

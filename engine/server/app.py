@@ -7,6 +7,7 @@ Every error is OpenAI's {"error": {"message", "type", "param", "code"}} with a f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import importlib.metadata
 import json
@@ -44,6 +45,14 @@ from engine.server.protocol import (
     prompt_completion_logprobs,
     usage,
 )
+from engine.server.tools import (
+    TOOL_CALL_PARSERS,
+    ToolReply,
+    function_schema,
+    make_parser,
+    required_schema,
+)
+from engine.structured_output import StructuredOutputsParams
 from engine.tokenizer import TokenizerLoadError, apply_chat_template
 
 logger = logging.getLogger(__name__)
@@ -65,6 +74,7 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     draining: bool = False
     token_text: TokenText = field(init=False)
+    tool_parser: str | None = None  # auto tool choice's parser (None: not enabled)
 
     def __post_init__(self) -> None:
         self.token_text = TokenText(self.engine.tokenizer)
@@ -135,13 +145,24 @@ def build_app(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
+    tool_call_parser: str | None = None,
+    enable_auto_tool_choice: bool = False,
 ) -> FastAPI:
-    """The app for `engine`; `api_key` None leaves /v1 open. `app.state.server` is the state."""
+    """The app for `engine`; `api_key` None leaves /v1 open. `app.state.server` is the state.
+    enable_auto_tool_choice with tool_call_parser (vLLM's flags): chat requests with tools may
+    let the model call them in its own format (`engine.server.tools`)."""
     for name, value in (("max_body_bytes", max_body_bytes), ("max_tokens_limit", max_tokens_limit)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if tool_call_parser is not None:
+        make_parser(tool_call_parser)  # an unknown name fails here
+    if enable_auto_tool_choice and tool_call_parser is None:
+        raise ValueError(
+            f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})"
+        )
     metrics = ServerMetrics(served_model_name)
     state = ServerState(engine, served_model_name, max_body_bytes, max_tokens_limit, metrics)
+    state.tool_parser = tool_call_parser if enable_auto_tool_choice else None
     metrics.observe(engine.stats())
     engine.stats_listener = metrics.observe
 
@@ -193,12 +214,16 @@ def build_app(
             "max_model_len": engine.max_model_len,
         }
 
-    def chat_ids(conversation: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
-        """The conversation rendered with the model's chat template; a refusal is a 400."""
+    def chat_ids(
+        conversation: list[dict[str, Any]], add_generation_prompt: bool, tools=None
+    ) -> list[int]:
+        """The conversation (and tools) rendered with the model's chat template; a refusal is
+        a 400."""
         try:
             return apply_chat_template(
-                engine.tokenizer, conversation, add_generation_prompt=add_generation_prompt
-            )
+                engine.tokenizer, conversation, add_generation_prompt=add_generation_prompt,
+                tools=tools,
+            )  # fmt: skip
         except TokenizerLoadError as e:
             raise bad_request(str(e), "messages") from e
         except (TemplateError, ValueError, TypeError) as e:  # the template refused the messages
@@ -299,7 +324,8 @@ def build_app(
         req.warn_unknown_fields()
         req.check()
         state.check_model(req.model)
-        ids = chat_ids(req.conversation(), req.add_generation_prompt)
+        mode, tool = req.tool_mode(auto_parser=state.tool_parser is not None)
+        ids = chat_ids(req.conversation(), req.add_generation_prompt, req.tool_dicts())
         if req.max_completion_tokens is not None:
             field_name = "max_completion_tokens"
         else:
@@ -308,7 +334,21 @@ def build_app(
             state, req.requested_max_tokens(), None, len(ids), field_name, "messages"
         )
         params = req.to_sampling_params(max_tokens, req.engine_logprobs())
-        run = _Run(state, "chatcmpl", req.n, req.engine_logprobs())
+        reply = None
+        if mode == "named":
+            # compact JSON (no whitespace runs): what clients parse as arguments
+            so = StructuredOutputsParams(json=function_schema(tool), disable_any_whitespace=True)
+            params = dataclasses.replace(params, structured_outputs=so)
+            reply = ToolReply("named", name=tool["function"]["name"])
+        elif mode == "required":
+            so = StructuredOutputsParams(
+                json=required_schema(req.tool_dicts()), disable_any_whitespace=True
+            )
+            params = dataclasses.replace(params, structured_outputs=so)
+            reply = ToolReply("required")
+        elif mode == "auto":
+            reply = ToolReply("auto", parser=make_parser(state.tool_parser))
+        run = _Run(state, "chatcmpl", req.n, req.engine_logprobs(), tools=reply)
         await run.start([ids], [params])
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -410,8 +450,10 @@ class _Run:
         n: int,
         logprobs: int | None,
         echo_only: bool = False,
+        tools: ToolReply | None = None,
     ) -> None:
         self.state = state
+        self.tools = tools  # chat with tool calls: how choices become messages
         self.echo_only = echo_only  # completions echo with max_tokens 0: nothing generated
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
@@ -575,16 +617,20 @@ class _Run:
         }
 
     def chat_body(self, outs: list[RequestOutput]) -> dict:
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": self._chat_logprobs(c, 0, len(c.token_ids)),
-                "finish_reason": c.finish_reason,
-                "stop_reason": c.stop_reason,
-            }
-            for c in outs[0].outputs
-        ]
+        choices = []
+        for c in outs[0].outputs:
+            message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
+            if self.tools is not None:
+                message, finish = self.tools.message(c.text, finish)
+            choices.append(
+                {
+                    "index": c.index,
+                    "message": message,
+                    "logprobs": self._chat_logprobs(c, 0, len(c.token_ids)),
+                    "finish_reason": finish,
+                    "stop_reason": c.stop_reason,
+                }
+            )
         return {
             "id": self.id,
             "object": "chat.completion",
@@ -683,6 +729,14 @@ class _Run:
 
     def stream_chat(self, include_usage: bool) -> AsyncIterator[str]:
         def make_choice(index, c, text, span, finish, first) -> dict:
+            if self.tools is not None:
+                delta, finish = self.tools.delta(index, c.text, finish, first)
+                return {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": self._chat_logprobs(c, span[0], span[1]),
+                    "finish_reason": finish,
+                }
             delta: dict[str, str] = {"role": "assistant"} if first else {}
             if text or first:
                 delta["content"] = text

@@ -12,6 +12,7 @@ import os
 import signal
 from pathlib import Path
 
+from engine.server.tools import TOOL_CALL_PARSERS
 from engine.spec_config import add_speculative_arg
 from hal.errors import HalError
 
@@ -83,6 +84,19 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--distributed-executor-backend", default=None, help="mp (default) or ray, when tp x pp > 1"
     )
     add_speculative_arg(p)
+    p.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="let chat requests with tools have the model call them in its own format (needs "
+        "--tool-call-parser); named and required tool choices work without it",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        choices=TOOL_CALL_PARSERS,
+        default=None,
+        help="how the model writes tool calls: hermes (<tool_call> tags: Qwen 2.5 / 3, Hermes) "
+        "or llama3_json (a JSON object: Llama 3.1 / 3.2)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return p
@@ -119,6 +133,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise HalError(f"--port must be in [0, 65535], got {args.port}")
     if args.drain_timeout < 0:
         raise HalError(f"--drain-timeout must be >= 0 seconds, got {args.drain_timeout}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise HalError(
+            f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})"
+        )
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and not api_key:
         logger.warning(
@@ -162,7 +180,11 @@ def run_serve(args: argparse.Namespace) -> int:
         raise HalError(str(e)) from e
     name = args.served_model_name or served_name(args.model)
     try:
-        app = build_app(engine, name, api_key, args.max_body_bytes, args.max_tokens_limit)
+        app = build_app(
+            engine, name, api_key, args.max_body_bytes, args.max_tokens_limit,
+            tool_call_parser=args.tool_call_parser,
+            enable_auto_tool_choice=args.enable_auto_tool_choice,
+        )  # fmt: skip
     except (ValueError, TypeError) as e:
         engine.shutdown()
         raise HalError(str(e)) from e

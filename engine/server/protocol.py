@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Literal
 
@@ -234,12 +235,27 @@ class TextPart(BaseModel):
     text: str
 
 
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -248,6 +264,41 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: tool calls' JSON arguments as objects (the
+        Llama 3.1 and Qwen templates write them with `tojson`), ids and names kept."""
+        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            msg["name"] = self.name
+        if self.tool_call_id is not None:
+            msg["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            calls = []
+            for call in self.tool_calls:
+                args = call.function.arguments
+                if isinstance(args, str):
+                    try:
+                        args = json.loads(args)
+                    except json.JSONDecodeError:
+                        pass  # not JSON: the template gets the text
+                fn = {"name": call.function.name, "arguments": args}
+                calls.append({"id": call.id, "type": "function", "function": fn})
+            msg["tool_calls"] = calls
+        return msg
+
+
+class FunctionSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class ToolSpec(BaseModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -255,13 +306,12 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    tools: list[ToolSpec] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def check(self) -> None:
         self.check_common()
-        if self.tools:
-            raise bad_request("tools are not supported by this server", "tools")
+        self.tool_mode(auto_parser=True)  # shape checks; the server's own rule comes later
         if self.top_logprobs is not None:
             if not self.logprobs:
                 raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
@@ -281,8 +331,59 @@ class ChatCompletionRequest(_SamplingRequest):
     def engine_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def conversation(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def conversation(self) -> list[dict[str, Any]]:
+        return [m.for_template() for m in self.messages]
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        """The tools as the chat template takes them (None without tools)."""
+        if not self.tools:
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def tool_mode(self, auto_parser: bool) -> tuple[str | None, dict[str, Any] | None]:
+        """(mode, named tool): mode None (no tools), "none", "auto", "required" or "named";
+        auto_parser: the server parses free-form calls. A 400 for a choice that does not fit."""
+        choice = self.tool_choice
+        if not self.tools:
+            if choice not in (None, "none"):
+                raise bad_request("tool_choice needs tools", "tool_choice")
+            return None, None
+        names = [t.function.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise bad_request(f"tools must have distinct names, got {names}", "tools")
+        if choice is None:
+            return ("auto" if auto_parser else "none"), None
+        if isinstance(choice, dict):
+            fn = choice.get("function")
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if choice.get("type") != "function" or not isinstance(name, str):
+                raise bad_request(
+                    'tool_choice must be "none", "auto", "required" or {"type": "function", '
+                    '"function": {"name": ...}}', "tool_choice",
+                )  # fmt: skip
+            if name not in names:
+                raise bad_request(f"tool_choice names {name!r}, not one of the tools {names}",
+                                  "tool_choice")  # fmt: skip
+            mode, tool = "named", self.tools[names.index(name)].model_dump(exclude_none=True)
+        elif choice in ("none", "auto", "required"):
+            mode, tool = choice, None
+        else:
+            raise bad_request(
+                f'tool_choice must be "none", "auto", "required" or a named function, got '
+                f"{choice!r}", "tool_choice",
+            )  # fmt: skip
+        if mode == "auto" and not auto_parser:
+            raise bad_request(
+                'tool_choice "auto" needs a server started with --enable-auto-tool-choice and '
+                '--tool-call-parser (hermes or llama3_json); "required" or a named function '
+                "work on any model", "tool_choice",
+            )  # fmt: skip
+        if mode in ("named", "required") and self.structured() is not None:
+            raise bad_request(
+                f"tool_choice {mode!r} constrains the output itself: leave out response_format "
+                "and the structured_outputs / guided_* fields", "tool_choice",
+            )  # fmt: skip
+        return mode, tool
 
 
 class TokenizeRequest(BaseModel):

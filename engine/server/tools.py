@@ -1,0 +1,241 @@
+"""Tool calling on chat completions (OpenAI's `tools` / `tool_choice`, vLLM's behaviour).
+
+- `tool_choice` naming a function: the output is constrained (structured outputs) to a JSON value
+  of that function's `parameters` schema, returned as the one tool call's `arguments`.
+- `tool_choice: "required"`: the output is constrained to a non-empty JSON array of
+  `{"name": <a tool's name>, "parameters": <its schema>}` objects, returned as tool calls.
+- `tool_choice: "auto"` (the default when tools are given and the server has a parser): the model
+  writes calls in its own format and a parser (`--tool-call-parser`, vLLM's names) takes them out of
+  the text: `hermes` (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`: Qwen 2.5 / 3,
+  Hermes) or `llama3_json` (the whole reply a `{"name": ..., "parameters": {...}}` object, or
+  several joined by ";", optionally after `<|python_tag|>`: Llama 3.1 / 3.2).
+- `tool_choice: "none"`: the tools reach the chat template, nothing is parsed.
+
+The tools always reach the model's chat template (`tools=`), which decides how the model sees them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str  # JSON text
+
+    def body(self, index: int | None = None) -> dict[str, Any]:
+        """OpenAI's tool_calls entry (with `index` in a streaming delta)."""
+        call = {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+        if index is not None:
+            call["index"] = index
+        return call
+
+
+def _arguments(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def function_schema(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool's parameters schema (an object with any keys when it gives none)."""
+    params = tool["function"].get("parameters")
+    return params if isinstance(params, dict) and params else {"type": "object"}
+
+
+def required_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """The JSON schema of `tool_choice: "required"`'s output: a non-empty array of calls."""
+    calls = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "enum": [t["function"]["name"]]},
+                "parameters": function_schema(t),
+            },
+            "required": ["name", "parameters"],
+        }
+        for t in tools
+    ]
+    return {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+
+
+def parse_required(text: str) -> list[ToolCall] | None:
+    """The calls of a `required` reply (None when it is not a complete array: cut by length)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return [ToolCall(c["name"], _arguments(c["parameters"])) for c in value]
+
+
+# -- parsers of free-form ("auto") replies --------------------------------------------------------
+class ToolParser:
+    """Takes tool calls out of a reply: `parse(text)` -> (content or None, calls); `streamable
+    (text)` -> how much of a reply still being written can go out as content now."""
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        raise NotImplementedError
+
+    def streamable(self, text: str) -> int:
+        raise NotImplementedError
+
+
+def _call_from(obj: Any, args_keys: tuple[str, ...]) -> ToolCall | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    for key in args_keys:
+        if key in obj:
+            return ToolCall(obj["name"], _arguments(obj[key]))
+    return ToolCall(obj["name"], "{}")
+
+
+class HermesParser(ToolParser):
+    START, END = "<tool_call>", "</tool_call>"
+    _CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)\Z", re.DOTALL)
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        start = text.find(self.START)
+        if start < 0:
+            return text, []
+        calls = []
+        for closed, open_ in self._CALL.findall(text[start:]):
+            try:
+                call = _call_from(json.loads((closed or open_).strip()), ("arguments",))
+            except json.JSONDecodeError:
+                call = None
+            if call is None:  # not a call after all: the reply stays text
+                return text, []
+            calls.append(call)
+        content = text[:start].strip()
+        return (content or None), calls
+
+    def streamable(self, text: str) -> int:
+        """Everything before a tag start, holding back a tail that may begin one."""
+        at = text.find(self.START)
+        if at >= 0:
+            return at
+        for keep in range(min(len(self.START) - 1, len(text)), 0, -1):
+            if self.START.startswith(text[-keep:]):
+                return len(text) - keep
+        return len(text)
+
+
+class Llama3JsonParser(ToolParser):
+    TAG = "<|python_tag|>"
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        body = text.strip()
+        if body.startswith(self.TAG):
+            body = body[len(self.TAG) :].strip()
+        if not body.startswith("{"):
+            return text, []
+        calls = []
+        decoder = json.JSONDecoder()
+        at = 0
+        while at < len(body):
+            try:
+                obj, end = decoder.raw_decode(body, at)
+            except json.JSONDecodeError:
+                return text, []
+            call = _call_from(obj, ("parameters", "arguments"))
+            if call is None:
+                return text, []
+            calls.append(call)
+            at = end
+            while at < len(body) and body[at] in " \t\r\n;":
+                at += 1
+        return None, calls
+
+    def streamable(self, text: str) -> int:
+        """Nothing while the reply may still be a call (it starts with "{" or the tag)."""
+        body = text.lstrip()
+        if not body or body.startswith("{") or self.TAG.startswith(body[: len(self.TAG)]):
+            return 0
+        return len(text)
+
+
+def make_parser(name: str) -> ToolParser:
+    if name == "hermes":
+        return HermesParser()
+    if name == "llama3_json":
+        return Llama3JsonParser()
+    raise ValueError(f"unknown tool call parser {name!r}; known: {', '.join(TOOL_CALL_PARSERS)}")
+
+
+# -- replies --------------------------------------------------------------------------------------
+@dataclass
+class _StreamState:
+    sent: int = 0  # characters of the reply sent as content (auto) or arguments (named)
+    call_id: str | None = None
+
+
+class ToolReply:
+    """How one chat request's choices become messages and stream deltas under its tool mode
+    ("named", "required" or "auto"; other modes answer plain text and need none)."""
+
+    def __init__(self, mode: str, name: str | None = None, parser: ToolParser | None = None):
+        if mode not in ("named", "required", "auto"):
+            raise ValueError(f"no tool reply for mode {mode!r}")
+        if (mode == "named") != (name is not None) or (mode == "auto") != (parser is not None):
+            raise ValueError("a named reply needs the name, an auto one the parser")
+        self.mode, self.name, self.parser = mode, name, parser
+        self._streams: dict[int, _StreamState] = {}
+
+    def _calls(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        if self.mode == "named":
+            return None, [ToolCall(self.name, text)]
+        if self.mode == "required":
+            calls = parse_required(text)
+            return (text, []) if calls is None else (None, calls)
+        return self.parser.parse(text)
+
+    def message(self, text: str, finish: str | None) -> tuple[dict[str, Any], str | None]:
+        """(the assistant message, finish_reason) of a finished choice: "tool_calls" when the
+        model called tools of its own accord or as required (a named call keeps the engine's)."""
+        content, calls = self._calls(text)
+        msg: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            msg["tool_calls"] = [c.body() for c in calls]
+            if self.mode != "named" and finish == "stop":
+                finish = "tool_calls"
+        return msg, finish
+
+    def delta(
+        self, index: int, text: str, finish: str | None, first: bool
+    ) -> tuple[dict[str, Any], str | None]:
+        """The stream delta of choice `index` whose reply so far is `text`: a named call's
+        arguments as they come; an auto reply's content up to where a call may start; calls
+        (required, auto) whole in the last chunk."""
+        st = self._streams.setdefault(index, _StreamState())
+        delta: dict[str, Any] = {"role": "assistant"} if first else {}
+        if self.mode == "named":
+            piece = {"index": 0, "function": {"arguments": text[st.sent :]}}
+            if st.call_id is None:
+                call = ToolCall(self.name, text[st.sent :]).body(index=0)
+                st.call_id, piece = call["id"], call
+            st.sent = len(text)
+            delta["tool_calls"] = [piece]
+            return delta, finish
+        if finish is None:
+            if self.mode == "auto":
+                upto = max(self.parser.streamable(text), st.sent)
+                if upto > st.sent:
+                    delta["content"] = text[st.sent : upto]
+                    st.sent = upto
+            return delta, None
+        content, calls = self._calls(text)
+        if calls:
+            delta["tool_calls"] = [c.body(index=i) for i, c in enumerate(calls)]
+            return delta, ("tool_calls" if finish == "stop" else finish)
+        if len(text) > st.sent:  # no calls after all: the rest is content
+            delta["content"] = text[st.sent :]
+        return delta, finish

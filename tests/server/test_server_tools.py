@@ -1,0 +1,237 @@
+"""Tool calling on chat completions: the free-form parsers (hermes, llama3_json) and their
+streaming hold-back against hand-written replies; on the real server, named and required tool
+choices (constrained, so valid on any model: the tiny random one here), streaming deltas equal to
+the whole reply, tools and earlier calls reaching the chat template, and the 400s."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from engine.server.protocol import ChatCompletionRequest
+from engine.server.tools import HermesParser, Llama3JsonParser, ToolReply
+from engine.tokenizer import apply_chat_template
+from tests.server.conftest import MODEL_NAME, make_engine, start_server
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"enum": ["Paris", "Oslo"]},
+                "celsius": {"type": "boolean"},
+            },
+            "required": ["city", "celsius"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["UTC", "CET"]}},
+            "required": ["zone"],
+            "additionalProperties": False,
+        },
+    },
+}
+MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+# -- parsers --------------------------------------------------------------------------------------
+def test_hermes_parser():
+    p = HermesParser()
+    text = (
+        'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+        '</tool_call>\n<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}'
+    )  # the second call unterminated: the model stopped at EOS
+    content, calls = p.parse(text)
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {"zone": "UTC"}),
+    ]
+    assert p.parse("no calls here") == ("no calls here", [])
+    assert p.parse("<tool_call>{not json}</tool_call>")[1] == []  # stays text
+    assert p.parse('<tool_call>{"arguments": {}}</tool_call>')[1] == []  # no name: text
+    # streaming: everything before a tag, holding back what may start one
+    assert p.streamable("Hello <tool") == len("Hello ")
+    assert p.streamable("Hello <tools are fun") == len("Hello <tools are fun")
+    assert p.streamable("Hi <tool_call>{") == len("Hi ")
+    assert p.streamable("a<") == 1
+
+
+def test_llama3_json_parser():
+    p = Llama3JsonParser()
+    content, calls = p.parse('{"name": "get_time", "parameters": {"zone": "CET"}}')
+    assert content is None and [(c.name, c.arguments) for c in calls] == [
+        ("get_time", '{"zone": "CET"}')
+    ]
+    text = '<|python_tag|>{"name": "a", "parameters": {}}; {"name": "b", "arguments": {"x": 1}}'
+    assert [(c.name, json.loads(c.arguments)) for c in p.parse(text)[1]] == [
+        ("a", {}),
+        ("b", {"x": 1}),
+    ]
+    assert p.parse("The answer is 4.") == ("The answer is 4.", [])
+    assert p.parse('{"no": "name"}') == ('{"no": "name"}', [])
+    assert p.streamable("  {") == 0 and p.streamable("<|py") == 0
+    assert p.streamable("The answer") == len("The answer")
+
+
+def test_auto_stream_deltas_add_up_to_the_whole_reply():
+    text = 'Sure.\n<tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call>'
+    for step in (1, 3, 7):
+        reply = ToolReply("auto", parser=HermesParser())
+        content, calls, finish = "", [], None
+        for end in range(step, len(text) + step, step):
+            part = text[: min(end, len(text))]
+            done = "stop" if end >= len(text) else None
+            delta, finish = reply.delta(0, part, done, end == step)
+            content += delta.get("content", "")
+            calls += delta.get("tool_calls", [])
+            if done:
+                break
+        assert content == "Sure.\n" and finish == "tool_calls"
+        assert [(c["function"]["name"], c["index"]) for c in calls] == [("get_time", 0)]
+    # a reply without calls streams whole
+    reply = ToolReply("auto", parser=HermesParser())
+    parts = ["An <", "An <b>", "An <b> answer"]
+    got = [reply.delta(0, t, "stop" if i == 2 else None, i == 0)[0] for i, t in enumerate(parts)]
+    assert "".join(d.get("content", "") for d in got) == "An <b> answer"
+
+
+def test_earlier_calls_and_tools_reach_the_template(tiny_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    tok.chat_template = (
+        "{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+        "{% for c in m.tool_calls or [] %}(call {{ c.function.name }} "
+        "{{ c.function.arguments | tojson }}){% endfor %}"
+        "{% if m.tool_call_id %}(for {{ m.tool_call_id }}){% endif %}{% endfor %}"
+    )
+    req = ChatCompletionRequest.model_validate(
+        {
+            "messages": [
+                *MESSAGES,
+                {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+            ],
+            "tools": [WEATHER],
+        }
+    )  # fmt: skip
+    ids = apply_chat_template(tok, req.conversation(), False, tools=req.tool_dicts())
+    text = tok.decode(ids)
+    assert text.startswith("[tool get_weather]<user>Weather in Paris?")
+    assert '(call get_weather {"city": "Paris"})' in text  # arguments as an object
+    assert text.endswith("<tool>sunny(for call_1)")
+
+
+# -- the server -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client(server):
+    pytest.importorskip("xgrammar")
+    return server.client()
+
+
+def test_named_tool_choice(client):
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=[WEATHER, TIME],
+                                       tool_choice=named, max_tokens=40, temperature=0)  # fmt: skip
+    choice = r.choices[0]
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert call.id.startswith("call_")
+    args = json.loads(call.function.arguments)
+    assert args["city"] in ("Paris", "Oslo") and isinstance(args["celsius"], bool)
+    assert choice.finish_reason == "stop"
+    # streamed: the first delta names the call, the arguments add up to the whole reply's
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, tools=[WEATHER, TIME], tool_choice=named,
+        max_tokens=40, temperature=0, stream=True,
+    )  # fmt: skip
+    chunks = [c for c in stream if c.choices]
+    first = chunks[0].choices[0].delta.tool_calls[0]
+    assert first.function.name == "get_weather" and first.id.startswith("call_")
+    streamed = "".join(
+        tc.function.arguments or "" for c in chunks for tc in c.choices[0].delta.tool_calls or []
+    )
+    assert streamed == call.function.arguments
+
+
+def test_required_tool_choice(client):
+    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=[WEATHER, TIME],
+                                       tool_choice="required", max_tokens=60, temperature=0.8,
+                                       seed=1, n=3)  # fmt: skip
+    for choice in r.choices:
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            args = json.loads(call.function.arguments)
+            if call.function.name == "get_weather":
+                assert set(args) == {"city", "celsius"}
+            else:
+                assert call.function.name == "get_time" and args["zone"] in ("UTC", "CET")
+    # (the tiny vocabulary's tokens are short: one get_time call fits the server's 64)
+    stream = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=[TIME],
+                                            tool_choice="required", max_tokens=60, temperature=0,
+                                            stream=True)  # fmt: skip
+    chunks = [c for c in stream if c.choices]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    (call,) = chunks[-1].choices[0].delta.tool_calls
+    assert call.function.name == "get_time" and json.loads(call.function.arguments)
+    assert not any(c.choices[0].delta.content for c in chunks)
+
+
+def test_tools_without_a_parser_answer_text_and_bad_choices_are_400(client):
+    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=[WEATHER],
+                                       max_tokens=5, temperature=0)  # fmt: skip
+    assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
+    cases = [
+        (dict(tools=[WEATHER], tool_choice="auto"), "--enable-auto-tool-choice"),
+        (dict(tool_choice="required"), "tool_choice needs tools"),
+        (dict(tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "nope"}}),
+         "not one of the tools"),
+        (dict(tools=[WEATHER], tool_choice="sometimes"), "tool_choice must be"),
+        (dict(tools=[WEATHER, WEATHER]), "distinct names"),
+        (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}),
+         "constrains the output itself"),
+    ]  # fmt: skip
+    for kw, match in cases:
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2, **kw)
+
+
+def test_auto_tool_choice_with_a_parser(tiny_model):
+    pytest.importorskip("xgrammar")
+    with pytest.raises(ValueError, match="needs --tool-call-parser"):
+        start_server(make_engine(tiny_model), enable_auto_tool_choice=True)
+    handle = start_server(make_engine(tiny_model), tool_call_parser="hermes",
+                          enable_auto_tool_choice=True)  # fmt: skip
+    try:
+        client = handle.client()
+        r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, tools=[WEATHER],
+                                           max_tokens=8, temperature=0)  # fmt: skip
+        # random weights write no <tool_call>: the reply is content, as plain chat gives it
+        plain = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES,
+                                               max_tokens=8, temperature=0)  # fmt: skip
+        assert r.choices[0].message.tool_calls is None
+        assert r.choices[0].finish_reason == plain.choices[0].finish_reason
+        stream = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES,
+                                                tools=[WEATHER], max_tokens=8, temperature=0,
+                                                stream=True)  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == r.choices[0].message.content
+    finally:
+        handle.stop()
