@@ -2,13 +2,16 @@
 
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.pooling import EmbeddingRequestOutput, PoolingParams
 from engine.sampling_params import SamplingParams
 from engine.structured_output import StructuredOutputsParams
 
 __all__ = [
     "LLM",
     "CompletionOutput",
+    "EmbeddingRequestOutput",
     "Logprob",
+    "PoolingParams",
     "RequestOutput",
     "SamplingParams",
     "StructuredOutputsParams",

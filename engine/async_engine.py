@@ -300,7 +300,8 @@ class AsyncLLMEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
-            num_tokens = sum(len(c.token_ids) for c in out.outputs)
+            choices = out.outputs if isinstance(out.outputs, list) else ()  # embeddings: none
+            num_tokens = sum(len(c.token_ids) for c in choices)
             new = num_tokens - stream.num_tokens
             if new > 0:
                 stats.num_generation_tokens += new
@@ -312,7 +313,10 @@ class AsyncLLMEngine:
             if out.finished:
                 del self._streams[out.request_id]
                 stats.e2e_latency.append(now - stream.arrival)
-                stats.finish_reasons += [c.finish_reason or "abort" for c in out.outputs]
+                if choices:
+                    stats.finish_reasons += [c.finish_reason or "abort" for c in choices]
+                else:  # an embedding: done, or aborted before its prompt ran
+                    stats.finish_reasons.append("stop" if out.outputs.embedding else "abort")
             by_loop.setdefault(stream.loop, []).append((stream, out))
         for loop, items in by_loop.items():
             _call_soon(loop, _dispatch, items)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.config import CacheConfig, SchedulerConfig
+from engine.pooling import RUNNERS
 from engine.spec_config import SpeculativeConfig
 
 # CPU default for the KV cache when kv_cache_memory_bytes is not given.
@@ -97,6 +98,8 @@ class EngineConfig:
     # vLLM's speculative_config: {"method": "ngram", "num_speculative_tokens": k, ...} or a
     # SpeculativeConfig (engine.spec_config); None: off.
     speculative_config: SpeculativeConfig | dict | None = None
+    # "generate" (text) or "pooling" (embeddings: prompts only, `engine.pooling`), vLLM's runner.
+    runner: str = "generate"
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -118,6 +121,10 @@ class EngineConfig:
                 f"{self.quantization!r} (pre-quantized checkpoints are detected from config.json)"
             )
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
+        if self.runner == "pooling" and self.speculative_config is not None:
+            raise ValueError("a pooling engine generates nothing: leave speculative_config out")
         if self.async_scheduling not in (None, True, False):
             raise ValueError(
                 "async_scheduling must be True, False or None (auto), got "

@@ -42,7 +42,7 @@ def default_sizes(max_num_seqs: int) -> tuple[int, ...]:
 def configured_sizes(config) -> tuple[int, ...]:
     """An EngineConfig's decode buckets: none with enforce_eager, else cuda_graph_sizes or the
     defaults for its max_num_seqs."""
-    if config.enforce_eager:
+    if config.enforce_eager or config.runner == "pooling":  # pooling: no decode steps
         return ()
     return tuple(config.cuda_graph_sizes or default_sizes(config.scheduler.max_num_seqs))
 

@@ -11,6 +11,7 @@ from engine.config import CacheConfig, SchedulerConfig
 from engine.engine_config import EngineConfig, ParallelConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
+from engine.pooling import EmbeddingRequestOutput, PoolingParams
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import apply_chat_template
 
@@ -32,6 +33,7 @@ class LLM:
     kv_cache_dtype: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" / "fp8_e5m2": the paged KV
     cache in FP8 (half of bf16's bytes, so twice the tokens fit), values stored unscaled
     (kv_scale 1) and decoded exactly by the attention kernels.
+    runner: "generate" (text), or "pooling": an embedding engine (`embed`, `engine.pooling`).
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class LLM:
         async_scheduling: bool | None = None,
         kv_cache_dtype: str = "auto",
         speculative_config: dict | None = None,
+        runner: str = "generate",
     ) -> None:
         cache = CacheConfig(
             block_size=block_size,
@@ -94,6 +97,7 @@ class LLM:
             mixed_graph_sizes=None if mixed_graph_sizes is None else tuple(mixed_graph_sizes),
             async_scheduling=async_scheduling,
             speculative_config=speculative_config,
+            runner=runner,
             cache=cache,
             scheduler=sched,
             parallel=ParallelConfig(
@@ -161,6 +165,36 @@ class LLM:
             ids = apply_chat_template(self.engine.tokenizer, list(conv))  # type: ignore[arg-type]
             items.append((self.engine.tokenizer.decode(ids), ids))
         return self._run(items, self._params_list(sampling_params, len(items)), use_tqdm)
+
+    def embed(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        *,
+        prompt_token_ids: Sequence[list[int]] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[EmbeddingRequestOutput]:
+        """One EmbeddingRequestOutput per prompt (`.outputs.embedding`), in prompt order; needs
+        `LLM(..., runner="pooling")`. All prompts are validated first."""
+        if self.engine.pooling is None:
+            raise ValueError(
+                "embed needs a pooling engine: LLM(model, runner='pooling') (this one generates)"
+            )
+        if prompts is None and prompt_token_ids is None:
+            raise ValueError("give prompts or prompt_token_ids")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if prompt_token_ids is not None:
+            items = [(None, list(ids)) for ids in prompt_token_ids]
+        else:
+            items = [(p, None) for p in prompts]  # type: ignore[union-attr]
+        if pooling_params is None or isinstance(pooling_params, PoolingParams):
+            params = [pooling_params or PoolingParams()] * len(items)
+        else:
+            params = list(pooling_params)
+            if len(params) != len(items):
+                raise ValueError(f"got {len(params)} pooling params for {len(items)} prompts")
+        return self._run(items, params, use_tqdm)
 
     @staticmethod
     def _params_list(

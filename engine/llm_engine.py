@@ -32,6 +32,13 @@ from engine.graphs import configured_mixed_sizes, configured_sizes
 from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from engine.pooling import (
+    EmbeddingOutput,
+    EmbeddingRequestOutput,
+    PoolingConfig,
+    PoolingParams,
+    finish_embedding,
+)
 from engine.runner import ModelRunner, TokenFeed
 from engine.sampler import (
     PendingSamples,
@@ -90,6 +97,17 @@ class _RequestState:
     order: int = 0  # arrival order: outputs of one step come in this order
     # SamplingParams.prompt_logprobs: the entries so far, position by position (None first)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # a pooling engine's request: its parameters and, once its prompt ran, its embedding
+    pooling: PoolingParams | None = None
+    embedding: list[float] | None = None
+
+
+# What the scheduler runs a pooling request as: its prompt, then one (never reported) token.
+_POOLING_SAMPLING = SamplingParams(temperature=0, max_tokens=1)
+
+
+def _always(seq) -> bool:
+    return True
 
 
 def _rows(prompt: tuple | None) -> PromptRows | None:
@@ -139,6 +157,10 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # A pooling engine (embeddings): the model's pooling, read before anything loads.
+        self.pooling = (
+            PoolingConfig.from_model(config.model) if config.runner == "pooling" else None
+        )
         caps = platforms.detect()
         self._freezes_heap = _freezes_heap(config, caps)
         if self._freezes_heap:  # earlier engines' frozen garbage goes before memory is measured
@@ -196,7 +218,7 @@ class LLMEngine:
                     self.model, self.backend, cache.block_size, kv_dtype,
                     graph_sizes=configured_sizes(self.config), max_model_len=max_model_len,
                     mixed_graph_sizes=configured_mixed_sizes(self.config),
-                    max_num_seqs=sched.max_num_seqs,
+                    max_num_seqs=sched.max_num_seqs, pooling=self.pooling is not None,
                 )  # fmt: skip
                 self.executor = UniprocExecutor(self.runner)
             self.memory_plan = self._plan_memory(cache)
@@ -255,7 +277,9 @@ class LLMEngine:
     def _resolve_async(self, config: EngineConfig) -> bool:
         wanted = config.async_scheduling
         why_not = None
-        if self.pipeline_depth > 1:
+        if self.pooling is not None:
+            why_not = "a pooling engine runs prompts only (no decode steps to overlap)"
+        elif self.pipeline_depth > 1:
             why_not = "pipeline parallelism overlaps its stages instead"
         elif self.speculative is not None:
             why_not = "speculative decoding verifies each step's drafts before the next step"
@@ -428,7 +452,25 @@ class LLMEngine:
     def validate_request(
         self, prompt: str | None, params: SamplingParams, prompt_token_ids: list[int] | None = None
     ) -> list[int]:
-        """Check a request without queuing it; returns its prompt token ids."""
+        """Check a request without queuing it; returns its prompt token ids. A pooling engine
+        takes PoolingParams, any other SamplingParams."""
+        if self.pooling is not None:
+            if not isinstance(params, PoolingParams):
+                raise TypeError(
+                    "this engine computes embeddings (runner='pooling'): give PoolingParams "
+                    f"(LLM.embed), got {type(params).__name__}"
+                )
+            hidden = self.model_config.hidden_size
+            if params.dimensions is not None and params.dimensions > hidden:
+                raise ValueError(
+                    f"dimensions={params.dimensions} exceeds the model's hidden size {hidden}"
+                )
+            params = _POOLING_SAMPLING  # the rest checks the prompt alone
+        elif isinstance(params, PoolingParams):
+            raise TypeError(
+                "PoolingParams need a pooling engine: LLM(model, runner='pooling') (this one "
+                "generates text)"
+            )
         if not isinstance(params, SamplingParams):
             raise TypeError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         if prompt_token_ids is None:
@@ -483,11 +525,15 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
         now = time.time()
+        pooling = None
+        if self.pooling is not None:  # the scheduler runs the prompt as a one-token request
+            pooling, params = params, _POOLING_SAMPLING
         request = Request(request_id, list(prompt_token_ids), params, arrival_time=now)
         self.scheduler.add_request(request)
         state = _RequestState(
-            request, prompt, RequestMetrics(arrival_time=now), order=next(self._order)
-        )
+            request, prompt, RequestMetrics(arrival_time=now), order=next(self._order),
+            pooling=pooling,
+        )  # fmt: skip
         state.seqs[0] = self._new_seq_state(params, prompt_token_ids)
         if params.prompt_logprobs is not None:
             state.prompt_logprobs = [None]
@@ -700,7 +746,7 @@ class LLMEngine:
 
         The histories read here cannot change before the step is collected: the scheduler never
         schedules a sequence whose batch is still in flight."""
-        if not self.executor.samples_remotely:
+        if not self.executor.samples_remotely or self.pooling is not None:
             return None
         sampling = [ss for ss in out.scheduled if ss.num_samples]
         return self._sampling_rows(sampling) if sampling else None
@@ -714,6 +760,8 @@ class LLMEngine:
         """Sample a returned batch's logits (or take the output rank's samples), advance its
         sequences, collect outputs."""
         self.num_steps += 1
+        if self.pooling is not None:
+            return self._process_pooled(out, result, stream)
         sampled: dict[int, list[int]] = {}
         if result is not None:
             # One logits row (or group of samples) per sampling sequence, in schedule order.
@@ -913,7 +961,38 @@ class LLMEngine:
                 self._prompt_pending.discard(state.request.request_id)
         return outputs
 
-    def _make_output(self, state: _RequestState) -> RequestOutput:
+    def _process_pooled(self, out: SchedulerOutput, result, stream: bool) -> list:
+        """A pooling engine's step: each sequence whose prompt finished gets its embedding from
+        its hidden row and finishes (its one placeholder token is never reported)."""
+        sampled: dict[int, list[int]] = {}
+        if result is not None:
+            rows = torch.as_tensor(result)
+            sampling = [ss for ss in out.scheduled if ss.num_samples]
+            if rows.shape[0] != len(sampling):
+                raise RuntimeError(f"{rows.shape[0]} hidden rows for {len(sampling)} prompts")
+            for row, ss in zip(rows, sampling, strict=True):
+                seq = ss.seq
+                state = self.requests.get(seq.request.request_id)
+                if seq.is_finished or state is None:  # aborted while in flight
+                    continue
+                state.embedding = finish_embedding(row, state.pooling, self.pooling)
+                if state.metrics.first_token_time is None:
+                    state.metrics.first_token_time = time.time()
+                sampled[seq.seq_id] = [0]
+        new_seqs = self.scheduler.update_from_output(out, sampled, is_stopped=_always)
+        self._record_kv_peak()
+        return self._collect_outputs(new_seqs, stream)
+
+    def _make_output(self, state: _RequestState) -> RequestOutput | EmbeddingRequestOutput:
+        if state.pooling is not None:
+            return EmbeddingRequestOutput(
+                request_id=state.request.request_id,
+                prompt_token_ids=list(state.request.prompt_token_ids),
+                outputs=EmbeddingOutput(state.embedding or []),
+                finished=state.request.is_finished,
+                prompt=state.prompt,
+                metrics=state.metrics,
+            )
         request = state.request
         completions = []
         seqs = request.seqs

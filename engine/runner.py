@@ -198,11 +198,15 @@ class ModelRunner:
         max_model_len: int | None = None,
         mixed_graph_sizes: tuple[int, ...] = (),
         max_num_seqs: int | None = None,
+        pooling: bool = False,
     ) -> None:
         """graph_sizes: decode batch sizes to capture in `capture_graphs` (empty: eager only).
         mixed_graph_sizes: token counts to capture for steps with prefill tokens, each with room
-        for max_num_seqs sequences (empty: such steps run eagerly); only with graph_sizes."""
+        for max_num_seqs sequences (empty: such steps run eagerly); only with graph_sizes.
+        pooling: steps return the sampling rows' final hidden states (fp32), not logits
+        (`engine.pooling`)."""
         self.model = model
+        self.pooling = pooling
         self.backend = backend
         self.device = backend.device
         self.block_size = block_size
@@ -419,6 +423,8 @@ class ModelRunner:
         scored = None if prompt is None else self.score_prompt(hidden, prompt)
         logits = None
         if batch.logits_indices.numel():
+            if self.pooling:  # a pooling engine: the last prompt tokens' hidden states
+                return sampled_rows(hidden, batch).float()
             logits = self.model.compute_logits(sampled_rows(hidden, batch), float32=False)
         return logits if prompt is None else (logits, scored)
 

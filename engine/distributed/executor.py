@@ -331,6 +331,7 @@ class DistributedExecutor(Executor):
                 max_num_seqs=config.scheduler.max_num_seqs,
                 eos_token_ids=tuple(model_config.eos_token_ids),
                 kv_cache_dtype=config.cache.cache_dtype,
+                pooling=config.runner == "pooling",
             )
             for r in range(world)
         ]

@@ -66,6 +66,7 @@ class WorkerSpec:
     max_num_seqs: int | None = None  # sequence slots of a mixed-step capture
     eos_token_ids: tuple[int, ...] = ()  # the output rank's sampler masks them under min_tokens
     kv_cache_dtype: str = "auto"  # CacheConfig.cache_dtype, resolved on the rank's platform
+    pooling: bool = False  # a pooling engine: the output rank returns hidden rows, not logits
 
 
 @dataclass
@@ -316,6 +317,7 @@ class Worker:
             self.model, backend, spec.block_size, kv_dtype,
             graph_sizes=spec.graph_sizes, max_model_len=spec.max_model_len,
             mixed_graph_sizes=spec.mixed_graph_sizes, max_num_seqs=spec.max_num_seqs,
+            pooling=spec.pooling,
         )  # fmt: skip
         return WorkerInfo(
             rank=self.rank,
@@ -424,6 +426,10 @@ class Worker:
         model = self.model
         if batch.logits_indices.numel() == 0:
             return None
+        if self.spec.pooling:  # every rank holds the hidden rows; the output rank answers
+            if self.rank != self.layout.output_rank:
+                return None
+            return sampled_rows(out, batch).float().cpu().numpy()
         if step is not None and step.greedy:
             if not step.hold:  # the driver marks only held, plain-greedy steps greedy
                 raise RuntimeError("a greedy step must be held")

@@ -7,6 +7,7 @@ Every error is OpenAI's {"error": {"message", "type", "param", "code"}} with a f
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import hmac
 import importlib.metadata
@@ -18,6 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from jinja2 import TemplateError
@@ -26,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from engine.outputs import CompletionOutput, RequestOutput
+from engine.pooling import EmbeddingRequestOutput, PoolingParams
 from engine.sampling_params import SamplingParams
 from engine.server.metrics import ServerMetrics
 from engine.server.protocol import (
@@ -33,6 +36,7 @@ from engine.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     OpenAIError,
     TokenizeRequest,
     TokenText,
@@ -233,6 +237,42 @@ def build_app(
     @app.get("/version")
     async def version() -> dict[str, str]:
         return {"version": _package_version()}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        """OpenAI's embeddings route, on a pooling engine (`hal serve --runner pooling`)."""
+        state.check_available()
+        req = parse_request(EmbeddingRequest, await _read_body(request, max_body_bytes))
+        state.check_model(req.model)
+        if engine.engine.pooling is None:
+            raise bad_request(
+                "this server generates text; embeddings need a pooling engine "
+                "(hal serve MODEL --runner pooling)", "input",
+            )  # fmt: skip
+        try:
+            params = PoolingParams(dimensions=req.dimensions)
+        except ValueError as e:
+            raise bad_request(str(e), "dimensions") from e
+        tok = engine.tokenizer
+        prompts = [list(tok.encode(x)) if isinstance(x, str) else x for x in req.inputs()]
+        for ids in prompts:
+            if not ids:
+                raise bad_request("input is empty: it encodes to zero tokens", "input")
+        run = _Run(state, "embd", 1, None)
+        await run.start(prompts, [params] * len(prompts))
+
+        def body(outs) -> dict:
+            data = []
+            for i, out in enumerate(outs):
+                vec = out.outputs.embedding
+                if req.encoding_format == "base64":
+                    vec = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
+                data.append({"object": "embedding", "index": i, "embedding": vec})
+            tokens = sum(run.prompt_lens)
+            return {"object": "list", "data": data, "model": state.model_name,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+
+        return await run.respond(request, body)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
@@ -472,8 +512,9 @@ class _Run:
             # cached).
             compiler = getattr(getattr(self.state.engine, "engine", None), "structured", None)
             for p in params:
-                if p.structured_outputs is not None and compiler is not None:
-                    await asyncio.to_thread(compiler.compile, p.structured_outputs)
+                so = getattr(p, "structured_outputs", None)  # PoolingParams have none
+                if so is not None and compiler is not None:
+                    await asyncio.to_thread(compiler.compile, so)
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
                 rid = f"{self.id}-{i}"
                 self.streams.append(await self.state.engine.add_request(None, p, ids, rid))
@@ -559,9 +600,7 @@ class _Run:
             if not task.done():
                 task.cancel()
         reason = self.abort_reason()
-        if reason is not None and any(
-            c.finish_reason == "abort" for out in finals.values() for c in out.outputs
-        ):
+        if reason is not None and any(_was_aborted(out) for out in finals.values()):
             raise OpenAIError(503, f"request aborted: {reason}", "server_error")
         outs = [finals[i] for i in range(len(self.streams))]
         return JSONResponse(build(outs))
@@ -748,6 +787,13 @@ class _Run:
             }
 
         return self._stream("chat.completion.chunk", make_choice, include_usage)
+
+
+def _was_aborted(out) -> bool:
+    """A final output that some choice of ended by an abort (an embedding: left without one)."""
+    if isinstance(out, EmbeddingRequestOutput):
+        return not out.outputs.embedding
+    return any(c.finish_reason == "abort" for c in out.outputs)
 
 
 def _package_version() -> str:

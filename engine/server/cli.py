@@ -97,6 +97,13 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="how the model writes tool calls: hermes (<tool_call> tags: Qwen 2.5 / 3, Hermes) "
         "or llama3_json (a JSON object: Llama 3.1 / 3.2)",
     )
+    p.add_argument(
+        "--runner",
+        choices=("generate", "pooling"),
+        default="generate",
+        help="generate: text (completions, chat); pooling: embeddings (/v1/embeddings), the last "
+        "token's final hidden state",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return p
@@ -157,6 +164,7 @@ def run_serve(args: argparse.Namespace) -> int:
             enforce_eager=args.enforce_eager,
             async_scheduling=False if args.no_async_scheduling else None,
             speculative_config=args.speculative_config,
+            runner=args.runner,
             cache=CacheConfig(
                 block_size=args.block_size,
                 cache_dtype=args.kv_cache_dtype,

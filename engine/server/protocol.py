@@ -386,6 +386,28 @@ class ChatCompletionRequest(_SamplingRequest):
         return mode, tool
 
 
+class EmbeddingRequest(BaseModel):
+    """OpenAI's /v1/embeddings body: input text(s) or token ids."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+    def inputs(self) -> list[str | list[int]]:
+        x = self.input
+        if isinstance(x, str):
+            return [x]
+        if not x:
+            raise bad_request("input is empty", "input")
+        if all(isinstance(t, int) for t in x):
+            return [list(x)]  # type: ignore[list-item]
+        return list(x)  # type: ignore[arg-type]
+
+
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a prompt, or chat messages rendered with the model's template."""
 

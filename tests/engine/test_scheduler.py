@@ -23,6 +23,7 @@ class FakeParams:
     n: int = 1
     max_tokens: int | None = None
     prompt_logprobs: int | None = None  # set: the request takes no prefix-cache hits
+    structured_outputs: object = None  # set: never scheduled ahead
 
 
 _tokens = itertools.count(1000)

@@ -1,0 +1,110 @@
+"""Embeddings from decoder models (vLLM's pooling runner: `LLM(model, runner="pooling")`,
+`LLM.embed`, the server's /v1/embeddings).
+
+A pooling engine runs prompts only: each request's prompt is prefilled (in chunks, like any
+prompt) and the final hidden state of its last token (after the model's final norm) is its
+embedding: last-token pooling, what decoder embedding models (Qwen3-Embedding, gte-Qwen2,
+e5-mistral, SFR-Embedding) are trained for. The step returns those hidden rows instead of logits
+(in-process, or from a parallel engine's output rank); the request then finishes. Normalization
+(L2, on by default) and Matryoshka truncation (`dimensions`: the first d values, normalized
+after) are per request. A sentence-transformers folder's pooling config is read: a pooling mode
+other than last-token is refused with what it asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+RUNNERS = ("generate", "pooling")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class PoolingParams:
+    """vLLM's pooling parameters. normalize: L2-normalize the embedding (None: the model's
+    sentence-transformers setting, else True). dimensions: keep the first d values (Matryoshka
+    models), normalized after the cut."""
+
+    normalize: bool | None = None
+    dimensions: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.normalize not in (None, True, False):
+            raise ValueError(f"normalize must be true, false or None, got {self.normalize!r}")
+        if self.dimensions is not None and (not _is_int(self.dimensions) or self.dimensions < 1):
+            raise ValueError(f"dimensions must be an integer >= 1, got {self.dimensions!r}")
+
+
+@dataclass
+class EmbeddingOutput:
+    embedding: list[float]
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What `LLM.embed` returns per prompt (vLLM's shape): `.outputs.embedding`."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: EmbeddingOutput
+    finished: bool = True
+    prompt: str | None = None
+    metrics: object = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    """The model's pooling: always last-token here; normalize its default."""
+
+    normalize: bool = True
+
+    @classmethod
+    def from_model(cls, model: str | None) -> PoolingConfig:
+        """Read a sentence-transformers folder's `modules.json` / pooling config (none: last
+        token, normalized). A pooling mode this engine does not run is a ValueError."""
+        if model is None or not Path(model).is_dir():
+            return cls()
+        folder = Path(model)
+        modules = folder / "modules.json"
+        if not modules.is_file():
+            return cls()
+        entries = json.loads(modules.read_text())
+        normalize = any(str(m.get("type", "")).endswith("Normalize") for m in entries)
+        for m in entries:
+            if not str(m.get("type", "")).endswith("Pooling"):
+                continue
+            cfg_path = folder / m.get("path", "") / "config.json"
+            if not cfg_path.is_file():
+                continue
+            cfg = json.loads(cfg_path.read_text())
+            modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v is True]
+            if modes and modes != ["pooling_mode_lasttoken"]:
+                raise ValueError(
+                    f"{cfg_path}: pooling {', '.join(modes)} is not supported; this engine pools "
+                    "the last token (pooling_mode_lasttoken)"
+                )
+        return cls(normalize=normalize)
+
+
+def finish_embedding(
+    hidden: torch.Tensor, params: PoolingParams, config: PoolingConfig
+) -> list[float]:
+    """One sequence's embedding from its last token's final hidden state (fp32 [hidden])."""
+    vec = hidden.float()
+    if params.dimensions is not None:
+        if params.dimensions > vec.shape[-1]:
+            raise ValueError(
+                f"dimensions={params.dimensions} exceeds the model's hidden size {vec.shape[-1]}"
+            )
+        vec = vec[: params.dimensions]
+    normalize = config.normalize if params.normalize is None else params.normalize
+    if normalize:
+        vec = torch.nn.functional.normalize(vec, dim=-1)
+    return vec.tolist()

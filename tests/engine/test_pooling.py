@@ -1,0 +1,134 @@
+"""Embeddings (engine/pooling.py): a pooling engine's vectors against transformers' last hidden
+state of the last token (L2-normalized), through chunked prefill, prefix-cache hits, mixed
+batches, Matryoshka dimensions, TP=2 and PP=2; the parameter and mode errors."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from models_fixtures import build_model
+from transformers import AutoModel
+
+from engine import LLM, PoolingParams, SamplingParams
+from engine.pooling import PoolingConfig
+
+ATOL = 1e-5  # fp32, the same ops in another order (chunks, batches): a few ulps of O(1) values
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_pooling")
+    build_model("llama", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(tiny):
+    model = AutoModel.from_pretrained(str(tiny)).float().eval()
+
+    def last_hidden(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).last_hidden_state[0, -1]
+
+    return last_hidden
+
+
+def _prompts(n: int, seed: int = 4) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 384) for _ in range(rng.randint(1, 70))] for _ in range(n)]
+
+
+def _llm(folder, **kw) -> LLM:
+    kw.setdefault("kv_cache_memory_bytes", 8 << 20)
+    return LLM(model=str(folder), dtype="float32", device="cpu", runner="pooling", **kw)
+
+
+def test_embeddings_equal_transformers_last_token(tiny, reference):
+    # 32-token budget: prompts up to 70 tokens run in chunks, several per step
+    llm = _llm(tiny, max_num_batched_tokens=32)
+    prompts = _prompts(12)
+    outs = llm.embed(prompt_token_ids=prompts)
+    for ids, out in zip(prompts, outs, strict=True):
+        want = torch.nn.functional.normalize(reference(ids), dim=-1)
+        got = torch.tensor(out.outputs.embedding)
+        assert out.prompt_token_ids == ids and out.finished
+        assert torch.allclose(got, want, atol=ATOL), (len(ids), (got - want).abs().max())
+    # the same prompts again: prefix-cache hits recompute the last token, same vectors
+    again = llm.embed(prompt_token_ids=prompts)
+    for a, b in zip(outs, again, strict=True):
+        assert torch.allclose(torch.tensor(a.outputs.embedding), torch.tensor(b.outputs.embedding),
+                              atol=ATOL)  # fmt: skip
+    assert llm.engine.kv_stats().num_used_blocks == 0 and not llm.engine.requests
+
+
+def test_dimensions_normalize_and_text_prompts(tiny, reference):
+    llm = _llm(tiny)
+    ids = _prompts(1)[0]
+    raw = llm.embed(prompt_token_ids=[ids], pooling_params=PoolingParams(normalize=False))
+    h = reference(ids)
+    assert torch.allclose(torch.tensor(raw[0].outputs.embedding), h, atol=ATOL)
+    cut = llm.embed(prompt_token_ids=[ids], pooling_params=PoolingParams(dimensions=16))
+    want = torch.nn.functional.normalize(h[:16], dim=-1)  # cut, then normalized
+    assert torch.allclose(torch.tensor(cut[0].outputs.embedding), want, atol=ATOL)
+    (text,) = llm.embed("hello there")
+    tok_ids = llm.get_tokenizer().encode("hello there")
+    assert text.prompt_token_ids == tok_ids and len(text.outputs.embedding) == 64
+
+
+def test_errors(tiny):
+    llm = _llm(tiny)
+    with pytest.raises(ValueError, match="dimensions=65 exceeds the model's hidden size 64"):
+        llm.embed("hi", PoolingParams(dimensions=65))
+    with pytest.raises(ValueError, match="dimensions must be an integer >= 1"):
+        PoolingParams(dimensions=0)
+    with pytest.raises(TypeError, match="give PoolingParams"):
+        llm.generate("hi", SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="leave speculative_config out"):
+        _llm(tiny, speculative_config={"method": "ngram"})
+    with pytest.raises(ValueError, match="runner must be one of generate, pooling"):
+        LLM(model=str(tiny), device="cpu", runner="embed")
+    gen = LLM(model=str(tiny), dtype="float32", device="cpu", kv_cache_memory_bytes=4 << 20)
+    with pytest.raises(ValueError, match="embed needs a pooling engine"):
+        gen.embed("hi")
+    assert not llm.engine.requests
+
+
+def test_sentence_transformers_pooling_config(tmp_path):
+    assert PoolingConfig.from_model(str(tmp_path)) == PoolingConfig(normalize=True)
+    modules = [
+        {"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+    ]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    (tmp_path / "1_Pooling").mkdir()
+    pooling = tmp_path / "1_Pooling" / "config.json"
+    pooling.write_text(
+        json.dumps({"pooling_mode_lasttoken": True, "pooling_mode_mean_tokens": False})
+    )
+    assert PoolingConfig.from_model(str(tmp_path)) == PoolingConfig(normalize=False)  # no Normalize
+    modules.append(
+        {"idx": 2, "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+    )
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    assert PoolingConfig.from_model(str(tmp_path)) == PoolingConfig(normalize=True)
+    pooling.write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    with pytest.raises(ValueError, match="pooling_mode_mean_tokens is not supported"):
+        PoolingConfig.from_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)],
+                         ids=["tp2", "pp2"])  # fmt: skip
+def test_parallel_engines_give_the_same_vectors(tiny, parallel):
+    prompts = _prompts(6, seed=8)
+    want = _llm(tiny, max_num_batched_tokens=32).embed(prompt_token_ids=prompts)
+    llm = _llm(tiny, max_num_batched_tokens=32, **parallel)
+    try:
+        got = llm.embed(prompt_token_ids=prompts)
+    finally:
+        llm.shutdown()
+    for a, b in zip(want, got, strict=True):
+        assert torch.allclose(torch.tensor(a.outputs.embedding), torch.tensor(b.outputs.embedding),
+                              atol=1e-4)  # fmt: skip
