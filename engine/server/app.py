@@ -49,6 +49,7 @@ from engine.server.protocol import (
     prompt_completion_logprobs,
     usage,
 )
+from engine.server.reasoning import ReasoningParser, ReasoningStream
 from engine.server.tools import (
     TOOL_CALL_PARSERS,
     ToolReply,
@@ -79,6 +80,7 @@ class ServerState:
     draining: bool = False
     token_text: TokenText = field(init=False)
     tool_parser: str | None = None  # auto tool choice's parser (None: not enabled)
+    reasoning: ReasoningParser | None = None  # splits chat replies' thinking off (None: off)
 
     def __post_init__(self) -> None:
         self.token_text = TokenText(self.engine.tokenizer)
@@ -151,10 +153,12 @@ def build_app(
     max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT,
     tool_call_parser: str | None = None,
     enable_auto_tool_choice: bool = False,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     """The app for `engine`; `api_key` None leaves /v1 open. `app.state.server` is the state.
     enable_auto_tool_choice with tool_call_parser (vLLM's flags): chat requests with tools may
-    let the model call them in its own format (`engine.server.tools`)."""
+    let the model call them in its own format (`engine.server.tools`). reasoning_parser
+    (deepseek_r1, qwen3): chat replies' thinking goes to `reasoning_content`."""
     for name, value in (("max_body_bytes", max_body_bytes), ("max_tokens_limit", max_tokens_limit)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -167,6 +171,8 @@ def build_app(
     metrics = ServerMetrics(served_model_name)
     state = ServerState(engine, served_model_name, max_body_bytes, max_tokens_limit, metrics)
     state.tool_parser = tool_call_parser if enable_auto_tool_choice else None
+    if reasoning_parser is not None:
+        state.reasoning = ReasoningParser(reasoning_parser)
     metrics.observe(engine.stats())
     engine.stats_listener = metrics.observe
 
@@ -388,7 +394,10 @@ def build_app(
             reply = ToolReply("required")
         elif mode == "auto":
             reply = ToolReply("auto", parser=make_parser(state.tool_parser))
-        run = _Run(state, "chatcmpl", req.n, req.engine_logprobs(), tools=reply)
+        # a constrained reply (structured outputs, a named or required tool) has no thinking
+        reasoning = state.reasoning if params.structured_outputs is None else None
+        run = _Run(state, "chatcmpl", req.n, req.engine_logprobs(), tools=reply,
+                   reasoning=reasoning)  # fmt: skip
         await run.start([ids], [params])
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -491,8 +500,10 @@ class _Run:
         logprobs: int | None,
         echo_only: bool = False,
         tools: ToolReply | None = None,
+        reasoning: ReasoningParser | None = None,
     ) -> None:
         self.state = state
+        self.reasoning = reasoning  # chat: splits the replies' thinking off
         self.tools = tools  # chat with tool calls: how choices become messages
         self.echo_only = echo_only  # completions echo with max_tokens 0: nothing generated
         self.id = f"{prefix}-{uuid.uuid4().hex}"
@@ -657,10 +668,16 @@ class _Run:
 
     def chat_body(self, outs: list[RequestOutput]) -> dict:
         choices = []
+        reasoning_parser = self.reasoning
         for c in outs[0].outputs:
-            message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
+            reasoning, text = None, c.text
+            if reasoning_parser is not None:
+                reasoning, text = reasoning_parser.split(c.text)
+            message, finish = {"role": "assistant", "content": text}, c.finish_reason
             if self.tools is not None:
-                message, finish = self.tools.message(c.text, finish)
+                message, finish = self.tools.message(text or "", finish)
+            if reasoning_parser is not None:
+                message["reasoning_content"] = reasoning
             choices.append(
                 {
                     "index": c.index,
@@ -767,16 +784,30 @@ class _Run:
         return self._stream("text_completion", make_choice, include_usage)
 
     def stream_chat(self, include_usage: bool) -> AsyncIterator[str]:
+        thinking = None if self.reasoning is None else ReasoningStream(self.reasoning)
+        sent: dict[int, int] = {}  # choice -> answer characters sent (with thinking, no tools)
+
         def make_choice(index, c, text, span, finish, first) -> dict:
-            if self.tools is not None:
-                delta, finish = self.tools.delta(index, c.text, finish, first)
+            if self.tools is not None or thinking is not None:
+                delta: dict[str, Any] = {"role": "assistant"} if first else {}
+                body = c.text
+                if thinking is not None:
+                    reasoning, body = thinking.step(index, c.text, finish is not None)
+                    if reasoning:
+                        delta["reasoning_content"] = reasoning
+                if self.tools is not None:
+                    tool_delta, finish = self.tools.delta(index, body, finish, False)
+                    delta.update(tool_delta)
+                elif len(body) > sent.get(index, 0):
+                    delta["content"] = body[sent.get(index, 0) :]
+                    sent[index] = len(body)
                 return {
                     "index": index,
                     "delta": delta,
                     "logprobs": self._chat_logprobs(c, span[0], span[1]),
                     "finish_reason": finish,
                 }
-            delta: dict[str, str] = {"role": "assistant"} if first else {}
+            delta = {"role": "assistant"} if first else {}
             if text or first:
                 delta["content"] = text
             return {

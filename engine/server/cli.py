@@ -12,6 +12,7 @@ import os
 import signal
 from pathlib import Path
 
+from engine.server.reasoning import REASONING_PARSERS
 from engine.server.tools import TOOL_CALL_PARSERS
 from engine.spec_config import add_speculative_arg
 from hal.errors import HalError
@@ -96,6 +97,13 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help="how the model writes tool calls: hermes (<tool_call> tags: Qwen 2.5 / 3, Hermes) "
         "or llama3_json (a JSON object: Llama 3.1 / 3.2)",
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        default=None,
+        help="split chat replies' thinking (<think>...</think>) into reasoning_content: "
+        "deepseek_r1 (the template opens the tag) or qwen3 (thinking optional)",
     )
     p.add_argument(
         "--runner",
@@ -192,6 +200,7 @@ def run_serve(args: argparse.Namespace) -> int:
             engine, name, api_key, args.max_body_bytes, args.max_tokens_limit,
             tool_call_parser=args.tool_call_parser,
             enable_auto_tool_choice=args.enable_auto_tool_choice,
+            reasoning_parser=args.reasoning_parser,
         )  # fmt: skip
     except (ValueError, TypeError) as e:
         engine.shutdown()
