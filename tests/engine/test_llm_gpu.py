@@ -161,3 +161,19 @@ def test_gpu_structured_outputs(tiny):
     assert a[0].outputs[0].text == b[0].outputs[0].text
     assert a[1].outputs[0].text == b[1].outputs[0].text
     assert gpu.engine.kv_stats().num_used_blocks == 0
+
+
+def test_gpu_pooling_engine(tiny):
+    """Embeddings on the GPU equal the CPU engine's (TF32 bound on fp32 GEMMs) and bf16's within
+    its rounding, chunked prefill included."""
+    prompts = [[5, 9, 33, 100, 7] * k for k in (1, 4, 11)]
+    cpu = LLM(model=str(tiny), dtype="float32", device="cpu", kv_cache_memory_bytes=8 << 20,
+              runner="pooling", max_num_batched_tokens=32)  # fmt: skip
+    want = torch.tensor([o.outputs.embedding for o in cpu.embed(prompt_token_ids=prompts)])
+    for dtype, atol in (("float32", 2e-2), ("bfloat16", 6e-2)):
+        gpu = LLM(model=str(tiny), dtype=dtype, device="cuda", gpu_memory_utilization=0.3,
+                  runner="pooling", max_num_batched_tokens=32)  # fmt: skip
+        got = torch.tensor([o.outputs.embedding for o in gpu.embed(prompt_token_ids=prompts)])
+        assert got.shape == want.shape and (got - want).abs().max() < atol, dtype
+        assert gpu.engine.kv_stats().num_used_blocks == 0
+        gpu.shutdown()
