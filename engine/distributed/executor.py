@@ -205,9 +205,14 @@ def _as_result(result):
 
 # -- checks before any worker starts ---------------------------------------------------------------
 def check_parallel_config(
-    parallel: ParallelConfig, model_config: ModelConfig, caps: Capabilities, model_name: str
+    parallel: ParallelConfig,
+    model_config: ModelConfig,
+    caps: Capabilities,
+    model_name: str,
+    device: str = "auto",
 ) -> None:
-    """Every layout constraint: a one-line ValueError naming the value, the rule and the way out."""
+    """Every layout constraint: a one-line ValueError naming the value, the rule and the way out.
+    device "cpu": the ranks run on this host's CPUs whatever GPUs it has."""
     tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
     m = model_config
 
@@ -236,7 +241,8 @@ def check_parallel_config(
             f"(each stage needs at least one); use at most {m.num_layers}"
         )
     world = parallel.world_size
-    if parallel.executor_backend == "mp" and caps.torch_device_type != "cpu":
+    on_gpus = caps.torch_device_type != "cpu" and device != "cpu"
+    if parallel.executor_backend == "mp" and on_gpus:
         if world > caps.device_count:
             raise ValueError(
                 f"tensor_parallel_size x pipeline_parallel_size = {world} ranks, but this host "
@@ -852,7 +858,7 @@ def make_executor(
 ) -> DistributedExecutor:
     """Validate the layout (before anything starts), then start the configured executor."""
     par = config.parallel
-    check_parallel_config(par, model_config, caps, model_path)
+    check_parallel_config(par, model_config, caps, model_path, str(config.device))
     if str(config.device).startswith("cuda:"):
         raise ValueError(
             f"device={config.device!r} names one GPU, but {par.world_size} ranks need one each; "

@@ -169,6 +169,8 @@ def test_more_ranks_than_gpus_with_mp(cpu_caps, dist_model):
     check_parallel_config(
         dataclasses.replace(par, distributed_executor_backend="ray"), config, gpu, "m"
     )
+    # device="cpu" runs CPU ranks on a GPU host (the thirty-third session found it refused)
+    check_parallel_config(par, config, gpu, "m", device="cpu")
 
 
 def test_ray_missing_or_unreachable(monkeypatch):
