@@ -1,5 +1,6 @@
 """The engine: `from engine import LLM, SamplingParams`."""
 
+from engine.beam_search import BeamSearchOutput, BeamSearchParams
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.pooling import EmbeddingRequestOutput, PoolingParams
@@ -8,6 +9,8 @@ from engine.structured_output import StructuredOutputsParams
 
 __all__ = [
     "LLM",
+    "BeamSearchOutput",
+    "BeamSearchParams",
     "CompletionOutput",
     "EmbeddingRequestOutput",
     "Logprob",

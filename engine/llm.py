@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from tqdm import tqdm
 
+from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence, extend
 from engine.config import CacheConfig, SchedulerConfig
 from engine.engine_config import EngineConfig, ParallelConfig
 from engine.llm_engine import LLMEngine
@@ -195,6 +196,60 @@ class LLM:
             if len(params) != len(items):
                 raise ValueError(f"got {len(params)} pooling params for {len(items)} prompts")
         return self._run(items, params, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: Sequence[str | list[int] | dict],
+        params: BeamSearchParams,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search: one BeamSearchOutput per prompt (text, token ids or a
+        {"prompt": ...} / {"prompt_token_ids": ...} dict), its beam_width best sequences first
+        (`engine.beam_search`). Every beam of every prompt advances in one engine batch a step."""
+        engine = self.engine
+        if engine.pooling is not None:
+            raise ValueError("beam search generates text: this LLM is a pooling engine")
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be BeamSearchParams, got {type(params).__name__}")
+        eos = frozenset(engine.eos_token_ids)
+        beams: list[list[BeamSearchSequence]] = []
+        for p in prompts:
+            if isinstance(p, dict):
+                p = p.get("prompt_token_ids", p.get("prompt"))
+            ids = engine.tokenize(p) if isinstance(p, str) else list(p)
+            engine.validate_request(None, SamplingParams(), ids)
+            if len(ids) + params.max_tokens > engine.max_model_len:
+                raise ValueError(
+                    f"a prompt of {len(ids)} tokens and max_tokens={params.max_tokens} exceed "
+                    f"max_model_len={engine.max_model_len}"
+                )
+            beams.append([BeamSearchSequence(ids, len(ids))])
+        done: list[list[BeamSearchSequence]] = [[] for _ in beams]
+        # one token a beam, with the alternatives to extend by (raw logprobs)
+        step = SamplingParams(
+            temperature=0, max_tokens=1, logprobs=2 * params.beam_width, ignore_eos=True
+        )
+        for _ in range(params.max_tokens):
+            live = [b for group in beams for b in group]
+            if not live:
+                break
+            outs = self.generate(
+                prompt_token_ids=[b.tokens for b in live], sampling_params=step, use_tqdm=False
+            )
+            at = 0
+            for i, group in enumerate(beams):
+                tops = [o.outputs[0].logprobs[0] for o in outs[at : at + len(group)]]
+                at += len(group)
+                beams[i], ended = extend(group, tops, params, eos)
+                done[i] += ended
+        tok = engine.tokenizer
+        results = []
+        for group, ended in zip(beams, done, strict=True):
+            best = sorted(ended + group, key=lambda s: -s.score(params.length_penalty, eos))
+            best = best[: params.beam_width]
+            for s in best:
+                s.text = tok.decode(s.output_token_ids, skip_special_tokens=True)
+            results.append(BeamSearchOutput(best))
+        return results
 
     @staticmethod
     def _params_list(
