@@ -139,15 +139,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in prompt order. All prompts are validated first."""
-        if prompts is None and prompt_token_ids is None:
-            raise ValueError("give prompts or prompt_token_ids")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        items: list[tuple[str | None, list[int] | None]]
-        if prompt_token_ids is not None:
-            items = [(None, list(ids)) for ids in prompt_token_ids]
-        else:
-            items = [(p, None) for p in prompts]  # type: ignore[union-attr]
+        items = _items(prompts, prompt_token_ids)
         params_list = self._params_list(sampling_params, len(items))
         return self._run(items, params_list, use_tqdm)
 
@@ -181,20 +173,8 @@ class LLM:
             raise ValueError(
                 "embed needs a pooling engine: LLM(model, runner='pooling') (this one generates)"
             )
-        if prompts is None and prompt_token_ids is None:
-            raise ValueError("give prompts or prompt_token_ids")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        if prompt_token_ids is not None:
-            items = [(None, list(ids)) for ids in prompt_token_ids]
-        else:
-            items = [(p, None) for p in prompts]  # type: ignore[union-attr]
-        if pooling_params is None or isinstance(pooling_params, PoolingParams):
-            params = [pooling_params or PoolingParams()] * len(items)
-        else:
-            params = list(pooling_params)
-            if len(params) != len(items):
-                raise ValueError(f"got {len(params)} pooling params for {len(items)} prompts")
+        items = _items(prompts, prompt_token_ids)
+        params = self._params_list(pooling_params, len(items), PoolingParams)
         return self._run(items, params, use_tqdm)
 
     def beam_search(
@@ -252,16 +232,16 @@ class LLM:
         return results
 
     @staticmethod
-    def _params_list(
-        sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
-    ) -> list[SamplingParams]:
-        if sampling_params is None:
-            return [SamplingParams()] * n
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * n
-        params = list(sampling_params)
+    def _params_list(given, n: int, kind: type = SamplingParams) -> list:
+        """One `kind` (SamplingParams, PoolingParams) per prompt: the default, one for all, or
+        a list of n."""
+        if given is None:
+            return [kind()] * n
+        if isinstance(given, kind):
+            return [given] * n
+        params = list(given)
         if len(params) != n:
-            raise ValueError(f"got {len(params)} sampling params for {n} prompts")
+            raise ValueError(f"got {len(params)} {kind.__name__} for {n} prompts")
         return params
 
     def _run(
@@ -289,3 +269,16 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [r for r in results if r is not None]
+
+
+def _items(
+    prompts: str | Sequence[str] | None, prompt_token_ids: Sequence[list[int]] | None
+) -> list[tuple[str | None, list[int] | None]]:
+    """(text, token ids) per prompt, one of them None."""
+    if prompts is None and prompt_token_ids is None:
+        raise ValueError("give prompts or prompt_token_ids")
+    if prompt_token_ids is not None:
+        return [(None, list(ids)) for ids in prompt_token_ids]
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    return [(p, None) for p in prompts]  # type: ignore[union-attr]

@@ -253,3 +253,11 @@ def write_gguf(hf_model, path: Path, drop: tuple[str, ...] = (), arch: str = "ll
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def cpu_llm(folder: Path, **kw):
+    """An fp32 CPU `LLM` over `folder` with an 8 MiB KV cache unless kw says otherwise."""
+    from engine import LLM
+
+    kw.setdefault("kv_cache_memory_bytes", 8 << 20)
+    return LLM(model=str(folder), dtype="float32", device="cpu", **kw)

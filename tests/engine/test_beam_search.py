@@ -9,7 +9,6 @@ import random
 
 import pytest
 import torch
-from models_fixtures import build_model
 from transformers import AutoModelForCausalLM
 
 from engine import LLM, BeamSearchParams
@@ -17,10 +16,8 @@ from engine.beam_search import BeamSearchSequence, extend
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_beam")
-    build_model("llama", folder)
-    return folder
+def tiny(tiny_llama):
+    return tiny_llama
 
 
 def _reference(model, prompt, width, max_tokens, eos, ignore_eos, length_penalty):

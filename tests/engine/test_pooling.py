@@ -9,7 +9,6 @@ import random
 
 import pytest
 import torch
-from models_fixtures import build_model
 from transformers import AutoModel
 
 from engine import LLM, PoolingParams, SamplingParams
@@ -19,10 +18,8 @@ ATOL = 1e-5  # fp32, the same ops in another order (chunks, batches): a few ulps
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_pooling")
-    build_model("llama", folder)
-    return folder
+def tiny(tiny_llama):
+    return tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import re
 
 import pytest
 import torch
-from models_fixtures import build_model
+from models_fixtures import cpu_llm
 
 from engine import LLM, SamplingParams, StructuredOutputsParams
 from engine.sampler import Sampler, SamplingRow
@@ -133,15 +133,11 @@ def test_choice_grammar_escapes_its_strings():
 
 # -- end to end ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_structured")
-    build_model("llama", folder)
-    return folder
+def tiny(tiny_llama):
+    return tiny_llama
 
 
-def _llm(folder, **kw) -> LLM:
-    kw.setdefault("kv_cache_memory_bytes", 8 << 20)
-    return LLM(model=str(folder), dtype="float32", device="cpu", **kw)
+_llm = cpu_llm
 
 
 def _prompts(n: int) -> list[list[int]]:
