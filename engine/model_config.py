@@ -20,7 +20,7 @@ SUPPORTED_ARCHITECTURES: tuple[str, ...] = (
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
 )
-SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = ("llama",)
+SUPPORTED_GGUF_ARCHITECTURES: tuple[str, ...] = ("llama", "qwen2", "qwen3")
 ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
 LAYER_TYPES: tuple[str, ...] = ("full_attention", "sliding_attention")
 
@@ -206,7 +206,9 @@ class ModelConfig:
     def from_gguf_metadata(
         cls, meta: dict[str, Any], tensor_names: set[str], source: str = "model.gguf"
     ) -> ModelConfig:
-        """Parse GGUF key/values (already decoded to Python values) of a llama-architecture file."""
+        """Parse GGUF key/values (already decoded to Python values) of a llama, qwen2 or qwen3
+        file (the same keys under the architecture's prefix; qwen3 names its head size in
+        attention.key_length)."""
         arch = meta.get("general.architecture")
         if arch not in SUPPORTED_GGUF_ARCHITECTURES:
             raise UnsupportedModelError(
@@ -227,7 +229,12 @@ class ModelConfig:
             )
         num_heads = int(need("attention.head_count"))
         hidden = int(need("embedding_length"))
-        head_dim = int(meta.get(f"{arch}.rope.dimension_count", hidden // num_heads))
+        head_dim = int(
+            meta.get(
+                f"{arch}.attention.key_length",
+                meta.get(f"{arch}.rope.dimension_count", hidden // num_heads),
+            )
+        )
         vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
         rope_scaling = None
         scaling_type = meta.get(f"{arch}.rope.scaling.type")
@@ -244,8 +251,11 @@ class ModelConfig:
         eos = meta.get("tokenizer.ggml.eos_token_id")
         is_mistral = "mistral" in str(meta.get("general.name", "")).lower()
         window = meta.get(f"{arch}.attention.sliding_window")
+        architecture = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}.get(
+            arch, "MistralForCausalLM" if is_mistral else "LlamaForCausalLM"
+        )
         return cls(
-            architecture="MistralForCausalLM" if is_mistral else "LlamaForCausalLM",
+            architecture=architecture,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(need("feed_forward_length")),
@@ -261,6 +271,7 @@ class ModelConfig:
             attention_bias="blk.0.attn_q.bias" in tensor_names,
             o_proj_bias="blk.0.attn_output.bias" in tensor_names,
             mlp_bias="blk.0.ffn_gate.bias" in tensor_names,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             sliding_window=int(window) if window else None,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=() if eos is None else (int(eos),),

@@ -1,12 +1,14 @@
-"""GGUF files (llama architecture): metadata -> ModelConfig, tensors read per shard.
+"""GGUF files (llama, qwen2 and qwen3 architectures): metadata -> ModelConfig, tensors read per
+shard.
 
 Linear weights of a block type the HAL's gguf_gemm ops take (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K) are
 read as their raw ggml blocks (`read_blocks`) and stay quantized (engine.quantization.gguf);
 everything else is dequantized with the `gguf` package, as transformers does (`read`).
 HAL_GGUF_DEQUANTIZE=1 (or `GGUFSource(path, dequantize=True)`) dequantizes every tensor at load,
 the behaviour before blocks were kept. Names become Hugging Face names. llama.cpp's converter
-permutes the rows of q and k (and their biases) inside each head so its GPT-J-style rotary works;
-we undo it (on float rows or whole block rows alike) to get the HF (NeoX-style) layout back.
+permutes the rows of q and k (and their biases) inside each head of llama-architecture files so
+its GPT-J-style rotary works; we undo it (on float rows or whole block rows alike) to get the HF
+(NeoX-style) layout back. qwen2 / qwen3 files keep the HF layout (llama.cpp ropes them NeoX-style).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm",  # qwen3
+    "attn_k_norm": "self_attn.k_norm",
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # Arrays the model config does not need; decoding them is skipped (the tokenizer reads them).
@@ -132,6 +136,8 @@ class GGUFSource:
                 continue
             self._tensors[name] = tensor
         self.head_dim: int | None = None  # set by config(); needed to undo the q/k permutation
+        # llama.cpp permutes q/k rows of llama-architecture files only
+        self.permutes_qk = self.metadata.get("general.architecture") == "llama"
 
     def config(self) -> ModelConfig:
         meta = dict(self.metadata)
@@ -182,7 +188,7 @@ class GGUFSource:
         from gguf import quants
 
         tensor = self._tensor(name)
-        permuted = ".q_proj." in name or ".k_proj." in name
+        permuted = self.permutes_qk and (".q_proj." in name or ".k_proj." in name)
         try:
             data = np.asarray(tensor.data)  # plain view: numpy.memmap slicing is slow per row
             shape = list(self.shape(name))
@@ -247,7 +253,7 @@ class GGUFSource:
                 f"{where}: tensor {name!r} holds {data.dtype} {list(data.shape)}, expected "
                 f"uint8 {list(expected)} for {qtype} [{rows}, {cols}]"
             )
-        permuted = ".q_proj." in name or ".k_proj." in name
+        permuted = self.permutes_qk and (".q_proj." in name or ".k_proj." in name)
         if dim == 0:
             stop = rows if stop is None else stop
             if not 0 <= start <= stop <= rows:

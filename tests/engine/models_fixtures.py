@@ -197,13 +197,15 @@ def _llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def write_gguf(hf_model, path: Path, drop: tuple[str, ...] = (), arch: str = "llama") -> Path:
-    """Write a Llama `hf_model` as an F32 GGUF the way llama.cpp converts it (q/k permuted).
+    """Write a Llama / Qwen2 / Qwen3 `hf_model` as an F32 GGUF the way llama.cpp converts it
+    (llama: q/k rows permuted; qwen3: q/k norms, the head size as attention.key_length).
 
     `drop` leaves out the named GGUF tensors; `arch` sets general.architecture.
     """
     import gguf
 
     cfg = hf_model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_name("tiny-llama")
     writer.add_block_count(cfg.num_hidden_layers)
@@ -214,8 +216,11 @@ def write_gguf(hf_model, path: Path, drop: tuple[str, ...] = (), arch: str = "ll
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_dimension_count(head_dim)
     writer.add_vocab_size(cfg.vocab_size)
+    if arch == "qwen3":
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     names = {
         "model.embed_tokens.weight": "token_embd.weight",
         "model.norm.weight": "output_norm.weight",
@@ -231,6 +236,8 @@ def write_gguf(hf_model, path: Path, drop: tuple[str, ...] = (), arch: str = "ll
         "mlp.gate_proj": "ffn_gate",
         "mlp.up_proj": "ffn_up",
         "mlp.down_proj": "ffn_down",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
     }
     for name, tensor in hf_model.state_dict().items():
         if name.startswith("model.layers."):
@@ -243,9 +250,9 @@ def write_gguf(hf_model, path: Path, drop: tuple[str, ...] = (), arch: str = "ll
             raise KeyError(name)
         if gguf_name in drop:
             continue
-        if ".attn_q." in gguf_name:
+        if arch == "llama" and ".attn_q." in gguf_name:
             tensor = _llama_cpp_permute(tensor, cfg.num_attention_heads)
-        elif ".attn_k." in gguf_name:
+        elif arch == "llama" and ".attn_k." in gguf_name:
             tensor = _llama_cpp_permute(tensor, cfg.num_key_value_heads)
         writer.add_tensor(gguf_name, tensor.detach().float().numpy().copy())
     writer.write_header_to_file()

@@ -67,11 +67,12 @@ def _q5_0_blocks(rows: int, cols: int, seed: int) -> np.ndarray:
     return b.reshape(rows, -1)
 
 
-def write_block_gguf(path, layer_types=LAYER_TYPES, seed: int = 0):
-    """A tiny llama GGUF whose linear weights are random valid blocks of the given types."""
+def write_block_gguf(path, layer_types=LAYER_TYPES, seed: int = 0, arch: str = "llama"):
+    """A tiny GGUF whose linear weights are random valid blocks of the given types (arch qwen2:
+    q/k/v biases too; qwen3: q/k norms)."""
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-blocks")
     w.add_block_count(len(layer_types))
     w.add_context_length(256)
@@ -111,6 +112,12 @@ def write_block_gguf(path, layer_types=LAYER_TYPES, seed: int = 0):
         add(f"blk.{i}.ffn_gate.weight", types["ffn_gate"], INTER, HIDDEN)
         add(f"blk.{i}.ffn_up.weight", types["ffn_up"], INTER, HIDDEN)
         add(f"blk.{i}.ffn_down.weight", types["ffn_down"], HIDDEN, INTER)
+        if arch == "qwen2":
+            for x, rows in (("q", HIDDEN), ("k", KV_HEADS * head_dim), ("v", KV_HEADS * head_dim)):
+                add(f"blk.{i}.attn_{x}.bias", "F32", 1, rows)
+        if arch == "qwen3":
+            add(f"blk.{i}.attn_q_norm.weight", "F32", 1, head_dim)
+            add(f"blk.{i}.attn_k_norm.weight", "F32", 1, head_dim)
     add("output_norm.weight", "F32", 1, HIDDEN)
     add("output.weight", "Q8_0", VOCAB, HIDDEN)  # not a linear layer: dequantized at load
     w.write_header_to_file()
@@ -344,6 +351,38 @@ def test_tiny_model_from_blocks_equals_dequantized(tiny_gguf, backend, cpu_caps,
     ]
     assert all(p.dtype == torch.uint8 for p in qkv.parameters())
     for got, want in zip(_logits(plain, STEPS[:1]), _logits(dense, STEPS[:1]), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_block_files_keep_their_q_k_rows(arch, tmp_path, backend):
+    """llama.cpp writes qwen2 / qwen3 q and k rows as Hugging Face has them: read and
+    read_blocks take them as stored (a llama file's are un-permuted), and the model from blocks
+    equals the dequantized one."""
+    path = write_block_gguf(tmp_path / f"{arch}.gguf", arch=arch)
+    source = GGUFSource(path)
+    config = source.config()
+    assert config.architecture == {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]
+    assert (config.attention_bias, config.qk_norm) == (arch == "qwen2", arch == "qwen3")
+    name = "model.layers.1.self_attn.k_proj.weight"  # Q4_K
+    raw = ref.dequantize_gguf(source.read_blocks(name), "Q4_K", source.shape(name))
+    stored = next(t for t in source.reader.tensors if t.name == "blk.1.attn_k.weight")
+    file_rows = torch.from_numpy(np.asarray(stored.data).copy())
+    assert torch.equal(source.read_blocks(name), file_rows)  # not permuted
+    assert torch.equal(raw, source.read(name))
+    llama = GGUFSource(write_block_gguf(tmp_path / "llama.gguf"))
+    llama.config()
+    stored = next(t for t in llama.reader.tensors if t.name == "blk.1.attn_k.weight")
+    llama_rows = torch.from_numpy(np.asarray(stored.data).copy())
+    got = llama.read_blocks(name)  # the same rows in another order
+    assert not torch.equal(got, llama_rows) and torch.equal(
+        got.sort(0).values, llama_rows.sort(0).values
+    )
+    blocks, _, _ = load_model(path, backend, "float32", with_tokenizer=False)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(DEQUANTIZE_ENV, "1")
+        dense, _, _ = load_model(path, backend, "float32", with_tokenizer=False)
+    for got, want in zip(_logits(blocks, STEPS), _logits(dense, STEPS), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
 
 

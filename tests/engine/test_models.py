@@ -210,3 +210,23 @@ def test_gguf_conversion_of_tiny_llama_matches_transformers(variant, checkpoint,
     prompt = _prompt()
     ours = PagedSequence(model).step(prompt, all_logits=True)
     torch.testing.assert_close(ours, _hf_logits(hf, prompt), atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", ["qwen2", "qwen3"])
+def test_gguf_qwen_architectures_match_transformers(variant, checkpoint, backend, tmp_path):
+    """qwen2 (q/k/v biases, tied embeddings) and qwen3 (q/k RMSNorm, head size apart from
+    hidden / heads) GGUF files as llama.cpp writes them (no q/k permutation) load back to the
+    original model."""
+    _, hf = checkpoint(variant)
+    path = write_gguf(hf, tmp_path / "tiny.gguf", arch=variant)
+    model, config, _ = load_model(path, backend, "float32", with_tokenizer=False)
+    assert (
+        config.architecture == {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[variant]
+    )
+    assert config.qk_norm == (variant == "qwen3") and config.attention_bias == (variant == "qwen2")
+    cfg = hf.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert config.head_dim == head_dim
+    prompt = _prompt()
+    ours = PagedSequence(model).step(prompt, all_logits=True)
+    torch.testing.assert_close(ours, _hf_logits(hf, prompt), atol=LOGIT_ATOL, rtol=0)
