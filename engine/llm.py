@@ -12,7 +12,14 @@ from engine.config import CacheConfig, SchedulerConfig
 from engine.engine_config import EngineConfig, ParallelConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.pooling import EmbeddingRequestOutput, PoolingParams
+from engine.pooling import (
+    EmbeddingRequestOutput,
+    PoolingParams,
+    ScoringOutput,
+    ScoringRequestOutput,
+    cosine,
+    score_pairs,
+)
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import apply_chat_template
 
@@ -177,6 +184,31 @@ class LLM:
         params = self._params_list(pooling_params, len(items), PoolingParams)
         return self._run(items, params, use_tqdm)
 
+    def score(
+        self,
+        text_1: str | list[int] | Sequence[str | list[int]],
+        text_2: str | list[int] | Sequence[str | list[int]],
+        *,
+        use_tqdm: bool = True,
+    ) -> list[ScoringRequestOutput]:
+        """vLLM's score for embedding models: the cosine similarity of each pair's embeddings
+        (one text_1 against every text_2, or two equal lists pair by pair); needs
+        `runner="pooling"`. Each distinct text is embedded once."""
+        pairs = score_pairs(
+            list(text_1) if isinstance(text_1, tuple) else text_1,
+            list(text_2) if isinstance(text_2, tuple) else text_2,
+        )
+        if self.engine.pooling is None:
+            raise ValueError("score needs a pooling engine: LLM(model, runner='pooling')")
+        keys = list(dict.fromkeys(_key(t) for pair in pairs for t in pair))
+        items = [(k, None) if isinstance(k, str) else (None, list(k)) for k in keys]
+        outs = self._run(items, [PoolingParams(normalize=True)] * len(items), use_tqdm)
+        vec = {k: o.outputs.embedding for k, o in zip(keys, outs, strict=True)}
+        return [
+            ScoringRequestOutput(str(i), ScoringOutput(cosine(vec[_key(a)], vec[_key(b)])))
+            for i, (a, b) in enumerate(pairs)
+        ]
+
     def beam_search(
         self,
         prompts: Sequence[str | list[int] | dict],
@@ -282,3 +314,7 @@ def _items(
     if isinstance(prompts, str):
         prompts = [prompts]
     return [(p, None) for p in prompts]  # type: ignore[union-attr]
+
+
+def _key(text: str | list[int]) -> str | tuple[int, ...]:
+    return text if isinstance(text, str) else tuple(text)

@@ -108,3 +108,47 @@ def finish_embedding(
     if normalize:
         vec = torch.nn.functional.normalize(vec, dim=-1)
     return vec.tolist()
+
+
+@dataclass
+class ScoringOutput:
+    score: float
+
+
+@dataclass
+class ScoringRequestOutput:
+    """What `LLM.score` returns per pair (vLLM's shape): `.outputs.score`."""
+
+    request_id: str
+    outputs: ScoringOutput
+    finished: bool = True
+
+
+def score_pairs(text_1, text_2) -> list[tuple]:
+    """vLLM's pairing: one text against one or many (1 -> N), or two lists of the same length
+    pair by pair (N -> N). Texts are strings or token-id lists."""
+
+    def as_list(x, name: str) -> list:
+        if isinstance(x, str) or (isinstance(x, list) and x and isinstance(x[0], int)):
+            return [x]
+        if not isinstance(x, list) or not x:
+            raise ValueError(f"{name} must be a text, token ids, or a non-empty list of them")
+        return list(x)
+
+    a, b = as_list(text_1, "text_1"), as_list(text_2, "text_2")
+    if len(a) == 1:
+        return [(a[0], t) for t in b]
+    if len(a) != len(b):
+        raise ValueError(
+            f"text_1 has {len(a)} items and text_2 {len(b)}: give one text_1, or as many as "
+            "text_2 (pair by pair)"
+        )
+    return list(zip(a, b, strict=True))
+
+
+def cosine(u: list[float], v: list[float]) -> float:
+    """The cosine similarity of two embeddings (0 when either is all zeros)."""
+    x = torch.tensor(u, dtype=torch.float64)
+    y = torch.tensor(v, dtype=torch.float64)
+    denom = float(x.norm() * y.norm())
+    return float(x @ y) / denom if denom else 0.0

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.pooling import EmbeddingRequestOutput, PoolingParams
+from engine.pooling import EmbeddingRequestOutput, PoolingParams, cosine, score_pairs
 from engine.sampling_params import SamplingParams
 from engine.server.metrics import ServerMetrics
 from engine.server.protocol import (
@@ -38,6 +38,8 @@ from engine.server.protocol import (
     DetokenizeRequest,
     EmbeddingRequest,
     OpenAIError,
+    RerankRequest,
+    ScoreRequest,
     TokenizeRequest,
     TokenText,
     bad_request,
@@ -244,28 +246,33 @@ def build_app(
     async def version() -> dict[str, str]:
         return {"version": _package_version()}
 
+    async def pooled(inputs: list, params: PoolingParams, prefix: str, what: str, param: str):
+        """A _Run of one pooling request per input (text or token ids), started; a text server
+        or an input that encodes to nothing is a 400."""
+        if engine.engine.pooling is None:
+            raise bad_request(
+                f"this server generates text; {what} need a pooling engine "
+                "(hal serve MODEL --runner pooling)", param,
+            )  # fmt: skip
+        tok = engine.tokenizer
+        prompts = [list(tok.encode(x)) if isinstance(x, str) else list(x) for x in inputs]
+        if any(not ids for ids in prompts):
+            raise bad_request(f"{param} is empty: it encodes to zero tokens", param)
+        run = _Run(state, prefix, 1, None)
+        await run.start(prompts, [params] * len(prompts))
+        return run
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> Response:
         """OpenAI's embeddings route, on a pooling engine (`hal serve --runner pooling`)."""
         state.check_available()
         req = parse_request(EmbeddingRequest, await _read_body(request, max_body_bytes))
         state.check_model(req.model)
-        if engine.engine.pooling is None:
-            raise bad_request(
-                "this server generates text; embeddings need a pooling engine "
-                "(hal serve MODEL --runner pooling)", "input",
-            )  # fmt: skip
         try:
             params = PoolingParams(dimensions=req.dimensions)
         except ValueError as e:
             raise bad_request(str(e), "dimensions") from e
-        tok = engine.tokenizer
-        prompts = [list(tok.encode(x)) if isinstance(x, str) else x for x in req.inputs()]
-        for ids in prompts:
-            if not ids:
-                raise bad_request("input is empty: it encodes to zero tokens", "input")
-        run = _Run(state, "embd", 1, None)
-        await run.start(prompts, [params] * len(prompts))
+        run = await pooled(req.inputs(), params, "embd", "embeddings", "input")
 
         def body(outs) -> dict:
             data = []
@@ -279,6 +286,65 @@ def build_app(
                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
 
         return await run.respond(request, body)
+
+    async def similarities(request: Request, pairs: list[tuple], prefix: str, param: str, build):
+        """Embed each distinct text of `pairs` once (normalized) and answer build(run, the
+        pairs' cosine similarities)."""
+        keys = list(dict.fromkeys(t if isinstance(t, str) else tuple(t) for p in pairs for t in p))
+        run = await pooled(keys, PoolingParams(normalize=True), prefix, "scores", param)
+
+        def body(outs) -> dict:
+            vec = {k: o.outputs.embedding for k, o in zip(keys, outs, strict=True)}
+            at = [(a if isinstance(a, str) else tuple(a), b if isinstance(b, str) else tuple(b))
+                  for a, b in pairs]  # fmt: skip
+            return build(run, [cosine(vec[a], vec[b]) for a, b in at])
+
+        return await run.respond(request, body)
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def score(request: Request) -> Response:
+        """vLLM's score route for embedding models: the cosine similarity of each pair."""
+        state.check_available()
+        req = parse_request(ScoreRequest, await _read_body(request, max_body_bytes))
+        state.check_model(req.model)
+        try:
+            pairs = score_pairs(req.text_1, req.text_2)
+        except ValueError as e:
+            raise bad_request(str(e), "text_1") from e
+
+        def build(run, scores) -> dict:
+            tokens = sum(run.prompt_lens)
+            data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
+            return {"id": run.id, "object": "list", "created": run.created,
+                    "model": state.model_name, "data": data,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
+
+        return await similarities(request, pairs, "score", "text_1", build)
+
+    @app.post("/rerank")
+    @app.post("/v1/rerank")
+    @app.post("/v2/rerank")
+    async def rerank(request: Request) -> Response:
+        """The Jina / Cohere rerank route: documents by cosine similarity to the query, best
+        first, the top_n of them."""
+        state.check_available()
+        req = parse_request(RerankRequest, await _read_body(request, max_body_bytes))
+        state.check_model(req.model)
+        pairs = [(req.query, d) for d in req.documents]
+
+        def build(run, scores) -> dict:
+            order = sorted(range(len(scores)), key=lambda i: -scores[i])[: req.top_n]
+            results = []
+            for i in order:
+                r: dict[str, Any] = {"index": i, "relevance_score": scores[i]}
+                if req.return_documents:
+                    r["document"] = {"text": req.documents[i]}
+                results.append(r)
+            return {"id": run.id, "model": state.model_name, "results": results,
+                    "usage": {"total_tokens": sum(run.prompt_lens)}}  # fmt: skip
+
+        return await similarities(request, pairs, "rerank", "documents", build)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:

@@ -408,6 +408,28 @@ class EmbeddingRequest(BaseModel):
         return list(x)  # type: ignore[arg-type]
 
 
+class ScoreRequest(BaseModel):
+    """vLLM's /score body: text_1 against text_2 (one against many, or pair by pair)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    text_1: str | list[str] | list[int] | list[list[int]]
+    text_2: str | list[str] | list[int] | list[list[int]]
+
+
+class RerankRequest(BaseModel):
+    """The Jina / Cohere rerank body vLLM serves at /rerank, /v1/rerank and /v2/rerank."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    query: str
+    documents: list[str] = Field(min_length=1)
+    top_n: int | None = Field(default=None, ge=1)
+    return_documents: bool = True
+
+
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a prompt, or chat messages rendered with the model's template."""
 

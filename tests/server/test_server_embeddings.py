@@ -58,3 +58,46 @@ def test_embeddings_route(pooling_server, tiny_model):
 def test_a_text_server_refuses_embeddings(server):
     with pytest.raises(openai.BadRequestError, match="--runner pooling"):
         server.client().embeddings.create(model=MODEL_NAME, input="hello")
+
+
+def _cos(u, v) -> float:
+    u, v = np.asarray(u, dtype=np.float64), np.asarray(v, dtype=np.float64)
+    return float(u @ v / (np.linalg.norm(u) * np.linalg.norm(v)))
+
+
+def test_score_and_rerank(pooling_server, tiny_model):
+    http = pooling_server.http()
+    offline = LLM(model=str(tiny_model), dtype="float32", device="cpu", runner="pooling",
+                  kv_cache_memory_bytes=4 << 20)  # fmt: skip
+    query, docs = "brown fox", ["a quick brown fox", "lazy dogs sleep", "foxes are brown"]
+    emb = {t: o.outputs.embedding for t, o in zip([query, *docs],
+                                                  offline.embed([query, *docs], use_tqdm=False),
+                                                  strict=True)}  # fmt: skip
+    want = [_cos(emb[query], emb[d]) for d in docs]
+    r = http.post("/v1/score", json={"text_1": query, "text_2": docs}).json()
+    assert [d["index"] for d in r["data"]] == [0, 1, 2] and r["object"] == "list"
+    assert np.allclose([d["score"] for d in r["data"]], want, atol=1e-5)
+    pairwise = http.post("/score", json={"text_1": [query, docs[0]], "text_2": docs[1:]}).json()
+    assert np.allclose([d["score"] for d in pairwise["data"]],
+                       [_cos(emb[query], emb[docs[1]]), _cos(emb[docs[0]], emb[docs[2]])],
+                       atol=1e-5)  # fmt: skip
+    got = offline.score(query, docs, use_tqdm=False)
+    assert np.allclose([o.outputs.score for o in got], want, atol=1e-5)
+    r = http.post("/v1/rerank", json={"query": query, "documents": docs, "top_n": 2}).json()
+    best = sorted(range(3), key=lambda i: -want[i])[:2]
+    assert [x["index"] for x in r["results"]] == best
+    assert [x["document"]["text"] for x in r["results"]] == [docs[i] for i in best]
+    assert np.allclose([x["relevance_score"] for x in r["results"]], [want[i] for i in best],
+                       atol=1e-5)  # fmt: skip
+    # errors
+    bad = http.post("/v1/score", json={"text_1": [query, query], "text_2": docs})
+    assert bad.status_code == 400 and "text_1 has 2 items and text_2 3" in bad.text
+    assert http.post("/rerank", json={"query": query, "documents": []}).status_code == 400
+    with pytest.raises(ValueError, match="text_1 has 2 items"):
+        offline.score([query, query], docs)
+    pooling_server.wait_idle()
+
+
+def test_a_text_server_refuses_scores(server):
+    r = server.http().post("/v1/score", json={"text_1": "a", "text_2": "b"})
+    assert r.status_code == 400 and "--runner pooling" in r.text
