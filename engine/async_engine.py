@@ -120,7 +120,8 @@ class AsyncLLMEngine:
         self.engine = engine
         self.stats_listener = stats_listener
         self._cv = threading.Condition()
-        # ("add", stream, prompt, params, ids) | ("abort", id, why) | ("abort_all", None, why)
+        # ("add", stream, prompt, params, ids, priority) | ("abort", id, why)
+        # | ("abort_all", None, why)
         self._commands: list[tuple] = []
         self._streams: dict[str, RequestStream] = {}  # owned by the engine thread
         self._dead: BaseException | None = None
@@ -172,9 +173,11 @@ class AsyncLLMEngine:
         params: SamplingParams,
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Bad input raises the engine's
-        ValueError/TypeError here; a dead engine raises EngineDeadError."""
+        ValueError/TypeError here; a dead engine raises EngineDeadError. priority: lower runs
+        first (an engine with scheduling policy "priority")."""
         if self._dead is not None or self._stopping:
             raise EngineDeadError(self._dead_message())
         if request_id is None:
@@ -182,7 +185,7 @@ class AsyncLLMEngine:
                 self._ids += 1
                 request_id = f"req-{self._ids}"
         stream = RequestStream(request_id, self)
-        self._submit(("add", stream, prompt, params, prompt_token_ids))
+        self._submit(("add", stream, prompt, params, prompt_token_ids, priority))
         try:
             await stream.accepted
         except asyncio.CancelledError:
@@ -273,9 +276,9 @@ class AsyncLLMEngine:
         for command in commands:
             kind = command[0]
             if kind == "add":
-                _, stream, prompt, params, ids = command
+                _, stream, prompt, params, ids, priority = command
                 try:
-                    self.engine.add_request(prompt, params, ids, stream.request_id)
+                    self.engine.add_request(prompt, params, ids, stream.request_id, priority)
                 except Exception as exc:  # noqa: BLE001 - bad input goes back to the caller
                     _call_soon(stream.loop, stream._fail, exc)
                     continue

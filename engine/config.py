@@ -12,6 +12,7 @@ import torch
 CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2")
 _FLOAT_CACHE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PREEMPTION_MODES = ("recompute", "swap")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 MAX_BLOCK_SIZE = 512
 
 
@@ -82,6 +83,9 @@ class SchedulerConfig:
     max_num_seqs: sequences running at once. max_model_len: the longest sequence (prompt + output);
     None until the engine fills it from the model config (the scheduler then uses the pool's
     capacity). Without chunked prefill a whole prompt must fit the token budget.
+    policy: "fcfs" (arrival order) or "priority" (vLLM's scheduling_policy: each request's
+    priority, lower first, then arrival; a waiting request that cannot start preempts running
+    ones of lower priority).
     """
 
     max_num_batched_tokens: int = 2048
@@ -89,8 +93,14 @@ class SchedulerConfig:
     max_model_len: int | None = None
     enable_chunked_prefill: bool = True
     preemption_mode: str = "recompute"
+    policy: str = "fcfs"
 
     def __post_init__(self) -> None:
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                f"got {self.policy!r}"
+            )
         _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
         _check_int("max_num_seqs", self.max_num_seqs, 1)
         _check_int("max_model_len", self.max_model_len, 2, allow_none=True)

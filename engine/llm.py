@@ -57,6 +57,7 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         max_num_seqs: int = 256,
         preemption_mode: str = "recompute",
+        scheduling_policy: str = "fcfs",
         swap_space: float = 4.0,
         num_gpu_blocks: int | None = None,
         kv_cache_memory_bytes: int | None = None,
@@ -89,6 +90,7 @@ class LLM:
             max_num_seqs=max_num_seqs,
             enable_chunked_prefill=enable_chunked_prefill,
             preemption_mode=preemption_mode,
+            policy=scheduling_policy,
         )
         self.config = EngineConfig(
             model=model,
@@ -144,11 +146,15 @@ class LLM:
         *,
         prompt_token_ids: Sequence[list[int]] | None = None,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in prompt order. All prompts are validated first."""
+        """One RequestOutput per prompt, in prompt order. All prompts are validated first.
+        priority: one per prompt, lower first (needs scheduling_policy="priority")."""
         items = _items(prompts, prompt_token_ids)
         params_list = self._params_list(sampling_params, len(items))
-        return self._run(items, params_list, use_tqdm)
+        if priority is not None and len(priority) != len(items):
+            raise ValueError(f"got {len(priority)} priorities for {len(items)} prompts")
+        return self._run(items, params_list, use_tqdm, priority)
 
     def chat(
         self,
@@ -281,6 +287,7 @@ class LLM:
         items: list[tuple[str | None, list[int] | None]],
         params_list: list[SamplingParams],
         use_tqdm: bool,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         engine = self.engine
         # Validate everything before queuing anything, so a bad prompt queues nothing.
@@ -288,9 +295,15 @@ class LLM:
             (prompt, engine.validate_request(prompt, params, ids))
             for (prompt, ids), params in zip(items, params_list, strict=True)
         ]
+        if priority is not None and engine.scheduler_config.policy != "priority" and any(priority):
+            raise ValueError(
+                "priority needs LLM(..., scheduling_policy='priority') (this one schedules first "
+                "come, first served)"
+            )
         order: dict[str, int] = {}
         for i, ((prompt, ids), params) in enumerate(zip(resolved, params_list, strict=False)):
-            rid = engine.add_request(prompt, params, prompt_token_ids=ids)
+            p = 0 if priority is None else priority[i]
+            rid = engine.add_request(prompt, params, prompt_token_ids=ids, priority=p)
             order[rid] = i
         results: list[RequestOutput | None] = [None] * len(items)
         bar = tqdm(total=len(items), desc="generating", disable=not use_tqdm or len(items) < 2)

@@ -517,8 +517,10 @@ class LLMEngine:
         params: SamplingParams,
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
+        priority: int = 0,
     ) -> str:
-        """Queue a request; bad input raises ValueError and leaves the engine untouched."""
+        """Queue a request; bad input raises ValueError and leaves the engine untouched.
+        priority: lower runs first (needs scheduling_policy "priority")."""
         self._check_driver("add_request")
         prompt_token_ids = self.validate_request(prompt, params, prompt_token_ids)
         request_id = request_id if request_id is not None else str(next(self._ids))
@@ -528,7 +530,9 @@ class LLMEngine:
         pooling = None
         if self.pooling is not None:  # the scheduler runs the prompt as a one-token request
             pooling, params = params, _POOLING_SAMPLING
-        request = Request(request_id, list(prompt_token_ids), params, arrival_time=now)
+        request = Request(
+            request_id, list(prompt_token_ids), params, arrival_time=now, priority=priority
+        )
         self.scheduler.add_request(request)
         state = _RequestState(
             request, prompt, RequestMetrics(arrival_time=now), order=next(self._order),

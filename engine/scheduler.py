@@ -49,7 +49,7 @@ from engine.spec_decode import TokenHistory, can_speculate, propose_ngram
 logger = logging.getLogger(__name__)
 
 
-def _priority(seq: Sequence) -> tuple[int, int]:
+def _priority(seq: Sequence) -> tuple[int, int, int]:
     return seq.priority
 
 
@@ -234,10 +234,15 @@ class Scheduler:
 
     # -- requests ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> Sequence:
-        """Queue a request (FCFS); returns its first sequence."""
+        """Queue a request (by priority, then arrival); returns its first sequence."""
         rid = request.request_id
         if rid in self.requests or request.seqs:
             raise ValueError(f"request {rid!r} was already added")
+        if request.priority != 0 and self.config.policy != "priority":
+            raise ValueError(
+                f"request {rid!r}: priority={request.priority} needs scheduling_policy="
+                "'priority' (this engine schedules first come, first served)"
+            )
         prompt_len = len(request.prompt_token_ids)
         if prompt_len >= self.max_model_len:
             raise ValueError(
@@ -253,7 +258,7 @@ class Scheduler:
         seq = Sequence(next(self._seq_ids), request, list(request.prompt_token_ids))
         request.seqs.append(seq)
         self.requests[rid] = request
-        self.waiting.append(seq)  # the latest arrival sorts last
+        bisect.insort(self.waiting, seq, key=_priority)  # FCFS: the latest arrival sorts last
         return seq
 
     def abort_request(self, request_id: str) -> bool:
@@ -318,6 +323,8 @@ class Scheduler:
         def full(seq: Sequence) -> bool:  # this batch already holds its share of the sequences
             return share is not None and taken > 0 and taken + self._num_seqs_needed(seq) > share
 
+        self._make_room_by_priority(out)
+        before = len(out.preempted)
         # 1. Running sequences: decodes first, then prefill chunks, each in FCFS order.
         decodes, prefills = [], []
         for seq in self.running:
@@ -388,13 +395,21 @@ class Scheduler:
             if share is not None:
                 taken += self._num_seqs_needed(seq)
 
-        # 3. Waiting sequences (new, or preempted for recompute): strict FCFS, no skipping ahead;
-        #    none while earlier sequences wait swapped out.
-        while self.waiting and budget > 0 and not out.preempted and not self.swapped:
+        # 3. Waiting sequences (new, or preempted for recompute) in priority order (FCFS: arrival),
+        #    no skipping ahead; none while earlier sequences wait swapped out. Under the
+        #    priority policy a head that finds no room preempts running sequences of lower
+        #    priority (not in this step or in flight) until it fits.
+        pressure = len(out.preempted) > before  # steps 1-2 ran out of blocks: admit nobody
+        while self.waiting and budget > 0 and not pressure:
             seq = self.waiting[0]
+            if self.swapped and self.swapped[0].priority < seq.priority:
+                break
             if running_slots is None:
                 running_slots = self._running_slots()
             if running_slots + self._num_seqs_needed(seq) > self.config.max_num_seqs:
+                if self._preempt_for(seq, scheduled_ids, out):
+                    running_slots = None
+                    continue
                 break
             if blocked or full(seq):
                 break
@@ -406,6 +421,9 @@ class Scheduler:
                 num_new = budget
             copies = self.kv.allocate_slots(seq, num_new, hits)
             if copies is None:
+                if self._preempt_for(seq, scheduled_ids, out):
+                    running_slots = None
+                    continue
                 break
             self.waiting.pop(0)
             seq.num_computed_tokens = num_cached
@@ -535,6 +553,42 @@ class Scheduler:
             self._preempt(victim, out)
             if victim is seq:
                 return None
+
+    def _make_room_by_priority(self, out: SchedulerOutput) -> None:
+        """Priority policy, before the running sequences are scheduled: while the first waiting
+        sequence would find no slot or too few free blocks for its next chunk, preempt the
+        lowest-priority running sequence below it (none in flight)."""
+        if self.config.policy != "priority":
+            return
+        budget, bs = self.config.max_num_batched_tokens, self.block_size
+        while self.waiting:
+            head = self.waiting[0]
+            victims = [
+                s for s in self.running
+                if s.priority > head.priority and s.seq_id not in self.in_flight
+            ]  # fmt: skip
+            if not victims:
+                return
+            slots = self._running_slots() + self._num_seqs_needed(head) <= self.config.max_num_seqs
+            chunk = min(head.num_tokens - head.num_computed_tokens, budget)
+            if slots and self.kv.num_free_blocks >= -(-chunk // bs):
+                return
+            self._preempt(max(victims, key=_priority), out)
+
+    def _preempt_for(self, seq: Sequence, scheduled_ids: set[int], out: SchedulerOutput) -> bool:
+        """Priority policy: preempt the lowest-priority running sequence below seq's priority
+        that this step has not scheduled and no batch in flight holds; False if none."""
+        if self.config.policy != "priority":
+            return False
+        victims = [
+            s for s in self.running
+            if s.priority > seq.priority and s.seq_id not in scheduled_ids
+            and s.seq_id not in self.in_flight
+        ]  # fmt: skip
+        if not victims:
+            return False
+        self._preempt(max(victims, key=_priority), out)
+        return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)

@@ -81,9 +81,10 @@ class Sequence:
         return _FINISH_REASONS.get(self.status)
 
     @property
-    def priority(self) -> tuple[int, int]:
-        """FCFS order: earlier requests first, then output index."""
-        return (self.request.arrival_index, self.index)
+    def priority(self) -> tuple[int, int, int]:
+        """Scheduling order: the request's priority (lower first; always 0 under FCFS), then
+        earlier requests first, then output index."""
+        return (self.request.priority, self.request.arrival_index, self.index)
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)
@@ -107,6 +108,7 @@ class Request:
         prompt_token_ids: list[int],
         sampling_params: Any,
         arrival_time: float = 0.0,
+        priority: int = 0,
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -128,6 +130,11 @@ class Request:
                 f"request {request_id!r}: max_tokens must be an integer >= 1 or None, "
                 f"got {max_tokens!r}"
             )
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(
+                f"request {request_id!r}: priority must be an integer, got {priority!r}"
+            )
+        self.priority = priority  # lower runs first (scheduling_policy "priority")
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params

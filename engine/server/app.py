@@ -420,7 +420,7 @@ def build_app(
             )
             params.append(req.to_sampling_params(max_tokens, req.logprobs, prompt_logprobs))
         run = _Run(state, "cmpl", req.n, req.logprobs, echo_only=req.echo_only)
-        await run.start([ids for _, ids in prompts], params)
+        await run.start([ids for _, ids in prompts], params, req.priority)
         echo = None
         if req.echo:
             echo = [engine.tokenizer.decode(ids) if t is None else t for t, ids in prompts]
@@ -464,7 +464,7 @@ def build_app(
         reasoning = state.reasoning if params.structured_outputs is None else None
         run = _Run(state, "chatcmpl", req.n, req.engine_logprobs(), tools=reply,
                    reasoning=reasoning)  # fmt: skip
-        await run.start([ids], [params])
+        await run.start([ids], [params], req.priority)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _sse(run, run.stream_chat(include_usage))
@@ -582,7 +582,9 @@ class _Run:
         self._latest: dict[int, RequestOutput] = {}  # streaming: each prompt's newest output
         self._aborted = False  # streaming: some choice finished with "abort"
 
-    async def start(self, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+    async def start(
+        self, prompts: list[list[int]], params: list[SamplingParams], priority: int = 0
+    ) -> None:
         """Queue every prompt; if one fails, abort those already queued."""
         try:
             # Constraints compile here, off the engine's loop thread (add_request finds them
@@ -594,7 +596,8 @@ class _Run:
                     await asyncio.to_thread(compiler.compile, so)
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
                 rid = f"{self.id}-{i}"
-                self.streams.append(await self.state.engine.add_request(None, p, ids, rid))
+                stream = await self.state.engine.add_request(None, p, ids, rid, priority)
+                self.streams.append(stream)
                 self.prompt_lens.append(len(ids))
         except BaseException as e:
             self.abort("request failed")

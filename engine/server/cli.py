@@ -99,6 +99,13 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "or llama3_json (a JSON object: Llama 3.1 / 3.2)",
     )
     p.add_argument(
+        "--scheduling-policy",
+        choices=("fcfs", "priority"),
+        default="fcfs",
+        help="fcfs: arrival order; priority: each request's `priority` (lower first), a waiting "
+        "request preempting running ones of lower priority",
+    )
+    p.add_argument(
         "--reasoning-parser",
         choices=REASONING_PARSERS,
         default=None,
@@ -180,7 +187,9 @@ def run_serve(args: argparse.Namespace) -> int:
                 kv_cache_memory_bytes=args.kv_cache_memory_bytes,
             ),
             scheduler=SchedulerConfig(
-                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs
+                max_num_batched_tokens=args.max_num_batched_tokens,
+                max_num_seqs=args.max_num_seqs,
+                policy=args.scheduling_policy,
             ),
             parallel=ParallelConfig(
                 tensor_parallel_size=args.tensor_parallel_size,

@@ -88,6 +88,7 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
+    priority: int = 0  # lower runs first (a server started with --scheduling-policy priority)
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs object, and vLLM's
     # older guided_* fields (one of them per request).
     response_format: dict[str, Any] | None = None

@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from engine import LLM, SamplingParams
+from engine.config import SchedulerConfig
 from engine.tokenizer import apply_chat_template
 from tests.server.conftest import MODEL_NAME, make_engine, start_server
 
@@ -523,3 +524,17 @@ def test_structured_outputs_bad_requests(client):
         with pytest.raises(openai.BadRequestError, match=match):
             client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
                                       extra_body=body)  # fmt: skip
+
+
+def test_priority_needs_the_priority_policy(client, tiny_model):
+    with pytest.raises(openai.BadRequestError, match="scheduling_policy='priority'"):
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                  extra_body={"priority": 3})  # fmt: skip
+    handle = start_server(make_engine(tiny_model, scheduler=SchedulerConfig(policy="priority")))
+    try:
+        client = handle.client()
+        r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=3,
+                                      temperature=0, extra_body={"priority": -2})  # fmt: skip
+        assert r.choices[0].finish_reason in ("stop", "length")
+    finally:
+        handle.stop()
