@@ -466,6 +466,12 @@ class Scheduler:
         room = not self.waiting or self._running_slots() < self.config.max_num_seqs
         if self.waiting and room:
             return None
+        if (
+            self.waiting
+            and self.config.policy == "priority"
+            and self.running[-1].priority > self.waiting[0].priority
+        ):  # the next schedule() may preempt for the waiting head
+            return None
         bs = self.block_size
         max_model_len = self.max_model_len
         keep: list[tuple[Sequence, int]] = []

@@ -91,14 +91,15 @@ def test_fcfs_refuses_priorities(tiny):
     assert not llm.engine.requests
 
 
-def test_priorities_keep_greedy_tokens_and_leak_nothing(tiny):
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_priorities_keep_greedy_tokens_and_leak_nothing(tiny, async_scheduling):
     rng = random.Random(2)
     prompts = [[rng.randrange(3, 384) for _ in range(rng.randint(4, 40))] for _ in range(12)]
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     want = cpu_llm(tiny).generate(prompt_token_ids=prompts, sampling_params=params)
     # few slots and blocks; the later half arrives while the first runs, mostly ahead of it
     llm = cpu_llm(tiny, scheduling_policy="priority", max_num_seqs=3, num_gpu_blocks=12,
-                  max_model_len=64)  # fmt: skip
+                  max_model_len=64, async_scheduling=async_scheduling)  # fmt: skip
     engine, done, finished_order = llm.engine, {}, []
     for i, p in enumerate(prompts[:6]):
         engine.add_request(None, params, prompt_token_ids=p, request_id=str(i), priority=5)
@@ -115,5 +116,6 @@ def test_priorities_keep_greedy_tokens_and_leak_nothing(tiny):
         o.outputs[0].token_ids for o in want
     ]
     assert engine.kv_stats().num_used_blocks == 0 and engine.scheduler.num_preemptions > 0
+    assert (engine.num_steps_ahead > 0) == async_scheduling
     # every late arrival finished before the early ones still waiting when it came
     assert max(finished_order.index(i) for i in range(6, 12)) < finished_order.index(5)
