@@ -25,6 +25,7 @@ LIBRARY_NAMES: tuple[str, ...] = (
     "flashinfer",
     "pynvml",
     "amdsmi",
+    "xgrammar",
 )
 
 # name -> (top-level module, distributions that may provide it)
@@ -35,6 +36,7 @@ _SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "flashinfer": ("flashinfer", ("flashinfer-python", "flashinfer")),
     "pynvml": ("pynvml", ("nvidia-ml-py", "pynvml")),
     "amdsmi": ("amdsmi", ("amdsmi",)),
+    "xgrammar": ("xgrammar", ("xgrammar",)),  # structured outputs (engine.structured_output)
 }
 
 
@@ -53,8 +55,10 @@ def _version(dists: tuple[str, ...]) -> str | None:
 
 
 # Usability checks, run only when the module is installed: each returns "" or the reason.
-def _check_triton() -> str:
-    return ""  # its interpreter runs anywhere; GPU use is the backends' vendor check
+def _usable_when_installed() -> str:
+    # triton: its interpreter runs anywhere (GPU use is the backends' vendor check); xgrammar:
+    # the engine's own host-side use
+    return ""
 
 
 def _check_flash_attn() -> str:
@@ -114,12 +118,13 @@ def _check_amdsmi() -> str:
 
 
 _CHECKS: dict[str, Callable[[], str]] = {
-    "triton": _check_triton,
+    "triton": _usable_when_installed,
     "flash_attn": _check_flash_attn,
     "xformers": _check_xformers,
     "flashinfer": _check_flashinfer,
     "pynvml": _check_pynvml,
     "amdsmi": _check_amdsmi,
+    "xgrammar": _usable_when_installed,
 }
 
 
