@@ -318,3 +318,39 @@ def test_generate_takes_structured_outputs(capsys):
     assert code == 0 and json.loads(out.splitlines()[0])["text"] in ("yes", "no")
     code, out, err = run(capsys, *args, "--structured-outputs", '{"regex": "([a"}', entry=hal_main)
     assert code != 0 and "structured_outputs.regex: not a valid regular expression" in err
+
+
+def test_serve_flags_reach_the_engine_and_app(monkeypatch, capsys, tmp_path):
+    """`hal serve`'s runner, scheduling, tool and reasoning flags become the EngineConfig and
+    build_app arguments (captured before anything starts)."""
+    pytest.importorskip("fastapi")
+    from engine.async_engine import AsyncLLMEngine
+    from engine.commands import main as hal_main
+    from engine.server import app as server_app
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_engine(config):
+        seen["config"] = config
+        return type("E", (), {"shutdown": lambda self: None})()
+
+    def fake_app(engine, name, api_key, max_body, max_tokens, **kw):
+        seen["app"] = kw
+        raise Stop
+
+    monkeypatch.setattr(AsyncLLMEngine, "from_config", staticmethod(fake_engine))
+    monkeypatch.setattr(server_app, "build_app", fake_app)
+    args = ["serve", str(tmp_path), "--runner", "pooling", "--scheduling-policy", "priority",
+            "--reasoning-parser", "qwen3", "--tool-call-parser", "hermes",
+            "--enable-auto-tool-choice"]  # fmt: skip
+    with pytest.raises(Stop):
+        hal_main(args)
+    config = seen["config"]
+    assert config.runner == "pooling" and config.scheduler.policy == "priority"
+    assert seen["app"] == {"tool_call_parser": "hermes", "enable_auto_tool_choice": True,
+                           "reasoning_parser": "qwen3"}  # fmt: skip
+    code, _, err = run(capsys, "serve", "--enable-auto-tool-choice", entry=hal_main)
+    assert code != 0 and "--enable-auto-tool-choice needs --tool-call-parser" in err
