@@ -794,7 +794,7 @@ class LLMEngine:
         rows: list[SamplingRow] = []
         reads: dict[int, tuple[bool, bool]] = {}  # id(params) -> (penalties, min_tokens)
         forks = False
-        constrained: list[tuple[int, int, Sequence]] = []  # (first row, rows, seq)
+        constrained: list[tuple[int, int, Sequence, list[int]]] = []  # first row, rows, seq, draft
         for ss in sampling:
             seq = ss.seq
             request = seq.request
@@ -809,7 +809,7 @@ class LLMEngine:
             num_output = len(seq.token_ids) - seq.num_prompt_tokens + offset
             k = ss.num_samples
             if params.structured_outputs is not None:
-                constrained.append((len(rows), k, seq))
+                constrained.append((len(rows), k, seq, ss.draft))
             if k == 1:
                 rows.append(SamplingRow(params, prompt, history, num_output, seq.index))
             else:
@@ -829,13 +829,15 @@ class LLMEngine:
         the parent's), from its matcher's state: every token it sampled is accepted by now
         (steps with such sequences are never scheduled ahead)."""
         matchers = []
-        for _, _, seq in constrained:
+        for _, _, seq, _ in constrained:
             st = self.requests[seq.request.request_id].seqs[seq.index]
             matchers.append(st.matcher)
         masks = self.structured.fill(matchers)
-        for (first, k, _), mask in zip(constrained, masks, strict=True):
+        for (first, k, _, draft), mask, matcher in zip(constrained, masks, matchers, strict=True):
             for r in range(first, first + k):
                 rows[r].token_bitmask = mask
+            if draft:
+                rows[first].draft_bitmasks = self.structured.draft_masks(matcher, draft)
 
     def _apply_samples(
         self, sampling: list[ScheduledSeq], result: SamplerOutput

@@ -55,6 +55,9 @@ class SamplingRow:
     # Structured outputs: the tokens this row may pick, int32 bitmask words (bit t = token t;
     # `engine.structured_output`), filled by the engine before the step; None: no constraint.
     token_bitmask: torch.Tensor | None = None
+    # A drafted constrained row (speculative decoding): one mask per logits row of the step,
+    # int32 [1 + len(draft), words] (row j: after the drafts before it).
+    draft_bitmasks: torch.Tensor | None = None
 
     @property
     def step_index(self) -> int:

@@ -74,11 +74,13 @@ def propose_ngram(tokens: Sequence[int], n_min: int, n_max: int, k: int) -> list
 
 def can_speculate(params, num_output_tokens: int) -> bool:
     """Whether a request's next tokens may be verified from drafts: nothing but the logits,
-    temperature and top-k / top-p / min-p decides them."""
+    temperature and top-k / top-p / min-p decides them, and a structured-output grammar (each
+    drafted row gets its position's mask, `SamplingRow.draft_bitmasks`)."""
     return (
         params.n == 1
         and not params.needs_penalties
-        and not params.changes_logits
+        and not params.logit_bias
+        and params.allowed_token_ids is None
         and num_output_tokens >= params.min_tokens
     )
 

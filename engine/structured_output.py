@@ -11,7 +11,9 @@ engine's output rank), and each sampled token advances its sequence's matcher. A
 grammar is complete may only end (its stop tokens); reaching the end stops it.
 
 Such steps run synchronously: a step scheduled ahead of its predecessor's tokens cannot know the
-next mask (`Scheduler.schedule_ahead` leaves them out), and they take no speculative drafts.
+next mask (`Scheduler.schedule_ahead` leaves them out). Speculative drafts of a constrained
+sequence get one mask per drafted row (`StructuredOutputs.draft_masks`: the matcher walks the
+drafts and rolls back), applied before verification.
 """
 
 from __future__ import annotations
@@ -205,6 +207,25 @@ class StructuredOutputs:
         for i, m in enumerate(matchers):
             m.fill_next_token_bitmask(mask, i)
         return mask
+
+    def draft_masks(self, matcher, draft) -> torch.Tensor:
+        """int32 [1 + len(draft), words]: the allowed tokens at each logits row of a drafted
+        step (row j after drafts[:j]), found by walking the matcher through the drafts and back.
+        Rows after a draft the grammar refuses repeat the last mask: verification stops at that
+        draft (masked to -inf, it is never accepted), so they are never read."""
+        xgr = self._xgr()
+        masks = xgr.allocate_token_bitmask(1 + len(draft), self.vocab_size)
+        matcher.fill_next_token_bitmask(masks, 0)
+        walked = 0
+        for j, token in enumerate(draft, 1):
+            if matcher.is_terminated() or not matcher.accept_token(int(token)):
+                masks[j:] = masks[j - 1]
+                break
+            walked += 1
+            matcher.fill_next_token_bitmask(masks, j)
+        if walked:
+            matcher.rollback(walked)
+        return masks
 
 
 def _reason(e: Exception) -> str:

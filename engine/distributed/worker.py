@@ -36,6 +36,7 @@ from engine.sampler import (
     logprob_tensors,
 )
 from engine.spec_decode import verify_batch
+from engine.structured_output import allowed_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -225,8 +226,9 @@ class StepSampling:
             ]
             rows = [self.rows[first_row[g]] for g in drafted]
             picked = logits[[i for span in spans for i in span]]
+            verify_on = _masked_drafts(picked, rows, spans)  # logprobs stay the raw ones
             verified = verify_batch(
-                picked, [self.drafts[g] for g in drafted], [row.params for row in rows],
+                verify_on, [self.drafts[g] for g in drafted], [row.params for row in rows],
                 [row.step_index for row in rows], sampler.shared_generator(logits.device),
             )  # fmt: skip
             at = 0
@@ -242,6 +244,22 @@ class StepSampling:
                 out.drafted[first_row[g]] = (tokens, triples)
                 at += len(span)
         return out
+
+
+def _masked_drafts(picked: torch.Tensor, rows: list[SamplingRow], spans: list[range]):
+    """The drafted rows' logits with each constrained row's per-position masks applied (a copy;
+    `picked` itself when no row is constrained)."""
+    if all(row.draft_bitmasks is None for row in rows):
+        return picked
+    out = picked.clone()
+    at = 0
+    for row, span in zip(rows, spans, strict=True):
+        if row.draft_bitmasks is not None:
+            allowed = allowed_tokens(row.draft_bitmasks.to(out.device), out.shape[-1])
+            part = out[at : at + len(span)]
+            out[at : at + len(span)] = part.masked_fill(~allowed, float("-inf"))
+        at += len(span)
+    return out
 
 
 class Worker:

@@ -277,3 +277,43 @@ def test_bad_constraints_are_refused_before_queuing(tiny, so, match):
         llm.generate(prompt_token_ids=_prompts(1), sampling_params=params)
     assert "[" not in str(e.value).split(":", 1)[0]  # no xgrammar time stamp in front
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_constrained_requests_take_drafts(tiny):
+    """n-gram drafts for constrained requests: each drafted row verified under its position's
+    mask; the same tokens as without speculation, with drafts accepted."""
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1}
+    params = [
+        SamplingParams(temperature=0, max_tokens=40, structured_outputs={"regex": "(ab|cd){12}"}),
+        SamplingParams(temperature=0.8, seed=3, max_tokens=40,
+                       structured_outputs={"regex": "(xy){6}-(xy){6}"}),
+    ]  # fmt: skip
+    prompts = _prompts(2)
+    want = _llm(tiny).generate(prompt_token_ids=prompts, sampling_params=params)
+    llm = _llm(tiny, speculative_config=spec)
+    got = llm.generate(prompt_token_ids=prompts, sampling_params=params)
+    assert got[0].outputs[0].token_ids == want[0].outputs[0].token_ids  # greedy: the same
+    assert re.fullmatch("(ab|cd){12}", got[0].outputs[0].text)
+    assert re.fullmatch("(xy){6}-(xy){6}", got[1].outputs[0].text)  # sampled: still valid
+    assert llm.engine.scheduler.num_accepted_tokens > 0
+    assert llm.engine.kv_stats().num_used_blocks == 0
+
+
+def test_draft_masks_walk_and_roll_back(tiny):
+    llm = _llm(tiny)
+    so = StructuredOutputsParams(choice=["alpha", "beta"])
+    m = llm.engine.structured.matcher(so)
+    tok = llm.get_tokenizer()
+    good = tok.encode("alpha", add_special_tokens=False)
+    bad = tok.encode("gamma", add_special_tokens=False)
+    masks = llm.engine.structured.draft_masks(m, good)
+    vocab = llm.engine.model_config.vocab_size
+    allowed = allowed_tokens(masks, vocab)
+    for j, t in enumerate(good):
+        assert allowed[j, t]  # each draft token allowed at its row
+    assert allowed[len(good), llm.engine.eos_token_ids[0]]  # then the end
+    assert m.accept_token(good[0])  # the walk was rolled back: the matcher is at the start
+    m2 = llm.engine.structured.matcher(so)
+    masks = llm.engine.structured.draft_masks(m2, bad)
+    assert not allowed_tokens(masks, vocab)[0, bad[0]]  # refused at row 0 ...
+    assert torch.equal(masks[1:], masks[:1].expand(len(bad), -1))  # ... later rows repeat it
