@@ -161,6 +161,16 @@ def test_gpu_structured_outputs(tiny):
     assert a[0].outputs[0].text == b[0].outputs[0].text
     assert a[1].outputs[0].text == b[1].outputs[0].text
     assert gpu.engine.kv_stats().num_used_blocks == 0
+    # speculative: constrained rows verified under per-draft masks on the device
+    spec = LLM(model=str(tiny), dtype="float32", device="cuda", gpu_memory_utilization=0.3,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 4,
+                                   "prompt_lookup_min": 1})  # fmt: skip
+    rep = SamplingParams(temperature=0, max_tokens=40, structured_outputs={"regex": "(ab|cd){12}"})
+    want = gpu.generate(prompt_token_ids=prompts[:2], sampling_params=rep)
+    got = spec.generate(prompt_token_ids=prompts[:2], sampling_params=rep)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert all(re.fullmatch("(ab|cd){12}", o.outputs[0].text) for o in got)
+    assert spec.engine.scheduler.num_accepted_tokens > 0
 
 
 def test_gpu_pooling_engine(tiny):
