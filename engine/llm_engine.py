@@ -48,7 +48,7 @@ from engine.sampler import (
     SamplingRow,
     ScoredStep,
 )
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, truncate_prompt
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence, SequenceStatus
 from engine.stop import check_last_token_stop
@@ -452,8 +452,10 @@ class LLMEngine:
     def validate_request(
         self, prompt: str | None, params: SamplingParams, prompt_token_ids: list[int] | None = None
     ) -> list[int]:
-        """Check a request without queuing it; returns its prompt token ids. A pooling engine
-        takes PoolingParams, any other SamplingParams."""
+        """Check a request without queuing it; returns its prompt token ids (the last
+        truncate_prompt_tokens of them when set). A pooling engine takes PoolingParams, any
+        other SamplingParams."""
+        truncation = getattr(params, "truncate_prompt_tokens", None)
         if self.pooling is not None:
             if not isinstance(params, PoolingParams):
                 raise TypeError(
@@ -481,6 +483,7 @@ class LLMEngine:
             prompt_token_ids = self.tokenize(prompt)
         if not prompt_token_ids:
             raise ValueError("prompt is empty: it encodes to zero tokens")
+        prompt_token_ids = truncate_prompt(list(prompt_token_ids), truncation, self.max_model_len)
         vocab = self.model_config.vocab_size
         named = [t for t in params.token_ids_used() if t >= vocab]
         if named:

@@ -34,8 +34,12 @@ class PoolingParams:
 
     normalize: bool | None = None
     dimensions: int | None = None
+    truncate_prompt_tokens: int | None = None  # the prompt's last k tokens (-1: the room)
 
     def __post_init__(self) -> None:
+        from engine.sampling_params import check_truncation
+
+        check_truncation(self.truncate_prompt_tokens)
         if self.normalize not in (None, True, False):
             raise ValueError(f"normalize must be true, false or None, got {self.normalize!r}")
         if self.dimensions is not None and (not _is_int(self.dimensions) or self.dimensions < 1):

@@ -18,6 +18,23 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def check_truncation(k: object) -> None:
+    """truncate_prompt_tokens: None (off), -1 (the context's room) or an integer >= 1."""
+    if k is not None and (not _is_int(k) or (k < 1 and k != -1)):
+        raise ValueError(
+            f"truncate_prompt_tokens must be None, -1 (the context's room) or an integer >= 1, "
+            f"got {k!r}"
+        )
+
+
+def truncate_prompt(ids: list[int], k: int | None, max_model_len: int) -> list[int]:
+    """The prompt's last k tokens (k -1: the last max_model_len - 1, leaving one for output)."""
+    if k is None:
+        return ids
+    keep = max_model_len - 1 if k == -1 else k
+    return ids[-keep:] if len(ids) > keep else ids
+
+
 def _is_real(value: object) -> bool:
     return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(
         value
@@ -61,6 +78,8 @@ class SamplingParams:
     # A JSON schema / regex / choice / grammar the output must follow (a dict is read as
     # StructuredOutputsParams' fields; `engine.structured_output`).
     structured_outputs: StructuredOutputsParams | None = None
+    # Keep only the prompt's last k tokens (-1: as many as the context leaves room for), vLLM's.
+    truncate_prompt_tokens: int | None = None
     # Normalized forms filled in by __post_init__ (not constructor arguments).
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
     stop_token_id_set: frozenset[int] = field(init=False, repr=False, default=frozenset())
@@ -125,6 +144,7 @@ class SamplingParams:
                 raise ValueError(
                     f"allowed_token_ids must be a non-empty list of integers >= 0, got {ids!r}"
                 )
+        check_truncation(self.truncate_prompt_tokens)
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
         if self.structured_outputs is not None and not isinstance(

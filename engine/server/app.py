@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.pooling import EmbeddingRequestOutput, PoolingParams, cosine, score_pairs
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import SamplingParams, check_truncation, truncate_prompt
 from engine.server.metrics import ServerMetrics
 from engine.server.protocol import (
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -246,6 +246,14 @@ def build_app(
     async def version() -> dict[str, str]:
         return {"version": _package_version()}
 
+    def truncated(ids: list[int], k: int | None, param: str) -> list[int]:
+        """A prompt cut to its last k tokens (truncate_prompt_tokens); a bad k is a 400."""
+        try:
+            check_truncation(k)
+        except ValueError as e:
+            raise bad_request(str(e), "truncate_prompt_tokens") from e
+        return truncate_prompt(ids, k, engine.max_model_len)
+
     async def pooled(inputs: list, params: PoolingParams, prefix: str, what: str, param: str):
         """A _Run of one pooling request per input (text or token ids), started; a text server
         or an input that encodes to nothing is a 400."""
@@ -256,6 +264,8 @@ def build_app(
             )  # fmt: skip
         tok = engine.tokenizer
         prompts = [list(tok.encode(x)) if isinstance(x, str) else list(x) for x in inputs]
+        k = params.truncate_prompt_tokens
+        prompts = [truncated(ids, k, param) for ids in prompts]
         if any(not ids for ids in prompts):
             raise bad_request(f"{param} is empty: it encodes to zero tokens", param)
         run = _Run(state, prefix, 1, None)
@@ -269,9 +279,11 @@ def build_app(
         req = parse_request(EmbeddingRequest, await _read_body(request, max_body_bytes))
         state.check_model(req.model)
         try:
-            params = PoolingParams(dimensions=req.dimensions)
+            params = PoolingParams(
+                dimensions=req.dimensions, truncate_prompt_tokens=req.truncate_prompt_tokens
+            )
         except ValueError as e:
-            raise bad_request(str(e), "dimensions") from e
+            raise bad_request(str(e), str(e).split(" ", 1)[0]) from e
         run = await pooled(req.inputs(), params, "embd", "embeddings", "input")
 
         def body(outs) -> dict:
@@ -407,6 +419,11 @@ def build_app(
         # echo with logprobs: the prompt's logprobs too; echo with max_tokens 0: only those
         # (one token is generated and dropped, as vLLM does).
         prompt_logprobs = req.logprobs if req.echo else None
+        cut = [truncated(ids, req.truncate_prompt_tokens, "prompt") for _, ids in prompts]
+        # a cut text prompt echoes as its kept tokens' text
+        prompts = [
+            (t if len(c) == len(ids) else None, c) for (t, ids), c in zip(prompts, cut, strict=True)
+        ]
         for _, ids in prompts:
             if not ids:
                 raise bad_request("prompt is empty: it encodes to zero tokens", "prompt")
@@ -438,6 +455,7 @@ def build_app(
         state.check_model(req.model)
         mode, tool = req.tool_mode(auto_parser=state.tool_parser is not None)
         ids = chat_ids(req.conversation(), req.add_generation_prompt, req.tool_dicts())
+        ids = truncated(ids, req.truncate_prompt_tokens, "messages")
         if req.max_completion_tokens is not None:
             field_name = "max_completion_tokens"
         else:

@@ -89,6 +89,7 @@ class _SamplingRequest(BaseModel):
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
     priority: int = 0  # lower runs first (a server started with --scheduling-policy priority)
+    truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the room)
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs object, and vLLM's
     # older guided_* fields (one of them per request).
     response_format: dict[str, Any] | None = None
@@ -188,6 +189,7 @@ class _SamplingRequest(BaseModel):
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 structured_outputs=self.structured(),
+                truncate_prompt_tokens=self.truncate_prompt_tokens,
             )
         except ValueError as e:
             param = str(e).split(" ", 1)[0]
@@ -396,6 +398,7 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
+    truncate_prompt_tokens: int | None = None  # keep each input's last k tokens (-1: the room)
     user: str | None = None
 
     def inputs(self) -> list[str | list[int]]:

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from models_fixtures import cpu_llm
 from transformers import AutoModel
 
 from engine import LLM, PoolingParams, SamplingParams
@@ -129,3 +130,20 @@ def test_parallel_engines_give_the_same_vectors(tiny, parallel):
     for a, b in zip(want, got, strict=True):
         assert torch.allclose(torch.tensor(a.outputs.embedding), torch.tensor(b.outputs.embedding),
                               atol=1e-4)  # fmt: skip
+
+
+def test_truncate_prompt_tokens(tiny, reference):
+    ids = _prompts(1, seed=11)[0] + list(range(3, 60))
+    llm = _llm(tiny)
+    (out,) = llm.embed(
+        prompt_token_ids=[ids], pooling_params=PoolingParams(truncate_prompt_tokens=9)
+    )
+    assert out.prompt_token_ids == ids[-9:]
+    want = torch.nn.functional.normalize(reference(ids[-9:]), dim=-1)
+    assert torch.allclose(torch.tensor(out.outputs.embedding), want, atol=ATOL)
+    gen = cpu_llm(tiny, max_model_len=32)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, truncate_prompt_tokens=-1)
+    (g,) = gen.generate(prompt_token_ids=[ids], sampling_params=params)
+    assert g.prompt_token_ids == ids[-31:] and len(g.outputs[0].token_ids) <= 4
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be None, -1"):
+        SamplingParams(truncate_prompt_tokens=0)

@@ -101,3 +101,19 @@ def test_score_and_rerank(pooling_server, tiny_model):
 def test_a_text_server_refuses_scores(server):
     r = server.http().post("/v1/score", json={"text_1": "a", "text_2": "b"})
     assert r.status_code == 400 and "--runner pooling" in r.text
+
+
+def test_truncate_prompt_tokens_on_every_route(pooling_server, server):
+    long = " ".join(["word"] * 30)  # ~150 tokens of the tiny vocabulary: fits the context
+    http = pooling_server.http()
+    full = http.post("/v1/embeddings", json={"input": long}).json()
+    cut = http.post("/v1/embeddings", json={"input": long, "truncate_prompt_tokens": 5}).json()
+    assert cut["usage"]["prompt_tokens"] == 5 < full["usage"]["prompt_tokens"]
+    bad = http.post("/v1/embeddings", json={"input": long, "truncate_prompt_tokens": 0})
+    assert bad.status_code == 400 and "truncate_prompt_tokens must be" in bad.text
+    r = server.http().post("/v1/completions", json={
+        "prompt": long, "max_tokens": 2, "echo": True, "truncate_prompt_tokens": 4,
+        "ignore_eos": True, "temperature": 0,
+    }).json()  # fmt: skip
+    assert r["usage"]["prompt_tokens"] == 4, r
+    assert len(r["choices"][0]["text"]) < len(long)  # the echo is the kept tokens' text
