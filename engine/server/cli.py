@@ -95,8 +95,8 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--tool-call-parser",
         choices=TOOL_CALL_PARSERS,
         default=None,
-        help="how the model writes tool calls: hermes (<tool_call> tags: Qwen 2.5 / 3, Hermes) "
-        "or llama3_json (a JSON object: Llama 3.1 / 3.2)",
+        help="how the model writes tool calls: hermes (<tool_call> tags: Qwen 2.5 / 3, Hermes), "
+        "llama3_json (a JSON object: Llama 3.1 / 3.2) or pythonic ([f(a=1), ...]: Llama 3.2 / 4)",
     )
     p.add_argument(
         "--scheduling-policy",

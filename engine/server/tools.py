@@ -8,7 +8,9 @@
   writes calls in its own format and a parser (`--tool-call-parser`, vLLM's names) takes them out of
   the text: `hermes` (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`: Qwen 2.5 / 3,
   Hermes) or `llama3_json` (the whole reply a `{"name": ..., "parameters": {...}}` object, or
-  several joined by ";", optionally after `<|python_tag|>`: Llama 3.1 / 3.2).
+  several joined by ";", optionally after `<|python_tag|>`: Llama 3.1 / 3.2) or `pythonic` (the
+  reply a Python list of calls with keyword arguments, `[f(a=1), g(b="x")]`, optionally between
+  `<|python_start|>` and `<|python_end|>`: Llama 3.2 / 4's pythonic templates).
 - `tool_choice: "none"`: the tools reach the chat template, nothing is parsed.
 
 The tools always reach the model's chat template (`tools=`), which decides how the model sees them.
@@ -16,13 +18,14 @@ The tools always reach the model's chat template (`tools=`), which decides how t
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")
 
 
 @dataclass
@@ -163,11 +166,55 @@ class Llama3JsonParser(ToolParser):
         return len(text)
 
 
+class PythonicParser(ToolParser):
+    START, END = "<|python_start|>", "<|python_end|>"
+
+    def _body(self, text: str) -> str:
+        body = text.strip()
+        if body.startswith(self.START):
+            body = body[len(self.START) :]
+            body = body[: body.rindex(self.END)] if self.END in body else body
+        return body.strip()
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        """A reply that is exactly a list of calls (names, keyword arguments of Python
+        literals) gives those calls; anything else stays text."""
+        body = self._body(text)
+        if not body.startswith("["):
+            return text, []
+        try:
+            tree = ast.parse(body, mode="eval").body
+            if not isinstance(tree, ast.List) or not tree.elts:
+                return text, []
+            calls = []
+            for node in tree.elts:
+                if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+                    return text, []
+                if node.args:  # positional arguments have no names to send
+                    return text, []
+                args = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
+                if None in args:  # **kwargs
+                    return text, []
+                calls.append(ToolCall(node.func.id, json.dumps(args, ensure_ascii=False)))
+        except (SyntaxError, ValueError, TypeError):
+            return text, []
+        return None, calls
+
+    def streamable(self, text: str) -> int:
+        """Nothing while the reply may still be a list of calls."""
+        body = text.lstrip()
+        if not body or body.startswith("[") or self.START.startswith(body[: len(self.START)]):
+            return 0
+        return len(text)
+
+
 def make_parser(name: str) -> ToolParser:
     if name == "hermes":
         return HermesParser()
     if name == "llama3_json":
         return Llama3JsonParser()
+    if name == "pythonic":
+        return PythonicParser()
     raise ValueError(f"unknown tool call parser {name!r}; known: {', '.join(TOOL_CALL_PARSERS)}")
 
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from engine.server.protocol import ChatCompletionRequest
-from engine.server.tools import HermesParser, Llama3JsonParser, ToolReply
+from engine.server.tools import HermesParser, Llama3JsonParser, PythonicParser, ToolReply
 from engine.tokenizer import apply_chat_template
 from tests.server.conftest import MODEL_NAME, make_engine, start_server
 
@@ -84,6 +84,24 @@ def test_llama3_json_parser():
     assert p.parse('{"no": "name"}') == ('{"no": "name"}', [])
     assert p.streamable("  {") == 0 and p.streamable("<|py") == 0
     assert p.streamable("The answer") == len("The answer")
+
+
+def test_pythonic_parser():
+    p = PythonicParser()
+    content, calls = p.parse('[get_weather(city="Paris", celsius=True), get_time(zone="UTC")]')
+    assert content is None
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "celsius": True}),
+        ("get_time", {"zone": "UTC"}),
+    ]
+    wrapped = "<|python_start|>[f(x=[1, 2], y=None)]<|python_end|>"
+    assert [(c.name, json.loads(c.arguments)) for c in p.parse(wrapped)[1]] == [
+        ("f", {"x": [1, 2], "y": None})
+    ]
+    for text in ("[1, 2, 3]", "[f(1)]", "[f(**kw)]", "[f(x=y)]", "[f(", "It is [f(x=1)]", "[]"):
+        assert p.parse(text) == (text, []), text  # not a list of keyword calls: text
+    assert p.streamable(" [f(") == 0 and p.streamable("<|python") == 0
+    assert p.streamable("Sure") == len("Sure")
 
 
 def test_auto_stream_deltas_add_up_to_the_whole_reply():
