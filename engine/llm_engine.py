@@ -1039,6 +1039,7 @@ class LLMEngine:
             finished=request.is_finished,
             metrics=state.metrics,
             prompt_logprobs=state.prompt_logprobs,
+            num_cached_tokens=request.num_cached_tokens or 0,
         )
 
     # -- stats --------------------------------------------------------------------------------

@@ -427,6 +427,8 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             seq.num_computed_tokens = num_cached
+            if seq.request.num_cached_tokens is None:  # the first admission's hits count
+                seq.request.num_cached_tokens = num_cached
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=_priority)
             running_slots += self._num_seqs_needed(seq)

@@ -142,6 +142,7 @@ class Request:
         self.arrival_index = -1
         self.seqs: list[Sequence] = []
         self.is_forked = False  # True once the n outputs exist (n == 1: after the first token)
+        self.num_cached_tokens: int | None = None  # prefix-cache hits at its first admission
 
     @property
     def n(self) -> int:

@@ -707,7 +707,8 @@ class _Run:
         generated = 0
         if not self.echo_only:
             generated = sum(len(c.token_ids) for out in outs for c in out.outputs)
-        return usage(sum(self.prompt_lens), generated)
+        cached = sum(getattr(out, "num_cached_tokens", 0) for out in outs)
+        return usage(sum(self.prompt_lens), generated, cached)
 
     def _echoed(self, out: RequestOutput, c: CompletionOutput, end: int, prefix: str | None):
         """A completion choice's text, logprobs and finish from its first token through `end`:

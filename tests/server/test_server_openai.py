@@ -538,3 +538,15 @@ def test_priority_needs_the_priority_policy(client, tiny_model):
         assert r.choices[0].finish_reason in ("stop", "length")
     finally:
         handle.stop()
+
+
+def test_usage_counts_prefix_cache_hits(client, offline):
+    prompt = "A prompt seen twice: " + " ".join(f"w{i}" for i in range(30))  # many full blocks
+    first = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2)
+    again = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < again.usage.prompt_tokens and cached % 16 == 0  # whole blocks
+    runs = [offline.generate(prompt, SamplingParams(max_tokens=1), use_tqdm=False)[0]
+            for _ in range(2)]  # fmt: skip
+    assert [o.num_cached_tokens for o in runs] == [0, cached]  # RequestOutput has it too
