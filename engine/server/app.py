@@ -227,14 +227,17 @@ def build_app(
         }
 
     def chat_ids(
-        conversation: list[dict[str, Any]], add_generation_prompt: bool, tools=None
+        conversation: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        tools=None,
+        continue_final_message: bool = False,
     ) -> list[int]:
         """The conversation (and tools) rendered with the model's chat template; a refusal is
         a 400."""
         try:
             return apply_chat_template(
                 engine.tokenizer, conversation, add_generation_prompt=add_generation_prompt,
-                tools=tools,
+                tools=tools, continue_final_message=continue_final_message,
             )  # fmt: skip
         except TokenizerLoadError as e:
             raise bad_request(str(e), "messages") from e
@@ -454,7 +457,10 @@ def build_app(
         req.check()
         state.check_model(req.model)
         mode, tool = req.tool_mode(auto_parser=state.tool_parser is not None)
-        ids = chat_ids(req.conversation(), req.add_generation_prompt, req.tool_dicts())
+        ids = chat_ids(
+            req.conversation(), req.add_generation_prompt, req.tool_dicts(),
+            req.continue_final_message,
+        )  # fmt: skip
         ids = truncated(ids, req.truncate_prompt_tokens, "messages")
         if req.max_completion_tokens is not None:
             field_name = "max_completion_tokens"

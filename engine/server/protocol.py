@@ -309,11 +309,23 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = None
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # vLLM's: the model continues the last message
     tools: list[ToolSpec] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
     def check(self) -> None:
         self.check_common()
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise bad_request(
+                    "continue_final_message needs add_generation_prompt=false (the last message "
+                    "is continued, no new turn opened)", "continue_final_message",
+                )  # fmt: skip
+            if self.messages[-1].role != "assistant":
+                raise bad_request(
+                    "continue_final_message needs the last message to be the assistant's, got "
+                    f"{self.messages[-1].role!r}", "continue_final_message",
+                )  # fmt: skip
         self.tool_mode(auto_parser=True)  # shape checks; the server's own rule comes later
         if self.top_logprobs is not None:
             if not self.logprobs:

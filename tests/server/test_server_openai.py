@@ -550,3 +550,23 @@ def test_usage_counts_prefix_cache_hits(client, offline):
     runs = [offline.generate(prompt, SamplingParams(max_tokens=1), use_tqdm=False)[0]
             for _ in range(2)]  # fmt: skip
     assert [o.num_cached_tokens for o in runs] == [0, cached]  # RequestOutput has it too
+
+
+def test_continue_final_message(client, offline):
+    messages = [*MESSAGES, {"role": "assistant", "content": "The capital is"}]
+    r = client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=4, temperature=0,
+        extra_body={"continue_final_message": True, "add_generation_prompt": False, **NO_EOS},
+    )  # fmt: skip
+    tok = offline.get_tokenizer()
+    ids = apply_chat_template(tok, messages, add_generation_prompt=False,
+                              continue_final_message=True)  # fmt: skip
+    assert tok.decode(ids).endswith("The capital is")  # the turn is left open
+    want = offline.generate(prompt_token_ids=[ids], sampling_params=_greedy(4), use_tqdm=False)
+    assert r.choices[0].message.content == want[0].outputs[0].text
+    for extra, match in (({"continue_final_message": True}, "add_generation_prompt=false"),
+                         ({"continue_final_message": True, "add_generation_prompt": False},
+                          "last message to be the assistant's")):  # fmt: skip
+        with pytest.raises(openai.BadRequestError, match=match):
+            client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2,
+                                           extra_body=extra)  # fmt: skip
