@@ -162,13 +162,22 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
     ) -> list[RequestOutput]:
-        """Render each conversation with the model's chat template, then generate."""
+        """Render each conversation with the model's chat template (with `tools`, OpenAI's
+        function specs, and chat_template_kwargs such as Qwen3's enable_thinking), then
+        generate."""
         if messages and isinstance(messages[0], dict):
             messages = [messages]  # type: ignore[list-item]
         items = []
         for conv in messages:
-            ids = apply_chat_template(self.engine.tokenizer, list(conv))  # type: ignore[arg-type]
+            ids = apply_chat_template(
+                self.engine.tokenizer, list(conv), add_generation_prompt, tools,  # type: ignore[arg-type]
+                continue_final_message, chat_template_kwargs,
+            )  # fmt: skip
             items.append((self.engine.tokenizer.decode(ids), ids))
         return self._run(items, self._params_list(sampling_params, len(items)), use_tqdm)
 

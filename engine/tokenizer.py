@@ -46,17 +46,20 @@ def apply_chat_template(
     add_generation_prompt: bool = True,
     tools: list[dict[str, Any]] | None = None,
     continue_final_message: bool = False,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Render `messages` (and `tools`, OpenAI's function specs, for templates that show them)
     with the tokenizer's chat template and return the prompt's token ids. continue_final_message:
-    the last (assistant) message is left open for the model to continue (no end-of-turn)."""
+    the last (assistant) message is left open for the model to continue (no end-of-turn).
+    template_kwargs: extra variables the template reads (vLLM's chat_template_kwargs, e.g.
+    Qwen3's enable_thinking)."""
     if not getattr(tokenizer, "chat_template", None):
         raise TokenizerLoadError(
             "the tokenizer has no chat template; pass a plain prompt instead of messages"
         )
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools,
-        continue_final_message=continue_final_message,
+        continue_final_message=continue_final_message, **(template_kwargs or {}),
     )  # fmt: skip
     # The template already writes any BOS/special tokens it wants.
     return list(tokenizer.encode(text, add_special_tokens=False))

@@ -231,6 +231,7 @@ def build_app(
         add_generation_prompt: bool,
         tools=None,
         continue_final_message: bool = False,
+        template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         """The conversation (and tools) rendered with the model's chat template; a refusal is
         a 400."""
@@ -238,6 +239,7 @@ def build_app(
             return apply_chat_template(
                 engine.tokenizer, conversation, add_generation_prompt=add_generation_prompt,
                 tools=tools, continue_final_message=continue_final_message,
+                template_kwargs=template_kwargs,
             )  # fmt: skip
         except TokenizerLoadError as e:
             raise bad_request(str(e), "messages") from e
@@ -459,7 +461,7 @@ def build_app(
         mode, tool = req.tool_mode(auto_parser=state.tool_parser is not None)
         ids = chat_ids(
             req.conversation(), req.add_generation_prompt, req.tool_dicts(),
-            req.continue_final_message,
+            req.continue_final_message, req.chat_template_kwargs,
         )  # fmt: skip
         ids = truncated(ids, req.truncate_prompt_tokens, "messages")
         if req.max_completion_tokens is not None:

@@ -310,6 +310,7 @@ class ChatCompletionRequest(_SamplingRequest):
     max_completion_tokens: int | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # vLLM's: the model continues the last message
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: e.g. {"enable_thinking": false}
     tools: list[ToolSpec] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
@@ -326,6 +327,13 @@ class ChatCompletionRequest(_SamplingRequest):
                     "continue_final_message needs the last message to be the assistant's, got "
                     f"{self.messages[-1].role!r}", "continue_final_message",
                 )  # fmt: skip
+        reserved = {"messages", "tools", "add_generation_prompt", "continue_final_message",
+                    "tokenize"} & set(self.chat_template_kwargs or {})  # fmt: skip
+        if reserved:
+            raise bad_request(
+                f"chat_template_kwargs may not set {sorted(reserved)}: they are request fields",
+                "chat_template_kwargs",
+            )
         self.tool_mode(auto_parser=True)  # shape checks; the server's own rule comes later
         if self.top_logprobs is not None:
             if not self.logprobs:

@@ -253,3 +253,29 @@ def test_auto_tool_choice_with_a_parser(tiny_model):
         assert text == r.choices[0].message.content
     finally:
         handle.stop()
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_model, client):
+    from engine import LLM, SamplingParams
+
+    llm = LLM(model=str(tiny_model), dtype="float32", device="cpu", kv_cache_memory_bytes=4 << 20)
+    tok = llm.get_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %} /no_think{% endif %}"
+        "{% for t in tools or [] %} [{{ t.function.name }}]{% endfor %}"
+    )
+    msgs = [{"role": "user", "content": "hi"}]
+    assert tok.decode(apply_chat_template(tok, msgs, template_kwargs={"enable_thinking": False}))\
+        == "hi /no_think"  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    (a,) = llm.chat(msgs, params, use_tqdm=False, chat_template_kwargs={"enable_thinking": False},
+                    tools=[WEATHER])  # fmt: skip
+    assert tok.decode(a.prompt_token_ids) == "hi /no_think [get_weather]"
+    bad = {"chat_template_kwargs": {"tools": []}}
+    with pytest.raises(openai.BadRequestError, match="may not set"):
+        client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2,
+                                       extra_body=bad)  # fmt: skip
+    r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2,
+                                       extra_body={"chat_template_kwargs": {"x": 1}})  # fmt: skip
+    assert r.choices[0].finish_reason in ("stop", "length")
