@@ -22,6 +22,7 @@ import ast
 import json
 import re
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,15 +82,15 @@ def parse_required(text: str) -> list[ToolCall] | None:
 
 
 # -- parsers of free-form ("auto") replies --------------------------------------------------------
-class ToolParser:
+class ToolParser(ABC):
     """Takes tool calls out of a reply: `parse(text)` -> (content or None, calls); `streamable
     (text)` -> how much of a reply still being written can go out as content now."""
 
-    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        raise NotImplementedError
+    @abstractmethod
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]: ...
 
-    def streamable(self, text: str) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def streamable(self, text: str) -> int: ...
 
 
 def _call_from(obj: Any, args_keys: tuple[str, ...]) -> ToolCall | None:
