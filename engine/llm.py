@@ -17,7 +17,8 @@ from engine.pooling import (
     PoolingParams,
     ScoringOutput,
     ScoringRequestOutput,
-    cosine,
+    distinct_texts,
+    pair_scores,
     score_pairs,
 )
 from engine.sampling_params import SamplingParams
@@ -215,14 +216,11 @@ class LLM:
         )
         if self.engine.pooling is None:
             raise ValueError("score needs a pooling engine: LLM(model, runner='pooling')")
-        keys = list(dict.fromkeys(_key(t) for pair in pairs for t in pair))
-        items = [(k, None) if isinstance(k, str) else (None, list(k)) for k in keys]
+        texts = distinct_texts(pairs)
+        items = [(t, None) if isinstance(t, str) else (None, list(t)) for t in texts]
         outs = self._run(items, [PoolingParams(normalize=True)] * len(items), use_tqdm)
-        vec = {k: o.outputs.embedding for k, o in zip(keys, outs, strict=True)}
-        return [
-            ScoringRequestOutput(str(i), ScoringOutput(cosine(vec[_key(a)], vec[_key(b)])))
-            for i, (a, b) in enumerate(pairs)
-        ]
+        scores = pair_scores(pairs, texts, [o.outputs.embedding for o in outs])
+        return [ScoringRequestOutput(str(i), ScoringOutput(s)) for i, s in enumerate(scores)]
 
     def beam_search(
         self,
@@ -336,7 +334,3 @@ def _items(
     if isinstance(prompts, str):
         prompts = [prompts]
     return [(p, None) for p in prompts]  # type: ignore[union-attr]
-
-
-def _key(text: str | list[int]) -> str | tuple[int, ...]:
-    return text if isinstance(text, str) else tuple(text)

@@ -150,6 +150,22 @@ def score_pairs(text_1, text_2) -> list[tuple]:
     return list(zip(a, b, strict=True))
 
 
+def distinct_texts(pairs: list[tuple]) -> list:
+    """Each text of `pairs` once, in first-seen order (token-id lists as tuples): what a score
+    request embeds."""
+    return list(dict.fromkeys(_text_key(t) for pair in pairs for t in pair))
+
+
+def pair_scores(pairs: list[tuple], texts: list, embeddings: list[list[float]]) -> list[float]:
+    """The cosine similarity of each pair, from the embeddings of `distinct_texts(pairs)`."""
+    vec = dict(zip(texts, embeddings, strict=True))
+    return [cosine(vec[_text_key(a)], vec[_text_key(b)]) for a, b in pairs]
+
+
+def _text_key(text):
+    return text if isinstance(text, str) else tuple(text)
+
+
 def cosine(u: list[float], v: list[float]) -> float:
     """The cosine similarity of two embeddings (0 when either is all zeros)."""
     x = torch.tensor(u, dtype=torch.float64)

@@ -28,7 +28,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
 from engine.outputs import CompletionOutput, RequestOutput
-from engine.pooling import EmbeddingRequestOutput, PoolingParams, cosine, score_pairs
+from engine.pooling import (
+    EmbeddingRequestOutput,
+    PoolingParams,
+    distinct_texts,
+    pair_scores,
+    score_pairs,
+)
 from engine.sampling_params import SamplingParams, check_truncation, truncate_prompt
 from engine.server.metrics import ServerMetrics
 from engine.server.protocol import (
@@ -307,14 +313,11 @@ def build_app(
     async def similarities(request: Request, pairs: list[tuple], prefix: str, param: str, build):
         """Embed each distinct text of `pairs` once (normalized) and answer build(run, the
         pairs' cosine similarities)."""
-        keys = list(dict.fromkeys(t if isinstance(t, str) else tuple(t) for p in pairs for t in p))
-        run = await pooled(keys, PoolingParams(normalize=True), prefix, "scores", param)
+        texts = distinct_texts(pairs)
+        run = await pooled(texts, PoolingParams(normalize=True), prefix, "scores", param)
 
         def body(outs) -> dict:
-            vec = {k: o.outputs.embedding for k, o in zip(keys, outs, strict=True)}
-            at = [(a if isinstance(a, str) else tuple(a), b if isinstance(b, str) else tuple(b))
-                  for a, b in pairs]  # fmt: skip
-            return build(run, [cosine(vec[a], vec[b]) for a, b in at])
+            return build(run, pair_scores(pairs, texts, [o.outputs.embedding for o in outs]))
 
         return await run.respond(request, body)
 
