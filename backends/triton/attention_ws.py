@@ -70,6 +70,18 @@ MAX_SPLITS = 128
 # 512 / 1024 this one is 4-6% faster) and always past one program per SM (64 x 512 40.1 against
 # the Triton kernel's 40.3, 256 x 1024 247.4 / 251.1).
 PERSISTENT_MIN_TOKENS = 4096
+# HAL_ATTN_WS_EARLY (on; =0 off): under PDL a program reads its sequence's length and block-table
+# entries and issues the TMA copies of its pages before the wait for the kernel before it, all
+# but the page that holds the step's own token (position seq_len - 1), which waits; the consumers
+# wait before reading the query and the default partition before its stores. Right because the
+# kernels that may still run when this one starts are the qkv GEMM and the rotary + KV write
+# after it (which lets this kernel start early: rotary.EARLY_TRIGGER), and they write only this
+# step's query and its own tokens' K / V slots; the lengths and block tables are copied from the
+# host before the step, the other pages hold tokens of earlier steps, and a page shared between
+# sequences (prefix caching) is full, so never written again. 2 x H200, TP=2 batch-1 decode
+# alternated in one call (thirty-fourth session): 2.60 / 2.61 -> 2.58 / 2.58 ms (with the combine
+# reading its lengths early too, EARLY_META), 2.54 / 2.55 with the rotary kernel's early trigger.
+EARLY_PAGES = os.environ.get("HAL_ATTN_WS_EARLY", "1") != "0"
 # Set (to the error) when the kernel failed to compile with this Triton: the decode path then
 # keeps the Triton kernel, with the reason logged once (attention_decode._decode).
 BROKEN: str | None = None
@@ -79,11 +91,26 @@ if HAVE_GLUON:
     BLOCK_M = gl.constexpr(16)  # mma.sync rows: the group's heads, padded
 
     @gluon.jit
-    def _producer(k_desc, v_desc, k_smem, v_smem, ready, empty, bt_row_ptr, lo, hi,
-                  kv_col, PAGE: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    def _producer(k_desc, v_desc, k_smem, v_smem, ready, empty, bt_row_ptr, lo, hi, early_end,
+                  kv_col, PAGE: gl.constexpr, STAGES: gl.constexpr, EARLY: gl.constexpr,
+                  PDL: gl.constexpr):  # fmt: skip
         # Pages lo .. hi - 1 of the sequence into the ring, slot j % STAGES for the j-th; the
-        # page's block-table entry loads before the wait for its slot.
-        for i in range(lo, hi):
+        # page's block-table entry loads before the wait for its slot. EARLY: the pages before
+        # early_end (the page being written this step) go before the PDL wait, the rest after.
+        mid = lo
+        if EARLY:
+            mid = gl.maximum(gl.minimum(hi, early_end), lo)
+            _issue_pages(k_desc, v_desc, k_smem, v_smem, ready, empty, bt_row_ptr, lo, lo, mid,
+                         kv_col, PAGE, STAGES)  # fmt: skip
+            gluon_grid_wait(PDL)
+        _issue_pages(k_desc, v_desc, k_smem, v_smem, ready, empty, bt_row_ptr, lo, mid, hi,
+                     kv_col, PAGE, STAGES)  # fmt: skip
+
+    @gluon.jit
+    def _issue_pages(k_desc, v_desc, k_smem, v_smem, ready, empty, bt_row_ptr, lo, first, end,
+                     kv_col, PAGE: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+        # Pages first .. end - 1 (the ring counts from lo).
+        for i in range(first, end):
             page = gl.load(bt_row_ptr + i)
             j = i - lo
             slot = j % STAGES
@@ -128,7 +155,9 @@ if HAVE_GLUON:
     def _consumer(k_smem, v_smem, ready, empty, acc_smem, ml_smem, q_row_ptr, group,
                   seq_len, lo, hi, s_scale, C: gl.constexpr, NC: gl.constexpr,
                   PAGE: gl.constexpr, HEAD_DIM: gl.constexpr, STAGES: gl.constexpr,
-                  DT: gl.constexpr):  # fmt: skip
+                  DT: gl.constexpr, EARLY: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
+        if EARLY:  # the query is the kernel before's output
+            gluon_grid_wait(PDL)
         mma: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1],
                                                       instr_shape=[16, 8])  # fmt: skip
         a_op: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
@@ -155,9 +184,12 @@ if HAVE_GLUON:
                           seq_lens_ptr, stride_bt_row, num_heads, group, s_scale, num_splits,
                           min_split_pages, PAGE: gl.constexpr, HEAD_DIM: gl.constexpr,
                           STAGES: gl.constexpr, NC: gl.constexpr, SPLIT: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr, PDL: gl.constexpr):  # fmt: skip
-        # The default partition's warps wait here before any read; the workers start after.
-        gluon_grid_wait(PDL)
+                          CONSUMER_REGS: gl.constexpr, EARLY: gl.constexpr,
+                          PDL: gl.constexpr):  # fmt: skip
+        # Without EARLY the default partition's warps wait here before any read and the workers
+        # start after; with it (see EARLY_PAGES) every partition waits where it needs to.
+        if not EARLY:
+            gluon_grid_wait(PDL)
         kv_head = gl.program_id(0)
         seq = gl.program_id(1)
         split = gl.program_id(2)
@@ -190,15 +222,20 @@ if HAVE_GLUON:
         gl.warp_specialize(
             [
                 (_producer, (k_desc, v_desc, k_smem, v_smem, ready, empty, bt_row_ptr, lo, hi,
-                             kv_head * HEAD_DIM, PAGE, STAGES)),
+                             (seq_len - 1) // PAGE, kv_head * HEAD_DIM, PAGE, STAGES, EARLY,
+                             PDL)),
                 (_consumer, (k_smem, v_smem, ready, empty, acc_smem, ml_smem, q_row_ptr, group,
-                             seq_len, lo, hi, s_scale, 0, NC, PAGE, HEAD_DIM, STAGES, dt)),
+                             seq_len, lo, hi, s_scale, 0, NC, PAGE, HEAD_DIM, STAGES, dt, EARLY,
+                             PDL)),
                 (_consumer, (k_smem, v_smem, ready, empty, acc_smem, ml_smem, q_row_ptr, group,
-                             seq_len, lo, hi, s_scale, 1, NC, PAGE, HEAD_DIM, STAGES, dt)),
+                             seq_len, lo, hi, s_scale, 1, NC, PAGE, HEAD_DIM, STAGES, dt, EARLY,
+                             PDL)),
                 (_consumer, (k_smem, v_smem, ready, empty, acc_smem, ml_smem, q_row_ptr, group,
-                             seq_len, lo, hi, s_scale, 2, NC, PAGE, HEAD_DIM, STAGES, dt)),
+                             seq_len, lo, hi, s_scale, 2, NC, PAGE, HEAD_DIM, STAGES, dt, EARLY,
+                             PDL)),
                 (_consumer, (k_smem, v_smem, ready, empty, acc_smem, ml_smem, q_row_ptr, group,
-                             seq_len, lo, hi, s_scale, 3, NC, PAGE, HEAD_DIM, STAGES, dt)),
+                             seq_len, lo, hi, s_scale, 3, NC, PAGE, HEAD_DIM, STAGES, dt, EARLY,
+                             PDL)),
             ],
             [1] * NC,
             [CONSUMER_REGS] * NC,
@@ -350,7 +387,7 @@ def kv_descriptors(query, key_cache, value_cache):
 
 def _launch(query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, s_scale,
             out, splits, min_split_pages, stages, consumer_regs, maxnreg, pdl):  # fmt: skip
-    from backends.triton.attention_decode import _reduce_kernel
+    from backends.triton.attention_decode import EARLY_META, EARLY_TRIGGER, _reduce_kernel
 
     num_tokens, num_heads, head_dim = query.shape
     page, kv_heads = key_cache.shape[1:3]
@@ -368,7 +405,8 @@ def _launch(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
     _ws_decode_kernel[(kv_heads, num_seqs, splits)](
         query, k_desc, v_desc, out, part_out, part_lse, bt, seq_lens, bt.stride(0), num_heads,
         num_heads // kv_heads, s_scale, splits, min_split_pages, PAGE=page, HEAD_DIM=head_dim,
-        STAGES=stages, NC=CONSUMERS, SPLIT=splits > 1, CONSUMER_REGS=consumer_regs, PDL=pdl,
+        STAGES=stages, NC=CONSUMERS, SPLIT=splits > 1, CONSUMER_REGS=consumer_regs,
+        EARLY=EARLY_PAGES and pdl, PDL=pdl,
         num_warps=4, **({"maxnreg": maxnreg} if maxnreg else {}), **launch,
     )  # fmt: skip
     if splits > 1:
@@ -376,7 +414,8 @@ def _launch(query, key_cache, value_cache, block_tables, seq_lens, query_start_l
             part_out, part_lse, out, seq_lens, query_start_loc, out.stride(0), out.stride(1),
             num_heads, head_dim, splits, min_split_pages, 0, 1, 1.0, INTERPRET=False,
             EVEN_D=True, BLOCK_N=page, SPLITS_P2=triton.next_power_of_2(splits),
-            HEAD_DIM_P2=head_dim, EARLY_META=False, EARLY_TRIGGER=False, PDL=pdl, num_warps=4,
+            HEAD_DIM_P2=head_dim, EARLY_META=EARLY_META, EARLY_TRIGGER=EARLY_TRIGGER, PDL=pdl,
+            num_warps=4,
             **launch,
         )  # fmt: skip
     return out

@@ -113,16 +113,16 @@ types = {"q_ptr": "*bf16", "k_desc": desc, "v_desc": desc, "out_ptr": "*bf16",
          "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "bt_ptr": "*i32",
          "seq_lens_ptr": "*i32", "s_scale": "fp32"}
 out = {}
-for split in (False, True):
+for split, early in ((False, False), (True, False), (False, True), (True, True)):
     consts = dict(PAGE=16, HEAD_DIM=128, STAGES=ws.STAGES, NC=ws.CONSUMERS, SPLIT=split,
-                  CONSUMER_REGS=ws.CONSUMER_REGS, PDL=True)
+                  CONSUMER_REGS=ws.CONSUMER_REGS, EARLY=early, PDL=True)
     sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     src = gluon._runtime.GluonASTSource(
         fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
         attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types if "ptr" in n})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                          options=dict(num_warps=4, maxnreg=ws.MAX_REGS)).asm["ptx"]
-    out[str(split)] = [w for w in ("cp.async.bulk.tensor", "mma.sync.aligned.m16n8k16",
+    out[f"{split}-{early}"] = [w for w in ("cp.async.bulk.tensor", "mma.sync.aligned.m16n8k16",
                                    "setmaxnreg", "griddepcontrol.wait") if w in ptx]
 print(json.dumps(out))
 """
@@ -131,14 +131,15 @@ print(json.dumps(out))
 @pytest.mark.skipif(not ws.HAVE_GLUON, reason="this Triton has no Gluon")
 def test_compiles_for_sm90_offline() -> None:
     # The installed Triton builds the kernel for an H100 / H200 without a GPU (its bundled
-    # ptxas, in a fresh interpreter-free process), whole and split: TMA page copies, mma.sync
-    # dots, the partitions' register reallocation and the PDL wait are there.
+    # ptxas, in a fresh interpreter-free process), whole and split, with the pages before the
+    # PDL wait (EARLY_PAGES) and without: TMA page copies, mma.sync dots, the partitions'
+    # register reallocation and the PDL wait are there.
     from tests.backends.triton.test_pipeline_stages import run_offline
 
     found = run_offline(OFFLINE)
     everything = ["cp.async.bulk.tensor", "mma.sync.aligned.m16n8k16", "setmaxnreg",
                   "griddepcontrol.wait"]  # fmt: skip
-    assert found == {"False": everything, "True": everything}
+    assert found == {f"{s}-{e}": everything for s in (False, True) for e in (False, True)}
 
 
 OFFLINE_PERSISTENT = r"""
