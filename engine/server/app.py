@@ -488,7 +488,10 @@ def build_app(
             params = dataclasses.replace(params, structured_outputs=so)
             reply = ToolReply("required")
         elif mode == "auto":
-            reply = ToolReply("auto", parser=make_parser(state.tool_parser))
+            parser = make_parser(state.tool_parser)
+            reply = ToolReply("auto", parser=parser)
+            if parser.keeps_special_tokens:  # the calls' markers are special tokens
+                params = dataclasses.replace(params, skip_special_tokens=False)
         # a constrained reply (structured outputs, a named or required tool) has no thinking
         reasoning = state.reasoning if params.structured_outputs is None else None
         run = _Run(state, "chatcmpl", req.n, req.engine_logprobs(), tools=reply,

@@ -10,7 +10,10 @@
   Hermes) or `llama3_json` (the whole reply a `{"name": ..., "parameters": {...}}` object, or
   several joined by ";", optionally after `<|python_tag|>`: Llama 3.1 / 3.2) or `pythonic` (the
   reply a Python list of calls with keyword arguments, `[f(a=1), g(b="x")]`, optionally between
-  `<|python_start|>` and `<|python_end|>`: Llama 3.2 / 4's pythonic templates).
+  `<|python_start|>` and `<|python_end|>`: Llama 3.2 / 4's pythonic templates) or `mistral`
+  (`[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`: Mistral 7B v0.3, Nemo; or
+  `[TOOL_CALLS]name[ARGS]{...}` per call: Mistral Small 3.2, Magistral; `[TOOL_CALLS]` is a special
+  token, so such replies are decoded with skip_special_tokens off, as vLLM does).
 - `tool_choice: "none"`: the tools reach the chat template, nothing is parsed.
 
 The tools always reach the model's chat template (`tools=`), which decides how the model sees them.
@@ -26,7 +29,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
-TOOL_CALL_PARSERS = ("hermes", "llama3_json", "pythonic")
+TOOL_CALL_PARSERS = ("hermes", "llama3_json", "mistral", "pythonic")
 
 
 @dataclass
@@ -84,7 +87,11 @@ def parse_required(text: str) -> list[ToolCall] | None:
 # -- parsers of free-form ("auto") replies --------------------------------------------------------
 class ToolParser(ABC):
     """Takes tool calls out of a reply: `parse(text)` -> (content or None, calls); `streamable
-    (text)` -> how much of a reply still being written can go out as content now."""
+    (text)` -> how much of a reply still being written can go out as content now.
+    keeps_special_tokens: the calls' markers are special tokens, so the reply must be decoded
+    with skip_special_tokens off."""
+
+    keeps_special_tokens = False
 
     @abstractmethod
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]: ...
@@ -100,6 +107,18 @@ def _call_from(obj: Any, args_keys: tuple[str, ...]) -> ToolCall | None:
         if key in obj:
             return ToolCall(obj["name"], _arguments(obj[key]))
     return ToolCall(obj["name"], "{}")
+
+
+def _held_back(text: str, tag: str) -> int:
+    """How much of `text` can go out as content: everything before `tag`, holding back a tail
+    that may begin it."""
+    at = text.find(tag)
+    if at >= 0:
+        return at
+    for keep in range(min(len(tag) - 1, len(text)), 0, -1):
+        if tag.startswith(text[-keep:]):
+            return len(text) - keep
+    return len(text)
 
 
 class HermesParser(ToolParser):
@@ -124,13 +143,7 @@ class HermesParser(ToolParser):
 
     def streamable(self, text: str) -> int:
         """Everything before a tag start, holding back a tail that may begin one."""
-        at = text.find(self.START)
-        if at >= 0:
-            return at
-        for keep in range(min(len(self.START) - 1, len(text)), 0, -1):
-            if self.START.startswith(text[-keep:]):
-                return len(text) - keep
-        return len(text)
+        return _held_back(text, self.START)
 
 
 class Llama3JsonParser(ToolParser):
@@ -209,11 +222,64 @@ class PythonicParser(ToolParser):
         return len(text)
 
 
+class MistralParser(ToolParser):
+    """Content, then `[TOOL_CALLS]` and either a JSON array (or object) of calls with
+    "arguments" (tokenizer v3 templates) or, per call, `name[ARGS]{json}` (v11 and later; a
+    `[CALL_ID]id` between the name and `[ARGS]` is skipped; each call after the first repeats
+    `[TOOL_CALLS]`). Anything that does not parse whole stays text."""
+
+    TAG, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+    keeps_special_tokens = True
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        start = text.find(self.TAG)
+        if start < 0:
+            return text, []
+        body = text[start + len(self.TAG) :].strip()
+        calls = self._json_calls(body) if body[:1] in ("[", "{") else self._tagged_calls(body)
+        if not calls:
+            return text, []
+        content = text[:start].strip()
+        return (content or None), calls
+
+    @staticmethod
+    def _json_calls(body: str) -> list[ToolCall] | None:
+        try:
+            value, end = json.JSONDecoder().raw_decode(body)
+        except json.JSONDecodeError:
+            return None
+        if body[end:].strip():
+            return None
+        items = value if isinstance(value, list) else [value]
+        calls = [_call_from(obj, ("arguments", "parameters")) for obj in items]
+        return None if not calls or None in calls else calls
+
+    def _tagged_calls(self, body: str) -> list[ToolCall] | None:
+        calls = []
+        for part in body.split(self.TAG):
+            head, sep, args = part.partition(self.ARGS)
+            name = head.partition(self.CALL_ID)[0].strip()
+            if not sep or not name or any(c in name for c in " \n\t{}[]\"'"):
+                return None
+            try:
+                value = json.loads(args)
+            except json.JSONDecodeError:
+                return None
+            calls.append(ToolCall(name, _arguments(value)))
+        return calls
+
+    def streamable(self, text: str) -> int:
+        """Everything before the tag, holding back a tail that may begin it."""
+        return _held_back(text, self.TAG)
+
+
 def make_parser(name: str) -> ToolParser:
     if name == "hermes":
         return HermesParser()
     if name == "llama3_json":
         return Llama3JsonParser()
+    if name == "mistral":
+        return MistralParser()
     if name == "pythonic":
         return PythonicParser()
     raise ValueError(f"unknown tool call parser {name!r}; known: {', '.join(TOOL_CALL_PARSERS)}")

@@ -1,7 +1,8 @@
-"""Tool calling on chat completions: the free-form parsers (hermes, llama3_json) and their
-streaming hold-back against hand-written replies; on the real server, named and required tool
-choices (constrained, so valid on any model: the tiny random one here), streaming deltas equal to
-the whole reply, tools and earlier calls reaching the chat template, and the 400s."""
+"""Tool calling on chat completions: the free-form parsers (hermes, llama3_json, mistral,
+pythonic) and their streaming hold-back against hand-written replies; on the real server, named
+and required tool choices (constrained, so valid on any model: the tiny random one here),
+streaming deltas equal to the whole reply, tools and earlier calls reaching the chat template, a
+mistral-parsed request decoded with its special tokens, and the 400s."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import openai
 import pytest
 
 from engine.server.protocol import ChatCompletionRequest
-from engine.server.tools import HermesParser, Llama3JsonParser, PythonicParser, ToolReply
+from engine.server.tools import (
+    HermesParser,
+    Llama3JsonParser,
+    MistralParser,
+    PythonicParser,
+    ToolReply,
+    make_parser,
+)
 from engine.tokenizer import apply_chat_template
 from tests.server.conftest import MODEL_NAME, make_engine, start_server
 
@@ -102,6 +110,51 @@ def test_pythonic_parser():
         assert p.parse(text) == (text, []), text  # not a list of keyword calls: text
     assert p.streamable(" [f(") == 0 and p.streamable("<|python") == 0
     assert p.streamable("Sure") == len("Sure")
+
+
+def test_mistral_parser():
+    p = MistralParser()
+    assert (
+        make_parser("mistral").keeps_special_tokens
+        and not make_parser("hermes").keeps_special_tokens
+    )
+    # tokenizer v3: a JSON array of calls after the tag
+    text = (
+        'Checking. [TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+        '{"name": "get_time", "arguments": {"zone": "UTC"}}]'
+    )
+    content, calls = p.parse(text)
+    assert content == "Checking."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {"zone": "UTC"}),
+    ]
+    single = p.parse('[TOOL_CALLS]{"name": "f", "arguments": {}}')
+    assert single[0] is None and [(c.name, c.arguments) for c in single[1]] == [("f", "{}")]
+    # v11+: name[ARGS]{json} per call, the tag repeated; a call id skipped
+    text = (
+        '[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}'
+        '[TOOL_CALLS]get_time[CALL_ID]a1b2c3d4e[ARGS]{"zone": "CET"}'
+    )
+    content, calls = p.parse(text)
+    assert content is None
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Oslo"}),
+        ("get_time", {"zone": "CET"}),
+    ]
+    for text in (
+        "no calls",
+        "[TOOL_CALLS] [{not json}]",
+        '[TOOL_CALLS] [{"arguments": {}}]',  # no name
+        '[TOOL_CALLS] [{"name": "f", "arguments": {}}] and more',
+        "[TOOL_CALLS]f[ARGS]{broken",
+        '[TOOL_CALLS]f {"x": 1}',  # no [ARGS]
+        "[TOOL_CALLS]",
+    ):
+        assert p.parse(text) == (text, []), text
+    assert p.streamable("Hi [TOOL") == len("Hi ")
+    assert p.streamable("Hi [TOOL_CALLS]f") == len("Hi ")
+    assert p.streamable("a [1, 2]") == len("a [1, 2]")
 
 
 def test_auto_stream_deltas_add_up_to_the_whole_reply():
@@ -253,6 +306,31 @@ def test_auto_tool_choice_with_a_parser(tiny_model):
         assert text == r.choices[0].message.content
     finally:
         handle.stop()
+
+
+def test_mistral_parser_requests_keep_special_tokens(tiny_model):
+    # [TOOL_CALLS] is a special token: an auto request under the mistral parser is decoded with
+    # skip_special_tokens off (vLLM does the same); a request without tools keeps the default.
+    engine = make_engine(tiny_model)
+    seen = []
+    original = engine.add_request
+
+    async def recording(prompt, params, *args, **kw):
+        seen.append(params.skip_special_tokens)
+        return await original(prompt, params, *args, **kw)
+
+    engine.add_request = recording
+    handle = start_server(engine, tool_call_parser="mistral", enable_auto_tool_choice=True)
+    try:
+        client = handle.client()
+        for tools in ([WEATHER], None):
+            extra = {"tools": tools} if tools else {}
+            r = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=4,
+                                               temperature=0, **extra)  # fmt: skip
+            assert r.choices[0].message.tool_calls is None  # random weights write no calls
+    finally:
+        handle.stop()
+    assert seen == [False, True]
 
 
 def test_chat_template_kwargs_reach_the_template(tiny_model, client):
