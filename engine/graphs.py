@@ -13,6 +13,7 @@ the token and sequence counts alone, so a padded bucket captures.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -28,6 +29,12 @@ logger = logging.getLogger(__name__)
 CAPTURABLE_ATTENTION = frozenset({"triton"})
 # Graph implementations that replay eagerly (no capture).
 EAGER_GRAPHS = frozenset({"eager", "reference"})
+# HAL_DECODE_GRAPH_SEQ_LEN (tokens; 0, the default: max_model_len): the longest-context hint the
+# decode graphs are captured with (`ForwardBatch.max_seq_len`). The attention sizes its KV splits
+# by it, so a smaller hint captures small batches unsplit (no combine kernel after the attention)
+# while contexts far above it run long ranges in few programs. A probe for measuring that trade
+# (results are right at any context: the hint only sizes the launch).
+DECODE_SEQ_LEN_HINT = int(os.environ.get("HAL_DECODE_GRAPH_SEQ_LEN", "0"))
 
 
 def default_sizes(max_num_seqs: int) -> tuple[int, ...]:
@@ -210,6 +217,8 @@ class DecodeGraphs(_BucketGraphs):
         self.seq_lens = torch.ones(top, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((top, max_blocks_per_seq), dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(top, dtype=torch.int64, device=dev)
+        hint = DECODE_SEQ_LEN_HINT
+        self.seq_len_hint = min(hint, max_model_len) if hint > 0 else max_model_len
 
     def _batch(self, b: int) -> ForwardBatch:
         return ForwardBatch(
@@ -221,7 +230,7 @@ class DecodeGraphs(_BucketGraphs):
             block_tables=self.block_tables[:b],
             logits_indices=self.logits_indices[:b],
             max_query_len=1,
-            max_seq_len=self.max_model_len,
+            max_seq_len=self.seq_len_hint,
         )
 
     def bucket(self, batch: ForwardBatch) -> int | None:

@@ -100,6 +100,28 @@ def test_replay_equals_eager(tiny, device, lengths):
     torch.testing.assert_close(got, expect, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_short_context_hint_replays_equal_to_eager(tiny, device, monkeypatch):
+    # HAL_DECODE_GRAPH_SEQ_LEN: the captures take the smaller max_seq_len hint (the attention
+    # sizes its KV splits by it), and contexts above it still come out right.
+    import engine.graphs as graphs_mod
+
+    lengths = [3, 9, 30]
+    eager = _runner(tiny, device, ())
+    expect = _prefill_then_decode(eager, lengths)
+    monkeypatch.setattr(graphs_mod, "DECODE_SEQ_LEN_HINT", 8)
+    graphed = _runner(tiny, device, (1, 2, 4))
+    _capture(graphed, device)
+    assert graphed.graphs.seq_len_hint == 8 and graphed.graphs._batch(4).max_seq_len == 8
+    got = _prefill_then_decode(graphed, lengths)
+    tol = 1e-5 if device == "cpu" else 2e-2
+    torch.testing.assert_close(got, expect, atol=tol, rtol=tol)
+    monkeypatch.setattr(graphs_mod, "DECODE_SEQ_LEN_HINT", 1000)  # capped by max_model_len
+    capped = _runner(tiny, "cpu", (1,))
+    capped.capture_graphs(allow_eager=True)
+    assert capped.graphs.seq_len_hint == 64
+
+
 def test_bucket_choice_and_fallbacks(tiny):
     runner = _runner(tiny, "cpu", (1, 2, 4))
     runner.capture_graphs(allow_eager=True)
