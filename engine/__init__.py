@@ -3,7 +3,7 @@
 from engine.beam_search import BeamSearchOutput, BeamSearchParams
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
-from engine.pooling import EmbeddingRequestOutput, PoolingParams
+from engine.pooling import EmbeddingRequestOutput, PoolerConfig, PoolingParams
 from engine.sampling_params import SamplingParams
 from engine.structured_output import StructuredOutputsParams
 
@@ -14,6 +14,7 @@ __all__ = [
     "CompletionOutput",
     "EmbeddingRequestOutput",
     "Logprob",
+    "PoolerConfig",
     "PoolingParams",
     "RequestOutput",
     "SamplingParams",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.config import CacheConfig, SchedulerConfig
-from engine.pooling import RUNNERS
+from engine.pooling import RUNNERS, PoolerConfig
 from engine.spec_config import SpeculativeConfig
 
 # CPU default for the KV cache when kv_cache_memory_bytes is not given.
@@ -100,6 +100,9 @@ class EngineConfig:
     speculative_config: SpeculativeConfig | dict | None = None
     # "generate" (text) or "pooling" (embeddings: prompts only, `engine.pooling`), vLLM's runner.
     runner: str = "generate"
+    # vLLM's pooler_config for a pooling engine: {"pooling_type": "LAST" | "MEAN", "normalize":
+    # bool} or an engine.pooling.PoolerConfig; None: the model's sentence-transformers setting.
+    pooler_config: PoolerConfig | dict | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -125,6 +128,9 @@ class EngineConfig:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.runner == "pooling" and self.speculative_config is not None:
             raise ValueError("a pooling engine generates nothing: leave speculative_config out")
+        self.pooler_config = PoolerConfig.parse(self.pooler_config)
+        if self.pooler_config is not None and self.runner != "pooling":
+            raise ValueError("pooler_config applies to a pooling engine (runner='pooling')")
         if self.async_scheduling not in (None, True, False):
             raise ValueError(
                 "async_scheduling must be True, False or None (auto), got "

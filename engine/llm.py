@@ -14,6 +14,7 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.pooling import (
     EmbeddingRequestOutput,
+    PoolerConfig,
     PoolingParams,
     ScoringOutput,
     ScoringRequestOutput,
@@ -43,6 +44,8 @@ class LLM:
     cache in FP8 (half of bf16's bytes, so twice the tokens fit), values stored unscaled
     (kv_scale 1) and decoded exactly by the attention kernels.
     runner: "generate" (text), or "pooling": an embedding engine (`embed`, `engine.pooling`).
+    pooler_config: a pooling engine's pooling, vLLM's {"pooling_type": "LAST" | "MEAN",
+    "normalize": bool} (None: the model's sentence-transformers setting, else LAST).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class LLM:
         kv_cache_dtype: str = "auto",
         speculative_config: dict | None = None,
         runner: str = "generate",
+        pooler_config: PoolerConfig | dict | None = None,
     ) -> None:
         cache = CacheConfig(
             block_size=block_size,
@@ -109,6 +113,7 @@ class LLM:
             async_scheduling=async_scheduling,
             speculative_config=speculative_config,
             runner=runner,
+            pooler_config=pooler_config,
             cache=cache,
             scheduler=sched,
             parallel=ParallelConfig(

@@ -35,8 +35,8 @@ from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOut
 from engine.pooling import (
     EmbeddingOutput,
     EmbeddingRequestOutput,
-    PoolingConfig,
     PoolingParams,
+    engine_pooling,
     finish_embedding,
 )
 from engine.runner import ModelRunner, TokenFeed
@@ -100,6 +100,9 @@ class _RequestState:
     # a pooling engine's request: its parameters and, once its prompt ran, its embedding
     pooling: PoolingParams | None = None
     embedding: list[float] | None = None
+    # MEAN pooling: the fp32 sum of the prompt's final hidden rows so far, and how many
+    pool_sum: torch.Tensor | None = None
+    pool_count: int = 0
 
 
 # What the scheduler runs a pooling request as: its prompt, then one (never reported) token.
@@ -158,9 +161,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         # A pooling engine (embeddings): the model's pooling, read before anything loads.
-        self.pooling = (
-            PoolingConfig.from_model(config.model) if config.runner == "pooling" else None
-        )
+        self.pooling = engine_pooling(config)
         caps = platforms.detect()
         self._freezes_heap = _freezes_heap(config, caps)
         if self._freezes_heap:  # earlier engines' frozen garbage goes before memory is measured
@@ -207,6 +208,10 @@ class LLMEngine:
             )
         self.max_model_len = max_model_len
         cache = copy.copy(config.cache)
+        if self.pooling is not None and self.pooling.pooling_type == "MEAN":
+            if cache.enable_prefix_caching:  # a cache hit would skip rows of the mean
+                logger.info("mean pooling: prefix caching off (every prompt token is pooled)")
+            cache.enable_prefix_caching = False
         sched = copy.copy(config.scheduler)
         sched.max_model_len = max_model_len
         try:
@@ -218,7 +223,8 @@ class LLMEngine:
                     self.model, self.backend, cache.block_size, kv_dtype,
                     graph_sizes=configured_sizes(self.config), max_model_len=max_model_len,
                     mixed_graph_sizes=configured_mixed_sizes(self.config),
-                    max_num_seqs=sched.max_num_seqs, pooling=self.pooling is not None,
+                    max_num_seqs=sched.max_num_seqs,
+                    pooling=self.pooling.pooling_type if self.pooling else None,
                 )  # fmt: skip
                 self.executor = UniprocExecutor(self.runner)
             self.memory_plan = self._plan_memory(cache)
@@ -976,14 +982,19 @@ class LLMEngine:
         sampled: dict[int, list[int]] = {}
         if result is not None:
             rows = torch.as_tensor(result)
-            sampling = [ss for ss in out.scheduled if ss.num_samples]
-            if rows.shape[0] != len(sampling):
-                raise RuntimeError(f"{rows.shape[0]} hidden rows for {len(sampling)} prompts")
-            for row, ss in zip(rows, sampling, strict=True):
+            mean = self.pooling.pooling_type == "MEAN"  # a row per scheduled sequence
+            scheduled = out.scheduled if mean else [ss for ss in out.scheduled if ss.num_samples]
+            if rows.shape[0] != len(scheduled):
+                raise RuntimeError(f"{rows.shape[0]} hidden rows for {len(scheduled)} sequences")
+            for row, ss in zip(rows, scheduled, strict=True):
                 seq = ss.seq
                 state = self.requests.get(seq.request.request_id)
                 if seq.is_finished or state is None:  # aborted while in flight
                     continue
+                if mean:
+                    row = self._pool_mean(state, ss, row)
+                    if row is None:  # the prompt goes on in a later chunk
+                        continue
                 state.embedding = finish_embedding(row, state.pooling, self.pooling)
                 if state.metrics.first_token_time is None:
                     state.metrics.first_token_time = time.time()
@@ -991,6 +1002,24 @@ class LLMEngine:
         new_seqs = self.scheduler.update_from_output(out, sampled, is_stopped=_always)
         self._record_kv_peak()
         return self._collect_outputs(new_seqs, stream)
+
+    @staticmethod
+    def _pool_mean(state: _RequestState, ss, row: torch.Tensor) -> torch.Tensor | None:
+        """Add a chunk's row sum to the request's; its mean once the prompt is done (None
+        before). A chunk from position 0 starts the sum again (a preempted prompt recomputes)."""
+        if ss.start_pos == 0 or state.pool_sum is None:
+            state.pool_sum, state.pool_count = row.clone(), 0
+        else:
+            state.pool_sum += row
+        state.pool_count += ss.num_new_tokens
+        if not ss.num_samples:
+            return None
+        if state.pool_count != ss.seq.num_prompt_tokens:
+            raise RuntimeError(
+                f"request {state.request.request_id}: mean pooling saw {state.pool_count} of "
+                f"its {ss.seq.num_prompt_tokens} prompt tokens"
+            )
+        return state.pool_sum / state.pool_count
 
     def _make_output(self, state: _RequestState) -> RequestOutput | EmbeddingRequestOutput:
         if state.pooling is not None:

@@ -2,13 +2,20 @@
 `LLM.embed`, the server's /v1/embeddings).
 
 A pooling engine runs prompts only: each request's prompt is prefilled (in chunks, like any
-prompt) and the final hidden state of its last token (after the model's final norm) is its
-embedding: last-token pooling, what decoder embedding models (Qwen3-Embedding, gte-Qwen2,
-e5-mistral, SFR-Embedding) are trained for. The step returns those hidden rows instead of logits
-(in-process, or from a parallel engine's output rank); the request then finishes. Normalization
-(L2, on by default) and Matryoshka truncation (`dimensions`: the first d values, normalized
-after) are per request. A sentence-transformers folder's pooling config is read: a pooling mode
-other than last-token is refused with what it asked for.
+prompt) and its embedding comes from the final hidden states (after the model's final norm):
+- "LAST" (the default): the last token's, what most decoder embedding models (Qwen3-Embedding,
+  gte-Qwen2, e5-mistral, SFR-Embedding) are trained for; the step returns those rows instead of
+  logits;
+- "MEAN": the mean over every prompt token (GritLM-style models): each step returns, per
+  scheduled sequence, the fp32 sum of its rows, which the engine adds up over the prompt's
+  chunks (a prefix-cache hit would skip rows, so a mean-pooling engine runs without prefix
+  caching; a preempted prompt starts its sum again).
+Rows come in-process, or from a parallel engine's output rank; the request then finishes.
+Normalization (L2, on by default) and Matryoshka truncation (`dimensions`: the first d values,
+normalized after) are per request. The pooling comes from a sentence-transformers folder's
+pooling config (`pooling_mode_lasttoken` / `pooling_mode_mean_tokens`; another mode is refused
+with what it asked for), or vLLM's `pooler_config` ({"pooling_type": "MEAN", "normalize": ...})
+overrides it.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from pathlib import Path
 import torch
 
 RUNNERS = ("generate", "pooling")
+POOLING_TYPES = ("LAST", "MEAN")
+# sentence-transformers' pooling modes this engine runs, and as which pooling type
+_ST_MODES = {"pooling_mode_lasttoken": "LAST", "pooling_mode_mean_tokens": "MEAN"}
 
 
 def _is_int(value: object) -> bool:
@@ -64,23 +74,92 @@ class EmbeddingRequestOutput:
 
 
 @dataclass(frozen=True)
-class PoolingConfig:
-    """The model's pooling: always last-token here; normalize its default."""
+class PoolerConfig:
+    """vLLM's `pooler_config`: overrides the model's pooling. pooling_type: "LAST" or "MEAN"
+    (any case; None: the model's sentence-transformers setting, else LAST); normalize: the
+    default of requests that leave PoolingParams.normalize unset (None: the model's)."""
 
-    normalize: bool = True
+    pooling_type: str | None = None
+    normalize: bool | None = None
+
+    def __post_init__(self) -> None:
+        kind = self.pooling_type
+        if kind is not None:
+            if not isinstance(kind, str) or kind.upper() not in POOLING_TYPES:
+                raise ValueError(
+                    f"pooler_config.pooling_type must be one of {', '.join(POOLING_TYPES)} or "
+                    f"None, got {kind!r}"
+                )
+            object.__setattr__(self, "pooling_type", kind.upper())
+        if self.normalize not in (None, True, False):
+            raise ValueError(
+                f"pooler_config.normalize must be true, false or None, got {self.normalize!r}"
+            )
 
     @classmethod
-    def from_model(cls, model: str | None) -> PoolingConfig:
+    def parse(cls, value: PoolerConfig | dict | None) -> PoolerConfig | None:
+        """A PoolerConfig from itself, a dict of its fields (e.g. the CLI's JSON) or None."""
+        if value is None or isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"pooler_config must be a dict or PoolerConfig, got {value!r}")
+        unknown = sorted(set(value) - {"pooling_type", "normalize"})
+        if unknown:
+            raise ValueError(
+                f"pooler_config: unknown field(s) {', '.join(unknown)}; known: pooling_type, "
+                "normalize"
+            )
+        return cls(**value)
+
+
+def pooler_config_arg(text: str) -> dict:
+    """The --pooler-config command-line value: a JSON object of PoolerConfig's fields (argparse
+    reports the ValueError's message as a usage error)."""
+    import argparse
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(
+            f'not JSON ({e}); e.g. \'{{"pooling_type": "MEAN"}}\''
+        ) from e
+    try:
+        PoolerConfig.parse(value)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return value
+
+
+@dataclass(frozen=True)
+class PoolingConfig:
+    """The engine's pooling: pooling_type ("LAST" or "MEAN") and the normalize default."""
+
+    normalize: bool = True
+    pooling_type: str = "LAST"
+
+    @classmethod
+    def from_model(cls, model: str | None, override: PoolerConfig | None = None) -> PoolingConfig:
         """Read a sentence-transformers folder's `modules.json` / pooling config (none: last
-        token, normalized). A pooling mode this engine does not run is a ValueError."""
+        token, normalized), then apply `override`'s fields that are set. A pooling mode this
+        engine does not run is a ValueError (unless the override names the type)."""
+        override = override or PoolerConfig()
+        normalize, kind = cls._from_sentence_transformers(model, override.pooling_type is None)
+        return cls(
+            normalize=normalize if override.normalize is None else override.normalize,
+            pooling_type=override.pooling_type or kind,
+        )
+
+    @staticmethod
+    def _from_sentence_transformers(model: str | None, strict: bool) -> tuple[bool, str]:
         if model is None or not Path(model).is_dir():
-            return cls()
+            return True, "LAST"
         folder = Path(model)
         modules = folder / "modules.json"
         if not modules.is_file():
-            return cls()
+            return True, "LAST"
         entries = json.loads(modules.read_text())
         normalize = any(str(m.get("type", "")).endswith("Normalize") for m in entries)
+        kind = "LAST"
         for m in entries:
             if not str(m.get("type", "")).endswith("Pooling"):
                 continue
@@ -89,18 +168,43 @@ class PoolingConfig:
                 continue
             cfg = json.loads(cfg_path.read_text())
             modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v is True]
-            if modes and modes != ["pooling_mode_lasttoken"]:
+            if len(modes) == 1 and modes[0] in _ST_MODES:
+                kind = _ST_MODES[modes[0]]
+            elif modes and strict:
                 raise ValueError(
                     f"{cfg_path}: pooling {', '.join(modes)} is not supported; this engine pools "
-                    "the last token (pooling_mode_lasttoken)"
+                    "the last token (pooling_mode_lasttoken) or the mean of all tokens "
+                    "(pooling_mode_mean_tokens); pooler_config={'pooling_type': ...} overrides"
                 )
-        return cls(normalize=normalize)
+        return normalize, kind
+
+
+def engine_pooling(config) -> PoolingConfig | None:
+    """An EngineConfig's pooling: None for a generating engine, else the model's pooling with
+    the config's pooler_config applied."""
+    if config.runner != "pooling":
+        return None
+    return PoolingConfig.from_model(config.model, config.pooler_config)
+
+
+def pooled_rows(hidden: torch.Tensor, batch, pooling_type: str) -> torch.Tensor | None:
+    """A pooling step's rows (fp32): LAST: the sampling rows' hidden states (the prompts that
+    finish this step; None when none do); MEAN: per scheduled sequence, the sum of its rows."""
+    from engine.runner import sampled_rows
+
+    if pooling_type == "MEAN":
+        bounds = batch.query_start_loc.tolist()
+        rows = [hidden[a:b].float().sum(0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        return torch.stack(rows) if rows else hidden.new_zeros((0, hidden.shape[-1]))
+    if batch.logits_indices.numel() == 0:
+        return None
+    return sampled_rows(hidden, batch).float()
 
 
 def finish_embedding(
     hidden: torch.Tensor, params: PoolingParams, config: PoolingConfig
 ) -> list[float]:
-    """One sequence's embedding from its last token's final hidden state (fp32 [hidden])."""
+    """One sequence's embedding from its pooled final hidden state (fp32 [hidden])."""
     vec = hidden.float()
     if params.dimensions is not None:
         if params.dimensions > vec.shape[-1]:

@@ -13,6 +13,7 @@ import torch
 
 from engine.batch import ForwardBatch
 from engine.graphs import DecodeGraphs, MixedGraphs, graph_pool_estimate, graph_reasons
+from engine.pooling import pooled_rows
 from engine.sampler import PromptRows, logprob_lists, logprob_tensors
 from engine.scheduler import ScheduledSeq, SchedulerOutput
 from hal.backend import Backend
@@ -198,13 +199,13 @@ class ModelRunner:
         max_model_len: int | None = None,
         mixed_graph_sizes: tuple[int, ...] = (),
         max_num_seqs: int | None = None,
-        pooling: bool = False,
+        pooling: str | None = None,
     ) -> None:
         """graph_sizes: decode batch sizes to capture in `capture_graphs` (empty: eager only).
         mixed_graph_sizes: token counts to capture for steps with prefill tokens, each with room
         for max_num_seqs sequences (empty: such steps run eagerly); only with graph_sizes.
-        pooling: steps return the sampling rows' final hidden states (fp32), not logits
-        (`engine.pooling`)."""
+        pooling: a pooling engine's pooling type ("LAST" or "MEAN"): steps return final hidden
+        rows (fp32, `engine.pooling.pooled_rows`), not logits."""
         self.model = model
         self.pooling = pooling
         self.backend = backend
@@ -420,11 +421,11 @@ class ModelRunner:
         if feed is not None:
             feed.write(batch.input_ids)
         hidden = self.forward(batch)  # [num_tokens, hidden]
+        if self.pooling:  # a pooling engine: hidden rows (engine.pooling)
+            return pooled_rows(hidden, batch, self.pooling)
         scored = None if prompt is None else self.score_prompt(hidden, prompt)
         logits = None
         if batch.logits_indices.numel():
-            if self.pooling:  # a pooling engine: the last prompt tokens' hidden states
-                return sampled_rows(hidden, batch).float()
             logits = self.model.compute_logits(sampled_rows(hidden, batch), float32=False)
         return logits if prompt is None else (logits, scored)
 

@@ -42,6 +42,7 @@ from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig, ParallelCon
 from engine.graphs import configured_mixed_sizes, configured_sizes
 from engine.memory import MemoryPlan
 from engine.model_config import ModelConfig
+from engine.pooling import engine_pooling
 from engine.profiling import ProfileSummary, RankProfiler
 from engine.runner import ModelRunner
 from engine.sampler import PromptRows, SamplerOutput, ScoredStep
@@ -337,7 +338,7 @@ class DistributedExecutor(Executor):
                 max_num_seqs=config.scheduler.max_num_seqs,
                 eos_token_ids=tuple(model_config.eos_token_ids),
                 kv_cache_dtype=config.cache.cache_dtype,
-                pooling=config.runner == "pooling",
+                pooling=pooling.pooling_type if (pooling := engine_pooling(config)) else None,
             )
             for r in range(world)
         ]

@@ -22,6 +22,7 @@ from engine.distributed.collectives import PipelineChannel, WorldLayout, init_wo
 from engine.distributed.oneshot import build_workspace
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.parallel import SINGLE, ParallelContext
+from engine.pooling import pooled_rows
 from engine.profiling import ProfileSummary, RankProfiler
 from engine.runner import ModelRunner, PackedStep, TokenFeed, pack_step, sampled_rows
 from engine.sampler import (
@@ -67,7 +68,8 @@ class WorkerSpec:
     max_num_seqs: int | None = None  # sequence slots of a mixed-step capture
     eos_token_ids: tuple[int, ...] = ()  # the output rank's sampler masks them under min_tokens
     kv_cache_dtype: str = "auto"  # CacheConfig.cache_dtype, resolved on the rank's platform
-    pooling: bool = False  # a pooling engine: the output rank returns hidden rows, not logits
+    # a pooling engine's pooling type ("LAST" / "MEAN"): the output rank returns hidden rows
+    pooling: str | None = None
 
 
 @dataclass
@@ -442,12 +444,13 @@ class Worker:
         """The output rank's samples (or fp32 logits) of a step's sampling rows; None elsewhere.
         step: a held or greedy step's flags (None: neither)."""
         model = self.model
-        if batch.logits_indices.numel() == 0:
-            return None
         if self.spec.pooling:  # every rank holds the hidden rows; the output rank answers
             if self.rank != self.layout.output_rank:
                 return None
-            return sampled_rows(out, batch).float().cpu().numpy()
+            rows = pooled_rows(out, batch, self.spec.pooling)
+            return None if rows is None else rows.cpu().numpy()
+        if batch.logits_indices.numel() == 0:
+            return None
         if step is not None and step.greedy:
             if not step.hold:  # the driver marks only held, plain-greedy steps greedy
                 raise RuntimeError("a greedy step must be held")

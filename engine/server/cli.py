@@ -12,6 +12,7 @@ import os
 import signal
 from pathlib import Path
 
+from engine.pooling import pooler_config_arg
 from engine.server.reasoning import REASONING_PARSERS
 from engine.server.tools import TOOL_CALL_PARSERS
 from engine.spec_config import add_speculative_arg
@@ -117,7 +118,15 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         choices=("generate", "pooling"),
         default="generate",
         help="generate: text (completions, chat); pooling: embeddings (/v1/embeddings), the last "
-        "token's final hidden state",
+        "token's final hidden state (or the mean of all: --pooler-config)",
+    )
+    p.add_argument(
+        "--pooler-config",
+        type=pooler_config_arg,
+        default=None,
+        help='a pooling engine\'s pooling, as JSON: {"pooling_type": "LAST" | "MEAN", '
+        '"normalize": true | false} (default: the model\'s sentence-transformers setting, else '
+        "LAST, normalized)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
@@ -180,6 +189,7 @@ def run_serve(args: argparse.Namespace) -> int:
             async_scheduling=False if args.no_async_scheduling else None,
             speculative_config=args.speculative_config,
             runner=args.runner,
+            pooler_config=args.pooler_config,
             cache=CacheConfig(
                 block_size=args.block_size,
                 cache_dtype=args.kv_cache_dtype,

@@ -1,6 +1,8 @@
 """Embeddings (engine/pooling.py): a pooling engine's vectors against transformers' last hidden
-state of the last token (L2-normalized), through chunked prefill, prefix-cache hits, mixed
-batches, Matryoshka dimensions, TP=2 and PP=2; the parameter and mode errors."""
+state of the last token (L2-normalized), and its mean over the prompt (MEAN pooling, chunks
+summed across steps, preempted prompts summed again), through chunked prefill, prefix-cache hits,
+mixed batches, Matryoshka dimensions, TP=2 and PP=2; the parameter, pooler_config and mode
+errors."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from models_fixtures import cpu_llm
 from transformers import AutoModel
 
-from engine import LLM, PoolingParams, SamplingParams
+from engine import LLM, PoolerConfig, PoolingParams, SamplingParams
 from engine.pooling import PoolingConfig
 
 ATOL = 1e-5  # fp32, the same ops in another order (chunks, batches): a few ulps of O(1) values
@@ -27,9 +29,10 @@ def tiny(tiny_llama):
 def reference(tiny):
     model = AutoModel.from_pretrained(str(tiny)).float().eval()
 
-    def last_hidden(ids: list[int]) -> torch.Tensor:
+    def last_hidden(ids: list[int], mean: bool = False) -> torch.Tensor:
         with torch.no_grad():
-            return model(torch.tensor([ids])).last_hidden_state[0, -1]
+            states = model(torch.tensor([ids])).last_hidden_state[0]
+        return states.mean(0) if mean else states[-1]
 
     return last_hidden
 
@@ -60,6 +63,52 @@ def test_embeddings_equal_transformers_last_token(tiny, reference):
         assert torch.allclose(torch.tensor(a.outputs.embedding), torch.tensor(b.outputs.embedding),
                               atol=ATOL)  # fmt: skip
     assert llm.engine.kv_stats().num_used_blocks == 0 and not llm.engine.requests
+
+
+def test_mean_pooling_equals_transformers_mean(tiny, reference):
+    # 32-token budget: prompts up to 70 tokens are summed over several steps' chunks
+    llm = _llm(tiny, max_num_batched_tokens=32, pooler_config={"pooling_type": "mean"})
+    assert llm.engine.pooling == PoolingConfig(normalize=True, pooling_type="MEAN")
+    assert not llm.engine.cache_config.enable_prefix_caching  # a hit would skip rows
+    prompts = _prompts(12, seed=5)
+    outs = llm.embed(prompt_token_ids=prompts)
+    for ids, out in zip(prompts, outs, strict=True):
+        want = torch.nn.functional.normalize(reference(ids, mean=True), dim=-1)
+        got = torch.tensor(out.outputs.embedding)
+        assert torch.allclose(got, want, atol=ATOL), (len(ids), (got - want).abs().max())
+        if len(ids) > 1:  # not the last token's vector
+            last = torch.nn.functional.normalize(reference(ids), dim=-1)
+            assert not torch.allclose(got, last, atol=1e-3)
+    raw = llm.embed(prompt_token_ids=prompts[:1], pooling_params=PoolingParams(normalize=False))
+    assert torch.allclose(torch.tensor(raw[0].outputs.embedding), reference(prompts[0], True),
+                          atol=ATOL)  # fmt: skip
+    assert llm.engine.kv_stats().num_used_blocks == 0 and not llm.engine.requests
+
+
+def test_mean_pooling_through_preemption(tiny, reference):
+    # One sequence slot, priority scheduling: a higher-priority prompt arriving while a long one
+    # is mid-prefill preempts it; the long one is recomputed from its first token later, and its
+    # mean starts again (16-token chunks).
+    llm = _llm(tiny, max_num_batched_tokens=16, max_num_seqs=1, scheduling_policy="priority",
+               pooler_config=PoolerConfig(pooling_type="MEAN"))  # fmt: skip
+    engine = llm.engine
+    rng = random.Random(9)
+    long_ids = [rng.randrange(3, 384) for _ in range(60)]
+    short_ids = [rng.randrange(3, 384) for _ in range(30)]
+    engine.add_request(None, PoolingParams(), long_ids, request_id="long", priority=1)
+    done = {}
+    for out in engine.step():  # the long prompt's first chunk
+        done[out.request_id] = out
+    engine.add_request(None, PoolingParams(), short_ids, request_id="short", priority=0)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    assert engine.scheduler.num_preemptions == 1
+    for rid, ids in (("long", long_ids), ("short", short_ids)):
+        want = torch.nn.functional.normalize(reference(ids, mean=True), dim=-1)
+        got = torch.tensor(done[rid].outputs.embedding)
+        assert torch.allclose(got, want, atol=ATOL), (rid, (got - want).abs().max())
 
 
 def test_dimensions_normalize_and_text_prompts(tiny, reference):
@@ -113,16 +162,37 @@ def test_sentence_transformers_pooling_config(tmp_path):
     (tmp_path / "modules.json").write_text(json.dumps(modules))
     assert PoolingConfig.from_model(str(tmp_path)) == PoolingConfig(normalize=True)
     pooling.write_text(json.dumps({"pooling_mode_mean_tokens": True}))
-    with pytest.raises(ValueError, match="pooling_mode_mean_tokens is not supported"):
+    assert PoolingConfig.from_model(str(tmp_path)) == PoolingConfig(True, "MEAN")
+    pooling.write_text(json.dumps({"pooling_mode_cls_token": True}))
+    with pytest.raises(ValueError, match="pooling_mode_cls_token is not supported"):
         PoolingConfig.from_model(str(tmp_path))
+    # vLLM's pooler_config overrides the folder's setting (and names a type the folder's lacks)
+    override = PoolerConfig(pooling_type="last", normalize=False)
+    assert PoolingConfig.from_model(str(tmp_path), override) == PoolingConfig(False, "LAST")
+    assert PoolerConfig.parse({"pooling_type": "Mean"}) == PoolerConfig("MEAN")
+    bad_configs = (
+        ({"pooling_type": "CLS"}, "must be one of LAST, MEAN"),
+        ({"normalize": "yes"}, "normalize must be"),
+        ({"pooling": "MEAN"}, "unknown field"),
+        ("MEAN", "must be a dict"),
+    )
+    for bad, match in bad_configs:
+        with pytest.raises(ValueError, match=match):
+            PoolerConfig.parse(bad)
+    with pytest.raises(ValueError, match="applies to a pooling engine"):
+        LLM(model=str(tmp_path), pooler_config={"pooling_type": "MEAN"})
 
 
 @pytest.mark.parametrize("parallel", [dict(tensor_parallel_size=2), dict(pipeline_parallel_size=2)],
                          ids=["tp2", "pp2"])  # fmt: skip
-def test_parallel_engines_give_the_same_vectors(tiny, parallel):
+@pytest.mark.parametrize("pooling_type", ["LAST", "MEAN"])
+def test_parallel_engines_give_the_same_vectors(tiny, parallel, pooling_type):
     prompts = _prompts(6, seed=8)
-    want = _llm(tiny, max_num_batched_tokens=32).embed(prompt_token_ids=prompts)
-    llm = _llm(tiny, max_num_batched_tokens=32, **parallel)
+    pooler = {"pooling_type": pooling_type}
+    want = _llm(tiny, max_num_batched_tokens=32, pooler_config=pooler).embed(
+        prompt_token_ids=prompts
+    )
+    llm = _llm(tiny, max_num_batched_tokens=32, pooler_config=pooler, **parallel)
     try:
         got = llm.embed(prompt_token_ids=prompts)
     finally:

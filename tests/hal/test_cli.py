@@ -321,11 +321,12 @@ def test_generate_takes_structured_outputs(capsys):
 
 
 def test_serve_flags_reach_the_engine_and_app(monkeypatch, capsys, tmp_path):
-    """`hal serve`'s runner, scheduling, tool and reasoning flags become the EngineConfig and
-    build_app arguments (captured before anything starts)."""
+    """`hal serve`'s runner, pooler, scheduling, tool and reasoning flags become the EngineConfig
+    and build_app arguments (captured before anything starts)."""
     pytest.importorskip("fastapi")
     from engine.async_engine import AsyncLLMEngine
     from engine.commands import main as hal_main
+    from engine.pooling import PoolerConfig
     from engine.server import app as server_app
 
     seen = {}
@@ -345,12 +346,17 @@ def test_serve_flags_reach_the_engine_and_app(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(server_app, "build_app", fake_app)
     args = ["serve", str(tmp_path), "--runner", "pooling", "--scheduling-policy", "priority",
             "--reasoning-parser", "qwen3", "--tool-call-parser", "hermes",
-            "--enable-auto-tool-choice"]  # fmt: skip
+            "--enable-auto-tool-choice", "--pooler-config", '{"pooling_type": "mean"}']  # fmt: skip
     with pytest.raises(Stop):
         hal_main(args)
     config = seen["config"]
     assert config.runner == "pooling" and config.scheduler.policy == "priority"
+    assert config.pooler_config == PoolerConfig(pooling_type="MEAN")
     assert seen["app"] == {"tool_call_parser": "hermes", "enable_auto_tool_choice": True,
                            "reasoning_parser": "qwen3"}  # fmt: skip
     code, _, err = run(capsys, "serve", "--enable-auto-tool-choice", entry=hal_main)
     assert code != 0 and "--enable-auto-tool-choice needs --tool-call-parser" in err
+    with pytest.raises(SystemExit) as exit_info:  # an argparse usage error
+        hal_main(["serve", str(tmp_path), "--pooler-config", '{"pooling_type": "CLS"}'])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "pooling_type must be one of LAST, MEAN" in err
