@@ -93,17 +93,10 @@ def add_generate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def _structured_arg(text: str):
     """The --structured-outputs value: a JSON object of StructuredOutputsParams' fields."""
-    import json
-
+    from engine.argtypes import json_option
     from engine.structured_output import StructuredOutputsParams
 
-    try:
-        return StructuredOutputsParams.from_dict(json.loads(text))
-    except json.JSONDecodeError as e:
-        example = '{"choice": ["yes", "no"]}'
-        raise argparse.ArgumentTypeError(f"not JSON ({e}); e.g. '{example}'") from e
-    except (ValueError, TypeError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
+    return json_option(text, StructuredOutputsParams.from_dict, '{"choice": ["yes", "no"]}')
 
 
 def run_generate(args: argparse.Namespace) -> int:

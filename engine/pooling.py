@@ -113,21 +113,16 @@ class PoolerConfig:
 
 
 def pooler_config_arg(text: str) -> dict:
-    """The --pooler-config command-line value: a JSON object of PoolerConfig's fields (argparse
-    reports the ValueError's message as a usage error)."""
-    import argparse
+    """The --pooler-config command-line value: a JSON object of PoolerConfig's fields."""
+    from engine.argtypes import json_option
 
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(
-            f'not JSON ({e}); e.g. \'{{"pooling_type": "MEAN"}}\''
-        ) from e
-    try:
+    example = '{"pooling_type": "MEAN"}'
+
+    def checked(value):
         PoolerConfig.parse(value)
-    except (TypeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-    return value
+        return value
+
+    return json_option(text, checked, example)
 
 
 @dataclass(frozen=True)

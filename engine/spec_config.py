@@ -4,7 +4,6 @@ engine's config and the command line read it; engine/spec_decode.py does the wor
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 
 METHODS = ("ngram",)
@@ -92,14 +91,12 @@ def add_speculative_arg(parser: argparse.ArgumentParser) -> None:
 def speculative_arg(text: str) -> dict:
     """The --speculative-config command-line value: a JSON object (argparse reports a
     ValueError's message as a usage error)."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(
-            f'not JSON ({e}); e.g. \'{{"method": "ngram", "num_speculative_tokens": 3}}\''
-        ) from e
-    try:
+    from engine.argtypes import json_option
+
+    example = '{"method": "ngram", "num_speculative_tokens": 3}'
+
+    def checked(value):
         SpeculativeConfig.parse(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-    return value
+        return value
+
+    return json_option(text, checked, example)
