@@ -121,6 +121,15 @@ def _held_back(text: str, tag: str) -> int:
     return len(text)
 
 
+def _whole_or_nothing(text: str, opener: str, tag: str) -> int:
+    """For formats where the whole reply is the calls: nothing of `text` goes out while it may
+    still become one (empty, starting with `opener`, or with a start of `tag`), else all of it."""
+    body = text.lstrip()
+    if not body or body.startswith(opener) or tag.startswith(body[: len(tag)]):
+        return 0
+    return len(text)
+
+
 class HermesParser(ToolParser):
     START, END = "<tool_call>", "</tool_call>"
     _CALL = re.compile(r"<tool_call>(.*?)</tool_call>|<tool_call>(.*)\Z", re.DOTALL)
@@ -174,10 +183,7 @@ class Llama3JsonParser(ToolParser):
 
     def streamable(self, text: str) -> int:
         """Nothing while the reply may still be a call (it starts with "{" or the tag)."""
-        body = text.lstrip()
-        if not body or body.startswith("{") or self.TAG.startswith(body[: len(self.TAG)]):
-            return 0
-        return len(text)
+        return _whole_or_nothing(text, "{", self.TAG)
 
 
 class PythonicParser(ToolParser):
@@ -216,10 +222,7 @@ class PythonicParser(ToolParser):
 
     def streamable(self, text: str) -> int:
         """Nothing while the reply may still be a list of calls."""
-        body = text.lstrip()
-        if not body or body.startswith("[") or self.START.startswith(body[: len(self.START)]):
-            return 0
-        return len(text)
+        return _whole_or_nothing(text, "[", self.START)
 
 
 class MistralParser(ToolParser):
