@@ -2,6 +2,10 @@
 
 A decode-only step (every sequence adds one token) of n sequences runs the graph of the smallest
 bucket >= n; rows n.. are padding (slot -1, so nothing is written; length 1 over the null block 0).
+A bucket is captured with the attention hint max_seq_len = max_model_len, and also once per
+context bound the backend names for it (`Backend.decode_context_bounds`: below it the decode
+attention launches fewer kernels); a step replays the capture of the smallest bound >= its
+longest context.
 
 Optionally (`mixed_graph_sizes`), steps holding prefill chunks replay too (`MixedGraphs`): one
 capture per token-count bucket, every capture with room for max_num_seqs sequences. Launching such
@@ -13,9 +17,10 @@ the token and sequence counts alone, so a padded bucket captures.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +34,6 @@ logger = logging.getLogger(__name__)
 CAPTURABLE_ATTENTION = frozenset({"triton"})
 # Graph implementations that replay eagerly (no capture).
 EAGER_GRAPHS = frozenset({"eager", "reference"})
-# HAL_DECODE_GRAPH_SEQ_LEN (tokens; 0, the default: max_model_len): the longest-context hint the
-# decode graphs are captured with (`ForwardBatch.max_seq_len`). The attention sizes its KV splits
-# by it, so a smaller hint captures small batches unsplit (no combine kernel after the attention)
-# while contexts far above it run long ranges in few programs. A probe for measuring that trade
-# (results are right at any context: the hint only sizes the launch).
-DECODE_SEQ_LEN_HINT = int(os.environ.get("HAL_DECODE_GRAPH_SEQ_LEN", "0"))
 
 
 def default_sizes(max_num_seqs: int) -> tuple[int, ...]:
@@ -151,11 +150,16 @@ class _BucketGraphs(ABC):
         return self.sizes[-1]
 
     @abstractmethod
-    def _batch(self, b: int) -> ForwardBatch:
-        """The static inputs as bucket b's batch (what its capture reads)."""
+    def _batch(self, key) -> ForwardBatch:
+        """The static inputs as the batch a capture key reads (`capture_keys`)."""
+
+    def capture_keys(self) -> list:
+        """What `capture` captures, largest first (the first sizes the shared pool): one key
+        per bucket size here."""
+        return list(reversed(self.sizes))
 
     def capture(self) -> GraphStats:
-        """Capture every bucket, largest first, into one shared memory pool."""
+        """Capture every key, largest first, into one shared memory pool."""
         dev = self.backend.device
         on_gpu = dev.type != "cpu"
         if on_gpu:
@@ -163,20 +167,23 @@ class _BucketGraphs(ABC):
         before = torch.cuda.memory_allocated(dev) if on_gpu else 0
         start = time.perf_counter()
         pool = None
-        for b in reversed(self.sizes):
-            batch = self._batch(b)
+        for key in self.capture_keys():
+            batch = self._batch(key)
             runner = self.backend.capture_graph(
                 lambda batch=batch: self.model(batch, self.kv_caches), pool=pool
             )
             pool = getattr(runner, "pool", None) if pool is None else pool
-            self.runners[b] = runner
+            self.runners[key] = runner
         if on_gpu:
             torch.cuda.synchronize(dev)
         used = (torch.cuda.memory_allocated(dev) - before) if on_gpu else 0
         self.stats = GraphStats(self.sizes, max(used, 0), time.perf_counter() - start)
+        extra = len(self.runners) - len(self.sizes)
         logger.info(
-            "captured %d %s (%s%s) in %.1f s, %.1f MiB", len(self.sizes), self.KIND,
-            _ranges(self.sizes), self.UNIT, self.stats.seconds, used / (1 << 20),
+            "captured %d %s (%s%s%s) in %.1f s, %.1f MiB", len(self.runners), self.KIND,
+            _ranges(self.sizes), self.UNIT,
+            f"; {extra} more for short contexts" if extra else "", self.stats.seconds,
+            used / (1 << 20),
         )  # fmt: skip
         return self.stats
 
@@ -210,6 +217,7 @@ class DecodeGraphs(_BucketGraphs):
         sizes: tuple[int, ...],
         max_blocks_per_seq: int,
         max_model_len: int,
+        context_bounds: Callable[[int], tuple[int, ...]] | None = None,
     ) -> None:
         super().__init__(model, backend, kv_caches, sizes, max_model_len)
         top, dev = self.sizes[-1], backend.device
@@ -217,10 +225,15 @@ class DecodeGraphs(_BucketGraphs):
         self.seq_lens = torch.ones(top, dtype=torch.int32, device=dev)
         self.block_tables = torch.zeros((top, max_blocks_per_seq), dtype=torch.int32, device=dev)
         self.logits_indices = torch.arange(top, dtype=torch.int64, device=dev)
-        hint = DECODE_SEQ_LEN_HINT
-        self.seq_len_hint = min(hint, max_model_len) if hint > 0 else max_model_len
+        # per bucket: the max_seq_len hints it is captured with, ascending, max_model_len last
+        self.hints = {b: context_hints(b, context_bounds, max_model_len) for b in self.sizes}
+        self.key_replays: Counter = Counter()  # replays per (bucket, hint)
 
-    def _batch(self, b: int) -> ForwardBatch:
+    def capture_keys(self) -> list[tuple[int, int]]:
+        return [(b, h) for b in reversed(self.sizes) for h in reversed(self.hints[b])]
+
+    def _batch(self, key: tuple[int, int]) -> ForwardBatch:
+        b, hint = key
         return ForwardBatch(
             input_ids=self.input_ids[:b],
             positions=self.positions[:b],
@@ -230,7 +243,7 @@ class DecodeGraphs(_BucketGraphs):
             block_tables=self.block_tables[:b],
             logits_indices=self.logits_indices[:b],
             max_query_len=1,
-            max_seq_len=self.seq_len_hint,
+            max_seq_len=hint,
         )
 
     def bucket(self, batch: ForwardBatch) -> int | None:
@@ -251,8 +264,10 @@ class DecodeGraphs(_BucketGraphs):
         if b > n:  # padding rows attend over one position of the null block
             self.seq_lens[n:b].fill_(1)
             self.block_tables[n:b].zero_()
-        hidden = self.runners[b].replay()
+        key = (b, next((h for h in self.hints[b] if h >= batch.max_seq_len), self.max_model_len))
+        hidden = self.runners[key].replay()
         self.replays += 1
+        self.key_replays[key] += 1
         return hidden[:n]
 
 
@@ -329,6 +344,15 @@ class MixedGraphs(_BucketGraphs):
         hidden = self.runners[b].replay()
         self.replays += 1
         return hidden[:n]
+
+
+def context_hints(
+    size: int, context_bounds: Callable[[int], tuple[int, ...]] | None, max_model_len: int
+) -> tuple[int, ...]:
+    """A decode bucket's max_seq_len hints: the backend's bounds for it below max_model_len,
+    ascending, then max_model_len."""
+    bounds = context_bounds(size) if context_bounds is not None else ()
+    return (*sorted({h for h in bounds if 0 < h < max_model_len}), max_model_len)
 
 
 def _ranges(sizes: tuple[int, ...]) -> str:

@@ -12,7 +12,13 @@ import numpy as np
 import torch
 
 from engine.batch import ForwardBatch
-from engine.graphs import DecodeGraphs, MixedGraphs, graph_pool_estimate, graph_reasons
+from engine.graphs import (
+    DecodeGraphs,
+    MixedGraphs,
+    context_hints,
+    graph_pool_estimate,
+    graph_reasons,
+)
 from engine.pooling import pooled_rows
 from engine.sampler import PromptRows, logprob_lists, logprob_tensors
 from engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -271,14 +277,22 @@ class ModelRunner:
         """(all, mixed): bytes the captures will take (decode buckets, and mixed-step buckets in
         a pool of their own), and the mixed-step part, from the activation peak of a
         profile_tokens forward."""
+        captures = sum(len(context_hints(b, self._context_bounds, self.max_model_len))
+                       for b in self.graph_sizes)  # fmt: skip
         total = graph_pool_estimate(
-            activation_peak, profile_tokens, max(self.graph_sizes), len(self.graph_sizes)
+            activation_peak, profile_tokens, max(self.graph_sizes), captures
         )
         mixed = 0
         if self.mixed_graph_sizes:
             sizes = self.mixed_graph_sizes
             mixed = graph_pool_estimate(activation_peak, profile_tokens, max(sizes), len(sizes))
         return total + mixed, mixed
+
+    def _context_bounds(self, num_seqs: int) -> tuple[int, ...]:
+        """The backend's decode context bounds for a bucket of num_seqs (DecodeGraphs)."""
+        kv_heads = self.model.kv_cache_shape(1, self.block_size)[2]
+        return self.backend.decode_context_bounds(num_seqs, kv_heads, self.block_size,
+                                                  self.max_model_len)  # fmt: skip
 
     def drop_mixed_graphs(self) -> None:
         """No mixed-step captures (the memory plan had no room for them)."""
@@ -300,7 +314,7 @@ class ModelRunner:
         max_blocks = -(-self.max_model_len // self.block_size)
         graphs = DecodeGraphs(
             self.model, self.backend, self.kv_caches, self.graph_sizes, max_blocks,
-            self.max_model_len,
+            self.max_model_len, self._context_bounds,
         )  # fmt: skip
         mixed = None
         if self.mixed_graph_sizes:

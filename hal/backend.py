@@ -593,6 +593,16 @@ class Backend(ABC):
         return hidden, residual
 
     # -- graphs ----------------------------------------------------------------------------------
+    def decode_context_bounds(
+        self, num_seqs: int, num_kv_heads: int, block_size: int, max_model_len: int
+    ) -> tuple[int, ...]:
+        """Context lengths below max_model_len up to which this backend's decode attention for
+        num_seqs sequences (num_kv_heads each, on this rank) launches a cheaper set of kernels
+        (e.g. no split-KV combine), ascending. Decode graphs capture that batch size once per
+        bound, as the `max_seq_len` hint, and once for max_model_len, and a step replays the
+        capture of the smallest bound >= its longest context. Default: none (one capture)."""
+        return ()
+
     @abstractmethod
     def capture_graph(
         self, fn: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]], pool: object | None = None

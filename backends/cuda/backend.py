@@ -54,6 +54,11 @@ def _float_reasons(**tensors: torch.Tensor | None) -> list[str]:
 
 FUSED_GATE_UP_SILU_ENV = "HAL_FUSED_GATE_UP_SILU"
 FUSED_QKV_ROTARY_ENV = "HAL_FUSED_QKV_ROTARY"
+# HAL_DECODE_CONTEXT_CLASSES=1: small decode batches whose warp-specialized attention splits at
+# max_model_len get a second graph with the longest context that runs unsplit (no combine kernel
+# after the attention), replayed while every sequence of a step is that short (see
+# `decode_context_bounds`). Off until measured on a GPU.
+DECODE_CONTEXT_CLASSES_ENV = "HAL_DECODE_CONTEXT_CLASSES"
 
 
 class CudaBackend(Backend):
@@ -661,6 +666,28 @@ class CudaBackend(Backend):
         return _triton("activation").silu_and_mul_quant_fp8(x, fp8_dtype)
 
     # -- graphs --------------------------------------------------------------------------------
+    def decode_context_bounds(self, num_seqs, num_kv_heads, block_size, max_model_len):
+        """With HAL_DECODE_CONTEXT_CLASSES=1: the longest context below which the
+        warp-specialized decode attention runs whole (`attention_ws.SPLIT_MIN_PAGES` pages),
+        when at max_model_len this batch would split (so a combine kernel follows)."""
+        if not env_flag(DECODE_CONTEXT_CLASSES_ENV) or self.chosen("attention") != "triton":
+            return ()
+        from backends.triton import attention_ws
+
+        if attention_ws.device_reason(self.caps.cc_at_least(9, 0)) is not None:
+            return ()
+        if block_size not in attention_ws.PAGE_SIZES:
+            return ()
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        programs = num_seqs * num_kv_heads
+        bound = (attention_ws.SPLIT_MIN_PAGES - 1) * block_size
+        if bound >= max_model_len:
+            return ()
+        shape = (programs, max_model_len, block_size, sms)
+        if attention_ws.route(*shape) != "ws" or attention_ws.num_splits(*shape) == 1:
+            return ()
+        return (bound,)
+
     def capture_graph(
         self, fn: Callable[[], torch.Tensor | tuple[torch.Tensor, ...]], pool: object | None = None
     ) -> GraphRunner:

@@ -12,7 +12,13 @@ from models_fixtures import build_model
 
 import hal
 import platforms
-from engine.graphs import DecodeGraphs, MixedGraphs, default_sizes, graph_reasons
+from engine.graphs import (
+    PER_GRAPH_BYTES,
+    DecodeGraphs,
+    MixedGraphs,
+    default_sizes,
+    graph_reasons,
+)
 from engine.loader import load_model
 from engine.runner import ModelRunner
 from engine.sampling_params import SamplingParams
@@ -36,13 +42,13 @@ def _backend(device: str):
     return hal.load_backend(caps, device=device)
 
 
-def _seq(i: int, length: int, blocks: list[int], decode: bool) -> ScheduledSeq:
+def _seq(i: int, length: int, blocks: list[int], decode: bool, block: int = BLOCK) -> ScheduledSeq:
     """Sequence i with `length` tokens in KV; decode adds its last token, else prefills all."""
     tokens = [(7 * i + 3 * p) % 300 + 5 for p in range(length)]
     seq = Sequence(i, Request(f"r{i}", tokens, SamplingParams()), tokens)
     start = length - 1 if decode else 0
     pos = list(range(start, length))
-    slots = [blocks[p // BLOCK] * BLOCK + p % BLOCK for p in pos]
+    slots = [blocks[p // block] * block + p % block for p in pos]
     return ScheduledSeq(seq, len(pos), start, [tokens[p] for p in pos], blocks, slots, 1)
 
 
@@ -66,19 +72,19 @@ def _capture(runner: ModelRunner, device: str) -> None:
         assert runner.capture_graphs() > 0
 
 
-def _prefill_then_decode(runner: ModelRunner, lengths: list[int]) -> torch.Tensor:
+def _prefill_then_decode(runner: ModelRunner, lengths: list[int], block: int = BLOCK):
     """Prefill each sequence to length-1 tokens, then one decode step of all; its logits."""
     tables, nxt = [], 1
     for n in lengths:
-        k = -(-n // BLOCK)
+        k = -(-n // block)
         tables.append(list(range(nxt, nxt + k)))
         nxt += k
-    for i, (n, t) in enumerate(zip(lengths, tables, strict=True)):
-        runner.execute(SchedulerOutput(scheduled=[_seq(i, n - 1, t, decode=False)]))
-    step = [
-        _seq(i, n, t, decode=True) for i, (n, t) in enumerate(zip(lengths, tables, strict=True))
-    ]
-    return runner.execute(SchedulerOutput(scheduled=step))
+    pairs = list(zip(lengths, tables, strict=True))
+    for i, (n, t) in enumerate(pairs):
+        runner.execute(SchedulerOutput(scheduled=[_seq(i, n - 1, t, False, block)]))
+    return runner.execute(
+        SchedulerOutput(scheduled=[_seq(i, n, t, True, block) for i, (n, t) in enumerate(pairs)])
+    )
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -100,26 +106,53 @@ def test_replay_equals_eager(tiny, device, lengths):
     torch.testing.assert_close(got, expect, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_short_context_hint_replays_equal_to_eager(tiny, device, monkeypatch):
-    # HAL_DECODE_GRAPH_SEQ_LEN: the captures take the smaller max_seq_len hint (the attention
-    # sizes its KV splits by it), and contexts above it still come out right.
-    import engine.graphs as graphs_mod
+def test_context_classes_replay_equal_to_eager(tiny, monkeypatch):
+    # A backend that names a context bound for small buckets: those are captured once more with
+    # it as the max_seq_len hint, a step whose longest context is within it replays that capture,
+    # a longer one the max_model_len capture; both equal the eager forward.
+    def bounds(self, num_seqs, num_kv_heads, block_size, max_model_len):
+        return (12, 99) if num_seqs <= 2 else ()
 
-    lengths = [3, 9, 30]
-    eager = _runner(tiny, device, ())
-    expect = _prefill_then_decode(eager, lengths)
-    monkeypatch.setattr(graphs_mod, "DECODE_SEQ_LEN_HINT", 8)
-    graphed = _runner(tiny, device, (1, 2, 4))
-    _capture(graphed, device)
-    assert graphed.graphs.seq_len_hint == 8 and graphed.graphs._batch(4).max_seq_len == 8
-    got = _prefill_then_decode(graphed, lengths)
-    tol = 1e-5 if device == "cpu" else 2e-2
-    torch.testing.assert_close(got, expect, atol=tol, rtol=tol)
-    monkeypatch.setattr(graphs_mod, "DECODE_SEQ_LEN_HINT", 1000)  # capped by max_model_len
-    capped = _runner(tiny, "cpu", (1,))
-    capped.capture_graphs(allow_eager=True)
-    assert capped.graphs.seq_len_hint == 64
+    monkeypatch.setattr(type(_backend("cpu")), "decode_context_bounds", bounds)
+    graphed = _runner(tiny, "cpu", (1, 2, 4))
+    assert graphed.graph_pool_estimate(0, 1)[0] == 5 * PER_GRAPH_BYTES  # 1 + 2 + 2 captures
+    graphed.capture_graphs(allow_eager=True)
+    graphs: DecodeGraphs = graphed.graphs
+    assert graphs.hints == {1: (12, 64), 2: (12, 64), 4: (64,)}  # 99 >= max_model_len: dropped
+    assert sorted(graphs.runners) == [(1, 12), (1, 64), (2, 12), (2, 64), (4, 64)]
+    eager = _runner(tiny, "cpu", ())
+    for lengths, key in (([5, 9], (2, 12)), ([5, 30], (2, 64)), ([12], (1, 12))):
+        expect = _prefill_then_decode(eager, lengths)
+        before = graphs.key_replays[key]
+        got = _prefill_then_decode(graphed, lengths)
+        assert graphs.key_replays[key] == before + 1, (lengths, graphs.key_replays)
+        torch.testing.assert_close(got, expect, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (real captures)")
+def test_context_classes_on_a_gpu(tiny, monkeypatch):
+    # HAL_DECODE_CONTEXT_CLASSES=1 on the CUDA backend: small buckets whose warp-specialized
+    # decode would split at max_model_len get a capture at the longest unsplit context (the
+    # split threshold lowered to 4 pages so the tiny model's 256 positions reach past it).
+    from backends.triton import attention_ws
+
+    monkeypatch.setenv("HAL_DECODE_CONTEXT_CLASSES", "1")
+    monkeypatch.setattr(attention_ws, "SPLIT_MIN_PAGES", 4)
+    backend = _backend("cuda")
+    if graph_reasons(backend) or attention_ws.device_reason(backend.caps.cc_at_least(9, 0)):
+        pytest.skip("needs CUDA graphs and the warp-specialized attention (sm_90+)")
+    model, _, _ = load_model(str(tiny), backend, "float32", with_tokenizer=False)
+    runner = ModelRunner(model, backend, 16, model.dtype, graph_sizes=(1, 2), max_model_len=256)
+    runner.allocate(64)
+    runner.capture_graphs()
+    assert runner.graphs.hints == {1: (48, 256), 2: (48, 256)}
+    eager = ModelRunner(model, backend, 16, model.dtype, max_model_len=256)
+    eager.allocate(64)
+    for lengths, key in (([20, 40], (2, 48)), ([20, 100], (2, 256))):
+        expect = _prefill_then_decode(eager, lengths, block=16)
+        got = _prefill_then_decode(runner, lengths, block=16)
+        assert runner.graphs.key_replays[key] == 1
+        torch.testing.assert_close(got, expect, atol=2e-2, rtol=2e-2)
 
 
 def test_bucket_choice_and_fallbacks(tiny):
