@@ -165,6 +165,13 @@ class CudaBackend(Backend):
                 if why is None
                 else f"triton (warp-specialized off: {why})"
             )
+            self.info.settings["decode_graph_context_classes"] = (
+                f"on: small decode buckets also captured unsplit up to "
+                f"{attention_ws.SPLIT_MIN_PAGES - 1} pages ({DECODE_CONTEXT_CLASSES_ENV}=1)"
+                if env_flag(DECODE_CONTEXT_CLASSES_ENV)
+                else f"off ({DECODE_CONTEXT_CLASSES_ENV}=1: a second capture of small decode "
+                "buckets for contexts the attention runs unsplit)"
+            )
         if "scaled_mm" in (self.chosen("fp8_gemm"), self.large_m_impl("fp8_gemm")):
             rowwise = caps.cc_at_least(*rules.FP8_ROWWISE_MIN_CC)
             self.info.settings["fp8_rowwise"] = "on" if rowwise else "off (needs sm_90)"
