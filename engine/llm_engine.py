@@ -507,7 +507,26 @@ class LLMEngine:
             )
         if params.structured_outputs is not None:
             self.structured.compile(params.structured_outputs)  # a bad constraint raises here
+        if params.bad_words:
+            params.bad_words_token_ids = self._bad_word_ids(params.bad_words)
         return list(prompt_token_ids)
+
+    def _bad_word_ids(self, words: list[str]) -> list[tuple[int, ...]]:
+        """Each bad word's token ids as written (leading spaces dropped) and, when a space
+        before it makes other tokens of the same count, those too (a word inside the text)."""
+        if self.tokenizer is None:
+            raise ValueError("bad_words need the model's tokenizer; this engine has none")
+        out: list[tuple[int, ...]] = []
+        for word in words:
+            bare = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            for ids in (bare, spaced):
+                if ids and ids not in out and (ids is bare or len(ids) == len(bare)):
+                    out.append(ids)
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for ids in out for t in ids):
+            raise ValueError(f"bad_words: a word encodes to token ids outside [0, {vocab})")
+        return out
 
     def _check_driver(self, what: str) -> None:
         """Refuse `what` from any thread but the AsyncLLMEngine loop that owns this engine."""
@@ -743,6 +762,7 @@ class LLMEngine:
         return (
             ss.num_samples == 1
             and not params.needs_penalties
+            and not params.bad_words_need_history
             and (params.min_tokens == 0 or ss.seq.num_output_tokens + offset >= params.min_tokens)
         )
 
@@ -801,7 +821,7 @@ class LLMEngine:
         offset: output tokens sampled but not yet appended (a step scheduled ahead: 1); such
         rows carry no histories (`_device_samplable`)."""
         rows: list[SamplingRow] = []
-        reads: dict[int, tuple[bool, bool]] = {}  # id(params) -> (penalties, min_tokens)
+        reads: dict[int, tuple[bool, bool]] = {}  # id(params) -> (penalties, output history)
         forks = False
         constrained: list[tuple[int, int, Sequence, list[int]]] = []  # first row, rows, seq, draft
         for ss in sampling:
@@ -810,9 +830,12 @@ class LLMEngine:
             params = request.sampling_params
             read = reads.get(id(params))
             if read is None:
-                read = reads[id(params)] = (params.needs_penalties, params.min_tokens > 0)
+                read = reads[id(params)] = (
+                    params.needs_penalties,
+                    params.min_tokens > 0 or params.bad_words_need_history,
+                )
             # The sampler reads the prompt only for penalties and the output tokens for
-            # penalties or min_tokens: skip copying (and shipping) them otherwise.
+            # penalties, min_tokens or bad words: skip copying (and shipping) them otherwise.
             prompt = request.prompt_token_ids if read[0] else ()
             history = seq.output_token_ids if read[0] or read[1] else ()
             num_output = len(seq.token_ids) - seq.num_prompt_tokens + offset

@@ -198,7 +198,8 @@ def apply_min_tokens(
 
 def apply_logit_edits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     """In place: each row's logit_bias added, then every token outside its allowed_token_ids or
-    its structured-output bitmask set to -inf (rows without any are untouched)."""
+    its structured-output bitmask, and the tokens its bad_words ban here, set to -inf (rows
+    without any are untouched)."""
     masked = [i for i, row in enumerate(rows) if row.token_bitmask is not None]
     if masked:
         words = torch.stack([rows[i].token_bitmask for i in masked])
@@ -215,6 +216,24 @@ def apply_logit_edits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None
             masked = torch.full_like(logits[i], float("-inf"))
             masked[keep] = logits[i, keep]
             logits[i] = masked
+        if p.bad_words_token_ids:
+            banned = banned_by_bad_words(p.bad_words_token_ids, row.output_token_ids)
+            if banned:
+                logits[i, banned] = float("-inf")
+
+
+def banned_by_bad_words(
+    words: Sequence[Sequence[int]], output: Sequence[int] | torch.Tensor
+) -> list[int]:
+    """The last token of every bad word whose other tokens end the output so far (every
+    one-token word's), sorted and distinct."""
+    longest = max(len(w) for w in words) - 1
+    tail = output[len(output) - longest :] if longest else ()
+    tail = tuple(tail.tolist() if isinstance(tail, torch.Tensor) else tail)
+    banned = {
+        w[-1] for w in words if len(w) == 1 or tail[len(tail) - len(w) + 1 :] == tuple(w[:-1])
+    }
+    return sorted(banned)
 
 
 def _flat_token_ids(

@@ -73,6 +73,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    # Words never to complete (vLLM's field): the engine tokenizes each (as written and after a
+    # space) into bad_words_token_ids; a word's last token is banned wherever the output so far
+    # ends with the tokens before it (always, for a one-token word).
+    bad_words: list[str] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # A JSON schema / regex / choice / grammar the output must follow (a dict is read as
@@ -83,6 +87,8 @@ class SamplingParams:
     # Normalized forms filled in by __post_init__ (not constructor arguments).
     stop_strings: list[str] = field(init=False, repr=False, default_factory=list)
     stop_token_id_set: frozenset[int] = field(init=False, repr=False, default=frozenset())
+    # bad_words as token id sequences, set by the engine from its tokenizer (`bad_word_ids`).
+    bad_words_token_ids: list[tuple[int, ...]] | None = field(init=False, repr=False, default=None)
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
@@ -144,6 +150,15 @@ class SamplingParams:
                 raise ValueError(
                     f"allowed_token_ids must be a non-empty list of integers >= 0, got {ids!r}"
                 )
+        if self.bad_words is not None:
+            words = [self.bad_words] if isinstance(self.bad_words, str) else self.bad_words
+            if not isinstance(words, list | tuple) or any(
+                not isinstance(w, str) or not w.strip() for w in words
+            ):
+                raise ValueError(
+                    f"bad_words must be a list of non-empty strings, got {self.bad_words!r}"
+                )
+            self.bad_words = list(words)
         check_truncation(self.truncate_prompt_tokens)
         if isinstance(self.structured_outputs, dict):
             self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
@@ -186,13 +201,19 @@ class SamplingParams:
 
     @property
     def changes_logits(self) -> bool:
-        """Whether logit_bias, allowed_token_ids or structured outputs edit the logits before
-        sampling."""
+        """Whether logit_bias, allowed_token_ids, structured outputs or bad_words edit the
+        logits before sampling."""
         return (
             bool(self.logit_bias)
             or self.allowed_token_ids is not None
             or self.structured_outputs is not None
+            or bool(self.bad_words)
         )
+
+    @property
+    def bad_words_need_history(self) -> bool:
+        """Whether a bad word spans several tokens, so its ban depends on the output so far."""
+        return any(len(ids) > 1 for ids in self.bad_words_token_ids or ())
 
     def token_ids_used(self) -> list[int]:
         """The token ids the request names in logit_bias and allowed_token_ids (checked against
@@ -212,4 +233,6 @@ class SamplingParams:
         if not _is_int(index) or not 0 <= index < self.n:
             raise ValueError(f"child index must be in [0, n={self.n}), got {index!r}")
         seed = None if self.seed is None else self.seed + index
-        return replace(self, n=1, seed=seed)
+        child = replace(self, n=1, seed=seed)
+        child.bad_words_token_ids = self.bad_words_token_ids  # set by the engine, not __init__
+        return child

@@ -81,6 +81,7 @@ def can_speculate(params, num_output_tokens: int) -> bool:
         and not params.needs_penalties
         and not params.logit_bias
         and params.allowed_token_ids is None
+        and not params.bad_words
         and num_output_tokens >= params.min_tokens
     )
 

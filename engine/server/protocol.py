@@ -88,6 +88,7 @@ class _SamplingRequest(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     priority: int = 0  # lower runs first (a server started with --scheduling-policy priority)
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the room)
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs object, and vLLM's
@@ -186,6 +187,7 @@ class _SamplingRequest(BaseModel):
                 if self.logit_bias
                 else None,
                 allowed_token_ids=self.allowed_token_ids,
+                bad_words=self.bad_words,
                 skip_special_tokens=self.skip_special_tokens,
                 include_stop_str_in_output=self.include_stop_str_in_output,
                 structured_outputs=self.structured(),

@@ -42,6 +42,9 @@ def _workload(seed: int) -> tuple[list[list[int]], list[SamplingParams]]:
     params[7] = SamplingParams(temperature=0, max_tokens=16, min_tokens=6, stop_token_ids=[9])
     params[8] = SamplingParams(temperature=0.8, n=3, seed=4, max_tokens=10)  # a fork
     params[9] = SamplingParams(temperature=0, max_tokens=24, stop=["a", "e"])  # stop strings
+    # Bad words: one-token bans sample on the device; a longer word needs the output so far.
+    params[10] = SamplingParams(temperature=0, max_tokens=20, bad_words=["the", "ab c"])
+    params[11] = SamplingParams(temperature=0.8, seed=5, max_tokens=12, bad_words=["e"])
     return prompts, params
 
 

@@ -265,6 +265,49 @@ def test_logit_bias_and_allowed_token_ids(tiny, reference):
     )
 
 
+def _clean_span(tok, outputs: list[list[int]], k: int) -> tuple[int, int, str]:
+    """(prompt index, start, text) of k greedy tokens whose text is printable, not blank, and
+    encodes back to exactly those tokens (so a bad word written as that text bans them)."""
+    for p, ids in enumerate(outputs):
+        for start in range(len(ids) - k + 1):
+            text = tok.decode(ids[start : start + k])
+            if text.strip() and text.isprintable() and text == text.lstrip():
+                if tok.encode(text, add_special_tokens=False) == ids[start : start + k]:
+                    return p, start, text
+    pytest.skip(f"no greedy span of {k} tokens with a clean text in this tiny model")
+
+
+def test_bad_words(tiny, reference):
+    folder, _ = tiny
+    prompts, expected = reference
+    llm = _llm(folder)
+    tok = llm.get_tokenizer()
+    # a one-token word: that token never comes
+    p, at, one = _clean_span(tok, expected, 1)
+    words = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, bad_words=[one])
+    (out,) = llm.generate(prompt_token_ids=prompts[p : p + 1], sampling_params=words)
+    got = out.outputs[0].token_ids
+    assert (expected[p][at],) in words.bad_words_token_ids
+    banned = {w[0] for w in words.bad_words_token_ids if len(w) == 1}
+    assert not banned & set(got) and got[:at] == expected[p][:at] and got[at] != expected[p][at]
+    # a two-token word: its second token never follows its first
+    p, at, pair = _clean_span(tok, expected, 2)
+    two = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, bad_words=[pair])
+    (out2,) = llm.generate(prompt_token_ids=prompts[p : p + 1], sampling_params=two)
+    got = out2.outputs[0].token_ids
+    assert tuple(expected[p][at : at + 2]) in two.bad_words_token_ids
+    for w in two.bad_words_token_ids:
+        assert all(tuple(got[i : i + len(w)]) != w for i in range(len(got) - len(w) + 1)), w
+    assert got[: at + 1] == expected[p][: at + 1] and got[at + 1] != expected[p][at + 1]
+    # n > 1: every sample keeps the words' ids
+    n2 = SamplingParams(n=2, temperature=0.8, seed=0, max_tokens=8, ignore_eos=True,
+                        bad_words=[one])  # fmt: skip
+    (out3,) = llm.generate(prompt_token_ids=prompts[:1], sampling_params=n2)
+    assert all(not banned & set(c.token_ids) for c in out3.outputs)
+    with pytest.raises(ValueError, match="bad_words must be a list of non-empty strings"):
+        SamplingParams(bad_words=["ok", " "])
+
+
 def test_stop_strings_and_stop_tokens(tiny, reference):
     folder, _ = tiny
     prompts, expected = reference

@@ -384,6 +384,26 @@ def test_bad_inputs():
         Sampler().sample(rand_logits(1), [row(p, output=[-3])])
 
 
+def test_bad_words_ban_a_words_last_token_where_its_prefix_ends_the_output():
+    from engine.sampler import banned_by_bad_words
+
+    words = [(7,), (3, 4), (1, 2, 5)]
+    assert banned_by_bad_words(words, []) == [7]
+    assert banned_by_bad_words(words, [9, 3]) == [4, 7]
+    assert banned_by_bad_words(words, [1, 2]) == [5, 7]
+    assert banned_by_bad_words(words, torch.tensor([8, 1, 2])) == [5, 7]  # tensor histories
+    assert banned_by_bad_words(words, [2]) == [7]  # a prefix's tail is not the prefix
+    assert banned_by_bad_words([(3, 4)], [4, 3, 9]) == []
+    # in the sampler: greedy picks the best token the output's tail leaves allowed
+    logits = rand_logits(2)
+    best = int(logits[0].argmax())
+    p = SamplingParams(temperature=0.0, bad_words=["x"])
+    p.bad_words_token_ids = [(9, best)]  # as the engine would set from its tokenizer
+    out = Sampler().sample(logits, [row(p, output=[1, 9]), row(p, output=[9, 1])])
+    second = int(logits[0].topk(2).indices[1])
+    assert out.token_ids == [second, int(logits[1].argmax())]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_logit_bias_and_allowed_tokens_edit_only_their_rows(device):
     # Row 0: a bias that makes token 11 the argmax; row 1: only tokens {3, 20, 41} allowed (the

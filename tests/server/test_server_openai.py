@@ -331,6 +331,15 @@ def test_logit_bias_and_allowed_token_ids(client, offline):
         extra_body={**NO_EOS, "allowed_token_ids": [7, 8, 9]},
     )  # fmt: skip
     assert r.choices[0].text == want.text
+    # vLLM's bad_words: the server's text equals the offline engine's with the same words
+    words = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, bad_words=["the", "a"])
+    want = offline.generate(PROMPT, words, use_tqdm=False)[0].outputs[0]
+    r = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6, temperature=0,
+                                  extra_body={**NO_EOS, "bad_words": ["the", "a"]})  # fmt: skip
+    assert r.choices[0].text == want.text
+    with pytest.raises(openai.BadRequestError, match="bad_words must be a list"):
+        client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=2,
+                                  extra_body={"bad_words": [""]})  # fmt: skip
     for bad, match in (({"x": 1}, "decimal strings"), ({"3": 101}, r"\[-100, 100\]"),
                        ({"999999": 1}, "outside the vocabulary")):  # fmt: skip
         with pytest.raises(openai.BadRequestError, match=match):
