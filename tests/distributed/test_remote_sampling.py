@@ -50,13 +50,16 @@ PARAMS = {
                             structured_outputs={"regex": r"[a-f]{2,5}-\d{1,3}"}),
     "choice_fork": SamplingParams(n=2, temperature=1.0, seed=17, max_tokens=12,
                                   structured_outputs={"choice": ["north", "south", "east"]}),
+    # bad words: token ids from the driver's tokenizer, histories shipped for the longer word
+    "bad_words": SamplingParams(temperature=0.9, seed=18, max_tokens=10, ignore_eos=True,
+                                bad_words=["e", "ab c"]),
 }  # fmt: skip
 
 
 def _prompts() -> dict[str, list[int]]:
     rng = random.Random(3)
     # 40: chunked prefill
-    lengths = dict(zip(PARAMS, (40, 5, 17, 9, 12, 7, 6, 8, 10, 11), strict=True))
+    lengths = dict(zip(PARAMS, (40, 5, 17, 9, 12, 7, 6, 8, 10, 11, 13), strict=True))
     prompts = {name: [rng.randrange(3, 384) for _ in range(n)] for name, n in lengths.items()}
     # A third of the vocab: the repetition penalty over the prompt changes which tokens win.
     prompts["penalties"] = list(range(3, 384, 3))
@@ -221,10 +224,13 @@ def test_tp2_seeded_sampling_matches_in_process_and_ships_only_tokens(reference,
         assert isinstance(sampling, StepSampling) and isinstance(result, SamplerOutput)
         num_rows = len(sampling.rows)
         assert len(result.token_ids) == num_rows
-        # Rows without penalties or min_tokens ship no history.
+        # Rows ship the prompt only for penalties, the output only for penalties, min_tokens or
+        # a bad word of several tokens.
         for row in sampling.rows:
-            needs = row.params.needs_penalties or row.params.min_tokens > 0
-            assert needs or (row.prompt_token_ids == () and row.output_token_ids == ())
+            p = row.params
+            assert p.needs_penalties or row.prompt_token_ids == ()
+            output = p.needs_penalties or p.min_tokens > 0 or p.bad_words_need_history
+            assert output or row.output_token_ids == ()
         # A few bytes per row (token, logprob, up to 3 alternatives), far from a vocab row.
         size = len(pickle.dumps(result))
         assert size < 128 + 96 * num_rows < num_rows * vocab * 4, (size, num_rows)
