@@ -36,7 +36,9 @@ def chat_prompts(n: int) -> list[str]:
     return [f"Write a short story about {topics[i % len(topics)]}." for i in range(n)]
 
 
-def run(llm: LLM, prompts: list[str], params: SamplingParams, repeats: int):
+def run(llm: LLM, prompts: list[str], params, repeats: int):
+    """(output tokens / s of the best of `repeats` runs, that run's outputs) after a warm-up;
+    params: one SamplingParams or one per prompt. bench/structured_outputs.py times with it too."""
     llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm up
     best, outs = None, None
     for _ in range(repeats):
@@ -45,7 +47,11 @@ def run(llm: LLM, prompts: list[str], params: SamplingParams, repeats: int):
         elapsed = time.perf_counter() - start
         best = elapsed if best is None else min(best, elapsed)
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return tokens / best, [o.outputs[0].token_ids for o in outs]
+    return tokens / best, outs
+
+
+def token_ids(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
 
 
 def main() -> int:
@@ -66,7 +72,8 @@ def main() -> int:
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
     common = dict(model=args.model, device=args.device, dtype=args.dtype)
     base_llm = LLM(**common)
-    base, want = run(base_llm, prompts, params, args.repeats)
+    base, outs = run(base_llm, prompts, params, args.repeats)
+    want = token_ids(outs)
     base_llm.shutdown()
     print(f"{args.workload}, {len(prompts)} prompt(s) x {args.max_tokens} tokens, greedy, "
           f"lookup {args.lookup_min}..{args.lookup_max} tokens")  # fmt: skip
@@ -79,7 +86,8 @@ def main() -> int:
             "prompt_lookup_min": args.lookup_min,
         }
         llm = LLM(**common, speculative_config=spec)
-        rate, got = run(llm, prompts, params, args.repeats)
+        rate, outs = run(llm, prompts, params, args.repeats)
+        got = token_ids(outs)
         s = llm.engine.scheduler
         accepted = s.num_accepted_tokens / max(s.num_draft_tokens, 1)
         print(f"ngram k={k}: {rate:.1f} tok/s ({rate / base:.2f}x plain), drafts accepted "

@@ -14,9 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
+import sys
+from pathlib import Path
 
 from engine import LLM, SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.spec_decode import run  # noqa: E402
 
 SCHEMA = {
     "type": "object",
@@ -28,18 +33,6 @@ SCHEMA = {
     },
     "required": ["name", "age", "city", "tags"],
 }
-
-
-def run(llm: LLM, prompts: list[str], params: list[SamplingParams], repeats: int):
-    llm.generate(prompts[:1], SamplingParams(max_tokens=4), use_tqdm=False)  # warm up
-    best, outs = None, None
-    for _ in range(repeats):
-        start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-        best = elapsed if best is None else min(best, elapsed)
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return tokens / best, outs
 
 
 def main() -> int:
