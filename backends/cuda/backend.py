@@ -54,10 +54,11 @@ def _float_reasons(**tensors: torch.Tensor | None) -> list[str]:
 
 FUSED_GATE_UP_SILU_ENV = "HAL_FUSED_GATE_UP_SILU"
 FUSED_QKV_ROTARY_ENV = "HAL_FUSED_QKV_ROTARY"
-# HAL_DECODE_CONTEXT_CLASSES=1: small decode batches whose warp-specialized attention splits at
-# max_model_len get a second graph with the longest context that runs unsplit (no combine kernel
-# after the attention), replayed while every sequence of a step is that short (see
-# `decode_context_bounds`). Off until measured on a GPU.
+# HAL_DECODE_CONTEXT_CLASSES (on; =0 turns it off): small decode batches whose warp-specialized
+# attention splits at max_model_len get a second graph with the longest context that runs unsplit
+# (no combine kernel after the attention), replayed while every sequence of a step is that short
+# (see `decode_context_bounds`). Measured on 2 x H200 (2026-11-29): TP=2 batch-1 decode 2.52-2.53
+# -> 2.45-2.46 ms (docs/benchmarks.md, thirty-fifth section).
 DECODE_CONTEXT_CLASSES_ENV = "HAL_DECODE_CONTEXT_CLASSES"
 
 
@@ -167,10 +168,10 @@ class CudaBackend(Backend):
             )
             self.info.settings["decode_graph_context_classes"] = (
                 f"on: small decode buckets also captured unsplit up to "
-                f"{attention_ws.SPLIT_MIN_PAGES - 1} pages ({DECODE_CONTEXT_CLASSES_ENV}=1)"
-                if env_flag(DECODE_CONTEXT_CLASSES_ENV)
-                else f"off ({DECODE_CONTEXT_CLASSES_ENV}=1: a second capture of small decode "
-                "buckets for contexts the attention runs unsplit)"
+                f"{attention_ws.SPLIT_MIN_PAGES - 1} pages ({DECODE_CONTEXT_CLASSES_ENV}=0: off)"
+                if env_flag(DECODE_CONTEXT_CLASSES_ENV) is not False
+                else f"off ({DECODE_CONTEXT_CLASSES_ENV}=0; unset: a second capture of small "
+                "decode buckets for contexts the attention runs unsplit)"
             )
         if "scaled_mm" in (self.chosen("fp8_gemm"), self.large_m_impl("fp8_gemm")):
             rowwise = caps.cc_at_least(*rules.FP8_ROWWISE_MIN_CC)
@@ -674,10 +675,10 @@ class CudaBackend(Backend):
 
     # -- graphs --------------------------------------------------------------------------------
     def decode_context_bounds(self, num_seqs, num_kv_heads, block_size, max_model_len):
-        """With HAL_DECODE_CONTEXT_CLASSES=1: the longest context below which the
+        """Unless HAL_DECODE_CONTEXT_CLASSES=0: the longest context below which the
         warp-specialized decode attention runs whole (`attention_ws.SPLIT_MIN_PAGES` pages),
         when at max_model_len this batch would split (so a combine kernel follows)."""
-        if not env_flag(DECODE_CONTEXT_CLASSES_ENV) or self.chosen("attention") != "triton":
+        if env_flag(DECODE_CONTEXT_CLASSES_ENV) is False or self.chosen("attention") != "triton":
             return ()
         from backends.triton import attention_ws
 

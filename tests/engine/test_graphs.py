@@ -131,12 +131,13 @@ def test_context_classes_replay_equal_to_eager(tiny, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (real captures)")
 def test_context_classes_on_a_gpu(tiny, monkeypatch):
-    # HAL_DECODE_CONTEXT_CLASSES=1 on the CUDA backend: small buckets whose warp-specialized
-    # decode would split at max_model_len get a capture at the longest unsplit context (the
-    # split threshold lowered to 4 pages so the tiny model's 256 positions reach past it).
+    # Context classes on the CUDA backend (on unless HAL_DECODE_CONTEXT_CLASSES=0): small buckets
+    # whose warp-specialized decode would split at max_model_len get a capture at the longest
+    # unsplit context (the split threshold lowered to 4 pages so the tiny model's 256 positions
+    # reach past it).
     from backends.triton import attention_ws
 
-    monkeypatch.setenv("HAL_DECODE_CONTEXT_CLASSES", "1")
+    monkeypatch.delenv("HAL_DECODE_CONTEXT_CLASSES", raising=False)
     monkeypatch.setattr(attention_ws, "SPLIT_MIN_PAGES", 4)
     backend = _backend("cuda")
     if graph_reasons(backend) or attention_ws.device_reason(backend.caps.cc_at_least(9, 0)):
@@ -153,6 +154,11 @@ def test_context_classes_on_a_gpu(tiny, monkeypatch):
         got = _prefill_then_decode(runner, lengths, block=16)
         assert runner.graphs.key_replays[key] == 1
         torch.testing.assert_close(got, expect, atol=2e-2, rtol=2e-2)
+    monkeypatch.setenv("HAL_DECODE_CONTEXT_CLASSES", "0")
+    off = ModelRunner(model, backend, 16, model.dtype, graph_sizes=(1, 2), max_model_len=256)
+    off.allocate(64)
+    off.capture_graphs()
+    assert off.graphs.hints == {1: (256,), 2: (256,)}
 
 
 def test_bucket_choice_and_fallbacks(tiny):
