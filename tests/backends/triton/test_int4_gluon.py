@@ -151,3 +151,83 @@ def test_same_bits_as_often_as_run() -> None:
     p = ig.repack_int4_for_triton(*q, 128, order="pairs", tile_rows=128)
     first = T.run_packed(case, p)
     assert all(torch.equal(first, T.run_packed(case, p)) for _ in range(3))
+
+
+@gpu_only
+def test_fused_split_sum_same_bits_as_the_reduce_kernel(monkeypatch) -> None:
+    # Each tile's last program sums the split-K partials in split order, as the reduce kernel
+    # does: the same bits, no reduce launch, the counters back at zero; again in a CUDA graph
+    # (replays reuse the counters) with 2 splits and with 16.
+    case = T.make_case(3, 640, 2048, 128, torch.bfloat16, False, True, seed=7)
+    q = [T.dev(case[key]) for key in ("qweight", "scales", "zeros")]
+    p = ig.repack_int4_for_triton(*q, 128, order="pairs", tile_rows=128)
+    reduces = []
+    real_reduce = ig._reduce_splits
+    monkeypatch.setattr(ig, "_reduce_splits", lambda *a: reduces.append(a[3]) or real_reduce(*a))
+    for sms in (1, 3, 132):  # splits: 1 (final store), 2, 16 (5 tiles, 4 programs per SM)
+        monkeypatch.setattr(ig, "_sm_count", lambda device, sms=sms: sms)
+        monkeypatch.setattr(int4_gluon, "FUSED_SUM", False)
+        expect = T.run_packed(case, p)
+        monkeypatch.setattr(int4_gluon, "FUSED_SUM", True)
+        got = T.run_packed(case, p)
+        assert torch.equal(got, expect), sms
+        T.check(case, got)
+        x, bias = T.dev(case["x"]), T.dev(case["bias"])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static = ig.int4_linear(x, p, bias=bias)
+        for _ in range(3):
+            static.zero_()
+            graph.replay()
+            assert torch.equal(static, expect), sms
+    assert reduces == [2, 16]  # only with FUSED_SUM off
+    counters = int4_gluon._COUNTERS[torch.cuda.current_device()]
+    assert counters.numel() >= int4_gluon.MIN_COUNTERS and counters.count_nonzero() == 0
+
+
+OFFLINE = r"""
+import json
+import re
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from backends.triton import int4_gluon as g
+
+fn = g._int4_gluon_kernel
+types = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "zeros_ptr": "*u8",
+         "bias_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32", "counter_ptr": "*i32"}
+out = {}
+for final, fused in ((True, False), (False, False), (False, True)):
+    consts = dict(GROUP_CHUNKS=1, HAS_BIAS=True, FINAL=final, FUSED_SUM=fused, SPLITS=16,
+                  DOT_DTYPE=gl.bfloat16, MAGIC2=0x43004300, MAGIC=128, BLOCK_M=g.BLOCK_M,
+                  BLOCK_N=128, ONES_N=64, PDL=True, EARLY=True, **g._layouts(128, 4))
+    sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+    src = gluon._runtime.GluonASTSource(
+        fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in types})
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                         options=dict(num_warps=4)).asm["ptx"]
+    out[f"{final}-{fused}"] = {
+        "mma": "mma.sync.aligned.m16n8k16" in ptx,
+        "atomics": re.findall(r"\batom\.\S+", ptx),
+        "barriers": sum("bar.sync" in line or "barrier.sync" in line for line in ptx.splitlines()),
+    }
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not int4_gluon.HAVE_GLUON, reason="this Triton has no Gluon")
+def test_compiles_for_sm90_offline() -> None:
+    # The installed Triton builds the kernel for an H100 / H200 without a GPU: whole K, split K
+    # into the reduce kernel's partials, and split K summed by each tile's last program (one
+    # gpu-scope acq_rel atomic on its counter after a CTA barrier; none in the other two).
+    from tests.backends.triton.test_pipeline_stages import run_offline
+
+    found = run_offline(OFFLINE)
+    assert all(v["mma"] for v in found.values()), found
+    assert found["True-False"]["atomics"] == found["False-False"]["atomics"] == []
+    atomics = found["False-True"]["atomics"]
+    assert atomics and all(a.startswith("atom.") and ".acq_rel" in a and ".gpu" in a
+                           for a in atomics), atomics  # fmt: skip
+    assert found["False-True"]["barriers"] > found["False-False"]["barriers"]
