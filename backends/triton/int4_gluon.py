@@ -52,16 +52,6 @@ ENABLED = os.environ.get("HAL_INT4_GLUON", "1") != "0"
 # HAL_GEMV_EARLY): 2.41-2.42 -> 2.35-2.36 ms a step (eighteenth session). HAL_INT4_EARLY=0: off.
 EARLY = os.environ.get("HAL_INT4_EARLY", "1") != "0"
 BLOCK_M = 8  # the MMA's N side: rows of x per program
-# Split-K partials summed by the last program of each tile instead of a second kernel: every
-# program stores its fp32 partial, then (CTA barrier, one gpu-scope acq_rel atomic on the tile's
-# counter) the program that arrives last reads all of the tile's partials in split order and
-# writes the output, exactly as `int4_gemm._split_reduce_kernel` adds them (same bits), and sets
-# the counter back to 0 for the next call. The counters (`_tile_counters`, one int32 per tile,
-# zero between calls) are per device: calls on one device must not overlap on two streams.
-# HAL_INT4_FUSED_SUM=0: the reduce kernel after every split launch.
-FUSED_SUM = os.environ.get("HAL_INT4_FUSED_SUM", "1") != "0"
-_COUNTERS: dict[int, torch.Tensor] = {}
-MIN_COUNTERS = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -159,8 +149,6 @@ def pick_config(m: int, n: int = 0, configs=None) -> Int4GluonConfig:
 
 
 if HAVE_GLUON:
-    # A CTA-wide barrier: `gl.thread_barrier` in Triton 3.5-3.6, `gl.barrier` from 3.7 on.
-    _cta_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
 
     @gluon.jit
     def _a_operand(w2, NIB: gl.constexpr, MAGIC2: gl.constexpr, DOT_DTYPE: gl.constexpr,
@@ -228,12 +216,11 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _int4_gluon_kernel(
-        x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, part_ptr, counter_ptr,
+        x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr,
         stride_x_row, stride_qw_row, stride_qw_tile, stride_qw_chunk, tile_shift,
         stride_s_row, stride_s_group, stride_z_row, stride_z_group,
-        stride_out_split, stride_out_row, n_rows, n_cols, n_chunks, chunks_per_split, n_split,
+        stride_out_split, stride_out_row, n_rows, n_cols, n_chunks, chunks_per_split,
         GROUP_CHUNKS: gl.constexpr, HAS_BIAS: gl.constexpr, FINAL: gl.constexpr,
-        FUSED_SUM: gl.constexpr, SPLITS: gl.constexpr,
         DOT_DTYPE: gl.constexpr, MAGIC2: gl.constexpr, MAGIC: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, ONES_N: gl.constexpr,
         WL: gl.constexpr, XL: gl.constexpr, AL: gl.constexpr, BL: gl.constexpr,
@@ -320,28 +307,14 @@ if HAVE_GLUON:
         rn_o = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, MMA))
         rm_o = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, MMA))
         mask = (rn_o < n_cols)[:, None] & (rm_o < n_rows)[None, :]
-        out_rows = rm_o.to(gl.int64)[None, :] * stride_out_row + rn_o[:, None]
         if FINAL:
             if HAS_BIAS:
                 acc += gl.load(bias_ptr + rn_s).to(gl.float32)[:, None]
-            gl.store(out_ptr + out_rows, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            out = out_ptr + rm_o.to(gl.int64)[None, :] * stride_out_row + rn_o[:, None]
+            gl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
         else:
-            gl.store(part_ptr + pid_k * stride_out_split + out_rows, acc, mask=mask)
-            if FUSED_SUM:
-                # Every thread's partial stored before thread 0's release; the last to arrive
-                # acquires the others' and sums them in split order (the reduce kernel's bits).
-                _cta_barrier()
-                arrived = gl.atomic_add(counter_ptr + pid, 1, sem="acq_rel", scope="gpu")
-                if arrived == n_split - 1:
-                    total = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, MMA)
-                    for sp in gl.static_range(SPLITS):
-                        total += gl.load(part_ptr + sp * stride_out_split + out_rows,
-                                         mask=mask & (sp < n_split), other=0.0,
-                                         cache_modifier=".cg")  # fmt: skip
-                    if HAS_BIAS:
-                        total += gl.load(bias_ptr + rn_s).to(gl.float32)[:, None]
-                    gl.store(out_ptr + out_rows, total.to(out_ptr.dtype.element_ty), mask=mask)
-                    gl.store(counter_ptr + pid, 0)
+            out = out_ptr + pid_k * stride_out_split + rm_o.to(gl.int64)[None, :] * stride_out_row
+            gl.store(out + rn_o[:, None], acc, mask=mask)
 
 
 def _log2(v: int) -> int:
@@ -383,24 +356,10 @@ _MAGIC = {  # (MAGIC + q in both halves' bit pattern, MAGIC)
 }
 
 
-def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor | None:
-    """The device's zeroed per-tile arrival counters (at least `tiles`), or None when they would
-    have to be made inside a CUDA graph capture (the caller then launches the reduce kernel)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    counters = _COUNTERS.get(index)
-    if counters is None or counters.numel() < tiles:
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        counters = torch.zeros(max(tiles, MIN_COUNTERS), dtype=torch.int32, device=device)
-        _COUNTERS[index] = counters
-    return counters
-
-
 def launch_gluon(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4GluonConfig,
                  sm_count: int, reduce_splits) -> None:  # fmt: skip
     """Runs the kernel for x [M <= 8, K] (`usable(x)` is None) on pairs-order words into out
-    [M, N], as `int4_tc.launch_pairs` does (same arguments; the caller checked the shapes).
-    Split-K partials are summed by each tile's last program (FUSED_SUM) or by `reduce_splits`."""
+    [M, N], as `int4_tc.launch_pairs` does (same arguments; the caller checked the shapes)."""
     from backends.triton import int4_tc
 
     m, k = x.shape
@@ -412,22 +371,19 @@ def launch_gluon(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Gluo
     split = triton.cdiv(chunks, per_split)
     final = split == 1
     dest = out if final else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    counters = None if final or not FUSED_SUM else _tile_counters(x.device, tiles)
     magic2, magic = _MAGIC[x.dtype]
     b = bias.contiguous() if bias is not None else qweight
     pdl = use_pdl(x.device)
     _int4_gluon_kernel[(tiles, split)](
-        x, qweight, scales, zeros, b, out, dest, dest if counters is None else counters,
-        x.stride(0), s_row, s_tile, s_chunk, shift,
+        x, qweight, scales, zeros, b, dest, x.stride(0), s_row, s_tile, s_chunk, shift,
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
-        0 if final else dest.stride(0), dest.stride(-2), m, n, chunks, per_split, split,
+        0 if final else dest.stride(0), dest.stride(-2), m, n, chunks, per_split,
         GROUP_CHUNKS=group_size // int4_tc.CHUNK, HAS_BIAS=bias is not None, FINAL=final,
-        FUSED_SUM=counters is not None, SPLITS=triton.next_power_of_2(split),
         DOT_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, MAGIC2=magic2,
         MAGIC=magic, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, ONES_N=16 * cfg.num_warps,
         PDL=pdl, EARLY=EARLY and pdl, num_warps=cfg.num_warps,
         **({"launch_pdl": True} if pdl else {}),
         **_layouts(cfg.block_n, cfg.num_warps),
     )  # fmt: skip
-    if not final and counters is None:
+    if not final:
         reduce_splits(dest, b, out, split, m, n, bias is not None)
