@@ -52,6 +52,12 @@ ENABLED = os.environ.get("HAL_INT4_GLUON", "1") != "0"
 # HAL_GEMV_EARLY): 2.41-2.42 -> 2.35-2.36 ms a step (eighteenth session). HAL_INT4_EARLY=0: off.
 EARLY = os.environ.get("HAL_INT4_EARLY", "1") != "0"
 BLOCK_M = 8  # the MMA's N side: rows of x per program
+# Registers per thread capped so that `programs_per_sm` programs fit an SM's 64K-register file
+# (`Int4GluonConfig.maxnreg`): without it ptxas gives the 64 / 4 / 8 shape 66 registers, which
+# round to 72 a thread, so 7 programs of 4 warps fit where the split count planned 8 (with the cap:
+# 64, no spills, sm_90). HAL_INT4_REG_CAP=0: no cap.
+REG_CAP = os.environ.get("HAL_INT4_REG_CAP", "1") != "0"
+REGISTERS_PER_SM = 65536
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,13 @@ class Int4GluonConfig:
             )
         if self.programs_per_sm < 1:
             raise ValueError(f"programs_per_sm: {self.programs_per_sm} must be >= 1")
+
+    @property
+    def maxnreg(self) -> int | None:
+        """The most registers a thread may use for programs_per_sm programs to reside on one SM
+        (whole multiples of 8, the allocation unit), None when that is no limit (255 or more)."""
+        per_thread = REGISTERS_PER_SM // (self.programs_per_sm * self.num_warps * 32) // 8 * 8
+        return per_thread if per_thread < 255 else None
 
 
 # (max_m, min_n, config): the first entry with M <= max_m and N >= min_n. H200 (2026-11-27):
@@ -382,6 +395,7 @@ def launch_gluon(x, qweight, scales, zeros, group_size, bias, out, cfg: Int4Gluo
         DOT_DTYPE=gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16, MAGIC2=magic2,
         MAGIC=magic, BLOCK_M=BLOCK_M, BLOCK_N=cfg.block_n, ONES_N=16 * cfg.num_warps,
         PDL=pdl, EARLY=EARLY and pdl, num_warps=cfg.num_warps,
+        **({"maxnreg": cfg.maxnreg} if REG_CAP and cfg.maxnreg else {}),
         **({"launch_pdl": True} if pdl else {}),
         **_layouts(cfg.block_n, cfg.num_warps),
     )  # fmt: skip

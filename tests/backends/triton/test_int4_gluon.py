@@ -31,6 +31,16 @@ def test_config_checks() -> None:
         int4_gluon.pick_config(5, configs=table)
 
 
+def test_register_cap_fits_the_planned_programs() -> None:
+    # 64K registers an SM, allocated 8 a thread: the cap lets programs_per_sm programs reside.
+    cap = int4_gluon.Int4GluonConfig
+    assert cap(64, 4, 8).maxnreg == 64 and cap(128, 4, 4).maxnreg == 128
+    assert cap(16, 1, 32).maxnreg == 64 and cap(128, 4, 6).maxnreg == 80
+    assert cap(64, 4, 1).maxnreg is None and cap(128, 4, 2).maxnreg is None  # 512 / 256 a thread
+    for cfg in (cap(64, 4, 8), cap(128, 4, 6), cap(16, 1, 32)):
+        assert cfg.programs_per_sm * cfg.num_warps * 32 * cfg.maxnreg <= 65536
+
+
 def test_config_override() -> None:
     assert int4_gluon.config_override(None) is None and int4_gluon.config_override("") is None
     assert int4_gluon.config_override("64x2X8") == int4_gluon.Int4GluonConfig(64, 2, 8)
@@ -151,3 +161,62 @@ def test_same_bits_as_often_as_run() -> None:
     p = ig.repack_int4_for_triton(*q, 128, order="pairs", tile_rows=128)
     first = T.run_packed(case, p)
     assert all(torch.equal(first, T.run_packed(case, p)) for _ in range(3))
+
+
+OFFLINE = r"""
+import json
+import subprocess
+import tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import get_ptxas
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from backends.triton import int4_gluon as g
+
+# The gate_up call at M = 1 as the JIT specializes it (16-divisible sizes and pointers, unit
+# strides and one row as constants), with the wide shape's register cap and without.
+fn = g._int4_gluon_kernel
+cfg = g.GLUON_CONFIGS[0][2]
+types = {"x_ptr": "*bf16", "qweight_ptr": "*i32", "scales_ptr": "*bf16", "zeros_ptr": "*u8",
+         "bias_ptr": "*bf16", "out_ptr": "*fp32"}
+div16 = [*types, "stride_x_row", "stride_qw_row", "stride_qw_tile", "stride_qw_chunk",
+         "stride_s_group", "stride_z_group", "stride_out_split", "stride_out_row", "n_cols",
+         "n_chunks", "chunks_per_split"]
+consts = dict(GROUP_CHUNKS=1, HAS_BIAS=False, FINAL=False, DOT_DTYPE=gl.bfloat16,
+              MAGIC2=0x43004300, MAGIC=128, BLOCK_M=g.BLOCK_M, BLOCK_N=cfg.block_n,
+              ONES_N=16 * cfg.num_warps, PDL=True, EARLY=True, stride_s_row=1, stride_z_row=1,
+              n_rows=1, **g._layouts(cfg.block_n, cfg.num_warps))
+sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+out = {}
+for cap in (None, cfg.maxnreg):
+    src = gluon._runtime.GluonASTSource(
+        fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()},
+        attrs={(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in div16})
+    options = dict(num_warps=cfg.num_warps, **({"maxnreg": cap} if cap else {}))
+    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        info = subprocess.run([get_ptxas(90).path, "-arch=sm_90a", "-v", f.name, "-o", "/dev/null"],
+                              capture_output=True, text=True).stderr
+    used = int(info.split("Used ")[1].split()[0])
+    spills = "0 bytes spill stores" not in info
+    out[str(cap)] = {"regs": used, "spills": spills, "vector_loads": "ld.global.v4" in ptx}
+print(json.dumps({"cap": cfg.maxnreg, "programs": cfg.programs_per_sm, "warps": cfg.num_warps,
+                  "builds": out}))
+"""
+
+
+@pytest.mark.skipif(not int4_gluon.HAVE_GLUON, reason="this Triton has no Gluon")
+def test_register_cap_offline_sm90() -> None:
+    # The wide launch shape built for sm_90 without a GPU: 16-byte word loads, and within its
+    # register cap no spills, where the uncapped build takes more than the planned programs
+    # per SM can have (so fewer would reside than the split count assumes).
+    from tests.backends.triton.test_pipeline_stages import run_offline
+
+    found = run_offline(OFFLINE)
+    capped, free = found["builds"][str(found["cap"])], found["builds"]["None"]
+    assert capped["vector_loads"] and free["vector_loads"]
+    assert capped["regs"] <= found["cap"] and not capped["spills"], found
+    assert free["regs"] > found["cap"], found  # else the cap changes nothing: drop it
