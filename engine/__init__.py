@@ -4,7 +4,7 @@ from engine.beam_search import BeamSearchOutput, BeamSearchParams
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.pooling import EmbeddingRequestOutput, PoolerConfig, PoolingParams
-from engine.sampling_params import SamplingParams
+from engine.sampling_params import RequestOutputKind, SamplingParams
 from engine.structured_output import StructuredOutputsParams
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "PoolerConfig",
     "PoolingParams",
     "RequestOutput",
+    "RequestOutputKind",
     "SamplingParams",
     "StructuredOutputsParams",
 ]

@@ -63,14 +63,15 @@ class IncrementalDetokenizer:
         self.stop_reason: str | None = None  # the stop string that ended the text, if any
         self._max_stop_len = max((len(s) for s in self.params.stop_strings), default=0)
         self._plain = not self.params.stop_strings  # no stop strings: text can wait
+        self._off = not self.params.detokenize  # token ids only, never any text
         self._fast_decode = _backend_decode(tokenizer)
 
     @property
     def output_text(self) -> str:
         """The text handed out so far (all of it once finished). Without stop strings, tokens
         are decoded when the text is asked for, not per token (a batch run never asks before
-        the end)."""
-        if self._lazy and self.read_offset < len(self.token_ids):
+        the end). With detokenize off: always empty."""
+        if self._lazy and not self._off and self.read_offset < len(self.token_ids):
             self.text += self._decode_step(flush=False)
             self.num_emitted = len(self.text)
         return self.text[: self.num_emitted]
@@ -124,6 +125,9 @@ class IncrementalDetokenizer:
         the text is cut there, `stop_reason` is set and the caller finishes the sequence.
         """
         if self.stopped:
+            return ""
+        if self._off:
+            self.token_ids.extend(new_token_ids)
             return ""
         ids = list(new_token_ids)
         if stop_terminated and ids and not self.params.include_stop_str_in_output:

@@ -48,7 +48,7 @@ from engine.sampler import (
     SamplingRow,
     ScoredStep,
 )
-from engine.sampling_params import SamplingParams, truncate_prompt
+from engine.sampling_params import RequestOutputKind, SamplingParams, truncate_prompt
 from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from engine.sequence import Request, Sequence, SequenceStatus
 from engine.stop import check_last_token_stop
@@ -71,6 +71,12 @@ class _SeqState:
     pending_logprob: list[tuple[float | None, dict[int, float] | None, int | None]] | None = None
     # structured outputs: the grammar matcher this sequence's tokens advance (xgrammar's)
     matcher: Any = None
+    # RequestOutputKind.DELTA: how much of the text, token ids and logprobs streamed outputs
+    # have carried, and whether one carried the finish
+    sent_chars: int = 0
+    sent_tokens: int = 0
+    sent_logprobs: int = 0
+    sent_finish: bool = False
 
     def clone(self) -> _SeqState:
         detok = copy.copy(self.detok)
@@ -97,6 +103,7 @@ class _RequestState:
     order: int = 0  # arrival order: outputs of one step come in this order
     # SamplingParams.prompt_logprobs: the entries so far, position by position (None first)
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs_sent: bool = False  # RequestOutputKind.DELTA: a streamed output carried them
     # a pooling engine's request: its parameters and, once its prompt ran, its embedding
     pooling: PoolingParams | None = None
     embedding: list[float] | None = None
@@ -107,6 +114,14 @@ class _RequestState:
 
 # What the scheduler runs a pooling request as: its prompt, then one (never reported) token.
 _POOLING_SAMPLING = SamplingParams(temperature=0, max_tokens=1)
+
+
+DELTA, FINAL_ONLY = RequestOutputKind.DELTA, RequestOutputKind.FINAL_ONLY
+
+
+def _no_text(token_id: int) -> None:
+    """A logprob entry's decoded_token for a request with detokenize off."""
+    return None
 
 
 def _always(seq) -> bool:
@@ -740,16 +755,24 @@ class LLMEngine:
         for (state, index), lp, top, rank in zip(where, *scored, strict=True):
             if len(state.prompt_logprobs) == index:  # positions arrive in order, once each
                 prompt = state.request.prompt_token_ids
-                state.prompt_logprobs.append(self._logprob_entry(top, prompt[index], lp, rank))
+                detok = state.request.sampling_params.detokenize
+                state.prompt_logprobs.append(
+                    self._logprob_entry(top, prompt[index], lp, rank, detok)
+                )
                 if len(state.prompt_logprobs) == len(prompt):
                     self._prompt_pending.discard(state.request.request_id)
 
     def _logprob_entry(
-        self, top: dict[int, float] | None, token: int, lp: float, rank: int | None
+        self,
+        top: dict[int, float] | None,
+        token: int,
+        lp: float,
+        rank: int | None,
+        detokenize: bool = True,
     ) -> dict[int, Logprob]:
         """A step's logprobs: the k alternatives (most likely first, ranked 1..k) and the
-        token itself, each with its text."""
-        text = self.token_text
+        token itself, each with its text (None with detokenize off)."""
+        text = self.token_text if detokenize else _no_text
         entry = {t: Logprob(v, r, text(t)) for r, (t, v) in enumerate((top or {}).items(), 1)}
         entry[token] = Logprob(lp, rank, text(token))
         return entry
@@ -926,7 +949,7 @@ class LLMEngine:
             if lp is not None:
                 st.cumulative_logprob += lp
             if st.logprobs is not None and lp is not None:
-                st.logprobs.append(self._logprob_entry(top, token, lp, rank))
+                st.logprobs.append(self._logprob_entry(top, token, lp, rank, params.detokenize))
         if state.metrics.first_token_time is None:
             state.metrics.first_token_time = time.time()
         num_prompt = seq.num_prompt_tokens
@@ -980,6 +1003,8 @@ class LLMEngine:
             request = seq.request
             rid = request.request_id
             if rid not in chosen and (stream or request.is_finished):
+                if not request.is_finished and request.sampling_params.output_kind == FINAL_ONLY:
+                    continue
                 state = requests.get(rid)
                 if state is not None:
                     chosen[rid] = state
@@ -992,7 +1017,8 @@ class LLMEngine:
         outputs = []
         for state in sorted(chosen.values(), key=lambda st: st.order):
             done = state.request.is_finished
-            outputs.append(self._make_output(state))
+            delta = stream and state.request.sampling_params.output_kind == DELTA
+            outputs.append(self._make_output(state, delta))
             if done:
                 state.metrics.finished_time = time.time()
                 del requests[state.request.request_id]
@@ -1044,7 +1070,13 @@ class LLMEngine:
             )
         return state.pool_sum / state.pool_count
 
-    def _make_output(self, state: _RequestState) -> RequestOutput | EmbeddingRequestOutput:
+    def _make_output(
+        self, state: _RequestState, delta: bool = False
+    ) -> RequestOutput | EmbeddingRequestOutput:
+        """The request's output: everything so far, or with delta (RequestOutputKind.DELTA,
+        streaming) what its last output did not carry: new text, token ids and logprobs per
+        sequence (sequences with nothing new left out), the prompt's logprobs only in the
+        first."""
         if state.pooling is not None:
             return EmbeddingRequestOutput(
                 request_id=state.request.request_id,
@@ -1072,17 +1104,35 @@ class LLMEngine:
             elif seq.status == SequenceStatus.FINISHED_ABORTED:
                 reason = "abort"
             token_ids = seq.output_token_ids  # a fresh list
+            text, logprobs = st.detok.output_text, st.logprobs
+            if delta:
+                if (
+                    len(token_ids) == st.sent_tokens
+                    and len(text) == st.sent_chars
+                    and (st.sent_finish or not seq.is_finished)
+                ):
+                    continue
+                text, st.sent_chars = text[st.sent_chars :], len(text)
+                token_ids, st.sent_tokens = token_ids[st.sent_tokens :], len(token_ids)
+                if logprobs is not None:
+                    logprobs, st.sent_logprobs = logprobs[st.sent_logprobs :], len(logprobs)
+                st.sent_finish = seq.is_finished
             completions.append(
                 CompletionOutput(
                     index=seq.index,
-                    text=st.detok.output_text,
+                    text=text,
                     token_ids=token_ids,
                     cumulative_logprob=st.cumulative_logprob if st.logprobs is not None else None,
-                    logprobs=st.logprobs,
+                    logprobs=logprobs,
                     finish_reason=reason if seq.is_finished else None,
                     stop_reason=st.stop_reason if seq.is_finished else None,
                 )
             )
+        prompt_logprobs = state.prompt_logprobs
+        if delta:
+            if state.prompt_logprobs_sent:
+                prompt_logprobs = None
+            state.prompt_logprobs_sent = True
         return RequestOutput(
             request_id=request.request_id,
             prompt=state.prompt,
@@ -1090,7 +1140,7 @@ class LLMEngine:
             outputs=completions,
             finished=request.is_finished,
             metrics=state.metrics,
-            prompt_logprobs=state.prompt_logprobs,
+            prompt_logprobs=prompt_logprobs,
             num_cached_tokens=request.num_cached_tokens or 0,
         )
 

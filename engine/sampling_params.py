@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field, replace
 
@@ -12,6 +13,17 @@ from engine.structured_output import StructuredOutputsParams
 SAMPLING_EPS = 1e-5
 # vLLM's range for the OpenAI-style presence/frequency penalties.
 MAX_ABS_PENALTY = 2.0
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What a streamed RequestOutput holds (vLLM's): CUMULATIVE everything so far, DELTA only
+    what is new since the request's last output (text, token ids, logprobs; the prompt's
+    logprobs in the first), FINAL_ONLY nothing until the request finishes. `LLM.generate` and
+    any run that does not stream return whole outputs whatever the kind."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 def _is_int(value: object) -> bool:
@@ -79,6 +91,10 @@ class SamplingParams:
     bad_words: list[str] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # False: no output text (token ids only; logprob entries' decoded_token None), vLLM's field;
+    # stop strings need the text, so they are refused with it.
+    detokenize: bool = True
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # A JSON schema / regex / choice / grammar the output must follow (a dict is read as
     # StructuredOutputsParams' fields; `engine.structured_output`).
     structured_outputs: StructuredOutputsParams | None = None
@@ -169,9 +185,22 @@ class SamplingParams:
                 "structured_outputs must be a StructuredOutputsParams or a dict of its fields, "
                 f"got {type(self.structured_outputs).__name__}"
             )
-        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output",
+                     "detokenize"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not self.detokenize and self.stop_strings:
+            raise ValueError(
+                f"stop strings need the output text: stop={self.stop!r} with detokenize=False "
+                "(set detokenize=True, or stop on token ids with stop_token_ids)"
+            )
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise ValueError(
+                f"output_kind must be a RequestOutputKind (CUMULATIVE, DELTA or FINAL_ONLY), got "
+                f"{self.output_kind!r}"
+            ) from None
 
     @staticmethod
     def _normalize_stop(stop: list[str] | str | None) -> list[str]:

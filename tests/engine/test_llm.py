@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -356,6 +357,89 @@ def test_bad_input(tiny):
     # The engine still serves after the rejected requests; nothing was queued by them.
     out = llm.generate(prompt_token_ids=[[5, 6, 7]], sampling_params=GREEDY)
     assert len(out[0].outputs[0].token_ids) == GREEDY.max_tokens
+
+
+def _stream(engine, params, prompts) -> dict[str, list]:
+    """Every output each request streamed through engine.step(), by request id."""
+    ids = [engine.add_request(None, params, prompt_token_ids=p) for p in prompts]
+    got: dict[str, list] = {rid: [] for rid in ids}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            got[out.request_id].append(out)
+    return got
+
+
+def test_output_kinds(tiny, reference):
+    # vLLM's RequestOutputKind: CUMULATIVE streams everything so far, DELTA only what is new
+    # (the deltas add up to the cumulative output: text, token ids, logprobs; the prompt's
+    # logprobs once), FINAL_ONLY one output at the end; LLM.generate is whole whatever the kind.
+    from engine import RequestOutputKind
+
+    folder, _ = tiny
+    prompts, expected = reference
+    llm = _llm(folder)
+    base = dict(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    whole = _stream(llm.engine, SamplingParams(**base), prompts[:2])
+    for kind in RequestOutputKind:
+        params = SamplingParams(**base, output_kind=kind)
+        (final,) = llm.generate(prompt_token_ids=prompts[:1], sampling_params=params)
+        assert final.outputs[0].token_ids == expected[0] and len(final.outputs[0].logprobs) == 12
+        got = _stream(llm.engine, params, prompts[:2])
+        for outs, ref, exp in zip(got.values(), whole.values(), expected[:2], strict=True):
+            last = ref[-1].outputs[0]
+            assert last.token_ids == exp and outs[-1].finished
+            if kind == RequestOutputKind.CUMULATIVE:
+                assert [o.outputs[0].token_ids for o in outs] == [
+                    o.outputs[0].token_ids for o in ref
+                ]
+            elif kind == RequestOutputKind.FINAL_ONLY:
+                assert len(outs) == 1 and outs[0].outputs[0].token_ids == exp
+                assert outs[0].outputs[0].text == last.text
+            else:
+                assert len(outs) == len(ref) > 1
+                parts = [o.outputs[0] for o in outs]
+                assert sum((c.token_ids for c in parts), []) == exp
+                assert "".join(c.text for c in parts) == last.text
+                assert sum((c.logprobs for c in parts), []) == last.logprobs
+                assert all(c.token_ids for c in parts)
+                assert parts[-1].finish_reason == "length" and parts[0].finish_reason is None
+                assert outs[0].prompt_logprobs == ref[0].prompt_logprobs
+                assert all(o.prompt_logprobs is None for o in outs[1:])
+    # n = 2 with DELTA: each output carries the samples with news; each finishes once.
+    n2 = SamplingParams(n=2, temperature=0.8, seed=1, max_tokens=6, ignore_eos=True,
+                        output_kind=RequestOutputKind.DELTA)  # fmt: skip
+    (outs,) = _stream(llm.engine, n2, prompts[:1]).values()
+    (ref,) = llm.generate(prompt_token_ids=prompts[:1], sampling_params=n2)
+    for c in ref.outputs:
+        mine = [x for o in outs for x in o.outputs if x.index == c.index]
+        assert sum((x.token_ids for x in mine), []) == c.token_ids
+        assert [x.finish_reason for x in mine if x.finish_reason] == ["length"]
+    with pytest.raises(ValueError, match="output_kind must be a RequestOutputKind"):
+        SamplingParams(output_kind=7)
+
+
+def test_detokenize_off(tiny, reference):
+    # detokenize=False: the same tokens, no text, logprob entries without decoded tokens; stop
+    # strings need the text and are refused.
+    folder, _ = tiny
+    prompts, expected = reference
+    llm = _llm(folder)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1,
+                            prompt_logprobs=1, detokenize=False)  # fmt: skip
+    (out,) = llm.generate(prompt_token_ids=prompts[:1], sampling_params=params)
+    c = out.outputs[0]
+    assert c.token_ids == expected[0] and c.text == ""
+    assert all(lp.decoded_token is None for entry in c.logprobs for lp in entry.values())
+    assert all(lp.decoded_token is None for entry in out.prompt_logprobs[1:]
+               for lp in entry.values())  # fmt: skip
+    (on,) = llm.generate(
+        prompt_token_ids=prompts[:1], sampling_params=replace(params, detokenize=True)
+    )
+    assert on.outputs[0].text and on.outputs[0].logprobs[0][expected[0][0]].decoded_token
+    with pytest.raises(ValueError, match="stop strings need the output text"):
+        SamplingParams(stop=["x"], detokenize=False)
+    with pytest.raises(ValueError, match="detokenize must be True or False"):
+        SamplingParams(detokenize=None)
 
 
 def test_abort_frees_blocks(tiny):
