@@ -418,6 +418,31 @@ def test_output_kinds(tiny, reference):
         SamplingParams(output_kind=7)
 
 
+def test_delta_outputs_through_the_async_engine(tiny, reference):
+    # AsyncLLMEngine.generate streams the engine's DELTA outputs as they are: they add up to the
+    # greedy reference, one finish at the end.
+    import asyncio
+
+    from engine import RequestOutputKind
+    from engine.async_engine import AsyncLLMEngine
+
+    folder, _ = tiny
+    prompts, expected = reference
+    loop = AsyncLLMEngine(_llm(folder).engine)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                            output_kind=RequestOutputKind.DELTA)  # fmt: skip
+
+    async def run() -> list:
+        return [out async for out in loop.generate(None, params, prompt_token_ids=prompts[1])]
+
+    try:
+        outs = asyncio.run(run())
+    finally:
+        loop.shutdown(timeout=10)
+    assert len(outs) > 1 and sum((o.outputs[0].token_ids for o in outs), []) == expected[1]
+    assert [o.outputs[0].finish_reason for o in outs].count("length") == 1 and outs[-1].finished
+
+
 def test_detokenize_off(tiny, reference):
     # detokenize=False: the same tokens, no text, logprob entries without decoded tokens; stop
     # strings need the text and are refused.
