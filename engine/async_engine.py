@@ -155,6 +155,11 @@ class AsyncLLMEngine:
         return self.engine.max_model_len
 
     @property
+    def default_sampling(self) -> dict:
+        """SamplingParams keywords from the model's generation_config.json (requests' defaults)."""
+        return self.engine.default_sampling
+
+    @property
     def is_dead(self) -> bool:
         return self._dead is not None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.config import CacheConfig, SchedulerConfig
+from engine.generation_config import check_generation_config, check_overrides
 from engine.pooling import RUNNERS, PoolerConfig
 from engine.spec_config import SpeculativeConfig
 
@@ -103,6 +104,11 @@ class EngineConfig:
     # vLLM's pooler_config for a pooling engine: {"pooling_type": "LAST" | "MEAN", "normalize":
     # bool} or an engine.pooling.PoolerConfig; None: the model's sentence-transformers setting.
     pooler_config: PoolerConfig | dict | None = None
+    # vLLM's generation_config: "auto" (default sampling parameters from the model's
+    # generation_config.json), "vllm" (none) or a folder; override_generation_config goes on
+    # top ({"temperature": 0.5, ...}; `engine.generation_config`).
+    generation_config: str = "auto"
+    override_generation_config: dict | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -129,6 +135,8 @@ class EngineConfig:
         if self.runner == "pooling" and self.speculative_config is not None:
             raise ValueError("a pooling engine generates nothing: leave speculative_config out")
         self.pooler_config = PoolerConfig.parse(self.pooler_config)
+        self.generation_config = check_generation_config(self.generation_config)
+        self.override_generation_config = check_overrides(self.override_generation_config)
         if self.pooler_config is not None and self.runner != "pooling":
             raise ValueError("pooler_config applies to a pooling engine (runner='pooling')")
         if self.async_scheduling not in (None, True, False):

@@ -46,6 +46,11 @@ class LLM:
     runner: "generate" (text), or "pooling": an embedding engine (`embed`, `engine.pooling`).
     pooler_config: a pooling engine's pooling, vLLM's {"pooling_type": "LAST" | "MEAN",
     "normalize": bool} (None: the model's sentence-transformers setting, else LAST).
+    generation_config: "auto" takes default sampling parameters from the model's
+    generation_config.json (`get_default_sampling_params`, used where no SamplingParams is
+    given), "vllm" ignores it, a folder reads that one's; override_generation_config
+    ({"temperature": 0.6, "max_new_tokens": 64, ...}) goes on top (vLLM's;
+    `engine.generation_config`).
     """
 
     def __init__(
@@ -81,6 +86,8 @@ class LLM:
         speculative_config: dict | None = None,
         runner: str = "generate",
         pooler_config: PoolerConfig | dict | None = None,
+        generation_config: str = "auto",
+        override_generation_config: dict | None = None,
     ) -> None:
         cache = CacheConfig(
             block_size=block_size,
@@ -114,6 +121,8 @@ class LLM:
             speculative_config=speculative_config,
             runner=runner,
             pooler_config=pooler_config,
+            generation_config=generation_config,
+            override_generation_config=override_generation_config,
             cache=cache,
             scheduler=sched,
             parallel=ParallelConfig(
@@ -144,6 +153,12 @@ class LLM:
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """SamplingParams with the model's generation_config.json defaults (temperature, top_p,
+        top_k, min_p, repetition_penalty, max_new_tokens as max_tokens) where it gives them, as
+        vLLM's: what generate and chat use when no SamplingParams is passed."""
+        return SamplingParams(**self.engine.default_sampling)
 
     def generate(
         self,
@@ -281,12 +296,11 @@ class LLM:
             results.append(BeamSearchOutput(best))
         return results
 
-    @staticmethod
-    def _params_list(given, n: int, kind: type = SamplingParams) -> list:
-        """One `kind` (SamplingParams, PoolingParams) per prompt: the default, one for all, or
-        a list of n."""
+    def _params_list(self, given, n: int, kind: type = SamplingParams) -> list:
+        """One `kind` (SamplingParams, PoolingParams) per prompt: the default (for sampling,
+        `get_default_sampling_params()`), one for all, or a list of n."""
         if given is None:
-            return [kind()] * n
+            return [self.get_default_sampling_params() if kind is SamplingParams else kind()] * n
         if isinstance(given, kind):
             return [given] * n
         params = list(given)

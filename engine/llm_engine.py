@@ -28,6 +28,7 @@ from engine.detokenizer import IncrementalDetokenizer, TokenText
 from engine.distributed.executor import Executor, StepHandle, UniprocExecutor
 from engine.distributed.worker import StepSampling
 from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig
+from engine.generation_config import sampling_defaults
 from engine.graphs import configured_mixed_sizes, configured_sizes
 from engine.loader import load_model
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
@@ -267,6 +268,10 @@ class LLMEngine:
             self.shutdown()
             raise
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
+        # SamplingParams keywords from the model's generation_config.json (vLLM's "auto")
+        self.default_sampling = sampling_defaults(
+            config.model, config.generation_config, config.override_generation_config
+        )
         self._eos_set = frozenset(self.eos_token_ids)
         # Structured outputs: constraints compiled against the model's vocabulary (on first use).
         self.structured = StructuredOutputs(

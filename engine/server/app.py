@@ -178,6 +178,8 @@ def build_app(
         )
     metrics = ServerMetrics(served_model_name)
     state = ServerState(engine, served_model_name, max_body_bytes, max_tokens_limit, metrics)
+    # fields a request leaves out take the model's generation_config.json values (vLLM's)
+    defaults = getattr(engine, "default_sampling", None) or {}
     state.tool_parser = tool_call_parser if enable_auto_tool_choice else None
     if reasoning_parser is not None:
         state.reasoning = ReasoningParser(reasoning_parser)
@@ -438,12 +440,14 @@ def build_app(
             max_tokens = _resolve_max_tokens(
                 state,
                 1 if req.echo_only else req.max_tokens,
-                DEFAULT_COMPLETION_MAX_TOKENS,
+                defaults.get("max_tokens", DEFAULT_COMPLETION_MAX_TOKENS),
                 len(ids),
                 "max_tokens",
                 "prompt",
             )
-            params.append(req.to_sampling_params(max_tokens, req.logprobs, prompt_logprobs))
+            params.append(
+                req.to_sampling_params(max_tokens, req.logprobs, prompt_logprobs, defaults)
+            )
         run = _Run(state, "cmpl", req.n, req.logprobs, echo_only=req.echo_only)
         await run.start([ids for _, ids in prompts], params, req.priority)
         echo = None
@@ -472,9 +476,10 @@ def build_app(
         else:
             field_name = "max_tokens"
         max_tokens = _resolve_max_tokens(
-            state, req.requested_max_tokens(), None, len(ids), field_name, "messages"
-        )
-        params = req.to_sampling_params(max_tokens, req.engine_logprobs())
+            state, req.requested_max_tokens(), defaults.get("max_tokens"), len(ids), field_name,
+            "messages",
+        )  # fmt: skip
+        params = req.to_sampling_params(max_tokens, req.engine_logprobs(), defaults=defaults)
         reply = None
         if mode == "named":
             # compact JSON (no whitespace runs): what clients parse as arguments

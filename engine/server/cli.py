@@ -12,6 +12,7 @@ import os
 import signal
 from pathlib import Path
 
+from engine.generation_config import override_generation_config_arg
 from engine.pooling import pooler_config_arg
 from engine.server.reasoning import REASONING_PARSERS
 from engine.server.tools import TOOL_CALL_PARSERS
@@ -128,6 +129,18 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         '"normalize": true | false} (default: the model\'s sentence-transformers setting, else '
         "LAST, normalized)",
     )
+    p.add_argument(
+        "--generation-config",
+        default="auto",
+        help="auto: requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
+        "max_tokens from the model's generation_config.json; vllm: none; or a folder holding one",
+    )
+    p.add_argument(
+        "--override-generation-config",
+        type=override_generation_config_arg,
+        default=None,
+        help="JSON on top of the generation config, e.g. '{\"temperature\": 0.5}'",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return p
@@ -190,6 +203,8 @@ def run_serve(args: argparse.Namespace) -> int:
             speculative_config=args.speculative_config,
             runner=args.runner,
             pooler_config=args.pooler_config,
+            generation_config=args.generation_config,
+            override_generation_config=args.override_generation_config,
             cache=CacheConfig(
                 block_size=args.block_size,
                 cache_dtype=args.kv_cache_dtype,

@@ -80,8 +80,10 @@ class _SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None
     # The engine's extras (vLLM's names).
     top_k: int | None = None
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    # None: the model's generation_config.json default, else SamplingParams' (vLLM's rule, as for
+    # temperature, top_p and top_k)
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
@@ -162,17 +164,29 @@ class _SamplingRequest(BaseModel):
             raise bad_request(f"{name}: {e}", name) from e
 
     def to_sampling_params(
-        self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None
+        self,
+        max_tokens: int,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
+        defaults: dict[str, Any] | None = None,
     ) -> SamplingParams:
-        """SamplingParams for this request; a bad value is a 400 naming the field."""
+        """SamplingParams for this request; a bad value is a 400 naming the field. defaults:
+        the model's generation_config.json values for the sampling fields the request leaves
+        out (`engine.generation_config`)."""
+        d = defaults or {}
+
+        def given(name: str, fallback: Any) -> Any:
+            value = getattr(self, name)
+            return value if value is not None else d.get(name, fallback)
+
         try:
             return SamplingParams(
                 n=self.n,
-                temperature=1.0 if self.temperature is None else self.temperature,
-                top_p=1.0 if self.top_p is None else self.top_p,
-                top_k=self.top_k,
-                min_p=self.min_p,
-                repetition_penalty=self.repetition_penalty,
+                temperature=given("temperature", 1.0),
+                top_p=given("top_p", 1.0),
+                top_k=given("top_k", -1),
+                min_p=given("min_p", 0.0),
+                repetition_penalty=given("repetition_penalty", 1.0),
                 presence_penalty=self.presence_penalty or 0.0,
                 frequency_penalty=self.frequency_penalty or 0.0,
                 seed=self.seed,
