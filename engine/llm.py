@@ -23,7 +23,7 @@ from engine.pooling import (
     score_pairs,
 )
 from engine.sampling_params import SamplingParams
-from engine.tokenizer import apply_chat_template
+from engine.tokenizer import apply_chat_template, load_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -187,17 +187,19 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict | None = None,
+        chat_template: str | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the model's chat template (with `tools`, OpenAI's
         function specs, and chat_template_kwargs such as Qwen3's enable_thinking), then
-        generate."""
+        generate. chat_template: a Jinja template (or a file holding one) used instead."""
+        template = load_chat_template(chat_template)
         if messages and isinstance(messages[0], dict):
             messages = [messages]  # type: ignore[list-item]
         items = []
         for conv in messages:
             ids = apply_chat_template(
                 self.engine.tokenizer, list(conv), add_generation_prompt, tools,  # type: ignore[arg-type]
-                continue_final_message, chat_template_kwargs,
+                continue_final_message, chat_template_kwargs, template,
             )  # fmt: skip
             items.append((self.engine.tokenizer.decode(ids), ids))
         return self._run(items, self._params_list(sampling_params, len(items)), use_tqdm)

@@ -162,6 +162,7 @@ def build_app(
     tool_call_parser: str | None = None,
     enable_auto_tool_choice: bool = False,
     reasoning_parser: str | None = None,
+    chat_template: str | None = None,
 ) -> FastAPI:
     """The app for `engine`; `api_key` None leaves /v1 open. `app.state.server` is the state.
     enable_auto_tool_choice with tool_call_parser (vLLM's flags): chat requests with tools may
@@ -240,14 +241,15 @@ def build_app(
         tools=None,
         continue_final_message: bool = False,
         template_kwargs: dict[str, Any] | None = None,
+        template: str | None = None,
     ) -> list[int]:
-        """The conversation (and tools) rendered with the model's chat template; a refusal is
-        a 400."""
+        """The conversation (and tools) rendered with the request's chat template, else the
+        server's (--chat-template), else the model's; a refusal is a 400."""
         try:
             return apply_chat_template(
                 engine.tokenizer, conversation, add_generation_prompt=add_generation_prompt,
                 tools=tools, continue_final_message=continue_final_message,
-                template_kwargs=template_kwargs,
+                template_kwargs=template_kwargs, chat_template=template or chat_template,
             )  # fmt: skip
         except TokenizerLoadError as e:
             raise bad_request(str(e), "messages") from e
@@ -468,7 +470,7 @@ def build_app(
         mode, tool = req.tool_mode(auto_parser=state.tool_parser is not None)
         ids = chat_ids(
             req.conversation(), req.add_generation_prompt, req.tool_dicts(),
-            req.continue_final_message, req.chat_template_kwargs,
+            req.continue_final_message, req.chat_template_kwargs, req.chat_template,
         )  # fmt: skip
         ids = truncated(ids, req.truncate_prompt_tokens, "messages")
         if req.max_completion_tokens is not None:

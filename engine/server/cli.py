@@ -17,6 +17,7 @@ from engine.pooling import pooler_config_arg
 from engine.server.reasoning import REASONING_PARSERS
 from engine.server.tools import TOOL_CALL_PARSERS
 from engine.spec_config import add_speculative_arg
+from engine.tokenizer import load_chat_template
 from hal.errors import HalError
 
 logger = logging.getLogger(__name__)
@@ -130,6 +131,25 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "LAST, normalized)",
     )
     p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a Jinja chat template (a file or the template's text) used instead of the model's, "
+        "e.g. for a base model without one",
+    )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of GPU memory the engine may use: weights, activations, KV cache "
+        "(default 0.9)",
+    )
+    p.add_argument(
+        "--load-format",
+        choices=("auto", "dummy"),
+        default="auto",
+        help="dummy: random weights from config.json (benchmarks without the checkpoint)",
+    )
+    p.add_argument(
         "--generation-config",
         default="auto",
         help="auto: requests' default temperature, top_p, top_k, min_p, repetition_penalty and "
@@ -181,6 +201,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise HalError(
             f"--enable-auto-tool-choice needs --tool-call-parser ({', '.join(TOOL_CALL_PARSERS)})"
         )
+    try:
+        chat_template = load_chat_template(args.chat_template)
+    except (OSError, ValueError) as e:
+        raise HalError(f"--chat-template: {e}") from e
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(args.host) and not api_key:
         logger.warning(
@@ -196,6 +220,8 @@ def run_serve(args: argparse.Namespace) -> int:
             device=args.device,
             backend=args.backend,
             max_model_len=args.max_model_len,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            load_format=args.load_format,
             seed=args.seed,
             quantization=args.quantization,
             enforce_eager=args.enforce_eager,
@@ -234,7 +260,7 @@ def run_serve(args: argparse.Namespace) -> int:
             engine, name, api_key, args.max_body_bytes, args.max_tokens_limit,
             tool_call_parser=args.tool_call_parser,
             enable_auto_tool_choice=args.enable_auto_tool_choice,
-            reasoning_parser=args.reasoning_parser,
+            reasoning_parser=args.reasoning_parser, chat_template=chat_template,
         )  # fmt: skip
     except (ValueError, TypeError) as e:
         engine.shutdown()

@@ -327,6 +327,7 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # vLLM's: the model continues the last message
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: e.g. {"enable_thinking": false}
+    chat_template: str | None = None  # vLLM's: a Jinja template for this request only
     tools: list[ToolSpec] | None = None
     tool_choice: str | dict[str, Any] | None = None
 

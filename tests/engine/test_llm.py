@@ -337,6 +337,28 @@ def test_chat_uses_template(tiny):
     assert out.outputs[0].finish_reason in ("stop", "length")
 
 
+PLAIN_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+
+
+def test_chat_with_its_own_template(tiny, tmp_path):
+    # chat_template (the text, or a file holding it) replaces the model's template.
+    from engine.tokenizer import load_chat_template
+
+    folder, _ = tiny
+    llm = _llm(folder)
+    tok = llm.get_tokenizer()
+    want = tok.encode("user: hello\n", add_special_tokens=False)
+    path = tmp_path / "plain.jinja"
+    path.write_text(PLAIN_TEMPLATE)
+    for template in (PLAIN_TEMPLATE, str(path)):
+        (out,) = llm.chat([{"role": "user", "content": "hello"}], SamplingParams(max_tokens=2),
+                          chat_template=template)  # fmt: skip
+        assert out.prompt_token_ids == want
+    assert load_chat_template(None) is None and load_chat_template(path) == PLAIN_TEMPLATE
+    with pytest.raises(ValueError, match="neither a file that exists nor a Jinja template"):
+        llm.chat([{"role": "user", "content": "hi"}], chat_template=str(tmp_path / "missing"))
+
+
 def test_bad_input(tiny):
     folder, _ = tiny
     llm = _llm(folder, max_model_len=64)

@@ -67,3 +67,27 @@ def test_max_tokens_default_from_the_file(model_with_config, mode: str) -> None:
             assert again.choices[0].text == cmpl.choices[0].text
     finally:
         handle.stop()
+
+
+def test_chat_template_of_the_server_and_of_a_request(tiny_model) -> None:
+    # --chat-template replaces the model's template for chat and /tokenize; a request's own
+    # chat_template (vLLM's field) replaces the server's.
+    server_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    request_template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    handle = start_server(make_engine(tiny_model), chat_template=server_template)
+    try:
+        tok = handle.engine.tokenizer
+        msgs = [{"role": "user", "content": "Hi"}]
+        with handle.http() as http:
+            r = http.post("/tokenize", json={"messages": msgs})
+            assert r.json()["tokens"] == tok.encode("[Hi]", add_special_tokens=False)
+        client = handle.client()
+        chat = client.chat.completions.create(model=MODEL_NAME, messages=msgs, max_tokens=1)
+        assert chat.usage.prompt_tokens == len(tok.encode("[Hi]", add_special_tokens=False))
+        own = client.chat.completions.create(
+            model=MODEL_NAME, messages=msgs, max_tokens=1,
+            extra_body={"chat_template": request_template},
+        )  # fmt: skip
+        assert own.usage.prompt_tokens == len(tok.encode("<Hi>", add_special_tokens=False))
+    finally:
+        handle.stop()
