@@ -163,11 +163,15 @@ def build_app(
     enable_auto_tool_choice: bool = False,
     reasoning_parser: str | None = None,
     chat_template: str | None = None,
+    cors: dict[str, Any] | None = None,
 ) -> FastAPI:
     """The app for `engine`; `api_key` None leaves /v1 open. `app.state.server` is the state.
     enable_auto_tool_choice with tool_call_parser (vLLM's flags): chat requests with tools may
     let the model call them in its own format (`engine.server.tools`). reasoning_parser
-    (deepseek_r1, qwen3): chat replies' thinking goes to `reasoning_content`."""
+    (deepseek_r1, qwen3): chat replies' thinking goes to `reasoning_content`. chat_template:
+    a Jinja template's text used instead of the model's. cors: Starlette's CORSMiddleware
+    keywords (allow_origins, allow_methods, allow_headers, allow_credentials); None: no CORS
+    headers, so browsers on other origins cannot read replies."""
     for name, value in (("max_body_bytes", max_body_bytes), ("max_tokens_limit", max_tokens_limit)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -191,6 +195,12 @@ def build_app(
     app.state.server = state
     if api_key:
         app.add_middleware(_AuthMiddleware, api_key=api_key, state=state)
+    if cors is not None:
+        # Outermost (added last): browsers' preflight OPTIONS requests carry no key and are
+        # answered here; the actual requests still need it.
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, **cors)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:

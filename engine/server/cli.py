@@ -131,6 +131,22 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "LAST, normalized)",
     )
     p.add_argument(
+        "--allowed-origins",
+        type=_json_list_arg,
+        default=None,
+        help="browser origins allowed to call the server (CORS), as JSON: '[\"http://localhost:"
+        "3000\"]' or '[\"*\"]' (default: no CORS headers; vLLM allows every origin)",
+    )
+    for flag, what in (("--allowed-methods", "methods"), ("--allowed-headers", "request headers")):
+        p.add_argument(
+            flag, type=_json_list_arg, default=["*"],
+            help=f"with --allowed-origins: the {what} allowed, as JSON (default: all)",
+        )  # fmt: skip
+    p.add_argument(
+        "--allow-credentials", action="store_true",
+        help="with --allowed-origins: allow cookies / credentials (CORS)",
+    )  # fmt: skip
+    p.add_argument(
         "--chat-template",
         default=None,
         help="a Jinja chat template (a file or the template's text) used instead of the model's, "
@@ -164,6 +180,30 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return p
+
+
+def _json_list_arg(text: str) -> list[str]:
+    """A JSON list of strings (the CORS options)."""
+    from engine.argtypes import json_option
+
+    def checked(value):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"expected a JSON list of strings, got {value!r}")
+        return value
+
+    return json_option(text, checked, '["http://localhost:3000"]')
+
+
+def cors_options(args: argparse.Namespace) -> dict | None:
+    """CORSMiddleware keywords from the --allowed-* flags (None without --allowed-origins)."""
+    if args.allowed_origins is None:
+        if args.allow_credentials:
+            raise HalError("--allow-credentials needs --allowed-origins")
+        return None
+    return dict(
+        allow_origins=args.allowed_origins, allow_methods=args.allowed_methods,
+        allow_headers=args.allowed_headers, allow_credentials=args.allow_credentials,
+    )  # fmt: skip
 
 
 def served_name(model: str | None) -> str:
@@ -261,6 +301,7 @@ def run_serve(args: argparse.Namespace) -> int:
             tool_call_parser=args.tool_call_parser,
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             reasoning_parser=args.reasoning_parser, chat_template=chat_template,
+            cors=cors_options(args),
         )  # fmt: skip
     except (ValueError, TypeError) as e:
         engine.shutdown()
