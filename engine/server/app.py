@@ -55,6 +55,7 @@ from engine.server.protocol import (
     join_logprobs,
     parse_request,
     prompt_completion_logprobs,
+    prompt_logprobs_field,
     usage,
 )
 from engine.server.reasoning import ReasoningParser, ReasoningStream
@@ -441,6 +442,8 @@ def build_app(
         # echo with logprobs: the prompt's logprobs too; echo with max_tokens 0: only those
         # (one token is generated and dropped, as vLLM does).
         prompt_logprobs = req.logprobs if req.echo else None
+        if req.prompt_logprobs is not None:  # vLLM's field; echo's logprobs need no more
+            prompt_logprobs = max(prompt_logprobs or 0, req.prompt_logprobs)
         cut = [truncated(ids, req.truncate_prompt_tokens, "prompt") for _, ids in prompts]
         # a cut text prompt echoes as its kept tokens' text
         prompts = [
@@ -461,6 +464,7 @@ def build_app(
                 req.to_sampling_params(max_tokens, req.logprobs, prompt_logprobs, defaults)
             )
         run = _Run(state, "cmpl", req.n, req.logprobs, echo_only=req.echo_only)
+        run.prompt_logprobs = req.prompt_logprobs
         await run.start([ids for _, ids in prompts], params, req.priority)
         echo = None
         if req.echo:
@@ -491,7 +495,9 @@ def build_app(
             state, req.requested_max_tokens(), defaults.get("max_tokens"), len(ids), field_name,
             "messages",
         )  # fmt: skip
-        params = req.to_sampling_params(max_tokens, req.engine_logprobs(), defaults=defaults)
+        params = req.to_sampling_params(
+            max_tokens, req.engine_logprobs(), req.prompt_logprobs, defaults
+        )
         reply = None
         if mode == "named":
             # compact JSON (no whitespace runs): what clients parse as arguments
@@ -513,6 +519,7 @@ def build_app(
         reasoning = state.reasoning if params.structured_outputs is None else None
         run = _Run(state, "chatcmpl", req.n, req.engine_logprobs(), tools=reply,
                    reasoning=reasoning)  # fmt: skip
+        run.prompt_logprobs = req.prompt_logprobs
         await run.start([ids], [params], req.priority)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -621,6 +628,7 @@ class _Run:
         self.reasoning = reasoning  # chat: splits the replies' thinking off
         self.tools = tools  # chat with tool calls: how choices become messages
         self.echo_only = echo_only  # completions echo with max_tokens 0: nothing generated
+        self.prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field: its k
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.n = n
@@ -767,15 +775,16 @@ class _Run:
             for c in out.outputs:
                 prefix = echo[i] if echo else None
                 text, logprobs, finish = self._echoed(out, c, len(c.token_ids), prefix)
-                choices.append(
-                    {
-                        "index": i * self.n + c.index,
-                        "text": text,
-                        "logprobs": logprobs,
-                        "finish_reason": finish,
-                        "stop_reason": c.stop_reason if not self.echo_only else None,
-                    }
-                )
+                choice = {
+                    "index": i * self.n + c.index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                    "stop_reason": c.stop_reason if not self.echo_only else None,
+                }
+                if self.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = prompt_logprobs_field(out, self.prompt_logprobs)
+                choices.append(choice)
         return {
             "id": self.id,
             "object": "text_completion",
@@ -806,7 +815,7 @@ class _Run:
                     "stop_reason": c.stop_reason,
                 }
             )
-        return {
+        body = {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
@@ -814,6 +823,9 @@ class _Run:
             "choices": choices,
             "usage": self._usage(outs),
         }
+        if self.prompt_logprobs is not None:
+            body["prompt_logprobs"] = prompt_logprobs_field(outs[0], self.prompt_logprobs)
+        return body
 
     def _completion_logprobs(self, c: CompletionOutput, start: int, end: int, offset: int):
         if self.logprobs is None:

@@ -92,6 +92,8 @@ class _SamplingRequest(BaseModel):
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
     priority: int = 0  # lower runs first (a server started with --scheduling-policy priority)
+    # vLLM's: the top-k logprobs of every prompt token, in the response's `prompt_logprobs`
+    prompt_logprobs: int | None = None
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the room)
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs object, and vLLM's
     # older guided_* fields (one of them per request).
@@ -121,6 +123,16 @@ class _SamplingRequest(BaseModel):
                 )
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+        if self.prompt_logprobs is not None:
+            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                raise bad_request(
+                    f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
+                    "prompt_logprobs",
+                )
+            if self.stream:
+                raise bad_request(
+                    "prompt_logprobs is not available with stream=true", "prompt_logprobs"
+                )
         self.structured()
 
     def structured(self) -> StructuredOutputsParams | None:
@@ -551,6 +563,24 @@ def prompt_completion_logprobs(out: RequestOutput, k: int, token_text: TokenText
     """The echoed prompt's part of completions `logprobs` (text offsets from 0): its first
     token has no logprob (null, as OpenAI and vLLM answer)."""
     return _logprob_lists(out.prompt_token_ids, out.prompt_logprobs or [], k, token_text, 0)
+
+
+def prompt_logprobs_field(out: RequestOutput, k: int) -> list[dict[str, dict] | None]:
+    """vLLM's `prompt_logprobs` response field: per prompt position None (the first) or token id
+    -> {"logprob", "rank", "decoded_token"} for the k most likely tokens and the prompt's own."""
+    result: list[dict[str, dict] | None] = []
+    for token_id, entry in zip(out.prompt_token_ids, out.prompt_logprobs or [], strict=False):
+        if entry is None:
+            result.append(None)
+            continue
+        keep = dict(_sorted_top(entry, k))
+        keep[token_id] = entry[token_id]
+        result.append({
+            str(t): {"logprob": float(entry[t]), "rank": getattr(entry[t], "rank", None),
+                     "decoded_token": getattr(entry[t], "decoded_token", None)}
+            for t in keep
+        })  # fmt: skip
+    return result
 
 
 def join_logprobs(first: dict[str, list], then: dict[str, list]) -> dict[str, list]:

@@ -579,3 +579,37 @@ def test_continue_final_message(client, offline):
         with pytest.raises(openai.BadRequestError, match=match):
             client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=2,
                                            extra_body=extra)  # fmt: skip
+
+
+def test_prompt_logprobs_field(server, offline):
+    # vLLM's prompt_logprobs: per prompt token None (the first) or its top k and itself, the same
+    # values LLM.generate gives; on each completions choice, at the top of a chat reply; not
+    # with stream=true, k within the limit; with echo + logprobs both come back.
+    ids = list(offline.get_tokenizer().encode(PROMPT))
+    (ref,) = offline.generate(prompt_token_ids=[ids], sampling_params=_greedy(1, prompt_logprobs=2))
+    with server.http() as http:
+        r = http.post("/v1/completions", json={
+            "prompt": ids, "max_tokens": 1, "prompt_logprobs": 2, "echo": True, "logprobs": 1,
+        })  # fmt: skip
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        got = choice["prompt_logprobs"]
+        assert len(got) == len(ids) and got[0] is None
+        for pos, (entry, want) in enumerate(zip(got[1:], ref.prompt_logprobs[1:], strict=True), 1):
+            assert ids[pos] in map(int, entry) and len(entry) <= 3
+            for t, v in entry.items():
+                assert v["logprob"] == pytest.approx(float(want[int(t)]), abs=1e-5)
+                assert v["rank"] == want[int(t)].rank and isinstance(v["decoded_token"], str)
+        assert len(choice["logprobs"]["top_logprobs"][1]) <= 2  # echo's own k stays 1 (+ chosen)
+        chat = http.post("/v1/chat/completions", json={
+            "messages": MESSAGES, "max_tokens": 1, "prompt_logprobs": 0,
+        })  # fmt: skip
+        body = chat.json()
+        assert body["prompt_logprobs"][0] is None and all(len(e) == 1 for e in
+                                                           body["prompt_logprobs"][1:])  # fmt: skip
+        assert body["usage"]["prompt_tokens"] == len(body["prompt_logprobs"])
+        bad = http.post("/v1/completions", json={"prompt": PROMPT, "prompt_logprobs": 2,
+                                                 "stream": True})  # fmt: skip
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
+        far = http.post("/v1/completions", json={"prompt": PROMPT, "prompt_logprobs": 99})
+        assert far.status_code == 400 and "prompt_logprobs must be in" in far.text
