@@ -176,6 +176,11 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        # SamplingParams keywords from the model's generation_config.json (vLLM's "auto"),
+        # checked before anything loads
+        self.default_sampling = sampling_defaults(
+            config.model, config.generation_config, config.override_generation_config
+        )
         # A pooling engine (embeddings): the model's pooling, read before anything loads.
         self.pooling = engine_pooling(config)
         caps = platforms.detect()
@@ -268,10 +273,6 @@ class LLMEngine:
             self.shutdown()
             raise
         self.eos_token_ids = tuple(self.model_config.eos_token_ids)
-        # SamplingParams keywords from the model's generation_config.json (vLLM's "auto")
-        self.default_sampling = sampling_defaults(
-            config.model, config.generation_config, config.override_generation_config
-        )
         self._eos_set = frozenset(self.eos_token_ids)
         # Structured outputs: constraints compiled against the model's vocabulary (on first use).
         self.structured = StructuredOutputs(

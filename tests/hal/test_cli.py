@@ -353,7 +353,25 @@ def test_serve_flags_reach_the_engine_and_app(monkeypatch, capsys, tmp_path):
     assert config.runner == "pooling" and config.scheduler.policy == "priority"
     assert config.pooler_config == PoolerConfig(pooling_type="MEAN")
     assert seen["app"] == {"tool_call_parser": "hermes", "enable_auto_tool_choice": True,
-                           "reasoning_parser": "qwen3"}  # fmt: skip
+                           "reasoning_parser": "qwen3", "chat_template": None,
+                           "cors": None}  # fmt: skip
+    template = tmp_path / "t.jinja"
+    template.write_text("{{ messages[0]['content'] }}")
+    more = ["serve", str(tmp_path), "--chat-template", str(template), "--gpu-memory-utilization",
+            "0.5", "--load-format", "dummy", "--generation-config", "vllm",
+            "--override-generation-config", '{"temperature": 0.3}', "--allowed-origins",
+            '["http://a.example"]']  # fmt: skip
+    with pytest.raises(Stop):
+        hal_main(more)
+    config = seen["config"]
+    assert (config.gpu_memory_utilization, config.load_format, config.generation_config) == (
+        0.5, "dummy", "vllm",
+    )  # fmt: skip
+    assert config.override_generation_config == {"temperature": 0.3}
+    assert seen["app"]["chat_template"] == "{{ messages[0]['content'] }}"
+    assert seen["app"]["cors"]["allow_origins"] == ["http://a.example"]
+    code, _, err = run(capsys, "serve", "--chat-template", str(tmp_path / "none"), entry=hal_main)
+    assert code != 0 and "--chat-template: chat template" in err and "neither a file" in err
     code, _, err = run(capsys, "serve", "--enable-auto-tool-choice", entry=hal_main)
     assert code != 0 and "--enable-auto-tool-choice needs --tool-call-parser" in err
     with pytest.raises(SystemExit) as exit_info:  # an argparse usage error
