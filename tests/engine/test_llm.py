@@ -440,6 +440,38 @@ def test_output_kinds(tiny, reference):
         SamplingParams(output_kind=7)
 
 
+def test_delta_outputs_with_stop_strings_and_drafts(tiny, reference):
+    # Text held back for a possible stop string and several tokens a step (n-gram drafts): the
+    # DELTA pieces still add up to the CUMULATIVE run's final text and tokens.
+    from engine import RequestOutputKind
+
+    folder, _ = tiny
+    prompts, expected = reference
+    llm = _llm(folder)
+    full = llm.get_tokenizer().decode(expected[0])
+    stop = full[len(full) // 2 :][:3]
+    if not stop.strip():
+        pytest.skip("no printable stop string in this tiny model's greedy text")
+    base = dict(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
+    (whole,) = _stream(llm.engine, SamplingParams(**base), prompts[:1]).values()
+    (parts,) = _stream(
+        llm.engine, SamplingParams(**base, output_kind=RequestOutputKind.DELTA), prompts[:1]
+    ).values()
+    last = whole[-1].outputs[0]
+    assert "".join(o.outputs[0].text for o in parts) == last.text
+    assert sum((o.outputs[0].token_ids for o in parts), []) == last.token_ids
+    spec = _llm(folder, speculative_config={"method": "ngram", "num_speculative_tokens": 3,
+                                            "prompt_lookup_min": 1})  # fmt: skip
+    repeat = [prompts[0] * 3]
+    greedy = dict(temperature=0, max_tokens=12, ignore_eos=True)
+    (ref,) = spec.generate(prompt_token_ids=repeat, sampling_params=SamplingParams(**greedy))
+    (pieces,) = _stream(
+        spec.engine, SamplingParams(**greedy, output_kind=RequestOutputKind.DELTA), repeat
+    ).values()
+    assert sum((o.outputs[0].token_ids for o in pieces), []) == ref.outputs[0].token_ids
+    assert "".join(o.outputs[0].text for o in pieces) == ref.outputs[0].text
+
+
 def test_delta_outputs_through_the_async_engine(tiny, reference):
     # AsyncLLMEngine.generate streams the engine's DELTA outputs as they are: they add up to the
     # greedy reference, one finish at the end.
