@@ -145,7 +145,8 @@ class CudaBackend(Backend):
 
             why = int4_gluon.device_reason(caps.cc_at_least(8, 0))
             self.info.settings["int4_gemm_small_m"] = (
-                f"M <= {int4_gluon.MAX_M}: gluon (mma.sync, pairs order)"
+                f"M <= {int4_gluon.MAX_M}: gluon (mma.sync, pairs order, registers "
+                f"{'capped per launch shape' if int4_gluon.REG_CAP else 'uncapped'})"
                 if why is None
                 else f"triton pairs at every M (gluon off: {why})"
             )
