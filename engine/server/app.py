@@ -465,6 +465,7 @@ def build_app(
             )
         run = _Run(state, "cmpl", req.n, req.logprobs, echo_only=req.echo_only)
         run.prompt_logprobs = req.prompt_logprobs
+        run.return_token_ids = req.return_token_ids
         await run.start([ids for _, ids in prompts], params, req.priority)
         echo = None
         if req.echo:
@@ -520,6 +521,7 @@ def build_app(
         run = _Run(state, "chatcmpl", req.n, req.engine_logprobs(), tools=reply,
                    reasoning=reasoning)  # fmt: skip
         run.prompt_logprobs = req.prompt_logprobs
+        run.return_token_ids = req.return_token_ids
         await run.start([ids], [params], req.priority)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -629,6 +631,7 @@ class _Run:
         self.tools = tools  # chat with tool calls: how choices become messages
         self.echo_only = echo_only  # completions echo with max_tokens 0: nothing generated
         self.prompt_logprobs: int | None = None  # vLLM's prompt_logprobs field: its k
+        self.return_token_ids = False  # vLLM's: token ids of the prompt and the choices too
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.n = n
@@ -784,6 +787,9 @@ class _Run:
                 }
                 if self.prompt_logprobs is not None:
                     choice["prompt_logprobs"] = prompt_logprobs_field(out, self.prompt_logprobs)
+                if self.return_token_ids:
+                    choice["prompt_token_ids"] = list(out.prompt_token_ids)
+                    choice["token_ids"] = [] if self.echo_only else list(c.token_ids)
                 choices.append(choice)
         return {
             "id": self.id,
@@ -806,15 +812,16 @@ class _Run:
                 message, finish = self.tools.message(text or "", finish)
             if reasoning_parser is not None:
                 message["reasoning_content"] = reasoning
-            choices.append(
-                {
-                    "index": c.index,
-                    "message": message,
-                    "logprobs": self._chat_logprobs(c, 0, len(c.token_ids)),
-                    "finish_reason": finish,
-                    "stop_reason": c.stop_reason,
-                }
-            )
+            choice = {
+                "index": c.index,
+                "message": message,
+                "logprobs": self._chat_logprobs(c, 0, len(c.token_ids)),
+                "finish_reason": finish,
+                "stop_reason": c.stop_reason,
+            }
+            if self.return_token_ids:
+                choice["token_ids"] = list(c.token_ids)
+            choices.append(choice)
         body = {
             "id": self.id,
             "object": "chat.completion",
@@ -825,6 +832,8 @@ class _Run:
         }
         if self.prompt_logprobs is not None:
             body["prompt_logprobs"] = prompt_logprobs_field(outs[0], self.prompt_logprobs)
+        if self.return_token_ids:
+            body["prompt_token_ids"] = list(outs[0].prompt_token_ids)
         return body
 
     def _completion_logprobs(self, c: CompletionOutput, start: int, end: int, offset: int):
@@ -868,7 +877,8 @@ class _Run:
                 st.num_chars, st.num_tokens = len(c.text), end
                 st.finished = c.finish_reason is not None
                 self._aborted = self._aborted or c.finish_reason == "abort"
-                if text or c.finish_reason or (self.logprobs is not None and end > start):
+                wants_tokens = self.logprobs is not None or self.return_token_ids
+                if text or c.finish_reason or (wants_tokens and end > start):
                     first = not st.started
                     st.started = True
                     yield index, c, text, (start, end), c.finish_reason, first
@@ -877,7 +887,14 @@ class _Run:
     async def _stream(self, obj: str, make_choice, include_usage: bool) -> AsyncIterator[str]:
         try:
             async for index, c, text, span, finish, first in self._deltas():
-                yield _event(self._chunk(obj, [make_choice(index, c, text, span, finish, first)]))
+                choice = make_choice(index, c, text, span, finish, first)
+                chunk = self._chunk(obj, [choice])
+                if self.return_token_ids and obj == "chat.completion.chunk":
+                    choice["token_ids"] = c.token_ids[span[0] : span[1]]
+                    if first:
+                        prompt = self._latest[index // self.n].prompt_token_ids
+                        chunk["prompt_token_ids"] = list(prompt)
+                yield _event(chunk)
             if include_usage:
                 yield _event(self._chunk(obj, [], self._usage(self._finals)))
             reason = self.abort_reason()
@@ -904,13 +921,20 @@ class _Run:
             if logprobs is not None and logprobs["tokens"]:
                 last = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                 offsets[index] = last
-            return {
+            choice = {
                 "index": index,
                 "text": text,
                 "logprobs": logprobs,
                 "finish_reason": finish,
                 "stop_reason": c.stop_reason if finish and not self.echo_only else None,
             }
+            if self.return_token_ids:
+                if first:
+                    choice["prompt_token_ids"] = list(
+                        self._latest[index // self.n].prompt_token_ids
+                    )
+                choice["token_ids"] = [] if self.echo_only else c.token_ids[span[0] : span[1]]
+            return choice
 
         return self._stream("text_completion", make_choice, include_usage)
 

@@ -94,6 +94,8 @@ class _SamplingRequest(BaseModel):
     priority: int = 0  # lower runs first (a server started with --scheduling-policy priority)
     # vLLM's: the top-k logprobs of every prompt token, in the response's `prompt_logprobs`
     prompt_logprobs: int | None = None
+    # vLLM's: the prompt's and each choice's token ids in the response (and stream chunks)
+    return_token_ids: bool = False
     truncate_prompt_tokens: int | None = None  # keep the prompt's last k tokens (-1: the room)
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs object, and vLLM's
     # older guided_* fields (one of them per request).

@@ -613,3 +613,40 @@ def test_prompt_logprobs_field(server, offline):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt_logprobs"
         far = http.post("/v1/completions", json={"prompt": PROMPT, "prompt_logprobs": 99})
         assert far.status_code == 400 and "prompt_logprobs must be in" in far.text
+
+
+def _sse_json(http, path: str, body: dict) -> list[dict]:
+    """The JSON events of a streamed reply (without [DONE])."""
+    import json
+
+    with http.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        lines = [ln[len("data: ") :] for ln in r.iter_lines() if ln.startswith("data: ")]
+    return [json.loads(ln) for ln in lines if ln != "[DONE]"]
+
+
+def test_return_token_ids(server, offline):
+    # vLLM's return_token_ids: the prompt's ids and each choice's generated ids, whole and
+    # streamed (the chunks' ids add up to the whole reply's; the prompt's come in the first).
+    ids = list(offline.get_tokenizer().encode(PROMPT))
+    (ref,) = offline.generate(prompt_token_ids=[ids], sampling_params=_greedy(5))
+    want = ref.outputs[0].token_ids
+    common = {"max_tokens": 5, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    with server.http() as http:
+        choice = http.post("/v1/completions", json={"prompt": ids, **common}).json()["choices"][0]
+        assert choice["prompt_token_ids"] == ids and choice["token_ids"] == want
+        events = _sse_json(http, "/v1/completions", {"prompt": ids, "stream": True, **common})
+        chosen = [e["choices"][0] for e in events if e["choices"]]
+        assert chosen[0]["prompt_token_ids"] == ids
+        assert all("prompt_token_ids" not in c for c in chosen[1:])
+        assert sum((c["token_ids"] for c in chosen), []) == want
+        chat_req = {"messages": MESSAGES, **common}
+        whole = http.post("/v1/chat/completions", json=chat_req).json()
+        prompt = http.post("/tokenize", json={"messages": MESSAGES}).json()["tokens"]
+        assert whole["prompt_token_ids"] == prompt and len(whole["choices"][0]["token_ids"]) == 5
+        events = _sse_json(http, "/v1/chat/completions", {**chat_req, "stream": True})
+        assert events[0]["prompt_token_ids"] == prompt
+        streamed = sum((e["choices"][0].get("token_ids", []) for e in events if e["choices"]), [])
+        assert streamed == whole["choices"][0]["token_ids"]
+        plain = http.post("/v1/completions", json={"prompt": ids, "max_tokens": 2}).json()
+        assert "token_ids" not in plain["choices"][0]
