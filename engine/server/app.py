@@ -889,11 +889,12 @@ class _Run:
             async for index, c, text, span, finish, first in self._deltas():
                 choice = make_choice(index, c, text, span, finish, first)
                 chunk = self._chunk(obj, [choice])
-                if self.return_token_ids and obj == "chat.completion.chunk":
-                    choice["token_ids"] = c.token_ids[span[0] : span[1]]
+                if self.return_token_ids:  # vLLM's: chat's prompt ids on the chunk, else choice's
+                    choice["token_ids"] = [] if self.echo_only else c.token_ids[span[0] : span[1]]
                     if first:
+                        holder = chunk if obj == "chat.completion.chunk" else choice
                         prompt = self._latest[index // self.n].prompt_token_ids
-                        chunk["prompt_token_ids"] = list(prompt)
+                        holder["prompt_token_ids"] = list(prompt)
                 yield _event(chunk)
             if include_usage:
                 yield _event(self._chunk(obj, [], self._usage(self._finals)))
@@ -921,20 +922,13 @@ class _Run:
             if logprobs is not None and logprobs["tokens"]:
                 last = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                 offsets[index] = last
-            choice = {
+            return {
                 "index": index,
                 "text": text,
                 "logprobs": logprobs,
                 "finish_reason": finish,
                 "stop_reason": c.stop_reason if finish and not self.echo_only else None,
             }
-            if self.return_token_ids:
-                if first:
-                    choice["prompt_token_ids"] = list(
-                        self._latest[index // self.n].prompt_token_ids
-                    )
-                choice["token_ids"] = [] if self.echo_only else c.token_ids[span[0] : span[1]]
-            return choice
 
         return self._stream("text_completion", make_choice, include_usage)
 
