@@ -6,9 +6,11 @@ bandwidth measured in the same run exactly as bench/attention.py measures it.
     python bench/int4_gemm.py --out int4_gemm.json               # the default tables
     python bench/int4_gemm.py --autotune --ms 1 2 4 8 16 64 2048 --out int4_tune.json
 
-Timing: CUDA graphs of one pass over several weight sets (together > 3x L2, so each call reads
-cold weights), replayed between torch.cuda.Event pairs after warm-up; the median of the reps,
-divided by the calls per pass. Weight-read GB/s counts qweight + scales + zeros (ours) and the
+Timing: CUDA graphs of passes over several weight sets (together > 3x L2, so each call reads
+cold weights), repeated to at least --min-calls calls (48) so that the replay's own launch cost
+is shared as in a decode step's graph (--min-calls 1: one pass, the timer before 2026-11-30),
+replayed between torch.cuda.Event pairs after warm-up; the median of the reps, divided by the
+calls. Weight-read GB/s counts qweight + scales + zeros (ours) and the
 bf16 weight (the peer); "of copy" is that over the copy bandwidth (bench/attention.py's
 `copy_bandwidth`: a 1 GiB device copy, read + write counted, L2 flushed before each rep).
 The autotune compiles its first-round candidates in parallel worker processes, times them on
@@ -70,12 +72,19 @@ SMEM_FALLBACK = 232448  # H100 / H200 opt-in shared memory per block
 
 
 # -- timing --------------------------------------------------------------------------------------
-def timed(fns: list, reps: int, warmup: int) -> float:
-    """Median ms per call of `fns` (one pass over the weight sets, captured in a CUDA graph)."""
+MIN_CALLS = 48  # --min-calls: calls per graph replay (passes over the weight sets repeated)
+
+
+def timed(fns: list, reps: int, warmup: int, min_calls: int | None = None) -> float:
+    """Median ms per call of `fns` (passes over the weight sets, captured in a CUDA graph:
+    as many whole passes as make at least min_calls calls, so the replay's own launch cost is
+    shared by them; each call still reads weights evicted from L2 by the sets read since)."""
     for _ in range(2):
         for fn in fns:
             fn()
     torch.cuda.synchronize()
+    passes = max(1, math.ceil((MIN_CALLS if min_calls is None else min_calls) / len(fns)))
+    fns = fns * passes
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for fn in fns:
@@ -395,7 +404,12 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--tune-reps", type=int, default=12, help="reps per config in the autotune")
     p.add_argument("--no-precompile", action="store_true", help="compile during the sweep")
+    p.add_argument("--min-calls", type=int, default=MIN_CALLS,
+                   help="calls per graph replay: passes over the weight sets are repeated until "
+                        "there are this many, sharing the replay's launch cost")  # fmt: skip
     args = p.parse_args()
+    global MIN_CALLS
+    MIN_CALLS = max(1, args.min_calls)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -418,6 +432,7 @@ def main() -> int:
         "device": props.name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "commit": commit, "torch": torch.__version__, "triton": ig.triton.__version__,
         "dtype": args.dtype, "group_size": args.group_size, "copy_gbs": copy_gbs / 1e9,
+        "min_calls": MIN_CALLS,
         "rows": [], "autotune": [],
     }  # fmt: skip
     print(f"{props.name}: copy bandwidth {copy_gbs / 1e9:.0f} GB/s (bench/attention.py method: "
