@@ -394,6 +394,7 @@ def bench(args, data: dict, dtype, copy_gbs: float, l2: int, results: dict) -> N
 
 
 def main() -> int:
+    global MIN_CALLS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", required=True, help="JSON file to write")
     p.add_argument("--autotune", action="store_true", help="search launch configs per M")
@@ -408,7 +409,6 @@ def main() -> int:
                    help="calls per graph replay: passes over the weight sets are repeated until "
                         "there are this many, sharing the replay's launch cost")  # fmt: skip
     args = p.parse_args()
-    global MIN_CALLS
     MIN_CALLS = max(1, args.min_calls)
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
