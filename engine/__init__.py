@@ -2,6 +2,7 @@
 
 from engine.beam_search import BeamSearchOutput, BeamSearchParams
 from engine.llm import LLM
+from engine.lora import LoRARequest
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.pooling import EmbeddingRequestOutput, PoolerConfig, PoolingParams
 from engine.sampling_params import RequestOutputKind, SamplingParams
@@ -13,6 +14,7 @@ __all__ = [
     "BeamSearchParams",
     "CompletionOutput",
     "EmbeddingRequestOutput",
+    "LoRARequest",
     "Logprob",
     "PoolerConfig",
     "PoolingParams",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.lora import LoRARequest
 from engine.openmp import release_thread_pool
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -120,7 +121,7 @@ class AsyncLLMEngine:
         self.engine = engine
         self.stats_listener = stats_listener
         self._cv = threading.Condition()
-        # ("add", stream, prompt, params, ids, priority) | ("abort", id, why)
+        # ("add", stream, prompt, params, ids, priority, lora) | ("abort", id, why)
         # | ("abort_all", None, why)
         self._commands: list[tuple] = []
         self._streams: dict[str, RequestStream] = {}  # owned by the engine thread
@@ -179,10 +180,12 @@ class AsyncLLMEngine:
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> RequestStream:
         """Queue a request; returns once the engine accepted it. Bad input raises the engine's
         ValueError/TypeError here; a dead engine raises EngineDeadError. priority: lower runs
-        first (an engine with scheduling policy "priority")."""
+        first (an engine with scheduling policy "priority"). lora_request: a LoRA adapter (an
+        engine built with enable_lora)."""
         if self._dead is not None or self._stopping:
             raise EngineDeadError(self._dead_message())
         if request_id is None:
@@ -190,7 +193,7 @@ class AsyncLLMEngine:
                 self._ids += 1
                 request_id = f"req-{self._ids}"
         stream = RequestStream(request_id, self)
-        self._submit(("add", stream, prompt, params, prompt_token_ids, priority))
+        self._submit(("add", stream, prompt, params, prompt_token_ids, priority, lora_request))
         try:
             await stream.accepted
         except asyncio.CancelledError:
@@ -204,9 +207,12 @@ class AsyncLLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         prompt_token_ids: list[int] | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; leaving the loop early (break, cancel) aborts it."""
-        stream = await self.add_request(prompt, params, prompt_token_ids, request_id)
+        stream = await self.add_request(
+            prompt, params, prompt_token_ids, request_id, lora_request=lora_request
+        )
         try:
             async for out in stream:
                 yield out
@@ -281,9 +287,11 @@ class AsyncLLMEngine:
         for command in commands:
             kind = command[0]
             if kind == "add":
-                _, stream, prompt, params, ids, priority = command
+                _, stream, prompt, params, ids, priority, lora = command
                 try:
-                    self.engine.add_request(prompt, params, ids, stream.request_id, priority)
+                    self.engine.add_request(
+                        prompt, params, ids, stream.request_id, priority, lora_request=lora
+                    )
                 except Exception as exc:  # noqa: BLE001 - bad input goes back to the caller
                     _call_soon(stream.loop, stream._fail, exc)
                     continue

@@ -109,6 +109,12 @@ class EngineConfig:
     # top ({"temperature": 0.5, ...}; `engine.generation_config`).
     generation_config: str = "auto"
     override_generation_config: dict | None = None
+    # vLLM's LoRA serving (engine.lora): requests may name adapters (LoRARequest) with rank up to
+    # max_lora_rank, at most max_loras of them resident at once. One process (tp = pp = 1),
+    # eager steps (no graphs).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -144,6 +150,22 @@ class EngineConfig:
                 "async_scheduling must be True, False or None (auto), got "
                 f"{self.async_scheduling!r}"
             )
+        for name in ("max_loras", "max_lora_rank"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.enable_lora not in (True, False):
+            raise ValueError(f"enable_lora must be True or False, got {self.enable_lora!r}")
+        if self.enable_lora:
+            p = self.parallel
+            if p.tensor_parallel_size != 1 or p.pipeline_parallel_size != 1:
+                raise ValueError(
+                    "enable_lora: LoRA adapters are served by a single-process engine for now "
+                    f"(tensor_parallel_size={p.tensor_parallel_size}, pipeline_parallel_size="
+                    f"{p.pipeline_parallel_size}); use 1 and 1"
+                )
+            if self.speculative_config is not None:
+                raise ValueError("enable_lora: speculative decoding with LoRA is not supported")
         _check_sizes("cuda_graph_sizes", self.cuda_graph_sizes, "batch sizes")
         mixed = self.mixed_graph_sizes
         _check_sizes("mixed_graph_sizes", mixed, "token counts", allow_empty=True)  # (): off

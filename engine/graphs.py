@@ -48,7 +48,8 @@ def default_sizes(max_num_seqs: int) -> tuple[int, ...]:
 def configured_sizes(config) -> tuple[int, ...]:
     """An EngineConfig's decode buckets: none with enforce_eager, else cuda_graph_sizes or the
     defaults for its max_num_seqs."""
-    if config.enforce_eager or config.runner == "pooling":  # pooling: no decode steps
+    # pooling: no decode steps; LoRA: each step's adapter mask is built on the host
+    if config.enforce_eager or config.runner == "pooling" or config.enable_lora:
         return ()
     return tuple(config.cuda_graph_sizes or default_sizes(config.scheduler.max_num_seqs))
 
@@ -74,7 +75,7 @@ def default_mixed_sizes(max_num_batched_tokens: int) -> tuple[int, ...]:
 def configured_mixed_sizes(config) -> tuple[int, ...]:
     """An EngineConfig's token-count buckets for steps with prefill tokens: none with
     enforce_eager or mixed_graph_sizes=(), the defaults for its token budget when None."""
-    if config.enforce_eager:
+    if config.enforce_eager or config.enable_lora:
         return ()
     if config.mixed_graph_sizes is None:
         return default_mixed_sizes(config.scheduler.max_num_batched_tokens)

@@ -108,7 +108,8 @@ class KVCacheManager:
             i = len(hashes)
             hashes.append(
                 hash_block_tokens(
-                    hashes[-1] if hashes else None, seq.token_ids[i * bs : (i + 1) * bs]
+                    hashes[-1] if hashes else seq.request.cache_salt,
+                    seq.token_ids[i * bs : (i + 1) * bs],
                 )
             )
         return hashes

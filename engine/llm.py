@@ -11,6 +11,7 @@ from engine.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSeq
 from engine.config import CacheConfig, SchedulerConfig
 from engine.engine_config import EngineConfig, ParallelConfig
 from engine.llm_engine import LLMEngine
+from engine.lora import LoRARequest
 from engine.outputs import RequestOutput
 from engine.pooling import (
     EmbeddingRequestOutput,
@@ -88,6 +89,9 @@ class LLM:
         pooler_config: PoolerConfig | dict | None = None,
         generation_config: str = "auto",
         override_generation_config: dict | None = None,
+        enable_lora: bool = False,
+        max_loras: int = 1,
+        max_lora_rank: int = 16,
     ) -> None:
         cache = CacheConfig(
             block_size=block_size,
@@ -123,6 +127,9 @@ class LLM:
             pooler_config=pooler_config,
             generation_config=generation_config,
             override_generation_config=override_generation_config,
+            enable_lora=enable_lora,
+            max_loras=max_loras,
+            max_lora_rank=max_lora_rank,
             cache=cache,
             scheduler=sched,
             parallel=ParallelConfig(
@@ -168,14 +175,17 @@ class LLM:
         prompt_token_ids: Sequence[list[int]] | None = None,
         use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in prompt order. All prompts are validated first.
-        priority: one per prompt, lower first (needs scheduling_policy="priority")."""
+        priority: one per prompt, lower first (needs scheduling_policy="priority").
+        lora_request: the LoRA adapter for every prompt, or one per prompt (None: the base
+        model); needs `LLM(..., enable_lora=True)`."""
         items = _items(prompts, prompt_token_ids)
         params_list = self._params_list(sampling_params, len(items))
         if priority is not None and len(priority) != len(items):
             raise ValueError(f"got {len(priority)} priorities for {len(items)} prompts")
-        return self._run(items, params_list, use_tqdm, priority)
+        return self._run(items, params_list, use_tqdm, priority, lora_request)
 
     def chat(
         self,
@@ -188,10 +198,12 @@ class LLM:
         continue_final_message: bool = False,
         chat_template_kwargs: dict | None = None,
         chat_template: str | None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the model's chat template (with `tools`, OpenAI's
         function specs, and chat_template_kwargs such as Qwen3's enable_thinking), then
-        generate. chat_template: a Jinja template (or a file holding one) used instead."""
+        generate. chat_template: a Jinja template (or a file holding one) used instead.
+        lora_request: as in `generate`."""
         template = load_chat_template(chat_template)
         if messages and isinstance(messages[0], dict):
             messages = [messages]  # type: ignore[list-item]
@@ -202,7 +214,8 @@ class LLM:
                 continue_final_message, chat_template_kwargs, template,
             )  # fmt: skip
             items.append((self.engine.tokenizer.decode(ids), ids))
-        return self._run(items, self._params_list(sampling_params, len(items)), use_tqdm)
+        params = self._params_list(sampling_params, len(items))
+        return self._run(items, params, use_tqdm, lora_request=lora_request)
 
     def embed(
         self,
@@ -316,6 +329,7 @@ class LLM:
         params_list: list[SamplingParams],
         use_tqdm: bool,
         priority: Sequence[int] | None = None,
+        lora_request=None,
     ) -> list[RequestOutput]:
         engine = self.engine
         # Validate everything before queuing anything, so a bad prompt queues nothing.
@@ -323,6 +337,14 @@ class LLM:
             (prompt, engine.validate_request(prompt, params, ids))
             for (prompt, ids), params in zip(items, params_list, strict=True)
         ]
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(items)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(items):
+                raise ValueError(f"got {len(loras)} lora_requests for {len(items)} prompts")
+        for lora in dict.fromkeys(loras):  # each adapter read and checked once, before queuing
+            engine.check_lora_request(lora)
         if priority is not None and engine.scheduler_config.policy != "priority" and any(priority):
             raise ValueError(
                 "priority needs LLM(..., scheduling_policy='priority') (this one schedules first "
@@ -331,7 +353,9 @@ class LLM:
         order: dict[str, int] = {}
         for i, ((prompt, ids), params) in enumerate(zip(resolved, params_list, strict=False)):
             p = 0 if priority is None else priority[i]
-            rid = engine.add_request(prompt, params, prompt_token_ids=ids, priority=p)
+            rid = engine.add_request(
+                prompt, params, prompt_token_ids=ids, priority=p, lora_request=loras[i]
+            )
             order[rid] = i
         results: list[RequestOutput | None] = [None] * len(items)
         bar = tqdm(total=len(items), desc="generating", disable=not use_tqdm or len(items) < 2)

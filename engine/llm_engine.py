@@ -31,6 +31,7 @@ from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from engine.generation_config import sampling_defaults
 from engine.graphs import configured_mixed_sizes, configured_sizes
 from engine.loader import load_model
+from engine.lora import LoRAManager, LoRARequest
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.pooling import (
@@ -198,6 +199,11 @@ class LLMEngine:
                 f"({why}); use device='cpu' or 'auto'"
             )
         self.runner: ModelRunner | None = None
+        self.lora: LoRAManager | None = None
+        # Adapter requests waiting for a slot (FCFS; not yet in the scheduler), and the ids of
+        # those admitted with their adapter resident (each releases it when it finishes).
+        self._lora_waiting: deque[Request] = deque()
+        self._lora_admitted: set[str] = set()
         self._profiling = False  # between start_profile and stop_profile
         self.executor: Executor
         if config.parallel.executor_backend == "uni":
@@ -212,6 +218,13 @@ class LLMEngine:
                 quantization=config.quantization,
             )
             self.dtype = self.model.dtype
+            if config.enable_lora:  # the adapters' slot buffers, counted with the weights
+                self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank)
+        elif config.enable_lora:
+            raise ValueError(
+                "enable_lora: LoRA adapters are served in the engine's own process; leave "
+                f"distributed_executor_backend unset (got {config.parallel.executor_backend!r})"
+            )
         else:  # workers load the shards; the driver reads only the config and tokenizer
             from engine.distributed.executor import driver_model_info, make_executor
 
@@ -247,6 +260,7 @@ class LLMEngine:
                     max_num_seqs=sched.max_num_seqs,
                     pooling=self.pooling.pooling_type if self.pooling else None,
                 )  # fmt: skip
+                self.runner.lora = self.lora
                 self.executor = UniprocExecutor(self.runner)
             self.memory_plan = self._plan_memory(cache)
             cache.num_gpu_blocks = self.memory_plan.num_blocks
@@ -422,6 +436,11 @@ class LLMEngine:
         lines += self.executor.describe()
         if self.speculative is not None:
             lines.append(self.speculative.describe())
+        if self.lora is not None:
+            lines.append(
+                f"LoRA: {self.lora.max_loras} adapter slots of rank <= {self.lora.max_rank} "
+                f"({self.lora.nbytes / (1 << 20):.1f} MiB)"
+            )
         if self.runner is not None:
             graphs = self.runner.graphs
             lines.append(
@@ -567,22 +586,31 @@ class LLMEngine:
         prompt_token_ids: list[int] | None = None,
         request_id: str | None = None,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Queue a request; bad input raises ValueError and leaves the engine untouched.
-        priority: lower runs first (needs scheduling_policy "priority")."""
+        priority: lower runs first (needs scheduling_policy "priority"). lora_request: run it
+        through that LoRA adapter (needs enable_lora)."""
         self._check_driver("add_request")
         prompt_token_ids = self.validate_request(prompt, params, prompt_token_ids)
         request_id = request_id if request_id is not None else str(next(self._ids))
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in the engine")
+        lora_id = self.check_lora_request(lora_request)
         now = time.time()
         pooling = None
         if self.pooling is not None:  # the scheduler runs the prompt as a one-token request
             pooling, params = params, _POOLING_SAMPLING
         request = Request(
-            request_id, list(prompt_token_ids), params, arrival_time=now, priority=priority
-        )
-        self.scheduler.add_request(request)
+            request_id, list(prompt_token_ids), params, arrival_time=now, priority=priority,
+            lora_int_id=lora_id,
+        )  # fmt: skip
+        if lora_id is None:
+            self.scheduler.add_request(request)
+        elif not self._lora_waiting and self.lora.can_admit(lora_id):
+            self._admit_lora(request)
+        else:  # every slot holds an adapter still in use: wait, in arrival order
+            self._lora_waiting.append(request)
         state = _RequestState(
             request, prompt, RequestMetrics(arrival_time=now), order=next(self._order),
             pooling=pooling,
@@ -595,6 +623,34 @@ class LLMEngine:
         self.requests[request_id] = state
         return request_id
 
+    def check_lora_request(self, lora_request) -> int | None:
+        """The adapter id of a request's lora_request (its adapter read and checked on first
+        use; bad input raises ValueError), None for none."""
+        if lora_request is None:
+            return None
+        if not isinstance(lora_request, LoRARequest):
+            raise ValueError(
+                f"lora_request: expected an engine.LoRARequest, got {type(lora_request).__name__}"
+            )
+        if self.lora is None:
+            raise ValueError(
+                f"lora_request {lora_request.lora_name!r}: this engine serves no LoRA adapters; "
+                "build it with enable_lora=True (hal serve --enable-lora)"
+            )
+        self.lora.register(lora_request)
+        return lora_request.lora_int_id
+
+    def _admit_lora(self, request: Request) -> None:
+        self.lora.acquire(request.lora_int_id)
+        self._lora_admitted.add(request.request_id)
+        self.scheduler.add_request(request)
+
+    def _admit_lora_waiting(self) -> None:
+        """Admit waiting adapter requests, oldest first, while their adapter can be resident."""
+        waiting = self._lora_waiting
+        while waiting and self.lora.can_admit(waiting[0].lora_int_id):
+            self._admit_lora(waiting.popleft())
+
     def _new_seq_state(self, params: SamplingParams, prompt_ids: list[int]) -> _SeqState:
         detok = IncrementalDetokenizer(self.tokenizer, params, prompt_ids)
         matcher = None
@@ -605,6 +661,10 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> bool:
         """Abort a request and free its blocks; its output is reported finished with "abort"."""
         self._check_driver("abort_request")
+        waiting = next((r for r in self._lora_waiting if r.request_id == request_id), None)
+        if waiting is not None:  # never admitted: through the scheduler to its aborted state
+            self._lora_waiting.remove(waiting)
+            self.scheduler.add_request(waiting)
         found = self.scheduler.abort_request(request_id)
         state = self.requests.get(request_id)
         if state is not None:
@@ -615,7 +675,12 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         """Requests not finished, or batches (of aborted ones, perhaps) still in flight."""
-        return self.scheduler.has_unfinished() or bool(self._in_flight) or self._ahead is not None
+        return (
+            self.scheduler.has_unfinished()
+            or bool(self._in_flight)
+            or self._ahead is not None
+            or bool(self._lora_waiting)
+        )
 
     # -- one step -------------------------------------------------------------------------------
     def step(self, stream: bool = True) -> list[RequestOutput]:
@@ -627,6 +692,8 @@ class LLMEngine:
         schedule() skips the sequences already in flight), then waits for the oldest one only.
         """
         self._check_driver("step")
+        if self._lora_waiting:
+            self._admit_lora_waiting()
         if self.pipeline_depth > 1:
             return self._step_pipelined(stream)
         if self.async_scheduling:
@@ -1028,6 +1095,9 @@ class LLMEngine:
             if done:
                 state.metrics.finished_time = time.time()
                 del requests[state.request.request_id]
+                if state.request.request_id in self._lora_admitted:
+                    self._lora_admitted.discard(state.request.request_id)
+                    self.lora.release(state.request.lora_int_id)
                 self._prompt_pending.discard(state.request.request_id)
         return outputs
 

@@ -214,6 +214,7 @@ class ModelRunner:
         rows (fp32, `engine.pooling.pooled_rows`), not logits."""
         self.model = model
         self.pooling = pooling
+        self.lora = None  # an engine.lora.LoRAManager when the engine serves LoRA adapters
         self.backend = backend
         self.device = backend.device
         self.block_size = block_size
@@ -267,6 +268,8 @@ class ModelRunner:
     def graph_reasons(self, allow_eager: bool = False) -> list[str]:
         """Why this runner replays no graphs (empty: `capture_graphs` will capture)."""
         if not self.graph_sizes:
+            if self.lora is not None:
+                return ["LoRA steps run eagerly (each step's adapter mask is built on the host)"]
             return ["graphs off (enforce_eager, or no sizes to capture)"]
         reasons = [] if allow_eager else graph_reasons(self.backend)
         if self.model.embed_tokens is None or self.model.norm is None:
@@ -434,7 +437,14 @@ class ModelRunner:
         batch = self.build_batch(out.scheduled)
         if feed is not None:
             feed.write(batch.input_ids)
-        hidden = self.forward(batch)  # [num_tokens, hidden]
+        if self.lora is None:
+            hidden = self.forward(batch)  # [num_tokens, hidden]
+        else:  # each token through its request's adapter (engine.lora)
+            self.lora.set_step(out.scheduled)
+            try:
+                hidden = self.forward(batch)
+            finally:
+                self.lora.clear_step()
         if self.pooling:  # a pooling engine: hidden rows (engine.pooling)
             return pooled_rows(hidden, batch, self.pooling)
         scored = None if prompt is None else self.score_prompt(hidden, prompt)

@@ -20,6 +20,7 @@ from hal.backend import Backend
 
 if TYPE_CHECKING:
     from engine.layers.rotary import RotaryEmbedding
+    from engine.lora import LoRASlots
 
 
 def _param(shape: tuple[int, ...], backend: Backend, dtype: torch.dtype) -> nn.Parameter:
@@ -57,12 +58,16 @@ class QuantizableLinear(nn.Module):
     """What every linear layer shares: its optional `quant_method` and the pre-load check."""
 
     quant_method: LinearMethod | None = None
+    lora: LoRASlots | None = None  # LoRA adapters' slots (engine.lora), set when serving them
 
     def fp8_input_dtype(self) -> torch.dtype | None:
         """The FP8 dtype this layer wants its input quantized to per token (the op before it
-        may then fuse the quantize), else None."""
+        may then fuse the quantize), else None (also with LoRA: its deltas read the input)."""
         method = self.quant_method
-        return None if method is None else method.fp8_input_dtype(self)
+        return None if method is None or self.lora is not None else method.fp8_input_dtype(self)
+
+    def _with_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y if self.lora is None else self.lora.add(x, y)
 
     def check_weights(self, source: TensorSource) -> None:
         """Raise on a missing, misshapen or unshardable quantized tensor, reading no data."""
@@ -188,15 +193,15 @@ class MergedColumnParallelLinear(QuantizableLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, input_size] -> [num_tokens, sum(output_sizes) / tp_size]
         if self.quant_method is not None:
-            return self.quant_method.apply(self, x, self.bias)
-        return self.backend.linear(x, self.weight, self.bias)
+            return self._with_lora(x, self.quant_method.apply(self, x, self.bias))
+        return self._with_lora(x, self.backend.linear(x, self.weight, self.bias))
 
     def forward_silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         """silu_and_mul(forward(x)) for a [gate, up] layer: [num_tokens, output_sizes[0] /
         tp_size], which the backend may run as one fused launch (float weights)."""
         if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
             raise ValueError(f"output_sizes: {self.output_sizes}; silu_and_mul wants [D, D]")
-        if self.quant_method is not None:
+        if self.quant_method is not None or self.lora is not None:
             return self.backend.silu_and_mul(self.forward(x))
         return self.backend.linear_silu_and_mul(x, self.weight, self.bias)
 
@@ -273,8 +278,8 @@ class QKVParallelLinear(QuantizableLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, hidden] -> [num_tokens, q_size + 2 * kv_size]
         if self.quant_method is not None:
-            return self.quant_method.apply(self, x, self.bias)
-        return self.backend.linear(x, self.weight, self.bias)
+            return self._with_lora(x, self.quant_method.apply(self, x, self.bias))
+        return self._with_lora(x, self.backend.linear(x, self.weight, self.bias))
 
     def forward_rotary_write_kv(
         self,
@@ -289,8 +294,9 @@ class QKVParallelLinear(QuantizableLinear):
         """The projection, its q and k rotated by `rotary` at `positions`, the rotated k and v
         written to the paged caches (slot -1 skips); returns the rotated q [T, heads, D]. Float
         weights go to the backend as one op (`Backend.linear_rotary_write_kv`, which may fuse
-        it into the GEMM); quantized ones run the GEMM, then `rotary.forward_write_kv`."""
-        if self.quant_method is not None:
+        it into the GEMM); quantized ones (and LoRA) run the GEMM, then
+        `rotary.forward_write_kv`."""
+        if self.quant_method is not None or self.lora is not None:
             q, k, v = self.split(self.forward(x))
             query, _ = rotary.forward_write_kv(positions, q, k, v, key_cache, value_cache,
                                                slot_mapping, kv_scale)  # fmt: skip
@@ -368,7 +374,8 @@ class RowParallelLinear(QuantizableLinear):
         # x: [num_tokens, input_size / tp_size] -> [num_tokens, output_size]
         whole = self.parallel.tp_size == 1
         bias = self.bias if whole else None  # with TP: added once, after the sum
-        if not whole and not self.reduce_results and self.quant_method is None:
+        pushable = self.quant_method is None and self.lora is None
+        if not whole and not self.reduce_results and pushable:
             y = self._pushed(x)
             if y is not None:
                 return y
@@ -376,6 +383,7 @@ class RowParallelLinear(QuantizableLinear):
             y = self.quant_method.apply(self, x, bias)
         else:
             y = self.backend.linear(x, self.weight, bias)
+        y = self._with_lora(x, y)  # with TP: this rank's share of the delta, summed with y
         if whole:
             return y
         if self.reduce_results:  # y: a partial sum over this rank's columns

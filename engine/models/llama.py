@@ -344,6 +344,7 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         if (
             not self.backend.fused_gguf_decoder
+            or self.layers[0].self_attn.qkv_proj.lora is not None  # LoRA: the modules add it
             or not isinstance(self.quant_config, GGUFConfig)
             or self.parallel.tp_size != 1
             or c.qk_norm

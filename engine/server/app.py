@@ -27,6 +27,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from engine.lora import LoRARequest
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.pooling import (
     EmbeddingRequestOutput,
@@ -89,6 +90,7 @@ class ServerState:
     draining: bool = False
     token_text: TokenText = field(init=False)
     tool_parser: str | None = None  # auto tool choice's parser (None: not enabled)
+    lora_modules: dict[str, LoRARequest] = field(default_factory=dict)  # served adapters
     reasoning: ReasoningParser | None = None  # splits chat replies' thinking off (None: off)
 
     def __post_init__(self) -> None:
@@ -115,16 +117,22 @@ class ServerState:
                 503, "the server is shutting down; retry on another instance", "server_error"
             )
 
-    def check_model(self, model: str | None) -> None:
-        """404 unless `model` is the served model's name; None (not given) means that model."""
-        if model is not None and model != self.model_name:
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The LoRA adapter a request's `model` names (None: the base model, also when not
+        given); 404 for a name this server does not serve."""
+        if model is None or model == self.model_name:
+            return None
+        lora = self.lora_modules.get(model)
+        if lora is None:
+            served = ", ".join(f"`{m}`" for m in (self.model_name, *self.lora_modules))
             raise OpenAIError(
                 404,
-                f"The model `{model}` does not exist; this server serves `{self.model_name}`",
+                f"The model `{model}` does not exist; this server serves {served}",
                 "invalid_request_error",
                 "model",
                 "model_not_found",
             )
+        return lora
 
 
 class _AuthMiddleware:
@@ -165,6 +173,7 @@ def build_app(
     reasoning_parser: str | None = None,
     chat_template: str | None = None,
     cors: dict[str, Any] | None = None,
+    lora_modules: dict[str, str] | None = None,
 ) -> FastAPI:
     """The app for `engine`; `api_key` None leaves /v1 open. `app.state.server` is the state.
     enable_auto_tool_choice with tool_call_parser (vLLM's flags): chat requests with tools may
@@ -172,7 +181,9 @@ def build_app(
     (deepseek_r1, qwen3): chat replies' thinking goes to `reasoning_content`. chat_template:
     a Jinja template's text used instead of the model's. cors: Starlette's CORSMiddleware
     keywords (allow_origins, allow_methods, allow_headers, allow_credentials); None: no CORS
-    headers, so browsers on other origins cannot read replies."""
+    headers, so browsers on other origins cannot read replies. lora_modules: {name: PEFT
+    adapter folder} served as models of their own (vLLM's --lora-modules; the engine needs
+    enable_lora), each read and checked here."""
     for name, value in (("max_body_bytes", max_body_bytes), ("max_tokens_limit", max_tokens_limit)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -184,6 +195,12 @@ def build_app(
         )
     metrics = ServerMetrics(served_model_name)
     state = ServerState(engine, served_model_name, max_body_bytes, max_tokens_limit, metrics)
+    for i, (name, path) in enumerate((lora_modules or {}).items(), start=1):
+        if name == served_model_name:
+            raise ValueError(f"--lora-modules: {name!r} is the base model's name; rename it")
+        lora = LoRARequest(name, i, str(path))
+        engine.engine.check_lora_request(lora)  # read and checked before serving
+        state.lora_modules[name] = lora
     # fields a request leaves out take the model's generation_config.json values (vLLM's)
     defaults = getattr(engine, "default_sampling", None) or {}
     state.tool_parser = tool_call_parser if enable_auto_tool_choice else None
@@ -280,9 +297,11 @@ def build_app(
             raise bad_request(str(e), "truncate_prompt_tokens") from e
         return truncate_prompt(ids, k, engine.max_model_len)
 
-    async def pooled(inputs: list, params: PoolingParams, prefix: str, what: str, param: str):
-        """A _Run of one pooling request per input (text or token ids), started; a text server
-        or an input that encodes to nothing is a 400."""
+    async def pooled(inputs: list, params: PoolingParams, prefix: str, what: str, param: str,
+                     lora: LoRARequest | None):  # fmt: skip
+        """A _Run of one pooling request per input (text or token ids), started (through the
+        LoRA adapter `lora`, if any); a text server or an input that encodes to nothing is a
+        400."""
         if engine.engine.pooling is None:
             raise bad_request(
                 f"this server generates text; {what} need a pooling engine "
@@ -294,7 +313,7 @@ def build_app(
         prompts = [truncated(ids, k, param) for ids in prompts]
         if any(not ids for ids in prompts):
             raise bad_request(f"{param} is empty: it encodes to zero tokens", param)
-        run = _Run(state, prefix, 1, None)
+        run = _Run(state, prefix, 1, None, lora=lora)
         await run.start(prompts, [params] * len(prompts))
         return run
 
@@ -303,14 +322,14 @@ def build_app(
         """OpenAI's embeddings route, on a pooling engine (`hal serve --runner pooling`)."""
         state.check_available()
         req = parse_request(EmbeddingRequest, await _read_body(request, max_body_bytes))
-        state.check_model(req.model)
+        lora = state.check_model(req.model)
         try:
             params = PoolingParams(
                 dimensions=req.dimensions, truncate_prompt_tokens=req.truncate_prompt_tokens
             )
         except ValueError as e:
             raise bad_request(str(e), str(e).split(" ", 1)[0]) from e
-        run = await pooled(req.inputs(), params, "embd", "embeddings", "input")
+        run = await pooled(req.inputs(), params, "embd", "embeddings", "input", lora)
 
         def body(outs) -> dict:
             data = []
@@ -320,16 +339,17 @@ def build_app(
                     vec = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode()
                 data.append({"object": "embedding", "index": i, "embedding": vec})
             tokens = sum(run.prompt_lens)
-            return {"object": "list", "data": data, "model": state.model_name,
+            return {"object": "list", "data": data, "model": run.model_name,
                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
 
         return await run.respond(request, body)
 
-    async def similarities(request: Request, pairs: list[tuple], prefix: str, param: str, build):
+    async def similarities(request: Request, pairs: list[tuple], prefix: str, param: str, build,
+                           lora: LoRARequest | None):  # fmt: skip
         """Embed each distinct text of `pairs` once (normalized) and answer build(run, the
         pairs' cosine similarities)."""
         texts = distinct_texts(pairs)
-        run = await pooled(texts, PoolingParams(normalize=True), prefix, "scores", param)
+        run = await pooled(texts, PoolingParams(normalize=True), prefix, "scores", param, lora)
 
         def body(outs) -> dict:
             return build(run, pair_scores(pairs, texts, [o.outputs.embedding for o in outs]))
@@ -342,7 +362,7 @@ def build_app(
         """vLLM's score route for embedding models: the cosine similarity of each pair."""
         state.check_available()
         req = parse_request(ScoreRequest, await _read_body(request, max_body_bytes))
-        state.check_model(req.model)
+        lora = state.check_model(req.model)
         try:
             pairs = score_pairs(req.text_1, req.text_2)
         except ValueError as e:
@@ -352,10 +372,10 @@ def build_app(
             tokens = sum(run.prompt_lens)
             data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
             return {"id": run.id, "object": "list", "created": run.created,
-                    "model": state.model_name, "data": data,
+                    "model": run.model_name, "data": data,
                     "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}  # fmt: skip
 
-        return await similarities(request, pairs, "score", "text_1", build)
+        return await similarities(request, pairs, "score", "text_1", build, lora)
 
     @app.post("/rerank")
     @app.post("/v1/rerank")
@@ -365,7 +385,7 @@ def build_app(
         first, the top_n of them."""
         state.check_available()
         req = parse_request(RerankRequest, await _read_body(request, max_body_bytes))
-        state.check_model(req.model)
+        lora = state.check_model(req.model)
         pairs = [(req.query, d) for d in req.documents]
 
         def build(run, scores) -> dict:
@@ -376,10 +396,10 @@ def build_app(
                 if req.return_documents:
                     r["document"] = {"text": req.documents[i]}
                 results.append(r)
-            return {"id": run.id, "model": state.model_name, "results": results,
+            return {"id": run.id, "model": run.model_name, "results": results,
                     "usage": {"total_tokens": sum(run.prompt_lens)}}  # fmt: skip
 
-        return await similarities(request, pairs, "rerank", "documents", build)
+        return await similarities(request, pairs, "rerank", "documents", build, lora)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
@@ -410,14 +430,19 @@ def build_app(
             raise bad_request(f"token ids must be in [0, {vocab}), got {bad[:5]}", "tokens")
         return {"prompt": engine.tokenizer.decode(req.tokens)}
 
+    def lora_card(lora: LoRARequest) -> dict[str, Any]:
+        return {**model_card(), "id": lora.lora_name, "root": lora.lora_path,
+                "parent": served_model_name}  # fmt: skip
+
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
+        cards = [model_card()] + [lora_card(lora) for lora in state.lora_modules.values()]
+        return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
-        state.check_model(model_id)
-        return model_card()
+        lora = state.check_model(model_id)
+        return model_card() if lora is None else lora_card(lora)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -425,7 +450,7 @@ def build_app(
         req = parse_request(CompletionRequest, await _read_body(request, max_body_bytes))
         req.warn_unknown_fields()
         req.check()
-        state.check_model(req.model)
+        lora = state.check_model(req.model)
         prompts: list[tuple[str | None, list[int]]] = []
         vocab = engine.model_config.vocab_size
         for p in req.prompts():
@@ -463,7 +488,7 @@ def build_app(
             params.append(
                 req.to_sampling_params(max_tokens, req.logprobs, prompt_logprobs, defaults)
             )
-        run = _Run(state, "cmpl", req.n, req.logprobs, echo_only=req.echo_only)
+        run = _Run(state, "cmpl", req.n, req.logprobs, echo_only=req.echo_only, lora=lora)
         run.prompt_logprobs = req.prompt_logprobs
         run.return_token_ids = req.return_token_ids
         await run.start([ids for _, ids in prompts], params, req.priority)
@@ -481,7 +506,7 @@ def build_app(
         req = parse_request(ChatCompletionRequest, await _read_body(request, max_body_bytes))
         req.warn_unknown_fields()
         req.check()
-        state.check_model(req.model)
+        lora = state.check_model(req.model)
         mode, tool = req.tool_mode(auto_parser=state.tool_parser is not None)
         ids = chat_ids(
             req.conversation(), req.add_generation_prompt, req.tool_dicts(),
@@ -519,7 +544,7 @@ def build_app(
         # a constrained reply (structured outputs, a named or required tool) has no thinking
         reasoning = state.reasoning if params.structured_outputs is None else None
         run = _Run(state, "chatcmpl", req.n, req.engine_logprobs(), tools=reply,
-                   reasoning=reasoning)  # fmt: skip
+                   reasoning=reasoning, lora=lora)  # fmt: skip
         run.prompt_logprobs = req.prompt_logprobs
         run.return_token_ids = req.return_token_ids
         await run.start([ids], [params], req.priority)
@@ -625,8 +650,11 @@ class _Run:
         echo_only: bool = False,
         tools: ToolReply | None = None,
         reasoning: ReasoningParser | None = None,
+        lora: LoRARequest | None = None,
     ) -> None:
         self.state = state
+        self.lora = lora  # the LoRA adapter the request named as its model (None: the base)
+        self.model_name = state.model_name if lora is None else lora.lora_name
         self.reasoning = reasoning  # chat: splits the replies' thinking off
         self.tools = tools  # chat with tool calls: how choices become messages
         self.echo_only = echo_only  # completions echo with max_tokens 0: nothing generated
@@ -656,7 +684,9 @@ class _Run:
                     await asyncio.to_thread(compiler.compile, so)
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
                 rid = f"{self.id}-{i}"
-                stream = await self.state.engine.add_request(None, p, ids, rid, priority)
+                stream = await self.state.engine.add_request(
+                    None, p, ids, rid, priority, lora_request=self.lora
+                )
                 self.streams.append(stream)
                 self.prompt_lens.append(len(ids))
         except BaseException as e:
@@ -795,7 +825,7 @@ class _Run:
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
-            "model": self.state.model_name,
+            "model": self.model_name,
             "choices": choices,
             "usage": self._usage(outs),
         }
@@ -826,7 +856,7 @@ class _Run:
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
-            "model": self.state.model_name,
+            "model": self.model_name,
             "choices": choices,
             "usage": self._usage(outs),
         }
@@ -852,7 +882,7 @@ class _Run:
             "id": self.id,
             "object": obj,
             "created": self.created,
-            "model": self.state.model_name,
+            "model": self.model_name,
             "choices": choices,
         }
         if usage_ is not None:

@@ -177,9 +177,44 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=None,
         help="JSON on top of the generation config, e.g. '{\"temperature\": 0.5}'",
     )
+    p.add_argument(
+        "--enable-lora", action="store_true", help="serve LoRA adapters (vLLM's; eager steps)"
+    )
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        type=lora_module_arg,
+        default=None,
+        metavar="NAME=PATH",
+        help="PEFT adapter folders served as models of their own: requests name NAME as model",
+    )
+    p.add_argument("--max-loras", type=int, default=1, help="adapters resident at once")
+    p.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     return p
+
+
+def lora_module_arg(text: str) -> tuple[str, str]:
+    """--lora-modules' NAME=PATH."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH (an adapter folder), got {text!r}")
+    return name, path
+
+
+def lora_modules(args: argparse.Namespace) -> dict[str, str] | None:
+    """{name: path} from --lora-modules (which needs --enable-lora); None without any."""
+    if not args.lora_modules:
+        return None
+    if not args.enable_lora:
+        raise HalError("--lora-modules needs --enable-lora")
+    modules: dict[str, str] = {}
+    for name, path in args.lora_modules:
+        if name in modules:
+            raise HalError(f"--lora-modules: {name!r} is given twice")
+        modules[name] = path
+    return modules
 
 
 def _json_list_arg(text: str) -> list[str]:
@@ -271,6 +306,9 @@ def run_serve(args: argparse.Namespace) -> int:
             pooler_config=args.pooler_config,
             generation_config=args.generation_config,
             override_generation_config=args.override_generation_config,
+            enable_lora=args.enable_lora,
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
             cache=CacheConfig(
                 block_size=args.block_size,
                 cache_dtype=args.kv_cache_dtype,
@@ -290,6 +328,7 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     except (ValueError, TypeError) as e:
         raise HalError(str(e)) from e
+    adapters = lora_modules(args)
     try:
         engine = AsyncLLMEngine.from_config(config)
     except (ValueError, TypeError) as e:
@@ -301,7 +340,7 @@ def run_serve(args: argparse.Namespace) -> int:
             tool_call_parser=args.tool_call_parser,
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             reasoning_parser=args.reasoning_parser, chat_template=chat_template,
-            cors=cors_options(args),
+            cors=cors_options(args), lora_modules=adapters,
         )  # fmt: skip
     except (ValueError, TypeError) as e:
         engine.shutdown()

@@ -1,0 +1,350 @@
+"""LoRA adapters served on one base model (vLLM's multi-LoRA): `LoRARequest`, the PEFT adapter
+loader, the per-layer slot buffers and the manager that keeps adapters resident.
+
+An adapter is a PEFT folder: adapter_config.json (r, lora_alpha, target_modules, use_rslora)
+and adapter_model.safetensors (or .bin) with `...layers.{i}.{self_attn|mlp}.{module}.lora_A
+.weight` [r, in] and `lora_B.weight` [out, r]. A targeted linear computes
+y = x W^T + scaling (x A^T) B^T, scaling = lora_alpha / r (lora_alpha / sqrt(r) with
+use_rslora); the scaling is folded into B at load.
+
+Serving: the engine holds `max_loras` slots. Every linear layer an adapter can target keeps,
+per slot, the adapter's A and B (zero-padded to `max_lora_rank`; a slot no adapter uses is all
+zeros) stacked so that one step computes every token's delta in two GEMMs,
+(x A_all^T masked to the token's slot) B_all^T: the masked products are exact zeros, so a
+token gets its own adapter's delta and a token without an adapter gets none. A request's
+adapter is made resident when the request is admitted; while every slot holds an adapter with
+unfinished requests, later adapter requests wait (in arrival order) until one frees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# The projections an adapter may target (Llama-family names), by the layer that runs them.
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?:model\.)?layers\.(\d+)\.(self_attn|mlp)\.(\w+)\."
+    r"lora_([AB])(?:\.default)?\.weight$"
+)
+_SUBLAYER = {name: "self_attn" for name in TARGETS[:4]} | {name: "mlp" for name in TARGETS[4:]}
+
+
+class LoRAError(ValueError):
+    """An adapter that cannot be served: a bad folder, config, tensor or size."""
+
+
+@dataclass(frozen=True)
+class LoRARequest:
+    """vLLM's LoRARequest: serve a request through the adapter at lora_path. lora_int_id (>= 1)
+    identifies the adapter in the engine: requests with the same id share its resident copy."""
+
+    lora_name: str
+    lora_int_id: int
+    lora_path: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lora_name, str) or not self.lora_name:
+            raise ValueError(f"lora_name: expected a non-empty string, got {self.lora_name!r}")
+        i = self.lora_int_id
+        if not isinstance(i, int) or isinstance(i, bool) or i < 1:
+            raise ValueError(f"lora_int_id: expected an integer >= 1, got {i!r}")
+        if not isinstance(self.lora_path, str) or not self.lora_path:
+            raise ValueError(f"lora_path: expected the adapter's folder, got {self.lora_path!r}")
+
+
+@dataclass
+class LoRAAdapter:
+    """An adapter read from disk: per (layer, module) its A [r, in] and scaled B [out, r], in
+    float32 on the CPU (copied into slots in the model's dtype when it becomes resident)."""
+
+    request: LoRARequest
+    rank: int
+    scaling: float
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * 4 + b.numel() * 4 for a, b in self.weights.values())
+
+
+def _expected_shapes(config) -> dict[str, tuple[int, int]]:
+    """(out, in) of each target projection of the full (unsharded) model."""
+    h, d, inter = config.hidden_size, config.head_dim, config.intermediate_size
+    q, kv = config.num_heads * d, config.num_kv_heads * d
+    return {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q),
+            "gate_proj": (inter, h), "up_proj": (inter, h), "down_proj": (h, inter)}  # fmt: skip
+
+
+def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    st, pt = folder / "adapter_model.safetensors", folder / "adapter_model.bin"
+    if st.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(st))
+    if pt.is_file():
+        return torch.load(pt, map_location="cpu", weights_only=True)
+    raise LoRAError(f"{folder}: no adapter_model.safetensors or adapter_model.bin")
+
+
+def load_adapter(request: LoRARequest, config, max_lora_rank: int) -> LoRAAdapter:
+    """Read and check the PEFT adapter at request.lora_path against the base model's config:
+    every error names the file, tensor or setting and what is supported."""
+    folder = Path(request.lora_path)
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise LoRAError(f"LoRA {request.lora_name!r}: {cfg_path} not found (a PEFT adapter folder)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LoRAError(f"{cfg_path}: not JSON ({e})") from e
+    rank, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise LoRAError(f"{cfg_path}: r={rank!r}, expected an integer >= 1")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
+        raise LoRAError(f"{cfg_path}: lora_alpha={alpha!r}, expected a number")
+    if rank > max_lora_rank:
+        raise LoRAError(
+            f"{cfg_path}: rank r={rank} exceeds max_lora_rank={max_lora_rank}; start the engine "
+            f"with max_lora_rank >= {rank}"
+        )
+    unsupported = {
+        "bias": (cfg.get("bias", "none") or "none") != "none",
+        "modules_to_save": bool(cfg.get("modules_to_save")),
+        "use_dora": bool(cfg.get("use_dora")),
+        "fan_in_fan_out": bool(cfg.get("fan_in_fan_out")),
+        "rank_pattern": bool(cfg.get("rank_pattern")),
+        "alpha_pattern": bool(cfg.get("alpha_pattern")),
+    }
+    for key, bad in unsupported.items():
+        if bad:
+            raise LoRAError(
+                f"{cfg_path}: {key}={cfg.get(key)!r} is not supported (LoRA on the projections "
+                f"{', '.join(TARGETS)} only, one rank and alpha, no bias or saved modules)"
+            )
+    scaling = alpha / math.sqrt(rank) if cfg.get("use_rslora") else alpha / rank
+    shapes = _expected_shapes(config)
+    pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for name, tensor in _read_tensors(folder).items():
+        m = _KEY.match(name)
+        if m is None:
+            raise LoRAError(
+                f"{folder}: tensor {name!r} is not a LoRA A/B weight of a Llama projection "
+                f"({', '.join(TARGETS)}; embeddings and the LM head are not supported)"
+            )
+        layer, sub, module, which = int(m[1]), m[2], m[3], m[4]
+        if module not in TARGETS or _SUBLAYER[module] != sub:
+            raise LoRAError(f"{folder}: tensor {name!r} targets {sub}.{module}; supported: "
+                            f"{', '.join(TARGETS)}")  # fmt: skip
+        if layer >= config.num_layers:
+            raise LoRAError(f"{folder}: tensor {name!r} is for layer {layer}; the model has "
+                            f"{config.num_layers}")  # fmt: skip
+        out, inp = shapes[module]
+        want = (rank, inp) if which == "A" else (out, rank)
+        if tuple(tensor.shape) != want:
+            raise LoRAError(
+                f"{folder}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {want} "
+                f"(r={rank}, {module} of this model: {out} x {inp})"
+            )
+        if not tensor.is_floating_point():
+            raise LoRAError(f"{folder}: tensor {name!r} is {tensor.dtype}, not floating point")
+        pairs.setdefault((layer, module), {})[which] = tensor.float()
+    weights = {}
+    for key, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            missing = "lora_B" if "A" in ab else "lora_A"
+            raise LoRAError(f"{folder}: layer {key[0]} {key[1]} has no {missing} weight")
+        weights[key] = (ab["A"].contiguous(), (ab["B"] * scaling).contiguous())
+    if not weights:
+        raise LoRAError(f"{folder}: no LoRA weights found")
+    return LoRAAdapter(request, rank, scaling, weights)
+
+
+class LoRASlots:
+    """One linear layer's slot buffers. parts: (module, the part's rows in this layer's output,
+    the rows of the full projection this rank holds) for column-parallel layers, or for a
+    row-parallel one a single part whose input columns this rank holds (`in_range`).
+
+    a: [parts][slots * R, in_local], b: [parts][out_local, slots * R]; slot s uses rows / columns
+    s * R .. s * R + r - 1 (the rest stay zero)."""
+
+    def __init__(self, context: LoRAContext, layer: int, parts, in_size: int,
+                 in_range: tuple[int, int] | None, device, dtype) -> None:  # fmt: skip
+        self.context, self.layer, self.parts, self.in_range = context, layer, parts, in_range
+        s, r = context.max_loras, context.max_rank
+        in_local = in_size if in_range is None else in_range[1] - in_range[0]
+        self.a = [torch.zeros(s * r, in_local, device=device, dtype=dtype) for _ in parts]
+        self.b = [
+            torch.zeros(out_rows.stop - out_rows.start, s * r, device=device, dtype=dtype)
+            for _, out_rows, _ in parts
+        ]
+
+    def load(self, slot: int, adapter: LoRAAdapter | None) -> None:
+        """Fill `slot` with the adapter's weights for this layer (zeros where it has none)."""
+        r = self.context.max_rank
+        cols = slice(slot * r, (slot + 1) * r)
+        for i, (module, _, full_rows) in enumerate(self.parts):
+            self.a[i][cols].zero_()
+            self.b[i][:, cols].zero_()
+            w = None if adapter is None else adapter.weights.get((self.layer, module))
+            if w is None:
+                continue
+            a, b = w
+            if self.in_range is not None:
+                a = a[:, self.in_range[0] : self.in_range[1]]
+            b = b[full_rows[0] : full_rows[1]]
+            self.a[i][slot * r : slot * r + a.shape[0]].copy_(a)
+            self.b[i][:, slot * r : slot * r + b.shape[1]].copy_(b)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + this step's LoRA deltas of x (y unchanged when no token of the step has an
+        adapter). Row-parallel: x is this rank's input columns and the delta a partial sum,
+        like y."""
+        mask = self.context.mask
+        if mask is None:
+            return y
+        for (_, out_rows, _), a, b in zip(self.parts, self.a, self.b, strict=True):
+            h = (x @ a.t()) * mask  # [T, slots * R]: only the token's own slot survives
+            y[:, out_rows] += h @ b.t()
+        return y
+
+
+class LoRAContext:
+    """What every layer's slots share: sizes, and this step's token mask ([T, slots * R] in the
+    model's dtype, 1 in the columns of a token's slot; None when no token has an adapter)."""
+
+    def __init__(self, max_loras: int, max_rank: int) -> None:
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.mask: torch.Tensor | None = None
+
+
+def attach_slots(model, max_loras: int, max_rank: int) -> tuple[LoRAContext, list[LoRASlots]]:
+    """Give each target linear of `model` (a LlamaForCausalLM) its slot buffers; returns the
+    shared context and every layer's slots."""
+    context = LoRAContext(max_loras, max_rank)
+    dev, dtype = model.backend.device, model.dtype
+    all_slots = []
+    for i, layer in zip(range(model.layer_start, model.layer_stop), model.layers, strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        qkv = attn.qkv_proj
+        q_rows, kv_rows = qkv.q_rows, qkv.kv_rows
+        parts = [("q_proj", slice(0, qkv.q_size), q_rows),
+                 ("k_proj", slice(qkv.q_size, qkv.q_size + qkv.kv_size), kv_rows),
+                 ("v_proj", slice(qkv.q_size + qkv.kv_size, qkv.q_size + 2 * qkv.kv_size),
+                  kv_rows)]  # fmt: skip
+        qkv.lora = LoRASlots(context, i, parts, qkv.hidden_size, None, dev, dtype)
+        gu = mlp.gate_up_proj
+        offset, parts = 0, []
+        for module, (start, stop) in zip(("gate_proj", "up_proj"), gu.ranges, strict=True):
+            parts.append((module, slice(offset, offset + stop - start), (start, stop)))
+            offset += stop - start
+        gu.lora = LoRASlots(context, i, parts, gu.input_size, None, dev, dtype)
+        for module, row in (("o_proj", attn.o_proj), ("down_proj", mlp.down_proj)):
+            parts = [(module, slice(0, row.output_size), (0, row.output_size))]
+            row.lora = LoRASlots(context, i, parts, row.input_size, (row.col_start, row.col_stop),
+                                 dev, dtype)  # fmt: skip
+        all_slots += [qkv.lora, gu.lora, attn.o_proj.lora, mlp.down_proj.lora]
+    model._gguf_stack = None  # a fused stack built before would skip the deltas
+    return context, all_slots
+
+
+class LoRAManager:
+    """Adapters known to the engine (read once per lora_int_id), which are resident in which
+    slot, how many unfinished requests each resident one serves, and this step's token mask."""
+
+    def __init__(self, model, max_loras: int, max_rank: int) -> None:
+        if not isinstance(max_loras, int) or isinstance(max_loras, bool) or max_loras < 1:
+            raise ValueError(f"max_loras: {max_loras!r} must be an integer >= 1")
+        if not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1:
+            raise ValueError(f"max_lora_rank: {max_rank!r} must be an integer >= 1")
+        self.model_config = model.config
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.context, self.slots = attach_slots(model, max_loras, max_rank)
+        self.device, self.dtype = model.backend.device, model.dtype
+        self.adapters: dict[int, LoRAAdapter] = {}
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # resident id -> slot, LRU first
+        self.users: dict[int, int] = {}  # resident id -> unfinished requests admitted with it
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the slot buffers."""
+        return sum(t.numel() * t.element_size() for s in self.slots for t in (*s.a, *s.b))
+
+    def register(self, request: LoRARequest) -> LoRAAdapter:
+        """The adapter of `request`, read and checked on first use of its id."""
+        known = self.adapters.get(request.lora_int_id)
+        if known is not None:
+            if known.request.lora_path != request.lora_path:
+                raise LoRAError(
+                    f"lora_int_id {request.lora_int_id} is already {known.request.lora_name!r} "
+                    f"at {known.request.lora_path}; give {request.lora_path} another id"
+                )
+            return known
+        adapter = load_adapter(request, self.model_config, self.max_rank)
+        self.adapters[request.lora_int_id] = adapter
+        logger.info("LoRA %r (id %d): rank %d, %d projections, from %s", request.lora_name,
+                    request.lora_int_id, adapter.rank, len(adapter.weights),
+                    request.lora_path)  # fmt: skip
+        return adapter
+
+    def can_admit(self, lora_id: int) -> bool:
+        """Whether a request of this adapter can run now: resident, or a slot is free or held
+        by an adapter with no unfinished requests."""
+        if lora_id in self.slot_of or len(self.slot_of) < self.max_loras:
+            return True
+        return any(self.users.get(i, 0) == 0 for i in self.slot_of)
+
+    def acquire(self, lora_id: int) -> int:
+        """Count one more request of this adapter, making it resident if it is not (the least
+        recently used idle adapter gives up its slot); returns its slot."""
+        if lora_id not in self.slot_of:
+            if not self.can_admit(lora_id):
+                raise RuntimeError(f"LoRA id {lora_id}: no slot free (check can_admit first)")
+            if len(self.slot_of) < self.max_loras:
+                slot = min(set(range(self.max_loras)) - set(self.slot_of.values()))
+            else:
+                idle = next(i for i in self.slot_of if self.users.get(i, 0) == 0)
+                slot = self.slot_of.pop(idle)
+                self.users.pop(idle, None)
+            adapter = self.adapters[lora_id]
+            for s in self.slots:
+                s.load(slot, adapter)
+            self.slot_of[lora_id] = slot
+        self.slot_of.move_to_end(lora_id)
+        self.users[lora_id] = self.users.get(lora_id, 0) + 1
+        return self.slot_of[lora_id]
+
+    def release(self, lora_id: int) -> None:
+        """One request of this adapter finished (its slot may be reused once none is left)."""
+        n = self.users.get(lora_id, 0)
+        if n < 1:
+            raise RuntimeError(f"LoRA id {lora_id}: released more often than acquired")
+        self.users[lora_id] = n - 1
+
+    def set_step(self, scheduled) -> None:
+        """This step's token mask from its scheduled sequences (in packing order)."""
+        slots, counts = [], []
+        for ss in scheduled:
+            lora_id = ss.seq.request.lora_int_id
+            slots.append(-1 if lora_id is None else self.slot_of[lora_id])
+            counts.append(ss.num_new_tokens)
+        if all(s < 0 for s in slots):
+            self.context.mask = None
+            return
+        token_slots = torch.repeat_interleave(torch.tensor(slots), torch.tensor(counts))
+        r = self.max_rank
+        cols = torch.arange(self.max_loras * r) // r
+        mask = (token_slots[:, None] == cols[None, :]).to(self.dtype)
+        self.context.mask = mask.to(self.device, non_blocking=True)
+
+    def clear_step(self) -> None:
+        self.context.mask = None

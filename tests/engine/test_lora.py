@@ -1,0 +1,187 @@
+"""LoRA adapters (engine.lora) on the CPU engine against transformers with PEFT's merge of the
+same adapters, mixed in one batch, through fewer slots than adapters, with the prefix cache,
+and bad adapters refused with errors that say what is wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine import LoRARequest, SamplingParams
+from engine.engine_config import EngineConfig, ParallelConfig
+from engine.lora import LoRAError
+from tests.engine.lora_fixtures import NUM_TOKENS, PROMPT, build_lora_fixture, make_adapter
+from tests.engine.models_fixtures import build_model, cpu_llm, hf_greedy
+
+GREEDY = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=0)
+
+
+@pytest.fixture(scope="module")
+def fx(tmp_path_factory):
+    return build_lora_fixture(tmp_path_factory.mktemp("lora"))
+
+
+def req(fx, name: str, lora_id: int) -> LoRARequest:
+    return LoRARequest(name, lora_id, str(fx.adapters[name]))
+
+
+def tokens(outs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def assert_idle(llm) -> None:
+    e = llm.engine
+    assert not e.has_unfinished_requests()
+    assert e.kv_stats().num_used_blocks == 0
+    assert all(n == 0 for n in e.lora.users.values()), e.lora.users
+
+
+def test_mixed_batch_matches_transformers(fx) -> None:
+    # Two adapters (all seven projections at rank 8; q / v / down at rank 4 with rsLoRA's
+    # scaling) and the base model in one batch: each prompt's tokens are those of
+    # transformers on the model PEFT merged, and so are their log-probabilities (fp32).
+    llm = cpu_llm(fx.base, enable_lora=True, max_loras=2, max_lora_rank=8)
+    loras = [req(fx, "all8", 1), None, req(fx, "qv4", 2), req(fx, "all8", 1)]
+    outs = llm.generate(prompt_token_ids=[PROMPT] * 4, sampling_params=GREEDY,
+                        lora_request=loras)  # fmt: skip
+    assert tokens(outs) == [fx.refs["all8"], fx.refs[None], fx.refs["qv4"], fx.refs["all8"]]
+    for out, name in zip(outs, ["all8", None, "qv4"], strict=False):
+        _, ref_lp = hf_greedy(fx.merged[name], PROMPT, NUM_TOKENS)
+        got = [d[t].logprob for d, t in zip(out.outputs[0].logprobs, out.outputs[0].token_ids,
+                                             strict=True)]  # fmt: skip
+        assert max(abs(a - b) for a, b in zip(got, ref_lp, strict=True)) < 1e-4
+    assert_idle(llm)
+
+
+def test_one_slot_serves_adapters_in_turn(fx) -> None:
+    # max_loras=1: a request of another adapter waits until the resident one has no request
+    # left, in arrival order; every request still gets its own adapter's tokens.
+    llm = cpu_llm(fx.base, enable_lora=True, max_loras=1, max_lora_rank=8)
+    order = ["all8", "qv4", None, "all8", "qv4"]
+    loras = [None if n is None else req(fx, n, 1 if n == "all8" else 2) for n in order]
+    outs = llm.generate(prompt_token_ids=[PROMPT] * 5, sampling_params=GREEDY,
+                        lora_request=loras)  # fmt: skip
+    assert tokens(outs) == [fx.refs[n] for n in order]
+    assert_idle(llm)
+    assert list(llm.engine.lora.slot_of.values()) == [0]
+
+
+def test_chat_and_single_request(fx) -> None:
+    llm = cpu_llm(fx.base, enable_lora=True, max_lora_rank=8)
+    conv = [{"role": "user", "content": "hi"}]
+    a = llm.chat(conv, GREEDY, lora_request=req(fx, "qv4", 7))
+    b = llm.chat(conv, GREEDY)
+    assert tokens(a) != tokens(b)
+    assert a[0].prompt_token_ids == b[0].prompt_token_ids
+    assert tokens(a)[0] == hf_greedy(fx.merged["qv4"], a[0].prompt_token_ids, NUM_TOKENS)[0]
+
+
+def test_prefix_cache_is_kept_per_adapter(fx) -> None:
+    # A 40-token prompt fills two 16-token blocks: the base model's cached blocks must not
+    # serve the adapter's request (their keys start from the adapter id), and the adapter's
+    # own second request hits its own.
+    prompt = (PROMPT * 7)[:40]
+    llm = cpu_llm(fx.base, enable_lora=True, max_lora_rank=8)
+    ref = hf_greedy(fx.merged["all8"], prompt, 4)[0]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    base = llm.generate(prompt_token_ids=[prompt], sampling_params=params)
+    first = llm.generate(prompt_token_ids=[prompt], sampling_params=params,
+                         lora_request=req(fx, "all8", 1))  # fmt: skip
+    again = llm.generate(prompt_token_ids=[prompt], sampling_params=params,
+                         lora_request=req(fx, "all8", 1))  # fmt: skip
+    assert tokens(first)[0] == tokens(again)[0] == ref != tokens(base)[0]
+    assert first[0].num_cached_tokens == 0 and again[0].num_cached_tokens == 32
+    assert_idle(llm)
+
+
+def test_abort_of_a_waiting_request(fx) -> None:
+    llm = cpu_llm(fx.base, enable_lora=True, max_lora_rank=8)
+    e = llm.engine
+    e.add_request(None, GREEDY, PROMPT, "a", lora_request=req(fx, "all8", 1))
+    e.add_request(None, GREEDY, PROMPT, "b", lora_request=req(fx, "qv4", 2))  # waits
+    assert [r.request_id for r in e._lora_waiting] == ["b"]
+    assert e.abort_request("b")
+    finished = {}
+    while e.has_unfinished_requests():
+        for out in e.step():
+            if out.finished:
+                finished[out.request_id] = out
+    assert finished["b"].outputs[0].finish_reason == "abort"
+    assert finished["a"].outputs[0].token_ids == fx.refs["all8"]
+    assert_idle(llm)
+
+
+def test_bad_input(fx, tmp_path) -> None:
+    llm = cpu_llm(fx.base, enable_lora=True, max_lora_rank=4)
+    gen = llm.generate
+
+    def refused(lora, match):
+        with pytest.raises(LoRAError, match=match):
+            gen(prompt_token_ids=[PROMPT], sampling_params=GREEDY, lora_request=lora)
+
+    refused(req(fx, "all8", 1), r"rank r=8 exceeds max_lora_rank=4; .* max_lora_rank >= 8")
+    refused(LoRARequest("x", 3, str(tmp_path / "none")), "adapter_config.json not found")
+    bad = tmp_path / "bias"
+    bad.mkdir()
+    cfg = json.loads((fx.adapters["qv4"] / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**cfg, "bias": "all"}))
+    refused(LoRARequest("b", 4, str(bad)), "bias='all' is not supported")
+    # an adapter made for another model: its shapes name the expected ones
+    other = build_model("qwen3", tmp_path / "qwen3")
+    make_adapter(other, tmp_path / "q3", 0, 4, ("q_proj",))
+    refused(LoRARequest("q3", 5, str(tmp_path / "q3")), r"has shape \(128, 4\), expected \(64, 4\)")
+    # the same id for another folder
+    gen(prompt_token_ids=[PROMPT], sampling_params=GREEDY, lora_request=req(fx, "qv4", 6))
+    refused(LoRARequest("again", 6, str(tmp_path / "q3")), "lora_int_id 6 is already 'qv4'")
+    # nothing was queued by a refused call
+    assert_idle(llm)
+    plain = cpu_llm(fx.base)
+    with pytest.raises(ValueError, match="serves no LoRA adapters; build it with enable_lora"):
+        plain.generate(prompt_token_ids=[PROMPT], lora_request=req(fx, "qv4", 1))
+    with pytest.raises(ValueError, match="got 2 lora_requests for 1 prompts"):
+        gen(prompt_token_ids=[PROMPT], lora_request=[None, None])
+    with pytest.raises(ValueError, match="lora_int_id: expected an integer >= 1"):
+        LoRARequest("x", 0, "/p")
+    with pytest.raises(ValueError, match="single-process engine"):
+        EngineConfig(enable_lora=True, parallel=ParallelConfig(tensor_parallel_size=2))
+
+
+def test_unsupported_target_and_missing_half(fx, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    llm = cpu_llm(fx.base, enable_lora=True, max_lora_rank=8)
+    src = fx.adapters["qv4"]
+    weights = load_file(str(src / "adapter_model.safetensors"))
+    gone = "layers.1.mlp.down_proj.lora_B"
+    embed = "base_model.model.model.embed_tokens.lora_A.weight"
+    for name, change in (
+        ("half", lambda w: {k: v for k, v in w.items() if gone not in k}),
+        ("embed", lambda w: {**w, embed: torch.zeros(4, 384)}),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "adapter_config.json").write_text((src / "adapter_config.json").read_text())
+        save_file(change(weights), str(folder / "adapter_model.safetensors"))
+        with pytest.raises(LoRAError) as e:
+            llm.generate(prompt_token_ids=[PROMPT], lora_request=LoRARequest(name, 9, str(folder)))
+        assert ("has no lora_B" if name == "half" else "embeddings and the LM head") in str(e.value)
+    assert_idle(llm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_a_gpu(fx) -> None:
+    # The same deltas on the GPU backend (eager steps, fp32: TF32 GEMMs may move logprobs by
+    # ~1e-2, as in test_llm_gpu), two adapters and the base model in one batch.
+    from engine import LLM
+
+    llm = LLM(model=str(fx.base), dtype="float32", device="cuda", gpu_memory_utilization=0.3,
+              enable_lora=True, max_loras=2, max_lora_rank=8)  # fmt: skip
+    assert llm.engine.runner.graphs is None
+    assert any("LoRA: 2 adapter slots" in line for line in llm.engine.startup_report())
+    loras = [req(fx, "all8", 1), None, req(fx, "qv4", 2)]
+    outs = llm.generate(prompt_token_ids=[PROMPT] * 3, sampling_params=GREEDY,
+                        lora_request=loras)  # fmt: skip
+    assert tokens(outs) == [fx.refs["all8"], fx.refs[None], fx.refs["qv4"]]
+    assert_idle(llm)

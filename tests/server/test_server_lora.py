@@ -1,0 +1,74 @@
+"""LoRA adapters served as models (`hal serve --enable-lora --lora-modules NAME=PATH`): the
+model list, completions through each adapter equal to transformers on PEFT's merge, unknown
+names and bad flags refused."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from engine.server.cli import add_serve, lora_modules
+from hal.errors import HalError
+from tests.engine.lora_fixtures import NUM_TOKENS, PROMPT, build_lora_fixture
+from tests.server.conftest import MODEL_NAME, make_engine, start_server
+
+
+@pytest.fixture(scope="module")
+def lora_server(tmp_path_factory):
+    fx = build_lora_fixture(tmp_path_factory.mktemp("lora_server"))
+    engine = make_engine(fx.base, enable_lora=True, max_loras=1, max_lora_rank=8)
+    handle = start_server(engine, lora_modules={n: str(p) for n, p in fx.adapters.items()})
+    yield fx, handle
+    handle.stop()
+
+
+def complete(handle, model: str, **kw):
+    body = {"model": model, "prompt": PROMPT, "max_tokens": NUM_TOKENS, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, **kw}  # fmt: skip
+    with handle.http() as http:
+        return http.post("/v1/completions", json=body)
+
+
+def test_models_and_completions_through_adapters(lora_server) -> None:
+    fx, handle = lora_server
+    with handle.http() as http:
+        cards = http.get("/v1/models").json()["data"]
+        one = http.get("/v1/models/qv4").json()
+    assert [c["id"] for c in cards] == [MODEL_NAME, "all8", "qv4"]
+    assert cards[1]["parent"] == MODEL_NAME and cards[1]["root"] == str(fx.adapters["all8"])
+    assert one["id"] == "qv4" and one["parent"] == MODEL_NAME
+    # one slot: the adapters take turns, each request gets its own adapter's tokens
+    for name in ("all8", "qv4", MODEL_NAME, "all8"):
+        r = complete(handle, name)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == name
+        assert body["choices"][0]["token_ids"] == fx.refs[None if name == MODEL_NAME else name]
+    handle.wait_idle()
+
+
+def test_unknown_model_names_what_is_served(lora_server) -> None:
+    _, handle = lora_server
+    r = complete(handle, "nope")
+    assert r.status_code == 404
+    error = r.json()["error"]
+    assert f"`{MODEL_NAME}`, `all8`, `qv4`" in error["message"]
+    assert error["code"] == "model_not_found"
+
+
+def test_flags() -> None:
+    parser = argparse.ArgumentParser()
+    add_serve(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--lora-modules", "a=/x", "b=/y"])
+    with pytest.raises(HalError, match="--lora-modules needs --enable-lora"):
+        lora_modules(args)
+    args = parser.parse_args(["serve", "--enable-lora", "--lora-modules", "a=/x", "a=/y"])
+    with pytest.raises(HalError, match="'a' is given twice"):
+        lora_modules(args)
+    args = parser.parse_args(
+        ["serve", "--enable-lora", "--lora-modules", "a=/x", "--max-loras", "3"]
+    )
+    assert lora_modules(args) == {"a": "/x"} and args.max_loras == 3 and args.enable_lora
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--enable-lora", "--lora-modules", "noequals"])
