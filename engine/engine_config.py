@@ -110,8 +110,7 @@ class EngineConfig:
     generation_config: str = "auto"
     override_generation_config: dict | None = None
     # vLLM's LoRA serving (engine.lora): requests may name adapters (LoRARequest) with rank up to
-    # max_lora_rank, at most max_loras of them resident at once. One process (tp = pp = 1),
-    # eager steps (no graphs).
+    # max_lora_rank, at most max_loras of them resident at once. One process (tp = pp = 1).
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16

@@ -48,8 +48,7 @@ def default_sizes(max_num_seqs: int) -> tuple[int, ...]:
 def configured_sizes(config) -> tuple[int, ...]:
     """An EngineConfig's decode buckets: none with enforce_eager, else cuda_graph_sizes or the
     defaults for its max_num_seqs."""
-    # pooling: no decode steps; LoRA: each step's adapter mask is built on the host
-    if config.enforce_eager or config.runner == "pooling" or config.enable_lora:
+    if config.enforce_eager or config.runner == "pooling":  # pooling: no decode steps
         return ()
     return tuple(config.cuda_graph_sizes or default_sizes(config.scheduler.max_num_seqs))
 
@@ -75,7 +74,7 @@ def default_mixed_sizes(max_num_batched_tokens: int) -> tuple[int, ...]:
 def configured_mixed_sizes(config) -> tuple[int, ...]:
     """An EngineConfig's token-count buckets for steps with prefill tokens: none with
     enforce_eager or mixed_graph_sizes=(), the defaults for its token budget when None."""
-    if config.enforce_eager or config.enable_lora:
+    if config.enforce_eager:
         return ()
     if config.mixed_graph_sizes is None:
         return default_mixed_sizes(config.scheduler.max_num_batched_tokens)
@@ -142,6 +141,13 @@ class _BucketGraphs(ABC):
         self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(top, dtype=torch.int64, device=dev)
         self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=dev)
+        # LoRA (engine.lora): the captures read the token mask from here, so they run every
+        # adapter's delta even in steps of the base model alone (their masks are zero).
+        self.lora = getattr(model, "lora_context", None)
+        self.lora_mask = None
+        if self.lora is not None:
+            width = self.lora.max_loras * self.lora.max_rank
+            self.lora_mask = torch.zeros(top, width, dtype=model.dtype, device=dev)
         self.runners: dict[int, GraphRunner] = {}
         self.stats: GraphStats | None = None
         self.replays = 0  # steps served from a graph (tests and the debug log read it)
@@ -171,7 +177,7 @@ class _BucketGraphs(ABC):
         for key in self.capture_keys():
             batch = self._batch(key)
             runner = self.backend.capture_graph(
-                lambda batch=batch: self.model(batch, self.kv_caches), pool=pool
+                lambda batch=batch: self._forward(batch), pool=pool
             )
             pool = getattr(runner, "pool", None) if pool is None else pool
             self.runners[key] = runner
@@ -188,6 +194,17 @@ class _BucketGraphs(ABC):
         )  # fmt: skip
         return self.stats
 
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """What a capture records: the model over the static inputs (and LoRA mask)."""
+        if self.lora is None:
+            return self.model(batch, self.kv_caches)
+        step_mask = self.lora.mask
+        self.lora.mask = self.lora_mask[: batch.num_tokens]
+        try:
+            return self.model(batch, self.kv_caches)
+        finally:
+            self.lora.mask = step_mask
+
     def _copy_tokens(self, batch: ForwardBatch, b: int) -> None:
         """The batch's token rows into the static inputs; rows n..b write nothing."""
         n = batch.num_tokens
@@ -198,6 +215,13 @@ class _BucketGraphs(ABC):
             self.slot_mapping[n:b].fill_(-1)
             self.input_ids[n:b].zero_()
             self.positions[n:b].zero_()
+        if self.lora is not None:  # the step's token mask (none: the base model alone)
+            mask = self.lora.mask
+            if mask is None:
+                self.lora_mask[:b].zero_()
+            else:
+                self.lora_mask[:n].copy_(mask, non_blocking=True)
+                self.lora_mask[n:b].zero_()
 
 
 class DecodeGraphs(_BucketGraphs):

@@ -254,6 +254,7 @@ def attach_slots(model, max_loras: int, max_rank: int) -> tuple[LoRAContext, lis
                                  dev, dtype)  # fmt: skip
         all_slots += [qkv.lora, gu.lora, attn.o_proj.lora, mlp.down_proj.lora]
     model._gguf_stack = None  # a fused stack built before would skip the deltas
+    model.lora_context = context  # where graph captures find the mask (engine.graphs)
     return context, all_slots
 
 

@@ -268,8 +268,6 @@ class ModelRunner:
     def graph_reasons(self, allow_eager: bool = False) -> list[str]:
         """Why this runner replays no graphs (empty: `capture_graphs` will capture)."""
         if not self.graph_sizes:
-            if self.lora is not None:
-                return ["LoRA steps run eagerly (each step's adapter mask is built on the host)"]
             return ["graphs off (enforce_eager, or no sizes to capture)"]
         reasons = [] if allow_eager else graph_reasons(self.backend)
         if self.model.embed_tokens is None or self.model.norm is None:

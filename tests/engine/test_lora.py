@@ -170,18 +170,74 @@ def test_unsupported_target_and_missing_half(fx, tmp_path) -> None:
     assert_idle(llm)
 
 
+def test_graph_replays_equal_eager_steps(fx) -> None:
+    # Decode and mixed-step captures read the token mask from their static buffer: replays
+    # (eager "captures" on the CPU, real graphs on a GPU in test_on_a_gpu) give the eager
+    # steps' logits, for steps with adapters, padded buckets, and the base model alone.
+    import hal
+    import platforms
+    from engine.loader import load_model
+    from engine.lora import LoRAManager
+    from engine.runner import ModelRunner
+    from engine.scheduler import ScheduledSeq, SchedulerOutput
+    from engine.sequence import Request, Sequence
+
+    backend = hal.load_backend(platforms.detect(), device="cpu", configured="cpu")
+    model, _, _ = load_model(str(fx.base), backend, "float32", with_tokenizer=False)
+    lora = LoRAManager(model, 2, 8)
+    for name, i in (("all8", 1), ("qv4", 2)):
+        lora.register(req(fx, name, i))
+        lora.acquire(i)
+
+    def runner(sizes, mixed):
+        r = ModelRunner(model, backend, 4, model.dtype, graph_sizes=sizes, max_model_len=64,
+                        mixed_graph_sizes=mixed, max_num_seqs=4)  # fmt: skip
+        r.lora = lora
+        r.allocate(32)
+        r.capture_graphs(allow_eager=True)
+        return r
+
+    def steps(r, ids):
+        tables = [[1 + 3 * i, 2 + 3 * i, 3 + 3 * i] for i in range(len(ids))]
+        seqs = [Sequence(i, Request(f"r{i}", PROMPT, SamplingParams(), lora_int_id=lid),
+                         list(PROMPT)) for i, lid in enumerate(ids)]  # fmt: skip
+
+        def sched(i, start, toks):
+            slots = [tables[i][p // 4] * 4 + p % 4 for p in range(start, start + len(toks))]
+            return ScheduledSeq(seqs[i], len(toks), start, toks, tables[i], slots, 1)
+
+        pre = r.execute(SchedulerOutput([sched(i, 0, PROMPT[:-1]) for i in range(len(ids))]))
+        dec = r.execute(SchedulerOutput([sched(i, 5, PROMPT[-1:]) for i in range(len(ids))]))
+        return pre, dec
+
+    eager, graphed = runner((), ()), runner((1, 2, 4), (16, 32))
+    for ids in ([1, None, 2], [2], [None, None]):
+        before = (graphed.graphs.replays, graphed.mixed_graphs.replays)
+        for a, b in zip(steps(eager, ids), steps(graphed, ids), strict=True):
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        assert (graphed.graphs.replays, graphed.mixed_graphs.replays) == (
+            before[0] + 1,
+            before[1] + 1,
+        )
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_on_a_gpu(fx) -> None:
-    # The same deltas on the GPU backend (eager steps, fp32: TF32 GEMMs may move logprobs by
-    # ~1e-2, as in test_llm_gpu), two adapters and the base model in one batch.
+    # The same deltas on the GPU backend, eager and replayed from CUDA graphs (fp32: TF32
+    # GEMMs may move logprobs by ~1e-2, as in test_llm_gpu), two adapters and the base model
+    # in one batch.
     from engine import LLM
 
-    llm = LLM(model=str(fx.base), dtype="float32", device="cuda", gpu_memory_utilization=0.3,
-              enable_lora=True, max_loras=2, max_lora_rank=8)  # fmt: skip
-    assert llm.engine.runner.graphs is None
-    assert any("LoRA: 2 adapter slots" in line for line in llm.engine.startup_report())
-    loras = [req(fx, "all8", 1), None, req(fx, "qv4", 2)]
-    outs = llm.generate(prompt_token_ids=[PROMPT] * 3, sampling_params=GREEDY,
-                        lora_request=loras)  # fmt: skip
-    assert tokens(outs) == [fx.refs["all8"], fx.refs[None], fx.refs["qv4"]]
-    assert_idle(llm)
+    for eager in (True, False):
+        llm = LLM(model=str(fx.base), dtype="float32", device="cuda", gpu_memory_utilization=0.3,
+                  enable_lora=True, max_loras=2, max_lora_rank=8, enforce_eager=eager)  # fmt: skip
+        assert (llm.engine.runner.graphs is None) == eager
+        assert any("LoRA: 2 adapter slots" in line for line in llm.engine.startup_report())
+        loras = [req(fx, "all8", 1), None, req(fx, "qv4", 2)]
+        outs = llm.generate(prompt_token_ids=[PROMPT] * 3, sampling_params=GREEDY,
+                            lora_request=loras)  # fmt: skip
+        assert tokens(outs) == [fx.refs["all8"], fx.refs[None], fx.refs["qv4"]]
+        if not eager:
+            assert llm.engine.runner.graphs.replays > 0
+        assert_idle(llm)
+        llm.shutdown()
