@@ -174,27 +174,27 @@ class LoRASlots:
     the rows of the full projection this rank holds) for column-parallel layers, or for a
     row-parallel one a single part whose input columns this rank holds (`in_range`).
 
-    a: [parts][slots * R, in_local], b: [parts][out_local, slots * R]; slot s uses rows / columns
-    s * R .. s * R + r - 1 (the rest stay zero)."""
+    a [P * S * R, in_local] stacks every part's A for every slot (part p, slot s: rows
+    (p * S + s) * R ..., the first r of them used); b [out_local, P * S * R] is block-diagonal:
+    a part's output rows read only its own columns. So a step's deltas of all P parts are two
+    GEMMs and a mask: y += ((x a^T) * mask) b^T (`add`)."""
 
     def __init__(self, context: LoRAContext, layer: int, parts, in_size: int,
                  in_range: tuple[int, int] | None, device, dtype) -> None:  # fmt: skip
         self.context, self.layer, self.parts, self.in_range = context, layer, parts, in_range
-        s, r = context.max_loras, context.max_rank
+        width = len(parts) * context.max_loras * context.max_rank
         in_local = in_size if in_range is None else in_range[1] - in_range[0]
-        self.a = [torch.zeros(s * r, in_local, device=device, dtype=dtype) for _ in parts]
-        self.b = [
-            torch.zeros(out_rows.stop - out_rows.start, s * r, device=device, dtype=dtype)
-            for _, out_rows, _ in parts
-        ]
+        out_local = max(rows.stop for _, rows, _ in parts)
+        self.a = torch.zeros(width, in_local, device=device, dtype=dtype)
+        self.b = torch.zeros(out_local, width, device=device, dtype=dtype)
 
     def load(self, slot: int, adapter: LoRAAdapter | None) -> None:
         """Fill `slot` with the adapter's weights for this layer (zeros where it has none)."""
-        r = self.context.max_rank
-        cols = slice(slot * r, (slot + 1) * r)
-        for i, (module, _, full_rows) in enumerate(self.parts):
-            self.a[i][cols].zero_()
-            self.b[i][:, cols].zero_()
+        r, s = self.context.max_rank, self.context.max_loras
+        for p, (module, out_rows, full_rows) in enumerate(self.parts):
+            cols = slice((p * s + slot) * r, (p * s + slot + 1) * r)
+            self.a[cols].zero_()
+            self.b[out_rows, cols].zero_()
             w = None if adapter is None else adapter.weights.get((self.layer, module))
             if w is None:
                 continue
@@ -202,29 +202,47 @@ class LoRASlots:
             if self.in_range is not None:
                 a = a[:, self.in_range[0] : self.in_range[1]]
             b = b[full_rows[0] : full_rows[1]]
-            self.a[i][slot * r : slot * r + a.shape[0]].copy_(a)
-            self.b[i][:, slot * r : slot * r + b.shape[1]].copy_(b)
+            self.a[cols.start : cols.start + a.shape[0]].copy_(a)
+            self.b[out_rows, cols.start : cols.start + b.shape[1]].copy_(b)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y + this step's LoRA deltas of x (y unchanged when no token of the step has an
-        adapter). Row-parallel: x is this rank's input columns and the delta a partial sum,
-        like y."""
-        mask = self.context.mask
+        """y + this step's LoRA deltas of x, in place (y unchanged when no token of the step
+        has an adapter). Row-parallel: x is this rank's input columns and the delta a partial
+        sum, like y."""
+        mask = self.context.mask_for(len(self.parts))
         if mask is None:
             return y
-        for (_, out_rows, _), a, b in zip(self.parts, self.a, self.b, strict=True):
-            h = (x @ a.t()) * mask  # [T, slots * R]: only the token's own slot survives
-            y[:, out_rows] += h @ b.t()
-        return y
+        h = (x @ self.a.t()) * mask  # [T, P * S * R]: only each token's own slot survives
+        return y.addmm_(h, self.b.t())
 
 
 class LoRAContext:
-    """What every layer's slots share: sizes, and this step's token mask ([T, slots * R] in the
+    """What every layer's slots share: sizes, and this step's token mask ([T, S * R] in the
     model's dtype, 1 in the columns of a token's slot; None when no token has an adapter)."""
 
     def __init__(self, max_loras: int, max_rank: int) -> None:
         self.max_loras, self.max_rank = max_loras, max_rank
-        self.mask: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+        self._repeated: dict[int, torch.Tensor] = {}
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        self._mask = value
+        self._repeated = {}
+
+    def mask_for(self, parts: int) -> torch.Tensor | None:
+        """The mask repeated for a layer of `parts` parts ([T, parts * S * R]), made once a
+        step (a graph capture records it once too)."""
+        if self._mask is None or parts == 1:
+            return self._mask
+        m = self._repeated.get(parts)
+        if m is None:
+            m = self._repeated[parts] = self._mask.repeat(1, parts)
+        return m
 
 
 def attach_slots(model, max_loras: int, max_rank: int) -> tuple[LoRAContext, list[LoRASlots]]:
@@ -278,7 +296,7 @@ class LoRAManager:
     @property
     def nbytes(self) -> int:
         """Device bytes of the slot buffers."""
-        return sum(t.numel() * t.element_size() for s in self.slots for t in (*s.a, *s.b))
+        return sum(t.numel() * t.element_size() for s in self.slots for t in (s.a, s.b))
 
     def register(self, request: LoRARequest) -> LoRAAdapter:
         """The adapter of `request`, read and checked on first use of its id."""
