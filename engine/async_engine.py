@@ -356,7 +356,7 @@ class AsyncLLMEngine:
         kv = self.engine.kv_stats()
         return StepStats(
             num_running=len(running),
-            num_waiting=len(queued - running),
+            num_waiting=len(queued - running) + self.engine.num_lora_waiting,
             kv_usage=kv.usage,
             num_used_blocks=kv.num_used_blocks,
             num_usable_blocks=kv.num_usable_blocks,

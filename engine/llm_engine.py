@@ -673,6 +673,11 @@ class LLMEngine:
             self._aborted.add(request_id)
         return found
 
+    @property
+    def num_lora_waiting(self) -> int:
+        """Adapter requests waiting for a slot (not yet in the scheduler's queues)."""
+        return len(self._lora_waiting)
+
     def has_unfinished_requests(self) -> bool:
         """Requests not finished, or batches (of aborted ones, perhaps) still in flight."""
         return (

@@ -101,7 +101,7 @@ def test_abort_of_a_waiting_request(fx) -> None:
     e = llm.engine
     e.add_request(None, GREEDY, PROMPT, "a", lora_request=req(fx, "all8", 1))
     e.add_request(None, GREEDY, PROMPT, "b", lora_request=req(fx, "qv4", 2))  # waits
-    assert [r.request_id for r in e._lora_waiting] == ["b"]
+    assert [r.request_id for r in e._lora_waiting] == ["b"] and e.num_lora_waiting == 1
     assert e.abort_request("b")
     finished = {}
     while e.has_unfinished_requests():
