@@ -176,9 +176,7 @@ class _BucketGraphs(ABC):
         pool = None
         for key in self.capture_keys():
             batch = self._batch(key)
-            runner = self.backend.capture_graph(
-                lambda batch=batch: self._forward(batch), pool=pool
-            )
+            runner = self.backend.capture_graph(lambda batch=batch: self._forward(batch), pool=pool)
             pool = getattr(runner, "pool", None) if pool is None else pool
             self.runners[key] = runner
         if on_gpu:
