@@ -110,7 +110,7 @@ class EngineConfig:
     generation_config: str = "auto"
     override_generation_config: dict | None = None
     # vLLM's LoRA serving (engine.lora): requests may name adapters (LoRARequest) with rank up to
-    # max_lora_rank, at most max_loras of them resident at once. One process (tp = pp = 1).
+    # max_lora_rank, at most max_loras of them resident at once.
     enable_lora: bool = False
     max_loras: int = 1
     max_lora_rank: int = 16
@@ -155,16 +155,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if self.enable_lora not in (True, False):
             raise ValueError(f"enable_lora must be True or False, got {self.enable_lora!r}")
-        if self.enable_lora:
-            p = self.parallel
-            if p.tensor_parallel_size != 1 or p.pipeline_parallel_size != 1:
-                raise ValueError(
-                    "enable_lora: LoRA adapters are served by a single-process engine for now "
-                    f"(tensor_parallel_size={p.tensor_parallel_size}, pipeline_parallel_size="
-                    f"{p.pipeline_parallel_size}); use 1 and 1"
-                )
-            if self.speculative_config is not None:
-                raise ValueError("enable_lora: speculative decoding with LoRA is not supported")
+        if self.enable_lora and self.speculative_config is not None:
+            raise ValueError("enable_lora: speculative decoding with LoRA is not supported")
         _check_sizes("cuda_graph_sizes", self.cuda_graph_sizes, "batch sizes")
         mixed = self.mixed_graph_sizes
         _check_sizes("mixed_graph_sizes", mixed, "token counts", allow_empty=True)  # (): off

@@ -31,7 +31,7 @@ from engine.engine_config import DEFAULT_CPU_KV_BYTES, EngineConfig
 from engine.generation_config import sampling_defaults
 from engine.graphs import configured_mixed_sizes, configured_sizes
 from engine.loader import load_model
-from engine.lora import LoRAManager, LoRARequest
+from engine.lora import LoRAManager, LoRARequest, LoRAWeights
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from engine.pooling import (
@@ -218,13 +218,6 @@ class LLMEngine:
                 quantization=config.quantization,
             )
             self.dtype = self.model.dtype
-            if config.enable_lora:  # the adapters' slot buffers, counted with the weights
-                self.lora = LoRAManager(self.model, config.max_loras, config.max_lora_rank)
-        elif config.enable_lora:
-            raise ValueError(
-                "enable_lora: LoRA adapters are served in the engine's own process; leave "
-                f"distributed_executor_backend unset (got {config.parallel.executor_backend!r})"
-            )
         else:  # workers load the shards; the driver reads only the config and tokenizer
             from engine.distributed.executor import driver_model_info, make_executor
 
@@ -232,6 +225,10 @@ class LLMEngine:
             self.model = None
             self.executor = make_executor(config, caps, self.model_config, path)
             self.backend, self.dtype = self.executor.backend, self.executor.dtype
+        if config.enable_lora:  # which adapters are resident where; the runs hold the weights
+            self.lora = LoRAManager(self.model_config, config.max_loras, config.max_lora_rank)
+            if self.model is None:  # the workers' steps carry their slots and loads
+                self.executor.lora_manager = self.lora
         self.token_text = TokenText(self.tokenizer)  # logprob entries' decoded_token
         max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         if max_model_len > self.model_config.max_position_embeddings:
@@ -260,7 +257,10 @@ class LLMEngine:
                     max_num_seqs=sched.max_num_seqs,
                     pooling=self.pooling.pooling_type if self.pooling else None,
                 )  # fmt: skip
-                self.runner.lora = self.lora
+                if self.lora is not None:  # the slot buffers, counted with the weights
+                    sizes = (config.max_loras, config.max_lora_rank)
+                    self.runner.lora = LoRAWeights(self.model, *sizes, self.lora.register)
+                    self.runner.lora_manager = self.lora
                 self.executor = UniprocExecutor(self.runner)
             self.memory_plan = self._plan_memory(cache)
             cache.num_gpu_blocks = self.memory_plan.num_blocks
@@ -437,9 +437,11 @@ class LLMEngine:
         if self.speculative is not None:
             lines.append(self.speculative.describe())
         if self.lora is not None:
+            size = (
+                "" if self.runner is None else f" ({self.runner.lora.nbytes / (1 << 20):.1f} MiB)"
+            )
             lines.append(
-                f"LoRA: {self.lora.max_loras} adapter slots of rank <= {self.lora.max_rank} "
-                f"({self.lora.nbytes / (1 << 20):.1f} MiB)"
+                f"LoRA: {self.lora.max_loras} adapter slots of rank <= {self.lora.max_rank}{size}"
             )
         if self.runner is not None:
             graphs = self.runner.graphs

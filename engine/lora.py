@@ -276,27 +276,33 @@ def attach_slots(model, max_loras: int, max_rank: int) -> tuple[LoRAContext, lis
     return context, all_slots
 
 
-class LoRAManager:
-    """Adapters known to the engine (read once per lora_int_id), which are resident in which
-    slot, how many unfinished requests each resident one serves, and this step's token mask."""
+@dataclass(frozen=True)
+class StepLoRA:
+    """What a step's model runs need of the adapters (sent to every rank with the step):
+    adapters to load into slots first, and each scheduled sequence's slot (-1: none) and token
+    count, in packing order."""
 
-    def __init__(self, model, max_loras: int, max_rank: int) -> None:
+    loads: tuple[tuple[int, LoRARequest], ...]
+    slots: tuple[int, ...]
+    counts: tuple[int, ...]
+
+
+class LoRAManager:
+    """The driver's side: adapters known to the engine (read and checked once per
+    lora_int_id), which are resident in which slot, how many unfinished requests each resident
+    one serves, and the slot loads not yet sent to the model runs (`step_lora`)."""
+
+    def __init__(self, model_config, max_loras: int, max_rank: int) -> None:
         if not isinstance(max_loras, int) or isinstance(max_loras, bool) or max_loras < 1:
             raise ValueError(f"max_loras: {max_loras!r} must be an integer >= 1")
         if not isinstance(max_rank, int) or isinstance(max_rank, bool) or max_rank < 1:
             raise ValueError(f"max_lora_rank: {max_rank!r} must be an integer >= 1")
-        self.model_config = model.config
+        self.model_config = model_config
         self.max_loras, self.max_rank = max_loras, max_rank
-        self.context, self.slots = attach_slots(model, max_loras, max_rank)
-        self.device, self.dtype = model.backend.device, model.dtype
         self.adapters: dict[int, LoRAAdapter] = {}
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # resident id -> slot, LRU first
         self.users: dict[int, int] = {}  # resident id -> unfinished requests admitted with it
-
-    @property
-    def nbytes(self) -> int:
-        """Device bytes of the slot buffers."""
-        return sum(t.numel() * t.element_size() for s in self.slots for t in (s.a, s.b))
+        self._loads: list[tuple[int, LoRARequest]] = []  # made resident, not yet sent
 
     def register(self, request: LoRARequest) -> LoRAAdapter:
         """The adapter of `request`, read and checked on first use of its id."""
@@ -324,7 +330,8 @@ class LoRAManager:
 
     def acquire(self, lora_id: int) -> int:
         """Count one more request of this adapter, making it resident if it is not (the least
-        recently used idle adapter gives up its slot); returns its slot."""
+        recently used idle adapter gives up its slot; the load goes with the next step);
+        returns its slot."""
         if lora_id not in self.slot_of:
             if not self.can_admit(lora_id):
                 raise RuntimeError(f"LoRA id {lora_id}: no slot free (check can_admit first)")
@@ -334,9 +341,7 @@ class LoRAManager:
                 idle = next(i for i in self.slot_of if self.users.get(i, 0) == 0)
                 slot = self.slot_of.pop(idle)
                 self.users.pop(idle, None)
-            adapter = self.adapters[lora_id]
-            for s in self.slots:
-                s.load(slot, adapter)
+            self._loads.append((slot, self.adapters[lora_id].request))
             self.slot_of[lora_id] = slot
         self.slot_of.move_to_end(lora_id)
         self.users[lora_id] = self.users.get(lora_id, 0) + 1
@@ -349,21 +354,62 @@ class LoRAManager:
             raise RuntimeError(f"LoRA id {lora_id}: released more often than acquired")
         self.users[lora_id] = n - 1
 
-    def set_step(self, scheduled) -> None:
-        """This step's token mask from its scheduled sequences (in packing order)."""
-        slots, counts = [], []
-        for ss in scheduled:
-            lora_id = ss.seq.request.lora_int_id
-            slots.append(-1 if lora_id is None else self.slot_of[lora_id])
-            counts.append(ss.num_new_tokens)
-        if all(s < 0 for s in slots):
+    def step_lora(self, scheduled) -> StepLoRA | None:
+        """The StepLoRA of a step's scheduled sequences (the pending loads go with it); None
+        when no sequence has an adapter and nothing is to be loaded."""
+        slot_of = self.slot_of
+        slots = tuple(
+            -1 if (i := ss.seq.request.lora_int_id) is None else slot_of[i] for ss in scheduled
+        )
+        if not self._loads and all(s < 0 for s in slots):
+            return None
+        loads, self._loads = tuple(self._loads), []
+        return StepLoRA(loads, slots, tuple(ss.num_new_tokens for ss in scheduled))
+
+
+class LoRAWeights:
+    """Where the model runs (the engine's process, or each rank with its shard of the layers):
+    the slot buffers on the model's layers, filled as steps' loads say, and each step's mask.
+    reader(request) -> LoRAAdapter gives an adapter's weights (read from its folder once)."""
+
+    def __init__(self, model, max_loras: int, max_rank: int, reader=None) -> None:
+        self.max_loras, self.max_rank = max_loras, max_rank
+        self.context, self.slots = attach_slots(model, max_loras, max_rank)
+        self.device, self.dtype = model.backend.device, model.dtype
+        self._cache: dict[int, LoRAAdapter] = {}
+        config = model.config
+        self.reader = reader or (lambda request: self._read(request, config))
+
+    def _read(self, request: LoRARequest, config) -> LoRAAdapter:
+        adapter = self._cache.get(request.lora_int_id)
+        if adapter is None or adapter.request.lora_path != request.lora_path:
+            adapter = self._cache[request.lora_int_id] = load_adapter(
+                request, config, self.max_rank
+            )
+        return adapter
+
+    @property
+    def nbytes(self) -> int:
+        """Device bytes of the slot buffers."""
+        return sum(t.numel() * t.element_size() for s in self.slots for t in (s.a, s.b))
+
+    def begin(self, step: StepLoRA | None) -> None:
+        """Load the step's adapters into their slots, then set its token mask."""
+        if step is None:
             self.context.mask = None
             return
-        token_slots = torch.repeat_interleave(torch.tensor(slots), torch.tensor(counts))
+        for slot, request in step.loads:
+            adapter = self.reader(request)
+            for s in self.slots:
+                s.load(slot, adapter)
+        if all(s < 0 for s in step.slots):
+            self.context.mask = None
+            return
+        token_slots = torch.repeat_interleave(torch.tensor(step.slots), torch.tensor(step.counts))
         r = self.max_rank
         cols = torch.arange(self.max_loras * r) // r
         mask = (token_slots[:, None] == cols[None, :]).to(self.dtype)
         self.context.mask = mask.to(self.device, non_blocking=True)
 
-    def clear_step(self) -> None:
+    def end(self) -> None:
         self.context.mask = None

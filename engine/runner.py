@@ -214,7 +214,10 @@ class ModelRunner:
         rows (fp32, `engine.pooling.pooled_rows`), not logits."""
         self.model = model
         self.pooling = pooling
-        self.lora = None  # an engine.lora.LoRAManager when the engine serves LoRA adapters
+        # LoRA (engine.lora): the slot buffers (LoRAWeights), and in the engine's own process
+        # the LoRAManager that says each step's slots (workers get them with the step)
+        self.lora = None
+        self.lora_manager = None
         self.backend = backend
         self.device = backend.device
         self.block_size = block_size
@@ -438,11 +441,11 @@ class ModelRunner:
         if self.lora is None:
             hidden = self.forward(batch)  # [num_tokens, hidden]
         else:  # each token through its request's adapter (engine.lora)
-            self.lora.set_step(out.scheduled)
+            self.lora.begin(self.lora_manager.step_lora(out.scheduled))
             try:
                 hidden = self.forward(batch)
             finally:
-                self.lora.clear_step()
+                self.lora.end()
         if self.pooling:  # a pooling engine: hidden rows (engine.pooling)
             return pooled_rows(hidden, batch, self.pooling)
         scored = None if prompt is None else self.score_prompt(hidden, prompt)

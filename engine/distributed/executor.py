@@ -107,6 +107,9 @@ class Executor(ABC):
     samples_remotely: bool = False
     # Whether submit takes hold / feed_rows (asynchronous scheduling across processes).
     supports_hold: bool = False
+    # The engine's engine.lora.LoRAManager when it serves LoRA adapters: a distributed step
+    # carries its slots and loads (an in-process runner asks the manager itself).
+    lora_manager = None
 
     @abstractmethod
     def block_bytes(self) -> int:
@@ -339,6 +342,7 @@ class DistributedExecutor(Executor):
                 eos_token_ids=tuple(model_config.eos_token_ids),
                 kv_cache_dtype=config.cache.cache_dtype,
                 pooling=pooling.pooling_type if (pooling := engine_pooling(config)) else None,
+                lora=(config.max_loras, config.max_lora_rank) if config.enable_lora else None,
             )
             for r in range(world)
         ]
@@ -467,7 +471,12 @@ class DistributedExecutor(Executor):
             and sampling is not None
             and sampling.plain_greedy
         )
-        step = PickledOnce(StepInput.from_scheduler_output(out, hold, feed_rows, greedy, prompt))
+        lora = None
+        if self.lora_manager is not None and out.scheduled:  # slots, and adapters to load
+            lora = self.lora_manager.step_lora(out.scheduled)
+        step = PickledOnce(
+            StepInput.from_scheduler_output(out, hold, feed_rows, greedy, prompt, lora)
+        )
         self.num_steps += 1
         self.num_greedy_steps += greedy
         args = [(step,)] * self.layout.world_size

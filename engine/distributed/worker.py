@@ -20,6 +20,7 @@ import torch
 from engine.config import resolve_cache_dtype
 from engine.distributed.collectives import PipelineChannel, WorldLayout, init_world
 from engine.distributed.oneshot import build_workspace
+from engine.lora import LoRAWeights, StepLoRA
 from engine.memory import MemoryPlan, plan_cpu, plan_gpu
 from engine.parallel import SINGLE, ParallelContext
 from engine.pooling import pooled_rows
@@ -70,6 +71,7 @@ class WorkerSpec:
     kv_cache_dtype: str = "auto"  # CacheConfig.cache_dtype, resolved on the rank's platform
     # a pooling engine's pooling type ("LAST" / "MEAN"): the output rank returns hidden rows
     pooling: str | None = None
+    lora: tuple[int, int] | None = None  # LoRA adapters: (max_loras, max_lora_rank)
 
 
 @dataclass
@@ -110,6 +112,8 @@ class StepInput:
     # Prompt positions to score (SamplingParams.prompt_logprobs): every rank of the last stage
     # computes their logits (the LM head gathers), the output rank answers a ScoredStep.
     prompt: PromptRows | None = None
+    # LoRA: adapters to load into slots first, each sequence's slot (engine.lora.StepLoRA)
+    lora: StepLoRA | None = None
 
     @classmethod
     def from_scheduler_output(
@@ -119,6 +123,7 @@ class StepInput:
         feed_rows: list[int] | None = None,
         greedy: bool = False,
         prompt: PromptRows | None = None,
+        lora: StepLoRA | None = None,
     ) -> StepInput:
         return cls(
             pack_step(out.scheduled) if out.scheduled else None,
@@ -129,6 +134,7 @@ class StepInput:
             feed_rows,
             greedy,
             prompt,
+            lora,
         )
 
 
@@ -339,6 +345,8 @@ class Worker:
             mixed_graph_sizes=spec.mixed_graph_sizes, max_num_seqs=spec.max_num_seqs,
             pooling=spec.pooling,
         )  # fmt: skip
+        if spec.lora is not None:  # this rank's shard of every adapter's slots
+            self.runner.lora = LoRAWeights(self.model, *spec.lora)
         return WorkerInfo(
             rank=self.rank,
             pid=os.getpid(),
@@ -428,7 +436,14 @@ class Worker:
             intermediate = self.channel.recv(
                 batch.num_tokens, model.config.hidden_size, model.dtype, runner.device
             )
-        out = runner.forward(batch, intermediate)
+        if runner.lora is None:
+            out = runner.forward(batch, intermediate)
+        else:
+            runner.lora.begin(step.lora)
+            try:
+                out = runner.forward(batch, intermediate)
+            finally:
+                runner.lora.end()
         if self.channel is not None and self.channel.next_rank is not None:
             self.channel.send(*out)
             return None

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine import LoRARequest, SamplingParams
-from engine.engine_config import EngineConfig, ParallelConfig
+from engine.engine_config import EngineConfig
 from engine.lora import LoRAError
 from tests.engine.lora_fixtures import NUM_TOKENS, PROMPT, build_lora_fixture, make_adapter
 from tests.engine.models_fixtures import build_model, cpu_llm, hf_greedy
@@ -144,8 +144,9 @@ def test_bad_input(fx, tmp_path) -> None:
         gen(prompt_token_ids=[PROMPT], lora_request=[None, None])
     with pytest.raises(ValueError, match="lora_int_id: expected an integer >= 1"):
         LoRARequest("x", 0, "/p")
-    with pytest.raises(ValueError, match="single-process engine"):
-        EngineConfig(enable_lora=True, parallel=ParallelConfig(tensor_parallel_size=2))
+    with pytest.raises(ValueError, match="speculative decoding with LoRA is not supported"):
+        ngram = {"method": "ngram", "num_speculative_tokens": 2}
+        EngineConfig(enable_lora=True, speculative_config=ngram)
 
 
 def test_unsupported_target_and_missing_half(fx, tmp_path) -> None:
@@ -177,22 +178,24 @@ def test_graph_replays_equal_eager_steps(fx) -> None:
     import hal
     import platforms
     from engine.loader import load_model
-    from engine.lora import LoRAManager
+    from engine.lora import LoRAManager, LoRAWeights
     from engine.runner import ModelRunner
     from engine.scheduler import ScheduledSeq, SchedulerOutput
     from engine.sequence import Request, Sequence
 
     backend = hal.load_backend(platforms.detect(), device="cpu", configured="cpu")
-    model, _, _ = load_model(str(fx.base), backend, "float32", with_tokenizer=False)
-    lora = LoRAManager(model, 2, 8)
+    model, config, _ = load_model(str(fx.base), backend, "float32", with_tokenizer=False)
+    lora = LoRAManager(config, 2, 8)
+    weights = LoRAWeights(model, 2, 8)
     for name, i in (("all8", 1), ("qv4", 2)):
         lora.register(req(fx, name, i))
         lora.acquire(i)
+    weights.begin(lora.step_lora([]))  # the two loads
 
     def runner(sizes, mixed):
         r = ModelRunner(model, backend, 4, model.dtype, graph_sizes=sizes, max_model_len=64,
                         mixed_graph_sizes=mixed, max_num_seqs=4)  # fmt: skip
-        r.lora = lora
+        r.lora, r.lora_manager = weights, lora
         r.allocate(32)
         r.capture_graphs(allow_eager=True)
         return r
