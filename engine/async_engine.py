@@ -122,7 +122,7 @@ class AsyncLLMEngine:
         self.stats_listener = stats_listener
         self._cv = threading.Condition()
         # ("add", stream, prompt, params, ids, priority, lora) | ("abort", id, why)
-        # | ("abort_all", None, why)
+        # | ("abort_all", None, why) | ("call", future, fn, args)
         self._commands: list[tuple] = []
         self._streams: dict[str, RequestStream] = {}  # owned by the engine thread
         self._dead: BaseException | None = None
@@ -200,6 +200,15 @@ class AsyncLLMEngine:
             stream.abort("client went away")
             raise
         return stream
+
+    async def run_on_engine(self, fn: Callable, *args):
+        """fn(*args) on the engine's loop thread, between steps (the engine is not
+        thread-safe); returns its result or raises its exception here."""
+        if self._dead is not None or self._stopping:
+            raise EngineDeadError(self._dead_message())
+        future = asyncio.get_running_loop().create_future()
+        self._submit(("call", future, fn, args))
+        return await future
 
     async def generate(
         self,
@@ -308,6 +317,14 @@ class AsyncLLMEngine:
                 for request_id, stream in list(self._streams.items()):
                     if self.engine.abort_request(request_id):
                         stream.abort_reason = stream.abort_reason or command[2]
+            elif kind == "call":
+                _, future, fn, args = command
+                try:
+                    result = fn(*args)
+                except Exception as exc:  # noqa: BLE001 - the caller gets it
+                    _call_soon(future.get_loop(), _settle, future, None, exc)
+                else:
+                    _call_soon(future.get_loop(), _settle, future, result, None)
 
     def _deliver(self, outputs: list[RequestOutput], stats: StepStats) -> None:
         now = time.perf_counter()
@@ -375,11 +392,23 @@ class AsyncLLMEngine:
         self._streams.clear()
         for stream in streams:
             _call_soon(stream.loop, stream._fail, error)
+        for c in commands:
+            if c[0] == "call":
+                _call_soon(c[1].get_loop(), _settle, c[1], None, error)
 
 
 def _dispatch(items: list[tuple[RequestStream, RequestOutput]]) -> None:
     for stream, out in items:
         stream._put(out)
+
+
+def _settle(future: asyncio.Future, result, exc: BaseException | None) -> None:
+    if future.done():  # the caller went away
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable, *args) -> None:

@@ -303,9 +303,11 @@ class LoRAManager:
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # resident id -> slot, LRU first
         self.users: dict[int, int] = {}  # resident id -> unfinished requests admitted with it
         self._loads: list[tuple[int, LoRARequest]] = []  # made resident, not yet sent
+        self._forgotten: set[int] = set()  # to drop once their last request finishes
 
-    def register(self, request: LoRARequest) -> LoRAAdapter:
-        """The adapter of `request`, read and checked on first use of its id."""
+    def register(self, request: LoRARequest, adapter: LoRAAdapter | None = None) -> LoRAAdapter:
+        """The adapter of `request`, read and checked on first use of its id (or given, read
+        already by `load_adapter`)."""
         known = self.adapters.get(request.lora_int_id)
         if known is not None:
             if known.request.lora_path != request.lora_path:
@@ -314,8 +316,10 @@ class LoRAManager:
                     f"at {known.request.lora_path}; give {request.lora_path} another id"
                 )
             return known
-        adapter = load_adapter(request, self.model_config, self.max_rank)
+        if adapter is None:
+            adapter = load_adapter(request, self.model_config, self.max_rank)
         self.adapters[request.lora_int_id] = adapter
+        self._forgotten.discard(request.lora_int_id)
         logger.info("LoRA %r (id %d): rank %d, %d projections, from %s", request.lora_name,
                     request.lora_int_id, adapter.rank, len(adapter.weights),
                     request.lora_path)  # fmt: skip
@@ -353,6 +357,20 @@ class LoRAManager:
         if n < 1:
             raise RuntimeError(f"LoRA id {lora_id}: released more often than acquired")
         self.users[lora_id] = n - 1
+        if n == 1 and lora_id in self._forgotten:
+            self.forget(lora_id)
+
+    def forget(self, lora_id: int) -> None:
+        """Drop an adapter (a server unloading it): its slot and weights go once no
+        unfinished request uses it; a request naming it later reads it again."""
+        if self.users.get(lora_id, 0) > 0:
+            self._forgotten.add(lora_id)
+            return
+        self._forgotten.discard(lora_id)
+        self.adapters.pop(lora_id, None)
+        self.slot_of.pop(lora_id, None)
+        self.users.pop(lora_id, None)
+        self._loads = [(s, r) for s, r in self._loads if r.lora_int_id != lora_id]
 
     def step_lora(self, scheduled) -> StepLoRA | None:
         """The StepLoRA of a step's scheduled sequences (the pending loads go with it); None
@@ -376,17 +394,8 @@ class LoRAWeights:
         self.max_loras, self.max_rank = max_loras, max_rank
         self.context, self.slots = attach_slots(model, max_loras, max_rank)
         self.device, self.dtype = model.backend.device, model.dtype
-        self._cache: dict[int, LoRAAdapter] = {}
-        config = model.config
-        self.reader = reader or (lambda request: self._read(request, config))
-
-    def _read(self, request: LoRARequest, config) -> LoRAAdapter:
-        adapter = self._cache.get(request.lora_int_id)
-        if adapter is None or adapter.request.lora_path != request.lora_path:
-            adapter = self._cache[request.lora_int_id] = load_adapter(
-                request, config, self.max_rank
-            )
-        return adapter
+        config = model.config  # a rank reads an adapter each time one of its slots takes it
+        self.reader = reader or (lambda request: load_adapter(request, config, max_rank))
 
     @property
     def nbytes(self) -> int:

@@ -27,7 +27,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
-from engine.lora import LoRARequest
+from engine.lora import LoRAError, LoRARequest, load_adapter
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.pooling import (
     EmbeddingRequestOutput,
@@ -44,11 +44,13 @@ from engine.server.protocol import (
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
+    LoadLoRAAdapterRequest,
     OpenAIError,
     RerankRequest,
     ScoreRequest,
     TokenizeRequest,
     TokenText,
+    UnloadLoRAAdapterRequest,
     bad_request,
     chat_logprobs,
     completion_logprobs,
@@ -91,6 +93,7 @@ class ServerState:
     token_text: TokenText = field(init=False)
     tool_parser: str | None = None  # auto tool choice's parser (None: not enabled)
     lora_modules: dict[str, LoRARequest] = field(default_factory=dict)  # served adapters
+    lora_ids: int = 0  # the largest lora_int_id handed out
     reasoning: ReasoningParser | None = None  # splits chat replies' thinking off (None: off)
 
     def __post_init__(self) -> None:
@@ -174,6 +177,7 @@ def build_app(
     chat_template: str | None = None,
     cors: dict[str, Any] | None = None,
     lora_modules: dict[str, str] | None = None,
+    allow_runtime_lora_updating: bool = False,
 ) -> FastAPI:
     """The app for `engine`; `api_key` None leaves /v1 open. `app.state.server` is the state.
     enable_auto_tool_choice with tool_call_parser (vLLM's flags): chat requests with tools may
@@ -183,7 +187,8 @@ def build_app(
     keywords (allow_origins, allow_methods, allow_headers, allow_credentials); None: no CORS
     headers, so browsers on other origins cannot read replies. lora_modules: {name: PEFT
     adapter folder} served as models of their own (vLLM's --lora-modules; the engine needs
-    enable_lora), each read and checked here."""
+    enable_lora), each read and checked here. allow_runtime_lora_updating: vLLM's
+    /v1/load_lora_adapter and /v1/unload_lora_adapter routes (off: they do not exist)."""
     for name, value in (("max_body_bytes", max_body_bytes), ("max_tokens_limit", max_tokens_limit)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -201,6 +206,7 @@ def build_app(
         lora = LoRARequest(name, i, str(path))
         engine.engine.check_lora_request(lora)  # read and checked before serving
         state.lora_modules[name] = lora
+        state.lora_ids = i
     # fields a request leaves out take the model's generation_config.json values (vLLM's)
     defaults = getattr(engine, "default_sampling", None) or {}
     state.tool_parser = tool_call_parser if enable_auto_tool_choice else None
@@ -433,6 +439,52 @@ def build_app(
     def lora_card(lora: LoRARequest) -> dict[str, Any]:
         return {**model_card(), "id": lora.lora_name, "root": lora.lora_path,
                 "parent": served_model_name}  # fmt: skip
+
+    if allow_runtime_lora_updating:
+        if getattr(engine.engine, "lora", None) is None:
+            raise ValueError("--allow-runtime-lora-updating needs --enable-lora")
+        loading: set[str] = set()  # names whose adapter is being read
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora_adapter(request: Request) -> Response:
+            state.check_available()
+            req = parse_request(LoadLoRAAdapterRequest, await _read_body(request, max_body_bytes))
+            name = req.lora_name
+            if name == served_model_name or name in state.lora_modules or name in loading:
+                raise bad_request(f"The lora adapter '{name}' has already been loaded.",
+                                  "lora_name")  # fmt: skip
+            manager = engine.engine.lora
+            lora = LoRARequest(name, state.lora_ids + 1, req.lora_path)  # never reused
+            state.lora_ids = lora.lora_int_id
+            loading.add(name)
+            try:  # read and checked off the engine's thread, then handed to it
+                adapter = await asyncio.to_thread(
+                    load_adapter, lora, engine.model_config, manager.max_rank
+                )
+                await engine.run_on_engine(manager.register, lora, adapter)
+            except LoRAError as e:
+                raise bad_request(str(e), "lora_path") from e
+            finally:
+                loading.discard(name)
+            state.lora_modules[name] = lora
+            logger.info("LoRA adapter %r loaded from %s", name, req.lora_path)
+            return Response(f"Success: LoRA adapter '{name}' added successfully.",
+                            media_type="text/plain")  # fmt: skip
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora_adapter(request: Request) -> Response:
+            state.check_available()
+            body = await _read_body(request, max_body_bytes)
+            req = parse_request(UnloadLoRAAdapterRequest, body)
+            lora = state.lora_modules.get(req.lora_name)
+            if lora is None or req.lora_int_id not in (None, lora.lora_int_id):
+                raise OpenAIError(404, f"The lora adapter '{req.lora_name}' cannot be found.",
+                                  "invalid_request_error", "lora_name")  # fmt: skip
+            del state.lora_modules[req.lora_name]  # new requests naming it get 404 from here
+            await engine.run_on_engine(engine.engine.lora.forget, lora.lora_int_id)
+            logger.info("LoRA adapter %r unloaded", req.lora_name)
+            return Response(f"Success: LoRA adapter '{req.lora_name}' removed successfully.",
+                            media_type="text/plain")  # fmt: skip
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:

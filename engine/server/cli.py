@@ -188,6 +188,12 @@ def add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="NAME=PATH",
         help="PEFT adapter folders served as models of their own: requests name NAME as model",
     )
+    p.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter routes (needs "
+        "--enable-lora; anyone with the API key can then make the server read a folder)",
+    )
     p.add_argument("--max-loras", type=int, default=1, help="adapters resident at once")
     p.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank")
     p.add_argument("--seed", type=int, default=0)
@@ -341,6 +347,7 @@ def run_serve(args: argparse.Namespace) -> int:
             enable_auto_tool_choice=args.enable_auto_tool_choice,
             reasoning_parser=args.reasoning_parser, chat_template=chat_template,
             cors=cors_options(args), lora_modules=adapters,
+            allow_runtime_lora_updating=args.allow_runtime_lora_updating,
         )  # fmt: skip
     except (ValueError, TypeError) as e:
         engine.shutdown()

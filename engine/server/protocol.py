@@ -509,6 +509,24 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
+class LoadLoRAAdapterRequest(BaseModel):
+    """vLLM's /v1/load_lora_adapter: serve the PEFT adapter at lora_path as model lora_name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """vLLM's /v1/unload_lora_adapter (lora_int_id, when given, must be the adapter's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
 def parse_request(model: type[BaseModel], body: bytes) -> Any:
     """Validate a JSON body; malformed JSON or a wrong field is a 400 naming the field."""
     if not body.strip():

@@ -113,6 +113,23 @@ def test_abort_of_a_waiting_request(fx) -> None:
     assert_idle(llm)
 
 
+def test_forget_waits_for_unfinished_requests(fx) -> None:
+    # A server unloading an adapter: forgotten at once when idle, else once its last request
+    # finishes (that request still runs through it); a later request reads it again.
+    llm = cpu_llm(fx.base, enable_lora=True, max_lora_rank=8)
+    e, lora = llm.engine, req(fx, "all8", 1)
+    e.add_request(None, GREEDY, PROMPT, "a", lora_request=lora)
+    e.lora.forget(1)
+    assert 1 in e.lora.adapters and 1 in e.lora.slot_of
+    outs = [o for _ in range(NUM_TOKENS + 2) for o in e.step() if o.finished]
+    assert outs[0].outputs[0].token_ids == fx.refs["all8"]
+    assert 1 not in e.lora.adapters and not e.lora.slot_of
+    again = llm.generate(prompt_token_ids=[PROMPT], sampling_params=GREEDY, lora_request=lora)
+    assert tokens(again) == [fx.refs["all8"]]
+    e.lora.forget(1)  # idle: gone at once
+    assert not e.lora.adapters and not e.lora.slot_of and not e.lora.users
+
+
 def test_bad_input(fx, tmp_path) -> None:
     llm = cpu_llm(fx.base, enable_lora=True, max_lora_rank=4)
     gen = llm.generate

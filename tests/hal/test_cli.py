@@ -354,7 +354,8 @@ def test_serve_flags_reach_the_engine_and_app(monkeypatch, capsys, tmp_path):
     assert config.pooler_config == PoolerConfig(pooling_type="MEAN")
     assert seen["app"] == {"tool_call_parser": "hermes", "enable_auto_tool_choice": True,
                            "reasoning_parser": "qwen3", "chat_template": None,
-                           "cors": None, "lora_modules": None}  # fmt: skip
+                           "cors": None, "lora_modules": None,
+                           "allow_runtime_lora_updating": False}  # fmt: skip
     template = tmp_path / "t.jinja"
     template.write_text("{{ messages[0]['content'] }}")
     more = ["serve", str(tmp_path), "--chat-template", str(template), "--gpu-memory-utilization",

@@ -72,3 +72,46 @@ def test_flags() -> None:
     assert lora_modules(args) == {"a": "/x"} and args.max_loras == 3 and args.enable_lora
     with pytest.raises(SystemExit):
         parser.parse_args(["serve", "--enable-lora", "--lora-modules", "noequals"])
+
+
+def test_adapters_loaded_and_unloaded_at_run_time(tmp_path_factory) -> None:
+    # vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (--allow-runtime-lora-updating):
+    # a loaded adapter serves as a model at once; an unloaded one is gone from the list and
+    # its name gets 404; bad folders and names are refused with the reason.
+    fx = build_lora_fixture(tmp_path_factory.mktemp("lora_runtime"))
+    engine = make_engine(fx.base, enable_lora=True, max_loras=1, max_lora_rank=8)
+    handle = start_server(engine, allow_runtime_lora_updating=True)
+    try:
+        with handle.http() as http:
+            load = {"lora_name": "qv4", "lora_path": str(fx.adapters["qv4"])}
+            r = http.post("/v1/load_lora_adapter", json=load)
+            assert r.status_code == 200 and "added successfully" in r.text, r.text
+            again = http.post("/v1/load_lora_adapter", json=load)
+            assert again.status_code == 400 and "already been loaded" in again.text
+            bad = http.post("/v1/load_lora_adapter",
+                            json={"lora_name": "x", "lora_path": str(fx.base)})  # fmt: skip
+            assert bad.status_code == 400 and "adapter_config.json not found" in bad.text
+            assert [c["id"] for c in http.get("/v1/models").json()["data"]] == [MODEL_NAME, "qv4"]
+            out = complete(handle, "qv4").json()
+            assert out["choices"][0]["token_ids"] == fx.refs["qv4"]
+            r = http.post("/v1/unload_lora_adapter", json={"lora_name": "qv4"})
+            assert r.status_code == 200 and "removed successfully" in r.text
+            assert complete(handle, "qv4").status_code == 404
+            gone = http.post("/v1/unload_lora_adapter", json={"lora_name": "qv4"})
+            assert gone.status_code == 404 and "cannot be found" in gone.text
+            # loaded again (a new id): served again, and nothing of the old one is kept
+            assert http.post("/v1/load_lora_adapter", json=load).status_code == 200
+            assert complete(handle, "qv4").json()["choices"][0]["token_ids"] == fx.refs["qv4"]
+        handle.wait_idle()
+        manager = engine.engine.lora
+        served = handle.app.state.server.lora_modules["qv4"].lora_int_id
+        assert list(manager.adapters) == list(manager.slot_of) == [served]
+    finally:
+        handle.stop()
+
+
+def test_runtime_updating_routes_need_the_switch(lora_server) -> None:
+    _, handle = lora_server  # started without allow_runtime_lora_updating
+    with handle.http() as http:
+        r = http.post("/v1/load_lora_adapter", json={"lora_name": "a", "lora_path": "/x"})
+    assert r.status_code == 404
