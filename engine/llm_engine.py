@@ -605,7 +605,7 @@ class LLMEngine:
             pooling, params = params, _POOLING_SAMPLING
         request = Request(
             request_id, list(prompt_token_ids), params, arrival_time=now, priority=priority,
-            lora_int_id=lora_id,
+            lora_request=lora_request,
         )  # fmt: skip
         if lora_id is None:
             self.scheduler.add_request(request)
@@ -648,10 +648,21 @@ class LLMEngine:
         self.scheduler.add_request(request)
 
     def _admit_lora_waiting(self) -> None:
-        """Admit waiting adapter requests, oldest first, while their adapter can be resident."""
+        """Admit waiting adapter requests, oldest first, while their adapter can be resident.
+        An adapter dropped while its request waited (a server unloaded it) is read again; if
+        that fails the request ends as aborted, with the reason logged."""
         waiting = self._lora_waiting
         while waiting and self.lora.can_admit(waiting[0].lora_int_id):
-            self._admit_lora(waiting.popleft())
+            request = waiting.popleft()
+            try:
+                self.lora.register(request.lora_request)
+            except ValueError as e:
+                logger.error("request %s: LoRA adapter %r: %s", request.request_id,
+                             request.lora_request.lora_name, e)  # fmt: skip
+                waiting.appendleft(request)
+                self.abort_request(request.request_id)
+                continue
+            self._admit_lora(request)
 
     def _new_seq_state(self, params: SamplingParams, prompt_ids: list[int]) -> _SeqState:
         detok = IncrementalDetokenizer(self.tokenizer, params, prompt_ids)

@@ -388,7 +388,8 @@ class LoRAManager:
 class LoRAWeights:
     """Where the model runs (the engine's process, or each rank with its shard of the layers):
     the slot buffers on the model's layers, filled as steps' loads say, and each step's mask.
-    reader(request) -> LoRAAdapter gives an adapter's weights (read from its folder once)."""
+    reader(request) -> LoRAAdapter gives an adapter's weights (default: read from its folder,
+    each time a slot takes it; in the engine's process the LoRAManager's copy)."""
 
     def __init__(self, model, max_loras: int, max_rank: int, reader=None) -> None:
         self.max_loras, self.max_rank = max_loras, max_rank

@@ -109,7 +109,7 @@ class Request:
         sampling_params: Any,
         arrival_time: float = 0.0,
         priority: int = 0,
-        lora_int_id: int | None = None,
+        lora_request: Any = None,
     ) -> None:
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -136,10 +136,12 @@ class Request:
                 f"request {request_id!r}: priority must be an integer, got {priority!r}"
             )
         self.priority = priority  # lower runs first (scheduling_policy "priority")
-        # The LoRA adapter the request runs through (engine.lora), None for the base model;
-        # its prefix-cache keys start from cache_salt, so no block is shared across adapters.
-        self.lora_int_id = lora_int_id
-        self.cache_salt = None if lora_int_id is None else b"lora:%d" % lora_int_id
+        # The LoRA adapter the request runs through (an engine.lora.LoRARequest), None for the
+        # base model; its prefix-cache keys start from cache_salt, so no block is shared across
+        # adapters.
+        self.lora_request = lora_request
+        self.lora_int_id = None if lora_request is None else lora_request.lora_int_id
+        self.cache_salt = None if lora_request is None else b"lora:%d" % self.lora_int_id
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params

@@ -130,6 +130,33 @@ def test_forget_waits_for_unfinished_requests(fx) -> None:
     assert not e.lora.adapters and not e.lora.slot_of and not e.lora.users
 
 
+def test_waiting_request_of_a_dropped_adapter(fx, tmp_path) -> None:
+    # An adapter dropped while its request waits for a slot is read again at admission; when
+    # its folder is gone by then, that request ends as aborted and the engine goes on.
+    import shutil
+
+    llm = cpu_llm(fx.base, enable_lora=True, max_lora_rank=8)
+    e = llm.engine
+    for name, folder in (("kept", tmp_path / "kept"), ("gone", tmp_path / "gone")):
+        shutil.copytree(fx.adapters["qv4"], folder)
+        e.add_request(None, GREEDY, PROMPT, f"first-{name}", lora_request=req(fx, "all8", 1))
+        lora = LoRARequest(name, 2 if name == "kept" else 3, str(folder))
+        e.add_request(None, GREEDY, PROMPT, name, lora_request=lora)  # waits: one slot
+        e.lora.forget(lora.lora_int_id)  # idle (never admitted): dropped at once
+        assert lora.lora_int_id not in e.lora.adapters
+        if name == "gone":
+            shutil.rmtree(folder)
+        done = {}
+        while e.has_unfinished_requests():
+            done.update({o.request_id: o for o in e.step() if o.finished})
+        assert done[f"first-{name}"].outputs[0].token_ids == fx.refs["all8"]
+        if name == "kept":
+            assert done[name].outputs[0].token_ids == fx.refs["qv4"]
+        else:
+            assert done[name].outputs[0].finish_reason == "abort"
+        assert_idle(llm)
+
+
 def test_bad_input(fx, tmp_path) -> None:
     llm = cpu_llm(fx.base, enable_lora=True, max_lora_rank=4)
     gen = llm.generate
@@ -219,7 +246,8 @@ def test_graph_replays_equal_eager_steps(fx) -> None:
 
     def steps(r, ids):
         tables = [[1 + 3 * i, 2 + 3 * i, 3 + 3 * i] for i in range(len(ids))]
-        seqs = [Sequence(i, Request(f"r{i}", PROMPT, SamplingParams(), lora_int_id=lid),
+        loras = {1: req(fx, "all8", 1), 2: req(fx, "qv4", 2), None: None}
+        seqs = [Sequence(i, Request(f"r{i}", PROMPT, SamplingParams(), lora_request=loras[lid]),
                          list(PROMPT)) for i, lid in enumerate(ids)]  # fmt: skip
 
         def sched(i, start, toks):
