@@ -261,11 +261,19 @@ class LLM:
         self,
         prompts: Sequence[str | list[int] | dict],
         params: BeamSearchParams,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[BeamSearchOutput]:
         """vLLM's beam search: one BeamSearchOutput per prompt (text, token ids or a
         {"prompt": ...} / {"prompt_token_ids": ...} dict), its beam_width best sequences first
-        (`engine.beam_search`). Every beam of every prompt advances in one engine batch a step."""
+        (`engine.beam_search`). Every beam of every prompt advances in one engine batch a step.
+        lora_request: as in `generate` (a prompt's beams all run through its adapter)."""
         engine = self.engine
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError(f"got {len(loras)} lora_requests for {len(prompts)} prompts")
         if engine.pooling is not None:
             raise ValueError("beam search generates text: this LLM is a pooling engine")
         if not isinstance(params, BeamSearchParams):
@@ -293,8 +301,10 @@ class LLM:
             if not live:
                 break
             outs = self.generate(
-                prompt_token_ids=[b.tokens for b in live], sampling_params=step, use_tqdm=False
-            )
+                prompt_token_ids=[b.tokens for b in live], sampling_params=step, use_tqdm=False,
+                lora_request=[lora for group, lora in zip(beams, loras, strict=True)
+                              for _ in group],
+            )  # fmt: skip
             at = 0
             for i, group in enumerate(beams):
                 tops = [o.outputs[0].logprobs[0] for o in outs[at : at + len(group)]]

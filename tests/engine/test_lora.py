@@ -78,6 +78,18 @@ def test_chat_and_single_request(fx) -> None:
     assert tokens(a)[0] == hf_greedy(fx.merged["qv4"], a[0].prompt_token_ids, NUM_TOKENS)[0]
 
 
+def test_beam_search_through_an_adapter(fx) -> None:
+    # Beam width 1 is greedy: each prompt's single beam gives its adapter's greedy tokens.
+    from engine import BeamSearchParams
+
+    llm = cpu_llm(fx.base, enable_lora=True, max_loras=2, max_lora_rank=8)
+    params = BeamSearchParams(beam_width=1, max_tokens=NUM_TOKENS, ignore_eos=True)
+    outs = llm.beam_search([PROMPT, PROMPT], params, lora_request=[req(fx, "qv4", 2), None])
+    got = [o.sequences[0].output_token_ids for o in outs]
+    assert got == [fx.refs["qv4"], fx.refs[None]]
+    assert_idle(llm)
+
+
 def test_prefix_cache_is_kept_per_adapter(fx) -> None:
     # A 40-token prompt fills two 16-token blocks: the base model's cached blocks must not
     # serve the adapter's request (their keys start from the adapter id), and the adapter's
