@@ -72,10 +72,6 @@ class LoRAAdapter:
     scaling: float
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.numel() * 4 + b.numel() * 4 for a, b in self.weights.values())
-
 
 def _expected_shapes(config) -> dict[str, tuple[int, int]]:
     """(out, in) of each target projection of the full (unsharded) model."""
