@@ -268,12 +268,7 @@ class LLM:
         (`engine.beam_search`). Every beam of every prompt advances in one engine batch a step.
         lora_request: as in `generate` (a prompt's beams all run through its adapter)."""
         engine = self.engine
-        if lora_request is None or isinstance(lora_request, LoRARequest):
-            loras = [lora_request] * len(prompts)
-        else:
-            loras = list(lora_request)
-            if len(loras) != len(prompts):
-                raise ValueError(f"got {len(loras)} lora_requests for {len(prompts)} prompts")
+        loras = _lora_list(lora_request, len(prompts))
         if engine.pooling is not None:
             raise ValueError("beam search generates text: this LLM is a pooling engine")
         if not isinstance(params, BeamSearchParams):
@@ -347,12 +342,7 @@ class LLM:
             (prompt, engine.validate_request(prompt, params, ids))
             for (prompt, ids), params in zip(items, params_list, strict=True)
         ]
-        if lora_request is None or isinstance(lora_request, LoRARequest):
-            loras = [lora_request] * len(items)
-        else:
-            loras = list(lora_request)
-            if len(loras) != len(items):
-                raise ValueError(f"got {len(loras)} lora_requests for {len(items)} prompts")
+        loras = _lora_list(lora_request, len(items))
         for lora in dict.fromkeys(loras):  # each adapter read and checked once, before queuing
             engine.check_lora_request(lora)
         if priority is not None and engine.scheduler_config.policy != "priority" and any(priority):
@@ -376,6 +366,16 @@ class LLM:
                     bar.update(1)
         bar.close()
         return [r for r in results if r is not None]
+
+
+def _lora_list(lora_request, n: int) -> list[LoRARequest | None]:
+    """One LoRARequest (or None) per prompt: the given one for all, or a list of n."""
+    if lora_request is None or isinstance(lora_request, LoRARequest):
+        return [lora_request] * n
+    loras = list(lora_request)
+    if len(loras) != n:
+        raise ValueError(f"got {len(loras)} lora_requests for {n} prompts")
+    return loras
 
 
 def _items(
