@@ -141,13 +141,12 @@ class _BucketGraphs(ABC):
         self.input_ids = torch.zeros(top, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(top, dtype=torch.int64, device=dev)
         self.slot_mapping = torch.full((top,), -1, dtype=torch.int64, device=dev)
-        # LoRA (engine.lora): the captures read the token mask from here, so they run every
-        # adapter's delta even in steps of the base model alone (their masks are zero).
+        # LoRA (engine.lora): the captures read each token's slot from here (-1: none), so they
+        # run the deltas' kernels even in steps of the base model alone (which change nothing).
         self.lora = getattr(model, "lora_context", None)
-        self.lora_mask = None
+        self.lora_slots = None
         if self.lora is not None:
-            width = self.lora.max_loras * self.lora.max_rank
-            self.lora_mask = torch.zeros(top, width, dtype=model.dtype, device=dev)
+            self.lora_slots = torch.full((top,), -1, dtype=torch.int32, device=dev)
         self.runners: dict[int, GraphRunner] = {}
         self.stats: GraphStats | None = None
         self.replays = 0  # steps served from a graph (tests and the debug log read it)
@@ -193,15 +192,15 @@ class _BucketGraphs(ABC):
         return self.stats
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """What a capture records: the model over the static inputs (and LoRA mask)."""
+        """What a capture records: the model over the static inputs (and LoRA slots)."""
         if self.lora is None:
             return self.model(batch, self.kv_caches)
-        step_mask = self.lora.mask
-        self.lora.mask = self.lora_mask[: batch.num_tokens]
+        step = self.lora.batch
+        self.lora.batch = self.lora.batch_for(self.lora_slots[: batch.num_tokens])
         try:
             return self.model(batch, self.kv_caches)
         finally:
-            self.lora.mask = step_mask
+            self.lora.batch = step
 
     def _copy_tokens(self, batch: ForwardBatch, b: int) -> None:
         """The batch's token rows into the static inputs; rows n..b write nothing."""
@@ -213,13 +212,13 @@ class _BucketGraphs(ABC):
             self.slot_mapping[n:b].fill_(-1)
             self.input_ids[n:b].zero_()
             self.positions[n:b].zero_()
-        if self.lora is not None:  # the step's token mask (none: the base model alone)
-            mask = self.lora.mask
-            if mask is None:
-                self.lora_mask[:b].zero_()
+        if self.lora is not None:  # the step's token slots (none: the base model alone)
+            step = self.lora.batch
+            if step is None:
+                self.lora_slots[:b].fill_(-1)
             else:
-                self.lora_mask[:n].copy_(mask, non_blocking=True)
-                self.lora_mask[n:b].zero_()
+                self.lora_slots[:n].copy_(step.token_slots, non_blocking=True)
+                self.lora_slots[n:b].fill_(-1)
 
 
 class DecodeGraphs(_BucketGraphs):

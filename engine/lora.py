@@ -9,9 +9,10 @@ use_rslora); the scaling is folded into B at load.
 
 Serving: the engine holds `max_loras` slots. Every linear layer an adapter can target keeps,
 per slot, the adapter's A and B (zero-padded to `max_lora_rank`; a slot no adapter uses is all
-zeros) stacked so that one step computes every token's delta in two GEMMs,
-(x A_all^T masked to the token's slot) B_all^T: the masked products are exact zeros, so a
-token gets its own adapter's delta and a token without an adapter gets none. A request's
+zeros) stacked, and the backend's `lora_add` gives every token its own slot's delta, y +=
+B_s (A_s x), and a token without an adapter none (the reference: two GEMMs over all slots with
+the other slots' columns masked to exact zeros; the GPU backends read only each token's own
+slot for decode-sized steps, `backends.triton.lora`). A request's
 adapter is made resident when the request is admitted; while every slot holds an adapter with
 unfinished requests, later adapter requests wait (in arrival order) until one frees.
 """
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from hal.backend import LoRABatch
 
 logger = logging.getLogger(__name__)
 
@@ -172,17 +175,18 @@ class LoRASlots:
 
     a [P * S * R, in_local] stacks every part's A for every slot (part p, slot s: rows
     (p * S + s) * R ..., the first r of them used); b [out_local, P * S * R] is block-diagonal:
-    a part's output rows read only its own columns. So a step's deltas of all P parts are two
-    GEMMs and a mask: y += ((x a^T) * mask) b^T (`add`)."""
+    a part's output rows read only its own columns (`hal.backend.Backend.lora_add`'s layout)."""
 
     def __init__(self, context: LoRAContext, layer: int, parts, in_size: int,
-                 in_range: tuple[int, int] | None, device, dtype) -> None:  # fmt: skip
+                 in_range: tuple[int, int] | None, backend, dtype) -> None:  # fmt: skip
         self.context, self.layer, self.parts, self.in_range = context, layer, parts, in_range
+        self.backend = backend
+        self.out_parts = tuple((rows.start, rows.stop) for _, rows, _ in parts)
         width = len(parts) * context.max_loras * context.max_rank
         in_local = in_size if in_range is None else in_range[1] - in_range[0]
         out_local = max(rows.stop for _, rows, _ in parts)
-        self.a = torch.zeros(width, in_local, device=device, dtype=dtype)
-        self.b = torch.zeros(out_local, width, device=device, dtype=dtype)
+        self.a = torch.zeros(width, in_local, device=backend.device, dtype=dtype)
+        self.b = torch.zeros(out_local, width, device=backend.device, dtype=dtype)
 
     def load(self, slot: int, adapter: LoRAAdapter | None) -> None:
         """Fill `slot` with the adapter's weights for this layer (zeros where it has none)."""
@@ -203,49 +207,35 @@ class LoRASlots:
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y + this step's LoRA deltas of x, in place (y unchanged when no token of the step
-        has an adapter). Row-parallel: x is this rank's input columns and the delta a partial
-        sum, like y."""
-        mask = self.context.mask_for(len(self.parts))
-        if mask is None:
+        has an adapter), by the backend's `lora_add`. Row-parallel: x is this rank's input
+        columns and the delta a partial sum, like y."""
+        batch = self.context.batch
+        if batch is None:
             return y
-        h = (x @ self.a.t()) * mask  # [T, P * S * R]: only each token's own slot survives
-        return y.addmm_(h, self.b.t())
+        lead = y.shape[:-1]
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        out = self.backend.lora_add(x2, y2, self.a, self.b, batch, self.out_parts)
+        return out.reshape(*lead, out.shape[-1])
 
 
 class LoRAContext:
-    """What every layer's slots share: sizes, and this step's token mask ([T, S * R] in the
-    model's dtype, 1 in the columns of a token's slot; None when no token has an adapter)."""
+    """What every layer's slots share: sizes, and this step's adapters (`hal.backend.LoRABatch`:
+    each token's slot; None when no token of the step has an adapter)."""
 
     def __init__(self, max_loras: int, max_rank: int) -> None:
         self.max_loras, self.max_rank = max_loras, max_rank
-        self._mask: torch.Tensor | None = None
-        self._repeated: dict[int, torch.Tensor] = {}
+        self.batch: LoRABatch | None = None
 
-    @property
-    def mask(self) -> torch.Tensor | None:
-        return self._mask
-
-    @mask.setter
-    def mask(self, value: torch.Tensor | None) -> None:
-        self._mask = value
-        self._repeated = {}
-
-    def mask_for(self, parts: int) -> torch.Tensor | None:
-        """The mask repeated for a layer of `parts` parts ([T, parts * S * R]), made once a
-        step (a graph capture records it once too)."""
-        if self._mask is None or parts == 1:
-            return self._mask
-        m = self._repeated.get(parts)
-        if m is None:
-            m = self._repeated[parts] = self._mask.repeat(1, parts)
-        return m
+    def batch_for(self, token_slots: torch.Tensor) -> LoRABatch:
+        """A step's batch over `token_slots` (int32 [T] on the model's device)."""
+        return LoRABatch(token_slots, self.max_loras, self.max_rank)
 
 
 def attach_slots(model, max_loras: int, max_rank: int) -> tuple[LoRAContext, list[LoRASlots]]:
     """Give each target linear of `model` (a LlamaForCausalLM) its slot buffers; returns the
     shared context and every layer's slots."""
     context = LoRAContext(max_loras, max_rank)
-    dev, dtype = model.backend.device, model.dtype
+    backend, dtype = model.backend, model.dtype
     all_slots = []
     for i, layer in zip(range(model.layer_start, model.layer_stop), model.layers, strict=True):
         attn, mlp = layer.self_attn, layer.mlp
@@ -255,20 +245,20 @@ def attach_slots(model, max_loras: int, max_rank: int) -> tuple[LoRAContext, lis
                  ("k_proj", slice(qkv.q_size, qkv.q_size + qkv.kv_size), kv_rows),
                  ("v_proj", slice(qkv.q_size + qkv.kv_size, qkv.q_size + 2 * qkv.kv_size),
                   kv_rows)]  # fmt: skip
-        qkv.lora = LoRASlots(context, i, parts, qkv.hidden_size, None, dev, dtype)
+        qkv.lora = LoRASlots(context, i, parts, qkv.hidden_size, None, backend, dtype)
         gu = mlp.gate_up_proj
         offset, parts = 0, []
         for module, (start, stop) in zip(("gate_proj", "up_proj"), gu.ranges, strict=True):
             parts.append((module, slice(offset, offset + stop - start), (start, stop)))
             offset += stop - start
-        gu.lora = LoRASlots(context, i, parts, gu.input_size, None, dev, dtype)
+        gu.lora = LoRASlots(context, i, parts, gu.input_size, None, backend, dtype)
         for module, row in (("o_proj", attn.o_proj), ("down_proj", mlp.down_proj)):
             parts = [(module, slice(0, row.output_size), (0, row.output_size))]
             row.lora = LoRASlots(context, i, parts, row.input_size, (row.col_start, row.col_stop),
-                                 dev, dtype)  # fmt: skip
+                                 backend, dtype)  # fmt: skip
         all_slots += [qkv.lora, gu.lora, attn.o_proj.lora, mlp.down_proj.lora]
     model._gguf_stack = None  # a fused stack built before would skip the deltas
-    model.lora_context = context  # where graph captures find the mask (engine.graphs)
+    model.lora_context = context  # where graph captures find the step's slots (engine.graphs)
     return context, all_slots
 
 
@@ -383,7 +373,8 @@ class LoRAManager:
 
 class LoRAWeights:
     """Where the model runs (the engine's process, or each rank with its shard of the layers):
-    the slot buffers on the model's layers, filled as steps' loads say, and each step's mask.
+    the slot buffers on the model's layers, filled as steps' loads say, and each step's token
+    slots.
     reader(request) -> LoRAAdapter gives an adapter's weights (default: read from its folder,
     each time a slot takes it; in the engine's process the LoRAManager's copy)."""
 
@@ -400,22 +391,21 @@ class LoRAWeights:
         return sum(t.numel() * t.element_size() for s in self.slots for t in (s.a, s.b))
 
     def begin(self, step: StepLoRA | None) -> None:
-        """Load the step's adapters into their slots, then set its token mask."""
+        """Load the step's adapters into their slots, then set its tokens' slots."""
         if step is None:
-            self.context.mask = None
+            self.context.batch = None
             return
         for slot, request in step.loads:
             adapter = self.reader(request)
             for s in self.slots:
                 s.load(slot, adapter)
         if all(s < 0 for s in step.slots):
-            self.context.mask = None
+            self.context.batch = None
             return
-        token_slots = torch.repeat_interleave(torch.tensor(step.slots), torch.tensor(step.counts))
-        r = self.max_rank
-        cols = torch.arange(self.max_loras * r) // r
-        mask = (token_slots[:, None] == cols[None, :]).to(self.dtype)
-        self.context.mask = mask.to(self.device, non_blocking=True)
+        token_slots = torch.repeat_interleave(
+            torch.tensor(step.slots, dtype=torch.int32), torch.tensor(step.counts)
+        )
+        self.context.batch = self.context.batch_for(token_slots.to(self.device, non_blocking=True))
 
     def end(self) -> None:
-        self.context.mask = None
+        self.context.batch = None

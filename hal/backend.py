@@ -116,6 +116,19 @@ class GGUFDecoderStack:
     data: object = None
 
 
+@dataclass(eq=False)
+class LoRABatch:
+    """A step's LoRA adapters as `Backend.lora_add` takes them: each token's slot (int32 [T] on
+    the backend's device, -1: the base model alone), the slot count S and the rank R every slot
+    is padded to. `cache` holds what a backend derives from the slots once per step (a CUDA
+    graph capture records that derivation too, so replays redo it from the static slots)."""
+
+    token_slots: torch.Tensor
+    num_slots: int
+    rank: int
+    cache: dict = field(default_factory=dict)
+
+
 @dataclass
 class BackendInfo:
     """What a backend resolved at construction: its per-family selections."""
@@ -505,6 +518,31 @@ class Backend(ABC):
         -> [..., D]. Exactly this composition; a backend may override it with a fused kernel
         that gives the same bits."""
         return self.silu_and_mul(self.linear(x, weight, bias))
+
+    def lora_add(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        batch: LoRABatch,
+        parts: tuple[tuple[int, int], ...],
+    ) -> torch.Tensor:
+        """y += each token's LoRA delta, in place (multi-LoRA: every token its own adapter).
+
+        x [T, K], y [T, N] (x's dtype). The P = len(parts) parts of y (output rows
+        parts[p] = (start, stop)) each have, for every slot s of the S = batch.num_slots, an
+        adapter pair padded to rank R = batch.rank: A rows a[(p S + s) R : (p S + s + 1) R]
+        ([P S R, K]) and B columns b[start:stop, (p S + s) R : ...] ([N, P S R], zero
+        elsewhere). For a token t of slot s >= 0 and each part p, y[t, start:stop] +=
+        B_ps (A_ps x[t]); tokens of slot -1 are left as they are. Reference: h and the delta
+        in fp32 over every slot with the other slots' h masked to zero, y rounded once."""
+        r, s_count = batch.rank, batch.num_slots
+        col_slot = torch.arange(a.shape[0], device=a.device) // r % s_count
+        h = x.float() @ a.float().t()
+        h = h * (batch.token_slots.long()[:, None] == col_slot[None, :])
+        y.copy_((y.float() + h @ b.float().t()).to(y.dtype))
+        return y
 
     def linear_rotary_write_kv(
         self,

@@ -320,6 +320,28 @@ class CudaBackend(Backend):
                                 configs=self.gemv_configs, ll_push=push)  # fmt: skip
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
+    def lora_add(self, x, y, a, b, batch, parts) -> torch.Tensor:
+        # Decode-sized steps (<= 16 tokens) where the Triton GEMMs run: the shrink / expand
+        # kernels (`backends.triton.lora`: each token reads only its own slot, no mask, two
+        # launches under PDL). Larger steps: two GEMMs in the model's dtype over every slot with
+        # the other slots' columns masked (h rounded to that dtype once: within its rounding of
+        # the reference), the mask made once a step per part count.
+        if self.chosen("gemm") == "triton_small_m" and x.dtype in (torch.bfloat16, torch.float16):
+            lora = _triton("lora")
+            if lora.unsupported(x, y, a, b, batch.token_slots, batch.num_slots, batch.rank,
+                                parts) is None:  # fmt: skip
+                self._mark("gemm", "triton_small_m")
+                return lora.lora_add(x, y, a, b, batch.token_slots, batch.num_slots, batch.rank,
+                                     parts)  # fmt: skip
+        key = ("mask", a.shape[0])
+        mask = batch.cache.get(key)
+        if mask is None:
+            col_slot = torch.arange(a.shape[0], device=a.device) // batch.rank % batch.num_slots
+            mask = batch.token_slots.long()[:, None] == col_slot[None, :]
+            mask = batch.cache[key] = mask.to(x.dtype)
+        h = (x @ a.t()) * mask
+        return y.addmm_(h, b.t())
+
     def fp8_linear(
         self, x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16
     ) -> torch.Tensor:

@@ -228,7 +228,7 @@ def test_unsupported_target_and_missing_half(fx, tmp_path) -> None:
 
 
 def test_graph_replays_equal_eager_steps(fx) -> None:
-    # Decode and mixed-step captures read the token mask from their static buffer: replays
+    # Decode and mixed-step captures read the token slots from their static buffer: replays
     # (eager "captures" on the CPU, real graphs on a GPU in test_on_a_gpu) give the eager
     # steps' logits, for steps with adapters, padded buckets, and the base model alone.
     import hal
@@ -301,3 +301,31 @@ def test_on_a_gpu(fx) -> None:
             assert llm.engine.runner.graphs.replays > 0
         assert_idle(llm)
         llm.shutdown()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_bf16_decode_kernels_on_a_gpu(fx, monkeypatch) -> None:
+    # bf16 decode steps of <= 16 tokens take the Triton shrink / expand kernels (each token its
+    # own slot; backends.triton.lora, checked against the reference in its own tests): replayed
+    # from CUDA graphs they give the eager engine's tokens, and each adapter changes the output.
+    from backends.triton import lora as kernels
+    from engine import LLM
+
+    calls = []
+    launch = kernels.lora_add
+    monkeypatch.setattr(kernels, "lora_add", lambda *a: calls.append(a[0].shape[0]) or launch(*a))
+
+    loras = [req(fx, "all8", 1), None, req(fx, "qv4", 2)]
+    runs = []
+    for eager in (True, False):
+        llm = LLM(model=str(fx.base), dtype="bfloat16", device="cuda", gpu_memory_utilization=0.3,
+                  enable_lora=True, max_loras=2, max_lora_rank=8, enforce_eager=eager)  # fmt: skip
+        outs = llm.generate(prompt_token_ids=[PROMPT] * 3, sampling_params=GREEDY,
+                            lora_request=loras)  # fmt: skip
+        assert calls and max(calls) <= kernels.MAX_TOKENS
+        calls.clear()
+        runs.append(tokens(outs))
+        assert_idle(llm)
+        llm.shutdown()
+    assert runs[0] == runs[1]
+    assert runs[0][0] != runs[0][1] and runs[0][2] != runs[0][1]
