@@ -31,6 +31,7 @@ OP_FAMILIES: tuple[str, ...] = (
     "rms_norm",
     "rotary",
     "activation",
+    "lora",
     "graph",
 )
 
@@ -519,6 +520,7 @@ class Backend(ABC):
         that gives the same bits."""
         return self.silu_and_mul(self.linear(x, weight, bias))
 
+    @abstractmethod
     def lora_add(
         self,
         x: torch.Tensor,
@@ -535,14 +537,9 @@ class Backend(ABC):
         adapter pair padded to rank R = batch.rank: A rows a[(p S + s) R : (p S + s + 1) R]
         ([P S R, K]) and B columns b[start:stop, (p S + s) R : ...] ([N, P S R], zero
         elsewhere). For a token t of slot s >= 0 and each part p, y[t, start:stop] +=
-        B_ps (A_ps x[t]); tokens of slot -1 are left as they are. Reference: h and the delta
-        in fp32 over every slot with the other slots' h masked to zero, y rounded once."""
-        r, s_count = batch.rank, batch.num_slots
-        col_slot = torch.arange(a.shape[0], device=a.device) // r % s_count
-        h = x.float() @ a.float().t()
-        h = h * (batch.token_slots.long()[:, None] == col_slot[None, :])
-        y.copy_((y.float() + h @ b.float().t()).to(y.dtype))
-        return y
+        B_ps (A_ps x[t]); tokens of slot -1 keep y's bits. Reference: h and the delta
+        in fp32 over every slot with the other slots' h masked to zero, y rounded once
+        (`backends.cpu.linear.lora_add`). Returns y."""
 
     def linear_rotary_write_kv(
         self,

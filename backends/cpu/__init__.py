@@ -22,6 +22,7 @@ _TARGETS: dict[str, str] = {
     "rms_norm": "backends.cpu.norm:rms_norm",
     "rotary": "backends.cpu.rotary:rotary",
     "activation": "backends.cpu.activation:silu_and_mul",
+    "lora": "backends.cpu.linear:lora_add",
     "graph": "backends.cpu.graphs:capture_graph",
 }
 

@@ -309,6 +309,9 @@ class CpuBackend(Backend):
     def silu_and_mul(self, x) -> torch.Tensor:
         return activation.silu_and_mul(x)
 
+    def lora_add(self, x, y, a, b, batch, parts) -> torch.Tensor:
+        return linear.lora_add(x, y, a, b, batch.token_slots, batch.num_slots, batch.rank)
+
     # -- whole decoder stacks ------------------------------------------------------------------
     @property
     def fused_gguf_decoder(self) -> bool:

@@ -45,6 +45,26 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y.to(x.dtype)
 
 
+def lora_add(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    token_slots: torch.Tensor,
+    num_slots: int,
+    rank: int,
+) -> torch.Tensor:
+    """y += each token's LoRA delta in place (`Backend.lora_add`'s contract): h = x a^T in fp32
+    with every column outside the token's slot ((column // rank) % num_slots) set to zero, then
+    y = round(y + h b^T) with the product in fp32. Tokens of slot -1 get h = 0, so y + 0 keeps
+    their bits (finite y)."""
+    col_slot = torch.arange(a.shape[0], device=a.device) // rank % num_slots
+    h = x.float() @ a.float().t()
+    h = h * (token_slots.long()[:, None] == col_slot[None, :])
+    y.copy_((y.float() + h @ b.float().t()).to(y.dtype))
+    return y
+
+
 def _scaled_output(
     acc: torch.Tensor,
     x_scale: torch.Tensor,

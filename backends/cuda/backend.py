@@ -321,26 +321,22 @@ class CudaBackend(Backend):
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     def lora_add(self, x, y, a, b, batch, parts) -> torch.Tensor:
-        # Decode-sized steps (<= 16 tokens) where the Triton GEMMs run: the shrink / expand
-        # kernels (`backends.triton.lora`: each token reads only its own slot, no mask, two
-        # launches under PDL). Larger steps: two GEMMs in the model's dtype over every slot with
-        # the other slots' columns masked (h rounded to that dtype once: within its rounding of
-        # the reference), the mask made once a step per part count.
-        if self.chosen("gemm") == "triton_small_m" and x.dtype in (torch.bfloat16, torch.float16):
+        # triton: decode-sized steps (<= 16 tokens; larger ones by design to torch, unlogged),
+        # bf16 / fp16; other inputs fall back to torch with the reason logged once.
+        impl = self.chosen("lora")
+        if impl == "triton":
             lora = _triton("lora")
-            if lora.unsupported(x, y, a, b, batch.token_slots, batch.num_slots, batch.rank,
-                                parts) is None:  # fmt: skip
-                self._mark("gemm", "triton_small_m")
-                return lora.lora_add(x, y, a, b, batch.token_slots, batch.num_slots, batch.rank,
-                                     parts)  # fmt: skip
-        key = ("mask", a.shape[0])
-        mask = batch.cache.get(key)
-        if mask is None:
-            col_slot = torch.arange(a.shape[0], device=a.device) // batch.rank % batch.num_slots
-            mask = batch.token_slots.long()[:, None] == col_slot[None, :]
-            mask = batch.cache[key] = mask.to(x.dtype)
-        h = (x @ a.t()) * mask
-        return y.addmm_(h, b.t())
+            why = lora.unsupported(x, y, a, b, batch.token_slots, batch.num_slots, batch.rank,
+                                   parts)  # fmt: skip
+            if why is not None and x.shape[0] > lora.MAX_TOKENS:
+                impl = "torch"
+            elif why is not None:
+                impl = self._input_fallback("lora", impl, [why], "torch")
+        self._mark("lora", impl)
+        if impl == "triton":
+            return _triton("lora").lora_add(x, y, a, b, batch.token_slots, batch.num_slots,
+                                            batch.rank, parts)  # fmt: skip
+        return linear.lora_add(x, y, a, b, batch)
 
     def fp8_linear(
         self, x_q, x_scale, w_q, w_scale, bias=None, out_dtype=torch.bfloat16

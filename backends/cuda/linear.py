@@ -288,3 +288,19 @@ def int4_linear_dequant(
         raise ValueError(f"x: K={x.shape[1]} differs from qweight's K = 8 * rows = {k}")
     w = dequantize_int4(qweight, scales, zeros, group_size, g_idx, out_dtype=x.dtype)  # [N, K]
     return linear(x, w, bias, allow_tf32)
+
+
+def lora_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch):
+    """`Backend.lora_add` as two GEMMs in the model's dtype over every slot: h = (x a^T) * mask
+    (the mask zeroes the columns outside each token's slot: exact zeros), y += h b^T (`addmm_`,
+    fp32 accumulation, y rounded once). h is rounded to the dtype once more than the reference
+    (within that dtype's rounding of it). The mask is made once a step per width (batch.cache:
+    a CUDA graph capture records it, so replays remake it from the static slots)."""
+    key = ("mask", a.shape[0])
+    mask = batch.cache.get(key)
+    if mask is None:
+        col_slot = torch.arange(a.shape[0], device=a.device) // batch.rank % batch.num_slots
+        mask = batch.token_slots.long()[:, None] == col_slot[None, :]
+        mask = batch.cache[key] = mask.to(x.dtype)
+    with fp32_matmul_precision(False):  # fp32 adapters: no TF32 (the deltas' GEMMs are small)
+        return y.addmm_((x @ a.t()) * mask, b.t())

@@ -114,6 +114,8 @@ def unsupported(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tens
     t = x.shape[0]
     if t > MAX_TOKENS:
         return f"{t} tokens: the expand kernel takes at most {MAX_TOKENS}"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"x dtype {x.dtype} is not bfloat16 or float16"
     if not 1 <= len(parts) <= MAX_PARTS:
         return f"{len(parts)} parts: at most {MAX_PARTS}"
     edges = [0, *(e for p in parts for e in p), y.shape[1]]  # 0 = start 0, stop i = start i + 1

@@ -663,6 +663,37 @@ def check_linear_silu_and_mul(d: Dispatch, case: S.LinearCase) -> CaseResult:
     return result.merge(within("h", h.cpu(), ref, case.dtype, mag, case.shape.k, tf32=tf32(d)))
 
 
+def check_lora_add(d: Dispatch, case: S.LoRACase) -> CaseResult:
+    # y += each token's B_s (A_s x) in place against the float64 formula; rows of slot -1 keep
+    # their bits. Bound: y's rounding (the dtype's), the fp32 sums over K and the rank (their
+    # terms' magnitudes times (K + R) u_fp32), and a rounding of h to the dtype (a backend may
+    # keep h in the model's dtype between its two GEMMs).
+    from hal.backend import LoRABatch
+
+    t = case.build()
+    slots = t["token_slots"]
+    batch = LoRABatch(d.to(slots), case.slots, case.rank)
+    y0 = t["y"]
+    out = d("lora_add", d.to(t["x"]), d.to(y0.clone()), d.to(t["a"]), d.to(t["b"]), batch,
+            case.parts)  # fmt: skip
+    out = out.detach().cpu()
+    keep = slots.long()[:, None] == torch.arange(t["a"].shape[0]) // case.rank % case.slots
+    x, a, bt = f64(t["x"]), f64(t["a"]), f64(t["b"]).t()
+    h = (x @ a.t()) * keep
+    ref = f64(y0) + h @ bt
+    mag = ((x.abs() @ a.abs().t()) * keep) @ bt.abs()
+    u = UNIT_ROUNDOFF[case.dtype]
+    allowed = (
+        tolerance(case.dtype).allowed(ref, 0.0, 1)
+        + (case.k + case.rank) * UNIT_ROUNDOFF["fp32"] * mag
+        + u * (h.abs() @ bt.abs())
+    )
+    result = close("y", out, ref, allowed)
+    for i in torch.nonzero(slots < 0).flatten().tolist():
+        result = result.merge(bitwise(f"row {i} (no adapter)", out[i], y0[i]))
+    return result
+
+
 def check_graph(d: Dispatch, case: S.GraphCase) -> CaseResult:
     t = case.build()
     b = d.backend
@@ -922,6 +953,7 @@ OPS: tuple[OpSpec, ...] = (
         True,
         examples_scale=0.4,
     ),
+    OpSpec("lora_add", "lora", FLOAT, _plain(S.lora_cases), check_lora_add),
     OpSpec("graph", "graph", FLOAT, _plain(S.graph_cases), check_graph),
 )
 OPS_BY_NAME: dict[str, OpSpec] = {op.name: op for op in OPS}

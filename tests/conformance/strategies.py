@@ -805,6 +805,65 @@ def silu_cases(draw, dtype: str, limits: Limits = LIMITS["ci"]) -> SiluCase:
     )
 
 
+# -- LoRA deltas ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LoRACase:
+    """A step's multi-LoRA deltas (`Backend.lora_add`): `tokens` rows of x and y, one to three
+    parts of y (q / k / v, gate / up, or one), `slots` adapter slots padded to `rank`, each
+    token's slot (-1: none), A scaled by 1 / sqrt(K)."""
+
+    dtype: str
+    tokens: int
+    k: int
+    part_sizes: tuple[int, ...]
+    slots: int
+    rank: int
+    token_slots: tuple[int, ...]
+    seed: int
+
+    @property
+    def parts(self) -> tuple[tuple[int, int], ...]:
+        bounds = [0]
+        for size in self.part_sizes:
+            bounds.append(bounds[-1] + size)
+        return tuple(zip(bounds[:-1], bounds[1:], strict=True))
+
+    def build(self) -> dict[str, torch.Tensor]:
+        gen, td = generator(self.seed), torch_dtype(self.dtype)
+        n, width = sum(self.part_sizes), len(self.part_sizes) * self.slots * self.rank
+        b = torch.zeros(n, width)
+        for p, (lo, hi) in enumerate(self.parts):
+            cols = slice(p * self.slots * self.rank, (p + 1) * self.slots * self.rank)
+            b[lo:hi, cols] = randn((hi - lo, self.slots * self.rank), gen)
+        return {
+            "x": randn((self.tokens, self.k), gen).to(td),
+            "y": randn((self.tokens, n), gen).to(td),
+            "a": randn((width, self.k), gen, 1.0 / math.sqrt(self.k)).to(td),
+            "b": b.to(td),
+            "token_slots": torch.tensor(self.token_slots, dtype=torch.int32),
+        }
+
+
+@st.composite
+def lora_cases(draw, dtype: str, limits: Limits = LIMITS["ci"]) -> LoRACase:
+    # Up to 2 x the kernels' 16-token limit, so both sides of it are drawn.
+    tokens = draw(st.integers(1, limits.max_tokens))
+    slots = draw(st.integers(1, 4))
+    parts = tuple(draw(st.lists(st.integers(1, limits.max_n // 3), min_size=1, max_size=3)))
+    return LoRACase(
+        dtype=dtype,
+        tokens=tokens,
+        k=draw(st.integers(1, limits.max_k)),
+        part_sizes=parts,
+        slots=slots,
+        rank=draw(st.sampled_from((1, 4, 8, 16))),
+        token_slots=tuple(
+            draw(st.lists(st.integers(-1, slots - 1), min_size=tokens, max_size=tokens))
+        ),  # fmt: skip
+        seed=draw(seeds),
+    )
+
+
 # -- graph capture -------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GraphCase:

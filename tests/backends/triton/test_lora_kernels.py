@@ -1,5 +1,6 @@
-"""Multi-LoRA deltas (`Backend.lora_add`): the Triton shrink / expand kernels and the CUDA
-backend's GEMM path against the float64 reference, under TRITON_INTERPRET=1 without a GPU.
+"""Multi-LoRA deltas (`Backend.lora_add`, the "lora" op family): the Triton shrink / expand
+kernels, the CUDA backend's torch path and the CPU reference against the float64 formula, under
+TRITON_INTERPRET=1 without a GPU.
 
 Bound: y is rounded once to its dtype (half an ulp of the result, u |ref|); the fp32 sums of
 A x (K terms) and B h (R terms) add at most (K + R) * 2^-24 times the sum of the terms'
@@ -23,7 +24,8 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 
 pytest.importorskip("triton")
 
-from hal.backend import Backend, LoRABatch  # noqa: E402
+from backends.cpu import linear as reference_linear  # noqa: E402
+from hal.backend import LoRABatch  # noqa: E402
 from tests.backends.triton.test_int4_gemm import _cuda_backend  # noqa: E402
 
 if "backends.triton.lora" in sys.modules and INTERPRET:
@@ -97,11 +99,11 @@ def test_kernels_match_the_reference(name: str, dtype: torch.dtype) -> None:
 
 
 def test_reference_op_is_the_formula() -> None:
-    # The HAL's reference implementation (the CPU backend's) against the float64 formula.
+    # The CPU reference (`Backend.lora_add`'s contract) against the float64 formula.
     for name in CASES:
         case = make(name, torch.float32, seed=3)
         x, y, a, b, slots, s, r, parts = case
-        out = Backend.lora_add(None, x, y.clone(), a, b, LoRABatch(slots, s, r), parts)
+        out = reference_linear.lora_add(x, y.clone(), a, b, slots, s, r)
         check(out, case, torch.float32, gemm_path=False)
 
 
@@ -112,6 +114,7 @@ def test_unsupported_says_why() -> None:
     assert "do not tile" in lora.unsupported(x, y, a, b, slots, s, r, ((0, 96), (100, 160)))
     assert "at most 3" in lora.unsupported(x, y, a, b, slots, s, r, ((0, 40),) * 4)
     assert "int32" in lora.unsupported(x, y, a, b, slots.long(), s, r, parts)
+    assert "not bfloat16 or float16" in lora.unsupported(x.float(), y, a, b, slots, s, r, parts)
     assert "do not match" in lora.unsupported(x, y, a[:-1], b, slots, s, r, parts)
 
 
@@ -128,6 +131,7 @@ def test_cuda_backend_paths(tokens: int) -> None:
     batch = LoRABatch(slots.to(DEVICE), s, r)
     out = backend.lora_add(*[t.to(DEVICE) for t in (x, y.clone(), a, b)], batch, parts)
     check(out, case, torch.bfloat16, gemm_path=tokens > lora.MAX_TOKENS)
+    assert backend.ran["lora"] == ("torch" if tokens > lora.MAX_TOKENS else "triton")
     assert bool(batch.cache) == (tokens > lora.MAX_TOKENS)
     none = LoRABatch(torch.full((tokens,), -1, dtype=torch.int32, device=DEVICE), s, r)
     same = backend.lora_add(*[t.to(DEVICE) for t in (x, y.clone(), a, b)], none, parts)
