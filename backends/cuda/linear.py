@@ -293,9 +293,10 @@ def int4_linear_dequant(
 def lora_add(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch):
     """`Backend.lora_add` as two GEMMs in the model's dtype over every slot: h = (x a^T) * mask
     (the mask zeroes the columns outside each token's slot: exact zeros), y += h b^T (`addmm_`,
-    fp32 accumulation, y rounded once). h is rounded to the dtype once more than the reference
-    (within that dtype's rounding of it). The mask is made once a step per width (batch.cache:
-    a CUDA graph capture records it, so replays remake it from the static slots)."""
+    fp32 accumulation). h, and on the H200 h b^T before its add into y, are rounded to the dtype
+    once more than in the reference (the conformance bound allows two such roundings). The mask
+    is made once a step per width (batch.cache: a CUDA graph capture records it, so replays
+    remake it from the static slots)."""
     key = ("mask", a.shape[0])
     mask = batch.cache.get(key)
     if mask is None:
