@@ -8,13 +8,13 @@ columns (zero elsewhere); token t has slot token_slots[t] (-1: none).
 - shrink, grid (T, P, K splits): program (t, p, j) sums A_ps[:, K split j] x[t, K split j] in
   fp32 into its own row of a workspace [T, P, J, R] (no atomics: the splits are summed in
   order by the expand kernel). Only the token's own slot is read, never the other slots.
-- expand, grid (N / BLOCK_N): for each token of a slot, h_p = the sum of its part p splits
+- expand, grid (N / BLOCK_N, T): for a token of a slot, h_p = the sum of its part p splits
   (fp32), then y[t, n] = round(y[t, n] + B_ps[n] . h_p) for the block's rows n (part p of row n).
 
 Math: `hal.backend.Backend.lora_add`'s reference (h and the delta in fp32, y rounded once); the
 sums run in another order (K in splits, then the splits in order), well inside the bf16/fp16
-rounding of y. The expand loops over the step's tokens inside each program, so it is for small
-steps (decode batches): the CUDA backend sends larger ones to its GEMM path.
+rounding of y. Each token reads its own slot's A and B, so the work grows with the step: the
+CUDA backend sends steps of more than MAX_TOKENS to its GEMM path (`bench/lora_ops.py`).
 """
 
 from __future__ import annotations
@@ -75,34 +75,34 @@ def _part_h(ws_ptr, t, p: tl.constexpr, PARTS: tl.constexpr, SPLITS: tl.constexp
 
 @triton.jit
 def _lora_expand_kernel(
-    y_ptr, b_ptr, slots_ptr, ws_ptr, stride_y_row, stride_b_row, n_tokens, n_out,
+    y_ptr, b_ptr, slots_ptr, ws_ptr, stride_y_row, stride_b_row, n_out,
     start1, start2, NUM_SLOTS, RANK,
     PARTS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     grid_wait(PDL)
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = n < n_out
-    part = (n >= start1).to(tl.int32) + (n >= start2).to(tl.int32)  # [BLOCK_N]
-    r = tl.arange(0, BLOCK_R)
-    r_ok = r < RANK
-    b_rows = b_ptr + n.to(tl.int64)[:, None] * stride_b_row
-    for t in range(n_tokens):
-        slot = tl.load(slots_ptr + t)
-        if slot >= 0:
-            h = _part_h(ws_ptr, t, 0, PARTS, SPLITS, BLOCK_R)[None, :]
-            if PARTS > 1:
-                h1 = _part_h(ws_ptr, t, 1, PARTS, SPLITS, BLOCK_R)[None, :]
-                h = tl.where((part == 1)[:, None], h1, h)
-            if PARTS > 2:
-                h2 = _part_h(ws_ptr, t, 2, PARTS, SPLITS, BLOCK_R)[None, :]
-                h = tl.where((part == 2)[:, None], h2, h)
-            cols = (part[:, None] * NUM_SLOTS + slot) * RANK + r[None, :]
-            bv = tl.load(b_rows + cols, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-            delta = tl.sum(bv.to(tl.float32) * h, axis=1)
-            y_row = y_ptr + t * stride_y_row + n  # t < MAX_TOKENS: no int32 overflow
-            yv = tl.load(y_row, mask=n_ok, other=0.0).to(tl.float32)
-            tl.store(y_row, cast_rtne(yv + delta, y_ptr.dtype.element_ty, INTERPRET), mask=n_ok)
+    t = tl.program_id(1)
+    slot = tl.load(slots_ptr + t)
+    if slot >= 0:
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < n_out
+        part = (n >= start1).to(tl.int32) + (n >= start2).to(tl.int32)  # [BLOCK_N]
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < RANK
+        h = _part_h(ws_ptr, t, 0, PARTS, SPLITS, BLOCK_R)[None, :]
+        if PARTS > 1:
+            h1 = _part_h(ws_ptr, t, 1, PARTS, SPLITS, BLOCK_R)[None, :]
+            h = tl.where((part == 1)[:, None], h1, h)
+        if PARTS > 2:
+            h2 = _part_h(ws_ptr, t, 2, PARTS, SPLITS, BLOCK_R)[None, :]
+            h = tl.where((part == 2)[:, None], h2, h)
+        cols = (part[:, None] * NUM_SLOTS + slot) * RANK + r[None, :]
+        b_rows = b_ptr + n.to(tl.int64)[:, None] * stride_b_row
+        bv = tl.load(b_rows + cols, mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        delta = tl.sum(bv.to(tl.float32) * h, axis=1)
+        y_row = y_ptr + t.to(tl.int64) * stride_y_row + n
+        yv = tl.load(y_row, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(y_row, cast_rtne(yv + delta, y_ptr.dtype.element_ty, INTERPRET), mask=n_ok)
 
 
 def unsupported(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
@@ -150,8 +150,8 @@ def lora_add(x, y, a, b, token_slots, num_slots: int, rank: int, parts) -> torch
     n = y.shape[1]
     start1 = parts[1][0] if n_parts > 1 else n
     start2 = parts[2][0] if n_parts > 2 else n
-    _lora_expand_kernel[(triton.cdiv(n, BLOCK_N),)](
-        y, b, token_slots, ws, y.stride(0), b.stride(0), t, n, start1, start2, num_slots, rank,
+    _lora_expand_kernel[(triton.cdiv(n, BLOCK_N), t)](
+        y, b, token_slots, ws, y.stride(0), b.stride(0), n, start1, start2, num_slots, rank,
         PARTS=n_parts, SPLITS=splits, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
         INTERPRET=interpreting(), num_warps=4, **pdl_args(x.device),
     )  # fmt: skip
