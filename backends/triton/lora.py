@@ -6,8 +6,8 @@ slot s: rows (p S + s) R ...), b [N, P * S * R] holds part p's B in its output r
 columns (zero elsewhere); token t has slot token_slots[t] (-1: none).
 
 - shrink, grid (T, P, K splits): program (t, p, j) sums A_ps[:, K split j] x[t, K split j] in
-  fp32 into its own row of a workspace [T, P, J, R] (no atomics: the splits are summed in
-  order by the expand kernel). Only the token's own slot is read, never the other slots.
+  fp32 into its own row of a workspace [T, P, J, R] (no atomics: the splits are summed by
+  the expand kernel). Only the token's own slot is read, never the other slots.
 - expand, grid (N / BLOCK_N, T): for a token of a slot, h_p = the sum of its part p splits
   (fp32), then y[t, n] = round(y[t, n] + B_ps[n] . h_p) for the block's rows n (part p of row n).
 
@@ -64,21 +64,21 @@ def _lora_shrink_kernel(
 
 @triton.jit
 def _part_h(ws_ptr, t, p: tl.constexpr, PARTS: tl.constexpr, SPLITS: tl.constexpr,
-            BLOCK_R: tl.constexpr):  # fmt: skip
-    # Token t's h for part p: its K splits summed in order, [BLOCK_R] fp32.
-    h = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    base = ws_ptr + (t * PARTS + p) * SPLITS * BLOCK_R + tl.arange(0, BLOCK_R)
-    for j in tl.static_range(SPLITS):
-        h += tl.load(base + j * BLOCK_R)
-    return h
+            SPLITS_P2: tl.constexpr, BLOCK_R: tl.constexpr):  # fmt: skip
+    # Token t's h for part p: its K splits summed, [BLOCK_R] fp32 (one [splits, R] load).
+    j = tl.arange(0, SPLITS_P2)
+    base = ws_ptr + (t * PARTS + p) * SPLITS * BLOCK_R
+    hs = tl.load(base + j[:, None] * BLOCK_R + tl.arange(0, BLOCK_R)[None, :],
+                 mask=(j < SPLITS)[:, None], other=0.0)  # fmt: skip
+    return tl.sum(hs, axis=0)
 
 
 @triton.jit
 def _lora_expand_kernel(
     y_ptr, b_ptr, slots_ptr, ws_ptr, stride_y_row, stride_b_row, n_out,
     start1, start2, NUM_SLOTS, RANK,
-    PARTS: tl.constexpr, SPLITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-    INTERPRET: tl.constexpr, PDL: tl.constexpr,
+    PARTS: tl.constexpr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     grid_wait(PDL)
     t = tl.program_id(1)
@@ -89,12 +89,12 @@ def _lora_expand_kernel(
         part = (n >= start1).to(tl.int32) + (n >= start2).to(tl.int32)  # [BLOCK_N]
         r = tl.arange(0, BLOCK_R)
         r_ok = r < RANK
-        h = _part_h(ws_ptr, t, 0, PARTS, SPLITS, BLOCK_R)[None, :]
+        h = _part_h(ws_ptr, t, 0, PARTS, SPLITS, SPLITS_P2, BLOCK_R)[None, :]
         if PARTS > 1:
-            h1 = _part_h(ws_ptr, t, 1, PARTS, SPLITS, BLOCK_R)[None, :]
+            h1 = _part_h(ws_ptr, t, 1, PARTS, SPLITS, SPLITS_P2, BLOCK_R)[None, :]
             h = tl.where((part == 1)[:, None], h1, h)
         if PARTS > 2:
-            h2 = _part_h(ws_ptr, t, 2, PARTS, SPLITS, BLOCK_R)[None, :]
+            h2 = _part_h(ws_ptr, t, 2, PARTS, SPLITS, SPLITS_P2, BLOCK_R)[None, :]
             h = tl.where((part == 2)[:, None], h2, h)
         cols = (part[:, None] * NUM_SLOTS + slot) * RANK + r[None, :]
         b_rows = b_ptr + n.to(tl.int64)[:, None] * stride_b_row
@@ -152,7 +152,7 @@ def lora_add(x, y, a, b, token_slots, num_slots: int, rank: int, parts) -> torch
     start2 = parts[2][0] if n_parts > 2 else n
     _lora_expand_kernel[(triton.cdiv(n, BLOCK_N), t)](
         y, b, token_slots, ws, y.stride(0), b.stride(0), n, start1, start2, num_slots, rank,
-        PARTS=n_parts, SPLITS=splits, BLOCK_R=block_r, BLOCK_N=BLOCK_N,
-        INTERPRET=interpreting(), num_warps=4, **pdl_args(x.device),
+        PARTS=n_parts, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), BLOCK_R=block_r,
+        BLOCK_N=BLOCK_N, INTERPRET=interpreting(), num_warps=4, **pdl_args(x.device),
     )  # fmt: skip
     return y
