@@ -26,9 +26,12 @@ import triton.language as tl
 from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import cast_rtne, interpreting
 
-MAX_TOKENS = 16  # steps of up to this many tokens (the expand kernel loops over them)
+MAX_TOKENS = 16  # steps of up to this many tokens (about where the GEMM path draws level: 32)
 MAX_PARTS = 3  # q / k / v
-BLOCK_N = 64  # output rows per expand program
+# Output rows per expand program: 64 for steps of 1-2 tokens, 256 from 3 (one H200, one 8B
+# layer's four projections, `bench/lora_ops.py`-style sweep of 64 / 128 / 256 rows x 4 / 8 / 16
+# K splits: T = 1 15.3 / 16.9 us, T = 16 31.9 / 26.8 us; 16 splits best at every T).
+BLOCK_N_FEW, BLOCK_N_MANY = 64, 256
 MAX_SPLITS = 16  # K splits of the shrink (each summed by the expand kernel)
 
 
@@ -150,9 +153,10 @@ def lora_add(x, y, a, b, token_slots, num_slots: int, rank: int, parts) -> torch
     n = y.shape[1]
     start1 = parts[1][0] if n_parts > 1 else n
     start2 = parts[2][0] if n_parts > 2 else n
-    _lora_expand_kernel[(triton.cdiv(n, BLOCK_N), t)](
+    block_n = BLOCK_N_FEW if t <= 2 else BLOCK_N_MANY
+    _lora_expand_kernel[(triton.cdiv(n, block_n), t)](
         y, b, token_slots, ws, y.stride(0), b.stride(0), n, start1, start2, num_slots, rank,
         PARTS=n_parts, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), BLOCK_R=block_r,
-        BLOCK_N=BLOCK_N, INTERPRET=interpreting(), num_warps=4, **pdl_args(x.device),
+        BLOCK_N=block_n, INTERPRET=interpreting(), num_warps=4, **pdl_args(x.device),
     )  # fmt: skip
     return y
