@@ -12,7 +12,7 @@ columns (zero elsewhere); token t has slot token_slots[t] (-1: none).
   (fp32), then y[t, n] = round(y[t, n] + B_ps[n] . h_p) for the block's rows n (part p of row n).
 
 Math: `hal.backend.Backend.lora_add`'s reference (h and the delta in fp32, y rounded once); the
-sums run in another order (K in splits, then the splits in order), well inside the bf16/fp16
+sums run in another order (K in splits, then a tree over the splits), well inside the bf16/fp16
 rounding of y. Each token reads its own slot's A and B, so the work grows with the step: the
 CUDA backend sends steps of more than MAX_TOKENS to its GEMM path (`bench/lora_ops.py`).
 """
