@@ -153,7 +153,8 @@ def lora_add(x, y, a, b, token_slots, num_slots: int, rank: int, parts) -> torch
     n = y.shape[1]
     start1 = parts[1][0] if n_parts > 1 else n
     start2 = parts[2][0] if n_parts > 2 else n
-    block_n = BLOCK_N_FEW if t <= 2 else BLOCK_N_MANY
+    # At most 8K B values a program ([rows, rank] tile: large ranks get fewer rows).
+    block_n = min(BLOCK_N_FEW if t <= 2 else BLOCK_N_MANY, max(16, 8192 // block_r))
     _lora_expand_kernel[(triton.cdiv(n, block_n), t)](
         y, b, token_slots, ws, y.stride(0), b.stride(0), n, start1, start2, num_slots, rank,
         PARTS=n_parts, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), BLOCK_R=block_r,
