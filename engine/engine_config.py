@@ -155,8 +155,6 @@ class EngineConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if self.enable_lora not in (True, False):
             raise ValueError(f"enable_lora must be True or False, got {self.enable_lora!r}")
-        if self.enable_lora and self.speculative_config is not None:
-            raise ValueError("enable_lora: speculative decoding with LoRA is not supported")
         _check_sizes("cuda_graph_sizes", self.cuda_graph_sizes, "batch sizes")
         mixed = self.mixed_graph_sizes
         _check_sizes("mixed_graph_sizes", mixed, "token counts", allow_empty=True)  # (): off

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from engine import LoRARequest, SamplingParams
-from engine.engine_config import EngineConfig
 from engine.lora import LoRAError
 from tests.engine.lora_fixtures import NUM_TOKENS, PROMPT, build_lora_fixture, make_adapter
 from tests.engine.models_fixtures import build_model, cpu_llm, hf_greedy
@@ -200,9 +199,21 @@ def test_bad_input(fx, tmp_path) -> None:
         gen(prompt_token_ids=[PROMPT], lora_request=[None, None])
     with pytest.raises(ValueError, match="lora_int_id: expected an integer >= 1"):
         LoRARequest("x", 0, "/p")
-    with pytest.raises(ValueError, match="speculative decoding with LoRA is not supported"):
-        ngram = {"method": "ngram", "num_speculative_tokens": 2}
-        EngineConfig(enable_lora=True, speculative_config=ngram)
+
+
+def test_ngram_drafts_verified_through_each_adapter(fx) -> None:
+    # n-gram speculative decoding on a LoRA engine: a step's drafts count in their sequence's
+    # tokens, so each draft is verified through its request's adapter, and greedy output is
+    # transformers' on the merged model whatever the drafts (one-token matches: many drafts).
+    ngram = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    llm = cpu_llm(fx.base, enable_lora=True, max_loras=2, max_lora_rank=8,
+                  speculative_config=ngram)  # fmt: skip
+    loras = [req(fx, "all8", 1), None, req(fx, "qv4", 2)]
+    outs = llm.generate(prompt_token_ids=[PROMPT] * 3, sampling_params=GREEDY,
+                        lora_request=loras)  # fmt: skip
+    assert tokens(outs) == [fx.refs["all8"], fx.refs[None], fx.refs["qv4"]]
+    assert llm.engine.scheduler.num_accepted_tokens > 0  # drafts ran, and some were right
+    assert_idle(llm)
 
 
 def test_unsupported_target_and_missing_half(fx, tmp_path) -> None:
