@@ -334,8 +334,8 @@ class CudaBackend(Backend):
                 impl = self._input_fallback("lora", impl, [why], "torch")
         self._mark("lora", impl)
         if impl == "triton":
-            return _triton("lora").lora_add(x, y, a, b, batch.token_slots, batch.num_slots,
-                                            batch.rank, parts)  # fmt: skip
+            return lora.lora_add(x, y, a, b, batch.token_slots, batch.num_slots, batch.rank,
+                                 parts)  # fmt: skip
         return linear.lora_add(x, y, a, b, batch)
 
     def fp8_linear(
