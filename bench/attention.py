@@ -865,6 +865,7 @@ def environment(device: torch.device) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global BLOCK_SIZE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument(
         "modes",
@@ -898,11 +899,14 @@ def main(argv: list[str] | None = None) -> None:
         help="wide: the tiles swept as NxWxS (block_n x warps x stages), e.g. 16x1x3; NxWxSx0: "
         "an FP8 cache loaded as bytes (DecodeConfig.fp8_pairs=False)",
     )
+    p.add_argument("--block-size", type=int, default=BLOCK_SIZE,
+                   help="tokens per KV page (16: the engine's default)")  # fmt: skip
     p.add_argument("--flex-all", action="store_true", help="FlexAttention at every decode shape")
     p.add_argument("--mem-cap-gb", type=float, default=40.0)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=20)
     args = p.parse_args(argv)
+    BLOCK_SIZE = args.block_size
     device = torch.device(args.device)
     t0 = time.perf_counter()
     timer = Timer(device, args.warmup, args.reps)

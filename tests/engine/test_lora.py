@@ -293,15 +293,19 @@ def test_graph_replays_equal_eager_steps(fx) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_on_a_gpu(fx) -> None:
+@pytest.mark.parametrize("spec", [None, "ngram"])
+def test_on_a_gpu(fx, spec) -> None:
     # The same deltas on the GPU backend, eager and replayed from CUDA graphs (fp32: TF32
     # GEMMs may move logprobs by ~1e-2, as in test_llm_gpu), two adapters and the base model
-    # in one batch.
+    # in one batch; with n-gram drafts verified through each request's adapter too.
     from engine import LLM
 
+    extra = {} if spec is None else {"speculative_config": {
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}}  # fmt: skip
     for eager in (True, False):
         llm = LLM(model=str(fx.base), dtype="float32", device="cuda", gpu_memory_utilization=0.3,
-                  enable_lora=True, max_loras=2, max_lora_rank=8, enforce_eager=eager)  # fmt: skip
+                  enable_lora=True, max_loras=2, max_lora_rank=8, enforce_eager=eager,
+                  **extra)  # fmt: skip
         assert (llm.engine.runner.graphs is None) == eager
         assert any("LoRA: 2 adapter slots" in line for line in llm.engine.startup_report())
         loras = [req(fx, "all8", 1), None, req(fx, "qv4", 2)]
@@ -310,6 +314,8 @@ def test_on_a_gpu(fx) -> None:
         assert tokens(outs) == [fx.refs["all8"], fx.refs[None], fx.refs["qv4"]]
         if not eager:
             assert llm.engine.runner.graphs.replays > 0
+        if spec is not None:
+            assert llm.engine.scheduler.num_accepted_tokens > 0
         assert_idle(llm)
         llm.shutdown()
 
