@@ -47,12 +47,15 @@ def full_precision_reductions() -> Iterator[None]:
     """Scope cuBLAS to fp32 reductions for bf16 / fp16 GEMMs (torch lets it reduce split-K
     partials in the half dtype by default: extra roundings no bound of ours counts)."""
     m = torch.backends.cuda.matmul
-    previous = (m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction)
-    m.allow_bf16_reduced_precision_reduction = m.allow_fp16_reduced_precision_reduction = False
+    names = ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction")
+    previous = [getattr(m, name) for name in names]
+    for name in names:
+        setattr(m, name, False)
     try:
         yield
     finally:
-        m.allow_bf16_reduced_precision_reduction, m.allow_fp16_reduced_precision_reduction = previous
+        for name, value in zip(names, previous, strict=True):
+            setattr(m, name, value)
 
 
 def _pad_to(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
