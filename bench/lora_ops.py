@@ -1,17 +1,14 @@
 """The multi-LoRA delta op (`Backend.lora_add`) on one GPU: the Triton shrink / expand kernels
-(`backends/triton/lora.py`, the "triton" candidate: per token up to MAX_TOKENS tokens, tokens
-sorted by slot in blocks above, `backends/triton/lora_wide.py`) against the masked GEMMs over
-every slot (`backends/cuda/linear.lora_add`, the "torch" candidate, cuBLAS) on one decoder
-layer's four projections (qkv, o, gate_up, down) of a Llama shape, per step size T, in the
-same run.
+(`backends/triton/lora.py`, the "triton" candidate) against the masked GEMMs over every slot
+(`backends/cuda/linear.lora_add`, the "torch" candidate, cuBLAS) on one decoder layer's four
+projections (qkv, o, gate_up, down) of a Llama shape, per step size T, in the same run.
 
-    python bench/lora_ops.py --shape llama3-8b --slots 4 --rank 16 --tokens 1 16 32 64 256 1024
+    python bench/lora_ops.py --shape llama3-8b --slots 4 --rank 16 --tokens 1 4 16 32 64
 
 Every token has an adapter (slots drawn at random). Timing: a CUDA graph of the layer's four
 calls repeated to at least 48 calls (`bench/int4_gemm.py`'s timer), median of the replays, per
-layer; the torch path's mask and the block kernels' sort are made once before capture, as a
-step makes them once for all its layers (`LoRABatch.cache`). The CUDA backend takes the Triton
-kernels for every bf16 / fp16 step; the "kernels" column says which pair ran.
+layer; the torch path's mask is made once before capture, as a step makes it once for all its
+layers. The CUDA backend takes the kernels for T <= backends.triton.lora.MAX_TOKENS.
 """
 
 from __future__ import annotations
@@ -49,8 +46,7 @@ def make_calls(shape: dict, tokens: int, slots: int, rank: int, dtype, gen) -> t
     """Per projection, a no-argument call of each path on the same random inputs."""
     dev = torch.device("cuda")
     token_slots = torch.randint(0, slots, (tokens,), generator=gen, dtype=torch.int32).to(dev)
-    batch = LoRABatch(token_slots, slots, rank)  # the torch path's cache (the mask)
-    step = {}  # the Triton path's cache (the sort, past MAX_TOKENS)
+    batch = LoRABatch(token_slots, slots, rank)
     ours, peer = [], []
     for k, sizes in layer_projections(shape).values():
         n, width = sum(sizes), len(sizes) * slots * rank
@@ -68,9 +64,9 @@ def make_calls(shape: dict, tokens: int, slots: int, rank: int, dtype, gen) -> t
                 dev, dtype
             )
         ours.append(lambda x=x, y=y, a=a, b=b, parts=parts: kernels.lora_add(
-            x, y, a, b, token_slots, slots, rank, parts, cache=step))  # fmt: skip
+            x, y, a, b, token_slots, slots, rank, parts))  # fmt: skip
         peer.append(lambda x=x, y=y, a=a, b=b: torch_path.lora_add(x, y, a, b, batch))
-    ours[0](), peer[0]()  # the sort and the mask, once (a step makes them once for every layer)
+    peer[0]()  # the mask, once (a step makes it once for every layer)
     return ours, peer
 
 
@@ -79,7 +75,7 @@ def main() -> int:
     p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 32, 64, 256, 1024])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128])
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -90,17 +86,13 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    head = ("tokens", 6), ("kernels", 9), ("triton us/layer", 16), ("torch us/layer", 15)
-    print(" ".join(f"{name:>{width}}" for name, width in head), f"{'torch / triton':>15}")
+    print(f"{'tokens':>6} {'triton us/layer':>16} {'torch us/layer':>15} {'torch / triton':>15}")
     for t in args.tokens:
         ours, peer = make_calls(SHAPES[args.shape], t, args.slots, args.rank, dtype, gen)
         t_ours = timed(ours, args.reps, 10) * len(ours) * 1e3
         t_peer = timed(peer, args.reps, 10) * len(peer) * 1e3
-        pair = "per-token" if t <= kernels.MAX_TOKENS else "blocks"
-        rows.append(dict(tokens=t, kernels=pair, triton_us=t_ours, torch_us=t_peer,
-                         ratio=t_peer / t_ours))  # fmt: skip
-        print(f"{t:>6} {pair:>9} {t_ours:>16.2f} {t_peer:>15.2f} {t_peer / t_ours:>14.2f}x",
-              flush=True)  # fmt: skip
+        rows.append(dict(tokens=t, triton_us=t_ours, torch_us=t_peer, ratio=t_peer / t_ours))
+        print(f"{t:>6} {t_ours:>16.2f} {t_peer:>15.2f} {t_peer / t_ours:>14.2f}x", flush=True)
     if args.out:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True).stdout.strip()  # fmt: skip
