@@ -321,20 +321,21 @@ class CudaBackend(Backend):
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
     def lora_add(self, x, y, a, b, batch, parts) -> torch.Tensor:
-        # triton: bf16 / fp16 steps of any size (per-token kernels up to 16 tokens, the sorted
-        # block kernels above, the sort made once a step in batch.cache); other inputs fall back
-        # to torch with the reason logged once.
+        # triton: decode-sized steps (<= 16 tokens; larger ones by design to torch, unlogged),
+        # bf16 / fp16; other inputs fall back to torch with the reason logged once.
         impl = self.chosen("lora")
         if impl == "triton":
             lora = _triton("lora")
             why = lora.unsupported(x, y, a, b, batch.token_slots, batch.num_slots, batch.rank,
                                    parts)  # fmt: skip
-            if why is not None:
+            if why is not None and x.shape[0] > lora.MAX_TOKENS:
+                impl = "torch"
+            elif why is not None:
                 impl = self._input_fallback("lora", impl, [why], "torch")
         self._mark("lora", impl)
         if impl == "triton":
             return lora.lora_add(x, y, a, b, batch.token_slots, batch.num_slots, batch.rank,
-                                 parts, batch.cache)  # fmt: skip
+                                 parts)  # fmt: skip
         return linear.lora_add(x, y, a, b, batch)
 
     def fp8_linear(

@@ -104,8 +104,8 @@ OP_CANDIDATES: tuple[Candidate, ...] = (
     _op("activation", "torch", 10, rules.torch_ops_reasons,
         "backends.cpu.activation:silu_and_mul", "the reference function on ROCm tensors"),
     _op("lora", "triton", 50, rules.triton_reasons, _TR + "lora:lora_add",
-        "Triton multi-LoRA shrink / expand: per token (each reads only its own slot) up to 16 "
-        "tokens, above that tokens sorted by slot in blocks (tensor-core dots, fp32 sums)"),
+        "Triton multi-LoRA shrink / expand for steps of <= 16 tokens: each token reads only its "
+        "own slot (fp32 sums); larger steps go to the next candidate (torch)"),
     _op("lora", "torch", 10, rules.torch_ops_reasons, _CU + "linear:lora_add",
         "two GEMMs in the model's dtype over every slot, the other slots masked to zeros"),
     _op("graph", "hip_graph", 100, rules.hip_graph_reasons, _CU + "graphs:capture_graph",

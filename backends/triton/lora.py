@@ -1,7 +1,5 @@
-"""Multi-LoRA deltas (`Backend.lora_add`): each token's own adapter, read from its slot, in two
-kernels (vLLM's punica "shrink" and "expand" split; written here). This file holds the per-token
-kernels for decode-sized steps and `lora_add`, the one entry, which sends steps of more than
-MAX_TOKENS tokens to the sorted block kernels of `backends/triton/lora_wide.py`.
+"""Multi-LoRA deltas for decode-sized steps (`Backend.lora_add`): each token's own adapter, read
+from its slot, in two kernels (vLLM's punica "shrink" and "expand" split; written here).
 
 Layout (`engine.lora.LoRASlots`): a [P * S * R, K] stacks every part's A for every slot (part p,
 slot s: rows (p S + s) R ...), b [N, P * S * R] holds part p's B in its output rows and slot
@@ -15,9 +13,8 @@ columns (zero elsewhere); token t has slot token_slots[t] (-1: none).
 
 Math: `hal.backend.Backend.lora_add`'s reference (h and the delta in fp32, y rounded once); the
 sums run in another order (K in splits, then a tree over the splits), well inside the bf16/fp16
-rounding of y. Each token reads its own slot's A and B, so the work grows with the step: past
-MAX_TOKENS the block kernels read a slot's A and B once per block of tokens instead (and round
-h to y's dtype once: see `lora_wide`).
+rounding of y. Each token reads its own slot's A and B, so the work grows with the step: the
+CUDA backend sends steps of more than MAX_TOKENS to its GEMM path (`bench/lora_ops.py`).
 """
 
 from __future__ import annotations
@@ -26,13 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from backends.triton import lora_wide
 from backends.triton.pdl import grid_wait, pdl_args
 from backends.triton.quant import cast_rtne, interpreting
 
-# Steps of up to this many tokens take the per-token kernels (the H200's GEMM path drew level
-# with them at about 32), larger ones the block kernels (`lora_wide`).
-MAX_TOKENS = 16
+MAX_TOKENS = 16  # steps of up to this many tokens (about where the GEMM path draws level: 32)
 MAX_PARTS = 3  # q / k / v
 # Output rows per expand program: 64 for steps of 1-2 tokens, 256 from 3 (one H200, one 8B
 # layer's four projections, `bench/lora_ops.py`-style sweep of 64 / 128 / 256 rows x 4 / 8 / 16
@@ -121,10 +115,10 @@ def unsupported(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tens
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
         return f"x {tuple(x.shape)} and y {tuple(y.shape)} must be [T, K] and [T, N]"
     t = x.shape[0]
+    if t > MAX_TOKENS:
+        return f"{t} tokens: the expand kernel takes at most {MAX_TOKENS}"
     if x.dtype not in (torch.bfloat16, torch.float16):
         return f"x dtype {x.dtype} is not bfloat16 or float16"
-    if y.dtype != x.dtype or a.dtype != x.dtype or b.dtype != x.dtype:
-        return f"y {y.dtype}, a {a.dtype} and b {b.dtype} must have x's dtype {x.dtype}"
     if not 1 <= len(parts) <= MAX_PARTS:
         return f"{len(parts)} parts: at most {MAX_PARTS}"
     edges = [0, *(e for p in parts for e in p), y.shape[1]]  # 0 = start 0, stop i = start i + 1
@@ -140,18 +134,8 @@ def unsupported(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, b: torch.Tens
     return None
 
 
-def lora_add(x, y, a, b, token_slots, num_slots: int, rank: int, parts,
-             cache: dict | None = None) -> torch.Tensor:  # fmt: skip
-    """y += each token's delta in place (`Backend.lora_add`); the caller checked `unsupported`.
-    Up to MAX_TOKENS tokens: the per-token kernels; more: the sorted block kernels, with the
-    tokens sorted by slot once per `cache` (the step's `LoRABatch.cache`; None: every call)."""
-    if x.shape[0] > MAX_TOKENS:
-        order = cache.get("sorted") if cache is not None else None
-        if order is None:
-            order = lora_wide.sort_tokens(token_slots)
-            if cache is not None:
-                cache["sorted"] = order
-        return lora_wide.lora_add_wide(x, y, a, b, *order, num_slots, rank, parts)
+def lora_add(x, y, a, b, token_slots, num_slots: int, rank: int, parts) -> torch.Tensor:
+    """y += each token's delta in place (`Backend.lora_add`); the caller checked `unsupported`."""
     t, k = x.shape
     if t == 0:
         return y

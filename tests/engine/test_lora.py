@@ -322,10 +322,9 @@ def test_on_a_gpu(fx, spec) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_bf16_decode_kernels_on_a_gpu(fx, monkeypatch) -> None:
-    # bf16 steps take the Triton shrink / expand kernels (backends.triton.lora, checked against
-    # the reference in its own tests: decode steps of <= 16 tokens per token, each its own slot;
-    # the prompts' step of 18, if batched whole, in sorted blocks): replayed from CUDA graphs
-    # they give the eager engine's tokens, and each adapter changes the output.
+    # bf16 decode steps of <= 16 tokens take the Triton shrink / expand kernels (each token its
+    # own slot; backends.triton.lora, checked against the reference in its own tests): replayed
+    # from CUDA graphs they give the eager engine's tokens, and each adapter changes the output.
     from backends.triton import lora as kernels
     from engine import LLM
 
@@ -340,7 +339,7 @@ def test_bf16_decode_kernels_on_a_gpu(fx, monkeypatch) -> None:
                   enable_lora=True, max_loras=2, max_lora_rank=8, enforce_eager=eager)  # fmt: skip
         outs = llm.generate(prompt_token_ids=[PROMPT] * 3, sampling_params=GREEDY,
                             lora_request=loras)  # fmt: skip
-        assert calls and min(calls) <= kernels.MAX_TOKENS
+        assert calls and max(calls) <= kernels.MAX_TOKENS
         calls.clear()
         runs.append(tokens(outs))
         assert_idle(llm)
